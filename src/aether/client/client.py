@@ -1,0 +1,232 @@
+"""Asynchronous client with pipelining, sessions and immediate failover across nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost
+from aether.core.types import Address
+from aether.kv.machine import Cas, Get, Op, Put, Remove, Result, decode_result, encode_command
+from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
+from aether.transport import ClientLink, open_client_connection
+
+
+class _Lane:
+    """A session: at most one request in flight, so sequence numbers apply in order."""
+
+    __slots__ = ("id", "seq")
+
+    def __init__(self, lane_id: str) -> None:
+        self.id = lane_id
+        self.seq = 0
+
+
+class AetherClient:
+    """Client of a cluster. `addresses` are cluster ports (HOST:PORT strings or Address).
+
+    ```python
+    async with AetherClient(["127.0.0.1:7000", "127.0.0.1:7001"]) as c:
+        await c.put("user/greeting", b"hello")
+        assert await c.get("user/greeting") == b"hello"
+    ```
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[str | Address],
+        *,
+        cluster_name: str = "aether",
+        timeout: float = 5.0,
+        prefer: int | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        if not addresses:
+            raise ValueError("AetherClient needs at least one node address")
+        self.addresses = [a if isinstance(a, Address) else Address.parse(a) for a in addresses]
+        self.cluster_name = cluster_name
+        self.timeout = timeout
+        self.client_id = client_id or f"c{os.getpid()}-{random.getrandbits(40):x}"
+        self._index = prefer if prefer is not None else random.randrange(len(self.addresses))
+        self._link: ClientLink | None = None
+        self._connecting: asyncio.Future[ClientLink] | None = None
+        self._pending: dict[int, tuple[asyncio.Future[ClientResponse], bytes]] = {}
+        self._ids = itertools.count(1)
+        self._lanes: list[_Lane] = []
+        self._lane_ids = itertools.count(1)
+        self._closed = False
+        self.failovers = 0
+
+    @property
+    def connected_to(self) -> Address | None:
+        return self.addresses[self._index] if self._link is not None and not self._link.closed else None
+
+    async def __aenter__(self) -> AetherClient:
+        await self._ensure_link(time.monotonic() + self.timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("client closed"))
+        self._pending.clear()
+
+    # --- public operations ----------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Write `value`; returns the store revision after the write."""
+        res = await self._call(Put(key, value))
+        return res.revision
+
+    async def get(self, key: str) -> bytes | None:
+        """Linearizable read (through consensus)."""
+        return (await self._call(Get(key))).value
+
+    async def remove(self, key: str) -> bool:
+        return (await self._call(Remove(key))).value is not None
+
+    async def compare_and_set(self, key: str, expected: bytes | None, new: bytes | None) -> bool:
+        return (await self._call(Cas(key, expected, new))).ok
+
+    # --- machinery ------------------------------------------------------------------------------
+
+    async def _call(self, op: Op) -> Result:
+        lane = self._lanes.pop() if self._lanes else _Lane(f"{self.client_id}.{next(self._lane_ids)}")
+        lane.seq += 1
+        cmd = encode_command(op, lane.id, lane.seq)
+        try:
+            res = await self._request(cmd)
+        finally:
+            self._lanes.append(lane)
+        if res.error and not isinstance(op, Cas):
+            raise BadRequest(res.error)
+        if res.error:
+            raise BadRequest(res.error)
+        return res
+
+    async def _request(self, command: bytes) -> Result:
+        deadline = time.monotonic() + self.timeout
+        last: Exception | None = None
+        attempts_without_quorum = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if isinstance(last, QuorumLost):
+                    raise last
+                raise CommitTimeout(f"no answer within {self.timeout:.1f}s (outcome unknown); last error: {last}")
+            try:
+                link = await self._ensure_link(deadline)
+            except ConnectionError as e:
+                raise QuorumLost(f"no node reachable: {e}") from None
+            rid = next(self._ids)
+            fut: asyncio.Future[ClientResponse] = asyncio.get_running_loop().create_future()
+            self._pending[rid] = (fut, command)
+            link.send(ClientRequest(rid, command))
+            try:
+                resp = await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                self._pending.pop(rid, None)
+                continue
+            except ConnectionError as e:  # our node went away: fail over and retry (same session seq)
+                last = e
+                continue
+            finally:
+                self._pending.pop(rid, None)
+            if resp.error is None:
+                assert resp.result is not None
+                return decode_result(resp.result)
+            if resp.kind == "bad_request":
+                raise BadRequest(resp.error)
+            if resp.kind == "quorum":
+                last = QuorumLost(resp.error)
+                attempts_without_quorum += 1
+                if attempts_without_quorum >= len(self.addresses):
+                    raise last
+                self._switch()
+                continue
+            if resp.kind == "timeout":
+                last = CommitTimeout(resp.error)
+                continue
+            raise AetherError(resp.error)
+
+    def _switch(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        self._index = (self._index + 1) % len(self.addresses)
+
+    async def _ensure_link(self, deadline: float) -> ClientLink:
+        if self._link is not None and not self._link.closed:
+            return self._link
+        if self._connecting is not None:
+            return await asyncio.shield(self._connecting)
+        loop = asyncio.get_running_loop()
+        self._connecting = loop.create_future()
+        try:
+            link = await self._connect_any(deadline)
+            self._connecting.set_result(link)
+            return link
+        except BaseException as e:
+            self._connecting.set_exception(e)
+            self._connecting.exception()  # mark retrieved
+            raise
+        finally:
+            self._connecting = None
+
+    async def _connect_any(self, deadline: float) -> ClientLink:
+        errors = []
+        n = len(self.addresses)
+        for i in range(n):
+            idx = (self._index + i) % n
+            addr = self.addresses[idx]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                link = await open_client_connection(
+                    addr,
+                    cluster_name=self.cluster_name,
+                    client_id=self.client_id,
+                    message_type=ServerMessage,
+                    on_message=self._on_message,
+                    on_close=self._on_close,
+                    timeout=min(remaining, 2.0),
+                )
+            except (ConnectionError, OSError) as e:
+                errors.append(f"{addr}: {e}")
+                continue
+            if idx != self._index:
+                self.failovers += 1
+            self._index = idx
+            self._link = link
+            return link
+        raise ConnectionError("; ".join(errors) or "deadline passed")
+
+    def _on_message(self, msg: Any) -> None:
+        if isinstance(msg, ClientResponse):
+            entry = self._pending.get(msg.id)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(msg)
+
+    def _on_close(self, exc: Exception | None) -> None:
+        self._link = None
+        if self._closed:
+            return
+        # move on to the next node right away; pending requests retry there
+        self._index = (self._index + 1) % len(self.addresses)
+        err = ConnectionError(f"connection lost: {exc}" if exc else "connection closed by node")
+        for fut, _ in list(self._pending.values()):
+            if not fut.done():
+                fut.set_exception(err)

@@ -1,0 +1,4 @@
+"""Cluster-wide coordination helpers built on transport events: the leader manager.
+
+May import `aether.core`, `aether.transport`.
+"""

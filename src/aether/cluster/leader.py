@@ -1,0 +1,52 @@
+"""Leader manager: the leader is the first node id of the sorted active topology.
+
+Active = this node plus the peers the transport reports up, and only while that set is a
+quorum of the configured members (a minority side has no leader). Every node computes
+the same answer once connectivity settles; anything the leader writes goes through
+consensus (with compare-and-set where it matters), so two nodes briefly both believing
+they lead is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+
+class LeaderChanged(msgspec.Struct, frozen=True):
+    leader: str | None
+    previous: str | None
+    is_self: bool
+
+
+class LeaderManager:
+    def __init__(self, node_id: str, members: Sequence[str]) -> None:
+        self.node_id = node_id
+        self.members = sorted(set(members))
+        self.up: set[str] = set()
+        self.leader: str | None = node_id if len(self.members) == 1 else None
+        self.listeners: list[Callable[[LeaderChanged], None]] = []
+
+    def _recompute(self) -> None:
+        active = sorted(self.up | {self.node_id})
+        quorum = len(active) >= len(self.members) // 2 + 1
+        new = active[0] if quorum else None
+        if new != self.leader:
+            ev = LeaderChanged(new, self.leader, new == self.node_id)
+            self.leader = new
+            for cb in list(self.listeners):
+                cb(ev)
+
+    def peer_up(self, peer: str) -> None:
+        if peer in self.members and peer != self.node_id:
+            self.up.add(peer)
+            self._recompute()
+
+    def peer_down(self, peer: str) -> None:
+        self.up.discard(peer)
+        self._recompute()
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leader == self.node_id

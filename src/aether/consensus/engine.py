@@ -1,0 +1,833 @@
+"""The Rabia engine: a deterministic, sans-IO state machine (see shared RABIA.md).
+
+It consumes `submit`, `receive`, `tick`, `peer_up`/`peer_down` events, each with the
+current time passed in, and appends actions to `self.actions` (drained by the caller with
+`take_actions`): messages to send, records to persist *before* the sends that follow them,
+snapshots to save, and client commands completed or failed. It has no sockets, clocks,
+threads or randomness of its own, so a seeded simulation can drive it exactly.
+
+One slot is decided at a time (no pipelining). Per slot:
+
+1. every replica proposes the head of its pending queue (batches ordered by origin
+   timestamp, then id); proposals carry the batch, so a batch seen in any proposal joins
+   every queue;
+2. after W = n - f proposals: state 1 with candidate m if one batch has >= M = n//2+1 of
+   them, else state 0;
+3. phases of two rounds: STATE (vote b if b has >= M states, else '?') then VOTE (decide b
+   if a non-'?' b has >= D = f+1 votes; else adopt a seen b; else the common coin, which is
+   the same on every replica for (slot, phase));
+4. decide 1 -> commit m (fetched from peers if missing), 0 -> commit nothing.
+
+A replica answers messages about an already-decided slot with DECISION, catches up from
+peers with decided entries or a snapshot, journals what it sends so that a restarted
+replica repeats rather than contradicts itself, and garbage-collects old slots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgspec
+
+from aether.consensus.messages import (
+    VOTE_UNDECIDED,
+    Batch,
+    BatchId,
+    CatchupReply,
+    CatchupReq,
+    DecidedRec,
+    Decision,
+    EngineSnapshot,
+    Entry,
+    JournalRecord,
+    Proposal,
+    ProposalReply,
+    ProposalReq,
+    SentRec,
+    StateMsg,
+    Submit,
+    VoteMsg,
+)
+
+
+class StateMachine(Protocol):
+    """Deterministic application state fed by committed commands, in commit order."""
+
+    def apply(self, command: bytes) -> bytes:
+        """Apply one command and return its encoded result. Must never raise for bad input."""
+        ...
+
+    def snapshot(self) -> bytes: ...
+
+    def restore(self, data: bytes) -> None: ...
+
+
+# --- actions ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Send:
+    """Send `msg` to `to`, or to every other member when `to` is None."""
+
+    to: str | None
+    msg: object
+
+
+@dataclass(slots=True)
+class Persist:
+    """Append a journal record; must be durable (per fsync policy) before later Sends go out."""
+
+    record: JournalRecord
+
+
+@dataclass(slots=True)
+class SaveSnapshot:
+    """Atomically replace the local snapshot; the journal may then be truncated."""
+
+    slot: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class Completed:
+    """Commands submitted here were committed and applied; `results[i]` belongs to `tokens[i]`."""
+
+    tokens: list[int]
+    results: list[bytes]
+    slot: int
+
+
+@dataclass(slots=True)
+class Failed:
+    """Commands submitted here will not be answered; their outcome is indeterminate."""
+
+    tokens: list[int]
+    reason: str  # "quorum" | "timeout" | "indeterminate"
+    definite: bool = False  # True: the commands never left this node and will never take effect
+
+
+@dataclass(slots=True)
+class Installed:
+    """The state machine was replaced by a snapshot taken at `slot` (watchers must resync)."""
+
+    slot: int
+
+
+Action = Send | Persist | SaveSnapshot | Completed | Failed | Installed
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    max_batch_commands: int = 4096
+    max_batch_bytes: int = 4 * 1024 * 1024
+    max_inflight_batches: int = 1  # own batches proposed but not decided; the rest accumulate
+    retain_slots: int = 4096  # decided entries kept in memory for catch-up by entries
+    dedup_slots: int = 50_000  # how long a decided batch id is remembered
+    snapshot_every: int = 2000
+    retransmit_after: float = 0.05
+    commit_timeout: float = 1.5
+    max_future_slots: int = 64
+    catchup_entries: int = 512
+    catchup_interval: float = 0.05
+
+
+def coin(seed: bytes, slot: int, phase: int) -> int:
+    """The common coin: identical on every replica for (slot, phase), independent of timing."""
+    h = hashlib.blake2b(seed + slot.to_bytes(8, "big") + phase.to_bytes(4, "big"), digest_size=8)
+    return h.digest()[0] & 1
+
+
+_snapshot_encoder = msgspec.msgpack.Encoder()
+_snapshot_decoder = msgspec.msgpack.Decoder(EngineSnapshot)
+
+
+@dataclass(slots=True)
+class _Phase:
+    states: dict[str, tuple[int, BatchId | None]] = field(default_factory=dict)
+    votes: dict[str, tuple[int, BatchId | None]] = field(default_factory=dict)
+    sent_state: bool = False
+    voted: bool = False
+
+
+@dataclass(slots=True)
+class _SlotState:
+    slot: int
+    started: bool = False
+    my_proposal: Batch | None = None
+    proposals: dict[str, Batch | None] = field(default_factory=dict)
+    exchanged: bool = False
+    phase: int = 0
+    state: int = 0
+    cand: BatchId | None = None
+    phases: dict[int, _Phase] = field(default_factory=dict)
+    decided: bool = False
+    decided_bit: int = 0
+    decided_phase: int = 0
+    fetch_sent_at: float = -1.0
+    last_progress: float = 0.0
+    last_retransmit: float = 0.0
+    max_phase_from: dict[str, int] = field(default_factory=dict)
+    known: dict[BatchId, Batch] = field(default_factory=dict)
+
+    def ph(self, p: int) -> _Phase:
+        x = self.phases.get(p)
+        if x is None:
+            x = self.phases[p] = _Phase()
+        return x
+
+
+class Engine:
+    """One Rabia replica. Not thread-safe; drive it from one task."""
+
+    def __init__(
+        self,
+        node_id: str,
+        members: Sequence[str],
+        state_machine: StateMachine,
+        *,
+        seed: bytes = b"aether",
+        incarnation: int = 0,
+        config: EngineConfig | None = None,
+    ) -> None:
+        if node_id not in members:
+            raise ValueError(f"node {node_id!r} is not among members {list(members)}")
+        self.node_id = node_id
+        self.members: tuple[str, ...] = tuple(sorted(set(members)))
+        self.peers: tuple[str, ...] = tuple(m for m in self.members if m != node_id)
+        n = len(self.members)
+        f = (n - 1) // 2
+        self.n, self.f = n, f
+        self.W = n - f
+        self.M = n // 2 + 1
+        self.D = f + 1
+        self.sm = state_machine
+        self.seed = seed
+        self.incarnation = incarnation
+        self.cfg = config or EngineConfig()
+        self.actions: list[Action] = []
+
+        self.applied = 0  # last applied slot; slot numbers start at 1
+        self.log: dict[int, Batch | None] = {}  # recent decided entries
+        self.decided_ids: dict[BatchId, int] = {}
+        self._queue: dict[BatchId, Batch] = {}
+        self._heap: list[tuple[tuple[int, str, int, int], BatchId]] = []
+        self._cur = _SlotState(1)
+        self._future: dict[int, list[tuple[str, object]]] = {}
+        self._future_count = 0
+        self._decided_ahead: dict[int, Batch | None] = {}
+        self._forced: dict[tuple[str, int], StateMsg | VoteMsg | Proposal] = {}
+        self._forced_slot = 0
+
+        self._seq = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._open: list[tuple[int, bytes]] = []
+        self._open_bytes = 0
+        self._inflight: dict[BatchId, tuple[list[int], float]] = {}
+        self._up: set[str] = set()
+        self._last_stale_reply: dict[str, tuple[int, float]] = {}
+        self._last_catchup: dict[str, float] = {}
+        self._sync_replies: set[str] = set()
+        self.synced = n == 1
+        self.stats = {"slots": 0, "null_slots": 0, "phases": 0, "snapshots_installed": 0}
+
+    # --- inspection -----------------------------------------------------------------------------
+
+    @property
+    def slot(self) -> int:
+        """The slot currently being decided."""
+        return self._cur.slot
+
+    @property
+    def has_quorum(self) -> bool:
+        return len(self._up) + 1 >= self.M
+
+    @property
+    def pending_batches(self) -> int:
+        return len(self._queue)
+
+    def take_actions(self) -> list[Action]:
+        out = self.actions
+        self.actions = []
+        return out
+
+    # --- recovery -------------------------------------------------------------------------------
+
+    def recover(self, snapshot: bytes | None, records: Iterable[JournalRecord]) -> None:
+        """Restore from the local snapshot and journal (call before any other input)."""
+        if snapshot is not None:
+            self._install_snapshot_bytes(snapshot, emit=False)
+        sent: list[SentRec] = []
+        for rec in records:
+            if isinstance(rec, DecidedRec):
+                if rec.slot == self.applied + 1:
+                    self._apply(rec.slot, rec.batch, persist=False)
+            else:
+                sent.append(rec)
+        self._cur = _SlotState(self.applied + 1)
+        nxt = self.applied + 1
+        for s in sent:
+            m = s.msg
+            if m.slot != nxt:
+                continue
+            if isinstance(m, Proposal):
+                self._forced[("p", 0)] = m
+            elif isinstance(m, StateMsg):
+                self._forced[("s", m.phase)] = m
+            else:
+                self._forced[("v", m.phase)] = m
+        self._forced_slot = nxt if self._forced else 0
+        # take_actions() after recover() holds nothing to send
+        self.actions = [a for a in self.actions if not isinstance(a, Persist)]
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def submit(self, command: bytes, now: float, ts: int | None = None) -> int:
+        """Queue one command for commit; returns a token named later by Completed/Failed."""
+        token = next(self._tokens)
+        if not self.has_quorum:
+            self.actions.append(Failed([token], "quorum", definite=True))
+            return token
+        self._open.append((token, command))
+        self._open_bytes += len(command)
+        self._maybe_seal(now, ts)
+        self._progress(now)
+        return token
+
+    def submit_many(self, commands: Sequence[bytes], now: float, ts: int | None = None) -> list[int]:
+        tokens = [next(self._tokens) for _ in commands]
+        if not self.has_quorum:
+            self.actions.append(Failed(tokens, "quorum", definite=True))
+            return tokens
+        for t, c in zip(tokens, commands, strict=True):
+            self._open.append((t, c))
+            self._open_bytes += len(c)
+        self._maybe_seal(now, ts)
+        self._progress(now)
+        return tokens
+
+    def peer_up(self, peer: str, now: float) -> None:
+        if peer not in self.peers or peer in self._up:
+            return
+        self._up.add(peer)
+        # Learn whether we are behind, and let the peer see our current slot.
+        self._send(peer, CatchupReq(self.applied + 1))
+        self._last_catchup[peer] = now
+        self._retransmit_to(peer)
+        self._maybe_seal(now, None)
+        self._progress(now)
+
+    def peer_down(self, peer: str, now: float) -> None:
+        if peer not in self._up:
+            return
+        self._up.discard(peer)
+        if not self.has_quorum:
+            self._fail_all("quorum")
+
+    def tick(self, now: float) -> None:
+        """Timers: retransmission, catch-up, commit timeouts. Call every ~10-50 ms."""
+        cur = self._cur
+        cfg = self.cfg
+        if self._inflight:
+            expired = [b for b, (_, t0) in self._inflight.items() if now - t0 > cfg.commit_timeout]
+            for bid in expired:
+                tokens, _ = self._inflight.pop(bid)
+                self.actions.append(Failed(tokens, "quorum" if not self.has_quorum else "timeout"))
+            if expired:
+                self._maybe_seal(now, None)
+        if self._open and not self.has_quorum:
+            self._fail_all("quorum")
+        if (cur.started or cur.proposals) and now - max(cur.last_progress, cur.last_retransmit) > cfg.retransmit_after:
+            cur.last_retransmit = now
+            for p in sorted(self._up):
+                self._retransmit_to(p)
+            if cur.decided and cur.decided_bit == 1:
+                self._fetch(now, force=True)
+        if self._future:
+            for s in sorted(self._future)[:1]:
+                for sender, _ in self._future[s][:1]:
+                    self._request_catchup(sender, now)
+        if not self.synced:
+            for p in sorted(self._up):
+                if p not in self._sync_replies:
+                    self._request_catchup(p, now)
+        self._progress(now)
+
+    def receive(self, sender: str, msg: object, now: float) -> None:
+        """Handle one message from a member."""
+        if sender not in self.peers:
+            return
+        if isinstance(msg, Submit):
+            self._enqueue(msg.batch)
+            self._progress(now)
+            return
+        if isinstance(msg, CatchupReq):
+            self._on_catchup_req(sender, msg)
+            return
+        if isinstance(msg, CatchupReply):
+            self._on_catchup_reply(sender, msg, now)
+            return
+        if isinstance(msg, ProposalReq):
+            self._on_proposal_req(sender, msg)
+            return
+        slot: int = msg.slot  # type: ignore[attr-defined]
+        if slot <= self.applied:
+            if isinstance(msg, (Proposal, StateMsg, VoteMsg)):
+                self._answer_stale(sender, slot, now)
+            return
+        if isinstance(msg, Decision):
+            if slot == self._cur.slot:
+                self._adopt_decision(msg.batch, now)
+            else:
+                self._decided_ahead[slot] = msg.batch
+                self._request_catchup(sender, now)
+            self._progress(now)
+            return
+        if isinstance(msg, ProposalReply):
+            if slot == self._cur.slot:
+                self._on_proposal_reply(msg, now)
+            return
+        if slot > self._cur.slot:
+            if slot - self._cur.slot > self.cfg.max_future_slots or self._future_count > 10_000:
+                self._request_catchup(sender, now)
+                return
+            self._future.setdefault(slot, []).append((sender, msg))
+            self._future_count += 1
+            return
+        self._on_slot_msg(sender, msg, now)
+        self._progress(now)
+
+    # --- the slot protocol ----------------------------------------------------------------------
+
+    def _on_slot_msg(self, sender: str, msg: object, now: float) -> None:
+        cur = self._cur
+        if cur.decided:
+            # We decided but wait for the batch: still tell fast peers what we know.
+            if isinstance(msg, (StateMsg, VoteMsg)) and msg.cand is not None:
+                self._learn_cand(msg.cand)
+            return
+        if isinstance(msg, Proposal):
+            if sender in cur.proposals:
+                return
+            cur.proposals[sender] = msg.batch
+            if msg.batch is not None:
+                cur.known[msg.batch.id] = msg.batch
+                self._enqueue(msg.batch)
+        elif isinstance(msg, StateMsg):
+            ph = cur.ph(msg.phase)
+            if sender in ph.states or msg.bit not in (0, 1):
+                return
+            ph.states[sender] = (msg.bit, msg.cand)
+            if msg.cand is not None:
+                self._learn_cand(msg.cand)
+            self._note_phase(sender, msg.phase)
+        elif isinstance(msg, VoteMsg):
+            ph = cur.ph(msg.phase)
+            if sender in ph.votes or msg.vote not in (0, 1, VOTE_UNDECIDED):
+                return
+            ph.votes[sender] = (msg.vote, msg.cand)
+            if msg.cand is not None:
+                self._learn_cand(msg.cand)
+            self._note_phase(sender, msg.phase)
+
+    def _note_phase(self, sender: str, phase: int) -> None:
+        mp = self._cur.max_phase_from
+        if phase > mp.get(sender, -1):
+            mp[sender] = phase
+
+    def _learn_cand(self, cand: BatchId) -> None:
+        cur = self._cur
+        if cur.cand is None:
+            cur.cand = cand
+
+    def _start_slot(self, now: float) -> None:
+        cur = self._cur
+        cur.started = True
+        cur.last_progress = now
+        forced = self._forced.get(("p", 0)) if self._forced_slot == cur.slot else None
+        if isinstance(forced, Proposal):
+            batch = forced.batch
+            if batch is not None:
+                self._enqueue(batch)
+        else:
+            batch = self._head()
+        cur.my_proposal = batch
+        cur.proposals[self.node_id] = batch
+        if batch is not None:
+            cur.known[batch.id] = batch
+        self._send_slot_msg(Proposal(cur.slot, batch))
+
+    def _send_slot_msg(self, msg: Proposal | StateMsg | VoteMsg) -> None:
+        self.actions.append(Persist(SentRec(msg)))
+        self.actions.append(Send(None, msg))
+
+    def _progress(self, now: float) -> None:
+        """Advance as far as the information at hand allows."""
+        while True:
+            cur = self._cur
+            if cur.decided:
+                if cur.decided_bit == 0:
+                    self._finish_slot(None, now)
+                    continue
+                batch = self._find_cand_batch()
+                if batch is None:
+                    self._fetch(now)
+                    return
+                self._finish_slot(batch, now)
+                continue
+            if not cur.started:
+                ahead = self._decided_ahead.pop(cur.slot, _MISSING)
+                if ahead is not _MISSING:
+                    self._adopt_decision(ahead, now)  # type: ignore[arg-type]
+                    continue
+                if not (self._queue or cur.proposals or cur.phases):
+                    self._maybe_seal(now, None)
+                    if not self._queue:
+                        return
+                self._start_slot(now)
+            if not self._step_rounds(now):
+                return
+
+    def _step_rounds(self, now: float) -> bool:
+        """Evaluate thresholds once; True if something changed."""
+        cur = self._cur
+        W, M, D = self.W, self.M, self.D
+        if not cur.exchanged:
+            if len(cur.proposals) < W:
+                return False
+            cur.exchanged = True
+            counts: dict[BatchId, int] = {}
+            for b in cur.proposals.values():
+                if b is not None:
+                    counts[b.id] = counts.get(b.id, 0) + 1
+            best = max(counts.items(), key=lambda kv: kv[1], default=None)
+            if best is not None and best[1] >= M:
+                cur.state = 1
+                cur.cand = best[0]
+            else:
+                cur.state = 0
+            cur.phase = 0
+            self._send_state(now)
+            return True
+        p = cur.phase
+        ph = cur.ph(p)
+        if not ph.sent_state:
+            self._send_state(now)
+            return True
+        if not ph.voted:
+            if len(ph.states) < W:
+                return False
+            c1 = sum(1 for b, _ in ph.states.values() if b == 1)
+            c0 = len(ph.states) - c1
+            vote = 1 if c1 >= M else 0 if c0 >= M else VOTE_UNDECIDED
+            forced = self._forced.get(("v", p)) if self._forced_slot == cur.slot else None
+            if isinstance(forced, VoteMsg):
+                vote = forced.vote
+            ph.voted = True
+            cand = cur.cand if vote == 1 else None
+            self._send_slot_msg(VoteMsg(cur.slot, p, vote, cand))
+            ph.votes[self.node_id] = (vote, cand)
+            cur.last_progress = now
+            return True
+        if len(ph.votes) < W:
+            return False
+        c = [0, 0]
+        for v, _ in ph.votes.values():
+            if v != VOTE_UNDECIDED:
+                c[v] += 1
+        self.stats["phases"] += 1
+        cur.last_progress = now
+        for b in (0, 1):
+            if c[b] >= D:
+                cur.decided = True
+                cur.decided_bit = b
+                cur.decided_phase = p
+                self._tell_laggards(p)
+                return True
+        if c[1] > 0:
+            nxt = 1
+        elif c[0] > 0:
+            nxt = 0
+        else:
+            nxt = coin(self.seed, cur.slot, p)
+        cur.phase = p + 1
+        cur.state = nxt
+        self._send_state(now)
+        return True
+
+    def _send_state(self, now: float) -> None:
+        cur = self._cur
+        p = cur.phase
+        ph = cur.ph(p)
+        bit = cur.state
+        forced = self._forced.get(("s", p)) if self._forced_slot == cur.slot else None
+        if isinstance(forced, StateMsg):
+            bit = forced.bit
+            if forced.cand is not None:
+                self._learn_cand(forced.cand)
+        cur.state = bit
+        ph.sent_state = True
+        cand = cur.cand if bit == 1 else None
+        ph.states[self.node_id] = (bit, cand)
+        cur.last_progress = now
+        self._send_slot_msg(StateMsg(cur.slot, p, bit, cand))
+
+    def _tell_laggards(self, phase: int) -> None:
+        """Peers already past the deciding phase did not decide in it: tell them directly."""
+        cur = self._cur
+        if cur.decided_bit == 1 and self._find_cand_batch() is None:
+            return
+        batch = self._find_cand_batch() if cur.decided_bit == 1 else None
+        for peer, mp in sorted(cur.max_phase_from.items()):
+            if mp > phase:
+                self._send(peer, Decision(cur.slot, batch))
+
+    def _find_cand_batch(self) -> Batch | None:
+        cur = self._cur
+        if cur.cand is None:
+            return None
+        b = cur.known.get(cur.cand) or self._queue.get(cur.cand)
+        return b
+
+    def _fetch(self, now: float, force: bool = False) -> None:
+        cur = self._cur
+        if not force and cur.fetch_sent_at >= 0 and now - cur.fetch_sent_at < self.cfg.retransmit_after:
+            return
+        cur.fetch_sent_at = now
+        self.actions.append(Send(None, ProposalReq(cur.slot)))
+
+    def _on_proposal_req(self, sender: str, msg: ProposalReq) -> None:
+        if msg.slot <= self.applied:
+            if msg.slot in self.log:
+                self._send(sender, Decision(msg.slot, self.log[msg.slot]))
+            return
+        if msg.slot == self._cur.slot:
+            cur = self._cur
+            self._send(sender, ProposalReply(cur.slot, cur.cand, self._find_cand_batch()))
+
+    def _on_proposal_reply(self, msg: ProposalReply, now: float) -> None:
+        cur = self._cur
+        if msg.cand is not None:
+            self._learn_cand(msg.cand)
+            if msg.batch is not None and msg.batch.id == cur.cand:
+                cur.known[msg.batch.id] = msg.batch
+        self._progress(now)
+
+    def _adopt_decision(self, batch: Batch | None, now: float) -> None:
+        cur = self._cur
+        cur.decided = True
+        if batch is None:
+            cur.decided_bit = 0
+        else:
+            cur.decided_bit = 1
+            cur.cand = batch.id
+            cur.known[batch.id] = batch
+
+    def _finish_slot(self, batch: Batch | None, now: float) -> None:
+        slot = self._cur.slot
+        self._apply(slot, batch, persist=True)
+        self._new_slot(now)
+
+    def _new_slot(self, now: float) -> None:
+        self._cur = _SlotState(self.applied + 1, last_progress=now)
+        if self._forced and self._forced_slot < self._cur.slot:
+            self._forced.clear()
+            self._forced_slot = 0
+        buffered = self._future.pop(self._cur.slot, None)
+        # drop anything older than the new slot
+        for s in [s for s in self._future if s < self._cur.slot]:
+            self._future_count -= len(self._future.pop(s))
+        for s in [s for s in self._decided_ahead if s < self._cur.slot]:
+            del self._decided_ahead[s]
+        self._maybe_seal(now, None)
+        if buffered:
+            self._future_count -= len(buffered)
+            for sender, m in buffered:
+                if isinstance(m, Decision):
+                    self._adopt_decision(m.batch, now)
+                else:
+                    self._on_slot_msg(sender, m, now)
+
+    def _apply(self, slot: int, batch: Batch | None, *, persist: bool) -> None:
+        assert slot == self.applied + 1, (slot, self.applied)
+        self.applied = slot
+        self.stats["slots"] += 1
+        self.log[slot] = batch
+        old = slot - self.cfg.retain_slots
+        if old in self.log:
+            del self.log[old]
+        if persist:
+            self.actions.append(Persist(DecidedRec(slot, batch)))
+        if batch is None:
+            self.stats["null_slots"] += 1
+        elif batch.id not in self.decided_ids:
+            self.decided_ids[batch.id] = slot
+            self._queue.pop(batch.id, None)
+            sm = self.sm
+            results = [sm.apply(c) for c in batch.commands]
+            mine = self._inflight.pop(batch.id, None)
+            if mine is not None:
+                self.actions.append(Completed(mine[0], results, slot))
+        if slot % 1024 == 0:
+            horizon = slot - self.cfg.dedup_slots
+            if horizon > 0:
+                self.decided_ids = {k: v for k, v in self.decided_ids.items() if v >= horizon}
+        if persist and slot % self.cfg.snapshot_every == 0:
+            self.actions.append(SaveSnapshot(slot, self._snapshot_bytes()))
+
+    # --- queue and batching ---------------------------------------------------------------------
+
+    def _enqueue(self, batch: Batch) -> None:
+        bid = batch.id
+        if bid in self._queue or bid in self.decided_ids:
+            return
+        self._queue[bid] = batch
+        heapq.heappush(self._heap, (batch.order_key(), bid))
+
+    def _head(self) -> Batch | None:
+        heap = self._heap
+        while heap:
+            bid = heap[0][1]
+            b = self._queue.get(bid)
+            if b is not None:
+                return b
+            heapq.heappop(heap)
+        return None
+
+    def _maybe_seal(self, now: float, ts: int | None) -> None:
+        if not self._open or len(self._inflight) >= self.cfg.max_inflight_batches:
+            return
+        if not self.has_quorum:
+            return
+        cfg = self.cfg
+        cut = 0
+        size = 0
+        for _, c in self._open:
+            if cut >= cfg.max_batch_commands or (cut and size + len(c) > cfg.max_batch_bytes):
+                break
+            size += len(c)
+            cut += 1
+        take = self._open[:cut]
+        del self._open[:cut]
+        self._open_bytes -= sum(len(c) for _, c in take)
+        bid = BatchId(self.node_id, self.incarnation, next(self._seq))
+        batch = Batch(bid, int(now * 1_000_000) if ts is None else ts, [c for _, c in take])
+        self._inflight[bid] = ([t for t, _ in take], now)
+        self._enqueue(batch)
+        self.actions.append(Send(None, Submit(batch)))
+
+    def _fail_all(self, reason: str) -> None:
+        unsent = [t for t, _ in self._open]
+        self._open.clear()
+        self._open_bytes = 0
+        if unsent:
+            self.actions.append(Failed(unsent, reason, definite=True))
+        tokens: list[int] = []
+        for toks, _ in self._inflight.values():
+            tokens.extend(toks)
+        self._inflight.clear()
+        if tokens:
+            self.actions.append(Failed(tokens, reason))
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _send(self, to: str, msg: object) -> None:
+        self.actions.append(Send(to, msg))
+
+    def _retransmit_to(self, peer: str) -> None:
+        cur = self._cur
+        if not cur.started:
+            return
+        self._send(peer, Proposal(cur.slot, cur.my_proposal))
+        for p in sorted(cur.phases):
+            ph = cur.phases[p]
+            mine = ph.states.get(self.node_id)
+            if mine is not None:
+                self._send(peer, StateMsg(cur.slot, p, mine[0], mine[1]))
+            v = ph.votes.get(self.node_id)
+            if v is not None:
+                self._send(peer, VoteMsg(cur.slot, p, v[0], v[1]))
+
+    def _answer_stale(self, sender: str, slot: int, now: float) -> None:
+        last = self._last_stale_reply.get(sender)
+        if last is not None and last[0] == slot and now - last[1] < self.cfg.retransmit_after:
+            return
+        self._last_stale_reply[sender] = (slot, now)
+        if slot in self.log:
+            self._send(sender, Decision(slot, self.log[slot]))
+        else:
+            self._on_catchup_req(sender, CatchupReq(slot))
+
+    def _request_catchup(self, peer: str, now: float) -> None:
+        last = self._last_catchup.get(peer, -1e18)
+        if now - last < self.cfg.catchup_interval:
+            return
+        self._last_catchup[peer] = now
+        self._send(peer, CatchupReq(self.applied + 1))
+
+    def _on_catchup_req(self, sender: str, msg: CatchupReq) -> None:
+        start = msg.from_slot
+        if start > self.applied:
+            self._send(sender, CatchupReply(self.applied, []))
+            return
+        if start in self.log or start > self.applied:
+            end = min(self.applied, start + self.cfg.catchup_entries - 1)
+            entries = [Entry(s, self.log[s]) for s in range(start, end + 1)]
+            self._send(sender, CatchupReply(self.applied, entries))
+        else:
+            self._send(sender, CatchupReply(self.applied, [], self.applied, self._snapshot_bytes()))
+
+    def _on_catchup_reply(self, sender: str, msg: CatchupReply, now: float) -> None:
+        if not self.synced:
+            self._sync_replies.add(sender)
+            if len(self._sync_replies) + 1 >= self.M:
+                self.synced = True
+        if msg.snapshot is not None and msg.snapshot_slot > self.applied:
+            self._install_snapshot_bytes(msg.snapshot, emit=True)
+            self._new_slot(now)
+        advanced = False
+        for e in msg.entries:
+            if e.slot == self.applied + 1:
+                self._apply(e.slot, e.batch, persist=True)
+                advanced = True
+        if advanced:
+            self._new_slot(now)
+        if msg.applied > self.applied:
+            # more to fetch
+            self._last_catchup.pop(sender, None)
+            self._request_catchup(sender, now)
+        self._progress(now)
+
+    def _snapshot_bytes(self) -> bytes:
+        snap = EngineSnapshot(
+            self.applied, list(self.members), self.sm.snapshot(), list(self.decided_ids.items())
+        )
+        return _snapshot_encoder.encode(snap)
+
+    def _install_snapshot_bytes(self, data: bytes, *, emit: bool) -> None:
+        snap = _snapshot_decoder.decode(data)
+        self.sm.restore(snap.state)
+        self.applied = snap.slot
+        self.log.clear()
+        self.decided_ids = {k: v for k, v in snap.decided_ids}
+        for bid in [b for b in self._queue if b in self.decided_ids]:
+            del self._queue[bid]
+        lost = [bid for bid in self._inflight if bid in self.decided_ids]
+        for bid in lost:
+            tokens, _ = self._inflight.pop(bid)
+            self.actions.append(Failed(tokens, "indeterminate"))
+        if emit:
+            self.stats["snapshots_installed"] += 1
+            self.actions.append(Installed(snap.slot))
+            self.actions.append(SaveSnapshot(snap.slot, data))
+
+    def snapshot_now(self) -> SaveSnapshot:
+        """A snapshot of the current applied state (for a clean shutdown)."""
+        return SaveSnapshot(self.applied, self._snapshot_bytes())
+
+
+_MISSING = object()

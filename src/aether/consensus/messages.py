@@ -1,0 +1,137 @@
+"""Wire messages of the Rabia engine (msgspec structs, integer tags 10-29).
+
+The sender of a message is not carried in it: the transport knows which authenticated
+peer link a frame arrived on and hands `(sender, msg)` to the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+
+class BatchId(msgspec.Struct, array_like=True, frozen=True):
+    """Unique id of a batch: origin node, the origin's incarnation, and a sequence number."""
+
+    origin: str
+    inc: int
+    seq: int
+
+
+class Batch(msgspec.Struct, array_like=True, frozen=True):
+    """Commands proposed together. `ts` (origin clock, microseconds) orders the pending queue."""
+
+    id: BatchId
+    ts: int
+    commands: list[bytes]
+
+    def order_key(self) -> tuple[int, str, int, int]:
+        i = self.id
+        return (self.ts, i.origin, i.inc, i.seq)
+
+
+class Submit(msgspec.Struct, array_like=True, frozen=True, tag=10):
+    """A new batch, broadcast by its origin so that every replica queues it."""
+
+    batch: Batch
+
+
+class Proposal(msgspec.Struct, array_like=True, frozen=True, tag=11):
+    """The sender's one proposal for `slot` (None: it had nothing pending)."""
+
+    slot: int
+    batch: Batch | None
+
+
+class StateMsg(msgspec.Struct, array_like=True, frozen=True, tag=12):
+    """Round 1 of a phase. `cand` names the majority-proposed batch when the sender knows it."""
+
+    slot: int
+    phase: int
+    bit: int
+    cand: BatchId | None = None
+
+
+VOTE_UNDECIDED = 2  # the '?' vote
+
+
+class VoteMsg(msgspec.Struct, array_like=True, frozen=True, tag=13):
+    """Round 2 of a phase: 0, 1 or VOTE_UNDECIDED."""
+
+    slot: int
+    phase: int
+    vote: int
+    cand: BatchId | None = None
+
+
+class Decision(msgspec.Struct, array_like=True, frozen=True, tag=14):
+    """The decided value of `slot` (None: the slot commits nothing)."""
+
+    slot: int
+    batch: Batch | None
+
+
+class ProposalReq(msgspec.Struct, array_like=True, frozen=True, tag=15):
+    """Ask for the majority-proposed batch of `slot` (the asker decided 1 without having it)."""
+
+    slot: int
+
+
+class ProposalReply(msgspec.Struct, array_like=True, frozen=True, tag=16):
+    slot: int
+    cand: BatchId | None
+    batch: Batch | None
+
+
+class Entry(msgspec.Struct, array_like=True, frozen=True):
+    slot: int
+    batch: Batch | None
+
+
+class CatchupReq(msgspec.Struct, array_like=True, frozen=True, tag=17):
+    """Ask for decided entries from `from_slot` on (or a snapshot if they are collected)."""
+
+    from_slot: int
+
+
+class CatchupReply(msgspec.Struct, array_like=True, frozen=True, tag=18):
+    """Decided entries, or a snapshot taken after `snapshot_slot` was applied."""
+
+    applied: int
+    entries: list[Entry]
+    snapshot_slot: int = 0
+    snapshot: bytes | None = None
+
+
+RabiaMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union object
+    Submit, Proposal, StateMsg, VoteMsg, Decision, ProposalReq, ProposalReply, CatchupReq, CatchupReply
+]
+
+
+# --- records written to the local journal (never sent) --------------------------------------------
+
+
+class SentRec(msgspec.Struct, array_like=True, frozen=True, tag=1):
+    """A Proposal/StateMsg/VoteMsg this node sent; replayed after a restart so it never equivocates."""
+
+    msg: Proposal | StateMsg | VoteMsg
+
+
+class DecidedRec(msgspec.Struct, array_like=True, frozen=True, tag=2):
+    """A slot this node applied."""
+
+    slot: int
+    batch: Batch | None
+
+
+JournalRecord = Union[SentRec, DecidedRec]  # noqa: UP007
+
+
+class EngineSnapshot(msgspec.Struct, array_like=True):
+    """What a snapshot holds: the applied slot, the state machine's bytes and the dedup table."""
+
+    slot: int
+    members: list[str]
+    state: bytes
+    decided_ids: list[tuple[BatchId, int]]

@@ -1,0 +1,111 @@
+"""Node configuration: command-line flags and an optional `aether.toml`, validated once."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+from aether.core.errors import ConfigError
+from aether.core.types import (
+    CLUSTER_PORT_BASE,
+    HTTP_PORT_BASE,
+    MANAGEMENT_PORT_BASE,
+    Address,
+    PeerSpec,
+    check_node_id,
+)
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything one node needs to start. `peers` includes every member, this node too."""
+
+    node_id: str
+    peers: list[PeerSpec]
+    host: str = "127.0.0.1"
+    cluster_port: int = CLUSTER_PORT_BASE
+    management_port: int = MANAGEMENT_PORT_BASE
+    http_port: int = HTTP_PORT_BASE
+    data_dir: str = ".aether/data"
+    cluster_name: str = "aether"
+    fsync: str = "none"  # "none" | "snapshot" | "always"
+    snapshot_every: int = 2000  # slots between local snapshots
+    heartbeat_interval: float = 0.1
+    heartbeat_timeout: float = 0.6
+    request_timeout: float = 5.0
+    api_key: str | None = None
+
+    def validate(self) -> NodeConfig:
+        check_node_id(self.node_id)
+        ids = [p.id for p in self.peers]
+        if len(set(ids)) != len(ids):
+            raise ConfigError(f"duplicate node ids in peers: {sorted(ids)}")
+        if self.node_id not in ids:
+            raise ConfigError(f"node id {self.node_id!r} is not among the peers {ids}")
+        for name in ("cluster_port", "management_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536:
+                raise ConfigError(f"{name} {port} out of range 0-65535")
+        if self.fsync not in ("none", "snapshot", "always"):
+            raise ConfigError(f"fsync must be one of none, snapshot, always (got {self.fsync!r})")
+        if self.snapshot_every < 1:
+            raise ConfigError("snapshot_every must be >= 1")
+        return self
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+class _TomlPeer(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    address: str
+
+
+class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    node_id: str | None = None
+    peers: list[_TomlPeer] | list[str] | None = None
+    host: str | None = None
+    cluster_port: int | None = None
+    management_port: int | None = None
+    http_port: int | None = None
+    data_dir: str | None = None
+    cluster_name: str | None = None
+    fsync: str | None = None
+    snapshot_every: int | None = None
+    heartbeat_interval: float | None = None
+    heartbeat_timeout: float | None = None
+    request_timeout: float | None = None
+    api_key: str | None = None
+
+
+def load_toml(path: str | Path) -> dict[str, object]:
+    """Read an `aether.toml` and return the settings it gives (only those present).
+
+    Peers may be `["node-2=127.0.0.1:7001", ...]` or `[{id = "...", address = "..."}]`.
+    """
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    section = raw.get("node", raw)
+    try:
+        parsed = msgspec.convert(section, _TomlNode)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    out: dict[str, object] = {
+        f: getattr(parsed, f) for f in parsed.__struct_fields__ if getattr(parsed, f) is not None
+    }
+    if parsed.peers is not None:
+        peers: list[PeerSpec] = []
+        for item in parsed.peers:
+            if isinstance(item, str):
+                peers.append(PeerSpec.parse(item))
+            else:
+                peers.append(PeerSpec(check_node_id(item.id), Address.parse(item.address)))
+        out["peers"] = peers
+    return out

@@ -1,0 +1,31 @@
+"""Error types raised across layer boundaries."""
+
+from __future__ import annotations
+
+
+class AetherError(Exception):
+    """Base class of every error Aether raises on purpose."""
+
+
+class QuorumLost(AetherError):
+    """A write could not be committed because this node cannot reach a quorum.
+
+    The outcome of a request that failed this way is indeterminate: it may still commit
+    later if its batch had already reached other nodes.
+    """
+
+
+class CommitTimeout(AetherError):
+    """A write did not commit within its deadline (outcome indeterminate)."""
+
+
+class NotReady(AetherError):
+    """The node is still recovering or catching up and cannot serve this yet."""
+
+
+class BadRequest(AetherError):
+    """Input from outside failed validation; the message names the problem."""
+
+
+class ConfigError(AetherError):
+    """Node or cluster configuration is invalid; the message names the setting."""

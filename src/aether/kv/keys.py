@@ -1,0 +1,156 @@
+"""Typed structured keys and their value types (SPEC §2.3).
+
+Every key renders to a string path and parses back; parsing validates each segment, so a
+malformed key is rejected with a message naming the problem instead of being stored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Union
+
+import msgspec
+
+from aether.core.errors import BadRequest
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9._:@+-]{1,200}$")
+_HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+def _seg(name: str, value: str) -> str:
+    if not _SEGMENT.match(value):
+        raise BadRequest(f"invalid {name} {value!r} in key: use letters, digits and . _ : @ + -")
+    return value
+
+
+# --- values -----------------------------------------------------------------------------------------
+
+
+class BlueprintSlice(msgspec.Struct, frozen=True):
+    artifact: str
+    instances: int
+
+
+class BlueprintValue(msgspec.Struct, frozen=True):
+    slices: list[BlueprintSlice]
+    source: str = "operator"  # operator | controller | api
+
+
+class SliceStateValue(msgspec.Struct, frozen=True):
+    state: str
+    timestamp: float
+    reason: str | None = None
+
+
+class EndpointValue(msgspec.Struct, frozen=True):
+    node_id: str
+    state: str
+
+
+class RouteValue(msgspec.Struct, frozen=True):
+    artifact: str
+    method: str
+    bindings: dict[str, str] = {}
+
+
+# --- keys -------------------------------------------------------------------------------------------
+
+
+class BlueprintKey(msgspec.Struct, frozen=True):
+    prefix: ClassVar[str] = "blueprints/"
+    value_type: ClassVar[type] = BlueprintValue
+    blueprint_id: str
+
+    def __str__(self) -> str:
+        return f"blueprints/{self.blueprint_id}"
+
+
+class SliceKey(msgspec.Struct, frozen=True):
+    prefix: ClassVar[str] = "slices/"
+    value_type: ClassVar[type] = SliceStateValue
+    node_id: str
+    artifact: str
+
+    def __str__(self) -> str:
+        return f"slices/{self.node_id}/{self.artifact}"
+
+
+class EndpointKey(msgspec.Struct, frozen=True):
+    prefix: ClassVar[str] = "endpoints/"
+    value_type: ClassVar[type] = EndpointValue
+    artifact: str
+    method: str
+    instance: int
+
+    def __str__(self) -> str:
+        return f"endpoints/{self.artifact}/{self.method}:{self.instance}"
+
+
+class RouteKey(msgspec.Struct, frozen=True):
+    prefix: ClassVar[str] = "routes/"
+    value_type: ClassVar[type] = RouteValue
+    http_method: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"routes/{self.http_method}:{self.path}"
+
+
+class UserKey(msgspec.Struct, frozen=True):
+    """Free-form application/diagnostic key with an opaque bytes value."""
+
+    prefix: ClassVar[str] = "user/"
+    value_type: ClassVar[type] = bytes
+    name: str
+
+    def __str__(self) -> str:
+        return f"user/{self.name}"
+
+
+Key = Union[BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey]  # noqa: UP007
+KEY_FAMILIES: tuple[type, ...] = (BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey)
+
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%{}/-]*$")
+
+
+def parse_key(text: str) -> Key:
+    """Parse a rendered key; raise BadRequest naming what is wrong."""
+    family, sep, rest = text.partition("/")
+    if not sep or not rest:
+        raise BadRequest(f"invalid key {text!r}: expected FAMILY/..., families: blueprints, slices, "
+                         "endpoints, routes, user")
+    if family == "blueprints":
+        return BlueprintKey(_seg("blueprint id", rest))
+    if family == "slices":
+        node, sep2, artifact = rest.partition("/")
+        if not sep2:
+            raise BadRequest(f"invalid key {text!r}: expected slices/NODE/ARTIFACT")
+        return SliceKey(_seg("node id", node), _seg("artifact", artifact))
+    if family == "endpoints":
+        artifact, sep2, tail = rest.partition("/")
+        method, sep3, inst = tail.rpartition(":")
+        if not sep2 or not sep3 or not inst.isdigit():
+            raise BadRequest(f"invalid key {text!r}: expected endpoints/ARTIFACT/METHOD:INSTANCE")
+        return EndpointKey(_seg("artifact", artifact), _seg("method", method), int(inst))
+    if family == "routes":
+        method, sep2, path = rest.partition(":")
+        if not sep2 or method not in _HTTP_METHODS:
+            raise BadRequest(f"invalid key {text!r}: expected routes/METHOD:/path with METHOD one of "
+                             f"{sorted(_HTTP_METHODS)}")
+        if not _PATH_RE.match(path):
+            raise BadRequest(f"invalid route path {path!r} in key {text!r}")
+        return RouteKey(method, path)
+    if family == "user":
+        if len(rest) > 1024 or "\x00" in rest:
+            raise BadRequest("invalid user key: at most 1024 characters, no NUL")
+        return UserKey(rest)
+    raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
+                     "routes or user")
+
+
+def value_type_for(key: str) -> type:
+    """The value type of the family `key` belongs to (bytes for user keys)."""
+    for fam in KEY_FAMILIES:
+        if key.startswith(fam.prefix):  # type: ignore[attr-defined]
+            return fam.value_type  # type: ignore[attr-defined, no-any-return]
+    raise BadRequest(f"unknown key family in {key!r}")

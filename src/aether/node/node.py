@@ -1,0 +1,183 @@
+"""`Node`: assembles and runs every component of one cluster member."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import msgspec
+
+from aether.cluster.leader import LeaderChanged, LeaderManager
+from aether.consensus.engine import EngineConfig
+from aether.consensus.messages import RabiaMessage
+from aether.consensus.runner import ConsensusRunner
+from aether.consensus.storage import DiskStore
+from aether.core.config import NodeConfig
+from aether.core.errors import CommitTimeout, QuorumLost
+from aether.core.status import KVEntry, MemberStatus, NodeStatus
+from aether.core.types import Address
+from aether.kv.machine import Command, KVStateMachine
+from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
+from aether.kv.store import KVStore
+from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
+
+_cmd_decoder = msgspec.msgpack.Decoder(Command)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"base64": msgspec.json.decode(msgspec.json.encode(value))}
+    return msgspec.to_builtins(value)
+
+
+class Node:
+    """A cluster member. `await start()`, then serve until `await stop()`."""
+
+    def __init__(self, config: NodeConfig, *, logger: logging.Logger | None = None) -> None:
+        self.config = config.validate()
+        self.node_id = config.node_id
+        self.log = logger or logging.getLogger(f"aether.node.{self.node_id}")
+        self.members = {p.id: p.address for p in config.peers}
+        self.router = MessageRouter(self.log)
+        self.sm = KVStateMachine()
+        self.store = DiskStore(config.data_path / "consensus", config.fsync)
+        self.runner = ConsensusRunner(
+            self.node_id,
+            list(self.members),
+            self.sm,
+            self.store,
+            seed=config.cluster_name.encode(),
+            config=EngineConfig(snapshot_every=config.snapshot_every),
+            logger=logging.getLogger(f"aether.consensus.{self.node_id}"),
+        )
+        self.kv = KVStore(self.runner, self.sm, self.node_id)
+        self.leader = LeaderManager(self.node_id, list(self.members))
+        self.leader.listeners.append(self._on_leader_change)
+        own = self.members[self.node_id]
+        self.transport = Transport(
+            self.node_id,
+            self.members,
+            listen=Address(config.host, config.cluster_port or own.port),
+            cluster_name=config.cluster_name,
+            message_type=RabiaMessage,
+            on_message=self.runner.on_message,
+            router=self.router,
+            client_message_type=ClientMessage,
+            on_client_message=self._on_client_message,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout,
+            logger=logging.getLogger(f"aether.transport.{self.node_id}"),
+        )
+        self.router.subscribe(PeerUp, self._on_peer_up)
+        self.router.subscribe(PeerDown, self._on_peer_down)
+        self.management: Any = None
+        self.started_at = 0.0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, *, management: bool = True) -> None:
+        self.started_at = time.time()
+        self.runner.recover()
+        await self.transport.start()
+        self.runner.start(self.transport)
+        if management:
+            from aether.api.server import ManagementServer
+
+            self.management = ManagementServer(
+                self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
+                logger=logging.getLogger(f"aether.api.{self.node_id}"),
+            )
+            await self.management.start()
+        self.log.info(
+            "node %s started: cluster %s:%d, management %s, %d members",
+            self.node_id, self.config.host, self.transport.port,
+            f"{self.config.host}:{self.management.port}" if self.management else "off", len(self.members),
+        )
+
+    async def stop(self) -> None:
+        if self.management is not None:
+            await self.management.stop()
+            self.management = None
+        await self.transport.stop()
+        await self.runner.stop()
+        self.log.info("node %s stopped at slot %d", self.node_id, self.runner.engine.applied)
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _on_peer_up(self, ev: PeerUp) -> None:
+        self.runner.peer_up(ev.node_id)
+        self.leader.peer_up(ev.node_id)
+
+    def _on_peer_down(self, ev: PeerDown) -> None:
+        self.runner.peer_down(ev.node_id)
+        self.leader.peer_down(ev.node_id)
+
+    def _on_leader_change(self, ev: LeaderChanged) -> None:
+        self.log.info("leader is now %s (was %s)", ev.leader, ev.previous)
+        self.router.publish(ev)
+
+    # --- clients on the cluster port ------------------------------------------------------------
+
+    def _on_client_message(self, session: ClientSession, msg: Any) -> None:
+        if isinstance(msg, ClientRequest):
+            try:
+                _cmd_decoder.decode(msg.command)
+            except msgspec.DecodeError as e:
+                session.send(ClientResponse(msg.id, None, f"malformed command: {e}", "bad_request"))
+                return
+            (fut,) = self.runner.submit([msg.command])
+            rid = msg.id
+
+            def done(f: asyncio.Future[bytes], rid: int = rid) -> None:
+                if session.closed:
+                    if not f.cancelled():
+                        f.exception()  # retrieve it so asyncio does not log it
+                    return
+                if f.cancelled():
+                    session.send(ClientResponse(rid, None, "cancelled", "timeout"))
+                    return
+                exc = f.exception()
+                if exc is None:
+                    session.send(ClientResponse(rid, f.result()))
+                elif isinstance(exc, QuorumLost):
+                    session.send(ClientResponse(rid, None, str(exc), "quorum"))
+                elif isinstance(exc, CommitTimeout):
+                    session.send(ClientResponse(rid, None, str(exc), "timeout"))
+                else:
+                    session.send(ClientResponse(rid, None, f"internal error: {exc}", "internal"))
+
+            fut.add_done_callback(done)
+        elif isinstance(msg, ClientReadLocal):
+            from aether.kv.machine import Result, _encoder
+
+            v = self.sm.get(msg.key)
+            session.send(ClientResponse(msg.id, _encoder.encode(Result(True, v, self.sm.revision))))
+
+    # --- views for the management API -----------------------------------------------------------
+
+    def status(self) -> NodeStatus:
+        up = self.transport.up_peers
+        nodes = [
+            MemberStatus(m, str(addr), "up" if (m == self.node_id or m in up) else "down")
+            for m, addr in sorted(self.members.items())
+        ]
+        return NodeStatus(
+            node_id=self.node_id,
+            leader=self.leader.leader,
+            quorum=self.transport.has_quorum(),
+            nodes=nodes,
+            applied_slot=self.runner.engine.applied,
+            management_port=self.management.port if self.management else 0,
+            cluster_port=self.transport.port,
+            http_port=self.config.http_port,
+            pid=os.getpid(),
+        )
+
+    def kv_list(self, prefix: str) -> list[KVEntry]:
+        return [KVEntry(k, _jsonable(v)) for k, v in self.kv.list_local(prefix)]

@@ -1,0 +1,48 @@
+"""`run_node`: run one node in this process until SIGINT/SIGTERM (what `aether node` calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from aether.core.config import NodeConfig
+from aether.node.node import Node
+
+
+def _install_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(config: NodeConfig) -> None:
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    try:
+        await stop.wait()
+    finally:
+        await node.stop()
+
+
+def run_node(config: NodeConfig) -> int:
+    """Run a node until interrupted; returns the process exit code."""
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _install_loop_policy()
+    try:
+        asyncio.run(serve(config))
+    except OSError as e:
+        logging.getLogger("aether.node").error("cannot start node %s: %s", config.node_id, e)
+        return 1
+    return 0
