@@ -341,7 +341,8 @@ class Engine:
                 self._maybe_seal(now, None)
         if self._open and not self.has_quorum:
             self._fail_all("quorum")
-        if (cur.started or cur.proposals) and now - max(cur.last_progress, cur.last_retransmit) > cfg.retransmit_after:
+        idle = now - max(cur.last_progress, cur.last_retransmit)
+        if (cur.started or cur.proposals) and idle > cfg.retransmit_after:
             cur.last_retransmit = now
             for p in sorted(self._up):
                 self._retransmit_to(p)
@@ -541,10 +542,10 @@ class Engine:
                 c[v] += 1
         self.stats["phases"] += 1
         cur.last_progress = now
-        for b in (0, 1):
-            if c[b] >= D:
+        for bit in (0, 1):
+            if c[bit] >= D:
                 cur.decided = True
-                cur.decided_bit = b
+                cur.decided_bit = bit
                 cur.decided_phase = p
                 self._tell_laggards(p)
                 return True

@@ -203,8 +203,8 @@ class ConsensusRunner:
                 store.save_snapshot(a.data)
             elif isinstance(a, Installed):
                 installed = True
-                for cb in self.on_installed:
-                    cb(a.slot)
+                for on_inst in self.on_installed:
+                    on_inst(a.slot)
         if pending:
             store.append(pending)
         if self.engine.applied != self._last_applied or installed:

@@ -45,7 +45,9 @@ class DiskStore:
                     break
                 payload = data[off + _HDR.size:end]
                 if zlib.crc32(payload) != crc:
-                    _log.warning("journal %s: corrupt record at offset %d; ignoring the rest", self.journal_path, off)
+                    _log.warning(
+                        "journal %s: corrupt record at offset %d; ignoring the rest", self.journal_path, off
+                    )
                     break
                 records.append(payload)
                 off = end

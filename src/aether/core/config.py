@@ -65,7 +65,7 @@ class _TomlPeer(msgspec.Struct, forbid_unknown_fields=True):
 
 class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     node_id: str | None = None
-    peers: list[_TomlPeer] | list[str] | None = None
+    peers: list[_TomlPeer | str] | None = None
     host: str | None = None
     cluster_port: int | None = None
     management_port: int | None = None

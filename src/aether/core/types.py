@@ -22,7 +22,8 @@ def check_node_id(value: str) -> str:
     """Return `value` if it is a valid node id, else raise ConfigError naming the problem."""
     if not _NODE_ID_RE.match(value):
         raise ConfigError(
-            f"invalid node id {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid node id {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     return value
 

@@ -152,5 +152,5 @@ def value_type_for(key: str) -> type:
     """The value type of the family `key` belongs to (bytes for user keys)."""
     for fam in KEY_FAMILIES:
         if key.startswith(fam.prefix):  # type: ignore[attr-defined]
-            return fam.value_type  # type: ignore[attr-defined, no-any-return]
+            return fam.value_type  # type: ignore[attr-defined]
     raise BadRequest(f"unknown key family in {key!r}")

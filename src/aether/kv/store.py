@@ -131,7 +131,11 @@ class KVStore:
         """Call `callback` for every put/remove under `prefix`, in commit order."""
         wid = next(self._ids)
         self._watches[wid] = (prefix, callback)
-        return lambda: self._watches.pop(wid, None)  # type: ignore[func-returns-value]
+
+        def cancel() -> None:
+            self._watches.pop(wid, None)
+
+        return cancel
 
     def _dispatch(self) -> None:
         events = self.sm.drain_events()

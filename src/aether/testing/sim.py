@@ -225,9 +225,11 @@ class Simulation:
         self.steps += 1
         cut = len(actions)
         f = self.faults
-        if f.crash_mid_step and f.crashes and actions and self.rng.random() < f.crash_mid_step:
-            if sum(1 for n in self.nodes.values() if n.alive) > 1:
-                cut = self.rng.randrange(len(actions))
+        if (
+            f.crash_mid_step and f.crashes and actions and self.rng.random() < f.crash_mid_step
+            and sum(1 for n in self.nodes.values() if n.alive) > 1
+        ):
+            cut = self.rng.randrange(len(actions))
         for i, a in enumerate(actions):
             if i == cut:
                 self.log(f"{node.id} crashes mid-step after {i}/{len(actions)} actions")
@@ -271,7 +273,8 @@ class Simulation:
         if slot in self.decided:
             if self.decided[slot] != bid:
                 raise InvariantViolation(
-                    f"slot {slot} decided differently: {self.decided[slot]} vs {bid} on {node} (seed {self.seed})"
+                    f"slot {slot} decided differently: {self.decided[slot]} vs {bid} on {node} "
+                    f"(seed {self.seed})"
                 )
         else:
             self.decided[slot] = bid

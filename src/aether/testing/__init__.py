@@ -1,0 +1,1 @@
+"""Test-support tools shipped with Aether (simulation, linearizability checking)."""

@@ -1,0 +1,300 @@
+"""Unit tests of the sans-IO Rabia engine, driven by a tiny synchronous in-memory network."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import msgspec
+import pytest
+
+from aether.consensus.engine import (
+    Completed,
+    Engine,
+    EngineConfig,
+    Failed,
+    Persist,
+    SaveSnapshot,
+    Send,
+    coin,
+)
+from aether.consensus.messages import (
+    Batch,
+    BatchId,
+    CatchupReply,
+    Decision,
+    JournalRecord,
+    Proposal,
+    SentRec,
+    StateMsg,
+    Submit,
+)
+from aether.kv.machine import Get, KVStateMachine, Put, decode_result, encode_command
+
+_enc = msgspec.msgpack.Encoder()
+_jdec = msgspec.msgpack.Decoder(JournalRecord)
+
+
+class Net:
+    """Engines exchanging messages FIFO; `hold` lets a test delay chosen messages."""
+
+    def __init__(self, n: int, config: EngineConfig | None = None) -> None:
+        self.ids = [f"n{i}" for i in range(1, n + 1)]
+        self.sms = {i: KVStateMachine() for i in self.ids}
+        self.engines = {i: Engine(i, self.ids, self.sms[i], config=config) for i in self.ids}
+        self.queue: deque[tuple[str, str, object]] = deque()
+        self.completed: dict[str, list[Completed]] = {i: [] for i in self.ids}
+        self.failed: dict[str, list[Failed]] = {i: [] for i in self.ids}
+        self.journal: dict[str, list[bytes]] = {i: [] for i in self.ids}
+        self.down: set[str] = set()
+        self.now = 0.0
+        for a in self.ids:
+            for b in self.ids:
+                if a != b:
+                    self.engines[a].peer_up(b, 0.0)
+        self.collect_all()
+
+    def collect(self, nid: str) -> None:
+        for a in self.engines[nid].take_actions():
+            if isinstance(a, Send):
+                targets = [a.to] if a.to else [x for x in self.ids if x != nid]
+                for t in targets:
+                    self.queue.append((nid, t, a.msg))
+            elif isinstance(a, Completed):
+                self.completed[nid].append(a)
+            elif isinstance(a, Failed):
+                self.failed[nid].append(a)
+            elif isinstance(a, Persist):
+                self.journal[nid].append(_enc.encode(a.record))
+            elif isinstance(a, SaveSnapshot):
+                self.journal[nid].clear()
+
+    def collect_all(self) -> None:
+        for i in self.ids:
+            self.collect(i)
+
+    def run(self, limit: int = 100_000) -> int:
+        steps = 0
+        while self.queue and steps < limit:
+            src, dst, msg = self.queue.popleft()
+            steps += 1
+            if src in self.down or dst in self.down:
+                continue
+            self.engines[dst].receive(src, msg, self.now)
+            self.collect(dst)
+        return steps
+
+    def submit(self, nid: str, op: object, client: str = "", seq: int = 0) -> int:
+        tok = self.engines[nid].submit(encode_command(op, client, seq), self.now)  # type: ignore[arg-type]
+        self.collect(nid)
+        return tok
+
+    def tick(self, dt: float = 0.1) -> None:
+        self.now += dt
+        for i in self.ids:
+            if i not in self.down:
+                self.engines[i].tick(self.now)
+                self.collect(i)
+
+
+def results(net: Net, nid: str) -> dict[int, bytes]:
+    out = {}
+    for c in net.completed[nid]:
+        out.update(zip(c.tokens, c.results, strict=True))
+    return out
+
+
+def test_single_node_commits_immediately() -> None:
+    net = Net(1)
+    tok = net.submit("n1", Put("user/a", b"1"))
+    net.run()
+    assert decode_result(results(net, "n1")[tok]).ok
+    assert net.sms["n1"].get("user/a") == b"1"
+    assert net.engines["n1"].applied == 1
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_all_replicas_apply_the_same_commands(n: int) -> None:
+    net = Net(n)
+    toks = [net.submit(net.ids[i % n], Put(f"user/k{i}", str(i).encode())) for i in range(20)]
+    for _ in range(50):
+        net.run()
+        net.tick()
+    snaps = {net.sms[i].snapshot() for i in net.ids}
+    assert len(snaps) == 1
+    assert all(net.sms["n1"].get(f"user/k{i}") == str(i).encode() for i in range(20))
+    done = set()
+    for i in net.ids:
+        done |= set(results(net, i))
+    assert set(toks) <= done  # tokens are per-engine counters; each origin saw its own complete
+    applied = {net.engines[i].applied for i in net.ids}
+    assert len(applied) == 1
+
+
+def test_results_only_at_origin_and_in_order() -> None:
+    net = Net(3)
+    t1 = net.submit("n2", Put("user/x", b"a"))
+    net.run()
+    t2 = net.submit("n2", Get("user/x"))
+    net.run()
+    r = results(net, "n2")
+    assert decode_result(r[t2]).value == b"a"
+    assert decode_result(r[t1]).ok
+    assert results(net, "n1") == {} and results(net, "n3") == {}
+
+
+def test_conflicting_proposals_both_commit_eventually() -> None:
+    net = Net(3)
+    # submit on two nodes before any message is delivered: their first proposals may differ
+    net.submit("n1", Put("user/a", b"1"))
+    net.submit("n3", Put("user/b", b"2"))
+    for _ in range(20):
+        net.run()
+        net.tick()
+    for i in net.ids:
+        assert net.sms[i].get("user/a") == b"1"
+        assert net.sms[i].get("user/b") == b"2"
+
+
+def test_coin_is_common_and_unbiased_enough() -> None:
+    vals = [coin(b"seed", s, p) for s in range(200) for p in range(3)]
+    assert vals == [coin(b"seed", s, p) for s in range(200) for p in range(3)]
+    assert 200 < sum(vals) < 400
+    assert coin(b"a", 1, 0) in (0, 1)
+
+
+def test_stale_message_is_answered_with_decision() -> None:
+    net = Net(3)
+    net.submit("n1", Put("user/a", b"1"))
+    net.run()
+    e1 = net.engines["n1"]
+    assert e1.applied == 1
+    e1.receive("n2", StateMsg(1, 0, 1, None), 10.0)
+    acts = e1.take_actions()
+    decisions = [a for a in acts if isinstance(a, Send) and isinstance(a.msg, Decision)]
+    assert decisions and decisions[0].to == "n2" and decisions[0].msg.slot == 1
+
+
+def test_invalid_bits_and_unknown_senders_are_ignored() -> None:
+    net = Net(3)
+    e = net.engines["n1"]
+    e.receive("n2", StateMsg(1, 0, 7, None), 0.0)
+    e.receive("stranger", Proposal(1, None), 0.0)
+    assert e._cur.phases.get(0) is None or "n2" not in e._cur.phases[0].states
+    assert "stranger" not in e._cur.proposals
+
+
+def test_duplicate_submit_of_decided_batch_commits_once() -> None:
+    net = Net(3)
+    net.submit("n1", Put("user/a", b"1"), client="c", seq=1)
+    net.run()
+    decided_batch = next(b for b in net.engines["n2"].log.values() if b is not None)
+    rev = net.sms["n2"].revision
+    for nid in ("n2", "n3"):
+        net.engines[nid].receive("n1", Submit(decided_batch), net.now)
+        net.collect(nid)
+    for _ in range(5):
+        net.run()
+        net.tick()
+    assert net.sms["n2"].revision == rev
+
+
+def test_quorum_loss_fails_pending_and_new_writes() -> None:
+    net = Net(3)
+    e = net.engines["n1"]
+    tok = net.submit("n1", Put("user/a", b"1"))  # proposed, never delivered
+    net.queue.clear()
+    e.peer_down("n2", 1.0)
+    e.peer_down("n3", 1.0)
+    net.collect("n1")
+    assert any(tok in f.tokens and not f.definite for f in net.failed["n1"])
+    tok2 = net.submit("n1", Put("user/b", b"2"))
+    assert any(tok2 in f.tokens and f.definite and f.reason == "quorum" for f in net.failed["n1"])
+
+
+def test_commit_timeout_fails_the_request() -> None:
+    net = Net(3, EngineConfig(commit_timeout=0.5))
+    net.down = {"n2", "n3"}  # messages vanish but the links look up
+    tok = net.submit("n1", Put("user/a", b"1"))
+    net.run()
+    net.tick(1.0)
+    assert any(tok in f.tokens and f.reason == "timeout" for f in net.failed["n1"])
+
+
+def test_lagging_replica_catches_up_by_snapshot_and_gc_bounds_memory() -> None:
+    cfg = EngineConfig(retain_slots=8, snapshot_every=10, dedup_slots=2048)
+    net = Net(3, cfg)
+    net.down = {"n3"}
+    for i in range(60):
+        net.submit("n1", Put(f"user/k{i}", b"v"))
+        net.run()
+        net.tick(0.01)
+    assert net.engines["n1"].applied >= 60
+    assert len(net.engines["n1"].log) <= 8
+    assert net.engines["n3"].applied == 0
+    net.down = set()
+    for _ in range(10):
+        net.tick(0.2)
+        net.run()
+    assert net.engines["n3"].applied == net.engines["n1"].applied
+    assert net.sms["n3"].snapshot() == net.sms["n1"].snapshot()
+    assert net.engines["n3"].stats["snapshots_installed"] >= 1
+
+
+def test_lagging_replica_catches_up_by_entries() -> None:
+    net = Net(3)
+    net.down = {"n3"}
+    for i in range(5):
+        net.submit("n1", Put(f"user/k{i}", b"v"))
+        net.run()
+    net.down = set()
+    net.engines["n3"].receive("n1", CatchupReply(net.engines["n1"].applied, []), net.now)
+    net.tick()
+    net.run()
+    assert net.sms["n3"].get("user/k4") == b"v"
+    assert net.engines["n3"].stats["snapshots_installed"] == 0
+
+
+def test_restart_repeats_journaled_proposal_instead_of_equivocating() -> None:
+    ids = ["n1", "n2", "n3"]
+    e = Engine("n1", ids, KVStateMachine())
+    for p in ("n2", "n3"):
+        e.peer_up(p, 0.0)
+    e.take_actions()
+    e.submit(encode_command(Put("user/a", b"1")), 0.0)
+    acts = e.take_actions()
+    sent = [a.record for a in acts if isinstance(a, Persist) and isinstance(a.record, SentRec)]
+    prop = next(r.msg for r in sent if isinstance(r.msg, Proposal))
+    assert prop.batch is not None
+    # Persist precedes the matching Send
+    kinds = [type(a).__name__ for a in acts]
+    assert kinds.index("Persist") < max(i for i, a in enumerate(acts) if isinstance(a, Send)
+                                        and isinstance(a.msg, Proposal))
+    # restart: same id, journal replayed; a different batch is at the head of its queue now
+    e2 = Engine("n1", ids, KVStateMachine(), incarnation=1)
+    e2.recover(None, [_jdec.decode(_enc.encode(r)) for r in sent])
+    other = Batch(BatchId("n2", 0, 1), 0, [encode_command(Put("user/b", b"2"))])
+    e2.receive("n2", Submit(other), 1.0)
+    e2.peer_up("n2", 1.0)
+    e2.peer_up("n3", 1.0)
+    acts2 = e2.take_actions()
+    props = [a.msg for a in acts2 if isinstance(a, Send) and isinstance(a.msg, Proposal) and a.to is None]
+    assert props and props[0].batch == prop.batch
+
+
+def test_recover_replays_decided_entries() -> None:
+    net = Net(3)
+    for i in range(5):
+        net.submit("n1", Put(f"user/k{i}", b"v"))
+        net.run()
+    records = [_jdec.decode(b) for b in net.journal["n2"]]
+    sm = KVStateMachine()
+    e = Engine("n2", net.ids, sm)
+    e.recover(None, records)
+    assert e.applied == net.engines["n2"].applied
+    assert sm.snapshot() == net.sms["n2"].snapshot()
+    assert e.take_actions() == []
+
+
+def test_rejects_node_not_in_members() -> None:
+    with pytest.raises(ValueError, match="not among members"):
+        Engine("x", ["a", "b"], KVStateMachine())

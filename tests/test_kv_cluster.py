@@ -1,0 +1,120 @@
+"""Three real nodes in one event loop: typed KV API, prefix watches in commit order, leader."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aether.cluster.leader import LeaderChanged
+from aether.core.config import NodeConfig
+from aether.core.errors import BadRequest
+from aether.core.types import Address, PeerSpec
+from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceKey, SliceStateValue
+from aether.kv.machine import WatchEvent
+from aether.node.node import Node
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+async def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
+    ports = _ports(3)
+    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
+    ns = [
+        Node(NodeConfig(node_id=f"node-{i + 1}", peers=peers, cluster_port=ports[i], management_port=0,
+                        data_dir=str(tmp_path / f"n{i}")))
+        for i in range(3)
+    ]
+    started: list[Node] = []
+    try:
+        for n in ns:
+            await n.start(management=False)
+            started.append(n)
+        await _wait(lambda: all(n.transport.has_quorum() and n.leader.leader == "node-1" for n in ns))
+        yield ns
+    finally:
+        for n in started:
+            if n.transport._started and not n.transport._stopped:
+                await n.stop()
+
+
+async def test_typed_put_get_cas_remove(nodes: list[Node]) -> None:
+    a, b, _ = nodes
+    key = BlueprintKey("demo:0.1.0")
+    value = BlueprintValue([BlueprintSlice("org.demo:place-order:0.1.0", 3)])
+    rev = await a.kv.put(key, value)
+    assert rev >= 1
+    assert await b.kv.get(key) == value
+    assert b.kv.get_local(key) == value
+    assert not await b.kv.compare_and_set(key, BlueprintValue([]), value)
+    assert await b.kv.compare_and_set(key, value, BlueprintValue([], source="api"))
+    assert (await a.kv.get(key)).source == "api"
+    assert await a.kv.remove(key)
+    assert await b.kv.get(key) is None
+    with pytest.raises(BadRequest, match="must be BlueprintValue"):
+        await a.kv.put(key, SliceStateValue("ACTIVE", 0.0))
+    with pytest.raises(BadRequest, match="unknown key family"):
+        await a.kv.put("nope/x", b"1")
+
+
+async def test_watches_see_same_events_in_same_order_on_every_node(nodes: list[Node]) -> None:
+    seen: dict[str, list[tuple[str, str, int]]] = {n.node_id: [] for n in nodes}
+    for n in nodes:
+        n.kv.watch("slices/", lambda ev, nid=n.node_id: seen[nid].append((ev.kind, ev.key, ev.revision)))
+    other: list[WatchEvent] = []
+    nodes[0].kv.watch("blueprints/", other.append)
+
+    async def writer(node: Node, k: int) -> None:
+        for i in range(15):
+            key = SliceKey(node.node_id, f"org.demo:s{i % 4}:0.1.0")
+            if i % 5 == 4:
+                await node.kv.remove(key)
+            else:
+                await node.kv.put(key, SliceStateValue("LOAD", float(i), None))
+
+    await asyncio.gather(*(writer(n, k) for k, n in enumerate(nodes)))
+    await _wait(lambda: len({len(v) for v in seen.values()}) == 1 and len(seen["node-1"]) > 0)
+    first = seen["node-1"]
+    assert seen["node-2"] == first and seen["node-3"] == first
+    revisions = [r for _, _, r in first]
+    assert revisions == sorted(revisions)
+    assert {k for _, k, _ in first} >= {f"slices/node-{i}/org.demo:s0:0.1.0" for i in (1, 2, 3)}
+    assert other == []  # prefix filtering
+
+
+async def test_leader_is_first_sorted_live_node_and_changes_on_loss(nodes: list[Node]) -> None:
+    events: list[LeaderChanged] = []
+    nodes[1].router.subscribe(LeaderChanged, events.append)
+    assert all(n.leader.leader == "node-1" for n in nodes)
+    assert nodes[0].leader.is_leader and not nodes[1].leader.is_leader
+    await nodes[0].stop()
+    await _wait(lambda: nodes[1].leader.leader == "node-2" and nodes[2].leader.leader == "node-2")
+    assert events and events[-1].leader == "node-2" and events[-1].is_self
+    # writes keep committing with 2 of 3
+    await nodes[1].kv.put(SliceKey("node-2", "a:b:1.0.0"), SliceStateValue("LOAD", 1.0))
+    assert await nodes[2].kv.get(SliceKey("node-2", "a:b:1.0.0")) == SliceStateValue("LOAD", 1.0)
