@@ -1,0 +1,257 @@
+"""The management API server of one node (aiohttp, JSON encoded with msgspec).
+
+Endpoints (all `GET`, all JSON):
+
+- `/api/v1/status` -> `aether.core.status.NodeStatus`
+- `/api/v1/kv?prefix=P` -> `{"prefix": P, "entries": [{"key": ..., "value": ...}, ...]}`
+
+Errors are RFC 9457 problem documents (`application/problem+json`):
+`{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
+logged with their traceback and answered with a 500 that never contains it.
+
+If an API key is configured, every request must carry it in `X-API-Key: KEY` or
+`Authorization: Bearer KEY`, else 401. A server bound beyond loopback without an API key refuses
+to start (`ConfigError`). Several servers may run in one process (no module-level state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from aether.api.types import KVListing, Problem
+from aether.core.errors import BadRequest, CommitTimeout, ConfigError, NotReady, QuorumLost
+from aether.core.status import KVEntry, NodeStatus
+
+__all__ = [
+    "API_PREFIX",
+    "KVListing",
+    "ManagementServer",
+    "NodeView",
+    "Problem",
+    "is_loopback_host",
+    "problem_response",
+]
+
+API_PREFIX = "/api/v1"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+JSON_CONTENT_TYPE = "application/json"
+
+_T = TypeVar("_T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class NodeView(Protocol):
+    """What a node offers the management API.
+
+    `status` and `kv_list` may also return awaitables; the server awaits them. They may raise
+    `NotReady` / `QuorumLost` (answered 503), `CommitTimeout` (504) or `BadRequest` (400).
+    """
+
+    node_id: str
+
+    def status(self) -> NodeStatus: ...
+
+    def kv_list(self, prefix: str) -> list[KVEntry]: ...
+
+
+def is_loopback_host(host: str) -> bool:
+    """True if `host` names only the loopback interface (`localhost`, 127.0.0.0/8, `::1`)."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def problem_response(
+    status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON problem document response with the given status code."""
+    from http import HTTPStatus
+
+    if title is None:
+        try:
+            title = HTTPStatus(status).phrase
+        except ValueError:
+            title = "Error"
+    body = msgspec.json.encode(Problem(type="about:blank", title=title, status=status, detail=detail))
+    return web.Response(body=body, status=status, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+
+
+def _json_response(data: object) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), content_type=JSON_CONTENT_TYPE)
+
+
+async def _resolve(value: _T | Awaitable[_T]) -> _T:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+def _query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
+    """The query parameters of `request`, each at most once and all among `allowed`."""
+    allowed = tuple(allowed)
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name not in allowed:
+            accepts = ", ".join(allowed) if allowed else "no query parameters"
+            raise BadRequest(f"unknown query parameter {name!r}; {request.path} accepts: {accepts}")
+        if name in out:
+            raise BadRequest(f"query parameter {name!r} given more than once")
+        out[name] = value
+    return out
+
+
+class ManagementServer:
+    """Serves the management API of one node on `host:port` (port 0 picks a free port)."""
+
+    def __init__(
+        self,
+        node: NodeView,
+        *,
+        host: str,
+        port: int,
+        api_key: str | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._node = node
+        self._host = host
+        self._port = port
+        self._api_key = api_key or None
+        self._log = logger or logging.getLogger("aether.api")
+        self._runner: web.AppRunner | None = None
+        self._bound_port: int | None = None
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The port actually bound once started (the configured one before)."""
+        return self._bound_port if self._bound_port is not None else self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application (routes and middleware), e.g. for aiohttp's test client."""
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_get(f"{API_PREFIX}/status", self._handle_status)
+        app.router.add_get(f"{API_PREFIX}/kv", self._handle_kv)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve. Raises ConfigError (beyond loopback without key) or OSError (bind)."""
+        if self._runner is not None:
+            raise RuntimeError("management server already started")
+        if not is_loopback_host(self._host) and not self._api_key:
+            raise ConfigError(
+                f"the management API would listen on {self._host!r}, beyond loopback, without an API key: "
+                "set one (--api-key or AETHER_API_KEY) or bind it to 127.0.0.1"
+            )
+        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise OSError(
+                e.errno, f"management API cannot listen on {self._host}:{self._port}: {e.strerror or e}"
+            ) from e
+        self._runner = runner
+        self._bound_port = int(runner.addresses[0][1])
+        self._log.info("management API listening on %s", self.url)
+
+    async def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            self._log.info("management API on %s stopped", self.url)
+
+    async def __aenter__(self) -> ManagementServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- middleware: authentication and error mapping -------------------------------------------
+
+    def _authorized(self, request: web.Request) -> bool:
+        assert self._api_key is not None
+        given = request.headers.get("X-API-Key")
+        if given is None:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() != "bearer":
+                return False
+            given = token.strip()
+        return hmac.compare_digest(given.encode(), self._api_key.encode())
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._api_key is not None and not self._authorized(request):
+            return problem_response(
+                401,
+                "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
+                headers={"WWW-Authenticate": 'Bearer realm="aether"'},
+            )
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return self._http_problem(request, e)
+        except BadRequest as e:
+            return problem_response(400, str(e))
+        except (NotReady, QuorumLost) as e:
+            return problem_response(503, str(e) or type(e).__name__)
+        except CommitTimeout as e:
+            return problem_response(504, str(e) or "timed out")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._log.exception("management API: %s %s failed", request.method, request.path)
+            return problem_response(500, "internal error while handling the request; see the node log")
+
+    @staticmethod
+    def _http_problem(request: web.Request, e: web.HTTPException) -> web.Response:
+        headers: dict[str, str] = {}
+        if isinstance(e, web.HTTPNotFound):
+            detail = f"no such endpoint: {request.path}"
+        elif isinstance(e, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(e.allowed_methods))
+            headers["Allow"] = allowed
+            detail = f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
+        else:
+            detail = e.text or e.reason
+        return problem_response(e.status, detail, title=e.reason, headers=headers)
+
+    # -- handlers (thin) ------------------------------------------------------------------------
+
+    async def _handle_status(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        status: Any = await _resolve(self._node.status())
+        return _json_response(status)
+
+    async def _handle_kv(self, request: web.Request) -> web.Response:
+        prefix = _query(request, ("prefix",)).get("prefix", "")
+        entries: list[KVEntry] = list(await _resolve(self._node.kv_list(prefix)))
+        entries.sort(key=lambda e: e.key)
+        return _json_response(KVListing(prefix=prefix, entries=entries))

@@ -1,0 +1,562 @@
+"""Local multi-process clusters: the logic behind `aether cluster start|stop|status|demo`.
+
+A local cluster lives in one directory (default `.aether/cluster`):
+
+- `cluster.json` describes every node: id, ports, data dir, log, and the pid and process
+  create-time of the process we started (so that `stop` never signals a process that merely
+  reuses a pid, and so that `stop`/`status` need no flags);
+- `node-K.pid` holds the pid of node K, `node-K.log` its output, `node-K/data` its data.
+
+Node K (1-based) is `node-K` with cluster port 7000+K-1, management port 9000+K-1 and HTTP port
+8080+K-1, all shifted by `port_offset`. Nodes are started as `python -m aether.cli.main node ...`
+in their own session, so a Ctrl-C in the terminal reaches only the CLI, which stops them.
+
+This module does no terminal output; `aether.cli.main` renders what it returns. Nodes are watched
+only through their management API and their processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+from aether.core.errors import AetherError
+from aether.core.status import NodeStatus
+from aether.core.types import (
+    CLUSTER_PORT_BASE,
+    HTTP_PORT_BASE,
+    MANAGEMENT_PORT_BASE,
+    Address,
+    default_node_id,
+)
+
+if TYPE_CHECKING:
+    import psutil
+
+DEFAULT_DIR = ".aether/cluster"
+CLUSTER_FILE = "cluster.json"
+MAX_NODES = 99
+LOG_TAIL_LINES = 25
+_CREATE_TIME_TOLERANCE = 0.05  # seconds
+
+__all__ = [
+    "DEFAULT_DIR",
+    "ClusterError",
+    "ClusterRecord",
+    "ClusterStartError",
+    "NodeObservation",
+    "NodeRecord",
+    "StopResult",
+    "cluster_leader",
+    "cluster_quorum",
+    "default_node_argv",
+    "launch_nodes",
+    "load_record",
+    "observe",
+    "plan_cluster",
+    "running_nodes",
+    "stop_cluster",
+    "wait_for_quorum",
+]
+
+
+class ClusterError(AetherError):
+    """A local-cluster operation failed; the message says what to do next."""
+
+
+class ClusterStartError(ClusterError):
+    """The cluster did not reach quorum; names the node at fault and the tail of its log."""
+
+    def __init__(self, message: str, node_id: str, log_path: str, log_tail: str) -> None:
+        super().__init__(message)
+        self.node_id = node_id
+        self.log_path = log_path
+        self.log_tail = log_tail
+
+
+class NodeRecord(msgspec.Struct, kw_only=True):
+    """One node of a local cluster as recorded in `cluster.json`."""
+
+    id: str
+    cluster_port: int
+    management_port: int
+    http_port: int
+    data_dir: str
+    log: str
+    pid_file: str
+    pid: int | None = None
+    create_time: float | None = None
+    log_offset: int = 0  # where this run's output starts in the log
+
+
+class ClusterRecord(msgspec.Struct, kw_only=True):
+    """Contents of `cluster.json`."""
+
+    host: str
+    port_offset: int
+    nodes: list[NodeRecord]
+    started_at: float = 0.0
+    version: int = 1
+
+    def peers_arg(self) -> str:
+        return ",".join(f"{n.id}={Address(self.host, n.cluster_port)}" for n in self.nodes)
+
+
+# -- planning and the cluster file ------------------------------------------------------------------
+
+
+def plan_cluster(
+    directory: str | Path, nodes: int, *, host: str = "127.0.0.1", port_offset: int = 0
+) -> ClusterRecord:
+    """Ids, ports and paths of an N-node local cluster in `directory` (nothing is started)."""
+    if not 1 <= nodes <= MAX_NODES:
+        raise ClusterError(f"--nodes must be between 1 and {MAX_NODES} (got {nodes})")
+    d = Path(directory).absolute()
+    recs: list[NodeRecord] = []
+    for k in range(1, nodes + 1):
+        nid = default_node_id(k)
+        ports = [
+            base + port_offset + k - 1 for base in (CLUSTER_PORT_BASE, MANAGEMENT_PORT_BASE, HTTP_PORT_BASE)
+        ]
+        for p in ports:
+            if not 1 <= p <= 65535:
+                raise ClusterError(f"--base-port-offset {port_offset} puts port {p} of {nid} outside 1-65535")
+        recs.append(
+            NodeRecord(
+                id=nid,
+                cluster_port=ports[0],
+                management_port=ports[1],
+                http_port=ports[2],
+                data_dir=str(d / nid / "data"),
+                log=str(d / f"{nid}.log"),
+                pid_file=str(d / f"{nid}.pid"),
+            )
+        )
+    return ClusterRecord(host=host, port_offset=port_offset, nodes=recs)
+
+
+def load_record(directory: str | Path) -> ClusterRecord | None:
+    """The recorded cluster of `directory`, or None if there is none."""
+    path = Path(directory) / CLUSTER_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return msgspec.json.decode(data, type=ClusterRecord)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ClusterError(f"{path} is damaged ({e}); remove it and the node-*.pid files beside it") from None
+
+
+def save_record(directory: str | Path, record: ClusterRecord) -> None:
+    """Write `cluster.json` atomically."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{CLUSTER_FILE}.{os.getpid()}.tmp"
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
+    os.replace(tmp, d / CLUSTER_FILE)
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+def _is_node_cmdline(cmdline: Sequence[str]) -> bool:
+    joined = " ".join(cmdline)
+    return "aether" in joined and "node" in cmdline
+
+
+def live_process(pid: int | None, create_time: float | None) -> psutil.Process | None:
+    """The running `psutil.Process` we started as `pid`, or None if it is gone or not ours.
+
+    With a recorded create-time the process must have been created at that moment; without one
+    (a bare pid file) its command line must be that of an `aether node`. A zombie counts as gone
+    (it is never reaped here: a Popen owning it must still see its exit code).
+    """
+    if not pid or pid <= 0:
+        return None
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if create_time is not None:
+            if abs(p.create_time() - create_time) > _CREATE_TIME_TOLERANCE:
+                return None
+        elif not _is_node_cmdline(p.cmdline()):
+            return None
+        return p
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return None
+
+
+def _read_pid_file(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+@dataclass
+class _Target:
+    id: str
+    pid: int
+    create_time: float | None
+    pid_file: Path
+
+
+def _targets(directory: Path, record: ClusterRecord | None) -> list[_Target]:
+    """Every node process the directory says we started (from cluster.json, then stray pid files)."""
+    out: list[_Target] = []
+    seen: set[Path] = set()
+    if record is not None:
+        for n in record.nodes:
+            pf = Path(n.pid_file)
+            seen.add(pf.absolute())
+            pid = n.pid if n.pid else _read_pid_file(pf)
+            if pid:
+                out.append(_Target(n.id, pid, n.create_time if n.pid == pid else None, pf))
+    for pf in sorted(directory.glob("*.pid")):
+        if pf.absolute() in seen:
+            continue
+        pid = _read_pid_file(pf)
+        if pid:
+            out.append(_Target(pf.stem, pid, None, pf))
+    return out
+
+
+def running_nodes(directory: str | Path) -> list[tuple[str, int]]:
+    """(id, pid) of every node process of `directory` that is still running."""
+    d = Path(directory)
+    record = load_record(d)
+    return [(t.id, t.pid) for t in _targets(d, record) if live_process(t.pid, t.create_time) is not None]
+
+
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host.strip("[]"), port))
+        except OSError:
+            return False
+    return True
+
+
+def check_ports(record: ClusterRecord) -> None:
+    """Raise ClusterError naming the first port that is already in use."""
+    for n in record.nodes:
+        for what, port in (
+            ("cluster", n.cluster_port),
+            ("management", n.management_port),
+            ("HTTP", n.http_port),
+        ):
+            if not _port_free(record.host, port):
+                raise ClusterError(
+                    f"port {port} ({what} port of {n.id}) is already in use on {record.host}: "
+                    "stop whatever uses it, or shift all ports with --base-port-offset K"
+                )
+
+
+def default_node_argv(record: ClusterRecord, node: NodeRecord) -> list[str]:
+    """The command line that runs `node` of `record`."""
+    return [
+        sys.executable,
+        "-m",
+        "aether.cli.main",
+        "node",
+        "--id",
+        node.id,
+        "--peers",
+        record.peers_arg(),
+        "--host",
+        record.host,
+        "--cluster-port",
+        str(node.cluster_port),
+        "--management-port",
+        str(node.management_port),
+        "--http-port",
+        str(node.http_port),
+        "--data-dir",
+        node.data_dir,
+    ]
+
+
+NodeArgv = Callable[[ClusterRecord, NodeRecord], list[str]]
+
+
+def launch_nodes(
+    directory: str | Path,
+    record: ClusterRecord,
+    *,
+    node_argv: NodeArgv = default_node_argv,
+    env: dict[str, str] | None = None,
+) -> dict[str, subprocess.Popen[bytes]]:
+    """Start every node of `record` (after checking nothing runs and ports are free).
+
+    Writes pid files and `cluster.json` before returning, so that `stop_cluster` can clean up
+    whatever happens next. Returns the Popen objects by node id.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    running = running_nodes(d)
+    if running:
+        listing = ", ".join(f"{nid} (pid {pid})" for nid, pid in running)
+        raise ClusterError(
+            f"a cluster started from {d} is still running: {listing}; "
+            f"stop it first with `aether cluster stop --dir {d}`"
+        )
+    check_ports(record)
+    import psutil
+
+    child_env = dict(os.environ if env is None else env)
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    record.started_at = time.time()
+    try:
+        for n in record.nodes:
+            Path(n.data_dir).mkdir(parents=True, exist_ok=True)
+            with open(n.log, "ab") as log:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                log.write(f"\n=== aether cluster start: {n.id} at {stamp} ===\n".encode())
+                log.flush()
+                n.log_offset = log.tell()
+                proc = subprocess.Popen(
+                    node_argv(record, n),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    env=child_env,
+                )
+            procs[n.id] = proc
+            n.pid = proc.pid
+            try:
+                n.create_time = psutil.Process(proc.pid).create_time()
+            except psutil.Error:
+                n.create_time = None  # exited already; the quorum wait reports it
+            Path(n.pid_file).write_text(f"{proc.pid}\n")
+    except OSError as e:
+        save_record(d, record)
+        stop_cluster(d)
+        raise ClusterError(f"cannot start the nodes: {e}") from e
+    save_record(d, record)
+    return procs
+
+
+# -- observing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class NodeObservation:
+    """What one look at a node found: its process and its management API's answer."""
+
+    node: NodeRecord
+    running: bool
+    status: NodeStatus | None = None
+    error: str | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.running and self.status is not None
+
+
+def _observe_one(host: str, node: NodeRecord, api_key: str | None, timeout: float) -> NodeObservation:
+    running = live_process(node.pid, node.create_time) is not None
+    if not running:
+        return NodeObservation(node, False, error="not running")
+    client = ManagementClient(Address(host, node.management_port), api_key=api_key, timeout=timeout)
+    try:
+        return NodeObservation(node, True, status=client.get_typed("/api/v1/status", NodeStatus))
+    except ApiUnreachable as e:
+        return NodeObservation(node, True, error=e.reason)
+    except ApiError as e:
+        return NodeObservation(node, True, error=f"{e.status} {e.title}: {e.detail}")
+
+
+def observe(
+    record: ClusterRecord, *, api_key: str | None = None, timeout: float = 1.0
+) -> list[NodeObservation]:
+    """Look at every node of `record` (in parallel), in node order."""
+    if not record.nodes:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(record.nodes))) as pool:
+        return list(pool.map(lambda n: _observe_one(record.host, n, api_key, timeout), record.nodes))
+
+
+def cluster_leader(observations: Sequence[NodeObservation]) -> str | None:
+    """The leader most answering nodes report (None if none reports one)."""
+    votes = Counter(o.status.leader for o in observations if o.status is not None and o.status.leader)
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def cluster_quorum(observations: Sequence[NodeObservation]) -> bool:
+    """True if an answering node reports quorum."""
+    return any(o.status is not None and o.status.quorum for o in observations)
+
+
+def _all_ready(observations: Sequence[NodeObservation]) -> bool:
+    leaders = {o.status.leader for o in observations if o.status is not None}
+    return (
+        all(o.up and o.status is not None and o.status.quorum for o in observations)
+        and len(leaders) == 1
+        and None not in leaders
+    )
+
+
+def log_tail(node: NodeRecord, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines this run of `node` wrote to its log."""
+    try:
+        with open(node.log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            start = node.log_offset if node.log_offset <= size else 0
+            f.seek(max(start, size - 64 * 1024))
+            data = f.read()
+    except OSError as e:
+        return f"(cannot read {node.log}: {e})"
+    text = data.decode(errors="replace").rstrip("\n")
+    return "\n".join(text.splitlines()[-lines:]) if text else "(the log is empty)"
+
+
+def wait_for_quorum(
+    record: ClusterRecord,
+    *,
+    timeout: float = 30.0,
+    api_key: str | None = None,
+    procs: dict[str, subprocess.Popen[bytes]] | None = None,
+    on_poll: Callable[[list[NodeObservation], float], None] | None = None,
+    interval: float = 0.2,
+) -> list[NodeObservation]:
+    """Poll every node until all report quorum and agree on the leader.
+
+    Raises ClusterStartError as soon as a node process exits, or after `timeout` seconds.
+    """
+    start = time.monotonic()
+    while True:
+        for n in record.nodes:
+            p = (procs or {}).get(n.id)
+            code = p.poll() if p is not None else None
+            if code is not None or (p is None and live_process(n.pid, n.create_time) is None):
+                how = f"exited with code {code}" if code is not None else "is not running"
+                raise ClusterStartError(
+                    f"{n.id} (pid {n.pid}) {how} before the cluster reached quorum",
+                    n.id,
+                    n.log,
+                    log_tail(n),
+                )
+        obs = observe(record, api_key=api_key, timeout=min(1.0, max(0.2, timeout / 10)))
+        elapsed = time.monotonic() - start
+        if on_poll is not None:
+            on_poll(obs, elapsed)
+        if _all_ready(obs):
+            return obs
+        if elapsed >= timeout:
+            bad = next((o for o in obs if not o.up), None) or next(
+                (o for o in obs if o.status is None or not o.status.quorum), obs[0]
+            )
+            if bad.status is None:
+                why = f"does not answer on its management port {bad.node.management_port} ({bad.error})"
+            elif not bad.status.quorum:
+                why = "answers but reports no quorum"
+            else:
+                leaders = sorted({str(o.status.leader) for o in obs if o.status is not None})
+                why = f"answers but the nodes do not agree on a leader ({', '.join(leaders)})"
+            raise ClusterStartError(
+                f"the cluster did not reach quorum within {timeout:g} s: {bad.node.id} {why}",
+                bad.node.id,
+                bad.node.log,
+                log_tail(bad.node),
+            )
+        time.sleep(interval)
+
+
+# -- stopping ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StopResult:
+    """What `stop_cluster` did to one node: outcome is stopped, killed, not running or failed."""
+
+    id: str
+    pid: int
+    outcome: str
+    detail: str = ""
+
+
+def stop_cluster(directory: str | Path, *, timeout: float = 10.0) -> list[StopResult]:
+    """SIGTERM every node process we started from `directory`, wait up to `timeout` s, then SIGKILL.
+
+    Only processes verified to be ours (recorded create-time, or an `aether node` command line
+    for a bare pid file) are signalled. Removes the pid files and clears the pids in
+    `cluster.json`. Returns one result per pid found.
+    """
+    import psutil
+
+    d = Path(directory)
+    record = load_record(d)
+    results: dict[int, StopResult] = {}
+    pending: dict[int, tuple[_Target, psutil.Process]] = {}
+    targets = _targets(d, record)
+    for t in targets:
+        proc = live_process(t.pid, t.create_time)
+        if proc is None:
+            results[t.pid] = StopResult(t.id, t.pid, "not running")
+            continue
+        try:
+            proc.send_signal(signal.SIGTERM)
+            pending[t.pid] = (t, proc)
+        except psutil.NoSuchProcess:
+            results[t.pid] = StopResult(t.id, t.pid, "not running")
+        except psutil.AccessDenied as e:
+            results[t.pid] = StopResult(t.id, t.pid, "failed", f"not allowed to signal it: {e}")
+
+    def wait(deadline: float) -> None:
+        while pending and time.monotonic() < deadline:
+            for pid, (t, _) in list(pending.items()):
+                if live_process(pid, t.create_time) is None:
+                    del pending[pid]
+                    results[pid] = StopResult(t.id, pid, outcome)
+            if pending:
+                time.sleep(0.05)
+
+    outcome = "stopped"
+    wait(time.monotonic() + timeout)
+    if pending:
+        outcome = "killed"
+        for _pid, (_t, proc) in pending.items():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        wait(time.monotonic() + 5.0)
+    for pid, (t, _) in pending.items():
+        results[pid] = StopResult(t.id, pid, "failed", "still running after SIGKILL")
+
+    for t in targets:
+        if results.get(t.pid) is not None and results[t.pid].outcome != "failed":
+            with contextlib.suppress(FileNotFoundError):
+                t.pid_file.unlink()
+    if record is not None:
+        for n in record.nodes:
+            r = results.get(n.pid or -1)
+            if n.pid is None or (r is not None and r.outcome != "failed"):
+                n.pid = None
+                n.create_time = None
+        save_record(d, record)
+    order = {t.pid: i for i, t in enumerate(targets)}
+    return sorted(results.values(), key=lambda r: order.get(r.pid, 0))

@@ -1,0 +1,616 @@
+"""The `aether` command (click group `main`).
+
+Exit codes: 0 ok, 1 the operation failed, 2 bad usage or configuration, 3 cannot connect.
+
+Start-up time matters: only click and `aether.core` are imported at module level; the HTTP
+client, rich, psutil and the node runtime are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from aether import __version__
+from aether.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aether.cli.http import ManagementClient
+    from aether.cli.local_cluster import ClusterRecord, NodeObservation
+    from aether.core.config import NodeConfig
+    from aether.core.types import PeerSpec
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.http.DEFAULT_CONNECT (not imported: start-up)
+DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class Settings:
+    """Global options, shared by every command through the click context."""
+
+    connect: str = DEFAULT_CONNECT
+    json: bool = False
+    api_key: str | None = None
+    timeout: float = 5.0
+
+
+# -- output helpers ---------------------------------------------------------------------------------
+
+
+def fail(message: str, code: int = EXIT_FAILED, *, hint: str | None = None) -> NoReturn:
+    """Print `error: message` in red (and a hint) to stderr and exit with `code`."""
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(hint, err=True)
+    raise click.exceptions.Exit(code)
+
+
+def _echo_json(data: object) -> None:
+    import msgspec
+
+    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
+
+
+def _echo_json_bytes(body: bytes) -> None:
+    import msgspec
+
+    try:
+        click.echo(msgspec.json.format(body, indent=2).decode())
+    except msgspec.DecodeError:
+        click.echo(body.decode(errors="replace"))
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--json` on a subcommand too (`aether status --json` == `aether --json status`)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _client(settings: Settings) -> ManagementClient:
+    from aether.cli.http import ManagementClient, parse_connect
+
+    try:
+        address = parse_connect(settings.connect)
+    except ConfigError as e:
+        fail(str(e), EXIT_USAGE)
+    return ManagementClient(address, api_key=settings.api_key, timeout=settings.timeout)
+
+
+def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
+    """Run one API call, turning failures into the CLI's messages and exit codes."""
+    from aether.cli.http import ApiError, ApiUnreachable
+
+    try:
+        return fn(client)
+    except ApiUnreachable as e:
+        fail(
+            str(e),
+            EXIT_UNREACHABLE,
+            hint=(
+                "Is a node running there? Start a local cluster with `aether cluster start`, "
+                "or point to a running node with --connect HOST:PORT (or AETHER_CONNECT)."
+            ),
+        )
+    except ApiError as e:
+        hint = None
+        if e.status == 401:
+            hint = "Pass the cluster's API key with --api-key KEY or the AETHER_API_KEY environment variable."
+        fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=hint)
+
+
+# -- the group ----------------------------------------------------------------------------------------
+
+
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--connect",
+    envvar="AETHER_CONNECT",
+    default=DEFAULT_CONNECT,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Management API of the node to talk to (env AETHER_CONNECT).",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts and agents)."
+)
+@click.option(
+    "--api-key",
+    envvar="AETHER_API_KEY",
+    default=None,
+    metavar="KEY",
+    help="API key of the management API (env AETHER_API_KEY).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for a node's answer.",
+)
+@click.version_option(__version__, "-V", "--version", prog_name="aether")
+@click.pass_context
+def main(ctx: click.Context, connect: str, as_json: bool, api_key: str | None, timeout: float) -> None:
+    """Aether: a distributed runtime for plain-Python slices.
+
+    Talks to a node over its management API (--connect), runs a node (`aether node`) or a local
+    multi-process cluster (`aether cluster start|status|stop|demo`).
+
+    Exit codes: 0 ok, 1 operation failed, 2 bad usage or configuration, 3 cannot connect.
+    """
+    ctx.obj = Settings(connect=connect, json=as_json, api_key=api_key or None, timeout=timeout)
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+        ctx.exit(EXIT_OK)
+
+
+# -- status and kv -----------------------------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def status(settings: Settings, as_json: bool) -> None:
+    """Show the cluster as one node sees it: members, their state, the leader and quorum."""
+    client = _client(settings)
+    body = _call(client, lambda c: c.get_raw("/api/v1/status"))
+    if settings.json or as_json:
+        _echo_json_bytes(body)
+        return
+    import msgspec
+
+    from aether.cli import render
+    from aether.core.status import NodeStatus
+
+    try:
+        st = msgspec.json.decode(body, type=NodeStatus)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        fail(f"{client.address}: unexpected answer to /api/v1/status: {e}")
+    out = render.console()
+    out.print(render.node_status_table(st, str(client.address)))
+    out.print(render.node_status_summary(st))
+
+
+@main.group()
+def kv() -> None:
+    """Read the replicated key-value store (diagnostics)."""
+
+
+@kv.command("list")
+@click.argument("prefix", required=False, default="")
+@json_option
+@click.pass_obj
+def kv_list(settings: Settings, prefix: str, as_json: bool) -> None:
+    """List the keys starting with PREFIX (all keys without one) and their values."""
+    client = _client(settings)
+    body = _call(client, lambda c: c.get_raw("/api/v1/kv", {"prefix": prefix}))
+    if settings.json or as_json:
+        _echo_json_bytes(body)
+        return
+    import msgspec
+
+    from aether.api.types import KVListing
+    from aether.cli import render
+
+    try:
+        listing = msgspec.json.decode(body, type=KVListing)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        fail(f"{client.address}: unexpected answer to /api/v1/kv: {e}")
+    out = render.console()
+    if not listing.entries:
+        what = f"with prefix {prefix!r}" if prefix else "in the store"
+        out.print(f"No keys {what}.")
+        return
+    out.print(render.kv_table(listing.prefix, listing.entries))
+
+
+# -- node ---------------------------------------------------------------------------------------------
+
+
+def parse_peers(text: str) -> list[PeerSpec]:
+    """Parse `--peers`: comma-separated `ID=HOST:PORT`, every member including this node."""
+    from aether.core.types import PeerSpec
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError("--peers is empty: give every member as ID=HOST:PORT, separated by commas")
+    return [PeerSpec.parse(p) for p in parts]
+
+
+def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeConfig:
+    """Merge defaults, the TOML file and flags (flags win) into a validated NodeConfig.
+
+    `flags` maps NodeConfig field names to flag values (None = not given; `peers` as text).
+    Without `peers` the node forms a cluster of one; without `cluster_port` it takes the port of
+    its own entry in `peers`.
+    """
+    from aether.core.config import NodeConfig, load_toml
+    from aether.core.types import CLUSTER_PORT_BASE, Address, PeerSpec, default_node_id
+
+    settings: dict[str, Any] = dict(load_toml(config_file)) if config_file else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if "peers" in given:
+        given["peers"] = parse_peers(given["peers"])
+    settings.update(given)
+    node_id = settings.setdefault("node_id", default_node_id(1))
+    peers: list[PeerSpec] | None = settings.get("peers")
+    if peers is None:
+        port = settings.setdefault("cluster_port", CLUSTER_PORT_BASE)
+        settings["peers"] = [PeerSpec(node_id, Address(settings.get("host", "127.0.0.1"), port))]
+    else:
+        own = next((p for p in peers if p.id == node_id), None)
+        if own is not None:
+            port = settings.setdefault("cluster_port", own.address.port)
+            if port != own.address.port:
+                raise ConfigError(
+                    f"cluster port {port} differs from the port of {node_id} in peers ({own.address}): "
+                    "make them equal"
+                )
+    return NodeConfig(**settings).validate()
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="aether.toml with node settings; flags override it.",
+)
+@click.option("--id", "node_id", metavar="ID", help="This node's id [default: node-1].")
+@click.option(
+    "--peers",
+    metavar="ID=HOST:PORT,...",
+    help="Every cluster member with its cluster address, this node included [default: only this node].",
+)
+@click.option("--host", metavar="HOST", help="Interface to listen on [default: 127.0.0.1].")
+@click.option(
+    "--cluster-port",
+    type=int,
+    metavar="PORT",
+    help="Node-to-node port [default: own port in --peers, or 7000].",
+)
+@click.option("--management-port", type=int, metavar="PORT", help="Management API port [default: 9000].")
+@click.option("--http-port", type=int, metavar="PORT", help="HTTP router port [default: 8080].")
+@click.option("--data-dir", metavar="DIR", help="Where the node keeps its state [default: .aether/data].")
+@click.option("--cluster-name", metavar="NAME", help="Name of the cluster [default: aether].")
+@click.option(
+    "--fsync",
+    type=click.Choice(["none", "snapshot", "always"]),
+    help="When to fsync local state [default: none].",
+)
+@click.option(
+    "--api-key",
+    "node_api_key",
+    envvar="AETHER_API_KEY",
+    metavar="KEY",
+    help="Require this key on the management API (env AETHER_API_KEY); needed beyond loopback.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    envvar="AETHER_LOG_LEVEL",
+    help="Log level (env AETHER_LOG_LEVEL).",
+)
+def node(
+    config_file: str | None,
+    node_id: str | None,
+    peers: str | None,
+    host: str | None,
+    cluster_port: int | None,
+    management_port: int | None,
+    http_port: int | None,
+    data_dir: str | None,
+    cluster_name: str | None,
+    fsync: str | None,
+    node_api_key: str | None,
+    log_level: str,
+) -> None:
+    """Run one node in the foreground until SIGINT/SIGTERM."""
+    flags = {
+        "node_id": node_id,
+        "peers": peers,
+        "host": host,
+        "cluster_port": cluster_port,
+        "management_port": management_port,
+        "http_port": http_port,
+        "data_dir": data_dir,
+        "cluster_name": cluster_name,
+        "fsync": fsync,
+        "api_key": node_api_key or None,
+    }
+    try:
+        config = build_node_config(config_file, flags)
+    except ConfigError as e:
+        fail(str(e), EXIT_USAGE)
+    try:
+        from aether.node.runner import run_node
+    except ModuleNotFoundError as e:
+        if e.name and (e.name == "aether.node" or e.name.startswith("aether.node.")):
+            fail("the node runtime (aether.node.runner) is missing from this installation")
+        raise
+    import logging
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {config.node_id} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code = run_node(config)
+    except ConfigError as e:
+        fail(str(e), EXIT_USAGE)
+    raise click.exceptions.Exit(int(code or 0))
+
+
+# -- local cluster ------------------------------------------------------------------------------------
+
+
+@main.group()
+def cluster() -> None:
+    """Run a local multi-process cluster; one directory holds its pid files, logs and data."""
+
+
+def dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--dir",
+        "directory",
+        default=DEFAULT_CLUSTER_DIR,
+        show_default=True,
+        type=click.Path(file_okay=False),
+        help="Directory of the local cluster (pid files, logs, data, cluster.json).",
+    )(f)
+
+
+def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--timeout",
+        type=click.FloatRange(min=1.0),
+        default=30.0,
+        show_default=True,
+        help="Seconds to wait for quorum.",
+    )(f)
+    f = click.option(
+        "--base-port-offset",
+        "port_offset",
+        type=int,
+        default=0,
+        show_default=True,
+        envvar="AETHER_PORT_OFFSET",
+        metavar="K",
+        help="Shift all port bases (7000, 9000, 8080) by K (env AETHER_PORT_OFFSET).",
+    )(f)
+    f = dir_option(f)
+    return click.option(
+        "--nodes",
+        "-n",
+        type=click.IntRange(1, 99),
+        default=3,
+        show_default=True,
+        help="Number of nodes (odd: 2f+1 nodes tolerate f crashes).",
+    )(f)
+
+
+def _start_cluster(
+    settings: Settings, nodes: int, directory: str, port_offset: int, timeout: float
+) -> tuple[ClusterRecord, dict[str, Any], list[NodeObservation]]:
+    """Start the nodes and wait for quorum with a progress display; exit 1 on failure."""
+    from aether.cli import local_cluster as lc
+    from aether.cli import render
+
+    err = render.console(stderr=True)
+    try:
+        record = lc.plan_cluster(directory, nodes, port_offset=port_offset)
+        procs = lc.launch_nodes(directory, record)
+    except lc.ClusterError as e:
+        fail(str(e))
+    err.print(f"Started {nodes} node(s) from {directory} (logs: {Path(directory) / 'node-K.log'}).")
+
+    def progress(obs: list[NodeObservation], elapsed: float) -> None:
+        answering = sum(1 for o in obs if o.up)
+        with_quorum = sum(1 for o in obs if o.status is not None and o.status.quorum)
+        spinner.update(
+            f"Waiting for quorum: {answering}/{len(obs)} nodes answer, "
+            f"{with_quorum}/{len(obs)} report quorum ({elapsed:.1f} s)"
+        )
+
+    try:
+        with err.status("Waiting for the nodes to answer…") as spinner:
+            obs = lc.wait_for_quorum(
+                record, timeout=timeout, api_key=settings.api_key, procs=procs, on_poll=progress
+            )
+    except lc.ClusterStartError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        click.echo(f"Last lines of {e.log_path}:", err=True)
+        click.echo("\n".join(f"  | {line}" for line in e.log_tail.splitlines()), err=True)
+        _report_stop(lc.stop_cluster(directory), quiet=True)
+        click.echo(f"Stopped the nodes; their logs are kept in {directory}.", err=True)
+        raise click.exceptions.Exit(EXIT_FAILED) from None
+    except KeyboardInterrupt:
+        click.echo("Interrupted; stopping the nodes…", err=True)
+        _report_stop(lc.stop_cluster(directory), quiet=True)
+        raise click.exceptions.Exit(130) from None
+    return record, procs, obs
+
+
+def _print_cluster(observations: list[NodeObservation], directory: str) -> None:
+    from aether.cli import local_cluster as lc
+    from aether.cli import render
+
+    out = render.console()
+    leader = lc.cluster_leader(observations)
+    up = sum(1 for o in observations if o.up)
+    out.print(render.cluster_table(observations, leader, directory))
+    out.print(
+        f"Quorum: {render.yes_no(lc.cluster_quorum(observations))} · Leader: {leader or '[red]none[/red]'}"
+        f" · {up}/{len(observations)} nodes up"
+    )
+
+
+def _dir_arg(directory: str) -> str:
+    return "" if directory == DEFAULT_CLUSTER_DIR else f" --dir {directory}"
+
+
+def _connect_hint(record: ClusterRecord, directory: str, *, with_stop: bool = True) -> str:
+    first = record.nodes[0]
+    connect = "" if first.management_port == 9000 else f"--connect {record.host}:{first.management_port} "
+    tips = [
+        f"`aether {connect}status`",
+        f"`aether {connect}kv list`",
+        f"`aether cluster status{_dir_arg(directory)}`",
+    ]
+    if with_stop:
+        tips.append(f"`aether cluster stop{_dir_arg(directory)}`")
+    return "Try: " + ", ".join(tips) + "."
+
+
+def _report_stop(results: list[Any], *, quiet: bool = False) -> bool:
+    """Print what stop_cluster did; True if every node is gone."""
+    ok = True
+    for r in results:
+        if r.outcome == "stopped":
+            line = f"Stopped {r.id} (pid {r.pid})."
+        elif r.outcome == "killed":
+            line = f"Killed {r.id} (pid {r.pid}): it did not exit in time after SIGTERM."
+        elif r.outcome == "not running":
+            line = f"{r.id} (pid {r.pid}) was not running."
+        else:
+            ok = False
+            click.secho(f"error: could not stop {r.id} (pid {r.pid}): {r.detail}", fg="red", err=True)
+            continue
+        if not quiet:
+            click.echo(line)
+    return ok
+
+
+@cluster.command("start")
+@start_options
+@click.pass_obj
+def cluster_start(settings: Settings, nodes: int, directory: str, port_offset: int, timeout: float) -> None:
+    """Start N local node processes and wait until they have quorum and agree on a leader."""
+    record, _, obs = _start_cluster(settings, nodes, directory, port_offset, timeout)
+    _print_cluster(obs, directory)
+    click.echo(_connect_hint(record, directory))
+
+
+@cluster.command("stop")
+@dir_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait after SIGTERM before SIGKILL.",
+)
+def cluster_stop(directory: str, timeout: float) -> None:
+    """Stop the node processes started from DIR (SIGTERM, then SIGKILL after the timeout)."""
+    from aether.cli import local_cluster as lc
+
+    try:
+        results = lc.stop_cluster(directory, timeout=timeout)
+    except lc.ClusterError as e:
+        fail(str(e))
+    if not results:
+        click.echo(f"No nodes recorded in {directory}; nothing to stop.")
+        return
+    if not _report_stop(results):
+        raise click.exceptions.Exit(EXIT_FAILED)
+
+
+@cluster.command("status")
+@dir_option
+@json_option
+@click.pass_obj
+def cluster_status(settings: Settings, directory: str, as_json: bool) -> None:
+    """Show each local node up or down, the leader and quorum (exit 1 without quorum)."""
+    from aether.cli import local_cluster as lc
+
+    try:
+        record = lc.load_record(directory)
+    except lc.ClusterError as e:
+        fail(str(e))
+    if record is None:
+        fail(f"no local cluster recorded in {directory}", hint="Start one with `aether cluster start`.")
+    obs = lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0))
+    leader = lc.cluster_leader(obs)
+    if settings.json or as_json:
+        _echo_json(
+            [
+                {
+                    "id": o.node.id,
+                    "pid": o.node.pid if o.running else None,
+                    "up": o.up,
+                    "leader": leader is not None and o.node.id == leader,
+                    "cluster_port": o.node.cluster_port,
+                    "management_port": o.node.management_port,
+                    "http_port": o.node.http_port,
+                }
+                for o in obs
+            ]
+        )
+    else:
+        _print_cluster(obs, directory)
+    if not lc.cluster_quorum(obs):
+        raise click.exceptions.Exit(EXIT_FAILED)
+
+
+@cluster.command("demo")
+@start_options
+@click.pass_obj
+def cluster_demo(settings: Settings, nodes: int, directory: str, port_offset: int, timeout: float) -> None:
+    """Start a local cluster, show its status, and stop it on Ctrl-C (SIGINT/SIGTERM)."""
+    import signal
+    import time
+
+    from aether.cli import local_cluster as lc
+
+    stop_requested: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # While starting, SIGTERM acts like Ctrl-C: _start_cluster stops the nodes it started.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        record, procs, obs = _start_cluster(settings, nodes, directory, port_offset, timeout)
+        for s in old:
+            signal.signal(s, on_signal)
+        _print_cluster(obs, directory)
+        click.echo(_connect_hint(record, directory, with_stop=False))
+        click.echo("The cluster runs until you press Ctrl-C.")
+        reported: set[str] = set()
+        while not stop_requested:
+            for nid, p in procs.items():
+                code = p.poll()
+                if code is not None and nid not in reported:
+                    reported.add(nid)
+                    log = next(n.log for n in record.nodes if n.id == nid)
+                    click.secho(f"warning: {nid} exited with code {code}; see {log}", fg="yellow", err=True)
+            time.sleep(0.2)
+        click.echo("\nStopping the cluster…")
+        results = lc.stop_cluster(directory)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if not _report_stop(results):
+        raise click.exceptions.Exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main(prog_name="aether")

@@ -1,0 +1,527 @@
+"""Local-cluster process management (`aether cluster ...`) with stand-in node processes.
+
+The stand-in is a small script serving the real ManagementServer, so start/status/stop, pid
+files, port checks and failure reports are exercised with real processes without needing the
+node runtime. `tests/test_cluster_cli.py` runs the same commands against real nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from click.testing import CliRunner, Result
+
+from aether.cli import local_cluster as lc
+from aether.cli.main import main
+
+pytestmark = pytest.mark.timeout(90)
+
+FAKE_NODE = r"""
+import argparse, asyncio, signal, sys
+from aether.api.server import ManagementServer
+from aether.core.status import MemberStatus, NodeStatus
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--mode", default="ok")
+ap.add_argument("--id")
+ap.add_argument("--peers")
+ap.add_argument("--management-port", type=int)
+args, _ = ap.parse_known_args()
+peers = [p.split("=", 1) for p in args.peers.split(",")]
+print(f"fake node {args.id} starting in mode {args.mode}", flush=True)
+if args.mode == "crash":
+    print("fatal: cannot open data dir", file=sys.stderr, flush=True)
+    sys.exit(3)
+
+class View:
+    node_id = args.id
+    def status(self):
+        ok = args.mode != "noquorum"
+        return NodeStatus(
+            node_id=args.id,
+            leader=min(p[0] for p in peers) if ok else None,
+            quorum=ok,
+            nodes=[MemberStatus(i, a, "up") for i, a in peers],
+        )
+    def kv_list(self, prefix):
+        return []
+
+async def run():
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if args.mode == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with ManagementServer(View(), host="127.0.0.1", port=args.management_port):
+        print("serving", flush=True)
+        await stop.wait()
+    print("stopped cleanly", flush=True)
+
+asyncio.run(run())
+"""
+
+
+# Installed as sitecustomize.py on PYTHONPATH: replaces the node runtime in every Python process
+# started with that environment, so the real `aether cluster start|demo` and `aether node` commands
+# run end to end with stand-in nodes.
+FAKE_RUNTIME = r"""
+import sys, types
+
+def run_node(config):
+    import asyncio, json, signal
+    from aether.api.server import ManagementServer
+    from aether.core.status import MemberStatus, NodeStatus
+
+    print("CONFIG " + json.dumps({
+        "node_id": config.node_id, "host": config.host, "cluster_port": config.cluster_port,
+        "management_port": config.management_port, "http_port": config.http_port,
+        "data_dir": config.data_dir, "peers": [f"{p.id}={p.address}" for p in config.peers],
+    }), flush=True)
+
+    class View:
+        node_id = config.node_id
+        def status(self):
+            return NodeStatus(
+                node_id=config.node_id, leader=min(p.id for p in config.peers), quorum=True,
+                nodes=[MemberStatus(p.id, str(p.address), "up") for p in config.peers],
+                management_port=config.management_port,
+            )
+        def kv_list(self, prefix):
+            return []
+
+    async def run():
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with ManagementServer(View(), host=config.host, port=config.management_port):
+            await stop.wait()
+        print("stopped cleanly", flush=True)
+        return 0
+
+    return asyncio.run(run())
+
+mod = types.ModuleType("aether.node.runner")
+mod.run_node = run_node
+sys.modules["aether.node.runner"] = mod
+"""
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_offset(nodes: int) -> int:
+    """An offset K such that every port of an N-node cluster shifted by K is free right now."""
+    for _ in range(500):
+        k = random.randrange(1000, 23000)  # keeps 9000+K below the ephemeral range
+        if all(_port_free(base + k + i) for base in (7000, 9000, 8080) for i in range(nodes)):
+            return k
+    raise RuntimeError("no free port range found")
+
+
+@pytest.fixture
+def fake_node_script(tmp_path: Path) -> Path:
+    p = tmp_path / "fake_aether_node.py"
+    p.write_text(FAKE_NODE)
+    return p
+
+
+def fake_argv(script: Path, mode: str | dict[str, str] = "ok") -> lc.NodeArgv:
+    def argv(record: lc.ClusterRecord, node: lc.NodeRecord) -> list[str]:
+        m = mode if isinstance(mode, str) else mode.get(node.id, "ok")
+        return [
+            sys.executable,
+            str(script),
+            "--mode",
+            m,
+            "--id",
+            node.id,
+            "--peers",
+            record.peers_arg(),
+            "--management-port",
+            str(node.management_port),
+        ]
+
+    return argv
+
+
+@pytest.fixture
+def cluster_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "cluster"
+    try:
+        yield d
+    finally:
+        lc.stop_cluster(d, timeout=2.0)  # never leave processes behind
+
+
+def invoke(*args: str) -> Result:
+    env = {"AETHER_CONNECT": None, "AETHER_API_KEY": None, "AETHER_PORT_OFFSET": None, "COLUMNS": "160"}
+    return CliRunner(env=env).invoke(main, list(args), catch_exceptions=False)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- planning -----------------------------------------------------------------------------------------
+
+
+def test_plan_ports_and_paths(tmp_path: Path) -> None:
+    rec = lc.plan_cluster(tmp_path / "c", 3)
+    n2 = rec.nodes[1]
+    assert [n.id for n in rec.nodes] == ["node-1", "node-2", "node-3"]
+    assert (n2.cluster_port, n2.management_port, n2.http_port) == (7001, 9001, 8081)
+    assert n2.data_dir == str((tmp_path / "c" / "node-2" / "data").absolute())
+    assert n2.log.endswith("/c/node-2.log") and n2.pid_file.endswith("/c/node-2.pid")
+    assert rec.peers_arg() == "node-1=127.0.0.1:7000,node-2=127.0.0.1:7001,node-3=127.0.0.1:7002"
+    shifted = lc.plan_cluster(tmp_path / "c", 1, port_offset=500).nodes[0]
+    assert (shifted.cluster_port, shifted.management_port, shifted.http_port) == (7500, 9500, 8580)
+
+
+@pytest.mark.parametrize(("nodes", "offset"), [(0, 0), (100, 0), (3, 60000), (3, -8000)])
+def test_plan_rejects_bad_sizes_and_offsets(tmp_path: Path, nodes: int, offset: int) -> None:
+    with pytest.raises(lc.ClusterError):
+        lc.plan_cluster(tmp_path, nodes, port_offset=offset)
+
+
+# -- full flow with stand-in nodes --------------------------------------------------------------------
+
+
+def test_start_status_stop_twice(cluster_dir: Path, fake_node_script: Path) -> None:
+    for round_ in range(2):  # the same directory can be used again after a stop
+        offset = free_port_offset(3)
+        rec = lc.plan_cluster(cluster_dir, 3, port_offset=offset)
+        procs = lc.launch_nodes(cluster_dir, rec, node_argv=fake_argv(fake_node_script))
+        obs = lc.wait_for_quorum(rec, timeout=30, procs=procs)
+        assert all(o.up for o in obs)
+        assert lc.cluster_leader(obs) == "node-1"
+        pids = [n.pid for n in rec.nodes]
+        assert all(pid and alive(pid) for pid in pids)
+        for n in rec.nodes:
+            assert Path(n.pid_file).read_text().strip() == str(n.pid)
+        saved = json.loads((cluster_dir / "cluster.json").read_text())
+        assert [n["pid"] for n in saved["nodes"]] == pids
+        assert saved["port_offset"] == offset
+
+        r = invoke("cluster", "status", "--dir", str(cluster_dir), "--json")
+        assert r.exit_code == 0, r.output
+        rows = json.loads(r.stdout)
+        assert rows == [
+            {
+                "id": f"node-{k}",
+                "pid": pids[k - 1],
+                "up": True,
+                "leader": k == 1,
+                "cluster_port": 7000 + offset + k - 1,
+                "management_port": 9000 + offset + k - 1,
+                "http_port": 8080 + offset + k - 1,
+            }
+            for k in (1, 2, 3)
+        ]
+        r = invoke("cluster", "status", "--dir", str(cluster_dir))
+        assert r.exit_code == 0
+        assert "Quorum: yes" in r.stdout and "Leader: node-1" in r.stdout and "3/3 nodes up" in r.stdout
+
+        r = invoke("cluster", "stop", "--dir", str(cluster_dir))
+        assert r.exit_code == 0, r.output
+        for k, pid in enumerate(pids, 1):
+            assert f"Stopped node-{k} (pid {pid})" in r.stdout
+            assert not alive(pid)
+        assert not list(cluster_dir.glob("*.pid"))
+        assert "stopped cleanly" in Path(rec.nodes[0].log).read_text()  # SIGTERM, not SIGKILL
+
+        r = invoke("cluster", "status", "--dir", str(cluster_dir), "--json")
+        assert r.exit_code == 1  # no quorum
+        assert [(row["up"], row["pid"], row["leader"]) for row in json.loads(r.stdout)] == [
+            (False, None, False)
+        ] * 3
+        assert round_ in (0, 1)
+
+
+def test_status_reports_a_dead_node_down(cluster_dir: Path, fake_node_script: Path) -> None:
+    rec = lc.plan_cluster(cluster_dir, 3, port_offset=free_port_offset(3))
+    procs = lc.launch_nodes(cluster_dir, rec, node_argv=fake_argv(fake_node_script))
+    lc.wait_for_quorum(rec, timeout=30, procs=procs)
+    procs["node-3"].kill()
+    procs["node-3"].wait(10)
+    r = invoke("cluster", "status", "--dir", str(cluster_dir))
+    assert r.exit_code == 0
+    line = next(line for line in r.stdout.splitlines() if "node-3" in line)
+    assert "down" in line
+    assert "2/3 nodes up" in r.stdout
+    rows = json.loads(invoke("cluster", "status", "--dir", str(cluster_dir), "--json").stdout)
+    assert [row["up"] for row in rows] == [True, True, False]
+
+
+def test_start_refuses_while_nodes_run(cluster_dir: Path, fake_node_script: Path) -> None:
+    offset = free_port_offset(1)
+    rec = lc.plan_cluster(cluster_dir, 1, port_offset=offset)
+    procs = lc.launch_nodes(cluster_dir, rec, node_argv=fake_argv(fake_node_script))
+    lc.wait_for_quorum(rec, timeout=30, procs=procs)
+    r = invoke(
+        "cluster", "start", "--nodes", "1", "--dir", str(cluster_dir), "--base-port-offset", str(offset + 1)
+    )
+    assert r.exit_code == 1
+    assert "still running" in r.stderr and f"pid {procs['node-1'].pid}" in r.stderr
+    assert "aether cluster stop" in r.stderr
+    assert alive(procs["node-1"].pid)
+
+
+def test_start_refuses_busy_port(cluster_dir: Path) -> None:
+    offset = free_port_offset(2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 9001 + offset))  # management port of node-2
+        s.listen()
+        r = invoke(
+            "cluster", "start", "--nodes", "2", "--dir", str(cluster_dir), "--base-port-offset", str(offset)
+        )
+    assert r.exit_code == 1
+    assert f"port {9001 + offset}" in r.stderr and "node-2" in r.stderr and "already in use" in r.stderr
+    assert "--base-port-offset" in r.stderr
+    assert not list(cluster_dir.glob("*.pid"))
+
+
+def test_crashing_node_fails_fast_with_its_log(cluster_dir: Path, fake_node_script: Path) -> None:
+    rec = lc.plan_cluster(cluster_dir, 3, port_offset=free_port_offset(3))
+    procs = lc.launch_nodes(cluster_dir, rec, node_argv=fake_argv(fake_node_script, {"node-2": "crash"}))
+    t0 = time.monotonic()
+    with pytest.raises(lc.ClusterStartError) as ei:
+        lc.wait_for_quorum(rec, timeout=30, procs=procs)
+    assert time.monotonic() - t0 < 15
+    assert ei.value.node_id == "node-2"
+    assert "exited with code 3" in str(ei.value)
+    assert "fatal: cannot open data dir" in ei.value.log_tail
+    assert "=== aether cluster start" not in ei.value.log_tail  # only this run's output
+
+
+def test_no_quorum_times_out_naming_the_node(cluster_dir: Path, fake_node_script: Path) -> None:
+    rec = lc.plan_cluster(cluster_dir, 2, port_offset=free_port_offset(2))
+    procs = lc.launch_nodes(cluster_dir, rec, node_argv=fake_argv(fake_node_script, "noquorum"))
+    with pytest.raises(lc.ClusterStartError) as ei:
+        lc.wait_for_quorum(rec, timeout=2, procs=procs)
+    assert "within 2 s" in str(ei.value) and "no quorum" in str(ei.value)
+    assert "serving" in ei.value.log_tail
+
+
+def test_stop_kills_a_node_that_ignores_sigterm(cluster_dir: Path, fake_node_script: Path) -> None:
+    rec = lc.plan_cluster(cluster_dir, 1, port_offset=free_port_offset(1))
+    procs = lc.launch_nodes(cluster_dir, rec, node_argv=fake_argv(fake_node_script, "ignore-term"))
+    lc.wait_for_quorum(rec, timeout=30, procs=procs)
+    pid = procs["node-1"].pid
+    t0 = time.monotonic()
+    (res,) = lc.stop_cluster(cluster_dir, timeout=0.5)
+    assert (res.id, res.pid, res.outcome) == ("node-1", pid, "killed")
+    assert time.monotonic() - t0 < 8
+    assert not alive(pid)
+
+
+# -- never signal processes that are not ours ---------------------------------------------------------
+
+
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        yield p
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_stop_ignores_pid_with_other_create_time(tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
+    d = tmp_path / "c"
+    rec = lc.plan_cluster(d, 1)
+    rec.nodes[0].pid = bystander.pid
+    rec.nodes[0].create_time = psutil.Process(bystander.pid).create_time() - 100  # pid reused since
+    lc.save_record(d, rec)
+    Path(rec.nodes[0].pid_file).write_text(f"{bystander.pid}\n")
+    r = invoke("cluster", "stop", "--dir", str(d))
+    assert r.exit_code == 0
+    assert "was not running" in r.stdout
+    time.sleep(0.2)
+    assert bystander.poll() is None
+    assert not Path(rec.nodes[0].pid_file).exists()  # the stale pid file is cleaned up
+
+
+def test_stop_ignores_bare_pid_file_of_other_program(
+    tmp_path: Path, bystander: subprocess.Popen[bytes]
+) -> None:
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "node-1.pid").write_text(f"{bystander.pid}\n")
+    r = invoke("cluster", "stop", "--dir", str(d))
+    assert r.exit_code == 0
+    assert bystander.poll() is None
+
+
+def test_stop_terminates_recorded_process(tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
+    d = tmp_path / "c"
+    rec = lc.plan_cluster(d, 1)
+    rec.nodes[0].pid = bystander.pid
+    rec.nodes[0].create_time = psutil.Process(bystander.pid).create_time()
+    lc.save_record(d, rec)
+    r = invoke("cluster", "stop", "--dir", str(d))
+    assert r.exit_code == 0
+    assert f"Stopped node-1 (pid {bystander.pid})" in r.stdout
+    assert bystander.wait(5) == -signal.SIGTERM
+    assert json.loads((d / "cluster.json").read_text())["nodes"][0]["pid"] is None
+
+
+def test_stop_and_status_without_cluster(tmp_path: Path) -> None:
+    r = invoke("cluster", "stop", "--dir", str(tmp_path / "none"))
+    assert r.exit_code == 0
+    assert "nothing to stop" in r.stdout
+    r = invoke("cluster", "status", "--dir", str(tmp_path / "none"))
+    assert r.exit_code == 1
+    assert "no local cluster" in r.stderr and "aether cluster start" in r.stderr
+
+
+def test_damaged_cluster_file_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "cluster.json").write_text("{not json")
+    r = invoke("cluster", "status", "--dir", str(tmp_path))
+    assert r.exit_code == 1
+    assert "damaged" in r.stderr
+
+
+# -- the real commands, end to end, with a stand-in node runtime -------------------------------------
+
+
+@pytest.fixture
+def stand_in_env(tmp_path: Path) -> dict[str, str]:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAKE_RUNTIME)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aether.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cluster_start_and_stop_commands(cluster_dir: Path, stand_in_env: dict[str, str]) -> None:
+    offset = free_port_offset(3)
+    r = run_cli(
+        stand_in_env,
+        "cluster",
+        "start",
+        "--nodes",
+        "3",
+        "--dir",
+        str(cluster_dir),
+        "--base-port-offset",
+        str(offset),
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Quorum: yes" in r.stdout and "Leader: node-1" in r.stdout and "3/3 nodes up" in r.stdout
+    assert f"--connect 127.0.0.1:{9000 + offset}" in r.stdout
+    rec = lc.load_record(cluster_dir)
+    assert rec is not None
+    node2 = rec.nodes[1]
+    config_line = next(
+        line for line in Path(node2.log).read_text().splitlines() if line.startswith("CONFIG ")
+    )
+    assert json.loads(config_line[len("CONFIG ") :]) == {
+        "node_id": "node-2",
+        "host": "127.0.0.1",
+        "cluster_port": 7001 + offset,
+        "management_port": 9001 + offset,
+        "http_port": 8081 + offset,
+        "data_dir": str(cluster_dir.absolute() / "node-2" / "data"),
+        "peers": [f"node-{k}=127.0.0.1:{7000 + offset + k - 1}" for k in (1, 2, 3)],
+    }
+    pids = [n.pid for n in rec.nodes]
+    assert all(pid and alive(pid) for pid in pids)
+
+    r = run_cli(stand_in_env, "--connect", f"127.0.0.1:{9002 + offset}", "--json", "status")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["node_id"] == "node-3"
+
+    r = run_cli(stand_in_env, "cluster", "stop", "--dir", str(cluster_dir))
+    assert r.returncode == 0, r.stderr
+    assert all(f"Stopped node-{k} (pid {pid})" in r.stdout for k, pid in enumerate(pids, 1))
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids if pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids if pid)
+    assert "stopped cleanly" in Path(node2.log).read_text()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cluster_demo_runs_until_signal(cluster_dir: Path, stand_in_env: dict[str, str], sig: int) -> None:
+    offset = free_port_offset(3)
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aether.cli.main",
+            "cluster",
+            "demo",
+            "--nodes",
+            "3",
+            "--dir",
+            str(cluster_dir),
+            "--base-port-offset",
+            str(offset),
+        ],
+        env=stand_in_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines: list[str] = []
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        assert any("Quorum: yes" in line for line in lines), "".join(lines)
+        rec = lc.load_record(cluster_dir)
+        assert rec is not None
+        pids = [n.pid for n in rec.nodes]
+        assert all(pid and alive(pid) for pid in pids)
+        time.sleep(0.5)
+        assert demo.poll() is None  # it keeps running until told to stop
+        demo.send_signal(sig)
+        out, err = demo.communicate(timeout=30)
+        assert demo.returncode == 0, err
+        assert all(f"Stopped node-{k} (pid {pid})" in out for k, pid in enumerate(pids, 1))
+        assert not any(alive(pid) for pid in pids if pid)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)

@@ -1,0 +1,220 @@
+"""`aether cluster start|status|stop|demo` with real node processes on loopback.
+
+These run against the real node runtime (`aether.node.runner`) and are skipped only while it is
+not part of the installation. Every test uses free ports (a port offset), its own directory, and
+stops every process it started in a `finally`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from aether.cli import local_cluster as lc
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("aether.node") is None
+        or importlib.util.find_spec("aether.node.runner") is None,
+        reason="the node runtime (aether.node.runner) is not installed yet",
+    ),
+    pytest.mark.slow,
+    pytest.mark.timeout(180),
+]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_offset(nodes: int) -> int:
+    """An offset K such that every port of an N-node cluster shifted by K is free right now."""
+    for _ in range(500):
+        k = random.randrange(1000, 23000)  # keeps 9000+K below the ephemeral port range
+        if all(_port_free(base + k + i) for base in (7000, 9000, 8080) for i in range(nodes)):
+            return k
+    raise RuntimeError("no free port range found")
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+
+
+@pytest.fixture
+def cluster_dir(tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / "cluster"
+    try:
+        yield d
+    finally:
+        lc.stop_cluster(d, timeout=5.0)
+
+
+def aether(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aether.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(pids: list[int | None], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(alive(p) for p in pids)
+
+
+def status_rows(env: dict[str, str], directory: Path) -> tuple[int, list[dict]]:
+    r = aether(env, "cluster", "status", "--dir", str(directory), "--json")
+    return r.returncode, json.loads(r.stdout)
+
+
+def test_start_status_stop_and_start_again(cluster_dir: Path, env: dict[str, str]) -> None:
+    for round_ in (1, 2):  # a second start in the same directory reuses the data dirs
+        offset = free_port_offset(3)
+        r = aether(
+            env,
+            "cluster",
+            "start",
+            "--nodes",
+            "3",
+            "--dir",
+            str(cluster_dir),
+            "--base-port-offset",
+            str(offset),
+        )
+        assert r.returncode == 0, f"round {round_}: {r.stderr}"
+        assert "Quorum: yes" in r.stdout and "3/3 nodes up" in r.stdout
+
+        code, rows = status_rows(env, cluster_dir)
+        assert code == 0
+        assert [row["id"] for row in rows] == ["node-1", "node-2", "node-3"]
+        assert all(row["up"] for row in rows)
+        assert sum(row["leader"] for row in rows) == 1
+        assert [row["management_port"] for row in rows] == [9000 + offset + i for i in range(3)]
+        pids = [row["pid"] for row in rows]
+        assert all(alive(pid) for pid in pids)
+
+        views = []
+        for row in rows:
+            s = aether(env, "--connect", f"127.0.0.1:{row['management_port']}", "--json", "status")
+            assert s.returncode == 0, s.stderr
+            views.append(json.loads(s.stdout))
+        assert [v["node_id"] for v in views] == ["node-1", "node-2", "node-3"]
+        assert all(v["quorum"] for v in views)
+        leaders = {v["leader"] for v in views}
+        assert len(leaders) == 1
+        assert next(row["id"] for row in rows if row["leader"]) in leaders
+        assert all(sorted(n["id"] for n in v["nodes"]) == ["node-1", "node-2", "node-3"] for v in views)
+
+        kv = aether(env, "--connect", f"127.0.0.1:{rows[0]['management_port']}", "--json", "kv", "list")
+        assert kv.returncode == 0, kv.stderr
+        listing = json.loads(kv.stdout)
+        assert listing["prefix"] == "" and isinstance(listing["entries"], list)
+
+        r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+        assert r.returncode == 0, r.stderr
+        assert all(f"Stopped node-{k} (pid {pid})" in r.stdout for k, pid in enumerate(pids, 1)), r.stdout
+        assert wait_gone(pids)
+        assert not list(cluster_dir.glob("*.pid"))
+        code, rows = status_rows(env, cluster_dir)
+        assert code == 1
+        assert not any(row["up"] for row in rows)
+
+
+def test_status_after_kill_9_of_one_node(cluster_dir: Path, env: dict[str, str]) -> None:
+    offset = free_port_offset(3)
+    r = aether(
+        env, "cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset)
+    )
+    assert r.returncode == 0, r.stderr
+    _, rows = status_rows(env, cluster_dir)
+    victim = rows[2]
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert wait_gone([victim["pid"]])
+    deadline = time.monotonic() + 10
+    while True:
+        code, rows = status_rows(env, cluster_dir)
+        if code == 0 and [row["up"] for row in rows] == [True, True, False]:
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+    assert sum(row["leader"] for row in rows) == 1
+    assert not rows[2]["leader"]
+    r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+    assert r.returncode == 0, r.stderr
+    assert "node-3" in r.stdout and "was not running" in r.stdout
+    assert wait_gone([row["pid"] for row in rows])
+
+
+def test_demo_stops_the_nodes_on_ctrl_c(cluster_dir: Path, env: dict[str, str]) -> None:
+    offset = free_port_offset(3)
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aether.cli.main",
+            "cluster",
+            "demo",
+            "--nodes",
+            "3",
+            "--dir",
+            str(cluster_dir),
+            "--base-port-offset",
+            str(offset),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        lines: list[str] = []
+        for line in demo.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        assert any("Quorum: yes" in line for line in lines), "".join(lines)
+        _, rows = status_rows(env, cluster_dir)
+        pids = [row["pid"] for row in rows]
+        assert all(alive(pid) for pid in pids)
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=30)
+        assert demo.returncode == 0, err
+        assert all(f"Stopped node-{k}" in out for k in (1, 2, 3)), out
+        assert wait_gone(pids)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(10)
