@@ -267,8 +267,9 @@ def test_restart_repeats_journaled_proposal_instead_of_equivocating() -> None:
     assert prop.batch is not None
     # Persist precedes the matching Send
     kinds = [type(a).__name__ for a in acts]
-    assert kinds.index("Persist") < max(i for i, a in enumerate(acts) if isinstance(a, Send)
-                                        and isinstance(a.msg, Proposal))
+    assert kinds.index("Persist") < max(
+        i for i, a in enumerate(acts) if isinstance(a, Send) and isinstance(a.msg, Proposal)
+    )
     # restart: same id, journal replayed; a different batch is at the head of its queue now
     e2 = Engine("n1", ids, KVStateMachine(), incarnation=1)
     e2.recover(None, [_jdec.decode(_enc.encode(r)) for r in sent])

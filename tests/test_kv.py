@@ -86,8 +86,13 @@ def test_put_get_remove_cas_and_revisions() -> None:
     assert run(sm, Cas("user/b", b"x", None)).ok  # CAS to None removes
     assert sm.get("user/b") is None
     kinds = [(e.kind, e.key) for e in sm.drain_events()]
-    assert kinds == [("put", "user/a"), ("put", "user/a"), ("put", "user/b"), ("remove", "user/a"),
-                     ("remove", "user/b")]
+    assert kinds == [
+        ("put", "user/a"),
+        ("put", "user/a"),
+        ("put", "user/b"),
+        ("remove", "user/a"),
+        ("remove", "user/b"),
+    ]
 
 
 def test_typed_family_values_are_validated() -> None:

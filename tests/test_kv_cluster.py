@@ -46,8 +46,15 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
     ports = _ports(3)
     peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
     ns = [
-        Node(NodeConfig(node_id=f"node-{i + 1}", peers=peers, cluster_port=ports[i], management_port=0,
-                        data_dir=str(tmp_path / f"n{i}")))
+        Node(
+            NodeConfig(
+                node_id=f"node-{i + 1}",
+                peers=peers,
+                cluster_port=ports[i],
+                management_port=0,
+                data_dir=str(tmp_path / f"n{i}"),
+            )
+        )
         for i in range(3)
     ]
     started: list[Node] = []

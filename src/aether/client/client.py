@@ -125,7 +125,9 @@ class AetherClient:
             if remaining <= 0:
                 if isinstance(last, QuorumLost):
                     raise last
-                raise CommitTimeout(f"no answer within {self.timeout:.1f}s (outcome unknown); last error: {last}")
+                raise CommitTimeout(
+                    f"no answer within {self.timeout:.1f}s (outcome unknown); last error: {last}"
+                )
             try:
                 link = await self._ensure_link(deadline)
             except ConnectionError as e:

@@ -1,0 +1,52 @@
+"""Transport layer: how nodes and clients talk.
+
+Owns length-prefixed framing (`framing`, pure), the typed wire codec and control messages
+(`messages`), TCP links between nodes with heartbeats, reconnects and peer liveness (`tcp`),
+client sessions on the cluster port and the client-side connector (`client`), topology events
+(`events`) and the in-process typed `MessageRouter` (`router`).
+
+May import only `aether.core`. Nothing here keeps module-level mutable state, so any number of
+`Transport` objects can run in one process and event loop.
+"""
+
+from aether.transport.client import ClientLink, open_client_connection
+from aether.transport.events import PeerDown, PeerUp, QuorumChanged, TransportEvent
+from aether.transport.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameTooLarge, encode_frame
+from aether.transport.messages import (
+    CONTROL_TYPES,
+    FIRST_APP_TAG,
+    ClientHello,
+    HelloAck,
+    PeerHello,
+    Ping,
+    Reject,
+    WireCodec,
+    message_types,
+)
+from aether.transport.router import MessageRouter
+from aether.transport.tcp import ClientSession, Transport
+
+__all__ = [
+    "CONTROL_TYPES",
+    "DEFAULT_MAX_FRAME",
+    "FIRST_APP_TAG",
+    "ClientHello",
+    "ClientLink",
+    "ClientSession",
+    "FrameDecoder",
+    "FrameTooLarge",
+    "HelloAck",
+    "MessageRouter",
+    "PeerDown",
+    "PeerHello",
+    "PeerUp",
+    "Ping",
+    "QuorumChanged",
+    "Reject",
+    "Transport",
+    "TransportEvent",
+    "WireCodec",
+    "encode_frame",
+    "message_types",
+    "open_client_connection",
+]

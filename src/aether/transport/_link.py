@@ -1,0 +1,264 @@
+"""Internal: the asyncio protocol base shared by peer links, client sessions and the client connector.
+
+It owns what every connection needs: framing (`FrameDecoder`), message decoding, bad-input
+accounting with rate-limited logging, and coalesced writes. Subclasses implement ``_handle``
+(one decoded message) and ``_on_closed`` (the connection is gone).
+
+Write coalescing: ``write_frame`` appends an encoded frame to a per-connection list and, for the
+first frame of a batch, schedules ``_flush`` with ``loop.call_soon``; the flush hands everything
+to the asyncio transport in one ``write`` call. So frames produced within one event-loop
+iteration leave in one syscall, in the order they were written.
+
+Bad input policy (per connection):
+- oversized length header: one WARNING, connection aborted at once (the stream cannot be resynced);
+- undecodable frame (garbage, unknown tag, wrong shape) or an unexpected control message during
+  the handshake: one WARNING, hello answered with ``Reject`` where it makes sense, connection closed;
+- the same on an established link: the frame is dropped; the first one is logged (WARNING), later
+  ones are only counted; after more than `MAX_BAD_FRAMES` the connection is closed (INFO);
+- the remote closing in the middle of a frame: one WARNING.
+Nothing raised while handling input escapes ``data_received``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, cast
+
+import msgspec
+
+from aether.transport.framing import FrameDecoder, FrameTooLarge
+from aether.transport.messages import Reject, WireCodec
+
+MAX_BAD_FRAMES = 10
+"""An established connection is closed when more than this many bad frames arrived on it."""
+
+DEFAULT_MAX_WRITE_BUFFER = 64 * 1024 * 1024
+"""A connection whose unsent data exceeds this is dropped rather than allowed to grow."""
+
+
+class HeardFrom:
+    """Anything that records when a frame last arrived (a peer record)."""
+
+    __slots__ = ("last_heard",)
+
+    def __init__(self) -> None:
+        self.last_heard = 0.0
+
+
+def format_peername(peername: Any) -> str:
+    """Render ``get_extra_info('peername')`` as ``host:port``."""
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername) if peername else "?"
+
+
+class LinkProtocol(asyncio.Protocol):
+    """Framed, coalescing, bad-input-tolerant connection. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        log: logging.Logger,
+        prefix: str,
+        codec: WireCodec,
+        decode: Callable[[bytes], Any],
+        max_frame: int,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+    ) -> None:
+        self._loop = loop
+        self._log = log
+        self._prefix = prefix
+        self._codec = codec
+        self._decode = decode
+        self._frames = FrameDecoder(max_frame)
+        self._max_write_buffer = max_write_buffer
+        self._pending: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+        self.remote = "?"
+        self.wrote = False  # set by every write; the heartbeat timer clears it
+        self.closing = False
+        self.close_reason: str | None = None
+        self.established = False
+        self.bad_frames = 0
+        self.heard: HeardFrom | None = None
+        self.finished: asyncio.Future[None] = loop.create_future()  # done once connection_lost ran
+
+    # ---- description / logging -------------------------------------------------------------
+
+    def describe(self) -> str:
+        return f"connection from {self.remote}"
+
+    def _warn(self, problem: str) -> None:
+        self._log.warning("%s %s: %s", self._prefix, self.describe(), problem)
+
+    # ---- connection lifecycle --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Not isinstance-checked: uvloop's transports implement the interface without subclassing.
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
+        self.remote = format_peername(tr.get_extra_info("peername"))
+        if self.closing:  # closed (e.g. its owner stopped) before the connection completed
+            tr.abort()
+            return
+        sock = tr.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError, TypeError, ValueError):
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        remote_closed = self.close_reason is None
+        self.closing = True
+        self._pending.clear()
+        if remote_closed:
+            buffered = self._frames.buffered
+            if buffered:
+                self._warn(f"connection closed in the middle of a frame ({buffered} bytes discarded)")
+            self.close_reason = f"connection lost: {exc}" if exc else "connection closed by the remote side"
+        try:
+            self._on_closed(exc)
+        except Exception:
+            self._log.exception("%s error while cleaning up %s", self._prefix, self.describe())
+        if not self.finished.done():
+            self.finished.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close itself
+
+    def close(self, reason: str) -> None:
+        """Flush pending frames, then close gracefully."""
+        if self.closing:
+            return
+        self._flush()
+        self.closing = True
+        if self.close_reason is None:
+            self.close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Close at once, dropping unsent data."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.closing = True
+        self._pending.clear()
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Queue one encoded frame; it is written with the rest of this loop iteration's frames."""
+        if self.closing or self.transport is None:
+            return False
+        self.wrote = True
+        pending = self._pending
+        pending.append(frame)
+        if len(pending) == 1:
+            self._loop.call_soon(self._flush)
+        return True
+
+    def write_now(self, frame: bytes) -> None:
+        """Write `frame` immediately, after anything still pending (used for handshake frames)."""
+        if self.closing or self.transport is None:
+            return
+        self._pending.append(frame)
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self._pending
+        if not pending:
+            return
+        transport = self.transport
+        if self.closing or transport is None:
+            pending.clear()
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        try:
+            transport.write(data)
+            buffered = transport.get_write_buffer_size()
+        except Exception as exc:  # the transport is already broken; connection_lost follows
+            self.abort(f"write failed: {exc}")
+            return
+        if buffered > self._max_write_buffer:
+            self._warn(
+                f"{buffered} bytes of unsent data exceed the limit of {self._max_write_buffer}; "
+                "dropping the connection (the remote side is not reading)"
+            )
+            self.abort("write buffer overflow")
+
+    def reject(self, reason: str) -> None:
+        """Send ``Reject(reason)`` and close."""
+        self.write_now(self._codec.frame(Reject(reason)))
+        self.close(f"rejected: {reason}")
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            too_large: FrameTooLarge | None = None
+            try:
+                frames = self._frames.feed(data)
+            except FrameTooLarge as exc:
+                too_large, frames = exc, exc.frames
+            heard = self.heard
+            if heard is not None:  # any bytes count, even part of a large frame
+                heard.last_heard = self._loop.time()
+            for payload in frames:
+                if self.closing:
+                    return
+                try:
+                    msg = self._decode(payload)
+                except msgspec.DecodeError as exc:
+                    self._bad_frame(f"undecodable frame of {len(payload)} bytes ({exc})")
+                    continue
+                self._handle(msg)
+            if too_large is not None and not self.closing:
+                self._warn(
+                    f"frame header announces {too_large.size} bytes, more than the limit of "
+                    f"{too_large.limit}; closing the connection"
+                )
+                self.abort("oversized frame header")
+        except Exception:
+            self._log.exception(
+                "%s internal error handling data from %s; closing it", self._prefix, self.describe()
+            )
+            self.abort("internal error")
+
+    def _bad_frame(self, problem: str) -> None:
+        if not self.established:
+            self._handshake_failed(problem)
+            return
+        self.bad_frames += 1
+        if self.bad_frames == 1:
+            self._warn(
+                f"{problem}; frame dropped (further bad frames on this connection are counted, not logged)"
+            )
+        elif self.bad_frames > MAX_BAD_FRAMES:
+            self._log.info(
+                "%s %s: closing after %d bad frames", self._prefix, self.describe(), self.bad_frames
+            )
+            self.close(f"too many bad frames ({self.bad_frames})")
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def _handshake_failed(self, problem: str) -> None:
+        """Default: log, answer with Reject, close."""
+        self._warn(f"{problem}; closing the connection")
+        self.reject("protocol error: expected a valid hello")
+
+    def _handle(self, msg: Any) -> None:
+        raise NotImplementedError
+
+    def _on_closed(self, exc: Exception | None) -> None:
+        raise NotImplementedError

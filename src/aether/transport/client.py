@@ -1,0 +1,208 @@
+"""Client-side connector to a node's cluster port (used by `aether.client`).
+
+`open_client_connection` dials a node, performs the ``ClientHello`` / ``HelloAck`` handshake and
+returns a `ClientLink`. Frames are coalesced exactly like node-to-node traffic. The link does not
+reconnect and sends no heartbeats: the caller decides what to do when ``on_close`` fires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aether.core.types import Address
+from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, LinkProtocol
+from aether.transport.framing import DEFAULT_MAX_FRAME
+from aether.transport.messages import (
+    CONTROL_TYPES,
+    ClientHello,
+    HelloAck,
+    Ping,
+    Reject,
+    WireCodec,
+    message_types,
+)
+
+__all__ = ["ClientLink", "open_client_connection"]
+
+_CONTROL = frozenset(CONTROL_TYPES)
+
+
+class _ClientSideProtocol(LinkProtocol):
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        log: logging.Logger,
+        codec: WireCodec,
+        hello: ClientHello,
+        address: Address,
+        on_message: Callable[[Any], None],
+        on_close: Callable[[Exception | None], None],
+        max_frame: int,
+        max_write_buffer: int,
+    ) -> None:
+        super().__init__(
+            loop=loop,
+            log=log,
+            prefix=f"[client {hello.client_id}]",
+            codec=codec,
+            decode=codec.decode,
+            max_frame=max_frame,
+            max_write_buffer=max_write_buffer,
+        )
+        self._hello_frame = codec.frame(hello)
+        self._address = address
+        self._on_message = on_message
+        self._on_close = on_close
+        self.handshake: asyncio.Future[str] = loop.create_future()
+        self.closed_locally = False
+
+    def describe(self) -> str:
+        return f"node at {self._address}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.write_now(self._hello_frame)
+
+    def _fail_handshake(self, error: ConnectionError) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(error)
+            self.handshake.exception()  # mark retrieved: nobody may be waiting any more
+
+    def _handle(self, msg: Any) -> None:
+        cls = type(msg)
+        if not self.established:
+            if cls is HelloAck:
+                self.established = True
+                if not self.handshake.done():
+                    self.handshake.set_result(msg.node_id)
+            elif cls is Reject:
+                self._fail_handshake(
+                    ConnectionError(f"aether node at {self._address} rejected the connection: {msg.reason}")
+                )
+                self.close("rejected")
+            else:
+                self._handshake_failed(f"expected HelloAck, got {cls.__name__}")
+            return
+        if cls is Ping:
+            return
+        if cls in _CONTROL:
+            self._bad_frame(f"unexpected {cls.__name__} on an established connection")
+            return
+        try:
+            self._on_message(msg)
+        except Exception:
+            self._log.exception("%s on_message failed for %s", self._prefix, cls.__name__)
+
+    def _handshake_failed(self, problem: str) -> None:
+        self._fail_handshake(
+            ConnectionError(f"handshake with aether node at {self._address} failed: {problem}")
+        )
+        self.abort("handshake failed")
+
+    def _on_closed(self, exc: Exception | None) -> None:
+        self._fail_handshake(
+            ConnectionError(f"aether node at {self._address} closed the connection during the handshake")
+        )
+        if self.established:
+            error: Exception | None = None
+            if not self.closed_locally:
+                error = ConnectionError(
+                    f"connection to aether node at {self._address} lost: {self.close_reason}"
+                )
+            try:
+                self._on_close(error)
+            except Exception:
+                self._log.exception("%s on_close callback failed", self._prefix)
+
+
+class ClientLink:
+    """An established client connection to one node."""
+
+    __slots__ = ("_frame", "_proto", "address", "node_id")
+
+    def __init__(
+        self, proto: _ClientSideProtocol, node_id: str, address: Address, frame: Callable[[object], bytes]
+    ) -> None:
+        self._proto = proto
+        self._frame = frame
+        self.node_id = node_id
+        """Id of the node that accepted the connection."""
+        self.address = address
+
+    @property
+    def closed(self) -> bool:
+        return self._proto.closing
+
+    def send(self, msg: object) -> bool:
+        """Queue `msg` (coalesced with the other frames of this loop iteration); False if closed."""
+        if self._proto.closing:
+            return False
+        return self._proto.write_frame(self._frame(msg))
+
+    def close(self) -> None:
+        """Flush queued frames and close; ``on_close(None)`` follows once the socket is closed."""
+        if not self._proto.closing:
+            self._proto.closed_locally = True
+            self._proto.close("closed by the client")
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is fully closed."""
+        await asyncio.shield(self._proto.finished)
+
+    def __repr__(self) -> str:
+        return f"<ClientLink to {self.node_id} at {self.address} {'closed' if self.closed else 'open'}>"
+
+
+async def open_client_connection(
+    address: Address,
+    *,
+    cluster_name: str,
+    client_id: str,
+    message_type: object,
+    on_message: Callable[[Any], None],
+    on_close: Callable[[Exception | None], None],
+    max_frame: int = DEFAULT_MAX_FRAME,
+    timeout: float = 5.0,
+    logger: logging.Logger | None = None,
+    max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+) -> ClientLink:
+    """Connect to a node's cluster port as client `client_id` and complete the handshake.
+
+    `message_type` is the union of messages the node sends to clients (tags >= 10). `on_message`
+    gets each of them; `on_close(exc)` is called once when an established link closes (``None``
+    after a local ``close()``). Raises ConnectionError, with a message naming the node address,
+    if the node cannot be reached, rejects the hello or does not answer within `timeout` seconds.
+    """
+    loop = asyncio.get_running_loop()
+    codec = WireCodec(message_types(message_type))
+    proto = _ClientSideProtocol(
+        loop=loop,
+        log=logger or logging.getLogger("aether.transport.client"),
+        codec=codec,
+        hello=ClientHello(cluster_name, client_id),
+        address=address,
+        on_message=on_message,
+        on_close=on_close,
+        max_frame=max_frame,
+        max_write_buffer=max_write_buffer,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                await loop.create_connection(lambda: proto, address.host, address.port)
+            except OSError as exc:
+                raise ConnectionError(f"cannot connect to aether node at {address}: {exc}") from exc
+            node_id = await asyncio.shield(proto.handshake)
+    except TimeoutError:
+        proto.abort("handshake timeout")
+        raise ConnectionError(
+            f"no answer to the client hello from aether node at {address} within {timeout}s"
+        ) from None
+    except BaseException:
+        proto.abort("handshake failed")
+        raise
+    return ClientLink(proto, node_id, address, codec.frame)

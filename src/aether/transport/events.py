@@ -1,0 +1,35 @@
+"""Topology events a `Transport` publishes on its `MessageRouter`.
+
+These are in-process values, never sent over the wire. Subscribe to `TransportEvent` to get all
+of them, or to one concrete class.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["PeerDown", "PeerUp", "QuorumChanged", "TransportEvent"]
+
+
+class TransportEvent(msgspec.Struct, frozen=True):
+    """Base class of every transport event."""
+
+
+class PeerUp(TransportEvent, frozen=True):
+    """Our link to `node_id` is established and the peer is alive."""
+
+    node_id: str
+
+
+class PeerDown(TransportEvent, frozen=True):
+    """`node_id` stopped being up; `reason` says why (link lost, heartbeat timeout, removed, ...)."""
+
+    node_id: str
+    reason: str
+
+
+class QuorumChanged(TransportEvent, frozen=True):
+    """`Transport.has_quorum()` flipped. `up` is the set of up peers (this node excluded)."""
+
+    has_quorum: bool
+    up: frozenset[str]

@@ -1,0 +1,123 @@
+"""Wire messages of the transport layer and the per-Transport codec.
+
+Every wire message is a `msgspec.Struct` with ``array_like=True`` and an integer ``tag``.
+Tags 1-9 are reserved for the transport's control messages defined here; application layers
+define their own tagged structs with tags >= 10 and hand a ``typing.Union`` of them to the
+`Transport` (peer messages) or to the client connector (client messages). A frame's payload is
+one msgpack-encoded message.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Final, Union
+
+import msgspec
+
+from aether.transport.framing import encode_frame
+
+__all__ = [
+    "CONTROL_TYPES",
+    "FIRST_APP_TAG",
+    "ClientHello",
+    "HelloAck",
+    "PeerHello",
+    "Ping",
+    "Reject",
+    "WireCodec",
+    "message_types",
+]
+
+FIRST_APP_TAG: Final = 10
+"""Smallest tag an application message may use; 1-9 belong to the transport."""
+
+
+class PeerHello(msgspec.Struct, array_like=True, frozen=True, tag=1):
+    """First frame a node sends on a connection it dialed to another node."""
+
+    cluster: str
+    node_id: str
+
+
+class ClientHello(msgspec.Struct, array_like=True, frozen=True, tag=2):
+    """First frame a client sends on its connection to a node's cluster port."""
+
+    cluster: str
+    client_id: str
+
+
+class HelloAck(msgspec.Struct, array_like=True, frozen=True, tag=3):
+    """Reply to an accepted hello; names the accepting node."""
+
+    node_id: str
+
+
+class Ping(msgspec.Struct, array_like=True, frozen=True, tag=4):
+    """Heartbeat, sent on an otherwise idle node-to-node link."""
+
+
+class Reject(msgspec.Struct, array_like=True, frozen=True, tag=5):
+    """Reply to a refused hello (or a malformed first frame); the connection is closed after it."""
+
+    reason: str
+
+
+CONTROL_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (PeerHello, ClientHello, HelloAck, Ping, Reject)
+
+
+def message_types(message_type: object) -> tuple[type[msgspec.Struct], ...]:
+    """Flatten a message union (``Union[A, B]``, ``A | B``, a single struct or None) into its members.
+
+    Raises TypeError unless every member is an ``array_like`` msgspec Struct with an integer tag
+    >= `FIRST_APP_TAG`; duplicate tags are rejected too.
+    """
+    if message_type is None:
+        return ()
+    origin = typing.get_origin(message_type)
+    if origin is Union or origin is types.UnionType:
+        members: tuple[object, ...] = typing.get_args(message_type)
+    else:
+        members = (message_type,)
+    seen: dict[int, type] = {}
+    out: list[type[msgspec.Struct]] = []
+    for member in members:
+        if not (isinstance(member, type) and issubclass(member, msgspec.Struct)):
+            raise TypeError(f"wire message types must be msgspec.Struct subclasses, got {member!r}")
+        config = member.__struct_config__
+        tag = config.tag
+        if not isinstance(tag, int) or isinstance(tag, bool):
+            raise TypeError(f"{member.__name__} must have an integer tag (tag={tag!r})")
+        if tag < FIRST_APP_TAG:
+            raise TypeError(f"{member.__name__} uses tag {tag}; tags below {FIRST_APP_TAG} are reserved")
+        if not config.array_like:
+            raise TypeError(f"{member.__name__} must be declared with array_like=True")
+        if tag in seen:
+            raise TypeError(f"{member.__name__} and {seen[tag].__name__} share tag {tag}")
+        seen[tag] = member
+        out.append(member)
+    return tuple(out)
+
+
+class WireCodec:
+    """Encoder + decoder for one message union plus the control messages.
+
+    Build one per Transport / client link (no shared mutable state between them). ``frame``
+    returns a complete length-prefixed frame ready to write.
+    """
+
+    __slots__ = ("app_types", "decoder", "encoder")
+
+    def __init__(self, app_types: tuple[type[msgspec.Struct], ...]) -> None:
+        self.app_types = frozenset(app_types)
+        all_types = CONTROL_TYPES + tuple(app_types)
+        self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Union[all_types])  # noqa: UP007
+        self.encoder = msgspec.msgpack.Encoder()
+
+    def frame(self, msg: object) -> bytes:
+        """Encode `msg` and wrap it in a frame."""
+        return encode_frame(self.encoder.encode(msg))
+
+    def decode(self, payload: bytes) -> Any:
+        """Decode one payload; raises msgspec.DecodeError (or ValidationError) on bad input."""
+        return self.decoder.decode(payload)

@@ -1,0 +1,781 @@
+"""Node-to-node TCP transport and server-side client sessions (asyncio, no TLS yet).
+
+Link model
+----------
+Every node dials every other member. The connection a node dials (its *outbound link*) is the only
+one it SENDS peer messages on; it opens with ``PeerHello`` and becomes usable when ``HelloAck``
+arrives. Connections other nodes dial to us (*inbound*) are only RECEIVED from (plus the ack).
+So between two nodes there are two TCP connections, one per direction.
+
+A peer is UP when our outbound link to it is established and something arrived from it (any frame
+on either connection, or the ack) within ``heartbeat_timeout``. It goes DOWN immediately when the
+outbound link closes or errors, or when nothing was heard for ``heartbeat_timeout`` (checked every
+``heartbeat_interval``); the outbound link is then closed and redialed with jittered exponential
+backoff between ``reconnect_min`` and ``reconnect_max``. Each outbound link carries a ``Ping``
+every ``heartbeat_interval`` in which nothing else was written. Every change publishes
+`PeerUp` / `PeerDown`, and `QuorumChanged` whenever `has_quorum()` flips, on the router.
+
+Delivery guarantees (what a consensus layer may rely on)
+--------------------------------------------------------
+- Messages sent to one peer over one link are delivered in the order of the ``send`` calls.
+- At most once: ``send`` returns False and drops the message if the link is not up; frames queued
+  on a link that then drops are lost. Nothing is retransmitted or buffered across reconnects.
+- Messages from a peer are delivered as they arrive on its inbound connection, even while we
+  consider it down (e.g. our dial to it failed); after a reconnect the new inbound connection
+  replaces the old one, so there is no reordering within one connection but no ordering across
+  a reconnect either.
+- ``on_message`` / ``on_client_message`` run synchronously in the event loop; they must not
+  block. An exception they raise is logged with its traceback and the link stays open.
+- ``send(node_id_of_self, ...)`` returns False: local delivery is the caller's business.
+
+Membership / ports
+------------------
+``members`` maps node id -> cluster address and normally includes this node (never dialed).
+Listening on port 0 is supported: start every Transport with the members known so far (e.g. only
+itself), read ``.port`` after ``start()``, then call ``set_members`` with the full map on each of
+them without awaiting in between (so no node dials a peer that does not know it yet).
+
+A Transport is single use: ``start()`` once, ``stop()`` any number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Union
+
+import msgspec
+
+from aether.core.types import Address, check_node_id
+from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, HeardFrom, LinkProtocol
+from aether.transport.events import PeerDown, PeerUp, QuorumChanged
+from aether.transport.framing import DEFAULT_MAX_FRAME
+from aether.transport.messages import (
+    CONTROL_TYPES,
+    ClientHello,
+    HelloAck,
+    PeerHello,
+    Ping,
+    Reject,
+    WireCodec,
+    message_types,
+)
+from aether.transport.router import MessageRouter
+
+__all__ = ["ClientSession", "Transport"]
+
+_CONTROL = frozenset(CONTROL_TYPES)
+_REJECT_LOG_INTERVAL = 60.0  # repeated identical hello rejections are logged at DEBUG within this window
+
+
+def _same(proto: _OutboundProtocol) -> _OutboundProtocol:
+    return proto
+
+
+class ClientSession:
+    """Server side of one client connection on the cluster port.
+
+    ``send`` queues a reply (coalesced like peer traffic); returns False once the session is closed.
+    """
+
+    __slots__ = ("_frame", "_proto", "client_id")
+
+    def __init__(self, proto: _InboundProtocol, client_id: str, frame: Callable[[object], bytes]) -> None:
+        self._proto = proto
+        self._frame = frame
+        self.client_id = client_id
+
+    @property
+    def remote_address(self) -> str:
+        """``host:port`` of the client."""
+        return self._proto.remote
+
+    @property
+    def closed(self) -> bool:
+        return self._proto.closing
+
+    def send(self, msg: object) -> bool:
+        """Queue `msg` for the client; False (dropped) if the session is closed."""
+        if self._proto.closing:
+            return False
+        return self._proto.write_frame(self._frame(msg))
+
+    def close(self) -> None:
+        """Flush queued replies and close the connection."""
+        self._proto.close("closed by the server")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<ClientSession {self.client_id!r} from {self.remote_address} {state}>"
+
+
+class _Peer(HeardFrom):
+    """Per-member bookkeeping."""
+
+    __slots__ = ("active", "address", "attempts", "inbound", "link", "logged", "node_id", "task", "up")
+
+    def __init__(self, node_id: str, address: Address) -> None:
+        super().__init__()
+        self.node_id = node_id
+        self.address = address
+        self.active = True
+        self.up = False
+        self.link: _OutboundProtocol | None = None  # the current outbound link (dialing or established)
+        self.inbound: set[_InboundProtocol] = set()
+        self.task: asyncio.Task[None] | None = None
+        self.attempts = 0
+        self.logged: set[str] = set()  # dial problems already logged since the last time it was up
+
+
+class _OutboundProtocol(LinkProtocol):
+    """A link we dialed to a peer: we send on it."""
+
+    def __init__(self, owner: Transport, peer: _Peer) -> None:
+        loop = owner._require_loop()
+        super().__init__(
+            loop=loop,
+            log=owner._log,
+            prefix=owner._prefix,
+            codec=owner._codec,
+            decode=owner._codec.decode,
+            max_frame=owner._max_frame,
+            max_write_buffer=owner._max_write_buffer,
+        )
+        self._owner = owner
+        self.peer = peer
+        self.established_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def describe(self) -> str:
+        return f"peer {self.peer.node_id!r} at {self.remote}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._owner._stopped or self.peer.link is not self:
+            self.abort("stale dial")
+            return
+        self.write_now(self._owner._hello_frame)
+        self._timer = self._loop.call_later(self._owner._handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        if not self.established and not self.closing:
+            self._owner._dial_problem(
+                self.peer,
+                "handshake",
+                logging.WARNING,
+                f"{self.describe()}: no HelloAck within {self._owner._handshake_timeout}s",
+            )
+            self.abort("handshake timeout")
+
+    def _handle(self, msg: Any) -> None:
+        cls = type(msg)
+        if not self.established:
+            if cls is HelloAck:
+                if msg.node_id != self.peer.node_id:
+                    self._handshake_failed(
+                        f"HelloAck names node {msg.node_id!r}, expected {self.peer.node_id!r}"
+                    )
+                    return
+                if self._timer is not None:
+                    self._timer.cancel()
+                self.established = True
+                self.established_at = self._loop.time()
+                self.heard = self.peer
+                self._owner._outbound_established(self)
+            elif cls is Reject:
+                self._owner._dial_problem(
+                    self.peer,
+                    "rejected",
+                    logging.WARNING,
+                    f"{self.describe()} rejected our hello: {msg.reason}",
+                )
+                self.close("rejected by the peer")
+            else:
+                self._handshake_failed(f"expected HelloAck, got {cls.__name__}")
+            return
+        if cls is Ping:
+            return
+        if cls in _CONTROL:
+            self._bad_frame(f"unexpected {cls.__name__} on an established link")
+            return
+        self._owner._deliver(self.peer.node_id, msg)
+
+    def _handshake_failed(self, problem: str) -> None:
+        self._owner._dial_problem(self.peer, "handshake", logging.WARNING, f"{self.describe()}: {problem}")
+        self.abort("handshake failed")
+
+    def _on_closed(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._owner._outbound_closed(self)
+
+
+class _InboundProtocol(LinkProtocol):
+    """A connection accepted on the cluster port: a peer (we receive on it) or a client session."""
+
+    def __init__(self, owner: Transport) -> None:
+        super().__init__(
+            loop=owner._require_loop(),
+            log=owner._log,
+            prefix=owner._prefix,
+            codec=owner._codec,
+            decode=owner._hello_decoder.decode,
+            max_frame=owner._max_frame,
+            max_write_buffer=owner._max_write_buffer,
+        )
+        self._owner = owner
+        self.peer: _Peer | None = None
+        self.session: ClientSession | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def describe(self) -> str:
+        if self.peer is not None:
+            return f"peer {self.peer.node_id!r} at {self.remote}"
+        if self.session is not None:
+            return f"client {self.session.client_id!r} at {self.remote}"
+        return f"connection from {self.remote}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._owner._stopped:
+            self.abort("transport stopped")
+            return
+        self._owner._inbound.add(self)
+        self._timer = self._loop.call_later(self._owner._handshake_timeout, self._hello_expired)
+
+    def _hello_expired(self) -> None:
+        if not self.established and not self.closing:
+            self._warn(f"no hello within {self._owner._handshake_timeout}s; closing the connection")
+            self.abort("no hello")
+
+    def become_peer(self, peer: _Peer) -> None:
+        self._finish_handshake()
+        self.peer = peer
+        self.heard = peer
+        self._decode = self._owner._codec.decode
+
+    def become_client(self, session: ClientSession, decode: Callable[[bytes], Any]) -> None:
+        self._finish_handshake()
+        self.session = session
+        self._decode = decode
+
+    def _finish_handshake(self) -> None:
+        self.established = True
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _handle(self, msg: Any) -> None:
+        cls = type(msg)
+        if not self.established:
+            if cls is PeerHello:
+                self._owner._accept_peer(self, msg)
+            elif cls is ClientHello:
+                self._owner._accept_client(self, msg)
+            else:  # unreachable with the hello decoder, kept for safety
+                self._handshake_failed(f"first frame is {cls.__name__}, expected a hello")
+            return
+        if cls is Ping:
+            return
+        if cls in _CONTROL:
+            self._bad_frame(f"unexpected {cls.__name__} on an established connection")
+            return
+        if self.session is not None:
+            self._owner._client_message(self.session, msg)
+        elif self.peer is not None:
+            self._owner._deliver(self.peer.node_id, msg)
+
+    def _handshake_failed(self, problem: str) -> None:
+        self._warn(f"first frame is not a valid hello: {problem}; closing the connection")
+        self.reject("protocol error: the first frame must be a PeerHello or ClientHello")
+
+    def _on_closed(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._owner._inbound.discard(self)
+        if self.peer is not None:
+            self.peer.inbound.discard(self)
+        if self.session is not None:
+            self._owner._client_closed(self.session)
+
+
+class Transport:
+    """TCP links between the members of one cluster, plus client sessions on the same port.
+
+    See the module docstring for the link model, liveness rules and delivery guarantees.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        members: Mapping[str, Address],
+        *,
+        listen: Address,
+        cluster_name: str,
+        message_type: object,
+        on_message: Callable[[str, Any], None],
+        router: MessageRouter | None = None,
+        client_message_type: object | None = None,
+        on_client_message: Callable[[ClientSession, Any], None] | None = None,
+        on_client_closed: Callable[[ClientSession], None] | None = None,
+        heartbeat_interval: float = 0.1,
+        heartbeat_timeout: float = 0.6,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        reconnect_min: float = 0.02,
+        reconnect_max: float = 1.0,
+        logger: logging.Logger | None = None,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+    ) -> None:
+        check_node_id(node_id)
+        if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if reconnect_min <= 0 or reconnect_max < reconnect_min:
+            raise ValueError("need 0 < reconnect_min <= reconnect_max")
+        if max_frame <= 0:
+            raise ValueError("max_frame must be positive")
+        self.node_id = node_id
+        self.cluster_name = cluster_name
+        self.router = router if router is not None else MessageRouter(logger)
+        self._listen = listen
+        self._on_message = on_message
+        self._on_client_message = on_client_message
+        self._on_client_closed = on_client_closed
+        self._hb_interval = heartbeat_interval
+        self._hb_timeout = heartbeat_timeout
+        self._handshake_timeout = max(1.0, 5 * heartbeat_timeout)
+        self._max_frame = max_frame
+        self._max_write_buffer = max_write_buffer
+        self._reconnect_min = reconnect_min
+        self._reconnect_max = reconnect_max
+        self._log = logger or logging.getLogger("aether.transport")
+        self._prefix = f"[{node_id}]"
+        self._rng = random.Random()
+
+        self._codec = WireCodec(message_types(message_type))
+        client_types = None if client_message_type is None else message_types(client_message_type)
+        self._client_codec = None if client_types is None else WireCodec(client_types)
+        self._hello_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+            Union[PeerHello, ClientHello]  # noqa: UP007
+        )
+        self._hello_frame = self._codec.frame(PeerHello(cluster_name, node_id))
+        self._ack_frame = self._codec.frame(HelloAck(node_id))
+        self._ping_frame = self._codec.frame(Ping())
+
+        self._members: dict[str, Address] = {}
+        self._peers: dict[str, _Peer] = {}
+        self._up: dict[str, _Peer] = {}
+        self._up_frozen: frozenset[str] | None = frozenset()
+        self._inbound: set[_InboundProtocol] = set()
+        self._reject_logged: dict[str, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._port: int | None = None
+        self._started = False
+        self._stopped = False
+        self._last_quorum = False
+        self._apply_members(members)
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the listener (``listen.port`` may be 0) and start dialing every other member."""
+        if self._started:
+            raise RuntimeError("Transport.start() may be called only once")
+        self._started = True
+        loop = self._loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _InboundProtocol(self), self._listen.host, self._listen.port, reuse_address=True
+        )
+        sockets = self._server.sockets
+        self._port = sockets[0].getsockname()[1] if sockets else self._listen.port
+        self._log.info(
+            "%s listening on %s:%s (cluster %r)",
+            self._prefix,
+            self._listen.host,
+            self._port,
+            self.cluster_name,
+        )
+        for peer in self._peers.values():
+            self._start_dialing(peer)
+        self._heartbeat_task = loop.create_task(
+            self._heartbeat_loop(), name=f"aether-heartbeat-{self.node_id}"
+        )
+        self._check_quorum()
+
+    async def stop(self) -> None:
+        """Close every connection and cancel every task. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if not self._started:
+            return
+        tasks = [t for t in [self._heartbeat_task, *(p.task for p in self._peers.values())] if t is not None]
+        for task in tasks:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for peer in self._peers.values():
+            if peer.up:
+                self._mark_down(peer, "transport stopped")
+        links: list[LinkProtocol] = [p.link for p in self._peers.values() if p.link is not None]
+        links.extend(self._inbound)
+        for link in links:
+            link.abort("transport stopped")
+        self._check_quorum()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        # Let every aborted connection run connection_lost (which closes its socket).
+        pending = [link.finished for link in links if link.transport is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        self._log.info("%s transport stopped", self._prefix)
+
+    @property
+    def port(self) -> int:
+        """The actually bound cluster port (valid after ``start()``)."""
+        if self._port is None:
+            raise RuntimeError("Transport not started")
+        return self._port
+
+    @property
+    def members(self) -> Mapping[str, Address]:
+        """A copy of the current member map (including this node)."""
+        return dict(self._members)
+
+    @property
+    def up_peers(self) -> frozenset[str]:
+        """Ids of the peers currently UP (this node excluded)."""
+        up = self._up_frozen
+        if up is None:
+            up = self._up_frozen = frozenset(self._up)
+        return up
+
+    def has_quorum(self) -> bool:
+        """True while running and ``len(up_peers) + 1 >= len(members) // 2 + 1``."""
+        if not self._started or self._stopped:
+            return False
+        return len(self._up) + 1 >= len(self._members) // 2 + 1
+
+    def send(self, peer: str, msg: object) -> bool:
+        """Queue `msg` for `peer`; False (message dropped) if that peer is not up. Never blocks.
+
+        Raises TypeError if `msg` is not one of the peer message types given to the constructor.
+        """
+        if type(msg) not in self._codec.app_types:
+            raise TypeError(f"{type(msg).__name__} is not one of this transport's peer message types")
+        p = self._up.get(peer)
+        if p is None or p.link is None:
+            return False
+        return p.link.write_frame(self._codec.frame(msg))
+
+    def broadcast(self, msg: object) -> None:
+        """Queue `msg` (encoded once) for every up peer; this node is not included."""
+        if type(msg) not in self._codec.app_types:
+            raise TypeError(f"{type(msg).__name__} is not one of this transport's peer message types")
+        if not self._up:
+            return
+        frame = self._codec.frame(msg)
+        for p in self._up.values():
+            if p.link is not None:
+                p.link.write_frame(frame)
+
+    def set_members(self, members: Mapping[str, Address]) -> None:
+        """Replace the member map: dial new members, drop removed ones, redial moved ones."""
+        self._apply_members(members)
+        if self._started and not self._stopped:
+            self._check_quorum()
+
+    def __repr__(self) -> str:
+        return f"<Transport {self.node_id} port={self._port} up={sorted(self._up)}>"
+
+    # ---- membership ---------------------------------------------------------------------------
+
+    def _apply_members(self, members: Mapping[str, Address]) -> None:
+        new: dict[str, Address] = {}
+        for node_id, address in members.items():
+            check_node_id(node_id)
+            if not isinstance(address, Address):
+                raise TypeError(f"address of member {node_id!r} must be an Address, got {address!r}")
+            new[node_id] = address
+        self._members = new
+        running = self._started and not self._stopped
+        for node_id in [n for n in self._peers if n not in new or n == self.node_id]:
+            removed = self._peers.pop(node_id)
+            removed.active = False
+            self._drop_peer_links(removed, "removed from membership", inbound_too=True)
+            self._log.info("%s member %s removed", self._prefix, node_id)
+        for node_id, address in new.items():
+            if node_id == self.node_id:
+                continue
+            peer = self._peers.get(node_id)
+            if peer is None:
+                self._peers[node_id] = peer = _Peer(node_id, address)
+                if running:
+                    self._start_dialing(peer)
+            elif peer.address != address:
+                peer.address = address
+                peer.attempts = 0
+                self._drop_peer_links(peer, f"address changed to {address}", inbound_too=False)
+                if running:
+                    self._start_dialing(peer)
+
+    def _drop_peer_links(self, peer: _Peer, reason: str, *, inbound_too: bool) -> None:
+        if peer.task is not None:
+            peer.task.cancel()
+            peer.task = None
+        if peer.up:
+            self._mark_down(peer, reason)
+        link, peer.link = peer.link, None
+        if link is not None:
+            link.abort(reason)
+        if inbound_too:
+            for proto in list(peer.inbound):
+                proto.abort(reason)
+
+    # ---- dialing ------------------------------------------------------------------------------
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("Transport not started")
+        return self._loop
+
+    def _start_dialing(self, peer: _Peer) -> None:
+        loop = self._require_loop()
+        peer.task = loop.create_task(self._dial_loop(peer), name=f"aether-dial-{self.node_id}-{peer.node_id}")
+
+    def _backoff(self, attempts: int) -> float:
+        base = min(self._reconnect_max, self._reconnect_min * (2 ** min(attempts - 1, 30)))
+        return base / 2 + self._rng.uniform(0, base / 2)
+
+    async def _dial_loop(self, peer: _Peer) -> None:
+        loop = self._require_loop()
+        proto: _OutboundProtocol | None = None
+        try:
+            while not self._stopped and peer.active:
+                if peer.attempts:
+                    await asyncio.sleep(self._backoff(peer.attempts))
+                    if self._stopped or not peer.active:
+                        return
+                peer.attempts += 1
+                address = peer.address
+                proto = _OutboundProtocol(self, peer)
+                peer.link = proto
+                try:
+                    async with asyncio.timeout(self._handshake_timeout):
+                        await loop.create_connection(
+                            functools.partial(_same, proto), address.host, address.port
+                        )
+                except (OSError, TimeoutError, ValueError) as exc:
+                    if peer.link is proto:
+                        peer.link = None
+                    proto.abort("connect failed")
+                    self._dial_problem(
+                        peer,
+                        "connect",
+                        logging.INFO,
+                        f"cannot connect to peer {peer.node_id!r} at {address}: "
+                        f"{exc or type(exc).__name__}; retrying with backoff",
+                    )
+                    continue
+                await proto.finished
+                if proto.established and loop.time() - proto.established_at >= self._hb_timeout:
+                    peer.attempts = 0  # the link was healthy for a while: redial promptly
+                proto = None
+        except asyncio.CancelledError:
+            if proto is not None and not proto.established:
+                if peer.link is proto:
+                    peer.link = None
+                proto.abort("dialing cancelled")
+            raise
+
+    def _dial_problem(self, peer: _Peer, kind: str, level: int, text: str) -> None:
+        """Log a dial/handshake problem once per kind until the peer is up again, then at DEBUG."""
+        if kind in peer.logged:
+            self._log.debug("%s %s", self._prefix, text)
+        else:
+            peer.logged.add(kind)
+            self._log.log(level, "%s %s", self._prefix, text)
+
+    def _outbound_established(self, proto: _OutboundProtocol) -> None:
+        peer = proto.peer
+        if self._stopped or not peer.active or peer.link is not proto:
+            proto.abort("stale link")
+            return
+        peer.last_heard = proto.established_at
+        peer.logged.clear()
+        self._mark_up(peer)
+
+    def _outbound_closed(self, proto: _OutboundProtocol) -> None:
+        peer = proto.peer
+        if peer.link is proto:
+            peer.link = None
+            if peer.up:
+                self._mark_down(peer, proto.close_reason or "link closed")
+
+    # ---- liveness and events --------------------------------------------------------------------
+
+    def _mark_up(self, peer: _Peer) -> None:
+        if peer.up:
+            return
+        peer.up = True
+        self._up[peer.node_id] = peer
+        self._up_frozen = None
+        self._log.info("%s peer %s up", self._prefix, peer.node_id)
+        self.router.publish(PeerUp(peer.node_id))
+        self._check_quorum()
+
+    def _mark_down(self, peer: _Peer, reason: str) -> None:
+        if not peer.up:
+            return
+        peer.up = False
+        self._up.pop(peer.node_id, None)
+        self._up_frozen = None
+        self._log.info("%s peer %s down: %s", self._prefix, peer.node_id, reason)
+        self.router.publish(PeerDown(peer.node_id, reason))
+        self._check_quorum()
+
+    def _check_quorum(self) -> None:
+        quorum = self.has_quorum()
+        if quorum != self._last_quorum:
+            self._last_quorum = quorum
+            self._log.info(
+                "%s quorum %s (up peers: %s)", self._prefix, "gained" if quorum else "lost", sorted(self._up)
+            )
+            self.router.publish(QuorumChanged(quorum, self.up_peers))
+
+    async def _heartbeat_loop(self) -> None:
+        loop = self._require_loop()
+        interval = self._hb_interval
+        last = loop.time()
+        skipped = False
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            # If this loop itself was stalled, data may be waiting in socket buffers: judge next tick.
+            stalled = now - last > interval + self._hb_timeout / 2
+            last = now
+            judge = not stalled or skipped
+            skipped = not judge
+            self._heartbeat_tick(now, judge)
+
+    def _heartbeat_tick(self, now: float, judge: bool) -> None:
+        timeout = self._hb_timeout
+        ping = self._ping_frame
+        for peer in list(self._up.values()):
+            link = peer.link
+            if link is None:
+                continue
+            silent = now - peer.last_heard
+            if judge and silent > timeout:
+                reason = f"heartbeat timeout: nothing heard for {silent:.2f}s"
+                self._mark_down(peer, reason)
+                link.abort(reason)
+                continue
+            if not link.wrote:
+                link.write_frame(ping)
+            link.wrote = False
+
+    # ---- inbound ------------------------------------------------------------------------------
+
+    def _reject_hello(self, proto: _InboundProtocol, key: str, problem: str, reason: str) -> None:
+        now = time.monotonic()
+        last = self._reject_logged.get(key)
+        if last is None or now - last >= _REJECT_LOG_INTERVAL:
+            if len(self._reject_logged) > 1024:
+                self._reject_logged.clear()
+            self._reject_logged[key] = now
+            proto._warn(f"{problem}; rejected")
+        else:
+            self._log.debug("%s %s: %s; rejected (repeat)", self._prefix, proto.describe(), problem)
+        proto.reject(reason)
+
+    def _accept_peer(self, proto: _InboundProtocol, hello: PeerHello) -> None:
+        host = proto.remote.rpartition(":")[0]
+        if hello.cluster != self.cluster_name:
+            self._reject_hello(
+                proto,
+                f"cluster|{host}|{hello.cluster}",
+                f"peer hello for cluster {hello.cluster!r} (node {hello.node_id!r}), "
+                f"this is cluster {self.cluster_name!r}",
+                f"wrong cluster: this is {self.cluster_name!r}",
+            )
+            return
+        peer = self._peers.get(hello.node_id)
+        if peer is None:
+            what = "this node's own id" if hello.node_id == self.node_id else "not a member"
+            self._reject_hello(
+                proto,
+                f"node|{host}|{hello.node_id}",
+                f"peer hello from unknown node id {hello.node_id!r} ({what})",
+                f"unknown node id {hello.node_id!r}",
+            )
+            return
+        # The remote keeps one outbound link to us: a new hello means older connections are dead.
+        for old in list(peer.inbound):
+            old.abort("replaced by a newer connection from the same peer")
+        peer.inbound.add(proto)
+        proto.become_peer(peer)
+        peer.last_heard = self._require_loop().time()
+        proto.write_now(self._ack_frame)
+        self._log.debug("%s accepted peer %s from %s", self._prefix, hello.node_id, proto.remote)
+
+    def _accept_client(self, proto: _InboundProtocol, hello: ClientHello) -> None:
+        host = proto.remote.rpartition(":")[0]
+        if self._client_codec is None:
+            self._reject_hello(
+                proto,
+                f"noclients|{host}",
+                f"client hello from {hello.client_id!r} but this node accepts no clients",
+                "this node does not accept client connections",
+            )
+            return
+        if hello.cluster != self.cluster_name:
+            self._reject_hello(
+                proto,
+                f"ccluster|{host}|{hello.cluster}",
+                f"client hello for cluster {hello.cluster!r}, this is cluster {self.cluster_name!r}",
+                f"wrong cluster: this is {self.cluster_name!r}",
+            )
+            return
+        session = ClientSession(proto, hello.client_id, self._client_codec.frame)
+        proto.become_client(session, self._client_codec.decode)
+        proto.write_now(self._ack_frame)
+        self._log.debug("%s client %r connected from %s", self._prefix, hello.client_id, proto.remote)
+
+    # ---- callbacks into the application -------------------------------------------------------
+
+    def _deliver(self, sender: str, msg: object) -> None:
+        try:
+            self._on_message(sender, msg)
+        except Exception:
+            self._log.exception(
+                "%s on_message failed for %s from %s", self._prefix, type(msg).__name__, sender
+            )
+
+    def _client_message(self, session: ClientSession, msg: object) -> None:
+        handler = self._on_client_message
+        if handler is None:
+            return
+        try:
+            handler(session, msg)
+        except Exception:
+            self._log.exception(
+                "%s on_client_message failed for %s from client %r",
+                self._prefix,
+                type(msg).__name__,
+                session.client_id,
+            )
+
+    def _client_closed(self, session: ClientSession) -> None:
+        handler = self._on_client_closed
+        if handler is None:
+            return
+        try:
+            handler(session)
+        except Exception:
+            self._log.exception("%s on_client_closed failed for client %r", self._prefix, session.client_id)

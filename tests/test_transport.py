@@ -1,0 +1,652 @@
+"""Tests of aether.transport: framing, codec validation, peer links, liveness, clients.
+
+Port pattern: every Transport listens on 127.0.0.1 port 0 and starts with only itself as member;
+after all are started their real ports are known and `set_members` is called on each of them
+without awaiting in between (see `cluster()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import struct
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Union
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aether.core.types import Address
+from aether.transport import (
+    ClientSession,
+    FrameDecoder,
+    FrameTooLarge,
+    HelloAck,
+    MessageRouter,
+    PeerDown,
+    PeerHello,
+    PeerUp,
+    QuorumChanged,
+    Reject,
+    Transport,
+    TransportEvent,
+    encode_frame,
+    message_types,
+    open_client_connection,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+HOST = "127.0.0.1"
+CLUSTER = "test-cluster"
+
+
+class Note(msgspec.Struct, array_like=True, frozen=True, tag=10):
+    seq: int
+    text: str = ""
+
+
+class Blob(msgspec.Struct, array_like=True, frozen=True, tag=11):
+    data: bytes
+
+
+PeerMsg = Union[Note, Blob]  # noqa: UP007
+
+
+class Req(msgspec.Struct, array_like=True, frozen=True, tag=20):
+    n: int
+
+
+class Resp(msgspec.Struct, array_like=True, frozen=True, tag=21):
+    n: int
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Node:
+    """A Transport plus recorded inbox and events."""
+
+    def __init__(self, node_id: str, members: dict[str, Address] | None = None, port: int = 0, **kw: Any):
+        self.id = node_id
+        self.inbox: list[tuple[str, Any]] = []
+        self.events: list[TransportEvent] = []
+        self.router = MessageRouter()
+        self.router.subscribe(TransportEvent, self.events.append)
+        self.log = logging.getLogger(f"test.transport.{uuid.uuid4().hex[:8]}.{node_id}")
+        self.t = Transport(
+            node_id,
+            members if members is not None else {node_id: Address(HOST, port)},
+            listen=Address(HOST, port),
+            cluster_name=CLUSTER,
+            message_type=PeerMsg,
+            on_message=lambda sender, msg: self.inbox.append((sender, msg)),
+            router=self.router,
+            logger=self.log,
+            **kw,
+        )
+
+    def got(self, sender: str) -> list[Any]:
+        return [m for s, m in self.inbox if s == sender]
+
+
+@contextlib.asynccontextmanager
+async def cluster(ids: list[str], **kw: Any) -> AsyncIterator[dict[str, Node]]:
+    nodes = {i: Node(i, **kw) for i in ids}
+    try:
+        for n in nodes.values():
+            await n.t.start()
+        members = {i: Address(HOST, n.t.port) for i, n in nodes.items()}
+        for n in nodes.values():  # no await in between: nobody dials a node that does not know it yet
+            n.t.set_members(members)
+        await wait_until(
+            lambda: all(n.t.up_peers == set(ids) - {i} for i, n in nodes.items()), what="all peers up"
+        )
+        yield nodes
+    finally:
+        for n in nodes.values():
+            await n.t.stop()
+
+
+@contextlib.contextmanager
+def refusing_address() -> Iterator[Address]:
+    """An address that refuses connections: a port bound (so nobody else gets it) but not listening."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        yield Address(HOST, s.getsockname()[1])
+
+
+class FakePeer(asyncio.Protocol):
+    """A raw peer that acks PeerHello as `node_id`, then stays silent (and optionally stops reading)."""
+
+    def __init__(self, node_id: str, *, ack: bool = True, stop_reading: bool = False):
+        self.node_id = node_id
+        self.ack = ack
+        self.stop_reading = stop_reading
+        self.frames = FrameDecoder()
+        self.decoder = msgspec.msgpack.Decoder(PeerHello)
+        self.transport: asyncio.Transport | None = None
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for frame in self.frames.feed(data):
+            self.received += 1
+            if self.received == 1 and self.ack:
+                self.decoder.decode(frame)
+                assert self.transport is not None
+                self.transport.write(encode_frame(msgspec.msgpack.encode(HelloAck(self.node_id))))
+                if self.stop_reading:
+                    self.transport.pause_reading()
+
+
+@contextlib.asynccontextmanager
+async def fake_server(**kw: Any) -> AsyncIterator[tuple[Address, list[FakePeer]]]:
+    """Serve FakePeer(**kw) on 127.0.0.1:0; on exit close the server and every accepted connection."""
+    peers: list[FakePeer] = []
+
+    def factory() -> FakePeer:
+        peers.append(FakePeer(**kw))
+        return peers[-1]
+
+    server = await asyncio.get_running_loop().create_server(factory, HOST, 0)
+    try:
+        yield Address(HOST, server.sockets[0].getsockname()[1]), peers
+    finally:
+        server.close()
+        for p in peers:
+            if p.transport is not None:
+                p.transport.abort()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)  # let the aborted transports close their sockets
+
+
+# ---------------------------------------------------------------------------------------------
+# framing (pure)
+
+
+def test_encode_frame_layout() -> None:
+    assert encode_frame(b"abc") == b"\x00\x00\x00\x03abc"
+    assert encode_frame(b"") == b"\x00\x00\x00\x00"
+
+
+def test_decoder_basic_and_partial() -> None:
+    dec = FrameDecoder()
+    stream = encode_frame(b"one") + encode_frame(b"") + encode_frame(b"three")
+    assert dec.feed(stream[:2]) == []
+    assert dec.buffered == 2
+    assert dec.feed(stream[2:9]) == [b"one"]
+    assert dec.feed(bytearray(stream[9:])) == [b"", b"three"]
+    assert dec.buffered == 0
+    assert dec.feed(memoryview(encode_frame(b"mv"))) == [b"mv"]
+    assert dec.feed(b"") == []
+
+
+def test_decoder_many_small_frames_in_pieces() -> None:
+    payloads = [str(i).encode() * (i % 7) for i in range(20000)]
+    stream = b"".join(encode_frame(p) for p in payloads)
+    dec = FrameDecoder()
+    out: list[bytes] = []
+    for i in range(0, len(stream), 1000):
+        out.extend(dec.feed(stream[i : i + 1000]))
+    assert out == payloads
+    assert dec.buffered == 0
+
+
+def test_decoder_oversized_header_raises_without_payload() -> None:
+    dec = FrameDecoder(max_frame=100)
+    assert dec.feed(encode_frame(b"x" * 100)) == [b"x" * 100]
+    assert dec.feed(b"\x00\x00") == []
+    with pytest.raises(FrameTooLarge) as info:
+        dec.feed(b"\x00\x65")  # 101, header split across two feeds, no payload sent at all
+    assert (info.value.size, info.value.limit) == (101, 100)
+    with pytest.raises(FrameTooLarge):  # poisoned from now on
+        dec.feed(encode_frame(b"ok"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payloads=st.lists(st.binary(max_size=300), max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=40),
+)
+def test_decoder_reassembles_any_split(payloads: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(encode_frame(p) for p in payloads)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    dec = FrameDecoder(max_frame=300)
+    out: list[bytes] = []
+    for a, b in itertools.pairwise(points):
+        out.extend(dec.feed(stream[a:b]))
+    assert out == payloads
+    assert dec.buffered == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    limit=st.integers(min_value=0, max_value=1 << 20),
+    excess=st.integers(min_value=1, max_value=1 << 30),
+    prefix=st.lists(st.binary(max_size=50), max_size=5),
+    split=st.integers(min_value=0, max_value=4),
+)
+def test_decoder_oversized_header_property(limit: int, excess: int, prefix: list[bytes], split: int) -> None:
+    dec = FrameDecoder(max_frame=max(limit, 50))
+    size = dec.max_frame + excess
+    good = b"".join(encode_frame(p) for p in prefix)
+    header = struct.pack(">I", min(size, 0xFFFFFFFF))
+    if split < 4:
+        assert dec.feed(good + header[:split]) == prefix
+        with pytest.raises(FrameTooLarge) as info:
+            dec.feed(header[split:] + b"\x00" * 10)
+        assert info.value.frames == []
+    else:  # whole header in one chunk: the frames before it come back on the exception
+        with pytest.raises(FrameTooLarge) as info:
+            dec.feed(good + header)
+        assert info.value.frames == prefix
+    assert dec.buffered == 0
+
+
+def test_message_types_validation() -> None:
+    assert message_types(PeerMsg) == (Note, Blob)
+    assert message_types(Note | Blob) == (Note, Blob)
+    assert message_types(Note) == (Note,)
+    assert message_types(None) == ()
+
+    class LowTag(msgspec.Struct, array_like=True, tag=3):
+        pass
+
+    class NotArray(msgspec.Struct, tag=12):
+        pass
+
+    class NoTag(msgspec.Struct, array_like=True):
+        pass
+
+    class StrTag(msgspec.Struct, array_like=True, tag="x"):
+        pass
+
+    class Dup(msgspec.Struct, array_like=True, tag=10):
+        pass
+
+    for bad in (LowTag, NotArray, NoTag, StrTag, Union[Note, Dup], int):  # noqa: UP007
+        with pytest.raises(TypeError):
+            message_types(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# peer links
+
+
+async def test_three_nodes_exchange_both_ways() -> None:
+    async with cluster(["a", "b", "c"]) as nodes:
+        for src in nodes.values():
+            assert src.t.has_quorum()
+            for dst in nodes:
+                if dst != src.id:
+                    assert src.t.send(dst, Note(1, f"{src.id}->{dst}"))
+        await wait_until(lambda: all(len(n.inbox) == 2 for n in nodes.values()), what="6 messages")
+        for n in nodes.values():
+            assert sorted((s, m.text) for s, m in n.inbox) == sorted(
+                (s, f"{s}->{n.id}") for s in nodes if s != n.id
+            )
+
+
+async def test_broadcast_reaches_every_peer_but_self() -> None:
+    async with cluster(["a", "b", "c", "d"]) as nodes:
+        nodes["a"].t.broadcast(Blob(b"hello"))
+        await wait_until(lambda: all(len(nodes[i].inbox) == 1 for i in "bcd"), what="broadcast")
+        await asyncio.sleep(0.05)
+        assert nodes["a"].inbox == []
+        for i in "bcd":
+            assert nodes[i].inbox == [("a", Blob(b"hello"))]
+
+
+async def test_order_preserved_and_throughput_smoke() -> None:
+    async with cluster(["a", "b"]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        total = 20000
+        for i in range(total):
+            assert a.t.send("b", Note(i))
+            if i % 1000 == 0:
+                await asyncio.sleep(0)  # interleave flushes with new sends
+        await wait_until(lambda: len(b.inbox) == total, what="all messages")
+        assert [m.seq for _, m in b.inbox] == list(range(total))
+        assert a.t.up_peers == {"b"}  # heartbeats kept flowing
+
+
+async def test_send_rules() -> None:
+    async with cluster(["a", "b"]) as nodes:
+        t = nodes["a"].t
+        assert not t.send("a", Note(1))  # never to self
+        assert not t.send("nobody", Note(1))
+        with pytest.raises(TypeError):
+            t.send("b", Req(1))
+        with pytest.raises(TypeError):
+            t.broadcast("not a message")
+
+
+async def test_on_message_exception_is_logged_and_link_survives(caplog: pytest.LogCaptureFixture) -> None:
+    async with cluster(["a", "b"]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        seen: list[int] = []
+
+        def explode(sender: str, msg: Any) -> None:
+            seen.append(msg.seq)
+            if msg.seq == 1:
+                raise RuntimeError("boom")
+
+        b.t._on_message = explode
+        a.t.send("b", Note(1))
+        a.t.send("b", Note(2))
+        await wait_until(lambda: seen == [1, 2], what="both messages")
+        errors = [r for r in caplog.records if r.name == b.log.name and r.levelno == logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info is not None
+        assert "boom" in caplog.text
+        assert b.t.up_peers == {"a"} and a.t.up_peers == {"b"}
+
+
+async def test_single_node_has_quorum_from_start() -> None:
+    n = Node("solo")
+    try:
+        assert not n.t.has_quorum()
+        await n.t.start()
+        assert n.t.has_quorum()
+        assert n.events == [QuorumChanged(True, frozenset())]
+    finally:
+        await n.t.stop()
+    assert not n.t.has_quorum()
+    assert n.events[-1] == QuorumChanged(False, frozenset())
+    await n.t.stop()  # idempotent
+
+
+async def test_peer_down_up_and_quorum_on_stop_and_restart() -> None:
+    extra: list[Node] = []
+    async with cluster(["a", "b", "c"], reconnect_max=0.3) as nodes:
+        a = nodes["a"]
+        members = a.t.members
+        a.events.clear()
+
+        await nodes["c"].t.stop()
+        await wait_until(lambda: a.t.up_peers == {"b"}, what="c down")
+        assert next(e for e in a.events if isinstance(e, PeerDown)).node_id == "c"
+        assert not any(isinstance(e, QuorumChanged) for e in a.events)  # a + b still a majority
+        assert a.t.has_quorum()
+
+        await nodes["b"].t.stop()
+        await wait_until(lambda: a.t.up_peers == set(), what="b down")
+        assert not a.t.has_quorum()
+        assert a.events[-1] == QuorumChanged(False, frozenset())
+        assert [e.node_id for e in a.events if isinstance(e, PeerDown)] == ["c", "b"]
+        assert not a.t.send("b", Note(1))
+
+        a.events.clear()
+        b2 = Node("b", members=dict(members), port=members["b"].port)
+        extra.append(b2)
+        await b2.t.start()
+        await wait_until(lambda: a.t.up_peers == {"b"} and b2.t.up_peers == {"a"}, what="b back")
+        assert a.events == [PeerUp("b"), QuorumChanged(True, frozenset({"b"}))]
+        assert b2.t.has_quorum()
+
+        c2 = Node("c", members=dict(members), port=members["c"].port)
+        extra.append(c2)
+        await c2.t.start()
+        await wait_until(lambda: a.t.up_peers == {"b", "c"} and c2.t.up_peers == {"a", "b"}, what="c back")
+        await wait_until(lambda: b2.t.up_peers == {"a", "c"}, what="b2 sees c2")
+        assert a.t.send("c", Note(7)) and c2.t.send("a", Note(8))
+        await wait_until(lambda: c2.got("a") == [Note(7)] and a.got("c") == [Note(8)], what="traffic")
+    for n in extra:
+        await n.t.stop()
+
+
+async def test_heartbeat_timeout_marks_silent_peer_down() -> None:
+    async with fake_server(node_id="mute") as (mute, fakes):
+        n = Node(
+            "a", members={"a": Address(HOST, 0), "mute": mute}, heartbeat_interval=0.05, heartbeat_timeout=0.3
+        )
+        try:
+            await n.t.start()
+            await wait_until(lambda: any(isinstance(e, PeerDown) for e in n.events), what="peer down")
+            up, down, *_ = (e for e in n.events if isinstance(e, PeerUp | PeerDown))
+            assert up == PeerUp("mute")
+            assert isinstance(down, PeerDown) and down.node_id == "mute" and "heartbeat" in down.reason
+            qc = [e for e in n.events if isinstance(e, QuorumChanged)]
+            assert qc[:2] == [QuorumChanged(True, frozenset({"mute"})), QuorumChanged(False, frozenset())]
+            assert fakes[0].received >= 2  # hello + at least one ping reached the silent peer
+            # it redials (and flaps) rather than giving up
+            await wait_until(lambda: len(fakes) >= 2, what="redial")
+        finally:
+            await n.t.stop()
+
+
+async def test_write_buffer_limit_drops_link_to_a_peer_that_does_not_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with fake_server(node_id="sink", stop_reading=True) as (sink, _):
+        n = Node(
+            "a",
+            members={"a": Address(HOST, 0), "sink": sink},
+            heartbeat_timeout=20.0,
+            max_write_buffer=256 * 1024,
+        )
+        try:
+            await n.t.start()
+            await wait_until(lambda: n.t.up_peers == {"sink"}, what="sink up")
+            chunk = Blob(b"x" * (1 << 20))
+            for _ in range(200):
+                if not n.t.send("sink", chunk):
+                    break
+                await asyncio.sleep(0.001)
+            await wait_until(lambda: any(isinstance(e, PeerDown) for e in n.events), what="link dropped")
+            down = next(e for e in n.events if isinstance(e, PeerDown))
+            assert "write buffer" in down.reason
+            warnings = [r for r in caplog.records if r.name == n.log.name and r.levelno == logging.WARNING]
+            assert len(warnings) == 1 and "not reading" in warnings[0].getMessage()
+        finally:
+            await n.t.stop()
+
+
+async def test_set_members_add_and_remove() -> None:
+    async with cluster(["a", "b"]) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        c = Node("c")
+        try:
+            await c.t.start()
+            members = {**a.t.members, "c": Address(HOST, c.t.port)}
+            for n in (a, b, c):
+                n.t.set_members(members)
+            await wait_until(
+                lambda: a.t.up_peers == {"b", "c"} and c.t.up_peers == {"a", "b"}, what="c joined"
+            )
+            a.events.clear()
+            del members["c"]
+            a.t.set_members(members)
+            assert a.t.up_peers == {"b"}
+            assert a.events == [PeerDown("c", "removed from membership")]
+            assert not a.t.send("c", Note(1))
+            await asyncio.sleep(0.2)
+            assert a.t.up_peers == {"b"}  # not redialed; c's connections to a were dropped too
+        finally:
+            await c.t.stop()
+
+
+async def test_construction_validates_arguments() -> None:
+    kw: dict[str, Any] = dict(listen=Address(HOST, 0), cluster_name=CLUSTER, on_message=lambda s, m: None)
+    with pytest.raises(TypeError):
+        Transport("a", {}, message_type=Union[Note, PeerHello], **kw)  # noqa: UP007
+    with pytest.raises(ValueError):
+        Transport("a", {}, message_type=Note, heartbeat_interval=1.0, heartbeat_timeout=0.5, **kw)
+    with pytest.raises(Exception, match="invalid node id"):
+        Transport("bad id!", {}, message_type=Note, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# client sessions
+
+
+def server_node(node_id: str = "srv", **kw: Any) -> tuple[Node, list[ClientSession], list[ClientSession]]:
+    opened: list[ClientSession] = []
+    closed: list[ClientSession] = []
+
+    def on_client_message(session: ClientSession, msg: Any) -> None:
+        if session not in opened:
+            opened.append(session)
+        if msg.n < 0:
+            raise ValueError("negative")
+        session.send(Resp(msg.n * 2))
+
+    n = Node(
+        node_id,
+        client_message_type=Req,
+        on_client_message=on_client_message,
+        on_client_closed=closed.append,
+        **kw,
+    )
+    return n, opened, closed
+
+
+async def test_client_round_trip_and_close() -> None:
+    srv, opened, closed = server_node()
+    got: list[Any] = []
+    closes: list[Exception | None] = []
+    try:
+        await srv.t.start()
+        link = await open_client_connection(
+            Address(HOST, srv.t.port),
+            cluster_name=CLUSTER,
+            client_id="c1",
+            message_type=Resp,
+            on_message=got.append,
+            on_close=closes.append,
+        )
+        assert link.node_id == "srv" and not link.closed
+        for i in range(500):
+            assert link.send(Req(i))
+        await wait_until(lambda: len(got) == 500, what="responses")
+        assert got == [Resp(2 * i) for i in range(500)]
+        assert opened[0].client_id == "c1" and not opened[0].closed
+
+        link.close()
+        await link.wait_closed()
+        assert link.closed and not link.send(Req(1))
+        assert closes == [None]
+        await wait_until(lambda: len(closed) == 1, what="server saw close")
+        assert closed[0] is opened[0] and closed[0].closed
+    finally:
+        await srv.t.stop()
+
+
+async def test_client_handler_error_logged_and_server_close_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    srv, opened, _ = server_node()
+    got: list[Any] = []
+    closes: list[Exception | None] = []
+    try:
+        await srv.t.start()
+        link = await open_client_connection(
+            Address(HOST, srv.t.port),
+            cluster_name=CLUSTER,
+            client_id="c2",
+            message_type=Resp,
+            on_message=got.append,
+            on_close=closes.append,
+        )
+        link.send(Req(-1))
+        link.send(Req(4))
+        await wait_until(lambda: got == [Resp(8)], what="response after failing handler")
+        assert any(r.exc_info and r.name == srv.log.name for r in caplog.records)
+        opened[0].close()
+        await wait_until(lambda: len(closes) == 1, what="client on_close")
+        assert isinstance(closes[0], ConnectionError)
+        assert link.closed
+    finally:
+        await srv.t.stop()
+
+
+async def test_client_connection_errors() -> None:
+    srv, _, _ = server_node()
+    plain = Node("plain")  # accepts no clients
+    kw: dict[str, Any] = dict(
+        client_id="c", message_type=Resp, on_message=lambda m: None, on_close=lambda e: None
+    )
+    async with fake_server(node_id="x", ack=False) as (silent, _):
+        try:
+            await srv.t.start()
+            await plain.t.start()
+            with pytest.raises(ConnectionError, match=r"rejected.*wrong cluster"):
+                await open_client_connection(Address(HOST, srv.t.port), cluster_name="other", **kw)
+            with pytest.raises(ConnectionError, match="does not accept client"):
+                await open_client_connection(Address(HOST, plain.t.port), cluster_name=CLUSTER, **kw)
+            with pytest.raises(ConnectionError, match="within"):
+                await open_client_connection(silent, cluster_name=CLUSTER, timeout=0.3, **kw)
+            with refusing_address() as nowhere, pytest.raises(ConnectionError, match="cannot connect"):
+                await open_client_connection(nowhere, cluster_name=CLUSTER, **kw)
+            # the server is still fine afterwards
+            link = await open_client_connection(Address(HOST, srv.t.port), cluster_name=CLUSTER, **kw)
+            link.close()
+            await link.wait_closed()
+        finally:
+            await srv.t.stop()
+            await plain.t.stop()
+
+
+async def test_stop_closes_client_sessions() -> None:
+    srv, _, closed = server_node()
+    closes: list[Exception | None] = []
+    try:
+        await srv.t.start()
+        link = await open_client_connection(
+            Address(HOST, srv.t.port),
+            cluster_name=CLUSTER,
+            client_id="c3",
+            message_type=Resp,
+            on_message=lambda m: None,
+            on_close=closes.append,
+        )
+        link.send(Req(1))
+        await wait_until(lambda: srv.t._inbound and all(p.session for p in srv.t._inbound), what="session")
+    finally:
+        await srv.t.stop()
+    await wait_until(lambda: len(closes) == 1 and len(closed) == 1, what="both sides closed")
+    assert isinstance(closes[0], ConnectionError)
+
+
+def test_works_on_uvloop() -> None:
+    """uvloop transports are not asyncio.Transport subclasses: links, clients and bad input still work."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with cluster(["a", "b"]) as nodes:
+            a, b = nodes["a"], nodes["b"]
+            sock = a.t._peers["b"].link.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for i in range(1000):
+                a.t.send("b", Note(i))
+            b.t.broadcast(Note(-1))
+            await wait_until(lambda: len(b.inbox) == 1000 and len(a.inbox) == 1, what="uvloop traffic")
+            assert [m.seq for _, m in b.inbox] == list(range(1000))
+            reader, writer = await asyncio.open_connection(HOST, a.t.port)
+            writer.write(b"\x00\x00\x00\x02\xc1\xc1")
+            reply = await asyncio.wait_for(reader.read(), 5)  # read() returns at EOF: the node closed it
+            assert msgspec.msgpack.decode(FrameDecoder().feed(reply)[0], type=Reject).reason
+            writer.close()
+            assert a.t.send("b", Note(1000))
+            await wait_until(lambda: len(b.inbox) == 1001, what="still working")
+
+    uvloop.run(scenario())
