@@ -348,10 +348,11 @@ class Engine:
                 self._retransmit_to(p)
             if cur.decided and cur.decided_bit == 1:
                 self._fetch(now, force=True)
-        if self._future:
-            for s in sorted(self._future)[:1]:
-                for sender, _ in self._future[s][:1]:
-                    self._request_catchup(sender, now)
+        if self._future and idle > cfg.retransmit_after:
+            # peers are ahead and we are stuck: fetch what they decided
+            first = self._future[min(self._future)]
+            if first:
+                self._request_catchup(first[0][0], now)
         if not self.synced:
             for p in sorted(self._up):
                 if p not in self._sync_replies:
