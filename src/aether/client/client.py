@@ -209,8 +209,6 @@ class AetherClient:
             except (ConnectionError, OSError) as e:
                 errors.append(f"{addr}: {e}")
                 continue
-            if idx != self._index:
-                self.failovers += 1
             self._index = idx
             self._link = link
             return link
@@ -228,6 +226,7 @@ class AetherClient:
             return
         # move on to the next node right away; pending requests retry there
         self._index = (self._index + 1) % len(self.addresses)
+        self.failovers += 1
         err = ConnectionError(f"connection lost: {exc}" if exc else "connection closed by node")
         for fut, _ in list(self._pending.values()):
             if not fut.done():

@@ -128,7 +128,7 @@ class EngineConfig:
     max_inflight_batches: int = 1  # own batches proposed but not decided; the rest accumulate
     retain_slots: int = 4096  # decided entries kept in memory for catch-up by entries
     dedup_slots: int = 50_000  # how long a decided batch id is remembered
-    snapshot_every: int = 2000
+    snapshot_every: int = 2000  # minimum slots between local snapshots (the first one is staggered)
     retransmit_after: float = 0.05
     commit_timeout: float = 1.5
     max_future_slots: int = 64
@@ -158,6 +158,7 @@ class _Phase:
 class _SlotState:
     slot: int
     started: bool = False
+    started_at: float = 0.0
     my_proposal: Batch | None = None
     proposals: dict[str, Batch | None] = field(default_factory=dict)
     exchanged: bool = False
@@ -232,8 +233,18 @@ class Engine:
         self._last_stale_reply: dict[str, tuple[int, float]] = {}
         self._last_catchup: dict[str, float] = {}
         self._sync_replies: set[str] = set()
+        # Local snapshots: staggered across replicas so they never all pause at once, and no
+        # more often than the journal has grown by half the last snapshot's size (amortized).
+        idx = self.members.index(node_id)
+        self._snap_due = self.cfg.snapshot_every + (self.cfg.snapshot_every * idx) // n
+        self._snap_slots = 0
+        self._snap_bytes = 0
+        self._snap_size = 0
         self.synced = n == 1
-        self.stats = {"slots": 0, "null_slots": 0, "phases": 0, "snapshots_installed": 0}
+        self.stats = {
+            "slots": 0, "null_slots": 0, "phases": 0, "snapshots_installed": 0, "retransmits": 0,
+            "fetches": 0, "catchup_requests": 0, "slow_slots": 0,
+        }
 
     # --- inspection -----------------------------------------------------------------------------
 
@@ -344,6 +355,7 @@ class Engine:
         idle = now - max(cur.last_progress, cur.last_retransmit)
         if (cur.started or cur.proposals) and idle > cfg.retransmit_after:
             cur.last_retransmit = now
+            self.stats["retransmits"] += 1
             for p in sorted(self._up):
                 self._retransmit_to(p)
             if cur.decided and cur.decided_bit == 1:
@@ -449,6 +461,7 @@ class Engine:
     def _start_slot(self, now: float) -> None:
         cur = self._cur
         cur.started = True
+        cur.started_at = now
         cur.last_progress = now
         forced = self._forced.get(("p", 0)) if self._forced_slot == cur.slot else None
         if isinstance(forced, Proposal):
@@ -600,6 +613,7 @@ class Engine:
         if not force and cur.fetch_sent_at >= 0 and now - cur.fetch_sent_at < self.cfg.retransmit_after:
             return
         cur.fetch_sent_at = now
+        self.stats["fetches"] += 1
         self.actions.append(Send(None, ProposalReq(cur.slot)))
 
     def _on_proposal_req(self, sender: str, msg: ProposalReq) -> None:
@@ -631,6 +645,8 @@ class Engine:
 
     def _finish_slot(self, batch: Batch | None, now: float) -> None:
         slot = self._cur.slot
+        if self._cur.started and now - self._cur.started_at > 0.02:
+            self.stats["slow_slots"] += 1
         self._apply(slot, batch, persist=True)
         self._new_slot(now)
 
@@ -678,8 +694,16 @@ class Engine:
             horizon = slot - self.cfg.dedup_slots
             if horizon > 0:
                 self.decided_ids = {k: v for k, v in self.decided_ids.items() if v >= horizon}
-        if persist and slot % self.cfg.snapshot_every == 0:
-            self.actions.append(SaveSnapshot(slot, self._snapshot_bytes()))
+        if persist:
+            self._snap_slots += 1
+            if batch is not None:
+                self._snap_bytes += sum(len(c) for c in batch.commands)
+            if self._snap_slots >= self._snap_due and self._snap_bytes * 2 >= self._snap_size:
+                data = self._snapshot_bytes()
+                self._snap_due = self.cfg.snapshot_every
+                self._snap_slots = self._snap_bytes = 0
+                self._snap_size = len(data)
+                self.actions.append(SaveSnapshot(slot, data))
 
     # --- queue and batching ---------------------------------------------------------------------
 
@@ -769,6 +793,7 @@ class Engine:
         if now - last < self.cfg.catchup_interval:
             return
         self._last_catchup[peer] = now
+        self.stats["catchup_requests"] += 1
         self._send(peer, CatchupReq(self.applied + 1))
 
     def _on_catchup_req(self, sender: str, msg: CatchupReq) -> None:

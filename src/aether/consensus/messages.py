@@ -11,7 +11,7 @@ from typing import Union
 import msgspec
 
 
-class BatchId(msgspec.Struct, array_like=True, frozen=True):
+class BatchId(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Unique id of a batch: origin node, the origin's incarnation, and a sequence number."""
 
     origin: str
@@ -19,7 +19,7 @@ class BatchId(msgspec.Struct, array_like=True, frozen=True):
     seq: int
 
 
-class Batch(msgspec.Struct, array_like=True, frozen=True):
+class Batch(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """Commands proposed together. `ts` (origin clock, microseconds) orders the pending queue."""
 
     id: BatchId
@@ -31,20 +31,20 @@ class Batch(msgspec.Struct, array_like=True, frozen=True):
         return (self.ts, i.origin, i.inc, i.seq)
 
 
-class Submit(msgspec.Struct, array_like=True, frozen=True, tag=10):
+class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=10):
     """A new batch, broadcast by its origin so that every replica queues it."""
 
     batch: Batch
 
 
-class Proposal(msgspec.Struct, array_like=True, frozen=True, tag=11):
+class Proposal(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=11):
     """The sender's one proposal for `slot` (None: it had nothing pending)."""
 
     slot: int
     batch: Batch | None
 
 
-class StateMsg(msgspec.Struct, array_like=True, frozen=True, tag=12):
+class StateMsg(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=12):
     """Round 1 of a phase. `cand` names the majority-proposed batch when the sender knows it."""
 
     slot: int
@@ -56,7 +56,7 @@ class StateMsg(msgspec.Struct, array_like=True, frozen=True, tag=12):
 VOTE_UNDECIDED = 2  # the '?' vote
 
 
-class VoteMsg(msgspec.Struct, array_like=True, frozen=True, tag=13):
+class VoteMsg(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=13):
     """Round 2 of a phase: 0, 1 or VOTE_UNDECIDED."""
 
     slot: int
@@ -65,37 +65,37 @@ class VoteMsg(msgspec.Struct, array_like=True, frozen=True, tag=13):
     cand: BatchId | None = None
 
 
-class Decision(msgspec.Struct, array_like=True, frozen=True, tag=14):
+class Decision(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=14):
     """The decided value of `slot` (None: the slot commits nothing)."""
 
     slot: int
     batch: Batch | None
 
 
-class ProposalReq(msgspec.Struct, array_like=True, frozen=True, tag=15):
+class ProposalReq(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=15):
     """Ask for the majority-proposed batch of `slot` (the asker decided 1 without having it)."""
 
     slot: int
 
 
-class ProposalReply(msgspec.Struct, array_like=True, frozen=True, tag=16):
+class ProposalReply(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=16):
     slot: int
     cand: BatchId | None
     batch: Batch | None
 
 
-class Entry(msgspec.Struct, array_like=True, frozen=True):
+class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
     slot: int
     batch: Batch | None
 
 
-class CatchupReq(msgspec.Struct, array_like=True, frozen=True, tag=17):
+class CatchupReq(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=17):
     """Ask for decided entries from `from_slot` on (or a snapshot if they are collected)."""
 
     from_slot: int
 
 
-class CatchupReply(msgspec.Struct, array_like=True, frozen=True, tag=18):
+class CatchupReply(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=18):
     """Decided entries, or a snapshot taken after `snapshot_slot` was applied."""
 
     applied: int
@@ -112,13 +112,13 @@ RabiaMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union object
 # --- records written to the local journal (never sent) --------------------------------------------
 
 
-class SentRec(msgspec.Struct, array_like=True, frozen=True, tag=1):
+class SentRec(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=1):
     """A Proposal/StateMsg/VoteMsg this node sent; replayed after a restart so it never equivocates."""
 
     msg: Proposal | StateMsg | VoteMsg
 
 
-class DecidedRec(msgspec.Struct, array_like=True, frozen=True, tag=2):
+class DecidedRec(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     """A slot this node applied."""
 
     slot: int
@@ -128,7 +128,7 @@ class DecidedRec(msgspec.Struct, array_like=True, frozen=True, tag=2):
 JournalRecord = Union[SentRec, DecidedRec]  # noqa: UP007
 
 
-class EngineSnapshot(msgspec.Struct, array_like=True):
+class EngineSnapshot(msgspec.Struct, array_like=True, gc=False):
     """What a snapshot holds: the applied slot, the state machine's bytes and the dedup table."""
 
     slot: int

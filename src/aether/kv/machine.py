@@ -16,20 +16,20 @@ from aether.core.errors import BadRequest
 from aether.kv.keys import KEY_FAMILIES, parse_key
 
 
-class Get(msgspec.Struct, array_like=True, frozen=True, tag=1):
+class Get(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=1):
     key: str
 
 
-class Put(msgspec.Struct, array_like=True, frozen=True, tag=2):
+class Put(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
     key: str
     value: bytes
 
 
-class Remove(msgspec.Struct, array_like=True, frozen=True, tag=3):
+class Remove(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
     key: str
 
 
-class Cas(msgspec.Struct, array_like=True, frozen=True, tag=4):
+class Cas(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=4):
     """Set `key` to `new` (None removes) iff its current value equals `expected` (None: absent)."""
 
     key: str
@@ -40,13 +40,13 @@ class Cas(msgspec.Struct, array_like=True, frozen=True, tag=4):
 Op = Union[Get, Put, Remove, Cas]  # noqa: UP007
 
 
-class Command(msgspec.Struct, array_like=True, frozen=True):
+class Command(msgspec.Struct, array_like=True, frozen=True, gc=False):
     op: Op
     client: str = ""
     seq: int = 0
 
 
-class Result(msgspec.Struct, array_like=True, frozen=True):
+class Result(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """`ok` is False for a failed CAS or a rejected command (then `error` says why).
 
     `value` is the value read (Get), the previous value (Put/Remove/Cas); `revision` is the
@@ -59,7 +59,7 @@ class Result(msgspec.Struct, array_like=True, frozen=True):
     error: str | None = None
 
 
-class WatchEvent(msgspec.Struct, array_like=True, frozen=True):
+class WatchEvent(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """A put or remove, in commit order. `value` is None for removes."""
 
     kind: str  # "put" | "remove"
@@ -182,7 +182,7 @@ class KVStateMachine:
         return _encoder.encode(
             _Snapshot(
                 self.revision,
-                sorted(self.data.items()),
+                list(self.data.items()),  # insertion order is the same on every replica
                 [(c, s, r) for c, (s, r) in self.sessions.items()],
             )
         )

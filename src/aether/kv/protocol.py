@@ -12,19 +12,19 @@ from typing import Union
 import msgspec
 
 
-class ClientRequest(msgspec.Struct, array_like=True, frozen=True, tag=30):
+class ClientRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=30):
     id: int
     command: bytes
 
 
-class ClientResponse(msgspec.Struct, array_like=True, frozen=True, tag=31):
+class ClientResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=31):
     id: int
     result: bytes | None = None
     error: str | None = None
     kind: str | None = None
 
 
-class ClientReadLocal(msgspec.Struct, array_like=True, frozen=True, tag=32):
+class ClientReadLocal(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=32):
     """A non-linearizable read of this node's applied state (cheap diagnostics)."""
 
     id: int

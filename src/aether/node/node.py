@@ -106,7 +106,10 @@ class Node:
             self.management = None
         await self.transport.stop()
         await self.runner.stop()
-        self.log.info("node %s stopped at slot %d", self.node_id, self.runner.engine.applied)
+        self.log.info(
+            "node %s stopped at slot %d; consensus stats %s",
+            self.node_id, self.runner.engine.applied, self.runner.engine.stats,
+        )
 
     # --- events ---------------------------------------------------------------------------------
 

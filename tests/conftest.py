@@ -1,0 +1,487 @@
+"""Shared fixtures for tests that run REAL node processes on loopback.
+
+Generic helpers, usable from any test module:
+
+- `free_ports(n)` -> n distinct free TCP ports on 127.0.0.1.
+- `ProcessCluster` starts N `aether node` processes (distinct free cluster / management / HTTP
+  ports, data dirs and log files under a base directory), and offers `kill9(i)`, `stop(i)`,
+  `start(i)`, `status(i)`, `kv(i, prefix)`, `wait_quorum(...)`, `wait_applied_equal(...)`,
+  `client(prefer=i)`, `log_text(i)`, `close()`. Nodes are addressed by 0-based index; node i has
+  id `node-{i+1}`. Every PID it starts is remembered and `close()` SIGKILLs the ones still alive
+  (by PID, never by name).
+- Fixture `make_process_cluster(n=3, **kw)`: a factory; every cluster it made is closed in a
+  `finally` when the test ends (pass or fail), and when the test fails the tail of every node log
+  is attached to the failure report ("node logs" section).
+- Fixture `process_cluster`: a started 3-node cluster with quorum.
+
+Blocking helpers (`wait_quorum`, `status`, ...) use plain sockets/urllib; from async tests that
+also have client traffic in flight, call them through `asyncio.to_thread(...)` (or the `a*`
+wrappers) so the event loop keeps serving the clients meanwhile.
+
+Environment knobs (defaults exercise the real `aether node` command unchanged):
+
+- `AETHER_TEST_NODE_NO_UVLOOP=1`: start nodes with the `uvloop` import blocked (plain asyncio loop).
+- `AETHER_TEST_KEEP_LOGS=DIR`: copy node logs to DIR when a cluster is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HOST = "127.0.0.1"
+
+_NO_UVLOOP_SHIM = (
+    "import sys; sys.modules['uvloop'] = None; sys.argv[0] = 'aether'; "
+    "from aether.cli.main import main; main()"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# ports
+
+
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """Return `n` distinct TCP ports that were free on `host` a moment ago.
+
+    All sockets are bound at the same time (port 0: the kernel picks), so the ports are distinct;
+    they are closed before returning, so a small race with other programs remains.
+    """
+    socks: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in ports:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die if the parent thread dies
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# cluster of node processes
+
+
+class NodeExited(RuntimeError):
+    """A node process exited while the test expected it to run."""
+
+
+class ProcessCluster:
+    """N real `aether node` processes on loopback. Node i (0-based) has id ``node-{i+1}``."""
+
+    def __init__(
+        self,
+        n: int,
+        base_dir: str | Path,
+        *,
+        cluster_name: str = "aether",
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        python: str = sys.executable,
+        no_uvloop: bool | None = None,
+    ) -> None:
+        if n < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.n = n
+        self.base_dir = Path(base_dir)
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster_name = cluster_name
+        self.extra_args = list(extra_args)
+        self.python = python
+        if no_uvloop is None:
+            no_uvloop = os.environ.get("AETHER_TEST_NODE_NO_UVLOOP", "") not in ("", "0")
+        self.no_uvloop = no_uvloop
+        self.env = dict(os.environ if env is None else env)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.env.pop("AETHER_API_KEY", None)
+        self.ids = [f"node-{i + 1}" for i in range(n)]
+        ports = free_ports(3 * n)
+        self.cluster_ports = ports[0:n]
+        self.management_ports = ports[n : 2 * n]
+        self.http_ports = ports[2 * n : 3 * n]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
+        self.all_pids: list[int] = []  # every pid ever started, for close()
+        self._logs: list[Any] = [None] * n
+        self._closed = False
+        self._clients: list[Any] = []
+
+    # --- layout ---------------------------------------------------------------------------------
+
+    @property
+    def peers_arg(self) -> str:
+        return ",".join(f"{nid}={HOST}:{p}" for nid, p in zip(self.ids, self.cluster_ports, strict=True))
+
+    @property
+    def addresses(self) -> list[str]:
+        """Cluster (client) addresses ``127.0.0.1:PORT`` of every node, in index order."""
+        return [f"{HOST}:{p}" for p in self.cluster_ports]
+
+    def address(self, i: int) -> str:
+        return f"{HOST}:{self.cluster_ports[i]}"
+
+    def data_dir(self, i: int) -> Path:
+        return self.base_dir / self.ids[i] / "data"
+
+    def log_path(self, i: int) -> Path:
+        return self.base_dir / self.ids[i] / "node.log"
+
+    def index_of(self, node_id: str) -> int:
+        return self.ids.index(node_id)
+
+    def command(self, i: int) -> list[str]:
+        head = (
+            [self.python, "-c", _NO_UVLOOP_SHIM] if self.no_uvloop else [self.python, "-m", "aether.cli.main"]
+        )
+        return [
+            *head,
+            "node",
+            "--id", self.ids[i],
+            "--peers", self.peers_arg,
+            "--cluster-port", str(self.cluster_ports[i]),
+            "--management-port", str(self.management_ports[i]),
+            "--http-port", str(self.http_ports[i]),
+            "--data-dir", str(self.data_dir(i)),
+            "--cluster-name", self.cluster_name,
+            *self.extra_args,
+        ]  # fmt: skip
+
+    # --- process control ------------------------------------------------------------------------
+
+    def start(self, i: int) -> int:
+        """Start (or restart) node i with the same id, ports and data dir; returns its pid."""
+        if self._closed:
+            raise RuntimeError("cluster is closed")
+        if self.is_running(i):
+            raise RuntimeError(f"{self.ids[i]} is already running (pid {self.procs[i].pid})")  # type: ignore[union-attr]
+        self.data_dir(i).mkdir(parents=True, exist_ok=True)
+        if self._logs[i] is not None:
+            self._logs[i].close()
+        logf = open(self.log_path(i), "ab")  # noqa: SIM115 - kept open while the node runs
+        logf.write(f"---- test harness: starting {self.ids[i]} at {time.strftime('%H:%M:%S')}\n".encode())
+        logf.flush()
+        self._logs[i] = logf
+        # PR_SET_PDEATHSIG follows the *thread* that forks: only safe from the main thread.
+        preexec: Callable[[], None] | None = (
+            _set_pdeathsig if threading.current_thread() is threading.main_thread() else None
+        )
+        proc = subprocess.Popen(
+            self.command(i),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,  # a Ctrl-C in the terminal does not reach the nodes directly
+            preexec_fn=preexec,
+        )
+        self.procs[i] = proc
+        self.all_pids.append(proc.pid)
+        return proc.pid
+
+    def start_all(self) -> None:
+        for i in range(self.n):
+            if not self.is_running(i):
+                self.start(i)
+
+    def pid(self, i: int) -> int | None:
+        p = self.procs[i]
+        return p.pid if p is not None else None
+
+    def is_running(self, i: int) -> bool:
+        p = self.procs[i]
+        return p is not None and p.poll() is None
+
+    def running(self) -> list[int]:
+        return [i for i in range(self.n) if self.is_running(i)]
+
+    def kill9(self, i: int) -> None:
+        """SIGKILL node i (by pid) and reap it."""
+        p = self.procs[i]
+        if p is None:
+            raise RuntimeError(f"{self.ids[i]} is not running")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+        self.procs[i] = None
+
+    def stop(self, i: int, timeout: float = 15.0) -> int:
+        """SIGTERM node i and wait for it to exit; returns its exit code.
+
+        If it does not exit within `timeout` it is SIGKILLed and NodeExited is raised (a clean
+        shutdown that hangs is a bug worth failing on).
+        """
+        p = self.procs[i]
+        if p is None:
+            raise RuntimeError(f"{self.ids[i]} is not running")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGTERM)
+        return self._wait_exit(i, timeout)
+
+    def _wait_exit(self, i: int, timeout: float) -> int:
+        p = self.procs[i]
+        assert p is not None
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+            self.procs[i] = None
+            raise NodeExited(f"{self.ids[i]} did not exit within {timeout}s of SIGTERM; killed") from None
+        self.procs[i] = None
+        return rc
+
+    def stop_all(self, timeout: float = 15.0) -> list[int]:
+        """SIGTERM every running node at once, then wait for each; returns their exit codes."""
+        idx = self.running()
+        for i in idx:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.procs[i].pid, signal.SIGTERM)  # type: ignore[union-attr]
+        return [self._wait_exit(i, timeout) for i in idx]  # one SIGTERM each: a 2nd may kill outright
+
+    def kill9_all(self) -> None:
+        idx = self.running()
+        for i in idx:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.procs[i].pid, signal.SIGKILL)  # type: ignore[union-attr]
+        for i in idx:
+            self.kill9(i)
+
+    def check_alive(self, idx: Sequence[int] | None = None) -> None:
+        """Raise NodeExited (with the log tail) if one of the nodes that should run has exited."""
+        for i in range(self.n) if idx is None else idx:
+            p = self.procs[i]
+            if p is not None and p.poll() is not None:
+                raise NodeExited(
+                    f"{self.ids[i]} (pid {p.pid}) exited with code {p.returncode}; log tail:\n"
+                    + self.log_tail(i)
+                )
+
+    def close(self) -> None:
+        """SIGKILL every process this cluster started that is still alive (by pid). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for pid in self.all_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for p in self.procs:
+            if p is not None:
+                with contextlib.suppress(Exception):
+                    p.wait(timeout=10)
+        self.procs = [None] * self.n
+        for f in self._logs:
+            if f is not None:
+                f.close()
+        keep = os.environ.get("AETHER_TEST_KEEP_LOGS")
+        if keep:
+            dest = Path(keep) / f"{self.base_dir.name}-{os.getpid()}-{int(time.time() * 1000)}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for i in range(self.n):
+                if self.log_path(i).exists():
+                    shutil.copy(self.log_path(i), dest / f"{self.ids[i]}.log")
+
+    # --- management API -------------------------------------------------------------------------
+
+    def _get_json(self, i: int, path: str, timeout: float) -> Any:
+        url = f"http://{HOST}:{self.management_ports[i]}{path}"
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def status(self, i: int, timeout: float = 2.0) -> dict[str, Any]:
+        """`GET /api/v1/status` of node i (raises on connection errors)."""
+        return self._get_json(i, "/api/v1/status", timeout)
+
+    def try_status(self, i: int, timeout: float = 1.0) -> dict[str, Any] | None:
+        try:
+            return self.status(i, timeout)
+        except (OSError, ValueError, urllib.error.URLError):
+            return None
+
+    def kv(self, i: int, prefix: str = "user/", timeout: float = 5.0) -> dict[str, Any]:
+        """Node i's local (applied) view of keys under `prefix`: {key: value-as-JSON}."""
+        q = urllib.parse.urlencode({"prefix": prefix})
+        doc = self._get_json(i, f"/api/v1/kv?{q}", timeout)
+        return {e["key"]: e["value"] for e in doc["entries"]}
+
+    def wait_quorum(
+        self, timeout: float = 20.0, nodes: Sequence[int] | None = None, *, all_up: bool = True
+    ) -> dict[int, dict[str, Any]]:
+        """Wait until every node in `nodes` (default: all running) reports quorum.
+
+        With `all_up`, each of them must also see every running node as "up" (so a restarted node
+        has rejoined). Raises NodeExited if a node dies meanwhile, TimeoutError with the last
+        statuses otherwise. Returns the statuses.
+        """
+        deadline = time.monotonic() + timeout
+        last: dict[int, Any] = {}
+        while True:
+            idx = list(self.running() if nodes is None else nodes)
+            self.check_alive(idx)
+            running_ids = {self.ids[i] for i in self.running()}
+            ok = True
+            for i in idx:
+                st = self.try_status(i)
+                last[i] = st
+                if st is None or not st.get("quorum"):
+                    ok = False
+                    continue
+                if all_up:
+                    up = {m["id"] for m in st.get("nodes", []) if m.get("state") == "up"}
+                    if not running_ids <= up:
+                        ok = False
+            if ok and idx:
+                return last
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no quorum within {timeout}s; last statuses: {json.dumps(last)}")
+            time.sleep(0.05)
+
+    def wait_applied_equal(self, timeout: float = 20.0, nodes: Sequence[int] | None = None) -> int:
+        """Wait until the given nodes (default: all running) report the same applied_slot twice
+        in a row; returns it."""
+        deadline = time.monotonic() + timeout
+        prev: list[int] | None = None
+        while True:
+            idx = list(self.running() if nodes is None else nodes)
+            self.check_alive(idx)
+            sts = [self.try_status(i) for i in idx]
+            slots = [s["applied_slot"] if s else -1 for s in sts]
+            if -1 not in slots and len(set(slots)) == 1 and prev == slots:
+                return slots[0]
+            prev = slots
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"applied slots did not converge within {timeout}s: {slots}")
+            time.sleep(0.1)
+
+    # async wrappers: run the blocking waits in a thread so the caller's loop keeps going
+    async def await_quorum(self, timeout: float = 20.0, nodes: Sequence[int] | None = None, **kw: Any) -> Any:
+        return await asyncio.to_thread(self.wait_quorum, timeout, nodes, **kw)
+
+    async def astatus(self, i: int, timeout: float = 2.0) -> dict[str, Any]:
+        return await asyncio.to_thread(self.status, i, timeout)
+
+    async def akv(self, i: int, prefix: str = "user/") -> dict[str, Any]:
+        return await asyncio.to_thread(self.kv, i, prefix)
+
+    def leader_index(self, via: int | None = None) -> int:
+        """Index of the node the status of `via` (default: first running) names as leader."""
+        via = self.running()[0] if via is None else via
+        leader = self.status(via)["leader"]
+        if leader is None:
+            raise RuntimeError(f"{self.ids[via]} reports no leader")
+        return self.index_of(leader)
+
+    # --- clients ---------------------------------------------------------------------------------
+
+    def client(
+        self, prefer: int = 0, *, only: Sequence[int] | None = None, timeout: float = 5.0, **kw: Any
+    ) -> Any:
+        """An `AetherClient` over every node (or only the nodes in `only`), preferring node `prefer`.
+
+        Use it as ``async with cluster.client(prefer=1) as c: ...`` (or ``await c.close()``).
+        """
+        from aether.client import AetherClient
+
+        idx = list(range(self.n)) if only is None else list(only)
+        addrs = [self.address(i) for i in idx]
+        return AetherClient(
+            addrs, cluster_name=self.cluster_name, timeout=timeout, prefer=idx.index(prefer), **kw
+        )
+
+    # --- logs ------------------------------------------------------------------------------------
+
+    def log_text(self, i: int) -> str:
+        p = self.log_path(i)
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def log_lines(self, i: int, *needles: str) -> list[str]:
+        """Lines of node i's log containing every one of `needles`."""
+        return [ln for ln in self.log_text(i).splitlines() if all(n in ln for n in needles)]
+
+    def log_tail(self, i: int, lines: int = 40) -> str:
+        return "\n".join(self.log_text(i).splitlines()[-lines:])
+
+    def logs_report(self, lines: int = 40) -> str:
+        parts = []
+        for i in range(self.n):
+            state = "running" if self.is_running(i) else "down"
+            parts.append(f"===== {self.ids[i]} ({state}) {self.log_path(i)} (last {lines} lines) =====")
+            parts.append(self.log_tail(i, lines))
+        return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    clusters: list[ProcessCluster] = getattr(item, "_process_clusters", [])
+    if rep.failed and clusters:
+        for k, c in enumerate(clusters):
+            rep.sections.append((f"node logs (cluster {k}, {rep.when})", c.logs_report()))
+
+
+@pytest.fixture
+def make_process_cluster(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., ProcessCluster]]:
+    """Factory: ``make_process_cluster(n=3, start=True, quorum_timeout=20, **ProcessCluster kwargs)``.
+
+    Every cluster made is closed (all its PIDs SIGKILLed) when the test ends, pass or fail.
+    """
+    made: list[ProcessCluster] = []
+    request.node._process_clusters = made
+
+    def make(n: int = 3, *, start: bool = True, quorum_timeout: float = 20.0, **kw: Any) -> ProcessCluster:
+        c = ProcessCluster(n, tmp_path / f"cluster{len(made)}", **kw)
+        made.append(c)
+        if start:
+            c.start_all()
+            c.wait_quorum(quorum_timeout)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.close()
+
+
+@pytest.fixture
+def process_cluster(make_process_cluster: Callable[..., ProcessCluster]) -> ProcessCluster:
+    """A started 3-node cluster with quorum (closed when the test ends)."""
+    return make_process_cluster(3)
