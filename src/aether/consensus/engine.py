@@ -194,6 +194,7 @@ class Engine:
         seed: bytes = b"aether",
         incarnation: int = 0,
         config: EngineConfig | None = None,
+        clock_offset: float = 0.0,
     ) -> None:
         if node_id not in members:
             raise ValueError(f"node {node_id!r} is not among members {list(members)}")
@@ -209,6 +210,10 @@ class Engine:
         self.sm = state_machine
         self.seed = seed
         self.incarnation = incarnation
+        # Batches are ordered by their origin's `now + clock_offset` (a wall clock when the adapter
+        # passes a monotonic `now` and offset = wall - monotonic), so replicas on different
+        # machines order them fairly. Timers only ever use differences of `now`.
+        self.clock_offset = clock_offset
         self.cfg = config or EngineConfig()
         self.actions: list[Action] = []
 
@@ -297,7 +302,7 @@ class Engine:
 
     # --- inputs ---------------------------------------------------------------------------------
 
-    def submit(self, command: bytes, now: float, ts: int | None = None) -> int:
+    def submit(self, command: bytes, now: float) -> int:
         """Queue one command for commit; returns a token named later by Completed/Failed."""
         token = next(self._tokens)
         if not self.has_quorum:
@@ -305,11 +310,11 @@ class Engine:
             return token
         self._open.append((token, command))
         self._open_bytes += len(command)
-        self._maybe_seal(now, ts)
+        self._maybe_seal(now)
         self._progress(now)
         return token
 
-    def submit_many(self, commands: Sequence[bytes], now: float, ts: int | None = None) -> list[int]:
+    def submit_many(self, commands: Sequence[bytes], now: float) -> list[int]:
         tokens = [next(self._tokens) for _ in commands]
         if not self.has_quorum:
             self.actions.append(Failed(tokens, "quorum", definite=True))
@@ -317,7 +322,7 @@ class Engine:
         for t, c in zip(tokens, commands, strict=True):
             self._open.append((t, c))
             self._open_bytes += len(c)
-        self._maybe_seal(now, ts)
+        self._maybe_seal(now)
         self._progress(now)
         return tokens
 
@@ -329,7 +334,7 @@ class Engine:
         self._send(peer, CatchupReq(self.applied + 1))
         self._last_catchup[peer] = now
         self._retransmit_to(peer)
-        self._maybe_seal(now, None)
+        self._maybe_seal(now)
         self._progress(now)
 
     def peer_down(self, peer: str, now: float) -> None:
@@ -349,7 +354,7 @@ class Engine:
                 tokens, _ = self._inflight.pop(bid)
                 self.actions.append(Failed(tokens, "quorum" if not self.has_quorum else "timeout"))
             if expired:
-                self._maybe_seal(now, None)
+                self._maybe_seal(now)
         if self._open and not self.has_quorum:
             self._fail_all("quorum")
         idle = now - max(cur.last_progress, cur.last_retransmit)
@@ -500,7 +505,7 @@ class Engine:
                     self._adopt_decision(ahead, now)  # type: ignore[arg-type]
                     continue
                 if not (self._queue or cur.proposals or cur.phases):
-                    self._maybe_seal(now, None)
+                    self._maybe_seal(now)
                     if not self._queue:
                         return
                 self._start_slot(now)
@@ -661,7 +666,7 @@ class Engine:
             self._future_count -= len(self._future.pop(s))
         for s in [s for s in self._decided_ahead if s < self._cur.slot]:
             del self._decided_ahead[s]
-        self._maybe_seal(now, None)
+        self._maybe_seal(now)
         if buffered:
             self._future_count -= len(buffered)
             for sender, m in buffered:
@@ -724,7 +729,7 @@ class Engine:
             heapq.heappop(heap)
         return None
 
-    def _maybe_seal(self, now: float, ts: int | None) -> None:
+    def _maybe_seal(self, now: float) -> None:
         if not self._open or len(self._inflight) >= self.cfg.max_inflight_batches:
             return
         if not self.has_quorum:
@@ -741,7 +746,7 @@ class Engine:
         del self._open[:cut]
         self._open_bytes -= sum(len(c) for _, c in take)
         bid = BatchId(self.node_id, self.incarnation, next(self._seq))
-        batch = Batch(bid, int(now * 1_000_000) if ts is None else ts, [c for _, c in take])
+        batch = Batch(bid, int((now + self.clock_offset) * 1_000_000), [c for _, c in take])
         self._inflight[bid] = ([t for t, _ in take], now)
         self._enqueue(batch)
         self.actions.append(Send(None, Submit(batch)))

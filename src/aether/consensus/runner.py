@@ -61,7 +61,8 @@ class ConsensusRunner:
         self.log = logger or logging.getLogger(f"aether.consensus.{node_id}")
         self.store = store
         self.engine = Engine(
-            node_id, members, state_machine, seed=seed, incarnation=time.time_ns(), config=config
+            node_id, members, state_machine, seed=seed, incarnation=time.time_ns(), config=config,
+            clock_offset=time.time() - time.monotonic(),
         )
         self.transport: PeerSender | None = None
         self.tick_interval = tick_interval
@@ -136,7 +137,7 @@ class ConsensusRunner:
     def submit(self, commands: Sequence[bytes]) -> list[asyncio.Future[bytes]]:
         """Queue commands; each future resolves to its encoded result."""
         loop = asyncio.get_running_loop()
-        tokens = self.engine.submit_many(commands, time.monotonic(), time.time_ns() // 1000)
+        tokens = self.engine.submit_many(commands, time.monotonic())
         futs = []
         for t in tokens:
             f: asyncio.Future[bytes] = loop.create_future()
