@@ -37,9 +37,17 @@ class BlueprintValue(msgspec.Struct, frozen=True):
 
 
 class SliceStateValue(msgspec.Struct, frozen=True):
+    """Lifecycle state of one artifact on one node (SPEC §3.3).
+
+    The leader writes commands (LOAD, ACTIVATE, DEACTIVATE, UNLOAD) and the instance ids the
+    node should host (unique per artifact across the cluster); the node writes back the states
+    it reaches (LOADING, LOADED, ACTIVATING, ACTIVE, DEACTIVATING, UNLOADING, FAILED + reason).
+    """
+
     state: str
     timestamp: float
     reason: str | None = None
+    instances: list[int] = []
 
 
 class EndpointValue(msgspec.Struct, frozen=True):
