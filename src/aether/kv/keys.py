@@ -27,8 +27,13 @@ def _seg(name: str, value: str) -> str:
 
 
 class BlueprintSlice(msgspec.Struct, frozen=True):
+    """One slice of an expanded blueprint: coordinates, instance count, and the artifacts (full
+    coordinates) it calls, which must have an ACTIVE instance before it is activated."""
+
     artifact: str
     instances: int
+    depends_on: list[str] = []
+    name: str = ""  # the [slices.NAME] table it came from ("" for dependencies added by expansion)
 
 
 class BlueprintValue(msgspec.Struct, frozen=True):
