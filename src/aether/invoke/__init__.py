@@ -1,0 +1,71 @@
+"""Invocation: calling slice entry points anywhere in the cluster (SPEC §3.1, §11 flow 3).
+
+Owns instance choice (local first, else round robin over remote ACTIVE endpoints), retries with
+exponential backoff and failover, per-call deadlines, request-id propagation, the peer messages of
+remote calls (tags 40-49) and the server that runs them on the target node.
+
+Layering: may import `aether.core` and `aether.transport`; reaches the slice store, the endpoint
+registry and the transport only through the Protocols in `aether.invoke.ports` (never imports
+`aether.slices` or `aether.deploy` modules, except an optional, lazy lookup of the slices
+request-id contextvar). See docs/invocation.md.
+"""
+
+from aether.invoke.context import new_request_id
+from aether.invoke.errors import (
+    InvokeBadRequest,
+    InvokeError,
+    InvokerClosed,
+    InvokeTimeout,
+    SliceAppError,
+    UnknownEntryError,
+    classify,
+)
+from aether.invoke.invoker import Invoker, InvokerStats, backoff_delay
+from aether.invoke.messages import (
+    INVOKE_MESSAGE_TYPES,
+    KIND_APP_ERROR,
+    KIND_BAD_REQUEST,
+    KIND_DEADLINE,
+    KIND_NO_INSTANCE,
+    KIND_OVERLOADED,
+    KIND_SHUTTING_DOWN,
+    KIND_UNKNOWN_ENTRY,
+    RETRYABLE_KINDS,
+    InvokeMessage,
+    InvokeRequest,
+    InvokeResponse,
+)
+from aether.invoke.ports import Endpoint, LocalSlices, PeerLink, PeerSender, Registry
+from aether.invoke.server import InvokeServer
+
+__all__ = [
+    "INVOKE_MESSAGE_TYPES",
+    "KIND_APP_ERROR",
+    "KIND_BAD_REQUEST",
+    "KIND_DEADLINE",
+    "KIND_NO_INSTANCE",
+    "KIND_OVERLOADED",
+    "KIND_SHUTTING_DOWN",
+    "KIND_UNKNOWN_ENTRY",
+    "RETRYABLE_KINDS",
+    "Endpoint",
+    "InvokeBadRequest",
+    "InvokeError",
+    "InvokeMessage",
+    "InvokeRequest",
+    "InvokeResponse",
+    "InvokeServer",
+    "InvokeTimeout",
+    "Invoker",
+    "InvokerClosed",
+    "InvokerStats",
+    "LocalSlices",
+    "PeerLink",
+    "PeerSender",
+    "Registry",
+    "SliceAppError",
+    "UnknownEntryError",
+    "backoff_delay",
+    "classify",
+    "new_request_id",
+]

@@ -1,0 +1,110 @@
+"""Errors the invoker raises to its callers, and the mapping of exceptions to response kinds.
+
+Owns `InvokeError` and its subclasses and `classify` (exception -> wire kind), shared by the
+`Invoker` (local calls) and the `InvokeServer` (remote calls) so both report a failure the same way.
+May import `aether.core` and `aether.invoke.messages` only.
+"""
+
+from __future__ import annotations
+
+from aether.core.errors import AetherError, BadRequest
+from aether.invoke.messages import (
+    KIND_APP_ERROR,
+    KIND_BAD_REQUEST,
+    KIND_NO_INSTANCE,
+    KIND_SHUTTING_DOWN,
+    KIND_UNKNOWN_ENTRY,
+)
+
+__all__ = [
+    "InvokeBadRequest",
+    "InvokeError",
+    "InvokeTimeout",
+    "InvokerClosed",
+    "SliceAppError",
+    "UnknownEntryError",
+    "classify",
+    "describe_exception",
+]
+
+
+class InvokeError(AetherError):
+    """Base class of the invoker's errors; says which call failed and how.
+
+    `kind` is the response kind (see `aether.invoke.messages`), `node` the node that reported it
+    (None when no attempt reached a node), `request_id` the call's tracing id.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        target: str = "",
+        method: str = "",
+        kind: str | None = None,
+        node: str | None = None,
+        request_id: str | None = None,
+        attempts: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.target = target
+        self.method = method
+        self.kind = kind
+        self.node = node
+        self.request_id = request_id
+        self.attempts = attempts
+
+
+class InvokeTimeout(InvokeError):
+    """The call did not succeed before its deadline; the message names target, method, attempts and
+    the last error. The outcome is indeterminate: an attempt may have run."""
+
+
+class InvokeBadRequest(InvokeError, BadRequest):
+    """The target rejected the payload (it does not decode into the entry's argument type)."""
+
+
+class UnknownEntryError(InvokeError):
+    """The target artifact has no entry point of that name."""
+
+
+class SliceAppError(InvokeError):
+    """The entry point raised; the message includes the exception type and text."""
+
+
+class InvokerClosed(InvokeError):
+    """The invoker was closed (the node is stopping)."""
+
+
+def _mro_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
+
+
+def classify(exc: BaseException) -> str:
+    """The response kind for an exception raised by `LocalSlices.call`.
+
+    ``NoLocalInstance`` -> no_instance, ``UnknownEntry`` -> unknown_entry, `BadRequest` ->
+    bad_request (matched by class name along the MRO, so no import of the slices package is needed),
+    anything else -> app_error. An `InvokeError` escaping an entry (a nested call it made failed) is
+    the entry's own failure (app_error), except `InvokerClosed` (the node is stopping: shutting_down).
+    """
+    if isinstance(exc, InvokerClosed):
+        return KIND_SHUTTING_DOWN
+    if isinstance(exc, InvokeError):
+        # A nested call the entry made failed and the entry let it escape: the entry's own failure.
+        return KIND_APP_ERROR
+    names = _mro_names(exc)
+    if "NoLocalInstance" in names:
+        return KIND_NO_INSTANCE
+    if "UnknownEntry" in names or isinstance(exc, UnknownEntryError):
+        return KIND_UNKNOWN_ENTRY
+    if isinstance(exc, BadRequest):
+        return KIND_BAD_REQUEST
+    return KIND_APP_ERROR
+
+
+def describe_exception(exc: BaseException) -> str:
+    """``"TypeName: text"`` (or just the type name when the text is empty)."""
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

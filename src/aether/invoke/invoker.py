@@ -1,0 +1,488 @@
+"""`Invoker`: slice-to-slice (and router-to-slice) calls with local preference, round robin, retries,
+backoff, failover and deadlines.
+
+Owns the calling side of an invocation: choosing an instance, sending `InvokeRequest`s, matching
+`InvokeResponse`s to waiting calls, and deciding what is retried. May import `aether.core`,
+`aether.transport` (for `MessageRouter` / `PeerDown` only) and `aether.invoke`; it reaches slices,
+the endpoint registry and the transport only through the Protocols in `aether.invoke.ports`.
+
+Semantics
+---------
+- A call prefers a local ACTIVE instance; otherwise it round-robins (per target and method) over
+  the registry's ACTIVE endpoints on other nodes that the transport reports up.
+- Retryable failures (no instance, peer down or unreachable, the peer went down while the call was
+  pending, no response within the per-attempt timeout, "overloaded", "shutting_down") fail over to
+  another instance at once; when every candidate failed in this round, or there is no ACTIVE
+  instance at all, the call waits with exponential backoff (jittered, 5 ms doubling up to 200 ms by
+  default) and tries again, until its deadline (default 10 s) -> `InvokeTimeout`.
+- Non-retryable failures raise at once: `InvokeBadRequest`, `UnknownEntryError`, `SliceAppError`,
+  and `InvokeTimeout` when the executing node reports that the call's deadline passed.
+- Delivery is AT LEAST ONCE across retries: an attempt whose response was lost (or that timed out)
+  may still have run, or still be running, while a retry runs elsewhere. Entry points should be
+  idempotent or deduplicate by request id. Calls may run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from aether.invoke.context import RequestIdVar, find_request_id_var, new_request_id, read_request_id
+from aether.invoke.errors import (
+    InvokeBadRequest,
+    InvokeError,
+    InvokerClosed,
+    InvokeTimeout,
+    SliceAppError,
+    UnknownEntryError,
+    classify,
+    describe_exception,
+)
+from aether.invoke.messages import (
+    KIND_APP_ERROR,
+    KIND_BAD_REQUEST,
+    KIND_DEADLINE,
+    KIND_UNKNOWN_ENTRY,
+    RETRYABLE_KINDS,
+    InvokeRequest,
+    InvokeResponse,
+)
+from aether.invoke.ports import LocalSlices, PeerLink, Registry
+from aether.transport import MessageRouter, PeerDown
+
+__all__ = ["Invoker", "InvokerStats", "backoff_delay"]
+
+_MAX_KEYS = 4096  # bound on per-(target, method) bookkeeping (round-robin index, warning limiter)
+
+
+def backoff_delay(round_: int, minimum: float, maximum: float, rng: random.Random) -> float:
+    """Delay before retry round `round_` (0-based): ``min(maximum, minimum * 2**round_)``, jittered
+    down to between half and all of it."""
+    base = min(maximum, minimum * (2 ** min(round_, 30)))
+    return base / 2 + rng.uniform(0.0, base / 2)
+
+
+class _Retry(Exception):
+    """An attempt failed in a way worth retrying elsewhere (internal)."""
+
+    def __init__(self, reason: str, kind: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
+class InvokerStats:
+    """Counters (monotonic) for metrics and tests."""
+
+    __slots__ = ("attempts", "calls", "failed", "local_attempts", "remote_attempts", "retries", "succeeded")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.attempts = 0
+        self.local_attempts = 0
+        self.remote_attempts = 0
+        self.retries = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"InvokerStats({self.as_dict()})"
+
+
+class Invoker:
+    """Calls entry points of slices anywhere in the cluster (implements the slices ``Invoker`` Protocol).
+
+    Wiring: feed `InvokeResponse`s from the transport to `on_response` (the `InvokeServer`'s
+    `dispatch` does it) and let it see `PeerDown` events (pass the node's `router`, or call
+    `peer_down`). One instance per node; it keeps no module-level state.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        local: LocalSlices,
+        registry: Registry,
+        transport: PeerLink,
+        *,
+        router: MessageRouter | None = None,
+        default_timeout: float = 10.0,
+        attempt_timeout: float | None = 1.0,
+        backoff_min: float = 0.005,
+        backoff_max: float = 0.2,
+        request_id_var: RequestIdVar | None = None,
+        warn_interval: float = 5.0,
+        rng: random.Random | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if default_timeout <= 0:
+            raise ValueError("default_timeout must be positive")
+        if attempt_timeout is not None and attempt_timeout <= 0:
+            raise ValueError("attempt_timeout must be positive (or None: the whole remaining deadline)")
+        if backoff_min <= 0 or backoff_max < backoff_min:
+            raise ValueError("need 0 < backoff_min <= backoff_max")
+        self.node_id = node_id
+        self._local = local
+        self._registry = registry
+        self._link = transport
+        self.default_timeout = default_timeout
+        self.attempt_timeout = attempt_timeout
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._rid_var = request_id_var
+        self._rid_var_resolved = request_id_var is not None
+        self._warn_interval = warn_interval
+        self._rng = rng or random.Random()
+        self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[asyncio.Future[InvokeResponse], str]] = {}
+        self._rr: dict[tuple[str, str], int] = {}
+        self._warned: dict[tuple[str, str], tuple[float, int]] = {}
+        self._closed = False
+        self._unsubscribe: Callable[[], None] | None = None
+        self.stats = InvokerStats()
+        if router is not None:
+            self.attach(router)
+
+    # --- wiring ---------------------------------------------------------------------------------
+
+    def attach(self, router: MessageRouter) -> None:
+        """Subscribe to `PeerDown` on `router` (calls pending on a node that goes down fail over)."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self._unsubscribe = router.subscribe(PeerDown, self._on_peer_down_event)
+
+    def _on_peer_down_event(self, event: PeerDown) -> None:
+        self.peer_down(event.node_id, event.reason)
+
+    def peer_down(self, node_id: str, reason: str = "peer down") -> None:
+        """Fail every call pending on `node_id` at once with a retryable error (they go elsewhere)."""
+        failed = 0
+        for fut, node in list(self._pending.values()):
+            if node == node_id and not fut.done():
+                fut.set_exception(_Retry(f"node {node_id} went down while the call was pending ({reason})"))
+                failed += 1
+        if failed:
+            self._log.info(
+                "[%s] %d pending call(s) on %s fail over: %s", self.node_id, failed, node_id, reason
+            )
+
+    def on_response(self, sender: str, msg: InvokeResponse) -> None:
+        """Complete the call waiting for `msg` (late or unknown responses are dropped)."""
+        entry = self._pending.get(msg.id)
+        if entry is None:
+            self._log.debug(
+                "[%s] response %d from %s matches no pending call (late?)", self.node_id, msg.id, sender
+            )
+            return
+        fut, node = entry
+        if node != sender:
+            self._log.warning(
+                "[%s] response %d came from %s but the call was sent to %s; dropped",
+                self.node_id,
+                msg.id,
+                sender,
+                node,
+            )
+            return
+        if not fut.done():
+            fut.set_result(msg)
+
+    def close(self) -> None:
+        """Stop: unsubscribe, fail pending calls with `InvokerClosed`; later `invoke` calls raise it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for fut, _node in list(self._pending.values()):
+            if not fut.done():
+                fut.set_exception(InvokerClosed(f"invoker of node {self.node_id} closed", kind=None))
+
+    @property
+    def pending_count(self) -> int:
+        """Remote attempts currently waiting for a response."""
+        return len(self._pending)
+
+    # --- the call -------------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """Call `method` of `target` (``group:artifact`` or full coordinates) with the encoded `payload`.
+
+        Returns the encoded result. `request_id` defaults to the slices contextvar, else a new id.
+        `timeout` (seconds, default `default_timeout`) bounds the whole call including retries.
+        Raises `InvokeTimeout`, `InvokeBadRequest`, `UnknownEntryError`, `SliceAppError`,
+        `InvokerClosed`. At-least-once: see the module docstring.
+        """
+        if self._closed:
+            raise InvokerClosed(f"invoker of node {self.node_id} is closed", target=target, method=method)
+        rid = request_id or read_request_id(self._request_id_var()) or new_request_id()
+        budget = self.default_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        stats = self.stats
+        stats.calls += 1
+        attempts = 0
+        rounds = 0
+        last_error = "no attempt made"
+        last_node: str | None = None
+        tried: set[str] = set()
+        try:
+            while True:
+                if self._closed:
+                    raise InvokerClosed(
+                        f"invoker of node {self.node_id} closed during {target}.{method} (request {rid})",
+                        target=target,
+                        method=method,
+                        request_id=rid,
+                        attempts=attempts,
+                    )
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise self._timeout(target, method, rid, budget, attempts, last_error, last_node)
+                choice, candidates = self._choose(target, method, tried)
+                if choice is None:
+                    if candidates == 0:
+                        last_error = f"no ACTIVE instance of {target} with entry {method!r} is reachable"
+                        self._warn_retry(target, method, rid, f"waiting: {last_error}")
+                    tried.clear()
+                    delay = backoff_delay(rounds, self._backoff_min, self._backoff_max, self._rng)
+                    rounds += 1
+                    self._log.debug(
+                        "[%s] request %s %s.%s: %s; retrying in %.0f ms",
+                        self.node_id,
+                        rid,
+                        target,
+                        method,
+                        last_error,
+                        delay * 1000,
+                    )
+                    await asyncio.sleep(min(delay, remaining))
+                    continue
+                node, artifact = choice
+                attempts += 1
+                stats.attempts += 1
+                if attempts > 1:
+                    stats.retries += 1
+                    self._warn_retry(
+                        target, method, rid, f"retrying (attempt {attempts}, on {node}) after: {last_error}"
+                    )
+                self._log.debug(
+                    "[%s] request %s %s.%s attempt %d on %s",
+                    self.node_id,
+                    rid,
+                    target,
+                    method,
+                    attempts,
+                    node,
+                )
+                try:
+                    if node == self.node_id:
+                        stats.local_attempts += 1
+                        result = await self._call_local(target, method, payload, rid, deadline, attempts)
+                    else:
+                        stats.remote_attempts += 1
+                        result = await self._call_remote(
+                            node, artifact, method, payload, rid, deadline, attempts
+                        )
+                except _Retry as retry:
+                    last_error = f"{node}: {retry.reason}"
+                    last_node = node
+                    tried.add(node)
+                    continue
+                stats.succeeded += 1
+                return result
+        except BaseException:
+            stats.failed += 1
+            raise
+
+    # --- choosing an instance -------------------------------------------------------------------
+
+    def _choose(self, target: str, method: str, tried: set[str]) -> tuple[tuple[str, str] | None, int]:
+        """((node, artifact) to try next, or None; number of candidates including tried ones)."""
+        candidates = 0
+        me = self.node_id
+        if self._local.local_instances(target):
+            candidates = 1
+            if me not in tried:
+                return (me, target), candidates
+        up = self._link.up_peers
+        remote = [
+            ep for ep in self._registry.instances(target, method) if ep.node_id != me and ep.node_id in up
+        ]
+        if not remote:
+            return None, candidates
+        candidates += len(remote)
+        remote.sort(key=lambda ep: (ep.node_id, ep.instance, ep.artifact))
+        key = (target, method)
+        start = self._rr.get(key, 0)
+        n = len(remote)
+        for k in range(n):
+            ep = remote[(start + k) % n]
+            if ep.node_id not in tried:
+                if key not in self._rr and len(self._rr) >= _MAX_KEYS:
+                    self._rr.clear()
+                self._rr[key] = (start + k + 1) % 1_000_000_007
+                return (ep.node_id, ep.artifact), candidates
+        return None, candidates
+
+    # --- one attempt ----------------------------------------------------------------------------
+
+    async def _call_local(
+        self, target: str, method: str, payload: bytes, rid: str, deadline: float, attempts: int
+    ) -> bytes:
+        var = self._request_id_var()
+        token = var.set(rid) if var is not None and var.get(None) != rid else None
+        try:
+            timer = asyncio.timeout_at(deadline)
+            try:
+                async with timer:
+                    return await self._local.call(target, method, payload)
+            except TimeoutError as exc:
+                if not timer.expired():
+                    raise self._app_error(exc, target, method, rid, attempts) from exc
+                raise InvokeTimeout(
+                    f"call {target}.{method} (request {rid}) timed out running on this node ({self.node_id}) "
+                    f"after {attempts} attempt(s)",
+                    target=target,
+                    method=method,
+                    kind=KIND_DEADLINE,
+                    node=self.node_id,
+                    request_id=rid,
+                    attempts=attempts,
+                ) from None
+            except Exception as exc:
+                kind = classify(exc)
+                if kind in RETRYABLE_KINDS:
+                    raise _Retry(f"{kind}: {describe_exception(exc)}", kind) from exc
+                raise self._error(
+                    kind, describe_exception(exc), target, method, self.node_id, rid, attempts
+                ) from exc
+        finally:
+            if token is not None and var is not None:
+                var.reset(token)
+
+    def _app_error(
+        self, exc: BaseException, target: str, method: str, rid: str, attempts: int
+    ) -> InvokeError:
+        return self._error(
+            KIND_APP_ERROR, describe_exception(exc), target, method, self.node_id, rid, attempts
+        )
+
+    async def _call_remote(
+        self,
+        node: str,
+        artifact: str,
+        method: str,
+        payload: bytes,
+        rid: str,
+        deadline: float,
+        attempts: int,
+    ) -> bytes:
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        wait = remaining if self.attempt_timeout is None else min(remaining, self.attempt_timeout)
+        cid = next(self._ids)
+        fut: asyncio.Future[InvokeResponse] = loop.create_future()
+        request = InvokeRequest(cid, artifact, method, payload, rid, max(1, int(remaining * 1000)))
+        self._pending[cid] = (fut, node)
+        timer: asyncio.TimerHandle | None = None
+        try:
+            if not self._link.send(node, request):
+                raise _Retry("not reachable (send failed: peer not up)")
+            timer = loop.call_later(wait, _expire, fut, wait)
+            resp = await fut
+        finally:
+            del self._pending[cid]
+            if timer is not None:
+                timer.cancel()
+        if resp.error is None and resp.payload is not None:
+            return resp.payload
+        kind = resp.kind
+        error = resp.error or "empty response"
+        if kind in RETRYABLE_KINDS:
+            raise _Retry(f"{kind}: {error}", kind)
+        raise self._error(kind, error, artifact, method, node, rid, attempts)
+
+    def _error(
+        self, kind: str | None, error: str, target: str, method: str, node: str, rid: str, attempts: int
+    ) -> InvokeError:
+        where = f"{target}.{method} on {node} (request {rid})"
+        cls: type[InvokeError]
+        if kind == KIND_BAD_REQUEST:
+            cls, message = InvokeBadRequest, f"bad request to {where}: {error}"
+        elif kind == KIND_UNKNOWN_ENTRY:
+            cls, message = UnknownEntryError, f"unknown entry point {where}: {error}"
+        elif kind == KIND_APP_ERROR:
+            cls, message = SliceAppError, f"{where} raised {error}"
+        elif kind == KIND_DEADLINE:
+            cls = InvokeTimeout
+            message = f"call {where} did not finish before its deadline after {attempts} attempt(s): {error}"
+        else:
+            cls, message = InvokeError, f"call {where} failed ({kind or 'no kind'}): {error}"
+        return cls(
+            message, target=target, method=method, kind=kind, node=node, request_id=rid, attempts=attempts
+        )
+
+    def _timeout(
+        self,
+        target: str,
+        method: str,
+        rid: str,
+        budget: float,
+        attempts: int,
+        last_error: str,
+        last_node: str | None,
+    ) -> InvokeTimeout:
+        return InvokeTimeout(
+            f"call {target}.{method} (request {rid}) did not succeed within {budget:g}s after "
+            f"{attempts} attempt(s); last error: {last_error}",
+            target=target,
+            method=method,
+            node=last_node,
+            request_id=rid,
+            attempts=attempts,
+        )
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _request_id_var(self) -> RequestIdVar | None:
+        if not self._rid_var_resolved:
+            self._rid_var = find_request_id_var()
+            self._rid_var_resolved = True
+        return self._rid_var
+
+    def _warn_retry(self, target: str, method: str, rid: str, text: str) -> None:
+        """WARNING about a retry, at most once per `warn_interval` per (target, method); DEBUG otherwise."""
+        key = (target, method)
+        now = time.monotonic()
+        last, suppressed = self._warned.get(key, (float("-inf"), 0))
+        if now - last >= self._warn_interval:
+            if len(self._warned) >= _MAX_KEYS and key not in self._warned:
+                self._warned.clear()
+            self._warned[key] = (now, 0)
+            more = f" ({suppressed} similar messages not logged)" if suppressed else ""
+            self._log.warning("[%s] request %s %s.%s: %s%s", self.node_id, rid, target, method, text, more)
+        else:
+            self._warned[key] = (last, suppressed + 1)
+            self._log.debug("[%s] request %s %s.%s: %s", self.node_id, rid, target, method, text)
+
+
+def _expire(fut: asyncio.Future[InvokeResponse], wait: float) -> None:
+    if not fut.done():
+        fut.set_exception(_Retry(f"no response within {wait:.3g}s"))

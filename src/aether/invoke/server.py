@@ -1,0 +1,238 @@
+"""`InvokeServer`: runs `InvokeRequest`s from other nodes on this node's slices and answers them.
+
+Owns the executing side of a remote invocation: one task per request (with the slices request-id
+contextvar set), the request's time limit, bounded concurrency, mapping exceptions to response
+kinds, and a graceful `stop`. Also owns `dispatch`, the single transport callback for invoke
+messages (requests to this server, responses to the node's `Invoker`). May import `aether.core`
+and `aether.invoke`; it reaches slices and the transport only through `aether.invoke.ports`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+
+from aether.invoke.context import RequestIdVar, find_request_id_var
+from aether.invoke.errors import classify, describe_exception
+from aether.invoke.invoker import Invoker
+from aether.invoke.messages import (
+    KIND_APP_ERROR,
+    KIND_DEADLINE,
+    KIND_OVERLOADED,
+    KIND_SHUTTING_DOWN,
+    InvokeRequest,
+    InvokeResponse,
+)
+from aether.invoke.ports import LocalSlices, PeerSender
+
+__all__ = ["InvokeServer"]
+
+
+class InvokeServer:
+    """Serves invocations sent by other nodes' `Invoker`s.
+
+    ``dispatch(sender, msg)`` is the callback to give the transport for invoke messages:
+    `InvokeRequest` -> `on_request`, `InvokeResponse` -> ``invoker.on_response`` (when an
+    `invoker` is set). At most `max_in_flight` requests run at once; more are answered
+    "overloaded" (the caller retries elsewhere). A request runs for at most its ``timeout_ms``
+    (capped by `max_timeout`) and is then answered "deadline".
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        local: LocalSlices,
+        sender: PeerSender,
+        *,
+        invoker: Invoker | None = None,
+        max_in_flight: int = 1024,
+        max_timeout: float = 300.0,
+        request_id_var: RequestIdVar | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.node_id = node_id
+        self.invoker = invoker
+        self._local = local
+        self._sender = sender
+        self._max_in_flight = max_in_flight
+        self._max_timeout = max_timeout
+        self._rid_var = request_id_var
+        self._rid_var_resolved = request_id_var is not None
+        self._log = logger or logging.getLogger(f"aether.invoke.server.{node_id}")
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.served = 0  # requests answered (any outcome)
+        self.rejected = 0  # answered overloaded / shutting_down without running
+
+    # --- transport callback ---------------------------------------------------------------------
+
+    def dispatch(self, sender: str, msg: object) -> None:
+        """Route an invoke message from peer `sender`: requests here, responses to the invoker."""
+        if isinstance(msg, InvokeRequest):
+            self.on_request(sender, msg)
+        elif isinstance(msg, InvokeResponse):
+            if self.invoker is not None:
+                self.invoker.on_response(sender, msg)
+            else:
+                self._log.debug("[%s] response %d from %s dropped: no invoker", self.node_id, msg.id, sender)
+        else:
+            self._log.warning("[%s] unexpected %s from %s dropped", self.node_id, type(msg).__name__, sender)
+
+    # --- serving --------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Requests currently running."""
+        return len(self._tasks)
+
+    def on_request(self, sender_node: str, req: InvokeRequest) -> None:
+        """Start running `req` from `sender_node` (never blocks; the answer is sent when it finishes)."""
+        if self._stopping:
+            self.rejected += 1
+            self._reply(sender_node, req, None, f"node {self.node_id} is shutting down", KIND_SHUTTING_DOWN)
+            return
+        if len(self._tasks) >= self._max_in_flight:
+            self.rejected += 1
+            self._reply(
+                sender_node,
+                req,
+                None,
+                f"node {self.node_id} has {len(self._tasks)} calls in flight (limit {self._max_in_flight})",
+                KIND_OVERLOADED,
+            )
+            return
+        if req.timeout_ms <= 0:
+            self._reply(sender_node, req, None, "the caller's deadline had already passed", KIND_DEADLINE)
+            return
+        ctx = contextvars.copy_context()
+        var = self._request_id_var()
+        if var is not None:
+            ctx.run(var.set, req.request_id)
+        task = asyncio.get_running_loop().create_task(
+            self._serve(sender_node, req), name=f"aether-invoke-{self.node_id}-{req.request_id}", context=ctx
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sender_node: str, req: InvokeRequest) -> None:
+        self._log.debug(
+            "[%s] request %s %s.%s from %s", self.node_id, req.request_id, req.target, req.method, sender_node
+        )
+        limit = min(req.timeout_ms / 1000, self._max_timeout)
+        timer = asyncio.timeout(limit)
+        try:
+            async with timer:
+                result = await self._local.call(req.target, req.method, req.payload)
+        except asyncio.CancelledError:
+            # stop() gave up waiting: the caller retries elsewhere (the call may have partly run).
+            self._reply(
+                sender_node,
+                req,
+                None,
+                f"node {self.node_id} stopped before the call finished",
+                KIND_SHUTTING_DOWN,
+            )
+            raise
+        except TimeoutError as exc:
+            if timer.expired():
+                self._reply(
+                    sender_node,
+                    req,
+                    None,
+                    f"did not finish within {limit:g}s on {self.node_id}",
+                    KIND_DEADLINE,
+                )
+            else:
+                self._app_error(sender_node, req, exc)
+            return
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == KIND_APP_ERROR:
+                self._app_error(sender_node, req, exc)
+            else:
+                self._reply(sender_node, req, None, describe_exception(exc), kind)
+            return
+        if isinstance(result, bytes):
+            self._reply(sender_node, req, result, None, None)
+        elif isinstance(result, bytearray | memoryview):
+            self._reply(sender_node, req, bytes(result), None, None)
+        else:
+            self._log.error(
+                "[%s] request %s %s.%s: the slice store returned %s, expected bytes",
+                self.node_id,
+                req.request_id,
+                req.target,
+                req.method,
+                type(result).__name__,
+            )
+            self._reply(
+                sender_node,
+                req,
+                None,
+                f"TypeError: result is {type(result).__name__}, not bytes",
+                KIND_APP_ERROR,
+            )
+
+    def _app_error(self, sender_node: str, req: InvokeRequest, exc: BaseException) -> None:
+        self._log.error(
+            "[%s] request %s %s.%s (from %s) raised %s",
+            self.node_id,
+            req.request_id,
+            req.target,
+            req.method,
+            sender_node,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        self._reply(sender_node, req, None, describe_exception(exc), KIND_APP_ERROR)
+
+    def _reply(
+        self, sender_node: str, req: InvokeRequest, payload: bytes | None, error: str | None, kind: str | None
+    ) -> None:
+        self.served += 1
+        try:
+            sent = self._sender.send(sender_node, InvokeResponse(req.id, payload, error, kind))
+        except Exception:
+            self._log.exception(
+                "[%s] request %s: cannot send the response to %s", self.node_id, req.request_id, sender_node
+            )
+            return
+        if not sent:
+            self._log.debug(
+                "[%s] request %s: response to %s dropped (peer not up)",
+                self.node_id,
+                req.request_id,
+                sender_node,
+            )
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Answer new requests "shutting_down"; wait up to `grace` s for running ones, then cancel them
+        (they are answered "shutting_down" too). Idempotent."""
+        self._stopping = True
+        if not self._tasks:
+            return
+        running = list(self._tasks)
+        self._log.info("[%s] invoke server stopping: waiting for %d call(s)", self.node_id, len(running))
+        _done, pending = await asyncio.wait(running, timeout=grace)
+        if pending:
+            self._log.warning(
+                "[%s] %d call(s) still running after %gs; cancelling them", self.node_id, len(pending), grace
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def _request_id_var(self) -> RequestIdVar | None:
+        if not self._rid_var_resolved:
+            self._rid_var = find_request_id_var()
+            self._rid_var_resolved = True
+        return self._rid_var

@@ -1,0 +1,828 @@
+"""Unit tests of aether.invoke with fakes: an in-memory network of Invoker + InvokeServer pairs.
+
+`FakeNet` delivers messages with `loop.call_soon` (so ordering and concurrency look like the real
+transport), can mark nodes down (publishing `PeerDown` on every other node's router), make `send`
+fail for a node while it still looks up, or black-hole a node (sends succeed, nothing arrives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+import sys
+import types
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import pytest
+
+from aether.core.errors import AetherError, BadRequest
+from aether.invoke import (
+    KIND_APP_ERROR,
+    KIND_BAD_REQUEST,
+    KIND_DEADLINE,
+    KIND_NO_INSTANCE,
+    KIND_OVERLOADED,
+    KIND_SHUTTING_DOWN,
+    KIND_UNKNOWN_ENTRY,
+    InvokeBadRequest,
+    InvokeError,
+    InvokeMessage,
+    Invoker,
+    InvokerClosed,
+    InvokeRequest,
+    InvokeResponse,
+    InvokeServer,
+    InvokeTimeout,
+    SliceAppError,
+    UnknownEntryError,
+    backoff_delay,
+    classify,
+)
+from aether.transport import MessageRouter, PeerDown, message_types
+
+pytestmark = pytest.mark.timeout(30)
+
+ART = "org.demo:echo:1.0.0"
+TARGET = "org.demo:echo"
+OTHER = "org.demo:other:1.0.0"
+
+VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar("test_request_id", default=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# fakes
+
+
+class NoLocalInstance(Exception):
+    """Named like the slices package's error: classified by name."""
+
+
+class UnknownEntry(Exception):
+    """Named like the slices package's error: classified by name."""
+
+
+class Ep(NamedTuple):
+    artifact: str
+    method: str
+    instance: int
+    node_id: str
+    state: str = "ACTIVE"
+
+
+def matches(target: str, artifact: str) -> bool:
+    return artifact == target or artifact.startswith(target + ":")
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.eps: list[Ep] = []
+
+    def add(self, node: str, method: str = "echo", artifact: str = ART, instance: int = 0) -> None:
+        self.eps.append(Ep(artifact, method, instance, node))
+
+    def instances(self, target: str, method: str) -> list[Ep]:
+        return [e for e in self.eps if e.method == method and matches(target, e.artifact)]
+
+
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+
+class FakeSlices:
+    """Slices of one node: `active` artifacts; handlers per method get (node_id, payload)."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.active: set[str] = set()
+        self.handlers: dict[str, Handler] = {"echo": self._echo}
+        self.calls: list[tuple[str, str, bytes, str | None]] = []  # (artifact, method, payload, request id)
+        self.bad_local_instances = False  # claim an instance but raise NoLocalInstance on call
+
+    async def _echo(self, node: str, payload: bytes) -> bytes:
+        await asyncio.sleep(0)
+        return node.encode() + b":" + payload
+
+    def local_instances(self, target: str) -> list[int]:
+        if self.bad_local_instances:
+            return [0]
+        return [0] if any(matches(target, a) for a in self.active) else []
+
+    async def call(self, artifact: str, method: str, payload: bytes, *, instance: int | None = None) -> bytes:
+        self.calls.append((artifact, method, payload, VAR.get()))
+        if not any(matches(artifact, a) for a in self.active):
+            raise NoLocalInstance(f"no ACTIVE instance of {artifact} on {self.node_id}")
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise UnknownEntry(f"{artifact} has no entry {method!r}")
+        return await handler(self.node_id, payload)
+
+
+class FakeLink:
+    def __init__(self, net: FakeNet, node_id: str) -> None:
+        self.net = net
+        self.node_id = node_id
+
+    @property
+    def up_peers(self) -> frozenset[str]:
+        return frozenset(n for n in self.net.nodes if n != self.node_id and n not in self.net.down)
+
+    def send(self, peer: str, msg: object) -> bool:
+        assert type(msg) in (InvokeRequest, InvokeResponse)
+        net = self.net
+        if peer in net.down or peer in net.send_fails or self.node_id in net.down or peer not in net.nodes:
+            return False
+        net.sent.append((self.node_id, peer, msg))
+        if peer in net.blackhole:
+            return True
+        asyncio.get_running_loop().call_soon(net.deliver, self.node_id, peer, msg)
+        return True
+
+
+@dataclass
+class FakeNode:
+    id: str
+    slices: FakeSlices
+    link: FakeLink
+    router: MessageRouter
+    invoker: Invoker
+    server: InvokeServer
+
+
+@dataclass
+class FakeNet:
+    registry: FakeRegistry = field(default_factory=FakeRegistry)
+    nodes: dict[str, FakeNode] = field(default_factory=dict)
+    down: set[str] = field(default_factory=set)
+    send_fails: set[str] = field(default_factory=set)
+    blackhole: set[str] = field(default_factory=set)
+    sent: list[tuple[str, str, object]] = field(default_factory=list)
+
+    def add(self, node_id: str, **invoker_kw: Any) -> FakeNode:
+        slices = FakeSlices(node_id)
+        link = FakeLink(self, node_id)
+        router = MessageRouter()
+        kw: dict[str, Any] = {"request_id_var": VAR, "rng": random.Random(1), **invoker_kw}
+        invoker = Invoker(node_id, slices, self.registry, link, router=router, **kw)
+        server = InvokeServer(node_id, slices, link, invoker=invoker, request_id_var=VAR)
+        node = FakeNode(node_id, slices, link, router, invoker, server)
+        self.nodes[node_id] = node
+        return node
+
+    def deliver(self, sender: str, peer: str, msg: object) -> None:
+        if peer in self.down or sender in self.down:
+            return  # lost with the link
+        self.nodes[peer].server.dispatch(sender, msg)
+
+    def kill(self, node_id: str) -> None:
+        self.down.add(node_id)
+        for other in self.nodes.values():
+            if other.id != node_id:
+                other.router.publish(PeerDown(node_id, "test kill"))
+
+    def requests_to(self, peer: str) -> list[InvokeRequest]:
+        return [m for _, p, m in self.sent if p == peer and isinstance(m, InvokeRequest)]
+
+
+def served_by(result: bytes) -> str:
+    return result.split(b":", 1)[0].decode()
+
+
+def make_net(*ids: str, active_on: tuple[str, ...] = (), **invoker_kw: Any) -> FakeNet:
+    net = FakeNet()
+    for i in ids:
+        net.add(i, **invoker_kw)
+    for i in active_on:
+        net.nodes[i].slices.active.add(ART)
+        net.registry.add(i)
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# messages and helpers
+
+
+def test_messages_fit_the_transport_union() -> None:
+    assert message_types(InvokeMessage) == (InvokeRequest, InvokeResponse)
+    import msgspec
+
+    req = InvokeRequest(7, ART, "echo", b"\x00x", "rid", 1500)
+    raw = msgspec.msgpack.encode(req)
+    assert msgspec.msgpack.decode(raw, type=InvokeMessage) == req
+    resp = InvokeResponse(7, None, "boom", KIND_APP_ERROR)
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(resp), type=InvokeMessage) == resp
+    assert 40 <= InvokeRequest.__struct_config__.tag < 50  # type: ignore[operator]
+    assert 40 <= InvokeResponse.__struct_config__.tag < 50  # type: ignore[operator]
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    rng = random.Random(3)
+    for r, base in [(0, 0.005), (1, 0.010), (2, 0.020), (3, 0.040), (6, 0.2), (50, 0.2)]:
+        for _ in range(50):
+            d = backoff_delay(r, 0.005, 0.2, rng)
+            assert base / 2 <= d <= base + 1e-12
+
+
+def test_classify_by_name_and_type() -> None:
+    assert classify(NoLocalInstance("x")) == KIND_NO_INSTANCE
+    assert classify(UnknownEntry("x")) == KIND_UNKNOWN_ENTRY
+    assert classify(BadRequest("x")) == KIND_BAD_REQUEST
+    assert classify(ValueError("x")) == KIND_APP_ERROR
+    # a nested call's failure escaping an entry is that entry's own failure
+    assert classify(InvokeBadRequest("x", kind=KIND_BAD_REQUEST)) == KIND_APP_ERROR
+    assert classify(InvokerClosed("x")) == KIND_SHUTTING_DOWN
+    assert issubclass(InvokeTimeout, AetherError)
+    assert issubclass(InvokeBadRequest, BadRequest)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing instances
+
+
+async def test_local_instance_first() -> None:
+    net = make_net("A", "B", "C", active_on=("A", "B", "C"))
+    a = net.nodes["A"]
+    for i in range(10):
+        assert await a.invoker.invoke(TARGET, "echo", b"%d" % i) == b"A:%d" % i
+    assert net.sent == []
+    assert a.invoker.stats.local_attempts == 10 and a.invoker.stats.remote_attempts == 0
+    assert not net.nodes["B"].slices.calls and not net.nodes["C"].slices.calls
+
+
+async def test_round_robin_across_three_remote_instances() -> None:
+    net = make_net("A", "B", "C", "D", active_on=("B", "C", "D"))
+    a = net.nodes["A"]
+    served = [served_by(await a.invoker.invoke(TARGET, "echo", b"x")) for _ in range(12)]
+    assert sorted(set(served)) == ["B", "C", "D"]
+    for k in range(0, 12, 3):  # every window of three is one full rotation
+        assert sorted(served[k : k + 3]) == ["B", "C", "D"]
+    assert served[:3] == served[3:6]
+    assert a.invoker.stats.retries == 0
+    # remote requests carry the full coordinates from the registry
+    assert {r.target for r in net.requests_to("B")} == {ART}
+
+
+async def test_round_robin_is_per_target_and_method() -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"))
+    for n in ("B", "C"):
+        net.registry.add(n, method="echo2")
+        net.nodes[n].slices.handlers["echo2"] = net.nodes[n].slices._echo
+    a = net.nodes["A"]
+    first = served_by(await a.invoker.invoke(TARGET, "echo", b""))
+    assert served_by(await a.invoker.invoke(TARGET, "echo2", b"")) == first  # own rotation
+    assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) != first
+
+
+async def test_registry_entry_on_self_that_is_not_local_is_skipped() -> None:
+    net = make_net("A", "B", active_on=("B",))
+    net.registry.add("A")  # stale: A is listed but has no ACTIVE local instance
+    a = net.nodes["A"]
+    for _ in range(5):
+        assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) == "B"
+    assert a.invoker.stats.local_attempts == 0 and a.invoker.stats.retries == 0
+
+
+async def test_down_nodes_are_skipped() -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"))
+    net.down.add("B")
+    a = net.nodes["A"]
+    for _ in range(6):
+        assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) == "C"
+    assert net.requests_to("B") == []
+    assert a.invoker.stats.retries == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# retries and failover
+
+
+async def test_failover_when_a_node_answers_no_instance() -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"))
+    net.nodes["B"].slices.active.clear()  # registry still lists B (being deactivated)
+    a = net.nodes["A"]
+    for _ in range(6):
+        assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) == "C"
+    assert net.requests_to("B")  # it was tried ...
+    assert a.invoker.stats.failed == 0 and a.invoker.stats.retries >= 1  # ... and failed over
+
+
+async def test_failover_when_send_fails() -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"))
+    net.send_fails.add("B")  # looks up, but the send is dropped
+    a = net.nodes["A"]
+    for _ in range(6):
+        assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) == "C"
+    assert a.invoker.stats.retries >= 1
+
+
+@pytest.mark.parametrize("kind", [KIND_OVERLOADED, KIND_SHUTTING_DOWN])
+async def test_retryable_kinds_fail_over(kind: str) -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"))
+    if kind == KIND_SHUTTING_DOWN:
+        await net.nodes["B"].server.stop()
+    else:
+        net.nodes["B"].server._max_in_flight = 1
+
+        async def slow(node: str, payload: bytes) -> bytes:
+            await asyncio.sleep(0.3)
+            return b"B:slow"
+
+        net.nodes["B"].slices.handlers["echo"] = slow
+        net.nodes["B"].server.on_request("C", InvokeRequest(999, ART, "echo", b"", "busy", 5000))
+    a = net.nodes["A"]
+    for _ in range(4):
+        assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) == "C"
+    assert net.requests_to("B")
+    assert net.nodes["B"].server.rejected >= 1
+
+
+async def test_local_no_instance_race_falls_back_to_remote() -> None:
+    net = make_net("A", "B", active_on=("B",))
+    net.nodes["A"].slices.bad_local_instances = True  # says ACTIVE, but the call finds none
+    a = net.nodes["A"]
+    assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) == "B"
+    assert a.invoker.stats.local_attempts == 1 and a.invoker.stats.remote_attempts == 1
+
+
+async def test_keeps_retrying_while_no_instance_exists_then_succeeds() -> None:
+    net = make_net("A", "B")
+    a = net.nodes["A"]
+    loop = asyncio.get_running_loop()
+
+    def place() -> None:  # re-placed after 150 ms
+        net.nodes["B"].slices.active.add(ART)
+        net.registry.add("B")
+
+    loop.call_later(0.15, place)
+    t0 = loop.time()
+    assert served_by(await a.invoker.invoke(TARGET, "echo", b"", timeout=3.0)) == "B"
+    assert loop.time() - t0 >= 0.14
+    assert a.invoker.stats.attempts == 1  # no attempts while nothing existed, only backoff
+
+
+async def test_no_response_within_attempt_timeout_fails_over() -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"), attempt_timeout=0.1)
+    net.blackhole.add("B")
+    a = net.nodes["A"]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    results = [served_by(await a.invoker.invoke(TARGET, "echo", b"")) for _ in range(3)]
+    assert results == ["C", "C", "C"]
+    assert loop.time() - t0 < 2.0
+    assert a.invoker.pending_count == 0
+
+
+async def test_pending_calls_on_a_node_that_goes_down_fail_over_at_once() -> None:
+    # attempt_timeout is long: only the PeerDown handling can make this fast
+    net = make_net("A", "B", "C", active_on=("B", "C"), attempt_timeout=5.0)
+    net.blackhole.add("B")
+    a = net.nodes["A"]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    calls = [asyncio.create_task(a.invoker.invoke(TARGET, "echo", b"%d" % i)) for i in range(6)]
+    await asyncio.sleep(0.05)
+    assert a.invoker.pending_count >= 3  # half of them went to B and hang there
+    net.kill("B")
+    results = await asyncio.wait_for(asyncio.gather(*calls), 1.0)
+    assert {served_by(r) for r in results} == {"C"}
+    assert loop.time() - t0 < 1.0
+    assert a.invoker.pending_count == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# non-retryable errors and deadlines
+
+
+async def _raise_bad(node: str, payload: bytes) -> bytes:
+    raise BadRequest("field 'qty' must be an int")
+
+
+async def _raise_app(node: str, payload: bytes) -> bytes:
+    raise ValueError("boom")
+
+
+@pytest.mark.parametrize("where", ["remote", "local"])
+@pytest.mark.parametrize(
+    ("case", "exc_type", "kind", "text"),
+    [
+        ("bad", InvokeBadRequest, KIND_BAD_REQUEST, "field 'qty' must be an int"),
+        ("unknown", UnknownEntryError, KIND_UNKNOWN_ENTRY, "no entry 'nope'"),
+        ("app", SliceAppError, KIND_APP_ERROR, "ValueError: boom"),
+    ],
+)
+async def test_non_retryable_errors_surface_immediately(
+    where: str, case: str, exc_type: type[InvokeError], kind: str, text: str
+) -> None:
+    active = ("B", "C") if where == "remote" else ("A", "B", "C")
+    net = make_net("A", "B", "C", active_on=active)
+    for n in net.nodes.values():
+        n.slices.handlers["bad"] = _raise_bad
+        n.slices.handlers["app"] = _raise_app
+        for m in ("bad", "app", "nope"):
+            if n.id in active:
+                net.registry.add(n.id, method=m)
+    method = {"bad": "bad", "unknown": "nope", "app": "app"}[case]
+    a = net.nodes["A"]
+    with pytest.raises(exc_type) as info:
+        await a.invoker.invoke(TARGET, method, b"", request_id="rid-1")
+    err = info.value
+    assert err.kind == kind
+    assert text in str(err) and method in str(err) and "rid-1" in str(err)
+    assert err.attempts == 1 and a.invoker.stats.retries == 0
+    if where == "remote":
+        assert err.node == "B" and len(net.requests_to("C")) == 0
+    else:
+        assert err.node == "A" and net.sent == []
+
+
+async def test_server_deadline_is_not_retried() -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"), attempt_timeout=None)
+
+    async def slow(node: str, payload: bytes) -> bytes:
+        await asyncio.sleep(5)
+        return b""
+
+    for n in ("B", "C"):
+        net.nodes[n].slices.handlers["echo"] = slow
+    with pytest.raises(InvokeTimeout) as info:
+        await net.nodes["A"].invoker.invoke(TARGET, "echo", b"", timeout=0.2)
+    assert info.value.attempts == 1
+    assert TARGET in str(info.value) or ART in str(info.value)
+    assert len(net.requests_to("C")) == 0
+
+
+async def test_deadline_raises_invoke_timeout_naming_the_call() -> None:
+    net = make_net("A", "B")  # nothing ACTIVE anywhere
+    a = net.nodes["A"]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(InvokeTimeout) as info:
+        await a.invoker.invoke(TARGET, "echo", b"", timeout=0.25, request_id="r-42")
+    elapsed = loop.time() - t0
+    assert 0.24 <= elapsed < 1.0
+    msg = str(info.value)
+    assert TARGET in msg and "echo" in msg and "0 attempt" in msg and "r-42" in msg
+    assert "no ACTIVE instance" in msg
+    assert isinstance(info.value, AetherError)
+
+
+async def test_deadline_names_attempts_and_last_error() -> None:
+    net = make_net("A", "B", active_on=("B",), attempt_timeout=0.05)
+    net.blackhole.add("B")
+    with pytest.raises(InvokeTimeout) as info:
+        await net.nodes["A"].invoker.invoke(TARGET, "echo", b"", timeout=0.3)
+    msg = str(info.value)
+    assert info.value.attempts >= 2 and f"{info.value.attempts} attempt" in msg
+    assert "no response within" in msg and "B" in msg
+    assert net.nodes["A"].invoker.pending_count == 0
+
+
+async def test_local_call_deadline() -> None:
+    net = make_net("A", active_on=("A",))
+
+    async def slow(node: str, payload: bytes) -> bytes:
+        await asyncio.sleep(5)
+        return b""
+
+    net.nodes["A"].slices.handlers["echo"] = slow
+    with pytest.raises(InvokeTimeout):
+        await net.nodes["A"].invoker.invoke(TARGET, "echo", b"", timeout=0.1)
+
+
+async def test_timeout_error_raised_by_the_slice_is_an_app_error() -> None:
+    net = make_net("A", "B", active_on=("A", "B"))
+
+    async def own_timeout(node: str, payload: bytes) -> bytes:
+        raise TimeoutError("backend did not answer")
+
+    for n in ("A", "B"):
+        net.nodes[n].slices.handlers["echo"] = own_timeout
+    with pytest.raises(SliceAppError, match="TimeoutError: backend did not answer"):
+        await net.nodes["A"].invoker.invoke(TARGET, "echo", b"")
+    net.nodes["A"].slices.active.clear()
+    with pytest.raises(SliceAppError, match="TimeoutError: backend did not answer"):
+        await net.nodes["A"].invoker.invoke(TARGET, "echo", b"")
+
+
+# ---------------------------------------------------------------------------------------------
+# request ids
+
+
+@pytest.mark.parametrize("where", ["remote", "local"])
+async def test_request_id_propagates_into_the_contextvar(where: str) -> None:
+    net = make_net("A", "B", active_on=("B",) if where == "remote" else ("A",))
+    a = net.nodes["A"]
+    calls = (net.nodes["B"] if where == "remote" else a).slices.calls
+    # explicit
+    await a.invoker.invoke(TARGET, "echo", b"", request_id="explicit-1")
+    assert calls[-1][3] == "explicit-1"
+    # from the caller's context
+    token = VAR.set("from-context")
+    try:
+        await a.invoker.invoke(TARGET, "echo", b"")
+    finally:
+        VAR.reset(token)
+    assert calls[-1][3] == "from-context"
+    # generated
+    await a.invoker.invoke(TARGET, "echo", b"")
+    rid = calls[-1][3]
+    assert isinstance(rid, str) and len(rid) == 16 and int(rid, 16) >= 0
+    if where == "remote":
+        assert [r.request_id for r in net.requests_to("B")] == ["explicit-1", "from-context", rid]
+    assert VAR.get() is None  # the caller's context is left as it was
+
+
+async def test_request_id_var_found_lazily_in_slices_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    var: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_request_id", default=None)
+    fake = types.ModuleType("aether.slices.api")
+    fake.current_request_id = var  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "aether.slices.api", fake)
+    seen: list[str | None] = []
+
+    class Slices(FakeSlices):
+        async def call(
+            self, artifact: str, method: str, payload: bytes, *, instance: int | None = None
+        ) -> bytes:
+            seen.append(var.get())
+            return b"ok"
+
+    reg = FakeRegistry()
+    reg.add("B")
+    net = FakeNet(registry=reg)
+    link_a, link_b = FakeLink(net, "A"), FakeLink(net, "B")
+    inv_a = Invoker("A", FakeSlices("A"), reg, link_a)  # no request_id_var: looked up lazily
+    srv_a = InvokeServer("A", FakeSlices("A"), link_a, invoker=inv_a)
+    srv_b = InvokeServer("B", Slices("B"), link_b)
+    for nid, srv in (("A", srv_a), ("B", srv_b)):
+        net.nodes[nid] = FakeNode(nid, FakeSlices(nid), FakeLink(net, nid), MessageRouter(), inv_a, srv)
+    token = var.set("ctx-rid")
+    try:
+        assert await inv_a.invoke(TARGET, "echo", b"") == b"ok"
+    finally:
+        var.reset(token)
+    assert seen == ["ctx-rid"]
+
+
+async def test_invoke_works_without_the_slices_contextvar(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "aether.slices.api", None)  # import fails
+    net = FakeNet()
+    net.registry.add("B")
+    for nid in ("A", "B"):
+        slices = FakeSlices(nid)
+        link = FakeLink(net, nid)
+        inv = Invoker(nid, slices, net.registry, link)
+        srv = InvokeServer(nid, slices, link, invoker=inv)
+        net.nodes[nid] = FakeNode(nid, slices, link, MessageRouter(), inv, srv)
+    net.nodes["B"].slices.active.add(ART)
+    assert await net.nodes["A"].invoker.invoke(TARGET, "echo", b"x") == b"B:x"
+    assert len(net.requests_to("B")[0].request_id) == 16
+
+
+async def test_retry_is_logged_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    net = make_net("A", "B", "C", active_on=("B", "C"))
+    net.nodes["B"].slices.active.clear()
+    a = net.nodes["A"]
+    with caplog.at_level(logging.DEBUG, logger="aether.invoke"):
+        for i in range(6):
+            await a.invoker.invoke(TARGET, "echo", b"", request_id=f"trace-{i}")
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "retrying" in r.getMessage()]
+    assert len(warnings) == 1  # rate limited
+    assert "trace-0" in warnings[0].getMessage() and "no_instance" in warnings[0].getMessage()
+    attempts = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG and "attempt" in r.getMessage()
+    ]
+    assert any("trace-3" in m and TARGET in m and "echo" in m and " on C" in m for m in attempts)
+
+
+# ---------------------------------------------------------------------------------------------
+# invoker plumbing
+
+
+async def test_close_fails_pending_calls_and_rejects_new_ones() -> None:
+    net = make_net("A", "B", active_on=("B",))
+    net.blackhole.add("B")
+    a = net.nodes["A"]
+    call = asyncio.create_task(a.invoker.invoke(TARGET, "echo", b""))
+    await asyncio.sleep(0.02)
+    a.invoker.close()
+    with pytest.raises(InvokerClosed):
+        await call
+    with pytest.raises(InvokerClosed):
+        await a.invoker.invoke(TARGET, "echo", b"")
+    assert a.invoker.pending_count == 0
+    net.kill("B")  # the router subscription is gone: nothing happens
+
+
+async def test_response_from_another_node_is_ignored() -> None:
+    net = make_net("A", "B", "C", active_on=("B",), attempt_timeout=0.2)
+    net.blackhole.add("B")
+    a = net.nodes["A"]
+    call = asyncio.create_task(a.invoker.invoke(TARGET, "echo", b"", timeout=0.5))
+    await asyncio.sleep(0.02)
+    (req,) = net.requests_to("B")
+    a.server.dispatch("C", InvokeResponse(req.id, b"forged", None, None))
+    a.server.dispatch("B", InvokeResponse(req.id + 1000, b"stray", None, None))
+    await asyncio.sleep(0.02)
+    assert not call.done()
+    a.server.dispatch("B", InvokeResponse(req.id, b"real", None, None))
+    assert await call == b"real"
+
+
+async def test_cancelled_call_cleans_up() -> None:
+    net = make_net("A", "B", active_on=("B",))
+    net.blackhole.add("B")
+    a = net.nodes["A"]
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await a.invoker.invoke(TARGET, "echo", b"")
+    assert a.invoker.pending_count == 0
+
+
+async def test_invalid_settings_are_rejected() -> None:
+    net = FakeNet()
+    link = FakeLink(net, "A")
+    with pytest.raises(ValueError):
+        Invoker("A", FakeSlices("A"), net.registry, link, default_timeout=0)
+    with pytest.raises(ValueError):
+        Invoker("A", FakeSlices("A"), net.registry, link, attempt_timeout=0)
+    with pytest.raises(ValueError):
+        Invoker("A", FakeSlices("A"), net.registry, link, backoff_min=0.5, backoff_max=0.1)
+    with pytest.raises(ValueError):
+        InvokeServer("A", FakeSlices("A"), link, max_in_flight=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# server
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.out: list[tuple[str, InvokeResponse]] = []
+        self.up = True
+
+    def send(self, peer: str, msg: object) -> bool:
+        assert isinstance(msg, InvokeResponse)
+        if not self.up:
+            return False
+        self.out.append((peer, msg))
+        return True
+
+    def by_id(self) -> dict[int, InvokeResponse]:
+        return {m.id: m for _, m in self.out}
+
+
+async def wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.005)
+
+
+def blocking_slices(gate: asyncio.Event) -> FakeSlices:
+    slices = FakeSlices("S")
+    slices.active.add(ART)
+
+    async def wait_gate(node: str, payload: bytes) -> bytes:
+        await gate.wait()
+        return b"done"
+
+    slices.handlers["echo"] = wait_gate
+    return slices
+
+
+async def test_server_maps_outcomes_to_kinds(caplog: pytest.LogCaptureFixture) -> None:
+    slices = FakeSlices("S")
+    slices.active.add(ART)
+    slices.handlers["bad"] = _raise_bad
+    slices.handlers["app"] = _raise_app
+    cap = Capture()
+    srv = InvokeServer("S", slices, cap, request_id_var=VAR)
+    with caplog.at_level(logging.ERROR, logger="aether.invoke"):
+        srv.on_request("X", InvokeRequest(1, ART, "echo", b"hi", "r1", 1000))
+        srv.on_request("X", InvokeRequest(2, ART, "bad", b"", "r2", 1000))
+        srv.on_request("X", InvokeRequest(3, ART, "nope", b"", "r3", 1000))
+        srv.on_request("X", InvokeRequest(4, ART, "app", b"", "r4", 1000))
+        srv.on_request("X", InvokeRequest(5, OTHER, "echo", b"", "r5", 1000))
+        srv.on_request("X", InvokeRequest(6, ART, "echo", b"", "r6", 0))
+        await wait_for(lambda: len(cap.out) == 6)
+    r = cap.by_id()
+    assert r[1] == InvokeResponse(1, b"S:hi", None, None)
+    assert (r[2].kind, r[2].error) == (KIND_BAD_REQUEST, "BadRequest: field 'qty' must be an int")
+    assert r[3].kind == KIND_UNKNOWN_ENTRY
+    assert (r[4].kind, r[4].error) == (KIND_APP_ERROR, "ValueError: boom")
+    assert r[5].kind == KIND_NO_INSTANCE
+    assert r[6].kind == KIND_DEADLINE
+    assert all(peer == "X" for peer, _ in cap.out)
+    (rec,) = [rec for rec in caplog.records if rec.levelno == logging.ERROR]
+    assert "r4" in rec.getMessage() and rec.exc_info is not None and rec.exc_info[0] is ValueError
+    assert [c[3] for c in slices.calls] == ["r1", "r2", "r3", "r4", "r5"]  # contextvar set per request
+
+
+async def test_server_enforces_timeout_ms() -> None:
+    gate = asyncio.Event()
+    cap = Capture()
+    srv = InvokeServer("S", blocking_slices(gate), cap)
+    srv.on_request("X", InvokeRequest(1, ART, "echo", b"", "r1", 50))
+    await wait_for(lambda: len(cap.out) == 1)
+    assert cap.out[0][1].kind == KIND_DEADLINE
+    await wait_for(lambda: srv.in_flight == 0)  # the task ends just after it replied
+
+
+async def test_server_bounds_concurrency() -> None:
+    gate = asyncio.Event()
+    cap = Capture()
+    srv = InvokeServer("S", blocking_slices(gate), cap, max_in_flight=3)
+    for i in range(5):
+        srv.on_request("X", InvokeRequest(i, ART, "echo", b"", f"r{i}", 5000))
+    assert srv.in_flight == 3
+    assert [(m.id, m.kind) for _, m in cap.out] == [(3, KIND_OVERLOADED), (4, KIND_OVERLOADED)]
+    gate.set()
+    await wait_for(lambda: len(cap.out) == 5)
+    assert {m.id: m.payload for _, m in cap.out if m.kind is None} == {0: b"done", 1: b"done", 2: b"done"}
+
+
+async def test_server_stop_waits_for_in_flight_and_rejects_new() -> None:
+    gate = asyncio.Event()
+    cap = Capture()
+    srv = InvokeServer("S", blocking_slices(gate), cap)
+    srv.on_request("X", InvokeRequest(1, ART, "echo", b"", "r1", 5000))
+    stopping = asyncio.create_task(srv.stop(grace=5.0))
+    await asyncio.sleep(0.02)
+    assert not stopping.done()
+    srv.on_request("X", InvokeRequest(2, ART, "echo", b"", "r2", 5000))
+    assert cap.by_id()[2].kind == KIND_SHUTTING_DOWN
+    gate.set()
+    await asyncio.wait_for(stopping, 1.0)
+    assert cap.by_id()[1].payload == b"done"
+
+
+async def test_server_stop_grace_cancels_and_answers_shutting_down() -> None:
+    cap = Capture()
+    srv = InvokeServer("S", blocking_slices(asyncio.Event()), cap)
+    srv.on_request("X", InvokeRequest(1, ART, "echo", b"", "r1", 5000))
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(srv.stop(grace=0.05), 2.0)
+    assert cap.by_id()[1].kind == KIND_SHUTTING_DOWN
+    await wait_for(lambda: srv.in_flight == 0)
+
+
+async def test_server_non_bytes_result_is_an_app_error() -> None:
+    slices = FakeSlices("S")
+    slices.active.add(ART)
+
+    async def wrong(node: str, payload: bytes) -> Any:
+        return "not bytes"
+
+    slices.handlers["echo"] = wrong
+    cap = Capture()
+    srv = InvokeServer("S", slices, cap)
+    srv.on_request("X", InvokeRequest(1, ART, "echo", b"", "r1", 1000))
+    await wait_for(lambda: len(cap.out) == 1)
+    assert cap.out[0][1].kind == KIND_APP_ERROR
+
+
+async def test_dispatch_routes_messages() -> None:
+    net = make_net("A", "B", active_on=("B",))
+    b = net.nodes["B"]
+    cap = Capture()
+    srv = InvokeServer("B", b.slices, cap)  # no invoker: responses are dropped quietly
+    srv.dispatch("A", InvokeResponse(1, b"", None, None))
+    srv.dispatch("A", "garbage")
+    srv.dispatch("A", InvokeRequest(1, ART, "echo", b"q", "r", 1000))
+    await wait_for(lambda: len(cap.out) == 1)
+    assert cap.out[0] == ("A", InvokeResponse(1, b"B:q", None, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# against the real slices package (skipped while it does not exist)
+
+
+async def test_fits_the_real_slices_package() -> None:
+    api = pytest.importorskip("aether.slices.api")
+    errors = pytest.importorskip("aether.slices.errors")
+    net = make_net("A", "B", active_on=("B",))
+    inv = Invoker("A", net.nodes["A"].slices, net.registry, net.nodes["A"].link)
+    assert isinstance(inv, api.Invoker)
+    assert inv._request_id_var() is api.current_request_id
+    assert classify(errors.NoLocalInstance("x")) == KIND_NO_INSTANCE
+    assert classify(errors.UnknownEntry("x")) == KIND_UNKNOWN_ENTRY
+    assert classify(errors.EntryBadRequest("x", entry="E.f")) == KIND_BAD_REQUEST
+    assert classify(errors.ResponseEncodeError("x")) == KIND_APP_ERROR
+    # the real contextvar is set on the server side and flows from the caller's context
+    seen: list[str | None] = []
+
+    async def record(node: str, payload: bytes) -> bytes:
+        seen.append(api.current_request_id.get())
+        return b"ok"
+
+    b_slices = net.nodes["B"].slices
+    b_slices.handlers["echo"] = record
+    net.nodes["B"].server = InvokeServer("B", b_slices, net.nodes["B"].link)
+    net.nodes["A"].server = InvokeServer("A", net.nodes["A"].slices, net.nodes["A"].link, invoker=inv)
+    token = api.current_request_id.set("outer-rid")
+    try:
+        assert await inv.invoke(TARGET, "echo", b"") == b"ok"
+    finally:
+        api.current_request_id.reset(token)
+    assert seen == ["outer-rid"]
