@@ -1,0 +1,103 @@
+"""Slices: the programming model, packaging, repository, loading and the per-node runtime.
+
+Business code imports from here: `Slice`, `entry`, `route`, `SliceContext`. The node and the
+deployment managers use `SliceStore`, `Repository` and `describe_slice`.
+
+Modules: `api` (programming model), `errors`, `wheel` (packaging format), `repository` (local
+repository directory), `libstore` (node-local installed code), `loader` (library resolution and
+import), `store` (`SliceStore`), `testing` (wheel builders and invokers for tests).
+
+Layering: `aether.slices` may import `aether.core` and `aether.kv.keys`; never deploy, invoke or
+node. Importing this package loads only `api` and `errors` (cheap, for slice code); the
+runtime classes are imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aether.slices.api import (
+    EntryInfo,
+    Invoker,
+    ParamInfo,
+    RouteInfo,
+    Slice,
+    SliceContext,
+    SliceInfo,
+    current_request_id,
+    describe_slice,
+    entry,
+    invoke_entry,
+    route,
+)
+from aether.slices.errors import (
+    ArtifactNotFound,
+    EntryBadRequest,
+    InvalidWheel,
+    NoLocalInstance,
+    NotASliceWheel,
+    ResponseEncodeError,
+    SliceCallError,
+    SliceDefinitionError,
+    SliceError,
+    SliceLoadError,
+    SliceStartError,
+    SliceStateError,
+    UnknownEntry,
+)
+
+if TYPE_CHECKING:
+    from aether.slices.loader import ImportSpace
+    from aether.slices.repository import Repository
+    from aether.slices.store import SliceStore
+    from aether.slices.wheel import WheelInfo, inspect_wheel
+
+__all__ = [
+    "ArtifactNotFound",
+    "EntryBadRequest",
+    "EntryInfo",
+    "ImportSpace",
+    "InvalidWheel",
+    "Invoker",
+    "NoLocalInstance",
+    "NotASliceWheel",
+    "ParamInfo",
+    "Repository",
+    "ResponseEncodeError",
+    "RouteInfo",
+    "Slice",
+    "SliceCallError",
+    "SliceContext",
+    "SliceDefinitionError",
+    "SliceError",
+    "SliceInfo",
+    "SliceLoadError",
+    "SliceStartError",
+    "SliceStateError",
+    "SliceStore",
+    "UnknownEntry",
+    "WheelInfo",
+    "current_request_id",
+    "describe_slice",
+    "entry",
+    "inspect_wheel",
+    "invoke_entry",
+    "route",
+]
+
+_LAZY = {
+    "Repository": "aether.slices.repository",
+    "SliceStore": "aether.slices.store",
+    "ImportSpace": "aether.slices.loader",
+    "WheelInfo": "aether.slices.wheel",
+    "inspect_wheel": "aether.slices.wheel",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'aether.slices' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(mod), name)

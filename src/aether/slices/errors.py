@@ -1,0 +1,80 @@
+"""Errors of the slice layer (definition, calls, packaging, loading, running).
+
+Owns the exception types raised by `aether.slices`; imports only `aether.core.errors`.
+Mapping to HTTP (for the router): `BadRequest` and its subclasses -> 400, `UnknownEntry` -> 404,
+`NoLocalInstance` -> 503; everything else is a server-side failure.
+"""
+
+from __future__ import annotations
+
+from aether.core.errors import AetherError, BadRequest
+
+
+class SliceError(AetherError):
+    """Base class of the slice layer's errors."""
+
+
+class SliceDefinitionError(SliceError, TypeError):
+    """A slice class, entry or route is declared wrongly; the message names class, method and problem."""
+
+
+class EntryBadRequest(BadRequest):
+    """A request payload does not fit the entry's request type.
+
+    `entry` names the entry (`Class.method`), `field` the offending field path (e.g. `$.qty`)
+    when the decoder reported one.
+    """
+
+    def __init__(self, message: str, *, entry: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+        self.field = field
+
+
+class UnknownEntry(SliceError):
+    """The slice has no entry of that name."""
+
+
+class NoLocalInstance(SliceError):
+    """No ACTIVE instance of the artifact on this node accepts calls."""
+
+
+class SliceCallError(SliceError):
+    """A slice-to-slice call could not be encoded, sent or its answer decoded."""
+
+
+class ResponseEncodeError(SliceError):
+    """An entry returned a value that cannot be encoded as MessagePack."""
+
+
+class InvalidWheel(BadRequest):
+    """A file is not a usable (slice or library) wheel; the message names the file and the problem."""
+
+
+class NotASliceWheel(InvalidWheel):
+    """A wheel has no `aether.slices` entry point (it is a library wheel)."""
+
+
+class ArtifactNotFound(SliceError):
+    """The repository has no wheel for these coordinates; the message lists available versions."""
+
+
+class SliceLoadError(SliceError):
+    """A slice could not be loaded (missing artifact, library conflict, import failure, bad class)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SliceStartError(SliceError):
+    """`start()` of an instance raised or timed out; `stop()` is not called for that instance."""
+
+    def __init__(self, reason: str, *, instance: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.instance = instance
+
+
+class SliceStateError(SliceError):
+    """A SliceStore operation does not fit the artifact's current state (e.g. activate before load)."""

@@ -1,0 +1,408 @@
+"""Loading slice classes from wheels into this interpreter (SPEC §3.2).
+
+Owns library resolution and importing: `SliceLoader.load(artifact)` resolves the artifact's wheel
+in the repository, installs its code into the node's `LibraryStore`, resolves its library
+requirements, puts the needed `{name}=={version}` directories on `sys.path`, imports the class,
+checks that it subclasses `Slice` and describes it.
+
+Resolution of each requirement (greedy, breadth-first over the slice's `Requires-Dist` and then
+each chosen library's own requirements):
+
+1. a version already loaded in this interpreter (by any slice) is shared if it satisfies the
+   specifier, else the load fails with `SliceLoadError` naming both requirements;
+2. else a distribution installed in the node's own environment is used if it satisfies the
+   specifier, else the load fails (naming the environment's version);
+3. else the highest version in the library store / repository wheelhouse satisfying it is
+   installed (from the package index only with `allow_index=True`).
+
+`sys.path` and `sys.modules` belong to the whole process, so what is loaded is tracked by an
+`ImportSpace`, shared by every node in the process (`default_import_space()`: the one piece of
+module-level state, mirroring `sys.path`). Library directories stay on `sys.path` once added
+(modules imported from them cannot be unimported safely); a slice's code directory and its
+modules are removed when the last node using that wheel unloads it, so a new version of the same
+slice can then be loaded. Two different wheels whose code has the same top-level module (e.g.
+two versions of one slice) cannot be loaded side by side: the second fails with a clear reason
+(isolated worker processes are a later step).
+
+Blocking: `load`/`unload` do file I/O, may run pip and import code; run them in a thread.
+May import: `aether.core`, `aether.slices.*`, `packaging`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion
+from packaging.version import Version as PepVersion
+
+from aether.core.artifact import Artifact
+from aether.slices.api import Slice, SliceInfo, describe_slice
+from aether.slices.errors import (
+    ArtifactNotFound,
+    InvalidWheel,
+    SliceDefinitionError,
+    SliceLoadError,
+)
+from aether.slices.libstore import Candidate, Installer, LibraryStore
+from aether.slices.repository import Repository
+from aether.slices.wheel import WheelInfo, inspect_wheel, sha256_file
+
+__all__ = ["ImportSpace", "LoadedCode", "LoadedLibrary", "LoadedSlice", "SliceLoader", "default_import_space"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedLibrary:
+    """A library version visible to imports in this interpreter."""
+
+    name: str
+    version: PepVersion
+    path: Path | None  # None: the node's own environment
+    first_user: str  # who caused it to be loaded, e.g. "org.example:a:1.0.0 on node-1"
+    first_requirement: str  # and with which requirement, e.g. "tinylib==1.0"
+    users: dict[str, str] = field(default_factory=dict)  # owner -> requirement
+
+    def describe(self) -> str:
+        where = "the node's environment" if self.path is None else f"{self.first_user}"
+        return f"{self.name} {self.version} (loaded for {where}, which requires {self.first_requirement})"
+
+
+@dataclass
+class LoadedCode:
+    """One slice wheel's code directory on sys.path."""
+
+    sha256: str
+    path: Path
+    modules: tuple[str, ...]
+    label: str
+    users: set[str] = field(default_factory=set)
+
+
+class ImportSpace:
+    """What slices have put on `sys.path` / into `sys.modules` of this interpreter (thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.libraries: dict[str, LoadedLibrary] = {}
+        self.code: dict[str, LoadedCode] = {}  # sha256 -> code
+        self.modules: dict[str, str] = {}  # top-level module -> sha256
+        self._base_path = [p for p in sys.path]
+
+    def env_version(self, name: str) -> PepVersion | None:
+        """Version of `name` installed in the node's environment (not in slice library dirs)."""
+        ours = {str(lib.path) for lib in self.libraries.values() if lib.path is not None}
+        ours |= {str(c.path) for c in self.code.values()}
+        path = [p for p in self._base_path if p not in ours]
+        for dist in importlib.metadata.distributions(name=name, path=path):
+            try:
+                return PepVersion(dist.version)
+            except InvalidVersion:
+                return None
+        return None
+
+    def snapshot(self) -> dict[str, str]:
+        """`{library: version}` of every library loaded here (diagnostics)."""
+        with self.lock:
+            return {n: str(lib.version) for n, lib in sorted(self.libraries.items())}
+
+
+_DEFAULT_SPACE = ImportSpace()
+
+
+def default_import_space() -> ImportSpace:
+    """The process-wide import space (sys.path is process-wide too)."""
+    return _DEFAULT_SPACE
+
+
+@dataclass
+class LoadedSlice:
+    artifact: Artifact
+    cls: type[Slice]
+    info: SliceInfo
+    wheel: WheelInfo
+    sha256: str
+    code_dir: Path
+    libraries: dict[str, str]  # name -> version used (from the store or the environment)
+
+
+@dataclass
+class _Planned:
+    name: str
+    version: PepVersion
+    requirement: str
+    requested_by: str
+    candidate: Candidate | None  # None: already loaded or from the environment
+    from_env: bool = False
+
+
+def _contains(req: Requirement, version: PepVersion) -> bool:
+    return req.specifier.contains(version, prereleases=True)
+
+
+def _purge_modules(names: tuple[str, ...]) -> None:
+    for mod in list(sys.modules):
+        top = mod.split(".", 1)[0]
+        if top in names:
+            sys.modules.pop(mod, None)
+
+
+class SliceLoader:
+    """Loads slice classes of one node from a repository (synchronous; call from a thread)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        repository: Repository,
+        data_dir: Path,
+        *,
+        space: ImportSpace | None = None,
+        allow_index: bool = False,
+        installer: Installer = "auto",
+    ) -> None:
+        self.node_id = node_id
+        self.repository = repository
+        self.space = space if space is not None else default_import_space()
+        self.store = LibraryStore(
+            Path(data_dir), repository.libs_dir, allow_index=allow_index, installer=installer
+        )
+        self._loaded: dict[Artifact, LoadedSlice] = {}
+
+    def _owner(self, artifact: Artifact) -> str:
+        return f"{artifact} on {self.node_id}"
+
+    def loaded(self, artifact: Artifact) -> LoadedSlice | None:
+        return self._loaded.get(artifact)
+
+    def load(self, artifact: Artifact) -> LoadedSlice:
+        """Resolve, install and import `artifact`; idempotent. Raises SliceLoadError(reason)."""
+        done = self._loaded.get(artifact)
+        if done is not None:
+            return done
+        try:
+            return self._load(artifact)
+        except SliceLoadError:
+            raise
+        except Exception as e:
+            raise SliceLoadError(f"{artifact} cannot be loaded: {type(e).__name__}: {e}") from e
+
+    def _load(self, artifact: Artifact) -> LoadedSlice:
+        try:
+            wheel_path = self.repository.resolve(artifact)
+            info = inspect_wheel(wheel_path, artifact)
+        except (ArtifactNotFound, InvalidWheel) as e:
+            raise SliceLoadError(str(e)) from None
+        if not info.is_slice or info.slice_class is None:
+            raise SliceLoadError(f"{artifact}: {wheel_path.name} declares no slice class")
+        sha = sha256_file(wheel_path)
+        code_dir = self.store.install_slice_code(wheel_path, sha)
+        owner = self._owner(artifact)
+        space = self.space
+        with space.lock:
+            plan = self._plan(artifact, list(info.requirements))
+            for p in plan:
+                if p.candidate is not None:
+                    self.store.ensure(p.candidate)
+            libraries = self._commit_libraries(owner, plan)
+            try:
+                cls = self._import(artifact, owner, sha, code_dir, info)
+            except BaseException:
+                self._release_libraries(owner)
+                raise
+        try:
+            slice_info = describe_slice(cls)
+        except SliceDefinitionError as e:
+            self.unload(artifact, _force=(owner, sha))
+            raise SliceLoadError(f"{artifact}: {e}") from None
+        loaded = LoadedSlice(artifact, cls, slice_info, info, sha, code_dir, libraries)
+        self._loaded[artifact] = loaded
+        return loaded
+
+    # --- libraries ----------------------------------------------------------------------------------
+
+    def _plan(self, artifact: Artifact, requirements: list[Requirement]) -> list[_Planned]:
+        label = f"{artifact}"
+        chosen: dict[str, _Planned] = {}
+        queue: deque[tuple[Requirement, str]] = deque((r, label) for r in requirements)
+        while queue:
+            req, who = queue.popleft()
+            name = canonicalize_name(req.name)
+            prev = chosen.get(name)
+            if prev is not None:
+                if not _contains(req, prev.version):
+                    raise SliceLoadError(
+                        f"{artifact} cannot be loaded: {who} requires {req}, but {prev.requested_by} "
+                        f"requires {prev.requirement} (resolved to {name} {prev.version})"
+                    )
+                continue
+            loaded = self.space.libraries.get(name)
+            if loaded is not None:
+                if not _contains(req, loaded.version):
+                    raise SliceLoadError(
+                        f"{artifact} cannot be loaded on {self.node_id}: {who} requires {req}, which "
+                        f"conflicts with {loaded.describe()}; a slice with conflicting libraries needs its "
+                        "own worker process (not supported yet)"
+                    )
+                chosen[name] = _Planned(name, loaded.version, str(req), who, None, loaded.path is None)
+                if req.extras and loaded.path is not None:
+                    held = Candidate(name, loaded.version, directory=loaded.path)
+                    queue.extend(
+                        (r, f"{name} {loaded.version}") for r in self.store.requirements_of(held, req.extras)
+                    )
+                continue
+            env = self.space.env_version(name)
+            if env is not None:
+                if not _contains(req, env):
+                    raise SliceLoadError(
+                        f"{artifact} cannot be loaded on {self.node_id}: {who} requires {req}, which "
+                        f"conflicts with {name} {env} installed in the node's environment"
+                    )
+                chosen[name] = _Planned(name, env, str(req), who, None, from_env=True)
+                continue
+            cand = self.store.best(req)
+            if cand is None and self.store.allow_index:
+                cand = self.store.fetch_from_index(req)
+            if cand is None:
+                avail = self.store.available(name)
+                have = f"available: {', '.join(avail)}" if avail else "no version of it is there"
+                raise SliceLoadError(
+                    f"{artifact} cannot be loaded: {who} requires {req}, and no matching version is in the "
+                    f"library store or the wheelhouse {self.store.wheelhouse} ({have}); deploy a matching "
+                    "wheel with `aether artifact deploy WHEEL`"
+                )
+            chosen[name] = _Planned(name, cand.version, str(req), who, cand)
+            queue.extend((r, f"{name} {cand.version}") for r in self.store.requirements_of(cand, req.extras))
+        return list(chosen.values())
+
+    def _commit_libraries(self, owner: str, plan: list[_Planned]) -> dict[str, str]:
+        used: dict[str, str] = {}
+        added = False
+        for p in plan:
+            lib = self.space.libraries.get(p.name)
+            if lib is None:
+                path: Path | None = None
+                if p.candidate is not None:
+                    path = self.store.directory_for(p.name, p.version)
+                    if str(path) not in sys.path:
+                        sys.path.append(str(path))
+                        added = True
+                lib = LoadedLibrary(p.name, p.version, path, owner, p.requirement)
+                self.space.libraries[p.name] = lib
+            lib.users[owner] = p.requirement
+            used[p.name] = str(lib.version)
+        if added:
+            importlib.invalidate_caches()
+        return used
+
+    def _release_libraries(self, owner: str) -> None:
+        for lib in self.space.libraries.values():
+            lib.users.pop(owner, None)
+
+    # --- code ---------------------------------------------------------------------------------------
+
+    def _import(
+        self, artifact: Artifact, owner: str, sha: str, code_dir: Path, info: WheelInfo
+    ) -> type[Slice]:
+        assert info.slice_class is not None
+        module_name, _, attr = info.slice_class.partition(":")
+        modules = tuple(sorted(set(info.top_level) | {module_name.split(".")[0]}))
+        space = self.space
+        for m in modules:
+            other_sha = space.modules.get(m)
+            if other_sha is not None and other_sha != sha:
+                other = space.code[other_sha]
+                raise SliceLoadError(
+                    f"{artifact} cannot be loaded on {self.node_id}: its module {m!r} is already loaded from "
+                    f"another wheel ({other.label}); unload that one first (two versions of one slice's code "
+                    "cannot share a process yet)"
+                )
+            if other_sha is None and m in sys.modules:
+                where = getattr(sys.modules[m], "__file__", None) or "a built-in module"
+                raise SliceLoadError(
+                    f"{artifact} cannot be loaded: its module {m!r} clashes with the module of that name "
+                    f"already imported in this process ({where}); rename the slice's package"
+                )
+        code = space.code.get(sha)
+        if code is None:
+            code = LoadedCode(sha, code_dir, modules, str(artifact))
+            space.code[sha] = code
+            for m in modules:
+                space.modules[m] = sha
+            sys.path.append(str(code_dir))
+            importlib.invalidate_caches()
+        code.users.add(owner)
+        try:
+            module = importlib.import_module(module_name)
+            mod_file = Path(getattr(module, "__file__", "") or "").resolve()
+            if code.path.resolve() not in mod_file.parents:
+                raise SliceLoadError(
+                    f"{artifact}: module {module_name!r} was imported from {mod_file}, not from the slice's "
+                    f"code ({code.path}); another module of that name shadows it"
+                )
+            obj: object = module
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except SliceLoadError:
+            self._release_code(owner, sha)
+            raise
+        except AttributeError:
+            self._release_code(owner, sha)
+            raise SliceLoadError(f"{artifact}: module {module_name!r} has no attribute {attr!r}") from None
+        except (Exception, SystemExit) as e:
+            self._release_code(owner, sha)
+            frames = traceback.extract_tb(e.__traceback__)
+            where = ""
+            if frames and not isinstance(e, SyntaxError):
+                last = frames[-1]
+                where = f" (at {last.filename}:{last.lineno})"
+            raise SliceLoadError(
+                f"{artifact}: importing {module_name} failed: {type(e).__name__}: {e}{where}"
+            ) from None
+        except BaseException:
+            self._release_code(owner, sha)
+            raise
+        if not (isinstance(obj, type) and issubclass(obj, Slice)):
+            self._release_code(owner, sha)
+            raise SliceLoadError(
+                f"{artifact}: {info.slice_class} is not a subclass of aether.slices.Slice (got {obj!r})"
+            )
+        return obj
+
+    def _release_code(self, owner: str, sha: str) -> None:
+        code = self.space.code.get(sha)
+        if code is None:
+            return
+        code.users.discard(owner)
+        if code.users:
+            return
+        del self.space.code[sha]
+        for m in code.modules:
+            if self.space.modules.get(m) == sha:
+                del self.space.modules[m]
+        try:
+            sys.path.remove(str(code.path))
+        except ValueError:
+            pass
+        _purge_modules(code.modules)
+        importlib.invalidate_caches()
+
+    def unload(self, artifact: Artifact, *, _force: tuple[str, str] | None = None) -> None:
+        """Forget the slice: its code leaves sys.path/sys.modules when no other node uses it;
+        its libraries stay on sys.path."""
+        loaded = self._loaded.pop(artifact, None)
+        if loaded is None and _force is None:
+            return
+        owner, sha = _force if _force is not None else (self._owner(artifact), loaded.sha256)  # type: ignore[union-attr]
+        with self.space.lock:
+            self._release_code(owner, sha)
+            self._release_libraries(owner)

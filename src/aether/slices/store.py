@@ -1,0 +1,392 @@
+"""`SliceStore`: the per-node slice runtime that the deployment managers drive (SPEC §3.1-3.3).
+
+Owns, per artifact on one node: the loaded class (through `SliceLoader`), its instance objects,
+their `start()`/`stop()` calls, and local entry calls with in-flight counting for draining.
+It keeps only the facts it needs to be correct (loaded / active, instance ids); the lifecycle
+states, timeouts around each step and the KV bookkeeping are the deployment managers'.
+
+Guarantees (SPEC §3.1): `start()` runs once per instance before it receives a call; calls may run
+concurrently; `deactivate` stops accepting calls, waits (bounded) for in-flight calls, then awaits
+`stop()` once per instance; an instance whose `start()` raised never gets `stop()`.
+
+Blocking work (resolving, unpacking/pip, importing) runs in a thread; `start()`/`stop()` and calls
+run on the event loop. May import: `aether.core`, `aether.slices.*`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from aether.core.artifact import Artifact
+from aether.slices.api import (
+    Invoker,
+    Slice,
+    SliceContext,
+    SliceInfo,
+    current_request_id,
+    invoke_entry,
+    normalize_target,
+)
+from aether.slices.errors import NoLocalInstance, SliceStartError, SliceStateError, UnknownEntry
+from aether.slices.libstore import Installer
+from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
+from aether.slices.repository import Repository
+
+__all__ = ["SliceStore"]
+
+
+@dataclass(eq=False)
+class _Instance:
+    id: int
+    obj: Slice
+    inflight: int = 0
+    accepting: bool = True
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+@dataclass(eq=False)
+class _Entry:
+    loaded: LoadedSlice
+    state: Literal["loaded", "active"] = "loaded"
+    instances: dict[int, _Instance] = field(default_factory=dict)
+    rr: itertools.count[int] = field(default_factory=itertools.count)
+
+
+class SliceStore:
+    """Loads, runs and calls the slices of one node.
+
+    `config_for(artifact)` gives each instance's `context.config` (default: `{}`); `space` is the
+    interpreter's import bookkeeping (default: the process-wide one); `allow_index` lets the
+    node install libraries from the package index when the wheelhouse has no match;
+    `start_timeout` bounds each `start()` (None: unbounded here, the managers time the step);
+    `stop_timeout` bounds each `stop()`.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        repository: Repository,
+        data_dir: Path,
+        invoker: Invoker,
+        *,
+        logger: logging.Logger | None = None,
+        config_for: Callable[[Artifact], dict[str, Any]] | None = None,
+        space: ImportSpace | None = None,
+        allow_index: bool = False,
+        installer: Installer = "auto",
+        start_timeout: float | None = None,
+        stop_timeout: float = 5.0,
+    ) -> None:
+        self.node_id = node_id
+        self.repository = repository
+        self.data_dir = Path(data_dir)
+        self.invoker = invoker
+        self.log = logger or logging.getLogger("aether.slices.store")
+        self.config_for = config_for
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.loader = SliceLoader(
+            node_id, repository, self.data_dir, space=space, allow_index=allow_index, installer=installer
+        )
+        self._entries: dict[Artifact, _Entry] = {}
+        self._locks: dict[Artifact, asyncio.Lock] = {}
+
+    def _lock(self, artifact: Artifact) -> asyncio.Lock:
+        lock = self._locks.get(artifact)
+        if lock is None:
+            lock = self._locks[artifact] = asyncio.Lock()
+        return lock
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def load(self, artifact: Artifact) -> SliceInfo:
+        """Resolve the wheel, install its code and libraries, import and describe the class.
+
+        Idempotent. Raises `SliceLoadError(reason)`.
+        """
+        async with self._lock(artifact):
+            e = self._entries.get(artifact)
+            if e is not None:
+                return e.loaded.info
+            loaded = await asyncio.to_thread(self.loader.load, artifact)
+            self._entries[artifact] = _Entry(loaded)
+            self.log.info("%s: loaded %s (%s)", self.node_id, artifact, loaded.info.name)
+            return loaded.info
+
+    async def activate(self, artifact: Artifact, instances: list[int]) -> None:
+        """Create one object per instance id, set its context, await `start()` on each.
+
+        All or nothing: if a `start()` raises (or times out), the instances that did start are
+        stopped, the artifact stays loaded and `SliceStartError(reason)` is raised (no `stop()` for
+        the failed one). On an already active artifact this is `set_instances`.
+        """
+        async with self._lock(artifact):
+            e = self._require(artifact)
+            if e.state == "active":
+                await self._set_instances(e, instances, 5.0)
+                return
+            started = await self._start_instances(e, sorted(set(instances)))
+            e.instances = {i.id: i for i in started}
+            e.state = "active"
+            self.log.info("%s: activated %s instances %s", self.node_id, artifact, sorted(e.instances))
+
+    async def set_instances(
+        self, artifact: Artifact, instances: list[int], *, drain_timeout: float = 5.0
+    ) -> None:
+        """Scale an ACTIVE artifact to exactly `instances`: start new ids (all or nothing, as in
+        `activate`), then drain (up to `drain_timeout` s) and stop the removed ids."""
+        async with self._lock(artifact):
+            e = self._require(artifact)
+            if e.state != "active":
+                raise SliceStateError(f"{artifact} is not active on {self.node_id}; activate it first")
+            await self._set_instances(e, instances, drain_timeout)
+
+    async def deactivate(self, artifact: Artifact, drain_timeout: float = 5.0) -> None:
+        """Stop accepting calls, wait up to `drain_timeout` s for in-flight calls, then `stop()` each
+        instance once (errors and timeouts are logged). The artifact stays loaded. Idempotent."""
+        async with self._lock(artifact):
+            e = self._entries.get(artifact)
+            if e is None or e.state != "active":
+                return
+            insts = list(e.instances.values())
+            for i in insts:
+                i.accepting = False
+            await self._drain(e.loaded.artifact, insts, drain_timeout)
+            await asyncio.gather(*(self._stop_one(e, i) for i in insts))
+            e.instances = {}
+            e.state = "loaded"
+            self.log.info("%s: deactivated %s", self.node_id, artifact)
+
+    async def unload(self, artifact: Artifact) -> None:
+        """Forget the class (deactivating first if needed). The slice's code leaves sys.path when no
+        other node in this process uses it; library directories stay on sys.path. Idempotent."""
+        if artifact in self._entries and self._entries[artifact].state == "active":
+            await self.deactivate(artifact)
+        async with self._lock(artifact):
+            e = self._entries.pop(artifact, None)
+            if e is None:
+                return
+            await asyncio.to_thread(self.loader.unload, artifact)
+            self.log.info("%s: unloaded %s", self.node_id, artifact)
+
+    async def close(self, drain_timeout: float = 5.0) -> None:
+        """Deactivate and unload everything (node shutdown)."""
+        for a in list(self._entries):
+            with contextlib.suppress(Exception):
+                await self.deactivate(a, drain_timeout)
+            with contextlib.suppress(Exception):
+                await self.unload(a)
+
+    # --- queries ------------------------------------------------------------------------------------
+
+    def info(self, artifact: Artifact) -> SliceInfo | None:
+        e = self._entries.get(artifact)
+        return e.loaded.info if e is not None else None
+
+    def state(self, artifact: Artifact) -> Literal["loaded", "active"] | None:
+        e = self._entries.get(artifact)
+        return e.state if e is not None else None
+
+    def artifacts(self) -> dict[Artifact, str]:
+        """Every artifact known here with its state (`loaded` or `active`)."""
+        return {a: e.state for a, e in sorted(self._entries.items())}
+
+    def local_instances(self, artifact_name_or_coords: str | Artifact) -> list[int]:
+        """Ids of the ACTIVE instances here that accept calls (for `group:artifact`: every version)."""
+        return sorted(
+            i.id for e in self._matching(artifact_name_or_coords) for i in e.instances.values() if i.accepting
+        )
+
+    # --- calls --------------------------------------------------------------------------------------
+
+    async def call(
+        self,
+        artifact: Artifact | str,
+        method: str,
+        payload: bytes,
+        *,
+        instance: int | None = None,
+        request_id: str | None = None,
+    ) -> bytes:
+        """Invoke `method` on a local ACTIVE instance (round-robin unless `instance` is given).
+
+        `artifact` is coordinates or `group:artifact` (then the highest active version here).
+        Raises `NoLocalInstance`, `UnknownEntry`, `EntryBadRequest` (a BadRequest); errors raised by
+        the entry itself propagate. `request_id` (if given) is set as `current_request_id`.
+        """
+        e, inst = self._pick(artifact, instance)
+        entry = e.loaded.info.entries.get(method)
+        if entry is None:
+            raise UnknownEntry(
+                f"{e.loaded.artifact} has no entry {method!r}; "
+                f"entries: {', '.join(sorted(e.loaded.info.entries))}"
+            )
+        inst.inflight += 1
+        inst.idle.clear()
+        token = current_request_id.set(request_id) if request_id is not None else None
+        try:
+            return await invoke_entry(inst.obj, method, payload)
+        finally:
+            if token is not None:
+                current_request_id.reset(token)
+            inst.inflight -= 1
+            if inst.inflight == 0:
+                inst.idle.set()
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _require(self, artifact: Artifact) -> _Entry:
+        e = self._entries.get(artifact)
+        if e is None:
+            raise SliceStateError(f"{artifact} is not loaded on {self.node_id}; load it first")
+        return e
+
+    def _matching(self, target: str | Artifact) -> list[_Entry]:
+        if isinstance(target, Artifact):
+            e = self._entries.get(target)
+            return [e] if e is not None and e.state == "active" else []
+        t = normalize_target(target)
+        if t.count(":") == 2:
+            return self._matching(Artifact.parse(t))
+        found = [e for a, e in self._entries.items() if a.name == t and e.state == "active"]
+        return sorted(found, key=lambda e: e.loaded.artifact.version, reverse=True)
+
+    def _pick(self, target: Artifact | str, instance: int | None) -> tuple[_Entry, _Instance]:
+        for e in self._matching(target):
+            if instance is not None:
+                inst = e.instances.get(instance)
+                if inst is not None and inst.accepting:
+                    return e, inst
+                continue
+            cands = [i for i in e.instances.values() if i.accepting]
+            if cands:
+                return e, cands[next(e.rr) % len(cands)]
+        which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
+        raise NoLocalInstance(f"no active {which} on {self.node_id}")
+
+    def _context(self, artifact: Artifact, instance: int) -> SliceContext:
+        config = dict(self.config_for(artifact)) if self.config_for is not None else {}
+        return SliceContext(
+            artifact=artifact,
+            node_id=self.node_id,
+            instance=instance,
+            logger=logging.getLogger(f"aether.slice.{artifact.group}.{artifact.artifact}"),
+            config=config,
+            invoker=self.invoker,
+        )
+
+    async def _start_one(self, e: _Entry, iid: int) -> _Instance:
+        artifact = e.loaded.artifact
+        try:
+            obj = e.loaded.cls()
+        except Exception as exc:
+            raise SliceStartError(
+                f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", instance=iid
+            ) from exc
+        obj.context = self._context(artifact, iid)
+        try:
+            if self.start_timeout is not None:
+                await asyncio.wait_for(obj.start(), self.start_timeout)
+            else:
+                await obj.start()
+        except TimeoutError:
+            raise SliceStartError(
+                f"start() of {artifact} instance {iid} did not finish within {self.start_timeout} s",
+                instance=iid,
+            ) from None
+        except Exception as exc:
+            raise SliceStartError(
+                f"start() of {artifact} instance {iid} raised {type(exc).__name__}: {exc}", instance=iid
+            ) from exc
+        return _Instance(iid, obj)
+
+    async def _start_instances(self, e: _Entry, ids: list[int]) -> list[_Instance]:
+        if not ids:
+            return []
+        tasks = [asyncio.create_task(self._start_one(e, iid)) for iid in ids]
+        try:
+            await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+            started = [t.result() for t in tasks if not t.cancelled() and t.exception() is None]
+            await asyncio.gather(*(self._stop_one(e, i) for i in started))
+            raise
+        started = [t.result() for t in tasks if t.exception() is None]
+        failures = [t.exception() for t in tasks if t.exception() is not None]
+        if failures:
+            await asyncio.gather(*(self._stop_one(e, i) for i in started))
+            first = failures[0]
+            for f in failures:
+                self.log.warning("%s: %s", self.node_id, f)
+            if isinstance(first, SliceStartError):
+                raise first
+            raise SliceStartError(f"starting {e.loaded.artifact} failed: {first!r}") from first
+        return started
+
+    async def _stop_one(self, e: _Entry, inst: _Instance) -> None:
+        try:
+            await asyncio.wait_for(inst.obj.stop(), self.stop_timeout)
+        except TimeoutError:
+            self.log.warning(
+                "%s: stop() of %s instance %d did not finish within %s s",
+                self.node_id, e.loaded.artifact, inst.id, self.stop_timeout,
+            )  # fmt: skip
+        except Exception:
+            self.log.exception(
+                "%s: stop() of %s instance %d raised", self.node_id, e.loaded.artifact, inst.id
+            )
+
+    async def _drain(self, artifact: Artifact, insts: list[_Instance], timeout: float) -> None:
+        busy = [i for i in insts if i.inflight]
+        if not busy:
+            return
+        waits = [asyncio.create_task(i.idle.wait()) for i in busy]
+        try:
+            _, pending = await asyncio.wait(waits, timeout=max(0.0, timeout))
+        finally:
+            for w in waits:
+                w.cancel()
+        if pending:
+            left = sum(i.inflight for i in busy)
+            self.log.warning(
+                "%s: %d call(s) to %s still in flight after %.1f s of draining; stopping anyway",
+                self.node_id, left, artifact, timeout,
+            )  # fmt: skip
+
+    async def _set_instances(self, e: _Entry, instances: list[int], drain_timeout: float) -> None:
+        want = set(instances)
+        have = set(e.instances)
+        new = sorted(want - have)
+        gone = sorted(have - want)
+        started = await self._start_instances(e, new)
+        for i in started:
+            e.instances[i.id] = i
+        if gone:
+            removed = [e.instances[g] for g in gone]
+            for i in removed:
+                i.accepting = False
+            await self._drain(e.loaded.artifact, removed, drain_timeout)
+            await asyncio.gather(*(self._stop_one(e, i) for i in removed))
+            for g in gone:
+                e.instances.pop(g, None)
+        if new or gone:
+            self.log.info(
+                "%s: %s instances now %s (+%s -%s)",
+                self.node_id,
+                e.loaded.artifact,
+                sorted(e.instances),
+                new,
+                gone,
+            )

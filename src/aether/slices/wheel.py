@@ -1,0 +1,339 @@
+"""Reading slice and library wheels without importing or installing them (SPEC §3.2).
+
+Owns the packaging format of a slice:
+
+- the slice class: entry point group `aether.slices`, name `group:artifact`, value
+  `module:Class` (e.g. ``"org.example:hello" = "hello_slice:Hello"``); the wheel's version is the
+  artifact version. Exactly one such entry per wheel. A wheel without one is a library wheel.
+- the slices it calls: a TOML descriptor `aether-slice.toml` with one table::
+
+      [dependencies]
+      "org.example:hello" = "^0.1.0"
+
+  shipped as package data in the slice's package (next to the module holding the class: for
+  `greeter_slice:Greeter` that is `greeter_slice/aether-slice.toml`), or in the wheel's
+  `*.dist-info/` directory. setuptools rejects version patterns such as `^0.1.0` as entry-point
+  values, so the descriptor is the format that works with every build backend. An
+  `aether.slice-dependencies` entry-point group (name `group:artifact`, value the pattern), which
+  backends that do not validate entry-point values can write, is read too.
+- library dependencies: ordinary `Requires-Dist`, environment markers evaluated for this
+  interpreter.
+
+May import: `aether.core`, `aether.slices.errors`, `packaging`. No I/O besides reading the zip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from email.parser import HeaderParser
+from pathlib import Path
+
+from packaging.markers import Marker
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.tags import Tag
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion
+from packaging.version import Version as PepVersion
+
+from aether.core.artifact import Artifact, Version, VersionPattern
+from aether.core.errors import BadRequest
+from aether.slices.errors import InvalidWheel, NotASliceWheel
+
+__all__ = [
+    "DEPENDENCIES_GROUP",
+    "DESCRIPTOR_NAME",
+    "SLICES_GROUP",
+    "WheelInfo",
+    "aether_version",
+    "evaluate_requirements",
+    "inspect_wheel",
+    "parse_entry_points",
+    "sha256_file",
+]
+
+SLICES_GROUP = "aether.slices"
+DEPENDENCIES_GROUP = "aether.slice-dependencies"
+DESCRIPTOR_NAME = "aether-slice.toml"
+_MAX_META = 4 * 1024 * 1024  # bytes read from one metadata file at most
+_OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclass(frozen=True)
+class WheelInfo:
+    """What a wheel declares. `coords`/`slice_class` are None for a library wheel."""
+
+    path: Path
+    dist_name: str
+    dist_version: str
+    tags: frozenset[Tag]
+    pure: bool
+    coords: Artifact | None
+    slice_class: str | None
+    dependencies: dict[str, VersionPattern] = field(default_factory=dict)
+    requires_dist: tuple[str, ...] = ()
+    requirements: tuple[Requirement, ...] = ()
+    top_level: tuple[str, ...] = ()
+
+    @property
+    def is_slice(self) -> bool:
+        return self.slice_class is not None
+
+    @property
+    def canonical_name(self) -> str:
+        return canonicalize_name(self.dist_name)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def aether_version(text: str) -> Version:
+    """Convert a wheel (PEP 440) version to an Aether version.
+
+    `1.2.3` stays; pre-releases and dev releases become qualifiers (`1.0.0rc1` -> `1.0.0-rc1`,
+    `1.0.0.dev2` -> `1.0.0-dev2`). Post-releases, epochs, local versions and more than three
+    release numbers cannot be expressed: BadRequest (deploy with explicit coordinates instead).
+    """
+    try:
+        return Version.parse(text)
+    except BadRequest:
+        pass
+    try:
+        v = PepVersion(text)
+    except InvalidVersion:
+        raise BadRequest(f"invalid version {text!r}") from None
+    if v.epoch or v.post is not None or v.local or len(v.release) > 3:
+        raise BadRequest(
+            f"wheel version {text!r} has no Aether equivalent (MAJOR.MINOR.PATCH[-QUALIFIER]); "
+            "pass explicit coordinates (--coords GROUP:ARTIFACT:VERSION)"
+        )
+    rel = list(v.release) + [0] * (3 - len(v.release))
+    qual = ""
+    if v.pre is not None:
+        qual = f"{v.pre[0]}{v.pre[1]}"
+    if v.dev is not None:
+        qual = f"{qual}.dev{v.dev}" if qual else f"dev{v.dev}"
+    return Version(rel[0], rel[1], rel[2], qual)
+
+
+def parse_entry_points(text: str) -> dict[str, dict[str, str]]:
+    """Parse `entry_points.txt` (INI-like; names may contain ':' so configparser cannot be used)."""
+    groups: dict[str, dict[str, str]] = {}
+    current: dict[str, str] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = groups.setdefault(line[1:-1].strip(), {})
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or current is None:
+            continue
+        current[name.strip()] = value.strip()
+    return groups
+
+
+def evaluate_requirements(
+    raw: Iterable[str],
+    *,
+    extras: Iterable[str] = (),
+    environment: Mapping[str, str] | None = None,
+    source: str = "",
+) -> list[Requirement]:
+    """Parse `Requires-Dist` lines; keep those whose markers hold here (for the given extras)."""
+    wanted = [""] + [canonicalize_name(e) for e in extras]
+    out: list[Requirement] = []
+    for line in raw:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement as e:
+            raise InvalidWheel(f"{source}: invalid Requires-Dist {line!r}: {e}") from None
+        if req.marker is not None and not _marker_holds(req.marker, wanted, environment):
+            continue
+        req.marker = None
+        out.append(req)
+    return out
+
+
+def _marker_holds(marker: Marker, extras: list[str], environment: Mapping[str, str] | None) -> bool:
+    for extra in extras:
+        env = dict(environment or {})
+        env["extra"] = extra
+        if marker.evaluate(env):
+            return True
+    return False
+
+
+def _read(zf: zipfile.ZipFile, name: str, path: Path) -> str:
+    info = zf.getinfo(name)
+    if info.file_size > _MAX_META:
+        raise InvalidWheel(f"{path}: {name} is too large ({info.file_size} bytes)")
+    try:
+        return zf.read(name).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidWheel(f"{path}: {name} is not UTF-8 text") from None
+
+
+def _parse_descriptor(text: str, where: str) -> dict[str, str]:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidWheel(f"{where}: invalid TOML: {e}") from None
+    unknown = sorted(set(doc) - {"dependencies"})
+    if unknown:
+        raise InvalidWheel(f"{where}: unknown key(s) {', '.join(unknown)}; only [dependencies] is allowed")
+    deps = doc.get("dependencies", {})
+    if not isinstance(deps, dict) or not all(isinstance(v, str) for v in deps.values()):
+        raise InvalidWheel(
+            f'{where}: [dependencies] must map "group:artifact" to a version pattern string, '
+            'e.g. "org.example:hello" = "^0.1.0"'
+        )
+    return dict(deps)
+
+
+def _top_level(names: list[str], dist_info: str, zf: zipfile.ZipFile, path: Path) -> tuple[str, ...]:
+    tl = f"{dist_info}/top_level.txt"
+    if tl in names:
+        return tuple(sorted({ln.strip() for ln in _read(zf, tl, path).splitlines() if ln.strip()}))
+    tops: set[str] = set()
+    for n in names:
+        head, _, rest = n.partition("/")
+        if head.endswith((".dist-info", ".data")):
+            continue
+        if rest and head.isidentifier():
+            tops.add(head)
+        elif not rest and head.endswith(".py") and head[:-3].isidentifier():
+            tops.add(head[:-3])
+    return tuple(sorted(tops))
+
+
+def inspect_wheel(path: Path | str, coords: Artifact | str | None = None) -> WheelInfo:
+    """Read a wheel's declarations (no import, no install).
+
+    `coords` overrides the coordinates taken from the `aether.slices` entry point and the wheel
+    version. Raises `InvalidWheel` (a BadRequest) naming the file and the problem; for a library
+    wheel given explicit `coords`, `NotASliceWheel`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidWheel(f"{path}: no such file")
+    try:
+        _, _, _, tags = parse_wheel_filename(path.name)
+    except InvalidWheelFilename as e:
+        raise InvalidWheel(f"{path}: not a wheel file name ({e})") from None
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InvalidWheel(f"{path}: not a wheel (not a zip archive: {e})") from None
+    with zf:
+        names = zf.namelist()
+        metas = sorted({n.split("/")[0] for n in names if re.match(r"^[^/]+\.dist-info/METADATA$", n)})
+        if not metas:
+            raise InvalidWheel(f"{path}: not a wheel (no *.dist-info/METADATA)")
+        if len(metas) > 1:
+            raise InvalidWheel(f"{path}: several .dist-info directories ({', '.join(metas)})")
+        di = metas[0]
+        meta = HeaderParser().parsestr(_read(zf, f"{di}/METADATA", path))
+        dist_name = meta.get("Name")
+        dist_version = meta.get("Version")
+        if not dist_name or not dist_version:
+            raise InvalidWheel(f"{path}: METADATA lacks Name or Version")
+        wheel_meta = (
+            HeaderParser().parsestr(_read(zf, f"{di}/WHEEL", path)) if f"{di}/WHEEL" in names else None
+        )
+        pure = bool(wheel_meta and (wheel_meta.get("Root-Is-Purelib", "").strip().lower() == "true"))
+        eps = (
+            parse_entry_points(_read(zf, f"{di}/entry_points.txt", path))
+            if (f"{di}/entry_points.txt" in names)
+            else {}
+        )
+        requires_dist = tuple(meta.get_all("Requires-Dist") or ())
+        requirements = tuple(evaluate_requirements(requires_dist, source=str(path)))
+        top_level = _top_level(names, di, zf, path)
+
+        slices = eps.get(SLICES_GROUP, {})
+        if not slices:
+            if coords is not None:
+                raise NotASliceWheel(
+                    f"{path}: no [{SLICES_GROUP}] entry point, so it is a library wheel and takes no "
+                    "coordinates; a slice wheel declares its class, e.g. "
+                    '"org.example:hello" = "hello_slice:Hello"'
+                )
+            return WheelInfo(
+                path, dist_name, dist_version, frozenset(tags), pure, None, None, {}, requires_dist,
+                requirements, top_level,
+            )  # fmt: skip
+        if len(slices) > 1:
+            listed = ", ".join(f"{k} = {v}" for k, v in slices.items())
+            raise InvalidWheel(
+                f"{path}: several [{SLICES_GROUP}] entry points ({listed}); a wheel holds one slice"
+            )
+        ((ep_name, ep_value),) = slices.items()
+        if not _OBJECT_REF.match(ep_value):
+            raise InvalidWheel(
+                f"{path}: [{SLICES_GROUP}] {ep_name} = {ep_value!r}: the value must be module:Class"
+            )
+        if coords is None:
+            if ep_name.count(":") != 1:
+                raise InvalidWheel(
+                    f"{path}: [{SLICES_GROUP}] entry name {ep_name!r} must be GROUP:ARTIFACT, "
+                    "e.g. org.example:hello"
+                )
+            try:
+                version = aether_version(dist_version)
+                art = Artifact.parse(f"{ep_name}:{version}")
+            except BadRequest as e:
+                raise InvalidWheel(f"{path}: bad coordinates: {e}") from None
+        else:
+            try:
+                art = coords if isinstance(coords, Artifact) else Artifact.parse(coords)
+            except BadRequest as e:
+                raise InvalidWheel(f"bad coordinates: {e}") from None
+
+        declared: dict[str, tuple[str, str]] = {}  # name -> (pattern text, where)
+        module = ep_value.split(":")[0]
+        mod_path = module.replace(".", "/")
+        candidates = [f"{di}/{DESCRIPTOR_NAME}"]
+        if f"{mod_path}/__init__.py" in names:
+            candidates.append(f"{mod_path}/{DESCRIPTOR_NAME}")
+        elif "/" in mod_path:
+            candidates.append(f"{mod_path.rsplit('/', 1)[0]}/{DESCRIPTOR_NAME}")
+        found = [c for c in candidates if c in names]
+        if len(found) > 1:
+            raise InvalidWheel(f"{path}: {' and '.join(found)} both exist; declare slice dependencies once")
+        for c in found:
+            for k, v in _parse_descriptor(_read(zf, c, path), f"{path}!{c}").items():
+                declared[k] = (v, c)
+        for k, v in eps.get(DEPENDENCIES_GROUP, {}).items():
+            if k in declared and declared[k][0].strip() != v.strip():
+                raise InvalidWheel(
+                    f"{path}: dependency {k} declared as {declared[k][0]!r} in {declared[k][1]} and as "
+                    f"{v!r} in [{DEPENDENCIES_GROUP}]"
+                )
+            declared[k] = (v, f"[{DEPENDENCIES_GROUP}]")
+        deps: dict[str, VersionPattern] = {}
+        for k, (v, where) in declared.items():
+            try:
+                if k.strip().count(":") != 1:
+                    raise BadRequest(f"dependency name {k!r} must be GROUP:ARTIFACT, e.g. org.example:hello")
+                dep_name = Artifact.parse(f"{k.strip()}:0.0.0").name
+                pattern = VersionPattern.parse(v)
+            except BadRequest as e:
+                raise InvalidWheel(f"{path}: slice dependency {k} = {v!r} ({where}): {e}") from None
+            if dep_name == art.name:
+                raise InvalidWheel(f"{path}: {art.name} declares a dependency on itself ({where})")
+            deps[dep_name] = pattern
+        return WheelInfo(
+            path, dist_name, dist_version, frozenset(tags), pure, art, ep_value, deps, requires_dist,
+            requirements, top_level,
+        )  # fmt: skip

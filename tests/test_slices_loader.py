@@ -1,0 +1,242 @@
+"""Loader and library store: slices importing libraries from the wheelhouse, sharing, conflicts."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aether.core.artifact import Artifact
+from aether.slices import SliceLoadError
+from aether.slices.loader import ImportSpace, SliceLoader
+from aether.slices.repository import Repository
+from aether.slices.testing import build_library_wheel, build_slice_wheel, isolated_imports
+
+pytestmark = pytest.mark.timeout(60)
+
+USES_TINYLIB = """
+import tinylib
+from aether.slices import Slice, entry
+
+class Uses(Slice):
+    @entry
+    async def version(self) -> str:
+        return tinylib.__version__
+"""
+
+
+@pytest.fixture(autouse=True)
+def _isolated() -> Iterator[None]:
+    with isolated_imports():
+        yield
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    r = Repository(tmp_path / "repo")
+    wh = tmp_path / "built"
+    for v in ("1.0", "2.0"):
+        r.deploy_library(build_library_wheel(wh / v, "tinylib", v))
+    # toplib 1.0 needs tinylib>=2 (a transitive requirement)
+    r.deploy_library(
+        build_library_wheel(
+            wh / "top",
+            "toplib",
+            "1.0",
+            {"toplib/__init__.py": "import tinylib\nTINY = tinylib.__version__\n"},
+            requires=["tinylib>=2"],
+        )
+    )  # fmt: skip
+    return r
+
+
+def deploy(repo: Repository, tmp: Path, coords: str, src: str, requires: list[str], **kw: object) -> Artifact:
+    return repo.deploy(
+        build_slice_wheel(tmp / coords.replace(":", "_"), coords, src, "Uses", None, requires, **kw)
+    )  # type: ignore[arg-type]
+
+
+def tinylib_paths() -> list[str]:
+    return [p for p in sys.path if "tinylib==" in p]
+
+
+def version_of(loaded_cls: type) -> str:
+    import asyncio
+
+    return asyncio.run(loaded_cls().version())  # type: ignore[no-any-return, attr-defined]
+
+
+def test_slice_imports_library_from_wheelhouse(repo: Repository, tmp_path: Path) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    ls = loader.load(a)
+    assert version_of(ls.cls) == "1.0"
+    assert ls.libraries == {"tinylib": "1.0"}
+    assert (tmp_path / "data/libs/tinylib==1.0/tinylib/__init__.py").is_file()
+    assert (tmp_path / f"data/slices/{ls.sha256}/a_slice/__init__.py").is_file()
+    assert ls.code_dir == tmp_path / f"data/slices/{ls.sha256}"
+    assert set(ls.info.entries) == {"version"}
+    assert loader.load(a) is ls  # idempotent
+
+
+def test_highest_matching_version_is_chosen(repo: Repository, tmp_path: Path) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib>=1"], module="a_slice")
+    ls = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace()).load(a)
+    assert version_of(ls.cls) == "2.0"
+
+
+def test_compatible_slices_share_one_version(repo: Repository, tmp_path: Path) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib==1.0"], module="a_slice")
+    b = deploy(repo, tmp_path, "org.example:b:1.0.0", USES_TINYLIB, ["tinylib>=1.0"], module="b_slice")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    la, lb = loader.load(a), loader.load(b)
+    # b would get 2.0 on its own, but shares the 1.0 already loaded
+    assert version_of(la.cls) == version_of(lb.cls) == "1.0"
+    assert lb.libraries == {"tinylib": "1.0"}
+    assert len(tinylib_paths()) == 1
+    assert not (tmp_path / "data/libs/tinylib==2.0").exists()
+
+
+def test_conflicting_slice_fails_naming_both_requirements(repo: Repository, tmp_path: Path) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib==1.0"], module="a_slice")
+    c = deploy(repo, tmp_path, "org.example:c:1.0.0", USES_TINYLIB, ["tinylib>=2"], module="c_slice")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    loader.load(a)
+    with pytest.raises(SliceLoadError) as ei:
+        loader.load(c)
+    msg = ei.value.reason
+    assert "org.example:c:1.0.0" in msg and "tinylib>=2" in msg
+    assert "org.example:a:1.0.0" in msg and "tinylib==1.0" in msg
+    assert "tinylib 1.0" in msg
+    assert "c_slice" not in sys.modules
+    # libraries stay loaded after unloading the slice that brought them (documented)
+    loader.unload(a)
+    with pytest.raises(SliceLoadError, match=r"tinylib==1\.0"):
+        loader.load(c)
+
+
+def test_conflict_across_nodes_in_one_process(repo: Repository, tmp_path: Path) -> None:
+    space = ImportSpace()
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib==1.0"], module="a_slice")
+    c = deploy(repo, tmp_path, "org.example:c:1.0.0", USES_TINYLIB, ["tinylib>=2"], module="c_slice")
+    SliceLoader("node-1", repo, tmp_path / "d1", space=space).load(a)
+    with pytest.raises(SliceLoadError, match=r"org\.example:a:1\.0\.0 on node-1"):
+        SliceLoader("node-2", repo, tmp_path / "d2", space=space).load(c)
+
+
+def test_transitive_requirements(repo: Repository, tmp_path: Path) -> None:
+    src = USES_TINYLIB.replace("return tinylib.__version__", "import toplib\n        return toplib.TINY")
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", src, ["toplib"], module="a_slice")
+    ls = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace()).load(a)
+    assert version_of(ls.cls) == "2.0"
+    assert ls.libraries == {"toplib": "1.0", "tinylib": "2.0"}
+
+
+def test_transitive_conflict_within_one_slice(repo: Repository, tmp_path: Path) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2", "toplib"], module="a_slice")
+    with pytest.raises(SliceLoadError) as ei:
+        SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace()).load(a)
+    assert "toplib 1.0 requires tinylib>=2" in ei.value.reason and "tinylib<2" in ei.value.reason
+
+
+def test_missing_library_lists_available(repo: Repository, tmp_path: Path) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib>=3"], module="a_slice")
+    with pytest.raises(SliceLoadError) as ei:
+        SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace()).load(a)
+    assert "tinylib>=3" in ei.value.reason and "available: 2.0, 1.0" in ei.value.reason
+    assert "aether artifact deploy" in ei.value.reason
+
+
+def test_environment_distributions_are_used_or_conflict(repo: Repository, tmp_path: Path) -> None:
+    ok = deploy(
+        repo,
+        tmp_path,
+        "org.example:a:1.0.0",
+        USES_TINYLIB,
+        ["tinylib==1.0", "msgspec>=0.1"],
+        module="a_slice",
+    )
+    ls = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace()).load(ok)
+    assert "msgspec" in ls.libraries and not list((tmp_path / "data/libs").glob("msgspec*"))
+    bad = deploy(repo, tmp_path, "org.example:b:1.0.0", USES_TINYLIB, ["msgspec<0.1"], module="b_slice")
+    with pytest.raises(SliceLoadError, match=r"msgspec<0\.1.*node's environment"):
+        SliceLoader("node-1", repo, tmp_path / "data2", space=ImportSpace()).load(bad)
+
+
+def test_two_versions_of_one_slice_cannot_share_a_process(repo: Repository, tmp_path: Path) -> None:
+    v1 = USES_TINYLIB.replace("return tinylib.__version__", "return 'v1'")
+    v2 = USES_TINYLIB.replace("return tinylib.__version__", "return 'v2'")
+    a1 = deploy(repo, tmp_path, "org.example:a:1.0.0", v1, ["tinylib"], module="a_slice")
+    a2 = deploy(repo, tmp_path, "org.example:a:1.1.0", v2, ["tinylib"], module="a_slice")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    assert version_of(loader.load(a1).cls) == "v1"
+    with pytest.raises(SliceLoadError, match=r"module 'a_slice' is already loaded .*org\.example:a:1\.0\.0"):
+        loader.load(a2)
+    loader.unload(a1)
+    assert "a_slice" not in sys.modules
+    assert version_of(loader.load(a2).cls) == "v2"
+
+
+def test_same_wheel_on_two_nodes_in_one_process(repo: Repository, tmp_path: Path) -> None:
+    space = ImportSpace()
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib"], module="a_slice")
+    l1 = SliceLoader("node-1", repo, tmp_path / "d1", space=space)
+    l2 = SliceLoader("node-2", repo, tmp_path / "d2", space=space)
+    c1, c2 = l1.load(a).cls, l2.load(a).cls
+    assert c1 is c2
+    l1.unload(a)
+    assert "a_slice" in sys.modules  # node-2 still uses it
+    l2.unload(a)
+    assert "a_slice" not in sys.modules
+    assert not [p for p in sys.path if "/slices/" in p and str(tmp_path) in p]
+
+
+@pytest.mark.parametrize(
+    ("src", "needle"),
+    [
+        ("raise RuntimeError('boom at import')", "importing a_slice failed: RuntimeError: boom at import"),
+        ("import not_a_module_anywhere", "No module named 'not_a_module_anywhere'"),
+        ("class Uses:\n    pass", "is not a subclass of aether.slices.Slice"),
+        ("X = 1", "has no attribute 'Uses'"),
+        (
+            "from aether.slices import Slice, entry\nclass Uses(Slice):\n    @entry\n"
+            "    async def f(self, x) -> int:\n        return 1",
+            "parameter 'x' has no type annotation",
+        ),
+    ],
+)
+def test_bad_slice_code(repo: Repository, tmp_path: Path, src: str, needle: str) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", src, [], module="a_slice")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    with pytest.raises(SliceLoadError) as ei:
+        loader.load(a)
+    assert needle in ei.value.reason
+    assert "org.example:a:1.0.0" in ei.value.reason
+    assert "a_slice" not in sys.modules
+    assert loader.space.code == {} and loader.space.modules == {}
+
+
+def test_module_shadowing_an_existing_module_is_refused(repo: Repository, tmp_path: Path) -> None:
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib"], module="json")
+    with pytest.raises(SliceLoadError, match="clashes with the module of that name"):
+        SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace()).load(a)
+
+
+def test_missing_artifact(repo: Repository, tmp_path: Path) -> None:
+    deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, [], module="a_slice")
+    with pytest.raises(SliceLoadError, match=r"available versions of org\.example:a: 1\.0\.0"):
+        SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace()).load(
+            Artifact.parse("org.example:a:2.0.0")
+        )
+
+
+@pytest.mark.slow
+def test_pip_installer(repo: Repository, tmp_path: Path) -> None:
+    """The pip path (`pip install --no-deps --target ... --no-index`) gives the same layout."""
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
+    ls = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace(), installer="pip").load(a)
+    assert version_of(ls.cls) == "1.0"
+    assert list((tmp_path / "data/libs/tinylib==1.0").glob("tinylib-1.0.dist-info"))
+    assert (tmp_path / f"data/slices/{ls.sha256}/a_slice/__init__.py").is_file()

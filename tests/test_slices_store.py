@@ -1,0 +1,363 @@
+"""SliceStore: load/activate/call/scale/deactivate/unload, start failures, draining, slice-to-slice calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from aether.core.artifact import Artifact
+from aether.core.errors import BadRequest
+from aether.slices import (
+    NoLocalInstance,
+    SliceLoadError,
+    SliceStartError,
+    SliceStateError,
+    UnknownEntry,
+)
+from aether.slices.loader import ImportSpace
+from aether.slices.repository import Repository
+from aether.slices.store import SliceStore
+from aether.slices.testing import StoreInvoker, build_slice_wheel, isolated_imports
+
+pytestmark = pytest.mark.timeout(30)
+
+enc = msgspec.msgpack.encode
+dec = msgspec.msgpack.decode
+
+# Module-level lists in the slice module record lifecycle events so tests can read them.
+COUNTER = """
+import asyncio
+from aether.slices import Slice, entry, route, current_request_id
+
+EVENTS = []
+GATES = {}
+
+class Counter(Slice):
+    async def start(self):
+        EVENTS.append(("start", self.context.instance))
+        if self.context.config.get("fail_instance") == self.context.instance:
+            raise RuntimeError("no database")
+        if self.context.config.get("slow_start"):
+            await asyncio.sleep(10)
+
+    async def stop(self):
+        EVENTS.append(("stop", self.context.instance))
+        if self.context.config.get("fail_stop"):
+            raise RuntimeError("stop failed")
+
+    @entry
+    async def whoami(self) -> dict:
+        return {"node": self.context.node_id, "instance": self.context.instance,
+                "artifact": str(self.context.artifact), "config": self.context.config,
+                "request_id": self.context.request_id}
+
+    @route("GET", "/add/{a}")
+    async def add(self, a: int, b: int = 1) -> int:
+        return a + b
+
+    @entry
+    async def wait(self, key: str) -> str:
+        EVENTS.append(("call-begin", key))
+        gate = GATES.setdefault(key, asyncio.Event())
+        await gate.wait()
+        EVENTS.append(("call-end", key))
+        return key
+"""
+
+HELLO = """
+from aether.slices import Slice, route
+
+class Hello(Slice):
+    @route("GET", "/hello/{name}")
+    async def greet(self, name: str) -> str:
+        return f"Hello, {name}! (instance {self.context.instance})"
+"""
+
+GREETER = """
+import asyncio
+from typing import Protocol
+from aether.slices import Slice, entry
+
+class HelloApi(Protocol):
+    async def greet(self, name: str) -> str: ...
+
+class Greeter(Slice):
+    @entry
+    async def welcome(self, name: str) -> str:
+        return "Welcome! " + await self.call("org.example:hello", "greet", name, str)
+
+    @entry
+    async def welcome_many(self, names: list[str]) -> list[str]:
+        hello = self.proxy("org.example:hello", HelloApi)
+        return list(await asyncio.gather(*(hello.greet(n) for n in names)))
+"""
+
+CTR = Artifact.parse("org.example:counter:1.0.0")
+
+
+@pytest.fixture(autouse=True)
+def _isolated() -> Iterator[None]:
+    with isolated_imports():
+        yield
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    r = Repository(tmp_path / "repo")
+    r.deploy(build_slice_wheel(tmp_path / "w1", str(CTR), COUNTER, "Counter", module="counter_slice"))
+    r.deploy(build_slice_wheel(tmp_path / "w2", "org.example:hello:0.1.0", HELLO, "Hello"))
+    r.deploy(
+        build_slice_wheel(
+            tmp_path / "w3", "org.example:greeter:0.1.0", GREETER, "Greeter", {"org.example:hello": "^0.1.0"}
+        )
+    )
+    return r
+
+
+def make_store(
+    repo: Repository, tmp_path: Path, config: dict[str, object] | None = None, **kw: object
+) -> SliceStore:
+    inv = StoreInvoker()
+    store = SliceStore(
+        "node-1",
+        repo,
+        tmp_path / "data",
+        inv,
+        config_for=lambda a: dict(config or {}),
+        space=ImportSpace(),
+        **kw,  # type: ignore[arg-type]
+    )
+    inv.add(store)
+    return store
+
+
+def events() -> list[tuple[str, object]]:
+    import sys
+
+    return sys.modules["counter_slice"].EVENTS  # type: ignore[no-any-return]
+
+
+def gate(key: str) -> asyncio.Event:
+    import sys
+
+    return sys.modules["counter_slice"].GATES.setdefault(key, asyncio.Event())  # type: ignore[no-any-return]
+
+
+async def test_load_activate_call_round_robin(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path, {"color": "blue"})
+    info = await store.load(CTR)
+    assert set(info.entries) == {"whoami", "add", "wait"}
+    assert [r.path for r in info.routes] == ["/add/{a}"]
+    assert store.info(CTR) is info and store.state(CTR) == "loaded"
+    assert store.local_instances("org.example:counter") == []
+    await store.activate(CTR, [3, 1, 2])
+    assert store.state(CTR) == "active"
+    assert sorted(events()) == [("start", 1), ("start", 2), ("start", 3)]
+    assert store.local_instances("org.example:counter") == [1, 2, 3]
+    assert store.local_instances("org.example:counter:1.0.0") == [1, 2, 3]
+    assert store.local_instances(CTR) == [1, 2, 3]
+    seen = set()
+    for _ in range(6):
+        who = dec(await store.call(CTR, "whoami", b""))
+        seen.add(who["instance"])
+        assert who["node"] == "node-1" and who["artifact"] == str(CTR) and who["config"] == {"color": "blue"}
+    assert seen == {1, 2, 3}
+    who = dec(await store.call("org.example:counter", "whoami", b"", instance=2, request_id="r-1"))
+    assert who["instance"] == 2 and who["request_id"] == "r-1"
+    assert dec(await store.call(CTR, "add", enc({"a": "40", "b": 2}))) == 42
+
+
+async def test_call_errors(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path)
+    with pytest.raises(NoLocalInstance):
+        await store.call(CTR, "whoami", b"")
+    await store.load(CTR)
+    with pytest.raises(NoLocalInstance):
+        await store.call(CTR, "whoami", b"")
+    await store.activate(CTR, [0])
+    with pytest.raises(UnknownEntry, match="entries: add, wait, whoami"):
+        await store.call(CTR, "nope", b"")
+    with pytest.raises(BadRequest, match=r"Counter\.add.*\$\.a"):
+        await store.call(CTR, "add", enc({"a": "x"}))
+    with pytest.raises(NoLocalInstance, match="instance 7"):
+        await store.call(CTR, "whoami", b"", instance=7)
+    with pytest.raises(BadRequest, match="invalid call target"):
+        await store.call("counter", "whoami", b"")
+    with pytest.raises(NoLocalInstance):
+        await store.call("org.example:other", "whoami", b"")
+
+
+async def test_state_errors(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path)
+    with pytest.raises(SliceStateError, match="not loaded"):
+        await store.activate(CTR, [0])
+    await store.load(CTR)
+    with pytest.raises(SliceStateError, match="not active"):
+        await store.set_instances(CTR, [0])
+    await store.deactivate(CTR)  # idempotent on a loaded artifact
+    await store.unload(Artifact.parse("org.example:never:1.0.0"))  # idempotent
+    with pytest.raises(SliceLoadError, match="not in the repository"):
+        await store.load(Artifact.parse("org.example:never:1.0.0"))
+
+
+async def test_start_raises_no_stop_for_it(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path, {"fail_instance": 2})
+    await store.load(CTR)
+    with pytest.raises(SliceStartError) as ei:
+        await store.activate(CTR, [1, 2, 3])
+    assert ei.value.instance == 2
+    assert "instance 2" in ei.value.reason and "RuntimeError: no database" in ei.value.reason
+    ev = events()
+    assert sorted(e for e in ev if e[0] == "start") == [("start", 1), ("start", 2), ("start", 3)]
+    assert sorted(e for e in ev if e[0] == "stop") == [("stop", 1), ("stop", 3)]  # never ("stop", 2)
+    assert store.state(CTR) == "loaded"
+    assert store.local_instances(CTR) == []
+    with pytest.raises(NoLocalInstance):
+        await store.call(CTR, "whoami", b"")
+
+
+async def test_start_timeout(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path, {"slow_start": True}, start_timeout=0.2)
+    await store.load(CTR)
+    t0 = time.monotonic()
+    with pytest.raises(SliceStartError, match=r"did not finish within 0\.2 s"):
+        await store.activate(CTR, [0])
+    assert time.monotonic() - t0 < 2
+    assert not [e for e in events() if e[0] == "stop"]
+
+
+async def test_cancelled_activate_stops_started_instances(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path, {"slow_start": True})
+    await store.load(CTR)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.activate(CTR, [0, 1]), 0.2)
+    assert store.state(CTR) == "loaded"
+    assert not [e for e in events() if e[0] == "stop"]  # their start never finished
+
+
+async def test_deactivate_drains_in_flight_calls_and_stops_once(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path)
+    await store.load(CTR)
+    await store.activate(CTR, [0, 1])
+    calls = [asyncio.create_task(store.call(CTR, "wait", enc({"key": k}))) for k in ("a", "b")]
+    while len([e for e in events() if e[0] == "call-begin"]) < 2:
+        await asyncio.sleep(0.01)
+    deact = asyncio.create_task(store.deactivate(CTR, drain_timeout=5.0))
+    await asyncio.sleep(0.1)
+    assert not deact.done()
+    assert not [e for e in events() if e[0] == "stop"]  # stop waits for in-flight calls
+    with pytest.raises(NoLocalInstance):  # no new calls while draining
+        await store.call(CTR, "whoami", b"")
+    gate("a").set()
+    gate("b").set()
+    assert sorted([dec(await c) for c in calls]) == ["a", "b"]
+    await deact
+    ev = events()
+    stops = [e for e in ev if e[0] == "stop"]
+    assert sorted(stops) == [("stop", 0), ("stop", 1)]
+    assert max(ev.index(e) for e in ev if e[0] == "call-end") < min(ev.index(s) for s in stops)
+    assert store.state(CTR) == "loaded"
+    await store.deactivate(CTR)  # again: nothing, no second stop
+    assert len([e for e in events() if e[0] == "stop"]) == 2
+
+
+async def test_drain_is_bounded_and_stop_errors_are_logged(
+    repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = make_store(repo, tmp_path, {"fail_stop": True})
+    await store.load(CTR)
+    await store.activate(CTR, [0])
+    stuck = asyncio.create_task(store.call(CTR, "wait", enc({"key": "never"})))
+    await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await store.deactivate(CTR, drain_timeout=0.2)
+    assert time.monotonic() - t0 < 2
+    assert ("stop", 0) in events()
+    assert (
+        "still in flight" in caplog.text
+        and "stop() of org.example:counter:1.0.0 instance 0 raised" in caplog.text
+    )
+    stuck.cancel()
+
+
+async def test_set_instances_scales(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path)
+    await store.load(CTR)
+    await store.activate(CTR, [0])
+    await store.set_instances(CTR, [0, 1, 2])
+    assert store.local_instances(CTR) == [0, 1, 2]
+    await store.set_instances(CTR, [2])
+    assert store.local_instances(CTR) == [2]
+    assert sorted(e for e in events() if e[0] == "stop") == [("stop", 0), ("stop", 1)]
+    await store.activate(CTR, [2, 5])  # activate on an active artifact = set_instances
+    assert store.local_instances(CTR) == [2, 5]
+    starts = [e for e in events() if e[0] == "start"]
+    assert sorted(starts) == [("start", 0), ("start", 1), ("start", 2), ("start", 5)]
+
+
+async def test_unload_deactivates_and_forgets(repo: Repository, tmp_path: Path) -> None:
+    import sys
+
+    store = make_store(repo, tmp_path)
+    await store.load(CTR)
+    await store.activate(CTR, [0])
+    ev = events()
+    await store.unload(CTR)
+    assert ("stop", 0) in ev
+    assert store.info(CTR) is None and store.artifacts() == {}
+    assert "counter_slice" not in sys.modules
+    await store.load(CTR)  # can load again
+    assert store.state(CTR) == "loaded"
+
+
+async def test_slice_calls_another_slice(repo: Repository, tmp_path: Path) -> None:
+    store = make_store(repo, tmp_path)
+    hello = Artifact.parse("org.example:hello:0.1.0")
+    greeter = Artifact.parse("org.example:greeter:0.1.0")
+    for a, n in ((hello, [0, 1]), (greeter, [0])):
+        await store.load(a)
+        await store.activate(a, n)
+    assert store.artifacts() == {greeter: "active", hello: "active"}
+    got = dec(await store.call(greeter, "welcome", enc("Ann")))
+    assert got.startswith("Welcome! Hello, Ann!")
+    many = dec(await store.call(greeter, "welcome_many", enc(["a", "b", "c", "d"])))
+    assert [m.split(" (")[0] for m in many] == ["Hello, a!", "Hello, b!", "Hello, c!", "Hello, d!"]
+    assert {m.split("instance ")[1] for m in many} == {"0)", "1)"}  # round-robin over hello's instances
+    await store.close()
+    assert store.artifacts() == {}
+
+
+async def test_load_runs_in_a_thread(repo: Repository, tmp_path: Path) -> None:
+    """The event loop keeps running while a load unpacks and imports (pip installer: seconds)."""
+    store = make_store(repo, tmp_path, installer="pip")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.create_task(ticker())
+    t0 = time.monotonic()
+    await store.load(CTR)
+    elapsed = time.monotonic() - t0
+    t.cancel()
+    assert ticks >= max(1, int(elapsed / 0.01) // 4), (ticks, elapsed)
+
+
+async def test_fits_the_ports_of_deploy_and_invoke(repo: Repository, tmp_path: Path) -> None:
+    """The store is what the deployment managers and the invoker are written against."""
+    deploy_ports = pytest.importorskip("aether.deploy.ports")
+    invoke_ports = pytest.importorskip("aether.invoke.ports")
+    store = make_store(repo, tmp_path)
+    assert isinstance(store, deploy_ports.SliceStorePort)
+    assert isinstance(store, invoke_ports.LocalSlices)
+    info = await store.load(CTR)
+    r = info.routes[0]
+    assert (r.http_method, r.path, r.entry, tuple(r.path_params)) == ("GET", "/add/{a}", "add", ("a",))
