@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench examples clean
 
 install: $(STAMP)
 
@@ -17,11 +17,14 @@ test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
 demo: install
 	$(BIN)/aether cluster demo --nodes 3
+
+examples: install
+	$(BIN)/python examples/build.py $(if $(REPOSITORY),--repository $(REPOSITORY))
 
 bench: install
 	$(BIN)/python bench/kv_bench.py --nodes 3 --clients 64 --seconds 10

@@ -13,7 +13,7 @@ from aether.cluster.leader import LeaderChanged
 from aether.core.config import NodeConfig
 from aether.core.errors import BadRequest
 from aether.core.types import Address, PeerSpec
-from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceKey, SliceStateValue
+from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
 from aether.kv.machine import WatchEvent
 from aether.node.node import Node
 
@@ -53,6 +53,7 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
                 cluster_port=ports[i],
                 management_port=0,
                 data_dir=str(tmp_path / f"n{i}"),
+                repository=str(tmp_path / "repo"),
             )
         )
         for i in range(3)
@@ -90,19 +91,20 @@ async def test_typed_put_get_cas_remove(nodes: list[Node]) -> None:
 
 
 async def test_watches_see_same_events_in_same_order_on_every_node(nodes: list[Node]) -> None:
+    # user/ keys: the slices/ family is acted on by the deployment managers every node runs
     seen: dict[str, list[tuple[str, str, int]]] = {n.node_id: [] for n in nodes}
     for n in nodes:
-        n.kv.watch("slices/", lambda ev, nid=n.node_id: seen[nid].append((ev.kind, ev.key, ev.revision)))
+        n.kv.watch("user/w/", lambda ev, nid=n.node_id: seen[nid].append((ev.kind, ev.key, ev.revision)))
     other: list[WatchEvent] = []
     nodes[0].kv.watch("blueprints/", other.append)
 
     async def writer(node: Node, k: int) -> None:
         for i in range(15):
-            key = SliceKey(node.node_id, f"org.demo:s{i % 4}:0.1.0")
+            key = f"user/w/{node.node_id}/s{i % 4}"
             if i % 5 == 4:
                 await node.kv.remove(key)
             else:
-                await node.kv.put(key, SliceStateValue("LOAD", float(i), None))
+                await node.kv.put(key, f"v{i}".encode())
 
     await asyncio.gather(*(writer(n, k) for k, n in enumerate(nodes)))
     await _wait(lambda: len({len(v) for v in seen.values()}) == 1 and len(seen["node-1"]) > 0)
@@ -110,7 +112,7 @@ async def test_watches_see_same_events_in_same_order_on_every_node(nodes: list[N
     assert seen["node-2"] == first and seen["node-3"] == first
     revisions = [r for _, _, r in first]
     assert revisions == sorted(revisions)
-    assert {k for _, k, _ in first} >= {f"slices/node-{i}/org.demo:s0:0.1.0" for i in (1, 2, 3)}
+    assert {k for _, k, _ in first} >= {f"user/w/node-{i}/s0" for i in (1, 2, 3)}
     assert other == []  # prefix filtering
 
 
@@ -123,5 +125,5 @@ async def test_leader_is_first_sorted_live_node_and_changes_on_loss(nodes: list[
     await _wait(lambda: nodes[1].leader.leader == "node-2" and nodes[2].leader.leader == "node-2")
     assert events and events[-1].leader == "node-2" and events[-1].is_self
     # writes keep committing with 2 of 3
-    await nodes[1].kv.put(SliceKey("node-2", "a:b:1.0.0"), SliceStateValue("LOAD", 1.0))
-    assert await nodes[2].kv.get(SliceKey("node-2", "a:b:1.0.0")) == SliceStateValue("LOAD", 1.0)
+    await nodes[1].kv.put("user/after-leader-loss", b"1")
+    assert await nodes[2].kv.get("user/after-leader-loss") == b"1"

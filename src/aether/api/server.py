@@ -5,6 +5,17 @@ Endpoints (all `GET`, all JSON):
 - `/api/v1/status` -> `aether.core.status.NodeStatus`
 - `/api/v1/kv?prefix=P` -> `{"prefix": P, "entries": [{"key": ..., "value": ...}, ...]}`
 
+Deployment endpoints, when the node runs a deployment service (`node.deployments`):
+
+- `GET /api/v1/slices` -> `[{artifact, desired, active, instances: [{node, state, reason, instance_ids}]}]`
+- `GET /api/v1/blueprints`, `GET /api/v1/blueprints/{id}`, `DELETE /api/v1/blueprints/{id}`
+- `POST /api/v1/blueprints` with `{"toml": TEXT, "filename": NAME}` (or a raw TOML body) -> the
+  expanded blueprint; `POST /api/v1/blueprints/{id}/wait?timeout=S` waits for convergence
+- `POST /api/v1/deploy` `{"artifact": "G:A:V", "instances": N}`, `POST /api/v1/scale` (same body),
+  `POST /api/v1/undeploy` `{"artifact": "G:A[:V]"}`
+- `POST /api/v1/invoke/{artifact}/{method}?timeout=S` with the entry's argument as JSON: calls the
+  entry through the node's invoker (local instance first, else a remote one) and returns its answer
+
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
 logged with their traceback and answered with a 500 that never contains it.
@@ -152,6 +163,13 @@ class ManagementServer:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get(f"{API_PREFIX}/status", self._handle_status)
         app.router.add_get(f"{API_PREFIX}/kv", self._handle_kv)
+        if getattr(self._node, "deployments", None) is not None:
+            from aether.api.deploy_routes import DeploymentRoutes
+
+            DeploymentRoutes(
+                self._node.deployments,  # type: ignore[attr-defined]
+                getattr(self._node, "invoker", None),
+            ).register(app, API_PREFIX)
         return app
 
     async def start(self) -> None:

@@ -103,7 +103,7 @@ def parse_connect(text: str) -> Address:
 
 
 class ManagementClient:
-    """GETs JSON from one node's management API."""
+    """Talks JSON to one node's management API (one short connection per request)."""
 
     def __init__(self, address: Address | str, *, api_key: str | None = None, timeout: float = 5.0) -> None:
         self.address = address if isinstance(address, Address) else parse_connect(address)
@@ -112,9 +112,33 @@ class ManagementClient:
 
     def get_raw(self, path: str, params: dict[str, str] | None = None) -> bytes:
         """GET `path` (e.g. `/api/v1/status`) and return the body of a 2xx answer."""
+        return self.request_raw("GET", path, params)
+
+    def send_json(self, method: str, path: str, payload: object | None = None) -> object:
+        """POST/PUT/DELETE `payload` as JSON to `path`; return the decoded JSON answer (or None)."""
+        body = None if payload is None else msgspec.json.encode(payload)
+        raw = self.request_raw(method, path, None, body, "application/json")
+        if not raw.strip():
+            return None
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise ApiError(str(self.address), 200, "Bad response", "the answer is not JSON") from None
+
+    def request_raw(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None = None,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> bytes:
+        """Send one request and return the body of a 2xx answer (ApiError / ApiUnreachable otherwise)."""
         addr = str(self.address)
         try:
-            status, reason, body = self._request("GET", path + ("?" + urlencode(params) if params else ""))
+            status, reason, body = self._request(
+                method, path + ("?" + urlencode(params) if params else ""), body, content_type
+            )
         except ConnectionRefusedError:
             raise ApiUnreachable(addr, "connection refused") from None
         except TimeoutError:
@@ -134,7 +158,9 @@ class ManagementClient:
             raise ApiError(addr, status, reason, "unexpected redirect")
         return body
 
-    def _request(self, method: str, target: str) -> tuple[int, str, bytes]:
+    def _request(
+        self, method: str, target: str, body: bytes | None = None, content_type: str = "application/json"
+    ) -> tuple[int, str, bytes]:
         """One request on a fresh connection; returns (status, reason, body)."""
         host = self.address.host.strip("[]")
         host_header = f"[{host}]" if ":" in host else host
@@ -147,7 +173,10 @@ class ManagementClient:
         ]
         if self.api_key:
             lines.append(f"X-API-Key: {self.api_key}")
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+        if body is not None:
+            lines.append(f"Content-Type: {content_type}")
+            lines.append(f"Content-Length: {len(body)}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + (body or b"")
         deadline = time.monotonic() + self.timeout
         with socket.create_connection((host, self.address.port), timeout=self.timeout) as sock:
             sock.sendall(request)

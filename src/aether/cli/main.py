@@ -300,6 +300,12 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     help="Require this key on the management API (env AETHER_API_KEY); needed beyond loopback.",
 )
 @click.option(
+    "--repository",
+    metavar="DIR",
+    envvar="AETHER_REPOSITORY",
+    help="Slice artifact repository [default: ~/.aether/repository; env AETHER_REPOSITORY].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -319,6 +325,7 @@ def node(
     cluster_name: str | None,
     fsync: str | None,
     node_api_key: str | None,
+    repository: str | None,
     log_level: str,
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
@@ -333,6 +340,7 @@ def node(
         "cluster_name": cluster_name,
         "fsync": fsync,
         "api_key": node_api_key or None,
+        "repository": repository or None,
     }
     try:
         config = build_node_config(config_file, flags)
@@ -612,5 +620,15 @@ def cluster_demo(settings: Settings, nodes: int, directory: str, port_offset: in
         raise click.exceptions.Exit(EXIT_FAILED)
 
 
+# Command groups defined in their own modules register themselves on `main` (import at the end:
+# they import this module).
+from aether.cli import deploy as _deploy  # noqa: E402, F401
+from aether.cli.artifact import artifact as _artifact  # noqa: E402
+
+main.add_command(_artifact)
+
 if __name__ == "__main__":
-    main(prog_name="aether")
+    # run the group of the imported module, which has every subcommand registered
+    from aether.cli.main import main as _real_main
+
+    _real_main(prog_name="aether")

@@ -35,6 +35,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_timeout: float = 0.6
     request_timeout: float = 5.0
     api_key: str | None = None
+    # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
+    repository: str | None = None
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -78,6 +80,7 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_timeout: float | None = None
     request_timeout: float | None = None
     api_key: str | None = None
+    repository: str | None = None
 
 
 def load_toml(path: str | Path) -> dict[str, object]:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Union
 
 import msgspec
 
@@ -15,16 +15,27 @@ from aether.consensus.engine import EngineConfig
 from aether.consensus.messages import RabiaMessage
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore
+from aether.core.artifact import Artifact, VersionPattern
 from aether.core.config import NodeConfig
 from aether.core.errors import CommitTimeout, QuorumLost
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.core.types import Address
+from aether.deploy import (
+    ClusterDeploymentManager,
+    DeploymentService,
+    EndpointRegistry,
+    NodeDeploymentManager,
+)
+from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer
 from aether.kv.machine import Command, KVStateMachine
 from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
 from aether.kv.store import KVStore
+from aether.slices.repository import Repository
+from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
+PeerMessage = Union[RabiaMessage, InvokeMessage]  # noqa: UP007 - a runtime Union for the transport
 
 
 def _jsonable(value: Any) -> Any:
@@ -65,8 +76,8 @@ class Node:
             self.members,
             listen=Address(config.host, config.cluster_port or own.port),
             cluster_name=config.cluster_name,
-            message_type=RabiaMessage,
-            on_message=self.runner.on_message,
+            message_type=PeerMessage,
+            on_message=self._on_peer_message,
             router=self.router,
             client_message_type=ClientMessage,
             on_client_message=self._on_client_message,
@@ -76,6 +87,36 @@ class Node:
         )
         self.router.subscribe(PeerUp, self._on_peer_up)
         self.router.subscribe(PeerDown, self._on_peer_down)
+
+        # slices, invocation and deployment
+        self.repository = Repository(config.repository)
+        self.endpoints = EndpointRegistry(self.kv, logger=logging.getLogger(f"aether.deploy.{self.node_id}"))
+        self.slice_store = SliceStore(
+            self.node_id, self.repository, config.data_path / "runtime", invoker=None,  # type: ignore[arg-type]
+            logger=logging.getLogger(f"aether.slices.{self.node_id}"),
+        )
+        # No per-attempt timeout: a slow entry must not be retried (and run again) elsewhere while
+        # it is still running; lost nodes are detected by the transport (PeerDown) instead.
+        self.invoker = Invoker(
+            self.node_id, self.slice_store, self.endpoints, self.transport, router=self.router,
+            attempt_timeout=None,
+            logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
+        )
+        self.slice_store.invoker = self.invoker
+        self.invoke_server = InvokeServer(
+            self.node_id, self.slice_store, self.transport, invoker=self.invoker,
+            logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
+        )
+        self.node_deployer = NodeDeploymentManager(
+            self.kv, self.node_id, self.slice_store,
+            logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
+        )
+        self.cluster_deployer = ClusterDeploymentManager(
+            self.kv, self.leader, logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}")
+        )
+        self.deployments = DeploymentService(
+            self.kv, dependencies_of=self._dependencies_of, resolve=self._resolve
+        )
         self.management: Any = None
         self.started_at = 0.0
 
@@ -86,6 +127,9 @@ class Node:
         self.runner.recover()
         await self.transport.start()
         self.runner.start(self.transport)
+        self.endpoints.start()
+        await self.node_deployer.start()
+        await self.cluster_deployer.start()
         if management:
             from aether.api.server import ManagementServer
 
@@ -104,6 +148,12 @@ class Node:
         if self.management is not None:
             await self.management.stop()
             self.management = None
+        await self.cluster_deployer.stop()
+        await self.node_deployer.stop()
+        await self.slice_store.close()
+        self.invoker.close()
+        await self.invoke_server.stop()
+        self.endpoints.close()
         await self.transport.stop()
         await self.runner.stop()
         self.log.info(
@@ -112,6 +162,18 @@ class Node:
         )
 
     # --- events ---------------------------------------------------------------------------------
+
+    def _on_peer_message(self, sender: str, msg: Any) -> None:
+        if isinstance(msg, INVOKE_MESSAGE_TYPES):
+            self.invoke_server.dispatch(sender, msg)
+        else:
+            self.runner.on_message(sender, msg)
+
+    def _dependencies_of(self, artifact: Artifact) -> dict[str, VersionPattern]:
+        return self.repository.dependencies(artifact)
+
+    def _resolve(self, name: str, pattern: VersionPattern) -> Artifact | None:
+        return self.repository.resolve_pattern(name, pattern)
 
     def _on_peer_up(self, ev: PeerUp) -> None:
         self.runner.peer_up(ev.node_id)

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Slice-to-slice invocation benchmark on real node processes (default 3 nodes).
+
+A driver slice (`org.bench:driver`, built here) calls `org.example:hello.greet` through the
+runtime's invoker, from inside the cluster as business code would, and reports calls/s and
+latency percentiles. The bench triggers it through the management API
+(`POST /api/v1/invoke/org.bench:driver/run`).
+
+- local: hello has an instance on every node, so every call is served in-process;
+- remote: hello has one instance, on another node than the driver: one transport hop per call.
+
+Each mode runs closed loop (`--concurrency` callers) and then open loop at `--rate` calls/s (the
+p99-at-1,000-calls/s figure). Final line:
+`RESULT nodes=3 local_calls_s=... local_p50_ms=... local_p99_ms=... remote_calls_s=... remote_p50_ms=...
+remote_p99_ms=... remote_rate=1000 remote_rate_p99_ms=...`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from deploy_bench import build_repository, converged  # noqa: E402
+from kv_bench import HOST, Cluster, log  # noqa: E402
+
+DRIVER = """
+import asyncio
+import time
+
+import msgspec
+
+from aether.slices import Slice, entry
+
+
+class Run(msgspec.Struct):
+    target: str
+    method: str
+    calls: int = 10000
+    concurrency: int = 32
+    rate: float = 0.0
+    arg: str = "bench"
+
+
+class Result(msgspec.Struct):
+    calls: int
+    errors: int
+    seconds: float
+    calls_per_s: float
+    p50_ms: float
+    p99_ms: float
+    node: str
+
+
+def pct(xs, p):
+    if not xs:
+        return float("nan")
+    k = max(0, min(len(xs) - 1, int(round(p / 100.0 * len(xs) + 0.5)) - 1))
+    return xs[k]
+
+
+class Driver(Slice):
+    @entry
+    async def run(self, req: Run) -> Result:
+        invoke = self.context.invoker.invoke
+        payload = msgspec.msgpack.encode(req.arg)
+        lats = []
+        errors = 0
+        pc = time.perf_counter
+        t0 = pc()
+        if req.rate > 0:
+            interval = 1.0 / req.rate
+
+            async def one(t_sched):
+                nonlocal errors
+                try:
+                    await invoke(req.target, req.method, payload)
+                    lats.append(pc() - t_sched)
+                except Exception:
+                    errors += 1
+
+            tasks = []
+            for i in range(req.calls):
+                t_sched = t0 + i * interval
+                delay = t_sched - pc()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.ensure_future(one(t_sched)))
+            await asyncio.gather(*tasks)
+        else:
+            left = req.calls
+
+            async def worker():
+                nonlocal left, errors
+                while left > 0:
+                    left -= 1
+                    s = pc()
+                    try:
+                        await invoke(req.target, req.method, payload)
+                        lats.append(pc() - s)
+                    except Exception:
+                        errors += 1
+
+            await asyncio.gather(*(worker() for _ in range(req.concurrency)))
+        secs = pc() - t0
+        lats.sort()
+        return Result(len(lats), errors, secs, len(lats) / secs, pct(lats, 50) * 1e3, pct(lats, 99) * 1e3,
+                      self.context.node_id)
+"""
+
+
+def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 120.0) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"http://{HOST}:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+    return json.loads(raw) if raw.strip() else None
+
+
+def wait_converged(port: int, want: dict[str, int], timeout: float = 60.0) -> list[dict]:
+    t0 = time.monotonic()
+    while True:
+        st = http(port, "GET", "/api/v1/slices")
+        if converged(st, want):  # type: ignore[arg-type]
+            return st  # type: ignore[return-value]
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"not converged: {st}")
+        time.sleep(0.02)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=20000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=1000.0, help="open-loop calls/s for the latency run")
+    ap.add_argument("--rate-seconds", type=float, default=5.0)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+
+    work = tempfile.mkdtemp(prefix="aether-invoke-bench-")
+    os.environ["AETHER_REPOSITORY"] = os.path.join(work, "repo")
+    build_repository(Path(work) / "repo", Path(work) / "wheels")
+    from aether.slices.repository import Repository
+    from aether.slices.testing import build_slice_wheel
+
+    Repository(Path(work) / "repo").deploy(
+        build_slice_wheel(
+            Path(work) / "wheels", "org.bench:driver:0.1.0", DRIVER, "Driver", module="bench_driver"
+        )
+    )
+    cluster = Cluster(a.nodes, work, no_uvloop=False, fsync=None, extra=[])
+    res: dict[str, object] = {"nodes": a.nodes}
+    rc = 0
+    hello, driver = "org.example:hello:0.1.0", "org.bench:driver:0.1.0"
+    try:
+        cluster.start()
+        port = cluster.mgmt_ports[0]
+
+        def run(mode: str, rate: float = 0.0) -> dict:
+            calls = int(a.rate * a.rate_seconds) if rate else a.calls
+            body = {
+                "target": "org.example:hello",
+                "method": "greet",
+                "calls": calls,
+                "concurrency": a.concurrency,
+                "rate": rate,
+            }
+            out = http(port, "POST", "/api/v1/invoke/org.bench:driver/run?timeout=300", body, timeout=320)
+            assert isinstance(out, dict)
+            label = f"{mode} @{int(rate)}/s" if rate else mode
+            log(
+                f"{label}: {out['calls']} calls on {out['node']}, "
+                f"{out['errors']} errors, {out['calls_per_s']:.0f} calls/s, p50 {out['p50_ms']:.2f} ms, "
+                f"p99 {out['p99_ms']:.2f} ms"
+            )
+            if out["errors"]:
+                raise RuntimeError(f"{out['errors']} failed calls in {mode}")
+            return out
+
+        # remote: one hello instance, the driver on another node
+        http(port, "POST", "/api/v1/deploy", {"artifact": hello, "instances": 1})
+        wait_converged(port, {hello: 1})
+        http(port, "POST", "/api/v1/deploy", {"artifact": driver, "instances": 1})
+        st = wait_converged(port, {hello: 1, driver: 1})
+        where = {s["artifact"]: s["instances"][0]["node"] for s in st}
+        if where[hello] == where[driver]:
+            raise RuntimeError(
+                f"driver and hello were placed on the same node {where}; cannot measure remote"
+            )
+        log(f"remote placement: hello on {where[hello]}, driver on {where[driver]}")
+        run("warm-up", 0.0)
+        r = run("remote")
+        res.update(remote_calls_s=r["calls_per_s"], remote_p50_ms=r["p50_ms"], remote_p99_ms=r["p99_ms"])
+        r = run("remote", a.rate)
+        res.update(remote_rate=int(a.rate), remote_rate_p50_ms=r["p50_ms"], remote_rate_p99_ms=r["p99_ms"])
+        # local: hello everywhere
+        http(port, "POST", "/api/v1/scale", {"artifact": hello, "instances": a.nodes})
+        wait_converged(port, {hello: a.nodes, driver: 1})
+        r = run("local")
+        res.update(local_calls_s=r["calls_per_s"], local_p50_ms=r["p50_ms"], local_p99_ms=r["p99_ms"])
+        r = run("local", a.rate)
+        res.update(local_rate_p99_ms=r["p99_ms"])
+    except Exception as e:
+        log(f"ERROR: {type(e).__name__}: {e}")
+        for i in range(a.nodes):
+            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        res["error"] = type(e).__name__
+        rc = 1
+    finally:
+        cluster.stop_all()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(
+        "RESULT " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+    )
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

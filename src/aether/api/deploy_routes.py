@@ -1,0 +1,175 @@
+"""Management API endpoints for deployments: blueprints, deploy/scale/undeploy, slice status.
+
+Thin handlers: bodies are decoded into typed structs at the edge, the work is done by the
+node's `DeploymentService` (aether.deploy.operations). Any node can serve them: every change is
+a write through consensus, so nothing needs forwarding to the leader.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from aether.core.artifact import Artifact
+from aether.core.errors import BadRequest
+
+MAX_BODY = 1024 * 1024
+
+
+class ApplyBlueprint(msgspec.Struct, forbid_unknown_fields=True):
+    toml: str
+    filename: str = "<blueprint>"
+
+
+class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
+    artifact: str
+    instances: int = 1
+
+
+class UndeployRequest(msgspec.Struct, forbid_unknown_fields=True):
+    artifact: str
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+
+
+async def _body(request: web.Request, into: type[Any]) -> Any:
+    raw = await request.read()
+    if len(raw) > MAX_BODY:
+        raise BadRequest(f"request body of {len(raw)} bytes exceeds the {MAX_BODY}-byte limit")
+    if not raw.strip():
+        raise BadRequest(f"{request.method} {request.path} needs a JSON body")
+    try:
+        return msgspec.json.decode(raw, type=into)
+    except msgspec.ValidationError as e:
+        raise BadRequest(f"invalid request body: {e}") from None
+    except msgspec.DecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+
+
+def _timeout(request: web.Request, default: float) -> float:
+    text = request.query.get("timeout")
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"timeout must be a number of seconds, not {text!r}") from None
+    if not 0 < value <= 3600:
+        raise BadRequest("timeout must be between 0 and 3600 seconds")
+    return value
+
+
+class DeploymentRoutes:
+    def __init__(self, service: Any, invoker: Any = None) -> None:
+        self.svc = service
+        self.invoker = invoker
+
+    def register(self, app: web.Application, prefix: str) -> None:
+        r = app.router
+        r.add_get(f"{prefix}/slices", self.slices)
+        r.add_get(f"{prefix}/blueprints", self.list_blueprints)
+        r.add_post(f"{prefix}/blueprints", self.apply_blueprint)
+        r.add_get(f"{prefix}/blueprints/{{id}}", self.get_blueprint)
+        r.add_delete(f"{prefix}/blueprints/{{id}}", self.delete_blueprint)
+        r.add_post(f"{prefix}/blueprints/{{id}}/wait", self.wait_blueprint)
+        r.add_post(f"{prefix}/deploy", self.deploy)
+        r.add_post(f"{prefix}/scale", self.scale)
+        r.add_post(f"{prefix}/undeploy", self.undeploy)
+        if self.invoker is not None:
+            r.add_post(f"{prefix}/invoke/{{artifact}}/{{method}}", self.invoke)
+
+    async def slices(self, request: web.Request) -> web.Response:
+        return _json(self.svc.slices_status())
+
+    async def list_blueprints(self, request: web.Request) -> web.Response:
+        return _json([{"id": e.id, **msgspec.to_builtins(e.blueprint)} for e in self.svc.list_blueprints()])
+
+    async def get_blueprint(self, request: web.Request) -> web.Response:
+        bp_id = request.match_info["id"]
+        value = self.svc.get_blueprint(bp_id)
+        if value is None:
+            raise web.HTTPNotFound(text=f"no blueprint {bp_id!r}; `aether blueprint list` shows the ids")
+        return _json({"id": bp_id, **msgspec.to_builtins(value)})
+
+    async def apply_blueprint(self, request: web.Request) -> web.Response:
+        if request.content_type in ("application/toml", "text/plain"):
+            raw = await request.read()
+            if len(raw) > MAX_BODY:
+                raise BadRequest(f"blueprint of {len(raw)} bytes exceeds the {MAX_BODY}-byte limit")
+            try:
+                body = ApplyBlueprint(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise BadRequest("blueprint is not UTF-8 text") from None
+        else:
+            body = await _body(request, ApplyBlueprint)
+        from aether.deploy.blueprint import parse_blueprint
+
+        bp_id = parse_blueprint(body.toml, body.filename).id  # validates; errors are 400s
+        value = await self.svc.apply_blueprint(body.toml, body.filename, source="api")
+        return _json({"id": bp_id, **msgspec.to_builtins(value)}, status=201)
+
+    async def delete_blueprint(self, request: web.Request) -> web.Response:
+        bp_id = request.match_info["id"]
+        if not await self.svc.delete_blueprint(bp_id):
+            raise web.HTTPNotFound(text=f"no blueprint {bp_id!r}; `aether blueprint list` shows the ids")
+        return _json({"id": bp_id, "deleted": True})
+
+    async def wait_blueprint(self, request: web.Request) -> web.Response:
+        from aether.api.server import problem_response
+        from aether.deploy.errors import ConvergenceTimeout, DeploymentFailed
+
+        bp_id = request.match_info["id"]
+        try:
+            statuses = await self.svc.wait_converged(bp_id, timeout=_timeout(request, 60.0))
+        except DeploymentFailed as e:
+            return problem_response(409, str(e), title="Deployment failed")
+        except ConvergenceTimeout as e:
+            return problem_response(504, str(e), title="Not converged in time")
+        return _json(statuses)
+
+    async def deploy(self, request: web.Request) -> web.Response:
+        body = await _body(request, DeployRequest)
+        if body.instances < 1:
+            raise BadRequest("instances must be >= 1 (use undeploy to remove an artifact)")
+        value = await self.svc.deploy(Artifact.parse(body.artifact), body.instances)
+        return _json(msgspec.to_builtins(value), status=201)
+
+    async def scale(self, request: web.Request) -> web.Response:
+        body = await _body(request, DeployRequest)
+        if body.instances < 1:
+            raise BadRequest("instances must be >= 1 (use undeploy to remove an artifact)")
+        changed = await self.svc.scale(body.artifact, body.instances)
+        return _json({"artifact": body.artifact, "instances": body.instances, "blueprints": changed})
+
+    async def invoke(self, request: web.Request) -> web.Response:
+        """Call an entry point through the node's invoker: JSON body in, JSON answer out."""
+        raw = await request.read()
+        if len(raw) > MAX_BODY:
+            raise BadRequest(f"request body of {len(raw)} bytes exceeds the {MAX_BODY}-byte limit")
+        try:
+            arg = msgspec.json.decode(raw) if raw.strip() else None
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        target, method = request.match_info["artifact"], request.match_info["method"]
+        timeout = _timeout(request, 10.0)
+        from aether.api.server import problem_response
+        from aether.invoke.errors import InvokeTimeout, SliceAppError, UnknownEntryError
+
+        try:
+            out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
+        except UnknownEntryError as e:
+            return problem_response(404, str(e), title="Unknown entry")
+        except SliceAppError as e:
+            return problem_response(502, str(e), title="The slice raised an error")
+        except InvokeTimeout as e:
+            return problem_response(504, str(e), title="No answer in time")
+        return _json(msgspec.msgpack.decode(out))
+
+    async def undeploy(self, request: web.Request) -> web.Response:
+        body = await _body(request, UndeployRequest)
+        changed = await self.svc.undeploy(body.artifact)
+        return _json({"artifact": body.artifact, "blueprints": changed})

@@ -1,0 +1,329 @@
+"""Deployment commands: `blueprint apply|list|show|delete`, `deploy`, `scale`, `undeploy`, `slices`.
+
+They talk to one node's management API (`--connect`); any node serves them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aether.cli.main import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    Settings,
+    _call,
+    _client,
+    _echo_json,
+    fail,
+    json_option,
+    main,
+)
+
+
+def _slice_rows(statuses: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Slices", title_justify="left")
+    for col in ("Artifact", "Desired", "Active", "Node", "State", "Instances", "Reason"):
+        table.add_column(col)
+    for s in statuses:
+        insts = s.get("instances") or [{}]
+        for i, inst in enumerate(insts):
+            state = inst.get("state", "")
+            color = "green" if state == "ACTIVE" else "red" if state == "FAILED" else "yellow"
+            table.add_row(
+                s["artifact"] if i == 0 else "",
+                str(s["desired"]) if i == 0 else "",
+                str(s["active"]) if i == 0 else "",
+                inst.get("node", ""),
+                f"[{color}]{state}[/{color}]" if state else "",
+                ",".join(str(x) for x in inst.get("instance_ids", [])),
+                inst.get("reason") or "",
+            )
+    return table
+
+
+def _converged(s: dict[str, Any]) -> bool:
+    insts = s.get("instances", [])
+    if s["desired"] == 0:
+        return not insts
+    return s["active"] == s["desired"] and all(i["state"] == "ACTIVE" for i in insts)
+
+
+def _to_json(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`slices --json`: {artifact, desired, active, instances: [{node, state, reason, instance_ids}]}."""
+    return [
+        {
+            "artifact": s["artifact"],
+            "desired": s["desired"],
+            "active": s["active"],
+            "instances": [
+                {
+                    "node": i["node"],
+                    "state": i["state"],
+                    "reason": i.get("reason"),
+                    "instance_ids": i.get("instance_ids", []),
+                }
+                for i in s.get("instances", [])
+            ],
+        }
+        for s in statuses
+    ]
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def slices(settings: Settings, as_json: bool) -> None:
+    """Show every deployed artifact: desired and active instances, per-node state and failures."""
+    client = _client(settings)
+    statuses: Any = _call(client, lambda c: c.get_json("/api/v1/slices"))
+    if settings.json or as_json:
+        _echo_json(_to_json(statuses))
+        return
+    from aether.cli import render
+
+    out = render.console()
+    if not statuses:
+        out.print("Nothing deployed. Try `aether blueprint apply FILE` or `aether deploy G:A:V`.")
+        return
+    out.print(_slice_rows(statuses))
+
+
+@main.group()
+def blueprint() -> None:
+    """Apply, list, show and delete blueprints (desired state in TOML)."""
+
+
+@blueprint.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure or timeout)."
+)
+@click.option("--wait-timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+@json_option
+@click.pass_obj
+def blueprint_apply(settings: Settings, file: Path, wait: bool, wait_timeout: float, as_json: bool) -> None:
+    """Apply the blueprint in FILE (replaces a blueprint with the same id)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        fail(f"cannot read blueprint {file}: {e.strerror or e}", EXIT_USAGE)
+    except UnicodeDecodeError:
+        fail(f"blueprint {file} is not UTF-8 text", EXIT_USAGE)
+    client = _client(settings)
+    applied: Any = _call(
+        client, lambda c: c.send_json("POST", "/api/v1/blueprints", {"toml": text, "filename": str(file)})
+    )
+    artifacts = [s["artifact"] for s in applied.get("slices", [])]
+    if not wait:
+        if settings.json or as_json:
+            _echo_json(applied)
+        else:
+            click.echo(
+                f"Applied blueprint {applied['id']!r}: {len(artifacts)} slice(s): {', '.join(artifacts)}"
+            )
+        return
+    statuses = _wait(settings, client, artifacts, wait_timeout, quiet=settings.json or as_json)
+    if settings.json or as_json:
+        _echo_json({"blueprint": applied, "slices": _to_json(statuses)})
+    else:
+        click.echo(f"Blueprint {applied['id']!r} is running: every instance is ACTIVE.")
+
+
+def _wait(
+    settings: Settings, client: Any, artifacts: list[str], timeout: float, *, quiet: bool
+) -> list[dict[str, Any]]:
+    """Poll /api/v1/slices until `artifacts` converge; exit 1 naming the reason otherwise."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from aether.cli import render
+
+    wanted = set(artifacts)
+    deadline = time.monotonic() + timeout
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} ACTIVE"),
+        TimeElapsedColumn(),
+        console=render.console(stderr=True),
+        disable=quiet,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("Waiting for instances", total=None)
+        while True:
+            statuses = [
+                s
+                for s in _call(client, lambda c: c.get_json("/api/v1/slices"))  # type: ignore[union-attr]
+                if s["artifact"] in wanted
+            ]
+            total = sum(max(s["desired"], 1) for s in statuses) or len(wanted)
+            done = sum(min(s["active"], s["desired"]) for s in statuses)
+            progress.update(task, total=total, completed=done)
+            failed = [(s["artifact"], i) for s in statuses for i in s["instances"] if i["state"] == "FAILED"]
+            if failed:
+                art, inst = failed[0]
+                progress.stop()
+                fail(
+                    f"{art} FAILED on {inst['node']}: {inst.get('reason') or 'no reason given'}",
+                    EXIT_FAILED,
+                    hint="See `aether slices` for every instance, and the node's log for details.",
+                )
+            if len(statuses) == len(wanted) and all(_converged(s) for s in statuses):
+                return statuses
+            if time.monotonic() > deadline:
+                progress.stop()
+                pending = [
+                    f"{s['artifact']} ({s['active']}/{s['desired']} ACTIVE)"
+                    for s in statuses
+                    if not _converged(s)
+                ] or sorted(wanted - {s["artifact"] for s in statuses})
+                fail(
+                    f"not every instance became ACTIVE within {timeout:g} s: {', '.join(pending)}",
+                    EXIT_FAILED,
+                    hint="Check `aether slices` and the node logs; raise --wait-timeout if slow.",
+                )
+            time.sleep(0.2)
+
+
+@blueprint.command("list")
+@json_option
+@click.pass_obj
+def blueprint_list(settings: Settings, as_json: bool) -> None:
+    """List the blueprints in the cluster."""
+    client = _client(settings)
+    items: Any = _call(client, lambda c: c.get_json("/api/v1/blueprints"))
+    if settings.json or as_json:
+        _echo_json(items)
+        return
+    from rich.table import Table
+
+    from aether.cli import render
+
+    if not items:
+        render.console().print("No blueprints. Apply one with `aether blueprint apply FILE`.")
+        return
+    table = Table(title="Blueprints", title_justify="left")
+    for col in ("Id", "Source", "Slices"):
+        table.add_column(col)
+    for bp in items:
+        table.add_row(
+            bp["id"],
+            bp.get("source", ""),
+            ", ".join(f"{s['artifact']} x{s['instances']}" for s in bp.get("slices", [])),
+        )
+    render.console().print(table)
+
+
+@blueprint.command("show")
+@click.argument("blueprint_id", metavar="ID")
+@json_option
+@click.pass_obj
+def blueprint_show(settings: Settings, blueprint_id: str, as_json: bool) -> None:
+    """Show one blueprint, expanded (dependencies included, in deployment order)."""
+    from urllib.parse import quote
+
+    client = _client(settings)
+    bp: Any = _call(client, lambda c: c.get_json(f"/api/v1/blueprints/{quote(blueprint_id, safe='')}"))
+    if settings.json or as_json:
+        _echo_json(bp)
+        return
+    from rich.table import Table
+
+    from aether.cli import render
+
+    table = Table(title=f"Blueprint {bp['id']} (source: {bp.get('source', '')})", title_justify="left")
+    for col in ("Slice", "Artifact", "Instances", "Depends on"):
+        table.add_column(col)
+    for s in bp.get("slices", []):
+        table.add_row(
+            s.get("name") or "(dependency)",
+            s["artifact"],
+            str(s["instances"]),
+            ", ".join(s.get("depends_on", [])),
+        )
+    render.console().print(table)
+
+
+@blueprint.command("delete")
+@click.argument("blueprint_id", metavar="ID")
+@click.pass_obj
+def blueprint_delete(settings: Settings, blueprint_id: str) -> None:
+    """Delete a blueprint: its slices are undeployed unless another blueprint lists them."""
+    from urllib.parse import quote
+
+    client = _client(settings)
+    _call(client, lambda c: c.send_json("DELETE", f"/api/v1/blueprints/{quote(blueprint_id, safe='')}"))
+    click.echo(f"Deleted blueprint {blueprint_id!r}.")
+
+
+@main.command()
+@click.argument("artifact", metavar="G:A:V")
+@click.option("-n", "--instances", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE.")
+@click.option("--wait-timeout", type=float, default=120.0, show_default=True)
+@json_option
+@click.pass_obj
+def deploy(
+    settings: Settings, artifact: str, instances: int, wait: bool, wait_timeout: float, as_json: bool
+) -> None:
+    """Deploy ARTIFACT with N instances (a single-slice blueprint of its own)."""
+    client = _client(settings)
+    out: Any = _call(
+        client,
+        lambda c: c.send_json("POST", "/api/v1/deploy", {"artifact": artifact, "instances": instances}),
+    )
+    if wait:
+        _wait(
+            settings,
+            client,
+            [s["artifact"] for s in out.get("slices", [])],
+            wait_timeout,
+            quiet=settings.json or as_json,
+        )
+    if settings.json or as_json:
+        _echo_json(out)
+    else:
+        click.echo(
+            f"Deploying {artifact} with {instances} instance(s)."
+            if not wait
+            else f"{artifact}: {instances} instance(s) ACTIVE."
+        )
+
+
+@main.command()
+@click.argument("artifact", metavar="G:A:V")
+@click.option("-n", "--instances", type=click.IntRange(min=1), required=True)
+@json_option
+@click.pass_obj
+def scale(settings: Settings, artifact: str, instances: int, as_json: bool) -> None:
+    """Set the instance count of ARTIFACT in every blueprint that lists it."""
+    client = _client(settings)
+    out: Any = _call(
+        client, lambda c: c.send_json("POST", "/api/v1/scale", {"artifact": artifact, "instances": instances})
+    )
+    if settings.json or as_json:
+        _echo_json(out)
+    else:
+        click.echo(
+            f"Scaling {artifact} to {instances} instance(s) (blueprints: {', '.join(out['blueprints'])})."
+        )
+
+
+@main.command()
+@click.argument("artifact", metavar="G:A[:V]")
+@json_option
+@click.pass_obj
+def undeploy(settings: Settings, artifact: str, as_json: bool) -> None:
+    """Remove ARTIFACT from the blueprints that list it; its instances are stopped."""
+    client = _client(settings)
+    out: Any = _call(client, lambda c: c.send_json("POST", "/api/v1/undeploy", {"artifact": artifact}))
+    if settings.json or as_json:
+        _echo_json(out)
+    else:
+        click.echo(f"Undeploying {artifact} (blueprints: {', '.join(out['blueprints'])}).")

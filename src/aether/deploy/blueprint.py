@@ -1,0 +1,346 @@
+"""Blueprint files (SPEC §6): parsing, validation and dependency expansion.
+
+Owns: the TOML format, its error messages, and `expand`, which turns a parsed `Blueprint` into
+the `BlueprintValue` stored under `blueprints/{id}` (dependencies resolved transitively, listed
+in topological order, dependencies first). May import `aether.core`, `aether.kv` (value types)
+and `aether.deploy.{errors,ports}`; the artifact repository is reached through the callables
+described in `aether.deploy.ports`.
+
+```toml
+id = "demo-order:0.1.0"          # required; the key under blueprints/
+requires = ["artifact-repo"]      # optional: infrastructure services (kept, not yet acted on)
+
+[slices.place_order]              # one table per slice; NAME is a label
+artifact = "org.demo:place-order:0.1.0"   # required, GROUP:ARTIFACT:VERSION
+instances = 3                     # optional, default 1, must be >= 1
+```
+
+Every error is a `BlueprintError` whose message starts with `FILE:LINE:` (or `FILE:` when no
+line applies) and says what is wrong and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aether.core.artifact import Artifact, VersionPattern
+from aether.core.errors import BadRequest
+from aether.deploy.errors import BlueprintError
+from aether.deploy.ports import DependenciesOf, Resolve
+from aether.kv.keys import BlueprintSlice, BlueprintValue, parse_key
+
+TOP_LEVEL_KEYS = ("id", "requires", "slices")
+SLICE_KEYS = ("artifact", "instances")
+DIRECT_PREFIX = "direct:"
+SOURCES = ("operator", "controller", "api")
+
+
+@dataclass(frozen=True, slots=True)
+class BlueprintSliceSpec:
+    """One `[slices.NAME]` table."""
+
+    name: str
+    artifact: Artifact
+    instances: int = 1
+    line: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Blueprint:
+    """A parsed, validated blueprint file (before dependency expansion)."""
+
+    id: str
+    slices: tuple[BlueprintSliceSpec, ...]
+    requires: tuple[str, ...] = ()
+    filename: str = "<blueprint>"
+
+    def where(self, line: int | None) -> str:
+        return f"{self.filename}:{line}" if line else self.filename
+
+
+# --- locating keys in the source text --------------------------------------------------------------
+
+_HEADER_RE = re.compile(r"^\s*\[(?!\[)\s*(.+?)\s*\]\s*(?:#.*)?$")
+_PART = r"(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
+_KEY_RE = re.compile(rf"^\s*({_PART}(?:\s*\.\s*{_PART})*)\s*=")
+_PART_RE = re.compile(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*(?:\.|$)")
+
+
+def _split_path(text: str) -> tuple[str, ...] | None:
+    parts: list[str] = []
+    pos = 0
+    while pos < len(text):
+        m = _PART_RE.match(text, pos)
+        if not m or m.end() == pos:
+            return None
+        p = m.group(1)
+        parts.append(p[1:-1] if p[0] in "\"'" else p)
+        pos = m.end()
+    return tuple(parts)
+
+
+class _Locator:
+    """Maps dotted key paths to the line (1-based) where they are defined in the source."""
+
+    def __init__(self, text: str) -> None:
+        self.paths: list[tuple[tuple[str, ...], int]] = []
+        table: tuple[str, ...] = ()
+        for no, line in enumerate(text.splitlines(), start=1):
+            h = _HEADER_RE.match(line)
+            if h:
+                path = _split_path(h.group(1))
+                if path is not None:
+                    table = path
+                    self.paths.append((table, no))
+                continue
+            k = _KEY_RE.match(line)
+            if k:
+                path = _split_path(k.group(1))
+                if path is not None:
+                    self.paths.append((table + path, no))
+
+    def line(self, *path: str) -> int | None:
+        """Line defining exactly `path`, else the line of its closest defined ancestor."""
+        for n in range(len(path), 0, -1):
+            for p, no in self.paths:
+                if p == path[:n]:
+                    return no
+        return None
+
+
+# --- parsing ----------------------------------------------------------------------------------------
+
+_TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+
+
+def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
+    """Parse and validate blueprint TOML; raise `BlueprintError` naming file, line and problem."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = _TOML_POS_RE.search(msg)
+        if m:
+            raise BlueprintError(
+                f"{filename}:{m.group(1)}: invalid TOML: {msg[: m.start()]} (column {m.group(2)})"
+            ) from None
+        raise BlueprintError(f"{filename}: invalid TOML: {msg}") from None
+    loc = _Locator(text)
+
+    def fail(problem: str, *path: str) -> BlueprintError:
+        line = loc.line(*path) if path else None
+        return BlueprintError(f"{filename}:{line}: {problem}" if line else f"{filename}: {problem}")
+
+    for key in raw:
+        if key not in TOP_LEVEL_KEYS:
+            raise fail(f"unknown key {key!r}; allowed keys: {', '.join(TOP_LEVEL_KEYS)}", key)
+
+    if "id" not in raw:
+        raise fail('missing required key "id" (e.g. id = "my-app:1.0.0")')
+    bp_id = raw["id"]
+    if not isinstance(bp_id, str) or not bp_id.strip():
+        raise fail(f"id must be a non-empty string, got {bp_id!r}", "id")
+    try:
+        parse_key(f"blueprints/{bp_id}")
+    except BadRequest as e:
+        raise fail(f"{e}", "id") from None
+    if bp_id.startswith(DIRECT_PREFIX):
+        raise fail(f"blueprint ids starting with {DIRECT_PREFIX!r} are reserved for direct deployments "
+                   "(`aether deploy`)", "id")
+
+    requires_raw = raw.get("requires", [])
+    if not isinstance(requires_raw, list) or not all(isinstance(r, str) and r.strip() for r in requires_raw):
+        raise fail(f"requires must be a list of service names (strings), got {requires_raw!r}", "requires")
+
+    slices_raw = raw.get("slices")
+    if slices_raw is None or (isinstance(slices_raw, dict) and not slices_raw):
+        raise fail('no slices: add at least one [slices.NAME] table with artifact = "GROUP:ARTIFACT:VERSION"')
+    if not isinstance(slices_raw, dict):
+        raise fail("slices must be tables: [slices.NAME] with artifact and instances", "slices")
+
+    specs: list[BlueprintSliceSpec] = []
+    by_name: dict[str, BlueprintSliceSpec] = {}
+    for name, table in slices_raw.items():
+        line = loc.line("slices", name)
+        if not isinstance(table, dict):
+            raise fail(f"slices.{name} must be a table ([slices.{name}]) with artifact and instances, "
+                       f"got {table!r}", "slices", name)
+        for key in table:
+            if key not in SLICE_KEYS:
+                raise fail(f"unknown key {key!r} in [slices.{name}]; allowed keys: {', '.join(SLICE_KEYS)}",
+                           "slices", name, key)
+        if "artifact" not in table:
+            raise fail(f'[slices.{name}] has no artifact (e.g. artifact = "org.example:{name}:1.0.0")',
+                       "slices", name)
+        coords = table["artifact"]
+        if not isinstance(coords, str):
+            raise fail(f"artifact in [slices.{name}] must be a string GROUP:ARTIFACT:VERSION, got {coords!r}",
+                       "slices", name, "artifact")
+        try:
+            artifact = Artifact.parse(coords)
+        except BadRequest as e:
+            raise fail(f"[slices.{name}]: {e}", "slices", name, "artifact") from None
+        instances = table.get("instances", 1)
+        if isinstance(instances, bool) or not isinstance(instances, int):
+            raise fail(f"instances in [slices.{name}] must be an integer >= 1, got {instances!r}",
+                       "slices", name, "instances")
+        if instances < 1:
+            raise fail(
+                f"instances = {instances} in [slices.{name}]: must be at least 1 (0 would mean undeploy, "
+                "which must be an explicit command: `aether undeploy ARTIFACT`)",
+                "slices", name, "instances",
+            )
+        other = by_name.get(artifact.name)
+        if other is not None:
+            raise fail(
+                f"artifact {artifact.name} is listed twice: [slices.{other.name}] ({other.artifact}, line "
+                f"{other.line}) and [slices.{name}] ({artifact}); list each artifact once",
+                "slices", name, "artifact",
+            )
+        spec = BlueprintSliceSpec(name, artifact, instances, line)
+        by_name[artifact.name] = spec
+        specs.append(spec)
+    return Blueprint(bp_id, tuple(specs), tuple(requires_raw), filename)
+
+
+def load_blueprint(path: str | Path) -> Blueprint:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise BlueprintError(f"{p}: file not found") from None
+    except UnicodeDecodeError:
+        raise BlueprintError(f"{p}: not a UTF-8 text file") from None
+    return parse_blueprint(text, str(p))
+
+
+# --- expansion --------------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[^:\s]+:[^:\s]+$")
+
+
+def expand(
+    blueprint: Blueprint,
+    dependencies_of: DependenciesOf,
+    resolve: Resolve,
+    *,
+    source: str = "operator",
+) -> BlueprintValue:
+    """Resolve slice dependencies transitively; return the stored value, dependencies first.
+
+    - A dependency already listed in the blueprint must match the pattern the dependent asks
+      for; otherwise the error names both.
+    - Dependencies not listed are resolved with `resolve(name, pattern)`, get one instance and
+      an empty `name`; two dependents asking for incompatible versions is an error naming both.
+    - Every artifact must exist (`resolve` with its exact version); a missing one is named with
+      the slice that needed it. A cycle is an error naming it: `a -> b -> a`.
+    """
+    if source not in SOURCES:
+        raise BlueprintError(f"unknown blueprint source {source!r}; use one of {', '.join(SOURCES)}")
+    listed: dict[str, BlueprintSliceSpec] = {s.artifact.name: s for s in blueprint.slices}
+
+    def err(problem: str, line: int | None = None) -> BlueprintError:
+        return BlueprintError(f"{blueprint.where(line)}: {problem}")
+
+    def find(name: str, pattern: VersionPattern, needed_by: str, line: int | None) -> Artifact:
+        try:
+            found = resolve(name, pattern)
+        except BlueprintError:
+            raise
+        except Exception as e:
+            raise err(f"cannot resolve {name} {pattern} (needed by {needed_by}): {e}", line) from None
+        if found is None:
+            raise err(f"artifact {name} matching {pattern} not found in the repository "
+                      f"(needed by {needed_by})", line)
+        return found
+
+    for spec in blueprint.slices:
+        exact = VersionPattern.parse(str(spec.artifact.version))
+        found = find(spec.artifact.name, exact, f"[slices.{spec.name}]", spec.line)
+        if found != spec.artifact:
+            raise err(f"artifact {spec.artifact} not found in the repository (needed by "
+                      f"[slices.{spec.name}]; it offers {found})", spec.line)
+
+    chosen: dict[str, Artifact] = {s.artifact.name: s.artifact for s in blueprint.slices}
+    chosen_for: dict[str, tuple[Artifact, VersionPattern]] = {}
+    done: set[str] = set()
+    order: list[Artifact] = []
+    deps_of: dict[str, list[str]] = {}
+
+    def visit(a: Artifact, path: list[Artifact], line: int | None) -> None:
+        if a.name in done:
+            return
+        names = [p.name for p in path]
+        if a.name in names:
+            cycle = [*path[names.index(a.name):], a]
+            raise err("dependency cycle: " + " -> ".join(str(c) for c in cycle), line)
+        path.append(a)
+        try:
+            deps = dict(dependencies_of(a))
+        except BlueprintError:
+            raise
+        except Exception as e:
+            raise err(f"cannot read the dependencies of {a}: {e}", line) from None
+        coords: list[str] = []
+        for dep_name in sorted(deps):
+            pattern = deps[dep_name]
+            if not _NAME_RE.match(dep_name):
+                raise err(f"{a} declares a dependency {dep_name!r}: expected GROUP:ARTIFACT", line)
+            if dep_name in listed:
+                target = listed[dep_name].artifact
+                if not pattern.matches(target.version):
+                    spec = listed[dep_name]
+                    raise err(
+                        f"{a} needs {dep_name} {pattern}, but the blueprint lists {target} in "
+                        f"[slices.{spec.name}]; change one of them", spec.line or line,
+                    )
+            elif dep_name in chosen:
+                target = chosen[dep_name]
+                if not pattern.matches(target.version):
+                    first, first_pattern = chosen_for[dep_name]
+                    raise err(
+                        f"{a} needs {dep_name} {pattern}, but {first} needs {dep_name} {first_pattern} "
+                        f"and {target} was chosen for it; no single version satisfies both", line,
+                    )
+            else:
+                target = find(dep_name, pattern, str(a), line)
+                chosen[dep_name] = target
+                chosen_for[dep_name] = (a, pattern)
+            visit(target, path, line)
+            coords.append(str(target))
+        path.pop()
+        done.add(a.name)
+        order.append(a)
+        deps_of[str(a)] = coords
+
+    for spec in blueprint.slices:
+        visit(spec.artifact, [], spec.line)
+
+    out: list[BlueprintSlice] = []
+    for a in order:
+        listed_spec = listed.get(a.name)
+        out.append(BlueprintSlice(
+            artifact=str(a),
+            instances=listed_spec.instances if listed_spec else 1,
+            depends_on=deps_of[str(a)],
+            name=listed_spec.name if listed_spec else "",
+        ))
+    return BlueprintValue(out, source=source)
+
+
+def no_dependencies(artifact: Artifact) -> Mapping[str, VersionPattern]:
+    """A `dependencies_of` for setups without a repository: nothing depends on anything."""
+    return {}
+
+
+def any_artifact(name: str, pattern: VersionPattern) -> Artifact | None:
+    """A `resolve` that trusts the caller: exact patterns resolve to themselves, others to None."""
+    lo, hi = pattern.lower, pattern.upper
+    if lo is not None and hi is not None and lo.version == hi.version and lo.inclusive and hi.inclusive:
+        group, _, art = name.partition(":")
+        return Artifact(group, art, lo.version)
+    return None

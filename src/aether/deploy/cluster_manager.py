@@ -1,0 +1,225 @@
+"""`ClusterDeploymentManager`: the leader's convergence loop (SPEC §4, §11 flow 2).
+
+Owns: when reconciliation passes run and the execution of their writes. The decisions are the
+pure `aether.deploy.reconcile.plan`. Runs on every node, dormant unless the node's
+`LeaderManager` says it leads. May import `aether.core`, `aether.kv`, `aether.cluster` and
+`aether.deploy.*`.
+
+A pass runs:
+- when this node becomes leader (failure counts and down-timers start fresh),
+- on every change under `blueprints/`, `slices/`, `endpoints/`, `routes/` (debounced: all
+  events that arrive while a pass runs cause exactly one more pass),
+- when the set of live peers changes (polled every `membership_poll`),
+- when a grace period or backoff expires, and at least every `reconcile_interval`.
+
+Fencing: every write is `compare_and_set(key, value this leader observed, new value)`. If two
+nodes briefly both believe they lead, each write still only succeeds when the key holds what
+its writer based the decision on, so no write can overwrite a newer node report or a newer
+command (no lost updates, no illegal transition applied on top of a state the writer did not
+see). What CAS per key cannot prevent is two leaders placing instances on different keys at
+the same time (e.g. instance 2 on node-b and on node-c). That is transient: allocation treats
+a duplicated id as over-count and the one remaining leader's next pass (at most
+`reconcile_interval` later, usually at once through the watch) scales the duplicate away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aether.cluster.leader import LeaderChanged, LeaderManager
+from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
+from aether.deploy.reconcile import FailureTracker, Plan, Write, desired_state, plan
+from aether.kv.keys import BlueprintValue, EndpointValue, RouteValue, SliceKey, SliceStateValue, parse_key
+from aether.kv.machine import WatchEvent
+from aether.kv.store import KVStore
+
+_WATCHED = ("blueprints/", "slices/", "endpoints/", "routes/")
+
+
+class ClusterDeploymentManager:
+    def __init__(
+        self,
+        kv: KVStore,
+        leader: LeaderManager,
+        *,
+        reconcile_interval: float = 1.0,
+        dead_node_grace: float = 1.5,
+        membership_poll: float = 0.1,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        max_failures_per_node: int = 3,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.kv = kv
+        self.leader = leader
+        self.node_id = leader.node_id
+        self.reconcile_interval = reconcile_interval
+        self.dead_node_grace = dead_node_grace
+        self.membership_poll = membership_poll
+        self.log = logger or logging.getLogger(f"aether.deploy.cluster.{self.node_id}")
+        self._backoff = (backoff_base, backoff_cap, max_failures_per_node)
+        self.failures = FailureTracker(*self._backoff)
+        self._clock = clock
+        self._wall = wall
+        self._down_since: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._dirty = True
+        self._cancels: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.passes = 0
+        self.last_plan: Plan | None = None
+
+    @property
+    def active(self) -> bool:
+        """True while this node leads and the manager runs."""
+        return self._task is not None and self.leader.is_leader
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self.leader.listeners.append(self._on_leader)
+        for prefix in _WATCHED:
+            self._cancels.append(self.kv.watch(prefix, self._on_event))
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"aether-deploy-cluster-{self.node_id}"
+        )
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        with contextlib.suppress(ValueError):
+            self.leader.listeners.remove(self._on_leader)
+        for c in self._cancels:
+            c()
+        self._cancels.clear()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    # --- triggers -------------------------------------------------------------------------------
+
+    def _on_leader(self, ev: LeaderChanged) -> None:
+        if ev.is_self:
+            self.log.info("became leader: reconciling deployments")
+            self.failures = FailureTracker(*self._backoff)
+            self._down_since.clear()
+        self._dirty = True
+        self._wake.set()
+
+    def _on_event(self, ev: WatchEvent) -> None:
+        if self.leader.is_leader:
+            self._dirty = True
+            self._wake.set()
+
+    # --- loop -----------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        last = float("-inf")
+        last_up: frozenset[str] | None = None
+        while True:
+            if not self.leader.is_leader:
+                last_up = None
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            now = self._clock()
+            up = frozenset(self.leader.up)
+            next_due = self._next_due(now)
+            if self._dirty or up != last_up or now - last >= self.reconcile_interval or now >= next_due:
+                self._dirty = False
+                self._wake.clear()
+                last_up = up
+                try:
+                    await self.reconcile_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.log.exception("reconciliation pass failed")
+                last = self._clock()
+                continue
+            wait = min(self.membership_poll, max(0.0, last + self.reconcile_interval - now),
+                       max(0.0, next_due - now))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation
+            # that stop() sends when it races with the wake-up, and the loop would never end
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    def _next_due(self, now: float) -> float:
+        due = [t + self.dead_node_grace for t in self._down_since.values() if t + self.dead_node_grace > now]
+        due += [t for t in self.failures.blocked_until.values() if t > now]
+        return min(due, default=float("inf"))
+
+    # --- one pass -------------------------------------------------------------------------------
+
+    def snapshot(self) -> tuple[list[BlueprintValue], dict[str, dict[str, SliceStateValue]],
+                                list[tuple[str, EndpointValue]], list[tuple[str, RouteValue]]]:
+        """What a pass reads from the local replica: blueprints, `{node: {artifact: state}}`,
+        endpoints and routes."""
+        blueprints = [v for _, v in self.kv.list_local("blueprints/") if isinstance(v, BlueprintValue)]
+        slices: dict[str, dict[str, SliceStateValue]] = {}
+        for key, v in self.kv.list_local("slices/"):
+            if not isinstance(v, SliceStateValue):
+                continue
+            try:
+                k = parse_key(key)
+            except BadRequest:
+                continue
+            if isinstance(k, SliceKey):
+                slices.setdefault(k.node_id, {})[k.artifact] = v
+        endpoints = [(k, v) for k, v in self.kv.list_local("endpoints/") if isinstance(v, EndpointValue)]
+        routes = [(k, v) for k, v in self.kv.list_local("routes/") if isinstance(v, RouteValue)]
+        return blueprints, slices, endpoints, routes
+
+    async def reconcile_once(self) -> Plan | None:
+        """Run one pass now (if leader); returns the plan it executed."""
+        if not self.leader.is_leader:
+            return None
+        blueprints, slices, endpoints, routes = self.snapshot()
+        now = self._clock()
+        up = sorted(self.leader.up | {self.node_id})
+        known = set(self.leader.members) | set(slices) | {v.node_id for _, v in endpoints}
+        for n in up:
+            self._down_since.pop(n, None)
+        for n in known - set(up):
+            self._down_since.setdefault(n, now)
+        grace = {n for n, t in self._down_since.items() if now - t < self.dead_node_grace}
+        for n, t in list(self._down_since.items()):
+            if now - t >= self.dead_node_grace and n not in slices:
+                self.failures.forget_node(n)
+        desired = desired_state(blueprints)
+        p = plan(desired, up, grace, slices, endpoints, routes, self.failures, now, self._wall())
+        self.passes += 1
+        self.last_plan = p
+        if p.writes and self.leader.is_leader:
+            for w in p.writes:
+                self.log.info("%s", _describe(w))
+            await asyncio.gather(*(self._execute(w) for w in p.writes))
+        return p
+
+    async def _execute(self, w: Write) -> bool:
+        try:
+            ok = await self.kv.compare_and_set(w.key, w.expected, w.new)
+        except (QuorumLost, CommitTimeout, BadRequest) as e:
+            self.log.warning("write of %s failed: %s", w.key, e)
+            return False
+        if not ok:
+            self.log.debug("%s changed meanwhile; next pass decides again", w.key)
+        return ok
+
+
+def _describe(w: Write) -> str:
+    new: Any = w.new
+    if new is None:
+        return f"remove {w.key} ({w.why})"
+    if isinstance(new, SliceStateValue):
+        return f"{new.state} {w.key} instances={new.instances} ({w.why})"
+    return f"write {w.key} ({w.why})"

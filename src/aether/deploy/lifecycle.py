@@ -1,0 +1,443 @@
+"""The per-node, per-artifact slice lifecycle of SPEC §3.3 as a sans-IO state machine.
+
+Owns: `SliceState` (the state names every deployment component shares), the legal transitions,
+per-step deadlines and what a node does when its `slices/{node}/{artifact}` key changes.
+May import `aether.core` and `aether.kv` (for `SliceStateValue`); does no I/O, reads no clock.
+
+```
+ leader writes          node reaches (and writes back)
+ ─────────────          ─────────────────────────────────────────────────────────
+ LOAD       ──────────► LOADING ──► LOADED
+ ACTIVATE   (LOADED)  ► ACTIVATING ──► ACTIVE          (scale: leader rewrites ACTIVE
+ DEACTIVATE (ACTIVE)  ► DEACTIVATING ──► LOADED         with another instance list)
+ UNLOAD (LOADED|FAILED) ► UNLOADING ──► (key removed)
+                        LOADING / ACTIVATING / DEACTIVATING / scale ──► FAILED (+ reason)
+```
+
+Inputs (`SliceLifecycle.handle`): `Observed(value)` — the key was written (or removed: None);
+`StepSucceeded(seq)`, `StepFailed(seq, reason)` — a step the adapter started finished;
+`Tick(now)` — time passed (deadlines). `SliceLifecycle.recover(value)` is the input for a key
+found at node start-up. Every input carries `now` (any monotonic clock, seconds).
+
+Outputs (lists of actions, executed in order by the adapter): `StartStep` (with a deadline),
+`AbortStep` (a step exceeded its deadline: cancel it, its late result is ignored),
+`WriteState` (write the state back, compare-and-set against the value observed), `RemoveKey`,
+`Reject` (an illegal command: log it, it was not applied) and `Note` (informational log).
+
+Rules worth knowing:
+- A command that is illegal in the local state is rejected and never applied. If no step is
+  running, the machine immediately re-states its real state (so the leader, which decides from
+  what nodes report, sees the truth and re-issues what it still wants); if a step is running,
+  the step's own write-back does that.
+- A repeated command that is already being carried out (LOAD while LOADING, ...) is a no-op;
+  one already carried out (LOAD while LOADED, DEACTIVATE while LOADED, ACTIVATE while ACTIVE
+  with the same instances) is acknowledged by re-writing the state.
+- Every observed command bumps `epoch`; `WriteState`/`RemoveKey` carry the epoch they were
+  decided in, and the adapter drops those whose epoch is stale (a newer command superseded them).
+- The key being removed by someone else (the leader removed this node's keys because it
+  thought the node was dead) tears the slice down locally without writing anything.
+- Start-up (`recover`): a key saying LOAD/LOADING/LOADED/ACTIVATE/ACTIVATING/ACTIVE while
+  nothing is loaded here (the process restarted) loads the slice again and reports LOADED: the
+  leader then activates it as usual. DEACTIVATE*/UNLOAD* keys are removed (nothing to tear
+  down); a FAILED key is adopted (the leader will UNLOAD it).
+- UNLOADING cannot fail (SPEC §3.3): an unload error or timeout is logged and the key removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from aether.kv.keys import SliceStateValue
+
+
+class SliceState(StrEnum):
+    LOAD = "LOAD"
+    LOADING = "LOADING"
+    LOADED = "LOADED"
+    ACTIVATE = "ACTIVATE"
+    ACTIVATING = "ACTIVATING"
+    ACTIVE = "ACTIVE"
+    DEACTIVATE = "DEACTIVATE"
+    DEACTIVATING = "DEACTIVATING"
+    UNLOAD = "UNLOAD"
+    UNLOADING = "UNLOADING"
+    FAILED = "FAILED"
+
+
+COMMANDS = frozenset({SliceState.LOAD, SliceState.ACTIVATE, SliceState.DEACTIVATE, SliceState.UNLOAD})
+"""States written by the leader."""
+
+NODE_STATES = frozenset(SliceState) - COMMANDS
+"""States written by the node that hosts the slice."""
+
+PRESENT_STATES = frozenset({
+    SliceState.LOAD, SliceState.LOADING, SliceState.LOADED,
+    SliceState.ACTIVATE, SliceState.ACTIVATING, SliceState.ACTIVE,
+})
+"""States in which the instances of a key count as placed on that node."""
+
+
+class Step(StrEnum):
+    LOAD = "load"
+    ACTIVATE = "activate"
+    SCALE = "scale"
+    DEACTIVATE = "deactivate"
+    UNLOAD = "unload"
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleTimeouts:
+    """Deadline of each step, seconds. A scale change uses the activate deadline."""
+
+    load: float = 60.0
+    activate: float = 10.0
+    deactivate: float = 10.0
+    unload: float = 10.0
+
+    def for_step(self, step: Step) -> float:
+        if step is Step.LOAD:
+            return self.load
+        if step in (Step.ACTIVATE, Step.SCALE):
+            return self.activate
+        if step is Step.DEACTIVATE:
+            return self.deactivate
+        return self.unload
+
+
+# --- events -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    value: SliceStateValue | None
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepSucceeded:
+    seq: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepFailed:
+    seq: int
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    now: float
+
+
+LifecycleEvent = Observed | StepSucceeded | StepFailed | Tick
+
+
+# --- actions ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartStep:
+    step: Step
+    seq: int
+    instances: tuple[int, ...]
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class AbortStep:
+    step: Step
+    seq: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteState:
+    state: SliceState
+    reason: str | None
+    instances: tuple[int, ...]
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveKey:
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    command: str
+    local: SliceState | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    message: str
+
+
+LifecycleAction = StartStep | AbortStep | WriteState | RemoveKey | Reject | Note
+
+_STEP_STATE = {
+    Step.LOAD: SliceState.LOADING,
+    Step.ACTIVATE: SliceState.ACTIVATING,
+    Step.SCALE: SliceState.ACTIVE,
+    Step.DEACTIVATE: SliceState.DEACTIVATING,
+    Step.UNLOAD: SliceState.UNLOADING,
+}
+
+
+@dataclass(slots=True)
+class _Running:
+    step: Step
+    seq: int
+    deadline: float
+    instances: tuple[int, ...]
+
+
+class SliceLifecycle:
+    """Lifecycle of one artifact on one node. Feed events to `handle`, execute what it returns."""
+
+    def __init__(self, artifact: str, timeouts: LifecycleTimeouts | None = None) -> None:
+        self.artifact = artifact
+        self.timeouts = timeouts or LifecycleTimeouts()
+        self.state: SliceState | None = None  # what this node has reached (None: nothing here)
+        self.instances: tuple[int, ...] = ()
+        self.reason: str | None = None
+        self.observed: SliceStateValue | None = None
+        self.epoch = 0
+        self._running: _Running | None = None
+        self._seq = 0
+        self._orphan = False  # key removed by someone else: tearing down silently
+        self._deferred = False  # key re-created during that teardown: handle it afterwards
+
+    # --- queries --------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    @property
+    def running_step(self) -> Step | None:
+        return self._running.step if self._running else None
+
+    @property
+    def running_seq(self) -> int | None:
+        return self._running.seq if self._running else None
+
+    @property
+    def finished(self) -> bool:
+        """Nothing here, nothing running and no key: the adapter may drop this machine."""
+        return self.state is None and self._running is None and self.observed is None
+
+    # --- inputs ---------------------------------------------------------------------------------
+
+    def handle(self, event: LifecycleEvent) -> list[LifecycleAction]:
+        if isinstance(event, Observed):
+            return self._observe(event.value, event.now)
+        if isinstance(event, StepSucceeded):
+            return self._step_done(event.seq, True, None, event.now)
+        if isinstance(event, StepFailed):
+            return self._step_done(event.seq, False, event.reason, event.now)
+        return self._tick(event.now)
+
+    def recover(self, value: SliceStateValue | None, now: float) -> list[LifecycleAction]:
+        """Start-up: `value` is what the store holds for this node and artifact; nothing is loaded."""
+        self.observed = value
+        if value is None or self.state is not None or self._running is not None:
+            return self._observe(value, now)
+        st = _parse_state(value.state)
+        inst = tuple(value.instances)
+        if st in PRESENT_STATES:
+            self.epoch += 1
+            note = Note(
+                f"{self.artifact}: the store says {st} but nothing is loaded on this node "
+                "(restarted?): loading it again; the leader activates it"
+            )
+            return [note, *self._start(Step.LOAD, inst, now, write=SliceState.LOADING)]
+        if st is SliceState.FAILED:
+            self.state, self.instances, self.reason = st, inst, value.reason
+            return []
+        self.epoch += 1
+        return [Note(f"{self.artifact}: the store says {value.state} and nothing is loaded here: "
+                     "removing the key"), RemoveKey(self.epoch)]
+
+    # --- observed key values --------------------------------------------------------------------
+
+    def _observe(self, value: SliceStateValue | None, now: float) -> list[LifecycleAction]:
+        self.observed = value
+        if value is None:
+            if self.state is None and self._running is None:
+                return []
+            self.epoch += 1
+            if self._orphan:
+                self._deferred = False
+                return []
+            self._orphan = True
+            return [Note(f"{self.artifact}: key removed by another node while {self._local_name()}: "
+                         "tearing the slice down here"), *self._teardown(now)]
+        st = _parse_state(value.state)
+        if self._orphan:
+            self.epoch += 1
+            self._deferred = True
+            return [Note(f"{self.artifact}: {value.state} arrived while tearing down; handled afterwards")]
+        if st is None:
+            self.epoch += 1
+            return self._reject(value.state, "unknown state")
+        inst = tuple(value.instances)
+        if self.state is None and self._running is None:
+            return self._from_nothing(st, inst, value, now)
+        if st in COMMANDS:
+            self.epoch += 1
+            return self._command(st, inst, now)
+        if st is SliceState.ACTIVE and self.state is SliceState.ACTIVE and inst != self._target():
+            # the leader rewrote ACTIVE with another instance list: a scale change
+            self.epoch += 1
+            if self._running is not None:
+                return self._reject(f"ACTIVE{list(inst)}", "a scale change is already running")
+            return self._start(Step.SCALE, inst, now, write=None)
+        return []  # the echo of our own write, or an older report
+
+    def _from_nothing(
+        self, st: SliceState, inst: tuple[int, ...], value: SliceStateValue, now: float
+    ) -> list[LifecycleAction]:
+        self.epoch += 1
+        if st is SliceState.LOAD:
+            self.instances = inst
+            return self._start(Step.LOAD, inst, now, write=SliceState.LOADING)
+        if st in (SliceState.UNLOAD, SliceState.UNLOADING, SliceState.DEACTIVATE, SliceState.DEACTIVATING):
+            return [RemoveKey(self.epoch)]  # nothing here: that is what was asked
+        if st is SliceState.FAILED:
+            self.state, self.instances, self.reason = st, inst, value.reason
+            return []
+        return self._reject(str(st), "the slice is not loaded on this node")
+
+    def _command(self, st: SliceState, inst: tuple[int, ...], now: float) -> list[LifecycleAction]:
+        s = self.state
+        idle = self._running is None
+        if st is SliceState.LOAD:
+            if s is SliceState.LOADING:
+                self.instances = inst
+                return []
+            if s is SliceState.LOADED and idle:
+                self.instances = inst
+                return [WriteState(SliceState.LOADED, None, inst, self.epoch)]
+        elif st is SliceState.ACTIVATE:
+            if s is SliceState.LOADED and idle:
+                return self._start(Step.ACTIVATE, inst, now, write=SliceState.ACTIVATING)
+            if s is SliceState.ACTIVATING:
+                return []
+            if s is SliceState.ACTIVE and idle:
+                if inst == self.instances:
+                    return [WriteState(SliceState.ACTIVE, None, inst, self.epoch)]
+                return self._start(Step.SCALE, inst, now, write=None)
+        elif st is SliceState.DEACTIVATE:
+            if s is SliceState.ACTIVE and idle:
+                return self._start(Step.DEACTIVATE, self.instances, now, write=SliceState.DEACTIVATING)
+            if s is SliceState.DEACTIVATING:
+                return []
+            if s is SliceState.LOADED and idle:
+                return [WriteState(SliceState.LOADED, None, self.instances, self.epoch)]
+        elif st is SliceState.UNLOAD:
+            if s in (SliceState.LOADED, SliceState.FAILED) and idle:
+                return self._start(Step.UNLOAD, self.instances, now, write=SliceState.UNLOADING)
+            if s is SliceState.UNLOADING:
+                return []
+        return self._reject(str(st), f"illegal while {self._local_name()}")
+
+    def _reject(self, command: str, why: str) -> list[LifecycleAction]:
+        out: list[LifecycleAction] = [
+            Reject(command, self.state, f"{self.artifact}: rejected {command}: {why}")
+        ]
+        if self._running is None:  # re-state the truth so the leader decides again
+            if self.state is None:
+                out.append(RemoveKey(self.epoch))
+            else:
+                out.append(WriteState(self.state, self.reason if self.state is SliceState.FAILED else None,
+                                      self.instances, self.epoch))
+        return out
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def _start(
+        self, step: Step, inst: tuple[int, ...], now: float, *, write: SliceState | None
+    ) -> list[LifecycleAction]:
+        self._seq += 1
+        deadline = now + self.timeouts.for_step(step)
+        self._running = _Running(step, self._seq, deadline, inst)
+        self.state = _STEP_STATE[step]
+        if step is Step.LOAD:
+            self.instances = inst
+        out: list[LifecycleAction] = []
+        if write is not None and not self._orphan:
+            out.append(WriteState(write, None, inst, self.epoch))
+        out.append(StartStep(step, self._seq, inst, deadline))
+        return out
+
+    def _tick(self, now: float) -> list[LifecycleAction]:
+        r = self._running
+        if r is None or now < r.deadline:
+            return []
+        reason = f"{r.step} timed out after {self.timeouts.for_step(r.step):.1f}s"
+        return [AbortStep(r.step, r.seq, reason), *self._finish(r, False, reason, now)]
+
+    def _step_done(self, seq: int, ok: bool, reason: str | None, now: float) -> list[LifecycleAction]:
+        r = self._running
+        if r is None or r.seq != seq:
+            return []  # the result of an aborted step
+        return self._finish(r, ok, None if ok else f"{r.step} failed: {reason}", now)
+
+    def _finish(self, r: _Running, ok: bool, reason: str | None, now: float) -> list[LifecycleAction]:
+        self._running = None
+        out: list[LifecycleAction] = []
+        if r.step is Step.UNLOAD:
+            if not ok:
+                out.append(Note(f"{self.artifact}: {reason}; forgetting it anyway (unload cannot fail)"))
+            self.state, self.instances, self.reason = None, (), None
+            if self._orphan:
+                return out + self._teardown(now)
+            return [*out, RemoveKey(self.epoch)]
+        if ok:
+            self.reason = None
+            if r.step in (Step.ACTIVATE, Step.SCALE):
+                self.state, self.instances = SliceState.ACTIVE, r.instances
+            else:  # LOAD, DEACTIVATE
+                self.state = SliceState.LOADED
+        else:
+            self.state, self.reason = SliceState.FAILED, reason
+        if self._orphan:
+            return out + self._teardown(now)
+        return [*out, WriteState(self.state, self.reason, self.instances, self.epoch)]
+
+    def _teardown(self, now: float) -> list[LifecycleAction]:
+        """Key removed by someone else: go back to nothing without writing anything."""
+        if self._running is not None:
+            return []  # continue when the running step ends
+        if self.state is SliceState.ACTIVE:
+            return self._start(Step.DEACTIVATE, self.instances, now, write=None)
+        if self.state is not None:
+            return self._start(Step.UNLOAD, self.instances, now, write=None)
+        self._orphan = False
+        if self._deferred and self.observed is not None:
+            self._deferred = False
+            return self._observe(self.observed, now)
+        self._deferred = False
+        return []
+
+    def _target(self) -> tuple[int, ...]:
+        r = self._running
+        return r.instances if r is not None and r.step is Step.SCALE else self.instances
+
+    def _local_name(self) -> str:
+        if self._running is not None and self._running.step is Step.SCALE:
+            return "ACTIVE (changing instances)"
+        return str(self.state) if self.state is not None else "nothing is loaded"
+
+
+def _parse_state(text: str) -> SliceState | None:
+    try:
+        return SliceState(text)
+    except ValueError:
+        return None

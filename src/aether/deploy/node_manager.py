@@ -1,0 +1,465 @@
+"""`NodeDeploymentManager`: runs on every node and makes the local slice store follow the
+`slices/{this node}/{artifact}` keys (SPEC §3.3, §4).
+
+Owns: the asyncio side of the lifecycle (one `SliceLifecycle` per artifact, a worker per artifact
+that executes its actions in order, step tasks with deadlines, a periodic tick), the state
+written back, and this node's endpoints (`endpoints/{artifact}/{entry}:{instance}`) and route
+registrations (`routes/{METHOD}:{path}`). May import `aether.core`, `aether.kv` and
+`aether.deploy.*`; the slice store is reached through `aether.deploy.ports.SliceStorePort`.
+
+Protocol with the store (all writes are compare-and-set against the local replica's current
+value, which already includes every committed write this node made, so a write never
+overwrites a leader command this node has not processed):
+
+- LOAD → writes LOADING, `store.load`, writes LOADED (or FAILED + reason).
+- ACTIVATE(ids) → writes ACTIVATING, `store.activate(ids)`, claims the slice's routes with
+  CAS(absent → value) (a route held by another artifact name fails the activation: the slice
+  is deactivated, routes claimed by this attempt released, state FAILED "activate failed: route
+  GET /x is owned by org.x:y:1.0.0"; a route held by another version of the same artifact is
+  taken over), publishes one endpoint per entry and instance, writes ACTIVE.
+- ACTIVE(other ids) (scale) → `store.set_instances`, publishes new endpoints, removes dropped ones.
+- DEACTIVATE → writes DEACTIVATING, removes this node's endpoints, `store.deactivate`, writes
+  LOADED; if no endpoint of the artifact is left anywhere and no other node has it in
+  ACTIVATE/ACTIVATING/ACTIVE, removes its routes (automatic route cleanup).
+- UNLOAD → writes UNLOADING, `store.unload`, removes the key.
+- A step that fails or exceeds its deadline cleans up (endpoints removed, slice deactivated
+  if it had been activated) before FAILED is written.
+- A route this node's ACTIVATING/ACTIVE slice claimed that someone removes is claimed again
+  (closes the race with another node's route cleanup).
+
+Start-up reconciliation (e.g. after a restart): endpoints this node published earlier are
+removed first; then every key for this node is fed to `SliceLifecycle.recover`: keys in
+LOAD..ACTIVE load the slice again and report LOADED (the leader re-activates it), keys in
+DEACTIVATE*/UNLOAD* are removed, FAILED keys are kept for the leader to UNLOAD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from aether.core.artifact import Artifact
+from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost
+from aether.deploy.lifecycle import (
+    AbortStep,
+    LifecycleAction,
+    LifecycleTimeouts,
+    Note,
+    Observed,
+    Reject,
+    RemoveKey,
+    SliceLifecycle,
+    SliceState,
+    StartStep,
+    Step,
+    StepFailed,
+    StepSucceeded,
+    Tick,
+    WriteState,
+)
+from aether.deploy.ports import RouteInfo, SliceInfo, SliceStorePort
+from aether.kv.keys import (
+    EndpointKey,
+    EndpointValue,
+    RouteKey,
+    RouteValue,
+    SliceKey,
+    SliceStateValue,
+    parse_key,
+)
+from aether.kv.machine import WatchEvent
+from aether.kv.store import KVStore, decode_value
+
+_SERVING = frozenset({SliceState.ACTIVATE, SliceState.ACTIVATING, SliceState.ACTIVE})
+
+
+class RouteConflict(AetherError):
+    """A route the slice declares is registered by another artifact."""
+
+
+def route_value(artifact: str, route: RouteInfo) -> RouteValue:
+    """The stored route: artifact, entry point and where each argument binds from.
+
+    Uses the route's own `bindings` (`{"name": "path", "qty": "query", ...}`) when it has them,
+    else binds every path parameter from the path.
+    """
+    bindings = getattr(route, "bindings", None)
+    if not isinstance(bindings, Mapping) or not bindings:
+        bindings = {p: "path" for p in route.path_params}
+    return RouteValue(artifact, route.entry, {str(k): str(v) for k, v in bindings.items()})
+
+
+class NodeDeploymentManager:
+    def __init__(
+        self,
+        kv: KVStore,
+        node_id: str,
+        store: SliceStorePort,
+        *,
+        timeouts: LifecycleTimeouts | None = None,
+        tick_interval: float = 0.1,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.kv = kv
+        self.node_id = node_id
+        self.store = store
+        self.timeouts = timeouts or LifecycleTimeouts()
+        self.tick_interval = tick_interval
+        self.log = logger or logging.getLogger(f"aether.deploy.node.{node_id}")
+        self._clock = clock
+        self._wall = wall
+        self.prefix = f"slices/{node_id}/"
+        self._machines: dict[str, SliceLifecycle] = {}
+        self._queues: dict[str, deque[tuple[SliceLifecycle, LifecycleAction]]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._steps: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._info: dict[str, SliceInfo] = {}
+        self._activated: set[str] = set()
+        self._claimed: dict[str, list[tuple[str, RouteValue]]] = {}
+        self._cancels: list[Callable[[], None]] = []
+        self._tick_task: asyncio.Task[None] | None = None
+        self._starting = False
+        self._running = False
+
+    # --- public ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        self._starting = True
+        self._cancels.append(self.kv.watch(self.prefix, self._on_slice_event))
+        self._cancels.append(self.kv.watch("routes/", self._on_route_event))
+        stale = [(k, v) for k, v in self.kv.list_local("endpoints/")
+                 if isinstance(v, EndpointValue) and v.node_id == self.node_id]
+        if stale:
+            self.log.info("removing %d endpoints this node published before it (re)started", len(stale))
+            await asyncio.gather(*(self._cas(k, v, None) for k, v in stale))
+        self._starting = False
+        now = self._clock()
+        for key, value in self.kv.list_local(self.prefix):
+            if isinstance(value, SliceStateValue):
+                artifact = key[len(self.prefix):]
+                m = self._machine(artifact)
+                self._dispatch(artifact, m, m.recover(value, now))
+        self._tick_task = asyncio.get_running_loop().create_task(
+            self._tick_loop(), name=f"aether-deploy-tick-{self.node_id}"
+        )
+
+    async def stop(self) -> None:
+        """Stop following the store and cancel running steps (slices stay as they are)."""
+        if not self._running:
+            return
+        self._running = False
+        for c in self._cancels:
+            c()
+        self._cancels.clear()
+        tasks = [t for t in [self._tick_task, *self._workers.values(), *self._steps.values(), *self._bg]
+                 if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tick_task = None
+
+    def state(self, artifact: str) -> SliceState | None:
+        m = self._machines.get(artifact)
+        return m.state if m else None
+
+    def states(self) -> dict[str, str]:
+        return {a: str(m.state) for a, m in sorted(self._machines.items()) if m.state is not None}
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def _machine(self, artifact: str) -> SliceLifecycle:
+        m = self._machines.get(artifact)
+        if m is None:
+            m = self._machines[artifact] = SliceLifecycle(artifact, self.timeouts)
+        return m
+
+    def _on_slice_event(self, ev: WatchEvent) -> None:
+        if self._starting or not self._running:
+            return
+        now = self._clock()
+        if ev.kind == "reset":
+            present = {k[len(self.prefix):]: v for k, v in self.kv.list_local(self.prefix)
+                       if isinstance(v, SliceStateValue)}
+            for artifact in sorted(set(present) | set(self._machines)):
+                m = self._machine(artifact)
+                now_value = present.get(artifact)
+                if now_value != m.observed:
+                    self._dispatch(artifact, m, m.handle(Observed(now_value, now)))
+                self._maybe_drop(artifact)
+            return
+        artifact = ev.key[len(self.prefix):]
+        value: SliceStateValue | None = None
+        if ev.kind == "put" and ev.value is not None:
+            try:
+                value = decode_value(ev.key, ev.value)
+            except Exception:
+                self.log.warning("ignoring undecodable value at %s", ev.key)
+                return
+        m = self._machine(artifact)
+        self._dispatch(artifact, m, m.handle(Observed(value, now)))
+        self._maybe_drop(artifact)
+
+    def _on_route_event(self, ev: WatchEvent) -> None:
+        if not self._running or self._starting or ev.kind == "put":
+            return
+        for artifact, claimed in self._claimed.items():
+            if self.state(artifact) not in (SliceState.ACTIVE, SliceState.ACTIVATING):
+                continue
+            for key, value in claimed:
+                if (ev.kind == "reset" or key == ev.key) and self.kv.get_local(key) is None:
+                    self.log.info("route %s of active %s was removed: registering it again", key, artifact)
+                    self._spawn(self._cas(key, None, value))
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            now = self._clock()
+            for artifact, m in list(self._machines.items()):
+                if m.busy:
+                    self._dispatch(artifact, m, m.handle(Tick(now)))
+
+    # --- actions --------------------------------------------------------------------------------
+
+    def _dispatch(self, artifact: str, m: SliceLifecycle, actions: list[LifecycleAction]) -> None:
+        for a in actions:
+            if isinstance(a, Reject):
+                self.log.warning("%s", a.message)
+            elif isinstance(a, Note):
+                self.log.info("%s", a.message)
+            elif isinstance(a, AbortStep):
+                self.log.warning("%s: %s; cancelling it", artifact, a.reason)
+                task = self._steps.get((artifact, a.seq))
+                if task is not None:
+                    task.cancel()
+            else:
+                self._queues.setdefault(artifact, deque()).append((m, a))
+        if self._queues.get(artifact) and artifact not in self._workers and self._running:
+            self._workers[artifact] = asyncio.get_running_loop().create_task(
+                self._work(artifact), name=f"aether-deploy-{self.node_id}-{artifact}"
+            )
+
+    def _maybe_drop(self, artifact: str) -> None:
+        m = self._machines.get(artifact)
+        if m is not None and m.finished and artifact not in self._workers and not self._queues.get(artifact):
+            del self._machines[artifact]
+            self._queues.pop(artifact, None)
+
+    async def _work(self, artifact: str) -> None:
+        q = self._queues[artifact]
+        try:
+            while q:
+                m, action = q.popleft()
+                try:
+                    if isinstance(action, WriteState | RemoveKey):
+                        if action.epoch == m.epoch:
+                            await self._write_state(artifact, m, action)
+                    elif isinstance(action, StartStep) and m.running_seq == action.seq:
+                        task = asyncio.get_running_loop().create_task(
+                            self._run_step(artifact, m, action),
+                            name=f"aether-deploy-{self.node_id}-{artifact}-{action.step}",
+                        )
+                        self._steps[(artifact, action.seq)] = task
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.log.exception("%s: executing %s failed", artifact, action)
+        finally:
+            self._workers.pop(artifact, None)
+        self._maybe_drop(artifact)
+
+    async def _write_state(self, artifact: str, m: SliceLifecycle, action: WriteState | RemoveKey) -> None:
+        key = str(SliceKey(self.node_id, artifact))
+        delay = 0.05
+        while self._running and action.epoch == m.epoch:
+            expected = self.kv.get_local(key)
+            if expected is None:
+                return  # removed by someone else: never re-create it
+            new = None
+            if isinstance(action, WriteState):
+                new = SliceStateValue(str(action.state), self._wall(), action.reason, list(action.instances))
+            try:
+                ok = await self.kv.compare_and_set(key, expected, new)
+            except (QuorumLost, CommitTimeout) as e:
+                self.log.warning("%s: writing %s failed (%s); retrying", artifact, new and new.state, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            except BadRequest as e:
+                self.log.error("%s: writing %s rejected: %s", artifact, new and new.state, e)
+                return
+            if not ok:
+                self.log.debug("%s: %s not written, the key changed meanwhile", artifact, new and new.state)
+            return
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    async def _run_step(self, artifact: str, m: SliceLifecycle, action: StartStep) -> None:
+        step, seq, ids = action.step, action.seq, list(action.instances)
+        old_ids = list(m.instances)
+        try:
+            a = Artifact.parse(artifact)
+            if step is Step.LOAD:
+                self._info[artifact] = await self.store.load(a)
+            elif step is Step.ACTIVATE:
+                await self._activate(a, artifact, ids)
+            elif step is Step.SCALE:
+                await self._scale(a, artifact, old_ids, ids)
+            elif step is Step.DEACTIVATE:
+                await self._deactivate(a, artifact)
+            else:
+                await self._unload(a, artifact)
+        except asyncio.CancelledError:
+            self._steps.pop((artifact, seq), None)
+            if self._running and step is not Step.LOAD:
+                self._spawn(self._cleanup_failed(artifact, step))
+            raise
+        except Exception as e:
+            reason = str(e) or type(e).__name__
+            self.log.warning("%s: %s failed: %s", artifact, step, reason)
+            if step is not Step.LOAD:
+                try:
+                    await self._cleanup_failed(artifact, step)
+                except Exception:
+                    self.log.exception("%s: cleanup after failed %s failed", artifact, step)
+            events = m.handle(StepFailed(seq, reason, self._clock()))
+        else:
+            events = m.handle(StepSucceeded(seq, self._clock()))
+        self._steps.pop((artifact, seq), None)
+        self._dispatch(artifact, m, events)
+
+    def _slice_info(self, a: Artifact, artifact: str) -> SliceInfo:
+        info = self._info.get(artifact) or self.store.info(a)
+        if info is None:
+            raise RuntimeError(f"{artifact} is not loaded in the slice store")
+        self._info[artifact] = info
+        return info
+
+    async def _activate(self, a: Artifact, artifact: str, ids: list[int]) -> None:
+        info = self._slice_info(a, artifact)
+        self._activated.add(artifact)
+        await self.store.activate(a, ids)
+        await self._claim_routes(a, artifact, info)
+        await self._publish(artifact, info, ids)
+
+    async def _scale(self, a: Artifact, artifact: str, old: list[int], new: list[int]) -> None:
+        info = self._slice_info(a, artifact)
+        await self.store.set_instances(a, new)
+        await self._publish(artifact, info, [i for i in new if i not in old])
+        await self._remove_endpoints(artifact, {i for i in old if i not in new})
+
+    async def _deactivate(self, a: Artifact, artifact: str) -> None:
+        await self._remove_endpoints(artifact)
+        await self.store.deactivate(a)
+        self._activated.discard(artifact)
+        self._claimed.pop(artifact, None)
+        await self._cleanup_routes(artifact)
+
+    async def _unload(self, a: Artifact, artifact: str) -> None:
+        if artifact in self._activated:
+            await self._remove_endpoints(artifact)
+            try:
+                await self.store.deactivate(a)
+            except Exception as e:
+                self.log.warning("%s: deactivate before unload failed: %s", artifact, e)
+            self._activated.discard(artifact)
+        self._claimed.pop(artifact, None)
+        self._info.pop(artifact, None)
+        await self.store.unload(a)
+        await self._cleanup_routes(artifact)
+
+    async def _cleanup_failed(self, artifact: str, step: Step) -> None:
+        """After a failed or timed-out step: this node must not advertise the slice any more."""
+        await self._remove_endpoints(artifact)
+        if step in (Step.ACTIVATE, Step.SCALE) and artifact in self._activated:
+            try:
+                a = Artifact.parse(artifact)
+                await asyncio.wait_for(self.store.deactivate(a), self.timeouts.deactivate)
+            except Exception as e:
+                self.log.warning("%s: deactivate after failed %s failed: %s", artifact, step, e)
+            self._activated.discard(artifact)
+        self._claimed.pop(artifact, None)
+        await self._cleanup_routes(artifact)
+
+    # --- endpoints and routes -------------------------------------------------------------------
+
+    async def _claim_routes(self, a: Artifact, artifact: str, info: SliceInfo) -> None:
+        claimed = self._claimed.setdefault(artifact, [])
+        for r in info.routes:
+            method = r.http_method.upper()
+            key = str(RouteKey(method, r.path))
+            value = route_value(artifact, r)
+            for _ in range(10):
+                cur = self.kv.get_local(key)
+                if cur is None:
+                    if await self.kv.compare_and_set(key, None, value):
+                        break
+                    continue
+                if not isinstance(cur, RouteValue):
+                    raise RouteConflict(f"route {method} {r.path} holds an unreadable value")
+                if cur == value:
+                    break
+                owner = _name_of(cur.artifact)
+                if cur.artifact != artifact and owner != a.name:
+                    raise RouteConflict(f"route {method} {r.path} is owned by {cur.artifact}")
+                # same artifact (entry changed) or another version of it: take the route over
+                if await self.kv.compare_and_set(key, cur, value):
+                    break
+            else:
+                raise RouteConflict(f"route {method} {r.path} keeps changing; giving up")
+            claimed.append((key, value))
+
+    async def _publish(self, artifact: str, info: SliceInfo, ids: list[int]) -> None:
+        value = EndpointValue(self.node_id, "ACTIVE")
+        await asyncio.gather(*(self.kv.put(EndpointKey(artifact, entry, i), value)
+                               for entry in sorted(info.entries) for i in ids))
+
+    async def _remove_endpoints(self, artifact: str, ids: set[int] | None = None) -> None:
+        mine = []
+        for key, v in self.kv.list_local(f"endpoints/{artifact}/"):
+            if not isinstance(v, EndpointValue) or v.node_id != self.node_id:
+                continue
+            k = parse_key(key)
+            if isinstance(k, EndpointKey) and (ids is None or k.instance in ids):
+                mine.append((key, v))
+        await asyncio.gather(*(self._cas(k, v, None) for k, v in mine))
+
+    async def _cleanup_routes(self, artifact: str) -> None:
+        """Remove the artifact's routes if no instance of it is left in the cluster."""
+        if self.kv.list_local(f"endpoints/{artifact}/"):
+            return
+        for key, v in self.kv.list_local("slices/"):
+            k = parse_key(key)
+            if (isinstance(k, SliceKey) and k.artifact == artifact and k.node_id != self.node_id
+                    and isinstance(v, SliceStateValue) and v.state in _SERVING):
+                return
+        routes = [(k, v) for k, v in self.kv.list_local("routes/")
+                  if isinstance(v, RouteValue) and v.artifact == artifact]
+        if routes:
+            self.log.info("%s: last instance gone, removing its %d routes", artifact, len(routes))
+            await asyncio.gather(*(self._cas(k, v, None) for k, v in routes))
+
+    async def _cas(self, key: str, expected: Any, new: Any) -> bool:
+        try:
+            return await self.kv.compare_and_set(key, expected, new)
+        except (QuorumLost, CommitTimeout, BadRequest) as e:
+            self.log.warning("compare-and-set of %s failed: %s", key, e)
+            return False
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+
+def _name_of(coords: str) -> str:
+    return ":".join(coords.split(":")[:2])

@@ -1,0 +1,313 @@
+"""`DeploymentService`: the operator-facing deployment operations (SPEC §7.1 deploy, scale,
+undeploy, blueprint apply/list/get/delete, slices status) over the replicated store.
+
+Owns: how requests become desired state (`blueprints/…` keys; nothing here commands nodes
+directly — the leader's `ClusterDeploymentManager` converges on what is written) and how
+progress is reported. Usable on any node: writes go through consensus, reads use the local
+replica (which includes every write this node has made). May import `aether.core`,
+`aether.kv` and `aether.deploy.*`.
+
+Decisions:
+- A direct deployment (`deploy`) is a one-slice blueprint with id `direct:{group}:{artifact}`
+  and source "api"; deploying another version of the artifact replaces the version in that
+  blueprint. It never changes other blueprints that list the artifact.
+- `scale` sets the count in every blueprint that lists the artifact (the desired count is the
+  maximum over blueprints, so changing only one of them could have no effect). Coordinates
+  with a version match that version, `group:artifact` matches every version.
+- `undeploy` removes the artifact from every blueprint that lists it (deleting blueprints left
+  empty) together with dependency entries nobody needs any more; it refuses when a remaining
+  slice depends on it, naming that slice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from aether.core.artifact import Artifact
+from aether.core.errors import BadRequest
+from aether.deploy.blueprint import (
+    DIRECT_PREFIX,
+    Blueprint,
+    BlueprintSliceSpec,
+    expand,
+    parse_blueprint,
+)
+from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentFailed
+from aether.deploy.lifecycle import SliceState
+from aether.deploy.ports import DependenciesOf, Resolve
+from aether.deploy.reconcile import desired_state
+from aether.kv.keys import BlueprintKey, BlueprintValue, SliceKey, SliceStateValue, parse_key
+from aether.kv.machine import WatchEvent
+from aether.kv.store import KVStore
+
+
+class SliceInstanceStatus(msgspec.Struct, frozen=True):
+    node: str
+    state: str
+    reason: str | None
+    instance_ids: list[int]
+
+
+class SliceStatus(msgspec.Struct, frozen=True):
+    """One artifact: desired count (from blueprints), ACTIVE instance count, per-node states."""
+
+    artifact: str
+    desired: int
+    active: int
+    instances: list[SliceInstanceStatus]
+
+
+class BlueprintEntry(msgspec.Struct, frozen=True):
+    id: str
+    blueprint: BlueprintValue
+
+
+ProgressCallback = Callable[[list[SliceStatus]], None]
+
+
+def direct_id(artifact: Artifact) -> str:
+    return f"{DIRECT_PREFIX}{artifact.group}:{artifact.artifact}"
+
+
+def _matcher(coords: str) -> Callable[[str], bool]:
+    text = coords.strip()
+    parts = text.split(":")
+    if len(parts) == 3:
+        exact = str(Artifact.parse(text))
+        return lambda a: a == exact
+    if len(parts) == 2 and all(parts):
+        return lambda a: ":".join(a.split(":")[:2]) == text
+    raise BlueprintError(f"invalid artifact {coords!r}: expected GROUP:ARTIFACT:VERSION or GROUP:ARTIFACT")
+
+
+class DeploymentService:
+    def __init__(
+        self,
+        kv: KVStore,
+        *,
+        dependencies_of: DependenciesOf,
+        resolve: Resolve,
+        timeout: float = 5.0,
+    ) -> None:
+        self.kv = kv
+        self.dependencies_of = dependencies_of
+        self.resolve = resolve
+        self.timeout = timeout
+
+    # --- blueprints -----------------------------------------------------------------------------
+
+    async def apply_blueprint(
+        self, toml_text: str, filename: str = "<blueprint>", *, source: str = "operator"
+    ) -> BlueprintValue:
+        """Parse, expand and store a blueprint (replacing one with the same id)."""
+        bp = parse_blueprint(toml_text, filename)
+        value = expand(bp, self.dependencies_of, self.resolve, source=source)
+        await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
+        return value
+
+    async def delete_blueprint(self, blueprint_id: str) -> bool:
+        """Remove a blueprint; its slices are undeployed unless another blueprint lists them."""
+        return await self.kv.remove(self._key(blueprint_id), self.timeout)
+
+    def list_blueprints(self) -> list[BlueprintEntry]:
+        out = []
+        for key, v in self.kv.list_local("blueprints/"):
+            if isinstance(v, BlueprintValue):
+                out.append(BlueprintEntry(key[len("blueprints/"):], v))
+        return out
+
+    def get_blueprint(self, blueprint_id: str) -> BlueprintValue | None:
+        v = self.kv.get_local(self._key(blueprint_id))
+        return v if isinstance(v, BlueprintValue) else None
+
+    @staticmethod
+    def _key(blueprint_id: str) -> BlueprintKey:
+        try:
+            parse_key(f"blueprints/{blueprint_id}")
+        except BadRequest as e:
+            raise BlueprintError(str(e)) from None
+        return BlueprintKey(blueprint_id)
+
+    # --- deploy / scale / undeploy --------------------------------------------------------------
+
+    async def deploy(self, artifact: Artifact, instances: int) -> BlueprintValue:
+        """Deploy `instances` of `artifact` (and its dependencies) as blueprint
+        `direct:{group}:{artifact}`."""
+        if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+            raise BlueprintError(f"instances must be an integer >= 1, got {instances!r} "
+                                 "(to remove an artifact use undeploy)")
+        bp = Blueprint(direct_id(artifact), (BlueprintSliceSpec(artifact.artifact, artifact, instances),),
+                       filename=f"deploy {artifact}")
+        value = expand(bp, self.dependencies_of, self.resolve, source="api")
+        await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
+        return value
+
+    async def scale(self, artifact_coords: str, instances: int) -> list[str]:
+        """Set the instance count of an artifact in every blueprint listing it; returns their ids."""
+        if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+            raise BlueprintError(f"instances must be an integer >= 1, got {instances!r} "
+                                 "(0 would mean undeploy, which is its own command)")
+        match = _matcher(artifact_coords)
+
+        def change(bp_id: str, v: BlueprintValue) -> BlueprintValue | None:
+            if not any(match(s.artifact) for s in v.slices):
+                return None
+            return msgspec.structs.replace(v, slices=[
+                msgspec.structs.replace(s, instances=instances) if match(s.artifact) else s for s in v.slices
+            ])
+
+        changed = await self._update_all(change)
+        if not changed:
+            raise BlueprintError(f"{artifact_coords} is not deployed: no blueprint lists it")
+        return changed
+
+    async def undeploy(self, artifact_coords: str) -> list[str]:
+        """Remove an artifact from every blueprint listing it; returns the ids changed or deleted."""
+        match = _matcher(artifact_coords)
+        entries = self.list_blueprints()
+        if not any(match(s.artifact) for e in entries for s in e.blueprint.slices):
+            raise BlueprintError(f"{artifact_coords} is not deployed: no blueprint lists it")
+        # refuse if anything that stays depends on it
+        after = {e.id: _without(e.blueprint, match) for e in entries}
+        for bp_id, v in sorted(after.items()):
+            for s in v.slices if v is not None else []:
+                for dep in s.depends_on:
+                    if match(dep):
+                        raise BlueprintError(
+                            f"cannot undeploy {artifact_coords}: {s.artifact} (blueprint {bp_id}) depends on "
+                            f"{dep}; undeploy {s.artifact} first"
+                        )
+
+        def change(bp_id: str, v: BlueprintValue) -> BlueprintValue | None:
+            if not any(match(s.artifact) for s in v.slices):
+                return None
+            return _without(v, match) or BlueprintValue([], v.source)
+
+        return await self._update_all(change)
+
+    async def _update_all(self, change: Callable[[str, BlueprintValue], BlueprintValue | None]) -> list[str]:
+        """Apply `change` to every blueprint with compare-and-set (re-read and retry on conflict);
+        a result without slices deletes the blueprint."""
+        changed: list[str] = []
+        for entry in self.list_blueprints():
+            key = BlueprintKey(entry.id)
+            current: BlueprintValue | None = entry.blueprint
+            for _ in range(20):
+                if current is None:
+                    break
+                new = change(entry.id, current)
+                if new is None:
+                    break
+                ok = await self.kv.compare_and_set(key, current, new if new.slices else None, self.timeout)
+                if ok:
+                    changed.append(entry.id)
+                    break
+                current = await self.kv.get(key, self.timeout)
+            else:
+                raise BlueprintError(f"blueprint {entry.id} keeps changing; try again")
+        return changed
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def slices_status(self) -> list[SliceStatus]:
+        """Per artifact: desired count, ACTIVE instances and the state on every node, sorted."""
+        blueprints = self.kv.list_local("blueprints/")
+        desired = desired_state(v for _, v in blueprints if isinstance(v, BlueprintValue))
+        per: dict[str, list[SliceInstanceStatus]] = {}
+        for key, v in self.kv.list_local("slices/"):
+            if not isinstance(v, SliceStateValue):
+                continue
+            k = parse_key(key)
+            if isinstance(k, SliceKey):
+                per.setdefault(k.artifact, []).append(
+                    SliceInstanceStatus(k.node_id, v.state, v.reason, sorted(v.instances)))
+        out = []
+        for artifact in sorted(set(desired) | set(per)):
+            inst = sorted(per.get(artifact, []), key=lambda s: s.node)
+            active = sum(len(s.instance_ids) for s in inst if s.state == SliceState.ACTIVE)
+            d = desired.get(artifact)
+            out.append(SliceStatus(artifact, d.instances if d else 0, active, inst))
+        return out
+
+    async def wait_converged(
+        self,
+        target: str | Sequence[str],
+        timeout: float = 60.0,
+        progress_cb: ProgressCallback | None = None,
+    ) -> list[SliceStatus]:
+        """Wait until every instance of the target is ACTIVE (exactly the desired count, every key
+        ACTIVE; an artifact with desired 0 must have no keys left).
+
+        `target` is a blueprint id or a list of artifact coordinates. Raises `DeploymentFailed`
+        naming artifact, node and reason as soon as an instance is FAILED, `ConvergenceTimeout`
+        saying what is missing after `timeout` seconds. `progress_cb(statuses)` is called with
+        the target's statuses whenever they change.
+        """
+        if isinstance(target, str):
+            bp = self.get_blueprint(target)
+            if bp is None:
+                raise BlueprintError(f"no blueprint {target!r}")
+            artifacts = [s.artifact for s in bp.slices]
+        else:
+            artifacts = [str(Artifact.parse(a)) for a in target]
+        wake = asyncio.Event()
+
+        def on_event(_: WatchEvent) -> None:
+            wake.set()
+
+        cancels = [self.kv.watch("slices/", on_event), self.kv.watch("blueprints/", on_event)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: list[SliceStatus] | None = None
+        try:
+            while True:
+                wake.clear()
+                by_artifact = {s.artifact: s for s in self.slices_status()}
+                statuses = [by_artifact.get(a) or SliceStatus(a, 0, 0, []) for a in artifacts]
+                if statuses != last:
+                    last = statuses
+                    if progress_cb is not None:
+                        progress_cb(statuses)
+                for s in statuses:
+                    for i in s.instances:
+                        if i.state == SliceState.FAILED:
+                            raise DeploymentFailed(f"{s.artifact} failed on {i.node}: {i.reason}")
+                if all(_converged(s) for s in statuses):
+                    return statuses
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    missing = "; ".join(_describe(s) for s in statuses if not _converged(s))
+                    raise ConvergenceTimeout(f"not converged after {timeout:.1f}s: {missing}")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, 0.5)):
+                        await wake.wait()
+        finally:
+            for c in cancels:
+                c()
+
+
+def _converged(s: SliceStatus) -> bool:
+    if s.desired == 0:
+        return not s.instances
+    return s.active == s.desired and all(i.state == SliceState.ACTIVE for i in s.instances)
+
+
+def _describe(s: SliceStatus) -> str:
+    states = ", ".join(f"{i.node} {i.state}" + (f" ({i.reason})" if i.reason else "") for i in s.instances)
+    return f"{s.artifact} {s.active}/{s.desired} ACTIVE" + (f" [{states}]" if states else "")
+
+
+def _without(v: BlueprintValue, match: Callable[[str], bool]) -> BlueprintValue | None:
+    """`v` without the matching slices and without dependency-only entries nobody needs any more."""
+    slices = [s for s in v.slices if not match(s.artifact)]
+    while True:
+        needed = {d for s in slices for d in s.depends_on}
+        kept = [s for s in slices if s.name or s.artifact in needed]
+        if len(kept) == len(slices):
+            break
+        slices = kept
+    return BlueprintValue(slices, v.source) if slices else None

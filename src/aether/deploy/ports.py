@@ -1,0 +1,72 @@
+"""The shapes the deployment layer needs from layers it may not import (SPEC §11 layering).
+
+Owns: structural `Protocol`s for the slice store (written in `aether.slices`), the slice info it
+returns, and the callables blueprint expansion uses to look at the artifact repository.
+Anything with these attributes/methods works (duck typing); nothing here is implemented.
+May import `aether.core` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from aether.core.artifact import Artifact, VersionPattern
+
+DependenciesOf = Callable[[Artifact], Mapping[str, VersionPattern]]
+"""`dependencies_of(artifact)` -> `{"group:artifact": pattern}`: the slices `artifact` calls."""
+
+Resolve = Callable[[str, VersionPattern], Artifact | None]
+"""`resolve("group:artifact", pattern)` -> the best matching artifact in the repository, or None."""
+
+
+class RouteInfo(Protocol):
+    """One HTTP route a slice declares (`@route("GET", "/hello/{name}")` on entry `hello`).
+
+    If the object also has `bindings: Mapping[str, str]` (argument -> "path" | "query" | "body"),
+    that mapping is stored in the route's `RouteValue`; otherwise every path parameter binds
+    from the path.
+    """
+
+    @property
+    def http_method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def entry(self) -> str: ...
+
+    @property
+    def path_params(self) -> Sequence[str]: ...
+
+
+class SliceInfo(Protocol):
+    """What a loaded slice offers: its entry points (by name) and its routes."""
+
+    @property
+    def entries(self) -> Mapping[str, Any]: ...
+
+    @property
+    def routes(self) -> Sequence[RouteInfo]: ...
+
+
+@runtime_checkable
+class SliceStorePort(Protocol):
+    """The per-node slice store driven by `NodeDeploymentManager`.
+
+    Every method may raise; the exception's `str()` becomes the FAILED reason. Methods may be
+    cancelled when a lifecycle step exceeds its deadline.
+    """
+
+    async def load(self, artifact: Artifact) -> SliceInfo: ...
+
+    async def activate(self, artifact: Artifact, instances: list[int]) -> None: ...
+
+    async def set_instances(self, artifact: Artifact, instances: list[int]) -> None: ...
+
+    async def deactivate(self, artifact: Artifact) -> None: ...
+
+    async def unload(self, artifact: Artifact) -> None: ...
+
+    def info(self, artifact: Artifact) -> SliceInfo | None: ...

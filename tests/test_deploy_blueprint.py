@@ -1,0 +1,235 @@
+"""Blueprint TOML parsing, validation errors (file + line + problem) and dependency expansion."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from aether.core.artifact import Artifact, VersionPattern
+from aether.core.errors import BadRequest
+from aether.deploy.blueprint import expand, load_blueprint, parse_blueprint
+from aether.deploy.errors import BlueprintError
+from aether.kv.keys import BlueprintSlice
+
+pytestmark = pytest.mark.timeout(10)
+
+GOOD = """\
+id = "demo-order:0.1.0"
+requires = ["artifact-repo"]
+
+[slices.place_order]
+artifact = "org.demo:place-order:0.1.0"
+instances = 3
+
+[slices.inventory]
+artifact = "org.demo:inventory-service:0.1.0"
+"""
+
+
+def test_parse_good_blueprint() -> None:
+    bp = parse_blueprint(GOOD, "order.toml")
+    assert bp.id == "demo-order:0.1.0"
+    assert bp.requires == ("artifact-repo",)
+    assert [(s.name, str(s.artifact), s.instances, s.line) for s in bp.slices] == [
+        ("place_order", "org.demo:place-order:0.1.0", 3, 4),
+        ("inventory", "org.demo:inventory-service:0.1.0", 1, 8),
+    ]
+
+
+def test_load_blueprint_from_file(tmp_path: Path) -> None:
+    p = tmp_path / "bp.toml"
+    p.write_text(GOOD)
+    assert load_blueprint(p).filename == str(p)
+    with pytest.raises(BlueprintError, match="file not found"):
+        load_blueprint(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # bad TOML: the line is named
+        ('id = "x"\n\n[slices.a]\nartifact = "org.a:b:1.0.0\n', r"^bp\.toml:4: invalid TOML: "),
+        ('id = "x"\ninstances = = 3\n', r"^bp\.toml:2: invalid TOML"),
+        # unknown keys, top level and in a slice table, with the allowed ones listed
+        ('id = "x"\nreplicas = 3\n[slices.a]\nartifact = "org.a:b:1.0.0"\n',
+         r"^bp\.toml:2: unknown key 'replicas'; allowed keys: id, requires, slices$"),
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\nreplicas = 2\n',
+         r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances$"),
+        # bad coordinates
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b"\n',
+         r"^bp\.toml:3: \[slices\.a\]: invalid artifact coordinates 'org\.a:b': "
+         r"expected GROUP:ARTIFACT:VERSION"),
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:one"\n', r"^bp\.toml:3: .*invalid version 'one'"),
+        ('id = "x"\n[slices.a]\nartifact = 3\n', r"^bp\.toml:3: artifact in \[slices\.a\] must be a string"),
+        # instance counts
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\ninstances = 0\n',
+         r"^bp\.toml:4: instances = 0 in \[slices\.a\]: must be at least 1 \(0 would mean undeploy, which "
+         r"must be an explicit command"),
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\ninstances = -2\n',
+         r"^bp\.toml:4: instances = -2"),
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\ninstances = "3"\n',
+         r"^bp\.toml:4: instances in \[slices\.a\] must be an integer >= 1, got '3'"),
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\ninstances = true\n', r"^bp\.toml:4: instances"),
+        # id
+        ('[slices.a]\nartifact = "org.a:b:1.0.0"\n', r'^bp\.toml: missing required key "id"'),
+        ('id = "has space"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n', r"^bp\.toml:1: invalid blueprint id"),
+        ('id = 7\n[slices.a]\nartifact = "org.a:b:1.0.0"\n', r"^bp\.toml:1: id must be a non-empty string"),
+        ('id = "direct:org.a:b"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n', r"^bp\.toml:1: .*reserved"),
+        # structure
+        ('id = "x"\n', r"^bp\.toml: no slices"),
+        ('id = "x"\nslices = 3\n', r"^bp\.toml:2: slices must be tables"),
+        ('id = "x"\n[slices]\na = 3\n', r"^bp\.toml:3: slices\.a must be a table"),
+        ('id = "x"\n[slices.a]\ninstances = 2\n', r"^bp\.toml:2: \[slices\.a\] has no artifact"),
+        ('id = "x"\nrequires = "repo"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n',
+         r"^bp\.toml:2: requires must be a list"),
+        # duplicate artifact (any version), both tables named
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n\n[slices.b]\nartifact = "org.a:b:2.0.0"\n',
+         r"^bp\.toml:6: artifact org\.a:b is listed twice: \[slices\.a\] \(org\.a:b:1\.0\.0, line 2\) and "
+         r"\[slices\.b\]"),
+    ],
+)
+def test_parse_errors_name_file_line_and_problem(text: str, expected: str) -> None:
+    with pytest.raises(BlueprintError, match=expected):
+        parse_blueprint(text, "bp.toml")
+
+
+def test_blueprint_error_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest):
+        parse_blueprint("nope", "x.toml")
+
+
+def test_lines_found_for_dotted_and_quoted_tables() -> None:
+    text = 'id = "x"\n\n[slices."my slice"]\nartifact = "org.a:b:1.0.0"\ninstances = 0\n'
+    with pytest.raises(BlueprintError, match=r"^bp\.toml:5: "):
+        parse_blueprint(text, "bp.toml")
+    text = 'id = "x"\nslices.a.artifact = "org.a:b:1.0.0"\nslices.a.instances = 0\n'
+    with pytest.raises(BlueprintError, match=r"^bp\.toml:3: "):
+        parse_blueprint(text, "bp.toml")
+
+
+# --- expansion --------------------------------------------------------------------------------------
+
+
+class Repo:
+    """A tiny artifact repository: versions per name and declared dependencies."""
+
+    def __init__(self, deps: Mapping[str, Mapping[str, str]], extra: list[str] | None = None) -> None:
+        self.deps = {k: {n: VersionPattern.parse(p) for n, p in d.items()} for k, d in deps.items()}
+        self.artifacts = [Artifact.parse(a) for a in [*deps, *(extra or [])]]
+
+    def dependencies_of(self, a: Artifact) -> Mapping[str, VersionPattern]:
+        return self.deps.get(str(a), {})
+
+    def resolve(self, name: str, pattern: VersionPattern) -> Artifact | None:
+        found = [a for a in self.artifacts if a.name == name and pattern.matches(a.version)]
+        return max(found) if found else None
+
+
+def bp(*slices: tuple[str, str, int]) -> str:
+    body = "".join(f'\n[slices.{n}]\nartifact = "{a}"\ninstances = {i}\n' for n, a, i in slices)
+    return f'id = "app"\n{body}'
+
+
+ORDER = Repo({
+    "org.demo:place-order:0.1.0": {"org.demo:inventory": "^0.1.0", "org.demo:pricing": "~0.1"},
+    "org.demo:inventory:0.1.0": {},
+    "org.demo:inventory:0.2.0": {},
+    "org.demo:pricing:0.1.3": {"org.demo:money": "[1.0,2.0)"},
+    "org.demo:money:1.4.0": {},
+    "org.demo:money:2.0.0": {},
+})
+
+
+def test_expand_topological_order_dependencies_first() -> None:
+    value = expand(parse_blueprint(bp(("po", "org.demo:place-order:0.1.0", 3))), ORDER.dependencies_of,
+                   ORDER.resolve)
+    assert value.source == "operator"
+    assert value.slices == [
+        BlueprintSlice("org.demo:inventory:0.1.0", 1, [], ""),
+        BlueprintSlice("org.demo:money:1.4.0", 1, [], ""),
+        BlueprintSlice("org.demo:pricing:0.1.3", 1, ["org.demo:money:1.4.0"], ""),
+        BlueprintSlice("org.demo:place-order:0.1.0", 3,
+                       ["org.demo:inventory:0.1.0", "org.demo:pricing:0.1.3"], "po"),
+    ]
+    order = [s.artifact for s in value.slices]
+    for s in value.slices:
+        for d in s.depends_on:
+            assert order.index(d) < order.index(s.artifact)
+
+
+def test_expand_uses_listed_dependency_and_its_count() -> None:
+    text = bp(("po", "org.demo:place-order:0.1.0", 2), ("inv", "org.demo:inventory:0.1.0", 4))
+    value = expand(parse_blueprint(text), ORDER.dependencies_of, ORDER.resolve, source="api")
+    by = {s.artifact: s for s in value.slices}
+    assert by["org.demo:inventory:0.1.0"] == BlueprintSlice("org.demo:inventory:0.1.0", 4, [], "inv")
+    assert value.source == "api"
+    assert [s.artifact for s in value.slices].index("org.demo:inventory:0.1.0") < \
+        [s.artifact for s in value.slices].index("org.demo:place-order:0.1.0")
+
+
+def test_expand_version_pattern_mismatch_names_both() -> None:
+    text = bp(("po", "org.demo:place-order:0.1.0", 2), ("inv", "org.demo:inventory:0.2.0", 1))
+    with pytest.raises(BlueprintError) as e:
+        expand(parse_blueprint(text, "app.toml"), ORDER.dependencies_of, ORDER.resolve)
+    msg = str(e.value)
+    assert msg.startswith("app.toml:7: ")
+    assert "org.demo:place-order:0.1.0 needs org.demo:inventory ^0.1.0" in msg
+    assert "lists org.demo:inventory:0.2.0 in [slices.inv]" in msg
+
+
+def test_expand_conflicting_transitive_requirements() -> None:
+    repo = Repo({
+        "g:a:1.0.0": {"g:c": "^1.0.0"},
+        "g:b:1.0.0": {"g:c": "^2.0.0"},
+        "g:c:1.5.0": {},
+        "g:c:2.1.0": {},
+    })
+    expected = r"g:b:1\.0\.0 needs g:c \^2\.0\.0, but g:a:1\.0\.0 needs g:c \^1\.0\.0"
+    with pytest.raises(BlueprintError, match=expected):
+        expand(parse_blueprint(bp(("a", "g:a:1.0.0", 1), ("b", "g:b:1.0.0", 1))), repo.dependencies_of,
+               repo.resolve)
+
+
+def test_expand_missing_artifact_named_with_who_needed_it() -> None:
+    repo = Repo({"g:a:1.0.0": {"g:gone": ">=1.0"}})
+    with pytest.raises(BlueprintError, match=r"artifact g:gone matching >=1\.0 not found in the repository "
+                                             r"\(needed by g:a:1\.0\.0\)"):
+        expand(parse_blueprint(bp(("a", "g:a:1.0.0", 1))), repo.dependencies_of, repo.resolve)
+    with pytest.raises(BlueprintError, match=r"^app.toml:3: artifact g:zzz matching 9\.9\.9 not found .*"
+                                             r"\[slices\.z\]"):
+        expand(parse_blueprint(bp(("z", "g:zzz:9.9.9", 1)), "app.toml"), repo.dependencies_of, repo.resolve)
+
+
+def test_expand_cycle_is_named() -> None:
+    repo = Repo({
+        "g:a:1.0.0": {"g:b": "^1.0.0"},
+        "g:b:1.0.0": {"g:c": "^1.0.0"},
+        "g:c:1.0.0": {"g:a": "^1.0.0"},
+    })
+    cycle = r"dependency cycle: g:a:1\.0\.0 -> g:b:1\.0\.0 -> g:c:1\.0\.0 -> g:a:1\.0\.0"
+    with pytest.raises(BlueprintError, match=cycle):
+        expand(parse_blueprint(bp(("a", "g:a:1.0.0", 1))), repo.dependencies_of, repo.resolve)
+    self_loop = Repo({"g:a:1.0.0": {"g:a": "*"}})
+    with pytest.raises(BlueprintError, match=r"dependency cycle: g:a:1\.0\.0 -> g:a:1\.0\.0"):
+        expand(parse_blueprint(bp(("a", "g:a:1.0.0", 1))), self_loop.dependencies_of, self_loop.resolve)
+
+
+def test_expand_diamond_visits_shared_dependency_once() -> None:
+    repo = Repo({
+        "g:top:1.0.0": {"g:l": "*", "g:r": "*"},
+        "g:l:1.0.0": {"g:base": "^1.0.0"},
+        "g:r:1.0.0": {"g:base": "~1.2.0"},
+        "g:base:1.2.5": {},
+    })
+    value = expand(parse_blueprint(bp(("t", "g:top:1.0.0", 2))), repo.dependencies_of, repo.resolve)
+    assert [s.artifact for s in value.slices] == ["g:base:1.2.5", "g:l:1.0.0", "g:r:1.0.0", "g:top:1.0.0"]
+
+
+def test_expand_repository_errors_are_blueprint_errors() -> None:
+    def broken(a: Artifact) -> Mapping[str, VersionPattern]:
+        raise OSError("repository unreachable")
+
+    with pytest.raises(BlueprintError, match=r"dependencies of g:a:1\.0\.0: repository unreachable"):
+        expand(parse_blueprint(bp(("a", "g:a:1.0.0", 1))), broken, Repo({"g:a:1.0.0": {}}).resolve)
