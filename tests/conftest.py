@@ -126,6 +126,9 @@ class ProcessCluster:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.env.pop("AETHER_API_KEY", None)
+        # nodes of a test never read or write the user's ~/.aether/repository
+        self.repository = Path(self.env.get("AETHER_TEST_REPOSITORY") or self.base_dir / "repository")
+        self.env["AETHER_REPOSITORY"] = str(self.repository)
         self.ids = [f"node-{i + 1}" for i in range(n)]
         ports = free_ports(3 * n)
         self.cluster_ports = ports[0:n]

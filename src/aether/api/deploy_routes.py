@@ -50,6 +50,12 @@ async def _body(request: web.Request, into: type[Any]) -> Any:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
 
 
+def _not_found(bp_id: str) -> web.Response:
+    from aether.api.server import problem_response
+
+    return problem_response(404, f"no blueprint {bp_id!r}; `aether blueprint list` shows the ids")
+
+
 def _timeout(request: web.Request, default: float) -> float:
     text = request.query.get("timeout")
     if text is None:
@@ -92,7 +98,7 @@ class DeploymentRoutes:
         bp_id = request.match_info["id"]
         value = self.svc.get_blueprint(bp_id)
         if value is None:
-            raise web.HTTPNotFound(text=f"no blueprint {bp_id!r}; `aether blueprint list` shows the ids")
+            return _not_found(bp_id)
         return _json({"id": bp_id, **msgspec.to_builtins(value)})
 
     async def apply_blueprint(self, request: web.Request) -> web.Response:
@@ -115,7 +121,7 @@ class DeploymentRoutes:
     async def delete_blueprint(self, request: web.Request) -> web.Response:
         bp_id = request.match_info["id"]
         if not await self.svc.delete_blueprint(bp_id):
-            raise web.HTTPNotFound(text=f"no blueprint {bp_id!r}; `aether blueprint list` shows the ids")
+            return _not_found(bp_id)
         return _json({"id": bp_id, "deleted": True})
 
     async def wait_blueprint(self, request: web.Request) -> web.Response:
