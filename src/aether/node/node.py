@@ -15,7 +15,6 @@ from aether.consensus.engine import EngineConfig
 from aether.consensus.messages import RabiaMessage
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore
-from aether.core.artifact import Artifact, VersionPattern
 from aether.core.config import NodeConfig
 from aether.core.errors import CommitTimeout, QuorumLost
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
@@ -27,7 +26,7 @@ from aether.deploy import (
     NodeDeploymentManager,
 )
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer
-from aether.kv.machine import Command, KVStateMachine
+from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
 from aether.kv.store import KVStore
 from aether.slices.repository import Repository
@@ -35,6 +34,7 @@ from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
+_result_encoder = msgspec.msgpack.Encoder()
 PeerMessage = Union[RabiaMessage, InvokeMessage]  # noqa: UP007 - a runtime Union for the transport
 
 
@@ -115,7 +115,7 @@ class Node:
             self.kv, self.leader, logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}")
         )
         self.deployments = DeploymentService(
-            self.kv, dependencies_of=self._dependencies_of, resolve=self._resolve
+            self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern
         )
         self.management: Any = None
         self.started_at = 0.0
@@ -169,12 +169,6 @@ class Node:
         else:
             self.runner.on_message(sender, msg)
 
-    def _dependencies_of(self, artifact: Artifact) -> dict[str, VersionPattern]:
-        return self.repository.dependencies(artifact)
-
-    def _resolve(self, name: str, pattern: VersionPattern) -> Artifact | None:
-        return self.repository.resolve_pattern(name, pattern)
-
     def _on_peer_up(self, ev: PeerUp) -> None:
         self.runner.peer_up(ev.node_id)
         self.leader.peer_up(ev.node_id)
@@ -219,10 +213,8 @@ class Node:
 
             fut.add_done_callback(done)
         elif isinstance(msg, ClientReadLocal):
-            from aether.kv.machine import Result, _encoder
-
             v = self.sm.get(msg.key)
-            session.send(ClientResponse(msg.id, _encoder.encode(Result(True, v, self.sm.revision))))
+            session.send(ClientResponse(msg.id, _result_encoder.encode(Result(True, v, self.sm.revision))))
 
     # --- views for the management API -----------------------------------------------------------
 
