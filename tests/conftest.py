@@ -55,6 +55,40 @@ _NO_UVLOOP_SHIM = (
 
 
 # --------------------------------------------------------------------------------------------------
+# example slices
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "hello"
+
+
+def deploy_hello_examples(
+    repo_root: Path, wheels: Path, *, extra: dict[str, tuple[str, str]] | None = None
+) -> None:
+    """Build the hello example's two slices from their sources (no setuptools run) into `repo_root`.
+
+    `extra` adds more slices: {coords: (module source, class name)}.
+    """
+    from aether.slices.repository import Repository
+    from aether.slices.testing import build_slice_wheel
+
+    repo = Repository(repo_root)
+    hello = (EXAMPLES / "hello-slice" / "hello_slice" / "__init__.py").read_text()
+    greeter = (EXAMPLES / "greeter-service" / "greeter_slice" / "__init__.py").read_text()
+    repo.deploy(build_slice_wheel(wheels, "org.example:hello:0.1.0", hello, "Hello", module="hello_slice"))
+    repo.deploy(
+        build_slice_wheel(
+            wheels,
+            "org.example:greeter:0.1.0",
+            greeter,
+            "Greeter",
+            module="greeter_slice",
+            dependencies={"org.example:hello": "^0.1.0"},
+        )
+    )
+    for coords, (source, cls) in (extra or {}).items():
+        repo.deploy(build_slice_wheel(wheels, coords, source, cls))
+
+
+# --------------------------------------------------------------------------------------------------
 # ports
 
 

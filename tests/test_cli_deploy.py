@@ -15,12 +15,10 @@ from typing import Any
 
 import pytest
 
-from aether.slices.repository import Repository
-from aether.slices.testing import build_slice_wheel
+from conftest import EXAMPLES, deploy_hello_examples
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "hello"
 
 BROKEN = """
 from aether.slices import Slice, entry
@@ -34,26 +32,6 @@ class Broken(Slice):
     async def ping(self) -> str:
         return "pong"
 """
-
-
-def _repo(root: Path, wheels: Path) -> None:
-    repo = Repository(root)
-    hello = (EXAMPLES / "hello-slice" / "hello_slice" / "__init__.py").read_text()
-    greeter = (EXAMPLES / "greeter-service" / "greeter_slice" / "__init__.py").read_text()
-    repo.deploy(build_slice_wheel(wheels, "org.example:hello:0.1.0", hello, "Hello", module="hello_slice"))
-    repo.deploy(
-        build_slice_wheel(
-            wheels,
-            "org.example:greeter:0.1.0",
-            greeter,
-            "Greeter",
-            module="greeter_slice",
-            dependencies={"org.example:hello": "^0.1.0"},
-        )
-    )
-    repo.deploy(
-        build_slice_wheel(wheels, "org.example:broken:0.1.0", BROKEN, "Broken", module="broken_slice")
-    )
 
 
 def aether(addr: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -96,7 +74,9 @@ def until(cond: Any, timeout: float, what: str) -> None:
 
 def test_deployment_commands_end_to_end(make_process_cluster: Any, tmp_path: Path) -> None:
     c = make_process_cluster(3, start=False)
-    _repo(c.repository, tmp_path / "wheels")
+    deploy_hello_examples(
+        c.repository, tmp_path / "wheels", extra={"org.example:broken:0.1.0": (BROKEN, "Broken")}
+    )
     c.start_all()
     c.wait_quorum(30)
     addr = f"127.0.0.1:{c.management_ports[1]}"  # any node serves deployment operations
@@ -158,7 +138,9 @@ def test_deployment_commands_end_to_end(make_process_cluster: Any, tmp_path: Pat
 
 def test_deployment_api_rejects_bad_input(make_process_cluster: Any, tmp_path: Path) -> None:
     c = make_process_cluster(3, start=False)
-    _repo(c.repository, tmp_path / "wheels")
+    deploy_hello_examples(
+        c.repository, tmp_path / "wheels", extra={"org.example:broken:0.1.0": (BROKEN, "Broken")}
+    )
     c.start_all()
     c.wait_quorum(30)
     port = c.management_ports[0]

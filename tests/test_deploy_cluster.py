@@ -7,7 +7,6 @@ an EndpointRegistry, exactly as a node will; the slice store is `FakeSliceStore`
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from aether.deploy.operations import DeploymentService, SliceStatus
 from aether.deploy.ports import SliceStorePort
 from aether.kv.keys import EndpointValue, RouteValue, SliceKey, SliceStateValue
 from aether.node.node import Node
+from conftest import free_ports
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -62,11 +62,15 @@ class FakeInfo:
 
 HELLO_BINDINGS = {"name": "path", "loud": "query"}
 CATALOG: dict[str, FakeInfo] = {
-    HELLO: FakeInfo({"greet": None, "shout": None},
-                    [BoundRoute("GET", "/hello/{name}", "greet", ["name"], HELLO_BINDINGS)]),
+    HELLO: FakeInfo(
+        {"greet": None, "shout": None},
+        [BoundRoute("GET", "/hello/{name}", "greet", ["name"], HELLO_BINDINGS)],
+    ),
     WORLD: FakeInfo({"spin": None}, [FakeRoute("POST", "/world", "spin")]),  # no bindings attribute
-    RIVAL: FakeInfo({"greet": None}, [FakeRoute("GET", "/other", "greet"),
-                                      FakeRoute("GET", "/hello/{name}", "greet", ["name"])]),
+    RIVAL: FakeInfo(
+        {"greet": None},
+        [FakeRoute("GET", "/other", "greet"), FakeRoute("GET", "/hello/{name}", "greet", ["name"])],
+    ),
     ORDER: FakeInfo({"place": None}, [FakeRoute("POST", "/api/orders", "place")]),
     INVENTORY: FakeInfo({"check": None, "reserve": None}, []),
 }
@@ -150,18 +154,6 @@ class FakeSliceStore:
 # --- cluster harness --------------------------------------------------------------------------------
 
 
-def _ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> float:
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -190,24 +182,37 @@ class Member:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, n: int, behavior: Behavior, timeouts: LifecycleTimeouts,
-                 leaders: bool = True) -> None:
+    def __init__(
+        self, tmp: Path, n: int, behavior: Behavior, timeouts: LifecycleTimeouts, leaders: bool = True
+    ) -> None:
         self.leaders = leaders
-        ports = _ports(n)
+        ports = free_ports(n)
         peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
         self.behavior = behavior
         self.members: list[Member] = []
         for i in range(n):
-            config = NodeConfig(node_id=f"node-{i + 1}", peers=peers, cluster_port=ports[i],
-                                management_port=0, data_dir=str(tmp / f"n{i}"))
+            config = NodeConfig(
+                node_id=f"node-{i + 1}",
+                peers=peers,
+                cluster_port=ports[i],
+                management_port=0,
+                data_dir=str(tmp / f"n{i}"),
+            )
             node = Node(config)
             store = FakeSliceStore(node.node_id, behavior)
             assert isinstance(store, SliceStorePort)
             m = Member(
-                node, store,
+                node,
+                store,
                 NodeDeploymentManager(node.kv, node.node_id, store, timeouts=timeouts, tick_interval=0.05),
-                ClusterDeploymentManager(node.kv, node.leader, reconcile_interval=0.5, dead_node_grace=1.0,
-                                         backoff_base=0.3, backoff_cap=2.0),
+                ClusterDeploymentManager(
+                    node.kv,
+                    node.leader,
+                    reconcile_interval=0.5,
+                    dead_node_grace=1.0,
+                    backoff_base=0.3,
+                    backoff_cap=2.0,
+                ),
                 EndpointRegistry(node.kv),
                 DeploymentService(node.kv, dependencies_of=dependencies_of, resolve=resolve),
             )
@@ -326,7 +331,10 @@ async def test_apply_converges_all_active_spread_with_endpoints_and_routes(make_
     await wait_for(lambda: all(len(m.registry.instances(HELLO, "shout")) == 3 for m in c.up), what="registry")
     for m in c.up:
         assert [(e.instance, e.node_id) for e in m.registry.instances("org.demo:hello", "greet")] == [
-            (0, "node-1"), (1, "node-2"), (2, "node-3")]
+            (0, "node-1"),
+            (1, "node-2"),
+            (2, "node-3"),
+        ]
         assert m.registry.instances(HELLO, "nope") == []
     kv = c.up[0].node.kv
     assert kv.get_local("routes/GET:/hello/{name}") == RouteValue(HELLO, "greet", HELLO_BINDINGS)
@@ -340,8 +348,11 @@ async def test_failing_start_is_failed_with_reason_then_recovers(make_cluster: A
     c = await make_cluster(3)
     c.behavior.fail_activate[WORLD] = "database unreachable"
     await c.svc().apply_blueprint(bp("w", (WORLD, 2)))
-    with pytest.raises(DeploymentFailed, match=r"org\.demo:world:1\.0\.0 failed on node-\d: activate failed: "
-                                               r"start\(\) raised: database unreachable"):
+    with pytest.raises(
+        DeploymentFailed,
+        match=r"org\.demo:world:1\.0\.0 failed on node-\d: activate failed: "
+        r"start\(\) raised: database unreachable",
+    ):
         await c.svc().wait_converged("w", timeout=10)
     status = c.status(WORLD)
     assert status is not None and status.active == 0
@@ -398,8 +409,10 @@ async def test_scale_up_down_and_undeploy_clean_everything(make_cluster: Any) ->
 
     assert await c.svc().undeploy(HELLO) == ["direct:org.demo:hello"]
     await c.svc().wait_converged([HELLO], timeout=10)  # desired 0: no keys left
-    await wait_for(lambda: not c.kv("slices/") and not c.kv("endpoints/") and not c.kv("routes/"),
-                   what="keys, endpoints and routes cleaned")
+    await wait_for(
+        lambda: not c.kv("slices/") and not c.kv("endpoints/") and not c.kv("routes/"),
+        what="keys, endpoints and routes cleaned",
+    )
     assert all(not m.store.loaded for m in c.members)
     assert all(m.registry.instances(HELLO, "greet") == [] for m in c.up)
 
@@ -411,9 +424,15 @@ async def test_stopped_node_instances_replaced_on_survivors_within_5s(make_clust
     t0 = time.monotonic()
     await c.stop(2)
     took = await wait_for(
-        lambda: sum(len(v) for v in c.placement(HELLO).values()) == 3 and "node-3" not in c.placement(HELLO)
-        and not [k for k, v in c.kv("endpoints/") if isinstance(v, EndpointValue) and v.node_id == "node-3"],
-        timeout=5.0, what="re-placement on survivors",
+        lambda: (
+            sum(len(v) for v in c.placement(HELLO).values()) == 3
+            and "node-3" not in c.placement(HELLO)
+            and not [
+                k for k, v in c.kv("endpoints/") if isinstance(v, EndpointValue) and v.node_id == "node-3"
+            ]
+        ),
+        timeout=5.0,
+        what="re-placement on survivors",
     )
     assert sorted(i for v in c.placement(HELLO).values() for i in v) == [0, 1, 2]
     assert not [k for k, _ in c.kv("slices/node-3/")]
@@ -428,8 +447,11 @@ async def test_leader_stop_new_leader_reconciles_without_duplicates_or_losses(ma
     await c.stop(0)  # the leader
     await wait_for(lambda: c.members[1].node.leader.is_leader, what="node-2 leads")
     svc = c.svc(1)
-    await wait_for(lambda: "node-1" not in c.placement(HELLO) and "node-1" not in c.placement(WORLD),
-                   timeout=5.0, what="node-1 placements gone")
+    await wait_for(
+        lambda: "node-1" not in c.placement(HELLO) and "node-1" not in c.placement(WORLD),
+        timeout=5.0,
+        what="node-1 placements gone",
+    )
     await svc.wait_converged("demo", timeout=10)
     for artifact, n in ((HELLO, 4), (WORLD, 2)):
         check_unique_exact(c, artifact, n)
@@ -559,8 +581,11 @@ async def test_operations_input_errors_and_convergence_timeout(make_cluster: Any
     assert c.kv("blueprints/") == []  # nothing was written by the failed requests
     c.behavior.delays[("load", INVENTORY)] = 3.0
     await svc.deploy(Artifact.parse(INVENTORY), 1)
-    with pytest.raises(ConvergenceTimeout, match=r"not converged after 0\.5s: org\.demo:inventory:0\.1\.0 "
-                                                 r"0/1 ACTIVE \[node-\d LOADING\]"):
+    with pytest.raises(
+        ConvergenceTimeout,
+        match=r"not converged after 0\.5s: org\.demo:inventory:0\.1\.0 "
+        r"0/1 ACTIVE \[node-\d LOADING\]",
+    ):
         await svc.wait_converged([INVENTORY], timeout=0.5)
 
 
@@ -575,8 +600,9 @@ async def test_node_manager_protocol_driven_by_hand(make_cluster: Any) -> None:
     async def command(node: str, st: str, ids: list[int], expect: str) -> None:
         new = SliceStateValue(st, time.time(), None, ids)
         assert await kv.compare_and_set(SliceKey(node, HELLO), state(node), new)
-        await wait_for(lambda: (v := state(node)) is not None and v.state == expect and v != new,
-                       what=f"{node} {expect}")
+        await wait_for(
+            lambda: (v := state(node)) is not None and v.state == expect and v != new, what=f"{node} {expect}"
+        )
 
     for node, ids in (("node-2", [0]), ("node-3", [1])):
         assert await kv.compare_and_set(SliceKey(node, HELLO), None, SliceStateValue("LOAD", 1.0, None, ids))
@@ -584,8 +610,12 @@ async def test_node_manager_protocol_driven_by_hand(make_cluster: Any) -> None:
         await command(node, "ACTIVATE", ids, "ACTIVE")
     assert state("node-3").instances == [1]
     eps = {k: v.node_id for k, v in kv.list_local(f"endpoints/{HELLO}/")}
-    assert eps == {f"endpoints/{HELLO}/greet:0": "node-2", f"endpoints/{HELLO}/shout:0": "node-2",
-                   f"endpoints/{HELLO}/greet:1": "node-3", f"endpoints/{HELLO}/shout:1": "node-3"}
+    assert eps == {
+        f"endpoints/{HELLO}/greet:0": "node-2",
+        f"endpoints/{HELLO}/shout:0": "node-2",
+        f"endpoints/{HELLO}/greet:1": "node-3",
+        f"endpoints/{HELLO}/shout:1": "node-3",
+    }
     assert kv.get_local("routes/GET:/hello/{name}") is not None
 
     # an illegal command is rejected and the real state written back
@@ -600,14 +630,17 @@ async def test_node_manager_protocol_driven_by_hand(make_cluster: Any) -> None:
     # deactivating one of two: endpoints go, routes stay (node-3 still serves)
     await command("node-2", "DEACTIVATE", [0, 2], "LOADED")
     assert sorted(k for k, _ in kv.list_local(f"endpoints/{HELLO}/")) == [
-        f"endpoints/{HELLO}/greet:1", f"endpoints/{HELLO}/shout:1"]
+        f"endpoints/{HELLO}/greet:1",
+        f"endpoints/{HELLO}/shout:1",
+    ]
     assert kv.get_local("routes/GET:/hello/{name}") is not None
     # the last instance goes: routes removed by the node itself (no leader sweep here)
     await command("node-3", "DEACTIVATE", [1], "LOADED")
     await wait_for(lambda: kv.get_local("routes/GET:/hello/{name}") is None, what="route cleanup")
     assert kv.list_local("endpoints/") == []
     for node in ("node-2", "node-3"):
-        assert await kv.compare_and_set(SliceKey(node, HELLO), state(node),
-                                        SliceStateValue("UNLOAD", 2.0, None, []))
+        assert await kv.compare_and_set(
+            SliceKey(node, HELLO), state(node), SliceStateValue("UNLOAD", 2.0, None, [])
+        )
     await wait_for(lambda: not kv.list_local("slices/"), what="keys removed by the nodes")
     assert not c.members[1].store.loaded and not c.members[2].store.loaded

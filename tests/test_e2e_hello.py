@@ -8,7 +8,6 @@ through the invoker of a node, including while a node hosting an instance is sto
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,40 +17,10 @@ import pytest
 from aether.core.config import NodeConfig
 from aether.core.types import Address, PeerSpec
 from aether.node.node import Node
-from aether.slices.repository import Repository
-from aether.slices.testing import build_slice_wheel, isolated_imports
+from aether.slices.testing import isolated_imports
+from conftest import EXAMPLES, deploy_hello_examples, free_ports
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "hello"
-
-
-def _ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _build_examples(tmp: Path, repo: Repository) -> None:
-    hello_src = (EXAMPLES / "hello-slice" / "hello_slice" / "__init__.py").read_text()
-    greeter_src = (EXAMPLES / "greeter-service" / "greeter_slice" / "__init__.py").read_text()
-    repo.deploy(build_slice_wheel(tmp, "org.example:hello:0.1.0", hello_src, "Hello", module="hello_slice"))
-    repo.deploy(
-        build_slice_wheel(
-            tmp,
-            "org.example:greeter:0.1.0",
-            greeter_src,
-            "Greeter",
-            module="greeter_slice",
-            dependencies={"org.example:hello": "^0.1.0"},
-        )
-    )
 
 
 async def _until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -75,8 +44,8 @@ class Welcomed(msgspec.Struct):
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[Node]]:
     repo_dir = tmp_path / "repo"
-    _build_examples(tmp_path / "wheels", Repository(repo_dir))
-    ports = _ports(3)
+    deploy_hello_examples(repo_dir, tmp_path / "wheels")
+    ports = free_ports(3)
     peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
     nodes = [
         Node(

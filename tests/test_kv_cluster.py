@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,20 +15,9 @@ from aether.core.types import Address, PeerSpec
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
 from aether.kv.machine import WatchEvent
 from aether.node.node import Node
+from conftest import free_ports
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 async def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -43,7 +31,7 @@ async def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped
 
 @pytest.fixture
 async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    ports = _ports(3)
+    ports = free_ports(3)
     peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
     ns = [
         Node(
