@@ -196,6 +196,7 @@ class Cluster:
                 peers=peers,
                 cluster_port=ports[i],
                 management_port=0,
+                http_port=0,
                 data_dir=str(tmp / f"n{i}"),
             )
             node = Node(config)

@@ -54,6 +54,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[list[Node]]:
                 peers=peers,
                 cluster_port=ports[i],
                 management_port=0,
+                http_port=0,
                 data_dir=str(tmp_path / f"n{i}"),
                 repository=str(repo_dir),
             )
@@ -121,6 +122,24 @@ async def test_blueprint_apply_converges_and_slices_call_each_other(cluster: lis
         out = msgspec.msgpack.decode(raw, type=Welcomed)
         assert out.text == "Welcome! Hello, Ann!"
         assert out.greeted_by.split("/")[0] in hello_nodes
+    # the routes the slices declared are served by every node's HTTP router
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        for node in cluster:
+            base = f"http://127.0.0.1:{node.http.port}"  # type: ignore[union-attr]
+            async with http.get(f"{base}/hello/Ann") as r:
+                assert r.status == 200, await r.text()
+                body = await r.json()
+                assert body["message"] == "Hello, Ann!" and r.headers.get("X-Request-Id")
+            async with http.post(f"{base}/greeter/welcome", json={"names": ["Ann", "Bo"]}) as r:
+                assert r.status == 200, await r.text()
+                assert [w["text"] for w in await r.json()] == ["Welcome! Hello, Ann!", "Welcome! Hello, Bo!"]
+            async with http.get(f"{base}/nowhere") as r:
+                assert r.status == 404
+                assert "/nowhere" in (await r.json())["detail"]
+            async with http.post(f"{base}/greeter/welcome", data=b"{broken") as r:
+                assert r.status == 400
     # slices listing shape used by `aether slices --json`
     status, listing = await _http(n1, "GET", "/api/v1/slices")
     assert status == 200 and {s["artifact"] for s in listing} == set(by_art)  # type: ignore[union-attr]

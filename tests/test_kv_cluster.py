@@ -40,6 +40,7 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
                 peers=peers,
                 cluster_port=ports[i],
                 management_port=0,
+                http_port=0,
                 data_dir=str(tmp_path / f"n{i}"),
                 repository=str(tmp_path / "repo"),
             )

@@ -25,6 +25,7 @@ from aether.deploy import (
     EndpointRegistry,
     NodeDeploymentManager,
 )
+from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
@@ -118,6 +119,7 @@ class Node:
             self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern
         )
         self.management: Any = None
+        self.http: HttpRouter | None = None
         self.started_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -130,6 +132,11 @@ class Node:
         self.endpoints.start()
         await self.node_deployer.start()
         await self.cluster_deployer.start()
+        self.http = HttpRouter(
+            self.node_id, self.kv, self.invoker, host=self.config.host, port=self.config.http_port,
+            logger=logging.getLogger(f"aether.http.{self.node_id}"),
+        )
+        await self.http.start()
         if management:
             from aether.api.server import ManagementServer
 
@@ -145,6 +152,9 @@ class Node:
         )
 
     async def stop(self) -> None:
+        if self.http is not None:  # first: requests in flight still have the invoker
+            await self.http.stop()
+            self.http = None
         if self.management is not None:
             await self.management.stop()
             self.management = None
@@ -232,7 +242,7 @@ class Node:
             applied_slot=self.runner.engine.applied,
             management_port=self.management.port if self.management else 0,
             cluster_port=self.transport.port,
-            http_port=self.config.http_port,
+            http_port=self.http.port if self.http is not None else self.config.http_port,
             pid=os.getpid(),
         )
 

@@ -1,0 +1,316 @@
+"""`HttpRouter`: the node's HTTP front door (SPEC §5, flow 3 of §11).
+
+Keeps a `RouteTable` in sync with the replicated ``routes/`` keys (initial `list_local` + `watch`;
+a ``reset`` event re-reads everything), serves HTTP with one aiohttp catch-all handler, binds the
+request to the entry's argument (`aether.http.routes.build_payload`) and calls the slice through the
+invoker (which prefers a local instance and fails over itself). May import `aether.core`,
+`aether.kv` and `aether.invoke.errors`; reaches the KV store and the invoker only through the
+Protocols below.
+
+Responses: the entry's MessagePack answer re-encoded as JSON (``application/json``; a ``str``
+answer is a JSON string, ``None`` is ``null``). Every response carries ``X-Request-Id`` (the
+request's header when it is sane, else a fresh id) which is also passed to the invoker.
+
+Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``):
+
+====  ===========================================================================================
+400   malformed path/query/JSON, body not an object, or the entry rejected the argument
+      (`BadRequest` / `InvokeBadRequest`: the detail names the field and why)
+404   no route for the path (detail names method and path)
+405   the path exists for other methods (``Allow`` header lists them)
+408   the client did not send its body within ``request_timeout``
+413   body larger than ``max_body``
+502   the slice raised (`SliceAppError`), the route names an unknown entry (`UnknownEntryError`),
+      or the answer cannot be represented as JSON
+503   no ACTIVE instance could be reached before the deadline (an `InvokeTimeout` whose last error
+      is "no ACTIVE instance ..." or a ``no_instance`` reply), or the invoker is closed
+504   any other `InvokeTimeout` (the deadline passed while an attempt ran or peers were failing)
+500   anything unexpected (logged with traceback; the response never contains one)
+====  ===========================================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from aether.core.errors import BadRequest
+from aether.http.routes import ROUTE_PREFIX, BodyTooLarge, Match, RouteTable, build_payload
+from aether.invoke.errors import (
+    InvokeBadRequest,
+    InvokeError,
+    InvokerClosed,
+    InvokeTimeout,
+    SliceAppError,
+    UnknownEntryError,
+)
+from aether.kv.keys import RouteValue
+
+__all__ = ["HttpRouter", "InvokerLike", "KVLike", "MiB", "problem_body"]
+
+MiB = 1024 * 1024
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-Id"
+_RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}$")
+_MSGPACK_DEC = msgspec.msgpack.Decoder()
+_JSON_ENC = msgspec.json.Encoder()
+_ROUTE_DEC = msgspec.msgpack.Decoder(RouteValue)
+
+
+class KVLike(Protocol):
+    def list_local(self, prefix: str = "") -> list[tuple[str, Any]]: ...
+
+    def watch(self, prefix: str, callback: Callable[[Any], None]) -> Callable[[], None]: ...
+
+
+class InvokerLike(Protocol):
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes: ...
+
+
+class _Problem(msgspec.Struct):
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+def problem_body(status: int, detail: str) -> bytes:
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    return _JSON_ENC.encode(_Problem("about:blank", title, status, detail))
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def _is_no_instance(e: InvokeTimeout) -> bool:
+    text = str(e)
+    return e.kind != "deadline" and ("no ACTIVE instance" in text or "no_instance" in text)
+
+
+class HttpRouter:
+    """Serves the cluster's routes on `host`:`port` (0 picks a free port; read `.port` after start)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        kv: KVLike,
+        invoker: InvokerLike,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_body: int = MiB,
+        request_timeout: float = 10.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.kv = kv
+        self.invoker = invoker
+        self.host = host
+        self._port = port
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+        self.log = logger or logging.getLogger(f"aether.http.{node_id}")
+        self.table = RouteTable()
+        self._cancel_watch: Callable[[], None] | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the configured one before `start`)."""
+        if self._runner is not None:
+            for addr in self._runner.addresses:
+                if isinstance(addr, tuple) and len(addr) >= 2:
+                    return int(addr[1])
+        return self._port
+
+    # --- route table sync -----------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        items: list[tuple[str, RouteValue]] = []
+        for key, value in self.kv.list_local(ROUTE_PREFIX):
+            if isinstance(value, bytes):
+                try:
+                    value = _ROUTE_DEC.decode(value)
+                except msgspec.DecodeError as e:
+                    self.log.warning("ignoring route %s: undecodable value (%s)", key, e)
+                    continue
+            items.append((key, value))
+        for key, problem in self.table.replace_all(items):
+            self.log.warning("ignoring route %s: %s", key, problem)
+        self.log.debug("route table loaded: %d route(s)", len(self.table))
+
+    def _on_event(self, ev: Any) -> None:
+        kind = getattr(ev, "kind", None)
+        if kind == "reset":
+            self._reload()
+            return
+        key = getattr(ev, "key", "")
+        if not isinstance(key, str) or not key.startswith(ROUTE_PREFIX):
+            return
+        try:
+            if kind == "put":
+                value = ev.value
+                if isinstance(value, bytes):
+                    value = _ROUTE_DEC.decode(value)
+                self.table.update(key, value)
+            elif kind == "remove":
+                self.table.remove(key)
+        except (ValueError, msgspec.DecodeError) as e:
+            self.log.warning("ignoring route event %s %s: %s", kind, key, e)
+            if kind == "put":  # a route that no longer compiles must not keep its old target
+                try:
+                    self.table.remove(key)
+                except ValueError:
+                    pass
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the route table, watch `routes/`, and start listening."""
+        if self._runner is not None:
+            return
+        self._cancel_watch = self.kv.watch(ROUTE_PREFIX, self._on_event)
+        self._reload()
+        app = web.Application(client_max_size=self.max_body)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=15.0, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self._port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            if self._cancel_watch is not None:
+                self._cancel_watch()
+                self._cancel_watch = None
+            raise
+        self._runner = runner
+        self.log.info("HTTP router of %s listening on %s:%d", self.node_id, self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening and stop watching; idempotent."""
+        if self._cancel_watch is not None:
+            self._cancel_watch()
+            self._cancel_watch = None
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # --- request handling -----------------------------------------------------------------------
+
+    def _problem(
+        self, status: int, detail: str, rid: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        h = {REQUEST_ID_HEADER: rid}
+        if headers:
+            h.update(headers)
+        return web.Response(
+            body=problem_body(status, detail), status=status, content_type=PROBLEM_CONTENT_TYPE, headers=h
+        )
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        given = request.headers.get(REQUEST_ID_HEADER)
+        rid = given if given is not None and _RID_RE.match(given) else _new_request_id()
+        method = request.method
+        url = request.rel_url
+        try:
+            return await self._serve(request, rid, method, url.raw_path, url.raw_query_string)
+        except Exception:
+            self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
+            return self._problem(500, "internal error while handling the request; see the node log", rid)
+
+    async def _serve(
+        self, request: web.Request, rid: str, method: str, raw_path: str, raw_query: str
+    ) -> web.StreamResponse:
+        try:
+            m = self.table.match(method, raw_path)
+        except BadRequest as e:
+            return self._problem(400, str(e), rid)
+        if not isinstance(m, Match):
+            if m.allowed_methods:
+                return self._problem(
+                    405,
+                    f"method {method} is not allowed for {raw_path}; allowed: {', '.join(m.allowed_methods)}",
+                    rid,
+                    {"Allow": ", ".join(m.allowed_methods)},
+                )
+            return self._problem(404, f"no route for {method} {raw_path}", rid)
+        body = b""
+        if request.can_read_body:
+            length = request.content_length
+            if length is not None and length > self.max_body:
+                return self._problem(
+                    413, f"request body of {length} bytes exceeds the limit of {self.max_body} bytes", rid
+                )
+            try:
+                async with asyncio.timeout(self.request_timeout):
+                    body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._problem(413, f"request body exceeds the limit of {self.max_body} bytes", rid)
+            except TimeoutError:
+                return self._problem(408, f"request body not received within {self.request_timeout:g}s", rid)
+        route = m.route
+        try:
+            payload = build_payload(
+                m, query_string=raw_query, headers=request.headers, body=body, max_body=self.max_body
+            )
+        except BodyTooLarge as e:
+            return self._problem(413, str(e), rid)
+        except BadRequest as e:
+            return self._problem(400, str(e), rid)
+        try:
+            answer = await self.invoker.invoke(
+                route.artifact, route.method, payload, request_id=rid, timeout=self.request_timeout
+            )
+        except InvokeBadRequest as e:
+            return self._problem(400, str(e), rid)
+        except SliceAppError as e:
+            return self._problem(502, str(e), rid)
+        except UnknownEntryError as e:
+            return self._problem(502, f"route {route.http_method} {route.pattern} is misconfigured: {e}", rid)
+        except InvokeTimeout as e:
+            return self._problem(503 if _is_no_instance(e) else 504, str(e), rid)
+        except InvokerClosed as e:
+            return self._problem(503, f"node {self.node_id} is shutting down: {e}", rid)
+        except InvokeError as e:
+            return self._problem(502, str(e), rid)
+        except BadRequest as e:
+            return self._problem(400, str(e), rid)
+        try:
+            out = _JSON_ENC.encode(_MSGPACK_DEC.decode(answer)) if answer else b"null"
+        except (msgspec.DecodeError, msgspec.EncodeError, TypeError, ValueError) as e:
+            self.log.warning(
+                "answer of %s.%s (request %s) is not JSON-representable: %s",
+                route.artifact,
+                route.method,
+                rid,
+                e,
+            )
+            return self._problem(
+                502, f"the answer of {route.artifact}.{route.method} cannot be represented as JSON: {e}", rid
+            )
+        return web.Response(
+            body=out, status=200, content_type="application/json", headers={REQUEST_ID_HEADER: rid}
+        )

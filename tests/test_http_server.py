@@ -1,0 +1,337 @@
+"""Tests of aether.http.server.HttpRouter over real loopback HTTP, with a fake KV store and invoker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from aether.http.server import HttpRouter
+from aether.invoke.errors import (
+    InvokeBadRequest,
+    InvokerClosed,
+    InvokeTimeout,
+    SliceAppError,
+    UnknownEntryError,
+)
+from aether.kv.keys import RouteValue
+from aether.kv.machine import WatchEvent
+
+pytestmark = pytest.mark.timeout(30)
+
+ART = "org.example:hello:1.0.0"
+
+
+class FakeKV:
+    def __init__(self, routes: dict[str, RouteValue]) -> None:
+        self.data: dict[str, Any] = dict(routes)
+        self.watchers: list[tuple[str, Callable[[Any], None]]] = []
+
+    def list_local(self, prefix: str = "") -> list[tuple[str, Any]]:
+        return sorted((k, v) for k, v in self.data.items() if k.startswith(prefix))
+
+    def watch(self, prefix: str, callback: Callable[[Any], None]) -> Callable[[], None]:
+        item = (prefix, callback)
+        self.watchers.append(item)
+        return lambda: self.watchers.remove(item)
+
+    def put(self, key: str, value: RouteValue) -> None:
+        self.data[key] = value
+        self._emit(WatchEvent("put", key, msgspec.msgpack.encode(value), 1))
+
+    def remove(self, key: str) -> None:
+        self.data.pop(key, None)
+        self._emit(WatchEvent("remove", key, None, 2))
+
+    def reset(self, data: dict[str, RouteValue]) -> None:
+        self.data = dict(data)
+        self._emit(WatchEvent("reset", "routes/", None, 3))
+
+    def _emit(self, ev: WatchEvent) -> None:
+        for prefix, cb in list(self.watchers):
+            if ev.kind == "reset" or ev.key.startswith(prefix):
+                cb(ev)
+
+
+class FakeInvoker:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.behaviour: Callable[[str, str, bytes], Any] = lambda t, m, p: msgspec.msgpack.encode(
+            {"echo": msgspec.msgpack.decode(p) if p else None}
+        )
+
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        self.calls.append(
+            {
+                "target": target,
+                "method": method,
+                "payload": payload,
+                "request_id": request_id,
+                "timeout": timeout,
+            }
+        )
+        out = self.behaviour(target, method, payload)
+        if isinstance(out, BaseException):
+            raise out
+        if asyncio.iscoroutine(out):
+            out = await out
+        assert isinstance(out, bytes)
+        return out
+
+
+ROUTES = {
+    "routes/GET:/hello/{name}": RouteValue(ART, "greet", {"name": "path", "greeting": "query"}),
+    "routes/POST:/api/orders": RouteValue(ART, "place", {"item": "body", "qty": "body"}),
+    "routes/GET:/api/orders/{id}": RouteValue(ART, "get_order", {"id": "path", "x_tenant": "header"}),
+    "routes/DELETE:/api/orders/{id}": RouteValue(ART, "cancel", {"id": "path"}),
+    "routes/GET:/ping": RouteValue(ART, "ping", {}),
+    "routes/POST:/raw": RouteValue(ART, "raw", {}),
+}
+
+
+class Env:
+    def __init__(
+        self, router: HttpRouter, kv: FakeKV, inv: FakeInvoker, session: aiohttp.ClientSession
+    ) -> None:
+        self.router, self.kv, self.inv, self.session = router, kv, inv, session
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.router.port}"
+
+    async def req(self, method: str, path: str, **kw: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
+        async with self.session.request(method, self.base + path, **kw) as r:
+            raw = await r.read()
+            body = msgspec.json.decode(raw) if raw else None
+            return r.status, body, r
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    kv = FakeKV(ROUTES)
+    inv = FakeInvoker()
+    router = HttpRouter("node-1", kv, inv, host="127.0.0.1", port=0, max_body=1024, request_timeout=2.0)
+    await router.start()
+    assert router.port > 0
+    session = aiohttp.ClientSession()
+    try:
+        yield Env(router, kv, inv, session)
+    finally:
+        await session.close()
+        await router.stop()
+        assert kv.watchers == []
+
+
+def assert_problem(status: int, body: Any, r: aiohttp.ClientResponse, expected: int, *needles: str) -> None:
+    assert status == expected, body
+    assert r.content_type == "application/problem+json"
+    assert body["status"] == expected and body["type"] == "about:blank" and body["title"]
+    for n in needles:
+        assert n in body["detail"], (n, body["detail"])
+    assert "Traceback" not in body["detail"]
+    assert r.headers.get("X-Request-Id")
+
+
+async def test_get_with_path_and_query_binding(env: Env) -> None:
+    status, body, r = await env.req("GET", "/hello/J%C3%BCrgen%2Fx?greeting=Hi")
+    assert status == 200 and r.content_type == "application/json"
+    assert body == {"echo": {"name": "Jürgen/x", "greeting": "Hi"}}
+    (call,) = env.inv.calls
+    assert call["target"] == ART and call["method"] == "greet" and call["timeout"] == 2.0
+    assert call["request_id"] == r.headers["X-Request-Id"]
+
+
+async def test_request_id_is_echoed_or_generated(env: Env) -> None:
+    _, _, r = await env.req("GET", "/ping", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["X-Request-Id"] == "abc-123"
+    assert env.inv.calls[-1]["request_id"] == "abc-123"
+    _, _, r = await env.req("GET", "/ping", headers={"X-Request-Id": "bad id with spaces"})
+    generated = r.headers["X-Request-Id"]
+    assert generated != "bad id with spaces" and len(generated) == 16
+    _, _, r2 = await env.req("GET", "/ping")
+    assert r2.headers["X-Request-Id"] not in ("", generated)
+    _, _, r3 = await env.req("GET", "/nothing", headers={"X-Request-Id": "trace-9"})
+    assert r3.headers["X-Request-Id"] == "trace-9"
+
+
+async def test_no_bindings_and_no_body_sends_empty_payload_and_str_answer_is_json_string(env: Env) -> None:
+    env.inv.behaviour = lambda t, m, p: msgspec.msgpack.encode("pong")
+    status, body, _ = await env.req("GET", "/ping")
+    assert status == 200 and body == "pong"
+    assert env.inv.calls[-1]["payload"] == b""
+
+
+async def test_post_body_binding_and_header_binding(env: Env) -> None:
+    status, body, _ = await env.req("POST", "/api/orders", json={"item": "pen", "qty": 2, "zzz": 1})
+    assert status == 200 and body == {"echo": {"item": "pen", "qty": 2}}
+    status, body, _ = await env.req("GET", "/api/orders/42", headers={"X-Tenant": "acme"})
+    assert status == 200 and body == {"echo": {"id": "42", "x_tenant": "acme"}}
+
+
+async def test_whole_body_passed_when_route_has_no_bindings(env: Env) -> None:
+    status, body, _ = await env.req(
+        "POST", "/raw", data=b'[1, "two"]', headers={"Content-Type": "application/json"}
+    )
+    assert status == 200 and body == {"echo": [1, "two"]}
+
+
+async def test_malformed_json_is_400_and_slice_not_called(env: Env) -> None:
+    status, body, r = await env.req(
+        "POST", "/api/orders", data=b'{"item": ', headers={"Content-Type": "application/json"}
+    )
+    assert_problem(status, body, r, 400, "malformed JSON body")
+    status, body, r = await env.req("POST", "/api/orders", data=b"[1]")
+    assert_problem(status, body, r, 400, "object with fields item, qty")
+    assert env.inv.calls == []
+
+
+async def test_wrong_type_reported_by_slice_is_400_naming_field(env: Env) -> None:
+    env.inv.behaviour = lambda t, m, p: InvokeBadRequest(
+        f"bad request to {t}.{m} on node-1 (request r): invalid request for entry Orders.place: "
+        "Expected `int`, got `str` - at `$.qty`",
+        kind="bad_request",
+    )
+    status, body, r = await env.req("POST", "/api/orders", json={"item": "pen", "qty": "many"})
+    assert_problem(status, body, r, 400, "$.qty", "Expected `int`")
+
+
+async def test_oversized_body_is_413(env: Env) -> None:
+    status, body, r = await env.req("POST", "/raw", data=b"1" * 2000)
+    assert_problem(status, body, r, 413, "1024")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"1" * 300
+
+    status, body, r = await env.req("POST", "/raw", data=chunks())
+    assert_problem(status, body, r, 413, "1024")
+    assert env.inv.calls == []
+
+
+async def test_unknown_route_is_404_naming_method_and_path(env: Env) -> None:
+    status, body, r = await env.req("GET", "/no/such/thing")
+    assert_problem(status, body, r, 404, "GET /no/such/thing")
+
+
+async def test_wrong_method_is_405_with_allow(env: Env) -> None:
+    status, body, r = await env.req("PUT", "/api/orders/7")
+    assert_problem(status, body, r, 405, "PUT")
+    assert r.headers["Allow"] == "DELETE, GET, HEAD"
+
+
+async def test_bad_path_encoding_is_400(env: Env) -> None:
+    status, body, r = await env.req(
+        "GET",
+        "/hello/%FF",
+    )
+    assert_problem(status, body, r, 400, "UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected", "needle"),
+    [
+        (
+            SliceAppError("org.example:hello:1.0.0.greet raised ValueError: boom", kind="app_error"),
+            502,
+            "boom",
+        ),
+        (UnknownEntryError("unknown entry point greet", kind="unknown_entry"), 502, "misconfigured"),
+        (
+            InvokeTimeout(
+                "call x.greet (request r) did not succeed within 2s after 0 attempt(s); last error: "
+                "no ACTIVE instance of x with entry 'greet' is reachable"
+            ),
+            503,
+            "no ACTIVE instance",
+        ),
+        (
+            InvokeTimeout(
+                "call x.greet (request r) did not succeed within 2s after 3 attempt(s); last error: "
+                "node-2: no_instance: NoLocalInstance"
+            ),
+            503,
+            "no_instance",
+        ),
+        (InvokeTimeout("call x.greet did not finish before its deadline", kind="deadline"), 504, "deadline"),
+        (
+            InvokeTimeout("call x.greet did not succeed within 2s; last error: node-2: not reachable"),
+            504,
+            "not reachable",
+        ),
+        (InvokerClosed("invoker of node node-1 is closed"), 503, "shutting down"),
+        (RuntimeError("secret internals"), 500, "internal error"),
+    ],
+)
+async def test_invoke_errors_map_to_statuses(
+    env: Env, exc: BaseException, expected: int, needle: str
+) -> None:
+    env.inv.behaviour = lambda t, m, p: exc
+    status, body, r = await env.req("GET", "/hello/ann")
+    assert_problem(status, body, r, expected, needle)
+    assert "secret internals" not in body["detail"]
+
+
+async def test_answer_not_json_representable_is_502(env: Env) -> None:
+    env.inv.behaviour = lambda t, m, p: b"\xc1"  # never-used MessagePack byte
+    status, body, r = await env.req("GET", "/hello/ann")
+    assert_problem(status, body, r, 502, "cannot be represented as JSON")
+
+
+async def test_routes_follow_watch_events_and_reset(env: Env) -> None:
+    status, _, _ = await env.req("GET", "/new/1")
+    assert status == 404
+    env.kv.put("routes/GET:/new/{n}", RouteValue(ART, "fresh", {"n": "path"}))
+    status, body, _ = await env.req("GET", "/new/1")
+    assert status == 200 and body == {"echo": {"n": "1"}}
+    assert env.inv.calls[-1]["method"] == "fresh"
+    env.kv.put("routes/GET:/new/{n}", RouteValue("other:art:2", "fresher", {"n": "path"}))
+    await env.req("GET", "/new/2")
+    assert env.inv.calls[-1]["target"] == "other:art:2" and env.inv.calls[-1]["method"] == "fresher"
+    env.kv.remove("routes/GET:/new/{n}")
+    status, _, _ = await env.req("GET", "/new/1")
+    assert status == 404
+    env.kv.reset({"routes/GET:/only": RouteValue(ART, "only", {})})
+    status, _, _ = await env.req("GET", "/only")
+    assert status == 200
+    status, _, _ = await env.req("GET", "/ping")
+    assert status == 404
+
+
+async def test_invalid_route_record_is_skipped_not_fatal(env: Env) -> None:
+    env.kv.put("routes/GET:/bad/{x}", RouteValue(ART, "m", {"x": "query"}))
+    status, _, _ = await env.req("GET", "/bad/1")
+    assert status == 404
+    status, _, _ = await env.req("GET", "/ping")
+    assert status == 200
+
+
+async def test_slow_invoke_respects_concurrency(env: Env) -> None:
+    async def slow() -> bytes:
+        await asyncio.sleep(0.2)
+        return msgspec.msgpack.encode(1)
+
+    env.inv.behaviour = lambda t, m, p: slow()
+    results = await asyncio.gather(*(env.req("GET", f"/hello/n{i}") for i in range(20)))
+    assert [s for s, _, _ in results] == [200] * 20
+
+
+async def test_garbage_request_does_not_crash_server(env: Env) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.router.port)
+    writer.write(b"\x00\xffNOT HTTP\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.read(1000), 5)
+    writer.close()
+    status, _, _ = await env.req("GET", "/ping")
+    assert status == 200
