@@ -4,6 +4,11 @@ Endpoints (all `GET`, all JSON):
 
 - `/api/v1/status` -> `aether.core.status.NodeStatus`
 - `/api/v1/kv?prefix=P` -> `{"prefix": P, "entries": [{"key": ..., "value": ...}, ...]}`
+- `/api/v1/health` -> 200 `{"status": "ok", "live": true, "ready": true, node_id, quorum, leader, time}`
+  when the node has quorum, else 503 with `ready: false` and `reason` (also a problem document)
+- `/api/v1/nodes` -> `[{"id", "address", "state", "leader": bool}]`
+- `/api/v1/events` (only when the node has `router` and `kv`): server-sent events, see
+  `aether.api.events`; a `: keepalive` comment every `heartbeat` seconds
 
 Deployment endpoints, when the node runs a deployment service (`node.deployments`):
 
@@ -32,6 +37,7 @@ import hmac
 import inspect
 import ipaddress
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -135,8 +141,13 @@ class ManagementServer:
         port: int,
         api_key: str | None = None,
         logger: logging.Logger | None = None,
+        heartbeat: float = 15.0,
+        event_queue_size: int | None = None,
     ) -> None:
         self._node = node
+        self._heartbeat = heartbeat
+        self._event_queue_size = event_queue_size
+        self.events: Any = None  # the EventHub while an app with the events endpoint runs
         self._host = host
         self._port = port
         self._api_key = api_key or None
@@ -163,6 +174,32 @@ class ManagementServer:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get(f"{API_PREFIX}/status", self._handle_status)
         app.router.add_get(f"{API_PREFIX}/kv", self._handle_kv)
+        app.router.add_get(f"{API_PREFIX}/health", self._handle_health)
+        app.router.add_get(f"{API_PREFIX}/nodes", self._handle_nodes)
+        if getattr(self._node, "router", None) is not None and getattr(self._node, "kv", None) is not None:
+            from aether.api.events import DEFAULT_QUEUE_SIZE, EventHub
+
+            hub = EventHub(
+                self._node,  # type: ignore[arg-type]
+                queue_size=self._event_queue_size or DEFAULT_QUEUE_SIZE,
+                logger=self._log,
+            )
+
+            async def start_hub(_app: web.Application) -> None:
+                hub.start()
+                self.events = hub
+
+            async def stop_hub(_app: web.Application) -> None:
+                hub.stop()  # ends every stream, so shutdown does not wait for them
+
+            app.on_startup.append(start_hub)
+            app.on_shutdown.append(stop_hub)
+            app.on_cleanup.append(stop_hub)
+
+            async def handle_events(request: web.Request) -> web.StreamResponse:
+                return await self._handle_events(request, hub)
+
+            app.router.add_get(f"{API_PREFIX}/events", handle_events)
         if getattr(self._node, "deployments", None) is not None:
             from aether.api.deploy_routes import DeploymentRoutes
 
@@ -273,3 +310,75 @@ class ManagementServer:
         entries: list[KVEntry] = list(await _resolve(self._node.kv_list(prefix)))
         entries.sort(key=lambda e: e.key)
         return _json_response(KVListing(prefix=prefix, entries=entries))
+
+    async def _handle_health(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        now = time.time()
+        node_id = getattr(self._node, "node_id", "")
+        try:
+            status: NodeStatus = await _resolve(self._node.status())
+        except (NotReady, QuorumLost) as e:
+            return self._unready(node_id, False, None, now, str(e) or type(e).__name__)
+        if not status.quorum:
+            up = sum(1 for m in status.nodes if m.state == "up")
+            reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
+            return self._unready(status.node_id, False, status.leader, now, reason)
+        return _json_response({
+            "status": "ok", "live": True, "ready": True, "node_id": status.node_id,
+            "quorum": status.quorum, "leader": status.leader, "time": now,
+        })
+
+    @staticmethod
+    def _unready(node_id: str, quorum: bool, leader: str | None, now: float, reason: str) -> web.Response:
+        # a problem document (for clients that expect one on errors) extended with the health fields
+        body = {
+            "type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": reason,
+            "live": True, "ready": False, "reason": reason, "node_id": node_id, "quorum": quorum,
+            "leader": leader, "time": now,
+        }
+        return web.Response(body=msgspec.json.encode(body), status=503, content_type=PROBLEM_CONTENT_TYPE)
+
+    async def _handle_nodes(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        status: NodeStatus = await _resolve(self._node.status())
+        return _json_response([
+            {"id": m.id, "address": m.address, "state": m.state, "leader": m.id == status.leader}
+            for m in status.nodes
+        ])
+
+    async def _handle_events(self, request: web.Request, hub: Any) -> web.StreamResponse:
+        _query(request, ())
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+        })
+        sub = hub.subscribe()
+        try:
+            await resp.prepare(request)
+            hello = {"type": "hello", "node_id": getattr(self._node, "node_id", ""), "time": time.time(),
+                     "last_id": hub.last_id}
+            await resp.write(b"event: hello\ndata: " + msgspec.json.encode(hello) + b"\n\n")
+            from aether.api.events import format_sse
+
+            # wake up at least every second to notice a client that went away
+            poll = min(self._heartbeat, 1.0)
+            next_beat = time.monotonic() + self._heartbeat
+            while True:
+                try:
+                    ev = await sub.next(poll)
+                except StopAsyncIteration:
+                    break
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break
+                if ev is not None:
+                    await resp.write(format_sse(ev))
+                    if ev.type == "dropped":
+                        break
+                elif time.monotonic() >= next_beat:
+                    await resp.write(b": keepalive\n\n")
+                    next_beat = time.monotonic() + self._heartbeat
+        except (ConnectionResetError, ConnectionError):
+            pass
+        finally:
+            sub.close()
+        return resp

@@ -1,0 +1,541 @@
+"""Operations commands: `health`, `nodes`, `events` (follow the event stream) and `doctor`.
+
+Like the other client commands they talk to a node's management API (`--connect`); `doctor`
+asks every node it knows of (`--nodes`, else the local cluster's `cluster.json`).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from aether.cli.main import (
+    DEFAULT_CLUSTER_DIR,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Settings,
+    _call,
+    _client,
+    _echo_json,
+    fail,
+    json_option,
+    main,
+)
+from aether.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aether.cli.http import ManagementClient
+
+TRANSITIONAL = ("LOADING", "ACTIVATING", "DEACTIVATING", "UNLOADING")
+STUCK_AFTER = 30.0  # seconds in a transitional state before doctor reports it
+SKEW_WARN = 0.5  # seconds of clock difference between nodes: warning
+SKEW_FAIL = 5.0  # ... failed
+EVENTS_READ_TIMEOUT = 45.0  # three missed heartbeats: the connection is lost
+
+_UNREACHABLE_HINT = (
+    "Is a node running there? Start a local cluster with `aether cluster start`, "
+    "or point to a running node with --connect HOST:PORT (or AETHER_CONNECT)."
+)
+
+
+def _health(client: ManagementClient) -> tuple[int, dict[str, Any]]:
+    """GET /api/v1/health: (status code, document); 503 is an answer here, not an error."""
+    import msgspec
+
+    from aether.cli.http import ApiError, ApiUnreachable
+
+    addr = str(client.address)
+    try:
+        status, reason, body = client._request("GET", "/api/v1/health")
+    except ConnectionRefusedError:
+        raise ApiUnreachable(addr, "connection refused") from None
+    except TimeoutError:
+        raise ApiUnreachable(addr, f"no answer within {client.timeout:g} s") from None
+    except OSError as e:
+        raise ApiUnreachable(addr, e.strerror or str(e) or type(e).__name__) from None
+    try:
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        doc = None
+    if status in (200, 503) and isinstance(doc, dict) and "ready" in doc:
+        return status, doc
+    detail = doc.get("detail", "") if isinstance(doc, dict) else body.decode(errors="replace")[:500]
+    title = doc.get("title", reason) if isinstance(doc, dict) else reason
+    raise ApiError(addr, status, str(title), str(detail))
+
+
+# -- health and nodes -----------------------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def health(settings: Settings, as_json: bool) -> None:
+    """Is the node live and ready (has quorum)? Exit 0 if ready, 1 if not."""
+    client = _client(settings)
+    code, doc = _call(client, _health)
+    if settings.json or as_json:
+        _echo_json(doc)
+    elif code == 200:
+        click.secho(f"✓ {doc.get('node_id')} is ready: quorum, leader {doc.get('leader') or '-'}", fg="green")
+    else:
+        click.secho(f"✗ {doc.get('node_id')} is live but not ready: {doc.get('reason')}", fg="red")
+    if code != 200:
+        raise click.exceptions.Exit(EXIT_FAILED)
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def nodes(settings: Settings, as_json: bool) -> None:
+    """List the cluster's members as the node sees them: address, up/down, leader."""
+    client = _client(settings)
+    members: Any = _call(client, lambda c: c.get_json("/api/v1/nodes"))
+    if settings.json or as_json:
+        _echo_json(members)
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    from aether.cli import render
+
+    table = Table(title="Nodes", title_justify="left")
+    for col in ("Node", "Address", "State", "Leader"):
+        table.add_column(col)
+    for m in members:
+        color = "green" if m["state"] == "up" else "red"
+        table.add_row(
+            Text(m["id"]), m["address"], f"[{color}]{m['state']}[/{color}]", "★" if m["leader"] else ""
+        )
+    render.console().print(table)
+
+
+# -- events ------------------------------------------------------------------------------------------
+
+
+class _StreamLost(Exception):
+    pass
+
+
+def _reraise(e: Exception) -> NoReturn:
+    raise e
+
+
+def _sse_events(client: ManagementClient, read_timeout: float) -> Iterator[tuple[str | None, str, str]]:
+    """Open `/api/v1/events` and yield (id, event, data) for every event (HTTP/1.0: no chunking).
+
+    Raises ApiUnreachable if the connection cannot be opened, ApiError on an HTTP error and
+    _StreamLost when an open stream ends or stays silent for `read_timeout` seconds.
+    """
+    from aether.cli.http import ApiError, ApiUnreachable, _parse_response
+
+    addr = str(client.address)
+    host = client.address.host.strip("[]")
+    lines = [
+        "GET /api/v1/events HTTP/1.0",
+        f"Host: {f'[{host}]' if ':' in host else host}:{client.address.port}",
+        "Accept: text/event-stream",
+        "User-Agent: aether-cli",
+    ]
+    if client.api_key:
+        lines.append(f"X-API-Key: {client.api_key}")
+    try:
+        sock = socket.create_connection((host, client.address.port), timeout=client.timeout)
+    except ConnectionRefusedError:
+        raise ApiUnreachable(addr, "connection refused") from None
+    except TimeoutError:
+        raise ApiUnreachable(addr, f"no answer within {client.timeout:g} s") from None
+    except OSError as e:
+        raise ApiUnreachable(addr, e.strerror or str(e) or type(e).__name__) from None
+    with sock:
+        buf = b""
+        try:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            while b"\r\n\r\n" not in buf:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+        except OSError as e:
+            raise ApiUnreachable(addr, e.strerror or str(e) or type(e).__name__) from None
+        head, sep, rest = buf.partition(b"\r\n\r\n")
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status_line.split(" ", 2)
+        if not sep or len(parts) < 2 or not parts[1].isdigit():
+            raise ApiUnreachable(addr, "the connection closed without an answer")
+        if parts[1] != "200":
+            try:
+                while data := sock.recv(65536):
+                    rest += data
+            except OSError:
+                pass
+            code, reason, body = _parse_response(head + b"\r\n\r\n" + rest)
+            import msgspec
+
+            try:
+                doc = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                doc = {}
+            doc = doc if isinstance(doc, dict) else {}
+            raise ApiError(addr, code, str(doc.get("title") or reason), str(doc.get("detail") or ""))
+        sock.settimeout(read_timeout)
+        pending = rest
+        ev_id: str | None = None
+        ev_type = "message"
+        data_lines: list[str] = []
+        while True:
+            while b"\n" in pending:
+                raw, _, pending = pending.partition(b"\n")
+                line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
+                if not line:
+                    if data_lines:
+                        yield ev_id, ev_type, "\n".join(data_lines)
+                    ev_type, data_lines = "message", []
+                    continue
+                if line.startswith(":"):
+                    continue  # a comment: heartbeat
+                name, _, value = line.partition(":")
+                value = value[1:] if value.startswith(" ") else value
+                if name == "id":
+                    ev_id = value
+                elif name == "event":
+                    ev_type = value
+                elif name == "data":
+                    data_lines.append(value)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                raise _StreamLost(f"no event or heartbeat for {read_timeout:g} s") from None
+            except OSError as e:
+                raise _StreamLost(e.strerror or str(e) or type(e).__name__) from None
+            if not data:
+                raise _StreamLost("the node closed the stream")
+            pending += data
+
+
+def _describe_event(data: dict[str, Any]) -> str:
+    t = data.get("type", "")
+    if t == "node-joined":
+        return f"{data.get('node')} joined"
+    if t == "node-left":
+        return f"{data.get('node')} left ({data.get('reason')})"
+    if t == "leader-changed":
+        return f"leader is now {data.get('leader') or 'none'} (was {data.get('previous') or 'none'})"
+    if t == "slice-state":
+        reason = f": {data['reason']}" if data.get("reason") else ""
+        return f"{data.get('artifact')} on {data.get('node')} is {data.get('state')}{reason}"
+    if t == "slice-removed":
+        return f"{data.get('artifact')} removed from {data.get('node')}"
+    if t == "blueprint-applied":
+        names = ", ".join(f"{s.get('artifact')} x{s.get('instances')}" for s in data.get("slices", []))
+        return f"blueprint {data.get('id')} applied: {names}"
+    if t == "blueprint-deleted":
+        return f"blueprint {data.get('id')} deleted"
+    if t == "resync":
+        return f"state under {data.get('prefix')} was replaced by a snapshot; re-read it"
+    if t == "dropped":
+        return f"the node dropped this stream: {data.get('reason')}"
+    return str({k: v for k, v in data.items() if k not in ("type", "time")})
+
+
+@main.command()
+@json_option
+@click.pass_obj
+def events(settings: Settings, as_json: bool) -> None:
+    """Follow the cluster's events (nodes joining/leaving, leader, slices, blueprints) until Ctrl-C."""
+    import msgspec
+
+    from aether.cli.http import ApiError, ApiUnreachable
+
+    client = _client(settings)
+    as_json = settings.json or as_json
+    try:
+        for ev_id, ev_type, raw in _sse_events(client, EVENTS_READ_TIMEOUT):
+            try:
+                data = msgspec.json.decode(raw)
+            except msgspec.DecodeError:
+                data = {"type": ev_type, "raw": raw}
+            if not isinstance(data, dict):
+                data = {"type": ev_type, "value": data}
+            data.setdefault("type", ev_type)
+            if ev_type == "hello":
+                click.echo(
+                    f"following events of {data.get('node_id')} at {client.address} (Ctrl-C stops)", err=True
+                )
+                continue
+            if as_json:
+                click.echo(
+                    msgspec.json.encode(
+                        {"id": int(ev_id) if ev_id and ev_id.isdigit() else ev_id, **data}
+                    ).decode()
+                )
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(float(data.get("time") or time.time())))
+                click.echo(f"{stamp}  #{ev_id or '-':<5} {ev_type:<17} {_describe_event(data)}")
+            if ev_type == "dropped":
+                fail(
+                    "the node dropped this stream because it fell behind",
+                    EXIT_FAILED,
+                    hint="Run `aether events` again; pipe it to a file if a slow consumer reads it.",
+                )
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_OK) from None
+    except (ApiUnreachable, ApiError) as e:
+        err = e
+        _call(client, lambda c: _reraise(err))  # the usual messages, hints and exit codes
+    except _StreamLost as e:
+        fail(
+            f"lost the event stream of {client.address}: {e}",
+            EXIT_UNREACHABLE,
+            hint="The node may have stopped; check it with `aether health`, then run `aether events` again.",
+        )
+
+
+# -- doctor ------------------------------------------------------------------------------------------
+
+OK, WARN, FAILED = "ok", "warning", "failed"
+_MARK = {OK: "[green]✓ ok[/green]", WARN: "[yellow]! warning[/yellow]", FAILED: "[red]✗ failed[/red]"}
+
+
+def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str) -> tuple[list[str], str]:
+    """Management addresses to check and where they came from."""
+    from aether.cli.http import parse_connect
+
+    if nodes_opt:
+        out = []
+        for part in nodes_opt.split(","):
+            if part.strip():
+                try:
+                    out.append(str(parse_connect(part)))
+                except ConfigError as e:
+                    fail(str(e).replace("--connect", "--nodes"), EXIT_USAGE)
+        if not out:
+            fail("--nodes needs at least one HOST:PORT", EXIT_USAGE)
+        return out, "--nodes"
+    from aether.cli.local_cluster import load_record
+
+    try:
+        record = load_record(cluster_dir)
+    except Exception:
+        record = None
+    if record is not None and record.nodes:
+        return [f"{record.host}:{n.management_port}" for n in record.nodes], f"{cluster_dir}/cluster.json"
+    try:
+        return [str(parse_connect(settings.connect))], "--connect"
+    except ConfigError as e:
+        fail(str(e), EXIT_USAGE)
+
+
+def _probe(settings: Settings, address: str) -> dict[str, Any]:
+    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+
+    client = ManagementClient(address, api_key=settings.api_key, timeout=settings.timeout)
+    t0 = time.time()
+    try:
+        code, doc = _health(client)
+    except (ApiUnreachable, ApiError) as e:
+        return {"address": address, "reachable": False, "error": str(e)}
+    t1 = time.time()
+    skew = float(doc["time"]) - (t0 + t1) / 2 if isinstance(doc.get("time"), (int, float)) else None
+    return {
+        "address": address,
+        "reachable": True,
+        "ready": code == 200,
+        "node_id": doc.get("node_id"),
+        "quorum": bool(doc.get("quorum")),
+        "leader": doc.get("leader"),
+        "reason": doc.get("reason"),
+        "time": doc.get("time"),
+        "skew": skew,
+        "rtt": t1 - t0,
+    }
+
+
+def _check(name: str, verdict: str, detail: str, items: list[str] | None = None) -> dict[str, Any]:
+    return {"name": name, "verdict": verdict, "detail": detail, "items": items or []}
+
+
+def run_doctor(settings: Settings, addresses: list[str], source: str) -> dict[str, Any]:
+    """Every check of `aether doctor`: {verdict, source, nodes: [...], checks: [...]}."""
+    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+
+    probes = [_probe(settings, a) for a in addresses]
+    up = [p for p in probes if p["reachable"]]
+    down = [p for p in probes if not p["reachable"]]
+    checks: list[dict[str, Any]] = []
+
+    # reachability
+    if not down:
+        checks.append(
+            _check("reachability", OK, f"{len(up)} of {len(probes)} management APIs answer ({source})")
+        )
+    else:
+        checks.append(
+            _check(
+                "reachability",
+                FAILED,
+                f"{len(down)} of {len(probes)} management APIs do not answer ({source})",
+                [p["error"] for p in down],
+            )
+        )
+    members: list[dict[str, Any]] = []
+    if up:
+        client = ManagementClient(up[0]["address"], api_key=settings.api_key, timeout=settings.timeout)
+        try:
+            got = client.get_json("/api/v1/nodes")
+            members = got if isinstance(got, list) else []
+        except (ApiUnreachable, ApiError):
+            members = []
+        down_members = [m for m in members if m.get("state") != "up"]
+        if members:
+            checks.append(
+                _check(
+                    "membership",
+                    WARN if down_members else OK,
+                    f"{len(members) - len(down_members)} of {len(members)} members up "
+                    f"as seen by {up[0]['node_id']}",
+                    [f"{m.get('id')} ({m.get('address')}) is down" for m in down_members],
+                )
+            )
+        if len(probes) < len(members):
+            checks[0]["detail"] += f"; only {len(probes)} of {len(members)} members checked, pass --nodes"
+            if checks[0]["verdict"] == OK:
+                checks[0]["verdict"] = WARN
+
+    # quorum
+    if up:
+        no_quorum = [p for p in up if not p["quorum"]]
+        checks.append(
+            _check(
+                "quorum",
+                FAILED if no_quorum else OK,
+                f"{len(up) - len(no_quorum)} of {len(up)} reachable nodes have quorum",
+                [f"{p['node_id']}: {p.get('reason') or 'no quorum'}" for p in no_quorum],
+            )
+        )
+        leaders = {p["node_id"]: p["leader"] for p in up}
+        distinct = set(leaders.values())
+        if distinct == {None}:
+            checks.append(_check("leader", FAILED, "no node knows a leader"))
+        elif len(distinct) == 1:
+            checks.append(_check("leader", OK, f"{len(up)} nodes agree: the leader is {distinct.pop()}"))
+        else:
+            checks.append(
+                _check(
+                    "leader",
+                    FAILED,
+                    "the nodes disagree about the leader (run doctor again if it just changed)",
+                    [f"{n} says {lead or 'none'}" for n, lead in sorted(leaders.items())],
+                )
+            )
+        skews = [p for p in up if p["skew"] is not None]
+        if skews:
+            spread = max(p["skew"] for p in skews) - min(p["skew"] for p in skews)
+            rtt = max(p["rtt"] for p in skews)
+            verdict = FAILED if spread > SKEW_FAIL else WARN if spread > SKEW_WARN + rtt else OK
+            checks.append(
+                _check(
+                    "clock skew",
+                    verdict,
+                    f"node clocks differ by at most {spread:.3f} s (±{rtt:.3f} s measurement)",
+                    [f"{p['node_id']}: {p['skew']:+.3f} s vs this machine" for p in skews if verdict != OK],
+                )
+            )
+        checks.extend(_slice_checks(settings, up[0]))
+    verdict = (
+        FAILED
+        if any(c["verdict"] == FAILED for c in checks)
+        else (WARN if any(c["verdict"] == WARN for c in checks) else OK)
+    )
+    return {"verdict": verdict, "source": source, "nodes": probes, "checks": checks}
+
+
+def _slice_checks(settings: Settings, probe: dict[str, Any]) -> list[dict[str, Any]]:
+    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+
+    client = ManagementClient(probe["address"], api_key=settings.api_key, timeout=settings.timeout)
+    try:
+        listing: Any = client.get_json("/api/v1/kv", {"prefix": "slices/"})
+    except (ApiUnreachable, ApiError) as e:
+        return [_check("slices", FAILED, f"cannot read slice states: {e}")]
+    now = float(probe.get("time") or time.time())
+    stuck, failed, total = [], [], 0
+    for entry in listing.get("entries", []):
+        v = entry.get("value")
+        if not isinstance(v, dict):
+            continue
+        total += 1
+        key = str(entry.get("key", ""))[len("slices/") :]
+        node, _, artifact = key.partition("/")
+        state = v.get("state")
+        if state == "FAILED":
+            failed.append(f"{artifact} on {node}: {v.get('reason') or 'no reason given'}")
+        elif state in TRANSITIONAL and isinstance(v.get("timestamp"), (int, float)):
+            age = now - float(v["timestamp"])
+            if age > STUCK_AFTER:
+                stuck.append(f"{artifact} on {node} is {state} for {age:.0f} s")
+    return [
+        _check(
+            "stuck instances",
+            WARN if stuck else OK,
+            f"{len(stuck)} of {total} slice states transitional for more than {STUCK_AFTER:g} s",
+            stuck,
+        ),
+        _check(
+            "failed instances",
+            FAILED if failed else OK,
+            f"{len(failed)} of {total} slice states FAILED",
+            failed,
+        ),
+    ]
+
+
+@main.command()
+@click.option(
+    "--nodes",
+    "nodes_opt",
+    metavar="HOST:PORT,...",
+    help="Management APIs of the nodes to check [default: the local cluster's cluster.json, else --connect].",
+)
+@click.option(
+    "--cluster-dir",
+    default=DEFAULT_CLUSTER_DIR,
+    show_default=True,
+    metavar="DIR",
+    help="Local cluster directory whose cluster.json lists the nodes.",
+)
+@json_option
+@click.pass_obj
+def doctor(settings: Settings, nodes_opt: str | None, cluster_dir: str, as_json: bool) -> None:
+    """Check the cluster: reachability, quorum, leader agreement, clock skew, stuck and failed slices.
+
+    Exit 0 if every check passed or warned, 1 if one failed, 3 if no node answered.
+    """
+    addresses, source = _doctor_targets(settings, nodes_opt, str(Path(cluster_dir)))
+    report = run_doctor(settings, addresses, source)
+    if settings.json or as_json:
+        _echo_json(report)
+    else:
+        from rich.table import Table
+        from rich.text import Text
+
+        from aether.cli import render
+
+        table = Table(title="Doctor", title_justify="left")
+        for col in ("Check", "Verdict", "Detail"):
+            table.add_column(col)
+        for c in report["checks"]:
+            detail = c["detail"] + "".join(f"\n  {i}" for i in c["items"])
+            table.add_row(c["name"], _MARK[c["verdict"]], Text(detail))  # Text: no markup, no :emoji:
+        render.console().print(table)
+    if not any(p["reachable"] for p in report["nodes"]):
+        fail("no node answered", EXIT_UNREACHABLE, hint=_UNREACHABLE_HINT)
+    if report["verdict"] == FAILED:
+        raise click.exceptions.Exit(EXIT_FAILED)

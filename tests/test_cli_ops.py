@@ -1,0 +1,317 @@
+"""`aether health`, `nodes`, `events` and `doctor` against fake nodes and a real 3-process cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from aether.api.server import ManagementServer
+from aether.cli.main import main
+from aether.core.status import KVEntry, MemberStatus, NodeStatus
+from aether.transport import MessageRouter, PeerDown
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeKV:
+    def __init__(self) -> None:
+        self.watches: dict[int, tuple[str, Callable[[Any], None]]] = {}
+
+    def watch(self, prefix: str, cb: Callable[[Any], None]) -> Callable[[], None]:
+        wid = len(self.watches) + 1
+        self.watches[wid] = (prefix, cb)
+        return lambda: self.watches.pop(wid, None)  # type: ignore[func-returns-value]
+
+
+class FakeNode:
+    def __init__(
+        self, node_id: str = "node-1", *, leader: str | None = "node-1", quorum: bool = True
+    ) -> None:
+        self.node_id = node_id
+        self.leader = leader
+        self.quorum = quorum
+        self.slices: list[KVEntry] = []
+        self.router = MessageRouter()
+        self.kv = FakeKV()
+
+    def status(self) -> NodeStatus:
+        return NodeStatus(
+            node_id=self.node_id,
+            leader=self.leader,
+            quorum=self.quorum,
+            nodes=[
+                MemberStatus("node-1", "127.0.0.1:7000", "up"),
+                MemberStatus("node-2", "127.0.0.1:7001", "up"),
+            ],
+        )
+
+    def kv_list(self, prefix: str) -> list[KVEntry]:
+        return [e for e in self.slices if e.key.startswith(prefix)]
+
+
+class Servers:
+    """ManagementServers on an event loop in a background thread (the CLI client blocks)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servers: list[ManagementServer] = []
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def start(self, node: FakeNode) -> ManagementServer:
+        srv = ManagementServer(node, host="127.0.0.1", port=0)
+        self.run(srv.start())
+        self.servers.append(srv)
+        return srv
+
+    def close(self) -> None:
+        for srv in self.servers:
+            self.run(srv.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    s = Servers()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def invoke(*args: str) -> Result:
+    env = {"AETHER_CONNECT": None, "AETHER_API_KEY": None, "COLUMNS": "200"}
+    return CliRunner(env=env).invoke(main, list(args), catch_exceptions=False)
+
+
+def addr(srv: ManagementServer) -> str:
+    return f"127.0.0.1:{srv.port}"
+
+
+def dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- health and nodes ---------------------------------------------------------------------------------
+
+
+def test_health_ready_and_not_ready(servers: Servers) -> None:
+    ok = servers.start(FakeNode())
+    r = invoke("--connect", addr(ok), "health")
+    assert r.exit_code == 0 and "ready" in r.output and "node-1" in r.output
+    r = invoke("--connect", addr(ok), "health", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["ready"] is True
+    bad = servers.start(FakeNode(quorum=False, leader=None))
+    r = invoke("--connect", addr(bad), "health")
+    assert r.exit_code == 1 and "not ready" in r.output and "quorum" in r.output
+    r = invoke("--connect", addr(bad), "--json", "health")
+    assert r.exit_code == 1 and json.loads(r.output)["ready"] is False
+
+
+def test_health_unreachable_exits_3() -> None:
+    r = invoke("--connect", f"127.0.0.1:{dead_port()}", "health")
+    assert r.exit_code == 3 and "cannot reach" in r.output
+
+
+def test_nodes_table_and_json(servers: Servers) -> None:
+    srv = servers.start(FakeNode())
+    r = invoke("--connect", addr(srv), "nodes")
+    assert r.exit_code == 0 and "node-2" in r.output and "127.0.0.1:7001" in r.output and "★" in r.output
+    r = invoke("--connect", addr(srv), "nodes", "--json")
+    first = json.loads(r.output)[0]
+    assert first == {"id": "node-1", "address": "127.0.0.1:7000", "state": "up", "leader": True}
+
+
+# -- doctor ------------------------------------------------------------------------------------------
+
+
+def _verdicts(output: str) -> dict[str, str]:
+    return {c["name"]: c["verdict"] for c in json.loads(output)["checks"]}
+
+
+def test_doctor_all_ok(servers: Servers) -> None:
+    a, b = servers.start(FakeNode("node-1")), servers.start(FakeNode("node-2"))
+    r = invoke("doctor", "--nodes", f"{addr(a)},{addr(b)}")
+    assert r.exit_code == 0, r.output
+    assert "✓ ok" in r.output and "✗" not in r.output
+    r = invoke("doctor", "--nodes", f"{addr(a)},{addr(b)}", "--json")
+    assert r.exit_code == 0
+    assert _verdicts(r.output) == {
+        "reachability": "ok",
+        "membership": "ok",
+        "quorum": "ok",
+        "leader": "ok",
+        "clock skew": "ok",
+        "stuck instances": "ok",
+        "failed instances": "ok",
+    }
+
+
+def test_doctor_failed_and_stuck_instances(servers: Servers) -> None:
+    node = FakeNode()
+    now = time.time()
+    node.slices = [
+        KVEntry(
+            "slices/node-1/org.demo:a:1.0.0", {"state": "FAILED", "timestamp": now, "reason": "ImportError x"}
+        ),
+        KVEntry("slices/node-2/org.demo:b:1.0.0", {"state": "LOADING", "timestamp": now - 120}),
+        KVEntry("slices/node-2/org.demo:c:1.0.0", {"state": "ACTIVATING", "timestamp": now - 1}),
+        KVEntry("slices/node-1/org.demo:c:1.0.0", {"state": "ACTIVE", "timestamp": now - 500}),
+    ]
+    srv = servers.start(node)
+    r = invoke("doctor", "--nodes", addr(srv))
+    assert r.exit_code == 1
+    assert "ImportError x" in r.output and "org.demo:b:1.0.0 on node-2 is LOADING" in r.output
+    assert "✗ failed" in r.output and "! warning" in r.output
+    v = _verdicts(invoke("doctor", "--nodes", addr(srv), "--json").output)
+    assert v["failed instances"] == "failed" and v["stuck instances"] == "warning"
+    # only 1 of the 2 members was checked: a warning that says so
+    assert v["reachability"] == "warning"
+
+
+def test_doctor_leader_disagreement_and_unreachable_node(servers: Servers) -> None:
+    a, b = servers.start(FakeNode("node-1")), servers.start(FakeNode("node-2", leader="node-2"))
+    r = invoke("doctor", "--json", "--nodes", f"{addr(a)},{addr(b)},127.0.0.1:{dead_port()}")
+    assert r.exit_code == 1
+    v = _verdicts(r.output)
+    assert v["leader"] == "failed" and v["reachability"] == "failed" and v["quorum"] == "ok"
+
+
+def test_doctor_no_quorum_fails(servers: Servers) -> None:
+    srv = servers.start(FakeNode(quorum=False, leader=None))
+    r = invoke("doctor", "--json", "--nodes", addr(srv))
+    assert r.exit_code == 1
+    v = _verdicts(r.output)
+    assert v["quorum"] == "failed" and v["leader"] == "failed"
+
+
+def test_doctor_nothing_reachable_exits_3(tmp_path: Any) -> None:
+    r = invoke("doctor", "--nodes", f"127.0.0.1:{dead_port()}", "--cluster-dir", str(tmp_path))
+    assert r.exit_code == 3 and "no node answered" in r.output
+
+
+def test_doctor_bad_nodes_is_usage_error() -> None:
+    r = invoke("doctor", "--nodes", "nonsense")
+    assert r.exit_code == 2 and "--nodes" in r.output
+
+
+# -- events against a fake node ---------------------------------------------------------------------------
+
+
+def test_events_follows_until_the_stream_is_lost(servers: Servers) -> None:
+    node = FakeNode()
+    srv = servers.start(node)
+    results: list[Result] = []
+    t = threading.Thread(target=lambda: results.append(invoke("--connect", addr(srv), "events", "--json")))
+    t.start()
+    deadline = time.monotonic() + 10
+    while not (srv.events is not None and srv.events.subscriber_count == 1):
+        assert time.monotonic() < deadline, "the CLI did not subscribe"
+        time.sleep(0.02)
+    servers.loop.call_soon_threadsafe(node.router.publish, PeerDown("node-2", "link lost"))
+    time.sleep(0.3)
+    servers.run(srv.stop())
+    t.join(15)
+    assert not t.is_alive()
+    (r,) = results
+    assert r.exit_code == 3
+    lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+    assert lines and lines[0]["type"] == "node-left" and lines[0]["node"] == "node-2" and lines[0]["id"] >= 1
+    assert "lost the event stream" in r.output
+
+
+def test_events_unreachable_exits_3() -> None:
+    r = invoke("--connect", f"127.0.0.1:{dead_port()}", "events")
+    assert r.exit_code == 3 and "cannot reach" in r.output
+
+
+# -- a real cluster -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_doctor_and_events_on_a_real_cluster(make_process_cluster: Any) -> None:
+    cluster = make_process_cluster(3)
+    nodes = ",".join(f"127.0.0.1:{p}" for p in cluster.management_ports)
+    deadline = time.monotonic() + 20
+    while True:  # leader agreement may take a moment after quorum
+        r = invoke("doctor", "--nodes", nodes, "--json")
+        if r.exit_code == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r.exit_code == 0, r.output
+    assert set(_verdicts(r.output).values()) == {"ok"}
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("AETHER_API_KEY", None)
+    watcher = 0 if cluster.leader_index() != 0 else 1
+    victim = next(i for i in (2, 1, 0) if i != watcher)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aether.cli.main",
+            "--connect",
+            f"127.0.0.1:{cluster.management_ports[watcher]}",
+            "events",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        deadline = time.monotonic() + 20
+        while cluster.try_status(watcher) is None or not _subscribed(proc):
+            assert time.monotonic() < deadline and proc.poll() is None, "events did not start"
+            time.sleep(0.1)
+        cluster.stop(victim)
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while not any("node-left" in x and cluster.ids[victim] in x for x in seen):
+            assert time.monotonic() < deadline, f"no node-left event; got {seen}"
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                pass
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _subscribed(proc: subprocess.Popen[str]) -> bool:
+    """True once the CLI announced it follows the stream (its first stderr line)."""
+    assert proc.stderr is not None
+    if not hasattr(proc, "_announced"):
+        os.set_blocking(proc.stderr.fileno(), False)
+        proc._announced = ""  # type: ignore[attr-defined]
+    try:
+        chunk = proc.stderr.read() or ""
+    except (BlockingIOError, TypeError):
+        chunk = ""
+    proc._announced += chunk  # type: ignore[attr-defined]
+    return "following events" in proc._announced  # type: ignore[attr-defined]
