@@ -147,12 +147,18 @@ def main(ctx: click.Context, connect: str, as_json: bool, api_key: str | None, t
     """Aether: a distributed runtime for plain-Python slices.
 
     Talks to a node over its management API (--connect), runs a node (`aether node`) or a local
-    multi-process cluster (`aether cluster start|status|stop|demo`).
+    multi-process cluster (`aether cluster start|status|stop|demo`). Without a command on a
+    terminal it opens an interactive shell (history, completion, `help`).
 
     Exit codes: 0 ok, 1 operation failed, 2 bad usage or configuration, 3 cannot connect.
     """
+    in_repl = ctx.obj is not None  # the REPL runs lines with obj=its Settings
     ctx.obj = Settings(connect=connect, json=as_json, api_key=api_key or None, timeout=timeout)
     if ctx.invoked_subcommand is None:
+        if not in_repl and sys.stdin.isatty() and sys.stdout.isatty():
+            from aether.cli.repl import run_repl
+
+            ctx.exit(run_repl(ctx.obj))
         click.echo(ctx.get_help())
         ctx.exit(EXIT_OK)
 
