@@ -207,6 +207,15 @@ class ManagementServer:
                 self._node.deployments,  # type: ignore[attr-defined]
                 getattr(self._node, "invoker", None),
             ).register(app, API_PREFIX)
+
+        async def handle_openapi(request: web.Request) -> web.Response:
+            from aether.api.openapi import build_openapi
+
+            _query(request, ())
+            routes = [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None]
+            return _json_response(build_openapi(routes))
+
+        app.router.add_get(f"{API_PREFIX}/openapi.json", handle_openapi)
         return app
 
     async def start(self) -> None:
