@@ -335,3 +335,27 @@ async def test_garbage_request_does_not_crash_server(env: Env) -> None:
     writer.close()
     status, _, _ = await env.req("GET", "/ping")
     assert status == 200
+
+
+async def test_slow_client_gets_408_and_does_not_block_others(env: Env) -> None:
+    """A client that announces a body and never sends it is answered 408 after request_timeout
+    (2 s here); other requests are served meanwhile."""
+    import time
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.router.port)
+    try:
+        writer.write(
+            b"POST /raw HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        await writer.drain()
+        t0 = time.monotonic()
+        for _ in range(5):  # the router keeps serving while that body never arrives
+            status, _, _ = await env.req("GET", "/ping")
+            assert status == 200
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert 1.5 < time.monotonic() - t0 < 8
+    finally:
+        writer.close()
+    status, _, _ = await env.req("GET", "/ping")
+    assert status == 200
