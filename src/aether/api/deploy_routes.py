@@ -163,6 +163,7 @@ class DeploymentRoutes:
         target, method = request.match_info["artifact"], request.match_info["method"]
         timeout = _timeout(request, 10.0)
         from aether.api.server import problem_response
+        from aether.http.server import is_no_instance
         from aether.invoke.errors import InvokeTimeout, SliceAppError, UnknownEntryError
 
         try:
@@ -172,6 +173,8 @@ class DeploymentRoutes:
         except SliceAppError as e:
             return problem_response(502, str(e), title="The slice raised an error")
         except InvokeTimeout as e:
+            if is_no_instance(e):
+                return problem_response(503, str(e), title="No instance")
             return problem_response(504, str(e), title="No answer in time")
         return _json(msgspec.msgpack.decode(out))
 

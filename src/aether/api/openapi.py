@@ -400,7 +400,7 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "invoke",
                 "Call a slice entry point; JSON argument in, JSON answer out",
                 {200: _json({}, "The entry's answer")},
-                (400, 404, 502, 504),
+                (400, 404, 502, 503, 504),
                 params=[
                     _path("artifact", "GROUP:ARTIFACT[:VERSION]"),
                     _path("method", "entry point name"),
@@ -412,7 +412,7 @@ def _paths() -> dict[str, dict[str, Any]]:
                     "content": {"application/json": {"schema": {}}},
                 },
                 tags=("invoke",),
-                descriptions={404: "Unknown artifact or entry"},
+                descriptions={404: "Unknown entry", 503: "No ACTIVE instance of the artifact"},
             )
         },
     }

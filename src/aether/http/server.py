@@ -52,6 +52,7 @@ from aether.invoke.errors import (
     SliceAppError,
     UnknownEntryError,
 )
+from aether.invoke.messages import KIND_NO_INSTANCE
 from aether.kv.keys import RouteValue
 
 __all__ = ["HttpRouter", "InvokerLike", "KVLike", "MiB", "problem_body"]
@@ -102,7 +103,10 @@ def _new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-def _is_no_instance(e: InvokeTimeout) -> bool:
+def is_no_instance(e: InvokeTimeout) -> bool:
+    """True when the call timed out because no ACTIVE instance could take it (a 503, not a 504)."""
+    if e.kind == KIND_NO_INSTANCE:
+        return True
     text = str(e)
     return e.kind != "deadline" and ("no ACTIVE instance" in text or "no_instance" in text)
 
@@ -291,7 +295,7 @@ class HttpRouter:
         except UnknownEntryError as e:
             return self._problem(502, f"route {route.http_method} {route.pattern} is misconfigured: {e}", rid)
         except InvokeTimeout as e:
-            return self._problem(503 if _is_no_instance(e) else 504, str(e), rid)
+            return self._problem(503 if is_no_instance(e) else 504, str(e), rid)
         except InvokerClosed as e:
             return self._problem(503, f"node {self.node_id} is shutting down: {e}", rid)
         except InvokeError as e:

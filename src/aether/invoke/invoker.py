@@ -46,6 +46,7 @@ from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
     KIND_DEADLINE,
+    KIND_NO_INSTANCE,
     KIND_UNKNOWN_ENTRY,
     RETRYABLE_KINDS,
     InvokeRequest,
@@ -240,6 +241,7 @@ class Invoker:
         attempts = 0
         rounds = 0
         last_error = "no attempt made"
+        last_kind: str | None = None  # KIND_NO_INSTANCE when the last obstacle was "nowhere to run it"
         last_node: str | None = None
         tried: set[str] = set()
         try:
@@ -254,10 +256,15 @@ class Invoker:
                     )
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise self._timeout(target, method, rid, budget, attempts, last_error, last_node)
+                    if attempts == 0 and last_kind is None and self._choose(target, method, tried)[1] == 0:
+                        last_kind = KIND_NO_INSTANCE
+                    raise self._timeout(
+                        target, method, rid, budget, attempts, last_error, last_node, last_kind
+                    )
                 choice, candidates = self._choose(target, method, tried)
                 if choice is None:
                     if candidates == 0:
+                        last_kind = KIND_NO_INSTANCE
                         last_error = f"no ACTIVE instance of {target} with entry {method!r} is reachable"
                         self._warn_retry(target, method, rid, f"waiting: {last_error}")
                     tried.clear()
@@ -301,6 +308,7 @@ class Invoker:
                             node, artifact, method, payload, rid, deadline, attempts
                         )
                 except _Retry as retry:
+                    last_kind = retry.kind
                     last_error = f"{node}: {retry.reason}"
                     last_node = node
                     tried.add(node)
@@ -448,12 +456,14 @@ class Invoker:
         attempts: int,
         last_error: str,
         last_node: str | None,
+        last_kind: str | None = None,
     ) -> InvokeTimeout:
         return InvokeTimeout(
             f"call {target}.{method} (request {rid}) did not succeed within {budget:g}s after "
             f"{attempts} attempt(s); last error: {last_error}",
             target=target,
             method=method,
+            kind=last_kind,
             node=last_node,
             request_id=rid,
             attempts=attempts,
