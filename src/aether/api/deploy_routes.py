@@ -7,7 +7,7 @@ a write through consensus, so nothing needs forwarding to the leader.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
@@ -25,7 +25,8 @@ class ApplyBlueprint(msgspec.Struct, forbid_unknown_fields=True):
 
 class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
     artifact: str
-    instances: int = 1
+    # >= 1: 0 would mean undeploy, which is its own explicit operation
+    instances: Annotated[int, msgspec.Meta(ge=1)] = 1
 
 
 class UndeployRequest(msgspec.Struct, forbid_unknown_fields=True):
