@@ -150,11 +150,19 @@ class ConsensusRunner:
         """Commit `commands` and return their results (QuorumLost / CommitTimeout otherwise)."""
         futs = self.submit(commands)
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futs), timeout))
-        except TimeoutError:
+            _, pending = await asyncio.wait(futs, timeout=timeout)
+        except asyncio.CancelledError:
             for f in futs:
                 f.cancel()
-            raise CommitTimeout(f"not committed within {timeout:.1f}s (outcome unknown)") from None
+            raise
+        if pending:
+            for f in futs:
+                f.cancel()
+            raise CommitTimeout(f"not committed within {timeout:.1f}s (outcome unknown)")
+        errors = [e for e in (f.exception() for f in futs) if e is not None]  # retrieve every one
+        if errors:
+            raise errors[0]
+        return [f.result() for f in futs]
 
     # --- actions --------------------------------------------------------------------------------
 
