@@ -40,7 +40,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,54 @@ def deploy_hello_examples(
     )
     for coords, (source, cls) in (extra or {}).items():
         repo.deploy(build_slice_wheel(wheels, coords, source, cls))
+
+
+# --------------------------------------------------------------------------------------------------
+# in-process clusters
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
+    """3 in-process nodes (management on free ports) with the hello slices in their repository."""
+    from aether.core.config import NodeConfig
+    from aether.core.types import Address, PeerSpec
+    from aether.node.node import Node
+    from aether.slices.testing import isolated_imports
+
+    repo_dir = tmp_path / "repo"
+    deploy_hello_examples(repo_dir, tmp_path / "wheels")
+    ports = free_ports(3)
+    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
+    nodes = [
+        Node(
+            NodeConfig(
+                node_id=f"node-{i + 1}",
+                peers=peers,
+                cluster_port=ports[i],
+                management_port=0,
+                http_port=0,
+                data_dir=str(tmp_path / f"n{i}"),
+                repository=str(repo_dir),
+            )
+        )
+        for i in range(3)
+    ]
+    with isolated_imports():
+        started: list[Any] = []
+        try:
+            for n in nodes:
+                await n.start()
+                started.append(n)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 10
+            while not all(n.leader.leader == "node-1" for n in nodes):
+                assert loop.time() < end, "no leader in 10 s"
+                await asyncio.sleep(0.02)
+            yield nodes
+        finally:
+            for n in started:
+                if not n.transport._stopped:
+                    await n.stop()
 
 
 # --------------------------------------------------------------------------------------------------

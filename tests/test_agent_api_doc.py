@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_openapi import running_cluster
+from conftest import running_cluster
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
 

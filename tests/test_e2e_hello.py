@@ -14,11 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from aether.core.config import NodeConfig
-from aether.core.types import Address, PeerSpec
 from aether.node.node import Node
-from aether.slices.testing import isolated_imports
-from conftest import EXAMPLES, deploy_hello_examples, free_ports
+from conftest import EXAMPLES, running_cluster
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -43,36 +40,8 @@ class Welcomed(msgspec.Struct):
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    repo_dir = tmp_path / "repo"
-    deploy_hello_examples(repo_dir, tmp_path / "wheels")
-    ports = free_ports(3)
-    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
-    nodes = [
-        Node(
-            NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp_path / f"n{i}"),
-                repository=str(repo_dir),
-            )
-        )
-        for i in range(3)
-    ]
-    with isolated_imports():
-        started: list[Node] = []
-        try:
-            for n in nodes:
-                await n.start()
-                started.append(n)
-            await _until(lambda: all(n.leader.leader == "node-1" for n in nodes), 10, "a leader")
-            yield nodes
-        finally:
-            for n in started:
-                if not n.transport._stopped:
-                    await n.stop()
+    async with running_cluster(tmp_path) as nodes:
+        yield nodes
 
 
 async def _http(node: Node, method: str, path: str, body: object | None = None) -> tuple[int, object]:

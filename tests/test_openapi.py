@@ -4,7 +4,6 @@ by a live 3-node cluster (schemathesis)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import sys
@@ -18,6 +17,7 @@ import pytest
 from aether.api.openapi import build_openapi, operations
 from aether.api.server import ManagementServer
 from aether.core.artifact import Artifact
+from conftest import running_cluster
 from test_api_ops import FakeNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -85,51 +85,6 @@ async def test_served_document_matches_the_routes_and_needs_the_key() -> None:
 
 
 # -- schemathesis against a live cluster ------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
-    """3 in-process nodes (management on free ports) with the hello slices in their repository."""
-    from aether.core.config import NodeConfig
-    from aether.core.types import Address, PeerSpec
-    from aether.node.node import Node
-    from aether.slices.testing import isolated_imports
-    from conftest import deploy_hello_examples, free_ports
-
-    repo_dir = tmp_path / "repo"
-    deploy_hello_examples(repo_dir, tmp_path / "wheels")
-    ports = free_ports(3)
-    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
-    nodes = [
-        Node(
-            NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp_path / f"n{i}"),
-                repository=str(repo_dir),
-            )
-        )
-        for i in range(3)
-    ]
-    with isolated_imports():
-        started: list[Any] = []
-        try:
-            for n in nodes:
-                await n.start()
-                started.append(n)
-            loop = asyncio.get_running_loop()
-            end = loop.time() + 10
-            while not all(n.leader.leader == "node-1" for n in nodes):
-                assert loop.time() < end, "no leader in 10 s"
-                await asyncio.sleep(0.02)
-            yield nodes
-        finally:
-            for n in started:
-                if not n.transport._stopped:
-                    await n.stop()
 
 
 @pytest.fixture
