@@ -56,6 +56,27 @@ def format_peername(peername: Any) -> str:
     return str(peername) if peername else "?"
 
 
+class FramedEndpoint:
+    """What both ends of a client connection share: `closed` and a coalescing `send`.
+
+    Subclasses set `_proto` (the LinkProtocol) and `_frame` (message -> encoded frame).
+    """
+
+    __slots__ = ()
+    _proto: LinkProtocol
+    _frame: Callable[[object], bytes]
+
+    @property
+    def closed(self) -> bool:
+        return self._proto.closing
+
+    def send(self, msg: object) -> bool:
+        """Queue `msg` (coalesced with the other frames of this loop iteration); False if closed."""
+        if self._proto.closing:
+            return False
+        return self._proto.write_frame(self._frame(msg))
+
+
 class LinkProtocol(asyncio.Protocol):
     """Framed, coalescing, bad-input-tolerant connection. See the module docstring."""
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aether.core.types import Address
-from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, LinkProtocol
+from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, FramedEndpoint, LinkProtocol
 from aether.transport.framing import DEFAULT_MAX_FRAME
 from aether.transport.messages import (
     CONTROL_TYPES,
@@ -119,10 +119,11 @@ class _ClientSideProtocol(LinkProtocol):
                 self._log.exception("%s on_close callback failed", self._prefix)
 
 
-class ClientLink:
+class ClientLink(FramedEndpoint):
     """An established client connection to one node."""
 
     __slots__ = ("_frame", "_proto", "address", "node_id")
+    _proto: _ClientSideProtocol
 
     def __init__(
         self, proto: _ClientSideProtocol, node_id: str, address: Address, frame: Callable[[object], bytes]
@@ -132,16 +133,6 @@ class ClientLink:
         self.node_id = node_id
         """Id of the node that accepted the connection."""
         self.address = address
-
-    @property
-    def closed(self) -> bool:
-        return self._proto.closing
-
-    def send(self, msg: object) -> bool:
-        """Queue `msg` (coalesced with the other frames of this loop iteration); False if closed."""
-        if self._proto.closing:
-            return False
-        return self._proto.write_frame(self._frame(msg))
 
     def close(self) -> None:
         """Flush queued frames and close; ``on_close(None)`` follows once the socket is closed."""

@@ -51,7 +51,7 @@ from typing import Any, Union
 import msgspec
 
 from aether.core.types import Address, check_node_id
-from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, HeardFrom, LinkProtocol
+from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, FramedEndpoint, HeardFrom, LinkProtocol
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged
 from aether.transport.framing import DEFAULT_MAX_FRAME
 from aether.transport.messages import (
@@ -76,7 +76,7 @@ def _same(proto: _OutboundProtocol) -> _OutboundProtocol:
     return proto
 
 
-class ClientSession:
+class ClientSession(FramedEndpoint):
     """Server side of one client connection on the cluster port.
 
     ``send`` queues a reply (coalesced like peer traffic); returns False once the session is closed.
@@ -93,16 +93,6 @@ class ClientSession:
     def remote_address(self) -> str:
         """``host:port`` of the client."""
         return self._proto.remote
-
-    @property
-    def closed(self) -> bool:
-        return self._proto.closing
-
-    def send(self, msg: object) -> bool:
-        """Queue `msg` for the client; False (dropped) if the session is closed."""
-        if self._proto.closing:
-            return False
-        return self._proto.write_frame(self._frame(msg))
 
     def close(self) -> None:
         """Flush queued replies and close the connection."""
