@@ -33,6 +33,7 @@ from aether.transport import (
     Transport,
     encode_frame,
 )
+from test_transport import Note, PeerMsg, Req, Resp
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -40,24 +41,7 @@ HOST = "127.0.0.1"
 CLUSTER = "bad-input-cluster"
 
 
-class Note(msgspec.Struct, array_like=True, frozen=True, tag=10):
-    seq: int
-    text: str = ""
-
-
-class Other(msgspec.Struct, array_like=True, frozen=True, tag=11):
-    data: bytes
-
-
-PeerMsg = Union[Note, Other]  # noqa: UP007
-
-
-class Req(msgspec.Struct, array_like=True, frozen=True, tag=20):
-    n: int
-
-
-class Resp(msgspec.Struct, array_like=True, frozen=True, tag=21):
-    n: int
+# the wire message types are the ones tests/test_transport.py uses
 
 
 def frame(obj: Any) -> bytes:
