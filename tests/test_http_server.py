@@ -283,6 +283,16 @@ async def test_invoke_errors_map_to_statuses(
     assert "secret internals" not in body["detail"]
 
 
+@pytest.mark.parametrize("status", [404, 409, 422])
+async def test_entry_status_errors_keep_their_status_and_message(env: Env, status: int) -> None:
+    err = SliceAppError(f"x.greet answered {status}: order ORD-1 is unknown", kind=f"status:{status}")
+    err.status, err.detail = status, "order ORD-1 is unknown"
+    env.inv.behaviour = lambda t, m, p: err
+    got, body, r = await env.req("GET", "/hello/ann")
+    assert_problem(got, body, r, status, "order ORD-1 is unknown")
+    assert body["detail"] == "order ORD-1 is unknown"
+
+
 async def test_answer_not_json_representable_is_502(env: Env) -> None:
     env.inv.behaviour = lambda t, m, p: b"\xc1"  # never-used MessagePack byte
     status, body, r = await env.req("GET", "/hello/ann")

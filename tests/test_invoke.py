@@ -42,6 +42,9 @@ from aether.invoke import (
     backoff_delay,
     classify,
 )
+from aether.invoke.errors import error_text
+from aether.invoke.messages import kind_status
+from aether.slices.errors import Conflict, NotFound, SliceHttpError
 from aether.transport import MessageRouter, PeerDown, message_types
 
 pytestmark = pytest.mark.timeout(30)
@@ -233,6 +236,18 @@ def test_classify_by_name_and_type() -> None:
     # a nested call's failure escaping an entry is that entry's own failure
     assert classify(InvokeBadRequest("x", kind=KIND_BAD_REQUEST)) == KIND_APP_ERROR
     assert classify(InvokerClosed("x")) == KIND_SHUTTING_DOWN
+    assert classify(NotFound("no order ORD-1")) == "status:404"
+    assert classify(Conflict("not enough stock")) == "status:409"
+    assert classify(SliceHttpError("gone", status=410)) == "status:410"
+    # a nested call that answered with a status keeps it when it escapes the calling entry
+    nested = SliceAppError("x answered 409: not enough stock", kind="status:409")
+    nested.status, nested.detail = 409, "not enough stock"
+    assert classify(nested) == "status:409"
+    assert error_text(nested, "status:409") == "not enough stock"
+    assert kind_status("status:404") == 404 and kind_status("status:99") is None
+    assert kind_status("app_error") is None and kind_status("status:x") is None
+    with pytest.raises(ValueError, match="400-599"):
+        SliceHttpError("x", status=200)
     assert issubclass(InvokeTimeout, AetherError)
     assert issubclass(InvokeBadRequest, BadRequest)
 
@@ -435,6 +450,26 @@ async def test_non_retryable_errors_surface_immediately(
         assert err.node == "B" and len(net.requests_to("C")) == 0
     else:
         assert err.node == "A" and net.sent == []
+
+
+async def _raise_conflict(node: str, payload: bytes) -> bytes:
+    raise Conflict("only 1 of PROD-1 left")
+
+
+@pytest.mark.parametrize("where", ["remote", "local"])
+async def test_status_errors_surface_with_status_and_bare_message(where: str) -> None:
+    active = ("B",) if where == "remote" else ("A",)
+    net = make_net("A", "B", active_on=active)
+    for n in net.nodes.values():
+        n.slices.handlers["reserve"] = _raise_conflict
+        if n.id in active:
+            net.registry.add(n.id, method="reserve")
+    with pytest.raises(SliceAppError) as info:
+        await net.nodes["A"].invoker.invoke(TARGET, "reserve", b"")
+    err = info.value
+    assert err.status == 409 and err.kind == "status:409"
+    assert err.detail == "only 1 of PROD-1 left"
+    assert err.attempts == 1
 
 
 async def test_server_deadline_is_not_retried() -> None:

@@ -172,6 +172,8 @@ class DeploymentRoutes:
         except UnknownEntryError as e:
             return problem_response(404, str(e), title="Unknown entry")
         except SliceAppError as e:
+            if e.status is not None:
+                return problem_response(e.status, e.detail)
             return problem_response(502, str(e), title="The slice raised an error")
         except InvokeTimeout as e:
             if is_no_instance(e):

@@ -20,6 +20,8 @@ Errors are problem documents (``application/problem+json``, ``{type,title,status
 405   the path exists for other methods (``Allow`` header lists them)
 408   the client did not send its body within ``request_timeout``
 413   body larger than ``max_body``
+4xx   the entry raised a `SliceHttpError` (``NotFound`` 404, ``Conflict`` 409, ...), directly or by
+      letting one from a slice it called escape: that status, its message as the detail
 502   the slice raised (`SliceAppError`), the route names an unknown entry (`UnknownEntryError`),
       or the answer cannot be represented as JSON
 503   no ACTIVE instance could be reached before the deadline (an `InvokeTimeout` whose last error
@@ -291,6 +293,8 @@ class HttpRouter:
         except InvokeBadRequest as e:
             return self._problem(400, str(e), rid)
         except SliceAppError as e:
+            if e.status is not None:
+                return self._problem(e.status, e.detail, rid)
             return self._problem(502, str(e), rid)
         except UnknownEntryError as e:
             return self._problem(502, f"route {route.http_method} {route.pattern} is misconfigured: {e}", rid)

@@ -14,6 +14,8 @@ from aether.invoke.messages import (
     KIND_NO_INSTANCE,
     KIND_SHUTTING_DOWN,
     KIND_UNKNOWN_ENTRY,
+    kind_status,
+    status_kind,
 )
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "UnknownEntryError",
     "classify",
     "describe_exception",
+    "error_text",
 ]
 
 
@@ -69,7 +72,14 @@ class UnknownEntryError(InvokeError):
 
 
 class SliceAppError(InvokeError):
-    """The entry point raised; the message includes the exception type and text."""
+    """The entry point raised; the message includes the exception type and text.
+
+    When the entry raised a `SliceHttpError` (NotFound, Conflict, ...), `status` is its HTTP status
+    and `detail` its message (what the HTTP router answers with); otherwise `status` is None.
+    """
+
+    status: int | None = None
+    detail: str = ""
 
 
 class InvokerClosed(InvokeError):
@@ -90,10 +100,16 @@ def classify(exc: BaseException) -> str:
     """
     if isinstance(exc, InvokerClosed):
         return KIND_SHUTTING_DOWN
+    if isinstance(exc, SliceAppError) and exc.status is not None:
+        # A nested call answered with a status (e.g. 409) and the entry let it escape: same answer.
+        return status_kind(exc.status)
     if isinstance(exc, InvokeError):
         # A nested call the entry made failed and the entry let it escape: the entry's own failure.
         return KIND_APP_ERROR
     names = _mro_names(exc)
+    if "SliceHttpError" in names:
+        status = getattr(exc, "status", 500)
+        return status_kind(status) if isinstance(status, int) and 400 <= status <= 599 else KIND_APP_ERROR
     if "NoLocalInstance" in names:
         return KIND_NO_INSTANCE
     if "UnknownEntry" in names or isinstance(exc, UnknownEntryError):
@@ -101,6 +117,14 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, BadRequest):
         return KIND_BAD_REQUEST
     return KIND_APP_ERROR
+
+
+def error_text(exc: BaseException, kind: str) -> str:
+    """The ``error`` text of a response of `kind`: the bare message for ``status:NNN`` kinds (it is
+    what the HTTP client reads), else ``"TypeName: text"``."""
+    if kind_status(kind) is not None:
+        return exc.detail if isinstance(exc, SliceAppError) else str(exc)
+    return describe_exception(exc)
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -41,6 +41,7 @@ from aether.invoke.errors import (
     UnknownEntryError,
     classify,
     describe_exception,
+    error_text,
 )
 from aether.invoke.messages import (
     KIND_APP_ERROR,
@@ -51,6 +52,7 @@ from aether.invoke.messages import (
     RETRYABLE_KINDS,
     InvokeRequest,
     InvokeResponse,
+    kind_status,
 )
 from aether.invoke.ports import LocalSlices, PeerLink, Registry
 from aether.transport import MessageRouter, PeerDown
@@ -379,7 +381,7 @@ class Invoker:
                 if kind in RETRYABLE_KINDS:
                     raise _Retry(f"{kind}: {describe_exception(exc)}", kind) from exc
                 raise self._error(
-                    kind, describe_exception(exc), target, method, self.node_id, rid, attempts
+                    kind, error_text(exc, kind), target, method, self.node_id, rid, attempts
                 ) from exc
         finally:
             if token is not None and var is not None:
@@ -438,6 +440,13 @@ class Invoker:
             cls, message = UnknownEntryError, f"unknown entry point {where}: {error}"
         elif kind == KIND_APP_ERROR:
             cls, message = SliceAppError, f"{where} raised {error}"
+        elif (status := kind_status(kind)) is not None:
+            err = SliceAppError(
+                f"{where} answered {status}: {error}",
+                target=target, method=method, kind=kind, node=node, request_id=rid, attempts=attempts,
+            )
+            err.status, err.detail = status, error
+            return err
         elif kind == KIND_DEADLINE:
             cls = InvokeTimeout
             message = f"call {where} did not finish before its deadline after {attempts} attempt(s): {error}"

@@ -24,11 +24,14 @@ __all__ = [
     "KIND_NO_INSTANCE",
     "KIND_OVERLOADED",
     "KIND_SHUTTING_DOWN",
+    "KIND_STATUS_PREFIX",
     "KIND_UNKNOWN_ENTRY",
     "RETRYABLE_KINDS",
     "InvokeMessage",
     "InvokeRequest",
     "InvokeResponse",
+    "kind_status",
+    "status_kind",
 ]
 
 KIND_NO_INSTANCE: Final = "no_instance"
@@ -45,6 +48,27 @@ KIND_SHUTTING_DOWN: Final = "shutting_down"
 """The node is stopping its invoke server: retry elsewhere."""
 KIND_DEADLINE: Final = "deadline"
 """The call did not finish within ``timeout_ms`` (the caller's remaining time): not retryable."""
+
+KIND_STATUS_PREFIX: Final = "status:"
+"""``status:NNN``: the entry raised a `SliceHttpError` (e.g. NotFound -> ``status:404``); ``error`` is its
+message. Not retryable; the HTTP router answers with that status."""
+
+
+def status_kind(status: int) -> str:
+    """The response kind of an entry that answered with HTTP `status` (``status:404``)."""
+    return f"{KIND_STATUS_PREFIX}{status}"
+
+
+def kind_status(kind: str | None) -> int | None:
+    """The HTTP status carried by a ``status:NNN`` kind, else None."""
+    if kind is None or not kind.startswith(KIND_STATUS_PREFIX):
+        return None
+    try:
+        n = int(kind[len(KIND_STATUS_PREFIX) :])
+    except ValueError:
+        return None
+    return n if 400 <= n <= 599 else None
+
 
 RETRYABLE_KINDS: Final = frozenset({KIND_NO_INSTANCE, KIND_OVERLOADED, KIND_SHUTTING_DOWN})
 

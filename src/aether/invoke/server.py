@@ -14,7 +14,7 @@ import contextvars
 import logging
 
 from aether.invoke.context import RequestIdVar, find_request_id_var
-from aether.invoke.errors import classify, describe_exception
+from aether.invoke.errors import classify, describe_exception, error_text
 from aether.invoke.invoker import Invoker
 from aether.invoke.messages import (
     KIND_APP_ERROR,
@@ -153,7 +153,7 @@ class InvokeServer:
             if kind == KIND_APP_ERROR:
                 self._app_error(sender_node, req, exc)
             else:
-                self._reply(sender_node, req, None, describe_exception(exc), kind)
+                self._reply(sender_node, req, None, error_text(exc, kind), kind)
             return
         if isinstance(result, bytes):
             self._reply(sender_node, req, result, None, None)

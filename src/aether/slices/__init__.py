@@ -1,7 +1,8 @@
 """Slices: the programming model, packaging, repository, loading and the per-node runtime.
 
-Business code imports from here: `Slice`, `entry`, `route`, `SliceContext`. The node and the
-deployment managers use `SliceStore`, `Repository` and `describe_slice`.
+Business code imports from here: `Slice`, `entry`, `route`, `SliceContext`, and the errors an entry
+raises to answer with a 4xx (`BadRequest` 400, `NotFound` 404, `Conflict` 409, `SliceHttpError`).
+The node and the deployment managers use `SliceStore`, `Repository` and `describe_slice`.
 
 Modules: `api` (programming model), `errors`, `wheel` (packaging format), `repository` (local
 repository directory), `libstore` (node-local installed code), `loader` (library resolution and
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from aether.core.errors import BadRequest
 from aether.slices.api import (
     EntryInfo,
     Invoker,
@@ -32,14 +34,17 @@ from aether.slices.api import (
 )
 from aether.slices.errors import (
     ArtifactNotFound,
+    Conflict,
     EntryBadRequest,
     InvalidWheel,
     NoLocalInstance,
     NotASliceWheel,
+    NotFound,
     ResponseEncodeError,
     SliceCallError,
     SliceDefinitionError,
     SliceError,
+    SliceHttpError,
     SliceLoadError,
     SliceStartError,
     SliceStateError,
@@ -54,6 +59,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArtifactNotFound",
+    "BadRequest",
+    "Conflict",
     "EntryBadRequest",
     "EntryInfo",
     "ImportSpace",
@@ -61,6 +68,7 @@ __all__ = [
     "Invoker",
     "NoLocalInstance",
     "NotASliceWheel",
+    "NotFound",
     "ParamInfo",
     "Repository",
     "ResponseEncodeError",
@@ -70,6 +78,7 @@ __all__ = [
     "SliceContext",
     "SliceDefinitionError",
     "SliceError",
+    "SliceHttpError",
     "SliceInfo",
     "SliceLoadError",
     "SliceStartError",
