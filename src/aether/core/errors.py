@@ -29,3 +29,20 @@ class BadRequest(AetherError):
 
 class ConfigError(AetherError):
     """Node or cluster configuration is invalid; the message names the setting."""
+
+
+class StatusError(AetherError):
+    """An error that answers an HTTP client with `status` (class default or given) and its message.
+
+    Slice code raises the `aether.slices` subclasses (`NotFound`, `Conflict`, ...); the invoker
+    carries the status across nodes and the HTTP router answers with it.
+    """
+
+    status: int = 500
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            if not 400 <= status <= 599:
+                raise ValueError(f"status must be an HTTP error status (400-599), not {status}")
+            self.status = status

@@ -7,7 +7,7 @@ May import `aether.core` and `aether.invoke.messages` only.
 
 from __future__ import annotations
 
-from aether.core.errors import AetherError, BadRequest
+from aether.core.errors import AetherError, BadRequest, StatusError
 from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
@@ -107,7 +107,7 @@ def classify(exc: BaseException) -> str:
         # A nested call the entry made failed and the entry let it escape: the entry's own failure.
         return KIND_APP_ERROR
     names = _mro_names(exc)
-    if "SliceHttpError" in names:
+    if isinstance(exc, StatusError):
         status = getattr(exc, "status", 500)
         return status_kind(status) if isinstance(status, int) and 400 <= status <= 599 else KIND_APP_ERROR
     if "NoLocalInstance" in names:

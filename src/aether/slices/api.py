@@ -55,6 +55,7 @@ from aether.slices.errors import (
 
 if TYPE_CHECKING:
     from aether.kv.keys import EndpointKey, RouteKey, RouteValue
+    from aether.slices.maps import MapBackend, SliceMap
 
 __all__ = [
     "HTTP_METHODS",
@@ -84,7 +85,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 HTTP_METHODS: tuple[str, ...] = ("GET", "POST", "PUT", "DELETE", "PATCH")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-RESERVED_NAMES = frozenset({"start", "stop", "call", "proxy", "context", "logger"})
+RESERVED_NAMES = frozenset({"start", "stop", "call", "proxy", "map", "context", "logger"})
 
 current_request_id: ContextVar[str | None] = ContextVar("aether_request_id", default=None)
 """The request id of the call being served (set by the runtime/invoker); propagated on `Slice.call`."""
@@ -126,6 +127,8 @@ class SliceContext:
     logger: logging.Logger
     config: dict[str, Any]
     invoker: Invoker
+    maps: MapBackend | None = None
+    """The cluster's distributed map (None in runtimes without one)."""
 
     @property
     def request_id(self) -> str | None:
@@ -910,6 +913,21 @@ class Slice:
         """A typed proxy of `target`: `api` is a Protocol (or the target's Slice class) whose async
         methods are named and typed like the target's entries."""
         return make_proxy(target, api, self._proxy_call)
+
+    def map(self, name: str, value_type: type[T] | Any = Any) -> SliceMap[T]:
+        """The cluster's distributed map `name` with values of `value_type` (see `SliceMap`).
+
+        Maps are declared in the blueprint (``[maps.NAME]``) or with ``aether map create``;
+        using an undeclared one raises `UnknownMap` on the first operation.
+        """
+        from aether.slices.maps import SliceMap
+
+        backend = self._context().maps
+        if backend is None:
+            raise SliceCallError(
+                f"{type(self).__qualname__}: this runtime has no distributed map (context.maps is None)"
+            )
+        return SliceMap(backend, name, value_type)
 
     async def _proxy_call(self, target: str, method: str, request: Any, response_type: Any) -> Any:
         return await self.call(target, method, request, response_type)

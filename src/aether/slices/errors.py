@@ -7,7 +7,7 @@ Mapping to HTTP (for the router): `BadRequest` and its subclasses -> 400, `Unkno
 
 from __future__ import annotations
 
-from aether.core.errors import AetherError, BadRequest
+from aether.core.errors import AetherError, BadRequest, StatusError
 
 
 class SliceError(AetherError):
@@ -39,22 +39,13 @@ class NoLocalInstance(SliceError):
     """No ACTIVE instance of the artifact on this node accepts calls."""
 
 
-class SliceHttpError(SliceError):
+class SliceHttpError(SliceError, StatusError):
     """Raise from an entry to answer the caller with an HTTP status (4xx) and this message.
 
     The status travels with the error through remote calls and nested calls (a slice that lets a
     `Conflict` of a slice it called escape answers 409 too); the HTTP router answers with a problem
     document of that status whose ``detail`` is the message. Subclass it or pass `status`.
     """
-
-    status: int = 500
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        if status is not None:
-            if not 400 <= status <= 599:
-                raise ValueError(f"status must be an HTTP error status (400-599), not {status}")
-            self.status = status
 
 
 class NotFound(SliceHttpError):

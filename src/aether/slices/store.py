@@ -38,6 +38,7 @@ from aether.slices.api import (
 from aether.slices.errors import NoLocalInstance, SliceStartError, SliceStateError, UnknownEntry
 from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
+from aether.slices.maps import MapBackend
 from aether.slices.repository import Repository
 
 __all__ = ["SliceStore"]
@@ -92,8 +93,10 @@ class SliceStore:
         installer: Installer = "auto",
         start_timeout: float | None = None,
         stop_timeout: float = 5.0,
+        maps: MapBackend | None = None,
     ) -> None:
         self.node_id = node_id
+        self.maps = maps
         self.repository = repository
         self.data_dir = Path(data_dir)
         self.invoker = invoker
@@ -289,6 +292,7 @@ class SliceStore:
             logger=logging.getLogger(f"aether.slice.{artifact.group}.{artifact.artifact}"),
             config=config,
             invoker=self.invoker,
+            maps=self.maps,
         )
 
     async def _start_one(self, e: _Entry, iid: int) -> _Instance:

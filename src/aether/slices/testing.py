@@ -9,7 +9,9 @@ can make the wheels they need in a temporary directory::
     Repository(tmp_path / "repo").deploy(wheel)
 
 `StoreInvoker` serves `Invoker.invoke` from `SliceStore`s in this process (single-node runs and
-tests); `FakeInvoker` records calls and answers them from a handler.
+tests); `FakeInvoker` records calls and answers them from a handler. `LocalMaps` is an in-process
+`MapBackend` (one dict per map, TTLs on an injectable clock) for unit tests of slices that use
+`self.map(...)`.
 
 May import: `aether.core`, `aether.slices.*` (no pytest: usable from any test suite).
 """
@@ -24,6 +26,7 @@ import inspect
 import re
 import sys
 import textwrap
+import time
 import zipfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from packaging.version import InvalidVersion
 from packaging.version import Version as PepVersion
 
 from aether.core.artifact import Artifact, Version
+from aether.core.maps import DEFAULT_MAX_VALUE_BYTES, MapValueTooLarge, UnknownMap, check_key
 from aether.slices.errors import NoLocalInstance
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FakeInvoker",
+    "LocalMaps",
     "StoreInvoker",
     "build_library_wheel",
     "build_slice_wheel",
@@ -258,3 +263,75 @@ class FakeInvoker:
         if inspect.isawaitable(result):
             return await result
         return result
+
+
+class LocalMaps:
+    """An in-process `MapBackend`: the maps named in `names` exist (or every name, with
+    ``create_on_use=True``); values are bytes in dicts; TTLs expire on `clock` (seconds)."""
+
+    def __init__(
+        self,
+        names: Sequence[str] = (),
+        *,
+        create_on_use: bool = False,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.data: dict[str, dict[str, tuple[bytes, float | None]]] = {n: {} for n in names}
+        self.create_on_use = create_on_use
+        self.max_value_bytes = max_value_bytes
+        self.clock = clock
+
+    def _map(self, name: str) -> dict[str, tuple[bytes, float | None]]:
+        m = self.data.get(name)
+        if m is None:
+            if not self.create_on_use:
+                raise UnknownMap(f"map {name!r} is not defined; defined maps: {', '.join(sorted(self.data))}")
+            m = self.data[name] = {}
+        return m
+
+    def _live(self, name: str, key: str) -> bytes | None:
+        m = self._map(name)
+        check_key(name, key)
+        item = m.get(key)
+        if item is None:
+            return None
+        if item[1] is not None and item[1] <= self.clock():
+            del m[key]
+            return None
+        return item[0]
+
+    def _set(self, name: str, key: str, value: bytes | None, ttl: float | None) -> None:
+        m = self._map(name)
+        if value is None:
+            m.pop(key, None)
+            return
+        if len(value) > self.max_value_bytes:
+            raise MapValueTooLarge(
+                f"map {name!r} key {key!r}: value of {len(value)} bytes exceeds {self.max_value_bytes} bytes"
+            )
+        m[key] = (value, None if ttl is None else self.clock() + ttl)
+
+    async def map_get(self, name: str, key: str) -> bytes | None:
+        return self._live(name, key)
+
+    async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        check_key(name, key)
+        self._set(name, key, value, ttl)
+
+    async def map_remove(self, name: str, key: str) -> bool:
+        present = self._live(name, key) is not None
+        self._set(name, key, None, None)
+        return present
+
+    async def map_compare_and_set(
+        self, name: str, key: str, expected: bytes | None, new: bytes | None, *, ttl: float | None = None
+    ) -> bool:
+        if self._live(name, key) != expected:
+            return False
+        self._set(name, key, new, ttl)
+        return True
+
+    async def map_keys(self, name: str, prefix: str = "") -> list[str]:
+        keys = [k for k in list(self._map(name)) if k.startswith(prefix)]
+        return sorted(k for k in keys if self._live(name, k) is not None)

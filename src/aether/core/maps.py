@@ -1,0 +1,115 @@
+"""Distributed map vocabulary shared by slices (the API) and `aether.maps` (the implementation).
+
+Owns `MapSpec` (a map's replication and storage settings, as stored under `maps/defs/{name}`),
+the validation of map names and keys, and the map errors slice code may catch. Imports only
+`aether.core.errors` and msgspec.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+import msgspec
+
+from aether.core.errors import AetherError, BadRequest, StatusError
+
+__all__ = [
+    "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_KEY_BYTES",
+    "MapError",
+    "MapKeyError",
+    "MapSpec",
+    "MapUnavailable",
+    "MapValueDecodeError",
+    "MapValueTooLarge",
+    "StorageEngine",
+    "UnknownMap",
+    "check_key",
+    "check_map_name",
+]
+
+StorageEngine = Literal["memory", "sqlite"]
+MAX_KEY_BYTES: Final = 1024
+DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class MapError(AetherError):
+    """Base class of the distributed map's errors."""
+
+
+class UnknownMap(MapError):
+    """No map of that name is defined in the cluster."""
+
+
+class MapKeyError(MapError, BadRequest):
+    """A key is empty, not a string, or longer than `MAX_KEY_BYTES` (UTF-8)."""
+
+
+class MapValueTooLarge(MapError, BadRequest):
+    """An encoded value is larger than the map's `max_value_bytes`."""
+
+
+class MapValueDecodeError(MapError):
+    """A stored value does not decode as the type the caller asked for."""
+
+
+class MapUnavailable(MapError, StatusError):
+    """The partition's primary or a write quorum could not be reached in time (HTTP 503).
+
+    The outcome of a write that failed this way is indeterminate."""
+
+    status = 503
+
+
+class MapSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """How one map is replicated and stored.
+
+    `replicas` copies of every key (primary included) and `write_quorum` acknowledgements before a
+    write returns; both are capped by the number of live nodes. `engine` is ``memory`` or
+    ``sqlite`` (persistent, in the node's data directory).
+    """
+
+    replicas: int = 3
+    write_quorum: int = 2
+    engine: StorageEngine = "memory"
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+
+    def validate(self, name: str) -> MapSpec:
+        check_map_name(name)
+        if not 1 <= self.replicas <= 9:
+            raise BadRequest(f"map {name!r}: replicas must be between 1 and 9, not {self.replicas}")
+        if not 1 <= self.write_quorum <= self.replicas:
+            raise BadRequest(
+                f"map {name!r}: write_quorum must be between 1 and replicas ({self.replicas}), "
+                f"not {self.write_quorum}"
+            )
+        if not 1 <= self.max_value_bytes <= 64 * 1024 * 1024:
+            raise BadRequest(
+                f"map {name!r}: max_value_bytes must be between 1 and 67108864, not {self.max_value_bytes}"
+            )
+        return self
+
+
+def check_map_name(name: object) -> str:
+    """`name` if it is a valid map name (lowercase letters, digits, `_.-`, at most 63), else BadRequest."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise BadRequest(
+            f"invalid map name {name!r}: use 1-63 lowercase letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_key(map_name: str, key: object) -> str:
+    """`key` if it is a usable map key, else `MapKeyError` naming the map and the problem."""
+    if not isinstance(key, str):
+        raise MapKeyError(f"map {map_name!r}: keys are strings, not {type(key).__name__}")
+    if not key:
+        raise MapKeyError(f"map {map_name!r}: the key is empty")
+    if len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES:
+        raise MapKeyError(
+            f"map {map_name!r}: key of {len(key.encode())} bytes is longer than {MAX_KEY_BYTES} bytes"
+        )
+    return key

@@ -1,0 +1,144 @@
+"""The slice-side API of the distributed map: `Slice.map(name, Type)` -> `SliceMap`.
+
+Owns `MapBackend` (what the runtime implements: byte values, one call per operation) and
+`SliceMap` (typed values through the same MessagePack struct codec as slice calls, key checks,
+and `update`, a compare-and-set loop). May import `aether.core` and msgspec only; the runtime hands
+a slice its backend through `SliceContext.maps`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
+
+import msgspec
+
+from aether.core.maps import MapError, MapValueDecodeError, check_key
+
+__all__ = ["MapBackend", "SliceMap"]
+
+V = TypeVar("V")
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+@runtime_checkable
+class MapBackend(Protocol):
+    """The runtime's distributed map, values as MessagePack bytes (implemented by `aether.maps`).
+
+    Every operation raises `UnknownMap` for an undefined map, `MapValueTooLarge` / `MapKeyError`
+    for bad input and `MapUnavailable` when the data cannot be reached in time.
+    """
+
+    async def map_get(self, name: str, key: str) -> bytes | None: ...
+
+    async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None: ...
+
+    async def map_remove(self, name: str, key: str) -> bool: ...
+
+    async def map_compare_and_set(
+        self, name: str, key: str, expected: bytes | None, new: bytes | None, *, ttl: float | None = None
+    ) -> bool: ...
+
+    async def map_keys(self, name: str, prefix: str = "") -> list[str]: ...
+
+
+@functools.lru_cache(maxsize=256)
+def _decoder(value_type: Any) -> msgspec.msgpack.Decoder[Any]:
+    return msgspec.msgpack.Decoder(value_type)
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__qualname__", None) or repr(t)
+
+
+class SliceMap(Generic[V]):
+    """One named map seen from slice code, with values of type `V` (a msgspec-encodable type).
+
+    ``get`` answers None for a missing (or expired) key. ``put`` with ``ttl`` (seconds) makes the
+    key expire. ``compare_and_set(key, expected, new)`` writes `new` only if the current value
+    equals `expected` (None: the key is absent; `new` None removes the key) and says whether it did;
+    values are compared by their encoding. ``update`` retries a read-modify-write until it wins.
+    """
+
+    def __init__(self, backend: MapBackend, name: str, value_type: type[V] | Any = Any) -> None:
+        self.name = name
+        self.value_type = value_type
+        self._backend = backend
+        try:
+            self._decoder = _decoder(cast(Any, value_type))
+        except TypeError:  # unhashable type expression (e.g. Annotated with a dict): no cache
+            self._decoder = msgspec.msgpack.Decoder(value_type)
+
+    def __repr__(self) -> str:
+        return f"<SliceMap {self.name!r} of {_type_name(self.value_type)}>"
+
+    def _encode(self, value: V) -> bytes:
+        try:
+            return _ENCODER.encode(value)
+        except (TypeError, msgspec.EncodeError) as e:
+            raise MapError(f"map {self.name!r}: cannot encode a {type(value).__name__}: {e}") from None
+
+    def _decode(self, key: str, raw: bytes) -> V:
+        try:
+            return cast(V, self._decoder.decode(raw))
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise MapValueDecodeError(
+                f"map {self.name!r} key {key!r}: the stored value does not decode as "
+                f"{_type_name(self.value_type)}: {e}"
+            ) from None
+
+    async def get(self, key: str) -> V | None:
+        check_key(self.name, key)
+        raw = await self._backend.map_get(self.name, key)
+        return None if raw is None else self._decode(key, raw)
+
+    async def put(self, key: str, value: V, *, ttl: float | None = None) -> None:
+        check_key(self.name, key)
+        _check_ttl(self.name, ttl)
+        await self._backend.map_put(self.name, key, self._encode(value), ttl=ttl)
+
+    async def remove(self, key: str) -> bool:
+        """Remove `key`; True if it was present."""
+        check_key(self.name, key)
+        return await self._backend.map_remove(self.name, key)
+
+    async def compare_and_set(
+        self, key: str, expected: V | None, new: V | None, *, ttl: float | None = None
+    ) -> bool:
+        check_key(self.name, key)
+        _check_ttl(self.name, ttl)
+        exp = None if expected is None else self._encode(expected)
+        val = None if new is None else self._encode(new)
+        return await self._backend.map_compare_and_set(self.name, key, exp, val, ttl=ttl)
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        """Every key starting with `prefix`, sorted (a scan of every partition: not for hot paths)."""
+        if not isinstance(prefix, str):
+            raise MapError(f"map {self.name!r}: the key prefix must be a string")
+        return sorted(await self._backend.map_keys(self.name, prefix))
+
+    async def update(
+        self, key: str, fn: Callable[[V | None], V | None], *, max_attempts: int = 64
+    ) -> V | None:
+        """Apply `fn(current) -> new` atomically (compare-and-set loop); returns the value written.
+
+        `fn` may raise to abort (nothing is written); returning None removes the key. Raises
+        `MapError` if another writer won `max_attempts` times in a row.
+        """
+        check_key(self.name, key)
+        for _ in range(max_attempts):
+            raw = await self._backend.map_get(self.name, key)
+            current = None if raw is None else self._decode(key, raw)
+            new = fn(current)
+            val = None if new is None else self._encode(new)
+            if raw is None and val is None:
+                return None
+            if await self._backend.map_compare_and_set(self.name, key, raw, val):
+                return new
+        raise MapError(f"map {self.name!r} key {key!r}: update lost to other writers {max_attempts} times")
+
+
+def _check_ttl(name: str, ttl: float | None) -> None:
+    if ttl is not None and not (isinstance(ttl, int | float) and 0 < ttl <= 10 * 365 * 86400):
+        raise MapError(f"map {name!r}: ttl must be a positive number of seconds, not {ttl!r}")

@@ -1,0 +1,164 @@
+"""The slice-side distributed map API (`Slice.map` -> `SliceMap`) over the in-process `LocalMaps`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+import pytest
+
+from aether.core.artifact import Artifact
+from aether.core.errors import BadRequest
+from aether.core.maps import (
+    MapError,
+    MapKeyError,
+    MapSpec,
+    MapValueDecodeError,
+    MapValueTooLarge,
+    UnknownMap,
+    check_map_name,
+)
+from aether.slices import Slice, SliceCallError, SliceContext
+from aether.slices.testing import FakeInvoker, LocalMaps
+
+
+class Stock(msgspec.Struct, frozen=True):
+    product: str
+    available: int
+
+
+class Shop(Slice):
+    pass
+
+
+def make_slice(maps: LocalMaps | None) -> Shop:
+    s = Shop()
+    s.context = SliceContext(
+        artifact=Artifact.parse("org.test:shop:1.0.0"),
+        node_id="node-1",
+        instance=1,
+        logger=logging.getLogger("test"),
+        config={},
+        invoker=FakeInvoker(lambda t, m, p: b""),
+        maps=maps,
+    )
+    return s
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_typed_put_get_remove_and_keys() -> None:
+    shop = make_slice(LocalMaps(["stock"]))
+    stock = shop.map("stock", Stock)
+    assert await stock.get("PROD-1") is None
+    await stock.put("PROD-1", Stock("PROD-1", 5))
+    await stock.put("PROD-2", Stock("PROD-2", 0))
+    await stock.put("OTHER", Stock("OTHER", 1))
+    assert await stock.get("PROD-1") == Stock("PROD-1", 5)
+    assert await stock.keys("PROD-") == ["PROD-1", "PROD-2"]
+    assert await stock.remove("PROD-1") is True
+    assert await stock.remove("PROD-1") is False
+    assert await stock.get("PROD-1") is None
+
+
+async def test_compare_and_set_semantics() -> None:
+    counters = make_slice(LocalMaps(["c"])).map("c", int)
+    assert await counters.compare_and_set("k", None, 1) is True  # absent -> put
+    assert await counters.compare_and_set("k", None, 2) is False  # no longer absent
+    assert await counters.compare_and_set("k", 5, 2) is False
+    assert await counters.compare_and_set("k", 1, 2) is True
+    assert await counters.get("k") == 2
+    assert await counters.compare_and_set("k", 2, None) is True  # remove if equal
+    assert await counters.get("k") is None
+
+
+async def test_update_applies_function_and_abort_writes_nothing() -> None:
+    m = make_slice(LocalMaps(["c"])).map("c", int)
+    assert await m.update("n", lambda v: (v or 0) + 1) == 1
+    assert await m.update("n", lambda v: (v or 0) + 1) == 2
+
+    def refuse(v: int | None) -> int:
+        raise ValueError("not enough")
+
+    with pytest.raises(ValueError, match="not enough"):
+        await m.update("n", refuse)
+    assert await m.get("n") == 2
+    assert await m.update("n", lambda v: None) is None
+    assert await m.get("n") is None
+
+
+async def test_update_gives_up_after_losing_every_round() -> None:
+    maps = LocalMaps(["c"])
+    m = make_slice(maps).map("c", int)
+    await m.put("n", 0)
+
+    def meddle(v: int | None) -> int:
+        maps.data["c"]["n"] = (msgspec.msgpack.encode((v or 0) + 100), None)  # another writer wins
+        return (v or 0) + 1
+
+    with pytest.raises(MapError, match="lost to other writers 3 times"):
+        await m.update("n", meddle, max_attempts=3)
+
+
+async def test_ttl_expires_keys() -> None:
+    clock = Clock()
+    m = make_slice(LocalMaps(["s"], clock=clock)).map("s", str)
+    await m.put("session", "ann", ttl=5)
+    await m.put("forever", "bob")
+    clock.now += 4.9
+    assert await m.get("session") == "ann"
+    clock.now += 0.2
+    assert await m.get("session") is None
+    assert await m.keys() == ["forever"]
+
+
+async def test_bad_input_errors_name_the_problem() -> None:
+    shop = make_slice(LocalMaps(["stock"], max_value_bytes=100))
+    stock = shop.map("stock", Stock)
+    with pytest.raises(MapKeyError, match="key is empty"):
+        await stock.get("")
+    with pytest.raises(MapKeyError, match="keys are strings, not int"):
+        await stock.get(5)  # type: ignore[arg-type]
+    with pytest.raises(MapKeyError, match="longer than 1024 bytes"):
+        await stock.put("x" * 2000, Stock("x", 1))
+    with pytest.raises(MapValueTooLarge, match="exceeds 100 bytes"):
+        await stock.put("big", Stock("x" * 200, 1))
+    assert issubclass(MapValueTooLarge, BadRequest) and issubclass(MapKeyError, BadRequest)
+    with pytest.raises(MapError, match="ttl must be a positive number"):
+        await stock.put("k", Stock("k", 1), ttl=-1)
+    with pytest.raises(UnknownMap, match="'nope' is not defined; defined maps: stock"):
+        await shop.map("nope", int).get("k")
+    # a value written as another type does not decode as Stock
+    await shop.map("stock", str).put("PROD-9", "not a stock record")
+    with pytest.raises(MapValueDecodeError, match=r"'stock' key 'PROD-9'.*does not decode as Stock"):
+        await stock.get("PROD-9")
+
+
+async def test_values_must_be_encodable() -> None:
+    m: Any = make_slice(LocalMaps(["x"])).map("x")
+    with pytest.raises(MapError, match="cannot encode a object"):
+        await m.put("k", object())
+
+
+def test_slice_without_a_map_backend_says_so() -> None:
+    with pytest.raises(SliceCallError, match="no distributed map"):
+        make_slice(None).map("stock", Stock)
+
+
+def test_map_spec_validation() -> None:
+    assert MapSpec().validate("orders") == MapSpec(3, 2, "memory")
+    with pytest.raises(BadRequest, match="write_quorum must be between 1 and replicas"):
+        MapSpec(replicas=2, write_quorum=3).validate("orders")
+    with pytest.raises(BadRequest, match="replicas must be between 1 and 9"):
+        MapSpec(replicas=0, write_quorum=1).validate("orders")
+    with pytest.raises(BadRequest, match="invalid map name"):
+        check_map_name("Orders!")
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(b'{"engine": "redis"}', type=MapSpec)
