@@ -1,0 +1,500 @@
+"""The order demo (examples/order_demo) in one process: domain types and the five slices' logic.
+
+The slices run against `LocalMaps` (the in-process map backend) and call each other through
+`SliceCalls`, an invoker that serves calls from the slice objects and reports errors the way the
+real invoker does (a status survives as `SliceAppError.status`, a bad request is
+`InvokeBadRequest`). The same code runs on real nodes in tests/test_e2e_order_demo.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from aether.core.artifact import Artifact
+from aether.core.errors import BadRequest, StatusError
+from aether.invoke.errors import InvokeBadRequest, SliceAppError, describe_exception
+from aether.slices import Conflict, NotFound, Slice, SliceContext, describe_slice, invoke_entry
+from aether.slices.testing import LocalMaps
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "order_demo"
+PROJECTS = ["order-domain", "inventory-service", "pricing-service", "place-order", "get-order-status"]
+PROJECTS += ["cancel-order"]
+for _p in PROJECTS:
+    if str(DEMO / _p) not in sys.path:
+        sys.path.insert(0, str(DEMO / _p))
+
+import order_domain as d  # noqa: E402
+from cancel_order import CancelOrder  # noqa: E402
+from get_order_status import GetOrderStatus  # noqa: E402
+from inventory_service import InventoryService  # noqa: E402
+from place_order import PlaceOrderService  # noqa: E402
+from pricing_service import PricingService  # noqa: E402
+
+INVENTORY = "org.demo:inventory-service"
+PRICING = "org.demo:pricing-service"
+SLICES: dict[str, type[Slice]] = {
+    INVENTORY: InventoryService,
+    PRICING: PricingService,
+    "org.demo:place-order": PlaceOrderService,
+    "org.demo:get-order-status": GetOrderStatus,
+    "org.demo:cancel-order": CancelOrder,
+}
+
+
+class SliceCalls:
+    """An invoker over in-process slice objects; errors look like the real invoker's."""
+
+    def __init__(self) -> None:
+        self.slices: dict[str, Slice] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail: dict[tuple[str, str], Exception] = {}
+        self.after: dict[tuple[str, str], Callable[[], Awaitable[object]]] = {}
+
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        self.calls.append((target, method))
+        if (target, method) in self.fail:
+            raise self.fail[(target, method)]
+        inst = self.slices[target]
+        try:
+            answer = await invoke_entry(inst, method, payload)
+            if (target, method) in self.after:
+                await self.after[(target, method)]()
+            return answer
+        except StatusError as e:
+            err = SliceAppError(f"{target}.{method} answered {e.status}: {e}", target=target, method=method)
+            err.status, err.detail = e.status, str(e)
+            raise err from None
+        except BadRequest as e:
+            raise InvokeBadRequest(f"bad request to {target}.{method}: {e}") from None
+        except Exception as e:
+            raise SliceAppError(f"{target}.{method} raised {describe_exception(e)}") from None
+
+
+class Demo:
+    """The five slices started on one shared `LocalMaps`."""
+
+    def __init__(self, maps: LocalMaps | None = None) -> None:
+        self.maps = maps or LocalMaps(["orders", "stock"])
+        self.invoker = SliceCalls()
+
+    def make(self, coords: str, instance: int = 1) -> Any:
+        obj = SLICES[coords]()
+        obj.context = SliceContext(
+            artifact=Artifact.parse(f"{coords}:0.1.0"),
+            node_id="node-1",
+            instance=instance,
+            logger=logging.getLogger("test.order_demo"),
+            config={},
+            invoker=self.invoker,
+            maps=self.maps,
+        )
+        return obj
+
+    async def start(self) -> Demo:
+        for coords in SLICES:
+            obj = self.make(coords)
+            await obj.start()
+            self.invoker.slices[coords] = obj
+        return self
+
+    @property
+    def inventory(self) -> InventoryService:
+        return self.invoker.slices[INVENTORY]  # type: ignore[return-value]
+
+    @property
+    def place(self) -> PlaceOrderService:
+        return self.invoker.slices["org.demo:place-order"]  # type: ignore[return-value]
+
+    @property
+    def get(self) -> GetOrderStatus:
+        return self.invoker.slices["org.demo:get-order-status"]  # type: ignore[return-value]
+
+    @property
+    def cancel(self) -> CancelOrder:
+        return self.invoker.slices["org.demo:cancel-order"]  # type: ignore[return-value]
+
+    async def available(self, pid: str) -> int:
+        return (await self.inventory.get_stock(pid)).available
+
+
+def order(customer: str = "CUST-123", *items: tuple[str, int]) -> d.PlaceOrder:
+    return d.PlaceOrder(customer, [d.PlaceOrderItem(p, q) for p, q in items or [("PROD-ABC123", 2)]])
+
+
+# --- domain types -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("parse", "good", "field"),
+    [
+        (d.parse_order_id, "ORD-5F3A9C21", "orderId"),
+        (d.parse_product_id, "PROD-ABC123", "productId"),
+        (d.parse_customer_id, "CUST-123", "customerId"),
+    ],
+)
+def test_ids_parse_and_name_the_field(parse: Any, good: str, field: str) -> None:
+    assert parse(good) == good
+    prefix = good.split("-")[0]
+    for bad in ["", "x", f"{prefix}-", f"{prefix.lower()}-1", f"{prefix}-abc", f"{prefix}-A B", "X" + good]:
+        with pytest.raises(BadRequest, match=rf"^{field}: .* is not an? \w+ id"):
+            parse(bad)
+    with pytest.raises(BadRequest, match=rf"^{field}: expected"):
+        parse(42)
+    with pytest.raises(BadRequest, match=r"^items\[3\]\.x: "):
+        parse("nope", "items[3].x")
+    assert parse(f"{prefix}-" + "A" * 40)
+    with pytest.raises(BadRequest, match=rf"^{field}: "):
+        parse(f"{prefix}-" + "A" * 41)
+
+
+def test_new_order_ids_are_valid_and_distinct() -> None:
+    ids = {d.new_order_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(d.parse_order_id(i) == i for i in ids)
+
+
+def test_quantity_bounds() -> None:
+    assert d.parse_quantity(1) == 1 and d.parse_quantity(d.MAX_QUANTITY) == d.MAX_QUANTITY
+    for bad in (0, -1, d.MAX_QUANTITY + 1):
+        with pytest.raises(BadRequest, match=r"^quantity: must be between 1 and 100"):
+            d.parse_quantity(bad)
+    for bad in (True, 1.5, "2", None):
+        with pytest.raises(BadRequest, match=r"^quantity: expected a whole number"):
+            d.parse_quantity(bad)
+
+
+def test_money_parses_decimal_amounts_in_a_currency() -> None:
+    m = d.parse_money("24.99", "USD")
+    assert m == d.Money(Decimal("24.99"), "USD")
+    assert d.parse_money(3, "USD").amount == Decimal("3.00")
+    assert d.parse_money("1500", "JPY").amount == Decimal("1500")
+    assert m.times(3) + d.Money.of("0.03", "USD") == d.Money.of("75.00", "USD")
+    assert str(m) == "24.99 USD"
+    for amount, msg in [
+        ("1.999", r"^amount: USD amounts have at most 2 decimal place"),
+        ("10.5", r"^amount: JPY amounts have at most 0"),
+        ("-1", r"^amount: must not be negative"),
+        ("abc", r"^amount: 'abc' is not a decimal amount"),
+        ("NaN", r"^amount: must be a finite amount"),
+        (1.5, r"^amount: expected a decimal amount, got float"),
+    ]:
+        with pytest.raises(BadRequest, match=msg):
+            d.parse_money(amount, "JPY" if amount == "10.5" else "USD")
+    with pytest.raises(BadRequest, match=r"^currency: 'usd' is not a supported currency; use one of CHF"):
+        d.parse_money("1", "usd")
+    with pytest.raises(BadRequest, match=r"^currency: cannot add EUR to USD"):
+        m + d.Money.of("1", "EUR")
+    # on the wire the amount is a decimal string, never a float
+    assert msgspec.json.encode(m) == b'{"amount":"24.99","currency":"USD"}'
+
+
+def test_order_status_parses_by_name() -> None:
+    assert d.parse_order_status("PLACED") is d.OrderStatus.PLACED
+    with pytest.raises(BadRequest, match=r"^status: 'SHIPPED' is not an order status; one of PLACED, CANC"):
+        d.parse_order_status("SHIPPED")
+
+
+def test_place_order_request_is_camel_case_and_parse_names_the_line() -> None:
+    req = msgspec.json.decode(
+        b'{"customerId": "CUST-1", "items": [{"productId": "PROD-A", "quantity": 2}]}', type=d.PlaceOrder
+    )
+    assert req.parse() == ("CUST-1", [d.StockLine(d.ProductId("PROD-A"), d.Quantity(2))])
+    cases = [
+        (order("cust-1"), r"^customerId: 'cust-1' is not a customer id"),
+        (d.PlaceOrder("CUST-1", []), r"^items: an order needs at least one item"),
+        (order("CUST-1", ("PROD-A", 1), ("bad", 1)), r"^items\[1\]\.productId: 'bad' is not a product id"),
+        (order("CUST-1", ("PROD-A", 1), ("PROD-B", 0)), r"^items\[1\]\.quantity: must be between 1"),
+        (order("CUST-1", ("PROD-A", 1), ("PROD-A", 2)), r"^items\[1\]\.productId: PROD-A is already in"),
+        (order("CUST-1", *[(f"PROD-{i}", 1) for i in range(51)]), r"^items: at most 50 lines per order"),
+    ]
+    for req, msg in cases:
+        with pytest.raises(BadRequest, match=msg):
+            req.parse()
+
+
+def test_catalog_is_consistent() -> None:
+    for pid, p in d.CATALOG.items():
+        assert d.parse_product_id(pid) == p.product_id
+        assert p.unit_price.currency == "USD" and p.initial_stock >= 1
+
+
+# --- slice descriptions (routes the router will register) -------------------------------------------
+
+
+def test_routes_and_bindings() -> None:
+    routes = {
+        (r.http_method, r.path): (coords, r.entry, dict(r.bindings))
+        for coords, cls in SLICES.items()
+        for r in describe_slice(cls).routes
+    }
+    assert routes == {
+        ("GET", "/api/inventory/{product_id}"): (INVENTORY, "get_stock", {"product_id": "path"}),
+        ("GET", "/api/pricing/{product_id}"): (PRICING, "get_price", {"product_id": "path"}),
+        ("POST", "/api/orders"): (
+            "org.demo:place-order",
+            "place_order",
+            {"customerId": "body", "items": "body"},
+        ),
+        ("GET", "/api/orders/{order_id}"): ("org.demo:get-order-status", "get_order", {"order_id": "path"}),
+        ("DELETE", "/api/orders/{order_id}"): ("org.demo:cancel-order", "cancel_order", {"order_id": "path"}),
+    }
+
+
+# --- inventory ------------------------------------------------------------------------------------------
+
+
+async def test_inventory_seeds_once_even_with_concurrent_starts() -> None:
+    demo = Demo()
+    first = demo.make(INVENTORY, 1)
+    await first.start()
+    level = await first.get_stock("PROD-ABC123")
+    assert level == d.StockLevel("PROD-ABC123", 100, 0)
+    await first.reserve(d.ReserveStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(5))]))
+    # more instances starting (concurrently) later do not reset the stock
+    await asyncio.gather(*(demo.make(INVENTORY, i).start() for i in range(2, 6)))
+    assert await first.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 95, 5)
+
+
+async def test_inventory_check_and_unknown_product() -> None:
+    demo = await Demo().start()
+    inv = demo.inventory
+    assert await inv.check_stock(d.CheckStock("PROD-DEF456", 10)) == d.StockAvailability(
+        "PROD-DEF456", 10, 10, True
+    )
+    assert (await inv.check_stock(d.CheckStock("PROD-DEF456", 11))).sufficient is False
+    with pytest.raises(NotFound, match="no product PROD-NOPE"):
+        await inv.check_stock(d.CheckStock("PROD-NOPE", 1))
+    with pytest.raises(NotFound, match="no product PROD-NOPE"):
+        await inv.get_stock("PROD-NOPE")
+    with pytest.raises(BadRequest, match=r"^productId: 'nope' is not a product id"):
+        await inv.get_stock("nope")
+    with pytest.raises(BadRequest, match=r"^quantity: must be between"):
+        await inv.check_stock(d.CheckStock("PROD-DEF456", 0))
+
+
+async def test_reserve_is_all_or_nothing() -> None:
+    demo = await Demo().start()
+    inv = demo.inventory
+    lines = [
+        d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3)),
+        d.StockLine(d.ProductId("PROD-XYZ789"), d.Quantity(4)),
+        d.StockLine(d.ProductId("PROD-POSTER"), d.Quantity(2)),  # only 1 in stock
+    ]
+    with pytest.raises(Conflict, match=r"insufficient stock for PROD-POSTER: 1 available, 2 requested"):
+        await inv.reserve(d.ReserveStock("ORD-1", lines))
+    assert await demo.available("PROD-ABC123") == 100
+    assert await demo.available("PROD-XYZ789") == 250
+    assert (await inv.get_stock("PROD-ABC123")).reserved == 0
+    with pytest.raises(NotFound, match="no product PROD-NOPE"):
+        await inv.reserve(
+            d.ReserveStock("ORD-1", [lines[0], d.StockLine(d.ProductId("PROD-NOPE"), d.Quantity(1))])
+        )
+    assert await demo.available("PROD-ABC123") == 100
+    levels = await inv.reserve(d.ReserveStock("ORD-2", lines[:2]))
+    assert levels == [d.StockLevel("PROD-ABC123", 97, 3), d.StockLevel("PROD-XYZ789", 246, 4)]
+    await inv.release(d.ReleaseStock("ORD-2", lines[:2]))
+    assert await demo.available("PROD-ABC123") == 100
+    with pytest.raises(BadRequest, match=r"^lines\[0\]\.quantity: must be between"):
+        await inv.reserve(d.ReserveStock("ORD-3", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(0))]))
+    with pytest.raises(BadRequest, match=r"^orderId: "):
+        await inv.reserve(d.ReserveStock("nope", lines[:1]))
+
+
+class YieldingMaps(LocalMaps):
+    """LocalMaps that yields to the event loop between a read and a write (so updates race)."""
+
+    async def map_get(self, name: str, key: str) -> bytes | None:
+        value = await super().map_get(name, key)
+        await asyncio.sleep(0)
+        return value
+
+
+async def test_concurrent_reservations_never_oversell() -> None:
+    demo = await Demo(YieldingMaps(["orders", "stock"])).start()
+    others = [demo.make(INVENTORY, i) for i in range(2, 5)]
+    await asyncio.gather(*(o.start() for o in others))
+    instances = [demo.inventory, *others]
+
+    async def buy(i: int) -> bool:
+        line = d.StockLine(d.ProductId("PROD-DEF456"), d.Quantity(1 + i % 2))
+        try:
+            await instances[i % len(instances)].reserve(d.ReserveStock(f"ORD-{i}", [line]))
+            return True
+        except Conflict:
+            return False
+
+    results = await asyncio.gather(*(buy(i) for i in range(40)))
+    sold = sum(1 + i % 2 for i, ok in enumerate(results) if ok)
+    level = await demo.inventory.get_stock("PROD-DEF456")
+    assert sold <= 10 and level.available == 10 - sold and level.reserved == sold
+    assert level.available <= 1  # sold out (a leftover single unit only if just 2-unit orders came later)
+
+
+# --- pricing --------------------------------------------------------------------------------------------
+
+
+async def test_pricing_prices_and_totals() -> None:
+    demo = await Demo().start()
+    pricing: PricingService = demo.invoker.slices[PRICING]  # type: ignore[assignment]
+    price = await pricing.get_price("PROD-ABC123")
+    assert price == d.ProductPrice("PROD-ABC123", "Wireless mouse", d.Money.of("24.99", "USD"))
+    with pytest.raises(NotFound, match="no price for PROD-NOPE"):
+        await pricing.get_price("PROD-NOPE")
+    total = await pricing.calculate_total(
+        d.PriceOrder(
+            [
+                d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(2)),
+                d.StockLine(d.ProductId("PROD-XYZ789"), d.Quantity(3)),
+            ]
+        )
+    )
+    assert [line.line_total for line in total.lines] == [
+        d.Money.of("49.98", "USD"),
+        d.Money.of("28.50", "USD"),
+    ]
+    assert total.total == d.Money.of("78.48", "USD")
+    with pytest.raises(BadRequest, match=r"^lines: nothing to price"):
+        await pricing.calculate_total(d.PriceOrder([]))
+
+
+# --- place, get, cancel ---------------------------------------------------------------------------------
+
+
+async def test_place_get_cancel_releases_stock() -> None:
+    demo = await Demo().start()
+    placed = await demo.place.place_order(order("CUST-123", ("PROD-ABC123", 2), ("PROD-XYZ789", 1)))
+    assert d.parse_order_id(placed.order_id) == placed.order_id
+    assert placed.status is d.OrderStatus.PLACED and placed.customer_id == "CUST-123"
+    assert placed.total == d.Money.of("59.48", "USD")
+    assert [(x.product_id, x.quantity) for x in placed.lines] == [("PROD-ABC123", 2), ("PROD-XYZ789", 1)]
+    # stock checks ran for both lines, then pricing, then one reservation
+    assert demo.invoker.calls == [
+        (INVENTORY, "check_stock"),
+        (INVENTORY, "check_stock"),
+        (PRICING, "calculate_total"),
+        (INVENTORY, "reserve"),
+    ]
+    assert await demo.available("PROD-ABC123") == 98
+    assert await demo.get.get_order(placed.order_id) == placed
+    # the camelCase JSON the HTTP client sees
+    js = msgspec.json.decode(msgspec.json.encode(placed))
+    assert js["orderId"] == placed.order_id and js["total"] == {"amount": "59.48", "currency": "USD"}
+    assert js["lines"][0] == {
+        "productId": "PROD-ABC123",
+        "quantity": 2,
+        "unitPrice": {"amount": "24.99", "currency": "USD"},
+        "lineTotal": {"amount": "49.98", "currency": "USD"},
+    }
+
+    cancelled = await demo.cancel.cancel_order(placed.order_id)
+    assert cancelled.status is d.OrderStatus.CANCELLED and cancelled.cancelled_at
+    assert await demo.available("PROD-ABC123") == 100
+    assert await demo.available("PROD-XYZ789") == 250
+    assert (await demo.get.get_order(placed.order_id)).status is d.OrderStatus.CANCELLED
+    with pytest.raises(Conflict, match=rf"order {placed.order_id} is already cancelled"):
+        await demo.cancel.cancel_order(placed.order_id)
+    assert await demo.available("PROD-ABC123") == 100  # released once
+
+
+async def test_concurrent_cancels_release_once() -> None:
+    demo = await Demo(YieldingMaps(["orders", "stock"])).start()
+    placed = await demo.place.place_order(order("CUST-1", ("PROD-DEF456", 4)))
+    assert await demo.available("PROD-DEF456") == 6
+    results = await asyncio.gather(
+        *(demo.cancel.cancel_order(placed.order_id) for _ in range(5)), return_exceptions=True
+    )
+    assert sum(isinstance(r, d.Order) for r in results) == 1
+    assert all(isinstance(r, Conflict) for r in results if not isinstance(r, d.Order))
+    assert await demo.available("PROD-DEF456") == 10
+
+
+async def test_unknown_and_malformed_orders() -> None:
+    demo = await Demo().start()
+    with pytest.raises(NotFound, match="no order ORD-NOPE"):
+        await demo.get.get_order("ORD-NOPE")
+    with pytest.raises(NotFound, match="no order ORD-NOPE"):
+        await demo.cancel.cancel_order("ORD-NOPE")
+    with pytest.raises(BadRequest, match=r"^orderId: 'PROD-1' is not an order id"):
+        await demo.get.get_order("PROD-1")
+    with pytest.raises(BadRequest, match=r"^orderId: "):
+        await demo.cancel.cancel_order("ord-1")
+
+
+async def test_place_order_errors_name_the_line() -> None:
+    demo = await Demo().start()
+    with pytest.raises(BadRequest, match=r"^items\[1\]\.productId: no product PROD-NOPE"):
+        await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 1), ("PROD-NOPE", 1)))
+    with pytest.raises(Conflict, match=r"^items\[0\]: insufficient stock for PROD-POSTER: 1 available, 2"):
+        await demo.place.place_order(order("CUST-1", ("PROD-POSTER", 2)))
+    with pytest.raises(BadRequest, match=r"^customerId: "):
+        await demo.place.place_order(order("nobody"))
+    assert await demo.maps.map_keys("orders") == []
+    # nothing was reserved by the failed attempts
+    assert await demo.available("PROD-ABC123") == 100
+    # the last poster: the first order gets it, the next one is a conflict
+    await demo.place.place_order(order("CUST-1", ("PROD-POSTER", 1)))
+    with pytest.raises(Conflict, match=r"insufficient stock for PROD-POSTER: 0 available"):
+        await demo.place.place_order(order("CUST-2", ("PROD-POSTER", 1)))
+
+
+async def test_a_reservation_that_loses_the_race_escapes_as_409() -> None:
+    demo = await Demo().start()
+    # the check passes, then someone else takes the stock before the reservation
+    poster = d.StockLine(d.ProductId("PROD-POSTER"), d.Quantity(1))
+    demo.invoker.after[(INVENTORY, "check_stock")] = lambda: demo.inventory.reserve(
+        d.ReserveStock("ORD-OTHER", [poster])
+    )
+    with pytest.raises(SliceAppError) as e:
+        await demo.place.place_order(order("CUST-1", ("PROD-POSTER", 1)))
+    assert e.value.status == 409 and "insufficient stock for PROD-POSTER" in e.value.detail
+    assert await demo.maps.map_keys("orders") == []
+
+
+async def test_failed_store_releases_the_reservation() -> None:
+    class NoOrders(LocalMaps):
+        async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+            if name == "orders":
+                raise RuntimeError("disk on fire")
+            await super().map_put(name, key, value, ttl=ttl)
+
+    demo = await Demo(NoOrders(["orders", "stock"])).start()
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        await demo.place.place_order(order("CUST-1", ("PROD-DEF456", 3)))
+    assert demo.invoker.calls[-1] == (INVENTORY, "release")
+    assert await demo.available("PROD-DEF456") == 10
+
+
+async def test_entries_decode_camel_case_payloads() -> None:
+    """What the HTTP router sends for POST /api/orders (a map of the body's camelCase fields)."""
+    demo = await Demo().start()
+    payload = msgspec.msgpack.encode(
+        {"customerId": "CUST-9", "items": [{"productId": "PROD-XYZ789", "quantity": 2}]}
+    )
+    raw = await invoke_entry(demo.place, "place_order", payload)
+    answer = msgspec.msgpack.decode(raw)
+    assert answer["status"] == "PLACED" and answer["total"] == {"amount": "19.00", "currency": "USD"}
+    with pytest.raises(BadRequest, match=r"\$\.items\[0\]\.quantity"):
+        await invoke_entry(
+            demo.place,
+            "place_order",
+            msgspec.msgpack.encode(
+                {"customerId": "CUST-9", "items": [{"productId": "PROD-X", "quantity": "2"}]}
+            ),
+        )
