@@ -20,8 +20,16 @@ lint: install
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
+# The order demo on a local 3-node cluster (see docs/order-demo.md): builds the demo wheels, deploys
+# them into the cluster's repository (.aether/cluster/repository), applies the blueprint, prints
+# curl commands and runs until Ctrl-C, then stops the nodes.
+DEMO_WHEELS := build/examples/order_demo
+
 demo: install
-	$(BIN)/aether cluster demo --nodes 3
+	rm -rf $(DEMO_WHEELS)
+	$(BIN)/python examples/build.py --only order_demo --no-deploy --out $(DEMO_WHEELS)
+	$(BIN)/aether cluster demo --nodes 3 --wheels $(DEMO_WHEELS) \
+		--blueprint examples/order_demo/demo-order.blueprint
 
 examples: install
 	$(BIN)/python examples/build.py $(if $(REPOSITORY),--repository $(REPOSITORY))

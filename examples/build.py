@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Build every example's wheels and deploy them into the local artifact repository.
 
-    python examples/build.py [--repository DIR] [--out DIR] [--no-deploy] [--isolation auto|yes|no]
+    python examples/build.py [--only EXAMPLE] [--repository DIR] [--out DIR] [--no-deploy]
+                             [--isolation auto|yes|no]
 
-Every directory `examples/*/*/` holding a `pyproject.toml` is one project. Each is built with
+Every directory `examples/*/*/` holding a `pyproject.toml` is one project (`--only order_demo`:
+just those under `examples/order_demo/`; repeatable). Each is built with
 `python -m pip wheel --no-deps` from a temporary copy (so no `build/` or `*.egg-info` is left in
 the source tree) into `build/examples/`, then deployed with `Repository.deploy_wheel` (slice
 wheels to `{group}/{artifact}/{version}/`, library wheels to `_libs/`).
@@ -28,8 +30,13 @@ EXAMPLES = Path(__file__).resolve().parent
 ROOT = EXAMPLES.parent
 
 
-def projects() -> list[Path]:
-    return sorted(p.parent for p in EXAMPLES.glob("*/*/pyproject.toml"))
+def examples() -> list[str]:
+    return sorted({p.parent.parent.name for p in EXAMPLES.glob("*/*/pyproject.toml")})
+
+
+def projects(only: list[str] | None = None) -> list[Path]:
+    found = sorted(p.parent for p in EXAMPLES.glob("*/*/pyproject.toml"))
+    return [p for p in found if not only or p.parent.name in only]
 
 
 def can_build_offline() -> bool:
@@ -99,21 +106,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-deploy", action="store_true", help="only build the wheels")
     ap.add_argument(
+        "--only",
+        action="append",
+        metavar="EXAMPLE",
+        help="build only examples/EXAMPLE/* (repeatable), e.g. --only order_demo",
+    )
+    ap.add_argument(
         "--isolation",
         choices=["auto", "yes", "no"],
         default="auto",
         help="pip build isolation [default: auto]",
     )
     args = ap.parse_args(argv)
+    unknown = sorted(set(args.only or []) - set(examples()))
+    if unknown:
+        ap.error(f"no example {', '.join(unknown)}; examples: {', '.join(examples())}")
+    chosen = projects(args.only)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     isolation = {"yes": True, "no": False}.get(args.isolation, not can_build_offline())
     mode = "isolated (fetches setuptools)" if isolation else "offline, --no-build-isolation"
-    print(f"Building {len(projects())} example project(s) into {out} ({mode})")
+    print(f"Building {len(chosen)} example project(s) into {out} ({mode})")
     wheels: list[Path] = []
     try:
-        for project in projects():
+        for project in chosen:
             built = build(project, out, isolation)
             for w in built:
                 print(f"  built {project.relative_to(ROOT)} -> {w.name}")
@@ -136,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: deploying {w.name}: {e}", file=sys.stderr)
             return 1
         print(f"  {w.name} -> {result}")
-    print("Done. Next: start a cluster and `aether blueprint apply examples/hello/hello.blueprint --wait`.")
+    print(
+        "Done. Next: start a cluster and apply a blueprint, e.g. "
+        "`aether blueprint apply examples/order_demo/demo-order.blueprint --wait`."
+    )
     return 0
 
 

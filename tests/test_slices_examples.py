@@ -33,6 +33,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repository, Path]:
         [
             sys.executable,
             str(ROOT / "examples/build.py"),
+            "--only",
+            "hello",
             "--repository",
             str(tmp / "repo"),
             "--out",

@@ -116,23 +116,44 @@ def blueprint_apply(settings: Settings, file: Path, wait: bool, wait_timeout: fl
     except UnicodeDecodeError:
         fail(f"blueprint {file} is not UTF-8 text", EXIT_USAGE)
     client = _client(settings)
-    applied: Any = _call(
-        client, lambda c: c.send_json("POST", "/api/v1/blueprints", {"toml": text, "filename": str(file)})
+    quiet = settings.json or as_json
+    applied, statuses = apply_blueprint(
+        settings, client, text, str(file), wait_timeout=wait_timeout if wait else None, quiet=quiet
     )
-    artifacts = [s["artifact"] for s in applied.get("slices", [])]
     if not wait:
-        if settings.json or as_json:
+        if quiet:
             _echo_json(applied)
         else:
+            artifacts = [s["artifact"] for s in applied.get("slices", [])]
             click.echo(
                 f"Applied blueprint {applied['id']!r}: {len(artifacts)} slice(s): {', '.join(artifacts)}"
             )
         return
-    statuses = _wait(settings, client, artifacts, wait_timeout, quiet=settings.json or as_json)
-    if settings.json or as_json:
+    if quiet:
         _echo_json({"blueprint": applied, "slices": _to_json(statuses)})
     else:
         click.echo(f"Blueprint {applied['id']!r} is running: every instance is ACTIVE.")
+
+
+def apply_blueprint(
+    settings: Settings,
+    client: Any,
+    text: str,
+    filename: str,
+    *,
+    wait_timeout: float | None = None,
+    quiet: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """POST the blueprint `text`; with `wait_timeout`, wait (with a progress bar unless `quiet`)
+    until every instance of its slices is ACTIVE. Returns the applied blueprint and the slice
+    statuses (empty without waiting). Exits 1 naming the problem (`fail`) otherwise."""
+    applied: Any = _call(
+        client, lambda c: c.send_json("POST", "/api/v1/blueprints", {"toml": text, "filename": filename})
+    )
+    if wait_timeout is None:
+        return applied, []
+    artifacts = [s["artifact"] for s in applied.get("slices", [])]
+    return applied, _wait(settings, client, artifacts, wait_timeout, quiet=quiet)
 
 
 def _wait(

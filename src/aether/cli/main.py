@@ -421,16 +421,23 @@ def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _start_cluster(
-    settings: Settings, nodes: int, directory: str, port_offset: int, timeout: float
+    settings: Settings,
+    nodes: int,
+    directory: str,
+    port_offset: int,
+    timeout: float,
+    *,
+    env: dict[str, str] | None = None,
 ) -> tuple[ClusterRecord, dict[str, Any], list[NodeObservation]]:
-    """Start the nodes and wait for quorum with a progress display; exit 1 on failure."""
+    """Start the nodes (environment `env`, default ours) and wait for quorum with a progress
+    display; exit 1 on failure."""
     from aether.cli import local_cluster as lc
     from aether.cli import render
 
     err = render.console(stderr=True)
     try:
         record = lc.plan_cluster(directory, nodes, port_offset=port_offset)
-        procs = lc.launch_nodes(directory, record)
+        procs = lc.launch_nodes(directory, record, env=env)
     except lc.ClusterError as e:
         fail(str(e))
     err.print(f"Started {nodes} node(s) from {directory} (logs: {Path(directory) / 'node-K.log'}).")
@@ -585,13 +592,76 @@ def cluster_status(settings: Settings, directory: str, as_json: bool) -> None:
 
 @cluster.command("demo")
 @start_options
+@click.option(
+    "--blueprint",
+    "blueprint_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Apply this blueprint once the cluster has quorum and wait until every instance is ACTIVE.",
+)
+@click.option(
+    "--wheels",
+    "wheels_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Deploy every *.whl in this directory into the nodes' repository before starting.",
+)
+@click.option(
+    "--repository",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Artifact repository of the nodes [default: DIR/repository with --wheels, else "
+    "$AETHER_REPOSITORY or ~/.aether/repository].",
+)
+@click.option(
+    "--wait-timeout",
+    type=click.FloatRange(min=1.0),
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the blueprint's instances.",
+)
 @click.pass_obj
-def cluster_demo(settings: Settings, nodes: int, directory: str, port_offset: int, timeout: float) -> None:
-    """Start a local cluster, show its status, and stop it on Ctrl-C (SIGINT/SIGTERM)."""
+def cluster_demo(
+    settings: Settings,
+    nodes: int,
+    directory: str,
+    port_offset: int,
+    timeout: float,
+    blueprint_file: Path | None,
+    wheels_dir: Path | None,
+    repository: Path | None,
+    wait_timeout: float,
+) -> None:
+    """Start a local cluster, optionally deploy wheels and apply a blueprint, and keep it running
+    until Ctrl-C (SIGINT/SIGTERM), then stop every node.
+
+    `make demo` runs the order demo this way: `--wheels build/examples/order_demo --blueprint
+    examples/order_demo/demo-order.blueprint`. Lines of the blueprint starting with `# try:` are
+    printed once it runs, with `{http}` (or `{http1}`, `{http2}`, ...) replaced by the HTTP
+    address of node 1 (node 2, ...).
+    """
+    import os
     import signal
     import time
 
     from aether.cli import local_cluster as lc
+
+    text = None
+    if blueprint_file is not None:
+        try:
+            text = blueprint_file.read_text(encoding="utf-8")
+        except OSError as e:
+            fail(f"cannot read blueprint {blueprint_file}: {e.strerror or e}", EXIT_USAGE)
+        except UnicodeDecodeError:
+            fail(f"blueprint {blueprint_file} is not UTF-8 text", EXIT_USAGE)
+    if repository is None and wheels_dir is not None:
+        repository = Path(directory) / "repository"
+    env: dict[str, str] | None = None
+    if repository is not None:
+        env = dict(os.environ, AETHER_REPOSITORY=str(repository.resolve()))
+    if wheels_dir is not None:
+        assert repository is not None
+        _deploy_wheels(wheels_dir, repository)
 
     stop_requested: list[int] = []
 
@@ -602,11 +672,23 @@ def cluster_demo(settings: Settings, nodes: int, directory: str, port_offset: in
     try:
         # While starting, SIGTERM acts like Ctrl-C: _start_cluster stops the nodes it started.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        record, procs, obs = _start_cluster(settings, nodes, directory, port_offset, timeout)
+        record, procs, obs = _start_cluster(settings, nodes, directory, port_offset, timeout, env=env)
+        _print_cluster(obs, directory)
+        if text is not None:
+            assert blueprint_file is not None
+            try:
+                applied = _demo_apply(settings, record, text, str(blueprint_file), wait_timeout)
+            except (click.exceptions.Exit, KeyboardInterrupt) as e:
+                click.echo("Stopping the cluster…", err=True)
+                _report_stop(lc.stop_cluster(directory), quiet=True)
+                raise click.exceptions.Exit(
+                    e.exit_code if isinstance(e, click.exceptions.Exit) else 130
+                ) from None
+            _print_demo_guide(settings, record, directory, applied, text)
+        else:
+            click.echo(_connect_hint(record, directory, with_stop=False))
         for s in old:
             signal.signal(s, on_signal)
-        _print_cluster(obs, directory)
-        click.echo(_connect_hint(record, directory, with_stop=False))
         click.echo("The cluster runs until you press Ctrl-C.")
         reported: set[str] = set()
         while not stop_requested:
@@ -624,6 +706,111 @@ def cluster_demo(settings: Settings, nodes: int, directory: str, port_offset: in
             signal.signal(s, h)
     if not _report_stop(results):
         raise click.exceptions.Exit(EXIT_FAILED)
+
+
+def _deploy_wheels(wheels_dir: Path, repository: Path) -> None:
+    """Deploy every wheel in `wheels_dir` into `repository` (slices by coordinates, libraries to
+    `_libs/`); exit 2 if there are none, 1 if one is invalid."""
+    from aether.core.errors import BadRequest
+    from aether.slices.repository import Repository
+
+    wheels = sorted(wheels_dir.glob("*.whl"))
+    if not wheels:
+        fail(
+            f"no wheels (*.whl) in {wheels_dir}",
+            EXIT_USAGE,
+            hint="Build them first, e.g. `python examples/build.py --only order_demo --no-deploy "
+            f"--out {wheels_dir}`.",
+        )
+    repo = Repository(repository)
+    deployed = []
+    for w in wheels:
+        try:
+            deployed.append(str(repo.deploy_wheel(w)))
+        except (BadRequest, OSError) as e:
+            fail(f"cannot deploy {w}: {e}")
+    names = [d if "/" not in d else Path(d).name for d in deployed]
+    click.echo(f"Deployed {len(wheels)} wheel(s) into {repo.root}: {', '.join(names)}")
+
+
+def _demo_apply(
+    settings: Settings, record: ClusterRecord, text: str, filename: str, wait_timeout: float
+) -> dict[str, Any]:
+    from aether.cli.deploy import apply_blueprint
+    from aether.cli.http import ManagementClient
+    from aether.core.types import Address
+
+    first = record.nodes[0]
+    client = ManagementClient(
+        Address(record.host, first.management_port), api_key=settings.api_key, timeout=settings.timeout
+    )
+    click.echo(f"Applying blueprint {filename} through {first.id}…")
+    applied, statuses = apply_blueprint(settings, client, text, filename, wait_timeout=wait_timeout)
+    total = sum(s["active"] for s in statuses)
+    click.echo(
+        f"Blueprint {applied['id']!r} is running: {len(statuses)} slice(s), {total} instance(s), "
+        "every instance ACTIVE."
+    )
+    return applied
+
+
+def try_lines(text: str, http_addresses: list[str]) -> list[str]:
+    """The `# try:` lines of a blueprint, with `{http}`/`{httpK}` replaced by node addresses."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*#\s*try:\s?(.*)$", line)
+        if m is None:
+            continue
+        cmd = m.group(1)
+        for k, addr in enumerate(http_addresses, start=1):
+            cmd = cmd.replace(f"{{http{k}}}", addr)
+        out.append(cmd.replace("{http}", http_addresses[0]))
+    return out
+
+
+def _print_demo_guide(
+    settings: Settings, record: ClusterRecord, directory: str, applied: dict[str, Any], text: str
+) -> None:
+    from aether.cli.http import ManagementClient
+    from aether.core.types import Address
+
+    first = record.nodes[0]
+    client = ManagementClient(
+        Address(record.host, first.management_port), api_key=settings.api_key, timeout=settings.timeout
+    )
+    routes: list[str] = []
+    try:
+        listing: Any = client.get_json("/api/v1/kv", {"prefix": "routes/"})
+        keys = [str(e["key"]) for e in listing["entries"]]
+        routes = sorted(k.removeprefix("routes/").replace(":", " ", 1) for k in keys)
+    except Exception:  # the guide is a courtesy; the cluster runs either way
+        routes = []
+    http = [f"{record.host}:{n.http_port}" for n in record.nodes]
+    click.echo("")
+    click.echo(f"HTTP on every node: {', '.join('http://' + a for a in http)}")
+    if routes:
+        click.echo("Routes:")
+        for r in routes:
+            click.echo(f"  {r}")
+    tries = try_lines(text, http)
+    if tries:
+        click.echo("")
+        click.echo("Try it (any node serves any route):")
+        for t in tries:
+            click.echo(f"  {t}")
+    connect = "" if first.management_port == 9000 else f"--connect {record.host}:{first.management_port} "
+    click.echo("")
+    click.echo("Look around:")
+    for cmd in (
+        f"aether {connect}slices",
+        f"aether {connect}blueprint show {applied['id']}",
+        f"aether {connect}status",
+        f"aether cluster status{_dir_arg(directory)}",
+    ):
+        click.echo(f"  {cmd}")
+    click.echo(f"Node logs: {Path(directory) / 'node-K.log'}")
 
 
 # Command groups defined in their own modules register themselves on `main` (import at the end:
