@@ -17,12 +17,14 @@ from aether.core.errors import AetherError, BadRequest, StatusError
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_KEY_BYTES",
+    "MapDefinitionConflict",
     "MapError",
     "MapKeyError",
     "MapSpec",
     "MapUnavailable",
     "MapValueDecodeError",
     "MapValueTooLarge",
+    "PartitionTable",
     "StorageEngine",
     "UnknownMap",
     "check_key",
@@ -32,6 +34,8 @@ __all__ = [
 StorageEngine = Literal["memory", "sqlite"]
 MAX_KEY_BYTES: Final = 1024
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
+MAX_VALUE_BYTES_LIMIT: Final = 8 * 1024 * 1024
+"""Values travel in one transport frame (16 MiB at most)."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
 
@@ -41,6 +45,12 @@ class MapError(AetherError):
 
 class UnknownMap(MapError):
     """No map of that name is defined in the cluster."""
+
+
+class MapDefinitionConflict(MapError, StatusError):
+    """A map of that name already exists with different settings (HTTP 409)."""
+
+    status = 409
 
 
 class MapKeyError(MapError, BadRequest):
@@ -85,11 +95,34 @@ class MapSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 f"map {name!r}: write_quorum must be between 1 and replicas ({self.replicas}), "
                 f"not {self.write_quorum}"
             )
-        if not 1 <= self.max_value_bytes <= 64 * 1024 * 1024:
+        if not 1 <= self.max_value_bytes <= MAX_VALUE_BYTES_LIMIT:
             raise BadRequest(
-                f"map {name!r}: max_value_bytes must be between 1 and 67108864, not {self.max_value_bytes}"
+                f"map {name!r}: max_value_bytes must be between 1 and {MAX_VALUE_BYTES_LIMIT}, "
+                f"not {self.max_value_bytes}"
             )
         return self
+
+
+class PartitionTable(msgspec.Struct, frozen=True):
+    """Partition -> owners, as stored under `maps/table` and recomputed by the leader.
+
+    `members` are the live nodes the table was computed for; `owners[p]` ranks all of them (as
+    indexes into `members`) for partition `p`: the first is the primary, the next `replicas - 1`
+    hold the replicas of a map with that replica count. `version` grows by one per change; a
+    primary's writes carry the version at which it became primary (its epoch), which fences
+    writes of a deposed primary.
+    """
+
+    version: int
+    partitions: int
+    members: list[str]
+    owners: list[list[int]]
+
+    def ranking(self, partition: int) -> list[str]:
+        return [self.members[i] for i in self.owners[partition]]
+
+    def primary(self, partition: int) -> str:
+        return self.members[self.owners[partition][0]]
 
 
 def check_map_name(name: object) -> str:

@@ -12,6 +12,7 @@ from typing import ClassVar, Union
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.core.maps import MapSpec, PartitionTable, check_map_name
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9._:@+-]{1,200}$")
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
@@ -120,8 +121,31 @@ class UserKey(msgspec.Struct, frozen=True):
         return f"user/{self.name}"
 
 
-Key = Union[BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey]  # noqa: UP007
-KEY_FAMILIES: tuple[type, ...] = (BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey)
+class MapDefKey(msgspec.Struct, frozen=True):
+    """A distributed map's definition (`MapSpec`): `maps/defs/{name}`."""
+
+    prefix: ClassVar[str] = "maps/defs/"
+    value_type: ClassVar[type] = MapSpec
+    name: str
+
+    def __str__(self) -> str:
+        return f"maps/defs/{self.name}"
+
+
+class MapTableKey(msgspec.Struct, frozen=True):
+    """The partition table of the distributed maps (`PartitionTable`): `maps/table`."""
+
+    prefix: ClassVar[str] = "maps/table"
+    value_type: ClassVar[type] = PartitionTable
+
+    def __str__(self) -> str:
+        return "maps/table"
+
+
+Key = Union[BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey]  # noqa: UP007
+KEY_FAMILIES: tuple[type, ...] = (
+    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey
+)
 
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%{}/-]*$")
 
@@ -131,7 +155,7 @@ def parse_key(text: str) -> Key:
     family, sep, rest = text.partition("/")
     if not sep or not rest:
         raise BadRequest(f"invalid key {text!r}: expected FAMILY/..., families: blueprints, slices, "
-                         "endpoints, routes, user")
+                         "endpoints, routes, maps, user")
     if family == "blueprints":
         return BlueprintKey(_seg("blueprint id", rest))
     if family == "slices":
@@ -153,12 +177,19 @@ def parse_key(text: str) -> Key:
         if not _PATH_RE.match(path):
             raise BadRequest(f"invalid route path {path!r} in key {text!r}")
         return RouteKey(method, path)
+    if family == "maps":
+        if rest == "table":
+            return MapTableKey()
+        kind, sep2, name = rest.partition("/")
+        if kind != "defs" or not sep2:
+            raise BadRequest(f"invalid key {text!r}: expected maps/table or maps/defs/NAME")
+        return MapDefKey(check_map_name(name))
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes or user")
+                     "routes, maps or user")
 
 
 def value_type_for(key: str) -> type:

@@ -30,13 +30,14 @@ from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeSe
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
 from aether.kv.store import KVStore
+from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
 _result_encoder = msgspec.msgpack.Encoder()
-PeerMessage = Union[RabiaMessage, InvokeMessage]  # noqa: UP007 - a runtime Union for the transport
+PeerMessage = Union[RabiaMessage, InvokeMessage, MapMessage]  # noqa: UP007 - a runtime Union for the transport
 
 
 def _jsonable(value: Any) -> Any:
@@ -92,9 +93,13 @@ class Node:
         # slices, invocation and deployment
         self.repository = Repository(config.repository)
         self.endpoints = EndpointRegistry(self.kv, logger=logging.getLogger(f"aether.deploy.{self.node_id}"))
+        self.maps = MapService(
+            self.node_id, self.kv, self.transport, config.data_path / "maps", router=self.router,
+            is_leader=lambda: self.leader.is_leader, logger=logging.getLogger(f"aether.maps.{self.node_id}"),
+        )
         self.slice_store = SliceStore(
             self.node_id, self.repository, config.data_path / "runtime", invoker=None,  # type: ignore[arg-type]
-            logger=logging.getLogger(f"aether.slices.{self.node_id}"),
+            logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
         )
         # No per-attempt timeout: a slow entry must not be retried (and run again) elsewhere while
         # it is still running; lost nodes are detected by the transport (PeerDown) instead.
@@ -129,6 +134,7 @@ class Node:
         self.runner.recover()
         await self.transport.start()
         self.runner.start(self.transport)
+        await self.maps.start()
         self.endpoints.start()
         await self.node_deployer.start()
         await self.cluster_deployer.start()
@@ -161,6 +167,7 @@ class Node:
         await self.cluster_deployer.stop()
         await self.node_deployer.stop()
         await self.slice_store.close()
+        await self.maps.stop()
         self.invoker.close()
         await self.invoke_server.stop()
         self.endpoints.close()
@@ -176,6 +183,8 @@ class Node:
     def _on_peer_message(self, sender: str, msg: Any) -> None:
         if isinstance(msg, INVOKE_MESSAGE_TYPES):
             self.invoke_server.dispatch(sender, msg)
+        elif isinstance(msg, MAP_MESSAGE_TYPES):
+            self.maps.dispatch(sender, msg)
         else:
             self.runner.on_message(sender, msg)
 
@@ -190,6 +199,8 @@ class Node:
     def _on_leader_change(self, ev: LeaderChanged) -> None:
         self.log.info("leader is now %s (was %s)", ev.leader, ev.previous)
         self.router.publish(ev)
+        if ev.is_self:
+            self.maps.replan()
 
     # --- clients on the cluster port ------------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""Node-to-node messages of the distributed map (integer tags 50-59).
+
+A `MapRequest` asks the partition's primary to run one operation and is answered by a
+`MapResponse` with the same ``id``. The primary sends each write as a `Replicate` to the other
+owners, which answer `ReplicateAck`. A `SyncRequest` asks a node for every record of some
+partitions of one map and is answered by `SyncChunk`s (the last has ``done``); a non-zero
+``fence`` (sent by a new primary) makes the receiver refuse replication of older epochs for
+those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and map stats.
+May import only msgspec and `aether.maps.records`.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Union
+
+import msgspec
+
+from aether.maps.records import Record
+
+__all__ = [
+    "KIND_NOT_PRIMARY",
+    "KIND_UNAVAILABLE",
+    "MAP_MESSAGE_TYPES",
+    "KeysRequest",
+    "KeysResponse",
+    "MapMessage",
+    "MapNodeStats",
+    "MapRequest",
+    "MapResponse",
+    "Replicate",
+    "ReplicateAck",
+    "StatsRequest",
+    "StatsResponse",
+    "SyncChunk",
+    "SyncRequest",
+]
+
+KIND_NOT_PRIMARY: Final = "not_primary"
+"""The receiver is not (or no longer, or not yet) the partition's primary: retry after the table
+changes. Nothing was applied."""
+KIND_UNAVAILABLE: Final = "unavailable"
+"""A write quorum did not acknowledge in time; the outcome is indeterminate."""
+KIND_UNKNOWN_MAP: Final = "unknown_map"
+KIND_BAD_REQUEST: Final = "bad_request"
+
+
+class MapRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=50):
+    id: int
+    op: int
+    map: str
+    key: str
+    value: bytes | None
+    expected: bytes | None
+    ttl_ms: int
+
+
+class MapResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=51):
+    id: int
+    value: bytes | None
+    ok: bool
+    error: str | None = None
+    kind: str | None = None
+
+
+class Replicate(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=52):
+    id: int
+    map: str
+    partition: int
+    key: str
+    record: Record
+
+
+class ReplicateAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=53):
+    id: int
+    ok: bool
+    reason: str | None = None
+
+
+class SyncRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=54):
+    id: int
+    map: str
+    partitions: list[int]
+    fence: int
+
+
+class SyncChunk(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=55):
+    id: int
+    items: list[tuple[int, str, Record]]
+    done: bool
+    error: str | None = None
+
+
+class KeysRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=56):
+    id: int
+    map: str
+    prefix: str
+
+
+class KeysResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=57):
+    id: int
+    keys: list[str]
+    error: str | None = None
+
+
+class MapNodeStats(msgspec.Struct, frozen=True):
+    """One node's view of one map (what `aether map stats` shows per node)."""
+
+    node: str
+    engine: str
+    entries: int
+    bytes: int
+    primary_partitions: int
+    replica_partitions: int
+    syncing_partitions: int
+    pending_acks: int
+    """Replication messages sent by this node as primary and not acknowledged yet."""
+    oldest_pending_ms: int
+    """Age of the oldest of them (0 when none): the replication lag."""
+
+
+class StatsRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=58):
+    id: int
+    map: str
+
+
+class StatsResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=59):
+    id: int
+    stats: MapNodeStats | None
+    error: str | None = None
+
+
+MapMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union object
+    MapRequest, MapResponse, Replicate, ReplicateAck, SyncRequest, SyncChunk,
+    KeysRequest, KeysResponse, StatsRequest, StatsResponse,
+]
+MAP_MESSAGE_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
+    MapRequest, MapResponse, Replicate, ReplicateAck, SyncRequest, SyncChunk,
+    KeysRequest, KeysResponse, StatsRequest, StatsResponse,
+)

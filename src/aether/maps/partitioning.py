@@ -1,0 +1,53 @@
+"""Keys to partitions and partitions to nodes (sans-IO).
+
+A key's partition is ``crc32(utf-8 key) % partitions``. The owners of a partition are all live
+members ranked by rendezvous (highest random weight) hashing of ``(partition, node)``: removing a
+node only promotes the next-ranked node in the partitions it owned, and adding one only moves the
+partitions where it ranks high, so a change moves about ``1/n`` of the ownership.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Sequence
+
+from aether.core.maps import PartitionTable
+
+__all__ = ["DEFAULT_PARTITIONS", "owners_for", "partition_of", "plan_table", "rank"]
+
+DEFAULT_PARTITIONS = 1024
+
+
+def partition_of(key: str, partitions: int) -> int:
+    return zlib.crc32(key.encode()) % partitions
+
+
+def _weight(partition: int, node: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{partition}|{node}".encode(), digest_size=8).digest(), "big")
+
+
+def rank(partition: int, members: Sequence[str]) -> list[str]:
+    """`members` ordered by rendezvous weight for `partition` (ties by name, for determinism)."""
+    return sorted(members, key=lambda n: (-_weight(partition, n), n))
+
+
+def plan_table(
+    previous: PartitionTable | None, live: Sequence[str], partitions: int = DEFAULT_PARTITIONS
+) -> PartitionTable | None:
+    """The table for the `live` nodes, or None when `previous` already describes them."""
+    members = sorted(set(live))
+    if not members:
+        return None
+    if previous is not None and previous.members == members and previous.partitions == partitions:
+        return None
+    index = {m: i for i, m in enumerate(members)}
+    owners = [[index[n] for n in rank(p, members)] for p in range(partitions)]
+    version = previous.version + 1 if previous is not None else 1
+    return PartitionTable(version, partitions, members, owners)
+
+
+def owners_for(table: PartitionTable, partition: int, replicas: int) -> list[str]:
+    """The nodes holding `partition` of a map with `replicas` copies (primary first; capped by size)."""
+    ranked = table.owners[partition]
+    return [table.members[i] for i in ranked[: max(1, min(replicas, len(ranked)))]]

@@ -1,0 +1,168 @@
+"""Storage engines of the distributed map, behind one interface (`Engine`).
+
+`MemoryEngine` keeps one dict per partition. `SqliteEngine` keeps one SQLite database per map in
+the node's data directory, in WAL mode with ``synchronous=NORMAL`` and autocommit: every write is
+committed before the operation is acknowledged and survives a crash of the process (a power loss
+may lose the last writes of this node; the replicas have them). Both count the live entries and
+the bytes of their values for `stats`. Engines store whatever record they are given; the caller
+decides with `records.newer` whether a record replaces the current one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from aether.maps.records import Record
+
+__all__ = ["Engine", "MemoryEngine", "SqliteEngine", "open_engine"]
+
+
+class Engine(Protocol):
+    entries: int
+    """Records holding a value (tombstones excluded; expired but not yet purged included)."""
+    bytes: int
+    """Sum of the value sizes of those records."""
+
+    def get(self, partition: int, key: str) -> Record | None: ...
+
+    def put(self, partition: int, key: str, rec: Record) -> None: ...
+
+    def delete(self, partition: int, key: str) -> None: ...
+
+    def scan(self, partition: int) -> Iterator[tuple[str, Record]]: ...
+
+    def partitions(self) -> set[int]: ...
+
+    def drop(self, partition: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _size(rec: Record | None) -> tuple[int, int]:
+    if rec is None or rec.value is None:
+        return 0, 0
+    return 1, len(rec.value)
+
+
+class MemoryEngine:
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[str, Record]] = {}
+        self.entries = 0
+        self.bytes = 0
+
+    def get(self, partition: int, key: str) -> Record | None:
+        part = self._parts.get(partition)
+        return None if part is None else part.get(key)
+
+    def put(self, partition: int, key: str, rec: Record) -> None:
+        part = self._parts.get(partition)
+        if part is None:
+            part = self._parts[partition] = {}
+        old = part.get(key)
+        part[key] = rec
+        e0, b0 = _size(old)
+        e1, b1 = _size(rec)
+        self.entries += e1 - e0
+        self.bytes += b1 - b0
+
+    def delete(self, partition: int, key: str) -> None:
+        part = self._parts.get(partition)
+        if part is not None and key in part:
+            e, b = _size(part.pop(key))
+            self.entries -= e
+            self.bytes -= b
+
+    def scan(self, partition: int) -> Iterator[tuple[str, Record]]:
+        return iter(list(self._parts.get(partition, {}).items()))
+
+    def partitions(self) -> set[int]:
+        return {p for p, d in self._parts.items() if d}
+
+    def drop(self, partition: int) -> None:
+        part = self._parts.pop(partition, None)
+        if part:
+            for rec in part.values():
+                e, b = _size(rec)
+                self.entries -= e
+                self.bytes -= b
+
+    def close(self) -> None:
+        self._parts.clear()
+        self.entries = self.bytes = 0
+
+
+class SqliteEngine:
+    """One SQLite database file per map (``{name}.sqlite`` in `directory`)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS records (p INTEGER NOT NULL, k TEXT NOT NULL, v BLOB, "
+            "epoch INTEGER NOT NULL, seq INTEGER NOT NULL, exp INTEGER NOT NULL, PRIMARY KEY (p, k)) "
+            "WITHOUT ROWID"
+        )
+        row = self._db.execute(
+            "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE v IS NOT NULL"
+        ).fetchone()
+        self.entries, self.bytes = int(row[0]), int(row[1])
+
+    def get(self, partition: int, key: str) -> Record | None:
+        row = self._db.execute(
+            "SELECT v, epoch, seq, exp FROM records WHERE p = ? AND k = ?", (partition, key)
+        ).fetchone()
+        return None if row is None else Record(row[0], row[1], row[2], row[3])
+
+    def put(self, partition: int, key: str, rec: Record) -> None:
+        old = self.get(partition, key)
+        self._db.execute(
+            "INSERT OR REPLACE INTO records (p, k, v, epoch, seq, exp) VALUES (?, ?, ?, ?, ?, ?)",
+            (partition, key, rec.value, rec.epoch, rec.seq, rec.expires),
+        )
+        e0, b0 = _size(old)
+        e1, b1 = _size(rec)
+        self.entries += e1 - e0
+        self.bytes += b1 - b0
+
+    def delete(self, partition: int, key: str) -> None:
+        old = self.get(partition, key)
+        if old is not None:
+            self._db.execute("DELETE FROM records WHERE p = ? AND k = ?", (partition, key))
+            e, b = _size(old)
+            self.entries -= e
+            self.bytes -= b
+
+    def scan(self, partition: int) -> Iterator[tuple[str, Record]]:
+        rows = self._db.execute(
+            "SELECT k, v, epoch, seq, exp FROM records WHERE p = ?", (partition,)
+        ).fetchall()
+        return iter([(r[0], Record(r[1], r[2], r[3], r[4])) for r in rows])
+
+    def partitions(self) -> set[int]:
+        return {r[0] for r in self._db.execute("SELECT DISTINCT p FROM records")}
+
+    def drop(self, partition: int) -> None:
+        row = self._db.execute(
+            "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE p = ? AND v IS NOT NULL",
+            (partition,),
+        ).fetchone()
+        self._db.execute("DELETE FROM records WHERE p = ?", (partition,))
+        self.entries -= int(row[0])
+        self.bytes -= int(row[1])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_engine(engine: str, directory: Path, name: str) -> Engine:
+    if engine == "memory":
+        return MemoryEngine()
+    if engine == "sqlite":
+        return SqliteEngine(directory / f"{name}.sqlite")
+    raise ValueError(f"unknown storage engine {engine!r}; use memory or sqlite")
