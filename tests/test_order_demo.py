@@ -9,6 +9,7 @@ real invoker does (a status survives as `SliceAppError.status`, a bad request is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -498,3 +499,84 @@ async def test_entries_decode_camel_case_payloads() -> None:
                 {"customerId": "CUST-9", "items": [{"productId": "PROD-X", "quantity": "2"}]}
             ),
         )
+
+
+# --- inventory group commit -----------------------------------------------------------------------------
+
+
+async def test_concurrent_changes_of_one_product_share_writes() -> None:
+    demo = await Demo(YieldingMaps(["orders", "stock"])).start()
+    inv = demo.inventory
+
+    def line(pid: str) -> list[d.StockLine]:
+        return [d.StockLine(d.ProductId(pid), d.Quantity(1))]
+
+    levels = await asyncio.gather(
+        *(inv.reserve(d.ReserveStock(f"ORD-{i}", line("PROD-XYZ789"))) for i in range(50))
+    )
+    assert sorted(lv[0].available for lv in levels) == list(range(200, 250))  # each saw its own step
+    assert await demo.available("PROD-XYZ789") == 200
+    assert inv.writes <= 5  # 50 reservations, a handful of compare-and-sets
+    # takes beyond the stock fail one by one, in arrival order, within the same batches
+    results = await asyncio.gather(
+        *(inv.reserve(d.ReserveStock(f"ORD-{i}", line("PROD-DEF456"))) for i in range(30)),
+        return_exceptions=True,
+    )
+    assert [isinstance(r, list) for r in results] == [True] * 10 + [False] * 20
+    assert all(isinstance(r, Conflict) and "0 available" in str(r) for r in results[10:])
+    level = await inv.get_stock("PROD-DEF456")
+    assert (level.available, level.reserved) == (0, 10)
+    # releases batch too
+    await asyncio.gather(*(inv.release(d.ReleaseStock(f"ORD-{i}", line("PROD-DEF456"))) for i in range(10)))
+    assert await demo.available("PROD-DEF456") == 10
+
+
+async def test_a_product_that_keeps_changing_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inventory_service
+
+    class Meddling(LocalMaps):
+        """Another writer changes the stock between every read and write."""
+
+        async def map_get(self, name: str, key: str) -> bytes | None:
+            value = await super().map_get(name, key)
+            if name == "stock" and value is not None:
+                level = msgspec.msgpack.decode(value, type=d.StockLevel)
+                self.data[name][key] = (
+                    msgspec.msgpack.encode(msgspec.structs.replace(level, reserved=level.reserved + 1)),
+                    None,
+                )
+            return value
+
+    monkeypatch.setattr(inventory_service, "CHANGE_BUDGET_S", 0.05)
+    demo = await Demo(Meddling(["orders", "stock"])).start()
+    with pytest.raises(SliceAppError) as e:
+        await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 1)))
+    assert e.value.status == 503 and "the stock of PROD-ABC123 changed" in e.value.detail
+    assert await demo.maps.map_keys("orders") == []
+
+
+async def test_a_cancelled_reservation_leaves_no_stock_taken() -> None:
+    demo = await Demo(YieldingMaps(["orders", "stock"])).start()
+    inv = demo.inventory
+    cancelled_some = False
+    for spins in range(6):
+        task = asyncio.create_task(
+            inv.reserve(d.ReserveStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]))
+        )
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        cancelled_some |= task.cancelled()
+        for _ in range(50):  # let the writers finish (and give back)
+            await asyncio.sleep(0)
+        level = await inv.get_stock("PROD-ABC123")
+        if task.cancelled():
+            assert (level.available, level.reserved) == (100, 0), spins
+        else:  # it finished before the cancellation: the reservation stands
+            assert (level.available, level.reserved) == (97, 3), spins
+            await inv.release(
+                d.ReleaseStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))])
+            )
+    assert cancelled_some

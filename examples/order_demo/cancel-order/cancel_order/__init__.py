@@ -21,6 +21,7 @@ from order_domain import (
 )
 
 from aether.slices import Conflict, NotFound, Slice, route
+from aether.slices.maps import SliceMap
 
 INVENTORY = "org.demo:inventory-service"
 ORDERS_MAP = "orders"
@@ -36,7 +37,7 @@ class CancelOrder(Slice):
     """Cancels orders placed through any node."""
 
     async def start(self) -> None:
-        self.orders = self.map(ORDERS_MAP, Order)
+        self.orders: SliceMap[Order] = self.map(ORDERS_MAP, Order)
 
     @route("DELETE", "/api/orders/{order_id}")
     async def cancel_order(self, order_id: str) -> Order:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from order_domain import Order, parse_order_id
 
 from aether.slices import NotFound, Slice, route
+from aether.slices.maps import SliceMap
 
 ORDERS_MAP = "orders"
 
@@ -13,7 +14,7 @@ class GetOrderStatus(Slice):
     """Reads orders placed through any node."""
 
     async def start(self) -> None:
-        self.orders = self.map(ORDERS_MAP, Order)
+        self.orders: SliceMap[Order] = self.map(ORDERS_MAP, Order)
 
     @route("GET", "/api/orders/{order_id}")
     async def get_order(self, order_id: str) -> Order:

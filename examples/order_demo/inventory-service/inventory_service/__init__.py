@@ -1,9 +1,18 @@
 """`org.demo:inventory-service` — stock levels in the distributed map ``stock``.
 
 Entries: ``check_stock`` (is there enough?), ``reserve`` (take stock for an order's lines, all or
-nothing), ``release`` (give it back), and ``GET /api/inventory/{product_id}``. Every change is an
-atomic read-modify-write of one product's `StockLevel` (`SliceMap.update`, a compare-and-set loop),
-so concurrent reservations on any number of instances and nodes never oversell.
+nothing), ``release`` (give it back), and ``GET /api/inventory/{product_id}``.
+
+Every change is an atomic read-modify-write of one product's `StockLevel`: read it, compute the
+new level, write it with ``compare_and_set`` only if nobody wrote in between, else try again. So
+concurrent reservations on any number of instances and nodes never oversell.
+
+Group commit: within one instance, the changes to one product that arrive while a write of that
+product is in flight are queued and then applied together, in arrival order, in one
+compare-and-set (each take still checked against the stock left by the ones before it). A
+popular product then costs one map write per batch instead of one per order, and each instance
+has at most one write per product in flight, competing only with the other instances. A lost
+round is retried after a short random pause for up to `CHANGE_BUDGET_S` seconds (then 503).
 
 On start, each instance seeds the catalog's initial stock with ``compare_and_set(key, None,
 level)``: only the first instance (on any node) to get there writes, later starts change nothing.
@@ -12,6 +21,9 @@ level)``: only the first instance (on any node) to get there writes, later start
 from __future__ import annotations
 
 import asyncio
+import copy
+import random
+from dataclasses import dataclass, field
 
 from order_domain import (
     CATALOG,
@@ -26,9 +38,11 @@ from order_domain import (
     parse_quantity,
 )
 
-from aether.slices import BadRequest, Conflict, NotFound, Slice, entry, route
+from aether.slices import BadRequest, Conflict, NotFound, Slice, SliceHttpError, entry, route
+from aether.slices.maps import SliceMap
 
 STOCK_MAP = "stock"
+CHANGE_BUDGET_S = 5.0
 
 
 def _checked(lines: list[StockLine]) -> list[StockLine]:
@@ -44,11 +58,52 @@ def _checked(lines: list[StockLine]) -> list[StockLine]:
     return out
 
 
+@dataclass
+class _Change:
+    """One queued take (reserve) or give (release) of `quantity` units."""
+
+    take: bool
+    quantity: int
+    order_id: str
+    done: asyncio.Future[StockLevel | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+def _apply(
+    product_id: str, level: StockLevel | None, batch: list[_Change]
+) -> tuple[StockLevel | None, list[StockLevel | Exception | None]]:
+    """The level after `batch`, and per change its result: the level after it, or the error."""
+    results: list[StockLevel | Exception | None] = []
+    for ch in batch:
+        if level is None:
+            results.append(NotFound(f"no product {product_id}") if ch.take else None)
+        elif not ch.take:
+            level = StockLevel(
+                product_id, level.available + ch.quantity, max(0, level.reserved - ch.quantity)
+            )
+            results.append(level)
+        elif level.available < ch.quantity:
+            results.append(
+                Conflict(
+                    f"insufficient stock for {product_id}: {level.available} available, "
+                    f"{ch.quantity} requested (order {ch.order_id})"
+                )
+            )
+        else:
+            level = StockLevel(product_id, level.available - ch.quantity, level.reserved + ch.quantity)
+            results.append(level)
+    return level, results
+
+
 class InventoryService(Slice):
     """Checks, reserves and releases stock; every instance sees the same `stock` map."""
 
     async def start(self) -> None:
-        self.stock = self.map(STOCK_MAP, StockLevel)
+        self.stock: SliceMap[StockLevel] = self.map(STOCK_MAP, StockLevel)
+        self._queued: dict[str, list[_Change]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.writes = 0  # compare-and-set rounds that changed stock (for tests and curiosity)
         seeded = 0
         for product in CATALOG.values():
             level = StockLevel(product.product_id, product.initial_stock, 0)
@@ -81,30 +136,87 @@ class InventoryService(Slice):
         level = await self._level(pid)
         return StockAvailability(pid, qty, level.available, level.available >= qty)
 
-    async def _take(self, order_id: str, line: StockLine) -> StockLevel:
-        def take(cur: StockLevel | None) -> StockLevel:
-            if cur is None:
-                raise NotFound(f"no product {line.product_id}")
-            if cur.available < line.quantity:
-                raise Conflict(
-                    f"insufficient stock for {line.product_id}: {cur.available} available, "
-                    f"{line.quantity} requested (order {order_id})"
-                )
-            return StockLevel(cur.product_id, cur.available - line.quantity, cur.reserved + line.quantity)
+    # --- group commit ---------------------------------------------------------------------------
 
-        level = await self.stock.update(line.product_id, take)
-        assert level is not None
-        return level
+    def _submit(self, product_id: str, change: _Change) -> None:
+        queue = self._queued.get(product_id)
+        if queue is not None:  # a writer for this product is running: it takes this one next
+            queue.append(change)
+            return
+        self._queued[product_id] = [change]
+        task = asyncio.get_running_loop().create_task(self._writer(product_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def _give_back(self, line: StockLine) -> StockLevel | None:
-        def give(cur: StockLevel | None) -> StockLevel | None:
-            if cur is None:  # the product was removed meanwhile: nothing to give back to
-                return None
-            return StockLevel(
-                cur.product_id, cur.available + line.quantity, max(0, cur.reserved - line.quantity)
-            )
+    async def _writer(self, product_id: str) -> None:
+        try:
+            while batch := self._queued.get(product_id):
+                self._queued[product_id] = []
+                await self._commit(product_id, batch)
+        finally:
+            # no await between the last empty check and here: nothing can be queued unseen
+            del self._queued[product_id]
 
-        return await self.stock.update(line.product_id, give)
+    async def _commit(self, product_id: str, batch: list[_Change]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CHANGE_BUDGET_S
+        rounds = 0
+        try:
+            while True:
+                cur = await self.stock.get(product_id)
+                new, results = _apply(product_id, cur, batch)
+                if new == cur or await self.stock.compare_and_set(product_id, cur, new):
+                    break
+                rounds += 1
+                if loop.time() >= deadline:
+                    raise SliceHttpError(
+                        f"the stock of {product_id} changed {rounds} times while this request tried "
+                        "to change it; try again",
+                        status=503,
+                    )
+                await asyncio.sleep(random.uniform(0, 0.001 * 2 ** min(rounds, 6)))
+        except BaseException as e:
+            for ch in batch:
+                if not ch.done.done():
+                    ch.done.set_exception(
+                        copy.copy(e) if isinstance(e, Exception) else asyncio.CancelledError()
+                    )
+            if not isinstance(e, Exception):
+                raise
+            return
+        if new != cur:
+            self.writes += 1
+        for ch, result in zip(batch, results, strict=True):
+            if ch.done.done():
+                continue
+            if isinstance(result, Exception):
+                ch.done.set_exception(result)
+            else:
+                ch.done.set_result(result)
+
+    async def _change(self, product_id: str, change: _Change) -> StockLevel | None:
+        self._submit(product_id, change)
+        try:
+            return await asyncio.shield(change.done)
+        except asyncio.CancelledError:
+            if change.take:  # the caller is gone: give back what the batch may still take for it
+                change.done.add_done_callback(lambda f: self._undo(product_id, change, f))
+            raise
+
+    def _undo(self, product_id: str, took: _Change, f: asyncio.Future[StockLevel | None]) -> None:
+        if f.cancelled() or f.exception() is not None:
+            return
+        give = _Change(False, took.quantity, took.order_id)
+        give.done.add_done_callback(lambda g: g.cancelled() or g.exception())  # nobody awaits it
+        self._submit(product_id, give)
+
+    # --- entries --------------------------------------------------------------------------------
+
+    async def _release_all(self, order_id: str, lines: list[StockLine]) -> list[StockLevel]:
+        levels = await asyncio.gather(
+            *(self._change(line.product_id, _Change(False, line.quantity, order_id)) for line in lines)
+        )
+        return [lv for lv in levels if lv is not None]
 
     @entry
     async def reserve(self, req: ReserveStock) -> list[StockLevel]:
@@ -118,21 +230,19 @@ class InventoryService(Slice):
         levels: list[StockLevel] = []
         try:
             for line in lines:
-                levels.append(await self._take(order_id, line))
+                level = await self._change(line.product_id, _Change(True, line.quantity, order_id))
+                assert level is not None
+                levels.append(level)
                 taken.append(line)
         except BaseException:
             if taken:
                 # shielded: a cancelled caller must not leave the taken lines reserved
-                await asyncio.shield(self._release_all(taken))
+                await asyncio.shield(self._release_all(order_id, taken))
             raise
         return levels
-
-    async def _release_all(self, lines: list[StockLine]) -> list[StockLevel]:
-        levels = await asyncio.gather(*(self._give_back(line) for line in lines))
-        return [lv for lv in levels if lv is not None]
 
     @entry
     async def release(self, req: ReleaseStock) -> list[StockLevel]:
         """Give back the stock of an order's lines (after a cancellation)."""
-        parse_order_id(req.order_id, "orderId")
-        return await self._release_all(_checked(req.lines))
+        order_id = parse_order_id(req.order_id, "orderId")
+        return await self._release_all(order_id, _checked(req.lines))

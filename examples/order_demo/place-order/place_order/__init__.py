@@ -32,6 +32,7 @@ from order_domain import (
 
 from aether.invoke.errors import SliceAppError
 from aether.slices import BadRequest, Conflict, Slice, route
+from aether.slices.maps import SliceMap
 
 INVENTORY = "org.demo:inventory-service"
 PRICING = "org.demo:pricing-service"
@@ -46,7 +47,7 @@ class PlaceOrderService(Slice):
     """Places orders; the order is readable through every node as soon as this answers."""
 
     async def start(self) -> None:
-        self.orders = self.map(ORDERS_MAP, Order)
+        self.orders: SliceMap[Order] = self.map(ORDERS_MAP, Order)
 
     async def _check(self, i: int, line: StockLine) -> None:
         try:
