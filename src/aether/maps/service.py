@@ -502,6 +502,10 @@ class MapService:
             return
         current = self.kv.get_local(MapTableKey())
         current = current if isinstance(current, PartitionTable) else None
+        now = self.now()
+        pending = [t + self.down_grace - now for t in self._down_since.values() if now - t < self.down_grace]
+        if pending:  # a lost node's grace is not over yet (timers may fire a little early): look again
+            self.replan(delay=min(pending) + 0.01)
         new = plan_table(current, self.live_members(), self.partitions)
         if new is None:
             return
