@@ -192,7 +192,8 @@ class MapService:
         self._acks: dict[int, tuple[_AckWait, str, float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: list[Callable[[], None]] = []
-        self._replan_handle: asyncio.TimerHandle | None = None
+        self._replan_handle: asyncio.Handle | None = None
+        self._replan_due = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
         self._purge_cursor = 0
         self._closed = False
@@ -490,10 +491,12 @@ class MapService:
         if self._closed:
             return
         loop = asyncio.get_running_loop()
+        due = loop.time() + delay
         if self._replan_handle is not None:
-            if delay > 0 and self._replan_handle.when() <= loop.time() + delay:
-                return
+            if self._replan_due <= due:
+                return  # an earlier run is already scheduled
             self._replan_handle.cancel()
+        self._replan_due = due
         self._replan_handle = loop.call_later(delay, lambda: self._spawn(self._replan_now()))
 
     async def _replan_now(self) -> None:
