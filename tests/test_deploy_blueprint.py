@@ -54,7 +54,7 @@ def test_load_blueprint_from_file(tmp_path: Path) -> None:
         ('id = "x"\ninstances = = 3\n', r"^bp\.toml:2: invalid TOML"),
         # unknown keys, top level and in a slice table, with the allowed ones listed
         ('id = "x"\nreplicas = 3\n[slices.a]\nartifact = "org.a:b:1.0.0"\n',
-         r"^bp\.toml:2: unknown key 'replicas'; allowed keys: id, requires, slices$"),
+         r"^bp\.toml:2: unknown key 'replicas'; allowed keys: id, requires, slices, maps$"),
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\nreplicas = 2\n',
          r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances$"),
         # bad coordinates
@@ -233,3 +233,44 @@ def test_expand_repository_errors_are_blueprint_errors() -> None:
 
     with pytest.raises(BlueprintError, match=r"dependencies of g:a:1\.0\.0: repository unreachable"):
         expand(parse_blueprint(bp(("a", "g:a:1.0.0", 1))), broken, Repo({"g:a:1.0.0": {}}).resolve)
+
+
+MAPS_BP = """id = "shop:1"
+[slices.a]
+artifact = "org.x:a:1.0.0"
+
+[maps.orders]
+replicas = 3
+write_quorum = 2
+engine = "sqlite"
+
+[maps.sessions]
+"""
+
+
+def test_maps_sections_parse_into_specs() -> None:
+    from aether.core.maps import MapSpec
+
+    bp = parse_blueprint(MAPS_BP, "shop.blueprint")
+    assert bp.maps == (("orders", MapSpec(3, 2, "sqlite")), ("sessions", MapSpec()))
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ("[maps.orders]\nreplica = 3\n", "shop.blueprint:6: unknown key 'replica' in [maps.orders]"),
+        ('[maps.orders]\nengine = "redis"\n', 'shop.blueprint:6: engine in [maps.orders] must be "memory"'),
+        ('[maps.orders]\nreplicas = "3"\n', "replicas in [maps.orders] must be an integer, got '3'"),
+        ("[maps.orders]\nreplicas = 2\nwrite_quorum = 3\n", "write_quorum must be between 1 and replicas"),
+        ("[maps.Orders]\n", "invalid map name 'Orders'"),
+        ('maps = "orders"\n', "maps must be tables"),
+    ],
+)
+def test_maps_section_errors_name_line_and_problem(table: str, expected: str) -> None:
+    slices = '[slices.a]\nartifact = "org.x:a:1.0.0"\n'
+    top = 'id = "shop:1"\n'
+    # a top-level `maps = ...` must come before the first table
+    text = top + table + slices if table.startswith("maps") else top + slices + "\n" + table
+    with pytest.raises(BlueprintError) as info:
+        parse_blueprint(text, "shop.blueprint")
+    assert expected in str(info.value)

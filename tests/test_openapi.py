@@ -29,12 +29,13 @@ class FakeDeployments:
 
 
 class FullFakeNode(FakeNode):
-    """Everything the server can serve: events (router + kv), deployments and an invoker."""
+    """Everything the server can serve: events (router + kv), deployments, an invoker and maps."""
 
     def __init__(self) -> None:
         super().__init__()
         self.deployments = FakeDeployments()
         self.invoker = object()
+        self.maps = object()
 
 
 def _routes(node: Any) -> set[tuple[str, str]]:

@@ -15,7 +15,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
@@ -136,6 +136,9 @@ async def test_kill9_follower_then_leader_writes_keep_committing(process_cluster
     try:
         for i, cl in enumerate(clients):
             assert str(cl.connected_to) == c.address(i % c.n)
+        # the leader also writes the distributed map's partition table when nodes come and go: count
+        # those writes (one revision each) from a settled table to the end
+        table0 = await _settled_table(c, 0, c.n)
         rev0 = await clients[0].put("user/fo/start", b"start")  # store revision before the load
         wr = Writers(clients, "user/fo", pause=0.001)
         failovers_seen: dict[int, int] = {}
@@ -176,9 +179,12 @@ async def test_kill9_follower_then_leader_writes_keep_committing(process_cluster
         # exactly once: every applied put adds 1 to the store revision, so a write that was retried
         # after a failover and applied twice would push the revision past the count (this assumes
         # nothing else writes to the store meanwhile, true for a cluster with no slices deployed)
+        table1 = await _settled_table(c, survivors[0], len(survivors))
         revision = await reader.put("user/fo/final", b"end")
-        assert revision - rev0 == len(wr.acked) + 1, (
-            f"store revision went from {rev0} to {revision} for {len(wr.acked) + 1} acknowledged puts"
+        table_writes = table1["version"] - table0["version"]
+        assert revision - rev0 == len(wr.acked) + 1 + table_writes, (
+            f"store revision went from {rev0} to {revision} for {len(wr.acked) + 1} acknowledged puts "
+            f"and {table_writes} partition table writes"
         )
         # and every surviving replica applied them (local view over the management API)
         await asyncio.to_thread(c.wait_applied_equal, 20)
@@ -461,3 +467,14 @@ async def test_bad_input_on_cluster_port_is_logged_and_survived(process_cluster:
     assert len(expect) == 6
     assert not missing, f"no WARNING line in {c.ids[target]}'s log for: {missing}\n{c.log_tail(target, 60)}"
     assert not c.log_lines(target, "Traceback"), "a traceback in the node log:\n" + c.log_tail(target, 60)
+
+
+async def _settled_table(c: ProcessCluster, i: int, members: int, timeout: float = 15.0) -> dict[str, Any]:
+    """The partition table node `i` holds once it lists `members` nodes."""
+    end = time.monotonic() + timeout
+    while True:
+        table = (await c.akv(i, "maps/table")).get("maps/table")
+        if table is not None and len(table["members"]) == members:
+            return dict(table)
+        assert time.monotonic() < end, f"no partition table with {members} members on {c.ids[i]}: {table}"
+        await asyncio.sleep(0.05)

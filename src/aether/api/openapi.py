@@ -18,6 +18,17 @@ from typing import Any
 import msgspec
 
 from aether.api.deploy_routes import ApplyBlueprint, DeployRequest, UndeployRequest
+from aether.api.map_routes import (
+    MAX_TTL,
+    CreateMap,
+    MapCreated,
+    MapDeleted,
+    MapDetail,
+    MapEntryRemoved,
+    MapEntryWritten,
+    MapKeys,
+    MapListing,
+)
 from aether.api.types import KVListing, Problem
 from aether.core.status import NodeStatus
 from aether.deploy.operations import SliceStatus
@@ -34,6 +45,7 @@ _ERRORS = {
     401: "Missing or wrong API key (only when the node has an API key)",
     404: "Not found",
     409: "Conflict",
+    413: "The request body is larger than the 1 MiB limit",
     500: "Unexpected failure; the node logs the traceback, the answer never contains it",
     502: "The slice raised an error",
     503: "The node is not ready or has no quorum for the operation",
@@ -62,6 +74,14 @@ def _schemas() -> dict[str, Any]:
             ApplyBlueprint,
             DeployRequest,
             UndeployRequest,
+            CreateMap,
+            MapListing,
+            MapCreated,
+            MapDetail,
+            MapDeleted,
+            MapEntryWritten,
+            MapEntryRemoved,
+            MapKeys,
         ],
         ref_template=_REF,
         schema_hook=_any_json,
@@ -415,6 +435,135 @@ def _paths() -> dict[str, dict[str, Any]]:
                 descriptions={404: "Unknown entry", 503: "No ACTIVE instance of the artifact"},
             )
         },
+        **_map_paths(),
+    }
+
+
+def _map_paths() -> dict[str, dict[str, Any]]:
+    tags = ("maps",)
+    name = _path("name", "map name: 1-63 lowercase letters, digits, '_', '.' or '-'")
+    key = _path("key", "the key (percent-encoded; may contain '/'), at most 1024 bytes of UTF-8")
+    m = f"{P}/maps"
+    unknown = {404: "No map of that name"}
+    unavailable = "The key's partition primary or a write quorum was not reached in time"
+    return {
+        m: {
+            "get": _op(
+                "listMaps",
+                "Defined maps and the partition table (version and members)",
+                {200: _json(_ref("MapListing"), "Map definitions, sorted by name")},
+                (400,),
+                tags=tags,
+            ),
+            "post": _op(
+                "createMap",
+                "Define a map (write_quorum defaults to min(2, replicas))",
+                {
+                    201: _json(_ref("MapCreated"), "Created"),
+                    200: _json(_ref("MapCreated"), "An identical map already exists (created: false)"),
+                },
+                (400, 409, 413, 503, 504),
+                body=_json_body("CreateMap"),
+                tags=tags,
+                descriptions={
+                    400: "Invalid body, name or setting; the detail names the field",
+                    409: "A map of that name exists with other settings",
+                },
+            ),
+        },
+        f"{m}/{{name}}": {
+            "get": _op(
+                "getMap",
+                "A map's definition, the partition table and every live node's stats of the map",
+                {200: _json(_ref("MapDetail"), "The map")},
+                (400, 404),
+                params=[name],
+                tags=tags,
+                descriptions=unknown,
+            ),
+            "delete": _op(
+                "deleteMap",
+                "Delete a map and its entries on every node",
+                {200: _json(_ref("MapDeleted"), "Deleted")},
+                (400, 404, 503, 504),
+                params=[name],
+                tags=tags,
+                descriptions=unknown,
+            ),
+        },
+        f"{m}/{{name}}/keys": {
+            "get": _op(
+                "listMapKeys",
+                "Live keys of a map (gathered from every partition primary), sorted",
+                {200: _json(_ref("MapKeys"), "Keys")},
+                (400, 404, 503),
+                params=[
+                    name,
+                    {
+                        "name": "prefix",
+                        "in": "query",
+                        "required": False,
+                        "description": "only keys starting with this; all keys when absent or empty",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                tags=tags,
+                descriptions={**unknown, 503: "A node holding partitions did not answer"},
+            )
+        },
+        f"{m}/{{name}}/entries/{{key}}": {
+            "get": _op(
+                "getMapEntry",
+                "A key's value, decoded from MessagePack and answered as JSON",
+                {200: _json({}, "The value")},
+                (400, 404, 502, 503),
+                params=[name, key],
+                tags=tags,
+                descriptions={
+                    404: "No map of that name, or no such key",
+                    502: "The stored value has no JSON form (binary data, an extension, ...); "
+                    "the detail names the key",
+                    503: unavailable,
+                },
+            ),
+            "put": _op(
+                "putMapEntry",
+                "Store a JSON value (encoded as MessagePack) under a key",
+                {200: _json(_ref("MapEntryWritten"), "Stored (on a write quorum of nodes)")},
+                (400, 404, 413, 503),
+                params=[
+                    name,
+                    key,
+                    {
+                        "name": "ttl",
+                        "in": "query",
+                        "required": False,
+                        "description": "seconds until the entry expires (more than 0); none when absent",
+                        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TTL},
+                    },
+                ],
+                body={
+                    "required": True,
+                    "description": "the value, any JSON",
+                    "content": {"application/json": {"schema": {}}},
+                },
+                tags=tags,
+                descriptions={
+                    **unknown,
+                    400: "Invalid key, ttl or JSON, or the encoded value exceeds the map's max_value_bytes",
+                    503: unavailable + "; the outcome of the write is unknown",
+                },
+            ),
+            "delete": _op(
+                "removeMapEntry",
+                "Remove a key",
+                {200: _json(_ref("MapEntryRemoved"), "Removed")},
+                (400, 404, 503),
+                params=[name, key],
+                tags=tags,
+                descriptions={404: "No map of that name, or no such key", 503: unavailable},
+            ),
+        },
     }
 
 
@@ -445,7 +594,7 @@ def build_openapi(routes: Iterable[tuple[str, str]] | None = None) -> dict[str, 
         "info": {"title": "Aether management API", "version": "1", "description": _DESCRIPTION},
         "servers": [{"url": "/"}],
         "security": [{"apiKey": []}, {"bearer": []}],
-        "tags": [{"name": t} for t in ("cluster", "events", "deployment", "invoke", "meta")],
+        "tags": [{"name": t} for t in ("cluster", "events", "deployment", "invoke", "maps", "meta")],
         "paths": copy.deepcopy(paths),
         "components": {
             "schemas": _schemas(),

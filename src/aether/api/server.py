@@ -21,6 +21,10 @@ Deployment endpoints, when the node runs a deployment service (`node.deployments
 - `POST /api/v1/invoke/{artifact}/{method}?timeout=S` with the entry's argument as JSON: calls the
   entry through the node's invoker (local instance first, else a remote one) and returns its answer
 
+Distributed-map endpoints, when the node runs a map service (`node.maps`; see
+`aether.api.map_routes`): `GET|POST /api/v1/maps`, `GET|DELETE /api/v1/maps/{name}`,
+`GET /api/v1/maps/{name}/keys?prefix=P` and `GET|PUT|DELETE /api/v1/maps/{name}/entries/{key}`.
+
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
 logged with their traceback and answered with a 500 that never contains it.
@@ -207,6 +211,10 @@ class ManagementServer:
                 self._node.deployments,  # type: ignore[attr-defined]
                 getattr(self._node, "invoker", None),
             ).register(app, API_PREFIX)
+        if getattr(self._node, "maps", None) is not None:
+            from aether.api.map_routes import MapRoutes
+
+            MapRoutes(self._node.maps).register(app, API_PREFIX)  # type: ignore[attr-defined]
 
         async def handle_openapi(request: web.Request) -> web.Response:
             from aether.api.openapi import build_openapi

@@ -8,8 +8,8 @@ when it is not 0 (`aether [1]> `).
 
 History persists in `~/.aether/history` (env AETHER_HISTORY). Tab completes command and
 subcommand names, options, artifact coordinates and blueprint ids (from the connected node's
-`/api/v1/slices` and `/api/v1/blueprints`) and node ids (`/api/v1/nodes`), cached for a few
-seconds; a node that does not answer just yields no suggestions.
+`/api/v1/slices` and `/api/v1/blueprints`), node ids (`/api/v1/nodes`) and map names
+(`/api/v1/maps`), cached for a few seconds; a node that does not answer just yields no suggestions.
 
 prompt_toolkit is imported only here, so batch commands never pay for it.
 """
@@ -108,6 +108,12 @@ class NodeData:
     def blueprints(self) -> list[str]:
         return sorted({b["id"] for b in self._items("/api/v1/blueprints") if isinstance(b.get("id"), str)})
 
+    def maps(self) -> list[str]:
+        doc = self._doc("/api/v1/maps")
+        found = doc.get("maps") if isinstance(doc, dict) else None
+        items = [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
+        return sorted({m["name"] for m in items if isinstance(m.get("name"), str)})
+
     def node_ids(self) -> list[str]:
         members = self._items("/api/v1/nodes") or self._items("/api/v1/status")
         return sorted({m["id"] for m in members if isinstance(m.get("id"), str)})
@@ -198,6 +204,10 @@ class AetherCompleter(Completer):
         name = (param.name or "").lower()
         if "blueprint" in name:
             return self.data.blueprints()
+        if name == "map_name":
+            return self.data.maps()
+        if name in ("key", "value"):  # a map's keys and JSON values: nothing to suggest
+            return []
         if "node" in name:
             return self.data.node_ids()
         if "artifact" in name or "coord" in name:

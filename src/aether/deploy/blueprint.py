@@ -13,6 +13,12 @@ requires = ["artifact-repo"]      # optional: infrastructure services (kept, not
 [slices.place_order]              # one table per slice; NAME is a label
 artifact = "org.demo:place-order:0.1.0"   # required, GROUP:ARTIFACT:VERSION
 instances = 3                     # optional, default 1, must be >= 1
+
+[maps.orders]                     # optional: a distributed map the slices use; NAME is the map name
+replicas = 3                      # optional, default 3 (copies, primary included)
+write_quorum = 2                  # optional, default 2 (acknowledgements before a write returns)
+engine = "sqlite"                 # optional: "memory" (default) or "sqlite" (persistent)
+max_value_bytes = 1048576         # optional, default 1 MiB
 ```
 
 Every error is a `BlueprintError` whose message starts with `FILE:LINE:` (or `FILE:` when no
@@ -23,17 +29,21 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from aether.core.artifact import Artifact, VersionPattern
 from aether.core.errors import BadRequest
+from aether.core.maps import MapSpec
 from aether.deploy.errors import BlueprintError
 from aether.deploy.ports import DependenciesOf, Resolve
 from aether.kv.keys import BlueprintSlice, BlueprintValue, parse_key
 
-TOP_LEVEL_KEYS = ("id", "requires", "slices")
+TOP_LEVEL_KEYS = ("id", "requires", "slices", "maps")
+MAP_KEYS = ("replicas", "write_quorum", "engine", "max_value_bytes")
 SLICE_KEYS = ("artifact", "instances")
 DIRECT_PREFIX = "direct:"
 SOURCES = ("operator", "controller", "api")
@@ -57,6 +67,7 @@ class Blueprint:
     slices: tuple[BlueprintSliceSpec, ...]
     requires: tuple[str, ...] = ()
     filename: str = "<blueprint>"
+    maps: tuple[tuple[str, MapSpec], ...] = ()
 
     def where(self, line: int | None) -> str:
         return f"{self.filename}:{line}" if line else self.filename
@@ -156,6 +167,7 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
     if not isinstance(requires_raw, list) or not all(isinstance(r, str) and r.strip() for r in requires_raw):
         raise fail(f"requires must be a list of service names (strings), got {requires_raw!r}", "requires")
 
+    maps = _parse_maps(raw.get("maps", {}), fail)
     slices_raw = raw.get("slices")
     if slices_raw is None or (isinstance(slices_raw, dict) and not slices_raw):
         raise fail('no slices: add at least one [slices.NAME] table with artifact = "GROUP:ARTIFACT:VERSION"')
@@ -204,7 +216,36 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
         spec = BlueprintSliceSpec(name, artifact, instances, line)
         by_name[artifact.name] = spec
         specs.append(spec)
-    return Blueprint(bp_id, tuple(specs), tuple(requires_raw), filename)
+    return Blueprint(bp_id, tuple(specs), tuple(requires_raw), filename, maps)
+
+
+def _parse_maps(maps_raw: object, fail: Callable[..., BlueprintError]) -> tuple[tuple[str, MapSpec], ...]:
+    if not isinstance(maps_raw, dict):
+        raise fail("maps must be tables: [maps.NAME] with replicas, write_quorum, engine", "maps")
+    out: list[tuple[str, MapSpec]] = []
+    for name, table in maps_raw.items():
+        if not isinstance(table, dict):
+            raise fail(f"maps.{name} must be a table ([maps.{name}])", "maps", name)
+        for key in table:
+            if key not in MAP_KEYS:
+                raise fail(f"unknown key {key!r} in [maps.{name}]; allowed keys: {', '.join(MAP_KEYS)}",
+                           "maps", name, key)
+        for key in ("replicas", "write_quorum", "max_value_bytes"):
+            v = table.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise fail(f"{key} in [maps.{name}] must be an integer, got {v!r}", "maps", name, key)
+        engine = table.get("engine", "memory")
+        if engine not in ("memory", "sqlite"):
+            raise fail(f'engine in [maps.{name}] must be "memory" or "sqlite", got {engine!r}',
+                       "maps", name, "engine")
+        try:
+            spec = msgspec.convert(table, MapSpec).validate(name)
+        except BadRequest as e:
+            raise fail(f"[maps.{name}]: {e}", "maps", name) from None
+        except msgspec.ValidationError as e:
+            raise fail(f"[maps.{name}]: {e}", "maps", name) from None
+        out.append((name, spec))
+    return tuple(out)
 
 
 def load_blueprint(path: str | Path) -> Blueprint:

@@ -29,6 +29,7 @@ import msgspec
 
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
+from aether.core.maps import MapSpec
 from aether.deploy.blueprint import (
     DIRECT_PREFIX,
     Blueprint,
@@ -40,7 +41,7 @@ from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentF
 from aether.deploy.lifecycle import SliceState
 from aether.deploy.ports import DependenciesOf, Resolve
 from aether.deploy.reconcile import desired_state
-from aether.kv.keys import BlueprintKey, BlueprintValue, SliceKey, SliceStateValue, parse_key
+from aether.kv.keys import BlueprintKey, BlueprintValue, MapDefKey, SliceKey, SliceStateValue, parse_key
 from aether.kv.machine import WatchEvent
 from aether.kv.store import KVStore
 
@@ -106,8 +107,23 @@ class DeploymentService:
         """Parse, expand and store a blueprint (replacing one with the same id)."""
         bp = parse_blueprint(toml_text, filename)
         value = expand(bp, self.dependencies_of, self.resolve, source=source)
+        for name, spec in bp.maps:  # before the slices, which may use them in start()
+            await self._define_map(bp, name, spec)
         await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
         return value
+
+    async def _define_map(self, bp: Blueprint, name: str, spec: MapSpec) -> None:
+        key = MapDefKey(name)
+        current = self.kv.get_local(key)
+        if current is None and await self.kv.compare_and_set(key, None, spec, self.timeout):
+            return
+        current = self.kv.get_local(key)
+        if current != spec:
+            raise BlueprintError(
+                f"{bp.filename}: [maps.{name}] asks for replicas={spec.replicas} "
+                f"write_quorum={spec.write_quorum} engine={spec.engine}, but map {name!r} exists with "
+                f"{current!r}; use the existing settings or delete the map first (`aether map delete {name}`)"
+            )
 
     async def delete_blueprint(self, blueprint_id: str) -> bool:
         """Remove a blueprint; its slices are undeployed unless another blueprint lists them."""

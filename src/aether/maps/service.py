@@ -32,7 +32,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -141,6 +141,7 @@ class MapService:
         *,
         router: MessageRouter | None = None,
         is_leader: Callable[[], bool] = lambda: False,
+        up_peers: Callable[[], Iterable[str]] = lambda: (),
         partitions: int = DEFAULT_PARTITIONS,
         op_timeout: float = 5.0,
         ack_timeout: float = 2.0,
@@ -158,6 +159,7 @@ class MapService:
         self.sender = sender
         self.data_dir = Path(data_dir)
         self.is_leader = is_leader
+        self.up_peers = up_peers
         self.partitions = partitions
         self.op_timeout = op_timeout
         self.ack_timeout = ack_timeout
@@ -183,13 +185,15 @@ class MapService:
 
         self.up: set[str] = set()
         self._down_since: dict[str, float] = {}
+        self._up_events: dict[str, asyncio.Event] = {}
         self._ids = itertools.count(1)
         self._calls: dict[int, tuple[asyncio.Future[Any], str]] = {}
         self._chunks: dict[int, tuple[asyncio.Queue[SyncChunk | None], str]] = {}
         self._acks: dict[int, tuple[_AckWait, str, float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: list[Callable[[], None]] = []
-        self._replan_handle: asyncio.TimerHandle | None = None
+        self._replan_handle: asyncio.Handle | None = None
+        self._replan_due = 0.0
         self._housekeeper: asyncio.Task[None] | None = None
         self._purge_cursor = 0
         self._closed = False
@@ -198,6 +202,7 @@ class MapService:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.up.update(p for p in self.up_peers() if p != self.node_id)  # links up before we subscribed
         for key, spec in self.kv.list_local(MapDefKey.prefix):
             if isinstance(spec, MapSpec):
                 self._define(key[len(MapDefKey.prefix) :], spec)
@@ -357,19 +362,38 @@ class MapService:
                 self._spawn(self._pull(primary, name, parts))
 
     async def _pull(self, primary: str, name: str, parts: list[int]) -> None:
-        try:
-            n = await self._sync_from(primary, name, parts, fence=0)
-            self.log.debug(
-                "re-replicated %d records of %d partitions of %s from %s", n, len(parts), name, primary
-            )
-        except (_PeerGone, TimeoutError) as e:
-            self.log.info("re-replication of %s from %s incomplete: %s", name, primary, e)
+        """Copy `parts` of map `name` from their primary; on failure retry with the then current
+        primaries of the partitions this node still replicates."""
+        for attempt in range(20):
+            try:
+                n = await self._sync_from(primary, name, parts, fence=0)
+                self.log.debug(
+                    "re-replicated %d records of %d partitions of %s from %s", n, len(parts), name, primary
+                )
+                return
+            except (_PeerGone, TimeoutError) as e:
+                self.log.info("re-replication of %s from %s incomplete (%s); retrying", name, primary, e)
+            await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+            table, spec = self.table, self.specs.get(name)
+            if table is None or spec is None:
+                return
+            still = [p for p in parts if self.node_id in owners_for(table, p, spec.replicas)[1:]]
+            if not still:
+                return
+            by_primary: dict[str, list[int]] = {}
+            for p in still:
+                by_primary.setdefault(table.primary(p), []).append(p)
+            (primary, parts), *rest = by_primary.items()
+            for other, other_parts in rest:
+                self._spawn(self._pull(other, name, other_parts))
+        self.log.warning("gave up re-replicating %d partitions of %s", len(parts), name)
 
     async def _promote(self, version: int, parts: list[int]) -> None:
         """Collect `parts` from every live node before serving them as primary at `version`."""
         table = self.table
         assert table is not None
-        peers = [m for m in table.members if m != self.node_id and m in self.up]
+        # every member of the table was live when the leader wrote it: wait for links still coming up
+        peers = [m for m in table.members if m != self.node_id]
         started = self.now()
         jobs = [
             self._sync_from(peer, name, parts, fence=version) for name in list(self.specs) for peer in peers
@@ -400,7 +424,9 @@ class MapService:
         merged = 0
         try:
             if not self.sender.send(peer, SyncRequest(rid, name, parts, fence)):
-                raise _PeerGone(f"{peer} is not up")
+                await self._wait_up(peer, self.sync_timeout)
+                if not self.sender.send(peer, SyncRequest(rid, name, parts, fence)):
+                    raise _PeerGone(f"{peer} is not up")
             while True:
                 async with asyncio.timeout(self.sync_timeout):
                     chunk = await queue.get()
@@ -424,7 +450,20 @@ class MapService:
     def peer_up(self, peer: str) -> None:
         self.up.add(peer)
         self._down_since.pop(peer, None)
+        waiter = self._up_events.pop(peer, None)
+        if waiter is not None:
+            waiter.set()
         self.replan()
+
+    async def _wait_up(self, peer: str, timeout: float) -> None:
+        if peer in self.up:
+            return
+        ev = self._up_events.setdefault(peer, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await ev.wait()
+        except TimeoutError:
+            raise _PeerGone(f"{peer} did not come up within {timeout:g}s") from None
 
     def peer_down(self, peer: str) -> None:
         self.up.discard(peer)
@@ -452,10 +491,12 @@ class MapService:
         if self._closed:
             return
         loop = asyncio.get_running_loop()
+        due = loop.time() + delay
         if self._replan_handle is not None:
-            if delay > 0 and self._replan_handle.when() <= loop.time() + delay:
-                return
+            if self._replan_due <= due:
+                return  # an earlier run is already scheduled
             self._replan_handle.cancel()
+        self._replan_due = due
         self._replan_handle = loop.call_later(delay, lambda: self._spawn(self._replan_now()))
 
     async def _replan_now(self) -> None:
@@ -464,6 +505,10 @@ class MapService:
             return
         current = self.kv.get_local(MapTableKey())
         current = current if isinstance(current, PartitionTable) else None
+        now = self.now()
+        pending = [t + self.down_grace - now for t in self._down_since.values() if now - t < self.down_grace]
+        if pending:  # a lost node's grace is not over yet (timers may fire a little early): look again
+            self.replan(delay=min(pending) + 0.01)
         new = plan_table(current, self.live_members(), self.partitions)
         if new is None:
             return

@@ -95,7 +95,8 @@ class Node:
         self.endpoints = EndpointRegistry(self.kv, logger=logging.getLogger(f"aether.deploy.{self.node_id}"))
         self.maps = MapService(
             self.node_id, self.kv, self.transport, config.data_path / "maps", router=self.router,
-            is_leader=lambda: self.leader.is_leader, logger=logging.getLogger(f"aether.maps.{self.node_id}"),
+            is_leader=lambda: self.leader.is_leader, up_peers=lambda: self.transport.up_peers,
+            logger=logging.getLogger(f"aether.maps.{self.node_id}"),
         )
         self.slice_store = SliceStore(
             self.node_id, self.repository, config.data_path / "runtime", invoker=None,  # type: ignore[arg-type]

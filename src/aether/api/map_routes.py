@@ -1,0 +1,336 @@
+"""Management API endpoints for distributed maps: definitions, stats, and entries as JSON.
+
+Thin handlers over the node's `MapService` (`node.maps`, aether.maps.service). Definitions are
+writes through consensus, so any node serves them; entry operations go to the key's partition
+primary from whichever node takes the request.
+
+Entries are stored as MessagePack bytes (what `Slice.map` writes). The API converts at the edge:
+a JSON body is encoded to MessagePack on write, and a stored value is decoded and answered as
+JSON on read. A stored value that has no JSON form (binary data, a MessagePack extension, a
+non-string map key, NaN or an infinity) answers 502 naming the key and where in the value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from datetime import date, datetime, time
+from typing import Annotated, Any, Final
+
+import msgspec
+from aiohttp import web
+
+from aether.api.server import _query, problem_response
+from aether.core.errors import BadRequest, StatusError
+from aether.core.maps import (
+    DEFAULT_MAX_VALUE_BYTES,
+    MAX_VALUE_BYTES_LIMIT,
+    MapSpec,
+    StorageEngine,
+    UnknownMap,
+    check_map_name,
+)
+from aether.maps.messages import MapNodeStats
+
+__all__ = [
+    "MAX_BODY",
+    "CreateMap",
+    "MapCreated",
+    "MapDefinition",
+    "MapDeleted",
+    "MapDetail",
+    "MapEntryRemoved",
+    "MapEntryWritten",
+    "MapKeys",
+    "MapListing",
+    "MapRoutes",
+]
+
+MAX_BODY: Final = 1024 * 1024
+"""Largest request body (the aiohttp application's own limit): a JSON value of at most 1 MiB."""
+MAX_TTL: Final = 10 * 365 * 24 * 3600.0
+_DEFAULT_WRITE_QUORUM: Final = MapSpec().write_quorum
+
+
+class CreateMap(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /api/v1/maps`: `write_quorum` defaults to min(2, replicas)."""
+
+    name: str
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=9)] = MapSpec().replicas
+    write_quorum: Annotated[int, msgspec.Meta(ge=1, le=9)] | None = None
+    engine: StorageEngine = "memory"
+    max_value_bytes: Annotated[int, msgspec.Meta(ge=1, le=MAX_VALUE_BYTES_LIMIT)] = DEFAULT_MAX_VALUE_BYTES
+
+    def spec(self) -> MapSpec:
+        quorum = self.write_quorum
+        if quorum is None:
+            quorum = min(_DEFAULT_WRITE_QUORUM, self.replicas)
+        return MapSpec(self.replicas, quorum, self.engine, self.max_value_bytes).validate(self.name)
+
+
+class MapDefinition(msgspec.Struct):
+    name: str
+    replicas: int
+    write_quorum: int
+    engine: StorageEngine
+    max_value_bytes: int
+
+    @classmethod
+    def of(cls, name: str, spec: MapSpec) -> MapDefinition:
+        return cls(name, spec.replicas, spec.write_quorum, spec.engine, spec.max_value_bytes)
+
+
+class MapCreated(MapDefinition):
+    """The answer to `POST /api/v1/maps`: `created` is false when an identical map already existed."""
+
+    created: bool
+
+
+class MapListing(msgspec.Struct):
+    """Every defined map, with the partition table (`null`/empty before the leader wrote one)."""
+
+    table_version: int | None
+    members: list[str]
+    maps: list[MapDefinition]
+
+
+class MapDetail(MapDefinition):
+    """One map: its definition, the partition table, and each live node's stats of it."""
+
+    table_version: int | None
+    members: list[str]
+    nodes: list[MapNodeStats]
+
+
+class MapDeleted(msgspec.Struct):
+    name: str
+    deleted: bool
+
+
+class MapEntryWritten(msgspec.Struct):
+    map: str
+    key: str
+    bytes: int
+    """Size of the stored (MessagePack) value."""
+    ttl: float | None
+
+
+class MapEntryRemoved(msgspec.Struct):
+    map: str
+    key: str
+    removed: bool
+
+
+class MapKeys(msgspec.Struct):
+    map: str
+    prefix: str
+    keys: list[str]
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+
+
+def _problem(status: int, detail: str) -> web.Response:
+    return problem_response(status, detail)
+
+
+async def _read(request: web.Request) -> bytes:
+    size = request.content_length
+    if size is not None and size > MAX_BODY:
+        raise _TooLarge(size)
+    raw = await request.read()
+    if len(raw) > MAX_BODY:
+        raise _TooLarge(len(raw))
+    if not raw.strip():
+        raise BadRequest(f"{request.method} {request.path} needs a JSON body")
+    return raw
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"request body of {size} bytes exceeds the {MAX_BODY}-byte limit")
+
+
+def _ttl(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequest(f"ttl must be a number of seconds, not {text!r}") from None
+    if not (0 < value <= MAX_TTL):  # also false for NaN
+        raise BadRequest(f"ttl must be more than 0 and at most {MAX_TTL:g} seconds, not {text!r}")
+    return value
+
+
+def _json_problem(value: object, path: str = "$") -> str | None:
+    """Where and why `value` (decoded MessagePack) has no JSON form, or None if it has one."""
+    if value is None or isinstance(value, (bool, int, str, datetime, date, time)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is {value} (not a JSON number)"
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if (problem := _json_problem(item, f"{path}[{i}]")) is not None:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for k, item in value.items():
+            if not isinstance(k, str):
+                return f"{path} has a {type(k).__name__} key {k!r} (JSON object keys are strings)"
+            if (problem := _json_problem(item, f"{path}.{k}")) is not None:
+                return problem
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"{path} is binary data"
+    if isinstance(value, msgspec.msgpack.Ext):
+        return f"{path} is a MessagePack extension (code {value.code})"
+    return f"{path} is a {type(value).__name__}"
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _errors(handler: Handler) -> Handler:
+    """Map errors to problem documents: unknown map 404, status errors (409, 503) their status.
+
+    `BadRequest` (bad name, bad key, value too large) is left to the server's middleware (400)."""
+
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except UnknownMap as e:
+            return _problem(404, str(e))
+        except StatusError as e:
+            return _problem(e.status, str(e))
+        except _TooLarge as e:
+            return _problem(413, str(e))
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+class MapRoutes:
+    def __init__(self, maps: Any) -> None:
+        self.maps = maps
+
+    def register(self, app: web.Application, prefix: str) -> None:
+        r = app.router
+        base = f"{prefix}/maps"
+        r.add_get(base, _errors(self.list_maps))
+        r.add_post(base, _errors(self.create_map))
+        r.add_get(f"{base}/{{name}}", _errors(self.get_map))
+        r.add_delete(f"{base}/{{name}}", _errors(self.delete_map))
+        r.add_get(f"{base}/{{name}}/keys", _errors(self.keys))
+        # keys may contain '/': the rest of the path (percent-decoded) is the key
+        r.add_get(f"{base}/{{name}}/entries/{{key:.+}}", _errors(self.get_entry))
+        r.add_put(f"{base}/{{name}}/entries/{{key:.+}}", _errors(self.put_entry))
+        r.add_delete(f"{base}/{{name}}/entries/{{key:.+}}", _errors(self.remove_entry))
+
+    def _table(self) -> tuple[int | None, list[str]]:
+        table = self.maps.table
+        return (table.version, list(table.members)) if table is not None else (None, [])
+
+    def _spec(self, name: str) -> MapSpec:
+        check_map_name(name)
+        spec: MapSpec | None = self.maps.specs.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.maps.specs)) or "none"
+            raise UnknownMap(
+                f"no map {name!r} (defined maps: {known}); create it with `aether map create {name}`"
+            )
+        return spec
+
+    # -- definitions --------------------------------------------------------------------------------
+
+    async def list_maps(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        version, members = self._table()
+        specs: dict[str, MapSpec] = dict(self.maps.specs)
+        defs = [MapDefinition.of(n, specs[n]) for n in sorted(specs)]
+        return _json(MapListing(table_version=version, members=members, maps=defs))
+
+    async def create_map(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        raw = await _read(request)
+        try:
+            body = msgspec.json.decode(raw, type=CreateMap)
+        except msgspec.ValidationError as e:
+            raise BadRequest(f"invalid map definition: {e}") from None
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        spec = body.spec()
+        created = await self.maps.define(body.name, spec)
+        d = MapDefinition.of(body.name, spec)
+        out = MapCreated(d.name, d.replicas, d.write_quorum, d.engine, d.max_value_bytes, created=created)
+        return _json(out, status=201 if created else 200)
+
+    async def get_map(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        name = request.match_info["name"]
+        spec = self._spec(name)
+        nodes: list[MapNodeStats] = sorted(await self.maps.stats(name), key=lambda s: s.node)
+        version, members = self._table()
+        d = MapDefinition.of(name, spec)
+        return _json(
+            MapDetail(
+                d.name, d.replicas, d.write_quorum, d.engine, d.max_value_bytes,
+                table_version=version, members=members, nodes=nodes,
+            )
+        )
+
+    async def delete_map(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        name = request.match_info["name"]
+        self._spec(name)
+        if not await self.maps.undefine(name):
+            raise UnknownMap(f"no map {name!r}")
+        return _json(MapDeleted(name=name, deleted=True))
+
+    # -- entries ------------------------------------------------------------------------------------
+
+    async def keys(self, request: web.Request) -> web.Response:
+        prefix = _query(request, ("prefix",)).get("prefix", "")
+        name = request.match_info["name"]
+        self._spec(name)
+        keys: list[str] = await self.maps.map_keys(name, prefix)
+        return _json(MapKeys(map=name, prefix=prefix, keys=keys))
+
+    async def get_entry(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        name, key = request.match_info["name"], request.match_info["key"]
+        self._spec(name)
+        raw: bytes | None = await self.maps.map_get(name, key)
+        if raw is None:
+            return _problem(404, f"map {name!r} has no key {key!r}")
+        try:
+            value = msgspec.msgpack.decode(raw)
+        except msgspec.DecodeError as e:
+            return _problem(502, f"map {name!r} key {key!r}: the stored value is not MessagePack: {e}")
+        problem = _json_problem(value)
+        if problem is not None:
+            return _problem(502, f"map {name!r} key {key!r}: the stored value has no JSON form: {problem}")
+        return _json(value)
+
+    async def put_entry(self, request: web.Request) -> web.Response:
+        ttl = _ttl(_query(request, ("ttl",)).get("ttl"))
+        name, key = request.match_info["name"], request.match_info["key"]
+        self._spec(name)
+        raw = await _read(request)
+        try:
+            value = msgspec.json.decode(raw)
+        except msgspec.DecodeError as e:
+            raise BadRequest(f"the value for map {name!r} key {key!r} is not valid JSON: {e}") from None
+        encoded = msgspec.msgpack.encode(value)
+        await self.maps.map_put(name, key, encoded, ttl=ttl)
+        return _json(MapEntryWritten(map=name, key=key, bytes=len(encoded), ttl=ttl))
+
+    async def remove_entry(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        name, key = request.match_info["name"], request.match_info["key"]
+        self._spec(name)
+        if not await self.maps.map_remove(name, key):
+            return _problem(404, f"map {name!r} has no key {key!r}")
+        return _json(MapEntryRemoved(map=name, key=key, removed=True))

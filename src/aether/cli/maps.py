@@ -1,0 +1,307 @@
+"""Distributed-map commands: `map list|stats|create|delete` and `map get|put|remove|keys`.
+
+They talk to one node's management API (`--connect`); any node serves them. Values are JSON on
+the command line and in the output (the node converts to and from the stored MessagePack).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import click
+
+from aether.cli.main import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    Settings,
+    _call,
+    _client,
+    _echo_json,
+    fail,
+    json_option,
+    main,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from aether.cli.http import ManagementClient
+
+_API = "/api/v1/maps"
+_HINTS = {
+    404: "`aether map list` shows the defined maps, `aether map keys NAME` the keys of one.",
+    409: "`aether map stats NAME` shows the map's settings; create it with the same ones, "
+    "or use another name.",
+    413: "The management API takes bodies of at most 1 MiB.",
+    503: "The map's partition primary or a write quorum did not answer in time; check "
+    "`aether map stats NAME` and `aether nodes`. A write that failed this way may or may not "
+    "have been applied.",
+}
+
+
+def _run(client: ManagementClient, fn: Callable[[ManagementClient], Any]) -> Any:
+    """`_call` with hints for the map endpoints' 404, 409, 413 and 503 answers."""
+    from aether.cli.http import ApiError
+
+    def hinted(c: ManagementClient) -> Any:
+        try:
+            return fn(c)
+        except ApiError as e:
+            if e.status not in _HINTS:
+                raise
+            fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=_HINTS[e.status])
+
+    return _call(client, hinted)
+
+
+def _map_path(name: str) -> str:
+    return f"{_API}/{quote(name, safe='')}"
+
+
+def _entry_path(name: str, key: str) -> str:
+    return f"{_map_path(name)}/entries/{quote(key, safe='')}"
+
+
+def _value_json(value: object) -> str:
+    import msgspec
+
+    return msgspec.json.encode(value).decode()
+
+
+def _send(client: ManagementClient, method: str, path: str, body: bytes | None = None,
+          params: dict[str, str] | None = None) -> Any:
+    """One request with a raw JSON body; the decoded JSON answer."""
+    import msgspec
+
+    from aether.cli.http import ApiError
+
+    raw = client.request_raw(method, path, params, body, "application/json")
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        raise ApiError(str(client.address), 200, "Bad response", "the answer is not JSON") from None
+
+
+@main.group("map")
+def map_group() -> None:
+    """Define, inspect and use distributed maps (values are JSON)."""
+
+
+@map_group.command("list")
+@json_option
+@click.pass_obj
+def map_list(settings: Settings, as_json: bool) -> None:
+    """List the defined maps and the partition table's version and members."""
+    client = _client(settings)
+    doc: Any = _run(client, lambda c: c.get_json(_API))
+    if settings.json or as_json:
+        _echo_json(doc)
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    from aether.cli import render
+
+    out = render.console()
+    version = doc.get("table_version")
+    members = ", ".join(doc.get("members", [])) or "-"
+    table_line = f"Partition table v{version}, members: {members}" if version is not None else (
+        "No partition table yet (the leader writes one once the cluster has quorum)"
+    )
+    if not doc["maps"]:
+        out.print("No maps defined. Create one with `aether map create NAME`.")
+        out.print(Text(table_line))
+        return
+    table = Table(title="Maps", title_justify="left")
+    for col in ("Name", "Replicas", "Write quorum", "Engine", "Max value bytes"):
+        table.add_column(col, justify="right" if col not in ("Name", "Engine") else "left")
+    for m in doc["maps"]:
+        table.add_row(
+            Text(m["name"]), str(m["replicas"]), str(m["write_quorum"]), m["engine"],
+            str(m["max_value_bytes"]),
+        )
+    out.print(table)
+    out.print(Text(table_line))
+
+
+@map_group.command("stats")
+@click.argument("map_name", metavar="NAME")
+@json_option
+@click.pass_obj
+def map_stats(settings: Settings, map_name: str, as_json: bool) -> None:
+    """Show map NAME's settings and each live node's entries, bytes, partitions and replication lag."""
+    client = _client(settings)
+    doc: Any = _run(client, lambda c: c.get_json(_map_path(map_name)))
+    if settings.json or as_json:
+        _echo_json(doc)
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    from aether.cli import render
+
+    out = render.console()
+    table = Table(
+        title=(
+            f"Map {doc['name']}: replicas {doc['replicas']}, write quorum {doc['write_quorum']}, "
+            f"{doc['engine']}, values up to {doc['max_value_bytes']} bytes"
+        ),
+        title_justify="left",
+    )
+    cols = ("Node", "Engine", "Entries", "Bytes", "Primary", "Replica", "Syncing", "Pending acks", "Lag ms")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("Node", "Engine") else "right")
+    for n in doc["nodes"]:
+        lag = n["oldest_pending_ms"]
+        table.add_row(
+            Text(n["node"]), n["engine"], str(n["entries"]), str(n["bytes"]), str(n["primary_partitions"]),
+            str(n["replica_partitions"]),
+            f"[yellow]{n['syncing_partitions']}[/yellow]" if n["syncing_partitions"] else "0",
+            str(n["pending_acks"]),
+            f"[yellow]{lag}[/yellow]" if lag >= 1000 else str(lag),
+        )
+    out.print(table)
+    missing = sorted(set(doc.get("members", [])) - {n["node"] for n in doc["nodes"]})
+    version = doc.get("table_version")
+    out.print(Text(f"Partition table v{version if version is not None else '-'}"))
+    if missing:
+        out.print(f"[yellow]No answer from {', '.join(missing)}[/yellow]")
+
+
+@map_group.command("create")
+@click.argument("map_name", metavar="NAME")
+@click.option("--replicas", type=click.IntRange(1, 9), help="Copies of every key, primary included [3].")
+@click.option(
+    "--write-quorum",
+    type=click.IntRange(1, 9),
+    help="Acknowledgements before a write returns [min(2, replicas)].",
+)
+@click.option("--engine", type=click.Choice(["memory", "sqlite"]), help="Storage engine [memory].")
+@click.option(
+    "--max-value-bytes", type=click.IntRange(min=1), help="Largest encoded value in bytes [1048576]."
+)
+@json_option
+@click.pass_obj
+def map_create(
+    settings: Settings,
+    map_name: str,
+    replicas: int | None,
+    write_quorum: int | None,
+    engine: str | None,
+    max_value_bytes: int | None,
+    as_json: bool,
+) -> None:
+    """Define map NAME (no change if it exists with the same settings; an error if with others)."""
+    body: dict[str, Any] = {"name": map_name}
+    for field, value in (
+        ("replicas", replicas), ("write_quorum", write_quorum), ("engine", engine),
+        ("max_value_bytes", max_value_bytes),
+    ):
+        if value is not None:
+            body[field] = value
+    client = _client(settings)
+    doc: Any = _run(client, lambda c: c.send_json("POST", _API, body))
+    if settings.json or as_json:
+        _echo_json(doc)
+        return
+    verb = "Created map" if doc["created"] else "Map already exists:"
+    click.echo(
+        f"{verb} {doc['name']!r} (replicas {doc['replicas']}, write quorum {doc['write_quorum']}, "
+        f"{doc['engine']}, values up to {doc['max_value_bytes']} bytes)"
+    )
+
+
+@map_group.command("delete")
+@click.argument("map_name", metavar="NAME")
+@json_option
+@click.pass_obj
+def map_delete(settings: Settings, map_name: str, as_json: bool) -> None:
+    """Delete map NAME and its entries on every node."""
+    client = _client(settings)
+    doc: Any = _run(client, lambda c: c.send_json("DELETE", _map_path(map_name)))
+    if settings.json or as_json:
+        _echo_json(doc)
+    else:
+        click.echo(f"Deleted map {map_name!r}")
+
+
+@map_group.command("get")
+@click.argument("map_name", metavar="NAME")
+@click.argument("key")
+@json_option
+@click.pass_obj
+def map_get(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
+    """Print the value of KEY in map NAME as JSON (exit 1 if absent)."""
+    client = _client(settings)
+    value = _run(client, lambda c: _send(c, "GET", _entry_path(map_name, key)))
+    if settings.json or as_json:
+        _echo_json(value)
+    else:
+        click.echo(_value_json(value))
+
+
+@map_group.command("put")
+@click.argument("map_name", metavar="NAME")
+@click.argument("key")
+@click.argument("value", metavar="JSON")
+@click.option("--ttl", type=float, metavar="SECONDS", help="Expire the entry after this many seconds.")
+@json_option
+@click.pass_obj
+def map_put(
+    settings: Settings, map_name: str, key: str, value: str, ttl: float | None, as_json: bool
+) -> None:
+    """Store the JSON value under KEY in map NAME (a string needs JSON quotes: '"text"')."""
+    import msgspec
+
+    try:
+        msgspec.json.decode(value)
+    except msgspec.DecodeError as e:
+        fail(
+            f"the value is not valid JSON: {e}",
+            EXIT_USAGE,
+            hint="Quote strings as JSON, e.g. aether map put NAME KEY '\"text\"'; numbers, true/false, "
+            "null, [..] and {..} are JSON as they are.",
+        )
+    if ttl is not None and not 0 < ttl <= 10 * 365 * 24 * 3600:
+        fail(f"--ttl must be more than 0 seconds and at most ten years, not {ttl:g}", EXIT_USAGE)
+    params = {"ttl": repr(ttl)} if ttl is not None else None
+    client = _client(settings)
+    doc = _run(client, lambda c: _send(c, "PUT", _entry_path(map_name, key), value.encode(), params))
+    if settings.json or as_json:
+        _echo_json(doc)
+    else:
+        expires = f", expires in {ttl:g} s" if ttl is not None else ""
+        click.echo(f"Stored {map_name}[{key!r}] ({doc['bytes']} bytes{expires})")
+
+
+@map_group.command("remove")
+@click.argument("map_name", metavar="NAME")
+@click.argument("key")
+@json_option
+@click.pass_obj
+def map_remove(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
+    """Remove KEY from map NAME (exit 1 if it was absent)."""
+    client = _client(settings)
+    doc = _run(client, lambda c: _send(c, "DELETE", _entry_path(map_name, key)))
+    if settings.json or as_json:
+        _echo_json(doc)
+    else:
+        click.echo(f"Removed {map_name}[{key!r}]")
+
+
+@map_group.command("keys")
+@click.argument("map_name", metavar="NAME")
+@click.option("--prefix", default="", help="Only keys starting with this.")
+@json_option
+@click.pass_obj
+def map_keys(settings: Settings, map_name: str, prefix: str, as_json: bool) -> None:
+    """List the keys of map NAME, one per line, sorted."""
+    client = _client(settings)
+    params = {"prefix": prefix} if prefix else None
+    doc: Any = _run(client, lambda c: c.get_json(f"{_map_path(map_name)}/keys", params))
+    if settings.json or as_json:
+        _echo_json(doc["keys"])
+        return
+    for k in doc["keys"]:
+        click.echo(k)

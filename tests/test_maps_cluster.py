@@ -1,0 +1,197 @@
+"""The distributed map on in-process clusters of real nodes: replication, node loss, rejoin,
+rebalancing, compare-and-set races, persistence and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from aether.core.maps import MapSpec, MapUnavailable, MapValueDecodeError, MapValueTooLarge, UnknownMap
+from aether.maps.partitioning import owners_for, partition_of
+from aether.slices.maps import SliceMap
+from maps_cluster import MapCluster
+
+pytestmark = pytest.mark.timeout(120)
+ALL3 = ["node-1", "node-2", "node-3"]
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
+    c = MapCluster(tmp_path, 3)
+    try:
+        await c.start(*ALL3)
+        await c.wait_table(ALL3)
+        await c.define("orders")
+        yield c
+    finally:
+        await c.stop_all()
+
+
+async def test_operations_from_any_node_see_the_same_data(cluster: MapCluster) -> None:
+    m1, m2, m3 = (cluster.node(n).maps for n in ALL3)
+    for i in range(100):
+        await m1.map_put("orders", f"ORD-{i}", b"v%d" % i)
+    assert [await m2.map_get("orders", f"ORD-{i}") for i in range(100)] == [b"v%d" % i for i in range(100)]
+    expected_keys = sorted(f"ORD-{i}" for i in range(100) if str(i).startswith("1"))
+    assert await m3.map_keys("orders", "ORD-1") == expected_keys
+    assert await m3.map_compare_and_set("orders", "ORD-1", b"v1", b"changed") is True
+    assert await m2.map_compare_and_set("orders", "ORD-1", b"v1", b"again") is False
+    assert await m1.map_get("orders", "ORD-1") == b"changed"
+    assert await m2.map_remove("orders", "ORD-1") is True
+    assert await m3.map_remove("orders", "ORD-1") is False
+    assert await m1.map_get("orders", "ORD-1") is None
+    await m1.map_put("orders", "session", b"s", ttl=0.3)
+    assert await m2.map_get("orders", "session") == b"s"
+    await asyncio.sleep(0.4)
+    assert await m3.map_get("orders", "session") is None
+    # every write is on all three replicas
+    for n in ALL3:
+        assert cluster.node(n).maps.engines["orders"].entries >= 99
+
+
+async def _writer(m, prefix: str, acked: list[str], stop: asyncio.Event) -> int:  # type: ignore[no-untyped-def]
+    failed = 0
+    for i in itertools.count():
+        if stop.is_set():
+            return failed
+        key = f"{prefix}-{i}"
+        try:
+            await m.map_put("orders", key, key.encode())
+            acked.append(key)
+        except MapUnavailable:
+            failed += 1
+        await asyncio.sleep(0.002)
+    return failed
+
+
+async def test_no_acknowledged_write_is_lost_when_a_node_goes_and_returns(cluster: MapCluster) -> None:
+    m1, m3 = cluster.node("node-1").maps, cluster.node("node-3").maps
+    acked: list[str] = []
+    stop = asyncio.Event()
+    writers = [asyncio.create_task(_writer(m, p, acked, stop)) for m, p in ((m1, "a"), (m3, "b"))]
+    await asyncio.sleep(0.5)
+    await cluster.stop("node-2")
+    await asyncio.sleep(1.5)
+    stop.set()
+    failed = await asyncio.gather(*writers)
+    assert failed == [0, 0], "writes through surviving nodes fail over without errors"
+    assert len(acked) > 100
+    for key in acked:
+        assert await m1.map_get("orders", key) == key.encode(), key
+    # re-replication: every partition is on both survivors again
+    await cluster.wait_table(["node-1", "node-3"])
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    survivors = [cluster.node(n).maps.engines["orders"] for n in ("node-1", "node-3")]
+    while not all(e.entries == len(acked) for e in survivors):
+        assert loop.time() < end, [e.entries for e in survivors]
+        await asyncio.sleep(0.05)
+    # the node comes back empty (memory engine), is brought up to date and serves current data
+    await cluster.start("node-2")
+    await cluster.wait_table(ALL3)
+    m2 = cluster.node("node-2").maps
+    await m1.map_put("orders", "after-rejoin", b"x")
+    for key in [*acked, "after-rejoin"]:
+        assert await m2.map_get("orders", key) is not None, key
+    table = m2.table
+    assert table is not None
+    primaries = [p for p in range(table.partitions) if table.primary(p) == "node-2"]
+    assert primaries, "the returning node leads its share of partitions again"
+    end = loop.time() + 10
+    while cluster.node("node-2").maps.engines["orders"].entries < len(acked) + 1:
+        assert loop.time() < end
+        await asyncio.sleep(0.05)
+
+
+async def test_adding_a_node_moves_only_its_share(tmp_path: Path) -> None:
+    c = MapCluster(tmp_path, 4)
+    try:
+        await c.start("node-1", "node-2", "node-3")
+        await c.wait_table(ALL3)
+        await c.define("orders", MapSpec(replicas=2, write_quorum=2))
+        m1 = c.node("node-1").maps
+        for i in range(400):
+            await m1.map_put("orders", f"k{i}", b"x")
+        before = m1.table
+        await c.start("node-4")
+        await c.wait_table([*ALL3, "node-4"])
+        after = m1.table
+        assert before is not None and after is not None
+        moved = 0
+        for p in range(after.partitions):
+            old, new = set(owners_for(before, p, 2)), set(owners_for(after, p, 2))
+            if old != new:
+                assert new - old == {"node-4"} and len(old - new) == 1
+                moved += 1
+        assert 0.4 * 1024 < moved < 0.6 * 1024  # node-4's share of 2048 replica slots is 512
+        m4 = c.node("node-4").maps
+        for i in range(400):
+            assert await m4.map_get("orders", f"k{i}") == b"x"
+        # node-4 holds exactly the keys of the partitions it owns, once re-replication is done
+        mine = sum(1 for i in range(400) if "node-4" in owners_for(after, partition_of(f"k{i}", 1024), 2))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while m4.engines["orders"].entries != mine:
+            assert loop.time() < end, (m4.engines["orders"].entries, mine)
+            await asyncio.sleep(0.05)
+    finally:
+        await c.stop_all()
+
+
+async def test_concurrent_compare_and_set_has_one_winner_per_round(cluster: MapCluster) -> None:
+    maps = [cluster.node(n).maps for n in ALL3]
+    await maps[0].map_put("orders", "counter", b"0")
+    for rnd in range(15):
+        current = str(rnd).encode()
+        results = await asyncio.gather(*(
+            maps[c % 3].map_compare_and_set("orders", "counter", current, f"{rnd + 1}".encode())
+            for c in range(24)
+        ))
+        assert results.count(True) == 1, (rnd, results)
+    assert await maps[1].map_get("orders", "counter") == b"15"
+
+
+async def test_persistent_map_survives_a_full_cluster_restart(tmp_path: Path) -> None:
+    c = MapCluster(tmp_path, 3)
+    try:
+        await c.start(*ALL3)
+        await c.wait_table(ALL3)
+        await c.define("stock", MapSpec(engine="sqlite"))
+        m = c.node("node-2").maps
+        for i in range(200):
+            await m.map_put("stock", f"PROD-{i}", b"%d" % i)
+        await m.map_remove("stock", "PROD-7")
+        await c.stop_all()
+        await c.start(*ALL3)
+        await c.wait_table(ALL3)
+        m3 = c.node("node-3").maps
+        assert m3.specs["stock"].engine == "sqlite"
+        for i in range(200):
+            assert await m3.map_get("stock", f"PROD-{i}") == (None if i == 7 else b"%d" % i)
+    finally:
+        await c.stop_all()
+
+
+async def test_bad_input_gives_clear_errors(cluster: MapCluster) -> None:
+    await cluster.define("small", MapSpec(max_value_bytes=64))
+    m1 = cluster.node("node-1").maps
+    # oversized values: whichever node is the key's primary, the caller gets the same error
+    for key in ("a", "b", "c", "d", "e", "f"):
+        with pytest.raises(MapValueTooLarge, match="exceeds the map's limit of 64 bytes"):
+            await m1.map_put("small", key, b"x" * 65)
+    with pytest.raises(UnknownMap, match=r"map 'nope' is not defined.*aether map create nope"):
+        await m1.map_get("nope", "k")
+    typed: SliceMap[int] = SliceMap(m1, "orders", int)
+    await m1.map_put("orders", "not-an-int", msgspec.msgpack.encode("text"))
+    with pytest.raises(MapValueDecodeError, match="does not decode as int"):
+        await typed.get("not-an-int")
+    await m1.map_put("orders", "garbage", b"\xc1")  # not MessagePack at all
+    with pytest.raises(MapValueDecodeError, match="'garbage'"):
+        await typed.get("garbage")
+    # the nodes are unaffected
+    await typed.put("fine", 5)
+    assert await typed.get("fine") == 5

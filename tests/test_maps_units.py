@@ -1,0 +1,160 @@
+"""Sans-IO parts of the distributed map: partitioning, the planner, records, storage engines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aether.core.maps import PartitionTable
+from aether.maps.messages import MAP_MESSAGE_TYPES, MapMessage, Replicate, SyncChunk
+from aether.maps.partitioning import owners_for, partition_of, plan_table, rank
+from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE, Record, evaluate, is_live, newer
+from aether.maps.storage import MemoryEngine, SqliteEngine, open_engine
+
+
+def test_partition_of_is_stable_and_spread() -> None:
+    assert partition_of("ORD-1", 1024) == partition_of("ORD-1", 1024)
+    counts = [0] * 16
+    for i in range(16_000):
+        counts[partition_of(f"key-{i}", 16)] += 1
+    assert min(counts) > 800 and max(counts) < 1200
+
+
+def test_plan_table_ranks_every_member_and_bumps_version() -> None:
+    t1 = plan_table(None, ["node-2", "node-1", "node-3"], 64)
+    assert t1 is not None and t1.version == 1 and t1.members == ["node-1", "node-2", "node-3"]
+    assert all(sorted(o) == [0, 1, 2] for o in t1.owners)
+    assert plan_table(t1, ["node-3", "node-1", "node-2"], 64) is None  # nothing changed
+    t2 = plan_table(t1, ["node-1", "node-3"], 64)
+    assert t2 is not None and t2.version == 2
+    primaries = {t1.primary(p) for p in range(64)}
+    assert primaries == {"node-1", "node-2", "node-3"}  # every node leads some partitions
+    assert plan_table(None, [], 64) is None
+
+
+def _ownership(table: PartitionTable, replicas: int) -> list[set[str]]:
+    return [set(owners_for(table, p, replicas)) for p in range(table.partitions)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(min_value=3, max_value=7), st.integers(min_value=1, max_value=3))
+def test_adding_a_node_moves_only_its_share(n: int, replicas: int) -> None:
+    members = [f"node-{i}" for i in range(1, n + 1)]
+    before = plan_table(None, members, 1024)
+    after = plan_table(before, [*members, "node-new"], 1024)
+    assert before is not None and after is not None
+    moved = 0
+    for old, new in zip(_ownership(before, replicas), _ownership(after, replicas), strict=True):
+        if old != new:
+            # the new node took exactly one slot; every other owner stayed
+            assert "node-new" in new and len(old - new) == 1 and len(new - old) == 1
+            moved += 1
+    share = 1024 * replicas / (n + 1)  # the new node's fair share of replica slots
+    assert abs(moved - share) < 0.25 * share + 20
+
+
+def test_removing_a_node_promotes_the_next_ranked() -> None:
+    members = ["a", "b", "c", "d", "e"]
+    t1 = plan_table(None, members, 256)
+    t2 = plan_table(t1, ["a", "b", "d", "e"], 256)
+    assert t1 is not None and t2 is not None
+    for p in range(256):
+        assert t2.ranking(p) == [m for m in t1.ranking(p) if m != "c"]
+        assert rank(p, ["a", "b", "d", "e"]) == t2.ranking(p)
+
+
+def test_owners_for_caps_replicas_by_cluster_size() -> None:
+    t = plan_table(None, ["a", "b"], 8)
+    assert t is not None
+    assert len(owners_for(t, 0, 3)) == 2 and len(owners_for(t, 0, 1)) == 1
+
+
+def _ev(op: int, cur: Record | None, value: bytes | None = None, expected: bytes | None = None,
+        ttl_ms: int = 0, now: int = 1000) -> tuple[Record | None, bytes | None, bool]:
+    out = evaluate(op, cur, value=value, expected=expected, ttl_ms=ttl_ms, now_ms=now, epoch=3, seq=7,
+                   tombstone_ms=500)
+    return out.write, out.value, out.ok
+
+
+def test_evaluate_operations() -> None:
+    v1 = Record(b"one", 1, 1)
+    assert _ev(OP_GET, v1) == (None, b"one", True)
+    assert _ev(OP_GET, None) == (None, None, True)
+    assert _ev(OP_PUT, v1, b"two") == (Record(b"two", 3, 7, 0), None, True)
+    assert _ev(OP_PUT, None, b"x", ttl_ms=50)[0] == Record(b"x", 3, 7, 1050)
+    assert _ev(OP_REMOVE, v1) == (Record(None, 3, 7, 1500), None, True)  # tombstone, purged later
+    assert _ev(OP_REMOVE, None) == (None, None, False)
+    assert _ev(OP_CAS, None, b"a", None)[0] == Record(b"a", 3, 7, 0)  # put-if-absent
+    assert _ev(OP_CAS, v1, b"a", None) == (None, b"one", False)  # returns the current value
+    assert _ev(OP_CAS, v1, b"a", b"one")[0] == Record(b"a", 3, 7, 0)
+    assert _ev(OP_CAS, v1, None, b"one")[0] == Record(None, 3, 7, 1500)  # remove-if-equal
+    assert _ev(OP_CAS, None, None, None) == (None, None, True)
+    expired = Record(b"old", 1, 1, 999)
+    assert _ev(OP_GET, expired) == (None, None, True)
+    assert _ev(OP_CAS, expired, b"new", None)[2] is True  # an expired key counts as absent
+    with pytest.raises(ValueError, match="unknown map operation"):
+        _ev(9, None)
+
+
+def test_record_order_and_liveness() -> None:
+    assert newer(Record(b"x", 2, 1), Record(b"y", 1, 99))  # a newer epoch wins whatever its seq
+    assert newer(Record(b"x", 2, 5), Record(b"y", 2, 4))
+    assert not newer(Record(b"x", 2, 4), Record(b"y", 2, 4))
+    assert newer(Record(None, 1, 1), None)
+    assert is_live(Record(b"x", 1, 1), 10) and not is_live(Record(None, 1, 1), 10)
+    assert not is_live(Record(b"x", 1, 1, 10), 10) and is_live(Record(b"x", 1, 1, 11), 10)
+
+
+def test_messages_fit_one_transport_union() -> None:
+    dec = msgspec.msgpack.Decoder(MapMessage)
+    msgs = (
+        Replicate(1, "m", 3, "k", Record(b"v", 1, 2, 0)),
+        SyncChunk(2, [(1, "k", Record(None, 1, 1))], True),
+    )
+    for msg in msgs:
+        assert dec.decode(msgspec.msgpack.encode(msg)) == msg
+    assert {t.__struct_config__.tag for t in MAP_MESSAGE_TYPES} == set(range(50, 60))
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_engine_contract(kind: str, tmp_path: Path) -> None:
+    e = open_engine(kind, tmp_path, "m")
+    e.put(1, "a", Record(b"12345", 1, 1))
+    e.put(1, "b", Record(b"xy", 1, 2))
+    e.put(2, "c", Record(None, 1, 3))  # tombstone: not an entry
+    assert (e.entries, e.bytes) == (2, 7)
+    e.put(1, "a", Record(b"1", 1, 4))
+    assert (e.entries, e.bytes) == (2, 3)
+    assert e.get(1, "a") == Record(b"1", 1, 4) and e.get(1, "zz") is None and e.get(9, "a") is None
+    assert sorted(k for k, _ in e.scan(1)) == ["a", "b"]
+    assert e.partitions() == {1, 2}
+    e.delete(1, "b")
+    assert (e.entries, e.bytes) == (1, 1)
+    e.drop(1)
+    assert (e.entries, e.bytes) == (0, 0) and e.partitions() == {2}
+    e.close()
+
+
+def test_sqlite_engine_persists(tmp_path: Path) -> None:
+    e = SqliteEngine(tmp_path / "orders.sqlite")
+    for i in range(100):
+        e.put(i % 7, f"k{i}", Record(b"v" * i, 2, i))
+    e.close()
+    again = SqliteEngine(tmp_path / "orders.sqlite")
+    assert again.entries == 100 and again.get(5, "k5") == Record(b"v" * 5, 2, 5)
+    assert again.bytes == sum(range(100))
+    again.close()
+
+
+def test_memory_engine_scan_is_a_snapshot() -> None:
+    e = MemoryEngine()
+    e.put(0, "a", Record(b"1", 1, 1))
+    it = e.scan(0)
+    e.put(0, "b", Record(b"2", 1, 2))  # mutating while a sync iterates must not break it
+    assert [k for k, _ in it] == ["a"]
+    with pytest.raises(ValueError, match="unknown storage engine"):
+        open_engine("redis", Path("."), "m")
