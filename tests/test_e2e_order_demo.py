@@ -389,6 +389,7 @@ def test_cluster_demo_prints_working_curl_commands(demo_wheels: Path, tmp_path: 
         assert f"{cluster_dir / 'repository'}" in out
         assert "POST /api/orders" in out and "DELETE /api/orders/{order_id}" in out
         assert f"blueprint show {BLUEPRINT_ID}" in out
+        assert "map keys orders" in out and "map keys stock" in out
         tries: list[str] = []
         for ln in out[out.index("Try it") :].splitlines()[1:]:
             if not ln.strip():

@@ -770,6 +770,17 @@ def try_lines(text: str, http_addresses: list[str]) -> list[str]:
     return out
 
 
+def _blueprint_maps(text: str) -> list[str]:
+    """The map names a blueprint's ``[maps.NAME]`` sections declare (none if it does not parse)."""
+    import tomllib
+
+    try:
+        maps = tomllib.loads(text).get("maps", {})
+    except tomllib.TOMLDecodeError:
+        return []
+    return sorted(maps) if isinstance(maps, dict) else []
+
+
 def _print_demo_guide(
     settings: Settings, record: ClusterRecord, directory: str, applied: dict[str, Any], text: str
 ) -> None:
@@ -806,6 +817,7 @@ def _print_demo_guide(
     for cmd in (
         f"aether {connect}slices",
         f"aether {connect}blueprint show {applied['id']}",
+        *(f"aether {connect}map keys {name}" for name in _blueprint_maps(text)),
         f"aether {connect}status",
         f"aether cluster status{_dir_arg(directory)}",
     ):
