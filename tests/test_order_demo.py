@@ -23,7 +23,15 @@ import pytest
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest, StatusError
 from aether.invoke.errors import InvokeBadRequest, SliceAppError, describe_exception
-from aether.slices import Conflict, NotFound, Slice, SliceContext, describe_slice, invoke_entry
+from aether.slices import (
+    Conflict,
+    NotFound,
+    Slice,
+    SliceContext,
+    SliceHttpError,
+    describe_slice,
+    invoke_entry,
+)
 from aether.slices.testing import LocalMaps
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "order_demo"
@@ -580,3 +588,25 @@ async def test_a_cancelled_reservation_leaves_no_stock_taken() -> None:
                 d.ReleaseStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))])
             )
     assert cancelled_some
+
+
+async def test_callers_never_hang_when_a_writer_is_cancelled() -> None:
+    demo = await Demo(YieldingMaps(["orders", "stock"])).start()
+    inv = demo.inventory
+    line = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))]
+    callers = [asyncio.create_task(inv.reserve(d.ReserveStock("ORD-0", line)))]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    # these queue behind a writer that is cancelled (before or after it ran)
+    callers += [asyncio.create_task(inv.reserve(d.ReserveStock(f"ORD-{i}", line))) for i in range(1, 5)]
+    await asyncio.sleep(0)
+    (writer,) = inv._writers.values()
+    writer.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), timeout=2)
+    # ORD-0's batch is committed or failed; the queued ones fail with 503, nothing hangs
+    assert all(isinstance(r, SliceHttpError) and r.status == 503 for r in results[1:]), results
+    assert "stopping" in str(results[4])
+    assert await demo.available("PROD-ABC123") == (99 if isinstance(results[0], list) else 100)
+    assert not inv._writers and not inv._queued
+    # the product is writable again
+    await inv.reserve(d.ReserveStock("ORD-9", line))

@@ -58,6 +58,10 @@ def _checked(lines: list[StockLine]) -> list[StockLine]:
     return out
 
 
+def _stopping() -> SliceHttpError:
+    return SliceHttpError("the inventory instance is stopping; try again", status=503)
+
+
 @dataclass
 class _Change:
     """One queued take (reserve) or give (release) of `quantity` units."""
@@ -102,6 +106,7 @@ class InventoryService(Slice):
     async def start(self) -> None:
         self.stock: SliceMap[StockLevel] = self.map(STOCK_MAP, StockLevel)
         self._queued: dict[str, list[_Change]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}  # the one writer per product with changes
         self._tasks: set[asyncio.Task[None]] = set()
         self.writes = 0  # compare-and-set rounds that changed stock (for tests and curiosity)
         seeded = 0
@@ -145,17 +150,25 @@ class InventoryService(Slice):
             return
         self._queued[product_id] = [change]
         task = asyncio.get_running_loop().create_task(self._writer(product_id))
+        self._writers[product_id] = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda t: self._writer_done(product_id, t))
 
     async def _writer(self, product_id: str) -> None:
-        try:
-            while batch := self._queued.get(product_id):
-                self._queued[product_id] = []
-                await self._commit(product_id, batch)
-        finally:
-            # no await between the last empty check and here: nothing can be queued unseen
-            del self._queued[product_id]
+        while batch := self._queued.get(product_id):
+            self._queued[product_id] = []
+            await self._commit(product_id, batch)
+        # no await between the last empty check and here: nothing can be queued unseen
+        del self._queued[product_id]
+        del self._writers[product_id]
+
+    def _writer_done(self, product_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._writers.get(product_id) is task:  # cancelled (maybe before it ran) or failed
+            del self._writers[product_id]
+            for ch in self._queued.pop(product_id, []):
+                if not ch.done.done():
+                    ch.done.set_exception(_stopping())
 
     async def _commit(self, product_id: str, batch: list[_Change]) -> None:
         loop = asyncio.get_running_loop()
@@ -178,9 +191,7 @@ class InventoryService(Slice):
         except BaseException as e:
             for ch in batch:
                 if not ch.done.done():
-                    ch.done.set_exception(
-                        copy.copy(e) if isinstance(e, Exception) else asyncio.CancelledError()
-                    )
+                    ch.done.set_exception(copy.copy(e) if isinstance(e, Exception) else _stopping())
             if not isinstance(e, Exception):
                 raise
             return
