@@ -610,3 +610,36 @@ async def test_callers_never_hang_when_a_writer_is_cancelled() -> None:
     assert not inv._writers and not inv._queued
     # the product is writable again
     await inv.reserve(d.ReserveStock("ORD-9", line))
+
+
+# --- the blueprint and what `aether cluster demo` prints from it -------------------------------------
+
+
+def test_demo_blueprint_parses_with_its_maps_and_instance_counts() -> None:
+    from aether.core.maps import MapSpec
+    from aether.deploy.blueprint import parse_blueprint
+
+    bp = parse_blueprint((DEMO / "demo-order.blueprint").read_text(), "demo-order.blueprint")
+    assert bp.id == "demo-order:0.1.0"
+    assert {s.artifact.name: s.instances for s in bp.slices} == {
+        INVENTORY: 2,
+        PRICING: 2,
+        "org.demo:place-order": 3,
+        "org.demo:get-order-status": 2,
+        "org.demo:cancel-order": 2,
+    }
+    assert dict(bp.maps) == {"orders": MapSpec(3, 2, "memory"), "stock": MapSpec(3, 2, "memory")}
+
+
+def test_try_lines_substitute_node_addresses() -> None:
+    from aether.cli.main import _blueprint_maps, try_lines
+
+    text = (DEMO / "demo-order.blueprint").read_text()
+    lines = try_lines(text, ["h:1", "h:2", "h:3"])
+    assert len(lines) == 9
+    assert lines[0] == "curl -s http://h:1/api/pricing/PROD-ABC123"
+    assert lines[1] == "curl -s http://h:2/api/inventory/PROD-ABC123"
+    assert all("{http" not in line for line in lines)
+    assert try_lines("# try: a {http} b {http2}\n#try:c\nid = 'x'\n", ["n1", "n2"]) == ["a n1 b n2", "c"]
+    assert _blueprint_maps(text) == ["orders", "stock"]
+    assert _blueprint_maps("not [toml") == []

@@ -770,6 +770,17 @@ def try_lines(text: str, http_addresses: list[str]) -> list[str]:
     return out
 
 
+def _aether_command() -> str:
+    """How the user runs this command: `aether` if that is on PATH, else the path it was run as
+    (e.g. `.venv/bin/aether` under `make demo`)."""
+    import shutil
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "aether" or shutil.which("aether") is not None:
+        return "aether"
+    return str(argv0)
+
+
 def _blueprint_maps(text: str) -> list[str]:
     """The map names a blueprint's ``[maps.NAME]`` sections declare (none if it does not parse)."""
     import tomllib
@@ -812,14 +823,15 @@ def _print_demo_guide(
         for t in tries:
             click.echo(f"  {t}")
     connect = "" if first.management_port == 9000 else f"--connect {record.host}:{first.management_port} "
+    aether = _aether_command()
     click.echo("")
     click.echo("Look around:")
     for cmd in (
-        f"aether {connect}slices",
-        f"aether {connect}blueprint show {applied['id']}",
-        *(f"aether {connect}map keys {name}" for name in _blueprint_maps(text)),
-        f"aether {connect}status",
-        f"aether cluster status{_dir_arg(directory)}",
+        f"{aether} {connect}slices",
+        f"{aether} {connect}blueprint show {applied['id']}",
+        *(f"{aether} {connect}map keys {name}" for name in _blueprint_maps(text)),
+        f"{aether} {connect}status",
+        f"{aether} cluster status{_dir_arg(directory)}",
     ):
         click.echo(f"  {cmd}")
     click.echo(f"Node logs: {Path(directory) / 'node-K.log'}")
