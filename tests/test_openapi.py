@@ -17,6 +17,7 @@ import pytest
 from aether.api.openapi import build_openapi, operations
 from aether.api.server import ManagementServer
 from aether.core.artifact import Artifact
+from aether.metrics import MetricsService
 from conftest import running_cluster
 from test_api_ops import FakeNode
 
@@ -28,13 +29,21 @@ class FakeDeployments:
         return []
 
 
+class AloneTransport:
+    up_peers: frozenset[str] = frozenset()
+
+    def send(self, peer: str, msg: object) -> bool:
+        return False
+
+
 class FullFakeNode(FakeNode):
-    """Everything the server can serve: events (router + kv), deployments and an invoker."""
+    """Everything the server can serve: events (router + kv), deployments, an invoker and metrics."""
 
     def __init__(self) -> None:
         super().__init__()
         self.deployments = FakeDeployments()
         self.invoker = object()
+        self.metrics = MetricsService(self.node_id, AloneTransport(), self)
 
 
 def _routes(node: Any) -> set[tuple[str, str]]:

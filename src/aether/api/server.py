@@ -21,6 +21,12 @@ Deployment endpoints, when the node runs a deployment service (`node.deployments
 - `POST /api/v1/invoke/{artifact}/{method}?timeout=S` with the entry's argument as JSON: calls the
   entry through the node's invoker (local instance first, else a remote one) and returns its answer
 
+Metrics endpoints, when the node runs a metrics service (`node.metrics`), see `aether.api.metrics_routes`:
+
+- `GET /api/v1/metrics` -> the cluster snapshot (`aether.metrics.MetricsView`)
+- `GET /api/v1/metrics/history?seconds=N` -> per-second cluster points of the last N seconds
+- `GET /metrics` -> Prometheus text exposition of this node (needs the API key like the rest)
+
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
 logged with their traceback and answered with a 500 that never contains it.
@@ -207,6 +213,11 @@ class ManagementServer:
                 self._node.deployments,  # type: ignore[attr-defined]
                 getattr(self._node, "invoker", None),
             ).register(app, API_PREFIX)
+
+        if getattr(self._node, "metrics", None) is not None:
+            from aether.api.metrics_routes import MetricsRoutes
+
+            MetricsRoutes(self._node.metrics).register(app, API_PREFIX)  # type: ignore[attr-defined]
 
         async def handle_openapi(request: web.Request) -> web.Response:
             from aether.api.openapi import build_openapi

@@ -30,13 +30,14 @@ from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeSe
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
 from aether.kv.store import KVStore
+from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
 from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
 _result_encoder = msgspec.msgpack.Encoder()
-PeerMessage = Union[RabiaMessage, InvokeMessage]  # noqa: UP007 - a runtime Union for the transport
+PeerMessage = Union[RabiaMessage, InvokeMessage, MetricsMessage]  # noqa: UP007 - a runtime Union for the transport
 
 
 def _jsonable(value: Any) -> Any:
@@ -118,6 +119,13 @@ class Node:
         self.deployments = DeploymentService(
             self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern
         )
+        # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
+        # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
+        self.metrics = MetricsService(
+            self.node_id, self.transport, self.leader,
+            logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
+        )
+        self.slice_store.recorder = self.metrics.entries
         self.management: Any = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
@@ -137,6 +145,7 @@ class Node:
             logger=logging.getLogger(f"aether.http.{self.node_id}"),
         )
         await self.http.start()
+        self.metrics.start()
         if management:
             from aether.api.server import ManagementServer
 
@@ -158,6 +167,7 @@ class Node:
         if self.management is not None:
             await self.management.stop()
             self.management = None
+        await self.metrics.stop()
         await self.cluster_deployer.stop()
         await self.node_deployer.stop()
         await self.slice_store.close()
@@ -176,6 +186,8 @@ class Node:
     def _on_peer_message(self, sender: str, msg: Any) -> None:
         if isinstance(msg, INVOKE_MESSAGE_TYPES):
             self.invoke_server.dispatch(sender, msg)
+        elif isinstance(msg, METRICS_MESSAGE_TYPES):
+            self.metrics.on_message(sender, msg)
         else:
             self.runner.on_message(sender, msg)
 
