@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -30,7 +30,8 @@ from aether.metrics.messages import NodeSample
 
 __all__ = ["CONTENT_TYPE", "PrometheusExporter"]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""What `generate_latest` writes (prometheus_client's own HTTP server sends this by default too)."""
 
 
 class MetricsSource(Protocol):
