@@ -229,3 +229,63 @@ def test_prometheus_text_has_node_and_entry_series_per_node_registry() -> None:
     assert hist[("aether_entry_duration_seconds_bucket", "+Inf")] == 3
     assert hist[("aether_entry_duration_seconds_count", None)] == 3
     assert hist[("aether_entry_duration_seconds_sum", None)] == pytest.approx(0.2043)
+
+
+# --- the node adapter (no loop started: step() by hand) ----------------------------------------------
+
+
+class _Link:
+    def __init__(self, *peers: str) -> None:
+        self.up_peers = frozenset(peers)
+        self.sent: list[tuple[str, object]] = []
+
+    def send(self, peer: str, msg: object) -> bool:
+        self.sent.append((peer, msg))
+        return peer in self.up_peers
+
+
+class _Leader:
+    def __init__(self, leader: str | None) -> None:
+        self.leader = leader
+
+
+def test_service_follower_pushes_to_the_leader_and_answers_locally_until_a_snapshot() -> None:
+    from aether.metrics import MetricsService
+
+    link = _Link("n1", "n3")
+    svc = MetricsService("n2", link, _Leader("n1"))
+    svc.entries.record(str(HELLO), "greet", 0.001, True)
+    view = svc.view()
+    assert view.source == "local" and view.note and [n.node_id for n in view.nodes] == ["n2"]
+    svc.step()
+    ((peer, msg),) = link.sent
+    assert peer == "n1" and isinstance(msg, NodeMetricsUpdate) and msg.entries[0].calls == 1
+    # a snapshot from someone who is not the sender's claimed leader is dropped
+    leader_agg = MetricsAggregator("n1")
+    leader_agg.update(msg, now=0.0)
+    snap = leader_agg.tick(now=0.0, wall=100.0)
+    svc.on_message("n3", snap)
+    assert svc.latest is None
+    svc.on_message("n1", snap)
+    view = svc.view()
+    assert view.source == "leader" and view.note is None and view.snapshot_seq == 1
+    assert view.entries[0].calls == 1 and [p.time for p in svc.aggregator.window] == [100.0]
+    assert svc.history(7200).points == []  # the point is from wall time 100, long ago
+    with pytest.raises(ValueError):
+        svc.history(0)
+
+
+def test_service_leader_aggregates_peers_and_broadcasts() -> None:
+    from aether.metrics import MetricsService
+
+    link = _Link("n2", "n3")
+    svc = MetricsService("n1", link, _Leader("n1"))
+    svc.on_message("n2", upd("n2", 1, 1.0, counters(5)))
+    svc.on_message("n3", upd("n2", 2, 2.0, counters(9)))  # claims to be n2: dropped
+    svc.step()
+    assert [p for p, _ in link.sent] == ["n2", "n3"]
+    snap = link.sent[0][1]
+    assert isinstance(snap, ClusterMetricsSnapshot) and snap.leader == "n1" and snap.seq == 1
+    assert sorted(n.node_id for n in snap.nodes) == ["n1", "n2"]
+    assert snap.entries[0].calls == 5 and len(snap.window) == 1
+    assert svc.view().source == "leader"

@@ -47,7 +47,9 @@ __all__ = ["CallRecorder", "SliceStore"]
 class CallRecorder(Protocol):
     """Where the store reports each entry call it ran (`aether.metrics.EntryMetrics` fits)."""
 
-    def record(self, artifact: Artifact, entry: str, seconds: float, ok: bool) -> None: ...
+    def record(self, artifact: str, entry: str, seconds: float, ok: bool) -> None:
+        """`artifact` is the full coordinates ``group:artifact:version``."""
+        ...
 
 
 # A pure function's cache (like normalize_target's): parsing coordinates on every call was ~10% of
@@ -73,6 +75,10 @@ class _Entry:
     state: Literal["loaded", "active"] = "loaded"
     instances: dict[int, _Instance] = field(default_factory=dict)
     rr: itertools.count[int] = field(default_factory=itertools.count)
+    coords: str = ""  # str(artifact), once: the metrics key (a str caches its hash)
+
+    def __post_init__(self) -> None:
+        self.coords = str(self.loaded.artifact)
 
 
 class SliceStore:
@@ -261,7 +267,7 @@ class SliceStore:
             return result
         finally:
             if recorder is not None:
-                recorder.record(e.loaded.artifact, method, perf_counter() - t0, ok)
+                recorder.record(e.coords, method, perf_counter() - t0, ok)
             if token is not None:
                 current_request_id.reset(token)
             inst.inflight -= 1
