@@ -10,8 +10,9 @@ Slow calls, counted two ways (both cumulative):
 - ``slow``: the call took longer than the entry's threshold: `DEFAULT_SLOW_THRESHOLD` (100 ms), or
   the per-entry value given in ``thresholds`` (keys ``"group:artifact.entry"`` or ``"entry"``);
 - ``slow_adaptive``: the call took longer than `ADAPTIVE_FACTOR` (3) times the entry's running
-  mean (an exponentially weighted moving average, weight `ADAPTIVE_ALPHA`), counted only after
-  `ADAPTIVE_MIN_CALLS` calls, so an entry that is always slow is not always "slow".
+  mean (an exponentially weighted moving average, weight `ADAPTIVE_ALPHA`, starting at the first
+  call's duration), counted from the call after the `ADAPTIVE_MIN_CALLS`-th, so an entry that is
+  always slow is not always "slow".
 """
 
 from __future__ import annotations
@@ -44,16 +45,19 @@ ADAPTIVE_MIN_CALLS: Final = 20
 
 
 class _Cell:
-    __slots__ = ("buckets", "calls", "ewma", "failures", "slow", "slow_adaptive", "threshold", "total")
+    __slots__ = (
+        "adaptive", "buckets", "calls", "ewma", "failures", "slow", "slow_adaptive", "threshold", "total",
+    )  # fmt: skip
 
-    def __init__(self, threshold: float) -> None:
+    def __init__(self, threshold: float, first: float) -> None:
         self.calls = 0
         self.failures = 0
         self.total = 0.0
         self.buckets = [0] * (len(BUCKET_BOUNDS) + 1)
         self.slow = 0
         self.slow_adaptive = 0
-        self.ewma = 0.0
+        self.ewma = first  # the running mean starts at the first call's duration
+        self.adaptive = float("inf")  # ADAPTIVE_FACTOR * ewma once warmed up
         self.threshold = threshold
 
 
@@ -73,13 +77,15 @@ class EntryMetrics:
                 raise ValueError(f"slow threshold for {key!r} must be a positive number of seconds")
         self.slow_threshold = slow_threshold
         self.thresholds = dict(thresholds or {})
-        self._cells: dict[tuple[Artifact | str, str], _Cell] = {}
+        self._cells: dict[Artifact | str, dict[str, _Cell]] = {}
 
     def record(self, artifact: Artifact | str, entry: str, seconds: float, ok: bool) -> None:
         """Count one finished call of `entry` of `artifact` that took `seconds` (hot path)."""
-        cell = self._cells.get((artifact, entry))
-        if cell is None:
-            cell = self._cells[(artifact, entry)] = _Cell(self._threshold(artifact, entry))
+        try:
+            cell = self._cells[artifact][entry]
+        except KeyError:
+            cell = _Cell(self._threshold(artifact, entry), seconds)
+            self._cells.setdefault(artifact, {})[entry] = cell
         cell.calls += 1
         if not ok:
             cell.failures += 1
@@ -87,10 +93,11 @@ class EntryMetrics:
         cell.buckets[bisect_left(BUCKET_BOUNDS, seconds)] += 1
         if seconds > cell.threshold:
             cell.slow += 1
-        ewma = cell.ewma
-        if cell.calls > ADAPTIVE_MIN_CALLS and seconds > ADAPTIVE_FACTOR * ewma:
+        if seconds > cell.adaptive:
             cell.slow_adaptive += 1
-        cell.ewma = seconds if cell.calls == 1 else ewma + ADAPTIVE_ALPHA * (seconds - ewma)
+        ewma = cell.ewma = cell.ewma + ADAPTIVE_ALPHA * (seconds - cell.ewma)
+        if cell.calls >= ADAPTIVE_MIN_CALLS:
+            cell.adaptive = ADAPTIVE_FACTOR * ewma
 
     def _threshold(self, artifact: Artifact | str, entry: str) -> float:
         if self.thresholds:
@@ -114,13 +121,14 @@ class EntryMetrics:
                 slow=c.slow,
                 slow_adaptive=c.slow_adaptive,
             )
-            for (artifact, entry), c in self._cells.items()
+            for artifact, cells in self._cells.items()
+            for entry, c in cells.items()
         ]
         out.sort(key=lambda e: (e.artifact, e.entry))
         return out
 
     def __len__(self) -> int:
-        return len(self._cells)
+        return sum(len(cells) for cells in self._cells.values())
 
 
 def quantile(q: float, buckets: Sequence[int]) -> float | None:
