@@ -630,6 +630,7 @@ def cluster_demo(settings: Settings, nodes: int, directory: str, port_offset: in
 # they import this module).
 from aether.cli import deploy as _deploy  # noqa: E402, F401
 from aether.cli import maps as _maps  # noqa: E402, F401
+from aether.cli import metrics as _metrics  # noqa: E402, F401
 from aether.cli import ops as _ops  # noqa: E402, F401
 from aether.cli.artifact import artifact as _artifact  # noqa: E402
 
