@@ -24,7 +24,10 @@ def examples() -> list[tuple[str, str, int | None, str]]:
 
 def test_the_doc_has_examples_of_each_kind() -> None:
     names = [e[0] for e in examples()]
-    assert {"discover", "health", "deploy", "slices", "invoke", "scale", "events", "error"} <= set(names)
+    assert {
+        "discover", "health", "deploy", "slices", "invoke", "scale", "events", "error",
+        "metrics", "metrics-python", "prometheus",
+    } <= set(names)  # fmt: skip
     assert {e[1] for e in examples()} == {"sh", "python"}
 
 

@@ -33,12 +33,27 @@ from aether.api.types import KVListing, Problem
 from aether.core.status import NodeStatus
 from aether.deploy.operations import SliceStatus
 from aether.kv.keys import BlueprintValue
+from aether.metrics.service import MetricsHistory, MetricsView
 
-__all__ = ["OPENAPI_VERSION", "build_openapi", "operations"]
+__all__ = [
+    "COORDINATES_PATTERN",
+    "NAME_OR_COORDINATES_PATTERN",
+    "OPENAPI_VERSION",
+    "build_openapi",
+    "operations",
+]
 
 OPENAPI_VERSION = "3.1.0"
 P = "/api/v1"
 _REF = "#/components/schemas/{name}"
+
+_GROUP = r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)*"
+_ARTIFACT = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_VERSION = r"[0-9]+(\.[0-9]+)?(\.[0-9]+)?(-[0-9A-Za-z.-]+)?"
+COORDINATES_PATTERN = f"^{_GROUP}:{_ARTIFACT}:{_VERSION}$"
+"""``group:artifact:version`` (the server parses and answers 400 with the reason when it does not fit)."""
+NAME_OR_COORDINATES_PATTERN = f"^{_GROUP}:{_ARTIFACT}(:{_VERSION})?$"
+"""``group:artifact`` (every version) or ``group:artifact:version``."""
 
 _ERRORS = {
     400: "Invalid input: unknown or repeated query parameter, malformed body, invalid value",
@@ -82,10 +97,18 @@ def _schemas() -> dict[str, Any]:
             MapEntryWritten,
             MapEntryRemoved,
             MapKeys,
+            MetricsView,
+            MetricsHistory,
         ],
         ref_template=_REF,
         schema_hook=_any_json,
     )
+    either = "GROUP:ARTIFACT (every version) or GROUP:ARTIFACT:VERSION"
+    components["ScaleRequest"] = copy.deepcopy(components["DeployRequest"])
+    components["ScaleRequest"]["title"] = "ScaleRequest"
+    _coordinates(components["DeployRequest"], COORDINATES_PATTERN, "GROUP:ARTIFACT:VERSION")
+    _coordinates(components["ScaleRequest"], NAME_OR_COORDINATES_PATTERN, either)
+    _coordinates(components["UndeployRequest"], NAME_OR_COORDINATES_PATTERN, either)
     obj = "object"
     components.update(
         {
@@ -178,6 +201,10 @@ def _schemas() -> dict[str, Any]:
         }
     )
     return components
+
+
+def _coordinates(schema: dict[str, Any], pattern: str, description: str) -> None:
+    schema["properties"]["artifact"] = {"type": "string", "pattern": pattern, "description": description}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -401,7 +428,7 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "Set the instance count of an artifact in every blueprint that has it",
                 {200: _json(_ref("Scaled"), "Blueprints changed")},
                 consensus,
-                body=_json_body("DeployRequest"),
+                body=_json_body("ScaleRequest"),
                 tags=dep,
             )
         },
@@ -422,7 +449,10 @@ def _paths() -> dict[str, dict[str, Any]]:
                 {200: _json({}, "The entry's answer")},
                 (400, 404, 502, 503, 504),
                 params=[
-                    _path("artifact", "GROUP:ARTIFACT[:VERSION]"),
+                    {
+                        **_path("artifact", "GROUP:ARTIFACT[:VERSION]"),
+                        "schema": {"type": "string", "pattern": NAME_OR_COORDINATES_PATTERN},
+                    },
                     _path("method", "entry point name"),
                     _timeout(10.0),
                 ],
@@ -436,6 +466,7 @@ def _paths() -> dict[str, dict[str, Any]]:
             )
         },
         **_map_paths(),
+        **_metrics_paths(),
     }
 
 
@@ -567,6 +598,54 @@ def _map_paths() -> dict[str, dict[str, Any]]:
     }
 
 
+def _metrics_paths() -> dict[str, dict[str, Any]]:
+    return {
+        f"{P}/metrics": {
+            "get": _op(
+                "getMetrics",
+                "Cluster metrics: nodes (CPU, memory), entries (calls, rates, errors, latency quantiles, "
+                "slow calls), totals; the leader's latest snapshot, else this node's own figures",
+                {200: _json(_ref("MetricsView"), "The cluster snapshot as this node has it")},
+                (400,),
+                tags=("metrics",),
+            )
+        },
+        f"{P}/metrics/history": {
+            "get": _op(
+                "getMetricsHistory",
+                "Per-second cluster points of the last N seconds (the 2-hour window; any node serves "
+                "it from its copy of the leader's window)",
+                {200: _json(_ref("MetricsHistory"), "Points, oldest first")},
+                (400,),
+                params=[
+                    {
+                        "name": "seconds",
+                        "in": "query",
+                        "required": False,
+                        "description": "how far back (default 300), more than 0 and at most 7200",
+                        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 7200},
+                    }
+                ],
+                tags=("metrics",),
+            )
+        },
+        "/metrics": {
+            "get": _op(
+                "getPrometheusMetrics",
+                "Prometheus text exposition of this node (needs the API key like every endpoint)",
+                {
+                    200: {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                (400,),
+                tags=("metrics",),
+            )
+        },
+    }
+
+
 _DESCRIPTION = """\
 Management API of an Aether node. Every node serves it; any node can take every request
 (writes go through consensus, nothing needs forwarding).
@@ -577,7 +656,8 @@ always has one; a loopback-only node may have none, and then no header is needed
 
 Errors are RFC 9457 problem documents (`application/problem+json`). Unknown paths answer 404,
 known paths with another method 405 with an `Allow` header (both problem documents).
-`GET` operations also answer `HEAD`. Metrics endpoints do not exist yet.
+`GET` operations also answer `HEAD`. Metrics: `GET /api/v1/metrics` (JSON cluster snapshot),
+`GET /api/v1/metrics/history` (the per-second window) and `GET /metrics` (Prometheus text).
 """
 
 
@@ -594,7 +674,9 @@ def build_openapi(routes: Iterable[tuple[str, str]] | None = None) -> dict[str, 
         "info": {"title": "Aether management API", "version": "1", "description": _DESCRIPTION},
         "servers": [{"url": "/"}],
         "security": [{"apiKey": []}, {"bearer": []}],
-        "tags": [{"name": t} for t in ("cluster", "events", "deployment", "invoke", "maps", "meta")],
+        "tags": [
+            {"name": t} for t in ("cluster", "events", "deployment", "invoke", "maps", "metrics", "meta")
+        ],
         "paths": copy.deepcopy(paths),
         "components": {
             "schemas": _schemas(),

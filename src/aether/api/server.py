@@ -24,6 +24,11 @@ Deployment endpoints, when the node runs a deployment service (`node.deployments
 Distributed-map endpoints, when the node runs a map service (`node.maps`; see
 `aether.api.map_routes`): `GET|POST /api/v1/maps`, `GET|DELETE /api/v1/maps/{name}`,
 `GET /api/v1/maps/{name}/keys?prefix=P` and `GET|PUT|DELETE /api/v1/maps/{name}/entries/{key}`.
+Metrics endpoints, when the node runs a metrics service (`node.metrics`), see `aether.api.metrics_routes`:
+
+- `GET /api/v1/metrics` -> the cluster snapshot (`aether.metrics.MetricsView`)
+- `GET /api/v1/metrics/history?seconds=N` -> per-second cluster points of the last N seconds
+- `GET /metrics` -> Prometheus text exposition of this node (needs the API key like the rest)
 
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
@@ -215,6 +220,11 @@ class ManagementServer:
             from aether.api.map_routes import MapRoutes
 
             MapRoutes(self._node.maps).register(app, API_PREFIX)  # type: ignore[attr-defined]
+
+        if getattr(self._node, "metrics", None) is not None:
+            from aether.api.metrics_routes import MetricsRoutes
+
+            MetricsRoutes(self._node.metrics).register(app, API_PREFIX)  # type: ignore[attr-defined]
 
         async def handle_openapi(request: web.Request) -> web.Response:
             from aether.api.openapi import build_openapi

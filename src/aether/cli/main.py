@@ -841,6 +841,7 @@ def _print_demo_guide(
 # they import this module).
 from aether.cli import deploy as _deploy  # noqa: E402, F401
 from aether.cli import maps as _maps  # noqa: E402, F401
+from aether.cli import metrics as _metrics  # noqa: E402, F401
 from aether.cli import ops as _ops  # noqa: E402, F401
 from aether.cli.artifact import artifact as _artifact  # noqa: E402
 

@@ -31,13 +31,16 @@ from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
+from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
 from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
 _result_encoder = msgspec.msgpack.Encoder()
-PeerMessage = Union[RabiaMessage, InvokeMessage, MapMessage]  # noqa: UP007 - a runtime Union for the transport
+PeerMessage = Union[  # noqa: UP007 - a runtime Union for the transport
+    RabiaMessage, InvokeMessage, MapMessage, MetricsMessage
+]
 
 
 def _jsonable(value: Any) -> Any:
@@ -124,6 +127,13 @@ class Node:
         self.deployments = DeploymentService(
             self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern
         )
+        # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
+        # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
+        self.metrics = MetricsService(
+            self.node_id, self.transport, self.leader,
+            logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
+        )
+        self.slice_store.recorder = self.metrics.entries
         self.management: Any = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
@@ -144,6 +154,7 @@ class Node:
             logger=logging.getLogger(f"aether.http.{self.node_id}"),
         )
         await self.http.start()
+        self.metrics.start()
         if management:
             from aether.api.server import ManagementServer
 
@@ -165,6 +176,7 @@ class Node:
         if self.management is not None:
             await self.management.stop()
             self.management = None
+        await self.metrics.stop()
         await self.cluster_deployer.stop()
         await self.node_deployer.stop()
         await self.slice_store.close()
@@ -186,6 +198,8 @@ class Node:
             self.invoke_server.dispatch(sender, msg)
         elif isinstance(msg, MAP_MESSAGE_TYPES):
             self.maps.dispatch(sender, msg)
+        elif isinstance(msg, METRICS_MESSAGE_TYPES):
+            self.metrics.on_message(sender, msg)
         else:
             self.runner.on_message(sender, msg)
 

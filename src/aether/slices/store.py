@@ -23,7 +23,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from time import perf_counter
+from typing import Any, Literal, Protocol
 
 from aether.core.artifact import Artifact
 from aether.slices.api import (
@@ -41,7 +42,15 @@ from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
 from aether.slices.repository import Repository
 
-__all__ = ["SliceStore"]
+__all__ = ["CallRecorder", "SliceStore"]
+
+
+class CallRecorder(Protocol):
+    """Where the store reports each entry call it ran (`aether.metrics.EntryMetrics` fits)."""
+
+    def record(self, artifact: str, entry: str, seconds: float, ok: bool) -> None:
+        """`artifact` is the full coordinates ``group:artifact:version``."""
+        ...
 
 
 # A pure function's cache (like normalize_target's): parsing coordinates on every call was ~10% of
@@ -67,6 +76,10 @@ class _Entry:
     state: Literal["loaded", "active"] = "loaded"
     instances: dict[int, _Instance] = field(default_factory=dict)
     rr: itertools.count[int] = field(default_factory=itertools.count)
+    coords: str = ""  # str(artifact), once: the metrics key (a str caches its hash)
+
+    def __post_init__(self) -> None:
+        self.coords = str(self.loaded.artifact)
 
 
 class SliceStore:
@@ -76,7 +89,10 @@ class SliceStore:
     interpreter's import bookkeeping (default: the process-wide one); `allow_index` lets the
     node install libraries from the package index when the wheelhouse has no match;
     `start_timeout` bounds each `start()` (None: unbounded here, the managers time the step);
-    `stop_timeout` bounds each `stop()`.
+    `stop_timeout` bounds each `stop()`. `recorder` (settable later) is told about every entry call
+    that ran here — local calls and calls served for other nodes alike, since both come through
+    `call` — with its duration (`time.perf_counter`) and whether it returned (a call that raised,
+    including a payload that did not decode, or was cancelled counts as a failure).
     """
 
     def __init__(
@@ -94,9 +110,11 @@ class SliceStore:
         start_timeout: float | None = None,
         stop_timeout: float = 5.0,
         maps: MapBackend | None = None,
+        recorder: CallRecorder | None = None,
     ) -> None:
         self.node_id = node_id
         self.maps = maps
+        self.recorder = recorder
         self.repository = repository
         self.data_dir = Path(data_dir)
         self.invoker = invoker
@@ -243,9 +261,16 @@ class SliceStore:
         inst.inflight += 1
         inst.idle.clear()
         token = current_request_id.set(request_id) if request_id is not None else None
+        recorder = self.recorder
+        ok = False
+        t0 = perf_counter()
         try:
-            return await invoke_entry(inst.obj, method, payload)
+            result = await invoke_entry(inst.obj, method, payload)
+            ok = True
+            return result
         finally:
+            if recorder is not None:
+                recorder.record(e.coords, method, perf_counter() - t0, ok)
             if token is not None:
                 current_request_id.reset(token)
             inst.inflight -= 1

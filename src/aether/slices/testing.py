@@ -202,15 +202,26 @@ def build_library_wheel(
 
 @contextlib.contextmanager
 def isolated_imports() -> Iterator[None]:
-    """Restore `sys.path` and forget modules imported meanwhile (tests that load slices)."""
+    """Restore `sys.path` and forget the modules imported meanwhile from the paths added meanwhile
+    (slice and library code loaded by tests). Modules imported from the interpreter's own paths
+    (rich, aiohttp, aether itself...) stay: forgetting them would create second copies of their
+    classes and break `isinstance` checks in code that kept the first."""
     saved_path = list(sys.path)
     saved_modules = set(sys.modules)
     try:
         yield
     finally:
+        added = [p for p in sys.path if p not in saved_path and p]
         sys.path[:] = saved_path
+        roots = tuple(str(Path(p).resolve()) for p in added)
         for name in list(sys.modules):
-            if name not in saved_modules:
+            if name in saved_modules:
+                continue
+            module = sys.modules[name]
+            where = getattr(module, "__file__", None) or ""
+            search = list(getattr(module, "__path__", []) or [])
+            files = [str(Path(f).resolve()) for f in [where, *search] if f]
+            if not files or any(f.startswith(roots) for f in files):
                 del sys.modules[name]
         importlib.invalidate_caches()
 

@@ -1,0 +1,70 @@
+"""Management API endpoints for metrics (thin: the node's `MetricsService` does the work).
+
+- `GET /api/v1/metrics` -> `MetricsView`: the latest cluster snapshot this node received from the
+  leader (or made, on the leader); before the first one, or when it is stale, this node's own figures
+  with ``source: "local"`` and a ``note`` saying why;
+- `GET /api/v1/metrics/history?seconds=N` -> `MetricsHistory`: the per-second cluster points of the
+  last N seconds (default 300, at most 7200), served by any node from its own copy of the window
+  (every snapshot carries the latest points, so no forwarding to the leader is needed);
+- `GET /metrics`: the Prometheus text exposition of this node (a per-node registry).
+
+Like every other endpoint they need the API key when the node has one (Prometheus: configure
+``authorization: {credentials: KEY}`` in the scrape job).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from aether.core.errors import BadRequest
+from aether.metrics.prometheus import CONTENT_TYPE, PrometheusExporter
+from aether.metrics.service import HISTORY_MAX_SECONDS
+
+__all__ = ["DEFAULT_HISTORY_SECONDS", "MetricsRoutes"]
+
+DEFAULT_HISTORY_SECONDS = 300.0
+
+
+def _json(data: object) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), content_type="application/json")
+
+
+def _only(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    from aether.api.server import _query
+
+    return _query(request, allowed)
+
+
+class MetricsRoutes:
+    def __init__(self, service: Any) -> None:
+        self.svc = service
+        self.exporter = PrometheusExporter(service)
+
+    def register(self, app: web.Application, prefix: str) -> None:
+        app.router.add_get(f"{prefix}/metrics", self.metrics)
+        app.router.add_get(f"{prefix}/metrics/history", self.history)
+        app.router.add_get("/metrics", self.prometheus)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        _only(request, ())
+        return _json(self.svc.view())
+
+    async def history(self, request: web.Request) -> web.Response:
+        text = _only(request, ("seconds",)).get("seconds")
+        seconds = DEFAULT_HISTORY_SECONDS
+        if text is not None:
+            try:
+                seconds = float(text)
+            except ValueError:
+                raise BadRequest(f"seconds must be a number, not {text!r}") from None
+            if not (math.isfinite(seconds) and 0 < seconds <= HISTORY_MAX_SECONDS):
+                raise BadRequest(f"seconds must be more than 0 and at most {HISTORY_MAX_SECONDS} (2 hours)")
+        return _json(self.svc.history(seconds))
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        _only(request, ())
+        return web.Response(body=self.exporter.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,95 @@
+"""Prometheus exposition of one node's metrics (`GET /metrics` on the management port).
+
+A `PrometheusExporter` owns a per-node `CollectorRegistry` holding one custom collector that reads
+the node's `MetricsService` at scrape time; nothing is registered in prometheus_client's global
+default registry (several nodes may share a process). Every series has a ``node`` label.
+
+Series: ``aether_node_cpu_percent``, ``aether_node_memory_rss_bytes``,
+``aether_node_uptime_seconds`` (gauges); per entry (labels ``artifact``, ``entry``):
+``aether_entry_calls_total``, ``aether_entry_successes_total``, ``aether_entry_failures_total``,
+``aether_entry_slow_calls_total`` (label ``threshold``: ``fixed`` or ``adaptive``) and the
+histogram ``aether_entry_duration_seconds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from aether.metrics.collector import BUCKET_BOUNDS, EntryMetrics
+from aether.metrics.messages import NodeSample
+
+__all__ = ["CONTENT_TYPE", "PrometheusExporter"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""What `generate_latest` writes (prometheus_client's own HTTP server sends this by default too)."""
+
+
+class MetricsSource(Protocol):
+    """What the exporter reads (`MetricsService` fits)."""
+
+    node_id: str
+    entries: EntryMetrics
+    sample: NodeSample
+
+
+class _NodeCollector(Collector):
+    def __init__(self, source: MetricsSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        src = self._source
+        node = src.node_id
+        sample = src.sample
+        for name, doc, value in (
+            ("aether_node_cpu_percent", "CPU use of the node's process (% of one core)", sample.cpu_percent),
+            ("aether_node_memory_rss_bytes", "Resident memory of the node's process", sample.rss_bytes),
+            ("aether_node_uptime_seconds", "Seconds since the node started", sample.uptime),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["node"])
+            g.add_metric([node], float(value))
+            yield g
+        labels = ["node", "artifact", "entry"]
+        calls = CounterMetricFamily("aether_entry_calls", "Entry-point calls run on this node", labels=labels)
+        ok = CounterMetricFamily("aether_entry_successes", "Entry-point calls that returned", labels=labels)
+        failed = CounterMetricFamily("aether_entry_failures", "Entry-point calls that raised", labels=labels)
+        slow = CounterMetricFamily(
+            "aether_entry_slow_calls", "Calls above the slow threshold", labels=[*labels, "threshold"]
+        )
+        hist = HistogramMetricFamily(
+            "aether_entry_duration_seconds", "Duration of entry-point calls run on this node", labels=labels
+        )
+        for c in src.entries.counters():
+            key = [node, c.artifact, c.entry]
+            calls.add_metric(key, c.calls)
+            ok.add_metric(key, c.successes)
+            failed.add_metric(key, c.failures)
+            slow.add_metric([*key, "fixed"], c.slow)
+            slow.add_metric([*key, "adaptive"], c.slow_adaptive)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip((*BUCKET_BOUNDS, float("inf")), c.buckets, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            hist.add_metric(key, buckets, c.total_seconds)
+        yield from (calls, ok, failed, slow, hist)
+
+
+class PrometheusExporter:
+    """A per-node registry with the node's collector; `render()` is the text exposition."""
+
+    def __init__(self, source: MetricsSource) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_NodeCollector(source))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

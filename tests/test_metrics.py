@@ -1,0 +1,291 @@
+"""Unit tests of the sans-IO metrics core: collector, quantiles, aggregator, window, Prometheus."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aether.core.artifact import Artifact
+from aether.metrics import (
+    ADAPTIVE_MIN_CALLS,
+    BUCKET_BOUNDS,
+    ClusterMetricsSnapshot,
+    EntryCounters,
+    EntryMetrics,
+    MetricsAggregator,
+    MetricsMessage,
+    NodeMetricsUpdate,
+    NodeSample,
+    quantile,
+)
+from aether.metrics.prometheus import PrometheusExporter
+
+HELLO = Artifact.parse("org.example:hello:0.1.0")
+NB = len(BUCKET_BOUNDS) + 1
+
+
+# --- collector --------------------------------------------------------------------------------------
+
+
+def test_record_counts_calls_successes_failures_and_buckets() -> None:
+    m = EntryMetrics()
+    m.record(HELLO, "greet", 0.0004, True)  # first bucket (<= 0.5 ms)
+    m.record(HELLO, "greet", 0.0005, True)  # bounds are inclusive
+    m.record(HELLO, "greet", 0.003, False)  # (2.5 ms, 5 ms]
+    m.record(HELLO, "greet", 30.0, True)  # overflow
+    (c,) = m.counters()
+    assert (c.artifact, c.entry) == ("org.example:hello:0.1.0", "greet")
+    assert (c.calls, c.successes, c.failures) == (4, 3, 1)
+    assert c.total_seconds == pytest.approx(30.0039)
+    assert c.buckets[0] == 2 and c.buckets[3] == 1 and c.buckets[-1] == 1 and sum(c.buckets) == 4
+    assert c.slow == 1  # only the 30 s call is above 100 ms
+
+
+def test_entries_are_kept_apart_and_sorted() -> None:
+    m = EntryMetrics()
+    m.record("b:x:1.0.0", "z", 0.001, True)
+    m.record(HELLO, "greet", 0.001, True)
+    m.record(HELLO, "age", 0.001, True)
+    assert [(c.artifact, c.entry) for c in m.counters()] == [
+        ("b:x:1.0.0", "z"), ("org.example:hello:0.1.0", "age"), ("org.example:hello:0.1.0", "greet"),
+    ]  # fmt: skip
+
+
+def test_per_entry_threshold_and_adaptive_slow_calls() -> None:
+    m = EntryMetrics(slow_threshold=1.0, thresholds={"org.example:hello.greet": 0.01})
+    for _ in range(ADAPTIVE_MIN_CALLS + 5):
+        m.record(HELLO, "greet", 0.002, True)
+        m.record(HELLO, "other", 0.002, True)
+    m.record(HELLO, "greet", 0.05, True)  # > 10 ms per-entry threshold and > 3x the 2 ms average
+    m.record(HELLO, "other", 0.05, True)  # < 1 s default, but > 3x its average
+    by = {c.entry: c for c in m.counters()}
+    assert (by["greet"].slow, by["greet"].slow_adaptive) == (1, 1)
+    assert (by["other"].slow, by["other"].slow_adaptive) == (0, 1)
+
+
+def test_adaptive_needs_warm_up() -> None:
+    m = EntryMetrics()
+    m.record(HELLO, "greet", 0.001, True)
+    m.record(HELLO, "greet", 0.05, True)
+    assert m.counters()[0].slow_adaptive == 0
+
+
+def test_bad_thresholds_are_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        EntryMetrics(slow_threshold=0)
+    with pytest.raises(ValueError, match="greet"):
+        EntryMetrics(thresholds={"greet": -1})
+
+
+def test_quantiles_interpolate_inside_buckets() -> None:
+    b = [0] * NB
+    assert quantile(0.5, b) is None
+    b[1] = 100  # (0.5 ms, 1 ms]
+    assert quantile(0.5, b) == pytest.approx(0.00075)
+    b = [0] * NB
+    b[0], b[7] = 90, 10  # 90 calls <= 0.5 ms, 10 calls in (50 ms, 100 ms]
+    assert quantile(0.5, b) == pytest.approx(0.0005 * 50 / 90)
+    assert quantile(0.95, b) == pytest.approx(0.05 + 0.05 * 0.5)
+    assert quantile(0.99, b) == pytest.approx(0.05 + 0.05 * 0.9)
+    b[-1] = 1000
+    assert quantile(0.99, b) == BUCKET_BOUNDS[-1]
+    with pytest.raises(ValueError):
+        quantile(1.0, b)
+    with pytest.raises(ValueError):
+        quantile(0.5, [1, 2])
+
+
+# --- aggregator -------------------------------------------------------------------------------------
+
+
+def counters(calls: int, failures: int = 0, bucket: int = 2, entry: str = "greet") -> EntryCounters:
+    b = [0] * NB
+    b[bucket] = calls
+    return EntryCounters(str(HELLO), entry, calls, calls - failures, failures, calls * 0.002, b, 0, 0)
+
+
+def upd(node: str, seq: int, uptime: float, *entries: EntryCounters, run: int = 1) -> NodeMetricsUpdate:
+    return NodeMetricsUpdate(node, run, seq, NodeSample(10.0, 1000, uptime), list(entries))
+
+
+def test_rates_come_from_cumulative_counters() -> None:
+    agg = MetricsAggregator("n1")
+    agg.update(upd("n1", 1, 10.0, counters(100)), now=0.0)
+    agg.update(upd("n2", 1, 20.0, counters(50, 5)), now=0.0)
+    snap = agg.compute(now=0.5, wall=1000.0)
+    assert snap.entries[0].calls == 150 and snap.entries[0].calls_per_s == 0  # baselines only
+    agg.update(upd("n1", 2, 11.0, counters(130)), now=1.0)
+    agg.update(upd("n2", 3, 22.0, counters(90, 9)), now=1.0)  # seq 2 was lost: a 2 s interval
+    snap = agg.compute(now=1.0, wall=1001.0)
+    (e,) = snap.entries
+    assert (e.calls, e.failures, e.successes) == (220, 9, 211)
+    assert e.calls_per_s == pytest.approx(30 + 20)
+    assert e.failures_per_s == pytest.approx(2)
+    assert e.nodes == ["n1", "n2"]
+    assert e.p50_ms is not None and 1.0 < e.p50_ms <= 2.5  # bucket (1 ms, 2.5 ms]
+    assert snap.totals.calls == 220 and snap.totals.nodes == 2 and snap.totals.rss_bytes == 2000
+    assert {n.node_id: n.calls_per_s for n in snap.nodes} == {"n1": 30.0, "n2": 20.0}
+
+
+def test_stale_and_duplicate_updates_are_dropped_and_restarts_rebase() -> None:
+    agg = MetricsAggregator("n1")
+    assert agg.update(upd("n2", 5, 50.0, counters(500)), now=0.0)
+    assert not agg.update(upd("n2", 4, 49.0, counters(490)), now=0.1)  # older
+    assert agg.update(upd("n2", 1, 2.0, counters(10), run=2), now=1.0)  # restarted: a new incarnation
+    (e,) = agg.compute(now=1.0, wall=1.0).entries
+    assert e.calls == 10 and e.calls_per_s == pytest.approx(5.0)  # 10 calls in its 2 s of life
+
+
+def test_silent_nodes_expire() -> None:
+    agg = MetricsAggregator("n1", expiry=5.0)
+    agg.update(upd("n1", 1, 1.0, counters(1)), now=0.0)
+    agg.update(upd("n2", 1, 1.0, counters(2)), now=3.0)
+    assert [n.node_id for n in agg.compute(now=5.0, wall=5.0).nodes] == ["n1", "n2"]
+    snap = agg.compute(now=6.0, wall=6.0)
+    assert [n.node_id for n in snap.nodes] == ["n2"] and snap.totals.calls == 2
+    assert agg.node_ids == ["n2"]
+
+
+def test_bad_bucket_count_is_a_clear_error() -> None:
+    agg = MetricsAggregator("n1")
+    bad = EntryCounters(str(HELLO), "greet", 1, 1, 0, 0.1, [1], 0, 0)
+    with pytest.raises(ValueError, match="buckets"):
+        agg.update(upd("n2", 1, 1.0, bad), now=0.0)
+
+
+def test_window_is_capped_and_history_selects_by_time() -> None:
+    agg = MetricsAggregator("n1", window_points=100, broadcast_points=10)
+    for i in range(250):
+        agg.update(upd("n1", i + 1, float(i), counters(10 * i)), now=float(i))
+        snap = agg.tick(now=float(i), wall=1000.0 + i)
+    assert len(agg.window) == 100
+    assert agg.window[0].time == 1150.0 and agg.window[-1].time == 1249.0
+    assert len(snap.window) == 10 and snap.window[-1].time == 1249.0 and snap.seq == 250
+    assert snap.window[-1].calls_per_s == pytest.approx(10.0)
+    assert snap.window[-1].p50_ms is not None
+    assert [p.time for p in agg.history(3, wall=1249.5)] == [1247.0, 1248.0, 1249.0]
+    assert len(agg.history(7200, wall=1249.5)) == 100
+
+
+def test_default_window_is_two_hours() -> None:
+    agg = MetricsAggregator("n1")
+    for i in range(7300):
+        agg.tick(now=float(i), wall=float(i))
+    assert len(agg.window) == 7200 and agg.window[0].time == 100.0
+
+
+def test_a_new_leader_continues_the_window_from_the_snapshots() -> None:
+    old = MetricsAggregator("n1")
+    new = MetricsAggregator("n2")
+    for i in range(100):
+        old.update(upd("n1", i + 1, float(i), counters(i)), now=float(i))
+        snap = old.tick(now=float(i), wall=500.0 + i)
+        wire = msgspec.msgpack.decode(msgspec.msgpack.encode(snap), type=MetricsMessage)
+        assert isinstance(wire, ClusterMetricsSnapshot)
+        new.ingest_snapshot(wire)
+    assert [p.time for p in new.window] == [500.0 + i for i in range(100)]
+    # n1 is gone; n2 leads: its window and sequence continue
+    snap = new.tick(now=200.0, wall=600.0)
+    assert snap.leader == "n2" and snap.seq == 101
+    assert len(new.window) == 101 and new.window[-1].time == 600.0
+    assert [p.time for p in snap.window][-2:] == [599.0, 600.0]
+
+
+def test_messages_round_trip_on_the_wire() -> None:
+    u = upd("n2", 7, 3.5, counters(3))
+    raw = msgspec.msgpack.encode(u)
+    assert msgspec.msgpack.decode(raw, type=MetricsMessage) == u
+    assert msgspec.msgpack.decode(raw)[0] == 60  # tag first: array_like
+
+
+# --- prometheus ---------------------------------------------------------------------------------------
+
+
+class _Source:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.entries = EntryMetrics()
+        self.sample = NodeSample(12.5, 4096, 3.0)
+
+
+def test_prometheus_text_has_node_and_entry_series_per_node_registry() -> None:
+    a, b = _Source("n1"), _Source("n2")
+    for s in (0.0003, 0.004, 0.2):
+        a.entries.record(HELLO, "greet", s, s < 0.1)
+    text_a = PrometheusExporter(a).render().decode()
+    PrometheusExporter(b)  # a second node in the same process: no duplicate-registration error
+    fams = {f.name: f for f in text_string_to_metric_families(text_a)}
+    assert fams["aether_node_cpu_percent"].samples[0].value == 12.5
+    assert fams["aether_node_memory_rss_bytes"].samples[0].labels == {"node": "n1"}
+    calls = fams["aether_entry_calls"].samples[0]
+    assert calls.value == 3 and calls.labels == {"node": "n1", "artifact": str(HELLO), "entry": "greet"}
+    assert fams["aether_entry_failures"].samples[0].value == 1
+    slow = {s.labels["threshold"]: s.value for s in fams["aether_entry_slow_calls"].samples}
+    assert slow == {"fixed": 1, "adaptive": 0}
+    hist = {(s.name, s.labels.get("le")): s.value for s in fams["aether_entry_duration_seconds"].samples}
+    assert hist[("aether_entry_duration_seconds_bucket", "0.0005")] == 1
+    assert hist[("aether_entry_duration_seconds_bucket", "0.005")] == 2
+    assert hist[("aether_entry_duration_seconds_bucket", "+Inf")] == 3
+    assert hist[("aether_entry_duration_seconds_count", None)] == 3
+    assert hist[("aether_entry_duration_seconds_sum", None)] == pytest.approx(0.2043)
+
+
+# --- the node adapter (no loop started: step() by hand) ----------------------------------------------
+
+
+class _Link:
+    def __init__(self, *peers: str) -> None:
+        self.up_peers = frozenset(peers)
+        self.sent: list[tuple[str, object]] = []
+
+    def send(self, peer: str, msg: object) -> bool:
+        self.sent.append((peer, msg))
+        return peer in self.up_peers
+
+
+class _Leader:
+    def __init__(self, leader: str | None) -> None:
+        self.leader = leader
+
+
+def test_service_follower_pushes_to_the_leader_and_answers_locally_until_a_snapshot() -> None:
+    from aether.metrics import MetricsService
+
+    link = _Link("n1", "n3")
+    svc = MetricsService("n2", link, _Leader("n1"))
+    svc.entries.record(str(HELLO), "greet", 0.001, True)
+    view = svc.view()
+    assert view.source == "local" and view.note and [n.node_id for n in view.nodes] == ["n2"]
+    svc.step()
+    ((peer, msg),) = link.sent
+    assert peer == "n1" and isinstance(msg, NodeMetricsUpdate) and msg.entries[0].calls == 1
+    # a snapshot from someone who is not the sender's claimed leader is dropped
+    leader_agg = MetricsAggregator("n1")
+    leader_agg.update(msg, now=0.0)
+    snap = leader_agg.tick(now=0.0, wall=100.0)
+    svc.on_message("n3", snap)
+    assert svc.latest is None
+    svc.on_message("n1", snap)
+    view = svc.view()
+    assert view.source == "leader" and view.note is None and view.snapshot_seq == 1
+    assert view.entries[0].calls == 1 and [p.time for p in svc.aggregator.window] == [100.0]
+    assert svc.history(7200).points == []  # the point is from wall time 100, long ago
+    with pytest.raises(ValueError):
+        svc.history(0)
+
+
+def test_service_leader_aggregates_peers_and_broadcasts() -> None:
+    from aether.metrics import MetricsService
+
+    link = _Link("n2", "n3")
+    svc = MetricsService("n1", link, _Leader("n1"))
+    svc.on_message("n2", upd("n2", 1, 1.0, counters(5)))
+    svc.on_message("n3", upd("n2", 2, 2.0, counters(9)))  # claims to be n2: dropped
+    svc.step()
+    assert [p for p, _ in link.sent] == ["n2", "n3"]
+    snap = link.sent[0][1]
+    assert isinstance(snap, ClusterMetricsSnapshot) and snap.leader == "n1" and snap.seq == 1
+    assert sorted(n.node_id for n in snap.nodes) == ["n1", "n2"]
+    assert snap.entries[0].calls == 5 and len(snap.window) == 1
+    assert svc.view().source == "leader"
