@@ -424,3 +424,41 @@ def test_cluster_demo_prints_working_curl_commands(demo_wheels: Path, tmp_path: 
             demo.kill()
             demo.wait(10)
         lc.stop_cluster(cluster_dir, timeout=5.0)
+
+
+@pytest.mark.timeout(120)
+def test_cluster_demo_with_a_bad_blueprint_names_the_problem_and_stops_the_nodes(tmp_path: Path) -> None:
+    from aether.cli import local_cluster as lc
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    bad = tmp_path / "bad.blueprint"
+    bad.write_text(
+        'id = "bad:1"\n\n[slices.x]\nartifact = "org.demo:nope:0.1.0"\ninstances = 1\ncolour = "red"\n'
+    )
+    cluster_dir = tmp_path / "cluster"
+    base = [sys.executable, "-m", "aether.cli.main", "cluster", "demo", "--dir", str(cluster_dir)]
+    try:
+        # no wheels where --wheels points: usage error before anything starts
+        r = subprocess.run(
+            [*base, "--wheels", str(tmp_path / "empty"), "--blueprint", str(bad)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2 and "no wheels (*.whl) in" in r.stderr, r.stderr
+        assert lc.load_record(cluster_dir) is None
+        r = subprocess.run(
+            [*base, "--blueprint", str(tmp_path / "missing.blueprint")],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 2 and "cannot read blueprint" in r.stderr, r.stderr
+        # a blueprint the cluster rejects: the error names file, line and key; the nodes are stopped
+        r = subprocess.run(
+            [*base, "--base-port-offset", str(_free_port_offset()), "--blueprint", str(bad)],
+            env=env, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"{bad}:6" in r.stderr and "colour" in r.stderr, r.stderr
+        record = lc.load_record(cluster_dir)
+        assert record is not None
+        assert lc.running_nodes(cluster_dir) == []
+    finally:
+        lc.stop_cluster(cluster_dir, timeout=5.0)
