@@ -11,6 +11,7 @@ import pytest
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.maps import (
+    MapContention,
     MapError,
     MapKeyError,
     MapSpec,
@@ -103,8 +104,11 @@ async def test_update_gives_up_after_losing_every_round() -> None:
         maps.data["c"]["n"] = (msgspec.msgpack.encode((v or 0) + 100), None)  # another writer wins
         return (v or 0) + 1
 
-    with pytest.raises(MapError, match="lost to other writers 3 times"):
+    with pytest.raises(MapContention, match="lost to other writers 3 times") as info:
         await m.update("n", meddle, max_attempts=3)
+    assert info.value.status == 503 and isinstance(info.value, MapError)
+    with pytest.raises(MapContention, match="lost to other writers"):
+        await m.update("n", meddle, budget=0.05)  # the time budget ends it too
 
 
 async def test_ttl_expires_keys() -> None:

@@ -17,6 +17,7 @@ from aether.core.errors import AetherError, BadRequest, StatusError
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_KEY_BYTES",
+    "MapContention",
     "MapDefinitionConflict",
     "MapError",
     "MapKeyError",
@@ -69,6 +70,12 @@ class MapUnavailable(MapError, StatusError):
     """The partition's primary or a write quorum could not be reached in time (HTTP 503).
 
     The outcome of a write that failed this way is indeterminate."""
+
+    status = 503
+
+
+class MapContention(MapError, StatusError):
+    """`SliceMap.update` kept losing its compare-and-set to other writers (HTTP 503)."""
 
     status = 503
 

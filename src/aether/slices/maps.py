@@ -8,13 +8,15 @@ a slice its backend through `SliceContext.maps`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import random
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 
-from aether.core.maps import MapError, MapValueDecodeError, check_key
+from aether.core.maps import MapContention, MapError, MapValueDecodeError, check_key
 
 __all__ = ["MapBackend", "SliceMap"]
 
@@ -119,15 +121,24 @@ class SliceMap(Generic[V]):
         return sorted(await self._backend.map_keys(self.name, prefix))
 
     async def update(
-        self, key: str, fn: Callable[[V | None], V | None], *, max_attempts: int = 64
+        self,
+        key: str,
+        fn: Callable[[V | None], V | None],
+        *,
+        max_attempts: int = 1000,
+        budget: float = 5.0,
     ) -> V | None:
         """Apply `fn(current) -> new` atomically (compare-and-set loop); returns the value written.
 
-        `fn` may raise to abort (nothing is written); returning None removes the key. Raises
-        `MapError` if another writer won `max_attempts` times in a row.
+        `fn` may raise to abort (nothing is written); returning None removes the key. After a lost
+        round the next one waits a random pause that grows with each loss (up to 50 ms), so writers
+        on every node get their turn on a contended key. Raises `MapContention` (HTTP 503) when
+        other writers won for `budget` seconds or `max_attempts` rounds.
         """
         check_key(self.name, key)
-        for _ in range(max_attempts):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        for attempt in range(max_attempts):
             raw = await self._backend.map_get(self.name, key)
             current = None if raw is None else self._decode(key, raw)
             new = fn(current)
@@ -136,7 +147,13 @@ class SliceMap(Generic[V]):
                 return None
             if await self._backend.map_compare_and_set(self.name, key, raw, val):
                 return new
-        raise MapError(f"map {self.name!r} key {key!r}: update lost to other writers {max_attempts} times")
+            if loop.time() >= deadline:
+                break
+            await asyncio.sleep(random.uniform(0, min(0.05, 0.001 * 2 ** min(attempt, 6))))
+        raise MapContention(
+            f"map {self.name!r} key {key!r}: update lost to other writers {attempt + 1} times "
+            f"in {budget - max(0.0, deadline - loop.time()):.1f}s; try again later"
+        )
 
 
 def _check_ttl(name: str, ttl: float | None) -> None:
