@@ -743,7 +743,7 @@ async def test_server_maps_outcomes_to_kinds(caplog: pytest.LogCaptureFixture) -
         await wait_for(lambda: len(cap.out) == 6)
     r = cap.by_id()
     assert r[1] == InvokeResponse(1, b"S:hi", None, None)
-    assert (r[2].kind, r[2].error) == (KIND_BAD_REQUEST, "BadRequest: field 'qty' must be an int")
+    assert (r[2].kind, r[2].error) == (KIND_BAD_REQUEST, "field 'qty' must be an int")
     assert r[3].kind == KIND_UNKNOWN_ENTRY
     assert (r[4].kind, r[4].error) == (KIND_APP_ERROR, "ValueError: boom")
     assert r[5].kind == KIND_NO_INSTANCE

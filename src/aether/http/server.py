@@ -291,7 +291,7 @@ class HttpRouter:
                 route.artifact, route.method, payload, request_id=rid, timeout=self.request_timeout
             )
         except InvokeBadRequest as e:
-            return self._problem(400, str(e), rid)
+            return self._problem(400, e.detail or str(e), rid)
         except SliceAppError as e:
             if e.status is not None:
                 return self._problem(e.status, e.detail, rid)

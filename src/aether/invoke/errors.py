@@ -64,7 +64,10 @@ class InvokeTimeout(InvokeError):
 
 
 class InvokeBadRequest(InvokeError, BadRequest):
-    """The target rejected the payload (it does not decode into the entry's argument type)."""
+    """The target rejected the payload (it does not decode into the entry's argument type, or the
+    entry raised `BadRequest`); `detail` is the target's own message (what an HTTP client reads)."""
+
+    detail: str = ""
 
 
 class UnknownEntryError(InvokeError):
@@ -124,6 +127,8 @@ def error_text(exc: BaseException, kind: str) -> str:
     what the HTTP client reads), else ``"TypeName: text"``."""
     if kind_status(kind) is not None:
         return exc.detail if isinstance(exc, SliceAppError) else str(exc)
+    if kind == KIND_BAD_REQUEST:
+        return str(exc) or type(exc).__name__  # it names the field and the problem
     return describe_exception(exc)
 
 

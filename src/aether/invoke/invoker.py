@@ -435,7 +435,12 @@ class Invoker:
         where = f"{target}.{method} on {node} (request {rid})"
         cls: type[InvokeError]
         if kind == KIND_BAD_REQUEST:
-            cls, message = InvokeBadRequest, f"bad request to {where}: {error}"
+            bad = InvokeBadRequest(
+                f"bad request to {where}: {error}",
+                target=target, method=method, kind=kind, node=node, request_id=rid, attempts=attempts,
+            )
+            bad.detail = error
+            return bad
         elif kind == KIND_UNKNOWN_ENTRY:
             cls, message = UnknownEntryError, f"unknown entry point {where}: {error}"
         elif kind == KIND_APP_ERROR:
