@@ -618,14 +618,27 @@ class MapService:
         elif isinstance(msg, KeysRequest):
             try:
                 keys = self.local_keys(msg.map, msg.prefix)
-                self.sender.send(sender, KeysResponse(msg.id, keys))
+                self._answer(sender, KeysResponse(msg.id, keys))
             except UnknownMap as e:
-                self.sender.send(sender, KeysResponse(msg.id, [], str(e)))
+                self._answer(sender, KeysResponse(msg.id, [], str(e)))
         elif isinstance(msg, StatsRequest):
             try:
-                self.sender.send(sender, StatsResponse(msg.id, self.local_stats(msg.map)))
+                self._answer(sender, StatsResponse(msg.id, self.local_stats(msg.map)))
             except UnknownMap as e:
-                self.sender.send(sender, StatsResponse(msg.id, None, str(e)))
+                self._answer(sender, StatsResponse(msg.id, None, str(e)))
+
+    def _answer(self, peer: str, msg: object) -> None:
+        """Send an answer; if our link to `peer` is not up yet (it reached us on its own link, which
+        came up first), send it once the link is up, within `sync_timeout`."""
+        if not self.sender.send(peer, msg):
+            self._spawn(self._answer_later(peer, msg))
+
+    async def _answer_later(self, peer: str, msg: object) -> None:
+        try:
+            await self._wait_up(peer, self.sync_timeout)
+        except _PeerGone:
+            return
+        self.sender.send(peer, msg)
 
     def _on_replicate(self, sender: str, msg: Replicate) -> None:
         engine = self.engines.get(msg.map)
@@ -633,11 +646,11 @@ class MapService:
             self._spawn(self._replicate_later(sender, msg))
             return
         if msg.record.epoch < self.fence[msg.partition]:
-            self.sender.send(sender, ReplicateAck(msg.id, False, "fenced: a newer primary took over"))
+            self._answer(sender, ReplicateAck(msg.id, False, "fenced: a newer primary took over"))
             return
         if newer(msg.record, engine.get(msg.partition, msg.key)):
             engine.put(msg.partition, msg.key, msg.record)
-        self.sender.send(sender, ReplicateAck(msg.id, True))
+        self._answer(sender, ReplicateAck(msg.id, True))
 
     async def _replicate_later(self, sender: str, msg: Replicate) -> None:
         """The map's definition has not reached this node yet (it commits everywhere at once): wait."""
@@ -646,7 +659,7 @@ class MapService:
                 while msg.map not in self.engines:
                     await self._spec_event.wait()
         except TimeoutError:
-            self.sender.send(sender, ReplicateAck(msg.id, False, f"unknown map {msg.map!r}"))
+            self._answer(sender, ReplicateAck(msg.id, False, f"unknown map {msg.map!r}"))
             return
         self._on_replicate(sender, msg)
 
@@ -665,7 +678,7 @@ class MapService:
         except Exception as e:
             self.log.exception("map request %s on %s failed", OP_NAMES.get(req.op, req.op), req.map)
             resp = MapResponse(req.id, None, False, f"{type(e).__name__}: {e}", KIND_UNAVAILABLE)
-        self.sender.send(sender, resp)
+        self._answer(sender, resp)
 
     async def _serve_sync(self, sender: str, req: SyncRequest) -> None:
         if req.fence:
@@ -682,7 +695,7 @@ class MapService:
                     pass
         engine = self.engines.get(req.map)
         if engine is None:
-            self.sender.send(sender, SyncChunk(req.id, [], True))
+            self._answer(sender, SyncChunk(req.id, [], True))
             return
         items: list[tuple[int, str, Record]] = []
         size = 0
@@ -692,10 +705,15 @@ class MapService:
                 size += len(key) + (len(rec.value) if rec.value else 0) + 16
                 if len(items) >= _SYNC_CHUNK_ITEMS or size >= _SYNC_CHUNK_BYTES:
                     if not self.sender.send(sender, SyncChunk(req.id, items, False)):
-                        return
+                        try:
+                            await self._wait_up(sender, self.sync_timeout)
+                        except _PeerGone:
+                            return
+                        if not self.sender.send(sender, SyncChunk(req.id, items, False)):
+                            return
                     items, size = [], 0
                     await asyncio.sleep(0)  # let other work run between chunks
-        self.sender.send(sender, SyncChunk(req.id, items, True))
+        self._answer(sender, SyncChunk(req.id, items, True))
 
     # --- local views ----------------------------------------------------------------------------------
 
