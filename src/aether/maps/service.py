@@ -395,15 +395,30 @@ class MapService:
         # every member of the table was live when the leader wrote it: wait for links still coming up
         peers = [m for m in table.members if m != self.node_id]
         started = self.now()
-        jobs = [
-            self._sync_from(peer, name, parts, fence=version) for name in list(self.specs) for peer in peers
-        ]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        for r in failed:
-            if not isinstance(r, _PeerGone | TimeoutError):
-                self.log.error("promotion sync failed", exc_info=r)
-        merged = sum(r for r in results if isinstance(r, int))
+        todo = [(name, peer) for name in list(self.specs) for peer in peers]
+        merged = 0
+        failed: list[tuple[str, str]] = []
+        for _round in range(3):
+            results = await asyncio.gather(
+                *(self._sync_from(peer, name, parts, fence=version) for name, peer in todo),
+                return_exceptions=True,
+            )
+            merged += sum(r for r in results if isinstance(r, int))
+            failed = [job for job, r in zip(todo, results, strict=True) if isinstance(r, BaseException)]
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, _PeerGone | TimeoutError):
+                    self.log.error("promotion sync failed", exc_info=r)
+            # a peer that is still up and still a member may hold acknowledged writes: ask again;
+            # one that went down is given up (the leader removes it from the table)
+            current = self.table
+            todo = [
+                (name, peer) for name, peer in failed
+                if peer in self.up and current is not None and peer in current.members
+                and any(self.epoch[p] == version for p in parts)
+            ]
+            if not todo:
+                break
+            self.log.warning("promotion sync at v%d: asking %s again", version, sorted({p for _, p in todo}))
         ready_now = 0
         for p in parts:
             if self.epoch[p] == version:
