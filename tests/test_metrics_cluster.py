@@ -93,6 +93,23 @@ async def test_calls_are_counted_once_and_seen_from_a_follower(tmp_path: Path) -
         status, text = await _get(follower, "/api/v1/metrics/history?seconds=abc")
         assert status == 400
 
+        # the stream: a metrics event per interval, each the same document as GET /api/v1/metrics
+        url = f"http://127.0.0.1:{follower.management.port}/api/v1/metrics/stream?interval=0.2"
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            events: list[dict[str, Any]] = []
+            async with asyncio.timeout(10):
+                async for raw in r.content:
+                    line = raw.decode().strip()
+                    if line.startswith("data: "):
+                        events.append(json.loads(line[len("data: "):]))
+                        if len(events) == 2:
+                            break
+        assert all(e["node_id"] == follower.node_id and e["totals"]["calls"] == 31 for e in events)
+        for bad in ("0.01", "abc", "61"):
+            status, text = await _get(follower, f"/api/v1/metrics/stream?interval={bad}")
+            assert status == 400 and "interval" in json.loads(text)["detail"]
+
         # Prometheus: the host exposes the entry's counters and histogram, the others do not
         status, text = await _get(host, "/metrics")
         assert status == 200

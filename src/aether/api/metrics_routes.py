@@ -6,6 +6,8 @@
 - `GET /api/v1/metrics/history?seconds=N` -> `MetricsHistory`: the per-second cluster points of the
   last N seconds (default 300, at most 7200), served by any node from its own copy of the window
   (every snapshot carries the latest points, so no forwarding to the leader is needed);
+- `GET /api/v1/metrics/stream?interval=S` -> server-sent events: ``event: metrics`` with the
+  `MetricsView` as data every `interval` seconds (default 1, 0.2 to 60) until the client leaves;
 - `GET /metrics`: the Prometheus text exposition of this node (a per-node registry).
 
 Like every other endpoint they need the API key when the node has one (Prometheus: configure
@@ -14,6 +16,7 @@ Like every other endpoint they need the API key when the node has one (Prometheu
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -27,6 +30,7 @@ from aether.metrics.service import HISTORY_MAX_SECONDS
 __all__ = ["DEFAULT_HISTORY_SECONDS", "MetricsRoutes"]
 
 DEFAULT_HISTORY_SECONDS = 300.0
+STREAM_INTERVAL_RANGE = (0.2, 60.0)
 
 
 def _json(data: object) -> web.Response:
@@ -47,6 +51,7 @@ class MetricsRoutes:
     def register(self, app: web.Application, prefix: str) -> None:
         app.router.add_get(f"{prefix}/metrics", self.metrics)
         app.router.add_get(f"{prefix}/metrics/history", self.history)
+        app.router.add_get(f"{prefix}/metrics/stream", self.stream)
         app.router.add_get("/metrics", self.prometheus)
 
     async def metrics(self, request: web.Request) -> web.Response:
@@ -64,6 +69,34 @@ class MetricsRoutes:
             if not (math.isfinite(seconds) and 0 < seconds <= HISTORY_MAX_SECONDS):
                 raise BadRequest(f"seconds must be more than 0 and at most {HISTORY_MAX_SECONDS} (2 hours)")
         return _json(self.svc.history(seconds))
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        text = _only(request, ("interval",)).get("interval")
+        interval = 1.0
+        lo, hi = STREAM_INTERVAL_RANGE
+        if text is not None:
+            try:
+                interval = float(text)
+            except ValueError:
+                raise BadRequest(f"interval must be a number of seconds, not {text!r}") from None
+            if not (math.isfinite(interval) and lo <= interval <= hi):
+                raise BadRequest(f"interval must be between {lo} and {hi} seconds, not {text}")
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"
+            }
+        )
+        await resp.prepare(request)
+        try:
+            while True:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break
+                await resp.write(b"event: metrics\ndata: " + msgspec.json.encode(self.svc.view()) + b"\n\n")
+                await asyncio.sleep(interval)
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return resp
 
     async def prometheus(self, request: web.Request) -> web.Response:
         _only(request, ())

@@ -629,6 +629,30 @@ def _metrics_paths() -> dict[str, dict[str, Any]]:
                 tags=("metrics",),
             )
         },
+        f"{P}/metrics/stream": {
+            "get": _op(
+                "streamMetrics",
+                "Server-sent events: `event: metrics` with the same document as GET /api/v1/metrics, "
+                "every `interval` seconds, until the client disconnects",
+                {
+                    200: {
+                        "description": "An endless event stream; each data line is a JSON metrics document",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    }
+                },
+                (400,),
+                params=[
+                    {
+                        "name": "interval",
+                        "in": "query",
+                        "required": False,
+                        "description": "seconds between events (default 1), from 0.2 to 60",
+                        "schema": {"type": "number", "minimum": 0.2, "maximum": 60},
+                    }
+                ],
+                tags=("metrics",),
+            )
+        },
         "/metrics": {
             "get": _op(
                 "getPrometheusMetrics",
