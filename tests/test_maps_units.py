@@ -136,6 +136,13 @@ def test_engine_contract(kind: str, tmp_path: Path) -> None:
     assert (e.entries, e.bytes) == (1, 1)
     e.drop(1)
     assert (e.entries, e.bytes) == (0, 0) and e.partitions() == {2}
+    e.put(3, "due", Record(b"abc", 1, 5, 100))  # expires at 100 ms
+    e.put(3, "later", Record(b"de", 1, 6, 200))
+    e.put(4, "gone", Record(None, 1, 7, 100))  # a tombstone due for purging
+    e.put(9, "other", Record(b"x", 1, 8, 100))  # outside the purged range
+    assert e.purge(range(0, 8), 150) == 2
+    assert e.get(3, "due") is None and e.get(4, "gone") is None and e.get(3, "later") is not None
+    assert e.get(9, "other") is not None and (e.entries, e.bytes) == (2, 3)
     e.close()
 
 

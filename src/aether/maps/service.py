@@ -782,10 +782,7 @@ class MapService:
         parts = range(self._purge_cursor, min(self._purge_cursor + step, self.partitions))
         self._purge_cursor = 0 if parts.stop >= self.partitions else parts.stop
         for engine in self.engines.values():
-            for p in parts:
-                for key, rec in engine.scan(p):
-                    if rec.expires and rec.expires <= wall:
-                        engine.delete(p, key)
+            engine.purge(parts, wall)
         # drop partitions this node no longer owns
         table = self.table
         if table is not None and now - self.table_changed_at >= self.drop_after:

@@ -38,6 +38,10 @@ class Engine(Protocol):
 
     def drop(self, partition: int) -> None: ...
 
+    def purge(self, partitions: range, now_ms: int) -> int:
+        """Delete the records of `partitions` whose expiry is due (values and tombstones); their count."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -88,6 +92,17 @@ class MemoryEngine:
                 e, b = _size(rec)
                 self.entries -= e
                 self.bytes -= b
+
+    def purge(self, partitions: range, now_ms: int) -> int:
+        n = 0
+        for p in partitions:
+            part = self._parts.get(p)
+            if not part:
+                continue
+            for key in [k for k, rec in part.items() if rec.expires and rec.expires <= now_ms]:
+                self.delete(p, key)
+                n += 1
+        return n
 
     def close(self) -> None:
         self._parts.clear()
@@ -155,6 +170,17 @@ class SqliteEngine:
         self._db.execute("DELETE FROM records WHERE p = ?", (partition,))
         self.entries -= int(row[0])
         self.bytes -= int(row[1])
+
+    def purge(self, partitions: range, now_ms: int) -> int:
+        where = "p >= ? AND p < ? AND exp > 0 AND exp <= ?"
+        args = (partitions.start, partitions.stop, now_ms)
+        row = self._db.execute(
+            f"SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE {where} AND v IS NOT NULL", args
+        ).fetchone()
+        n = self._db.execute(f"DELETE FROM records WHERE {where}", args).rowcount
+        self.entries -= int(row[0])
+        self.bytes -= int(row[1])
+        return int(n)
 
     def close(self) -> None:
         self._db.close()
