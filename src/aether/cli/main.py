@@ -296,7 +296,10 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
 @click.option(
     "--fsync",
     type=click.Choice(["none", "snapshot", "always"]),
-    help="When to fsync local state [default: none].",
+    help=(
+        "When to fsync local state: always (durable, group commit), snapshot (snapshots only: "
+        "survives kill -9, not a power cut), none (tests, throwaway clusters) [default: always]."
+    ),
 )
 @click.option(
     "--api-key",

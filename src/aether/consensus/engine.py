@@ -87,10 +87,15 @@ class Persist:
 
 @dataclass(slots=True)
 class SaveSnapshot:
-    """Atomically replace the local snapshot; the journal may then be truncated."""
+    """Atomically replace the local snapshot, then start a journal holding only `keep`.
+
+    `keep` are the records of what this replica already sent for the slot in progress: they
+    must survive the snapshot, or a restart could send different values in that slot.
+    """
 
     slot: int
     data: bytes
+    keep: list[JournalRecord] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -228,6 +233,11 @@ class Engine:
         self._decided_ahead: dict[int, Batch | None] = {}
         self._forced: dict[tuple[str, int], StateMsg | VoteMsg | Proposal] = {}
         self._forced_slot = 0
+        # what this replica sent in the current slot (or, after a restart, had sent before it)
+        self._sent_cur: dict[tuple[str, int], SentRec] = {}
+        # hybrid logical clock for batch timestamps: never behind any timestamp seen, so a replica
+        # whose clock runs ahead does not push its batches behind everyone else's for good
+        self._hlc = 0
 
         self._seq = itertools.count(1)
         self._tokens = itertools.count(1)
@@ -291,11 +301,13 @@ class Engine:
             if m.slot != nxt:
                 continue
             if isinstance(m, Proposal):
-                self._forced[("p", 0)] = m
+                key = ("p", 0)
             elif isinstance(m, StateMsg):
-                self._forced[("s", m.phase)] = m
+                key = ("s", m.phase)
             else:
-                self._forced[("v", m.phase)] = m
+                key = ("v", m.phase)
+            self._forced[key] = m
+            self._sent_cur[key] = s
         self._forced_slot = nxt if self._forced else 0
         # take_actions() after recover() holds nothing to send
         self.actions = [a for a in self.actions if not isinstance(a, Persist)]
@@ -482,7 +494,13 @@ class Engine:
         self._send_slot_msg(Proposal(cur.slot, batch))
 
     def _send_slot_msg(self, msg: Proposal | StateMsg | VoteMsg) -> None:
-        self.actions.append(Persist(SentRec(msg)))
+        rec = SentRec(msg)
+        if isinstance(msg, Proposal):
+            key = ("p", 0)
+        else:
+            key = ("s" if isinstance(msg, StateMsg) else "v", msg.phase)
+        self._sent_cur[key] = rec
+        self.actions.append(Persist(rec))
         self.actions.append(Send(None, msg))
 
     def _progress(self, now: float) -> None:
@@ -657,6 +675,7 @@ class Engine:
 
     def _new_slot(self, now: float) -> None:
         self._cur = _SlotState(self.applied + 1, last_progress=now)
+        self._sent_cur.clear()
         if self._forced and self._forced_slot < self._cur.slot:
             self._forced.clear()
             self._forced_slot = 0
@@ -713,6 +732,8 @@ class Engine:
     # --- queue and batching ---------------------------------------------------------------------
 
     def _enqueue(self, batch: Batch) -> None:
+        if batch.ts > self._hlc:
+            self._hlc = batch.ts
         bid = batch.id
         if bid in self._queue or bid in self.decided_ids:
             return
@@ -746,7 +767,9 @@ class Engine:
         del self._open[:cut]
         self._open_bytes -= sum(len(c) for _, c in take)
         bid = BatchId(self.node_id, self.incarnation, next(self._seq))
-        batch = Batch(bid, int((now + self.clock_offset) * 1_000_000), [c for _, c in take])
+        ts = max(int((now + self.clock_offset) * 1_000_000), self._hlc + 1)
+        self._hlc = ts
+        batch = Batch(bid, ts, [c for _, c in take])
         self._inflight[bid] = ([t for t, _ in take], now)
         self._enqueue(batch)
         self.actions.append(Send(None, Submit(batch)))
@@ -858,8 +881,18 @@ class Engine:
             self.actions.append(SaveSnapshot(snap.slot, data))
 
     def snapshot_now(self) -> SaveSnapshot:
-        """A snapshot of the current applied state (for a clean shutdown)."""
-        return SaveSnapshot(self.applied, self._snapshot_bytes())
+        """A snapshot of the current applied state (for a clean shutdown).
+
+        It keeps what this replica sent in the slot in progress, so the replica repeats rather
+        than contradicts itself after the restart.
+        """
+        return SaveSnapshot(self.applied, self._snapshot_bytes(), self.kept_records())
+
+    def kept_records(self) -> list[JournalRecord]:
+        """The journal records a snapshot taken now must carry over (the slot in progress)."""
+        if self._cur.slot != self.applied + 1:
+            return []
+        return [r for r in self._sent_cur.values() if r.msg.slot == self._cur.slot]
 
 
 _MISSING = object()

@@ -1,9 +1,15 @@
 """Asyncio adapter around the sans-IO `Engine`: time, timers, transport, disk and futures.
 
 It feeds the engine messages from the transport, peer up/down events and a periodic tick,
-and carries out the engine's actions in order: journal records are written before any send
-that follows them, snapshots replace the journal, and client futures are resolved when
-their commands commit (or fail with `QuorumLost` / `CommitTimeout`).
+and carries out the engine's actions in order. Journal records are written at once; the
+messages and client answers that follow them wait until the store says the records are
+durable (group commit: with `fsync="always"` one fsync covers every record written before it
+started, however many engine steps produced them). Snapshots replace the journal but keep the
+records of the slot in progress. If the journal cannot be written the runner *fails*: it sends
+nothing more, fails every pending request and calls `on_fatal` (the node then stops).
+
+Time comes from `clock` (monotonic seconds) and `wall` (seconds since the epoch), both
+injectable so the simulation can run this adapter on a virtual clock with per-node skew.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from aether.consensus.engine import (
     StateMachine,
 )
 from aether.consensus.messages import JournalRecord
-from aether.consensus.storage import DiskStore
+from aether.consensus.storage import DiskStore, JournalCorrupt, JournalError
 from aether.core.errors import CommitTimeout, QuorumLost
 
 
@@ -56,13 +62,18 @@ class ConsensusRunner:
         config: EngineConfig | None = None,
         tick_interval: float = 0.01,
         logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.node_id = node_id
         self.log = logger or logging.getLogger(f"aether.consensus.{node_id}")
         self.store = store
+        self.clock = clock
+        # unique per start of this replica (persisted), so batch ids and sessions are never reused
+        incarnation = store.next_incarnation(int(wall() * 1_000_000_000))
         self.engine = Engine(
-            node_id, members, state_machine, seed=seed, incarnation=time.time_ns(), config=config,
-            clock_offset=time.time() - time.monotonic(),
+            node_id, members, state_machine, seed=seed, incarnation=incarnation, config=config,
+            clock_offset=wall() - clock(),
         )
         self.transport: PeerSender | None = None
         self.tick_interval = tick_interval
@@ -70,28 +81,42 @@ class ConsensusRunner:
         self._tick_task: asyncio.Task[None] | None = None
         self.after_apply: list[Callable[[], None]] = []  # run after every engine step that applied
         self.on_installed: list[Callable[[int], None]] = []
+        self.on_fatal: list[Callable[[BaseException], None]] = []  # the journal failed: stop the node
         self._last_applied = 0
+        # sends and client answers waiting for their journal records to be durable, in order
+        self._held: list[Send | Completed | Failed] = []
+        self._holding = False
+        self._stopped = False
+        self.failed: BaseException | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def recover(self) -> None:
+        """Load the snapshot and journal; raises `JournalCorrupt` for damage that is not a torn tail."""
         snap, payloads = self.store.load()
         records = []
-        for p in payloads:
+        for off, p in payloads:
             try:
                 records.append(_jdec.decode(p))
-            except msgspec.DecodeError:
-                self.log.warning("journal record undecodable; ignoring the rest of the journal")
-                break
+            except msgspec.DecodeError as e:
+                raise JournalCorrupt(
+                    f"journal {self.store.journal_path}: record at offset {off} has a valid checksum "
+                    f"but cannot be decoded ({e}); was it written by another version?"
+                ) from None
         self.engine.recover(snap, records)
         self._last_applied = self.engine.applied
-        self.log.info("recovered at slot %d (%d journal records)", self.engine.applied, len(records))
+        self.log.info(
+            "recovered at slot %d (%d journal records, incarnation %d)",
+            self.engine.applied, len(records), self.engine.incarnation,
+        )
 
     def start(self, transport: PeerSender) -> None:
         self.transport = transport
         self._tick_task = asyncio.get_running_loop().create_task(self._ticker())
 
     async def stop(self) -> None:
+        """Stop ticking and taking input; leave a snapshot that keeps the slot in progress."""
+        self._stopped = True
         if self._tick_task is not None:
             self._tick_task.cancel()
             try:
@@ -99,23 +124,47 @@ class ConsensusRunner:
             except asyncio.CancelledError:
                 pass
             self._tick_task = None
-        # a clean shutdown leaves a snapshot, so a restart does not replay the journal
-        try:
-            snap = self.engine.snapshot_now()
-            self.store.save_snapshot(snap.data)
-        except OSError as e:
-            self.log.warning("could not write the final snapshot: %s", e)
+        if self.failed is None:
+            # a clean shutdown leaves a snapshot, so a restart does not replay the journal; it
+            # carries what we sent in the slot in progress (never equivocate after a restart)
+            try:
+                snap = self.engine.snapshot_now()
+                self.store.save_snapshot(snap.data, [_jenc.encode(r) for r in snap.keep])
+            except JournalError as e:
+                self.log.warning("could not write the final snapshot: %s", e)
         self.store.close()
-        for fut in self._futures.values():
-            if not fut.done():
-                fut.set_exception(QuorumLost("node is shutting down; outcome unknown"))
+        self._held.clear()
+        self._fail_futures(QuorumLost("node is shutting down; outcome unknown"))
+
+    def _fail_futures(self, exc: BaseException) -> None:
+        futs = list(self._futures.values())
         self._futures.clear()
+        for fut in futs:
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _fatal(self, exc: BaseException) -> None:
+        """The journal cannot be written: send nothing more, fail every request, tell the node."""
+        if self.failed is not None:
+            return
+        self.failed = exc
+        self._stopped = True
+        self._held.clear()
+        self.log.critical("consensus stops: %s", exc)
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+        self._fail_futures(exc)
+        for cb in self.on_fatal:
+            try:
+                cb(exc)
+            except Exception:
+                self.log.exception("on_fatal callback failed")
 
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(self.tick_interval)
             try:
-                self.engine.tick(time.monotonic())
+                self.engine.tick(self.clock())
                 self._flush()
             except Exception:
                 self.log.exception("consensus tick failed")
@@ -123,24 +172,38 @@ class ConsensusRunner:
     # --- inputs ---------------------------------------------------------------------------------
 
     def on_message(self, sender: str, msg: Any) -> None:
-        self.engine.receive(sender, msg, time.monotonic())
+        if self._stopped:
+            return
+        self.engine.receive(sender, msg, self.clock())
         self._flush()
 
     def peer_up(self, peer: str) -> None:
-        self.engine.peer_up(peer, time.monotonic())
+        if self._stopped:
+            return
+        self.engine.peer_up(peer, self.clock())
         self._flush()
 
     def peer_down(self, peer: str) -> None:
-        self.engine.peer_down(peer, time.monotonic())
+        if self._stopped:
+            return
+        self.engine.peer_down(peer, self.clock())
         self._flush()
 
     def submit(self, commands: Sequence[bytes]) -> list[asyncio.Future[bytes]]:
         """Queue commands; each future resolves to its encoded result."""
         loop = asyncio.get_running_loop()
-        tokens = self.engine.submit_many(commands, time.monotonic())
+        if self._stopped:
+            exc: BaseException = self.failed or QuorumLost("node is shutting down; the write was not applied")
+            futs = []
+            for _ in commands:
+                f: asyncio.Future[bytes] = loop.create_future()
+                f.set_exception(exc)
+                futs.append(f)
+            return futs
+        tokens = self.engine.submit_many(commands, self.clock())
         futs = []
         for t in tokens:
-            f: asyncio.Future[bytes] = loop.create_future()
+            f = loop.create_future()
             self._futures[t] = f
             futs.append(f)
         self._flush()
@@ -170,30 +233,73 @@ class ConsensusRunner:
         actions = self.engine.take_actions()
         if not actions:
             return
-        pending: list[bytes] = []
-        tr = self.transport
+        records: list[bytes] = []
+        effects: list[Send | Completed | Failed] = []
         store = self.store
         installed = False
-        for a in actions:
+        try:
+            for a in actions:
+                if isinstance(a, Persist):
+                    records.append(_jenc.encode(a.record))
+                elif isinstance(a, (Send, Completed, Failed)):
+                    effects.append(a)
+                elif isinstance(a, SaveSnapshot):
+                    if records:
+                        store.append(records)
+                        records = []
+                    store.save_snapshot(a.data, [_jenc.encode(r) for r in a.keep])
+                elif isinstance(a, Installed):
+                    installed = True
+                    for on_inst in self.on_installed:
+                        on_inst(a.slot)
+            if records:
+                store.append(records)
+        except JournalError as e:
+            self._fatal(e)
+            return
+        if effects:
+            if self._holding:
+                self._held.extend(effects)  # behind older effects still waiting: keep the order
+            else:
+                self._held = effects
+                self._holding = True
+                store.when_durable(self._durable)  # may release them at once
+        if self.engine.applied != self._last_applied or installed:
+            self._last_applied = self.engine.applied
+            for cb in self.after_apply:
+                cb()
+
+    def _durable(self, err: BaseException | None) -> None:
+        """The store made everything written so far durable: release what waited for it."""
+        if err is not None:
+            self._fatal(err)
+            return
+        ready = self._held
+        self._held = []
+        self._holding = False
+        self._perform(ready)
+        if self._held and not self._stopped:
+            # effects queued while the fsync ran depend on records it may not cover: sync again
+            self._holding = True
+            self.store.when_durable(self._durable)
+
+    def _perform(self, effects: list[Send | Completed | Failed]) -> None:
+        tr = self.transport
+        futs = self._futures
+        for a in effects:
             if isinstance(a, Send):
-                if pending:
-                    store.append(pending)
-                    pending = []
                 if tr is None:
                     continue
                 if a.to is None:
                     tr.broadcast(a.msg)
                 else:
                     tr.send(a.to, a.msg)
-            elif isinstance(a, Persist):
-                pending.append(_jenc.encode(a.record))
             elif isinstance(a, Completed):
-                futs = self._futures
                 for tok, res in zip(a.tokens, a.results, strict=True):
                     f = futs.pop(tok, None)
                     if f is not None and not f.done():
                         f.set_result(res)
-            elif isinstance(a, Failed):
+            else:
                 if a.reason == "timeout":
                     exc: Exception = CommitTimeout("not committed in time (outcome unknown)")
                 elif a.definite:
@@ -202,21 +308,6 @@ class ConsensusRunner:
                 else:
                     exc = QuorumLost("quorum lost while the write was pending (outcome unknown)")
                 for tok in a.tokens:
-                    f = self._futures.pop(tok, None)
+                    f = futs.pop(tok, None)
                     if f is not None and not f.done():
                         f.set_exception(exc)
-            elif isinstance(a, SaveSnapshot):
-                if pending:
-                    store.append(pending)
-                    pending = []
-                store.save_snapshot(a.data)
-            elif isinstance(a, Installed):
-                installed = True
-                for on_inst in self.on_installed:
-                    on_inst(a.slot)
-        if pending:
-            store.append(pending)
-        if self.engine.applied != self._last_applied or installed:
-            self._last_applied = self.engine.applied
-            for cb in self.after_apply:
-                cb()

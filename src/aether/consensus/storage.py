@@ -1,96 +1,434 @@
 """Local persistence of one replica: an atomically replaced snapshot plus an append-only journal.
 
-Journal records are framed as `[u32 length][u32 crc32][payload]`; loading stops at the first
-truncated or corrupt frame (what a crash mid-write leaves behind). The snapshot is written to
-a temporary file and renamed into place. `fsync` policy: "none" (rely on the OS page cache:
-survives a process crash, not a power cut), "snapshot" (fsync snapshots), "always" (also fsync
-the journal before anything that follows a record is sent).
+Journal records are framed as `[u32 length][u32 crc32][payload]`. On load, damage with no valid
+record anywhere after it (a record cut short, garbage or zeros to the end of the file) is what a
+crash or power cut in the middle of an append leaves behind, a *torn tail*: it is cut off. A
+damaged record followed by a valid one is corruption: loading stops with `JournalCorrupt`,
+naming the file and offset, instead of silently dropping what follows.
+
+Durability (`fsync` policy):
+
+- "always" (the default): `when_durable(callback)` runs the callback once everything appended
+  so far has reached the disk. Appends are written at once; fsyncs run one at a time, each
+  covering every record written before it started (group commit), so a busy replica does far
+  fewer fsyncs than it writes records. New files and renames are followed by an fsync of the
+  directory.
+- "snapshot": snapshots are fsynced, the journal is not (survives kill -9, not a power cut).
+- "none": nothing is fsynced (tests and throwaway clusters).
+
+A write or fsync that fails raises `JournalError` (and, for fsyncs in the background, reports it
+to the callbacks); the store is then *failed* and refuses every later append: the replica must
+stop rather than send anything that was not journalled.
+
+All file access goes through a `FileSystem`, so the simulation can run this code against a
+simulated disk (power loss, torn writes, full disk, I/O errors); `OsFileSystem` is the real one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
+
+from aether.core.errors import AetherError
 
 _HDR = struct.Struct(">II")
 _log = logging.getLogger("aether.consensus.storage")
+
+FSYNC_POLICIES = ("none", "snapshot", "always")
+DEFAULT_FSYNC = "always"
+
+DurableCallback = Callable[[BaseException | None], None]
+
+
+class JournalError(AetherError):
+    """The journal or snapshot could not be written; the replica must stop (fail-stop)."""
+
+
+class JournalCorrupt(AetherError):
+    """A journal record before the end of the file is damaged; the node refuses to start."""
+
+
+class FileSystem(Protocol):
+    """The file operations `DiskStore` needs. Handles are small ints (file descriptors)."""
+
+    def read(self, path: Path) -> bytes | None:
+        """The whole file, or None if it does not exist."""
+        ...
+
+    def exists(self, path: Path) -> bool: ...
+
+    def open(self, path: Path, *, truncate: bool) -> int:
+        """Open for appending (created if missing; emptied first if `truncate`)."""
+        ...
+
+    def write(self, handle: int, data: bytes) -> int:
+        """Write some of `data` at the end; return how many bytes were written (may be fewer)."""
+        ...
+
+    def fsync(self, handle: int) -> None: ...
+
+    def fsync_in_background(self, handle: int, done: DurableCallback) -> None:
+        """fsync without blocking the event loop; call `done(error or None)` on the loop."""
+        ...
+
+    def close(self, handle: int) -> None: ...
+
+    def truncate(self, path: Path, size: int) -> None: ...
+
+    def replace(self, src: Path, dst: Path) -> None: ...
+
+    def fsync_dir(self, path: Path) -> None: ...
+
+    def makedirs(self, path: Path) -> list[Path]:
+        """Create `path` and missing parents; return the directories that were created."""
+        ...
+
+
+class OsFileSystem:
+    """The real file system."""
+
+    def read(self, path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def open(self, path: Path, *, truncate: bool) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        return os.open(path, flags, 0o644)
+
+    def write(self, handle: int, data: bytes) -> int:
+        return os.write(handle, data)
+
+    def fsync(self, handle: int) -> None:
+        os.fsync(handle)
+
+    def fsync_in_background(self, handle: int, done: DurableCallback) -> None:
+        # A duplicate keeps the file open even if the store closes or replaces it meanwhile.
+        dup = os.dup(handle)
+
+        def work() -> None:
+            try:
+                os.fsync(dup)
+            finally:
+                os.close(dup)
+
+        fut = asyncio.get_running_loop().run_in_executor(None, work)
+        fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
+
+    def close(self, handle: int) -> None:
+        os.close(handle)
+
+    def truncate(self, path: Path, size: int) -> None:
+        os.truncate(path, size)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def makedirs(self, path: Path) -> list[Path]:
+        missing: list[Path] = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        path.mkdir(parents=True, exist_ok=True)
+        return list(reversed(missing))
+
+
+def frame(payload: bytes) -> bytes:
+    """One journal record as written to disk."""
+    return _HDR.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _next_valid_record(data: bytes, start: int) -> int | None:
+    """The offset of the first well-formed record at or after `start`, if any (slow path)."""
+    size = len(data)
+    unpack = _HDR.unpack_from
+    for pos in range(start, size - _HDR.size):
+        length, crc = unpack(data, pos)
+        end = pos + _HDR.size + length
+        if length > 0 and end <= size and zlib.crc32(data[pos + _HDR.size:end]) == crc:
+            return pos
+    return None
+
+
+def scan_journal(data: bytes, path: Path | str = "journal") -> tuple[list[tuple[int, bytes]], int]:
+    """Parse journal bytes into (offset, payload) records and the length of the valid prefix.
+
+    A damaged record is a torn tail (returned as the valid prefix's end) when nothing valid can
+    follow it; otherwise `JournalCorrupt` is raised.
+    """
+    records: list[tuple[int, bytes]] = []
+    off = 0
+    size = len(data)
+    while off < size:
+        if off + _HDR.size > size:
+            break  # a header cut short: torn tail
+        length, crc = _HDR.unpack_from(data, off)
+        end = off + _HDR.size + length
+        if length > 0 and end <= size and zlib.crc32(data[off + _HDR.size:end]) == crc:
+            records.append((off, data[off + _HDR.size:end]))
+            off = end
+            continue
+        # a bad record: a torn tail unless a valid record follows somewhere after it
+        nxt = _next_valid_record(data, off + 1)
+        if nxt is None:
+            break
+        raise JournalCorrupt(
+            f"journal {path} is corrupt at offset {off} (a valid record follows at offset {nxt}, "
+            f"so this is not a torn write at the end); "
+            "restore the node's data directory from a backup or remove it so the node "
+            "rejoins from its peers"
+        )
+    return records, off
 
 
 class DiskStore:
     """Snapshot and journal files in `directory` (created if missing)."""
 
-    def __init__(self, directory: str | Path, fsync: str = "none") -> None:
+    def __init__(
+        self, directory: str | Path, fsync: str = DEFAULT_FSYNC, *, fs: FileSystem | None = None
+    ) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)} (got {fsync!r})")
+        self.fs: FileSystem = fs or OsFileSystem()
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.snapshot_path = self.dir / "snapshot.bin"
         self.journal_path = self.dir / "journal.bin"
+        self.incarnation_path = self.dir / "incarnation"
         self._fd: int | None = None
+        self._failed: JournalError | None = None
+        # group commit: callbacks waiting for what was written before them to be durable
+        self._written = 0  # bytes appended to the current journal file (a generation count)
+        self._gen = 0  # bumped when the journal file is replaced
+        self._synced: tuple[int, int] = (0, 0)  # (generation, bytes) known durable
+        self._waiting: list[tuple[tuple[int, int], DurableCallback]] = []
+        self._syncing = False
+        self.stats = {"appends": 0, "fsyncs": 0, "bytes": 0}
+        created = self.fs.makedirs(self.dir)
+        if created and self.durable_journal:
+            for d in {c.parent for c in created}:
+                self.fs.fsync_dir(d)
 
-    def load(self) -> tuple[bytes | None, list[bytes]]:
-        """Return (snapshot or None, journal payloads in order)."""
-        snap = self.snapshot_path.read_bytes() if self.snapshot_path.exists() else None
-        records: list[bytes] = []
-        if self.journal_path.exists():
-            data = self.journal_path.read_bytes()
-            off = 0
-            while off + _HDR.size <= len(data):
-                length, crc = _HDR.unpack_from(data, off)
-                end = off + _HDR.size + length
-                if end > len(data):
-                    _log.warning("journal %s: truncated record at offset %d ignored", self.journal_path, off)
-                    break
-                payload = data[off + _HDR.size:end]
-                if zlib.crc32(payload) != crc:
-                    _log.warning(
-                        "journal %s: corrupt record at offset %d; ignoring the rest", self.journal_path, off
-                    )
-                    break
-                records.append(payload)
-                off = end
-            if off != len(data):
-                # cut the damaged tail so later appends follow a valid record
-                with open(self.journal_path, "r+b") as f:
-                    f.truncate(off)
+    @property
+    def durable_journal(self) -> bool:
+        return self.fsync == "always"
+
+    @property
+    def failed(self) -> JournalError | None:
+        return self._failed
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def load(self) -> tuple[bytes | None, list[tuple[int, bytes]]]:
+        """Return (snapshot or None, journal records as (offset, payload) in order).
+
+        Raises `JournalCorrupt` for damage that is not a torn tail; a torn tail is cut off.
+        """
+        fs = self.fs
+        snap = fs.read(self.snapshot_path)
+        data = fs.read(self.journal_path)
+        if data is None:
+            return snap, []
+        records, valid = scan_journal(data, self.journal_path)
+        if valid != len(data):
+            _log.warning(
+                "journal %s: cut a torn last record at offset %d (%d bytes)",
+                self.journal_path, valid, len(data) - valid,
+            )
+            fs.truncate(self.journal_path, valid)
         return snap, records
+
+    def next_incarnation(self, candidate: int) -> int:
+        """A number larger than any this replica used before (persisted before it is returned)."""
+        prev = self.fs.read(self.incarnation_path)
+        last = 0
+        if prev:
+            try:
+                last = int(prev.decode().strip())
+            except ValueError:
+                raise JournalCorrupt(f"{self.incarnation_path}: not a number: {prev[:40]!r}") from None
+        inc = max(candidate, last + 1)
+        self._write_atomically(self.incarnation_path, f"{inc}\n".encode(), sync=True)
+        return inc
+
+    # --- journal ----------------------------------------------------------------------------------
 
     def _journal_fd(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            new = not self.fs.exists(self.journal_path)
+            self._fd = self.fs.open(self.journal_path, truncate=False)
+            if new and self.durable_journal:
+                self.fs.fsync_dir(self.dir)
         return self._fd
 
+    def _fail(self, what: str, e: BaseException) -> JournalError:
+        if self._failed is None:
+            self._failed = JournalError(
+                f"{what} failed: {e}; this replica stops (nothing unjournalled is sent)"
+            )
+            _log.error("%s (%s): %s", what, self.dir, e)
+        return self._failed
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def _write_all(self, fd: int, buf: bytes, what: str) -> None:
+        while buf:  # os.write may write less than asked (a full disk, a signal)
+            try:
+                n = self.fs.write(fd, buf)
+            except OSError as e:
+                raise self._fail(what, e) from e
+            if n <= 0:
+                raise self._fail(what, OSError(errno.EIO, "write returned 0 bytes"))
+            buf = buf[n:]
+
     def append(self, payloads: list[bytes]) -> None:
-        """Append records with one write (atomic with respect to a process crash)."""
+        """Write records at the end of the journal (durable later: see `when_durable`)."""
+        self._check()
         if not payloads:
             return
-        buf = b"".join(_HDR.pack(len(p), zlib.crc32(p)) + p for p in payloads)
-        fd = self._journal_fd()
-        os.write(fd, buf)
-        if self.fsync == "always":
-            os.fsync(fd)
+        buf = b"".join(frame(p) for p in payloads)
+        try:
+            fd = self._journal_fd()
+        except OSError as e:
+            raise self._fail(f"opening {self.journal_path}", e) from e
+        self._write_all(fd, buf, f"appending to {self.journal_path}")
+        self._written += len(buf)
+        self.stats["appends"] += 1
+        self.stats["bytes"] += len(buf)
 
-    def save_snapshot(self, data: bytes) -> None:
-        """Replace the snapshot atomically, then start an empty journal."""
-        tmp = self.dir / "snapshot.bin.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if self.fsync in ("snapshot", "always"):
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, self.snapshot_path)
-        if self.fsync in ("snapshot", "always"):
-            dfd = os.open(self.dir, os.O_RDONLY)
+    def when_durable(self, callback: DurableCallback) -> bool:
+        """Call `callback(None)` once everything appended so far is on disk (per the policy).
+
+        Returns True if it already is (the callback has then been called synchronously).
+        `callback(error)` is called instead if the store failed.
+        """
+        if self._failed is not None:
+            callback(self._failed)
+            return True
+        mark = (self._gen, self._written)
+        if not self.durable_journal or self._synced >= mark:
+            callback(None)
+            return True
+        self._waiting.append((mark, callback))
+        self._start_sync()
+        return False
+
+    def _start_sync(self) -> None:
+        if self._syncing or not self._waiting or self._fd is None:
+            return
+        self._syncing = True
+        mark = (self._gen, self._written)
+        self.stats["fsyncs"] += 1
+
+        def done(err: BaseException | None) -> None:
+            self._syncing = False
+            if err is not None:
+                self._fail(f"fsync of {self.journal_path}", err)
+            elif mark > self._synced:
+                self._synced = mark
+            ready: list[DurableCallback] = []
+            rest: list[tuple[tuple[int, int], DurableCallback]] = []
+            for m, cb in self._waiting:
+                if self._failed is not None or m <= self._synced:
+                    ready.append(cb)
+                else:
+                    rest.append((m, cb))
+            self._waiting = rest
+            for cb in ready:
+                cb(self._failed)
+            self._start_sync()
+
+        try:
+            self.fs.fsync_in_background(self._fd, done)
+        except OSError as e:
+            done(e)
+
+    def sync(self) -> None:
+        """fsync the journal now, blocking (used on shutdown and by tests)."""
+        self._check()
+        if self._fd is None or not self.durable_journal:
+            return
+        try:
+            self.fs.fsync(self._fd)
+        except OSError as e:
+            raise self._fail(f"fsync of {self.journal_path}", e) from e
+        self._synced = max(self._synced, (self._gen, self._written))
+
+    # --- snapshots --------------------------------------------------------------------------------
+
+    def _write_atomically(self, path: Path, data: bytes, *, sync: bool) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        fs = self.fs
+        try:
+            fd = fs.open(tmp, truncate=True)
             try:
-                os.fsync(dfd)
+                self._write_all(fd, data, f"writing {tmp}")
+                if sync:
+                    fs.fsync(fd)
             finally:
-                os.close(dfd)
-        fd = self._journal_fd()
-        os.ftruncate(fd, 0)
+                fs.close(fd)
+            fs.replace(tmp, path)
+            if sync:
+                fs.fsync_dir(self.dir)
+        except OSError as e:
+            raise self._fail(f"writing {path}", e) from e
+
+    def save_snapshot(self, data: bytes, keep: list[bytes] | None = None) -> None:
+        """Replace the snapshot atomically, then start a journal holding only `keep`.
+
+        `keep` are the records that must outlive the snapshot (what this replica already sent
+        for the slot in progress). Either file is replaced atomically, the snapshot first: after
+        a crash between the two, the old journal (a superset of `keep`) is still there.
+        """
+        self._check()
+        sync = self.fsync != "none"
+        self._write_atomically(self.snapshot_path, data, sync=sync)
+        body = b"".join(frame(p) for p in keep or [])
+        self._write_atomically(self.journal_path, body, sync=sync)
+        old = self._fd
+        self._fd = None
+        if old is not None:
+            try:
+                self.fs.close(old)
+            except OSError:
+                pass
+        self._gen += 1
+        self._written = len(body)
+        if sync:
+            self._synced = (self._gen, self._written)
+        # callbacks that waited for records of the old journal: the snapshot now covers them
+        ready = [cb for m, cb in self._waiting if m[0] < self._gen]
+        self._waiting = [(m, cb) for m, cb in self._waiting if m[0] >= self._gen]
+        for cb in ready:
+            cb(None)
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            try:
+                self.fs.close(self._fd)
+            except OSError:
+                pass
             self._fd = None

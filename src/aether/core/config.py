@@ -29,7 +29,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_port: int = HTTP_PORT_BASE
     data_dir: str = ".aether/data"
     cluster_name: str = "aether"
-    fsync: str = "none"  # "none" | "snapshot" | "always"
+    fsync: str = "always"  # "always" (durable, group commit) | "snapshot" | "none"
     snapshot_every: int = 2000  # slots between local snapshots
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 0.6

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from aether.consensus.storage import JournalCorrupt
 from aether.core.config import NodeConfig
 from aether.node.node import Node
 
@@ -26,6 +27,8 @@ async def serve(config: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # the journal could not be written: the node stops (fail-stop) and the process exits non-zero
+    node.runner.on_fatal.append(lambda exc: stop.set())
     await node.start()
     # Everything built so far (modules, the node's components) lives as long as the process:
     # keep it out of the cyclic collector's full scans, and collect young objects less often,
@@ -37,6 +40,12 @@ async def serve(config: NodeConfig) -> None:
         await stop.wait()
     finally:
         await node.stop()
+    if node.runner.failed is not None:
+        raise NodeFailed(str(node.runner.failed))
+
+
+class NodeFailed(Exception):
+    """The node stopped itself because its local state could not be written."""
 
 
 def run_node(config: NodeConfig) -> int:
@@ -47,9 +56,13 @@ def run_node(config: NodeConfig) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _install_loop_policy()
+    log = logging.getLogger("aether.node")
     try:
         asyncio.run(serve(config))
-    except OSError as e:
-        logging.getLogger("aether.node").error("cannot start node %s: %s", config.node_id, e)
+    except (OSError, JournalCorrupt) as e:
+        log.error("cannot start node %s: %s", config.node_id, e)
+        return 1
+    except NodeFailed as e:
+        log.error("node %s stopped: %s", config.node_id, e)
         return 1
     return 0

@@ -254,7 +254,7 @@ class Simulation:
                     self._check_decided(node.id, rec.slot, rec.batch.id if rec.batch else None)
             elif isinstance(a, SaveSnapshot):
                 node.disk.snapshot = a.data
-                node.disk.journal = []
+                node.disk.journal = [_enc.encode(r) for r in a.keep]
             elif isinstance(a, Completed):
                 for tok, res in zip(a.tokens, a.results, strict=True):
                     op = node.pending.pop(tok, None)

@@ -1,0 +1,142 @@
+"""`ConsensusRunner` on a real disk: a clean stop keeps the slot in progress, sends wait for the
+journal (group commit), and a journal that cannot be written stops the replica (fail-stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aether.consensus.messages import Batch, BatchId, Proposal, StateMsg, Submit, VoteMsg
+from aether.consensus.runner import ConsensusRunner
+from aether.consensus.storage import DiskStore, JournalError
+from aether.kv.machine import KVStateMachine, Put, encode_command
+from aether.testing.simfs import SimFileSystem
+
+IDS = ["n1", "n2", "n3"]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str | None, Any]] = []
+
+    def send(self, peer: str, msg: Any) -> bool:
+        self.sent.append((peer, msg))
+        return True
+
+    def broadcast(self, msg: Any) -> None:
+        self.sent.append((None, msg))
+
+    def slot_msgs(self, slot: int) -> dict[tuple[str, int], Any]:
+        out: dict[tuple[str, int], Any] = {}
+        for to, m in self.sent:
+            if to is not None or getattr(m, "slot", None) != slot:
+                continue
+            if isinstance(m, Proposal):
+                out[("p", 0)] = m
+            elif isinstance(m, StateMsg):
+                out[("s", m.phase)] = m
+            elif isinstance(m, VoteMsg):
+                out[("v", m.phase)] = m
+        return out
+
+
+async def until(cond: Any, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+def make(store: DiskStore) -> ConsensusRunner:
+    r = ConsensusRunner("n1", IDS, KVStateMachine(), store, seed=b"t", tick_interval=3600)
+    r.recover()
+    return r
+
+
+@pytest.mark.timeout(30)
+async def test_clean_stop_then_restart_repeats_what_was_sent_in_the_slot(tmp_path: Path) -> None:
+    r = make(DiskStore(tmp_path))
+    tr = Recorder()
+    r.start(tr)
+    r.peer_up("n2")
+    r.peer_up("n3")
+    fut = r.submit([encode_command(Put("user/a", b"1"))])[0]
+    await until(lambda: ("p", 0) in tr.slot_msgs(1))
+    x = tr.slot_msgs(1)[("p", 0)].batch
+    assert x is not None
+    r.on_message("n2", Proposal(1, x))
+    r.on_message("n2", StateMsg(1, 0, 1, x.id))
+    await until(lambda: ("v", 0) in tr.slot_msgs(1))
+    before = tr.slot_msgs(1)
+    assert before[("v", 0)] == VoteMsg(1, 0, 1, x.id)
+    await r.stop()  # clean stop: snapshot + journal with the slot in progress
+    with pytest.raises(Exception, match="shutting down"):
+        fut.result()
+    r.on_message("n2", StateMsg(1, 1, 0, None))  # ignored after stop, nothing written
+    assert r.store._fd is None
+
+    r2 = make(DiskStore(tmp_path))
+    assert r2.engine.incarnation > r.engine.incarnation
+    tr2 = Recorder()
+    r2.start(tr2)
+    y = Batch(BatchId("n3", 7, 1), 0, [encode_command(Put("user/b", b"2"))])
+    r2.on_message("n3", Submit(y))
+    r2.peer_up("n3")
+    r2.on_message("n3", Proposal(1, y))
+    r2.on_message("n3", StateMsg(1, 0, 0, None))
+    await until(lambda: ("v", 0) in tr2.slot_msgs(1))
+    assert tr2.slot_msgs(1) == before
+    await r2.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_messages_wait_for_the_fsync_of_their_records() -> None:
+    gate: list[Any] = []
+    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
+    r = make(DiskStore(Path("/sim/n1"), fs=fs))
+    tr = Recorder()
+    r.start(tr)
+    r.peer_up("n2")
+    r.peer_up("n3")
+    tr.sent.clear()
+    r.submit([encode_command(Put("user/a", b"1"))])
+    await asyncio.sleep(0)
+    assert tr.sent == [] and len(gate) == 1  # the proposal waits for its journal record
+    journal = fs.files[Path("/sim/n1/journal.bin")]
+    assert len(journal.data) > 0 and journal.durable == b""
+    gate.pop()()
+    assert [type(m).__name__ for _, m in tr.sent] == ["Submit", "Proposal"]
+    assert journal.durable == bytes(journal.data)
+    await r.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_a_journal_that_cannot_be_written_stops_the_replica() -> None:
+    fs = SimFileSystem()
+    r = make(DiskStore(Path("/sim/n1"), fs=fs))
+    fatal: list[BaseException] = []
+    r.on_fatal.append(fatal.append)
+    tr = Recorder()
+    r.start(tr)
+    r.peer_up("n2")
+    r.peer_up("n3")
+    tr.sent.clear()
+    fs.fail_writes = errno.ENOSPC
+    fut = r.submit([encode_command(Put("user/a", b"1"))])[0]
+    await asyncio.sleep(0)
+    assert tr.sent == []  # nothing unjournalled went out
+    assert len(fatal) == 1 and isinstance(fatal[0], JournalError)
+    assert "simulated write failure" in str(fatal[0])
+    assert isinstance(fut.exception(), JournalError)
+    fs.fail_writes = None
+    r.on_message("n2", Proposal(1, None))
+    later = r.submit([encode_command(Put("user/b", b"1"))])[0]
+    assert isinstance(later.exception(), JournalError)
+    assert tr.sent == []
+    await r.stop()

@@ -1,0 +1,269 @@
+"""`DiskStore`: torn tails vs. corruption, failed writes, group commit, snapshots that keep the slot
+in progress, power loss (simulated file system) and the same rules on the real file system."""
+
+from __future__ import annotations
+
+import errno
+import random
+from pathlib import Path
+
+import pytest
+
+from aether.consensus.storage import (
+    DiskStore,
+    JournalCorrupt,
+    JournalError,
+    OsFileSystem,
+    frame,
+    scan_journal,
+)
+from aether.testing.simfs import SimFileSystem
+
+D = Path("/sim/node/consensus")
+
+
+def payloads(store: DiskStore) -> list[bytes]:
+    _, recs = store.load()
+    return [p for _, p in recs]
+
+
+# --- torn tails and corruption -----------------------------------------------------------------------
+
+
+def test_scan_cuts_a_torn_tail_of_any_shape() -> None:
+    good = frame(b"one") + frame(b"two")
+    third = frame(b"three-three")
+    for tail in (third[:3], third[:-2], third[:-1] + b"\xff", bytes(40), third[:9] + bytes(6)):
+        recs, valid = scan_journal(good + tail)
+        assert [p for _, p in recs] == [b"one", b"two"]
+        assert valid == len(good)
+
+
+def test_scan_refuses_damage_with_valid_records_after_it() -> None:
+    a, b, c = frame(b"alpha"), frame(b"bravo"), frame(b"charlie")
+    damaged = bytearray(a + b + c)
+    damaged[len(a) + 9] ^= 0x01  # a bit flip inside record 2's payload
+    with pytest.raises(JournalCorrupt) as e:
+        scan_journal(bytes(damaged), "/x/journal.bin")
+    msg = str(e.value)
+    assert "/x/journal.bin" in msg and f"offset {len(a)}" in msg and f"offset {len(a) + len(b)}" in msg
+
+
+def test_load_truncates_a_torn_tail_so_appends_follow_a_valid_record() -> None:
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    s.append([b"r1", b"r2"])
+    fs.files[s.journal_path].data += frame(b"r3")[:-2]
+    s2 = DiskStore(D, fs=fs)
+    assert payloads(s2) == [b"r1", b"r2"]
+    s2.append([b"r4"])
+    assert payloads(DiskStore(D, fs=fs)) == [b"r1", b"r2", b"r4"]
+
+
+def test_real_file_system_corruption_names_file_and_offset(tmp_path: Path) -> None:
+    s = DiskStore(tmp_path)
+    s.append([b"first", b"second", b"third"])
+    s.close()
+    raw = bytearray(s.journal_path.read_bytes())
+    raw[len(frame(b"first")) + 8] ^= 0xFF
+    s.journal_path.write_bytes(bytes(raw))
+    with pytest.raises(JournalCorrupt, match=rf"{s.journal_path}.*offset {len(frame(b'first'))}"):
+        DiskStore(tmp_path).load()
+
+
+# --- write failures: fail-stop ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+def test_a_failed_append_fails_the_store_for_good(err: int) -> None:
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    s.append([b"ok"])
+    fs.fail_writes = err
+    with pytest.raises(JournalError, match="appending"):
+        s.append([b"lost"])
+    fs.fail_writes = None
+    assert s.failed is not None
+    with pytest.raises(JournalError):
+        s.append([b"later"])  # never writes again, even when the disk has room again
+    seen: list[BaseException | None] = []
+    s.when_durable(seen.append)
+    assert seen == [s.failed]
+
+
+def test_a_full_disk_part_way_through_a_record_leaves_a_torn_tail() -> None:
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    s.append([b"a" * 10])
+    fs.capacity = len(fs.files[s.journal_path].data) + 7
+    with pytest.raises(JournalError, match="No space"):
+        s.append([b"b" * 10])
+    fs.capacity = None
+    assert payloads(DiskStore(D, fs=fs)) == [b"a" * 10]
+
+
+def test_short_writes_are_completed() -> None:
+    fs = SimFileSystem()
+    fs.short_writes = True
+    s = DiskStore(D, fs=fs)
+    s.append([b"x" * 1000, b"y" * 333])
+    s.save_snapshot(b"S" * 5000, [b"kept"])
+    fs.short_writes = False
+    s2 = DiskStore(D, fs=fs)
+    snap, recs = s2.load()
+    assert snap == b"S" * 5000 and [p for _, p in recs] == [b"kept"]
+
+
+def test_a_failed_background_fsync_reports_to_every_waiter() -> None:
+    pending: list[object] = []
+    fs = SimFileSystem(schedule=lambda _d, fn: pending.append(fn))
+    s = DiskStore(D, fs=fs)
+    s.append([b"r"])
+    got: list[BaseException | None] = []
+    s.when_durable(got.append)
+    fs.fail_fsync = errno.EIO
+    pending.pop()()  # type: ignore[operator]
+    assert len(got) == 1 and isinstance(got[0], JournalError)
+    assert s.failed is got[0]
+
+
+# --- group commit -------------------------------------------------------------------------------------
+
+
+def test_group_commit_one_fsync_covers_all_records_written_before_it() -> None:
+    pending: list[object] = []
+    fs = SimFileSystem(schedule=lambda _d, fn: pending.append(fn))
+    s = DiskStore(D, fs=fs)
+    done: list[str] = []
+    s.append([b"1"])
+    assert s.when_durable(lambda e: done.append("a")) is False
+    s.append([b"2"])
+    s.when_durable(lambda e: done.append("b"))  # written after the running fsync started
+    s.append([b"3"])
+    s.when_durable(lambda e: done.append("c"))
+    assert len(pending) == 1 and done == []
+    pending.pop(0)()  # type: ignore[operator]
+    assert done == ["a"] and len(pending) == 1  # b and c need a second fsync, and share it
+    pending.pop(0)()  # type: ignore[operator]
+    assert done == ["a", "b", "c"] and not pending
+    assert s.stats["fsyncs"] == 2 and s.stats["appends"] == 3
+    # nothing new written: durable at once
+    assert s.when_durable(lambda e: done.append("d")) is True and done[-1] == "d"
+
+
+def test_policy_none_never_waits_and_never_fsyncs() -> None:
+    fs = SimFileSystem(schedule=lambda _d, fn: pytest.fail("no fsync expected"))
+    s = DiskStore(D, "none", fs=fs)
+    s.append([b"1"])
+    assert s.when_durable(lambda e: None) is True
+    s.save_snapshot(b"snap", [])
+    assert fs.fsyncs == 0 and fs.dir_fsyncs == 0
+
+
+# --- snapshots ----------------------------------------------------------------------------------------
+
+
+def test_snapshot_keeps_the_given_records_and_releases_waiters() -> None:
+    pending: list[object] = []
+    fs = SimFileSystem(schedule=lambda _d, fn: pending.append(fn))
+    s = DiskStore(D, fs=fs)
+    s.append([b"old1", b"old2"])
+    got: list[BaseException | None] = []
+    s.when_durable(got.append)
+    s.save_snapshot(b"SNAP", [b"sent-in-slot-in-progress"])
+    assert got == [None]  # the synced snapshot covers what they waited for
+    s.append([b"new"])
+    snap, recs = DiskStore(D, fs=fs).load()
+    assert snap == b"SNAP" and [p for _, p in recs] == [b"sent-in-slot-in-progress", b"new"]
+
+
+def test_crash_between_snapshot_and_journal_replacement_keeps_the_old_journal() -> None:
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    s.append([b"sent"])
+    s.sync()
+    real_replace = fs.replace
+    calls = 0
+
+    def replace_then_die(src: Path, dst: Path) -> None:
+        nonlocal calls
+        calls += 1
+        if dst.name == "journal.bin":
+            raise OSError(errno.EIO, "power cut")
+        real_replace(src, dst)
+
+    fs.replace = replace_then_die  # type: ignore[method-assign]
+    with pytest.raises(JournalError):
+        s.save_snapshot(b"SNAP", [b"sent"])
+    fs.replace = real_replace  # type: ignore[method-assign]
+    fs.power_loss(random.Random(1))
+    snap, recs = DiskStore(D, fs=fs).load()
+    assert snap == b"SNAP" and [p for _, p in recs] == [b"sent"]
+
+
+# --- power loss ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_power_loss_keeps_everything_that_was_durable(seed: int) -> None:
+    rng = random.Random(seed)
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    durable: list[bytes] = []
+    written: list[bytes] = []
+    for i in range(rng.randrange(1, 30)):
+        rec = f"rec-{i}-".encode() * rng.randrange(1, 20)
+        s.append([rec])
+        written.append(rec)
+        if rng.random() < 0.3:
+            s.sync()
+            durable = list(written)
+        if rng.random() < 0.05:
+            s.save_snapshot(f"snap{i}".encode(), [rec])
+            written = [rec]
+            durable = list(written)
+    fs.power_loss(rng)
+    got = payloads(DiskStore(D, fs=fs))
+    assert got[: len(durable)] == durable  # nothing durable lost
+    assert got == written[: len(got)]  # and what survived beyond it is a clean prefix
+
+
+def test_new_files_and_renames_fsync_the_directory() -> None:
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    s.append([b"r"])
+    s.sync()
+    fs.power_loss(random.Random(0), torn=False)
+    assert payloads(DiskStore(D, fs=fs)) == [b"r"]  # the journal's name survived too
+
+
+def test_incarnation_grows_even_when_the_clock_goes_back() -> None:
+    fs = SimFileSystem()
+    a = DiskStore(D, fs=fs).next_incarnation(1_000)
+    b = DiskStore(D, fs=fs).next_incarnation(500)  # the wall clock stepped back
+    fs.power_loss(random.Random(0))
+    c = DiskStore(D, fs=fs).next_incarnation(0)
+    assert a == 1_000 and b == 1_001 and c == 1_002
+
+
+def test_real_file_system_round_trip(tmp_path: Path) -> None:
+    s = DiskStore(tmp_path / "a" / "b", fs=OsFileSystem())
+    s.append([b"1", b"2"])
+    s.sync()
+    s.save_snapshot(b"SNAP", [b"2"])
+    s.append([b"3"])
+    s.close()
+    snap, recs = DiskStore(tmp_path / "a" / "b").load()
+    assert snap == b"SNAP" and [p for _, p in recs] == [b"2", b"3"]
+    assert not (tmp_path / "a" / "b" / "journal.bin.tmp").exists()
+
+
+async def test_real_background_fsync_calls_back_on_the_loop(tmp_path: Path) -> None:
+    import asyncio
+
+    s = DiskStore(tmp_path)
+    s.append([b"r"])
+    fut: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    assert s.when_durable(fut.set_result) is False
+    assert await asyncio.wait_for(fut, 5) is None
+    assert s.when_durable(lambda e: None) is True
