@@ -325,6 +325,8 @@ async def test_apply_converges_all_active_spread_with_endpoints_and_routes(make_
     elapsed = time.monotonic() - t0
     assert [(s.artifact, s.desired, s.active) for s in statuses] == [(HELLO, 3, 3), (WORLD, 2, 2)]
     assert progress and progress[-1] == statuses
+    # placement() reads node-1's replica, which may apply the last slots a moment after node-3's
+    await c.svc(0).wait_converged("demo", timeout=10)
     assert c.placement(HELLO) == {"node-1": [0], "node-2": [1], "node-3": [2]}
     world = c.placement(WORLD)
     assert sorted(i for v in world.values() for i in v) == [0, 1] and len(world) == 2

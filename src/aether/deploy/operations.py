@@ -266,6 +266,11 @@ class DeploymentService:
         if isinstance(target, str):
             bp = self.get_blueprint(target)
             if bp is None:
+                # applied through another node a moment ago? a read through consensus brings this
+                # replica up to date before we call it missing
+                v = await self.kv.get(self._key(target), self.timeout)
+                bp = v if isinstance(v, BlueprintValue) else None
+            if bp is None:
                 raise BlueprintError(f"no blueprint {target!r}")
             artifacts = [s.artifact for s in bp.slices]
         else:
