@@ -77,3 +77,15 @@ async def test_writes_after_a_full_cluster_restart_are_applied(cluster: MapClust
             f"{w}-{n}-{m}" for w in ("before", "after") for n in ALL3 for m in ("m2", "m3")
         )
 
+
+async def test_writes_through_a_restarted_leader_are_applied(cluster: MapCluster) -> None:
+    # the leader writes the partition table; the other two keep the session table in memory
+    await _writes_through(cluster, "node-1", "before")
+    for i in range(100):  # far ahead of what a restarted session could catch up by retrying
+        await cluster.node("node-1").kv.put(f"user/filler-{i}", b"x")
+    await cluster.stop("node-1")
+    await cluster.wait_table(["node-2", "node-3"])
+    await cluster.start("node-1")
+    version = await cluster.wait_table(ALL3)  # the returning leader's table write is applied
+    assert all(n.maps.table is not None and n.maps.table.version == version for n in cluster.nodes.values())
+    await _writes_through(cluster, "node-1", "after")
