@@ -87,7 +87,7 @@ class KVStore:
         res = await self._submit(op, client, next(self._seq), timeout)
         if session_error_kind(res.error) == UNKNOWN_SESSION:
             # The store no longer knows our session: it was evicted from the session table, or
-            # none of its earlier commands reached the log (they failed before being proposed).
+            # none of its earlier commands has been applied (they failed, or are still pending).
             # The refused command was certainly not applied: KVStore never resubmits a command
             # under the same (session, seq), so no earlier attempt of it exists that could have
             # run before the session was forgotten. Resubmitting it once is therefore safe.
@@ -100,7 +100,7 @@ class KVStore:
             res = await self._submit(op, f"{self._session}.{next(self._renewals)}", 1, timeout)
         if res.error is not None:
             if session_error_kind(res.error) is not None:
-                self.log.error("the store refused a write of %s: %s", op.key, res.error)
+                self.log.error("the store refused our command on %s: %s", op.key, res.error)
                 raise SessionConflict(f"internal error: the store refused this node's command on "
                                       f"{op.key!r} (not applied): {res.error}")
             raise BadRequest(res.error)
