@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from aether.api.server import ManagementServer, is_loopback_host
-from aether.core.errors import ConfigError, NotReady, QuorumLost
+from aether.core.errors import ConfigError, NotReady, QuorumLost, SessionConflict
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 
 pytestmark = pytest.mark.timeout(30)
@@ -237,6 +237,19 @@ async def test_internal_error_is_500_without_traceback_and_logged(
     logged = [rec for rec in caplog.records if rec.name == "aether.api" and rec.exc_info]
     assert logged, "the failure must be logged with its traceback"
     assert "secret-internal-detail" in str(logged[0].exc_info[1])
+
+
+async def test_a_session_conflict_is_a_500_naming_it_not_a_400(
+    server: ManagementServer, http: aiohttp.ClientSession, node: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    node.fail_with = SessionConflict("internal error: the store refused this node's command on 'maps/m2' "
+                                     "(not applied): stale request sequence")
+    with caplog.at_level(logging.ERROR, logger="aether.api"):
+        status, _, body = await get(http, f"{server.url}/api/v1/kv?prefix=x")
+    assert status == 500
+    assert assert_problem(body, 500)["detail"] == str(node.fail_with)
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "aether.api"]
+    assert any("stale request sequence" in m for m in logged)
 
 
 @pytest.mark.parametrize("exc", [NotReady("catching up"), QuorumLost("no quorum: 1 of 3 nodes reachable")])

@@ -218,3 +218,48 @@ def test_demo_stops_the_nodes_on_ctrl_c(cluster_dir: Path, env: dict[str, str]) 
         if demo.poll() is None:
             demo.kill()
             demo.wait(10)
+
+
+def test_writes_after_stop_and_start_on_the_same_directory_are_applied(
+    cluster_dir: Path, env: dict[str, str]
+) -> None:
+    """Issue 10, bug 2: after `cluster stop` + `cluster start`, `map create m2` failed with
+    "400 stale request sequence" and `map create m3` printed "Created" without creating the map."""
+    offset = free_port_offset(3)
+    start = ("cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset))
+
+    def on(i: int, *args: str) -> subprocess.CompletedProcess[str]:
+        return aether(env, "--connect", f"127.0.0.1:{9000 + offset + i}", *args, timeout=30)
+
+    def maps() -> list[str]:
+        r = on(2, "--json", "map", "list")
+        assert r.returncode == 0, r.stderr
+        return sorted(m["name"] for m in json.loads(r.stdout)["maps"])
+
+    r = aether(env, *start)
+    assert r.returncode == 0, r.stderr
+    for i, name in enumerate(("m1", "gone")):
+        r = on(i, "map", "create", name)
+        assert r.returncode == 0 and "Created map" in r.stdout, r.stderr
+    assert maps() == ["gone", "m1"]
+    r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+    assert r.returncode == 0, r.stderr
+
+    r = aether(env, *start)
+    assert r.returncode == 0, r.stderr
+    for i, name in ((0, "m2"), (0, "m3"), (1, "m4")):
+        r = on(i, "map", "create", name)
+        assert r.returncode == 0 and f"Created map '{name}'" in r.stdout, (name, r.stdout, r.stderr)
+    r = on(1, "map", "delete", "gone")
+    assert r.returncode == 0, r.stderr
+    assert maps() == ["m1", "m2", "m3", "m4"]
+    r = on(0, "map", "put", "m3", "order-1", '{"qty": 2}')
+    assert r.returncode == 0, r.stderr
+    r = on(1, "--json", "map", "get", "m3", "order-1")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"qty": 2}, r.stderr
+    r = on(2, "map", "remove", "m3", "order-1")
+    assert r.returncode == 0, r.stderr
+    r = on(0, "map", "get", "m3", "order-1")
+    assert r.returncode != 0 and "404" in r.stderr
+    r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+    assert r.returncode == 0, r.stderr

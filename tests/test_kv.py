@@ -24,8 +24,11 @@ from aether.kv.machine import (
     KVStateMachine,
     Put,
     Remove,
+    Result,
+    _Snapshot,
     decode_result,
     encode_command,
+    session_error_kind,
 )
 
 
@@ -126,6 +129,78 @@ def test_session_dedup_makes_retries_exactly_once() -> None:
     assert run(sm, Put("user/c", b"2"), "cl", 2).ok
 
 
+def test_a_repeated_sequence_with_a_different_command_is_refused_not_answered_from_the_cache() -> None:
+    # issue 10 bug 2: a restarted writer reused (client, seq) for a new command and got the
+    # old command's result back: an acknowledged write that was never applied
+    sm = KVStateMachine()
+    assert run(sm, Cas("user/m1", None, b"1"), "kv-n1", 1).ok
+    rev = sm.revision
+    r = run(sm, Cas("user/m2", None, b"1"), "kv-n1", 1)
+    assert not r.ok and session_error_kind(r.error) == "session conflict"
+    assert "already used for a different command" in (r.error or "")
+    assert sm.get("user/m2") is None and sm.revision == rev  # not applied
+    # same key, different value is a different command too
+    r = run(sm, Cas("user/m1", None, b"2"), "kv-n1", 1)
+    assert session_error_kind(r.error) == "session conflict"
+    # the genuine retry still gets its recorded result, and the session goes on
+    assert run(sm, Cas("user/m1", None, b"1"), "kv-n1", 1).ok
+    assert run(sm, Put("user/m3", b"x"), "kv-n1", 2).ok
+    assert sm.get("user/m3") == b"x"
+
+
+def test_a_lower_sequence_stays_refused_as_stale() -> None:
+    sm = KVStateMachine()
+    run(sm, Put("user/a", b"1"), "c", 1)
+    run(sm, Put("user/a", b"5"), "c", 5)  # gaps are allowed
+    r = run(sm, Put("user/a", b"3"), "c", 3)
+    assert not r.ok and session_error_kind(r.error) == "stale request sequence"
+    assert sm.get("user/a") == b"5"
+
+
+@pytest.mark.parametrize("seq", [2, 7, 0, -1])
+def test_an_unknown_session_must_start_at_seq_1(seq: int) -> None:
+    sm = KVStateMachine()
+    r = run(sm, Put("user/a", b"1"), "never-seen", seq)
+    assert not r.ok and session_error_kind(r.error) == "unknown session"
+    assert sm.get("user/a") is None and sm.revision == 0 and "never-seen" not in sm.sessions
+    assert run(sm, Put("user/a", b"1"), "never-seen", 1).ok
+    assert run(sm, Put("user/a", b"2"), "never-seen", seq if seq > 1 else 2).ok
+
+
+def test_an_evicted_session_cannot_rerun_a_retried_command() -> None:
+    sm = KVStateMachine(max_sessions=2)
+    assert run(sm, Put("user/a", b"1"), "old", 1).ok
+    assert run(sm, Put("user/a", b"2"), "old", 2).ok
+    for c in ("x", "y"):  # evict "old" from the LRU
+        run(sm, Get("user/a"), c, 1)
+    assert "old" not in sm.sessions
+    run(sm, Put("user/a", b"3"), "x", 2)
+    # a retry of seq 2 must not run a second time (it would overwrite the 3)
+    r = run(sm, Put("user/a", b"2"), "old", 2)
+    assert session_error_kind(r.error) == "unknown session"
+    assert sm.get("user/a") == b"3"
+
+
+def test_session_errors_are_classified() -> None:
+    assert session_error_kind(None) is None
+    assert session_error_kind("key longer than 1024 bytes") is None
+    assert session_error_kind("stale request sequence") == "stale request sequence"  # the old text too
+
+
+def test_refused_commands_leave_identical_state_on_every_replica() -> None:
+    cmds = [
+        encode_command(Put("user/a", b"1"), "c", 1),
+        encode_command(Put("user/b", b"1"), "c", 1),
+        encode_command(Put("user/a", b"1"), "c", 1),
+        encode_command(Put("user/a", b"2"), "d", 3),
+        encode_command(Put("user/a", b"2"), "c", 4),
+        encode_command(Put("user/a", b"0"), "c", 2),
+    ]
+    a, b = KVStateMachine(), KVStateMachine()
+    assert [a.apply(c) for c in cmds] == [b.apply(c) for c in cmds]
+    assert a.snapshot() == b.snapshot()
+
+
 def test_sessions_are_bounded() -> None:
     sm = KVStateMachine(max_sessions=3)
     for i in range(10):
@@ -147,3 +222,38 @@ def test_snapshot_restore_round_trip() -> None:
     assert sm2.apply(encode_command(Put("user/k9", b"9"), "c", 10)) == sm.apply(
         encode_command(Put("user/k9", b"9"), "c", 10)
     )
+    # and so do the digests: a different command with the same seq is still refused
+    r = decode_result(sm2.apply(encode_command(Put("user/k9", b"other"), "c", 10)))
+    assert session_error_kind(r.error) == "session conflict"
+
+
+class _OldSnapshot(msgspec.Struct, array_like=True):
+    """The snapshot layout before sessions recorded command digests."""
+
+    revision: int
+    items: list[tuple[str, bytes]]
+    sessions: list[tuple[str, int, bytes]]
+
+
+def test_a_snapshot_from_before_digests_still_loads() -> None:
+    old_result = msgspec.msgpack.encode(Result(True, None, 3))
+    data = msgspec.msgpack.encode(
+        _OldSnapshot(3, [("user/a", b"1"), ("user/b", b"2")], [("c1", 4, old_result), ("c2", 1, old_result)])
+    )
+    sm = KVStateMachine()
+    sm.restore(data)
+    assert sm.revision == 3 and sm.items("user/") == [("user/a", b"1"), ("user/b", b"2")]
+    assert list(sm.sessions) == ["c1", "c2"]
+    # the sessions are known: their next sequence runs, a lower one is stale
+    assert run(sm, Put("user/c", b"3"), "c2", 2).ok
+    assert session_error_kind(run(sm, Put("user/c", b"x"), "c1", 3).error) == "stale request sequence"
+    # the last seq's command is unknown: refused loudly, never answered from the cache
+    r = run(sm, Put("user/zzz", b"x"), "c1", 4)
+    assert not r.ok and session_error_kind(r.error) == "session conflict"
+    assert sm.get("user/zzz") is None
+    # and the new snapshot carries digests (restores to the same bytes)
+    snap = sm.snapshot()
+    assert len(msgspec.msgpack.decode(snap, type=_Snapshot).session_digests) == 2
+    sm2 = KVStateMachine()
+    sm2.restore(snap)
+    assert sm2.snapshot() == snap

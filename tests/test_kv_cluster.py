@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from aether.client import AetherClient
 from aether.cluster.leader import LeaderChanged
 from aether.core.config import NodeConfig
-from aether.core.errors import BadRequest
+from aether.core.errors import BadRequest, CommitTimeout, SessionConflict
 from aether.core.types import Address, PeerSpec
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
-from aether.kv.machine import WatchEvent
+from aether.kv.machine import Get, Result, WatchEvent, encode_command
 from aether.node.node import Node
 from conftest import free_ports
 
@@ -116,3 +117,64 @@ async def test_leader_is_first_sorted_live_node_and_changes_on_loss(nodes: list[
     # writes keep committing with 2 of 3
     await nodes[1].kv.put("user/after-leader-loss", b"1")
     assert await nodes[2].kv.get("user/after-leader-loss") == b"1"
+
+
+def _addresses(nodes: list[Node]) -> list[str]:
+    return [f"127.0.0.1:{n.config.cluster_port}" for n in nodes]
+
+
+async def test_clients_with_the_same_client_id_have_their_own_sessions(nodes: list[Node]) -> None:
+    # lanes were "{client_id}.{n}" with seqs from 1: a second client (a restarted process) with
+    # the same explicit client_id got the first one's cached results for different commands
+    async with AetherClient(_addresses(nodes), client_id="app", prefer=0) as first:
+        assert await first.compare_and_set("user/k", None, b"1")
+        await first.put("user/other", b"x")
+    async with AetherClient(_addresses(nodes), client_id="app", prefer=1) as again:
+        assert not await again.compare_and_set("user/k", None, b"2")  # really evaluated: k exists
+        assert await again.compare_and_set("user/k", b"1", b"2")
+        assert await again.remove("user/other")
+        assert await again.get("user/k") == b"2"
+    assert nodes[2].kv.get_local("user/other") is None
+
+
+async def test_a_client_whose_session_was_evicted_resubmits_on_a_new_one(nodes: list[Node]) -> None:
+    for n in nodes:
+        n.sm.max_sessions = 3
+    async with AetherClient(_addresses(nodes), prefer=0) as c:
+        await c.put("user/a", b"1")
+        (lane,) = c._lanes
+        await _evict(nodes, lane.id)
+        assert await c.put("user/a", b"2") >= 1  # refused as an unknown session, then resubmitted
+        assert [x.id for x in c._lanes] != [lane.id]
+        assert await c.get("user/a") == b"2"
+
+
+async def _evict(nodes: list[Node], session: str) -> None:
+    async with AetherClient(_addresses(nodes), prefer=1) as other:
+        for i in range(3):  # three more sessions in a table of three
+            await other._request(encode_command(Get("user/a"), f"evictor-{i}", 1))
+    await _wait(lambda: all(session not in n.sm.sessions for n in nodes))
+
+
+async def test_a_client_refused_for_its_session_raises_session_conflict(nodes: list[Node]) -> None:
+    async with AetherClient(_addresses(nodes), prefer=0) as c:
+        await c.put("user/a", b"1")
+        c._lanes[0].seq -= 1  # a broken client reusing its last sequence number for another command
+        with pytest.raises(SessionConflict, match="already used for a different command"):
+            await c.put("user/a", b"2")
+        assert await c.get("user/a") == b"1"
+
+
+async def test_an_unknown_session_after_a_resend_is_an_unknown_outcome() -> None:
+    # the first send may have been applied before the store forgot the session: never resubmit
+    c = AetherClient(["127.0.0.1:1"])
+
+    async def answer(command: bytes, sends: list[int] | None = None) -> Result:
+        assert sends is not None
+        sends[0] += 2  # sent, connection lost, sent again elsewhere
+        return Result(False, None, 7, "unknown session: client 'x' seq 2 does not continue a known session")
+
+    c._request = answer  # type: ignore[method-assign]
+    with pytest.raises(CommitTimeout, match="outcome unknown"):
+        await c.put("user/a", b"1")
+    assert c._lanes == []  # the lane is not reused

@@ -61,7 +61,10 @@ _ERRORS = {
     404: "Not found",
     409: "Conflict",
     413: "The request body is larger than the 1 MiB limit",
-    500: "Unexpected failure; the node logs the traceback, the answer never contains it",
+    500: (
+        "Unexpected failure; the node logs the traceback, the answer never contains it. Also a "
+        "store refusal of the node's own command (session conflict): not applied"
+    ),
     502: "The slice raised an error",
     503: "The node is not ready or has no quorum for the operation",
     504: "The operation timed out",

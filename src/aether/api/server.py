@@ -32,7 +32,9 @@ Metrics endpoints, when the node runs a metrics service (`node.metrics`), see `a
 
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
-logged with their traceback and answered with a 500 that never contains it.
+logged with their traceback and answered with a 500 that never contains it. A `SessionConflict`
+(the store refused the node's own command: an internal error, the request was not applied) is a
+500 whose detail says so.
 
 If an API key is configured, every request must carry it in `X-API-Key: KEY` or
 `Authorization: Bearer KEY`, else 401. A server bound beyond loopback without an API key refuses
@@ -54,7 +56,7 @@ import msgspec
 from aiohttp import web
 
 from aether.api.types import KVListing, Problem
-from aether.core.errors import BadRequest, CommitTimeout, ConfigError, NotReady, QuorumLost
+from aether.core.errors import BadRequest, CommitTimeout, ConfigError, NotReady, QuorumLost, SessionConflict
 from aether.core.status import KVEntry, NodeStatus
 
 __all__ = [
@@ -79,7 +81,8 @@ class NodeView(Protocol):
     """What a node offers the management API.
 
     `status` and `kv_list` may also return awaitables; the server awaits them. They may raise
-    `NotReady` / `QuorumLost` (answered 503), `CommitTimeout` (504) or `BadRequest` (400).
+    `NotReady` / `QuorumLost` (answered 503), `CommitTimeout` (504), `BadRequest` (400) or
+    `SessionConflict` (500).
     """
 
     node_id: str
@@ -306,6 +309,9 @@ class ManagementServer:
             return problem_response(503, str(e) or type(e).__name__)
         except CommitTimeout as e:
             return problem_response(504, str(e) or "timed out")
+        except SessionConflict as e:  # our own command was refused: not the caller's fault, not applied
+            self._log.error("management API: %s %s failed: %s", request.method, request.path, e)
+            return problem_response(500, str(e))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -10,15 +10,30 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost
+from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost, SessionConflict
 from aether.core.types import Address
-from aether.kv.machine import Cas, Get, Op, Put, Remove, Result, decode_result, encode_command
+from aether.kv.machine import (
+    UNKNOWN_SESSION,
+    Cas,
+    Get,
+    Op,
+    Put,
+    Remove,
+    Result,
+    decode_result,
+    encode_command,
+    session_error_kind,
+)
 from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
 from aether.transport import ClientLink, open_client_connection
 
 
 class _Lane:
-    """A session: at most one request in flight, so sequence numbers apply in order."""
+    """A session: at most one request in flight, so sequence numbers apply in order.
+
+    A lane goes back to the pool only after a definite answer (its last seq is then recorded
+    by the store); after a failure it is dropped, so a lane never continues a session whose
+    last command the store may not have seen."""
 
     __slots__ = ("id", "seq")
 
@@ -52,6 +67,9 @@ class AetherClient:
         self.cluster_name = cluster_name
         self.timeout = timeout
         self.client_id = client_id or f"c{os.getpid()}-{random.getrandbits(40):x}"
+        # Session (lane) ids are unique per client object even with an explicit client_id: the
+        # replicated session table outlives processes, and a reused (session, seq) is refused.
+        self._sessions = self.client_id if client_id is None else f"{client_id}-{random.getrandbits(40):x}"
         self._index = prefer if prefer is not None else random.randrange(len(self.addresses))
         self._link: ClientLink | None = None
         self._connecting: asyncio.Future[ClientLink] | None = None
@@ -103,20 +121,34 @@ class AetherClient:
     # --- machinery ------------------------------------------------------------------------------
 
     async def _call(self, op: Op) -> Result:
-        lane = self._lanes.pop() if self._lanes else _Lane(f"{self.client_id}.{next(self._lane_ids)}")
-        lane.seq += 1
-        cmd = encode_command(op, lane.id, lane.seq)
-        try:
-            res = await self._request(cmd)
-        finally:
-            self._lanes.append(lane)
-        if res.error and not isinstance(op, Cas):
-            raise BadRequest(res.error)
+        res, sends = await self._on_lane(op)
+        if session_error_kind(res.error) == UNKNOWN_SESSION:
+            if sends > 1:
+                # an earlier send of this very command may have been applied before the store
+                # forgot the session, so the refusal does not tell whether it ran
+                raise CommitTimeout(f"outcome unknown: the command was sent {sends} times and the "
+                                    f"store then no longer knew its session ({res.error})")
+            # Sent once and refused: certainly not applied (a lane only continues a session whose
+            # last command the store recorded, so the store evicted it). Resubmit once, on a new lane.
+            res, _ = await self._on_lane(op)
         if res.error:
+            if session_error_kind(res.error) is not None:
+                raise SessionConflict(f"the store refused the request (not applied): {res.error}")
             raise BadRequest(res.error)
         return res
 
-    async def _request(self, command: bytes) -> Result:
+    async def _on_lane(self, op: Op) -> tuple[Result, int]:
+        """Send `op` on a lane; returns the result and how many times the command was sent."""
+        lane = self._lanes.pop() if self._lanes else _Lane(f"{self._sessions}.{next(self._lane_ids)}")
+        lane.seq += 1
+        cmd = encode_command(op, lane.id, lane.seq)
+        sends = [0]
+        res = await self._request(cmd, sends)  # on failure the lane is dropped
+        if session_error_kind(res.error) is None:
+            self._lanes.append(lane)
+        return res, sends[0]
+
+    async def _request(self, command: bytes, sends: list[int] | None = None) -> Result:
         deadline = time.monotonic() + self.timeout
         last: Exception | None = None
         attempts_without_quorum = 0
@@ -136,6 +168,8 @@ class AetherClient:
             fut: asyncio.Future[ClientResponse] = asyncio.get_running_loop().create_future()
             self._pending[rid] = (fut, command)
             link.send(ClientRequest(rid, command))
+            if sends is not None:
+                sends[0] += 1
             try:
                 resp = await asyncio.wait_for(fut, remaining)
             except TimeoutError:

@@ -27,6 +27,16 @@ class BadRequest(AetherError):
     """Input from outside failed validation; the message names the problem."""
 
 
+class SessionConflict(AetherError):
+    """The store refused a command because of its client session: the (client, seq) was already
+    used for a different command, is below the session's last sequence, or continues a session
+    the store no longer knows (expired from its session table).
+
+    The outcome is known: this request was not applied. It is an internal error (a writer reused
+    a session id, or lost track of its session), not a problem with the caller's input.
+    """
+
+
 class ConfigError(AetherError):
     """Node or cluster configuration is invalid; the message names the setting."""
 

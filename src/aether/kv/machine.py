@@ -3,10 +3,24 @@
 Deterministic and free of I/O. Commands carry an optional client session `(client, seq)`:
 a retried command (same client and sequence) returns the recorded result instead of running
 twice, so a client that fails over to another node gets exactly-once effects.
+
+Session rules (a session id must be unique per process incarnation of its writer):
+
+- seq == 1 of an unknown session starts it; seq > last of a known session runs the command
+  (gaps are allowed: a command may never have reached the log);
+- seq == last with the same command (same op digest) answers the recorded result (a retry);
+- seq == last with a different command is refused: "session conflict";
+- seq < last is refused: "stale request sequence";
+- seq != 1 of an unknown session (expired from the LRU, or never started) is refused:
+  "unknown session", so a retry whose session was evicted can never run twice.
+
+A refused command changes nothing (no revision, no session update). `session_error_kind`
+classifies these errors for the layers above.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Union
 
@@ -71,7 +85,10 @@ class WatchEvent(msgspec.Struct, array_like=True, frozen=True, gc=False):
 class _Snapshot(msgspec.Struct, array_like=True):
     revision: int
     items: list[tuple[str, bytes]]
-    sessions: list[tuple[str, int, bytes]]
+    sessions: list[tuple[str, int, bytes]]  # (client, last seq, recorded result)
+    # op digest of each session's last command, in `sessions` order; absent in snapshots
+    # written before digests existed (those sessions then have an unknown digest, b"")
+    session_digests: list[bytes] = []
 
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
@@ -81,6 +98,28 @@ _encoder = msgspec.msgpack.Encoder()
 
 MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 1024 * 1024
+
+# Prefixes of the session errors (Result.error); see the module docstring.
+STALE_SEQUENCE = "stale request sequence"
+SESSION_CONFLICT = "session conflict"
+UNKNOWN_SESSION = "unknown session"
+_SESSION_ERRORS = (STALE_SEQUENCE, SESSION_CONFLICT, UNKNOWN_SESSION)
+
+
+def session_error_kind(error: str | None) -> str | None:
+    """STALE_SEQUENCE, SESSION_CONFLICT or UNKNOWN_SESSION if `error` is a session refusal, else None.
+
+    A session refusal means the command was not applied by this request."""
+    if error:
+        for kind in _SESSION_ERRORS:
+            if error.startswith(kind):
+                return kind
+    return None
+
+
+def op_digest(op: Op) -> bytes:
+    """A short digest of the op (same on every replica: same code, same encoding)."""
+    return hashlib.blake2b(_encoder.encode(op), digest_size=8).digest()
 
 
 def encode_command(op: Op, client: str = "", seq: int = 0) -> bytes:
@@ -112,7 +151,8 @@ class KVStateMachine:
     def __init__(self, max_sessions: int = 10_000) -> None:
         self.data: dict[str, bytes] = {}
         self.revision = 0
-        self.sessions: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        # client -> (last seq, op digest of that command, its recorded result), least recent first
+        self.sessions: OrderedDict[str, tuple[int, bytes, bytes]] = OrderedDict()
         self.max_sessions = max_sessions
         self.events: list[WatchEvent] = []
         self.resets = 0  # incremented when restored from a snapshot
@@ -124,20 +164,47 @@ class KVStateMachine:
             cmd = _cmd_decoder.decode(command)
         except msgspec.DecodeError as e:
             return _encoder.encode(Result(False, None, self.revision, f"malformed command: {e}"))
-        if cmd.client:
-            prev = self.sessions.get(cmd.client)
-            if prev is not None and cmd.seq <= prev[0]:
-                self.sessions.move_to_end(cmd.client)
-                if cmd.seq == prev[0]:
-                    return prev[1]
-                return _encoder.encode(Result(False, None, self.revision, "stale request sequence"))
+        if not cmd.client:
+            return _encoder.encode(self._run(cmd.op))
+        client, seq = cmd.client, cmd.seq
+        digest = op_digest(cmd.op)
+        prev = self.sessions.get(client)
+        if prev is None:
+            if seq != 1:
+                return self._refuse(
+                    f"{UNKNOWN_SESSION}: client {client!r} seq {seq} does not continue a known session "
+                    "(it expired from the session table or never started); not applied; "
+                    "a new session must start at seq 1"
+                )
+        elif seq <= prev[0]:
+            self.sessions.move_to_end(client)
+            if seq < prev[0]:
+                return self._refuse(
+                    f"{STALE_SEQUENCE}: client {client!r} seq {seq} is below the session's last seq "
+                    f"{prev[0]}; not applied"
+                )
+            if prev[1] != digest:
+                # never answer a different command from the cache: that would acknowledge a
+                # write that was not applied
+                if not prev[1]:  # restored from a snapshot written before digests existed
+                    return self._refuse(
+                        f"{SESSION_CONFLICT}: client {client!r} seq {seq} was recorded without a "
+                        "command digest, so a retry cannot be told from a different command; not applied"
+                    )
+                return self._refuse(
+                    f"{SESSION_CONFLICT}: client {client!r} seq {seq} was already used for a "
+                    "different command; not applied (session ids must be unique per process)"
+                )
+            return prev[2]
         out = _encoder.encode(self._run(cmd.op))
-        if cmd.client:
-            self.sessions[cmd.client] = (cmd.seq, out)
-            self.sessions.move_to_end(cmd.client)
-            if len(self.sessions) > self.max_sessions:
-                self.sessions.popitem(last=False)
+        self.sessions[client] = (seq, digest, out)
+        self.sessions.move_to_end(client)
+        if len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)
         return out
+
+    def _refuse(self, error: str) -> bytes:
+        return _encoder.encode(Result(False, None, self.revision, error))
 
     def _run(self, op: Op) -> Result:
         key = op.key
@@ -183,7 +250,8 @@ class KVStateMachine:
             _Snapshot(
                 self.revision,
                 list(self.data.items()),  # insertion order is the same on every replica
-                [(c, s, r) for c, (s, r) in self.sessions.items()],
+                [(c, s, r) for c, (s, _, r) in self.sessions.items()],
+                [d for _, d, _ in self.sessions.values()],
             )
         )
 
@@ -191,7 +259,12 @@ class KVStateMachine:
         snap = _snap_decoder.decode(data)
         self.revision = snap.revision
         self.data = dict(snap.items)
-        self.sessions = OrderedDict((c, (s, r)) for c, s, r in snap.sessions)
+        digests = snap.session_digests
+        if len(digests) != len(snap.sessions):  # an old snapshot: digests unknown
+            digests = [b""] * len(snap.sessions)
+        self.sessions = OrderedDict(
+            (c, (s, d, r)) for (c, s, r), d in zip(snap.sessions, digests, strict=True)
+        )
         self.events.clear()
         self.resets += 1
 

@@ -16,9 +16,10 @@ from typing import Any
 import msgspec
 
 from aether.consensus.runner import ConsensusRunner
-from aether.core.errors import BadRequest
+from aether.core.errors import BadRequest, SessionConflict
 from aether.kv.keys import Key, parse_key, value_type_for
 from aether.kv.machine import (
+    UNKNOWN_SESSION,
     Cas,
     Get,
     KVStateMachine,
@@ -29,6 +30,7 @@ from aether.kv.machine import (
     WatchEvent,
     decode_result,
     encode_command,
+    session_error_kind,
 )
 
 _enc = msgspec.msgpack.Encoder()
@@ -55,11 +57,20 @@ def decode_value(key: str, data: bytes) -> Any:
 
 
 class KVStore:
-    def __init__(self, runner: ConsensusRunner, sm: KVStateMachine, node_id: str) -> None:
+    """`session` overrides the client session id of this node's writes (tests, simulation); by
+    default it is unique per process incarnation, `kv-{node_id}-{engine incarnation}`. It must
+    never be reused by another process: the replicated session table outlives processes, and a
+    reused (session, seq) would be refused as stale or as a conflict."""
+
+    def __init__(
+        self, runner: ConsensusRunner, sm: KVStateMachine, node_id: str, *, session: str | None = None
+    ) -> None:
         self.runner = runner
         self.sm = sm
-        self._client = f"kv-{node_id}"
+        self._session = session or f"kv-{node_id}-{runner.engine.incarnation}"
+        self._client = self._session  # the current session (a new one if the store forgot it)
         self._seq = itertools.count(1)
+        self._renewals = itertools.count(1)
         self._watches: dict[int, tuple[str, WatchCallback]] = {}
         self._ids = itertools.count(1)
         self.log = logging.getLogger(f"aether.kv.{node_id}")
@@ -69,9 +80,34 @@ class KVStore:
     # --- consensus operations -------------------------------------------------------------------
 
     async def _run(self, op: Op, timeout: float) -> Result:
+        """Commit `op` and return its result; raises `SessionConflict` if the store refused the
+        command's session, `BadRequest` for any other error the result carries."""
         # node-internal writers use sessions too: a command is never applied twice
-        cmd = encode_command(op, self._client, next(self._seq))
-        (res,) = await self.runner.apply([cmd], timeout)
+        client = self._client
+        res = await self._submit(op, client, next(self._seq), timeout)
+        if session_error_kind(res.error) == UNKNOWN_SESSION:
+            # The store no longer knows our session: it was evicted from the session table, or
+            # none of its earlier commands has been applied (they failed, or are still pending).
+            # The refused command was certainly not applied: KVStore never resubmits a command
+            # under the same (session, seq), so no earlier attempt of it exists that could have
+            # run before the session was forgotten. Resubmitting it once is therefore safe.
+            # It goes in a one-off session (seq 1 always starts a session, whatever else is in
+            # flight), and later commands use a new session too, starting at seq 1.
+            if self._client == client:
+                self._client = f"{self._session}.{next(self._renewals)}"
+                self._seq = itertools.count(1)
+            self.log.info("the store forgot session %s; resubmitting in a new one", client)
+            res = await self._submit(op, f"{self._session}.{next(self._renewals)}", 1, timeout)
+        if res.error is not None:
+            if session_error_kind(res.error) is not None:
+                self.log.error("the store refused our command on %s: %s", op.key, res.error)
+                raise SessionConflict(f"internal error: the store refused this node's command on "
+                                      f"{op.key!r} (not applied): {res.error}")
+            raise BadRequest(res.error)
+        return res
+
+    async def _submit(self, op: Op, client: str, seq: int, timeout: float) -> Result:
+        (res,) = await self.runner.apply([encode_command(op, client, seq)], timeout)
         return decode_result(res)
 
     @staticmethod
@@ -84,8 +120,6 @@ class KVStore:
         """Store `value` (a typed struct of the key's family) and return the new revision."""
         k = self._key(key)
         res = await self._run(Put(k, encode_value(k, value)), timeout)
-        if not res.ok:
-            raise BadRequest(res.error or "put rejected")
         return res.revision
 
     async def remove(self, key: Key | str, timeout: float = 5.0) -> bool:
@@ -99,9 +133,7 @@ class KVStore:
         exp = None if expected is None else encode_value(k, expected)
         nw = None if new is None else encode_value(k, new)
         res = await self._run(Cas(k, exp, nw), timeout)
-        if res.error:
-            raise BadRequest(res.error)
-        return res.ok
+        return res.ok  # False: the current value is not `expected` (errors raise in _run)
 
     async def get(self, key: Key | str, timeout: float = 5.0) -> Any:
         """Linearizable read through consensus; None if absent."""

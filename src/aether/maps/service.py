@@ -297,14 +297,19 @@ class MapService:
             if isinstance(table, PartitionTable):
                 self.table = None  # a reset may have skipped versions: re-promote everything
                 self._set_table(table)
-            return
-        if ev.kind == "put":
+        elif ev.kind == "put":
             try:
                 table = msgspec.msgpack.decode(ev.value, type=PartitionTable)
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 self.log.error("ignoring malformed partition table: %s", e)
                 return
             self._set_table(table)
+        else:
+            return
+        # A leader checks the table it now sees against the live members: one that planned from a
+        # stale local table (a restarted leader before it caught up) found nothing to change and
+        # would otherwise leave the newer table, written meanwhile by another leader, in place.
+        self.replan()
 
     def _set_table(self, new: PartitionTable) -> None:
         old = self.table

@@ -48,7 +48,17 @@ from aether.consensus.messages import (
     SentRec,
     VoteMsg,
 )
-from aether.kv.machine import Cas, Get, KVStateMachine, Put, Remove, decode_result, encode_command
+from aether.kv.machine import (
+    UNKNOWN_SESSION,
+    Cas,
+    Get,
+    KVStateMachine,
+    Put,
+    Remove,
+    decode_result,
+    encode_command,
+    session_error_kind,
+)
 from aether.testing.lincheck import CheckResult, Op, check_history
 
 _enc = msgspec.msgpack.Encoder()
@@ -160,6 +170,9 @@ class Simulation:
         self.ops_per_client = ops_per_client
         self.keys = [f"user/k{i}" for i in range(keys)]
         self._client_seq = [0] * clients
+        # a client's session id; a new one (seq from 1) when the state machine no longer knows it
+        self._client_session = [f"c{i}" for i in range(clients)]
+        self._sessions_opened = itertools.count(1)
         self._client_done = [0] * clients
         self._client_busy = [False] * clients
         self._value_counter = itertools.count(1)
@@ -430,12 +443,20 @@ class Simulation:
         self._client_busy[c] = True
         eng = node.engine
         assert eng is not None
-        tok = eng.submit(encode_command(cmd, client=f"c{c}", seq=self._client_seq[c]), self.now)
+        command = encode_command(cmd, client=self._client_session[c], seq=self._client_seq[c])
+        tok = eng.submit(command, self.now)
         node.pending[tok] = op
         self._drain(node)
 
     def finish(self, op: _ClientOp, result: Any) -> None:
         c = op.client
+        refused = result is not None and result is not _REJECTED and session_error_kind(result.error)
+        if refused == UNKNOWN_SESSION:
+            # none of this session's earlier commands has been applied (they failed, or are still
+            # in flight): this one was refused, not applied; go on in a new session
+            self._client_session[c] = f"c{c}.{next(self._sessions_opened)}"
+            self._client_seq[c] = 0
+            result = _REJECTED
         if result is _REJECTED:
             self.stats["rejected"] += 1
         elif result is None:
