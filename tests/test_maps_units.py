@@ -165,3 +165,79 @@ def test_memory_engine_scan_is_a_snapshot() -> None:
     assert [k for k, _ in it] == ["a"]
     with pytest.raises(ValueError, match="unknown storage engine"):
         open_engine("redis", Path("."), "m")
+
+
+class _LaggingKV:
+    """The cluster's map definitions, seen through a replica that has not applied the latest yet."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, object] = {}  # what consensus holds
+        self.local: dict[str, object] = {}  # what this replica has applied
+        self.interleave: list[tuple[str, object | None]] = []  # writes by others, before our next CAS
+
+    def get_local(self, key: object) -> object:
+        return self.local.get(str(key))
+
+    def list_local(self, prefix: str = "") -> list[tuple[str, object]]:
+        return [(k, v) for k, v in self.local.items() if k.startswith(prefix)]
+
+    def watch(self, prefix: str, callback: object) -> object:
+        return lambda: None
+
+    async def get(self, key: object, timeout: float = 5.0) -> object:
+        self.local = dict(self.store)  # a read through consensus applies everything before it
+        return self.store.get(str(key))
+
+    async def compare_and_set(self, key: object, expected: object, new: object, timeout: float = 5.0) -> bool:
+        if self.interleave:
+            k, v = self.interleave.pop(0)
+            if v is None:
+                self.store.pop(k, None)
+            else:
+                self.store[k] = v
+        k = str(key)
+        ok = self.store.get(k) == expected
+        if ok:
+            if new is None:
+                self.store.pop(k, None)
+            else:
+                self.store[k] = new
+        self.local = dict(self.store)
+        return ok
+
+
+async def test_map_define_and_undefine_through_a_lagging_replica(tmp_path: Path) -> None:
+    from aether.core.maps import MapContention, MapDefinitionConflict, MapSpec
+    from aether.kv.keys import MapDefKey
+    from aether.maps.service import MapService
+
+    kv = _LaggingKV()
+    svc = MapService("node-3", kv, sender=None, data_dir=tmp_path)  # type: ignore[arg-type]
+    spec, other = MapSpec(), MapSpec(replicas=2, write_quorum=1)
+    key = str(MapDefKey("orders"))
+    # defined through another node a moment ago; this replica has not applied it yet
+    kv.store[key] = spec
+    assert await svc.undefine("orders") is True  # was: False, so the API answered 404
+    assert key not in kv.store
+    assert await svc.undefine("orders") is False
+
+    # our CAS loses to a definition with other settings: a conflict naming those settings
+    kv.interleave = [(key, other)]
+    with pytest.raises(MapDefinitionConflict, match="replicas=2"):
+        await svc.define("orders", spec)
+    # ... or to one defined and removed again before we look: we retry and create it
+    kv.store.clear()
+    kv.local.clear()
+
+    async def lose_then_vanish(k: object, expected: object, new: object, timeout: float = 5.0) -> bool:
+        kv.store[str(k)] = other
+        kv.local = {}  # removed again by the time our replica looks
+        kv.store.clear()
+        return False
+
+    real_cas = kv.compare_and_set
+    kv.compare_and_set = lose_then_vanish  # type: ignore[method-assign]
+    with pytest.raises(MapContention):  # was: a conflict "already exists with other settings (None)"
+        await svc.define("orders", spec)
+    kv.compare_and_set = real_cas  # type: ignore[method-assign]
+    assert await svc.define("orders", spec) is True and kv.store[key] == spec

@@ -75,7 +75,8 @@ class MapUnavailable(MapError, StatusError):
 
 
 class MapContention(MapError, StatusError):
-    """`SliceMap.update` kept losing its compare-and-set to other writers (HTTP 503)."""
+    """A compare-and-set loop (`SliceMap.update`, defining or removing a map) kept losing to other
+    writers (HTTP 503)."""
 
     status = 503
 

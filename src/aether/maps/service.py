@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import msgspec
 
 from aether.core.maps import (
+    MapContention,
     MapDefinitionConflict,
     MapSpec,
     MapUnavailable,
@@ -83,6 +84,7 @@ from aether.transport import MessageRouter, PeerDown, PeerUp
 __all__ = ["MapService"]
 
 _SYNC_CHUNK_ITEMS = 512
+_DEF_ROUNDS = 5  # compare-and-set rounds of define/undefine before giving up (MapContention)
 _SYNC_CHUNK_BYTES = 1024 * 1024
 
 
@@ -94,6 +96,8 @@ class KVLike(Protocol):
     def watch(self, prefix: str, callback: Callable[[Any], None]) -> Callable[[], None]: ...
 
     async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool: ...
+
+    async def get(self, key: Any, timeout: float = 5.0) -> Any: ...
 
 
 class Sender(Protocol):
@@ -928,23 +932,34 @@ class MapService:
         Raises `MapDefinitionConflict` if it exists with other settings."""
         spec.validate(name)
         key = MapDefKey(name)
-        current = self.kv.get_local(key)
-        if current is None and await self.kv.compare_and_set(key, None, spec):
-            return True
-        current = self.kv.get_local(key)
-        if current == spec:
-            return False
-        raise MapDefinitionConflict(
-            f"map {name!r} already exists with other settings ({_describe(current)}); "
-            f"wanted {_describe(spec)}"
-        )
+        for _ in range(_DEF_ROUNDS):
+            current = self.kv.get_local(key)
+            if current is None:
+                if await self.kv.compare_and_set(key, None, spec):
+                    return True
+                continue  # written (or written and removed) meanwhile: our replica is current now
+            if current == spec:
+                return False
+            raise MapDefinitionConflict(
+                f"map {name!r} already exists with other settings ({_describe(current)}); "
+                f"wanted {_describe(spec)}"
+            )
+        raise MapContention(f"map {name!r} kept changing while it was being defined; try again")
 
     async def undefine(self, name: str) -> bool:
+        """Remove map `name`'s definition; False if there is none (read through consensus)."""
         key = MapDefKey(name)
         current = self.kv.get_local(key)
         if current is None:
-            return False
-        return await self.kv.compare_and_set(key, current, None)
+            # maybe defined through another node a moment ago: a linearizable read decides
+            current = await self.kv.get(key)
+        for _ in range(_DEF_ROUNDS):
+            if current is None:
+                return False
+            if await self.kv.compare_and_set(key, current, None):
+                return True
+            current = self.kv.get_local(key)  # changed meanwhile; our replica is current now
+        raise MapContention(f"map {name!r} kept changing while it was being removed; try again")
 
 
 def _describe(spec: object) -> str:
