@@ -284,10 +284,10 @@ class DiskStore:
 
     def _fail(self, what: str, e: BaseException) -> JournalError:
         if self._failed is None:
+            # the runner logs it (CRITICAL) and stops the replica
             self._failed = JournalError(
                 f"{what} failed: {e}; this replica stops (nothing unjournalled is sent)"
             )
-            _log.error("%s (%s): %s", what, self.dir, e)
         return self._failed
 
     def _check(self) -> None:

@@ -1,0 +1,98 @@
+"""A node whose disk fills up stops (fail-stop) instead of voting on without its journal.
+
+Seen before: with a full disk the journal silently stopped growing while the node kept voting,
+with nothing logged. Now the node logs why, exits with status 1, the others keep committing,
+and once there is room again the node restarts and catches up with every acknowledged write.
+
+Needs root (a small tmpfs is mounted as the node's data directory); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import ProcessCluster
+
+
+@contextlib.contextmanager
+def tiny_filesystem(path: Path, size: str = "8m") -> Iterator[None]:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as a node's data directory needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(path: Path) -> Path:
+    """Fill the file system at `path` to the last byte; returns the filler file."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (65536, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * chunk):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.timeout(120)
+async def test_full_disk_stops_the_node_and_it_catches_up_after(
+    make_process_cluster: Callable[..., ProcessCluster],
+) -> None:
+    c = make_process_cluster(3, start=False)
+    victim = 2
+    with tiny_filesystem(c.data_dir(victim)):
+        c.start_all()
+        await c.await_quorum(30, nodes=[0, 1, 2])
+        acked: dict[str, bytes] = {}
+        async with c.client(prefer=0, only=[0, 1], timeout=5.0) as client:
+            for i in range(50):
+                k, v = f"user/before-{i}", f"v{i}".encode()
+                await client.put(k, v)
+                acked[k] = v
+            filler = fill(c.data_dir(victim))
+            # writes go on through the majority; the victim's next journal append fails
+            i = 0
+            proc = c.procs[victim]
+            assert proc is not None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while proc.poll() is None or i < 100:
+                assert loop.time() < deadline, "the node with a full disk did not stop\n" + c.log_tail(victim)
+                k, v = f"user/during-{i}", f"w{i}".encode()
+                await client.put(k, v)
+                acked[k] = v
+                i += 1
+            assert proc.wait(timeout=10) == 1
+            c.procs[victim] = None
+            log = c.log_text(victim)
+            assert "consensus stops" in log and "No space left on device" in log, c.log_tail(victim)
+            assert "stopped:" in log  # run_node's last word names the reason
+            filler.unlink()
+            c.start(victim)
+            await c.await_quorum(30, nodes=[0, 1, 2])
+            for j in range(20):
+                k, v = f"user/after-{j}", f"a{j}".encode()
+                await client.put(k, v)
+                acked[k] = v
+        await asyncio.to_thread(c.wait_applied_equal, 30.0)
+        for node in range(3):
+            got = await c.akv(node, "user/")
+            missing = {k for k, v in acked.items() if got.get(k) not in (v, v.decode())}
+            assert not missing, f"{c.ids[node]} lacks {len(missing)} acked keys, e.g. {sorted(missing)[:3]}"
+        c.close()  # before the tmpfs goes away
