@@ -13,6 +13,11 @@ Generic helpers, usable from any test module:
   `finally` when the test ends (pass or fail), and when the test fails the tail of every node log
   is attached to the failure report ("node logs" section).
 - Fixture `process_cluster`: a started 3-node cluster with quorum.
+- `LocalCluster` / fixture `make_local_cluster(nodes=3)`: a cluster directory driven by the real
+  `aether cluster start|stop` commands (subprocesses) on a free port offset (`free_port_offset`);
+  closed with `aether.cli.local_cluster.stop_cluster` (recorded PIDs only) when the test ends,
+  its node logs attached on failure like those of `make_process_cluster`.
+- Fixture `demo_wheels` (session): the order demo's six wheels, built once with examples/build.py.
 
 Blocking helpers (`wait_quorum`, `status`, ...) use plain sockets/urllib; from async tests that
 also have client traffic in flight, call them through `asyncio.to_thread(...)` (or the `a*`
@@ -527,6 +532,157 @@ class ProcessCluster:
 
 
 # --------------------------------------------------------------------------------------------------
+# local clusters driven by `aether cluster start|stop` (real CLI subprocesses)
+
+
+def _port_free(port: int, host: str = HOST) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as `aether cluster start` checks
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_offset(nodes: int) -> int:
+    """A `--base-port-offset` K such that every port of an N-node local cluster (7000+K+i,
+    9000+K+i, 8080+K+i) is free right now (K < 23000 keeps them below the ephemeral range)."""
+    import random
+
+    for _ in range(500):
+        k = random.randrange(1000, 23000)
+        if all(_port_free(base + k + i) for base in (7000, 9000, 8080) for i in range(nodes)):
+            return k
+    raise RuntimeError("no free port range found")
+
+
+def aether_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 90, cwd: str | Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `aether ARGS...` (``python -m aether.cli.main``) to completion; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "aether.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+class LocalCluster:
+    """A local cluster directory driven by the real `aether cluster start|stop` commands.
+
+    The port offset is chosen once, so every `start` reuses the same ports, ids and data dirs (as
+    a user running `aether cluster start` again in the same directory). `env` is the environment
+    of the CLI and hence of the nodes: without AETHER_* variables of the caller, and with
+    AETHER_REPOSITORY = `DIR/repository` (`self.repository`).
+    """
+
+    def __init__(self, directory: str | Path, nodes: int = 3, *, port_offset: int | None = None) -> None:
+        self.dir = Path(directory)
+        self.nodes = nodes
+        self.port_offset = free_port_offset(nodes) if port_offset is None else port_offset
+        self.repository = self.dir / "repository"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+        self.env["AETHER_REPOSITORY"] = str(self.repository)
+        self.env.setdefault("PYTHONUNBUFFERED", "1")
+        self.ids = [f"node-{i + 1}" for i in range(nodes)]
+
+    def management_port(self, i: int) -> int:
+        return 9000 + self.port_offset + i
+
+    def http_port(self, i: int) -> int:
+        return 8080 + self.port_offset + i
+
+    def connect(self, i: int) -> str:
+        """The `--connect` address of node i (0-based)."""
+        return f"{HOST}:{self.management_port(i)}"
+
+    def log_path(self, i: int) -> Path:
+        return self.dir / f"{self.ids[i]}.log"
+
+    def cli(self, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        """`aether ARGS...` with this cluster's environment."""
+        return aether_cli(*args, env=self.env, timeout=timeout)
+
+    def on(self, i: int, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        """`aether --connect <node i> ARGS...`."""
+        return self.cli("--connect", self.connect(i), *args, timeout=timeout)
+
+    def start(self, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """`aether cluster start` on the directory (returns when the CLI returns)."""
+        return self.cli(
+            "cluster", "start", "--nodes", str(self.nodes), "--dir", str(self.dir),
+            "--base-port-offset", str(self.port_offset), "--timeout", str(timeout),
+            timeout=timeout + 30,
+        )  # fmt: skip
+
+    def stop(self, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+        """`aether cluster stop` on the directory (SIGTERM, SIGKILL after `timeout`)."""
+        return self.cli(
+            "cluster", "stop", "--dir", str(self.dir), "--timeout", str(timeout), timeout=timeout + 30
+        )
+
+    def pids(self) -> list[int | None]:
+        from aether.cli import local_cluster as lc
+
+        rec = lc.load_record(self.dir)
+        return [n.pid for n in rec.nodes] if rec is not None else []
+
+    def api(self, i: int, method: str, path: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+        """One management API request to node i: (HTTP status, decoded JSON body or None)."""
+        req = urllib.request.Request(
+            f"http://{HOST}:{self.management_port(i)}{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        try:
+            return status, json.loads(raw) if raw else None
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def kv(self, i: int, prefix: str) -> dict[str, Any]:
+        """Node i's local (applied) view of keys under `prefix`: {key: value-as-JSON}."""
+        status, doc = self.api(i, "GET", f"/api/v1/kv?{urllib.parse.urlencode({'prefix': prefix})}")
+        if status != 200:
+            raise AssertionError(f"GET /api/v1/kv on {self.ids[i]} -> {status}: {doc}")
+        return {e["key"]: e["value"] for e in doc["entries"]}
+
+    def log_text(self, i: int) -> str:
+        p = self.log_path(i)
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def logs_report(self, lines: int = 40) -> str:
+        parts = []
+        for i in range(self.nodes):
+            parts.append(f"===== {self.ids[i]} {self.log_path(i)} (last {lines} lines) =====")
+            parts.append("\n".join(self.log_text(i).splitlines()[-lines:]))
+        return "\n".join(parts)
+
+    def close(self) -> None:
+        """Stop every node process recorded in the directory (by recorded PID and create time)."""
+        from aether.cli import local_cluster as lc
+
+        with contextlib.suppress(Exception):
+            lc.stop_cluster(self.dir, timeout=5.0)
+        keep = os.environ.get("AETHER_TEST_KEEP_LOGS")
+        if keep:
+            dest = Path(keep) / f"{self.dir.name}-{os.getpid()}-{int(time.time() * 1000)}"
+            dest.mkdir(parents=True, exist_ok=True)
+            for i in range(self.nodes):
+                if self.log_path(i).exists():
+                    shutil.copy(self.log_path(i), dest / self.log_path(i).name)
+
+
+# --------------------------------------------------------------------------------------------------
 # fixtures
 
 
@@ -534,7 +690,7 @@ class ProcessCluster:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
-    clusters: list[ProcessCluster] = getattr(item, "_process_clusters", [])
+    clusters: list[ProcessCluster | LocalCluster] = getattr(item, "_process_clusters", [])
     if rep.failed and clusters:
         for k, c in enumerate(clusters):
             rep.sections.append((f"node logs (cluster {k}, {rep.when})", c.logs_report()))
@@ -548,8 +704,7 @@ def make_process_cluster(
 
     Every cluster made is closed (all its PIDs SIGKILLed) when the test ends, pass or fail.
     """
-    made: list[ProcessCluster] = []
-    request.node._process_clusters = made
+    made: list[ProcessCluster] = request.node.__dict__.setdefault("_process_clusters", [])
 
     def make(n: int = 3, *, start: bool = True, quorum_timeout: float = 20.0, **kw: Any) -> ProcessCluster:
         c = ProcessCluster(n, tmp_path / f"cluster{len(made)}", **kw)
@@ -570,3 +725,52 @@ def make_process_cluster(
 def process_cluster(make_process_cluster: Callable[..., ProcessCluster]) -> ProcessCluster:
     """A started 3-node cluster with quorum (closed when the test ends)."""
     return make_process_cluster(3)
+
+
+@pytest.fixture
+def make_local_cluster(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., LocalCluster]]:
+    """Factory: ``make_local_cluster(nodes=3, port_offset=None)`` -> a `LocalCluster` in a fresh
+    directory (nothing started). Every node started from it is stopped when the test ends."""
+    made: list[Any] = request.node.__dict__.setdefault("_process_clusters", [])
+    mine: list[LocalCluster] = []
+
+    def make(nodes: int = 3, **kw: Any) -> LocalCluster:
+        c = LocalCluster(tmp_path / f"local{len(mine)}", nodes, **kw)
+        made.append(c)
+        mine.append(c)
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in mine:
+            c.close()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The order demo's wheels (5 slices + the order-domain library), built once per session."""
+    out = tmp_path_factory.mktemp("order-demo-wheels")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples/build.py"),
+            "--only",
+            "order_demo",
+            "--no-deploy",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(list(out.glob("*.whl"))) == 6, proc.stdout
+    return out

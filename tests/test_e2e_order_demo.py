@@ -37,30 +37,6 @@ STICKER_STOCK = 100_000_000
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(scope="session")
-def demo_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The order demo's wheels (5 slices + the order-domain library), built once per session."""
-    out = tmp_path_factory.mktemp("order-demo-wheels")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples/build.py"),
-            "--only",
-            "order_demo",
-            "--no-deploy",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(list(out.glob("*.whl"))) == 6, proc.stdout
-    return out
-
-
 def deploy_demo(cluster: ProcessCluster, wheels: Path) -> None:
     from aether.slices.repository import Repository
 
