@@ -221,6 +221,35 @@ def test_commit_timeout_fails_the_request() -> None:
     assert any(tok in f.tokens and f.reason == "timeout" for f in net.failed["n1"])
 
 
+def test_a_timed_out_batch_still_queued_holds_back_the_next_one() -> None:
+    """A command that timed out leaves its batch queued on every replica (it may still commit).
+    The origin must not seal one more batch per retry meanwhile: it used to, and under message
+    loss the queue then grew faster than slots could drain it (found by the node simulation)."""
+    net = Net(3, EngineConfig(commit_timeout=0.5))
+    net.down = {"n2", "n3"}  # messages vanish but the links look up
+    e = net.engines["n1"]
+    cmd = Put("user/a", b"1")
+    first = net.submit("n1", cmd, "c1", 1)
+    tokens = [first]
+    for _ in range(20):
+        net.run()
+        net.tick(0.6)  # the previous attempt times out ...
+        tokens.append(net.submit("n1", cmd, "c1", 1))  # ... and the client retries the same command
+        assert e.pending_batches == 1
+    failed = {t: f for f in net.failed["n1"] for t in f.tokens}
+    assert failed[first].reason == "timeout" and not failed[first].definite  # its batch is still out
+    for t in tokens[1:-1]:  # retries that waited behind it never left this node
+        assert failed[t].reason == "timeout" and failed[t].definite
+    net.down = set()
+    for _ in range(5):
+        net.tick(0.05)
+        net.run()
+    res = results(net, "n1")
+    assert decode_result(res[tokens[-1]]).ok
+    assert all(x.pending_batches == 0 for x in net.engines.values())
+    assert net.sms["n2"].get("user/a") == b"1" and net.sms["n2"].revision == 1  # applied once
+
+
 def test_lagging_replica_catches_up_by_snapshot_and_gc_bounds_memory() -> None:
     cfg = EngineConfig(retain_slots=8, snapshot_every=10, dedup_slots=2048)
     net = Net(3, cfg)

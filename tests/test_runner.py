@@ -140,3 +140,32 @@ async def test_a_journal_that_cannot_be_written_stops_the_replica() -> None:
     assert isinstance(later.exception(), JournalError)
     assert tr.sent == []
     await r.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_messages_queued_during_an_fsync_wait_for_the_next_one() -> None:
+    """Group commit: an fsync covers only the records written before it started. Messages whose
+    records were written while it ran must wait for the next fsync (found by the node simulation:
+    a STATE went out before its journal record was on disk)."""
+    gate: list[Any] = []
+    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
+    r = make(DiskStore(Path("/sim/n1"), fs=fs))
+    tr = Recorder()
+    r.start(tr)
+    r.peer_up("n2")
+    r.peer_up("n3")
+    tr.sent.clear()
+    r.submit([encode_command(Put("user/a", b"1"))])
+    assert tr.sent == [] and len(gate) == 1  # the proposal's fsync is running
+    journal = fs.files[Path("/sim/n1/journal.bin")]
+    x = r.engine._cur.my_proposal
+    assert x is not None
+    r.on_message("n2", Proposal(1, x))  # exchange complete: the STATE record is written now
+    assert len(journal.data) > len(journal.durable)
+    gate.pop()()  # the first fsync completes: it does not cover the STATE record
+    assert [type(m).__name__ for _, m in tr.sent] == ["Submit", "Proposal"]
+    assert len(gate) == 1  # a second fsync covers the STATE record
+    gate.pop()()
+    assert [type(m).__name__ for _, m in tr.sent] == ["Submit", "Proposal", "StateMsg"]
+    assert journal.durable == bytes(journal.data)
+    await r.stop()

@@ -241,9 +241,13 @@ class Engine:
 
         self._seq = itertools.count(1)
         self._tokens = itertools.count(1)
-        self._open: list[tuple[int, bytes]] = []
+        self._open: list[tuple[int, bytes, float]] = []  # (token, command, submitted at)
         self._open_bytes = 0
         self._inflight: dict[BatchId, tuple[list[int], float]] = {}
+        # Own batches sealed by this incarnation and not decided yet, whether or not anyone still
+        # waits for them: a batch whose commands timed out stays queued on every replica and may
+        # still commit, so it keeps its place in the in-flight budget until it is decided.
+        self._own_queued: set[BatchId] = set()
         self._up: set[str] = set()
         self._last_stale_reply: dict[str, tuple[int, float]] = {}
         self._last_catchup: dict[str, float] = {}
@@ -320,7 +324,7 @@ class Engine:
         if not self.has_quorum:
             self.actions.append(Failed([token], "quorum", definite=True))
             return token
-        self._open.append((token, command))
+        self._open.append((token, command, now))
         self._open_bytes += len(command)
         self._maybe_seal(now)
         self._progress(now)
@@ -332,7 +336,7 @@ class Engine:
             self.actions.append(Failed(tokens, "quorum", definite=True))
             return tokens
         for t, c in zip(tokens, commands, strict=True):
-            self._open.append((t, c))
+            self._open.append((t, c, now))
             self._open_bytes += len(c)
         self._maybe_seal(now)
         self._progress(now)
@@ -367,6 +371,15 @@ class Engine:
                 self.actions.append(Failed(tokens, "quorum" if not self.has_quorum else "timeout"))
             if expired:
                 self._maybe_seal(now)
+        if self._open and now - self._open[0][2] > cfg.commit_timeout:
+            # waited behind an own batch that is still undecided: never sent, will never be
+            k = 0
+            while k < len(self._open) and now - self._open[k][2] > cfg.commit_timeout:
+                k += 1
+            stale = self._open[:k]
+            del self._open[:k]
+            self._open_bytes -= sum(len(c) for _, c, _ in stale)
+            self.actions.append(Failed([t for t, _, _ in stale], "timeout", definite=True))
         if self._open and not self.has_quorum:
             self._fail_all("quorum")
         idle = now - max(cur.last_progress, cur.last_retransmit)
@@ -750,32 +763,42 @@ class Engine:
             heapq.heappop(heap)
         return None
 
+    def _own_in_flight(self) -> int:
+        """Own batches still queued (undecided), including those nobody waits for any more."""
+        own = self._own_queued
+        if own:
+            done = [b for b in own if b not in self._queue]
+            for b in done:
+                own.discard(b)
+        return max(len(own), len(self._inflight))
+
     def _maybe_seal(self, now: float) -> None:
-        if not self._open or len(self._inflight) >= self.cfg.max_inflight_batches:
+        if not self._open or self._own_in_flight() >= self.cfg.max_inflight_batches:
             return
         if not self.has_quorum:
             return
         cfg = self.cfg
         cut = 0
         size = 0
-        for _, c in self._open:
+        for _, c, _ in self._open:
             if cut >= cfg.max_batch_commands or (cut and size + len(c) > cfg.max_batch_bytes):
                 break
             size += len(c)
             cut += 1
         take = self._open[:cut]
         del self._open[:cut]
-        self._open_bytes -= sum(len(c) for _, c in take)
+        self._open_bytes -= sum(len(c) for _, c, _ in take)
         bid = BatchId(self.node_id, self.incarnation, next(self._seq))
         ts = max(int((now + self.clock_offset) * 1_000_000), self._hlc + 1)
         self._hlc = ts
-        batch = Batch(bid, ts, [c for _, c in take])
-        self._inflight[bid] = ([t for t, _ in take], now)
+        batch = Batch(bid, ts, [c for _, c, _ in take])
+        self._inflight[bid] = ([t for t, _, _ in take], now)
+        self._own_queued.add(bid)
         self._enqueue(batch)
         self.actions.append(Send(None, Submit(batch)))
 
     def _fail_all(self, reason: str) -> None:
-        unsent = [t for t, _ in self._open]
+        unsent = [t for t, _, _ in self._open]
         self._open.clear()
         self._open_bytes = 0
         if unsent:

@@ -15,6 +15,8 @@ injectable so the simulation can run this adapter on a virtual clock with per-no
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +48,16 @@ class PeerSender(Protocol):
 
 _jenc = msgspec.msgpack.Encoder()
 _jdec = msgspec.msgpack.Decoder(JournalRecord)
+
+
+class _Segment:
+    """The effects of one engine step, waiting for the records written up to that step."""
+
+    __slots__ = ("durable", "effects")
+
+    def __init__(self, effects: list[Send | Completed | Failed]) -> None:
+        self.effects = effects
+        self.durable = False
 
 
 class ConsensusRunner:
@@ -83,9 +95,9 @@ class ConsensusRunner:
         self.on_installed: list[Callable[[int], None]] = []
         self.on_fatal: list[Callable[[BaseException], None]] = []  # the journal failed: stop the node
         self._last_applied = 0
-        # sends and client answers waiting for their journal records to be durable, in order
-        self._held: list[Send | Completed | Failed] = []
-        self._holding = False
+        # sends and client answers waiting for their journal records to be durable: one segment
+        # per engine step, each released (in order) once what was written before it is durable
+        self._held: collections.deque[_Segment] = collections.deque()
         self._stopped = False
         self.failed: BaseException | None = None
 
@@ -258,30 +270,26 @@ class ConsensusRunner:
             self._fatal(e)
             return
         if effects:
-            if self._holding:
-                self._held.extend(effects)  # behind older effects still waiting: keep the order
-            else:
-                self._held = effects
-                self._holding = True
-                store.when_durable(self._durable)  # may release them at once
+            # An fsync covers only what was written before it started, so each step's effects
+            # wait for their own mark (the store still group-commits: one fsync serves every
+            # mark it covers). Segments are released in order, never ahead of older ones.
+            seg = _Segment(effects)
+            self._held.append(seg)
+            store.when_durable(functools.partial(self._durable, seg=seg))  # may release at once
         if self.engine.applied != self._last_applied or installed:
             self._last_applied = self.engine.applied
             for cb in self.after_apply:
                 cb()
 
-    def _durable(self, err: BaseException | None) -> None:
-        """The store made everything written so far durable: release what waited for it."""
+    def _durable(self, err: BaseException | None, seg: _Segment) -> None:
+        """What was written before `seg` is durable: release it and any ready segments after it."""
         if err is not None:
             self._fatal(err)
             return
-        ready = self._held
-        self._held = []
-        self._holding = False
-        self._perform(ready)
-        if self._held and not self._stopped:
-            # effects queued while the fsync ran depend on records it may not cover: sync again
-            self._holding = True
-            self.store.when_durable(self._durable)
+        seg.durable = True
+        held = self._held
+        while held and held[0].durable:
+            self._perform(held.popleft().effects)
 
     def _perform(self, effects: list[Send | Completed | Failed]) -> None:
         tr = self.transport
