@@ -69,8 +69,8 @@ from aether.consensus.messages import (
     VoteMsg,
 )
 from aether.consensus.runner import ConsensusRunner
-from aether.consensus.storage import DiskStore, JournalError
-from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost
+from aether.consensus.storage import DiskStore, JournalError, scan_journal
+from aether.core.errors import AetherError, CommitTimeout, QuorumLost
 from aether.kv.machine import (
     Cas,
     Get,
@@ -152,6 +152,8 @@ class Scenario:
     settle: float = 10.0  # after healing, some operation must succeed at least this often (liveness)
     settle_cap: float = 120.0  # and every client and writer must be done within this
     client_timeout: float = 0.6  # an attempt with no answer after this is resubmitted elsewhere
+    client_backoff: bool = True  # each further attempt waits twice as long (up to 4 s)
+    heartbeat_timeout: tuple[float, float] = (0.3, 0.6)  # how long until a silent peer is reported down
     op_deadline: float = 3.0  # during faults, an operation gives up (indeterminate) after this
     fsync_delay: tuple[float, float] = (0.0002, 0.002)
     tick: float = 0.01
@@ -331,18 +333,30 @@ class CheckedStore(DiskStore):
         self.snap_slot = 0
 
     def append(self, payloads: list[bytes]) -> None:
-        # Decisions are checked before the write: a write that fails part-way (a full disk) can
-        # still leave whole records behind, which the replica applies again after a restart.
-        recs = [_jdec.decode(p) for p in payloads]
+        fs = self._node.fs
+        f = fs.files.get(self.journal_path)
+        before = len(f.data) if f is not None else 0
         w = self._node.world
-        for rec in recs:
+        try:
+            super().append(payloads)
+        except JournalError:
+            # A write that fails part-way (a full disk) can leave whole records behind, which the
+            # replica applies again after a restart: those decisions count. Records that never
+            # reached the file were never acted on (the runner stops before releasing anything).
+            f = fs.files.get(self.journal_path)
+            written, _ = scan_journal(bytes(f.data[before:]) if f is not None else b"")
+            for _, p in written:
+                rec = _jdec.decode(p)
+                if isinstance(rec, DecidedRec):
+                    w.check_decided(self._node.id, rec.slot, rec.batch, "journal")
+            raise
+        f = fs.files.get(self.journal_path)
+        end = len(f.data) if f is not None else 0
+        for p in payloads:
+            rec = _jdec.decode(p)
             if isinstance(rec, DecidedRec):
                 w.check_decided(self._node.id, rec.slot, rec.batch, "journal")
-        super().append(payloads)
-        f = self._node.fs.files.get(self.journal_path)
-        end = len(f.data) if f is not None else 0
-        for rec in recs:
-            if isinstance(rec, SentRec):
+            else:
                 self.marks[_msg_key(rec.msg)] = (f, end)
 
     def save_snapshot(self, data: bytes, keep: list[bytes] | None = None) -> None:
@@ -744,7 +758,7 @@ class World:
                 elif not self.nodes[p].up:
                     delay = rng.uniform(0.0005, 0.005)  # connection reset
                 else:
-                    delay = rng.uniform(0.3, 0.6)  # heartbeat timeout
+                    delay = rng.uniform(*self.sc.heartbeat_timeout)
                 obs.pending_link.add(p)
                 self.loop.call_later(delay, self._link_check, obs, obs.gen, p)
 
@@ -963,12 +977,15 @@ class World:
         maybe_applied = False
         node: SimNode | None = None
         attempts = 0
+        stay = False
         while True:
             if self.closing:
                 raise asyncio.CancelledError  # (wait_for may swallow a cancellation)
             if not self.healed and self.now() > deadline:
                 return _INDET if maybe_applied else _REJECTED
-            node = self._pick_node(node.id if node is not None else None)
+            if not (stay and node is not None and node.up and not node.failing):
+                node = self._pick_node(node.id if node is not None else None)
+            stay = False
             if node is None:
                 await asyncio.sleep(self.rng.uniform(0.02, 0.1))
                 continue
@@ -982,7 +999,8 @@ class World:
             fut.add_done_callback(lambda f, n=node, g=node.gen, c=cf: _relay(f, n, g, c))
             # a client that waits longer after each attempt without an answer (no livelock when
             # commits take longer than its first timeout)
-            wait = min(self.sc.client_timeout * 2 ** min(attempts - 1, 4), 4.0) * self.rng.uniform(1.0, 1.3)
+            backoff = 2 ** min(attempts - 1, 4) if self.sc.client_backoff else 1
+            wait = min(self.sc.client_timeout * backoff, 4.0) * self.rng.uniform(1.0, 1.3)
             try:
                 res = await asyncio.wait_for(cf, wait)
             except TimeoutError:
@@ -998,7 +1016,12 @@ class World:
                     maybe_applied = True
                 await asyncio.sleep(self.rng.uniform(0.01, 0.1))
                 continue
-            except (CommitTimeout, JournalError, AetherError):
+            except CommitTimeout:
+                # the node answered "not committed in time": like AetherClient, ask it again at once
+                maybe_applied = True
+                stay = True
+                continue
+            except (JournalError, AetherError):
                 maybe_applied = True
                 await asyncio.sleep(self.rng.uniform(0.01, 0.1))
                 continue
@@ -1120,25 +1143,25 @@ class World:
             key = rng.choice(self.list_keys)
             op = _ListOp(who, key, next(self._elems), self.now())
             status = "fail"
+            refused = False
             try:
                 while not self.closing:
                     t0 = self.now()
                     try:
                         cur = await kv.get(key, timeout=1.0)
-                    except BadRequest as e:
-                        self.violation(f"{who}: KVStore.get refused: {e}")
                     except (CommitTimeout, QuorumLost, JournalError):
                         await asyncio.sleep(rng.uniform(0.02, 0.1))
                         if not self.healed and self.now() - op.call > self.sc.op_deadline:
                             break
                         continue
+                    except AetherError as e:
+                        refused = self._writer_refused(who, "get", e)
+                        break
                     self.reads.append(Read(who, key, self.as_list(key, cur), t0, self.now()))
                     new = encode_list([*decode_list(cur), op.elem])
                     op.cas_tried = True
                     try:
                         ok = await kv.compare_and_set(key, cur, new, timeout=1.0)
-                    except BadRequest as e:
-                        self.violation(f"{who}: KVStore.compare_and_set refused: {e}")
                     except QuorumLost as e:
                         if "not applied" in str(e):
                             await asyncio.sleep(rng.uniform(0.02, 0.1))
@@ -1146,6 +1169,10 @@ class World:
                         status = "maybe"
                         break
                     except (CommitTimeout, JournalError):
+                        status = "maybe"
+                        break
+                    except AetherError as e:
+                        refused = self._writer_refused(who, "compare_and_set", e)
                         status = "maybe"
                         break
                     if ok:
@@ -1159,6 +1186,21 @@ class World:
                 raise
             self._end_append(op, status)
             self.writers_left[node.id] -= 1
+            if refused:  # its session was evicted: the component starts over with a new KVStore
+                self.loop.call_soon(self._restart_writer, node, gen)
+                return
+
+    def _writer_refused(self, who: str, what: str, e: Exception) -> bool:
+        """A KVStore command was refused: a bug, unless its session may have been evicted."""
+        if self.sc.max_sessions < 1000 and MACHINE_REFUSES_UNKNOWN_SESSIONS:
+            self.log(f"{who}: KVStore.{what} refused ({e}); the writer starts a new session")
+            return True
+        self.violation(f"{who}: KVStore.{what} refused: {e}")
+        return True
+
+    def _restart_writer(self, node: SimNode, gen: int) -> None:
+        if node.up and node.gen == gen and not self.closing:
+            node.start_writer()
 
     # --- running ----------------------------------------------------------------------------------
 
