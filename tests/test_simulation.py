@@ -62,6 +62,7 @@ def test_total_seed_count_is_at_least_the_requested_one() -> None:
 # seeds each mutant may take (measured: most are caught by their first seed; see the report)
 MUTANT_BUDGET = {
     "d1": 30, "forget-journal": 5, "drop-kept": 30, "no-fsync-wait": 3, "no-fsync-wait-wire": 30,
+    "ignore-write-errors": 10,
     "release-all": 3, "substitute": 5, "session-next": 5, "no-sessions": 10, "local-reads": 60,
     "no-retransmit": 3,
 }

@@ -16,7 +16,7 @@ import msgspec
 
 from aether.consensus import engine as engine_mod
 from aether.consensus.runner import ConsensusRunner
-from aether.consensus.storage import DiskStore
+from aether.consensus.storage import DiskStore, JournalError
 from aether.kv.machine import Command, KVStateMachine
 from aether.kv.store import KVStore
 
@@ -74,6 +74,19 @@ def _no_fsync_wait() -> contextlib.AbstractContextManager[None]:
         return True
 
     return _patched(DiskStore, "when_durable", when_durable)
+
+
+def _ignore_write_errors() -> contextlib.AbstractContextManager[None]:
+    """The store swallows a failed append and carries on (no fail-stop)."""
+    orig = DiskStore.append
+
+    def append(self: Any, payloads: list[bytes]) -> None:
+        try:
+            orig(self, payloads)
+        except JournalError:
+            self._failed = None
+
+    return _patched(DiskStore, "append", append)
 
 
 def _release_all() -> contextlib.AbstractContextManager[None]:
@@ -168,6 +181,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            "ci", _no_fsync_wait),
     Mutant("no-fsync-wait-wire", "the same, with the durable-before-send check off: a power cut makes "
            "the replica equivocate (wire check)", "disk", _no_fsync_wait, _no_durable_check),
+    Mutant("ignore-write-errors", "the store ignores a failed append (ENOSPC/EIO) and goes on: records "
+           "are missing from the disk (durable-before-send)", "disk", _ignore_write_errors),
     Mutant("release-all", "the runner releases every held send when any fsync completes "
            "(durable-before-send)", "ci", _release_all),
     Mutant("substitute", "commits its own proposal when it decides 1 without the candidate "

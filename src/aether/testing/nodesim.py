@@ -69,7 +69,7 @@ from aether.consensus.messages import (
     VoteMsg,
 )
 from aether.consensus.runner import ConsensusRunner
-from aether.consensus.storage import DiskStore, JournalError, scan_journal
+from aether.consensus.storage import DiskStore, JournalError, frame, scan_journal
 from aether.core.errors import AetherError, CommitTimeout, QuorumLost
 from aether.kv.machine import (
     Cas,
@@ -329,7 +329,8 @@ class CheckedStore(DiskStore):
         self._node = node
         self._gen_of_node = gen
         # (kind, slot, phase) of a SentRec -> (journal file object, end offset) once appended
-        self.marks: dict[tuple[str, int, int], tuple[object, int]] = {}
+        # (kind, slot, phase) of a SentRec -> (journal file, offset, framed record) once appended
+        self.marks: dict[tuple[str, int, int], tuple[object, int, bytes]] = {}
         self.snap_slot = 0
 
     def append(self, payloads: list[bytes]) -> None:
@@ -351,24 +352,26 @@ class CheckedStore(DiskStore):
                     w.check_decided(self._node.id, rec.slot, rec.batch, "journal")
             raise
         f = fs.files.get(self.journal_path)
-        end = len(f.data) if f is not None else 0
-        for p in payloads:
+        frames = [frame(p) for p in payloads]
+        pos = (len(f.data) if f is not None else 0) - sum(len(x) for x in frames)
+        for p, fr in zip(payloads, frames, strict=True):
             rec = _jdec.decode(p)
             if isinstance(rec, DecidedRec):
                 w.check_decided(self._node.id, rec.slot, rec.batch, "journal")
             else:
-                self.marks[_msg_key(rec.msg)] = (f, end)
+                self.marks[_msg_key(rec.msg)] = (f, pos, fr)
+            pos += len(fr)
 
     def save_snapshot(self, data: bytes, keep: list[bytes] | None = None) -> None:
         # Before the real save: it releases the sends that waited (synchronously, once the new files
         # are durable). Slots up to the snapshot's are decided for good, so what was sent in them
         # cannot change any more; the kept records are in the new, fsynced journal.
         snap_slot = max(self.snap_slot, _snap_decoder.decode(data).slot)
-        marks: dict[tuple[str, int, int], tuple[object, int]] = {}
+        marks: dict[tuple[str, int, int], tuple[object, int, bytes]] = {}
         for p in keep or []:
             rec = _jdec.decode(p)
             if isinstance(rec, SentRec):
-                marks[_msg_key(rec.msg)] = (_KEPT, 0)
+                marks[_msg_key(rec.msg)] = (_KEPT, 0, b"")
         self.snap_slot, self.marks = snap_slot, marks
         super().save_snapshot(data, keep)
 
@@ -381,7 +384,10 @@ class CheckedStore(DiskStore):
         if mark[0] is _KEPT:
             return True
         f = self._node.fs.files.get(self.journal_path)
-        return f is mark[0] and f is not None and len(f.durable) >= mark[1]  # type: ignore[attr-defined]
+        if f is None or f is not mark[0]:
+            return False
+        _, pos, fr = mark
+        return f.durable[pos:pos + len(fr)] == fr  # the record itself is on disk
 
 
 _KEPT = object()
@@ -660,6 +666,8 @@ class World:
     def on_wire(self, node: SimNode, msg: Any) -> None:
         self.stats["sent"] += 1
         s = node.id
+        if node.runner is not None and node.runner.failed is not None:
+            self.violation(f"{s} sent {type(msg).__name__} after its journal failed (no fail-stop)")
         if isinstance(msg, (Proposal, StateMsg, VoteMsg)):
             if isinstance(msg, Proposal):
                 k = (s, "p", msg.slot, 0)
