@@ -4,7 +4,12 @@ The real `Engine` and `KVStateMachine` run unchanged; only the world around them
 simulated. Everything random comes from one `random.Random(seed)`, so a seed reproduces a
 run exactly:
 
-    python -m aether.testing.sim --seed 42 --nodes 3 -v
+    python -m aether.testing.sim --seed 42 --profile engine -v
+
+This is the fast engine-only profile. `aether.testing.nodesim` runs whole nodes (the real
+runner, disk store and KV store); both share this command line:
+
+    python -m aether.testing.sim --seeds 0:1000 --profile aggressive
 
 Faults: message drops, duplicates, random delays (which reorder), partitions (majority /
 minority, all-minority, flapping, asymmetric one-way), crashes (including in the middle of
@@ -18,6 +23,7 @@ linearizable (checked by `aether.testing.lincheck`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -577,29 +583,113 @@ def run_seed(seed: int, nodes: int | None = None, verbose: bool = False) -> tupl
     return sim, check_history(history)
 
 
-def repro_command(seed: int) -> str:
-    return f"python -m aether.testing.sim --seed {seed} -v"
+def repro_command(seed: int, profile: str = "engine") -> str:
+    return f"python -m aether.testing.sim --seed {seed} --profile {profile} -v"
+
+
+def _parse_range(text: str) -> range:
+    a, _, b = text.partition(":")
+    try:
+        lo, hi = int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (seeds A to B-1), got {text!r}") from None
+    if hi <= lo:
+        raise argparse.ArgumentTypeError(f"empty seed range {text!r}")
+    return range(lo, hi)
+
+
+def run_one(
+    seed: int, profile: str, *, verbose: bool = False, nodes: int | None = None,
+    setup: Callable[[Any], None] | None = None,
+) -> tuple[bool, str, str]:
+    """Run one seed of a profile: (ok, failure kind, message). Kinds: safety, liveness, history."""
+    if profile == "engine":
+        try:
+            sim, res = run_seed(seed, nodes, verbose)
+        except InvariantViolation as e:
+            kind = "liveness" if "liveness" in str(e) else "safety"
+            return False, kind, str(e)
+        if not res.ok:
+            return False, "history", f"history not linearizable: {res.explanation}"
+        ok_ops = sum(1 for o in sim.history if o.ret is not None)
+        return True, "", (f"nodes={len(sim.members)} ops={len(sim.history)} completed={ok_ops} "
+                          f"slots={max(sim.decided, default=0)} stats={sim.stats}")
+    from aether.testing.nodesim import run_node_seed
+
+    out = run_node_seed(seed, profile, verbose=verbose, nodes=nodes, setup=setup)
+    w = out.world
+    if out.ok:
+        return True, "", (f"nodes={len(w.members)} slots={max(w.decided, default=0)} ops={len(w.history)} "
+                          f"appends={len(w.appends)} stats={w.stats}")
+    err = out.error or ""
+    kind = "liveness" if err.startswith("liveness") else "history" if "history" in err[:40] else "safety"
+    return False, kind, err
+
+
+def profile_names() -> list[str]:
+    from aether.testing.nodesim import PROFILES
+
+    return ["engine", *PROFILES]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run one seeded Rabia simulation and check it.")
-    ap.add_argument("--seed", type=int, required=True)
+    ap = argparse.ArgumentParser(
+        description="Run seeded simulations and check them. Profile 'engine' drives the Engine alone "
+        "(fast); the others run whole nodes (runner, disk store, KV store) with faults.",
+    )
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--seed", type=int, help="run one seed")
+    which.add_argument("--seeds", type=_parse_range, help="run seeds A..B-1 (A:B) and print a summary")
+    ap.add_argument("--profile", default="ci", choices=profile_names(), help="fault profile (default: ci)")
     ap.add_argument("--nodes", type=int, default=None, help="override the node count the seed picks")
     ap.add_argument("-v", "--verbose", action="store_true", help="print the fault schedule as it runs")
+    ap.add_argument("--mutant", default=None, help="run with a deliberately broken component "
+                    "(see aether.testing.mutants; 'list' lists them)")
     a = ap.parse_args(argv)
-    try:
-        sim, res = run_seed(a.seed, a.nodes, a.verbose)
-    except InvariantViolation as e:
-        print(f"FAIL seed={a.seed}: {e}")
+    from aether.testing.mutants import MUTANTS
+
+    if a.mutant == "list":
+        for m in MUTANTS.values():
+            print(f"{m.name:20} [{m.profile}] {m.breaks}")
+        return 0
+    mutant = MUTANTS[a.mutant] if a.mutant else None
+    ctx = mutant.patch() if mutant else contextlib.nullcontext()
+    setup = mutant.setup if mutant else None
+    with ctx:
+        return _run(a, setup)
+
+
+def _run(a: argparse.Namespace, setup: Callable[[Any], None] | None) -> int:
+    if a.seed is not None:
+        ok, _, msg = run_one(a.seed, a.profile, verbose=a.verbose, nodes=a.nodes, setup=setup)
+        if ok:
+            print(f"seed={a.seed} profile={a.profile} {msg}")
+            print("OK")
+            return 0
+        print(f"FAIL seed={a.seed} profile={a.profile}: {msg}")
         return 1
-    ok_ops = sum(1 for o in sim.history if o.ret is not None)
-    print(f"seed={a.seed} nodes={len(sim.members)} ops={len(sim.history)} completed={ok_ops} "
-          f"slots={max(sim.decided, default=0)} stats={sim.stats}")
-    if not res.ok:
-        print(f"FAIL seed={a.seed}: history not linearizable: {res.explanation}")
-        return 1
-    print("OK")
-    return 0
+    import time
+
+    counts = {"ok": 0, "safety": 0, "liveness": 0, "history": 0}
+    t0 = time.perf_counter()
+    for seed in a.seeds:
+        ok, kind, msg = run_one(seed, a.profile, nodes=a.nodes, setup=setup)
+        if ok:
+            counts["ok"] += 1
+            continue
+        counts[kind] += 1
+        first = msg.splitlines()[0] if msg else ""
+        mut = f" --mutant {a.mutant}" if a.mutant else ""
+        print(f"FAIL seed={seed} profile={a.profile} [{kind}] {first[:300]}\n  reproduce: "
+              f"{repro_command(seed, a.profile)}{mut}", flush=True)
+    dt = time.perf_counter() - t0
+    n = len(a.seeds)
+    failed = n - counts["ok"]
+    print(f"profile={a.profile} seeds={a.seeds.start}:{a.seeds.stop} ran={n} ok={counts['ok']} "
+          f"failed={failed} "
+          f"(safety={counts['safety']} liveness={counts['liveness']} history={counts['history']}) "
+          f"in {dt:.1f}s ({n / dt:.1f} seeds/s)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

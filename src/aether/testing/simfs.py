@@ -30,6 +30,8 @@ from aether.consensus.storage import DurableCallback
 class _File:
     data: bytearray = field(default_factory=bytearray)
     durable: bytes = b""
+    version: int = 0  # bumped by every change of `data`
+    synced: int = 0  # the version `durable` was taken at
 
 
 class SimFileSystem:
@@ -72,6 +74,7 @@ class SimFileSystem:
             f = self.files[path] = _File()
         elif truncate:
             f.data.clear()
+            f.version += 1
         h = self._next
         self._next += 1
         self.handles[h] = f
@@ -95,6 +98,7 @@ class SimFileSystem:
         if self.short_writes and n > 1:
             n = max(1, n // 2)
         f.data += data[:n]
+        f.version += 1
         return n
 
     def fsync(self, handle: int) -> None:
@@ -105,20 +109,23 @@ class SimFileSystem:
             raise OSError(self.fail_fsync, "simulated fsync failure")
         self.fsyncs += 1
         f.durable = bytes(f.data)
+        f.synced = f.version
 
     def fsync_in_background(self, handle: int, done: DurableCallback) -> None:
         f = self.handles.get(handle)
         if f is None:
             raise OSError(errno.EBADF, "bad file handle")
         snapshot = bytes(f.data)  # what the fsync covers: everything written before it started
+        version = f.version
 
         def finish() -> None:
             if self.fail_fsync is not None:
                 done(OSError(self.fail_fsync, "simulated fsync failure"))
                 return
             self.fsyncs += 1
-            if len(snapshot) >= len(f.durable):  # never behind a later synchronous fsync
+            if version > f.synced:  # never behind a later fsync (a truncate may have shortened it)
                 f.durable = snapshot
+                f.synced = version
             done(None)
 
         if self.schedule is None:
@@ -132,6 +139,7 @@ class SimFileSystem:
     def truncate(self, path: Path, size: int) -> None:
         f = self.files[path]
         del f.data[size:]
+        f.version += 1
 
     def replace(self, src: Path, dst: Path) -> None:
         f = self.files.pop(src)
