@@ -978,7 +978,18 @@ class World:
 
     async def command(self, client: SessionClient, op: Any) -> Any:
         """Run one command for `client`, resubmitting the same bytes through other nodes until an
-        answer (a `Result`), or `_INDET` / `_REJECTED` once the deadline passes during faults."""
+        answer (a `Result`), or `_INDET` / `_REJECTED` once the deadline passes during faults.
+
+        A new session opens with a read (seq 1, not part of the history): seq 1 is the one command
+        a state machine that forgot the session (evicted it) would run again, so it must be one
+        whose repetition is harmless, like `AetherClient`'s lane opening."""
+        if client.seq == 0:
+            opened = await self._command(client, Get(op.key))
+            if not isinstance(opened, Result):
+                return opened
+        return await self._command(client, op)
+
+    async def _command(self, client: SessionClient, op: Any) -> Any:
         client.seq += 1
         cmd = encode_command(op, client.session, client.seq)
         deadline = self.now() + self.sc.op_deadline
@@ -990,6 +1001,9 @@ class World:
             if self.closing:
                 raise asyncio.CancelledError  # (wait_for may swallow a cancellation)
             if not self.healed and self.now() > deadline:
+                # like AetherClient, which drops a lane after a failure: the next command starts a
+                # new session (the state machine refuses seq > 1 of a session it never saw start)
+                client.new_session()
                 return _INDET if maybe_applied else _REJECTED
             if not (stay and node is not None and node.up and not node.failing):
                 node = self._pick_node(node.id if node is not None else None)
