@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from aether.client import AetherClient
@@ -14,7 +15,7 @@ from aether.core.config import NodeConfig
 from aether.core.errors import BadRequest, CommitTimeout, SessionConflict
 from aether.core.types import Address, PeerSpec
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
-from aether.kv.machine import Get, Result, WatchEvent, encode_command
+from aether.kv.machine import Command, Get, Result, WatchEvent, encode_command
 from aether.node.node import Node
 from conftest import free_ports
 
@@ -143,6 +144,9 @@ async def test_a_client_whose_session_was_evicted_resubmits_on_a_new_one(nodes: 
     async with AetherClient(_addresses(nodes), prefer=0) as c:
         await c.put("user/a", b"1")
         (lane,) = c._lanes
+        # the lane opened its session with a read (seq 1): the write went as seq 2, which a store
+        # that forgot the session refuses rather than runs again
+        assert lane.seq == 2 and all(n.sm.sessions[lane.id][0] == 2 for n in nodes)
         await _evict(nodes, lane.id)
         assert await c.put("user/a", b"2") >= 1  # refused as an unknown session, then resubmitted
         assert [x.id for x in c._lanes] != [lane.id]
@@ -165,12 +169,17 @@ async def test_a_client_refused_for_its_session_raises_session_conflict(nodes: l
         assert await c.get("user/a") == b"1"
 
 
+_cmd_decoder = msgspec.msgpack.Decoder(Command)
+
+
 async def test_an_unknown_session_after_a_resend_is_an_unknown_outcome() -> None:
     # the first send may have been applied before the store forgot the session: never resubmit
     c = AetherClient(["127.0.0.1:1"])
 
     async def answer(command: bytes, sends: list[int] | None = None) -> Result:
-        assert sends is not None
+        if sends is None:  # the lane's opening read (seq 1)
+            assert _cmd_decoder.decode(command).seq == 1
+            return Result(True, None, 7)
         sends[0] += 2  # sent, connection lost, sent again elsewhere
         return Result(False, None, 7, "unknown session: client 'x' seq 2 does not continue a known session")
 

@@ -27,6 +27,8 @@ from aether.kv.machine import (
 from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
 from aether.transport import ClientLink, open_client_connection
 
+_OPEN_KEY = "user/.session"  # read (never written) to open a session
+
 
 class _Lane:
     """A session: at most one request in flight, so sequence numbers apply in order.
@@ -140,6 +142,14 @@ class AetherClient:
     async def _on_lane(self, op: Op) -> tuple[Result, int]:
         """Send `op` on a lane; returns the result and how many times the command was sent."""
         lane = self._lanes.pop() if self._lanes else _Lane(f"{self._sessions}.{next(self._lane_ids)}")
+        if lane.seq == 0:
+            # Open the session with a read. Seq 1 is the one command a store that evicted the
+            # session would run again if a resend of it arrived late, so it must be harmless;
+            # the caller's command then goes as seq 2, which a forgetful store refuses instead.
+            lane.seq = 1
+            opened = await self._request(encode_command(Get(_OPEN_KEY), lane.id, 1))
+            if session_error_kind(opened.error) is not None:
+                return opened, 0
         lane.seq += 1
         cmd = encode_command(op, lane.id, lane.seq)
         sends = [0]
