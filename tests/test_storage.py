@@ -290,3 +290,18 @@ def test_power_loss_keeps_records_synced_after_a_torn_tail_was_cut() -> None:
     assert got == [None]
     fs.power_loss(random.Random(0), torn=False)
     assert payloads(DiskStore(D, fs=fs)) == [b"a" * 50, b"b" * 50, b"new"]
+
+
+def test_load_makes_what_it_read_durable() -> None:
+    """After a process crash the journal may still be only in the page cache. The restarted
+    replica acts on it at once (replays decided slots, answers peers with them), so load() must
+    fsync it first: a later power cut must not take back what the replica already acted on
+    (found by the node simulation: a replica decided a slot differently after kill, restart,
+    power cut)."""
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    s.append([b"decided-slot-16"])  # written, never fsynced
+    fs.crash()  # kill -9: the page cache survives
+    assert payloads(DiskStore(D, fs=fs)) == [b"decided-slot-16"]
+    fs.power_loss(random.Random(0), torn=False)
+    assert payloads(DiskStore(D, fs=fs)) == [b"decided-slot-16"]

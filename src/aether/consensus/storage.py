@@ -263,6 +263,15 @@ class DiskStore:
                 self.journal_path, valid, len(data) - valid,
             )
             fs.truncate(self.journal_path, valid)
+        if self.durable_journal:
+            # After a process crash the journal may be in the page cache only. The replica acts on
+            # it at once (replays decided slots, answers peers with them, repeats what it sent), so
+            # make it durable first: a later power cut must not take back what it acted on.
+            try:
+                fs.fsync(self._journal_fd())
+            except OSError as e:
+                raise self._fail(f"fsync of {self.journal_path}", e) from e
+            self._synced = (self._gen, self._written)
         return snap, records
 
     def next_incarnation(self, candidate: int) -> int:

@@ -89,6 +89,21 @@ def _ignore_write_errors() -> contextlib.AbstractContextManager[None]:
     return _patched(DiskStore, "append", append)
 
 
+def _load_unsynced() -> contextlib.AbstractContextManager[None]:
+    """The store bug fixed in this branch: load() acts on a journal that may be in the page cache
+    only (after a kill), so a later power cut takes back decisions the replica already sent."""
+    orig = DiskStore.load
+
+    def load(self: Any) -> Any:
+        policy, self.fsync = self.fsync, "snapshot"
+        try:
+            return orig(self)
+        finally:
+            self.fsync = policy
+
+    return _patched(DiskStore, "load", load)
+
+
 def _release_all() -> contextlib.AbstractContextManager[None]:
     """The runner bug fixed in this branch: any fsync released every held effect."""
 
@@ -183,6 +198,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            "the replica equivocate (wire check)", "disk", _no_fsync_wait, _no_durable_check),
     Mutant("ignore-write-errors", "the store ignores a failed append (ENOSPC/EIO) and goes on: records "
            "are missing from the disk (durable-before-send)", "disk", _ignore_write_errors),
+    Mutant("load-unsynced", "a restarted replica acts on journal records that are not on disk yet "
+           "(decisions on the wire that nobody has on disk)", "aggressive", _load_unsynced),
     Mutant("release-all", "the runner releases every held send when any fsync completes "
            "(durable-before-send)", "ci", _release_all),
     Mutant("substitute", "commits its own proposal when it decides 1 without the candidate "

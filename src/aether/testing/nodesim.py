@@ -322,34 +322,76 @@ PROFILES: dict[str, Callable[[random.Random], Scenario]] = {
 
 
 class CheckedStore(DiskStore):
-    """The real `DiskStore`, reporting what it journals to the invariant checks."""
+    """The real `DiskStore`, reporting what it journals to the invariant checks.
+
+    A decided slot counts once its record is on disk (or a snapshot covers it): it is checked
+    against every other replica's then, before the sends and answers that waited for it go out.
+    A decision that never reached the disk was never acted on outside this process (a power cut
+    may take it back, and the replica may then decide that slot otherwise, which is fine).
+    """
 
     def __init__(self, node: SimNode, gen: int) -> None:
         super().__init__(Path(f"/sim/{node.id}/consensus"), "always", fs=node.fs)
         self._node = node
         self._gen_of_node = gen
-        # (kind, slot, phase) of a SentRec -> (journal file object, end offset) once appended
         # (kind, slot, phase) of a SentRec -> (journal file, offset, framed record) once appended
         self.marks: dict[tuple[str, int, int], tuple[object, int, bytes]] = {}
+        # DecidedRecs written but not yet known to be on disk: (journal file, offset, frame, record)
+        self.pending: list[tuple[object, int, bytes, DecidedRec]] = []
         self.snap_slot = 0
+
+    def _on_disk(self, f: object, pos: int, fr: bytes) -> bool:
+        cur = self._node.fs.files.get(self.journal_path)
+        return cur is f and cur is not None and cur.durable[pos:pos + len(fr)] == fr
+
+    def confirm(self) -> None:
+        """Check the decisions that are durable now against the other replicas'."""
+        if not self.pending:
+            return
+        w = self._node.world
+        rest = []
+        for f, pos, fr, rec in self.pending:
+            if rec.slot <= self.snap_slot or self._on_disk(f, pos, fr):
+                w.check_decided(self._node.id, rec.slot, rec.batch)
+            else:
+                rest.append((f, pos, fr, rec))
+        self.pending = rest
+
+    def load(self) -> tuple[bytes | None, list[tuple[int, bytes]]]:
+        snap, records = super().load()
+        if snap is not None:
+            self.snap_slot = _snap_decoder.decode(snap).slot
+        f = self._node.fs.files.get(self.journal_path)
+        for off, p in records:
+            rec = _jdec.decode(p)
+            if isinstance(rec, DecidedRec):
+                self.pending.append((f, off, frame(p), rec))
+        self.confirm()
+        return snap, records
+
+    def when_durable(self, callback: Callable[[BaseException | None], None]) -> bool:
+        def checked(err: BaseException | None) -> None:
+            if err is None:
+                self.confirm()
+            callback(err)
+
+        return super().when_durable(checked)
 
     def append(self, payloads: list[bytes]) -> None:
         fs = self._node.fs
         f = fs.files.get(self.journal_path)
         before = len(f.data) if f is not None else 0
-        w = self._node.world
         try:
             super().append(payloads)
         except JournalError:
-            # A write that fails part-way (a full disk) can leave whole records behind, which the
-            # replica applies again after a restart: those decisions count. Records that never
-            # reached the file were never acted on (the runner stops before releasing anything).
+            # a write that fails part-way (a full disk) can leave whole records behind, which the
+            # replica applies again after a restart
             f = fs.files.get(self.journal_path)
             written, _ = scan_journal(bytes(f.data[before:]) if f is not None else b"")
-            for _, p in written:
+            for off, p in written:
                 rec = _jdec.decode(p)
                 if isinstance(rec, DecidedRec):
-                    w.check_decided(self._node.id, rec.slot, rec.batch, "journal")
+                    self.pending.append((f, before + off, frame(p), rec))
             raise
         f = fs.files.get(self.journal_path)
         frames = [frame(p) for p in payloads]
@@ -357,7 +399,7 @@ class CheckedStore(DiskStore):
         for p, fr in zip(payloads, frames, strict=True):
             rec = _jdec.decode(p)
             if isinstance(rec, DecidedRec):
-                w.check_decided(self._node.id, rec.slot, rec.batch, "journal")
+                self.pending.append((f, pos, fr, rec))
             else:
                 self.marks[_msg_key(rec.msg)] = (f, pos, fr)
             pos += len(fr)
@@ -373,6 +415,8 @@ class CheckedStore(DiskStore):
             if isinstance(rec, SentRec):
                 marks[_msg_key(rec.msg)] = (_KEPT, 0, b"")
         self.snap_slot, self.marks = snap_slot, marks
+        self.confirm()
+        self.pending = [x for x in self.pending if x[3].slot > snap_slot]
         super().save_snapshot(data, keep)
 
     def is_durable(self, msg: Proposal | StateMsg | VoteMsg) -> bool:
@@ -383,11 +427,7 @@ class CheckedStore(DiskStore):
             return False
         if mark[0] is _KEPT:
             return True
-        f = self._node.fs.files.get(self.journal_path)
-        if f is None or f is not mark[0]:
-            return False
-        _, pos, fr = mark
-        return f.durable[pos:pos + len(fr)] == fr  # the record itself is on disk
+        return self._on_disk(*mark)
 
 
 _KEPT = object()
@@ -705,7 +745,8 @@ class World:
                 self.violation(f"{s} answered a proposal request for slot {msg.slot} naming {msg.cand}, "
                                f"not the candidate {pc}")
 
-    def check_decided(self, node: str, slot: int, batch: Batch | None, how: str) -> None:
+    def check_decided(self, node: str, slot: int, batch: Batch | None, how: str = "journal") -> None:
+        """A decision on `node`'s disk (how="journal") or on the wire: the same everywhere."""
         if slot in self.decided:
             prev = self.decided[slot]
             if prev != batch:
@@ -715,7 +756,7 @@ class World:
         elif how == "journal":
             self.decided[slot] = batch
         else:
-            self.violation(f"{node} sent a decision for slot {slot} that nobody journalled ({how})")
+            self.violation(f"{node} sent a decision for slot {slot} that is on nobody's disk ({how})")
 
     # --- network ----------------------------------------------------------------------------------
 
