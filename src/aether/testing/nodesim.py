@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import inspect
 import itertools
 import logging
 import random
@@ -100,22 +99,6 @@ class InvariantViolation(AssertionError):
     pass
 
 
-# --- what the KV layer supports (the session rework lands on another branch) ---------------------
-
-#: KVStore takes `session=` (sessions unique per incarnation); without it the simulation gives each
-#: KVStore incarnation its own session itself (`kv_sessions="shim"`), see `SimNode._make_kv`.
-KVSTORE_HAS_SESSION = "session" in inspect.signature(KVStore.__init__).parameters
-
-
-def _machine_refuses_unknown_sessions() -> bool:
-    sm = KVStateMachine()
-    res = decode_result(sm.apply(encode_command(Get("user/probe"), "probe", 2)))
-    return res.error is not None
-
-
-#: The state machine refuses a command of an unknown session with seq > 1 (an evicted session);
-#: without that, session-table eviction lets a retried command run twice (profile "eviction").
-MACHINE_REFUSES_UNKNOWN_SESSIONS = _machine_refuses_unknown_sessions()
 
 
 # --- scenarios and profiles -------------------------------------------------------------------------
@@ -157,7 +140,7 @@ class Scenario:
     op_deadline: float = 3.0  # during faults, an operation gives up (indeterminate) after this
     fsync_delay: tuple[float, float] = (0.0002, 0.002)
     tick: float = 0.01
-    kv_sessions: str = "auto"  # "auto" | "legacy" (KVStore's own, unpatched session ids)
+    kv_sessions: str = "auto"  # "auto" | "legacy" (a mutant: one KVStore session for every incarnation)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(
         retransmit_after=0.03, commit_timeout=1.5, snapshot_every=40, retain_slots=30,
         catchup_entries=16, dedup_slots=100_000,
@@ -567,16 +550,13 @@ class SimNode:
 
     def _make_kv(self, writer_gen: int) -> KVStore:
         assert self.runner is not None and self.sm is not None
+        if self.world.sc.kv_sessions == "legacy":
+            # the old bug, as a mutant: one session id for every incarnation, seq from 1 each time
+            return KVStore(self.runner, self.sm, self.id, session=f"kv-{self.id}")
+        if writer_gen == 0:
+            return KVStore(self.runner, self.sm, self.id)  # its own session: kv-{id}-{incarnation}
         inc = self.runner.engine.incarnation
-        session = f"kv-{self.id}-{inc}" + (f"-w{writer_gen}" if writer_gen else "")
-        if KVSTORE_HAS_SESSION:
-            kw: dict[str, Any] = {} if writer_gen == 0 else {"session": session}
-            return KVStore(self.runner, self.sm, self.id, **kw)
-        kv = KVStore(self.runner, self.sm, self.id)
-        if self.world.sc.kv_sessions != "legacy":
-            # shim until KVStore takes `session=`: one session per incarnation (and per writer restart)
-            kv._client = session
-        return kv
+        return KVStore(self.runner, self.sm, self.id, session=f"kv-{self.id}-{inc}-w{writer_gen}")
 
     def start_writer(self) -> None:
         w = self.world
@@ -1096,7 +1076,7 @@ class World:
                 with contextlib.suppress(ValueError):
                     node.conns.remove(cf)
             if res.error is not None:
-                if self.sc.max_sessions < 1000 and MACHINE_REFUSES_UNKNOWN_SESSIONS:
+                if self.sc.max_sessions < 1000:
                     self.stats["session_refusals"] += 1
                     client.new_session()
                     return _INDET
@@ -1260,7 +1240,7 @@ class World:
 
     def _writer_refused(self, who: str, what: str, e: Exception) -> bool:
         """A KVStore command was refused: a bug, unless its session may have been evicted."""
-        if self.sc.max_sessions < 1000 and MACHINE_REFUSES_UNKNOWN_SESSIONS:
+        if self.sc.max_sessions < 1000:
             self.stats["session_refusals"] += 1
             self.log(f"{who}: KVStore.{what} refused ({e}); the writer starts a new session")
             return True
