@@ -571,6 +571,25 @@ def aether_cli(
     )
 
 
+def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+    """One HTTP request with a JSON body to 127.0.0.1:port: (status, decoded JSON or None)."""
+    req = urllib.request.Request(
+        f"http://{HOST}:{port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
 class LocalCluster:
     """A local cluster directory driven by the real `aether cluster start|stop` commands.
 
@@ -633,21 +652,7 @@ class LocalCluster:
 
     def api(self, i: int, method: str, path: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
         """One management API request to node i: (HTTP status, decoded JSON body or None)."""
-        req = urllib.request.Request(
-            f"http://{HOST}:{self.management_port(i)}{path}",
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        try:
-            return status, json.loads(raw) if raw else None
-        except ValueError:
-            return status, raw.decode(errors="replace")
+        return http_json(self.management_port(i), method, path, body, timeout)
 
     def kv(self, i: int, prefix: str) -> dict[str, Any]:
         """Node i's local (applied) view of keys under `prefix`: {key: value-as-JSON}."""

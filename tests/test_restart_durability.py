@@ -41,7 +41,7 @@ import pytest
 
 from aether.client import AetherClient
 from aether.core.errors import AetherError
-from conftest import HOST, LocalCluster, ProcessCluster, deploy_hello_examples
+from conftest import HOST, LocalCluster, ProcessCluster, deploy_hello_examples, http_json
 
 pytestmark = [pytest.mark.slow]
 
@@ -79,25 +79,6 @@ def wait_for(
         if time.monotonic() - t0 > timeout:
             pytest.fail(f"timed out after {timeout:g} s waiting for {what}; last: {detail}")
         time.sleep(interval)
-
-
-def api(port: int, method: str, path: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
-    """One HTTP request with a JSON body to 127.0.0.1:port: (status, decoded JSON or None)."""
-    req = urllib.request.Request(
-        f"http://{HOST}:{port}{path}",
-        data=None if body is None else json.dumps(body).encode(),
-        method=method,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw) if raw else None
-    except ValueError:
-        return status, raw.decode(errors="replace")
 
 
 def _ok(answer: tuple[int, Any]) -> Any:
@@ -334,7 +315,7 @@ def _verify_local_cluster(
     for i in range(lc.nodes):
         status, body = lc.api(i, "POST", "/api/v1/invoke/org.example:greeter/welcome", {"name": label})
         assert (status, body and body.get("text")) == (200, f"Welcome! Hello, {label}!"), (lc.ids[i], body)
-        status, body = api(lc.http_port(i), "GET", f"/hello/{urllib.parse.quote(label)}")
+        status, body = http_json(lc.http_port(i), "GET", f"/hello/{urllib.parse.quote(label)}")
         assert status == 200 and body["message"] == f"Hello, {label}!", (lc.ids[i], status, body)
 
 
@@ -512,11 +493,11 @@ async def test_kill9_during_300_writes_per_second_then_restart_loses_nothing_ack
         # the restarted node's own writes (through its node-internal session) are accepted too:
         # a map defined through it exists everywhere
         status, body = await asyncio.to_thread(
-            api, c.management_ports[victim], "POST", "/api/v1/maps", {"name": "after-restart"}
+            http_json, c.management_ports[victim], "POST", "/api/v1/maps", {"name": "after-restart"}
         )
         assert (status, body and body.get("created")) == (201, True), (status, body)
         for i in range(c.n):
-            status, body = await asyncio.to_thread(api, c.management_ports[i], "GET", "/api/v1/maps")
+            status, body = await asyncio.to_thread(http_json, c.management_ports[i], "GET", "/api/v1/maps")
             assert "after-restart" in [m["name"] for m in body["maps"]], (c.ids[i], body)
 
         # the restarted node is now in every quorum: every acknowledged write reads back through it
@@ -687,7 +668,7 @@ def test_make_demo_then_ctrl_c_then_make_demo_keeps_the_orders(
         orders: dict[str, dict[str, Any]] = {}
         products = ["PROD-ABC123", "PROD-XYZ789"]
         for k in range(6):
-            status, placed = api(
+            status, placed = http_json(
                 lc.http_port(k % 3),
                 "POST",
                 "/api/orders",
@@ -696,12 +677,12 @@ def test_make_demo_then_ctrl_c_then_make_demo_keeps_the_orders(
             assert status == 200, (k, status, placed)
             orders[placed["orderId"]] = placed
         cancel = next(iter(orders))
-        status, cancelled = api(lc.http_port(1), "DELETE", f"/api/orders/{cancel}")
+        status, cancelled = http_json(lc.http_port(1), "DELETE", f"/api/orders/{cancel}")
         assert status == 200 and cancelled["status"] == "CANCELLED", cancelled
         orders[cancel] = cancelled
         stock = {}
         for p in products:
-            status, stock[p] = api(lc.http_port(2), "GET", f"/api/inventory/{p}")
+            status, stock[p] = http_json(lc.http_port(2), "GET", f"/api/inventory/{p}")
             assert status == 200, stock[p]
         _ctrl_c(proc, reader, lc.pids(), "first run")
 
@@ -713,17 +694,18 @@ def test_make_demo_then_ctrl_c_then_make_demo_keeps_the_orders(
         lost = []
         for i in range(3):
             for oid, want in orders.items():
-                status, got = api(lc.http_port(i), "GET", f"/api/orders/{oid}")
+                status, got = http_json(lc.http_port(i), "GET", f"/api/orders/{oid}")
                 if (status, got) != (200, want):
                     lost.append(f"{oid} via node-{i + 1}: {status} {got}")
         assert not lost, f"{len(lost)} order reads after the restart differ: {lost[:4]}"
         for p in products:
-            assert api(lc.http_port(0), "GET", f"/api/inventory/{p}") == (200, stock[p])
+            assert http_json(lc.http_port(0), "GET", f"/api/inventory/{p}") == (200, stock[p])
         # and the demo works on: a new order is placed and readable everywhere
-        status, placed = api(lc.http_port(2), "POST", "/api/orders", _order("CUST-999", ("PROD-ABC123", 1)))
+        new_order = _order("CUST-999", ("PROD-ABC123", 1))
+        status, placed = http_json(lc.http_port(2), "POST", "/api/orders", new_order)
         assert status == 200, placed
         for i in range(3):
-            assert api(lc.http_port(i), "GET", f"/api/orders/{placed['orderId']}") == (200, placed)
+            assert http_json(lc.http_port(i), "GET", f"/api/orders/{placed['orderId']}") == (200, placed)
         _ctrl_c(proc, reader, lc.pids(), "second run")
     finally:
         for p in procs:
@@ -739,7 +721,7 @@ HOSTS_AGAIN_WITHIN = 15.0  # seconds from the restart until the node's slices ar
 
 
 def _apply(c: ProcessCluster, toml: str) -> None:
-    status, body = api(
+    status, body = http_json(
         c.management_ports[0], "POST", "/api/v1/blueprints", {"toml": toml, "filename": "t.blueprint"}
     )
     assert status in (200, 201), (status, body)
@@ -752,7 +734,7 @@ def _hosting(c: ProcessCluster, victim: int, since: float, via: Sequence[int]) -
     vid = c.ids[victim]
     problems = []
     for i in via:
-        statuses = _ok(api(c.management_ports[i], "GET", "/api/v1/slices"))
+        statuses = _ok(http_json(c.management_ports[i], "GET", "/api/v1/slices"))
         problems += [f"{c.ids[i]} sees {p}" for p in slices_problems(statuses, {HELLO: 3, GREETER: 3})]
     keys = c.kv(victim, f"slices/{vid}/")
     for art in (HELLO, GREETER):
@@ -798,7 +780,7 @@ def test_node_killed_and_restarted_hosts_its_slices_again_within_seconds(
     def moved() -> tuple[bool, Any]:
         problems = []
         for i in survivors:
-            statuses = _ok(api(c.management_ports[i], "GET", "/api/v1/slices"))
+            statuses = _ok(http_json(c.management_ports[i], "GET", "/api/v1/slices"))
             problems += slices_problems(statuses, {HELLO: 3, GREETER: 3})
             problems += [f"{k} left" for k in c.kv(i, f"slices/{vid}/")]
         return not problems, problems
@@ -813,9 +795,9 @@ def test_node_killed_and_restarted_hosts_its_slices_again_within_seconds(
     )
     assert took_a <= HOSTS_AGAIN_WITHIN and took_b <= HOSTS_AGAIN_WITHIN, (took_a, took_b)
     # it serves them: a route through its own HTTP port, greeter -> hello through its invoker
-    status, body = api(c.http_ports[victim], "GET", "/hello/back")
+    status, body = http_json(c.http_ports[victim], "GET", "/hello/back")
     assert status == 200 and body["message"] == "Hello, back!", body
-    status, body = api(
+    status, body = http_json(
         c.management_ports[victim], "POST", "/api/v1/invoke/org.example:greeter/welcome", {"name": "Bo"}
     )
     assert status == 200 and body["text"] == "Welcome! Hello, Bo!", body
