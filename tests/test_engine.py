@@ -28,6 +28,7 @@ from aether.consensus.messages import (
     StateMsg,
     Submit,
     VoteMsg,
+    slot_msg_key,
 )
 from aether.kv.machine import Get, KVStateMachine, Put, decode_result, encode_command
 
@@ -313,17 +314,12 @@ def test_restart_repeats_journaled_proposal_instead_of_equivocating() -> None:
 
 
 def _slot_msgs(actions: list[object], slot: int) -> dict[tuple[str, int], object]:
-    out: dict[tuple[str, int], object] = {}
-    for a in actions:
-        if isinstance(a, Send) and a.to is None and getattr(a.msg, "slot", None) == slot:
-            m = a.msg
-            if isinstance(m, Proposal):
-                out[("p", 0)] = m
-            elif isinstance(m, StateMsg):
-                out[("s", m.phase)] = m
-            elif isinstance(m, VoteMsg):
-                out[("v", m.phase)] = m
-    return out
+    return {
+        slot_msg_key(a.msg): a.msg
+        for a in actions
+        if isinstance(a, Send) and isinstance(a.msg, (Proposal, StateMsg, VoteMsg)) and a.to is None
+        and a.msg.slot == slot
+    }
 
 
 def test_clean_stop_snapshot_keeps_the_slot_in_progress() -> None:

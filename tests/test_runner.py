@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from aether.consensus.messages import Batch, BatchId, Proposal, StateMsg, Submit, VoteMsg
+from aether.consensus.messages import Batch, BatchId, Proposal, StateMsg, Submit, VoteMsg, slot_msg_key
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore, JournalError
 from aether.kv.machine import KVStateMachine, Put, encode_command
@@ -31,17 +31,11 @@ class Recorder:
         self.sent.append((None, msg))
 
     def slot_msgs(self, slot: int) -> dict[tuple[str, int], Any]:
-        out: dict[tuple[str, int], Any] = {}
-        for to, m in self.sent:
-            if to is not None or getattr(m, "slot", None) != slot:
-                continue
-            if isinstance(m, Proposal):
-                out[("p", 0)] = m
-            elif isinstance(m, StateMsg):
-                out[("s", m.phase)] = m
-            elif isinstance(m, VoteMsg):
-                out[("v", m.phase)] = m
-        return out
+        return {
+            slot_msg_key(m): m
+            for to, m in self.sent
+            if to is None and isinstance(m, (Proposal, StateMsg, VoteMsg)) and m.slot == slot
+        }
 
 
 async def until(cond: Any, timeout: float = 5.0) -> None:

@@ -52,6 +52,7 @@ from aether.consensus.messages import (
     StateMsg,
     Submit,
     VoteMsg,
+    slot_msg_key,
 )
 
 
@@ -304,12 +305,7 @@ class Engine:
             m = s.msg
             if m.slot != nxt:
                 continue
-            if isinstance(m, Proposal):
-                key = ("p", 0)
-            elif isinstance(m, StateMsg):
-                key = ("s", m.phase)
-            else:
-                key = ("v", m.phase)
+            key = slot_msg_key(m)
             self._forced[key] = m
             self._sent_cur[key] = s
         self._forced_slot = nxt if self._forced else 0
@@ -508,11 +504,7 @@ class Engine:
 
     def _send_slot_msg(self, msg: Proposal | StateMsg | VoteMsg) -> None:
         rec = SentRec(msg)
-        if isinstance(msg, Proposal):
-            key = ("p", 0)
-        else:
-            key = ("s" if isinstance(msg, StateMsg) else "v", msg.phase)
-        self._sent_cur[key] = rec
+        self._sent_cur[slot_msg_key(msg)] = rec
         self.actions.append(Persist(rec))
         self.actions.append(Send(None, msg))
 

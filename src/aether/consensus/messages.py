@@ -109,6 +109,13 @@ RabiaMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union object
 ]
 
 
+def slot_msg_key(msg: Proposal | StateMsg | VoteMsg) -> tuple[str, int]:
+    """("p", 0), ("s", phase) or ("v", phase): what a replica may send at most one value of per slot."""
+    if isinstance(msg, Proposal):
+        return ("p", 0)
+    return ("s" if isinstance(msg, StateMsg) else "v", msg.phase)
+
+
 # --- records written to the local journal (never sent) --------------------------------------------
 
 
