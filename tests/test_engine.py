@@ -18,6 +18,7 @@ from aether.consensus.engine import (
     coin,
 )
 from aether.consensus.messages import (
+    COMBINED_ORIGIN,
     Batch,
     BatchId,
     CatchupReply,
@@ -28,6 +29,7 @@ from aether.consensus.messages import (
     StateMsg,
     Submit,
     VoteMsg,
+    combine,
     slot_msg_key,
 )
 from aether.kv.machine import Get, KVStateMachine, Put, decode_result, encode_command
@@ -226,7 +228,7 @@ def test_a_timed_out_batch_still_queued_holds_back_the_next_one() -> None:
     """A command that timed out leaves its batch queued on every replica (it may still commit).
     The origin must not seal one more batch per retry meanwhile: it used to, and under message
     loss the queue then grew faster than slots could drain it (found by the node simulation)."""
-    net = Net(3, EngineConfig(commit_timeout=0.5))
+    net = Net(3, EngineConfig(commit_timeout=0.5, max_inflight_batches=1))
     net.down = {"n2", "n3"}  # messages vanish but the links look up
     e = net.engines["n1"]
     cmd = Put("user/a", b"1")
@@ -391,3 +393,83 @@ def test_recover_replays_decided_entries() -> None:
 def test_rejects_node_not_in_members() -> None:
     with pytest.raises(ValueError, match="not among members"):
         Engine("x", ["a", "b"], KVStateMachine())
+
+
+# --- combined proposals: one slot commits every batch pending before it ---------------------------
+
+
+def test_batches_sealed_before_a_slot_commit_together_in_it() -> None:
+    """Three origins seal a batch at once: their first proposals differ (each has only its own),
+    so slot 1 commits nothing; in slot 2 every replica proposes all three, combined, and one
+    slot commits them all (it used to take one slot per batch, queued behind each other)."""
+    net = Net(3)
+    toks = {i: net.submit(i, Put(f"user/{i}", b"1")) for i in net.ids}
+    net.run()
+    for i in net.ids:
+        e = net.engines[i]
+        assert e.applied == 2 and e.log[1] is None
+        both = e.log[2]
+        assert both is not None and both.id.origin == COMBINED_ORIGIN
+        assert [p.id.origin for p in both.members()] == sorted(net.ids, key=lambda o: (
+            next(p.ts for p in both.members() if p.id.origin == o), o))
+        assert all(net.sms[i].get(f"user/{o}") == b"1" for o in net.ids)
+        assert decode_result(results(net, i)[toks[i]]).ok
+        assert [c.slot for c in net.completed[i]] == [2]
+
+
+def test_a_command_arriving_late_in_a_slot_waits_for_the_next_slot_to_be_sealed() -> None:
+    """Once a replica has exchanged proposals, a batch sealed now could reach a peer after that
+    peer proposed in the next slot; it is sealed when the slot ends, tagged with the next slot."""
+    ids = ["n1", "n2", "n3"]
+    e = Engine("n1", ids, KVStateMachine())
+    for p in ("n2", "n3"):
+        e.peer_up(p, 0.0)
+    e.take_actions()
+    e.submit(encode_command(Put("user/a", b"1")), 0.0)
+    x = next(a.msg.batch for a in e.take_actions() if isinstance(a, Send) and isinstance(a.msg, Proposal))
+    assert x is not None and x.slot == 1
+    e.receive("n2", Proposal(1, x), 0.0)  # exchange complete: STATE 1 for x
+    e.take_actions()
+    late = e.submit(encode_command(Put("user/b", b"1")), 0.0)
+    assert not [a for a in e.take_actions() if isinstance(a, Send) and isinstance(a.msg, Submit)]
+    e.receive("n2", StateMsg(1, 0, 1, x.id), 0.0)
+    e.receive("n2", VoteMsg(1, 0, 1, x.id), 0.0)
+    acts = e.take_actions()
+    assert e.applied == 1
+    sealed = [a.msg.batch for a in acts if isinstance(a, Send) and isinstance(a.msg, Submit)]
+    assert len(sealed) == 1 and sealed[0].slot == 2
+    assert late not in {t for a in acts if isinstance(a, Completed) for t in a.tokens}
+
+
+def test_a_proposal_holds_pending_batches_oldest_first_within_the_limits() -> None:
+    ids = ["n1", "n2", "n3"]
+    e = Engine("n1", ids, KVStateMachine(), config=EngineConfig(max_proposal_batches=3))
+    for p in ("n2", "n3"):
+        e.peer_up(p, 0.0)
+    e.take_actions()
+    mk = [Batch(BatchId("n2", 1, k), 100 - k, [b"x"], 0) for k in range(5)]
+    for b in mk:
+        e.receive("n2", Submit(b), 0.0)  # slot 1 starts with the first one alone
+    first = [a.msg for a in e.take_actions() if isinstance(a, Send) and isinstance(a.msg, Proposal)]
+    assert [p.batch for p in first] == [mk[0]]
+    value = e._proposal_value(2)  # what slot 2 would propose
+    assert value is not None
+    assert value.members() == [mk[4], mk[3], mk[2]]  # the three oldest, oldest first
+    assert value == combine([mk[4], mk[3], mk[2]])
+    fresh = Batch(BatchId("n3", 1, 1), 1, [b"y"], 2)  # sealed in slot 2: the oldest, but too new
+    e.receive("n3", Submit(fresh), 0.0)
+    assert fresh not in e._proposal_value(2).members()  # type: ignore[union-attr]
+    assert fresh in e._proposal_value(3).members()  # type: ignore[union-attr]
+
+
+def test_combined_ids_are_equal_for_equal_lists_only_and_old_batches_still_decode() -> None:
+    a = Batch(BatchId("n1", 1, 1), 5, [b"a"], 1)
+    b = Batch(BatchId("n2", 1, 1), 6, [b"b"], 1)
+    assert combine([a]) is a
+    assert combine([a, b]) == combine([a, b])
+    assert len({combine([a, b]).id, combine([b, a]).id, combine([a, b, b]).id}) == 3
+    assert combine([a, b]).id.origin == COMBINED_ORIGIN and combine([a, b]).size() == 2
+    # a batch written before batches had `slot` and `parts` (journals, peers of an older version)
+    old = msgspec.msgpack.encode([["n1", 1, 2], 7, [b"c"]])
+    got = msgspec.msgpack.decode(old, type=Batch)
+    assert got == Batch(BatchId("n1", 1, 2), 7, [b"c"]) and got.slot == 0 and got.parts == []

@@ -101,7 +101,8 @@ async def test_messages_wait_for_the_fsync_of_their_records() -> None:
     tr.sent.clear()
     r.submit([encode_command(Put("user/a", b"1"))])
     await asyncio.sleep(0)
-    assert tr.sent == [] and len(gate) == 1  # the proposal waits for its journal record
+    # the new batch goes out at once (it promises nothing); the proposal waits for its record
+    assert [type(m).__name__ for _, m in tr.sent] == ["Submit"] and len(gate) == 1
     journal = fs.files[Path("/sim/n1/journal.bin")]
     assert len(journal.data) > 0 and journal.durable == b""
     gate.pop()()
@@ -150,7 +151,8 @@ async def test_messages_queued_during_an_fsync_wait_for_the_next_one() -> None:
     r.peer_up("n3")
     tr.sent.clear()
     r.submit([encode_command(Put("user/a", b"1"))])
-    assert tr.sent == [] and len(gate) == 1  # the proposal's fsync is running
+    await asyncio.sleep(0)  # the fsync starts once the loop has run what it had input for
+    assert [type(m).__name__ for _, m in tr.sent] == ["Submit"] and len(gate) == 1  # proposal's fsync runs
     journal = fs.files[Path("/sim/n1/journal.bin")]
     x = r.engine._cur.my_proposal
     assert x is not None
@@ -162,4 +164,54 @@ async def test_messages_queued_during_an_fsync_wait_for_the_next_one() -> None:
     gate.pop()()
     assert [type(m).__name__ for _, m in tr.sent] == ["Submit", "Proposal", "StateMsg"]
     assert journal.durable == bytes(journal.data)
+    await r.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_an_answer_waits_for_the_vote_that_decided_it_not_for_later_records() -> None:
+    """The client's answer depends on the votes that decided its slot (journalled before they
+    were sent), not on the slot's own record or the next proposal written in the same step:
+    it goes out while their fsync is still running (it used to wait for it)."""
+    gate: list[Any] = []
+    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
+    r = make(DiskStore(Path("/sim/n1"), fs=fs))
+    tr = Recorder()
+    r.start(tr)
+    r.peer_up("n2")
+    r.peer_up("n3")
+    fut = r.submit([encode_command(Put("user/a", b"1"))])[0]
+    await asyncio.sleep(0)
+    gate.pop()()  # the proposal is durable and sent
+    x = tr.slot_msgs(1)[("p", 0)].batch
+    r.on_message("n2", Proposal(1, x))
+    await asyncio.sleep(0)
+    gate.pop()()  # STATE
+    r.on_message("n2", StateMsg(1, 0, 1, x.id))
+    await asyncio.sleep(0)
+    gate.pop()()  # VOTE: our vote is on disk and sent
+    assert ("v", 0) in tr.slot_msgs(1)
+    r.submit([encode_command(Put("user/b", b"2"))])  # waits in the open batch for slot 2
+    r.on_message("n2", VoteMsg(1, 0, 1, x.id))  # decided: the answer, the slot's record, ...
+    await asyncio.sleep(0)
+    assert fut.done() and fut.exception() is None  # ... and the answer did not wait for them
+    assert len(gate) == 1 and ("p", 0) not in tr.slot_msgs(2)  # the next proposal does
+    gate.pop()()
+    assert ("p", 0) in tr.slot_msgs(2)
+    await r.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_a_vote_that_decides_the_slot_is_durable_before_the_answer() -> None:
+    """With one replica its own vote decides the slot in the same step: the answer waits for it."""
+    gate: list[Any] = []
+    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
+    r = ConsensusRunner("n1", ["n1"], KVStateMachine(), DiskStore(Path("/sim/n1"), fs=fs), seed=b"t",
+                        tick_interval=3600)
+    r.recover()
+    r.start(Recorder())
+    fut = r.submit([encode_command(Put("user/a", b"1"))])[0]
+    await asyncio.sleep(0)
+    assert r.engine.applied == 1 and not fut.done()  # decided, but the vote is not on disk yet
+    gate.pop()()
+    assert fut.done() and fut.exception() is None
     await r.stop()

@@ -4,6 +4,7 @@ in progress, power loss (simulated file system) and the same rules on the real f
 from __future__ import annotations
 
 import errno
+import os
 import random
 from pathlib import Path
 
@@ -258,15 +259,44 @@ def test_real_file_system_round_trip(tmp_path: Path) -> None:
     assert not (tmp_path / "a" / "b" / "journal.bin.tmp").exists()
 
 
-async def test_real_background_fsync_calls_back_on_the_loop(tmp_path: Path) -> None:
+async def test_real_fsync_runs_on_the_loop_when_the_disk_is_fast_and_in_a_thread_when_slow(
+    tmp_path: Path,
+) -> None:
     import asyncio
+    import threading
 
-    s = DiskStore(tmp_path)
+    fs = OsFileSystem()
+    s = DiskStore(tmp_path, fs=fs)
     s.append([b"r"])
+    called: list[tuple[BaseException | None, int]] = []
+    s.when_durable(lambda e: called.append((e, threading.get_ident())))
+    assert called == [(None, threading.get_ident())]  # fast disk: done at once, on the loop
+    assert s.when_durable(lambda e: None) is True
+
+    fs._recent.extend([1.0] * 16)  # the recent fsyncs took a second each: slow disk
+    s.append([b"s"])
     fut: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
     assert s.when_durable(fut.set_result) is False
+    assert not fut.done()  # in a worker thread; the answer comes back on the loop
     assert await asyncio.wait_for(fut, 5) is None
     assert s.when_durable(lambda e: None) is True
+    assert payloads(DiskStore(tmp_path)) == [b"r", b"s"]
+
+
+def test_a_failed_fsync_on_the_loop_fails_the_store(tmp_path: Path) -> None:
+    fs = OsFileSystem()
+    s = DiskStore(tmp_path, fs=fs)
+    s.append([b"r"])
+    fd = s._fd
+    assert fd is not None
+    os.close(fd)  # the next fsync gets EBADF
+    errors: list[BaseException | None] = []
+    s.when_durable(errors.append)
+    assert len(errors) == 1 and isinstance(errors[0], JournalError)
+    assert "fsync" in str(errors[0])
+    with pytest.raises(JournalError):
+        s.append([b"s"])  # failed for good: nothing more is journalled
+    s._fd = None  # already closed above
 
 
 def test_power_loss_keeps_records_synced_after_a_torn_tail_was_cut() -> None:

@@ -52,6 +52,7 @@ from aether.consensus.messages import (
     StateMsg,
     Submit,
     VoteMsg,
+    combine,
     slot_msg_key,
 )
 
@@ -131,7 +132,8 @@ Action = Send | Persist | SaveSnapshot | Completed | Failed | Installed
 class EngineConfig:
     max_batch_commands: int = 4096
     max_batch_bytes: int = 4 * 1024 * 1024
-    max_inflight_batches: int = 1  # own batches proposed but not decided; the rest accumulate
+    max_inflight_batches: int = 2  # own batches sealed but not decided; the rest accumulate
+    max_proposal_batches: int = 64  # pending batches one proposal combines (bytes: max_batch_bytes)
     retain_slots: int = 4096  # decided entries kept in memory for catch-up by entries
     dedup_slots: int = 50_000  # how long a decided batch id is remembered
     snapshot_every: int = 2000  # minimum slots between local snapshots (the first one is staggered)
@@ -175,6 +177,7 @@ class _SlotState:
     decided: bool = False
     decided_bit: int = 0
     decided_phase: int = 0
+    tell_laggards: bool = False  # decided by our own rounds: tell peers that went past the phase
     fetch_sent_at: float = -1.0
     last_progress: float = 0.0
     last_retransmit: float = 0.0
@@ -495,7 +498,7 @@ class Engine:
             if batch is not None:
                 self._enqueue(batch)
         else:
-            batch = self._head()
+            batch = self._proposal_value(cur.slot)
         cur.my_proposal = batch
         cur.proposals[self.node_id] = batch
         if batch is not None:
@@ -589,7 +592,7 @@ class Engine:
                 cur.decided = True
                 cur.decided_bit = bit
                 cur.decided_phase = p
-                self._tell_laggards(p)
+                cur.tell_laggards = True  # once the slot's record is written (`_finish_slot`)
                 return True
         if c[1] > 0:
             nxt = 1
@@ -619,14 +622,11 @@ class Engine:
         cur.last_progress = now
         self._send_slot_msg(StateMsg(cur.slot, p, bit, cand))
 
-    def _tell_laggards(self, phase: int) -> None:
+    def _tell_laggards(self, batch: Batch | None) -> None:
         """Peers already past the deciding phase did not decide in it: tell them directly."""
         cur = self._cur
-        if cur.decided_bit == 1 and self._find_cand_batch() is None:
-            return
-        batch = self._find_cand_batch() if cur.decided_bit == 1 else None
         for peer, mp in sorted(cur.max_phase_from.items()):
-            if mp > phase:
+            if mp > cur.decided_phase:
                 self._send(peer, Decision(cur.slot, batch))
 
     def _find_cand_batch(self) -> Batch | None:
@@ -676,6 +676,8 @@ class Engine:
         if self._cur.started and now - self._cur.started_at > 0.02:
             self.stats["slow_slots"] += 1
         self._apply(slot, batch, persist=True)
+        if self._cur.tell_laggards:
+            self._tell_laggards(batch)  # after the slot's record: a decision sent is on our disk
         self._new_slot(now)
 
     def _new_slot(self, now: float) -> None:
@@ -707,18 +709,23 @@ class Engine:
         old = slot - self.cfg.retain_slots
         if old in self.log:
             del self.log[old]
-        if persist:
-            self.actions.append(Persist(DecidedRec(slot, batch)))
         if batch is None:
             self.stats["null_slots"] += 1
-        elif batch.id not in self.decided_ids:
-            self.decided_ids[batch.id] = slot
-            self._queue.pop(batch.id, None)
+        else:
             sm = self.sm
-            results = [sm.apply(c) for c in batch.commands]
-            mine = self._inflight.pop(batch.id, None)
-            if mine is not None:
-                self.actions.append(Completed(mine[0], results, slot))
+            for part in batch.members():
+                if part.id in self.decided_ids:
+                    continue
+                self.decided_ids[part.id] = slot
+                self._queue.pop(part.id, None)
+                results = [sm.apply(c) for c in part.commands]
+                mine = self._inflight.pop(part.id, None)
+                if mine is not None:
+                    self.actions.append(Completed(mine[0], results, slot))
+        if persist:
+            # after the answer: the answer depends on the votes that decided the slot (journalled
+            # before it), not on this record, which only spares a restart re-running the slot
+            self.actions.append(Persist(DecidedRec(slot, batch)))
         if slot % 1024 == 0:
             horizon = slot - self.cfg.dedup_slots
             if horizon > 0:
@@ -726,7 +733,7 @@ class Engine:
         if persist:
             self._snap_slots += 1
             if batch is not None:
-                self._snap_bytes += sum(len(c) for c in batch.commands)
+                self._snap_bytes += batch.size()
             if self._snap_slots >= self._snap_due and self._snap_bytes * 2 >= self._snap_size:
                 data = self._snapshot_bytes()
                 self._snap_due = self.cfg.snapshot_every
@@ -737,6 +744,11 @@ class Engine:
     # --- queue and batching ---------------------------------------------------------------------
 
     def _enqueue(self, batch: Batch) -> None:
+        if batch.parts:
+            for part in batch.parts:
+                if not part.parts:  # a combined batch only ever holds plain ones
+                    self._enqueue(part)
+            return
         if batch.ts > self._hlc:
             self._hlc = batch.ts
         bid = batch.id
@@ -755,6 +767,29 @@ class Engine:
             heapq.heappop(heap)
         return None
 
+    def _proposal_value(self, slot: int) -> Batch | None:
+        """What to propose in `slot`: every pending batch sealed before it, oldest first, combined.
+
+        Batches sealed in `slot` itself wait for the next one (a replica that starts the slot
+        may not have them yet, and differing proposals decide nothing); if nothing older is
+        pending, the oldest batch alone (an idle cluster answers its first command at once).
+        """
+        cfg = self.cfg
+        ready = [b for b in self._queue.values() if b.slot < slot]
+        if not ready:
+            return self._head()
+        if len(ready) > cfg.max_proposal_batches:
+            ready = heapq.nsmallest(cfg.max_proposal_batches, ready, key=Batch.order_key)
+        else:
+            ready.sort(key=Batch.order_key)
+        size = 0
+        for k, b in enumerate(ready):
+            size += b.size()
+            if k and size > cfg.max_batch_bytes:
+                ready = ready[:k]
+                break
+        return combine(ready)
+
     def _own_in_flight(self) -> int:
         """Own batches still queued (undecided), including those nobody waits for any more."""
         own = self._own_queued
@@ -766,6 +801,10 @@ class Engine:
 
     def _maybe_seal(self, now: float) -> None:
         if not self._open or self._own_in_flight() >= self.cfg.max_inflight_batches:
+            return
+        if self._cur.exchanged and not self._cur.decided:
+            # Late in a slot: a batch sealed now might reach a peer only after it proposed in
+            # the next slot, and differing proposals decide nothing. Seal when this slot ends.
             return
         if not self.has_quorum:
             return
@@ -783,7 +822,7 @@ class Engine:
         bid = BatchId(self.node_id, self.incarnation, next(self._seq))
         ts = max(int((now + self.clock_offset) * 1_000_000), self._hlc + 1)
         self._hlc = ts
-        batch = Batch(bid, ts, [c for _, c, _ in take])
+        batch = Batch(bid, ts, [c for _, c, _ in take], self._cur.slot)
         self._inflight[bid] = ([t for t, _, _ in take], now)
         self._own_queued.add(bid)
         self._enqueue(batch)

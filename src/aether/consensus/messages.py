@@ -6,6 +6,7 @@ peer link a frame arrived on and hands `(sender, msg)` to the engine.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Union
 
 import msgspec
@@ -20,15 +21,48 @@ class BatchId(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 
 class Batch(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """Commands proposed together. `ts` (origin clock, microseconds) orders the pending queue."""
+    """Commands proposed together. `ts` (origin clock, microseconds) orders the pending queue.
+
+    `slot` is the slot its origin was deciding when it sealed the batch: replicas propose it
+    together with the other pending batches from the next slot on (by then every replica has
+    it, so their proposals agree). A *combined* batch (`combine`) is such a proposal: `parts`
+    in order, no commands of its own, and an id derived from the parts' ids.
+    """
 
     id: BatchId
     ts: int
     commands: list[bytes]
+    slot: int = 0
+    parts: list[Batch] = msgspec.field(default_factory=list)
 
     def order_key(self) -> tuple[int, str, int, int]:
         i = self.id
         return (self.ts, i.origin, i.inc, i.seq)
+
+    def members(self) -> list[Batch]:
+        """The batches this value commits, in order (itself, or the parts of a combined batch)."""
+        return self.parts or [self]
+
+    def size(self) -> int:
+        """Bytes of commands it commits."""
+        return sum(len(c) for b in self.members() for c in b.commands)
+
+
+COMBINED_ORIGIN = "+"  # not a valid node id: combined batches never clash with a node's own
+_id_encoder = msgspec.msgpack.Encoder()
+
+
+def combine(batches: list[Batch]) -> Batch:
+    """One proposal value for several batches (a single batch stands for itself).
+
+    The id is a 128-bit hash of the parts' ids, so replicas that propose the same batches in
+    the same order propose equal values, and different lists differ.
+    """
+    if len(batches) == 1:
+        return batches[0]
+    h = hashlib.blake2b(_id_encoder.encode([b.id for b in batches]), digest_size=16).digest()
+    bid = BatchId(COMBINED_ORIGIN, int.from_bytes(h[:8], "big"), int.from_bytes(h[8:], "big"))
+    return Batch(bid, batches[0].ts, [], batches[0].slot, list(batches))
 
 
 class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=10):
@@ -38,7 +72,7 @@ class Submit(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=10):
 
 
 class Proposal(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=11):
-    """The sender's one proposal for `slot` (None: it had nothing pending)."""
+    """The sender's one proposal for `slot` (None: it had nothing pending; combined: several)."""
 
     slot: int
     batch: Batch | None

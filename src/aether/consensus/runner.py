@@ -1,10 +1,11 @@
 """Asyncio adapter around the sans-IO `Engine`: time, timers, transport, disk and futures.
 
 It feeds the engine messages from the transport, peer up/down events and a periodic tick,
-and carries out the engine's actions in order. Journal records are written at once; the
-messages and client answers that follow them wait until the store says the records are
-durable (group commit: with `fsync="always"` one fsync covers every record written before it
-started, however many engine steps produced them). Snapshots replace the journal but keep the
+and carries out the engine's actions in order. Journal records are written at once; each
+message or client answer waits until the records the engine wrote *before* it are durable
+(group commit: with `fsync="always"` one fsync covers every record written before it
+started, however many engine steps produced them). New batches (`Submit`) promise nothing
+about a slot and go out at once. Snapshots replace the journal but keep the
 records of the slot in progress. If the journal cannot be written the runner *fails*: it sends
 nothing more, fails every pending request and calls `on_fatal` (the node then stops).
 
@@ -35,7 +36,7 @@ from aether.consensus.engine import (
     Send,
     StateMachine,
 )
-from aether.consensus.messages import JournalRecord
+from aether.consensus.messages import JournalRecord, Submit
 from aether.consensus.storage import DiskStore, JournalCorrupt, JournalError
 from aether.core.errors import CommitTimeout, QuorumLost
 
@@ -98,6 +99,7 @@ class ConsensusRunner:
         # sends and client answers waiting for their journal records to be durable: one segment
         # per engine step, each released (in order) once what was written before it is durable
         self._held: collections.deque[_Segment] = collections.deque()
+        self._sync_soon = False  # an fsync is scheduled for the end of this loop iteration
         self._stopped = False
         self.failed: BaseException | None = None
 
@@ -145,6 +147,9 @@ class ConsensusRunner:
             except JournalError as e:
                 self.log.warning("could not write the final snapshot: %s", e)
         self.store.close()
+        import os
+        with open(f"/tmp/trace-{self.node_id}-{os.getpid()}.txt", "w") as f:
+            f.write(f"{self.engine.stats} {self.store.stats}\n")
         self._held.clear()
         self._fail_futures(QuorumLost("node is shutting down; outcome unknown"))
 
@@ -247,13 +252,24 @@ class ConsensusRunner:
             return
         records: list[bytes] = []
         effects: list[Send | Completed | Failed] = []
+        batches: list[Send | Completed | Failed] = []
         store = self.store
         installed = False
         try:
             for a in actions:
                 if isinstance(a, Persist):
+                    if effects:
+                        self._hold(effects)
+                        effects = []
                     records.append(_jenc.encode(a.record))
+                elif isinstance(a, Send) and isinstance(a.msg, Submit):
+                    # a new batch promises nothing about any slot: it does not wait for an fsync
+                    # (only for the step's records to be written, so a failing disk sends nothing)
+                    batches.append(a)
                 elif isinstance(a, (Send, Completed, Failed)):
+                    if records:
+                        store.append(records)
+                        records = []
                     effects.append(a)
                 elif isinstance(a, SaveSnapshot):
                     if records:
@@ -266,20 +282,39 @@ class ConsensusRunner:
                         on_inst(a.slot)
             if records:
                 store.append(records)
+            if batches:
+                self._perform(batches)
+            if effects:
+                self._hold(effects)
         except JournalError as e:
             self._fatal(e)
             return
-        if effects:
-            # An fsync covers only what was written before it started, so each step's effects
-            # wait for their own mark (the store still group-commits: one fsync serves every
-            # mark it covers). Segments are released in order, never ahead of older ones.
-            seg = _Segment(effects)
-            self._held.append(seg)
-            store.when_durable(functools.partial(self._durable, seg=seg))  # may release at once
+        if self._held and not self._sync_soon:
+            # one fsync for every step this loop iteration runs (group commit)
+            self._sync_soon = True
+            asyncio.get_running_loop().call_soon(self._start_sync)
         if self.engine.applied != self._last_applied or installed:
             self._last_applied = self.engine.applied
             for cb in self.after_apply:
                 cb()
+
+    def _start_sync(self) -> None:
+        self._sync_soon = False
+        try:
+            self.store.start_sync()
+        except JournalError as e:
+            self._fatal(e)
+
+    def _hold(self, effects: list[Send | Completed | Failed]) -> None:
+        """Perform `effects` once every record written so far is durable, after older ones.
+
+        Each effect waits only for the records the engine asked for before it (a client's answer
+        waits for the vote that decided its slot, not for the next slot's proposal); the fsync
+        starts at the end of the step, so one covers all of the step's records.
+        """
+        seg = _Segment(effects)
+        self._held.append(seg)
+        self.store.when_durable(functools.partial(self._durable, seg=seg), start=False)
 
     def _durable(self, err: BaseException | None, seg: _Segment) -> None:
         """What was written before `seg` is durable: release it and any ready segments after it."""
@@ -292,6 +327,8 @@ class ConsensusRunner:
             self._perform(held.popleft().effects)
 
     def _perform(self, effects: list[Send | Completed | Failed]) -> None:
+        if self.failed is not None:
+            return  # fail-stop: nothing more leaves this node
         tr = self.transport
         futs = self._futures
         for a in effects:

@@ -69,7 +69,7 @@ def _drop_kept() -> contextlib.AbstractContextManager[None]:
 
 
 def _no_fsync_wait() -> contextlib.AbstractContextManager[None]:
-    def when_durable(self: Any, callback: Any) -> bool:
+    def when_durable(self: Any, callback: Any, *, start: bool = True) -> bool:
         callback(self.failed)
         return True
 

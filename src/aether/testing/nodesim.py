@@ -356,13 +356,13 @@ class CheckedStore(DiskStore):
         self.confirm()
         return snap, records
 
-    def when_durable(self, callback: Callable[[BaseException | None], None]) -> bool:
+    def when_durable(self, callback: Callable[[BaseException | None], None], *, start: bool = True) -> bool:
         def checked(err: BaseException | None) -> None:
             if err is None:
                 self.confirm()
             callback(err)
 
-        return super().when_durable(checked)
+        return super().when_durable(checked, start=start)
 
     def append(self, payloads: list[bytes]) -> None:
         fs = self._node.fs
