@@ -10,6 +10,9 @@ subscribers, each with its own bounded queue:
   `{key, node, artifact}`: puts and removes under `slices/` (`node.kv.watch`);
 - `blueprint-applied` `{key, id, slices: [{artifact, instances}]}` / `blueprint-deleted` `{key, id}`:
   puts and removes under `blueprints/`;
+- `slice-blocked` `{node, artifact, entry, seconds, where, quarantined}`: slice code held its
+  own event loop longer than the limit (`quarantined`: it kept doing so and was taken down on
+  that node), from `node.router`;
 - `resync` `{prefix}`: the node installed a snapshot; state under `prefix` may have changed at once;
 - `dropped` `{reason, last_id}`: the last event of a subscriber that fell `queue_size` events behind.
 
@@ -170,6 +173,7 @@ class EventHub:
         if self._cancels:
             return
         from aether.cluster.leader import LeaderChanged
+        from aether.slices.isolation import SliceBlockedNotice
         from aether.transport import PeerDown, PeerUp
 
         router, kv = self._node.router, self._node.kv
@@ -181,6 +185,10 @@ class EventHub:
             router.subscribe(
                 LeaderChanged,
                 lambda ev: self.publish("leader-changed", {"leader": ev.leader, "previous": ev.previous}),
+            ),
+            router.subscribe(
+                SliceBlockedNotice,
+                lambda ev: self.publish("slice-blocked", msgspec.structs.asdict(ev)),
             ),
             kv.watch("slices/", self._on_slice),
             kv.watch("blueprints/", self._on_blueprint),

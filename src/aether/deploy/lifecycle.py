@@ -132,7 +132,15 @@ class Tick:
     now: float
 
 
-LifecycleEvent = Observed | StepSucceeded | StepFailed | Tick
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """The node's runtime gives up on the slice (it keeps blocking its loop): take it down, FAILED."""
+
+    reason: str
+    now: float
+
+
+LifecycleEvent = Observed | StepSucceeded | StepFailed | Tick | Quarantine
 
 
 # --- actions ----------------------------------------------------------------------------------------
@@ -195,6 +203,7 @@ class _Running:
     seq: int
     deadline: float
     instances: tuple[int, ...]
+    fail_reason: str | None = None  # a quarantine: the step succeeding still ends FAILED
 
 
 class SliceLifecycle:
@@ -241,7 +250,20 @@ class SliceLifecycle:
             return self._step_done(event.seq, True, None, event.now)
         if isinstance(event, StepFailed):
             return self._step_done(event.seq, False, event.reason, event.now)
+        if isinstance(event, Quarantine):
+            return self._quarantine(event.reason, event.now)
         return self._tick(event.now)
+
+    def _quarantine(self, reason: str, now: float) -> list[LifecycleAction]:
+        """ACTIVE and idle: deactivate here and report FAILED with `reason` (the leader places the
+        instances elsewhere and backs off this node). Otherwise there is nothing to take down now."""
+        if self.state is not SliceState.ACTIVE or self._running is not None or self._orphan:
+            return [Note(f"{self.artifact}: not quarantined ({self._local_name()}): {reason}")]
+        self.epoch += 1
+        out = self._start(Step.DEACTIVATE, self.instances, now, write=SliceState.DEACTIVATING)
+        assert self._running is not None
+        self._running.fail_reason = f"quarantined: {reason}"
+        return [Note(f"{self.artifact}: quarantined: {reason}"), *out]
 
     def recover(self, value: SliceStateValue | None, now: float) -> list[LifecycleAction]:
         """Start-up: `value` is what the store holds for this node and artifact; nothing is loaded."""
@@ -399,14 +421,16 @@ class SliceLifecycle:
             if self._orphan:
                 return out + self._teardown(now)
             return [*out, RemoveKey(self.epoch)]
-        if ok:
+        if ok and r.fail_reason is not None:
+            self.state, self.reason = SliceState.FAILED, r.fail_reason
+        elif ok:
             self.reason = None
             if r.step in (Step.ACTIVATE, Step.SCALE):
                 self.state, self.instances = SliceState.ACTIVE, r.instances
             else:  # LOAD, DEACTIVATE
                 self.state = SliceState.LOADED
         else:
-            self.state, self.reason = SliceState.FAILED, reason
+            self.state, self.reason = SliceState.FAILED, r.fail_reason or reason
         if self._orphan:
             return out + self._teardown(now)
         return [*out, WriteState(self.state, self.reason, self.instances, self.epoch)]

@@ -50,6 +50,7 @@ from aether.deploy.lifecycle import (
     LifecycleTimeouts,
     Note,
     Observed,
+    Quarantine,
     Reject,
     RemoveKey,
     SliceLifecycle,
@@ -174,6 +175,13 @@ class NodeDeploymentManager:
 
     def states(self) -> dict[str, str]:
         return {a: str(m.state) for a, m in sorted(self._machines.items()) if m.state is not None}
+
+    def quarantine(self, artifact: str, reason: str) -> None:
+        """Take `artifact` down on this node and report it FAILED with `reason` (it keeps blocking)."""
+        m = self._machines.get(artifact)
+        if m is None or not self._running:
+            return
+        self._dispatch(artifact, m, m.handle(Quarantine(reason, self._clock())))
 
     # --- events ---------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from aether.consensus.engine import EngineConfig
 from aether.consensus.messages import RabiaMessage
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore
+from aether.core.artifact import Artifact
 from aether.core.config import NodeConfig
 from aether.core.errors import CommitTimeout, QuorumLost
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
@@ -32,6 +33,7 @@ from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, Cl
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
+from aether.slices.isolation import BlockPolicy, BlockReport, SliceBlockedNotice
 from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
@@ -134,6 +136,10 @@ class Node:
             logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
         )
         self.slice_store.recorder = self.metrics.entries
+        # slice code runs on its own loops; one that keeps blocking its loop is quarantined
+        self.slice_store.on_block.append(self._on_slice_block)
+        self._block_policies: dict[str, BlockPolicy] = {}
+        self.slice_blocks = 0  # slice loops found blocked since start (node status)
         self.management: Any = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
@@ -216,6 +222,23 @@ class Node:
         self.router.publish(ev)
         if ev.is_self:
             self.maps.replan()
+
+    def _on_slice_block(self, artifact: Artifact, report: BlockReport) -> None:
+        coords = str(artifact)
+        self.slice_blocks += 1
+        policy = self._block_policies.setdefault(coords, BlockPolicy())
+        quarantine = policy.blocked(time.monotonic())
+        self.router.publish(SliceBlockedNotice(
+            self.node_id, coords, report.entry, round(report.seconds, 3), report.where, quarantine
+        ))  # fmt: skip
+        if quarantine:
+            reason = (
+                f"{report.entry or 'its code'} blocked the slice's event loop for over "
+                f"{self.slice_store.block_limit:g} s {policy.strikes} times within {policy.window:g} s "
+                f"(last at {report.where})"
+            )
+            self.log.error("%s: quarantining %s on this node: %s", self.node_id, coords, reason)
+            self.node_deployer.quarantine(coords, reason)
 
     # --- clients on the cluster port ------------------------------------------------------------
 

@@ -9,8 +9,12 @@ Guarantees (SPEC §3.1): `start()` runs once per instance before it receives a c
 concurrently; `deactivate` stops accepting calls, waits (bounded) for in-flight calls, then awaits
 `stop()` once per instance; an instance whose `start()` raised never gets `stop()`.
 
-Blocking work (resolving, unpacking/pip, importing) runs in a thread; `start()`/`stop()` and calls
-run on the event loop. May import: `aether.core`, `aether.slices.*`.
+Blocking work (resolving, unpacking/pip, importing) runs in a worker thread. Slice code (instance
+creation, `start()`/`stop()` and calls) runs on the artifact's own loop in its own thread
+(`aether.slices.isolation.SliceThread`, created on activation, closed on deactivation), so code
+that blocks or exits cannot stop the node's loop; a watchdog reports a slice loop blocked for
+more than `block_limit` s to the `on_block` callbacks, naming the entry, and answers that call
+with `SliceBlocked`. May import: `aether.core`, `aether.slices.*`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,7 @@ from aether.slices.api import (
     normalize_target,
 )
 from aether.slices.errors import NoLocalInstance, SliceStartError, SliceStateError, UnknownEntry
+from aether.slices.isolation import BlockReport, SliceThread, ThreadInvoker, ThreadMaps
 from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
@@ -51,6 +57,16 @@ class CallRecorder(Protocol):
     def record(self, artifact: str, entry: str, seconds: float, ok: bool) -> None:
         """`artifact` is the full coordinates ``group:artifact:version``."""
         ...
+
+
+async def _construct(cls: type[Slice]) -> Slice:
+    return cls()
+
+
+async def _call_entry(obj: Slice, method: str, payload: bytes, request_id: str | None) -> bytes:
+    if request_id is not None:
+        current_request_id.set(request_id)  # in this call's own context (its task on the slice loop)
+    return await invoke_entry(obj, method, payload)
 
 
 # A pure function's cache (like normalize_target's): parsing coordinates on every call was ~10% of
@@ -77,6 +93,7 @@ class _Entry:
     instances: dict[int, _Instance] = field(default_factory=dict)
     rr: itertools.count[int] = field(default_factory=itertools.count)
     coords: str = ""  # str(artifact), once: the metrics key (a str caches its hash)
+    thread: SliceThread | None = None  # where its code runs while it is active
 
     def __post_init__(self) -> None:
         self.coords = str(self.loaded.artifact)
@@ -111,8 +128,13 @@ class SliceStore:
         stop_timeout: float = 5.0,
         maps: MapBackend | None = None,
         recorder: CallRecorder | None = None,
+        block_limit: float = 0.5,
     ) -> None:
         self.node_id = node_id
+        self.block_limit = block_limit
+        # told about every slice loop found blocked (the node logs it, counts it, may quarantine)
+        self.on_block: list[Callable[[Artifact, BlockReport], None]] = []
+        self._watchdog: asyncio.Task[None] | None = None
         self.maps = maps
         self.recorder = recorder
         self.repository = repository
@@ -162,7 +184,13 @@ class SliceStore:
             if e.state == "active":
                 await self._set_instances(e, instances, 5.0)
                 return
-            started = await self._start_instances(e, sorted(set(instances)))
+            e.thread = SliceThread(e.coords, block_limit=self.block_limit, logger=self.log)
+            self._ensure_watchdog()
+            try:
+                started = await self._start_instances(e, sorted(set(instances)))
+            except BaseException:
+                await self._close_thread(e)
+                raise
             e.instances = {i.id: i for i in started}
             e.state = "active"
             self.log.info("%s: activated %s instances %s", self.node_id, artifact, sorted(e.instances))
@@ -190,6 +218,7 @@ class SliceStore:
                 i.accepting = False
             await self._drain(e.loaded.artifact, insts, drain_timeout)
             await asyncio.gather(*(self._stop_one(e, i) for i in insts))
+            await self._close_thread(e)
             e.instances = {}
             e.state = "loaded"
             self.log.info("%s: deactivated %s", self.node_id, artifact)
@@ -213,6 +242,11 @@ class SliceStore:
                 await self.deactivate(a, drain_timeout)
             with contextlib.suppress(Exception):
                 await self.unload(a)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
 
     # --- queries ------------------------------------------------------------------------------------
 
@@ -260,19 +294,17 @@ class SliceStore:
             )
         inst.inflight += 1
         inst.idle.clear()
-        token = current_request_id.set(request_id) if request_id is not None else None
         recorder = self.recorder
         ok = False
         t0 = perf_counter()
         try:
-            result = await invoke_entry(inst.obj, method, payload)
+            assert e.thread is not None
+            result = await e.thread.run(_call_entry(inst.obj, method, payload, request_id), entry=method)
             ok = True
             return result
         finally:
             if recorder is not None:
                 recorder.record(e.coords, method, perf_counter() - t0, ok)
-            if token is not None:
-                current_request_id.reset(token)
             inst.inflight -= 1
             if inst.inflight == 0:
                 inst.idle.set()
@@ -308,7 +340,7 @@ class SliceStore:
         which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
         raise NoLocalInstance(f"no active {which} on {self.node_id}")
 
-    def _context(self, artifact: Artifact, instance: int) -> SliceContext:
+    def _context(self, artifact: Artifact, instance: int, thread: SliceThread) -> SliceContext:
         config = dict(self.config_for(artifact)) if self.config_for is not None else {}
         return SliceContext(
             artifact=artifact,
@@ -316,24 +348,56 @@ class SliceStore:
             instance=instance,
             logger=logging.getLogger(f"aether.slice.{artifact.group}.{artifact.artifact}"),
             config=config,
-            invoker=self.invoker,
-            maps=self.maps,
+            invoker=ThreadInvoker(self.invoker, thread),
+            maps=ThreadMaps(self.maps, thread) if self.maps is not None else None,
         )
+
+    def _ensure_watchdog(self) -> None:
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Every 0.1 s: is any slice loop blocked? (Runs on the node's loop, which slices cannot block.)"""
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for a, e in list(self._entries.items()):
+                t = e.thread
+                report = t.check(now) if t is not None else None
+                if report is None:
+                    continue
+                self.log.warning(
+                    "%s: slice %s blocked its event loop for %.1f s in %s (%s); the node is not "
+                    "affected, calls to this slice wait", self.node_id, a, report.seconds,
+                    report.entry or "code outside any call", report.where,
+                )  # fmt: skip
+                for cb in list(self.on_block):
+                    try:
+                        cb(a, report)
+                    except Exception:
+                        self.log.exception("on_block callback failed")
+
+    async def _close_thread(self, e: _Entry) -> None:
+        t, e.thread = e.thread, None
+        if t is not None:
+            await t.close()
 
     async def _start_one(self, e: _Entry, iid: int) -> _Instance:
         artifact = e.loaded.artifact
+        thread = e.thread
+        assert thread is not None
         try:
-            obj = e.loaded.cls()
+            obj = await thread.run(_construct(e.loaded.cls), entry="__init__()")
         except Exception as exc:
             raise SliceStartError(
                 f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", instance=iid
             ) from exc
-        obj.context = self._context(artifact, iid)
+        obj.context = self._context(artifact, iid, thread)
         try:
             if self.start_timeout is not None:
-                await asyncio.wait_for(obj.start(), self.start_timeout)
+                await asyncio.wait_for(thread.run(obj.start(), entry="start()"), self.start_timeout)
             else:
-                await obj.start()
+                await thread.run(obj.start(), entry="start()")
         except TimeoutError:
             raise SliceStartError(
                 f"start() of {artifact} instance {iid} did not finish within {self.start_timeout} s",
@@ -371,8 +435,11 @@ class SliceStore:
         return started
 
     async def _stop_one(self, e: _Entry, inst: _Instance) -> None:
+        thread = e.thread
+        if thread is None:
+            return
         try:
-            await asyncio.wait_for(inst.obj.stop(), self.stop_timeout)
+            await asyncio.wait_for(thread.run(inst.obj.stop(), entry="stop()"), self.stop_timeout)
         except TimeoutError:
             self.log.warning(
                 "%s: stop() of %s instance %d did not finish within %s s",

@@ -1,0 +1,336 @@
+"""Slice code runs on its own event loop, in its own thread: the node's control plane never waits for it.
+
+Owns `SliceThread` (one per active artifact on a node: a daemon thread running an asyncio loop
+where that artifact's `start()`, `stop()` and entry calls run), the bridges that let slice code
+call back into the node (`Invoker`, `MapBackend`: each call hops to the node's loop and back),
+the containment of `BaseException`s raised by slice code (`SliceCrashed`), the lag watchdog
+(`SliceThread.check`: a loop that has not turned for `block_limit` seconds is *blocked*, and the
+call that blocks it is named and answered with `SliceBlocked`) and `BlockPolicy`, the
+deterministic rule that quarantines a slice that keeps blocking.
+
+Why threads: heartbeats, consensus, map replication and the management API run on the node's
+loop. An entry that calls `time.sleep(5)` or spins on the CPU used to stop all of them, and the
+cluster evicted the whole node. Now it stops only its own slice's loop (a CPU-bound entry still
+shares the interpreter lock, which Python hands over every few milliseconds). What threads do
+not contain: `os._exit()`, crashes in C extensions, memory exhaustion (isolated worker processes
+are the answer to those).
+
+May import `aether.core` and `aether.slices.*`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+
+from aether.slices.api import Invoker
+from aether.slices.errors import SliceError
+from aether.slices.maps import MapBackend
+
+__all__ = [
+    "BlockPolicy", "BlockReport", "SliceBlocked", "SliceBlockedNotice", "SliceCrashed", "SliceThread",
+    "ThreadInvoker", "ThreadMaps",
+]
+
+T = TypeVar("T")
+
+
+class SliceCrashed(SliceError):
+    """Slice code raised `SystemExit`, `KeyboardInterrupt` or another `BaseException`: contained, the
+    call fails (the node goes on)."""
+
+
+class SliceBlocked(SliceError):
+    """The call held its slice's event loop longer than the limit (blocking code in an `async` entry)."""
+
+
+class SliceBlockedNotice(msgspec.Struct, frozen=True):
+    """Published on the node's message router when a slice loop was found blocked (event stream)."""
+
+    node: str
+    artifact: str
+    entry: str | None
+    seconds: float
+    where: str
+    quarantined: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BlockReport:
+    """A slice loop found blocked by `SliceThread.check`."""
+
+    thread: str  # the artifact's coordinates
+    entry: str | None  # the entry (or "start()"/"stop()") whose call blocks it, when known
+    seconds: float  # how long the loop has not turned
+    where: str  # innermost source location of the blocked thread ("file:line in function")
+
+
+class BlockPolicy:
+    """Quarantine a slice that keeps blocking: `strikes` blocks within `window` seconds.
+
+    Sans-IO: `blocked(now)` records one block episode and says whether to quarantine now.
+    """
+
+    def __init__(self, strikes: int = 3, window: float = 60.0) -> None:
+        if strikes < 1:
+            raise ValueError("strikes must be at least 1")
+        self.strikes = strikes
+        self.window = window
+        self._times: collections.deque[float] = collections.deque()
+
+    def blocked(self, now: float) -> bool:
+        times = self._times
+        times.append(now)
+        while times and now - times[0] > self.window:
+            times.popleft()
+        if len(times) >= self.strikes:
+            times.clear()
+            return True
+        return False
+
+
+class _Call:
+    __slots__ = ("answer", "entry", "failed")
+
+    def __init__(self, entry: str | None, answer: asyncio.Future[Any]) -> None:
+        self.entry = entry
+        self.answer = answer  # on the node's loop
+        self.failed = False
+
+
+_names = itertools.count(1)
+
+
+class SliceThread:
+    """An asyncio loop in a daemon thread, for one artifact's code. Create and use it on the node's loop.
+
+    `run(coro, entry=...)` runs a coroutine there and returns its result on the node's loop; a
+    `BaseException` other than cancellation comes back as `SliceCrashed`. `check(now)` (call it
+    periodically from the node's loop) reports a loop that has not turned for `block_limit`
+    seconds, once per episode, and answers the call that blocks it with `SliceBlocked`.
+    """
+
+    BEAT = 0.05  # how often the slice loop proves it turns
+
+    def __init__(self, name: str, *, block_limit: float = 0.5, logger: logging.Logger | None = None) -> None:
+        self.name = name
+        self.block_limit = block_limit
+        self.log = logger or logging.getLogger("aether.slices.isolation")
+        self.main = asyncio.get_running_loop()
+        self.loop = asyncio.new_event_loop()
+        self.beat = time.monotonic()
+        self._calls: dict[asyncio.Task[Any], _Call] = {}
+        self._blocked_since: float | None = None  # the beat of the episode already reported
+        self._closed = False
+        started = threading.Event()
+        self.thread = threading.Thread(
+            target=self._main, args=(started,), name=f"slice-{next(_names)}-{name}", daemon=True
+        )
+        self.thread.start()
+        started.wait()
+
+    def _main(self, started: threading.Event) -> None:
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+
+        async def beat() -> None:
+            while True:
+                self.beat = time.monotonic()
+                await asyncio.sleep(self.BEAT)
+
+        ticker = loop.create_task(beat())
+        loop.call_soon(started.set)
+        try:
+            loop.run_forever()
+        finally:
+            ticker.cancel()
+            try:
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for t in pending:
+                    t.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+            except BaseException:
+                self.log.debug("slice loop %s: error while closing", self.name, exc_info=True)
+            loop.close()
+
+    # --- running slice code -----------------------------------------------------------------------
+
+    async def run(self, coro: Coroutine[Any, Any, T], *, entry: str | None = None) -> T:
+        """Run `coro` on this thread's loop; await it on the node's loop."""
+        if self._closed:
+            coro.close()
+            raise SliceCrashed(f"{self.name}: the slice's loop is closed")
+        answer: asyncio.Future[T] = self.main.create_future()
+        call = _Call(entry, answer)
+        cf = asyncio.run_coroutine_threadsafe(self._guard(coro, call), self.loop)
+
+        def settle(_: concurrent.futures.Future[T]) -> None:
+            self.main.call_soon_threadsafe(self._settle, cf, answer)
+
+        cf.add_done_callback(settle)
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            cf.cancel()
+            raise
+
+    @staticmethod
+    def _settle(cf: concurrent.futures.Future[T], answer: asyncio.Future[T]) -> None:
+        if answer.done():
+            return  # answered already (SliceBlocked) or cancelled by the caller
+        if cf.cancelled():
+            answer.cancel()
+            return
+        exc = cf.exception()
+        if exc is not None:
+            answer.set_exception(exc)
+        else:
+            answer.set_result(cf.result())
+
+    async def _guard(self, coro: Coroutine[Any, Any, T], call: _Call) -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        self._calls[task] = call
+        try:
+            return await coro
+        except (asyncio.CancelledError, Exception):
+            raise
+        except BaseException as e:
+            what = f"{call.entry} of {self.name}" if call.entry else self.name
+            self.log.error(
+                "slice %s raised %s(%s): contained; the call fails and the node goes on "
+                "(slice code must not exit the process)", what, type(e).__name__, e,
+            )  # fmt: skip
+            raise SliceCrashed(
+                f"{what} raised {type(e).__name__}({e}); slice code must not exit the process "
+                "(the call failed, the node goes on)"
+            ) from None
+        finally:
+            del self._calls[task]
+
+    async def call_main(self, aw: Awaitable[T]) -> T:
+        """From slice code: run a coroutine of the node (a map operation, a call) on the node's loop."""
+        cf = asyncio.run_coroutine_threadsafe(_as_coro(aw), self.main)
+        try:
+            return await asyncio.wrap_future(cf)
+        except asyncio.CancelledError:
+            cf.cancel()
+            raise
+
+    # --- the watchdog -------------------------------------------------------------------------------
+
+    def check(self, now: float) -> BlockReport | None:
+        """Report the loop if it has not turned for `block_limit` s (once per episode), and answer the
+        call that blocks it with `SliceBlocked` (it is not retried elsewhere: it would block there too)."""
+        beat = self.beat
+        lag = now - beat
+        if lag < self.block_limit or self._closed:
+            if lag < self.block_limit:
+                self._blocked_since = None
+            return None
+        if self._blocked_since == beat:
+            return None
+        self._blocked_since = beat
+        task = asyncio.current_task(self.loop)
+        call = self._calls.get(task) if task is not None else None
+        entry = call.entry if call is not None else None
+        where = self._where()
+        if call is not None and not call.answer.done():
+            call.failed = True
+            call.answer.set_exception(SliceBlocked(
+                f"{entry or 'a call'} of {self.name} blocked its slice's event loop for more than "
+                f"{self.block_limit:g} s ({where}); an async entry must not block: await, or move "
+                "blocking work to asyncio.to_thread"
+            ))  # fmt: skip
+        return BlockReport(self.name, entry, lag, where)
+
+    def _where(self) -> str:
+        ident = self.thread.ident
+        frame = sys._current_frames().get(ident) if ident is not None else None
+        if frame is None:
+            return "location unknown"
+        return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+    # --- shutting down ------------------------------------------------------------------------------
+
+    async def close(self, timeout: float = 2.0) -> bool:
+        """Stop the loop and wait (up to `timeout` s) for the thread; False if slice code still holds it
+        (it is a daemon thread: it cannot keep the process alive)."""
+        if self._closed:
+            return not self.thread.is_alive()
+        self._closed = True
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:
+            pass  # already closed
+        await asyncio.to_thread(self.thread.join, timeout)
+        if self.thread.is_alive():
+            self.log.warning("slice loop of %s still busy %.1f s after it was asked to stop; leaving it",
+                             self.name, timeout)
+            return False
+        return True
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+class ThreadInvoker:
+    """The node's `Invoker`, callable from a slice's loop."""
+
+    def __init__(self, inner: Invoker, thread: SliceThread) -> None:
+        self._inner = inner
+        self._thread = thread
+
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        return await self._thread.call_main(
+            self._inner.invoke(target, method, payload, request_id=request_id, timeout=timeout)
+        )
+
+
+class ThreadMaps:
+    """The node's `MapBackend`, callable from a slice's loop."""
+
+    def __init__(self, inner: MapBackend, thread: SliceThread) -> None:
+        self._inner = inner
+        self._thread = thread
+
+    async def map_get(self, name: str, key: str) -> bytes | None:
+        return await self._thread.call_main(self._inner.map_get(name, key))
+
+    async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        await self._thread.call_main(self._inner.map_put(name, key, value, ttl=ttl))
+
+    async def map_remove(self, name: str, key: str) -> bool:
+        return await self._thread.call_main(self._inner.map_remove(name, key))
+
+    async def map_compare_and_set(
+        self, name: str, key: str, expected: bytes | None, new: bytes | None, *, ttl: float | None = None
+    ) -> bool:
+        return await self._thread.call_main(
+            self._inner.map_compare_and_set(name, key, expected, new, ttl=ttl)
+        )
+
+    async def map_keys(self, name: str, prefix: str = "") -> list[str]:
+        return await self._thread.call_main(self._inner.map_keys(name, prefix))
+

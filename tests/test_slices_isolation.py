@@ -1,0 +1,215 @@
+"""Slice code on its own loop and thread (`aether.slices.isolation`): blocking code is found, named
+and answered while the node's loop keeps its timing; exits are contained; slice code reaches the
+node through bridges; a slice that keeps blocking is quarantined (policy and lifecycle)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from aether.deploy.lifecycle import (
+    Observed,
+    Quarantine,
+    SliceLifecycle,
+    SliceState,
+    StartStep,
+    Step,
+    StepSucceeded,
+    WriteState,
+)
+from aether.kv.keys import SliceStateValue
+from aether.slices.isolation import (
+    BlockPolicy,
+    SliceBlocked,
+    SliceCrashed,
+    SliceThread,
+    ThreadInvoker,
+    ThreadMaps,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def _max_gap_while(aw: Any) -> tuple[Any, float]:
+    """Await `aw` while measuring the longest pause of this (the node's) loop."""
+    gaps: list[float] = []
+    stop = False
+
+    async def ticker() -> None:
+        last = time.monotonic()
+        while not stop:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    t = asyncio.create_task(ticker())
+    try:
+        result = await aw
+    finally:
+        stop = True
+        await t
+    return result, max(gaps, default=0.0)
+
+
+async def test_a_blocking_call_is_named_and_answered_while_the_node_loop_keeps_time() -> None:
+    st = SliceThread("org.x:sleepy:1.0.0", block_limit=0.3)
+
+    async def nap() -> str:
+        time.sleep(1.2)  # blocking code in an async entry
+        return "late"
+
+    async def scenario() -> tuple[Any, float, BaseException | None]:
+        t0 = time.monotonic()
+        call = asyncio.create_task(st.run(nap(), entry="nap"))
+        report = None
+        while report is None and time.monotonic() - t0 < 1.0:
+            await asyncio.sleep(0.05)
+            report = st.check(time.monotonic())
+        try:
+            await call
+            err = None
+        except SliceBlocked as e:
+            err = e
+        return report, time.monotonic() - t0, err
+
+    (report, answered_after, err), gap = await _max_gap_while(scenario())
+    assert report is not None and report.entry == "nap" and report.thread == "org.x:sleepy:1.0.0"
+    assert "in nap" in report.where and "test_slices_isolation.py" in report.where
+    assert report.seconds >= 0.3
+    assert isinstance(err, SliceBlocked) and "nap of org.x:sleepy:1.0.0" in str(err)
+    assert "asyncio.to_thread" in str(err)
+    assert answered_after < 0.9  # answered while the slice's loop is still blocked
+    assert gap < 0.2  # the node's loop never stopped
+    assert st.check(time.monotonic()) is None  # one report per episode
+    await asyncio.sleep(1.0)  # the block ends ...
+    assert await st.run(asyncio.sleep(0, "ok")) == "ok"  # ... and the slice's loop serves again
+    assert st.check(time.monotonic()) is None
+    assert await st.close()
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt(), GeneratorExit()])
+async def test_base_exceptions_from_slice_code_are_contained(exc: BaseException) -> None:
+    st = SliceThread("org.x:exiter:1.0.0")
+
+    async def leave() -> None:
+        raise exc
+
+    with pytest.raises(SliceCrashed, match=f"quit of org.x:exiter:1.0.0 raised {type(exc).__name__}"):
+        await st.run(leave(), entry="quit")
+    assert await st.run(asyncio.sleep(0, "still here")) == "still here"
+    assert await st.close()
+
+
+async def test_exceptions_and_cancellation_cross_the_thread_boundary() -> None:
+    st = SliceThread("org.x:plain:1.0.0")
+
+    async def boom() -> None:
+        raise ValueError("bad value")
+
+    with pytest.raises(ValueError, match="bad value"):
+        await st.run(boom(), entry="boom")
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    call = asyncio.create_task(st.run(forever(), entry="forever"))
+    await asyncio.to_thread(started.wait, 5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await asyncio.to_thread(cancelled.wait, 5)  # the slice side was cancelled too
+    assert await st.close()
+
+
+class _NodeSide:
+    """Stands for the node's invoker and map service: records the thread each call ran on."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    async def invoke(self, target: str, method: str, payload: bytes, *, request_id: str | None = None,
+                     timeout: float | None = None) -> bytes:
+        self.threads.append(threading.get_ident())
+        return b"answer:" + payload
+
+    async def map_get(self, name: str, key: str) -> bytes | None:
+        self.threads.append(threading.get_ident())
+        return f"{name}/{key}".encode()
+
+
+async def test_slice_code_reaches_the_node_on_the_node_loop() -> None:
+    st = SliceThread("org.x:caller:1.0.0")
+    node = _NodeSide()
+    inv = ThreadInvoker(node, st)
+    maps = ThreadMaps(node, st)  # type: ignore[arg-type]
+
+    async def entry() -> tuple[bytes, bytes | None, int]:
+        got = await inv.invoke("org.x:other", "m", b"p")
+        return got, await maps.map_get("m", "k"), threading.get_ident()
+
+    a, b, slice_thread = await st.run(entry(), entry="entry")
+    assert (a, b) == (b"answer:p", b"m/k")
+    assert node.threads == [threading.get_ident()] * 2  # ran on the node's loop ...
+    assert slice_thread != threading.get_ident()  # ... called from the slice's thread
+    assert await st.close()
+
+
+async def test_close_gives_up_on_a_thread_that_slice_code_holds() -> None:
+    st = SliceThread("org.x:stuck:1.0.0")
+    done = threading.Event()
+
+    async def stuck() -> None:
+        time.sleep(1.0)
+        done.set()
+
+    call = asyncio.create_task(st.run(stuck(), entry="stuck"))
+    await asyncio.sleep(0.1)
+    assert await st.close(timeout=0.2) is False  # a daemon thread: it cannot keep the process alive
+    assert st.thread.daemon
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert await asyncio.to_thread(done.wait, 5)
+    with pytest.raises(SliceCrashed, match="closed"):
+        await st.run(asyncio.sleep(0))
+
+
+def test_block_policy_quarantines_after_strikes_within_the_window() -> None:
+    p = BlockPolicy(strikes=3, window=60.0)
+    assert [p.blocked(t) for t in (0.0, 10.0)] == [False, False]
+    assert p.blocked(59.0) is True  # third within 60 s
+    assert [p.blocked(t) for t in (100.0, 170.0, 240.0)] == [False, False, False]  # spread out
+    with pytest.raises(ValueError):
+        BlockPolicy(strikes=0)
+
+
+def test_quarantine_takes_an_active_slice_down_and_reports_failed_with_the_reason() -> None:
+    m = SliceLifecycle("org.x:y:1.0.0")
+    acts = m.handle(Observed(SliceStateValue("LOAD", 0.0, None, [1]), 0.0))
+    load = next(a for a in acts if isinstance(a, StartStep))
+    m.handle(StepSucceeded(load.seq, 0.1))
+    acts = m.handle(Observed(SliceStateValue("ACTIVATE", 0.2, None, [1]), 0.2))
+    act = next(a for a in acts if isinstance(a, StartStep))
+    m.handle(StepSucceeded(act.seq, 0.3))
+    assert m.state is SliceState.ACTIVE
+    acts = m.handle(Quarantine("nap blocked the loop", 1.0))
+    step = next(a for a in acts if isinstance(a, StartStep))
+    assert step.step is Step.DEACTIVATE
+    assert [a.state for a in acts if isinstance(a, WriteState)] == [SliceState.DEACTIVATING]
+    acts = m.handle(StepSucceeded(step.seq, 2.0))
+    assert acts == [WriteState(SliceState.FAILED, "quarantined: nap blocked the loop", (1,), m.epoch)]
+    assert m.state is SliceState.FAILED
+    # nothing to take down when it is not active (e.g. already failed)
+    assert not [a for a in m.handle(Quarantine("again", 3.0)) if isinstance(a, StartStep)]
