@@ -473,3 +473,27 @@ def test_combined_ids_are_equal_for_equal_lists_only_and_old_batches_still_decod
     old = msgspec.msgpack.encode([["n1", 1, 2], 7, [b"c"]])
     got = msgspec.msgpack.decode(old, type=Batch)
     assert got == Batch(BatchId("n1", 1, 2), 7, [b"c"]) and got.slot == 0 and got.parts == []
+
+
+def test_an_idle_replica_learns_a_slot_decided_without_it() -> None:
+    """n3 misses every message of a slot that n1 and n2 decide, then the cluster goes quiet. Nobody
+    retransmits a decided slot, so n3 (and whatever watches its store) stayed a slot behind until
+    the next write (found by the node simulation, aggressive seed 2865)."""
+    net = Net(3)
+    net.submit("n1", Put("user/a", b"0"))
+    for _ in range(3):
+        net.tick(0.3)
+        net.run()
+    assert all(e.synced and e.applied == 1 for e in net.engines.values())
+    net.down = {"n3"}
+    tok = net.submit("n1", Put("user/a", b"1"))
+    net.run()
+    assert decode_result(results(net, "n1")[tok]).ok
+    net.down = set()
+    net.tick(0.1)
+    net.run()
+    assert net.engines["n3"].applied == 1  # nothing tells it yet
+    for _ in range(4):
+        net.tick(0.3)
+        net.run()
+    assert net.engines["n3"].applied == 2 and net.sms["n3"].get("user/a") == b"1"

@@ -119,8 +119,8 @@ def test_engine_only_simulation_catches_a_broken_engine(monkeypatch: pytest.Monk
 def test_kvstore_incarnations_reusing_one_session_are_caught() -> None:
     """The old bug as a mutant: KVStore used session `kv-{node_id}` with sequence numbers from 1
     in every incarnation, so after a restart its commands were refused as stale or answered from
-    the cache of an earlier command. The simulation catches it within a few seeds (seeds 1-7 all
-    do; seed 0 restarts no writer that had written)."""
+    the cache of an earlier command. The simulation catches it within a few seeds, as a refusal
+    or as the list-append checker's stale read (a read answered from an earlier read's cache)."""
 
     def legacy(w: World) -> None:
         w.sc.kv_sessions = "legacy"
@@ -128,7 +128,8 @@ def test_kvstore_incarnations_reusing_one_session_are_caught() -> None:
     for seed in range(5):
         out = run_node_seed(seed, "sessions", setup=legacy)
         if not out.ok:
-            assert out.error is not None and "refused" in out.error, out.error
+            assert out.error is not None, out
+            assert "refused" in out.error or "(stale read)" in out.error, out.error
             return
     pytest.fail("five seeds did not catch KVStore sessions reused across incarnations")
 

@@ -142,6 +142,7 @@ class EngineConfig:
     max_future_slots: int = 64
     catchup_entries: int = 512
     catchup_interval: float = 0.05
+    idle_sync_interval: float = 1.0  # an idle replica asks its peers what it missed this often
 
 
 def coin(seed: bytes, slot: int, phase: int) -> int:
@@ -255,6 +256,7 @@ class Engine:
         self._up: set[str] = set()
         self._last_stale_reply: dict[str, tuple[int, float]] = {}
         self._last_catchup: dict[str, float] = {}
+        self._last_idle_sync = 0.0
         self._sync_replies: set[str] = set()
         # Local snapshots: staggered across replicas so they never all pause at once, and no
         # more often than the journal has grown by half the last snapshot's size (amortized).
@@ -398,6 +400,14 @@ class Engine:
             for p in sorted(self._up):
                 if p not in self._sync_replies:
                     self._request_catchup(p, now)
+        elif (not cur.started and not cur.proposals and not cur.phases and not self._queue
+              and now - self._last_idle_sync >= cfg.idle_sync_interval):
+            # Idle: peers that decided a slot without us (our messages or theirs were lost) send
+            # nothing more until the next write, so ask them, or a quiet cluster would leave this
+            # replica (and what watches it) a slot behind indefinitely (found by the simulation)
+            self._last_idle_sync = now
+            for p in sorted(self._up):
+                self._request_catchup(p, now)
         self._progress(now)
 
     def receive(self, sender: str, msg: object, now: float) -> None:
