@@ -25,6 +25,7 @@ from aether.deploy import (
     EndpointRegistry,
     NodeDeploymentManager,
 )
+from aether.deploy.admission import InstanceLimits
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer
 from aether.kv.machine import Command, KVStateMachine, Result
@@ -122,10 +123,13 @@ class Node:
             logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
         )
         self.cluster_deployer = ClusterDeploymentManager(
-            self.kv, self.leader, logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}")
+            self.kv, self.leader, max_instances_per_node=config.max_instances_per_node,
+            logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}"),
         )
         self.deployments = DeploymentService(
-            self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern
+            self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern,
+            limits=InstanceLimits(config.max_instances_per_node, config.max_instances_per_cluster),
+            members=len(self.members),
         )
         # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
         # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
