@@ -33,6 +33,7 @@ from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, Cl
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
+from aether.node.looplag import LoopLagProbe
 from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
@@ -138,6 +139,7 @@ class Node:
             logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
         )
         self.slice_store.recorder = self.metrics.entries
+        self.loop_lag = LoopLagProbe()
         self.management: Any = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
@@ -147,6 +149,7 @@ class Node:
     async def start(self, *, management: bool = True) -> None:
         self.started_at = time.time()
         self.runner.recover()
+        self.loop_lag.start()
         await self.transport.start()
         self.runner.start(self.transport)
         await self.maps.start()
@@ -190,6 +193,7 @@ class Node:
         self.endpoints.close()
         await self.transport.stop()
         await self.runner.stop()
+        await self.loop_lag.stop()
         self.log.info(
             "node %s stopped at slot %d; consensus stats %s",
             self.node_id, self.runner.engine.applied, self.runner.engine.stats,
@@ -274,6 +278,17 @@ class Node:
             cluster_port=self.transport.port,
             http_port=self.http.port if self.http is not None else self.config.http_port,
             pid=os.getpid(),
+            local_instances={
+                str(a): ids for a in self.slice_store.artifacts()
+                if (ids := self.slice_store.local_instances(a))
+            },
+            loop_lag_max_ms=round(self.loop_lag.max_recent() * 1000, 1),
+            journal_error=str(failed) if (failed := self.store.failed) is not None else None,
+            store_write_failures=self.kv.write_failures,
+            store_write_failing_for=(
+                None if self.kv.failing_since is None else round(time.monotonic() - self.kv.failing_since, 1)
+            ),
+            store_write_error=self.kv.last_write_error,
         )
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
