@@ -38,7 +38,7 @@ TRANSITIONAL = (
     "LOAD", "LOADING", "ACTIVATE", "ACTIVATING", "DEACTIVATE", "DEACTIVATING", "UNLOAD", "UNLOADING",
 )
 STUCK_AFTER = 30.0  # default seconds in a transitional state before doctor reports it stuck
-LAG_WARN_MS = 100.0  # event-loop lag: warning
+LAG_WARN_MS = 250.0  # event-loop lag: warning (a loaded 2-core machine sees 100+ ms at start-up)
 LAG_FAIL_MS = 500.0  # ... failed: peers stop hearing heartbeats soon after (0.6 s by default)
 WRITES_FAILING_FAIL = 5.0  # seconds writes keep failing on a node before it is a failure
 SKEW_WARN = 0.5  # seconds of clock difference between nodes: warning
