@@ -131,6 +131,13 @@ async def test_status_json_shape(server: ManagementServer, http: aiohttp.ClientS
         "cluster_port": 7000,
         "http_port": 8080,
         "pid": 1234,
+        # what `aether doctor` compares with the store (defaults: this fake reports none)
+        "local_instances": {},
+        "loop_lag_max_ms": None,
+        "journal_error": None,
+        "store_write_failures": 0,
+        "store_write_failing_for": None,
+        "store_write_error": None,
     }
 
 

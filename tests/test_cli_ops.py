@@ -35,6 +35,16 @@ class FakeKV:
         return lambda: self.watches.pop(wid, None)  # type: ignore[func-returns-value]
 
 
+class FakeDeployments:
+    """What `GET /api/v1/slices` answers: [{artifact, desired, active, instances}]."""
+
+    def __init__(self) -> None:
+        self.status: list[dict[str, Any]] = []
+
+    def slices_status(self) -> list[dict[str, Any]]:
+        return self.status
+
+
 class FakeNode:
     def __init__(
         self, node_id: str = "node-1", *, leader: str | None = "node-1", quorum: bool = True
@@ -42,9 +52,12 @@ class FakeNode:
         self.node_id = node_id
         self.leader = leader
         self.quorum = quorum
-        self.slices: list[KVEntry] = []
+        self.slices: list[KVEntry] = []  # any store entries: slices/, endpoints/, routes/
         self.router = MessageRouter()
         self.kv = FakeKV()
+        self.deployments = FakeDeployments()
+        self.local_instances: dict[str, list[int]] = {}
+        self.extra: dict[str, Any] = {}  # more NodeStatus fields
 
     def status(self) -> NodeStatus:
         return NodeStatus(
@@ -55,6 +68,8 @@ class FakeNode:
                 MemberStatus("node-1", "127.0.0.1:7000", "up"),
                 MemberStatus("node-2", "127.0.0.1:7001", "up"),
             ],
+            local_instances=self.local_instances,
+            **self.extra,
         )
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
@@ -163,6 +178,9 @@ def test_doctor_all_ok(servers: Servers) -> None:
         "clock skew": "ok",
         "stuck instances": "ok",
         "failed instances": "ok",
+        "store writes": "ok",
+        "instances serving": "ok",
+        "routes": "ok",
     }
 
 
@@ -183,9 +201,69 @@ def test_doctor_failed_and_stuck_instances(servers: Servers) -> None:
     assert "ImportError x" in r.output and "org.demo:b:1.0.0 on node-2 is LOADING" in r.output
     assert "✗ failed" in r.output and "! warning" in r.output
     v = _verdicts(invoke("doctor", "--nodes", addr(srv), "--json").output)
-    assert v["failed instances"] == "failed" and v["stuck instances"] == "warning"
+    # stuck is a failure now: the deployment does not converge (issue 11)
+    assert v["failed instances"] == "failed" and v["stuck instances"] == "failed"
     # only 1 of the 2 members was checked: a warning that says so
     assert v["reachability"] == "warning"
+
+
+HELLO = "org.example:hello:0.1.0"
+
+
+def _serving_store(node: FakeNode) -> None:
+    """One deployed artifact with one route and one endpoint, instance 0 on node-1 (as the store
+    has it after a restart in issue 11: ACTIVE everywhere)."""
+    now = time.time()
+    node.slices = [
+        KVEntry(f"slices/node-1/{HELLO}", {"state": "ACTIVE", "timestamp": now, "instances": [0]}),
+        KVEntry(f"endpoints/{HELLO}/greet:0", {"node_id": "node-1", "state": "ACTIVE"}),
+        KVEntry("routes/GET:/hello/{name}", {"artifact": HELLO, "method": "greet", "bindings": {}}),
+    ]
+    node.deployments.status = [{"artifact": HELLO, "desired": 1, "active": 1, "instances": []}]
+
+
+def test_doctor_fails_when_the_store_says_active_but_no_node_runs_the_instance(servers: Servers) -> None:
+    n1, n2 = FakeNode("node-1"), FakeNode("node-2")
+    _serving_store(n1)
+    a, b = servers.start(n1), servers.start(n2)
+    nodes = f"{addr(a)},{addr(b)}"
+    r = invoke("doctor", "--nodes", nodes)  # node-1 reports no local instance: every call fails
+    assert r.exit_code == 1, r.output
+    assert "GET /hello/{name}" in r.output and "runs no such instance" in r.output
+    v = _verdicts(invoke("doctor", "--nodes", nodes, "--json").output)
+    assert v["routes"] == "failed" and v["instances serving"] == "failed"
+    assert v["failed instances"] == "ok" and v["stuck instances"] == "ok"  # what the old doctor saw
+
+    n1.local_instances = {HELLO: [0]}  # the node runs it: healthy
+    r = invoke("doctor", "--nodes", nodes, "--json")
+    assert r.exit_code == 0, r.output
+    v = _verdicts(r.output)
+    assert v["routes"] == "ok" and v["instances serving"] == "ok"
+
+    n1.slices = n1.slices[:1] + n1.slices[2:]  # the endpoint is gone from the store
+    r = invoke("doctor", "--nodes", nodes)
+    assert r.exit_code == 1 and "no endpoint in the store" in r.output
+
+
+def test_doctor_fails_on_failing_store_writes_and_loop_lag(servers: Servers) -> None:
+    n1, n2 = FakeNode("node-1"), FakeNode("node-2")
+    a, b = servers.start(n1), servers.start(n2)
+    nodes = f"{addr(a)},{addr(b)}"
+    n2.extra = {"loop_lag_max_ms": 3.0}
+    n1.extra = {"loop_lag_max_ms": 2.0, "store_write_failures": 4, "store_write_failing_for": 1.0,
+                "store_write_error": "no quorum"}
+    r = invoke("doctor", "--nodes", nodes, "--json")
+    v = _verdicts(r.output)
+    assert r.exit_code == 0 and v["store writes"] == "warning" and v["loop lag"] == "ok"  # a blip
+    n1.extra = {"journal_error": "fsync of journal.bin failed: [Errno 5] EIO", "loop_lag_max_ms": 900.0}
+    r = invoke("doctor", "--nodes", nodes)
+    assert r.exit_code == 1, r.output
+    assert "EIO" in r.output and "blocked for up to 900 ms" in r.output
+    v = _verdicts(invoke("doctor", "--nodes", nodes, "--json").output)
+    assert v["store writes"] == "failed" and v["loop lag"] == "failed"
+    n1.extra = {"store_write_failing_for": 12.0, "store_write_error": "not committed within 5.0s"}
+    r = invoke("doctor", "--nodes", nodes)
+    assert r.exit_code == 1 and "writes fail for 12.0 s: not committed" in r.output
 
 
 def test_doctor_leader_disagreement_and_unreachable_node(servers: Servers) -> None:
@@ -251,10 +329,10 @@ def test_events_unreachable_exits_3() -> None:
 def test_doctor_and_events_on_a_real_cluster(make_process_cluster: Any) -> None:
     cluster = make_process_cluster(3)
     nodes = ",".join(f"127.0.0.1:{p}" for p in cluster.management_ports)
-    deadline = time.monotonic() + 20
-    while True:  # leader agreement may take a moment after quorum
+    deadline = time.monotonic() + 30
+    while True:  # leader agreement may take a moment after quorum, start-up loop lag 10 s to age out
         r = invoke("doctor", "--nodes", nodes, "--json")
-        if r.exit_code == 0 or time.monotonic() > deadline:
+        if (r.exit_code == 0 and set(_verdicts(r.output).values()) == {"ok"}) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert r.exit_code == 0, r.output

@@ -33,8 +33,14 @@ from aether.core.errors import ConfigError
 if TYPE_CHECKING:
     from aether.cli.http import ManagementClient
 
-TRANSITIONAL = ("LOADING", "ACTIVATING", "DEACTIVATING", "UNLOADING")
-STUCK_AFTER = 30.0  # seconds in a transitional state before doctor reports it
+# commands a node has not picked up yet, and steps it runs: an instance should pass through them
+TRANSITIONAL = (
+    "LOAD", "LOADING", "ACTIVATE", "ACTIVATING", "DEACTIVATE", "DEACTIVATING", "UNLOAD", "UNLOADING",
+)
+STUCK_AFTER = 30.0  # default seconds in a transitional state before doctor reports it stuck
+LAG_WARN_MS = 250.0  # event-loop lag: warning (a loaded 2-core machine sees 100+ ms at start-up)
+LAG_FAIL_MS = 500.0  # ... failed: peers stop hearing heartbeats soon after (0.6 s by default)
+WRITES_FAILING_FAIL = 5.0  # seconds writes keep failing on a node before it is a failure
 SKEW_WARN = 0.5  # seconds of clock difference between nodes: warning
 SKEW_FAIL = 5.0  # ... failed
 EVENTS_READ_TIMEOUT = 45.0  # three missed heartbeats: the connection is lost
@@ -362,7 +368,9 @@ def _check(name: str, verdict: str, detail: str, items: list[str] | None = None)
     return {"name": name, "verdict": verdict, "detail": detail, "items": items or []}
 
 
-def run_doctor(settings: Settings, addresses: list[str], source: str) -> dict[str, Any]:
+def run_doctor(
+    settings: Settings, addresses: list[str], source: str, stuck_after: float = STUCK_AFTER
+) -> dict[str, Any]:
     """Every check of `aether doctor`: {verdict, source, nodes: [...], checks: [...]}."""
     from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
 
@@ -448,7 +456,10 @@ def run_doctor(settings: Settings, addresses: list[str], source: str) -> dict[st
                     [f"{p['node_id']}: {p['skew']:+.3f} s vs this machine" for p in skews if verdict != OK],
                 )
             )
-        checks.extend(_slice_checks(settings, up[0]))
+        checks.extend(_slice_checks(settings, up[0], stuck_after))
+        statuses = _statuses(settings, up)
+        checks.extend(_node_checks(statuses))
+        checks.extend(_serving_checks(settings, up[0], statuses))
     verdict = (
         FAILED
         if any(c["verdict"] == FAILED for c in checks)
@@ -457,7 +468,139 @@ def run_doctor(settings: Settings, addresses: list[str], source: str) -> dict[st
     return {"verdict": verdict, "source": source, "nodes": probes, "checks": checks}
 
 
-def _slice_checks(settings: Settings, probe: dict[str, Any]) -> list[dict[str, Any]]:
+def _statuses(settings: Settings, up: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """`GET /api/v1/status` of every reachable node: {node id: status, or None if it failed}."""
+    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+
+    out: dict[str, dict[str, Any] | None] = {}
+    for p in up:
+        client = ManagementClient(p["address"], api_key=settings.api_key, timeout=settings.timeout)
+        try:
+            doc = client.get_json("/api/v1/status")
+        except (ApiUnreachable, ApiError):
+            doc = None
+        out[str(p["node_id"])] = doc if isinstance(doc, dict) else None
+    return out
+
+
+def _node_checks(statuses: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Store writes and event-loop lag, as every node reports them in its status."""
+    writes_failed, writes_warn, lag_items = [], [], []
+    lag_verdict, worst, measured = OK, 0.0, 0
+    for node, st in sorted(statuses.items()):
+        if st is None:
+            writes_warn.append(f"{node}: its status could not be read")
+            continue
+        if st.get("journal_error"):
+            writes_failed.append(f"{node}: the consensus journal failed: {st['journal_error']}")
+        failing = st.get("store_write_failing_for")
+        if isinstance(failing, (int, float)):
+            line = f"{node}: writes fail for {failing:.1f} s: {st.get('store_write_error')}"
+            (writes_failed if failing >= WRITES_FAILING_FAIL else writes_warn).append(line)
+        lag = st.get("loop_lag_max_ms")
+        if isinstance(lag, (int, float)):
+            measured += 1
+            worst = max(worst, float(lag))
+            if lag > LAG_FAIL_MS:
+                lag_verdict = FAILED
+                lag_items.append(f"{node}: its event loop was blocked for up to {lag:.0f} ms "
+                                 "in the last 10 s")
+            elif lag > LAG_WARN_MS:
+                lag_verdict = WARN if lag_verdict == OK else lag_verdict
+                lag_items.append(f"{node}: event-loop lag up to {lag:.0f} ms in the last 10 s")
+    checks = [
+        _check(
+            "store writes",
+            FAILED if writes_failed else WARN if writes_warn else OK,
+            f"{len(writes_failed) + len(writes_warn)} of {len(statuses)} nodes report failing writes",
+            writes_failed + writes_warn,
+        )
+    ]
+    if measured:
+        checks.append(
+            _check("loop lag", lag_verdict, f"largest event-loop lag in the last 10 s: {worst:.0f} ms "
+                   f"({measured} nodes)", lag_items)
+        )
+    return checks
+
+
+def _serving_checks(
+    settings: Settings, probe: dict[str, Any], statuses: dict[str, dict[str, Any] | None]
+) -> list[dict[str, Any]]:
+    """Does every deployed artifact and every route have an ACTIVE instance that a reachable node
+    really runs? The store's endpoints are compared with each node's local instances."""
+    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+
+    client = ManagementClient(probe["address"], api_key=settings.api_key, timeout=settings.timeout)
+    try:
+        endpoints: Any = client.get_json("/api/v1/kv", {"prefix": "endpoints/"})
+        routes: Any = client.get_json("/api/v1/kv", {"prefix": "routes/"})
+        slices: Any = client.get_json("/api/v1/slices")
+    except (ApiUnreachable, ApiError) as e:
+        return [_check("serving", FAILED, f"cannot read endpoints, routes and slices: {e}")]
+    # (artifact, entry) -> instances that answer; and the endpoints that do not, with why
+    serving: dict[tuple[str, str], list[str]] = {}
+    stale: dict[str, list[str]] = {}
+    for entry in endpoints.get("entries", []):
+        v = entry.get("value")
+        rest = str(entry.get("key", ""))[len("endpoints/"):]
+        artifact, _, tail = rest.partition("/")
+        name, _, inst = tail.rpartition(":")
+        if not isinstance(v, dict) or not inst.isdigit() or v.get("state") != "ACTIVE":
+            continue
+        node = str(v.get("node_id"))
+        st = statuses.get(node)
+        where = f"{name}#{inst} on {node}"
+        if node not in statuses:
+            stale.setdefault(artifact, []).append(f"{where}: {node} does not answer")
+        elif st is None:
+            stale.setdefault(artifact, []).append(f"{where}: {node}'s status could not be read")
+        elif "local_instances" in st and int(inst) not in (st["local_instances"] or {}).get(artifact, []):
+            stale.setdefault(artifact, []).append(
+                f"{where}: advertised in the store, but {node} runs no such instance (calls to it fail)"
+            )
+        else:
+            serving.setdefault((artifact, name), []).append(where)
+    items_fail, items_warn = [], []
+    deployed = [s for s in slices if isinstance(s, dict) and int(s.get("desired") or 0) > 0]
+    for s in deployed:
+        a = str(s["artifact"])
+        if not any(k[0] == a for k in serving):
+            why = "; ".join(stale.get(a, [])) or "no endpoint in the store"
+            items_fail.append(f"{a}: {s.get('desired')} desired, no reachable ACTIVE instance ({why})")
+        elif stale.get(a):
+            items_warn.extend(f"{a}: {x}" for x in stale[a])
+    route_fail, total_routes = [], 0
+    for entry in routes.get("entries", []):
+        v = entry.get("value")
+        if not isinstance(v, dict):
+            continue
+        total_routes += 1
+        method, _, path = str(entry.get("key", ""))[len("routes/"):].partition(":")
+        a, e = str(v.get("artifact")), str(v.get("method"))  # RouteValue: method = entry name
+        if not serving.get((a, e)):
+            why = "; ".join(x for x in stale.get(a, []) if x.startswith(f"{e}#"))
+            why = why or "no endpoint in the store"
+            route_fail.append(f"{method} {path} -> {a} {e}: no reachable ACTIVE instance ({why})")
+    return [
+        _check(
+            "instances serving",
+            FAILED if items_fail else WARN if items_warn else OK,
+            f"{len(deployed) - len(items_fail)} of {len(deployed)} deployed artifacts have an ACTIVE "
+            "instance that a reachable node runs",
+            items_fail + items_warn,
+        ),
+        _check(
+            "routes",
+            FAILED if route_fail else OK,
+            f"{total_routes - len(route_fail)} of {total_routes} routes have an ACTIVE instance that "
+            "a reachable node runs",
+            route_fail,
+        ),
+    ]
+
+
+def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float) -> list[dict[str, Any]]:
     from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
 
     client = ManagementClient(probe["address"], api_key=settings.api_key, timeout=settings.timeout)
@@ -479,13 +622,14 @@ def _slice_checks(settings: Settings, probe: dict[str, Any]) -> list[dict[str, A
             failed.append(f"{artifact} on {node}: {v.get('reason') or 'no reason given'}")
         elif state in TRANSITIONAL and isinstance(v.get("timestamp"), (int, float)):
             age = now - float(v["timestamp"])
-            if age > STUCK_AFTER:
+            if age > stuck_after:
                 stuck.append(f"{artifact} on {node} is {state} for {age:.0f} s")
     return [
         _check(
             "stuck instances",
-            WARN if stuck else OK,
-            f"{len(stuck)} of {total} slice states transitional for more than {STUCK_AFTER:g} s",
+            FAILED if stuck else OK,
+            f"{len(stuck)} of {total} slice states transitional ({', '.join(TRANSITIONAL)}) for more than "
+            f"{stuck_after:g} s",
             stuck,
         ),
         _check(
@@ -511,15 +655,28 @@ def _slice_checks(settings: Settings, probe: dict[str, Any]) -> list[dict[str, A
     metavar="DIR",
     help="Local cluster directory whose cluster.json lists the nodes.",
 )
+@click.option(
+    "--stuck-after",
+    type=click.FloatRange(min=0),
+    default=STUCK_AFTER,
+    show_default=True,
+    metavar="SECONDS",
+    help="An instance in a transitional state (LOAD ... UNLOADING) longer than this is stuck.",
+)
 @json_option
 @click.pass_obj
-def doctor(settings: Settings, nodes_opt: str | None, cluster_dir: str, as_json: bool) -> None:
-    """Check the cluster: reachability, quorum, leader agreement, clock skew, stuck and failed slices.
+def doctor(
+    settings: Settings, nodes_opt: str | None, cluster_dir: str, stuck_after: float, as_json: bool
+) -> None:
+    """Check what users feel: every deployed artifact and route has an ACTIVE instance that a
+    reachable node really runs; no instance stuck or FAILED; store writes succeed; event loops are
+    not blocked; plus reachability, quorum, leader agreement and clock skew.
 
-    Exit 0 if every check passed or warned, 1 if one failed, 3 if no node answered.
+    Exit 0 if every check passed or warned, 1 if one failed (users would see errors), 3 if no
+    node answered.
     """
     addresses, source = _doctor_targets(settings, nodes_opt, str(Path(cluster_dir)))
-    report = run_doctor(settings, addresses, source)
+    report = run_doctor(settings, addresses, source, stuck_after)
     if settings.json or as_json:
         _echo_json(report)
     else:

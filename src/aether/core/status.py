@@ -25,6 +25,18 @@ class NodeStatus(msgspec.Struct, frozen=True):
     cluster_port: int = 0
     http_port: int = 0
     pid: int = 0
+    # what `aether doctor` compares with the store (absent on older nodes):
+    # ACTIVE instance ids accepting calls on this node, per artifact coordinates
+    local_instances: dict[str, list[int]] = {}
+    # largest event-loop lag in the last 10 s, milliseconds (`aether.node.looplag`)
+    loop_lag_max_ms: float | None = None
+    # the consensus journal failed (the replica stopped writing): the error, else None
+    journal_error: str | None = None
+    # writes through consensus by this node: failures since start, and the last failure
+    # (seconds ago, error) unless a write succeeded after it
+    store_write_failures: int = 0
+    store_write_failing_for: float | None = None
+    store_write_error: str | None = None
 
 
 class KVEntry(msgspec.Struct, frozen=True):

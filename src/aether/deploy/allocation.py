@@ -17,14 +17,16 @@ Rules, per artifact (artifacts are processed in sorted order; a "placement" is
 3. **Too few**: each new instance gets the lowest free id and goes to the eligible node with
    the fewest instances of this artifact (ties: fewest instances overall, then the smallest
    node id): no node gets a second instance before every eligible node has one.
-   Eligible = live and not excluded (`excluded` pairs: backoff after failures, nodes draining,
-   and the FAILED pairs themselves).
+   Eligible = live, not excluded (`excluded` pairs: backoff after failures, nodes draining,
+   and the FAILED pairs themselves) and below `capacity` (instances of all artifacts on the
+   node; admission control's per-node limit). When no node is eligible, the count stays short.
 4. **Spread.** Healthy instances are moved only while the spread is violated: while the node
    holding the most instances has more than one instance more than the eligible node holding
    the fewest, move its highest id (the id moves with it) to that node. Without exclusions the
    result always has max - min <= 1 per artifact over the live nodes.
 
-Consequences (tested as properties): counts are exact when there is an eligible node; a
+Consequences (tested as properties): counts are exact when there is an eligible node (capacity
+permitting; the work is bounded by the capacity, not by the desired count); a
 no-op input is a fixed point; losing a node re-places exactly the lost instances and moves
 nothing else; a joining node only receives instances when the spread would otherwise exceed 1.
 """
@@ -43,13 +45,15 @@ def allocate(
     *,
     failed: Collection[tuple[str, str]] = (),
     excluded: Collection[tuple[str, str]] = (),
+    capacity: int | None = None,
 ) -> Placement:
     """Return the target placement `{artifact: {node: sorted ids}}` (only non-empty entries).
 
     `failed` and `excluded` hold `(artifact, node)` pairs: a failed placement's instances are
     dropped and re-placed; an excluded pair receives no new instances (existing healthy ones
-    stay).
+    stay). `capacity` caps the instances (all artifacts) a node receives new ones up to.
     """
+    cap = float("inf") if capacity is None else capacity
     live = sorted(set(nodes))
     live_set = set(live)
     failed_set = set(failed)
@@ -103,6 +107,9 @@ def allocate(
         used = {i for ids in per.values() for i in ids}
         nxt = 0
         while have < want and eligible:
+            eligible = [n for n in eligible if totals[n] < cap]
+            if not eligible:
+                break
             while nxt in used:
                 nxt += 1
             dst = min(eligible, key=lambda n: (count(n), totals[n], n))
@@ -115,7 +122,7 @@ def allocate(
         while eligible and per:
             src = max(per, key=lambda n: (len(per[n]), totals[n], n))
             dst = min(eligible, key=lambda n: (count(n), totals[n], n))
-            if len(per[src]) - count(dst) <= 1:
+            if len(per[src]) - count(dst) <= 1 or totals[dst] >= cap:
                 break
             i = per[src].pop()
             totals[src] -= 1

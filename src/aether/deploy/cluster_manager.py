@@ -12,6 +12,11 @@ A pass runs:
 - when the set of live peers changes (polled every `membership_poll`),
 - when a grace period or backoff expires, and at least every `reconcile_interval`.
 
+Bounded work: the leader places at most `max_instances_per_node` instances on a node (admission
+control's limit, also enforced here for state written before the limit) and one command starts
+at most `max_starts_per_command` new instances (`reconcile.plan`); a large change converges in
+several passes, each one triggered by the nodes' reports.
+
 Fencing: every write is `compare_and_set(key, value this leader observed, new value)`. If two
 nodes briefly both believe they lead, each write still only succeeds when the key holds what
 its writer based the decision on, so no write can overwrite a newer node report or a newer
@@ -53,6 +58,8 @@ class ClusterDeploymentManager:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         max_failures_per_node: int = 3,
+        max_instances_per_node: int | None = None,
+        max_starts_per_command: int | None = 200,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -63,6 +70,8 @@ class ClusterDeploymentManager:
         self.reconcile_interval = reconcile_interval
         self.dead_node_grace = dead_node_grace
         self.membership_poll = membership_poll
+        self.capacity = max_instances_per_node
+        self.max_starts = max_starts_per_command
         self.log = logger or logging.getLogger(f"aether.deploy.cluster.{self.node_id}")
         self._backoff = (backoff_base, backoff_cap, max_failures_per_node)
         self.failures = FailureTracker(*self._backoff)
@@ -196,7 +205,8 @@ class ClusterDeploymentManager:
             if now - t >= self.dead_node_grace and n not in slices:
                 self.failures.forget_node(n)
         desired = desired_state(blueprints)
-        p = plan(desired, up, grace, slices, endpoints, routes, self.failures, now, self._wall())
+        p = plan(desired, up, grace, slices, endpoints, routes, self.failures, now, self._wall(),
+                 capacity=self.capacity, max_starts=self.max_starts)
         self.passes += 1
         self.last_plan = p
         if p.writes and self.leader.is_leader:

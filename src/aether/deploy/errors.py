@@ -20,3 +20,10 @@ class DeploymentFailed(AetherError):
 
 class ConvergenceTimeout(AetherError):
     """The cluster did not converge on the desired state in time; the message says what is missing."""
+
+
+class AdmissionRejected(BlueprintError):
+    """A blueprint, deploy or scale would make the cluster run more slice instances than the
+    configured limits (`max_instances_per_node`, `max_instances_per_cluster`) allow; the message
+    names the limit, its value and the count asked for. Answered with 400 like every
+    `BadRequest`; nothing was written."""

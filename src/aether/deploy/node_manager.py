@@ -75,6 +75,7 @@ from aether.kv.keys import (
 from aether.kv.machine import WatchEvent
 from aether.kv.store import KVStore, decode_value
 
+_WRITE_BATCH = 128  # endpoint writes one step keeps in flight at a time
 _SERVING = frozenset({SliceState.ACTIVATE, SliceState.ACTIVATING, SliceState.ACTIVE})
 
 
@@ -428,8 +429,9 @@ class NodeDeploymentManager:
 
     async def _publish(self, artifact: str, info: SliceInfo, ids: list[int]) -> None:
         value = EndpointValue(self.node_id, "ACTIVE")
-        await asyncio.gather(*(self.kv.put(EndpointKey(artifact, entry, i), value)
-                               for entry in sorted(info.entries) for i in ids))
+        keys = [EndpointKey(artifact, entry, i) for entry in sorted(info.entries) for i in ids]
+        for k in range(0, len(keys), _WRITE_BATCH):  # bounded: never thousands of writes in flight
+            await asyncio.gather(*(self.kv.put(key, value) for key in keys[k:k + _WRITE_BATCH]))
 
     async def _remove_endpoints(self, artifact: str, ids: set[int] | None = None) -> None:
         mine = []
@@ -439,7 +441,8 @@ class NodeDeploymentManager:
             k = parse_key(key)
             if isinstance(k, EndpointKey) and (ids is None or k.instance in ids):
                 mine.append((key, v))
-        await asyncio.gather(*(self._cas(k, v, None) for k, v in mine))
+        for j in range(0, len(mine), _WRITE_BATCH):
+            await asyncio.gather(*(self._cas(key, v, None) for key, v in mine[j:j + _WRITE_BATCH]))
 
     async def _cleanup_routes(self, artifact: str) -> None:
         """Remove the artifact's routes if no instance of it is left in the cluster."""

@@ -30,6 +30,8 @@ import msgspec
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec
+from aether.deploy import admission
+from aether.deploy.admission import InstanceLimits
 from aether.deploy.blueprint import (
     DIRECT_PREFIX,
     Blueprint,
@@ -93,11 +95,29 @@ class DeploymentService:
         dependencies_of: DependenciesOf,
         resolve: Resolve,
         timeout: float = 5.0,
+        limits: InstanceLimits | None = None,
+        members: int = 1,
     ) -> None:
         self.kv = kv
         self.dependencies_of = dependencies_of
         self.resolve = resolve
         self.timeout = timeout
+        self.limits = limits
+        self.members = members
+
+    def _admit(self, changes: dict[str, BlueprintValue | None], what: str) -> None:
+        """Admission control (`aether.deploy.admission`): raise `AdmissionRejected` if replacing
+        the blueprints in `changes` (None: deleted) would exceed the instance limits."""
+        if self.limits is None:
+            return
+        current = {e.id: e.blueprint for e in self.list_blueprints()}
+        after = {**current, **changes}
+
+        def counts(bps: dict[str, BlueprintValue | None]) -> dict[str, int]:
+            values = (v for v in bps.values() if v is not None)
+            return {a: d.instances for a, d in desired_state(values).items()}
+
+        admission.check(counts(dict(current)), counts(after), self.members, self.limits, what)
 
     # --- blueprints -----------------------------------------------------------------------------
 
@@ -107,6 +127,7 @@ class DeploymentService:
         """Parse, expand and store a blueprint (replacing one with the same id)."""
         bp = parse_blueprint(toml_text, filename)
         value = expand(bp, self.dependencies_of, self.resolve, source=source)
+        self._admit({bp.id: value}, f"blueprint {bp.id!r}")
         for name, spec in bp.maps:  # before the slices, which may use them in start()
             await self._define_map(bp, name, spec)
         await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
@@ -159,6 +180,7 @@ class DeploymentService:
         bp = Blueprint(direct_id(artifact), (BlueprintSliceSpec(artifact.artifact, artifact, instances),),
                        filename=f"deploy {artifact}")
         value = expand(bp, self.dependencies_of, self.resolve, source="api")
+        self._admit({bp.id: value}, f"deploying {instances} instances of {artifact}")
         await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
         return value
 
@@ -176,6 +198,8 @@ class DeploymentService:
                 msgspec.structs.replace(s, instances=instances) if match(s.artifact) else s for s in v.slices
             ])
 
+        scaled = {e.id: new for e in self.list_blueprints() if (new := change(e.id, e.blueprint)) is not None}
+        self._admit(dict(scaled), f"scaling {artifact_coords} to {instances} instances")
         changed = await self._update_all(change)
         if not changed:
             raise BlueprintError(f"{artifact_coords} is not deployed: no blueprint lists it")

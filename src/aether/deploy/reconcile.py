@@ -22,6 +22,11 @@ Per pass:
    - FAILED, backoff over             -> `UNLOAD` (keeps the reason); the instances were
      already re-placed elsewhere when the node reported FAILED
    - any state in transit             -> wait for the node
+   Bounded work per pass: an ACTIVATE or a scale-up command starts at most `max_starts` new
+   instances on a node (the lowest new ids); the next pass, triggered by the node's ACTIVE
+   report, adds the next ones. Removals are never held back. A node starts instances in steps
+   of bounded size, so its event loop (heartbeats, consensus, the API) is never blocked by one
+   huge step, and a later change (e.g. deleting the blueprint) is picked up between steps.
 4. Routes whose artifact has no endpoint and no key in ACTIVATE/ACTIVATING/ACTIVE anywhere
    are removed (backstop of the nodes' own route cleanup, e.g. when the last instance was on a
    node that died).
@@ -140,6 +145,16 @@ def _state(v: SliceStateValue) -> SliceState | None:
         return None
 
 
+def _bounded(running: Sequence[int], target: Sequence[int], max_starts: int | None) -> list[int]:
+    """`target`, but with at most `max_starts` ids that are not `running` yet (the lowest)."""
+    have = set(running)
+    keep = [i for i in target if i in have]
+    new = sorted(i for i in target if i not in have)
+    if max_starts is not None:
+        new = new[:max(1, max_starts)]
+    return sorted(keep + new)
+
+
 def plan(
     desired: Mapping[str, DesiredSlice],
     up: Sequence[str],
@@ -150,10 +165,15 @@ def plan(
     failures: FailureTracker,
     now: float,
     wall: float,
+    *,
+    capacity: int | None = None,
+    max_starts: int | None = None,
 ) -> Plan:
     """One reconciliation pass. `slices` is `{node: {artifact: value}}` for every key in the store;
     `up` the live nodes (the leader included); `grace` the nodes down for less than the grace
-    period; `now` a monotonic clock for backoff, `wall` the timestamp written into commands."""
+    period; `now` a monotonic clock for backoff, `wall` the timestamp written into commands;
+    `capacity` the instances one node may run (admission control), `max_starts` the new
+    instances one command may start (None: unbounded)."""
     out = Plan()
     up_set = set(up)
     known = up_set | set(grace)
@@ -199,7 +219,7 @@ def plan(
     for a in desired:
         excluded |= failures.excluded(a, sorted(up_set), now)
     target = allocate({a: d.instances for a, d in desired.items()}, nodes, current,
-                      failed=failed, excluded=excluded)
+                      failed=failed, excluded=excluded, capacity=capacity)
     out.current, out.target = current, target
 
     # 3. commands
@@ -227,12 +247,12 @@ def plan(
                 if not ids:
                     cmd("UNLOAD", list(v.instances), "not wanted here")
                 elif all(d in active for d in desired[a].depends_on):
-                    cmd("ACTIVATE", ids, "activate")
+                    cmd("ACTIVATE", _bounded([], ids, max_starts), "activate")
             elif st is SliceState.ACTIVE:
                 if not ids:
                     cmd("DEACTIVATE", list(v.instances), "not wanted here")
                 elif ids != sorted(v.instances):
-                    cmd("ACTIVE", ids, "scale")
+                    cmd("ACTIVE", _bounded(v.instances, ids, max_starts), "scale")
 
     # 4. routes without any instance
     for key, rv in routes:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
 from aether.consensus.runner import ConsensusRunner
-from aether.core.errors import BadRequest, SessionConflict
+from aether.core.errors import BadRequest, CommitTimeout, QuorumLost, SessionConflict
 from aether.kv.keys import Key, parse_key, value_type_for
 from aether.kv.machine import (
     UNKNOWN_SESSION,
@@ -74,6 +75,11 @@ class KVStore:
         self._watches: dict[int, tuple[str, WatchCallback]] = {}
         self._ids = itertools.count(1)
         self.log = logging.getLogger(f"aether.kv.{node_id}")
+        # write outcomes, for the node status (`aether doctor`): failures since start, and since
+        # when (monotonic) writes keep failing with which error (None after a success)
+        self.write_failures = 0
+        self.failing_since: float | None = None
+        self.last_write_error: str | None = None
         runner.after_apply.append(self._dispatch)
         runner.on_installed.append(self._reset)
 
@@ -107,7 +113,16 @@ class KVStore:
         return res
 
     async def _submit(self, op: Op, client: str, seq: int, timeout: float) -> Result:
-        (res,) = await self.runner.apply([encode_command(op, client, seq)], timeout)
+        try:
+            (res,) = await self.runner.apply([encode_command(op, client, seq)], timeout)
+        except (QuorumLost, CommitTimeout) as e:
+            self.write_failures += 1
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+            self.last_write_error = str(e) or type(e).__name__
+            raise
+        self.failing_since = None
+        self.last_write_error = None
         return decode_result(res)
 
     @staticmethod

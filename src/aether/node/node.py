@@ -26,6 +26,7 @@ from aether.deploy import (
     EndpointRegistry,
     NodeDeploymentManager,
 )
+from aether.deploy.admission import InstanceLimits
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer
 from aether.kv.machine import Command, KVStateMachine, Result
@@ -33,6 +34,7 @@ from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, Cl
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
+from aether.node.looplag import LoopLagProbe
 from aether.slices.isolation import BlockPolicy, BlockReport, SliceBlockedNotice
 from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
@@ -124,10 +126,13 @@ class Node:
             logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
         )
         self.cluster_deployer = ClusterDeploymentManager(
-            self.kv, self.leader, logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}")
+            self.kv, self.leader, max_instances_per_node=config.max_instances_per_node,
+            logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}"),
         )
         self.deployments = DeploymentService(
-            self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern
+            self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern,
+            limits=InstanceLimits(config.max_instances_per_node, config.max_instances_per_cluster),
+            members=len(self.members),
         )
         # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
         # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
@@ -140,6 +145,7 @@ class Node:
         self.slice_store.on_block.append(self._on_slice_block)
         self._block_policies: dict[str, BlockPolicy] = {}
         self.slice_blocks = 0  # slice loops found blocked since start (node status)
+        self.loop_lag = LoopLagProbe()
         self.management: Any = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
@@ -149,6 +155,7 @@ class Node:
     async def start(self, *, management: bool = True) -> None:
         self.started_at = time.time()
         self.runner.recover()
+        self.loop_lag.start()
         await self.transport.start()
         self.runner.start(self.transport)
         await self.maps.start()
@@ -192,6 +199,7 @@ class Node:
         self.endpoints.close()
         await self.transport.stop()
         await self.runner.stop()
+        await self.loop_lag.stop()
         self.log.info(
             "node %s stopped at slot %d; consensus stats %s",
             self.node_id, self.runner.engine.applied, self.runner.engine.stats,
@@ -293,6 +301,17 @@ class Node:
             cluster_port=self.transport.port,
             http_port=self.http.port if self.http is not None else self.config.http_port,
             pid=os.getpid(),
+            local_instances={
+                str(a): ids for a in self.slice_store.artifacts()
+                if (ids := self.slice_store.local_instances(a))
+            },
+            loop_lag_max_ms=round(self.loop_lag.max_recent() * 1000, 1),
+            journal_error=str(failed) if (failed := self.store.failed) is not None else None,
+            store_write_failures=self.kv.write_failures,
+            store_write_failing_for=(
+                None if self.kv.failing_since is None else round(time.monotonic() - self.kv.failing_since, 1)
+            ),
+            store_write_error=self.kv.last_write_error,
         )
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
