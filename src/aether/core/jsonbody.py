@@ -6,13 +6,13 @@ where it is; a body sent without a JSON content type is `UnsupportedMediaType` (
 here lets a hostile body raise anything else (msgspec's own ``RecursionError`` on very deep input
 becomes the same `BadRequest`).
 
-Cost: msgspec decodes; the depth and integer checks walk the decoded value only when a cheap
-scan of the raw bytes (bracket count, runs of 19+ digits, both in C) says they could fail.
+Cost: msgspec decodes; the depth check walks the decoded value only when the raw bytes hold more
+than `MAX_JSON_DEPTH` brackets, and the integer check is a MessagePack encoding of the value (in
+C) that walks it only when an integer does not fit, to say where.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any, Final
 
 import msgspec
@@ -35,7 +35,7 @@ INT_MIN: Final = -(2**63)
 INT_MAX: Final = 2**64 - 1
 
 _DEC = msgspec.json.Decoder()
-_LONG_DIGITS = re.compile(rb"\d{19,}")
+_MSGPACK = msgspec.msgpack.Encoder()
 
 
 class UnsupportedMediaType(StatusError):
@@ -73,9 +73,13 @@ def decode_json_body(body: bytes) -> Any:
         raise _too_deep() from None
     except msgspec.DecodeError as e:  # includes ValidationError ("Number out of range" for 1e999)
         raise BadRequest(f"request body is not valid JSON: {e}") from None
-    deep = body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH
-    if deep or _LONG_DIGITS.search(body) is not None:
-        _check(value)
+    if len(body) > MAX_JSON_DEPTH and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        _check(value)  # depth first: the encoder below recurses too
+    try:
+        _MSGPACK.encode(value)
+    except OverflowError:
+        _check(value)  # raises, naming where
+        raise  # unreachable unless the encoder and _check disagree: let the caller see it
     return value
 
 
