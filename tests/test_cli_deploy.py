@@ -198,7 +198,8 @@ def test_deployment_api_rejects_bad_input(make_process_cluster: Any, tmp_path: P
             "nothing",
         ),
         ("POST", "/api/v1/invoke/org.example:hello/greet?timeout=abc", {}, None, 400, "timeout"),
-        ("POST", "/api/v1/invoke/org.example:nothing/greet?timeout=0.3", {}, None, 503, "no ACTIVE instance"),
+        # not deployed anywhere: 404 at once (issue 11: it used to wait the deadline, then 503)
+        ("POST", "/api/v1/invoke/org.example:nothing/greet", {}, None, 404, "is not deployed"),
     ]
     for method, path, body, raw, want, text in cases:
         status, doc = api(port, method, path, body, raw)

@@ -107,7 +107,8 @@ async def test_blueprint_apply_converges_and_slices_call_each_other(cluster: lis
             async with http.get(f"{base}/nowhere") as r:
                 assert r.status == 404
                 assert "/nowhere" in (await r.json())["detail"]
-            async with http.post(f"{base}/greeter/welcome", data=b"{broken") as r:
+            json_h = {"Content-Type": "application/json"}
+            async with http.post(f"{base}/greeter/welcome", data=b"{broken", headers=json_h) as r:
                 assert r.status == 400
     # slices listing shape used by `aether slices --json`
     status, listing = await _http(n1, "GET", "/api/v1/slices")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from aether.core.errors import BadRequest
+from aether.core.jsonbody import UnsupportedMediaType
 from aether.http.routes import (
     BodyTooLarge,
     Match,
@@ -275,10 +276,19 @@ def m_for(pattern: str, path: str, bindings: dict[str, str], http_method: str = 
 
 def test_bind_path_query_header() -> None:
     m = m_for("/hello/{name}", "/hello/Ann", {"name": "path", "greeting": "query", "x_trace": "header"})
-    payload = build_payload(
-        m, query_string="greeting=Hi%20there&other=1", headers=CIMultiDict({"X-Trace": "t1"})
-    )
+    payload = build_payload(m, query_string="greeting=Hi%20there", headers=CIMultiDict({"X-Trace": "t1"}))
     assert decode(payload) == {"name": "Ann", "greeting": "Hi there", "x_trace": "t1"}
+
+
+def test_unknown_query_parameter_is_rejected_naming_it_and_the_accepted_ones() -> None:
+    m = m_for("/hello/{name}", "/hello/Ann", {"name": "path", "greeting": "query"})
+    with pytest.raises(
+        BadRequest, match=r"unknown query parameter 'other'; GET /hello/\{name\} accepts: greeting"
+    ):
+        build_payload(m, query_string="greeting=Hi&other=1")
+    m = m_for("/ping", "/ping", {})
+    with pytest.raises(BadRequest, match="accepts no query parameters"):
+        build_payload(m, query_string="x=1")
 
 
 def test_bind_missing_query_is_left_out_and_repeated_query_is_a_list() -> None:
@@ -289,34 +299,81 @@ def test_bind_missing_query_is_left_out_and_repeated_query_is_a_list() -> None:
 
 def test_bind_body_fields_and_path_param() -> None:
     m = m_for("/orders/{id}", "/orders/7", {"id": "path", "item": "body", "qty": "body"}, "PUT")
-    payload = build_payload(m, body=b'{"item": "pen", "qty": 3, "extra": true}')
+    payload = build_payload(m, content_type="application/json", body=b'{"item": "pen", "qty": 3}')
     assert decode(payload) == {"id": "7", "item": "pen", "qty": 3}
+
+
+def test_unknown_body_field_is_rejected_naming_it() -> None:
+    m = m_for("/orders/{id}", "/orders/7", {"id": "path", "item": "body", "qty": "body"}, "PUT")
+    with pytest.raises(
+        BadRequest, match=r"unknown field 'extra' in the JSON body; PUT /orders/\{id\} accepts: item, qty"
+    ):
+        build_payload(m, content_type="application/json", body=b'{"item": "pen", "qty": 3, "extra": true}')
+
+
+@pytest.mark.parametrize(
+    "ctype", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"]
+)
+def test_body_without_json_content_type_is_415(ctype: str | None) -> None:
+    m = m_for("/orders", "/orders", {"item": "body"}, "POST")
+    with pytest.raises(UnsupportedMediaType, match="Content-Type: application/json") as ei:
+        build_payload(m, content_type=ctype, body=b'{"item": "pen"}')
+    assert ei.value.status == 415
+    # no body, no content type needed; JSON types with parameters and +json suffixes are accepted
+    assert decode(build_payload(m)) == {}
+    for ok in ("application/json; charset=utf-8", "Application/JSON", "application/problem+json"):
+        assert decode(build_payload(m, content_type=ok, body=b'{"item": "pen"}')) == {"item": "pen"}
+
+
+def test_deep_nesting_is_a_bad_request_not_a_recursion_error() -> None:
+    m = m_for("/raw", "/raw", {}, "POST")
+    for body in (b"[" * 100_000 + b"]" * 100_000, b"[" * 100_000, b'{"a":' * 65 + b"1" + b"}" * 65):
+        with pytest.raises(BadRequest, match="nested more than 64 levels"):
+            build_payload(m, content_type="application/json", body=body)
+    ok = b"[" * 64 + b"]" * 64
+    assert build_payload(m, content_type="application/json", body=ok)
+
+
+def test_integer_beyond_64_bits_is_a_bad_request_naming_where() -> None:
+    m = m_for("/orders", "/orders", {"qty": "body"}, "POST")
+    with pytest.raises(BadRequest, match=r"number at `\$.qty` is out of range"):
+        build_payload(m, content_type="application/json", body=b'{"qty": 1' + b"0" * 30 + b"}")
+    with pytest.raises(BadRequest, match="out of range"):  # more digits than int() may print
+        build_payload(m, content_type="application/json", body=b'{"qty": ' + b"9" * 5000 + b"}")
+    big = str(2**64 - 1).encode()
+    assert decode(build_payload(m, content_type="application/json", body=b'{"qty": ' + big + b"}")) == {
+        "qty": 2**64 - 1
+    }
 
 
 def test_bind_query_falls_back_to_json_object_body() -> None:
     m = m_for("/orders", "/orders", {"item": "query", "qty": "query"}, "POST")
-    payload = build_payload(m, query_string="qty=5", body=b'{"item": "pen", "qty": 9}')
+    payload = build_payload(
+        m, query_string="qty=5", content_type="application/json", body=b'{"item": "pen", "qty": 9}'
+    )
     assert decode(payload) == {"item": "pen", "qty": "5"}
 
 
 def test_no_bindings_passes_whole_body_or_empty_payload() -> None:
     m = m_for("/raw", "/raw", {}, "POST")
-    assert decode(build_payload(m, body=b'{"a": [1, 2]}')) == {"a": [1, 2]}
-    assert decode(build_payload(m, body=b'"just a string"')) == "just a string"
+    assert decode(build_payload(m, content_type="application/json", body=b'{"a": [1, 2]}')) == {"a": [1, 2]}
+    assert (
+        decode(build_payload(m, content_type="application/json", body=b'"just a string"')) == "just a string"
+    )
     assert build_payload(m) == b""
     assert build_payload(m, body=b"  \n") == b""
 
 
 def test_malformed_json_is_bad_request() -> None:
     m = m_for("/raw", "/raw", {"a": "body"}, "POST")
-    with pytest.raises(BadRequest, match="malformed JSON body"):
-        build_payload(m, body=b'{"a": ')
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        build_payload(m, content_type="application/json", body=b'{"a": ')
 
 
 def test_non_object_body_where_fields_expected_is_bad_request_naming_fields() -> None:
     m = m_for("/raw", "/raw", {"a": "body", "b": "body"}, "POST")
     with pytest.raises(BadRequest, match="object with fields a, b; got list"):
-        build_payload(m, body=b"[1]")
+        build_payload(m, content_type="application/json", body=b"[1]")
 
 
 def test_body_too_large() -> None:
@@ -324,7 +381,9 @@ def test_body_too_large() -> None:
     with pytest.raises(BodyTooLarge) as ei:
         build_payload(m, body=b"1" * 11, max_body=10)
     assert ei.value.size == 11 and ei.value.limit == 10
-    assert decode(build_payload(m, body=b"1" * 10, max_body=10)) == 1111111111
+    assert (
+        decode(build_payload(m, content_type="application/json", body=b"1" * 10, max_body=10)) == 1111111111
+    )
 
 
 def test_bad_query_encoding_is_bad_request() -> None:

@@ -174,7 +174,7 @@ async def test_no_bindings_and_no_body_sends_empty_payload_and_str_answer_is_jso
 
 
 async def test_post_body_binding_and_header_binding(env: Env) -> None:
-    status, body, _ = await env.req("POST", "/api/orders", json={"item": "pen", "qty": 2, "zzz": 1})
+    status, body, _ = await env.req("POST", "/api/orders", json={"item": "pen", "qty": 2})
     assert status == 200 and body == {"echo": {"item": "pen", "qty": 2}}
     status, body, _ = await env.req("GET", "/api/orders/42", headers={"X-Tenant": "acme"})
     assert status == 200 and body == {"echo": {"id": "42", "x_tenant": "acme"}}
@@ -191,9 +191,32 @@ async def test_malformed_json_is_400_and_slice_not_called(env: Env) -> None:
     status, body, r = await env.req(
         "POST", "/api/orders", data=b'{"item": ', headers={"Content-Type": "application/json"}
     )
-    assert_problem(status, body, r, 400, "malformed JSON body")
-    status, body, r = await env.req("POST", "/api/orders", data=b"[1]")
+    assert_problem(status, body, r, 400, "not valid JSON")
+    status, body, r = await env.req(
+        "POST", "/api/orders", data=b"[1]", headers={"Content-Type": "application/json"}
+    )
     assert_problem(status, body, r, 400, "object with fields item, qty")
+    assert env.inv.calls == []
+
+
+async def test_strict_input_unknown_names_depth_numbers_content_type(env: Env) -> None:
+    """Issue 11, item 6: each is answered before the slice is called, naming the problem."""
+    status, body, r = await env.req("POST", "/api/orders", json={"item": "pen", "qty": 2, "zzz": 1})
+    assert_problem(status, body, r, 400, "unknown field 'zzz'", "accepts: item, qty")
+    status, body, r = await env.req("GET", "/hello/Ann?greeting=Hi&lang=de")
+    assert_problem(status, body, r, 400, "unknown query parameter 'lang'", "accepts: greeting")
+    json_h = {"Content-Type": "application/json"}
+    status, body, r = await env.req("POST", "/raw", data=b"[" * 500 + b"]" * 500, headers=json_h)
+    assert_problem(status, body, r, 400, "nested more than 64 levels")
+    status, body, r = await env.req(
+        "POST", "/api/orders", data=b'{"item": "pen", "qty": 1' + b"0" * 40 + b"}", headers=json_h
+    )
+    assert_problem(status, body, r, 400, "`$.qty` is out of range")
+    for headers in ({"Content-Type": "text/plain"}, {}):
+        status, body, r = await env.req(
+            "POST", "/api/orders", data=b'{"item": "pen", "qty": 2}', headers=headers
+        )
+        assert_problem(status, body, r, 415, "Content-Type: application/json")
     assert env.inv.calls == []
 
 
@@ -208,7 +231,9 @@ async def test_wrong_type_reported_by_slice_is_400_naming_field(env: Env) -> Non
 
 
 async def test_oversized_body_is_413(env: Env) -> None:
-    status, body, r = await env.req("POST", "/raw", data=b"1" * 2000)
+    status, body, r = await env.req(
+        "POST", "/raw", data=b"1" * 2000, headers={"Content-Type": "application/json"}
+    )
     assert_problem(status, body, r, 413, "1024")
 
     async def chunks() -> AsyncIterator[bytes]:

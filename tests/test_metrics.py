@@ -289,3 +289,29 @@ def test_service_leader_aggregates_peers_and_broadcasts() -> None:
     assert sorted(n.node_id for n in snap.nodes) == ["n1", "n2"]
     assert snap.entries[0].calls == 5 and len(snap.window) == 1
     assert svc.view().source == "leader"
+
+
+def test_client_errors_are_counted_apart_from_failures_everywhere() -> None:
+    """Issue 11, item 8: a 4xx answer is a client error, not a failure, in every view."""
+    src = _Source("n1")
+    m = src.entries
+    m.record(HELLO, "greet", 0.001, True)
+    m.record(HELLO, "greet", 0.001, False, True)  # e.g. 404 NotFound
+    m.record(HELLO, "greet", 0.001, False, True)  # e.g. 400 bad argument
+    m.record(HELLO, "greet", 0.001, False)  # the entry raised
+    (c,) = m.counters()
+    assert (c.calls, c.successes, c.client_errors, c.failures) == (4, 1, 2, 1)
+    agg = MetricsAggregator("n1")
+    agg.update(upd("n1", 1, 1.0, c), now=0.0)
+    agg.update(upd("n2", 1, 1.0, counters(10, 1)), now=0.0)  # a node sending no client_errors
+    snap = agg.compute(now=0.5, wall=1.0)
+    (e,) = snap.entries
+    assert (e.calls, e.successes, e.client_errors, e.failures) == (14, 10, 2, 2)
+    assert (snap.totals.client_errors, snap.totals.failures) == (2, 2)
+    fams = {f.name: f for f in text_string_to_metric_families(PrometheusExporter(src).render().decode())}
+    assert fams["aether_entry_client_errors"].samples[0].value == 2
+    assert fams["aether_entry_failures"].samples[0].value == 1
+    assert fams["aether_entry_successes"].samples[0].value == 1
+    # an update from a node without the field decodes with client_errors = 0
+    old = msgspec.msgpack.encode({k: v for k, v in msgspec.structs.asdict(c).items() if k != "client_errors"})
+    assert msgspec.msgpack.decode(old, type=EntryCounters).client_errors == 0

@@ -67,14 +67,14 @@ async def test_calls_are_counted_once_and_seen_from_a_follower(tmp_path: Path) -
             for i in range(10):
                 raw = await node.invoker.invoke("org.example:hello", "greet", msgspec.msgpack.encode(f"p{i}"))
                 assert msgspec.msgpack.decode(raw)["node"] == host.node_id
-        with pytest.raises(InvokeBadRequest):  # ran on the host and failed there: one failure
+        with pytest.raises(InvokeBadRequest):  # ran on the host, rejected there: one client error
             await others[0].invoker.invoke("org.example:hello", "greet", msgspec.msgpack.encode([1, 2]))
 
         follower = n3 if n3.node_id != n3.leader.leader else n2
         doc = await _greet_metrics(follower, 31)
         assert doc["node_id"] == follower.node_id and doc["leader"] == "node-1"
         (greet,) = [e for e in doc["entries"] if e["entry"] == "greet"]
-        assert (greet["successes"], greet["failures"]) == (30, 1)
+        assert (greet["successes"], greet["client_errors"], greet["failures"]) == (30, 1, 0)
         assert greet["nodes"] == [host.node_id]  # counted only where it ran
         assert greet["p50_ms"] is not None and greet["p99_ms"] >= greet["p50_ms"]
         assert sorted(n["node_id"] for n in doc["nodes"]) == ["node-1", "node-2", "node-3"]
@@ -116,7 +116,8 @@ async def test_calls_are_counted_once_and_seen_from_a_follower(tmp_path: Path) -
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         calls = {s.labels["entry"]: s.value for s in fams["aether_entry_calls"].samples}
         assert calls == {"greet": 31}
-        assert fams["aether_entry_failures"].samples[0].value == 1
+        assert fams["aether_entry_failures"].samples[0].value == 0
+        assert fams["aether_entry_client_errors"].samples[0].value == 1
         count = [s for s in fams["aether_entry_duration_seconds"].samples if s.name.endswith("_count")]
         assert count[0].value == 31 and count[0].labels["node"] == host.node_id
         assert fams["aether_node_memory_rss_bytes"].samples[0].value > 0

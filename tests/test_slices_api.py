@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import typing
 from typing import Protocol
 
 import msgspec
@@ -15,6 +16,7 @@ from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.slices import (
     EntryBadRequest,
+    ResponseTypeError,
     Slice,
     SliceCallError,
     SliceContext,
@@ -509,3 +511,41 @@ def test_kv_records_for_routes_and_endpoints() -> None:
     assert "endpoints/org.example:inventory:1.0.0/check_stock:3" in eps and len(eps) == len(info.entries)
     for key in eps:
         assert str(parse_key(key)) == key
+
+
+# --- return values checked against the annotation (issue 11, item 6) -----------------------------------
+
+
+class Answers(Slice):
+    @entry
+    async def count(self, what: str) -> int:
+        return {"int": 3, "str": "three", "bool": True}[what]  # type: ignore[return-value]
+
+    @entry
+    async def stocks(self, bad: bool) -> list[Stock]:
+        return [Stock("p1", 1), Stock("p2", "many" if bad else 2)]  # type: ignore[arg-type]
+
+    @entry
+    async def ratio(self) -> float:
+        return 1  # an int is a fine float
+
+    @entry
+    async def anything(self, what: str) -> typing.Any:
+        return {"a": [1, what]}
+
+
+async def test_return_value_must_fit_the_annotation() -> None:
+    assert dec(await invoke_entry(Answers(), "count", enc("int"))) == 3
+    with pytest.raises(ResponseTypeError) as ei:
+        await invoke_entry(Answers(), "count", enc("str"))
+    err = ei.value
+    assert err.status == 500 and err.entry == "Answers.count"
+    assert (err.expected, err.actual) == ("int", "str")
+    assert "entry Answers.count returned str, but its return annotation is int" in str(err)
+    with pytest.raises(ResponseTypeError, match="Expected `int`, got `bool`"):
+        await invoke_entry(Answers(), "count", enc("bool"))
+    assert dec(await invoke_entry(Answers(), "stocks", enc(False)), type=list[Stock])[1] == Stock("p2", 2)
+    with pytest.raises(ResponseTypeError, match=r"returned list.*list\[.*Stock\].*at `\$\[1\]\.available`"):
+        await invoke_entry(Answers(), "stocks", enc(True))
+    assert dec(await invoke_entry(Answers(), "ratio", b"")) == 1
+    assert dec(await invoke_entry(Answers(), "anything", enc("x"))) == {"a": [1, "x"]}

@@ -361,3 +361,51 @@ async def test_fits_the_ports_of_deploy_and_invoke(repo: Repository, tmp_path: P
     info = await store.load(CTR)
     r = info.routes[0]
     assert (r.http_method, r.path, r.entry, tuple(r.path_params)) == ("GET", "/add/{a}", "add", ("a",))
+
+
+OUTCOMES = """
+from aether.core.errors import BadRequest
+from aether.slices import Conflict, NotFound, Slice, entry
+
+class Outcomes(Slice):
+    @entry
+    async def run(self, what: str) -> int:
+        if what == "bad":
+            raise BadRequest("bad input")
+        if what == "missing":
+            raise NotFound("no such thing")
+        if what == "conflict":
+            raise Conflict("taken")
+        if what == "boom":
+            raise RuntimeError("boom")
+        if what == "wrong":
+            return "not an int"
+        return 1
+"""
+
+
+async def test_metrics_separate_client_errors_from_failures(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 11, item 8: 400/404/409 answers are client errors; raising or a wrong answer is a failure."""
+    from aether.metrics import EntryMetrics
+    from aether.slices import ResponseTypeError
+
+    art = Artifact.parse("org.example:outcomes:1.0.0")
+    r = Repository(tmp_path / "repo")
+    r.deploy(build_slice_wheel(tmp_path / "w", str(art), OUTCOMES, "Outcomes"))
+    metrics = EntryMetrics()
+    store = make_store(r, tmp_path, recorder=metrics)
+    await store.load(art)
+    await store.activate(art, [0])
+    assert dec(await store.call(art, "run", enc("ok"))) == 1
+    for what in ("bad", "missing", "conflict", "boom", "wrong"):
+        with pytest.raises(Exception):  # noqa: B017 - each kind is counted below
+            await store.call(art, "run", enc(what))
+    with pytest.raises(BadRequest):  # does not decode: the caller's mistake too
+        await store.call(art, "run", enc({"what": 1, "extra": 2}))
+    with pytest.raises(ResponseTypeError):
+        await store.call(art, "run", enc("wrong"))
+    assert "Outcomes.run returned str, but its return annotation is int" in caplog.text
+    (c,) = metrics.counters()
+    assert (c.calls, c.successes, c.client_errors, c.failures) == (8, 1, 4, 3)

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
+from aether.core.jsonbody import decode_json_body, require_json_content_type
 
 MAX_BODY = 1024 * 1024
 
@@ -43,12 +44,12 @@ async def _body(request: web.Request, into: type[Any]) -> Any:
         raise BadRequest(f"request body of {len(raw)} bytes exceeds the {MAX_BODY}-byte limit")
     if not raw.strip():
         raise BadRequest(f"{request.method} {request.path} needs a JSON body")
+    require_json_content_type(request.headers.get("Content-Type"))
+    value = decode_json_body(raw)  # malformed, too deep, integers beyond 64 bits: 400
     try:
-        return msgspec.json.decode(raw, type=into)
+        return msgspec.convert(value, type=into)
     except msgspec.ValidationError as e:
         raise BadRequest(f"invalid request body: {e}") from None
-    except msgspec.DecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
 
 
 def _not_found(bp_id: str) -> web.Response:
@@ -157,18 +158,31 @@ class DeploymentRoutes:
         raw = await request.read()
         if len(raw) > MAX_BODY:
             raise BadRequest(f"request body of {len(raw)} bytes exceeds the {MAX_BODY}-byte limit")
-        try:
-            arg = msgspec.json.decode(raw) if raw.strip() else None
-        except msgspec.DecodeError as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
+        from aether.api.server import _query
+
+        _query(request, ("timeout",))
+        arg = None
+        if raw.strip():
+            require_json_content_type(request.headers.get("Content-Type"))
+            arg = decode_json_body(raw)  # malformed, too deep, integers beyond 64 bits: 400
         target, method = request.match_info["artifact"], request.match_info["method"]
         timeout = _timeout(request, 10.0)
         from aether.api.server import problem_response
-        from aether.http.server import is_no_instance
-        from aether.invoke.errors import InvokeTimeout, SliceAppError, UnknownEntryError
+        from aether.http.server import is_no_instance, retry_after_header
+        from aether.invoke.errors import (
+            EndpointUnavailable,
+            InvokeTimeout,
+            NotDeployed,
+            SliceAppError,
+            UnknownEntryError,
+        )
 
         try:
             out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
+        except NotDeployed as e:
+            return problem_response(e.status, str(e), title="Not deployed")
+        except EndpointUnavailable as e:
+            return problem_response(e.status, str(e), title="No instance", headers=retry_after_header(e))
         except UnknownEntryError as e:
             return problem_response(404, str(e), title="Unknown entry")
         except SliceAppError as e:

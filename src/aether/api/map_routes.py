@@ -22,6 +22,7 @@ from aiohttp import web
 
 from aether.api.server import _query, problem_response
 from aether.core.errors import BadRequest, StatusError
+from aether.core.jsonbody import decode_json_body, require_json_content_type
 from aether.core.maps import (
     DEFAULT_MAX_VALUE_BYTES,
     MAX_VALUE_BYTES_LIMIT,
@@ -255,12 +256,11 @@ class MapRoutes:
     async def create_map(self, request: web.Request) -> web.Response:
         _query(request, ())
         raw = await _read(request)
+        require_json_content_type(request.headers.get("Content-Type"))
         try:
-            body = msgspec.json.decode(raw, type=CreateMap)
+            body = msgspec.convert(decode_json_body(raw), type=CreateMap)
         except msgspec.ValidationError as e:
             raise BadRequest(f"invalid map definition: {e}") from None
-        except msgspec.DecodeError as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
         spec = body.spec()
         created = await self.maps.define(body.name, spec)
         d = MapDefinition.of(body.name, spec)
@@ -319,10 +319,12 @@ class MapRoutes:
         name, key = request.match_info["name"], request.match_info["key"]
         self._spec(name)
         raw = await _read(request)
+        what = f"the value for map {name!r} key {key!r}"
+        require_json_content_type(request.headers.get("Content-Type"), what)
         try:
-            value = msgspec.json.decode(raw)
-        except msgspec.DecodeError as e:
-            raise BadRequest(f"the value for map {name!r} key {key!r} is not valid JSON: {e}") from None
+            value = decode_json_body(raw)  # malformed, too deep, integers beyond 64 bits
+        except BadRequest as e:
+            raise BadRequest(f"the value for map {name!r} key {key!r}: {e}") from None
         encoded = msgspec.msgpack.encode(value)
         await self.maps.map_put(name, key, encoded, ttl=ttl)
         return _json(MapEntryWritten(map=name, key=key, bytes=len(encoded), ttl=ttl))

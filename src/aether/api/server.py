@@ -56,7 +56,15 @@ import msgspec
 from aiohttp import web
 
 from aether.api.types import KVListing, Problem
-from aether.core.errors import BadRequest, CommitTimeout, ConfigError, NotReady, QuorumLost, SessionConflict
+from aether.core.errors import (
+    BadRequest,
+    CommitTimeout,
+    ConfigError,
+    NotReady,
+    QuorumLost,
+    SessionConflict,
+    StatusError,
+)
 from aether.core.status import KVEntry, NodeStatus
 
 __all__ = [
@@ -305,6 +313,8 @@ class ManagementServer:
             return self._http_problem(request, e)
         except BadRequest as e:
             return problem_response(400, str(e))
+        except StatusError as e:  # an error that carries its status (415 UnsupportedMediaType, ...)
+            return problem_response(e.status, str(e))
         except (NotReady, QuorumLost) as e:
             return problem_response(503, str(e) or type(e).__name__)
         except CommitTimeout as e:

@@ -41,9 +41,17 @@ entries and struct ``request`` entries (it converts strings leniently, ``"3"`` -
 
 A name that is absent is left out (the entry applies its default or reports the missing field).
 A route with no bindings at all passes the whole JSON body (re-encoded as MessagePack) as the
-request when there is a body, else an empty payload. Malformed JSON, a non-object body where
-fields are expected, and a body over the limit raise `BadRequest` / `BodyTooLarge` before any
-slice is called.
+request when there is a body, else an empty payload.
+
+Strict input, checked before any slice is called (`BadRequest` naming the problem unless noted):
+
+- a non-empty body needs a JSON content type (``application/json`` or ``application/*+json``),
+  else `UnsupportedMediaType` (415);
+- malformed JSON, nesting deeper than `MAX_JSON_DEPTH` (64) levels, an integer outside
+  ``-2**63 .. 2**64-1`` (`aether.core.jsonbody`);
+- a query parameter that is not bound from the query (the detail lists the accepted ones);
+- a field of a JSON object body that is bound neither from the body nor from the query;
+- a non-object body where fields are expected; a body over the limit (`BodyTooLarge`, 413).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from urllib.parse import parse_qs, unquote
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.core.jsonbody import decode_json_body, require_json_content_type
 from aether.kv.keys import RouteValue
 
 __all__ = [
@@ -76,7 +85,6 @@ BINDING_SOURCES = frozenset({"path", "query", "header", "body"})
 ROUTE_PREFIX = "routes/"
 
 _ENC = msgspec.msgpack.Encoder()
-_JSON_DEC = msgspec.json.Decoder()
 
 
 class BodyTooLarge(BadRequest):
@@ -350,12 +358,14 @@ def build_payload(
     query_string: str = "",
     headers: Mapping[str, str] | None = None,
     body: bytes = b"",
+    content_type: str | None = None,
     max_body: int | None = None,
 ) -> bytes:
     """The MessagePack payload for the matched route's entry; see the module docstring.
 
-    `headers` should be case-insensitive (aiohttp's are). Raises `BodyTooLarge` or `BadRequest`
-    naming the problem (malformed JSON, a non-object body where fields are expected, bad query).
+    `headers` should be case-insensitive (aiohttp's are); `content_type` is the request's
+    Content-Type header (None when absent). Raises `BodyTooLarge`, `UnsupportedMediaType` or
+    `BadRequest` naming the problem (see the module docstring).
     """
     if max_body is not None and len(body) > max_body:
         raise BodyTooLarge(len(body), max_body)
@@ -364,15 +374,28 @@ def build_payload(
     parsed: Any = None
     has_body = bool(body.strip())
     if has_body:
-        try:
-            parsed = _JSON_DEC.decode(body)
-        except msgspec.DecodeError as e:
-            raise BadRequest(f"malformed JSON body: {e}") from None
+        require_json_content_type(content_type)
+        parsed = decode_json_body(body)
+    query = _parse_query(query_string)
+    accepted = sorted(n for n, s in bindings.items() if s == "query")
+    for name in query:
+        if name not in accepted:
+            takes = f"accepts: {', '.join(accepted)}" if accepted else "accepts no query parameters"
+            raise BadRequest(
+                f"unknown query parameter {name!r}; {route.http_method} {route.pattern} {takes}"
+            )
+    body_obj: dict[str, Any] | None = parsed if isinstance(parsed, dict) else None
     if not bindings:
         return _ENC.encode(parsed) if has_body else b""
+    if body_obj is not None:
+        fields = sorted(n for n, s in bindings.items() if s in ("body", "query"))
+        for name in body_obj:
+            if name not in fields:
+                takes = f"accepts: {', '.join(fields)}" if fields else "takes no body fields"
+                raise BadRequest(
+                    f"unknown field {name!r} in the JSON body; {route.http_method} {route.pattern} {takes}"
+                )
     args: dict[str, Any] = {}
-    query: dict[str, list[str]] | None = None
-    body_obj: dict[str, Any] | None = parsed if isinstance(parsed, dict) else None
     for name, source in bindings.items():
         if source == "path":
             if name in match.params:
@@ -380,8 +403,6 @@ def build_payload(
             else:  # compile_route guarantees this cannot happen; keep the guard for safety
                 raise BadRequest(f"path parameter {name!r} missing from {route.pattern}")
         elif source == "query":
-            if query is None:
-                query = _parse_query(query_string)
             vals = query.get(name)
             if vals is not None:
                 args[name] = vals[0] if len(vals) == 1 else vals

@@ -14,18 +14,23 @@ request's header when it is sane, else a fresh id) which is also passed to the i
 Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``):
 
 ====  ===========================================================================================
-400   malformed path/query/JSON, body not an object, or the entry rejected the argument
-      (`BadRequest` / `InvokeBadRequest`: the detail names the field and why)
-404   no route for the path (detail names method and path)
+400   malformed path/query/JSON, JSON nested more than 64 levels or an integer outside
+      -2**63..2**64-1, an unknown query parameter or body field, body not an object, or the entry
+      rejected the argument (`BadRequest` / `InvokeBadRequest`: the detail names the field and why)
+404   no route for the path (detail names method and path), or the route's artifact is not
+      deployed / its instances have no such entry (`NotDeployed`, answered at once)
 405   the path exists for other methods (``Allow`` header lists them)
 408   the client did not send its body within ``request_timeout``
 413   body larger than ``max_body``
+415   a body without a JSON content type (``Content-Type: application/json`` is required)
 4xx   the entry raised a `SliceHttpError` (``NotFound`` 404, ``Conflict`` 409, ...), directly or by
       letting one from a slice it called escape: that status, its message as the detail
 502   the slice raised (`SliceAppError`), the route names an unknown entry (`UnknownEntryError`),
       or the answer cannot be represented as JSON
-503   no ACTIVE instance could be reached before the deadline (an `InvokeTimeout` whose last error
-      is "no ACTIVE instance ..." or a ``no_instance`` reply), or the invoker is closed
+503   the artifact is deployed but no instance is ACTIVE anywhere (`EndpointUnavailable`, answered
+      at once, with ``Retry-After: 1`` while an instance is starting), no ACTIVE instance could be
+      reached before the deadline (an `InvokeTimeout` whose last error is "no ACTIVE instance ..."
+      or a ``no_instance`` reply), or the invoker is closed
 504   any other `InvokeTimeout` (the deadline passed while an attempt ran or peers were failing)
 500   anything unexpected (logged with traceback; the response never contains one)
 ====  ===========================================================================================
@@ -44,20 +49,22 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
-from aether.core.errors import BadRequest
+from aether.core.errors import BadRequest, StatusError
 from aether.http.routes import ROUTE_PREFIX, BodyTooLarge, Match, RouteTable, build_payload
 from aether.invoke.errors import (
+    EndpointUnavailable,
     InvokeBadRequest,
     InvokeError,
     InvokerClosed,
     InvokeTimeout,
+    NotDeployed,
     SliceAppError,
     UnknownEntryError,
 )
 from aether.invoke.messages import KIND_NO_INSTANCE
 from aether.kv.keys import RouteValue
 
-__all__ = ["HttpRouter", "InvokerLike", "KVLike", "MiB", "problem_body"]
+__all__ = ["HttpRouter", "InvokerLike", "KVLike", "MiB", "problem_body", "retry_after_header"]
 
 MiB = 1024 * 1024
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -99,6 +106,11 @@ def problem_body(status: int, detail: str) -> bytes:
     except ValueError:
         title = "Error"
     return _JSON_ENC.encode(_Problem("about:blank", title, status, detail))
+
+
+def retry_after_header(e: EndpointUnavailable) -> dict[str, str] | None:
+    """``{"Retry-After": seconds}`` when the error suggests retrying, else None."""
+    return None if e.retry_after is None else {"Retry-After": str(e.retry_after)}
 
 
 def _new_request_id() -> str:
@@ -280,18 +292,29 @@ class HttpRouter:
         route = m.route
         try:
             payload = build_payload(
-                m, query_string=raw_query, headers=request.headers, body=body, max_body=self.max_body
+                m,
+                query_string=raw_query,
+                headers=request.headers,
+                body=body,
+                content_type=request.headers.get("Content-Type"),
+                max_body=self.max_body,
             )
         except BodyTooLarge as e:
             return self._problem(413, str(e), rid)
         except BadRequest as e:
             return self._problem(400, str(e), rid)
+        except StatusError as e:  # UnsupportedMediaType (415)
+            return self._problem(e.status, str(e), rid)
         try:
             answer = await self.invoker.invoke(
                 route.artifact, route.method, payload, request_id=rid, timeout=self.request_timeout
             )
         except InvokeBadRequest as e:
             return self._problem(400, e.detail or str(e), rid)
+        except NotDeployed as e:
+            return self._problem(e.status, str(e), rid)
+        except EndpointUnavailable as e:
+            return self._problem(e.status, str(e), rid, retry_after_header(e))
         except SliceAppError as e:
             if e.status is not None:
                 return self._problem(e.status, e.detail, rid)

@@ -10,12 +10,15 @@ registry and the transport only through the Protocols in `aether.invoke.ports` (
 request-id contextvar). See docs/invocation.md.
 """
 
+from aether.invoke.catalog import StoreCatalog
 from aether.invoke.context import new_request_id
 from aether.invoke.errors import (
+    EndpointUnavailable,
     InvokeBadRequest,
     InvokeError,
     InvokerClosed,
     InvokeTimeout,
+    NotDeployed,
     SliceAppError,
     UnknownEntryError,
     classify,
@@ -35,7 +38,7 @@ from aether.invoke.messages import (
     InvokeRequest,
     InvokeResponse,
 )
-from aether.invoke.ports import Endpoint, LocalSlices, PeerLink, PeerSender, Registry
+from aether.invoke.ports import Catalog, Endpoint, LocalSlices, PeerLink, PeerSender, Registry
 from aether.invoke.server import InvokeServer
 
 __all__ = [
@@ -48,7 +51,9 @@ __all__ = [
     "KIND_SHUTTING_DOWN",
     "KIND_UNKNOWN_ENTRY",
     "RETRYABLE_KINDS",
+    "Catalog",
     "Endpoint",
+    "EndpointUnavailable",
     "InvokeBadRequest",
     "InvokeError",
     "InvokeMessage",
@@ -60,10 +65,12 @@ __all__ = [
     "InvokerClosed",
     "InvokerStats",
     "LocalSlices",
+    "NotDeployed",
     "PeerLink",
     "PeerSender",
     "Registry",
     "SliceAppError",
+    "StoreCatalog",
     "UnknownEntryError",
     "backoff_delay",
     "classify",

@@ -19,10 +19,12 @@ from aether.invoke.messages import (
 )
 
 __all__ = [
+    "EndpointUnavailable",
     "InvokeBadRequest",
     "InvokeError",
     "InvokeTimeout",
     "InvokerClosed",
+    "NotDeployed",
     "SliceAppError",
     "UnknownEntryError",
     "classify",
@@ -83,6 +85,24 @@ class SliceAppError(InvokeError):
 
     status: int | None = None
     detail: str = ""
+
+
+class NotDeployed(InvokeError, StatusError):
+    """Nothing in the cluster's store knows the target (no blueprint names the artifact, no node
+    hosts it) or its ACTIVE instances have no such entry; raised at once, without retrying (404)."""
+
+    status = 404
+
+
+class EndpointUnavailable(InvokeError, StatusError):
+    """The target is deployed (a blueprint names it) but no instance of it is ACTIVE anywhere yet,
+    or all of them FAILED; raised at once instead of waiting for the deadline (503).
+
+    `retry_after` (seconds) is set while an instance is starting (worth retrying soon), and None
+    when every instance FAILED (the message gives the reason)."""
+
+    status = 503
+    retry_after: int | None = None
 
 
 class InvokerClosed(InvokeError):

@@ -15,6 +15,11 @@ Semantics
   another instance at once; when every candidate failed in this round, or there is no ACTIVE
   instance at all, the call waits with exponential backoff (jittered, 5 ms doubling up to 200 ms by
   default) and tries again, until its deadline (default 10 s) -> `InvokeTimeout`.
+- Fail fast: when a call finds no ACTIVE instance to try before its first attempt and a `catalog`
+  (the store's view, `aether.invoke.catalog.StoreCatalog`) is wired, it asks the catalog: an
+  unknown artifact or entry raises `NotDeployed` (404) and a deployed artifact with no ACTIVE
+  instance anywhere (starting, or every instance FAILED) raises `EndpointUnavailable` (503) at
+  once. Only when an ACTIVE endpoint exists on a node that is down does the call wait as above.
 - Non-retryable failures raise at once: `InvokeBadRequest`, `UnknownEntryError`, `SliceAppError`,
   and `InvokeTimeout` when the executing node reports that the call's deadline passed.
 - Delivery is AT LEAST ONCE across retries: an attempt whose response was lost (or that timed out)
@@ -31,12 +36,15 @@ import random
 import time
 from collections.abc import Callable
 
+from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
 from aether.invoke.context import RequestIdVar, find_request_id_var, new_request_id, read_request_id
 from aether.invoke.errors import (
+    EndpointUnavailable,
     InvokeBadRequest,
     InvokeError,
     InvokerClosed,
     InvokeTimeout,
+    NotDeployed,
     SliceAppError,
     UnknownEntryError,
     classify,
@@ -54,7 +62,7 @@ from aether.invoke.messages import (
     InvokeResponse,
     kind_status,
 )
-from aether.invoke.ports import LocalSlices, PeerLink, Registry
+from aether.invoke.ports import Catalog, LocalSlices, PeerLink, Registry
 from aether.transport import MessageRouter, PeerDown
 
 __all__ = ["Invoker", "InvokerStats", "backoff_delay"]
@@ -123,6 +131,7 @@ class Invoker:
         warn_interval: float = 5.0,
         rng: random.Random | None = None,
         logger: logging.Logger | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         if default_timeout <= 0:
             raise ValueError("default_timeout must be positive")
@@ -134,6 +143,7 @@ class Invoker:
         self._local = local
         self._registry = registry
         self._link = transport
+        self._catalog = catalog
         self.default_timeout = default_timeout
         self.attempt_timeout = attempt_timeout
         self._backoff_min = backoff_min
@@ -265,6 +275,8 @@ class Invoker:
                     )
                 choice, candidates = self._choose(target, method, tried)
                 if choice is None:
+                    if candidates == 0 and attempts == 0 and rounds == 0 and self._catalog is not None:
+                        self._fail_fast(target, method, rid)
                     if candidates == 0:
                         last_kind = KIND_NO_INSTANCE
                         last_error = f"no ACTIVE instance of {target} with entry {method!r} is reachable"
@@ -320,6 +332,22 @@ class Invoker:
         except BaseException:
             stats.failed += 1
             raise
+
+    def _fail_fast(self, target: str, method: str, rid: str) -> None:
+        """Raise at once when the store shows no ACTIVE endpoint of the entry anywhere (see module)."""
+        assert self._catalog is not None
+        state, detail = self._catalog.presence(target, method)
+        if state == ACTIVE:
+            return  # an instance is ACTIVE on a node that is down: wait for it, or its replacement
+        text = f"call {target}.{method} (request {rid}): {detail}"
+        if state in (STARTING, FAILED):
+            err = EndpointUnavailable(
+                text, target=target, method=method, kind=KIND_NO_INSTANCE, request_id=rid
+            )
+            err.retry_after = 1 if state == STARTING else None
+            raise err
+        kind = KIND_UNKNOWN_ENTRY if state == UNKNOWN_ENTRY else None
+        raise NotDeployed(text, target=target, method=method, kind=kind, request_id=rid)
 
     # --- choosing an instance -------------------------------------------------------------------
 

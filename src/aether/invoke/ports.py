@@ -5,6 +5,7 @@ sit beside it in the layering), so it names only what it needs from them here:
 
 - `LocalSlices` — this node's slice store (``SliceStore`` in ``aether.slices``, or an adapter);
 - `Registry` / `Endpoint` — the endpoint cache (``EndpointRegistry`` in ``aether.deploy``);
+- `Catalog` — the store's view of a target without reachable instances (`aether.invoke.catalog`);
 - `PeerSender` / `PeerLink` — the node-to-node transport (`aether.transport.Transport` fits both).
 
 This module imports nothing from `aether`; implementations are matched structurally.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Endpoint", "LocalSlices", "PeerLink", "PeerSender", "Registry"]
+__all__ = ["Catalog", "Endpoint", "LocalSlices", "PeerLink", "PeerSender", "Registry"]
 
 
 @runtime_checkable
@@ -79,3 +80,11 @@ class PeerLink(PeerSender, Protocol):
 
     @property
     def up_peers(self) -> frozenset[str]: ...
+
+
+class Catalog(Protocol):
+    """What the store knows about a target that has no reachable instance (``StoreCatalog``)."""
+
+    def presence(self, target: str, method: str) -> tuple[str, str]:
+        """``(state, detail)``: state is one of the `aether.invoke.catalog` constants."""
+        ...

@@ -63,10 +63,13 @@ class _Node:
 class _Merge:
     """One entry's counters summed over the nodes."""
 
-    __slots__ = ("buckets", "calls", "failures", "frate", "nodes", "rate", "slow", "slow_adaptive", "total")
+    __slots__ = (
+        "buckets", "calls", "client_errors", "failures", "frate", "nodes", "rate", "slow", "slow_adaptive",
+        "total",
+    )  # fmt: skip
 
     def __init__(self) -> None:
-        self.calls = self.failures = self.slow = self.slow_adaptive = 0
+        self.calls = self.failures = self.client_errors = self.slow = self.slow_adaptive = 0
         self.total = self.rate = self.frate = 0.0
         self.buckets = [0] * _NBUCKETS
         self.nodes: list[str] = []
@@ -74,6 +77,7 @@ class _Merge:
     def add(self, node_id: str, e: EntryCounters, rate: float, frate: float) -> None:
         self.calls += e.calls
         self.failures += e.failures
+        self.client_errors += e.client_errors
         self.total += e.total_seconds
         self.slow += e.slow
         self.slow_adaptive += e.slow_adaptive
@@ -199,7 +203,7 @@ class MetricsAggregator:
                 artifact=artifact,
                 entry=entry,
                 calls=m.calls,
-                successes=m.calls - m.failures,
+                successes=m.calls - m.failures - m.client_errors,
                 failures=m.failures,
                 calls_per_s=round(m.rate, 3),
                 failures_per_s=round(m.frate, 3),
@@ -210,6 +214,7 @@ class MetricsAggregator:
                 slow=m.slow,
                 slow_adaptive=m.slow_adaptive,
                 nodes=m.nodes,
+                client_errors=m.client_errors,
             )
             for (artifact, entry), m in sorted(merged.items())
         ]
@@ -224,6 +229,7 @@ class MetricsAggregator:
             nodes=n,
             cpu_percent=round(sum(s.cpu_percent for s in node_stats) / n, 2) if n else 0.0,
             rss_bytes=sum(s.rss_bytes for s in node_stats),
+            client_errors=sum(e.client_errors for e in entries),
         )
         tail = list(self.window)[-self.broadcast_points :] if self.broadcast_points else []
         return ClusterMetricsSnapshot(self.node_id, self.seq, wall, node_stats, entries, totals, tail)

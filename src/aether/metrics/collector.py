@@ -1,9 +1,12 @@
 """`EntryMetrics`: the per-node, sans-IO collector of entry-point calls.
 
-The node's slice store calls `record(artifact, entry, seconds, ok)` once per call it runs (local
-calls and calls served for other nodes alike, so each call is counted once, on the node that ran
-it). The caller measures `seconds` with `time.perf_counter`; this class reads no clock. Recording is
-a dict lookup, a `bisect` into the fixed bucket bounds and a few additions.
+The node's slice store calls `record(artifact, entry, seconds, ok, client_error)` once per call it
+runs (local calls and calls served for other nodes alike, so each call is counted once, on the node
+that ran it). A call that did not succeed is a *client error* when it was answered with a 4xx (bad
+argument, `NotFound`, `Conflict`, ...) and a *failure* otherwise (5xx: the entry raised, returned a
+value that does not fit its annotation, or was cancelled). The caller measures `seconds` with
+`time.perf_counter`; this class reads no clock. Recording is a dict lookup, a `bisect` into the
+fixed bucket bounds and a few additions.
 
 Slow calls, counted two ways (both cumulative):
 
@@ -46,12 +49,14 @@ ADAPTIVE_MIN_CALLS: Final = 20
 
 class _Cell:
     __slots__ = (
-        "adaptive", "buckets", "calls", "ewma", "failures", "slow", "slow_adaptive", "threshold", "total",
+        "adaptive", "buckets", "calls", "client_errors", "ewma", "failures", "slow", "slow_adaptive",
+        "threshold", "total",
     )  # fmt: skip
 
     def __init__(self, threshold: float, first: float) -> None:
         self.calls = 0
         self.failures = 0
+        self.client_errors = 0
         self.total = 0.0
         self.buckets = [0] * (len(BUCKET_BOUNDS) + 1)
         self.slow = 0
@@ -79,8 +84,11 @@ class EntryMetrics:
         self.thresholds = dict(thresholds or {})
         self._cells: dict[Artifact | str, dict[str, _Cell]] = {}
 
-    def record(self, artifact: Artifact | str, entry: str, seconds: float, ok: bool) -> None:
-        """Count one finished call of `entry` of `artifact` that took `seconds` (hot path)."""
+    def record(
+        self, artifact: Artifact | str, entry: str, seconds: float, ok: bool, client_error: bool = False
+    ) -> None:
+        """Count one finished call of `entry` of `artifact` that took `seconds` (hot path); a call
+        that is not `ok` is a client error (4xx) when `client_error`, else a failure."""
         try:
             cell = self._cells[artifact][entry]
         except KeyError:
@@ -88,7 +96,10 @@ class EntryMetrics:
             self._cells.setdefault(artifact, {})[entry] = cell
         cell.calls += 1
         if not ok:
-            cell.failures += 1
+            if client_error:
+                cell.client_errors += 1
+            else:
+                cell.failures += 1
         cell.total += seconds
         cell.buckets[bisect_left(BUCKET_BOUNDS, seconds)] += 1
         if seconds > cell.threshold:
@@ -114,8 +125,9 @@ class EntryMetrics:
                 artifact=str(artifact),
                 entry=entry,
                 calls=c.calls,
-                successes=c.calls - c.failures,
+                successes=c.calls - c.failures - c.client_errors,
                 failures=c.failures,
+                client_errors=c.client_errors,
                 total_seconds=c.total,
                 buckets=list(c.buckets),
                 slow=c.slow,

@@ -53,6 +53,9 @@ class EntryCounters(msgspec.Struct, frozen=True):
     """Calls slower than the entry's fixed (or per-entry configured) threshold."""
     slow_adaptive: int
     """Calls slower than ``ADAPTIVE_FACTOR`` times the entry's running average (after a warm-up)."""
+    client_errors: int = 0
+    """Calls answered with a 4xx (bad argument, NotFound, Conflict, ...): neither successes nor
+    failures. (Last, with a default: updates from nodes that do not send it decode as 0.)"""
 
 
 class NodeMetricsUpdate(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=60):
@@ -104,6 +107,8 @@ class EntryStats(msgspec.Struct, frozen=True):
     slow_adaptive: int
     nodes: list[str]
     """Nodes that ran the entry."""
+    client_errors: int = 0
+    """Calls answered with a 4xx (the caller's mistake); `failures` are the 5xx ones."""
 
 
 class ClusterTotals(msgspec.Struct, frozen=True):
@@ -118,6 +123,7 @@ class ClusterTotals(msgspec.Struct, frozen=True):
     """Average over the nodes."""
     rss_bytes: int
     """Sum over the nodes (in-process nodes of one process count that process once per node)."""
+    client_errors: int = 0
 
 
 class ClusterPoint(msgspec.Struct, frozen=True):

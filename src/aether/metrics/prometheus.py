@@ -7,6 +7,7 @@ default registry (several nodes may share a process). Every series has a ``node`
 Series: ``aether_node_cpu_percent``, ``aether_node_memory_rss_bytes``,
 ``aether_node_uptime_seconds`` (gauges); per entry (labels ``artifact``, ``entry``):
 ``aether_entry_calls_total``, ``aether_entry_successes_total``, ``aether_entry_failures_total``,
+``aether_entry_client_errors_total``,
 ``aether_entry_slow_calls_total`` (label ``threshold``: ``fixed`` or ``adaptive``) and the
 histogram ``aether_entry_duration_seconds``.
 """
@@ -61,7 +62,14 @@ class _NodeCollector(Collector):
         labels = ["node", "artifact", "entry"]
         calls = CounterMetricFamily("aether_entry_calls", "Entry-point calls run on this node", labels=labels)
         ok = CounterMetricFamily("aether_entry_successes", "Entry-point calls that returned", labels=labels)
-        failed = CounterMetricFamily("aether_entry_failures", "Entry-point calls that raised", labels=labels)
+        failed = CounterMetricFamily(
+            "aether_entry_failures", "Entry-point calls that failed (5xx: raised, bad answer)", labels=labels
+        )
+        client = CounterMetricFamily(
+            "aether_entry_client_errors",
+            "Entry-point calls answered with a 4xx (bad argument, NotFound, Conflict)",
+            labels=labels,
+        )
         slow = CounterMetricFamily(
             "aether_entry_slow_calls", "Calls above the slow threshold", labels=[*labels, "threshold"]
         )
@@ -73,6 +81,7 @@ class _NodeCollector(Collector):
             calls.add_metric(key, c.calls)
             ok.add_metric(key, c.successes)
             failed.add_metric(key, c.failures)
+            client.add_metric(key, c.client_errors)
             slow.add_metric([*key, "fixed"], c.slow)
             slow.add_metric([*key, "adaptive"], c.slow_adaptive)
             cumulative = 0
@@ -81,7 +90,7 @@ class _NodeCollector(Collector):
                 cumulative += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             hist.add_metric(key, buckets, c.total_seconds)
-        yield from (calls, ok, failed, slow, hist)
+        yield from (calls, ok, failed, client, slow, hist)
 
 
 class PrometheusExporter:

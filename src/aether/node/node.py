@@ -28,7 +28,7 @@ from aether.deploy import (
 )
 from aether.deploy.admission import InstanceLimits
 from aether.http import HttpRouter
-from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer
+from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
 from aether.kv.store import KVStore
@@ -113,7 +113,7 @@ class Node:
         # it is still running; lost nodes are detected by the transport (PeerDown) instead.
         self.invoker = Invoker(
             self.node_id, self.slice_store, self.endpoints, self.transport, router=self.router,
-            attempt_timeout=None,
+            attempt_timeout=None, catalog=StoreCatalog(self.kv),
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
         self.slice_store.invoker = self.invoker

@@ -48,6 +48,7 @@ from aether.core.errors import BadRequest
 from aether.slices.errors import (
     EntryBadRequest,
     ResponseEncodeError,
+    ResponseTypeError,
     SliceCallError,
     SliceDefinitionError,
     UnknownEntry,
@@ -194,6 +195,28 @@ class EntryInfo:
     _decoder: msgspec.msgpack.Decoder[Any] | None = field(repr=False, default=None)
     _single_decoder: msgspec.msgpack.Decoder[Any] | None = field(repr=False, default=None)
     _map_decoder: msgspec.msgpack.Decoder[Any] | None = field(repr=False, default=None)
+    _response_decoder: msgspec.msgpack.Decoder[Any] | None = field(repr=False, default=None)
+
+    def encode_result(self, value: Any) -> bytes:
+        """Encode what the entry returned, checked against its return annotation.
+
+        Raises `ResponseEncodeError` (no MessagePack form) or `ResponseTypeError` (the value does
+        not fit the annotation: a server-side error of the slice, HTTP 500).
+        """
+        out = encode_response(self.qualname, value)
+        dec = self._response_decoder
+        if dec is not None:
+            try:
+                dec.decode(out)
+            except msgspec.ValidationError as e:
+                raise ResponseTypeError(
+                    f"entry {self.qualname} returned {type(value).__name__}, but its return annotation "
+                    f"is {type_name(self.response_type)}: {e}",
+                    entry=self.qualname,
+                    expected=type_name(self.response_type),
+                    actual=type(value).__name__,
+                ) from None
+        return out
 
     def decode(self, payload: bytes) -> dict[str, Any]:
         """Decode a payload into keyword arguments; raises `EntryBadRequest`, never anything else."""
@@ -535,7 +558,9 @@ def _describe_entry(cls: type, name: str, fn: Callable[..., Any], mark: _EntryMa
     if "return" not in hints:
         raise _fail(cls, name, "the return type is not annotated (use `-> None` if it returns nothing)")
     response_type = hints["return"]
-    _decoder(cls, name, response_type, "response")  # validates the type
+    response_decoder: msgspec.msgpack.Decoder[Any] | None = _decoder(cls, name, response_type, "response")
+    if _strip_annotated(response_type) in (Any, object):
+        response_decoder = None  # anything encodable fits: no check
     route_decls = mark.routes
 
     kind: EntryKind
@@ -612,6 +637,7 @@ def _describe_entry(cls: type, name: str, fn: Callable[..., Any], mark: _EntryMa
         _decoder=decoder,
         _single_decoder=single,
         _map_decoder=map_decoder,
+        _response_decoder=response_decoder,
     )
 
 
@@ -684,7 +710,8 @@ async def invoke_entry(instance: Slice, entry: str, payload: bytes) -> bytes:
     """Decode `payload` for `entry`, await the method on `instance`, encode its result.
 
     Raises `UnknownEntry`, `EntryBadRequest` (a `BadRequest`: the payload does not fit; the message
-    names the entry and field), `ResponseEncodeError`; exceptions of the method itself propagate.
+    names the entry and field), `ResponseEncodeError`, `ResponseTypeError` (the result does not fit
+    the return annotation); exceptions of the method itself propagate.
     """
     info = describe_slice(type(instance))
     e = info.entries.get(entry)
@@ -694,7 +721,7 @@ async def invoke_entry(instance: Slice, entry: str, payload: bytes) -> bytes:
         )
     kwargs = e.decode(payload)
     result = await e.function(instance, **kwargs)
-    return encode_response(e.qualname, result)
+    return e.encode_result(result)
 
 
 # --- calling other slices -----------------------------------------------------------------------------

@@ -68,6 +68,19 @@ class ResponseEncodeError(SliceError):
     """An entry returned a value that cannot be encoded as MessagePack."""
 
 
+class ResponseTypeError(SliceError, StatusError):
+    """An entry returned a value that does not fit its return annotation (HTTP 500: a bug of the
+    slice, not of the caller). `entry`, `expected` and `actual` name the entry and the types."""
+
+    status = 500
+
+    def __init__(self, message: str, *, entry: str, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.entry = entry
+        self.expected = expected
+        self.actual = actual
+
+
 class InvalidWheel(BadRequest):
     """A file is not a usable (slice or library) wheel; the message names the file and the problem."""
 

@@ -32,6 +32,7 @@ from time import perf_counter
 from typing import Any, Literal, Protocol
 
 from aether.core.artifact import Artifact
+from aether.core.errors import BadRequest, StatusError
 from aether.slices.api import (
     Invoker,
     Slice,
@@ -41,7 +42,13 @@ from aether.slices.api import (
     invoke_entry,
     normalize_target,
 )
-from aether.slices.errors import NoLocalInstance, SliceStartError, SliceStateError, UnknownEntry
+from aether.slices.errors import (
+    NoLocalInstance,
+    ResponseTypeError,
+    SliceStartError,
+    SliceStateError,
+    UnknownEntry,
+)
 from aether.slices.isolation import BlockReport, SliceThread, ThreadInvoker, ThreadMaps
 from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
@@ -54,8 +61,9 @@ __all__ = ["CallRecorder", "SliceStore"]
 class CallRecorder(Protocol):
     """Where the store reports each entry call it ran (`aether.metrics.EntryMetrics` fits)."""
 
-    def record(self, artifact: str, entry: str, seconds: float, ok: bool) -> None:
-        """`artifact` is the full coordinates ``group:artifact:version``."""
+    def record(self, artifact: str, entry: str, seconds: float, ok: bool, client_error: bool = False) -> None:
+        """`artifact` is the full coordinates ``group:artifact:version``; `client_error` (with
+        ``ok=False``) says the call was answered with a 4xx (the caller's mistake), not a failure."""
         ...
 
 
@@ -67,6 +75,23 @@ async def _call_entry(obj: Slice, method: str, payload: bytes, request_id: str |
     if request_id is not None:
         current_request_id.set(request_id)  # in this call's own context (its task on the slice loop)
     return await invoke_entry(obj, method, payload)
+
+
+def is_client_error(exc: BaseException) -> bool:
+    """True when `exc` leaving an entry answers the caller with a 4xx status: a `BadRequest` (the
+    payload did not decode, or the entry raised one), a `StatusError` of 400-499 (`NotFound`,
+    `Conflict`, ...), or a nested call's 4xx answer the entry let escape (a ``SliceAppError`` with
+    a status). Any other error escaping from a nested call is the entry's own failure (as the
+    invoker's `classify` decides; matched by class name: this package does not import the invoker).
+    """
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "InvokeError" in names:
+        status = getattr(exc, "status", None) if "SliceAppError" in names else None
+    elif isinstance(exc, BadRequest):
+        return True
+    else:
+        status = exc.status if isinstance(exc, StatusError) else None
+    return isinstance(status, int) and 400 <= status <= 499
 
 
 # A pure function's cache (like normalize_target's): parsing coordinates on every call was ~10% of
@@ -295,16 +320,22 @@ class SliceStore:
         inst.inflight += 1
         inst.idle.clear()
         recorder = self.recorder
-        ok = False
+        ok = client_error = False
         t0 = perf_counter()
         try:
             assert e.thread is not None
             result = await e.thread.run(_call_entry(inst.obj, method, payload, request_id), entry=method)
             ok = True
             return result
+        except ResponseTypeError as exc:
+            self.log.error("%s: %s: %s", self.node_id, e.coords, exc)
+            raise
+        except Exception as exc:
+            client_error = is_client_error(exc)
+            raise
         finally:
             if recorder is not None:
-                recorder.record(e.coords, method, perf_counter() - t0, ok)
+                recorder.record(e.coords, method, perf_counter() - t0, ok, client_error)
             inst.inflight -= 1
             if inst.inflight == 0:
                 inst.idle.set()
