@@ -125,7 +125,8 @@ class Node:
             self.kv, self.leader, logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}")
         )
         self.deployments = DeploymentService(
-            self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern
+            self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern,
+            maps_of=self.repository.maps, repository=str(self.repository.root),
         )
         # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
         # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
