@@ -31,6 +31,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.http.DEFAULT_CONNECT (not imported: start-up)
+DEFAULT_TIMEOUT = 15.0  # same as aether.cli.http.DEFAULT_TIMEOUT: above the server's own deadlines
 DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
 
 _T = TypeVar("_T")
@@ -43,7 +44,7 @@ class Settings:
     connect: str = DEFAULT_CONNECT
     json: bool = False
     api_key: str | None = None
-    timeout: float = 5.0
+    timeout: float = DEFAULT_TIMEOUT
 
 
 # -- output helpers ---------------------------------------------------------------------------------
@@ -89,10 +90,20 @@ def _client(settings: Settings) -> ManagementClient:
 
 def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
     """Run one API call, turning failures into the CLI's messages and exit codes."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.http import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiUnreachable
 
     try:
         return fn(client)
+    except ApiNoAnswer as e:
+        longer = max(2 * e.timeout, SERVER_DEADLINE + 5)
+        fail(
+            str(e),
+            EXIT_FAILED,
+            hint=(
+                "The node runs but is slow or busy; the operation may still complete. Check "
+                f"`aether --connect {e.address} status`, or wait longer with --timeout {longer:g}."
+            ),
+        )
     except ApiUnreachable as e:
         fail(
             str(e),
@@ -137,9 +148,10 @@ def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
-    default=5.0,
+    default=DEFAULT_TIMEOUT,
     show_default=True,
-    help="Seconds to wait for a node's answer.",
+    help="Seconds to wait for a node's answer (above the node's own 5-10 s deadlines, so its "
+    "answer arrives).",
 )
 @click.version_option(__version__, "-V", "--version", prog_name="aether")
 @click.pass_context
