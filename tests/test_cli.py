@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import socket
 import subprocess
@@ -394,14 +395,29 @@ def test_build_node_config_toml_peer_tables(tmp_path: Path) -> None:
 # -- the HTTP client ----------------------------------------------------------------------------------
 
 
-def test_silent_server_times_out_with_exit_3() -> None:
+def test_silent_server_is_not_called_unreachable() -> None:
+    """It took the connection, so "cannot reach … Is a node running there?" (exit 3) would be
+    wrong: exit 1, saying it took the request, with the way to wait longer."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()  # the kernel accepts; nobody answers
         port = s.getsockname()[1]
         r = invoke("--connect", f"127.0.0.1:{port}", "--timeout", "0.5", "status")
-    assert r.exit_code == 3
-    assert "no answer within 0.5 s" in r.stderr
+    assert r.exit_code == 1
+    assert "took the request but gave no answer within 0.5 s" in r.stderr
+    assert "Is a node running there?" not in r.stderr and "--timeout 15" in r.stderr
+
+
+def test_default_timeout_exceeds_the_server_deadlines() -> None:
+    from aether.cli import http
+    from aether.cli.main import DEFAULT_TIMEOUT, Settings
+    from aether.maps.service import MapService
+
+    # the map service retries for op_timeout; invoke waits 10 s by default
+    op_timeout = inspect.signature(MapService.__init__).parameters["op_timeout"].default
+    assert max(op_timeout, 10.0) <= http.SERVER_DEADLINE
+    assert DEFAULT_TIMEOUT == http.DEFAULT_TIMEOUT == Settings().timeout > http.SERVER_DEADLINE
+    assert http.ManagementClient("127.0.0.1:1").timeout == DEFAULT_TIMEOUT
 
 
 def test_non_http_server_is_reported() -> None:

@@ -213,3 +213,77 @@ def test_deployment_api_rejects_bad_input(make_process_cluster: Any, tmp_path: P
         30,
         "hello deployed after the bad requests",
     )
+
+
+COUNTER = """
+from aether.slices import Slice, entry
+
+
+class Counter(Slice):
+    async def start(self) -> None:
+        self.counts = self.map("counts", int)
+
+    @entry
+    async def hit(self, name: str) -> int:
+        return await self.counts.update(name, lambda c: (c or 0) + 1)
+"""
+
+UNDECLARED = """
+from aether.slices import Slice, entry
+
+
+class Undeclared(Slice):
+    async def start(self) -> None:
+        self.other = self.map("other", int)   # not declared in aether-slice.toml
+
+    @entry
+    async def ping(self) -> str:
+        return "pong"
+"""
+
+
+def test_deploy_fails_while_a_slice_map_is_undefined(make_process_cluster: Any, tmp_path: Path) -> None:
+    """Issue 11: a slice whose map is undefined was deployed, went ACTIVE, and every call failed."""
+    from aether.slices.repository import Repository
+    from aether.slices.testing import build_slice_wheel
+
+    c = make_process_cluster(1, start=False)
+    repo = Repository(c.repository)
+    wheels = tmp_path / "wheels"
+    repo.deploy(build_slice_wheel(
+        wheels, "org.t:counter:1.0.0", COUNTER, "Counter",
+        extra_files={"counter_slice/aether-slice.toml": 'maps = ["counts"]\n'},
+    ))
+    repo.deploy(build_slice_wheel(wheels, "org.t:undeclared:1.0.0", UNDECLARED, "Undeclared"))
+    c.start_all()
+    c.wait_quorum(30)
+    addr = f"127.0.0.1:{c.management_ports[0]}"
+
+    # declared map, not defined: the deploy is refused with the fix, nothing is stored
+    r = aether(addr, "deploy", "org.t:counter:1.0.0")
+    assert r.returncode == 1, r.stdout
+    assert "org.t:counter:1.0.0 uses the distributed map 'counts', which is not defined" in r.stderr
+    assert "`aether map create counts`" in r.stderr and "[maps.counts]" in r.stderr
+    assert slices(addr) == {}
+    bp = tmp_path / "counter.blueprint"
+    bp.write_text('id = "counter:1"\n[slices.counter]\nartifact = "org.t:counter:1.0.0"\n')
+    r = aether(addr, "blueprint", "apply", str(bp))
+    assert r.returncode == 1 and "[maps.counts]" in r.stderr, r.stderr
+
+    # the fix the message gives works: define it in the blueprint
+    bp.write_text(bp.read_text() + "[maps.counts]\nreplicas = 1\nwrite_quorum = 1\n")
+    r = aether(addr, "blueprint", "apply", str(bp), "--wait", "--wait-timeout", "60")
+    assert r.returncode == 0, r.stderr
+    status, body = api(c.management_ports[0], "POST", "/api/v1/invoke/org.t:counter/hit", {"name": "a"})
+    assert (status, body) == (200, 1), body
+
+    # an undeclared map is caught when the instance starts: FAILED with the fix, not ACTIVE
+    r = aether(addr, "deploy", "org.t:undeclared:1.0.0", "--wait", "--wait-timeout", "60")
+    assert r.returncode == 1, r.stdout
+    assert "map 'other' is not defined" in r.stderr and "aether map create other" in r.stderr
+    assert slices(addr)["org.t:undeclared:1.0.0"]["active"] == 0
+
+    # an artifact that is not there: the error names the repository it looked in
+    r = aether(addr, "deploy", "org.t:nothing:1.0.0")
+    assert r.returncode == 1
+    assert f"not found in the repository {c.repository}" in r.stderr, r.stderr

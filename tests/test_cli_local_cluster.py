@@ -289,6 +289,7 @@ def test_start_refuses_while_nodes_run(cluster_dir: Path, fake_node_script: Path
     )
     assert r.exit_code == 1
     assert "still running" in r.stderr and f"pid {procs['node-1'].pid}" in r.stderr
+    assert f"--base-port-offset {offset}, not {offset + 1}" in r.stderr
     assert "aether cluster stop" in r.stderr
     assert alive(procs["node-1"].pid)
 

@@ -263,3 +263,72 @@ def test_writes_after_stop_and_start_on_the_same_directory_are_applied(
     assert r.returncode != 0 and "404" in r.stderr
     r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
     assert r.returncode == 0, r.stderr
+
+
+def test_restart_one_node_start_only_the_missing_and_status_by_answer(
+    cluster_dir: Path, env: dict[str, str]
+) -> None:
+    """Issue 11: no command restarted one node (`cluster start` refused while any node ran), and
+    `cluster status` called a node restarted by hand "down" because its pid file was stale."""
+    offset = free_port_offset(3)
+    r = aether(
+        env, "cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset)
+    )
+    assert r.returncode == 0, r.stderr
+    _, rows = status_rows(env, cluster_dir)
+    pids = [row["pid"] for row in rows]
+    hand: subprocess.Popen[bytes] | None = None
+    try:
+        # node-3 dies; `cluster start` (no options) starts only node-3, with its ports and data
+        os.kill(pids[2], signal.SIGKILL)
+        assert wait_gone([pids[2]])
+        r = aether(env, "cluster", "start", "--dir", str(cluster_dir))
+        assert r.returncode == 0, r.stderr
+        assert "Started node-3" in r.stderr and "3/3 nodes up" in r.stdout
+        _, rows = status_rows(env, cluster_dir)
+        assert [row["pid"] for row in rows][:2] == pids[:2] and alive(rows[2]["pid"])
+        assert rows[2]["pid"] != pids[2] and rows[2]["management_port"] == 9002 + offset
+        # nothing missing: says so, starts nothing
+        r = aether(env, "cluster", "start", "--dir", str(cluster_dir))
+        assert r.returncode == 0 and "already run" in r.stderr, r.stderr
+        # --nodes that would change the running cluster is refused
+        r = aether(env, "cluster", "start", "--nodes", "5", "--dir", str(cluster_dir))
+        assert r.returncode == 1 and "has 3 nodes" in r.stderr
+
+        # one command restarts one node
+        old = rows[2]["pid"]
+        r = aether(env, "cluster", "restart", "node-3", "--dir", str(cluster_dir))
+        assert r.returncode == 0, r.stderr
+        assert f"Stopped node-3 (pid {old})" in r.stderr and "3/3 nodes up" in r.stdout
+        assert wait_gone([old])
+        _, rows = status_rows(env, cluster_dir)
+        assert all(row["up"] for row in rows) and rows[2]["pid"] not in (old, None)
+        r = aether(env, "cluster", "restart", "node-9", "--dir", str(cluster_dir))
+        assert r.returncode == 2 and "node-1, node-2, node-3" in r.stderr
+
+        # node-2 restarted by hand (`aether node ...` with the same flags): status asks the node
+        record = lc.load_record(cluster_dir)
+        assert record is not None
+        os.kill(pids[1], signal.SIGTERM)
+        assert wait_gone([pids[1]])
+        hand = subprocess.Popen(
+            lc.default_node_argv(record, record.nodes[1]), env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            code, rows = status_rows(env, cluster_dir)
+            if [row["up"] for row in rows] == [True, True, True]:
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.2)
+        assert code == 0 and rows[1]["pid"] is None  # up, but not a process of this directory
+        r = aether(dict(env, COLUMNS="200"), "cluster", "status", "--dir", str(cluster_dir))
+        line = next(line for line in r.stdout.splitlines() if "node-2" in line)
+        assert "up (started elsewhere)" in line and "3/3 nodes up" in r.stdout
+        r = aether(env, "cluster", "restart", "node-2", "--dir", str(cluster_dir))
+        assert r.returncode == 1 and "not started from" in r.stderr
+    finally:
+        if hand is not None:
+            hand.kill()
+            hand.wait(10)

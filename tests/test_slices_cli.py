@@ -121,3 +121,36 @@ def test_global_json_flag_is_honoured(tmp_path: Path) -> None:
     assert r.exit_code == 0 and json.loads(r.output)["kind"] == "slice"
     r = CliRunner().invoke(fake_main, ["--json", "artifact", "--repository", repo, "list"])
     assert json.loads(r.output)[0]["artifact"] == "org.example:echo:0.1.0"
+
+
+def test_repository_option_after_the_subcommand(tmp_path: Path) -> None:
+    """Issue 11: `aether artifact deploy --repository DIR W` failed with "No such option"."""
+    import os
+    import subprocess
+    import sys
+
+    repo, other = tmp_path / "repo", tmp_path / "env-repo"
+    w = build_slice_wheel(tmp_path / "w", "org.example:echo:0.1.0", SRC, "Echo")
+    env = dict(os.environ, AETHER_REPOSITORY=str(other))
+
+    def aether(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aether.cli.main", "artifact", *args],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+
+    r = aether("deploy", "--repository", str(repo), str(w))
+    assert r.returncode == 0, r.stderr
+    assert f"to {repo}/org/example/echo/0.1.0/" in r.stdout
+    assert [str(a) for a in Repository(repo).list()] == ["org.example:echo:0.1.0"]
+    assert not other.exists()  # the option beats the environment
+    r = aether("list", "--repository", str(repo), "--json")
+    assert [x["artifact"] for x in json.loads(r.stdout)] == ["org.example:echo:0.1.0"]
+    r = aether("versions", "org.example:echo", "--repository", str(repo))
+    assert r.returncode == 0 and r.stdout.split() == ["0.1.0"]
+    # after the subcommand wins over before it
+    r = aether("--repository", str(other), "versions", "org.example:echo", "--repository", str(repo))
+    assert r.returncode == 0 and r.stdout.split() == ["0.1.0"]
+    # an empty repository is named in the error
+    r = aether("versions", "org.example:echo", "--repository", str(other))
+    assert r.returncode == 1 and f"no versions of org.example:echo in {other}" in r.stderr

@@ -1,9 +1,10 @@
 """`aether artifact deploy|list|versions`: the local artifact repository (click group `artifact`).
 
-Works on a repository directory directly (no node needed): `--repository DIR` on the group, env
-`AETHER_REPOSITORY`, default `~/.aether/repository`. Same conventions as `aether.cli.main`:
-exit 0 ok, 1 the operation failed, 2 bad usage; errors in red on stderr with a hint; `--json`
-(on the command or the global `aether --json`) for scripts.
+Works on a repository directory directly (no node needed): `--repository DIR` before or after
+the subcommand (`aether artifact --repository DIR deploy W` == `aether artifact deploy
+--repository DIR W`; after wins), env `AETHER_REPOSITORY`, default `~/.aether/repository`.
+Same conventions as `aether.cli.main`: exit 0 ok, 1 the operation failed, 2 bad usage; errors
+in red on stderr with a hint; `--json` (on the command or the global `aether --json`) for scripts.
 
 This module does not import `aether.cli.main` (main imports it to register the group); the
 repository code, rich and msgspec are imported inside the commands (start-up time).
@@ -44,15 +45,29 @@ def _echo_json(data: object) -> None:
     click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
 
 
-def _repo(ctx: click.Context) -> Repository:
+def _repo(ctx: click.Context, repository: str | None) -> Repository:
+    """The repository of `--repository` on the subcommand, else on the group (or its env/default)."""
     from aether.slices.repository import Repository
 
-    root: str | None = ctx.meta.get("aether.artifact.repository")
+    root: str | None = repository or ctx.meta.get("aether.artifact.repository")
     return Repository(root)
 
 
 def _json_option(f: Any) -> Any:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+def _repository_option(f: Any) -> Any:
+    """`--repository` on a subcommand too (`aether artifact deploy --repository DIR WHEEL`)."""
+    return click.option(
+        "--repository",
+        "repository",
+        default=None,
+        metavar="DIR",
+        type=click.Path(file_okay=False),
+        help="Repository directory [default: the group's --repository, env AETHER_REPOSITORY, "
+        "~/.aether/repository].",
+    )(f)
 
 
 @click.group()
@@ -82,9 +97,10 @@ def artifact(ctx: click.Context, repository: str | None) -> None:
     default=None,
     help="Deploy under these coordinates instead of the ones the wheel declares.",
 )
+@_repository_option
 @_json_option
 @click.pass_context
-def deploy(ctx: click.Context, wheel: str, coords: str | None, as_json: bool) -> None:
+def deploy(ctx: click.Context, wheel: str, coords: str | None, repository: str | None, as_json: bool) -> None:
     """Copy WHEEL into the repository.
 
     A slice wheel (with an `aether.slices` entry point) goes to {group}/{artifact}/{version}/,
@@ -105,7 +121,7 @@ def deploy(ctx: click.Context, wheel: str, coords: str | None, as_json: bool) ->
                 EXIT_USAGE,
                 hint="Give --coords as GROUP:ARTIFACT:VERSION, e.g. org.example:hello:0.1.0.",
             )
-    repo = _repo(ctx)
+    repo = _repo(ctx, repository)
     try:
         result = repo.deploy_wheel(Path(wheel), parsed)
     except NotASliceWheel as e:
@@ -146,13 +162,14 @@ def deploy(ctx: click.Context, wheel: str, coords: str | None, as_json: bool) ->
 
 @artifact.command("list")
 @click.option("--libs", is_flag=True, help="List the library wheels of the wheelhouse (_libs/) instead.")
+@_repository_option
 @_json_option
 @click.pass_context
-def list_artifacts(ctx: click.Context, libs: bool, as_json: bool) -> None:
+def list_artifacts(ctx: click.Context, libs: bool, repository: str | None, as_json: bool) -> None:
     """List the deployed slice artifacts (every version) with their slice dependencies."""
     from aether.slices.errors import InvalidWheel
 
-    repo = _repo(ctx)
+    repo = _repo(ctx, repository)
     if libs:
         wheels = repo.library_wheels()
         if _want_json(ctx, as_json):
@@ -208,13 +225,14 @@ def list_artifacts(ctx: click.Context, libs: bool, as_json: bool) -> None:
 
 @artifact.command("versions")
 @click.argument("name", metavar="GROUP:ARTIFACT")
+@_repository_option
 @_json_option
 @click.pass_context
-def versions(ctx: click.Context, name: str, as_json: bool) -> None:
+def versions(ctx: click.Context, name: str, repository: str | None, as_json: bool) -> None:
     """List the deployed versions of GROUP:ARTIFACT, oldest first (exit 1 if there are none)."""
     from aether.core.errors import BadRequest
 
-    repo = _repo(ctx)
+    repo = _repo(ctx, repository)
     try:
         found = repo.versions(name)
     except BadRequest as e:

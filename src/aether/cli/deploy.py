@@ -318,22 +318,36 @@ def deploy(
 
 
 @main.command()
-@click.argument("artifact", metavar="G:A:V")
+@click.argument("artifact", metavar="G:A[:V]")
 @click.option("-n", "--instances", type=click.IntRange(min=1), required=True)
+@click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure).")
+@click.option("--wait-timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
 @json_option
 @click.pass_obj
-def scale(settings: Settings, artifact: str, instances: int, as_json: bool) -> None:
-    """Set the instance count of ARTIFACT in every blueprint that lists it."""
+def scale(
+    settings: Settings, artifact: str, instances: int, wait: bool, wait_timeout: float, as_json: bool
+) -> None:
+    """Set the instance count of ARTIFACT (G:A: every version) in every blueprint that lists it."""
     client = _client(settings)
     out: Any = _call(
         client, lambda c: c.send_json("POST", "/api/v1/scale", {"artifact": artifact, "instances": instances})
     )
-    if settings.json or as_json:
-        _echo_json(out)
-    else:
+    quiet = settings.json or as_json
+    if not quiet:
         click.echo(
             f"Scaling {artifact} to {instances} instance(s) (blueprints: {', '.join(out['blueprints'])})."
         )
+    if wait:
+        statuses: Any = _call(client, lambda c: c.get_json("/api/v1/slices"))
+        matching = [
+            s["artifact"] for s in statuses
+            if s["artifact"] == artifact or s["artifact"].startswith(artifact + ":")
+        ]
+        _wait(settings, client, matching, wait_timeout, quiet=quiet)
+        if not quiet:
+            click.echo(f"{', '.join(matching)}: {instances} instance(s) ACTIVE.")
+    if quiet:
+        _echo_json(out)
 
 
 @main.command()

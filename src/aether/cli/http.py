@@ -19,6 +19,12 @@ from aether.core.types import Address
 
 DEFAULT_CONNECT = "127.0.0.1:9000"
 
+# The server's own deadlines: store writes and map operations retry for 5 s, an invoke waits 10 s
+# by default. A client that gave up at the same moment would report "cannot reach" instead of the
+# node's answer (e.g. a 503 naming the missing quorum), so the default is well above them all.
+SERVER_DEADLINE = 10.0
+DEFAULT_TIMEOUT = 15.0
+
 _T = TypeVar("_T")
 
 
@@ -31,6 +37,19 @@ class ApiUnreachable(AetherError):
         self.reason = reason
 
 
+class ApiNoAnswer(ApiUnreachable):
+    """The node took the request but did not answer within the client's timeout (it runs, it is
+    slow, or the timeout is shorter than the operation)."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        AetherError.__init__(
+            self, f"the Aether node at {address} took the request but gave no answer within {timeout:g} s"
+        )
+        self.address = address
+        self.reason = f"no answer within {timeout:g} s"
+        self.timeout = timeout
+
+
 class ApiError(AetherError):
     """The node answered with an HTTP error; `title`/`detail` come from its problem document."""
 
@@ -40,6 +59,10 @@ class ApiError(AetherError):
         self.status = status
         self.title = title
         self.detail = detail
+
+
+class _NoAnswer(TimeoutError):
+    """Connected and sent, but the answer did not arrive in time."""
 
 
 class _Problem(msgspec.Struct):
@@ -105,7 +128,9 @@ def parse_connect(text: str) -> Address:
 class ManagementClient:
     """Talks JSON to one node's management API (one short connection per request)."""
 
-    def __init__(self, address: Address | str, *, api_key: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self, address: Address | str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.address = address if isinstance(address, Address) else parse_connect(address)
         self.api_key = api_key or None
         self.timeout = timeout
@@ -141,8 +166,10 @@ class ManagementClient:
             )
         except ConnectionRefusedError:
             raise ApiUnreachable(addr, "connection refused") from None
+        except _NoAnswer:
+            raise ApiNoAnswer(addr, self.timeout) from None
         except TimeoutError:
-            raise ApiUnreachable(addr, f"no answer within {self.timeout:g} s") from None
+            raise ApiUnreachable(addr, f"no connection within {self.timeout:g} s") from None
         except socket.gaierror as e:
             raise ApiUnreachable(addr, f"cannot resolve host: {e.strerror or e}") from None
         except OSError as e:
@@ -184,9 +211,12 @@ class ManagementClient:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError
+                    raise _NoAnswer
                 sock.settimeout(remaining)
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    raise _NoAnswer from None
                 if not data:
                     break
                 chunks.append(data)

@@ -66,9 +66,11 @@ __all__ = [
     "default_node_argv",
     "launch_nodes",
     "load_record",
+    "missing_nodes",
     "observe",
     "plan_cluster",
     "running_nodes",
+    "start_nodes",
     "stop_cluster",
     "wait_for_quorum",
 ]
@@ -322,14 +324,58 @@ def launch_nodes(
             f"stop it first with `aether cluster stop --dir {d}`"
         )
     check_ports(record)
+    record.started_at = time.time()
+    return _spawn(d, record, record.nodes, node_argv, env)
+
+
+def missing_nodes(record: ClusterRecord, *, api_key: str | None = None, timeout: float = 1.0) -> list[str]:
+    """Ids of the recorded nodes that neither run from here nor answer on their management port."""
+    obs = observe(record, api_key=api_key, timeout=timeout)
+    return [o.node.id for o in obs if not o.running and not o.up]
+
+
+def start_nodes(
+    directory: str | Path,
+    ids: Sequence[str],
+    *,
+    node_argv: NodeArgv = default_node_argv,
+    env: dict[str, str] | None = None,
+) -> tuple[ClusterRecord, dict[str, subprocess.Popen[bytes]]]:
+    """Start the nodes `ids` of the cluster recorded in `directory` again, with their recorded
+    ports and data; each must not be running and its ports must be free. Returns the record and
+    the Popen objects of the started nodes."""
+    d = Path(directory)
+    record = load_record(d)
+    if record is None:
+        raise ClusterError(f"no local cluster recorded in {d}; start one with `aether cluster start`")
+    by_id = {n.id: n for n in record.nodes}
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise ClusterError(
+            f"no node {', '.join(unknown)} in the cluster of {d} (nodes: {', '.join(by_id)})"
+        )
+    nodes = [by_id[i] for i in ids]
+    for n in nodes:
+        if live_process(n.pid, n.create_time) is not None:
+            raise ClusterError(f"{n.id} (pid {n.pid}) is already running")
+    check_ports(ClusterRecord(host=record.host, port_offset=record.port_offset, nodes=nodes))
+    return record, _spawn(d, record, nodes, node_argv, env)
+
+
+def _spawn(
+    d: Path,
+    record: ClusterRecord,
+    nodes: Sequence[NodeRecord],
+    node_argv: NodeArgv,
+    env: dict[str, str] | None,
+) -> dict[str, subprocess.Popen[bytes]]:
     import psutil
 
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    record.started_at = time.time()
     try:
-        for n in record.nodes:
+        for n in nodes:
             Path(n.data_dir).mkdir(parents=True, exist_ok=True)
             with open(n.log, "ab") as log:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -354,7 +400,7 @@ def launch_nodes(
             Path(n.pid_file).write_text(f"{proc.pid}\n")
     except OSError as e:
         save_record(d, record)
-        stop_cluster(d)
+        stop_cluster(d, only=[n.id for n in nodes])
         raise ClusterError(f"cannot start the nodes: {e}") from e
     save_record(d, record)
     return procs
@@ -365,7 +411,9 @@ def launch_nodes(
 
 @dataclass
 class NodeObservation:
-    """What one look at a node found: its process and its management API's answer."""
+    """What one look at a node found: the process we started (`running`) and the answer of its
+    management port. A node is `up` when that port answers as this node, whoever started it
+    (e.g. a node restarted by hand with `aether node`)."""
 
     node: NodeRecord
     running: bool
@@ -374,20 +422,23 @@ class NodeObservation:
 
     @property
     def up(self) -> bool:
-        return self.running and self.status is not None
+        return self.status is not None
 
 
 def _observe_one(host: str, node: NodeRecord, api_key: str | None, timeout: float) -> NodeObservation:
     running = live_process(node.pid, node.create_time) is not None
-    if not running:
-        return NodeObservation(node, False, error="not running")
     client = ManagementClient(Address(host, node.management_port), api_key=api_key, timeout=timeout)
     try:
-        return NodeObservation(node, True, status=client.get_typed("/api/v1/status", NodeStatus))
+        st = client.get_typed("/api/v1/status", NodeStatus)
     except ApiUnreachable as e:
-        return NodeObservation(node, True, error=e.reason)
+        return NodeObservation(node, running, error=e.reason if running else "not running")
     except ApiError as e:
-        return NodeObservation(node, True, error=f"{e.status} {e.title}: {e.detail}")
+        return NodeObservation(node, running, error=f"{e.status} {e.title}: {e.detail}")
+    if st.node_id != node.id:
+        return NodeObservation(
+            node, running, error=f"port {node.management_port} answers as {st.node_id}, not {node.id}"
+        )
+    return NodeObservation(node, running, status=st)
 
 
 def observe(
@@ -453,7 +504,9 @@ def wait_for_quorum(
         for n in record.nodes:
             p = (procs or {}).get(n.id)
             code = p.poll() if p is not None else None
-            if code is not None or (p is None and live_process(n.pid, n.create_time) is None):
+            # without `procs` every node must be ours; with them, nodes we did not just start may
+            # run from elsewhere (restarted by hand): the quorum wait judges them by their answer
+            if code is not None or (procs is None and live_process(n.pid, n.create_time) is None):
                 how = f"exited with code {code}" if code is not None else "is not running"
                 raise ClusterStartError(
                     f"{n.id} (pid {n.pid}) {how} before the cluster reached quorum",
@@ -500,8 +553,11 @@ class StopResult:
     detail: str = ""
 
 
-def stop_cluster(directory: str | Path, *, timeout: float = 10.0) -> list[StopResult]:
-    """SIGTERM every node process we started from `directory`, wait up to `timeout` s, then SIGKILL.
+def stop_cluster(
+    directory: str | Path, *, timeout: float = 10.0, only: Sequence[str] | None = None
+) -> list[StopResult]:
+    """SIGTERM every node process we started from `directory` (only the nodes `only`, if given),
+    wait up to `timeout` s, then SIGKILL.
 
     Only processes verified to be ours (recorded create-time, or an `aether node` command line
     for a bare pid file) are signalled. Removes the pid files and clears the pids in
@@ -513,7 +569,7 @@ def stop_cluster(directory: str | Path, *, timeout: float = 10.0) -> list[StopRe
     record = load_record(d)
     results: dict[int, StopResult] = {}
     pending: dict[int, tuple[_Target, psutil.Process]] = {}
-    targets = _targets(d, record)
+    targets = [t for t in _targets(d, record) if only is None or t.id in only]
     for t in targets:
         proc = live_process(t.pid, t.create_time)
         if proc is None:
@@ -553,6 +609,8 @@ def stop_cluster(directory: str | Path, *, timeout: float = 10.0) -> list[StopRe
                 t.pid_file.unlink()
     if record is not None:
         for n in record.nodes:
+            if only is not None and n.id not in only:
+                continue
             r = results.get(n.pid or -1)
             if n.pid is None or (r is not None and r.outcome != "failed"):
                 n.pid = None

@@ -9,7 +9,7 @@ client, rich, psutil and the node runtime are imported inside the commands that 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -31,6 +31,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.http.DEFAULT_CONNECT (not imported: start-up)
+DEFAULT_TIMEOUT = 15.0  # same as aether.cli.http.DEFAULT_TIMEOUT: above the server's own deadlines
 DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
 
 _T = TypeVar("_T")
@@ -43,7 +44,7 @@ class Settings:
     connect: str = DEFAULT_CONNECT
     json: bool = False
     api_key: str | None = None
-    timeout: float = 5.0
+    timeout: float = DEFAULT_TIMEOUT
 
 
 # -- output helpers ---------------------------------------------------------------------------------
@@ -89,10 +90,20 @@ def _client(settings: Settings) -> ManagementClient:
 
 def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
     """Run one API call, turning failures into the CLI's messages and exit codes."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.http import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiUnreachable
 
     try:
         return fn(client)
+    except ApiNoAnswer as e:
+        longer = max(2 * e.timeout, SERVER_DEADLINE + 5)
+        fail(
+            str(e),
+            EXIT_FAILED,
+            hint=(
+                "The node runs but is slow or busy; the operation may still complete. Check "
+                f"`aether --connect {e.address} status`, or wait longer with --timeout {longer:g}."
+            ),
+        )
     except ApiUnreachable as e:
         fail(
             str(e),
@@ -137,9 +148,10 @@ def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),
-    default=5.0,
+    default=DEFAULT_TIMEOUT,
     show_default=True,
-    help="Seconds to wait for a node's answer.",
+    help="Seconds to wait for a node's answer (above the node's own 5-10 s deadlines, so its "
+    "answer arrives).",
 )
 @click.version_option(__version__, "-V", "--version", prog_name="aether")
 @click.pass_context
@@ -444,6 +456,24 @@ def _start_cluster(
     except lc.ClusterError as e:
         fail(str(e))
     err.print(f"Started {nodes} node(s) from {directory} (logs: {Path(directory) / 'node-K.log'}).")
+    return record, procs, _await_quorum(settings, record, procs, directory, timeout)
+
+
+def _await_quorum(
+    settings: Settings,
+    record: ClusterRecord,
+    procs: dict[str, Any],
+    directory: str,
+    timeout: float,
+    *,
+    stop_on_failure: Sequence[str] | None = None,
+) -> list[NodeObservation]:
+    """Wait for quorum with a progress display; on failure stop the nodes `stop_on_failure`
+    (default all) and exit 1."""
+    from aether.cli import local_cluster as lc
+    from aether.cli import render
+
+    err = render.console(stderr=True)
 
     def progress(obs: list[NodeObservation], elapsed: float) -> None:
         answering = sum(1 for o in obs if o.up)
@@ -462,14 +492,15 @@ def _start_cluster(
         click.secho(f"error: {e}", fg="red", err=True)
         click.echo(f"Last lines of {e.log_path}:", err=True)
         click.echo("\n".join(f"  | {line}" for line in e.log_tail.splitlines()), err=True)
-        _report_stop(lc.stop_cluster(directory), quiet=True)
-        click.echo(f"Stopped the nodes; their logs are kept in {directory}.", err=True)
+        _report_stop(lc.stop_cluster(directory, only=stop_on_failure), quiet=True)
+        which = "the nodes" if stop_on_failure is None else ", ".join(stop_on_failure)
+        click.echo(f"Stopped {which}; their logs are kept in {directory}.", err=True)
         raise click.exceptions.Exit(EXIT_FAILED) from None
     except KeyboardInterrupt:
         click.echo("Interrupted; stopping the nodes…", err=True)
-        _report_stop(lc.stop_cluster(directory), quiet=True)
+        _report_stop(lc.stop_cluster(directory, only=stop_on_failure), quiet=True)
         raise click.exceptions.Exit(130) from None
-    return record, procs, obs
+    return obs
 
 
 def _print_cluster(observations: list[NodeObservation], directory: str) -> None:
@@ -524,12 +555,118 @@ def _report_stop(results: list[Any], *, quiet: bool = False) -> bool:
 
 @cluster.command("start")
 @start_options
-@click.pass_obj
-def cluster_start(settings: Settings, nodes: int, directory: str, port_offset: int, timeout: float) -> None:
-    """Start N local node processes and wait until they have quorum and agree on a leader."""
-    record, _, obs = _start_cluster(settings, nodes, directory, port_offset, timeout)
+@click.pass_context
+def cluster_start(ctx: click.Context, nodes: int, directory: str, port_offset: int, timeout: float) -> None:
+    """Start N local node processes and wait until they have quorum and agree on a leader.
+
+    If nodes of the cluster recorded in DIR still run (or answer), start only the missing ones,
+    with their recorded ports and data.
+    """
+    from aether.cli import local_cluster as lc
+
+    settings: Settings = ctx.obj
+    try:
+        record = lc.load_record(directory)
+        running = lc.running_nodes(directory) if record is not None else []
+        missing = lc.missing_nodes(record, api_key=settings.api_key) if record is not None else []
+    except lc.ClusterError as e:
+        fail(str(e))
+    if record is not None and (running or len(missing) < len(record.nodes)):
+        given = ctx.get_parameter_source
+        src = click.core.ParameterSource.COMMANDLINE
+        if given("nodes") == src and nodes != len(record.nodes):
+            fail(
+                f"the cluster of {directory} has {len(record.nodes)} nodes and some run; "
+                f"--nodes {nodes} would change it",
+                hint=f"Stop it first with `aether cluster stop{_dir_arg(directory)}`, or drop --nodes.",
+            )
+        if port_offset != record.port_offset and given("port_offset") in (
+            src, click.core.ParameterSource.ENVIRONMENT
+        ):
+            listing = ", ".join(f"{nid} (pid {pid})" for nid, pid in running) or "nodes answer"
+            fail(
+                f"the cluster of {directory} is still running ({listing}) with --base-port-offset "
+                f"{record.port_offset}, not {port_offset}",
+                hint=f"Stop it first with `aether cluster stop{_dir_arg(directory)}`.",
+            )
+        if not missing:
+            obs = lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0))
+            click.echo(f"All {len(record.nodes)} nodes of {directory} already run.", err=True)
+            _print_cluster(obs, directory)
+            return
+        record, _, obs = _start_some(settings, directory, missing, timeout)
+    else:
+        record, _, obs = _start_cluster(settings, nodes, directory, port_offset, timeout)
     _print_cluster(obs, directory)
     click.echo(_connect_hint(record, directory))
+
+
+def _start_some(
+    settings: Settings, directory: str, ids: list[str], timeout: float
+) -> tuple[ClusterRecord, dict[str, Any], list[NodeObservation]]:
+    """Start the recorded nodes `ids` again and wait for quorum (exit 1 on failure)."""
+    from aether.cli import local_cluster as lc
+
+    try:
+        record, procs = lc.start_nodes(directory, ids)
+    except lc.ClusterError as e:
+        fail(str(e))
+    click.echo(f"Started {', '.join(ids)} from {directory}.", err=True)
+    obs = _await_quorum(settings, record, procs, directory, timeout, stop_on_failure=ids)
+    return record, procs, obs
+
+
+@cluster.command("restart")
+@click.argument("node_ids", nargs=-1, required=True, metavar="NODE...")
+@dir_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1.0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for quorum after the start.",
+)
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait after SIGTERM before SIGKILL.",
+)
+@click.pass_obj
+def cluster_restart(
+    settings: Settings, node_ids: tuple[str, ...], directory: str, timeout: float, stop_timeout: float
+) -> None:
+    """Restart NODE (e.g. node-3) of the local cluster: stop it if it runs, start it again with
+    its recorded ports and data, and wait for quorum."""
+    from aether.cli import local_cluster as lc
+
+    try:
+        record = lc.load_record(directory)
+    except lc.ClusterError as e:
+        fail(str(e))
+    if record is None:
+        fail(f"no local cluster recorded in {directory}", hint="Start one with `aether cluster start`.")
+    known = [n.id for n in record.nodes]
+    unknown = [i for i in node_ids if i not in known]
+    if unknown:
+        fail(f"no node {', '.join(unknown)} in the cluster of {directory}", EXIT_USAGE,
+             hint=f"Its nodes: {', '.join(known)}.")
+    ids = list(dict.fromkeys(node_ids))
+    for o in lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0)):
+        if o.node.id in ids and o.up and not o.running:
+            fail(
+                f"{o.node.id} answers on port {o.node.management_port} but was not started from "
+                f"{directory}, so it cannot be stopped from here",
+                hint="Stop that process yourself (Ctrl-C where it runs), then run this again.",
+            )
+    for r in lc.stop_cluster(directory, timeout=stop_timeout, only=ids):
+        if r.outcome == "failed":
+            fail(f"could not stop {r.id} (pid {r.pid}): {r.detail}")
+        if r.outcome in ("stopped", "killed"):
+            click.echo(f"Stopped {r.id} (pid {r.pid}).", err=True)
+    record, _, obs = _start_some(settings, directory, ids, timeout)
+    _print_cluster(obs, directory)
 
 
 @cluster.command("stop")

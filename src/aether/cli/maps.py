@@ -34,13 +34,33 @@ _HINTS = {
     409: "`aether map stats NAME` shows the map's settings; create it with the same ones, "
     "or use another name.",
     413: "The management API takes bodies of at most 1 MiB.",
-    503: "The map's partition primary or a write quorum did not answer in time; check "
-    "`aether map stats NAME` and `aether nodes`. A write that failed this way may or may not "
-    "have been applied.",
 }
 
 
-def _run(client: ManagementClient, fn: Callable[[ManagementClient], Any]) -> Any:
+def hint_for(status: int, detail: str, *, write: bool) -> str | None:
+    """The hint after a map endpoint's error answer. It never contradicts the answer: the outcome
+    of a failed write is stated only when the answer does not state it itself."""
+    if status != 503:
+        return _HINTS.get(status)
+    text = detail.lower()
+    if "no quorum" in text:
+        hint = (
+            "The node cannot reach a majority of the cluster: start the missing nodes (`aether nodes` "
+            "shows which are down; `aether cluster start` for a local cluster), then retry."
+        )
+    else:
+        hint = (
+            "The map's partition primary or a write quorum did not answer in time; check "
+            "`aether map stats NAME` and `aether nodes`."
+        )
+    if "not applied" in text:
+        return hint + " Nothing was written."
+    if write and "may or may not" not in text:
+        return hint + " The write may or may not have been applied: read the key before retrying."
+    return hint
+
+
+def _run(client: ManagementClient, fn: Callable[[ManagementClient], Any], *, write: bool = False) -> Any:
     """`_call` with hints for the map endpoints' 404, 409, 413 and 503 answers."""
     from aether.cli.http import ApiError
 
@@ -48,9 +68,10 @@ def _run(client: ManagementClient, fn: Callable[[ManagementClient], Any]) -> Any
         try:
             return fn(c)
         except ApiError as e:
-            if e.status not in _HINTS:
+            hint = hint_for(e.status, e.detail, write=write)
+            if hint is None:
                 raise
-            fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=_HINTS[e.status])
+            fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=hint)
 
     return _call(client, hinted)
 
@@ -201,7 +222,7 @@ def map_create(
         if value is not None:
             body[field] = value
     client = _client(settings)
-    doc: Any = _run(client, lambda c: c.send_json("POST", _API, body))
+    doc: Any = _run(client, lambda c: c.send_json("POST", _API, body), write=True)
     if settings.json or as_json:
         _echo_json(doc)
         return
@@ -219,7 +240,7 @@ def map_create(
 def map_delete(settings: Settings, map_name: str, as_json: bool) -> None:
     """Delete map NAME and its entries on every node."""
     client = _client(settings)
-    doc: Any = _run(client, lambda c: c.send_json("DELETE", _map_path(map_name)))
+    doc: Any = _run(client, lambda c: c.send_json("DELETE", _map_path(map_name)), write=True)
     if settings.json or as_json:
         _echo_json(doc)
     else:
@@ -267,7 +288,9 @@ def map_put(
         fail(f"--ttl must be more than 0 seconds and at most ten years, not {ttl:g}", EXIT_USAGE)
     params = {"ttl": repr(ttl)} if ttl is not None else None
     client = _client(settings)
-    doc = _run(client, lambda c: _send(c, "PUT", _entry_path(map_name, key), value.encode(), params))
+    doc = _run(
+        client, lambda c: _send(c, "PUT", _entry_path(map_name, key), value.encode(), params), write=True
+    )
     if settings.json or as_json:
         _echo_json(doc)
     else:
@@ -283,7 +306,7 @@ def map_put(
 def map_remove(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
     """Remove KEY from map NAME (exit 1 if it was absent)."""
     client = _client(settings)
-    doc = _run(client, lambda c: _send(c, "DELETE", _entry_path(map_name, key)))
+    doc = _run(client, lambda c: _send(c, "DELETE", _entry_path(map_name, key)), write=True)
     if settings.json or as_json:
         _echo_json(doc)
     else:

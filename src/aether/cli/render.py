@@ -81,7 +81,7 @@ def cluster_table(observations: Sequence[NodeObservation], leader: str | None, d
     for o in observations:
         n = o.node
         if o.up:
-            state = _state("up")
+            state = _state("up") if o.running else f"{_state('up')} (started elsewhere)"
         elif o.running:
             state = (
                 f"[yellow]no answer[/yellow] ({escape(o.error)})" if o.error else "[yellow]no answer[/yellow]"

@@ -270,6 +270,7 @@ def expand(
     resolve: Resolve,
     *,
     source: str = "operator",
+    repository: str | None = None,
 ) -> BlueprintValue:
     """Resolve slice dependencies transitively; return the stored value, dependencies first.
 
@@ -278,7 +279,8 @@ def expand(
     - Dependencies not listed are resolved with `resolve(name, pattern)`, get one instance and
       an empty `name`; two dependents asking for incompatible versions is an error naming both.
     - Every artifact must exist (`resolve` with its exact version); a missing one is named with
-      the slice that needed it. A cycle is an error naming it: `a -> b -> a`.
+      the slice that needed it (and the `repository` looked in, when given). A cycle is an
+      error naming it: `a -> b -> a`.
     """
     if source not in SOURCES:
         raise BlueprintError(f"unknown blueprint source {source!r}; use one of {', '.join(SOURCES)}")
@@ -286,6 +288,12 @@ def expand(
 
     def err(problem: str, line: int | None = None) -> BlueprintError:
         return BlueprintError(f"{blueprint.where(line)}: {problem}")
+
+    in_repo = f"the repository {repository}" if repository else "the repository"
+    deploy_hint = (
+        f"; deploy it there with `aether artifact deploy --repository {repository} WHEEL`"
+        if repository else ""
+    )
 
     def find(name: str, pattern: VersionPattern, needed_by: str, line: int | None) -> Artifact:
         try:
@@ -295,15 +303,15 @@ def expand(
         except Exception as e:
             raise err(f"cannot resolve {name} {pattern} (needed by {needed_by}): {e}", line) from None
         if found is None:
-            raise err(f"artifact {name} matching {pattern} not found in the repository "
-                      f"(needed by {needed_by})", line)
+            raise err(f"artifact {name} matching {pattern} not found in {in_repo} "
+                      f"(needed by {needed_by}){deploy_hint}", line)
         return found
 
     for spec in blueprint.slices:
         exact = VersionPattern.parse(str(spec.artifact.version))
         found = find(spec.artifact.name, exact, f"[slices.{spec.name}]", spec.line)
         if found != spec.artifact:
-            raise err(f"artifact {spec.artifact} not found in the repository (needed by "
+            raise err(f"artifact {spec.artifact} not found in {in_repo} (needed by "
                       f"[slices.{spec.name}]; it offers {found})", spec.line)
 
     chosen: dict[str, Artifact] = {s.artifact.name: s.artifact for s in blueprint.slices}

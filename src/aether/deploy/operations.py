@@ -41,7 +41,7 @@ from aether.deploy.blueprint import (
 )
 from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentFailed
 from aether.deploy.lifecycle import SliceState
-from aether.deploy.ports import DependenciesOf, Resolve
+from aether.deploy.ports import DependenciesOf, MapsOf, Resolve
 from aether.deploy.reconcile import desired_state
 from aether.kv.keys import BlueprintKey, BlueprintValue, MapDefKey, SliceKey, SliceStateValue, parse_key
 from aether.kv.machine import WatchEvent
@@ -94,6 +94,8 @@ class DeploymentService:
         *,
         dependencies_of: DependenciesOf,
         resolve: Resolve,
+        maps_of: MapsOf | None = None,
+        repository: str | None = None,
         timeout: float = 5.0,
         limits: InstanceLimits | None = None,
         members: int = 1,
@@ -101,6 +103,8 @@ class DeploymentService:
         self.kv = kv
         self.dependencies_of = dependencies_of
         self.resolve = resolve
+        self.maps_of = maps_of
+        self.repository = repository  # named in "not found" errors
         self.timeout = timeout
         self.limits = limits
         self.members = members
@@ -119,6 +123,33 @@ class DeploymentService:
 
         admission.check(counts(dict(current)), counts(after), self.members, self.limits, what)
 
+    def _expand(self, bp: Blueprint, source: str) -> BlueprintValue:
+        value = expand(bp, self.dependencies_of, self.resolve, source=source, repository=self.repository)
+        self._check_maps(bp, value)
+        return value
+
+    def _check_maps(self, bp: Blueprint, value: BlueprintValue) -> None:
+        """Every map a slice of `value` declares must be defined (or defined by `bp` itself):
+        otherwise the slices would start and every call using the map would fail."""
+        if self.maps_of is None:
+            return
+        defined = {name for name, _ in bp.maps}
+        for s in value.slices:
+            try:
+                used = list(self.maps_of(Artifact.parse(s.artifact)))
+            except BlueprintError:
+                raise
+            except Exception as e:
+                raise BlueprintError(f"{bp.filename}: cannot read the maps {s.artifact} uses: {e}") from None
+            for name in used:
+                if name in defined or self.kv.get_local(MapDefKey(name)) is not None:
+                    continue
+                raise BlueprintError(
+                    f"{bp.filename}: {s.artifact} uses the distributed map {name!r}, which is not "
+                    f"defined; define it first with `aether map create {name}`, or add a "
+                    f"[maps.{name}] section to the blueprint that deploys {s.artifact}"
+                )
+
     # --- blueprints -----------------------------------------------------------------------------
 
     async def apply_blueprint(
@@ -126,7 +157,7 @@ class DeploymentService:
     ) -> BlueprintValue:
         """Parse, expand and store a blueprint (replacing one with the same id)."""
         bp = parse_blueprint(toml_text, filename)
-        value = expand(bp, self.dependencies_of, self.resolve, source=source)
+        value = self._expand(bp, source)
         self._admit({bp.id: value}, f"blueprint {bp.id!r}")
         for name, spec in bp.maps:  # before the slices, which may use them in start()
             await self._define_map(bp, name, spec)
@@ -179,7 +210,7 @@ class DeploymentService:
                                  "(to remove an artifact use undeploy)")
         bp = Blueprint(direct_id(artifact), (BlueprintSliceSpec(artifact.artifact, artifact, instances),),
                        filename=f"deploy {artifact}")
-        value = expand(bp, self.dependencies_of, self.resolve, source="api")
+        value = self._expand(bp, "api")
         self._admit({bp.id: value}, f"deploying {instances} instances of {artifact}")
         await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
         return value

@@ -16,6 +16,9 @@ from aether.core.artifact import Artifact, VersionPattern
 DependenciesOf = Callable[[Artifact], Mapping[str, VersionPattern]]
 """`dependencies_of(artifact)` -> `{"group:artifact": pattern}`: the slices `artifact` calls."""
 
+MapsOf = Callable[[Artifact], Sequence[str]]
+"""`maps_of(artifact)` -> the names of the distributed maps the artifact declares it uses."""
+
 Resolve = Callable[[str, VersionPattern], Artifact | None]
 """`resolve("group:artifact", pattern)` -> the best matching artifact in the repository, or None."""
 

@@ -879,6 +879,10 @@ class MapService:
             except TimeoutError:
                 pass
 
+    def require_map(self, name: str) -> None:
+        """Raise `UnknownMap` (saying how to define it) unless map `name` is defined."""
+        self._spec(name)
+
     async def map_get(self, name: str, key: str) -> bytes | None:
         return (await self._op(name, OP_GET, key))[0]
 

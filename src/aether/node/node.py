@@ -133,6 +133,7 @@ class Node:
             self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern,
             limits=InstanceLimits(config.max_instances_per_node, config.max_instances_per_cluster),
             members=len(self.members),
+            maps_of=self.repository.maps, repository=str(self.repository.root),
         )
         # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
         # once a second the service pushes them to the leader, which broadcasts the cluster snapshot

@@ -944,8 +944,9 @@ class Slice:
     def map(self, name: str, value_type: type[T] | Any = Any) -> SliceMap[T]:
         """The cluster's distributed map `name` with values of `value_type` (see `SliceMap`).
 
-        Maps are declared in the blueprint (``[maps.NAME]``) or with ``aether map create``;
-        using an undeclared one raises `UnknownMap` on the first operation.
+        Maps are defined in the blueprint (``[maps.NAME]``) or with ``aether map create``; on a
+        backend that can tell (the node's, `LocalMaps`) an undefined name raises `UnknownMap` here,
+        so a slice that takes its maps in `start()` fails to start instead of failing every call.
         """
         from aether.slices.maps import SliceMap
 
@@ -954,6 +955,9 @@ class Slice:
             raise SliceCallError(
                 f"{type(self).__qualname__}: this runtime has no distributed map (context.maps is None)"
             )
+        require = getattr(backend, "require_map", None)
+        if require is not None:
+            require(name)
         return SliceMap(backend, name, value_type)
 
     async def _proxy_call(self, target: str, method: str, request: Any, response_type: Any) -> Any:

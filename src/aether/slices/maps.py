@@ -28,8 +28,10 @@ _ENCODER = msgspec.msgpack.Encoder()
 class MapBackend(Protocol):
     """The runtime's distributed map, values as MessagePack bytes (implemented by `aether.maps`).
 
-    Every operation raises `UnknownMap` for an undefined map, `MapValueTooLarge` / `MapKeyError`
-    for bad input and `MapUnavailable` when the data cannot be reached in time.
+    A backend may also offer `require_map(name)`, raising `UnknownMap` for an undefined map
+    (`Slice.map` calls it). Every operation raises `UnknownMap` for an undefined map,
+    `MapValueTooLarge` / `MapKeyError` for bad input and `MapUnavailable` when the data cannot be
+    reached in time.
     """
 
     async def map_get(self, name: str, key: str) -> bytes | None: ...

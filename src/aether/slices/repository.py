@@ -198,6 +198,10 @@ class Repository:
         """Slices the artifact calls: `group:artifact` -> version pattern."""
         return dict(self.info(artifact).dependencies)
 
+    def maps(self, artifact: Artifact | str) -> builtins.list[str]:
+        """The distributed maps the artifact declares it uses (`maps` in aether-slice.toml)."""
+        return list(self.info(artifact).maps)
+
     def requirements(self, artifact: Artifact | str) -> builtins.list[Requirement]:
         """The artifact's library requirements (markers evaluated for this interpreter)."""
         return list(self.info(artifact).requirements)

@@ -323,6 +323,9 @@ class LocalMaps:
             )
         m[key] = (value, None if ttl is None else self.clock() + ttl)
 
+    def require_map(self, name: str) -> None:
+        self._map(name)
+
     async def map_get(self, name: str, key: str) -> bytes | None:
         return self._live(name, key)
 

@@ -16,6 +16,8 @@ Owns the packaging format of a slice:
   values, so the descriptor is the format that works with every build backend. An
   `aether.slice-dependencies` entry-point group (name `group:artifact`, value the pattern), which
   backends that do not validate entry-point values can write, is read too.
+- the distributed maps it uses: ``maps = ["orders"]`` in the same descriptor; deploying the
+  slice fails while one of them is not defined.
 - library dependencies: ordinary `Requires-Dist`, environment markers evaluated for this
   interpreter.
 
@@ -78,6 +80,7 @@ class WheelInfo:
     requires_dist: tuple[str, ...] = ()
     requirements: tuple[Requirement, ...] = ()
     top_level: tuple[str, ...] = ()
+    maps: tuple[str, ...] = ()  # the distributed maps the slice uses (`maps` in aether-slice.toml)
 
     @property
     def is_slice(self) -> bool:
@@ -184,21 +187,27 @@ def _read(zf: zipfile.ZipFile, name: str, path: Path) -> str:
         raise InvalidWheel(f"{path}: {name} is not UTF-8 text") from None
 
 
-def _parse_descriptor(text: str, where: str) -> dict[str, str]:
+def _parse_descriptor(text: str, where: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The descriptor's `[dependencies]` and `maps` (the distributed maps the slice uses)."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise InvalidWheel(f"{where}: invalid TOML: {e}") from None
-    unknown = sorted(set(doc) - {"dependencies"})
+    unknown = sorted(set(doc) - {"dependencies", "maps"})
     if unknown:
-        raise InvalidWheel(f"{where}: unknown key(s) {', '.join(unknown)}; only [dependencies] is allowed")
+        raise InvalidWheel(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: maps = [...] and [dependencies]"
+        )
     deps = doc.get("dependencies", {})
     if not isinstance(deps, dict) or not all(isinstance(v, str) for v in deps.values()):
         raise InvalidWheel(
             f'{where}: [dependencies] must map "group:artifact" to a version pattern string, '
             'e.g. "org.example:hello" = "^0.1.0"'
         )
-    return dict(deps)
+    maps = doc.get("maps", [])
+    if not isinstance(maps, list) or not all(isinstance(m, str) and m for m in maps):
+        raise InvalidWheel(f'{where}: maps must be a list of map names, e.g. maps = ["orders"]')
+    return dict(deps), tuple(sorted(set(maps)))
 
 
 def _top_level(names: list[str], dist_info: str, zf: zipfile.ZipFile, path: Path) -> tuple[str, ...]:
@@ -311,8 +320,10 @@ def inspect_wheel(path: Path | str, coords: Artifact | str | None = None) -> Whe
         found = [c for c in candidates if c in names]
         if len(found) > 1:
             raise InvalidWheel(f"{path}: {' and '.join(found)} both exist; declare slice dependencies once")
+        maps: tuple[str, ...] = ()
         for c in found:
-            for k, v in _parse_descriptor(_read(zf, c, path), f"{path}!{c}").items():
+            descriptor_deps, maps = _parse_descriptor(_read(zf, c, path), f"{path}!{c}")
+            for k, v in descriptor_deps.items():
                 declared[k] = (v, c)
         for k, v in eps.get(DEPENDENCIES_GROUP, {}).items():
             if k in declared and declared[k][0].strip() != v.strip():
@@ -335,5 +346,5 @@ def inspect_wheel(path: Path | str, coords: Artifact | str | None = None) -> Whe
             deps[dep_name] = pattern
         return WheelInfo(
             path, dist_name, dist_version, frozenset(tags), pure, art, ep_value, deps, requires_dist,
-            requirements, top_level,
+            requirements, top_level, maps,
         )  # fmt: skip
