@@ -301,3 +301,20 @@ async def test_kv_reset_is_a_resync_event() -> None:
     got = [await sub.next(1), await sub.next(1)]
     assert sorted(e.data["prefix"] for e in got if e) == ["blueprints/", "slices/"]
     hub.stop()
+
+
+async def test_a_blocked_slice_loop_is_a_slice_blocked_event() -> None:
+    from aether.slices.isolation import SliceBlockedNotice
+
+    node = FakeNode()
+    hub = EventHub(node)  # type: ignore[arg-type]
+    hub.start()
+    sub = hub.subscribe()
+    node.router.publish(SliceBlockedNotice("node-2", "org.x:y:1.0.0", "nap", 0.61, "s.py:9 in nap", False))
+    ev = await sub.next(1)
+    assert ev is not None and ev.type == "slice-blocked"
+    assert {k: ev.data[k] for k in ("node", "artifact", "entry", "seconds", "where", "quarantined")} == {
+        "node": "node-2", "artifact": "org.x:y:1.0.0", "entry": "nap", "seconds": 0.61,
+        "where": "s.py:9 in nap", "quarantined": False,
+    }
+    hub.stop()

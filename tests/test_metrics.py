@@ -315,3 +315,23 @@ def test_client_errors_are_counted_apart_from_failures_everywhere() -> None:
     # an update from a node without the field decodes with client_errors = 0
     old = msgspec.msgpack.encode({k: v for k, v in msgspec.structs.asdict(c).items() if k != "client_errors"})
     assert msgspec.msgpack.decode(old, type=EntryCounters).client_errors == 0
+
+
+def test_blocked_calls_are_counted_per_entry_everywhere() -> None:
+    """Issue 11: the loop-lag watchdog's reports show in the metrics (a blocked call also ends as
+    a failure, recorded by `record`)."""
+    src = _Source("n1")
+    m = src.entries
+    m.record_block(HELLO, "nap")  # reported while the call is still running ...
+    m.record(HELLO, "nap", 0.6, False)  # ... which then ends as a failure
+    m.record(HELLO, "greet", 0.001, True)
+    by = {c.entry: c for c in m.counters()}
+    assert (by["nap"].blocked, by["nap"].failures, by["nap"].calls) == (1, 1, 1)
+    assert by["greet"].blocked == 0
+    agg = MetricsAggregator("n1")
+    agg.update(upd("n1", 1, 1.0, *m.counters()), now=0.0)
+    snap = agg.compute(now=0.5, wall=1.0)
+    assert {e.entry: e.blocked for e in snap.entries} == {"greet": 0, "nap": 1}
+    fams = {f.name: f for f in text_string_to_metric_families(PrometheusExporter(src).render().decode())}
+    assert {s.labels["entry"]: s.value for s in fams["aether_entry_blocked"].samples
+            if s.name == "aether_entry_blocked_total"} == {"greet": 0, "nap": 1}

@@ -125,6 +125,13 @@ def test_a_node_survives_blocking_and_exiting_slice_code(
         assert "heartbeat timeout" not in lc.log_text(i), f"{lc.ids[i]} lost a peer to a blocking slice"
     assert n in _hosts(lc, UNRULY) and n in _hosts(lc, "org.example:hello:0.1.0")
 
+    def blocked() -> int:
+        _, doc = lc.api(n, "GET", "/api/v1/metrics", timeout=5)
+        naps = [e for e in doc["entries"] if e["artifact"] == UNRULY and e["entry"] == "nap"]
+        return sum(e.get("blocked", 0) for e in naps)
+
+    assert _wait(blocked, 15, "the block in the metrics") == 1
+
     # --- 2. SystemExit: the call fails, every node lives, the slice still serves --------------------
     status, doc = lc.api(n, "POST", f"/api/v1/invoke/{UNRULY}/quit", {}, 30)
     assert status == 502 and "SystemExit(3)" in str(doc), doc

@@ -64,12 +64,13 @@ class _Merge:
     """One entry's counters summed over the nodes."""
 
     __slots__ = (
-        "buckets", "calls", "client_errors", "failures", "frate", "nodes", "rate", "slow", "slow_adaptive",
-        "total",
+        "blocked", "buckets", "calls", "client_errors", "failures", "frate", "nodes", "rate", "slow",
+        "slow_adaptive", "total",
     )  # fmt: skip
 
     def __init__(self) -> None:
         self.calls = self.failures = self.client_errors = self.slow = self.slow_adaptive = 0
+        self.blocked = 0
         self.total = self.rate = self.frate = 0.0
         self.buckets = [0] * _NBUCKETS
         self.nodes: list[str] = []
@@ -78,6 +79,7 @@ class _Merge:
         self.calls += e.calls
         self.failures += e.failures
         self.client_errors += e.client_errors
+        self.blocked += e.blocked
         self.total += e.total_seconds
         self.slow += e.slow
         self.slow_adaptive += e.slow_adaptive
@@ -215,6 +217,7 @@ class MetricsAggregator:
                 slow_adaptive=m.slow_adaptive,
                 nodes=m.nodes,
                 client_errors=m.client_errors,
+                blocked=m.blocked,
             )
             for (artifact, entry), m in sorted(merged.items())
         ]

@@ -49,14 +49,15 @@ ADAPTIVE_MIN_CALLS: Final = 20
 
 class _Cell:
     __slots__ = (
-        "adaptive", "buckets", "calls", "client_errors", "ewma", "failures", "slow", "slow_adaptive",
-        "threshold", "total",
+        "adaptive", "blocked", "buckets", "calls", "client_errors", "ewma", "failures", "slow",
+        "slow_adaptive", "threshold", "total",
     )  # fmt: skip
 
     def __init__(self, threshold: float, first: float) -> None:
         self.calls = 0
         self.failures = 0
         self.client_errors = 0
+        self.blocked = 0
         self.total = 0.0
         self.buckets = [0] * (len(BUCKET_BOUNDS) + 1)
         self.slow = 0
@@ -110,6 +111,16 @@ class EntryMetrics:
         if cell.calls >= ADAPTIVE_MIN_CALLS:
             cell.adaptive = ADAPTIVE_FACTOR * ewma
 
+    def record_block(self, artifact: Artifact | str, entry: str) -> None:
+        """Count one call of `entry` that blocked its slice's event loop past the limit (the call
+        itself is recorded by `record` when it ends, as a failure)."""
+        try:
+            cell = self._cells[artifact][entry]
+        except KeyError:
+            cell = _Cell(self._threshold(artifact, entry), 0.0)
+            self._cells.setdefault(artifact, {})[entry] = cell
+        cell.blocked += 1
+
     def _threshold(self, artifact: Artifact | str, entry: str) -> float:
         if self.thresholds:
             name = artifact.name if isinstance(artifact, Artifact) else ":".join(artifact.split(":")[:2])
@@ -128,6 +139,7 @@ class EntryMetrics:
                 successes=c.calls - c.failures - c.client_errors,
                 failures=c.failures,
                 client_errors=c.client_errors,
+                blocked=c.blocked,
                 total_seconds=c.total,
                 buckets=list(c.buckets),
                 slow=c.slow,

@@ -56,6 +56,8 @@ class EntryCounters(msgspec.Struct, frozen=True):
     client_errors: int = 0
     """Calls answered with a 4xx (bad argument, NotFound, Conflict, ...): neither successes nor
     failures. (Last, with a default: updates from nodes that do not send it decode as 0.)"""
+    blocked: int = 0
+    """Times a call of this entry held its slice's event loop past the limit (blocking code)."""
 
 
 class NodeMetricsUpdate(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=60):
@@ -109,6 +111,8 @@ class EntryStats(msgspec.Struct, frozen=True):
     """Nodes that ran the entry."""
     client_errors: int = 0
     """Calls answered with a 4xx (the caller's mistake); `failures` are the 5xx ones."""
+    blocked: int = 0
+    """Calls that blocked their slice's event loop past the limit (each is also a failure)."""
 
 
 class ClusterTotals(msgspec.Struct, frozen=True):

@@ -7,7 +7,7 @@ default registry (several nodes may share a process). Every series has a ``node`
 Series: ``aether_node_cpu_percent``, ``aether_node_memory_rss_bytes``,
 ``aether_node_uptime_seconds`` (gauges); per entry (labels ``artifact``, ``entry``):
 ``aether_entry_calls_total``, ``aether_entry_successes_total``, ``aether_entry_failures_total``,
-``aether_entry_client_errors_total``,
+``aether_entry_client_errors_total``, ``aether_entry_blocked_total``,
 ``aether_entry_slow_calls_total`` (label ``threshold``: ``fixed`` or ``adaptive``) and the
 histogram ``aether_entry_duration_seconds``.
 """
@@ -70,6 +70,11 @@ class _NodeCollector(Collector):
             "Entry-point calls answered with a 4xx (bad argument, NotFound, Conflict)",
             labels=labels,
         )
+        blocked = CounterMetricFamily(
+            "aether_entry_blocked",
+            "Calls that blocked their slice's event loop past the limit (blocking code in an async entry)",
+            labels=labels,
+        )
         slow = CounterMetricFamily(
             "aether_entry_slow_calls", "Calls above the slow threshold", labels=[*labels, "threshold"]
         )
@@ -82,6 +87,7 @@ class _NodeCollector(Collector):
             ok.add_metric(key, c.successes)
             failed.add_metric(key, c.failures)
             client.add_metric(key, c.client_errors)
+            blocked.add_metric(key, c.blocked)
             slow.add_metric([*key, "fixed"], c.slow)
             slow.add_metric([*key, "adaptive"], c.slow_adaptive)
             cumulative = 0
@@ -90,7 +96,7 @@ class _NodeCollector(Collector):
                 cumulative += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             hist.add_metric(key, buckets, c.total_seconds)
-        yield from (calls, ok, failed, client, slow, hist)
+        yield from (calls, ok, failed, client, blocked, slow, hist)
 
 
 class PrometheusExporter:

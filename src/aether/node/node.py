@@ -235,6 +235,8 @@ class Node:
     def _on_slice_block(self, artifact: Artifact, report: BlockReport) -> None:
         coords = str(artifact)
         self.slice_blocks += 1
+        if report.entry is not None and not report.entry.endswith(")"):  # an entry, not start()/stop()
+            self.metrics.entries.record_block(coords, report.entry)  # the key SliceStore records by
         policy = self._block_policies.setdefault(coords, BlockPolicy())
         quarantine = policy.blocked(time.monotonic())
         self.router.publish(SliceBlockedNotice(

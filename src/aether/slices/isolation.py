@@ -315,6 +315,13 @@ class ThreadMaps:
         self._inner = inner
         self._thread = thread
 
+    def require_map(self, name: str) -> None:
+        """`UnknownMap` unless `name` is defined (`Slice.map` calls it): a read of the node's local
+        map definitions, safe from another thread (it changes nothing)."""
+        require = getattr(self._inner, "require_map", None)
+        if require is not None:
+            require(name)
+
     async def map_get(self, name: str, key: str) -> bytes | None:
         return await self._thread.call_main(self._inner.map_get(name, key))
 
