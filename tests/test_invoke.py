@@ -861,3 +861,36 @@ async def test_fits_the_real_slices_package() -> None:
     finally:
         api.current_request_id.reset(token)
     assert seen == ["outer-rid"]
+
+
+async def test_a_response_whose_link_is_not_up_yet_is_sent_when_it_comes_up() -> None:
+    """Links are one per direction: a peer that restarted reaches us (its link) before our link to
+    it is up again. Its request ran, and the response used to be dropped, so the caller waited its
+    whole deadline (a 504 seen right after `aether cluster restart`). Now it is held and sent on
+    `peer_up`, for `hold_for` seconds."""
+    slices = FakeSlices("S")
+    slices.active.add(ART)
+    cap = Capture()
+    cap.up = False
+    now = [0.0]
+    srv = InvokeServer("S", slices, cap, hold_for=10.0, max_held=2, clock=lambda: now[0])
+    srv.on_request("X", InvokeRequest(1, ART, "echo", b"a", "r1", 1000))
+    srv.on_request("X", InvokeRequest(2, ART, "echo", b"b", "r2", 1000))
+    srv.on_request("Y", InvokeRequest(3, ART, "echo", b"c", "r3", 1000))
+    await wait_for(lambda: srv.served == 3)
+    assert cap.out == []
+    cap.up = True
+    srv.peer_up("X")
+    assert [(p, m.id, m.payload) for p, m in cap.out] == [("X", 1, b"S:a"), ("X", 2, b"S:b")]
+    srv.peer_up("X")  # sent once
+    assert len(cap.out) == 2
+    now[0] = 11.0  # Y's response waited longer than hold_for: the caller gave up on it
+    srv.peer_up("Y")
+    assert len(cap.out) == 2 and srv.held_dropped == 1
+    cap.up = False  # at most max_held per peer, the oldest go first
+    for i in range(4, 7):
+        srv.on_request("Z", InvokeRequest(i, ART, "echo", b"", f"r{i}", 1000))
+    await wait_for(lambda: srv.served == 6)
+    cap.up = True
+    srv.peer_up("Z")
+    assert [m.id for p, m in cap.out if p == "Z"] == [5, 6] and srv.held_dropped == 2

@@ -10,8 +10,11 @@ and `aether.invoke`; it reaches slices and the transport only through `aether.in
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
+import time
+from collections.abc import Callable
 
 from aether.invoke.context import RequestIdVar, find_request_id_var
 from aether.invoke.errors import classify, describe_exception, error_text
@@ -50,6 +53,9 @@ class InvokeServer:
         max_timeout: float = 300.0,
         request_id_var: RequestIdVar | None = None,
         logger: logging.Logger | None = None,
+        hold_for: float = 10.0,
+        max_held: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -66,6 +72,14 @@ class InvokeServer:
         self._stopping = False
         self.served = 0  # requests answered (any outcome)
         self.rejected = 0  # answered overloaded / shutting_down without running
+        # Responses whose link back was not up (links are one per direction: a restarted peer can
+        # reach us before our link to it is up again): sent when it comes up, for `hold_for` s,
+        # at most `max_held` per peer (the oldest are dropped first)
+        self._hold_for = hold_for
+        self._max_held = max_held
+        self._clock = clock
+        self._held: dict[str, collections.deque[tuple[float, InvokeResponse]]] = {}
+        self.held_dropped = 0
 
     # --- transport callback ---------------------------------------------------------------------
 
@@ -201,12 +215,28 @@ class InvokeServer:
             )
             return
         if not sent:
+            held = self._held.setdefault(sender_node, collections.deque())
+            if len(held) >= self._max_held:
+                held.popleft()
+                self.held_dropped += 1
+            held.append((self._clock() + self._hold_for, InvokeResponse(req.id, payload, error, kind)))
             self._log.debug(
-                "[%s] request %s: response to %s dropped (peer not up)",
-                self.node_id,
-                req.request_id,
-                sender_node,
-            )
+                "[%s] request %s: link to %s not up; response held until it is",
+                self.node_id, req.request_id, sender_node,
+            )  # fmt: skip
+
+    def peer_up(self, node_id: str) -> None:
+        """The link to `node_id` is up: send the responses held for it (those not expired)."""
+        held = self._held.pop(node_id, None)
+        if not held:
+            return
+        now = self._clock()
+        for expires, resp in held:
+            if now > expires:
+                self.held_dropped += 1
+                continue
+            if not self._sender.send(node_id, resp):
+                self.held_dropped += 1
 
     # --- lifecycle ------------------------------------------------------------------------------
 

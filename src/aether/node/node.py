@@ -221,6 +221,7 @@ class Node:
     def _on_peer_up(self, ev: PeerUp) -> None:
         self.runner.peer_up(ev.node_id)
         self.leader.peer_up(ev.node_id)
+        self.invoke_server.peer_up(ev.node_id)
 
     def _on_peer_down(self, ev: PeerDown) -> None:
         self.runner.peer_down(ev.node_id)
