@@ -42,7 +42,7 @@ from aether.invoke import (
     backoff_delay,
     classify,
 )
-from aether.invoke.errors import error_text
+from aether.invoke.errors import PoisonRequest, error_text
 from aether.invoke.messages import kind_status
 from aether.slices.errors import Conflict, NotFound, SliceHttpError
 from aether.transport import MessageRouter, PeerDown, message_types
@@ -404,6 +404,27 @@ async def test_pending_calls_on_a_node_that_goes_down_fail_over_at_once() -> Non
     assert {served_by(r) for r in results} == {"C"}
     assert loop.time() - t0 < 1.0
     assert a.invoker.pending_count == 0
+
+
+async def test_a_call_during_which_two_nodes_went_down_is_not_tried_on_a_third() -> None:
+    """Poison-request protection: a call that (perhaps) brings down each node it runs on used to be
+    replayed on every node in turn (a SystemExit in slice code took two nodes down, then quorum).
+    After `max_nodes_lost` (2) nodes went down while running it, it fails instead."""
+    net = make_net("A", "B", "C", "D", active_on=("B", "C", "D"), attempt_timeout=5.0)
+    net.blackhole.update({"B", "C", "D"})  # whichever node runs it hangs ...
+    a = net.nodes["A"]
+    call = asyncio.create_task(a.invoker.invoke(TARGET, "echo", b"poison"))
+    lost: list[str] = []
+    for _ in range(2):  # ... and then goes down
+        await wait_for(lambda: {n for _, n in a.invoker._pending.values()} - set(lost) != set())
+        (node,) = {n for _, n in a.invoker._pending.values()} - set(lost)
+        lost.append(node)
+        net.kill(node)
+    with pytest.raises(PoisonRequest, match="went down while running it") as err:
+        await asyncio.wait_for(call, 2.0)
+    assert all(n in str(err.value) for n in lost) and err.value.status == 502
+    third = ({"B", "C", "D"} - set(lost)).pop()
+    assert [m for _, peer, m in net.sent if peer == third] == []  # never sent to a third node
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ __all__ = [
     "InvokeTimeout",
     "InvokerClosed",
     "NotDeployed",
+    "PoisonRequest",
     "SliceAppError",
     "UnknownEntryError",
     "classify",
@@ -103,6 +104,13 @@ class EndpointUnavailable(InvokeError, StatusError):
 
     status = 503
     retry_after: int | None = None
+
+
+class PoisonRequest(InvokeError, StatusError):
+    """Nodes went down (`Invoker.max_nodes_lost`, default 2) while running this call: it is not
+    tried on more nodes, since the call itself may be what brings them down (502)."""
+
+    status = 502
 
 
 class InvokerClosed(InvokeError):

@@ -45,6 +45,7 @@ from aether.invoke.errors import (
     InvokerClosed,
     InvokeTimeout,
     NotDeployed,
+    PoisonRequest,
     SliceAppError,
     UnknownEntryError,
     classify,
@@ -80,10 +81,11 @@ def backoff_delay(round_: int, minimum: float, maximum: float, rng: random.Rando
 class _Retry(Exception):
     """An attempt failed in a way worth retrying elsewhere (internal)."""
 
-    def __init__(self, reason: str, kind: str | None = None) -> None:
+    def __init__(self, reason: str, kind: str | None = None, *, node_lost: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
+        self.node_lost = node_lost  # the node running the call went down meanwhile
 
 
 class InvokerStats:
@@ -132,11 +134,16 @@ class Invoker:
         rng: random.Random | None = None,
         logger: logging.Logger | None = None,
         catalog: Catalog | None = None,
+        max_nodes_lost: int = 2,
     ) -> None:
         if default_timeout <= 0:
             raise ValueError("default_timeout must be positive")
         if attempt_timeout is not None and attempt_timeout <= 0:
             raise ValueError("attempt_timeout must be positive (or None: the whole remaining deadline)")
+        if max_nodes_lost < 1:
+            raise ValueError("max_nodes_lost must be at least 1")
+        # poison-request protection: a call during which this many nodes went down is not retried
+        self.max_nodes_lost = max_nodes_lost
         if backoff_min <= 0 or backoff_max < backoff_min:
             raise ValueError("need 0 < backoff_min <= backoff_max")
         self.node_id = node_id
@@ -179,7 +186,9 @@ class Invoker:
         failed = 0
         for fut, node in list(self._pending.values()):
             if node == node_id and not fut.done():
-                fut.set_exception(_Retry(f"node {node_id} went down while the call was pending ({reason})"))
+                fut.set_exception(_Retry(
+                    f"node {node_id} went down while the call was pending ({reason})", node_lost=True
+                ))  # fmt: skip
                 failed += 1
         if failed:
             self._log.info(
@@ -256,6 +265,7 @@ class Invoker:
         last_kind: str | None = None  # KIND_NO_INSTANCE when the last obstacle was "nowhere to run it"
         last_node: str | None = None
         tried: set[str] = set()
+        lost: list[str] = []  # nodes that went down while running this call
         try:
             while True:
                 if self._closed:
@@ -326,6 +336,16 @@ class Invoker:
                     last_error = f"{node}: {retry.reason}"
                     last_node = node
                     tried.add(node)
+                    if retry.node_lost:
+                        lost.append(node)
+                        if len(lost) >= self.max_nodes_lost:
+                            raise PoisonRequest(
+                                f"{target}.{method} (request {rid}): nodes {', '.join(lost)} went down "
+                                f"while running it; not tried on another node (it may be what brings "
+                                f"them down); last error: {retry.reason}",
+                                target=target, method=method, kind=KIND_APP_ERROR, node=node,
+                                request_id=rid, attempts=attempts,
+                            ) from None
                     continue
                 stats.succeeded += 1
                 return result
