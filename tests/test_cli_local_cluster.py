@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from click.testing import CliRunner, Result
 
 from aether.cli import local_cluster as lc
 from aether.cli.main import main
+from conftest import free_port_offset
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -118,24 +118,6 @@ mod.run_node = run_node
 sys.modules["aether.node.runner"] = mod
 """
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_offset(nodes: int) -> int:
-    """An offset K such that every port of an N-node cluster shifted by K is free right now."""
-    for _ in range(500):
-        k = random.randrange(1000, 23000)  # keeps 9000+K below the ephemeral range
-        if all(_port_free(base + k + i) for base in (7000, 9000, 8080) for i in range(nodes)):
-            return k
-    raise RuntimeError("no free port range found")
 
 
 @pytest.fixture

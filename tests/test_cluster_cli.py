@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ import psutil
 import pytest
 
 from aether.cli import local_cluster as lc
+from conftest import free_port_offset
 
 pytestmark = [
     pytest.mark.skipif(
@@ -34,24 +33,6 @@ pytestmark = [
     pytest.mark.timeout(180),
 ]
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_offset(nodes: int) -> int:
-    """An offset K such that every port of an N-node cluster shifted by K is free right now."""
-    for _ in range(500):
-        k = random.randrange(1000, 23000)  # keeps 9000+K below the ephemeral port range
-        if all(_port_free(base + k + i) for base in (7000, 9000, 8080) for i in range(nodes)):
-            return k
-    raise RuntimeError("no free port range found")
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ test runs beside anything else; the doc cannot rot without this test failing."""
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from aether.cli import local_cluster as lc
+from conftest import free_port_offset
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -40,23 +39,6 @@ def tutorial_steps() -> list[tuple[str, str]]:
             steps.append(("file", f"{m.group(1)}\n{rest}"))
     return steps
 
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_offset(nodes: int) -> int:
-    for _ in range(500):
-        k = random.randrange(1000, 23000)
-        if all(_port_free(base + k + i) for base in (7000, 9000, 8080) for i in range(nodes)):
-            return k
-    raise RuntimeError("no free port range found")
 
 
 def test_the_steps_are_found() -> None:
