@@ -65,20 +65,30 @@ def render_metrics(doc: dict[str, Any]) -> None:
         )  # fmt: skip
     con.print(nodes)
     entries = Table(title="Entry points", title_justify="left")
-    for col in ("Artifact", "Entry", "Calls", "Calls/s", "Errors", "p50 ms", "p99 ms", "Slow", "Nodes"):
+    cols = (
+        "Artifact", "Entry", "Calls", "Calls/s", "Failed", "4xx", "Blocked", "p50 ms", "p99 ms", "Slow",
+        "Nodes",
+    )  # fmt: skip
+    for col in cols:
         entries.add_column(col, justify="left" if col in ("Artifact", "Entry", "Nodes") else "right")
     for e in doc.get("entries", []):
         calls = e["calls"]
         errors = f"{e['failures']} ({100 * e['failures'] / calls:.1f}%)" if calls else "0"
+        blocked = int(e.get("blocked", 0))
         entries.add_row(
             Text(e["artifact"]), Text(e["entry"]), str(calls), f"{e['calls_per_s']:.1f}",
-            f"[red]{errors}[/red]" if e["failures"] else errors, _num(e["p50_ms"]), _num(e["p99_ms"]),
+            f"[red]{errors}[/red]" if e["failures"] else errors, str(e.get("client_errors", 0)),
+            f"[red]{blocked}[/red]" if blocked else "0", _num(e["p50_ms"]), _num(e["p99_ms"]),
             f"{e['slow']} / {e['slow_adaptive']}", Text(", ".join(e["nodes"])),
         )  # fmt: skip
     if not doc.get("entries"):
         entries.caption = "no entry point has been called yet"
     con.print(entries)
-    con.print("[dim]Slow: above the fixed threshold / above 3x the running mean.[/dim]")
+    con.print(
+        "[dim]Failed: 5xx (the entry raised or was cancelled); 4xx: the caller's mistakes; Blocked: "
+        "calls that blocked their slice's event loop; Slow: above the fixed threshold / above 3x "
+        "the running mean.[/dim]"
+    )
 
 
 @main.command()
