@@ -218,7 +218,11 @@ class SliceThread:
         self._inbox.append(call)
         if not self._inbox_woken:
             self._inbox_woken = True
-            self.loop.call_soon_threadsafe(self._start_calls)
+            try:
+                self.loop.call_soon_threadsafe(self._start_calls)
+            except RuntimeError:  # closed meanwhile
+                coro.close()
+                raise SliceCrashed(f"{self.name}: the slice's loop is closed") from None
         try:
             return await answer
         except asyncio.CancelledError:
