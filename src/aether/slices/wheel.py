@@ -62,7 +62,7 @@ SLICES_GROUP = "aether.slices"
 DEPENDENCIES_GROUP = "aether.slice-dependencies"
 DESCRIPTOR_NAME = "aether-slice.toml"
 _MAX_META = 4 * 1024 * 1024  # bytes read from one metadata file at most
-_OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def inspect_wheel(path: Path | str, coords: Artifact | str | None = None) -> Whe
         raise InvalidWheel(f"{path}: not a wheel (not a zip archive: {e})") from None
     with zf:
         names = zf.namelist()
-        metas = sorted({n.split("/")[0] for n in names if re.match(r"^[^/]+\.dist-info/METADATA$", n)})
+        metas = sorted({n.split("/")[0] for n in names if re.match(r"^[^/]+\.dist-info/METADATA\Z", n)})
         if not metas:
             raise InvalidWheel(f"{path}: not a wheel (no *.dist-info/METADATA)")
         if len(metas) > 1:
