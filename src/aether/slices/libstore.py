@@ -38,6 +38,7 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import InvalidVersion
 from packaging.version import Version as PepVersion
 
+from aether.core.files import make_private_dirs, open_private, privatize_tree
 from aether.slices.errors import InvalidWheel, SliceLoadError
 from aether.slices.wheel import DEFAULT_WHEEL_LIMITS, WheelLimits, evaluate_requirements
 
@@ -97,8 +98,8 @@ def unpack_pure_wheel(wheel: Path, target: Path, limits: WheelLimits = DEFAULT_W
                 continue
             dest = target.joinpath(*parts)
             budget.add_file()
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(dest, "wb") as out:
+            make_private_dirs(dest.parent)
+            with zf.open(info) as src, os.fdopen(open_private(dest, os.O_WRONLY | os.O_TRUNC), "wb") as out:
                 while chunk := src.read(_CHUNK):
                     budget.add_bytes(len(chunk))
                     out.write(chunk)
@@ -127,8 +128,8 @@ def install_wheel(
     """
     if target.exists():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:40]}-", dir=target.parent))
+    make_private_dirs(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:40]}-", dir=target.parent))  # 0700
     try:
         use_pip = installer == "pip"
         try:
@@ -141,6 +142,7 @@ def install_wheel(
             raise SliceLoadError(str(e)) from None
         if use_pip:
             _pip(["--target", str(tmp), str(wheel)], wheel.name)
+            privatize_tree(tmp)  # pip wrote with the process umask
         else:
             try:
                 unpack_pure_wheel(wheel, tmp, limits)
@@ -258,7 +260,7 @@ class LibraryStore:
         """Install the best match for `req` from the package index (only with `allow_index`)."""
         if not self.allow_index:
             raise SliceLoadError(f"{req}: installing from the package index is not allowed on this node")
-        self.libs_root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.libs_root)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-index-", dir=self.libs_root))
         try:
             args = ["--target", str(tmp)]
@@ -266,6 +268,7 @@ class LibraryStore:
                 args += ["--find-links", str(self.wheelhouse)]
             req_text = f"{req.name}{req.specifier}"
             _pip([*args, req_text], req_text)
+            privatize_tree(tmp)
             metas = list(tmp.glob("*.dist-info/METADATA"))
             if len(metas) != 1:
                 raise SliceLoadError(f"{req_text}: pip installed {len(metas)} distributions, expected one")

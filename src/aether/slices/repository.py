@@ -25,6 +25,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest
+from aether.core.files import make_private_dirs
 from aether.slices.errors import ArtifactNotFound, InvalidWheel, NotASliceWheel
 from aether.slices.wheel import WheelInfo, WheelLimits, inspect_wheel
 
@@ -49,7 +50,7 @@ def _parse_name(name: str) -> str:
 
 
 def _copy_atomic(src: Path, dest_dir: Path, name: str) -> Path:
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(dest_dir)  # the wheel itself is 0600 (mkstemp)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".whl", dir=dest_dir)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
