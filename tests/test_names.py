@@ -8,6 +8,7 @@ trailing newline; `test_no_dollar_anchor_in_validation_patterns` keeps `$` out o
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -21,6 +22,7 @@ from aether.deploy.blueprint import Blueprint, BlueprintSliceSpec, expand, parse
 from aether.deploy.errors import BlueprintError
 from aether.kv.keys import parse_key
 from aether.slices.api import parse_route_path
+from conftest import ProcessCluster, http_json
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "aether"
 
@@ -153,3 +155,21 @@ def test_no_dollar_anchor_in_validation_patterns() -> None:
                 found.append(f"{rel}:{line}: {pattern!r}")
     assert checked > 10  # the scan does see the patterns
     assert not found, "use \\Z (or re.fullmatch), not $:\n" + "\n".join(found)
+
+
+@pytest.mark.timeout(90)
+def test_management_api_answers_400(make_process_cluster: Callable[..., ProcessCluster]) -> None:
+    """Through a real node's management API: a name with a trailing newline is a 400 naming it,
+    and nothing is stored under it."""
+    c = make_process_cluster(1)
+    port = c.management_ports[0]
+    status, doc = http_json(port, "POST", "/api/v1/maps", {"name": "abc\n", "replicas": 1, "write_quorum": 1})
+    assert status == 400 and "invalid map name 'abc\\n'" in doc["detail"], doc
+    body = {"artifact": "org.demo:evil\n:1.0.0", "instances": 1}
+    status, doc = http_json(port, "POST", "/api/v1/deploy", body)
+    assert status == 400 and "invalid artifact id 'evil\\n'" in doc["detail"], doc
+    toml = 'id = "demo\\n"\n[slices.hello]\nartifact = "org.demo:hello:1.0.0"\n'
+    status, doc = http_json(port, "POST", "/api/v1/blueprints", {"toml": toml, "filename": "demo.blueprint"})
+    assert status == 400 and "invalid blueprint id 'demo\\n'" in doc["detail"], doc
+    assert http_json(port, "GET", "/api/v1/maps")[1]["maps"] == []
+    assert http_json(port, "GET", "/api/v1/blueprints")[1] == []

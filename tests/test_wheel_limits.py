@@ -12,7 +12,7 @@ import os
 import shutil
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ from aether.slices.wheel import (
     WheelLimits,
     inspect_wheel,
 )
-from conftest import aether_cli
+from conftest import ProcessCluster, aether_cli, http_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -196,3 +196,23 @@ def test_counting_while_unpacking_stops_at_the_limit(tmp_path: Path, monkeypatch
     with pytest.raises(SliceLoadError, match=r"more than 2 files, the limit \(AETHER_WHEEL_MAX_FILES\)"):
         install_wheel(w, target, limits=WheelLimits(max_files=2))
     assert not target.exists() and not list((tmp_path / "libs").iterdir())
+
+
+def test_management_api_deploy_of_a_zip_bomb_is_a_400(
+    make_process_cluster: Callable[..., ProcessCluster], tmp_path: Path
+) -> None:
+    """A bomb put into the repository past the CLI (here: deployed with a higher limit) is read by
+    the node when a deploy names it: 400 naming the wheel and the limit, nothing deployed."""
+    c = make_process_cluster(1, start=False)
+    c.env = {k: v for k, v in c.env.items() if not k.startswith("AETHER_WHEEL_")}  # the defaults
+    lenient = Repository(c.repository, wheel_limits=WheelLimits(max_bytes=1024 * MiB))
+    lenient.deploy(bomb_slice(tmp_path / "w"))
+    c.start_all()
+    c.wait_quorum(20)
+    port = c.management_ports[0]
+    body = {"artifact": "org.bad:bomb:1.0.0", "instances": 1}
+    status, doc = http_json(port, "POST", "/api/v1/deploy", body)
+    assert status == 400, doc
+    assert f"more than the limit of {256 * MiB} bytes (AETHER_WHEEL_MAX_BYTES)" in doc["detail"], doc
+    assert "bomb" in doc["detail"] and ".whl" in doc["detail"]
+    assert http_json(port, "GET", "/api/v1/blueprints")[1] == []
