@@ -167,6 +167,15 @@ def test_local_cluster_record(tmp_path: Path, umask022: None) -> None:
     assert mode(d / lc.CLUSTER_FILE) == 0o600
 
 
+def test_repl_history_file(tmp_path: Path, umask022: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aether.cli import repl
+
+    monkeypatch.setenv("AETHER_HISTORY", str(tmp_path / "home" / ".aether" / "history"))
+    repl._history()  # lines may carry an --api-key
+    assert mode(tmp_path / "home" / ".aether") == 0o700
+    assert mode(tmp_path / "home" / ".aether" / "history") == 0o600
+
+
 # --- real processes --------------------------------------------------------------------------------
 
 
