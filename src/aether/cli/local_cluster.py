@@ -18,6 +18,7 @@ only through their management API and their processes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -35,6 +36,7 @@ import msgspec
 
 from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
 from aether.core.errors import AetherError
+from aether.core.files import make_private_dirs, open_private_append, prepare_private_dir, write_private
 from aether.core.status import NodeStatus
 from aether.core.types import (
     CLUSTER_PORT_BASE,
@@ -167,9 +169,9 @@ def load_record(directory: str | Path) -> ClusterRecord | None:
 def save_record(directory: str | Path, record: ClusterRecord) -> None:
     """Write `cluster.json` atomically."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(d)
     tmp = d / f".{CLUSTER_FILE}.{os.getpid()}.tmp"
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
+    write_private(tmp, msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
     os.replace(tmp, d / CLUSTER_FILE)
 
 
@@ -314,8 +316,7 @@ def launch_nodes(
     Writes pid files and `cluster.json` before returning, so that `stop_cluster` can clean up
     whatever happens next. Returns the Popen objects by node id.
     """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    d = prepare_private_dir(directory, logging.getLogger("aether.cluster"))  # data, logs, pid files: 0700
     running = running_nodes(d)
     if running:
         listing = ", ".join(f"{nid} (pid {pid})" for nid, pid in running)
@@ -359,6 +360,7 @@ def start_nodes(
         if live_process(n.pid, n.create_time) is not None:
             raise ClusterError(f"{n.id} (pid {n.pid}) is already running")
     check_ports(ClusterRecord(host=record.host, port_offset=record.port_offset, nodes=nodes))
+    prepare_private_dir(d, logging.getLogger("aether.cluster"))
     return record, _spawn(d, record, nodes, node_argv, env)
 
 
@@ -376,8 +378,8 @@ def _spawn(
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for n in nodes:
-            Path(n.data_dir).mkdir(parents=True, exist_ok=True)
-            with open(n.log, "ab") as log:
+            make_private_dirs(n.data_dir)
+            with open_private_append(n.log) as log:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S")
                 log.write(f"\n=== aether cluster start: {n.id} at {stamp} ===\n".encode())
                 log.flush()
@@ -397,7 +399,7 @@ def _spawn(
                 n.create_time = psutil.Process(proc.pid).create_time()
             except psutil.Error:
                 n.create_time = None  # exited already; the quorum wait reports it
-            Path(n.pid_file).write_text(f"{proc.pid}\n")
+            write_private(n.pid_file, f"{proc.pid}\n".encode())
     except OSError as e:
         save_record(d, record)
         stop_cluster(d, only=[n.id for n in nodes])

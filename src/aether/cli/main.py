@@ -900,7 +900,7 @@ def try_lines(text: str, http_addresses: list[str]) -> list[str]:
 
     out = []
     for line in text.splitlines():
-        m = re.match(r"^\s*#\s*try:\s?(.*)$", line)
+        m = re.match(r"^\s*#\s*try:\s?(.*)\Z", line)
         if m is None:
             continue
         cmd = m.group(1)

@@ -30,6 +30,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 
 from aether.cli.main import Settings
+from aether.core.files import make_private_dirs, open_private
 
 EXIT_WORDS = ("exit", "quit")
 BUILTINS = {"help": "Show the commands, or `help CMD` for one command's help.", "exit": "Leave the shell."}
@@ -45,8 +46,8 @@ def history_path() -> Path:
 def _history() -> History:
     path = history_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(exist_ok=True)
+        make_private_dirs(path.parent)
+        os.close(open_private(path, os.O_WRONLY))  # 0600: lines may carry an --api-key
     except OSError as e:
         click.secho(f"warning: no persistent history ({path}: {e.strerror or e})", fg="yellow", err=True)
         return InMemoryHistory()

@@ -147,9 +147,7 @@ class ConsensusRunner:
             except JournalError as e:
                 self.log.warning("could not write the final snapshot: %s", e)
         self.store.close()
-        import os
-        with open(f"/tmp/trace-{self.node_id}-{os.getpid()}.txt", "w") as f:
-            f.write(f"{self.engine.stats} {self.store.stats}\n")
+        self.log.debug("consensus stats %s, storage stats %s", self.engine.stats, self.store.stats)
         self._held.clear()
         self._fail_futures(QuorumLost("node is shutting down; outcome unknown"))
 

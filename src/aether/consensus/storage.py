@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Protocol
 
 from aether.core.errors import AetherError
+from aether.core.files import PRIVATE_FILE_MODE, make_private_dirs
 
 _HDR = struct.Struct(">II")
 _log = logging.getLogger("aether.consensus.storage")
@@ -120,7 +121,7 @@ class OsFileSystem:
 
     def open(self, path: Path, *, truncate: bool) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
-        return os.open(path, flags, 0o644)
+        return os.open(path, flags, PRIVATE_FILE_MODE)  # the journal holds the whole KV
 
     def write(self, handle: int, data: bytes) -> int:
         return os.write(handle, data)
@@ -175,15 +176,7 @@ class OsFileSystem:
             os.close(fd)
 
     def makedirs(self, path: Path) -> list[Path]:
-        missing: list[Path] = []
-        p = path
-        while not p.exists():
-            missing.append(p)
-            if p.parent == p:
-                break
-            p = p.parent
-        path.mkdir(parents=True, exist_ok=True)
-        return list(reversed(missing))
+        return make_private_dirs(path)  # 0700, like the files (0600)
 
 
 def frame(payload: bytes) -> bytes:

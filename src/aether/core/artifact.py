@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from aether.core.errors import BadRequest
 
-_VERSION_RE = re.compile(r"^(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:-([0-9A-Za-z.-]+))?$")
-_GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)*$", re.IGNORECASE)
-_ARTIFACT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$", re.IGNORECASE)
+_VERSION_RE = re.compile(r"^(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:-([0-9A-Za-z.-]+))?\Z")
+_GROUP_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(\.[a-z0-9][a-z0-9_-]*)*\Z", re.IGNORECASE)
+_ARTIFACT_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*\Z", re.IGNORECASE)
 
 
 @functools.total_ordering
@@ -57,7 +57,7 @@ class Version:
         return self._key() < other._key()
 
 
-_CMP_RE = re.compile(r"^(>=|<=|>|<|==|=)?\s*(\S+)$")
+_CMP_RE = re.compile(r"^(>=|<=|>|<|==|=)?\s*(\S+)\Z")
 
 
 @dataclass(frozen=True, slots=True)

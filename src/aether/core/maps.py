@@ -37,7 +37,7 @@ MAX_KEY_BYTES: Final = 1024
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
 MAX_VALUE_BYTES_LIMIT: Final = 8 * 1024 * 1024
 """Values travel in one transport frame (16 MiB at most)."""
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
 
 
 class MapError(AetherError):

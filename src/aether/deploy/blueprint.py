@@ -75,10 +75,10 @@ class Blueprint:
 
 # --- locating keys in the source text --------------------------------------------------------------
 
-_HEADER_RE = re.compile(r"^\s*\[(?!\[)\s*(.+?)\s*\]\s*(?:#.*)?$")
+_HEADER_RE = re.compile(r"^\s*\[(?!\[)\s*(.+?)\s*\]\s*(?:#.*)?\Z")
 _PART = r"(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')"
 _KEY_RE = re.compile(rf"^\s*({_PART}(?:\s*\.\s*{_PART})*)\s*=")
-_PART_RE = re.compile(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*(?:\.|$)")
+_PART_RE = re.compile(r"\s*([A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')\s*(?:\.|\Z)")
 
 
 def _split_path(text: str) -> tuple[str, ...] | None:
@@ -125,7 +125,7 @@ class _Locator:
 
 # --- parsing ----------------------------------------------------------------------------------------
 
-_TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*\Z")
 
 
 def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
@@ -261,7 +261,7 @@ def load_blueprint(path: str | Path) -> Blueprint:
 
 # --- expansion --------------------------------------------------------------------------------------
 
-_NAME_RE = re.compile(r"^[^:\s]+:[^:\s]+$")
+_NAME_RE = re.compile(r"^[^:\s]+:[^:\s]+\Z")
 
 
 def expand(

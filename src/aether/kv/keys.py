@@ -14,7 +14,7 @@ import msgspec
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec, PartitionTable, check_map_name
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._:@+-]{1,200}$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9._:@+-]{1,200}\Z")
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 
 
@@ -147,7 +147,7 @@ KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey
 )
 
-_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%{}/-]*$")
+_PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%{}/-]*\Z")
 
 
 def parse_key(text: str) -> Key:

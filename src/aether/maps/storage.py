@@ -10,11 +10,13 @@ decides with `records.newer` whether a record replaces the current one.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
+from aether.core.files import make_private_dirs, open_private
 from aether.maps.records import Record
 
 __all__ = ["Engine", "MemoryEngine", "SqliteEngine", "open_engine"]
@@ -113,8 +115,11 @@ class SqliteEngine:
     """One SQLite database file per map (``{name}.sqlite`` in `directory`)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         self.path = path
+        # created 0600 before SQLite opens it: SQLite would create it 0644, and gives the -wal and
+        # -shm files the database file's mode
+        os.close(open_private(path, os.O_RDWR))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -18,6 +18,7 @@ from aether.consensus.storage import DiskStore
 from aether.core.artifact import Artifact
 from aether.core.config import NodeConfig
 from aether.core.errors import CommitTimeout, QuorumLost
+from aether.core.files import prepare_private_dir
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.core.types import Address
 from aether.deploy import (
@@ -66,6 +67,8 @@ class Node:
         self.members = {p.id: p.address for p in config.peers}
         self.router = MessageRouter(self.log)
         self.sm = KVStateMachine()
+        # the journal holds the whole KV, map files the maps: the data dir is for this user only
+        prepare_private_dir(config.data_path, self.log)
         self.store = DiskStore(config.data_path / "consensus", config.fsync)
         self.runner = ConsensusRunner(
             self.node_id,

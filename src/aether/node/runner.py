@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -50,6 +51,9 @@ class NodeFailed(Exception):
 
 def run_node(config: NodeConfig) -> int:
     """Run a node until interrupted; returns the process exit code."""
+    # Belt and braces: the node creates its files 0600 / directories 0700 explicitly; the umask
+    # covers what else this process writes (pip installing a library, slice code).
+    os.umask(0o077)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

@@ -378,7 +378,7 @@ def entry(fn: Any = None, /) -> Any:
     return fn
 
 
-_LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%-]+$")
+_LITERAL_SEGMENT = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%-]+\Z")
 
 
 def parse_route_path(path: str) -> tuple[str, ...]:

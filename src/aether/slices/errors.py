@@ -85,6 +85,11 @@ class InvalidWheel(BadRequest):
     """A file is not a usable (slice or library) wheel; the message names the file and the problem."""
 
 
+class WheelTooLarge(InvalidWheel):
+    """A wheel would unpack to more bytes or files than the configured limit (a zip bomb guard);
+    the message names the wheel, what it holds and the limit with the variable that sets it."""
+
+
 class NotASliceWheel(InvalidWheel):
     """A wheel has no `aether.slices` entry point (it is a library wheel)."""
 

@@ -38,8 +38,9 @@ from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel
 from packaging.version import InvalidVersion
 from packaging.version import Version as PepVersion
 
-from aether.slices.errors import SliceLoadError
-from aether.slices.wheel import evaluate_requirements
+from aether.core.files import make_private_dirs, open_private, privatize_tree
+from aether.slices.errors import InvalidWheel, SliceLoadError
+from aether.slices.wheel import DEFAULT_WHEEL_LIMITS, WheelLimits, evaluate_requirements
 
 __all__ = ["Candidate", "LibraryStore", "install_wheel", "unpack_pure_wheel"]
 
@@ -74,9 +75,18 @@ def _is_pure(zf: zipfile.ZipFile) -> bool:
     return True
 
 
-def unpack_pure_wheel(wheel: Path, target: Path) -> None:
-    """Unpack a pure wheel into `target` the way `pip install --target` lays it out."""
+_CHUNK = 1024 * 1024
+
+
+def unpack_pure_wheel(wheel: Path, target: Path, limits: WheelLimits = DEFAULT_WHEEL_LIMITS) -> None:
+    """Unpack a pure wheel into `target` the way `pip install --target` lays it out.
+
+    `WheelTooLarge` beyond `limits`: checked on the declared sizes first, then on the bytes and
+    files actually written (a member's header may understate its size).
+    """
+    budget = limits.budget(wheel)
     with zipfile.ZipFile(wheel) as zf:
+        limits.check(zf, wheel)
         for info in zf.infolist():
             p = PurePosixPath(info.filename)
             if p.is_absolute() or ".." in p.parts or "\\" in info.filename:
@@ -87,9 +97,12 @@ def unpack_pure_wheel(wheel: Path, target: Path) -> None:
             if not parts or info.is_dir():
                 continue
             dest = target.joinpath(*parts)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out)
+            budget.add_file()
+            make_private_dirs(dest.parent)
+            with zf.open(info) as src, os.fdopen(open_private(dest, os.O_WRONLY | os.O_TRUNC), "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    budget.add_bytes(len(chunk))
+                    out.write(chunk)
 
 
 def _pip(args: list[str], what: str) -> None:
@@ -105,24 +118,38 @@ def _pip(args: list[str], what: str) -> None:
         raise SliceLoadError(f"installing {what} with pip failed (exit {proc.returncode}):\n{tail}")
 
 
-def install_wheel(wheel: Path, target: Path, *, installer: Installer = "auto") -> None:
-    """Install one wheel file (no dependencies) into the new directory `target`, atomically."""
+def install_wheel(
+    wheel: Path, target: Path, *, installer: Installer = "auto", limits: WheelLimits = DEFAULT_WHEEL_LIMITS
+) -> None:
+    """Install one wheel file (no dependencies) into the new directory `target`, atomically.
+
+    A wheel beyond `limits` (declared or while unpacking) raises SliceLoadError naming the wheel
+    and the limit; nothing is left behind.
+    """
     if target.exists():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:40]}-", dir=target.parent))
+    make_private_dirs(target.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:40]}-", dir=target.parent))  # 0700
     try:
         use_pip = installer == "pip"
-        if not use_pip:
-            try:
-                with zipfile.ZipFile(wheel) as zf:
-                    use_pip = not _is_pure(zf)
-            except (zipfile.BadZipFile, OSError) as e:
-                raise SliceLoadError(f"{wheel}: not a wheel ({e})") from None
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                limits.check(zf, wheel)  # pip unpacks by the declared sizes too
+                use_pip = use_pip or not _is_pure(zf)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise SliceLoadError(f"{wheel}: not a wheel ({e})") from None
+        except InvalidWheel as e:
+            raise SliceLoadError(str(e)) from None
         if use_pip:
             _pip(["--target", str(tmp), str(wheel)], wheel.name)
+            privatize_tree(tmp)  # pip wrote with the process umask
         else:
-            unpack_pure_wheel(wheel, tmp)
+            try:
+                unpack_pure_wheel(wheel, tmp, limits)
+            except InvalidWheel as e:
+                raise SliceLoadError(str(e)) from None
+            except (zipfile.BadZipFile, EOFError) as e:  # e.g. a CRC mismatch: a damaged or lying member
+                raise SliceLoadError(f"{wheel}: damaged wheel ({e})") from None
         try:
             os.rename(tmp, target)
         except OSError:
@@ -151,7 +178,9 @@ class LibraryStore:
         *,
         allow_index: bool = False,
         installer: Installer = "auto",
+        limits: WheelLimits = DEFAULT_WHEEL_LIMITS,
     ) -> None:
+        self.limits = limits
         self.libs_root = Path(data_dir) / "libs"
         self.slices_root = Path(data_dir) / "slices"
         self.wheelhouse = wheelhouse
@@ -221,7 +250,7 @@ class LibraryStore:
         if target.is_dir():
             return target
         if cand.wheel is not None:
-            install_wheel(cand.wheel, target, installer=self.installer)
+            install_wheel(cand.wheel, target, installer=self.installer, limits=self.limits)
             return target
         if cand.directory is not None:
             return cand.directory
@@ -231,7 +260,7 @@ class LibraryStore:
         """Install the best match for `req` from the package index (only with `allow_index`)."""
         if not self.allow_index:
             raise SliceLoadError(f"{req}: installing from the package index is not allowed on this node")
-        self.libs_root.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.libs_root)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-index-", dir=self.libs_root))
         try:
             args = ["--target", str(tmp)]
@@ -239,6 +268,7 @@ class LibraryStore:
                 args += ["--find-links", str(self.wheelhouse)]
             req_text = f"{req.name}{req.specifier}"
             _pip([*args, req_text], req_text)
+            privatize_tree(tmp)
             metas = list(tmp.glob("*.dist-info/METADATA"))
             if len(metas) != 1:
                 raise SliceLoadError(f"{req_text}: pip installed {len(metas)} distributions, expected one")
@@ -277,5 +307,5 @@ class LibraryStore:
         """Install a slice wheel's code into `slices/{sha256}/` (reused when already there)."""
         target = self.slices_root / sha256
         if not target.is_dir():
-            install_wheel(wheel, target, installer=self.installer)
+            install_wheel(wheel, target, installer=self.installer, limits=self.limits)
         return target

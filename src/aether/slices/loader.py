@@ -174,7 +174,8 @@ class SliceLoader:
         self.repository = repository
         self.space = space if space is not None else default_import_space()
         self.store = LibraryStore(
-            Path(data_dir), repository.libs_dir, allow_index=allow_index, installer=installer
+            Path(data_dir), repository.libs_dir, allow_index=allow_index, installer=installer,
+            limits=repository.wheel_limits,
         )
         self._loaded: dict[Artifact, LoadedSlice] = {}
 
@@ -199,7 +200,7 @@ class SliceLoader:
     def _load(self, artifact: Artifact) -> LoadedSlice:
         try:
             wheel_path = self.repository.resolve(artifact)
-            info = inspect_wheel(wheel_path, artifact)
+            info = inspect_wheel(wheel_path, artifact, limits=self.repository.wheel_limits)
         except (ArtifactNotFound, InvalidWheel) as e:
             raise SliceLoadError(str(e)) from None
         if not info.is_slice or info.slice_class is None:

@@ -25,8 +25,9 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest
+from aether.core.files import make_private_dirs
 from aether.slices.errors import ArtifactNotFound, InvalidWheel, NotASliceWheel
-from aether.slices.wheel import WheelInfo, inspect_wheel
+from aether.slices.wheel import WheelInfo, WheelLimits, inspect_wheel
 
 __all__ = ["LIBS_DIR", "REPOSITORY_ENV", "Repository", "default_root"]
 
@@ -49,7 +50,7 @@ def _parse_name(name: str) -> str:
 
 
 def _copy_atomic(src: Path, dest_dir: Path, name: str) -> Path:
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(dest_dir)  # the wheel itself is 0600 (mkstemp)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".whl", dir=dest_dir)
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
@@ -67,8 +68,10 @@ def _copy_atomic(src: Path, dest_dir: Path, name: str) -> Path:
 class Repository:
     """A local repository directory; all methods are synchronous file operations."""
 
-    def __init__(self, root: Path | str | None = None) -> None:
+    def __init__(self, root: Path | str | None = None, *, wheel_limits: WheelLimits | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
+        # how much one wheel may unpack to (checked on deploy, inspection and installation)
+        self.wheel_limits = wheel_limits if wheel_limits is not None else WheelLimits.from_env()
 
     def __repr__(self) -> str:
         return f"Repository({str(self.root)!r})"
@@ -90,7 +93,7 @@ class Repository:
         `aether.slices` entry point raises `NotASliceWheel` (use `deploy_library`, or
         `deploy_wheel` which routes by content).
         """
-        info = inspect_wheel(wheel, coords)
+        info = inspect_wheel(wheel, coords, limits=self.wheel_limits)
         if info.coords is None:
             raise NotASliceWheel(
                 f"{wheel}: no [aether.slices] entry point: it is a library wheel "
@@ -105,14 +108,14 @@ class Repository:
 
     def deploy_library(self, wheel: Path | str) -> Path:
         """Copy a library wheel into the wheelhouse `{root}/_libs/` (replacing a same-named file)."""
-        info = inspect_wheel(wheel)
+        info = inspect_wheel(wheel, limits=self.wheel_limits)
         if info.is_slice:
             raise InvalidWheel(f"{wheel}: it is a slice wheel ({info.coords}); deploy it with deploy()")
         return _copy_atomic(info.path, self.libs_dir, info.path.name)
 
     def deploy_wheel(self, wheel: Path | str, coords: Artifact | str | None = None) -> Artifact | Path:
         """Deploy by content: a slice wheel -> its Artifact; a library wheel -> its path in `_libs/`."""
-        info = inspect_wheel(wheel, coords)
+        info = inspect_wheel(wheel, coords, limits=self.wheel_limits)
         if info.is_slice:
             return self.deploy(wheel, coords)
         return self.deploy_library(wheel)
@@ -192,7 +195,7 @@ class Repository:
     def info(self, artifact: Artifact | str) -> WheelInfo:
         """The declarations of the artifact's wheel (coordinates as deployed)."""
         a = artifact if isinstance(artifact, Artifact) else Artifact.parse(artifact)
-        return inspect_wheel(self.resolve(a), a)
+        return inspect_wheel(self.resolve(a), a, limits=self.wheel_limits)
 
     def dependencies(self, artifact: Artifact | str) -> dict[str, VersionPattern]:
         """Slices the artifact calls: `group:artifact` -> version pattern."""

@@ -21,12 +21,18 @@ Owns the packaging format of a slice:
 - library dependencies: ordinary `Requires-Dist`, environment markers evaluated for this
   interpreter.
 
+Size limits (`WheelLimits`): a wheel whose members add up to more than `max_bytes` uncompressed
+(default 256 MiB) or more than `max_files` members (default 10,000) is refused with
+`WheelTooLarge` before anything is unpacked; `AETHER_WHEEL_MAX_BYTES` / `AETHER_WHEEL_MAX_FILES`
+change the defaults.
+
 May import: `aether.core`, `aether.slices.errors`, `packaging`. No I/O besides reading the zip.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 import zipfile
@@ -43,14 +49,15 @@ from packaging.version import InvalidVersion
 from packaging.version import Version as PepVersion
 
 from aether.core.artifact import Artifact, Version, VersionPattern
-from aether.core.errors import BadRequest
-from aether.slices.errors import InvalidWheel, NotASliceWheel
+from aether.core.errors import BadRequest, ConfigError
+from aether.slices.errors import InvalidWheel, NotASliceWheel, WheelTooLarge
 
 __all__ = [
     "DEPENDENCIES_GROUP",
     "DESCRIPTOR_NAME",
     "SLICES_GROUP",
     "WheelInfo",
+    "WheelLimits",
     "aether_version",
     "evaluate_requirements",
     "inspect_wheel",
@@ -62,7 +69,93 @@ SLICES_GROUP = "aether.slices"
 DEPENDENCIES_GROUP = "aether.slice-dependencies"
 DESCRIPTOR_NAME = "aether-slice.toml"
 _MAX_META = 4 * 1024 * 1024  # bytes read from one metadata file at most
-_OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
+
+
+DEFAULT_MAX_WHEEL_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_WHEEL_FILES = 10_000
+MAX_BYTES_ENV = "AETHER_WHEEL_MAX_BYTES"
+MAX_FILES_ENV = "AETHER_WHEEL_MAX_FILES"
+
+
+def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name}={raw!r}: expected a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class WheelLimits:
+    """How much one wheel may unpack to: total uncompressed bytes and number of members."""
+
+    max_bytes: int = DEFAULT_MAX_WHEEL_BYTES
+    max_files: int = DEFAULT_MAX_WHEEL_FILES
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WheelLimits:
+        """The defaults, overridden by AETHER_WHEEL_MAX_BYTES / AETHER_WHEEL_MAX_FILES (ConfigError
+        if one is not a positive integer)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            _env_int(env, MAX_BYTES_ENV, DEFAULT_MAX_WHEEL_BYTES),
+            _env_int(env, MAX_FILES_ENV, DEFAULT_MAX_WHEEL_FILES),
+        )
+
+    def check(self, zf: zipfile.ZipFile, path: Path | str) -> None:
+        """Refuse (WheelTooLarge) a wheel whose central directory declares too many members or
+        too many uncompressed bytes. Extraction must still count (`ExtractBudget`): a member's
+        declared size may lie."""
+        infos = zf.infolist()
+        if len(infos) > self.max_files:
+            raise WheelTooLarge(
+                f"{path}: the wheel holds {len(infos)} files, more than the limit of {self.max_files} "
+                f"({MAX_FILES_ENV})"
+            )
+        total = sum(i.file_size for i in infos)
+        if total > self.max_bytes:
+            raise WheelTooLarge(
+                f"{path}: the wheel unpacks to {total} bytes, more than the limit of {self.max_bytes} "
+                f"bytes ({MAX_BYTES_ENV})"
+            )
+
+    def budget(self, path: Path | str) -> ExtractBudget:
+        return ExtractBudget(self, str(path))
+
+
+class ExtractBudget:
+    """Counts what is really written while a wheel is unpacked; WheelTooLarge past a limit."""
+
+    def __init__(self, limits: WheelLimits, path: str) -> None:
+        self.limits = limits
+        self.path = path
+        self.bytes = 0
+        self.files = 0
+
+    def add_file(self) -> None:
+        self.files += 1
+        if self.files > self.limits.max_files:
+            raise WheelTooLarge(
+                f"{self.path}: the wheel holds more than {self.limits.max_files} files, the limit "
+                f"({MAX_FILES_ENV})"
+            )
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+        if self.bytes > self.limits.max_bytes:
+            raise WheelTooLarge(
+                f"{self.path}: the wheel unpacks to more than {self.limits.max_bytes} bytes, the limit "
+                f"({MAX_BYTES_ENV})"
+            )
+
+
+DEFAULT_WHEEL_LIMITS = WheelLimits()
 
 
 @dataclass(frozen=True)
@@ -226,12 +319,14 @@ def _top_level(names: list[str], dist_info: str, zf: zipfile.ZipFile, path: Path
     return tuple(sorted(tops))
 
 
-def inspect_wheel(path: Path | str, coords: Artifact | str | None = None) -> WheelInfo:
+def inspect_wheel(
+    path: Path | str, coords: Artifact | str | None = None, *, limits: WheelLimits = DEFAULT_WHEEL_LIMITS
+) -> WheelInfo:
     """Read a wheel's declarations (no import, no install).
 
     `coords` overrides the coordinates taken from the `aether.slices` entry point and the wheel
     version. Raises `InvalidWheel` (a BadRequest) naming the file and the problem; for a library
-    wheel given explicit `coords`, `NotASliceWheel`.
+    wheel given explicit `coords`, `NotASliceWheel`; `WheelTooLarge` beyond `limits`.
     """
     path = Path(path)
     if not path.is_file():
@@ -245,8 +340,9 @@ def inspect_wheel(path: Path | str, coords: Artifact | str | None = None) -> Whe
     except (zipfile.BadZipFile, OSError) as e:
         raise InvalidWheel(f"{path}: not a wheel (not a zip archive: {e})") from None
     with zf:
+        limits.check(zf, path)
         names = zf.namelist()
-        metas = sorted({n.split("/")[0] for n in names if re.match(r"^[^/]+\.dist-info/METADATA$", n)})
+        metas = sorted({n.split("/")[0] for n in names if re.match(r"^[^/]+\.dist-info/METADATA\Z", n)})
         if not metas:
             raise InvalidWheel(f"{path}: not a wheel (no *.dist-info/METADATA)")
         if len(metas) > 1:

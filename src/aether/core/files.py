@@ -1,0 +1,111 @@
+"""Private files: what a node or the local-cluster CLI writes is for its own user only.
+
+The consensus journal holds the whole KV (map definitions, blueprints, user keys), map files hold
+the maps' data, logs hold request details: every file is created 0600 and every directory 0700,
+with the mode given where the file is created (not left to the process umask, which a library
+user running nodes in their own process controls). `tighten_dir` narrows a directory created
+earlier with looser modes (e.g. 0755 by an older version).
+
+May import only the standard library.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
+    "make_private_dirs",
+    "open_private",
+    "open_private_append",
+    "prepare_private_dir",
+    "privatize_tree",
+    "tighten_dir",
+    "write_private",
+]
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_private_dirs(path: Path | str) -> list[Path]:
+    """Create `path` and its missing parents, each 0700 whatever the umask; return the directories
+    created (outermost first). Existing directories are left as they are."""
+    path = Path(path)
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    created: list[Path] = []
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, PRIVATE_DIR_MODE)
+        except FileExistsError:
+            continue  # created meanwhile by someone else
+        os.chmod(d, PRIVATE_DIR_MODE)  # a umask may have removed bits the owner needs
+        created.append(d)
+    if not path.is_dir():
+        raise FileExistsError(errno.EEXIST, "exists and is not a directory", str(path))
+    return created
+
+
+def tighten_dir(path: Path | str, log: logging.Logger | None = None) -> bool:
+    """Make an existing directory 0700 if group or others have any access; log it once (warning).
+    Returns whether it changed. What lies below becomes unreachable for others with it."""
+    path = Path(path)
+    mode = path.stat().st_mode & 0o777
+    if not mode & 0o077:
+        return False
+    os.chmod(path, PRIVATE_DIR_MODE)
+    if log is not None:
+        log.warning("%s was mode %o (readable by other users); changed to %o", path, mode, PRIVATE_DIR_MODE)
+    return True
+
+
+def prepare_private_dir(path: Path | str, log: logging.Logger | None = None) -> Path:
+    """A node's own directory: create it 0700, or tighten it if it exists with looser modes."""
+    path = Path(path)
+    if path not in make_private_dirs(path):
+        tighten_dir(path, log)
+    return path
+
+
+def open_private(path: Path | str, flags: int) -> int:
+    """`os.open(path, flags | O_CREAT, 0600)`: a file descriptor."""
+    return os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
+
+
+def open_private_append(path: Path | str) -> BinaryIO:
+    """A log file opened for appending in binary mode, created 0600."""
+    return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab")
+
+
+def write_private(path: Path | str, data: bytes) -> None:
+    """Write `data` as the whole content of `path` (created 0600; an existing file keeps its
+    mode, so write a temporary name and rename it over the target for an atomic replace)."""
+    fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def privatize_tree(root: Path | str) -> None:
+    """Remove group and other permissions from everything under `root` (e.g. what pip wrote with
+    the process umask); owner bits, such as the executable bit of a script, stay."""
+    for dirpath, _dirnames, filenames in os.walk(root):  # symlinked directories are not entered
+        os.chmod(dirpath, PRIVATE_DIR_MODE)
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p):
+                os.chmod(p, os.stat(p).st_mode & 0o700)
