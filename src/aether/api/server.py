@@ -62,10 +62,13 @@ from aether.core.errors import (
     ConfigError,
     NotReady,
     QuorumLost,
+    RequestTimeout,
     SessionConflict,
     StatusError,
+    Unauthorized,
 )
 from aether.core.status import KVEntry, NodeStatus
+from aether.http.server import ServerLogger
 
 __all__ = [
     "API_PREFIX",
@@ -78,6 +81,13 @@ __all__ = [
 ]
 
 API_PREFIX = "/api/v1"
+# A connection must send a complete request head within this many seconds of being accepted (or of
+# its previous response), else it is closed; also the keep-alive idle time. aiohttp's
+# `keepalive_timeout` does both (its timer starts at `connection_made` and closes the connection
+# while it still waits for a complete request head), see docs/management-api.md.
+DEFAULT_IDLE_TIMEOUT = 15.0
+# A request body must arrive completely within this many seconds (408 otherwise).
+DEFAULT_BODY_TIMEOUT = 10.0
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 JSON_CONTENT_TYPE = "application/json"
 
@@ -109,6 +119,28 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(h).is_loopback
     except ValueError:
         return False
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The API key a request presents (`X-API-Key: KEY` or `Authorization: Bearer KEY`), None if
+    it presents none; raises `Unauthorized` if the header is malformed. aiohttp decodes header
+    bytes as UTF-8 with surrogate escapes, so bytes that are not UTF-8 arrive as surrogates: a
+    key must be printable ASCII, and anything else is refused here, before it is encoded."""
+    given = request.headers.get("X-API-Key")
+    if given is None:
+        auth = request.headers.get("Authorization")
+        if auth is None:
+            return None
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized(
+                "unsupported Authorization scheme: send the API key as 'X-API-Key: KEY' or "
+                "'Authorization: Bearer KEY'"
+            )
+        given = token.strip()
+    if not given or not given.isascii() or not given.isprintable():
+        raise Unauthorized("the API key is empty or contains bytes that are not printable ASCII")
+    return given
 
 
 def problem_response(
@@ -163,7 +195,13 @@ class ManagementServer:
         logger: logging.Logger | None = None,
         heartbeat: float = 15.0,
         event_queue_size: int | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
+        if idle_timeout <= 0 or body_timeout <= 0:
+            raise ConfigError("idle_timeout and body_timeout must be > 0 seconds")
+        self._idle_timeout = idle_timeout
+        self._body_timeout = body_timeout
         self._node = node
         self._heartbeat = heartbeat
         self._event_queue_size = event_queue_size
@@ -256,7 +294,14 @@ class ManagementServer:
                 f"the management API would listen on {self._host!r}, beyond loopback, without an API key: "
                 "set one (--api-key or AETHER_API_KEY) or bind it to 127.0.0.1"
             )
-        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            self.make_app(),
+            access_log=None,
+            logger=ServerLogger(self._log, {}),
+            shutdown_timeout=1.0,
+            keepalive_timeout=self._idle_timeout,
+            lingering_time=2.0,  # after an error answer, read the unread rest of a body this long at most
+        )
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
         try:
@@ -286,47 +331,54 @@ class ManagementServer:
 
     # -- middleware: authentication and error mapping -------------------------------------------
 
-    def _authorized(self, request: web.Request) -> bool:
-        assert self._api_key is not None
-        given = request.headers.get("X-API-Key")
-        if given is None:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer":
-                return False
-            given = token.strip()
-        return hmac.compare_digest(given.encode(), self._api_key.encode())
-
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._api_key is not None and not self._authorized(request):
-            return problem_response(
-                401,
-                "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
-                headers={"WWW-Authenticate": 'Bearer realm="aether"'},
-            )
         try:
+            if self._api_key is not None:
+                key = presented_key(request)
+                if key is None or not hmac.compare_digest(key.encode(), self._api_key.encode()):
+                    raise Unauthorized(
+                        "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
+                    )
+            if request.can_read_body:
+                # read the whole body here, under a deadline: a client trickling its body would
+                # otherwise hold the handler forever (handlers' own `read()` gets the cached bytes)
+                try:
+                    async with asyncio.timeout(self._body_timeout):
+                        await request.read()
+                except TimeoutError:
+                    resp = self.problem_for(
+                        request, RequestTimeout(f"request body not received within {self._body_timeout:g} s")
+                    )
+                    resp.force_close()  # the rest of the body may still trickle in: not on this connection
+                    return resp
             return await handler(request)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             return self._http_problem(request, e)
-        except BadRequest as e:
-            return problem_response(400, str(e))
-        except StatusError as e:  # an error that carries its status (415 UnsupportedMediaType, ...)
-            return problem_response(e.status, str(e))
-        except (NotReady, QuorumLost) as e:
-            return problem_response(503, str(e) or type(e).__name__)
-        except CommitTimeout as e:
-            return problem_response(504, str(e) or "timed out")
-        except SessionConflict as e:  # our own command was refused: not the caller's fault, not applied
-            self._log.error("management API: %s %s failed: %s", request.method, request.path, e)
-            return problem_response(500, str(e))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self._log.exception("management API: %s %s failed", request.method, request.path)
-            return problem_response(500, "internal error while handling the request; see the node log")
+        except Exception as e:
+            return self.problem_for(request, e)
+
+    def problem_for(self, request: web.Request, e: Exception) -> web.Response:
+        """The problem document answering `e` (the one place errors become HTTP answers)."""
+        if isinstance(e, Unauthorized):
+            return problem_response(401, str(e), headers={"WWW-Authenticate": 'Bearer realm="aether"'})
+        if isinstance(e, BadRequest):
+            return problem_response(400, str(e))
+        if isinstance(e, StatusError):  # an error that carries its status (401, 403, 408, 415, ...)
+            return problem_response(e.status, str(e))
+        if isinstance(e, (NotReady, QuorumLost)):
+            return problem_response(503, str(e) or type(e).__name__)
+        if isinstance(e, CommitTimeout):
+            return problem_response(504, str(e) or "timed out")
+        if isinstance(e, SessionConflict):  # our own command was refused: not the caller's fault, not applied
+            self._log.error("management API: %s %s failed: %s", request.method, request.path, e)
+            return problem_response(500, str(e))
+        self._log.error("management API: %s %s failed", request.method, request.path, exc_info=e)
+        return problem_response(500, "internal error while handling the request; see the node log")
 
     @staticmethod
     def _http_problem(request: web.Request, e: web.HTTPException) -> web.Response:
