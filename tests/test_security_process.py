@@ -156,3 +156,64 @@ def test_the_flag_form_warns_and_the_environment_does_not(tmp_path: Path) -> Non
     f.write_text("\n")
     empty = aether_cli("node", "--api-key-file", str(f), env=env, timeout=30)
     assert empty.returncode == 2 and "printable ASCII" in empty.stderr
+
+
+def _until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def test_roles_across_nodes_with_the_cli(
+    make_process_cluster: Callable[..., ProcessCluster], tmp_path: Path
+) -> None:
+    import os
+
+    key_file = tmp_path / "api.key"
+    key_file.write_text(KEY)
+    c = make_process_cluster(3, start=False, extra_args=["--api-key-file", str(key_file)])
+    c.start_all()
+    for i in range(3):
+        wait_ready(c, i)
+    env = {k: v for k, v in os.environ.items() if k != "AETHER_API_KEY"}
+    admin_env = {**env, "AETHER_API_KEY": KEY}
+
+    def cli(*args: str, on: int = 0, e: dict[str, str] = admin_env) -> Any:
+        return aether_cli("--connect", f"{HOST}:{c.management_ports[on]}", *args, env=e, timeout=60)
+
+    made = cli("key", "create", "reader", "--role", "read")
+    assert made.returncode == 0, made.stderr
+    reader = made.stdout.strip()
+    assert reader.startswith("reader.") and "shown only now" in made.stderr
+    made = cli("--json", "key", "create", "ops", "--role", "operate")
+    assert made.returncode == 0, made.stderr
+    ops = json.loads(made.stdout)["key"]
+    # stored hashed in the replicated store: another node knows the keys
+    _until(lambda: api(c.management_ports[2], "GET", "/api/v1/status", key=ops)[0] == 200)
+    listed = json.loads(cli("--json", "key", "list", on=1).stdout)
+    assert [(k["name"], k["role"]) for k in listed] == [("ops", "operate"), ("reader", "read")]
+    assert KEY not in c.log_text(0) and reader.split(".")[1] not in c.log_text(0)
+
+    deploy = {"artifact": "org.example:hello:1.0.0", "instances": 1}
+    status, doc = api(c.management_ports[1], "POST", "/api/v1/deploy", key=reader, body=deploy)
+    assert status == 403 and "'operate' role" in doc["detail"]
+    assert api(c.management_ports[1], "GET", "/api/v1/slices", key=reader)[0] == 200
+    status, doc = api(c.management_ports[1], "POST", "/api/v1/maps", key=reader, body={"name": "m1"})
+    assert status == 403
+    status, doc = api(c.management_ports[1], "POST", "/api/v1/maps", key=ops, body={"name": "m1"})
+    assert status in (200, 201), doc
+    status, doc = api(c.management_ports[1], "POST", "/api/v1/deploy", key=ops, body=deploy)
+    assert status not in (401, 403), doc  # past the role check (the artifact itself may be unknown)
+    assert api(c.management_ports[1], "GET", "/api/v1/keys", key=ops)[0] == 403
+    denied = cli("key", "list", e={**env, "AETHER_API_KEY": ops})
+    assert denied.returncode == 1 and "'admin' role" in denied.stderr
+
+    revoked = cli("key", "revoke", "ops", on=2)
+    assert revoked.returncode == 0, revoked.stderr
+    for i in range(3):
+        _until(lambda i=i: api(c.management_ports[i], "GET", "/api/v1/status", key=ops)[0] == 401)
+    assert api(c.management_ports[0], "GET", "/api/v1/status", key=reader)[0] == 200
+    assert cli("key", "revoke", "ops").returncode == 1
+    assert "Traceback" not in c.log_text(0) + c.log_text(1) + c.log_text(2)

@@ -44,7 +44,6 @@ to start (`ConfigError`). Several servers may run in one process (no module-leve
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import ipaddress
 import logging
@@ -55,11 +54,13 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 from aiohttp import web
 
+from aether.api.auth import Principal, required_role
 from aether.api.types import KVListing, Problem
 from aether.core.errors import (
     BadRequest,
     CommitTimeout,
     ConfigError,
+    Forbidden,
     NotReady,
     QuorumLost,
     RequestTimeout,
@@ -91,7 +92,16 @@ DEFAULT_BODY_TIMEOUT = 10.0
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 JSON_CONTENT_TYPE = "application/json"
 
+MAX_BODY = 1024 * 1024  # request bodies (the handlers answer 413 beyond, naming the limit)
+PRINCIPAL = web.RequestKey("aether.principal", Principal)  # who sent the request
+AUTH_PREFIX = "auth/"  # store keys only admins may list (hashes of API keys)
+
 _T = TypeVar("_T")
+
+
+class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    role: str
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -209,6 +219,9 @@ class ManagementServer:
         self._host = host
         self._port = port
         self._api_key = api_key or None
+        from aether.api.auth import KeyRing
+
+        self.keys = KeyRing(self._api_key, getattr(node, "kv", None))
         self._log = logger or logging.getLogger("aether.api")
         self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
@@ -229,11 +242,15 @@ class ManagementServer:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes and middleware), e.g. for aiohttp's test client."""
-        app = web.Application(middlewares=[self._middleware])
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
         app.router.add_get(f"{API_PREFIX}/status", self._handle_status)
         app.router.add_get(f"{API_PREFIX}/kv", self._handle_kv)
         app.router.add_get(f"{API_PREFIX}/health", self._handle_health)
         app.router.add_get(f"{API_PREFIX}/nodes", self._handle_nodes)
+        if self.keys.kv is not None:
+            app.router.add_get(f"{API_PREFIX}/keys", self._handle_list_keys)
+            app.router.add_post(f"{API_PREFIX}/keys", self._handle_create_key)
+            app.router.add_delete(f"{API_PREFIX}/keys/{{name}}", self._handle_revoke_key)
         if getattr(self._node, "router", None) is not None and getattr(self._node, "kv", None) is not None:
             from aether.api.events import DEFAULT_QUEUE_SIZE, EventHub
 
@@ -334,18 +351,24 @@ class ManagementServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if self._api_key is not None:
-                key = presented_key(request)
-                if key is None or not hmac.compare_digest(key.encode(), self._api_key.encode()):
-                    raise Unauthorized(
-                        "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'"
-                    )
-            if request.can_read_body:
+            principal = await self.keys.authenticate(presented_key(request) if self.keys.enabled else None)
+            request[PRINCIPAL] = principal
+            need = required_role(request.method, request.path)
+            if not principal.allows(need):
+                raise Forbidden(
+                    f"{request.method} {request.path} needs the {need!r} role; "
+                    f"key {principal.name!r} has {principal.role!r}",
+                    required_role=need,
+                )
+            length = request.content_length
+            if request.can_read_body and (length is None or length <= MAX_BODY):
                 # read the whole body here, under a deadline: a client trickling its body would
                 # otherwise hold the handler forever (handlers' own `read()` gets the cached bytes)
                 try:
                     async with asyncio.timeout(self._body_timeout):
                         await request.read()
+                except web.HTTPRequestEntityTooLarge:
+                    return problem_response(413, f"request body exceeds the {MAX_BODY}-byte limit")
                 except TimeoutError:
                     resp = self.problem_for(
                         request, RequestTimeout(f"request body not received within {self._body_timeout:g} s")
@@ -403,8 +426,35 @@ class ManagementServer:
     async def _handle_kv(self, request: web.Request) -> web.Response:
         prefix = _query(request, ("prefix",)).get("prefix", "")
         entries: list[KVEntry] = list(await _resolve(self._node.kv_list(prefix)))
+        principal = request.get(PRINCIPAL)
+        if principal is None or not principal.allows("admin"):  # key hashes: admins only
+            entries = [e for e in entries if not e.key.startswith(AUTH_PREFIX)]
         entries.sort(key=lambda e: e.key)
         return _json_response(KVListing(prefix=prefix, entries=entries))
+
+    async def _handle_list_keys(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        return _json_response(self.keys.list())
+
+    async def _handle_create_key(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        from aether.api.deploy_routes import _body
+
+        body: CreateKey = await _body(request, CreateKey)
+        value, key = await self.keys.create(body.name, body.role)
+        self._log.info("API key %r (role %s) created", body.name, value.role)
+        return web.Response(
+            body=msgspec.json.encode({"name": body.name, "role": value.role, "created": value.created,
+                                      "key": key}),
+            status=201, content_type=JSON_CONTENT_TYPE,
+        )
+
+    async def _handle_revoke_key(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        name = request.match_info["name"]
+        await self.keys.revoke(name)
+        self._log.info("API key %r revoked", name)
+        return _json_response({"name": name, "revoked": True})
 
     async def _handle_health(self, request: web.Request) -> web.Response:
         _query(request, ())

@@ -1056,6 +1056,7 @@ from aether.cli import deploy as _deploy  # noqa: E402, F401
 from aether.cli import maps as _maps  # noqa: E402, F401
 from aether.cli import metrics as _metrics  # noqa: E402, F401
 from aether.cli import ops as _ops  # noqa: E402, F401
+from aether.cli import security as _security  # noqa: E402, F401
 from aether.cli.artifact import artifact as _artifact  # noqa: E402
 
 main.add_command(_artifact)

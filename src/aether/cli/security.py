@@ -1,0 +1,87 @@
+"""`aether key create|list|revoke`: API keys with roles (`/api/v1/keys`, role admin).
+
+A created key is printed once (stdout, alone on its line, or in `--json`); the cluster keeps
+only its salted hash. See docs/management-api.md, *Roles and keys*.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from aether.cli.main import Settings, _call, _client, _echo_json, json_option, main
+
+ROLE_CHOICE = click.Choice(["read", "operate", "admin"])
+
+
+def _when(ts: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
+    except (TypeError, ValueError, OverflowError):
+        return "-"
+
+
+@main.group()
+def key() -> None:
+    """Manage API keys with roles: read (GETs), operate (deploy, scale, blueprints, maps,
+    invoke), admin (keys, audit, membership). Needs an admin key (the node's own key is one)."""
+
+
+@key.command("create")
+@click.argument("name")
+@click.option("--role", type=ROLE_CHOICE, required=True, help="What the key may do.")
+@json_option
+@click.pass_obj
+def key_create(settings: Settings, name: str, role: str, as_json: bool) -> None:
+    """Create key NAME with ROLE and print it, once: the cluster stores only its hash."""
+    client = _client(settings)
+    doc: Any = _call(client, lambda c: c.send_json("POST", "/api/v1/keys", {"name": name, "role": role}))
+    if settings.json or as_json:
+        _echo_json(doc)
+        return
+    click.echo(
+        f"Created key {doc['name']!r} with role {doc['role']}. It is shown only now; keep it safe:", err=True
+    )
+    click.echo(doc["key"])
+
+
+@key.command("list")
+@json_option
+@click.pass_obj
+def key_list(settings: Settings, as_json: bool) -> None:
+    """List the keys stored in the cluster (names, roles, creation times; never the keys)."""
+    client = _client(settings)
+    keys: Any = _call(client, lambda c: c.get_json("/api/v1/keys"))
+    if settings.json or as_json:
+        _echo_json(keys)
+        return
+    if not keys:
+        click.echo("No keys stored (the node's own key is the bootstrap admin key).")
+        return
+    from rich.table import Table
+
+    from aether.cli import render
+
+    table = Table(title=f"API keys ({len(keys)})", title_justify="left")
+    for col in ("Name", "Role", "Created"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(str(k["name"]), str(k["role"]), _when(k.get("created")))
+    render.console().print(table)
+
+
+@key.command("revoke")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def key_revoke(settings: Settings, name: str, as_json: bool) -> None:
+    """Revoke key NAME: every node refuses it (401) once the removal is applied."""
+    client = _client(settings)
+    doc: Any = _call(client, lambda c: c.send_json("DELETE", f"/api/v1/keys/{quote(name, safe='')}"))
+    if settings.json or as_json:
+        _echo_json(doc)
+        return
+    click.echo(f"Revoked key {name!r}.")
