@@ -202,8 +202,8 @@ def test_roles_across_nodes_with_the_cli(
     assert api(c.management_ports[1], "GET", "/api/v1/slices", key=reader)[0] == 200
     status, doc = api(c.management_ports[1], "POST", "/api/v1/maps", key=reader, body={"name": "m1"})
     assert status == 403
-    status, doc = api(c.management_ports[1], "POST", "/api/v1/maps", key=ops, body={"name": "m1"})
-    assert status in (200, 201), doc
+    status_map, doc = api(c.management_ports[1], "POST", "/api/v1/maps", key=ops, body={"name": "m1"})
+    assert status_map in (200, 201), doc
     status, doc = api(c.management_ports[1], "POST", "/api/v1/deploy", key=ops, body=deploy)
     assert status not in (401, 403), doc  # past the role check (the artifact itself may be unknown)
     assert api(c.management_ports[1], "GET", "/api/v1/keys", key=ops)[0] == 403
@@ -216,4 +216,24 @@ def test_roles_across_nodes_with_the_cli(
         _until(lambda i=i: api(c.management_ports[i], "GET", "/api/v1/status", key=ops)[0] == 401)
     assert api(c.management_ports[0], "GET", "/api/v1/status", key=reader)[0] == 200
     assert cli("key", "revoke", "ops").returncode == 1
+
+    # audit: node-2 served the role checks above; each write with who, what, when and result
+    out = cli("--json", "audit", "--limit", "50", on=1)
+    assert out.returncode == 0, out.stderr
+    got = [(e["key"], e["method"], e["path"], e["target"], e["status"]) for e in json.loads(out.stdout)]
+    assert got[:3] == [
+        ("reader", "POST", "/api/v1/deploy", "org.example:hello:1.0.0", 403),
+        ("reader", "POST", "/api/v1/maps", "m1", 403),
+        ("ops", "POST", "/api/v1/maps", "m1", status_map),
+    ]
+    assert got[3][:4] == ("ops", "POST", "/api/v1/deploy", "org.example:hello:1.0.0")
+    assert len(got) == 4  # reads are not audited
+    entries = json.loads(out.stdout)
+    assert all(e["remote"] == HOST and e["node"] == "node-2" and e["time"] > 0 for e in entries)
+    assert "audit: key=reader remote=127.0.0.1 POST /api/v1/deploy target=org.example:hello:1.0.0 -> 403" in (
+        c.log_text(1)
+    )
+    table = cli("audit", on=2, e={**admin_env, "COLUMNS": "200"})
+    assert table.returncode == 0 and "DELETE" in table.stdout and "/api/v1/keys/ops" in table.stdout
+    assert cli("audit", on=1, e={**env, "AETHER_API_KEY": reader}).returncode == 1
     assert "Traceback" not in c.log_text(0) + c.log_text(1) + c.log_text(2)

@@ -363,6 +363,25 @@ def _paths() -> dict[str, dict[str, Any]]:
                 tags=("security",),
             )
         },
+        f"{P}/audit": {
+            "get": _op(
+                "getAudit",
+                "The newest write operations this node served (who, what, when, result), newest "
+                "last (role admin)",
+                {200: _json({"type": "array", "items": {"type": "object"}}, "Audit entries")},
+                (400,),
+                params=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "at most this many entries (1-1000, default 100)",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    }
+                ],
+                tags=("security",),
+            )
+        },
         f"{P}/events": {
             "get": _op(
                 "streamEvents",

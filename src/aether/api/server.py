@@ -94,6 +94,7 @@ JSON_CONTENT_TYPE = "application/json"
 
 MAX_BODY = 1024 * 1024  # request bodies (the handlers answer 413 beyond, naming the limit)
 PRINCIPAL = web.RequestKey("aether.principal", Principal)  # who sent the request
+BODY = web.RequestKey("aether.body", bytes)  # the request body, once the middleware read it
 AUTH_PREFIX = "auth/"  # store keys only admins may list (hashes of API keys)
 
 _T = TypeVar("_T")
@@ -222,6 +223,9 @@ class ManagementServer:
         from aether.api.auth import KeyRing
 
         self.keys = KeyRing(self._api_key, getattr(node, "kv", None))
+        from aether.api.audit import AuditLog
+
+        self.audit = AuditLog(str(getattr(node, "node_id", "")))
         self._log = logger or logging.getLogger("aether.api")
         self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
@@ -251,6 +255,7 @@ class ManagementServer:
             app.router.add_get(f"{API_PREFIX}/keys", self._handle_list_keys)
             app.router.add_post(f"{API_PREFIX}/keys", self._handle_create_key)
             app.router.add_delete(f"{API_PREFIX}/keys/{{name}}", self._handle_revoke_key)
+        app.router.add_get(f"{API_PREFIX}/audit", self._handle_audit)
         if getattr(self._node, "router", None) is not None and getattr(self._node, "kv", None) is not None:
             from aether.api.events import DEFAULT_QUEUE_SIZE, EventHub
 
@@ -350,23 +355,51 @@ class ManagementServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method in ("GET", "HEAD"):
+            return await self._serve(request, handler)
+        status = 500
+        try:
+            response = await self._serve(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as e:  # a redirect or success raised by a handler
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away before the answer (nginx's convention)
+            raise
+        finally:
+            self._audit(request, status)
+
+    def _audit(self, request: web.Request, status: int) -> None:
+        from aether.api.audit import target_of
+
+        principal = request.get(PRINCIPAL)
+        body = request.get(BODY)  # the body, if the middleware read it (not for refused keys)
+        try:
+            match_info = dict(request.match_info)
+        except (AttributeError, RuntimeError):
+            match_info = {}
+        self.audit.record(
+            key=None if principal is None else principal.name,
+            remote=request.remote,
+            method=request.method,
+            path=request.path,
+            target=target_of(match_info, body),
+            status=status,
+        )
+
+    async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             principal = await self.keys.authenticate(presented_key(request) if self.keys.enabled else None)
             request[PRINCIPAL] = principal
-            need = required_role(request.method, request.path)
-            if not principal.allows(need):
-                raise Forbidden(
-                    f"{request.method} {request.path} needs the {need!r} role; "
-                    f"key {principal.name!r} has {principal.role!r}",
-                    required_role=need,
-                )
             length = request.content_length
             if request.can_read_body and (length is None or length <= MAX_BODY):
                 # read the whole body here, under a deadline: a client trickling its body would
                 # otherwise hold the handler forever (handlers' own `read()` gets the cached bytes)
                 try:
                     async with asyncio.timeout(self._body_timeout):
-                        await request.read()
+                        request[BODY] = await request.read()
                 except web.HTTPRequestEntityTooLarge:
                     return problem_response(413, f"request body exceeds the {MAX_BODY}-byte limit")
                 except TimeoutError:
@@ -375,6 +408,14 @@ class ManagementServer:
                     )
                     resp.force_close()  # the rest of the body may still trickle in: not on this connection
                     return resp
+            # after the body (an authenticated client's): the audit names what a refused write was for
+            need = required_role(request.method, request.path)
+            if not principal.allows(need):
+                raise Forbidden(
+                    f"{request.method} {request.path} needs the {need!r} role; "
+                    f"key {principal.name!r} has {principal.role!r}",
+                    required_role=need,
+                )
             return await handler(request)
         except web.HTTPException as e:
             if e.status < 400:
@@ -455,6 +496,16 @@ class ManagementServer:
         await self.keys.revoke(name)
         self._log.info("API key %r revoked", name)
         return _json_response({"name": name, "revoked": True})
+
+    async def _handle_audit(self, request: web.Request) -> web.Response:
+        text = _query(request, ("limit",)).get("limit", "100")
+        try:
+            limit = int(text)
+        except ValueError:
+            raise BadRequest(f"limit must be an integer from 1 to 1000, not {text!r}") from None
+        if not 1 <= limit <= 1000:
+            raise BadRequest(f"limit must be from 1 to 1000, not {limit}")
+        return _json_response(self.audit.recent(limit))
 
     async def _handle_health(self, request: web.Request) -> web.Response:
         _query(request, ())

@@ -85,3 +85,47 @@ def key_revoke(settings: Settings, name: str, as_json: bool) -> None:
         _echo_json(doc)
         return
     click.echo(f"Revoked key {name!r}.")
+
+
+@main.command()
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many entries."
+)
+@json_option
+@click.pass_obj
+def audit(settings: Settings, limit: int, as_json: bool) -> None:
+    """The newest write operations the connected node served: who (key, remote address), what
+    (method, path, target), when, and the result (HTTP status). Needs an admin key.
+
+    Each node keeps its own last 1000 in memory and logs every entry (logger aether.audit.NODE).
+    """
+    client = _client(settings)
+    entries: Any = _call(client, lambda c: c.get_json("/api/v1/audit", {"limit": str(limit)}))
+    if settings.json or as_json:
+        _echo_json(entries)
+        return
+    if not entries:
+        click.echo(f"No write operations audited on {client.address} since it started.")
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from aether.cli import render
+
+    node = escape(str(entries[0].get("node")))
+    table = Table(title=f"Audit of {node} ({len(entries)})", title_justify="left")
+    for col in ("Time", "Key", "Remote", "Method", "Path", "Target", "Status"):
+        table.add_column(col, justify="right" if col == "Status" else "left")
+    for e in entries:
+        status = int(e.get("status", 0))
+        color = "green" if status < 400 else "yellow" if status < 500 else "red"
+        table.add_row(
+            _when(e.get("time")),
+            escape(str(e.get("key") or "-")),
+            escape(str(e.get("remote") or "-")),
+            str(e.get("method")),
+            escape(str(e.get("path"))),
+            escape(str(e.get("target") or "-")),
+            f"[{color}]{status}[/{color}]",
+        )
+    render.console().print(table)
