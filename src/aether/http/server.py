@@ -14,9 +14,11 @@ request's header when it is sane, else a fresh id) which is also passed to the i
 Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``):
 
 ====  ===========================================================================================
-400   malformed path/query/JSON, JSON nested more than 64 levels or an integer outside
-      -2**63..2**64-1, an unknown query parameter or body field, body not an object, or the entry
-      rejected the argument (`BadRequest` / `InvokeBadRequest`: the detail names the field and why)
+400   malformed path/query/JSON, a bound header whose bytes are not UTF-8, header bytes aiohttp's
+      parser refuses (plain text from aiohttp, logged as one line), JSON nested more than 64
+      levels or an integer outside -2**63..2**64-1, an unknown query parameter or body field,
+      body not an object, or the entry rejected the argument (`BadRequest` /
+      `InvokeBadRequest`: the detail names the field and why)
 404   no route for the path (detail names method and path), or the route's artifact is not
       deployed / its instances have no such entry (`NotDeployed`, answered at once)
 405   the path exists for other methods (``Allow`` header lists them)
