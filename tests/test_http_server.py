@@ -180,6 +180,20 @@ async def test_post_body_binding_and_header_binding(env: Env) -> None:
     assert status == 200 and body == {"echo": {"id": "42", "x_tenant": "acme"}}
 
 
+async def test_non_utf8_bytes_in_a_bound_header_are_400_not_500(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.router.port)
+    writer.write(b"GET /api/orders/42 HTTP/1.1\r\nHost: x\r\nX-Tenant: ac\xffme\r\nConnection: close\r\n\r\n")
+    raw = await asyncio.wait_for(reader.read(), 5.0)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400", raw[:300]
+    assert "header 'x_tenant' is not valid UTF-8" in msgspec.json.decode(body)["detail"]
+    assert env.inv.calls == []
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 async def test_whole_body_passed_when_route_has_no_bindings(env: Env) -> None:
     status, body, _ = await env.req(
         "POST", "/raw", data=b'[1, "two"]', headers={"Content-Type": "application/json"}

@@ -57,7 +57,9 @@ NAME_OR_COORDINATES_PATTERN = f"^{_GROUP}:{_ARTIFACT}(:{_VERSION})?$"
 
 _ERRORS = {
     400: "Invalid input: unknown or repeated query parameter, malformed body, invalid value",
-    401: "Missing or wrong API key (only when the node has an API key)",
+    401: "Missing, malformed, wrong or revoked API key (only when the node has an API key)",
+    403: "The key's role does not allow the operation (`detail` names the role needed)",
+    408: "The request body did not arrive in time",
     404: "Not found",
     409: "Conflict",
     413: "The request body is larger than the 1 MiB limit",
@@ -233,7 +235,7 @@ def _op(
     descriptions: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     responses: dict[str, Any] = {str(k): v for k, v in ok.items()}
-    for code in sorted({*errors, 401, 500}):
+    for code in sorted({*errors, 401, 403, 500}):
         responses.setdefault(str(code), _problem(code, (descriptions or {}).get(code)))
     op: dict[str, Any] = {
         "operationId": op_id,
@@ -321,6 +323,63 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "Configured members as this node sees them",
                 {200: _json({"type": "array", "items": _ref("NodeEntry")}, "Members")},
                 (400, 503),
+            )
+        },
+        f"{P}/keys": {
+            "get": _op(
+                "listKeys",
+                "API keys stored in the cluster: name, role, created (role admin)",
+                {200: _json({"type": "array", "items": {"type": "object"}}, "Keys, by name")},
+                (400, 503),
+                tags=("security",),
+            ),
+            "post": _op(
+                "createKey",
+                "Create a key with a role (read, operate, admin); the answer holds the key, shown once "
+                "(role admin)",
+                {201: _json({"type": "object"}, "The key: name, role, created, key")},
+                (400, 409, 413, 503, 504),
+                body=_json(
+                    {
+                        "type": "object",
+                        "required": ["name", "role"],
+                        "properties": {
+                            "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"},
+                            "role": {"type": "string", "enum": ["read", "operate", "admin"]},
+                        },
+                    },
+                    "The key's name and role",
+                ),
+                tags=("security",),
+            ),
+        },
+        f"{P}/keys/{{name}}": {
+            "delete": _op(
+                "revokeKey",
+                "Revoke a key: every node refuses it once the removal is applied (role admin)",
+                {200: _json({"type": "object"}, "Revoked")},
+                (400, 404, 503, 504),
+                params=[{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+                tags=("security",),
+            )
+        },
+        f"{P}/audit": {
+            "get": _op(
+                "getAudit",
+                "The newest write operations this node served (who, what, when, result), newest "
+                "last (role admin)",
+                {200: _json({"type": "array", "items": {"type": "object"}}, "Audit entries")},
+                (400,),
+                params=[
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "description": "at most this many entries (1-1000, default 100)",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    }
+                ],
+                tags=("security",),
             )
         },
         f"{P}/events": {
@@ -678,7 +737,8 @@ Management API of an Aether node. Every node serves it; any node can take every 
 (writes go through consensus, nothing needs forwarding).
 
 Authentication: when the node has an API key, every request (this document included) must carry
-it as `X-API-Key: KEY` or `Authorization: Bearer KEY`, else 401. A node bound beyond loopback
+it as `X-API-Key: KEY` or `Authorization: Bearer KEY`, else 401. Keys have roles (read, operate,
+admin); a key whose role is too low gets 403 naming the role needed. A node bound beyond loopback
 always has one; a loopback-only node may have none, and then no header is needed.
 
 Errors are RFC 9457 problem documents (`application/problem+json`). Unknown paths answer 404,
@@ -702,7 +762,8 @@ def build_openapi(routes: Iterable[tuple[str, str]] | None = None) -> dict[str, 
         "servers": [{"url": "/"}],
         "security": [{"apiKey": []}, {"bearer": []}],
         "tags": [
-            {"name": t} for t in ("cluster", "events", "deployment", "invoke", "maps", "metrics", "meta")
+            {"name": t}
+            for t in ("cluster", "events", "deployment", "invoke", "maps", "metrics", "security", "meta")
         ],
         "paths": copy.deepcopy(paths),
         "components": {

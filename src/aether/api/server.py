@@ -44,7 +44,6 @@ to start (`ConfigError`). Several servers may run in one process (no module-leve
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import ipaddress
 import logging
@@ -55,17 +54,22 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 from aiohttp import web
 
+from aether.api.auth import Principal, required_role
 from aether.api.types import KVListing, Problem
 from aether.core.errors import (
     BadRequest,
     CommitTimeout,
     ConfigError,
+    Forbidden,
     NotReady,
     QuorumLost,
+    RequestTimeout,
     SessionConflict,
     StatusError,
+    Unauthorized,
 )
 from aether.core.status import KVEntry, NodeStatus
+from aether.http.server import ServerLogger
 
 __all__ = [
     "API_PREFIX",
@@ -78,10 +82,27 @@ __all__ = [
 ]
 
 API_PREFIX = "/api/v1"
+# A connection must send a complete request head within this many seconds of being accepted (or of
+# its previous response), else it is closed; also the keep-alive idle time. aiohttp's
+# `keepalive_timeout` does both (its timer starts at `connection_made` and closes the connection
+# while it still waits for a complete request head), see docs/management-api.md.
+DEFAULT_IDLE_TIMEOUT = 15.0
+# A request body must arrive completely within this many seconds (408 otherwise).
+DEFAULT_BODY_TIMEOUT = 10.0
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 JSON_CONTENT_TYPE = "application/json"
 
+MAX_BODY = 1024 * 1024  # request bodies (the handlers answer 413 beyond, naming the limit)
+PRINCIPAL = web.RequestKey("aether.principal", Principal)  # who sent the request
+BODY = web.RequestKey("aether.body", bytes)  # the request body, once the middleware read it
+AUTH_PREFIX = "auth/"  # store keys only admins may list (hashes of API keys)
+
 _T = TypeVar("_T")
+
+
+class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    role: str
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -109,6 +130,28 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(h).is_loopback
     except ValueError:
         return False
+
+
+def presented_key(request: web.Request) -> str | None:
+    """The API key a request presents (`X-API-Key: KEY` or `Authorization: Bearer KEY`), None if
+    it presents none; raises `Unauthorized` if the header is malformed. aiohttp decodes header
+    bytes as UTF-8 with surrogate escapes, so bytes that are not UTF-8 arrive as surrogates: a
+    key must be printable ASCII, and anything else is refused here, before it is encoded."""
+    given = request.headers.get("X-API-Key")
+    if given is None:
+        auth = request.headers.get("Authorization")
+        if auth is None:
+            return None
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer":
+            raise Unauthorized(
+                "unsupported Authorization scheme: send the API key as 'X-API-Key: KEY' or "
+                "'Authorization: Bearer KEY'"
+            )
+        given = token.strip()
+    if not given or not given.isascii() or not given.isprintable():
+        raise Unauthorized("the API key is empty or contains bytes that are not printable ASCII")
+    return given
 
 
 def problem_response(
@@ -163,7 +206,13 @@ class ManagementServer:
         logger: logging.Logger | None = None,
         heartbeat: float = 15.0,
         event_queue_size: int | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
+        if idle_timeout <= 0 or body_timeout <= 0:
+            raise ConfigError("idle_timeout and body_timeout must be > 0 seconds")
+        self._idle_timeout = idle_timeout
+        self._body_timeout = body_timeout
         self._node = node
         self._heartbeat = heartbeat
         self._event_queue_size = event_queue_size
@@ -171,6 +220,12 @@ class ManagementServer:
         self._host = host
         self._port = port
         self._api_key = api_key or None
+        from aether.api.auth import KeyRing
+
+        self.keys = KeyRing(self._api_key, getattr(node, "kv", None))
+        from aether.api.audit import AuditLog
+
+        self.audit = AuditLog(str(getattr(node, "node_id", "")))
         self._log = logger or logging.getLogger("aether.api")
         self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
@@ -191,11 +246,16 @@ class ManagementServer:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes and middleware), e.g. for aiohttp's test client."""
-        app = web.Application(middlewares=[self._middleware])
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
         app.router.add_get(f"{API_PREFIX}/status", self._handle_status)
         app.router.add_get(f"{API_PREFIX}/kv", self._handle_kv)
         app.router.add_get(f"{API_PREFIX}/health", self._handle_health)
         app.router.add_get(f"{API_PREFIX}/nodes", self._handle_nodes)
+        if self.keys.kv is not None:
+            app.router.add_get(f"{API_PREFIX}/keys", self._handle_list_keys)
+            app.router.add_post(f"{API_PREFIX}/keys", self._handle_create_key)
+            app.router.add_delete(f"{API_PREFIX}/keys/{{name}}", self._handle_revoke_key)
+        app.router.add_get(f"{API_PREFIX}/audit", self._handle_audit)
         if getattr(self._node, "router", None) is not None and getattr(self._node, "kv", None) is not None:
             from aether.api.events import DEFAULT_QUEUE_SIZE, EventHub
 
@@ -256,7 +316,14 @@ class ManagementServer:
                 f"the management API would listen on {self._host!r}, beyond loopback, without an API key: "
                 "set one (--api-key or AETHER_API_KEY) or bind it to 127.0.0.1"
             )
-        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            self.make_app(),
+            access_log=None,
+            logger=ServerLogger(self._log, {}),
+            shutdown_timeout=1.0,
+            keepalive_timeout=self._idle_timeout,
+            lingering_time=2.0,  # after an error answer, read the unread rest of a body this long at most
+        )
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
         try:
@@ -286,47 +353,96 @@ class ManagementServer:
 
     # -- middleware: authentication and error mapping -------------------------------------------
 
-    def _authorized(self, request: web.Request) -> bool:
-        assert self._api_key is not None
-        given = request.headers.get("X-API-Key")
-        if given is None:
-            auth = request.headers.get("Authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer":
-                return False
-            given = token.strip()
-        return hmac.compare_digest(given.encode(), self._api_key.encode())
-
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._api_key is not None and not self._authorized(request):
-            return problem_response(
-                401,
-                "missing or wrong API key: send it as 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
-                headers={"WWW-Authenticate": 'Bearer realm="aether"'},
-            )
+        if request.method in ("GET", "HEAD"):
+            return await self._serve(request, handler)
+        status = 500
         try:
+            response = await self._serve(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as e:  # a redirect or success raised by a handler
+            status = e.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away before the answer (nginx's convention)
+            raise
+        finally:
+            self._audit(request, status)
+
+    def _audit(self, request: web.Request, status: int) -> None:
+        from aether.api.audit import target_of
+
+        principal = request.get(PRINCIPAL)
+        body = request.get(BODY)  # the body, if the middleware read it (not for refused keys)
+        try:
+            match_info = dict(request.match_info)
+        except (AttributeError, RuntimeError):
+            match_info = {}
+        self.audit.record(
+            key=None if principal is None else principal.name,
+            remote=request.remote,
+            method=request.method,
+            path=request.path,
+            target=target_of(match_info, body),
+            status=status,
+        )
+
+    async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            principal = await self.keys.authenticate(presented_key(request) if self.keys.enabled else None)
+            request[PRINCIPAL] = principal
+            length = request.content_length
+            if request.can_read_body and (length is None or length <= MAX_BODY):
+                # read the whole body here, under a deadline: a client trickling its body would
+                # otherwise hold the handler forever (handlers' own `read()` gets the cached bytes)
+                try:
+                    async with asyncio.timeout(self._body_timeout):
+                        request[BODY] = await request.read()
+                except web.HTTPRequestEntityTooLarge:
+                    return problem_response(413, f"request body exceeds the {MAX_BODY}-byte limit")
+                except TimeoutError:
+                    resp = self.problem_for(
+                        request, RequestTimeout(f"request body not received within {self._body_timeout:g} s")
+                    )
+                    resp.force_close()  # the rest of the body may still trickle in: not on this connection
+                    return resp
+            # after the body (an authenticated client's): the audit names what a refused write was for
+            need = required_role(request.method, request.path)
+            if not principal.allows(need):
+                raise Forbidden(
+                    f"{request.method} {request.path} needs the {need!r} role; "
+                    f"key {principal.name!r} has {principal.role!r}",
+                    required_role=need,
+                )
             return await handler(request)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
             return self._http_problem(request, e)
-        except BadRequest as e:
-            return problem_response(400, str(e))
-        except StatusError as e:  # an error that carries its status (415 UnsupportedMediaType, ...)
-            return problem_response(e.status, str(e))
-        except (NotReady, QuorumLost) as e:
-            return problem_response(503, str(e) or type(e).__name__)
-        except CommitTimeout as e:
-            return problem_response(504, str(e) or "timed out")
-        except SessionConflict as e:  # our own command was refused: not the caller's fault, not applied
-            self._log.error("management API: %s %s failed: %s", request.method, request.path, e)
-            return problem_response(500, str(e))
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self._log.exception("management API: %s %s failed", request.method, request.path)
-            return problem_response(500, "internal error while handling the request; see the node log")
+        except Exception as e:
+            return self.problem_for(request, e)
+
+    def problem_for(self, request: web.Request, e: Exception) -> web.Response:
+        """The problem document answering `e` (the one place errors become HTTP answers)."""
+        if isinstance(e, Unauthorized):
+            return problem_response(401, str(e), headers={"WWW-Authenticate": 'Bearer realm="aether"'})
+        if isinstance(e, BadRequest):
+            return problem_response(400, str(e))
+        if isinstance(e, StatusError):  # an error that carries its status (401, 403, 408, 415, ...)
+            return problem_response(e.status, str(e))
+        if isinstance(e, (NotReady, QuorumLost)):
+            return problem_response(503, str(e) or type(e).__name__)
+        if isinstance(e, CommitTimeout):
+            return problem_response(504, str(e) or "timed out")
+        if isinstance(e, SessionConflict):  # our own command was refused: not the caller's fault, not applied
+            self._log.error("management API: %s %s failed: %s", request.method, request.path, e)
+            return problem_response(500, str(e))
+        self._log.error("management API: %s %s failed", request.method, request.path, exc_info=e)
+        return problem_response(500, "internal error while handling the request; see the node log")
 
     @staticmethod
     def _http_problem(request: web.Request, e: web.HTTPException) -> web.Response:
@@ -351,8 +467,45 @@ class ManagementServer:
     async def _handle_kv(self, request: web.Request) -> web.Response:
         prefix = _query(request, ("prefix",)).get("prefix", "")
         entries: list[KVEntry] = list(await _resolve(self._node.kv_list(prefix)))
+        principal = request.get(PRINCIPAL)
+        if principal is None or not principal.allows("admin"):  # key hashes: admins only
+            entries = [e for e in entries if not e.key.startswith(AUTH_PREFIX)]
         entries.sort(key=lambda e: e.key)
         return _json_response(KVListing(prefix=prefix, entries=entries))
+
+    async def _handle_list_keys(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        return _json_response(self.keys.list())
+
+    async def _handle_create_key(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        from aether.api.deploy_routes import _body
+
+        body: CreateKey = await _body(request, CreateKey)
+        value, key = await self.keys.create(body.name, body.role)
+        self._log.info("API key %r (role %s) created", body.name, value.role)
+        return web.Response(
+            body=msgspec.json.encode({"name": body.name, "role": value.role, "created": value.created,
+                                      "key": key}),
+            status=201, content_type=JSON_CONTENT_TYPE,
+        )
+
+    async def _handle_revoke_key(self, request: web.Request) -> web.Response:
+        _query(request, ())
+        name = request.match_info["name"]
+        await self.keys.revoke(name)
+        self._log.info("API key %r revoked", name)
+        return _json_response({"name": name, "revoked": True})
+
+    async def _handle_audit(self, request: web.Request) -> web.Response:
+        text = _query(request, ("limit",)).get("limit", "100")
+        try:
+            limit = int(text)
+        except ValueError:
+            raise BadRequest(f"limit must be an integer from 1 to 1000, not {text!r}") from None
+        if not 1 <= limit <= 1000:
+            raise BadRequest(f"limit must be from 1 to 1000, not {limit}")
+        return _json_response(self.audit.recent(limit))
 
     async def _handle_health(self, request: web.Request) -> web.Response:
         _query(request, ())

@@ -116,8 +116,45 @@ def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
     except ApiError as e:
         hint = None
         if e.status == 401:
-            hint = "Pass the cluster's API key with --api-key KEY or the AETHER_API_KEY environment variable."
+            hint = (
+                "Pass the cluster's API key with --api-key-file FILE or the AETHER_API_KEY "
+                "environment variable."
+            )
         fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=hint)
+
+
+def resolve_api_key(
+    ctx: click.Context, param: str, value: str | None, key_file: str | None, *, warn: bool = True
+) -> str | None:
+    """The API key from `--api-key` (or AETHER_API_KEY) or `--api-key-file`; never both.
+
+    The flag form puts the key on the command line, where every local user sees it in `ps`: it
+    works, with a warning on stderr. A key file is read whole, trailing whitespace stripped.
+    """
+    from click.core import ParameterSource
+
+    if key_file is not None:
+        if value:
+            fail(
+                "give the API key once: --api-key (or AETHER_API_KEY) or --api-key-file, not both",
+                EXIT_USAGE,
+            )
+        path = Path(key_file)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the API key file {path}: {getattr(e, 'strerror', None) or e}", EXIT_USAGE)
+        if not text or not text.isascii() or not text.isprintable():
+            fail(f"the API key file {path} must hold one key of printable ASCII characters", EXIT_USAGE)
+        return text
+    if value and warn and ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+        click.secho(
+            "warning: --api-key KEY shows the key to every local user (ps, /proc); "
+            "use --api-key-file FILE or the AETHER_API_KEY environment variable",
+            fg="yellow",
+            err=True,
+        )
+    return value or None
 
 
 # -- the group ----------------------------------------------------------------------------------------
@@ -143,7 +180,14 @@ def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
     envvar="AETHER_API_KEY",
     default=None,
     metavar="KEY",
-    help="API key of the management API (env AETHER_API_KEY).",
+    help="API key of the management API (env AETHER_API_KEY; the flag form shows it in ps).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="Read the API key from FILE.",
 )
 @click.option(
     "--timeout",
@@ -155,7 +199,14 @@ def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
 )
 @click.version_option(__version__, "-V", "--version", prog_name="aether")
 @click.pass_context
-def main(ctx: click.Context, connect: str, as_json: bool, api_key: str | None, timeout: float) -> None:
+def main(
+    ctx: click.Context,
+    connect: str,
+    as_json: bool,
+    api_key: str | None,
+    api_key_file: str | None,
+    timeout: float,
+) -> None:
     """Aether: a distributed runtime for plain-Python slices.
 
     Talks to a node over its management API (--connect), runs a node (`aether node`) or a local
@@ -165,7 +216,9 @@ def main(ctx: click.Context, connect: str, as_json: bool, api_key: str | None, t
     Exit codes: 0 ok, 1 operation failed, 2 bad usage or configuration, 3 cannot connect.
     """
     in_repl = ctx.obj is not None  # the REPL runs lines with obj=its Settings
-    ctx.obj = Settings(connect=connect, json=as_json, api_key=api_key or None, timeout=timeout)
+    # (the REPL passes its key back as --api-key on every line, in-process: no warning then)
+    api_key = resolve_api_key(ctx, "api_key", api_key, api_key_file, warn=not in_repl)
+    ctx.obj = Settings(connect=connect, json=as_json, api_key=api_key, timeout=timeout)
     if ctx.invoked_subcommand is None:
         if not in_repl and sys.stdin.isatty() and sys.stdout.isatty():
             from aether.cli.repl import run_repl
@@ -318,7 +371,22 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "node_api_key",
     envvar="AETHER_API_KEY",
     metavar="KEY",
-    help="Require this key on the management API (env AETHER_API_KEY); needed beyond loopback.",
+    help="Require this key on the management API (env AETHER_API_KEY); needed beyond loopback. "
+    "The flag form shows it in ps: prefer --api-key-file or the environment.",
+)
+@click.option(
+    "--api-key-file",
+    "node_api_key_file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Read the management API key from FILE (the bootstrap admin key).",
+)
+@click.option(
+    "--http-idle-timeout",
+    type=click.FloatRange(min=0.1, max=3600),
+    metavar="SECONDS",
+    help="Close a management API or HTTP router connection that has not sent a complete request "
+    "head this long after connecting (or after its last answer) [default: 15].",
 )
 @click.option(
     "--repository",
@@ -346,10 +414,14 @@ def node(
     cluster_name: str | None,
     fsync: str | None,
     node_api_key: str | None,
+    node_api_key_file: str | None,
+    http_idle_timeout: float | None,
     repository: str | None,
     log_level: str,
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
+    ctx = click.get_current_context()
+    node_api_key = resolve_api_key(ctx, "node_api_key", node_api_key, node_api_key_file)
     flags = {
         "node_id": node_id,
         "peers": peers,
@@ -361,6 +433,7 @@ def node(
         "cluster_name": cluster_name,
         "fsync": fsync,
         "api_key": node_api_key or None,
+        "http_idle_timeout": http_idle_timeout,
         "repository": repository or None,
     }
     try:
@@ -983,6 +1056,7 @@ from aether.cli import deploy as _deploy  # noqa: E402, F401
 from aether.cli import maps as _maps  # noqa: E402, F401
 from aether.cli import metrics as _metrics  # noqa: E402, F401
 from aether.cli import ops as _ops  # noqa: E402, F401
+from aether.cli import security as _security  # noqa: E402, F401
 from aether.cli.artifact import artifact as _artifact  # noqa: E402
 
 main.add_command(_artifact)

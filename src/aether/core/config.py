@@ -41,6 +41,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_timeout: float = 0.6
     request_timeout: float = 5.0
     api_key: str | None = None
+    # seconds a connection to the management API or the HTTP router may take to send a complete
+    # request head (from accept or the previous response), and may stay idle, before it is closed
+    http_idle_timeout: float = 15.0
     # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
     repository: str | None = None
     # admission control: slice instances (all artifacts together) one node may run, and the whole
@@ -61,6 +64,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ConfigError(f"{name} {port} out of range 0-65535")
         if self.fsync not in ("none", "snapshot", "always"):
             raise ConfigError(f"fsync must be one of none, snapshot, always (got {self.fsync!r})")
+        if not 0 < self.http_idle_timeout <= 3600:
+            raise ConfigError(
+                f"http_idle_timeout must be > 0 and <= 3600 seconds (got {self.http_idle_timeout})"
+            )
         if self.snapshot_every < 1:
             raise ConfigError("snapshot_every must be >= 1")
         for name in ("max_instances_per_node", "max_instances_per_cluster"):
@@ -93,6 +100,7 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     heartbeat_timeout: float | None = None
     request_timeout: float | None = None
     api_key: str | None = None
+    http_idle_timeout: float | None = None
     repository: str | None = None
     max_instances_per_node: int | None = None
     max_instances_per_cluster: int | None = None

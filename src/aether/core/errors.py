@@ -56,3 +56,26 @@ class StatusError(AetherError):
             if not 400 <= status <= 599:
                 raise ValueError(f"status must be an HTTP error status (400-599), not {status}")
             self.status = status
+
+
+class Unauthorized(StatusError):
+    """The request carries no valid credential (missing, malformed, unknown or revoked key): 401."""
+
+    status = 401
+
+
+class Forbidden(StatusError):
+    """The credential is valid but its role does not allow the operation: 403. `required_role`
+    names the role the operation needs."""
+
+    status = 403
+
+    def __init__(self, message: str, *, required_role: str) -> None:
+        super().__init__(message)
+        self.required_role = required_role
+
+
+class RequestTimeout(StatusError):
+    """The client did not send its request (body) in time: 408."""
+
+    status = 408

@@ -349,6 +349,13 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     v = headers.get(name)
     if v is None and "_" in name:
         v = headers.get(name.replace("_", "-"))
+    if v is not None:
+        # aiohttp decodes header bytes as UTF-8 with surrogate escapes: bytes that are not UTF-8
+        # arrive as lone surrogates, which cannot be encoded into the entry's argument
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"header {name!r} is not valid UTF-8") from None
     return v
 
 

@@ -14,13 +14,18 @@ request's header when it is sane, else a fresh id) which is also passed to the i
 Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``):
 
 ====  ===========================================================================================
-400   malformed path/query/JSON, JSON nested more than 64 levels or an integer outside
-      -2**63..2**64-1, an unknown query parameter or body field, body not an object, or the entry
-      rejected the argument (`BadRequest` / `InvokeBadRequest`: the detail names the field and why)
+400   malformed path/query/JSON, a bound header whose bytes are not UTF-8, header bytes aiohttp's
+      parser refuses (plain text from aiohttp, logged as one line), JSON nested more than 64
+      levels or an integer outside -2**63..2**64-1, an unknown query parameter or body field,
+      body not an object, or the entry rejected the argument (`BadRequest` /
+      `InvokeBadRequest`: the detail names the field and why)
 404   no route for the path (detail names method and path), or the route's artifact is not
       deployed / its instances have no such entry (`NotDeployed`, answered at once)
 405   the path exists for other methods (``Allow`` header lists them)
 408   the client did not send its body within ``request_timeout``
+
+A connection that has not sent a complete request head within ``idle_timeout`` seconds (15) of
+being accepted, or of its previous response, is closed without an answer (slowloris).
 413   body larger than ``max_body``
 415   a body without a JSON content type (``Content-Type: application/json`` is required)
 4xx   the entry raised a `SliceHttpError` (``NotFound`` 404, ``Conflict`` 409, ...), directly or by
@@ -64,7 +69,15 @@ from aether.invoke.errors import (
 from aether.invoke.messages import KIND_NO_INSTANCE
 from aether.kv.keys import RouteValue
 
-__all__ = ["HttpRouter", "InvokerLike", "KVLike", "MiB", "problem_body", "retry_after_header"]
+__all__ = [
+    "HttpRouter",
+    "InvokerLike",
+    "KVLike",
+    "MiB",
+    "ServerLogger",
+    "problem_body",
+    "retry_after_header",
+]
 
 MiB = 1024 * 1024
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -113,6 +126,25 @@ def retry_after_header(e: EndpointUnavailable) -> dict[str, str] | None:
     return None if e.retry_after is None else {"Retry-After": str(e.retry_after)}
 
 
+class ServerLogger(logging.LoggerAdapter):
+    """The `logger` of an aiohttp server (its own option): a request that aiohttp's parser
+    rejects (bad bytes in a header, a line too long, not HTTP at all) is answered 400 by aiohttp
+    and logged here as one line without a traceback, instead of an ERROR with a traceback per
+    request (anyone can send those: a log flood, and not an error of the node). Any other
+    exception is logged as before."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kw: Any) -> None:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if isinstance(exc_info, HttpProcessingError):
+            first = (exc_info.message or type(exc_info).__name__).strip().splitlines()
+            text = str(msg) % args if args else str(msg)
+            reason = first[0] if first else ""
+            self.info("%s: malformed HTTP request refused (%s %s)", text, exc_info.code, reason)
+            return
+        self.error(msg, *args, exc_info=exc_info, **kw)
+
+
 def _new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -138,6 +170,7 @@ class HttpRouter:
         port: int = 0,
         max_body: int = MiB,
         request_timeout: float = 10.0,
+        idle_timeout: float = 15.0,
         logger: logging.Logger | None = None,
     ) -> None:
         self.node_id = node_id
@@ -147,6 +180,9 @@ class HttpRouter:
         self._port = port
         self.max_body = max_body
         self.request_timeout = request_timeout
+        # a connection must send a complete request head within `idle_timeout` s of being accepted
+        # (or of its previous response) and may stay idle that long: aiohttp's keepalive_timeout
+        self.idle_timeout = idle_timeout
         self.log = logger or logging.getLogger(f"aether.http.{node_id}")
         self.table = RouteTable()
         self._cancel_watch: Callable[[], None] | None = None
@@ -212,7 +248,12 @@ class HttpRouter:
         app = web.Application(client_max_size=self.max_body)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, keepalive_timeout=15.0, shutdown_timeout=1.0
+            app,
+            access_log=None,
+            logger=ServerLogger(self.log, {}),
+            handle_signals=False,
+            keepalive_timeout=self.idle_timeout,
+            shutdown_timeout=1.0,
         )
         await runner.setup()
         try:

@@ -67,6 +67,19 @@ class RouteValue(msgspec.Struct, frozen=True):
     bindings: dict[str, str] = {}
 
 
+class ApiKeyValue(msgspec.Struct, frozen=True):
+    """A management API key: its role and a salted scrypt hash of its secret (never the secret).
+    `n`, `r`, `p` are the scrypt parameters it was hashed with (`aether.api.auth`)."""
+
+    role: str
+    salt: bytes
+    hash: bytes
+    n: int
+    r: int
+    p: int
+    created: float
+
+
 # --- keys -------------------------------------------------------------------------------------------
 
 
@@ -142,10 +155,36 @@ class MapTableKey(msgspec.Struct, frozen=True):
         return "maps/table"
 
 
-Key = Union[BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey]  # noqa: UP007
+class ApiKeyKey(msgspec.Struct, frozen=True):
+    """A management API key (`ApiKeyValue`): `auth/keys/{name}`. Written only by a node's
+    management API (admin role); cluster-internal, like every family but `user/`."""
+
+    prefix: ClassVar[str] = "auth/keys/"
+    value_type: ClassVar[type] = ApiKeyValue
+    name: str
+
+    def __str__(self) -> str:
+        return f"auth/keys/{self.name}"
+
+
+Key = Union[  # noqa: UP007
+    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, ApiKeyKey
+]
 KEY_FAMILIES: tuple[type, ...] = (
-    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey
+    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, ApiKeyKey
 )
+API_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_api_key_name(name: str) -> str:
+    """`name` if it is a valid API key name (1-64 letters, digits, `_`, `-`; starting with a
+    letter or digit), else BadRequest naming the rule."""
+    if not API_KEY_NAME.fullmatch(name):
+        raise BadRequest(
+            f"invalid key name {name!r}: use 1-64 letters, digits, '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 _PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%{}/-]*\Z")
 
@@ -155,7 +194,7 @@ def parse_key(text: str) -> Key:
     family, sep, rest = text.partition("/")
     if not sep or not rest:
         raise BadRequest(f"invalid key {text!r}: expected FAMILY/..., families: blueprints, slices, "
-                         "endpoints, routes, maps, user")
+                         "endpoints, routes, maps, auth, user")
     if family == "blueprints":
         return BlueprintKey(_seg("blueprint id", rest))
     if family == "slices":
@@ -184,12 +223,17 @@ def parse_key(text: str) -> Key:
         if kind != "defs" or not sep2:
             raise BadRequest(f"invalid key {text!r}: expected maps/table or maps/defs/NAME")
         return MapDefKey(check_map_name(name))
+    if family == "auth":
+        kind, sep2, name = rest.partition("/")
+        if kind != "keys" or not sep2:
+            raise BadRequest(f"invalid key {text!r}: expected auth/keys/NAME")
+        return ApiKeyKey(check_api_key_name(name))
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps or user")
+                     "routes, maps, auth or user")
 
 
 def value_type_for(key: str) -> type:

@@ -168,6 +168,7 @@ class Node:
         await self.cluster_deployer.start()
         self.http = HttpRouter(
             self.node_id, self.kv, self.invoker, host=self.config.host, port=self.config.http_port,
+            idle_timeout=self.config.http_idle_timeout,
             logger=logging.getLogger(f"aether.http.{self.node_id}"),
         )
         await self.http.start()
@@ -177,6 +178,7 @@ class Node:
 
             self.management = ManagementServer(
                 self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
+                idle_timeout=self.config.http_idle_timeout,
                 logger=logging.getLogger(f"aether.api.{self.node_id}"),
             )
             await self.management.start()

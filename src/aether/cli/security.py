@@ -1,0 +1,131 @@
+"""`aether key create|list|revoke`: API keys with roles (`/api/v1/keys`, role admin).
+
+A created key is printed once (stdout, alone on its line, or in `--json`); the cluster keeps
+only its salted hash. See docs/management-api.md, *Roles and keys*.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from aether.cli.main import Settings, _call, _client, _echo_json, json_option, main
+
+ROLE_CHOICE = click.Choice(["read", "operate", "admin"])
+
+
+def _when(ts: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(ts)))
+    except (TypeError, ValueError, OverflowError):
+        return "-"
+
+
+@main.group()
+def key() -> None:
+    """Manage API keys with roles: read (GETs), operate (deploy, scale, blueprints, maps,
+    invoke), admin (keys, audit, membership). Needs an admin key (the node's own key is one)."""
+
+
+@key.command("create")
+@click.argument("name")
+@click.option("--role", type=ROLE_CHOICE, required=True, help="What the key may do.")
+@json_option
+@click.pass_obj
+def key_create(settings: Settings, name: str, role: str, as_json: bool) -> None:
+    """Create key NAME with ROLE and print it, once: the cluster stores only its hash."""
+    client = _client(settings)
+    doc: Any = _call(client, lambda c: c.send_json("POST", "/api/v1/keys", {"name": name, "role": role}))
+    if settings.json or as_json:
+        _echo_json(doc)
+        return
+    click.echo(
+        f"Created key {doc['name']!r} with role {doc['role']}. It is shown only now; keep it safe:", err=True
+    )
+    click.echo(doc["key"])
+
+
+@key.command("list")
+@json_option
+@click.pass_obj
+def key_list(settings: Settings, as_json: bool) -> None:
+    """List the keys stored in the cluster (names, roles, creation times; never the keys)."""
+    client = _client(settings)
+    keys: Any = _call(client, lambda c: c.get_json("/api/v1/keys"))
+    if settings.json or as_json:
+        _echo_json(keys)
+        return
+    if not keys:
+        click.echo("No keys stored (the node's own key is the bootstrap admin key).")
+        return
+    from rich.table import Table
+
+    from aether.cli import render
+
+    table = Table(title=f"API keys ({len(keys)})", title_justify="left")
+    for col in ("Name", "Role", "Created"):
+        table.add_column(col)
+    for k in keys:
+        table.add_row(str(k["name"]), str(k["role"]), _when(k.get("created")))
+    render.console().print(table)
+
+
+@key.command("revoke")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def key_revoke(settings: Settings, name: str, as_json: bool) -> None:
+    """Revoke key NAME: every node refuses it (401) once the removal is applied."""
+    client = _client(settings)
+    doc: Any = _call(client, lambda c: c.send_json("DELETE", f"/api/v1/keys/{quote(name, safe='')}"))
+    if settings.json or as_json:
+        _echo_json(doc)
+        return
+    click.echo(f"Revoked key {name!r}.")
+
+
+@main.command()
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many entries."
+)
+@json_option
+@click.pass_obj
+def audit(settings: Settings, limit: int, as_json: bool) -> None:
+    """The newest write operations the connected node served: who (key, remote address), what
+    (method, path, target), when, and the result (HTTP status). Needs an admin key.
+
+    Each node keeps its own last 1000 in memory and logs every entry (logger aether.audit.NODE).
+    """
+    client = _client(settings)
+    entries: Any = _call(client, lambda c: c.get_json("/api/v1/audit", {"limit": str(limit)}))
+    if settings.json or as_json:
+        _echo_json(entries)
+        return
+    if not entries:
+        click.echo(f"No write operations audited on {client.address} since it started.")
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from aether.cli import render
+
+    node = escape(str(entries[0].get("node")))
+    table = Table(title=f"Audit of {node} ({len(entries)})", title_justify="left")
+    for col in ("Time", "Key", "Remote", "Method", "Path", "Target", "Status"):
+        table.add_column(col, justify="right" if col == "Status" else "left")
+    for e in entries:
+        status = int(e.get("status", 0))
+        color = "green" if status < 400 else "yellow" if status < 500 else "red"
+        table.add_row(
+            _when(e.get("time")),
+            escape(str(e.get("key") or "-")),
+            escape(str(e.get("remote") or "-")),
+            str(e.get("method")),
+            escape(str(e.get("path"))),
+            escape(str(e.get("target") or "-")),
+            f"[{color}]{status}[/{color}]",
+        )
+    render.console().print(table)
