@@ -82,7 +82,7 @@ __all__ = [
 MiB = 1024 * 1024
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-Id"
-_RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}$")
+_RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}\Z")
 _MSGPACK_DEC = msgspec.msgpack.Decoder()
 _JSON_ENC = msgspec.json.Encoder()
 _ROUTE_DEC = msgspec.msgpack.Decoder(RouteValue)
