@@ -35,6 +35,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -95,6 +96,8 @@ class Cluster:
         self.no_uvloop = no_uvloop
         self.fsync = fsync
         self.extra = extra
+        # the nodes prove this secret to each other, and clients prove it (docs/cluster-security.md)
+        self.secret = os.environ.get("AETHER_CLUSTER_SECRET") or secrets.token_hex(32)
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
         self.all_pids: list[int] = []
         self._logs: list[Any] = [None] * n
@@ -126,6 +129,7 @@ class Cluster:
         ]  # fmt: skip
         logf = open(self.log_path(i), "ab")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if k != "AETHER_API_KEY"}
+        env["AETHER_CLUSTER_SECRET"] = self.secret
         p = subprocess.Popen(
             cmd,
             stdout=logf,
@@ -512,6 +516,7 @@ def main() -> int:
     try:
         t0 = time.monotonic()
         _CLUSTER = Cluster(a.nodes, _WORKDIR, no_uvloop=a.no_uvloop, fsync=a.fsync, extra=a.node_arg)
+        os.environ["AETHER_CLUSTER_SECRET"] = _CLUSTER.secret  # the (forked) workers' AetherClients read it
         _CLUSTER.start()
         log(
             f"{a.nodes} nodes up with quorum in {1e3 * (time.monotonic() - t0):.0f} ms; workdir {_WORKDIR}; "

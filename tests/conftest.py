@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -198,6 +199,7 @@ class ProcessCluster:
         env: dict[str, str] | None = None,
         python: str = sys.executable,
         no_uvloop: bool | None = None,
+        secret: str | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("a cluster needs at least one node")
@@ -213,6 +215,14 @@ class ProcessCluster:
         self.env = dict(os.environ if env is None else env)
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         self.env.pop("AETHER_API_KEY", None)
+        # every node proves this cluster secret on the cluster port (docs/cluster-security.md);
+        # pass secret="" for an open cluster (no secret: loopback only, with a warning)
+        self.env.pop("AETHER_CLUSTER_SECRET_FILE", None)
+        self.secret = (secrets.token_hex(16) if secret is None else secret).encode()
+        if self.secret:
+            self.env["AETHER_CLUSTER_SECRET"] = self.secret.decode()
+        else:
+            self.env.pop("AETHER_CLUSTER_SECRET", None)
         # nodes of a test never read or write the user's ~/.aether/repository
         self.repository = Path(self.env.get("AETHER_TEST_REPOSITORY") or self.base_dir / "repository")
         self.env["AETHER_REPOSITORY"] = str(self.repository)
@@ -505,6 +515,7 @@ class ProcessCluster:
 
         idx = list(range(self.n)) if only is None else list(only)
         addrs = [self.address(i) for i in idx]
+        kw.setdefault("secret", self.secret or None)
         return AetherClient(
             addrs, cluster_name=self.cluster_name, timeout=timeout, prefer=idx.index(prefer), **kw
         )
@@ -614,6 +625,11 @@ class LocalCluster:
 
     def http_port(self, i: int) -> int:
         return 8080 + self.port_offset + i
+
+    @property
+    def secret(self) -> bytes:
+        """The cluster secret `aether cluster start` generated in the cluster directory."""
+        return (self.dir / "cluster.secret").read_bytes().strip()
 
     def connect(self, i: int) -> str:
         """The `--connect` address of node i (0-based)."""

@@ -196,6 +196,7 @@ def test_plan_rejects_bad_sizes_and_offsets(tmp_path: Path, nodes: int, offset: 
 
 
 def test_start_status_stop_twice(cluster_dir: Path, fake_node_script: Path) -> None:
+    secrets_seen: set[str] = set()
     for round_ in range(2):  # the same directory can be used again after a stop
         offset = free_port_offset(3)
         rec = lc.plan_cluster(cluster_dir, 3, port_offset=offset)
@@ -209,6 +210,12 @@ def test_start_status_stop_twice(cluster_dir: Path, fake_node_script: Path) -> N
             assert Path(n.pid_file).read_text().strip() == str(n.pid)
         saved = json.loads((cluster_dir / "cluster.json").read_text())
         assert [n["pid"] for n in saved["nodes"]] == pids
+        # the cluster secret is generated once, owner-only, and kept for the next start
+        secret_file = cluster_dir / "cluster.secret"
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+        secret = secret_file.read_text().strip()
+        secrets_seen.add(secret)
+        assert len(secret) == 64 and len(secrets_seen) == 1
         assert saved["port_offset"] == offset
 
         r = invoke("cluster", "status", "--dir", str(cluster_dir), "--json")

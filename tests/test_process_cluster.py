@@ -373,6 +373,17 @@ def _frame(payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + payload
 
 
+def _recv_frame(sock: socket.socket) -> bytes:
+    """One whole frame's payload (blocking)."""
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + struct.unpack(">I", buf[:4])[0]:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        buf += chunk
+    (length,) = struct.unpack(">I", buf[:4])
+    return buf[4 : 4 + length]
+
+
 def _recv_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
     """Read until the node closes the connection (b'' or a reset); returns what arrived."""
     sock.settimeout(timeout)
@@ -390,7 +401,8 @@ def _recv_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_bad_input_on_cluster_port_is_logged_and_survived(process_cluster: ProcessCluster) -> None:
-    from aether.transport.messages import ClientHello
+    from aether.transport.auth import Credentials, DialerHandshake
+    from aether.transport.messages import Challenge, ClientHello, HelloAck, Proof
 
     c = process_cluster
     target = 0
@@ -429,10 +441,14 @@ async def test_bad_input_on_cluster_port_is_logged_and_survived(process_cluster:
             _recv_until_closed(s)
         # 6. unknown msgpack frame on an established client session: dropped, session survives
         with connect() as s:
-            s.sendall(_frame(msgspec.msgpack.encode(ClientHello(c.cluster_name, "bad-input-test"))))
             s.settimeout(5)
-            ack = s.recv(4096)
-            assert ack, "no HelloAck for a valid ClientHello"
+            auth = DialerHandshake(Credentials(c.cluster_name, secret=c.secret), "client", "bad-input-test")
+            hello = ClientHello(c.cluster_name, "bad-input-test", auth.nonce)
+            s.sendall(_frame(msgspec.msgpack.encode(hello)))
+            challenge = msgspec.msgpack.decode(_recv_frame(s), type=Challenge)
+            proof = auth.answer(challenge.node_id, challenge.nonce, challenge.proof)
+            s.sendall(_frame(msgspec.msgpack.encode(Proof(proof))))
+            assert msgspec.msgpack.decode(_recv_frame(s), type=HelloAck), "no HelloAck after a valid proof"
             s.sendall(_frame(msgspec.msgpack.encode([99, "what"])))
             expect.append(("unknown-established", s.getsockname()[1], ("undecodable", "frame dropped")))
             # the session still answers: a local read (ClientReadLocal, tag 32)

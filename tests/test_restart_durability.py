@@ -333,7 +333,10 @@ class WritesDuringStop:
 
     async def _main(self) -> None:
         addrs = [f"{HOST}:{7000 + self.lc.port_offset + i}" for i in range(self.lc.nodes)]
-        clients = [AetherClient(addrs, prefer=i, timeout=CLIENT_DEADLINE) for i in range(self.lc.nodes)]
+        clients = [
+            AetherClient(addrs, prefer=i, timeout=CLIENT_DEADLINE, secret=self.lc.secret)
+            for i in range(self.lc.nodes)
+        ]
         try:
             self.writes = PacedWrites(clients, self.prefix, STOP_RATE, max_seconds=30.0)
             self._ready.set()
@@ -373,7 +376,7 @@ def _same_everywhere(lc: LocalCluster, prefix: str, acked: dict[str, bytes]) -> 
 
 async def _put_kv(lc: LocalCluster, items: dict[str, bytes], prefer: int) -> None:
     addrs = [f"{HOST}:{7000 + lc.port_offset + i}" for i in range(lc.nodes)]
-    async with AetherClient(addrs, prefer=prefer, timeout=CLIENT_DEADLINE) as cl:
+    async with AetherClient(addrs, prefer=prefer, timeout=CLIENT_DEADLINE, secret=lc.secret) as cl:
         for k, v in items.items():
             await cl.put(k, v)
 

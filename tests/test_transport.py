@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from aether.core.types import Address
 from aether.transport import (
+    Challenge,
     ClientSession,
     FrameDecoder,
     FrameTooLarge,
@@ -32,6 +33,7 @@ from aether.transport import (
     PeerDown,
     PeerHello,
     PeerUp,
+    Proof,
     QuorumChanged,
     Reject,
     Transport,
@@ -40,8 +42,11 @@ from aether.transport import (
     message_types,
     open_client_connection,
 )
+from aether.transport.auth import AcceptorHandshake, Credentials
 
 pytestmark = pytest.mark.timeout(30)
+
+SECRET = b"test-transport-cluster-secret"
 
 HOST = "127.0.0.1"
 CLUSTER = "test-cluster"
@@ -90,6 +95,7 @@ class Node:
         self.router = MessageRouter()
         self.router.subscribe(TransportEvent, self.events.append)
         self.log = logging.getLogger(f"test.transport.{uuid.uuid4().hex[:8]}.{node_id}")
+        kw.setdefault("secret", SECRET)
         self.t = Transport(
             node_id,
             members if members is not None else {node_id: Address(HOST, port)},
@@ -133,14 +139,16 @@ def refusing_address() -> Iterator[Address]:
 
 
 class FakePeer(asyncio.Protocol):
-    """A raw peer that acks PeerHello as `node_id`, then stays silent (and optionally stops reading)."""
+    """A raw peer that completes the handshake as `node_id` (Challenge proving SECRET, then HelloAck
+    without checking the dialer's proof), then stays silent (and optionally stops reading)."""
 
     def __init__(self, node_id: str, *, ack: bool = True, stop_reading: bool = False):
         self.node_id = node_id
         self.ack = ack
         self.stop_reading = stop_reading
         self.frames = FrameDecoder()
-        self.decoder = msgspec.msgpack.Decoder(PeerHello)
+        self.decoder = msgspec.msgpack.Decoder(Union[PeerHello, Proof])  # noqa: UP007
+        self.auth = AcceptorHandshake(Credentials(CLUSTER, secret=SECRET), node_id)
         self.transport: asyncio.Transport | None = None
         self.received = 0
 
@@ -151,11 +159,16 @@ class FakePeer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         for frame in self.frames.feed(data):
             self.received += 1
-            if self.received == 1 and self.ack:
-                self.decoder.decode(frame)
+            if self.received <= 2 and self.ack:
+                msg = self.decoder.decode(frame)
                 assert self.transport is not None
-                self.transport.write(encode_frame(msgspec.msgpack.encode(HelloAck(self.node_id))))
-                if self.stop_reading:
+                if isinstance(msg, PeerHello):
+                    nonce, proof = self.auth.challenge("peer", msg.node_id, msg.nonce)
+                    reply: Any = Challenge(self.node_id, nonce, proof)
+                else:
+                    reply = HelloAck(self.node_id)
+                self.transport.write(encode_frame(msgspec.msgpack.encode(reply)))
+                if self.stop_reading and isinstance(msg, Proof):
                     self.transport.pause_reading()
 
 
@@ -529,6 +542,7 @@ async def test_client_round_trip_and_close() -> None:
         link = await open_client_connection(
             Address(HOST, srv.t.port),
             cluster_name=CLUSTER,
+            secret=SECRET,
             client_id="c1",
             message_type=Resp,
             on_message=got.append,
@@ -562,6 +576,7 @@ async def test_client_handler_error_logged_and_server_close_reported(
         link = await open_client_connection(
             Address(HOST, srv.t.port),
             cluster_name=CLUSTER,
+            secret=SECRET,
             client_id="c2",
             message_type=Resp,
             on_message=got.append,
@@ -583,7 +598,7 @@ async def test_client_connection_errors() -> None:
     srv, _, _ = server_node()
     plain = Node("plain")  # accepts no clients
     kw: dict[str, Any] = dict(
-        client_id="c", message_type=Resp, on_message=lambda m: None, on_close=lambda e: None
+        client_id="c", message_type=Resp, on_message=lambda m: None, on_close=lambda e: None, secret=SECRET
     )
     async with fake_server(node_id="x", ack=False) as (silent, _):
         try:
@@ -614,6 +629,7 @@ async def test_stop_closes_client_sessions() -> None:
         link = await open_client_connection(
             Address(HOST, srv.t.port),
             cluster_name=CLUSTER,
+            secret=SECRET,
             client_id="c3",
             message_type=Resp,
             on_message=lambda m: None,

@@ -22,6 +22,7 @@ import pytest
 
 from aether.core.types import Address
 from aether.transport import (
+    Challenge,
     ClientHello,
     ClientSession,
     FrameDecoder,
@@ -29,16 +30,19 @@ from aether.transport import (
     MessageRouter,
     PeerHello,
     Ping,
+    Proof,
     Reject,
     Transport,
     encode_frame,
 )
+from aether.transport.auth import AuthFailed, Credentials, DialerHandshake
 from test_transport import Note, PeerMsg, Req, Resp
 
 pytestmark = pytest.mark.timeout(30)
 
 HOST = "127.0.0.1"
 CLUSTER = "bad-input-cluster"
+SECRET = b"bad-input-cluster-secret"
 
 
 # the wire message types are the ones tests/test_transport.py uses
@@ -48,7 +52,7 @@ def frame(obj: Any) -> bytes:
     return encode_frame(msgspec.msgpack.encode(obj))
 
 
-REPLY_DECODER = msgspec.msgpack.Decoder(Union[HelloAck, Reject])  # noqa: UP007
+REPLY_DECODER = msgspec.msgpack.Decoder(Union[HelloAck, Reject, Challenge])  # noqa: UP007
 
 
 async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -85,6 +89,7 @@ class Env:
             on_message=lambda sender, msg: self.inbox[node_id].append((sender, msg)),
             router=MessageRouter(),
             logger=self.logs[node_id],
+            secret=SECRET,
             **extra,
         )
         self.nodes[node_id] = t
@@ -162,8 +167,26 @@ class Raw:
         self.writer.write(data)
         await self.writer.drain()
 
+    async def handshake(self, hello: PeerHello | ClientHello, secret: bytes | None = SECRET) -> Any:
+        """Send `hello` (with a fresh nonce), prove `secret` (None: send an empty proof) in answer to
+        the node's Challenge; returns the node's final reply (HelloAck or Reject)."""
+        if isinstance(hello, PeerHello):
+            kind, own = "peer", hello.node_id
+        else:
+            kind, own = "client", hello.client_id
+        auth = DialerHandshake(Credentials(CLUSTER, secret=secret), kind, own)
+        await self.send(frame(msgspec.structs.replace(hello, nonce=auth.nonce)))
+        challenge = await self.read_reply()
+        assert isinstance(challenge, Challenge), challenge
+        try:
+            proof = auth.answer(challenge.node_id, challenge.nonce, challenge.proof)
+        except AuthFailed:  # we hold another secret (an impostor): send a proof anyway
+            proof = bytes(32)
+        await self.send(frame(Proof(proof)))
+        return await self.read_reply()
+
     async def read_reply(self, timeout: float = 5.0) -> Any:
-        """The next HelloAck / Reject frame from the node."""
+        """The next Challenge / HelloAck / Reject frame from the node."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
@@ -308,8 +331,7 @@ async def test_bad_frame_on_peer_link_is_dropped(case: str, caplog: pytest.LogCa
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            await raw.send(frame(PeerHello(CLUSTER, "ghost")))
-            assert await raw.read_reply() == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
             await raw.send(frame(Note(1, "before")) + ESTABLISHED_BAD_FRAMES[case] + frame(Note(2, "after")))
             await wait_until(
                 lambda: len([m for s, m in e.inbox["a"] if s == "ghost"]) == 2, what="good frames"
@@ -326,8 +348,7 @@ async def test_more_than_ten_bad_frames_close_the_link(caplog: pytest.LogCapture
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            await raw.send(frame(PeerHello(CLUSTER, "ghost")))
-            assert await raw.read_reply() == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
             await raw.send(frame([99]) * 10)
             assert await raw.is_open()
             await raw.send(frame([99]))  # the 11th
@@ -342,8 +363,7 @@ async def test_oversized_header_on_established_link_closes_it(caplog: pytest.Log
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            await raw.send(frame(PeerHello(CLUSTER, "ghost")))
-            assert await raw.read_reply() == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
             await raw.send(frame(Note(5)) + struct.pack(">I", 0xFFFFFFFF))
             await raw.wait_closed_by_node()
             await expect_one_warning(e, raw, "frame header announces 4294967295 bytes")
@@ -357,8 +377,7 @@ async def test_bad_frame_on_client_session_is_dropped(caplog: pytest.LogCaptureF
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            await raw.send(frame(ClientHello(CLUSTER, "cli")))
-            assert await raw.read_reply() == HelloAck("a")
+            assert await raw.handshake(ClientHello(CLUSTER, "cli")) == HelloAck("a")
             # a peer message type is not a client request: unknown tag for this session
             await raw.send(frame(Req(1)) + frame(Note(1)) + frame(Req(2)))
             await wait_until(lambda: len(e.client_msgs) == 2, what="client requests")

@@ -5,7 +5,11 @@ A local cluster lives in one directory (default `.aether/cluster`):
 - `cluster.json` describes every node: id, ports, data dir, log, and the pid and process
   create-time of the process we started (so that `stop` never signals a process that merely
   reuses a pid, and so that `stop`/`status` need no flags);
-- `node-K.pid` holds the pid of node K, `node-K.log` its output, `node-K/data` its data.
+- `node-K.pid` holds the pid of node K, `node-K.log` its output, `node-K/data` its data;
+- `cluster.secret` (0600) holds the cluster secret the nodes prove to each other on the cluster
+  port, generated on the first start (docs/cluster-security.md). Clients of the cluster port use
+  it too: `AETHER_CLUSTER_SECRET_FILE=DIR/cluster.secret`. A caller whose environment already sets
+  AETHER_CLUSTER_SECRET or AETHER_CLUSTER_SECRET_FILE gives the nodes that secret instead.
 
 Node K (1-based) is `node-K` with cluster port 7000+K-1, management port 9000+K-1 and HTTP port
 8080+K-1, all shifted by `port_offset`. Nodes are started as `python -m aether.cli.main node ...`
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DIR = ".aether/cluster"
 CLUSTER_FILE = "cluster.json"
+SECRET_FILE = "cluster.secret"
 MAX_NODES = 99
 LOG_TAIL_LINES = 25
 _CREATE_TIME_TOLERANCE = 0.05  # seconds
@@ -66,6 +71,7 @@ __all__ = [
     "cluster_leader",
     "cluster_quorum",
     "default_node_argv",
+    "ensure_secret_file",
     "launch_nodes",
     "load_record",
     "missing_nodes",
@@ -173,6 +179,16 @@ def save_record(directory: str | Path, record: ClusterRecord) -> None:
     tmp = d / f".{CLUSTER_FILE}.{os.getpid()}.tmp"
     write_private(tmp, msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
     os.replace(tmp, d / CLUSTER_FILE)
+
+
+def ensure_secret_file(directory: str | Path) -> Path:
+    """The cluster secret file of `directory`, generated (0600) if there is none yet."""
+    from aether.transport.auth import generate_secret, write_secret_file
+
+    path = Path(directory) / SECRET_FILE
+    if not path.exists():
+        write_secret_file(path, generate_secret())
+    return path
 
 
 # -- processes --------------------------------------------------------------------------------------
@@ -375,6 +391,8 @@ def _spawn(
 
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
+    if not child_env.get("AETHER_CLUSTER_SECRET") and not child_env.get("AETHER_CLUSTER_SECRET_FILE"):
+        child_env["AETHER_CLUSTER_SECRET_FILE"] = str(ensure_secret_file(d).absolute())
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for n in nodes:

@@ -8,6 +8,7 @@ client, rich, psutil and the node runtime are imported inside the commands that 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -389,6 +390,16 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "head this long after connecting (or after its last answer) [default: 15].",
 )
 @click.option(
+    "--cluster-secret-file",
+    metavar="FILE",
+    envvar="AETHER_CLUSTER_SECRET_FILE",
+    help=(
+        "File holding the cluster secret, the same on every node (env AETHER_CLUSTER_SECRET_FILE; or "
+        "the secret itself in env AETHER_CLUSTER_SECRET); needed beyond loopback. See "
+        "docs/cluster-security.md."
+    ),
+)
+@click.option(
     "--repository",
     metavar="DIR",
     envvar="AETHER_REPOSITORY",
@@ -416,6 +427,7 @@ def node(
     node_api_key: str | None,
     node_api_key_file: str | None,
     http_idle_timeout: float | None,
+    cluster_secret_file: str | None,
     repository: str | None,
     log_level: str,
 ) -> None:
@@ -434,10 +446,15 @@ def node(
         "fsync": fsync,
         "api_key": node_api_key or None,
         "http_idle_timeout": http_idle_timeout,
+        "cluster_secret": os.environ.get("AETHER_CLUSTER_SECRET") or None,
+        "cluster_secret_file": cluster_secret_file or None,
         "repository": repository or None,
     }
     try:
         config = build_node_config(config_file, flags)
+        from aether.transport.auth import load_secret
+
+        load_secret(config.cluster_secret, config.cluster_secret_file)  # fail now if unreadable
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     try:

@@ -26,6 +26,7 @@ from aether.kv.machine import (
 )
 from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
 from aether.transport import ClientLink, open_client_connection
+from aether.transport.auth import load_secret, secret_from_env
 
 _OPEN_KEY = "user/.session"  # read (never written) to open a session
 
@@ -48,10 +49,16 @@ class AetherClient:
     """Client of a cluster. `addresses` are cluster ports (HOST:PORT strings or Address).
 
     ```python
-    async with AetherClient(["127.0.0.1:7000", "127.0.0.1:7001"]) as c:
+    async with AetherClient(["127.0.0.1:7000", "127.0.0.1:7001"], secret=SECRET) as c:
         await c.put("user/greeting", b"hello")
         assert await c.get("user/greeting") == b"hello"
     ```
+
+    Credentials (docs/cluster-security.md): `secret` is the cluster secret (bytes or str), or
+    `client_key` the client key derived from it; with neither, the secret is taken from
+    ``AETHER_CLUSTER_SECRET`` or the file named by ``AETHER_CLUSTER_SECRET_FILE``, and without
+    those the client connects open (accepted only by a node running without a secret). A client
+    may read and write only ``user/`` keys; other key families belong to the cluster.
     """
 
     def __init__(
@@ -62,9 +69,18 @@ class AetherClient:
         timeout: float = 5.0,
         prefer: int | None = None,
         client_id: str | None = None,
+        secret: bytes | str | None = None,
+        client_key: bytes | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("AetherClient needs at least one node address")
+        if secret is not None:
+            self._secret: bytes | None = load_secret(secret)
+        elif client_key is None:
+            self._secret = secret_from_env()
+        else:
+            self._secret = None
+        self._client_key = client_key
         self.addresses = [a if isinstance(a, Address) else Address.parse(a) for a in addresses]
         self.cluster_name = cluster_name
         self.timeout = timeout
@@ -249,6 +265,8 @@ class AetherClient:
                     on_message=self._on_message,
                     on_close=self._on_close,
                     timeout=min(remaining, 2.0),
+                    secret=self._secret,
+                    client_key=self._client_key,
                 )
             except (ConnectionError, OSError) as e:
                 errors.append(f"{addr}: {e}")

@@ -44,6 +44,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # seconds a connection to the management API or the HTTP router may take to send a complete
     # request head (from accept or the previous response), and may stay idle, before it is closed
     http_idle_timeout: float = 15.0
+    # cluster port authentication (docs/cluster-security.md): the secret itself, or a file holding
+    # it; required when `host` is not loopback. The CLI reads it from AETHER_CLUSTER_SECRET or
+    # --cluster-secret-file, never from a flag value.
+    cluster_secret: str | None = None
+    cluster_secret_file: str | None = None
+    max_connections: int = 1024  # inbound cluster-port connections in total
+    max_connections_per_host: int = 256  # inbound cluster-port connections from one address
     # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
     repository: str | None = None
     # admission control: slice instances (all artifacts together) one node may run, and the whole
@@ -68,12 +75,25 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(
                 f"http_idle_timeout must be > 0 and <= 3600 seconds (got {self.http_idle_timeout})"
             )
+        if self.cluster_secret and self.cluster_secret_file:
+            raise ConfigError(
+                "both a cluster secret (AETHER_CLUSTER_SECRET or cluster_secret) and a cluster secret file "
+                "are set: use only one"
+            )
         if self.snapshot_every < 1:
             raise ConfigError("snapshot_every must be >= 1")
-        for name in ("max_instances_per_node", "max_instances_per_cluster"):
+        for name in ("max_instances_per_node", "max_instances_per_cluster", "max_connections",
+                     "max_connections_per_host"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
         return self
+
+    def __repr__(self) -> str:  # never print the secret (or the API key)
+        shown = {f: getattr(self, f) for f in self.__struct_fields__}
+        for f in ("cluster_secret", "api_key"):
+            if shown[f]:
+                shown[f] = "***"
+        return f"NodeConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def data_path(self) -> Path:
@@ -101,6 +121,10 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     request_timeout: float | None = None
     api_key: str | None = None
     http_idle_timeout: float | None = None
+    cluster_secret: str | None = None
+    cluster_secret_file: str | None = None
+    max_connections: int | None = None
+    max_connections_per_host: int | None = None
     repository: str | None = None
     max_instances_per_node: int | None = None
     max_instances_per_cluster: int | None = None

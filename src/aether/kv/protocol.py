@@ -1,4 +1,4 @@
-"""Client <-> node messages on the cluster port (integer tags 30-39).
+"""Client <-> node messages on the cluster port (integer tags 30-39), and what clients may touch.
 
 A client sends encoded `Command`s (see `aether.kv.machine`) with a request id; the node
 commits them through consensus and answers with the encoded `Result`, or an error kind:
@@ -32,4 +32,20 @@ class ClientReadLocal(msgspec.Struct, array_like=True, frozen=True, gc=False, ta
 
 
 ClientMessage = Union[ClientRequest, ClientReadLocal]  # noqa: UP007
+
+CLIENT_KEY_PREFIXES = ("user/",)
+"""Key families an external client on the cluster port may read and write. Every other family
+(blueprints/, slices/, endpoints/, routes/, maps/, ...) is written only by the nodes themselves,
+through the management API's checked operations."""
+
+
+def client_key_refusal(key: str) -> str | None:
+    """None if an external client may use `key`, else the error to answer with."""
+    if key.startswith(CLIENT_KEY_PREFIXES):
+        return None
+    family = key.split("/", 1)[0] + "/" if "/" in key else repr(key)
+    return (
+        f"key {key[:200]!r}: clients on the cluster port may use only user/ keys; {family} belongs to "
+        "the cluster and is changed through the management API (aether deploy, aether blueprint, ...)"
+    )
 ServerMessage = Union[ClientResponse]  # noqa: UP007

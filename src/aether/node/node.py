@@ -31,7 +31,13 @@ from aether.deploy.admission import InstanceLimits
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
 from aether.kv.machine import Command, KVStateMachine, Result
-from aether.kv.protocol import ClientMessage, ClientReadLocal, ClientRequest, ClientResponse
+from aether.kv.protocol import (
+    ClientMessage,
+    ClientReadLocal,
+    ClientRequest,
+    ClientResponse,
+    client_key_refusal,
+)
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
@@ -40,6 +46,7 @@ from aether.slices.isolation import BlockPolicy, BlockReport, SliceBlockedNotice
 from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
+from aether.transport.auth import load_secret
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
 _result_encoder = msgspec.msgpack.Encoder()
@@ -83,6 +90,7 @@ class Node:
         self.leader = LeaderManager(self.node_id, list(self.members))
         self.leader.listeners.append(self._on_leader_change)
         own = self.members[self.node_id]
+        secret = load_secret(config.cluster_secret, config.cluster_secret_file)
         self.transport = Transport(
             self.node_id,
             self.members,
@@ -96,6 +104,9 @@ class Node:
             heartbeat_interval=config.heartbeat_interval,
             heartbeat_timeout=config.heartbeat_timeout,
             logger=logging.getLogger(f"aether.transport.{self.node_id}"),
+            secret=secret,
+            max_connections=config.max_connections,
+            max_connections_per_host=config.max_connections_per_host,
         )
         self.router.subscribe(PeerUp, self._on_peer_up)
         self.router.subscribe(PeerDown, self._on_peer_down)
@@ -260,11 +271,17 @@ class Node:
     # --- clients on the cluster port ------------------------------------------------------------
 
     def _on_client_message(self, session: ClientSession, msg: Any) -> None:
+        # External clients are scoped here, where their commands enter the node, not in the state
+        # machine (which must apply every replicated command the same way on every replica).
         if isinstance(msg, ClientRequest):
             try:
-                _cmd_decoder.decode(msg.command)
+                cmd = _cmd_decoder.decode(msg.command)
             except msgspec.DecodeError as e:
                 session.send(ClientResponse(msg.id, None, f"malformed command: {e}", "bad_request"))
+                return
+            refused = client_key_refusal(cmd.op.key)
+            if refused is not None:
+                session.send(ClientResponse(msg.id, None, refused, "bad_request"))
                 return
             (fut,) = self.runner.submit([msg.command])
             rid = msg.id
@@ -289,6 +306,10 @@ class Node:
 
             fut.add_done_callback(done)
         elif isinstance(msg, ClientReadLocal):
+            refused = client_key_refusal(msg.key)
+            if refused is not None:
+                session.send(ClientResponse(msg.id, None, refused, "bad_request"))
+                return
             v = self.sm.get(msg.key)
             session.send(ClientResponse(msg.id, _result_encoder.encode(Result(True, v, self.sm.revision))))
 

@@ -1,7 +1,9 @@
 """Client-side connector to a node's cluster port (used by `aether.client`).
 
-`open_client_connection` dials a node, performs the ``ClientHello`` / ``HelloAck`` handshake and
-returns a `ClientLink`. Frames are coalesced exactly like node-to-node traffic. The link does not
+`open_client_connection` dials a node, performs the handshake of `aether.transport.auth`
+(``ClientHello``, ``Challenge``, ``Proof``, ``HelloAck``; with a secret or client key the node must
+prove it knows the cluster secret too) and returns a `ClientLink`.
+Frames are coalesced exactly like node-to-node traffic. The link does not
 reconnect and sends no heartbeats: the caller decides what to do when ``on_close`` fires.
 """
 
@@ -14,12 +16,15 @@ from typing import Any
 
 from aether.core.types import Address
 from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, FramedEndpoint, LinkProtocol
+from aether.transport.auth import AuthFailed, Credentials, DialerHandshake
 from aether.transport.framing import DEFAULT_MAX_FRAME
 from aether.transport.messages import (
     CONTROL_TYPES,
+    Challenge,
     ClientHello,
     HelloAck,
     Ping,
+    Proof,
     Reject,
     WireCodec,
     message_types,
@@ -38,6 +43,7 @@ class _ClientSideProtocol(LinkProtocol):
         log: logging.Logger,
         codec: WireCodec,
         hello: ClientHello,
+        auth: DialerHandshake,
         address: Address,
         on_message: Callable[[Any], None],
         on_close: Callable[[Exception | None], None],
@@ -54,6 +60,8 @@ class _ClientSideProtocol(LinkProtocol):
             max_write_buffer=max_write_buffer,
         )
         self._hello_frame = codec.frame(hello)
+        self._auth = auth
+        self._proved = False
         self._address = address
         self._on_message = on_message
         self._on_close = on_close
@@ -75,7 +83,15 @@ class _ClientSideProtocol(LinkProtocol):
     def _handle(self, msg: Any) -> None:
         cls = type(msg)
         if not self.established:
-            if cls is HelloAck:
+            if cls is Challenge and not self._proved:
+                try:
+                    proof = self._auth.answer(msg.node_id, msg.nonce, msg.proof)
+                except AuthFailed as exc:
+                    self._handshake_failed(str(exc))
+                    return
+                self._proved = True
+                self.write_now(self._codec.frame(Proof(proof)))
+            elif cls is HelloAck and self._proved:
                 self.established = True
                 if not self.handshake.done():
                     self.handshake.set_result(msg.node_id)
@@ -85,7 +101,8 @@ class _ClientSideProtocol(LinkProtocol):
                 )
                 self.close("rejected")
             else:
-                self._handshake_failed(f"expected HelloAck, got {cls.__name__}")
+                expected = "HelloAck" if self._proved else "Challenge"
+                self._handshake_failed(f"expected {expected}, got {cls.__name__}")
             return
         if cls is Ping:
             return
@@ -160,6 +177,8 @@ async def open_client_connection(
     timeout: float = 5.0,
     logger: logging.Logger | None = None,
     max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+    secret: bytes | None = None,
+    client_key: bytes | None = None,
 ) -> ClientLink:
     """Connect to a node's cluster port as client `client_id` and complete the handshake.
 
@@ -167,14 +186,20 @@ async def open_client_connection(
     gets each of them; `on_close(exc)` is called once when an established link closes (``None``
     after a local ``close()``). Raises ConnectionError, with a message naming the node address,
     if the node cannot be reached, rejects the hello or does not answer within `timeout` seconds.
+
+    `secret` (the cluster secret) or `client_key` (derived from it, `auth.client_key_of`) is the
+    credential to prove; with neither the connection is open, which only an open node accepts.
     """
     loop = asyncio.get_running_loop()
     codec = WireCodec(message_types(message_type))
+    creds = Credentials(cluster_name, secret=secret, client_key=client_key)
+    auth = DialerHandshake(creds, "client", client_id)
     proto = _ClientSideProtocol(
         loop=loop,
         log=logger or logging.getLogger("aether.transport.client"),
         codec=codec,
-        hello=ClientHello(cluster_name, client_id),
+        hello=ClientHello(cluster_name, client_id, auth.nonce),
+        auth=auth,
         address=address,
         on_message=on_message,
         on_close=on_close,

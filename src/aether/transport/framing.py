@@ -70,8 +70,14 @@ class FrameDecoder:
 
     @property
     def max_frame(self) -> int:
-        """The largest payload this decoder accepts."""
+        """The largest payload this decoder accepts (may be raised, e.g. once a peer authenticated)."""
         return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, value: int) -> None:
+        if value < 0:
+            raise ValueError("max_frame must be >= 0")
+        self._max_frame = value
 
     @property
     def buffered(self) -> int:

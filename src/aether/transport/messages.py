@@ -20,10 +20,12 @@ from aether.transport.framing import encode_frame
 __all__ = [
     "CONTROL_TYPES",
     "FIRST_APP_TAG",
+    "Challenge",
     "ClientHello",
     "HelloAck",
     "PeerHello",
     "Ping",
+    "Proof",
     "Reject",
     "WireCodec",
     "message_types",
@@ -38,6 +40,7 @@ class PeerHello(msgspec.Struct, array_like=True, frozen=True, tag=1):
 
     cluster: str
     node_id: str
+    nonce: bytes = b""  # the dialer's fresh nonce (see `aether.transport.auth`)
 
 
 class ClientHello(msgspec.Struct, array_like=True, frozen=True, tag=2):
@@ -45,10 +48,11 @@ class ClientHello(msgspec.Struct, array_like=True, frozen=True, tag=2):
 
     cluster: str
     client_id: str
+    nonce: bytes = b""
 
 
 class HelloAck(msgspec.Struct, array_like=True, frozen=True, tag=3):
-    """Reply to an accepted hello; names the accepting node."""
+    """Last frame of the handshake: the dialer's proof was accepted; names the accepting node."""
 
     node_id: str
 
@@ -63,7 +67,23 @@ class Reject(msgspec.Struct, array_like=True, frozen=True, tag=5):
     reason: str
 
 
-CONTROL_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (PeerHello, ClientHello, HelloAck, Ping, Reject)
+class Challenge(msgspec.Struct, array_like=True, frozen=True, tag=6):
+    """The acceptor's answer to a hello: its nonce and its proof of the secret (empty when open)."""
+
+    node_id: str
+    nonce: bytes
+    proof: bytes
+
+
+class Proof(msgspec.Struct, array_like=True, frozen=True, tag=7):
+    """The dialer's proof of the secret (empty when open); answered by HelloAck or Reject."""
+
+    proof: bytes
+
+
+CONTROL_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
+    PeerHello, ClientHello, HelloAck, Ping, Reject, Challenge, Proof
+)  # fmt: skip
 
 
 def message_types(message_type: object) -> tuple[type[msgspec.Struct], ...]:

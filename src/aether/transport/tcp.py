@@ -1,5 +1,15 @@
 """Node-to-node TCP transport and server-side client sessions (asyncio, no TLS yet).
 
+Authentication
+--------------
+Every connection on the cluster port starts with the handshake of `aether.transport.auth`
+(hello, challenge, proof, ack): with a cluster secret, only a dialer that proves it becomes a peer
+(or, proving the client key, a client session), and a node only sends on an outbound link whose
+acceptor proved it too. Until then a connection may send frames of at most `PRE_AUTH_MAX_FRAME`
+bytes and must finish within the handshake deadline, and the number of inbound connections is
+capped per remote host and in total. Without a secret the transport runs open, which `start()`
+allows only on a loopback address.
+
 Link model
 ----------
 Every node dials every other member. The connection a node dials (its *outbound link*) is the only
@@ -50,23 +60,47 @@ from typing import Any, Union
 
 import msgspec
 
+from aether.core.errors import ConfigError
 from aether.core.types import Address, check_node_id
 from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, FramedEndpoint, HeardFrom, LinkProtocol
+from aether.transport.auth import (
+    AcceptorHandshake,
+    AuthFailed,
+    Credentials,
+    DialerHandshake,
+    Kind,
+    is_loopback_host,
+)
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged
 from aether.transport.framing import DEFAULT_MAX_FRAME
 from aether.transport.messages import (
     CONTROL_TYPES,
+    Challenge,
     ClientHello,
     HelloAck,
     PeerHello,
     Ping,
+    Proof,
     Reject,
     WireCodec,
     message_types,
 )
 from aether.transport.router import MessageRouter
 
-__all__ = ["ClientSession", "Transport"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTIONS_PER_HOST",
+    "PRE_AUTH_MAX_FRAME",
+    "ClientSession",
+    "Transport",
+]
+
+PRE_AUTH_MAX_FRAME = 4096
+"""Largest frame accepted on an inbound connection before its handshake completed."""
+DEFAULT_MAX_CONNECTIONS = 1024
+"""Inbound connections (peers, clients and handshakes together) a node keeps open at most."""
+DEFAULT_MAX_CONNECTIONS_PER_HOST = 256
+"""Inbound connections from one remote host a node keeps open at most."""
 
 _CONTROL = frozenset(CONTROL_TYPES)
 _REJECT_LOG_INTERVAL = 60.0  # repeated identical hello rejections are logged at DEBUG within this window
@@ -139,6 +173,8 @@ class _OutboundProtocol(LinkProtocol):
         self.peer = peer
         self.established_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._auth = DialerHandshake(owner._creds, "peer", owner.node_id, expect=peer.node_id)
+        self._proved = False
 
     def describe(self) -> str:
         return f"peer {self.peer.node_id!r} at {self.remote}"
@@ -148,8 +184,9 @@ class _OutboundProtocol(LinkProtocol):
         if self._owner._stopped or self.peer.link is not self:
             self.abort("stale dial")
             return
-        self.write_now(self._owner._hello_frame)
-        self._timer = self._loop.call_later(self._owner._handshake_timeout, self._handshake_expired)
+        owner = self._owner
+        self.write_now(owner._codec.frame(PeerHello(owner.cluster_name, owner.node_id, self._auth.nonce)))
+        self._timer = self._loop.call_later(owner._handshake_timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
         if not self.established and not self.closing:
@@ -164,7 +201,15 @@ class _OutboundProtocol(LinkProtocol):
     def _handle(self, msg: Any) -> None:
         cls = type(msg)
         if not self.established:
-            if cls is HelloAck:
+            if cls is Challenge and not self._proved:
+                try:
+                    proof = self._auth.answer(msg.node_id, msg.nonce, msg.proof)
+                except AuthFailed as exc:
+                    self._handshake_failed(str(exc))
+                    return
+                self._proved = True
+                self.write_now(self._codec.frame(Proof(proof)))
+            elif cls is HelloAck and self._proved:
                 if msg.node_id != self.peer.node_id:
                     self._handshake_failed(
                         f"HelloAck names node {msg.node_id!r}, expected {self.peer.node_id!r}"
@@ -185,7 +230,8 @@ class _OutboundProtocol(LinkProtocol):
                 )
                 self.close("rejected by the peer")
             else:
-                self._handshake_failed(f"expected HelloAck, got {cls.__name__}")
+                expected = "HelloAck" if self._proved else "Challenge"
+                self._handshake_failed(f"expected {expected}, got {cls.__name__}")
             return
         if cls is Ping:
             return
@@ -214,19 +260,25 @@ class _InboundProtocol(LinkProtocol):
             prefix=owner._prefix,
             codec=owner._codec,
             decode=owner._hello_decoder.decode,
-            max_frame=owner._max_frame,
+            max_frame=min(PRE_AUTH_MAX_FRAME, owner._max_frame),
             max_write_buffer=owner._max_write_buffer,
         )
         self._owner = owner
         self.peer: _Peer | None = None
         self.session: ClientSession | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self.host = "?"
+        self.counted = False  # counted in the owner's per-host connection numbers
+        self.auth: AcceptorHandshake | None = None  # set once a hello was answered with a Challenge
+        self.client_id = ""
 
     def describe(self) -> str:
         if self.peer is not None:
             return f"peer {self.peer.node_id!r} at {self.remote}"
         if self.session is not None:
             return f"client {self.session.client_id!r} at {self.remote}"
+        if self.auth is not None:
+            return f"connection from {self.remote} claiming {self.auth.kind} {self.auth.dialer_id!r}"
         return f"connection from {self.remote}"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -234,13 +286,21 @@ class _InboundProtocol(LinkProtocol):
         if self._owner._stopped:
             self.abort("transport stopped")
             return
-        self._owner._inbound.add(self)
+        self.host = self.remote.rpartition(":")[0]
+        if not self._owner._admit_connection(self):
+            return
         self._timer = self._loop.call_later(self._owner._handshake_timeout, self._hello_expired)
 
     def _hello_expired(self) -> None:
         if not self.established and not self.closing:
-            self._warn(f"no hello within {self._owner._handshake_timeout}s; closing the connection")
-            self.abort("no hello")
+            what = "no hello" if self.auth is None else "no proof of the cluster secret"
+            self._warn(f"{what} within the handshake deadline of {self._owner._handshake_timeout}s; closing")
+            self.abort("handshake deadline")
+
+    def challenged(self, auth: AcceptorHandshake) -> None:
+        """The hello was answered with a Challenge: only a Proof may follow."""
+        self.auth = auth
+        self._decode = self._owner._proof_decoder.decode
 
     def become_peer(self, peer: _Peer) -> None:
         self._finish_handshake()
@@ -255,13 +315,19 @@ class _InboundProtocol(LinkProtocol):
 
     def _finish_handshake(self) -> None:
         self.established = True
+        self._frames.max_frame = self._owner._max_frame
         if self._timer is not None:
             self._timer.cancel()
 
     def _handle(self, msg: Any) -> None:
         cls = type(msg)
         if not self.established:
-            if cls is PeerHello:
+            if self.auth is not None:
+                if cls is Proof:
+                    self._owner._on_proof(self, self.auth, msg)
+                else:  # unreachable with the proof decoder, kept for safety
+                    self._handshake_failed(f"expected a Proof, got {cls.__name__}")
+            elif cls is PeerHello:
                 self._owner._accept_peer(self, msg)
             elif cls is ClientHello:
                 self._owner._accept_client(self, msg)
@@ -279,13 +345,17 @@ class _InboundProtocol(LinkProtocol):
             self._owner._deliver(self.peer.node_id, msg)
 
     def _handshake_failed(self, problem: str) -> None:
+        if self.auth is not None:
+            self._warn(f"handshake frame is not a valid Proof: {problem}; closing the connection")
+            self.reject("protocol error: expected a Proof frame")
+            return
         self._warn(f"first frame is not a valid hello: {problem}; closing the connection")
         self.reject("protocol error: the first frame must be a PeerHello or ClientHello")
 
     def _on_closed(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._owner._inbound.discard(self)
+        self._owner._connection_gone(self)
         if self.peer is not None:
             self.peer.inbound.discard(self)
         if self.session is not None:
@@ -318,6 +388,10 @@ class Transport:
         reconnect_max: float = 1.0,
         logger: logging.Logger | None = None,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        secret: bytes | None = None,
+        handshake_timeout: float | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_host: int = DEFAULT_MAX_CONNECTIONS_PER_HOST,
     ) -> None:
         check_node_id(node_id)
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
@@ -326,6 +400,10 @@ class Transport:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
         if max_frame <= 0:
             raise ValueError("max_frame must be positive")
+        if max_connections < 1 or max_connections_per_host < 1:
+            raise ValueError("max_connections and max_connections_per_host must be >= 1")
+        if handshake_timeout is not None and handshake_timeout <= 0:
+            raise ValueError("handshake_timeout must be positive")
         self.node_id = node_id
         self.cluster_name = cluster_name
         self.router = router if router is not None else MessageRouter(logger)
@@ -335,7 +413,13 @@ class Transport:
         self._on_client_closed = on_client_closed
         self._hb_interval = heartbeat_interval
         self._hb_timeout = heartbeat_timeout
-        self._handshake_timeout = max(1.0, 5 * heartbeat_timeout)
+        self._handshake_timeout = (
+            handshake_timeout if handshake_timeout is not None else max(1.0, 5 * heartbeat_timeout)
+        )
+        self._creds = Credentials(cluster_name, secret=secret)
+        self._max_connections = max_connections
+        self._max_per_host = max_connections_per_host
+        self._per_host: dict[str, int] = {}
         self._max_frame = max_frame
         self._max_write_buffer = max_write_buffer
         self._reconnect_min = reconnect_min
@@ -350,7 +434,7 @@ class Transport:
         self._hello_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
             Union[PeerHello, ClientHello]  # noqa: UP007
         )
-        self._hello_frame = self._codec.frame(PeerHello(cluster_name, node_id))
+        self._proof_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Proof)
         self._ack_frame = self._codec.frame(HelloAck(node_id))
         self._ping_frame = self._codec.frame(Ping())
 
@@ -375,6 +459,19 @@ class Transport:
         """Bind the listener (``listen.port`` may be 0) and start dialing every other member."""
         if self._started:
             raise RuntimeError("Transport.start() may be called only once")
+        if self._creds.open:
+            if not is_loopback_host(self._listen.host):
+                raise ConfigError(
+                    f"the cluster port would listen on {self._listen.host!r}, beyond loopback, without a "
+                    "cluster secret: anyone who can reach it could join as a node or write to the store. "
+                    "Set one (--cluster-secret-file FILE or AETHER_CLUSTER_SECRET, the same on every node) "
+                    "or bind to 127.0.0.1"
+                )
+            self._log.warning(
+                "%s no cluster secret: the cluster port is open to any local process (as a node or a "
+                "client); set --cluster-secret-file or AETHER_CLUSTER_SECRET to require one",
+                self._prefix,
+            )
         self._started = True
         loop = self._loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
@@ -684,8 +781,56 @@ class Transport:
             self._log.debug("%s %s: %s; rejected (repeat)", self._prefix, proto.describe(), problem)
         proto.reject(reason)
 
+    def _admit_connection(self, proto: _InboundProtocol) -> bool:
+        """Count a new inbound connection; refuse (abort) it beyond the total or per-host cap."""
+        host = proto.host
+        count = self._per_host.get(host, 0)
+        if len(self._inbound) >= self._max_connections:
+            problem = f"{len(self._inbound)} inbound connections already open (max_connections)"
+        elif count >= self._max_per_host:
+            problem = f"{count} connections from {host} already open (max_connections_per_host)"
+        else:
+            self._inbound.add(proto)
+            self._per_host[host] = count + 1
+            proto.counted = True
+            return True
+        self._log_limited(f"cap|{host}", f"{proto.describe()}: {problem}; refusing it")
+        proto.abort("connection cap")
+        return False
+
+    def _connection_gone(self, proto: _InboundProtocol) -> None:
+        self._inbound.discard(proto)
+        if proto.counted:
+            proto.counted = False
+            left = self._per_host.get(proto.host, 1) - 1
+            if left > 0:
+                self._per_host[proto.host] = left
+            else:
+                self._per_host.pop(proto.host, None)
+
+    def _log_limited(self, key: str, text: str) -> None:
+        now = time.monotonic()
+        last = self._reject_logged.get(key)
+        if last is None or now - last >= _REJECT_LOG_INTERVAL:
+            if len(self._reject_logged) > 1024:
+                self._reject_logged.clear()
+            self._reject_logged[key] = now
+            self._log.warning("%s %s", self._prefix, text)
+        else:
+            self._log.debug("%s %s (repeat)", self._prefix, text)
+
+    def _challenge(self, proto: _InboundProtocol, kind: Kind, dialer_id: str, nonce: bytes) -> None:
+        auth = AcceptorHandshake(self._creds, self.node_id)
+        try:
+            my_nonce, proof = auth.challenge(kind, dialer_id, nonce)
+        except AuthFailed as exc:
+            self._reject_hello(proto, f"auth|{proto.host}|{dialer_id}", str(exc), str(exc))
+            return
+        proto.challenged(auth)
+        proto.write_now(self._codec.frame(Challenge(self.node_id, my_nonce, proof)))
+
     def _accept_peer(self, proto: _InboundProtocol, hello: PeerHello) -> None:
-        host = proto.remote.rpartition(":")[0]
+        host = proto.host
         if hello.cluster != self.cluster_name:
             self._reject_hello(
                 proto,
@@ -695,27 +840,24 @@ class Transport:
                 f"wrong cluster: this is {self.cluster_name!r}",
             )
             return
-        peer = self._peers.get(hello.node_id)
-        if peer is None:
-            what = "this node's own id" if hello.node_id == self.node_id else "not a member"
-            self._reject_hello(
-                proto,
-                f"node|{host}|{hello.node_id}",
-                f"peer hello from unknown node id {hello.node_id!r} ({what})",
-                f"unknown node id {hello.node_id!r}",
-            )
+        if self._unknown_peer(proto, hello.node_id):
             return
-        # The remote keeps one outbound link to us: a new hello means older connections are dead.
-        for old in list(peer.inbound):
-            old.abort("replaced by a newer connection from the same peer")
-        peer.inbound.add(proto)
-        proto.become_peer(peer)
-        peer.last_heard = self._require_loop().time()
-        proto.write_now(self._ack_frame)
-        self._log.debug("%s accepted peer %s from %s", self._prefix, hello.node_id, proto.remote)
+        self._challenge(proto, "peer", hello.node_id, hello.nonce)
+
+    def _unknown_peer(self, proto: _InboundProtocol, node_id: str) -> bool:
+        if node_id in self._peers:
+            return False
+        what = "this node's own id" if node_id == self.node_id else "not a member"
+        self._reject_hello(
+            proto,
+            f"node|{proto.host}|{node_id}",
+            f"peer hello from unknown node id {node_id!r} ({what})",
+            f"unknown node id {node_id!r}",
+        )
+        return True
 
     def _accept_client(self, proto: _InboundProtocol, hello: ClientHello) -> None:
-        host = proto.remote.rpartition(":")[0]
+        host = proto.host
         if self._client_codec is None:
             self._reject_hello(
                 proto,
@@ -732,10 +874,33 @@ class Transport:
                 f"wrong cluster: this is {self.cluster_name!r}",
             )
             return
-        session = ClientSession(proto, hello.client_id, self._client_codec.frame)
-        proto.become_client(session, self._client_codec.decode)
+        self._challenge(proto, "client", hello.client_id, hello.nonce)
+
+    def _on_proof(self, proto: _InboundProtocol, auth: AcceptorHandshake, msg: Proof) -> None:
+        try:
+            auth.verify(msg.proof)
+        except AuthFailed as exc:
+            self._reject_hello(proto, f"proof|{proto.host}|{auth.kind}|{auth.dialer_id}", str(exc), str(exc))
+            return
+        if auth.kind == "client":
+            assert self._client_codec is not None
+            session = ClientSession(proto, auth.dialer_id, self._client_codec.frame)
+            proto.become_client(session, self._client_codec.decode)
+            proto.write_now(self._ack_frame)
+            self._log.debug("%s client %r connected from %s", self._prefix, auth.dialer_id, proto.remote)
+            return
+        if self._unknown_peer(proto, auth.dialer_id):  # removed from membership meanwhile
+            return
+        peer = self._peers[auth.dialer_id]
+        # Authenticated: this is the peer (restarted or reconnected). It keeps one outbound link to
+        # us, so older connections from it are dead. An unauthenticated hello never gets here.
+        for old in list(peer.inbound):
+            old.abort("replaced by a newer authenticated connection from the same peer")
+        peer.inbound.add(proto)
+        proto.become_peer(peer)
+        peer.last_heard = self._require_loop().time()
         proto.write_now(self._ack_frame)
-        self._log.debug("%s client %r connected from %s", self._prefix, hello.client_id, proto.remote)
+        self._log.debug("%s accepted peer %s from %s", self._prefix, auth.dialer_id, proto.remote)
 
     # ---- callbacks into the application -------------------------------------------------------
 

@@ -1,0 +1,329 @@
+"""Cluster-secret authentication on the cluster port (issue 12): the pure handshake, then the
+attacks against a real Transport pair a <-> b (impostor peers, displacement, unauthenticated
+clients, pre-auth limits). Real node processes: tests/test_security_cluster_port.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import pytest
+
+from aether.core.errors import ConfigError
+from aether.core.types import Address
+from aether.transport import (
+    ClientHello,
+    HelloAck,
+    MessageRouter,
+    PeerDown,
+    PeerHello,
+    Reject,
+    Transport,
+    encode_frame,
+    open_client_connection,
+)
+from aether.transport.auth import (
+    AcceptorHandshake,
+    AuthFailed,
+    Credentials,
+    DialerHandshake,
+    client_key_of,
+    load_secret,
+    write_secret_file,
+)
+from test_transport import Note, PeerMsg, Resp, wait_until
+from test_transport_badinput import CLUSTER, SECRET, Raw, env, frame
+
+pytestmark = pytest.mark.timeout(30)
+
+OTHER = b"some-other-secret-of-16+-bytes"
+
+
+# ---------------------------------------------------------------------------------------------
+# the handshake, sans IO
+
+
+def _run(dialer_creds: Credentials, acceptor_creds: Credentials, kind: Any = "peer") -> None:
+    d = DialerHandshake(dialer_creds, kind, "node-2", expect="node-1" if kind == "peer" else None)
+    a = AcceptorHandshake(acceptor_creds, "node-1")
+    nonce_a, proof_a = a.challenge(kind, "node-2", d.nonce)
+    a.verify(d.answer("node-1", nonce_a, proof_a))
+
+
+def test_same_secret_authenticates_both_ways() -> None:
+    creds = Credentials(CLUSTER, secret=SECRET)
+    _run(creds, creds)
+    _run(Credentials(CLUSTER, client_key=client_key_of(SECRET)), creds, "client")
+    _run(Credentials(CLUSTER), Credentials(CLUSTER))  # both open
+
+
+@pytest.mark.parametrize(
+    ("dialer", "acceptor", "error"),
+    [
+        (Credentials(CLUSTER, secret=OTHER), Credentials(CLUSTER, secret=SECRET), "did not prove"),
+        (Credentials(CLUSTER), Credentials(CLUSTER, secret=SECRET), "sent no valid nonce|presented no"),
+        (Credentials(CLUSTER, secret=SECRET), Credentials(CLUSTER), "runs without a cluster secret"),
+        (Credentials("other", secret=SECRET), Credentials(CLUSTER, secret=SECRET), "did not prove"),
+    ],
+)
+def test_mismatched_credentials_fail(dialer: Credentials, acceptor: Credentials, error: str) -> None:
+    with pytest.raises(AuthFailed, match=error):
+        _run(dialer, acceptor)
+
+
+def test_client_key_does_not_authenticate_a_peer() -> None:
+    client_only = Credentials(CLUSTER, client_key=client_key_of(SECRET))
+    with pytest.raises(AuthFailed):
+        _run(client_only, Credentials(CLUSTER, secret=SECRET), "peer")
+
+
+def test_proofs_are_fresh_and_not_reflectable() -> None:
+    creds = Credentials(CLUSTER, secret=SECRET)
+    d = DialerHandshake(creds, "peer", "node-2", expect="node-1")
+    a = AcceptorHandshake(creds, "node-1")
+    nonce_a, proof_a = a.challenge("peer", "node-2", d.nonce)
+    with pytest.raises(AuthFailed, match="presented a wrong"):
+        a.verify(proof_a)  # the acceptor's own proof, reflected back
+    proof_d = d.answer("node-1", nonce_a, proof_a)
+    # replaying a recorded dialer proof on a new connection (new acceptor nonce) fails
+    a2 = AcceptorHandshake(creds, "node-1")
+    a2.challenge("peer", "node-2", d.nonce)
+    with pytest.raises(AuthFailed):
+        a2.verify(proof_d)
+    # and a proof for node-2 does not authenticate node-3
+    a3 = AcceptorHandshake(creds, "node-1", nonce=nonce_a)
+    a3.challenge("peer", "node-3", d.nonce)
+    with pytest.raises(AuthFailed):
+        a3.verify(proof_d)
+    assert SECRET not in proof_d and SECRET not in proof_a
+
+
+def test_load_secret(tmp_path: Any) -> None:
+    path = tmp_path / "secret"
+    write_secret_file(path, "0123456789abcdef0123")
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_secret(file=path) == b"0123456789abcdef0123"
+    assert load_secret("x" * 20) == b"x" * 20
+    assert load_secret() is None
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_secret("short")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_secret(file=tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------
+# against a running Transport pair
+
+
+async def test_impostor_peer_is_rejected_and_does_not_displace_the_genuine_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with env(caplog) as e:
+        downs: list[PeerDown] = []
+        e.a.router.subscribe(PeerDown, downs.append)
+        genuine = set(e.a._peers["b"].inbound)
+        for secret in (None, OTHER):
+            raw = await Raw.connect(e.a.port)
+            try:
+                reply = await raw.handshake(PeerHello(CLUSTER, "b"), secret)
+                assert isinstance(reply, Reject)
+                assert "presented" in reply.reason and "cluster secret" in reply.reason, reply.reason
+                await raw.wait_closed_by_node()
+            finally:
+                raw.close()
+        # an impostor that sends the hello and then app messages without proving anything
+        raw = await Raw.connect(e.a.port)
+        try:
+            await raw.send(frame(PeerHello(CLUSTER, "b", b"n" * 16)) + frame(Note(99, "forged")))
+            await raw.wait_closed_by_node()
+        finally:
+            raw.close()
+        assert ("b", Note(99, "forged")) not in e.inbox["a"]
+        assert e.a._peers["b"].inbound == genuine  # the genuine link was never replaced
+        assert downs == [] and e.a.up_peers == {"b"}
+        await e.assert_still_working(1)
+
+
+async def test_loop_of_impostors_keeps_the_peer_up(caplog: pytest.LogCaptureFixture) -> None:
+    async with env(caplog) as e:
+        downs: list[PeerDown] = []
+        e.a.router.subscribe(PeerDown, downs.append)
+        for _ in range(30):
+            raw = await Raw.connect(e.a.port)
+            try:
+                assert isinstance(await raw.handshake(PeerHello(CLUSTER, "b"), None), Reject)
+            finally:
+                raw.close()
+        assert downs == [] and e.a.has_quorum()
+        # one warning for the 30 identical rejections
+        assert len([r for r in e.warnings() if "presented no cluster secret" in r.getMessage()]) == 1
+        await e.assert_still_working(1)
+
+
+async def test_authenticated_reconnect_replaces_the_old_link(caplog: pytest.LogCaptureFixture) -> None:
+    """Same id, proving the secret: that is the node restarted, so the new connection wins."""
+    async with env(caplog) as e:
+        old = set(e.a._peers["b"].inbound)
+        raw = await Raw.connect(e.a.port)
+        try:
+            assert await raw.handshake(PeerHello(CLUSTER, "b")) == HelloAck("a")
+            await wait_until(lambda: all(p.closing for p in old), what="old inbound closed")
+            await raw.send(frame(Note(7, "from the restarted b")))
+            await wait_until(lambda: ("b", Note(7, "from the restarted b")) in e.inbox["a"], what="delivery")
+        finally:
+            raw.close()
+
+
+async def test_node_does_not_send_to_an_acceptor_that_cannot_prove_the_secret() -> None:
+    """An impostor listening on a member's address (wrong secret) never becomes an up peer."""
+    kw: dict[str, Any] = dict(
+        listen=Address("127.0.0.1", 0),
+        cluster_name=CLUSTER,
+        message_type=PeerMsg,
+        on_message=lambda s, m: None,
+    )
+    a = Transport("a", {"a": Address("127.0.0.1", 0)}, secret=SECRET, **kw)
+    fake_b = Transport("b", {"b": Address("127.0.0.1", 0)}, secret=OTHER, **kw)
+    try:
+        await a.start()
+        await fake_b.start()
+        a.set_members({"a": Address("127.0.0.1", a.port), "b": Address("127.0.0.1", fake_b.port)})
+        fake_b.set_members({"a": Address("127.0.0.1", a.port), "b": Address("127.0.0.1", fake_b.port)})
+        await asyncio.sleep(1.0)
+        assert a.up_peers == frozenset() and fake_b.up_peers == frozenset()
+        assert not a.send("b", Note(1))
+    finally:
+        await a.stop()
+        await fake_b.stop()
+
+
+async def test_clients_must_prove_the_client_key(caplog: pytest.LogCaptureFixture) -> None:
+    async with env(caplog) as e:
+        kw: dict[str, Any] = dict(
+            cluster_name=CLUSTER, client_id="c", message_type=Resp, on_message=lambda m: None,
+            on_close=lambda x: None,
+        )  # fmt: skip
+        address = Address("127.0.0.1", e.a.port)
+        with pytest.raises(ConnectionError, match="presented no cluster secret"):
+            await open_client_connection(address, **kw)
+        with pytest.raises(ConnectionError, match=r"did not prove|wrong cluster secret"):
+            await open_client_connection(address, secret=OTHER, **kw)
+        for cred in ({"secret": SECRET}, {"client_key": client_key_of(SECRET)}):
+            link = await open_client_connection(address, **cred, **kw)
+            link.close()
+            await link.wait_closed()
+        # the client key is not the cluster secret: it cannot open a peer link
+        raw = await Raw.connect(e.a.port)
+        try:
+            assert isinstance(await raw.handshake(PeerHello(CLUSTER, "b"), client_key_of(SECRET)), Reject)
+        finally:
+            raw.close()
+
+
+async def test_pre_auth_frames_are_limited_to_4_kib(caplog: pytest.LogCaptureFixture) -> None:
+    async with env(caplog) as e:
+        for hello in (PeerHello(CLUSTER, "b", b"x" * 5000), ClientHello(CLUSTER, "c", b"x" * 5000)):
+            raw = await Raw.connect(e.a.port)
+            try:
+                await raw.send(frame(hello))  # a 5 KB hello: its header alone closes the connection
+                await raw.wait_closed_by_node()
+            finally:
+                raw.close()
+        assert len([r for r in e.warnings() if "more than the limit of 4096" in r.getMessage()]) == 2
+        # after authentication the normal limit applies (a 100 KB frame is delivered)
+        raw = await Raw.connect(e.a.port)
+        try:
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
+            await raw.send(frame(Note(1, "y" * 100_000)))
+            await wait_until(lambda: ("ghost", Note(1, "y" * 100_000)) in e.inbox["a"], what="big frame")
+        finally:
+            raw.close()
+
+
+async def test_handshake_deadline_closes_a_connection_that_never_proves() -> None:
+    t = Transport(
+        "a", {"a": Address("127.0.0.1", 0)}, listen=Address("127.0.0.1", 0), cluster_name=CLUSTER,
+        message_type=PeerMsg, on_message=lambda s, m: None, secret=SECRET, handshake_timeout=0.5,
+    )  # fmt: skip
+    try:
+        await t.start()
+        t.set_members({"a": Address("127.0.0.1", t.port), "b": Address("127.0.0.1", 1)})
+        silent = await Raw.connect(t.port)
+        stalled = await Raw.connect(t.port)
+        try:
+            await stalled.send(frame(PeerHello(CLUSTER, "b", b"n" * 16)))  # hello, then no proof
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await silent.wait_closed_by_node(timeout=3)
+            await stalled.wait_closed_by_node(timeout=3)
+            assert loop.time() - started < 2.0
+            assert not t._inbound
+        finally:
+            silent.close()
+            stalled.close()
+    finally:
+        await t.stop()
+
+
+async def test_connection_caps_per_host_and_total() -> None:
+    t = Transport(
+        "a", {"a": Address("127.0.0.1", 0)}, listen=Address("127.0.0.1", 0), cluster_name=CLUSTER,
+        message_type=PeerMsg, on_message=lambda s, m: None, secret=SECRET,
+        max_connections_per_host=3, max_connections=5,
+    )  # fmt: skip
+    try:
+        await t.start()
+        raws = [await Raw.connect(t.port) for _ in range(3)]
+        await wait_until(lambda: len(t._inbound) == 3, what="3 connections")
+        extra = await Raw.connect(t.port)
+        await extra.wait_closed_by_node(timeout=3)  # the 4th from 127.0.0.1 is refused at once
+        extra.close()
+        assert len(t._inbound) == 3
+        raws[0].close()
+        await wait_until(lambda: len(t._inbound) == 2, what="one closed")
+        again = await Raw.connect(t.port)  # a slot is free again
+        assert await again.is_open()
+        assert t._per_host == {"127.0.0.1": 3}
+        for r in [*raws, again]:
+            r.close()
+        await wait_until(lambda: not t._inbound and not t._per_host, what="all closed")
+    finally:
+        await t.stop()
+
+
+async def test_open_transport_refuses_to_listen_beyond_loopback() -> None:
+    t = Transport(
+        "a", {"a": Address("0.0.0.0", 0)}, listen=Address("0.0.0.0", 0), cluster_name=CLUSTER,
+        message_type=PeerMsg, on_message=lambda s, m: None, router=MessageRouter(),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="beyond loopback, without a cluster secret"):
+        await t.start()
+    await t.stop()
+
+
+async def test_hello_without_nonce_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """A two-field hello (an older or open dialer) decodes, and is refused for lacking a nonce."""
+    async with env(caplog) as e:
+        raw = await Raw.connect(e.a.port)
+        try:
+            await raw.send(encode_frame(msgspec.msgpack.encode([1, CLUSTER, "b"])))
+            reply = await raw.read_reply()
+            assert isinstance(reply, Reject) and "no valid nonce" in reply.reason, reply
+        finally:
+            raw.close()
+        await e.assert_still_working(1)
+
+
+def test_node_config_repr_hides_the_secret() -> None:
+    from aether.core.config import NodeConfig
+    from aether.core.types import PeerSpec
+
+    peers = [PeerSpec("n1", Address("127.0.0.1", 7000))]
+    c = NodeConfig(node_id="n1", peers=peers, cluster_secret="s3cr3t-value-long-enough")
+    assert "s3cr3t" not in repr(c) and "cluster_secret='***'" in repr(c)
+    with pytest.raises(ConfigError, match="use only one"):
+        NodeConfig(
+            node_id="n1", peers=[PeerSpec("n1", Address("127.0.0.1", 7000))],
+            cluster_secret="x" * 20, cluster_secret_file="/f",
+        ).validate()  # fmt: skip
