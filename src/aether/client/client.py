@@ -10,7 +10,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost, SessionConflict
+from aether.core.errors import (
+    AetherError,
+    BadRequest,
+    CommitTimeout,
+    QuorumLost,
+    SessionConflict,
+    Unauthorized,
+)
 from aether.core.types import Address
 from aether.kv.machine import (
     UNKNOWN_SESSION,
@@ -25,7 +32,7 @@ from aether.kv.machine import (
     session_error_kind,
 )
 from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
-from aether.transport import ClientLink, open_client_connection
+from aether.transport import ClientLink, ConnectionRejected, open_client_connection
 from aether.transport.auth import load_secret, secret_from_env
 
 _OPEN_KEY = "user/.session"  # read (never written) to open a session
@@ -188,6 +195,11 @@ class AetherClient:
                 )
             try:
                 link = await self._ensure_link(deadline)
+            except ConnectionRejected as e:
+                raise Unauthorized(
+                    f"every node refused this client: {e}; give the cluster's secret (secret=..., or "
+                    "AETHER_CLUSTER_SECRET / AETHER_CLUSTER_SECRET_FILE), see docs/cluster-security.md"
+                ) from None
             except ConnectionError as e:
                 raise QuorumLost(f"no node reachable: {e}") from None
             rid = next(self._ids)
@@ -249,6 +261,7 @@ class AetherClient:
 
     async def _connect_any(self, deadline: float) -> ClientLink:
         errors = []
+        rejected = 0
         n = len(self.addresses)
         for i in range(n):
             idx = (self._index + i) % n
@@ -268,12 +281,18 @@ class AetherClient:
                     secret=self._secret,
                     client_key=self._client_key,
                 )
+            except ConnectionRejected as e:
+                errors.append(f"{addr}: {e}")
+                rejected += 1
+                continue
             except (ConnectionError, OSError) as e:
                 errors.append(f"{addr}: {e}")
                 continue
             self._index = idx
             self._link = link
             return link
+        if errors and rejected == len(errors):
+            raise ConnectionRejected("; ".join(errors))  # every node answered, and refused us
         raise ConnectionError("; ".join(errors) or "deadline passed")
 
     def _on_message(self, msg: Any) -> None:

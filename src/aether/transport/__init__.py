@@ -9,7 +9,7 @@ May import only `aether.core`. Nothing here keeps module-level mutable state, so
 `Transport` objects can run in one process and event loop.
 """
 
-from aether.transport.client import ClientLink, open_client_connection
+from aether.transport.client import ClientLink, ConnectionRejected, open_client_connection
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged, TransportEvent
 from aether.transport.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameTooLarge, encode_frame
 from aether.transport.messages import (
@@ -36,6 +36,7 @@ __all__ = [
     "ClientHello",
     "ClientLink",
     "ClientSession",
+    "ConnectionRejected",
     "FrameDecoder",
     "FrameTooLarge",
     "HelloAck",

@@ -30,10 +30,14 @@ from aether.transport.messages import (
     message_types,
 )
 
-__all__ = ["ClientLink", "open_client_connection"]
+__all__ = ["ClientLink", "ConnectionRejected", "open_client_connection"]
 
 _CONTROL = frozenset(CONTROL_TYPES)
 
+
+class ConnectionRejected(ConnectionError):
+    """The node answered but refused this client (wrong cluster, no or wrong credentials): retrying
+    elsewhere with the same credentials will not help."""
 
 class _ClientSideProtocol(LinkProtocol):
     def __init__(
@@ -96,9 +100,9 @@ class _ClientSideProtocol(LinkProtocol):
                 if not self.handshake.done():
                     self.handshake.set_result(msg.node_id)
             elif cls is Reject:
-                self._fail_handshake(
-                    ConnectionError(f"aether node at {self._address} rejected the connection: {msg.reason}")
-                )
+                self._fail_handshake(ConnectionRejected(
+                    f"aether node at {self._address} rejected the connection: {msg.reason}"
+                ))  # fmt: skip
                 self.close("rejected")
             else:
                 expected = "HelloAck" if self._proved else "Challenge"
@@ -116,7 +120,7 @@ class _ClientSideProtocol(LinkProtocol):
 
     def _handshake_failed(self, problem: str) -> None:
         self._fail_handshake(
-            ConnectionError(f"handshake with aether node at {self._address} failed: {problem}")
+            ConnectionRejected(f"handshake with aether node at {self._address} failed: {problem}")
         )
         self.abort("handshake failed")
 
