@@ -138,6 +138,7 @@ async def test_status_json_shape(server: ManagementServer, http: aiohttp.ClientS
         "store_write_failures": 0,
         "store_write_failing_for": None,
         "store_write_error": None,
+        "slice_blocks": 0,
     }
 
 

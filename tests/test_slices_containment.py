@@ -131,6 +131,7 @@ def test_a_node_survives_blocking_and_exiting_slice_code(
         return sum(e.get("blocked", 0) for e in naps)
 
     assert _wait(blocked, 15, "the block in the metrics") == 1
+    assert lc.api(n, "GET", "/api/v1/status")[1]["slice_blocks"] == 1
 
     # --- 2. SystemExit: the call fails, every node lives, the slice still serves --------------------
     status, doc = lc.api(n, "POST", f"/api/v1/invoke/{UNRULY}/quit", {}, 30)

@@ -37,6 +37,8 @@ class NodeStatus(msgspec.Struct, frozen=True):
     store_write_failures: int = 0
     store_write_failing_for: float | None = None
     store_write_error: str | None = None
+    # slice event loops found blocked past the limit since start (each also a `slice-blocked` event)
+    slice_blocks: int = 0
 
 
 class KVEntry(msgspec.Struct, frozen=True):

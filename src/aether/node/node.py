@@ -342,6 +342,7 @@ class Node:
                 None if self.kv.failing_since is None else round(time.monotonic() - self.kv.failing_since, 1)
             ),
             store_write_error=self.kv.last_write_error,
+            slice_blocks=self.slice_blocks,
         )
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
