@@ -298,3 +298,17 @@ async def test_an_expired_certificate_is_refused(ca: Path, caplog: pytest.LogCap
         assert "aether cert issue" in line
         await asyncio.sleep(0.5)
         assert n.t["a"].up_peers == set() and n.t["b"].up_peers == set()
+
+
+async def test_tls_without_a_secret_may_listen_beyond_loopback(ca: Path) -> None:
+    kw: dict[str, Any] = dict(
+        listen=Address("0.0.0.0", 0), cluster_name=CLUSTER, message_type=PeerMsg, on_message=lambda s, m: None
+    )
+    with pytest.raises(ConfigError, match="use mutual TLS"):
+        await Transport("a", {"a": Address(HOST, 0)}, **kw).start()
+    t = Transport("a", {"a": Address(HOST, 0)}, tls=files(ca, "a"), **kw)
+    try:
+        await t.start()
+        assert t.port > 0
+    finally:
+        await t.stop()
