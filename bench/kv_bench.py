@@ -24,6 +24,15 @@ Last line of stdout:
     RESULT nodes=3 clients=64 ops_per_s=... p50_ms=... p99_ms=... errors=... [rate=...] [failover_...]
 
 p50/p99 are nearest-rank percentiles (like etcd_bench's ``pct``).
+
+``--tls``: mutual TLS cost. Runs the benchmark (every other flag as given) ``--tls-rounds`` times
+on a plaintext cluster and as often on a TLS cluster (a CA and node/client certificates generated
+in the run's work dir, nodes started with ``--tls-cert/--tls-key/--tls-ca``), alternating
+plain/TLS, TLS/plain, ..., each in a fresh child run; the last line is then
+
+    RESULT ... plain_ops_per_s=... tls_ops_per_s=... tls_loss_pct=... plain_p50_ms=... tls_p50_ms=...
+
+(``--tls-only`` runs one TLS measurement, with the ordinary RESULT line.)
 """
 
 from __future__ import annotations
@@ -87,10 +96,19 @@ def free_ports(n: int) -> list[int]:
 
 
 class Cluster:
-    def __init__(self, n: int, workdir: str, *, no_uvloop: bool, fsync: str | None, extra: list[str]) -> None:
+    def __init__(
+        self, n: int, workdir: str, *, no_uvloop: bool, fsync: str | None, extra: list[str], tls: bool = False
+    ) -> None:
         self.n = n
         self.workdir = workdir
         self.ids = [f"node-{i + 1}" for i in range(n)]
+        self.tls_dir = os.path.join(workdir, "tls") if tls else None
+        if self.tls_dir is not None:  # a cluster CA and one certificate per node, plus the clients'
+            from aether.transport.tls import init_ca, issue_node_cert
+
+            init_ca(self.tls_dir)
+            for nid in [*self.ids, "bench-client"]:
+                issue_node_cert(self.tls_dir, nid)
         ports = free_ports(3 * n)
         self.cluster_ports, self.mgmt_ports, self.http_ports = ports[:n], ports[n : 2 * n], ports[2 * n :]
         self.no_uvloop = no_uvloop
@@ -125,6 +143,7 @@ class Cluster:
             "--http-port", str(self.http_ports[i]),
             "--data-dir", os.path.join(self.workdir, self.ids[i]),
             *(["--fsync", self.fsync] if self.fsync else []),
+            *self.tls_args(self.ids[i]),
             *self.extra,
         ]  # fmt: skip
         logf = open(self.log_path(i), "ab")  # noqa: SIM115
@@ -141,6 +160,25 @@ class Cluster:
         self.procs[i] = p
         self._logs[i] = logf
         self.all_pids.append(p.pid)
+
+    def tls_args(self, owner: str) -> list[str]:
+        d = self.tls_dir
+        if d is None:
+            return []
+        return [
+            "--tls-cert", os.path.join(d, f"{owner}.crt"),
+            "--tls-key", os.path.join(d, f"{owner}.key"),
+            "--tls-ca", os.path.join(d, "ca.crt"),
+        ]  # fmt: skip
+
+    def client_tls(self) -> Any:
+        """The load clients' TlsFiles (None without TLS)."""
+        if self.tls_dir is None:
+            return None
+        from aether.transport.tls import TlsFiles
+
+        d = self.tls_dir
+        return TlsFiles(*(os.path.join(d, f) for f in ("bench-client.crt", "bench-client.key", "ca.crt")))
 
     def start(self, timeout: float = 60.0) -> None:
         for i in range(self.n):
@@ -279,7 +317,10 @@ async def _worker_main(
     clients = []
     for t in range(n_clients):
         g = first_client + t
-        c = AetherClient(addresses, timeout=timeout, prefer=g % n_nodes, client_id=f"bench-{os.getpid()}-{g}")
+        c = AetherClient(
+            addresses, timeout=timeout, prefer=g % n_nodes, client_id=f"bench-{os.getpid()}-{g}",
+            tls=_CLIENT_TLS,
+        )
         await c.__aenter__()
         await c.put(f"user/warm{g:011x}", value)  # connection open, session known
         clients.append(c)
@@ -428,6 +469,7 @@ def failover_stats(
 # --------------------------------------------------------------------------------------------------
 
 _CLUSTER: Cluster | None = None
+_CLIENT_TLS: Any = None  # TlsFiles of the load clients with --tls-only (inherited by the forked workers)
 _WORKER_PIDS: list[int] = []
 _WORKDIR: str | None = None
 _KEEP = False
@@ -463,7 +505,7 @@ def fmt(v: Any) -> str:
 
 
 def main() -> int:
-    global _CLUSTER, _WORKDIR, _KEEP
+    global _CLUSTER, _WORKDIR, _KEEP, _CLIENT_TLS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=3, help="cluster size (3 or 5)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent clients")
@@ -495,7 +537,18 @@ def main() -> int:
         metavar="FILE",
         help="write per-client ack times / latencies / nodes (JSON) for offline analysis",
     )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="compare: plaintext and mutual-TLS clusters, --tls-rounds runs each, alternating (see above)",
+    )
+    ap.add_argument("--tls-rounds", type=int, default=1, help="with --tls: measurements per mode")
+    ap.add_argument("--tls-only", action="store_true", help="one measurement on a mutual-TLS cluster")
     a = ap.parse_args()
+    if a.tls:
+        if a.failover or a.dump or a.workdir:
+            ap.error("--tls compares two fresh clusters: not with --failover, --dump or --workdir")
+        return compare_tls([x for x in sys.argv[1:] if x != "--tls"], max(1, a.tls_rounds))
     if a.nodes < 1 or a.clients < 1 or a.seconds <= 0:
         ap.error("need --nodes >= 1, --clients >= 1, --seconds > 0")
     victim = int(a.victim.removeprefix("node-")) - 1
@@ -515,13 +568,17 @@ def main() -> int:
     workers: list[Any] = []
     try:
         t0 = time.monotonic()
-        _CLUSTER = Cluster(a.nodes, _WORKDIR, no_uvloop=a.no_uvloop, fsync=a.fsync, extra=a.node_arg)
+        _CLUSTER = Cluster(
+            a.nodes, _WORKDIR, no_uvloop=a.no_uvloop, fsync=a.fsync, extra=a.node_arg, tls=a.tls_only
+        )
         os.environ["AETHER_CLUSTER_SECRET"] = _CLUSTER.secret  # the (forked) workers' AetherClients read it
+        _CLIENT_TLS = _CLUSTER.client_tls()
         _CLUSTER.start()
         log(
             f"{a.nodes} nodes up with quorum in {1e3 * (time.monotonic() - t0):.0f} ms; workdir {_WORKDIR}; "
             f"cluster ports {_CLUSTER.cluster_ports}; pids {_CLUSTER.all_pids}"
             + ("; nodes and workers WITHOUT uvloop" if a.no_uvloop else "")
+            + ("; mutual TLS between nodes and for the clients" if a.tls_only else "")
         )
 
         procs = max(1, min(a.procs, a.clients))
@@ -706,6 +763,48 @@ def main() -> int:
         cleanup()
     print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in {**res, **extra}.items()), flush=True)
     return rc
+
+
+def compare_tls(args: list[str], rounds: int) -> int:
+    """Run this benchmark plain and with --tls-only, alternating, each in a child; one RESULT line."""
+    runs: dict[str, list[dict[str, str]]] = {"plain": [], "tls": []}
+    for r in range(rounds):
+        for mode in (("plain", "tls") if r % 2 == 0 else ("tls", "plain")):
+            only = ["--tls-only"] if mode == "tls" else []
+            cmd = [sys.executable, os.path.abspath(__file__), *args, *only]
+            log(f"--tls round {r + 1}/{rounds}: {mode}")
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            for x in proc.stdout.splitlines():
+                if not x.startswith("RESULT "):
+                    print(f"  {mode}: {x}", flush=True)
+            line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), "")
+            fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+            if proc.returncode != 0 or "ops_per_s" not in fields:
+                log(f"{mode} run failed (exit {proc.returncode}): {line or proc.stdout[-500:]}")
+                print(f"RESULT error={mode}-run-failed", flush=True)
+                return proc.returncode or 1
+            log(f"{mode}: {line}")
+            runs[mode].append(fields)
+
+    def mean(mode: str, k: str) -> float:
+        return statistics.fmean(float(f[k]) for f in runs[mode])
+
+    plain, tls = mean("plain", "ops_per_s"), mean("tls", "ops_per_s")
+    out = {
+        "nodes": runs["plain"][0].get("nodes", "?"),
+        "clients": runs["plain"][0].get("clients", "?"),
+        "rounds": rounds,
+        "plain_ops_per_s": plain,
+        "tls_ops_per_s": tls,
+        "tls_loss_pct": 100.0 * (plain - tls) / plain if plain else float("nan"),
+        "plain_p50_ms": mean("plain", "p50_ms"),
+        "tls_p50_ms": mean("tls", "p50_ms"),
+        "plain_p99_ms": mean("plain", "p99_ms"),
+        "tls_p99_ms": mean("tls", "p99_ms"),
+        "errors": sum(int(f.get("errors", "0")) for m in runs.values() for f in m),
+    }
+    print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in out.items()), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -399,6 +399,10 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
         "docs/cluster-security.md."
     ),
 )
+@click.option("--tls-cert", metavar="FILE", help="This node's certificate (`aether cert issue NODE_ID`); "
+              "with --tls-key and --tls-ca: mutual TLS between nodes. See docs/cluster-security.md.")
+@click.option("--tls-key", metavar="FILE", help="The key of --tls-cert.")
+@click.option("--tls-ca", metavar="FILE", help="The cluster CA certificate (`aether cert init`).")
 @click.option(
     "--repository",
     metavar="DIR",
@@ -428,6 +432,9 @@ def node(
     node_api_key_file: str | None,
     http_idle_timeout: float | None,
     cluster_secret_file: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
     repository: str | None,
     log_level: str,
 ) -> None:
@@ -448,6 +455,9 @@ def node(
         "http_idle_timeout": http_idle_timeout,
         "cluster_secret": os.environ.get("AETHER_CLUSTER_SECRET") or None,
         "cluster_secret_file": cluster_secret_file or None,
+        "tls_cert": tls_cert or None,
+        "tls_key": tls_key or None,
+        "tls_ca": tls_ca or None,
         "repository": repository or None,
     }
     try:
@@ -455,6 +465,9 @@ def node(
         from aether.transport.auth import load_secret
 
         load_secret(config.cluster_secret, config.cluster_secret_file)  # fail now if unreadable
+        from aether.transport.tls import tls_files
+
+        tls_files(config)  # fail now if missing or another node's
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     try:
@@ -1074,6 +1087,7 @@ from aether.cli import maps as _maps  # noqa: E402, F401
 from aether.cli import metrics as _metrics  # noqa: E402, F401
 from aether.cli import ops as _ops  # noqa: E402, F401
 from aether.cli import security as _security  # noqa: E402, F401
+from aether.cli import tls as _tls  # noqa: E402, F401
 from aether.cli.artifact import artifact as _artifact  # noqa: E402
 
 main.add_command(_artifact)

@@ -34,6 +34,7 @@ from aether.kv.machine import (
 from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
 from aether.transport import ClientLink, ConnectionRejected, open_client_connection
 from aether.transport.auth import load_secret, secret_from_env
+from aether.transport.tls import TlsFiles, dialer_context
 
 _OPEN_KEY = "user/.session"  # read (never written) to open a session
 
@@ -65,7 +66,9 @@ class AetherClient:
     `client_key` the client key derived from it; with neither, the secret is taken from
     ``AETHER_CLUSTER_SECRET`` or the file named by ``AETHER_CLUSTER_SECRET_FILE``, and without
     those the client connects open (accepted only by a node running without a secret). A client
-    may read and write only ``user/`` keys; other key families belong to the cluster.
+    may read and write only ``user/`` keys; other key families belong to the cluster. Nodes
+    running mutual TLS accept only TLS clients with a certificate from the cluster CA: pass
+    `tls` (e.g. ``TlsFiles("client.crt", "client.key", "ca.crt")`` from ``aether cert issue``).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class AetherClient:
         client_id: str | None = None,
         secret: bytes | str | None = None,
         client_key: bytes | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         if not addresses:
             raise ValueError("AetherClient needs at least one node address")
@@ -88,6 +92,7 @@ class AetherClient:
         else:
             self._secret = None
         self._client_key = client_key
+        self._ssl = None if tls is None else dialer_context(tls)
         self.addresses = [a if isinstance(a, Address) else Address.parse(a) for a in addresses]
         self.cluster_name = cluster_name
         self.timeout = timeout
@@ -280,6 +285,7 @@ class AetherClient:
                     timeout=min(remaining, 2.0),
                     secret=self._secret,
                     client_key=self._client_key,
+                    ssl_context=self._ssl,
                 )
             except ConnectionRejected as e:
                 errors.append(f"{addr}: {e}")

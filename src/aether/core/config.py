@@ -49,6 +49,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # --cluster-secret-file, never from a flag value.
     cluster_secret: str | None = None
     cluster_secret_file: str | None = None
+    # mutual TLS on the cluster port (docs/cluster-security.md): this node's certificate and key,
+    # and the cluster CA certificate (`aether cert init` / `aether cert issue`); all three or none
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     max_connections: int = 1024  # inbound cluster-port connections in total
     max_connections_per_host: int = 256  # inbound cluster-port connections from one address
     # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
@@ -79,6 +84,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(
                 "both a cluster secret (AETHER_CLUSTER_SECRET or cluster_secret) and a cluster secret file "
                 "are set: use only one"
+            )
+        tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca}
+        if any(tls.values()) and not all(tls.values()):
+            missing = ", ".join(f"--{k.replace('_', '-')}" for k, v in tls.items() if not v)
+            raise ConfigError(
+                f"mutual TLS needs a certificate, its key and the cluster CA: {missing} missing "
+                "(create them with `aether cert init` and `aether cert issue NODE_ID`)"
             )
         if self.snapshot_every < 1:
             raise ConfigError("snapshot_every must be >= 1")
@@ -123,6 +135,9 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_idle_timeout: float | None = None
     cluster_secret: str | None = None
     cluster_secret_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     max_connections: int | None = None
     max_connections_per_host: int | None = None
     repository: str | None = None

@@ -47,6 +47,7 @@ from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
 from aether.transport.auth import load_secret
+from aether.transport.tls import tls_files
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
 _result_encoder = msgspec.msgpack.Encoder()
@@ -91,6 +92,7 @@ class Node:
         self.leader.listeners.append(self._on_leader_change)
         own = self.members[self.node_id]
         secret = load_secret(config.cluster_secret, config.cluster_secret_file)
+        tls = tls_files(config)
         self.transport = Transport(
             self.node_id,
             self.members,
@@ -105,6 +107,7 @@ class Node:
             heartbeat_timeout=config.heartbeat_timeout,
             logger=logging.getLogger(f"aether.transport.{self.node_id}"),
             secret=secret,
+            tls=tls,
             max_connections=config.max_connections,
             max_connections_per_host=config.max_connections_per_host,
         )

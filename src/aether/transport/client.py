@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -183,6 +184,7 @@ async def open_client_connection(
     max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
     secret: bytes | None = None,
     client_key: bytes | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> ClientLink:
     """Connect to a node's cluster port as client `client_id` and complete the handshake.
 
@@ -193,6 +195,8 @@ async def open_client_connection(
 
     `secret` (the cluster secret) or `client_key` (derived from it, `auth.client_key_of`) is the
     credential to prove; with neither the connection is open, which only an open node accepts.
+    `ssl_context` (`aether.transport.tls.dialer_context`): connect with TLS, for a node running
+    mutual TLS (it requires a certificate from the cluster CA).
     """
     loop = asyncio.get_running_loop()
     codec = WireCodec(message_types(message_type))
@@ -213,7 +217,13 @@ async def open_client_connection(
     try:
         async with asyncio.timeout(timeout):
             try:
-                await loop.create_connection(lambda: proto, address.host, address.port)
+                if ssl_context is None:
+                    await loop.create_connection(lambda: proto, address.host, address.port)
+                else:
+                    await loop.create_connection(
+                        lambda: proto, address.host, address.port,
+                        ssl=ssl_context, server_hostname=address.host,
+                    )
             except OSError as exc:
                 raise ConnectionError(f"cannot connect to aether node at {address}: {exc}") from exc
             node_id = await asyncio.shield(proto.handshake)

@@ -1,4 +1,4 @@
-"""Node-to-node TCP transport and server-side client sessions (asyncio, no TLS yet).
+"""Node-to-node TCP transport and server-side client sessions (asyncio, optionally mutual TLS).
 
 Authentication
 --------------
@@ -7,8 +7,15 @@ Every connection on the cluster port starts with the handshake of `aether.transp
 (or, proving the client key, a client session), and a node only sends on an outbound link whose
 acceptor proved it too. Until then a connection may send frames of at most `PRE_AUTH_MAX_FRAME`
 bytes and must finish within the handshake deadline, and the number of inbound connections is
-capped per remote host and in total. Without a secret the transport runs open, which `start()`
-allows only on a loopback address.
+capped per remote host and in total. Without a secret or TLS the transport runs open, which
+`start()` allows only on a loopback address.
+
+With ``tls`` (`aether.transport.tls.TlsFiles`) every connection on the cluster port is TLS 1.3
+with a certificate required and verified against the cluster CA on both sides. The acceptor
+runs TLS itself over memory BIOs (`_ServerTls`) so that a failed handshake (plaintext, wrong CA,
+expired) is logged with its cause; the node id in the peer's certificate
+must equal the id its ``PeerHello`` claims, and the dialer checks that the acceptor's certificate
+names the node it meant to dial. The secret handshake, when a secret is set, runs on top.
 
 Link model
 ----------
@@ -51,9 +58,11 @@ A Transport is single use: ``start()`` once, ``stop()`` any number of times.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Union
@@ -86,6 +95,7 @@ from aether.transport.messages import (
     message_types,
 )
 from aether.transport.router import MessageRouter
+from aether.transport.tls import TlsFiles, cert_node_id, dialer_context, server_context, tls_problem
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -185,6 +195,16 @@ class _OutboundProtocol(LinkProtocol):
             self.abort("stale dial")
             return
         owner = self._owner
+        if owner._dial_ssl is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            named = cert_node_id(ssl_object.getpeercert() if ssl_object is not None else None)
+            if named != self.peer.node_id:
+                self._handshake_failed(
+                    f"its TLS certificate is for node {named!r}, not {self.peer.node_id!r}: the address "
+                    f"of {self.peer.node_id!r} in the member list is wrong, or the node there uses another "
+                    f"node's certificate (issue its own with `aether cert issue {self.peer.node_id}`)"
+                )
+                return
         self.write_now(owner._codec.frame(PeerHello(owner.cluster_name, owner.node_id, self._auth.nonce)))
         self._timer = self._loop.call_later(owner._handshake_timeout, self._handshake_expired)
 
@@ -250,6 +270,76 @@ class _OutboundProtocol(LinkProtocol):
         self._owner._outbound_closed(self)
 
 
+class _ServerTls:
+    """Server-side TLS of one accepted connection over memory BIOs, standing in for the asyncio
+    transport it wraps (what `LinkProtocol` uses of one: write, close, abort, buffer size, extra
+    info). Done here rather than with ``loop.start_tls`` so that no byte can reach the frame
+    decoder unencrypted whatever the event loop (uvloop starts reading right after
+    ``connection_made``) and every handshake failure can be logged with its cause."""
+
+    __slots__ = ("_in", "_out", "raw", "sslobj")
+
+    def __init__(self, raw: asyncio.Transport, ctx: ssl.SSLContext) -> None:
+        self.raw = raw
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self.sslobj = ctx.wrap_bio(self._in, self._out, server_side=True)
+
+    def flush(self) -> None:
+        out = self._out.read()
+        if out and not self.raw.is_closing():
+            self.raw.write(out)
+
+    def handshake(self, data: bytes) -> bool:
+        """Feed `data`; True once the handshake completed (raises ssl.SSLError if it failed)."""
+        self._in.write(data)
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self.flush()
+            return False
+        self.flush()
+        return True
+
+    def decrypt(self, data: bytes) -> bytes:
+        if data:
+            self._in.write(data)
+        chunks = []
+        while True:
+            try:
+                chunk = self.sslobj.read(262144)
+            except ssl.SSLWantReadError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        self.flush()  # e.g. session tickets or key updates
+        return b"".join(chunks)
+
+    # -- the asyncio.Transport subset LinkProtocol uses --
+    def write(self, data: bytes) -> None:
+        self.sslobj.write(data)
+        self.flush()
+
+    def get_write_buffer_size(self) -> int:
+        return self.raw.get_write_buffer_size()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self.sslobj
+        return self.raw.get_extra_info(name, default)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # e.g. the handshake never completed
+            self.sslobj.unwrap()  # close_notify
+        with contextlib.suppress(Exception):
+            self.flush()
+        self.raw.close()
+
+    def abort(self) -> None:
+        self.raw.abort()
+
+
 class _InboundProtocol(LinkProtocol):
     """A connection accepted on the cluster port: a peer (we receive on it) or a client session."""
 
@@ -271,6 +361,9 @@ class _InboundProtocol(LinkProtocol):
         self.counted = False  # counted in the owner's per-host connection numbers
         self.auth: AcceptorHandshake | None = None  # set once a hello was answered with a Challenge
         self.client_id = ""
+        self.tls_pending = False  # the TLS handshake is running
+        self.cert_id: str | None = None  # with TLS: the node id named by the verified certificate
+        self._tls: _ServerTls | None = None
 
     def describe(self) -> str:
         if self.peer is not None:
@@ -290,10 +383,48 @@ class _InboundProtocol(LinkProtocol):
         if not self._owner._admit_connection(self):
             return
         self._timer = self._loop.call_later(self._owner._handshake_timeout, self._hello_expired)
+        ctx = self._owner._server_ssl
+        if ctx is not None:
+            assert self.transport is not None
+            self._tls = _ServerTls(self.transport, ctx)
+            self.transport = self._tls  # type: ignore[assignment]  # frames written are encrypted
+            self.tls_pending = True
+
+    def data_received(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None:
+            super().data_received(data)
+            return
+        if self.closing:
+            return
+        try:
+            if self.tls_pending:
+                if not tls.handshake(data):
+                    return  # needs more bytes
+                data = b""
+                self.tls_pending = False
+                self.cert_id = cert_node_id(tls.sslobj.getpeercert())
+            plain = tls.decrypt(data)
+        except ssl.SSLZeroReturnError:  # close_notify
+            self.close("closed by the remote side (TLS close_notify)")
+            return
+        except (ssl.SSLError, OSError) as exc:
+            problem = tls_problem(exc)
+            what = "TLS handshake refused" if self.tls_pending else "TLS error"
+            self._owner._log_limited(
+                f"tls|{self.host}|{problem}", f"{self.describe()}: {what}: {problem}; closing the connection"
+            )
+            tls.flush()  # the alert, so the other side learns why
+            self.close(f"{what}: {problem}")
+            return
+        if plain:
+            super().data_received(plain)
 
     def _hello_expired(self) -> None:
         if not self.established and not self.closing:
             what = "no hello" if self.auth is None else "no proof of the cluster secret"
+            if self.tls_pending:
+                what = "no completed TLS handshake"
             self._warn(f"{what} within the handshake deadline of {self._owner._handshake_timeout}s; closing")
             self.abort("handshake deadline")
 
@@ -392,6 +523,7 @@ class Transport:
         handshake_timeout: float | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_connections_per_host: int = DEFAULT_MAX_CONNECTIONS_PER_HOST,
+        tls: TlsFiles | None = None,
     ) -> None:
         check_node_id(node_id)
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
@@ -417,6 +549,8 @@ class Transport:
             handshake_timeout if handshake_timeout is not None else max(1.0, 5 * heartbeat_timeout)
         )
         self._creds = Credentials(cluster_name, secret=secret)
+        self._server_ssl = None if tls is None else server_context(tls)
+        self._dial_ssl = None if tls is None else dialer_context(tls)
         self._max_connections = max_connections
         self._max_per_host = max_connections_per_host
         self._per_host: dict[str, int] = {}
@@ -459,13 +593,13 @@ class Transport:
         """Bind the listener (``listen.port`` may be 0) and start dialing every other member."""
         if self._started:
             raise RuntimeError("Transport.start() may be called only once")
-        if self._creds.open:
+        if self._creds.open and self._server_ssl is None:
             if not is_loopback_host(self._listen.host):
                 raise ConfigError(
                     f"the cluster port would listen on {self._listen.host!r}, beyond loopback, without a "
                     "cluster secret: anyone who can reach it could join as a node or write to the store. "
-                    "Set one (--cluster-secret-file FILE or AETHER_CLUSTER_SECRET, the same on every node) "
-                    "or bind to 127.0.0.1"
+                    "Set one (--cluster-secret-file FILE or AETHER_CLUSTER_SECRET, the same on every node), "
+                    "use mutual TLS (--tls-cert/--tls-key/--tls-ca), or bind to 127.0.0.1"
                 )
             self._log.warning(
                 "%s no cluster secret: the cluster port is open to any local process (as a node or a "
@@ -480,11 +614,12 @@ class Transport:
         sockets = self._server.sockets
         self._port = sockets[0].getsockname()[1] if sockets else self._listen.port
         self._log.info(
-            "%s listening on %s:%s (cluster %r)",
+            "%s listening on %s:%s (cluster %r%s)",
             self._prefix,
             self._listen.host,
             self._port,
             self.cluster_name,
+            ", mutual TLS" if self._server_ssl is not None else "",
         )
         for peer in self._peers.values():
             self._start_dialing(peer)
@@ -654,13 +789,30 @@ class Transport:
                 peer.link = proto
                 try:
                     async with asyncio.timeout(self._handshake_timeout):
-                        await loop.create_connection(
-                            functools.partial(_same, proto), address.host, address.port
-                        )
+                        if self._dial_ssl is None:
+                            await loop.create_connection(
+                                functools.partial(_same, proto), address.host, address.port
+                            )
+                        else:
+                            await loop.create_connection(
+                                functools.partial(_same, proto), address.host, address.port,
+                                ssl=self._dial_ssl,
+                                ssl_handshake_timeout=self._handshake_timeout,
+                            )
                 except (OSError, TimeoutError, ValueError) as exc:
                     if peer.link is proto:
                         peer.link = None
                     proto.abort("connect failed")
+                    if isinstance(exc, ssl.SSLError):
+                        self._dial_problem(
+                            peer,
+                            "tls",
+                            logging.WARNING,
+                            f"TLS handshake with peer {peer.node_id!r} at {address} failed: "
+                            f"{tls_problem(exc).replace('its certificate', 'the peer certificate')}; "
+                            "retrying with backoff",
+                        )
+                        continue
                     self._dial_problem(
                         peer,
                         "connect",
@@ -841,6 +993,16 @@ class Transport:
             )
             return
         if self._unknown_peer(proto, hello.node_id):
+            return
+        if self._server_ssl is not None and proto.cert_id != hello.node_id:
+            self._reject_hello(
+                proto,
+                f"certid|{host}|{hello.node_id}|{proto.cert_id}",
+                f"peer hello claims node {hello.node_id!r} but its TLS certificate is for "
+                f"{proto.cert_id!r}: a node may only use its own certificate (issue one with "
+                f"`aether cert issue {hello.node_id}`)",
+                f"your TLS certificate is for {proto.cert_id!r}, not {hello.node_id!r}",
+            )
             return
         self._challenge(proto, "peer", hello.node_id, hello.nonce)
 
