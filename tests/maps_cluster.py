@@ -60,7 +60,7 @@ class MapCluster:
             tables = [n.maps.table for n in self.nodes.values()]
             if all(t is not None and t.members == sorted(members) for t in tables):
                 versions = {t.version for t in tables if t is not None}
-                if len(versions) == 1 and not any(n.maps._ready for n in self.nodes.values()):
+                if len(versions) == 1 and not any(n.maps.syncing for n in self.nodes.values()):
                     return versions.pop()
             if loop.time() > end:
                 got = {nid: (n.maps.table.version, n.maps.table.members) if n.maps.table else None

@@ -145,6 +145,18 @@ class MapDefKey(msgspec.Struct, frozen=True):
         return f"maps/defs/{self.name}"
 
 
+class MapHealthKey(msgspec.Struct, frozen=True):
+    """Why a node's map storage failed (a string), while it does: `maps/health/{node}`. The leader
+    leaves such nodes out of the partition table; the node removes the key once it works again."""
+
+    prefix: ClassVar[str] = "maps/health/"
+    value_type: ClassVar[type] = str
+    node: str
+
+    def __str__(self) -> str:
+        return f"maps/health/{self.node}"
+
+
 class MapTableKey(msgspec.Struct, frozen=True):
     """The partition table of the distributed maps (`PartitionTable`): `maps/table`."""
 
@@ -168,10 +180,11 @@ class ApiKeyKey(msgspec.Struct, frozen=True):
 
 
 Key = Union[  # noqa: UP007
-    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, ApiKeyKey
+    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey
 ]
 KEY_FAMILIES: tuple[type, ...] = (
-    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, ApiKeyKey
+    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
+    ApiKeyKey,
 )
 API_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -220,8 +233,10 @@ def parse_key(text: str) -> Key:
         if rest == "table":
             return MapTableKey()
         kind, sep2, name = rest.partition("/")
+        if kind == "health" and sep2:
+            return MapHealthKey(_seg("node id", name))
         if kind != "defs" or not sep2:
-            raise BadRequest(f"invalid key {text!r}: expected maps/table or maps/defs/NAME")
+            raise BadRequest(f"invalid key {text!r}: expected maps/table, maps/defs/NAME or maps/health/NODE")
         return MapDefKey(check_map_name(name))
     if family == "auth":
         kind, sep2, name = rest.partition("/")

@@ -1,11 +1,15 @@
-"""Node-to-node messages of the distributed map (integer tags 50-59).
+"""Node-to-node messages of the distributed map (integer tags 50-59 and 62-65).
 
 A `MapRequest` asks the partition's primary to run one operation and is answered by a
 `MapResponse` with the same ``id``. The primary sends each write as a `Replicate` to the other
 owners, which answer `ReplicateAck`. A `SyncRequest` asks a node for every record of some
 partitions of one map and is answered by `SyncChunk`s (the last has ``done``); a non-zero
 ``fence`` (sent by a new primary) makes the receiver refuse replication of older epochs for
-those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and map stats.
+those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and map stats. A new primary sends
+the merged state of its partitions to their replicas as `Push` messages (answered by `PushAck`),
+and confirms before answering a read that no newer primary fenced it with a `ReadCheck` round
+(answered by `ReadCheckAck`). Every write carries the id of the operation that made it
+(``origin``, ``rid``), so a retried operation is recognised at the primary (see `aether.maps.core`).
 May import only msgspec and `aether.maps.records`.
 """
 
@@ -18,8 +22,10 @@ import msgspec
 from aether.maps.records import Record
 
 __all__ = [
+    "KIND_BAD_REQUEST",
     "KIND_NOT_PRIMARY",
     "KIND_UNAVAILABLE",
+    "KIND_UNKNOWN_MAP",
     "MAP_MESSAGE_TYPES",
     "KeysRequest",
     "KeysResponse",
@@ -27,6 +33,11 @@ __all__ = [
     "MapNodeStats",
     "MapRequest",
     "MapResponse",
+    "OpId",
+    "Push",
+    "PushAck",
+    "ReadCheck",
+    "ReadCheckAck",
     "Replicate",
     "ReplicateAck",
     "StatsRequest",
@@ -62,12 +73,21 @@ class MapResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=51
     kind: str | None = None
 
 
+OpId = tuple[str, int]
+"""An operation's identity: the node that started it and its request id there."""
+
+OpIds = list[tuple[int, str, int, int]]
+"""Applied operations of some partitions: ``(partition, origin, rid, applied_at_wall_ms)``."""
+
+
 class Replicate(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=52):
     id: int
     map: str
     partition: int
     key: str
     record: Record
+    origin: str = ""
+    rid: int = 0
 
 
 class ReplicateAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=53):
@@ -88,6 +108,7 @@ class SyncChunk(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=55):
     items: list[tuple[int, str, Record]]
     done: bool
     error: str | None = None
+    ops: OpIds = []
 
 
 class KeysRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=56):
@@ -100,6 +121,8 @@ class KeysResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5
     id: int
     keys: list[str]
     error: str | None = None
+    partitions: list[int] = []
+    """The partitions the answer covers (those the node serves as primary)."""
 
 
 class MapNodeStats(msgspec.Struct, frozen=True):
@@ -129,11 +152,42 @@ class StatsResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=
     error: str | None = None
 
 
+class Push(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=62):
+    """Records (and applied operation ids) of some partitions a primary sends to a replica."""
+
+    id: int
+    map: str
+    epoch: int
+    """The sender's primary epoch for these partitions: a replica fenced by a newer one refuses."""
+    items: list[tuple[int, str, Record]]
+    ops: OpIds = []
+
+
+class PushAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=63):
+    id: int
+    ok: bool
+    reason: str | None = None
+
+
+class ReadCheck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=64):
+    """Is `epoch` still the newest primary epoch of `partition` this replica knows?"""
+
+    id: int
+    partition: int
+    epoch: int
+
+
+class ReadCheckAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=65):
+    id: int
+    ok: bool
+    reason: str | None = None
+
+
 MapMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union object
     MapRequest, MapResponse, Replicate, ReplicateAck, SyncRequest, SyncChunk,
-    KeysRequest, KeysResponse, StatsRequest, StatsResponse,
+    KeysRequest, KeysResponse, StatsRequest, StatsResponse, Push, PushAck, ReadCheck, ReadCheckAck,
 ]
 MAP_MESSAGE_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (
     MapRequest, MapResponse, Replicate, ReplicateAck, SyncRequest, SyncChunk,
-    KeysRequest, KeysResponse, StatsRequest, StatsResponse,
+    KeysRequest, KeysResponse, StatsRequest, StatsResponse, Push, PushAck, ReadCheck, ReadCheckAck,
 )

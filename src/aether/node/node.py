@@ -120,6 +120,7 @@ class Node:
         self.maps = MapService(
             self.node_id, self.kv, self.transport, config.data_path / "maps", router=self.router,
             is_leader=lambda: self.leader.is_leader, up_peers=lambda: self.transport.up_peers,
+            has_quorum=self.transport.has_quorum,
             logger=logging.getLogger(f"aether.maps.{self.node_id}"),
         )
         self.slice_store = SliceStore(

@@ -1,0 +1,1393 @@
+"""`MapCore`: one node's part of the distributed map as a deterministic state machine (sans-IO).
+
+The core owns every decision of the map and does no I/O of its own: the adapter
+(`aether.maps.service`) feeds it events — the partition table and map definitions from the
+consensus store, peers going up and down, messages, operations of local callers, the passing of
+time — and carries out the actions each call returns (`Send`, `Reply`, `Fail`, `WriteTable`).
+Time comes in as arguments (`now`: monotonic seconds, `wall`: wall-clock milliseconds); the
+storage engines are synchronous and handed in by the adapter. The seeded simulation
+(`aether.testing.mapsim`) drives the same class.
+
+Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the full model):
+
+- **Primary** (first owner). Becomes primary at an *epoch* (the table version at which it took
+  over) after *promotion*: it asks every member for its records of `p` with a *fence* (from then
+  on they refuse the previous primary's writes and read checks), merges them by version, and needs
+  answers from at least ``R - W + 1`` of the partition's previous owners (every acknowledged write
+  is on ``W`` of them, so one copy is among the answers). It then pushes to each replica what that
+  replica lacked and serves once ``W - 1`` replicas have it. It evaluates every operation without
+  yielding; a write is stored, sent to the replicas, and answered once ``W - 1`` acknowledged.
+  Unacknowledged writes are resent until acknowledged or the primary is deposed; never failed.
+  A read, or an operation that writes nothing, waits until no write of its key is unacknowledged
+  and until a *read check* started after it confirmed with ``W - 1`` replicas that no newer
+  primary fenced them: a deposed primary cannot answer from stale data.
+- **Replica**: applies writes and pushes unless fenced (keeping the higher version of each key),
+  answers read checks, and raises its fence when it sees a newer epoch.
+- **Any node** runs operations for local callers: sends each to the partition's primary (a direct
+  call when that is itself) and retries with the *same* operation id until it gets an answer or
+  `op_timeout` passes. Primaries and replicas remember the ids of applied writes for `dedup_ms`
+  (they travel with the records), so a retry after a lost answer, a failover or a handover
+  reports the outcome of the first attempt instead of applying it again.
+- **Leader** (of the consensus store): keeps the table equal to the live members (a node counts as
+  gone `down_grace` seconds after its link dropped), checked on every change and every tick.
+
+A node without a consensus quorum (`set_quorum(False)`) stops serving as primary. A node whose
+storage fails (`StorageError` from an engine) stops being primary and replica of that map, says
+why in every answer, and asks to be left out of the table until a probe write succeeds again.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from aether.core.maps import MapError, MapSpec, MapUnavailable, MapValueTooLarge, PartitionTable, UnknownMap
+from aether.maps.messages import (
+    KIND_BAD_REQUEST,
+    KIND_NOT_PRIMARY,
+    KIND_UNAVAILABLE,
+    KIND_UNKNOWN_MAP,
+    KeysRequest,
+    KeysResponse,
+    MapNodeStats,
+    MapRequest,
+    MapResponse,
+    OpId,
+    OpIds,
+    Push,
+    PushAck,
+    ReadCheck,
+    ReadCheckAck,
+    Replicate,
+    ReplicateAck,
+    StatsRequest,
+    StatsResponse,
+    SyncChunk,
+    SyncRequest,
+)
+from aether.maps.partitioning import DEFAULT_PARTITIONS, owners_for, partition_of, plan_table
+from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, Record, evaluate, is_live, newer
+from aether.maps.storage import Engine
+
+__all__ = [
+    "Action",
+    "Fail",
+    "MapCore",
+    "MapTimings",
+    "Reply",
+    "Send",
+    "StorageError",
+    "WriteTable",
+]
+
+_SYNC_CHUNK_ITEMS = 512
+_SYNC_CHUNK_BYTES = 1024 * 1024
+_MAX_PARKED = 10_000  # operations waiting at one primary for promotion, a key's writes or a check
+
+
+class StorageError(Exception):
+    """A storage engine could not read or write (full disk, I/O error)."""
+
+
+# --- actions --------------------------------------------------------------------------------------
+
+
+class Send(NamedTuple):
+    peer: str
+    msg: Any
+
+
+class Reply(NamedTuple):
+    """Local operation `op` finished: `value` (get, failed compare-and-set) and `ok`."""
+
+    op: int
+    value: bytes | None
+    ok: bool
+
+
+class Fail(NamedTuple):
+    op: int
+    error: MapError
+
+
+class WriteTable(NamedTuple):
+    """(Leader) compare-and-set the partition table from `expected` to `new`; report the outcome
+    with `MapCore.table_written`."""
+
+    expected: PartitionTable | None
+    new: PartitionTable
+
+
+class StorageHealth(NamedTuple):
+    """This node's map storage failed (`reason`) or works again (None): the adapter records it
+    where the leader's planner sees it (the table leaves out nodes whose storage failed)."""
+
+    reason: str | None
+
+
+Action = Send | Reply | Fail | WriteTable | StorageHealth
+
+
+@dataclass(frozen=True)
+class MapTimings:
+    op_timeout: float = 5.0
+    """How long an operation is retried before it fails with `MapUnavailable`."""
+    attempt_timeout: float = 1.0
+    """How long one attempt waits for the primary's answer before retrying (same id)."""
+    resend_after: float = 0.5
+    """Unacknowledged replication, pushes and read checks are resent after this."""
+    sync_timeout: float = 2.0
+    """A promotion's sync request that got no chunk for this long is sent again."""
+    down_grace: float = 0.5
+    force_after: float = 10.0
+    """A promotion that cannot hear enough previous owners because they left the table proceeds
+    after this long (their unreplicated writes may be lost; it says so)."""
+    drop_after: float = 10.0
+    tombstone_ms: int = 3_600_000
+    dedup_ms: int = 60_000
+    probe_after: float = 5.0
+    """A map whose storage failed is probed again after this long."""
+
+
+# --- per-operation and per-partition state ----------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Target:
+    """Who waits for an operation's answer: a peer's request (`peer`, request `id`) or a local op."""
+
+    peer: str | None
+    id: int
+
+
+@dataclass(slots=True)
+class _Op:
+    """An operation as the primary serves it."""
+
+    target: _Target
+    oid: OpId
+    name: str
+    op: int
+    key: str
+    value: bytes | None
+    expected: bytes | None
+    ttl_ms: int
+    partition: int
+
+
+@dataclass(slots=True)
+class _Write:
+    """A write waiting for replica acknowledgements."""
+
+    serial: int
+    name: str
+    partition: int
+    key: str
+    rec: Record
+    oid: OpId
+    targets: list[_Target]
+    need: int
+    answer: bytes | None
+    acked: set[str] = field(default_factory=set)
+    sent: dict[str, float] = field(default_factory=dict)  # peer -> when last sent
+    ids: dict[int, str] = field(default_factory=dict)  # message id -> peer
+
+
+@dataclass(slots=True)
+class _Check:
+    """A read-check round of one partition and the operations it will answer."""
+
+    id: int
+    epoch: int
+    ops: list[_Op]
+    need: int
+    acked: set[str] = field(default_factory=set)
+    sent: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Primary:
+    """This node as primary of one partition."""
+
+    epoch: int
+    seq: int = 0
+    ready: bool = False
+    parked: list[_Op] = field(default_factory=list)  # arrived before the promotion finished
+    inflight: dict[tuple[str, str], int] = field(default_factory=dict)  # (map, key) -> unacked writes
+    waiting: dict[tuple[str, str], list[_Op]] = field(default_factory=dict)  # reads behind unacked writes
+    check: _Check | None = None  # the round in flight
+    queued: list[_Op] = field(default_factory=list)  # for the next round
+
+
+@dataclass(slots=True)
+class _Promotion:
+    """Collecting the partitions this node became primary of at `version`."""
+
+    version: int
+    parts: set[int]
+    started: float
+    previous: PartitionTable | None  # None: unknown (this node just started, or skipped versions)
+    asked: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # sync id -> (peer, map, sent)
+    answered: dict[str, set[str]] = field(default_factory=dict)  # map -> peers that answered fully
+    have: dict[tuple[str, str], dict[tuple[int, str], tuple[int, int]]] = field(default_factory=dict)
+    merged: int = 0
+    phase: str = "sync"  # sync -> push -> done
+    pushed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # map -> {(peer, partition)} acked
+    forced: bool = False
+
+
+@dataclass(slots=True)
+class _PushState:
+    """A push to a replica, resent until acknowledged (or the partition is no longer ours)."""
+
+    peer: str
+    name: str
+    parts: list[int]
+    sent: float
+    msg: Push
+    promotion: _Promotion | None
+
+
+@dataclass(slots=True)
+class _ClientOp:
+    """An operation of a local caller, retried until answered or `deadline`."""
+
+    op_id: int
+    rid: int
+    name: str
+    op: int
+    key: str
+    value: bytes | None
+    expected: bytes | None
+    ttl_ms: int
+    deadline: float
+    attempts: int = 0
+    peer: str | None = None  # the primary the current attempt went to (None: not in flight)
+    attempt_until: float = 0.0
+    retry_at: float = 0.0
+    last: str = "no partition table yet"
+
+
+@dataclass(slots=True)
+class _Serve:
+    """A sync request being answered."""
+
+    peer: str
+    req: SyncRequest
+
+
+# --- the core ----------------------------------------------------------------------------------------
+
+
+class MapCore:
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        partitions: int = DEFAULT_PARTITIONS,
+        timings: MapTimings | None = None,
+        incarnation: int = 0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.partitions = partitions
+        self.t = timings or MapTimings()
+        self.log = logger or logging.getLogger(f"aether.maps.{node_id}")
+        # Operation ids must not repeat across incarnations of this node (a restarted node's ids
+        # would match the previous incarnation's applied ones): `incarnation` is random per start.
+        self._rids = itertools.count((incarnation & 0x7FFFFF) << 40 | 1)
+        self._ids = itertools.count(1)
+        self._serials = itertools.count(1)
+        self._now = 0.0
+        self._wall = 0
+
+        self.specs: dict[str, MapSpec] = {}
+        self.engines: dict[str, Engine] = {}
+        self.broken: dict[str, str] = {}  # map -> why its storage failed
+        self._broken_at: dict[str, float] = {}
+        self.table: PartitionTable | None = None
+        self.table_changed_at = 0.0
+        self.fence = [0] * partitions  # the newest primary epoch this node knows, per partition
+        self.prims: dict[int, _Primary] = {}
+        self._promotions: list[_Promotion] = []
+        self._tracked: dict[int, _Write] = {}  # serial -> write not yet on every owner
+        self._msg_write: dict[int, _Write] = {}  # Replicate id -> write
+        self._pending: dict[OpId, _Write] = {}  # op id -> its write while callers wait for it
+        self._pushes: dict[int, _PushState] = {}
+        self._checks: dict[int, tuple[int, _Check]] = {}  # ReadCheck id -> (partition, round)
+        self.ops: dict[str, dict[int, dict[OpId, int]]] = {}  # map -> partition -> applied op id -> wall ms
+        self.has_quorum = True
+        self._quorum_lost_wall: int | None = None
+
+        self.up: set[str] = set()
+        self._down_since: dict[str, float] = {}
+        self.excluded: set[str] = set()  # nodes whose map storage failed (left out of the table)
+        self.is_leader = False
+        self._writing_table = False
+        self._table_retry_at = 0.0
+
+        self.client: dict[int, _ClientOp] = {}
+        self._client_by_rid: dict[int, int] = {}
+        self._out: list[Action] = []
+        self._purge_cursor = 0
+        self._last_housekeeping = 0.0
+
+    # --- plumbing -----------------------------------------------------------------------------------
+
+    def _clock(self, now: float, wall: int | None = None) -> None:
+        self._now = now
+        if wall is not None:
+            self._wall = wall
+
+    def _take(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _send(self, peer: str, msg: Any) -> None:
+        self._out.append(Send(peer, msg))
+
+    def _answer(self, target: _Target, value: bytes | None, ok: bool) -> None:
+        if target.peer is None:
+            self._client_result(target.id, value, ok, None, None)
+        else:
+            self._send(target.peer, MapResponse(target.id, value, ok))
+
+    def _refuse(self, target: _Target, kind: str, error: str) -> None:
+        if target.peer is None:
+            self._client_result(target.id, None, False, kind, error)
+        else:
+            self._send(target.peer, MapResponse(target.id, None, False, error, kind))
+
+    def _put(self, name: str, p: int, key: str, rec: Record) -> bool:
+        """Store `rec`; on a storage failure mark the map broken and return False."""
+        try:
+            self.engines[name].put(p, key, rec)
+            return True
+        except Exception as e:  # sqlite3 errors, OSError, MemoryError...: the engine is unusable now
+            self._storage_failed(name, e)
+            return False
+
+    def _get(self, name: str, p: int, key: str) -> tuple[bool, Record | None]:
+        try:
+            return True, self.engines[name].get(p, key)
+        except Exception as e:
+            self._storage_failed(name, e)
+            return False, None
+
+    def _owners(self, name: str, p: int) -> list[str]:
+        assert self.table is not None
+        return owners_for(self.table, p, self.specs[name].replicas)
+
+    def _need(self, name: str, owners: list[str]) -> int:
+        """Acknowledgements a primary needs from replicas (write quorum minus itself)."""
+        return min(self.specs[name].write_quorum, len(owners)) - 1
+
+    # --- definitions --------------------------------------------------------------------------------
+
+    def define(self, name: str, spec: MapSpec, engine: Engine | None, now: float) -> list[Action]:
+        """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one)."""
+        self._clock(now)
+        self.specs[name] = spec
+        if engine is not None:
+            old = self.engines.pop(name, None)
+            if old is not None and old is not engine:
+                old.close()
+            self.engines[name] = engine
+            self.ops.setdefault(name, {})
+        return self._take()
+
+    def undefine(self, name: str) -> Engine | None:
+        """Map `name` was removed: forget it and return its engine for the adapter to delete."""
+        self.specs.pop(name, None)
+        self.ops.pop(name, None)
+        self.broken.pop(name, None)
+        for sid in [k for k, w in self._tracked.items() if w.name == name]:
+            self._untrack(self._tracked[sid])
+        for rid in [k for k, ps in self._pushes.items() if ps.name == name]:
+            del self._pushes[rid]
+        return self.engines.pop(name, None)
+
+    def spec(self, name: str) -> MapSpec:
+        spec = self.specs.get(name)
+        if spec is None:
+            known = ", ".join(sorted(self.specs)) or "none"
+            raise UnknownMap(
+                f"map {name!r} is not defined (defined maps: {known}); declare it in a blueprint "
+                f"[maps.{name}] section or with `aether map create {name}`"
+            )
+        return spec
+
+    # --- the table ----------------------------------------------------------------------------------
+
+    def set_table(self, new: PartitionTable, now: float, *, reset: bool = False) -> list[Action]:
+        """A partition table committed in the consensus store (`reset`: versions may have been
+        skipped, so the previous owners are unknown)."""
+        self._clock(now)
+        old = self.table
+        if old is not None and new.version <= old.version:
+            return self._take()
+        if new.partitions != self.partitions:
+            self.log.error(
+                "partition table has %d partitions, this node is configured for %d; ignoring it",
+                new.partitions, self.partitions,
+            )
+            return self._take()
+        previous = None if reset else old
+        self.table = new
+        self.table_changed_at = now
+        promote: set[int] = set()
+        for p in range(new.partitions):
+            mine = new.primary(p) == self.node_id
+            if mine and (p not in self.prims or previous is None or previous.primary(p) != self.node_id):
+                self._step_down(p, f"{self.node_id} takes partition {p} over again at table v{new.version}")
+                promote.add(p)
+            elif not mine and p in self.prims:
+                self._step_down(p, f"{new.primary(p)} is the primary of partition {p} since table v{new.version}")
+        for prom in list(self._promotions):
+            prom.parts -= promote
+            self._advance(prom)
+        if promote:
+            self._start_promotion(new.version, promote, previous)
+        for w in list(self._tracked.values()):
+            self._retarget(w)
+        for prom in self._promotions:
+            if prom.phase == "push":
+                self._start_push(prom)  # owners changed: push to the new ones
+        self._push_new_replicas(old, new)
+        self.log.info(
+            "partition table v%d: %d members, primary of %d partitions (%d to promote)",
+            new.version, len(new.members), sum(1 for p in range(new.partitions) if new.primary(p) == self.node_id),
+            len(promote),
+        )
+        self._retry_clients()
+        self._plan()
+        return self._take()
+
+    def _retarget(self, w: _Write) -> None:
+        if w.name not in self.specs or w.partition not in self.prims:
+            self._untrack(w)
+            return
+        owners = self._owners(w.name, w.partition)
+        w.need = self._need(w.name, owners)
+        w.acked &= set(owners)
+        self._maybe_complete(w)
+
+    def _start_promotion(self, version: int, parts: set[int], previous: PartitionTable | None) -> None:
+        for p in parts:
+            self.prims[p] = _Primary(epoch=version)
+            self.fence[p] = max(self.fence[p], version)
+        prom = _Promotion(version, set(parts), self._now, previous)
+        self._promotions.append(prom)
+        self._ask(prom)
+        self._advance(prom)
+
+    def _ask(self, prom: _Promotion, only: Iterable[tuple[str, str]] | None = None) -> None:
+        """Send sync requests (with the fence) for the promotion's partitions."""
+        table = self.table
+        if table is None or not prom.parts:
+            return
+        parts = sorted(prom.parts)
+        if only is None:
+            peers = (set(table.members) | self.up) - {self.node_id}
+            only = [(peer, name) for name in self.specs for peer in sorted(peers)]
+        for peer, name in only:
+            if peer not in self.up or name not in self.specs:
+                continue
+            rid = next(self._ids)
+            prom.asked[rid] = (peer, name, self._now)
+            self._send(peer, SyncRequest(rid, name, parts, prom.version))
+
+    def _synced(self, prom: _Promotion, p: int) -> bool:
+        """Enough previous owners of `p` answered for every map, or those missing left the table
+        `force_after` ago (then it says which writes may be lost)."""
+        table = self.table
+        assert table is not None
+        for name, spec in self.specs.items():
+            if name in self.broken:
+                continue
+            if prom.previous is None:
+                owners = owners_for(table, p, spec.replicas)
+                trusted_self = False  # just started (its copy may be empty or old) or skipped versions
+            else:
+                owners = owners_for(prom.previous, p, spec.replicas)
+                trusted_self = True
+            need = len(owners) - min(spec.write_quorum, len(owners)) + 1
+            answered = prom.answered.get(name, set())
+            others = [o for o in owners if o != self.node_id]
+            have = sum(1 for o in others if o in answered)
+            if self.node_id in owners and (trusted_self or not others):
+                have += 1
+            if have >= need:
+                continue
+            gone = [o for o in others if o not in answered and o not in table.members]
+            if have + len(gone) >= need and self._now - prom.started >= self.t.force_after:
+                if not prom.forced:
+                    prom.forced = True
+                    self.log.warning(
+                        "partition %d of map %r: previous owner(s) %s left the cluster before this node "
+                        "could copy from them; writes acknowledged only by them may be lost",
+                        p, name, ", ".join(gone),
+                    )
+                continue
+            return False
+        return True
+
+    def _advance(self, prom: _Promotion) -> None:
+        """Move a promotion on: sync -> push -> serve."""
+        if prom.phase == "sync" and prom.parts and all(self._synced(prom, p) for p in prom.parts):
+            prom.phase = "push"
+            self._start_push(prom)
+        if prom.phase == "push":
+            for p in [p for p in prom.parts if self._pushed(prom, p)]:
+                prom.parts.discard(p)
+                self._ready(p)
+        if not prom.parts:
+            if prom.phase == "push":
+                self.log.info(
+                    "primary at v%d after merging %d records in %.0f ms%s", prom.version, prom.merged,
+                    (self._now - prom.started) * 1000, " (forced)" if prom.forced else "",
+                )
+            prom.phase = "done"
+            if prom in self._promotions:
+                self._promotions.remove(prom)
+            for rid in [k for k, ps in self._pushes.items() if ps.promotion is prom]:
+                del self._pushes[rid]
+
+    def _start_push(self, prom: _Promotion) -> None:
+        """Send each replica of the promoted partitions what it lacked (once per replica and map)."""
+        table = self.table
+        assert table is not None
+        sent = {(ps.peer, ps.name, p) for ps in self._pushes.values() if ps.promotion is prom for p in ps.parts}
+        for name, spec in self.specs.items():
+            if name in self.broken or name not in self.engines:
+                continue
+            done = prom.pushed.get(name, set())
+            by_peer: dict[str, list[int]] = {}
+            for p in prom.parts:
+                for peer in owners_for(table, p, spec.replicas)[1:]:
+                    if (peer, p) not in done and (peer, name, p) not in sent:
+                        by_peer.setdefault(peer, []).append(p)
+            for peer, parts in by_peer.items():
+                known = prom.have.get((peer, name), {})
+                full = peer not in prom.answered.get(name, set())
+                self._push(peer, name, parts, prom.version, prom, None if full else known)
+
+    def _push(
+        self, peer: str, name: str, parts: list[int], epoch: int, prom: _Promotion | None,
+        known: dict[tuple[int, str], tuple[int, int]] | None,
+    ) -> None:
+        """Push `parts` of map `name` to `peer` (only records newer than `known`, if given)."""
+        engine = self.engines[name]
+        items: list[tuple[int, str, Record]] = []
+        try:
+            for p in sorted(parts):
+                for key, rec in engine.scan(p):
+                    v = None if known is None else known.get((p, key))
+                    if known is None or v is None or (rec.epoch, rec.seq) > v:
+                        items.append((p, key, rec))
+        except Exception as e:
+            self._storage_failed(name, e)
+            return
+        rid = next(self._ids)
+        msg = Push(rid, name, epoch, items, self._ops_of(name, parts))
+        self._pushes[rid] = _PushState(peer, name, sorted(parts), self._now, msg, prom)
+        if peer in self.up:
+            self._send(peer, msg)
+
+    def _pushed(self, prom: _Promotion, p: int) -> bool:
+        for name in self.specs:
+            if name in self.broken or name not in self.engines:
+                continue
+            owners = self._owners(name, p)
+            got = prom.pushed.get(name, set())
+            if sum(1 for o in owners[1:] if (o, p) in got) < self._need(name, owners):
+                return False
+        return True
+
+    def _ready(self, p: int) -> None:
+        prim = self.prims.get(p)
+        if prim is None or prim.ready:
+            return
+        prim.ready = True
+        # Versions must never repeat: a node restarted while the table still names it primary
+        # takes over again at the same epoch, and its previous incarnation's writes (merged by
+        # now, from its own disk or the replicas) may carry any sequence number. Start above all
+        # of them, and above a wall-clock base for writes that only an unreachable copy holds.
+        top = self._wall * 1000
+        for name, engine in self.engines.items():
+            if name in self.broken:
+                continue
+            try:
+                top = max([top, *(r.seq for _k, r in engine.scan(p) if r.epoch == prim.epoch)])
+            except Exception as e:
+                self._storage_failed(name, e)
+        prim.seq = max(prim.seq, top)
+        parked, prim.parked = prim.parked, []
+        for op in parked:
+            self._serve(op)
+
+    def _step_down(self, p: int, why: str) -> None:
+        """Stop serving `p` as primary: refuse what waits (callers retry with the same id and the
+        new primary, which has this node's copy, recognises applied writes)."""
+        prim = self.prims.pop(p, None)
+        if prim is None:
+            return
+        self.log.debug("stops serving partition %d: %s", p, why)
+        ops: list[_Op] = list(prim.parked) + list(prim.queued)
+        for lst in prim.waiting.values():
+            ops.extend(lst)
+        if prim.check is not None:
+            ops.extend(prim.check.ops)
+            self._checks.pop(prim.check.id, None)
+        for w in [w for w in self._tracked.values() if w.partition == p]:
+            ops_targets, w.targets = w.targets, []
+            for t in ops_targets:
+                self._refuse(t, KIND_NOT_PRIMARY, why)
+            self._untrack(w)
+        for rid in [k for k, ps in self._pushes.items() if p in ps.parts]:
+            del self._pushes[rid]
+        for prom in list(self._promotions):
+            if p in prom.parts:
+                prom.parts.discard(p)
+                self._advance(prom)
+        for op in ops:
+            self._refuse(op.target, KIND_NOT_PRIMARY, why)
+
+    def _push_new_replicas(self, old: PartitionTable | None, new: PartitionTable) -> None:
+        """As a serving primary, send whole partitions to owners that newly became replicas."""
+        for name, spec in self.specs.items():
+            if name in self.broken or name not in self.engines:
+                continue
+            jobs: dict[tuple[str, int], list[int]] = {}
+            for p, prim in self.prims.items():
+                if not prim.ready:
+                    continue
+                before = set(owners_for(old, p, spec.replicas)) if old is not None else set()
+                for peer in owners_for(new, p, spec.replicas)[1:]:
+                    if peer not in before:
+                        jobs.setdefault((peer, prim.epoch), []).append(p)
+            for (peer, epoch), parts in jobs.items():
+                self._push(peer, name, parts, epoch, None, None)
+
+    # --- membership and the leader's planning -------------------------------------------------------
+
+    def peer_up(self, peer: str, now: float) -> list[Action]:
+        self._clock(now)
+        self.up.add(peer)
+        self._down_since.pop(peer, None)
+        for prom in self._promotions:
+            if prom.phase == "sync":
+                asked = {(pe, n) for pe, n, _ in prom.asked.values()}
+                self._ask(prom, [
+                    (peer, name) for name in self.specs
+                    if peer not in prom.answered.get(name, set()) and (peer, name) not in asked
+                ])
+        self._resend(only=peer)
+        self._plan()
+        return self._take()
+
+    def peer_down(self, peer: str, now: float) -> list[Action]:
+        self._clock(now)
+        self.up.discard(peer)
+        self._down_since[peer] = now
+        for c in self.client.values():
+            if c.peer == peer:
+                c.peer = None
+                c.last = f"{peer} went down"
+                c.retry_at = now
+        for prom in self._promotions:
+            for rid in [r for r, (pe, _n, _t) in prom.asked.items() if pe == peer]:
+                del prom.asked[rid]  # asked again when it is back
+        return self._take()
+
+    def set_leader(self, is_leader: bool, now: float) -> list[Action]:
+        self._clock(now)
+        self.is_leader = is_leader
+        self._plan()
+        return self._take()
+
+    def set_excluded(self, nodes: Iterable[str], now: float) -> list[Action]:
+        """Nodes whose map storage failed: the leader's table leaves them out."""
+        self._clock(now)
+        self.excluded = set(nodes)
+        self._plan()
+        return self._take()
+
+    def set_quorum(self, has_quorum: bool, now: float, wall: int) -> list[Action]:
+        """Whether this node's consensus store has a quorum; without one it serves nothing as
+        primary. Back after longer than the tombstone horizon, it drops its copies (removed keys
+        whose tombstones were purged meanwhile must not come back) and is refilled by the cluster."""
+        self._clock(now, wall)
+        if has_quorum and not self.has_quorum and self._quorum_lost_wall is not None:
+            if wall - self._quorum_lost_wall >= self.t.tombstone_ms:
+                self.forget_data(f"cut off for {(wall - self._quorum_lost_wall) / 1000:.0f}s")
+        if not has_quorum and self.has_quorum:
+            self._quorum_lost_wall = wall
+        self.has_quorum = has_quorum
+        return self._take()
+
+    def forget_data(self, why: str) -> None:
+        """Drop every copy this node holds (it is out of date beyond the tombstone horizon)."""
+        self.log.warning("dropping this node's map copies (%s); the cluster copies them back", why)
+        for p in list(self.prims):
+            self._step_down(p, f"{self.node_id} resyncs its map copies")
+        for name, engine in self.engines.items():
+            try:
+                for p in list(engine.partitions()):
+                    engine.drop(p)
+            except Exception as e:
+                self._storage_failed(name, e)
+        for by_p in self.ops.values():
+            by_p.clear()
+        self.table = None  # the next table promotes from scratch (previous owners unknown)
+
+    def live_members(self, now: float) -> list[str]:
+        gone = {n for n, t in self._down_since.items() if now - t >= self.t.down_grace}
+        return sorted((self.up | {self.node_id} | set(self._down_since)) - gone - self.excluded)
+
+    def _plan(self) -> None:
+        if not self.is_leader or not self.has_quorum or self._writing_table or self._now < self._table_retry_at:
+            return
+        live = self.live_members(self._now)
+        if not live:
+            return
+        new = plan_table(self.table, live, self.partitions)
+        if new is None:
+            return
+        self._writing_table = True
+        self._out.append(WriteTable(self.table, new))
+
+    def table_written(self, ok: bool, now: float) -> list[Action]:
+        """The outcome of a `WriteTable` (False: another table won, or no quorum: plan again later)."""
+        self._clock(now)
+        self._writing_table = False
+        if not ok:
+            self._table_retry_at = now + 0.2
+        return self._take()
+
+    # --- operations of local callers ----------------------------------------------------------------
+
+    def submit(
+        self, op_id: int, name: str, op: int, key: str, value: bytes | None, expected: bytes | None,
+        ttl_ms: int, now: float, wall: int,
+    ) -> list[Action]:
+        """Start operation `op_id` of a local caller; it ends with a `Reply` or a `Fail`."""
+        self._clock(now, wall)
+        rid = next(self._rids)
+        c = _ClientOp(op_id, rid, name, op, key, value, expected, ttl_ms, now + self.t.op_timeout)
+        self.client[op_id] = c
+        self._client_by_rid[rid] = op_id
+        self._attempt(c)
+        return self._take()
+
+    def _attempt(self, c: _ClientOp) -> None:
+        table = self.table
+        if table is None:
+            c.retry_at = self._now + 0.05
+            return
+        c.attempts += 1
+        p = partition_of(c.key, table.partitions)
+        primary = table.primary(p)
+        if primary == self.node_id:
+            c.peer = self.node_id
+            c.attempt_until = self._now + self.t.attempt_timeout
+            self._serve(_Op(_Target(None, c.op_id), (self.node_id, c.rid), c.name, c.op, c.key, c.value,
+                            c.expected, c.ttl_ms, p))
+        elif primary in self.up:
+            c.peer = primary
+            c.attempt_until = self._now + self.t.attempt_timeout
+            self._send(primary, MapRequest(c.rid, c.op, c.name, c.key, c.value, c.expected, c.ttl_ms))
+        else:
+            c.peer = None
+            c.last = f"partition {p}: its primary {primary} is not reachable"
+            c.retry_at = self._now + min(0.5, 0.05 * c.attempts)
+
+    def _client_result(self, op_id: int, value: bytes | None, ok: bool, kind: str | None, error: str | None) -> None:
+        c = self.client.get(op_id)
+        if c is None:
+            return
+        if kind is None:
+            self._finish(c, Reply(op_id, value, ok))
+        elif kind == KIND_UNKNOWN_MAP:
+            self._finish(c, Fail(op_id, UnknownMap(error or f"unknown map {c.name!r}")))
+        elif kind == KIND_BAD_REQUEST:
+            self._finish(c, Fail(op_id, MapValueTooLarge(error or "bad request")))
+        else:  # not primary / unavailable: retry with the same id after a short pause
+            c.peer = None
+            c.last = error or kind
+            c.retry_at = self._now + min(0.5, 0.02 * c.attempts)
+
+    def _finish(self, c: _ClientOp, action: Action) -> None:
+        self.client.pop(c.op_id, None)
+        self._client_by_rid.pop(c.rid, None)
+        self._out.append(action)
+
+    def _retry_clients(self) -> None:
+        for c in self.client.values():
+            if c.peer is None:
+                c.retry_at = min(c.retry_at, self._now)
+
+    # --- messages -------------------------------------------------------------------------------------
+
+    def receive(self, sender: str, msg: Any, now: float, wall: int) -> list[Action]:
+        self._clock(now, wall)
+        if isinstance(msg, Replicate):
+            self._on_replicate(sender, msg)
+        elif isinstance(msg, ReplicateAck):
+            self._on_replicate_ack(sender, msg)
+        elif isinstance(msg, MapRequest):
+            p = partition_of(msg.key, self.partitions)
+            self._serve(_Op(_Target(sender, msg.id), (sender, msg.id), msg.map, msg.op, msg.key, msg.value,
+                            msg.expected, msg.ttl_ms, p))
+        elif isinstance(msg, MapResponse):
+            op_id = self._client_by_rid.get(msg.id)
+            c = self.client.get(op_id) if op_id is not None else None
+            if c is not None and c.peer == sender:
+                self._client_result(c.op_id, msg.value, msg.ok, msg.kind, msg.error)
+        elif isinstance(msg, ReadCheck):
+            self._on_read_check(sender, msg)
+        elif isinstance(msg, ReadCheckAck):
+            self._on_read_check_ack(sender, msg)
+        elif isinstance(msg, SyncRequest):
+            self._serve_sync(sender, msg)
+        elif isinstance(msg, SyncChunk):
+            self._on_chunk(sender, msg)
+        elif isinstance(msg, Push):
+            self._on_push(sender, msg)
+        elif isinstance(msg, PushAck):
+            self._on_push_ack(sender, msg)
+        elif isinstance(msg, KeysRequest):
+            try:
+                keys, parts = self.local_keys(msg.map, msg.prefix, wall)
+                self._send(sender, KeysResponse(msg.id, keys, None, parts))
+            except MapError as e:
+                self._send(sender, KeysResponse(msg.id, [], str(e)))
+        elif isinstance(msg, StatsRequest):
+            try:
+                self._send(sender, StatsResponse(msg.id, self.local_stats(msg.map, now)))
+            except MapError as e:
+                self._send(sender, StatsResponse(msg.id, None, str(e)))
+        return self._take()
+
+    # --- serving operations (primary) -----------------------------------------------------------------
+
+    def _serve(self, op: _Op) -> None:
+        """Run `op` as primary of its partition, or refuse it so that the caller retries."""
+        spec = self.specs.get(op.name)
+        if spec is None:
+            try:
+                self.spec(op.name)
+            except UnknownMap as e:
+                self._refuse(op.target, KIND_UNKNOWN_MAP, str(e))
+            return
+        if op.value is not None and len(op.value) > spec.max_value_bytes:
+            self._refuse(op.target, KIND_BAD_REQUEST, (
+                f"map {op.name!r} key {op.key!r}: value of {len(op.value)} bytes exceeds the map's "
+                f"limit of {spec.max_value_bytes} bytes"
+            ))
+            return
+        p = op.partition
+        prim = self.prims.get(p)
+        if prim is None or self.table is None:
+            self._refuse(op.target, KIND_NOT_PRIMARY, f"{self.node_id} is not the primary of partition {p}")
+            return
+        if op.name in self.broken:
+            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken[op.name]}")
+            return
+        if not self.has_quorum:
+            self._refuse(op.target, KIND_NOT_PRIMARY, f"{self.node_id} cannot reach a majority of the cluster")
+            return
+        if not prim.ready:
+            if len(prim.parked) >= _MAX_PARKED:
+                self._refuse(op.target, KIND_NOT_PRIMARY, f"partition {p} is still being taken over")
+            else:
+                prim.parked.append(op)
+            return
+        # a retry of an applied write reports the first attempt's outcome
+        if op.oid in self.ops.get(op.name, {}).get(p, {}):
+            pending = self._pending.get(op.oid)
+            if pending is not None:
+                pending.targets.append(op.target)
+            else:
+                self._answer(op.target, op.value if op.op == OP_CAS else None, True)
+            return
+        if op.op == OP_GET:
+            self._observe(prim, op)
+            return
+        self._evaluate(prim, op)
+
+    def _evaluate(self, prim: _Primary, op: _Op) -> None:
+        """Evaluate `op` against the current record: store and replicate a write, or answer
+        (through `_observe`) an operation that writes nothing."""
+        ok, current = self._get(op.name, op.partition, op.key)
+        if not ok:
+            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            return
+        out = evaluate(
+            op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
+            epoch=prim.epoch, seq=prim.seq + 1, tombstone_ms=self.t.tombstone_ms,
+        )
+        if out.write is None:
+            return self._observe(prim, op, out.value, out.ok)
+        if not self._put(op.name, op.partition, op.key, out.write):
+            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            return
+        prim.seq += 1
+        self.ops.setdefault(op.name, {}).setdefault(op.partition, {})[op.oid] = self._wall
+        owners = self._owners(op.name, op.partition)
+        answer = op.value if op.op == OP_CAS else None
+        w = _Write(next(self._serials), op.name, op.partition, op.key, out.write, op.oid, [op.target],
+                   self._need(op.name, owners), answer)
+        key = (op.name, op.key)
+        prim.inflight[key] = prim.inflight.get(key, 0) + 1
+        self._pending[op.oid] = w
+        self._tracked[w.serial] = w
+        for peer in owners[1:]:
+            self._replicate(w, peer)
+        self._maybe_complete(w)
+
+    def _replicate(self, w: _Write, peer: str) -> None:
+        if peer not in self.up:
+            return
+        mid = next(self._ids)
+        w.ids[mid] = peer
+        w.sent[peer] = self._now
+        self._msg_write[mid] = w
+        self._send(peer, Replicate(mid, w.name, w.partition, w.key, w.rec, w.oid[0], w.oid[1]))
+
+    def _on_replicate_ack(self, sender: str, msg: ReplicateAck) -> None:
+        w = self._msg_write.pop(msg.id, None)
+        if w is None or w.ids.pop(msg.id, None) != sender:
+            return
+        if not msg.ok:
+            if msg.reason and msg.reason.startswith("fenced"):
+                self._step_down(w.partition, f"{sender} refused the write: {msg.reason}")
+            return  # storage trouble at the replica: resent later, or the table leaves it out
+        w.acked.add(sender)
+        self._maybe_complete(w)
+
+    def _maybe_complete(self, w: _Write) -> None:
+        if w.targets and len(w.acked) >= w.need:
+            targets, w.targets = w.targets, []
+            if self._pending.get(w.oid) is w:
+                del self._pending[w.oid]
+            prim = self.prims.get(w.partition)
+            if prim is not None:
+                self._settled(prim, (w.name, w.key))
+            for t in targets:
+                self._answer(t, w.answer, True)
+        if not w.targets and w.name in self.specs and self.table is not None:
+            if set(self._owners(w.name, w.partition)[1:]) <= w.acked:
+                self._untrack(w)
+
+    def _untrack(self, w: _Write) -> None:
+        self._tracked.pop(w.serial, None)
+        for mid in w.ids:
+            self._msg_write.pop(mid, None)
+        w.ids.clear()
+        if self._pending.get(w.oid) is w:
+            del self._pending[w.oid]
+            prim = self.prims.get(w.partition)
+            if prim is not None:
+                self._settled(prim, (w.name, w.key))
+
+    def _settled(self, prim: _Primary, key: tuple[str, str]) -> None:
+        """One write of `key` is no longer pending: release what waited for all of them."""
+        n = prim.inflight.get(key, 0) - 1
+        if n > 0:
+            prim.inflight[key] = n
+            return
+        prim.inflight.pop(key, None)
+        for op in prim.waiting.pop(key, []):
+            self._observe(prim, op)
+
+    def _observe(self, prim: _Primary, op: _Op, value: bytes | None = None, ok: bool = True) -> None:
+        """Answer an operation that writes nothing once no write of its key is pending and a read
+        check started after it succeeded (it is then evaluated again)."""
+        key = (op.name, op.key)
+        if prim.inflight.get(key):
+            prim.waiting.setdefault(key, []).append(op)
+            return
+        if self._need(op.name, self._owners(op.name, op.partition)) <= 0:
+            self._answer_now(prim, op)
+            return
+        if len(prim.queued) >= _MAX_PARKED:
+            self._refuse(op.target, KIND_NOT_PRIMARY, f"too many reads waiting at partition {op.partition}")
+            return
+        prim.queued.append(op)
+        if prim.check is None:
+            self._start_check(op.partition, prim)
+
+    def _start_check(self, p: int, prim: _Primary) -> None:
+        ops, prim.queued = prim.queued, []
+        owners: list[str] = []
+        need = 0
+        for name in {op.name for op in ops}:
+            o = self._owners(name, p)
+            owners = o if len(o) > len(owners) else owners
+            need = max(need, self._need(name, o))
+        check = _Check(next(self._ids), prim.epoch, ops, need)
+        prim.check = check
+        self._checks[check.id] = (p, check)
+        for peer in owners[1:]:
+            check.sent[peer] = -1e9
+            if peer in self.up:
+                check.sent[peer] = self._now
+                self._send(peer, ReadCheck(check.id, p, prim.epoch))
+
+    def _on_read_check(self, sender: str, msg: ReadCheck) -> None:
+        p = msg.partition
+        if not 0 <= p < self.partitions:
+            self._send(sender, ReadCheckAck(msg.id, False, f"no partition {p}"))
+        elif self.fence[p] > msg.epoch:
+            self._send(sender, ReadCheckAck(msg.id, False, f"fenced: epoch {self.fence[p]} took over partition {p}"))
+        else:
+            self._raise_fence(p, msg.epoch)
+            self._send(sender, ReadCheckAck(msg.id, True))
+
+    def _on_read_check_ack(self, sender: str, msg: ReadCheckAck) -> None:
+        entry = self._checks.get(msg.id)
+        if entry is None:
+            return
+        p, check = entry
+        if sender not in check.sent:
+            return
+        if not msg.ok:
+            if msg.reason and msg.reason.startswith("fenced"):
+                self._step_down(p, f"{sender}: {msg.reason}")
+            return
+        check.acked.add(sender)
+        if len(check.acked) < check.need:
+            return
+        del self._checks[msg.id]
+        prim = self.prims.get(p)
+        if prim is None or prim.check is not check:
+            return
+        prim.check = None
+        for op in check.ops:
+            if prim.inflight.get((op.name, op.key)):
+                prim.waiting.setdefault((op.name, op.key), []).append(op)  # a write overtook it
+            else:
+                self._answer_now(prim, op)
+        if prim.queued and prim.check is None:
+            self._start_check(p, prim)
+
+    def _answer_now(self, prim: _Primary, op: _Op) -> None:
+        """Evaluate an operation that wrote nothing again and answer it (if it would write now,
+        the key changed meanwhile: it runs as a write)."""
+        ok, current = self._get(op.name, op.partition, op.key)
+        if not ok:
+            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            return
+        out = evaluate(
+            op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
+            epoch=prim.epoch, seq=prim.seq + 1, tombstone_ms=self.t.tombstone_ms,
+        )
+        if out.write is not None:
+            self._evaluate(prim, op)
+        else:
+            self._answer(op.target, out.value, out.ok)
+
+    # --- replicas ---------------------------------------------------------------------------------------
+
+    def _raise_fence(self, p: int, epoch: int) -> None:
+        if epoch > self.fence[p]:
+            self.fence[p] = epoch
+            prim = self.prims.get(p)
+            if prim is not None and prim.epoch < epoch:
+                self._step_down(p, f"a newer primary (epoch {epoch}) took partition {p} over")
+
+    def _on_replicate(self, sender: str, msg: Replicate) -> None:
+        p = msg.partition
+        if msg.map not in self.engines or not 0 <= p < self.partitions:
+            self._send(sender, ReplicateAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
+            return
+        if msg.map in self.broken:
+            self._send(sender, ReplicateAck(msg.id, False, f"{self.node_id}: {self.broken[msg.map]}"))
+            return
+        if msg.record.epoch < self.fence[p]:
+            self._send(sender, ReplicateAck(msg.id, False, f"fenced: epoch {self.fence[p]} took over partition {p}"))
+            return
+        self._raise_fence(p, msg.record.epoch)
+        ok, current = self._get(msg.map, p, msg.key)
+        if ok and newer(msg.record, current):
+            ok = self._put(msg.map, p, msg.key, msg.record)
+        if not ok:
+            self._send(sender, ReplicateAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
+            return
+        if msg.origin:
+            self.ops.setdefault(msg.map, {}).setdefault(p, {})[(msg.origin, msg.rid)] = self._wall
+        self._send(sender, ReplicateAck(msg.id, True))
+
+    def _on_push(self, sender: str, msg: Push) -> None:
+        if msg.map not in self.engines:
+            self._send(sender, PushAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
+            return
+        if msg.map in self.broken:
+            self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken[msg.map]}"))
+            return
+        parts = {p for p, _k, _r in msg.items} | {p for p, _o, _r, _a in msg.ops}
+        if any(not 0 <= p < self.partitions or self.fence[p] > msg.epoch for p in parts):
+            self._send(sender, PushAck(msg.id, False, "fenced: a newer primary took these partitions over"))
+            return
+        for p in parts:
+            self._raise_fence(p, msg.epoch)
+        for p, key, rec in msg.items:
+            ok, current = self._get(msg.map, p, key)
+            if ok and newer(rec, current):
+                ok = self._put(msg.map, p, key, rec)
+            if not ok:
+                self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
+                return
+        self._merge_ops(msg.map, msg.ops)
+        self._send(sender, PushAck(msg.id, True))
+
+    def _on_push_ack(self, sender: str, msg: PushAck) -> None:
+        ps = self._pushes.get(msg.id)
+        if ps is None or ps.peer != sender:
+            return
+        if not msg.ok:
+            if msg.reason and msg.reason.startswith("fenced"):
+                for p in ps.parts:
+                    prim = self.prims.get(p)
+                    if prim is not None and prim.epoch <= ps.msg.epoch:
+                        self._step_down(p, f"{sender}: {msg.reason}")
+            return  # resent after resend_after (storage trouble at the replica)
+        del self._pushes[msg.id]
+        prom = ps.promotion
+        if prom is not None:
+            prom.pushed.setdefault(ps.name, set()).update((sender, p) for p in ps.parts)
+            self._advance(prom)
+
+    def _merge_ops(self, name: str, ops: OpIds) -> None:
+        by_p = self.ops.setdefault(name, {})
+        for p, origin, rid, at in ops:
+            by_p.setdefault(p, {})[(origin, rid)] = at
+
+    def _ops_of(self, name: str, parts: Iterable[int]) -> OpIds:
+        by_p = self.ops.get(name, {})
+        return [(p, o, r, at) for p in parts for (o, r), at in by_p.get(p, {}).items()]
+
+    # --- syncs -----------------------------------------------------------------------------------------
+
+    def _serve_sync(self, sender: str, req: SyncRequest) -> None:
+        parts = [p for p in req.partitions if 0 <= p < self.partitions]
+        if req.fence:
+            for p in parts:
+                self._raise_fence(p, req.fence)
+        engine = self.engines.get(req.map)
+        if engine is None:
+            self._send(sender, SyncChunk(req.id, [], True))
+            return
+        if req.map in self.broken:
+            self._send(sender, SyncChunk(req.id, [], True, f"{self.node_id}: {self.broken[req.map]}"))
+            return
+        items: list[tuple[int, str, Record]] = []
+        size = 0
+        chunks: list[SyncChunk] = []
+        try:
+            for p in parts:
+                for key, rec in engine.scan(p):
+                    items.append((p, key, rec))
+                    size += len(key) + (len(rec.value) if rec.value else 0) + 16
+                    if len(items) >= _SYNC_CHUNK_ITEMS or size >= _SYNC_CHUNK_BYTES:
+                        chunks.append(SyncChunk(req.id, items, False))
+                        items, size = [], 0
+        except Exception as e:
+            self._storage_failed(req.map, e)
+            self._send(sender, SyncChunk(req.id, [], True, f"{self.node_id}: {self.broken.get(req.map)}"))
+            return
+        for chunk in chunks:
+            self._send(sender, chunk)
+        self._send(sender, SyncChunk(req.id, items, True, None, self._ops_of(req.map, parts)))
+
+    def _on_chunk(self, sender: str, msg: SyncChunk) -> None:
+        for prom in self._promotions:
+            entry = prom.asked.get(msg.id)
+            if entry is None:
+                continue
+            peer, name, _t = entry
+            if peer != sender or prom.phase != "sync":
+                return
+            if msg.error is not None:
+                del prom.asked[msg.id]
+                self.log.info("taking over at v%d: %s could not send map %r: %s", prom.version, peer, name, msg.error)
+                return
+            prom.asked[msg.id] = (peer, name, self._now)  # progress: not timed out
+            have = prom.have.setdefault((peer, name), {})
+            if name in self.engines and name not in self.broken:
+                for p, key, rec in msg.items:
+                    if p not in prom.parts:
+                        continue
+                    have[(p, key)] = (rec.epoch, rec.seq)
+                    ok, current = self._get(name, p, key)
+                    if ok and newer(rec, current) and self._put(name, p, key, rec):
+                        prom.merged += 1
+            if msg.done:
+                del prom.asked[msg.id]
+                self._merge_ops(name, [op for op in msg.ops if op[0] in prom.parts])
+                prom.answered.setdefault(name, set()).add(peer)
+                self._advance(prom)
+            return
+
+    # --- time -------------------------------------------------------------------------------------------
+
+    def tick(self, now: float, wall: int) -> list[Action]:
+        self._clock(now, wall)
+        for c in list(self.client.values()):
+            if now >= c.deadline:
+                self._finish(c, Fail(c.op_id, MapUnavailable(
+                    f"map {c.name!r} key {c.key!r}: {OP_NAMES[c.op]} got no answer after {c.attempts} "
+                    f"attempt(s) in {self.t.op_timeout:g}s; last error: {c.last}"
+                    + ("" if c.op == OP_GET else "; the write may or may not have been applied")
+                )))
+            elif c.peer is not None and now >= c.attempt_until:
+                c.last = f"{c.peer} did not answer within {self.t.attempt_timeout:g}s"
+                c.peer = None
+                self._attempt(c)
+            elif c.peer is None and now >= c.retry_at:
+                self._attempt(c)
+        self._resend()
+        for prom in list(self._promotions):
+            if prom.phase == "sync":
+                stale = [rid for rid, (_pe, _n, t) in prom.asked.items() if now - t >= self.t.sync_timeout]
+                again = [prom.asked.pop(rid)[:2] for rid in stale]
+                self._ask(prom, again)
+            self._advance(prom)
+        self._plan()
+        if now - self._last_housekeeping >= 1.0:
+            self._last_housekeeping = now
+            self._housekeep()
+        return self._take()
+
+    def _resend(self, only: str | None = None) -> None:
+        """Resend replication, pushes and read checks still waiting for an answer."""
+        if self.table is None:
+            return
+
+        def due(peer: str, sent: float) -> bool:
+            if peer not in self.up:
+                return False
+            return peer == only if only is not None else self._now - sent >= self.t.resend_after
+
+        for w in list(self._tracked.values()):
+            if w.partition not in self.prims or w.name not in self.specs:
+                continue
+            for peer in self._owners(w.name, w.partition)[1:]:
+                if peer not in w.acked and due(peer, w.sent.get(peer, -1e9)):
+                    self._replicate(w, peer)
+        for ps in self._pushes.values():
+            if due(ps.peer, ps.sent):
+                ps.sent = self._now
+                self._send(ps.peer, ps.msg)
+        for p, check in list(self._checks.values()):
+            for peer, t in list(check.sent.items()):
+                if peer not in check.acked and due(peer, t):
+                    check.sent[peer] = self._now
+                    self._send(peer, ReadCheck(check.id, p, check.epoch))
+
+    # --- storage failures ---------------------------------------------------------------------------------
+
+    def _storage_failed(self, name: str, e: BaseException) -> None:
+        if name in self.broken:
+            return
+        reason = f"map {name!r} storage failed ({type(e).__name__}: {e}); this node stopped serving it"
+        self.broken[name] = reason
+        self._broken_at[name] = self._now
+        self.log.error("%s", reason)
+        self._out.append(StorageHealth(reason))
+
+    def _probe(self) -> None:
+        for name in list(self.broken):
+            if self._now - self._broken_at[name] < self.t.probe_after:
+                continue
+            self._broken_at[name] = self._now
+            engine = self.engines.get(name)
+            if engine is not None:
+                try:
+                    engine.put(self.partitions - 1, "\x00probe", Record(None, 0, 0, 1))
+                    engine.delete(self.partitions - 1, "\x00probe")
+                    for p in list(engine.partitions()):  # it missed writes: copied back as a new replica
+                        engine.drop(p)
+                except Exception as e:
+                    self.log.warning("map %r storage still failing: %s", name, e)
+                    continue
+            del self.broken[name]
+            self.ops.get(name, {}).clear()
+            self.log.warning("map %r storage works again; the cluster copies it back", name)
+            if not self.broken:
+                self._out.append(StorageHealth(None))
+
+    # --- local views ----------------------------------------------------------------------------------------
+
+    def local_keys(self, name: str, prefix: str, wall: int) -> tuple[list[str], list[int]]:
+        """Live keys with `prefix` in the partitions this node serves as primary, and those partitions."""
+        self.spec(name)
+        if name in self.broken:
+            raise MapUnavailable(f"{self.node_id}: {self.broken[name]}")
+        engine = self.engines[name]
+        parts = sorted(p for p, prim in self.prims.items() if prim.ready) if self.has_quorum else []
+        out: list[str] = []
+        for p in parts:
+            out.extend(k for k, rec in engine.scan(p) if k.startswith(prefix) and is_live(rec, wall))
+        return out, parts
+
+    def local_stats(self, name: str, now: float) -> MapNodeStats:
+        spec = self.spec(name)
+        engine = self.engines[name]
+        table = self.table
+        primary = replica = 0
+        if table is not None:
+            for p in range(table.partitions):
+                owners = owners_for(table, p, spec.replicas)
+                if owners[0] == self.node_id:
+                    primary += 1
+                elif self.node_id in owners:
+                    replica += 1
+        pending = [min(w.sent.values()) for w in self._tracked.values() if w.name == name and w.sent]
+        return MapNodeStats(
+            node=self.node_id, engine=spec.engine, entries=engine.entries, bytes=engine.bytes,
+            primary_partitions=primary, replica_partitions=replica,
+            syncing_partitions=sum(1 for prim in self.prims.values() if not prim.ready),
+            pending_acks=len(pending), oldest_pending_ms=int((now - min(pending)) * 1000) if pending else 0,
+        )
+
+    # --- housekeeping ------------------------------------------------------------------------------------------
+
+    def _housekeep(self) -> None:
+        step = 64
+        parts = range(self._purge_cursor, min(self._purge_cursor + step, self.partitions))
+        self._purge_cursor = 0 if parts.stop >= self.partitions else parts.stop
+        for name, engine in self.engines.items():
+            if name not in self.broken:
+                try:
+                    engine.purge(parts, self._wall)
+                except Exception as e:
+                    self._storage_failed(name, e)
+        horizon = self._wall - self.t.dedup_ms
+        for by_p in self.ops.values():
+            for p in parts:
+                done = by_p.get(p)
+                if done:
+                    for oid in [o for o, at in done.items() if at < horizon and o not in self._pending]:
+                        del done[oid]
+        table = self.table
+        if table is not None and self._now - self.table_changed_at >= self.t.drop_after:
+            for name, engine in self.engines.items():
+                if name in self.broken:
+                    continue
+                spec = self.specs[name]
+                try:
+                    for p in list(engine.partitions()):
+                        if self.node_id not in owners_for(table, p, spec.replicas):
+                            engine.drop(p)
+                            self.ops.get(name, {}).pop(p, None)
+                except Exception as e:
+                    self._storage_failed(name, e)
+        self._probe()
+
+    def pending_operations(self) -> int:
+        return len(self.client)

@@ -1,0 +1,774 @@
+"""Seeded simulation of the distributed map: real `MapService`s (and their `MapCore`s) on one
+`VirtualTimeLoop`, with a simulated network, consensus store and storage.
+
+What runs unchanged: `MapService` (the asyncio adapter) and `MapCore` on every node, the storage
+engines (`MemoryEngine`; a node's engine survives a kill when the profile makes it persistent,
+as sqlite does), and every message encoded and decoded with msgspec as the transport does.
+
+What is simulated, from one `random.Random(seed)`:
+
+- the network: one FIFO link per ordered pair of nodes, as a TCP connection is. Links go down
+  (partitions of every shape: isolate one node, split into majority/minority, one-way cuts,
+  flapping) and a link that goes down loses what was in flight on it; the nodes learn it after a
+  detection delay (`peer_down`/`peer_up`, as the transport's heartbeats report). Messages are
+  delayed (and, rarely, delivered twice).
+- the consensus store: one linearizable authority. A node reaches it only while it can reach a
+  majority (else its writes fail with a quorum error, and its `has_quorum` is False); each node
+  sees the committed changes through its own watch, in commit order, after a delay (a node cut
+  off sees them when it is back; sometimes as a `reset`).
+- nodes: killed and restarted (a memory engine comes back empty, a persistent one with its data),
+  storage that fails for a while (every write raises, as a full disk does), the leader among them.
+
+Clients run get/put/remove/compare-and-set on a few keys through random live nodes and record a
+history (unique values per write). Checked at the end, after the world heals: the history is
+linearizable per key (`aether.testing.lincheck`; an operation that failed with `MapUnavailable`
+is indeterminate), a final read of every key through every node agrees, every owner of a
+partition holds the same records as its primary (replicas converge), and no callback raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from aether.core.errors import QuorumLost
+from aether.core.maps import MapError, MapSpec, MapUnavailable
+from aether.kv.keys import MapDefKey
+from aether.maps.core import MapTimings
+from aether.maps.messages import MapMessage
+from aether.maps.partitioning import owners_for
+from aether.maps.service import MapService
+from aether.maps.storage import MemoryEngine
+from aether.testing.lincheck import CheckResult, Op, check_history
+from aether.testing.vloop import SimDeadlock, VirtualTimeLoop
+
+__all__ = ["MapWorld", "Outcome", "profile_names", "run_map_seed"]
+
+MAP = "m"
+PARTITIONS = 16
+
+
+class SimViolation(AssertionError):
+    pass
+
+
+@dataclass
+class Profile:
+    nodes: int = 3
+    replicas: int = 3
+    write_quorum: int = 2
+    persistent: bool = False
+    duration: float = 30.0
+    clients: int = 4
+    keys: int = 4
+    kinds: dict[str, float] = field(default_factory=dict)
+    fault_gap: tuple[float, float] = (1.0, 4.0)
+    duplicate: float = 0.0
+
+    def describe(self) -> str:
+        faults = ",".join(sorted(self.kinds)) or "none"
+        return (f"nodes={self.nodes} R={self.replicas} W={self.write_quorum} "
+                f"{'persistent' if self.persistent else 'memory'} faults={faults}")
+
+
+def _crash(rng: random.Random) -> Profile:
+    return Profile(nodes=rng.choice([3, 5]), persistent=rng.random() < 0.5, kinds={"kill": 1.0, "flap": 1.0})
+
+
+def _partitions(rng: random.Random) -> Profile:
+    return Profile(nodes=rng.choice([3, 5]), kinds={"isolate": 1.0, "split": 1.0, "oneway": 0.5, "flap": 1.0},
+                   duplicate=0.01)
+
+
+def _disk(rng: random.Random) -> Profile:
+    return Profile(nodes=rng.choice([3, 4]), persistent=True, kinds={"disk": 1.0, "kill": 0.5})
+
+
+def _mixed(rng: random.Random) -> Profile:
+    return Profile(
+        nodes=rng.choice([3, 4, 5]), persistent=rng.random() < 0.5, duplicate=0.01,
+        kinds={"kill": 1.0, "isolate": 1.0, "split": 0.5, "flap": 1.0, "disk": 0.3, "add": 0.5},
+    )
+
+
+_PROFILES: dict[str, Callable[[random.Random], Profile]] = {
+    "crash": _crash, "partitions": _partitions, "disk": _disk, "mixed": _mixed,
+}
+
+
+def profile_names() -> list[str]:
+    return sorted(_PROFILES)
+
+
+# --- the consensus store ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Event:
+    kind: str
+    key: str
+    value: bytes | None
+
+
+class SimStore:
+    """A linearizable key-value authority; nodes see commits through `NodeKV` views."""
+
+    def __init__(self, world: MapWorld) -> None:
+        self.world = world
+        self.data: dict[str, Any] = {}
+        self.log: list[tuple[str, str, Any]] = []  # (kind, key, value) in commit order
+
+    def commit(self, kind: str, key: str, value: Any) -> None:
+        if kind == "put":
+            self.data[key] = value
+        else:
+            self.data.pop(key, None)
+        self.log.append((kind, key, value))
+        for view in self.world.views.values():
+            view.notify()
+
+
+class NodeKV:
+    """One node's view of the store: a local copy that follows the commit log with a delay."""
+
+    def __init__(self, world: MapWorld, node: str) -> None:
+        self.world = world
+        self.node = node
+        self.local: dict[str, Any] = {}
+        self.applied = 0
+        self.watches: list[tuple[str, Callable[[Any], None]]] = []
+        self._scheduled = False
+
+    # reads of the local copy
+    def get_local(self, key: Any) -> Any:
+        return self.local.get(str(key))
+
+    def list_local(self, prefix: str = "") -> list[tuple[str, Any]]:
+        return sorted((k, v) for k, v in self.local.items() if k.startswith(prefix))
+
+    def watch(self, prefix: str, callback: Callable[[Any], None]) -> Callable[[], None]:
+        entry = (prefix, callback)
+        self.watches.append(entry)
+
+        def cancel() -> None:
+            with contextlib.suppress(ValueError):
+                self.watches.remove(entry)
+        return cancel
+
+    def notify(self) -> None:
+        if self._scheduled or not self.world.store_reachable(self.node):
+            return
+        self._scheduled = True
+        self.world.loop.call_later(self.world.rng.uniform(0.001, 0.02), self._catch_up)
+
+    def _catch_up(self) -> None:
+        self._scheduled = False
+        w = self.world
+        if not w.nodes[self.node].running or not w.store_reachable(self.node):
+            return
+        log = w.store.log
+        if len(log) - self.applied > 3 and w.rng.random() < 0.3:
+            # fell behind: jump to the current state and tell the watchers to re-read (a reset)
+            self.local = dict(w.store.data)
+            self.applied = len(log)
+            for prefix, cb in list(self.watches):
+                w.guard(cb, _Reset(prefix))
+            return
+        while self.applied < len(log):
+            kind, key, value = log[self.applied]
+            self.applied += 1
+            if kind == "put":
+                self.local[key] = value
+            else:
+                self.local.pop(key, None)
+            data = msgspec.msgpack.encode(value) if kind == "put" else None
+            for prefix, cb in list(self.watches):
+                if key.startswith(prefix):
+                    w.guard(cb, _Event(kind, key, data))
+
+    # writes through the authority
+    async def _reach(self) -> None:
+        await asyncio.sleep(self.world.rng.uniform(0.001, 0.01))
+        if not self.world.store_reachable(self.node):
+            await asyncio.sleep(0.5)
+            raise QuorumLost(f"{self.node} cannot reach a majority")
+
+    async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
+        await self._reach()
+        k = str(key)
+        if self.world.store.data.get(k) != expected:
+            return False
+        self.world.store.commit("put" if new is not None else "remove", k, new)
+        return True
+
+    async def put(self, key: Any, value: Any, timeout: float = 5.0) -> int:
+        await self._reach()
+        self.world.store.commit("put", str(key), value)
+        return 0
+
+    async def remove(self, key: Any, timeout: float = 5.0) -> bool:
+        await self._reach()
+        k = str(key)
+        had = k in self.world.store.data
+        self.world.store.commit("remove", k, None)
+        return had
+
+    async def get(self, key: Any, timeout: float = 5.0) -> Any:
+        await self._reach()
+        return self.world.store.data.get(str(key))
+
+
+@dataclass
+class _Reset:
+    prefix: str
+    kind: str = "reset"
+    key: str = ""
+    value: bytes | None = None
+
+
+# --- storage ---------------------------------------------------------------------------------------
+
+
+class FaultyEngine(MemoryEngine):
+    """A memory engine whose writes can be made to fail (a full disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+
+    def put(self, partition: int, key: str, rec: Any) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().put(partition, key, rec)
+
+
+# --- nodes -------------------------------------------------------------------------------------------
+
+
+class SimNode:
+    def __init__(self, world: MapWorld, node_id: str) -> None:
+        self.world = world
+        self.id = node_id
+        self.running = False
+        self.service: MapService | None = None
+        self.gen = 0
+        self.engines: dict[str, FaultyEngine] = {}  # survive restarts when persistent
+        self.skew = world.rng.uniform(-0.5, 0.5)
+
+    def open_storage(self, kind: str, directory: Path, name: str) -> FaultyEngine:
+        if not self.world.profile.persistent or name not in self.engines:
+            self.engines[name] = FaultyEngine()
+        return self.engines[name]
+
+    def start(self) -> None:
+        w = self.world
+        self.gen += 1
+        self.running = True
+        view = NodeKV(w, self.id)
+        view.local = dict(w.store.data) if w.store_reachable(self.id) else dict(view.local)
+        view.applied = len(w.store.log) if w.store_reachable(self.id) else 0
+        w.views[self.id] = view
+        svc = MapService(
+            self.id, view, SimSender(w, self.id), Path("/nonexistent") / self.id,
+            is_leader=lambda: w.is_leader(self.id), up_peers=lambda: w.up_view(self.id),
+            has_quorum=lambda: w.has_quorum(self.id), partitions=PARTITIONS, timings=w.timings,
+            now=w.loop.time, wall_ms=lambda: int((w.loop.time() + 1_700_000_000 + self.skew) * 1000),
+            incarnation=w.rng.getrandbits(23), open_storage=self.open_storage,
+            logger=w.logger(self.id),
+        )
+        svc._check_horizon = lambda: None  # type: ignore[method-assign]  # no files in the simulation
+        svc._write_alive = lambda wall: None  # type: ignore[method-assign]
+        self.service = svc
+        w.spawn(svc.start())
+        w.log(f"start {self.id} (gen {self.gen})")
+
+    def kill(self) -> None:
+        svc = self.service
+        self.running = False
+        self.service = None
+        self.world.views.pop(self.id, None)
+        if svc is not None:
+            svc._closed = True
+            for t in list(svc._tasks) + ([svc._ticker] if svc._ticker else []):
+                t.cancel()
+            for fut in svc._ops.values():
+                if not fut.done():
+                    fut.set_exception(MapUnavailable(f"{self.id} was killed"))
+        self.world.log(f"kill {self.id}")
+
+
+class SimSender:
+    def __init__(self, world: MapWorld, node: str) -> None:
+        self.world = world
+        self.node = node
+
+    def send(self, peer: str, msg: object) -> bool:
+        return self.world.net_send(self.node, peer, msg)
+
+
+# --- the world ------------------------------------------------------------------------------------------
+
+
+class _Quiet(logging.Logger):
+    """Collects errors (a violation unless expected) and drops the rest unless verbose."""
+
+    def __init__(self, world: MapWorld, name: str) -> None:
+        super().__init__(name, logging.DEBUG if world.verbose else logging.WARNING)
+        self.world = world
+
+    def handle(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if self.world.verbose:
+            print(f"{self.world.loop.time():9.3f} {self.name}: {msg}", file=sys.stderr)
+        if record.levelno >= logging.ERROR and "storage failed" not in msg:
+            self.world.errors.append(f"{self.name}: {msg}")
+
+
+class MapWorld:
+    def __init__(self, seed: int, profile_name: str = "mixed", *, verbose: bool = False) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.profile = _PROFILES[profile_name](self.rng)
+        self.verbose = verbose
+        self.loop = VirtualTimeLoop()
+        self.timings = MapTimings(op_timeout=3.0, force_after=6.0, drop_after=8.0, probe_after=2.0)
+        self.store = SimStore(self)
+        self.views: dict[str, NodeKV] = {}
+        self.ids = [f"node-{i + 1}" for i in range(self.profile.nodes)]
+        self.members = list(self.ids)  # nodes that exist (joined) so far
+        if "add" in self.profile.kinds:
+            self.members = self.ids[:-1]
+        self.nodes = {nid: SimNode(self, nid) for nid in self.ids}
+        self.links: set[tuple[str, str]] = set()  # directed pairs that are cut
+        self.view_up: dict[str, set[str]] = {nid: set() for nid in self.ids}  # what each node was told
+        self.queues: dict[tuple[str, str], int] = {}  # generation per directed link (a cut loses in flight)
+        self.history: list[Op] = []
+        self.errors: list[str] = []
+        self.violations: list[str] = []
+        self.trace: list[str] = []
+        self.faults_on = True
+        self.stats: dict[str, int] = {"ops": 0, "ok": 0, "indeterminate": 0, "faults": 0}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loggers: dict[str, _Quiet] = {}
+        self.loop.set_exception_handler(self._on_loop_error)
+
+    # --- plumbing ---
+    def log(self, msg: str) -> None:
+        self.trace.append(f"{self.loop.time():8.3f} {msg}")
+        if self.verbose:
+            print(f"{self.loop.time():9.3f} ** {msg}", file=sys.stderr)
+
+    def logger(self, node: str) -> logging.Logger:
+        if node not in self._loggers:
+            self._loggers[node] = _Quiet(self, f"maps.{node}")
+        return self._loggers[node]
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._done)
+        return t
+
+    def _done(self, t: asyncio.Task[Any]) -> None:
+        self._tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:
+            self.errors.append(f"task failed: {t.exception()!r}")
+
+    def guard(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:
+            self.errors.append(f"callback raised: {e!r}")
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:
+        self.errors.append(f"loop: {ctx.get('message')} {ctx.get('exception')!r}")
+
+    # --- connectivity ---
+    def connected(self, a: str, b: str) -> bool:
+        return (a, b) not in self.links and (b, a) not in self.links \
+            and self.nodes[a].running and self.nodes[b].running
+
+    def store_reachable(self, node: str) -> bool:
+        """A node reaches the consensus store while it can reach a majority of the members."""
+        if not self.nodes[node].running:
+            return False
+        n = sum(1 for m in self.members if m == node or self.connected(node, m))
+        return n >= len(self.members) // 2 + 1
+
+    def up_view(self, node: str) -> list[str]:
+        return sorted(self.view_up[node])
+
+    def has_quorum(self, node: str) -> bool:
+        """As the transport says: this node sees a majority of the members up (itself included)."""
+        return self.nodes[node].running and len(self.view_up[node]) + 1 >= len(self.members) // 2 + 1
+
+    def is_leader(self, node: str) -> bool:
+        """As the leader election says: the lowest id among the nodes this one sees up, with quorum."""
+        return self.has_quorum(node) and node == min([node, *self.view_up[node]])
+
+    def topology_changed(self) -> None:
+        """Tell nodes about links that went down or up, after a detection delay."""
+        for a in self.ids:
+            for b in self.ids:
+                if a == b:
+                    continue
+                up = self.connected(a, b) and b in self.members and a in self.members
+                if up != (b in self.view_up[a]):
+                    if not up:
+                        self.queues[(b, a)] = self.queues.get((b, a), 0) + 1  # in flight is lost
+                        self.queues[(a, b)] = self.queues.get((a, b), 0) + 1
+                    delay = self.rng.uniform(0.05, 0.6) if not up else self.rng.uniform(0.01, 0.1)
+                    self.loop.call_later(delay, self._report, a, b, self.nodes[a].gen)
+        for view in self.views.values():
+            view.notify()
+
+    def _report(self, a: str, b: str, gen: int) -> None:
+        node = self.nodes[a]
+        if not node.running or node.gen != gen or node.service is None:
+            return
+        up = self.connected(a, b) and b in self.members and a in self.members
+        if up == (b in self.view_up[a]):
+            return
+        svc = node.service
+        if up:
+            self.view_up[a].add(b)
+            self.guard(svc.peer_up, b)
+        else:
+            self.view_up[a].discard(b)
+            self.guard(svc.peer_down, b)
+
+    def net_send(self, src: str, dst: str, msg: object) -> bool:
+        if dst not in self.view_up[src] or dst not in self.nodes:
+            return False
+        data = msgspec.msgpack.encode(msg)
+        gen = self.queues.get((src, dst), 0)
+        # FIFO per link: deliveries keep their order because the delay grows with the link's backlog
+        delay = self.rng.uniform(0.0005, 0.005)
+        self.loop.call_later(delay, self._deliver, src, dst, data, gen, self.nodes[dst].gen)
+        if self.profile.duplicate and self.rng.random() < self.profile.duplicate:
+            self.loop.call_later(delay + 0.001, self._deliver, src, dst, data, gen, self.nodes[dst].gen)
+        return True
+
+    def _deliver(self, src: str, dst: str, data: bytes, gen: int, dst_gen: int) -> None:
+        node = self.nodes[dst]
+        if self.queues.get((src, dst), 0) != gen or not node.running or node.gen != dst_gen:
+            return  # the link went down meanwhile (in-flight data is lost), or the node restarted
+        if not self.connected(src, dst) or src not in self.view_up[dst] and dst not in self.view_up[src]:
+            return
+        msg = msgspec.msgpack.decode(data, type=MapMessage)
+        if node.service is not None:
+            self.guard(node.service.dispatch, src, msg)
+
+    # --- the run ---
+    async def main(self) -> None:
+        self.store.commit("put", str(MapDefKey(MAP)), MapSpec(
+            replicas=self.profile.replicas, write_quorum=self.profile.write_quorum, engine="memory"))
+        for nid in self.members:
+            self.nodes[nid].start()
+        self.topology_changed()
+        await asyncio.sleep(1.0)
+        clients = [self.spawn(self.client(i)) for i in range(self.profile.clients)]
+        faults = self.spawn(self.faults())
+        await asyncio.sleep(self.profile.duration)
+        self.faults_on = False
+        await asyncio.gather(faults, return_exceptions=True)
+        self.heal()
+        for c in clients:
+            c.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+        await self.settle()
+
+    def heal(self) -> None:
+        self.links.clear()
+        for nid in self.ids:
+            if nid not in self.members:
+                self.members.append(nid)
+            if not self.nodes[nid].running:
+                self.nodes[nid].start()
+            for e in self.nodes[nid].engines.values():
+                e.full = False
+        self.topology_changed()
+        self.log("heal")
+
+    async def settle(self) -> None:
+        """After healing: the table covers every node, every primary serves, replicas converge,
+        and a final read of each key through every node agrees."""
+        deadline = self.loop.time() + 40.0
+        while True:
+            await asyncio.sleep(0.5)
+            problem = self._settled()
+            if problem is None:
+                break
+            if self.loop.time() > deadline:
+                raise SimViolation(f"no convergence 40 s after healing: {problem}")
+        for k in range(self.profile.keys):
+            key = f"k{k}"
+            seen = {}
+            for nid in self.ids:
+                svc = self.nodes[nid].service
+                assert svc is not None
+                t0 = self.loop.time()
+                try:
+                    v = await svc.map_get(MAP, key)
+                except MapError as e:
+                    raise SimViolation(f"final read of {key} through {nid} failed after healing: {e}") from None
+                self.history.append(Op(1000 + self.ids.index(nid), "get", key, None, None, t0, self.loop.time(), v))
+                seen[nid] = v
+            if len(set(seen.values())) != 1:
+                raise SimViolation(f"final reads of {key} disagree: {seen}")
+
+    def _settled(self) -> str | None:
+        table = None
+        for nid in self.ids:
+            svc = self.nodes[nid].service
+            if svc is None or svc.table is None:
+                return f"{nid} has no table"
+            if table is None:
+                table = svc.table
+            elif svc.table.version != table.version:
+                return f"tables differ: {nid} v{svc.table.version} vs v{table.version}"
+            if svc.syncing:
+                return f"{nid} still takes {svc.syncing} partitions over"
+            if svc.core._tracked:
+                return f"{nid} has {len(svc.core._tracked)} writes not on every owner"
+        assert table is not None
+        if sorted(table.members) != sorted(self.ids):
+            return f"table v{table.version} has members {table.members}"
+        # replicas hold what their primary holds
+        for p in range(PARTITIONS):
+            owners = owners_for(table, p, self.profile.replicas)
+            prim = self.nodes[owners[0]].service
+            assert prim is not None
+            ref = dict(prim.engines[MAP].scan(p)) if MAP in prim.engines else {}
+            for o in owners[1:]:
+                svc = self.nodes[o].service
+                assert svc is not None
+                mine = dict(svc.engines[MAP].scan(p)) if MAP in svc.engines else {}
+                live_ref = {k: r for k, r in ref.items() if r.value is not None}
+                live_mine = {k: r for k, r in mine.items() if r.value is not None}
+                if live_ref != live_mine:
+                    diff = sorted(set(live_ref) ^ set(live_mine))[:3] or sorted(live_ref)[:3]
+                    return f"partition {p}: replica {o} differs from primary {owners[0]}: {diff}"
+        return None
+
+    async def client(self, idx: int) -> None:
+        n = 0
+        rng = random.Random(self.rng.getrandbits(32))
+        while True:
+            await asyncio.sleep(rng.uniform(0.005, 0.05))
+            running = [nid for nid in self.ids if self.nodes[nid].running and self.nodes[nid].service]
+            if not running:
+                continue
+            nid = rng.choice(running)
+            svc = self.nodes[nid].service
+            assert svc is not None
+            key = f"k{rng.randrange(self.profile.keys)}"
+            n += 1
+            value = f"c{idx}-{n}".encode()
+            kind = rng.choices(["get", "put", "cas", "remove"], [4, 3, 3, 1])[0]
+            expected: bytes | None = None
+            t0 = self.loop.time()
+            self.stats["ops"] += 1
+            try:
+                if kind == "get":
+                    result: Any = await svc.map_get(MAP, key)
+                elif kind == "put":
+                    await svc.map_put(MAP, key, value)
+                    result = None
+                elif kind == "remove":
+                    result = await svc.map_remove(MAP, key)
+                else:
+                    # expect what a read (any recent one) saw, sometimes absent
+                    expected = rng.choice([self._recent(key), None])
+                    result = await svc.map_compare_and_set(MAP, key, expected, value)
+            except MapUnavailable:
+                self.stats["indeterminate"] += 1
+                self.history.append(Op(idx, kind, key, value if kind in ("put", "cas") else None,
+                                       expected, t0, None, None))
+                continue
+            except asyncio.CancelledError:
+                self.history.append(Op(idx, kind, key, value if kind in ("put", "cas") else None,
+                                       expected, t0, None, None))
+                raise
+            except MapError as e:
+                self.violations.append(f"client {idx}: {kind} {key} failed unexpectedly: {e!r}")
+                continue
+            self.stats["ok"] += 1
+            self.history.append(Op(idx, kind, key, value if kind in ("put", "cas") else None,
+                                   expected, t0, self.loop.time(), result))
+
+    def _recent(self, key: str) -> bytes | None:
+        for op in reversed(self.history[-50:]):
+            if op.key == key and op.ret is not None and op.kind == "get" and op.result is not None:
+                return op.result  # type: ignore[return-value]
+        return None
+
+    async def faults(self) -> None:
+        kinds = self.profile.kinds
+        if not kinds:
+            return
+        names, weights = list(kinds), list(kinds.values())
+        while self.faults_on:
+            await asyncio.sleep(self.rng.uniform(*self.profile.fault_gap))
+            if not self.faults_on:
+                break
+            kind = self.rng.choices(names, weights)[0]
+            self.stats["faults"] += 1
+            await self.fault(kind)
+
+    async def fault(self, kind: str) -> None:
+        rng = self.rng
+        running = [n for n in self.members if self.nodes[n].running]
+        if kind == "kill" and len(running) > len(self.members) // 2 + 1 - 1:
+            victim = rng.choice(running)
+            self.nodes[victim].kill()
+            self.topology_changed()
+            await asyncio.sleep(rng.uniform(0.2, 3.0))
+            self.nodes[victim].start()
+            self.topology_changed()
+        elif kind == "isolate":
+            victim = rng.choice(self.members)
+            self._cut([[victim], [m for m in self.members if m != victim]], f"isolate {victim}")
+            await asyncio.sleep(rng.uniform(0.2, 4.0))
+            self._uncut()
+        elif kind == "split":
+            shuffled = list(self.members)
+            rng.shuffle(shuffled)
+            k = rng.randrange(1, len(shuffled))
+            self._cut([shuffled[:k], shuffled[k:]], f"split {shuffled[:k]} | {shuffled[k:]}")
+            await asyncio.sleep(rng.uniform(0.2, 4.0))
+            self._uncut()
+        elif kind == "oneway":
+            a, b = rng.sample(self.members, 2)
+            self.links.add((a, b))
+            self.log(f"cut {a} -> {b}")
+            self.topology_changed()
+            await asyncio.sleep(rng.uniform(0.2, 3.0))
+            self._uncut()
+        elif kind == "flap":
+            a, b = rng.sample(self.members, 2)
+            self.links.add((a, b))
+            self.log(f"flap {a} - {b}")
+            self.topology_changed()
+            await asyncio.sleep(rng.uniform(0.01, 0.3))
+            self._uncut()
+        elif kind == "disk":
+            victim = rng.choice(running) if running else None
+            if victim is None:
+                return
+            engines = self.nodes[victim].engines.values()
+            for e in engines:
+                e.full = True
+            self.log(f"disk of {victim} full")
+            await asyncio.sleep(rng.uniform(0.5, 4.0))
+            for e in self.nodes[victim].engines.values():
+                e.full = False
+            self.log(f"disk of {victim} has space again")
+        elif kind == "add":
+            missing = [n for n in self.ids if n not in self.members]
+            if missing:
+                nid = missing[0]
+                self.members.append(nid)
+                self.nodes[nid].start()
+                self.log(f"add {nid}")
+                self.topology_changed()
+
+    def _cut(self, groups: list[list[str]], what: str) -> None:
+        for g in groups:
+            for h in groups:
+                if g is h:
+                    continue
+                for a in g:
+                    for b in h:
+                        self.links.add((a, b))
+        self.log(what)
+        self.topology_changed()
+
+    def _uncut(self) -> None:
+        self.links.clear()
+        self.log("links restored")
+        self.topology_changed()
+
+    def run(self) -> None:
+        main = self.loop.create_task(self.main())
+        try:
+            self.loop.run_until_complete(main)
+        except SimDeadlock as e:
+            self.violations.append(f"deadlock: {e}")
+        except SimViolation as e:
+            self.violations.append(str(e))
+        finally:
+            pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                with contextlib.suppress(BaseException):
+                    self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.close()
+
+    def check(self) -> CheckResult:
+        return check_history(self.history)
+
+
+@dataclass
+class Outcome:
+    seed: int
+    ok: bool
+    problem: str
+    stats: dict[str, int]
+    describe: str
+    trace: list[str]
+
+
+def run_map_seed(seed: int, profile: str = "mixed", *, verbose: bool = False) -> Outcome:
+    world = MapWorld(seed, profile, verbose=verbose)
+    world.run()
+    problem = ""
+    if world.violations:
+        problem = world.violations[0]
+    elif world.errors:
+        problem = f"error: {world.errors[0]}"
+    else:
+        res = world.check()
+        if not res.ok:
+            problem = f"not linearizable: {res.explanation}"
+    return Outcome(seed, not problem, problem, dict(world.stats), world.profile.describe(), world.trace)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="seeded simulation of the distributed map")
+    ap.add_argument("--seeds", default="1:20", help="A:B (half-open) or one seed")
+    ap.add_argument("--profile", default="mixed", choices=profile_names())
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if ":" in args.seeds:
+        a, b = (int(x) for x in args.seeds.split(":"))
+        seeds = range(a, b)
+    else:
+        seeds = range(int(args.seeds), int(args.seeds) + 1)
+    failed = 0
+    for seed in seeds:
+        out = run_map_seed(seed, args.profile, verbose=args.verbose)
+        status = "ok" if out.ok else "FAIL"
+        print(f"seed {seed} [{out.describe}] {status} ops={out.stats['ops']} ok={out.stats['ok']} "
+              f"indeterminate={out.stats['indeterminate']} faults={out.stats['faults']}"
+              + ("" if out.ok else f"\n  {out.problem}"), flush=True)
+        failed += not out.ok
+    print(f"{len(seeds) - failed}/{len(seeds)} seeds ok")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
