@@ -117,14 +117,22 @@ class PartitionTable(msgspec.Struct, frozen=True):
     `members` are the live nodes the table was computed for; `owners[p]` ranks all of them (as
     indexes into `members`) for partition `p`: the first is the primary, the next `replicas - 1`
     hold the replicas of a map with that replica count. `version` grows by one per change; a
-    primary's writes carry the version at which it became primary (its epoch), which fences
-    writes of a deposed primary.
+    primary's writes carry the version at which it took the partition over (its epoch), which
+    fences writes of a deposed primary.
+
+    `active[p]` is the version whose owners of `p` hold its data: the last version at which a
+    primary finished taking `p` over (0: never), and `configs` the members of every version
+    `active` names. A primary taking over copies from the owners of that configuration, and
+    records its own version there (a compare-and-set of this table, which fails once a newer
+    table exists) before it serves. The leader carries both over to each new table.
     """
 
     version: int
     partitions: int
     members: list[str]
     owners: list[list[int]]
+    active: list[int] = []
+    configs: dict[int, list[str]] = {}
 
     def ranking(self, partition: int) -> list[str]:
         return [self.members[i] for i in self.owners[partition]]

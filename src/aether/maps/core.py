@@ -68,18 +68,20 @@ from aether.maps.messages import (
     SyncChunk,
     SyncRequest,
 )
-from aether.maps.partitioning import DEFAULT_PARTITIONS, owners_for, partition_of, plan_table
+from aether.maps.partitioning import DEFAULT_PARTITIONS, active_owners, owners_for, partition_of, plan_table
 from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, Record, evaluate, is_live, newer
 from aether.maps.storage import Engine
 
 __all__ = [
     "Action",
+    "Activate",
     "Fail",
     "MapCore",
     "MapTimings",
     "Reply",
     "Send",
     "StorageError",
+    "StorageHealth",
     "WriteTable",
 ]
 
@@ -121,6 +123,15 @@ class WriteTable(NamedTuple):
     new: PartitionTable
 
 
+class Activate(NamedTuple):
+    """Record `version` as the active configuration of `partitions` in the partition table, with
+    a compare-and-set that fails if the table is no longer at `version`; report the outcome with
+    `MapCore.activated`."""
+
+    version: int
+    partitions: list[int]
+
+
 class StorageHealth(NamedTuple):
     """This node's map storage failed (`reason`) or works again (None): the adapter records it
     where the leader's planner sees it (the table leaves out nodes whose storage failed)."""
@@ -128,7 +139,7 @@ class StorageHealth(NamedTuple):
     reason: str | None
 
 
-Action = Send | Reply | Fail | WriteTable | StorageHealth
+Action = Send | Reply | Fail | WriteTable | Activate | StorageHealth
 
 
 @dataclass(frozen=True)
@@ -229,12 +240,13 @@ class _Promotion:
     version: int
     parts: set[int]
     started: float
-    previous: PartitionTable | None  # None: unknown (this node just started, or skipped versions)
+    trusted: bool  # this node's own copy counts as an answer (it held it since the active version)
     asked: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # sync id -> (peer, map, sent)
     answered: dict[str, set[str]] = field(default_factory=dict)  # map -> peers that answered fully
     have: dict[tuple[str, str], dict[tuple[int, str], tuple[int, int]]] = field(default_factory=dict)
     merged: int = 0
-    phase: str = "sync"  # sync -> push -> done
+    phase: str = "sync"  # sync -> push -> (activate) -> done
+    activating: set[int] = field(default_factory=set)  # partitions whose activation is being recorded
     pushed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # map -> {(peer, partition)} acked
     forced: bool = False
 
@@ -310,6 +322,8 @@ class MapCore:
         self._broken_at: dict[str, float] = {}
         self.table: PartitionTable | None = None
         self.table_changed_at = 0.0
+        self._first_version = 0  # the first table version this node saw with its current copies
+        self._first_active: list[int] = []  # and that table's active configurations
         self.fence = [0] * partitions  # the newest primary epoch this node knows, per partition
         self.prims: dict[int, _Primary] = {}
         self._promotions: list[_Promotion] = []
@@ -423,48 +437,61 @@ class MapCore:
     # --- the table ----------------------------------------------------------------------------------
 
     def set_table(self, new: PartitionTable, now: float, *, reset: bool = False) -> list[Action]:
-        """A partition table committed in the consensus store (`reset`: versions may have been
-        skipped, so the previous owners are unknown)."""
+        """A partition table committed in the consensus store (the same version again: only its
+        active configurations changed)."""
         self._clock(now)
         old = self.table
-        if old is not None and new.version <= old.version:
-            return self._take()
         if new.partitions != self.partitions:
             self.log.error(
                 "partition table has %d partitions, this node is configured for %d; ignoring it",
                 new.partitions, self.partitions,
             )
             return self._take()
-        previous = None if reset else old
+        if old is not None and new.version < old.version:
+            return self._take()
         self.table = new
+        if not self._first_version:
+            self._first_version, self._first_active = new.version, list(new.active)
+        if old is not None and new.version == old.version:
+            for prom in list(self._promotions):
+                if prom.version == new.version and prom.activating:
+                    done = {p for p in prom.activating if new.active[p] == new.version}
+                    self._activated(prom, done)
+            return self._take()
         self.table_changed_at = now
         promote: set[int] = set()
         for p in range(new.partitions):
-            mine = new.primary(p) == self.node_id
-            if mine and (p not in self.prims or previous is None or previous.primary(p) != self.node_id):
+            if new.primary(p) != self.node_id:
+                if p in self.prims:
+                    self._step_down(p, f"{new.primary(p)} is the primary of partition {p} since table v{new.version}")
+            elif p not in self.prims or not self.prims[p].ready or self._owners_changed(old, new, p):
+                # (a takeover still under way can only be recorded at the version it started at)
                 self._step_down(p, f"{self.node_id} takes partition {p} over again at table v{new.version}")
                 promote.add(p)
-            elif not mine and p in self.prims:
-                self._step_down(p, f"{new.primary(p)} is the primary of partition {p} since table v{new.version}")
         for prom in list(self._promotions):
             prom.parts -= promote
             self._advance(prom)
         if promote:
-            self._start_promotion(new.version, promote, previous)
+            self._start_promotion(new.version, promote)
         for w in list(self._tracked.values()):
             self._retarget(w)
-        for prom in self._promotions:
-            if prom.phase == "push":
-                self._start_push(prom)  # owners changed: push to the new ones
-        self._push_new_replicas(old, new)
         self.log.info(
-            "partition table v%d: %d members, primary of %d partitions (%d to promote)",
+            "partition table v%d: %d members, primary of %d partitions (%d to take over)",
             new.version, len(new.members), sum(1 for p in range(new.partitions) if new.primary(p) == self.node_id),
             len(promote),
         )
         self._retry_clients()
         self._plan()
         return self._take()
+
+    def _owners_changed(self, old: PartitionTable | None, new: PartitionTable, p: int) -> bool:
+        """Whether the owners of `p` (of any map) differ between `old` and `new`: a primary that
+        keeps `p` takes it over again, so that the new owners hold it before it is recorded."""
+        if old is None:
+            return True
+        return any(
+            owners_for(old, p, spec.replicas) != owners_for(new, p, spec.replicas) for spec in self.specs.values()
+        )
 
     def _retarget(self, w: _Write) -> None:
         if w.name not in self.specs or w.partition not in self.prims:
@@ -475,11 +502,26 @@ class MapCore:
         w.acked &= set(owners)
         self._maybe_complete(w)
 
-    def _start_promotion(self, version: int, parts: set[int], previous: PartitionTable | None) -> None:
+    def _start_promotion(self, version: int, parts: set[int]) -> None:
         for p in parts:
             self.prims[p] = _Primary(epoch=version)
             self.fence[p] = max(self.fence[p], version)
-        prom = _Promotion(version, set(parts), self._now, previous)
+        # The partition's data is what the owners of its active configuration hold. A copy this
+        # node did not hold as one of them (or held before it restarted) may contain writes that
+        # never became part of it (a deposed primary's unacknowledged ones): drop it first.
+        for name, spec in self.specs.items():
+            engine = self.engines.get(name)
+            if engine is None or name in self.broken:
+                continue
+            by_p = self.ops.get(name, {})
+            for p in parts:
+                if not self._trusted(p, spec):
+                    try:
+                        engine.drop(p)
+                    except Exception as e:
+                        self._storage_failed(name, e)
+                    by_p.pop(p, None)
+        prom = _Promotion(version, set(parts), self._now, trusted=True)
         self._promotions.append(prom)
         self._ask(prom)
         self._advance(prom)
@@ -500,25 +542,37 @@ class MapCore:
             prom.asked[rid] = (peer, name, self._now)
             self._send(peer, SyncRequest(rid, name, parts, prom.version))
 
+    def _trusted(self, p: int, spec: MapSpec) -> bool:
+        """Whether this node's copy of `p` counts as one of its active configuration's: it is one
+        of those owners and held the copy since before that configuration became active."""
+        table = self.table
+        assert table is not None
+        owners = active_owners(table, p, spec.replicas)
+        if owners is None or self.node_id not in owners:
+            return False
+        active = table.active[p]
+        first = self._first_version
+        # activated after this node first saw a table (with these copies), or at that very
+        # version but only after this node saw it (it was not active yet then)
+        return active > first or (active == first and len(self._first_active) > p and self._first_active[p] != first)
+
     def _synced(self, prom: _Promotion, p: int) -> bool:
-        """Enough previous owners of `p` answered for every map, or those missing left the table
-        `force_after` ago (then it says which writes may be lost)."""
+        """Enough owners of `p`'s active configuration answered for every map (every acknowledged
+        write is on ``W`` of them), or those missing left the table `force_after` ago (then it says
+        which writes may be lost)."""
         table = self.table
         assert table is not None
         for name, spec in self.specs.items():
             if name in self.broken:
                 continue
-            if prom.previous is None:
-                owners = owners_for(table, p, spec.replicas)
-                trusted_self = False  # just started (its copy may be empty or old) or skipped versions
-            else:
-                owners = owners_for(prom.previous, p, spec.replicas)
-                trusted_self = True
+            owners = active_owners(table, p, spec.replicas)
+            if owners is None:
+                continue  # never taken over: nothing was written
             need = len(owners) - min(spec.write_quorum, len(owners)) + 1
             answered = prom.answered.get(name, set())
             others = [o for o in owners if o != self.node_id]
             have = sum(1 for o in others if o in answered)
-            if self.node_id in owners and (trusted_self or not others):
+            if self._trusted(p, spec):
                 have += 1
             if have >= need:
                 continue
@@ -527,8 +581,8 @@ class MapCore:
                 if not prom.forced:
                     prom.forced = True
                     self.log.warning(
-                        "partition %d of map %r: previous owner(s) %s left the cluster before this node "
-                        "could copy from them; writes acknowledged only by them may be lost",
+                        "partition %d of map %r: owner(s) %s left the cluster before this node could "
+                        "copy from them; writes acknowledged only by them may be lost",
                         p, name, ", ".join(gone),
                     )
                 continue
@@ -536,25 +590,45 @@ class MapCore:
         return True
 
     def _advance(self, prom: _Promotion) -> None:
-        """Move a promotion on: sync -> push -> serve."""
+        """Move a promotion on: sync -> push -> record the activation -> serve."""
         if prom.phase == "sync" and prom.parts and all(self._synced(prom, p) for p in prom.parts):
             prom.phase = "push"
             self._start_push(prom)
         if prom.phase == "push":
-            for p in [p for p in prom.parts if self._pushed(prom, p)]:
-                prom.parts.discard(p)
-                self._ready(p)
+            done = [p for p in prom.parts if p not in prom.activating and self._pushed(prom, p)]
+            if done:
+                prom.activating.update(done)
+                self._out.append(Activate(prom.version, sorted(done)))
         if not prom.parts:
-            if prom.phase == "push":
-                self.log.info(
-                    "primary at v%d after merging %d records in %.0f ms%s", prom.version, prom.merged,
-                    (self._now - prom.started) * 1000, " (forced)" if prom.forced else "",
-                )
             prom.phase = "done"
             if prom in self._promotions:
                 self._promotions.remove(prom)
-            for rid in [k for k, ps in self._pushes.items() if ps.promotion is prom]:
-                del self._pushes[rid]
+            for ps in self._pushes.values():
+                if ps.promotion is prom:
+                    ps.promotion = None  # the other replicas still get it (resent until acknowledged)
+
+    def activated(self, version: int, parts: list[int], ok: bool, now: float) -> list[Action]:
+        """The outcome of an `Activate` (False: the table moved on; a newer table decides)."""
+        self._clock(now)
+        for prom in list(self._promotions):
+            if prom.version == version:
+                if ok:
+                    self._activated(prom, set(parts) & prom.activating)
+                else:
+                    prom.activating -= set(parts)
+        return self._take()
+
+    def _activated(self, prom: _Promotion, parts: set[int]) -> None:
+        for p in parts:
+            prom.activating.discard(p)
+            prom.parts.discard(p)
+            self._ready(p)
+        if parts and not prom.parts:
+            self.log.info(
+                "serving as primary at v%d after merging %d records in %.0f ms%s", prom.version, prom.merged,
+                (self._now - prom.started) * 1000, " (forced)" if prom.forced else "",
+            )
+        self._advance(prom)
 
     def _start_push(self, prom: _Promotion) -> None:
         """Send each replica of the promoted partitions what it lacked (once per replica and map)."""
@@ -656,22 +730,6 @@ class MapCore:
         for op in ops:
             self._refuse(op.target, KIND_NOT_PRIMARY, why)
 
-    def _push_new_replicas(self, old: PartitionTable | None, new: PartitionTable) -> None:
-        """As a serving primary, send whole partitions to owners that newly became replicas."""
-        for name, spec in self.specs.items():
-            if name in self.broken or name not in self.engines:
-                continue
-            jobs: dict[tuple[str, int], list[int]] = {}
-            for p, prim in self.prims.items():
-                if not prim.ready:
-                    continue
-                before = set(owners_for(old, p, spec.replicas)) if old is not None else set()
-                for peer in owners_for(new, p, spec.replicas)[1:]:
-                    if peer not in before:
-                        jobs.setdefault((peer, prim.epoch), []).append(p)
-            for (peer, epoch), parts in jobs.items():
-                self._push(peer, name, parts, epoch, None, None)
-
     # --- membership and the leader's planning -------------------------------------------------------
 
     def peer_up(self, peer: str, now: float) -> list[Action]:
@@ -730,10 +788,11 @@ class MapCore:
         return self._take()
 
     def forget_data(self, why: str) -> None:
-        """Drop every copy this node holds (it is out of date beyond the tombstone horizon)."""
-        self.log.warning("dropping this node's map copies (%s); the cluster copies them back", why)
+        """Drop every copy this node holds (out of date beyond the tombstone horizon, or after its
+        storage failed) and take its partitions over again from the other owners."""
+        self.log.warning("dropping this node's map copies (%s); they are copied back from the cluster", why)
         for p in list(self.prims):
-            self._step_down(p, f"{self.node_id} resyncs its map copies")
+            self._step_down(p, f"{self.node_id} copies its map data again")
         for name, engine in self.engines.items():
             try:
                 for p in list(engine.partitions()):
@@ -742,7 +801,14 @@ class MapCore:
                 self._storage_failed(name, e)
         for by_p in self.ops.values():
             by_p.clear()
-        self.table = None  # the next table promotes from scratch (previous owners unknown)
+        table = self.table
+        # its copies count again only for configurations activated from now on
+        self._first_version = table.version if table is not None else 0
+        self._first_active = list(table.active) if table is not None else []
+        if table is not None:
+            mine = {p for p in range(table.partitions) if table.primary(p) == self.node_id}
+            if mine:
+                self._start_promotion(table.version, mine)
 
     def live_members(self, now: float) -> list[str]:
         gone = {n for n, t in self._down_since.items() if now - t >= self.t.down_grace}
@@ -1218,17 +1284,23 @@ class MapCore:
                 return
             prom.asked[msg.id] = (peer, name, self._now)  # progress: not timed out
             have = prom.have.setdefault((peer, name), {})
-            if name in self.engines and name not in self.broken:
+            spec = self.specs.get(name)
+            table = self.table
+            if name in self.engines and name not in self.broken and spec is not None and table is not None:
+                owner = {p: peer in (active_owners(table, p, spec.replicas) or ()) for p in prom.parts}
                 for p, key, rec in msg.items:
                     if p not in prom.parts:
                         continue
                     have[(p, key)] = (rec.epoch, rec.seq)
-                    ok, current = self._get(name, p, key)
-                    if ok and newer(rec, current) and self._put(name, p, key, rec):
-                        prom.merged += 1
+                    # only the active configuration's copies make up the partition
+                    if owner[p]:
+                        ok, current = self._get(name, p, key)
+                        if ok and newer(rec, current) and self._put(name, p, key, rec):
+                            prom.merged += 1
+                if msg.done:
+                    self._merge_ops(name, [op for op in msg.ops if op[0] in prom.parts and owner[op[0]]])
             if msg.done:
                 del prom.asked[msg.id]
-                self._merge_ops(name, [op for op in msg.ops if op[0] in prom.parts])
                 prom.answered.setdefault(name, set()).add(peer)
                 self._advance(prom)
             return
@@ -1310,15 +1382,13 @@ class MapCore:
                 try:
                     engine.put(self.partitions - 1, "\x00probe", Record(None, 0, 0, 1))
                     engine.delete(self.partitions - 1, "\x00probe")
-                    for p in list(engine.partitions()):  # it missed writes: copied back as a new replica
-                        engine.drop(p)
                 except Exception as e:
                     self.log.warning("map %r storage still failing: %s", name, e)
                     continue
             del self.broken[name]
-            self.ops.get(name, {}).clear()
-            self.log.warning("map %r storage works again; the cluster copies it back", name)
+            self.log.warning("map %r storage works again", name)
             if not self.broken:
+                self.forget_data("its storage failed and may have missed writes")
                 self._out.append(StorageHealth(None))
 
     # --- local views ----------------------------------------------------------------------------------------

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+import msgspec
 
 from aether.core.maps import PartitionTable
 
-__all__ = ["DEFAULT_PARTITIONS", "owners_for", "partition_of", "plan_table", "rank"]
+__all__ = ["DEFAULT_PARTITIONS", "activate", "active_owners", "owners_for", "partition_of", "plan_table", "rank"]
 
 DEFAULT_PARTITIONS = 1024
 
@@ -44,7 +46,34 @@ def plan_table(
     index = {m: i for i, m in enumerate(members)}
     owners = [[index[n] for n in rank(p, members)] for p in range(partitions)]
     version = previous.version + 1 if previous is not None else 1
-    return PartitionTable(version, partitions, members, owners)
+    active = [0] * partitions
+    configs: dict[int, list[str]] = {}
+    if previous is not None and len(previous.active) == partitions:
+        active = list(previous.active)
+        configs = {v: previous.configs[v] for v in set(active) if v in previous.configs}
+    return PartitionTable(version, partitions, members, owners, active, configs)
+
+
+def activate(table: PartitionTable, parts: Iterable[int]) -> PartitionTable:
+    """`table` with its own version recorded as the active configuration of `parts`."""
+    active = list(table.active) if len(table.active) == table.partitions else [0] * table.partitions
+    for p in parts:
+        active[p] = table.version
+    configs = dict(table.configs)
+    configs[table.version] = list(table.members)
+    configs = {v: configs[v] for v in set(active) if v in configs}
+    return msgspec.structs.replace(table, active=active, configs=configs)
+
+
+def active_owners(table: PartitionTable, partition: int, replicas: int) -> list[str] | None:
+    """The owners of `partition` in its active configuration (None: it was never taken over)."""
+    if len(table.active) != table.partitions:
+        return None
+    version = table.active[partition]
+    members = table.configs.get(version)
+    if not version or not members:
+        return None
+    return rank(partition, members)[: max(1, min(replicas, len(members)))]
 
 
 def owners_for(table: PartitionTable, partition: int, replicas: int) -> list[str]:

@@ -37,7 +37,7 @@ from aether.core.maps import (
     check_key,
 )
 from aether.kv.keys import MapDefKey, MapHealthKey, MapTableKey
-from aether.maps.core import Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
+from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
 from aether.maps.messages import (
     KeysRequest,
     KeysResponse,
@@ -50,7 +50,7 @@ from aether.maps.messages import (
     StatsResponse,
     SyncChunk,
 )
-from aether.maps.partitioning import DEFAULT_PARTITIONS
+from aether.maps.partitioning import DEFAULT_PARTITIONS, activate
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
 from aether.maps.storage import Engine, open_engine
 from aether.transport import MessageRouter, PeerDown, PeerUp
@@ -288,6 +288,8 @@ class MapService:
                     fut.set_exception(a.error)
             elif isinstance(a, WriteTable):
                 self._spawn(self._write_table(a.expected, a.new))
+            elif isinstance(a, Activate):
+                self._spawn(self._activate(a.version, a.partitions))
             elif isinstance(a, StorageHealth):
                 self._spawn(self._record_health(a.reason))
 
@@ -300,6 +302,24 @@ class MapService:
         if ok:
             self.log.info("leader wrote partition table v%d for %s", new.version, ", ".join(new.members))
         self._run(self.core.table_written(ok, self.now()))
+
+    async def _activate(self, version: int, parts: list[int]) -> None:
+        """Record `version` as the active configuration of `parts`, unless the table moved on."""
+        ok = False
+        for attempt in range(20):
+            current = self.kv.get_local(MapTableKey())
+            if not isinstance(current, PartitionTable) or current.version != version:
+                break
+            try:
+                if await self.kv.compare_and_set(MapTableKey(), current, activate(current, parts)):
+                    ok = True
+                    break
+            except Exception as e:  # no quorum or a timeout: the outcome is unknown, so ask again
+                self.log.info("cannot record taking over %d partitions at v%d yet: %s", len(parts), version, e)
+                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+                continue
+            await asyncio.sleep(0.01 * attempt)  # another primary recorded its partitions: again
+        self._run(self.core.activated(version, parts, ok, self.now()))
 
     async def _record_health(self, reason: str | None) -> None:
         for attempt in range(10):
