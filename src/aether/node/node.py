@@ -65,6 +65,20 @@ def _jsonable(value: Any) -> Any:
     return msgspec.to_builtins(value)
 
 
+class _NodeInvoker:
+    """The node's invoker, for the slice store, which is built before it (see `Node.__init__`)."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def invoke(
+        self, target: str, method: str, payload: bytes, *, request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        invoker = self._node.invoker
+        return await invoker.invoke(target, method, payload, request_id=request_id, timeout=timeout)
+
+
 class Node:
     """A cluster member. `await start()`, then serve until `await stop()`."""
 
@@ -122,9 +136,22 @@ class Node:
             is_leader=lambda: self.leader.is_leader, up_peers=lambda: self.transport.up_peers,
             logger=logging.getLogger(f"aether.maps.{self.node_id}"),
         )
+        # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
+        # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
+        self.metrics = MetricsService(
+            self.node_id, self.transport, self.leader,
+            logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
+        )
+        self._block_policies: dict[str, BlockPolicy] = {}
+        self.slice_blocks = 0  # slice loops found blocked since start (node status)
+        # Slices call each other through the invoker, and the invoker runs local calls in the slice
+        # store: the store gets a forwarder to the invoker built right after it.
         self.slice_store = SliceStore(
-            self.node_id, self.repository, config.data_path / "runtime", invoker=None,  # type: ignore[arg-type]
+            self.node_id, self.repository, config.data_path / "runtime", invoker=_NodeInvoker(self),
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
+            recorder=self.metrics.entries,
+            # slice code runs on its own loops; one that keeps blocking its loop is quarantined
+            on_block=[self._on_slice_block],
         )
         # No per-attempt timeout: a slow entry must not be retried (and run again) elsewhere while
         # it is still running; lost nodes are detected by the transport (PeerDown) instead.
@@ -133,7 +160,6 @@ class Node:
             attempt_timeout=None, catalog=StoreCatalog(self.kv),
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
-        self.slice_store.invoker = self.invoker
         self.invoke_server = InvokeServer(
             self.node_id, self.slice_store, self.transport, invoker=self.invoker,
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
@@ -152,17 +178,6 @@ class Node:
             members=len(self.members),
             maps_of=self.repository.maps, repository=str(self.repository.root),
         )
-        # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
-        # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
-        self.metrics = MetricsService(
-            self.node_id, self.transport, self.leader,
-            logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
-        )
-        self.slice_store.recorder = self.metrics.entries
-        # slice code runs on its own loops; one that keeps blocking its loop is quarantined
-        self.slice_store.on_block.append(self._on_slice_block)
-        self._block_policies: dict[str, BlockPolicy] = {}
-        self.slice_blocks = 0  # slice loops found blocked since start (node status)
         self.loop_lag = LoopLagProbe()
         self.management: Any = None
         self.http: HttpRouter | None = None
