@@ -101,6 +101,7 @@ def deploy_hello_examples(
 @contextlib.asynccontextmanager
 async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
     """3 in-process nodes (management on free ports) with the hello slices in their repository."""
+    from aether.api.server import ManagementServer
     from aether.core.config import NodeConfig
     from aether.core.types import Address, PeerSpec
     from aether.node.node import Node
@@ -120,7 +121,8 @@ async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
                 http_port=0,
                 data_dir=str(tmp_path / f"n{i}"),
                 repository=str(repo_dir),
-            )
+            ),
+            management_api=ManagementServer,
         )
         for i in range(3)
     ]

@@ -269,7 +269,10 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[NodeConfig]:
     seen: list[NodeConfig] = []
     mod = types.ModuleType("aether.node.runner")
 
-    def run_node(config: NodeConfig) -> int:
+    def run_node(config: NodeConfig, *, management_api: object = None) -> int:
+        from aether.api.server import ManagementServer
+
+        assert management_api is ManagementServer  # `aether node` hosts the management API
         seen.append(config)
         if config.cluster_name == "raise-config":
             raise ConfigError("management API would listen beyond loopback without an API key")

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import msgspec
 
@@ -79,10 +79,41 @@ class _NodeInvoker:
         return await invoker.invoke(target, method, payload, request_id=request_id, timeout=timeout)
 
 
-class Node:
-    """A cluster member. `await start()`, then serve until `await stop()`."""
+class HostedAPI(Protocol):
+    """The management API server a node hosts (`aether.api.server.ManagementServer`)."""
 
-    def __init__(self, config: NodeConfig, *, logger: logging.Logger | None = None) -> None:
+    @property
+    def port(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class ManagementFactory(Protocol):
+    """Builds the management server for a node: `aether.api.server.ManagementServer` itself."""
+
+    def __call__(
+        self, node: Any, *, host: str, port: int, api_key: str | None, idle_timeout: float,
+        logger: logging.Logger,
+    ) -> HostedAPI: ...
+
+
+class Node:
+    """A cluster member. `await start()`, then serve until `await stop()`.
+
+    `management_api` builds the management API server the node hosts (the `aether node` command
+    passes `aether.api.server.ManagementServer`); without it the node runs no management API. The API
+    sits above the node in the layering, so it is handed in rather than imported.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        logger: logging.Logger | None = None,
+        management_api: ManagementFactory | None = None,
+    ) -> None:
         self.config = config.validate()
         self.node_id = config.node_id
         self.log = logger or logging.getLogger(f"aether.node.{self.node_id}")
@@ -179,13 +210,16 @@ class Node:
             maps_of=self.repository.maps, repository=str(self.repository.root),
         )
         self.loop_lag = LoopLagProbe()
-        self.management: Any = None
+        self._management_factory = management_api
+        self.management: HostedAPI | None = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, *, management: bool = True) -> None:
+        """Start every component; the management API too when `management` and the node was
+        given a factory for it."""
         self.started_at = time.time()
         self.runner.recover()
         self.loop_lag.start()
@@ -202,10 +236,8 @@ class Node:
         )
         await self.http.start()
         self.metrics.start()
-        if management:
-            from aether.api.server import ManagementServer
-
-            self.management = ManagementServer(
+        if management and self._management_factory is not None:
+            self.management = self._management_factory(
                 self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
                 idle_timeout=self.config.http_idle_timeout,
                 logger=logging.getLogger(f"aether.api.{self.node_id}"),
