@@ -22,6 +22,7 @@ from aether.core.config import NodeConfig
 from aether.core.errors import ConfigError
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.core.types import Address, PeerSpec
+from conftest import refusing_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,9 +102,7 @@ def connect(srv: ManagementServer) -> list[str]:
 
 
 def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return refusing_port()  # bound, never listening: nobody else can take it meanwhile
 
 
 # -- status -------------------------------------------------------------------------------------------
