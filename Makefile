@@ -13,12 +13,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# What CI promises (.ci/run calls `make test`): lint first, then the suite.
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# ruff; mypy on the packages listed in pyproject ([tool.mypy]); the import contract between the
+# packages of src/aether ([tool.importlinter] in pyproject, see docs/architecture.md "Layers").
 lint: install
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # The order demo on a local 3-node cluster (see docs/order-demo.md): builds the demo wheels, deploys
 # them into the cluster's repository (.aether/cluster/repository), applies the blueprint, prints

@@ -2,7 +2,8 @@
 
 Generic helpers, usable from any test module:
 
-- `free_ports(n)` -> n distinct free TCP ports on 127.0.0.1.
+- `free_ports(n)` -> n distinct free TCP ports on 127.0.0.1, below the kernel's ephemeral range
+  (see there why); `refusing_port()` -> a port that refuses connections.
 - `ProcessCluster` starts N `aether node` processes (distinct free cluster / management / HTTP
   ports, data dirs and log files under a base directory), and offers `kill9(i)`, `stop(i)`,
   `start(i)`, `status(i)`, `kv(i, prefix)`, `wait_quorum(...)`, `wait_applied_equal(...)`,
@@ -101,6 +102,7 @@ def deploy_hello_examples(
 @contextlib.asynccontextmanager
 async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
     """3 in-process nodes (management on free ports) with the hello slices in their repository."""
+    from aether.api.server import ManagementServer
     from aether.core.config import NodeConfig
     from aether.core.types import Address, PeerSpec
     from aether.node.node import Node
@@ -120,7 +122,8 @@ async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
                 http_port=0,
                 data_dir=str(tmp_path / f"n{i}"),
                 repository=str(repo_dir),
-            )
+            ),
+            management_api=ManagementServer,
         )
         for i in range(3)
     ]
@@ -146,26 +149,65 @@ async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
 # ports
 
 
-def free_ports(n: int, host: str = HOST) -> list[int]:
-    """Return `n` distinct TCP ports that were free on `host` a moment ago.
-
-    All sockets are bound at the same time (port 0: the kernel picks), so the ports are distinct;
-    they are closed before returning, so a small race with other programs remains.
-    """
-    socks: list[socket.socket] = []
-    ports: list[int] = []
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (bind to port 0, outgoing connections)."""
     try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-            if port not in ports:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+# Ports handed out by `free_ports`/`free_port_offset` in this process: never handed out twice.
+_handed_out: set[int] = set()
+# Sockets of `refusing_port`: bound, never listening, open until the process ends.
+_refusing: list[socket.socket] = []
+
+
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """Return `n` distinct TCP ports, free on `host` now, for servers whose port must be known
+    before they start (a cluster's peer list, a node process's flags).
+
+    They are drawn at random from BELOW the kernel's ephemeral range, so no port the kernel hands
+    out by itself can be one of them: not a port-0 bind, not the source port of an outgoing
+    connection, in any process. Such a port used to take a planned port between this probe and
+    the server's bind (asyncio's `create_server` then failed with EADDRINUSE), for instance node-1
+    connecting to node-3 before node-3 listened. A port is never handed out twice by this process
+    either. What remains is another program binding the same fixed port in that gap. Servers that
+    can report their port (management and HTTP servers of in-process nodes) bind port 0 instead.
+    """
+    import random
+
+    lo = 10_000
+    hi = max(_ephemeral_range()[0], lo + 10_000)
+    ports: list[int] = []
+    for _ in range(100 * n + 1000):
+        if len(ports) == n:
+            return ports
+        port = random.randrange(lo, hi)
+        if port in _handed_out or not _bindable(host, port):
+            continue
+        _handed_out.add(port)
+        ports.append(port)
+    raise RuntimeError(f"no {n} free ports found in {lo}-{hi}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def refusing_port(host: str = HOST) -> int:
+    """A port that refuses connections for the rest of the test process: bound (so nobody else
+    can take it) but not listening."""
+    s = socket.socket()
+    s.bind((host, 0))
+    _refusing.append(s)
+    return int(s.getsockname()[1])
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -558,12 +600,15 @@ def _port_free(port: int, host: str = HOST) -> bool:
 
 def free_port_offset(nodes: int) -> int:
     """A `--base-port-offset` K such that every port of an N-node local cluster (7000+K+i,
-    9000+K+i, 8080+K+i) is free right now (K < 23000 keeps them below the ephemeral range)."""
+    9000+K+i, 8080+K+i) is free right now (K < 23000 keeps them below the ephemeral range, see
+    `free_ports`); none of them was handed out before in this process."""
     import random
 
     for _ in range(500):
         k = random.randrange(1000, 23000)
-        if all(_port_free(base + k + i) for base in (7000, 9000, 8080) for i in range(nodes)):
+        ports = {base + k + i for base in (7000, 9000, 8080) for i in range(nodes)}
+        if not ports & _handed_out and all(_port_free(p) for p in ports):
+            _handed_out.update(ports)
             return k
     raise RuntimeError("no free port range found")
 

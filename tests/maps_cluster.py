@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from aether.api.server import ManagementServer
 from aether.core.config import NodeConfig
 from aether.core.maps import MapSpec
 from aether.core.types import Address, PeerSpec
@@ -32,7 +33,8 @@ class MapCluster:
                 data_dir=str(self.tmp / f"n{i + 1}"),
                 repository=str(self.tmp / "repo"),
                 **self.config,
-            )
+            ),
+            management_api=ManagementServer,
         )
 
     async def start(self, *ids: str, management: bool = False) -> None:

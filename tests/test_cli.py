@@ -22,6 +22,7 @@ from aether.core.config import NodeConfig
 from aether.core.errors import ConfigError
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.core.types import Address, PeerSpec
+from conftest import refusing_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -101,9 +102,7 @@ def connect(srv: ManagementServer) -> list[str]:
 
 
 def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return refusing_port()  # bound, never listening: nobody else can take it meanwhile
 
 
 # -- status -------------------------------------------------------------------------------------------
@@ -269,7 +268,10 @@ def fake_runner(monkeypatch: pytest.MonkeyPatch) -> list[NodeConfig]:
     seen: list[NodeConfig] = []
     mod = types.ModuleType("aether.node.runner")
 
-    def run_node(config: NodeConfig) -> int:
+    def run_node(config: NodeConfig, *, management_api: object = None) -> int:
+        from aether.api.server import ManagementServer
+
+        assert management_api is ManagementServer  # `aether node` hosts the management API
         seen.append(config)
         if config.cluster_name == "raise-config":
             raise ConfigError("management API would listen beyond loopback without an API key")

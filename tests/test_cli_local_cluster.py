@@ -79,7 +79,7 @@ asyncio.run(run())
 FAKE_RUNTIME = r"""
 import sys, types
 
-def run_node(config):
+def run_node(config, *, management_api=None):
     import asyncio, json, signal
     from aether.api.server import ManagementServer
     from aether.core.status import MemberStatus, NodeStatus

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from aether.api.server import ManagementServer
 from aether.cli.main import main
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.transport import MessageRouter, PeerDown
+from conftest import refusing_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,9 +121,7 @@ def addr(srv: ManagementServer) -> str:
 
 
 def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return refusing_port()  # bound, never listening: nobody else can take it meanwhile
 
 
 # -- health and nodes ---------------------------------------------------------------------------------

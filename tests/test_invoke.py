@@ -12,7 +12,6 @@ import contextvars
 import logging
 import random
 import sys
-import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -590,11 +589,9 @@ async def test_request_id_propagates_into_the_contextvar(where: str) -> None:
     assert VAR.get() is None  # the caller's context is left as it was
 
 
-async def test_request_id_var_found_lazily_in_slices_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    var: contextvars.ContextVar[str | None] = contextvars.ContextVar("current_request_id", default=None)
-    fake = types.ModuleType("aether.slices.api")
-    fake.current_request_id = var  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "aether.slices.api", fake)
+async def test_default_request_id_var_is_the_one_in_core() -> None:
+    from aether.core.context import current_request_id as var
+
     seen: list[str | None] = []
 
     class Slices(FakeSlices):
@@ -608,9 +605,10 @@ async def test_request_id_var_found_lazily_in_slices_api(monkeypatch: pytest.Mon
     reg.add("B")
     net = FakeNet(registry=reg)
     link_a, link_b = FakeLink(net, "A"), FakeLink(net, "B")
-    inv_a = Invoker("A", FakeSlices("A"), reg, link_a)  # no request_id_var: looked up lazily
+    inv_a = Invoker("A", FakeSlices("A"), reg, link_a)  # no request_id_var: aether.core's
     srv_a = InvokeServer("A", FakeSlices("A"), link_a, invoker=inv_a)
     srv_b = InvokeServer("B", Slices("B"), link_b)
+    assert inv_a._request_id_var() is var and srv_b._request_id_var() is var
     for nid, srv in (("A", srv_a), ("B", srv_b)):
         net.nodes[nid] = FakeNode(nid, FakeSlices(nid), FakeLink(net, nid), MessageRouter(), inv_a, srv)
     token = var.set("ctx-rid")

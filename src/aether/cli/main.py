@@ -483,8 +483,10 @@ def node(
         format=f"%(asctime)s %(levelname)s {config.node_id} %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from aether.api.server import ManagementServer
+
     try:
-        code = run_node(config)
+        code = run_node(config, management_api=ManagementServer)
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     raise click.exceptions.Exit(int(code or 0))

@@ -6,8 +6,8 @@ remote calls (tags 40-49) and the server that runs them on the target node.
 
 Layering: may import `aether.core` and `aether.transport`; reaches the slice store, the endpoint
 registry and the transport only through the Protocols in `aether.invoke.ports` (never imports
-`aether.slices` or `aether.deploy` modules, except an optional, lazy lookup of the slices
-request-id contextvar). See docs/invocation.md.
+`aether.slices` or `aether.deploy` modules; the request-id context variable is
+`aether.core.context.current_request_id`). See docs/invocation.md.
 """
 
 from aether.invoke.catalog import StoreCatalog

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 
 from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
-from aether.invoke.context import RequestIdVar, find_request_id_var, new_request_id, read_request_id
+from aether.invoke.context import RequestIdVar, current_request_id, new_request_id, read_request_id
 from aether.invoke.errors import (
     EndpointUnavailable,
     InvokeBadRequest,
@@ -155,8 +155,8 @@ class Invoker:
         self.attempt_timeout = attempt_timeout
         self._backoff_min = backoff_min
         self._backoff_max = backoff_max
-        self._rid_var = request_id_var
-        self._rid_var_resolved = request_id_var is not None
+        # the request-id context variable (tests may pass their own)
+        self._rid_var: RequestIdVar = current_request_id if request_id_var is None else request_id_var
         self._warn_interval = warn_interval
         self._rng = rng or random.Random()
         self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
@@ -533,10 +533,7 @@ class Invoker:
 
     # --- helpers --------------------------------------------------------------------------------
 
-    def _request_id_var(self) -> RequestIdVar | None:
-        if not self._rid_var_resolved:
-            self._rid_var = find_request_id_var()
-            self._rid_var_resolved = True
+    def _request_id_var(self) -> RequestIdVar:
         return self._rid_var
 
     def _warn_retry(self, target: str, method: str, rid: str, text: str) -> None:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from aether.invoke.context import RequestIdVar, find_request_id_var
+from aether.invoke.context import RequestIdVar, current_request_id
 from aether.invoke.errors import classify, describe_exception, error_text
 from aether.invoke.invoker import Invoker
 from aether.invoke.messages import (
@@ -65,8 +65,8 @@ class InvokeServer:
         self._sender = sender
         self._max_in_flight = max_in_flight
         self._max_timeout = max_timeout
-        self._rid_var = request_id_var
-        self._rid_var_resolved = request_id_var is not None
+        # the request-id context variable (tests may pass their own)
+        self._rid_var: RequestIdVar = current_request_id if request_id_var is None else request_id_var
         self._log = logger or logging.getLogger(f"aether.invoke.server.{node_id}")
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -261,8 +261,5 @@ class InvokeServer:
     def stopping(self) -> bool:
         return self._stopping
 
-    def _request_id_var(self) -> RequestIdVar | None:
-        if not self._rid_var_resolved:
-            self._rid_var = find_request_id_var()
-            self._rid_var_resolved = True
+    def _request_id_var(self) -> RequestIdVar:
         return self._rid_var

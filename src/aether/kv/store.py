@@ -11,12 +11,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import msgspec
 
-from aether.consensus.runner import ConsensusRunner
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost, SessionConflict
 from aether.kv.keys import Key, parse_key, value_type_for
 from aether.kv.machine import (
@@ -36,6 +35,25 @@ from aether.kv.machine import (
 
 _enc = msgspec.msgpack.Encoder()
 WatchCallback = Callable[[WatchEvent], None]
+
+
+class _Incarnation(Protocol):
+    @property
+    def incarnation(self) -> int: ...
+
+
+class Replicator(Protocol):
+    """What `KVStore` needs of the consensus adapter (`aether.consensus.runner.ConsensusRunner` on a
+    node): commit commands, and call back after each applied step and after a snapshot install.
+    The node passes its runner; kv does not import consensus (they are independent layers)."""
+
+    after_apply: list[Callable[[], None]]
+    on_installed: list[Callable[[int], None]]
+
+    @property
+    def engine(self) -> _Incarnation: ...
+
+    async def apply(self, commands: Sequence[bytes], timeout: float = ...) -> list[bytes]: ...
 
 
 def encode_value(key: str, value: Any) -> bytes:
@@ -64,7 +82,7 @@ class KVStore:
     reused (session, seq) would be refused as stale or as a conflict."""
 
     def __init__(
-        self, runner: ConsensusRunner, sm: KVStateMachine, node_id: str, *, session: str | None = None
+        self, runner: Replicator, sm: KVStateMachine, node_id: str, *, session: str | None = None
     ) -> None:
         self.runner = runner
         self.sm = sm

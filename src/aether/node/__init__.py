@@ -1,6 +1,6 @@
 """One Aether node as an object: transport, consensus, KV store, leader manager, management API.
 
 `Node` wires the layers below together and is what `aether node` runs (`runner.run_node`).
-Many nodes can live in one process (tests, Forge). May import every lower layer and
-`aether.api` (the management server it hosts).
+Many nodes can live in one process (tests, Forge). May import every lower layer; the management
+API (`aether.api`, a higher layer) is handed to `Node` as a constructor argument.
 """

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import msgspec
 
@@ -65,10 +65,55 @@ def _jsonable(value: Any) -> Any:
     return msgspec.to_builtins(value)
 
 
-class Node:
-    """A cluster member. `await start()`, then serve until `await stop()`."""
+class _NodeInvoker:
+    """The node's invoker, for the slice store, which is built before it (see `Node.__init__`)."""
 
-    def __init__(self, config: NodeConfig, *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, node: Node) -> None:
+        self._node = node
+
+    async def invoke(
+        self, target: str, method: str, payload: bytes, *, request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        invoker = self._node.invoker
+        return await invoker.invoke(target, method, payload, request_id=request_id, timeout=timeout)
+
+
+class HostedAPI(Protocol):
+    """The management API server a node hosts (`aether.api.server.ManagementServer`)."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class ManagementFactory(Protocol):
+    """Builds the management server for a node: `aether.api.server.ManagementServer` itself."""
+
+    def __call__(
+        self, node: Any, *, host: str, port: int, api_key: str | None, idle_timeout: float,
+        logger: logging.Logger,
+    ) -> HostedAPI: ...
+
+
+class Node:
+    """A cluster member. `await start()`, then serve until `await stop()`.
+
+    `management_api` builds the management API server the node hosts (the `aether node` command
+    passes `aether.api.server.ManagementServer`); without it the node runs no management API. The API
+    sits above the node in the layering, so it is handed in rather than imported.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        logger: logging.Logger | None = None,
+        management_api: ManagementFactory | None = None,
+    ) -> None:
         self.config = config.validate()
         self.node_id = config.node_id
         self.log = logger or logging.getLogger(f"aether.node.{self.node_id}")
@@ -123,9 +168,22 @@ class Node:
             has_quorum=self.transport.has_quorum,
             logger=logging.getLogger(f"aether.maps.{self.node_id}"),
         )
+        # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
+        # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
+        self.metrics = MetricsService(
+            self.node_id, self.transport, self.leader,
+            logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
+        )
+        self._block_policies: dict[str, BlockPolicy] = {}
+        self.slice_blocks = 0  # slice loops found blocked since start (node status)
+        # Slices call each other through the invoker, and the invoker runs local calls in the slice
+        # store: the store gets a forwarder to the invoker built right after it.
         self.slice_store = SliceStore(
-            self.node_id, self.repository, config.data_path / "runtime", invoker=None,  # type: ignore[arg-type]
+            self.node_id, self.repository, config.data_path / "runtime", invoker=_NodeInvoker(self),
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
+            recorder=self.metrics.entries,
+            # slice code runs on its own loops; one that keeps blocking its loop is quarantined
+            on_block=[self._on_slice_block],
         )
         # No per-attempt timeout: a slow entry must not be retried (and run again) elsewhere while
         # it is still running; lost nodes are detected by the transport (PeerDown) instead.
@@ -134,7 +192,6 @@ class Node:
             attempt_timeout=None, catalog=StoreCatalog(self.kv),
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
-        self.slice_store.invoker = self.invoker
         self.invoke_server = InvokeServer(
             self.node_id, self.slice_store, self.transport, invoker=self.invoker,
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
@@ -153,25 +210,17 @@ class Node:
             members=len(self.members),
             maps_of=self.repository.maps, repository=str(self.repository.root),
         )
-        # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
-        # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
-        self.metrics = MetricsService(
-            self.node_id, self.transport, self.leader,
-            logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
-        )
-        self.slice_store.recorder = self.metrics.entries
-        # slice code runs on its own loops; one that keeps blocking its loop is quarantined
-        self.slice_store.on_block.append(self._on_slice_block)
-        self._block_policies: dict[str, BlockPolicy] = {}
-        self.slice_blocks = 0  # slice loops found blocked since start (node status)
         self.loop_lag = LoopLagProbe()
-        self.management: Any = None
+        self._management_factory = management_api
+        self.management: HostedAPI | None = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, *, management: bool = True) -> None:
+        """Start every component; the management API too when `management` and the node was
+        given a factory for it."""
         self.started_at = time.time()
         self.runner.recover()
         self.loop_lag.start()
@@ -188,10 +237,8 @@ class Node:
         )
         await self.http.start()
         self.metrics.start()
-        if management:
-            from aether.api.server import ManagementServer
-
-            self.management = ManagementServer(
+        if management and self._management_factory is not None:
+            self.management = self._management_factory(
                 self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
                 idle_timeout=self.config.http_idle_timeout,
                 logger=logging.getLogger(f"aether.api.{self.node_id}"),

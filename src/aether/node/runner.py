@@ -11,7 +11,7 @@ import sys
 
 from aether.consensus.storage import JournalCorrupt
 from aether.core.config import NodeConfig
-from aether.node.node import Node
+from aether.node.node import ManagementFactory, Node
 
 
 def _install_loop_policy() -> None:
@@ -22,8 +22,8 @@ def _install_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: NodeConfig) -> None:
-    node = Node(config)
+async def serve(config: NodeConfig, *, management_api: ManagementFactory | None = None) -> None:
+    node = Node(config, management_api=management_api)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -49,8 +49,10 @@ class NodeFailed(Exception):
     """The node stopped itself because its local state could not be written."""
 
 
-def run_node(config: NodeConfig) -> int:
-    """Run a node until interrupted; returns the process exit code."""
+def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = None) -> int:
+    """Run a node until interrupted; returns the process exit code. `management_api` builds the
+    management API server (`aether.api.server.ManagementServer`; the `aether node` command passes
+    it); without it the node runs no management API."""
     # Belt and braces: the node creates its files 0600 / directories 0700 explicitly; the umask
     # covers what else this process writes (pip installing a library, slice code).
     os.umask(0o077)
@@ -62,7 +64,7 @@ def run_node(config: NodeConfig) -> int:
     _install_loop_policy()
     log = logging.getLogger("aether.node")
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, management_api=management_api))
     except (OSError, JournalCorrupt) as e:
         log.error("cannot start node %s: %s", config.node_id, e)
         return 1

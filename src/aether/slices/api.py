@@ -37,13 +37,13 @@ import types
 import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 
 from aether.core.artifact import Artifact
+from aether.core.context import current_request_id
 from aether.core.errors import BadRequest
 from aether.slices.errors import (
     EntryBadRequest,
@@ -88,8 +88,8 @@ HTTP_METHODS: tuple[str, ...] = ("GET", "POST", "PUT", "DELETE", "PATCH")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 RESERVED_NAMES = frozenset({"start", "stop", "call", "proxy", "map", "context", "logger"})
 
-current_request_id: ContextVar[str | None] = ContextVar("aether_request_id", default=None)
-"""The request id of the call being served (set by the runtime/invoker); propagated on `Slice.call`."""
+# `current_request_id`: the request id of the call being served (set by the runtime/invoker),
+# propagated on `Slice.call`. Defined in `aether.core.context`, where the invoker finds it too.
 
 _ENCODER = msgspec.msgpack.Encoder()
 _MARK = "__aether_entry__"

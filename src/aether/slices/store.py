@@ -25,7 +25,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -131,7 +131,8 @@ class SliceStore:
     interpreter's import bookkeeping (default: the process-wide one); `allow_index` lets the
     node install libraries from the package index when the wheelhouse has no match;
     `start_timeout` bounds each `start()` (None: unbounded here, the managers time the step);
-    `stop_timeout` bounds each `stop()`. `recorder` (settable later) is told about every entry call
+    `stop_timeout` bounds each `stop()`. `on_block` callbacks are told about every slice loop found
+    blocked (more can be appended to `on_block`). `recorder` is told about every entry call
     that ran here — local calls and calls served for other nodes alike, since both come through
     `call` — with its duration (`time.perf_counter`) and whether it returned (a call that raised,
     including a payload that did not decode, or was cancelled counts as a failure).
@@ -154,11 +155,12 @@ class SliceStore:
         maps: MapBackend | None = None,
         recorder: CallRecorder | None = None,
         block_limit: float = 0.5,
+        on_block: Iterable[Callable[[Artifact, BlockReport], None]] = (),
     ) -> None:
         self.node_id = node_id
         self.block_limit = block_limit
         # told about every slice loop found blocked (the node logs it, counts it, may quarantine)
-        self.on_block: list[Callable[[Artifact, BlockReport], None]] = []
+        self.on_block: list[Callable[[Artifact, BlockReport], None]] = list(on_block)
         self._watchdog: asyncio.Task[None] | None = None
         self.maps = maps
         self.recorder = recorder
