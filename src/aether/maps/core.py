@@ -243,6 +243,8 @@ class _Promotion:
     trusted: bool  # this node's own copy counts as an answer (it held it since the active version)
     asked: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # sync id -> (peer, map, sent)
     answered: dict[str, set[str]] = field(default_factory=dict)  # map -> peers that answered fully
+    holders: dict[str, dict[str, set[int]]] = field(default_factory=dict)  # map -> peer -> partitions held
+    buffered: dict[int, list[tuple[int, str, Record]]] = field(default_factory=dict)  # sync id -> items so far
     have: dict[tuple[str, str], dict[tuple[int, str], tuple[int, int]]] = field(default_factory=dict)
     merged: int = 0
     phase: str = "sync"  # sync -> push -> (activate) -> done
@@ -322,8 +324,10 @@ class MapCore:
         self._broken_at: dict[str, float] = {}
         self.table: PartitionTable | None = None
         self.table_changed_at = 0.0
-        self._first_version = 0  # the first table version this node saw with its current copies
-        self._first_active: list[int] = []  # and that table's active configurations
+        # (map, partition) -> the active configurations whose data this node has held since they
+        # became active (it took the partition over at that version, or acknowledged that takeover's
+        # push): its copy counts towards a takeover's quorum only for those
+        self.held: dict[tuple[str, int], set[int]] = {}
         self.fence = [0] * partitions  # the newest primary epoch this node knows, per partition
         self.prims: dict[int, _Primary] = {}
         self._promotions: list[_Promotion] = []
@@ -348,6 +352,7 @@ class MapCore:
         self._out: list[Action] = []
         self._purge_cursor = 0
         self._last_housekeeping = 0.0
+        self._last_pull = 0.0
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -450,8 +455,6 @@ class MapCore:
         if old is not None and new.version < old.version:
             return self._take()
         self.table = new
-        if not self._first_version:
-            self._first_version, self._first_active = new.version, list(new.active)
         if old is not None and new.version == old.version:
             for prom in list(self._promotions):
                 if prom.version == new.version and prom.activating:
@@ -515,11 +518,8 @@ class MapCore:
                 continue
             by_p = self.ops.get(name, {})
             for p in parts:
-                if not self._trusted(p, spec):
-                    try:
-                        engine.drop(p)
-                    except Exception as e:
-                        self._storage_failed(name, e)
+                if not self._trusted(p, spec, name):
+                    self._drop(name, p)
                     by_p.pop(p, None)
         prom = _Promotion(version, set(parts), self._now, trusted=True)
         self._promotions.append(prom)
@@ -540,21 +540,25 @@ class MapCore:
                 continue
             rid = next(self._ids)
             prom.asked[rid] = (peer, name, self._now)
-            self._send(peer, SyncRequest(rid, name, parts, prom.version))
+            active = [table.active[p] if len(table.active) == table.partitions else 0 for p in parts]
+            self._send(peer, SyncRequest(rid, name, parts, prom.version, active))
 
-    def _trusted(self, p: int, spec: MapSpec) -> bool:
-        """Whether this node's copy of `p` counts as one of its active configuration's: it is one
-        of those owners and held the copy since before that configuration became active."""
+    def _drop(self, name: str, p: int) -> None:
+        """Delete this node's copy of partition `p` of map `name`."""
+        self.held.pop((name, p), None)
+        try:
+            self.engines[name].drop(p)
+        except Exception as e:
+            self._storage_failed(name, e)
+
+    def _trusted(self, p: int, spec: MapSpec, name: str) -> bool:
+        """Whether this node's copy of `p` counts as one of its active configuration's."""
         table = self.table
         assert table is not None
         owners = active_owners(table, p, spec.replicas)
         if owners is None or self.node_id not in owners:
             return False
-        active = table.active[p]
-        first = self._first_version
-        # activated after this node first saw a table (with these copies), or at that very
-        # version but only after this node saw it (it was not active yet then)
-        return active > first or (active == first and len(self._first_active) > p and self._first_active[p] != first)
+        return table.active[p] in self.held.get((name, p), ())
 
     def _synced(self, prom: _Promotion, p: int) -> bool:
         """Enough owners of `p`'s active configuration answered for every map (every acknowledged
@@ -570,19 +574,25 @@ class MapCore:
                 continue  # never taken over: nothing was written
             need = len(owners) - min(spec.write_quorum, len(owners)) + 1
             answered = prom.answered.get(name, set())
+            holders = prom.holders.get(name, {})
             others = [o for o in owners if o != self.node_id]
-            have = sum(1 for o in others if o in answered)
-            if self._trusted(p, spec):
+            have = sum(1 for o in others if p in holders.get(o, ()))
+            if self._trusted(p, spec, name):
                 have += 1
             if have >= need:
                 continue
-            gone = [o for o in others if o not in answered and o not in table.members]
+            # owners that left the table, or answered without the copy (they restarted): if too
+            # many, the copies may be lost for good; after `force_after` it goes on without them
+            gone = [o for o in others if (o not in answered and o not in table.members)
+                    or (o in answered and p not in holders.get(o, ()))]
+            if self.node_id in owners and not self._trusted(p, spec, name):
+                gone.append(self.node_id)
             if have + len(gone) >= need and self._now - prom.started >= self.t.force_after:
                 if not prom.forced:
                     prom.forced = True
                     self.log.warning(
-                        "partition %d of map %r: owner(s) %s left the cluster before this node could "
-                        "copy from them; writes acknowledged only by them may be lost",
+                        "partition %d of map %r: owner(s) %s left the cluster or lost their copy before "
+                        "this node could copy from them; writes acknowledged only by them may be lost",
                         p, name, ", ".join(gone),
                     )
                 continue
@@ -620,6 +630,8 @@ class MapCore:
 
     def _activated(self, prom: _Promotion, parts: set[int]) -> None:
         for p in parts:
+            for name in self.specs:
+                self.held.setdefault((name, p), set()).add(prom.version)
             prom.activating.discard(p)
             prom.parts.discard(p)
             self._ready(p)
@@ -666,7 +678,7 @@ class MapCore:
             self._storage_failed(name, e)
             return
         rid = next(self._ids)
-        msg = Push(rid, name, epoch, items, self._ops_of(name, parts))
+        msg = Push(rid, name, epoch, sorted(parts), items, self._ops_of(name, parts))
         self._pushes[rid] = _PushState(peer, name, sorted(parts), self._now, msg, prom)
         if peer in self.up:
             self._send(peer, msg)
@@ -801,10 +813,8 @@ class MapCore:
                 self._storage_failed(name, e)
         for by_p in self.ops.values():
             by_p.clear()
+        self.held.clear()  # its copies count again only for configurations activated from now on
         table = self.table
-        # its copies count again only for configurations activated from now on
-        self._first_version = table.version if table is not None else 0
-        self._first_active = list(table.active) if table is not None else []
         if table is not None:
             mine = {p for p in range(table.partitions) if table.primary(p) == self.node_id}
             if mine:
@@ -1195,7 +1205,10 @@ class MapCore:
         if msg.map in self.broken:
             self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken[msg.map]}"))
             return
-        parts = {p for p, _k, _r in msg.items} | {p for p, _o, _r, _a in msg.ops}
+        parts = set(msg.partitions)
+        if any(p not in parts for p, _k, _r in msg.items) or any(p not in parts for p, *_ in msg.ops):
+            self._send(sender, PushAck(msg.id, False, "records of partitions the push does not name"))
+            return
         if any(not 0 <= p < self.partitions or self.fence[p] > msg.epoch for p in parts):
             self._send(sender, PushAck(msg.id, False, "fenced: a newer primary took these partitions over"))
             return
@@ -1209,6 +1222,8 @@ class MapCore:
                 self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
                 return
         self._merge_ops(msg.map, msg.ops)
+        for p in parts:
+            self.held.setdefault((msg.map, p), set()).add(msg.epoch)
         self._send(sender, PushAck(msg.id, True))
 
     def _on_push_ack(self, sender: str, msg: PushAck) -> None:
@@ -1241,6 +1256,19 @@ class MapCore:
 
     def _serve_sync(self, sender: str, req: SyncRequest) -> None:
         parts = [p for p in req.partitions if 0 <= p < self.partitions]
+        if not req.fence:  # a replica without a copy asks its primary for one
+            mine = [p for p in parts if (prim := self.prims.get(p)) is not None and prim.ready]
+            engine = self.engines.get(req.map)
+            if engine is not None and req.map not in self.broken and self.table is not None:
+                by_epoch: dict[int, list[int]] = {}
+                for p in mine:
+                    if sender in self._owners(req.map, p)[1:] and not any(
+                        ps.peer == sender and ps.name == req.map and p in ps.parts for ps in self._pushes.values()
+                    ):
+                        by_epoch.setdefault(self.prims[p].epoch, []).append(p)
+                for epoch, ps_ in by_epoch.items():
+                    self._push(sender, req.map, ps_, epoch, None, None)
+            return
         if req.fence:
             for p in parts:
                 self._raise_fence(p, req.fence)
@@ -1268,7 +1296,9 @@ class MapCore:
             return
         for chunk in chunks:
             self._send(sender, chunk)
-        self._send(sender, SyncChunk(req.id, items, True, None, self._ops_of(req.map, parts)))
+        active = dict(zip(req.partitions, req.active, strict=False))
+        held = [p for p in parts if active.get(p) and active[p] in self.held.get((req.map, p), ())]
+        self._send(sender, SyncChunk(req.id, items, True, None, self._ops_of(req.map, parts), held))
 
     def _on_chunk(self, sender: str, msg: SyncChunk) -> None:
         for prom in self._promotions:
@@ -1284,25 +1314,33 @@ class MapCore:
                 return
             prom.asked[msg.id] = (peer, name, self._now)  # progress: not timed out
             have = prom.have.setdefault((peer, name), {})
+            buffered = prom.buffered.setdefault(msg.id, [])
+            for p, key, rec in msg.items:
+                if p in prom.parts:
+                    have[(p, key)] = (rec.epoch, rec.seq)
+                    buffered.append((p, key, rec))
+            if not msg.done:
+                return
+            del prom.asked[msg.id]
+            items = prom.buffered.pop(msg.id, [])
             spec = self.specs.get(name)
             table = self.table
             if name in self.engines and name not in self.broken and spec is not None and table is not None:
-                owner = {p: peer in (active_owners(table, p, spec.replicas) or ()) for p in prom.parts}
-                for p, key, rec in msg.items:
-                    if p not in prom.parts:
-                        continue
-                    have[(p, key)] = (rec.epoch, rec.seq)
-                    # only the active configuration's copies make up the partition
-                    if owner[p]:
+                # the partition is what the active configuration's owners held since it became
+                # active: copies of other nodes (or of an owner that lost its copy) do not count
+                held = {
+                    p for p in msg.held
+                    if p in prom.parts and peer in (active_owners(table, p, spec.replicas) or ())
+                }
+                prom.holders.setdefault(name, {})[peer] = held
+                for p, key, rec in items:
+                    if p in held:
                         ok, current = self._get(name, p, key)
                         if ok and newer(rec, current) and self._put(name, p, key, rec):
                             prom.merged += 1
-                if msg.done:
-                    self._merge_ops(name, [op for op in msg.ops if op[0] in prom.parts and owner[op[0]]])
-            if msg.done:
-                del prom.asked[msg.id]
-                prom.answered.setdefault(name, set()).add(peer)
-                self._advance(prom)
+                self._merge_ops(name, [op for op in msg.ops if op[0] in held])
+            prom.answered.setdefault(name, set()).add(peer)
+            self._advance(prom)
             return
 
     # --- time -------------------------------------------------------------------------------------------
@@ -1323,6 +1361,7 @@ class MapCore:
             elif c.peer is None and now >= c.retry_at:
                 self._attempt(c)
         self._resend()
+        self._pull()
         for prom in list(self._promotions):
             if prom.phase == "sync":
                 stale = [rid for rid, (_pe, _n, t) in prom.asked.items() if now - t >= self.t.sync_timeout]
@@ -1334,6 +1373,29 @@ class MapCore:
             self._last_housekeeping = now
             self._housekeep()
         return self._take()
+
+    def _pull(self) -> None:
+        """As a replica, ask primaries for the copies of the active configuration this node lacks
+        (after a restart, or a push that did not arrive), at most every `resend_after`."""
+        table = self.table
+        if table is None or len(table.active) != table.partitions or not self.has_quorum:
+            return
+        if self._now - self._last_pull < self.t.resend_after * 4:
+            return
+        self._last_pull = self._now
+        for name, spec in self.specs.items():
+            if name in self.broken or name not in self.engines:
+                continue
+            by_primary: dict[str, list[int]] = {}
+            for p in range(table.partitions):
+                active = table.active[p]
+                owners = owners_for(table, p, spec.replicas)
+                if not active or self.node_id not in owners[1:] or active in self.held.get((name, p), ()):
+                    continue
+                if owners[0] in self.up:
+                    by_primary.setdefault(owners[0], []).append(p)
+            for primary, parts in by_primary.items():
+                self._send(primary, SyncRequest(next(self._ids), name, parts, 0))
 
     def _resend(self, only: str | None = None) -> None:
         """Resend replication, pushes and read checks still waiting for an answer."""
@@ -1451,12 +1513,13 @@ class MapCore:
                     continue
                 spec = self.specs[name]
                 try:
-                    for p in list(engine.partitions()):
-                        if self.node_id not in owners_for(table, p, spec.replicas):
-                            engine.drop(p)
-                            self.ops.get(name, {}).pop(p, None)
+                    gone = [p for p in engine.partitions() if self.node_id not in owners_for(table, p, spec.replicas)]
                 except Exception as e:
                     self._storage_failed(name, e)
+                    continue
+                for p in gone:
+                    self._drop(name, p)
+                    self.ops.get(name, {}).pop(p, None)
         self._probe()
 
     def pending_operations(self) -> int:

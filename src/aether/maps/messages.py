@@ -101,6 +101,8 @@ class SyncRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=54
     map: str
     partitions: list[int]
     fence: int
+    active: list[int] = []
+    """Per partition, the version of its active configuration as the requester knows it."""
 
 
 class SyncChunk(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=55):
@@ -109,6 +111,9 @@ class SyncChunk(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=55):
     done: bool
     error: str | None = None
     ops: OpIds = []
+    held: list[int] = []
+    """(Last chunk) the partitions whose copy this node has held since the requested active
+    configuration became active; only those count towards the requester's quorum."""
 
 
 class KeysRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=56):
@@ -159,6 +164,7 @@ class Push(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=62):
     map: str
     epoch: int
     """The sender's primary epoch for these partitions: a replica fenced by a newer one refuses."""
+    partitions: list[int]
     items: list[tuple[int, str, Record]]
     ops: OpIds = []
 
