@@ -1,8 +1,9 @@
 """Mutual TLS between nodes: a cluster CA, node certificates bound to node ids, SSL contexts.
 
 `init_ca` writes a cluster CA (``ca.key`` + self-signed ``ca.crt``); `issue_node_cert` writes
-``NODE_ID.key`` + ``NODE_ID.crt`` signed by it, with the node id as the subject CN and the only
-DNS subjectAltName. Keys are written 0600 in 0700 directories. `server_context` /
+``NODE_ID.key`` + ``NODE_ID.crt`` signed by it, with the node id as the subject CN and the first
+DNS subjectAltName, followed by the host names and IP addresses HTTPS clients reach the node by
+(default ``localhost``, ``127.0.0.1``, ``::1``). Keys are written 0600 in 0700 directories. `server_context` /
 `dialer_context` build TLS 1.3 contexts that require and verify the other side's certificate
 against the cluster CA; `cert_node_id` reads the node id out of a verified peer certificate, which
 the transport compares with the id claimed in the hello (see docs/cluster-security.md).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from aether.core.types import check_node_id
 __all__ = [
     "CA_CERT",
     "CA_KEY",
+    "DEFAULT_SANS",
     "TlsFiles",
     "cert_node_id",
     "dialer_context",
@@ -41,6 +44,8 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 CA_DAYS = 3650
 NODE_DAYS = 825
+# what a client on the same machine connects to: the names HTTPS certificates carry by default
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -126,12 +131,15 @@ def issue_node_cert(
     node_id: str,
     *,
     days: int = NODE_DAYS,
+    sans: Sequence[str] = DEFAULT_SANS,
     _not_valid_after: datetime.datetime | None = None,
 ) -> tuple[Path, Path]:
     """Issue a certificate for `node_id`, signed by the CA in `directory`: writes
     ``NODE_ID.crt`` and ``NODE_ID.key`` (0600) there and returns (cert path, key path).
 
-    The node id is the subject CN and the only DNS subjectAltName; the certificate may serve as
+    The node id is the subject CN and the first DNS subjectAltName; `sans` (host names or IP
+    addresses) follow it, for HTTPS clients of the management API and the HTTP router, which
+    check that the certificate names the host they connected to. The certificate may serve as
     both TLS server and client (a node both accepts and dials). `_not_valid_after` is for tests
     (an already expired certificate)."""
     from cryptography import x509
@@ -139,6 +147,7 @@ def issue_node_cert(
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     check_node_id(node_id)
+    alt_names = _alt_names(node_id, sans)
     directory = Path(directory)
     ca_cert_path, ca_key_path = directory / CA_CERT, directory / CA_KEY
     if not ca_key_path.exists() or not ca_cert_path.exists():
@@ -160,7 +169,7 @@ def issue_node_cert(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
@@ -175,6 +184,31 @@ def issue_node_cert(
     write_private(key_path, _key_pem(key))
     write_private(cert_path, _cert_pem(cert))
     return cert_path, key_path
+
+
+def _alt_names(node_id: str, sans: Sequence[str]) -> list[Any]:
+    """The subjectAltNames of `node_id`'s certificate: the node id first, then `sans` (an IP
+    address becomes an iPAddress entry, anything else a dNSName), without duplicates."""
+    import ipaddress
+
+    from cryptography import x509
+
+    out: list[Any] = [x509.DNSName(node_id)]
+    for raw in sans:
+        name = raw.strip().strip("[]")
+        if not name:
+            raise ConfigError("--san needs a host name or an IP address (got an empty value)")
+        try:
+            entry: Any = x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            if not all(part and len(part) <= 63 for part in name.lower().split(".")) or not all(
+                c.isalnum() or c in "-.*" for c in name
+            ):
+                raise ConfigError(f"--san {raw!r} is neither an IP address nor a DNS name") from None
+            entry = x509.DNSName(name.lower())
+        if entry not in out:
+            out.append(entry)
+    return out
 
 
 def _check_files(files: TlsFiles) -> None:
@@ -216,16 +250,23 @@ def dialer_context(files: TlsFiles) -> ssl.SSLContext:
     return _context(ssl.Purpose.SERVER_AUTH, files)
 
 
+def _pick_node_id(cns: Sequence[str], dns: Sequence[str]) -> str | None:
+    """The node id a certificate names: its subject CN if it has exactly one and that CN is also
+    among its DNS subjectAltNames (or it has none), else its only DNS subjectAltName; None if
+    that leaves no single name. Certificates of `aether cert issue` carry the node id as CN and
+    first DNS name, and the host names HTTPS clients use after it."""
+    if len(cns) == 1 and (not dns or cns[0] in dns):
+        return cns[0]
+    return dns[0] if len(dns) == 1 else None
+
+
 def cert_node_id(peercert: dict[str, Any] | None) -> str | None:
-    """The node id a verified certificate (``SSLObject.getpeercert()``) names: its single DNS
-    subjectAltName, else its subject CN; None if it names none or several."""
+    """The node id a verified certificate (``SSLObject.getpeercert()``) names (`_pick_node_id`)."""
     if not peercert:
         return None
     dns = [v for k, v in peercert.get("subjectAltName", ()) if k == "DNS"]
-    if dns:
-        return dns[0] if len(dns) == 1 else None
     cns = [v for rdn in peercert.get("subject", ()) for k, v in rdn if k == "commonName"]
-    return cns[0] if len(cns) == 1 else None
+    return _pick_node_id(cns, dns)
 
 
 def file_node_id(cert_path: str) -> str | None:
@@ -233,15 +274,14 @@ def file_node_id(cert_path: str) -> str | None:
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    dns: list[str] = []
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = san.get_values_for_type(x509.DNSName)
-        if dns:
-            return dns[0] if len(dns) == 1 else None
+        dns = list(san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
         pass
-    cns = [a.value for a in cert.subject if a.oid == x509.oid.NameOID.COMMON_NAME]
-    return str(cns[0]) if len(cns) == 1 else None
+    cns = [str(a.value) for a in cert.subject if a.oid == x509.oid.NameOID.COMMON_NAME]
+    return _pick_node_id(cns, dns)
 
 
 def tls_problem(exc: BaseException) -> str:
@@ -295,3 +335,4 @@ def tls_files(config: Any) -> TlsFiles | None:
             f"issue this node its own with `aether cert issue {config.node_id}`"
         )
     return files
+
