@@ -7,6 +7,8 @@ DNS subjectAltName, followed by the host names and IP addresses HTTPS clients re
 `dialer_context` build TLS 1.3 contexts that require and verify the other side's certificate
 against the cluster CA; `cert_node_id` reads the node id out of a verified peer certificate, which
 the transport compares with the id claimed in the hello (see docs/cluster-security.md).
+`https_server_context` is the TLS 1.2+ context of the management API and the HTTP router when
+they serve HTTPS (`https_files` picks the certificate a `NodeConfig` names for them).
 
 Keys and certificates are generated with the `cryptography` package: the standard `ssl` module
 can load and verify them but cannot create them.
@@ -33,6 +35,8 @@ __all__ = [
     "cert_node_id",
     "dialer_context",
     "file_node_id",
+    "https_context",
+    "https_server_context",
     "init_ca",
     "issue_node_cert",
     "server_context",
@@ -336,3 +340,42 @@ def tls_files(config: Any) -> TlsFiles | None:
         )
     return files
 
+
+def https_context(config: Any) -> ssl.SSLContext | None:
+    """The server context the management API and the HTTP router of a `NodeConfig` serve HTTPS
+    with, or None for plain HTTP: `http_tls_cert`/`http_tls_key` if given, else (with `https`)
+    the node's own `tls_cert`/`tls_key`. `NodeConfig.validate` has checked they come in pairs;
+    a file that cannot be used is a ConfigError naming its flag."""
+    if config.http_tls_cert:
+        return https_server_context(config.http_tls_cert, config.http_tls_key)
+    if config.https:
+        return https_server_context(config.tls_cert, config.tls_key, cert_flag="--tls-cert",
+                                    key_flag="--tls-key")
+    return None
+
+
+def https_server_context(cert: str, key: str, *, cert_flag: str = "--http-tls-cert",
+                         key_flag: str = "--http-tls-key") -> ssl.SSLContext:
+    """A TLS 1.2+ server context with `cert` (PEM, may hold the chain) and its `key`, for the
+    management API and the HTTP router. Raises ConfigError naming the flag of an unreadable,
+    malformed or mismatched file. Clients are not asked for a certificate."""
+    for flag, path in ((cert_flag, cert), (key_flag, key)):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+        try:
+            with p.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path} cannot be read: {exc.strerror or exc}") from exc
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{cert_flag} {cert} / {key_flag} {key} cannot be loaded (not PEM, or the key does not "
+            f"match the certificate): {exc}"
+        ) from exc
+    return ctx
