@@ -47,6 +47,7 @@ import asyncio
 import inspect
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
@@ -69,7 +70,7 @@ from aether.core.errors import (
     Unauthorized,
 )
 from aether.core.status import KVEntry, NodeStatus
-from aether.http.server import ServerLogger
+from aether.http.server import ServerLogger, start_site
 
 __all__ = [
     "API_PREFIX",
@@ -208,7 +209,9 @@ class ManagementServer:
         event_queue_size: int | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        self._ssl_context = ssl_context  # HTTPS when given
         if idle_timeout <= 0 or body_timeout <= 0:
             raise ConfigError("idle_timeout and body_timeout must be > 0 seconds")
         self._idle_timeout = idle_timeout
@@ -242,7 +245,7 @@ class ManagementServer:
     @property
     def url(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self._ssl_context is not None else 'http'}://{host}:{self.port}"
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes and middleware), e.g. for aiohttp's test client."""
@@ -325,9 +328,8 @@ class ManagementServer:
             lingering_time=2.0,  # after an error answer, read the unread rest of a body this long at most
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
         try:
-            await site.start()
+            await start_site(runner, self._host, self._port, self._ssl_context, self._idle_timeout)
         except OSError as e:
             await runner.cleanup()
             raise OSError(

@@ -9,7 +9,12 @@ A local cluster lives in one directory (default `.aether/cluster`):
 - `cluster.secret` (0600) holds the cluster secret the nodes prove to each other on the cluster
   port, generated on the first start (docs/cluster-security.md). Clients of the cluster port use
   it too: `AETHER_CLUSTER_SECRET_FILE=DIR/cluster.secret`. A caller whose environment already sets
-  AETHER_CLUSTER_SECRET or AETHER_CLUSTER_SECRET_FILE gives the nodes that secret instead.
+  AETHER_CLUSTER_SECRET or AETHER_CLUSTER_SECRET_FILE gives the nodes that secret instead;
+- with `aether cluster start --tls`, `tls/` (0700) holds a cluster CA (`ca.crt`, `ca.key`) and a
+  certificate per node (`node-K.crt`, `node-K.key`, for the node id and the loopback names),
+  generated on the first start: the nodes use them for mutual TLS on the cluster port and serve
+  the management API and the HTTP router over HTTPS. `cluster.json` names the CA (`tls_ca`), so
+  the CLI verifies the nodes against it without --ca.
 
 Node K (1-based) is `node-K` with cluster port 7000+K-1, management port 9000+K-1 and HTTP port
 8080+K-1, all shifted by `port_offset`. Nodes are started as `python -m aether.cli.main node ...`
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
 DEFAULT_DIR = ".aether/cluster"
 CLUSTER_FILE = "cluster.json"
 SECRET_FILE = "cluster.secret"
+TLS_DIR = "tls"
 MAX_NODES = 99
 LOG_TAIL_LINES = 25
 _CREATE_TIME_TOLERANCE = 0.05  # seconds
@@ -72,9 +78,11 @@ __all__ = [
     "cluster_quorum",
     "default_node_argv",
     "ensure_secret_file",
+    "ensure_tls_files",
     "launch_nodes",
     "load_record",
     "missing_nodes",
+    "node_client",
     "observe",
     "plan_cluster",
     "running_nodes",
@@ -121,18 +129,26 @@ class ClusterRecord(msgspec.Struct, kw_only=True):
     nodes: list[NodeRecord]
     started_at: float = 0.0
     version: int = 1
+    # the cluster CA certificate of a cluster started with --tls (its node certificates beside it)
+    tls_ca: str | None = None
 
     def peers_arg(self) -> str:
         return ",".join(f"{n.id}={Address(self.host, n.cluster_port)}" for n in self.nodes)
+
+    @property
+    def scheme(self) -> str:
+        """How its management APIs and HTTP routers are reached: ``https`` with --tls."""
+        return "https" if self.tls_ca else "http"
 
 
 # -- planning and the cluster file ------------------------------------------------------------------
 
 
 def plan_cluster(
-    directory: str | Path, nodes: int, *, host: str = "127.0.0.1", port_offset: int = 0
+    directory: str | Path, nodes: int, *, host: str = "127.0.0.1", port_offset: int = 0, tls: bool = False
 ) -> ClusterRecord:
-    """Ids, ports and paths of an N-node local cluster in `directory` (nothing is started)."""
+    """Ids, ports and paths of an N-node local cluster in `directory` (nothing is started); with
+    `tls`, the path of its CA (`ensure_tls_files` makes it when the nodes start)."""
     if not 1 <= nodes <= MAX_NODES:
         raise ClusterError(f"--nodes must be between 1 and {MAX_NODES} (got {nodes})")
     d = Path(directory).absolute()
@@ -156,7 +172,8 @@ def plan_cluster(
                 pid_file=str(d / f"{nid}.pid"),
             )
         )
-    return ClusterRecord(host=host, port_offset=port_offset, nodes=recs)
+    tls_ca = str(d / TLS_DIR / "ca.crt") if tls else None
+    return ClusterRecord(host=host, port_offset=port_offset, nodes=recs, tls_ca=tls_ca)
 
 
 def load_record(directory: str | Path) -> ClusterRecord | None:
@@ -189,6 +206,33 @@ def ensure_secret_file(directory: str | Path) -> Path:
     if not path.exists():
         write_secret_file(path, generate_secret())
     return path
+
+
+def ensure_tls_files(record: ClusterRecord) -> None:
+    """The CA of a cluster started with --tls and a certificate per node, generated (keys 0600 in
+    a 0700 directory) where missing. Node certificates name the node id, the loopback names and
+    the cluster's host, so HTTPS clients verify them by address."""
+    from aether.transport.tls import CA_KEY, DEFAULT_SANS, init_ca, issue_node_cert
+
+    if not record.tls_ca:
+        return
+    d = Path(record.tls_ca).parent
+    if not (d / CA_KEY).exists():
+        init_ca(d, cluster_name=f"local cluster {d.parent.name}")
+    sans = list(dict.fromkeys([*DEFAULT_SANS, record.host]))
+    for n in record.nodes:
+        if not (d / f"{n.id}.crt").exists() or not (d / f"{n.id}.key").exists():
+            issue_node_cert(d, n.id, sans=sans)
+
+
+def node_client(
+    record: ClusterRecord, node: NodeRecord, *, api_key: str | None = None, timeout: float = 1.0
+) -> ManagementClient:
+    """A client for the management API of `node` (HTTPS with the cluster's CA if it has TLS)."""
+    return ManagementClient(
+        Address(record.host, node.management_port), api_key=api_key, timeout=timeout,
+        https=record.tls_ca is not None, ca=record.tls_ca,
+    )
 
 
 # -- processes --------------------------------------------------------------------------------------
@@ -314,7 +358,18 @@ def default_node_argv(record: ClusterRecord, node: NodeRecord) -> list[str]:
         str(node.http_port),
         "--data-dir",
         node.data_dir,
+        *_tls_args(record, node),
     ]
+
+
+def _tls_args(record: ClusterRecord, node: NodeRecord) -> list[str]:
+    if not record.tls_ca:
+        return []
+    d = Path(record.tls_ca).parent
+    return [
+        "--tls-cert", str(d / f"{node.id}.crt"), "--tls-key", str(d / f"{node.id}.key"),
+        "--tls-ca", record.tls_ca, "--https",
+    ]  # fmt: skip
 
 
 NodeArgv = Callable[[ClusterRecord, NodeRecord], list[str]]
@@ -393,6 +448,10 @@ def _spawn(
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     if not child_env.get("AETHER_CLUSTER_SECRET") and not child_env.get("AETHER_CLUSTER_SECRET_FILE"):
         child_env["AETHER_CLUSTER_SECRET_FILE"] = str(ensure_secret_file(d).absolute())
+    try:
+        ensure_tls_files(record)
+    except (AetherError, OSError) as e:
+        raise ClusterError(f"cannot create the TLS certificates of the cluster: {e}") from e
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for n in nodes:
@@ -445,9 +504,11 @@ class NodeObservation:
         return self.status is not None
 
 
-def _observe_one(host: str, node: NodeRecord, api_key: str | None, timeout: float) -> NodeObservation:
+def _observe_one(
+    record: ClusterRecord, node: NodeRecord, api_key: str | None, timeout: float
+) -> NodeObservation:
     running = live_process(node.pid, node.create_time) is not None
-    client = ManagementClient(Address(host, node.management_port), api_key=api_key, timeout=timeout)
+    client = node_client(record, node, api_key=api_key, timeout=timeout)
     try:
         st = client.get_typed("/api/v1/status", NodeStatus)
     except ApiUnreachable as e:
@@ -468,7 +529,7 @@ def observe(
     if not record.nodes:
         return []
     with ThreadPoolExecutor(max_workers=min(16, len(record.nodes))) as pool:
-        return list(pool.map(lambda n: _observe_one(record.host, n, api_key, timeout), record.nodes))
+        return list(pool.map(lambda n: _observe_one(record, n, api_key, timeout), record.nodes))
 
 
 def cluster_leader(observations: Sequence[NodeObservation]) -> str | None:

@@ -46,6 +46,7 @@ class Settings:
     json: bool = False
     api_key: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    ca: str | None = None  # CA certificate that verifies a node's HTTPS certificate (--ca)
 
 
 # -- output helpers ---------------------------------------------------------------------------------
@@ -79,22 +80,28 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
 
 
-def _client(settings: Settings) -> ManagementClient:
-    from aether.cli.http import ManagementClient, parse_connect
+def _client(settings: Settings, target: str | None = None) -> ManagementClient:
+    """A client for `target` (default --connect): HTTPS for ``https://`` or a node of the local
+    cluster in .aether/cluster started with --tls, verified with --ca or that cluster's CA."""
+    from aether.cli.http import client_for
 
     try:
-        address = parse_connect(settings.connect)
+        return client_for(
+            settings.connect if target is None else target,
+            api_key=settings.api_key, timeout=settings.timeout, ca=settings.ca,
+        )
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
-    return ManagementClient(address, api_key=settings.api_key, timeout=settings.timeout)
 
 
 def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
     """Run one API call, turning failures into the CLI's messages and exit codes."""
-    from aether.cli.http import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiUnreachable
+    from aether.cli.http import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiTlsError, ApiUnreachable
 
     try:
         return fn(client)
+    except ApiTlsError as e:
+        fail(str(e), EXIT_UNREACHABLE, hint=e.hint)
     except ApiNoAnswer as e:
         longer = max(2 * e.timeout, SERVER_DEADLINE + 5)
         fail(
@@ -171,7 +178,15 @@ def resolve_api_key(
     default=DEFAULT_CONNECT,
     show_default=True,
     metavar="HOST:PORT",
-    help="Management API of the node to talk to (env AETHER_CONNECT).",
+    help="Management API of the node to talk to (env AETHER_CONNECT); https://HOST:PORT for HTTPS.",
+)
+@click.option(
+    "--ca",
+    envvar="AETHER_CA",
+    default=None,
+    metavar="FILE",
+    help="CA certificate (PEM) that verifies the node's HTTPS certificate, besides the system trust "
+    "store (env AETHER_CA).",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts and agents)."
@@ -203,6 +218,7 @@ def resolve_api_key(
 def main(
     ctx: click.Context,
     connect: str,
+    ca: str | None,
     as_json: bool,
     api_key: str | None,
     api_key_file: str | None,
@@ -219,7 +235,10 @@ def main(
     in_repl = ctx.obj is not None  # the REPL runs lines with obj=its Settings
     # (the REPL passes its key back as --api-key on every line, in-process: no warning then)
     api_key = resolve_api_key(ctx, "api_key", api_key, api_key_file, warn=not in_repl)
-    ctx.obj = Settings(connect=connect, json=as_json, api_key=api_key, timeout=timeout)
+    if ca and not Path(ca).is_file():
+        fail(f"--ca {ca}: no such file (the CA certificate that issued the node's HTTPS certificate)",
+             EXIT_USAGE)
+    ctx.obj = Settings(connect=connect, json=as_json, api_key=api_key, timeout=timeout, ca=ca or None)
     if ctx.invoked_subcommand is None:
         if not in_repl and sys.stdin.isatty() and sys.stdout.isatty():
             from aether.cli.repl import run_repl
@@ -250,9 +269,9 @@ def status(settings: Settings, as_json: bool) -> None:
     try:
         st = msgspec.json.decode(body, type=NodeStatus)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        fail(f"{client.address}: unexpected answer to /api/v1/status: {e}")
+        fail(f"{client.target}: unexpected answer to /api/v1/status: {e}")
     out = render.console()
-    out.print(render.node_status_table(st, str(client.address)))
+    out.print(render.node_status_table(st, client.target))
     out.print(render.node_status_summary(st))
 
 
@@ -280,7 +299,7 @@ def kv_list(settings: Settings, prefix: str, as_json: bool) -> None:
     try:
         listing = msgspec.json.decode(body, type=KVListing)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        fail(f"{client.address}: unexpected answer to /api/v1/kv: {e}")
+        fail(f"{client.target}: unexpected answer to /api/v1/kv: {e}")
     out = render.console()
     if not listing.entries:
         what = f"with prefix {prefix!r}" if prefix else "in the store"
@@ -404,6 +423,17 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
 @click.option("--tls-key", metavar="FILE", help="The key of --tls-cert.")
 @click.option("--tls-ca", metavar="FILE", help="The cluster CA certificate (`aether cert init`).")
 @click.option(
+    "--https",
+    "https",
+    is_flag=True,
+    default=None,
+    help="Serve the management API and the HTTP router over HTTPS, with --http-tls-cert/--http-tls-key, "
+    "or else the node's --tls-cert/--tls-key.",
+)
+@click.option("--http-tls-cert", metavar="FILE", help="Server certificate (PEM, may hold its chain) of the "
+              "management API and the HTTP router; implies --https.")
+@click.option("--http-tls-key", metavar="FILE", help="The key of --http-tls-cert.")
+@click.option(
     "--repository",
     metavar="DIR",
     envvar="AETHER_REPOSITORY",
@@ -435,6 +465,9 @@ def node(
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca: str | None,
+    https: bool | None,
+    http_tls_cert: str | None,
+    http_tls_key: str | None,
     repository: str | None,
     log_level: str,
 ) -> None:
@@ -458,6 +491,9 @@ def node(
         "tls_cert": tls_cert or None,
         "tls_key": tls_key or None,
         "tls_ca": tls_ca or None,
+        "https": https or None,
+        "http_tls_cert": http_tls_cert or None,
+        "http_tls_key": http_tls_key or None,
         "repository": repository or None,
     }
     try:
@@ -465,9 +501,10 @@ def node(
         from aether.transport.auth import load_secret
 
         load_secret(config.cluster_secret, config.cluster_secret_file)  # fail now if unreadable
-        from aether.transport.tls import tls_files
+        from aether.transport.tls import https_context, tls_files
 
         tls_files(config)  # fail now if missing or another node's
+        https_context(config)  # fail now if unreadable or not a matching certificate and key
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     try:
@@ -530,6 +567,12 @@ def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help="Shift all port bases (7000, 9000, 8080) by K (env AETHER_PORT_OFFSET).",
     )(f)
     f = dir_option(f)
+    f = click.option(
+        "--tls",
+        is_flag=True,
+        help="Generate a cluster CA and node certificates in DIR/tls; the nodes use mutual TLS between "
+        "them and serve the management API and the HTTP router over HTTPS.",
+    )(f)
     return click.option(
         "--nodes",
         "-n",
@@ -548,19 +591,25 @@ def _start_cluster(
     timeout: float,
     *,
     env: dict[str, str] | None = None,
+    tls: bool = False,
 ) -> tuple[ClusterRecord, dict[str, Any], list[NodeObservation]]:
-    """Start the nodes (environment `env`, default ours) and wait for quorum with a progress
-    display; exit 1 on failure."""
+    """Start the nodes (environment `env`, default ours; with `tls`, mutual TLS and HTTPS with
+    certificates generated in DIR/tls) and wait for quorum with a progress display; exit 1 on
+    failure."""
     from aether.cli import local_cluster as lc
     from aether.cli import render
 
     err = render.console(stderr=True)
     try:
-        record = lc.plan_cluster(directory, nodes, port_offset=port_offset)
+        record = lc.plan_cluster(directory, nodes, port_offset=port_offset, tls=tls)
         procs = lc.launch_nodes(directory, record, env=env)
     except lc.ClusterError as e:
         fail(str(e))
     err.print(f"Started {nodes} node(s) from {directory} (logs: {Path(directory) / 'node-K.log'}).")
+    if record.tls_ca:
+        click.echo(
+            f"TLS: mutual TLS between the nodes, HTTPS on APIs and routers (CA: {record.tls_ca}).", err=True
+        )
     return record, procs, _await_quorum(settings, record, procs, directory, timeout)
 
 
@@ -626,9 +675,20 @@ def _dir_arg(directory: str) -> str:
     return "" if directory == DEFAULT_CLUSTER_DIR else f" --dir {directory}"
 
 
-def _connect_hint(record: ClusterRecord, directory: str, *, with_stop: bool = True) -> str:
+def _connect_arg(record: ClusterRecord, directory: str) -> str:
+    """The `--connect ...` (and `--ca ...`) arguments that reach node 1 of `record`; empty when
+    the defaults do (port 9000 and, with TLS, the cluster in the default directory)."""
     first = record.nodes[0]
-    connect = "" if first.management_port == 9000 else f"--connect {record.host}:{first.management_port} "
+    default_dir = Path(directory).absolute() == Path(DEFAULT_CLUSTER_DIR).absolute()
+    if not record.tls_ca:
+        return "" if first.management_port == 9000 else f"--connect {record.host}:{first.management_port} "
+    if default_dir:
+        return "" if first.management_port == 9000 else f"--connect {record.host}:{first.management_port} "
+    return f"--connect https://{record.host}:{first.management_port} --ca {record.tls_ca} "
+
+
+def _connect_hint(record: ClusterRecord, directory: str, *, with_stop: bool = True) -> str:
+    connect = _connect_arg(record, directory)
     tips = [
         f"`aether {connect}status`",
         f"`aether {connect}kv list`",
@@ -636,7 +696,15 @@ def _connect_hint(record: ClusterRecord, directory: str, *, with_stop: bool = Tr
     ]
     if with_stop:
         tips.append(f"`aether cluster stop{_dir_arg(directory)}`")
-    return "Try: " + ", ".join(tips) + "."
+    text = "Try: " + ", ".join(tips) + "."
+    if record.tls_ca:
+        first = record.nodes[0]
+        text += (
+            f"\nHTTPS: management API https://{record.host}:{first.management_port}, HTTP router "
+            f"https://{record.host}:{first.http_port}; e.g. `curl --cacert {record.tls_ca} "
+            f"https://{record.host}:{first.management_port}/api/v1/status`."
+        )
+    return text
 
 
 def _report_stop(results: list[Any], *, quiet: bool = False) -> bool:
@@ -661,11 +729,14 @@ def _report_stop(results: list[Any], *, quiet: bool = False) -> bool:
 @cluster.command("start")
 @start_options
 @click.pass_context
-def cluster_start(ctx: click.Context, nodes: int, directory: str, port_offset: int, timeout: float) -> None:
+def cluster_start(
+    ctx: click.Context, nodes: int, tls: bool, directory: str, port_offset: int, timeout: float
+) -> None:
     """Start N local node processes and wait until they have quorum and agree on a leader.
 
     If nodes of the cluster recorded in DIR still run (or answer), start only the missing ones,
-    with their recorded ports and data.
+    with their recorded ports, data and TLS setting. With --tls the nodes use mutual TLS on the
+    cluster port and HTTPS for the management API and the HTTP router (certificates in DIR/tls).
     """
     from aether.cli import local_cluster as lc
 
@@ -694,6 +765,12 @@ def cluster_start(ctx: click.Context, nodes: int, directory: str, port_offset: i
                 f"{record.port_offset}, not {port_offset}",
                 hint=f"Stop it first with `aether cluster stop{_dir_arg(directory)}`.",
             )
+        if tls and not record.tls_ca:
+            fail(
+                f"the cluster of {directory} runs without TLS; --tls would change it",
+                hint=f"Stop it first with `aether cluster stop{_dir_arg(directory)}`, then start it "
+                "with --tls.",
+            )
         if not missing:
             obs = lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0))
             click.echo(f"All {len(record.nodes)} nodes of {directory} already run.", err=True)
@@ -701,7 +778,7 @@ def cluster_start(ctx: click.Context, nodes: int, directory: str, port_offset: i
             return
         record, _, obs = _start_some(settings, directory, missing, timeout)
     else:
-        record, _, obs = _start_cluster(settings, nodes, directory, port_offset, timeout)
+        record, _, obs = _start_cluster(settings, nodes, directory, port_offset, timeout, tls=tls)
     _print_cluster(obs, directory)
     click.echo(_connect_hint(record, directory))
 
@@ -869,6 +946,7 @@ def cluster_status(settings: Settings, directory: str, as_json: bool) -> None:
 def cluster_demo(
     settings: Settings,
     nodes: int,
+    tls: bool,
     directory: str,
     port_offset: int,
     timeout: float,
@@ -917,7 +995,9 @@ def cluster_demo(
     try:
         # While starting, SIGTERM acts like Ctrl-C: _start_cluster stops the nodes it started.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        record, procs, obs = _start_cluster(settings, nodes, directory, port_offset, timeout, env=env)
+        record, procs, obs = _start_cluster(
+            settings, nodes, directory, port_offset, timeout, env=env, tls=tls
+        )
         _print_cluster(obs, directory)
         if text is not None:
             assert blueprint_file is not None
@@ -981,14 +1061,11 @@ def _deploy_wheels(wheels_dir: Path, repository: Path) -> None:
 def _demo_apply(
     settings: Settings, record: ClusterRecord, text: str, filename: str, wait_timeout: float
 ) -> dict[str, Any]:
+    from aether.cli import local_cluster as lc
     from aether.cli.deploy import apply_blueprint
-    from aether.cli.http import ManagementClient
-    from aether.core.types import Address
 
     first = record.nodes[0]
-    client = ManagementClient(
-        Address(record.host, first.management_port), api_key=settings.api_key, timeout=settings.timeout
-    )
+    client = lc.node_client(record, first, api_key=settings.api_key, timeout=settings.timeout)
     click.echo(f"Applying blueprint {filename} through {first.id}…")
     applied, statuses = apply_blueprint(settings, client, text, filename, wait_timeout=wait_timeout)
     total = sum(s["active"] for s in statuses)
@@ -1040,13 +1117,10 @@ def _blueprint_maps(text: str) -> list[str]:
 def _print_demo_guide(
     settings: Settings, record: ClusterRecord, directory: str, applied: dict[str, Any], text: str
 ) -> None:
-    from aether.cli.http import ManagementClient
-    from aether.core.types import Address
+    from aether.cli import local_cluster as lc
 
     first = record.nodes[0]
-    client = ManagementClient(
-        Address(record.host, first.management_port), api_key=settings.api_key, timeout=settings.timeout
-    )
+    client = lc.node_client(record, first, api_key=settings.api_key, timeout=settings.timeout)
     routes: list[str] = []
     try:
         listing: Any = client.get_json("/api/v1/kv", {"prefix": "routes/"})
@@ -1056,18 +1130,25 @@ def _print_demo_guide(
         routes = []
     http = [f"{record.host}:{n.http_port}" for n in record.nodes]
     click.echo("")
-    click.echo(f"HTTP on every node: {', '.join('http://' + a for a in http)}")
+    click.echo(f"HTTP on every node: {', '.join(record.scheme + '://' + a for a in http)}")
+    if record.tls_ca:
+        click.echo(f"HTTPS with the cluster's CA: curl --cacert {record.tls_ca} https://{http[0]}/...")
     if routes:
         click.echo("Routes:")
         for r in routes:
             click.echo(f"  {r}")
     tries = try_lines(text, http)
+    if record.tls_ca:  # the blueprint's lines say http://; this cluster serves HTTPS
+        tries = [
+            t.replace("curl ", f"curl --cacert {record.tls_ca} ").replace("http://", "https://")
+            for t in tries
+        ]
     if tries:
         click.echo("")
         click.echo("Try it (any node serves any route):")
         for t in tries:
             click.echo(f"  {t}")
-    connect = "" if first.management_port == 9000 else f"--connect {record.host}:{first.management_port} "
+    connect = _connect_arg(record, directory)
     aether = _aether_command()
     click.echo("")
     click.echo("Look around:")

@@ -101,7 +101,7 @@ def _send(client: ManagementClient, method: str, path: str, body: bytes | None =
     try:
         return msgspec.json.decode(raw)
     except msgspec.DecodeError:
-        raise ApiError(str(client.address), 200, "Bad response", "the answer is not JSON") from None
+        raise ApiError(client.target, 200, "Bad response", "the answer is not JSON") from None
 
 
 @main.group("map")

@@ -6,7 +6,6 @@ asks every node it knows of (`--nodes`, else the local cluster's `cluster.json`)
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,17 +54,13 @@ def _health(client: ManagementClient) -> tuple[int, dict[str, Any]]:
     """GET /api/v1/health: (status code, document); 503 is an answer here, not an error."""
     import msgspec
 
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.http import ApiError
 
-    addr = str(client.address)
+    addr = client.target
     try:
         status, reason, body = client._request("GET", "/api/v1/health")
-    except ConnectionRefusedError:
-        raise ApiUnreachable(addr, "connection refused") from None
-    except TimeoutError:
-        raise ApiUnreachable(addr, f"no answer within {client.timeout:g} s") from None
-    except OSError as e:
-        raise ApiUnreachable(addr, e.strerror or str(e) or type(e).__name__) from None
+    except (ConfigError, OSError) as e:
+        raise client.unreachable(e) from None
     try:
         doc = msgspec.json.decode(body)
     except msgspec.DecodeError:
@@ -142,7 +137,7 @@ def _sse_events(client: ManagementClient, read_timeout: float) -> Iterator[tuple
     """
     from aether.cli.http import ApiError, ApiUnreachable, _parse_response
 
-    addr = str(client.address)
+    addr = client.target
     host = client.address.host.strip("[]")
     lines = [
         "GET /api/v1/events HTTP/1.0",
@@ -153,13 +148,9 @@ def _sse_events(client: ManagementClient, read_timeout: float) -> Iterator[tuple
     if client.api_key:
         lines.append(f"X-API-Key: {client.api_key}")
     try:
-        sock = socket.create_connection((host, client.address.port), timeout=client.timeout)
-    except ConnectionRefusedError:
-        raise ApiUnreachable(addr, "connection refused") from None
-    except TimeoutError:
-        raise ApiUnreachable(addr, f"no answer within {client.timeout:g} s") from None
-    except OSError as e:
-        raise ApiUnreachable(addr, e.strerror or str(e) or type(e).__name__) from None
+        sock = client.open_socket()
+    except (ConfigError, OSError) as e:
+        raise client.unreachable(e) from None
     with sock:
         buf = b""
         try:
@@ -273,7 +264,7 @@ def events(settings: Settings, as_json: bool) -> None:
             data.setdefault("type", ev_type)
             if ev_type == "hello":
                 click.echo(
-                    f"following events of {data.get('node_id')} at {client.address} (Ctrl-C stops)", err=True
+                    f"following events of {data.get('node_id')} at {client.target} (Ctrl-C stops)", err=True
                 )
                 continue
             if as_json:
@@ -298,7 +289,7 @@ def events(settings: Settings, as_json: bool) -> None:
         _call(client, lambda c: _reraise(err))  # the usual messages, hints and exit codes
     except _StreamLost as e:
         fail(
-            f"lost the event stream of {client.address}: {e}",
+            f"lost the event stream of {client.target}: {e}",
             EXIT_UNREACHABLE,
             hint="The node may have stopped; check it with `aether health`, then run `aether events` again.",
         )
@@ -311,15 +302,17 @@ _MARK = {OK: "[green]✓ ok[/green]", WARN: "[yellow]! warning[/yellow]", FAILED
 
 
 def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str) -> tuple[list[str], str]:
-    """Management addresses to check and where they came from."""
-    from aether.cli.http import parse_connect
+    """Management addresses to check (`--connect` values, ``https://`` for HTTPS) and where they
+    came from. A local cluster with TLS also gives the CA (settings.ca) unless --ca does."""
+    from aether.cli.http import parse_target
 
     if nodes_opt:
         out = []
         for part in nodes_opt.split(","):
             if part.strip():
                 try:
-                    out.append(str(parse_connect(part)))
+                    scheme, address = parse_target(part)
+                    out.append(f"{scheme}://{address}" if scheme else str(address))
                 except ConfigError as e:
                     fail(str(e).replace("--connect", "--nodes"), EXIT_USAGE)
         if not out:
@@ -332,17 +325,24 @@ def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str)
     except Exception:
         record = None
     if record is not None and record.nodes:
-        return [f"{record.host}:{n.management_port}" for n in record.nodes], f"{cluster_dir}/cluster.json"
+        if record.tls_ca and settings.ca is None:
+            settings.ca = record.tls_ca
+        scheme = "https://" if record.tls_ca else ""
+        return (
+            [f"{scheme}{record.host}:{n.management_port}" for n in record.nodes],
+            f"{cluster_dir}/cluster.json",
+        )
     try:
-        return [str(parse_connect(settings.connect))], "--connect"
+        parse_target(settings.connect)
+        return [settings.connect.strip()], "--connect"
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
 
 
 def _probe(settings: Settings, address: str) -> dict[str, Any]:
-    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+    from aether.cli.http import ApiError, ApiUnreachable
 
-    client = ManagementClient(address, api_key=settings.api_key, timeout=settings.timeout)
+    client = _client(settings, address)
     t0 = time.time()
     try:
         code, doc = _health(client)
@@ -372,7 +372,7 @@ def run_doctor(
     settings: Settings, addresses: list[str], source: str, stuck_after: float = STUCK_AFTER
 ) -> dict[str, Any]:
     """Every check of `aether doctor`: {verdict, source, nodes: [...], checks: [...]}."""
-    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+    from aether.cli.http import ApiError, ApiUnreachable
 
     probes = [_probe(settings, a) for a in addresses]
     up = [p for p in probes if p["reachable"]]
@@ -395,7 +395,7 @@ def run_doctor(
         )
     members: list[dict[str, Any]] = []
     if up:
-        client = ManagementClient(up[0]["address"], api_key=settings.api_key, timeout=settings.timeout)
+        client = _client(settings, up[0]["address"])
         try:
             got = client.get_json("/api/v1/nodes")
             members = got if isinstance(got, list) else []
@@ -470,11 +470,11 @@ def run_doctor(
 
 def _statuses(settings: Settings, up: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
     """`GET /api/v1/status` of every reachable node: {node id: status, or None if it failed}."""
-    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+    from aether.cli.http import ApiError, ApiUnreachable
 
     out: dict[str, dict[str, Any] | None] = {}
     for p in up:
-        client = ManagementClient(p["address"], api_key=settings.api_key, timeout=settings.timeout)
+        client = _client(settings, p["address"])
         try:
             doc = client.get_json("/api/v1/status")
         except (ApiUnreachable, ApiError):
@@ -529,9 +529,9 @@ def _serving_checks(
 ) -> list[dict[str, Any]]:
     """Does every deployed artifact and every route have an ACTIVE instance that a reachable node
     really runs? The store's endpoints are compared with each node's local instances."""
-    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+    from aether.cli.http import ApiError, ApiUnreachable
 
-    client = ManagementClient(probe["address"], api_key=settings.api_key, timeout=settings.timeout)
+    client = _client(settings, probe["address"])
     try:
         endpoints: Any = client.get_json("/api/v1/kv", {"prefix": "endpoints/"})
         routes: Any = client.get_json("/api/v1/kv", {"prefix": "routes/"})
@@ -601,9 +601,9 @@ def _serving_checks(
 
 
 def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float) -> list[dict[str, Any]]:
-    from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+    from aether.cli.http import ApiError, ApiUnreachable
 
-    client = ManagementClient(probe["address"], api_key=settings.api_key, timeout=settings.timeout)
+    client = _client(settings, probe["address"])
     try:
         listing: Any = client.get_json("/api/v1/kv", {"prefix": "slices/"})
     except (ApiUnreachable, ApiError) as e:

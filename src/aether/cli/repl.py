@@ -61,6 +61,8 @@ def global_args(settings: Settings) -> list[str]:
         args.append("--json")
     if settings.api_key:
         args += ["--api-key", settings.api_key]
+    if settings.ca:
+        args += ["--ca", settings.ca]
     return args
 
 
@@ -83,11 +85,11 @@ class NodeData:
             return hit[1]
         doc: Any = None
         try:
-            from aether.cli.http import ManagementClient
+            from aether.cli.http import client_for
 
             timeout = min(self.settings.timeout, 1.0)
-            doc = ManagementClient(
-                self.settings.connect, api_key=self.settings.api_key, timeout=timeout
+            doc = client_for(
+                self.settings.connect, api_key=self.settings.api_key, timeout=timeout, ca=self.settings.ca
             ).get_json(path)
         except Exception:
             doc = None

@@ -105,7 +105,7 @@ def audit(settings: Settings, limit: int, as_json: bool) -> None:
         _echo_json(entries)
         return
     if not entries:
-        click.echo(f"No write operations audited on {client.address} since it started.")
+        click.echo(f"No write operations audited on {client.target} since it started.")
         return
     from rich.markup import escape
     from rich.table import Table

@@ -46,13 +46,25 @@ def cert_init(directory: str, cluster_name: str) -> None:
 @cert.command("issue")
 @click.argument("node_id")
 @dir_option
-def cert_issue(node_id: str, directory: str) -> None:
+@click.option(
+    "--san",
+    "sans",
+    multiple=True,
+    metavar="HOST",
+    help="A host name or IP address HTTPS clients reach the node by (repeat for several) "
+    "[default: localhost, 127.0.0.1, ::1].",
+)
+def cert_issue(node_id: str, directory: str, sans: tuple[str, ...]) -> None:
     """Issue NODE_ID's certificate, signed by the CA in DIR: DIR/NODE_ID.crt and DIR/NODE_ID.key
-    (the node's --tls-cert and --tls-key). Its identity is the node id: no other node can use it."""
-    from aether.transport.tls import issue_node_cert
+    (the node's --tls-cert and --tls-key). Its identity is the node id: no other node can use it.
+
+    For HTTPS (`aether node --https`) the certificate also names the hosts clients connect to:
+    --san HOST for each (a name or an IP address); without --san, the loopback names."""
+    from aether.transport.tls import DEFAULT_SANS, issue_node_cert
 
     try:
-        cert_path, key_path = issue_node_cert(directory, node_id)
+        cert_path, key_path = issue_node_cert(directory, node_id, sans=sans or DEFAULT_SANS)
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
     click.echo(f"Issued {node_id}'s certificate: --tls-cert {cert_path} --tls-key {key_path}")
+    click.echo(f"HTTPS clients may reach it as: {', '.join(sans or DEFAULT_SANS)}")

@@ -54,6 +54,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    # HTTPS on the management API and the HTTP router (docs/cluster-security.md, *HTTPS*): a server
+    # certificate and its key; `https` alone serves them with the node's tls_cert / tls_key
+    https: bool = False
+    http_tls_cert: str | None = None
+    http_tls_key: str | None = None
     max_connections: int = 1024  # inbound cluster-port connections in total
     max_connections_per_host: int = 256  # inbound cluster-port connections from one address
     # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
@@ -91,6 +96,15 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(
                 f"mutual TLS needs a certificate, its key and the cluster CA: {missing} missing "
                 "(create them with `aether cert init` and `aether cert issue NODE_ID`)"
+            )
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            pair = ("--http-tls-cert", "--http-tls-key")
+            given, missing = pair if self.http_tls_cert else pair[::-1]
+            raise ConfigError(f"{given} needs {missing} too: HTTPS needs a certificate and its key")
+        if self.https and not self.http_tls_cert and not self.tls_cert:
+            raise ConfigError(
+                "--https needs a server certificate: --http-tls-cert/--http-tls-key, or the node's "
+                "--tls-cert/--tls-key (`aether cert issue NODE_ID`)"
             )
         if self.snapshot_every < 1:
             raise ConfigError("snapshot_every must be >= 1")
@@ -138,6 +152,9 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    https: bool | None = None
+    http_tls_cert: str | None = None
+    http_tls_key: str | None = None
     max_connections: int | None = None
     max_connections_per_host: int | None = None
     repository: str | None = None

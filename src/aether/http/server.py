@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import ssl
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -77,6 +78,7 @@ __all__ = [
     "ServerLogger",
     "problem_body",
     "retry_after_header",
+    "start_site",
 ]
 
 MiB = 1024 * 1024
@@ -145,6 +147,41 @@ class ServerLogger(logging.LoggerAdapter):
         self.error(msg, *args, exc_info=exc_info, **kw)
 
 
+class _TcpSite(web.TCPSite):
+    """`web.TCPSite` with a TLS handshake deadline: aiohttp's keepalive timeout (the idle
+    timeout) starts only once the handshake is done, so a client that connects and never sends a
+    ClientHello would otherwise hold its connection for the event loop's default of 60 s."""
+
+    __slots__ = ("_handshake_timeout",)
+
+    def __init__(self, *args: Any, handshake_timeout: float, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        tls: dict[str, Any] = (
+            {} if self._ssl_context is None else {"ssl": self._ssl_context,
+                                                  "ssl_handshake_timeout": self._handshake_timeout}
+        )
+        self._server = await loop.create_server(
+            server, self._host, self._port, backlog=self._backlog, **tls
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+async def start_site(
+    runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None, idle_timeout: float
+) -> None:
+    """Listen with `runner` on host:port, over TLS with `ssl_context` (HTTPS) if given; a TLS
+    handshake must complete within `idle_timeout` seconds."""
+    site = _TcpSite(runner, host, port, ssl_context=ssl_context, handshake_timeout=idle_timeout)
+    await site.start()
+
+
 def _new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -171,6 +208,7 @@ class HttpRouter:
         max_body: int = MiB,
         request_timeout: float = 10.0,
         idle_timeout: float = 15.0,
+        ssl_context: ssl.SSLContext | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.node_id = node_id
@@ -183,6 +221,7 @@ class HttpRouter:
         # a connection must send a complete request head within `idle_timeout` s of being accepted
         # (or of its previous response) and may stay idle that long: aiohttp's keepalive_timeout
         self.idle_timeout = idle_timeout
+        self.ssl_context = ssl_context  # HTTPS when given
         self.log = logger or logging.getLogger(f"aether.http.{node_id}")
         self.table = RouteTable()
         self._cancel_watch: Callable[[], None] | None = None
@@ -196,6 +235,12 @@ class HttpRouter:
                 if isinstance(addr, tuple) and len(addr) >= 2:
                     return int(addr[1])
         return self._port
+
+    @property
+    def url(self) -> str:
+        """``http(s)://HOST:PORT`` of the router."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.ssl_context is not None else 'http'}://{host}:{self.port}"
 
     # --- route table sync -----------------------------------------------------------------------
 
@@ -257,8 +302,7 @@ class HttpRouter:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self._port)
-            await site.start()
+            await start_site(runner, self.host, self._port, self.ssl_context, self.idle_timeout)
         except BaseException:
             await runner.cleanup()
             if self._cancel_watch is not None:
@@ -266,7 +310,7 @@ class HttpRouter:
                 self._cancel_watch = None
             raise
         self._runner = runner
-        self.log.info("HTTP router of %s listening on %s:%d", self.node_id, self.host, self.port)
+        self.log.info("HTTP router of %s listening on %s", self.node_id, self.url)
 
     async def stop(self) -> None:
         """Stop listening and stop watching; idempotent."""

@@ -47,7 +47,7 @@ from aether.slices.repository import Repository
 from aether.slices.store import SliceStore
 from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
 from aether.transport.auth import load_secret
-from aether.transport.tls import tls_files
+from aether.transport.tls import https_context, tls_files
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
 _result_encoder = msgspec.msgpack.Encoder()
@@ -138,6 +138,7 @@ class Node:
         own = self.members[self.node_id]
         secret = load_secret(config.cluster_secret, config.cluster_secret_file)
         tls = tls_files(config)
+        self.https = https_context(config)  # the management API and the router serve HTTPS with it
         self.transport = Transport(
             self.node_id,
             self.members,
@@ -232,7 +233,7 @@ class Node:
         await self.cluster_deployer.start()
         self.http = HttpRouter(
             self.node_id, self.kv, self.invoker, host=self.config.host, port=self.config.http_port,
-            idle_timeout=self.config.http_idle_timeout,
+            idle_timeout=self.config.http_idle_timeout, ssl_context=self.https,
             logger=logging.getLogger(f"aether.http.{self.node_id}"),
         )
         await self.http.start()
@@ -240,14 +241,14 @@ class Node:
         if management and self._management_factory is not None:
             self.management = self._management_factory(
                 self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
-                idle_timeout=self.config.http_idle_timeout,
+                idle_timeout=self.config.http_idle_timeout, ssl_context=self.https,
                 logger=logging.getLogger(f"aether.api.{self.node_id}"),
             )
             await self.management.start()
         self.log.info(
             "node %s started: cluster %s:%d, management %s, %d members",
             self.node_id, self.config.host, self.transport.port,
-            f"{self.config.host}:{self.management.port}" if self.management else "off", len(self.members),
+            self.management.url if self.management else "off", len(self.members),
         )
 
     async def stop(self) -> None:

@@ -1,11 +1,14 @@
 """Mutual TLS between nodes: a cluster CA, node certificates bound to node ids, SSL contexts.
 
 `init_ca` writes a cluster CA (``ca.key`` + self-signed ``ca.crt``); `issue_node_cert` writes
-``NODE_ID.key`` + ``NODE_ID.crt`` signed by it, with the node id as the subject CN and the only
-DNS subjectAltName. Keys are written 0600 in 0700 directories. `server_context` /
+``NODE_ID.key`` + ``NODE_ID.crt`` signed by it, with the node id as the subject CN and the first
+DNS subjectAltName, followed by the host names and IP addresses HTTPS clients reach the node by
+(default ``localhost``, ``127.0.0.1``, ``::1``). Keys are written 0600 in 0700 directories. `server_context` /
 `dialer_context` build TLS 1.3 contexts that require and verify the other side's certificate
 against the cluster CA; `cert_node_id` reads the node id out of a verified peer certificate, which
 the transport compares with the id claimed in the hello (see docs/cluster-security.md).
+`https_server_context` is the TLS 1.2+ context of the management API and the HTTP router when
+they serve HTTPS (`https_files` picks the certificate a `NodeConfig` names for them).
 
 Keys and certificates are generated with the `cryptography` package: the standard `ssl` module
 can load and verify them but cannot create them.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +30,13 @@ from aether.core.types import check_node_id
 __all__ = [
     "CA_CERT",
     "CA_KEY",
+    "DEFAULT_SANS",
     "TlsFiles",
     "cert_node_id",
     "dialer_context",
     "file_node_id",
+    "https_context",
+    "https_server_context",
     "init_ca",
     "issue_node_cert",
     "server_context",
@@ -41,6 +48,8 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 CA_DAYS = 3650
 NODE_DAYS = 825
+# what a client on the same machine connects to: the names HTTPS certificates carry by default
+DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -126,12 +135,15 @@ def issue_node_cert(
     node_id: str,
     *,
     days: int = NODE_DAYS,
+    sans: Sequence[str] = DEFAULT_SANS,
     _not_valid_after: datetime.datetime | None = None,
 ) -> tuple[Path, Path]:
     """Issue a certificate for `node_id`, signed by the CA in `directory`: writes
     ``NODE_ID.crt`` and ``NODE_ID.key`` (0600) there and returns (cert path, key path).
 
-    The node id is the subject CN and the only DNS subjectAltName; the certificate may serve as
+    The node id is the subject CN and the first DNS subjectAltName; `sans` (host names or IP
+    addresses) follow it, for HTTPS clients of the management API and the HTTP router, which
+    check that the certificate names the host they connected to. The certificate may serve as
     both TLS server and client (a node both accepts and dials). `_not_valid_after` is for tests
     (an already expired certificate)."""
     from cryptography import x509
@@ -139,6 +151,7 @@ def issue_node_cert(
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     check_node_id(node_id)
+    alt_names = _alt_names(node_id, sans)
     directory = Path(directory)
     ca_cert_path, ca_key_path = directory / CA_CERT, directory / CA_KEY
     if not ca_key_path.exists() or not ca_cert_path.exists():
@@ -160,7 +173,7 @@ def issue_node_cert(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_id)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
@@ -175,6 +188,31 @@ def issue_node_cert(
     write_private(key_path, _key_pem(key))
     write_private(cert_path, _cert_pem(cert))
     return cert_path, key_path
+
+
+def _alt_names(node_id: str, sans: Sequence[str]) -> list[Any]:
+    """The subjectAltNames of `node_id`'s certificate: the node id first, then `sans` (an IP
+    address becomes an iPAddress entry, anything else a dNSName), without duplicates."""
+    import ipaddress
+
+    from cryptography import x509
+
+    out: list[Any] = [x509.DNSName(node_id)]
+    for raw in sans:
+        name = raw.strip().strip("[]")
+        if not name:
+            raise ConfigError("--san needs a host name or an IP address (got an empty value)")
+        try:
+            entry: Any = x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            if not all(part and len(part) <= 63 for part in name.lower().split(".")) or not all(
+                c.isalnum() or c in "-.*" for c in name
+            ):
+                raise ConfigError(f"--san {raw!r} is neither an IP address nor a DNS name") from None
+            entry = x509.DNSName(name.lower())
+        if entry not in out:
+            out.append(entry)
+    return out
 
 
 def _check_files(files: TlsFiles) -> None:
@@ -216,16 +254,23 @@ def dialer_context(files: TlsFiles) -> ssl.SSLContext:
     return _context(ssl.Purpose.SERVER_AUTH, files)
 
 
+def _pick_node_id(cns: Sequence[str], dns: Sequence[str]) -> str | None:
+    """The node id a certificate names: its subject CN if it has exactly one and that CN is also
+    among its DNS subjectAltNames (or it has none), else its only DNS subjectAltName; None if
+    that leaves no single name. Certificates of `aether cert issue` carry the node id as CN and
+    first DNS name, and the host names HTTPS clients use after it."""
+    if len(cns) == 1 and (not dns or cns[0] in dns):
+        return cns[0]
+    return dns[0] if len(dns) == 1 else None
+
+
 def cert_node_id(peercert: dict[str, Any] | None) -> str | None:
-    """The node id a verified certificate (``SSLObject.getpeercert()``) names: its single DNS
-    subjectAltName, else its subject CN; None if it names none or several."""
+    """The node id a verified certificate (``SSLObject.getpeercert()``) names (`_pick_node_id`)."""
     if not peercert:
         return None
     dns = [v for k, v in peercert.get("subjectAltName", ()) if k == "DNS"]
-    if dns:
-        return dns[0] if len(dns) == 1 else None
     cns = [v for rdn in peercert.get("subject", ()) for k, v in rdn if k == "commonName"]
-    return cns[0] if len(cns) == 1 else None
+    return _pick_node_id(cns, dns)
 
 
 def file_node_id(cert_path: str) -> str | None:
@@ -233,15 +278,14 @@ def file_node_id(cert_path: str) -> str | None:
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    dns: list[str] = []
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns = san.get_values_for_type(x509.DNSName)
-        if dns:
-            return dns[0] if len(dns) == 1 else None
+        dns = list(san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
         pass
-    cns = [a.value for a in cert.subject if a.oid == x509.oid.NameOID.COMMON_NAME]
-    return str(cns[0]) if len(cns) == 1 else None
+    cns = [str(a.value) for a in cert.subject if a.oid == x509.oid.NameOID.COMMON_NAME]
+    return _pick_node_id(cns, dns)
 
 
 def tls_problem(exc: BaseException) -> str:
@@ -295,3 +339,43 @@ def tls_files(config: Any) -> TlsFiles | None:
             f"issue this node its own with `aether cert issue {config.node_id}`"
         )
     return files
+
+
+def https_context(config: Any) -> ssl.SSLContext | None:
+    """The server context the management API and the HTTP router of a `NodeConfig` serve HTTPS
+    with, or None for plain HTTP: `http_tls_cert`/`http_tls_key` if given, else (with `https`)
+    the node's own `tls_cert`/`tls_key`. `NodeConfig.validate` has checked they come in pairs;
+    a file that cannot be used is a ConfigError naming its flag."""
+    if config.http_tls_cert:
+        return https_server_context(config.http_tls_cert, config.http_tls_key)
+    if config.https:
+        return https_server_context(config.tls_cert, config.tls_key, cert_flag="--tls-cert",
+                                    key_flag="--tls-key")
+    return None
+
+
+def https_server_context(cert: str, key: str, *, cert_flag: str = "--http-tls-cert",
+                         key_flag: str = "--http-tls-key") -> ssl.SSLContext:
+    """A TLS 1.2+ server context with `cert` (PEM, may hold the chain) and its `key`, for the
+    management API and the HTTP router. Raises ConfigError naming the flag of an unreadable,
+    malformed or mismatched file. Clients are not asked for a certificate."""
+    for flag, path in ((cert_flag, cert), (key_flag, key)):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+        try:
+            with p.open("rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {path} cannot be read: {exc.strerror or exc}") from exc
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"{cert_flag} {cert} / {key_flag} {key} cannot be loaded (not PEM, or the key does not "
+            f"match the certificate): {exc}"
+        ) from exc
+    return ctx
