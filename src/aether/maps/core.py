@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -87,6 +88,7 @@ __all__ = [
 
 _SYNC_CHUNK_ITEMS = 512
 _SYNC_CHUNK_BYTES = 1024 * 1024
+_MAX_OUTCOMES = 50_000  # answers of operations that wrote nothing, kept for their retries
 _MAX_PARKED = 10_000  # operations waiting at one primary for promotion, a key's writes or a check
 
 
@@ -187,6 +189,7 @@ class _Op:
     expected: bytes | None
     ttl_ms: int
     partition: int
+    extra: list[_Target] = field(default_factory=list)  # retries and duplicates of the same operation
 
 
 @dataclass(slots=True)
@@ -334,6 +337,11 @@ class MapCore:
         self._tracked: dict[int, _Write] = {}  # serial -> write not yet on every owner
         self._msg_write: dict[int, _Write] = {}  # Replicate id -> write
         self._pending: dict[OpId, _Write] = {}  # op id -> its write while callers wait for it
+        # One execution per operation id: an operation waiting (for a takeover, a key's writes or a
+        # read check) collects the retries of its caller, and an answered one that wrote nothing
+        # answers them the same way (writes are found in `ops`).
+        self._inprogress: dict[OpId, _Op] = {}
+        self._outcomes: OrderedDict[OpId, tuple[bytes | None, bool]] = OrderedDict()
         self._pushes: dict[int, _PushState] = {}
         self._checks: dict[int, tuple[int, _Check]] = {}  # ReadCheck id -> (partition, round)
         self.ops: dict[str, dict[int, dict[OpId, int]]] = {}  # map -> partition -> applied op id -> wall ms
@@ -379,6 +387,22 @@ class MapCore:
             self._client_result(target.id, None, False, kind, error)
         else:
             self._send(target.peer, MapResponse(target.id, None, False, error, kind))
+
+    def _answer_op(self, op: _Op, value: bytes | None, ok: bool) -> None:
+        """Answer every caller of `op` and remember the outcome (a late duplicate gets the same)."""
+        if self._inprogress.get(op.oid) is op:
+            del self._inprogress[op.oid]
+        self._outcomes[op.oid] = (value, ok)
+        while len(self._outcomes) > _MAX_OUTCOMES:
+            self._outcomes.popitem(last=False)
+        for t in (op.target, *op.extra):
+            self._answer(t, value, ok)
+
+    def _refuse_op(self, op: _Op, kind: str, error: str) -> None:
+        if self._inprogress.get(op.oid) is op:
+            del self._inprogress[op.oid]
+        for t in (op.target, *op.extra):
+            self._refuse(t, kind, error)
 
     def _put(self, name: str, p: int, key: str, rec: Record) -> bool:
         """Store `rec`; on a storage failure mark the map broken and return False."""
@@ -740,7 +764,7 @@ class MapCore:
                 prom.parts.discard(p)
                 self._advance(prom)
         for op in ops:
-            self._refuse(op.target, KIND_NOT_PRIMARY, why)
+            self._refuse_op(op, KIND_NOT_PRIMARY, why)
 
     # --- membership and the leader's planning -------------------------------------------------------
 
@@ -957,10 +981,10 @@ class MapCore:
             try:
                 self.spec(op.name)
             except UnknownMap as e:
-                self._refuse(op.target, KIND_UNKNOWN_MAP, str(e))
+                self._refuse_op(op, KIND_UNKNOWN_MAP, str(e))
             return
         if op.value is not None and len(op.value) > spec.max_value_bytes:
-            self._refuse(op.target, KIND_BAD_REQUEST, (
+            self._refuse_op(op, KIND_BAD_REQUEST, (
                 f"map {op.name!r} key {op.key!r}: value of {len(op.value)} bytes exceeds the map's "
                 f"limit of {spec.max_value_bytes} bytes"
             ))
@@ -968,19 +992,28 @@ class MapCore:
         p = op.partition
         prim = self.prims.get(p)
         if prim is None or self.table is None:
-            self._refuse(op.target, KIND_NOT_PRIMARY, f"{self.node_id} is not the primary of partition {p}")
+            self._refuse_op(op, KIND_NOT_PRIMARY, f"{self.node_id} is not the primary of partition {p}")
             return
         if op.name in self.broken:
-            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken[op.name]}")
+            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken[op.name]}")
             return
         if not self.has_quorum:
-            self._refuse(op.target, KIND_NOT_PRIMARY, f"{self.node_id} cannot reach a majority of the cluster")
+            self._refuse_op(op, KIND_NOT_PRIMARY, f"{self.node_id} cannot reach a majority of the cluster")
             return
         if not prim.ready:
             if len(prim.parked) >= _MAX_PARKED:
-                self._refuse(op.target, KIND_NOT_PRIMARY, f"partition {p} is still being taken over")
+                self._refuse_op(op, KIND_NOT_PRIMARY, f"partition {p} is still being taken over")
             else:
                 prim.parked.append(op)
+            return
+        # a retry of an operation under way joins it; of one answered, gets the same answer
+        running = self._inprogress.get(op.oid)
+        if running is not None:
+            running.extra.append(op.target)
+            return
+        if op.oid in self._outcomes:
+            value, ok = self._outcomes[op.oid]
+            self._answer(op.target, value, ok)
             return
         # a retry of an applied write reports the first attempt's outcome
         if op.oid in self.ops.get(op.name, {}).get(p, {}):
@@ -990,6 +1023,7 @@ class MapCore:
             else:
                 self._answer(op.target, op.value if op.op == OP_CAS else None, True)
             return
+        self._inprogress[op.oid] = op
         if op.op == OP_GET:
             self._observe(prim, op)
             return
@@ -1000,7 +1034,7 @@ class MapCore:
         (through `_observe`) an operation that writes nothing."""
         ok, current = self._get(op.name, op.partition, op.key)
         if not ok:
-            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
             return
         out = evaluate(
             op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
@@ -1009,13 +1043,14 @@ class MapCore:
         if out.write is None:
             return self._observe(prim, op, out.value, out.ok)
         if not self._put(op.name, op.partition, op.key, out.write):
-            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
             return
         prim.seq += 1
         self.ops.setdefault(op.name, {}).setdefault(op.partition, {})[op.oid] = self._wall
         owners = self._owners(op.name, op.partition)
         answer = op.value if op.op == OP_CAS else None
-        w = _Write(next(self._serials), op.name, op.partition, op.key, out.write, op.oid, [op.target],
+        self._inprogress.pop(op.oid, None)  # from now on a write: retries find it in `ops`
+        w = _Write(next(self._serials), op.name, op.partition, op.key, out.write, op.oid, [op.target, *op.extra],
                    self._need(op.name, owners), answer)
         key = (op.name, op.key)
         prim.inflight[key] = prim.inflight.get(key, 0) + 1
@@ -1091,7 +1126,7 @@ class MapCore:
             self._answer_now(prim, op)
             return
         if len(prim.queued) >= _MAX_PARKED:
-            self._refuse(op.target, KIND_NOT_PRIMARY, f"too many reads waiting at partition {op.partition}")
+            self._refuse_op(op, KIND_NOT_PRIMARY, f"too many reads waiting at partition {op.partition}")
             return
         prim.queued.append(op)
         if prim.check is None:
@@ -1156,7 +1191,7 @@ class MapCore:
         the key changed meanwhile: it runs as a write)."""
         ok, current = self._get(op.name, op.partition, op.key)
         if not ok:
-            self._refuse(op.target, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
             return
         out = evaluate(
             op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
@@ -1165,7 +1200,7 @@ class MapCore:
         if out.write is not None:
             self._evaluate(prim, op)
         else:
-            self._answer(op.target, out.value, out.ok)
+            self._answer_op(op, out.value, out.ok)
 
     # --- replicas ---------------------------------------------------------------------------------------
 
