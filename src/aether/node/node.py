@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from typing import Any, Protocol, Union
 
@@ -85,6 +86,9 @@ class HostedAPI(Protocol):
     @property
     def port(self) -> int: ...
 
+    @property
+    def url(self) -> str: ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -95,7 +99,7 @@ class ManagementFactory(Protocol):
 
     def __call__(
         self, node: Any, *, host: str, port: int, api_key: str | None, idle_timeout: float,
-        logger: logging.Logger,
+        ssl_context: ssl.SSLContext | None, logger: logging.Logger,
     ) -> HostedAPI: ...
 
 
