@@ -1,6 +1,6 @@
 """The node-wide budget of bytes held in unfinished inbound frames (issue 12, `max_buffered_bytes`;
 docs/cluster-security.md): the accounting sans IO, then authenticated clients against a real
-Transport pair over loopback sockets."""
+Transport pair over loopback sockets, then the node config values that set the limits."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import msgspec
 import psutil
 import pytest
 
-from aether.core.types import Address
+from aether.core.config import NodeConfig
+from aether.core.errors import ConfigError
+from aether.core.types import Address, PeerSpec
 from aether.transport import Challenge, ClientHello, HelloAck, Proof, Transport
 from aether.transport._link import BufferBudget, LinkProtocol
 from aether.transport.auth import Credentials, DialerHandshake
@@ -235,3 +237,60 @@ async def test_transport_rejects_a_budget_smaller_than_one_frame() -> None:
             "a", {"a": Address(HOST, 0)}, listen=Address(HOST, 0), cluster_name=CLUSTER,
             message_type=PeerMsg, on_message=lambda s, m: None, max_frame=MiB, max_buffered_bytes=MiB,
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# node config
+
+
+def _config(**kw: Any) -> NodeConfig:
+    return NodeConfig(node_id="n1", peers=[PeerSpec("n1", Address(HOST, 7000))], **kw)
+
+
+def test_node_config_limits_are_validated_with_clear_errors() -> None:
+    c = _config().validate()
+    assert (c.max_buffered_bytes, c.pre_auth_max_frame, c.handshake_timeout) == (256 * MiB, 4096, None)
+    _config(max_buffered_bytes=32 * MiB, pre_auth_max_frame=256, handshake_timeout=300).validate()
+    with pytest.raises(ConfigError, match=r"max_buffered_bytes must be at least 33554432 .*got 1000000\)"):
+        _config(max_buffered_bytes=1_000_000).validate()
+    for bad in (100, 2 * MiB):
+        expected = rf"pre_auth_max_frame must be between 256 and 1048576 bytes \(got {bad}\)"
+        with pytest.raises(ConfigError, match=expected):
+            _config(pre_auth_max_frame=bad).validate()
+    for bad_t in (0.0, -1.0, 301.0):
+        with pytest.raises(ConfigError, match=r"handshake_timeout must be > 0 and <= 300 seconds"):
+            _config(handshake_timeout=bad_t).validate()
+
+
+def test_node_config_limits_from_toml_and_flags(tmp_path: Any) -> None:
+    from aether.cli.main import build_node_config, parse_size
+
+    toml = tmp_path / "aether.toml"
+    toml.write_text(
+        "[node]\npre_auth_max_frame = 2048\nhandshake_timeout = 2.5\nmax_buffered_bytes = 40000000\n"
+    )
+    c = build_node_config(str(toml), {"max_buffered_bytes": None})
+    assert (c.max_buffered_bytes, c.pre_auth_max_frame, c.handshake_timeout) == (40_000_000, 2048, 2.5)
+    c = build_node_config(str(toml), {"max_buffered_bytes": parse_size("64MiB", "--max-buffered-bytes")})
+    assert c.max_buffered_bytes == 64 * MiB
+    assert parse_size("1 GiB", "x") == 1 << 30 and parse_size("500mb", "x") == 500_000_000
+    assert parse_size("1048576", "x") == MiB
+    import click
+
+    with pytest.raises(click.BadParameter, match="not a size"):
+        parse_size("lots", "--max-buffered-bytes")
+    toml.write_text("[node]\npre_auth_max_frame = 10\n")
+    with pytest.raises(ConfigError, match="pre_auth_max_frame must be between"):
+        build_node_config(str(toml), {})
+
+
+def test_node_passes_the_limits_to_its_transport(tmp_path: Any) -> None:
+    from aether.node.node import Node
+
+    config = _config(
+        data_dir=str(tmp_path / "data"), fsync="none", max_buffered_bytes=40 * MiB, pre_auth_max_frame=1024,
+        handshake_timeout=2.0, repository=str(tmp_path / "repo"),
+    )  # fmt: skip
+    node = Node(config.validate())
+    t = node.transport
+    assert (t.buffer_budget.limit, t._pre_auth_max_frame, t._handshake_timeout) == (40 * MiB, 1024, 2.0)

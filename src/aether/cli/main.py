@@ -302,6 +302,21 @@ def parse_peers(text: str) -> list[PeerSpec]:
     return [PeerSpec.parse(p) for p in parts]
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+}  # fmt: skip
+
+
+def parse_size(value: str, what: str) -> int:
+    """``"268435456"``, ``"256MiB"``, ``"1 GiB"``, ``"500MB"`` -> bytes; else a click error naming `what`."""
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgib")
+    unit = text[len(number) :]
+    if not number.isdigit() or unit not in _SIZE_UNITS:
+        raise click.BadParameter(f"{value!r} is not a size (use bytes or e.g. 256MiB, 1GiB)", param_hint=what)
+    return int(number) * _SIZE_UNITS[unit]
+
+
 def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeConfig:
     """Merge defaults, the TOML file and flags (flags win) into a validated NodeConfig.
 
@@ -404,6 +419,13 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
 @click.option("--tls-key", metavar="FILE", help="The key of --tls-cert.")
 @click.option("--tls-ca", metavar="FILE", help="The cluster CA certificate (`aether cert init`).")
 @click.option(
+    "--max-buffered-bytes",
+    callback=lambda ctx, param, value: None if value is None else parse_size(value, "--max-buffered-bytes"),
+    metavar="SIZE",
+    help="Bytes the cluster port may hold in unfinished inbound frames, all connections together "
+    "(e.g. 256MiB, 1GiB; at least 32MiB) [default: 256MiB]. See docs/cluster-security.md.",
+)
+@click.option(
     "--repository",
     metavar="DIR",
     envvar="AETHER_REPOSITORY",
@@ -435,6 +457,7 @@ def node(
     tls_cert: str | None,
     tls_key: str | None,
     tls_ca: str | None,
+    max_buffered_bytes: int | None,
     repository: str | None,
     log_level: str,
 ) -> None:
@@ -458,6 +481,7 @@ def node(
         "tls_cert": tls_cert or None,
         "tls_key": tls_key or None,
         "tls_ca": tls_ca or None,
+        "max_buffered_bytes": max_buffered_bytes,
         "repository": repository or None,
     }
     try:
