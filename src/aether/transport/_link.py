@@ -35,8 +35,9 @@ from typing import Any, cast
 
 import msgspec
 
+from aether.transport.auth import AuthFailed, DialerHandshake
 from aether.transport.framing import FrameDecoder, FrameTooLarge
-from aether.transport.messages import Reject, WireCodec
+from aether.transport.messages import Challenge, HelloAck, Proof, Reject, WireCodec
 
 MAX_BAD_FRAMES = 10
 """An established connection is closed when more than this many bad frames arrived on it."""
@@ -402,6 +403,25 @@ class LinkProtocol(asyncio.Protocol):
                 "%s internal error handling data from %s; closing it", self._prefix, self.describe()
             )
             self.abort("internal error")
+
+    def _dialer_handshake(self, auth: DialerHandshake, msg: Any) -> HelloAck | Reject | None:
+        """The dialer's side of the handshake (peer links and clients), for a frame `msg` received
+        before the connection is established: a Challenge is checked and answered with our Proof;
+        the HelloAck (only after our proof) or Reject that ends the handshake is returned for the
+        caller to act on; anything else, or a failed check, fails it (``_handshake_failed``)."""
+        cls = type(msg)
+        if cls is Challenge and not auth.proved:
+            try:
+                proof = auth.answer(msg.node_id, msg.nonce, msg.proof)
+            except AuthFailed as exc:
+                self._handshake_failed(str(exc))
+                return None
+            self.write_now(self._codec.frame(Proof(proof)))
+            return None
+        if (cls is HelloAck and auth.proved) or cls is Reject:
+            return cast(HelloAck | Reject, msg)
+        self._handshake_failed(f"expected {'HelloAck' if auth.proved else 'Challenge'}, got {cls.__name__}")
+        return None
 
     def _bad_frame(self, problem: str) -> None:
         if not self.established:

@@ -197,7 +197,6 @@ class _OutboundProtocol(LinkProtocol):
         self.established_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._auth = DialerHandshake(owner._creds, "peer", owner.node_id, expect=peer.node_id)
-        self._proved = False
 
     def describe(self) -> str:
         return f"peer {self.peer.node_id!r} at {self.remote}"
@@ -234,18 +233,11 @@ class _OutboundProtocol(LinkProtocol):
     def _handle(self, msg: Any) -> None:
         cls = type(msg)
         if not self.established:
-            if cls is Challenge and not self._proved:
-                try:
-                    proof = self._auth.answer(msg.node_id, msg.nonce, msg.proof)
-                except AuthFailed as exc:
-                    self._handshake_failed(str(exc))
-                    return
-                self._proved = True
-                self.write_now(self._codec.frame(Proof(proof)))
-            elif cls is HelloAck and self._proved:
-                if msg.node_id != self.peer.node_id:
+            end = self._dialer_handshake(self._auth, msg)
+            if type(end) is HelloAck:
+                if end.node_id != self.peer.node_id:
                     self._handshake_failed(
-                        f"HelloAck names node {msg.node_id!r}, expected {self.peer.node_id!r}"
+                        f"HelloAck names node {end.node_id!r}, expected {self.peer.node_id!r}"
                     )
                     return
                 if self._timer is not None:
@@ -255,17 +247,14 @@ class _OutboundProtocol(LinkProtocol):
                 self.established_at = self._loop.time()
                 self.heard = self.peer
                 self._owner._outbound_established(self)
-            elif cls is Reject:
+            elif type(end) is Reject:
                 self._owner._dial_problem(
                     self.peer,
                     "rejected",
                     logging.WARNING,
-                    f"{self.describe()} rejected our hello: {msg.reason}",
+                    f"{self.describe()} rejected our hello: {end.reason}",
                 )
                 self.close("rejected by the peer")
-            else:
-                expected = "HelloAck" if self._proved else "Challenge"
-                self._handshake_failed(f"expected {expected}, got {cls.__name__}")
             return
         if cls is Ping:
             return
