@@ -160,6 +160,9 @@ class Node:
             tls=tls,
             max_connections=config.max_connections,
             max_connections_per_host=config.max_connections_per_host,
+            max_buffered_bytes=config.max_buffered_bytes,
+            pre_auth_max_frame=config.pre_auth_max_frame,
+            handshake_timeout=config.handshake_timeout,
         )
         self.router.subscribe(PeerUp, self._on_peer_up)
         self.router.subscribe(PeerDown, self._on_peer_down)
