@@ -13,6 +13,14 @@ Each mode runs closed loop (`--concurrency` callers) and then open loop at `--ra
 p99-at-1,000-calls/s figure). Final line:
 `RESULT nodes=3 local_calls_s=... local_p50_ms=... local_p99_ms=... remote_calls_s=... remote_p50_ms=...
 remote_p99_ms=... remote_rate=1000 remote_rate_p99_ms=...`
+
+`--tls`: the cost of mutual TLS on remote calls (every call and answer crosses the cluster port).
+Measures remote calls only, `--tls-rounds` times on a plaintext cluster and as often on a mutual-TLS
+cluster (a CA and node certificates generated with `aether.transport.tls` in the run's temp dir,
+nodes started with `--tls-cert/--tls-key/--tls-ca`; the cluster secret stays on top), alternating
+plain/TLS, TLS/plain, ..., each on a fresh cluster. Final line (rates: median of the rounds):
+`RESULT nodes=3 rounds=3 plain_calls_s=... tls_calls_s=... tls_loss_pct=... plain_p50_ms=... tls_p50_ms=...
+plain_rate_p99_ms=... tls_rate_p99_ms=... plain_runs=a/b/c tls_runs=a/b/c`
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -138,6 +147,98 @@ def wait_converged(port: int, want: dict[str, int], timeout: float = 60.0) -> li
         time.sleep(0.02)
 
 
+HELLO, DRIVER_ARTIFACT = "org.example:hello:0.1.0", "org.bench:driver:0.1.0"
+
+
+def run_driver(a: argparse.Namespace, port: int, mode: str, rate: float = 0.0) -> dict:
+    """One driver run through node 1's management API: closed loop, or open loop at `rate` calls/s."""
+    calls = int(a.rate * a.rate_seconds) if rate else a.calls
+    body = {"target": "org.example:hello", "method": "greet", "calls": calls, "concurrency": a.concurrency,
+            "rate": rate}  # fmt: skip
+    out = http(port, "POST", "/api/v1/invoke/org.bench:driver/run?timeout=300", body, timeout=320)
+    assert isinstance(out, dict)
+    label = f"{mode} @{int(rate)}/s" if rate else mode
+    log(
+        f"{label}: {out['calls']} calls on {out['node']}, "
+        f"{out['errors']} errors, {out['calls_per_s']:.0f} calls/s, p50 {out['p50_ms']:.2f} ms, "
+        f"p99 {out['p99_ms']:.2f} ms"
+    )
+    if out["errors"]:
+        raise RuntimeError(f"{out['errors']} failed calls in {mode}")
+    return out
+
+
+def deploy_remote(port: int) -> None:
+    """One hello instance and the driver on another node (so every call is one transport hop)."""
+    http(port, "POST", "/api/v1/deploy", {"artifact": HELLO, "instances": 1})
+    wait_converged(port, {HELLO: 1})
+    http(port, "POST", "/api/v1/deploy", {"artifact": DRIVER_ARTIFACT, "instances": 1})
+    st = wait_converged(port, {HELLO: 1, DRIVER_ARTIFACT: 1})
+    where = {s["artifact"]: s["instances"][0]["node"] for s in st}
+    if where[HELLO] == where[DRIVER_ARTIFACT]:
+        raise RuntimeError(f"driver and hello were placed on the same node {where}; cannot measure remote")
+    log(f"remote placement: hello on {where[HELLO]}, driver on {where[DRIVER_ARTIFACT]}")
+
+
+def compare_tls(a: argparse.Namespace, work: str) -> int:
+    """Remote calls on a plaintext and a mutual-TLS cluster, alternating, a fresh cluster each time."""
+    runs: dict[str, list[dict]] = {"plain": [], "tls": []}
+    rounds = max(1, a.tls_rounds)
+    rc = 0
+    for r in range(rounds):
+        for mode in ("plain", "tls") if r % 2 == 0 else ("tls", "plain"):
+            log(f"--tls round {r + 1}/{rounds}: {mode}")
+            run_dir = os.path.join(work, f"{mode}-{r}")
+            os.makedirs(run_dir)
+            cluster = Cluster(
+                a.nodes, run_dir, no_uvloop=False, fsync=None, extra=[],
+                tls=mode == "tls",
+            )  # fmt: skip
+            try:
+                cluster.start()
+                port = cluster.mgmt_ports[0]
+                deploy_remote(port)
+                run_driver(a, port, f"{mode} warm-up")
+                closed = run_driver(a, port, f"{mode} remote")
+                opened = run_driver(a, port, f"{mode} remote", a.rate)
+                runs[mode].append({"calls_s": closed["calls_per_s"], "p50_ms": closed["p50_ms"],
+                                   "p99_ms": closed["p99_ms"], "rate_p99_ms": opened["p99_ms"]})  # fmt: skip
+            except Exception as e:
+                log(f"ERROR in {mode} round {r + 1}: {type(e).__name__}: {e}")
+                for i in range(a.nodes):
+                    log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+                rc = 1
+            finally:
+                cluster.stop_all()
+            if rc:
+                print(f"RESULT error={mode}-run-failed", flush=True)
+                return rc
+
+    def med(mode: str, k: str) -> float:
+        return statistics.median(float(x[k]) for x in runs[mode])
+
+    plain, tls = med("plain", "calls_s"), med("tls", "calls_s")
+    out: dict[str, object] = {
+        "nodes": a.nodes,
+        "rounds": rounds,
+        "plain_calls_s": plain,
+        "tls_calls_s": tls,
+        "tls_loss_pct": 100.0 * (plain - tls) / plain if plain else float("nan"),
+        "plain_p50_ms": med("plain", "p50_ms"),
+        "tls_p50_ms": med("tls", "p50_ms"),
+        "plain_p99_ms": med("plain", "p99_ms"),
+        "tls_p99_ms": med("tls", "p99_ms"),
+        "plain_rate_p99_ms": med("plain", "rate_p99_ms"),
+        "tls_rate_p99_ms": med("tls", "rate_p99_ms"),
+        "plain_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["plain"]),
+        "tls_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["tls"]),
+    }
+    print("RESULT " + " ".join(
+        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items())
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=3)
@@ -146,6 +247,8 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1000.0, help="open-loop calls/s for the latency run")
     ap.add_argument("--rate-seconds", type=float, default=5.0)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--tls", action="store_true", help="compare remote calls: plaintext vs mutual TLS")
+    ap.add_argument("--tls-rounds", type=int, default=3, help="with --tls: measurements per mode")
     a = ap.parse_args()
 
     work = tempfile.mkdtemp(prefix="aether-invoke-bench-")
@@ -159,46 +262,24 @@ def main() -> int:
             Path(work) / "wheels", "org.bench:driver:0.1.0", DRIVER, "Driver", module="bench_driver"
         )
     )
+    if a.tls:
+        try:
+            return compare_tls(a, work)
+        finally:
+            if not a.keep:
+                shutil.rmtree(work, ignore_errors=True)
     cluster = Cluster(a.nodes, work, no_uvloop=False, fsync=None, extra=[])
     res: dict[str, object] = {"nodes": a.nodes}
     rc = 0
-    hello, driver = "org.example:hello:0.1.0", "org.bench:driver:0.1.0"
+    hello, driver = HELLO, DRIVER_ARTIFACT
     try:
         cluster.start()
         port = cluster.mgmt_ports[0]
 
         def run(mode: str, rate: float = 0.0) -> dict:
-            calls = int(a.rate * a.rate_seconds) if rate else a.calls
-            body = {
-                "target": "org.example:hello",
-                "method": "greet",
-                "calls": calls,
-                "concurrency": a.concurrency,
-                "rate": rate,
-            }
-            out = http(port, "POST", "/api/v1/invoke/org.bench:driver/run?timeout=300", body, timeout=320)
-            assert isinstance(out, dict)
-            label = f"{mode} @{int(rate)}/s" if rate else mode
-            log(
-                f"{label}: {out['calls']} calls on {out['node']}, "
-                f"{out['errors']} errors, {out['calls_per_s']:.0f} calls/s, p50 {out['p50_ms']:.2f} ms, "
-                f"p99 {out['p99_ms']:.2f} ms"
-            )
-            if out["errors"]:
-                raise RuntimeError(f"{out['errors']} failed calls in {mode}")
-            return out
+            return run_driver(a, port, mode, rate)
 
-        # remote: one hello instance, the driver on another node
-        http(port, "POST", "/api/v1/deploy", {"artifact": hello, "instances": 1})
-        wait_converged(port, {hello: 1})
-        http(port, "POST", "/api/v1/deploy", {"artifact": driver, "instances": 1})
-        st = wait_converged(port, {hello: 1, driver: 1})
-        where = {s["artifact"]: s["instances"][0]["node"] for s in st}
-        if where[hello] == where[driver]:
-            raise RuntimeError(
-                f"driver and hello were placed on the same node {where}; cannot measure remote"
-            )
-        log(f"remote placement: hello on {where[hello]}, driver on {where[driver]}")
+        deploy_remote(port)
         run("warm-up", 0.0)
         r = run("remote")
         res.update(remote_calls_s=r["calls_per_s"], remote_p50_ms=r["p50_ms"], remote_p99_ms=r["p99_ms"])

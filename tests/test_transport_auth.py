@@ -198,6 +198,52 @@ async def test_node_does_not_send_to_an_acceptor_that_cannot_prove_the_secret() 
         await fake_b.stop()
 
 
+async def _fake_acceptor(replies: list[Any]) -> asyncio.Server:
+    """A listener that answers any hello with `replies` (skipping the real handshake), then waits."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)  # the hello
+        writer.write(b"".join(frame(r) for r in replies))
+        await writer.drain()
+        await reader.read(4096)
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("kind", ["peer", "client"])
+async def test_dialer_refuses_an_ack_without_a_challenge(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An acceptor that skips the Challenge (so never proves the secret) and acks at once is refused
+    by both dialers: a node's peer link and a client (the shared `_dialer_handshake`)."""
+    server = await _fake_acceptor([HelloAck("b")])
+    port = server.sockets[0].getsockname()[1]
+    try:
+        if kind == "client":
+            with pytest.raises(ConnectionError, match="expected Challenge, got HelloAck"):
+                await open_client_connection(
+                    Address("127.0.0.1", port), cluster_name=CLUSTER, client_id="c", message_type=Resp,
+                    on_message=lambda m: None, on_close=lambda x: None, secret=SECRET,
+                )  # fmt: skip
+            return
+        a = Transport(
+            "a", {"a": Address("127.0.0.1", 0)}, listen=Address("127.0.0.1", 0), cluster_name=CLUSTER,
+            message_type=PeerMsg, on_message=lambda s, m: None, secret=SECRET,
+        )  # fmt: skip
+        try:
+            await a.start()
+            a.set_members({"a": Address("127.0.0.1", a.port), "b": Address("127.0.0.1", port)})
+            await wait_until(
+                lambda: any("expected Challenge, got HelloAck" in r.getMessage() for r in caplog.records),
+                what="the dialer refusing the early ack",
+            )
+            assert a.up_peers == frozenset() and not a.send("b", Note(1))
+        finally:
+            await a.stop()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def test_clients_must_prove_the_client_key(caplog: pytest.LogCaptureFixture) -> None:
     async with env(caplog) as e:
         kw: dict[str, Any] = dict(

@@ -72,7 +72,7 @@ class Env:
         self.logs = {i: logging.getLogger(f"test.badinput.{self.tag}.{i}") for i in "ab"}
         self.nodes: dict[str, Transport] = {}
 
-    def make(self, node_id: str) -> Transport:
+    def make(self, node_id: str, **options: Any) -> Transport:
         def on_client_message(session: ClientSession, msg: Any) -> None:
             self.client_msgs.append((session.client_id, msg))
             session.send(Resp(msg.n + 1))
@@ -91,6 +91,7 @@ class Env:
             logger=self.logs[node_id],
             secret=SECRET,
             **extra,
+            **options,
         )
         self.nodes[node_id] = t
         return t
@@ -125,10 +126,11 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def env(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Env]:
+async def env(caplog: pytest.LogCaptureFixture, **a_options: Any) -> AsyncIterator[Env]:
+    """Nodes a and b up and linked; `a_options` are extra Transport arguments for a."""
     e = Env()
     e.caplog = caplog
-    a, b = e.make("a"), e.make("b")
+    a, b = e.make("a", **a_options), e.make("b")
     # "ghost" is a member whose port is bound but not listening: dials are refused (a logs that at
     # INFO only) and no other process can take the port meanwhile.
     ghost_sock = socket.socket()

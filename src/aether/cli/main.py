@@ -321,6 +321,21 @@ def parse_peers(text: str) -> list[PeerSpec]:
     return [PeerSpec.parse(p) for p in parts]
 
 
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+}  # fmt: skip
+
+
+def parse_size(value: str, what: str) -> int:
+    """``"268435456"``, ``"256MiB"``, ``"1 GiB"``, ``"500MB"`` -> bytes; else a click error naming `what`."""
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgib")
+    unit = text[len(number) :]
+    if not number.isdigit() or unit not in _SIZE_UNITS:
+        raise click.BadParameter(f"{value!r} is not a size (use bytes or e.g. 256MiB, 1GiB)", param_hint=what)
+    return int(number) * _SIZE_UNITS[unit]
+
+
 def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeConfig:
     """Merge defaults, the TOML file and flags (flags win) into a validated NodeConfig.
 
@@ -434,6 +449,13 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
               "management API and the HTTP router; implies --https.")
 @click.option("--http-tls-key", metavar="FILE", help="The key of --http-tls-cert.")
 @click.option(
+    "--max-buffered-bytes",
+    callback=lambda ctx, param, value: None if value is None else parse_size(value, "--max-buffered-bytes"),
+    metavar="SIZE",
+    help="Bytes the cluster port may hold in unfinished inbound frames, all connections together "
+    "(e.g. 256MiB, 1GiB; at least 32MiB) [default: 256MiB]. See docs/cluster-security.md.",
+)
+@click.option(
     "--repository",
     metavar="DIR",
     envvar="AETHER_REPOSITORY",
@@ -468,6 +490,7 @@ def node(
     https: bool | None,
     http_tls_cert: str | None,
     http_tls_key: str | None,
+    max_buffered_bytes: int | None,
     repository: str | None,
     log_level: str,
 ) -> None:
@@ -494,6 +517,7 @@ def node(
         "https": https or None,
         "http_tls_cert": http_tls_cert or None,
         "http_tls_key": http_tls_key or None,
+        "max_buffered_bytes": max_buffered_bytes,
         "repository": repository or None,
     }
     try:

@@ -23,6 +23,14 @@ from aether.core.types import (
 DEFAULT_MAX_INSTANCES_PER_NODE = 1000
 DEFAULT_MAX_INSTANCES_PER_CLUSTER = 3000
 
+# Cluster port limits (docs/cluster-security.md). The budget must hold two of the largest frames
+# a node accepts (16 MiB each, aether.transport.framing.DEFAULT_MAX_FRAME).
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+MIN_MAX_BUFFERED_BYTES = 32 * 1024 * 1024
+DEFAULT_PRE_AUTH_MAX_FRAME = 4096
+PRE_AUTH_MAX_FRAME_RANGE = (256, 1024 * 1024)
+MAX_HANDSHAKE_TIMEOUT = 300.0
+
 
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Everything one node needs to start. `peers` includes every member, this node too."""
@@ -61,6 +69,14 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_tls_key: str | None = None
     max_connections: int = 1024  # inbound cluster-port connections in total
     max_connections_per_host: int = 256  # inbound cluster-port connections from one address
+    # bytes held in unfinished inbound frames on the cluster port, all connections together; a
+    # client whose frame does not fit is closed, a peer waits (reads paused) until room frees
+    max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES
+    # largest frame a cluster-port connection may send before its handshake completed
+    pre_auth_max_frame: int = DEFAULT_PRE_AUTH_MAX_FRAME
+    # seconds a cluster-port connection has to complete its handshake (TLS included);
+    # None: max(1, 5 x heartbeat_timeout)
+    handshake_timeout: float | None = None
     # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
     repository: str | None = None
     # admission control: slice instances (all artifacts together) one node may run, and the whole
@@ -112,6 +128,23 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                      "max_connections_per_host"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_buffered_bytes < MIN_MAX_BUFFERED_BYTES:
+            raise ConfigError(
+                f"max_buffered_bytes must be at least {MIN_MAX_BUFFERED_BYTES} (32 MiB: room for two of "
+                f"the largest, 16 MiB frames; got {self.max_buffered_bytes})"
+            )
+        low, high = PRE_AUTH_MAX_FRAME_RANGE
+        if not low <= self.pre_auth_max_frame <= high:
+            raise ConfigError(
+                f"pre_auth_max_frame must be between {low} and {high} bytes (got {self.pre_auth_max_frame}): "
+                "a hello needs a few hundred bytes, and more than that only lets unauthenticated "
+                "connections hold memory"
+            )
+        if self.handshake_timeout is not None and not 0 < self.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:
+            raise ConfigError(
+                f"handshake_timeout must be > 0 and <= {MAX_HANDSHAKE_TIMEOUT:g} seconds "
+                f"(got {self.handshake_timeout})"
+            )
         return self
 
     def __repr__(self) -> str:  # never print the secret (or the API key)
@@ -157,6 +190,9 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     http_tls_key: str | None = None
     max_connections: int | None = None
     max_connections_per_host: int | None = None
+    max_buffered_bytes: int | None = None
+    pre_auth_max_frame: int | None = None
+    handshake_timeout: float | None = None
     repository: str | None = None
     max_instances_per_node: int | None = None
     max_instances_per_cluster: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from typing import Any, Protocol, Union
 
@@ -85,6 +86,9 @@ class HostedAPI(Protocol):
     @property
     def port(self) -> int: ...
 
+    @property
+    def url(self) -> str: ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -95,7 +99,7 @@ class ManagementFactory(Protocol):
 
     def __call__(
         self, node: Any, *, host: str, port: int, api_key: str | None, idle_timeout: float,
-        logger: logging.Logger,
+        ssl_context: ssl.SSLContext | None, logger: logging.Logger,
     ) -> HostedAPI: ...
 
 
@@ -156,6 +160,9 @@ class Node:
             tls=tls,
             max_connections=config.max_connections,
             max_connections_per_host=config.max_connections_per_host,
+            max_buffered_bytes=config.max_buffered_bytes,
+            pre_auth_max_frame=config.pre_auth_max_frame,
+            handshake_timeout=config.handshake_timeout,
         )
         self.router.subscribe(PeerUp, self._on_peer_up)
         self.router.subscribe(PeerDown, self._on_peer_down)

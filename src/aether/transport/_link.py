@@ -17,6 +17,12 @@ Bad input policy (per connection):
   ones are only counted; after more than `MAX_BAD_FRAMES` the connection is closed (INFO);
 - the remote closing in the middle of a frame: one WARNING.
 Nothing raised while handling input escapes ``data_received``.
+
+Buffer budget (optional, one `BufferBudget` per node shared by all its connections): after each
+read a connection reserves the whole unfinished frame it holds (``FrameDecoder.pending``). If that
+does not fit, a connection that may wait (an authenticated peer) first has connections that may
+not (clients, unauthenticated) closed to make room, largest reservation first, and if it still does
+not fit stops reading until room frees; any other connection is closed. Closing releases the share.
 """
 
 from __future__ import annotations
@@ -29,14 +35,142 @@ from typing import Any, cast
 
 import msgspec
 
+from aether.transport.auth import AuthFailed, DialerHandshake
 from aether.transport.framing import FrameDecoder, FrameTooLarge
-from aether.transport.messages import Reject, WireCodec
+from aether.transport.messages import Challenge, HelloAck, Proof, Reject, WireCodec
 
 MAX_BAD_FRAMES = 10
 """An established connection is closed when more than this many bad frames arrived on it."""
 
 DEFAULT_MAX_WRITE_BUFFER = 64 * 1024 * 1024
 """A connection whose unsent data exceeds this is dropped rather than allowed to grow."""
+
+
+class BufferBudget:
+    """Bytes one node may hold in unfinished inbound frames, over all its connections.
+
+    Each connection is charged the full size of the frame it is assembling (header plus announced
+    payload, `FrameDecoder.pending`), so ``used`` bounds the memory held in partial frames. A
+    connection whose frame does not fit what is left is closed, unless it may wait (an
+    authenticated peer): then clients and unauthenticated connections are closed to make room
+    (largest first) and, if it still does not fit, its reading is paused until room frees (FIFO).
+    A peer never waits for room that nobody will free: if every other holder waits too, it goes
+    ahead (so ``used`` may then exceed ``limit`` by what the waiting peers hold: at most one read
+    each). While a peer waits, clients needing more are closed rather than served first.
+    """
+
+    __slots__ = ("_holders", "_waiting", "evicted", "limit", "paused", "peak", "refused", "used")
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError("the buffer budget must be positive")
+        self.limit = limit
+        self.used = 0
+        self.peak = 0  # the highest `used` seen
+        self.paused = 0  # times a peer connection was paused waiting for room
+        self.refused = 0  # connections closed because their frame did not fit
+        self.evicted = 0  # connections closed to make room for a peer
+        self._holders: dict[LinkProtocol, int] = {}  # connection -> bytes charged (> 0)
+        self._waiting: dict[LinkProtocol, int] = {}  # paused peer connection -> bytes it needs (FIFO)
+
+    def charged(self, conn: LinkProtocol) -> int:
+        return self._holders.get(conn, 0)
+
+    @property
+    def waiting(self) -> int:
+        """Connections paused until room frees."""
+        return len(self._waiting)
+
+    def _set(self, conn: LinkProtocol, amount: int) -> None:
+        holders = self._holders
+        used = self.used = self.used + amount - holders.get(conn, 0)
+        if used > self.peak:
+            self.peak = used
+        if amount:
+            holders[conn] = amount
+        else:
+            holders.pop(conn, None)
+
+    def _fits(self, conn: LinkProtocol, need: int) -> bool:
+        return self.used - self._holders.get(conn, 0) + need <= self.limit
+
+    def _others_running(self, conn: LinkProtocol) -> bool:
+        """True if a connection other than `conn` holds budget and is reading (so it will free it)."""
+        waiting = self._waiting
+        return any(c is not conn and c not in waiting for c in self._holders)
+
+    def settle(self, conn: LinkProtocol, need: int, held: int) -> None:
+        """`conn` now assembles a frame of `need` bytes of which it holds `held`: reserve it, or wait
+        (peers) or be closed (others). Called after every read that changed `need`."""
+        old = self._holders.get(conn, 0)
+        if need <= old:  # shrank (a frame completed): always fine
+            self._set(conn, need)
+            if conn in self._waiting:
+                self._admit(conn, need)
+            if need < old:
+                self._wake()
+            return
+        may_wait = conn.may_wait_for_budget()
+        if self._fits(conn, need) and (may_wait or not self._waiting):
+            self._set(conn, need)
+            if conn in self._waiting:
+                self._admit(conn, need)
+            return
+        if not may_wait:
+            self._set(conn, 0)
+            self.refused += 1
+            conn.budget_refused(need, self)
+            self._wake()
+            return
+        self._evict(conn, need)
+        if self._fits(conn, need) or not self._others_running(conn):
+            self._set(conn, need)
+            if conn in self._waiting:
+                self._admit(conn, need)
+            return
+        self._set(conn, held)  # what it really holds while it waits
+        if conn not in self._waiting:
+            self.paused += 1
+            conn.pause_for_budget()
+        self._waiting[conn] = need
+
+    def release(self, conn: LinkProtocol) -> None:
+        """`conn` is closing: its share returns to the budget."""
+        self._waiting.pop(conn, None)
+        if conn in self._holders:
+            self._set(conn, 0)
+            self._wake()
+
+    def _admit(self, conn: LinkProtocol, need: int) -> None:
+        del self._waiting[conn]
+        conn.resume_for_budget()
+
+    def _evict(self, peer: LinkProtocol, need: int) -> None:
+        """Close connections that may not wait, largest charge first, until `need` fits for `peer`."""
+        victims = sorted(
+            (c for c in self._holders if c is not peer and not c.may_wait_for_budget()),
+            key=self._holders.__getitem__,
+            reverse=True,
+        )
+        for victim in victims:
+            if self._fits(peer, need):
+                return
+            held = self._holders.get(victim, 0)
+            self._set(victim, 0)
+            self.evicted += 1
+            victim.budget_evicted(held, peer, self)
+
+    def _wake(self) -> None:
+        for conn, need in list(self._waiting.items()):
+            if conn not in self._waiting:
+                continue
+            if not self._fits(conn, need):
+                self._evict(conn, need)
+            if self._fits(conn, need) or not self._others_running(conn):
+                self._set(conn, need)
+                self._admit(conn, need)
+            else:
+                return  # first come, first served
 
 
 class HeardFrom:
@@ -90,8 +224,10 @@ class LinkProtocol(asyncio.Protocol):
         decode: Callable[[bytes], Any],
         max_frame: int,
         max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        budget: BufferBudget | None = None,
     ) -> None:
         self._loop = loop
+        self._budget = budget
         self._log = log
         self._prefix = prefix
         self._codec = codec
@@ -138,6 +274,8 @@ class LinkProtocol(asyncio.Protocol):
         remote_closed = self.close_reason is None
         self.closing = True
         self._pending.clear()
+        if self._budget is not None:
+            self._budget.release(self)
         if remote_closed:
             buffered = self._frames.buffered
             if buffered:
@@ -161,6 +299,8 @@ class LinkProtocol(asyncio.Protocol):
         self.closing = True
         if self.close_reason is None:
             self.close_reason = reason
+        if self._budget is not None:
+            self._budget.release(self)  # nothing more is read: the partial frame is dead
         if self.transport is not None:
             self.transport.close()
 
@@ -170,6 +310,8 @@ class LinkProtocol(asyncio.Protocol):
             self.close_reason = reason
         self.closing = True
         self._pending.clear()
+        if self._budget is not None:
+            self._budget.release(self)
         if self.transport is not None:
             self.transport.abort()
 
@@ -244,6 +386,12 @@ class LinkProtocol(asyncio.Protocol):
                     self._bad_frame(f"undecodable frame of {len(payload)} bytes ({exc})")
                     continue
                 self._handle(msg)
+            budget = self._budget
+            if budget is not None and not self.closing:
+                frames_ = self._frames
+                need = frames_.pending
+                if need != budget.charged(self):
+                    budget.settle(self, need, frames_.buffered)
             if too_large is not None and not self.closing:
                 self._warn(
                     f"frame header announces {too_large.size} bytes, more than the limit of "
@@ -255,6 +403,25 @@ class LinkProtocol(asyncio.Protocol):
                 "%s internal error handling data from %s; closing it", self._prefix, self.describe()
             )
             self.abort("internal error")
+
+    def _dialer_handshake(self, auth: DialerHandshake, msg: Any) -> HelloAck | Reject | None:
+        """The dialer's side of the handshake (peer links and clients), for a frame `msg` received
+        before the connection is established: a Challenge is checked and answered with our Proof;
+        the HelloAck (only after our proof) or Reject that ends the handshake is returned for the
+        caller to act on; anything else, or a failed check, fails it (``_handshake_failed``)."""
+        cls = type(msg)
+        if cls is Challenge and not auth.proved:
+            try:
+                proof = auth.answer(msg.node_id, msg.nonce, msg.proof)
+            except AuthFailed as exc:
+                self._handshake_failed(str(exc))
+                return None
+            self.write_now(self._codec.frame(Proof(proof)))
+            return None
+        if (cls is HelloAck and auth.proved) or cls is Reject:
+            return cast(HelloAck | Reject, msg)
+        self._handshake_failed(f"expected {'HelloAck' if auth.proved else 'Challenge'}, got {cls.__name__}")
+        return None
 
     def _bad_frame(self, problem: str) -> None:
         if not self.established:
@@ -270,6 +437,49 @@ class LinkProtocol(asyncio.Protocol):
                 "%s %s: closing after %d bad frames", self._prefix, self.describe(), self.bad_frames
             )
             self.close(f"too many bad frames ({self.bad_frames})")
+
+    # ---- buffer budget ----------------------------------------------------------------------
+
+    def may_wait_for_budget(self) -> bool:
+        """True if this connection waits (paused) for room in the buffer budget instead of being
+        closed: authenticated peers. Default: no."""
+        return False
+
+    def pause_for_budget(self) -> None:
+        self._log.debug(
+            "%s %s: unfinished frame does not fit the buffer budget; pausing reads",
+            self._prefix,
+            self.describe(),
+        )
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_for_budget(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    def budget_refused(self, need: int, budget: BufferBudget) -> None:
+        """This connection's frame does not fit the budget and it may not wait: log and close."""
+        self._budget_log(
+            "refused",
+            f"its unfinished frame of {need} bytes does not fit the node's buffer budget "
+            f"(max_buffered_bytes={budget.limit}, {budget.used} in use by other connections"
+            f"{', peers waiting' if budget.waiting else ''}); closing the connection"
+        )
+        self.abort("buffer budget exhausted")
+
+    def budget_evicted(self, held: int, peer: LinkProtocol, budget: BufferBudget) -> None:
+        """Closed to make room for `peer`'s frame."""
+        self._budget_log(
+            "evicted",
+            f"closing it to make room for {peer.describe()}: the node's buffer budget "
+            f"(max_buffered_bytes={budget.limit}) is exhausted and this connection held {held} bytes "
+            "of an unfinished frame"
+        )
+        self.abort("evicted for buffer budget")
+
+    def _budget_log(self, kind: str, text: str) -> None:
+        self._warn(text)
 
     # ---- hooks ------------------------------------------------------------------------------
 

@@ -226,7 +226,7 @@ class AcceptorHandshake:
 class DialerHandshake:
     """The dialing side: a nonce for the hello, then checks the challenge and answers with a proof."""
 
-    __slots__ = ("_creds", "_expect", "_id", "kind", "nonce")
+    __slots__ = ("_creds", "_expect", "_id", "kind", "nonce", "proved")
 
     def __init__(
         self, creds: Credentials, kind: Kind, own_id: str, *,
@@ -237,6 +237,7 @@ class DialerHandshake:
         self._expect = expect
         self.kind = kind
         self.nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_BYTES)
+        self.proved = False  # a challenge was answered: only HelloAck or Reject may follow
 
     def answer(self, acceptor_id: str, nonce_a: bytes, proof_a: bytes) -> bytes:
         """Check the acceptor's challenge; return our proof. Raises AuthFailed."""
@@ -244,6 +245,7 @@ class DialerHandshake:
             raise AuthFailed(f"the node answering is {acceptor_id!r}, expected {self._expect!r}")
         key = self._creds.key(self.kind)
         if key is None:
+            self.proved = True
             return b""  # open: nothing to prove, nothing to check (an acceptor with a secret refuses us)
         if not proof_a:
             raise AuthFailed(
@@ -260,6 +262,7 @@ class DialerHandshake:
             )
         if len(nonce_a) != NONCE_BYTES:
             raise AuthFailed(f"node {acceptor_id!r} sent a malformed nonce")
+        self.proved = True
         return _proof(
             key, _DIALER_LABEL, self._creds.cluster, self.kind, self._id, acceptor_id, self.nonce, nonce_a
         )

@@ -17,15 +17,13 @@ from typing import Any
 
 from aether.core.types import Address
 from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, FramedEndpoint, LinkProtocol
-from aether.transport.auth import AuthFailed, Credentials, DialerHandshake
+from aether.transport.auth import Credentials, DialerHandshake
 from aether.transport.framing import DEFAULT_MAX_FRAME
 from aether.transport.messages import (
     CONTROL_TYPES,
-    Challenge,
     ClientHello,
     HelloAck,
     Ping,
-    Proof,
     Reject,
     WireCodec,
     message_types,
@@ -66,7 +64,6 @@ class _ClientSideProtocol(LinkProtocol):
         )
         self._hello_frame = codec.frame(hello)
         self._auth = auth
-        self._proved = False
         self._address = address
         self._on_message = on_message
         self._on_close = on_close
@@ -88,26 +85,16 @@ class _ClientSideProtocol(LinkProtocol):
     def _handle(self, msg: Any) -> None:
         cls = type(msg)
         if not self.established:
-            if cls is Challenge and not self._proved:
-                try:
-                    proof = self._auth.answer(msg.node_id, msg.nonce, msg.proof)
-                except AuthFailed as exc:
-                    self._handshake_failed(str(exc))
-                    return
-                self._proved = True
-                self.write_now(self._codec.frame(Proof(proof)))
-            elif cls is HelloAck and self._proved:
+            end = self._dialer_handshake(self._auth, msg)
+            if type(end) is HelloAck:
                 self.established = True
                 if not self.handshake.done():
-                    self.handshake.set_result(msg.node_id)
-            elif cls is Reject:
+                    self.handshake.set_result(end.node_id)
+            elif type(end) is Reject:
                 self._fail_handshake(ConnectionRejected(
-                    f"aether node at {self._address} rejected the connection: {msg.reason}"
+                    f"aether node at {self._address} rejected the connection: {end.reason}"
                 ))  # fmt: skip
                 self.close("rejected")
-            else:
-                expected = "HelloAck" if self._proved else "Challenge"
-                self._handshake_failed(f"expected {expected}, got {cls.__name__}")
             return
         if cls is Ping:
             return

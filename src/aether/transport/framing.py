@@ -84,6 +84,17 @@ class FrameDecoder:
         """Bytes received but not yet returned as part of a complete frame."""
         return len(self._buf) - self._pos
 
+    @property
+    def pending(self) -> int:
+        """Bytes the unfinished frame occupies once complete: its header plus the payload that header
+        announces, or, before the 4-byte header is complete, the bytes of it received so far; 0 when
+        nothing is buffered. Never less than `buffered` (a buffer budget can reserve this up front)."""
+        have = len(self._buf) - self._pos
+        if have < HEADER_SIZE:
+            return have
+        (size,) = _HEADER.unpack_from(self._buf, self._pos)
+        return HEADER_SIZE + size
+
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Consume `data`; return every payload it completes, in order."""
         if self._broken is not None:

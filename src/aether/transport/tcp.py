@@ -5,10 +5,13 @@ Authentication
 Every connection on the cluster port starts with the handshake of `aether.transport.auth`
 (hello, challenge, proof, ack): with a cluster secret, only a dialer that proves it becomes a peer
 (or, proving the client key, a client session), and a node only sends on an outbound link whose
-acceptor proved it too. Until then a connection may send frames of at most `PRE_AUTH_MAX_FRAME`
-bytes and must finish within the handshake deadline, and the number of inbound connections is
-capped per remote host and in total. Without a secret or TLS the transport runs open, which
-`start()` allows only on a loopback address.
+acceptor proved it too. Until then a connection may send frames of at most ``pre_auth_max_frame``
+bytes (default `PRE_AUTH_MAX_FRAME`) and must finish within the handshake deadline, and the number
+of inbound connections is capped per remote host and in total. After it, the bytes all connections
+hold in unfinished frames share one budget, ``max_buffered_bytes`` (`_link.BufferBudget`): a
+client or an unauthenticated connection whose frame does not fit is closed; a peer's makes room by
+closing clients, or else waits with its reads paused until room frees. Without a secret or TLS
+the transport runs open, which `start()` allows only on a loopback address.
 
 With ``tls`` (`aether.transport.tls.TlsFiles`) every connection on the cluster port is TLS 1.3
 with a certificate required and verified against the cluster CA on both sides. The acceptor
@@ -71,7 +74,13 @@ import msgspec
 
 from aether.core.errors import ConfigError
 from aether.core.types import Address, check_node_id
-from aether.transport._link import DEFAULT_MAX_WRITE_BUFFER, FramedEndpoint, HeardFrom, LinkProtocol
+from aether.transport._link import (
+    DEFAULT_MAX_WRITE_BUFFER,
+    BufferBudget,
+    FramedEndpoint,
+    HeardFrom,
+    LinkProtocol,
+)
 from aether.transport.auth import (
     AcceptorHandshake,
     AuthFailed,
@@ -81,7 +90,7 @@ from aether.transport.auth import (
     is_loopback_host,
 )
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged
-from aether.transport.framing import DEFAULT_MAX_FRAME
+from aether.transport.framing import DEFAULT_MAX_FRAME, HEADER_SIZE
 from aether.transport.messages import (
     CONTROL_TYPES,
     Challenge,
@@ -98,6 +107,7 @@ from aether.transport.router import MessageRouter
 from aether.transport.tls import TlsFiles, cert_node_id, dialer_context, server_context, tls_problem
 
 __all__ = [
+    "DEFAULT_MAX_BUFFERED_BYTES",
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_MAX_CONNECTIONS_PER_HOST",
     "PRE_AUTH_MAX_FRAME",
@@ -106,7 +116,9 @@ __all__ = [
 ]
 
 PRE_AUTH_MAX_FRAME = 4096
-"""Largest frame accepted on an inbound connection before its handshake completed."""
+"""Largest frame accepted on a connection before its handshake completed (default)."""
+DEFAULT_MAX_BUFFERED_BYTES = 256 * 1024 * 1024
+"""Bytes a node holds at most in unfinished inbound frames, over all its connections (default)."""
 DEFAULT_MAX_CONNECTIONS = 1024
 """Inbound connections (peers, clients and handshakes together) a node keeps open at most."""
 DEFAULT_MAX_CONNECTIONS_PER_HOST = 256
@@ -176,15 +188,15 @@ class _OutboundProtocol(LinkProtocol):
             prefix=owner._prefix,
             codec=owner._codec,
             decode=owner._codec.decode,
-            max_frame=owner._max_frame,
+            max_frame=min(owner._pre_auth_max_frame, owner._max_frame),  # raised once the peer proved itself
             max_write_buffer=owner._max_write_buffer,
+            budget=owner._budget,
         )
         self._owner = owner
         self.peer = peer
         self.established_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._auth = DialerHandshake(owner._creds, "peer", owner.node_id, expect=peer.node_id)
-        self._proved = False
 
     def describe(self) -> str:
         return f"peer {self.peer.node_id!r} at {self.remote}"
@@ -221,37 +233,28 @@ class _OutboundProtocol(LinkProtocol):
     def _handle(self, msg: Any) -> None:
         cls = type(msg)
         if not self.established:
-            if cls is Challenge and not self._proved:
-                try:
-                    proof = self._auth.answer(msg.node_id, msg.nonce, msg.proof)
-                except AuthFailed as exc:
-                    self._handshake_failed(str(exc))
-                    return
-                self._proved = True
-                self.write_now(self._codec.frame(Proof(proof)))
-            elif cls is HelloAck and self._proved:
-                if msg.node_id != self.peer.node_id:
+            end = self._dialer_handshake(self._auth, msg)
+            if type(end) is HelloAck:
+                if end.node_id != self.peer.node_id:
                     self._handshake_failed(
-                        f"HelloAck names node {msg.node_id!r}, expected {self.peer.node_id!r}"
+                        f"HelloAck names node {end.node_id!r}, expected {self.peer.node_id!r}"
                     )
                     return
                 if self._timer is not None:
                     self._timer.cancel()
                 self.established = True
+                self._frames.max_frame = self._owner._max_frame
                 self.established_at = self._loop.time()
                 self.heard = self.peer
                 self._owner._outbound_established(self)
-            elif cls is Reject:
+            elif type(end) is Reject:
                 self._owner._dial_problem(
                     self.peer,
                     "rejected",
                     logging.WARNING,
-                    f"{self.describe()} rejected our hello: {msg.reason}",
+                    f"{self.describe()} rejected our hello: {end.reason}",
                 )
                 self.close("rejected by the peer")
-            else:
-                expected = "HelloAck" if self._proved else "Challenge"
-                self._handshake_failed(f"expected {expected}, got {cls.__name__}")
             return
         if cls is Ping:
             return
@@ -263,6 +266,9 @@ class _OutboundProtocol(LinkProtocol):
     def _handshake_failed(self, problem: str) -> None:
         self._owner._dial_problem(self.peer, "handshake", logging.WARNING, f"{self.describe()}: {problem}")
         self.abort("handshake failed")
+
+    def may_wait_for_budget(self) -> bool:
+        return self.established
 
     def _on_closed(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -324,6 +330,12 @@ class _ServerTls:
     def get_write_buffer_size(self) -> int:
         return self.raw.get_write_buffer_size()
 
+    def pause_reading(self) -> None:
+        self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.raw.resume_reading()
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
             return self.sslobj
@@ -350,8 +362,9 @@ class _InboundProtocol(LinkProtocol):
             prefix=owner._prefix,
             codec=owner._codec,
             decode=owner._hello_decoder.decode,
-            max_frame=min(PRE_AUTH_MAX_FRAME, owner._max_frame),
+            max_frame=min(owner._pre_auth_max_frame, owner._max_frame),
             max_write_buffer=owner._max_write_buffer,
+            budget=owner._budget,
         )
         self._owner = owner
         self.peer: _Peer | None = None
@@ -483,6 +496,12 @@ class _InboundProtocol(LinkProtocol):
         self._warn(f"first frame is not a valid hello: {problem}; closing the connection")
         self.reject("protocol error: the first frame must be a PeerHello or ClientHello")
 
+    def may_wait_for_budget(self) -> bool:
+        return self.peer is not None
+
+    def _budget_log(self, kind: str, text: str) -> None:
+        self._owner._log_limited(f"{kind}|{self.host}", f"{self.describe()}: {text}")
+
     def _on_closed(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -524,6 +543,8 @@ class Transport:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_connections_per_host: int = DEFAULT_MAX_CONNECTIONS_PER_HOST,
         tls: TlsFiles | None = None,
+        max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
+        pre_auth_max_frame: int = PRE_AUTH_MAX_FRAME,
     ) -> None:
         check_node_id(node_id)
         if heartbeat_interval <= 0 or heartbeat_timeout <= heartbeat_interval:
@@ -536,6 +557,13 @@ class Transport:
             raise ValueError("max_connections and max_connections_per_host must be >= 1")
         if handshake_timeout is not None and handshake_timeout <= 0:
             raise ValueError("handshake_timeout must be positive")
+        if pre_auth_max_frame <= 0:
+            raise ValueError("pre_auth_max_frame must be positive")
+        if max_buffered_bytes < max_frame + HEADER_SIZE:
+            raise ValueError(
+                f"max_buffered_bytes ({max_buffered_bytes}) must hold at least one largest frame "
+                f"(max_frame + {HEADER_SIZE} = {max_frame + HEADER_SIZE} bytes)"
+            )
         self.node_id = node_id
         self.cluster_name = cluster_name
         self.router = router if router is not None else MessageRouter(logger)
@@ -555,6 +583,8 @@ class Transport:
         self._max_per_host = max_connections_per_host
         self._per_host: dict[str, int] = {}
         self._max_frame = max_frame
+        self._pre_auth_max_frame = pre_auth_max_frame
+        self._budget = BufferBudget(max_buffered_bytes)
         self._max_write_buffer = max_write_buffer
         self._reconnect_min = reconnect_min
         self._reconnect_max = reconnect_max
@@ -663,6 +693,16 @@ class Transport:
         if self._port is None:
             raise RuntimeError("Transport not started")
         return self._port
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes reserved now by unfinished inbound frames, over all connections (see `BufferBudget`)."""
+        return self._budget.used
+
+    @property
+    def buffer_budget(self) -> BufferBudget:
+        """The node-wide budget of bytes in unfinished inbound frames (``max_buffered_bytes``)."""
+        return self._budget
 
     @property
     def members(self) -> Mapping[str, Address]:
