@@ -247,7 +247,8 @@ class _Promotion:
     asked: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # sync id -> (peer, map, sent)
     answered: dict[str, set[str]] = field(default_factory=dict)  # map -> peers that answered fully
     holders: dict[str, dict[str, set[int]]] = field(default_factory=dict)  # map -> peer -> partitions held
-    buffered: dict[int, list[tuple[int, str, Record]]] = field(default_factory=dict)  # sync id -> items so far
+    # sync id -> the items received so far (merged once the last chunk says which partitions count)
+    buffered: dict[int, list[tuple[int, str, Record]]] = field(default_factory=dict)
     have: dict[tuple[str, str], dict[tuple[int, str], tuple[int, int]]] = field(default_factory=dict)
     merged: int = 0
     phase: str = "sync"  # sync -> push -> (activate) -> done
@@ -362,7 +363,7 @@ class MapCore:
         self._last_housekeeping = 0.0
         self._last_pull = 0.0
 
-    # --- plumbing -----------------------------------------------------------------------------------
+    # --- plumbing -------------------------------------------------------------------------------------------
 
     def _clock(self, now: float, wall: int | None = None) -> None:
         self._now = now
@@ -428,7 +429,7 @@ class MapCore:
         """Acknowledgements a primary needs from replicas (write quorum minus itself)."""
         return min(self.specs[name].write_quorum, len(owners)) - 1
 
-    # --- definitions --------------------------------------------------------------------------------
+    # --- definitions ----------------------------------------------------------------------------------------
 
     def define(self, name: str, spec: MapSpec, engine: Engine | None, now: float) -> list[Action]:
         """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one)."""
@@ -463,7 +464,7 @@ class MapCore:
             )
         return spec
 
-    # --- the table ----------------------------------------------------------------------------------
+    # --- the table ------------------------------------------------------------------------------------------
 
     def set_table(self, new: PartitionTable, now: float, *, reset: bool = False) -> list[Action]:
         """A partition table committed in the consensus store (the same version again: only its
@@ -490,7 +491,7 @@ class MapCore:
         for p in range(new.partitions):
             if new.primary(p) != self.node_id:
                 if p in self.prims:
-                    self._step_down(p, f"{new.primary(p)} is the primary of partition {p} since table v{new.version}")
+                    self._step_down(p, f"{new.primary(p)} is primary of partition {p} since v{new.version}")
             elif p not in self.prims or not self.prims[p].ready or self._owners_changed(old, new, p):
                 # (a takeover still under way can only be recorded at the version it started at)
                 self._step_down(p, f"{self.node_id} takes partition {p} over again at table v{new.version}")
@@ -504,7 +505,8 @@ class MapCore:
             self._retarget(w)
         self.log.info(
             "partition table v%d: %d members, primary of %d partitions (%d to take over)",
-            new.version, len(new.members), sum(1 for p in range(new.partitions) if new.primary(p) == self.node_id),
+            new.version, len(new.members),
+            sum(1 for p in range(new.partitions) if new.primary(p) == self.node_id),
             len(promote),
         )
         self._retry_clients()
@@ -517,7 +519,8 @@ class MapCore:
         if old is None:
             return True
         return any(
-            owners_for(old, p, spec.replicas) != owners_for(new, p, spec.replicas) for spec in self.specs.values()
+            owners_for(old, p, spec.replicas) != owners_for(new, p, spec.replicas)
+            for spec in self.specs.values()
         )
 
     def _retarget(self, w: _Write) -> None:
@@ -670,7 +673,9 @@ class MapCore:
         """Send each replica of the promoted partitions what it lacked (once per replica and map)."""
         table = self.table
         assert table is not None
-        sent = {(ps.peer, ps.name, p) for ps in self._pushes.values() if ps.promotion is prom for p in ps.parts}
+        sent = {
+            (ps.peer, ps.name, p) for ps in self._pushes.values() if ps.promotion is prom for p in ps.parts
+        }
         for name, spec in self.specs.items():
             if name in self.broken or name not in self.engines:
                 continue
@@ -766,7 +771,7 @@ class MapCore:
         for op in ops:
             self._refuse_op(op, KIND_NOT_PRIMARY, why)
 
-    # --- membership and the leader's planning -------------------------------------------------------
+    # --- membership and the leader's planning ---------------------------------------------------------------
 
     def peer_up(self, peer: str, now: float) -> list[Action]:
         self._clock(now)
@@ -815,9 +820,9 @@ class MapCore:
         primary. Back after longer than the tombstone horizon, it drops its copies (removed keys
         whose tombstones were purged meanwhile must not come back) and is refilled by the cluster."""
         self._clock(now, wall)
-        if has_quorum and not self.has_quorum and self._quorum_lost_wall is not None:
-            if wall - self._quorum_lost_wall >= self.t.tombstone_ms:
-                self.forget_data(f"cut off for {(wall - self._quorum_lost_wall) / 1000:.0f}s")
+        lost = self._quorum_lost_wall
+        if has_quorum and not self.has_quorum and lost is not None and wall - lost >= self.t.tombstone_ms:
+            self.forget_data(f"cut off for {(wall - lost) / 1000:.0f}s")
         if not has_quorum and self.has_quorum:
             self._quorum_lost_wall = wall
         self.has_quorum = has_quorum
@@ -849,7 +854,9 @@ class MapCore:
         return sorted((self.up | {self.node_id} | set(self._down_since)) - gone - self.excluded)
 
     def _plan(self) -> None:
-        if not self.is_leader or not self.has_quorum or self._writing_table or self._now < self._table_retry_at:
+        if not (self.is_leader and self.has_quorum) or self._writing_table:
+            return
+        if self._now < self._table_retry_at:
             return
         live = self.live_members(self._now)
         if not live:
@@ -868,7 +875,7 @@ class MapCore:
             self._table_retry_at = now + 0.2
         return self._take()
 
-    # --- operations of local callers ----------------------------------------------------------------
+    # --- operations of local callers ------------------------------------------------------------------------
 
     def submit(
         self, op_id: int, name: str, op: int, key: str, value: bytes | None, expected: bytes | None,
@@ -905,7 +912,9 @@ class MapCore:
             c.last = f"partition {p}: its primary {primary} is not reachable"
             c.retry_at = self._now + min(0.5, 0.05 * c.attempts)
 
-    def _client_result(self, op_id: int, value: bytes | None, ok: bool, kind: str | None, error: str | None) -> None:
+    def _client_result(
+        self, op_id: int, value: bytes | None, ok: bool, kind: str | None, error: str | None
+    ) -> None:
         c = self.client.get(op_id)
         if c is None:
             return
@@ -930,7 +939,7 @@ class MapCore:
             if c.peer is None:
                 c.retry_at = min(c.retry_at, self._now)
 
-    # --- messages -------------------------------------------------------------------------------------
+    # --- messages -------------------------------------------------------------------------------------------
 
     def receive(self, sender: str, msg: Any, now: float, wall: int) -> list[Action]:
         self._clock(now, wall)
@@ -972,7 +981,7 @@ class MapCore:
                 self._send(sender, StatsResponse(msg.id, None, str(e)))
         return self._take()
 
-    # --- serving operations (primary) -----------------------------------------------------------------
+    # --- serving operations (primary) -----------------------------------------------------------------------
 
     def _serve(self, op: _Op) -> None:
         """Run `op` as primary of its partition, or refuse it so that the caller retries."""
@@ -1050,7 +1059,8 @@ class MapCore:
         owners = self._owners(op.name, op.partition)
         answer = op.value if op.op == OP_CAS else None
         self._inprogress.pop(op.oid, None)  # from now on a write: retries find it in `ops`
-        w = _Write(next(self._serials), op.name, op.partition, op.key, out.write, op.oid, [op.target, *op.extra],
+        w = _Write(next(self._serials), op.name, op.partition, op.key, out.write, op.oid,
+                   [op.target, *op.extra],
                    self._need(op.name, owners), answer)
         key = (op.name, op.key)
         prim.inflight[key] = prim.inflight.get(key, 0) + 1
@@ -1090,9 +1100,11 @@ class MapCore:
                 self._settled(prim, (w.name, w.key))
             for t in targets:
                 self._answer(t, w.answer, True)
-        if not w.targets and w.name in self.specs and self.table is not None:
-            if set(self._owners(w.name, w.partition)[1:]) <= w.acked:
-                self._untrack(w)
+        if (
+            not w.targets and w.name in self.specs and self.table is not None
+            and set(self._owners(w.name, w.partition)[1:]) <= w.acked
+        ):
+            self._untrack(w)
 
     def _untrack(self, w: _Write) -> None:
         self._tracked.pop(w.serial, None)
@@ -1154,7 +1166,8 @@ class MapCore:
         if not 0 <= p < self.partitions:
             self._send(sender, ReadCheckAck(msg.id, False, f"no partition {p}"))
         elif self.fence[p] > msg.epoch:
-            self._send(sender, ReadCheckAck(msg.id, False, f"fenced: epoch {self.fence[p]} took over partition {p}"))
+            why = f"fenced: epoch {self.fence[p]} took partition {p} over"
+            self._send(sender, ReadCheckAck(msg.id, False, why))
         else:
             self._raise_fence(p, msg.epoch)
             self._send(sender, ReadCheckAck(msg.id, True))
@@ -1202,7 +1215,7 @@ class MapCore:
         else:
             self._answer_op(op, out.value, out.ok)
 
-    # --- replicas ---------------------------------------------------------------------------------------
+    # --- replicas -------------------------------------------------------------------------------------------
 
     def _raise_fence(self, p: int, epoch: int) -> None:
         if epoch > self.fence[p]:
@@ -1220,7 +1233,8 @@ class MapCore:
             self._send(sender, ReplicateAck(msg.id, False, f"{self.node_id}: {self.broken[msg.map]}"))
             return
         if msg.record.epoch < self.fence[p]:
-            self._send(sender, ReplicateAck(msg.id, False, f"fenced: epoch {self.fence[p]} took over partition {p}"))
+            why = f"fenced: epoch {self.fence[p]} took partition {p} over"
+            self._send(sender, ReplicateAck(msg.id, False, why))
             return
         self._raise_fence(p, msg.record.epoch)
         ok, current = self._get(msg.map, p, msg.key)
@@ -1287,7 +1301,7 @@ class MapCore:
         by_p = self.ops.get(name, {})
         return [(p, o, r, at) for p in parts for (o, r), at in by_p.get(p, {}).items()]
 
-    # --- syncs -----------------------------------------------------------------------------------------
+    # --- syncs ----------------------------------------------------------------------------------------------
 
     def _serve_sync(self, sender: str, req: SyncRequest) -> None:
         parts = [p for p in req.partitions if 0 <= p < self.partitions]
@@ -1297,9 +1311,11 @@ class MapCore:
             if engine is not None and req.map not in self.broken and self.table is not None:
                 by_epoch: dict[int, list[int]] = {}
                 for p in mine:
-                    if sender in self._owners(req.map, p)[1:] and not any(
-                        ps.peer == sender and ps.name == req.map and p in ps.parts for ps in self._pushes.values()
-                    ):
+                    pushing = any(
+                        ps.peer == sender and ps.name == req.map and p in ps.parts
+                        for ps in self._pushes.values()
+                    )
+                    if sender in self._owners(req.map, p)[1:] and not pushing:
                         by_epoch.setdefault(self.prims[p].epoch, []).append(p)
                 for epoch, ps_ in by_epoch.items():
                     self._push(sender, req.map, ps_, epoch, None, None)
@@ -1345,7 +1361,9 @@ class MapCore:
                 return
             if msg.error is not None:
                 del prom.asked[msg.id]
-                self.log.info("taking over at v%d: %s could not send map %r: %s", prom.version, peer, name, msg.error)
+                self.log.info(
+                    "taking over at v%d: %s could not send map %r: %s", prom.version, peer, name, msg.error
+                )
                 return
             prom.asked[msg.id] = (peer, name, self._now)  # progress: not timed out
             have = prom.have.setdefault((peer, name), {})
@@ -1378,7 +1396,7 @@ class MapCore:
             self._advance(prom)
             return
 
-    # --- time -------------------------------------------------------------------------------------------
+    # --- time -----------------------------------------------------------------------------------------------
 
     def tick(self, now: float, wall: int) -> list[Action]:
         self._clock(now, wall)
@@ -1458,7 +1476,7 @@ class MapCore:
                     check.sent[peer] = self._now
                     self._send(peer, ReadCheck(check.id, p, check.epoch))
 
-    # --- storage failures ---------------------------------------------------------------------------------
+    # --- storage failures -----------------------------------------------------------------------------------
 
     def _storage_failed(self, name: str, e: BaseException) -> None:
         if name in self.broken:
@@ -1522,7 +1540,7 @@ class MapCore:
             pending_acks=len(pending), oldest_pending_ms=int((now - min(pending)) * 1000) if pending else 0,
         )
 
-    # --- housekeeping ------------------------------------------------------------------------------------------
+    # --- housekeeping ---------------------------------------------------------------------------------------
 
     def _housekeep(self) -> None:
         step = 64
@@ -1548,7 +1566,10 @@ class MapCore:
                     continue
                 spec = self.specs[name]
                 try:
-                    gone = [p for p in engine.partitions() if self.node_id not in owners_for(table, p, spec.replicas)]
+                    gone = [
+                        p for p in engine.partitions()
+                        if self.node_id not in owners_for(table, p, spec.replicas)
+                    ]
                 except Exception as e:
                     self._storage_failed(name, e)
                     continue

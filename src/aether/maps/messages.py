@@ -5,11 +5,12 @@ A `MapRequest` asks the partition's primary to run one operation and is answered
 owners, which answer `ReplicateAck`. A `SyncRequest` asks a node for every record of some
 partitions of one map and is answered by `SyncChunk`s (the last has ``done``); a non-zero
 ``fence`` (sent by a new primary) makes the receiver refuse replication of older epochs for
-those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and map stats. A new primary sends
-the merged state of its partitions to their replicas as `Push` messages (answered by `PushAck`),
-and confirms before answering a read that no newer primary fenced it with a `ReadCheck` round
-(answered by `ReadCheckAck`). Every write carries the id of the operation that made it
-(``origin``, ``rid``), so a retried operation is recognised at the primary (see `aether.maps.core`).
+those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and map stats.
+A new primary sends the merged state of its partitions to their replicas as `Push` messages
+(answered by `PushAck`), and confirms before answering a read that no newer primary fenced it
+with a `ReadCheck` round (answered by `ReadCheckAck`). Every write carries the id of the
+operation that made it (``origin``, ``rid``), so a retried operation is recognised at the primary
+(see `aether.maps.core`).
 May import only msgspec and `aether.maps.records`.
 """
 

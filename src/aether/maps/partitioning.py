@@ -16,7 +16,9 @@ import msgspec
 
 from aether.core.maps import PartitionTable
 
-__all__ = ["DEFAULT_PARTITIONS", "activate", "active_owners", "owners_for", "partition_of", "plan_table", "rank"]
+__all__ = [
+    "DEFAULT_PARTITIONS", "activate", "active_owners", "owners_for", "partition_of", "plan_table", "rank",
+]
 
 DEFAULT_PARTITIONS = 1024
 

@@ -137,7 +137,7 @@ class MapService:
         self._alive_written = 0.0
         self._held: dict[str, list[tuple[float, object]]] = {}  # answers waiting for our link to a peer
 
-    # --- views used by the API, the CLI and tests ---------------------------------------------------
+    # --- views used by the API, the CLI and tests -----------------------------------------------------------
 
     @property
     def table(self) -> PartitionTable | None:
@@ -160,7 +160,7 @@ class MapService:
         """Partitions this node is taking over as primary (not serving yet)."""
         return sum(1 for prim in self.core.prims.values() if not prim.ready)
 
-    # --- lifecycle -----------------------------------------------------------------------------------
+    # --- lifecycle ------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._check_horizon()
@@ -241,7 +241,7 @@ class MapService:
                 del self._held[peer]
         self._run(self.core.tick(now, wall))
 
-    # --- the tombstone horizon across restarts ---------------------------------------------------------
+    # --- the tombstone horizon across restarts --------------------------------------------------------------
 
     def _check_horizon(self) -> None:
         """A node that was down longer than the tombstone horizon drops its persistent copies: keys
@@ -267,7 +267,7 @@ class MapService:
         except OSError as e:
             self.log.warning("cannot record the map liveness time: %s", e)
 
-    # --- actions ---------------------------------------------------------------------------------------
+    # --- actions --------------------------------------------------------------------------------------------
 
     def _run(self, actions: list[Any]) -> None:
         for a in actions:
@@ -315,7 +315,7 @@ class MapService:
                     ok = True
                     break
             except Exception as e:  # no quorum or a timeout: the outcome is unknown, so ask again
-                self.log.info("cannot record taking over %d partitions at v%d yet: %s", len(parts), version, e)
+                self.log.info("cannot record taking over %d partitions at v%d: %s", len(parts), version, e)
                 await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
                 continue
             await asyncio.sleep(0.01 * attempt)  # another primary recorded its partitions: again
@@ -334,7 +334,7 @@ class MapService:
                 self.log.warning("cannot record this node's map storage health: %s", e)
                 await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
 
-    # --- consensus store events --------------------------------------------------------------------------
+    # --- consensus store events -----------------------------------------------------------------------------
 
     def _define(self, name: str, spec: MapSpec) -> None:
         old = self.core.specs.get(name)
@@ -394,7 +394,7 @@ class MapService:
     def _on_health_event(self, ev: Any) -> None:
         self._load_health()
 
-    # --- membership ----------------------------------------------------------------------------------------
+    # --- membership -----------------------------------------------------------------------------------------
 
     def peer_up(self, peer: str) -> None:
         held = self._held.pop(peer, [])
@@ -421,7 +421,7 @@ class MapService:
     def live_members(self) -> list[str]:
         return self.core.live_members(self.now())
 
-    # --- messages ----------------------------------------------------------------------------------------------
+    # --- messages -------------------------------------------------------------------------------------------
 
     def dispatch(self, sender: str, msg: Any) -> None:
         """The transport callback for map messages."""
@@ -432,7 +432,7 @@ class MapService:
             return
         self._run(self.core.receive(sender, msg, self.now(), self.wall_ms()))
 
-    # --- the MapBackend (any node) ----------------------------------------------------------------------------
+    # --- the MapBackend (any node) --------------------------------------------------------------------------
 
     async def _op(
         self, name: str, op: int, key: str, value: bytes | None = None, expected: bytes | None = None,

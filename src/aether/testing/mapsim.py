@@ -361,7 +361,7 @@ class MapWorld:
         self._loggers: dict[str, _Quiet] = {}
         self.loop.set_exception_handler(self._on_loop_error)
 
-    # --- plumbing ---
+    # --- plumbing -------------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
         self.trace.append(f"{self.loop.time():8.3f} {msg}")
         if self.verbose:
@@ -392,7 +392,7 @@ class MapWorld:
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:
         self.errors.append(f"loop: {ctx.get('message')} {ctx.get('exception')!r}")
 
-    # --- connectivity ---
+    # --- connectivity ---------------------------------------------------------------------------------------
     def connected(self, a: str, b: str) -> bool:
         return (a, b) not in self.links and (b, a) not in self.links \
             and self.nodes[a].running and self.nodes[b].running
@@ -462,13 +462,13 @@ class MapWorld:
         node = self.nodes[dst]
         if self.queues.get((src, dst), 0) != gen or not node.running or node.gen != dst_gen:
             return  # the link went down meanwhile (in-flight data is lost), or the node restarted
-        if not self.connected(src, dst) or src not in self.view_up[dst] and dst not in self.view_up[src]:
+        if not self.connected(src, dst) or (src not in self.view_up[dst] and dst not in self.view_up[src]):
             return
         msg = msgspec.msgpack.decode(data, type=MapMessage)
         if node.service is not None:
             self.guard(node.service.dispatch, src, msg)
 
-    # --- the run ---
+    # --- the run --------------------------------------------------------------------------------------------
     async def main(self) -> None:
         self.store.commit("put", str(MapDefKey(MAP)), MapSpec(
             replicas=self.profile.replicas, write_quorum=self.profile.write_quorum, engine="memory"))
@@ -520,8 +520,9 @@ class MapWorld:
                 try:
                     v = await svc.map_get(MAP, key)
                 except MapError as e:
-                    raise SimViolation(f"final read of {key} through {nid} failed after healing: {e}") from None
-                self.history.append(Op(1000 + self.ids.index(nid), "get", key, None, None, t0, self.loop.time(), v))
+                    raise SimViolation(f"final read of {key} through {nid} failed after heal: {e}") from None
+                client = 1000 + self.ids.index(nid)
+                self.history.append(Op(client, "get", key, None, None, t0, self.loop.time(), v))
                 seen[nid] = v
             if len(set(seen.values())) != 1:
                 raise SimViolation(f"final reads of {key} disagree: {seen}")
