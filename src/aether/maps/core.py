@@ -431,9 +431,20 @@ class MapCore:
 
     # --- definitions ----------------------------------------------------------------------------------------
 
-    def define(self, name: str, spec: MapSpec, engine: Engine | None, now: float) -> list[Action]:
-        """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one)."""
+    def define(
+        self, name: str, spec: MapSpec, engine: Engine | None, now: float, *, new: bool = False
+    ) -> list[Action]:
+        """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one).
+
+        `new`: the definition was committed while this node was running (not found at its start),
+        so its copy of the map holds every write it acknowledged: it counts for the partitions'
+        active configurations (a restarted node's copy does not, until a takeover pushes to it)."""
         self._clock(now)
+        table = self.table
+        if new and name not in self.specs and table is not None and len(table.active) == table.partitions:
+            for p, v in enumerate(table.active):
+                if v:
+                    self.held.setdefault((name, p), set()).add(v)
         self.specs[name] = spec
         if engine is not None:
             old = self.engines.pop(name, None)
@@ -694,20 +705,25 @@ class MapCore:
         self, peer: str, name: str, parts: list[int], epoch: int, prom: _Promotion | None,
         known: dict[tuple[int, str], tuple[int, int]] | None,
     ) -> None:
-        """Push `parts` of map `name` to `peer` (only records newer than `known`, if given)."""
+        """Make `peer`'s copy of `parts` of map `name` equal to this node's: the whole of them, or
+        (`known`: what `peer` reported holding) what differs."""
         engine = self.engines[name]
         items: list[tuple[int, str, Record]] = []
+        deletes: list[tuple[int, str]] = []
         try:
             for p in sorted(parts):
+                mine: set[str] = set()
                 for key, rec in engine.scan(p):
-                    v = None if known is None else known.get((p, key))
-                    if known is None or v is None or (rec.epoch, rec.seq) > v:
+                    mine.add(key)
+                    if known is None or known.get((p, key)) != (rec.epoch, rec.seq):
                         items.append((p, key, rec))
+                if known is not None:
+                    deletes.extend((q, key) for (q, key) in known if q == p and key not in mine)
         except Exception as e:
             self._storage_failed(name, e)
             return
         rid = next(self._ids)
-        msg = Push(rid, name, epoch, sorted(parts), items, self._ops_of(name, parts))
+        msg = Push(rid, name, epoch, sorted(parts), items, self._ops_of(name, parts), deletes, known is None)
         self._pushes[rid] = _PushState(peer, name, sorted(parts), self._now, msg, prom)
         if peer in self.up:
             self._send(peer, msg)
@@ -1263,13 +1279,29 @@ class MapCore:
             return
         for p in parts:
             self._raise_fence(p, msg.epoch)
-        for p, key, rec in msg.items:
-            ok, current = self._get(msg.map, p, key)
-            if ok and newer(rec, current):
-                ok = self._put(msg.map, p, key, rec)
-            if not ok:
-                self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
-                return
+        # The push is the primary's copy as of its takeover at `epoch`: it replaces what this node
+        # holds, except records written since the takeover (epoch `epoch`, newer by sequence).
+        def replaced(current: Record | None) -> bool:
+            return current is None or current.epoch < msg.epoch
+        engine = self.engines[msg.map]
+        try:
+            if msg.full:
+                pushed = {(p, key) for p, key, _r in msg.items}
+                for p in parts:
+                    for key, current in list(engine.scan(p)):
+                        if (p, key) not in pushed and replaced(current):
+                            engine.delete(p, key)
+            for p, key in msg.deletes:
+                if p in parts and replaced(engine.get(p, key)):
+                    engine.delete(p, key)
+            for p, key, rec in msg.items:
+                current = engine.get(p, key)
+                if replaced(current) or newer(rec, current):
+                    engine.put(p, key, rec)
+        except Exception as e:
+            self._storage_failed(msg.map, e)
+            self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
+            return
         self._merge_ops(msg.map, msg.ops)
         for p in parts:
             self.held.setdefault((msg.map, p), set()).add(msg.epoch)

@@ -168,6 +168,10 @@ class Push(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=62):
     partitions: list[int]
     items: list[tuple[int, str, Record]]
     ops: OpIds = []
+    deletes: list[tuple[int, str]] = []
+    """Keys the replica reported that the primary does not hold."""
+    full: bool = False
+    """The items are the whole of these partitions: the replica deletes what else it holds."""
 
 
 class PushAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=63):

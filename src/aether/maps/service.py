@@ -336,12 +336,12 @@ class MapService:
 
     # --- consensus store events -----------------------------------------------------------------------------
 
-    def _define(self, name: str, spec: MapSpec) -> None:
+    def _define(self, name: str, spec: MapSpec, *, new: bool = False) -> None:
         old = self.core.specs.get(name)
         engine = None
         if name not in self.core.engines or (old is not None and old.engine != spec.engine):
             engine = self.open_storage(spec.engine, self.data_dir, name)
-        self._run(self.core.define(name, spec, engine, self.now()))
+        self._run(self.core.define(name, spec, engine, self.now(), new=new))
 
     def _undefine(self, name: str) -> None:
         engine = self.core.undefine(name)
@@ -361,7 +361,7 @@ class MapService:
                     self._undefine(name)
             for name, spec in current.items():
                 if isinstance(spec, MapSpec):
-                    self._define(name, spec)
+                    self._define(name, spec, new=True)
             return
         name = ev.key[len(MapDefKey.prefix):]
         if ev.kind == "put":
@@ -370,7 +370,7 @@ class MapService:
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 self.log.warning("ignoring malformed map definition %s: %s", ev.key, e)
                 return
-            self._define(name, spec)
+            self._define(name, spec, new=True)
         elif ev.kind == "remove":
             self._undefine(name)
 

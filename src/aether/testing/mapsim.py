@@ -470,12 +470,14 @@ class MapWorld:
 
     # --- the run --------------------------------------------------------------------------------------------
     async def main(self) -> None:
-        self.store.commit("put", str(MapDefKey(MAP)), MapSpec(
-            replicas=self.profile.replicas, write_quorum=self.profile.write_quorum, engine="memory"))
         for nid in self.members:
             self.nodes[nid].start()
         self.topology_changed()
-        await asyncio.sleep(1.0)
+        # defined once the first table is in use (as a blueprint applied to a running cluster)
+        await asyncio.sleep(0.5)
+        self.store.commit("put", str(MapDefKey(MAP)), MapSpec(
+            replicas=self.profile.replicas, write_quorum=self.profile.write_quorum, engine="memory"))
+        await asyncio.sleep(0.5)
         clients = [self.spawn(self.client(i)) for i in range(self.profile.clients)]
         faults = self.spawn(self.faults())
         await asyncio.sleep(self.profile.duration)
