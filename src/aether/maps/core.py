@@ -1288,8 +1288,8 @@ class MapCore:
             if msg.full:
                 pushed = {(p, key) for p, key, _r in msg.items}
                 for p in parts:
-                    for key, current in list(engine.scan(p)):
-                        if (p, key) not in pushed and replaced(current):
+                    for key, held_rec in list(engine.scan(p)):
+                        if (p, key) not in pushed and replaced(held_rec):
                             engine.delete(p, key)
             for p, key in msg.deletes:
                 if p in parts and replaced(engine.get(p, key)):
