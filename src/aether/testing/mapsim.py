@@ -732,9 +732,36 @@ class Outcome:
     trace: list[str]
 
 
-def run_map_seed(seed: int, profile: str = "mixed", *, verbose: bool = False) -> Outcome:
+def _no_read_check(core: Any, prim: Any, op: Any, value: Any = None, ok: bool = True) -> None:
+    core._answer_now(prim, op)  # answers without waiting for writes or confirming it is primary
+
+
+def _no_owner_quorum(core: Any, prom: Any, p: int) -> bool:
+    return True  # serves without copies from the active configuration's owners
+
+
+def _no_quorum_check(core: Any, has_quorum: bool, now: float, wall: int) -> list[Any]:
+    return core._take()  # keeps serving as primary without a quorum
+
+
+MUTANTS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
+    "no-owner-quorum": [("_synced", _no_owner_quorum)],
+    "stale-primary": [("_observe", _no_read_check), ("set_quorum", _no_quorum_check)],
+    "no-quorum-check": [("set_quorum", _no_quorum_check)],
+}
+"""Deliberate bugs (`--mutant`): the checks must catch each (tests/test_map_simulation.py)."""
+
+
+def run_map_seed(seed: int, profile: str = "mixed", *, verbose: bool = False, mutant: str | None = None) -> Outcome:
+    from unittest import mock
+
+    from aether.maps.core import MapCore
+
     world = MapWorld(seed, profile, verbose=verbose)
-    world.run()
+    with contextlib.ExitStack() as stack:
+        for attr, fn in MUTANTS[mutant] if mutant is not None else []:
+            stack.enter_context(mock.patch.object(MapCore, attr, fn))
+        world.run()
     problem = ""
     if world.violations:
         problem = world.violations[0]
@@ -753,6 +780,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="seeded simulation of the distributed map")
     ap.add_argument("--seeds", default="1:20", help="A:B (half-open) or one seed")
     ap.add_argument("--profile", default="mixed", choices=profile_names())
+    ap.add_argument("--mutant", choices=sorted(MUTANTS), help="run with a deliberate bug")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     if ":" in args.seeds:
@@ -762,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = range(int(args.seeds), int(args.seeds) + 1)
     failed = 0
     for seed in seeds:
-        out = run_map_seed(seed, args.profile, verbose=args.verbose)
+        out = run_map_seed(seed, args.profile, verbose=args.verbose, mutant=args.mutant)
         status = "ok" if out.ok else "FAIL"
         print(f"seed {seed} [{out.describe}] {status} ops={out.stats['ops']} ok={out.stats['ok']} "
               f"indeterminate={out.stats['indeterminate']} faults={out.stats['faults']}"
