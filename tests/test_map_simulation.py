@@ -16,9 +16,9 @@ import pytest
 from aether.testing.mapsim import profile_names, run_map_seed
 
 SEEDS = int(os.environ.get("AETHER_MAP_SIM_SEEDS", "12"))
-# Seeds known to fail, still open (see docs/maps.md "Known problems"): they must keep failing the
-# same way until fixed (then remove them here), and no other seed may fail.
-KNOWN = {("crash", 7)}
+# Seeds known to fail, still open (none at the moment): listed here they are reported as expected
+# failures; any other failing seed fails the test.
+KNOWN: set[tuple[str, int]] = set()
 
 
 @pytest.mark.timeout(300)

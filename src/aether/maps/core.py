@@ -452,6 +452,14 @@ class MapCore:
                 old.close()
             self.engines[name] = engine
             self.ops.setdefault(name, {})
+        if new and table is not None:
+            # a map with more replicas than the others may have owners the active configurations
+            # do not name: take those partitions over again
+            again = {p for p, prim in self.prims.items() if prim.ready and self._unrecorded(table, p)}
+            for p in again:
+                self._step_down(p, f"map {name!r} has owners of partition {p} not recorded yet")
+            if again:
+                self._start_promotion(table.version, again)
         return self._take()
 
     def undefine(self, name: str) -> Engine | None:
@@ -503,7 +511,7 @@ class MapCore:
             if new.primary(p) != self.node_id:
                 if p in self.prims:
                     self._step_down(p, f"{new.primary(p)} is primary of partition {p} since v{new.version}")
-            elif p not in self.prims or not self.prims[p].ready or self._owners_changed(old, new, p):
+            elif p not in self.prims or not self.prims[p].ready or self._unrecorded(new, p):
                 # (a takeover still under way can only be recorded at the version it started at)
                 self._step_down(p, f"{self.node_id} takes partition {p} over again at table v{new.version}")
                 promote.add(p)
@@ -524,13 +532,11 @@ class MapCore:
         self._plan()
         return self._take()
 
-    def _owners_changed(self, old: PartitionTable | None, new: PartitionTable, p: int) -> bool:
-        """Whether the owners of `p` (of any map) differ between `old` and `new`: a primary that
-        keeps `p` takes it over again, so that the new owners hold it before it is recorded."""
-        if old is None:
-            return True
+    def _unrecorded(self, table: PartitionTable, p: int) -> bool:
+        """Whether the owners of `p` (of any map) differ from those of its active configuration: a
+        primary that keeps `p` takes it over again, so that they hold it before it is recorded."""
         return any(
-            owners_for(old, p, spec.replicas) != owners_for(new, p, spec.replicas)
+            active_owners(table, p, spec.replicas) != owners_for(table, p, spec.replicas)
             for spec in self.specs.values()
         )
 

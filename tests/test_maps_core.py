@@ -1,0 +1,251 @@
+"""`MapCore` driven directly (sans-IO): a few nodes, a list as the network, a variable as the
+consensus store. Each test pins one rule of docs/maps.md at the level where it lives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from aether.core.maps import MapSpec, MapUnavailable
+from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
+from aether.maps.messages import MapRequest, MapResponse, ReplicateAck
+from aether.maps.partitioning import activate, partition_of
+from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
+from aether.maps.storage import MemoryEngine
+
+P = 8  # partitions
+
+
+class Full(MemoryEngine):
+    """A memory engine whose writes fail while `full` (a full disk)."""
+
+    full = False
+
+    def put(self, partition: int, key: str, rec: Any) -> None:
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().put(partition, key, rec)
+
+
+class Net:
+    def __init__(self, n: int = 3) -> None:
+        self.ids = [f"n{i + 1}" for i in range(n)]
+        self.t = MapTimings(op_timeout=3.0, attempt_timeout=0.5)
+        self.cores = {i: MapCore(i, partitions=P, timings=self.t, incarnation=k) for k, i in enumerate(self.ids)}
+        self.engines = {i: Full() for i in self.ids}
+        self.table: Any = None
+        self.queue: list[tuple[str, str, Any]] = []
+        self.results: dict[int, Any] = {}
+        self.now = 0.0
+        self.drop: Any = lambda src, dst, msg: False
+        self.health: dict[str, str] = {}
+        for i, c in self.cores.items():
+            for j in self.ids:
+                if j != i:
+                    self.run(i, c.peer_up(j, 0.0))
+        self.run(self.ids[0], self.cores[self.ids[0]].set_leader(True, 0.0))
+        self.settle()
+        for i, c in self.cores.items():
+            self.run(i, c.define("m", MapSpec(), self.engines[i], 0.0, new=True))
+        self.settle()
+
+    def run(self, node: str, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self.queue.append((node, a.peer, a.msg))
+            elif isinstance(a, Reply):
+                self.results[a.op] = (a.value, a.ok)
+            elif isinstance(a, Fail):
+                self.results[a.op] = a.error
+            elif isinstance(a, WriteTable):
+                ok = self.table == a.expected
+                if ok:
+                    self.set_table(a.new)
+                self.run(node, self.cores[node].table_written(ok, self.now))
+            elif isinstance(a, Activate):
+                ok = self.table is not None and self.table.version == a.version
+                if ok:
+                    self.set_table(activate(self.table, a.partitions))
+                self.run(node, self.cores[node].activated(a.version, a.partitions, ok, self.now))
+            elif isinstance(a, StorageHealth):
+                if a.reason is None:
+                    self.health.pop(node, None)
+                else:
+                    self.health[node] = a.reason
+                for i, c in self.cores.items():
+                    self.run(i, c.set_excluded(self.health, self.now))
+
+    def set_table(self, table: Any) -> None:
+        self.table = table
+        for i, c in self.cores.items():
+            self.run(i, c.set_table(table, self.now))
+
+    def pump(self) -> None:
+        while self.queue:
+            src, dst, msg = self.queue.pop(0)
+            if not self.drop(src, dst, msg):
+                self.run(dst, self.cores[dst].receive(src, msg, self.now, int(self.now * 1000)))
+
+    def tick(self, dt: float = 0.05) -> None:
+        self.now += dt
+        for i, c in self.cores.items():
+            self.run(i, c.tick(self.now, int(self.now * 1000)))
+        self.pump()
+
+    def settle(self, seconds: float = 1.0) -> None:
+        self.pump()
+        end = self.now + seconds
+        while self.now < end:
+            self.tick()
+
+    def primary_of(self, key: str) -> str:
+        return str(self.table.primary(partition_of(key, P)))
+
+    def submit(self, node: str, op_id: int, op: int, key: str, value: bytes | None = None,
+               expected: bytes | None = None) -> None:
+        self.run(node, self.cores[node].submit(op_id, "m", op, key, value, expected, 0, self.now, int(self.now * 1000)))
+
+
+def _client_of(net: Net, key: str) -> str:
+    return next(i for i in net.ids if i != net.primary_of(key))
+
+
+def test_every_partition_is_served_after_start() -> None:
+    net = Net()
+    assert net.table is not None and net.table.members == net.ids
+    assert all(v == net.table.version for v in net.table.active)
+    assert sum(sum(1 for p in c.prims.values() if p.ready) for c in net.cores.values()) == P
+
+
+@pytest.mark.parametrize(("op", "expected", "answer"), [(OP_REMOVE, None, (None, True)), (OP_CAS, b"a", (b"b", True))])
+def test_a_retry_after_a_lost_answer_reports_the_first_attempts_outcome(
+    op: int, expected: bytes | None, answer: tuple[bytes | None, bool]
+) -> None:
+    """A remove (or compare-and-set) applied by the primary whose answer was lost is retried with
+    the same id: the retry reports that it was applied (True), not what running it again would
+    report (False: the key is gone / no longer holds the expected value)."""
+    net = Net()
+    key = "k"
+    client = _client_of(net, key)
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    assert net.results[1] == (None, True)
+    lost: list[Any] = []
+
+    def drop_first_answer(src: str, dst: str, msg: Any) -> bool:
+        if isinstance(msg, MapResponse) and dst == client and not lost:
+            lost.append(msg)
+            return True
+        return False
+
+    net.drop = drop_first_answer
+    net.submit(client, 2, op, key, b"b" if op == OP_CAS else None, expected)
+    net.settle(2.0)
+    assert lost, "the first answer was dropped"
+    assert net.results[2] == answer
+    net.submit(client, 3, OP_GET, key)
+    net.settle()
+    assert net.results[3] == ((None, True) if op == OP_REMOVE else (b"b", True))
+
+
+def test_a_primary_whose_replicas_refuse_never_answers_failed_and_the_caller_gets_indeterminate() -> None:
+    """Without acknowledgements the primary keeps the write pending (resending it); the caller's
+    answer is `MapUnavailable` saying the write may or may not have been applied."""
+    net = Net()
+    key = "k"
+    prim = net.primary_of(key)
+    net.drop = lambda src, dst, msg: isinstance(msg, ReplicateAck) and dst == prim
+    net.submit(prim, 1, OP_PUT, key, b"v")
+    net.settle(4.0)
+    err = net.results[1]
+    assert isinstance(err, MapUnavailable) and "may or may not" in str(err)
+    # the replicas did store it: once acknowledgements flow again, reads see it
+    net.drop = lambda src, dst, msg: False
+    net.submit(prim, 2, OP_GET, key)
+    net.settle()
+    assert net.results[2] == (b"v", True)
+
+
+def test_a_duplicated_request_runs_once() -> None:
+    """The same request delivered twice (a retry that crossed the first attempt) runs once: a
+    copy arriving while the first waits joins it, and a copy arriving after it was answered gets
+    the same answer. A compare-and-set cannot fail for one copy and then apply for the other
+    after the key changed."""
+    net = Net()
+    key = "k"
+    prim = net.primary_of(key)
+    client = _client_of(net, key)
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    answers: list[MapResponse] = []
+
+    def watch(src: str, dst: str, msg: Any) -> bool:
+        if isinstance(msg, MapResponse) and msg.id == 777:
+            answers.append(msg)
+        return False
+
+    net.drop = watch
+    req = MapRequest(777, OP_CAS, "m", key, b"b", None, 0)  # "set b if absent": fails while k holds a
+
+    def deliver() -> None:
+        net.run(prim, net.cores[prim].receive(client, req, net.now, int(net.now * 1000)))
+
+    deliver()
+    deliver()  # joins the first (waiting for its read check)
+    net.settle()
+    assert [(m.ok, m.value) for m in answers] == [(False, b"a"), (False, b"a")]
+    net.submit(client, 2, OP_REMOVE, key)  # now "if absent" would succeed
+    net.settle()
+    deliver()  # a late copy: the first answer again, not a second execution
+    net.settle()
+    assert [(m.ok, m.value) for m in answers][-1] == (False, b"a")
+    net.submit(client, 3, OP_GET, key)
+    net.settle()
+    assert net.results[3] == (None, True), "the late copy did not apply the compare-and-set"
+
+
+def test_a_full_disk_takes_the_node_out_of_the_table_and_it_comes_back() -> None:
+    net = Net()
+    victim = net.ids[2]
+    key = next(k for k in (f"k{i}" for i in range(100)) if net.primary_of(k) == victim)
+    net.engines[victim].full = True
+    net.submit(net.ids[0], 1, OP_PUT, key, b"v")
+    net.settle(3.0)
+    assert victim in net.health and "No space left" in net.health[victim]
+    assert victim not in net.table.members
+    assert net.results[1] == (None, True), "the write went to the new primary"
+    net.engines[victim].full = False
+    net.settle(net.t.probe_after + 2.0)
+    assert victim not in net.health and victim in net.table.members
+    net.submit(victim, 2, OP_GET, key)
+    net.settle()
+    assert net.results[2] == (b"v", True)
+
+
+def test_a_node_cut_off_longer_than_the_tombstone_horizon_drops_its_copies() -> None:
+    """Back after longer than the tombstone horizon, a node drops its copies (a key removed
+    meanwhile, its tombstone purged, must not come back from them) and takes its partitions over
+    again from the other owners."""
+    net = Net()
+    node = net.ids[1]
+    core = net.cores[node]
+    keys = [f"k{i}" for i in range(40)]
+    for i, key in enumerate(keys):
+        net.submit(node, i, OP_PUT, key, b"v")
+    net.settle()
+    assert net.engines[node].entries == len(keys)
+    net.run(node, core.set_quorum(False, net.now, 0))
+    net.run(node, core.set_quorum(True, net.now, 1000))  # a short cut: nothing dropped
+    assert net.engines[node].entries == len(keys)
+    net.run(node, core.set_quorum(False, net.now, 2000))
+    net.run(node, core.set_quorum(True, net.now, 2000 + net.t.tombstone_ms))
+    mine = [k for k in keys if net.primary_of(k) == node]
+    assert net.engines[node].entries < len(keys)
+    assert not any(p.ready for p in core.prims.values()), "it takes its partitions over again"
+    net.settle()
+    assert all(p.ready for p in core.prims.values())
+    for i, key in enumerate(mine):
+        net.submit(node, 100 + i, OP_GET, key)
+    net.settle()
+    assert all(net.results[100 + i] == (b"v", True) for i in range(len(mine)))
