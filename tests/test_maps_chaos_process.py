@@ -98,7 +98,8 @@ async def test_keys_through_a_node_left_alone_is_503_not_an_empty_list(
             assert len((await r.json())["keys"]) == 200
         c.stop(1)
         c.stop(2)
-        async with http.get(f"{base[0]}/api/v1/maps/orders/keys", timeout=aiohttp.ClientTimeout(total=30)) as r:
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with http.get(f"{base[0]}/api/v1/maps/orders/keys", timeout=timeout) as r:
             text = await r.text()
             assert r.status == 503, text
             assert "partitions" in text, text
@@ -163,7 +164,8 @@ async def test_a_full_disk_takes_the_node_out_and_it_recovers(
             log = c.log_text(victim)
             assert log.count("Traceback") <= 2, log[-3000:]
             # free the space: the node comes back and gets its copy again
-            subprocess.run(["mount", "-o", "remount,size=64m", str(maps_dir)], check=True, capture_output=True)
+            remount = ["mount", "-o", "remount,size=64m", str(maps_dir)]
+            subprocess.run(remount, check=True, capture_output=True)
             end = loop.time() + 60
             while True:
                 st = await _stats(http, base[0])

@@ -32,7 +32,9 @@ class Net:
     def __init__(self, n: int = 3) -> None:
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.t = MapTimings(op_timeout=3.0, attempt_timeout=0.5)
-        self.cores = {i: MapCore(i, partitions=P, timings=self.t, incarnation=k) for k, i in enumerate(self.ids)}
+        self.cores = {
+            i: MapCore(i, partitions=P, timings=self.t, incarnation=k) for k, i in enumerate(self.ids)
+        }
         self.engines = {i: Full() for i in self.ids}
         self.table: Any = None
         self.queue: list[tuple[str, str, Any]] = []
@@ -104,7 +106,8 @@ class Net:
 
     def submit(self, node: str, op_id: int, op: int, key: str, value: bytes | None = None,
                expected: bytes | None = None) -> None:
-        self.run(node, self.cores[node].submit(op_id, "m", op, key, value, expected, 0, self.now, int(self.now * 1000)))
+        wall = int(self.now * 1000)
+        self.run(node, self.cores[node].submit(op_id, "m", op, key, value, expected, 0, self.now, wall))
 
 
 def _client_of(net: Net, key: str) -> str:
@@ -118,7 +121,9 @@ def test_every_partition_is_served_after_start() -> None:
     assert sum(sum(1 for p in c.prims.values() if p.ready) for c in net.cores.values()) == P
 
 
-@pytest.mark.parametrize(("op", "expected", "answer"), [(OP_REMOVE, None, (None, True)), (OP_CAS, b"a", (b"b", True))])
+@pytest.mark.parametrize(
+    ("op", "expected", "answer"), [(OP_REMOVE, None, (None, True)), (OP_CAS, b"a", (b"b", True))]
+)
 def test_a_retry_after_a_lost_answer_reports_the_first_attempts_outcome(
     op: int, expected: bytes | None, answer: tuple[bytes | None, bool]
 ) -> None:

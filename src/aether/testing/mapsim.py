@@ -752,7 +752,9 @@ MUTANTS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
 """Deliberate bugs (`--mutant`): the checks must catch each (tests/test_map_simulation.py)."""
 
 
-def run_map_seed(seed: int, profile: str = "mixed", *, verbose: bool = False, mutant: str | None = None) -> Outcome:
+def run_map_seed(
+    seed: int, profile: str = "mixed", *, verbose: bool = False, mutant: str | None = None
+) -> Outcome:
     from unittest import mock
 
     from aether.maps.core import MapCore
