@@ -10,24 +10,25 @@ storage engines are synchronous and handed in by the adapter. The seeded simulat
 
 Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the full model):
 
-- **Primary** (first owner). Becomes primary at an *epoch* (the table version at which it took
-  over) after *promotion*: it asks every member for its records of `p` with a *fence* (from then
-  on they refuse the previous primary's writes and read checks), merges them by version, and needs
-  answers from at least ``R - W + 1`` of the partition's previous owners (every acknowledged write
-  is on ``W`` of them, so one copy is among the answers). It then pushes to each replica what that
-  replica lacked and serves once ``W - 1`` replicas have it. It evaluates every operation without
-  yielding; a write is stored, sent to the replicas, and answered once ``W - 1`` acknowledged.
-  Unacknowledged writes are resent until acknowledged or the primary is deposed; never failed.
-  A read, or an operation that writes nothing, waits until no write of its key is unacknowledged
-  and until a *read check* started after it confirmed with ``W - 1`` replicas that no newer
-  primary fenced them: a deposed primary cannot answer from stale data.
-- **Replica**: applies writes and pushes unless fenced (keeping the higher version of each key),
-  answers read checks, and raises its fence when it sees a newer epoch.
+- **Primary** (first owner). Serves `p` after taking it over at the current table version (its
+  *epoch*): it asks every member for its copy with a *fence* (they then refuse older primaries'
+  writes and read checks), merges the copies that the owners of `p`'s *active configuration* held
+  since it became active — it needs ``R - W + 1`` of them, since every acknowledged write is on
+  ``W`` — pushes to each current owner what it lacked until ``W - 1`` have it, and records its
+  epoch as the active configuration (`Activate`: a compare-and-set of the table, which fails once
+  a newer table exists). It takes `p` over again whenever `p`'s owners differ from the active
+  configuration's. It evaluates every operation without yielding; a write is stored, sent to the
+  replicas, and answered once ``W - 1`` acknowledged; an unacknowledged write is resent until it
+  is, never failed. A read, or an operation that writes nothing, waits until no write of its key
+  is unacknowledged and until a *read check* started after it confirmed with ``W - 1`` replicas
+  that no newer primary fenced them: a deposed primary cannot answer from stale data.
+- **Replica**: applies writes and pushes unless fenced, answers read checks, raises its fence when
+  it sees a newer epoch, and asks its primary for the active configuration's copy if it lacks it.
 - **Any node** runs operations for local callers: sends each to the partition's primary (a direct
   call when that is itself) and retries with the *same* operation id until it gets an answer or
-  `op_timeout` passes. Primaries and replicas remember the ids of applied writes for `dedup_ms`
-  (they travel with the records), so a retry after a lost answer, a failover or a handover
-  reports the outcome of the first attempt instead of applying it again.
+  `op_timeout` passes. Applied writes' ids travel with the records (kept `dedup_ms`), and the
+  primary keeps one execution per id (retries join it, answered ones get the same answer), so a
+  retry after a lost answer, a failover or a handover reports the first attempt's outcome.
 - **Leader** (of the consensus store): keeps the table equal to the live members (a node counts as
   gone `down_grace` seconds after its link dropped), checked on every change and every tick.
 
