@@ -142,6 +142,48 @@ async def test_adding_a_node_moves_only_its_share(tmp_path: Path) -> None:
         await c.stop_all()
 
 
+async def test_a_handover_fails_no_write_in_flight(tmp_path: Path) -> None:
+    """A joining node takes over its share of primaries while writers run through every node and
+    counters are incremented with compare-and-set: no write fails, none is lost or applied twice."""
+    c = MapCluster(tmp_path, 4)
+    try:
+        await c.start("node-1", "node-2", "node-3")
+        await c.wait_table(ALL3)
+        await c.define("orders", MapSpec(replicas=3, write_quorum=2))
+        maps = [c.node(n).maps for n in ALL3]
+        acked: list[str] = []
+        stop = asyncio.Event()
+        writers = [asyncio.create_task(_writer(m, f"w{i}", acked, stop)) for i, m in enumerate(maps)]
+        increments = [0, 0, 0]
+
+        async def incr(i: int) -> None:
+            m = maps[i]
+            while not stop.is_set():
+                key = f"counter-{i}"
+                cur = await m.map_get("orders", key)
+                new = str(int(cur or b"0") + 1).encode()
+                if await m.map_compare_and_set("orders", key, cur, new):
+                    increments[i] += 1
+                await asyncio.sleep(0.002)
+
+        counters = [asyncio.create_task(incr(i)) for i in range(3)]
+        await asyncio.sleep(0.5)
+        await c.start("node-4")
+        await c.wait_table([*ALL3, "node-4"])
+        await asyncio.sleep(0.5)
+        stop.set()
+        failed = await asyncio.gather(*writers)
+        await asyncio.gather(*counters)
+        assert failed == [0, 0, 0], "no write failed during the handover"
+        m4 = c.node("node-4").maps
+        for key in acked:
+            assert await m4.map_get("orders", key) == key.encode(), key
+        for i in range(3):
+            assert await m4.map_get("orders", f"counter-{i}") == str(increments[i]).encode()
+    finally:
+        await c.stop_all()
+
+
 async def test_concurrent_compare_and_set_has_one_winner_per_round(cluster: MapCluster) -> None:
     maps = [cluster.node(n).maps for n in ALL3]
     await maps[0].map_put("orders", "counter", b"0")

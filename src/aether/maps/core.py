@@ -437,22 +437,36 @@ class MapCore:
     ) -> list[Action]:
         """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one).
 
-        `new`: the definition was committed while this node was running (not found at its start),
-        so its copy of the map holds every write it acknowledged: it counts for the partitions'
-        active configurations (a restarted node's copy does not, until a takeover pushes to it)."""
+        `new`: the definition was committed while this node was running; partitions whose owners
+        for this map differ from their active configuration's are taken over again. (Copies count
+        per partition, for every map: a node that did not know a map yet refused its writes, so it
+        never acknowledged one it does not hold.)"""
         self._clock(now)
         table = self.table
-        if new and name not in self.specs and table is not None and len(table.active) == table.partitions:
-            for p, v in enumerate(table.active):
-                if v:
-                    self.held.setdefault((name, p), set()).add(v)
         self.specs[name] = spec
         if engine is not None:
             old = self.engines.pop(name, None)
             if old is not None and old is not engine:
                 old.close()
             self.engines[name] = engine
-            self.ops.setdefault(name, {})
+            self.ops[name] = {}
+            for (n, q) in [k for k in self.held if k[0] == name]:
+                del self.held[(n, q)]
+            try:
+                for q, versions in engine.held().items():
+                    self.held[(name, q)] = set(versions)
+                for q, origin, rid, at in engine.load_ops():
+                    self.ops[name].setdefault(q, {})[(origin, rid)] = at
+                if new:
+                    # a map this node learns while running: it refused the map's writes until now,
+                    # so an empty copy holds all it acknowledged, as its takeovers' partitions do
+                    filled = engine.partitions()
+                    for (n, q), versions in list(self.held.items()):
+                        if n == "" and q not in filled:
+                            for v in versions:
+                                self._hold(name, q, v)
+            except Exception as e:
+                self._storage_failed(name, e)
         if new and table is not None:
             # a map with more replicas than the others may have owners the active configurations
             # do not name: take those partitions over again
@@ -468,6 +482,8 @@ class MapCore:
         self.specs.pop(name, None)
         self.ops.pop(name, None)
         self.broken.pop(name, None)
+        for key in [k for k in self.held if k[0] == name]:
+            del self.held[key]
         for sid in [k for k, w in self._tracked.items() if w.name == name]:
             self._untrack(self._tracked[sid])
         for rid in [k for k, ps in self._pushes.items() if ps.name == name]:
@@ -588,9 +604,36 @@ class MapCore:
             active = [table.active[p] if len(table.active) == table.partitions else 0 for p in parts]
             self._send(peer, SyncRequest(rid, name, parts, prom.version, active))
 
+    def _holds(self, name: str, p: int, version: int) -> bool:
+        return version in self.held.get((name, p), ())
+
+    def _hold(self, name: str, p: int, version: int) -> None:
+        """This node's copy of partition `p` of map `name` (""; the partition itself) holds the
+        configuration active since `version`: kept with the data (`Engine.set_held`)."""
+        versions = self.held.setdefault((name, p), set())
+        if version in versions:
+            return
+        versions.add(version)
+        while len(versions) > 8:
+            versions.discard(min(versions))
+        self._persist_held(name, p)
+
+    def _unhold(self, name: str, p: int) -> None:
+        if self.held.pop((name, p), None) is not None:
+            self._persist_held(name, p)
+
+    def _persist_held(self, name: str, p: int) -> None:
+        engine = self.engines.get(name) if name else None
+        if engine is not None and name not in self.broken:
+            try:
+                engine.set_held(p, self.held.get((name, p), set()))
+            except Exception as e:
+                self._storage_failed(name, e)
+
     def _drop(self, name: str, p: int) -> None:
         """Delete this node's copy of partition `p` of map `name`."""
-        self.held.pop((name, p), None)
+        self._unhold(name, p)
+        self.ops.get(name, {}).pop(p, None)
         try:
             self.engines[name].drop(p)
         except Exception as e:
@@ -603,7 +646,7 @@ class MapCore:
         owners = active_owners(table, p, spec.replicas)
         if owners is None or self.node_id not in owners:
             return False
-        return table.active[p] in self.held.get((name, p), ())
+        return self._holds(name, p, table.active[p])
 
     def _synced(self, prom: _Promotion, p: int) -> bool:
         """Enough owners of `p`'s active configuration answered for every map (every acknowledged
@@ -675,8 +718,8 @@ class MapCore:
 
     def _activated(self, prom: _Promotion, parts: set[int]) -> None:
         for p in parts:
-            for name in self.specs:
-                self.held.setdefault((name, p), set()).add(prom.version)
+            for name in ["", *self.specs]:
+                self._hold(name, p, prom.version)
             prom.activating.discard(p)
             prom.parts.discard(p)
             self._ready(p)
@@ -694,13 +737,11 @@ class MapCore:
         sent = {
             (ps.peer, ps.name, p) for ps in self._pushes.values() if ps.promotion is prom for p in ps.parts
         }
-        for name, spec in self.specs.items():
-            if name in self.broken or name not in self.engines:
-                continue
+        for name, replicas in self._push_targets():
             done = prom.pushed.get(name, set())
             by_peer: dict[str, list[int]] = {}
             for p in prom.parts:
-                for peer in owners_for(table, p, spec.replicas)[1:]:
+                for peer in owners_for(table, p, replicas)[1:]:
                     if (peer, p) not in done and (peer, name, p) not in sent:
                         by_peer.setdefault(peer, []).append(p)
             for peer, parts in by_peer.items():
@@ -708,17 +749,27 @@ class MapCore:
                 full = peer not in prom.answered.get(name, set())
                 self._push(peer, name, parts, prom.version, prom, None if full else known)
 
+    def _push_targets(self) -> list[tuple[str, int]]:
+        """The maps a takeover pushes (name, replicas), and the partition itself (name ""): its
+        owners acknowledging the takeover is what makes their copies count later, also for maps
+        defined afterwards."""
+        out = [
+            (n, spec.replicas) for n, spec in self.specs.items() if n not in self.broken and n in self.engines
+        ]
+        widest = max([spec.replicas for spec in self.specs.values()], default=MapSpec().replicas)
+        return [*out, ("", widest)]
+
     def _push(
         self, peer: str, name: str, parts: list[int], epoch: int, prom: _Promotion | None,
         known: dict[tuple[int, str], tuple[int, int]] | None,
     ) -> None:
         """Make `peer`'s copy of `parts` of map `name` equal to this node's: the whole of them, or
-        (`known`: what `peer` reported holding) what differs."""
-        engine = self.engines[name]
+        (`known`: what `peer` reported holding) what differs. Map "": only the takeover itself."""
         items: list[tuple[int, str, Record]] = []
         deletes: list[tuple[int, str]] = []
         try:
-            for p in sorted(parts):
+            for p in sorted(parts) if name else ():
+                engine = self.engines[name]
                 mine: set[str] = set()
                 for key, rec in engine.scan(p):
                     mine.add(key)
@@ -736,12 +787,14 @@ class MapCore:
             self._send(peer, msg)
 
     def _pushed(self, prom: _Promotion, p: int) -> bool:
-        for name in self.specs:
-            if name in self.broken or name not in self.engines:
-                continue
-            owners = self._owners(name, p)
+        table = self.table
+        assert table is not None
+        for name, replicas in self._push_targets():
+            owners = owners_for(table, p, replicas)
+            default_need = min(MapSpec().write_quorum, len(owners)) - 1
+            need = self._need(name, owners) if name else default_need
             got = prom.pushed.get(name, set())
-            if sum(1 for o in owners[1:] if (o, p) in got) < self._need(name, owners):
+            if sum(1 for o in owners[1:] if (o, p) in got) < need:
                 return False
         return True
 
@@ -861,11 +914,13 @@ class MapCore:
             try:
                 for p in list(engine.partitions()):
                     engine.drop(p)
+                engine.purge_ops(range(self.partitions), 2**62)
             except Exception as e:
                 self._storage_failed(name, e)
         for by_p in self.ops.values():
             by_p.clear()
-        self.held.clear()  # its copies count again only for configurations activated from now on
+        for name, p in list(self.held):  # its copies count again only for takeovers from now on
+            self._unhold(name, p)
         table = self.table
         if table is not None:
             mine = {p for p in range(table.partitions) if table.primary(p) == self.node_id}
@@ -1010,10 +1065,9 @@ class MapCore:
         """Run `op` as primary of its partition, or refuse it so that the caller retries."""
         spec = self.specs.get(op.name)
         if spec is None:
-            try:
-                self.spec(op.name)
-            except UnknownMap as e:
-                self._refuse_op(op, KIND_UNKNOWN_MAP, str(e))
+            # the caller's node knows the map (it checks first): this node has not seen its
+            # definition yet, so the caller tries again
+            self._refuse_op(op, KIND_NOT_PRIMARY, f"{self.node_id} does not know map {op.name!r} yet")
             return
         if op.value is not None and len(op.value) > spec.max_value_bytes:
             self._refuse_op(op, KIND_BAD_REQUEST, (
@@ -1078,7 +1132,7 @@ class MapCore:
             self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
             return
         prim.seq += 1
-        self.ops.setdefault(op.name, {}).setdefault(op.partition, {})[op.oid] = self._wall
+        self._merge_ops(op.name, [(op.partition, op.oid[0], op.oid[1], self._wall)])
         owners = self._owners(op.name, op.partition)
         answer = op.value if op.op == OP_CAS else None
         self._inprogress.pop(op.oid, None)  # from now on a write: retries find it in `ops`
@@ -1267,10 +1321,20 @@ class MapCore:
             self._send(sender, ReplicateAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
             return
         if msg.origin:
-            self.ops.setdefault(msg.map, {}).setdefault(p, {})[(msg.origin, msg.rid)] = self._wall
+            self._merge_ops(msg.map, [(p, msg.origin, msg.rid, self._wall)])
         self._send(sender, ReplicateAck(msg.id, True))
 
     def _on_push(self, sender: str, msg: Push) -> None:
+        if not msg.map:  # the takeover of these partitions, without data
+            if any(not 0 <= p < self.partitions or self.fence[p] > msg.epoch for p in msg.partitions):
+                why = "fenced: a newer primary took these partitions over"
+                self._send(sender, PushAck(msg.id, False, why))
+                return
+            for p in msg.partitions:
+                self._raise_fence(p, msg.epoch)
+                self._hold("", p, msg.epoch)
+            self._send(sender, PushAck(msg.id, True))
+            return
         if msg.map not in self.engines:
             self._send(sender, PushAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
             return
@@ -1311,7 +1375,7 @@ class MapCore:
             return
         self._merge_ops(msg.map, msg.ops)
         for p in parts:
-            self.held.setdefault((msg.map, p), set()).add(msg.epoch)
+            self._hold(msg.map, p, msg.epoch)
         self._send(sender, PushAck(msg.id, True))
 
     def _on_push_ack(self, sender: str, msg: PushAck) -> None:
@@ -1332,6 +1396,13 @@ class MapCore:
             self._advance(prom)
 
     def _merge_ops(self, name: str, ops: OpIds) -> None:
+        """Remember applied operations (in memory, and with the data: `Engine.add_ops`)."""
+        engine = self.engines.get(name)
+        if engine is not None and ops and name not in self.broken:
+            try:
+                engine.add_ops(list(ops))
+            except Exception as e:
+                self._storage_failed(name, e)
         by_p = self.ops.setdefault(name, {})
         for p, origin, rid, at in ops:
             by_p.setdefault(p, {})[(origin, rid)] = at
@@ -1387,7 +1458,7 @@ class MapCore:
         for chunk in chunks:
             self._send(sender, chunk)
         active = dict(zip(req.partitions, req.active, strict=False))
-        held = [p for p in parts if active.get(p) and active[p] in self.held.get((req.map, p), ())]
+        held = [p for p in parts if active.get(p) and self._holds(req.map, p, active[p])]
         self._send(sender, SyncChunk(req.id, items, True, None, self._ops_of(req.map, parts), held))
 
     def _on_chunk(self, sender: str, msg: SyncChunk) -> None:
@@ -1482,7 +1553,7 @@ class MapCore:
             for p in range(table.partitions):
                 active = table.active[p]
                 owners = owners_for(table, p, spec.replicas)
-                if not active or self.node_id not in owners[1:] or active in self.held.get((name, p), ()):
+                if not active or self.node_id not in owners[1:] or self._holds(name, p, active):
                     continue
                 if owners[0] in self.up:
                     by_primary.setdefault(owners[0], []).append(p)
@@ -1592,6 +1663,12 @@ class MapCore:
                 except Exception as e:
                     self._storage_failed(name, e)
         horizon = self._wall - self.t.dedup_ms
+        for name, engine in self.engines.items():
+            if name not in self.broken:
+                try:
+                    engine.purge_ops(parts, horizon)
+                except Exception as e:
+                    self._storage_failed(name, e)
         for by_p in self.ops.values():
             for p in parts:
                 done = by_p.get(p)

@@ -44,6 +44,22 @@ class Engine(Protocol):
         """Delete the records of `partitions` whose expiry is due (values and tombstones); their count."""
         ...
 
+    def held(self) -> dict[int, set[int]]:
+        """Per partition, the table versions whose copy this storage holds (see `MapCore.held`);
+        kept with the data, so a persistent engine keeps it across restarts."""
+        ...
+
+    def set_held(self, partition: int, versions: set[int]) -> None: ...
+
+    def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
+        """Remember applied operations ``(partition, origin, rid, applied_at_ms)`` with the data
+        (`drop` forgets a partition's), so that a retry is recognised after a restart too."""
+        ...
+
+    def load_ops(self) -> list[tuple[int, str, int, int]]: ...
+
+    def purge_ops(self, partitions: range, before_ms: int) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -56,8 +72,33 @@ def _size(rec: Record | None) -> tuple[int, int]:
 class MemoryEngine:
     def __init__(self) -> None:
         self._parts: dict[int, dict[str, Record]] = {}
+        self._held: dict[int, set[int]] = {}
+        self._ops: dict[int, dict[tuple[str, int], int]] = {}
         self.entries = 0
         self.bytes = 0
+
+    def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
+        for p, origin, rid, at in ops:
+            self._ops.setdefault(p, {})[(origin, rid)] = at
+
+    def load_ops(self) -> list[tuple[int, str, int, int]]:
+        return [(p, o, r, at) for p, d in self._ops.items() for (o, r), at in d.items()]
+
+    def purge_ops(self, partitions: range, before_ms: int) -> None:
+        for p in partitions:
+            d = self._ops.get(p)
+            if d:
+                for k in [k for k, at in d.items() if at < before_ms]:
+                    del d[k]
+
+    def held(self) -> dict[int, set[int]]:
+        return {p: set(v) for p, v in self._held.items()}
+
+    def set_held(self, partition: int, versions: set[int]) -> None:
+        if versions:
+            self._held[partition] = set(versions)
+        else:
+            self._held.pop(partition, None)
 
     def get(self, partition: int, key: str) -> Record | None:
         part = self._parts.get(partition)
@@ -88,6 +129,7 @@ class MemoryEngine:
         return {p for p, d in self._parts.items() if d}
 
     def drop(self, partition: int) -> None:
+        self._ops.pop(partition, None)
         part = self._parts.pop(partition, None)
         if part:
             for rec in part.values():
@@ -108,6 +150,8 @@ class MemoryEngine:
 
     def close(self) -> None:
         self._parts.clear()
+        self._held.clear()
+        self._ops.clear()
         self.entries = self.bytes = 0
 
 
@@ -127,6 +171,11 @@ class SqliteEngine:
             "CREATE TABLE IF NOT EXISTS records (p INTEGER NOT NULL, k TEXT NOT NULL, v BLOB, "
             "epoch INTEGER NOT NULL, seq INTEGER NOT NULL, exp INTEGER NOT NULL, PRIMARY KEY (p, k)) "
             "WITHOUT ROWID"
+        )
+        self._db.execute("CREATE TABLE IF NOT EXISTS held (p INTEGER PRIMARY KEY, versions TEXT NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS ops (p INTEGER NOT NULL, origin TEXT NOT NULL, rid INTEGER NOT NULL, "
+            "at INTEGER NOT NULL, PRIMARY KEY (p, origin, rid)) WITHOUT ROWID"
         )
         row = self._db.execute(
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE v IS NOT NULL"
@@ -168,6 +217,7 @@ class SqliteEngine:
         return {r[0] for r in self._db.execute("SELECT DISTINCT p FROM records")}
 
     def drop(self, partition: int) -> None:
+        self._db.execute("DELETE FROM ops WHERE p = ?", (partition,))
         row = self._db.execute(
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE p = ? AND v IS NOT NULL",
             (partition,),
@@ -186,6 +236,33 @@ class SqliteEngine:
         self.entries -= int(row[0])
         self.bytes -= int(row[1])
         return int(n)
+
+    def held(self) -> dict[int, set[int]]:
+        rows = self._db.execute("SELECT p, versions FROM held").fetchall()
+        return {int(p): {int(v) for v in versions.split(",") if v} for p, versions in rows}
+
+    def set_held(self, partition: int, versions: set[int]) -> None:
+        if versions:
+            self._db.execute(
+                "INSERT OR REPLACE INTO held (p, versions) VALUES (?, ?)",
+                (partition, ",".join(str(v) for v in sorted(versions))),
+            )
+        else:
+            self._db.execute("DELETE FROM held WHERE p = ?", (partition,))
+
+    def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
+        if ops:
+            self._db.executemany("INSERT OR REPLACE INTO ops (p, origin, rid, at) VALUES (?, ?, ?, ?)", ops)
+
+    def load_ops(self) -> list[tuple[int, str, int, int]]:
+        rows = self._db.execute("SELECT p, origin, rid, at FROM ops")
+        return [(int(p), str(o), int(r), int(a)) for p, o, r, a in rows]
+
+    def purge_ops(self, partitions: range, before_ms: int) -> None:
+        self._db.execute(
+            "DELETE FROM ops WHERE p >= ? AND p < ? AND at < ?",
+            (partitions.start, partitions.stop, before_ms),
+        )
 
     def close(self) -> None:
         self._db.close()
