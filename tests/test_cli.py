@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import socket
 import subprocess
@@ -413,10 +412,10 @@ def test_silent_server_is_not_called_unreachable() -> None:
 def test_default_timeout_exceeds_the_server_deadlines() -> None:
     from aether.cli import http
     from aether.cli.main import DEFAULT_TIMEOUT, Settings
-    from aether.maps.service import MapService
+    from aether.maps.core import MapTimings
 
     # the map service retries for op_timeout; invoke waits 10 s by default
-    op_timeout = inspect.signature(MapService.__init__).parameters["op_timeout"].default
+    op_timeout = MapTimings().op_timeout
     assert max(op_timeout, 10.0) <= http.SERVER_DEADLINE
     assert DEFAULT_TIMEOUT == http.DEFAULT_TIMEOUT == Settings().timeout > http.SERVER_DEADLINE
     assert http.ManagementClient("127.0.0.1:1").timeout == DEFAULT_TIMEOUT

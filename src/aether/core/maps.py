@@ -133,6 +133,8 @@ class PartitionTable(msgspec.Struct, frozen=True):
     owners: list[list[int]]
     active: list[int] = []
     configs: dict[int, list[str]] = {}
+    activations: int = 0
+    """How many takeovers were recorded in the table so far (each is one write of it)."""
 
     def ranking(self, partition: int) -> list[str]:
         return [self.members[i] for i in self.owners[partition]]

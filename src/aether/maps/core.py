@@ -467,6 +467,10 @@ class MapCore:
                                 self._hold(name, q, v)
             except Exception as e:
                 self._storage_failed(name, e)
+        for prom in self._promotions:
+            if prom.phase == "sync" and self.table is not None:  # takeovers under way copy it too
+                peers = (set(self.table.members) | self.up) - {self.node_id}
+                self._ask(prom, [(peer, name) for peer in sorted(peers)])
         if new and table is not None:
             # a map with more replicas than the others may have owners the active configurations
             # do not name: take those partitions over again
@@ -669,19 +673,25 @@ class MapCore:
                 have += 1
             if have >= need:
                 continue
-            # owners that left the table, or answered without the copy (they restarted): if too
-            # many, the copies may be lost for good; after `force_after` it goes on without them
-            gone = [o for o in others if (o not in answered and o not in table.members)
-                    or (o in answered and p not in holders.get(o, ()))]
+            # Owners that answered without the copy (they restarted, or lost their disk) or left the
+            # table: after `force_after` it goes on without them (they may come back with it from
+            # a split), saying that writes only they had may be lost. When every owner answered
+            # and none holds a copy (the whole configuration restarted), nothing can come back:
+            # it goes on at once.
+            lost = [o for o in others if o in answered and p not in holders.get(o, ())]
             if self.node_id in owners and not self._trusted(p, spec, name):
-                gone.append(self.node_id)
-            if have + len(gone) >= need and self._now - prom.started >= self.t.force_after:
+                lost.append(self.node_id)
+            left = [o for o in others if o not in answered and o not in table.members]
+            all_lost = have == 0 and len(lost) == len(owners)
+            if all_lost or (
+                have + len(lost) + len(left) >= need and self._now - prom.started >= self.t.force_after
+            ):
                 if not prom.forced:
                     prom.forced = True
                     self.log.warning(
-                        "partition %d of map %r: owner(s) %s left the cluster or lost their copy before "
+                        "partition %d of map %r: owner(s) %s lost their copy or left the cluster before "
                         "this node could copy from them; writes acknowledged only by them may be lost",
-                        p, name, ", ".join(gone),
+                        p, name, ", ".join(lost + left),
                     )
                 continue
             return False
@@ -1084,7 +1094,8 @@ class MapCore:
             self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken[op.name]}")
             return
         if not self.has_quorum:
-            self._refuse_op(op, KIND_NOT_PRIMARY, f"{self.node_id} cannot reach a majority of the cluster")
+            why = f"{self.node_id} has no quorum (it sees no majority of the cluster)"
+            self._refuse_op(op, KIND_NOT_PRIMARY, why)
             return
         if not prim.ready:
             if len(prim.parked) >= _MAX_PARKED:
@@ -1314,6 +1325,12 @@ class MapCore:
             self._send(sender, ReplicateAck(msg.id, False, why))
             return
         self._raise_fence(p, msg.record.epoch)
+        if not self._holds(msg.map, p, msg.record.epoch):
+            # it acknowledges writes only on top of the takeover's copy (the push, resent until it
+            # arrives): a node that answers a later takeover without the copy acknowledged nothing
+            why = f"{self.node_id} has no copy of partition {p} from its takeover at v{msg.record.epoch} yet"
+            self._send(sender, ReplicateAck(msg.id, False, why))
+            return
         ok, current = self._get(msg.map, p, msg.key)
         if ok and newer(msg.record, current):
             ok = self._put(msg.map, p, msg.key, msg.record)

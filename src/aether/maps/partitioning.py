@@ -53,7 +53,8 @@ def plan_table(
     if previous is not None and len(previous.active) == partitions:
         active = list(previous.active)
         configs = {v: previous.configs[v] for v in set(active) if v in previous.configs}
-    return PartitionTable(version, partitions, members, owners, active, configs)
+    activations = previous.activations if previous is not None else 0
+    return PartitionTable(version, partitions, members, owners, active, configs, activations)
 
 
 def activate(table: PartitionTable, parts: Iterable[int]) -> PartitionTable:
@@ -64,7 +65,7 @@ def activate(table: PartitionTable, parts: Iterable[int]) -> PartitionTable:
     configs = dict(table.configs)
     configs[table.version] = list(table.members)
     configs = {v: configs[v] for v in set(active) if v in configs}
-    return msgspec.structs.replace(table, active=active, configs=configs)
+    return msgspec.structs.replace(table, active=active, configs=configs, activations=table.activations + 1)
 
 
 def active_owners(table: PartitionTable, partition: int, replicas: int) -> list[str] | None:

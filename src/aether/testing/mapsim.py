@@ -54,6 +54,7 @@ from aether.testing.vloop import SimDeadlock, VirtualTimeLoop
 __all__ = ["MapWorld", "Outcome", "profile_names", "run_map_seed"]
 
 MAP = "m"
+MAP2 = "m2"
 PARTITIONS = 16
 
 
@@ -352,6 +353,7 @@ class MapWorld:
         self.view_up: dict[str, set[str]] = {nid: set() for nid in self.ids}  # what each node was told
         self.queues: dict[tuple[str, str], int] = {}  # generation per directed link (a cut loses in flight)
         self.history: list[Op] = []
+        self.maps = [MAP]  # defined so far
         self.errors: list[str] = []
         self.violations: list[str] = []
         self.trace: list[str] = []
@@ -478,6 +480,7 @@ class MapWorld:
         self.store.commit("put", str(MapDefKey(MAP)), MapSpec(
             replicas=self.profile.replicas, write_quorum=self.profile.write_quorum, engine="memory"))
         await asyncio.sleep(0.5)
+        self.spawn(self.define_later())
         clients = [self.spawn(self.client(i)) for i in range(self.profile.clients)]
         faults = self.spawn(self.faults())
         await asyncio.sleep(self.profile.duration)
@@ -488,6 +491,14 @@ class MapWorld:
             c.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
         await self.settle()
+
+    async def define_later(self) -> None:
+        """A second map, defined while the cluster runs (takeovers may be under way)."""
+        await asyncio.sleep(self.rng.uniform(1.0, self.profile.duration / 2))
+        self.store.commit("put", str(MapDefKey(MAP2)), MapSpec(replicas=self.profile.replicas,
+                                                               write_quorum=self.profile.write_quorum))
+        self.log(f"define {MAP2}")
+        self.maps.append(MAP2)
 
     def heal(self) -> None:
         self.links.clear()
@@ -512,22 +523,24 @@ class MapWorld:
                 break
             if self.loop.time() > deadline:
                 raise SimViolation(f"no convergence 40 s after healing: {problem}")
-        for k in range(self.profile.keys):
-            key = f"k{k}"
-            seen = {}
-            for nid in self.ids:
-                svc = self.nodes[nid].service
-                assert svc is not None
-                t0 = self.loop.time()
-                try:
-                    v = await svc.map_get(MAP, key)
-                except MapError as e:
-                    raise SimViolation(f"final read of {key} through {nid} failed after heal: {e}") from None
-                client = 1000 + self.ids.index(nid)
-                self.history.append(Op(client, "get", key, None, None, t0, self.loop.time(), v))
-                seen[nid] = v
-            if len(set(seen.values())) != 1:
-                raise SimViolation(f"final reads of {key} disagree: {seen}")
+        for name in self.maps:
+            for k in range(self.profile.keys):
+                key = f"k{k}"
+                seen = {}
+                for nid in self.ids:
+                    svc = self.nodes[nid].service
+                    assert svc is not None
+                    t0 = self.loop.time()
+                    try:
+                        v = await svc.map_get(name, key)
+                    except MapError as e:
+                        raise SimViolation(f"final read of {name}/{key} through {nid} failed: {e}") from None
+                    client = 1000 + self.ids.index(nid)
+                    hkey = f"{name}/{key}"
+                    self.history.append(Op(client, "get", hkey, None, None, t0, self.loop.time(), v))
+                    seen[nid] = v
+                if len(set(seen.values())) != 1:
+                    raise SimViolation(f"final reads of {name}/{key} disagree: {seen}")
 
     def _settled(self) -> str | None:
         table = None
@@ -547,20 +560,21 @@ class MapWorld:
         if sorted(table.members) != sorted(self.ids):
             return f"table v{table.version} has members {table.members}"
         # replicas hold what their primary holds
-        for p in range(PARTITIONS):
-            owners = owners_for(table, p, self.profile.replicas)
-            prim = self.nodes[owners[0]].service
-            assert prim is not None
-            ref = dict(prim.engines[MAP].scan(p)) if MAP in prim.engines else {}
-            for o in owners[1:]:
-                svc = self.nodes[o].service
-                assert svc is not None
-                mine = dict(svc.engines[MAP].scan(p)) if MAP in svc.engines else {}
-                live_ref = {k: r for k, r in ref.items() if r.value is not None}
-                live_mine = {k: r for k, r in mine.items() if r.value is not None}
-                if live_ref != live_mine:
-                    diff = sorted(set(live_ref) ^ set(live_mine))[:3] or sorted(live_ref)[:3]
-                    return f"partition {p}: replica {o} differs from primary {owners[0]}: {diff}"
+        for name in self.maps:
+            for p in range(PARTITIONS):
+                owners = owners_for(table, p, self.profile.replicas)
+                prim = self.nodes[owners[0]].service
+                assert prim is not None
+                ref = dict(prim.engines[name].scan(p)) if name in prim.engines else {}
+                for o in owners[1:]:
+                    svc = self.nodes[o].service
+                    assert svc is not None
+                    mine = dict(svc.engines[name].scan(p)) if name in svc.engines else {}
+                    live_ref = {k: r for k, r in ref.items() if r.value is not None}
+                    live_mine = {k: r for k, r in mine.items() if r.value is not None}
+                    if live_ref != live_mine:
+                        diff = sorted(set(live_ref) ^ set(live_mine))[:3] or sorted(live_ref)[:3]
+                        return f"{name} partition {p}: replica {o} differs from primary {owners[0]}: {diff}"
         return None
 
     async def client(self, idx: int) -> None:
@@ -574,7 +588,11 @@ class MapWorld:
             nid = rng.choice(running)
             svc = self.nodes[nid].service
             assert svc is not None
+            name = rng.choice(self.maps)
             key = f"k{rng.randrange(self.profile.keys)}"
+            hkey = f"{name}/{key}"
+            if name not in svc.specs:
+                continue  # this node has not seen the definition yet (UnknownMap before anything)
             n += 1
             value = f"c{idx}-{n}".encode()
             kind = rng.choices(["get", "put", "cas", "remove"], [4, 3, 3, 1])[0]
@@ -583,30 +601,30 @@ class MapWorld:
             self.stats["ops"] += 1
             try:
                 if kind == "get":
-                    result: Any = await svc.map_get(MAP, key)
+                    result: Any = await svc.map_get(name, key)
                 elif kind == "put":
-                    await svc.map_put(MAP, key, value)
+                    await svc.map_put(name, key, value)
                     result = None
                 elif kind == "remove":
-                    result = await svc.map_remove(MAP, key)
+                    result = await svc.map_remove(name, key)
                 else:
                     # expect what a read (any recent one) saw, sometimes absent
-                    expected = rng.choice([self._recent(key), None])
-                    result = await svc.map_compare_and_set(MAP, key, expected, value)
+                    expected = rng.choice([self._recent(hkey), None])
+                    result = await svc.map_compare_and_set(name, key, expected, value)
             except MapUnavailable:
                 self.stats["indeterminate"] += 1
-                self.history.append(Op(idx, kind, key, value if kind in ("put", "cas") else None,
+                self.history.append(Op(idx, kind, hkey, value if kind in ("put", "cas") else None,
                                        expected, t0, None, None))
                 continue
             except asyncio.CancelledError:
-                self.history.append(Op(idx, kind, key, value if kind in ("put", "cas") else None,
+                self.history.append(Op(idx, kind, hkey, value if kind in ("put", "cas") else None,
                                        expected, t0, None, None))
                 raise
             except MapError as e:
-                self.violations.append(f"client {idx}: {kind} {key} failed unexpectedly: {e!r}")
+                self.violations.append(f"client {idx}: {kind} {hkey} failed unexpectedly: {e!r}")
                 continue
             self.stats["ok"] += 1
-            self.history.append(Op(idx, kind, key, value if kind in ("put", "cas") else None,
+            self.history.append(Op(idx, kind, hkey, value if kind in ("put", "cas") else None,
                                    expected, t0, self.loop.time(), result))
 
     def _recent(self, key: str) -> bytes | None:
