@@ -9,23 +9,24 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from aether.cli.main import (
+from aether.cli.common import (
     DEFAULT_CLUSTER_DIR,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    UNREACHABLE_HINT,
     Settings,
-    _call,
-    _client,
-    _echo_json,
+    call,
+    echo_json,
     fail,
     json_option,
-    main,
+    make_client,
+    report,
 )
 from aether.core.errors import ConfigError
 
@@ -43,11 +44,6 @@ WRITES_FAILING_FAIL = 5.0  # seconds writes keep failing on a node before it is 
 SKEW_WARN = 0.5  # seconds of clock difference between nodes: warning
 SKEW_FAIL = 5.0  # ... failed
 EVENTS_READ_TIMEOUT = 45.0  # three missed heartbeats: the connection is lost
-
-_UNREACHABLE_HINT = (
-    "Is a node running there? Start a local cluster with `aether cluster start`, "
-    "or point to a running node with --connect HOST:PORT (or AETHER_CONNECT)."
-)
 
 
 def _health(client: ManagementClient) -> tuple[int, dict[str, Any]]:
@@ -75,15 +71,15 @@ def _health(client: ManagementClient) -> tuple[int, dict[str, Any]]:
 # -- health and nodes -----------------------------------------------------------------------------
 
 
-@main.command()
+@click.command()
 @json_option
 @click.pass_obj
 def health(settings: Settings, as_json: bool) -> None:
     """Is the node live and ready (has quorum)? Exit 0 if ready, 1 if not."""
-    client = _client(settings)
-    code, doc = _call(client, _health)
+    client = make_client(settings)
+    code, doc = call(client, _health)
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
     elif code == 200:
         click.secho(f"✓ {doc.get('node_id')} is ready: quorum, leader {doc.get('leader') or '-'}", fg="green")
     else:
@@ -92,15 +88,15 @@ def health(settings: Settings, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_FAILED)
 
 
-@main.command()
+@click.command()
 @json_option
 @click.pass_obj
 def nodes(settings: Settings, as_json: bool) -> None:
     """List the cluster's members as the node sees them: address, up/down, leader."""
-    client = _client(settings)
-    members: Any = _call(client, lambda c: c.get_json("/api/v1/nodes"))
+    client = make_client(settings)
+    members: Any = call(client, lambda c: c.get_json("/api/v1/nodes"))
     if settings.json or as_json:
-        _echo_json(members)
+        echo_json(members)
         return
     from rich.table import Table
     from rich.text import Text
@@ -123,10 +119,6 @@ def nodes(settings: Settings, as_json: bool) -> None:
 
 class _StreamLost(Exception):
     pass
-
-
-def _reraise(e: Exception) -> NoReturn:
-    raise e
 
 
 def _sse_events(client: ManagementClient, read_timeout: float) -> Iterator[tuple[str | None, str, str]]:
@@ -242,7 +234,7 @@ def _describe_event(data: dict[str, Any]) -> str:
     return str({k: v for k, v in data.items() if k not in ("type", "time")})
 
 
-@main.command()
+@click.command()
 @json_option
 @click.pass_obj
 def events(settings: Settings, as_json: bool) -> None:
@@ -251,7 +243,7 @@ def events(settings: Settings, as_json: bool) -> None:
 
     from aether.cli.http import ApiError, ApiUnreachable
 
-    client = _client(settings)
+    client = make_client(settings)
     as_json = settings.json or as_json
     try:
         for ev_id, ev_type, raw in _sse_events(client, EVENTS_READ_TIMEOUT):
@@ -285,8 +277,7 @@ def events(settings: Settings, as_json: bool) -> None:
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_OK) from None
     except (ApiUnreachable, ApiError) as e:
-        err = e
-        _call(client, lambda c: _reraise(err))  # the usual messages, hints and exit codes
+        report(e)  # the usual messages, hints and exit codes
     except _StreamLost as e:
         fail(
             f"lost the event stream of {client.target}: {e}",
@@ -342,7 +333,7 @@ def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str)
 def _probe(settings: Settings, address: str) -> dict[str, Any]:
     from aether.cli.http import ApiError, ApiUnreachable
 
-    client = _client(settings, address)
+    client = make_client(settings, address)
     t0 = time.time()
     try:
         code, doc = _health(client)
@@ -395,7 +386,7 @@ def run_doctor(
         )
     members: list[dict[str, Any]] = []
     if up:
-        client = _client(settings, up[0]["address"])
+        client = make_client(settings, up[0]["address"])
         try:
             got = client.get_json("/api/v1/nodes")
             members = got if isinstance(got, list) else []
@@ -474,7 +465,7 @@ def _statuses(settings: Settings, up: list[dict[str, Any]]) -> dict[str, dict[st
 
     out: dict[str, dict[str, Any] | None] = {}
     for p in up:
-        client = _client(settings, p["address"])
+        client = make_client(settings, p["address"])
         try:
             doc = client.get_json("/api/v1/status")
         except (ApiUnreachable, ApiError):
@@ -531,7 +522,7 @@ def _serving_checks(
     really runs? The store's endpoints are compared with each node's local instances."""
     from aether.cli.http import ApiError, ApiUnreachable
 
-    client = _client(settings, probe["address"])
+    client = make_client(settings, probe["address"])
     try:
         endpoints: Any = client.get_json("/api/v1/kv", {"prefix": "endpoints/"})
         routes: Any = client.get_json("/api/v1/kv", {"prefix": "routes/"})
@@ -603,7 +594,7 @@ def _serving_checks(
 def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float) -> list[dict[str, Any]]:
     from aether.cli.http import ApiError, ApiUnreachable
 
-    client = _client(settings, probe["address"])
+    client = make_client(settings, probe["address"])
     try:
         listing: Any = client.get_json("/api/v1/kv", {"prefix": "slices/"})
     except (ApiUnreachable, ApiError) as e:
@@ -641,7 +632,7 @@ def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float)
     ]
 
 
-@main.command()
+@click.command()
 @click.option(
     "--nodes",
     "nodes_opt",
@@ -678,7 +669,7 @@ def doctor(
     addresses, source = _doctor_targets(settings, nodes_opt, str(Path(cluster_dir)))
     report = run_doctor(settings, addresses, source, stuck_after)
     if settings.json or as_json:
-        _echo_json(report)
+        echo_json(report)
     else:
         from rich.table import Table
         from rich.text import Text
@@ -693,6 +684,6 @@ def doctor(
             table.add_row(c["name"], _MARK[c["verdict"]], Text(detail))  # Text: no markup, no :emoji:
         render.console().print(table)
     if not any(p["reachable"] for p in report["nodes"]):
-        fail("no node answered", EXIT_UNREACHABLE, hint=_UNREACHABLE_HINT)
+        fail("no node answered", EXIT_UNREACHABLE, hint=UNREACHABLE_HINT)
     if report["verdict"] == FAILED:
         raise click.exceptions.Exit(EXIT_FAILED)
