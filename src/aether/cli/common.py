@@ -19,15 +19,15 @@ import click
 from aether.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from aether.cli.http import ManagementClient
+    from aether.cli.client import ManagementClient
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.http.DEFAULT_CONNECT (not imported: start-up)
-DEFAULT_TIMEOUT = 15.0  # same as aether.cli.http.DEFAULT_TIMEOUT: above the server's own deadlines
+DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.client.DEFAULT_CONNECT (not imported: start-up)
+DEFAULT_TIMEOUT = 15.0  # same as aether.cli.client.DEFAULT_TIMEOUT: above the server's own deadlines
 DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
 
 UNREACHABLE_HINT = (
@@ -88,7 +88,7 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def make_client(settings: Settings, target: str | None = None) -> ManagementClient:
     """A client for `target` (default --connect): HTTPS for ``https://`` or a node of the local
     cluster in .aether/cluster started with --tls, verified with --ca or that cluster's CA."""
-    from aether.cli.http import client_for
+    from aether.cli.client import client_for
 
     try:
         return client_for(
@@ -101,7 +101,7 @@ def make_client(settings: Settings, target: str | None = None) -> ManagementClie
 
 def call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
     """Run one API call, turning failures into the CLI's messages and exit codes."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     try:
         return fn(client)
@@ -112,7 +112,7 @@ def call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
 def report(e: Exception) -> NoReturn:
     """Exit with the CLI's message, hint and exit code for a failed API call (ApiUnreachable,
     ApiNoAnswer, ApiTlsError or ApiError)."""
-    from aether.cli.http import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiTlsError, ApiUnreachable
+    from aether.cli.client import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiTlsError, ApiUnreachable
 
     if isinstance(e, ApiTlsError):
         fail(str(e), EXIT_UNREACHABLE, hint=e.hint)

@@ -177,11 +177,8 @@ def _wait(
     with progress:
         task = progress.add_task("Waiting for instances", total=None)
         while True:
-            statuses = [
-                s
-                for s in call(client, lambda c: c.get_json("/api/v1/slices"))  # type: ignore[union-attr]
-                if s["artifact"] in wanted
-            ]
+            listing: Any = call(client, lambda c: c.get_json("/api/v1/slices"))
+            statuses = [s for s in listing if s["artifact"] in wanted]
             total = sum(max(s["desired"], 1) for s in statuses) or len(wanted)
             done = sum(min(s["active"], s["desired"]) for s in statuses)
             progress.update(task, total=total, completed=done)

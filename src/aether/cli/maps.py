@@ -25,7 +25,7 @@ from aether.cli.common import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from aether.cli.http import ManagementClient
+    from aether.cli.client import ManagementClient
 
 _API = "/api/v1/maps"
 _HINTS = {
@@ -61,7 +61,7 @@ def hint_for(status: int, detail: str, *, write: bool) -> str | None:
 
 def _run(client: ManagementClient, fn: Callable[[ManagementClient], Any], *, write: bool = False) -> Any:
     """`_call` with hints for the map endpoints' 404, 409, 413 and 503 answers."""
-    from aether.cli.http import ApiError
+    from aether.cli.client import ApiError
 
     def hinted(c: ManagementClient) -> Any:
         try:
@@ -94,7 +94,7 @@ def _send(client: ManagementClient, method: str, path: str, body: bytes | None =
     """One request with a raw JSON body; the decoded JSON answer."""
     import msgspec
 
-    from aether.cli.http import ApiError
+    from aether.cli.client import ApiError
 
     raw = client.request_raw(method, path, params, body, "application/json")
     try:

@@ -7,7 +7,6 @@ asks every node it knows of (`--nodes`, else the local cluster's `cluster.json`)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ from aether.cli.common import (
 from aether.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from aether.cli.http import ManagementClient
+    from aether.cli.client import ManagementClient
 
 # commands a node has not picked up yet, and steps it runs: an instance should pass through them
 TRANSITIONAL = (
@@ -50,22 +49,17 @@ def _health(client: ManagementClient) -> tuple[int, dict[str, Any]]:
     """GET /api/v1/health: (status code, document); 503 is an answer here, not an error."""
     import msgspec
 
-    from aether.cli.http import ApiError
+    from aether.cli.client import ApiError
 
-    addr = client.target
+    answer = client.request("GET", "/api/v1/health")
     try:
-        status, reason, body = client._request("GET", "/api/v1/health")
-    except (ConfigError, OSError) as e:
-        raise client.unreachable(e) from None
-    try:
-        doc = msgspec.json.decode(body)
+        doc = msgspec.json.decode(answer.body)
     except msgspec.DecodeError:
         doc = None
-    if status in (200, 503) and isinstance(doc, dict) and "ready" in doc:
-        return status, doc
-    detail = doc.get("detail", "") if isinstance(doc, dict) else body.decode(errors="replace")[:500]
-    title = doc.get("title", reason) if isinstance(doc, dict) else reason
-    raise ApiError(addr, status, str(title), str(detail))
+    if answer.status in (200, 503) and isinstance(doc, dict) and "ready" in doc:
+        return answer.status, doc
+    client.check(answer)  # an error answer: ApiError with its problem document
+    raise ApiError(client.target, answer.status, answer.reason, answer.body.decode(errors="replace")[:500])
 
 
 # -- health and nodes -----------------------------------------------------------------------------
@@ -117,98 +111,6 @@ def nodes(settings: Settings, as_json: bool) -> None:
 # -- events ------------------------------------------------------------------------------------------
 
 
-class _StreamLost(Exception):
-    pass
-
-
-def _sse_events(client: ManagementClient, read_timeout: float) -> Iterator[tuple[str | None, str, str]]:
-    """Open `/api/v1/events` and yield (id, event, data) for every event (HTTP/1.0: no chunking).
-
-    Raises ApiUnreachable if the connection cannot be opened, ApiError on an HTTP error and
-    _StreamLost when an open stream ends or stays silent for `read_timeout` seconds.
-    """
-    from aether.cli.http import ApiError, ApiUnreachable, _parse_response
-
-    addr = client.target
-    host = client.address.host.strip("[]")
-    lines = [
-        "GET /api/v1/events HTTP/1.0",
-        f"Host: {f'[{host}]' if ':' in host else host}:{client.address.port}",
-        "Accept: text/event-stream",
-        "User-Agent: aether-cli",
-    ]
-    if client.api_key:
-        lines.append(f"X-API-Key: {client.api_key}")
-    try:
-        sock = client.open_socket()
-    except (ConfigError, OSError) as e:
-        raise client.unreachable(e) from None
-    with sock:
-        buf = b""
-        try:
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-            while b"\r\n\r\n" not in buf:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                buf += data
-        except OSError as e:
-            raise ApiUnreachable(addr, e.strerror or str(e) or type(e).__name__) from None
-        head, sep, rest = buf.partition(b"\r\n\r\n")
-        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = status_line.split(" ", 2)
-        if not sep or len(parts) < 2 or not parts[1].isdigit():
-            raise ApiUnreachable(addr, "the connection closed without an answer")
-        if parts[1] != "200":
-            try:
-                while data := sock.recv(65536):
-                    rest += data
-            except OSError:
-                pass
-            code, reason, body = _parse_response(head + b"\r\n\r\n" + rest)
-            import msgspec
-
-            try:
-                doc = msgspec.json.decode(body)
-            except msgspec.DecodeError:
-                doc = {}
-            doc = doc if isinstance(doc, dict) else {}
-            raise ApiError(addr, code, str(doc.get("title") or reason), str(doc.get("detail") or ""))
-        sock.settimeout(read_timeout)
-        pending = rest
-        ev_id: str | None = None
-        ev_type = "message"
-        data_lines: list[str] = []
-        while True:
-            while b"\n" in pending:
-                raw, _, pending = pending.partition(b"\n")
-                line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
-                if not line:
-                    if data_lines:
-                        yield ev_id, ev_type, "\n".join(data_lines)
-                    ev_type, data_lines = "message", []
-                    continue
-                if line.startswith(":"):
-                    continue  # a comment: heartbeat
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "id":
-                    ev_id = value
-                elif name == "event":
-                    ev_type = value
-                elif name == "data":
-                    data_lines.append(value)
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                raise _StreamLost(f"no event or heartbeat for {read_timeout:g} s") from None
-            except OSError as e:
-                raise _StreamLost(e.strerror or str(e) or type(e).__name__) from None
-            if not data:
-                raise _StreamLost("the node closed the stream")
-            pending += data
-
-
 def _describe_event(data: dict[str, Any]) -> str:
     t = data.get("type", "")
     if t == "node-joined":
@@ -241,12 +143,13 @@ def events(settings: Settings, as_json: bool) -> None:
     """Follow the cluster's events (nodes joining/leaving, leader, slices, blueprints) until Ctrl-C."""
     import msgspec
 
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable, StreamLost
 
     client = make_client(settings)
     as_json = settings.json or as_json
     try:
-        for ev_id, ev_type, raw in _sse_events(client, EVENTS_READ_TIMEOUT):
+        for ev in client.events(EVENTS_READ_TIMEOUT):
+            ev_id, ev_type, raw = ev.id, ev.event, ev.data
             try:
                 data = msgspec.json.decode(raw)
             except msgspec.DecodeError:
@@ -278,7 +181,7 @@ def events(settings: Settings, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_OK) from None
     except (ApiUnreachable, ApiError) as e:
         report(e)  # the usual messages, hints and exit codes
-    except _StreamLost as e:
+    except StreamLost as e:
         fail(
             f"lost the event stream of {client.target}: {e}",
             EXIT_UNREACHABLE,
@@ -295,7 +198,7 @@ _MARK = {OK: "[green]✓ ok[/green]", WARN: "[yellow]! warning[/yellow]", FAILED
 def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str) -> tuple[list[str], str]:
     """Management addresses to check (`--connect` values, ``https://`` for HTTPS) and where they
     came from. A local cluster with TLS also gives the CA (settings.ca) unless --ca does."""
-    from aether.cli.http import parse_target
+    from aether.cli.client import parse_target
 
     if nodes_opt:
         out = []
@@ -331,7 +234,7 @@ def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str)
 
 
 def _probe(settings: Settings, address: str) -> dict[str, Any]:
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     client = make_client(settings, address)
     t0 = time.time()
@@ -363,7 +266,7 @@ def run_doctor(
     settings: Settings, addresses: list[str], source: str, stuck_after: float = STUCK_AFTER
 ) -> dict[str, Any]:
     """Every check of `aether doctor`: {verdict, source, nodes: [...], checks: [...]}."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     probes = [_probe(settings, a) for a in addresses]
     up = [p for p in probes if p["reachable"]]
@@ -461,7 +364,7 @@ def run_doctor(
 
 def _statuses(settings: Settings, up: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
     """`GET /api/v1/status` of every reachable node: {node id: status, or None if it failed}."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     out: dict[str, dict[str, Any] | None] = {}
     for p in up:
@@ -520,7 +423,7 @@ def _serving_checks(
 ) -> list[dict[str, Any]]:
     """Does every deployed artifact and every route have an ACTIVE instance that a reachable node
     really runs? The store's endpoints are compared with each node's local instances."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     client = make_client(settings, probe["address"])
     try:
@@ -552,7 +455,8 @@ def _serving_checks(
             )
         else:
             serving.setdefault((artifact, name), []).append(where)
-    items_fail, items_warn = [], []
+    items_fail: list[str] = []
+    items_warn: list[str] = []
     deployed = [s for s in slices if isinstance(s, dict) and int(s.get("desired") or 0) > 0]
     for s in deployed:
         a = str(s["artifact"])
@@ -568,11 +472,11 @@ def _serving_checks(
             continue
         total_routes += 1
         method, _, path = str(entry.get("key", ""))[len("routes/"):].partition(":")
-        a, e = str(v.get("artifact")), str(v.get("method"))  # RouteValue: method = entry name
-        if not serving.get((a, e)):
-            why = "; ".join(x for x in stale.get(a, []) if x.startswith(f"{e}#"))
+        a, entry_name = str(v.get("artifact")), str(v.get("method"))  # RouteValue: method = entry name
+        if not serving.get((a, entry_name)):
+            why = "; ".join(x for x in stale.get(a, []) if x.startswith(f"{entry_name}#"))
             why = why or "no endpoint in the store"
-            route_fail.append(f"{method} {path} -> {a} {e}: no reachable ACTIVE instance ({why})")
+            route_fail.append(f"{method} {path} -> {a} {entry_name}: no reachable ACTIVE instance ({why})")
     return [
         _check(
             "instances serving",
@@ -592,7 +496,7 @@ def _serving_checks(
 
 
 def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float) -> list[dict[str, Any]]:
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     client = make_client(settings, probe["address"])
     try:

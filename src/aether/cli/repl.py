@@ -85,7 +85,7 @@ class NodeData:
             return hit[1]
         doc: Any = None
         try:
-            from aether.cli.http import client_for
+            from aether.cli.client import client_for
 
             timeout = min(self.settings.timeout, 1.0)
             doc = client_for(
