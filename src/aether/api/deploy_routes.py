@@ -127,16 +127,9 @@ class DeploymentRoutes:
         return _json({"id": bp_id, "deleted": True})
 
     async def wait_blueprint(self, request: web.Request) -> web.Response:
-        from aether.api.server import problem_response
-        from aether.deploy.errors import ConvergenceTimeout, DeploymentFailed
-
+        # DeploymentFailed answers 409, ConvergenceTimeout 504 (the statuses they declare)
         bp_id = request.match_info["id"]
-        try:
-            statuses = await self.svc.wait_converged(bp_id, timeout=_timeout(request, 60.0))
-        except DeploymentFailed as e:
-            return problem_response(409, str(e), title="Deployment failed")
-        except ConvergenceTimeout as e:
-            return problem_response(504, str(e), title="Not converged in time")
+        statuses = await self.svc.wait_converged(bp_id, timeout=_timeout(request, 60.0))
         return _json(statuses)
 
     async def deploy(self, request: web.Request) -> web.Response:
@@ -167,32 +160,9 @@ class DeploymentRoutes:
             arg = decode_json_body(raw)  # malformed, too deep, integers beyond 64 bits: 400
         target, method = request.match_info["artifact"], request.match_info["method"]
         timeout = _timeout(request, 10.0)
-        from aether.api.server import problem_response
-        from aether.http.server import is_no_instance, retry_after_header
-        from aether.invoke.errors import (
-            EndpointUnavailable,
-            InvokeTimeout,
-            NotDeployed,
-            SliceAppError,
-            UnknownEntryError,
-        )
-
-        try:
-            out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
-        except NotDeployed as e:
-            return problem_response(e.status, str(e), title="Not deployed")
-        except EndpointUnavailable as e:
-            return problem_response(e.status, str(e), title="No instance", headers=retry_after_header(e))
-        except UnknownEntryError as e:
-            return problem_response(404, str(e), title="Unknown entry")
-        except SliceAppError as e:
-            if e.status is not None:
-                return problem_response(e.status, e.detail)
-            return problem_response(502, str(e), title="The slice raised an error")
-        except InvokeTimeout as e:
-            if is_no_instance(e):
-                return problem_response(503, str(e), title="No instance")
-            return problem_response(504, str(e), title="No answer in time")
+        # every invoker error answers with the status it declares, as on the HTTP router
+        # (aether.core.problem.problem_for, through the server's middleware)
+        out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
         return _json(msgspec.msgpack.decode(out))
 
     async def undeploy(self, request: web.Request) -> web.Response:

@@ -31,10 +31,11 @@ Metrics endpoints, when the node runs a metrics service (`node.metrics`), see `a
 - `GET /metrics` -> Prometheus text exposition of this node (needs the API key like the rest)
 
 Errors are RFC 9457 problem documents (`application/problem+json`):
-`{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
-logged with their traceback and answered with a 500 that never contains it. A `SessionConflict`
-(the store refused the node's own command: an internal error, the request was not applied) is a
-500 whose detail says so.
+`{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`, the title being the status's
+reason phrase. Every error answers with the status it declares (`aether.core.problem.problem_for`,
+shared with the HTTP router and the CLI). Unexpected exceptions are logged with their traceback and
+answered with a 500 that never contains it. A `SessionConflict` (the store refused the node's own
+command: an internal error, the request was not applied) is a 500 whose detail says so.
 
 If an API key is configured, every request must carry it in `X-API-Key: KEY` or
 `Authorization: Bearer KEY`, else 401. A server bound beyond loopback without an API key refuses
@@ -56,19 +57,17 @@ import msgspec
 from aiohttp import web
 
 from aether.api.auth import Principal, required_role
-from aether.api.types import KVListing, Problem
+from aether.api.types import KVListing
 from aether.core.errors import (
     BadRequest,
-    CommitTimeout,
     ConfigError,
     Forbidden,
     NotReady,
     QuorumLost,
     RequestTimeout,
-    SessionConflict,
-    StatusError,
     Unauthorized,
 )
+from aether.core.problem import PROBLEM_CONTENT_TYPE, Problem, is_internal, problem_for, problem_headers
 from aether.core.status import KVEntry, NodeStatus
 from aether.http.server import ServerLogger, start_site
 
@@ -79,6 +78,7 @@ __all__ = [
     "NodeView",
     "Problem",
     "is_loopback_host",
+    "problem_answer",
     "problem_response",
 ]
 
@@ -90,7 +90,6 @@ API_PREFIX = "/api/v1"
 DEFAULT_IDLE_TIMEOUT = 15.0
 # A request body must arrive completely within this many seconds (408 otherwise).
 DEFAULT_BODY_TIMEOUT = 10.0
-PROBLEM_CONTENT_TYPE = "application/problem+json"
 JSON_CONTENT_TYPE = "application/json"
 
 MAX_BODY = 1024 * 1024  # request bodies (the handlers answer 413 beyond, naming the limit)
@@ -155,19 +154,18 @@ def presented_key(request: web.Request) -> str | None:
     return given
 
 
+def problem_answer(problem: Problem, headers: dict[str, str] | None = None) -> web.Response:
+    """The response carrying `problem` (``application/problem+json``, its status)."""
+    return web.Response(
+        body=problem.encode(), status=problem.status, content_type=PROBLEM_CONTENT_TYPE, headers=headers
+    )
+
+
 def problem_response(
     status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
     """A JSON problem document response with the given status code."""
-    from http import HTTPStatus
-
-    if title is None:
-        try:
-            title = HTTPStatus(status).phrase
-        except ValueError:
-            title = "Error"
-    body = msgspec.json.encode(Problem(type="about:blank", title=title, status=status, detail=detail))
-    return web.Response(body=body, status=status, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
+    return problem_answer(Problem.of(status, detail, title=title), headers)
 
 
 def _json_response(data: object) -> web.Response:
@@ -429,22 +427,16 @@ class ManagementServer:
             return self.problem_for(request, e)
 
     def problem_for(self, request: web.Request, e: Exception) -> web.Response:
-        """The problem document answering `e` (the one place errors become HTTP answers)."""
-        if isinstance(e, Unauthorized):
-            return problem_response(401, str(e), headers={"WWW-Authenticate": 'Bearer realm="aether"'})
-        if isinstance(e, BadRequest):
-            return problem_response(400, str(e))
-        if isinstance(e, StatusError):  # an error that carries its status (401, 403, 408, 415, ...)
-            return problem_response(e.status, str(e))
-        if isinstance(e, (NotReady, QuorumLost)):
-            return problem_response(503, str(e) or type(e).__name__)
-        if isinstance(e, CommitTimeout):
-            return problem_response(504, str(e) or "timed out")
-        if isinstance(e, SessionConflict):  # our own command was refused: not the caller's fault, not applied
+        """The problem document answering `e`: `aether.core.problem.problem_for`, the mapping the
+        HTTP router uses too. An error without a status of its own is logged with its traceback
+        (the answer is a generic 500); a declared 500 (`SessionConflict`: the store refused the
+        node's own command, not applied) is logged as one line."""
+        problem = problem_for(e)
+        if is_internal(e):
+            self._log.error("management API: %s %s failed", request.method, request.path, exc_info=e)
+        elif problem.status == 500:
             self._log.error("management API: %s %s failed: %s", request.method, request.path, e)
-            return problem_response(500, str(e))
-        self._log.error("management API: %s %s failed", request.method, request.path, exc_info=e)
-        return problem_response(500, "internal error while handling the request; see the node log")
+        return problem_answer(problem, problem_headers(e))
 
     @staticmethod
     def _http_problem(request: web.Request, e: web.HTTPException) -> web.Response:

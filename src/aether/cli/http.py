@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 import msgspec
 
 from aether.core.errors import AetherError, ConfigError
+from aether.core.problem import decode_problem
 from aether.core.types import Address
 
 DEFAULT_CONNECT = "127.0.0.1:9000"
@@ -82,13 +83,6 @@ class ApiError(AetherError):
 
 class _NoAnswer(TimeoutError):
     """Connected and sent, but the answer did not arrive in time."""
-
-
-class _Problem(msgspec.Struct):
-    title: str = ""
-    status: int = 0
-    detail: str = ""
-    type: str = "about:blank"
 
 
 def _parse_response(raw: bytes) -> tuple[int, str, bytes]:
@@ -349,12 +343,8 @@ class ManagementClient:
         except (ConfigError, OSError) as e:
             raise self.unreachable(e) from None
         if status >= 400:
-            try:
-                p = msgspec.json.decode(body, type=_Problem)
-                title, detail = p.title or reason, p.detail or body.decode(errors="replace")
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                title, detail = reason, body.decode(errors="replace").strip()[:500]
-            raise ApiError(addr, status, title, detail)
+            p = decode_problem(body, status, reason)
+            raise ApiError(addr, status, p.title, p.detail)
         if status >= 300:
             raise ApiError(addr, status, reason, "unexpected redirect")
         return body
