@@ -45,18 +45,28 @@ to start (`ConfigError`). Several servers may run in one process (no module-leve
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
 from aether.api.auth import Principal, required_role
+from aether.api.common import (
+    API_PREFIX,
+    JSON_CONTENT_TYPE,
+    MAX_BODY,
+    Handler,
+    json_response,
+    problem_answer,
+    problem_response,
+    query,
+    read_body,
+    resolve,
+)
 from aether.api.types import KVListing
 from aether.core.errors import (
     BadRequest,
@@ -82,7 +92,6 @@ __all__ = [
     "problem_response",
 ]
 
-API_PREFIX = "/api/v1"
 # A connection must send a complete request head within this many seconds of being accepted (or of
 # its previous response), else it is closed; also the keep-alive idle time. aiohttp's
 # `keepalive_timeout` does both (its timer starts at `connection_made` and closes the connection
@@ -90,20 +99,14 @@ API_PREFIX = "/api/v1"
 DEFAULT_IDLE_TIMEOUT = 15.0
 # A request body must arrive completely within this many seconds (408 otherwise).
 DEFAULT_BODY_TIMEOUT = 10.0
-JSON_CONTENT_TYPE = "application/json"
 
-MAX_BODY = 1024 * 1024  # request bodies (the handlers answer 413 beyond, naming the limit)
 PRINCIPAL = web.RequestKey("aether.principal", Principal)  # who sent the request
 BODY = web.RequestKey("aether.body", bytes)  # the request body, once the middleware read it
 AUTH_PREFIX = "auth/"  # store keys only admins may list (hashes of API keys)
 
-_T = TypeVar("_T")
-
-
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     role: str
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class NodeView(Protocol):
@@ -152,44 +155,6 @@ def presented_key(request: web.Request) -> str | None:
     if not given or not given.isascii() or not given.isprintable():
         raise Unauthorized("the API key is empty or contains bytes that are not printable ASCII")
     return given
-
-
-def problem_answer(problem: Problem, headers: dict[str, str] | None = None) -> web.Response:
-    """The response carrying `problem` (``application/problem+json``, its status)."""
-    return web.Response(
-        body=problem.encode(), status=problem.status, content_type=PROBLEM_CONTENT_TYPE, headers=headers
-    )
-
-
-def problem_response(
-    status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
-    """A JSON problem document response with the given status code."""
-    return problem_answer(Problem.of(status, detail, title=title), headers)
-
-
-def _json_response(data: object) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), content_type=JSON_CONTENT_TYPE)
-
-
-async def _resolve(value: _T | Awaitable[_T]) -> _T:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
-def _query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
-    """The query parameters of `request`, each at most once and all among `allowed`."""
-    allowed = tuple(allowed)
-    out: dict[str, str] = {}
-    for name, value in request.query.items():
-        if name not in allowed:
-            accepts = ", ".join(allowed) if allowed else "no query parameters"
-            raise BadRequest(f"unknown query parameter {name!r}; {request.path} accepts: {accepts}")
-        if name in out:
-            raise BadRequest(f"query parameter {name!r} given more than once")
-        out[name] = value
-    return out
 
 
 class ManagementServer:
@@ -301,9 +266,9 @@ class ManagementServer:
         async def handle_openapi(request: web.Request) -> web.Response:
             from aether.api.openapi import build_openapi
 
-            _query(request, ())
+            query(request, ())
             routes = [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None]
-            return _json_response(build_openapi(routes))
+            return json_response(build_openapi(routes))
 
         app.router.add_get(f"{API_PREFIX}/openapi.json", handle_openapi)
         return app
@@ -454,28 +419,26 @@ class ManagementServer:
     # -- handlers (thin) ------------------------------------------------------------------------
 
     async def _handle_status(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        status: Any = await _resolve(self._node.status())
-        return _json_response(status)
+        query(request, ())
+        status: Any = await resolve(self._node.status())
+        return json_response(status)
 
     async def _handle_kv(self, request: web.Request) -> web.Response:
-        prefix = _query(request, ("prefix",)).get("prefix", "")
-        entries: list[KVEntry] = list(await _resolve(self._node.kv_list(prefix)))
+        prefix = query(request, ("prefix",)).get("prefix", "")
+        entries: list[KVEntry] = list(await resolve(self._node.kv_list(prefix)))
         principal = request.get(PRINCIPAL)
         if principal is None or not principal.allows("admin"):  # key hashes: admins only
             entries = [e for e in entries if not e.key.startswith(AUTH_PREFIX)]
         entries.sort(key=lambda e: e.key)
-        return _json_response(KVListing(prefix=prefix, entries=entries))
+        return json_response(KVListing(prefix=prefix, entries=entries))
 
     async def _handle_list_keys(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        return _json_response(self.keys.list())
+        query(request, ())
+        return json_response(self.keys.list())
 
     async def _handle_create_key(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        from aether.api.deploy_routes import _body
-
-        body: CreateKey = await _body(request, CreateKey)
+        query(request, ())
+        body: CreateKey = await read_body(request, CreateKey)
         value, key = await self.keys.create(body.name, body.role)
         self._log.info("API key %r (role %s) created", body.name, value.role)
         return web.Response(
@@ -485,35 +448,35 @@ class ManagementServer:
         )
 
     async def _handle_revoke_key(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         name = request.match_info["name"]
         await self.keys.revoke(name)
         self._log.info("API key %r revoked", name)
-        return _json_response({"name": name, "revoked": True})
+        return json_response({"name": name, "revoked": True})
 
     async def _handle_audit(self, request: web.Request) -> web.Response:
-        text = _query(request, ("limit",)).get("limit", "100")
+        text = query(request, ("limit",)).get("limit", "100")
         try:
             limit = int(text)
         except ValueError:
             raise BadRequest(f"limit must be an integer from 1 to 1000, not {text!r}") from None
         if not 1 <= limit <= 1000:
             raise BadRequest(f"limit must be from 1 to 1000, not {limit}")
-        return _json_response(self.audit.recent(limit))
+        return json_response(self.audit.recent(limit))
 
     async def _handle_health(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         now = time.time()
         node_id = getattr(self._node, "node_id", "")
         try:
-            status: NodeStatus = await _resolve(self._node.status())
+            status: NodeStatus = await resolve(self._node.status())
         except (NotReady, QuorumLost) as e:
             return self._unready(node_id, False, None, now, str(e) or type(e).__name__)
         if not status.quorum:
             up = sum(1 for m in status.nodes if m.state == "up")
             reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
             return self._unready(status.node_id, False, status.leader, now, reason)
-        return _json_response({
+        return json_response({
             "status": "ok", "live": True, "ready": True, "node_id": status.node_id,
             "quorum": status.quorum, "leader": status.leader, "time": now,
         })
@@ -529,15 +492,15 @@ class ManagementServer:
         return web.Response(body=msgspec.json.encode(body), status=503, content_type=PROBLEM_CONTENT_TYPE)
 
     async def _handle_nodes(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        status: NodeStatus = await _resolve(self._node.status())
-        return _json_response([
+        query(request, ())
+        status: NodeStatus = await resolve(self._node.status())
+        return json_response([
             {"id": m.id, "address": m.address, "state": m.state, "leader": m.id == status.leader}
             for m in status.nodes
         ])
 
     async def _handle_events(self, request: web.Request, hub: Any) -> web.StreamResponse:
-        _query(request, ())
+        query(request, ())
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
         })
