@@ -30,8 +30,8 @@ from urllib.parse import urlencode
 
 import msgspec
 
-from aether.api.types import Problem
 from aether.core.errors import AetherError, ConfigError
+from aether.core.problem import decode_problem
 from aether.core.types import Address
 
 if TYPE_CHECKING:
@@ -84,6 +84,8 @@ class ApiTlsError(ApiUnreachable):
 
 class ApiError(AetherError):
     """The node answered with an HTTP error; `title`/`detail` come from its problem document."""
+
+    status: int  # always an HTTP status here (the base class allows None)
 
     def __init__(self, address: str, status: int, title: str, detail: str) -> None:
         super().__init__(f"{address} answered {status} {title}: {detail}")
@@ -284,16 +286,8 @@ class ManagementClient:
         otherwise."""
         status, reason, body = answer.status, answer.reason, answer.body
         if status >= 400:
-            try:
-                p = msgspec.json.decode(body, type=Problem)
-                title, detail = p.title or reason, p.detail or body.decode(errors="replace")
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                doc: Any = _loose_json(body)  # a partial problem document, or none
-                if isinstance(doc, dict):
-                    title = str(doc.get("title") or reason)
-                    detail = str(doc.get("detail") or body.decode(errors="replace"))
-                else:
-                    title, detail = reason, body.decode(errors="replace").strip()[:500]
+            p = decode_problem(body, status, reason)  # the one problem type servers and clients share
+            title, detail = p.title, p.detail
             raise ApiError(self.target, status, title, detail)
         if status >= 300:
             raise ApiError(self.target, status, reason, "unexpected redirect")
@@ -521,13 +515,6 @@ async def _server_events(
             ev_type = value
         elif name == "data":
             data_lines.append(value)
-
-
-def _loose_json(body: bytes) -> object:
-    try:
-        return msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None
 
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
