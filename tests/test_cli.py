@@ -204,15 +204,15 @@ def test_unreachable_node_exits_3_with_advice(command: list[str]) -> None:
 
 
 def test_default_connect_is_127_0_0_1_9000(monkeypatch: pytest.MonkeyPatch) -> None:
-    from aether.cli import http
+    from aether.cli import client
 
     seen: list[str] = []
 
-    def fake_get_raw(self: http.ManagementClient, path: str, params: object = None) -> bytes:
+    def fake_get_raw(self: client.ManagementClient, path: str, params: object = None) -> bytes:
         seen.append(f"{self.address}{path}")
-        raise http.ApiUnreachable(str(self.address), "connection refused")
+        raise client.ApiUnreachable(str(self.address), "connection refused")
 
-    monkeypatch.setattr(http.ManagementClient, "get_raw", fake_get_raw)
+    monkeypatch.setattr(client.ManagementClient, "get_raw", fake_get_raw)
     r = invoke("status")
     assert r.exit_code == 3
     assert seen == ["127.0.0.1:9000/api/v1/status"]
@@ -410,8 +410,8 @@ def test_silent_server_is_not_called_unreachable() -> None:
 
 
 def test_default_timeout_exceeds_the_server_deadlines() -> None:
-    from aether.cli import http
-    from aether.cli.main import DEFAULT_TIMEOUT, Settings
+    from aether.cli import client as http
+    from aether.cli.common import DEFAULT_TIMEOUT, Settings
     from aether.maps.core import MapTimings
 
     # the map service retries for op_timeout; invoke waits 10 s by default
@@ -441,16 +441,49 @@ def test_non_http_server_is_reported() -> None:
     assert "not an HTTP answer" in r.stderr
 
 
-def test_parse_response_variants() -> None:
-    from aether.cli.http import _parse_response
+def _answer_once(raw: bytes) -> tuple[socket.socket, threading.Thread]:
+    """A listening socket that answers one connection with `raw` and closes it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
 
-    chunked = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n:1}\r\n0\r\n\r\n'
-    assert _parse_response(chunked) == (200, "OK", b'{"a":1}')
-    sized = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}"
-    assert _parse_response(sized) == (404, "Not Found", b"{}")
-    with pytest.raises(OSError, match="middle"):
-        _parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}")
-    with pytest.raises(OSError, match="without an answer"):
-        _parse_response(b"")
-    with pytest.raises(OSError, match="malformed"):
-        _parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+    def serve() -> None:
+        conn, _ = s.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(raw)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return s, t
+
+
+@pytest.mark.parametrize(
+    ("raw", "outcome"),
+    [
+        (b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n:1}\r\n0\r\n\r\n',
+         b'{"a":1}'),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n" + b'{"b":2}', b'{"b":2}'),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n{}", "404 Not Found"),
+        (b'HTTP/1.1 409 Conflict\r\nContent-Length: 64\r\n\r\n'
+         b'{"type":"about:blank","title":"Taken","status":409,"detail":"x"}', "409 Taken: x"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "in the middle of the answer"),
+        (b"", "closed the connection without an answer: it may serve HTTPS"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "cannot reach"),
+    ],
+)
+def test_client_reads_http_framing_and_failures(raw: bytes, outcome: bytes | str) -> None:
+    """What the hand-written parser did is aiohttp's now: chunked and sized bodies, problem
+    documents, truncated and malformed answers become the CLI's errors."""
+    from aether.cli.client import ApiError, ApiUnreachable, ManagementClient
+
+    s, t = _answer_once(raw)
+    with s:
+        client = ManagementClient(f"127.0.0.1:{s.getsockname()[1]}", timeout=5)
+        if isinstance(outcome, bytes):
+            assert client.get_raw("/x") == outcome
+        else:
+            with pytest.raises((ApiError, ApiUnreachable)) as e:
+                client.get_raw("/x")
+            assert outcome in str(e.value)
+        t.join(5)

@@ -13,8 +13,10 @@ import pytest
 from aether.http.server import HttpRouter
 from aether.invoke.errors import (
     InvokeBadRequest,
+    InvokeError,
     InvokerClosed,
     InvokeTimeout,
+    PoisonRequest,
     SliceAppError,
     UnknownEntryError,
 )
@@ -286,11 +288,13 @@ async def test_bad_path_encoding_is_400(env: Env) -> None:
             502,
             "boom",
         ),
-        (UnknownEntryError("unknown entry point greet", kind="unknown_entry"), 502, "misconfigured"),
+        # 404 like NotDeployed and the management API (was 502 before issue 13)
+        (UnknownEntryError("unknown entry point greet", kind="unknown_entry"), 404, "misconfigured"),
         (
             InvokeTimeout(
                 "call x.greet (request r) did not succeed within 2s after 0 attempt(s); last error: "
-                "no ACTIVE instance of x with entry 'greet' is reachable"
+                "no ACTIVE instance of x with entry 'greet' is reachable",
+                kind="no_instance",
             ),
             503,
             "no ACTIVE instance",
@@ -298,11 +302,16 @@ async def test_bad_path_encoding_is_400(env: Env) -> None:
         (
             InvokeTimeout(
                 "call x.greet (request r) did not succeed within 2s after 3 attempt(s); last error: "
-                "node-2: no_instance: NoLocalInstance"
+                "node-2: no_instance: NoLocalInstance",
+                kind="no_instance",
             ),
             503,
             "no_instance",
         ),
+        # the kind decides, not the text
+        (InvokeTimeout("call x.greet: last error: no ACTIVE instance (old text)"), 504, "old text"),
+        (PoisonRequest("nodes node-2, node-3 went down running it", kind="app_error"), 502, "went down"),
+        (InvokeError("call x.greet failed (weird): ?", kind="weird"), 502, "weird"),
         (InvokeTimeout("call x.greet did not finish before its deadline", kind="deadline"), 504, "deadline"),
         (
             InvokeTimeout("call x.greet did not succeed within 2s; last error: node-2: not reachable"),

@@ -60,11 +60,15 @@ VAR: contextvars.ContextVar[str | None] = contextvars.ContextVar("test_request_i
 
 
 class NoLocalInstance(Exception):
-    """Named like the slices package's error: classified by name."""
+    """A stand-in for the slices package's error: classified by the kind it declares."""
+
+    wire_kind = "no_instance"
 
 
 class UnknownEntry(Exception):
-    """Named like the slices package's error: classified by name."""
+    """A stand-in for the slices package's error: classified by the kind it declares."""
+
+    wire_kind = "unknown_entry"
 
 
 class Ep(NamedTuple):
@@ -227,7 +231,7 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
             assert base / 2 <= d <= base + 1e-12
 
 
-def test_classify_by_name_and_type() -> None:
+def test_classify_by_declared_kind() -> None:
     assert classify(NoLocalInstance("x")) == KIND_NO_INSTANCE
     assert classify(UnknownEntry("x")) == KIND_UNKNOWN_ENTRY
     assert classify(BadRequest("x")) == KIND_BAD_REQUEST
@@ -521,6 +525,19 @@ async def test_deadline_raises_invoke_timeout_naming_the_call() -> None:
     assert TARGET in msg and "echo" in msg and "0 attempt" in msg and "r-42" in msg
     assert "no ACTIVE instance" in msg
     assert isinstance(info.value, AetherError)
+    # typed, not found in the text: the HTTP router and the management API answer 503
+    assert info.value.kind == KIND_NO_INSTANCE and info.value.status == 503
+
+
+async def test_deadline_after_no_instance_replies_is_a_503_by_kind() -> None:
+    net = make_net("A", "B", active_on=("B",))
+    net.nodes["A"].slices.bad_local_instances = True  # says ACTIVE, but the call finds none
+    net.nodes["B"].slices.bad_local_instances = True
+    net.nodes["B"].slices.active.clear()  # B claims it too, and answers no_instance
+    with pytest.raises(InvokeTimeout) as info:
+        await net.nodes["A"].invoker.invoke(TARGET, "echo", b"", timeout=0.3)
+    assert info.value.attempts >= 1
+    assert info.value.kind == KIND_NO_INSTANCE and info.value.status == 503
 
 
 async def test_deadline_names_attempts_and_last_error() -> None:
@@ -532,6 +549,7 @@ async def test_deadline_names_attempts_and_last_error() -> None:
     assert info.value.attempts >= 2 and f"{info.value.attempts} attempt" in msg
     assert "no response within" in msg and "B" in msg
     assert net.nodes["A"].invoker.pending_count == 0
+    assert info.value.kind != KIND_NO_INSTANCE and info.value.status == 504
 
 
 async def test_local_call_deadline() -> None:

@@ -31,7 +31,7 @@ TARGET = "org.demo:echo"
 
 
 class NoLocalInstance(Exception):
-    pass
+    wire_kind = "no_instance"  # declared like the slices package's error
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,10 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
+from aether.api.common import MAX_BODY, json_response, problem_response, query, read_body, timeout_param
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.jsonbody import decode_json_body, require_json_content_type
-
-MAX_BODY = 1024 * 1024
 
 
 class ApplyBlueprint(msgspec.Struct, forbid_unknown_fields=True):
@@ -34,41 +33,8 @@ class UndeployRequest(msgspec.Struct, forbid_unknown_fields=True):
     artifact: str
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
-
-
-async def _body(request: web.Request, into: type[Any]) -> Any:
-    raw = await request.read()
-    if len(raw) > MAX_BODY:
-        raise BadRequest(f"request body of {len(raw)} bytes exceeds the {MAX_BODY}-byte limit")
-    if not raw.strip():
-        raise BadRequest(f"{request.method} {request.path} needs a JSON body")
-    require_json_content_type(request.headers.get("Content-Type"))
-    value = decode_json_body(raw)  # malformed, too deep, integers beyond 64 bits: 400
-    try:
-        return msgspec.convert(value, type=into)
-    except msgspec.ValidationError as e:
-        raise BadRequest(f"invalid request body: {e}") from None
-
-
 def _not_found(bp_id: str) -> web.Response:
-    from aether.api.server import problem_response
-
     return problem_response(404, f"no blueprint {bp_id!r}; `aether blueprint list` shows the ids")
-
-
-def _timeout(request: web.Request, default: float) -> float:
-    text = request.query.get("timeout")
-    if text is None:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadRequest(f"timeout must be a number of seconds, not {text!r}") from None
-    if not 0 < value <= 3600:
-        raise BadRequest("timeout must be between 0 and 3600 seconds")
-    return value
 
 
 class DeploymentRoutes:
@@ -91,17 +57,18 @@ class DeploymentRoutes:
             r.add_post(f"{prefix}/invoke/{{artifact}}/{{method}}", self.invoke)
 
     async def slices(self, request: web.Request) -> web.Response:
-        return _json(self.svc.slices_status())
+        return json_response(self.svc.slices_status())
 
     async def list_blueprints(self, request: web.Request) -> web.Response:
-        return _json([{"id": e.id, **msgspec.to_builtins(e.blueprint)} for e in self.svc.list_blueprints()])
+        entries = self.svc.list_blueprints()
+        return json_response([{"id": e.id, **msgspec.to_builtins(e.blueprint)} for e in entries])
 
     async def get_blueprint(self, request: web.Request) -> web.Response:
         bp_id = request.match_info["id"]
         value = self.svc.get_blueprint(bp_id)
         if value is None:
             return _not_found(bp_id)
-        return _json({"id": bp_id, **msgspec.to_builtins(value)})
+        return json_response({"id": bp_id, **msgspec.to_builtins(value)})
 
     async def apply_blueprint(self, request: web.Request) -> web.Response:
         if request.content_type in ("application/toml", "text/plain"):
@@ -113,89 +80,57 @@ class DeploymentRoutes:
             except UnicodeDecodeError:
                 raise BadRequest("blueprint is not UTF-8 text") from None
         else:
-            body = await _body(request, ApplyBlueprint)
+            body = await read_body(request, ApplyBlueprint)
         from aether.deploy.blueprint import parse_blueprint
 
         bp_id = parse_blueprint(body.toml, body.filename).id  # validates; errors are 400s
         value = await self.svc.apply_blueprint(body.toml, body.filename, source="api")
-        return _json({"id": bp_id, **msgspec.to_builtins(value)}, status=201)
+        return json_response({"id": bp_id, **msgspec.to_builtins(value)}, status=201)
 
     async def delete_blueprint(self, request: web.Request) -> web.Response:
         bp_id = request.match_info["id"]
         if not await self.svc.delete_blueprint(bp_id):
             return _not_found(bp_id)
-        return _json({"id": bp_id, "deleted": True})
+        return json_response({"id": bp_id, "deleted": True})
 
     async def wait_blueprint(self, request: web.Request) -> web.Response:
-        from aether.api.server import problem_response
-        from aether.deploy.errors import ConvergenceTimeout, DeploymentFailed
-
+        # DeploymentFailed answers 409, ConvergenceTimeout 504 (the statuses they declare)
         bp_id = request.match_info["id"]
-        try:
-            statuses = await self.svc.wait_converged(bp_id, timeout=_timeout(request, 60.0))
-        except DeploymentFailed as e:
-            return problem_response(409, str(e), title="Deployment failed")
-        except ConvergenceTimeout as e:
-            return problem_response(504, str(e), title="Not converged in time")
-        return _json(statuses)
+        statuses = await self.svc.wait_converged(bp_id, timeout=timeout_param(request, 60.0))
+        return json_response(statuses)
 
     async def deploy(self, request: web.Request) -> web.Response:
-        body = await _body(request, DeployRequest)
+        body = await read_body(request, DeployRequest)
         if body.instances < 1:
             raise BadRequest("instances must be >= 1 (use undeploy to remove an artifact)")
         value = await self.svc.deploy(Artifact.parse(body.artifact), body.instances)
-        return _json(msgspec.to_builtins(value), status=201)
+        return json_response(msgspec.to_builtins(value), status=201)
 
     async def scale(self, request: web.Request) -> web.Response:
-        body = await _body(request, DeployRequest)
+        body = await read_body(request, DeployRequest)
         if body.instances < 1:
             raise BadRequest("instances must be >= 1 (use undeploy to remove an artifact)")
         changed = await self.svc.scale(body.artifact, body.instances)
-        return _json({"artifact": body.artifact, "instances": body.instances, "blueprints": changed})
+        return json_response({"artifact": body.artifact, "instances": body.instances, "blueprints": changed})
 
     async def invoke(self, request: web.Request) -> web.Response:
         """Call an entry point through the node's invoker: JSON body in, JSON answer out."""
         raw = await request.read()
         if len(raw) > MAX_BODY:
             raise BadRequest(f"request body of {len(raw)} bytes exceeds the {MAX_BODY}-byte limit")
-        from aether.api.server import _query
-
-        _query(request, ("timeout",))
+        query(request, ("timeout",))
         arg = None
         if raw.strip():
             require_json_content_type(request.headers.get("Content-Type"))
             arg = decode_json_body(raw)  # malformed, too deep, integers beyond 64 bits: 400
         target, method = request.match_info["artifact"], request.match_info["method"]
-        timeout = _timeout(request, 10.0)
-        from aether.api.server import problem_response
-        from aether.http.server import is_no_instance, retry_after_header
-        from aether.invoke.errors import (
-            EndpointUnavailable,
-            InvokeTimeout,
-            NotDeployed,
-            SliceAppError,
-            UnknownEntryError,
-        )
-
-        try:
-            out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
-        except NotDeployed as e:
-            return problem_response(e.status, str(e), title="Not deployed")
-        except EndpointUnavailable as e:
-            return problem_response(e.status, str(e), title="No instance", headers=retry_after_header(e))
-        except UnknownEntryError as e:
-            return problem_response(404, str(e), title="Unknown entry")
-        except SliceAppError as e:
-            if e.status is not None:
-                return problem_response(e.status, e.detail)
-            return problem_response(502, str(e), title="The slice raised an error")
-        except InvokeTimeout as e:
-            if is_no_instance(e):
-                return problem_response(503, str(e), title="No instance")
-            return problem_response(504, str(e), title="No answer in time")
-        return _json(msgspec.msgpack.decode(out))
+        timeout = timeout_param(request, 10.0)
+        # every invoker error answers with the status it declares, as on the HTTP router
+        # (aether.core.problem.problem_for, through the server's middleware)
+        out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
+        return json_response(msgspec.msgpack.decode(out))
 
     async def undeploy(self, request: web.Request) -> web.Response:
-        body = await _body(request, UndeployRequest)
+        body = await read_body(request, UndeployRequest)
         changed = await self.svc.undeploy(body.artifact)
-        return _json({"artifact": body.artifact, "blueprints": changed})
+        return json_response({"artifact": body.artifact, "blueprints": changed})

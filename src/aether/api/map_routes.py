@@ -13,14 +13,13 @@ non-string map key, NaN or an infinity) answers 502 naming the key and where in 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from datetime import date, datetime, time
 from typing import Annotated, Any, Final
 
 import msgspec
 from aiohttp import web
 
-from aether.api.server import _query, problem_response
+from aether.api.common import MAX_BODY, json_response, problem_response, query
 from aether.core.errors import BadRequest, StatusError
 from aether.core.jsonbody import decode_json_body, require_json_content_type
 from aether.core.maps import (
@@ -47,8 +46,6 @@ __all__ = [
     "MapRoutes",
 ]
 
-MAX_BODY: Final = 1024 * 1024
-"""Largest request body (the aiohttp application's own limit): a JSON value of at most 1 MiB."""
 MAX_TTL: Final = 10 * 365 * 24 * 3600.0
 _DEFAULT_WRITE_QUORUM: Final = MapSpec().write_quorum
 
@@ -128,10 +125,6 @@ class MapKeys(msgspec.Struct):
     keys: list[str]
 
 
-def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
-
-
 def _problem(status: int, detail: str) -> web.Response:
     return problem_response(status, detail)
 
@@ -148,7 +141,9 @@ async def _read(request: web.Request) -> bytes:
     return raw
 
 
-class _TooLarge(Exception):
+class _TooLarge(StatusError):
+    status = 413
+
     def __init__(self, size: int) -> None:
         super().__init__(f"request body of {size} bytes exceeds the {MAX_BODY}-byte limit")
 
@@ -190,29 +185,6 @@ def _json_problem(value: object, path: str = "$") -> str | None:
     return f"{path} is a {type(value).__name__}"
 
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
-
-
-def _errors(handler: Handler) -> Handler:
-    """Map errors to problem documents: unknown map 404, status errors (409, 503) their status.
-
-    `BadRequest` (bad name, bad key, value too large) is left to the server's middleware (400)."""
-
-    async def wrapped(request: web.Request) -> web.Response:
-        try:
-            return await handler(request)
-        except UnknownMap as e:
-            return _problem(404, str(e))
-        except StatusError as e:
-            return _problem(e.status, str(e))
-        except _TooLarge as e:
-            return _problem(413, str(e))
-
-    wrapped.__name__ = handler.__name__
-    wrapped.__doc__ = handler.__doc__
-    return wrapped
-
-
 class MapRoutes:
     def __init__(self, maps: Any) -> None:
         self.maps = maps
@@ -220,15 +192,15 @@ class MapRoutes:
     def register(self, app: web.Application, prefix: str) -> None:
         r = app.router
         base = f"{prefix}/maps"
-        r.add_get(base, _errors(self.list_maps))
-        r.add_post(base, _errors(self.create_map))
-        r.add_get(f"{base}/{{name}}", _errors(self.get_map))
-        r.add_delete(f"{base}/{{name}}", _errors(self.delete_map))
-        r.add_get(f"{base}/{{name}}/keys", _errors(self.keys))
+        r.add_get(base, self.list_maps)
+        r.add_post(base, self.create_map)
+        r.add_get(f"{base}/{{name}}", self.get_map)
+        r.add_delete(f"{base}/{{name}}", self.delete_map)
+        r.add_get(f"{base}/{{name}}/keys", self.keys)
         # keys may contain '/': the rest of the path (percent-decoded) is the key
-        r.add_get(f"{base}/{{name}}/entries/{{key:.+}}", _errors(self.get_entry))
-        r.add_put(f"{base}/{{name}}/entries/{{key:.+}}", _errors(self.put_entry))
-        r.add_delete(f"{base}/{{name}}/entries/{{key:.+}}", _errors(self.remove_entry))
+        r.add_get(f"{base}/{{name}}/entries/{{key:.+}}", self.get_entry)
+        r.add_put(f"{base}/{{name}}/entries/{{key:.+}}", self.put_entry)
+        r.add_delete(f"{base}/{{name}}/entries/{{key:.+}}", self.remove_entry)
 
     def _table(self) -> tuple[int | None, list[str]]:
         table = self.maps.table
@@ -247,14 +219,14 @@ class MapRoutes:
     # -- definitions --------------------------------------------------------------------------------
 
     async def list_maps(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         version, members = self._table()
         specs: dict[str, MapSpec] = dict(self.maps.specs)
         defs = [MapDefinition.of(n, specs[n]) for n in sorted(specs)]
-        return _json(MapListing(table_version=version, members=members, maps=defs))
+        return json_response(MapListing(table_version=version, members=members, maps=defs))
 
     async def create_map(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         raw = await _read(request)
         require_json_content_type(request.headers.get("Content-Type"))
         try:
@@ -265,16 +237,16 @@ class MapRoutes:
         created = await self.maps.define(body.name, spec)
         d = MapDefinition.of(body.name, spec)
         out = MapCreated(d.name, d.replicas, d.write_quorum, d.engine, d.max_value_bytes, created=created)
-        return _json(out, status=201 if created else 200)
+        return json_response(out, status=201 if created else 200)
 
     async def get_map(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         name = request.match_info["name"]
         spec = self._spec(name)
         nodes: list[MapNodeStats] = sorted(await self.maps.stats(name), key=lambda s: s.node)
         version, members = self._table()
         d = MapDefinition.of(name, spec)
-        return _json(
+        return json_response(
             MapDetail(
                 d.name, d.replicas, d.write_quorum, d.engine, d.max_value_bytes,
                 table_version=version, members=members, nodes=nodes,
@@ -282,24 +254,24 @@ class MapRoutes:
         )
 
     async def delete_map(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         name = request.match_info["name"]
         self._spec(name)
         if not await self.maps.undefine(name):
             raise UnknownMap(f"no map {name!r}")
-        return _json(MapDeleted(name=name, deleted=True))
+        return json_response(MapDeleted(name=name, deleted=True))
 
     # -- entries ------------------------------------------------------------------------------------
 
     async def keys(self, request: web.Request) -> web.Response:
-        prefix = _query(request, ("prefix",)).get("prefix", "")
+        prefix = query(request, ("prefix",)).get("prefix", "")
         name = request.match_info["name"]
         self._spec(name)
         keys: list[str] = await self.maps.map_keys(name, prefix)
-        return _json(MapKeys(map=name, prefix=prefix, keys=keys))
+        return json_response(MapKeys(map=name, prefix=prefix, keys=keys))
 
     async def get_entry(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         name, key = request.match_info["name"], request.match_info["key"]
         self._spec(name)
         raw: bytes | None = await self.maps.map_get(name, key)
@@ -312,10 +284,10 @@ class MapRoutes:
         problem = _json_problem(value)
         if problem is not None:
             return _problem(502, f"map {name!r} key {key!r}: the stored value has no JSON form: {problem}")
-        return _json(value)
+        return json_response(value)
 
     async def put_entry(self, request: web.Request) -> web.Response:
-        ttl = _ttl(_query(request, ("ttl",)).get("ttl"))
+        ttl = _ttl(query(request, ("ttl",)).get("ttl"))
         name, key = request.match_info["name"], request.match_info["key"]
         self._spec(name)
         raw = await _read(request)
@@ -327,12 +299,12 @@ class MapRoutes:
             raise BadRequest(f"the value for map {name!r} key {key!r}: {e}") from None
         encoded = msgspec.msgpack.encode(value)
         await self.maps.map_put(name, key, encoded, ttl=ttl)
-        return _json(MapEntryWritten(map=name, key=key, bytes=len(encoded), ttl=ttl))
+        return json_response(MapEntryWritten(map=name, key=key, bytes=len(encoded), ttl=ttl))
 
     async def remove_entry(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         name, key = request.match_info["name"], request.match_info["key"]
         self._spec(name)
         if not await self.maps.map_remove(name, key):
             return _problem(404, f"map {name!r} has no key {key!r}")
-        return _json(MapEntryRemoved(map=name, key=key, removed=True))
+        return json_response(MapEntryRemoved(map=name, key=key, removed=True))

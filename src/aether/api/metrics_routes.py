@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from aether.api.common import json_response, query
 from aether.core.errors import BadRequest
 from aether.metrics.prometheus import CONTENT_TYPE, PrometheusExporter
 from aether.metrics.service import HISTORY_MAX_SECONDS
@@ -31,16 +32,6 @@ __all__ = ["DEFAULT_HISTORY_SECONDS", "MetricsRoutes"]
 
 DEFAULT_HISTORY_SECONDS = 300.0
 STREAM_INTERVAL_RANGE = (0.2, 60.0)
-
-
-def _json(data: object) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), content_type="application/json")
-
-
-def _only(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
-    from aether.api.server import _query
-
-    return _query(request, allowed)
 
 
 class MetricsRoutes:
@@ -55,11 +46,11 @@ class MetricsRoutes:
         app.router.add_get("/metrics", self.prometheus)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        _only(request, ())
-        return _json(self.svc.view())
+        query(request, ())
+        return json_response(self.svc.view())
 
     async def history(self, request: web.Request) -> web.Response:
-        text = _only(request, ("seconds",)).get("seconds")
+        text = query(request, ("seconds",)).get("seconds")
         seconds = DEFAULT_HISTORY_SECONDS
         if text is not None:
             try:
@@ -68,10 +59,10 @@ class MetricsRoutes:
                 raise BadRequest(f"seconds must be a number, not {text!r}") from None
             if not (math.isfinite(seconds) and 0 < seconds <= HISTORY_MAX_SECONDS):
                 raise BadRequest(f"seconds must be more than 0 and at most {HISTORY_MAX_SECONDS} (2 hours)")
-        return _json(self.svc.history(seconds))
+        return json_response(self.svc.history(seconds))
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        text = _only(request, ("interval",)).get("interval")
+        text = query(request, ("interval",)).get("interval")
         interval = 1.0
         lo, hi = STREAM_INTERVAL_RANGE
         if text is not None:
@@ -99,5 +90,5 @@ class MetricsRoutes:
         return resp
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        _only(request, ())
+        query(request, ())
         return web.Response(body=self.exporter.render(), headers={"Content-Type": CONTENT_TYPE})

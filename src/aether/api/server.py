@@ -31,10 +31,11 @@ Metrics endpoints, when the node runs a metrics service (`node.metrics`), see `a
 - `GET /metrics` -> Prometheus text exposition of this node (needs the API key like the rest)
 
 Errors are RFC 9457 problem documents (`application/problem+json`):
-`{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`. Unexpected exceptions are
-logged with their traceback and answered with a 500 that never contains it. A `SessionConflict`
-(the store refused the node's own command: an internal error, the request was not applied) is a
-500 whose detail says so.
+`{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`, the title being the status's
+reason phrase. Every error answers with the status it declares (`aether.core.problem.problem_for`,
+shared with the HTTP router and the CLI). Unexpected exceptions are logged with their traceback and
+answered with a 500 that never contains it. A `SessionConflict` (the store refused the node's own
+command: an internal error, the request was not applied) is a 500 whose detail says so.
 
 If an API key is configured, every request must carry it in `X-API-Key: KEY` or
 `Authorization: Bearer KEY`, else 401. A server bound beyond loopback without an API key refuses
@@ -44,31 +45,39 @@ to start (`ConfigError`). Several servers may run in one process (no module-leve
 from __future__ import annotations
 
 import asyncio
-import inspect
 import ipaddress
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
 from aether.api.auth import Principal, required_role
-from aether.api.types import KVListing, Problem
+from aether.api.common import (
+    API_PREFIX,
+    JSON_CONTENT_TYPE,
+    MAX_BODY,
+    Handler,
+    json_response,
+    problem_answer,
+    problem_response,
+    query,
+    read_body,
+    resolve,
+)
+from aether.api.types import KVListing
 from aether.core.errors import (
     BadRequest,
-    CommitTimeout,
     ConfigError,
     Forbidden,
     NotReady,
     QuorumLost,
     RequestTimeout,
-    SessionConflict,
-    StatusError,
     Unauthorized,
 )
+from aether.core.problem import PROBLEM_CONTENT_TYPE, Problem, is_internal, problem_for, problem_headers
 from aether.core.status import KVEntry, NodeStatus
 from aether.http.server import ServerLogger, start_site
 
@@ -79,10 +88,10 @@ __all__ = [
     "NodeView",
     "Problem",
     "is_loopback_host",
+    "problem_answer",
     "problem_response",
 ]
 
-API_PREFIX = "/api/v1"
 # A connection must send a complete request head within this many seconds of being accepted (or of
 # its previous response), else it is closed; also the keep-alive idle time. aiohttp's
 # `keepalive_timeout` does both (its timer starts at `connection_made` and closes the connection
@@ -90,21 +99,14 @@ API_PREFIX = "/api/v1"
 DEFAULT_IDLE_TIMEOUT = 15.0
 # A request body must arrive completely within this many seconds (408 otherwise).
 DEFAULT_BODY_TIMEOUT = 10.0
-PROBLEM_CONTENT_TYPE = "application/problem+json"
-JSON_CONTENT_TYPE = "application/json"
 
-MAX_BODY = 1024 * 1024  # request bodies (the handlers answer 413 beyond, naming the limit)
 PRINCIPAL = web.RequestKey("aether.principal", Principal)  # who sent the request
 BODY = web.RequestKey("aether.body", bytes)  # the request body, once the middleware read it
 AUTH_PREFIX = "auth/"  # store keys only admins may list (hashes of API keys)
 
-_T = TypeVar("_T")
-
-
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     role: str
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class NodeView(Protocol):
@@ -153,45 +155,6 @@ def presented_key(request: web.Request) -> str | None:
     if not given or not given.isascii() or not given.isprintable():
         raise Unauthorized("the API key is empty or contains bytes that are not printable ASCII")
     return given
-
-
-def problem_response(
-    status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None
-) -> web.Response:
-    """A JSON problem document response with the given status code."""
-    from http import HTTPStatus
-
-    if title is None:
-        try:
-            title = HTTPStatus(status).phrase
-        except ValueError:
-            title = "Error"
-    body = msgspec.json.encode(Problem(type="about:blank", title=title, status=status, detail=detail))
-    return web.Response(body=body, status=status, content_type=PROBLEM_CONTENT_TYPE, headers=headers)
-
-
-def _json_response(data: object) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), content_type=JSON_CONTENT_TYPE)
-
-
-async def _resolve(value: _T | Awaitable[_T]) -> _T:
-    if inspect.isawaitable(value):
-        return await value
-    return value
-
-
-def _query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
-    """The query parameters of `request`, each at most once and all among `allowed`."""
-    allowed = tuple(allowed)
-    out: dict[str, str] = {}
-    for name, value in request.query.items():
-        if name not in allowed:
-            accepts = ", ".join(allowed) if allowed else "no query parameters"
-            raise BadRequest(f"unknown query parameter {name!r}; {request.path} accepts: {accepts}")
-        if name in out:
-            raise BadRequest(f"query parameter {name!r} given more than once")
-        out[name] = value
-    return out
 
 
 class ManagementServer:
@@ -303,9 +266,9 @@ class ManagementServer:
         async def handle_openapi(request: web.Request) -> web.Response:
             from aether.api.openapi import build_openapi
 
-            _query(request, ())
+            query(request, ())
             routes = [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None]
-            return _json_response(build_openapi(routes))
+            return json_response(build_openapi(routes))
 
         app.router.add_get(f"{API_PREFIX}/openapi.json", handle_openapi)
         return app
@@ -429,22 +392,16 @@ class ManagementServer:
             return self.problem_for(request, e)
 
     def problem_for(self, request: web.Request, e: Exception) -> web.Response:
-        """The problem document answering `e` (the one place errors become HTTP answers)."""
-        if isinstance(e, Unauthorized):
-            return problem_response(401, str(e), headers={"WWW-Authenticate": 'Bearer realm="aether"'})
-        if isinstance(e, BadRequest):
-            return problem_response(400, str(e))
-        if isinstance(e, StatusError):  # an error that carries its status (401, 403, 408, 415, ...)
-            return problem_response(e.status, str(e))
-        if isinstance(e, (NotReady, QuorumLost)):
-            return problem_response(503, str(e) or type(e).__name__)
-        if isinstance(e, CommitTimeout):
-            return problem_response(504, str(e) or "timed out")
-        if isinstance(e, SessionConflict):  # our own command was refused: not the caller's fault, not applied
+        """The problem document answering `e`: `aether.core.problem.problem_for`, the mapping the
+        HTTP router uses too. An error without a status of its own is logged with its traceback
+        (the answer is a generic 500); a declared 500 (`SessionConflict`: the store refused the
+        node's own command, not applied) is logged as one line."""
+        problem = problem_for(e)
+        if is_internal(e):
+            self._log.error("management API: %s %s failed", request.method, request.path, exc_info=e)
+        elif problem.status == 500:
             self._log.error("management API: %s %s failed: %s", request.method, request.path, e)
-            return problem_response(500, str(e))
-        self._log.error("management API: %s %s failed", request.method, request.path, exc_info=e)
-        return problem_response(500, "internal error while handling the request; see the node log")
+        return problem_answer(problem, problem_headers(e))
 
     @staticmethod
     def _http_problem(request: web.Request, e: web.HTTPException) -> web.Response:
@@ -462,28 +419,26 @@ class ManagementServer:
     # -- handlers (thin) ------------------------------------------------------------------------
 
     async def _handle_status(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        status: Any = await _resolve(self._node.status())
-        return _json_response(status)
+        query(request, ())
+        status: Any = await resolve(self._node.status())
+        return json_response(status)
 
     async def _handle_kv(self, request: web.Request) -> web.Response:
-        prefix = _query(request, ("prefix",)).get("prefix", "")
-        entries: list[KVEntry] = list(await _resolve(self._node.kv_list(prefix)))
+        prefix = query(request, ("prefix",)).get("prefix", "")
+        entries: list[KVEntry] = list(await resolve(self._node.kv_list(prefix)))
         principal = request.get(PRINCIPAL)
         if principal is None or not principal.allows("admin"):  # key hashes: admins only
             entries = [e for e in entries if not e.key.startswith(AUTH_PREFIX)]
         entries.sort(key=lambda e: e.key)
-        return _json_response(KVListing(prefix=prefix, entries=entries))
+        return json_response(KVListing(prefix=prefix, entries=entries))
 
     async def _handle_list_keys(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        return _json_response(self.keys.list())
+        query(request, ())
+        return json_response(self.keys.list())
 
     async def _handle_create_key(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        from aether.api.deploy_routes import _body
-
-        body: CreateKey = await _body(request, CreateKey)
+        query(request, ())
+        body: CreateKey = await read_body(request, CreateKey)
         value, key = await self.keys.create(body.name, body.role)
         self._log.info("API key %r (role %s) created", body.name, value.role)
         return web.Response(
@@ -493,35 +448,35 @@ class ManagementServer:
         )
 
     async def _handle_revoke_key(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         name = request.match_info["name"]
         await self.keys.revoke(name)
         self._log.info("API key %r revoked", name)
-        return _json_response({"name": name, "revoked": True})
+        return json_response({"name": name, "revoked": True})
 
     async def _handle_audit(self, request: web.Request) -> web.Response:
-        text = _query(request, ("limit",)).get("limit", "100")
+        text = query(request, ("limit",)).get("limit", "100")
         try:
             limit = int(text)
         except ValueError:
             raise BadRequest(f"limit must be an integer from 1 to 1000, not {text!r}") from None
         if not 1 <= limit <= 1000:
             raise BadRequest(f"limit must be from 1 to 1000, not {limit}")
-        return _json_response(self.audit.recent(limit))
+        return json_response(self.audit.recent(limit))
 
     async def _handle_health(self, request: web.Request) -> web.Response:
-        _query(request, ())
+        query(request, ())
         now = time.time()
         node_id = getattr(self._node, "node_id", "")
         try:
-            status: NodeStatus = await _resolve(self._node.status())
+            status: NodeStatus = await resolve(self._node.status())
         except (NotReady, QuorumLost) as e:
             return self._unready(node_id, False, None, now, str(e) or type(e).__name__)
         if not status.quorum:
             up = sum(1 for m in status.nodes if m.state == "up")
             reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
             return self._unready(status.node_id, False, status.leader, now, reason)
-        return _json_response({
+        return json_response({
             "status": "ok", "live": True, "ready": True, "node_id": status.node_id,
             "quorum": status.quorum, "leader": status.leader, "time": now,
         })
@@ -537,15 +492,15 @@ class ManagementServer:
         return web.Response(body=msgspec.json.encode(body), status=503, content_type=PROBLEM_CONTENT_TYPE)
 
     async def _handle_nodes(self, request: web.Request) -> web.Response:
-        _query(request, ())
-        status: NodeStatus = await _resolve(self._node.status())
-        return _json_response([
+        query(request, ())
+        status: NodeStatus = await resolve(self._node.status())
+        return json_response([
             {"id": m.id, "address": m.address, "state": m.state, "leader": m.id == status.leader}
             for m in status.nodes
         ])
 
     async def _handle_events(self, request: web.Request, hub: Any) -> web.StreamResponse:
-        _query(request, ())
+        query(request, ())
         resp = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
         })

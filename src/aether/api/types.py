@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import msgspec
 
+from aether.core.problem import Problem
 from aether.core.status import KVEntry
+
+__all__ = ["KVListing", "Problem"]
 
 
 class KVListing(msgspec.Struct, frozen=True):
@@ -15,12 +18,3 @@ class KVListing(msgspec.Struct, frozen=True):
 
     prefix: str
     entries: list[KVEntry]
-
-
-class Problem(msgspec.Struct, frozen=True):
-    """An RFC 9457 problem document, the body of every error answer."""
-
-    type: str
-    title: str
-    status: int
-    detail: str

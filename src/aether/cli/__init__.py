@@ -1,8 +1,13 @@
 """The `aether` command line (click + rich), entry point `aether.cli.main:main`.
 
 Owns the commands, their output (tables, `--json`) and exit codes (0 ok, 1 operation failed,
-2 bad usage or configuration, 3 cannot connect), the synchronous management-API client
-(`aether.cli.http`) and local multi-process clusters (`aether.cli.local_cluster`).
+2 bad usage or configuration, 3 cannot connect), the synchronous management-API client on
+aiohttp (`aether.cli.client`) and local multi-process clusters (`aether.cli.local_cluster`).
+
+Imports point one way: `main` (the group, and the `status`, `kv`, `node` and `cluster`
+commands) registers the commands of the other modules (`deploy`, `maps`, `metrics`, `ops`,
+`security`, `tls`, `artifact`), which import `common` (settings, exit codes, output helpers,
+the client factory and error reporting) and never `main`.
 
 May import `aether.core` and the API's shared types/helpers (`aether.api`). The CLI talks to
 nodes only over the management API; the one exception is `aether node`, which runs a node

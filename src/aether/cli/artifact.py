@@ -3,10 +3,11 @@
 Works on a repository directory directly (no node needed): `--repository DIR` before or after
 the subcommand (`aether artifact --repository DIR deploy W` == `aether artifact deploy
 --repository DIR W`; after wins), env `AETHER_REPOSITORY`, default `~/.aether/repository`.
-Same conventions as `aether.cli.main`: exit 0 ok, 1 the operation failed, 2 bad usage; errors
-in red on stderr with a hint; `--json` (on the command or the global `aether --json`) for scripts.
+Same conventions as the other commands (`aether.cli.common`): exit 0 ok, 1 the operation failed,
+2 bad usage; errors in red on stderr with a hint; `--json` (on the command or the global
+`aether --json`) for scripts.
 
-This module does not import `aether.cli.main` (main imports it to register the group); the
+Like every command module it does not import `aether.cli.main` (main registers the group); the
 repository code, rich and msgspec are imported inside the commands (start-up time).
 """
 

@@ -11,16 +11,15 @@ from typing import Any
 
 import click
 
-from aether.cli.main import (
+from aether.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
     Settings,
-    _call,
-    _client,
-    _echo_json,
+    call,
+    echo_json,
     fail,
     json_option,
-    main,
+    make_client,
 )
 
 
@@ -75,15 +74,15 @@ def _to_json(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-@main.command()
+@click.command()
 @json_option
 @click.pass_obj
 def slices(settings: Settings, as_json: bool) -> None:
     """Show every deployed artifact: desired and active instances, per-node state and failures."""
-    client = _client(settings)
-    statuses: Any = _call(client, lambda c: c.get_json("/api/v1/slices"))
+    client = make_client(settings)
+    statuses: Any = call(client, lambda c: c.get_json("/api/v1/slices"))
     if settings.json or as_json:
-        _echo_json(_to_json(statuses))
+        echo_json(_to_json(statuses))
         return
     from aether.cli import render
 
@@ -94,7 +93,7 @@ def slices(settings: Settings, as_json: bool) -> None:
     out.print(_slice_rows(statuses))
 
 
-@main.group()
+@click.group()
 def blueprint() -> None:
     """Apply, list, show and delete blueprints (desired state in TOML)."""
 
@@ -115,14 +114,14 @@ def blueprint_apply(settings: Settings, file: Path, wait: bool, wait_timeout: fl
         fail(f"cannot read blueprint {file}: {e.strerror or e}", EXIT_USAGE)
     except UnicodeDecodeError:
         fail(f"blueprint {file} is not UTF-8 text", EXIT_USAGE)
-    client = _client(settings)
+    client = make_client(settings)
     quiet = settings.json or as_json
     applied, statuses = apply_blueprint(
         settings, client, text, str(file), wait_timeout=wait_timeout if wait else None, quiet=quiet
     )
     if not wait:
         if quiet:
-            _echo_json(applied)
+            echo_json(applied)
         else:
             artifacts = [s["artifact"] for s in applied.get("slices", [])]
             click.echo(
@@ -130,7 +129,7 @@ def blueprint_apply(settings: Settings, file: Path, wait: bool, wait_timeout: fl
             )
         return
     if quiet:
-        _echo_json({"blueprint": applied, "slices": _to_json(statuses)})
+        echo_json({"blueprint": applied, "slices": _to_json(statuses)})
     else:
         click.echo(f"Blueprint {applied['id']!r} is running: every instance is ACTIVE.")
 
@@ -147,7 +146,7 @@ def apply_blueprint(
     """POST the blueprint `text`; with `wait_timeout`, wait (with a progress bar unless `quiet`)
     until every instance of its slices is ACTIVE. Returns the applied blueprint and the slice
     statuses (empty without waiting). Exits 1 naming the problem (`fail`) otherwise."""
-    applied: Any = _call(
+    applied: Any = call(
         client, lambda c: c.send_json("POST", "/api/v1/blueprints", {"toml": text, "filename": filename})
     )
     if wait_timeout is None:
@@ -178,11 +177,8 @@ def _wait(
     with progress:
         task = progress.add_task("Waiting for instances", total=None)
         while True:
-            statuses = [
-                s
-                for s in _call(client, lambda c: c.get_json("/api/v1/slices"))  # type: ignore[union-attr]
-                if s["artifact"] in wanted
-            ]
+            listing: Any = call(client, lambda c: c.get_json("/api/v1/slices"))
+            statuses = [s for s in listing if s["artifact"] in wanted]
             total = sum(max(s["desired"], 1) for s in statuses) or len(wanted)
             done = sum(min(s["active"], s["desired"]) for s in statuses)
             progress.update(task, total=total, completed=done)
@@ -217,10 +213,10 @@ def _wait(
 @click.pass_obj
 def blueprint_list(settings: Settings, as_json: bool) -> None:
     """List the blueprints in the cluster."""
-    client = _client(settings)
-    items: Any = _call(client, lambda c: c.get_json("/api/v1/blueprints"))
+    client = make_client(settings)
+    items: Any = call(client, lambda c: c.get_json("/api/v1/blueprints"))
     if settings.json or as_json:
-        _echo_json(items)
+        echo_json(items)
         return
     from rich.table import Table
 
@@ -249,10 +245,10 @@ def blueprint_show(settings: Settings, blueprint_id: str, as_json: bool) -> None
     """Show one blueprint, expanded (dependencies included, in deployment order)."""
     from urllib.parse import quote
 
-    client = _client(settings)
-    bp: Any = _call(client, lambda c: c.get_json(f"/api/v1/blueprints/{quote(blueprint_id, safe='')}"))
+    client = make_client(settings)
+    bp: Any = call(client, lambda c: c.get_json(f"/api/v1/blueprints/{quote(blueprint_id, safe='')}"))
     if settings.json or as_json:
-        _echo_json(bp)
+        echo_json(bp)
         return
     from rich.table import Table
 
@@ -278,12 +274,12 @@ def blueprint_delete(settings: Settings, blueprint_id: str) -> None:
     """Delete a blueprint: its slices are undeployed unless another blueprint lists them."""
     from urllib.parse import quote
 
-    client = _client(settings)
-    _call(client, lambda c: c.send_json("DELETE", f"/api/v1/blueprints/{quote(blueprint_id, safe='')}"))
+    client = make_client(settings)
+    call(client, lambda c: c.send_json("DELETE", f"/api/v1/blueprints/{quote(blueprint_id, safe='')}"))
     click.echo(f"Deleted blueprint {blueprint_id!r}.")
 
 
-@main.command()
+@click.command()
 @click.argument("artifact", metavar="G:A:V")
 @click.option("-n", "--instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE.")
@@ -294,8 +290,8 @@ def deploy(
     settings: Settings, artifact: str, instances: int, wait: bool, wait_timeout: float, as_json: bool
 ) -> None:
     """Deploy ARTIFACT with N instances (a single-slice blueprint of its own)."""
-    client = _client(settings)
-    out: Any = _call(
+    client = make_client(settings)
+    out: Any = call(
         client,
         lambda c: c.send_json("POST", "/api/v1/deploy", {"artifact": artifact, "instances": instances}),
     )
@@ -308,7 +304,7 @@ def deploy(
             quiet=settings.json or as_json,
         )
     if settings.json or as_json:
-        _echo_json(out)
+        echo_json(out)
     else:
         click.echo(
             f"Deploying {artifact} with {instances} instance(s)."
@@ -317,7 +313,7 @@ def deploy(
         )
 
 
-@main.command()
+@click.command()
 @click.argument("artifact", metavar="G:A[:V]")
 @click.option("-n", "--instances", type=click.IntRange(min=1), required=True)
 @click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure).")
@@ -328,8 +324,8 @@ def scale(
     settings: Settings, artifact: str, instances: int, wait: bool, wait_timeout: float, as_json: bool
 ) -> None:
     """Set the instance count of ARTIFACT (G:A: every version) in every blueprint that lists it."""
-    client = _client(settings)
-    out: Any = _call(
+    client = make_client(settings)
+    out: Any = call(
         client, lambda c: c.send_json("POST", "/api/v1/scale", {"artifact": artifact, "instances": instances})
     )
     quiet = settings.json or as_json
@@ -338,7 +334,7 @@ def scale(
             f"Scaling {artifact} to {instances} instance(s) (blueprints: {', '.join(out['blueprints'])})."
         )
     if wait:
-        statuses: Any = _call(client, lambda c: c.get_json("/api/v1/slices"))
+        statuses: Any = call(client, lambda c: c.get_json("/api/v1/slices"))
         matching = [
             s["artifact"] for s in statuses
             if s["artifact"] == artifact or s["artifact"].startswith(artifact + ":")
@@ -347,18 +343,18 @@ def scale(
         if not quiet:
             click.echo(f"{', '.join(matching)}: {instances} instance(s) ACTIVE.")
     if quiet:
-        _echo_json(out)
+        echo_json(out)
 
 
-@main.command()
+@click.command()
 @click.argument("artifact", metavar="G:A[:V]")
 @json_option
 @click.pass_obj
 def undeploy(settings: Settings, artifact: str, as_json: bool) -> None:
     """Remove ARTIFACT from the blueprints that list it; its instances are stopped."""
-    client = _client(settings)
-    out: Any = _call(client, lambda c: c.send_json("POST", "/api/v1/undeploy", {"artifact": artifact}))
+    client = make_client(settings)
+    out: Any = call(client, lambda c: c.send_json("POST", "/api/v1/undeploy", {"artifact": artifact}))
     if settings.json or as_json:
-        _echo_json(out)
+        echo_json(out)
     else:
         click.echo(f"Undeploying {artifact} (blueprints: {', '.join(out['blueprints'])}).")

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from aether.cli.http import ApiError, ApiUnreachable, ManagementClient
+from aether.cli.client import ApiError, ApiUnreachable, ManagementClient
 from aether.core.errors import AetherError
 from aether.core.files import make_private_dirs, open_private_append, prepare_private_dir, write_private
 from aether.core.status import NodeStatus

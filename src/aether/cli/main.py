@@ -11,159 +11,41 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from aether import __version__
+from aether.cli import deploy as deploy_commands
+from aether.cli import maps as map_commands
+from aether.cli import metrics as metrics_commands
+from aether.cli import ops as ops_commands
+from aether.cli import security as security_commands
+from aether.cli import tls as cert_commands
+from aether.cli.artifact import artifact
+from aether.cli.common import (
+    DEFAULT_CLUSTER_DIR,
+    DEFAULT_CONNECT,
+    DEFAULT_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Settings,
+    call,
+    echo_json,
+    echo_json_bytes,
+    fail,
+    json_option,
+    make_client,
+    resolve_api_key,
+)
 from aether.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from aether.cli.http import ManagementClient
     from aether.cli.local_cluster import ClusterRecord, NodeObservation
     from aether.core.config import NodeConfig
     from aether.core.types import PeerSpec
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.http.DEFAULT_CONNECT (not imported: start-up)
-DEFAULT_TIMEOUT = 15.0  # same as aether.cli.http.DEFAULT_TIMEOUT: above the server's own deadlines
-DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
-
-_T = TypeVar("_T")
-
-
-@dataclass
-class Settings:
-    """Global options, shared by every command through the click context."""
-
-    connect: str = DEFAULT_CONNECT
-    json: bool = False
-    api_key: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
-    ca: str | None = None  # CA certificate that verifies a node's HTTPS certificate (--ca)
-
-
-# -- output helpers ---------------------------------------------------------------------------------
-
-
-def fail(message: str, code: int = EXIT_FAILED, *, hint: str | None = None) -> NoReturn:
-    """Print `error: message` in red (and a hint) to stderr and exit with `code`."""
-    click.secho(f"error: {message}", fg="red", err=True)
-    if hint:
-        click.echo(hint, err=True)
-    raise click.exceptions.Exit(code)
-
-
-def _echo_json(data: object) -> None:
-    import msgspec
-
-    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
-
-
-def _echo_json_bytes(body: bytes) -> None:
-    import msgspec
-
-    try:
-        click.echo(msgspec.json.format(body, indent=2).decode())
-    except msgspec.DecodeError:
-        click.echo(body.decode(errors="replace"))
-
-
-def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--json` on a subcommand too (`aether status --json` == `aether --json status`)."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
-
-
-def _client(settings: Settings, target: str | None = None) -> ManagementClient:
-    """A client for `target` (default --connect): HTTPS for ``https://`` or a node of the local
-    cluster in .aether/cluster started with --tls, verified with --ca or that cluster's CA."""
-    from aether.cli.http import client_for
-
-    try:
-        return client_for(
-            settings.connect if target is None else target,
-            api_key=settings.api_key, timeout=settings.timeout, ca=settings.ca,
-        )
-    except ConfigError as e:
-        fail(str(e), EXIT_USAGE)
-
-
-def _call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
-    """Run one API call, turning failures into the CLI's messages and exit codes."""
-    from aether.cli.http import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiTlsError, ApiUnreachable
-
-    try:
-        return fn(client)
-    except ApiTlsError as e:
-        fail(str(e), EXIT_UNREACHABLE, hint=e.hint)
-    except ApiNoAnswer as e:
-        longer = max(2 * e.timeout, SERVER_DEADLINE + 5)
-        fail(
-            str(e),
-            EXIT_FAILED,
-            hint=(
-                "The node runs but is slow or busy; the operation may still complete. Check "
-                f"`aether --connect {e.address} status`, or wait longer with --timeout {longer:g}."
-            ),
-        )
-    except ApiUnreachable as e:
-        fail(
-            str(e),
-            EXIT_UNREACHABLE,
-            hint=(
-                "Is a node running there? Start a local cluster with `aether cluster start`, "
-                "or point to a running node with --connect HOST:PORT (or AETHER_CONNECT)."
-            ),
-        )
-    except ApiError as e:
-        hint = None
-        if e.status == 401:
-            hint = (
-                "Pass the cluster's API key with --api-key-file FILE or the AETHER_API_KEY "
-                "environment variable."
-            )
-        fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=hint)
-
-
-def resolve_api_key(
-    ctx: click.Context, param: str, value: str | None, key_file: str | None, *, warn: bool = True
-) -> str | None:
-    """The API key from `--api-key` (or AETHER_API_KEY) or `--api-key-file`; never both.
-
-    The flag form puts the key on the command line, where every local user sees it in `ps`: it
-    works, with a warning on stderr. A key file is read whole, trailing whitespace stripped.
-    """
-    from click.core import ParameterSource
-
-    if key_file is not None:
-        if value:
-            fail(
-                "give the API key once: --api-key (or AETHER_API_KEY) or --api-key-file, not both",
-                EXIT_USAGE,
-            )
-        path = Path(key_file)
-        try:
-            text = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"cannot read the API key file {path}: {getattr(e, 'strerror', None) or e}", EXIT_USAGE)
-        if not text or not text.isascii() or not text.isprintable():
-            fail(f"the API key file {path} must hold one key of printable ASCII characters", EXIT_USAGE)
-        return text
-    if value and warn and ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
-        click.secho(
-            "warning: --api-key KEY shows the key to every local user (ps, /proc); "
-            "use --api-key-file FILE or the AETHER_API_KEY environment variable",
-            fg="yellow",
-            err=True,
-        )
-    return value or None
-
 
 # -- the group ----------------------------------------------------------------------------------------
 
@@ -243,7 +125,7 @@ def main(
         if not in_repl and sys.stdin.isatty() and sys.stdout.isatty():
             from aether.cli.repl import run_repl
 
-            ctx.exit(run_repl(ctx.obj))
+            ctx.exit(run_repl(ctx.obj, main))
         click.echo(ctx.get_help())
         ctx.exit(EXIT_OK)
 
@@ -256,10 +138,10 @@ def main(
 @click.pass_obj
 def status(settings: Settings, as_json: bool) -> None:
     """Show the cluster as one node sees it: members, their state, the leader and quorum."""
-    client = _client(settings)
-    body = _call(client, lambda c: c.get_raw("/api/v1/status"))
+    client = make_client(settings)
+    body = call(client, lambda c: c.get_raw("/api/v1/status"))
     if settings.json or as_json:
-        _echo_json_bytes(body)
+        echo_json_bytes(body)
         return
     import msgspec
 
@@ -286,10 +168,10 @@ def kv() -> None:
 @click.pass_obj
 def kv_list(settings: Settings, prefix: str, as_json: bool) -> None:
     """List the keys starting with PREFIX (all keys without one) and their values."""
-    client = _client(settings)
-    body = _call(client, lambda c: c.get_raw("/api/v1/kv", {"prefix": prefix}))
+    client = make_client(settings)
+    body = call(client, lambda c: c.get_raw("/api/v1/kv", {"prefix": prefix}))
     if settings.json or as_json:
-        _echo_json_bytes(body)
+        echo_json_bytes(body)
         return
     import msgspec
 
@@ -916,7 +798,7 @@ def cluster_status(settings: Settings, directory: str, as_json: bool) -> None:
     obs = lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0))
     leader = lc.cluster_leader(obs)
     if settings.json or as_json:
-        _echo_json(
+        echo_json(
             [
                 {
                     "id": o.node.id,
@@ -1187,20 +1069,14 @@ def _print_demo_guide(
     click.echo(f"Node logs: {Path(directory) / 'node-K.log'}")
 
 
-# Command groups defined in their own modules register themselves on `main` (import at the end:
-# they import this module).
-from aether.cli import deploy as _deploy  # noqa: E402, F401
-from aether.cli import maps as _maps  # noqa: E402, F401
-from aether.cli import metrics as _metrics  # noqa: E402, F401
-from aether.cli import ops as _ops  # noqa: E402, F401
-from aether.cli import security as _security  # noqa: E402, F401
-from aether.cli import tls as _tls  # noqa: E402, F401
-from aether.cli.artifact import artifact as _artifact  # noqa: E402
-
-main.add_command(_artifact)
+# The commands defined in their own modules (they import aether.cli.common, never this module).
+for _command in (
+    deploy_commands.slices, deploy_commands.blueprint, deploy_commands.deploy, deploy_commands.scale,
+    deploy_commands.undeploy, map_commands.map_group, metrics_commands.metrics, ops_commands.health,
+    ops_commands.nodes, ops_commands.events, ops_commands.doctor, security_commands.key,
+    security_commands.audit, cert_commands.cert, artifact,
+):
+    main.add_command(_command)
 
 if __name__ == "__main__":
-    # run the group of the imported module, which has every subcommand registered
-    from aether.cli.main import main as _real_main
-
-    _real_main(prog_name="aether")
+    main(prog_name="aether")

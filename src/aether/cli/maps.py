@@ -11,22 +11,21 @@ from urllib.parse import quote
 
 import click
 
-from aether.cli.main import (
+from aether.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
     Settings,
-    _call,
-    _client,
-    _echo_json,
+    call,
+    echo_json,
     fail,
     json_option,
-    main,
+    make_client,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from aether.cli.http import ManagementClient
+    from aether.cli.client import ManagementClient
 
 _API = "/api/v1/maps"
 _HINTS = {
@@ -62,7 +61,7 @@ def hint_for(status: int, detail: str, *, write: bool) -> str | None:
 
 def _run(client: ManagementClient, fn: Callable[[ManagementClient], Any], *, write: bool = False) -> Any:
     """`_call` with hints for the map endpoints' 404, 409, 413 and 503 answers."""
-    from aether.cli.http import ApiError
+    from aether.cli.client import ApiError
 
     def hinted(c: ManagementClient) -> Any:
         try:
@@ -73,7 +72,7 @@ def _run(client: ManagementClient, fn: Callable[[ManagementClient], Any], *, wri
                 raise
             fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=hint)
 
-    return _call(client, hinted)
+    return call(client, hinted)
 
 
 def _map_path(name: str) -> str:
@@ -95,7 +94,7 @@ def _send(client: ManagementClient, method: str, path: str, body: bytes | None =
     """One request with a raw JSON body; the decoded JSON answer."""
     import msgspec
 
-    from aether.cli.http import ApiError
+    from aether.cli.client import ApiError
 
     raw = client.request_raw(method, path, params, body, "application/json")
     try:
@@ -104,7 +103,7 @@ def _send(client: ManagementClient, method: str, path: str, body: bytes | None =
         raise ApiError(client.target, 200, "Bad response", "the answer is not JSON") from None
 
 
-@main.group("map")
+@click.group("map")
 def map_group() -> None:
     """Define, inspect and use distributed maps (values are JSON)."""
 
@@ -114,10 +113,10 @@ def map_group() -> None:
 @click.pass_obj
 def map_list(settings: Settings, as_json: bool) -> None:
     """List the defined maps and the partition table's version and members."""
-    client = _client(settings)
+    client = make_client(settings)
     doc: Any = _run(client, lambda c: c.get_json(_API))
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
         return
     from rich.table import Table
     from rich.text import Text
@@ -152,10 +151,10 @@ def map_list(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def map_stats(settings: Settings, map_name: str, as_json: bool) -> None:
     """Show map NAME's settings and each live node's entries, bytes, partitions and replication lag."""
-    client = _client(settings)
+    client = make_client(settings)
     doc: Any = _run(client, lambda c: c.get_json(_map_path(map_name)))
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
         return
     from rich.table import Table
     from rich.text import Text
@@ -221,10 +220,10 @@ def map_create(
     ):
         if value is not None:
             body[field] = value
-    client = _client(settings)
+    client = make_client(settings)
     doc: Any = _run(client, lambda c: c.send_json("POST", _API, body), write=True)
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
         return
     verb = "Created map" if doc["created"] else "Map already exists:"
     click.echo(
@@ -239,10 +238,10 @@ def map_create(
 @click.pass_obj
 def map_delete(settings: Settings, map_name: str, as_json: bool) -> None:
     """Delete map NAME and its entries on every node."""
-    client = _client(settings)
+    client = make_client(settings)
     doc: Any = _run(client, lambda c: c.send_json("DELETE", _map_path(map_name)), write=True)
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
     else:
         click.echo(f"Deleted map {map_name!r}")
 
@@ -254,10 +253,10 @@ def map_delete(settings: Settings, map_name: str, as_json: bool) -> None:
 @click.pass_obj
 def map_get(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
     """Print the value of KEY in map NAME as JSON (exit 1 if absent)."""
-    client = _client(settings)
+    client = make_client(settings)
     value = _run(client, lambda c: _send(c, "GET", _entry_path(map_name, key)))
     if settings.json or as_json:
-        _echo_json(value)
+        echo_json(value)
     else:
         click.echo(_value_json(value))
 
@@ -287,12 +286,12 @@ def map_put(
     if ttl is not None and not 0 < ttl <= 10 * 365 * 24 * 3600:
         fail(f"--ttl must be more than 0 seconds and at most ten years, not {ttl:g}", EXIT_USAGE)
     params = {"ttl": repr(ttl)} if ttl is not None else None
-    client = _client(settings)
+    client = make_client(settings)
     doc = _run(
         client, lambda c: _send(c, "PUT", _entry_path(map_name, key), value.encode(), params), write=True
     )
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
     else:
         expires = f", expires in {ttl:g} s" if ttl is not None else ""
         click.echo(f"Stored {map_name}[{key!r}] ({doc['bytes']} bytes{expires})")
@@ -305,10 +304,10 @@ def map_put(
 @click.pass_obj
 def map_remove(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
     """Remove KEY from map NAME (exit 1 if it was absent)."""
-    client = _client(settings)
+    client = make_client(settings)
     doc = _run(client, lambda c: _send(c, "DELETE", _entry_path(map_name, key)), write=True)
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
     else:
         click.echo(f"Removed {map_name}[{key!r}]")
 
@@ -320,11 +319,11 @@ def map_remove(settings: Settings, map_name: str, key: str, as_json: bool) -> No
 @click.pass_obj
 def map_keys(settings: Settings, map_name: str, prefix: str, as_json: bool) -> None:
     """List the keys of map NAME, one per line, sorted."""
-    client = _client(settings)
+    client = make_client(settings)
     params = {"prefix": prefix} if prefix else None
     doc: Any = _run(client, lambda c: c.get_json(f"{_map_path(map_name)}/keys", params))
     if settings.json or as_json:
-        _echo_json(doc["keys"])
+        echo_json(doc["keys"])
         return
     for k in doc["keys"]:
         click.echo(k)

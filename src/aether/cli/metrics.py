@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from aether.cli.main import EXIT_OK, Settings, _call, _client, json_option, main
+from aether.cli.common import EXIT_OK, Settings, call, json_option, make_client
 
 
 def _mib(n: Any) -> str:
@@ -91,7 +91,7 @@ def render_metrics(doc: dict[str, Any]) -> None:
     )
 
 
-@main.command()
+@click.command()
 @click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
 @click.option(
     "--interval",
@@ -118,11 +118,11 @@ def metrics(settings: Settings, watch: bool, interval: float, count: int | None,
     """
     from aether.cli import render
 
-    client = _client(settings)
+    client = make_client(settings)
     rounds = 0
     try:
         while True:
-            doc: Any = _call(client, lambda c: c.get_json("/api/v1/metrics"))
+            doc: Any = call(client, lambda c: c.get_json("/api/v1/metrics"))
             if settings.json or as_json:
                 import msgspec
 

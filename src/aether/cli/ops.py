@@ -7,30 +7,30 @@ asks every node it knows of (`--nodes`, else the local cluster's `cluster.json`)
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from aether.cli.main import (
+from aether.cli.common import (
     DEFAULT_CLUSTER_DIR,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    UNREACHABLE_HINT,
     Settings,
-    _call,
-    _client,
-    _echo_json,
+    call,
+    echo_json,
     fail,
     json_option,
-    main,
+    make_client,
+    report,
 )
 from aether.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from aether.cli.http import ManagementClient
+    from aether.cli.client import ManagementClient
 
 # commands a node has not picked up yet, and steps it runs: an instance should pass through them
 TRANSITIONAL = (
@@ -44,46 +44,36 @@ SKEW_WARN = 0.5  # seconds of clock difference between nodes: warning
 SKEW_FAIL = 5.0  # ... failed
 EVENTS_READ_TIMEOUT = 45.0  # three missed heartbeats: the connection is lost
 
-_UNREACHABLE_HINT = (
-    "Is a node running there? Start a local cluster with `aether cluster start`, "
-    "or point to a running node with --connect HOST:PORT (or AETHER_CONNECT)."
-)
-
 
 def _health(client: ManagementClient) -> tuple[int, dict[str, Any]]:
     """GET /api/v1/health: (status code, document); 503 is an answer here, not an error."""
     import msgspec
 
-    from aether.cli.http import ApiError
+    from aether.cli.client import ApiError
 
-    addr = client.target
+    answer = client.request("GET", "/api/v1/health")
     try:
-        status, reason, body = client._request("GET", "/api/v1/health")
-    except (ConfigError, OSError) as e:
-        raise client.unreachable(e) from None
-    try:
-        doc = msgspec.json.decode(body)
+        doc = msgspec.json.decode(answer.body)
     except msgspec.DecodeError:
         doc = None
-    if status in (200, 503) and isinstance(doc, dict) and "ready" in doc:
-        return status, doc
-    detail = doc.get("detail", "") if isinstance(doc, dict) else body.decode(errors="replace")[:500]
-    title = doc.get("title", reason) if isinstance(doc, dict) else reason
-    raise ApiError(addr, status, str(title), str(detail))
+    if answer.status in (200, 503) and isinstance(doc, dict) and "ready" in doc:
+        return answer.status, doc
+    client.check(answer)  # an error answer: ApiError with its problem document
+    raise ApiError(client.target, answer.status, answer.reason, answer.body.decode(errors="replace")[:500])
 
 
 # -- health and nodes -----------------------------------------------------------------------------
 
 
-@main.command()
+@click.command()
 @json_option
 @click.pass_obj
 def health(settings: Settings, as_json: bool) -> None:
     """Is the node live and ready (has quorum)? Exit 0 if ready, 1 if not."""
-    client = _client(settings)
-    code, doc = _call(client, _health)
+    client = make_client(settings)
+    code, doc = call(client, _health)
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
     elif code == 200:
         click.secho(f"✓ {doc.get('node_id')} is ready: quorum, leader {doc.get('leader') or '-'}", fg="green")
     else:
@@ -92,15 +82,15 @@ def health(settings: Settings, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_FAILED)
 
 
-@main.command()
+@click.command()
 @json_option
 @click.pass_obj
 def nodes(settings: Settings, as_json: bool) -> None:
     """List the cluster's members as the node sees them: address, up/down, leader."""
-    client = _client(settings)
-    members: Any = _call(client, lambda c: c.get_json("/api/v1/nodes"))
+    client = make_client(settings)
+    members: Any = call(client, lambda c: c.get_json("/api/v1/nodes"))
     if settings.json or as_json:
-        _echo_json(members)
+        echo_json(members)
         return
     from rich.table import Table
     from rich.text import Text
@@ -119,102 +109,6 @@ def nodes(settings: Settings, as_json: bool) -> None:
 
 
 # -- events ------------------------------------------------------------------------------------------
-
-
-class _StreamLost(Exception):
-    pass
-
-
-def _reraise(e: Exception) -> NoReturn:
-    raise e
-
-
-def _sse_events(client: ManagementClient, read_timeout: float) -> Iterator[tuple[str | None, str, str]]:
-    """Open `/api/v1/events` and yield (id, event, data) for every event (HTTP/1.0: no chunking).
-
-    Raises ApiUnreachable if the connection cannot be opened, ApiError on an HTTP error and
-    _StreamLost when an open stream ends or stays silent for `read_timeout` seconds.
-    """
-    from aether.cli.http import ApiError, ApiUnreachable, _parse_response
-
-    addr = client.target
-    host = client.address.host.strip("[]")
-    lines = [
-        "GET /api/v1/events HTTP/1.0",
-        f"Host: {f'[{host}]' if ':' in host else host}:{client.address.port}",
-        "Accept: text/event-stream",
-        "User-Agent: aether-cli",
-    ]
-    if client.api_key:
-        lines.append(f"X-API-Key: {client.api_key}")
-    try:
-        sock = client.open_socket()
-    except (ConfigError, OSError) as e:
-        raise client.unreachable(e) from None
-    with sock:
-        buf = b""
-        try:
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-            while b"\r\n\r\n" not in buf:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                buf += data
-        except OSError as e:
-            raise ApiUnreachable(addr, e.strerror or str(e) or type(e).__name__) from None
-        head, sep, rest = buf.partition(b"\r\n\r\n")
-        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = status_line.split(" ", 2)
-        if not sep or len(parts) < 2 or not parts[1].isdigit():
-            raise ApiUnreachable(addr, "the connection closed without an answer")
-        if parts[1] != "200":
-            try:
-                while data := sock.recv(65536):
-                    rest += data
-            except OSError:
-                pass
-            code, reason, body = _parse_response(head + b"\r\n\r\n" + rest)
-            import msgspec
-
-            try:
-                doc = msgspec.json.decode(body)
-            except msgspec.DecodeError:
-                doc = {}
-            doc = doc if isinstance(doc, dict) else {}
-            raise ApiError(addr, code, str(doc.get("title") or reason), str(doc.get("detail") or ""))
-        sock.settimeout(read_timeout)
-        pending = rest
-        ev_id: str | None = None
-        ev_type = "message"
-        data_lines: list[str] = []
-        while True:
-            while b"\n" in pending:
-                raw, _, pending = pending.partition(b"\n")
-                line = raw.rstrip(b"\r").decode("utf-8", errors="replace")
-                if not line:
-                    if data_lines:
-                        yield ev_id, ev_type, "\n".join(data_lines)
-                    ev_type, data_lines = "message", []
-                    continue
-                if line.startswith(":"):
-                    continue  # a comment: heartbeat
-                name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
-                if name == "id":
-                    ev_id = value
-                elif name == "event":
-                    ev_type = value
-                elif name == "data":
-                    data_lines.append(value)
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                raise _StreamLost(f"no event or heartbeat for {read_timeout:g} s") from None
-            except OSError as e:
-                raise _StreamLost(e.strerror or str(e) or type(e).__name__) from None
-            if not data:
-                raise _StreamLost("the node closed the stream")
-            pending += data
 
 
 def _describe_event(data: dict[str, Any]) -> str:
@@ -242,19 +136,20 @@ def _describe_event(data: dict[str, Any]) -> str:
     return str({k: v for k, v in data.items() if k not in ("type", "time")})
 
 
-@main.command()
+@click.command()
 @json_option
 @click.pass_obj
 def events(settings: Settings, as_json: bool) -> None:
     """Follow the cluster's events (nodes joining/leaving, leader, slices, blueprints) until Ctrl-C."""
     import msgspec
 
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable, StreamLost
 
-    client = _client(settings)
+    client = make_client(settings)
     as_json = settings.json or as_json
     try:
-        for ev_id, ev_type, raw in _sse_events(client, EVENTS_READ_TIMEOUT):
+        for ev in client.events(EVENTS_READ_TIMEOUT):
+            ev_id, ev_type, raw = ev.id, ev.event, ev.data
             try:
                 data = msgspec.json.decode(raw)
             except msgspec.DecodeError:
@@ -285,9 +180,8 @@ def events(settings: Settings, as_json: bool) -> None:
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_OK) from None
     except (ApiUnreachable, ApiError) as e:
-        err = e
-        _call(client, lambda c: _reraise(err))  # the usual messages, hints and exit codes
-    except _StreamLost as e:
+        report(e)  # the usual messages, hints and exit codes
+    except StreamLost as e:
         fail(
             f"lost the event stream of {client.target}: {e}",
             EXIT_UNREACHABLE,
@@ -304,7 +198,7 @@ _MARK = {OK: "[green]✓ ok[/green]", WARN: "[yellow]! warning[/yellow]", FAILED
 def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str) -> tuple[list[str], str]:
     """Management addresses to check (`--connect` values, ``https://`` for HTTPS) and where they
     came from. A local cluster with TLS also gives the CA (settings.ca) unless --ca does."""
-    from aether.cli.http import parse_target
+    from aether.cli.client import parse_target
 
     if nodes_opt:
         out = []
@@ -340,9 +234,9 @@ def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str)
 
 
 def _probe(settings: Settings, address: str) -> dict[str, Any]:
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
-    client = _client(settings, address)
+    client = make_client(settings, address)
     t0 = time.time()
     try:
         code, doc = _health(client)
@@ -372,7 +266,7 @@ def run_doctor(
     settings: Settings, addresses: list[str], source: str, stuck_after: float = STUCK_AFTER
 ) -> dict[str, Any]:
     """Every check of `aether doctor`: {verdict, source, nodes: [...], checks: [...]}."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     probes = [_probe(settings, a) for a in addresses]
     up = [p for p in probes if p["reachable"]]
@@ -395,7 +289,7 @@ def run_doctor(
         )
     members: list[dict[str, Any]] = []
     if up:
-        client = _client(settings, up[0]["address"])
+        client = make_client(settings, up[0]["address"])
         try:
             got = client.get_json("/api/v1/nodes")
             members = got if isinstance(got, list) else []
@@ -470,11 +364,11 @@ def run_doctor(
 
 def _statuses(settings: Settings, up: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
     """`GET /api/v1/status` of every reachable node: {node id: status, or None if it failed}."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
     out: dict[str, dict[str, Any] | None] = {}
     for p in up:
-        client = _client(settings, p["address"])
+        client = make_client(settings, p["address"])
         try:
             doc = client.get_json("/api/v1/status")
         except (ApiUnreachable, ApiError):
@@ -529,9 +423,9 @@ def _serving_checks(
 ) -> list[dict[str, Any]]:
     """Does every deployed artifact and every route have an ACTIVE instance that a reachable node
     really runs? The store's endpoints are compared with each node's local instances."""
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
-    client = _client(settings, probe["address"])
+    client = make_client(settings, probe["address"])
     try:
         endpoints: Any = client.get_json("/api/v1/kv", {"prefix": "endpoints/"})
         routes: Any = client.get_json("/api/v1/kv", {"prefix": "routes/"})
@@ -561,7 +455,8 @@ def _serving_checks(
             )
         else:
             serving.setdefault((artifact, name), []).append(where)
-    items_fail, items_warn = [], []
+    items_fail: list[str] = []
+    items_warn: list[str] = []
     deployed = [s for s in slices if isinstance(s, dict) and int(s.get("desired") or 0) > 0]
     for s in deployed:
         a = str(s["artifact"])
@@ -577,11 +472,11 @@ def _serving_checks(
             continue
         total_routes += 1
         method, _, path = str(entry.get("key", ""))[len("routes/"):].partition(":")
-        a, e = str(v.get("artifact")), str(v.get("method"))  # RouteValue: method = entry name
-        if not serving.get((a, e)):
-            why = "; ".join(x for x in stale.get(a, []) if x.startswith(f"{e}#"))
+        a, entry_name = str(v.get("artifact")), str(v.get("method"))  # RouteValue: method = entry name
+        if not serving.get((a, entry_name)):
+            why = "; ".join(x for x in stale.get(a, []) if x.startswith(f"{entry_name}#"))
             why = why or "no endpoint in the store"
-            route_fail.append(f"{method} {path} -> {a} {e}: no reachable ACTIVE instance ({why})")
+            route_fail.append(f"{method} {path} -> {a} {entry_name}: no reachable ACTIVE instance ({why})")
     return [
         _check(
             "instances serving",
@@ -601,9 +496,9 @@ def _serving_checks(
 
 
 def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float) -> list[dict[str, Any]]:
-    from aether.cli.http import ApiError, ApiUnreachable
+    from aether.cli.client import ApiError, ApiUnreachable
 
-    client = _client(settings, probe["address"])
+    client = make_client(settings, probe["address"])
     try:
         listing: Any = client.get_json("/api/v1/kv", {"prefix": "slices/"})
     except (ApiUnreachable, ApiError) as e:
@@ -641,7 +536,7 @@ def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float)
     ]
 
 
-@main.command()
+@click.command()
 @click.option(
     "--nodes",
     "nodes_opt",
@@ -678,7 +573,7 @@ def doctor(
     addresses, source = _doctor_targets(settings, nodes_opt, str(Path(cluster_dir)))
     report = run_doctor(settings, addresses, source, stuck_after)
     if settings.json or as_json:
-        _echo_json(report)
+        echo_json(report)
     else:
         from rich.table import Table
         from rich.text import Text
@@ -693,6 +588,6 @@ def doctor(
             table.add_row(c["name"], _MARK[c["verdict"]], Text(detail))  # Text: no markup, no :emoji:
         render.console().print(table)
     if not any(p["reachable"] for p in report["nodes"]):
-        fail("no node answered", EXIT_UNREACHABLE, hint=_UNREACHABLE_HINT)
+        fail("no node answered", EXIT_UNREACHABLE, hint=UNREACHABLE_HINT)
     if report["verdict"] == FAILED:
         raise click.exceptions.Exit(EXIT_FAILED)

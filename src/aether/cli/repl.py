@@ -29,7 +29,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion, Thre
 from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 
-from aether.cli.main import Settings
+from aether.cli.common import Settings
 from aether.core.files import make_private_dirs, open_private
 
 EXIT_WORDS = ("exit", "quit")
@@ -85,7 +85,7 @@ class NodeData:
             return hit[1]
         doc: Any = None
         try:
-            from aether.cli.http import client_for
+            from aether.cli.client import client_for
 
             timeout = min(self.settings.timeout, 1.0)
             doc = client_for(
@@ -285,10 +285,9 @@ def prompt_text(code: int) -> str:
     return "aether> " if code == 0 else f"aether [{code}]> "
 
 
-def run_repl(settings: Settings) -> int:
-    """The interactive loop; returns the exit code of the shell (0)."""
-    from aether.cli.main import main as group
-
+def run_repl(settings: Settings, group: click.Group) -> int:
+    """The interactive loop over the commands of `group` (`aether.cli.main.main`); returns the
+    exit code of the shell (0)."""
     session: PromptSession[str] = PromptSession(
         history=_history(),
         completer=ThreadedCompleter(AetherCompleter(group, NodeData(settings))),

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import click
 
-from aether.cli.main import Settings, _call, _client, _echo_json, json_option, main
+from aether.cli.common import Settings, call, echo_json, json_option, make_client
 
 ROLE_CHOICE = click.Choice(["read", "operate", "admin"])
 
@@ -24,7 +24,7 @@ def _when(ts: Any) -> str:
         return "-"
 
 
-@main.group()
+@click.group()
 def key() -> None:
     """Manage API keys with roles: read (GETs), operate (deploy, scale, blueprints, maps,
     invoke), admin (keys, audit, membership). Needs an admin key (the node's own key is one)."""
@@ -37,10 +37,10 @@ def key() -> None:
 @click.pass_obj
 def key_create(settings: Settings, name: str, role: str, as_json: bool) -> None:
     """Create key NAME with ROLE and print it, once: the cluster stores only its hash."""
-    client = _client(settings)
-    doc: Any = _call(client, lambda c: c.send_json("POST", "/api/v1/keys", {"name": name, "role": role}))
+    client = make_client(settings)
+    doc: Any = call(client, lambda c: c.send_json("POST", "/api/v1/keys", {"name": name, "role": role}))
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
         return
     click.echo(
         f"Created key {doc['name']!r} with role {doc['role']}. It is shown only now; keep it safe:", err=True
@@ -53,10 +53,10 @@ def key_create(settings: Settings, name: str, role: str, as_json: bool) -> None:
 @click.pass_obj
 def key_list(settings: Settings, as_json: bool) -> None:
     """List the keys stored in the cluster (names, roles, creation times; never the keys)."""
-    client = _client(settings)
-    keys: Any = _call(client, lambda c: c.get_json("/api/v1/keys"))
+    client = make_client(settings)
+    keys: Any = call(client, lambda c: c.get_json("/api/v1/keys"))
     if settings.json or as_json:
-        _echo_json(keys)
+        echo_json(keys)
         return
     if not keys:
         click.echo("No keys stored (the node's own key is the bootstrap admin key).")
@@ -79,15 +79,15 @@ def key_list(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def key_revoke(settings: Settings, name: str, as_json: bool) -> None:
     """Revoke key NAME: every node refuses it (401) once the removal is applied."""
-    client = _client(settings)
-    doc: Any = _call(client, lambda c: c.send_json("DELETE", f"/api/v1/keys/{quote(name, safe='')}"))
+    client = make_client(settings)
+    doc: Any = call(client, lambda c: c.send_json("DELETE", f"/api/v1/keys/{quote(name, safe='')}"))
     if settings.json or as_json:
-        _echo_json(doc)
+        echo_json(doc)
         return
     click.echo(f"Revoked key {name!r}.")
 
 
-@main.command()
+@click.command()
 @click.option(
     "--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many entries."
 )
@@ -99,10 +99,10 @@ def audit(settings: Settings, limit: int, as_json: bool) -> None:
 
     Each node keeps its own last 1000 in memory and logs every entry (logger aether.audit.NODE).
     """
-    client = _client(settings)
-    entries: Any = _call(client, lambda c: c.get_json("/api/v1/audit", {"limit": str(limit)}))
+    client = make_client(settings)
+    entries: Any = call(client, lambda c: c.get_json("/api/v1/audit", {"limit": str(limit)}))
     if settings.json or as_json:
-        _echo_json(entries)
+        echo_json(entries)
         return
     if not entries:
         click.echo(f"No write operations audited on {client.target} since it started.")

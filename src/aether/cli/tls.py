@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from aether.cli.main import EXIT_USAGE, fail, main
+from aether.cli.common import EXIT_USAGE, fail
 from aether.core.errors import ConfigError
 
 DEFAULT_DIR = ".aether/tls"
@@ -23,7 +23,7 @@ dir_option = click.option(
 )
 
 
-@main.group()
+@click.group()
 def cert() -> None:
     """Certificates for mutual TLS between nodes: a cluster CA, one certificate per node id."""
 

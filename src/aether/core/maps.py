@@ -45,7 +45,9 @@ class MapError(AetherError):
 
 
 class UnknownMap(MapError):
-    """No map of that name is defined in the cluster."""
+    """No map of that name is defined in the cluster (HTTP 404)."""
+
+    status = 404
 
 
 class MapDefinitionConflict(MapError, StatusError):

@@ -15,11 +15,16 @@ class BlueprintError(BadRequest):
 
 
 class DeploymentFailed(AetherError):
-    """An instance being waited for reached FAILED; the message names artifact, node and reason."""
+    """An instance being waited for reached FAILED; the message names artifact, node and reason (409)."""
+
+    status = 409
 
 
 class ConvergenceTimeout(AetherError):
-    """The cluster did not converge on the desired state in time; the message says what is missing."""
+    """The cluster did not converge on the desired state in time; the message says what is missing
+    (504)."""
+
+    status = 504
 
 
 class AdmissionRejected(BlueprintError):

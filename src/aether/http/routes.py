@@ -90,6 +90,8 @@ _ENC = msgspec.msgpack.Encoder()
 class BodyTooLarge(BadRequest):
     """The request body exceeds the router's limit (answered 413)."""
 
+    status = 413
+
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"request body of {size} bytes exceeds the limit of {limit} bytes")
         self.size = size

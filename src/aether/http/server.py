@@ -11,7 +11,9 @@ Responses: the entry's MessagePack answer re-encoded as JSON (``application/json
 answer is a JSON string, ``None`` is ``null``). Every response carries ``X-Request-Id`` (the
 request's header when it is sane, else a fresh id) which is also passed to the invoker.
 
-Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``):
+Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``); an
+error of the invoker answers with the status it declares (`aether.core.problem.problem_for`, the
+same mapping as the management API's invoke endpoint):
 
 ====  ===========================================================================================
 400   malformed path/query/JSON, a bound header whose bytes are not UTF-8, header bytes aiohttp's
@@ -20,7 +22,9 @@ Errors are problem documents (``application/problem+json``, ``{type,title,status
       body not an object, or the entry rejected the argument (`BadRequest` /
       `InvokeBadRequest`: the detail names the field and why)
 404   no route for the path (detail names method and path), or the route's artifact is not
-      deployed / its instances have no such entry (`NotDeployed`, answered at once)
+      deployed / its instances have no such entry (`NotDeployed`, answered at once), or the
+      route names an entry the artifact does not have (`UnknownEntryError`: the detail says the
+      route is misconfigured)
 405   the path exists for other methods (``Allow`` header lists them)
 408   the client did not send its body within ``request_timeout``
 
@@ -30,12 +34,12 @@ being accepted, or of its previous response, is closed without an answer (slowlo
 415   a body without a JSON content type (``Content-Type: application/json`` is required)
 4xx   the entry raised a `SliceHttpError` (``NotFound`` 404, ``Conflict`` 409, ...), directly or by
       letting one from a slice it called escape: that status, its message as the detail
-502   the slice raised (`SliceAppError`), the route names an unknown entry (`UnknownEntryError`),
-      or the answer cannot be represented as JSON
+502   the slice raised (`SliceAppError`), nodes went down running the call (`PoisonRequest`), any
+      other failed call (`InvokeError`), or the answer cannot be represented as JSON
 503   the artifact is deployed but no instance is ACTIVE anywhere (`EndpointUnavailable`, answered
       at once, with ``Retry-After: 1`` while an instance is starting), no ACTIVE instance could be
-      reached before the deadline (an `InvokeTimeout` whose last error is "no ACTIVE instance ..."
-      or a ``no_instance`` reply), or the invoker is closed
+      reached before the deadline (an `InvokeTimeout` of kind ``no_instance``: the last attempt found
+      none, or there was none to try), or the invoker is closed
 504   any other `InvokeTimeout` (the deadline passed while an attempt ran or peers were failing)
 500   anything unexpected (logged with traceback; the response never contains one)
 ====  ===========================================================================================
@@ -49,25 +53,15 @@ import re
 import ssl
 import uuid
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
 
 from aether.core.errors import BadRequest, StatusError
-from aether.http.routes import ROUTE_PREFIX, BodyTooLarge, Match, RouteTable, build_payload
-from aether.invoke.errors import (
-    EndpointUnavailable,
-    InvokeBadRequest,
-    InvokeError,
-    InvokerClosed,
-    InvokeTimeout,
-    NotDeployed,
-    SliceAppError,
-    UnknownEntryError,
-)
-from aether.invoke.messages import KIND_NO_INSTANCE
+from aether.core.problem import PROBLEM_CONTENT_TYPE, Problem, is_internal, problem_for, problem_headers
+from aether.http.routes import ROUTE_PREFIX, Match, RouteTable, build_payload
+from aether.invoke.errors import InvokerClosed, UnknownEntryError
 from aether.kv.keys import RouteValue
 
 __all__ = [
@@ -76,13 +70,10 @@ __all__ = [
     "KVLike",
     "MiB",
     "ServerLogger",
-    "problem_body",
-    "retry_after_header",
     "start_site",
 ]
 
 MiB = 1024 * 1024
-PROBLEM_CONTENT_TYPE = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-Id"
 _RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}\Z")
 _MSGPACK_DEC = msgspec.msgpack.Decoder()
@@ -106,26 +97,6 @@ class InvokerLike(Protocol):
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> bytes: ...
-
-
-class _Problem(msgspec.Struct):
-    type: str
-    title: str
-    status: int
-    detail: str
-
-
-def problem_body(status: int, detail: str) -> bytes:
-    try:
-        title = HTTPStatus(status).phrase
-    except ValueError:
-        title = "Error"
-    return _JSON_ENC.encode(_Problem("about:blank", title, status, detail))
-
-
-def retry_after_header(e: EndpointUnavailable) -> dict[str, str] | None:
-    """``{"Retry-After": seconds}`` when the error suggests retrying, else None."""
-    return None if e.retry_after is None else {"Retry-After": str(e.retry_after)}
 
 
 class ServerLogger(logging.LoggerAdapter):
@@ -184,14 +155,6 @@ async def start_site(
 
 def _new_request_id() -> str:
     return uuid.uuid4().hex[:16]
-
-
-def is_no_instance(e: InvokeTimeout) -> bool:
-    """True when the call timed out because no ACTIVE instance could take it (a 503, not a 504)."""
-    if e.kind == KIND_NO_INSTANCE:
-        return True
-    text = str(e)
-    return e.kind != "deadline" and ("no ACTIVE instance" in text or "no_instance" in text)
 
 
 class HttpRouter:
@@ -326,11 +289,15 @@ class HttpRouter:
     def _problem(
         self, status: int, detail: str, rid: str, headers: dict[str, str] | None = None
     ) -> web.Response:
+        return self._answer(Problem.of(status, detail), rid, headers)
+
+    @staticmethod
+    def _answer(problem: Problem, rid: str, headers: dict[str, str] | None = None) -> web.Response:
         h = {REQUEST_ID_HEADER: rid}
         if headers:
             h.update(headers)
         return web.Response(
-            body=problem_body(status, detail), status=status, content_type=PROBLEM_CONTENT_TYPE, headers=h
+            body=problem.encode(), status=problem.status, content_type=PROBLEM_CONTENT_TYPE, headers=h
         )
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -384,36 +351,23 @@ class HttpRouter:
                 content_type=request.headers.get("Content-Type"),
                 max_body=self.max_body,
             )
-        except BodyTooLarge as e:
-            return self._problem(413, str(e), rid)
-        except BadRequest as e:
-            return self._problem(400, str(e), rid)
-        except StatusError as e:  # UnsupportedMediaType (415)
-            return self._problem(e.status, str(e), rid)
+        except (BadRequest, StatusError) as e:  # BodyTooLarge (413), UnsupportedMediaType (415), ...
+            return self._answer(problem_for(e), rid)
         try:
             answer = await self.invoker.invoke(
                 route.artifact, route.method, payload, request_id=rid, timeout=self.request_timeout
             )
-        except InvokeBadRequest as e:
-            return self._problem(400, e.detail or str(e), rid)
-        except NotDeployed as e:
-            return self._problem(e.status, str(e), rid)
-        except EndpointUnavailable as e:
-            return self._problem(e.status, str(e), rid, retry_after_header(e))
-        except SliceAppError as e:
-            if e.status is not None:
-                return self._problem(e.status, e.detail, rid)
-            return self._problem(502, str(e), rid)
-        except UnknownEntryError as e:
-            return self._problem(502, f"route {route.http_method} {route.pattern} is misconfigured: {e}", rid)
-        except InvokeTimeout as e:
-            return self._problem(503 if is_no_instance(e) else 504, str(e), rid)
-        except InvokerClosed as e:
-            return self._problem(503, f"node {self.node_id} is shutting down: {e}", rid)
-        except InvokeError as e:
-            return self._problem(502, str(e), rid)
-        except BadRequest as e:
-            return self._problem(400, str(e), rid)
+        except Exception as e:
+            if is_internal(e):
+                raise  # logged with its traceback by `_handle`, answered 500
+            p = problem_for(e)
+            if isinstance(e, UnknownEntryError):
+                p = msgspec.structs.replace(
+                    p, detail=f"route {route.http_method} {route.pattern} is misconfigured: {p.detail}"
+                )
+            elif isinstance(e, InvokerClosed):
+                p = msgspec.structs.replace(p, detail=f"node {self.node_id} is shutting down: {p.detail}")
+            return self._answer(p, rid, problem_headers(e))
         try:
             out = _JSON_ENC.encode(_MSGPACK_DEC.decode(answer)) if answer else b"null"
         except (msgspec.DecodeError, msgspec.EncodeError, TypeError, ValueError) as e:

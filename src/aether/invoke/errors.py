@@ -2,20 +2,22 @@
 
 Owns `InvokeError` and its subclasses and `classify` (exception -> wire kind), shared by the
 `Invoker` (local calls) and the `InvokeServer` (remote calls) so both report a failure the same way.
+Each error declares its HTTP `status` and its `wire_kind` where it is defined (see
+`aether.core.errors`); `aether.core.problem.problem_for` turns them into answers.
 May import `aether.core` and `aether.invoke.messages` only.
 """
 
 from __future__ import annotations
 
-from aether.core.errors import AetherError, BadRequest, StatusError
+from typing import Any, ClassVar
+
+from aether.core.errors import AetherError, BadRequest, StatusError, WireKind, status_kind, wire_kind_of
 from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
     KIND_NO_INSTANCE,
     KIND_SHUTTING_DOWN,
-    KIND_UNKNOWN_ENTRY,
     kind_status,
-    status_kind,
 )
 
 __all__ = [
@@ -39,7 +41,16 @@ class InvokeError(AetherError):
 
     `kind` is the response kind (see `aether.invoke.messages`), `node` the node that reported it
     (None when no attempt reached a node), `request_id` the call's tracing id.
+
+    A call that failed answers 502 (the failure is the callee's) unless a subclass says otherwise;
+    escaping an entry (a nested call it made failed) it is that entry's own failure (app_error).
     """
+
+    status: int | None = 502
+    wire_kind: ClassVar[WireKind] = KIND_APP_ERROR
+
+    def response_kind(self) -> str:
+        return self.wire_kind  # not the `StatusError` status of a subclass: the entry's own failure
 
     def __init__(
         self,
@@ -63,29 +74,52 @@ class InvokeError(AetherError):
 
 class InvokeTimeout(InvokeError):
     """The call did not succeed before its deadline; the message names target, method, attempts and
-    the last error. The outcome is indeterminate: an attempt may have run."""
+    the last error. The outcome is indeterminate: an attempt may have run.
+
+    504, or 503 when its `kind` is ``no_instance`` (no ACTIVE instance could take the call: the last
+    attempt found none, or there was none to try)."""
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.status = 503 if self.kind == KIND_NO_INSTANCE else 504
 
 
 class InvokeBadRequest(InvokeError, BadRequest):
     """The target rejected the payload (it does not decode into the entry's argument type, or the
-    entry raised `BadRequest`); `detail` is the target's own message (what an HTTP client reads)."""
+    entry raised `BadRequest`); `detail` is the target's own message (what an HTTP client reads): 400."""
 
+    status = 400
     detail: str = ""
 
 
 class UnknownEntryError(InvokeError):
-    """The target artifact has no entry point of that name."""
+    """The target artifact has no entry point of that name: 404, like `NotDeployed` (the other way
+    the same absence is found)."""
+
+    status = 404
 
 
 class SliceAppError(InvokeError):
     """The entry point raised; the message includes the exception type and text.
 
-    When the entry raised a `SliceHttpError` (NotFound, Conflict, ...), `status` is its HTTP status
-    and `detail` its message (what the HTTP router answers with); otherwise `status` is None.
+    When the entry raised a `SliceHttpError` (NotFound, Conflict, ...), its `kind` is ``status:NNN``,
+    `status` that HTTP status and `detail` its message (what the HTTP router answers with); otherwise
+    `status` is 502 (the callee failed).
     """
 
-    status: int | None = None
     detail: str = ""
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        carried = kind_status(self.kind)
+        if carried is not None:
+            self.status = carried
+
+    def response_kind(self) -> str:
+        # a nested call answered with a status (e.g. 409) and the entry let it escape: same answer
+        if kind_status(self.kind) is not None and self.status is not None:
+            return status_kind(self.status)
+        return KIND_APP_ERROR
 
 
 class NotDeployed(InvokeError, StatusError):
@@ -105,6 +139,10 @@ class EndpointUnavailable(InvokeError, StatusError):
     status = 503
     retry_after: int | None = None
 
+    def http_headers(self) -> dict[str, str]:
+        """``Retry-After`` while an instance is starting."""
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
 
 class PoisonRequest(InvokeError, StatusError):
     """Nodes went down (`Invoker.max_nodes_lost`, default 2) while running this call: it is not
@@ -114,40 +152,21 @@ class PoisonRequest(InvokeError, StatusError):
 
 
 class InvokerClosed(InvokeError):
-    """The invoker was closed (the node is stopping)."""
+    """The invoker was closed (the node is stopping): 503, kind shutting_down."""
 
-
-def _mro_names(exc: BaseException) -> set[str]:
-    return {cls.__name__ for cls in type(exc).__mro__}
+    status = 503
+    wire_kind: ClassVar[WireKind] = KIND_SHUTTING_DOWN
 
 
 def classify(exc: BaseException) -> str:
-    """The response kind for an exception raised by `LocalSlices.call`.
-
-    ``NoLocalInstance`` -> no_instance, ``UnknownEntry`` -> unknown_entry, `BadRequest` ->
-    bad_request (matched by class name along the MRO, so no import of the slices package is needed),
-    anything else -> app_error. An `InvokeError` escaping an entry (a nested call it made failed) is
-    the entry's own failure (app_error), except `InvokerClosed` (the node is stopping: shutting_down).
+    """The response kind for an exception raised by `LocalSlices.call`: what the exception declares
+    (`aether.core.errors.wire_kind_of`). ``NoLocalInstance`` -> no_instance, ``UnknownEntry`` ->
+    unknown_entry, `BadRequest` -> bad_request, a `StatusError` -> ``status:NNN``, anything else ->
+    app_error. An `InvokeError` escaping an entry (a nested call it made failed) is the entry's own
+    failure (app_error), except `InvokerClosed` (the node is stopping: shutting_down) and a
+    `SliceAppError` that carries a status (the same ``status:NNN``).
     """
-    if isinstance(exc, InvokerClosed):
-        return KIND_SHUTTING_DOWN
-    if isinstance(exc, SliceAppError) and exc.status is not None:
-        # A nested call answered with a status (e.g. 409) and the entry let it escape: same answer.
-        return status_kind(exc.status)
-    if isinstance(exc, InvokeError):
-        # A nested call the entry made failed and the entry let it escape: the entry's own failure.
-        return KIND_APP_ERROR
-    names = _mro_names(exc)
-    if isinstance(exc, StatusError):
-        status = getattr(exc, "status", 500)
-        return status_kind(status) if isinstance(status, int) and 400 <= status <= 599 else KIND_APP_ERROR
-    if "NoLocalInstance" in names:
-        return KIND_NO_INSTANCE
-    if "UnknownEntry" in names or isinstance(exc, UnknownEntryError):
-        return KIND_UNKNOWN_ENTRY
-    if isinstance(exc, BadRequest):
-        return KIND_BAD_REQUEST
-    return KIND_APP_ERROR
+    return wire_kind_of(exc)
 
 
 def error_text(exc: BaseException, kind: str) -> str:

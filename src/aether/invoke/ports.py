@@ -27,11 +27,11 @@ class LocalSlices(Protocol):
     ``group:artifact:version`` or ``group:artifact`` (the invoker passes the caller's target on the
     local path, and the full coordinates chosen by the remote caller on the server path).
 
-    `call` raises an exception whose class (or a base class) is named ``NoLocalInstance`` when no
-    ACTIVE local instance can take the call, one named ``UnknownEntry`` when the artifact has no such
-    entry point, and `aether.core.errors.BadRequest` when the payload does not decode; anything else
-    counts as the slice's own failure. (Matching is by class name so this package needs no import
-    of the slices package.)
+    `call` raises an exception whose `wire_kind` is ``no_instance`` when no ACTIVE local instance can
+    take the call (``NoLocalInstance``), ``unknown_entry`` when the artifact has no such entry point
+    (``UnknownEntry``), and `aether.core.errors.BadRequest` when the payload does not decode; anything
+    else counts as the slice's own failure (`aether.core.errors.wire_kind_of`: the errors declare
+    their kinds, so this package needs no import of the slices package).
     """
 
     async def call(self, artifact: str, method: str, payload: bytes, *, instance: int | None = None) -> bytes:

@@ -1,13 +1,24 @@
 """Errors of the slice layer (definition, calls, packaging, loading, running).
 
 Owns the exception types raised by `aether.slices`; imports only `aether.core.errors`.
-Mapping to HTTP (for the router): `BadRequest` and its subclasses -> 400, `UnknownEntry` -> 404,
-`NoLocalInstance` -> 503; everything else is a server-side failure.
+Each error declares its HTTP `status` and invoke `wire_kind` (see `aether.core.errors`):
+`BadRequest` and its subclasses -> 400 / bad_request, `UnknownEntry` -> 404 / unknown_entry,
+`NoLocalInstance` -> 503 / no_instance, a `SliceHttpError` -> its status / ``status:NNN``;
+everything else is a server-side failure.
 """
 
 from __future__ import annotations
 
-from aether.core.errors import AetherError, BadRequest, StatusError
+from typing import ClassVar
+
+from aether.core.errors import (
+    KIND_NO_INSTANCE,
+    KIND_UNKNOWN_ENTRY,
+    AetherError,
+    BadRequest,
+    StatusError,
+    WireKind,
+)
 
 
 class SliceError(AetherError):
@@ -32,11 +43,18 @@ class EntryBadRequest(BadRequest):
 
 
 class UnknownEntry(SliceError):
-    """The slice has no entry of that name."""
+    """The slice has no entry of that name (404, kind unknown_entry)."""
+
+    status = 404
+    wire_kind: ClassVar[WireKind] = KIND_UNKNOWN_ENTRY
 
 
 class NoLocalInstance(SliceError):
-    """No ACTIVE instance of the artifact on this node accepts calls."""
+    """No ACTIVE instance of the artifact on this node accepts calls (503, kind no_instance: the
+    invoker retries on another node)."""
+
+    status = 503
+    wire_kind: ClassVar[WireKind] = KIND_NO_INSTANCE
 
 
 class SliceHttpError(SliceError, StatusError):

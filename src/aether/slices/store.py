@@ -32,7 +32,7 @@ from time import perf_counter
 from typing import Any, Literal, Protocol
 
 from aether.core.artifact import Artifact
-from aether.core.errors import BadRequest, StatusError
+from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.slices.api import (
     Invoker,
     Slice,
@@ -81,17 +81,14 @@ def is_client_error(exc: BaseException) -> bool:
     """True when `exc` leaving an entry answers the caller with a 4xx status: a `BadRequest` (the
     payload did not decode, or the entry raised one), a `StatusError` of 400-499 (`NotFound`,
     `Conflict`, ...), or a nested call's 4xx answer the entry let escape (a ``SliceAppError`` with
-    a status). Any other error escaping from a nested call is the entry's own failure (as the
-    invoker's `classify` decides; matched by class name: this package does not import the invoker).
+    a status). Any other error escaping from a nested call is the entry's own failure: decided by the
+    kind the error declares (`aether.core.errors.wire_kind_of`, what the invoker reports too).
     """
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "InvokeError" in names:
-        status = getattr(exc, "status", None) if "SliceAppError" in names else None
-    elif isinstance(exc, BadRequest):
+    kind = wire_kind_of(exc)
+    if kind == KIND_BAD_REQUEST:
         return True
-    else:
-        status = exc.status if isinstance(exc, StatusError) else None
-    return isinstance(status, int) and 400 <= status <= 499
+    status = kind_status(kind)
+    return status is not None and status <= 499
 
 
 # A pure function's cache (like normalize_target's): parsing coordinates on every call was ~10% of

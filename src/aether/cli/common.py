@@ -1,0 +1,173 @@
+"""What every `aether` command module shares: the global settings, exit codes, output helpers
+and the management-API client factory with the CLI's error messages.
+
+Imports point one way: `aether.cli.main` (the group) imports the command modules, which import
+this module; nothing here imports a command module or `main`. Only click and `aether.core` are
+imported at module level (start-up time: `aether --help` imports this); the HTTP client, msgspec
+and rich are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from aether.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aether.cli.client import ManagementClient
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.client.DEFAULT_CONNECT (not imported: start-up)
+DEFAULT_TIMEOUT = 15.0  # same as aether.cli.client.DEFAULT_TIMEOUT: above the server's own deadlines
+DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
+
+UNREACHABLE_HINT = (
+    "Is a node running there? Start a local cluster with `aether cluster start`, "
+    "or point to a running node with --connect HOST:PORT (or AETHER_CONNECT)."
+)
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class Settings:
+    """Global options, shared by every command through the click context."""
+
+    connect: str = DEFAULT_CONNECT
+    json: bool = False
+    api_key: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    ca: str | None = None  # CA certificate that verifies a node's HTTPS certificate (--ca)
+
+
+# -- output helpers ---------------------------------------------------------------------------------
+
+
+def fail(message: str, code: int = EXIT_FAILED, *, hint: str | None = None) -> NoReturn:
+    """Print `error: message` in red (and a hint) to stderr and exit with `code`."""
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(hint, err=True)
+    raise click.exceptions.Exit(code)
+
+
+def echo_json(data: object) -> None:
+    """Print `data` as indented JSON."""
+    import msgspec
+
+    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
+
+
+def echo_json_bytes(body: bytes) -> None:
+    """Print a JSON answer indented, as the node sent it (or as text if it is not JSON)."""
+    import msgspec
+
+    try:
+        click.echo(msgspec.json.format(body, indent=2).decode())
+    except msgspec.DecodeError:
+        click.echo(body.decode(errors="replace"))
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--json` on a subcommand too (`aether status --json` == `aether --json status`)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+
+
+# -- the management API --------------------------------------------------------------------------------
+
+
+def make_client(settings: Settings, target: str | None = None) -> ManagementClient:
+    """A client for `target` (default --connect): HTTPS for ``https://`` or a node of the local
+    cluster in .aether/cluster started with --tls, verified with --ca or that cluster's CA."""
+    from aether.cli.client import client_for
+
+    try:
+        return client_for(
+            settings.connect if target is None else target,
+            api_key=settings.api_key, timeout=settings.timeout, ca=settings.ca,
+        )
+    except ConfigError as e:
+        fail(str(e), EXIT_USAGE)
+
+
+def call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
+    """Run one API call, turning failures into the CLI's messages and exit codes."""
+    from aether.cli.client import ApiError, ApiUnreachable
+
+    try:
+        return fn(client)
+    except (ApiUnreachable, ApiError) as e:
+        report(e)
+
+
+def report(e: Exception) -> NoReturn:
+    """Exit with the CLI's message, hint and exit code for a failed API call (ApiUnreachable,
+    ApiNoAnswer, ApiTlsError or ApiError)."""
+    from aether.cli.client import SERVER_DEADLINE, ApiError, ApiNoAnswer, ApiTlsError, ApiUnreachable
+
+    if isinstance(e, ApiTlsError):
+        fail(str(e), EXIT_UNREACHABLE, hint=e.hint)
+    if isinstance(e, ApiNoAnswer):
+        longer = max(2 * e.timeout, SERVER_DEADLINE + 5)
+        fail(
+            str(e),
+            EXIT_FAILED,
+            hint=(
+                "The node runs but is slow or busy; the operation may still complete. Check "
+                f"`aether --connect {e.address} status`, or wait longer with --timeout {longer:g}."
+            ),
+        )
+    if isinstance(e, ApiUnreachable):
+        fail(str(e), EXIT_UNREACHABLE, hint=UNREACHABLE_HINT)
+    if isinstance(e, ApiError):
+        hint = None
+        if e.status == 401:
+            hint = (
+                "Pass the cluster's API key with --api-key-file FILE or the AETHER_API_KEY "
+                "environment variable."
+            )
+        fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=hint)
+    raise e
+
+
+def resolve_api_key(
+    ctx: click.Context, param: str, value: str | None, key_file: str | None, *, warn: bool = True
+) -> str | None:
+    """The API key from `--api-key` (or AETHER_API_KEY) or `--api-key-file`; never both.
+
+    The flag form puts the key on the command line, where every local user sees it in `ps`: it
+    works, with a warning on stderr. A key file is read whole, trailing whitespace stripped.
+    """
+    from click.core import ParameterSource
+
+    if key_file is not None:
+        if value:
+            fail(
+                "give the API key once: --api-key (or AETHER_API_KEY) or --api-key-file, not both",
+                EXIT_USAGE,
+            )
+        path = Path(key_file)
+        try:
+            text = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read the API key file {path}: {getattr(e, 'strerror', None) or e}", EXIT_USAGE)
+        if not text or not text.isascii() or not text.isprintable():
+            fail(f"the API key file {path} must hold one key of printable ASCII characters", EXIT_USAGE)
+        return text
+    if value and warn and ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
+        click.secho(
+            "warning: --api-key KEY shows the key to every local user (ps, /proc); "
+            "use --api-key-file FILE or the AETHER_API_KEY environment variable",
+            fg="yellow",
+            err=True,
+        )
+    return value or None
