@@ -1451,8 +1451,9 @@ class MapCore:
             for p in parts:
                 self._raise_fence(p, req.fence)
         engine = self.engines.get(req.map)
-        if engine is None:
-            self._send(sender, SyncChunk(req.id, [], True))
+        if engine is None:  # its definition has not reached this node yet: asked again soon
+            why = f"{self.node_id} does not know map {req.map!r} yet"
+            self._send(sender, SyncChunk(req.id, [], True, why))
             return
         if req.map in self.broken:
             self._send(sender, SyncChunk(req.id, [], True, f"{self.node_id}: {self.broken[req.map]}"))
@@ -1487,8 +1488,9 @@ class MapCore:
             if peer != sender or prom.phase != "sync":
                 return
             if msg.error is not None:
-                del prom.asked[msg.id]
-                self.log.info(
+                # not an answer: asked again after `resend_after` (tick re-asks after sync_timeout)
+                prom.asked[msg.id] = (peer, name, self._now - self.t.sync_timeout + self.t.resend_after)
+                self.log.debug(
                     "taking over at v%d: %s could not send map %r: %s", prom.version, peer, name, msg.error
                 )
                 return
