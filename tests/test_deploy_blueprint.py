@@ -95,6 +95,62 @@ def test_parse_errors_name_file_line_and_problem(text: str, expected: str) -> No
         parse_blueprint(text, "bp.toml")
 
 
+_SLICE_A = '[slices.a]\nartifact = "org.a:b:1.0.0"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # unknown keys (msgspec's forbid_unknown_fields) named as written, with their table and line
+        ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n"a`b c" = 1\n',
+         "bp.toml:4: unknown key 'a`b c' in [slices.a]; allowed keys: artifact, instances"),
+        ('id = "x"\nslices.a.artifact = "org.a:b:1.0.0"\nslices.a.replica = 1\n',
+         "bp.toml:3: unknown key 'replica' in [slices.a]; allowed keys: artifact, instances"),
+        ('id = "x"\n' + _SLICE_A + "[maps.m]\nreplica = 1\n",
+         "bp.toml:5: unknown key 'replica' in [maps.m]; allowed keys: replicas, write_quorum, engine, "
+         "max_value_bytes"),
+        ('id = "x"\nslice = 3\n' + _SLICE_A,
+         "bp.toml:2: unknown key 'slice'; allowed keys: id, requires, slices, maps"),
+        # values of the wrong type, the value shown
+        ('id = "x"\nrequires = ["a", 3]\n' + _SLICE_A,
+         "bp.toml:2: requires must be a list of service names (strings), got ['a', 3]"),
+        ('id = "x"\nrequires = [" "]\n' + _SLICE_A,
+         "bp.toml:2: requires must be a list of service names (strings), got [' ']"),
+        ('id = ""\n' + _SLICE_A, "bp.toml:1: id must be a non-empty string, got ''"),
+        ("id = 1979-05-27\n" + _SLICE_A,
+         "bp.toml:1: id must be a non-empty string, got datetime.date(1979, 5, 27)"),
+        ('id = "x"\n' + _SLICE_A + "[maps.m]\nengine = 3\n",
+         'bp.toml:5: engine in [maps.m] must be "memory" or "sqlite", got 3'),
+        ('id = "x"\n' + _SLICE_A + "[maps.m]\nmax_value_bytes = 1.5\n",
+         "bp.toml:5: max_value_bytes in [maps.m] must be an integer, got 1.5"),
+        ('id = "x"\n' + _SLICE_A + "[maps]\nm = 3\n", "bp.toml:5: maps.m must be a table ([maps.m])"),
+        ('id = "x"\nslices = {a = {artifact = "org.a:b:1.0.0", instances = [1]}}\n',
+         "bp.toml:2: instances in [slices.a] must be an integer >= 1, got [1]"),
+        ('id = "x"\nslices = []\n',
+         "bp.toml:2: slices must be tables: [slices.NAME] with artifact and instances"),
+        ('id = "x"\nmaps = []\n' + _SLICE_A,
+         "bp.toml:2: maps must be tables: [maps.NAME] with replicas, write_quorum, engine"),
+    ],
+)
+def test_parse_errors_are_exact(text: str, expected: str) -> None:
+    with pytest.raises(BlueprintError) as info:
+        parse_blueprint(text, "bp.toml")
+    assert str(info.value) == expected
+
+
+def test_within_a_table_the_first_problem_in_the_file_is_reported() -> None:
+    head = 'id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n'
+    with pytest.raises(BlueprintError, match=r"^bp\.toml:4: unknown key 'replica' in \[slices\.a\]"):
+        parse_blueprint(head + "replica = 1\ninstances = 0\n", "bp.toml")
+    with pytest.raises(BlueprintError, match=r"^bp\.toml:4: instances = 0 in \[slices\.a\]"):
+        parse_blueprint(head + "instances = 0\nreplica = 1\n", "bp.toml")
+    # the tables are checked in turn: the top level, the maps, then the slices
+    with pytest.raises(BlueprintError, match=r"^bp\.toml:2: unknown key 'foo'; allowed keys"):
+        parse_blueprint('id = "x"\nfoo = 1\n[slices.a]\nreplica = 1\n', "bp.toml")
+    with pytest.raises(BlueprintError, match=r"^bp\.toml:5: unknown key 'copies' in \[maps\.m\]"):
+        parse_blueprint('id = "x"\n[slices.a]\nreplica = 1\n[maps.m]\ncopies = 1\n', "bp.toml")
+
+
 def test_blueprint_error_is_a_bad_request() -> None:
     with pytest.raises(BadRequest):
         parse_blueprint("nope", "x.toml")
@@ -258,7 +314,8 @@ def test_maps_sections_parse_into_specs() -> None:
 @pytest.mark.parametrize(
     ("table", "expected"),
     [
-        ("[maps.orders]\nreplica = 3\n", "shop.blueprint:6: unknown key 'replica' in [maps.orders]"),
+        ("[maps.orders]\nreplica = 3\n", "shop.blueprint:6: unknown key 'replica' in [maps.orders]; "
+         "allowed keys: replicas, write_quorum, engine, max_value_bytes"),
         ('[maps.orders]\nengine = "redis"\n', 'shop.blueprint:6: engine in [maps.orders] must be "memory"'),
         ('[maps.orders]\nreplicas = "3"\n', "replicas in [maps.orders] must be an integer, got '3'"),
         ("[maps.orders]\nreplicas = 2\nwrite_quorum = 3\n", "write_quorum must be between 1 and replicas"),

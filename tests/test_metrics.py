@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from aether.core.artifact import Artifact
@@ -229,6 +233,34 @@ def test_prometheus_text_has_node_and_entry_series_per_node_registry() -> None:
     assert hist[("aether_entry_duration_seconds_bucket", "+Inf")] == 3
     assert hist[("aether_entry_duration_seconds_count", None)] == 3
     assert hist[("aether_entry_duration_seconds_sum", None)] == pytest.approx(0.2043)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="the process collector reads /proc")
+def test_prometheus_text_has_the_standard_process_series() -> None:
+    before = time.time()
+    text = PrometheusExporter(_Source("n1")).render().decode()
+    PrometheusExporter(_Source("n2"))  # its own process collector: no duplicate-registration error
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    types = {
+        "process_cpu_seconds": "counter",
+        "process_resident_memory_bytes": "gauge",
+        "process_virtual_memory_bytes": "gauge",
+        "process_open_fds": "gauge",
+        "process_max_fds": "gauge",
+        "process_start_time_seconds": "gauge",
+    }
+    assert {name: fams[name].type for name in types} == types
+    value = {name: fams[name].samples[0].value for name in types}
+    assert [s.name for s in fams["process_cpu_seconds"].samples] == ["process_cpu_seconds_total"]
+    assert all(len(fams[name].samples) == 1 and fams[name].samples[0].labels == {} for name in types)
+    assert value["process_cpu_seconds"] > 0
+    assert value["process_resident_memory_bytes"] > 1024 * 1024
+    assert value["process_virtual_memory_bytes"] >= value["process_resident_memory_bytes"]
+    assert 3 <= value["process_open_fds"] <= value["process_max_fds"]
+    # started (with clock-tick resolution) before this test, and not before the test session
+    assert time.time() - 24 * 3600 < value["process_start_time_seconds"] <= before + 1
+    # not the global default registry: nothing of ours leaks into it
+    assert REGISTRY.get_sample_value("aether_node_cpu_percent", {"node": "n1"}) is None
 
 
 # --- the node adapter (no loop started: step() by hand) ----------------------------------------------

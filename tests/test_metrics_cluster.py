@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,14 @@ async def test_calls_are_counted_once_and_seen_from_a_follower(tmp_path: Path) -
         count = [s for s in fams["aether_entry_duration_seconds"].samples if s.name.endswith("_count")]
         assert count[0].value == 31 and count[0].labels["node"] == host.node_id
         assert fams["aether_node_memory_rss_bytes"].samples[0].value > 0
+        # the standard process series of prometheus_client's process collector (Linux: /proc)
+        if os.path.exists("/proc/self/stat"):
+            assert fams["process_cpu_seconds"].type == "counter"
+            assert fams["process_cpu_seconds"].samples[0].name == "process_cpu_seconds_total"
+            assert fams["process_resident_memory_bytes"].samples[0].value > 0
+            assert fams["process_virtual_memory_bytes"].samples[0].value > 0
+            assert 0 < fams["process_open_fds"].samples[0].value <= fams["process_max_fds"].samples[0].value
+            assert 0 < fams["process_start_time_seconds"].samples[0].value <= time.time()
         status, text = await _get(others[0], "/metrics")
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         assert fams["aether_entry_calls"].samples == []

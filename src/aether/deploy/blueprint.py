@@ -22,7 +22,10 @@ max_value_bytes = 1048576         # optional, default 1 MiB
 ```
 
 Every error is a `BlueprintError` whose message starts with `FILE:LINE:` (or `FILE:` when no
-line applies) and says what is wrong and what is allowed.
+line applies) and says what is wrong and what is allowed. The keys, required keys and value types
+are checked by msgspec (Structs with ``forbid_unknown_fields``), one table at a time: the top level,
+then each `[maps.NAME]`, then each `[slices.NAME]`; within a table the first problem in the order
+of the file is reported.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, TypeVar
 
 import msgspec
 
@@ -42,9 +46,6 @@ from aether.deploy.errors import BlueprintError
 from aether.deploy.ports import DependenciesOf, Resolve
 from aether.kv.keys import BlueprintSlice, BlueprintValue, parse_key
 
-TOP_LEVEL_KEYS = ("id", "requires", "slices", "maps")
-MAP_KEYS = ("replicas", "write_quorum", "engine", "max_value_bytes")
-SLICE_KEYS = ("artifact", "instances")
 DIRECT_PREFIX = "direct:"
 SOURCES = ("operator", "controller", "api")
 
@@ -71,6 +72,71 @@ class Blueprint:
 
     def where(self, line: int | None) -> str:
         return f"{self.filename}:{line}" if line else self.filename
+
+
+# --- the shape of the file -------------------------------------------------------------------------
+# msgspec checks the keys (forbid_unknown_fields), the required ones and the value types; each table
+# is converted on its own so an error can name it (msgspec's paths say `$.slices[...]` for dict keys),
+# and `_convert` turns msgspec's error into this module's message naming key, table and line.
+
+
+class _BlueprintFile(msgspec.Struct, forbid_unknown_fields=True):
+    """The top level of a blueprint file; the tables are converted one by one afterwards."""
+
+    id: str
+    requires: list[str] = []
+    slices: dict[str, object] = {}
+    maps: dict[str, object] = {}
+
+
+class _SliceTable(msgspec.Struct, forbid_unknown_fields=True):
+    """One `[slices.NAME]` table."""
+
+    artifact: str
+    instances: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+# `[maps.NAME]` tables are converted straight into `MapSpec` (also forbid_unknown_fields).
+TOP_LEVEL_KEYS = _BlueprintFile.__struct_fields__
+SLICE_KEYS = _SliceTable.__struct_fields__
+MAP_KEYS = MapSpec.__struct_fields__
+
+_T = TypeVar("_T", bound=msgspec.Struct)
+_ERROR_RE = re.compile(r"(?P<problem>.*?)(?: - at `\$(?P<path>.*)`)?", re.S)
+_FIELD_RE = re.compile(r"Object (?P<kind>contains unknown|missing required) field `(?P<key>.*)`", re.S)
+_PATH_KEY_RE = re.compile(r"\.([^.\[]+)")
+
+
+def _convert(
+    table: Mapping[str, object],
+    cls: type[_T],
+    fail: Callable[..., BlueprintError],
+    path: tuple[str, ...],
+    *,
+    missing: Callable[[str], str],
+    bad: Callable[[str, object], str],
+) -> _T:
+    """`table` as a `cls`, or the `BlueprintError` for the first problem msgspec found: an unknown
+    key (named with its table and the allowed keys), a missing key (`missing(key)`) or a value of
+    the wrong type or range (`bad(key, value)`), located at the line of the key or its table."""
+    try:
+        return msgspec.convert(table, cls)
+    except msgspec.ValidationError as e:
+        m = _ERROR_RE.fullmatch(str(e))
+        assert m is not None  # the pattern matches any text
+        where = f" in [{'.'.join(path)}]" if path else ""
+        field = _FIELD_RE.fullmatch(m["problem"])
+        if field and not m["path"]:
+            key = field["key"]
+            if field["kind"] == "missing required":
+                raise fail(missing(key), *path) from None
+            allowed = ", ".join(cls.__struct_fields__)
+            raise fail(f"unknown key {key!r}{where}; allowed keys: {allowed}", *path, key) from None
+        k = _PATH_KEY_RE.match(m["path"] or "")
+        if k is None:  # not expected: the tables are mappings and every field has a message
+            raise fail(f"{'[' + '.'.join(path) + ']: ' if path else ''}{e}", *path) from None
+        key = k.group(1)
+        raise fail(bad(key, table.get(key)), *path, key) from None
 
 
 # --- locating keys in the source text --------------------------------------------------------------
@@ -146,15 +212,22 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
         line = loc.line(*path) if path else None
         return BlueprintError(f"{filename}:{line}: {problem}" if line else f"{filename}: {problem}")
 
-    for key in raw:
-        if key not in TOP_LEVEL_KEYS:
-            raise fail(f"unknown key {key!r}; allowed keys: {', '.join(TOP_LEVEL_KEYS)}", key)
+    def bad_top(key: str, value: object) -> str:
+        return {
+            "id": f"id must be a non-empty string, got {value!r}",
+            "requires": f"requires must be a list of service names (strings), got {value!r}",
+            "slices": "slices must be tables: [slices.NAME] with artifact and instances",
+            "maps": "maps must be tables: [maps.NAME] with replicas, write_quorum, engine",
+        }[key]
 
-    if "id" not in raw:
-        raise fail('missing required key "id" (e.g. id = "my-app:1.0.0")')
-    bp_id = raw["id"]
-    if not isinstance(bp_id, str) or not bp_id.strip():
-        raise fail(f"id must be a non-empty string, got {bp_id!r}", "id")
+    top = _convert(
+        raw, _BlueprintFile, fail, (),
+        missing=lambda key: 'missing required key "id" (e.g. id = "my-app:1.0.0")',
+        bad=bad_top,
+    )  # fmt: skip
+    bp_id = top.id
+    if not bp_id.strip():
+        raise fail(bad_top("id", bp_id), "id")
     try:
         parse_key(f"blueprints/{bp_id}")
     except BadRequest as e:
@@ -162,50 +235,37 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
     if bp_id.startswith(DIRECT_PREFIX):
         raise fail(f"blueprint ids starting with {DIRECT_PREFIX!r} are reserved for direct deployments "
                    "(`aether deploy`)", "id")
+    if not all(r.strip() for r in top.requires):
+        raise fail(bad_top("requires", top.requires), "requires")
 
-    requires_raw = raw.get("requires", [])
-    if not isinstance(requires_raw, list) or not all(isinstance(r, str) and r.strip() for r in requires_raw):
-        raise fail(f"requires must be a list of service names (strings), got {requires_raw!r}", "requires")
-
-    maps = _parse_maps(raw.get("maps", {}), fail)
-    slices_raw = raw.get("slices")
-    if slices_raw is None or (isinstance(slices_raw, dict) and not slices_raw):
+    maps = _parse_maps(top.maps, fail)
+    if not top.slices:
         raise fail('no slices: add at least one [slices.NAME] table with artifact = "GROUP:ARTIFACT:VERSION"')
-    if not isinstance(slices_raw, dict):
-        raise fail("slices must be tables: [slices.NAME] with artifact and instances", "slices")
 
     specs: list[BlueprintSliceSpec] = []
     by_name: dict[str, BlueprintSliceSpec] = {}
-    for name, table in slices_raw.items():
+    for name, table in top.slices.items():
         line = loc.line("slices", name)
         if not isinstance(table, dict):
             raise fail(f"slices.{name} must be a table ([slices.{name}]) with artifact and instances, "
                        f"got {table!r}", "slices", name)
-        for key in table:
-            if key not in SLICE_KEYS:
-                raise fail(f"unknown key {key!r} in [slices.{name}]; allowed keys: {', '.join(SLICE_KEYS)}",
-                           "slices", name, key)
-        if "artifact" not in table:
-            raise fail(f'[slices.{name}] has no artifact (e.g. artifact = "org.example:{name}:1.0.0")',
-                       "slices", name)
-        coords = table["artifact"]
-        if not isinstance(coords, str):
-            raise fail(f"artifact in [slices.{name}] must be a string GROUP:ARTIFACT:VERSION, got {coords!r}",
-                       "slices", name, "artifact")
+
+        def bad_slice(key: str, value: object, name: str = name) -> str:
+            if key == "artifact":
+                return f"artifact in [slices.{name}] must be a string GROUP:ARTIFACT:VERSION, got {value!r}"
+            if isinstance(value, int) and not isinstance(value, bool):  # an integer below 1
+                return (f"instances = {value} in [slices.{name}]: must be at least 1 (0 would mean "
+                        "undeploy, which must be an explicit command: `aether undeploy ARTIFACT`)")
+            return f"instances in [slices.{name}] must be an integer >= 1, got {value!r}"
+
+        def no_artifact(key: str, name: str = name) -> str:  # `artifact` is the one required key
+            return f'[slices.{name}] has no artifact (e.g. artifact = "org.example:{name}:1.0.0")'
+
+        st = _convert(table, _SliceTable, fail, ("slices", name), missing=no_artifact, bad=bad_slice)
         try:
-            artifact = Artifact.parse(coords)
+            artifact = Artifact.parse(st.artifact)
         except BadRequest as e:
             raise fail(f"[slices.{name}]: {e}", "slices", name, "artifact") from None
-        instances = table.get("instances", 1)
-        if isinstance(instances, bool) or not isinstance(instances, int):
-            raise fail(f"instances in [slices.{name}] must be an integer >= 1, got {instances!r}",
-                       "slices", name, "instances")
-        if instances < 1:
-            raise fail(
-                f"instances = {instances} in [slices.{name}]: must be at least 1 (0 would mean undeploy, "
-                "which must be an explicit command: `aether undeploy ARTIFACT`)",
-                "slices", name, "instances",
-            )
         other = by_name.get(artifact.name)
         if other is not None:
             raise fail(
@@ -213,36 +273,33 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
                 f"{other.line}) and [slices.{name}] ({artifact}); list each artifact once",
                 "slices", name, "artifact",
             )
-        spec = BlueprintSliceSpec(name, artifact, instances, line)
+        spec = BlueprintSliceSpec(name, artifact, st.instances, line)
         by_name[artifact.name] = spec
         specs.append(spec)
-    return Blueprint(bp_id, tuple(specs), tuple(requires_raw), filename, maps)
+    return Blueprint(bp_id, tuple(specs), tuple(top.requires), filename, maps)
 
 
-def _parse_maps(maps_raw: object, fail: Callable[..., BlueprintError]) -> tuple[tuple[str, MapSpec], ...]:
-    if not isinstance(maps_raw, dict):
-        raise fail("maps must be tables: [maps.NAME] with replicas, write_quorum, engine", "maps")
+def _parse_maps(
+    maps_raw: Mapping[str, object], fail: Callable[..., BlueprintError]
+) -> tuple[tuple[str, MapSpec], ...]:
     out: list[tuple[str, MapSpec]] = []
     for name, table in maps_raw.items():
         if not isinstance(table, dict):
             raise fail(f"maps.{name} must be a table ([maps.{name}])", "maps", name)
-        for key in table:
-            if key not in MAP_KEYS:
-                raise fail(f"unknown key {key!r} in [maps.{name}]; allowed keys: {', '.join(MAP_KEYS)}",
-                           "maps", name, key)
-        for key in ("replicas", "write_quorum", "max_value_bytes"):
-            v = table.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                raise fail(f"{key} in [maps.{name}] must be an integer, got {v!r}", "maps", name, key)
-        engine = table.get("engine", "memory")
-        if engine not in ("memory", "sqlite"):
-            raise fail(f'engine in [maps.{name}] must be "memory" or "sqlite", got {engine!r}',
-                       "maps", name, "engine")
+
+        def bad_map(key: str, value: object, name: str = name) -> str:
+            if key == "engine":
+                return f'engine in [maps.{name}] must be "memory" or "sqlite", got {value!r}'
+            return f"{key} in [maps.{name}] must be an integer, got {value!r}"
+
+        spec = _convert(
+            table, MapSpec, fail, ("maps", name),
+            missing=lambda key: f"missing key {key!r}",  # every MapSpec field has a default
+            bad=bad_map,
+        )  # fmt: skip
         try:
-            spec = msgspec.convert(table, MapSpec).validate(name)
+            spec.validate(name)
         except BadRequest as e:
-            raise fail(f"[maps.{name}]: {e}", "maps", name) from None
-        except msgspec.ValidationError as e:
             raise fail(f"[maps.{name}]: {e}", "maps", name) from None
         out.append((name, spec))
     return tuple(out)

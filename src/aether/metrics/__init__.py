@@ -12,8 +12,9 @@ Owns:
   histogram quantiles, node expiry and the 2-hour sliding window of per-second cluster points;
 - `MetricsService`: the thin asyncio adapter of one node (psutil sampling, the one-second loop,
   sending through a transport-like `send(peer, msg)`);
-- `PrometheusExporter`: a per-node `CollectorRegistry` with a custom collector (never the global
-  default registry, since several nodes may share a process).
+- `PrometheusExporter`: a per-node `CollectorRegistry` with a custom collector and
+  prometheus_client's process collector (the standard ``process_*`` series); never the global
+  default registry, since several nodes may share a process.
 
 May import `aether.core`, msgspec, psutil and prometheus_client only; never the node, API,
 transport or slices packages (they are reached through small Protocols). See docs/metrics.md.

@@ -1,10 +1,18 @@
 """Prometheus exposition of one node's metrics (`GET /metrics` on the management port).
 
 A `PrometheusExporter` owns a per-node `CollectorRegistry` holding one custom collector that reads
-the node's `MetricsService` at scrape time; nothing is registered in prometheus_client's global
-default registry (several nodes may share a process). Every series has a ``node`` label.
+the node's `MetricsService` at scrape time, and its own instance of prometheus_client's
+`ProcessCollector`; nothing is registered in prometheus_client's global default registry (several
+nodes may share a process). Every ``aether_*`` series has a ``node`` label.
 
-Series: ``aether_node_cpu_percent``, ``aether_node_memory_rss_bytes``,
+Process series (prometheus_client's `ProcessCollector`, read from ``/proc`` at scrape time, so
+Linux only; the standard names and types every Prometheus client library exports, without a
+``node`` label since they describe the OS process, which nodes sharing a process share):
+``process_cpu_seconds_total`` (counter), ``process_resident_memory_bytes``,
+``process_virtual_memory_bytes``, ``process_open_fds``, ``process_max_fds``,
+``process_start_time_seconds`` (gauges).
+
+Node series: ``aether_node_cpu_percent``, ``aether_node_memory_rss_bytes``,
 ``aether_node_uptime_seconds`` (gauges); per entry (labels ``artifact``, ``entry``):
 ``aether_entry_calls_total``, ``aether_entry_successes_total``, ``aether_entry_failures_total``,
 ``aether_entry_client_errors_total``, ``aether_entry_blocked_total``,
@@ -24,6 +32,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from aether.metrics.collector import BUCKET_BOUNDS, EntryMetrics
@@ -100,11 +109,13 @@ class _NodeCollector(Collector):
 
 
 class PrometheusExporter:
-    """A per-node registry with the node's collector; `render()` is the text exposition."""
+    """A per-node registry with the node's collector and a process collector; `render()` is the
+    text exposition."""
 
     def __init__(self, source: MetricsSource) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_NodeCollector(source))
+        ProcessCollector(registry=self.registry)  # registers itself in this registry only
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
