@@ -1,5 +1,6 @@
 """Inside `aether.api` imports point one way (issue 13 §3): the routes modules take their helpers
-from `aether.api.common`, and nothing imports the server back. Checked on the source (every import
+from `aether.api.common` and declare their routes with `aether.api.routing`, `aether.api.auth` reads
+their roles, and nothing imports the server back. Checked on the source (every import
 statement, lazy ones in functions included) and by the import contract (pyproject)."""
 
 from __future__ import annotations
@@ -45,12 +46,14 @@ def test_no_import_cycle_inside_api() -> None:
         visit(module, ())
     assert not any("aether.api.server" in targets for targets in graph.values())
     assert graph["aether.api.common"] == set()
+    assert graph["aether.api.routing"] == set()
 
 
 @pytest.mark.parametrize(
     ("module", "imported"),
     [("api/map_routes.py", "aether.api.server"), ("api/common.py", "aether.api.types"),
-     ("api/deploy_routes.py", "aether.api.metrics_routes")],
+     ("api/deploy_routes.py", "aether.api.metrics_routes"), ("api/routing.py", "aether.api.types"),
+     ("api/map_routes.py", "aether.api.auth"), ("api/node_routes.py", "aether.api.deploy_routes")],
 )
 def test_an_api_breach_fails(tmp_path: Path, module: str, imported: str) -> None:
     shutil.copytree(SRC / "aether", tmp_path / "aether", ignore=shutil.ignore_patterns("__pycache__"))

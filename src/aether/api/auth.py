@@ -6,9 +6,12 @@ Roles, each including the ones before it:
   maps, openapi), except the key list and the audit log;
 - `operate`: writes to deployments and data: deploy, scale, undeploy, blueprints, maps, invoke;
 - `admin`: keys, the audit log, and every write not named above (membership, secrets and any
-  route added later: a new write route is admin-only until the table says otherwise).
+  route added later: a new write route is admin-only unless its declaration says otherwise).
 
-`required_role` is the one place a request's method and path map to a role (`ROUTE_ROLES`).
+Each route declares the role it needs where it is declared (`aether.api.routing.Route.role`, in
+the routes modules); `required_role` looks a request's method and path up in those declarations
+(`declared_routes()`: every route of every routes module, whether this node serves it or not), the one
+place the middleware asks.
 
 Keys. The node's configured key (`--api-key-file`, `AETHER_API_KEY`, `api_key`) is the
 *bootstrap* key, role admin, compared in constant time. Further keys are created by an admin
@@ -30,15 +33,15 @@ one core and never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
-import re
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aether.api.routing import ROLES, Principal, RoleTable, Route
 from aether.core.errors import BadRequest, StatusError, Unauthorized
 from aether.kv.keys import ApiKeyKey, ApiKeyValue, check_api_key_name
 
@@ -46,58 +49,44 @@ __all__ = [
     "ANONYMOUS",
     "BOOTSTRAP",
     "ROLES",
-    "ROUTE_ROLES",
     "KeyRing",
     "KeyStore",
     "Principal",
     "check_role",
+    "declared_routes",
     "required_role",
 ]
 
-ROLES = ("read", "operate", "admin")
 BOOTSTRAP = "bootstrap"  # the name of the node's configured key (reserved)
 ANONYMOUS = "anonymous"  # the caller when the node has no key at all (loopback only): admin
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 _MAXMEM = 64 * 1024 * 1024
 _CACHE_SIZE = 1024
 
-_READ = frozenset({"GET", "HEAD"})
-# (methods: "read" = GET/HEAD, "write" = any other, "*" = all; path regex (full match); role)
-# first match wins
-ROUTE_ROLES: tuple[tuple[str, str, str], ...] = (
-    ("*", r"/api/v1/keys(/[^/]*)?", "admin"),
-    ("*", r"/api/v1/audit", "admin"),
-    ("read", r".*", "read"),
-    ("write", r"/api/v1/(deploy|scale|undeploy|blueprints(/.*)?|maps(/.*)?|invoke/.*)", "operate"),
-    ("write", r".*", "admin"),
-)
-_COMPILED = tuple((m, re.compile(p), r) for m, p, r in ROUTE_ROLES)
+
+
+def declared_routes() -> tuple[Route, ...]:
+    """Every route of every routes module (served by this node or not)."""
+    from aether.api import deploy_routes, map_routes, metrics_routes, node_routes
+
+    return (*node_routes.ROUTES, *deploy_routes.ROUTES, *map_routes.ROUTES, *metrics_routes.ROUTES)
+
+
+@functools.cache
+def _table() -> RoleTable:
+    return RoleTable(declared_routes())
 
 
 def required_role(method: str, path: str) -> str:
-    """The role a request with `method` on `path` needs."""
-    kind = "read" if method.upper() in _READ else "write"
-    for methods, pattern, role in _COMPILED:
-        if methods in ("*", kind) and pattern.fullmatch(path):
-            return role
-    return "admin"  # not reached (the table ends with catch-alls); fail closed all the same
+    """The role a request with `method` on `path` needs (`RoleTable`: the route's declared role; an
+    undeclared write is admin-only)."""
+    return _table().role(method, path)
 
 
 def check_role(role: str) -> str:
     if role not in ROLES:
         raise BadRequest(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
     return role
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who sent a request: the key's name and its role."""
-
-    name: str
-    role: str
-
-    def allows(self, role: str) -> bool:
-        return ROLES.index(self.role) >= ROLES.index(role)
 
 
 class KeyStore(Protocol):

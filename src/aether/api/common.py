@@ -1,8 +1,8 @@
 """Helpers shared by the management API's server and its `*_routes` modules.
 
 The routes modules import these from here, never from `aether.api.server` (which imports the routes
-modules): the imports inside `aether.api` point one way, server -> openapi -> routes -> common
-(checked by the `api-one-way` contract in pyproject and tests/test_api_imports.py).
+modules): the imports inside `aether.api` point one way, server -> auth, openapi -> routes ->
+routing, common (checked by the `api-*` contracts in pyproject and tests/test_api_imports.py).
 """
 
 from __future__ import annotations

@@ -7,15 +7,61 @@ a write through consensus, so nothing needs forwarding to the leader.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 from aiohttp import web
 
-from aether.api.common import MAX_BODY, json_response, problem_response, query, read_body, timeout_param
+from aether.api.common import (
+    API_PREFIX,
+    MAX_BODY,
+    json_response,
+    problem_response,
+    query,
+    read_body,
+    timeout_param,
+)
+from aether.api.routing import ANY_JSON, Answer, Body, ListOf, Named, Route, path_param, query_param
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.jsonbody import decode_json_body, require_json_content_type
+from aether.deploy.operations import SliceStatus
+from aether.kv.keys import BlueprintValue
+
+__all__ = [
+    "COORDINATES_PATTERN",
+    "NAME_OR_COORDINATES_PATTERN",
+    "ROUTES",
+    "ApplyBlueprint",
+    "DeployRequest",
+    "DeploymentRoutes",
+    "ScaleRequest",
+    "UndeployRequest",
+]
+
+_GROUP = r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)*"
+_ARTIFACT = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+_VERSION = r"[0-9]+(\.[0-9]+)?(\.[0-9]+)?(-[0-9A-Za-z.-]+)?"
+COORDINATES_PATTERN: Final = f"^{_GROUP}:{_ARTIFACT}:{_VERSION}$"
+"""``group:artifact:version`` (the server parses and answers 400 with the reason when it does not fit)."""
+NAME_OR_COORDINATES_PATTERN: Final = f"^{_GROUP}:{_ARTIFACT}(:{_VERSION})?$"
+"""``group:artifact`` (every version) or ``group:artifact:version``."""
+
+# documented patterns only (`extra_json_schema`): the server parses the coordinates itself and
+# answers 400 with the reason
+Coordinates = Annotated[
+    str,
+    msgspec.Meta(extra_json_schema={"pattern": COORDINATES_PATTERN, "description": "GROUP:ARTIFACT:VERSION"}),
+]
+NameOrCoordinates = Annotated[
+    str,
+    msgspec.Meta(
+        extra_json_schema={
+            "pattern": NAME_OR_COORDINATES_PATTERN,
+            "description": "GROUP:ARTIFACT (every version) or GROUP:ARTIFACT:VERSION",
+        }
+    ),
+]
 
 
 class ApplyBlueprint(msgspec.Struct, forbid_unknown_fields=True):
@@ -24,13 +70,34 @@ class ApplyBlueprint(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
-    artifact: str
+    artifact: Coordinates
     # >= 1: 0 would mean undeploy, which is its own explicit operation
     instances: Annotated[int, msgspec.Meta(ge=1)] = 1
 
 
+class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
+    artifact: NameOrCoordinates
+    instances: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
 class UndeployRequest(msgspec.Struct, forbid_unknown_fields=True):
+    artifact: NameOrCoordinates
+
+
+class BlueprintDeleted(msgspec.Struct):
+    id: str
+    deleted: Literal[True]
+
+
+class Scaled(msgspec.Struct):
     artifact: str
+    instances: Annotated[int, msgspec.Meta(ge=1)]
+    blueprints: Annotated[list[str], msgspec.Meta(description="ids of the blueprints changed")]
+
+
+class Undeployed(msgspec.Struct):
+    artifact: str
+    blueprints: list[str]
 
 
 def _not_found(bp_id: str) -> web.Response:
@@ -41,20 +108,6 @@ class DeploymentRoutes:
     def __init__(self, service: Any, invoker: Any = None) -> None:
         self.svc = service
         self.invoker = invoker
-
-    def register(self, app: web.Application, prefix: str) -> None:
-        r = app.router
-        r.add_get(f"{prefix}/slices", self.slices)
-        r.add_get(f"{prefix}/blueprints", self.list_blueprints)
-        r.add_post(f"{prefix}/blueprints", self.apply_blueprint)
-        r.add_get(f"{prefix}/blueprints/{{id}}", self.get_blueprint)
-        r.add_delete(f"{prefix}/blueprints/{{id}}", self.delete_blueprint)
-        r.add_post(f"{prefix}/blueprints/{{id}}/wait", self.wait_blueprint)
-        r.add_post(f"{prefix}/deploy", self.deploy)
-        r.add_post(f"{prefix}/scale", self.scale)
-        r.add_post(f"{prefix}/undeploy", self.undeploy)
-        if self.invoker is not None:
-            r.add_post(f"{prefix}/invoke/{{artifact}}/{{method}}", self.invoke)
 
     async def slices(self, request: web.Request) -> web.Response:
         return json_response(self.svc.slices_status())
@@ -91,7 +144,7 @@ class DeploymentRoutes:
         bp_id = request.match_info["id"]
         if not await self.svc.delete_blueprint(bp_id):
             return _not_found(bp_id)
-        return json_response({"id": bp_id, "deleted": True})
+        return json_response(BlueprintDeleted(id=bp_id, deleted=True))
 
     async def wait_blueprint(self, request: web.Request) -> web.Response:
         # DeploymentFailed answers 409, ConvergenceTimeout 504 (the statuses they declare)
@@ -107,11 +160,11 @@ class DeploymentRoutes:
         return json_response(msgspec.to_builtins(value), status=201)
 
     async def scale(self, request: web.Request) -> web.Response:
-        body = await read_body(request, DeployRequest)
+        body = await read_body(request, ScaleRequest)
         if body.instances < 1:
             raise BadRequest("instances must be >= 1 (use undeploy to remove an artifact)")
         changed = await self.svc.scale(body.artifact, body.instances)
-        return json_response({"artifact": body.artifact, "instances": body.instances, "blueprints": changed})
+        return json_response(Scaled(artifact=body.artifact, instances=body.instances, blueprints=changed))
 
     async def invoke(self, request: web.Request) -> web.Response:
         """Call an entry point through the node's invoker: JSON body in, JSON answer out."""
@@ -133,4 +186,106 @@ class DeploymentRoutes:
     async def undeploy(self, request: web.Request) -> web.Response:
         body = await read_body(request, UndeployRequest)
         changed = await self.svc.undeploy(body.artifact)
-        return json_response({"artifact": body.artifact, "blueprints": changed})
+        return json_response(Undeployed(artifact=body.artifact, blueprints=changed))
+
+
+P = API_PREFIX
+BLUEPRINT_RECORD = Named(
+    "BlueprintRecord",
+    {
+        "description": "A stored, expanded blueprint with its id",
+        "allOf": [
+            {"$ref": "#/components/schemas/BlueprintValue"},
+            {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+        ],
+    },
+    uses=(BlueprintValue,),
+)
+_DEP = ("deployment",)
+_CONSENSUS = (400, 503, 504)
+_ID = path_param("id", "blueprint id")
+
+
+def _timeout(default: float) -> Any:
+    return query_param(
+        "timeout",
+        f"seconds to wait (default {default:g}), more than 0 and at most 3600",
+        type="number", exclusiveMinimum=0, maximum=3600,
+    )
+
+
+ROUTES: Final = (
+    Route(
+        "GET", f"{P}/slices", DeploymentRoutes.slices, "listSlices",
+        "Desired and active instances per artifact, with per-node states",
+        {200: Answer(list[SliceStatus], "Slice statuses")}, tags=_DEP,
+    ),
+    Route(
+        "GET", f"{P}/blueprints", DeploymentRoutes.list_blueprints, "listBlueprints", "Stored blueprints",
+        {200: Answer(ListOf(BLUEPRINT_RECORD), "Blueprints")}, tags=_DEP,
+    ),
+    Route(
+        "POST", f"{P}/blueprints", DeploymentRoutes.apply_blueprint, "applyBlueprint",
+        "Parse, expand and store a blueprint (replaces one with the same id)",
+        {201: Answer(BLUEPRINT_RECORD, "The expanded blueprint")}, _CONSENSUS, role="operate",
+        body=Body(
+            ApplyBlueprint,
+            alternatives={"application/toml": {"type": "string"}, "text/plain": {"type": "string"}},
+        ),
+        tags=_DEP,
+        descriptions={400: "Invalid body or blueprint; the detail names the file, line and problem"},
+    ),
+    Route(
+        "GET", f"{P}/blueprints/{{id}}", DeploymentRoutes.get_blueprint, "getBlueprint",
+        "One stored blueprint",
+        {200: Answer(BLUEPRINT_RECORD, "The blueprint")}, (404,), params=(_ID,), tags=_DEP,
+    ),
+    Route(
+        "DELETE", f"{P}/blueprints/{{id}}", DeploymentRoutes.delete_blueprint, "deleteBlueprint",
+        "Delete a blueprint (its instances are stopped)",
+        {200: Answer(BlueprintDeleted, "Deleted")}, (404, 503, 504), role="operate", params=(_ID,), tags=_DEP,
+    ),
+    Route(
+        "POST", f"{P}/blueprints/{{id}}/wait", DeploymentRoutes.wait_blueprint, "waitBlueprint",
+        "Wait until every instance of the blueprint is ACTIVE",
+        {200: Answer(list[SliceStatus], "Converged statuses")}, (400, 404, 409, 504), role="operate",
+        params=(_ID, _timeout(60.0)), tags=_DEP,
+        descriptions={
+            404: "No such blueprint",
+            409: "An instance FAILED; detail gives the reason",
+            504: "Not converged in time",
+        },
+    ),
+    Route(
+        "POST", f"{P}/deploy", DeploymentRoutes.deploy, "deploy",
+        "Deploy an artifact (stored as the blueprint direct:GROUP:ARTIFACT)",
+        {201: Answer(BlueprintValue, "The artifact's direct blueprint")}, _CONSENSUS, role="operate",
+        body=Body(DeployRequest), tags=_DEP,
+    ),
+    Route(
+        "POST", f"{P}/scale", DeploymentRoutes.scale, "scale",
+        "Set the instance count of an artifact in every blueprint that has it",
+        {200: Answer(Scaled, "Blueprints changed")}, _CONSENSUS, role="operate", body=Body(ScaleRequest),
+        tags=_DEP,
+    ),
+    Route(
+        "POST", f"{P}/undeploy", DeploymentRoutes.undeploy, "undeploy",
+        "Remove an artifact (G:A:V or G:A) from every blueprint",
+        {200: Answer(Undeployed, "Blueprints changed")}, _CONSENSUS, role="operate",
+        body=Body(UndeployRequest), tags=_DEP,
+    ),
+    Route(
+        "POST", f"{P}/invoke/{{artifact}}/{{method}}", DeploymentRoutes.invoke, "invoke",
+        "Call a slice entry point; JSON argument in, JSON answer out",
+        {200: Answer(ANY_JSON, "The entry's answer")}, (400, 404, 502, 503, 504), role="operate",
+        params=(
+            path_param("artifact", "GROUP:ARTIFACT[:VERSION]", pattern=NAME_OR_COORDINATES_PATTERN),
+            path_param("method", "entry point name"),
+            _timeout(10.0),
+        ),
+        body=Body(ANY_JSON, "the entry's argument (empty body: null)", required=False),
+        tags=("invoke",), descriptions={404: "Unknown entry", 503: "No ACTIVE instance of the artifact"},
+        when=lambda routes: routes.invoker is not None,
+    ),
+)
+"""The deployment endpoints (served when the node runs a deployment service)."""

@@ -19,7 +19,8 @@ from typing import Annotated, Any, Final
 import msgspec
 from aiohttp import web
 
-from aether.api.common import MAX_BODY, json_response, problem_response, query
+from aether.api.common import API_PREFIX, MAX_BODY, json_response, problem_response, query
+from aether.api.routing import ANY_JSON, Answer, Body, Route, path_param, query_param
 from aether.core.errors import BadRequest, StatusError
 from aether.core.jsonbody import decode_json_body, require_json_content_type
 from aether.core.maps import (
@@ -34,6 +35,7 @@ from aether.maps.messages import MapNodeStats
 
 __all__ = [
     "MAX_BODY",
+    "ROUTES",
     "CreateMap",
     "MapCreated",
     "MapDefinition",
@@ -189,19 +191,6 @@ class MapRoutes:
     def __init__(self, maps: Any) -> None:
         self.maps = maps
 
-    def register(self, app: web.Application, prefix: str) -> None:
-        r = app.router
-        base = f"{prefix}/maps"
-        r.add_get(base, self.list_maps)
-        r.add_post(base, self.create_map)
-        r.add_get(f"{base}/{{name}}", self.get_map)
-        r.add_delete(f"{base}/{{name}}", self.delete_map)
-        r.add_get(f"{base}/{{name}}/keys", self.keys)
-        # keys may contain '/': the rest of the path (percent-decoded) is the key
-        r.add_get(f"{base}/{{name}}/entries/{{key:.+}}", self.get_entry)
-        r.add_put(f"{base}/{{name}}/entries/{{key:.+}}", self.put_entry)
-        r.add_delete(f"{base}/{{name}}/entries/{{key:.+}}", self.remove_entry)
-
     def _table(self) -> tuple[int | None, list[str]]:
         table = self.maps.table
         return (table.version, list(table.members)) if table is not None else (None, [])
@@ -308,3 +297,88 @@ class MapRoutes:
         if not await self.maps.map_remove(name, key):
             return _problem(404, f"map {name!r} has no key {key!r}")
         return json_response(MapEntryRemoved(map=name, key=key, removed=True))
+
+
+_TAGS = ("maps",)
+_M = f"{API_PREFIX}/maps"
+_ENTRY = f"{_M}/{{name}}/entries/{{key:.+}}"  # keys may contain '/': the rest of the path (percent-decoded)
+_NAME = path_param("name", "map name: 1-63 lowercase letters, digits, '_', '.' or '-'")
+_KEY = path_param("key", "the key (percent-encoded; may contain '/'), at most 1024 bytes of UTF-8")
+_UNKNOWN = {404: "No map of that name"}
+_UNAVAILABLE = "The key's partition primary or a write quorum was not reached in time"
+
+ROUTES: Final = (
+    Route(
+        "GET", _M, MapRoutes.list_maps, "listMaps",
+        "Defined maps and the partition table (version and members)",
+        {200: Answer(MapListing, "Map definitions, sorted by name")}, (400,), tags=_TAGS,
+    ),
+    Route(
+        "POST", _M, MapRoutes.create_map, "createMap",
+        "Define a map (write_quorum defaults to min(2, replicas))",
+        {
+            201: Answer(MapCreated, "Created"),
+            200: Answer(MapCreated, "An identical map already exists (created: false)"),
+        },
+        (400, 409, 413, 503, 504), role="operate", body=Body(CreateMap), tags=_TAGS,
+        descriptions={
+            400: "Invalid body, name or setting; the detail names the field",
+            409: "A map of that name exists with other settings",
+        },
+    ),
+    Route(
+        "GET", f"{_M}/{{name}}", MapRoutes.get_map, "getMap",
+        "A map's definition, the partition table and every live node's stats of the map",
+        {200: Answer(MapDetail, "The map")}, (400, 404), params=(_NAME,), tags=_TAGS, descriptions=_UNKNOWN,
+    ),
+    Route(
+        "DELETE", f"{_M}/{{name}}", MapRoutes.delete_map, "deleteMap",
+        "Delete a map and its entries on every node",
+        {200: Answer(MapDeleted, "Deleted")}, (400, 404, 503, 504), role="operate", params=(_NAME,),
+        tags=_TAGS, descriptions=_UNKNOWN,
+    ),
+    Route(
+        "GET", f"{_M}/{{name}}/keys", MapRoutes.keys, "listMapKeys",
+        "Live keys of a map (gathered from every partition primary), sorted",
+        {200: Answer(MapKeys, "Keys")}, (400, 404, 503),
+        params=(_NAME, query_param("prefix", "only keys starting with this; all keys when absent or empty")),
+        tags=_TAGS, descriptions={**_UNKNOWN, 503: "A node holding partitions did not answer"},
+    ),
+    Route(
+        "GET", _ENTRY, MapRoutes.get_entry, "getMapEntry",
+        "A key's value, decoded from MessagePack and answered as JSON",
+        {200: Answer(ANY_JSON, "The value")}, (400, 404, 502, 503), params=(_NAME, _KEY), tags=_TAGS,
+        descriptions={
+            404: "No map of that name, or no such key",
+            502: "The stored value has no JSON form (binary data, an extension, ...); "
+            "the detail names the key",
+            503: _UNAVAILABLE,
+        },
+    ),
+    Route(
+        "PUT", _ENTRY, MapRoutes.put_entry, "putMapEntry",
+        "Store a JSON value (encoded as MessagePack) under a key",
+        {200: Answer(MapEntryWritten, "Stored (on a write quorum of nodes)")}, (400, 404, 413, 503),
+        role="operate",
+        params=(
+            _NAME,
+            _KEY,
+            query_param(
+                "ttl", "seconds until the entry expires (more than 0); none when absent",
+                type="number", exclusiveMinimum=0, maximum=MAX_TTL,
+            ),
+        ),
+        body=Body(ANY_JSON, "the value, any JSON"), tags=_TAGS,
+        descriptions={
+            **_UNKNOWN,
+            400: "Invalid key, ttl or JSON, or the encoded value exceeds the map's max_value_bytes",
+            503: _UNAVAILABLE + "; the outcome of the write is unknown",
+        },
+    ),
+    Route(
+        "DELETE", _ENTRY, MapRoutes.remove_entry, "removeMapEntry", "Remove a key",
+        {200: Answer(MapEntryRemoved, "Removed")}, (400, 404, 503), role="operate", params=(_NAME, _KEY),
+        tags=_TAGS, descriptions={404: "No map of that name, or no such key", 503: _UNAVAILABLE},
+    ),
+)
+"""The distributed-map endpoints (served when the node runs a map service)."""

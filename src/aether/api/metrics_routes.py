@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 
-from aether.api.common import json_response, query
+from aether.api.common import API_PREFIX, json_response, query
+from aether.api.routing import Answer, Route, query_param
 from aether.core.errors import BadRequest
 from aether.metrics.prometheus import CONTENT_TYPE, PrometheusExporter
-from aether.metrics.service import HISTORY_MAX_SECONDS
+from aether.metrics.service import HISTORY_MAX_SECONDS, MetricsHistory, MetricsView
 
-__all__ = ["DEFAULT_HISTORY_SECONDS", "MetricsRoutes"]
+__all__ = ["DEFAULT_HISTORY_SECONDS", "ROUTES", "MetricsRoutes"]
 
 DEFAULT_HISTORY_SECONDS = 300.0
 STREAM_INTERVAL_RANGE = (0.2, 60.0)
@@ -38,12 +39,6 @@ class MetricsRoutes:
     def __init__(self, service: Any) -> None:
         self.svc = service
         self.exporter = PrometheusExporter(service)
-
-    def register(self, app: web.Application, prefix: str) -> None:
-        app.router.add_get(f"{prefix}/metrics", self.metrics)
-        app.router.add_get(f"{prefix}/metrics/history", self.history)
-        app.router.add_get(f"{prefix}/metrics/stream", self.stream)
-        app.router.add_get("/metrics", self.prometheus)
 
     async def metrics(self, request: web.Request) -> web.Response:
         query(request, ())
@@ -92,3 +87,52 @@ class MetricsRoutes:
     async def prometheus(self, request: web.Request) -> web.Response:
         query(request, ())
         return web.Response(body=self.exporter.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+_TAGS = ("metrics",)
+ROUTES: Final = (
+    Route(
+        "GET", f"{API_PREFIX}/metrics", MetricsRoutes.metrics, "getMetrics",
+        "Cluster metrics: nodes (CPU, memory), entries (calls, rates, errors, latency quantiles, "
+        "slow calls), totals; the leader's latest snapshot, else this node's own figures",
+        {200: Answer(MetricsView, "The cluster snapshot as this node has it")}, (400,), tags=_TAGS,
+    ),
+    Route(
+        "GET", f"{API_PREFIX}/metrics/history", MetricsRoutes.history, "getMetricsHistory",
+        "Per-second cluster points of the last N seconds (the 2-hour window; any node serves "
+        "it from its copy of the leader's window)",
+        {200: Answer(MetricsHistory, "Points, oldest first")}, (400,),
+        params=(
+            query_param(
+                "seconds", f"how far back (default {DEFAULT_HISTORY_SECONDS:g}), more than 0 and at most "
+                f"{HISTORY_MAX_SECONDS:g}",
+                type="number", exclusiveMinimum=0, maximum=HISTORY_MAX_SECONDS,
+            ),
+        ),
+        tags=_TAGS,
+    ),
+    Route(
+        "GET", f"{API_PREFIX}/metrics/stream", MetricsRoutes.stream, "streamMetrics",
+        "Server-sent events: `event: metrics` with the same document as GET /api/v1/metrics, "
+        "every `interval` seconds, until the client disconnects",
+        {200: Answer(
+            {"type": "string"}, "An endless event stream; each data line is a JSON metrics document",
+            media="text/event-stream",
+        )},
+        (400,),
+        params=(
+            query_param(
+                "interval", f"seconds between events (default 1), from {STREAM_INTERVAL_RANGE[0]:g} to "
+                f"{STREAM_INTERVAL_RANGE[1]:g}",
+                type="number", minimum=STREAM_INTERVAL_RANGE[0], maximum=STREAM_INTERVAL_RANGE[1],
+            ),
+        ),
+        tags=_TAGS,
+    ),
+    Route(
+        "GET", "/metrics", MetricsRoutes.prometheus, "getPrometheusMetrics",
+        "Prometheus text exposition of this node (needs the API key like every endpoint)",
+        {200: Answer({"type": "string"}, "Prometheus text format", media="text/plain")}, (400,), tags=_TAGS,
+    ),
+)
+"""The metrics endpoints (served when the node runs a metrics service)."""

@@ -48,41 +48,27 @@ import asyncio
 import ipaddress
 import logging
 import ssl
-import time
 from typing import Any, Protocol
 
-import msgspec
 from aiohttp import web
 
-from aether.api.auth import Principal, required_role
-from aether.api.common import (
-    API_PREFIX,
-    JSON_CONTENT_TYPE,
-    MAX_BODY,
-    Handler,
-    json_response,
-    problem_answer,
-    problem_response,
-    query,
-    read_body,
-    resolve,
-)
+from aether.api.auth import required_role
+from aether.api.common import API_PREFIX, MAX_BODY, Handler, problem_answer, problem_response
+from aether.api.node_routes import AUTH_PREFIX, CreateKey, NodeRoutes
+from aether.api.node_routes import ROUTES as NODE_ROUTES
+from aether.api.routing import PRINCIPAL, Route, register
 from aether.api.types import KVListing
-from aether.core.errors import (
-    BadRequest,
-    ConfigError,
-    Forbidden,
-    NotReady,
-    QuorumLost,
-    RequestTimeout,
-    Unauthorized,
-)
-from aether.core.problem import PROBLEM_CONTENT_TYPE, Problem, is_internal, problem_for, problem_headers
+from aether.core.errors import ConfigError, Forbidden, RequestTimeout, Unauthorized
+from aether.core.problem import Problem, is_internal, problem_for, problem_headers
 from aether.core.status import KVEntry, NodeStatus
 from aether.http.server import ServerLogger, start_site
 
 __all__ = [
     "API_PREFIX",
+    "AUTH_PREFIX",
+    "PRINCIPAL",
+    "SERVED",
+    "CreateKey",
     "KVListing",
     "ManagementServer",
     "NodeView",
@@ -100,13 +86,8 @@ DEFAULT_IDLE_TIMEOUT = 15.0
 # A request body must arrive completely within this many seconds (408 otherwise).
 DEFAULT_BODY_TIMEOUT = 10.0
 
-PRINCIPAL = web.RequestKey("aether.principal", Principal)  # who sent the request
 BODY = web.RequestKey("aether.body", bytes)  # the request body, once the middleware read it
-AUTH_PREFIX = "auth/"  # store keys only admins may list (hashes of API keys)
-
-class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
-    name: str
-    role: str
+SERVED = web.AppKey("aether.routes", list[Route])  # the routes an application serves (and documents)
 
 
 class NodeView(Protocol):
@@ -211,17 +192,12 @@ class ManagementServer:
         return f"{'https' if self._ssl_context is not None else 'http'}://{host}:{self.port}"
 
     def make_app(self) -> web.Application:
-        """The aiohttp application (routes and middleware), e.g. for aiohttp's test client."""
+        """The aiohttp application (routes and middleware), e.g. for aiohttp's test client.
+
+        The routes are those the routes modules declare (`ROUTES`, see `aether.api.routing`) that
+        this node can serve; the OpenAPI document describes exactly these."""
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
-        app.router.add_get(f"{API_PREFIX}/status", self._handle_status)
-        app.router.add_get(f"{API_PREFIX}/kv", self._handle_kv)
-        app.router.add_get(f"{API_PREFIX}/health", self._handle_health)
-        app.router.add_get(f"{API_PREFIX}/nodes", self._handle_nodes)
-        if self.keys.kv is not None:
-            app.router.add_get(f"{API_PREFIX}/keys", self._handle_list_keys)
-            app.router.add_post(f"{API_PREFIX}/keys", self._handle_create_key)
-            app.router.add_delete(f"{API_PREFIX}/keys/{{name}}", self._handle_revoke_key)
-        app.router.add_get(f"{API_PREFIX}/audit", self._handle_audit)
+        hub = None
         if getattr(self._node, "router", None) is not None and getattr(self._node, "kv", None) is not None:
             from aether.api.events import DEFAULT_QUEUE_SIZE, EventHub
 
@@ -230,47 +206,50 @@ class ManagementServer:
                 queue_size=self._event_queue_size or DEFAULT_QUEUE_SIZE,
                 logger=self._log,
             )
+            started = hub
 
             async def start_hub(_app: web.Application) -> None:
-                hub.start()
-                self.events = hub
+                started.start()
+                self.events = started
 
             async def stop_hub(_app: web.Application) -> None:
-                hub.stop()  # ends every stream, so shutdown does not wait for them
+                started.stop()  # ends every stream, so shutdown does not wait for them
 
             app.on_startup.append(start_hub)
             app.on_shutdown.append(stop_hub)
             app.on_cleanup.append(stop_hub)
 
-            async def handle_events(request: web.Request) -> web.StreamResponse:
-                return await self._handle_events(request, hub)
+        served: list[Route] = []
+        app[SERVED] = served
 
-            app.router.add_get(f"{API_PREFIX}/events", handle_events)
-        if getattr(self._node, "deployments", None) is not None:
-            from aether.api.deploy_routes import DeploymentRoutes
-
-            DeploymentRoutes(
-                self._node.deployments,  # type: ignore[attr-defined]
-                getattr(self._node, "invoker", None),
-            ).register(app, API_PREFIX)
-        if getattr(self._node, "maps", None) is not None:
-            from aether.api.map_routes import MapRoutes
-
-            MapRoutes(self._node.maps).register(app, API_PREFIX)  # type: ignore[attr-defined]
-
-        if getattr(self._node, "metrics", None) is not None:
-            from aether.api.metrics_routes import MetricsRoutes
-
-            MetricsRoutes(self._node.metrics).register(app, API_PREFIX)  # type: ignore[attr-defined]
-
-        async def handle_openapi(request: web.Request) -> web.Response:
+        def document() -> dict[str, Any]:
             from aether.api.openapi import build_openapi
 
-            query(request, ())
-            routes = [(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None]
-            return json_response(build_openapi(routes))
+            return build_openapi(served)
 
-        app.router.add_get(f"{API_PREFIX}/openapi.json", handle_openapi)
+        own = NodeRoutes(
+            self._node, keys=self.keys, audit=self.audit, log=self._log, heartbeat=self._heartbeat, hub=hub,
+            document=document,
+        )
+        served += register(app, own, NODE_ROUTES)
+        if getattr(self._node, "deployments", None) is not None:
+            from aether.api import deploy_routes
+
+            deployments = deploy_routes.DeploymentRoutes(
+                self._node.deployments,  # type: ignore[attr-defined]
+                getattr(self._node, "invoker", None),
+            )
+            served += register(app, deployments, deploy_routes.ROUTES)
+        if getattr(self._node, "maps", None) is not None:
+            from aether.api import map_routes
+
+            maps = map_routes.MapRoutes(self._node.maps)  # type: ignore[attr-defined]
+            served += register(app, maps, map_routes.ROUTES)
+        if getattr(self._node, "metrics", None) is not None:
+            from aether.api import metrics_routes
+
+            metrics = metrics_routes.MetricsRoutes(self._node.metrics)  # type: ignore[attr-defined]
+            served += register(app, metrics, metrics_routes.ROUTES)
         return app
 
     async def start(self) -> None:
@@ -415,123 +394,3 @@ class ManagementServer:
         else:
             detail = e.text or e.reason
         return problem_response(e.status, detail, title=e.reason, headers=headers)
-
-    # -- handlers (thin) ------------------------------------------------------------------------
-
-    async def _handle_status(self, request: web.Request) -> web.Response:
-        query(request, ())
-        status: Any = await resolve(self._node.status())
-        return json_response(status)
-
-    async def _handle_kv(self, request: web.Request) -> web.Response:
-        prefix = query(request, ("prefix",)).get("prefix", "")
-        entries: list[KVEntry] = list(await resolve(self._node.kv_list(prefix)))
-        principal = request.get(PRINCIPAL)
-        if principal is None or not principal.allows("admin"):  # key hashes: admins only
-            entries = [e for e in entries if not e.key.startswith(AUTH_PREFIX)]
-        entries.sort(key=lambda e: e.key)
-        return json_response(KVListing(prefix=prefix, entries=entries))
-
-    async def _handle_list_keys(self, request: web.Request) -> web.Response:
-        query(request, ())
-        return json_response(self.keys.list())
-
-    async def _handle_create_key(self, request: web.Request) -> web.Response:
-        query(request, ())
-        body: CreateKey = await read_body(request, CreateKey)
-        value, key = await self.keys.create(body.name, body.role)
-        self._log.info("API key %r (role %s) created", body.name, value.role)
-        return web.Response(
-            body=msgspec.json.encode({"name": body.name, "role": value.role, "created": value.created,
-                                      "key": key}),
-            status=201, content_type=JSON_CONTENT_TYPE,
-        )
-
-    async def _handle_revoke_key(self, request: web.Request) -> web.Response:
-        query(request, ())
-        name = request.match_info["name"]
-        await self.keys.revoke(name)
-        self._log.info("API key %r revoked", name)
-        return json_response({"name": name, "revoked": True})
-
-    async def _handle_audit(self, request: web.Request) -> web.Response:
-        text = query(request, ("limit",)).get("limit", "100")
-        try:
-            limit = int(text)
-        except ValueError:
-            raise BadRequest(f"limit must be an integer from 1 to 1000, not {text!r}") from None
-        if not 1 <= limit <= 1000:
-            raise BadRequest(f"limit must be from 1 to 1000, not {limit}")
-        return json_response(self.audit.recent(limit))
-
-    async def _handle_health(self, request: web.Request) -> web.Response:
-        query(request, ())
-        now = time.time()
-        node_id = getattr(self._node, "node_id", "")
-        try:
-            status: NodeStatus = await resolve(self._node.status())
-        except (NotReady, QuorumLost) as e:
-            return self._unready(node_id, False, None, now, str(e) or type(e).__name__)
-        if not status.quorum:
-            up = sum(1 for m in status.nodes if m.state == "up")
-            reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
-            return self._unready(status.node_id, False, status.leader, now, reason)
-        return json_response({
-            "status": "ok", "live": True, "ready": True, "node_id": status.node_id,
-            "quorum": status.quorum, "leader": status.leader, "time": now,
-        })
-
-    @staticmethod
-    def _unready(node_id: str, quorum: bool, leader: str | None, now: float, reason: str) -> web.Response:
-        # a problem document (for clients that expect one on errors) extended with the health fields
-        body = {
-            "type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": reason,
-            "live": True, "ready": False, "reason": reason, "node_id": node_id, "quorum": quorum,
-            "leader": leader, "time": now,
-        }
-        return web.Response(body=msgspec.json.encode(body), status=503, content_type=PROBLEM_CONTENT_TYPE)
-
-    async def _handle_nodes(self, request: web.Request) -> web.Response:
-        query(request, ())
-        status: NodeStatus = await resolve(self._node.status())
-        return json_response([
-            {"id": m.id, "address": m.address, "state": m.state, "leader": m.id == status.leader}
-            for m in status.nodes
-        ])
-
-    async def _handle_events(self, request: web.Request, hub: Any) -> web.StreamResponse:
-        query(request, ())
-        resp = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-        })
-        sub = hub.subscribe()
-        try:
-            await resp.prepare(request)
-            hello = {"type": "hello", "node_id": getattr(self._node, "node_id", ""), "time": time.time(),
-                     "last_id": hub.last_id}
-            await resp.write(b"event: hello\ndata: " + msgspec.json.encode(hello) + b"\n\n")
-            from aether.api.events import format_sse
-
-            # wake up at least every second to notice a client that went away
-            poll = min(self._heartbeat, 1.0)
-            next_beat = time.monotonic() + self._heartbeat
-            while True:
-                try:
-                    ev = await sub.next(poll)
-                except StopAsyncIteration:
-                    break
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    break
-                if ev is not None:
-                    await resp.write(format_sse(ev))
-                    if ev.type == "dropped":
-                        break
-                elif time.monotonic() >= next_beat:
-                    await resp.write(b": keepalive\n\n")
-                    next_beat = time.monotonic() + self._heartbeat
-        except (ConnectionResetError, ConnectionError):
-            pass
-        finally:
-            sub.close()
-        return resp

@@ -5,12 +5,14 @@ Kept free of aiohttp so that clients (the CLI) can decode answers without import
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
 
 from aether.core.problem import Problem
 from aether.core.status import KVEntry
 
-__all__ = ["KVListing", "Problem"]
+__all__ = ["Health", "KVListing", "KeyInfo", "KeyRevoked", "NewKey", "NodeEntry", "Problem", "Unready"]
 
 
 class KVListing(msgspec.Struct, frozen=True):
@@ -18,3 +20,62 @@ class KVListing(msgspec.Struct, frozen=True):
 
     prefix: str
     entries: list[KVEntry]
+
+
+class Health(msgspec.Struct, frozen=True):
+    """Answer of `GET /api/v1/health` when the node is ready (has quorum)."""
+
+    status: Literal["ok"]
+    live: bool
+    ready: bool
+    node_id: str
+    quorum: bool
+    leader: str | None
+    time: float
+
+
+class Unready(msgspec.Struct, frozen=True):
+    """A problem document extended with the health fields (`GET /api/v1/health`, 503)."""
+
+    type: str
+    title: str
+    status: Literal[503]
+    detail: str
+    live: bool
+    ready: Literal[False]
+    reason: str
+    node_id: str
+    quorum: bool
+    leader: str | None
+    time: float
+
+
+class NodeEntry(msgspec.Struct, frozen=True):
+    """One configured member (`GET /api/v1/nodes`)."""
+
+    id: str
+    address: Annotated[str, msgspec.Meta(description="cluster HOST:PORT")]
+    state: Literal["up", "down"]
+    leader: bool
+
+
+class KeyInfo(msgspec.Struct, frozen=True):
+    """A stored API key as `GET /api/v1/keys` lists it (never its hash or secret)."""
+
+    name: str
+    role: Literal["read", "operate", "admin"]
+    created: float
+
+
+class NewKey(msgspec.Struct, frozen=True):
+    """Answer of `POST /api/v1/keys`: the key itself is shown this once."""
+
+    name: str
+    role: Literal["read", "operate", "admin"]
+    created: float
+    key: str
+
+
+class KeyRevoked(msgspec.Struct, frozen=True):
+    name: str
+    revoked: Literal[True]

@@ -1,0 +1,266 @@
+"""The node's own management API endpoints: status, kv, health, nodes, keys, audit, events and
+the OpenAPI document (thin handlers over the `NodeView`, the key ring and the audit log).
+
+Like every routes module it declares its routes once, at the end (`ROUTES`); the server registers
+them and documents them from that list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Final, Protocol
+
+import msgspec
+from aiohttp import web
+
+from aether.api.audit import AuditEntry, AuditLog
+from aether.api.common import API_PREFIX, json_response, query, read_body, resolve
+from aether.api.routing import PRINCIPAL, ROLES, Answer, Body, Route, path_param, query_param
+from aether.api.types import Health, KeyInfo, KeyRevoked, KVListing, NewKey, NodeEntry, Unready
+from aether.core.errors import BadRequest, NotReady, QuorumLost
+from aether.core.problem import PROBLEM_CONTENT_TYPE
+from aether.core.status import KVEntry, NodeStatus
+from aether.kv.keys import API_KEY_NAME
+
+__all__ = ["AUTH_PREFIX", "ROUTES", "CreateKey", "NodeRoutes"]
+
+AUTH_PREFIX: Final = "auth/"  # store keys only admins may list (hashes of API keys)
+
+
+class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
+    # documented constraints only (`extra_json_schema`): the key ring checks both and says why
+    name: Annotated[str, msgspec.Meta(extra_json_schema={"pattern": f"^{API_KEY_NAME.pattern}$"})]
+    role: Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(ROLES)})]
+
+
+class Keys(Protocol):
+    """The server's `aether.api.auth.KeyRing`, as far as the key endpoints need it."""
+
+    @property
+    def kv(self) -> object | None: ...
+
+    def list(self) -> list[dict[str, Any]]: ...
+
+    async def create(self, name: str, role: str) -> tuple[Any, str]: ...
+
+    async def revoke(self, name: str) -> None: ...
+
+
+class NodeRoutes:
+    def __init__(
+        self,
+        node: Any,
+        *,
+        keys: Keys,
+        audit: AuditLog,
+        log: Any,
+        heartbeat: float,
+        hub: Any,
+        document: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.node = node
+        self.keys = keys
+        self.audit = audit
+        self.log = log
+        self.heartbeat = heartbeat
+        self.hub = hub  # the EventHub, None when the node has no router or store
+        self.document = document
+
+    async def status(self, request: web.Request) -> web.Response:
+        query(request, ())
+        status: Any = await resolve(self.node.status())
+        return json_response(status)
+
+    async def kv(self, request: web.Request) -> web.Response:
+        prefix = query(request, ("prefix",)).get("prefix", "")
+        entries: list[KVEntry] = list(await resolve(self.node.kv_list(prefix)))
+        principal = request.get(PRINCIPAL)
+        if principal is None or not principal.allows("admin"):  # key hashes: admins only
+            entries = [e for e in entries if not e.key.startswith(AUTH_PREFIX)]
+        entries.sort(key=lambda e: e.key)
+        return json_response(KVListing(prefix=prefix, entries=entries))
+
+    async def health(self, request: web.Request) -> web.Response:
+        query(request, ())
+        now = time.time()
+        node_id = getattr(self.node, "node_id", "")
+        try:
+            status: NodeStatus = await resolve(self.node.status())
+        except (NotReady, QuorumLost) as e:
+            return self._unready(node_id, False, None, now, str(e) or type(e).__name__)
+        if not status.quorum:
+            up = sum(1 for m in status.nodes if m.state == "up")
+            reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
+            return self._unready(status.node_id, False, status.leader, now, reason)
+        return json_response(Health(
+            status="ok", live=True, ready=True, node_id=status.node_id, quorum=status.quorum,
+            leader=status.leader, time=now,
+        ))
+
+    @staticmethod
+    def _unready(node_id: str, quorum: bool, leader: str | None, now: float, reason: str) -> web.Response:
+        # a problem document (for clients that expect one on errors) extended with the health fields
+        body = Unready(
+            type="about:blank", title="Service Unavailable", status=503, detail=reason, live=True,
+            ready=False, reason=reason, node_id=node_id, quorum=quorum, leader=leader, time=now,
+        )
+        return web.Response(body=msgspec.json.encode(body), status=503, content_type=PROBLEM_CONTENT_TYPE)
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        query(request, ())
+        status: NodeStatus = await resolve(self.node.status())
+        return json_response([
+            NodeEntry(id=m.id, address=m.address, state=m.state, leader=m.id == status.leader)  # type: ignore[arg-type]
+            for m in status.nodes
+        ])
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        query(request, ())
+        keys = self.keys.list()
+        return json_response([KeyInfo(name=k["name"], role=k["role"], created=k["created"]) for k in keys])
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        query(request, ())
+        body: CreateKey = await read_body(request, CreateKey)
+        value, key = await self.keys.create(body.name, body.role)
+        self.log.info("API key %r (role %s) created", body.name, value.role)
+        answer = NewKey(name=body.name, role=value.role, created=value.created, key=key)
+        return json_response(answer, status=201)
+
+    async def revoke_key(self, request: web.Request) -> web.Response:
+        query(request, ())
+        name = request.match_info["name"]
+        await self.keys.revoke(name)
+        self.log.info("API key %r revoked", name)
+        return json_response(KeyRevoked(name=name, revoked=True))
+
+    async def get_audit(self, request: web.Request) -> web.Response:
+        text = query(request, ("limit",)).get("limit", "100")
+        try:
+            limit = int(text)
+        except ValueError:
+            raise BadRequest(f"limit must be an integer from 1 to 1000, not {text!r}") from None
+        if not 1 <= limit <= 1000:
+            raise BadRequest(f"limit must be from 1 to 1000, not {limit}")
+        return json_response(self.audit.recent(limit))
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        query(request, ())
+        hub = self.hub
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+        })
+        sub = hub.subscribe()
+        try:
+            await resp.prepare(request)
+            hello = {"type": "hello", "node_id": getattr(self.node, "node_id", ""), "time": time.time(),
+                     "last_id": hub.last_id}
+            await resp.write(b"event: hello\ndata: " + msgspec.json.encode(hello) + b"\n\n")
+            from aether.api.events import format_sse
+
+            # wake up at least every second to notice a client that went away
+            poll = min(self.heartbeat, 1.0)
+            next_beat = time.monotonic() + self.heartbeat
+            while True:
+                try:
+                    ev = await sub.next(poll)
+                except StopAsyncIteration:
+                    break
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break
+                if ev is not None:
+                    await resp.write(format_sse(ev))
+                    if ev.type == "dropped":
+                        break
+                elif time.monotonic() >= next_beat:
+                    await resp.write(b": keepalive\n\n")
+                    next_beat = time.monotonic() + self.heartbeat
+        except (ConnectionResetError, ConnectionError):
+            pass
+        finally:
+            sub.close()
+        return resp
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        query(request, ())
+        return json_response(self.document())
+
+
+P = API_PREFIX
+_SECURITY = ("security",)
+_HAS_STORE: Final = lambda routes: routes.keys.kv is not None  # noqa: E731 (keys live in the replicated store)
+
+ROUTES: Final = (
+    Route(
+        "GET", f"{P}/status", NodeRoutes.status, "getStatus", "The cluster as this node sees it",
+        {200: Answer(NodeStatus, "Node status")}, (400, 503),
+    ),
+    Route(
+        "GET", f"{P}/kv", NodeRoutes.kv, "listKV",
+        "Diagnostic listing of this node's copy of the replicated store",
+        {200: Answer(KVListing, "Entries under the prefix, sorted by key")}, (400, 503),
+        params=(query_param("prefix", "key prefix; all keys when absent or empty"),),
+    ),
+    Route(
+        "GET", f"{P}/health", NodeRoutes.health, "getHealth", "Liveness and readiness (ready = has quorum)",
+        {
+            200: Answer(Health, "Ready"),
+            503: Answer(Unready, "Not ready (no quorum, or starting)", media=PROBLEM_CONTENT_TYPE),
+        },
+        (400,),
+    ),
+    Route(
+        "GET", f"{P}/nodes", NodeRoutes.nodes, "listNodes", "Configured members as this node sees them",
+        {200: Answer(list[NodeEntry], "Members")}, (400, 503),
+    ),
+    Route(
+        "GET", f"{P}/keys", NodeRoutes.list_keys, "listKeys",
+        "API keys stored in the cluster: name, role, created (role admin)",
+        {200: Answer(list[KeyInfo], "Keys, by name")}, (400, 503), role="admin", tags=_SECURITY,
+        when=_HAS_STORE,
+    ),
+    Route(
+        "POST", f"{P}/keys", NodeRoutes.create_key, "createKey",
+        "Create a key with a role (read, operate, admin); the answer holds the key, shown once (role admin)",
+        {201: Answer(NewKey, "The key: name, role, created, key")}, (400, 409, 413, 503, 504), role="admin",
+        body=Body(CreateKey, "The key's name and role"), tags=_SECURITY, when=_HAS_STORE,
+    ),
+    Route(
+        "DELETE", f"{P}/keys/{{name}}", NodeRoutes.revoke_key, "revokeKey",
+        "Revoke a key: every node refuses it once the removal is applied (role admin)",
+        {200: Answer(KeyRevoked, "Revoked")}, (400, 404, 503, 504), role="admin",
+        params=(path_param("name", "the key's name"),), tags=_SECURITY, when=_HAS_STORE,
+    ),
+    Route(
+        "GET", f"{P}/audit", NodeRoutes.get_audit, "getAudit",
+        "The newest write operations this node served (who, what, when, result), newest last (role admin)",
+        {200: Answer(list[AuditEntry], "Audit entries")}, (400,), role="admin",
+        params=(
+            query_param(
+                "limit", "at most this many entries (1-1000, default 100)",
+                type="integer", minimum=1, maximum=1000,
+            ),
+        ),
+        tags=_SECURITY,
+    ),
+    Route(
+        "GET", f"{P}/events", NodeRoutes.events, "streamEvents",
+        "Server-sent events of what this node sees (hello, node-joined, node-left, leader-changed, "
+        "slice-state, slice-removed, blueprint-applied, blueprint-deleted, resync, dropped); a "
+        "`: keepalive` comment every 15 s",
+        {200: Answer(
+            {"type": "string"}, "An endless event stream; each data line is a JSON object",
+            media="text/event-stream",
+        )},
+        (400,), tags=("events",), when=lambda routes: routes.hub is not None,
+    ),
+    Route(
+        "GET", f"{P}/openapi.json", NodeRoutes.openapi, "getOpenAPI",
+        "This document (the routes this node serves)",
+        {200: Answer({"type": "object"}, "OpenAPI 3.1 document")}, tags=("meta",),
+    ),
+)
+"""The endpoints every node serves (keys: when it has a replicated store; events: when it also has
+a message router)."""
