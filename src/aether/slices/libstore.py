@@ -20,6 +20,7 @@ May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -40,7 +41,13 @@ from packaging.version import Version as PepVersion
 
 from aether.core.files import make_private_dirs, open_private, privatize_tree
 from aether.slices.errors import InvalidWheel, SliceLoadError
-from aether.slices.wheel import DEFAULT_WHEEL_LIMITS, WheelLimits, WheelRecord, evaluate_requirements
+from aether.slices.wheel import (
+    DEFAULT_WHEEL_LIMITS,
+    DistInfo,
+    WheelLimits,
+    WheelRecord,
+    evaluate_requirements,
+)
 
 __all__ = ["Candidate", "LibraryStore", "install_wheel", "unpack_pure_wheel"]
 
@@ -179,8 +186,8 @@ def _dist_info_requirements(directory: Path, extras: Iterable[str]) -> list[Requ
     metas = list(directory.glob("*.dist-info/METADATA"))
     if len(metas) != 1:
         return []
-    meta = HeaderParser().parsestr(metas[0].read_text(encoding="utf-8", errors="replace"))
-    return evaluate_requirements(meta.get_all("Requires-Dist") or (), extras=extras, source=str(metas[0]))
+    dist = importlib.metadata.PathDistribution(metas[0].parent)
+    return evaluate_requirements(dist.requires or (), extras=extras, source=str(metas[0]))
 
 
 class LibraryStore:
@@ -287,8 +294,7 @@ class LibraryStore:
             metas = list(tmp.glob("*.dist-info/METADATA"))
             if len(metas) != 1:
                 raise SliceLoadError(f"{req_text}: pip installed {len(metas)} distributions, expected one")
-            meta = HeaderParser().parsestr(metas[0].read_text(encoding="utf-8", errors="replace"))
-            version = PepVersion(meta.get("Version", "0"))
+            version = PepVersion(importlib.metadata.PathDistribution(metas[0].parent).version or "0")
             target = self.directory_for(req.name, version)
             try:
                 os.rename(tmp, target)
@@ -312,10 +318,8 @@ class LibraryStore:
                 metas = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
                 if len(metas) != 1:
                     return []
-                meta = HeaderParser().parsestr(zf.read(metas[0]).decode("utf-8", "replace"))
-            return evaluate_requirements(
-                meta.get_all("Requires-Dist") or (), extras=extras, source=str(cand.wheel)
-            )
+                dist = DistInfo({"METADATA": zf.read(metas[0]).decode("utf-8", "replace")})
+            return evaluate_requirements(dist.requires or (), extras=extras, source=str(cand.wheel))
         return []
 
     def install_slice_code(self, wheel: Path, sha256: str) -> Path:

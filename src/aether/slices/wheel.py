@@ -33,6 +33,11 @@ naming the wheel and the member, before anything of the wheel is used. The check
 through its hash while it is unpacked (`libstore`), so it reads no byte twice and counts against
 the same size limits.
 
+Metadata: METADATA and `entry_points.txt` are read through `importlib.metadata` (`DistInfo`: its
+email-based METADATA parser and its entry-point parser, which keeps the ':' in names), requirements
+and markers through `packaging`; the WHEEL file (RFC 822 headers, not core metadata) through
+`email.parser`, as pip and installer read it.
+
 May import: `aether.core`, `aether.slices.errors`, `packaging`. No I/O besides reading the zip.
 """
 
@@ -41,6 +46,7 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import importlib.metadata
 import os
 import re
 import tomllib
@@ -65,6 +71,7 @@ __all__ = [
     "DEPENDENCIES_GROUP",
     "DESCRIPTOR_NAME",
     "SLICES_GROUP",
+    "DistInfo",
     "WheelInfo",
     "WheelLimits",
     "WheelRecord",
@@ -79,6 +86,7 @@ SLICES_GROUP = "aether.slices"
 DEPENDENCIES_GROUP = "aether.slice-dependencies"
 DESCRIPTOR_NAME = "aether-slice.toml"
 _MAX_META = 4 * 1024 * 1024  # bytes read from one metadata file at most
+_DIST_INFO_READ = ("METADATA", "WHEEL", "entry_points.txt")  # the *.dist-info files inspect_wheel reads
 _OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 
 
@@ -355,22 +363,30 @@ def aether_version(text: str) -> Version:
     return Version(rel[0], rel[1], rel[2], qual)
 
 
+class DistInfo(importlib.metadata.Distribution):
+    """A distribution's `*.dist-info` files, read beforehand (`name -> text`), seen through
+    `importlib.metadata`: its parsers of METADATA (`metadata`, `requires`, `name`, `version`) and of
+    `entry_points.txt` (`entry_points`). Nothing is installed, so `locate_file` has nothing to find.
+    """
+
+    def __init__(self, files: Mapping[str, str]) -> None:
+        self._files = dict(files)
+
+    def read_text(self, filename: str) -> str | None:
+        return self._files.get(filename)
+
+    def locate_file(self, path: str | os.PathLike[str]) -> Path:
+        raise FileNotFoundError(f"{path}: a wheel's metadata, not an installed distribution")
+
+
 def parse_entry_points(text: str) -> dict[str, dict[str, str]]:
-    """Parse `entry_points.txt` (INI-like; names may contain ':' so configparser cannot be used)."""
-    groups: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = groups.setdefault(line[1:-1].strip(), {})
-            continue
-        name, sep, value = line.partition("=")
-        if not sep or current is None:
-            continue
-        current[name.strip()] = value.strip()
-    return groups
+    """Parse `entry_points.txt` (`importlib.metadata`'s parser: names may contain ':', which
+    configparser would split on) into `{group: {name: value}}`; ValueError on a malformed line."""
+    try:
+        eps = DistInfo({"entry_points.txt": text}).entry_points
+    except (TypeError, ValueError):  # importlib.metadata's words for a line without '='
+        raise ValueError("a line is not NAME = VALUE") from None
+    return {group: {ep.name: ep.value for ep in eps.select(group=group)} for group in sorted(eps.groups)}
 
 
 def evaluate_requirements(
@@ -482,21 +498,21 @@ def inspect_wheel(
         if len(metas) > 1:
             raise InvalidWheel(f"{path}: several .dist-info directories ({', '.join(metas)})")
         di = metas[0]
-        meta = HeaderParser().parsestr(_read(zf, f"{di}/METADATA", path))
-        dist_name = meta.get("Name")
-        dist_version = meta.get("Version")
+        dist = DistInfo({n: _read(zf, f"{di}/{n}", path) for n in _DIST_INFO_READ if f"{di}/{n}" in names})
+        meta = dist.metadata
+        # PackageMetadata has no .get, and [] on a missing field is deprecated (3.12)
+        dist_name = meta["Name"] if "Name" in meta else None  # noqa: SIM401
+        dist_version = meta["Version"] if "Version" in meta else None  # noqa: SIM401
         if not dist_name or not dist_version:
             raise InvalidWheel(f"{path}: METADATA lacks Name or Version")
-        wheel_meta = (
-            HeaderParser().parsestr(_read(zf, f"{di}/WHEEL", path)) if f"{di}/WHEEL" in names else None
-        )
+        wheel_text = dist.read_text("WHEEL")
+        wheel_meta = HeaderParser().parsestr(wheel_text) if wheel_text is not None else None
         pure = bool(wheel_meta and (wheel_meta.get("Root-Is-Purelib", "").strip().lower() == "true"))
-        eps = (
-            parse_entry_points(_read(zf, f"{di}/entry_points.txt", path))
-            if (f"{di}/entry_points.txt" in names)
-            else {}
-        )
-        requires_dist = tuple(meta.get_all("Requires-Dist") or ())
+        try:
+            eps = parse_entry_points(dist.read_text("entry_points.txt") or "")
+        except ValueError as e:
+            raise InvalidWheel(f"{path}: {di}/entry_points.txt: {e}") from None
+        requires_dist = tuple(dist.requires or ())
         requirements = tuple(evaluate_requirements(requires_dist, source=str(path)))
         top_level = _top_level(names, di, zf, path)
 
