@@ -101,6 +101,7 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.slices.errors.ResponseTypeError": (500, "status:500"),
     "aether.slices.errors.InvalidWheel": (400, "bad_request"),
     "aether.slices.errors.WheelTooLarge": (400, "bad_request"),
+    "aether.slices.errors.WheelRecordMismatch": (400, "bad_request"),
     "aether.slices.errors.NotASliceWheel": (400, "bad_request"),
     "aether.slices.errors.ArtifactNotFound": (None, "app_error"),
     "aether.slices.errors.SliceLoadError": (None, "app_error"),

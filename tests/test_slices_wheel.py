@@ -77,6 +77,36 @@ def test_pep440_versions() -> None:
 def test_entry_points_parser_keeps_colons() -> None:
     eps = parse_entry_points("[aether.slices]\norg.example:hello = hello_slice:Hello\n\n[x]\na=b\n")
     assert eps == {"aether.slices": {"org.example:hello": "hello_slice:Hello"}, "x": {"a": "b"}}
+    # importlib.metadata's parser: comments and blank lines are skipped, a line without '=' is not
+    assert parse_entry_points("# made by hand\n[x]\n\n# a comment\na = b\n") == {"x": {"a": "b"}}
+    with pytest.raises(ValueError):
+        parse_entry_points("[x]\njust a name\n")
+
+
+def test_a_malformed_entry_points_file_is_an_invalid_wheel(tmp_path: Path) -> None:
+    w = _raw_wheel(tmp_path, {}, dist_info_files={"entry_points.txt": "[aether.slices]\norg.example:x\n"})
+    with pytest.raises(InvalidWheel, match=r"dist-info/entry_points.txt: a line is not NAME = VALUE"):
+        inspect_wheel(w)
+
+
+def test_metadata_is_read_with_importlib_metadata(tmp_path: Path) -> None:
+    """Folded and repeated headers, as email-style METADATA allows (what HeaderParser read before)."""
+    meta = (
+        "Metadata-Version: 2.1\nName: folded-thing\nVersion: 2.0.0\nRequires-Dist: tinylib>=1.0\n"
+        "Requires-Dist: otherlib ; python_version < '3'\nSummary: a summary\n  folded on two lines\n\n"
+        "Long description: Name: not-this\n"
+    )
+    w = write_wheel(tmp_path, "folded-thing", "2.0.0", {"folded_thing/__init__.py": ""})
+    with zipfile.ZipFile(w) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members["folded_thing-2.0.0.dist-info/METADATA"] = meta.encode()
+    with zipfile.ZipFile(w, "w") as zf:
+        for n, d in members.items():
+            zf.writestr(n, d)
+    info = inspect_wheel(w)
+    assert (info.dist_name, info.dist_version) == ("folded-thing", "2.0.0")
+    assert info.requires_dist == ("tinylib>=1.0", "otherlib ; python_version < '3'")
+    assert [str(r) for r in info.requirements] == ["tinylib>=1.0"]
 
 
 def _raw_wheel(tmp_path: Path, eps: dict[str, dict[str, str]], **kw: object) -> Path:

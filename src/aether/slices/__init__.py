@@ -4,12 +4,15 @@ Business code imports from here: `Slice`, `entry`, `route`, `SliceContext`, and 
 raises to answer with a 4xx (`BadRequest` 400, `NotFound` 404, `Conflict` 409, `SliceHttpError`).
 The node and the deployment managers use `SliceStore`, `Repository` and `describe_slice`.
 
-Modules: `api` (programming model), `errors`, `wheel` (packaging format), `repository` (local
-repository directory), `libstore` (node-local installed code), `loader` (library resolution and
-import), `store` (`SliceStore`), `testing` (wheel builders and invokers for tests).
+Modules: `api` (programming model: `Slice`, the decorators, `SliceContext`, `Invoker`), `errors`,
+`maps` (`SliceMap`), `wheel` (packaging format), `repository` (local repository directory),
+`libstore` (node-local installed code), `loader` (library resolution and import), `store`
+(`SliceStore`), `testing` (wheel builders and invokers for tests). Behind `api`, private:
+`_inspect` (class inspection, `describe_slice`), `_codec` (the MessagePack codec and `CodecCache`,
+the caches of one loaded slice, which go when it is unloaded) and `_proxy` (typed calls, proxies).
 
 Layering: `aether.slices` may import `aether.core` and `aether.kv.keys`; never deploy, invoke or
-node. Importing this package loads only `api` and `errors` (cheap, for slice code); the
+node. Importing this package loads only `api` (and its private modules) and `errors`; the
 runtime classes are imported on first use.
 """
 

@@ -108,6 +108,11 @@ class WheelTooLarge(InvalidWheel):
     the message names the wheel, what it holds and the limit with the variable that sets it."""
 
 
+class WheelRecordMismatch(InvalidWheel):
+    """A wheel member is missing from its `RECORD` or does not match the hash (or size) recorded
+    there: the wheel was changed after it was built. The message names the wheel and the member."""
+
+
 class NotASliceWheel(InvalidWheel):
     """A wheel has no `aether.slices` entry point (it is a library wheel)."""
 

@@ -20,6 +20,7 @@ May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -40,7 +41,13 @@ from packaging.version import Version as PepVersion
 
 from aether.core.files import make_private_dirs, open_private, privatize_tree
 from aether.slices.errors import InvalidWheel, SliceLoadError
-from aether.slices.wheel import DEFAULT_WHEEL_LIMITS, WheelLimits, evaluate_requirements
+from aether.slices.wheel import (
+    DEFAULT_WHEEL_LIMITS,
+    DistInfo,
+    WheelLimits,
+    WheelRecord,
+    evaluate_requirements,
+)
 
 __all__ = ["Candidate", "LibraryStore", "install_wheel", "unpack_pure_wheel"]
 
@@ -82,11 +89,14 @@ def unpack_pure_wheel(wheel: Path, target: Path, limits: WheelLimits = DEFAULT_W
     """Unpack a pure wheel into `target` the way `pip install --target` lays it out.
 
     `WheelTooLarge` beyond `limits`: checked on the declared sizes first, then on the bytes and
-    files actually written (a member's header may understate its size).
+    files actually written (a member's header may understate its size). `WheelRecordMismatch`
+    for a member missing from RECORD or not matching its hash there (checked while it is written;
+    the caller discards `target` on any error, as `install_wheel` does).
     """
     budget = limits.budget(wheel)
     with zipfile.ZipFile(wheel) as zf:
         limits.check(zf, wheel)
+        record = WheelRecord.read(zf, wheel)
         for info in zf.infolist():
             p = PurePosixPath(info.filename)
             if p.is_absolute() or ".." in p.parts or "\\" in info.filename:
@@ -98,11 +108,16 @@ def unpack_pure_wheel(wheel: Path, target: Path, limits: WheelLimits = DEFAULT_W
                 continue
             dest = target.joinpath(*parts)
             budget.add_file()
+            check = record.hasher(info.filename)
             make_private_dirs(dest.parent)
             with zf.open(info) as src, os.fdopen(open_private(dest, os.O_WRONLY | os.O_TRUNC), "wb") as out:
                 while chunk := src.read(_CHUNK):
                     budget.add_bytes(len(chunk))
+                    if check is not None:
+                        check.update(chunk)
                     out.write(chunk)
+            if check is not None:
+                check.verify()
 
 
 def _pip(args: list[str], what: str) -> None:
@@ -124,7 +139,8 @@ def install_wheel(
     """Install one wheel file (no dependencies) into the new directory `target`, atomically.
 
     A wheel beyond `limits` (declared or while unpacking) raises SliceLoadError naming the wheel
-    and the limit; nothing is left behind.
+    and the limit; so does a wheel whose members do not match its RECORD (naming the member);
+    nothing is left behind. Wheels handed to pip are checked against RECORD first.
     """
     if target.exists():
         return
@@ -133,13 +149,19 @@ def install_wheel(
     try:
         use_pip = installer == "pip"
         try:
-            with zipfile.ZipFile(wheel) as zf:
-                limits.check(zf, wheel)  # pip unpacks by the declared sizes too
-                use_pip = use_pip or not _is_pure(zf)
+            zf = zipfile.ZipFile(wheel)
         except (zipfile.BadZipFile, OSError) as e:
             raise SliceLoadError(f"{wheel}: not a wheel ({e})") from None
+        try:
+            with zf:
+                limits.check(zf, wheel)  # pip unpacks by the declared sizes too
+                use_pip = use_pip or not _is_pure(zf)
+                if use_pip:  # pip does not compare the wheel's RECORD hashes: check them here
+                    WheelRecord.read(zf, wheel).verify_all(zf, limits.budget(wheel))
         except InvalidWheel as e:
             raise SliceLoadError(str(e)) from None
+        except (zipfile.BadZipFile, EOFError) as e:  # e.g. a CRC mismatch: a damaged or lying member
+            raise SliceLoadError(f"{wheel}: damaged wheel ({e})") from None
         if use_pip:
             _pip(["--target", str(tmp), str(wheel)], wheel.name)
             privatize_tree(tmp)  # pip wrote with the process umask
@@ -164,8 +186,8 @@ def _dist_info_requirements(directory: Path, extras: Iterable[str]) -> list[Requ
     metas = list(directory.glob("*.dist-info/METADATA"))
     if len(metas) != 1:
         return []
-    meta = HeaderParser().parsestr(metas[0].read_text(encoding="utf-8", errors="replace"))
-    return evaluate_requirements(meta.get_all("Requires-Dist") or (), extras=extras, source=str(metas[0]))
+    dist = importlib.metadata.PathDistribution(metas[0].parent)
+    return evaluate_requirements(dist.requires or (), extras=extras, source=str(metas[0]))
 
 
 class LibraryStore:
@@ -272,8 +294,7 @@ class LibraryStore:
             metas = list(tmp.glob("*.dist-info/METADATA"))
             if len(metas) != 1:
                 raise SliceLoadError(f"{req_text}: pip installed {len(metas)} distributions, expected one")
-            meta = HeaderParser().parsestr(metas[0].read_text(encoding="utf-8", errors="replace"))
-            version = PepVersion(meta.get("Version", "0"))
+            version = PepVersion(importlib.metadata.PathDistribution(metas[0].parent).version or "0")
             target = self.directory_for(req.name, version)
             try:
                 os.rename(tmp, target)
@@ -297,10 +318,8 @@ class LibraryStore:
                 metas = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]
                 if len(metas) != 1:
                     return []
-                meta = HeaderParser().parsestr(zf.read(metas[0]).decode("utf-8", "replace"))
-            return evaluate_requirements(
-                meta.get_all("Requires-Dist") or (), extras=extras, source=str(cand.wheel)
-            )
+                dist = DistInfo({"METADATA": zf.read(metas[0]).decode("utf-8", "replace")})
+            return evaluate_requirements(dist.requires or (), extras=extras, source=str(cand.wheel))
         return []
 
     def install_slice_code(self, wheel: Path, sha256: str) -> Path:

@@ -46,7 +46,7 @@ from packaging.version import InvalidVersion
 from packaging.version import Version as PepVersion
 
 from aether.core.artifact import Artifact
-from aether.slices.api import Slice, SliceInfo, describe_slice
+from aether.slices.api import CodecCache, Slice, SliceInfo, describe_slice
 from aether.slices.errors import (
     ArtifactNotFound,
     InvalidWheel,
@@ -134,6 +134,9 @@ class LoadedSlice:
     sha256: str
     code_dir: Path
     libraries: dict[str, str]  # name -> version used (from the store or the environment)
+    codecs: CodecCache = field(default_factory=CodecCache, repr=False)
+    """The decoders and proxy specs built for this slice's types (every instance's
+    `context.codecs`): they live and go with the loaded slice, not with the process."""
 
 
 @dataclass
@@ -403,6 +406,8 @@ class SliceLoader:
         loaded = self._loaded.pop(artifact, None)
         if loaded is None and _force is None:
             return
+        if loaded is not None:
+            loaded.codecs.clear()  # whoever still holds the LoadedSlice does not hold its types
         owner, sha = _force if _force is not None else (self._owner(artifact), loaded.sha256)  # type: ignore[union-attr]
         with self.space.lock:
             self._release_code(owner, sha)

@@ -9,14 +9,16 @@ a slice its backend through `SliceContext.maps`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 
 from aether.core.maps import MapContention, MapError, MapValueDecodeError, check_key
+
+if TYPE_CHECKING:
+    from aether.slices._codec import CodecCache
 
 __all__ = ["MapBackend", "SliceMap"]
 
@@ -47,11 +49,6 @@ class MapBackend(Protocol):
     async def map_keys(self, name: str, prefix: str = "") -> list[str]: ...
 
 
-@functools.lru_cache(maxsize=256)
-def _decoder(value_type: Any) -> msgspec.msgpack.Decoder[Any]:
-    return msgspec.msgpack.Decoder(value_type)
-
-
 def _type_name(t: Any) -> str:
     return getattr(t, "__qualname__", None) or repr(t)
 
@@ -65,14 +62,22 @@ class SliceMap(Generic[V]):
     values are compared by their encoding. ``update`` retries a read-modify-write until it wins.
     """
 
-    def __init__(self, backend: MapBackend, name: str, value_type: type[V] | Any = Any) -> None:
+    def __init__(
+        self,
+        backend: MapBackend,
+        name: str,
+        value_type: type[V] | Any = Any,
+        *,
+        codecs: CodecCache | None = None,
+    ) -> None:
         self.name = name
         self.value_type = value_type
         self._backend = backend
-        try:
-            self._decoder = _decoder(cast(Any, value_type))
-        except TypeError:  # unhashable type expression (e.g. Annotated with a dict): no cache
-            self._decoder = msgspec.msgpack.Decoder(value_type)
+        # the decoder comes from the slice's own cache (`Slice.map` passes `context.codecs`): a
+        # module-level cache keyed by `value_type` would keep an unloaded slice's classes alive
+        self._decoder: msgspec.msgpack.Decoder[Any] = (
+            codecs.decoder(value_type) if codecs is not None else msgspec.msgpack.Decoder(value_type)
+        )
 
     def __repr__(self) -> str:
         return f"<SliceMap {self.name!r} of {_type_name(self.value_type)}>"

@@ -370,7 +370,8 @@ class SliceStore:
         which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
         raise NoLocalInstance(f"no active {which} on {self.node_id}")
 
-    def _context(self, artifact: Artifact, instance: int, thread: SliceThread) -> SliceContext:
+    def _context(self, e: _Entry, instance: int, thread: SliceThread) -> SliceContext:
+        artifact = e.loaded.artifact
         config = dict(self.config_for(artifact)) if self.config_for is not None else {}
         return SliceContext(
             artifact=artifact,
@@ -380,6 +381,7 @@ class SliceStore:
             config=config,
             invoker=ThreadInvoker(self.invoker, thread),
             maps=ThreadMaps(self.maps, thread) if self.maps is not None else None,
+            codecs=e.loaded.codecs,
         )
 
     def _ensure_watchdog(self) -> None:
@@ -422,7 +424,7 @@ class SliceStore:
             raise SliceStartError(
                 f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", instance=iid
             ) from exc
-        obj.context = self._context(artifact, iid, thread)
+        obj.context = self._context(e, iid, thread)
         try:
             if self.start_timeout is not None:
                 await asyncio.wait_for(thread.run(obj.start(), entry="start()"), self.start_timeout)

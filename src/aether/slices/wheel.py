@@ -26,12 +26,27 @@ Size limits (`WheelLimits`): a wheel whose members add up to more than `max_byte
 `WheelTooLarge` before anything is unpacked; `AETHER_WHEEL_MAX_BYTES` / `AETHER_WHEEL_MAX_FILES`
 change the defaults.
 
+Integrity (`WheelRecord`): every member of a wheel but `RECORD` itself (and its signature files)
+is listed in `*.dist-info/RECORD` with a hash of at least SHA-256 and its size (PEP 376, PEP 427); a
+member that is missing there or whose bytes do not match is refused with `WheelRecordMismatch`
+naming the wheel and the member, before anything of the wheel is used. The check streams each member
+through its hash while it is unpacked (`libstore`), so it reads no byte twice and counts against
+the same size limits.
+
+Metadata: METADATA and `entry_points.txt` are read through `importlib.metadata` (`DistInfo`: its
+email-based METADATA parser and its entry-point parser, which keeps the ':' in names), requirements
+and markers through `packaging`; the WHEEL file (RFC 822 headers, not core metadata) through
+`email.parser`, as pip and installer read it.
+
 May import: `aether.core`, `aether.slices.errors`, `packaging`. No I/O besides reading the zip.
 """
 
 from __future__ import annotations
 
+import base64
+import csv
 import hashlib
+import importlib.metadata
 import os
 import re
 import tomllib
@@ -50,14 +65,16 @@ from packaging.version import Version as PepVersion
 
 from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest, ConfigError
-from aether.slices.errors import InvalidWheel, NotASliceWheel, WheelTooLarge
+from aether.slices.errors import InvalidWheel, NotASliceWheel, WheelRecordMismatch, WheelTooLarge
 
 __all__ = [
     "DEPENDENCIES_GROUP",
     "DESCRIPTOR_NAME",
     "SLICES_GROUP",
+    "DistInfo",
     "WheelInfo",
     "WheelLimits",
+    "WheelRecord",
     "aether_version",
     "evaluate_requirements",
     "inspect_wheel",
@@ -69,6 +86,7 @@ SLICES_GROUP = "aether.slices"
 DEPENDENCIES_GROUP = "aether.slice-dependencies"
 DESCRIPTOR_NAME = "aether-slice.toml"
 _MAX_META = 4 * 1024 * 1024  # bytes read from one metadata file at most
+_DIST_INFO_READ = ("METADATA", "WHEEL", "entry_points.txt")  # the *.dist-info files inspect_wheel reads
 _OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 
 
@@ -157,6 +175,130 @@ class ExtractBudget:
 
 DEFAULT_WHEEL_LIMITS = WheelLimits()
 
+# RECORD hashes a wheel may use: SHA-256 or stronger (PEP 427 forbids md5 and sha1)
+_RECORD_HASHES = frozenset({"sha256", "sha384", "sha512", "sha3_256", "sha3_384", "sha3_512", "blake2b"})
+_RECORD_UNLISTED = ("RECORD", "RECORD.jws", "RECORD.p7s")  # RECORD itself and its signatures
+
+
+class WheelRecord:
+    """The `*.dist-info/RECORD` of an open wheel: what each member must hash to.
+
+    `WheelRecord.read(zf, path)` parses it (InvalidWheel if it is missing or malformed);
+    `hasher(member)` starts the check of one member: feed it the member's bytes, then `verify()`
+    raises `WheelRecordMismatch` if the member is not listed with a usable hash or does not match.
+    `verify_all()` checks every member without writing anything (for wheels handed to pip, which
+    rewrites RECORD for what it installed but does not compare the wheel's hashes).
+    """
+
+    def __init__(self, path: str, record_name: str, entries: dict[str, tuple[str, str, int | None]]) -> None:
+        self.path = path
+        self.record_name = record_name
+        self.entries = entries  # member -> (algorithm, urlsafe-base64 digest without padding, size)
+        self._unlisted = frozenset(f"{record_name.rsplit('/', 1)[0]}/{n}" for n in _RECORD_UNLISTED)
+
+    @classmethod
+    def read(cls, zf: zipfile.ZipFile, path: Path | str) -> WheelRecord:
+        names = zf.namelist()
+        records = sorted(n for n in names if re.match(r"^[^/]+\.dist-info/RECORD\Z", n))
+        if not records:
+            raise InvalidWheel(f"{path}: not a wheel (no *.dist-info/RECORD listing its files and hashes)")
+        if len(records) > 1:
+            raise InvalidWheel(f"{path}: several RECORD files ({', '.join(records)})")
+        record_name = records[0]
+        text = _read(zf, record_name, Path(path))
+        entries: dict[str, tuple[str, str, int | None]] = {}
+        for row_no, row in enumerate(csv.reader(text.splitlines()), 1):
+            if not row:
+                continue
+            where = f"{path}: {record_name} line {row_no}"
+            if len(row) != 3:
+                raise InvalidWheel(f"{where}: expected path,hash,size; got {row!r}")
+            member, digest, size = row
+            algo, sep, value = digest.partition("=")
+            try:
+                size_n = int(size) if size else None
+            except ValueError:
+                raise InvalidWheel(f"{where}: size {size!r} is not a number") from None
+            entries[member] = (algo if sep else "", value, size_n)
+        return cls(str(path), record_name, entries)
+
+    def hasher(self, member: str) -> _MemberCheck | None:
+        """The check of `member` (None for RECORD itself and its signature files, which it cannot
+        list). Every verdict comes from `verify()`, after the member's bytes went through: a
+        member that is too large is reported as such (`WheelTooLarge`) before it is found unlisted."""
+        if member in self._unlisted:
+            return None
+        entry = self.entries.get(member)
+        if entry is None:
+            return _MemberCheck(
+                self, member, None,
+                f"{member} is not listed in {self.record_name}; the wheel was changed after it was built, "
+                "refusing to install it",
+            )  # fmt: skip
+        algo, digest, _ = entry
+        if algo not in _RECORD_HASHES or not digest:
+            what = f"a {algo} hash" if algo else "no hash"
+            return _MemberCheck(
+                self, member, None,
+                f"{member} has {what} in {self.record_name}; a wheel records SHA-256 (or a stronger "
+                "hash) for every file",
+            )  # fmt: skip
+        return _MemberCheck(self, member, entry)
+
+    def verify_all(self, zf: zipfile.ZipFile, budget: ExtractBudget | None = None) -> None:
+        """Stream every member through its hash (counting against `budget`); raise on the first
+        member that is not listed or does not match."""
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            if budget is not None:
+                budget.add_file()
+            check = self.hasher(info.filename)
+            with zf.open(info) as src:
+                while chunk := src.read(1 << 20):
+                    if budget is not None:
+                        budget.add_bytes(len(chunk))
+                    if check is not None:
+                        check.update(chunk)
+            if check is not None:
+                check.verify()
+
+
+class _MemberCheck:
+    """The running hash of one wheel member, compared with its RECORD entry by `verify()`
+    (`entry` None: the member cannot pass, `problem` says why)."""
+
+    def __init__(
+        self, record: WheelRecord, member: str, entry: tuple[str, str, int | None] | None, problem: str = ""
+    ) -> None:
+        self.record = record
+        self.member = member
+        self.entry = entry
+        self.problem = problem
+        self.seen = 0
+        self._hash = hashlib.new(entry[0] if entry is not None else "sha256")
+
+    def update(self, chunk: bytes) -> None:
+        self.seen += len(chunk)
+        self._hash.update(chunk)
+
+    def verify(self) -> None:
+        where = f"{self.record.path}: {self.member}"
+        if self.entry is None:
+            raise WheelRecordMismatch(f"{self.record.path}: {self.problem}")
+        algo, digest, size = self.entry
+        got = base64.urlsafe_b64encode(self._hash.digest()).rstrip(b"=").decode("ascii")
+        if got != digest.rstrip("="):
+            raise WheelRecordMismatch(
+                f"{where} does not match its hash in {self.record.record_name} ({algo}={digest} recorded, "
+                f"{algo}={got} found); the wheel was changed after it was built, refusing to install it"
+            )
+        if size is not None and size != self.seen:
+            raise WheelRecordMismatch(
+                f"{where} is {self.seen} bytes, but {self.record.record_name} records {size}; the wheel "
+                "was changed after it was built, refusing to install it"
+            )
+
 
 @dataclass(frozen=True)
 class WheelInfo:
@@ -221,22 +363,30 @@ def aether_version(text: str) -> Version:
     return Version(rel[0], rel[1], rel[2], qual)
 
 
+class DistInfo(importlib.metadata.Distribution):
+    """A distribution's `*.dist-info` files, read beforehand (`name -> text`), seen through
+    `importlib.metadata`: its parsers of METADATA (`metadata`, `requires`, `name`, `version`) and of
+    `entry_points.txt` (`entry_points`). Nothing is installed, so `locate_file` has nothing to find.
+    """
+
+    def __init__(self, files: Mapping[str, str]) -> None:
+        self._files = dict(files)
+
+    def read_text(self, filename: str) -> str | None:
+        return self._files.get(filename)
+
+    def locate_file(self, path: str | os.PathLike[str]) -> Path:
+        raise FileNotFoundError(f"{path}: a wheel's metadata, not an installed distribution")
+
+
 def parse_entry_points(text: str) -> dict[str, dict[str, str]]:
-    """Parse `entry_points.txt` (INI-like; names may contain ':' so configparser cannot be used)."""
-    groups: dict[str, dict[str, str]] = {}
-    current: dict[str, str] | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = groups.setdefault(line[1:-1].strip(), {})
-            continue
-        name, sep, value = line.partition("=")
-        if not sep or current is None:
-            continue
-        current[name.strip()] = value.strip()
-    return groups
+    """Parse `entry_points.txt` (`importlib.metadata`'s parser: names may contain ':', which
+    configparser would split on) into `{group: {name: value}}`; ValueError on a malformed line."""
+    try:
+        eps = DistInfo({"entry_points.txt": text}).entry_points
+    except (TypeError, ValueError):  # importlib.metadata's words for a line without '='
+        raise ValueError("a line is not NAME = VALUE") from None
+    return {group: {ep.name: ep.value for ep in eps.select(group=group)} for group in sorted(eps.groups)}
 
 
 def evaluate_requirements(
@@ -348,21 +498,21 @@ def inspect_wheel(
         if len(metas) > 1:
             raise InvalidWheel(f"{path}: several .dist-info directories ({', '.join(metas)})")
         di = metas[0]
-        meta = HeaderParser().parsestr(_read(zf, f"{di}/METADATA", path))
-        dist_name = meta.get("Name")
-        dist_version = meta.get("Version")
+        dist = DistInfo({n: _read(zf, f"{di}/{n}", path) for n in _DIST_INFO_READ if f"{di}/{n}" in names})
+        meta = dist.metadata
+        # PackageMetadata has no .get, and [] on a missing field is deprecated (3.12)
+        dist_name = meta["Name"] if "Name" in meta else None  # noqa: SIM401
+        dist_version = meta["Version"] if "Version" in meta else None  # noqa: SIM401
         if not dist_name or not dist_version:
             raise InvalidWheel(f"{path}: METADATA lacks Name or Version")
-        wheel_meta = (
-            HeaderParser().parsestr(_read(zf, f"{di}/WHEEL", path)) if f"{di}/WHEEL" in names else None
-        )
+        wheel_text = dist.read_text("WHEEL")
+        wheel_meta = HeaderParser().parsestr(wheel_text) if wheel_text is not None else None
         pure = bool(wheel_meta and (wheel_meta.get("Root-Is-Purelib", "").strip().lower() == "true"))
-        eps = (
-            parse_entry_points(_read(zf, f"{di}/entry_points.txt", path))
-            if (f"{di}/entry_points.txt" in names)
-            else {}
-        )
-        requires_dist = tuple(meta.get_all("Requires-Dist") or ())
+        try:
+            eps = parse_entry_points(dist.read_text("entry_points.txt") or "")
+        except ValueError as e:
+            raise InvalidWheel(f"{path}: {di}/entry_points.txt: {e}") from None
+        requires_dist = tuple(dist.requires or ())
         requirements = tuple(evaluate_requirements(requires_dist, source=str(path)))
         top_level = _top_level(names, di, zf, path)
 
