@@ -1,4 +1,4 @@
-"""Management API of a node: HTTP/JSON endpoints under `/api/v1/` (SPEC §7.1).
+"""Management API of a node: HTTP/JSON endpoints under `/api/v1/` (docs/management-api.md).
 
 Owns the aiohttp server (`aether.api.server.ManagementServer`), the `NodeView` protocol a node
 implements for it, the JSON problem documents it answers errors with, and API-key checks.

@@ -1,6 +1,6 @@
 """Deployment: desired state (blueprints) → placement → per-node lifecycle → endpoints and routes.
 
-Modules and what they own (SPEC §3.3, §4, §6, §11 flow 2):
+Modules and what they own (flow 2 in docs/architecture.md; docs/deployment.md):
 
 - `lifecycle`   sans-IO per-node, per-artifact lifecycle state machine; `SliceState`.
 - `blueprint`   TOML blueprint parsing/validation and dependency expansion.

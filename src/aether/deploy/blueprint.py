@@ -1,4 +1,4 @@
-"""Blueprint files (SPEC §6): parsing, validation and dependency expansion.
+"""Blueprint files (docs/deployment.md): parsing, validation and dependency expansion.
 
 Owns: the TOML format, its error messages, and `expand`, which turns a parsed `Blueprint` into
 the `BlueprintValue` stored under `blueprints/{id}` (dependencies resolved transitively, listed

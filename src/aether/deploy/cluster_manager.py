@@ -1,4 +1,4 @@
-"""`ClusterDeploymentManager`: the leader's convergence loop (SPEC §4, §11 flow 2).
+"""`ClusterDeploymentManager`: the leader's convergence loop (flow 2 in docs/architecture.md).
 
 Owns: when reconciliation passes run and the execution of their writes. The decisions are the
 pure `aether.deploy.reconcile.plan`. Runs on every node, dormant unless the node's

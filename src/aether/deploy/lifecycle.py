@@ -1,4 +1,4 @@
-"""The per-node, per-artifact slice lifecycle of SPEC §3.3 as a sans-IO state machine.
+"""The per-node, per-artifact slice lifecycle (docs/deployment.md) as a sans-IO state machine.
 
 Owns: `SliceState` (the state names every deployment component shares), the legal transitions,
 per-step deadlines and what a node does when its `slices/{node}/{artifact}` key changes.
@@ -40,7 +40,7 @@ Rules worth knowing:
   nothing is loaded here (the process restarted) loads the slice again and reports LOADED: the
   leader then activates it as usual. DEACTIVATE*/UNLOAD* keys are removed (nothing to tear
   down); a FAILED key is adopted (the leader will UNLOAD it).
-- UNLOADING cannot fail (SPEC §3.3): an unload error or timeout is logged and the key removed.
+- UNLOADING cannot fail: an unload error or timeout is logged and the key removed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`NodeDeploymentManager`: runs on every node and makes the local slice store follow the
-`slices/{this node}/{artifact}` keys (SPEC §3.3, §4).
+`slices/{this node}/{artifact}` keys (docs/deployment.md).
 
 Owns: the asyncio side of the lifecycle (one `SliceLifecycle` per artifact, a worker per artifact
 that executes its actions in order, step tasks with deadlines, a periodic tick), the state

@@ -1,4 +1,4 @@
-"""`DeploymentService`: the operator-facing deployment operations (SPEC §7.1 deploy, scale,
+"""`DeploymentService`: the operator-facing deployment operations (docs/deployment.md: deploy, scale,
 undeploy, blueprint apply/list/get/delete, slices status) over the replicated store.
 
 Owns: how requests become desired state (`blueprints/…` keys; nothing here commands nodes

@@ -1,4 +1,4 @@
-"""The shapes the deployment layer needs from layers it may not import (SPEC §11 layering).
+"""The shapes the deployment layer needs from layers it may not import (the layers in docs/architecture.md).
 
 Owns: structural `Protocol`s for the slice store (written in `aether.slices`), the slice info it
 returns, and the callables blueprint expansion uses to look at the artifact repository.

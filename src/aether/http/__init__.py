@@ -1,4 +1,4 @@
-"""The HTTP router (SPEC §5): `RouteTable` (sans-IO matching and binding) and `HttpRouter` (aiohttp)."""
+"""The HTTP router (docs/invocation.md): `RouteTable` (sans-IO matching, binding), `HttpRouter` (aiohttp)."""
 
 from aether.http.routes import BodyTooLarge, CompiledRoute, Match, NoRoute, RouteTable, build_payload
 from aether.http.server import HttpRouter

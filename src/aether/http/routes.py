@@ -1,4 +1,4 @@
-"""Sans-IO route table, path matching and request binding of the HTTP router (SPEC §5).
+"""Sans-IO route table, path matching and request binding of the HTTP router (docs/invocation.md).
 
 No sockets, no event loop: `HttpRouter` (``aether.http.server``) feeds it KV records and request
 parts. May import `aether.core` and `aether.kv.keys` only (plus msgspec and the standard library).

@@ -1,4 +1,4 @@
-"""`HttpRouter`: the node's HTTP front door (SPEC §5, flow 3 of §11).
+"""`HttpRouter`: the node's HTTP front door (flow 3 in docs/architecture.md).
 
 Keeps a `RouteTable` in sync with the replicated ``routes/`` keys (initial `list_local` + `watch`;
 a ``reset`` event re-reads everything), serves HTTP with one aiohttp catch-all handler, binds the

@@ -1,4 +1,4 @@
-"""Invocation: calling slice entry points anywhere in the cluster (SPEC §3.1, §11 flow 3).
+"""Invocation: calling slice entry points anywhere in the cluster (docs/invocation.md, docs/architecture.md).
 
 Owns instance choice (local first, else round robin over remote ACTIVE endpoints), retries with
 exponential backoff and failover, per-call deadlines, request-id propagation, the peer messages of

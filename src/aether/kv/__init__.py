@@ -1,7 +1,7 @@
 """The replicated key-value state machine: typed structured keys, commands, watches.
 
 Owns the meaning of committed commands (get, put, remove, compare-and-set), the four key
-families of SPEC §2.3 plus a free-form `user/` family, and prefix watches delivered in commit
+families of `aether.kv.keys` plus a free-form `user/` family, and prefix watches delivered in commit
 order. May import `aether.core` and `aether.consensus` (for the StateMachine protocol and
 the asyncio adapter the `KVStore` facade wraps).
 """

@@ -1,4 +1,4 @@
-"""Typed structured keys and their value types (SPEC §2.3).
+"""Typed structured keys and their value types (docs/architecture.md, flow 1).
 
 Every key renders to a string path and parses back; parsing validates each segment, so a
 malformed key is rejected with a message naming the problem instead of being stored.
@@ -43,7 +43,7 @@ class BlueprintValue(msgspec.Struct, frozen=True):
 
 
 class SliceStateValue(msgspec.Struct, frozen=True):
-    """Lifecycle state of one artifact on one node (SPEC §3.3).
+    """Lifecycle state of one artifact on one node (docs/deployment.md).
 
     The leader writes commands (LOAD, ACTIVATE, DEACTIVATE, UNLOAD) and the instance ids the
     node should host (unique per artifact across the cluster); the node writes back the states

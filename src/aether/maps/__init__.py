@@ -1,4 +1,4 @@
-"""The distributed map (SPEC §8.1): replicated application state for slices.
+"""The distributed map (docs/maps.md): replicated application state for slices.
 
 Modules:
 

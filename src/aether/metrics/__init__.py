@@ -1,5 +1,5 @@
 """Metrics: per-node entry-point and process metrics, their cluster aggregation, and Prometheus
-exposition (SPEC §7.3).
+exposition (docs/metrics.md).
 
 Owns:
 

@@ -227,7 +227,7 @@ class SliceInfo:
     doc: str | None = None
 
     def route_records(self, artifact: Artifact) -> list[tuple[RouteKey, RouteValue]]:
-        """The `routes/{METHOD}:{path}` keys and values to publish for this slice (SPEC §2.3)."""
+        """The `routes/{METHOD}:{path}` keys and values to publish for this slice (docs/deployment.md)."""
         from aether.kv.keys import RouteKey, RouteValue
 
         return [

@@ -1,4 +1,4 @@
-"""The node-local, content-addressed store of installed library and slice code (SPEC §3.2).
+"""The node-local, content-addressed store of installed library and slice code (docs/slices.md).
 
 Layout under a node's data directory::
 

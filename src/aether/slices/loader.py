@@ -1,4 +1,4 @@
-"""Loading slice classes from wheels into this interpreter (SPEC §3.2).
+"""Loading slice classes from wheels into this interpreter (docs/slices.md).
 
 Owns library resolution and importing: `SliceLoader.load(artifact)` resolves the artifact's wheel
 in the repository, installs its code into the node's `LibraryStore`, resolves its library

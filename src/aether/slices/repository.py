@@ -1,4 +1,4 @@
-"""The local artifact repository: a directory of slice wheels and library wheels (SPEC §3.2).
+"""The local artifact repository: a directory of slice wheels and library wheels (docs/slices.md).
 
 Layout under the root (default `~/.aether/repository`, env `AETHER_REPOSITORY` overrides)::
 

@@ -1,11 +1,11 @@
-"""`SliceStore`: the per-node slice runtime that the deployment managers drive (SPEC §3.1-3.3).
+"""`SliceStore`: the per-node slice runtime that the deployment managers drive (docs/slices.md).
 
 Owns, per artifact on one node: the loaded class (through `SliceLoader`), its instance objects,
 their `start()`/`stop()` calls, and local entry calls with in-flight counting for draining.
 It keeps only the facts it needs to be correct (loaded / active, instance ids); the lifecycle
 states, timeouts around each step and the KV bookkeeping are the deployment managers'.
 
-Guarantees (SPEC §3.1): `start()` runs once per instance before it receives a call; calls may run
+Guarantees (docs/slices.md): `start()` runs once per instance before it receives a call; calls may run
 concurrently; `deactivate` stops accepting calls, waits (bounded) for in-flight calls, then awaits
 `stop()` once per instance; an instance whose `start()` raised never gets `stop()`.
 

@@ -1,4 +1,4 @@
-"""Reading slice and library wheels without importing or installing them (SPEC §3.2).
+"""Reading slice and library wheels without importing or installing them (docs/slices.md).
 
 Owns the packaging format of a slice:
 
