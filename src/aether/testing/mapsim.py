@@ -556,6 +556,8 @@ class MapWorld:
                 return f"{nid} still takes {svc.syncing} partitions over"
             if svc.core._tracked:
                 return f"{nid} has {len(svc.core._tracked)} writes not on every owner"
+            if svc.core.client:  # cancelled callers' operations still run (indeterminate ones)
+                return f"{nid} has {len(svc.core.client)} operations in flight"
         assert table is not None
         if sorted(table.members) != sorted(self.ids):
             return f"table v{table.version} has members {table.members}"
