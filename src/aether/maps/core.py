@@ -660,7 +660,7 @@ class MapCore:
         assert table is not None
         for name, spec in self.specs.items():
             if name in self.broken:
-                continue
+                return False  # it cannot hold this map's copy: it waits to leave the table
             owners = active_owners(table, p, spec.replicas)
             if owners is None:
                 continue  # never taken over: nothing was written
@@ -728,7 +728,7 @@ class MapCore:
 
     def _activated(self, prom: _Promotion, parts: set[int]) -> None:
         for p in parts:
-            for name in ["", *self.specs]:
+            for name in ["", *(n for n in self.specs if n not in self.broken)]:
                 self._hold(name, p, prom.version)
             prom.activating.discard(p)
             prom.parts.discard(p)
