@@ -33,8 +33,8 @@ Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the fu
   gone `down_grace` seconds after its link dropped), checked on every change and every tick.
 
 A node without a consensus quorum (`set_quorum(False)`) stops serving as primary. A node whose
-storage fails (`StorageError` from an engine) stops being primary and replica of that map, says
-why in every answer, and asks to be left out of the table until a probe write succeeds again.
+storage fails (an engine raises: full disk, I/O error) stops serving that map, says why in every
+answer, and asks to be left out of the table (`StorageHealth`) until a probe write succeeds.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ __all__ = [
     "MapTimings",
     "Reply",
     "Send",
-    "StorageError",
     "StorageHealth",
     "WriteTable",
 ]
@@ -91,10 +90,6 @@ _SYNC_CHUNK_ITEMS = 512
 _SYNC_CHUNK_BYTES = 1024 * 1024
 _MAX_OUTCOMES = 50_000  # answers of operations that wrote nothing, kept for their retries
 _MAX_PARKED = 10_000  # operations waiting at one primary for promotion, a key's writes or a check
-
-
-class StorageError(Exception):
-    """A storage engine could not read or write (full disk, I/O error)."""
 
 
 # --- actions --------------------------------------------------------------------------------------
@@ -244,7 +239,6 @@ class _Promotion:
     version: int
     parts: set[int]
     started: float
-    trusted: bool  # this node's own copy counts as an answer (it held it since the active version)
     asked: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # sync id -> (peer, map, sent)
     answered: dict[str, set[str]] = field(default_factory=dict)  # map -> peers that answered fully
     holders: dict[str, dict[str, set[int]]] = field(default_factory=dict)  # map -> peer -> partitions held
@@ -289,13 +283,6 @@ class _ClientOp:
     retry_at: float = 0.0
     last: str = "no partition table yet"
 
-
-@dataclass(slots=True)
-class _Serve:
-    """A sync request being answered."""
-
-    peer: str
-    req: SyncRequest
 
 
 # --- the core ----------------------------------------------------------------------------------------
@@ -586,7 +573,7 @@ class MapCore:
                 if not self._trusted(p, spec, name):
                     self._drop(name, p)
                     by_p.pop(p, None)
-        prom = _Promotion(version, set(parts), self._now, trusted=True)
+        prom = _Promotion(version, set(parts), self._now)
         self._promotions.append(prom)
         self._ask(prom)
         self._advance(prom)
@@ -1712,6 +1699,3 @@ class MapCore:
                     self._drop(name, p)
                     self.ops.get(name, {}).pop(p, None)
         self._probe()
-
-    def pending_operations(self) -> int:
-        return len(self.client)
