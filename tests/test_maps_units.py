@@ -241,3 +241,39 @@ async def test_map_define_and_undefine_through_a_lagging_replica(tmp_path: Path)
         await svc.define("orders", spec)
     kv.compare_and_set = real_cas  # type: ignore[method-assign]
     assert await svc.define("orders", spec) is True and kv.store[key] == spec
+
+
+async def test_after_a_reboot_persistent_copies_count_for_nothing(tmp_path: Path) -> None:
+    """SQLite keeps acknowledged writes across a kill -9 but maybe not across a power cut: a node
+    that finds another boot id than the one it last ran under forgets which takeovers its copies
+    hold (the data stays, but a takeover copies it again), while a plain restart keeps them."""
+    from aether.core.maps import MapSpec
+    from aether.kv.keys import MapDefKey
+    from aether.maps.service import MapService
+    from aether.maps.storage import SqliteEngine
+
+    engine = SqliteEngine(tmp_path / "orders.sqlite")
+    engine.put(3, "k", Record(b"v", 5, 1))
+    engine.set_held(3, {5})
+    engine.close()
+    kv = _LaggingKV()
+    kv.local[str(MapDefKey("orders"))] = MapSpec(engine="sqlite")
+
+    async def start(boot: str) -> MapService:
+        svc = MapService("node-1", kv, sender=None, data_dir=tmp_path, boot_id=lambda: boot)  # type: ignore[arg-type]
+        await svc.start()
+        return svc
+
+    svc = await start("boot-a")  # first run under this boot: nothing to compare with
+    assert svc.core.held.get(("orders", 3)) == {5}
+    await svc.stop()
+    svc = await start("boot-a")  # a restart of the process (kill -9 included): still held
+    assert svc.core.held.get(("orders", 3)) == {5}
+    await svc.stop()
+    svc = await start("boot-b")  # the machine restarted
+    assert not svc.core.held.get(("orders", 3))
+    assert svc.engines["orders"].get(3, "k") == Record(b"v", 5, 1)  # the data stays
+    await svc.stop()
+    svc = await start("boot-b")
+    assert not svc.core.held.get(("orders", 3)), "not held again until a takeover gives it"
+    await svc.stop()

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from aether.core.files import write_private
+from aether.core.files import make_private_dirs, write_private
 from aether.core.maps import (
     MapContention,
     MapDefinitionConflict,
@@ -61,7 +61,15 @@ _DEF_ROUNDS = 5  # compare-and-set rounds of define/undefine before giving up (M
 _HOLD_FOR = 2.0  # how long an answer waits for our link to its requester to come up
 _MAX_HELD = 10_000
 _ANSWERS = (MapResponse, ReplicateAck, SyncChunk, PushAck, ReadCheckAck, KeysResponse, StatsResponse)
-_ALIVE_FILE = "alive"  # wall-clock ms of the last time this node had a quorum (tombstone horizon)
+_ALIVE_FILE = "alive"
+_BOOT_FILE = "boot"  # the machine's boot id when this node last ran (a different one: power cut possible)
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None  # wall-clock ms of the last time this node had a quorum (tombstone horizon)
 
 
 class KVLike(Protocol):
@@ -103,6 +111,7 @@ class MapService:
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         incarnation: int | None = None,
         open_storage: Callable[[str, Path, str], Engine] = open_engine,
+        boot_id: Callable[[], str | None] = _boot_id,
         logger: logging.Logger | None = None,
     ) -> None:
         self.node_id = node_id
@@ -117,6 +126,8 @@ class MapService:
         self.now = now
         self.wall_ms = wall_ms
         self.open_storage = open_storage
+        self.boot_id = boot_id
+        self._distrust = False  # the machine restarted since the last run: persisted copies count for nothing
         self.log = logger or logging.getLogger(f"aether.maps.{node_id}")
         self.core = MapCore(
             node_id, partitions=partitions, timings=timings, logger=self.log,
@@ -164,6 +175,7 @@ class MapService:
 
     async def start(self) -> None:
         self._check_horizon()
+        self._check_boot()
         now = self.now()
         for p in self.up_peers():
             if p != self.node_id:
@@ -261,8 +273,31 @@ class MapService:
             for db in self.data_dir.glob("*.sqlite*"):
                 db.unlink(missing_ok=True)
 
+    def _check_boot(self) -> None:
+        """A persistent copy counts towards a takeover only if it holds every write this node
+        acknowledged. SQLite (``synchronous=NORMAL``) keeps them across a crash of the process but
+        not across a power cut: after the machine restarted, the copies stay but count for nothing
+        until a takeover gives them again."""
+        current = self.boot_id()
+        if current is None:
+            return
+        path = self.data_dir / _BOOT_FILE
+        try:
+            last = path.read_text().strip()
+        except OSError:
+            last = None
+        if last is not None and last != current:
+            self._distrust = True
+            self.log.warning("the machine restarted since this node ran: its map copies are copied anew")
+        try:
+            make_private_dirs(self.data_dir)
+            write_private(path, f"{current}\n".encode())
+        except OSError as e:
+            self.log.warning("cannot record the boot id: %s", e)
+
     def _write_alive(self, wall: int) -> None:
         try:
+            make_private_dirs(self.data_dir)
             write_private(self.data_dir / _ALIVE_FILE, f"{wall}\n".encode())
         except OSError as e:
             self.log.warning("cannot record the map liveness time: %s", e)
@@ -341,6 +376,9 @@ class MapService:
         engine = None
         if name not in self.core.engines or (old is not None and old.engine != spec.engine):
             engine = self.open_storage(spec.engine, self.data_dir, name)
+            if self._distrust:
+                for p in engine.held():
+                    engine.set_held(p, set())
         self._run(self.core.define(name, spec, engine, self.now(), new=new))
 
     def _undefine(self, name: str) -> None:

@@ -283,7 +283,7 @@ class SimNode:
             is_leader=lambda: w.is_leader(self.id), up_peers=lambda: w.up_view(self.id),
             has_quorum=lambda: w.has_quorum(self.id), partitions=PARTITIONS, timings=w.timings,
             now=w.loop.time, wall_ms=lambda: int((w.loop.time() + 1_700_000_000 + self.skew) * 1000),
-            incarnation=w.rng.getrandbits(23), open_storage=self.open_storage,
+            incarnation=w.rng.getrandbits(23), open_storage=self.open_storage, boot_id=lambda: None,
             logger=w.logger(self.id),
         )
         svc._check_horizon = lambda: None  # type: ignore[method-assign]  # no files in the simulation
