@@ -393,6 +393,9 @@ class MapCore:
         for t in (op.target, *op.extra):
             self._refuse(t, kind, error)
 
+    def _broken_why(self, name: str) -> str:
+        return f"{self.node_id}: {self.broken.get(name, f'map {name!r} storage failed')}"
+
     def _put(self, name: str, p: int, key: str, rec: Record) -> bool:
         """Store `rec`; on a storage failure mark the map broken and return False."""
         try:
@@ -1078,7 +1081,7 @@ class MapCore:
             self._refuse_op(op, KIND_NOT_PRIMARY, f"{self.node_id} is not the primary of partition {p}")
             return
         if op.name in self.broken:
-            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken[op.name]}")
+            self._refuse_op(op, KIND_UNAVAILABLE, self._broken_why(op.name))
             return
         if not self.has_quorum:
             why = f"{self.node_id} has no quorum (it sees no majority of the cluster)"
@@ -1118,7 +1121,7 @@ class MapCore:
         (through `_observe`) an operation that writes nothing."""
         ok, current = self._get(op.name, op.partition, op.key)
         if not ok:
-            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            self._refuse_op(op, KIND_UNAVAILABLE, self._broken_why(op.name))
             return
         out = evaluate(
             op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
@@ -1127,7 +1130,7 @@ class MapCore:
         if out.write is None:
             return self._observe(prim, op, out.value, out.ok)
         if not self._put(op.name, op.partition, op.key, out.write):
-            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            self._refuse_op(op, KIND_UNAVAILABLE, self._broken_why(op.name))
             return
         prim.seq += 1
         self._merge_ops(op.name, [(op.partition, op.oid[0], op.oid[1], self._wall)])
@@ -1279,7 +1282,7 @@ class MapCore:
         the key changed meanwhile: it runs as a write)."""
         ok, current = self._get(op.name, op.partition, op.key)
         if not ok:
-            self._refuse_op(op, KIND_UNAVAILABLE, f"{self.node_id}: {self.broken.get(op.name)}")
+            self._refuse_op(op, KIND_UNAVAILABLE, self._broken_why(op.name))
             return
         out = evaluate(
             op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
@@ -1305,7 +1308,7 @@ class MapCore:
             self._send(sender, ReplicateAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
             return
         if msg.map in self.broken:
-            self._send(sender, ReplicateAck(msg.id, False, f"{self.node_id}: {self.broken[msg.map]}"))
+            self._send(sender, ReplicateAck(msg.id, False, self._broken_why(msg.map)))
             return
         if msg.record.epoch < self.fence[p]:
             why = f"fenced: epoch {self.fence[p]} took partition {p} over"
@@ -1322,7 +1325,7 @@ class MapCore:
         if ok and newer(msg.record, current):
             ok = self._put(msg.map, p, msg.key, msg.record)
         if not ok:
-            self._send(sender, ReplicateAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
+            self._send(sender, ReplicateAck(msg.id, False, self._broken_why(msg.map)))
             return
         if msg.origin:
             self._merge_ops(msg.map, [(p, msg.origin, msg.rid, self._wall)])
@@ -1343,7 +1346,7 @@ class MapCore:
             self._send(sender, PushAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
             return
         if msg.map in self.broken:
-            self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken[msg.map]}"))
+            self._send(sender, PushAck(msg.id, False, self._broken_why(msg.map)))
             return
         parts = set(msg.partitions)
         if any(p not in parts for p, _k, _r in msg.items) or any(p not in parts for p, *_ in msg.ops):
@@ -1375,7 +1378,7 @@ class MapCore:
                     engine.put(p, key, rec)
         except Exception as e:
             self._storage_failed(msg.map, e)
-            self._send(sender, PushAck(msg.id, False, f"{self.node_id}: {self.broken.get(msg.map)}"))
+            self._send(sender, PushAck(msg.id, False, self._broken_why(msg.map)))
             return
         self._merge_ops(msg.map, msg.ops)
         for p in parts:
@@ -1443,7 +1446,7 @@ class MapCore:
             self._send(sender, SyncChunk(req.id, [], True, why))
             return
         if req.map in self.broken:
-            self._send(sender, SyncChunk(req.id, [], True, f"{self.node_id}: {self.broken[req.map]}"))
+            self._send(sender, SyncChunk(req.id, [], True, self._broken_why(req.map)))
             return
         items: list[tuple[int, str, Record]] = []
         size = 0
@@ -1458,7 +1461,7 @@ class MapCore:
                         items, size = [], 0
         except Exception as e:
             self._storage_failed(req.map, e)
-            self._send(sender, SyncChunk(req.id, [], True, f"{self.node_id}: {self.broken.get(req.map)}"))
+            self._send(sender, SyncChunk(req.id, [], True, self._broken_why(req.map)))
             return
         for chunk in chunks:
             self._send(sender, chunk)
@@ -1628,7 +1631,7 @@ class MapCore:
         """Live keys with `prefix` in the partitions this node serves as primary, and those partitions."""
         self.spec(name)
         if name in self.broken:
-            raise MapUnavailable(f"{self.node_id}: {self.broken[name]}")
+            raise MapUnavailable(self._broken_why(name))
         engine = self.engines[name]
         parts = sorted(p for p, prim in self.prims.items() if prim.ready) if self.has_quorum else []
         out: list[str] = []
