@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from aether.core.calls import RetryPolicy
 from aether.core.errors import AetherError, BadRequest
 from aether.invoke import (
     KIND_APP_ERROR,
@@ -38,7 +39,6 @@ from aether.invoke import (
     InvokeTimeout,
     SliceAppError,
     UnknownEntryError,
-    backoff_delay,
     classify,
 )
 from aether.invoke.errors import PoisonRequest, error_text
@@ -227,7 +227,7 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     rng = random.Random(3)
     for r, base in [(0, 0.005), (1, 0.010), (2, 0.020), (3, 0.040), (6, 0.2), (50, 0.2)]:
         for _ in range(50):
-            d = backoff_delay(r, 0.005, 0.2, rng)
+            d = RetryPolicy(backoff_min=0.005, backoff_max=0.2).backoff(r, rng)
             assert base / 2 <= d <= base + 1e-12
 
 
@@ -419,8 +419,8 @@ async def test_a_call_during_which_two_nodes_went_down_is_not_tried_on_a_third()
     call = asyncio.create_task(a.invoker.invoke(TARGET, "echo", b"poison"))
     lost: list[str] = []
     for _ in range(2):  # ... and then goes down
-        await wait_for(lambda: {n for _, n in a.invoker._pending.values()} - set(lost) != set())
-        (node,) = {n for _, n in a.invoker._pending.values()} - set(lost)
+        await wait_for(lambda: set(a.invoker._calls.peers()) - set(lost) != set())
+        (node,) = set(a.invoker._calls.peers()) - set(lost)
         lost.append(node)
         net.kill(node)
     with pytest.raises(PoisonRequest, match="went down while running it") as err:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from aether.core.calls import RetryPolicy
 from aether.core.maps import MapSpec, MapUnavailable
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
 from aether.maps.messages import MapRequest, MapResponse, ReplicateAck
@@ -31,7 +32,9 @@ class Full(MemoryEngine):
 class Net:
     def __init__(self, n: int = 3) -> None:
         self.ids = [f"n{i + 1}" for i in range(n)]
-        self.t = MapTimings(op_timeout=3.0, attempt_timeout=0.5)
+        self.t = MapTimings(
+            retry=RetryPolicy(timeout=3.0, attempt_timeout=0.5, backoff_min=0.02, backoff_max=0.5)
+        )
         self.cores = {
             i: MapCore(i, partitions=P, timings=self.t, incarnation=k) for k, i in enumerate(self.ids)
         }

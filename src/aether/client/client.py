@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from aether.core.calls import NoAnswer, PendingCalls
 from aether.core.errors import (
     AetherError,
     BadRequest,
@@ -103,8 +104,7 @@ class AetherClient:
         self._index = prefer if prefer is not None else random.randrange(len(self.addresses))
         self._link: ClientLink | None = None
         self._connecting: asyncio.Future[ClientLink] | None = None
-        self._pending: dict[int, tuple[asyncio.Future[ClientResponse], bytes]] = {}
-        self._ids = itertools.count(1)
+        self._pending: PendingCalls[ClientResponse] = PendingCalls()  # on the one link in use
         self._lanes: list[_Lane] = []
         self._lane_ids = itertools.count(1)
         self._closed = False
@@ -126,10 +126,7 @@ class AetherClient:
         if self._link is not None:
             self._link.close()
             self._link = None
-        for fut, _ in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("client closed"))
-        self._pending.clear()
+        self._pending.fail_all(lambda: ConnectionError("client closed"))
 
     # --- public operations ----------------------------------------------------------------------
 
@@ -207,22 +204,17 @@ class AetherClient:
                 ) from None
             except ConnectionError as e:
                 raise QuorumLost(f"no node reachable: {e}") from None
-            rid = next(self._ids)
-            fut: asyncio.Future[ClientResponse] = asyncio.get_running_loop().create_future()
-            self._pending[rid] = (fut, command)
+            rid, _ = self._pending.open(None)
             link.send(ClientRequest(rid, command))
             if sends is not None:
                 sends[0] += 1
             try:
-                resp = await asyncio.wait_for(fut, remaining)
-            except TimeoutError:
-                self._pending.pop(rid, None)
+                resp = await self._pending.wait(rid, remaining)
+            except NoAnswer:
                 continue
             except ConnectionError as e:  # our node went away: fail over and retry (same session seq)
                 last = e
                 continue
-            finally:
-                self._pending.pop(rid, None)
             if resp.error is None:
                 assert resp.result is not None
                 return decode_result(resp.result)
@@ -303,9 +295,7 @@ class AetherClient:
 
     def _on_message(self, msg: Any) -> None:
         if isinstance(msg, ClientResponse):
-            entry = self._pending.get(msg.id)
-            if entry is not None and not entry[0].done():
-                entry[0].set_result(msg)
+            self._pending.resolve(msg.id, None, msg)
 
     def _on_close(self, exc: Exception | None) -> None:
         self._link = None
@@ -315,6 +305,4 @@ class AetherClient:
         self._index = (self._index + 1) % len(self.addresses)
         self.failovers += 1
         err = ConnectionError(f"connection lost: {exc}" if exc else "connection closed by node")
-        for fut, _ in list(self._pending.values()):
-            if not fut.done():
-                fut.set_exception(err)
+        self._pending.fail_all(lambda: err)

@@ -24,7 +24,7 @@ from aether.invoke.errors import (
     UnknownEntryError,
     classify,
 )
-from aether.invoke.invoker import Invoker, InvokerStats, backoff_delay
+from aether.invoke.invoker import Invoker, InvokerStats
 from aether.invoke.messages import (
     INVOKE_MESSAGE_TYPES,
     KIND_APP_ERROR,
@@ -74,7 +74,6 @@ __all__ = [
     "SliceAppError",
     "StoreCatalog",
     "UnknownEntryError",
-    "backoff_delay",
     "classify",
     "new_request_id",
 ]

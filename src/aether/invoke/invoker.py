@@ -30,12 +30,12 @@ Semantics
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
 from collections.abc import Callable
 
+from aether.core.calls import Answer, NoAnswer, PendingCalls, RetryPolicy
 from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
 from aether.invoke.context import RequestIdVar, current_request_id, new_request_id, read_request_id
 from aether.invoke.errors import (
@@ -66,16 +66,9 @@ from aether.invoke.messages import (
 from aether.invoke.ports import Catalog, LocalSlices, PeerLink, Registry
 from aether.transport import MessageRouter, PeerDown
 
-__all__ = ["Invoker", "InvokerStats", "backoff_delay"]
+__all__ = ["Invoker", "InvokerStats"]
 
 _MAX_KEYS = 4096  # bound on per-(target, method) bookkeeping (round-robin index, warning limiter)
-
-
-def backoff_delay(round_: int, minimum: float, maximum: float, rng: random.Random) -> float:
-    """Delay before retry round `round_` (0-based): ``min(maximum, minimum * 2**round_)``, jittered
-    down to between half and all of it."""
-    base = min(maximum, minimum * (2 ** min(round_, 30)))
-    return base / 2 + rng.uniform(0.0, base / 2)
 
 
 class _Retry(Exception):
@@ -136,32 +129,23 @@ class Invoker:
         catalog: Catalog | None = None,
         max_nodes_lost: int = 2,
     ) -> None:
-        if default_timeout <= 0:
-            raise ValueError("default_timeout must be positive")
-        if attempt_timeout is not None and attempt_timeout <= 0:
-            raise ValueError("attempt_timeout must be positive (or None: the whole remaining deadline)")
         if max_nodes_lost < 1:
             raise ValueError("max_nodes_lost must be at least 1")
         # poison-request protection: a call during which this many nodes went down is not retried
         self.max_nodes_lost = max_nodes_lost
-        if backoff_min <= 0 or backoff_max < backoff_min:
-            raise ValueError("need 0 < backoff_min <= backoff_max")
+        # deadline, per-attempt wait and backoff (the same policy the map client uses)
+        self.retry = RetryPolicy(default_timeout, attempt_timeout, backoff_min, backoff_max)
         self.node_id = node_id
         self._local = local
         self._registry = registry
         self._link = transport
         self._catalog = catalog
-        self.default_timeout = default_timeout
-        self.attempt_timeout = attempt_timeout
-        self._backoff_min = backoff_min
-        self._backoff_max = backoff_max
         # the request-id context variable (tests may pass their own)
         self._rid_var: RequestIdVar = current_request_id if request_id_var is None else request_id_var
         self._warn_interval = warn_interval
         self._rng = rng or random.Random()
         self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
-        self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future[InvokeResponse], str]] = {}
+        self._calls: PendingCalls[InvokeResponse] = PendingCalls()
         self._rr: dict[tuple[str, str], int] = {}
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
         self._closed = False
@@ -183,13 +167,9 @@ class Invoker:
 
     def peer_down(self, node_id: str, reason: str = "peer down") -> None:
         """Fail every call pending on `node_id` at once with a retryable error (they go elsewhere)."""
-        failed = 0
-        for fut, node in list(self._pending.values()):
-            if node == node_id and not fut.done():
-                fut.set_exception(_Retry(
-                    f"node {node_id} went down while the call was pending ({reason})", node_lost=True
-                ))  # fmt: skip
-                failed += 1
+        failed = self._calls.fail_peer(node_id, lambda: _Retry(
+            f"node {node_id} went down while the call was pending ({reason})", node_lost=True
+        ))  # fmt: skip
         if failed:
             self._log.info(
                 "[%s] %d pending call(s) on %s fail over: %s", self.node_id, failed, node_id, reason
@@ -197,24 +177,19 @@ class Invoker:
 
     def on_response(self, sender: str, msg: InvokeResponse) -> None:
         """Complete the call waiting for `msg` (late or unknown responses are dropped)."""
-        entry = self._pending.get(msg.id)
-        if entry is None:
+        answer = self._calls.resolve(msg.id, sender, msg)
+        if answer is Answer.UNKNOWN:
             self._log.debug(
                 "[%s] response %d from %s matches no pending call (late?)", self.node_id, msg.id, sender
             )
-            return
-        fut, node = entry
-        if node != sender:
+        elif answer is Answer.WRONG_PEER:
             self._log.warning(
                 "[%s] response %d came from %s but the call was sent to %s; dropped",
                 self.node_id,
                 msg.id,
                 sender,
-                node,
+                self._calls.peer_of(msg.id),
             )
-            return
-        if not fut.done():
-            fut.set_result(msg)
 
     def close(self) -> None:
         """Stop: unsubscribe, fail pending calls with `InvokerClosed`; later `invoke` calls raise it."""
@@ -224,14 +199,12 @@ class Invoker:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        for fut, _node in list(self._pending.values()):
-            if not fut.done():
-                fut.set_exception(InvokerClosed(f"invoker of node {self.node_id} closed", kind=None))
+        self._calls.fail_all(lambda: InvokerClosed(f"invoker of node {self.node_id} closed", kind=None))
 
     @property
     def pending_count(self) -> int:
         """Remote attempts currently waiting for a response."""
-        return len(self._pending)
+        return len(self._calls)
 
     # --- the call -------------------------------------------------------------------------------
 
@@ -254,7 +227,7 @@ class Invoker:
         if self._closed:
             raise InvokerClosed(f"invoker of node {self.node_id} is closed", target=target, method=method)
         rid = request_id or read_request_id(self._request_id_var()) or new_request_id()
-        budget = self.default_timeout if timeout is None else timeout
+        budget = self.retry.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         stats = self.stats
@@ -292,7 +265,7 @@ class Invoker:
                         last_error = f"no ACTIVE instance of {target} with entry {method!r} is reachable"
                         self._warn_retry(target, method, rid, f"waiting: {last_error}")
                     tried.clear()
-                    delay = backoff_delay(rounds, self._backoff_min, self._backoff_max, self._rng)
+                    delay = self.retry.backoff(rounds, self._rng)
                     rounds += 1
                     self._log.debug(
                         "[%s] request %s %s.%s: %s; retrying in %.0f ms",
@@ -452,23 +425,16 @@ class Invoker:
         deadline: float,
         attempts: int,
     ) -> bytes:
-        loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time()
-        wait = remaining if self.attempt_timeout is None else min(remaining, self.attempt_timeout)
-        cid = next(self._ids)
-        fut: asyncio.Future[InvokeResponse] = loop.create_future()
+        remaining = deadline - asyncio.get_running_loop().time()
+        cid, _ = self._calls.open(node)
         request = InvokeRequest(cid, artifact, method, payload, rid, max(1, int(remaining * 1000)))
-        self._pending[cid] = (fut, node)
-        timer: asyncio.TimerHandle | None = None
+        if not self._link.send(node, request):
+            self._calls.discard(cid)
+            raise _Retry("not reachable (send failed: peer not up)")
         try:
-            if not self._link.send(node, request):
-                raise _Retry("not reachable (send failed: peer not up)")
-            timer = loop.call_later(wait, _expire, fut, wait)
-            resp = await fut
-        finally:
-            del self._pending[cid]
-            if timer is not None:
-                timer.cancel()
+            resp = await self._calls.wait(cid, self.retry.attempt_wait(remaining))
+        except NoAnswer as e:
+            raise _Retry(str(e)) from None
         if resp.error is None and resp.payload is not None:
             return resp.payload
         kind = resp.kind
@@ -550,8 +516,3 @@ class Invoker:
         else:
             self._warned[key] = (last, suppressed + 1)
             self._log.debug("[%s] request %s %s.%s: %s", self.node_id, rid, target, method, text)
-
-
-def _expire(fut: asyncio.Future[InvokeResponse], wait: float) -> None:
-    if not fut.done():
-        fut.set_exception(_Retry(f"no response within {wait:.3g}s"))

@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from aether.core.calls import RetryPolicy
 from aether.core.maps import MapError, MapSpec, MapUnavailable, MapValueTooLarge, PartitionTable, UnknownMap
 from aether.maps.messages import (
     KIND_BAD_REQUEST,
@@ -140,12 +142,15 @@ class StorageHealth(NamedTuple):
 Action = Send | Reply | Fail | WriteTable | Activate | StorageHealth
 
 
+_CLIENT_RETRY = RetryPolicy(timeout=5.0, attempt_timeout=1.0, backoff_min=0.02, backoff_max=0.5)
+
+
 @dataclass(frozen=True)
 class MapTimings:
-    op_timeout: float = 5.0
-    """How long an operation is retried before it fails with `MapUnavailable`."""
-    attempt_timeout: float = 1.0
-    """How long one attempt waits for the primary's answer before retrying (same id)."""
+    retry: RetryPolicy = _CLIENT_RETRY
+    """Operations of local callers: retried (same id) with backoff while their primary is unknown,
+    unreachable or not ready; one attempt waits `attempt_timeout` for the primary's answer; after
+    `timeout` the operation fails with `MapUnavailable`."""
     resend_after: float = 0.5
     """Unacknowledged replication, pushes and read checks are resent after this."""
     sync_timeout: float = 2.0
@@ -158,6 +163,20 @@ class MapTimings:
     tombstone_ms: int = 3_600_000
     dedup_ms: int = 60_000
     probe_after: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.retry.attempt_timeout is None:
+            raise ValueError("map operations need a per-attempt timeout (retry.attempt_timeout)")
+
+    @property
+    def op_timeout(self) -> float:
+        """How long an operation is retried before it fails with `MapUnavailable`."""
+        return self.retry.timeout
+
+    @property
+    def attempt_timeout(self) -> float:
+        """How long one attempt waits for the primary's answer before retrying (same id)."""
+        return self.retry.attempt_timeout or self.retry.timeout
     """A map whose storage failed is probed again after this long."""
 
 
@@ -296,9 +315,12 @@ class MapCore:
         partitions: int = DEFAULT_PARTITIONS,
         timings: MapTimings | None = None,
         incarnation: int = 0,
+        rng: random.Random | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self.node_id = node_id
+        self.incarnation = incarnation
+        self._rng = rng or random.Random(incarnation)  # backoff jitter (seeded: the core stays deterministic)
         self.partitions = partitions
         self.t = timings or MapTimings()
         self.log = logger or logging.getLogger(f"aether.maps.{node_id}")
@@ -971,7 +993,7 @@ class MapCore:
     def _attempt(self, c: _ClientOp) -> None:
         table = self.table
         if table is None:
-            c.retry_at = self._now + 0.05
+            c.retry_at = self._now + self.t.retry.backoff(c.attempts, self._rng)
             return
         c.attempts += 1
         p = partition_of(c.key, table.partitions)
@@ -988,7 +1010,7 @@ class MapCore:
         else:
             c.peer = None
             c.last = f"partition {p}: its primary {primary} is not reachable"
-            c.retry_at = self._now + min(0.5, 0.05 * c.attempts)
+            c.retry_at = self._now + self.t.retry.backoff(c.attempts - 1, self._rng)
 
     def _client_result(
         self, op_id: int, value: bytes | None, ok: bool, kind: str | None, error: str | None
@@ -1005,7 +1027,7 @@ class MapCore:
         else:  # not primary / unavailable: retry with the same id after a short pause
             c.peer = None
             c.last = error or kind
-            c.retry_at = self._now + min(0.5, 0.02 * c.attempts)
+            c.retry_at = self._now + self.t.retry.backoff(c.attempts - 1, self._rng)
 
     def _finish(self, c: _ClientOp, action: Action) -> None:
         self.client.pop(c.op_id, None)

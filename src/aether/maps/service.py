@@ -17,7 +17,6 @@ injectable; the seeded simulation passes its virtual clocks.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from aether.core.calls import NoAnswer, PendingCalls, RetryPolicy
 from aether.core.files import make_private_dirs, write_private
 from aether.core.maps import (
     MapContention,
@@ -57,6 +57,9 @@ from aether.transport import MessageRouter, PeerDown, PeerUp
 
 __all__ = ["MapService"]
 
+# writes of this node's own records to the consensus store (activation, storage health): bounded
+# rounds, paused with this policy's backoff
+_STORE_RETRY = RetryPolicy(timeout=30.0, attempt_timeout=None, backoff_min=0.05, backoff_max=2.0)
 _DEF_ROUNDS = 5  # compare-and-set rounds of define/undefine before giving up (MapContention)
 _HOLD_FOR = 2.0  # how long an answer waits for our link to its requester to come up
 _MAX_HELD = 10_000
@@ -134,10 +137,10 @@ class MapService:
             incarnation=random.getrandbits(23) if incarnation is None else incarnation,
         )
         self.timings = self.core.t
-        self._op_ids = itertools.count(1)
-        self._ids = itertools.count(1)
-        self._ops: dict[int, asyncio.Future[tuple[bytes | None, bool]]] = {}
-        self._calls: dict[int, tuple[asyncio.Future[Any], str]] = {}
+        self._rng = random.Random(self.core.incarnation)  # backoff jitter (seeded in the simulation)
+        # operations of local callers (answered by the core's Reply/Fail) and scatter calls to peers
+        self._ops: PendingCalls[tuple[bytes | None, bool]] = PendingCalls()
+        self._calls: PendingCalls[Any] = PendingCalls()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: list[Callable[[], None]] = []
         self._ticker: asyncio.Task[None] | None = None
@@ -207,12 +210,8 @@ class MapService:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for fut in self._ops.values():
-            if not fut.done():
-                fut.set_exception(MapUnavailable(f"node {self.node_id} is stopping"))
-        for fut2, _ in self._calls.values():
-            if not fut2.done():
-                fut2.set_exception(MapUnavailable(f"node {self.node_id} is stopping"))
+        for calls in (self._ops, self._calls):
+            calls.fail_all(lambda: MapUnavailable(f"node {self.node_id} is stopping"))
         for engine in self.core.engines.values():
             engine.close()
         self.core.engines.clear()
@@ -314,13 +313,9 @@ class MapService:
                     if len(held) < _MAX_HELD:
                         held.append((self.now(), a.msg))
             elif isinstance(a, Reply):
-                fut = self._ops.pop(a.op, None)
-                if fut is not None and not fut.done():
-                    fut.set_result((a.value, a.ok))
+                self._ops.resolve(a.op, None, (a.value, a.ok))
             elif isinstance(a, Fail):
-                fut = self._ops.pop(a.op, None)
-                if fut is not None and not fut.done():
-                    fut.set_exception(a.error)
+                self._ops.fail(a.op, a.error)
             elif isinstance(a, WriteTable):
                 self._spawn(self._write_table(a.expected, a.new))
             elif isinstance(a, Activate):
@@ -351,9 +346,10 @@ class MapService:
                     break
             except Exception as e:  # no quorum or a timeout: the outcome is unknown, so ask again
                 self.log.info("cannot record taking over %d partitions at v%d: %s", len(parts), version, e)
-                await asyncio.sleep(min(1.0, 0.05 * 2**attempt))
+                await asyncio.sleep(_STORE_RETRY.backoff(attempt, self._rng))
                 continue
-            await asyncio.sleep(0.01 * attempt)  # another primary recorded its partitions: again
+            # another primary recorded its partitions meanwhile: read the table again, soon
+            await asyncio.sleep(_STORE_RETRY.backoff(attempt, self._rng) / 5)
         self._run(self.core.activated(version, parts, ok, self.now()))
 
     async def _record_health(self, reason: str | None) -> None:
@@ -367,7 +363,7 @@ class MapService:
                 return
             except Exception as e:
                 self.log.warning("cannot record this node's map storage health: %s", e)
-                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+                await asyncio.sleep(_STORE_RETRY.backoff(attempt + 1, self._rng))
 
     # --- consensus store events -----------------------------------------------------------------------------
 
@@ -443,9 +439,7 @@ class MapService:
         self._run(self.core.peer_up(peer, now))
 
     def peer_down(self, peer: str) -> None:
-        for fut, node in list(self._calls.values()):
-            if node == peer and not fut.done():
-                fut.set_exception(MapUnavailable(f"{peer} went down"))
+        self._calls.fail_peer(peer, lambda: MapUnavailable(f"{peer} went down"))
         self._run(self.core.peer_down(peer, self.now()))
 
     def replan(self, delay: float = 0.0) -> None:
@@ -464,9 +458,7 @@ class MapService:
     def dispatch(self, sender: str, msg: Any) -> None:
         """The transport callback for map messages."""
         if isinstance(msg, KeysResponse | StatsResponse):
-            call = self._calls.get(msg.id)
-            if call is not None and call[1] == sender and not call[0].done():
-                call[0].set_result(msg)
+            self._calls.resolve(msg.id, sender, msg)
             return
         self._run(self.core.receive(sender, msg, self.now(), self.wall_ms()))
 
@@ -479,14 +471,14 @@ class MapService:
         check_key(name, key)
         self.core.spec(name)
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
-        op_id = next(self._op_ids)
-        fut: asyncio.Future[tuple[bytes | None, bool]] = asyncio.get_running_loop().create_future()
-        self._ops[op_id] = fut
-        self._run(self.core.submit(op_id, name, op, key, value, expected, ttl_ms, self.now(), self.wall_ms()))
+        op_id, _ = self._ops.open(None)  # the core retries, fails over and keeps the deadline
         try:
-            return await fut
-        finally:
-            self._ops.pop(op_id, None)
+            now, wall = self.now(), self.wall_ms()
+            self._run(self.core.submit(op_id, name, op, key, value, expected, ttl_ms, now, wall))
+        except BaseException:
+            self._ops.discard(op_id)
+            raise
+        return await self._ops.wait(op_id)
 
     def require_map(self, name: str) -> None:
         """Raise `UnknownMap` (saying how to define it) unless map `name` is defined."""
@@ -506,18 +498,15 @@ class MapService:
     ) -> bool:
         return (await self._op(name, OP_CAS, key, new, expected, ttl))[1]
 
-    async def _call(self, peer: str, msg: Any, timeout: float) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._calls[msg.id] = (fut, peer)
+    async def _call(self, peer: str, request: Callable[[int], Any], timeout: float) -> Any:
+        rid, _ = self._calls.open(peer)
+        if not self.sender.send(peer, request(rid)):
+            self._calls.discard(rid)
+            raise MapUnavailable(f"{peer} is not reachable")
         try:
-            if not self.sender.send(peer, msg):
-                raise MapUnavailable(f"{peer} is not reachable")
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
+            return await self._calls.wait(rid, timeout)
+        except NoAnswer:
             raise MapUnavailable(f"{peer} did not answer within {timeout:g}s") from None
-        finally:
-            self._calls.pop(msg.id, None)
 
     async def map_keys(self, name: str, prefix: str = "") -> list[str]:
         """Every live key with `prefix`, asked from the primaries of all partitions. Raises
@@ -537,7 +526,7 @@ class MapService:
             table = self.core.table
             peers = sorted(m for m in (table.members if table else []) if m != self.node_id)
             results = await asyncio.gather(
-                *(self._call(p, KeysRequest(next(self._ids), name, prefix), self.timings.attempt_timeout)
+                *(self._call(p, lambda i: KeysRequest(i, name, prefix), self.timings.attempt_timeout)
                   for p in peers),
                 return_exceptions=True,
             )
@@ -565,7 +554,7 @@ class MapService:
         out = [self.core.local_stats(name, self.now())]
         peers = sorted(m for m in self.core.up if m != self.node_id)
         results = await asyncio.gather(
-            *(self._call(peer, StatsRequest(next(self._ids), name), 2.0) for peer in peers),
+            *(self._call(peer, lambda i: StatsRequest(i, name), 2.0) for peer in peers),
             return_exceptions=True,
         )
         for r in results:

@@ -40,6 +40,7 @@ from typing import Any
 
 import msgspec
 
+from aether.core.calls import RetryPolicy
 from aether.core.errors import QuorumLost
 from aether.core.maps import MapError, MapSpec, MapUnavailable
 from aether.kv.keys import MapDefKey
@@ -301,9 +302,7 @@ class SimNode:
             svc._closed = True
             for t in list(svc._tasks) + ([svc._ticker] if svc._ticker else []):
                 t.cancel()
-            for fut in svc._ops.values():
-                if not fut.done():
-                    fut.set_exception(MapUnavailable(f"{self.id} was killed"))
+            svc._ops.fail_all(lambda: MapUnavailable(f"{self.id} was killed"))
         self.world.log(f"kill {self.id}")
 
 
@@ -341,7 +340,10 @@ class MapWorld:
         self.profile = _PROFILES[profile_name](self.rng)
         self.verbose = verbose
         self.loop = VirtualTimeLoop()
-        self.timings = MapTimings(op_timeout=3.0, force_after=6.0, drop_after=8.0, probe_after=2.0)
+        self.timings = MapTimings(
+            retry=RetryPolicy(timeout=3.0, attempt_timeout=1.0, backoff_min=0.02, backoff_max=0.5),
+            force_after=6.0, drop_after=8.0, probe_after=2.0,
+        )
         self.store = SimStore(self)
         self.views: dict[str, NodeKV] = {}
         self.ids = [f"node-{i + 1}" for i in range(self.profile.nodes)]
