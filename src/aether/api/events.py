@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["DEFAULT_QUEUE_SIZE", "Event", "EventHub", "EventSource", "Subscription", "format_sse"]
+__all__ = ["DEFAULT_QUEUE_SIZE", "Event", "EventHub", "EventSource", "Subscription"]
 
 DEFAULT_QUEUE_SIZE = 256
 
@@ -60,12 +60,6 @@ class Event(msgspec.Struct, frozen=True):
     id: int
     type: str
     data: dict[str, Any]
-
-
-def format_sse(event: Event) -> bytes:
-    """The event as a server-sent event block: `id:`, `event:`, `data:` lines, blank line."""
-    data = msgspec.json.encode(event.data)
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.type.encode(), data)
 
 
 class Subscription:

@@ -20,9 +20,9 @@ import asyncio
 import math
 from typing import Any, Final
 
-import msgspec
 from aiohttp import web
 
+from aether.api import sse
 from aether.api.common import API_PREFIX, json_response, query
 from aether.api.routing import Answer, Route, query_param
 from aether.core.errors import BadRequest
@@ -67,18 +67,14 @@ class MetricsRoutes:
                 raise BadRequest(f"interval must be a number of seconds, not {text!r}") from None
             if not (math.isfinite(interval) and lo <= interval <= hi):
                 raise BadRequest(f"interval must be between {lo} and {hi} seconds, not {text}")
-        resp = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"
-            }
-        )
-        await resp.prepare(request)
+        resp = sse.stream_response()
         try:
+            await resp.prepare(request)
             while True:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     break
-                await resp.write(b"event: metrics\ndata: " + msgspec.json.encode(self.svc.view()) + b"\n\n")
+                await resp.write(sse.frame("metrics", self.svc.view()))
                 await asyncio.sleep(interval)
         except (ConnectionResetError, ConnectionError):
             pass
@@ -117,7 +113,7 @@ ROUTES: Final = (
         "every `interval` seconds, until the client disconnects",
         {200: Answer(
             {"type": "string"}, "An endless event stream; each data line is a JSON metrics document",
-            media="text/event-stream",
+            media=sse.MEDIA_TYPE,
         )},
         (400,),
         params=(

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final, Protocol
 import msgspec
 from aiohttp import web
 
+from aether.api import sse
 from aether.api.audit import AuditEntry, AuditLog
 from aether.api.common import API_PREFIX, json_response, query, read_body, resolve
 from aether.api.routing import PRINCIPAL, ROLES, Answer, Body, Route, path_param, query_param
@@ -148,16 +149,13 @@ class NodeRoutes:
     async def events(self, request: web.Request) -> web.StreamResponse:
         query(request, ())
         hub = self.hub
-        resp = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-        })
+        resp = sse.stream_response()
         sub = hub.subscribe()
         try:
             await resp.prepare(request)
             hello = {"type": "hello", "node_id": getattr(self.node, "node_id", ""), "time": time.time(),
                      "last_id": hub.last_id}
-            await resp.write(b"event: hello\ndata: " + msgspec.json.encode(hello) + b"\n\n")
-            from aether.api.events import format_sse
+            await resp.write(sse.frame("hello", hello))
 
             # wake up at least every second to notice a client that went away
             poll = min(self.heartbeat, 1.0)
@@ -171,11 +169,11 @@ class NodeRoutes:
                 if transport is None or transport.is_closing():
                     break
                 if ev is not None:
-                    await resp.write(format_sse(ev))
+                    await resp.write(sse.frame(ev.type, ev.data, ev.id))
                     if ev.type == "dropped":
                         break
                 elif time.monotonic() >= next_beat:
-                    await resp.write(b": keepalive\n\n")
+                    await resp.write(sse.KEEPALIVE)
                     next_beat = time.monotonic() + self.heartbeat
         except (ConnectionResetError, ConnectionError):
             pass
@@ -252,7 +250,7 @@ ROUTES: Final = (
         "`: keepalive` comment every 15 s",
         {200: Answer(
             {"type": "string"}, "An endless event stream; each data line is a JSON object",
-            media="text/event-stream",
+            media=sse.MEDIA_TYPE,
         )},
         (400,), tags=("events",), when=lambda routes: routes.hub is not None,
     ),
