@@ -18,7 +18,7 @@ from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.kv.keys import BlueprintSlice, BlueprintValue, SliceStateValue
 from aether.kv.machine import WatchEvent
 from aether.kv.store import encode_value
-from aether.transport import MessageRouter, PeerDown, PeerUp
+from aether.transport import EventBus, PeerDown, PeerUp
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -58,7 +58,7 @@ class FakeNode:
         self.leader = leader
         self.fail_with: BaseException | None = None
         if events:
-            self.router = MessageRouter()
+            self.bus = EventBus()
             self.kv = FakeKV()
 
     def status(self) -> NodeStatus:
@@ -197,9 +197,9 @@ async def test_events_arrive_in_order_with_ids(session: aiohttp.ClientSession) -
             assert r.headers["Content-Type"].startswith("text/event-stream")
             hello = await _read_event(r)
             assert hello["event"] == "hello" and hello["data"]["node_id"] == "node-1"
-            node.router.publish(PeerUp("node-2"))
-            node.router.publish(PeerDown("node-3", "heartbeat timeout"))
-            node.router.publish(LeaderChanged("node-2", "node-1", False))
+            node.bus.publish(PeerUp("node-2"))
+            node.bus.publish(PeerDown("node-3", "heartbeat timeout"))
+            node.bus.publish(LeaderChanged("node-2", "node-1", False))
             node.kv.put("slices/node-2/org.demo:hello:1.0.0", SliceStateValue("FAILED", 12.5, "boom", [1, 2]))
             node.kv.remove("slices/node-2/org.demo:hello:1.0.0")
             node.kv.put("blueprints/demo", BlueprintValue([BlueprintSlice("org.demo:hello:1.0.0", 2)]))
@@ -248,7 +248,7 @@ async def test_disconnect_unsubscribes(session: aiohttp.ClientSession) -> None:
         await _wait_for(lambda: srv.events.subscriber_count == 0)
     finally:
         await srv.stop()
-    # the hub let go of the router and the store when the server stopped
+    # the hub let go of the bus and the store when the server stopped
     assert node.kv.watches == {}
 
 
@@ -279,7 +279,7 @@ async def test_slow_subscriber_is_dropped_with_a_final_event() -> None:
     slow, fast = hub.subscribe(), hub.subscribe()
     fast_got = []
     for i in range(5):
-        node.router.publish(PeerUp(f"node-{i}"))
+        node.bus.publish(PeerUp(f"node-{i}"))
         fast_got.append(await fast.next(1))
     assert hub.subscriber_count == 1  # the slow one is gone, the fast one stays
     got = [ev async for ev in slow]
@@ -310,7 +310,7 @@ async def test_a_blocked_slice_loop_is_a_slice_blocked_event() -> None:
     hub = EventHub(node)  # type: ignore[arg-type]
     hub.start()
     sub = hub.subscribe()
-    node.router.publish(SliceBlockedNotice("node-2", "org.x:y:1.0.0", "nap", 0.61, "s.py:9 in nap", False))
+    node.bus.publish(SliceBlockedNotice("node-2", "org.x:y:1.0.0", "nap", 0.61, "s.py:9 in nap", False))
     ev = await sub.next(1)
     assert ev is not None and ev.type == "slice-blocked"
     assert {k: ev.data[k] for k in ("node", "artifact", "entry", "seconds", "where", "quarantined")} == {

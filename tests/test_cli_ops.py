@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from aether.api.server import ManagementServer
 from aether.cli.main import main
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
-from aether.transport import MessageRouter, PeerDown
+from aether.transport import EventBus, PeerDown
 from conftest import refusing_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -53,7 +53,7 @@ class FakeNode:
         self.leader = leader
         self.quorum = quorum
         self.slices: list[KVEntry] = []  # any store entries: slices/, endpoints/, routes/
-        self.router = MessageRouter()
+        self.bus = EventBus()
         self.kv = FakeKV()
         self.deployments = FakeDeployments()
         self.local_instances: dict[str, list[int]] = {}
@@ -303,7 +303,7 @@ def test_events_follows_until_the_stream_is_lost(servers: Servers) -> None:
     while not (srv.events is not None and srv.events.subscriber_count == 1):
         assert time.monotonic() < deadline, "the CLI did not subscribe"
         time.sleep(0.02)
-    servers.loop.call_soon_threadsafe(node.router.publish, PeerDown("node-2", "link lost"))
+    servers.loop.call_soon_threadsafe(node.bus.publish, PeerDown("node-2", "link lost"))
     time.sleep(0.3)
     servers.run(srv.stop())
     t.join(15)

@@ -24,7 +24,7 @@ from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentF
 from aether.deploy.lifecycle import LifecycleTimeouts
 from aether.deploy.node_manager import NodeDeploymentManager
 from aether.deploy.operations import DeploymentService, SliceStatus
-from aether.deploy.ports import SliceStorePort
+from aether.deploy.ports import SliceRuntimePort
 from aether.kv.keys import EndpointValue, RouteValue, SliceKey, SliceStateValue
 from aether.node.node import Node
 from conftest import free_ports
@@ -201,7 +201,7 @@ class Cluster:
             )
             node = Node(config)
             store = FakeSliceStore(node.node_id, behavior)
-            assert isinstance(store, SliceStorePort)
+            assert isinstance(store, SliceRuntimePort)
             m = Member(
                 node,
                 store,

@@ -1,7 +1,7 @@
 """Unit tests of aether.invoke with fakes: an in-memory network of Invoker + InvokeServer pairs.
 
 `FakeNet` delivers messages with `loop.call_soon` (so ordering and concurrency look like the real
-transport), can mark nodes down (publishing `PeerDown` on every other node's router), make `send`
+transport), can mark nodes down (publishing `PeerDown` on every other node's bus), make `send`
 fail for a node while it still looks up, or black-hole a node (sends succeed, nothing arrives).
 """
 
@@ -44,7 +44,7 @@ from aether.invoke import (
 from aether.invoke.errors import PoisonRequest, error_text
 from aether.invoke.messages import kind_status
 from aether.slices.errors import Conflict, NotFound, SliceHttpError
-from aether.transport import MessageRouter, PeerDown, message_types
+from aether.transport import EventBus, PeerDown, message_types
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -152,7 +152,7 @@ class FakeNode:
     id: str
     slices: FakeSlices
     link: FakeLink
-    router: MessageRouter
+    bus: EventBus
     invoker: Invoker
     server: InvokeServer
 
@@ -169,11 +169,11 @@ class FakeNet:
     def add(self, node_id: str, **invoker_kw: Any) -> FakeNode:
         slices = FakeSlices(node_id)
         link = FakeLink(self, node_id)
-        router = MessageRouter()
+        bus = EventBus()
         kw: dict[str, Any] = {"request_id_var": VAR, "rng": random.Random(1), **invoker_kw}
-        invoker = Invoker(node_id, slices, self.registry, link, router=router, **kw)
+        invoker = Invoker(node_id, slices, self.registry, link, bus=bus, **kw)
         server = InvokeServer(node_id, slices, link, invoker=invoker, request_id_var=VAR)
-        node = FakeNode(node_id, slices, link, router, invoker, server)
+        node = FakeNode(node_id, slices, link, bus, invoker, server)
         self.nodes[node_id] = node
         return node
 
@@ -186,7 +186,7 @@ class FakeNet:
         self.down.add(node_id)
         for other in self.nodes.values():
             if other.id != node_id:
-                other.router.publish(PeerDown(node_id, "test kill"))
+                other.bus.publish(PeerDown(node_id, "test kill"))
 
     def requests_to(self, peer: str) -> list[InvokeRequest]:
         return [m for _, p, m in self.sent if p == peer and isinstance(m, InvokeRequest)]
@@ -628,7 +628,7 @@ async def test_default_request_id_var_is_the_one_in_core() -> None:
     srv_b = InvokeServer("B", Slices("B"), link_b)
     assert inv_a._request_id_var() is var and srv_b._request_id_var() is var
     for nid, srv in (("A", srv_a), ("B", srv_b)):
-        net.nodes[nid] = FakeNode(nid, FakeSlices(nid), FakeLink(net, nid), MessageRouter(), inv_a, srv)
+        net.nodes[nid] = FakeNode(nid, FakeSlices(nid), FakeLink(net, nid), EventBus(), inv_a, srv)
     token = var.set("ctx-rid")
     try:
         assert await inv_a.invoke(TARGET, "echo", b"") == b"ok"
@@ -646,7 +646,7 @@ async def test_invoke_works_without_the_slices_contextvar(monkeypatch: pytest.Mo
         link = FakeLink(net, nid)
         inv = Invoker(nid, slices, net.registry, link)
         srv = InvokeServer(nid, slices, link, invoker=inv)
-        net.nodes[nid] = FakeNode(nid, slices, link, MessageRouter(), inv, srv)
+        net.nodes[nid] = FakeNode(nid, slices, link, EventBus(), inv, srv)
     net.nodes["B"].slices.active.add(ART)
     assert await net.nodes["A"].invoker.invoke(TARGET, "echo", b"x") == b"B:x"
     assert len(net.requests_to("B")[0].request_id) == 16
@@ -684,7 +684,7 @@ async def test_close_fails_pending_calls_and_rejects_new_ones() -> None:
     with pytest.raises(InvokerClosed):
         await a.invoker.invoke(TARGET, "echo", b"")
     assert a.invoker.pending_count == 0
-    net.kill("B")  # the router subscription is gone: nothing happens
+    net.kill("B")  # the bus subscription is gone: nothing happens
 
 
 async def test_response_from_another_node_is_ignored() -> None:
@@ -875,7 +875,7 @@ async def test_fits_the_real_slices_package() -> None:
     errors = pytest.importorskip("aether.slices.errors")
     net = make_net("A", "B", active_on=("B",))
     inv = Invoker("A", net.nodes["A"].slices, net.registry, net.nodes["A"].link)
-    assert isinstance(inv, api.Invoker)
+    assert isinstance(inv, api.SliceCaller)
     assert inv._request_id_var() is api.current_request_id
     assert classify(errors.NoLocalInstance("x")) == KIND_NO_INSTANCE
     assert classify(errors.UnknownEntry("x")) == KIND_UNKNOWN_ENTRY

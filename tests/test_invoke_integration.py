@@ -2,7 +2,7 @@
 
 Each node has a Transport (port 0 pattern of tests/test_transport.py), an `InvokeServer` whose
 `dispatch` is the transport's `on_message`, and an `Invoker` subscribed to PeerDown on the node's
-router. Slices and the endpoint registry are fakes. Node A streams calls to an artifact whose
+event bus. Slices and the endpoint registry are fakes. Node A streams calls to an artifact whose
 instances live on B and C; B's transport is stopped mid-stream: the caller must see zero failures
 and the calls must continue on C. Throughput is printed (run with ``-s``), never asserted.
 """
@@ -20,7 +20,7 @@ import pytest
 
 from aether.core.types import Address
 from aether.invoke import InvokeMessage, Invoker, InvokeServer
-from aether.transport import MessageRouter, Transport
+from aether.transport import EventBus, Transport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -79,7 +79,7 @@ class EchoSlices:
 class Member:
     id: str
     transport: Transport
-    router: MessageRouter
+    bus: EventBus
     slices: EchoSlices
     invoker: Invoker
     server: InvokeServer
@@ -97,7 +97,7 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str 
 def make_member(
     node_id: str, registry: StaticRegistry, active: bool, work: float, **invoker_kw: Any
 ) -> Member:
-    router = MessageRouter()
+    bus = EventBus()
     slices = EchoSlices(node_id, active, work)
     box: dict[str, InvokeServer] = {}
     transport = Transport(
@@ -107,13 +107,13 @@ def make_member(
         cluster_name=CLUSTER,
         message_type=InvokeMessage,
         on_message=lambda sender, msg: box["server"].dispatch(sender, msg),
-        router=router,
+        bus=bus,
         logger=logging.getLogger(f"test.invoke.{uuid.uuid4().hex[:6]}.{node_id}"),
     )
-    invoker = Invoker(node_id, slices, registry, transport, router=router, **invoker_kw)
+    invoker = Invoker(node_id, slices, registry, transport, bus=bus, **invoker_kw)
     server = InvokeServer(node_id, slices, transport, invoker=invoker)
     box["server"] = server
-    return Member(node_id, transport, router, slices, invoker, server)
+    return Member(node_id, transport, bus, slices, invoker, server)
 
 
 async def test_stream_survives_a_target_node_stopping_mid_stream() -> None:

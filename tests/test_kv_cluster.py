@@ -109,7 +109,7 @@ async def test_watches_see_same_events_in_same_order_on_every_node(nodes: list[N
 
 async def test_leader_is_first_sorted_live_node_and_changes_on_loss(nodes: list[Node]) -> None:
     events: list[LeaderChanged] = []
-    nodes[1].router.subscribe(LeaderChanged, events.append)
+    nodes[1].bus.subscribe(LeaderChanged, events.append)
     assert all(n.leader.leader == "node-1" for n in nodes)
     assert nodes[0].leader.is_leader and not nodes[1].leader.is_leader
     await nodes[0].stop()

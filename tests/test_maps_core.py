@@ -13,12 +13,12 @@ from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, S
 from aether.maps.messages import MapRequest, MapResponse, ReplicateAck
 from aether.maps.partitioning import activate, partition_of
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
-from aether.maps.storage import MemoryEngine
+from aether.maps.storage import MemoryStorage
 
 P = 8  # partitions
 
 
-class Full(MemoryEngine):
+class Full(MemoryStorage):
     """A memory engine whose writes fail while `full` (a full disk)."""
 
     full = False

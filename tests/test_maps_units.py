@@ -13,7 +13,7 @@ from aether.core.maps import PartitionTable
 from aether.maps.messages import MAP_MESSAGE_TYPES, MapMessage, Replicate, SyncChunk
 from aether.maps.partitioning import owners_for, partition_of, plan_table, rank
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE, Record, evaluate, is_live, newer
-from aether.maps.storage import MemoryEngine, SqliteEngine, open_engine
+from aether.maps.storage import MemoryStorage, SqliteStorage, open_storage_engine
 
 
 def test_partition_of_is_stable_and_spread() -> None:
@@ -122,7 +122,7 @@ def test_messages_fit_one_transport_union() -> None:
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_engine_contract(kind: str, tmp_path: Path) -> None:
-    e = open_engine(kind, tmp_path, "m")
+    e = open_storage_engine(kind, tmp_path, "m")
     e.put(1, "a", Record(b"12345", 1, 1))
     e.put(1, "b", Record(b"xy", 1, 2))
     e.put(2, "c", Record(None, 1, 3))  # tombstone: not an entry
@@ -147,24 +147,24 @@ def test_engine_contract(kind: str, tmp_path: Path) -> None:
 
 
 def test_sqlite_engine_persists(tmp_path: Path) -> None:
-    e = SqliteEngine(tmp_path / "orders.sqlite")
+    e = SqliteStorage(tmp_path / "orders.sqlite")
     for i in range(100):
         e.put(i % 7, f"k{i}", Record(b"v" * i, 2, i))
     e.close()
-    again = SqliteEngine(tmp_path / "orders.sqlite")
+    again = SqliteStorage(tmp_path / "orders.sqlite")
     assert again.entries == 100 and again.get(5, "k5") == Record(b"v" * 5, 2, 5)
     assert again.bytes == sum(range(100))
     again.close()
 
 
 def test_memory_engine_scan_is_a_snapshot() -> None:
-    e = MemoryEngine()
+    e = MemoryStorage()
     e.put(0, "a", Record(b"1", 1, 1))
     it = e.scan(0)
     e.put(0, "b", Record(b"2", 1, 2))  # mutating while a sync iterates must not break it
     assert [k for k, _ in it] == ["a"]
     with pytest.raises(ValueError, match="unknown storage engine"):
-        open_engine("redis", Path("."), "m")
+        open_storage_engine("redis", Path("."), "m")
 
 
 class _LaggingKV:
@@ -250,9 +250,9 @@ async def test_after_a_reboot_persistent_copies_count_for_nothing(tmp_path: Path
     from aether.core.maps import MapSpec
     from aether.kv.keys import MapDefKey
     from aether.maps.service import MapService
-    from aether.maps.storage import SqliteEngine
+    from aether.maps.storage import SqliteStorage
 
-    engine = SqliteEngine(tmp_path / "orders.sqlite")
+    engine = SqliteStorage(tmp_path / "orders.sqlite")
     engine.put(3, "k", Record(b"v", 5, 1))
     engine.set_held(3, {5})
     engine.close()

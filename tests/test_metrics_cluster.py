@@ -61,7 +61,7 @@ async def test_calls_are_counted_once_and_seen_from_a_follower(tmp_path: Path) -
 
         await n1.deployments.deploy(Artifact.parse(HELLO), 1)
         await n1.deployments.wait_converged(f"direct:{Artifact.parse(HELLO).name}", timeout=30)
-        host = next(n for n in nodes if n.slice_store.local_instances(HELLO))
+        host = next(n for n in nodes if n.slice_runtime.local_instances(HELLO))
         others = [n for n in nodes if n is not host]
 
         # 10 calls through each node's invoker: 10 local on the host, 20 served for the others

@@ -23,7 +23,7 @@ from aether.core.config import NodeConfig
 from aether.core.files import make_private_dirs, prepare_private_dir, privatize_tree, write_private
 from aether.core.types import Address, PeerSpec
 from aether.maps.records import Record
-from aether.maps.storage import SqliteEngine
+from aether.maps.storage import SqliteStorage
 from aether.node.node import Node
 from aether.slices.libstore import install_wheel
 from aether.slices.repository import Repository
@@ -124,7 +124,7 @@ def test_consensus_journal_and_snapshot(tmp_path: Path, umask022: None) -> None:
 
 
 def test_sqlite_map_files(tmp_path: Path, umask022: None) -> None:
-    eng = SqliteEngine(tmp_path / "maps" / "orders.sqlite")
+    eng = SqliteStorage(tmp_path / "maps" / "orders.sqlite")
     eng.put(0, "k", Record(b"v", 1, 1, 0))
     names = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert "orders.sqlite-wal" in names  # WAL mode: the side files exist while the database is open

@@ -16,7 +16,7 @@ from aether.core.artifact import Artifact
 from aether.slices.libstore import unpack_pure_wheel
 from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
-from aether.slices.store import SliceStore
+from aether.slices.runtime import SliceRuntime
 from aether.slices.testing import StoreInvoker, isolated_imports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_blueprint_file() -> None:
 async def test_examples_run_and_call_each_other(built: tuple[Repository, Path], tmp_path: Path) -> None:
     repo, _ = built
     inv = StoreInvoker()
-    store = SliceStore(
+    store = SliceRuntime(
         "node-1",
         repo,
         tmp_path / "data",

@@ -19,7 +19,7 @@ import pytest
 from aether.core.artifact import Artifact
 from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
-from aether.slices.store import SliceStore
+from aether.slices.runtime import SliceRuntime
 from aether.slices.testing import LocalMaps, StoreInvoker, build_slice_wheel, isolated_imports
 
 pytestmark = pytest.mark.timeout(30)
@@ -80,7 +80,7 @@ async def _exercise(tmp_path: Path) -> tuple[weakref.ref[type], weakref.ref[type
     repo = Repository(tmp_path / "repo")
     repo.deploy(build_slice_wheel(tmp_path / "w", str(ART), SRC, "GcSlice", module="gc_slice"))
     invoker = StoreInvoker()
-    store = SliceStore(
+    store = SliceRuntime(
         "node-1", repo, tmp_path / "data", invoker, space=ImportSpace(), maps=LocalMaps(["points"])
     )
     invoker.add(store)

@@ -26,10 +26,10 @@ from aether.core.types import Address
 from aether.transport import (
     Challenge,
     ClientSession,
+    EventBus,
     FrameDecoder,
     FrameTooLarge,
     HelloAck,
-    MessageRouter,
     PeerDown,
     PeerHello,
     PeerUp,
@@ -92,8 +92,8 @@ class Node:
         self.id = node_id
         self.inbox: list[tuple[str, Any]] = []
         self.events: list[TransportEvent] = []
-        self.router = MessageRouter()
-        self.router.subscribe(TransportEvent, self.events.append)
+        self.bus = EventBus()
+        self.bus.subscribe(TransportEvent, self.events.append)
         self.log = logging.getLogger(f"test.transport.{uuid.uuid4().hex[:8]}.{node_id}")
         kw.setdefault("secret", SECRET)
         self.t = Transport(
@@ -103,7 +103,7 @@ class Node:
             cluster_name=CLUSTER,
             message_type=PeerMsg,
             on_message=lambda sender, msg: self.inbox.append((sender, msg)),
-            router=self.router,
+            bus=self.bus,
             logger=self.log,
             **kw,
         )

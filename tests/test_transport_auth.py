@@ -14,8 +14,8 @@ from aether.core.errors import ConfigError
 from aether.core.types import Address
 from aether.transport import (
     ClientHello,
+    EventBus,
     HelloAck,
-    MessageRouter,
     PeerDown,
     PeerHello,
     Reject,
@@ -121,7 +121,7 @@ async def test_impostor_peer_is_rejected_and_does_not_displace_the_genuine_one(
 ) -> None:
     async with env(caplog) as e:
         downs: list[PeerDown] = []
-        e.a.router.subscribe(PeerDown, downs.append)
+        e.a.bus.subscribe(PeerDown, downs.append)
         genuine = set(e.a._peers["b"].inbound)
         for secret in (None, OTHER):
             raw = await Raw.connect(e.a.port)
@@ -148,7 +148,7 @@ async def test_impostor_peer_is_rejected_and_does_not_displace_the_genuine_one(
 async def test_loop_of_impostors_keeps_the_peer_up(caplog: pytest.LogCaptureFixture) -> None:
     async with env(caplog) as e:
         downs: list[PeerDown] = []
-        e.a.router.subscribe(PeerDown, downs.append)
+        e.a.bus.subscribe(PeerDown, downs.append)
         for _ in range(30):
             raw = await Raw.connect(e.a.port)
             try:
@@ -341,7 +341,7 @@ async def test_connection_caps_per_host_and_total() -> None:
 async def test_open_transport_refuses_to_listen_beyond_loopback() -> None:
     t = Transport(
         "a", {"a": Address("0.0.0.0", 0)}, listen=Address("0.0.0.0", 0), cluster_name=CLUSTER,
-        message_type=PeerMsg, on_message=lambda s, m: None, router=MessageRouter(),
+        message_type=PeerMsg, on_message=lambda s, m: None, bus=EventBus(),
     )  # fmt: skip
     with pytest.raises(ConfigError, match="beyond loopback, without a cluster secret"):
         await t.start()

@@ -21,7 +21,7 @@ import pytest
 
 from aether.core.errors import ConfigError
 from aether.core.types import Address
-from aether.transport import MessageRouter, PeerHello, Transport
+from aether.transport import EventBus, PeerHello, Transport
 from aether.transport.tls import (
     TlsFiles,
     cert_node_id,
@@ -139,7 +139,7 @@ class Nodes:
             cluster_name=CLUSTER,
             message_type=PeerMsg,
             on_message=lambda sender, msg: inbox.append((sender, msg)),
-            router=MessageRouter(),
+            bus=EventBus(),
             logger=logging.getLogger(self.log_name(node_id)),
             tls=tls,
             **kw,

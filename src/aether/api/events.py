@@ -4,15 +4,15 @@
 subscribers, each with its own bounded queue:
 
 - `node-joined` `{node}` / `node-left` `{node, reason}`: the transport's `PeerUp` / `PeerDown`
-  (as seen by this node), from `node.router`;
-- `leader-changed` `{leader, previous}`: `LeaderChanged`, from `node.router`;
+  (as seen by this node), from `node.bus`;
+- `leader-changed` `{leader, previous}`: `LeaderChanged`, from `node.bus`;
 - `slice-state` `{key, node, artifact, state, reason, instances}` / `slice-removed`
   `{key, node, artifact}`: puts and removes under `slices/` (`node.kv.watch`);
 - `blueprint-applied` `{key, id, slices: [{artifact, instances}]}` / `blueprint-deleted` `{key, id}`:
   puts and removes under `blueprints/`;
 - `slice-blocked` `{node, artifact, entry, seconds, where, quarantined}`: slice code held its
   own event loop longer than the limit (`quarantined`: it kept doing so and was taken down on
-  that node), from `node.router`;
+  that node), from `node.bus`;
 - `resync` `{prefix}`: the node installed a snapshot; state under `prefix` may have changed at once;
 - `dropped` `{reason, last_id}`: the last event of a subscriber that fell `queue_size` events behind.
 
@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_QUEUE_SIZE", "Event", "EventHub", "EventSource", "Subscripti
 DEFAULT_QUEUE_SIZE = 256
 
 
-class _Router(Protocol):
+class _Bus(Protocol):
     def subscribe(self, msg_type: type[Any], handler: Callable[[Any], object]) -> Callable[[], None]: ...
 
 
@@ -47,10 +47,10 @@ class _KV(Protocol):
 
 
 class EventSource(Protocol):
-    """What the hub needs of a node: its message router and its replicated store."""
+    """What the hub needs of a node: its event bus and its replicated store."""
 
     node_id: str
-    router: _Router
+    bus: _Bus
     kv: _KV
 
 
@@ -163,24 +163,24 @@ class EventHub:
         return len(self._subs)
 
     def start(self) -> None:
-        """Subscribe to the node's router and store (idempotent)."""
+        """Subscribe to the node's event bus and store (idempotent)."""
         if self._cancels:
             return
         from aether.cluster.leader import LeaderChanged
         from aether.slices.isolation import SliceBlockedNotice
         from aether.transport import PeerDown, PeerUp
 
-        router, kv = self._node.router, self._node.kv
+        bus, kv = self._node.bus, self._node.kv
         self._cancels = [
-            router.subscribe(PeerUp, lambda ev: self.publish("node-joined", {"node": ev.node_id})),
-            router.subscribe(
+            bus.subscribe(PeerUp, lambda ev: self.publish("node-joined", {"node": ev.node_id})),
+            bus.subscribe(
                 PeerDown, lambda ev: self.publish("node-left", {"node": ev.node_id, "reason": ev.reason})
             ),
-            router.subscribe(
+            bus.subscribe(
                 LeaderChanged,
                 lambda ev: self.publish("leader-changed", {"leader": ev.leader, "previous": ev.previous}),
             ),
-            router.subscribe(
+            bus.subscribe(
                 SliceBlockedNotice,
                 lambda ev: self.publish("slice-blocked", msgspec.structs.asdict(ev)),
             ),

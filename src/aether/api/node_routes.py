@@ -65,7 +65,7 @@ class NodeRoutes:
         self.audit = audit
         self.log = log
         self.heartbeat = heartbeat
-        self.hub = hub  # the EventHub, None when the node has no router or store
+        self.hub = hub  # the EventHub, None when the node has no bus or store
         self.document = document
 
     async def status(self, request: web.Request) -> web.Response:
@@ -261,4 +261,4 @@ ROUTES: Final = (
     ),
 )
 """The endpoints every node serves (keys: when it has a replicated store; events: when it also has
-a message router)."""
+a event bus)."""

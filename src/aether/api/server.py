@@ -7,7 +7,7 @@ Endpoints (all `GET`, all JSON):
 - `/api/v1/health` -> 200 `{"status": "ok", "live": true, "ready": true, node_id, quorum, leader, time}`
   when the node has quorum, else 503 with `ready: false` and `reason` (also a problem document)
 - `/api/v1/nodes` -> `[{"id", "address", "state", "leader": bool}]`
-- `/api/v1/events` (only when the node has `router` and `kv`): server-sent events, see
+- `/api/v1/events` (only when the node has `bus` and `kv`): server-sent events, see
   `aether.api.events`; a `: keepalive` comment every `heartbeat` seconds
 
 Deployment endpoints, when the node runs a deployment service (`node.deployments`):
@@ -198,7 +198,7 @@ class ManagementServer:
         this node can serve; the OpenAPI document describes exactly these."""
         app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY)
         hub = None
-        if getattr(self._node, "router", None) is not None and getattr(self._node, "kv", None) is not None:
+        if getattr(self._node, "bus", None) is not None and getattr(self._node, "kv", None) is not None:
             from aether.api.events import DEFAULT_QUEUE_SIZE, EventHub
 
             hub = EventHub(

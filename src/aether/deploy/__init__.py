@@ -7,10 +7,10 @@ Modules and what they own (flow 2 in docs/architecture.md; docs/deployment.md):
 - `allocation`  pure instance placement (round-robin spread, minimal movement, stable ids).
 - `reconcile`   the leader's pure reconciliation pass (desired + store contents → CAS writes).
 - `endpoints`   `EndpointRegistry`, every node's cache of `endpoints/…`.
-- `node_manager`    `NodeDeploymentManager`, every node: drives the slice store.
+- `node_manager`    `NodeDeploymentManager`, every node: drives the slice runtime.
 - `cluster_manager` `ClusterDeploymentManager`, leader only: writes lifecycle commands.
 - `operations`  `DeploymentService`: apply/delete blueprints, deploy/scale/undeploy, status, wait.
-- `ports`       Protocols for the slice store and the artifact repository (implemented elsewhere).
+- `ports`       Protocols for the slice runtime and the artifact repository (implemented elsewhere).
 - `errors`      `BlueprintError`, `DeploymentFailed`, `ConvergenceTimeout`.
 
 Layering: `aether.deploy` may import `aether.core`, `aether.kv` and `aether.cluster`; it must not
@@ -25,7 +25,7 @@ from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentF
 from aether.deploy.lifecycle import LifecycleTimeouts, SliceLifecycle, SliceState
 from aether.deploy.node_manager import NodeDeploymentManager, RouteConflict
 from aether.deploy.operations import DeploymentService, SliceInstanceStatus, SliceStatus
-from aether.deploy.ports import RouteInfo, SliceInfo, SliceStorePort
+from aether.deploy.ports import RouteInfo, SliceInfo, SliceRuntimePort
 
 __all__ = [
     "Blueprint",
@@ -46,9 +46,9 @@ __all__ = [
     "SliceInfo",
     "SliceInstanceStatus",
     "SliceLifecycle",
+    "SliceRuntimePort",
     "SliceState",
     "SliceStatus",
-    "SliceStorePort",
     "allocate",
     "expand",
     "load_blueprint",

@@ -1,11 +1,11 @@
-"""`NodeDeploymentManager`: runs on every node and makes the local slice store follow the
+"""`NodeDeploymentManager`: runs on every node and makes the local slice runtime follow the
 `slices/{this node}/{artifact}` keys (docs/deployment.md).
 
 Owns: the asyncio side of the lifecycle (one `SliceLifecycle` per artifact, a worker per artifact
 that executes its actions in order, step tasks with deadlines, a periodic tick), the state
 written back, and this node's endpoints (`endpoints/{artifact}/{entry}:{instance}`) and route
 registrations (`routes/{METHOD}:{path}`). May import `aether.core`, `aether.kv` and
-`aether.deploy.*`; the slice store is reached through `aether.deploy.ports.SliceStorePort`.
+`aether.deploy.*`; the slice runtime is reached through `aether.deploy.ports.SliceRuntimePort`.
 
 Protocol with the store (all writes are compare-and-set against the local replica's current
 value, which already includes every committed write this node made, so a write never
@@ -62,7 +62,7 @@ from aether.deploy.lifecycle import (
     Tick,
     WriteState,
 )
-from aether.deploy.ports import RouteInfo, SliceInfo, SliceStorePort
+from aether.deploy.ports import RouteInfo, SliceInfo, SliceRuntimePort
 from aether.kv.keys import (
     EndpointKey,
     EndpointValue,
@@ -100,7 +100,7 @@ class NodeDeploymentManager:
         self,
         kv: KVStore,
         node_id: str,
-        store: SliceStorePort,
+        store: SliceRuntimePort,
         *,
         timeouts: LifecycleTimeouts | None = None,
         tick_interval: float = 0.1,
@@ -349,7 +349,7 @@ class NodeDeploymentManager:
     def _slice_info(self, a: Artifact, artifact: str) -> SliceInfo:
         info = self._info.get(artifact) or self.store.info(a)
         if info is None:
-            raise RuntimeError(f"{artifact} is not loaded in the slice store")
+            raise RuntimeError(f"{artifact} is not loaded in the slice runtime")
         self._info[artifact] = info
         return info
 

@@ -1,6 +1,6 @@
 """The shapes the deployment layer needs from layers it may not import (the layers in docs/architecture.md).
 
-Owns: structural `Protocol`s for the slice store (written in `aether.slices`), the slice info it
+Owns: structural `Protocol`s for the slice runtime (written in `aether.slices`), the slice info it
 returns, and the callables blueprint expansion uses to look at the artifact repository.
 Anything with these attributes/methods works (duck typing); nothing here is implemented.
 May import `aether.core` only.
@@ -55,8 +55,8 @@ class SliceInfo(Protocol):
 
 
 @runtime_checkable
-class SliceStorePort(Protocol):
-    """The per-node slice store driven by `NodeDeploymentManager`.
+class SliceRuntimePort(Protocol):
+    """The per-node slice runtime driven by `NodeDeploymentManager`.
 
     Every method may raise; the exception's `str()` becomes the FAILED reason. Methods may be
     cancelled when a lifecycle step exceeds its deadline.

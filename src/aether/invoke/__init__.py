@@ -4,7 +4,7 @@ Owns instance choice (local first, else round robin over remote ACTIVE endpoints
 exponential backoff and failover, per-call deadlines, request-id propagation, the peer messages of
 remote calls (tags 40-49) and the server that runs them on the target node.
 
-Layering: may import `aether.core` and `aether.transport`; reaches the slice store, the endpoint
+Layering: may import `aether.core` and `aether.transport`; reaches the slice runtime, the endpoint
 registry and the transport only through the Protocols in `aether.invoke.ports` (never imports
 `aether.slices` or `aether.deploy` modules; the request-id context variable is
 `aether.core.context.current_request_id`). See docs/invocation.md.

@@ -3,7 +3,7 @@ backoff, failover and deadlines.
 
 Owns the calling side of an invocation: choosing an instance, sending `InvokeRequest`s, matching
 `InvokeResponse`s to waiting calls, and deciding what is retried. May import `aether.core`,
-`aether.transport` (for `MessageRouter` / `PeerDown` only) and `aether.invoke`; it reaches slices,
+`aether.transport` (for `EventBus` / `PeerDown` only) and `aether.invoke`; it reaches slices,
 the endpoint registry and the transport only through the Protocols in `aether.invoke.ports`.
 
 Semantics
@@ -64,7 +64,7 @@ from aether.invoke.messages import (
     kind_status,
 )
 from aether.invoke.ports import Catalog, LocalSlices, PeerLink, Registry
-from aether.transport import MessageRouter, PeerDown
+from aether.transport import EventBus, PeerDown
 
 __all__ = ["Invoker", "InvokerStats"]
 
@@ -103,10 +103,10 @@ class InvokerStats:
 
 
 class Invoker:
-    """Calls entry points of slices anywhere in the cluster (implements the slices ``Invoker`` Protocol).
+    """Calls entry points of slices anywhere in the cluster (implements `aether.slices.SliceCaller`).
 
     Wiring: feed `InvokeResponse`s from the transport to `on_response` (the `InvokeServer`'s
-    `dispatch` does it) and let it see `PeerDown` events (pass the node's `router`, or call
+    `dispatch` does it) and let it see `PeerDown` events (pass the node's `bus`, or call
     `peer_down`). One instance per node; it keeps no module-level state.
     """
 
@@ -117,7 +117,7 @@ class Invoker:
         registry: Registry,
         transport: PeerLink,
         *,
-        router: MessageRouter | None = None,
+        bus: EventBus | None = None,
         default_timeout: float = 10.0,
         attempt_timeout: float | None = 1.0,
         backoff_min: float = 0.005,
@@ -151,16 +151,16 @@ class Invoker:
         self._closed = False
         self._unsubscribe: Callable[[], None] | None = None
         self.stats = InvokerStats()
-        if router is not None:
-            self.attach(router)
+        if bus is not None:
+            self.attach(bus)
 
     # --- wiring ---------------------------------------------------------------------------------
 
-    def attach(self, router: MessageRouter) -> None:
-        """Subscribe to `PeerDown` on `router` (calls pending on a node that goes down fail over)."""
+    def attach(self, bus: EventBus) -> None:
+        """Subscribe to `PeerDown` on `bus` (calls pending on a node that goes down fail over)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
-        self._unsubscribe = router.subscribe(PeerDown, self._on_peer_down_event)
+        self._unsubscribe = bus.subscribe(PeerDown, self._on_peer_down_event)
 
     def _on_peer_down_event(self, event: PeerDown) -> None:
         self.peer_down(event.node_id, event.reason)

@@ -3,7 +3,7 @@
 `aether.invoke` must not import the slices or deploy packages (they are written concurrently and
 sit beside it in the layering), so it names only what it needs from them here:
 
-- `LocalSlices` — this node's slice store (``SliceStore`` in ``aether.slices``, or an adapter);
+- `LocalSlices` — this node's slice runtime (``SliceRuntime`` in ``aether.slices``, or an adapter);
 - `Registry` / `Endpoint` — the endpoint cache (``EndpointRegistry`` in ``aether.deploy``);
 - `Catalog` — the store's view of a target without reachable instances (`aether.invoke.catalog`);
 - `PeerSender` / `PeerLink` — the node-to-node transport (`aether.transport.Transport` fits both).

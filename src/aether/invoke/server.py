@@ -175,7 +175,7 @@ class InvokeServer:
             self._reply(sender_node, req, bytes(result), None, None)
         else:
             self._log.error(
-                "[%s] request %s %s.%s: the slice store returned %s, expected bytes",
+                "[%s] request %s %s.%s: the slice runtime returned %s, expected bytes",
                 self.node_id,
                 req.request_id,
                 req.target,

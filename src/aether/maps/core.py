@@ -74,7 +74,7 @@ from aether.maps.messages import (
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, active_owners, owners_for, partition_of, plan_table
 from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, Record, evaluate, is_live, newer
-from aether.maps.storage import Engine
+from aether.maps.storage import MapStorage
 
 __all__ = [
     "Action",
@@ -333,7 +333,7 @@ class MapCore:
         self._wall = 0
 
         self.specs: dict[str, MapSpec] = {}
-        self.engines: dict[str, Engine] = {}
+        self.engines: dict[str, MapStorage] = {}
         self.broken: dict[str, str] = {}  # map -> why its storage failed
         self._broken_at: dict[str, float] = {}
         self.table: PartitionTable | None = None
@@ -445,7 +445,7 @@ class MapCore:
     # --- definitions ----------------------------------------------------------------------------------------
 
     def define(
-        self, name: str, spec: MapSpec, engine: Engine | None, now: float, *, new: bool = False
+        self, name: str, spec: MapSpec, engine: MapStorage | None, now: float, *, new: bool = False
     ) -> list[Action]:
         """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one).
 
@@ -493,7 +493,7 @@ class MapCore:
                 self._start_promotion(table.version, again)
         return self._take()
 
-    def undefine(self, name: str) -> Engine | None:
+    def undefine(self, name: str) -> MapStorage | None:
         """Map `name` was removed: forget it and return its engine for the adapter to delete."""
         self.specs.pop(name, None)
         self.ops.pop(name, None)
@@ -625,7 +625,7 @@ class MapCore:
 
     def _hold(self, name: str, p: int, version: int) -> None:
         """This node's copy of partition `p` of map `name` (""; the partition itself) holds the
-        configuration active since `version`: kept with the data (`Engine.set_held`)."""
+        configuration active since `version`: kept with the data (`MapStorage.set_held`)."""
         versions = self.held.setdefault((name, p), set())
         if version in versions:
             return
@@ -1425,7 +1425,7 @@ class MapCore:
             self._advance(prom)
 
     def _merge_ops(self, name: str, ops: OpIds) -> None:
-        """Remember applied operations (in memory, and with the data: `Engine.add_ops`)."""
+        """Remember applied operations (in memory, and with the data: `MapStorage.add_ops`)."""
         engine = self.engines.get(name)
         if engine is not None and ops and name not in self.broken:
             try:

@@ -52,8 +52,8 @@ from aether.maps.messages import (
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, activate
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
-from aether.maps.storage import Engine, open_engine
-from aether.transport import MessageRouter, PeerDown, PeerUp
+from aether.maps.storage import MapStorage, open_storage_engine
+from aether.transport import EventBus, PeerDown, PeerUp
 
 __all__ = ["MapService"]
 
@@ -103,7 +103,7 @@ class MapService:
         sender: Sender,
         data_dir: Path,
         *,
-        router: MessageRouter | None = None,
+        bus: EventBus | None = None,
         is_leader: Callable[[], bool] = lambda: False,
         up_peers: Callable[[], Iterable[str]] = lambda: (),
         has_quorum: Callable[[], bool] = lambda: True,
@@ -113,7 +113,7 @@ class MapService:
         now: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         incarnation: int | None = None,
-        open_storage: Callable[[str, Path, str], Engine] = open_engine,
+        open_storage: Callable[[str, Path, str], MapStorage] = open_storage_engine,
         boot_id: Callable[[], str | None] = _boot_id,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -121,7 +121,7 @@ class MapService:
         self.kv = kv
         self.sender = sender
         self.data_dir = Path(data_dir)
-        self.router = router
+        self.bus = bus
         self.is_leader = is_leader
         self.up_peers = up_peers
         self.has_quorum = has_quorum
@@ -162,7 +162,7 @@ class MapService:
         return self.core.specs
 
     @property
-    def engines(self) -> dict[str, Engine]:
+    def engines(self) -> dict[str, MapStorage]:
         return self.core.engines
 
     @property
@@ -193,9 +193,9 @@ class MapService:
         table = self.kv.get_local(MapTableKey())
         if isinstance(table, PartitionTable):
             self._run(self.core.set_table(table, self.now()))
-        if self.router is not None:
-            self._unsubscribe.append(self.router.subscribe(PeerUp, lambda ev: self.peer_up(ev.node_id)))
-            self._unsubscribe.append(self.router.subscribe(PeerDown, lambda ev: self.peer_down(ev.node_id)))
+        if self.bus is not None:
+            self._unsubscribe.append(self.bus.subscribe(PeerUp, lambda ev: self.peer_up(ev.node_id)))
+            self._unsubscribe.append(self.bus.subscribe(PeerDown, lambda ev: self.peer_down(ev.node_id)))
         if self.kv.get_local(MapHealthKey(self.node_id)) is not None and not self.core.broken:
             self._spawn(self._record_health(None))  # recorded by an earlier incarnation
         self._ticker = asyncio.create_task(self._ticking())

@@ -1,6 +1,6 @@
-"""Storage engines of the distributed map, behind one interface (`Engine`).
+"""Storage engines of the distributed map, behind one interface (`MapStorage`).
 
-`MemoryEngine` keeps one dict per partition. `SqliteEngine` keeps one SQLite database per map in
+`MemoryStorage` keeps one dict per partition. `SqliteStorage` keeps one SQLite database per map in
 the node's data directory, in WAL mode with ``synchronous=NORMAL`` and autocommit: every write is
 committed before the operation is acknowledged and survives a crash of the process (a power loss
 may lose the last writes of this node; the replicas have them). Both count the live entries and
@@ -19,10 +19,10 @@ from typing import Protocol
 from aether.core.files import make_private_dirs, open_private
 from aether.maps.records import Record
 
-__all__ = ["Engine", "MemoryEngine", "SqliteEngine", "open_engine"]
+__all__ = ["MapStorage", "MemoryStorage", "SqliteStorage", "open_storage_engine"]
 
 
-class Engine(Protocol):
+class MapStorage(Protocol):
     entries: int
     """Records holding a value (tombstones excluded; expired but not yet purged included)."""
     bytes: int
@@ -69,7 +69,7 @@ def _size(rec: Record | None) -> tuple[int, int]:
     return 1, len(rec.value)
 
 
-class MemoryEngine:
+class MemoryStorage:
     def __init__(self) -> None:
         self._parts: dict[int, dict[str, Record]] = {}
         self._held: dict[int, set[int]] = {}
@@ -155,7 +155,7 @@ class MemoryEngine:
         self.entries = self.bytes = 0
 
 
-class SqliteEngine:
+class SqliteStorage:
     """One SQLite database file per map (``{name}.sqlite`` in `directory`)."""
 
     def __init__(self, path: Path) -> None:
@@ -268,9 +268,9 @@ class SqliteEngine:
         self._db.close()
 
 
-def open_engine(engine: str, directory: Path, name: str) -> Engine:
+def open_storage_engine(engine: str, directory: Path, name: str) -> MapStorage:
     if engine == "memory":
-        return MemoryEngine()
+        return MemoryStorage()
     if engine == "sqlite":
-        return SqliteEngine(directory / f"{name}.sqlite")
+        return SqliteStorage(directory / f"{name}.sqlite")
     raise ValueError(f"unknown storage engine {engine!r}; use memory or sqlite")

@@ -1,6 +1,6 @@
 """`EntryMetrics`: the per-node, sans-IO collector of entry-point calls.
 
-The node's slice store calls `record(artifact, entry, seconds, ok, client_error)` once per call it
+The node's slice runtime calls `record(artifact, entry, seconds, ok, client_error)` once per call it
 runs (local calls and calls served for other nodes alike, so each call is counted once, on the node
 that ran it). A call that did not succeed is a *client error* when it was answered with a 4xx (bad
 argument, `NotFound`, `Conflict`, ...) and a *failure* otherwise (5xx: the entry raised, returned a

@@ -45,8 +45,8 @@ from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
 from aether.node.looplag import LoopLagProbe
 from aether.slices.isolation import BlockPolicy, BlockReport, SliceBlockedNotice
 from aether.slices.repository import Repository
-from aether.slices.store import SliceStore
-from aether.transport import ClientSession, MessageRouter, PeerDown, PeerUp, Transport
+from aether.slices.runtime import SliceRuntime
+from aether.transport import ClientSession, EventBus, PeerDown, PeerUp, Transport
 from aether.transport.auth import load_secret
 from aether.transport.tls import https_context, tls_files
 
@@ -67,7 +67,7 @@ def _jsonable(value: Any) -> Any:
 
 
 class _NodeInvoker:
-    """The node's invoker, for the slice store, which is built before it (see `Node.__init__`)."""
+    """The node's invoker, for the slice runtime, which is built before it (see `Node.__init__`)."""
 
     def __init__(self, node: Node) -> None:
         self._node = node
@@ -122,7 +122,7 @@ class Node:
         self.node_id = config.node_id
         self.log = logger or logging.getLogger(f"aether.node.{self.node_id}")
         self.members = {p.id: p.address for p in config.peers}
-        self.router = MessageRouter(self.log)
+        self.bus = EventBus(self.log)
         self.sm = KVStateMachine()
         # the journal holds the whole KV, map files the maps: the data dir is for this user only
         prepare_private_dir(config.data_path, self.log)
@@ -150,7 +150,7 @@ class Node:
             cluster_name=config.cluster_name,
             message_type=PeerMessage,
             on_message=self._on_peer_message,
-            router=self.router,
+            bus=self.bus,
             client_message_type=ClientMessage,
             on_client_message=self._on_client_message,
             heartbeat_interval=config.heartbeat_interval,
@@ -164,19 +164,19 @@ class Node:
             pre_auth_max_frame=config.pre_auth_max_frame,
             handshake_timeout=config.handshake_timeout,
         )
-        self.router.subscribe(PeerUp, self._on_peer_up)
-        self.router.subscribe(PeerDown, self._on_peer_down)
+        self.bus.subscribe(PeerUp, self._on_peer_up)
+        self.bus.subscribe(PeerDown, self._on_peer_down)
 
         # slices, invocation and deployment
         self.repository = Repository(config.repository)
         self.endpoints = EndpointRegistry(self.kv, logger=logging.getLogger(f"aether.deploy.{self.node_id}"))
         self.maps = MapService(
-            self.node_id, self.kv, self.transport, config.data_path / "maps", router=self.router,
+            self.node_id, self.kv, self.transport, config.data_path / "maps", bus=self.bus,
             is_leader=lambda: self.leader.is_leader, up_peers=lambda: self.transport.up_peers,
             has_quorum=self.transport.has_quorum,
             logger=logging.getLogger(f"aether.maps.{self.node_id}"),
         )
-        # metrics: entry calls are recorded by the slice store (on the node that runs the instance);
+        # metrics: entry calls are recorded by the slice runtime (on the node that runs the instance);
         # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
         self.metrics = MetricsService(
             self.node_id, self.transport, self.leader,
@@ -186,7 +186,7 @@ class Node:
         self.slice_blocks = 0  # slice loops found blocked since start (node status)
         # Slices call each other through the invoker, and the invoker runs local calls in the slice
         # store: the store gets a forwarder to the invoker built right after it.
-        self.slice_store = SliceStore(
+        self.slice_runtime = SliceRuntime(
             self.node_id, self.repository, config.data_path / "runtime", invoker=_NodeInvoker(self),
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
             recorder=self.metrics.entries,
@@ -196,16 +196,16 @@ class Node:
         # No per-attempt timeout: a slow entry must not be retried (and run again) elsewhere while
         # it is still running; lost nodes are detected by the transport (PeerDown) instead.
         self.invoker = Invoker(
-            self.node_id, self.slice_store, self.endpoints, self.transport, router=self.router,
+            self.node_id, self.slice_runtime, self.endpoints, self.transport, bus=self.bus,
             attempt_timeout=None, catalog=StoreCatalog(self.kv),
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
         self.invoke_server = InvokeServer(
-            self.node_id, self.slice_store, self.transport, invoker=self.invoker,
+            self.node_id, self.slice_runtime, self.transport, invoker=self.invoker,
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
         self.node_deployer = NodeDeploymentManager(
-            self.kv, self.node_id, self.slice_store,
+            self.kv, self.node_id, self.slice_runtime,
             logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
         )
         self.cluster_deployer = ClusterDeploymentManager(
@@ -268,7 +268,7 @@ class Node:
         await self.metrics.stop()
         await self.cluster_deployer.stop()
         await self.node_deployer.stop()
-        await self.slice_store.close()
+        await self.slice_runtime.close()
         await self.maps.stop()
         self.invoker.close()
         await self.invoke_server.stop()
@@ -304,7 +304,7 @@ class Node:
 
     def _on_leader_change(self, ev: LeaderChanged) -> None:
         self.log.info("leader is now %s (was %s)", ev.leader, ev.previous)
-        self.router.publish(ev)
+        self.bus.publish(ev)
         if ev.is_self:
             self.maps.replan()
 
@@ -312,16 +312,16 @@ class Node:
         coords = str(artifact)
         self.slice_blocks += 1
         if report.entry is not None and not report.entry.endswith(")"):  # an entry, not start()/stop()
-            self.metrics.entries.record_block(coords, report.entry)  # the key SliceStore records by
+            self.metrics.entries.record_block(coords, report.entry)  # the key SliceRuntime records by
         policy = self._block_policies.setdefault(coords, BlockPolicy())
         quarantine = policy.blocked(time.monotonic())
-        self.router.publish(SliceBlockedNotice(
+        self.bus.publish(SliceBlockedNotice(
             self.node_id, coords, report.entry, round(report.seconds, 3), report.where, quarantine
         ))  # fmt: skip
         if quarantine:
             reason = (
                 f"{report.entry or 'its code'} blocked the slice's event loop for over "
-                f"{self.slice_store.block_limit:g} s {policy.strikes} times within {policy.window:g} s "
+                f"{self.slice_runtime.block_limit:g} s {policy.strikes} times within {policy.window:g} s "
                 f"(last at {report.where})"
             )
             self.log.error("%s: quarantining %s on this node: %s", self.node_id, coords, reason)
@@ -391,8 +391,8 @@ class Node:
             http_port=self.http.port if self.http is not None else self.config.http_port,
             pid=os.getpid(),
             local_instances={
-                str(a): ids for a in self.slice_store.artifacts()
-                if (ids := self.slice_store.local_instances(a))
+                str(a): ids for a in self.slice_runtime.artifacts()
+                if (ids := self.slice_runtime.local_instances(a))
             },
             loop_lag_max_ms=round(self.loop_lag.max_recent() * 1000, 1),
             journal_error=str(failed) if (failed := self.store.failed) is not None else None,

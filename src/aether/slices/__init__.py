@@ -2,12 +2,12 @@
 
 Business code imports from here: `Slice`, `entry`, `route`, `SliceContext`, and the errors an entry
 raises to answer with a 4xx (`BadRequest` 400, `NotFound` 404, `Conflict` 409, `SliceHttpError`).
-The node and the deployment managers use `SliceStore`, `Repository` and `describe_slice`.
+The node and the deployment managers use `SliceRuntime`, `Repository` and `describe_slice`.
 
-Modules: `api` (programming model: `Slice`, the decorators, `SliceContext`, `Invoker`), `errors`,
+Modules: `api` (programming model: `Slice`, the decorators, `SliceContext`, `SliceCaller`), `errors`,
 `maps` (`SliceMap`), `wheel` (packaging format), `repository` (local repository directory),
 `libstore` (node-local installed code), `loader` (library resolution and import), `store`
-(`SliceStore`), `testing` (wheel builders and invokers for tests). Behind `api`, private:
+(`SliceRuntime`), `testing` (wheel builders and invokers for tests). Behind `api`, private:
 `_inspect` (class inspection, `describe_slice`), `_codec` (the MessagePack codec and `CodecCache`,
 the caches of one loaded slice, which go when it is unloaded) and `_proxy` (typed calls, proxies).
 
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 from aether.core.errors import BadRequest
 from aether.slices.api import (
     EntryInfo,
-    Invoker,
     ParamInfo,
     RouteInfo,
     Slice,
+    SliceCaller,
     SliceContext,
     SliceInfo,
     current_request_id,
@@ -58,7 +58,7 @@ from aether.slices.errors import (
 if TYPE_CHECKING:
     from aether.slices.loader import ImportSpace
     from aether.slices.repository import Repository
-    from aether.slices.store import SliceStore
+    from aether.slices.runtime import SliceRuntime
     from aether.slices.wheel import WheelInfo, inspect_wheel
 
 __all__ = [
@@ -69,7 +69,6 @@ __all__ = [
     "EntryInfo",
     "ImportSpace",
     "InvalidWheel",
-    "Invoker",
     "NoLocalInstance",
     "NotASliceWheel",
     "NotFound",
@@ -80,15 +79,16 @@ __all__ = [
     "RouteInfo",
     "Slice",
     "SliceCallError",
+    "SliceCaller",
     "SliceContext",
     "SliceDefinitionError",
     "SliceError",
     "SliceHttpError",
     "SliceInfo",
     "SliceLoadError",
+    "SliceRuntime",
     "SliceStartError",
     "SliceStateError",
-    "SliceStore",
     "UnknownEntry",
     "WheelInfo",
     "current_request_id",
@@ -101,7 +101,7 @@ __all__ = [
 
 _LAZY = {
     "Repository": "aether.slices.repository",
-    "SliceStore": "aether.slices.store",
+    "SliceRuntime": "aether.slices.runtime",
     "ImportSpace": "aether.slices.loader",
     "WheelInfo": "aether.slices.wheel",
     "inspect_wheel": "aether.slices.wheel",

@@ -1,13 +1,13 @@
 """Typed calls to other slices, behind `aether.slices.api` (private).
 
-`call_slice` (what `Slice.call` does) encodes the request, calls through an `Invoker` with the
+`call_slice` (what `Slice.call` does) encodes the request, calls through an `SliceCaller` with the
 current request id and decodes the answer as the caller's response type; `make_proxy` (what
 `Slice.proxy` does) builds a `SliceProxy` with one async method per method of an interface (a
 Protocol or the target's `Slice` class). The decoders and interface specs are cached in the
 calling slice's `CodecCache` (none: built per call), never in this module.
 
 May import: `aether.core`, `aether.slices._codec`, `aether.slices._inspect`, `aether.slices.errors`.
-`aether.slices.api` (for `Slice` and `Invoker`) only inside functions or for type checking.
+`aether.slices.api` (for `Slice` and `SliceCaller`) only inside functions or for type checking.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from aether.slices._inspect import describe_slice
 from aether.slices.errors import SliceDefinitionError
 
 if TYPE_CHECKING:
-    from aether.slices.api import Invoker
+    from aether.slices.api import SliceCaller
 
 __all__ = ["CallFn", "SliceProxy", "call_slice", "make_proxy", "normalize_target", "proxy_spec"]
 
@@ -58,7 +58,7 @@ def _normalize_target(target: str) -> str:
 
 
 async def call_slice(
-    invoker: Invoker,
+    invoker: SliceCaller,
     target: str,
     method: str,
     request: Any,

@@ -2,7 +2,7 @@
 
 A slice is a subclass of `Slice` whose `async def` methods marked `@entry` (or `@route`, which
 implies it) are its entry points; the runtime gives each instance a `SliceContext` (its artifact,
-node, instance id, logger, configuration, the `Invoker` for calls to other slices and the
+node, instance id, logger, configuration, the `SliceCaller` for calls to other slices and the
 distributed maps). `Slice.call` / `Slice.proxy` call other slices with typed requests and answers;
 `Slice.map` opens a distributed map (`aether.slices.maps.SliceMap`). docs/slices.md is the guide.
 
@@ -12,7 +12,7 @@ MessagePack codec and `CodecCache`, the caches of one loaded slice) and `aether.
 (typed calls and proxies). Their names the runtime uses are re-exported here.
 
 May import: `aether.core`, `aether.slices.*` (not loader/store: they import this), msgspec. Never
-imports deploy/invoke/node: the runtime hands a slice its `Invoker` through `SliceContext`.
+imports deploy/invoke/node: the runtime hands a slice its `SliceCaller` through `SliceContext`.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ __all__ = [
     "CodecCache",
     "EntryInfo",
     "EntryKind",
-    "Invoker",
     "ParamInfo",
     "RouteInfo",
     "Slice",
+    "SliceCaller",
     "SliceContext",
     "SliceInfo",
     "SliceProxy",
@@ -95,7 +95,7 @@ HTTP_METHODS: tuple[str, ...] = ("GET", "POST", "PUT", "DELETE", "PATCH")
 
 
 @runtime_checkable
-class Invoker(Protocol):
+class SliceCaller(Protocol):
     """Calls an entry of a (possibly remote) slice; implemented by `aether.invoke`.
 
     `target` is `group:artifact` (any deployed version) or `group:artifact:version`; `payload` and
@@ -122,7 +122,7 @@ class SliceContext:
     instance: int
     logger: logging.Logger
     config: dict[str, Any]
-    invoker: Invoker
+    invoker: SliceCaller
     maps: MapBackend | None = None
     """The cluster's distributed map (None in runtimes without one)."""
 

@@ -139,4 +139,4 @@ class SliceStartError(SliceError):
 
 
 class SliceStateError(SliceError):
-    """A SliceStore operation does not fit the artifact's current state (e.g. activate before load)."""
+    """A SliceRuntime operation does not fit the artifact's current state (e.g. activate before load)."""

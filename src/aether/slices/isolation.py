@@ -2,7 +2,7 @@
 
 Owns `SliceThread` (one per active artifact on a node: a daemon thread running an asyncio loop
 where that artifact's `start()`, `stop()` and entry calls run), the bridges that let slice code
-call back into the node (`Invoker`, `MapBackend`: each call hops to the node's loop and back),
+call back into the node (`SliceCaller`, `MapBackend`: each call hops to the node's loop and back),
 the containment of `BaseException`s raised by slice code (`SliceCrashed`), the lag watchdog
 (`SliceThread.check`: a loop that has not turned for `block_limit` seconds is *blocked*, and the
 call that blocks it is named and answered with `SliceBlocked`) and `BlockPolicy`, the
@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from aether.slices.api import Invoker
+from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError
 from aether.slices.maps import MapBackend
 
@@ -56,7 +56,7 @@ class SliceBlocked(SliceError):
 
 
 class SliceBlockedNotice(msgspec.Struct, frozen=True):
-    """Published on the node's message router when a slice loop was found blocked (event stream)."""
+    """Published on the node's event bus when a slice loop was found blocked (event stream)."""
 
     node: str
     artifact: str
@@ -424,9 +424,9 @@ async def _closed_coro() -> None:
 
 
 class ThreadInvoker:
-    """The node's `Invoker`, callable from a slice's loop."""
+    """The node's `SliceCaller`, callable from a slice's loop."""
 
-    def __init__(self, inner: Invoker, thread: SliceThread) -> None:
+    def __init__(self, inner: SliceCaller, thread: SliceThread) -> None:
         self._inner = inner
         self._thread = thread
 

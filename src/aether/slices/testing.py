@@ -8,7 +8,7 @@ can make the wheels they need in a temporary directory::
                               dependencies={"org.example:hello": "^0.1.0"}, requires=["tinylib>=1"])
     Repository(tmp_path / "repo").deploy(wheel)
 
-`StoreInvoker` serves `Invoker.invoke` from `SliceStore`s in this process (single-node runs and
+`StoreInvoker` serves `SliceCaller.invoke` from `SliceRuntime`s in this process (single-node runs and
 tests); `FakeInvoker` records calls and answers them from a handler. `LocalMaps` is an in-process
 `MapBackend` (one dict per map, TTLs on an injectable clock) for unit tests of slices that use
 `self.map(...)`.
@@ -41,7 +41,7 @@ from aether.core.maps import DEFAULT_MAX_VALUE_BYTES, MapValueTooLarge, UnknownM
 from aether.slices.errors import NoLocalInstance
 
 if TYPE_CHECKING:
-    from aether.slices.store import SliceStore
+    from aether.slices.runtime import SliceRuntime
 
 __all__ = [
     "FakeInvoker",
@@ -230,12 +230,12 @@ def isolated_imports() -> Iterator[None]:
 
 
 class StoreInvoker:
-    """An `Invoker` that calls local `SliceStore`s (the first one with an active instance)."""
+    """An `SliceCaller` that calls local `SliceRuntime`s (the first one with an active instance)."""
 
-    def __init__(self, *stores: SliceStore) -> None:
-        self.stores: list[SliceStore] = list(stores)
+    def __init__(self, *stores: SliceRuntime) -> None:
+        self.stores: list[SliceRuntime] = list(stores)
 
-    def add(self, store: SliceStore) -> None:
+    def add(self, store: SliceRuntime) -> None:
         self.stores.append(store)
 
     async def invoke(
@@ -255,7 +255,7 @@ class StoreInvoker:
 
 @dataclass
 class FakeInvoker:
-    """An `Invoker` that records each call and answers with `handler(target, method, payload)`."""
+    """An `SliceCaller` that records each call and answers with `handler(target, method, payload)`."""
 
     handler: Callable[[str, str, bytes], Awaitable[bytes] | bytes]
     calls: list[tuple[str, str, bytes, str | None, float | None]] = field(default_factory=list)

@@ -2,7 +2,7 @@
 `VirtualTimeLoop`, with a simulated network, consensus store and storage.
 
 What runs unchanged: `MapService` (the asyncio adapter) and `MapCore` on every node, the storage
-engines (`MemoryEngine`; a node's engine survives a kill when the profile makes it persistent,
+engines (`MemoryStorage`; a node's engine survives a kill when the profile makes it persistent,
 as sqlite does), and every message encoded and decoded with msgspec as the transport does.
 
 What is simulated, from one `random.Random(seed)`:
@@ -48,7 +48,7 @@ from aether.maps.core import MapTimings
 from aether.maps.messages import MapMessage
 from aether.maps.partitioning import owners_for
 from aether.maps.service import MapService
-from aether.maps.storage import MemoryEngine
+from aether.maps.storage import MemoryStorage
 from aether.testing.lincheck import CheckResult, Op, check_history
 from aether.testing.vloop import SimDeadlock, VirtualTimeLoop
 
@@ -240,7 +240,7 @@ class _Reset:
 # --- storage ---------------------------------------------------------------------------------------
 
 
-class FaultyEngine(MemoryEngine):
+class FaultyEngine(MemoryStorage):
     """A memory engine whose writes can be made to fail (a full disk)."""
 
     def __init__(self) -> None:

@@ -3,12 +3,13 @@
 Owns length-prefixed framing (`framing`, pure), the typed wire codec and control messages
 (`messages`), TCP links between nodes with heartbeats, reconnects and peer liveness (`tcp`),
 client sessions on the cluster port and the client-side connector (`client`), topology events
-(`events`) and the in-process typed `MessageRouter` (`router`).
+(`events`) and the in-process typed `EventBus` (`bus`).
 
 May import only `aether.core`. Nothing here keeps module-level mutable state, so any number of
 `Transport` objects can run in one process and event loop.
 """
 
+from aether.transport.bus import EventBus
 from aether.transport.client import ClientLink, ConnectionRejected, open_client_connection
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged, TransportEvent
 from aether.transport.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameTooLarge, encode_frame
@@ -25,7 +26,6 @@ from aether.transport.messages import (
     WireCodec,
     message_types,
 )
-from aether.transport.router import MessageRouter
 from aether.transport.tcp import ClientSession, Transport
 
 __all__ = [
@@ -37,10 +37,10 @@ __all__ = [
     "ClientLink",
     "ClientSession",
     "ConnectionRejected",
+    "EventBus",
     "FrameDecoder",
     "FrameTooLarge",
     "HelloAck",
-    "MessageRouter",
     "PeerDown",
     "PeerHello",
     "PeerUp",

@@ -1,4 +1,4 @@
-"""Topology events a `Transport` publishes on its `MessageRouter`.
+"""Topology events a `Transport` publishes on its `EventBus`.
 
 These are in-process values, never sent over the wire. Subscribe to `TransportEvent` to get all
 of them, or to one concrete class.

@@ -33,7 +33,7 @@ outbound link closes or errors, or when nothing was heard for ``heartbeat_timeou
 ``heartbeat_interval``); the outbound link is then closed and redialed with jittered exponential
 backoff between ``reconnect_min`` and ``reconnect_max``. Each outbound link carries a ``Ping``
 every ``heartbeat_interval`` in which nothing else was written. Every change publishes
-`PeerUp` / `PeerDown`, and `QuorumChanged` whenever `has_quorum()` flips, on the router.
+`PeerUp` / `PeerDown`, and `QuorumChanged` whenever `has_quorum()` flips, on the event bus.
 
 Delivery guarantees (what a consensus layer may rely on)
 --------------------------------------------------------
@@ -89,6 +89,7 @@ from aether.transport.auth import (
     Kind,
     is_loopback_host,
 )
+from aether.transport.bus import EventBus
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged
 from aether.transport.framing import DEFAULT_MAX_FRAME, HEADER_SIZE
 from aether.transport.messages import (
@@ -103,7 +104,6 @@ from aether.transport.messages import (
     WireCodec,
     message_types,
 )
-from aether.transport.router import MessageRouter
 from aether.transport.tls import TlsFiles, cert_node_id, dialer_context, server_context, tls_problem
 
 __all__ = [
@@ -527,7 +527,7 @@ class Transport:
         cluster_name: str,
         message_type: object,
         on_message: Callable[[str, Any], None],
-        router: MessageRouter | None = None,
+        bus: EventBus | None = None,
         client_message_type: object | None = None,
         on_client_message: Callable[[ClientSession, Any], None] | None = None,
         on_client_closed: Callable[[ClientSession], None] | None = None,
@@ -566,7 +566,7 @@ class Transport:
             )
         self.node_id = node_id
         self.cluster_name = cluster_name
-        self.router = router if router is not None else MessageRouter(logger)
+        self.bus = bus if bus is not None else EventBus(logger)
         self._listen = listen
         self._on_message = on_message
         self._on_client_message = on_client_message
@@ -905,7 +905,7 @@ class Transport:
         self._up[peer.node_id] = peer
         self._up_frozen = None
         self._log.info("%s peer %s up", self._prefix, peer.node_id)
-        self.router.publish(PeerUp(peer.node_id))
+        self.bus.publish(PeerUp(peer.node_id))
         self._check_quorum()
 
     def _mark_down(self, peer: _Peer, reason: str) -> None:
@@ -915,7 +915,7 @@ class Transport:
         self._up.pop(peer.node_id, None)
         self._up_frozen = None
         self._log.info("%s peer %s down: %s", self._prefix, peer.node_id, reason)
-        self.router.publish(PeerDown(peer.node_id, reason))
+        self.bus.publish(PeerDown(peer.node_id, reason))
         self._check_quorum()
 
     def _check_quorum(self) -> None:
@@ -925,7 +925,7 @@ class Transport:
             self._log.info(
                 "%s quorum %s (up peers: %s)", self._prefix, "gained" if quorum else "lost", sorted(self._up)
             )
-            self.router.publish(QuorumChanged(quorum, self.up_peers))
+            self.bus.publish(QuorumChanged(quorum, self.up_peers))
 
     async def _heartbeat_loop(self) -> None:
         loop = self._require_loop()

@@ -1,4 +1,4 @@
-"""SliceStore: load/activate/call/scale/deactivate/unload, start failures, draining, slice-to-slice calls."""
+"""SliceRuntime: load, activate, call, scale, deactivate, unload; start failures, draining, nested calls."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from aether.slices import (
 )
 from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
-from aether.slices.store import SliceStore
+from aether.slices.runtime import SliceRuntime
 from aether.slices.testing import StoreInvoker, build_slice_wheel, isolated_imports
 
 pytestmark = pytest.mark.timeout(30)
@@ -121,9 +121,9 @@ def repo(tmp_path: Path) -> Repository:
 
 def make_store(
     repo: Repository, tmp_path: Path, config: dict[str, object] | None = None, **kw: object
-) -> SliceStore:
+) -> SliceRuntime:
     inv = StoreInvoker()
-    store = SliceStore(
+    store = SliceRuntime(
         "node-1",
         repo,
         tmp_path / "data",
@@ -356,7 +356,7 @@ async def test_fits_the_ports_of_deploy_and_invoke(repo: Repository, tmp_path: P
     deploy_ports = pytest.importorskip("aether.deploy.ports")
     invoke_ports = pytest.importorskip("aether.invoke.ports")
     store = make_store(repo, tmp_path)
-    assert isinstance(store, deploy_ports.SliceStorePort)
+    assert isinstance(store, deploy_ports.SliceRuntimePort)
     assert isinstance(store, invoke_ports.LocalSlices)
     info = await store.load(CTR)
     r = info.routes[0]

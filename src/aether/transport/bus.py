@@ -1,6 +1,6 @@
 """In-process typed publish/subscribe, so components (consensus, managers, metrics) stay decoupled.
 
-A `MessageRouter` is an ordinary object: create one per node (there is no global instance).
+A `EventBus` is an ordinary object: create one per node (there is no global instance).
 Dispatch is synchronous; handlers must not block.
 """
 
@@ -10,14 +10,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["MessageRouter"]
+__all__ = ["EventBus"]
 
 T = TypeVar("T")
 
 _Entry = tuple[int, Callable[[Any], None]]
 
 
-class MessageRouter:
+class EventBus:
     """Typed pub/sub.
 
     ``publish(msg)`` calls, synchronously and in subscription order, every handler subscribed to
@@ -27,7 +27,7 @@ class MessageRouter:
     """
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
-        self._log = logger or logging.getLogger("aether.transport.router")
+        self._log = logger or logging.getLogger("aether.transport.bus")
         self._subs: dict[type, list[_Entry]] = {}
         self._seq = 0
         self._cache: dict[type, tuple[Callable[[Any], None], ...]] = {}

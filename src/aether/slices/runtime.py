@@ -1,4 +1,4 @@
-"""`SliceStore`: the per-node slice runtime that the deployment managers drive (docs/slices.md).
+"""`SliceRuntime`: the per-node slice runtime that the deployment managers drive (docs/slices.md).
 
 Owns, per artifact on one node: the loaded class (through `SliceLoader`), its instance objects,
 their `start()`/`stop()` calls, and local entry calls with in-flight counting for draining.
@@ -34,8 +34,8 @@ from typing import Any, Literal, Protocol
 from aether.core.artifact import Artifact
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.slices.api import (
-    Invoker,
     Slice,
+    SliceCaller,
     SliceContext,
     SliceInfo,
     current_request_id,
@@ -55,7 +55,7 @@ from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
 from aether.slices.repository import Repository
 
-__all__ = ["CallRecorder", "SliceStore"]
+__all__ = ["CallRecorder", "SliceRuntime"]
 
 
 class CallRecorder(Protocol):
@@ -121,7 +121,7 @@ class _Entry:
         self.coords = str(self.loaded.artifact)
 
 
-class SliceStore:
+class SliceRuntime:
     """Loads, runs and calls the slices of one node.
 
     `config_for(artifact)` gives each instance's `context.config` (default: `{}`); `space` is the
@@ -140,7 +140,7 @@ class SliceStore:
         node_id: str,
         repository: Repository,
         data_dir: Path,
-        invoker: Invoker,
+        invoker: SliceCaller,
         *,
         logger: logging.Logger | None = None,
         config_for: Callable[[Artifact], dict[str, Any]] | None = None,
@@ -164,7 +164,7 @@ class SliceStore:
         self.repository = repository
         self.data_dir = Path(data_dir)
         self.invoker = invoker
-        self.log = logger or logging.getLogger("aether.slices.store")
+        self.log = logger or logging.getLogger("aether.slices.runtime")
         self.config_for = config_for
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout

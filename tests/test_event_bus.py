@@ -1,4 +1,4 @@
-"""Tests of aether.transport.MessageRouter (in-process typed pub/sub)."""
+"""Tests of aether.transport.EventBus (in-process typed pub/sub)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import msgspec
 import pytest
 
-from aether.transport import MessageRouter, PeerDown, PeerUp, QuorumChanged, TransportEvent
+from aether.transport import EventBus, PeerDown, PeerUp, QuorumChanged, TransportEvent
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,7 +26,7 @@ class Other:
 
 
 def test_publish_reaches_exact_type_and_base_classes_in_subscription_order() -> None:
-    r = MessageRouter()
+    r = EventBus()
     calls: list[str] = []
     r.subscribe(Child, lambda m: calls.append("child-1"))
     r.subscribe(Base, lambda m: calls.append("base"))
@@ -46,7 +46,7 @@ def test_publish_reaches_exact_type_and_base_classes_in_subscription_order() -> 
 
 
 def test_handler_receives_the_message_itself() -> None:
-    r = MessageRouter()
+    r = EventBus()
     got: list[Child] = []
     r.subscribe(Child, got.append)
     m = Child(7)
@@ -55,7 +55,7 @@ def test_handler_receives_the_message_itself() -> None:
 
 
 def test_unsubscribe_is_idempotent_and_precise() -> None:
-    r = MessageRouter()
+    r = EventBus()
     calls: list[str] = []
 
     def h(m: object) -> None:
@@ -78,8 +78,8 @@ def test_unsubscribe_is_idempotent_and_precise() -> None:
 
 
 def test_failing_handler_is_logged_and_others_still_run(caplog: pytest.LogCaptureFixture) -> None:
-    log = logging.getLogger("test.router.failing")
-    r = MessageRouter(log)
+    log = logging.getLogger("test.bus.failing")
+    r = EventBus(log)
     calls: list[str] = []
 
     def bad(m: object) -> None:
@@ -96,7 +96,7 @@ def test_failing_handler_is_logged_and_others_still_run(caplog: pytest.LogCaptur
 
 
 def test_subscribe_during_publish_applies_to_next_publish() -> None:
-    r = MessageRouter()
+    r = EventBus()
     calls: list[str] = []
 
     def first(m: object) -> None:
@@ -113,7 +113,7 @@ def test_subscribe_during_publish_applies_to_next_publish() -> None:
 
 
 def test_routers_are_independent() -> None:
-    r1, r2 = MessageRouter(), MessageRouter()
+    r1, r2 = EventBus(), EventBus()
     got1: list[object] = []
     got2: list[object] = []
     r1.subscribe(object, got1.append)
@@ -123,7 +123,7 @@ def test_routers_are_independent() -> None:
 
 
 def test_transport_events_hierarchy_and_values() -> None:
-    r = MessageRouter()
+    r = EventBus()
     every: list[TransportEvent] = []
     downs: list[PeerDown] = []
     r.subscribe(TransportEvent, every.append)
@@ -138,7 +138,7 @@ def test_transport_events_hierarchy_and_values() -> None:
 
 
 def test_subscribe_validates_arguments() -> None:
-    r = MessageRouter()
+    r = EventBus()
     with pytest.raises(TypeError):
         r.subscribe("Child", lambda m: None)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
