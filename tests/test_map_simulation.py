@@ -1,6 +1,7 @@
 """Seeded simulation of the distributed map (`aether.testing.mapsim`): real `MapService`s and
-`MapCore`s under node kills, partitions, link flaps, duplicated messages, full disks and a node
-joining, checked for per-key linearizability, agreement of final reads and converged replicas.
+`MapCore`s under node kills, partitions, link flaps, duplicated messages, full disks, a node
+joining and a cluster starting node by node, checked for per-key linearizability, agreement of
+final reads and converged replicas.
 
 Each test runs a block of seeds of one profile and fails with a line per failing seed and the
 command that reproduces it. AETHER_MAP_SIM_SEEDS=N sets the seeds per profile (default 12).

@@ -480,9 +480,16 @@ class MapCore:
             except Exception as e:
                 self._storage_failed(name, e)
         for prom in self._promotions:
-            if prom.phase == "sync" and self.table is not None:  # takeovers under way copy it too
+            if self.table is None:
+                break
+            if prom.phase == "sync":  # takeovers under way copy it too
                 peers = (set(self.table.members) | self.up) - {self.node_id}
                 self._ask(prom, [(peer, name) for peer in sorted(peers)])
+            elif prom.phase == "push" and engine is not None and name not in self.broken:
+                # past their sync: the map was committed after the table they serve, so no owner
+                # can hold writes of it from an older configuration; push it (empty or not) too,
+                # or the takeover would wait for its acknowledgements forever
+                self._start_push(prom)
         if new and table is not None:
             # a map with more replicas than the others may have owners the active configurations
             # do not name: take those partitions over again

@@ -75,6 +75,7 @@ class Profile:
     kinds: dict[str, float] = field(default_factory=dict)
     fault_gap: tuple[float, float] = (1.0, 4.0)
     duplicate: float = 0.0
+    stagger: float = 0.0  # nodes start one by one within this many seconds (a real cluster start)
 
     def describe(self) -> str:
         faults = ",".join(sorted(self.kinds)) or "none"
@@ -102,8 +103,15 @@ def _mixed(rng: random.Random) -> Profile:
     )
 
 
+def _startup(rng: random.Random) -> Profile:
+    """A cluster starting: nodes come up one by one while the first tables are written and
+    taken over, the map is defined right after, and callers start at once."""
+    return Profile(nodes=rng.choice([3, 4, 5]), persistent=rng.random() < 0.5, duration=10.0,
+                   stagger=rng.uniform(0.02, 0.5), kinds={"flap": 0.3})
+
+
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
-    "crash": _crash, "partitions": _partitions, "disk": _disk, "mixed": _mixed,
+    "crash": _crash, "partitions": _partitions, "disk": _disk, "mixed": _mixed, "startup": _startup,
 }
 
 
@@ -474,11 +482,21 @@ class MapWorld:
 
     # --- the run --------------------------------------------------------------------------------------------
     async def main(self) -> None:
-        for nid in self.members:
-            self.nodes[nid].start()
-        self.topology_changed()
-        # defined once the first table is in use (as a blueprint applied to a running cluster)
-        await asyncio.sleep(0.5)
+        if self.profile.stagger:
+            order = list(self.members)
+            self.rng.shuffle(order)
+            for nid in order:
+                self.nodes[nid].start()
+                self.log(f"start {nid}")
+                self.topology_changed()
+                await asyncio.sleep(self.rng.uniform(0.0, self.profile.stagger))
+            await asyncio.sleep(self.rng.uniform(0.0, 0.3))
+        else:
+            for nid in self.members:
+                self.nodes[nid].start()
+            self.topology_changed()
+            # defined once the first table is in use (as a blueprint applied to a running cluster)
+            await asyncio.sleep(0.5)
         self.store.commit("put", str(MapDefKey(MAP)), MapSpec(
             replicas=self.profile.replicas, write_quorum=self.profile.write_quorum, engine="memory"))
         await asyncio.sleep(0.5)
