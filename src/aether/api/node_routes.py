@@ -18,7 +18,7 @@ from aether.api import sse
 from aether.api.audit import AuditEntry, AuditLog
 from aether.api.common import API_PREFIX, json_response, query, read_body, resolve
 from aether.api.routing import PRINCIPAL, ROLES, Answer, Body, Route, path_param, query_param
-from aether.api.types import Health, KeyInfo, KeyRevoked, KVListing, NewKey, NodeEntry, Unready
+from aether.api.types import Health, KeyInfo, KeyRevoked, KVListing, Live, NewKey, NodeEntry, Unready
 from aether.core.errors import BadRequest, NotReady, QuorumLost
 from aether.core.problem import PROBLEM_CONTENT_TYPE
 from aether.core.status import KVEntry, NodeStatus
@@ -84,6 +84,21 @@ class NodeRoutes:
 
     async def health(self, request: web.Request) -> web.Response:
         query(request, ())
+        return await self._readiness(serving=False)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """`/readyz`: `health`, and the node must also serve (its HTTP router runs, its journal and
+        store writes work). Public: no API key needed."""
+        query(request, ())
+        return await self._readiness(serving=True)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        """`/livez`: the process answers; asks nothing of consensus. Public: no API key needed."""
+        query(request, ())
+        return json_response(Live(status="ok", live=True, node_id=getattr(self.node, "node_id", ""),
+                                  time=time.time()))
+
+    async def _readiness(self, *, serving: bool) -> web.Response:
         now = time.time()
         node_id = getattr(self.node, "node_id", "")
         try:
@@ -94,6 +109,9 @@ class NodeRoutes:
             up = sum(1 for m in status.nodes if m.state == "up")
             reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
             return self._unready(status.node_id, False, status.leader, now, reason)
+        why = _not_serving(self.node, status) if serving else None
+        if why is not None:
+            return self._unready(status.node_id, True, status.leader, now, why)
         return json_response(Health(
             status="ok", live=True, ready=True, node_id=status.node_id, quorum=status.quorum,
             leader=status.leader, time=now,
@@ -186,6 +204,18 @@ class NodeRoutes:
         return json_response(self.document())
 
 
+def _not_serving(node: Any, status: NodeStatus) -> str | None:
+    """Why a node with quorum does not serve yet (or any more), None when it does."""
+    if hasattr(node, "http") and node.http is None:
+        return "the HTTP router is not running (the node is starting or stopping)"
+    if status.journal_error:
+        return f"the consensus journal failed: {status.journal_error}"
+    if status.store_write_failing_for is not None:
+        return (f"writes to the cluster store have failed for {status.store_write_failing_for:g} s: "
+                f"{status.store_write_error or 'unknown error'}")
+    return None
+
+
 P = API_PREFIX
 _SECURITY = ("security",)
 _HAS_STORE: Final = lambda routes: routes.keys.kv is not None  # noqa: E731 (keys live in the replicated store)
@@ -208,6 +238,21 @@ ROUTES: Final = (
             503: Answer(Unready, "Not ready (no quorum, or starting)", media=PROBLEM_CONTENT_TYPE),
         },
         (400,),
+    ),
+    Route(
+        "GET", "/livez", NodeRoutes.livez, "getLivez",
+        "Liveness probe: the process answers (no quorum needed; no API key needed)",
+        {200: Answer(Live, "Alive")}, (400,), tags=("probes",), public=True,
+    ),
+    Route(
+        "GET", "/readyz", NodeRoutes.readyz, "getReadyz",
+        "Readiness probe: quorum, and the node serves (router up, journal and store writes working); "
+        "no API key needed",
+        {
+            200: Answer(Health, "Ready"),
+            503: Answer(Unready, "Not ready; `reason` says why", media=PROBLEM_CONTENT_TYPE),
+        },
+        (400,), tags=("probes",), public=True,
     ),
     Route(
         "GET", f"{P}/nodes", NodeRoutes.nodes, "listNodes", "Configured members as this node sees them",

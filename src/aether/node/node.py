@@ -99,7 +99,7 @@ class ManagementFactory(Protocol):
 
     def __call__(
         self, node: Any, *, host: str, port: int, api_key: str | None, idle_timeout: float,
-        ssl_context: ssl.SSLContext | None, logger: logging.Logger,
+        ssl_context: ssl.SSLContext | None, logger: logging.Logger, metrics_public: bool = False,
     ) -> HostedAPI: ...
 
 
@@ -250,6 +250,7 @@ class Node:
                 self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
                 idle_timeout=self.config.http_idle_timeout, ssl_context=self.https,
                 logger=logging.getLogger(f"aether.api.{self.node_id}"),
+                metrics_public=self.config.metrics_public,
             )
             await self.management.start()
         self.log.info(
