@@ -6,6 +6,7 @@ import pytest
 
 from aether.deploy.lifecycle import (
     AbortStep,
+    ConfigChanged,
     LifecycleTimeouts,
     Note,
     Observed,
@@ -328,3 +329,74 @@ def test_key_removed_while_loading_unloads_after_the_load() -> None:
     assert u.step is Step.UNLOAD and writes(out) == []
     assert m.handle(StepSucceeded(u.seq, 2.0)) == []
     assert m.finished
+
+
+# -- configuration changes -------------------------------------------------------------------------
+
+
+def _active_with_config(fp: str, instances: list[int]) -> SliceLifecycle:
+    m = SliceLifecycle(A)
+    assert m.handle(ConfigChanged(fp, 0.0)) == []  # nothing here yet: only remembered
+    seq = step_of(m.handle(Observed(v("LOAD", instances), 0.0))).seq
+    m.handle(StepSucceeded(seq, 1.0))
+    seq = step_of(m.handle(Observed(v("ACTIVATE", instances), 1.0))).seq
+    assert m.handle(ConfigChanged(fp, 1.5)) == []  # activating: the instances start with fp anyway
+    m.handle(StepSucceeded(seq, 2.0))
+    assert m.config == fp and m.state is S.ACTIVE
+    return m
+
+
+def test_a_config_change_reconfigures_active_instances_in_one_step() -> None:
+    m = _active_with_config("c1", [2, 0, 1])
+    assert m.handle(ConfigChanged("c1", 3.0)) == []  # unchanged: nothing to do
+    out = m.handle(ConfigChanged("c2", 3.0))
+    s = step_of(out)
+    assert s.step is Step.RECONFIGURE and s.instances == (2, 0, 1) and writes(out) == []
+    assert s.deadline == 3.0 + 3 * 10.0  # the activate deadline per instance
+    assert m.state is S.ACTIVE and m.busy and m.config == "c1"
+    # another change meanwhile is remembered, handled when this step ends
+    assert m.handle(ConfigChanged("c3", 3.5)) == []
+    out = m.handle(StepSucceeded(s.seq, 4.0))
+    assert writes(out) == [(S.ACTIVE, None, (2, 0, 1))] and m.config == "c2"
+    again = step_of(out)
+    assert again.step is Step.RECONFIGURE
+    out = m.handle(StepSucceeded(again.seq, 5.0))
+    assert m.config == "c3" and not m.busy and writes(out) == [(S.ACTIVE, None, (2, 0, 1))]
+
+
+def test_a_config_change_waits_for_a_running_step() -> None:
+    m = _active_with_config("c1", [0])
+    scale = step_of(m.handle(Observed(v("ACTIVE", [0, 1]), 3.0)))
+    assert m.handle(ConfigChanged("c2", 3.1)) == []
+    out = m.handle(StepSucceeded(scale.seq, 4.0))
+    assert writes(out) == [(S.ACTIVE, None, (0, 1))]
+    assert step_of(out).step is Step.RECONFIGURE and step_of(out).instances == (0, 1)
+
+
+def test_a_failed_or_timed_out_reconfigure_goes_to_failed() -> None:
+    m = _active_with_config("c1", [0])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    out = m.handle(StepFailed(s.seq, "the config does not fit Settings: ...", 4.0))
+    assert writes(out) == [(S.FAILED, "reconfigure failed: the config does not fit Settings: ...", (0,))]
+    assert m.config is None
+    m = _active_with_config("c1", [0, 1])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    out = m.handle(Tick(3.0 + 20.0))
+    assert isinstance(out[0], AbortStep)
+    assert writes(out) == [(S.FAILED, "reconfigure timed out after 20.0s", (0, 1))]
+
+
+def test_commands_during_a_reconfigure_are_rejected_then_restated() -> None:
+    m = _active_with_config("c1", [0])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    out = m.handle(Observed(v("DEACTIVATE"), 3.1))
+    assert [type(a) for a in out] == [Reject] and "ACTIVE (reconfiguring)" in out[0].message  # type: ignore[attr-defined]
+    out = m.handle(StepSucceeded(s.seq, 4.0))
+    assert writes(out) == [(S.ACTIVE, None, (0,))]  # the truth: the leader re-issues DEACTIVATE
+
+
+def test_no_reconfigure_when_not_active() -> None:
+    m = _machine_in(S.LOADED)
+    assert m.handle(ConfigChanged("c2", 3.0)) == []
+    m = _machine_in(S.FAILED)
+    assert m.handle(ConfigChanged("c2", 3.0)) == []

@@ -29,6 +29,7 @@ from aether.deploy import (
     NodeDeploymentManager,
 )
 from aether.deploy.admission import InstanceLimits
+from aether.deploy.config import SliceConfigs
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
 from aether.kv.machine import Command, KVStateMachine, Result
@@ -186,8 +187,11 @@ class Node:
         self.slice_blocks = 0  # slice loops found blocked since start (node status)
         # Slices call each other through the invoker, and the invoker runs local calls in the slice
         # store: the store gets a forwarder to the invoker built right after it.
+        # slice configs: the blueprints' [slices.NAME.config] with their secrets, from this replica
+        self.slice_configs = SliceConfigs(self.kv)
         self.slice_runtime = SliceRuntime(
             self.node_id, self.repository, config.data_path / "runtime", invoker=_NodeInvoker(self),
+            config_for=self.slice_configs.resolved,
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
             recorder=self.metrics.entries,
             # slice code runs on its own loops; one that keeps blocking its loop is quarantined
@@ -205,7 +209,7 @@ class Node:
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
         self.node_deployer = NodeDeploymentManager(
-            self.kv, self.node_id, self.slice_runtime,
+            self.kv, self.node_id, self.slice_runtime, config_version=self.slice_configs.fingerprint,
             logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
         )
         self.cluster_deployer = ClusterDeploymentManager(

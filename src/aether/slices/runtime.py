@@ -25,14 +25,17 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import Any, Literal, Protocol
 
+import msgspec
+
 from aether.core.artifact import Artifact
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
+from aether.core.secrets import ResolvedConfig, redact
 from aether.slices.api import (
     Slice,
     SliceCaller,
@@ -41,6 +44,7 @@ from aether.slices.api import (
     current_request_id,
     invoke_entry,
     normalize_target,
+    type_name,
 )
 from aether.slices.errors import (
     NoLocalInstance,
@@ -124,7 +128,10 @@ class _Entry:
 class SliceRuntime:
     """Loads, runs and calls the slices of one node.
 
-    `config_for(artifact)` gives each instance's `context.config` (default: `{}`); `space` is the
+    `config_for(artifact)` gives each instance's `context.config` (default: `{}`): a mapping, or a
+    `ResolvedConfig` whose secret values are redacted from every reason and log line the runtime
+    writes about the slice; it may raise (a missing secret): the instance then fails to start with
+    that message. A class with a `config_type` gets the config decoded into it. `space` is the
     interpreter's import bookkeeping (default: the process-wide one); `allow_index` lets the
     node install libraries from the package index when the wheelhouse has no match;
     `start_timeout` bounds each `start()` (None: unbounded here, the managers time the step);
@@ -143,7 +150,7 @@ class SliceRuntime:
         invoker: SliceCaller,
         *,
         logger: logging.Logger | None = None,
-        config_for: Callable[[Artifact], dict[str, Any]] | None = None,
+        config_for: Callable[[Artifact], Mapping[str, Any] | ResolvedConfig] | None = None,
         space: ImportSpace | None = None,
         allow_index: bool = False,
         installer: Installer = "auto",
@@ -229,6 +236,46 @@ class SliceRuntime:
             if e.state != "active":
                 raise SliceStateError(f"{artifact} is not active on {self.node_id}; activate it first")
             await self._set_instances(e, instances, drain_timeout)
+
+    async def reconfigure(
+        self, artifact: Artifact, instance: int, *, drain_timeout: float = 5.0
+    ) -> Literal["reloaded", "restarted", "absent"]:
+        """Give instance `instance` of the ACTIVE `artifact` the config `config_for` gives now.
+
+        A class with an `async def reconfigure(self, config)` hook keeps its object: the new config
+        (decoded like at start) is passed to the hook, then set as `context.config`. Otherwise the
+        instance is restarted make-before-break: a new object with the same id is created and
+        started, takes the calls, then the old one is drained (up to `drain_timeout` s) and stopped,
+        so the instance never stops serving. `SliceStartError` (redacted) if the config does not
+        decode, the hook raises or the new object does not start; the old object then still serves.
+        """
+        async with self._lock(artifact):
+            e = self._require(artifact)
+            old = e.instances.get(instance) if e.state == "active" else None
+            thread = e.thread
+            if old is None or thread is None:
+                return "absent"
+            hook = getattr(old.obj, "reconfigure", None)
+            if hook is not None and callable(hook):
+                config, secrets = self._config(e)
+                try:
+                    await thread.run(hook(config), entry="reconfigure()")
+                except Exception as exc:
+                    raise SliceStartError(redact(
+                        f"reconfigure() of {artifact} instance {instance} raised {type(exc).__name__}: {exc}",
+                        secrets,
+                    ), instance=instance) from exc
+                old.obj.context = self._context(e, instance, thread, config)
+                self.log.info("%s: %s instance %d reconfigured in place", self.node_id, artifact, instance)
+                return "reloaded"
+            new = await self._start_one(e, instance)
+            e.instances[instance] = new  # new calls go to the new object from here on
+            old.accepting = False
+            await self._drain(artifact, [old], drain_timeout)
+            await self._stop_one(e, old)
+            self.log.info("%s: %s instance %d restarted with its new config", self.node_id, artifact,
+                          instance)
+            return "restarted"
 
     async def deactivate(self, artifact: Artifact, drain_timeout: float = 5.0) -> None:
         """Stop accepting calls, wait up to `drain_timeout` s for in-flight calls, then `stop()` each
@@ -370,9 +417,34 @@ class SliceRuntime:
         which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
         raise NoLocalInstance(f"no active {which} on {self.node_id}")
 
-    def _context(self, e: _Entry, instance: int, thread: SliceThread) -> SliceContext:
+    def _config(self, e: _Entry) -> tuple[Any, tuple[str, ...]]:
+        """The config an instance of `e` gets now (decoded into the class's `config_type` if it
+        has one) and the secret values in it; `SliceStartError` (redacted) if it cannot have one."""
         artifact = e.loaded.artifact
-        config = dict(self.config_for(artifact)) if self.config_for is not None else {}
+        secrets: tuple[str, ...] = ()
+        raw: Mapping[str, Any] = {}
+        if self.config_for is not None:
+            try:
+                got = self.config_for(artifact)
+            except Exception as exc:  # a missing secret: its message names the artifact and the secret
+                raise SliceStartError(str(exc) or f"{artifact}: {type(exc).__name__}") from None
+            if isinstance(got, ResolvedConfig):
+                raw, secrets = got.values, got.secrets
+            else:
+                raw = got
+        wanted = getattr(e.loaded.cls, "config_type", None)
+        if wanted is None:
+            return dict(raw), secrets
+        try:
+            return msgspec.convert(dict(raw), wanted), secrets
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise SliceStartError(redact(
+                f"the config of {artifact} does not fit {type_name(wanted)}: {exc} (its [slices.NAME.config] "
+                "table in the blueprint)", secrets,
+            )) from None
+
+    def _context(self, e: _Entry, instance: int, thread: SliceThread, config: Any) -> SliceContext:
+        artifact = e.loaded.artifact
         return SliceContext(
             artifact=artifact,
             node_id=self.node_id,
@@ -419,12 +491,17 @@ class SliceRuntime:
         thread = e.thread
         assert thread is not None
         try:
+            config, secrets = self._config(e)
+        except SliceStartError as exc:
+            exc.instance = iid
+            raise
+        try:
             obj = await thread.run(_construct(e.loaded.cls), entry="__init__()")
         except Exception as exc:
-            raise SliceStartError(
-                f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", instance=iid
-            ) from exc
-        obj.context = self._context(e, iid, thread)
+            raise SliceStartError(redact(
+                f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", secrets
+            ), instance=iid) from exc
+        obj.context = self._context(e, iid, thread, config)
         try:
             if self.start_timeout is not None:
                 await asyncio.wait_for(thread.run(obj.start(), entry="start()"), self.start_timeout)
@@ -436,9 +513,9 @@ class SliceRuntime:
                 instance=iid,
             ) from None
         except Exception as exc:
-            raise SliceStartError(
-                f"start() of {artifact} instance {iid} raised {type(exc).__name__}: {exc}", instance=iid
-            ) from exc
+            raise SliceStartError(redact(
+                f"start() of {artifact} instance {iid} raised {type(exc).__name__}: {exc}", secrets
+            ), instance=iid) from exc
         return _Instance(iid, obj)
 
     async def _start_instances(self, e: _Entry, ids: list[int]) -> list[_Instance]:
