@@ -1083,7 +1083,7 @@ for _command in (
     deploy_commands.slices, deploy_commands.blueprint, deploy_commands.deploy, deploy_commands.scale,
     deploy_commands.undeploy, map_commands.map_group, metrics_commands.metrics, ops_commands.health,
     ops_commands.nodes, ops_commands.events, ops_commands.doctor, security_commands.key,
-    security_commands.audit, cert_commands.cert, artifact,
+    security_commands.secret, security_commands.audit, cert_commands.cert, artifact,
 ):
     main.add_command(_command)
 
