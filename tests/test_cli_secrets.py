@@ -44,6 +44,8 @@ async def test_secret_commands(tmp_path: Path) -> None:
         r = await cli("secret", "set", "db-password", "--json", stdin=b"second")
         assert r.exit_code == 0 and json.loads(r.stdout)["version"] == 2
         assert set(json.loads(r.stdout)) == {"name", "created", "updated", "version"}
+        r = await cli("secret", "set", "db-password", "--json", stdin=b"second")  # the same value again
+        assert r.exit_code == 0 and json.loads(r.stdout)["version"] == 2  # unchanged: nothing restarts
 
         r = await cli("secret", "list")
         assert r.exit_code == 0 and "db-password" in r.output and "api-token" in r.output

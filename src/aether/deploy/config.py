@@ -236,7 +236,8 @@ class Secrets:
         return sorted(out, key=lambda s: s.name)
 
     async def set(self, name: str, value: str) -> tuple[SecretInfo, bool]:
-        """Store `value` under `name`; returns its info and whether it was created."""
+        """Store `value` under `name`; returns its info and whether it was created. Setting the
+        value it already has changes nothing (same version: nothing restarts)."""
         check_secret_name(name)
         if not value:
             raise BadRequest(f"secret {name!r}: the value is empty")
@@ -247,6 +248,8 @@ class Secrets:
             current = self.kv.get_local(key)
             now = self._wall()
             if isinstance(current, SecretValue):
+                if current.value == value:
+                    return SecretInfo(name, current.created, current.updated, current.version), False
                 new = SecretValue(value, current.created, now, current.version + 1)
             else:
                 current, new = None, SecretValue(value, now, now, 1)
