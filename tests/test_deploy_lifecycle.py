@@ -352,7 +352,7 @@ def test_a_config_change_reconfigures_active_instances_in_one_step() -> None:
     out = m.handle(ConfigChanged("c2", 3.0))
     s = step_of(out)
     assert s.step is Step.RECONFIGURE and s.instances == (2, 0, 1) and writes(out) == []
-    assert s.deadline == 3.0 + 3 * 10.0  # the activate deadline per instance
+    assert s.deadline == 3.0 + 3 * (10.0 + 10.0)  # activate + deactivate deadlines per instance
     assert m.state is S.ACTIVE and m.busy and m.config == "c1"
     # another change meanwhile is remembered, handled when this step ends
     assert m.handle(ConfigChanged("c3", 3.5)) == []
@@ -381,9 +381,10 @@ def test_a_failed_or_timed_out_reconfigure_goes_to_failed() -> None:
     assert m.config is None
     m = _active_with_config("c1", [0, 1])
     s = step_of(m.handle(ConfigChanged("c2", 3.0)))
-    out = m.handle(Tick(3.0 + 20.0))
+    assert m.handle(Tick(3.0 + 39.0)) == []
+    out = m.handle(Tick(3.0 + 40.0))
     assert isinstance(out[0], AbortStep)
-    assert writes(out) == [(S.FAILED, "reconfigure timed out after 20.0s", (0, 1))]
+    assert writes(out) == [(S.FAILED, "reconfigure timed out after 40.0s", (0, 1))]
 
 
 def test_commands_during_a_reconfigure_are_rejected_then_restated() -> None:

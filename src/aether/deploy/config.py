@@ -9,7 +9,8 @@ and `Secrets` read and write the node's `KVStore`. May import `aether.core` and 
 Decisions:
 - An artifact's config is the non-empty `config` of the blueprints listing it (coordinates
   exact). Two blueprints giving the same artifact different configs are refused when the second
-  is applied (400 naming both), so there is never a choice to make at run time.
+  is applied (400 naming both). Should two applies race on different nodes and both pass that
+  check, the blueprint whose id sorts first gives the config, the same on every node.
 - A reference to a secret that is not set is not refused at apply time (secrets and blueprints
   can be set in either order): the instance goes FAILED with a reason naming the secret, and the
   leader's retry after the backoff picks up the secret once it is set.

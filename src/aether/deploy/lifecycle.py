@@ -48,7 +48,7 @@ Rules worth knowing:
   adapter restarts each make-before-break, or calls the slice's reload hook), staying ACTIVE;
   if a step is running (activate, scale, deactivate...) the change waits for it to end. A
   failed reconfigure ends FAILED with the reason, like a failed activation. Its deadline is the
-  activate deadline per instance.
+  activate plus the deactivate deadline per instance.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ class Step(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class LifecycleTimeouts:
-    """Deadline of each step, seconds. A scale change uses the activate deadline."""
+    """Deadline of each step, seconds. A scale change uses the activate deadline; a reconfigure
+    gets activate + deactivate per instance."""
 
     load: float = 60.0
     activate: float = 10.0
@@ -107,7 +108,9 @@ class LifecycleTimeouts:
     def for_step(self, step: Step) -> float:
         if step is Step.LOAD:
             return self.load
-        if step in (Step.ACTIVATE, Step.SCALE, Step.RECONFIGURE):
+        if step is Step.RECONFIGURE:  # per instance: start the new object, drain and stop the old
+            return self.activate + self.deactivate
+        if step in (Step.ACTIVATE, Step.SCALE):
             return self.activate
         if step is Step.DEACTIVATE:
             return self.deactivate
