@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import itertools
 import logging
@@ -417,26 +418,28 @@ class SliceRuntime:
         which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
         raise NoLocalInstance(f"no active {which} on {self.node_id}")
 
-    def _config(self, e: _Entry) -> tuple[Any, tuple[str, ...]]:
-        """The config an instance of `e` gets now (decoded into the class's `config_type` if it
-        has one) and the secret values in it; `SliceStartError` (redacted) if it cannot have one."""
+    def _raw_config(self, e: _Entry) -> ResolvedConfig:
+        """The config the instances of `e` get now, undecoded (`config_for`, read once per batch of
+        instances started); `SliceStartError` naming the problem if there is none (a missing secret)."""
+        if self.config_for is None:
+            return ResolvedConfig()
+        try:
+            got = self.config_for(e.loaded.artifact)
+        except Exception as exc:  # a missing secret: its message names the artifact and the secret
+            raise SliceStartError(str(exc) or f"{e.loaded.artifact}: {type(exc).__name__}") from None
+        return got if isinstance(got, ResolvedConfig) else ResolvedConfig(dict(got))
+
+    def _config(self, e: _Entry, raw: ResolvedConfig | None = None) -> tuple[Any, tuple[str, ...]]:
+        """The config one instance of `e` gets (its own copy, decoded into the class's `config_type`
+        if it has one) and the secret values in it; `SliceStartError` (redacted) if it does not fit."""
         artifact = e.loaded.artifact
-        secrets: tuple[str, ...] = ()
-        raw: Mapping[str, Any] = {}
-        if self.config_for is not None:
-            try:
-                got = self.config_for(artifact)
-            except Exception as exc:  # a missing secret: its message names the artifact and the secret
-                raise SliceStartError(str(exc) or f"{artifact}: {type(exc).__name__}") from None
-            if isinstance(got, ResolvedConfig):
-                raw, secrets = got.values, got.secrets
-            else:
-                raw = got
+        resolved = self._raw_config(e) if raw is None else raw
+        secrets = resolved.secrets
         wanted = getattr(e.loaded.cls, "config_type", None)
         if wanted is None:
-            return dict(raw), secrets
+            return copy.deepcopy(resolved.values), secrets
         try:
-            return msgspec.convert(dict(raw), wanted), secrets
+            return msgspec.convert(resolved.values, wanted), secrets
         except (msgspec.ValidationError, TypeError) as exc:
             raise SliceStartError(redact(
                 f"the config of {artifact} does not fit {type_name(wanted)}: {exc} (its [slices.NAME.config] "
@@ -486,12 +489,12 @@ class SliceRuntime:
         if t is not None:
             await t.close()
 
-    async def _start_one(self, e: _Entry, iid: int) -> _Instance:
+    async def _start_one(self, e: _Entry, iid: int, raw: ResolvedConfig | None = None) -> _Instance:
         artifact = e.loaded.artifact
         thread = e.thread
         assert thread is not None
         try:
-            config, secrets = self._config(e)
+            config, secrets = self._config(e, raw)
         except SliceStartError as exc:
             exc.instance = iid
             raise
@@ -521,7 +524,8 @@ class SliceRuntime:
     async def _start_instances(self, e: _Entry, ids: list[int]) -> list[_Instance]:
         if not ids:
             return []
-        tasks = [asyncio.create_task(self._start_one(e, iid)) for iid in ids]
+        raw = self._raw_config(e)  # once for the batch; each instance decodes its own copy
+        tasks = [asyncio.create_task(self._start_one(e, iid, raw)) for iid in ids]
         try:
             await asyncio.wait(tasks)
         except asyncio.CancelledError:
