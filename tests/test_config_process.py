@@ -71,6 +71,7 @@ def wait_for(check: Any, what: str, timeout: float = 60.0) -> None:
 
 def test_config_and_secrets_across_processes(make_local_cluster: Any, tmp_path: Path) -> None:
     c = make_local_cluster(3)
+    c.env["COLUMNS"] = "200"
     deploy_hello_examples(c.repository, tmp_path / "wheels", extra={COORDS: (SOURCE, "Vault")})
     outputs: list[str] = []
 
@@ -112,6 +113,8 @@ def test_config_and_secrets_across_processes(make_local_cluster: Any, tmp_path: 
     assert r.returncode == 0 and "version 2" in r.stdout, r.stdout + r.stderr
     wait_for(lambda: all_match(ROTATED), "every instance on the rotated secret")
 
+    r = cli("blueprint", "show", "vault")
+    assert 'greeting="hi"' in r.stdout and "token=secret(vault-token)" in r.stdout, r.stdout
     for args in (("blueprint", "show", "vault"), ("blueprint", "show", "vault", "--json"), ("slices",),
                  ("slices", "--json"), ("secret", "list"), ("secret", "list", "--json"),
                  ("audit", "--json"), ("status",)):
