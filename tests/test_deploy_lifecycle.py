@@ -351,7 +351,7 @@ def test_a_config_change_reconfigures_active_instances_in_one_step() -> None:
     assert m.handle(ConfigChanged("c1", 3.0)) == []  # unchanged: nothing to do
     out = m.handle(ConfigChanged("c2", 3.0))
     s = step_of(out)
-    assert s.step is Step.RECONFIGURE and s.instances == (2, 0, 1) and writes(out) == []
+    assert s.step is Step.RECONFIGURE and s.instances == (0, 1, 2) and writes(out) == []  # in id order
     assert s.deadline == 3.0 + 3 * (10.0 + 10.0)  # activate + deactivate deadlines per instance
     assert m.state is S.ACTIVE and m.busy and m.config == "c1"
     # another change meanwhile is remembered, handled when this step ends

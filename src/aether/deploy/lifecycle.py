@@ -287,7 +287,7 @@ class SliceLifecycle:
         if (self.state is not SliceState.ACTIVE or self._running is not None or self._orphan
                 or self.wanted_config is None or self.wanted_config == self.config):
             return []
-        out = self._start(Step.RECONFIGURE, self.instances, now, write=None)
+        out = self._start(Step.RECONFIGURE, tuple(sorted(self.instances)), now, write=None)
         return [Note(f"{self.artifact}: its config changed: giving instances {list(self.instances)} the new "
                      "one, one at a time"), *out]
 
@@ -465,12 +465,14 @@ class SliceLifecycle:
             self.state, self.reason = SliceState.FAILED, r.fail_reason
         elif ok:
             self.reason = None
-            if r.step in (Step.ACTIVATE, Step.SCALE, Step.RECONFIGURE):
+            if r.step in (Step.ACTIVATE, Step.SCALE):
                 self.state, self.instances = SliceState.ACTIVE, r.instances
-                if r.step is not Step.SCALE:
-                    self.config = r.config
+            elif r.step is Step.RECONFIGURE:  # the same instances, in the same order
+                self.state = SliceState.ACTIVE
             else:  # LOAD, DEACTIVATE
                 self.state = SliceState.LOADED
+            if r.step in (Step.ACTIVATE, Step.RECONFIGURE):
+                self.config = r.config
         else:
             self.state, self.reason = SliceState.FAILED, r.fail_reason or reason
         if self.state is not SliceState.ACTIVE:
