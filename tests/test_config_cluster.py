@@ -217,6 +217,32 @@ async def test_config_and_secrets_end_to_end(tmp_path: Path, caplog: pytest.LogC
                 assert start[0] == "start" and start[2] == "bonjour", (node, seq)
                 assert stop_ == ("stop", start[1], "hello"), (node, seq)
 
+        # 3b. a config that does not decode: the running instances keep serving the old one, the
+        # reason names the field; going back to the running config clears it
+        bad = BLUEPRINT.format(greeting="bonjour").replace('greeting = "bonjour"', "greeting = 42")
+        status, _ = await req("POST", "/api/v1/blueprints", bad)
+        assert status == 201
+
+        async def not_applied() -> Any:
+            got = await states("org.example:configured:1.0.0")
+            ok = len(got) == 3 and all(
+                st == "ACTIVE" and r and "config change not applied" in r for st, r in got
+            )
+            return got if ok else None
+
+        got = await until(not_applied, "the bad config reported, the instances still ACTIVE")
+        assert "does not fit Settings: Expected `str`, got `int` - at `$.greeting`" in got[0][1]
+        for _ in range(6):
+            status, doc = await req("POST", "/api/v1/invoke/org.example:configured/show", {})
+            assert status == 200 and doc["greeting"] == "bonjour", doc
+        status, _ = await req("POST", "/api/v1/blueprints", BLUEPRINT.format(greeting="bonjour"))
+
+        async def cleared() -> bool:
+            got = await states("org.example:configured:1.0.0")
+            return len(got) == 3 and all(st == "ACTIVE" and r is None for st, r in got)
+
+        await until(cleared, "the reason cleared once the config is the running one again")
+
         # 4. a changed secret: the slice with a reload hook keeps its objects
         rel = _modules()["reloadable"].EVENTS
         rel_mark = len(rel)

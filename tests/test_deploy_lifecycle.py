@@ -10,6 +10,7 @@ from aether.deploy.lifecycle import (
     LifecycleTimeouts,
     Note,
     Observed,
+    Quarantine,
     Reject,
     RemoveKey,
     SliceLifecycle,
@@ -373,18 +374,41 @@ def test_a_config_change_waits_for_a_running_step() -> None:
     assert step_of(out).step is Step.RECONFIGURE and step_of(out).instances == (0, 1)
 
 
-def test_a_failed_or_timed_out_reconfigure_goes_to_failed() -> None:
+def test_a_failed_or_timed_out_reconfigure_keeps_the_slice_active_with_a_reason() -> None:
     m = _active_with_config("c1", [0])
     s = step_of(m.handle(ConfigChanged("c2", 3.0)))
     out = m.handle(StepFailed(s.seq, "the config does not fit Settings: ...", 4.0))
-    assert writes(out) == [(S.FAILED, "reconfigure failed: the config does not fit Settings: ...", (0,))]
-    assert m.config is None
+    reason = ("config change not applied: reconfigure failed: the config does not fit Settings: ...; "
+              "the instances serve with their previous config")
+    assert writes(out) == [(S.ACTIVE, reason, (0,))] and not m.busy
+    assert m.config == "c1" and m.state is S.ACTIVE
+    assert m.handle(ConfigChanged("c2", 5.0)) == []  # the same broken config is not tried again
+    echo(m, out)
+    # a command arriving meanwhile and refused restates ACTIVE with the reason
+    out = m.handle(Observed(v("LOAD", [0]), 5.5))
+    assert writes(out) == [(S.ACTIVE, reason, (0,))]
+    # back to the config the instances run: the reason goes, nothing restarts
+    out = m.handle(ConfigChanged("c1", 5.7))
+    assert out == [WriteState(S.ACTIVE, None, (0,), m.epoch)]
+    assert m.handle(ConfigChanged("c2", 5.8)) != []  # c2 may be tried again after that
+    m = _active_with_config("c1", [0])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    m.handle(StepFailed(s.seq, "bad", 4.0))
+    # the next config is tried; its success clears the reason
+    s = step_of(m.handle(ConfigChanged("c3", 6.0)))
+    out = m.handle(StepSucceeded(s.seq, 7.0))
+    assert writes(out) == [(S.ACTIVE, None, (0,))] and m.config == "c3"
+    # a timeout too
     m = _active_with_config("c1", [0, 1])
     s = step_of(m.handle(ConfigChanged("c2", 3.0)))
     assert m.handle(Tick(3.0 + 39.0)) == []
     out = m.handle(Tick(3.0 + 40.0))
     assert isinstance(out[0], AbortStep)
-    assert writes(out) == [(S.FAILED, "reconfigure timed out after 40.0s", (0, 1))]
+    assert writes(out) == [(S.ACTIVE, "config change not applied: reconfigure timed out after 40.0s; the "
+                            "instances serve with their previous config", (0, 1))]
+    # a quarantine still takes it down
+    out = m.handle(Quarantine("blocked", 50.0))
+    assert step_of(out).step is Step.DEACTIVATE
 
 
 def test_commands_during_a_reconfigure_are_rejected_then_restated() -> None:

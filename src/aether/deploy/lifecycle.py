@@ -46,9 +46,12 @@ Rules worth knowing:
   machine remembers which fingerprint its instances were started with. While ACTIVE and idle,
   a different one starts a RECONFIGURE step over its instances in id order, one at a time (the
   adapter restarts each make-before-break, or calls the slice's reload hook), staying ACTIVE;
-  if a step is running (activate, scale, deactivate...) the change waits for it to end. A
-  failed reconfigure ends FAILED with the reason, like a failed activation. Its deadline is the
-  activate plus the deactivate deadline per instance.
+  if a step is running (activate, scale, deactivate...) the change waits for it to end. A failed
+  or timed-out reconfigure does not take the slice down: it stays ACTIVE (its instances keep
+  serving with the config they had) with a `reason` saying the change was not applied and why,
+  and the same config is not tried again; the next change is. (Instances started afresh with a
+  config that does not work — a new placement, a restarted node — fail to start and go FAILED as
+  usual.) Its deadline is the activate plus the deactivate deadline per instance.
 """
 
 from __future__ import annotations
@@ -246,6 +249,7 @@ class SliceLifecycle:
         self._deferred = False  # key re-created during that teardown: handle it afterwards
         self.config: str | None = None  # config fingerprint the active instances were given
         self.wanted_config: str | None = None  # the one they should have (ConfigChanged)
+        self._config_failed: str | None = None  # a config whose reconfigure failed: not retried
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -284,8 +288,13 @@ class SliceLifecycle:
 
     def _maybe_reconfigure(self, now: float) -> list[LifecycleAction]:
         """ACTIVE, idle and running another config than wanted: reconfigure every instance."""
-        if (self.state is not SliceState.ACTIVE or self._running is not None or self._orphan
-                or self.wanted_config is None or self.wanted_config == self.config):
+        if self.state is not SliceState.ACTIVE or self._running is not None or self._orphan:
+            return []
+        if self.wanted_config == self.config and self._config_failed is not None:
+            # back to the config the instances run: the failed change no longer matters
+            self._config_failed = self.reason = None
+            return [WriteState(SliceState.ACTIVE, None, self.instances, self.epoch)]
+        if self.wanted_config is None or self.wanted_config in (self.config, self._config_failed):
             return []
         out = self._start(Step.RECONFIGURE, tuple(sorted(self.instances)), now, write=None)
         return [Note(f"{self.artifact}: its config changed: giving instances {list(self.instances)} the new "
@@ -414,8 +423,8 @@ class SliceLifecycle:
             if self.state is None:
                 out.append(RemoveKey(self.epoch))
             else:
-                out.append(WriteState(self.state, self.reason if self.state is SliceState.FAILED else None,
-                                      self.instances, self.epoch))
+                keep = self.state in (SliceState.FAILED, SliceState.ACTIVE)  # ACTIVE: a config not applied
+                out.append(WriteState(self.state, self.reason if keep else None, self.instances, self.epoch))
         return out
 
     # --- steps ----------------------------------------------------------------------------------
@@ -472,7 +481,12 @@ class SliceLifecycle:
             else:  # LOAD, DEACTIVATE
                 self.state = SliceState.LOADED
             if r.step in (Step.ACTIVATE, Step.RECONFIGURE):
-                self.config = r.config
+                self.config, self._config_failed = r.config, None
+        elif r.step is Step.RECONFIGURE and r.fail_reason is None:  # the old instances still serve
+            self.state = SliceState.ACTIVE
+            self.reason = (f"config change not applied: {reason}; the instances serve with their "
+                           "previous config")
+            self._config_failed = r.config
         else:
             self.state, self.reason = SliceState.FAILED, r.fail_reason or reason
         if self.state is not SliceState.ACTIVE:

@@ -26,7 +26,8 @@ overwrites a leader command this node has not processed):
   `blueprints/` and `secrets/` when the manager has a `config_version`) → the lifecycle's
   RECONFIGURE step: `store.reconfigure(artifact, id)` for each instance in turn, one at a time
   (each restarted make-before-break, or given the config through the slice's reload hook),
-  state ACTIVE throughout; a failure is a FAILED like a failed activation.
+  state ACTIVE throughout; a failure leaves the slice ACTIVE and serving (no cleanup), with a
+  reason saying the change was not applied.
 - A step that fails or exceeds its deadline cleans up (endpoints removed, slice deactivated
   if it had been activated) before FAILED is written.
 - A route this node's ACTIVATING/ACTIVE slice claimed that someone removes is claimed again
@@ -358,13 +359,13 @@ class NodeDeploymentManager:
                 await self._unload(a, artifact)
         except asyncio.CancelledError:
             self._steps.pop((artifact, seq), None)
-            if self._running and step is not Step.LOAD:
+            if self._running and step not in (Step.LOAD, Step.RECONFIGURE):  # a reconfigure keeps serving
                 self._spawn(self._cleanup_failed(artifact, step))
             raise
         except Exception as e:
             reason = str(e) or type(e).__name__
             self.log.warning("%s: %s failed: %s", artifact, step, reason)
-            if step is not Step.LOAD:
+            if step not in (Step.LOAD, Step.RECONFIGURE):  # a failed reconfigure: the old instances serve
                 try:
                     await self._cleanup_failed(artifact, step)
                 except Exception:
@@ -418,7 +419,7 @@ class NodeDeploymentManager:
     async def _cleanup_failed(self, artifact: str, step: Step) -> None:
         """After a failed or timed-out step: this node must not advertise the slice any more."""
         await self._remove_endpoints(artifact)
-        if step in (Step.ACTIVATE, Step.SCALE, Step.RECONFIGURE) and artifact in self._activated:
+        if step in (Step.ACTIVATE, Step.SCALE) and artifact in self._activated:
             try:
                 a = Artifact.parse(artifact)
                 await asyncio.wait_for(self.store.deactivate(a), self.timeouts.deactivate)

@@ -245,7 +245,7 @@ class Slice:
     the field). A changed config restarts the instances one at a time, unless the class defines
     `async def reconfigure(self, config) -> None`: then each instance gets the new config (decoded
     like the first) through that hook and keeps running (`context.config` is updated after it
-    returns; if it raises, the slice goes FAILED on that node).
+    returns; if it raises, the change is not applied and `aether slices` shows why).
     """
 
     context: SliceContext

@@ -181,6 +181,7 @@ class SliceRuntime:
         )
         self._entries: dict[Artifact, _Entry] = {}
         self._locks: dict[Artifact, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Future[None]] = set()  # replaced instances being drained and stopped
 
     def _lock(self, artifact: Artifact) -> asyncio.Lock:
         lock = self._locks.get(artifact)
@@ -272,8 +273,11 @@ class SliceRuntime:
             new = await self._start_one(e, instance)
             e.instances[instance] = new  # new calls go to the new object from here on
             old.accepting = False
-            await self._drain(artifact, [old], drain_timeout)
-            await self._stop_one(e, old)
+            # the old object is retired even if this call is cancelled now (a step deadline)
+            retire = asyncio.ensure_future(self._retire(e, old, drain_timeout))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+            await asyncio.shield(retire)
             self.log.info("%s: %s instance %d restarted with its new config", self.node_id, artifact,
                           instance)
             return "restarted"
@@ -483,6 +487,10 @@ class SliceRuntime:
                         cb(a, report)
                     except Exception:
                         self.log.exception("on_block callback failed")
+
+    async def _retire(self, e: _Entry, inst: _Instance, drain_timeout: float) -> None:
+        await self._drain(e.loaded.artifact, [inst], drain_timeout)
+        await self._stop_one(e, inst)
 
     async def _close_thread(self, e: _Entry) -> None:
         t, e.thread = e.thread, None
