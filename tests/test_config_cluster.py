@@ -309,3 +309,17 @@ async def test_two_blueprints_may_not_configure_one_artifact_differently(tmp_pat
             "two.toml: org.example:configured:1.0.0 is configured differently by blueprint 'one'"
         )):
             await svc.apply_blueprint(text.format(id="two", g="c"), "two.toml")
+
+        # these configs lack `db`: the instance starting with one goes FAILED naming the field
+        async def failed() -> Any:
+            for s in svc.slices_status():
+                for i in s.instances:
+                    if s.artifact == "org.example:configured:1.0.0" and i.state == "FAILED":
+                        return i.reason
+            return None
+
+        reason = await until(failed, "FAILED for a config that does not decode")
+        assert reason == (
+            "activate failed: the config of org.example:configured:1.0.0 does not fit Settings: Object "
+            "missing required field `db` (its [slices.NAME.config] table in the blueprint)"
+        )
