@@ -185,10 +185,10 @@ class Node:
         )
         self._block_policies: dict[str, BlockPolicy] = {}
         self.slice_blocks = 0  # slice loops found blocked since start (node status)
-        # Slices call each other through the invoker, and the invoker runs local calls in the slice
-        # store: the store gets a forwarder to the invoker built right after it.
         # slice configs: the blueprints' [slices.NAME.config] with their secrets, from this replica
         self.slice_configs = SliceConfigs(self.kv)
+        # Slices call each other through the invoker, and the invoker runs local calls in the slice
+        # store: the store gets a forwarder to the invoker built right after it.
         self.slice_runtime = SliceRuntime(
             self.node_id, self.repository, config.data_path / "runtime", invoker=_NodeInvoker(self),
             config_for=self.slice_configs.resolved,
