@@ -100,8 +100,11 @@ def deploy_hello_examples(
 
 
 @contextlib.asynccontextmanager
-async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
-    """3 in-process nodes (management on free ports) with the hello slices in their repository."""
+async def running_cluster(
+    tmp_path: Path, *, extra: dict[str, tuple[str, str]] | None = None
+) -> AsyncIterator[list[Any]]:
+    """3 in-process nodes (management on free ports) with the hello slices in their repository
+    (and the `extra` slices: {coords: (module source, class name)})."""
     from aether.api.server import ManagementServer
     from aether.core.config import NodeConfig
     from aether.core.types import Address, PeerSpec
@@ -109,7 +112,7 @@ async def running_cluster(tmp_path: Path) -> AsyncIterator[list[Any]]:
     from aether.slices.testing import isolated_imports
 
     repo_dir = tmp_path / "repo"
-    deploy_hello_examples(repo_dir, tmp_path / "wheels")
+    deploy_hello_examples(repo_dir, tmp_path / "wheels", extra=extra)
     ports = free_ports(3)
     peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
     nodes = [

@@ -318,3 +318,78 @@ async def test_a_blocked_slice_loop_is_a_slice_blocked_event() -> None:
         "where": "s.py:9 in nap", "quarantined": False,
     }
     hub.stop()
+
+
+# -- probes -----------------------------------------------------------------------------------------
+
+
+async def test_livez_and_readyz_answer_without_the_key(session: aiohttp.ClientSession) -> None:
+    srv = await _server(FakeNode(), api_key="k")
+    try:
+        async with session.get(f"{srv.url}/livez") as r:
+            assert r.status == 200
+            doc = await r.json()
+        assert doc["status"] == "ok" and doc["live"] is True and doc["node_id"] == "node-1"
+        async with session.get(f"{srv.url}/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["ready"] is True
+        async with session.head(f"{srv.url}/readyz") as r:
+            assert r.status == 200
+        async with session.get(f"{srv.url}/api/v1/health") as r:  # the rest keeps the key
+            assert r.status == 401
+        async with session.get(f"{srv.url}/readyz?x=1") as r:  # still a strict endpoint
+            assert r.status == 400
+    finally:
+        await srv.stop()
+
+
+async def test_livez_needs_no_quorum_readyz_does(session: aiohttp.ClientSession) -> None:
+    node = FakeNode(quorum=False, leader=None)
+    node.fail_with = NotReady("still recovering")
+    srv = await _server(node, api_key="k")
+    try:
+        async with session.get(f"{srv.url}/livez") as r:
+            assert r.status == 200
+        async with session.get(f"{srv.url}/readyz") as r:
+            assert r.status == 503 and r.content_type == "application/problem+json"
+            doc = json.loads(await r.read())
+        assert doc["reason"] == "still recovering" and doc["live"] is True and doc["ready"] is False
+        node.fail_with = None
+        async with session.get(f"{srv.url}/readyz") as r:
+            assert r.status == 503
+            assert "no quorum" in json.loads(await r.read())["reason"]
+    finally:
+        await srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"http": None}, "the HTTP router is not running"),
+        ({"journal_error": "disk full"}, "the consensus journal failed: disk full"),
+        ({"store_write_failing_for": 3.0, "store_write_error": "commit timed out"},
+         "writes to the cluster store have failed for 3 s: commit timed out"),
+    ],
+)
+async def test_readyz_is_503_when_the_node_does_not_serve(
+    session: aiohttp.ClientSession, change: dict[str, Any], reason: str
+) -> None:
+    import msgspec
+
+    node = FakeNode()
+    node.http = object()  # type: ignore[attr-defined]
+    base = node.status()
+    if "http" in change:
+        node.http = None  # type: ignore[attr-defined]
+    else:
+        node.status = lambda: msgspec.structs.replace(base, **change)  # type: ignore[method-assign]
+    srv = await _server(node)
+    try:
+        async with session.get(f"{srv.url}/readyz") as r:
+            assert r.status == 503
+            doc = json.loads(await r.read())
+        assert doc["reason"].startswith(reason) and doc["quorum"] is True
+        async with session.get(f"{srv.url}/api/v1/health") as r:  # health asks for quorum only
+            assert r.status == 200
+    finally:
+        await srv.stop()

@@ -56,7 +56,7 @@ def test_load_blueprint_from_file(tmp_path: Path) -> None:
         ('id = "x"\nreplicas = 3\n[slices.a]\nartifact = "org.a:b:1.0.0"\n',
          r"^bp\.toml:2: unknown key 'replicas'; allowed keys: id, requires, slices, maps$"),
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\nreplicas = 2\n',
-         r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances$"),
+         r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances, config$"),
         # bad coordinates
         ('id = "x"\n[slices.a]\nartifact = "org.a:b"\n',
          r"^bp\.toml:3: \[slices\.a\]: invalid artifact coordinates 'org\.a:b': "
@@ -103,9 +103,9 @@ _SLICE_A = '[slices.a]\nartifact = "org.a:b:1.0.0"\n'
     [
         # unknown keys (msgspec's forbid_unknown_fields) named as written, with their table and line
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n"a`b c" = 1\n',
-         "bp.toml:4: unknown key 'a`b c' in [slices.a]; allowed keys: artifact, instances"),
+         "bp.toml:4: unknown key 'a`b c' in [slices.a]; allowed keys: artifact, instances, config"),
         ('id = "x"\nslices.a.artifact = "org.a:b:1.0.0"\nslices.a.replica = 1\n',
-         "bp.toml:3: unknown key 'replica' in [slices.a]; allowed keys: artifact, instances"),
+         "bp.toml:3: unknown key 'replica' in [slices.a]; allowed keys: artifact, instances, config"),
         ('id = "x"\n' + _SLICE_A + "[maps.m]\nreplica = 1\n",
          "bp.toml:5: unknown key 'replica' in [maps.m]; allowed keys: replicas, write_quorum, engine, "
          "max_value_bytes"),
@@ -331,3 +331,69 @@ def test_maps_section_errors_name_line_and_problem(table: str, expected: str) ->
     with pytest.raises(BlueprintError) as info:
         parse_blueprint(text, "shop.blueprint")
     assert expected in str(info.value)
+
+
+# -- [slices.NAME.config] ----------------------------------------------------------------------------
+
+
+def test_config_tables_are_kept_typed_and_expanded() -> None:
+    import datetime
+
+    from aether.deploy.blueprint import any_artifact, expand, no_dependencies
+
+    bp = parse_blueprint(
+        'id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n[slices.a.config]\n'
+        'name = "n"\nport = 80\nratio = 0.5\non = true\nwhen = 2024-01-02T03:04:05Z\n'
+        'tags = ["a", "b"]\ndb = { host = "h", password = { secret = "db-pw" } }\n'
+        '[[slices.a.config.routes]]\npath = "/x"\n',
+        "bp.toml",
+    )
+    cfg = bp.slices[0].config
+    assert cfg["port"] == 80 and cfg["ratio"] == 0.5 and cfg["on"] is True and cfg["tags"] == ["a", "b"]
+    assert cfg["when"] == datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    assert cfg["db"]["password"] == {"secret": "db-pw"} and cfg["routes"] == [{"path": "/x"}]
+    value = expand(bp, no_dependencies, any_artifact)
+    assert value.slices[0].config == cfg
+    # it survives the store's encoding with its types
+    from aether.kv.keys import BlueprintValue
+    from aether.kv.store import decode_value, encode_value
+
+    back = decode_value("blueprints/x", encode_value("blueprints/x", value))
+    assert isinstance(back, BlueprintValue) and back.slices[0].config["port"] == 80
+    assert back.slices[0].config["when"] == cfg["when"]
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('config = 3',
+         "bp.toml:4: config in [slices.a] must be a table ([slices.a.config]) of settings, got 3"),
+        ('config = { pw = { secret = "x", extra = 1 } }',
+         "bp.toml:4: [slices.a.config]: pw: a secret reference is a table with the one key secret, e.g. "
+         '{ secret = "db-password" }; got keys extra, secret'),
+        ('config = { pw = { secret = 7 } }',
+         "bp.toml:4: [slices.a.config]: pw: a secret reference is a table"),
+        ('config = { l = [{ secret = "bad name" }] }',
+         "bp.toml:4: [slices.a.config]: l[0]: invalid secret name 'bad name'"),
+    ],
+)
+def test_bad_config_tables_are_refused_naming_the_problem(table: str, expected: str) -> None:
+    text = f'id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n{table}\n'
+    with pytest.raises(BlueprintError) as e:
+        parse_blueprint(text, "bp.toml")
+    assert str(e.value).startswith(expected), str(e.value)
+
+
+def test_config_fingerprints_follow_the_config_and_secret_versions_not_values() -> None:
+    from aether.deploy.config import fingerprint, resolve, secret_names
+
+    cfg = {"a": 1, "pw": {"secret": "p"}, "more": [{"secret": "q"}]}
+    assert secret_names(cfg) == ["p", "q"]
+    base = fingerprint(cfg, {"p": 1, "q": 1})
+    assert fingerprint(dict(reversed(list(cfg.items()))), {"p": 1, "q": 1}) == base  # key order
+    assert fingerprint(cfg, {"p": 2, "q": 1}) != base  # a secret was set again
+    assert fingerprint(cfg, {"p": None, "q": 1}) != base  # a secret was deleted
+    assert fingerprint({**cfg, "a": 2}, {"p": 1, "q": 1}) != base
+    assert fingerprint({"a": 1}, {"p": 5}) == fingerprint({"a": 1}, {})  # unreferenced secrets: no effect
+    r = resolve(cfg, {"p": "P1", "q": "Q1"})
+    assert r.values == {"a": 1, "pw": "P1", "more": ["Q1"]} and sorted(r.secrets) == ["P1", "Q1"]

@@ -138,6 +138,10 @@ class FakeSliceStore:
         assert str(artifact) in self.active, "set_instances while not active"
         self.active[str(artifact)] = list(instances)
 
+    async def reconfigure(self, artifact: Artifact, instance: int) -> str:
+        await self._enter("reconfigure", artifact)
+        return "restarted"
+
     async def deactivate(self, artifact: Artifact) -> None:
         await self._enter("deactivate", artifact)
         self.active.pop(str(artifact), None)

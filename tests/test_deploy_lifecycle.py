@@ -6,9 +6,11 @@ import pytest
 
 from aether.deploy.lifecycle import (
     AbortStep,
+    ConfigChanged,
     LifecycleTimeouts,
     Note,
     Observed,
+    Quarantine,
     Reject,
     RemoveKey,
     SliceLifecycle,
@@ -328,3 +330,98 @@ def test_key_removed_while_loading_unloads_after_the_load() -> None:
     assert u.step is Step.UNLOAD and writes(out) == []
     assert m.handle(StepSucceeded(u.seq, 2.0)) == []
     assert m.finished
+
+
+# -- configuration changes -------------------------------------------------------------------------
+
+
+def _active_with_config(fp: str, instances: list[int]) -> SliceLifecycle:
+    m = SliceLifecycle(A)
+    assert m.handle(ConfigChanged(fp, 0.0)) == []  # nothing here yet: only remembered
+    seq = step_of(m.handle(Observed(v("LOAD", instances), 0.0))).seq
+    m.handle(StepSucceeded(seq, 1.0))
+    seq = step_of(m.handle(Observed(v("ACTIVATE", instances), 1.0))).seq
+    assert m.handle(ConfigChanged(fp, 1.5)) == []  # activating: the instances start with fp anyway
+    m.handle(StepSucceeded(seq, 2.0))
+    assert m.config == fp and m.state is S.ACTIVE
+    return m
+
+
+def test_a_config_change_reconfigures_active_instances_in_one_step() -> None:
+    m = _active_with_config("c1", [2, 0, 1])
+    assert m.handle(ConfigChanged("c1", 3.0)) == []  # unchanged: nothing to do
+    out = m.handle(ConfigChanged("c2", 3.0))
+    s = step_of(out)
+    assert s.step is Step.RECONFIGURE and s.instances == (0, 1, 2) and writes(out) == []  # in id order
+    assert s.deadline == 3.0 + 3 * (10.0 + 10.0)  # activate + deactivate deadlines per instance
+    assert m.state is S.ACTIVE and m.busy and m.config == "c1"
+    # another change meanwhile is remembered, handled when this step ends
+    assert m.handle(ConfigChanged("c3", 3.5)) == []
+    out = m.handle(StepSucceeded(s.seq, 4.0))
+    assert writes(out) == [(S.ACTIVE, None, (2, 0, 1))] and m.config == "c2"
+    again = step_of(out)
+    assert again.step is Step.RECONFIGURE
+    out = m.handle(StepSucceeded(again.seq, 5.0))
+    assert m.config == "c3" and not m.busy and writes(out) == [(S.ACTIVE, None, (2, 0, 1))]
+
+
+def test_a_config_change_waits_for_a_running_step() -> None:
+    m = _active_with_config("c1", [0])
+    scale = step_of(m.handle(Observed(v("ACTIVE", [0, 1]), 3.0)))
+    assert m.handle(ConfigChanged("c2", 3.1)) == []
+    out = m.handle(StepSucceeded(scale.seq, 4.0))
+    assert writes(out) == [(S.ACTIVE, None, (0, 1))]
+    assert step_of(out).step is Step.RECONFIGURE and step_of(out).instances == (0, 1)
+
+
+def test_a_failed_or_timed_out_reconfigure_keeps_the_slice_active_with_a_reason() -> None:
+    m = _active_with_config("c1", [0])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    out = m.handle(StepFailed(s.seq, "the config does not fit Settings: ...", 4.0))
+    reason = ("config change not applied: reconfigure failed: the config does not fit Settings: ...; "
+              "the instances serve with their previous config")
+    assert writes(out) == [(S.ACTIVE, reason, (0,))] and not m.busy
+    assert m.config == "c1" and m.state is S.ACTIVE
+    assert m.handle(ConfigChanged("c2", 5.0)) == []  # the same broken config is not tried again
+    echo(m, out)
+    # a command arriving meanwhile and refused restates ACTIVE with the reason
+    out = m.handle(Observed(v("LOAD", [0]), 5.5))
+    assert writes(out) == [(S.ACTIVE, reason, (0,))]
+    # back to the config the instances run: the reason goes, nothing restarts
+    out = m.handle(ConfigChanged("c1", 5.7))
+    assert out == [WriteState(S.ACTIVE, None, (0,), m.epoch)]
+    assert m.handle(ConfigChanged("c2", 5.8)) != []  # c2 may be tried again after that
+    m = _active_with_config("c1", [0])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    m.handle(StepFailed(s.seq, "bad", 4.0))
+    # the next config is tried; its success clears the reason
+    s = step_of(m.handle(ConfigChanged("c3", 6.0)))
+    out = m.handle(StepSucceeded(s.seq, 7.0))
+    assert writes(out) == [(S.ACTIVE, None, (0,))] and m.config == "c3"
+    # a timeout too
+    m = _active_with_config("c1", [0, 1])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    assert m.handle(Tick(3.0 + 39.0)) == []
+    out = m.handle(Tick(3.0 + 40.0))
+    assert isinstance(out[0], AbortStep)
+    assert writes(out) == [(S.ACTIVE, "config change not applied: reconfigure timed out after 40.0s; the "
+                            "instances serve with their previous config", (0, 1))]
+    # a quarantine still takes it down
+    out = m.handle(Quarantine("blocked", 50.0))
+    assert step_of(out).step is Step.DEACTIVATE
+
+
+def test_commands_during_a_reconfigure_are_rejected_then_restated() -> None:
+    m = _active_with_config("c1", [0])
+    s = step_of(m.handle(ConfigChanged("c2", 3.0)))
+    out = m.handle(Observed(v("DEACTIVATE"), 3.1))
+    assert [type(a) for a in out] == [Reject] and "ACTIVE (reconfiguring)" in out[0].message  # type: ignore[attr-defined]
+    out = m.handle(StepSucceeded(s.seq, 4.0))
+    assert writes(out) == [(S.ACTIVE, None, (0,))]  # the truth: the leader re-issues DEACTIVATE
+
+
+def test_no_reconfigure_when_not_active() -> None:
+    m = _machine_in(S.LOADED)
+    assert m.handle(ConfigChanged("c2", 3.0)) == []
+    m = _machine_in(S.FAILED)
+    assert m.handle(ConfigChanged("c2", 3.0)) == []

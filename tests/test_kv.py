@@ -257,3 +257,15 @@ def test_a_snapshot_from_before_digests_still_loads() -> None:
     sm2 = KVStateMachine()
     sm2.restore(snap)
     assert sm2.snapshot() == snap
+
+
+def test_secrets_are_a_key_family_external_clients_cannot_touch() -> None:
+    from aether.kv.keys import SecretKey, SecretValue, parse_key, value_type_for
+    from aether.kv.protocol import client_key_refusal
+
+    assert parse_key("secrets/db-password") == SecretKey("db-password")
+    assert value_type_for("secrets/db-password") is SecretValue
+    with pytest.raises(BadRequest, match="invalid secret name"):
+        parse_key("secrets/bad name")
+    refused = client_key_refusal("secrets/db-password")
+    assert refused is not None and "only user/ keys" in refused

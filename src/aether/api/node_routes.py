@@ -1,5 +1,5 @@
-"""The node's own management API endpoints: status, kv, health, nodes, keys, audit, events and
-the OpenAPI document (thin handlers over the `NodeView`, the key ring and the audit log).
+"""The node's own management API endpoints: status, kv, health, the probes, nodes, keys, secrets,
+audit, events and the OpenAPI document (thin handlers over the `NodeView`, the key ring and the audit log).
 
 Like every routes module it declares its routes once, at the end (`ROUTES`); the server registers
 them and documents them from that list.
@@ -18,15 +18,27 @@ from aether.api import sse
 from aether.api.audit import AuditEntry, AuditLog
 from aether.api.common import API_PREFIX, json_response, query, read_body, resolve
 from aether.api.routing import PRINCIPAL, ROLES, Answer, Body, Route, path_param, query_param
-from aether.api.types import Health, KeyInfo, KeyRevoked, KVListing, NewKey, NodeEntry, Unready
+from aether.api.types import Health, KeyInfo, KeyRevoked, KVListing, Live, NewKey, NodeEntry, Unready
 from aether.core.errors import BadRequest, NotReady, QuorumLost
 from aether.core.problem import PROBLEM_CONTENT_TYPE
+from aether.core.secrets import REDACTED
 from aether.core.status import KVEntry, NodeStatus
-from aether.kv.keys import API_KEY_NAME
+from aether.deploy.config import SecretInfo, Secrets
+from aether.kv.keys import API_KEY_NAME, SECRET_NAME
 
 __all__ = ["AUTH_PREFIX", "ROUTES", "CreateKey", "NodeRoutes"]
 
 AUTH_PREFIX: Final = "auth/"  # store keys only admins may list (hashes of API keys)
+SECRETS_PREFIX: Final = "secrets/"  # store keys whose values nobody may read through the API
+
+
+class SetSecret(msgspec.Struct, forbid_unknown_fields=True):
+    value: Annotated[str, msgspec.Meta(min_length=1, extra_json_schema={"writeOnly": True})]
+
+
+class SecretDeleted(msgspec.Struct, frozen=True):
+    name: str
+    deleted: bool
 
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
@@ -67,6 +79,7 @@ class NodeRoutes:
         self.heartbeat = heartbeat
         self.hub = hub  # the EventHub, None when the node has no bus or store
         self.document = document
+        self.secrets = Secrets(keys.kv) if keys.kv is not None else None
 
     async def status(self, request: web.Request) -> web.Response:
         query(request, ())
@@ -79,11 +92,27 @@ class NodeRoutes:
         principal = request.get(PRINCIPAL)
         if principal is None or not principal.allows("admin"):  # key hashes: admins only
             entries = [e for e in entries if not e.key.startswith(AUTH_PREFIX)]
+        entries = [_redacted(e) if e.key.startswith(SECRETS_PREFIX) else e for e in entries]  # nobody
         entries.sort(key=lambda e: e.key)
         return json_response(KVListing(prefix=prefix, entries=entries))
 
     async def health(self, request: web.Request) -> web.Response:
         query(request, ())
+        return await self._readiness(serving=False)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """`/readyz`: `health`, and the node must also serve (its HTTP router runs, its journal and
+        store writes work). Public: no API key needed."""
+        query(request, ())
+        return await self._readiness(serving=True)
+
+    async def livez(self, request: web.Request) -> web.Response:
+        """`/livez`: the process answers; asks nothing of consensus. Public: no API key needed."""
+        query(request, ())
+        return json_response(Live(status="ok", live=True, node_id=getattr(self.node, "node_id", ""),
+                                  time=time.time()))
+
+    async def _readiness(self, *, serving: bool) -> web.Response:
         now = time.time()
         node_id = getattr(self.node, "node_id", "")
         try:
@@ -94,6 +123,9 @@ class NodeRoutes:
             up = sum(1 for m in status.nodes if m.state == "up")
             reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
             return self._unready(status.node_id, False, status.leader, now, reason)
+        why = _not_serving(self.node, status) if serving else None
+        if why is not None:
+            return self._unready(status.node_id, True, status.leader, now, why)
         return json_response(Health(
             status="ok", live=True, ready=True, node_id=status.node_id, quorum=status.quorum,
             leader=status.leader, time=now,
@@ -135,6 +167,28 @@ class NodeRoutes:
         await self.keys.revoke(name)
         self.log.info("API key %r revoked", name)
         return json_response(KeyRevoked(name=name, revoked=True))
+
+    async def list_secrets(self, request: web.Request) -> web.Response:
+        query(request, ())
+        assert self.secrets is not None
+        return json_response(self.secrets.list())
+
+    async def set_secret(self, request: web.Request) -> web.Response:
+        query(request, ())
+        assert self.secrets is not None
+        name = request.match_info["name"]
+        body: SetSecret = await read_body(request, SetSecret)
+        info, created = await self.secrets.set(name, body.value)
+        self.log.info("secret %r %s (version %d)", name, "created" if created else "changed", info.version)
+        return json_response(info, status=201 if created else 200)
+
+    async def delete_secret(self, request: web.Request) -> web.Response:
+        query(request, ())
+        assert self.secrets is not None
+        name = request.match_info["name"]
+        await self.secrets.delete(name)
+        self.log.info("secret %r deleted", name)
+        return json_response(SecretDeleted(name=name, deleted=True))
 
     async def get_audit(self, request: web.Request) -> web.Response:
         text = query(request, ("limit",)).get("limit", "100")
@@ -186,6 +240,26 @@ class NodeRoutes:
         return json_response(self.document())
 
 
+def _redacted(entry: KVEntry) -> KVEntry:
+    """A `secrets/` entry without its value (the rest: created, updated, version)."""
+    value = entry.value
+    if isinstance(value, dict):
+        return KVEntry(entry.key, {**value, "value": REDACTED})
+    return KVEntry(entry.key, REDACTED)
+
+
+def _not_serving(node: Any, status: NodeStatus) -> str | None:
+    """Why a node with quorum does not serve yet (or any more), None when it does."""
+    if hasattr(node, "http") and node.http is None:
+        return "the HTTP router is not running (the node is starting or stopping)"
+    if status.journal_error:
+        return f"the consensus journal failed: {status.journal_error}"
+    if status.store_write_failing_for is not None:
+        return (f"writes to the cluster store have failed for {status.store_write_failing_for:g} s: "
+                f"{status.store_write_error or 'unknown error'}")
+    return None
+
+
 P = API_PREFIX
 _SECURITY = ("security",)
 _HAS_STORE: Final = lambda routes: routes.keys.kv is not None  # noqa: E731 (keys live in the replicated store)
@@ -210,6 +284,21 @@ ROUTES: Final = (
         (400,),
     ),
     Route(
+        "GET", "/livez", NodeRoutes.livez, "getLivez",
+        "Liveness probe: the process answers (no quorum needed; no API key needed)",
+        {200: Answer(Live, "Alive")}, (400,), tags=("probes",), public=True,
+    ),
+    Route(
+        "GET", "/readyz", NodeRoutes.readyz, "getReadyz",
+        "Readiness probe: quorum, and the node serves (router up, journal and store writes working); "
+        "no API key needed",
+        {
+            200: Answer(Health, "Ready"),
+            503: Answer(Unready, "Not ready; `reason` says why", media=PROBLEM_CONTENT_TYPE),
+        },
+        (400,), tags=("probes",), public=True,
+    ),
+    Route(
         "GET", f"{P}/nodes", NodeRoutes.nodes, "listNodes", "Configured members as this node sees them",
         {200: Answer(list[NodeEntry], "Members")}, (400, 503),
     ),
@@ -230,6 +319,30 @@ ROUTES: Final = (
         "Revoke a key: every node refuses it once the removal is applied (role admin)",
         {200: Answer(KeyRevoked, "Revoked")}, (400, 404, 503, 504), role="admin",
         params=(path_param("name", "the key's name"),), tags=_SECURITY, when=_HAS_STORE,
+    ),
+    Route(
+        "GET", f"{P}/secrets", NodeRoutes.list_secrets, "listSecrets",
+        "Secrets stored in the cluster: names, creation and change times, versions; never the values",
+        {200: Answer(list[SecretInfo], "Secrets, by name")}, (400, 503), tags=_SECURITY, when=_HAS_STORE,
+    ),
+    Route(
+        "PUT", f"{P}/secrets/{{name}}", NodeRoutes.set_secret, "setSecret",
+        "Create or change a secret (role admin). Slices whose config names it are restarted one "
+        "instance at a time, or reconfigured through their reload hook",
+        {
+            201: Answer(SecretInfo, "Created: name, times, version (never the value)"),
+            200: Answer(SecretInfo, "Changed: name, times, version (never the value)"),
+        },
+        (400, 413, 503, 504), role="admin", body=Body(SetSecret, "The value (UTF-8 text, at most 64 KiB)"),
+        params=(path_param("name", "the secret's name", pattern=f"^{SECRET_NAME.pattern}$"),),
+        tags=_SECURITY, when=_HAS_STORE,
+    ),
+    Route(
+        "DELETE", f"{P}/secrets/{{name}}", NodeRoutes.delete_secret, "deleteSecret",
+        "Delete a secret (role admin); refused while a blueprint's config names it",
+        {200: Answer(SecretDeleted, "Deleted")}, (400, 404, 409, 503, 504), role="admin",
+        params=(path_param("name", "the secret's name"),), tags=_SECURITY, when=_HAS_STORE,
+        descriptions={404: "No such secret", 409: "A blueprint's config names the secret (detail names it)"},
     ),
     Route(
         "GET", f"{P}/audit", NodeRoutes.get_audit, "getAudit",

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 OPENAPI_VERSION = "3.1.0"
-TAGS = ("cluster", "events", "deployment", "invoke", "maps", "metrics", "security", "meta")
+TAGS = ("probes", "cluster", "events", "deployment", "invoke", "maps", "metrics", "security", "meta")
 _REF = "#/components/schemas/{name}"
 
 ERRORS = {
@@ -134,7 +134,12 @@ def _operation(r: Route, schemas: _Schemas) -> dict[str, Any]:
         "tags": list(r.tags),
         "responses": responses,
     }
-    op["x-required-role"] = r.needs  # the role a key needs (read < operate < admin)
+    if r.public:  # the probes: no key, so no 401/403 either
+        op["security"] = []
+        responses.pop("401", None)
+        responses.pop("403", None)
+    else:
+        op["x-required-role"] = r.needs  # the role a key needs (read < operate < admin)
     params = [
         {"name": p.name, "in": p.where, "required": p.required, "description": p.description,
          "schema": dict(p.schema)}

@@ -152,6 +152,9 @@ class Route:
     """Error descriptions specific to this operation (else the generic one of the status)."""
     when: Callable[[Any], bool] | None = None
     """Served only when true of the routes instance (default: always)."""
+    public: bool = False
+    """Served without authentication even when the node has API keys (the probes `/livez` and
+    `/readyz`; `/metrics` is made public by the node setting `metrics_public` instead)."""
 
     @property
     def needs(self) -> Role:

@@ -6,6 +6,9 @@ Endpoints (all `GET`, all JSON):
 - `/api/v1/kv?prefix=P` -> `{"prefix": P, "entries": [{"key": ..., "value": ...}, ...]}`
 - `/api/v1/health` -> 200 `{"status": "ok", "live": true, "ready": true, node_id, quorum, leader, time}`
   when the node has quorum, else 503 with `ready: false` and `reason` (also a problem document)
+- `/livez` -> 200 `{"status": "ok", "live": true, node_id, time}` (no quorum needed), and `/readyz` ->
+  200 like `/api/v1/health` when the node has quorum and serves, else 503 with `reason`: both without
+  an API key (probes of load balancers and Kubernetes)
 - `/api/v1/nodes` -> `[{"id", "address", "state", "leader": bool}]`
 - `/api/v1/events` (only when the node has `bus` and `kv`): server-sent events, see
   `aether.api.events`; a `: keepalive` comment every `heartbeat` seconds
@@ -28,7 +31,8 @@ Metrics endpoints, when the node runs a metrics service (`node.metrics`), see `a
 
 - `GET /api/v1/metrics` -> the cluster snapshot (`aether.metrics.MetricsView`)
 - `GET /api/v1/metrics/history?seconds=N` -> per-second cluster points of the last N seconds
-- `GET /metrics` -> Prometheus text exposition of this node (needs the API key like the rest)
+- `GET /metrics` -> Prometheus text exposition of this node (needs the API key like the rest, unless
+  the node's `metrics_public` setting makes it public)
 
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`, the title being the status's
@@ -37,14 +41,16 @@ shared with the HTTP router and the CLI). Unexpected exceptions are logged with 
 answered with a 500 that never contains it. A `SessionConflict` (the store refused the node's own
 command: an internal error, the request was not applied) is a 500 whose detail says so.
 
-If an API key is configured, every request must carry it in `X-API-Key: KEY` or
-`Authorization: Bearer KEY`, else 401. A server bound beyond loopback without an API key refuses
-to start (`ConfigError`). Several servers may run in one process (no module-level state).
+If an API key is configured, every request (but `/livez`, `/readyz` and a public `/metrics`) must
+carry it in `X-API-Key: KEY` or `Authorization: Bearer KEY`, else 401. A server bound beyond
+loopback without an API key refuses to start (`ConfigError`). Several servers may run in one
+process (no module-level state).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import ssl
@@ -154,8 +160,11 @@ class ManagementServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
+        metrics_public: bool = False,
     ) -> None:
         self._ssl_context = ssl_context  # HTTPS when given
+        self._metrics_public = metrics_public  # `/metrics` without a key (node setting metrics_public)
+        self._public: frozenset[str] = frozenset()  # paths served without authentication
         if idle_timeout <= 0 or body_timeout <= 0:
             raise ConfigError("idle_timeout and body_timeout must be > 0 seconds")
         self._idle_timeout = idle_timeout
@@ -249,7 +258,12 @@ class ManagementServer:
             from aether.api import metrics_routes
 
             metrics = metrics_routes.MetricsRoutes(self._node.metrics)  # type: ignore[attr-defined]
-            served += register(app, metrics, metrics_routes.ROUTES)
+            routes = [
+                dataclasses.replace(r, public=True) if r.path == "/metrics" and self._metrics_public else r
+                for r in metrics_routes.ROUTES
+            ]
+            served += register(app, metrics, routes)
+        self._public = frozenset(r.path for r in served if r.public and r.method == "GET")
         return app
 
     async def start(self) -> None:
@@ -334,6 +348,17 @@ class ManagementServer:
         )
 
     async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in self._public and request.method in ("GET", "HEAD"):
+            try:  # the probes (and /metrics when public): no key asked, none checked
+                return await handler(request)
+            except web.HTTPException as e:
+                if e.status < 400:
+                    raise
+                return self._http_problem(request, e)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                return self.problem_for(request, e)
         try:
             principal = await self.keys.authenticate(presented_key(request) if self.keys.enabled else None)
             request[PRINCIPAL] = principal

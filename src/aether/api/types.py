@@ -12,7 +12,9 @@ import msgspec
 from aether.core.problem import Problem
 from aether.core.status import KVEntry
 
-__all__ = ["Health", "KVListing", "KeyInfo", "KeyRevoked", "NewKey", "NodeEntry", "Problem", "Unready"]
+__all__ = [
+    "Health", "KVListing", "KeyInfo", "KeyRevoked", "Live", "NewKey", "NodeEntry", "Problem", "Unready",
+]
 
 
 class KVListing(msgspec.Struct, frozen=True):
@@ -31,6 +33,15 @@ class Health(msgspec.Struct, frozen=True):
     node_id: str
     quorum: bool
     leader: str | None
+    time: float
+
+
+class Live(msgspec.Struct, frozen=True):
+    """Answer of `GET /livez`: the process is alive."""
+
+    status: Literal["ok"]
+    live: bool
+    node_id: str
     time: float
 
 

@@ -255,16 +255,37 @@ def blueprint_show(settings: Settings, blueprint_id: str, as_json: bool) -> None
     from aether.cli import render
 
     table = Table(title=f"Blueprint {bp['id']} (source: {bp.get('source', '')})", title_justify="left")
-    for col in ("Slice", "Artifact", "Instances", "Depends on"):
+    configs = any(s.get("config") for s in bp.get("slices", []))
+    for col in ("Slice", "Artifact", "Instances", "Depends on", *(("Config",) if configs else ())):
         table.add_column(col)
+    from rich.markup import escape
+
     for s in bp.get("slices", []):
         table.add_row(
             s.get("name") or "(dependency)",
             s["artifact"],
             str(s["instances"]),
             ", ".join(s.get("depends_on", [])),
+            *((escape("\n".join(_config_lines(s.get("config") or {}))),) if configs else ()),
         )
     render.console().print(table)
+
+
+def _config_lines(config: Any, prefix: str = "") -> list[str]:
+    """`key=value` per setting, nested tables dotted; a secret reference reads `secret(NAME)` (the
+    blueprint holds only the name)."""
+    import json
+
+    out: list[str] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and set(value) == {"secret"}:
+            out.append(f"{name}=secret({value['secret']})")
+        elif isinstance(value, dict) and value:
+            out.extend(_config_lines(value, f"{name}."))
+        else:
+            out.append(f"{name}={json.dumps(value)}")
+    return out
 
 
 @blueprint.command("delete")

@@ -344,6 +344,13 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     help="Slice artifact repository [default: ~/.aether/repository; env AETHER_REPOSITORY].",
 )
 @click.option(
+    "--metrics-public",
+    is_flag=True,
+    default=None,
+    help="Serve the Prometheus /metrics of the management API without an API key (for scrapers); "
+    "/livez and /readyz never need one.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -374,6 +381,7 @@ def node(
     http_tls_key: str | None,
     max_buffered_bytes: int | None,
     repository: str | None,
+    metrics_public: bool | None,
     log_level: str,
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
@@ -401,6 +409,7 @@ def node(
         "http_tls_key": http_tls_key or None,
         "max_buffered_bytes": max_buffered_bytes,
         "repository": repository or None,
+        "metrics_public": metrics_public or None,
     }
     try:
         config = build_node_config(config_file, flags)
@@ -1074,7 +1083,7 @@ for _command in (
     deploy_commands.slices, deploy_commands.blueprint, deploy_commands.deploy, deploy_commands.scale,
     deploy_commands.undeploy, map_commands.map_group, metrics_commands.metrics, ops_commands.health,
     ops_commands.nodes, ops_commands.events, ops_commands.doctor, security_commands.key,
-    security_commands.audit, cert_commands.cert, artifact,
+    security_commands.secret, security_commands.audit, cert_commands.cert, artifact,
 ):
     main.add_command(_command)
 

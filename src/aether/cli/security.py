@@ -129,3 +129,101 @@ def audit(settings: Settings, limit: int, as_json: bool) -> None:
             f"[{color}]{status}[/{color}]",
         )
     render.console().print(table)
+
+
+# --- secrets -----------------------------------------------------------------------------------------
+
+
+def _strip_newline(text: str) -> str:
+    """One trailing newline off (what `echo` and editors add), nothing else."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
+
+
+@click.group()
+def secret() -> None:
+    """Manage secrets that slice configs name (`db_password = { secret = "db-password" }` in a
+    blueprint's [slices.NAME.config]). Values are never shown; set and delete need an admin key."""
+
+
+@secret.command("set")
+@click.argument("name")
+@click.option(
+    "--from-file", "from_file", type=click.File("rb"), metavar="FILE",
+    help="Read the value from FILE (`-`: stdin). Without it the value is read from stdin, or asked "
+    "for (hidden, twice) when stdin is a terminal. One trailing newline is dropped.",
+)
+@json_option
+@click.pass_obj
+def secret_set(settings: Settings, name: str, from_file: Any, as_json: bool) -> None:
+    """Create or change secret NAME. Slices whose config names it get the new value: their instances
+    restart one at a time (or reconfigure in place, if the slice has a reload hook)."""
+    import sys
+
+    from aether.cli.common import EXIT_USAGE, fail
+
+    if from_file is not None:
+        raw = from_file.read()
+    elif sys.stdin.isatty():
+        raw = click.prompt(f"Value of secret {name}", hide_input=True, confirmation_prompt=True,
+                           err=True).encode()
+    else:
+        raw = sys.stdin.buffer.read()
+    try:
+        value = _strip_newline(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        fail(f"the value of secret {name!r} is not UTF-8 text; secrets are text (base64-encode binary data)",
+             EXIT_USAGE)
+    if not value:
+        fail(f"the value of secret {name!r} is empty", EXIT_USAGE)
+    client = make_client(settings)
+    doc: Any = call(client, lambda c: c.send_json("PUT", f"/api/v1/secrets/{quote(name, safe='')}",
+                                                  {"value": value}))
+    if settings.json or as_json:
+        echo_json(doc)
+        return
+    verb = "Created" if doc.get("version") == 1 else "Changed"
+    click.echo(f"{verb} secret {doc['name']!r} (version {doc['version']}).")
+
+
+@secret.command("list")
+@json_option
+@click.pass_obj
+def secret_list(settings: Settings, as_json: bool) -> None:
+    """List the secrets stored in the cluster (names, times, versions; never the values)."""
+    client = make_client(settings)
+    items: Any = call(client, lambda c: c.get_json("/api/v1/secrets"))
+    if settings.json or as_json:
+        echo_json(items)
+        return
+    if not items:
+        click.echo("No secrets stored.")
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    from aether.cli import render
+
+    table = Table(title=f"Secrets ({len(items)})", title_justify="left")
+    for col in ("Name", "Version", "Created", "Changed"):
+        table.add_column(col, justify="right" if col == "Version" else "left")
+    for s in items:
+        table.add_row(
+            escape(str(s["name"])), str(s["version"]), _when(s.get("created")), _when(s.get("updated"))
+        )
+    render.console().print(table)
+
+
+@secret.command("delete")
+@click.argument("name")
+@json_option
+@click.pass_obj
+def secret_delete(settings: Settings, name: str, as_json: bool) -> None:
+    """Delete secret NAME (refused while a blueprint's config names it)."""
+    client = make_client(settings)
+    doc: Any = call(client, lambda c: c.send_json("DELETE", f"/api/v1/secrets/{quote(name, safe='')}"))
+    if settings.json or as_json:
+        echo_json(doc)
+        return
+    click.echo(f"Deleted secret {name!r}.")

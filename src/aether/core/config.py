@@ -83,6 +83,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # cluster; a blueprint, deploy or scale that would exceed either is rejected with a 400
     max_instances_per_node: int = DEFAULT_MAX_INSTANCES_PER_NODE
     max_instances_per_cluster: int = DEFAULT_MAX_INSTANCES_PER_CLUSTER
+    # serve the Prometheus `/metrics` of the management API without an API key (scrapers); the
+    # probes `/livez` and `/readyz` are always public
+    metrics_public: bool = False
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -196,6 +199,7 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     repository: str | None = None
     max_instances_per_node: int | None = None
     max_instances_per_cluster: int | None = None
+    metrics_public: bool | None = None
 
 
 def load_toml(path: str | Path) -> dict[str, object]:

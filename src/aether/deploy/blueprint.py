@@ -14,6 +14,10 @@ requires = ["artifact-repo"]      # optional: infrastructure services (kept, not
 artifact = "org.demo:place-order:0.1.0"   # required, GROUP:ARTIFACT:VERSION
 instances = 3                     # optional, default 1, must be >= 1
 
+[slices.place_order.config]       # optional: handed to the instances as `context.config`
+currency = "EUR"
+db_password = { secret = "db-password" }  # a secret, resolved when an instance starts
+
 [maps.orders]                     # optional: a distributed map the slices use; NAME is the map name
 replicas = 3                      # optional, default 3 (copies, primary included)
 write_quorum = 2                  # optional, default 2 (acknowledgements before a write returns)
@@ -33,15 +37,16 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 from aether.core.artifact import Artifact, VersionPattern
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec
+from aether.deploy.config import check_config
 from aether.deploy.errors import BlueprintError
 from aether.deploy.ports import DependenciesOf, Resolve
 from aether.kv.keys import BlueprintSlice, BlueprintValue, parse_key
@@ -58,6 +63,7 @@ class BlueprintSliceSpec:
     artifact: Artifact
     instances: int = 1
     line: int | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,7 @@ class _SliceTable(msgspec.Struct, forbid_unknown_fields=True):
 
     artifact: str
     instances: Annotated[int, msgspec.Meta(ge=1)] = 1
+    config: dict[str, Any] = {}
 
 
 # `[maps.NAME]` tables are converted straight into `MapSpec` (also forbid_unknown_fields).
@@ -253,6 +260,9 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
         def bad_slice(key: str, value: object, name: str = name) -> str:
             if key == "artifact":
                 return f"artifact in [slices.{name}] must be a string GROUP:ARTIFACT:VERSION, got {value!r}"
+            if key == "config":
+                return (f"config in [slices.{name}] must be a table ([slices.{name}.config]) of "
+                        f"settings, got {value!r}")
             if isinstance(value, int) and not isinstance(value, bool):  # an integer below 1
                 return (f"instances = {value} in [slices.{name}]: must be at least 1 (0 would mean "
                         "undeploy, which must be an explicit command: `aether undeploy ARTIFACT`)")
@@ -273,7 +283,11 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
                 f"{other.line}) and [slices.{name}] ({artifact}); list each artifact once",
                 "slices", name, "artifact",
             )
-        spec = BlueprintSliceSpec(name, artifact, st.instances, line)
+        try:
+            check_config(st.config)
+        except BadRequest as e:
+            raise fail(f"[slices.{name}.config]: {e}", "slices", name, "config") from None
+        spec = BlueprintSliceSpec(name, artifact, st.instances, line, st.config)
         by_name[artifact.name] = spec
         specs.append(spec)
     return Blueprint(bp_id, tuple(specs), tuple(top.requires), filename, maps)
@@ -434,6 +448,7 @@ def expand(
             instances=listed_spec.instances if listed_spec else 1,
             depends_on=deps_of[str(a)],
             name=listed_spec.name if listed_spec else "",
+            config=dict(listed_spec.config) if listed_spec else {},
         ))
     return BlueprintValue(out, source=source)
 

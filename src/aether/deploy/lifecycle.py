@@ -41,6 +41,17 @@ Rules worth knowing:
   leader then activates it as usual. DEACTIVATE*/UNLOAD* keys are removed (nothing to tear
   down); a FAILED key is adopted (the leader will UNLOAD it).
 - UNLOADING cannot fail: an unload error or timeout is logged and the key removed.
+- Configuration (`ConfigChanged(fingerprint)`, fed by the adapter whenever the config an
+  artifact's instances should run changes: a blueprint's `config` or a secret it names): the
+  machine remembers which fingerprint its instances were started with. While ACTIVE and idle,
+  a different one starts a RECONFIGURE step over its instances in id order, one at a time (the
+  adapter restarts each make-before-break, or calls the slice's reload hook), staying ACTIVE;
+  if a step is running (activate, scale, deactivate...) the change waits for it to end. A failed
+  or timed-out reconfigure does not take the slice down: it stays ACTIVE (its instances keep
+  serving with the config they had) with a `reason` saying the change was not applied and why,
+  and the same config is not tried again; the next change is. (Instances started afresh with a
+  config that does not work — a new placement, a restarted node — fail to start and go FAILED as
+  usual.) Its deadline is the activate plus the deactivate deadline per instance.
 """
 
 from __future__ import annotations
@@ -84,11 +95,13 @@ class Step(StrEnum):
     SCALE = "scale"
     DEACTIVATE = "deactivate"
     UNLOAD = "unload"
+    RECONFIGURE = "reconfigure"
 
 
 @dataclass(frozen=True, slots=True)
 class LifecycleTimeouts:
-    """Deadline of each step, seconds. A scale change uses the activate deadline."""
+    """Deadline of each step, seconds. A scale change uses the activate deadline; a reconfigure
+    gets activate + deactivate per instance."""
 
     load: float = 60.0
     activate: float = 10.0
@@ -98,6 +111,8 @@ class LifecycleTimeouts:
     def for_step(self, step: Step) -> float:
         if step is Step.LOAD:
             return self.load
+        if step is Step.RECONFIGURE:  # per instance: start the new object, drain and stop the old
+            return self.activate + self.deactivate
         if step in (Step.ACTIVATE, Step.SCALE):
             return self.activate
         if step is Step.DEACTIVATE:
@@ -140,7 +155,15 @@ class Quarantine:
     now: float
 
 
-LifecycleEvent = Observed | StepSucceeded | StepFailed | Tick | Quarantine
+@dataclass(frozen=True, slots=True)
+class ConfigChanged:
+    """The config the artifact's instances should run now has this fingerprint."""
+
+    fingerprint: str
+    now: float
+
+
+LifecycleEvent = Observed | StepSucceeded | StepFailed | Tick | Quarantine | ConfigChanged
 
 
 # --- actions ----------------------------------------------------------------------------------------
@@ -194,6 +217,7 @@ _STEP_STATE = {
     Step.SCALE: SliceState.ACTIVE,
     Step.DEACTIVATE: SliceState.DEACTIVATING,
     Step.UNLOAD: SliceState.UNLOADING,
+    Step.RECONFIGURE: SliceState.ACTIVE,
 }
 
 
@@ -204,6 +228,8 @@ class _Running:
     deadline: float
     instances: tuple[int, ...]
     fail_reason: str | None = None  # a quarantine: the step succeeding still ends FAILED
+    config: str | None = None  # ACTIVATE / RECONFIGURE: the config fingerprint the instances get
+    limit: float = 0.0  # seconds it may take
 
 
 class SliceLifecycle:
@@ -221,6 +247,9 @@ class SliceLifecycle:
         self._seq = 0
         self._orphan = False  # key removed by someone else: tearing down silently
         self._deferred = False  # key re-created during that teardown: handle it afterwards
+        self.config: str | None = None  # config fingerprint the active instances were given
+        self.wanted_config: str | None = None  # the one they should have (ConfigChanged)
+        self._config_failed: str | None = None  # a config whose reconfigure failed: not retried
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -252,7 +281,24 @@ class SliceLifecycle:
             return self._step_done(event.seq, False, event.reason, event.now)
         if isinstance(event, Quarantine):
             return self._quarantine(event.reason, event.now)
+        if isinstance(event, ConfigChanged):
+            self.wanted_config = event.fingerprint
+            return self._maybe_reconfigure(event.now)
         return self._tick(event.now)
+
+    def _maybe_reconfigure(self, now: float) -> list[LifecycleAction]:
+        """ACTIVE, idle and running another config than wanted: reconfigure every instance."""
+        if self.state is not SliceState.ACTIVE or self._running is not None or self._orphan:
+            return []
+        if self.wanted_config == self.config and self._config_failed is not None:
+            # back to the config the instances run: the failed change no longer matters
+            self._config_failed = self.reason = None
+            return [WriteState(SliceState.ACTIVE, None, self.instances, self.epoch)]
+        if self.wanted_config is None or self.wanted_config in (self.config, self._config_failed):
+            return []
+        out = self._start(Step.RECONFIGURE, tuple(sorted(self.instances)), now, write=None)
+        return [Note(f"{self.artifact}: its config changed: giving instances {list(self.instances)} the new "
+                     "one, one at a time"), *out]
 
     def _quarantine(self, reason: str, now: float) -> list[LifecycleAction]:
         """ACTIVE and idle: deactivate here and report FAILED with `reason` (the leader places the
@@ -318,7 +364,7 @@ class SliceLifecycle:
             # the leader rewrote ACTIVE with another instance list: a scale change
             self.epoch += 1
             if self._running is not None:
-                return self._reject(f"ACTIVE{list(inst)}", "a scale change is already running")
+                return self._reject(f"ACTIVE{list(inst)}", f"busy: {self._local_name()}")
             return self._start(Step.SCALE, inst, now, write=None)
         return []  # the echo of our own write, or an older report
 
@@ -377,8 +423,8 @@ class SliceLifecycle:
             if self.state is None:
                 out.append(RemoveKey(self.epoch))
             else:
-                out.append(WriteState(self.state, self.reason if self.state is SliceState.FAILED else None,
-                                      self.instances, self.epoch))
+                keep = self.state in (SliceState.FAILED, SliceState.ACTIVE)  # ACTIVE: a config not applied
+                out.append(WriteState(self.state, self.reason if keep else None, self.instances, self.epoch))
         return out
 
     # --- steps ----------------------------------------------------------------------------------
@@ -387,22 +433,25 @@ class SliceLifecycle:
         self, step: Step, inst: tuple[int, ...], now: float, *, write: SliceState | None
     ) -> list[LifecycleAction]:
         self._seq += 1
-        deadline = now + self.timeouts.for_step(step)
-        self._running = _Running(step, self._seq, deadline, inst)
+        per = max(1, len(inst)) if step is Step.RECONFIGURE else 1  # one instance after the other
+        limit = self.timeouts.for_step(step) * per
+        self._running = _Running(step, self._seq, now + limit, inst, limit=limit)
+        if step in (Step.ACTIVATE, Step.RECONFIGURE):
+            self._running.config = self.wanted_config
         self.state = _STEP_STATE[step]
         if step is Step.LOAD:
             self.instances = inst
         out: list[LifecycleAction] = []
         if write is not None and not self._orphan:
             out.append(WriteState(write, None, inst, self.epoch))
-        out.append(StartStep(step, self._seq, inst, deadline))
+        out.append(StartStep(step, self._seq, inst, self._running.deadline))
         return out
 
     def _tick(self, now: float) -> list[LifecycleAction]:
         r = self._running
         if r is None or now < r.deadline:
             return []
-        reason = f"{r.step} timed out after {self.timeouts.for_step(r.step):.1f}s"
+        reason = f"{r.step} timed out after {r.limit:.1f}s"
         return [AbortStep(r.step, r.seq, reason), *self._finish(r, False, reason, now)]
 
     def _step_done(self, seq: int, ok: bool, reason: str | None, now: float) -> list[LifecycleAction]:
@@ -427,13 +476,25 @@ class SliceLifecycle:
             self.reason = None
             if r.step in (Step.ACTIVATE, Step.SCALE):
                 self.state, self.instances = SliceState.ACTIVE, r.instances
+            elif r.step is Step.RECONFIGURE:  # the same instances, in the same order
+                self.state = SliceState.ACTIVE
             else:  # LOAD, DEACTIVATE
                 self.state = SliceState.LOADED
+            if r.step in (Step.ACTIVATE, Step.RECONFIGURE):
+                self.config, self._config_failed = r.config, None
+        elif r.step is Step.RECONFIGURE and r.fail_reason is None:  # the old instances still serve
+            self.state = SliceState.ACTIVE
+            self.reason = (f"config change not applied: {reason}; the instances serve with their "
+                           "previous config")
+            self._config_failed = r.config
         else:
             self.state, self.reason = SliceState.FAILED, r.fail_reason or reason
+        if self.state is not SliceState.ACTIVE:
+            self.config = None
         if self._orphan:
             return out + self._teardown(now)
-        return [*out, WriteState(self.state, self.reason, self.instances, self.epoch)]
+        write = WriteState(self.state, self.reason, self.instances, self.epoch)
+        return [*out, write, *self._maybe_reconfigure(now)]
 
     def _teardown(self, now: float) -> list[LifecycleAction]:
         """Key removed by someone else: go back to nothing without writing anything."""
@@ -457,6 +518,8 @@ class SliceLifecycle:
     def _local_name(self) -> str:
         if self._running is not None and self._running.step is Step.SCALE:
             return "ACTIVE (changing instances)"
+        if self._running is not None and self._running.step is Step.RECONFIGURE:
+            return "ACTIVE (reconfiguring)"
         return str(self.state) if self.state is not None else "nothing is loaded"
 
 

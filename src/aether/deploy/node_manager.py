@@ -22,6 +22,12 @@ overwrites a leader command this node has not processed):
   LOADED; if no endpoint of the artifact is left anywhere and no other node has it in
   ACTIVATE/ACTIVATING/ACTIVE, removes its routes (automatic route cleanup).
 - UNLOAD → writes UNLOADING, `store.unload`, removes the key.
+- A config change (a blueprint's `[slices.NAME.config]` or a secret it names; watched under
+  `blueprints/` and `secrets/` when the manager has a `config_version`) → the lifecycle's
+  RECONFIGURE step: `store.reconfigure(artifact, id)` for each instance in turn, one at a time
+  (each restarted make-before-break, or given the config through the slice's reload hook),
+  state ACTIVE throughout; a failure leaves the slice ACTIVE and serving (no cleanup), with a
+  reason saying the change was not applied.
 - A step that fails or exceeds its deadline cleans up (endpoints removed, slice deactivated
   if it had been activated) before FAILED is written.
 - A route this node's ACTIVATING/ACTIVE slice claimed that someone removes is claimed again
@@ -46,6 +52,7 @@ from aether.core.artifact import Artifact
 from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost
 from aether.deploy.lifecycle import (
     AbortStep,
+    ConfigChanged,
     LifecycleAction,
     LifecycleTimeouts,
     Note,
@@ -107,7 +114,11 @@ class NodeDeploymentManager:
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        config_version: Callable[[str], str] | None = None,
     ) -> None:
+        """`config_version(artifact)` is the fingerprint of the config the artifact's instances
+        should run (`aether.deploy.config.SliceConfigs.fingerprint`); without it configs are
+        never changed on running instances."""
         self.kv = kv
         self.node_id = node_id
         self.store = store
@@ -129,6 +140,7 @@ class NodeDeploymentManager:
         self._tick_task: asyncio.Task[None] | None = None
         self._starting = False
         self._running = False
+        self.config_version = config_version
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -139,6 +151,9 @@ class NodeDeploymentManager:
         self._starting = True
         self._cancels.append(self.kv.watch(self.prefix, self._on_slice_event))
         self._cancels.append(self.kv.watch("routes/", self._on_route_event))
+        if self.config_version is not None:
+            self._cancels.append(self.kv.watch("blueprints/", self._on_config_event))
+            self._cancels.append(self.kv.watch("secrets/", self._on_config_event))
         stale = [(k, v) for k, v in self.kv.list_local("endpoints/")
                  if isinstance(v, EndpointValue) and v.node_id == self.node_id]
         if stale:
@@ -190,7 +205,19 @@ class NodeDeploymentManager:
         m = self._machines.get(artifact)
         if m is None:
             m = self._machines[artifact] = SliceLifecycle(artifact, self.timeouts)
+            if self.config_version is not None:  # nothing runs yet: only remembered
+                m.handle(ConfigChanged(self.config_version(artifact), self._clock()))
         return m
+
+    def _on_config_event(self, ev: WatchEvent) -> None:
+        """A blueprint or a secret changed: tell every machine whose config it changes."""
+        if self._starting or not self._running or self.config_version is None:
+            return
+        now = self._clock()
+        for artifact, m in list(self._machines.items()):
+            fp = self.config_version(artifact)
+            if fp != m.wanted_config:
+                self._dispatch(artifact, m, m.handle(ConfigChanged(fp, now)))
 
     def _on_slice_event(self, ev: WatchEvent) -> None:
         if self._starting or not self._running:
@@ -323,19 +350,22 @@ class NodeDeploymentManager:
                 await self._activate(a, artifact, ids)
             elif step is Step.SCALE:
                 await self._scale(a, artifact, old_ids, ids)
+            elif step is Step.RECONFIGURE:
+                for iid in ids:  # one instance at a time: the others keep serving
+                    await self.store.reconfigure(a, iid)
             elif step is Step.DEACTIVATE:
                 await self._deactivate(a, artifact)
             else:
                 await self._unload(a, artifact)
         except asyncio.CancelledError:
             self._steps.pop((artifact, seq), None)
-            if self._running and step is not Step.LOAD:
+            if self._running and step not in (Step.LOAD, Step.RECONFIGURE):  # a reconfigure keeps serving
                 self._spawn(self._cleanup_failed(artifact, step))
             raise
         except Exception as e:
             reason = str(e) or type(e).__name__
             self.log.warning("%s: %s failed: %s", artifact, step, reason)
-            if step is not Step.LOAD:
+            if step not in (Step.LOAD, Step.RECONFIGURE):  # a failed reconfigure: the old instances serve
                 try:
                     await self._cleanup_failed(artifact, step)
                 except Exception:

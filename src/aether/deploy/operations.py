@@ -39,6 +39,7 @@ from aether.deploy.blueprint import (
     expand,
     parse_blueprint,
 )
+from aether.deploy.config import config_conflict
 from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentFailed
 from aether.deploy.lifecycle import SliceState
 from aether.deploy.ports import DependenciesOf, MapsOf, Resolve
@@ -158,6 +159,9 @@ class DeploymentService:
         """Parse, expand and store a blueprint (replacing one with the same id)."""
         bp = parse_blueprint(toml_text, filename)
         value = self._expand(bp, source)
+        conflict = config_conflict(((e.id, e.blueprint) for e in self.list_blueprints()), bp.id, value)
+        if conflict is not None:
+            raise BlueprintError(f"{filename}: {conflict}")
         self._admit({bp.id: value}, f"blueprint {bp.id!r}")
         for name, spec in bp.maps:  # before the slices, which may use them in start()
             await self._define_map(bp, name, spec)

@@ -72,4 +72,9 @@ class SliceRuntimePort(Protocol):
 
     async def unload(self, artifact: Artifact) -> None: ...
 
+    async def reconfigure(self, artifact: Artifact, instance: int) -> Any:
+        """Give one ACTIVE instance the artifact's current config (restart it make-before-break, or
+        call the slice's reload hook); raises if it cannot take it."""
+        ...
+
     def info(self, artifact: Artifact) -> SliceInfo | None: ...

@@ -7,7 +7,7 @@ malformed key is rejected with a message naming the problem instead of being sto
 from __future__ import annotations
 
 import re
-from typing import ClassVar, Union
+from typing import Any, ClassVar, Union
 
 import msgspec
 
@@ -35,6 +35,9 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     instances: int
     depends_on: list[str] = []
     name: str = ""  # the [slices.NAME] table it came from ("" for dependencies added by expansion)
+    # the [slices.NAME.config] table, typed TOML values; `{ secret = "NAME" }` tables name secrets
+    # (`aether.deploy.config`), resolved only when an instance starts, never stored here
+    config: dict[str, Any] = {}
 
 
 class BlueprintValue(msgspec.Struct, frozen=True):
@@ -78,6 +81,17 @@ class ApiKeyValue(msgspec.Struct, frozen=True):
     r: int
     p: int
     created: float
+
+
+class SecretValue(msgspec.Struct, frozen=True):
+    """A secret a slice config names (`secrets/{name}`): its value and when it was set. `version`
+    counts the times it was set (a change restarts or reconfigures the instances using it).
+    Never shown: the management API lists names and times only, and `GET /api/v1/kv` redacts it."""
+
+    value: str
+    created: float
+    updated: float
+    version: int = 1
 
 
 # --- keys -------------------------------------------------------------------------------------------
@@ -179,13 +193,38 @@ class ApiKeyKey(msgspec.Struct, frozen=True):
         return f"auth/keys/{self.name}"
 
 
+class SecretKey(msgspec.Struct, frozen=True):
+    """A secret (`SecretValue`): `secrets/{name}`. Written only by a node's management API (admin
+    role); cluster-internal, like every family but `user/`."""
+
+    prefix: ClassVar[str] = "secrets/"
+    value_type: ClassVar[type] = SecretValue
+    name: str
+
+    def __str__(self) -> str:
+        return f"secrets/{self.name}"
+
+
 Key = Union[  # noqa: UP007
-    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey
+    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
+    SecretKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey,
+    ApiKeyKey, SecretKey,
 )
+SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_secret_name(name: str) -> str:
+    """`name` if it is a valid secret name (1-128 letters, digits, `.`, `_`, `-`; starting with a
+    letter or digit), else BadRequest naming the rule."""
+    if not isinstance(name, str) or not SECRET_NAME.fullmatch(name):
+        raise BadRequest(
+            f"invalid secret name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
 API_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -207,7 +246,7 @@ def parse_key(text: str) -> Key:
     family, sep, rest = text.partition("/")
     if not sep or not rest:
         raise BadRequest(f"invalid key {text!r}: expected FAMILY/..., families: blueprints, slices, "
-                         "endpoints, routes, maps, auth, user")
+                         "endpoints, routes, maps, auth, secrets, user")
     if family == "blueprints":
         return BlueprintKey(_seg("blueprint id", rest))
     if family == "slices":
@@ -243,12 +282,14 @@ def parse_key(text: str) -> Key:
         if kind != "keys" or not sep2:
             raise BadRequest(f"invalid key {text!r}: expected auth/keys/NAME")
         return ApiKeyKey(check_api_key_name(name))
+    if family == "secrets":
+        return SecretKey(check_secret_name(rest))
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth or user")
+                     "routes, maps, auth, secrets or user")
 
 
 def value_type_for(key: str) -> type:

@@ -29,6 +29,7 @@ from aether.deploy import (
     NodeDeploymentManager,
 )
 from aether.deploy.admission import InstanceLimits
+from aether.deploy.config import SliceConfigs
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
 from aether.kv.machine import Command, KVStateMachine, Result
@@ -99,7 +100,7 @@ class ManagementFactory(Protocol):
 
     def __call__(
         self, node: Any, *, host: str, port: int, api_key: str | None, idle_timeout: float,
-        ssl_context: ssl.SSLContext | None, logger: logging.Logger,
+        ssl_context: ssl.SSLContext | None, logger: logging.Logger, metrics_public: bool = False,
     ) -> HostedAPI: ...
 
 
@@ -184,10 +185,13 @@ class Node:
         )
         self._block_policies: dict[str, BlockPolicy] = {}
         self.slice_blocks = 0  # slice loops found blocked since start (node status)
+        # slice configs: the blueprints' [slices.NAME.config] with their secrets, from this replica
+        self.slice_configs = SliceConfigs(self.kv)
         # Slices call each other through the invoker, and the invoker runs local calls in the slice
         # store: the store gets a forwarder to the invoker built right after it.
         self.slice_runtime = SliceRuntime(
             self.node_id, self.repository, config.data_path / "runtime", invoker=_NodeInvoker(self),
+            config_for=self.slice_configs.resolved,
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
             recorder=self.metrics.entries,
             # slice code runs on its own loops; one that keeps blocking its loop is quarantined
@@ -205,7 +209,7 @@ class Node:
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
         self.node_deployer = NodeDeploymentManager(
-            self.kv, self.node_id, self.slice_runtime,
+            self.kv, self.node_id, self.slice_runtime, config_version=self.slice_configs.fingerprint,
             logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
         )
         self.cluster_deployer = ClusterDeploymentManager(
@@ -250,6 +254,7 @@ class Node:
                 self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
                 idle_timeout=self.config.http_idle_timeout, ssl_context=self.https,
                 logger=logging.getLogger(f"aether.api.{self.node_id}"),
+                metrics_public=self.config.metrics_public,
             )
             await self.management.start()
         self.log.info(

@@ -24,7 +24,7 @@ import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 from aether.core.artifact import Artifact
 from aether.core.context import current_request_id
@@ -121,7 +121,9 @@ class SliceContext:
     node_id: str
     instance: int
     logger: logging.Logger
-    config: dict[str, Any]
+    config: Any
+    """The slice's `[slices.NAME.config]` table (secrets filled in): a dict, or an instance of the
+    class's `config_type` when it declares one."""
     invoker: SliceCaller
     maps: MapBackend | None = None
     """The cluster's distributed map (None in runtimes without one)."""
@@ -236,9 +238,18 @@ class Slice:
     The runtime creates one object per instance (with no arguments), sets `context`, awaits
     `start()` once before any call, and `stop()` once after in-flight calls finished. Calls may
     run concurrently on one instance.
+
+    Configuration: `context.config` is the blueprint's `[slices.NAME.config]` table. Set
+    `config_type` to a msgspec-decodable type (a `msgspec.Struct`) to get an instance of it instead
+    of a dict; a table that does not decode fails the instance's start (FAILED, the reason names
+    the field). A changed config restarts the instances one at a time, unless the class defines
+    `async def reconfigure(self, config) -> None`: then each instance gets the new config (decoded
+    like the first) through that hook and keeps running (`context.config` is updated after it
+    returns; if it raises, the change is not applied and `aether slices` shows why).
     """
 
     context: SliceContext
+    config_type: ClassVar[Any] = None
 
     async def start(self) -> None:
         """Acquire resources (runs once, before any call; default: nothing)."""

@@ -21,18 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import Any, Literal, Protocol
 
+import msgspec
+
 from aether.core.artifact import Artifact
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
+from aether.core.secrets import ResolvedConfig, redact
 from aether.slices.api import (
     Slice,
     SliceCaller,
@@ -41,6 +45,7 @@ from aether.slices.api import (
     current_request_id,
     invoke_entry,
     normalize_target,
+    type_name,
 )
 from aether.slices.errors import (
     NoLocalInstance,
@@ -124,7 +129,10 @@ class _Entry:
 class SliceRuntime:
     """Loads, runs and calls the slices of one node.
 
-    `config_for(artifact)` gives each instance's `context.config` (default: `{}`); `space` is the
+    `config_for(artifact)` gives each instance's `context.config` (default: `{}`): a mapping, or a
+    `ResolvedConfig` whose secret values are redacted from every reason and log line the runtime
+    writes about the slice; it may raise (a missing secret): the instance then fails to start with
+    that message. A class with a `config_type` gets the config decoded into it. `space` is the
     interpreter's import bookkeeping (default: the process-wide one); `allow_index` lets the
     node install libraries from the package index when the wheelhouse has no match;
     `start_timeout` bounds each `start()` (None: unbounded here, the managers time the step);
@@ -143,7 +151,7 @@ class SliceRuntime:
         invoker: SliceCaller,
         *,
         logger: logging.Logger | None = None,
-        config_for: Callable[[Artifact], dict[str, Any]] | None = None,
+        config_for: Callable[[Artifact], Mapping[str, Any] | ResolvedConfig] | None = None,
         space: ImportSpace | None = None,
         allow_index: bool = False,
         installer: Installer = "auto",
@@ -173,6 +181,7 @@ class SliceRuntime:
         )
         self._entries: dict[Artifact, _Entry] = {}
         self._locks: dict[Artifact, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Future[None]] = set()  # replaced instances being drained and stopped
 
     def _lock(self, artifact: Artifact) -> asyncio.Lock:
         lock = self._locks.get(artifact)
@@ -229,6 +238,49 @@ class SliceRuntime:
             if e.state != "active":
                 raise SliceStateError(f"{artifact} is not active on {self.node_id}; activate it first")
             await self._set_instances(e, instances, drain_timeout)
+
+    async def reconfigure(
+        self, artifact: Artifact, instance: int, *, drain_timeout: float = 5.0
+    ) -> Literal["reloaded", "restarted", "absent"]:
+        """Give instance `instance` of the ACTIVE `artifact` the config `config_for` gives now.
+
+        A class with an `async def reconfigure(self, config)` hook keeps its object: the new config
+        (decoded like at start) is passed to the hook, then set as `context.config`. Otherwise the
+        instance is restarted make-before-break: a new object with the same id is created and
+        started, takes the calls, then the old one is drained (up to `drain_timeout` s) and stopped,
+        so the instance never stops serving. `SliceStartError` (redacted) if the config does not
+        decode, the hook raises or the new object does not start; the old object then still serves.
+        """
+        async with self._lock(artifact):
+            e = self._require(artifact)
+            old = e.instances.get(instance) if e.state == "active" else None
+            thread = e.thread
+            if old is None or thread is None:
+                return "absent"
+            hook = getattr(old.obj, "reconfigure", None)
+            if hook is not None and callable(hook):
+                config, secrets = self._config(e)
+                try:
+                    await thread.run(hook(config), entry="reconfigure()")
+                except Exception as exc:
+                    raise SliceStartError(redact(
+                        f"reconfigure() of {artifact} instance {instance} raised {type(exc).__name__}: {exc}",
+                        secrets,
+                    ), instance=instance) from exc
+                old.obj.context = self._context(e, instance, thread, config)
+                self.log.info("%s: %s instance %d reconfigured in place", self.node_id, artifact, instance)
+                return "reloaded"
+            new = await self._start_one(e, instance)
+            e.instances[instance] = new  # new calls go to the new object from here on
+            old.accepting = False
+            # the old object is retired even if this call is cancelled now (a step deadline)
+            retire = asyncio.ensure_future(self._retire(e, old, drain_timeout))
+            self._retiring.add(retire)
+            retire.add_done_callback(self._retiring.discard)
+            await asyncio.shield(retire)
+            self.log.info("%s: %s instance %d restarted with its new config", self.node_id, artifact,
+                          instance)
+            return "restarted"
 
     async def deactivate(self, artifact: Artifact, drain_timeout: float = 5.0) -> None:
         """Stop accepting calls, wait up to `drain_timeout` s for in-flight calls, then `stop()` each
@@ -370,9 +422,36 @@ class SliceRuntime:
         which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
         raise NoLocalInstance(f"no active {which} on {self.node_id}")
 
-    def _context(self, e: _Entry, instance: int, thread: SliceThread) -> SliceContext:
+    def _raw_config(self, e: _Entry) -> ResolvedConfig:
+        """The config the instances of `e` get now, undecoded (`config_for`, read once per batch of
+        instances started); `SliceStartError` naming the problem if there is none (a missing secret)."""
+        if self.config_for is None:
+            return ResolvedConfig()
+        try:
+            got = self.config_for(e.loaded.artifact)
+        except Exception as exc:  # a missing secret: its message names the artifact and the secret
+            raise SliceStartError(str(exc) or f"{e.loaded.artifact}: {type(exc).__name__}") from None
+        return got if isinstance(got, ResolvedConfig) else ResolvedConfig(dict(got))
+
+    def _config(self, e: _Entry, raw: ResolvedConfig | None = None) -> tuple[Any, tuple[str, ...]]:
+        """The config one instance of `e` gets (its own copy, decoded into the class's `config_type`
+        if it has one) and the secret values in it; `SliceStartError` (redacted) if it does not fit."""
         artifact = e.loaded.artifact
-        config = dict(self.config_for(artifact)) if self.config_for is not None else {}
+        resolved = self._raw_config(e) if raw is None else raw
+        secrets = resolved.secrets
+        wanted = getattr(e.loaded.cls, "config_type", None)
+        if wanted is None:
+            return copy.deepcopy(resolved.values), secrets
+        try:
+            return msgspec.convert(resolved.values, wanted), secrets
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise SliceStartError(redact(
+                f"the config of {artifact} does not fit {type_name(wanted)}: {exc} (its [slices.NAME.config] "
+                "table in the blueprint)", secrets,
+            )) from None
+
+    def _context(self, e: _Entry, instance: int, thread: SliceThread, config: Any) -> SliceContext:
+        artifact = e.loaded.artifact
         return SliceContext(
             artifact=artifact,
             node_id=self.node_id,
@@ -409,22 +488,31 @@ class SliceRuntime:
                     except Exception:
                         self.log.exception("on_block callback failed")
 
+    async def _retire(self, e: _Entry, inst: _Instance, drain_timeout: float) -> None:
+        await self._drain(e.loaded.artifact, [inst], drain_timeout)
+        await self._stop_one(e, inst)
+
     async def _close_thread(self, e: _Entry) -> None:
         t, e.thread = e.thread, None
         if t is not None:
             await t.close()
 
-    async def _start_one(self, e: _Entry, iid: int) -> _Instance:
+    async def _start_one(self, e: _Entry, iid: int, raw: ResolvedConfig | None = None) -> _Instance:
         artifact = e.loaded.artifact
         thread = e.thread
         assert thread is not None
         try:
+            config, secrets = self._config(e, raw)
+        except SliceStartError as exc:
+            exc.instance = iid
+            raise
+        try:
             obj = await thread.run(_construct(e.loaded.cls), entry="__init__()")
         except Exception as exc:
-            raise SliceStartError(
-                f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", instance=iid
-            ) from exc
-        obj.context = self._context(e, iid, thread)
+            raise SliceStartError(redact(
+                f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", secrets
+            ), instance=iid) from exc
+        obj.context = self._context(e, iid, thread, config)
         try:
             if self.start_timeout is not None:
                 await asyncio.wait_for(thread.run(obj.start(), entry="start()"), self.start_timeout)
@@ -436,15 +524,16 @@ class SliceRuntime:
                 instance=iid,
             ) from None
         except Exception as exc:
-            raise SliceStartError(
-                f"start() of {artifact} instance {iid} raised {type(exc).__name__}: {exc}", instance=iid
-            ) from exc
+            raise SliceStartError(redact(
+                f"start() of {artifact} instance {iid} raised {type(exc).__name__}: {exc}", secrets
+            ), instance=iid) from exc
         return _Instance(iid, obj)
 
     async def _start_instances(self, e: _Entry, ids: list[int]) -> list[_Instance]:
         if not ids:
             return []
-        tasks = [asyncio.create_task(self._start_one(e, iid)) for iid in ids]
+        raw = self._raw_config(e)  # once for the batch; each instance decodes its own copy
+        tasks = [asyncio.create_task(self._start_one(e, iid, raw)) for iid in ids]
         try:
             await asyncio.wait(tasks)
         except asyncio.CancelledError:
