@@ -81,6 +81,21 @@ def _relocate(text: str, tmp: Path) -> str:
     )
 
 
+def _public_get_paths() -> set[str]:
+    """The management API's routes that answer GET without an API key (the probes)."""
+    from aether.api.node_routes import ROUTES
+
+    return {r.path for r in ROUTES if r.public and r.method == "GET"}
+
+
+def test_the_probes_the_files_use_are_public_routes_of_the_management_api() -> None:
+    public = _public_get_paths()
+    assert {"/livez", "/readyz"} <= public
+    files = DOCKERFILE.read_text() + MANIFEST.read_text()
+    used = set(re.findall(r"/(?:livez|readyz|healthz|health)\b", files))
+    assert used and used <= public, f"probes used {sorted(used)}, public routes {sorted(public)}"
+
+
 # --- Dockerfile ---------------------------------------------------------------------------------------------
 
 
