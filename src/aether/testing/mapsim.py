@@ -110,8 +110,16 @@ def _startup(rng: random.Random) -> Profile:
                    stagger=rng.uniform(0.02, 0.5), kinds={"flap": 0.3})
 
 
+def _restart(rng: random.Random) -> Profile:
+    """The whole cluster stopped and started again on its data (`aether cluster stop` + `start`);
+    new maps are defined right after each start."""
+    return Profile(nodes=rng.choice([3, 4, 5]), persistent=True, fault_gap=(1.0, 3.0),
+                   kinds={"restart": 1.0, "flap": 0.3})
+
+
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
     "crash": _crash, "partitions": _partitions, "disk": _disk, "mixed": _mixed, "startup": _startup,
+    "restart": _restart,
 }
 
 
@@ -678,6 +686,24 @@ class MapWorld:
             await asyncio.sleep(rng.uniform(0.2, 3.0))
             self.nodes[victim].start()
             self.topology_changed()
+        elif kind == "restart":
+            for n in running:
+                self.nodes[n].kill()
+            self.topology_changed()
+            self.log("every node stopped")
+            await asyncio.sleep(rng.uniform(0.2, 2.0))
+            order = list(self.members)
+            rng.shuffle(order)
+            for n in order:
+                self.nodes[n].start()
+                self.topology_changed()
+                await asyncio.sleep(rng.uniform(0.0, 0.3))
+            await asyncio.sleep(rng.uniform(0.0, 0.8))
+            name = f"r{self.stats['faults']}"
+            self.store.commit("put", str(MapDefKey(name)), MapSpec(
+                replicas=self.profile.replicas, write_quorum=self.profile.write_quorum))
+            self.log(f"define {name}")
+            self.maps.append(name)
         elif kind == "isolate":
             victim = rng.choice(self.members)
             self._cut([[victim], [m for m in self.members if m != victim]], f"isolate {victim}")
