@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 OPENAPI_VERSION = "3.1.0"
-TAGS = ("cluster", "events", "deployment", "invoke", "maps", "metrics", "security", "meta")
+TAGS = ("cluster", "events", "deployment", "invoke", "maps", "metrics", "repository", "security", "meta")
 _REF = "#/components/schemas/{name}"
 
 ERRORS = {

@@ -80,6 +80,27 @@ class ApiKeyValue(msgspec.Struct, frozen=True):
     created: float
 
 
+class ArtifactManifest(msgspec.Struct, frozen=True):
+    """One wheel in the cluster's artifact repository (docs/repository.md): what resolving needs,
+    and where its bytes are (`chunks` values of at most `chunk_size` bytes in the repository map,
+    keyed by `sha256`). Written last, after every chunk, so a visible manifest is complete."""
+
+    project: str  # the PEP 503 normalised distribution name
+    version: str  # the wheel's version (PEP 440, normalised)
+    filename: str
+    size: int
+    sha256: str
+    chunks: int
+    chunk_size: int
+    coords: str | None = None  # group:artifact:version of a slice wheel; None for a library
+    slice_class: str | None = None
+    dependencies: dict[str, str] = {}  # slices it calls: group:artifact -> version pattern
+    maps: list[str] = []
+    requires_dist: list[str] = []
+    requires_python: str | None = None
+    uploaded: float = 0.0
+
+
 # --- keys -------------------------------------------------------------------------------------------
 
 
@@ -179,12 +200,26 @@ class ApiKeyKey(msgspec.Struct, frozen=True):
         return f"auth/keys/{self.name}"
 
 
+class ArtifactKey(msgspec.Struct, frozen=True):
+    """A wheel of the cluster's artifact repository (`ArtifactManifest`):
+    `repository/{project}/{version}`; written only by the node's repository service."""
+
+    prefix: ClassVar[str] = "repository/"
+    value_type: ClassVar[type] = ArtifactManifest
+    project: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"repository/{self.project}/{self.version}"
+
+
 Key = Union[  # noqa: UP007
-    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey
+    BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
+    ArtifactKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey,
+    ApiKeyKey, ArtifactKey,
 )
 API_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -207,7 +242,7 @@ def parse_key(text: str) -> Key:
     family, sep, rest = text.partition("/")
     if not sep or not rest:
         raise BadRequest(f"invalid key {text!r}: expected FAMILY/..., families: blueprints, slices, "
-                         "endpoints, routes, maps, auth, user")
+                         "endpoints, routes, maps, auth, repository, user")
     if family == "blueprints":
         return BlueprintKey(_seg("blueprint id", rest))
     if family == "slices":
@@ -243,12 +278,17 @@ def parse_key(text: str) -> Key:
         if kind != "keys" or not sep2:
             raise BadRequest(f"invalid key {text!r}: expected auth/keys/NAME")
         return ApiKeyKey(check_api_key_name(name))
+    if family == "repository":
+        project, sep2, version = rest.partition("/")
+        if not sep2:
+            raise BadRequest(f"invalid key {text!r}: expected repository/PROJECT/VERSION")
+        return ArtifactKey(_seg("project", project), _seg("version", version))
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth or user")
+                     "routes, maps, auth, repository or user")
 
 
 def value_type_for(key: str) -> type:
