@@ -459,3 +459,45 @@ async def test_pip_installs_from_the_simple_index_with_a_key(tmp_path: Path) -> 
             for n in nodes:
                 await n.stop()
     shutil.rmtree(tmp_path / "target", ignore_errors=True)
+
+
+async def test_cli_talks_to_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    """`aether --connect HOST:PORT artifact deploy|list|versions|delete` (a real click run)."""
+    from click.testing import CliRunner
+
+    from aether.cli.main import main
+
+    lib = build_library_wheel(tmp_path / "w", "tinylib", "1.0")
+    w = _hello(tmp_path / "w")
+    connect = f"127.0.0.1:{cluster.nodes[1].management.port}"
+
+    def aether(*args: str) -> Any:
+        return CliRunner().invoke(
+            main, ["--connect", connect, "artifact", *args], env={"COLUMNS": "200"}, catch_exceptions=False
+        )
+
+    r = await asyncio.to_thread(aether, "deploy", str(w), str(lib), "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [(x["kind"], x["created"]) for x in rows] == [("slice", True), ("library", True)]
+    assert rows[0]["sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
+    r = await asyncio.to_thread(aether, "deploy", str(w))
+    assert r.exit_code == 0 and "Already stored (same sha256): org.example:hello:0.1.0" in r.output, r.output
+    other = _hello(tmp_path / "w2", body="\n# changed\n")
+    r = await asyncio.to_thread(aether, "deploy", str(other))
+    assert r.exit_code == 1 and "already in the repository with other content" in r.output, r.output
+    r = await asyncio.to_thread(aether, "list")
+    assert r.exit_code == 0 and "org.example:hello" in r.output and "tinylib" not in r.output, r.output
+    r = await asyncio.to_thread(aether, "list", "--libs", "--json")
+    assert [x["wheel"] for x in json.loads(r.output)] == [lib.name]
+    r = await asyncio.to_thread(aether, "versions", "org.example:hello")
+    assert r.exit_code == 0 and r.output.split() == ["0.1.0"]
+    r = await asyncio.to_thread(aether, "versions", "tinylib", "--json")
+    assert json.loads(r.output) == ["1.0"]
+    r = await asyncio.to_thread(aether, "delete", "org.example:hello:0.1.0")
+    assert r.exit_code == 0 and "Deleted org.example:hello:0.1.0" in r.output, r.output
+    r = await asyncio.to_thread(aether, "delete", "tinylib", "1.0")
+    assert r.exit_code == 0, r.output
+    r = await asyncio.to_thread(aether, "versions", "org.example:hello")
+    assert r.exit_code == 1 and "no versions of org.example:hello in the cluster's repository" in r.output
+    assert cluster.repos[1].exists() is False or not list(cluster.repos[1].rglob("*.whl"))
