@@ -501,3 +501,48 @@ async def test_cli_talks_to_the_cluster(cluster: Cluster, tmp_path: Path) -> Non
     r = await asyncio.to_thread(aether, "versions", "org.example:hello")
     assert r.exit_code == 1 and "no versions of org.example:hello in the cluster's repository" in r.output
     assert cluster.repos[1].exists() is False or not list(cluster.repos[1].rglob("*.whl"))
+
+
+async def test_a_chunked_upload_over_the_api_body_limit_streams(cluster: Cluster, tmp_path: Path) -> None:
+    """The middleware buffers at most 1 MiB of a body; an upload (here chunked, with no
+    Content-Length) bypasses it and is streamed to disk under the repository's own limit."""
+    from aether.api.common import MAX_BODY
+
+    w = build_slice_wheel(
+        tmp_path / "w",
+        "org.example:big:1.0.0",
+        HELLO,
+        "Hello",
+        module="big_slice",
+        extra_files={"big_slice/payload.bin": os.urandom(2 * MAX_BODY)},
+    )
+    data = w.read_bytes()
+    assert len(data) > MAX_BODY
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 100_000):
+            yield data[i : i + 100_000]
+
+    async with cluster.session.put(cluster.url(0, f"{P}/files/{w.name}"), data=body()) as r:
+        assert r.status == 201, await r.text()
+        assert (await r.json())["manifest"]["chunks"] == core.chunk_count(len(data))
+    status, got, _ = await cluster.get(2, f"{P}/files/{w.name}")
+    assert status == 200 and got == data
+
+
+async def test_malformed_basic_credentials_are_a_401(tmp_path: Path) -> None:
+    with isolated_imports():
+        nodes = await _start(tmp_path, [tmp_path / "repo0"], api_key="k" * 32)
+        try:
+            url = f"http://127.0.0.1:{nodes[0].management.port}{P}/simple/"
+            async with aiohttp.ClientSession() as s:
+                for header, status in (
+                    ("Basic !!!", 401),
+                    ("Basic " + base64.b64encode(b"u:wrong").decode(), 401),
+                ):
+                    async with s.get(url, headers={"Authorization": header}) as r:
+                        assert r.status == status, await r.text()
+                        assert r.content_type == "application/problem+json"
+        finally:
+            for n in nodes:
+                await n.stop()
