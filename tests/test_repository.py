@@ -546,3 +546,53 @@ async def test_malformed_basic_credentials_are_a_401(tmp_path: Path) -> None:
         finally:
             for n in nodes:
                 await n.stop()
+
+
+def test_cli_without_a_node_or_directory_falls_back_to_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --connect, no --repository, no node at the default address: ~/.aether/repository, with a
+    note; an explicit --connect to nothing is an error (exit 3), never a silent fallback."""
+    from click.testing import CliRunner
+
+    from aether.cli.client import ApiUnreachable, ManagementClient
+    from aether.cli.main import main
+
+    def unreachable(self: ManagementClient, *a: Any, **kw: Any) -> Any:
+        raise ApiUnreachable(self.target, "connection refused")
+
+    monkeypatch.setattr(ManagementClient, "request", unreachable)
+    monkeypatch.setattr(ManagementClient, "request_raw", unreachable)
+    monkeypatch.delenv("AETHER_REPOSITORY", raising=False)
+    monkeypatch.delenv("AETHER_CONNECT", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _hello(tmp_path / "w")
+    r = CliRunner().invoke(main, ["artifact", "deploy", str(next((tmp_path / "w").glob("*.whl")))])
+    assert r.exit_code == 0, r.output
+    assert "note: no node answers at 127.0.0.1:9000" in r.output
+    assert list((tmp_path / ".aether" / "repository").rglob("*.whl"))
+    r = CliRunner().invoke(main, ["--connect", "127.0.0.1:1", "artifact", "list"])
+    assert r.exit_code == 3 and "cannot reach" in r.output, r.output
+
+
+async def test_an_upload_that_stops_sending_is_a_408(cluster: Cluster, tmp_path: Path) -> None:
+    from aether.api.server import ManagementServer
+
+    node = cluster.nodes[0]
+    server = ManagementServer(node, host="127.0.0.1", port=0, body_timeout=0.3)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        data = _hello(tmp_path / "w").read_bytes()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield data[:100]
+            await asyncio.sleep(3)
+            yield data[100:]
+
+        url = f"http://127.0.0.1:{server.port}{P}/files/hello-0.1.0-py3-none-any.whl"
+        async with cluster.session.put(url, data=body()) as r:
+            assert r.status == 408, await r.text()
+            assert "no upload data received for 0.3 s" in (await r.json())["detail"]
+    finally:
+        await server.stop()
+    assert await cluster.manifests(0) == []
