@@ -596,3 +596,32 @@ async def test_an_upload_that_stops_sending_is_a_408(cluster: Cluster, tmp_path:
     finally:
         await server.stop()
     assert await cluster.manifests(0) == []
+
+
+async def test_nodes_sharing_a_directory_publish_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bootstrap publishing is staggered by rank (1 + 2k s): node-1 uploads the shared directory's
+    wheels; node-2 and node-3 find them in the cluster and upload nothing while it starts."""
+    from aether.repository.service import ArtifactService
+    from conftest import deploy_hello_examples
+
+    uploads: list[str] = []
+    real = ArtifactService.upload
+
+    async def counting(self: ArtifactService, *a: Any, **kw: Any) -> Any:
+        uploads.append(self.log.name)
+        return await real(self, *a, **kw)
+
+    monkeypatch.setattr(ArtifactService, "upload", counting)
+    repo = tmp_path / "shared"
+    deploy_hello_examples(repo, tmp_path / "w")
+    with isolated_imports():
+        nodes = await _start(tmp_path, [repo, repo, repo])
+        try:
+            await asyncio.sleep(6.5)  # past node-3's turn (5 s)
+            assert uploads == ["aether.repository.node-1"] * 2, uploads
+            assert len(nodes[2].artifacts.manifests()) == 2
+        finally:
+            for n in nodes:
+                await n.stop()

@@ -153,12 +153,16 @@ class ArtifactService:
         for stale in self.work_dir.glob("upload-*"):  # uploads a crash interrupted
             shutil.rmtree(stale, ignore_errors=True)
 
-    def start_bootstrap(self, *, retry: float = 1.0) -> None:
-        """Publish the local directory's wheels the cluster lacks, in the background, retrying
-        while the cluster has no quorum (a single machine's bootstrap: bundled -> self-hosted)."""
+    def start_bootstrap(self, *, delay: float = 0.0, retry: float = 1.0) -> None:
+        """Publish the local directory's wheels the cluster lacks, in the background, after `delay`
+        seconds, retrying while the cluster has no quorum (a single machine's bootstrap: bundled ->
+        self-hosted). The node staggers the delay by its rank, so nodes sharing one directory do
+        not all publish the same wheels at once while the cluster is starting: the later ones
+        find the manifests there and skip them."""
         self.bind()
 
         async def run() -> None:
+            await asyncio.sleep(delay)
             while True:
                 try:
                     n = await self.publish_local()
