@@ -625,3 +625,34 @@ async def test_nodes_sharing_a_directory_publish_it_once(
         finally:
             for n in nodes:
                 await n.stop()
+
+
+async def test_a_loader_thread_waiting_on_a_fetch_is_released_when_the_service_stops(tmp_path: Path) -> None:
+    from aether.repository.errors import RepositoryUnavailable
+    from aether.repository.service import ArtifactService
+    from aether.slices.repository import Repository
+
+    never = asyncio.Event()
+
+    class StuckMap:
+        async def map_get(self, name: str, key: str) -> bytes | None:
+            await never.wait()
+            return None
+
+    service = ArtifactService(
+        None,  # type: ignore[arg-type]
+        StuckMap(),  # type: ignore[arg-type]
+        members=1,
+        cache=Repository(tmp_path / "repo"),
+        work_dir=tmp_path / "work",
+    )
+    service.bind()
+    m = _manifest()
+    waiting = asyncio.ensure_future(asyncio.to_thread(service.call, service.fetch(m, tmp_path / "x.whl")))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await service.stop()
+    with pytest.raises(RepositoryUnavailable, match="stopped"):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(RepositoryUnavailable):
+        await asyncio.to_thread(service.call, service.manifests_async())

@@ -19,6 +19,7 @@ file is renamed into place.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -142,6 +143,8 @@ class ArtifactService:
         self._map_ready = False
         self._fetches: dict[str, asyncio.Future[Path]] = {}  # sha256 -> the fetch in progress
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # worker threads waiting on the loop
+        self._stopped = False
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -182,6 +185,9 @@ class ArtifactService:
         task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
+        self._stopped = True
+        for f in list(self._calls):
+            f.cancel()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
@@ -191,12 +197,21 @@ class ArtifactService:
     def on_loop_thread(self) -> bool:
         return self._loop_thread is not None and threading.get_ident() == self._loop_thread
 
-    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 300.0) -> _T:
-        """Run `coro` on the service's loop from a worker thread and wait for its result."""
-        if self.loop is None or self.on_loop_thread():
+    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 120.0) -> _T:
+        """Run `coro` on the service's loop from a worker thread and wait for its result
+        (`RepositoryUnavailable` once the service stops: a loader thread never waits for a loop
+        that is gone)."""
+        if self.loop is None or self.on_loop_thread() or self._stopped:
             coro.close()
-            raise RuntimeError("ArtifactService.call is for worker threads of a started node")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+            raise RepositoryUnavailable("the cluster's repository is not reachable (is the node stopping?)")
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._calls.add(fut)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise RepositoryUnavailable("the node stopped while reading the cluster's repository") from None
+        finally:
+            self._calls.discard(fut)
 
     # --- manifests -----------------------------------------------------------------------------------
 
