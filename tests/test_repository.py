@@ -656,3 +656,82 @@ async def test_a_loader_thread_waiting_on_a_fetch_is_released_when_the_service_s
         await asyncio.wait_for(waiting, 5)
     with pytest.raises(RepositoryUnavailable):
         await asyncio.to_thread(service.call, service.manifests_async())
+
+
+async def test_chunk_reads_and_writes_wait_out_a_map_that_is_not_serving_yet(tmp_path: Path) -> None:
+    """A map defined a moment ago answers MapUnavailable until its partitions are taken over: the
+    service retries (idempotent: content-addressed chunks) within its budget, then gives up."""
+    from aether.core.maps import MapUnavailable
+    from aether.repository.service import ArtifactService
+    from aether.slices.repository import Repository
+
+    class FlakyMap:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.data: dict[str, bytes] = {}
+
+        async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+            if self.failures > 0:
+                self.failures -= 1
+                raise MapUnavailable("not serving yet")
+            self.data[key] = value
+
+        async def map_get(self, name: str, key: str) -> bytes | None:
+            if self.failures > 0:
+                self.failures -= 1
+                raise MapUnavailable("not serving yet")
+            return self.data.get(key)
+
+    flaky = FlakyMap(2)
+    service = ArtifactService(
+        None,  # type: ignore[arg-type]
+        flaky,  # type: ignore[arg-type]
+        members=1,
+        cache=Repository(tmp_path / "repo"),
+        work_dir=tmp_path / "work",
+        map_budget=5.0,
+    )
+    await service._retrying(lambda: flaky.map_put("m", "k", b"v"))
+    assert flaky.data == {"k": b"v"}
+    flaky.failures = 1
+    assert await service._retrying(lambda: flaky.map_get("m", "k")) == b"v"
+    flaky.failures = 100
+    service.map_budget = 0.5
+    with pytest.raises(MapUnavailable):
+        await service._retrying(lambda: flaky.map_get("m", "k"))
+
+
+async def test_the_chunk_map_is_defined_after_the_first_takeover(tmp_path: Path) -> None:
+    """Defining the chunk map while the cluster's first partition takeover runs was seen to stall
+    it (about 1 run in 8 of a fresh in-process cluster): the service waits for every partition
+    to have an active configuration first (within its budget)."""
+    from aether.core.maps import PartitionTable
+    from aether.repository.service import ArtifactService
+    from aether.slices.repository import Repository
+
+    table: list[PartitionTable | None] = [None]
+    defined: list[float] = []
+
+    class Maps:
+        async def define(self, name: str, spec: Any) -> bool:
+            defined.append(asyncio.get_running_loop().time())
+            return True
+
+    service = ArtifactService(
+        None,  # type: ignore[arg-type]
+        Maps(),  # type: ignore[arg-type]
+        members=3,
+        cache=Repository(tmp_path / "r"),
+        work_dir=tmp_path / "w",
+        partition_table=lambda: table[0],
+    )
+    assert not core.maps_serving(None)
+    owners = [[0]] * 4
+    assert not core.maps_serving(PartitionTable(1, 4, ["a"], owners, [0, 1, 1, 1]))
+    assert core.maps_serving(PartitionTable(2, 4, ["a"], owners, [1, 2, 1, 2]))
+    task = asyncio.ensure_future(service._ensure_map())
+    await asyncio.sleep(0.3)
+    assert defined == [] and not task.done()
+    table[0] = PartitionTable(1, 4, ["a"], owners, [1, 1, 1, 1])
+    await asyncio.wait_for(task, 5)
+    assert len(defined) == 1

@@ -180,7 +180,7 @@ class Node:
         # the cluster's artifact repository (docs/repository.md); the local directory is its cache
         self.artifacts = ArtifactService(
             self.kv, self.maps, members=len(self.members), cache=Repository(config.repository),
-            work_dir=config.data_path / "repository",
+            work_dir=config.data_path / "repository", partition_table=lambda: self.maps.table,
             logger=logging.getLogger(f"aether.repository.{self.node_id}"),
         )
         self.repository = ClusterRepository(config.repository, self.artifacts)

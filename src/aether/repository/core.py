@@ -29,7 +29,7 @@ from packaging.version import Version as PepVersion
 
 from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest
-from aether.core.maps import MapSpec
+from aether.core.maps import MapSpec, PartitionTable
 from aether.kv.keys import ArtifactKey, ArtifactManifest
 from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
 from aether.slices.wheel import WheelInfo
@@ -49,6 +49,7 @@ __all__ = [
     "library_closure",
     "manifest_for",
     "map_spec",
+    "maps_serving",
     "maven_metadata",
     "negotiate",
     "parse_maven_path",
@@ -72,6 +73,13 @@ def map_spec(members: int) -> MapSpec:
     """The chunk map's settings: sqlite, min(3, members) copies, min(2, copies) acknowledgements."""
     replicas = max(1, min(3, members))
     return MapSpec(replicas, min(2, replicas), "sqlite", 2 * CHUNK_SIZE).validate(MAP_NAME)
+
+
+def maps_serving(table: PartitionTable | None) -> bool:
+    """Whether every partition of the maps has been taken over at least once (its active
+    configuration recorded): defining the chunk map before that, while the cluster's first
+    takeover runs, has been seen to stall it (docs/repository.md)."""
+    return table is not None and len(table.active) == table.partitions and all(a > 0 for a in table.active)
 
 
 def chunk_key(sha256: str, index: int) -> str:

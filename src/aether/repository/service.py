@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -29,14 +30,14 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.files import make_private_dirs
-from aether.core.maps import MapDefinitionConflict, MapSpec
+from aether.core.maps import MapDefinitionConflict, MapSpec, MapUnavailable, PartitionTable
 from aether.kv.keys import ArtifactKey, ArtifactManifest
 from aether.repository import core
 from aether.repository.errors import ArtifactConflict, ArtifactMissing, RepositoryUnavailable
@@ -127,6 +128,8 @@ class ArtifactService:
         cache: Repository,
         work_dir: Path,
         max_upload: int = core.DEFAULT_MAX_UPLOAD,
+        map_budget: float = 30.0,
+        partition_table: Callable[[], PartitionTable | None] | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -136,6 +139,8 @@ class ArtifactService:
         self.cache = cache
         self.work_dir = Path(work_dir)
         self.max_upload = max_upload
+        self.map_budget = map_budget
+        self.partition_table = partition_table
         self.log = logger or logging.getLogger("aether.repository")
         self.clock = clock
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -276,7 +281,9 @@ class ArtifactService:
 
     async def _store(self, manifest: ArtifactManifest, path: Path) -> bool:
         key = core.key_of(manifest)
-        existing = await self.store.get(key)  # linearizable: another node may have it just now
+        # this node's replica: an early answer for a version it already knows; the compare-and-set
+        # below decides (a stale replica only costs writing the chunks for nothing)
+        existing = self.store.get_local(key)
         if core.decide(existing, manifest, self.manifests()) == "same":
             return False
         await self._ensure_map()
@@ -284,7 +291,8 @@ class ArtifactService:
 
         async def put(i: int, data: bytes) -> None:
             async with sem:
-                await self.maps.map_put(core.MAP_NAME, core.chunk_key(manifest.sha256, i), data)
+                key = core.chunk_key(manifest.sha256, i)
+                await self._retrying(functools.partial(self.maps.map_put, core.MAP_NAME, key, data))
 
         tasks = []
         with open(path, "rb") as f:
@@ -299,12 +307,34 @@ class ArtifactService:
             raise
         if await self.store.compare_and_set(key, None, manifest):
             return True
-        existing = await self.store.get(key)  # another upload of this version won the race
+        # another upload of this version won the race: our replica applied it before the
+        # compare-and-set answered (the store answers once the local replica applied the slot)
+        existing = self.store.get_local(key)
         return core.decide(existing, manifest) == "new"
+
+    async def _retrying(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """`op()` again while the map answers `MapUnavailable`, for up to `map_budget` seconds (a
+        map defined a moment ago, a partition being taken over; the map's own deadline is 5 s).
+        Safe: chunk writes put the same bytes under the same content-addressed key."""
+        deadline = time.monotonic() + self.map_budget
+        pause = 0.2
+        while True:
+            try:
+                return await op()
+            except MapUnavailable as e:
+                if time.monotonic() + pause >= deadline:
+                    raise
+                self.log.info("the repository's map is unavailable (%s); retrying", e)
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
 
     async def _ensure_map(self) -> None:
         if self._map_ready:
             return
+        if self.partition_table is not None:  # let the cluster's first takeover finish first
+            deadline = time.monotonic() + self.map_budget
+            while not core.maps_serving(self.partition_table()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
         try:
             await self.maps.define(core.MAP_NAME, core.map_spec(self.members))
         except MapDefinitionConflict:
@@ -316,7 +346,8 @@ class ArtifactService:
     async def chunks(self, manifest: ArtifactManifest) -> AsyncIterator[bytes]:
         """The wheel's bytes, chunk by chunk (each chunk's size checked; the caller checks the hash)."""
         for i in range(manifest.chunks):
-            data = await self.maps.map_get(core.MAP_NAME, core.chunk_key(manifest.sha256, i))
+            key = core.chunk_key(manifest.sha256, i)
+            data = await self._retrying(functools.partial(self.maps.map_get, core.MAP_NAME, key))
             want = min(manifest.chunk_size, manifest.size - i * manifest.chunk_size)
             if data is None or len(data) != want:
                 raise RepositoryUnavailable(
@@ -386,7 +417,7 @@ class ArtifactService:
         """Remove a version: the manifest first (with compare-and-set: it is gone for everyone at
         once), then its chunks (unless another version has the same bytes) and the cached copy."""
         key = ArtifactKey(project, version)
-        current = await self.store.get(key)
+        current = self.store.get_local(key)  # a stale one fails the compare-and-set: try again
         if not isinstance(current, ArtifactManifest):
             raise ArtifactMissing(f"{project} {version} is not in the cluster's repository")
         if not await self.store.compare_and_set(key, current, None):
