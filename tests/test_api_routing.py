@@ -13,12 +13,17 @@ from aiohttp import web
 from aether.api.auth import declared_routes, required_role
 from aether.api.routing import ROLES, Answer, Principal, RoleTable, Route, canonical, register
 
-# The table `aether.api.auth` had before the routes declared their roles (first match wins).
+# The table `aether.api.auth` had before the routes declared their roles (first match wins), plus
+# the artifact repository's writes (operate, like deploying), added after it.
 _OLD_TABLE = (
     ("*", r"/api/v1/keys(/[^/]*)?", "admin"),
     ("*", r"/api/v1/audit", "admin"),
     ("read", r".*", "read"),
-    ("write", r"/api/v1/(deploy|scale|undeploy|blueprints(/.*)?|maps(/.*)?|invoke/.*)", "operate"),
+    (
+        "write",
+        r"/api/v1/(deploy|scale|undeploy|blueprints(/.*)?|maps(/.*)?|invoke/.*|repository/.*)",
+        "operate",
+    ),
     ("write", r".*", "admin"),
 )
 

@@ -287,3 +287,4 @@ def test_deploy_fails_while_a_slice_map_is_undefined(make_process_cluster: Any, 
     r = aether(addr, "deploy", "org.t:nothing:1.0.0")
     assert r.returncode == 1
     assert f"not found in the repository {c.repository}" in r.stderr, r.stderr
+    assert "upload it to the cluster with `aether artifact deploy WHEEL`" in r.stderr, r.stderr

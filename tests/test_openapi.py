@@ -39,7 +39,8 @@ class AloneTransport:
 
 
 class FullFakeNode(FakeNode):
-    """Everything the server can serve: events (router + kv), deployments, an invoker, maps, metrics."""
+    """Everything the server can serve: events (router + kv), deployments, an invoker, maps, metrics,
+    the artifact repository."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -47,6 +48,7 @@ class FullFakeNode(FakeNode):
         self.invoker = object()
         self.maps = object()
         self.metrics = MetricsService(self.node_id, AloneTransport(), self)
+        self.artifacts = object()
 
 
 def _routes(node: Any) -> set[tuple[str, str]]:

@@ -67,9 +67,12 @@ _CACHE_SIZE = 1024
 
 def declared_routes() -> tuple[Route, ...]:
     """Every route of every routes module (served by this node or not)."""
-    from aether.api import deploy_routes, map_routes, metrics_routes, node_routes
+    from aether.api import deploy_routes, map_routes, metrics_routes, node_routes, repository_routes
 
-    return (*node_routes.ROUTES, *deploy_routes.ROUTES, *map_routes.ROUTES, *metrics_routes.ROUTES)
+    return (
+        *node_routes.ROUTES, *deploy_routes.ROUTES, *map_routes.ROUTES, *metrics_routes.ROUTES,
+        *repository_routes.ROUTES,
+    )
 
 
 @functools.cache

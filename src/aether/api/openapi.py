@@ -30,7 +30,10 @@ __all__ = [
 ]
 
 OPENAPI_VERSION = "3.1.0"
-TAGS = ("probes", "cluster", "events", "deployment", "invoke", "maps", "metrics", "security", "meta")
+TAGS = (
+    "probes", "cluster", "events", "deployment", "invoke", "maps", "metrics", "repository", "security",
+    "meta",
+)
 _REF = "#/components/schemas/{name}"
 
 ERRORS = {

@@ -42,14 +42,16 @@ answered with a 500 that never contains it. A `SessionConflict` (the store refus
 command: an internal error, the request was not applied) is a 500 whose detail says so.
 
 If an API key is configured, every request (but `/livez`, `/readyz` and a public `/metrics`) must
-carry it in `X-API-Key: KEY` or `Authorization: Bearer KEY`, else 401. A server bound beyond
-loopback without an API key refuses to start (`ConfigError`). Several servers may run in one
-process (no module-level state).
+carry it in `X-API-Key: KEY` or `Authorization: Bearer KEY` (or as the password of
+`Authorization: Basic`, which pip sends for `http://USER:KEY@HOST/...` index URLs), else 401. A
+server bound beyond loopback without an API key refuses to start (`ConfigError`). Several servers
+may run in one process (no module-level state).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import ipaddress
 import logging
@@ -122,6 +124,14 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _basic_password(token: str) -> str:
+    try:
+        decoded = base64.b64decode(token, validate=True).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise Unauthorized("malformed Basic credentials: expected base64 of USER:KEY") from None
+    return decoded.partition(":")[2]
+
+
 def presented_key(request: web.Request) -> str | None:
     """The API key a request presents (`X-API-Key: KEY` or `Authorization: Bearer KEY`), None if
     it presents none; raises `Unauthorized` if the header is malformed. aiohttp decodes header
@@ -133,12 +143,15 @@ def presented_key(request: web.Request) -> str | None:
         if auth is None:
             return None
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer":
+        if scheme.lower() == "basic":  # pip: http://USER:KEY@host/.../simple/ (the user is ignored)
+            given = _basic_password(token.strip())
+        elif scheme.lower() != "bearer":
             raise Unauthorized(
-                "unsupported Authorization scheme: send the API key as 'X-API-Key: KEY' or "
-                "'Authorization: Bearer KEY'"
+                "unsupported Authorization scheme: send the API key as 'X-API-Key: KEY', "
+                "'Authorization: Bearer KEY' or as the password of 'Authorization: Basic'"
             )
-        given = token.strip()
+        else:
+            given = token.strip()
     if not given or not given.isascii() or not given.isprintable():
         raise Unauthorized("the API key is empty or contains bytes that are not printable ASCII")
     return given
@@ -254,6 +267,13 @@ class ManagementServer:
 
             maps = map_routes.MapRoutes(self._node.maps)  # type: ignore[attr-defined]
             served += register(app, maps, map_routes.ROUTES)
+        if getattr(self._node, "artifacts", None) is not None:
+            from aether.api import repository_routes
+
+            repo = repository_routes.RepositoryRoutes(
+                self._node.artifacts, idle_timeout=self._body_timeout  # type: ignore[attr-defined]
+            )
+            served += register(app, repo, repository_routes.ROUTES)
         if getattr(self._node, "metrics", None) is not None:
             from aether.api import metrics_routes
 
@@ -363,7 +383,9 @@ class ManagementServer:
             principal = await self.keys.authenticate(presented_key(request) if self.keys.enabled else None)
             request[PRINCIPAL] = principal
             length = request.content_length
-            if request.can_read_body and (length is None or length <= MAX_BODY):
+            # a handler marked `streams_body` (an artifact upload) reads and meters its body itself
+            streamed = getattr(request.match_info.handler, "streams_body", False)
+            if request.can_read_body and not streamed and (length is None or length <= MAX_BODY):
                 # read the whole body here, under a deadline: a client trickling its body would
                 # otherwise hold the handler forever (handlers' own `read()` gets the cached bytes)
                 try:

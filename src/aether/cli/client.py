@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncGenerator, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -249,6 +249,46 @@ class ManagementClient:
     ) -> bytes:
         """Send one request and return the body of a 2xx answer (ApiError / ApiUnreachable otherwise)."""
         return self.check(self.request(method, path, params, body, content_type))
+
+    def upload(
+        self,
+        path: str,
+        file: Path,
+        params: dict[str, str] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        rate: float = 1024 * 1024,
+    ) -> bytes:
+        """PUT the bytes of `file` to `path`, streamed (`progress(sent, total)` after each piece);
+        the body of a 2xx answer. The timeout grows by one second per `rate` bytes."""
+        size = file.stat().st_size
+        timeout = self.timeout + size / rate
+        return self.check(_run(self._upload(path, file, size, params, progress, timeout)))
+
+    async def _upload(
+        self, path: str, file: Path, size: int, params: dict[str, str] | None,
+        progress: Callable[[int, int], None] | None, timeout: float,
+    ) -> Answer:
+        async def body() -> AsyncGenerator[bytes, None]:
+            sent = 0
+            with open(file, "rb") as f:
+                while data := f.read(256 * 1024):
+                    yield data
+                    sent += len(data)
+                    if progress is not None:
+                        progress(sent, size)
+
+        connected = _Connected()
+        try:
+            tls = self._ssl()
+            async with asyncio.timeout(timeout), self._session(connected) as session:
+                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+                async with session.put(
+                    self._url(path, params), data=body(), headers=headers, ssl=tls, allow_redirects=False
+                ) as resp:
+                    return Answer(resp.status, resp.reason or "", await resp.read())
+        except Exception as e:
+            raise self.unreachable(e, connected.up) from None
 
     def get_raw(self, path: str, params: dict[str, str] | None = None) -> bytes:
         """GET `path` (e.g. `/api/v1/status`) and return the body of a 2xx answer."""

@@ -361,9 +361,8 @@ def expand(
         return BlueprintError(f"{blueprint.where(line)}: {problem}")
 
     in_repo = f"the repository {repository}" if repository else "the repository"
-    deploy_hint = (
-        f"; deploy it there with `aether artifact deploy --repository {repository} WHEEL`"
-        if repository else ""
+    deploy_hint = (  # a node looks in the cluster's artifact repository, then in its directory
+        "; upload it to the cluster with `aether artifact deploy WHEEL`" if repository else ""
     )
 
     def find(name: str, pattern: VersionPattern, needed_by: str, line: int | None) -> Artifact:

@@ -94,6 +94,27 @@ class SecretValue(msgspec.Struct, frozen=True):
     version: int = 1
 
 
+class ArtifactManifest(msgspec.Struct, frozen=True):
+    """One wheel in the cluster's artifact repository (docs/repository.md): what resolving needs,
+    and where its bytes are (`chunks` values of at most `chunk_size` bytes in the repository map,
+    keyed by `sha256`). Written last, after every chunk, so a visible manifest is complete."""
+
+    project: str  # the PEP 503 normalised distribution name
+    version: str  # the wheel's version (PEP 440, normalised)
+    filename: str
+    size: int
+    sha256: str
+    chunks: int
+    chunk_size: int
+    coords: str | None = None  # group:artifact:version of a slice wheel; None for a library
+    slice_class: str | None = None
+    dependencies: dict[str, str] = {}  # slices it calls: group:artifact -> version pattern
+    maps: list[str] = []
+    requires_dist: list[str] = []
+    requires_python: str | None = None
+    uploaded: float = 0.0
+
+
 # --- keys -------------------------------------------------------------------------------------------
 
 
@@ -205,13 +226,26 @@ class SecretKey(msgspec.Struct, frozen=True):
         return f"secrets/{self.name}"
 
 
+class ArtifactKey(msgspec.Struct, frozen=True):
+    """A wheel of the cluster's artifact repository (`ArtifactManifest`):
+    `repository/{project}/{version}`; written only by the node's repository service."""
+
+    prefix: ClassVar[str] = "repository/"
+    value_type: ClassVar[type] = ArtifactManifest
+    project: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"repository/{self.project}/{self.version}"
+
+
 Key = Union[  # noqa: UP007
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
-    SecretKey,
+    SecretKey, ArtifactKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey, SecretKey,
+    ApiKeyKey, SecretKey, ArtifactKey,
 )
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -246,7 +280,7 @@ def parse_key(text: str) -> Key:
     family, sep, rest = text.partition("/")
     if not sep or not rest:
         raise BadRequest(f"invalid key {text!r}: expected FAMILY/..., families: blueprints, slices, "
-                         "endpoints, routes, maps, auth, secrets, user")
+                         "endpoints, routes, maps, auth, secrets, repository, user")
     if family == "blueprints":
         return BlueprintKey(_seg("blueprint id", rest))
     if family == "slices":
@@ -284,12 +318,17 @@ def parse_key(text: str) -> Key:
         return ApiKeyKey(check_api_key_name(name))
     if family == "secrets":
         return SecretKey(check_secret_name(rest))
+    if family == "repository":
+        project, sep2, version = rest.partition("/")
+        if not sep2:
+            raise BadRequest(f"invalid key {text!r}: expected repository/PROJECT/VERSION")
+        return ArtifactKey(_seg("project", project), _seg("version", version))
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth, secrets or user")
+                     "routes, maps, auth, secrets, repository or user")
 
 
 def value_type_for(key: str) -> type:

@@ -44,6 +44,8 @@ from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
 from aether.node.looplag import LoopLagProbe
+from aether.repository.cache import ClusterRepository
+from aether.repository.service import ArtifactService
 from aether.slices.isolation import BlockPolicy, BlockReport, SliceBlockedNotice
 from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
@@ -169,7 +171,6 @@ class Node:
         self.bus.subscribe(PeerDown, self._on_peer_down)
 
         # slices, invocation and deployment
-        self.repository = Repository(config.repository)
         self.endpoints = EndpointRegistry(self.kv, logger=logging.getLogger(f"aether.deploy.{self.node_id}"))
         self.maps = MapService(
             self.node_id, self.kv, self.transport, config.data_path / "maps", bus=self.bus,
@@ -177,6 +178,13 @@ class Node:
             has_quorum=self.transport.has_quorum,
             logger=logging.getLogger(f"aether.maps.{self.node_id}"),
         )
+        # the cluster's artifact repository (docs/repository.md); the local directory is its cache
+        self.artifacts = ArtifactService(
+            self.kv, self.maps, members=len(self.members), cache=Repository(config.repository),
+            work_dir=config.data_path / "repository", partition_table=lambda: self.maps.table,
+            logger=logging.getLogger(f"aether.repository.{self.node_id}"),
+        )
+        self.repository = ClusterRepository(config.repository, self.artifacts)
         # metrics: entry calls are recorded by the slice runtime (on the node that runs the instance);
         # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
         self.metrics = MetricsService(
@@ -239,6 +247,8 @@ class Node:
         await self.transport.start()
         self.runner.start(self.transport)
         await self.maps.start()
+        # the node of rank k publishes its directory's wheels after 1 + 2k s (docs/repository.md)
+        self.artifacts.start_bootstrap(delay=1.0 + 2.0 * sorted(self.members).index(self.node_id))
         self.endpoints.start()
         await self.node_deployer.start()
         await self.cluster_deployer.start()
@@ -274,6 +284,7 @@ class Node:
         await self.cluster_deployer.stop()
         await self.node_deployer.stop()
         await self.slice_runtime.close()
+        await self.artifacts.stop()
         await self.maps.stop()
         self.invoker.close()
         await self.invoke_server.stop()

@@ -1,0 +1,132 @@
+"""`ClusterRepository`: the node's `Repository`, backed by the cluster (docs/repository.md).
+
+The loader and the deployment service keep using the `Repository` interface; this one answers
+from the cluster's manifests first and the local directory second:
+
+- `list`, `versions`, `resolve_pattern`, `dependencies`, `maps`, `requirements`: the union of the
+  cluster's slices and the local directory's (manifests need no wheel file, so these never fetch
+  and are safe on the event loop);
+- `resolve` (called by the loader in a worker thread): a slice the cluster has is fetched into the
+  local directory unless it is there with the right sha256 (memoised by size and mtime), together
+  with the library wheels its `Requires-Dist` names; a slice only in the local directory is
+  resolved there, as before (the bootstrap of a single machine, published to the cluster at start).
+"""
+
+from __future__ import annotations
+
+import builtins
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+from aether.core.artifact import Artifact, Version, VersionPattern
+from aether.kv.keys import ArtifactManifest
+from aether.repository import core
+from aether.repository.service import ArtifactService, cache_path
+from aether.slices.errors import ArtifactNotFound
+from aether.slices.repository import Repository, _parse_name
+from aether.slices.wheel import WheelLimits, evaluate_requirements, sha256_file
+
+__all__ = ["ClusterRepository"]
+
+
+class ClusterRepository(Repository):
+    """A `Repository` whose source of truth is the cluster; its directory is a cache."""
+
+    def __init__(
+        self, root: Path | str | None, service: ArtifactService, *, wheel_limits: WheelLimits | None = None
+    ) -> None:
+        super().__init__(root, wheel_limits=wheel_limits)
+        self.service = service
+        self._hashes: dict[Path, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, sha256)
+
+    def __repr__(self) -> str:
+        return f"ClusterRepository({str(self.root)!r})"
+
+    # --- the cluster's view -----------------------------------------------------------------------
+
+    def _cluster(self) -> builtins.list[ArtifactManifest]:
+        s = self.service
+        if s.loop is None or s.on_loop_thread():
+            return s.manifests()
+        return s.call(s.manifests_async(), timeout=30.0)
+
+    def _manifest(self, artifact: Artifact) -> ArtifactManifest | None:
+        return core.find_slice(self._cluster(), artifact)
+
+    def _cached(self, path: Path, sha256: str) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        memo = self._hashes.get(path)
+        if memo is not None and memo[:2] == (st.st_size, st.st_mtime_ns):
+            return memo[2] == sha256
+        digest = sha256_file(path)
+        self._hashes[path] = (st.st_size, st.st_mtime_ns, digest)
+        return digest == sha256
+
+    def _ensure(self, manifest: ArtifactManifest) -> Path:
+        path = cache_path(self, manifest)
+        if self._cached(path, manifest.sha256):
+            return path
+        if self.service.on_loop_thread() or self.service.loop is None:
+            raise ArtifactNotFound(
+                f"{manifest.filename} is in the cluster's repository but not yet in {self.root}"
+            )
+        got = self.service.call(self.service.fetch(manifest, path))
+        self._hashes.pop(got, None)
+        return got
+
+    # --- Repository -------------------------------------------------------------------------------
+
+    def list(self) -> builtins.list[Artifact]:
+        found = set(super().list())
+        found.update(Artifact.parse(m.coords) for m in self._cluster() if m.coords is not None)
+        return sorted(found)
+
+    def versions(self, name: str) -> builtins.list[Version]:
+        n = _parse_name(name)
+        return sorted(set(super().versions(n)) | set(core.slice_versions(self._cluster(), n)))
+
+    def resolve_pattern(self, name: str, pattern: VersionPattern | str) -> Artifact | None:
+        n = _parse_name(name)
+        p = pattern if isinstance(pattern, VersionPattern) else VersionPattern.parse(pattern)
+        matching = [v for v in self.versions(n) if p.matches(v)]
+        return Artifact.parse(f"{n}:{max(matching)}") if matching else None
+
+    def resolve(self, artifact: Artifact | str) -> Path:
+        """The slice's wheel in the local directory, fetched from the cluster (with the library
+        wheels it requires) when the cluster has it and the directory does not."""
+        a = artifact if isinstance(artifact, Artifact) else Artifact.parse(artifact)
+        cluster = self._cluster()
+        m = core.find_slice(cluster, a)
+        if m is None:
+            return super().resolve(a)
+        path = self._ensure(m)
+        for lib in core.library_closure(cluster, m.requires_dist):
+            self._ensure(lib)
+        return path
+
+    def dependencies(self, artifact: Artifact | str) -> dict[str, VersionPattern]:
+        a = artifact if isinstance(artifact, Artifact) else Artifact.parse(artifact)
+        m = self._manifest(a)
+        if m is None:
+            return super().dependencies(a)
+        return {k: VersionPattern.parse(v) for k, v in m.dependencies.items()}
+
+    def maps(self, artifact: Artifact | str) -> builtins.list[str]:
+        a = artifact if isinstance(artifact, Artifact) else Artifact.parse(artifact)
+        m = self._manifest(a)
+        return list(m.maps) if m is not None else super().maps(a)
+
+    def requirements(self, artifact: Artifact | str) -> builtins.list[Requirement]:
+        a = artifact if isinstance(artifact, Artifact) else Artifact.parse(artifact)
+        m = self._manifest(a)
+        if m is None:
+            return super().requirements(a)
+        return list(evaluate_requirements(m.requires_dist, source=m.filename))
+
+    def cached(self) -> builtins.list[Path]:
+        """The wheels of the cluster's repository that are in the local directory now."""
+        return [p for m in self._cluster() if (p := cache_path(self, m)).is_file()]

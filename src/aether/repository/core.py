@@ -1,0 +1,429 @@
+"""The artifact repository's decisions, with no I/O (docs/repository.md).
+
+- an upload is metered while it streams (`UploadMeter`: size limit, sha256 against the declared
+  one), then checked against the wheel's own metadata (`manifest_for`: the file name's project and
+  version must be the METADATA's) and against what the cluster holds (`decide`: a new version, the
+  same bytes again, or a conflict);
+- wheel bytes are `chunks` values of `chunk_size` bytes in the map `MAP_NAME`, keyed by the wheel's
+  sha256 and the chunk's index (`chunk_key`): content-addressed, so two uploads never overwrite each
+  other's chunks, and the manifest (written last) is what makes a wheel visible;
+- reading: the slice wheel of some coordinates, the versions of a slice, the library wheels a set
+  of requirements needs (`library_closure`);
+- the read protocols: Maven-style paths (`parse_maven_path`, `maven_metadata`) and the PEP 503 /
+  PEP 691 simple index (`negotiate`, `simple_root`, `simple_project`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.version import InvalidVersion
+from packaging.version import Version as PepVersion
+
+from aether.core.artifact import Artifact, Version, VersionPattern
+from aether.core.errors import BadRequest
+from aether.core.maps import MapSpec, PartitionTable
+from aether.kv.keys import ArtifactKey, ArtifactManifest
+from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
+from aether.slices.wheel import WheelInfo
+
+__all__ = [
+    "CHUNK_SIZE",
+    "DEFAULT_MAX_UPLOAD",
+    "JSON_V1",
+    "MAP_NAME",
+    "MavenPath",
+    "UploadMeter",
+    "chunk_count",
+    "chunk_key",
+    "decide",
+    "find_slice",
+    "key_of",
+    "library_closure",
+    "manifest_for",
+    "map_spec",
+    "maps_serving",
+    "maven_metadata",
+    "negotiate",
+    "parse_maven_path",
+    "simple_project",
+    "simple_root",
+    "slice_versions",
+    "wheel_filename",
+]
+
+MAP_NAME: Final = "aether.repository"
+"""The distributed map holding wheel chunks (defined by the first upload)."""
+CHUNK_SIZE: Final = 512 * 1024
+DEFAULT_MAX_UPLOAD: Final = 64 * 1024 * 1024
+"""Largest wheel an upload may carry (bytes); the node's `ArtifactService(max_upload=...)` changes it."""
+JSON_V1: Final = "application/vnd.pypi.simple.v1+json"
+HTML_V1: Final = "application/vnd.pypi.simple.v1+html"
+_SHA256_HEX = frozenset("0123456789abcdef")
+
+
+def map_spec(members: int) -> MapSpec:
+    """The chunk map's settings: sqlite, min(3, members) copies, min(2, copies) acknowledgements."""
+    replicas = max(1, min(3, members))
+    return MapSpec(replicas, min(2, replicas), "sqlite", 2 * CHUNK_SIZE).validate(MAP_NAME)
+
+
+def maps_serving(table: PartitionTable | None) -> bool:
+    """Whether every partition of the maps has been taken over at least once (its active
+    configuration recorded): defining the chunk map before that, while the cluster's first
+    takeover runs, has been seen to stall it (docs/repository.md)."""
+    return table is not None and len(table.active) == table.partitions and all(a > 0 for a in table.active)
+
+
+def chunk_key(sha256: str, index: int) -> str:
+    return f"{sha256}/{index}"
+
+
+def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:
+    return max(1, -(-size // chunk_size))
+
+
+def key_of(manifest: ArtifactManifest) -> ArtifactKey:
+    return ArtifactKey(manifest.project, manifest.version)
+
+
+def check_sha256(text: str) -> str:
+    """A sha256 hex digest (64 lowercase hex digits) or BadRequest."""
+    t = text.strip().lower()
+    if len(t) != 64 or not set(t) <= _SHA256_HEX:
+        raise BadRequest(f"invalid sha256 {text!r}: expected 64 hex digits")
+    return t
+
+
+class UploadMeter:
+    """Counts and hashes an upload as it streams; refuses it as soon as it is too large.
+
+    `declared` is the request's Content-Length (None when chunked): one over `limit` is refused before
+    a byte is read; bytes beyond the declared length are refused as they come."""
+
+    def __init__(
+        self, limit: int, *, declared: int | None = None, expected_sha256: str | None = None
+    ) -> None:
+        self.limit = limit
+        self.declared = declared
+        self.expected = check_sha256(expected_sha256) if expected_sha256 is not None else None
+        self.size = 0
+        self._hash = hashlib.sha256()
+        if declared is not None and declared > limit:
+            raise UploadTooLarge(
+                f"the upload of {declared} bytes exceeds the repository's {limit}-byte limit"
+            )
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise UploadTooLarge(f"the upload exceeds the repository's {self.limit}-byte limit")
+        self._hash.update(data)
+
+    def finish(self) -> str:
+        """The sha256 of what was fed; `HashMismatch` if it is not the declared one (or the body is
+        shorter than its declared length), BadRequest if it was empty."""
+        if self.size == 0:
+            raise BadRequest("the upload is empty: send the wheel's bytes as the request body")
+        if self.declared is not None and self.size != self.declared:
+            raise BadRequest(f"the upload ended after {self.size} of {self.declared} declared bytes")
+        digest = self._hash.hexdigest()
+        if self.expected is not None and digest != self.expected:
+            raise HashMismatch(
+                f"sha256 mismatch: the client declared {self.expected}, the {self.size} bytes received "
+                f"hash to {digest}; the upload was corrupted on the way (nothing was stored)"
+            )
+        return digest
+
+
+def wheel_filename(filename: str) -> tuple[str, str]:
+    """(project, version) of a wheel file name, BadRequest naming the problem."""
+    if not filename or "/" in filename or "\\" in filename or filename.startswith(".") or "\x00" in filename:
+        raise BadRequest(f"invalid wheel file name {filename!r}")
+    try:
+        name, version, _, _ = parse_wheel_filename(filename)
+    except InvalidWheelFilename as e:
+        raise BadRequest(f"not a wheel: {filename!r} is not a wheel file name ({e})") from None
+    return canonicalize_name(name), str(version)
+
+
+def manifest_for(
+    info: WheelInfo,
+    filename: str,
+    size: int,
+    sha256: str,
+    *,
+    now: float,
+    expected: Artifact | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> ArtifactManifest:
+    """The manifest of an inspected wheel. Refuses (BadRequest) a file name whose project or
+    version is not the METADATA's, and, with `expected` (a Maven path's coordinates), a wheel that
+    is not that slice."""
+    project, version = wheel_filename(filename)
+    try:
+        meta_version = str(PepVersion(info.dist_version))
+    except InvalidVersion:
+        raise BadRequest(
+            f"{filename}: METADATA version {info.dist_version!r} is not a PEP 440 version"
+        ) from None
+    if canonicalize_name(info.dist_name) != project:
+        raise BadRequest(
+            f"{filename}: the file name says project {project!r}, the wheel's METADATA says "
+            f"{info.dist_name!r}"
+        )
+    if meta_version != version:
+        raise BadRequest(
+            f"{filename}: the file name says version {version}, the wheel's METADATA says {meta_version}"
+        )
+    if expected is not None:
+        if info.coords is None:
+            raise BadRequest(f"{filename} is a library wheel, not the slice {expected}")
+        if info.coords != expected:
+            raise BadRequest(f"{filename} is the slice {info.coords}, not {expected} as the path says")
+    return ArtifactManifest(
+        project=project,
+        version=version,
+        filename=filename,
+        size=size,
+        sha256=sha256,
+        chunks=chunk_count(size, chunk_size),
+        chunk_size=chunk_size,
+        coords=None if info.coords is None else str(info.coords),
+        slice_class=info.slice_class,
+        dependencies={k: str(v) for k, v in info.dependencies.items()},
+        maps=list(info.maps),
+        requires_dist=list(info.requires_dist),
+        uploaded=now,
+    )
+
+
+Decision = Literal["new", "same"]
+
+
+def decide(
+    existing: ArtifactManifest | None, new: ArtifactManifest, others: Iterable[ArtifactManifest] = ()
+) -> Decision:
+    """`new` when nothing holds the version, `same` when it holds these very bytes (an idempotent
+    upload); `ArtifactConflict` when it holds other bytes, or another project has the coordinates."""
+    if existing is not None:
+        if existing.sha256 == new.sha256:
+            return "same"
+        raise ArtifactConflict(
+            f"{new.project} {new.version} is already in the repository with other content "
+            f"({existing.filename}, sha256 {existing.sha256[:12]}…; this upload {new.filename}, "
+            f"sha256 {new.sha256[:12]}…); a version is immutable: publish a new version, or delete "
+            "this one first"
+        )
+    if new.coords is not None:
+        for o in others:
+            if o.coords == new.coords and (o.project, o.version) != (new.project, new.version):
+                raise ArtifactConflict(
+                    f"the slice {new.coords} is already in the repository as {o.filename}; "
+                    f"{new.filename} declares the same coordinates"
+                )
+    return "new"
+
+
+# --- reading ----------------------------------------------------------------------------------------
+
+
+def find_slice(manifests: Iterable[ArtifactManifest], artifact: Artifact) -> ArtifactManifest | None:
+    want = str(artifact)
+    for m in manifests:
+        if m.coords == want:
+            return m
+    return None
+
+
+def slice_versions(manifests: Iterable[ArtifactManifest], name: str) -> list[Version]:
+    out = set()
+    for m in manifests:
+        if m.coords is not None:
+            a = Artifact.parse(m.coords)
+            if a.name == name:
+                out.add(a.version)
+    return sorted(out)
+
+
+def best_match(manifests: Iterable[ArtifactManifest], name: str, pattern: VersionPattern) -> Artifact | None:
+    matching = [v for v in slice_versions(manifests, name) if pattern.matches(v)]
+    return Artifact.parse(f"{name}:{max(matching)}") if matching else None
+
+
+def _names(requires: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for text in requires:
+        try:
+            out.add(canonicalize_name(Requirement(text).name))
+        except InvalidRequirement:
+            continue
+    return out
+
+
+def library_closure(manifests: Iterable[ArtifactManifest], requires: Iterable[str]) -> list[ArtifactManifest]:
+    """Every library wheel (all versions) whose project `requires` names, and theirs in turn."""
+    libs: dict[str, list[ArtifactManifest]] = {}
+    for m in manifests:
+        if m.coords is None:
+            libs.setdefault(m.project, []).append(m)
+    wanted, seen = list(_names(requires)), set()
+    out: list[ArtifactManifest] = []
+    while wanted:
+        name = wanted.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for m in libs.get(name, []):
+            out.append(m)
+            wanted.extend(_names(m.requires_dist) - seen)
+    return sorted(out, key=lambda m: (m.project, m.version))
+
+
+# --- Maven-style paths ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MavenPath:
+    """`{group as path}/{artifact}/maven-metadata.xml`, `{group as path}/{artifact}/{version}/` or
+    `{group as path}/{artifact}/{version}/{file}`."""
+
+    group: str
+    artifact: str
+    version: str | None = None
+    filename: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}:{self.artifact}"
+
+    @property
+    def metadata(self) -> bool:
+        return self.version is None
+
+    def coords(self) -> Artifact:
+        return Artifact.parse(f"{self.name}:{self.version}")
+
+
+def parse_maven_path(path: str) -> MavenPath:
+    parts = [p for p in path.strip("/").split("/")]
+    if any(p in ("", ".", "..") for p in parts):
+        raise BadRequest(f"invalid repository path {path!r}")
+    try:
+        if parts[-1] == "maven-metadata.xml" and len(parts) >= 3:
+            mp = MavenPath(".".join(parts[:-2]), parts[-2])
+            Artifact.parse(f"{mp.name}:0.0.0")
+            return mp
+        if path.endswith("/") and len(parts) >= 3:
+            mp = MavenPath(".".join(parts[:-2]), parts[-2], parts[-1])
+            mp.coords()
+            return mp
+        if len(parts) >= 4:
+            mp = MavenPath(".".join(parts[:-3]), parts[-3], parts[-2], parts[-1])
+            mp.coords()
+            return mp
+    except BadRequest as e:
+        raise BadRequest(f"invalid repository path {path!r}: {e}") from None
+    raise BadRequest(
+        f"invalid repository path {path!r}: expected GROUP/PATH/ARTIFACT/maven-metadata.xml, "
+        "GROUP/PATH/ARTIFACT/VERSION/ or GROUP/PATH/ARTIFACT/VERSION/FILE"
+    )
+
+
+def maven_metadata(group: str, artifact: str, versions: list[Version]) -> str:
+    """maven-metadata.xml listing `versions` (ascending)."""
+    esc = html.escape
+    items = "".join(f"      <version>{esc(str(v))}</version>\n" for v in versions)
+    latest = esc(str(versions[-1])) if versions else ""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<metadata>\n'
+        f"  <groupId>{esc(group)}</groupId>\n  <artifactId>{esc(artifact)}</artifactId>\n"
+        f"  <versioning>\n    <latest>{latest}</latest>\n    <release>{latest}</release>\n"
+        f"    <versions>\n{items}    </versions>\n  </versioning>\n</metadata>\n"
+    )
+
+
+# --- the simple index (PEP 503 HTML, PEP 691 JSON) -------------------------------------------------
+
+
+def negotiate(accept: str | None, query_format: str | None = None) -> Literal["json", "html"]:
+    """JSON (PEP 691) when asked for in `?format=` or preferred in Accept, else HTML (PEP 503)."""
+    if query_format in (JSON_V1, "json"):
+        return "json"
+    if query_format in (HTML_V1, "html", "text/html"):
+        return "html"
+    best, best_q = "html", -1.0
+    for part in (accept or "").split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        q = 1.0
+        for p in params:
+            if p.startswith("q="):
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        kind = "json" if media == JSON_V1 else "html" if media in (HTML_V1, "text/html", "*/*") else None
+        if kind is not None and q > best_q:
+            best, best_q = kind, q
+    return "json" if best == "json" else "html"
+
+
+def _content_type(fmt: str) -> str:
+    return JSON_V1 if fmt == "json" else "text/html; charset=utf-8"
+
+
+def simple_root(projects: Iterable[str], fmt: Literal["json", "html"]) -> tuple[bytes, str]:
+    names = sorted(set(projects))
+    if fmt == "json":
+        doc = {"meta": {"api-version": "1.0"}, "projects": [{"name": n} for n in names]}
+        return json.dumps(doc).encode(), _content_type(fmt)
+    links = "".join(f'    <a href="{html.escape(n)}/">{html.escape(n)}</a>\n' for n in names)
+    body = (
+        '<!DOCTYPE html>\n<html>\n  <head><meta name="pypi:repository-version" content="1.0">'
+        f"<title>Simple index</title></head>\n  <body>\n{links}  </body>\n</html>\n"
+    )
+    return body.encode(), _content_type(fmt)
+
+
+def simple_project(
+    project: str,
+    manifests: Iterable[ArtifactManifest],
+    url_of: Callable[[ArtifactManifest], str],
+    fmt: Literal["json", "html"],
+) -> tuple[bytes, str]:
+    """The project page: one link per wheel, with its sha256 (the `#sha256=` fragment in HTML)."""
+    files = sorted(manifests, key=lambda m: (PepVersion(m.version), m.filename))
+    if fmt == "json":
+        doc = {
+            "meta": {"api-version": "1.0"},
+            "name": project,
+            "files": [
+                {
+                    "filename": m.filename,
+                    "url": url_of(m),
+                    "hashes": {"sha256": m.sha256},
+                    **({"requires-python": m.requires_python} if m.requires_python else {}),
+                }
+                for m in files
+            ],
+        }
+        return json.dumps(doc).encode(), _content_type(fmt)
+    links = "".join(
+        f'    <a href="{html.escape(url_of(m))}#sha256={m.sha256}"'
+        + (f' data-requires-python="{html.escape(m.requires_python)}"' if m.requires_python else "")
+        + f">{html.escape(m.filename)}</a>\n"
+        for m in files
+    )
+    body = (
+        '<!DOCTYPE html>\n<html>\n  <head><meta name="pypi:repository-version" content="1.0">'
+        f"<title>Links for {html.escape(project)}</title></head>\n  <body>\n"
+        f"    <h1>Links for {html.escape(project)}</h1>\n{links}  </body>\n</html>\n"
+    )
+    return body.encode(), _content_type(fmt)

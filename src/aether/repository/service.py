@@ -1,0 +1,474 @@
+"""`ArtifactService`: the asyncio adapter of the cluster's artifact repository (docs/repository.md).
+
+An upload streams into a private temporary file under the node's data directory (metered: size
+limit and sha256, `core.UploadMeter`), is inspected as a wheel (metadata, RECORD hashes, unpack
+limits) in a worker thread, then:
+
+1. `decide` against the manifest the consensus store holds (a linearizable read): the same bytes
+   again answer at once, other bytes are a 409;
+2. its chunks go to the map `aether.repository` (defined on first use, `core.map_spec`), keyed by
+   sha256 and index;
+3. its manifest is written with compare-and-set (absent -> manifest) at `repository/{project}/{version}`.
+
+Only step 3 makes the wheel visible, so a failed or concurrent upload never shows a half-stored
+wheel; chunks of an upload that failed before step 3 are garbage, overwritten by the next upload of
+the same bytes (content-addressed). Reading fetches the chunks and checks size and sha256 before a
+file is renamed into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from aether.core.artifact import Artifact
+from aether.core.errors import BadRequest
+from aether.core.files import make_private_dirs
+from aether.core.maps import MapDefinitionConflict, MapSpec, MapUnavailable, PartitionTable
+from aether.kv.keys import ArtifactKey, ArtifactManifest
+from aether.repository import core
+from aether.repository.errors import ArtifactConflict, ArtifactMissing, RepositoryUnavailable
+from aether.slices.errors import InvalidWheel
+from aether.slices.repository import Repository
+from aether.slices.wheel import WheelInfo, WheelLimits, WheelRecord, inspect_wheel, sha256_file
+
+__all__ = ["ArtifactService", "ChunkMap", "ManifestStore"]
+
+_T = TypeVar("_T")
+_PARALLEL_CHUNKS = 4
+
+
+class ManifestStore(Protocol):
+    """The node's `KVStore`, as far as the repository needs it."""
+
+    def get_local(self, key: Any) -> Any: ...
+
+    def list_local(self, prefix: str = "") -> list[tuple[str, Any]]: ...
+
+    async def get(self, key: Any, timeout: float = 5.0) -> Any: ...
+
+    async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool: ...
+
+
+class ChunkMap(Protocol):
+    """The node's `MapService`, as far as the repository needs it."""
+
+    async def map_get(self, name: str, key: str) -> bytes | None: ...
+
+    async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None: ...
+
+    async def map_remove(self, name: str, key: str) -> bool: ...
+
+    async def define(self, name: str, spec: MapSpec) -> bool: ...
+
+
+def _inspect(path: Path, limits: WheelLimits) -> WheelInfo:
+    """Inspect a wheel and check every member against its RECORD (a corrupt zip fails here)."""
+    info = inspect_wheel(path, limits=limits)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            WheelRecord.read(zf, path).verify_all(zf, limits.budget(path))
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InvalidWheel(f"{path.name}: corrupt wheel ({e})") from None
+    return info
+
+
+def cache_path(cache: Repository, manifest: ArtifactManifest) -> Path:
+    """Where the local directory keeps this wheel: the slice layout, or the wheelhouse `_libs/`."""
+    if manifest.coords is not None:
+        return cache.artifact_dir(Artifact.parse(manifest.coords)) / manifest.filename
+    return cache.libs_dir / manifest.filename
+
+
+def place(src: Path, dest: Path, *, move: bool = False) -> Path:
+    """Put `src` at `dest` atomically (temporary file in `dest`'s directory + rename); for a slice
+    wheel, other wheels of that version directory go (one wheel per version, as `Repository`)."""
+    make_private_dirs(dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".whl", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if move:
+        src.unlink(missing_ok=True)
+    return dest
+
+
+class ArtifactService:
+    """Uploads to, reads from and deletes in the cluster's artifact repository (one per node).
+
+    `members` is the cluster's size (the chunk map keeps min(3, members) copies); `cache` the local
+    directory fetched wheels are kept in; `work_dir` a private directory for uploads in progress.
+    """
+
+    def __init__(
+        self,
+        store: ManifestStore,
+        maps: ChunkMap,
+        *,
+        members: int,
+        cache: Repository,
+        work_dir: Path,
+        max_upload: int = core.DEFAULT_MAX_UPLOAD,
+        map_budget: float = 30.0,
+        partition_table: Callable[[], PartitionTable | None] | None = None,
+        logger: logging.Logger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.maps = maps
+        self.members = members
+        self.cache = cache
+        self.work_dir = Path(work_dir)
+        self.max_upload = max_upload
+        self.map_budget = map_budget
+        self.partition_table = partition_table
+        self.log = logger or logging.getLogger("aether.repository")
+        self.clock = clock
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._map_ready = False
+        self._fetches: dict[str, asyncio.Future[Path]] = {}  # sha256 -> the fetch in progress
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._calls: set[concurrent.futures.Future[Any]] = set()  # worker threads waiting on the loop
+        self._stopped = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Remember the running loop (worker threads reach the service through it)."""
+        self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        make_private_dirs(self.work_dir)
+        for stale in self.work_dir.glob("upload-*"):  # uploads a crash interrupted
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def start_bootstrap(self, *, delay: float = 0.0, retry: float = 1.0) -> None:
+        """Publish the local directory's wheels the cluster lacks, in the background, after `delay`
+        seconds, retrying while the cluster has no quorum (a single machine's bootstrap: bundled ->
+        self-hosted). The node staggers the delay by its rank, so nodes sharing one directory do
+        not all publish the same wheels at once while the cluster is starting: the later ones
+        find the manifests there and skip them."""
+        self.bind()
+
+        async def run() -> None:
+            await asyncio.sleep(delay)
+            while True:
+                try:
+                    n = await self.publish_local()
+                    if n:
+                        self.log.info(
+                            "published %d wheel(s) of %s to the cluster's repository", n, self.cache.root
+                        )
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # no quorum yet, map not served yet...
+                    self.log.debug("publishing the local repository failed (%s); retrying", e)
+                    await asyncio.sleep(retry)
+
+        task = asyncio.get_running_loop().create_task(run(), name="repository-bootstrap")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for f in list(self._calls):
+            f.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await t
+
+    def on_loop_thread(self) -> bool:
+        return self._loop_thread is not None and threading.get_ident() == self._loop_thread
+
+    def call(self, coro: Coroutine[Any, Any, _T], timeout: float = 120.0) -> _T:
+        """Run `coro` on the service's loop from a worker thread and wait for its result
+        (`RepositoryUnavailable` once the service stops: a loader thread never waits for a loop
+        that is gone)."""
+        if self.loop is None or self.on_loop_thread() or self._stopped:
+            coro.close()
+            raise RepositoryUnavailable("the cluster's repository is not reachable (is the node stopping?)")
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._calls.add(fut)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise RepositoryUnavailable("the node stopped while reading the cluster's repository") from None
+        finally:
+            self._calls.discard(fut)
+
+    # --- manifests -----------------------------------------------------------------------------------
+
+    def manifests(self) -> list[ArtifactManifest]:
+        """Every wheel of the cluster's repository (this node's replica; loop thread only)."""
+        return [v for _, v in self.store.list_local(ArtifactKey.prefix) if isinstance(v, ArtifactManifest)]
+
+    async def manifests_async(self) -> list[ArtifactManifest]:
+        return self.manifests()
+
+    def manifest(self, project: str, version: str) -> ArtifactManifest | None:
+        v = self.store.get_local(ArtifactKey(project, version))
+        return v if isinstance(v, ArtifactManifest) else None
+
+    def project(self, project: str) -> list[ArtifactManifest]:
+        return [m for m in self.manifests() if m.project == project]
+
+    # --- upload ---------------------------------------------------------------------------------------
+
+    async def upload(
+        self,
+        body: AsyncIterator[bytes],
+        filename: str,
+        *,
+        declared: int | None = None,
+        sha256: str | None = None,
+        expected: Artifact | None = None,
+    ) -> tuple[ArtifactManifest, bool]:
+        """Store the wheel streamed by `body`; returns its manifest and whether it is new (False: the
+        same bytes were there already). Raises BadRequest (bad name, not a wheel, mismatch),
+        `HashMismatch`, `UploadTooLarge`, `ArtifactConflict`; nothing is visible unless it succeeds."""
+        core.wheel_filename(filename)
+        meter = core.UploadMeter(self.max_upload, declared=declared, expected_sha256=sha256)
+        make_private_dirs(self.work_dir)
+        tmpdir = Path(tempfile.mkdtemp(prefix="upload-", dir=self.work_dir))
+        path = tmpdir / filename
+        try:
+            with open(path, "wb") as out:
+                async for data in body:
+                    meter.feed(data)
+                    out.write(data)
+            digest = meter.finish()
+            info = await asyncio.to_thread(_inspect, path, self.cache.wheel_limits)
+            manifest = core.manifest_for(
+                info, filename, meter.size, digest, now=self.clock(), expected=expected
+            )
+            created = await self._store(manifest, path)
+            if not created:
+                return self.manifest(manifest.project, manifest.version) or manifest, False
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(place, path, cache_path(self.cache, manifest), move=True)
+            self.log.info(
+                "stored %s %s (%d bytes, sha256 %s)",
+                manifest.project,
+                manifest.version,
+                manifest.size,
+                manifest.sha256[:12],
+            )
+            return manifest, True
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    async def _store(self, manifest: ArtifactManifest, path: Path) -> bool:
+        key = core.key_of(manifest)
+        # this node's replica: an early answer for a version it already knows; the compare-and-set
+        # below decides (a stale replica only costs writing the chunks for nothing)
+        existing = self.store.get_local(key)
+        if core.decide(existing, manifest, self.manifests()) == "same":
+            return False
+        await self._ensure_map()
+        sem = asyncio.Semaphore(_PARALLEL_CHUNKS)
+
+        async def put(i: int, data: bytes) -> None:
+            async with sem:
+                key = core.chunk_key(manifest.sha256, i)
+                await self._retrying(functools.partial(self.maps.map_put, core.MAP_NAME, key, data))
+
+        tasks = []
+        with open(path, "rb") as f:
+            for i in range(manifest.chunks):
+                tasks.append(asyncio.ensure_future(put(i, f.read(manifest.chunk_size))))
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if await self.store.compare_and_set(key, None, manifest):
+            return True
+        # another upload of this version won the race: our replica applied it before the
+        # compare-and-set answered (the store answers once the local replica applied the slot)
+        existing = self.store.get_local(key)
+        return core.decide(existing, manifest) == "new"
+
+    async def _retrying(self, op: Callable[[], Awaitable[_T]]) -> _T:
+        """`op()` again while the map answers `MapUnavailable`, for up to `map_budget` seconds (a
+        map defined a moment ago, a partition being taken over; the map's own deadline is 5 s).
+        Safe: chunk writes put the same bytes under the same content-addressed key."""
+        deadline = time.monotonic() + self.map_budget
+        pause = 0.2
+        while True:
+            try:
+                return await op()
+            except MapUnavailable as e:
+                if time.monotonic() + pause >= deadline:
+                    raise
+                self.log.info("the repository's map is unavailable (%s); retrying", e)
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
+
+    async def _ensure_map(self) -> None:
+        if self._map_ready:
+            return
+        if self.partition_table is not None:  # let the cluster's first takeover finish first
+            deadline = time.monotonic() + self.map_budget
+            while not core.maps_serving(self.partition_table()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        try:
+            await self.maps.define(core.MAP_NAME, core.map_spec(self.members))
+        except MapDefinitionConflict:
+            pass  # defined with other settings (by hand, or a smaller cluster): it is usable as it is
+        self._map_ready = True
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    async def chunks(self, manifest: ArtifactManifest) -> AsyncIterator[bytes]:
+        """The wheel's bytes, chunk by chunk (each chunk's size checked; the caller checks the hash)."""
+        for i in range(manifest.chunks):
+            key = core.chunk_key(manifest.sha256, i)
+            data = await self._retrying(functools.partial(self.maps.map_get, core.MAP_NAME, key))
+            want = min(manifest.chunk_size, manifest.size - i * manifest.chunk_size)
+            if data is None or len(data) != want:
+                raise RepositoryUnavailable(
+                    f"{manifest.filename}: chunk {i + 1} of {manifest.chunks} is "
+                    f"{'missing' if data is None else f'{len(data)} bytes, not {want}'} in the cluster's map"
+                )
+            yield data
+
+    async def fetch(self, manifest: ArtifactManifest, dest: Path | None = None) -> Path:
+        """The wheel in the local directory (fetched from the cluster unless already there with the
+        right sha256); one fetch per wheel at a time."""
+        dest = dest if dest is not None else cache_path(self.cache, manifest)
+        running = self._fetches.get(manifest.sha256)
+        if running is not None:
+            return await asyncio.shield(running)
+        fut: asyncio.Future[Path] = asyncio.get_running_loop().create_future()
+        self._fetches[manifest.sha256] = fut
+        try:
+            result = await self._fetch(manifest, dest)
+            fut.set_result(result)
+            return result
+        except BaseException as e:
+            fut.set_exception(e)
+            fut.exception()  # retrieved: waiters get it through shield
+            raise
+        finally:
+            del self._fetches[manifest.sha256]
+
+    async def _fetch(self, manifest: ArtifactManifest, dest: Path) -> Path:
+        if (
+            dest.is_file()
+            and dest.stat().st_size == manifest.size
+            and await asyncio.to_thread(sha256_file, dest) == manifest.sha256
+        ):
+            return dest
+        make_private_dirs(dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".whl", dir=dest.parent)
+        try:
+            h = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out:
+                async for data in self.chunks(manifest):
+                    h.update(data)
+                    size += len(data)
+                    out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            if size != manifest.size or h.hexdigest() != manifest.sha256:
+                raise RepositoryUnavailable(
+                    f"{manifest.filename}: the chunks read from the cluster hash to {h.hexdigest()[:12]}…, "
+                    f"not {manifest.sha256[:12]}…"
+                )
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if manifest.coords is not None:  # one wheel per version directory
+            for other in dest.parent.glob("*.whl"):
+                if other != dest:
+                    other.unlink(missing_ok=True)
+        self.log.info("fetched %s from the cluster's repository", manifest.filename)
+        return dest
+
+    # --- delete -------------------------------------------------------------------------------------
+
+    async def delete(self, project: str, version: str) -> ArtifactManifest:
+        """Remove a version: the manifest first (with compare-and-set: it is gone for everyone at
+        once), then its chunks (unless another version has the same bytes) and the cached copy."""
+        key = ArtifactKey(project, version)
+        current = self.store.get_local(key)  # a stale one fails the compare-and-set: try again
+        if not isinstance(current, ArtifactManifest):
+            raise ArtifactMissing(f"{project} {version} is not in the cluster's repository")
+        if not await self.store.compare_and_set(key, current, None):
+            raise ArtifactConflict(f"{project} {version} changed while it was being deleted; try again")
+        if not any(m.sha256 == current.sha256 for m in self.manifests()):
+            for i in range(current.chunks):
+                with contextlib.suppress(Exception):  # garbage at worst; never visible without a manifest
+                    await self.maps.map_remove(core.MAP_NAME, core.chunk_key(current.sha256, i))
+        with contextlib.suppress(OSError):
+            cached = cache_path(self.cache, current)
+            if cached.is_file() and await asyncio.to_thread(sha256_file, cached) == current.sha256:
+                cached.unlink()
+        return current
+
+    # --- bootstrap ----------------------------------------------------------------------------------
+
+    async def publish_local(self) -> int:
+        """Upload the local directory's wheels that the cluster lacks; returns how many were new.
+        A version the cluster has with other bytes stays as the cluster has it (a warning)."""
+        local: list[Path] = []
+        for a in await asyncio.to_thread(self.cache.list):
+            with contextlib.suppress(Exception):
+                local.append(await asyncio.to_thread(Repository.resolve, self.cache, a))
+        local += await asyncio.to_thread(self.cache.library_wheels)
+        new = 0
+        for path in local:
+            try:
+                project, version = core.wheel_filename(path.name)
+            except BadRequest:
+                continue
+            have = self.manifest(project, version)
+            if have is not None:
+                if have.filename == path.name and await asyncio.to_thread(sha256_file, path) != have.sha256:
+                    self.log.warning(
+                        "%s in %s differs from the cluster's %s %s: the cluster's copy is used",
+                        path.name,
+                        self.cache.root,
+                        project,
+                        version,
+                    )
+                continue
+            try:
+                _, created = await self.upload(_read_file(path), path.name, declared=path.stat().st_size)
+            except (BadRequest, ArtifactConflict) as e:
+                self.log.warning("not publishing %s to the cluster's repository: %s", path, e)
+                continue
+            new += created
+        return new
+
+
+async def _read_file(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(size):
+            yield data

@@ -1,0 +1,737 @@
+"""The cluster's artifact repository (docs/repository.md): the sans-IO decisions, and the service,
+its API, the simple index (with a real pip) and the cluster-backed `Repository` on an in-process
+3-node cluster whose nodes have separate repository directories."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from aether.core.artifact import Artifact, VersionPattern
+from aether.core.errors import BadRequest
+from aether.kv.keys import ArtifactKey, ArtifactManifest
+from aether.repository import core
+from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
+from aether.slices.testing import build_library_wheel, build_slice_wheel, isolated_imports
+from aether.slices.wheel import inspect_wheel
+from conftest import EXAMPLES, free_ports
+
+pytestmark = pytest.mark.timeout(120)
+
+HELLO = (EXAMPLES / "hello-slice" / "hello_slice" / "__init__.py").read_text()
+P = "/api/v1/repository"
+
+
+def _manifest(**kw: Any) -> ArtifactManifest:
+    base: dict[str, Any] = dict(
+        project="hello",
+        version="0.1.0",
+        filename="hello-0.1.0-py3-none-any.whl",
+        size=10,
+        sha256="a" * 64,
+        chunks=1,
+        chunk_size=core.CHUNK_SIZE,
+        coords="org.example:hello:0.1.0",
+    )
+    base.update(kw)
+    return ArtifactManifest(**base)
+
+
+# --- sans-IO ----------------------------------------------------------------------------------------
+
+
+def test_meter_refuses_a_declared_or_streamed_size_over_the_limit() -> None:
+    with pytest.raises(UploadTooLarge, match="1001 bytes exceeds the repository's 1000-byte limit"):
+        core.UploadMeter(1000, declared=1001)
+    m = core.UploadMeter(1000)
+    m.feed(b"x" * 600)
+    with pytest.raises(UploadTooLarge):
+        m.feed(b"x" * 401)
+
+
+def test_meter_checks_the_declared_sha256_and_length() -> None:
+    data = b"wheel bytes"
+    good = hashlib.sha256(data).hexdigest()
+    m = core.UploadMeter(100, expected_sha256=good.upper())
+    m.feed(data)
+    assert m.finish() == good
+    m = core.UploadMeter(100, expected_sha256="0" * 64)
+    m.feed(data)
+    with pytest.raises(HashMismatch, match="sha256 mismatch"):
+        m.finish()
+    m = core.UploadMeter(100, declared=20)
+    m.feed(data)
+    with pytest.raises(BadRequest, match="ended after 11 of 20"):
+        m.finish()
+    with pytest.raises(BadRequest, match="empty"):
+        core.UploadMeter(100).finish()
+    with pytest.raises(BadRequest, match="64 hex digits"):
+        core.UploadMeter(100, expected_sha256="xyz")
+
+
+def test_manifest_refuses_a_file_name_that_is_not_the_metadata(tmp_path: Path) -> None:
+    w = build_slice_wheel(tmp_path, "org.example:hello:0.1.0", HELLO, "Hello", module="hello_slice")
+    info = inspect_wheel(w)
+    m = core.manifest_for(info, w.name, 10, "a" * 64, now=1.0)
+    assert (m.project, m.version, m.coords, m.chunks) == (
+        info.canonical_name,
+        "0.1.0",
+        "org.example:hello:0.1.0",
+        1,
+    )
+    other_version = w.name.replace("0.1.0", "0.2.0")
+    says = r"file name says version 0\.2\.0, the wheel's METADATA says 0\.1\.0"
+    with pytest.raises(BadRequest, match=says):
+        core.manifest_for(info, other_version, 10, "a" * 64, now=1.0)
+    with pytest.raises(BadRequest, match="file name says project 'other'"):
+        core.manifest_for(info, "other-0.1.0-py3-none-any.whl", 10, "a" * 64, now=1.0)
+    with pytest.raises(BadRequest, match=r"not org\.example:hello:0\.2\.0 as the path says"):
+        core.manifest_for(
+            info, w.name, 10, "a" * 64, now=1.0, expected=Artifact.parse("org.example:hello:0.2.0")
+        )
+    with pytest.raises(BadRequest, match="not a wheel"):
+        core.wheel_filename("hello.tar.gz")
+    with pytest.raises(BadRequest, match="invalid wheel file name"):
+        core.wheel_filename("../x-1.0-py3-none-any.whl")
+
+
+def test_decide_new_same_or_conflict() -> None:
+    new = _manifest()
+    assert core.decide(None, new) == "new"
+    assert core.decide(_manifest(), new) == "same"
+    with pytest.raises(ArtifactConflict, match="already in the repository with other content"):
+        core.decide(_manifest(sha256="b" * 64), new)
+    with pytest.raises(ArtifactConflict, match="declares the same coordinates"):
+        core.decide(None, new, [_manifest(project="other", filename="other-0.1.0-py3-none-any.whl")])
+
+
+def test_reading_helpers() -> None:
+    ms = [
+        _manifest(),
+        _manifest(version="0.2.0", coords="org.example:hello:0.2.0", requires_dist=["tinylib>=1"]),
+        _manifest(project="tinylib", version="1.0", coords=None, requires_dist=["deeplib"]),
+        _manifest(project="deeplib", version="2.0", coords=None),
+        _manifest(project="unused", version="1.0", coords=None),
+    ]
+    assert [str(v) for v in core.slice_versions(ms, "org.example:hello")] == ["0.1.0", "0.2.0"]
+    assert (
+        str(core.best_match(ms, "org.example:hello", VersionPattern.parse("^0.1.0")))
+        == "org.example:hello:0.1.0"
+    )
+    assert core.find_slice(ms, Artifact.parse("org.example:hello:0.2.0")) is ms[1]
+    assert [m.project for m in core.library_closure(ms, ms[1].requires_dist)] == ["deeplib", "tinylib"]
+
+
+def test_maven_paths() -> None:
+    mp = core.parse_maven_path("org/example/hello/0.1.0/hello-0.1.0-py3-none-any.whl")
+    assert (mp.name, mp.version, mp.filename) == (
+        "org.example:hello",
+        "0.1.0",
+        "hello-0.1.0-py3-none-any.whl",
+    )
+    assert core.parse_maven_path("org/example/hello/maven-metadata.xml").metadata
+    assert core.parse_maven_path("org/example/hello/0.1.0/").filename is None
+    for bad in ("org/../hello/0.1.0/x.whl", "hello", "org/example/hello/notaversion/x.whl"):
+        with pytest.raises(BadRequest, match="invalid repository path"):
+            core.parse_maven_path(bad)
+    xml = core.maven_metadata("org.example", "hello", core.slice_versions([_manifest()], "org.example:hello"))
+    assert "<version>0.1.0</version>" in xml and "<latest>0.1.0</latest>" in xml
+
+
+def test_simple_index_documents() -> None:
+    pip_accept = (
+        "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html; q=0.1, text/html; q=0.01"
+    )
+    assert core.negotiate(pip_accept) == "json"
+    assert core.negotiate("text/html") == "html"
+    assert core.negotiate(None) == "html"
+    assert core.negotiate("text/html", "json") == "json"
+    m = _manifest()
+    body, ctype = core.simple_project("hello", [m], lambda m: f"/files/{m.filename}", "html")
+    assert ctype.startswith("text/html")
+    assert f'href="/files/{m.filename}#sha256={m.sha256}"' in body.decode()
+    body, ctype = core.simple_project("hello", [m], lambda m: f"/files/{m.filename}", "json")
+    doc = json.loads(body)
+    assert ctype == core.JSON_V1 and doc["files"][0]["hashes"] == {"sha256": m.sha256}
+    assert json.loads(core.simple_root(["b", "a", "a"], "json")[0])["projects"] == [
+        {"name": "a"},
+        {"name": "b"},
+    ]
+
+
+def test_manifest_key_round_trips() -> None:
+    from aether.kv.keys import parse_key, value_type_for
+
+    k = ArtifactKey("hello-slice", "0.1.0")
+    assert parse_key(str(k)) == k
+    m = _manifest()
+    assert msgspec.json.decode(msgspec.json.encode(m), type=ArtifactManifest) == m
+    assert value_type_for(str(k)) is ArtifactManifest
+
+
+# --- a cluster whose nodes have their own directories ------------------------------------------------
+
+
+class Cluster:
+    def __init__(self, nodes: list[Any], repos: list[Path], session: aiohttp.ClientSession) -> None:
+        self.nodes = nodes
+        self.repos = repos
+        self.session = session
+
+    def url(self, i: int, path: str) -> str:
+        return f"http://127.0.0.1:{self.nodes[i].management.port}{path}"
+
+    async def put(self, i: int, path: str, data: bytes, **params: str) -> tuple[int, Any]:
+        async with self.session.put(self.url(i, path), data=data, params=params) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def upload(self, i: int, wheel: Path, name: str | None = None, **params: str) -> tuple[int, Any]:
+        return await self.put(i, f"{P}/files/{name or wheel.name}", wheel.read_bytes(), **params)
+
+    async def get(self, i: int, path: str, **kw: Any) -> tuple[int, bytes, str]:
+        async with self.session.get(self.url(i, path), **kw) as r:
+            return r.status, await r.read(), r.headers.get("Content-Type", "")
+
+    async def manifests(self, i: int = 0) -> list[dict[str, Any]]:
+        status, body, _ = await self.get(i, f"{P}/artifacts")
+        assert status == 200
+        return list(json.loads(body))
+
+
+async def _start(tmp_path: Path, repos: list[Path], api_key: str | None = None) -> list[Any]:
+    from aether.api.server import ManagementServer
+    from aether.core.config import NodeConfig
+    from aether.core.types import Address, PeerSpec
+    from aether.node.node import Node
+
+    ports = free_ports(len(repos))
+    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
+    nodes = [
+        Node(
+            NodeConfig(
+                node_id=f"node-{i + 1}",
+                peers=peers,
+                cluster_port=ports[i],
+                management_port=0,
+                http_port=0,
+                data_dir=str(tmp_path / f"n{i}"),
+                repository=str(repo),
+                api_key=api_key,
+            ),
+            management_api=ManagementServer,
+        )
+        for i, repo in enumerate(repos)
+    ]
+    for n in nodes:
+        await n.start()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 15
+    while not all(n.leader.leader == "node-1" and n.transport.has_quorum() for n in nodes):
+        assert loop.time() < end, "no leader in 15 s"
+        await asyncio.sleep(0.02)
+    return nodes
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    repos = [tmp_path / f"repo{i}" for i in range(3)]
+    with isolated_imports():
+        nodes = await _start(tmp_path, repos)
+        try:
+            async with aiohttp.ClientSession() as s:
+                yield Cluster(nodes, repos, s)
+        finally:
+            for n in nodes:
+                await n.stop()
+
+
+def _hello(tmp: Path, version: str = "0.1.0", body: str = "") -> Path:
+    return build_slice_wheel(tmp, f"org.example:hello:{version}", HELLO + body, "Hello", module="hello_slice")
+
+
+async def test_upload_is_stored_everywhere_idempotent_and_immutable(cluster: Cluster, tmp_path: Path) -> None:
+    w = _hello(tmp_path / "w")
+    sha = hashlib.sha256(w.read_bytes()).hexdigest()
+    status, doc = await cluster.upload(1, w, sha256=sha)
+    assert status == 201 and doc["created"] is True, doc
+    m = doc["manifest"]
+    assert (m["coords"], m["sha256"], m["size"]) == ("org.example:hello:0.1.0", sha, w.stat().st_size)
+    # visible through every node once committed; the same bytes again are a no-op (200)
+    for i in range(3):
+        for _ in range(100):
+            if await cluster.manifests(i):
+                break
+            await asyncio.sleep(0.05)
+        assert [x["filename"] for x in await cluster.manifests(i)] == [w.name]
+    status, doc = await cluster.upload(2, w)
+    assert status == 200 and doc["created"] is False
+    # other bytes under the same version: 409, and the stored wheel is unchanged
+    other = _hello(tmp_path / "w2", body="\n# changed\n")
+    assert other.name == w.name
+    status, doc = await cluster.upload(0, other)
+    assert status == 409 and "already in the repository with other content" in doc["detail"], doc
+    status, body, ctype = await cluster.get(2, f"{P}/files/{w.name}")
+    assert status == 200 and body == w.read_bytes() and ctype == "application/octet-stream"
+
+
+async def test_bad_uploads_are_refused_and_leave_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    w = _hello(tmp_path / "w")
+    data = w.read_bytes()
+    name = w.name
+    cases: list[tuple[str, bytes, dict[str, str], int, str]] = [
+        ("hello.txt", data, {}, 400, "not a wheel"),
+        (name, b"this is not a zip file", {}, 400, "not a zip archive"),
+        (name, data, {"sha256": "0" * 64}, 400, "sha256 mismatch"),
+        (name.replace("0.1.0", "0.9.0"), data, {}, 400, "file name says version 0.9.0"),
+    ]
+    # a corrupt zip: one member's bytes changed (same length) after the wheel was built
+    corrupt = bytearray(data)
+    with zipfile.ZipFile(w) as zf:
+        info = zf.getinfo("hello_slice/__init__.py")
+    offset = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    corrupt[offset + 5] ^= 0xFF
+    cases.append((name, bytes(corrupt), {}, 400, "hello_slice/__init__.py"))
+    for filename, body, params, want, says in cases:
+        status, doc = await cluster.put(0, f"{P}/files/{filename}", body, **params)
+        assert status == want and says in doc["detail"], (filename, doc)
+        assert doc["type"] and doc["title"]
+    cluster.nodes[0].artifacts.max_upload = 1000
+    status, doc = await cluster.upload(0, w)
+    assert status == 413 and "1000-byte limit" in doc["detail"], doc
+    assert await cluster.manifests(0) == []
+    assert list((cluster.nodes[0].config.data_path / "repository").iterdir()) == []  # no upload left over
+
+
+async def test_maven_paths_and_delete(cluster: Cluster, tmp_path: Path) -> None:
+    w1, w2 = _hello(tmp_path / "a"), _hello(tmp_path / "b", "0.2.0")
+    base = f"{P}/maven/org/example/hello"
+    status, doc = await cluster.put(0, f"{base}/0.2.0/{w1.name}", w1.read_bytes())
+    assert status == 400 and "as the path says" in doc["detail"], doc
+    for w, v in ((w1, "0.1.0"), (w2, "0.2.0")):
+        status, doc = await cluster.put(0, f"{base}/{v}/{w.name}", w.read_bytes())
+        assert status == 201, doc
+    status, body, _ = await cluster.get(1, f"{base}/maven-metadata.xml")
+    assert status == 200 and b"<version>0.1.0</version>" in body and b"<latest>0.2.0</latest>" in body
+    status, body, _ = await cluster.get(1, f"{base}/0.2.0/{w2.name}")
+    assert status == 200 and body == w2.read_bytes()
+    async with cluster.session.delete(cluster.url(2, f"{base}/0.1.0/")) as r:
+        assert r.status == 200, await r.text()
+    assert [m["version"] for m in await cluster.manifests(2)] == ["0.2.0"]
+    status, body, _ = await cluster.get(2, f"{base}/0.1.0/{w1.name}")
+    assert status == 404
+    async with cluster.session.delete(cluster.url(0, f"{P}/artifacts/hello/0.1.0")) as r:
+        assert r.status == 404
+
+
+async def test_a_node_without_the_wheel_fetches_it_and_runs_it(cluster: Cluster, tmp_path: Path) -> None:
+    """Node 1's directory is the bootstrap (published to the cluster at start); nodes 2 and 3 have
+    empty directories and get the slice and its library from the cluster when they run it."""
+    lib = build_library_wheel(tmp_path / "w", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 7\n"})
+    src = HELLO.replace("class Hello", "import tinylib\n\nclass Hello")
+    w = build_slice_wheel(
+        tmp_path / "w",
+        "org.example:hello:0.1.0",
+        src,
+        "Hello",
+        module="hello_slice",
+        requires=["tinylib>=1.0"],
+    )
+    for f in (w, lib):
+        status, doc = await cluster.upload(0, f)
+        assert status == 201, doc
+    n1 = cluster.nodes[0]
+    await n1.deployments.deploy(Artifact.parse("org.example:hello:0.1.0"), 3)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 60
+    while True:
+        local = [
+            n.slice_runtime.local_instances(Artifact.parse("org.example:hello:0.1.0")) for n in cluster.nodes
+        ]
+        if all(local):
+            break
+        assert loop.time() < end, [n.kv.list_local("slices/") for n in cluster.nodes]
+        await asyncio.sleep(0.1)
+    for repo in cluster.repos[1:]:
+        assert (repo / "org" / "example" / "hello" / "0.1.0" / w.name).read_bytes() == w.read_bytes()
+        assert (repo / "_libs" / lib.name).read_bytes() == lib.read_bytes()
+
+
+async def test_a_corrupted_cache_is_fetched_again(cluster: Cluster, tmp_path: Path) -> None:
+    w = _hello(tmp_path / "w")
+    assert (await cluster.upload(0, w))[0] == 201
+    repo = cluster.nodes[1].repository
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not repo.versions("org.example:hello"):
+        assert loop.time() < end
+        await asyncio.sleep(0.05)
+    path = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
+    assert path.read_bytes() == w.read_bytes()
+    path.write_bytes(b"garbage")
+    again = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
+    assert again == path and path.read_bytes() == w.read_bytes()
+    assert repo.dependencies("org.example:hello:0.1.0") == {}
+
+
+async def test_bootstrap_publishes_the_local_directory(tmp_path: Path) -> None:
+    from conftest import deploy_hello_examples
+
+    repos = [tmp_path / "repo0", tmp_path / "repo1"]
+    deploy_hello_examples(repos[0], tmp_path / "w")
+    with isolated_imports():
+        nodes = await _start(tmp_path, repos)
+        try:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 30
+            while len(nodes[1].artifacts.manifests()) < 2:
+                assert loop.time() < end, "the local directory was not published"
+                await asyncio.sleep(0.1)
+            assert nodes[1].repository.resolve_pattern("org.example:greeter", "^0.1.0") is not None
+            assert nodes[1].repository.dependencies("org.example:greeter:0.1.0") == {
+                "org.example:hello": VersionPattern.parse("^0.1.0")
+            }
+        finally:
+            for n in nodes:
+                await n.stop()
+
+
+async def test_pip_installs_from_the_simple_index_with_a_key(tmp_path: Path) -> None:
+    """A real pip, against a node with an API key: the key is the password of the index URL."""
+    from aether.slices.wheel import inspect_wheel as _inspect
+
+    key = "k" * 32
+    w = _hello(tmp_path / "w")
+    project = _inspect(w).canonical_name
+    with isolated_imports():
+        nodes = await _start(tmp_path, [tmp_path / "repo0"], api_key=key)
+        try:
+            base = f"http://127.0.0.1:{nodes[0].management.port}"
+            async with aiohttp.ClientSession() as s:
+                async with s.put(
+                    f"{base}{P}/files/{w.name}", data=w.read_bytes(), headers={"X-API-Key": key}
+                ) as r:
+                    assert r.status == 201, await r.text()
+                async with s.get(f"{base}{P}/simple/") as r:
+                    assert r.status == 401
+                basic = base64.b64encode(f"pip:{key}".encode()).decode()
+                async with s.get(
+                    f"{base}{P}/simple/{project}/", headers={"Authorization": f"Basic {basic}"}
+                ) as r:
+                    assert r.status == 200
+                    assert f"#sha256={hashlib.sha256(w.read_bytes()).hexdigest()}" in await r.text()
+            target = tmp_path / "target"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--isolated",
+                "--no-cache-dir",
+                "--disable-pip-version-check",
+                "--index-url",
+                f"http://pip:{key}@127.0.0.1:{nodes[0].management.port}{P}/simple/",
+                "--target",
+                str(target),
+                project,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+            assert proc.returncode == 0, out.decode()
+            assert (target / "hello_slice" / "__init__.py").is_file()
+        finally:
+            for n in nodes:
+                await n.stop()
+    shutil.rmtree(tmp_path / "target", ignore_errors=True)
+
+
+async def test_cli_talks_to_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    """`aether --connect HOST:PORT artifact deploy|list|versions|delete` (a real click run)."""
+    from click.testing import CliRunner
+
+    from aether.cli.main import main
+
+    lib = build_library_wheel(tmp_path / "w", "tinylib", "1.0")
+    w = _hello(tmp_path / "w")
+    connect = f"127.0.0.1:{cluster.nodes[1].management.port}"
+
+    def aether(*args: str) -> Any:
+        return CliRunner().invoke(
+            main, ["--connect", connect, "artifact", *args], env={"COLUMNS": "200"}, catch_exceptions=False
+        )
+
+    r = await asyncio.to_thread(aether, "deploy", str(w), str(lib), "--json")
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [(x["kind"], x["created"]) for x in rows] == [("slice", True), ("library", True)]
+    assert rows[0]["sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
+    r = await asyncio.to_thread(aether, "deploy", str(w))
+    assert r.exit_code == 0 and "Already stored (same sha256): org.example:hello:0.1.0" in r.output, r.output
+    other = _hello(tmp_path / "w2", body="\n# changed\n")
+    r = await asyncio.to_thread(aether, "deploy", str(other))
+    assert r.exit_code == 1 and "already in the repository with other content" in r.output, r.output
+    r = await asyncio.to_thread(aether, "list")
+    assert r.exit_code == 0 and "org.example:hello" in r.output and "tinylib" not in r.output, r.output
+    r = await asyncio.to_thread(aether, "list", "--libs", "--json")
+    assert [x["wheel"] for x in json.loads(r.output)] == [lib.name]
+    r = await asyncio.to_thread(aether, "versions", "org.example:hello")
+    assert r.exit_code == 0 and r.output.split() == ["0.1.0"]
+    r = await asyncio.to_thread(aether, "versions", "tinylib", "--json")
+    assert json.loads(r.output) == ["1.0"]
+    r = await asyncio.to_thread(aether, "delete", "org.example:hello:0.1.0")
+    assert r.exit_code == 0 and "Deleted org.example:hello:0.1.0" in r.output, r.output
+    r = await asyncio.to_thread(aether, "delete", "tinylib", "1.0")
+    assert r.exit_code == 0, r.output
+    r = await asyncio.to_thread(aether, "versions", "org.example:hello")
+    assert r.exit_code == 1 and "no versions of org.example:hello in the cluster's repository" in r.output
+    assert cluster.repos[1].exists() is False or not list(cluster.repos[1].rglob("*.whl"))
+
+
+async def test_a_chunked_upload_over_the_api_body_limit_streams(cluster: Cluster, tmp_path: Path) -> None:
+    """The middleware buffers at most 1 MiB of a body; an upload (here chunked, with no
+    Content-Length) bypasses it and is streamed to disk under the repository's own limit."""
+    from aether.api.common import MAX_BODY
+
+    w = build_slice_wheel(
+        tmp_path / "w",
+        "org.example:big:1.0.0",
+        HELLO,
+        "Hello",
+        module="big_slice",
+        extra_files={"big_slice/payload.bin": os.urandom(2 * MAX_BODY)},
+    )
+    data = w.read_bytes()
+    assert len(data) > MAX_BODY
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(0, len(data), 100_000):
+            yield data[i : i + 100_000]
+
+    async with cluster.session.put(cluster.url(0, f"{P}/files/{w.name}"), data=body()) as r:
+        assert r.status == 201, await r.text()
+        assert (await r.json())["manifest"]["chunks"] == core.chunk_count(len(data))
+    status, got, _ = await cluster.get(2, f"{P}/files/{w.name}")
+    assert status == 200 and got == data
+
+
+async def test_malformed_basic_credentials_are_a_401(tmp_path: Path) -> None:
+    with isolated_imports():
+        nodes = await _start(tmp_path, [tmp_path / "repo0"], api_key="k" * 32)
+        try:
+            url = f"http://127.0.0.1:{nodes[0].management.port}{P}/simple/"
+            async with aiohttp.ClientSession() as s:
+                for header, status in (
+                    ("Basic !!!", 401),
+                    ("Basic " + base64.b64encode(b"u:wrong").decode(), 401),
+                ):
+                    async with s.get(url, headers={"Authorization": header}) as r:
+                        assert r.status == status, await r.text()
+                        assert r.content_type == "application/problem+json"
+        finally:
+            for n in nodes:
+                await n.stop()
+
+
+def test_cli_without_a_node_or_directory_falls_back_to_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No --connect, no --repository, no node at the default address: ~/.aether/repository, with a
+    note; an explicit --connect to nothing is an error (exit 3), never a silent fallback."""
+    from click.testing import CliRunner
+
+    from aether.cli.client import ApiUnreachable, ManagementClient
+    from aether.cli.main import main
+
+    def unreachable(self: ManagementClient, *a: Any, **kw: Any) -> Any:
+        raise ApiUnreachable(self.target, "connection refused")
+
+    monkeypatch.setattr(ManagementClient, "request", unreachable)
+    monkeypatch.setattr(ManagementClient, "request_raw", unreachable)
+    monkeypatch.delenv("AETHER_REPOSITORY", raising=False)
+    monkeypatch.delenv("AETHER_CONNECT", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _hello(tmp_path / "w")
+    r = CliRunner().invoke(main, ["artifact", "deploy", str(next((tmp_path / "w").glob("*.whl")))])
+    assert r.exit_code == 0, r.output
+    assert "note: no node answers at 127.0.0.1:9000" in r.output
+    assert list((tmp_path / ".aether" / "repository").rglob("*.whl"))
+    r = CliRunner().invoke(main, ["--connect", "127.0.0.1:1", "artifact", "list"])
+    assert r.exit_code == 3 and "cannot reach" in r.output, r.output
+
+
+async def test_an_upload_that_stops_sending_is_a_408(cluster: Cluster, tmp_path: Path) -> None:
+    from aether.api.server import ManagementServer
+
+    node = cluster.nodes[0]
+    server = ManagementServer(node, host="127.0.0.1", port=0, body_timeout=0.3)  # type: ignore[arg-type]
+    await server.start()
+    try:
+        data = _hello(tmp_path / "w").read_bytes()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield data[:100]
+            await asyncio.sleep(3)
+            yield data[100:]
+
+        url = f"http://127.0.0.1:{server.port}{P}/files/hello-0.1.0-py3-none-any.whl"
+        async with cluster.session.put(url, data=body()) as r:
+            assert r.status == 408, await r.text()
+            assert "no upload data received for 0.3 s" in (await r.json())["detail"]
+    finally:
+        await server.stop()
+    assert await cluster.manifests(0) == []
+
+
+async def test_nodes_sharing_a_directory_publish_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bootstrap publishing is staggered by rank (1 + 2k s): node-1 uploads the shared directory's
+    wheels; node-2 and node-3 find them in the cluster and upload nothing while it starts."""
+    from aether.repository.service import ArtifactService
+    from conftest import deploy_hello_examples
+
+    uploads: list[str] = []
+    real = ArtifactService.upload
+
+    async def counting(self: ArtifactService, *a: Any, **kw: Any) -> Any:
+        uploads.append(self.log.name)
+        return await real(self, *a, **kw)
+
+    monkeypatch.setattr(ArtifactService, "upload", counting)
+    repo = tmp_path / "shared"
+    deploy_hello_examples(repo, tmp_path / "w")
+    with isolated_imports():
+        nodes = await _start(tmp_path, [repo, repo, repo])
+        try:
+            await asyncio.sleep(6.5)  # past node-3's turn (5 s)
+            assert uploads == ["aether.repository.node-1"] * 2, uploads
+            assert len(nodes[2].artifacts.manifests()) == 2
+        finally:
+            for n in nodes:
+                await n.stop()
+
+
+async def test_a_loader_thread_waiting_on_a_fetch_is_released_when_the_service_stops(tmp_path: Path) -> None:
+    from aether.repository.errors import RepositoryUnavailable
+    from aether.repository.service import ArtifactService
+    from aether.slices.repository import Repository
+
+    never = asyncio.Event()
+
+    class StuckMap:
+        async def map_get(self, name: str, key: str) -> bytes | None:
+            await never.wait()
+            return None
+
+    service = ArtifactService(
+        None,  # type: ignore[arg-type]
+        StuckMap(),  # type: ignore[arg-type]
+        members=1,
+        cache=Repository(tmp_path / "repo"),
+        work_dir=tmp_path / "work",
+    )
+    service.bind()
+    m = _manifest()
+    waiting = asyncio.ensure_future(asyncio.to_thread(service.call, service.fetch(m, tmp_path / "x.whl")))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    await service.stop()
+    with pytest.raises(RepositoryUnavailable, match="stopped"):
+        await asyncio.wait_for(waiting, 5)
+    with pytest.raises(RepositoryUnavailable):
+        await asyncio.to_thread(service.call, service.manifests_async())
+
+
+async def test_chunk_reads_and_writes_wait_out_a_map_that_is_not_serving_yet(tmp_path: Path) -> None:
+    """A map defined a moment ago answers MapUnavailable until its partitions are taken over: the
+    service retries (idempotent: content-addressed chunks) within its budget, then gives up."""
+    from aether.core.maps import MapUnavailable
+    from aether.repository.service import ArtifactService
+    from aether.slices.repository import Repository
+
+    class FlakyMap:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.data: dict[str, bytes] = {}
+
+        async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+            if self.failures > 0:
+                self.failures -= 1
+                raise MapUnavailable("not serving yet")
+            self.data[key] = value
+
+        async def map_get(self, name: str, key: str) -> bytes | None:
+            if self.failures > 0:
+                self.failures -= 1
+                raise MapUnavailable("not serving yet")
+            return self.data.get(key)
+
+    flaky = FlakyMap(2)
+    service = ArtifactService(
+        None,  # type: ignore[arg-type]
+        flaky,  # type: ignore[arg-type]
+        members=1,
+        cache=Repository(tmp_path / "repo"),
+        work_dir=tmp_path / "work",
+        map_budget=5.0,
+    )
+    await service._retrying(lambda: flaky.map_put("m", "k", b"v"))
+    assert flaky.data == {"k": b"v"}
+    flaky.failures = 1
+    assert await service._retrying(lambda: flaky.map_get("m", "k")) == b"v"
+    flaky.failures = 100
+    service.map_budget = 0.5
+    with pytest.raises(MapUnavailable):
+        await service._retrying(lambda: flaky.map_get("m", "k"))
+
+
+async def test_the_chunk_map_is_defined_after_the_first_takeover(tmp_path: Path) -> None:
+    """Defining the chunk map while the cluster's first partition takeover runs was seen to stall
+    it (about 1 run in 8 of a fresh in-process cluster): the service waits for every partition
+    to have an active configuration first (within its budget)."""
+    from aether.core.maps import PartitionTable
+    from aether.repository.service import ArtifactService
+    from aether.slices.repository import Repository
+
+    table: list[PartitionTable | None] = [None]
+    defined: list[float] = []
+
+    class Maps:
+        async def define(self, name: str, spec: Any) -> bool:
+            defined.append(asyncio.get_running_loop().time())
+            return True
+
+    service = ArtifactService(
+        None,  # type: ignore[arg-type]
+        Maps(),  # type: ignore[arg-type]
+        members=3,
+        cache=Repository(tmp_path / "r"),
+        work_dir=tmp_path / "w",
+        partition_table=lambda: table[0],
+    )
+    assert not core.maps_serving(None)
+    owners = [[0]] * 4
+    assert not core.maps_serving(PartitionTable(1, 4, ["a"], owners, [0, 1, 1, 1]))
+    assert core.maps_serving(PartitionTable(2, 4, ["a"], owners, [1, 2, 1, 2]))
+    task = asyncio.ensure_future(service._ensure_map())
+    await asyncio.sleep(0.3)
+    assert defined == [] and not task.done()
+    table[0] = PartitionTable(1, 4, ["a"], owners, [1, 1, 1, 1])
+    await asyncio.wait_for(task, 5)
+    assert len(defined) == 1

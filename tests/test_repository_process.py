@@ -1,0 +1,84 @@
+"""The cluster's artifact repository on real `aether node` processes with separate repository
+directories (docs/repository.md): a wheel uploaded through one node runs on every node, and a node
+that lost its directory gets the wheel from the cluster again when it restarts."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aether.slices.testing import build_slice_wheel
+from conftest import EXAMPLES, ProcessCluster, http_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+HELLO = "org.example:hello:0.1.0"
+
+
+class OwnDirectories(ProcessCluster):
+    """A process cluster whose nodes share no repository directory."""
+
+    def repo(self, i: int) -> Path:
+        return self.base_dir / self.ids[i] / "repository"
+
+    def command(self, i: int) -> list[str]:
+        return [*super().command(i), "--repository", str(self.repo(i))]
+
+
+def _active(c: ProcessCluster) -> int:
+    status, slices = http_json(c.management_ports[0], "GET", "/api/v1/slices")
+    return sum(s["active"] for s in slices if s["artifact"] == HELLO) if status == 200 else -1
+
+
+def _wait(pred: Any, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, f"{what}: not within {timeout} s"
+        time.sleep(0.2)
+
+
+def test_upload_once_run_everywhere_and_refetch_after_a_lost_directory(tmp_path: Path) -> None:
+    source = (EXAMPLES / "hello-slice" / "hello_slice" / "__init__.py").read_text()
+    wheel = build_slice_wheel(tmp_path / "w", HELLO, source, "Hello", module="hello_slice")
+    c = OwnDirectories(3, tmp_path / "cluster")
+    try:
+        c.start_all()
+        c.wait_quorum(30)
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{c.management_ports[0]}/api/v1/repository/files/{wheel.name}",
+            data=wheel.read_bytes(),
+            method="PUT",
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 201
+        # deploy through another node: it expands the blueprint from the cluster's manifests
+        status, doc = http_json(
+            c.management_ports[1], "POST", "/api/v1/deploy", {"artifact": HELLO, "instances": 3}
+        )
+        assert status in (200, 201), doc
+        _wait(lambda: _active(c) == 3, 60, "3 ACTIVE instances")
+        for i in range(3):
+            cached = c.repo(i) / "org" / "example" / "hello" / "0.1.0" / wheel.name
+            assert cached.read_bytes() == wheel.read_bytes(), c.ids[i]
+        # node-3 loses its directory (and its process): restarted, it fetches the wheel again
+        c.kill9(2)
+        shutil.rmtree(c.repo(2))
+        c.start(2)
+        c.wait_quorum(30)
+        _wait(
+            lambda: (c.repo(2) / "org" / "example" / "hello" / "0.1.0" / wheel.name).is_file(),
+            60,
+            "refetched",
+        )
+        _wait(lambda: _active(c) == 3, 60, "3 ACTIVE instances after the restart")
+        status, slices = http_json(c.management_ports[2], "GET", "/api/v1/slices")
+        states = {x["node"]: x["state"] for s in slices for x in s["instances"]}
+        assert states.get("node-3") == "ACTIVE", slices
+    finally:
+        c.close()
