@@ -10,7 +10,7 @@ import pytest
 from aether.core.calls import RetryPolicy
 from aether.core.maps import MapSpec, MapUnavailable
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
-from aether.maps.messages import MapRequest, MapResponse, ReplicateAck
+from aether.maps.messages import MapRequest, MapResponse, ReplicateAck, SyncChunk
 from aether.maps.partitioning import activate, partition_of
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
 from aether.maps.storage import MemoryStorage
@@ -299,3 +299,26 @@ def test_a_map_defined_while_a_takeover_pushes_is_pushed_too() -> None:
     net.submit(net.ids[0], 1, OP_CAS, key, b"v", None, name="m2")
     net.settle()
     assert net.results[1] == (b"v", True)
+
+
+def test_a_caller_whose_partition_is_still_being_taken_over_is_told_what_the_takeover_waits_for() -> None:
+    """Operations parked at a primary whose takeover does not finish are refused after half an
+    attempt, saying what the takeover waits for; the caller's final error carries it (it used to
+    say only that the primary did not answer)."""
+    net = Net(3, joined=2)
+    newcomer = net.ids[2]
+    net.drop = lambda src, dst, msg: isinstance(msg, SyncChunk) and dst == newcomer
+    net.join(newcomer)
+    net.settle(0.5)
+    key = next(k for k in (f"k{i}" for i in range(200)) if net.primary_of(k) == newcomer)
+    net.submit(net.ids[0], 1, OP_PUT, key, b"v")
+    net.settle(net.t.op_timeout + 1.0)
+    err = net.results[1]
+    assert isinstance(err, MapUnavailable), err
+    assert f"{newcomer} is taking partition" in str(err), err
+    assert "copying from its owners, waiting for" in str(err), err
+    net.drop = lambda src, dst, msg: False
+    net.settle(net.t.sync_timeout + 1.0)
+    net.submit(net.ids[0], 2, OP_PUT, key, b"v")
+    net.settle()
+    assert net.results[2] == (None, True)

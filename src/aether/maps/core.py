@@ -91,6 +91,7 @@ __all__ = [
 _SYNC_CHUNK_ITEMS = 512
 _SYNC_CHUNK_BYTES = 1024 * 1024
 _MAX_OUTCOMES = 50_000  # answers of operations that wrote nothing, kept for their retries
+_SLOW_TAKEOVER = 5.0  # seconds after which a takeover still under way is logged (once)
 _MAX_PARKED = 10_000  # operations waiting at one primary for promotion, a key's writes or a check
 
 
@@ -205,6 +206,7 @@ class _Op:
     ttl_ms: int
     partition: int
     extra: list[_Target] = field(default_factory=list)  # retries and duplicates of the same operation
+    parked_at: float = 0.0  # when it started waiting for the partition's takeover
 
 
 @dataclass(slots=True)
@@ -269,6 +271,7 @@ class _Promotion:
     activating: set[int] = field(default_factory=set)  # partitions whose activation is being recorded
     pushed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # map -> {(peer, partition)} acked
     forced: bool = False
+    warned: bool = False  # a takeover that takes long is logged once, saying what it waits for
 
 
 @dataclass(slots=True)
@@ -816,16 +819,8 @@ class MapCore:
             self._send(peer, msg)
 
     def _pushed(self, prom: _Promotion, p: int) -> bool:
-        table = self.table
-        assert table is not None
-        for name, replicas in self._push_targets():
-            owners = owners_for(table, p, replicas)
-            default_need = min(MapSpec().write_quorum, len(owners)) - 1
-            need = self._need(name, owners) if name else default_need
-            got = prom.pushed.get(name, set())
-            if sum(1 for o in owners[1:] if (o, p) in got) < need:
-                return False
-        return True
+        assert self.table is not None
+        return not self._push_missing(prom, p)
 
     def _ready(self, p: int) -> None:
         prim = self.prims.get(p)
@@ -848,6 +843,53 @@ class MapCore:
         parked, prim.parked = prim.parked, []
         for op in parked:
             self._serve(op)
+
+    def _answer_parked(self, now: float) -> None:
+        """Operations that waited half an attempt for a takeover are refused saying what it waits
+        for: their callers retry (same id) and, if it never ends, their error says why."""
+        limit = self.t.attempt_timeout / 2
+        for p, prim in self.prims.items():
+            if prim.ready or not prim.parked or now - prim.parked[0].parked_at < limit:
+                continue
+            why = self._takeover_status(p)
+            waited = [op for op in prim.parked if now - op.parked_at >= limit]
+            prim.parked = [op for op in prim.parked if now - op.parked_at < limit]
+            for op in waited:
+                self._refuse_op(op, KIND_NOT_PRIMARY, why)
+
+    def _takeover_status(self, p: int) -> str:
+        """What the takeover of partition `p` waits for (for errors and logs)."""
+        for prom in self._promotions:
+            if p not in prom.parts:
+                continue
+            head = (f"{self.node_id} is taking partition {p} over at v{prom.version} "
+                    f"(for {self._now - prom.started:.1f} s)")
+            if prom.phase == "sync":
+                asked = sorted({f"{peer} ({n or 'the partition'})" for peer, n, _ in prom.asked.values()})
+                if asked:
+                    return f"{head}: copying from its owners, waiting for {', '.join(asked)}"
+                return f"{head}: copying from its owners, too few of which hold the active copy yet"
+            if p in prom.activating:
+                return f"{head}: recording the takeover in the partition table"
+            missing = self._push_missing(prom, p)
+            return f"{head}: waiting for its owners to acknowledge the copy of {', '.join(missing) or '?'}"
+        return f"partition {p} is not served by {self.node_id} yet"
+
+    def _push_missing(self, prom: _Promotion, p: int) -> list[str]:
+        """The maps (`the partition` for the map "") whose push to the owners of `p` lacks
+        acknowledgements: the takeover of `p` waits for them."""
+        table = self.table
+        if table is None:
+            return []
+        out = []
+        for name, replicas in self._push_targets():
+            owners = owners_for(table, p, replicas)
+            default_need = min(MapSpec().write_quorum, len(owners)) - 1
+            need = self._need(name, owners) if name else default_need
+            got = prom.pushed.get(name, set())
+            if sum(1 for o in owners[1:] if (o, p) in got) < need:
+                out.append(repr(name) if name else "the partition")
+        return out
 
     def _step_down(self, p: int, why: str) -> None:
         """Stop serving `p` as primary: refuse what waits (callers retry with the same id and the
@@ -1120,6 +1162,7 @@ class MapCore:
             if len(prim.parked) >= _MAX_PARKED:
                 self._refuse_op(op, KIND_NOT_PRIMARY, f"partition {p} is still being taken over")
             else:
+                op.parked_at = self._now
                 prim.parked.append(op)
             return
         # a retry of an operation under way joins it; of one answered, gets the same answer
@@ -1563,7 +1606,14 @@ class MapCore:
                 self._attempt(c)
         self._resend()
         self._pull()
+        self._answer_parked(now)
         for prom in list(self._promotions):
+            if not prom.warned and now - prom.started >= _SLOW_TAKEOVER:
+                prom.warned = True
+                some = min(prom.parts, default=None)
+                if some is not None:
+                    self.log.warning("%s (and %d more partitions)", self._takeover_status(some),
+                                     len(prom.parts) - 1)
             if prom.phase == "sync":
                 stale = [rid for rid, (_pe, _n, t) in prom.asked.items() if now - t >= self.t.sync_timeout]
                 again = [prom.asked.pop(rid)[:2] for rid in stale]

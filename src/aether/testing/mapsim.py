@@ -41,7 +41,7 @@ from typing import Any
 import msgspec
 
 from aether.core.calls import RetryPolicy
-from aether.core.errors import QuorumLost
+from aether.core.errors import CommitTimeout, QuorumLost
 from aether.core.maps import MapError, MapSpec, MapUnavailable
 from aether.kv.keys import MapDefKey
 from aether.maps.core import MapTimings
@@ -76,6 +76,8 @@ class Profile:
     fault_gap: tuple[float, float] = (1.0, 4.0)
     duplicate: float = 0.0
     stagger: float = 0.0  # nodes start one by one within this many seconds (a real cluster start)
+    slow_store: float = 0.0  # chance that a store write takes up to 0.5 s, and half of those time out
+    # after committing (the caller cannot know the outcome, as with a real consensus timeout)
 
     def describe(self) -> str:
         faults = ",".join(sorted(self.kinds)) or "none"
@@ -107,14 +109,14 @@ def _startup(rng: random.Random) -> Profile:
     """A cluster starting: nodes come up one by one while the first tables are written and
     taken over, the map is defined right after, and callers start at once."""
     return Profile(nodes=rng.choice([3, 4, 5]), persistent=rng.random() < 0.5, duration=10.0,
-                   stagger=rng.uniform(0.02, 0.5), kinds={"flap": 0.3})
+                   stagger=rng.uniform(0.02, 0.5), kinds={"flap": 0.3, "stall": 0.5}, slow_store=0.1)
 
 
 def _restart(rng: random.Random) -> Profile:
     """The whole cluster stopped and started again on its data (`aether cluster stop` + `start`);
     new maps are defined right after each start."""
     return Profile(nodes=rng.choice([3, 4, 5]), persistent=True, fault_gap=(1.0, 3.0),
-                   kinds={"restart": 1.0, "flap": 0.3})
+                   kinds={"restart": 1.0, "flap": 0.3, "stall": 0.5}, slow_store=0.1)
 
 
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
@@ -193,6 +195,10 @@ class NodeKV:
         w = self.world
         if not w.nodes[self.node].running or not w.store_reachable(self.node):
             return
+        if w.loop.time() < w.nodes[self.node].paused_until:
+            self._scheduled = True
+            w.loop.call_at(w.nodes[self.node].paused_until + 0.001, self._catch_up)
+            return
         log = w.store.log
         if len(log) - self.applied > 3 and w.rng.random() < 0.3:
             # fell behind: jump to the current state and tell the watchers to re-read (a reset)
@@ -215,10 +221,20 @@ class NodeKV:
 
     # writes through the authority
     async def _reach(self) -> None:
-        await asyncio.sleep(self.world.rng.uniform(0.001, 0.01))
-        if not self.world.store_reachable(self.node):
+        w = self.world
+        await asyncio.sleep(w.rng.uniform(0.001, 0.01))
+        if w.profile.slow_store and w.rng.random() < w.profile.slow_store:
+            await asyncio.sleep(w.rng.uniform(0.05, 0.5))
+        if not w.store_reachable(self.node):
             await asyncio.sleep(0.5)
             raise QuorumLost(f"{self.node} cannot reach a majority")
+
+    async def _committed(self) -> None:
+        """After a commit: sometimes the answer is lost (a timeout whose write did commit)."""
+        w = self.world
+        if w.profile.slow_store and w.rng.random() < w.profile.slow_store / 2:
+            await asyncio.sleep(w.rng.uniform(0.1, 1.0))
+            raise CommitTimeout(f"{self.node}: no answer in time (outcome unknown)")
 
     async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
         await self._reach()
@@ -226,11 +242,13 @@ class NodeKV:
         if self.world.store.data.get(k) != expected:
             return False
         self.world.store.commit("put" if new is not None else "remove", k, new)
+        await self._committed()
         return True
 
     async def put(self, key: Any, value: Any, timeout: float = 5.0) -> int:
         await self._reach()
         self.world.store.commit("put", str(key), value)
+        await self._committed()
         return 0
 
     async def remove(self, key: Any, timeout: float = 5.0) -> bool:
@@ -238,6 +256,7 @@ class NodeKV:
         k = str(key)
         had = k in self.world.store.data
         self.world.store.commit("remove", k, None)
+        await self._committed()
         return had
 
     async def get(self, key: Any, timeout: float = 5.0) -> Any:
@@ -280,6 +299,9 @@ class SimNode:
         self.service: MapService | None = None
         self.gen = 0
         self.engines: dict[str, FaultyEngine] = {}  # survive restarts when persistent
+        # its consensus replica (journal): what it had applied when it stopped, kept across restarts
+        self.replica: tuple[int, dict[str, Any]] | None = None
+        self.paused_until = 0.0  # a stalled process (CPU starvation, a long pause): nothing runs
         self.skew = world.rng.uniform(-0.5, 0.5)
 
     def open_storage(self, kind: str, directory: Path, name: str) -> FaultyEngine:
@@ -292,8 +314,11 @@ class SimNode:
         self.gen += 1
         self.running = True
         view = NodeKV(w, self.id)
-        view.local = dict(w.store.data) if w.store_reachable(self.id) else dict(view.local)
-        view.applied = len(w.store.log) if w.store_reachable(self.id) else 0
+        if self.replica is not None:  # a restart: its replica recovers what it had, then catches up
+            view.applied, view.local = self.replica[0], dict(self.replica[1])
+        else:
+            view.local = dict(w.store.data) if w.store_reachable(self.id) else dict(view.local)
+            view.applied = len(w.store.log) if w.store_reachable(self.id) else 0
         w.views[self.id] = view
         svc = MapService(
             self.id, view, SimSender(w, self.id), Path("/nonexistent") / self.id,
@@ -305,15 +330,20 @@ class SimNode:
         )
         svc._check_horizon = lambda: None  # type: ignore[method-assign]  # no files in the simulation
         svc._write_alive = lambda wall: None  # type: ignore[method-assign]
+        tick = svc._tick
+        svc._tick = lambda: None if w.loop.time() < self.paused_until else tick()  # type: ignore[method-assign]
         self.service = svc
         w.spawn(svc.start())
+        view.notify()
         w.log(f"start {self.id} (gen {self.gen})")
 
     def kill(self) -> None:
         svc = self.service
         self.running = False
         self.service = None
-        self.world.views.pop(self.id, None)
+        view = self.world.views.pop(self.id, None)
+        if view is not None:
+            self.replica = (view.applied, dict(view.local))
         if svc is not None:
             svc._closed = True
             for t in list(svc._tasks) + ([svc._ticker] if svc._ticker else []):
@@ -378,6 +408,7 @@ class MapWorld:
         self.faults_on = True
         self.stats: dict[str, int] = {"ops": 0, "ok": 0, "indeterminate": 0, "faults": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._deferred = 0
         self._loggers: dict[str, _Quiet] = {}
         self.loop.set_exception_handler(self._on_loop_error)
 
@@ -483,6 +514,11 @@ class MapWorld:
         if self.queues.get((src, dst), 0) != gen or not node.running or node.gen != dst_gen:
             return  # the link went down meanwhile (in-flight data is lost), or the node restarted
         if not self.connected(src, dst) or (src not in self.view_up[dst] and dst not in self.view_up[src]):
+            return
+        if self.loop.time() < node.paused_until:  # stalled: it reads its socket later, in order
+            self._deferred += 1
+            self.loop.call_at(node.paused_until + self._deferred * 1e-7, self._deliver, src, dst, data, gen,
+                              dst_gen)
             return
         msg = msgspec.msgpack.decode(data, type=MapMessage)
         if node.service is not None:
@@ -704,6 +740,10 @@ class MapWorld:
                 replicas=self.profile.replicas, write_quorum=self.profile.write_quorum))
             self.log(f"define {name}")
             self.maps.append(name)
+        elif kind == "stall" and running:
+            victim = rng.choice(running)
+            self.nodes[victim].paused_until = self.loop.time() + rng.uniform(0.2, 2.0)
+            self.log(f"stall {victim} until {self.nodes[victim].paused_until:.3f}")
         elif kind == "isolate":
             victim = rng.choice(self.members)
             self._cut([[victim], [m for m in self.members if m != victim]], f"isolate {victim}")
