@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from conftest import deploy_hello_examples
+from aether.slices.testing import build_slice_wheel
+from conftest import EXAMPLES
 from netns import Hosts, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -37,6 +38,11 @@ def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 @dataclass
@@ -144,9 +150,7 @@ def test_three_hosts_serve_through_every_node_and_a_cut_off_host_converges_after
     cluster: Cluster, tmp_path: Path
 ) -> None:
     members = [0, 1, 2]
-    wheels = tmp_path / "wheels"
-    for i in members:  # each host has its own repository directory
-        deploy_hello_examples(tmp_path / cluster.ids[i] / "repository", wheels / cluster.ids[i])
+    for i in members:  # each host has its own (empty) data and repository directories
         cluster.start(i, members)
     cluster.wait_ready(members)
 
@@ -160,11 +164,30 @@ def test_three_hosts_serve_through_every_node_and_a_cut_off_host_converges_after
     for i in members:
         code, value = cluster.cli(i, "map", "get", "accounts", "alice")
         assert code == 0 and value == {"balance": 10}, (i, value)
-    code, out = cluster.cli(0, "deploy", "org.example:hello:0.1.0", "--instances", "3", "--wait")
+    # the wheel is uploaded through one node; every node fetches it from the cluster to run it
+    source = (EXAMPLES / "hello-slice" / "hello_slice" / "__init__.py").read_text()
+    wheel = build_slice_wheel(
+        tmp_path / "wheels", "org.example:hello:0.1.0", source, "Hello", module="hello_slice"
+    )
+    code, out = cluster.cli(0, "artifact", "deploy", str(wheel))
+    assert code == 0, out
+    # its configuration names a secret kept by the cluster
+    code, out = cluster.cli(1, "secret", "set", "greeting", "--from-file", str(_write(tmp_path / "g", "Hej")))
+    assert code == 0, out
+    blueprint = tmp_path / "hello.toml"
+    blueprint.write_text(
+        'id = "hello:0.1.0"\n[slices.hello]\nartifact = "org.example:hello:0.1.0"\ninstances = 3\n'
+        '[slices.hello.config]\ngreeting = { secret = "greeting" }\n'
+    )
+    code, out = cluster.cli(2, "blueprint", "apply", str(blueprint), "--wait")
     assert code == 0, out
     for i in members:
+        cache = tmp_path / cluster.ids[i] / "repository"
+        assert any(cache.rglob("hello*.whl")), f"{cluster.ids[i]} runs the slice from its own cache"
         status_code, doc = cluster.https(i, f"/hello/{cluster.ids[i]}")
-        assert status_code == 200 and doc["message"] == f"Hello, {cluster.ids[i]}!", (i, doc)
+        assert status_code == 200 and doc["message"] == f"Hej, {cluster.ids[i]}!", (i, doc)
+    logs = "".join((tmp_path / f"{n}.log").read_text() for n in cluster.ids[:3])
+    assert "Hej" not in logs, "the secret's value reached a log"
 
     # host 3 loses its network: the majority keeps serving, host 3 refuses writes and says why
     cluster.hosts.cut(2)
