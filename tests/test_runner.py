@@ -27,7 +27,7 @@ class Recorder:
         self.sent.append((peer, msg))
         return True
 
-    def broadcast(self, msg: Any) -> None:
+    def broadcast(self, msg: Any, to: Any = None) -> None:
         self.sent.append((None, msg))
 
     def slot_msgs(self, slot: int) -> dict[tuple[str, int], Any]:

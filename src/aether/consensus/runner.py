@@ -44,7 +44,9 @@ from aether.core.errors import CommitTimeout, QuorumLost
 class PeerSender(Protocol):
     def send(self, peer: str, msg: Any) -> bool: ...
 
-    def broadcast(self, msg: Any) -> None: ...
+    def broadcast(self, msg: Any, to: Sequence[str] | None = None) -> None:
+        """Send `msg` to every peer in `to` (every up peer when None)."""
+        ...
 
 
 _jenc = msgspec.msgpack.Encoder()
@@ -334,7 +336,7 @@ class ConsensusRunner:
                 if tr is None:
                     continue
                 if a.to is None:
-                    tr.broadcast(a.msg)
+                    tr.broadcast(a.msg, a.group)
                 else:
                     tr.send(a.to, a.msg)
             elif isinstance(a, Completed):
@@ -345,6 +347,11 @@ class ConsensusRunner:
             else:
                 if a.reason == "timeout":
                     exc: Exception = CommitTimeout("not committed in time (outcome unknown)")
+                elif a.reason == "member":
+                    exc = QuorumLost(
+                        f"node {self.node_id} is not a member of the cluster's member set (it was "
+                        "removed, or its addition has not taken effect yet); "
+                        + ("the write was not applied" if a.definite else "outcome unknown"))
                 elif a.definite:
                     exc = QuorumLost("no quorum: this node cannot reach a majority of the cluster; "
                                      "the write was not applied")

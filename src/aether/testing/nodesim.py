@@ -44,7 +44,7 @@ import itertools
 import logging
 import random
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -443,14 +443,14 @@ class SimTransport:
         w.net_send(self.node.id, peer, _enc.encode(msg))
         return True
 
-    def broadcast(self, msg: Any) -> None:
+    def broadcast(self, msg: Any, to: Sequence[str] | None = None) -> None:
         if self.dead:
             return
         node = self.node
         w = node.world
         w.on_wire(node, msg)
         data = _enc.encode(msg)
-        peers = [m for m in w.members if m != node.id]
+        peers = [m for m in (w.members if to is None else to) if m != node.id]
         cut = len(peers)
         if w.sc.crash_on_send and w.faults_on and w.rng.random() < w.sc.crash_on_send:
             cut = w.rng.randrange(len(peers))

@@ -67,7 +67,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import msgspec
@@ -735,14 +735,19 @@ class Transport:
             return False
         return p.link.write_frame(self._codec.frame(msg))
 
-    def broadcast(self, msg: object) -> None:
-        """Queue `msg` (encoded once) for every up peer; this node is not included."""
+    def broadcast(self, msg: object, to: Iterable[str] | None = None) -> None:
+        """Queue `msg` (encoded once) for every up peer, or those of `to` that are up; this node
+        is not included."""
         if type(msg) not in self._codec.app_types:
             raise TypeError(f"{type(msg).__name__} is not one of this transport's peer message types")
         if not self._up:
             return
         frame = self._codec.frame(msg)
-        for p in self._up.values():
+        if to is None:
+            targets: Iterable[_Peer] = self._up.values()
+        else:
+            targets = [p for p in (self._up.get(n) for n in to) if p is not None]
+        for p in targets:
             if p.link is not None:
                 p.link.write_frame(frame)
 
