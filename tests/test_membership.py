@@ -370,3 +370,22 @@ def test_a_fresh_node_catches_up_by_snapshot_before_it_takes_part() -> None:
     assert net.result("n4", t) is not None
     sent = net.sent.get("n4", [])
     assert sent and all(r.msg.slot >= first for r in sent)
+
+
+def test_a_joining_node_starts_from_a_snapshot_never_from_a_replay_on_a_foreign_member_set() -> None:
+    # every entry is still held, so a joiner asking from slot 1 would get entries: replaying
+    # "remove n3" and "add n4" on the set it was told ({n1, n2}, as if epoch 0) would refuse the
+    # add (epoch mismatch) and leave it believing it is not a member
+    net = Net(["n1", "n2", "n3"])
+    net.settle()
+    net.change("n1", "remove", "n3")
+    net.settle()
+    net.add_engine("n4", ["n1", "n2"], learner=True)
+    net.link_all()
+    net.settle(3)
+    assert net.engines["n4"].stats["snapshots_installed"] == 1
+    tok = net.change("n1", "add", "n4")
+    net.settle()
+    assert net.member_result("n1", tok).ok
+    assert net.engines["n4"].members == ("n1", "n2", "n4") and net.engines["n4"].is_member
+    _same_state(net, ["n1", "n2", "n4"])

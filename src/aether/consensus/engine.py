@@ -296,6 +296,10 @@ class Engine:
         self._last_idle_sync = 0.0
         self._sync_replies: set[str] = set()
         self._last_learner_sync = -1e18
+        # A node joining with a member set it was told (not the one the log started from) must
+        # not replay the log from slot 1 on top of it: it waits for a snapshot, which carries the
+        # member set of its slot. `recover` clears this when a local snapshot exists.
+        self._needs_snapshot = learner
         # Local snapshots: staggered across replicas so they never all pause at once, and no
         # more often than the journal has grown by half the last snapshot's size (amortized).
         idx = self.members.index(node_id) if node_id in self.members else 0
@@ -360,6 +364,7 @@ class Engine:
         """Restore from the local snapshot and journal (call before any other input)."""
         if snapshot is not None:
             self._install_snapshot_bytes(snapshot, emit=False)
+            self._needs_snapshot = False
         sent: list[SentRec] = []
         for rec in records:
             if isinstance(rec, DecidedRec):
@@ -456,7 +461,7 @@ class Engine:
             return
         self._up.add(peer)
         # Learn whether we are behind, and let the peer see our current slot.
-        self._send(peer, CatchupReq(self.applied + 1))
+        self._send(peer, CatchupReq(self._catchup_from()))
         self._last_catchup[peer] = now
         self._retransmit_to(peer)
         self._maybe_seal(now)
@@ -641,6 +646,8 @@ class Engine:
 
     def _progress(self, now: float) -> None:
         """Advance as far as the information at hand allows."""
+        if self._needs_snapshot:
+            return
         while True:
             cur = self._cur
             if cur.decided:
@@ -658,7 +665,7 @@ class Engine:
                 if ahead is not _MISSING:
                     self._adopt_decision(ahead, now)  # type: ignore[arg-type]
                     continue
-                if not self.is_member:
+                if not self.is_member or self._needs_snapshot:
                     return  # a learner only takes decisions (Decision, catch-up)
                 pend = self.pending_config
                 if pend is not None and pend.from_slot > cur.slot:
@@ -1086,7 +1093,7 @@ class Engine:
             return
         self._last_catchup[peer] = now
         self.stats["catchup_requests"] += 1
-        self._send(peer, CatchupReq(self.applied + 1))
+        self._send(peer, CatchupReq(self._catchup_from()))
 
     def _on_catchup_req(self, sender: str, msg: CatchupReq) -> None:
         start = msg.from_slot
@@ -1100,7 +1107,15 @@ class Engine:
         else:
             self._send(sender, CatchupReply(self.applied, [], self.applied, self._snapshot_bytes()))
 
+    def _catchup_from(self) -> int:
+        # slot 0 is never held as an entry: asking for it gets a snapshot
+        return 0 if self._needs_snapshot else self.applied + 1
+
     def _on_catchup_reply(self, sender: str, msg: CatchupReply, now: float) -> None:
+        if self._needs_snapshot:
+            if msg.snapshot is None or msg.snapshot_slot <= 0:
+                return
+            self._needs_snapshot = False
         if not self.synced:
             self._sync_replies.add(sender)
             if len(self._sync_replies) + 1 >= self.M:
