@@ -1,7 +1,8 @@
 """Leader manager: the leader is the first node id of the sorted active topology.
 
-Active = this node plus the peers the transport reports up, and only while that set is a
-quorum of the configured members (a minority side has no leader). Every node computes
+Active = this node plus the peers the transport reports up, among the members, and only while
+that set is a quorum of the member set in effect (a minority side, and a node that is not a
+member, has no leader). Every node computes
 the same answer once connectivity settles; anything the leader writes goes through
 consensus (with compare-and-set where it matters), so two nodes briefly both believing
 they lead is harmless.
@@ -28,9 +29,15 @@ class LeaderManager:
         self.leader: str | None = node_id if len(self.members) == 1 else None
         self.listeners: list[Callable[[LeaderChanged], None]] = []
 
+    def set_members(self, members: Sequence[str]) -> None:
+        """The committed member set changed (membership changes through the log)."""
+        self.members = sorted(set(members))
+        self._recompute()
+
     def _recompute(self) -> None:
-        active = sorted(self.up | {self.node_id})
-        quorum = len(active) >= len(self.members) // 2 + 1
+        members = set(self.members)
+        active = sorted((self.up | {self.node_id}) & members)
+        quorum = self.node_id in members and len(active) >= len(self.members) // 2 + 1
         new = active[0] if quorum else None
         if new != self.leader:
             ev = LeaderChanged(new, self.leader, new == self.node_id)
@@ -39,8 +46,8 @@ class LeaderManager:
                 cb(ev)
 
     def peer_up(self, peer: str) -> None:
-        if peer in self.members and peer != self.node_id:
-            self.up.add(peer)
+        if peer != self.node_id:
+            self.up.add(peer)  # counted while it is a member (set_members may add it later)
             self._recompute()
 
     def peer_down(self, peer: str) -> None:

@@ -296,6 +296,7 @@ class Engine:
         self._last_idle_sync = 0.0
         self._sync_replies: set[str] = set()
         self._last_learner_sync = -1e18
+        self.peer_applied: dict[str, int] = {}  # slots each asker had applied, by its CatchupReq
         # A node joining with a member set it was told (not the one the log started from) must
         # not replay the log from slot 1 on top of it: it waits for a snapshot, which carries the
         # member set of its slot. `recover` clears this when a local snapshot exists.
@@ -950,7 +951,8 @@ class Engine:
         if new is None:
             return refuse(why)
         delay = min(max(change.delay, 1), MAX_ACTIVATION_DELAY)
-        addresses = {m: a for m, a in cur.addresses.items() if m in new}
+        known = {**cur.addresses, **change.addresses}
+        addresses = {m: a for m, a in known.items() if m in new and isinstance(a, str)}
         if change.op == "add" and change.address:
             addresses[change.node] = change.address
         cfg = MemberConfig(cur.epoch + 1, slot + delay, sorted(new), addresses)
@@ -1097,6 +1099,8 @@ class Engine:
 
     def _on_catchup_req(self, sender: str, msg: CatchupReq) -> None:
         start = msg.from_slot
+        # how far the asker has applied (a learner's progress, for adapters that add members)
+        self.peer_applied[sender] = max(start - 1, 0)
         if start > self.applied:
             self._send(sender, CatchupReply(self.applied, []))
             return

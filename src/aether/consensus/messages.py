@@ -191,6 +191,9 @@ class MemberChange(msgspec.Struct, array_like=True, frozen=True, gc=False):
     address: str = ""
     epoch: int = -1
     delay: int = ACTIVATION_DELAY
+    # the submitter's address book of the members (node id -> cluster address), kept with the
+    # member set so that every node, and one that joins later, can reach every member
+    addresses: dict[str, str] = {}
 
 
 class MemberConfig(msgspec.Struct, array_like=True, frozen=True, gc=False):

@@ -83,9 +83,14 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # cluster; a blueprint, deploy or scale that would exceed either is rejected with a 400
     max_instances_per_node: int = DEFAULT_MAX_INSTANCES_PER_NODE
     max_instances_per_cluster: int = DEFAULT_MAX_INSTANCES_PER_CLUSTER
+    # `aether node --join HOST:PORT`: a member's cluster address; the node asks it for the member
+    # set at start and runs as a learner (catching up by snapshot) until it is added
+    join: str | None = None
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
+        if self.join is not None:
+            Address.parse(self.join)  # ConfigError naming it
         ids = [p.id for p in self.peers]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate node ids in peers: {sorted(ids)}")
