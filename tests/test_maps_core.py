@@ -257,3 +257,26 @@ def test_a_node_cut_off_longer_than_the_tombstone_horizon_drops_its_copies() -> 
         net.submit(node, 100 + i, OP_GET, key)
     net.settle()
     assert all(net.results[100 + i] == (b"v", True) for i in range(len(mine)))
+
+
+def test_partitions_follow_the_committed_member_set() -> None:
+    """Membership changes through the log: the table holds members only, so partitions move off a
+    removed node (although it is still up) and onto an added one, with the data."""
+    net = Net()
+    gone = net.ids[2]
+    key = next(k for k in (f"k{i}" for i in range(100)) if net.primary_of(k) == gone)
+    net.submit(net.ids[0], 1, OP_PUT, key, b"v")
+    net.settle()
+    assert net.results[1] == (None, True)
+    for i, c in net.cores.items():
+        net.run(i, c.set_members(net.ids[:2], net.now))
+    net.settle(2.0)
+    assert net.table.members == net.ids[:2]
+    assert net.primary_of(key) != gone
+    net.submit(net.ids[1], 2, OP_GET, key)
+    net.settle()
+    assert net.results[2] == (b"v", True)
+    for i, c in net.cores.items():
+        net.run(i, c.set_members(net.ids, net.now))
+    net.settle(2.0)
+    assert net.table.members == net.ids

@@ -389,3 +389,18 @@ def test_a_joining_node_starts_from_a_snapshot_never_from_a_replay_on_a_foreign_
     assert net.member_result("n1", tok).ok
     assert net.engines["n4"].members == ("n1", "n2", "n4") and net.engines["n4"].is_member
     _same_state(net, ["n1", "n2", "n4"])
+
+
+def test_the_leader_and_its_managers_count_members_only() -> None:
+    """`LeaderManager` follows the committed set: an up peer that is not a member (a node being
+    added, or one removed) neither leads nor counts, nor gets work (`up`), until it is a member."""
+    from aether.cluster.leader import LeaderManager
+
+    lm = LeaderManager("n2", ["n2", "n3", "n4"])
+    lm.peer_up("n1")  # up, but not a member
+    lm.peer_up("n3")
+    assert lm.leader == "n2" and lm.up == {"n3"}
+    lm.set_members(["n1", "n2", "n3", "n4"])
+    assert lm.leader == "n1" and lm.up == {"n1", "n3"}
+    lm.set_members(["n1", "n3", "n4"])  # n2 (this node) removed: no leader here
+    assert lm.leader is None and not lm.is_leader

@@ -47,6 +47,16 @@ async def _acli(c: ProcessCluster, i: int, *args: str) -> Any:
     return await asyncio.to_thread(_cli, c, i, *args)
 
 
+async def _map_members(c: ProcessCluster, i: int, expected: list[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = await asyncio.to_thread(http_json, c.management_ports[i], "GET", "/api/v1/maps")
+        if status == 200 and sorted(body["members"]) == expected:
+            return
+        assert time.monotonic() < deadline, f"map table members {body} (want {expected})"
+        await asyncio.sleep(0.1)
+
+
 def _status_members(c: ProcessCluster, i: int) -> list[str]:
     return sorted(m["id"] for m in c.status(i)["nodes"])
 
@@ -78,7 +88,9 @@ async def test_add_a_fourth_node_and_remove_one_while_writes_go_on(tmp_path: Pat
         done: list[str] = []
         failed: list[str] = []
         writer = asyncio.create_task(_writer(c, [0, 1], stop, done, failed))
-        await asyncio.sleep(0.5)
+        status, body = http_json(c.management_ports[0], "POST", "/api/v1/maps", {"name": "carts"})
+        assert status in (200, 201), (status, body)
+        await _map_members(c, 0, ["node-1", "node-2", "node-3"])
 
         # a node that is not running cannot be added: refused with the reason
         r = await _acli(c, 0, "cluster", "add-node", c.ids[3], c.address(3))
@@ -102,6 +114,8 @@ async def test_add_a_fourth_node_and_remove_one_while_writes_go_on(tmp_path: Pat
                 assert time.monotonic() < deadline, f"{c.ids[i]}: {c.status(i)}"
                 await asyncio.sleep(0.1)
         c.wait_quorum(30)
+        # the map's partitions rebalance onto the new member set
+        await _map_members(c, 0, ["node-1", "node-2", "node-3", "node-4"])
         # a second add of the same node is refused (409, named)
         status, body = http_json(c.management_ports[0], "POST", "/api/v1/cluster/nodes",
                                  {"id": "node-4", "address": c.address(3)})
@@ -136,6 +150,8 @@ async def test_add_a_fourth_node_and_remove_one_while_writes_go_on(tmp_path: Pat
             while _status_members(c, i) != ["node-1", "node-2", "node-4"]:
                 assert time.monotonic() < deadline, f"{c.ids[i]}: {c.status(i)}"
                 await asyncio.sleep(0.1)
+        # partitions move off the removed node (although it still runs)
+        await _map_members(c, 0, ["node-1", "node-2", "node-4"])
         # the removed node learns it was removed, and refuses writes naming why
         deadline = time.monotonic() + 10
         async with c.client(prefer=2, only=[2], timeout=2.0) as cl3:

@@ -25,13 +25,15 @@ class LeaderManager:
     def __init__(self, node_id: str, members: Sequence[str]) -> None:
         self.node_id = node_id
         self.members = sorted(set(members))
-        self.up: set[str] = set()
+        self.up: set[str] = set()  # up peers that are members (what managers place work on)
+        self._up_any: set[str] = set()  # every up peer, members or not (a node may be added later)
         self.leader: str | None = node_id if len(self.members) == 1 else None
         self.listeners: list[Callable[[LeaderChanged], None]] = []
 
     def set_members(self, members: Sequence[str]) -> None:
         """The committed member set changed (membership changes through the log)."""
         self.members = sorted(set(members))
+        self.up = self._up_any & set(self.members)
         self._recompute()
 
     def _recompute(self) -> None:
@@ -47,10 +49,13 @@ class LeaderManager:
 
     def peer_up(self, peer: str) -> None:
         if peer != self.node_id:
-            self.up.add(peer)  # counted while it is a member (set_members may add it later)
+            self._up_any.add(peer)  # counted while it is a member (set_members may add it later)
+            if peer in self.members:
+                self.up.add(peer)
             self._recompute()
 
     def peer_down(self, peer: str) -> None:
+        self._up_any.discard(peer)
         self.up.discard(peer)
         self._recompute()
 

@@ -345,6 +345,7 @@ class Node:
             self.members = book
             self.transport.set_members(book)
         self.leader.set_members(list(eng.members))
+        self.maps.set_members(eng.members)
         if not eng.is_member:
             self.log.warning(
                 "%s is not a member of the cluster (members: %s): it takes part in no decision; add "
