@@ -404,3 +404,19 @@ def test_the_leader_and_its_managers_count_members_only() -> None:
     assert lm.leader == "n1" and lm.up == {"n1", "n3"}
     lm.set_members(["n1", "n3", "n4"])  # n2 (this node) removed: no leader here
     assert lm.leader is None and not lm.is_leader
+
+
+def test_a_learner_asks_one_member_at_a_time() -> None:
+    """A joiner far behind gets a snapshot per request: it asks one member per interval, in turn,
+    not every member at once."""
+    from aether.consensus.messages import CatchupReq
+
+    e = Engine("n4", ["n1", "n2", "n3"], KVStateMachine(), learner=True)
+    for p in ("n1", "n2", "n3"):
+        e.peer_up(p, 0.0)
+    e.take_actions()
+    asked = []
+    for k in range(1, 7):
+        e.tick(k * 0.25)
+        asked += [a.to for a in e.take_actions() if isinstance(a, Send) and isinstance(a.msg, CatchupReq)]
+    assert len(asked) == 6 and set(asked) == {"n1", "n2", "n3"}

@@ -296,6 +296,7 @@ class Engine:
         self._last_idle_sync = 0.0
         self._sync_replies: set[str] = set()
         self._last_learner_sync = -1e18
+        self._learner_turn = 0
         self.peer_applied: dict[str, int] = {}  # slots each asker had applied, by its CatchupReq
         # A node joining with a member set it was told (not the one the log started from) must
         # not replay the log from slot 1 on top of it: it waits for a snapshot, which carries the
@@ -514,10 +515,12 @@ class Engine:
         if not self.is_member:
             # A learner (a node being added, or one that was removed) takes part in no slot; it
             # pulls what the members decided, so that it has caught up when its slot comes.
-            if now - self._last_learner_sync >= cfg.learner_sync_interval:
+            # one peer at a time (in turn), so a joiner far behind costs one snapshot per interval
+            if self._up and now - self._last_learner_sync >= cfg.learner_sync_interval:
                 self._last_learner_sync = now
-                for p in sorted(self._up):
-                    self._request_catchup(p, now)
+                ups = sorted(self._up)
+                self._learner_turn += 1
+                self._request_catchup(ups[self._learner_turn % len(ups)], now)
         elif not self.synced:
             for p in sorted(self._up):
                 if p not in self._sync_replies:

@@ -277,6 +277,7 @@ class ConsensusRunner:
         batches: list[Send | Completed | Failed] = []
         store = self.store
         installed = False
+        changed: list[MembersChanged] = []
         try:
             for a in actions:
                 if isinstance(a, Persist):
@@ -303,11 +304,7 @@ class ConsensusRunner:
                     for on_inst in self.on_installed:
                         on_inst(a.slot)
                 elif isinstance(a, MembersChanged):
-                    for on_m in self.on_members:
-                        try:
-                            on_m(a)
-                        except Exception:
-                            self.log.exception("member change callback failed")
+                    changed.append(a)  # after the step: the callbacks reconfigure the transport
             if records:
                 store.append(records)
             if batches:
@@ -325,6 +322,14 @@ class ConsensusRunner:
             self._last_applied = self.engine.applied
             for cb in self.after_apply:
                 cb()
+        # Last, once this step's records are written and its effects held: a callback may drop
+        # links, whose PeerDown feeds the engine again (a nested step of its own).
+        for ev in changed:
+            for on_m in self.on_members:
+                try:
+                    on_m(ev)
+                except Exception:
+                    self.log.exception("member change callback failed")
 
     def _start_sync(self) -> None:
         self._sync_soon = False
