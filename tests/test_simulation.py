@@ -62,7 +62,7 @@ MUTANT_BUDGET = {
     "d1": 30, "forget-journal": 5, "drop-kept": 30, "no-fsync-wait": 3, "no-fsync-wait-wire": 30,
     "ignore-write-errors": 10, "load-unsynced": 20,
     "release-all": 3, "substitute": 5, "session-next": 5, "no-sessions": 10, "local-reads": 60,
-    "no-retransmit": 3, "member-skew": 5, "quorum-from-config": 5,
+    "no-retransmit": 3, "member-skew": 5, "quorum-from-config": 5, "join-replays": 30,
 }
 
 

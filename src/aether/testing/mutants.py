@@ -201,6 +201,17 @@ def _quorum_from_config() -> contextlib.AbstractContextManager[None]:
     return _patched(engine_mod.Engine, "_activate", activate)
 
 
+def _join_replays() -> contextlib.AbstractContextManager[None]:
+    """A joining node replays the log from slot 1 on the member set it was told (no snapshot)."""
+    orig = engine_mod.Engine.__init__
+
+    def init(self: Any, *a: Any, **k: Any) -> None:
+        orig(self, *a, **k)
+        self._needs_snapshot = False
+
+    return _patched(engine_mod.Engine, "__init__", init)
+
+
 def _nothing() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
@@ -237,6 +248,8 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            "set per slot)", "members", _member_skew),
     Mutant("quorum-from-config", "thresholds stay those of the configured set; a snapshot installs "
            "the committed one (the member set per slot / per epoch)", "members", _quorum_from_config),
+    Mutant("join-replays", "a joining node replays the log on the member set it was told instead of "
+           "starting from a snapshot (the member set per epoch / per slot)", "members", _join_replays),
     Mutant("no-retransmit", "never retransmits or asks for catch-up (liveness under drops)", "aggressive",
            _nothing, _no_retransmit),
 ]}
