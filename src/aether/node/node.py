@@ -346,6 +346,7 @@ class Node:
             self.transport.set_members(book)
         self.leader.set_members(list(eng.members))
         self.maps.set_members(eng.members)
+        self.deployments.members = len(eng.members)  # admission: the cluster's instance capacity
         if not eng.is_member:
             self.log.warning(
                 "%s is not a member of the cluster (members: %s): it takes part in no decision; add "
