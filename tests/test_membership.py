@@ -420,3 +420,14 @@ def test_a_learner_asks_one_member_at_a_time() -> None:
         e.tick(k * 0.25)
         asked += [a.to for a in e.take_actions() if isinstance(a, Send) and isinstance(a.msg, CatchupReq)]
     assert len(asked) == 6 and set(asked) == {"n1", "n2", "n3"}
+
+
+def test_only_members_answers_count_towards_a_restarted_replica_being_synced() -> None:
+    from aether.consensus.messages import CatchupReply
+
+    e = Engine("n1", ["n1", "n2", "n3"], KVStateMachine())
+    assert not e.synced
+    e.receive("n9", CatchupReply(0, []), 0.0)  # a learner or a removed node: not a member
+    assert not e.synced
+    e.receive("n2", CatchupReply(0, []), 0.0)
+    assert e.synced

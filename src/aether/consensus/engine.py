@@ -1123,7 +1123,7 @@ class Engine:
             if msg.snapshot is None or msg.snapshot_slot <= 0:
                 return
             self._needs_snapshot = False
-        if not self.synced:
+        if not self.synced and sender in self.peers:  # a majority of the members answered
             self._sync_replies.add(sender)
             if len(self._sync_replies) + 1 >= self.M:
                 self.synced = True
