@@ -25,8 +25,8 @@ from aether.testing.sim import InvariantViolation, repro_command, run_one, run_s
 
 TOTAL = int(os.environ.get("AETHER_SIM_SEEDS", "1000"))
 # share of the seeds per profile (engine-only seeds take ~30 ms, node seeds 60-150 ms)
-SHARES = {"engine": 0.27, "members": 0.03, "ci": 0.38, "aggressive": 0.10, "disk": 0.08,
-          "partitions": 0.05, "five": 0.05, "sessions": 0.04}
+SHARES = {"engine": 0.27, "members": 0.03, "ci": 0.35, "node-members": 0.03, "aggressive": 0.10,
+          "disk": 0.08, "partitions": 0.05, "five": 0.05, "sessions": 0.04}
 BLOCK = 25
 
 

@@ -794,8 +794,9 @@ def run_one(
     out = run_node_seed(seed, profile, verbose=verbose, nodes=nodes, setup=setup)
     w = out.world
     if out.ok:
+        extra = f" changes={w.member_stats} epochs={len(w.epochs)}" if w.sc.member_changes else ""
         return True, "", (f"nodes={len(w.members)} slots={max(w.decided, default=0)} ops={len(w.history)} "
-                          f"appends={len(w.appends)} stats={w.stats}")
+                          f"appends={len(w.appends)} stats={w.stats}{extra}")
     err = out.error or ""
     kind = "liveness" if err.startswith("liveness") else "history" if "history" in err[:40] else "safety"
     return False, kind, err
