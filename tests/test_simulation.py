@@ -204,3 +204,18 @@ def test_membership_changes_under_faults_keep_agreement_and_linearizability(node
         ok_changes += sim.change_stats["ok"]
     assert not failures, "\n".join(failures)
     assert ok_changes >= 10
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["member-skew", "quorum-from-config"])
+def test_whole_node_simulation_catches_member_mutants_too(name: str) -> None:
+    """The whole-node profile 'node-members' catches broken member-set handling as well (and the
+    run ends: a violation raised inside a runner callback once left a client waiting forever)."""
+    m = MUTANTS[name]
+    with m.patch():
+        for seed in range(5):
+            ok, _, msg = run_one(seed, "node-members")
+            if not ok:
+                assert "simulation error" not in msg, msg
+                return
+    pytest.fail(f"mutant {name!r} survived 5 seeds of profile node-members")

@@ -1201,6 +1201,8 @@ class World:
             final = i == self.sc.ops_per_client
             if final:  # one more operation once the world has healed
                 while not self.healed:
+                    if self.closing:
+                        raise asyncio.CancelledError  # (a swallowed cancellation must not wait forever)
                     await asyncio.sleep(0.05)
             await asyncio.sleep(rng.uniform(0.0, 0.02))
             if rng.random() < 0.5:
