@@ -4,7 +4,7 @@ Three nodes serve writes; a fourth starts with `aether node --join`, catches up 
 is added with `aether cluster add-node`; then one of the original three is removed with
 `aether cluster remove-node`. Writes keep succeeding throughout, and quorum follows the committed
 member set (with four members, two up is no quorum; after the removal, three of three are needed
-no more).
+no more). A full restart afterwards keeps the committed set.
 """
 
 from __future__ import annotations
@@ -177,5 +177,26 @@ async def test_add_a_fourth_node_and_remove_one_while_writes_go_on(tmp_path: Pat
         async with c.client(prefer=0, only=[0, 1]) as cl:
             for key in done[-10:]:
                 assert await cl.get(key) is not None
+
+        # a full restart keeps the committed member set (the originals' --peers still list node-3,
+        # node-4 starts with --join): it comes from each node's snapshot and journal
+        await asyncio.to_thread(c.stop_all)
+        c.start(3)  # node-4 first: the member it joins through is down, it starts from local state
+        deadline = time.monotonic() + 30
+        while c.try_status(3) is None:
+            assert time.monotonic() < deadline, "node-4 did not start from its local state"
+            await asyncio.sleep(0.1)
+        assert c.log_lines(3, "starting from local state")
+        c.start(0)
+        c.start(1)
+        for i in (0, 1, 3):
+            deadline = time.monotonic() + 30
+            while (st := c.try_status(i)) is None or not st["quorum"] or \
+                    sorted(m["id"] for m in st["nodes"]) != ["node-1", "node-2", "node-4"]:
+                assert time.monotonic() < deadline, f"{c.ids[i]} after the restart: {st}"
+                await asyncio.sleep(0.1)
+        async with c.client(prefer=3, only=[0, 1, 3]) as cl:
+            await cl.put("user/after-restart", b"1")
+            assert await cl.get(done[-1]) is not None
     finally:
         c.close()
