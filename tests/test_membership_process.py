@@ -171,6 +171,13 @@ async def test_add_a_fourth_node_and_remove_one_while_writes_go_on(tmp_path: Pat
         while len(done) < n0 + 20:
             assert time.monotonic() < deadline, f"writes stalled: failed {failed[-3:]}"
             await asyncio.sleep(0.05)
+        # and the nodes say so: 2 of 3 members up is a quorum (the removed node, still in the
+        # transport's map until the next change, does not count)
+        deadline = time.monotonic() + 10
+        while any(m["state"] == "up" for m in c.status(0)["nodes"] if m["id"] == "node-4"):
+            assert time.monotonic() < deadline, "node-1 still sees node-4 up"
+            await asyncio.sleep(0.05)
+        assert c.status(0)["quorum"] and c.status(1)["quorum"]
         stop.set()
         await writer
         assert not failed, failed[:5]

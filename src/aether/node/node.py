@@ -344,6 +344,8 @@ class Node:
         if book != self.members:
             self.members = book
             self.transport.set_members(book)
+        # the map also holds nodes being added and just removed: quorum counts the members only
+        self.transport.set_voters(eng.members)
         self.leader.set_members(list(eng.members))
         self.maps.set_members(eng.members)
         self.deployments.members = len(eng.members)  # admission: the cluster's instance capacity
@@ -525,7 +527,7 @@ class Node:
         return NodeStatus(
             node_id=self.node_id,
             leader=self.leader.leader,
-            quorum=self.transport.has_quorum() and self.runner.engine.has_quorum,
+            quorum=self.transport.has_quorum(),
             nodes=nodes,
             applied_slot=self.runner.engine.applied,
             management_port=self.management.port if self.management else 0,
