@@ -322,3 +322,26 @@ def test_a_caller_whose_partition_is_still_being_taken_over_is_told_what_the_tak
     net.submit(net.ids[0], 2, OP_PUT, key, b"v")
     net.settle()
     assert net.results[2] == (None, True)
+
+
+def test_partitions_follow_the_committed_member_set() -> None:
+    """Membership changes through the log: the table holds members only, so partitions move off a
+    removed node (although it is still up) and onto an added one, with the data."""
+    net = Net()
+    gone = net.ids[2]
+    key = next(k for k in (f"k{i}" for i in range(100)) if net.primary_of(k) == gone)
+    net.submit(net.ids[0], 1, OP_PUT, key, b"v")
+    net.settle()
+    assert net.results[1] == (None, True)
+    for i, c in net.cores.items():
+        net.run(i, c.set_members(net.ids[:2], net.now))
+    net.settle(2.0)
+    assert net.table.members == net.ids[:2]
+    assert net.primary_of(key) != gone
+    net.submit(net.ids[1], 2, OP_GET, key)
+    net.settle()
+    assert net.results[2] == (b"v", True)
+    for i, c in net.cores.items():
+        net.run(i, c.set_members(net.ids, net.now))
+    net.settle(2.0)
+    assert net.table.members == net.ids

@@ -27,7 +27,7 @@ class Recorder:
         self.sent.append((peer, msg))
         return True
 
-    def broadcast(self, msg: Any) -> None:
+    def broadcast(self, msg: Any, to: Any = None) -> None:
         self.sent.append((None, msg))
 
     def slot_msgs(self, slot: int) -> dict[tuple[str, int], Any]:
@@ -214,4 +214,41 @@ async def test_a_vote_that_decides_the_slot_is_durable_before_the_answer() -> No
     assert r.engine.applied == 1 and not fut.done()  # decided, but the vote is not on disk yet
     gate.pop()()
     assert fut.done() and fut.exception() is None
+    await r.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_member_callbacks_run_after_the_step_is_written(tmp_path: Path) -> None:
+    """A member-set callback reconfigures the transport, whose PeerDown feeds the engine again:
+    it runs once the step's records are written, so the nested step cannot overtake them."""
+    from aether.consensus.messages import MemberChange
+    from aether.consensus.storage import DiskStore as Store
+
+    store = Store(tmp_path)
+    r = ConsensusRunner("n1", ["n1"], KVStateMachine(), store, seed=b"t", tick_interval=3600)
+    r.recover()
+    tr = Recorder()
+    r.start(tr)
+    r.peer_up("n2")  # reachable, not a member yet
+    seen: list[tuple[tuple[str, ...], int]] = []
+
+    def decided_changes() -> int:
+        import msgspec
+
+        from aether.consensus.messages import MEMBER_CHANGE_PREFIX, DecidedRec, JournalRecord
+
+        dec = msgspec.msgpack.Decoder(JournalRecord)
+        recs = [dec.decode(p) for _, p in store.load()[1]]
+        return sum(1 for x in recs if isinstance(x, DecidedRec) and x.batch is not None
+                   for b in x.batch.members() for c in b.commands if c[:1] == MEMBER_CHANGE_PREFIX)
+
+    def on_members(ev: Any) -> None:
+        seen.append((ev.members, decided_changes()))
+        r.peer_down("n9")  # a nested step, as a dropped link would cause
+
+    r.on_members.append(on_members)
+    res = await r.change_members(MemberChange("add", "n2", "h:1"))
+    assert res.ok and res.members == ["n1", "n2"]
+    # the record of the slot that committed the change was on the journal already
+    assert seen and all(n == 1 for _, n in seen), seen
     await r.stop()

@@ -666,3 +666,21 @@ def test_works_on_uvloop() -> None:
             await wait_until(lambda: len(b.inbox) == 1001, what="still working")
 
     uvloop.run(scenario())
+
+
+async def test_quorum_counts_the_voters_only_when_set() -> None:
+    """Membership changes: the member map may hold nodes that do not count (being added, or just
+    removed); with voters set, quorum is a majority of them, and a node outside them has none."""
+    async with cluster(["a", "b", "c", "d"]) as nodes:
+        a = nodes["a"].t
+        await nodes["c"].t.stop()
+        await nodes["d"].t.stop()
+        await wait_until(lambda: a.up_peers == {"b"}, what="c and d down")
+        assert not a.has_quorum()  # 2 of 4
+        a.set_voters(["a", "b", "c"])
+        assert a.has_quorum()  # 2 of the 3 voters; d does not count
+        assert nodes["a"].events[-1] == QuorumChanged(True, frozenset({"b"}))
+        a.set_voters(["b", "c", "d"])
+        assert not a.has_quorum()  # not a voter itself
+        a.set_voters(None)
+        assert not a.has_quorum()

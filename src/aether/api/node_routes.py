@@ -47,6 +47,32 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     role: Annotated[str, msgspec.Meta(extra_json_schema={"enum": list(ROLES)})]
 
 
+class AddNode(msgspec.Struct, forbid_unknown_fields=True):
+    id: Annotated[str, msgspec.Meta(description="the new member's node id")]
+    address: Annotated[str, msgspec.Meta(description="its cluster HOST:PORT")]
+
+
+class MemberAddress(msgspec.Struct, frozen=True):
+    id: str
+    address: str
+
+
+class MemberSet(msgspec.Struct, frozen=True):
+    """The member set this node follows (`GET /api/v1/cluster/members`)."""
+
+    epoch: int
+    members: list[MemberAddress]
+    pending: list[MemberAddress] | None = None
+
+
+class MemberChanged(msgspec.Struct, frozen=True):
+    """A committed member change: the new set and the first slot it governs."""
+
+    epoch: int
+    members: list[str]
+    from_slot: int
+
+
 class Keys(Protocol):
     """The server's `aether.api.auth.KeyRing`, as far as the key endpoints need it."""
 
@@ -147,6 +173,29 @@ class NodeRoutes:
             NodeEntry(id=m.id, address=m.address, state=m.state, leader=m.id == status.leader)  # type: ignore[arg-type]
             for m in status.nodes
         ])
+
+    async def members(self, request: web.Request) -> web.Response:
+        query(request, ())
+        epoch, cur, pend = self.node.member_info()
+        return json_response(MemberSet(
+            epoch, [MemberAddress(i, a) for i, a in cur],
+            None if pend is None else [MemberAddress(i, a) for i, a in pend],
+        ))
+
+    async def add_node(self, request: web.Request) -> web.Response:
+        query(request, ())
+        body: AddNode = await read_body(request, AddNode)
+        res = await self.node.add_member(body.id, body.address)
+        self.log.info("member %s (%s) added: %s from slot %d", body.id, body.address, res.members,
+                      res.from_slot)
+        return json_response(MemberChanged(res.epoch, res.members, res.from_slot))
+
+    async def remove_node(self, request: web.Request) -> web.Response:
+        query(request, ())
+        node_id = request.match_info["id"]
+        res = await self.node.remove_member(node_id)
+        self.log.info("member %s removed: %s from slot %d", node_id, res.members, res.from_slot)
+        return json_response(MemberChanged(res.epoch, res.members, res.from_slot))
 
     async def list_keys(self, request: web.Request) -> web.Response:
         query(request, ())
@@ -263,6 +312,7 @@ def _not_serving(node: Any, status: NodeStatus) -> str | None:
 P = API_PREFIX
 _SECURITY = ("security",)
 _HAS_STORE: Final = lambda routes: routes.keys.kv is not None  # noqa: E731 (keys live in the replicated store)
+_HAS_MEMBERS: Final = lambda routes: hasattr(routes.node, "add_member")  # noqa: E731 (a consensus node)
 
 ROUTES: Final = (
     Route(
@@ -301,6 +351,28 @@ ROUTES: Final = (
     Route(
         "GET", f"{P}/nodes", NodeRoutes.nodes, "listNodes", "Configured members as this node sees them",
         {200: Answer(list[NodeEntry], "Members")}, (400, 503),
+    ),
+    Route(
+        "GET", f"{P}/cluster/members", NodeRoutes.members, "getMembers",
+        "The member set this node follows (changed only through the log)",
+        {200: Answer(MemberSet, "Epoch, members and a pending set")}, (400,), when=_HAS_MEMBERS,
+    ),
+    Route(
+        "POST", f"{P}/cluster/nodes", NodeRoutes.add_node, "addNode",
+        "Add a member: the node must run (`aether node --join`), be reachable and have caught up; "
+        "the change commits through the log (role admin)",
+        {200: Answer(MemberChanged, "The new member set and the slot it governs from")},
+        (400, 409, 503, 504), body=Body(AddNode, "The node's id and cluster address"), when=_HAS_MEMBERS,
+        descriptions={409: "Refused: already a member, unreachable, not caught up, another change "
+                      "pending, or too few live members; the message says which"},
+    ),
+    Route(
+        "DELETE", f"{P}/cluster/nodes/{{id}}", NodeRoutes.remove_node, "removeNode",
+        "Remove a member through the log (role admin)",
+        {200: Answer(MemberChanged, "The new member set and the slot it governs from")},
+        (400, 409, 503, 504), params=(path_param("id", "the member's node id"),), when=_HAS_MEMBERS,
+        descriptions={409: "Refused: not a member, the last member, another change pending, or the "
+                      "rest could not make progress; the message says which"},
     ),
     Route(
         "GET", f"{P}/keys", NodeRoutes.list_keys, "listKeys",

@@ -264,6 +264,12 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     metavar="ID=HOST:PORT,...",
     help="Every cluster member with its cluster address, this node included [default: only this node].",
 )
+@click.option(
+    "--join",
+    metavar="HOST:PORT",
+    help="Join a running cluster through this member's cluster address: get the member set from it "
+    "and catch up, then wait for `aether cluster add-node` (instead of --peers).",
+)
 @click.option("--host", metavar="HOST", help="Interface to listen on [default: 127.0.0.1].")
 @click.option(
     "--cluster-port",
@@ -362,6 +368,7 @@ def node(
     config_file: str | None,
     node_id: str | None,
     peers: str | None,
+    join: str | None,
     host: str | None,
     cluster_port: int | None,
     management_port: int | None,
@@ -390,6 +397,7 @@ def node(
     flags = {
         "node_id": node_id,
         "peers": peers,
+        "join": join,
         "host": host,
         "cluster_port": cluster_port,
         "management_port": management_port,
@@ -825,6 +833,51 @@ def cluster_status(settings: Settings, directory: str, as_json: bool) -> None:
         _print_cluster(obs, directory)
     if not lc.cluster_quorum(obs):
         raise click.exceptions.Exit(EXIT_FAILED)
+
+
+@cluster.command("add-node")
+@click.argument("node_id", metavar="ID")
+@click.argument("address", metavar="HOST:PORT")
+@json_option
+@click.pass_obj
+def cluster_add_node(settings: Settings, node_id: str, address: str, as_json: bool) -> None:
+    """Add node ID (cluster address HOST:PORT) to the member set, through the log.
+
+    Start the node first with `aether node --id ID --join MEMBER_HOST:PORT`; the member asked
+    (--url) dials it, waits until it has caught up, then commits the change. Refused (exit 1,
+    with the reason) when it is unreachable, not caught up, already a member, or another change
+    is pending.
+    """
+    client = make_client(settings)
+    ans = call(client, lambda c: c.send_json(
+        "POST", "/api/v1/cluster/nodes", {"id": node_id, "address": address}))
+    if settings.json or as_json:
+        echo_json(ans)
+        return
+    assert isinstance(ans, dict)
+    click.echo(f"{node_id} added: members {', '.join(ans['members'])} (epoch {ans['epoch']}, "
+               f"from slot {ans['from_slot']})")
+
+
+@cluster.command("remove-node")
+@click.argument("node_id", metavar="ID")
+@json_option
+@click.pass_obj
+def cluster_remove_node(settings: Settings, node_id: str, as_json: bool) -> None:
+    """Remove node ID from the member set, through the log.
+
+    Refused (exit 1, with the reason) when it is not a member, is the last one, another change is
+    pending, or the remaining members this node reaches could not make progress. The removed node
+    keeps running as a non-member until you stop it.
+    """
+    client = make_client(settings)
+    ans = call(client, lambda c: c.send_json("DELETE", f"/api/v1/cluster/nodes/{node_id}"))
+    if settings.json or as_json:
+        echo_json(ans)
+        return
+    assert isinstance(ans, dict)
+    click.echo(f"{node_id} removed: members {', '.join(ans['members'])} (epoch {ans['epoch']}, "
+               f"from slot {ans['from_slot']})")
 
 
 @cluster.command("demo")

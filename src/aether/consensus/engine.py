@@ -18,6 +18,11 @@ One slot is decided at a time (no pipelining). Per slot:
    the same on every replica for (slot, phase));
 4. decide 1 -> commit m (fetched from peers if missing), 0 -> commit nothing.
 
+Membership changes are commands in the log (`change_members`): one committed in slot s
+governs slots from s + delay on, so the member set of a slot, and the thresholds derived from
+it, follow from the log before that slot and are the same on every replica (docs/consensus.md,
+"Membership changes"). A node outside the set in effect is a learner: it only pulls decisions.
+
 A replica answers messages about an already-decided slot with DECISION, catches up from
 peers with decided entries or a snapshot, journals what it sends so that a restarted
 replica repeats rather than contradicts itself, and garbage-collects old slots.
@@ -35,6 +40,10 @@ from typing import Protocol
 import msgspec
 
 from aether.consensus.messages import (
+    COMBINED_ORIGIN,
+    MAX_ACTIVATION_DELAY,
+    MAX_NODE_ID,
+    MEMBER_CHANGE_PREFIX,
     VOTE_UNDECIDED,
     Batch,
     BatchId,
@@ -45,6 +54,9 @@ from aether.consensus.messages import (
     EngineSnapshot,
     Entry,
     JournalRecord,
+    MemberChange,
+    MemberConfig,
+    MemberResult,
     Proposal,
     ProposalReply,
     ProposalReq,
@@ -74,10 +86,12 @@ class StateMachine(Protocol):
 
 @dataclass(slots=True)
 class Send:
-    """Send `msg` to `to`, or to every other member when `to` is None."""
+    """Send `msg` to `to`, or when `to` is None to `group`: every other member of the member set
+    in effect for the slot in progress when the engine emitted it."""
 
     to: str | None
     msg: object
+    group: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -125,7 +139,24 @@ class Installed:
     slot: int
 
 
-Action = Send | Persist | SaveSnapshot | Completed | Failed | Installed
+@dataclass(slots=True)
+class MembersChanged:
+    """The member set in effect, or a pending one, changed (a change committed or took effect, or
+    a snapshot was installed). `members` governs the slot in progress; `pending` (if any) governs
+    slots from `pending_from` on. `addresses` are those the log gave for members it added."""
+
+    epoch: int
+    members: tuple[str, ...]
+    pending: tuple[str, ...] | None
+    pending_from: int
+    addresses: dict[str, str]
+
+
+class MembershipRefused(Exception):
+    """A membership change this replica will not submit (the message says why)."""
+
+
+Action = Send | Persist | SaveSnapshot | Completed | Failed | Installed | MembersChanged
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +174,7 @@ class EngineConfig:
     catchup_entries: int = 512
     catchup_interval: float = 0.05
     idle_sync_interval: float = 1.0  # an idle replica asks its peers what it missed this often
+    learner_sync_interval: float = 0.2  # a non-member asks the members what it missed this often
 
 
 def coin(seed: bytes, slot: int, phase: int) -> int:
@@ -205,18 +237,23 @@ class Engine:
         incarnation: int = 0,
         config: EngineConfig | None = None,
         clock_offset: float = 0.0,
+        learner: bool = False,
     ) -> None:
-        if node_id not in members:
+        if node_id not in members and not learner:
             raise ValueError(f"node {node_id!r} is not among members {list(members)}")
+        if not members:
+            raise ValueError("the member set is empty")
         self.node_id = node_id
-        self.members: tuple[str, ...] = tuple(sorted(set(members)))
-        self.peers: tuple[str, ...] = tuple(m for m in self.members if m != node_id)
-        n = len(self.members)
-        f = (n - 1) // 2
-        self.n, self.f = n, f
-        self.W = n - f
-        self.M = n // 2 + 1
-        self.D = f + 1
+        # The member set governing each slot: configs[0] is in effect for the slot in progress,
+        # configs[1] (if any) is a committed change that takes effect at its from_slot. The set
+        # given here is epoch 0; the snapshot and the log replace it (`recover`).
+        self._configs: list[MemberConfig] = [MemberConfig(0, 1, sorted(set(members)), {})]
+        self.members: tuple[str, ...] = ()
+        self.peers: tuple[str, ...] = ()
+        self.is_member = False
+        self.n = self.f = self.W = self.M = self.D = 0
+        self._set_quorums()
+        n = self.n
         self.sm = state_machine
         self.seed = seed
         self.incarnation = incarnation
@@ -258,9 +295,16 @@ class Engine:
         self._last_catchup: dict[str, float] = {}
         self._last_idle_sync = 0.0
         self._sync_replies: set[str] = set()
+        self._last_learner_sync = -1e18
+        self._learner_turn = 0
+        self.peer_applied: dict[str, int] = {}  # slots each asker had applied, by its CatchupReq
+        # A node joining with a member set it was told (not the one the log started from) must
+        # not replay the log from slot 1 on top of it: it waits for a snapshot, which carries the
+        # member set of its slot. `recover` clears this when a local snapshot exists.
+        self._needs_snapshot = learner
         # Local snapshots: staggered across replicas so they never all pause at once, and no
         # more often than the journal has grown by half the last snapshot's size (amortized).
-        idx = self.members.index(node_id)
+        idx = self.members.index(node_id) if node_id in self.members else 0
         self._snap_due = self.cfg.snapshot_every + (self.cfg.snapshot_every * idx) // n
         self._snap_slots = 0
         self._snap_bytes = 0
@@ -280,7 +324,32 @@ class Engine:
 
     @property
     def has_quorum(self) -> bool:
-        return len(self._up) + 1 >= self.M
+        """This replica is a member and reaches a majority of the member set (itself included)."""
+        return self.is_member and sum(1 for p in self.peers if p in self._up) + 1 >= self.M
+
+    @property
+    def epoch(self) -> int:
+        return self._configs[0].epoch
+
+    @property
+    def pending_config(self) -> MemberConfig | None:
+        """A committed member change that has not taken effect yet."""
+        return self._configs[1] if len(self._configs) > 1 else None
+
+    def member_addresses(self) -> dict[str, str]:
+        """Addresses the log gave for members it added (current and pending sets)."""
+        out: dict[str, str] = {}
+        for c in self._configs:
+            out.update(c.addresses)
+        return out
+
+    def members_for(self, slot: int) -> tuple[str, ...]:
+        """The member set governing `slot` (for the slot in progress or later)."""
+        cfg = self._configs[0]
+        for c in self._configs[1:]:
+            if c.from_slot <= slot:
+                cfg = c
+        return tuple(cfg.members)
 
     @property
     def pending_batches(self) -> int:
@@ -297,6 +366,7 @@ class Engine:
         """Restore from the local snapshot and journal (call before any other input)."""
         if snapshot is not None:
             self._install_snapshot_bytes(snapshot, emit=False)
+            self._needs_snapshot = False
         sent: list[SentRec] = []
         for rec in records:
             if isinstance(rec, DecidedRec):
@@ -314,14 +384,17 @@ class Engine:
             self._forced[key] = m
             self._sent_cur[key] = s
         self._forced_slot = nxt if self._forced else 0
-        # take_actions() after recover() holds nothing to send
-        self.actions = [a for a in self.actions if not isinstance(a, Persist)]
+        # take_actions() after recover() holds nothing to send (the adapter reads the member set)
+        self.actions = [a for a in self.actions if not isinstance(a, (Persist, MembersChanged))]
 
     # --- inputs ---------------------------------------------------------------------------------
 
     def submit(self, command: bytes, now: float) -> int:
         """Queue one command for commit; returns a token named later by Completed/Failed."""
         token = next(self._tokens)
+        if not self.is_member:
+            self.actions.append(Failed([token], "member", definite=True))
+            return token
         if not self.has_quorum:
             self.actions.append(Failed([token], "quorum", definite=True))
             return token
@@ -333,6 +406,9 @@ class Engine:
 
     def submit_many(self, commands: Sequence[bytes], now: float) -> list[int]:
         tokens = [next(self._tokens) for _ in commands]
+        if not self.is_member:
+            self.actions.append(Failed(tokens, "member", definite=True))
+            return tokens
         if not self.has_quorum:
             self.actions.append(Failed(tokens, "quorum", definite=True))
             return tokens
@@ -343,12 +419,51 @@ class Engine:
         self._progress(now)
         return tokens
 
+    def check_change(self, change: MemberChange) -> str | None:
+        """Why this replica would refuse to submit `change` now, or None.
+
+        Beyond what the log itself refuses (see `_apply_change`), it refuses a change that
+        the members this replica reaches could not carry: the new set needs W = n - f live
+        members to decide anything, and a node being added must be reachable.
+        """
+        if not self.is_member:
+            return f"node {self.node_id} is not a member; send the change to a member"
+        pend = self.pending_config
+        if pend is not None:
+            return (f"another member change is pending (epoch {pend.epoch}, in effect from slot "
+                    f"{pend.from_slot}); try again once it took effect")
+        new, why = _changed_members(self._configs[0], change)
+        if new is None:
+            return why
+        n = len(new)
+        need = n - (n - 1) // 2
+        live = [m for m in new if m == self.node_id or m in self._up]
+        if change.op == "add" and change.node not in self._up:
+            return (f"node {change.node} cannot be reached from {self.node_id}; start it "
+                    "(aether node --join) first")
+        if len(live) < need:
+            return (f"the member set {sorted(new)} needs {need} live members to make progress; only "
+                    f"{sorted(live)} are reachable from {self.node_id}")
+        return None
+
+    def change_members(self, change: MemberChange, now: float) -> int:
+        """Submit a membership change (a token like `submit`'s; the result is a `MemberResult`).
+
+        Raises MembershipRefused (with the reason) if `check_change` refuses it. The change is
+        checked against the current epoch, so one that races another commits as refused.
+        """
+        why = self.check_change(change)
+        if why is not None:
+            raise MembershipRefused(why)
+        change = msgspec.structs.replace(change, epoch=self.epoch)
+        return self.submit(MEMBER_CHANGE_PREFIX + _snapshot_encoder.encode(change), now)
+
     def peer_up(self, peer: str, now: float) -> None:
-        if peer not in self.peers or peer in self._up:
+        if peer == self.node_id or peer in self._up:
             return
         self._up.add(peer)
         # Learn whether we are behind, and let the peer see our current slot.
-        self._send(peer, CatchupReq(self.applied + 1))
+        self._send(peer, CatchupReq(self._catchup_from()))
         self._last_catchup[peer] = now
         self._retransmit_to(peer)
         self._maybe_seal(now)
@@ -359,7 +474,7 @@ class Engine:
             return
         self._up.discard(peer)
         if not self.has_quorum:
-            self._fail_all("quorum")
+            self._fail_all("quorum" if self.is_member else "member")
 
     def tick(self, now: float) -> None:
         """Timers: retransmission, catch-up, commit timeouts. Call every ~10-50 ms."""
@@ -369,7 +484,8 @@ class Engine:
             expired = [b for b, (_, t0) in self._inflight.items() if now - t0 > cfg.commit_timeout]
             for bid in expired:
                 tokens, _ = self._inflight.pop(bid)
-                self.actions.append(Failed(tokens, "quorum" if not self.has_quorum else "timeout"))
+                why = "timeout" if self.has_quorum else "quorum" if self.is_member else "member"
+                self.actions.append(Failed(tokens, why))
             if expired:
                 self._maybe_seal(now)
         if self._open and now - self._open[0][2] > cfg.commit_timeout:
@@ -396,7 +512,16 @@ class Engine:
             first = self._future[min(self._future)]
             if first:
                 self._request_catchup(first[0][0], now)
-        if not self.synced:
+        if not self.is_member:
+            # A learner (a node being added, or one that was removed) takes part in no slot; it
+            # pulls what the members decided, so that it has caught up when its slot comes.
+            # one peer at a time (in turn), so a joiner far behind costs one snapshot per interval
+            if self._up and now - self._last_learner_sync >= cfg.learner_sync_interval:
+                self._last_learner_sync = now
+                ups = sorted(self._up)
+                self._learner_turn += 1
+                self._request_catchup(ups[self._learner_turn % len(ups)], now)
+        elif not self.synced:
             for p in sorted(self._up):
                 if p not in self._sync_replies:
                     self._request_catchup(p, now)
@@ -411,8 +536,8 @@ class Engine:
         self._progress(now)
 
     def receive(self, sender: str, msg: object, now: float) -> None:
-        """Handle one message from a member."""
-        if sender not in self.peers:
+        """Handle one message from another node (slot messages count only from members)."""
+        if sender == self.node_id:
             return
         if isinstance(msg, Submit):
             self._enqueue(msg.batch)
@@ -458,6 +583,8 @@ class Engine:
 
     def _on_slot_msg(self, sender: str, msg: object, now: float) -> None:
         cur = self._cur
+        if not self.is_member or sender not in self.peers:
+            return  # only the members of this slot's member set take part in it
         if cur.decided:
             # We decided but wait for the batch: still tell fast peers what we know.
             if isinstance(msg, (StateMsg, VoteMsg)) and msg.cand is not None:
@@ -519,10 +646,12 @@ class Engine:
         rec = SentRec(msg)
         self._sent_cur[slot_msg_key(msg)] = rec
         self.actions.append(Persist(rec))
-        self.actions.append(Send(None, msg))
+        self.actions.append(Send(None, msg, self.peers))
 
     def _progress(self, now: float) -> None:
         """Advance as far as the information at hand allows."""
+        if self._needs_snapshot:
+            return
         while True:
             cur = self._cur
             if cur.decided:
@@ -540,7 +669,14 @@ class Engine:
                 if ahead is not _MISSING:
                     self._adopt_decision(ahead, now)  # type: ignore[arg-type]
                     continue
-                if not (self._queue or cur.proposals or cur.phases):
+                if not self.is_member or self._needs_snapshot:
+                    return  # a learner only takes decisions (Decision, catch-up)
+                pend = self.pending_config
+                if pend is not None and pend.from_slot > cur.slot:
+                    # a committed change waits for its slot: run slots (NULL ones if idle) so
+                    # that it takes effect without waiting for the next write
+                    pass
+                elif not (self._queue or cur.proposals or cur.phases):
                     self._maybe_seal(now)
                     if not self._queue:
                         return
@@ -652,7 +788,7 @@ class Engine:
             return
         cur.fetch_sent_at = now
         self.stats["fetches"] += 1
-        self.actions.append(Send(None, ProposalReq(cur.slot)))
+        self.actions.append(Send(None, ProposalReq(cur.slot), self.peers))
 
     def _on_proposal_req(self, sender: str, msg: ProposalReq) -> None:
         if msg.slot <= self.applied:
@@ -728,10 +864,16 @@ class Engine:
                     continue
                 self.decided_ids[part.id] = slot
                 self._queue.pop(part.id, None)
-                results = [sm.apply(c) for c in part.commands]
+                results = [
+                    self._apply_change(slot, c) if c[:1] == MEMBER_CHANGE_PREFIX else sm.apply(c)
+                    for c in part.commands
+                ]
                 mine = self._inflight.pop(part.id, None)
                 if mine is not None:
                     self.actions.append(Completed(mine[0], results, slot))
+        pend = self.pending_config
+        if pend is not None and pend.from_slot <= slot + 1:
+            self._activate(pend)  # the next slot is the change's first: it takes effect
         if persist:
             # after the answer: the answer depends on the votes that decided the slot (journalled
             # before it), not on this record, which only spares a restart re-running the slot
@@ -750,6 +892,76 @@ class Engine:
                 self._snap_slots = self._snap_bytes = 0
                 self._snap_size = len(data)
                 self.actions.append(SaveSnapshot(slot, data))
+
+    # --- membership ----------------------------------------------------------------------------
+
+    def _set_quorums(self) -> None:
+        """Thresholds and peers from the member set in effect (configs[0])."""
+        members = tuple(self._configs[0].members)
+        self.members = members
+        self.peers = tuple(m for m in members if m != self.node_id)
+        self.is_member = self.node_id in members
+        n = len(members)
+        f = (n - 1) // 2
+        self.n, self.f = n, f
+        self.W = n - f
+        self.M = n // 2 + 1
+        self.D = f + 1
+        if n == 1 and self.is_member:
+            self.synced = True
+
+    def _members_changed(self) -> None:
+        cur, pend = self._configs[0], self.pending_config
+        self.actions.append(MembersChanged(
+            cur.epoch, tuple(cur.members), tuple(pend.members) if pend else None,
+            pend.from_slot if pend else 0, self.member_addresses(),
+        ))
+
+    def _activate(self, cfg: MemberConfig) -> None:
+        was_member = self.is_member
+        self._configs = [cfg]
+        self._set_quorums()
+        self._members_changed()
+        if was_member and not self.is_member:
+            # removed: what was never sent never will be; sent batches may still commit
+            unsent = [t for t, _, _ in self._open]
+            self._open.clear()
+            self._open_bytes = 0
+            if unsent:
+                self.actions.append(Failed(unsent, "member", definite=True))
+        elif self.is_member and not self.has_quorum:
+            self._fail_all("quorum")
+
+    def _apply_change(self, slot: int, command: bytes) -> bytes:
+        """Run a MemberChange committed in `slot` (deterministic: the same on every replica)."""
+        cur = self._configs[0]
+        pend = self.pending_config
+
+        def refuse(why: str) -> bytes:
+            return _snapshot_encoder.encode(MemberResult(False, why, cur.epoch, list(cur.members), 0))
+
+        try:
+            change = _change_decoder.decode(command[1:])
+        except msgspec.DecodeError as e:
+            return refuse(f"malformed member change: {e}")
+        if pend is not None:
+            return refuse(f"another member change is pending (epoch {pend.epoch}, in effect from "
+                          f"slot {pend.from_slot})")
+        if change.epoch >= 0 and change.epoch != cur.epoch:
+            return refuse(f"the member set changed (epoch {change.epoch} -> {cur.epoch}) since the "
+                          "change was checked; check it again")
+        new, why = _changed_members(cur, change)
+        if new is None:
+            return refuse(why)
+        delay = min(max(change.delay, 1), MAX_ACTIVATION_DELAY)
+        known = {**cur.addresses, **change.addresses}
+        addresses = {m: a for m, a in known.items() if m in new and isinstance(a, str)}
+        if change.op == "add" and change.address:
+            addresses[change.node] = change.address
+        cfg = MemberConfig(cur.epoch + 1, slot + delay, sorted(new), addresses)
+        self._configs = [cur, cfg]
+        self._members_changed()
+        return _snapshot_encoder.encode(MemberResult(True, None, cfg.epoch, cfg.members, cfg.from_slot))
 
     # --- queue and batching ---------------------------------------------------------------------
 
@@ -836,7 +1048,7 @@ class Engine:
         self._inflight[bid] = ([t for t, _, _ in take], now)
         self._own_queued.add(bid)
         self._enqueue(batch)
-        self.actions.append(Send(None, Submit(batch)))
+        self.actions.append(Send(None, Submit(batch), self.peers))
 
     def _fail_all(self, reason: str) -> None:
         unsent = [t for t, _, _ in self._open]
@@ -858,7 +1070,7 @@ class Engine:
 
     def _retransmit_to(self, peer: str) -> None:
         cur = self._cur
-        if not cur.started:
+        if not cur.started or peer not in self.peers:
             return
         self._send(peer, Proposal(cur.slot, cur.my_proposal))
         for p in sorted(cur.phases):
@@ -886,10 +1098,12 @@ class Engine:
             return
         self._last_catchup[peer] = now
         self.stats["catchup_requests"] += 1
-        self._send(peer, CatchupReq(self.applied + 1))
+        self._send(peer, CatchupReq(self._catchup_from()))
 
     def _on_catchup_req(self, sender: str, msg: CatchupReq) -> None:
         start = msg.from_slot
+        # how far the asker has applied (a learner's progress, for adapters that add members)
+        self.peer_applied[sender] = max(start - 1, 0)
         if start > self.applied:
             self._send(sender, CatchupReply(self.applied, []))
             return
@@ -900,8 +1114,16 @@ class Engine:
         else:
             self._send(sender, CatchupReply(self.applied, [], self.applied, self._snapshot_bytes()))
 
+    def _catchup_from(self) -> int:
+        # slot 0 is never held as an entry: asking for it gets a snapshot
+        return 0 if self._needs_snapshot else self.applied + 1
+
     def _on_catchup_reply(self, sender: str, msg: CatchupReply, now: float) -> None:
-        if not self.synced:
+        if self._needs_snapshot:
+            if msg.snapshot is None or msg.snapshot_slot <= 0:
+                return
+            self._needs_snapshot = False
+        if not self.synced and sender in self.peers:  # a majority of the members answered
             self._sync_replies.add(sender)
             if len(self._sync_replies) + 1 >= self.M:
                 self.synced = True
@@ -923,7 +1145,8 @@ class Engine:
 
     def _snapshot_bytes(self) -> bytes:
         snap = EngineSnapshot(
-            self.applied, list(self.members), self.sm.snapshot(), list(self.decided_ids.items())
+            self.applied, list(self.members), self.sm.snapshot(), list(self.decided_ids.items()),
+            list(self._configs),
         )
         return _snapshot_encoder.encode(snap)
 
@@ -931,6 +1154,22 @@ class Engine:
         snap = _snapshot_decoder.decode(data)
         self.sm.restore(snap.state)
         self.applied = snap.slot
+        if snap.configs:
+            # the log's member set (a snapshot of before membership changes has none: the
+            # configured set stands)
+            was_member = self.is_member
+            self._configs = list(snap.configs)
+            pend = self.pending_config
+            if pend is not None and pend.from_slot <= snap.slot + 1:
+                self._configs = [pend]
+            self._set_quorums()
+            self._members_changed()
+            if was_member and not self.is_member:
+                unsent = [t for t, _, _ in self._open]
+                self._open.clear()
+                self._open_bytes = 0
+                if unsent:
+                    self.actions.append(Failed(unsent, "member", definite=True))
         self.log.clear()
         self.decided_ids = {k: v for k, v in snap.decided_ids}
         for bid in [b for b in self._queue if b in self.decided_ids]:
@@ -960,3 +1199,22 @@ class Engine:
 
 
 _MISSING = object()
+_change_decoder = msgspec.msgpack.Decoder(MemberChange)
+
+
+def _changed_members(cur: MemberConfig, change: MemberChange) -> tuple[list[str] | None, str]:
+    """The member set `change` makes of `cur`, or (None, why it is refused)."""
+    node = change.node
+    if change.op == "add":
+        if not node or len(node) > MAX_NODE_ID or node == COMBINED_ORIGIN or not node.isprintable():
+            return None, f"invalid node id {node!r}"
+        if node in cur.members:
+            return None, f"node {node} is already a member"
+        return [*cur.members, node], ""
+    if change.op == "remove":
+        if node not in cur.members:
+            return None, f"node {node!r} is not a member (members: {', '.join(cur.members)})"
+        if len(cur.members) == 1:
+            return None, f"node {node} is the last member; a cluster cannot remove all its members"
+        return [m for m in cur.members if m != node], ""
+    return None, f"unknown member change {change.op!r} (expected 'add' or 'remove')"

@@ -169,10 +169,63 @@ class DecidedRec(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
 JournalRecord = Union[SentRec, DecidedRec]  # noqa: UP007
 
 
+# --- membership: a command in the log that takes effect at a later slot --------------------------
+
+# Commands whose first byte is this one are membership changes, run by the engine itself rather
+# than by the state machine. 0xc1 is the one byte msgpack never uses, so no state machine command
+# (a msgpack value) starts with it.
+MEMBER_CHANGE_PREFIX = b"\xc1"
+# A change committed in slot s governs slots from s + delay on (see docs/consensus.md).
+ACTIVATION_DELAY = 2
+MAX_ACTIVATION_DELAY = 64
+MAX_NODE_ID = 128
+
+
+class MemberChange(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Add or remove one member. `epoch` is the member-set epoch the request was checked against
+    (-1: whatever is current when it commits); `delay` how many slots after its commit it takes
+    effect (carried in the command so every replica, of any version, uses the same)."""
+
+    op: str  # "add" | "remove"
+    node: str
+    address: str = ""
+    epoch: int = -1
+    delay: int = ACTIVATION_DELAY
+    # the submitter's address book of the members (node id -> cluster address), kept with the
+    # member set so that every node, and one that joins later, can reach every member
+    addresses: dict[str, str] = {}
+
+
+class MemberConfig(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A member set, numbered by `epoch`, that governs slots from `from_slot` on."""
+
+    epoch: int
+    from_slot: int
+    members: list[str]
+    addresses: dict[str, str] = {}
+
+
+class MemberResult(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The outcome of a MemberChange: applied (`ok`, the new set and the slot it governs from)
+    or refused (`error` says why; nothing changed)."""
+
+    ok: bool
+    error: str | None
+    epoch: int
+    members: list[str]
+    from_slot: int
+
+
 class EngineSnapshot(msgspec.Struct, array_like=True, gc=False):
-    """What a snapshot holds: the applied slot, the state machine's bytes and the dedup table."""
+    """What a snapshot holds: the applied slot, the state machine's bytes and the dedup table.
+
+    `configs` are the member set in effect after `slot` and a pending one (committed, not yet in
+    effect), if any. Snapshots written before membership changes existed have none: the member
+    set is then the configured one.
+    """
 
     slot: int
     members: list[str]
     state: bytes
     decided_ids: list[tuple[BatchId, int]]
+    configs: list[MemberConfig] = []

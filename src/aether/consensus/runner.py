@@ -31,12 +31,13 @@ from aether.consensus.engine import (
     EngineConfig,
     Failed,
     Installed,
+    MembersChanged,
     Persist,
     SaveSnapshot,
     Send,
     StateMachine,
 )
-from aether.consensus.messages import JournalRecord, Submit
+from aether.consensus.messages import JournalRecord, MemberChange, MemberResult, Submit
 from aether.consensus.storage import DiskStore, JournalCorrupt, JournalError
 from aether.core.errors import CommitTimeout, QuorumLost
 
@@ -44,11 +45,14 @@ from aether.core.errors import CommitTimeout, QuorumLost
 class PeerSender(Protocol):
     def send(self, peer: str, msg: Any) -> bool: ...
 
-    def broadcast(self, msg: Any) -> None: ...
+    def broadcast(self, msg: Any, to: Sequence[str] | None = None) -> None:
+        """Send `msg` to every peer in `to` (every up peer when None)."""
+        ...
 
 
 _jenc = msgspec.msgpack.Encoder()
 _jdec = msgspec.msgpack.Decoder(JournalRecord)
+_mres_dec = msgspec.msgpack.Decoder(MemberResult)
 
 
 class _Segment:
@@ -77,6 +81,7 @@ class ConsensusRunner:
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        learner: bool = False,
     ) -> None:
         self.node_id = node_id
         self.log = logger or logging.getLogger(f"aether.consensus.{node_id}")
@@ -86,7 +91,7 @@ class ConsensusRunner:
         incarnation = store.next_incarnation(int(wall() * 1_000_000_000))
         self.engine = Engine(
             node_id, members, state_machine, seed=seed, incarnation=incarnation, config=config,
-            clock_offset=wall() - clock(),
+            clock_offset=wall() - clock(), learner=learner,
         )
         self.transport: PeerSender | None = None
         self.tick_interval = tick_interval
@@ -95,6 +100,8 @@ class ConsensusRunner:
         self.after_apply: list[Callable[[], None]] = []  # run after every engine step that applied
         self.on_installed: list[Callable[[int], None]] = []
         self.on_fatal: list[Callable[[BaseException], None]] = []  # the journal failed: stop the node
+        # the member set in effect or a pending one changed (see Engine.MembersChanged)
+        self.on_members: list[Callable[[MembersChanged], None]] = []
         self._last_applied = 0
         # sends and client answers waiting for their journal records to be durable: one segment
         # per engine step, each released (in order) once what was written before it is durable
@@ -224,6 +231,23 @@ class ConsensusRunner:
         self._flush()
         return futs
 
+    async def change_members(self, change: MemberChange, timeout: float = 5.0) -> MemberResult:
+        """Commit a membership change; raises `MembershipRefused` (with the reason) if this replica
+        refuses it before submitting, QuorumLost / CommitTimeout like `apply`. A change the log
+        refuses comes back as a MemberResult with `ok` False and the reason."""
+        if self._stopped:
+            raise QuorumLost("node is shutting down; the change was not applied")
+        tok = self.engine.change_members(change, self.clock())
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._futures[tok] = fut
+        self._flush()
+        try:
+            data = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise CommitTimeout(
+                f"member change not committed within {timeout:.1f}s (outcome unknown)") from None
+        return _mres_dec.decode(data)
+
     async def apply(self, commands: Sequence[bytes], timeout: float = 5.0) -> list[bytes]:
         """Commit `commands` and return their results (QuorumLost / CommitTimeout otherwise)."""
         futs = self.submit(commands)
@@ -253,6 +277,7 @@ class ConsensusRunner:
         batches: list[Send | Completed | Failed] = []
         store = self.store
         installed = False
+        changed: list[MembersChanged] = []
         try:
             for a in actions:
                 if isinstance(a, Persist):
@@ -278,6 +303,8 @@ class ConsensusRunner:
                     installed = True
                     for on_inst in self.on_installed:
                         on_inst(a.slot)
+                elif isinstance(a, MembersChanged):
+                    changed.append(a)  # after the step: the callbacks reconfigure the transport
             if records:
                 store.append(records)
             if batches:
@@ -295,6 +322,14 @@ class ConsensusRunner:
             self._last_applied = self.engine.applied
             for cb in self.after_apply:
                 cb()
+        # Last, once this step's records are written and its effects held: a callback may drop
+        # links, whose PeerDown feeds the engine again (a nested step of its own).
+        for ev in changed:
+            for on_m in self.on_members:
+                try:
+                    on_m(ev)
+                except Exception:
+                    self.log.exception("member change callback failed")
 
     def _start_sync(self) -> None:
         self._sync_soon = False
@@ -334,7 +369,7 @@ class ConsensusRunner:
                 if tr is None:
                     continue
                 if a.to is None:
-                    tr.broadcast(a.msg)
+                    tr.broadcast(a.msg, a.group)
                 else:
                     tr.send(a.to, a.msg)
             elif isinstance(a, Completed):
@@ -345,6 +380,11 @@ class ConsensusRunner:
             else:
                 if a.reason == "timeout":
                     exc: Exception = CommitTimeout("not committed in time (outcome unknown)")
+                elif a.reason == "member":
+                    exc = QuorumLost(
+                        f"node {self.node_id} is not a member of the cluster's member set (it was "
+                        "removed, or its addition has not taken effect yet); "
+                        + ("the write was not applied" if a.definite else "outcome unknown"))
                 elif a.definite:
                     exc = QuorumLost("no quorum: this node cannot reach a majority of the cluster; "
                                      "the write was not applied")

@@ -86,9 +86,14 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # serve the Prometheus `/metrics` of the management API without an API key (scrapers); the
     # probes `/livez` and `/readyz` are always public
     metrics_public: bool = False
+    # `aether node --join HOST:PORT`: a member's cluster address; the node asks it for the member
+    # set at start and runs as a learner (catching up by snapshot) until it is added
+    join: str | None = None
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
+        if self.join is not None:
+            Address.parse(self.join)  # ConfigError naming it
         ids = [p.id for p in self.peers]
         if len(set(ids)) != len(ids):
             raise ConfigError(f"duplicate node ids in peers: {sorted(ids)}")

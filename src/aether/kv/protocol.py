@@ -31,7 +31,23 @@ class ClientReadLocal(msgspec.Struct, array_like=True, frozen=True, gc=False, ta
     key: str
 
 
-ClientMessage = Union[ClientRequest, ClientReadLocal]  # noqa: UP007
+class ClientMembers(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=33):
+    """Ask for the member set (what `aether node --join` asks a member); the answer's `result`
+    is an encoded `MembersInfo`."""
+
+    id: int
+
+
+class MembersInfo(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """The member set a node knows: its epoch, members with their cluster addresses (`HOST:PORT`),
+    and a pending set (committed, not yet in effect) if any."""
+
+    epoch: int
+    members: list[tuple[str, str]]
+    pending: list[tuple[str, str]] | None = None
+
+
+ClientMessage = Union[ClientRequest, ClientReadLocal, ClientMembers]  # noqa: UP007
 
 CLIENT_KEY_PREFIXES = ("user/",)
 """Key families an external client on the cluster port may read and write. Every other family

@@ -365,6 +365,7 @@ class MapCore:
         self.up: set[str] = set()
         self._down_since: dict[str, float] = {}
         self.excluded: set[str] = set()  # nodes whose map storage failed (left out of the table)
+        self.members: set[str] | None = None  # the member set, once the node says (None: everyone up)
         self.is_leader = False
         self._writing_table = False
         self._table_retry_at = 0.0
@@ -955,6 +956,14 @@ class MapCore:
         self._plan()
         return self._take()
 
+    def set_members(self, nodes: Iterable[str], now: float) -> list[Action]:
+        """The cluster's member set (changed through the consensus log): the leader's table holds
+        only members, so partitions move onto an added node and off a removed one."""
+        self._clock(now)
+        self.members = set(nodes)
+        self._plan()
+        return self._take()
+
     def set_excluded(self, nodes: Iterable[str], now: float) -> list[Action]:
         """Nodes whose map storage failed: the leader's table leaves them out."""
         self._clock(now)
@@ -1000,7 +1009,10 @@ class MapCore:
 
     def live_members(self, now: float) -> list[str]:
         gone = {n for n, t in self._down_since.items() if now - t >= self.t.down_grace}
-        return sorted((self.up | {self.node_id} | set(self._down_since)) - gone - self.excluded)
+        live = (self.up | {self.node_id} | set(self._down_since)) - gone - self.excluded
+        if self.members is not None:
+            live &= self.members
+        return sorted(live)
 
     def _plan(self) -> None:
         if not (self.is_leader and self.has_quorum) or self._writing_table:

@@ -442,6 +442,12 @@ class MapService:
         self._calls.fail_peer(peer, lambda: MapUnavailable(f"{peer} went down"))
         self._run(self.core.peer_down(peer, self.now()))
 
+    def set_members(self, members: Iterable[str]) -> None:
+        """The committed member set: partitions are planned onto members only."""
+        if self._closed:
+            return
+        self._run(self.core.set_members(members, self.now()))
+
     def replan(self, delay: float = 0.0) -> None:
         """(Leader) check the table against the live members now (`delay` is kept for callers;
         the core checks on every tick anyway)."""

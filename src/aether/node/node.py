@@ -12,16 +12,16 @@ from typing import Any, Protocol, Union
 import msgspec
 
 from aether.cluster.leader import LeaderChanged, LeaderManager
-from aether.consensus.engine import EngineConfig
-from aether.consensus.messages import RabiaMessage
+from aether.consensus.engine import EngineConfig, MembersChanged, MembershipRefused
+from aether.consensus.messages import MemberChange, MemberResult, RabiaMessage
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore
 from aether.core.artifact import Artifact
 from aether.core.config import NodeConfig
-from aether.core.errors import CommitTimeout, QuorumLost
+from aether.core.errors import BadRequest, CommitTimeout, ConfigError, QuorumLost, StatusError
 from aether.core.files import prepare_private_dir
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
-from aether.core.types import Address
+from aether.core.types import Address, check_node_id
 from aether.deploy import (
     ClusterDeploymentManager,
     DeploymentService,
@@ -34,10 +34,12 @@ from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import (
+    ClientMembers,
     ClientMessage,
     ClientReadLocal,
     ClientRequest,
     ClientResponse,
+    MembersInfo,
     client_key_refusal,
 )
 from aether.kv.store import KVStore
@@ -138,7 +140,14 @@ class Node:
             seed=config.cluster_name.encode(),
             config=EngineConfig(snapshot_every=config.snapshot_every),
             logger=logging.getLogger(f"aether.consensus.{self.node_id}"),
+            learner=config.join is not None,
         )
+        self.runner.on_members.append(self._on_members_changed)
+        self._candidates: dict[str, Address] = {}  # nodes being added: dialed before they commit
+        # members the latest change removed: still linked (as learners) until the next change, so a
+        # removed node that was cut off mid-slot still learns that it was removed
+        self._retired: dict[str, Address] = {}
+        self._epoch_seen = -1
         self.kv = KVStore(self.runner, self.sm, self.node_id)
         self.leader = LeaderManager(self.node_id, list(self.members))
         self.leader.listeners.append(self._on_leader_change)
@@ -243,6 +252,7 @@ class Node:
         given a factory for it."""
         self.started_at = time.time()
         self.runner.recover()
+        self._follow_members()  # the member set of the snapshot and journal, not the configured one
         self.loop_lag.start()
         await self.transport.start()
         self.runner.start(self.transport)
@@ -318,6 +328,133 @@ class Node:
         self.runner.peer_down(ev.node_id)
         self.leader.peer_down(ev.node_id)
 
+    # --- membership (changes go through the log: docs/consensus.md) -----------------------------
+
+    def _member_map(self) -> dict[str, Address]:
+        """Addresses of the members in effect and pending (and nodes being added), this node too."""
+        eng = self.runner.engine
+        pend = eng.pending_config
+        ids = set(eng.members) | set(pend.members if pend is not None else ()) | {self.node_id}
+        book = eng.member_addresses()
+        out: dict[str, Address] = {}
+        for i in sorted(ids):
+            text = book.get(i)
+            addr = self.members.get(i)
+            if text is not None:
+                try:
+                    addr = Address.parse(text)
+                except Exception:
+                    self.log.warning("member %s has an invalid address %r in the log", i, text)
+            if addr is None:
+                self.log.warning("no cluster address known for member %s", i)
+                continue
+            out[i] = addr
+        for i, a in self._retired.items():
+            out.setdefault(i, a)
+        out.update(self._candidates)
+        return out
+
+    def _follow_members(self) -> None:
+        eng = self.runner.engine
+        book = self._member_map()
+        if book != self.members:
+            self.members = book
+            self.transport.set_members(book)
+        # the map also holds nodes being added and just removed: quorum counts the members only
+        self.transport.set_voters(eng.members)
+        self.leader.set_members(list(eng.members))
+        self.maps.set_members(eng.members)
+        self.deployments.members = len(eng.members)  # admission: the cluster's instance capacity
+        if not eng.is_member:
+            self.log.warning(
+                "%s is not a member of the cluster (members: %s): it takes part in no decision; add "
+                "it with `aether cluster add-node %s HOST:PORT`, or stop it if it was removed",
+                self.node_id, ", ".join(eng.members), self.node_id,
+            )
+
+    def _on_members_changed(self, ev: MembersChanged) -> None:
+        pend = f"; {', '.join(ev.pending)} from slot {ev.pending_from}" if ev.pending is not None else ""
+        self.log.info("member set epoch %d: %s%s", ev.epoch, ", ".join(ev.members), pend)
+        if ev.pending is None and ev.epoch != self._epoch_seen:
+            # a change took effect: keep the nodes it removed linked until the next one
+            self._epoch_seen = ev.epoch
+            self._retired = {m: a for m, a in self.members.items()
+                             if m not in ev.members and m != self.node_id}
+        for m in (ev.members + (ev.pending or ())):
+            self._candidates.pop(m, None)
+        self._follow_members()
+
+    def member_info(self) -> tuple[int, list[tuple[str, str]], list[tuple[str, str]] | None]:
+        eng = self.runner.engine
+        book = self._member_map()
+        pend = eng.pending_config
+        cur = [(m, str(book[m])) for m in eng.members if m in book]
+        return eng.epoch, cur, (
+            [(m, str(book[m])) for m in pend.members if m in book] if pend is not None else None
+        )
+
+    async def add_member(self, node_id: str, address: str, *, wait: float = 10.0) -> MemberResult:
+        """Add `node_id` (started with `aether node --join`) at `address`: dial it, wait until it
+        caught up, then commit the change. StatusError 409 with the reason when refused."""
+        try:
+            addr = Address.parse(address)
+            check_node_id(node_id)
+        except ConfigError as e:
+            raise BadRequest(str(e)) from None
+        eng = self.runner.engine
+        if node_id in eng.members:
+            raise StatusError(f"node {node_id} is already a member", status=409)
+        if not eng.is_member:
+            raise StatusError(f"node {self.node_id} is not a member; ask a member", status=409)
+        self._candidates[node_id] = addr
+        self._follow_members()
+        committed = False
+        try:
+            deadline = time.monotonic() + wait
+            while node_id not in self.transport.up_peers:
+                if time.monotonic() > deadline:
+                    raise StatusError(
+                        f"node {node_id} cannot be reached at {addr} from {self.node_id} within {wait:g}s; "
+                        f"start it with `aether node --id {node_id} --join {self.members[self.node_id]}` "
+                        "(same cluster secret) first", status=409)
+                await asyncio.sleep(0.05)
+            # it counts only once it caught up (by snapshot): wait until it applied what we had
+            target = eng.applied
+            while eng.peer_applied.get(node_id, -1) < target:
+                if time.monotonic() > deadline:
+                    raise StatusError(
+                        f"node {node_id} has not caught up within {wait:g}s (at slot "
+                        f"{eng.peer_applied.get(node_id, 0)} of {target}); is it a learner started "
+                        "with --join?", status=409)
+                await asyncio.sleep(0.05)
+            book = {m: str(a) for m, a in self._member_map().items() if m != node_id}
+            change = MemberChange("add", node_id, str(addr), addresses=book)
+            try:
+                res = await self.runner.change_members(change, timeout=self.config.request_timeout)
+            except MembershipRefused as e:
+                raise StatusError(str(e), status=409) from None
+            if not res.ok:
+                raise StatusError(res.error or "refused", status=409)
+            committed = True
+            return res
+        finally:
+            if not committed:
+                self._candidates.pop(node_id, None)
+                self._follow_members()
+
+    async def remove_member(self, node_id: str) -> MemberResult:
+        """Remove `node_id` from the member set; StatusError 409 with the reason when refused."""
+        if not node_id:
+            raise BadRequest("a node id is required")
+        try:
+            res = await self.runner.change_members(
+                MemberChange("remove", node_id), timeout=self.config.request_timeout)
+        except MembershipRefused as e:
+            raise StatusError(str(e), status=409) from None
+        if not res.ok:
+            raise StatusError(res.error or "refused", status=409)
+        return res
+
     def _on_leader_change(self, ev: LeaderChanged) -> None:
         self.log.info("leader is now %s (was %s)", ev.leader, ev.previous)
         self.bus.publish(ev)
@@ -380,6 +517,9 @@ class Node:
                     session.send(ClientResponse(rid, None, f"internal error: {exc}", "internal"))
 
             fut.add_done_callback(done)
+        elif isinstance(msg, ClientMembers):
+            epoch, cur, pend = self.member_info()
+            session.send(ClientResponse(msg.id, _result_encoder.encode(MembersInfo(epoch, cur, pend))))
         elif isinstance(msg, ClientReadLocal):
             refused = client_key_refusal(msg.key)
             if refused is not None:
@@ -392,9 +532,13 @@ class Node:
 
     def status(self) -> NodeStatus:
         up = self.transport.up_peers
+        # the member set in effect (and a pending one), as the log made it
+        eng = self.runner.engine
+        pend = eng.pending_config
+        shown = set(eng.members) | set(pend.members if pend is not None else ())
         nodes = [
             MemberStatus(m, str(addr), "up" if (m == self.node_id or m in up) else "down")
-            for m, addr in sorted(self.members.items())
+            for m, addr in sorted(self.members.items()) if m in shown
         ]
         return NodeStatus(
             node_id=self.node_id,

@@ -23,6 +23,10 @@ def _install_loop_policy() -> None:
 
 
 async def serve(config: NodeConfig, *, management_api: ManagementFactory | None = None) -> None:
+    if config.join is not None:
+        from aether.node.join import joined_config
+
+        config = await joined_config(config, logging.getLogger("aether.node"))
     node = Node(config, management_api=management_api)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -178,6 +178,40 @@ def _no_retransmit(world: Any) -> None:
     world.sc = replace(world.sc, engine=replace(world.sc.engine, retransmit_after=1e9, catchup_interval=1e9))
 
 
+def _member_skew() -> contextlib.AbstractContextManager[None]:
+    """One replica puts a committed change into effect a slot later than the others."""
+    orig = engine_mod.Engine._apply_change
+
+    def apply_change(self: Any, slot: int, command: bytes) -> bytes:
+        out = orig(self, slot, command)
+        pend = self.pending_config
+        if self.node_id == "n1" and pend is not None and len(self._configs) == 2:
+            self._configs[1] = msgspec.structs.replace(pend, from_slot=pend.from_slot + 1)
+        return out
+
+    return _patched(engine_mod.Engine, "_apply_change", apply_change)
+
+
+def _quorum_from_config() -> contextlib.AbstractContextManager[None]:
+    """Thresholds stay those of the configured member set: a change never takes effect."""
+
+    def activate(self: Any, cfg: Any) -> None:
+        self._configs = [msgspec.structs.replace(self._configs[0], epoch=cfg.epoch)]
+
+    return _patched(engine_mod.Engine, "_activate", activate)
+
+
+def _join_replays() -> contextlib.AbstractContextManager[None]:
+    """A joining node replays the log from slot 1 on the member set it was told (no snapshot)."""
+    orig = engine_mod.Engine.__init__
+
+    def init(self: Any, *a: Any, **k: Any) -> None:
+        orig(self, *a, **k)
+        self._needs_snapshot = False
+
+    return _patched(engine_mod.Engine, "__init__", init)
+
+
 def _nothing() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
@@ -210,6 +244,12 @@ MUTANTS: dict[str, Mutant] = {m.name: m for m in [
            "duplicates; registers)", "sessions", _no_sessions),
     Mutant("local-reads", "KVStore.get reads the local replica (list-append: stale reads)", "ci",
            _local_reads),
+    Mutant("member-skew", "one replica puts a member change into effect a slot late (the member "
+           "set per slot)", "members", _member_skew),
+    Mutant("quorum-from-config", "thresholds stay those of the configured set; a snapshot installs "
+           "the committed one (the member set per slot / per epoch)", "members", _quorum_from_config),
+    Mutant("join-replays", "a joining node replays the log on the member set it was told instead of "
+           "starting from a snapshot (the member set per epoch / per slot)", "members", _join_replays),
     Mutant("no-retransmit", "never retransmits or asks for catch-up (liveness under drops)", "aggressive",
            _nothing, _no_retransmit),
 ]}

@@ -29,6 +29,11 @@ identical state; the register history must be linearizable (`aether.testing.linc
 the list-append history consistent (`aether.testing.listappend`: no lost, duplicated or
 reordered appends).
 
+Profile `node-members` adds membership changes through the runner (`change_members`): members
+removed and added back through a random member during the faults (kills and power loss in the
+middle of a change included), with two more checks: every replica sends a slot's messages to the
+same member set, and gives every epoch the same set; after healing every node is added back.
+
 Clients: external session clients submit encoded commands to a node's runner (as the cluster
 port does) and, on a timeout or a lost connection, resubmit the SAME command (same session and
 sequence) through another node; node-internal writers append through the node's `KVStore`.
@@ -44,14 +49,14 @@ import itertools
 import logging
 import random
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from aether.consensus.engine import EngineConfig
+from aether.consensus.engine import EngineConfig, MembersChanged, MembershipRefused
 from aether.consensus.messages import (
     VOTE_UNDECIDED,
     Batch,
@@ -60,6 +65,7 @@ from aether.consensus.messages import (
     Decision,
     EngineSnapshot,
     JournalRecord,
+    MemberChange,
     Proposal,
     ProposalReply,
     RabiaMessage,
@@ -141,6 +147,9 @@ class Scenario:
     fsync_delay: tuple[float, float] = (0.0002, 0.002)
     tick: float = 0.01
     kv_sessions: str = "auto"  # "auto" | "legacy" (a mutant: one KVStore session for every incarnation)
+    # membership changes through the log during the faults (members are removed and added back);
+    # after healing every node is a member again
+    member_changes: bool = False
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(
         retransmit_after=0.03, commit_timeout=1.5, snapshot_every=40, retain_slots=30,
         catchup_entries=16, dedup_slots=100_000,
@@ -299,9 +308,20 @@ def _eviction(rng: random.Random) -> Scenario:
     return s
 
 
+def _members(rng: random.Random) -> Scenario:
+    """The CI mix with membership changes through the runner while it runs: members removed and
+    added back (through a random member), under kills, power loss, clean stops, disk faults and
+    partitions; every node is a member again after healing."""
+    s = _ci(rng)
+    s.member_changes = True
+    s.node_faults = True
+    s.kinds = {**s.kinds, "kill": 2.0, "power": 2.0, "stop": 1.0}
+    return s
+
+
 PROFILES: dict[str, Callable[[random.Random], Scenario]] = {
     "ci": _ci, "aggressive": _aggressive, "disk": _disk, "partitions": _partitions,
-    "five": _five, "sessions": _sessions, "eviction": _eviction,
+    "five": _five, "sessions": _sessions, "eviction": _eviction, "node-members": _members,
 }
 
 
@@ -443,14 +463,16 @@ class SimTransport:
         w.net_send(self.node.id, peer, _enc.encode(msg))
         return True
 
-    def broadcast(self, msg: Any) -> None:
+    def broadcast(self, msg: Any, to: Sequence[str] | None = None) -> None:
         if self.dead:
             return
         node = self.node
         w = node.world
         w.on_wire(node, msg)
         data = _enc.encode(msg)
-        peers = [m for m in w.members if m != node.id]
+        peers = [m for m in (w.members if to is None else to) if m != node.id]
+        if to is not None and isinstance(msg, (Proposal, StateMsg, VoteMsg)):
+            w.check_slot_members(node.id, msg.slot, to)
         cut = len(peers)
         if w.sc.crash_on_send and w.faults_on and w.rng.random() < w.sc.crash_on_send:
             cut = w.rng.randrange(len(peers))
@@ -534,6 +556,7 @@ class SimNode:
             clock=self.clock, wall=self.wall,
         )
         self.runner.on_fatal.append(lambda e, g=gen: w.on_fatal(self, g, e))
+        self.runner.on_members.append(lambda ev: w.check_epoch(self.id, ev))
         self.runner.recover()
         self.transport = SimTransport(self)
         self.runner.start(self.transport)
@@ -647,6 +670,11 @@ class World:
         self.main_task: asyncio.Task[None] | None = None
         self.closing = False
         self.last_success = 0.0  # when a client or writer operation last succeeded
+        # membership: the member set each slot's messages went to, and each epoch's set
+        self.slot_members: dict[int, frozenset[str]] = {}
+        self.epochs: dict[int, tuple[str, ...]] = {0: tuple(self.members)}
+        self.member_stats = {"ok": 0, "refused_by_log": 0, "refused_at_submit": 0, "unknown": 0}
+        self._change_tasks: list[asyncio.Task[bool]] = []
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -728,6 +756,89 @@ class World:
             if pc != msg.cand:
                 self.violation(f"{s} answered a proposal request for slot {msg.slot} naming {msg.cand}, "
                                f"not the candidate {pc}")
+
+    def check_slot_members(self, node: str, slot: int, group: Any) -> None:
+        """Every replica sends a slot's messages to the same member set (itself included)."""
+        ms = frozenset(group) | {node}
+        prev = self.slot_members.setdefault(slot, ms)
+        if prev != ms:
+            self.violation(f"slot {slot}: {node} takes part with member set {sorted(ms)}, another "
+                           f"replica with {sorted(prev)}")
+
+    def check_epoch(self, node: str, ev: MembersChanged) -> None:
+        """Every replica gives an epoch the same member set."""
+        for epoch, members in ((ev.epoch, ev.members), (ev.epoch + 1, ev.pending)):
+            if members is None:
+                continue
+            prev = self.epochs.setdefault(epoch, members)
+            if prev != members:
+                self.violation(f"epoch {epoch}: {node} has members {list(members)}, another replica "
+                               f"{list(prev)}")
+
+    async def member_driver(self) -> None:
+        """Remove members and add them back through a random member while the faults go on."""
+        rng = self.rng
+        while self.faults_on:
+            await asyncio.sleep(rng.uniform(0.1, 0.4))
+            live = [n for n in self.nodes.values() if n.up and not n.failing and n.runner is not None
+                    and n.runner.failed is None and n.runner.engine.is_member]
+            if not self.faults_on or not live:
+                continue
+            via = rng.choice(live)
+            assert via.runner is not None
+            members = list(via.runner.engine.members)
+            outside = [m for m in self.members if m not in members]
+            if outside and (len(members) <= 2 or rng.random() < 0.5):
+                change = MemberChange("add", rng.choice(outside))
+            elif len(members) > 1:
+                change = MemberChange("remove", rng.choice(members))
+            else:
+                continue
+            self._change_tasks.append(self.spawn(self._change(via, change)))
+
+    async def _change(self, via: SimNode, change: MemberChange) -> bool:
+        runner = via.runner
+        if runner is None:
+            return False
+        try:
+            res = await runner.change_members(change, timeout=1.5)
+        except MembershipRefused as e:
+            self.member_stats["refused_at_submit"] += 1
+            self.log(f"{via.id} refuses {change.op} {change.node}: {e}")
+            return False
+        except (QuorumLost, CommitTimeout, JournalError) as e:
+            self.member_stats["unknown"] += 1
+            self.log(f"{change.op} {change.node} through {via.id}: outcome unknown ({e})")
+            return False
+        key = "ok" if res.ok else "refused_by_log"
+        self.member_stats[key] += 1
+        self.log(f"{change.op} {change.node} through {via.id}: {res}")
+        return res.ok
+
+    async def restore_members(self) -> None:
+        """After healing: add back every node that is not a member, until all agree on that.
+
+        A change submitted before healing may still commit afterwards (its waiter timed out, its
+        batch is still queued): done only once every queue is empty and every replica is at the
+        same slot with every node a member."""
+        await asyncio.gather(*self._change_tasks, return_exceptions=True)
+        t0 = self.now()
+        while True:
+            engines = [n.runner.engine for n in self.nodes.values() if n.up and n.runner is not None]
+            full = [e for e in engines if set(e.members) == set(self.members) and e.pending_config is None]
+            quiet = not any(e.pending_batches for e in engines) and len({e.applied for e in engines}) == 1
+            if len(full) == len(self.nodes) and quiet:
+                return
+            if self.now() - t0 > self.sc.settle_cap:
+                self.violation("liveness: the member set was not restored after healing: " +
+                               ", ".join(f"{e.node_id}={list(e.members)}" for e in engines))
+            members = [e for e in engines if e.is_member]
+            top = max(members, key=lambda e: (e.epoch, e.applied), default=None)
+            if top is not None and top.pending_config is None:
+                missing = [m for m in self.members if m not in top.members]
+                if missing:
+                    await self._change(self.nodes[top.node_id], MemberChange("add", missing[0]))
+            await asyncio.sleep(0.1)
 
     def check_decided(self, node: str, slot: int, batch: Batch | None, how: str = "journal") -> None:
         """A decision on `node`'s disk (how="journal") or on the wire: the same everywhere."""
@@ -1090,6 +1201,8 @@ class World:
             final = i == self.sc.ops_per_client
             if final:  # one more operation once the world has healed
                 while not self.healed:
+                    if self.closing:
+                        raise asyncio.CancelledError  # (a swallowed cancellation must not wait forever)
                     await asyncio.sleep(0.05)
             await asyncio.sleep(rng.uniform(0.0, 0.02))
             if rng.random() < 0.5:
@@ -1266,6 +1379,8 @@ class World:
             drivers.append(self.spawn(self.partition_driver()))
         if sc.node_faults:
             drivers.append(self.spawn(self.node_fault_driver()))
+        if sc.member_changes:
+            drivers.append(self.spawn(self.member_driver()))
         self.spawn(self.sampler())
         clients = [SessionClient(i) for i in range(sc.session_clients)]
         ctasks = [self.spawn(self.session_client(c)) for c in clients]
@@ -1292,6 +1407,8 @@ class World:
             n.fs.capacity = None
         self.topology_changed()
         self.healed = True
+        if sc.member_changes:
+            await self.restore_members()
         t_heal = self.now()
         for n in self.nodes.values():
             if sc.writers:

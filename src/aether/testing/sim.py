@@ -41,6 +41,8 @@ from aether.consensus.engine import (
     EngineConfig,
     Failed,
     Installed,
+    MembersChanged,
+    MembershipRefused,
     Persist,
     SaveSnapshot,
     Send,
@@ -50,8 +52,12 @@ from aether.consensus.messages import (
     BatchId,
     DecidedRec,
     JournalRecord,
+    MemberChange,
+    MemberResult,
+    Proposal,
     RabiaMessage,
     SentRec,
+    StateMsg,
     VoteMsg,
 )
 from aether.kv.machine import (
@@ -70,6 +76,7 @@ from aether.testing.lincheck import CheckResult, Op, check_history
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(RabiaMessage)
 _jdec = msgspec.msgpack.Decoder(JournalRecord)
+_mdec = msgspec.msgpack.Decoder(MemberResult)
 
 
 _REJECTED = object()  # a definite failure: the command never took effect, so it is not in the history
@@ -109,7 +116,7 @@ class _ClientOp:
 
 
 class _SimNode:
-    def __init__(self, sim: Simulation, node_id: str) -> None:
+    def __init__(self, sim: Simulation, node_id: str, *, spare: bool = False) -> None:
         self.sim = sim
         self.id = node_id
         self.disk = _Disk()
@@ -118,19 +125,28 @@ class _SimNode:
         self.engine: Engine | None = None
         self.sm: KVStateMachine | None = None
         self.pending: dict[int, _ClientOp] = {}
-        self.start()
+        self.changes: dict[int, MemberChange] = {}  # membership changes submitted here
+        # a spare joins later (`aether node --join`): it is told the member set then, and starts
+        # as a learner with it; the others start with the configured set
+        self.spare = spare
+        self.join_members: list[str] | None = None
+        if not spare:
+            self.start()
 
     def start(self) -> None:
         self.incarnation += 1
         self.sm = KVStateMachine()
+        members = self.join_members if self.spare else self.sim.members
+        assert members is not None
         self.engine = Engine(
-            self.id, self.sim.members, self.sm, seed=b"sim", incarnation=self.incarnation,
-            config=self.sim.engine_config,
+            self.id, members, self.sm, seed=b"sim", incarnation=self.incarnation,
+            config=self.sim.engine_config, learner=self.spare,
         )
         records = [_jdec.decode(r) for r in self.disk.journal]
         self.engine.recover(self.disk.snapshot, records)
         self.alive = True
         self.pending = {}
+        self.changes = {}
 
     def crash(self) -> None:
         self.alive = False
@@ -138,6 +154,9 @@ class _SimNode:
         for op in self.pending.values():
             self.sim.finish(op, None)
         self.pending = {}
+        for ch in self.changes.values():
+            self.sim.change_done(ch, None)
+        self.changes = {}
 
 
 class Simulation:
@@ -154,10 +173,15 @@ class Simulation:
         faults: FaultProfile | None = None,
         engine_config: EngineConfig | None = None,
         verbose: bool = False,
+        spares: int = 0,
+        reconfig: bool = False,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.members = [f"n{i}" for i in range(1, nodes + 1)]
+        self.members = [f"n{i}" for i in range(1, nodes + 1)]  # the configured (initial) set
+        # every node that may ever run: the configured members and spares that may join
+        self.pool = [f"n{i}" for i in range(1, nodes + spares + 1)]
+        self.reconfig = reconfig
         self.faults = faults or FaultProfile()
         self.engine_config = engine_config or EngineConfig(
             retransmit_after=0.02, commit_timeout=2.0, snapshot_every=40, retain_slots=30,
@@ -168,7 +192,7 @@ class Simulation:
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self.blocked: set[tuple[str, str]] = set()  # (from, to) pairs that drop everything
-        self.nodes = {m: _SimNode(self, m) for m in self.members}
+        self.nodes = {m: _SimNode(self, m, spare=m not in self.members) for m in self.pool}
         self.history: list[Op] = []
         self.decided: dict[int, BatchId | None] = {}
         self.votes: dict[tuple[int, int], int] = {}
@@ -188,6 +212,13 @@ class Simulation:
         self.faults_on = True
         self.stats = {"delivered": 0, "dropped": 0, "crashes": 0, "partitions": 0, "indeterminate": 0,
                       "rejected": 0}
+        # membership: the member set each slot's messages were sent to (one per slot, or the
+        # replicas disagree on it), and what the changes did
+        self.slot_members: dict[int, frozenset[str]] = {}
+        self.epochs: dict[int, tuple[tuple[str, ...], int | None]] = {0: (tuple(self.members), None)}
+        self.change_stats = {"ok": 0, "refused_by_log": 0, "refused_at_submit": 0, "unknown": 0,
+                             "joined": 0}
+        self.change_busy = False
         for a in self.members:
             for b in self.members:
                 if a != b:
@@ -263,7 +294,9 @@ class Simulation:
                         raise InvariantViolation(
                             f"two non-? vote values in slot {k[0]} phase {k[1]} (seed {self.seed})"
                         )
-                targets = [a.to] if a.to is not None else [m for m in self.members if m != node.id]
+                if a.to is None and isinstance(a.msg, (Proposal, StateMsg, VoteMsg)):
+                    self._check_slot_members(node.id, a.msg.slot, a.group)
+                targets = [a.to] if a.to is not None else list(a.group)
                 for t in targets:
                     self._send(node, t, data, node.incarnation)
             elif isinstance(a, Persist):
@@ -279,14 +312,46 @@ class Simulation:
                     op = node.pending.pop(tok, None)
                     if op is not None:
                         self.finish(op, decode_result(res))
+                    ch = node.changes.pop(tok, None)
+                    if ch is not None:
+                        self.change_done(ch, _mdec.decode(res))
             elif isinstance(a, Failed):
                 for tok in a.tokens:
                     op = node.pending.pop(tok, None)
                     if op is not None:
                         self.finish(op, _REJECTED if a.definite else None)
+                    ch = node.changes.pop(tok, None)
+                    if ch is not None:
+                        self.change_done(ch, None)
             elif isinstance(a, Installed):
                 self.log(f"{node.id} installed snapshot at slot {a.slot}")
+            elif isinstance(a, MembersChanged):
+                self._check_epoch(node.id, a.epoch, a.members)
+                if a.pending is not None:
+                    self._check_epoch(node.id, a.epoch + 1, a.pending, a.pending_from)
         _ = SentRec  # journal records are checked on recovery by Engine.recover
+
+    def _check_slot_members(self, node: str, slot: int, group: tuple[str, ...]) -> None:
+        """Every replica sends a slot's messages to the same member set, and only a member sends."""
+        ms = frozenset(group) | {node}
+        prev = self.slot_members.setdefault(slot, ms)
+        if prev != ms:
+            raise InvariantViolation(
+                f"slot {slot}: {node} takes part with member set {sorted(ms)}, another replica with "
+                f"{sorted(prev)} (seed {self.seed})"
+            )
+
+    def _check_epoch(self, node: str, epoch: int, members: tuple[str, ...], from_slot: int = 0) -> None:
+        """Every replica gives one epoch the same member set (and a pending one the same slot)."""
+        key = (members, from_slot) if from_slot else (members, None)
+        prev = self.epochs.setdefault(epoch, key)
+        if prev[0] != members or (from_slot and prev[1] is not None and prev[1] != from_slot):
+            raise InvariantViolation(
+                f"epoch {epoch}: {node} has member set {list(members)} from slot {from_slot}, another "
+                f"replica {list(prev[0])} from slot {prev[1]} (seed {self.seed})"
+            )
+        if from_slot and prev[1] is None:
+            self.epochs[epoch] = key
 
     def _check_decided(self, node: str, slot: int, bid: BatchId | None) -> None:
         if slot in self.decided:
@@ -307,14 +372,14 @@ class Simulation:
         self.stats["crashes"] += 1
         self.log(f"crash {nid}")
         node.crash()
-        for m in self.members:
+        for m in self.pool:
             if m != nid and self.nodes[m].alive:
                 self.nodes[m].engine.peer_down(nid, self.now)  # type: ignore[union-attr]
                 self._drain(self.nodes[m])
 
     def restart(self, nid: str) -> None:
         node = self.nodes[nid]
-        if node.alive:
+        if node.alive or (node.spare and node.join_members is None):
             return
         self.log(f"restart {nid}")
         node.start()
@@ -322,13 +387,13 @@ class Simulation:
 
     def _link_refresh(self) -> None:
         """Tell every live engine which peers it can reach now (as heartbeats would)."""
-        for a in self.members:
+        for a in self.pool:
             na = self.nodes[a]
             if not na.alive:
                 continue
             eng = na.engine
             assert eng is not None
-            for b in self.members:
+            for b in self.pool:
                 if a == b:
                     continue
                 up = self.connected(a, b)
@@ -377,7 +442,7 @@ class Simulation:
                 break
             kind = rng.random()
             if f.partitions and kind < 0.5:
-                ms = list(self.members)
+                ms = self.started()
                 rng.shuffle(ms)
                 shape = rng.random()
                 if shape < 0.4:  # majority / minority
@@ -398,7 +463,7 @@ class Simulation:
                 self.at(t, lambda g=groups: self.partition(g))
                 self.at(t + rng.uniform(0.02, 0.25), self.heal)
             elif f.crashes:
-                victim = rng.choice(self.members)
+                victim = rng.choice(self.started())
                 self.at(t, lambda v=victim: self._maybe_crash(v))
                 self.at(t + rng.uniform(0.01, 0.3), lambda v=victim: self.restart(v))
 
@@ -411,6 +476,99 @@ class Simulation:
         if down < f or self.rng.random() < 0.15:
             self.crash(nid)
 
+    def started(self) -> list[str]:
+        """Nodes that run or ran: the configured members and the spares that joined."""
+        return [m for m in self.pool if not self.nodes[m].spare or self.nodes[m].join_members is not None]
+
+    # --- membership changes ---------------------------------------------------------------------
+
+    def _schedule_changes(self, horizon: float) -> None:
+        t = 0.03
+        while True:
+            t += self.rng.uniform(0.06, 0.3)
+            if t >= horizon:
+                break
+            self.at(t, self._change_step)
+
+    def join(self, nid: str, via: _SimNode) -> None:
+        """Start a spare as `aether node --join` would: told `via`'s member set, as a learner."""
+        node = self.nodes[nid]
+        assert via.engine is not None
+        node.join_members = list(via.engine.members)
+        self.change_stats["joined"] += 1
+        self.log(f"{nid} joins through {via.id} (told {node.join_members})")
+        node.start()
+        self._link_refresh()
+
+    def _change_step(self) -> None:
+        """Add or remove a member through a random member, sometimes with a fault right after."""
+        if not self.faults_on:
+            return
+        rng = self.rng
+        live = [m for m in self.pool if self.nodes[m].alive and self.nodes[m].engine.is_member]  # type: ignore[union-attr]
+        if not live:
+            return
+        via = self.nodes[rng.choice(live)]
+        eng = via.engine
+        assert eng is not None
+        members = list(eng.members)
+        outside = [m for m in self.pool if m not in members]
+        if outside and (len(members) <= 2 or (len(members) < 5 and rng.random() < 0.5)):
+            nid = rng.choice(outside)
+            target = self.nodes[nid]
+            if target.spare and target.join_members is None:
+                self.join(nid, via)
+                # the operator adds it at once or a little later (caught up or not yet)
+                wait = rng.choice([0.0, 0.0, rng.uniform(0.01, 0.3)])
+                self.at(self.now + wait, lambda v=via, n=nid: self._submit_change(v, MemberChange("add", n)))
+                return
+            change = MemberChange("add", nid)
+        else:
+            change = MemberChange("remove", rng.choice(members))
+        self._submit_change(via, change)
+
+    def _submit_change(self, via: _SimNode, change: MemberChange) -> None:
+        if not self.faults_on or not via.alive or via.engine is None:
+            return
+        rng = self.rng
+        try:
+            tok = via.engine.change_members(change, self.now)
+        except MembershipRefused as e:
+            self.change_stats["refused_at_submit"] += 1
+            self.log(f"{via.id} refuses {change.op} {change.node}: {e}")
+            return
+        self.log(f"{via.id} submits {change.op} {change.node}")
+        via.changes[tok] = change
+        self._drain(via)
+        r = rng.random()
+        if r < 0.25:
+            # a crash in the middle of the change: the node that took it, the node it is about, or
+            # another one, before or after it commits
+            victim = rng.choice([via.id, change.node, rng.choice(self.started())])
+            self.at(self.now + rng.uniform(0.0, 0.01), lambda v=victim: self._crash_now(v))
+            self.at(self.now + rng.uniform(0.05, 0.4), lambda v=victim: self.restart(v))
+        elif r < 0.4:
+            # a partition while the change commits
+            ms = self.started()
+            rng.shuffle(ms)
+            k = rng.randrange(1, len(ms))
+            self.partition([ms[:k], ms[k:]])
+            self.at(self.now + rng.uniform(0.02, 0.25), self.heal)
+
+    def _crash_now(self, nid: str) -> None:
+        if self.faults_on:
+            self.crash(nid)
+
+    def change_done(self, change: MemberChange, result: MemberResult | None) -> None:
+        if result is None:
+            self.change_stats["unknown"] += 1
+        elif result.ok:
+            self.change_stats["ok"] += 1
+            self.log(f"{change.op} {change.node} committed: {result.members} from slot {result.from_slot}")
+        else:
+            self.change_stats["refused_by_log"] += 1
+            self.log(f"{change.op} {change.node} refused by the log: {result.error}")
+
     # --- clients --------------------------------------------------------------------------------
 
     def _client_step(self, c: int) -> None:
@@ -419,7 +577,7 @@ class Simulation:
         if not self.final_phase and self._client_done[c] >= self.ops_per_client:
             return
         rng = self.rng
-        live = [m for m in self.members if self.nodes[m].alive]
+        live = [m for m in self.pool if self.nodes[m].alive]
         if not live:
             self.at(self.now + 0.01, lambda: self._client_step(c))
             return
@@ -518,12 +676,14 @@ class Simulation:
         for c in range(self.n_clients):
             self.at(self.rng.uniform(0.0, 0.02), lambda c=c: self._client_step(c))
         self._schedule_faults(horizon)
+        if self.reconfig:
+            self._schedule_changes(horizon)
         self._run_until(horizon)
         # heal everything, restart the crashed, and require every client to complete one more op
         self.faults = dataclasses.replace(self.faults, crashes=False, partitions=False, crash_mid_step=0.0)
         self.faults_on = False
         self.heal()
-        for m in self.members:
+        for m in self.pool:
             self.restart(m)
         self._run_until(horizon + 1.0, lambda: not any(self._client_busy))
         self.final_phase = True
@@ -551,6 +711,8 @@ class Simulation:
                 self.at(self.now + 0.01, self._tick_all)
         by_slot: dict[int, bytes] = {}
         for n in self.nodes.values():
+            if n.engine is None and n.spare and n.join_members is None:
+                continue  # a spare that never joined
             assert n.engine is not None and n.sm is not None
             snap = n.sm.snapshot()
             prev = by_slot.setdefault(n.engine.applied, snap)
@@ -583,6 +745,17 @@ def run_seed(seed: int, nodes: int | None = None, verbose: bool = False) -> tupl
     return sim, check_history(history)
 
 
+def run_member_seed(
+    seed: int, nodes: int | None = None, verbose: bool = False
+) -> tuple[Simulation, CheckResult]:
+    """Profile 'members': the engine profile's faults plus membership changes during the run
+    (adds of spares that join, removals, re-adds; crashes and partitions right after some)."""
+    n, prof = profile_for(seed)
+    sim = Simulation(seed, nodes or n, faults=prof, verbose=verbose, spares=2, reconfig=True)
+    history = sim.run()
+    return sim, check_history(history)
+
+
 def repro_command(seed: int, profile: str = "engine") -> str:
     return f"python -m aether.testing.sim --seed {seed} --profile {profile} -v"
 
@@ -603,24 +776,27 @@ def run_one(
     setup: Callable[[Any], None] | None = None,
 ) -> tuple[bool, str, str]:
     """Run one seed of a profile: (ok, failure kind, message). Kinds: safety, liveness, history."""
-    if profile == "engine":
+    if profile in ("engine", "members"):
         try:
-            sim, res = run_seed(seed, nodes, verbose)
+            runner = run_seed if profile == "engine" else run_member_seed
+            sim, res = runner(seed, nodes, verbose)
         except InvariantViolation as e:
             kind = "liveness" if "liveness" in str(e) else "safety"
             return False, kind, str(e)
         if not res.ok:
             return False, "history", f"history not linearizable: {res.explanation}"
         ok_ops = sum(1 for o in sim.history if o.ret is not None)
+        extra = f" changes={sim.change_stats} epochs={len(sim.epochs)}" if sim.reconfig else ""
         return True, "", (f"nodes={len(sim.members)} ops={len(sim.history)} completed={ok_ops} "
-                          f"slots={max(sim.decided, default=0)} stats={sim.stats}")
+                          f"slots={max(sim.decided, default=0)} stats={sim.stats}{extra}")
     from aether.testing.nodesim import run_node_seed
 
     out = run_node_seed(seed, profile, verbose=verbose, nodes=nodes, setup=setup)
     w = out.world
     if out.ok:
+        extra = f" changes={w.member_stats} epochs={len(w.epochs)}" if w.sc.member_changes else ""
         return True, "", (f"nodes={len(w.members)} slots={max(w.decided, default=0)} ops={len(w.history)} "
-                          f"appends={len(w.appends)} stats={w.stats}")
+                          f"appends={len(w.appends)} stats={w.stats}{extra}")
     err = out.error or ""
     kind = "liveness" if err.startswith("liveness") else "history" if "history" in err[:40] else "safety"
     return False, kind, err
@@ -629,7 +805,7 @@ def run_one(
 def profile_names() -> list[str]:
     from aether.testing.nodesim import PROFILES
 
-    return ["engine", *PROFILES]
+    return ["engine", "members", *PROFILES]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 import msgspec
@@ -603,6 +603,7 @@ class Transport:
         self._ping_frame = self._codec.frame(Ping())
 
         self._members: dict[str, Address] = {}
+        self._voters: frozenset[str] | None = None  # who counts for quorum (None: every member)
         self._peers: dict[str, _Peer] = {}
         self._up: dict[str, _Peer] = {}
         self._up_frozen: frozenset[str] | None = frozenset()
@@ -718,10 +719,23 @@ class Transport:
         return up
 
     def has_quorum(self) -> bool:
-        """True while running and ``len(up_peers) + 1 >= len(members) // 2 + 1``."""
+        """True while running and ``len(up_peers) + 1 >= len(members) // 2 + 1``; with voters set
+        (`set_voters`), while this node is one and a majority of them (itself included) is up."""
         if not self._started or self._stopped:
             return False
-        return len(self._up) + 1 >= len(self._members) // 2 + 1
+        voters = self._voters
+        if voters is None:
+            return len(self._up) + 1 >= len(self._members) // 2 + 1
+        if self.node_id not in voters:
+            return False
+        return sum(1 for p in self._up if p in voters) + 1 >= len(voters) // 2 + 1
+
+    def set_voters(self, voters: Iterable[str] | None) -> None:
+        """The members quorum counts (the consensus member set in effect), when the member map also
+        holds nodes that do not count (being added, or just removed); None: every member counts."""
+        self._voters = None if voters is None else frozenset(voters)
+        if self._started and not self._stopped:
+            self._check_quorum()
 
     def send(self, peer: str, msg: object) -> bool:
         """Queue `msg` for `peer`; False (message dropped) if that peer is not up. Never blocks.
@@ -735,14 +749,19 @@ class Transport:
             return False
         return p.link.write_frame(self._codec.frame(msg))
 
-    def broadcast(self, msg: object) -> None:
-        """Queue `msg` (encoded once) for every up peer; this node is not included."""
+    def broadcast(self, msg: object, to: Iterable[str] | None = None) -> None:
+        """Queue `msg` (encoded once) for every up peer, or those of `to` that are up; this node
+        is not included."""
         if type(msg) not in self._codec.app_types:
             raise TypeError(f"{type(msg).__name__} is not one of this transport's peer message types")
         if not self._up:
             return
         frame = self._codec.frame(msg)
-        for p in self._up.values():
+        if to is None:
+            targets: Iterable[_Peer] = self._up.values()
+        else:
+            targets = [p for p in (self._up.get(n) for n in to) if p is not None]
+        for p in targets:
             if p.link is not None:
                 p.link.write_frame(frame)
 
