@@ -2,10 +2,12 @@
 TLS between nodes, HTTPS and an API key on the management API and the router, its own data and
 repository directories, nothing shared but the network (tests/netns.py builds the hosts).
 
-Real `aether node` processes and the real CLI: the cluster forms, a map and slices serve through
-every node, a host that loses its network leaves the majority serving while it refuses writes
-with a clear error, and after healing it converges. Skipped where namespaces cannot be made
-(not root, no iproute2), with the reason.
+Real `aether node` processes and the real CLI: the cluster forms; a wheel uploaded through one node
+runs on every node, configured with a cluster secret; a map and the slice serve through every
+node; a host that loses its network leaves the majority serving while it refuses writes with a
+clear error, and after healing it converges; a fourth host joins (`--join`, over mutual TLS) and
+is added through the log, one of the first three is removed, and writes go on. Skipped where
+namespaces cannot be made (not root, no iproute2), with the reason.
 """
 
 from __future__ import annotations
@@ -77,9 +79,18 @@ class Cluster:
             "--api-key-file", str(self.dir / "api-key"),
         ]
 
-    def start(self, i: int, peers: list[int]) -> None:
+    def start(self, i: int, peers: list[int], *, join: int | None = None) -> subprocess.Popen[bytes]:
+        """Start node `i` with `peers` as the member set, or (`join`) asking member `join` for it."""
         (self.dir / self.ids[i]).mkdir(exist_ok=True)
-        self.hosts.run(i, self.node_argv(i, peers), log=self.dir / f"{self.ids[i]}.log", env=_env())
+        argv = self.node_argv(i, peers)
+        if join is not None:
+            k = argv.index("--peers")
+            argv[k : k + 2] = ["--join", f"{self.address(join)}:{CLUSTER_PORT}"]
+        return self.hosts.run(i, argv, log=self.dir / f"{self.ids[i]}.log", env=_env())
+
+    def members(self, node: int) -> list[str]:
+        code, status = self.cli(node, "status")
+        return sorted(m["id"] for m in status["nodes"]) if code == 0 else []
 
     def cli(self, node: int, *args: str, inside: int | None = None, timeout: float = 60) -> tuple[int, Any]:
         """`aether --json ARGS` against node `node`'s management API, run from the test's own
@@ -146,12 +157,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         hosts.close()
 
 
-def test_three_hosts_serve_through_every_node_and_a_cut_off_host_converges_after_healing(
+def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     members = [0, 1, 2]
-    for i in members:  # each host has its own (empty) data and repository directories
-        cluster.start(i, members)
+    procs = {i: cluster.start(i, members) for i in members}  # each with empty data and repository dirs
     cluster.wait_ready(members)
 
     code, status = cluster.cli(0, "status")
@@ -219,3 +229,27 @@ def test_three_hosts_serve_through_every_node_and_a_cut_off_host_converges_after
         assert time.monotonic() < deadline, "the healed node did not converge"
         time.sleep(0.5)
     assert cluster.https(2, "/hello/healed")[0] == 200
+
+    # a fourth host joins: it asks a member for the member set, catches up as a learner, and is
+    # added through the log; then one of the first three is removed while writes go on
+    procs[3] = cluster.start(3, [3], join=0)
+    deadline = time.monotonic() + 60
+    while cluster.cli(3, "status")[0] != 0:
+        assert time.monotonic() < deadline, (tmp_path / "node-4.log").read_text()[-3000:]
+        time.sleep(0.5)
+    code, out = cluster.cli(0, "cluster", "add-node", "node-4", f"{cluster.address(3)}:{CLUSTER_PORT}")
+    assert code == 0, out
+    cluster.wait_ready([3])
+    assert cluster.cli(3, "map", "put", "accounts", "dave", '{"balance": 40}')[0] == 0
+    assert cluster.cli(0, "map", "get", "accounts", "dave") == (0, {"balance": 40})
+    assert cluster.https(3, "/hello/newcomer")[0] == 200
+    code, out = cluster.cli(0, "cluster", "remove-node", "node-2")
+    assert code == 0, out
+    deadline = time.monotonic() + 30
+    while any(cluster.members(i) != ["node-1", "node-3", "node-4"] for i in (0, 2, 3)):
+        assert time.monotonic() < deadline, [cluster.members(i) for i in (0, 2, 3)]
+        time.sleep(0.5)
+    cluster.hosts.stop(procs[1])
+    assert cluster.cli(2, "map", "put", "accounts", "erin", '{"balance": 50}')[0] == 0
+    assert cluster.cli(3, "map", "get", "accounts", "erin") == (0, {"balance": 50})
+    assert cluster.cli(0, "map", "get", "accounts", "bob") == (0, {"balance": 20})
