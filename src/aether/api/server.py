@@ -368,18 +368,9 @@ class ManagementServer:
         )
 
     async def _serve(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in self._public and request.method in ("GET", "HEAD"):
-            try:  # the probes (and /metrics when public): no key asked, none checked
-                return await handler(request)
-            except web.HTTPException as e:
-                if e.status < 400:
-                    raise
-                return self._http_problem(request, e)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                return self.problem_for(request, e)
         try:
+            if request.path in self._public and request.method in ("GET", "HEAD"):
+                return await handler(request)  # the probes (and /metrics when public): no key asked
             principal = await self.keys.authenticate(presented_key(request) if self.keys.enabled else None)
             request[PRINCIPAL] = principal
             length = request.content_length
