@@ -409,6 +409,7 @@ class MapWorld:
         self.stats: dict[str, int] = {"ops": 0, "ok": 0, "indeterminate": 0, "faults": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deferred = 0
+        self._disk_settled_at = 0.0  # until then no memory-engine node is killed (see `fault`)
         self._loggers: dict[str, _Quiet] = {}
         self.loop.set_exception_handler(self._on_loop_error)
 
@@ -715,7 +716,11 @@ class MapWorld:
     async def fault(self, kind: str) -> None:
         rng = self.rng
         running = [n for n in self.members if self.nodes[n].running]
-        if kind == "kill" and len(running) > len(self.members) // 2 + 1 - 1:
+        # a node whose storage failed drops its copies and gets them back from the other owners:
+        # killing one of those (memory engines) before that is a second fault, beyond what R
+        # copies survive (the takeover says "writes acknowledged only by them may be lost")
+        settled = self.profile.persistent or self.loop.time() >= self._disk_settled_at
+        if kind == "kill" and len(running) > len(self.members) // 2 + 1 - 1 and settled:
             victim = rng.choice(running)
             self.nodes[victim].kill()
             self.topology_changed()
@@ -782,6 +787,7 @@ class MapWorld:
             for e in self.nodes[victim].engines.values():
                 e.full = False
             self.log(f"disk of {victim} has space again")
+            self._disk_settled_at = self.loop.time() + 2 * self.timings.probe_after + 4.0
         elif kind == "add":
             missing = [n for n in self.ids if n not in self.members]
             if missing:
