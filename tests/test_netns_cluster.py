@@ -6,7 +6,8 @@ Real `aether node` processes and the real CLI: the cluster forms; a wheel upload
 runs on every node, configured with a cluster secret; a map and the slice serve through every
 node; a host that loses its network leaves the majority serving while it refuses writes with a
 clear error, and after healing it converges; a fourth host joins (`--join`, over mutual TLS) and
-is added through the log, one of the first three is removed, and writes go on. Skipped where
+is added through the log, one of the first three is removed (its slice instance is placed
+again on the others), and writes go on. Skipped where
 namespaces cannot be made (not root, no iproute2), with the reason.
 """
 
@@ -250,6 +251,17 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
         assert time.monotonic() < deadline, [cluster.members(i) for i in (0, 2, 3)]
         time.sleep(0.5)
     cluster.hosts.stop(procs[1])
+    # the slice's instance that ran on node-2 is placed again, on the members that remain
+    deadline = time.monotonic() + 60
+    while True:
+        code, out = cluster.cli(0, "slices")
+        rows = out.get("slices", []) if isinstance(out, dict) else out if isinstance(out, list) else []
+        hello = [r for r in rows if r["artifact"].startswith("org.example:hello")]
+        on = {i["node"] for r in hello for i in r["instances"] if i["state"] == "ACTIVE"}
+        if code == 0 and hello and hello[0]["active"] == 3 and on and "node-2" not in on:
+            break
+        assert time.monotonic() < deadline, out
+        time.sleep(0.5)
     assert cluster.cli(2, "map", "put", "accounts", "erin", '{"balance": 50}')[0] == 0
     assert cluster.cli(3, "map", "get", "accounts", "erin") == (0, {"balance": 50})
     assert cluster.cli(0, "map", "get", "accounts", "bob") == (0, {"balance": 20})
