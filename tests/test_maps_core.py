@@ -345,3 +345,37 @@ def test_partitions_follow_the_committed_member_set() -> None:
         net.run(i, c.set_members(net.ids, net.now))
     net.settle(2.0)
     assert net.table.members == net.ids
+
+
+def test_after_a_full_restart_a_takeover_goes_on_once_every_owner_answered() -> None:
+    """The whole cluster restarted; one owner kept its copy, the others lost theirs (memory
+    engines). Once every owner answered, waiting cannot bring anything back: the takeover goes on
+    at once, saying writes may be lost, instead of after `force_after` (10 s; a full `make test`
+    run saw a restarted cluster's takeovers wait that long)."""
+    net = Net()
+    keeper = net.ids[0]
+    keys = [f"k{i}" for i in range(40)]
+    for n, key in enumerate(keys):
+        net.submit(net.ids[n % 3], n + 1, OP_PUT, key, b"v")
+    net.settle()
+    for i in net.ids:  # every node restarts; only `keeper` keeps its storage
+        if i != keeper:
+            net.engines[i] = Full()
+        net.cores[i] = MapCore(i, partitions=P, timings=net.t, incarnation=50 + net.ids.index(i))
+    net.queue.clear()
+    for i, c in net.cores.items():
+        net.run(i, c.define("m", MapSpec(), net.engines[i], net.now))
+        net.run(i, c.set_table(net.table, net.now))
+    for i, c in net.cores.items():
+        for j in net.ids:
+            if j != i:
+                net.run(i, c.peer_up(j, net.now))
+    net.run(keeper, net.cores[keeper].set_leader(True, net.now))
+    net.settle(2.0)  # far less than force_after
+    assert net.t.force_after > 2.0
+    assert all(not c._promotions for c in net.cores.values()), "every takeover finished"
+    for n, key in enumerate(keys):
+        net.submit(net.ids[(n + 1) % 3], 100 + n, OP_GET, key)
+    net.settle()
+    # every write reached every owner before the restart: the keeper's copy has them all
+    assert [net.results[100 + n] for n in range(len(keys))] == [(b"v", True)] * len(keys)

@@ -699,14 +699,14 @@ class MapCore:
             # Owners that answered without the copy (they restarted, or lost their disk) or left the
             # table: after `force_after` it goes on without them (they may come back with it from
             # a split), saying that writes only they had may be lost. When every owner answered
-            # and none holds a copy (the whole configuration restarted), nothing can come back:
+            # (the whole configuration restarted, some copies lost), nothing more can come back:
             # it goes on at once.
             lost = [o for o in others if o in answered and p not in holders.get(o, ())]
             if self.node_id in owners and not self._trusted(p, spec, name):
                 lost.append(self.node_id)
             left = [o for o in others if o not in answered and o not in table.members]
-            all_lost = have == 0 and len(lost) == len(owners)
-            if all_lost or (
+            all_answered = all(o in answered for o in others)
+            if all_answered or (
                 have + len(lost) + len(left) >= need and self._now - prom.started >= self.t.force_after
             ):
                 if not prom.forced:
