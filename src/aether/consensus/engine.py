@@ -917,18 +917,22 @@ class Engine:
             pend.from_slot if pend else 0, self.member_addresses(),
         ))
 
+    def _fail_unsent_removed(self) -> None:
+        """This replica was removed: what was never sent never will be (sent batches may still
+        commit), so its callers are told at once."""
+        unsent = [t for t, _, _ in self._open]
+        self._open.clear()
+        self._open_bytes = 0
+        if unsent:
+            self.actions.append(Failed(unsent, "member", definite=True))
+
     def _activate(self, cfg: MemberConfig) -> None:
         was_member = self.is_member
         self._configs = [cfg]
         self._set_quorums()
         self._members_changed()
         if was_member and not self.is_member:
-            # removed: what was never sent never will be; sent batches may still commit
-            unsent = [t for t, _, _ in self._open]
-            self._open.clear()
-            self._open_bytes = 0
-            if unsent:
-                self.actions.append(Failed(unsent, "member", definite=True))
+            self._fail_unsent_removed()
         elif self.is_member and not self.has_quorum:
             self._fail_all("quorum")
 
@@ -1165,11 +1169,7 @@ class Engine:
             self._set_quorums()
             self._members_changed()
             if was_member and not self.is_member:
-                unsent = [t for t, _, _ in self._open]
-                self._open.clear()
-                self._open_bytes = 0
-                if unsent:
-                    self.actions.append(Failed(unsent, "member", definite=True))
+                self._fail_unsent_removed()
         self.log.clear()
         self.decided_ids = {k: v for k, v in snap.decided_ids}
         for bid in [b for b in self._queue if b in self.decided_ids]:
