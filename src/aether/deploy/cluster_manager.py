@@ -7,7 +7,7 @@ pure `aether.deploy.reconcile.plan`. Runs on every node, dormant unless the node
 
 A pass runs:
 - when this node becomes leader (failure counts and down-timers start fresh),
-- on every change under `blueprints/`, `slices/`, `endpoints/`, `routes/` (debounced: all
+- on every change under `blueprints/`, `slices/`, `endpoints/`, `routes/`, `scale/` (debounced: all
   events that arrive while a pass runs cause exactly one more pass),
 - when the set of live peers changes (polled every `membership_poll`),
 - when a grace period or backoff expires, and at least every `reconcile_interval`.
@@ -39,11 +39,19 @@ from typing import Any
 from aether.cluster.leader import LeaderChanged, LeaderManager
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
 from aether.deploy.reconcile import FailureTracker, Plan, Write, desired_state, plan
-from aether.kv.keys import BlueprintValue, EndpointValue, RouteValue, SliceKey, SliceStateValue, parse_key
+from aether.kv.keys import (
+    BlueprintValue,
+    EndpointValue,
+    RouteValue,
+    ScaleValue,
+    SliceKey,
+    SliceStateValue,
+    parse_key,
+)
 from aether.kv.machine import WatchEvent
 from aether.kv.store import KVStore
 
-_WATCHED = ("blueprints/", "slices/", "endpoints/", "routes/")
+_WATCHED = ("blueprints/", "slices/", "endpoints/", "routes/", "scale/")
 
 
 class ClusterDeploymentManager:
@@ -204,7 +212,10 @@ class ClusterDeploymentManager:
         for n, t in list(self._down_since.items()):
             if now - t >= self.dead_node_grace and n not in slices:
                 self.failures.forget_node(n)
-        desired = desired_state(blueprints)
+        scales = {
+            k.removeprefix("scale/"): v for k, v in self.kv.list_local("scale/") if isinstance(v, ScaleValue)
+        }
+        desired = desired_state(blueprints, scales)
         p = plan(desired, up, grace, slices, endpoints, routes, self.failures, now, self._wall(),
                  capacity=self.capacity, max_starts=self.max_starts)
         self.passes += 1

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aether.core.errors import BadRequest
 from aether.deploy.allocation import Placement, allocate
@@ -46,6 +46,8 @@ from aether.kv.keys import (
     EndpointKey,
     EndpointValue,
     RouteValue,
+    ScaleValue,
+    ScalingRule,
     SliceKey,
     SliceStateValue,
     parse_key,
@@ -58,18 +60,64 @@ class DesiredSlice:
     depends_on: tuple[str, ...] = ()
 
 
-def desired_state(blueprints: Iterable[BlueprintValue]) -> dict[str, DesiredSlice]:
+@dataclass(frozen=True, slots=True)
+class Autoscaled:
+    """An autoscaled artifact: its rule, the bounds in force and the count they allow now."""
+
+    rule: ScalingRule
+    min: int
+    max: int
+    bounds_source: Literal["blueprint", "operator"]
+    instances: int
+    """The controller's (or operator's) count in `scale/{artifact}`, else the blueprint's, clamped
+    to [min, max]."""
+    count_source: str
+    """Who set `instances`: ``controller``, ``operator`` or ``blueprint``."""
+
+
+def autoscaled(
+    blueprints: Iterable[BlueprintValue], scales: Mapping[str, ScaleValue] | None = None
+) -> dict[str, Autoscaled]:
+    """The artifacts that have a `[slices.NAME.scaling]` rule (the first blueprint that gives one
+    wins), with the bounds in force: an operator's `min`/`max` in `scale/{artifact}` override the
+    rule's while set."""
+    out: dict[str, Autoscaled] = {}
+    base: dict[str, int] = {}
+    for bp in blueprints:
+        for s in bp.slices:
+            if s.scaling is not None and s.artifact not in out:
+                sv = (scales or {}).get(s.artifact)
+                lo = sv.min if sv is not None and sv.min is not None else s.scaling.min
+                hi = sv.max if sv is not None and sv.max is not None else s.scaling.max
+                hi = max(lo, hi)
+                by_operator = sv is not None and (sv.min is not None or sv.max is not None)
+                source: Literal["blueprint", "operator"] = "operator" if by_operator else "blueprint"
+                count, by = (sv.instances, sv.source) if sv is not None else (s.instances, "blueprint")
+                out[s.artifact] = Autoscaled(s.scaling, lo, hi, source, min(hi, max(lo, count)), by)
+            base[s.artifact] = max(base.get(s.artifact, 0), s.instances)
+    return out
+
+
+def desired_state(
+    blueprints: Iterable[BlueprintValue], scales: Mapping[str, ScaleValue] | None = None
+) -> dict[str, DesiredSlice]:
     """Desired instances per artifact: the maximum over the blueprints listing it (two
     blueprints asking for 2 and 3 instances of one artifact share 3 instances, they do not get
-    5); `depends_on` is the union over those blueprints."""
+    5); `depends_on` is the union over those blueprints. An autoscaled artifact (one with a
+    `[slices.NAME.scaling]` rule) gets the count of `autoscaled` instead: the controller's within
+    the bounds in force."""
+    bps = list(blueprints)
     counts: dict[str, int] = {}
     deps: dict[str, set[str]] = {}
-    for bp in blueprints:
+    for bp in bps:
         for s in bp.slices:
             if s.instances < 1:
                 continue
             counts[s.artifact] = max(counts.get(s.artifact, 0), s.instances)
             deps.setdefault(s.artifact, set()).update(s.depends_on)
+    for a, auto in autoscaled(bps, scales).items():
+        if a in counts:
+            counts[a] = auto.instances
     return {a: DesiredSlice(n, tuple(sorted(deps[a]))) for a, n in counts.items()}
 
 

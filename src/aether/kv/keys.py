@@ -27,6 +27,33 @@ def _seg(name: str, value: str) -> str:
 # --- values -----------------------------------------------------------------------------------------
 
 
+class ScalingRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[slices.NAME.scaling]`: the bounds the controller keeps an autoscaled slice within and
+    the targets it tracks (docs/controller.md). Each target gives a wanted instance count; the
+    largest wins. Validated by `aether.deploy.blueprint` (1 <= min <= max, at least one target,
+    every target > 0)."""
+
+    min: int = 1
+    max: int = 1
+    in_flight: float | None = None
+    """Calls running or queued per instance (Little's law: arrival rate x service time)."""
+    rate: float | None = None
+    """Calls arriving per second per instance."""
+    p95_ms: float | None = None
+    """95th percentile latency of the slice's calls, milliseconds."""
+    cpu: float | None = None
+    """CPU percent (of one core) of the processes of the nodes that host the slice."""
+
+    def targets(self) -> dict[str, float]:
+        """The targets that are set, by name."""
+        return {
+            name: v
+            for name, v in (("in_flight", self.in_flight), ("rate", self.rate), ("p95_ms", self.p95_ms),
+                            ("cpu", self.cpu))
+            if v is not None
+        }
+
+
 class BlueprintSlice(msgspec.Struct, frozen=True):
     """One slice of an expanded blueprint: coordinates, instance count, and the artifacts (full
     coordinates) it calls, which must have an ACTIVE instance before it is activated."""
@@ -38,6 +65,10 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     # the [slices.NAME.config] table, typed TOML values; `{ secret = "NAME" }` tables name secrets
     # (`aether.deploy.config`), resolved only when an instance starts, never stored here
     config: dict[str, Any] = {}
+    scaling: ScalingRule | None = None  # [slices.NAME.scaling]: autoscaled by the controller
+    max_concurrency: int | None = None  # calls one instance runs at once (None: no limit)
+    max_queue: int | None = None  # calls one instance queues beyond max_concurrency (None: default)
+    entry_concurrency: dict[str, int] = {}  # per-entry limits within an instance
 
 
 class BlueprintValue(msgspec.Struct, frozen=True):
@@ -113,6 +144,29 @@ class ArtifactManifest(msgspec.Struct, frozen=True):
     requires_dist: list[str] = []
     requires_python: str | None = None
     uploaded: float = 0.0
+
+
+class ScaleValue(msgspec.Struct, frozen=True):
+    """The instance count of an autoscaled artifact and the bounds operators set on it
+    (`scale/{artifact}`). The controller writes `instances` (``source = "controller"``) within the
+    bounds; an operator command (`aether scale`) writes bounds and wins (``source = "operator"``):
+    `min`/`max` override the blueprint's `[slices.NAME.scaling]` bounds while set."""
+
+    instances: int
+    source: str  # controller | operator
+    updated: float  # wall-clock time of the write
+    reason: str = ""
+    min: int | None = None
+    max: int | None = None
+
+
+class ControllerConfigValue(msgspec.Struct, frozen=True):
+    """The cluster-wide controller configuration (`controller/config`): the TOML text an operator
+    set (parsed by `aether.controller.config.parse_config`), when, and by whom."""
+
+    text: str
+    updated: float
+    by: str = ""
 
 
 # --- keys -------------------------------------------------------------------------------------------
@@ -239,13 +293,35 @@ class ArtifactKey(msgspec.Struct, frozen=True):
         return f"repository/{self.project}/{self.version}"
 
 
+class ScaleKey(msgspec.Struct, frozen=True):
+    """The controller's count and the operator's bounds of an autoscaled artifact (`ScaleValue`):
+    `scale/{artifact coordinates}`."""
+
+    prefix: ClassVar[str] = "scale/"
+    value_type: ClassVar[type] = ScaleValue
+    artifact: str
+
+    def __str__(self) -> str:
+        return f"scale/{self.artifact}"
+
+
+class ControllerConfigKey(msgspec.Struct, frozen=True):
+    """The controller configuration (`ControllerConfigValue`): `controller/config`."""
+
+    prefix: ClassVar[str] = "controller/config"
+    value_type: ClassVar[type] = ControllerConfigValue
+
+    def __str__(self) -> str:
+        return "controller/config"
+
+
 Key = Union[  # noqa: UP007
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
-    SecretKey, ArtifactKey,
+    SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey, SecretKey, ArtifactKey,
+    ApiKeyKey, SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey,
 )
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -323,12 +399,18 @@ def parse_key(text: str) -> Key:
         if not sep2:
             raise BadRequest(f"invalid key {text!r}: expected repository/PROJECT/VERSION")
         return ArtifactKey(_seg("project", project), _seg("version", version))
+    if family == "scale":
+        return ScaleKey(_seg("artifact", rest))
+    if family == "controller":
+        if rest != "config":
+            raise BadRequest(f"invalid key {text!r}: expected controller/config")
+        return ControllerConfigKey()
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth, secrets, repository or user")
+                     "routes, maps, auth, secrets, repository, scale, controller or user")
 
 
 def value_type_for(key: str) -> type:

@@ -20,10 +20,13 @@ __all__ = [
     "ClusterTotals",
     "EntryCounters",
     "EntryStats",
+    "InstanceCounters",
+    "InstanceStats",
     "MetricsMessage",
     "NodeMetricsUpdate",
     "NodeSample",
     "NodeStats",
+    "SliceLoad",
 ]
 
 
@@ -36,6 +39,8 @@ class NodeSample(msgspec.Struct, frozen=True):
     """Resident memory of the process."""
     uptime: float
     """Seconds since the node started (monotonic clock): the time base of its rates."""
+    loop_lag_ms: float = 0.0
+    """The node's event-loop lag: the largest lag of the last few seconds (`LoopLagProbe`)."""
 
 
 class EntryCounters(msgspec.Struct, frozen=True):
@@ -60,6 +65,75 @@ class EntryCounters(msgspec.Struct, frozen=True):
     """Times a call of this entry held its slice's event loop past the limit (blocking code)."""
 
 
+class InstanceCounters(msgspec.Struct, frozen=True):
+    """One slice instance on the reporting node: gauges now, counters since the instance started."""
+
+    artifact: str
+    instance: int
+    in_flight: int
+    """Calls running now."""
+    queued: int
+    """Calls waiting for a free slot (`max_concurrency`)."""
+    admitted: int
+    """Calls accepted (run or queued) since the instance started: its arrivals."""
+    rejected: int
+    """Calls refused because the queue was full (answered 503 with Retry-After)."""
+    calls: int
+    """Calls finished."""
+    failures: int
+    """Finished calls that failed (5xx)."""
+    busy_seconds: float
+    """Execution time of the finished calls, queue wait excluded."""
+    started: float
+    """The node's uptime when the instance started: a new value means new counters."""
+    healthy: bool | None = None
+    """The last `health()` answer; None when the slice has no health check or it has not run yet."""
+    health_failures: int = 0
+    """Consecutive failed health checks."""
+    health_reason: str | None = None
+
+
+class InstanceStats(msgspec.Struct, frozen=True):
+    """One instance as the leader's aggregator sees it: gauges and the rates of the last interval."""
+
+    node_id: str
+    artifact: str
+    instance: int
+    in_flight: int
+    queued: int
+    arrivals_per_s: float
+    calls_per_s: float
+    failures_per_s: float
+    rejected_per_s: float
+    exec_ms: float | None
+    """Mean execution time of the calls that finished in the last interval (None: none did)."""
+    calls: int
+    failures: int
+    healthy: bool | None = None
+    health_failures: int = 0
+    health_reason: str | None = None
+
+
+class SliceLoad(msgspec.Struct, frozen=True):
+    """One artifact's load summed over its reporting instances (the controller's input)."""
+
+    artifact: str
+    instances: int
+    """Instances that reported."""
+    in_flight: int
+    queued: int
+    arrivals_per_s: float
+    calls_per_s: float
+    failures_per_s: float
+    rejected_per_s: float
+    exec_ms: float | None
+    """Mean execution time over the instances' last interval (None: no call finished)."""
+    p95_ms: float | None
+    """95th percentile latency of the artifact's calls in the last interval (None: no call)."""
+    cpu_percent: float | None
+    """Mean CPU percent of the nodes that host an instance."""
+
+
 class NodeMetricsUpdate(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=60):
     """Node -> leader, once a second: the process sample and every entry's cumulative counters.
 
@@ -73,6 +147,7 @@ class NodeMetricsUpdate(msgspec.Struct, array_like=True, frozen=True, gc=False, 
     """Increases by one per update within an incarnation (older ones are dropped)."""
     sample: NodeSample
     entries: list[EntryCounters]
+    instances: list[InstanceCounters] = []
 
 
 class NodeStats(msgspec.Struct, frozen=True):
@@ -87,6 +162,7 @@ class NodeStats(msgspec.Struct, frozen=True):
     calls: int
     """Calls run on the node since it started (all entries)."""
     calls_per_s: float
+    loop_lag_ms: float = 0.0
 
 
 class EntryStats(msgspec.Struct, frozen=True):
@@ -159,6 +235,7 @@ class ClusterMetricsSnapshot(msgspec.Struct, array_like=True, frozen=True, gc=Fa
     entries: list[EntryStats]
     totals: ClusterTotals
     window: list[ClusterPoint]
+    instances: list[InstanceStats] = []
 
 
 MetricsMessage = Union[NodeMetricsUpdate, ClusterMetricsSnapshot]  # noqa: UP007 - a runtime Union for msgspec
