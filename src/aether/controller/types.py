@@ -120,6 +120,11 @@ class SliceMemory(msgspec.Struct):
     last_replace: float = 0.0
     last_skip: str = ""
     """The rule of the last skip recorded, so a held decision is recorded once, not every second."""
+    dry_count: int | None = None
+    """In dry-run mode, the count the controller would have set (it continues from it)."""
+    errors: dict[str, list[tuple[float, int, int]]] = {}
+    """``node/instance`` -> recent (time, calls, failures) samples of its cumulative counters: the
+    window its error rate is measured over."""
 
 
 class AlertState(msgspec.Struct):
@@ -141,6 +146,8 @@ class ControllerMemory(msgspec.Struct):
     """Nodes that get no new instances."""
     alerts: dict[str, AlertState] = {}
     """Series key (rule name and labels) -> its pending or firing state."""
+    recovered: dict[str, float] = {}
+    """``node/artifact`` -> the `since` of the stuck key the controller recovered (acted on once)."""
 
 
 class ControllerSync(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=70):
