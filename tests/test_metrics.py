@@ -406,6 +406,7 @@ def test_instance_rates_come_from_cumulative_counters_and_restarts_rebase() -> N
     assert x.exec_ms == pytest.approx(100.0)  # 3 s of execution for 30 calls
     assert (x.calls, x.failures, x.healthy) == (120, 2, False)
     assert (x.health_failures, x.health_reason) == (2, "db down")
+    assert (x.admitted, x.rejected) == (140, 4)
     # the instance restarted (a new `started`): its counters count from zero
     agg.update(iupd("n1", 3, 14.0, inst(0, 10, 8, 0.4, started=13.0)), now=2.0)
     (x,) = agg.instance_stats(now=2.0)

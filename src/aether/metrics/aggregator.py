@@ -345,7 +345,7 @@ class MetricsAggregator:
                     failures_per_s=round(r.failures, 3), rejected_per_s=round(r.rejected, 3),
                     exec_ms=_ms(r.dbusy / r.dcalls) if r.dcalls else None, calls=c.calls,
                     failures=c.failures, healthy=c.healthy, health_failures=c.health_failures,
-                    health_reason=c.health_reason,
+                    health_reason=c.health_reason, admitted=c.admitted, rejected=c.rejected,
                 ))  # fmt: skip
         out.sort(key=lambda x: (x.artifact, x.node_id, x.instance))
         return out
