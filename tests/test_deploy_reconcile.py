@@ -143,7 +143,7 @@ def test_route_sweep_only_when_no_instance_anywhere() -> None:
 def test_avoided_node_gets_no_new_instances_but_keeps_its_own() -> None:
     tracker = FailureTracker()
     # node-2 already runs instance 1; scaling to 5 must place the new ones on node-1 and node-3 only
-    slices = {"node-1": {A: sv("ACTIVE", [0])}, "node-2": {A: sv("ACTIVE", [1])}, "node-3": {A: sv("ACTIVE", [2])}}
+    slices = {n: {A: sv("ACTIVE", [i])} for i, n in enumerate(N)}
     p = plan({A: DesiredSlice(5)}, N, set(), slices, [], [], tracker, 100.0, 5.0, avoid={"node-2"})
     assert p.target[A]["node-2"] == [1]  # existing instance stays
     assert sum(len(ids) for ids in p.target[A].values()) == 5
