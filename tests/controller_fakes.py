@@ -138,3 +138,39 @@ class FakeMetrics:
 
     def instance_stats(self) -> list[Any]:
         return self.instances
+
+
+class ControllerNode:
+    """A node for the management server with a controller over the fakes above (node-1 leads)."""
+
+    def __init__(self, data: dict[str, Any] | None = None, *, api_key_kv: bool = False) -> None:
+        from aether.controller.service import ControllerService
+        from aether.transport import EventBus
+
+        self.node_id = "node-1"
+        self.bus = EventBus()
+        self.kv = FakeKV(data)
+        self.leader_view = FakeLeader("node-1", ["node-1", "node-2", "node-3"], "node-1")
+        self.metrics_in = FakeMetrics()
+        self.plan: Callable[[Observation], list[dict[str, Any]]] = lambda obs: []
+        self.cores: list[ScriptedCore] = []
+
+        def factory(cfg: ControllerConfig, mem: ControllerMemory | None) -> ScriptedCore:
+            core = ScriptedCore(cfg, mem)
+            core.plan = lambda obs: self.plan(obs)
+            self.cores.append(core)
+            return core
+
+        self.controller = ControllerService(
+            self.kv, self.leader_view, FakeTransport("node-1", {}), self.metrics_in,  # type: ignore[arg-type]
+            core_factory=factory, publish=self.bus.publish,
+        )
+
+    def status(self) -> Any:
+        from aether.core.status import MemberStatus, NodeStatus
+
+        return NodeStatus(node_id=self.node_id, leader="node-1", quorum=True,
+                          nodes=[MemberStatus("node-1", "127.0.0.1:7000", "up")])
+
+    def kv_list(self, prefix: str) -> list[Any]:
+        return []
