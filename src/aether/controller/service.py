@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import time
 from collections import deque
@@ -45,6 +44,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from aether.controller.config import ControllerConfig, parse_config
+from aether.controller.core import Controller
 from aether.controller.types import (
     ControllerMemory,
     ControllerSync,
@@ -330,8 +330,7 @@ class AlertView(msgspec.Struct, frozen=True):
 
 
 def _default_core(config: ControllerConfig, memory: ControllerMemory | None) -> ControllerCore:
-    core: Any = importlib.import_module("aether.controller.core")
-    return core.Controller(config, memory)
+    return Controller(config, memory)
 
 
 class ControllerService:
