@@ -190,6 +190,13 @@ async def test_followers_merge_decisions_and_a_new_leader_inherits_the_memory() 
     (d,) = c.net["node-2"].tick()
     assert d.seq == 5 and c.cores["node-2"][0].memory.avoided == ["node-3"]
     assert [x.seq for x in c.net["node-3"].history] == [1, 2, 3, 4, 5]
+    # node-1 comes back as a follower before its own loop noticed it lost the lead: the sync of
+    # node-2 wins over its stale core's memory
+    c.net["node-1"].core = c.cores["node-1"][0]
+    c.net["node-2"].transport.down.discard("node-1")  # type: ignore[attr-defined]
+    c.net["node-2"].tick()
+    assert c.net["node-1"].core is None and c.net["node-1"].memory.seq == 6  # type: ignore[union-attr]
+    assert c.net["node-1"].status().synced_from == "node-2"
 
 
 async def test_config_watch_keeps_previous_config_on_bad_text() -> None:

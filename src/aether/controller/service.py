@@ -642,9 +642,10 @@ class ControllerService:
         if msg.leader != sender:
             self.log.warning("controller sync of %s arrived from %s; dropped", msg.leader, sender)
             return
-        if self.core is not None and self.leader.is_leader:
+        if self.leader.is_leader:
             self.log.debug("controller sync from %s ignored: %s leads", sender, self.node_id)
             return
+        self._lose_lead()  # led until a moment ago: the sender's memory is the newer one
         if self._synced is not None and self._synced[0] == sender and msg.epoch <= self._synced[1]:
             return  # an older sync of the same leader
         self._synced = (sender, msg.epoch)
