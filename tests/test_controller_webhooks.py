@@ -141,3 +141,43 @@ async def test_unreachable_webhook_fails_and_is_counted() -> None:
         assert sender.stats()[0].retries == 2
     finally:
         await sender.stop()
+
+
+async def test_the_leaders_decisions_reach_a_slow_webhook_without_slowing_the_step() -> None:
+    from aether.controller.service import ControllerService
+    from aether.kv.keys import ControllerConfigValue
+    from controller_fakes import FakeKV, FakeLeader, FakeMetrics, FakeTransport, ScriptedCore
+
+    got: list[dict[str, Any]] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)
+        got.append(json.loads(await request.read()))
+        return web.Response(status=200)
+
+    async with receiver(slow) as url:
+        text = f'[[webhooks]]\nurl = "{url}"\nevents = ["alert", "decision"]\ntimeout = 2.0\n'
+        kv = FakeKV({"controller/config": ControllerConfigValue(text, 1.0)})
+        cores: list[ScriptedCore] = []
+
+        def factory(cfg: Any, mem: Any) -> ScriptedCore:
+            core = ScriptedCore(cfg, mem)
+            core.plan = lambda obs: [{"kind": "alert_firing", "rule": "slow", "reason": "p99 high"},
+                                     {"kind": "skip", "artifact": "a", "rule": "cooldown"}]
+            cores.append(core)
+            return core
+
+        svc = ControllerService(kv, FakeLeader("node-1", ["node-1"], "node-1"), FakeTransport("node-1", {}),  # type: ignore[arg-type]
+                                FakeMetrics(), core_factory=factory, interval=60.0)
+        await svc.start()
+        try:
+            t0 = time.perf_counter()
+            svc.tick()
+            svc.tick()
+            assert time.perf_counter() - t0 < 0.1
+            await until(lambda: len(got) == 4)
+            assert [g["kind"] for g in got] == ["alert", "decision", "alert", "decision"]
+            assert [g["decision"]["seq"] for g in got] == [1, 2, 3, 4]
+            assert svc.status().webhooks[0].sent == 4
+        finally:
+            await svc.stop()
