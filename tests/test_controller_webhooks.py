@@ -181,3 +181,15 @@ async def test_the_leaders_decisions_reach_a_slow_webhook_without_slowing_the_st
             assert svc.status().webhooks[0].sent == 4
         finally:
             await svc.stop()
+
+
+async def test_a_url_aiohttp_refuses_is_a_failed_delivery_not_a_dead_task() -> None:
+    sender = WebhookSender(backoff=0.01)
+    sender.set_webhooks([Webhook("http://[not-a-host/hook", events=["decision"], timeout=0.5, retries=1)])
+    await sender.start()
+    try:
+        sender.submit(decision(1))
+        sender.submit(decision(2))
+        await until(lambda: sender.stats()[0].failed == 2)
+    finally:
+        await sender.stop()

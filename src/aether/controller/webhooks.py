@@ -197,7 +197,7 @@ class WebhookSender:
                     error = f"HTTP {resp.status}"
             except TimeoutError:
                 error = f"no answer within {hook.timeout:g} s"
-            except (aiohttp.ClientError, OSError) as e:
+            except Exception as e:  # refused, reset, a URL aiohttp cannot use...: never ends the task
                 error = f"{type(e).__name__}: {e}"
             h.stats.last_error = error
             if attempt < hook.retries:
