@@ -48,7 +48,8 @@ class ControllerConfigView(msgspec.Struct, frozen=True):
     """Answer of `GET|PUT /api/v1/controller/config`."""
 
     text: str
-    """The TOML text stored (empty: every default)."""
+    """The TOML text in force (empty: every default). A stored text that was refused is not shown
+    here: `error` says why."""
     updated: float | None
     """When it was set (Unix seconds); null: never set."""
     by: str | None
