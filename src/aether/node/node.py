@@ -99,15 +99,10 @@ class _ControllerMetrics:
         return self._metrics.latest
 
     def slice_loads(self) -> dict[str, SliceLoad]:
-        loads = getattr(self._metrics.aggregator, "slice_loads", None)
-        return dict(loads(time.monotonic())) if loads is not None else {}
+        return self._metrics.aggregator.slice_loads(time.monotonic())
 
     def instance_stats(self) -> list[InstanceStats]:
-        stats = getattr(self._metrics.aggregator, "instance_stats", None)
-        if stats is not None:
-            return list(stats(time.monotonic()))
-        snap = self._metrics.latest
-        return list(snap.instances) if snap is not None else []
+        return self._metrics.aggregator.instance_stats(time.monotonic())
 
 
 class HostedAPI(Protocol):
