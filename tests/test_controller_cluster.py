@@ -101,3 +101,82 @@ async def test_pin_sync_and_a_new_leader_records_re_placements(tmp_path: Path) -
         assert any(d["kind"] == "re_place" for d in decisions)
         st = await get(n2, "/api/v1/controller/status")
         assert st["running"] is True and st["last_seq"] >= rp.seq
+
+
+WORK = "org.example:work:1.0.0"
+WORK_SLICE = """
+import asyncio
+from aether.slices import Slice, route
+
+class Work(Slice):
+    @route("GET", "/work/{key}")
+    async def work(self, key: str) -> str:
+        await asyncio.sleep(0.2)
+        return key
+"""
+WORK_BLUEPRINT = f"""
+id = "work:1"
+[slices.work]
+artifact = "{WORK}"
+instances = 1
+max_concurrency = 2
+max_queue = 500
+
+[slices.work.scaling]
+min = 1
+max = 3
+in_flight = 2
+"""
+FAST = """
+[scaling]
+stable_window = 2.0
+panic_window = 1.0
+scale_down_stabilization = 2.0
+scale_down_cooldown = 2.0
+"""
+
+
+async def test_load_scales_a_slice_up_to_its_max_and_back_down(tmp_path: Path) -> None:
+    """The real chain: instance counters -> the leader's aggregator -> the core -> the adapter's
+    `scale/` write -> the reconciler -> ACTIVE instances; and back down once the load stops."""
+    import msgspec
+
+    async with running_cluster(tmp_path, extra={WORK: (WORK_SLICE, "Work")}) as nodes:
+        n1, n2, _ = nodes
+        await n1.controller.set_config_text(FAST, by="test")
+        await n1.deployments.apply_blueprint(WORK_BLUEPRINT, "work.toml")
+        await n1.deployments.wait_converged("work:1", timeout=60)
+
+        def work_active() -> int:
+            return sum(len(v.instances) for k, v in n1.kv.list_local("slices/")
+                       if k.endswith(WORK) and v.state == "ACTIVE")
+
+        # open-loop load: 40 calls/s of 0.2 s each want 8 in flight, 4 instances at 2 each: max 3
+        calls: list[asyncio.Task[bytes]] = []
+
+        async def load(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                calls.append(asyncio.ensure_future(
+                    n2.invoker.invoke("org.example:work", "work", msgspec.msgpack.encode("k"), timeout=30)))
+                await asyncio.sleep(0.025)
+
+        driver = asyncio.ensure_future(load(30))
+        try:
+            await until(lambda: work_active() == 3, "scaled up to 3 ACTIVE", timeout=25)
+        finally:
+            driver.cancel()
+        v = n1.kv.get_local(f"scale/{WORK}")
+        assert isinstance(v, ScaleValue) and v.source == "controller" and v.instances == 3
+        ups = [d for d in n1.controller.history if d.kind == "scale_up"]
+        assert ups and all(d.applied and d.artifact == WORK for d in ups) and ups[-1].to_count == 3
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert not [r for r in results if isinstance(r, BaseException)]  # nothing failed meanwhile
+
+        # no load: back to min
+        await until(lambda: work_active() == 1, "scaled down to 1 ACTIVE", timeout=30)
+        downs = [d for d in n1.controller.history if d.kind == "scale_down"]
+        assert downs and downs[-1].to_count == 1
+        st = await get(n2, "/api/v1/controller/status")
+        (art,) = [a for a in st["artifacts"] if a["artifact"] == WORK]
+        assert art["instances"] == 1 and art["count_source"] == "controller"
