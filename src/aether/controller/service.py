@@ -596,7 +596,11 @@ class ControllerService:
         if not ok or not isinstance(cur, SliceStateValue):
             self.log.info("replace of %s #%d on %s: no longer ACTIVE there", artifact, instance, node)
             return
-        new = SliceStateValue(cur.state, when, reason, [i for i in cur.instances if i != instance])
+        rest = [i for i in cur.instances if i != instance]
+        # the last instance on that node: deactivate the slice there (the reconciler activates it
+        # again, or places the instance elsewhere), rather than an ACTIVE key with no instances
+        new = (SliceStateValue(cur.state, when, reason, rest) if rest
+               else SliceStateValue(SliceState.DEACTIVATE, when, reason, list(cur.instances)))  # fmt: skip
         await self._cas(key, cur, new)
 
     # --- the reconciler's writes ----------------------------------------------------------------
