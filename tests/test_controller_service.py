@@ -165,7 +165,8 @@ async def test_replace_and_recover() -> None:
     await c.settle()
     assert len(c.kv.cas_calls) == 2
     # replacing the last instance on a node deactivates the slice there (no ACTIVE key without ids)
-    c.plan = lambda obs: [{"kind": "replace", "artifact": A, "node": "node-2", "instance": 0, "reason": "sick"}]
+    last = {"kind": "replace", "artifact": A, "node": "node-2", "instance": 0, "reason": "sick"}
+    c.plan = lambda obs: [last]
     c.net["node-1"].tick()
     await c.settle()
     assert c.kv.data[f"slices/node-2/{A}"] == SliceStateValue("DEACTIVATE", 1000.0, "sick", [0])

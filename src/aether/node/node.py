@@ -233,6 +233,7 @@ class Node:
             config_for=self.slice_configs.resolved, limits_for=self._slice_limits,
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
             recorder=self.metrics.entries,
+            health_interval=config.health_interval, health_timeout=config.health_timeout,
             # slice code runs on its own loops; one that keeps blocking its loop is quarantined
             on_block=[self._on_slice_block],
         )
