@@ -45,6 +45,7 @@ import msgspec
 
 from aether.controller.config import ControllerConfig, parse_config
 from aether.controller.core import Controller
+from aether.controller.recording import ObservationRecorder
 from aether.controller.types import (
     ControllerMemory,
     ControllerSync,
@@ -351,6 +352,7 @@ class ControllerService:
         webhooks: WebhookSender | None = None,
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
+        recorder: ObservationRecorder | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be a positive number of seconds")
@@ -367,6 +369,7 @@ class ControllerService:
             logger=logging.getLogger(f"aether.controller.webhooks.{self.node_id}")
         )
         self._clock = clock
+        self.recorder = recorder
         self.log = logger or logging.getLogger(f"aether.controller.{self.node_id}")
         self.config = ControllerConfig()
         self.config_value: ControllerConfigValue | None = None
@@ -419,6 +422,8 @@ class ControllerService:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.webhooks.stop()
+        if self.recorder is not None:
+            self.recorder.close()
         self._lose_lead()
 
     async def _run(self) -> None:
@@ -499,7 +504,10 @@ class ControllerService:
             return []
         t0 = time.perf_counter()
         core = self.core or self._take_lead()
-        decisions = core.step(self.observe(self._clock()))
+        obs = self.observe(self._clock())
+        if self.recorder is not None:
+            self.recorder.add(obs)
+        decisions = core.step(obs)
         self.memory = core.memory
         for d in decisions:
             self._carry_out(d)

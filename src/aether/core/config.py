@@ -93,6 +93,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # before it counts as failed (docs/slices.md, *Health checks*)
     health_interval: float = 5.0
     health_timeout: float = 2.0
+    # append every observation the controller decides on while this node leads to this file (JSON
+    # lines; `aether controller replay FILE` runs them through a controller config offline)
+    controller_record: str | None = None
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
