@@ -57,6 +57,7 @@ from aether.controller.types import (
 )
 from aether.controller.webhooks import WebhookSender, WebhookStats
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
+from aether.core.periodic import run_every
 from aether.deploy.lifecycle import PRESENT_STATES, SliceState
 from aether.deploy.reconcile import Write, autoscaled, desired_state
 from aether.kv.keys import (
@@ -427,17 +428,7 @@ class ControllerService:
         self._lose_lead()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            next_at += self.interval
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            if loop.time() - next_at > self.interval:  # fell behind (a blocked loop): do not catch up
-                next_at = loop.time()
-            try:
-                self.tick()
-            except Exception:
-                self.log.exception("controller step failed on %s", self.node_id)
+        await run_every(self.interval, self.tick, self.log, f"controller step on {self.node_id}")
 
     # --- config ---------------------------------------------------------------------------------
 

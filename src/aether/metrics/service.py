@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 import msgspec
 import psutil
 
+from aether.core.periodic import run_every
 from aether.metrics.aggregator import DEFAULT_EXPIRY, MetricsAggregator
 from aether.metrics.collector import DEFAULT_SLOW_THRESHOLD, EntryMetrics
 from aether.metrics.messages import (
@@ -155,17 +156,7 @@ class MetricsService:
                 await task
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            next_at += self.interval
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            if loop.time() - next_at > self.interval:  # fell behind (a blocked loop): do not catch up
-                next_at = loop.time()
-            try:
-                self.step()
-            except Exception:
-                self._log.exception("metrics step failed on %s", self.node_id)
+        await run_every(self.interval, self.step, self._log, f"metrics step on {self.node_id}")
 
     # --- one second -----------------------------------------------------------------------------
 
