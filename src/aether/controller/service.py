@@ -59,7 +59,7 @@ from aether.controller.webhooks import WebhookSender, WebhookStats
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
 from aether.core.periodic import run_every
 from aether.deploy.lifecycle import PRESENT_STATES, SliceState
-from aether.deploy.reconcile import Write, autoscaled, desired_state
+from aether.deploy.reconcile import Write, autoscaled, desired_state, scale_values, slice_states
 from aether.kv.keys import (
     BlueprintValue,
     ControllerConfigKey,
@@ -176,21 +176,11 @@ class MetricsInputs(Protocol):
 
 
 def _slice_keys(kv: StoreView) -> dict[str, dict[str, SliceStateValue]]:
-    out: dict[str, dict[str, SliceStateValue]] = {}
-    for key, v in kv.list_local("slices/"):
-        if not isinstance(v, SliceStateValue):
-            continue
-        try:
-            k = parse_key(key)
-        except BadRequest:
-            continue
-        if isinstance(k, SliceKey):
-            out.setdefault(k.node_id, {})[k.artifact] = v
-    return out
+    return slice_states(kv.list_local("slices/"))
 
 
 def _scales(kv: StoreView) -> dict[str, ScaleValue]:
-    return {k.removeprefix("scale/"): v for k, v in kv.list_local("scale/") if isinstance(v, ScaleValue)}
+    return scale_values(kv.list_local("scale/"))
 
 
 def _blueprints(kv: StoreView) -> list[BlueprintValue]:
