@@ -38,6 +38,7 @@ from aether.metrics.messages import (
     ClusterTotals,
     EntryStats,
     InstanceCounters,
+    InstanceStats,
     NodeMetricsUpdate,
     NodeSample,
     NodeStats,
@@ -84,6 +85,8 @@ class MetricsView(msgspec.Struct, frozen=True):
     nodes: list[NodeStats]
     entries: list[EntryStats]
     totals: ClusterTotals
+    instances: list[InstanceStats] = []
+    """Every slice instance: calls in flight and queued, rates of the last interval, health."""
 
 
 class MetricsHistory(msgspec.Struct, frozen=True):
@@ -260,12 +263,12 @@ class MetricsService:
             local = self.aggregator.compute(now, time.time())
             return MetricsView(
                 self.node_id, self._leader.leader, "local", note, local.seq, local.time, 0.0,
-                local.nodes, local.entries, local.totals,
+                local.nodes, local.entries, local.totals, self.aggregator.instance_stats(now),
             )  # fmt: skip
         assert snap is not None
         return MetricsView(
             self.node_id, self._leader.leader, "leader", None, snap.seq, snap.time, round(age, 3),
-            snap.nodes, snap.entries, snap.totals,
+            snap.nodes, snap.entries, snap.totals, snap.instances,
         )  # fmt: skip
 
     def history(self, seconds: float) -> MetricsHistory:
