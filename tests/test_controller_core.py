@@ -264,7 +264,25 @@ def test_wanted_by_target_combines_the_targets() -> None:
     load = SliceLoad(ART, 2, 16, 30, 300.0, 300.0, 0.0, 0.0, 50.0, 400.0, 90.0)
     rule = ScalingRule(min=1, max=10, in_flight=5.0, rate=100.0, p95_ms=200.0, cpu=60.0)
     w = wanted_by_target(SliceObs(ART, 2, rule, 1, 10, "blueprint", {}, 2, load))
-    assert w == pytest.approx({"in_flight": 16 / 5, "rate": 3.0, "p95_ms": 4.0, "cpu": 3.0})
+    # in_flight: demand by Little's law (300/s x 50 ms = 15 calls), not the 16 running now
+    assert w == pytest.approx({"in_flight": 15 / 5, "rate": 3.0, "p95_ms": 4.0, "cpu": 3.0})
+    # no call finished in the interval (long calls): what runs and waits now is the demand
+    long_calls = msgspec.structs.replace(load, exec_ms=None)
+    w = wanted_by_target(SliceObs(ART, 2, rule, 1, 10, "blueprint", {}, 2, long_calls))
+    assert w["in_flight"] == pytest.approx((16 + 30) / 5)
+
+
+def test_a_step_inside_an_interval_is_followed_up_at_once_and_the_backlog_drain_asks_for_no_more() -> None:
+    # the step lands in the middle of a metrics interval: its first sample shows half the surge
+    def rate(t: float) -> float:
+        return 40.0 if t < T0 + 30 else 300.0 if t < T0 + 31 else 400.0
+
+    m = SliceModel(rate=rate, max_queue=1000)
+    _, ds = run(m, 80)
+    ups = [d for d in scalings(ds) if d.kind == "scale_up"]
+    assert [(d.to_count, d.rule) for d in ups] == [(3, "panic"), (4, "panic")], [d.reason for d in ups]
+    assert ups[1].time - ups[0].time == 1.0 and "during a surge" in ups[1].reason
+    assert m.desired == 4  # while the new instances drain the backlog, every slot is busy: no more
 
 
 def test_the_memory_a_leader_syncs_each_second_stays_small() -> None:

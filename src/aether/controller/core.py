@@ -10,7 +10,8 @@ Autoscaling, per artifact with a `[slices.NAME.scaling]` rule:
 
 1. **Wanted instances per target** (the largest wins, as in Kubernetes' HPA):
    ``in_flight`` — the concurrency the load needs by Little's law (arrivals per second x mean
-   execution time, queue wait excluded; at least the calls running now) divided by the target;
+   execution time, queue wait excluded; the calls running and queued when no call finished in
+   the interval) divided by the target;
    ``rate`` — arrivals per second divided by the target; ``p95_ms`` and ``cpu`` — the instances
    ACTIVE now times observed/target.
 2. **Panic path** (as Knative's panic window): when the latest wanted count is at least
@@ -80,10 +81,12 @@ def wanted_by_target(s: SliceObs) -> dict[str, float]:
     ready = max(1, s.active)
     arrivals = load.arrivals_per_s + load.rejected_per_s
     if rule.in_flight is not None:
-        little = arrivals * (load.exec_ms / 1000.0) if load.exec_ms is not None else 0.0
-        concurrency = max(little, float(load.in_flight))
-        if load.exec_ms is None:  # no call finished in the interval: count the queue as demand
-            concurrency = max(concurrency, float(load.in_flight + load.queued))
+        if load.exec_ms is not None:
+            # demand, not occupancy: while new instances drain a backlog every slot is busy, and
+            # counting those calls would ask for more instances than the load needs
+            concurrency = arrivals * (load.exec_ms / 1000.0)
+        else:  # no call finished in the interval (long calls): what runs and waits now
+            concurrency = float(load.in_flight + load.queued)
         out["in_flight"] = concurrency / rule.in_flight
     if rule.rate is not None:
         out["rate"] = arrivals / rule.rate
@@ -211,23 +214,30 @@ class Controller:
         inputs["wanted_mean"] = _r(stable_mean, 2)
         cap = min(s.max, max(s.min, current + max(cfg.max_step_up, current)))
 
-        # panic: a real surge, at least panic_threshold times the current count
+        # panic: a real surge, at least panic_threshold times the current count; while it lasts
+        # (panic_window after its last such second) the count follows the load up at once and
+        # never down, as in Knative's panic mode
         surge = wanted >= cfg.panic_threshold * current
         confirmed = (prev is not None and prev >= cfg.panic_threshold * current) or load.queued > 0 \
             or load.rejected_per_s > 0
         if surge and confirmed:
             mem.panic_until = now + cfg.panic_window
-            to = min(cap, max(s.min, math.ceil(wanted)))
+        if now < mem.panic_until:
+            to = min(cap, max(s.min, math.ceil(wanted * (1 - 1e-9))))
             self._remember(mem, now, max(to, current))
-            if to > current:
+            if to > current and wanted > current * (1 + cfg.tolerance):
                 mem.last_up = now
                 mem.last_skip = ""
-                self._act(now, "scale_up", "panic", f"surge: {target} wants {wanted:.1f} instances, "
+                what = "surge" if surge else "during a surge"
+                self._act(now, "scale_up", "panic", f"{what}: {target} wants {wanted:.1f} instances, "
                           f"{wanted / current:.1f}x the {current} running: {to} at once",
                           artifact=s.artifact, from_count=current, to_count=to, inputs=inputs)  # fmt: skip
-            elif current >= s.max:
+            elif current >= s.max and wanted > s.max:
                 self._skip(obs, s, mem, "bounds", f"surge: {target} wants {wanted:.1f} instances; "
                            f"held at the maximum {s.max}", inputs)  # fmt: skip
+            elif stable_mean < current * (1 - cfg.tolerance):
+                self._skip(obs, s, mem, "panic", f"holding {current} instances: a surge was seen "
+                           f"{now - (mem.panic_until - cfg.panic_window):.0f} s ago", inputs)  # fmt: skip
             return
 
         # what this second alone asks for; scale-down goes to the highest of the window
@@ -261,10 +271,6 @@ class Controller:
         inputs["stabilized"] = highest
         if to >= current:
             return  # a recent recommendation still wants as many: stabilization holds
-        if now < mem.panic_until:
-            self._skip(obs, s, mem, "panic", f"would scale down to {to}, but a surge was seen "
-                       f"{now - (mem.panic_until - cfg.panic_window):.0f} s ago", inputs)  # fmt: skip
-            return
         wait = max(mem.last_up, mem.last_down) + cfg.scale_down_cooldown - now
         if wait > 0:
             self._skip(obs, s, mem, "cooldown", f"would scale down to {to}; scale-down cooldown for "
