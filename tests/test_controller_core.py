@@ -299,3 +299,15 @@ def test_the_memory_a_leader_syncs_each_second_stays_small() -> None:
     assert max(len(w) for w in mem.errors.values()) <= 7  # one sample per 5 s of the 30 s window
     assert len(mem.samples) <= 20 and len(mem.recommendations) <= 30
     assert len(msgspec.msgpack.encode(c.memory)) < 16_000
+
+
+def test_a_drop_inside_an_interval_scales_down_in_one_step() -> None:
+    # the second the load dropped in shows half the old load: it asks for 2 of the 4 instances
+    def rate(t: float) -> float:
+        return 400.0 if t < T0 + 60 else 200.0 if t < T0 + 61 else 40.0
+
+    m = SliceModel(rate=rate, desired=4, active=4, max_queue=1000)
+    _, ds = run(m, 150)
+    downs = [(d.to_count, d.time - T0) for d in scalings(ds) if d.kind == "scale_down"]
+    assert len(downs) == 1 and downs[0][0] == 1, downs
+    assert 90 <= downs[0][1] <= 92  # the stabilization window (30 s) after the last high second

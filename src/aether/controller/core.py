@@ -265,12 +265,14 @@ class Controller:
                       f"(mean of {cfg.stable_window:g} s) for {current} running: {to}",
                       artifact=s.artifact, from_count=current, to_count=to, inputs=inputs)  # fmt: skip
             return
-        # scale down: the highest recommendation of the stabilization window
+        # scale down: to the highest recommendation of the stabilization window, once the latest
+        # second asks for it too (a transitional second, such as the one a drop happened in, does
+        # not leave an intermediate step behind)
         highest = max(r for _, r in mem.recommendations)
         to = max(s.min, highest, current - cfg.max_step_down)
         inputs["stabilized"] = highest
-        if to >= current:
-            return  # a recent recommendation still wants as many: stabilization holds
+        if to >= current or highest > mem.recommendations[-1][1]:
+            return  # a recommendation of the window still wants more: stabilization holds
         wait = max(mem.last_up, mem.last_down) + cfg.scale_down_cooldown - now
         if wait > 0:
             self._skip(obs, s, mem, "cooldown", f"would scale down to {to}; scale-down cooldown for "
