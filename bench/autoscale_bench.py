@@ -895,7 +895,7 @@ def main() -> int:
         "--settle-s", type=float, default=10.0, help="after ACTIVE is back at min, go on this long"
     )
     ap.add_argument(
-        "--idle-s", type=float, default=5.0, help="CPU measurement with the slice deployed, no load"
+        "--idle-s", type=float, default=10.0, help="CPU measurement with the slice deployed, no load"
     )
     ap.add_argument("--service-ms", type=float, default=50.0, help="the slice's asyncio.sleep")
     ap.add_argument("--max-concurrency", type=int, default=8)
