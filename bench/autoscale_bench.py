@@ -69,6 +69,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -307,7 +308,7 @@ def apply_controller_config(cluster: Cluster, path: str, notes: dict[str, Any]) 
             log(f"PUT /api/v1/controller/config: {e}")
             break
     with contextlib.suppress(HttpStatus):  # a JSON body, in case the route wants one
-        http(port, "PUT", "/api/v1/controller/config", {"text": text})
+        http(port, "PUT", "/api/v1/controller/config", {"toml": text})
         notes["controller_config"] = "applied"
         log(f"controller config {path} applied (PUT /api/v1/controller/config, JSON)")
         return
@@ -356,9 +357,7 @@ class Sampler:
     def __init__(self, cluster: Cluster) -> None:
         self.ports = list(cluster.mgmt_ports)
         self.kv_ok = True
-        self.status_ok = True
         self.failures = 0
-        self.last_status: Any = None
 
     def _get(self, path: str) -> Any:
         err: Exception | None = None
@@ -389,7 +388,15 @@ class Sampler:
             else "",
         }
         if self.kv_ok:
-            try:
+            try:  # instances registered for routing: one endpoint key per entry and instance
+                kv = self._get("/api/v1/kv?prefix=" + urllib.parse.quote(f"endpoints/{ARTIFACT}/"))
+                out["serving"] = len(
+                    {
+                        e["key"].rsplit(":", 1)[-1]
+                        for e in kv.get("entries", [])
+                        if isinstance(e.get("value"), dict) and e["value"].get("state") == "ACTIVE"
+                    }
+                )
                 kv = self._get("/api/v1/kv?prefix=scale/")
                 ent = next((e for e in kv.get("entries", []) if e["key"].endswith(ARTIFACT)), None)
                 if ent is not None and isinstance(ent.get("value"), dict):
@@ -398,15 +405,6 @@ class Sampler:
             except HttpStatus as e:
                 if e.status in (400, 404):
                     self.kv_ok = False
-            except Exception:
-                pass
-        if self.status_ok:
-            try:
-                self.last_status = self._get("/api/v1/controller/status")
-            except HttpStatus as e:
-                if e.status in (404, 405):
-                    self.status_ok = False
-                    log("GET /api/v1/controller/status: 404 (not in this build); not asked again")
             except Exception:
                 pass
         return out
@@ -444,6 +442,34 @@ def cpu_pct(
         if v is not None and a.get(k) is not None and t1 > t0:
             out[k] = 100.0 * (v - a[k]) / (t1 - t0)  # type: ignore[operator]
     return out
+
+
+def controller_get(cluster: Cluster, node: str | None, path: str) -> Any:
+    """`GET /api/v1/controller/PATH` on `node` (the leader: only it counts its steps); None when
+    this build has no such endpoint or the node does not answer."""
+    i = cluster.ids.index(node) if node in cluster.ids else 0
+    try:
+        return http(cluster.mgmt_ports[i], "GET", f"/api/v1/controller/{path}", timeout=3.0)
+    except HttpStatus as e:
+        if e.status not in (404, 405):
+            log(f"GET /api/v1/controller/{path}: {e}")
+    except Exception as e:
+        log(f"GET /api/v1/controller/{path}: {type(e).__name__}: {e}")
+    return None
+
+
+def step_share(s0: Any, s1: Any, dt: float) -> dict[str, Any]:
+    """The controller's share of one core between two status answers of the leader: time spent in
+    its steps (`step_seconds`, observation + decisions + dispatch) per second of wall clock."""
+    if not (isinstance(s0, dict) and isinstance(s1, dict)) or dt <= 0:
+        return {}
+    if "step_seconds" not in s0 or "step_seconds" not in s1 or s0.get("node_id") != s1.get("node_id"):
+        return {}
+    return {
+        "ctl_cpu_pct": 100.0 * (s1["step_seconds"] - s0["step_seconds"]) / dt,
+        "ctl_steps": s1.get("steps", 0) - s0.get("steps", 0),
+        "ctl_step_max_ms": s1.get("step_max_ms"),
+    }
 
 
 def leader_of(cluster: Cluster) -> str | None:
@@ -554,7 +580,11 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
     try:
         t_start = time.monotonic()
         cluster.start(a.timeout)
-        log(f"round {rnd}: 3 nodes up with quorum in {time.monotonic() - t_start:.1f} s ({work})")
+        pids = [p.pid for p in cluster.procs if p]
+        log(
+            f"round {rnd}: 3 nodes up with quorum in {time.monotonic() - t_start:.1f} s ({work}); management "
+            f"ports {cluster.mgmt_ports}, HTTP ports {cluster.http_ports}, pids {pids}"
+        )
         mgmt = cluster.mgmt_ports[0]
         if a.controller_config:
             apply_controller_config(cluster, a.controller_config, notes)
@@ -577,8 +607,12 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
 
         # idle: the slice deployed, no load; the controller steps every second on the leader
         m_idle0 = cpu_mark(cluster)
+        ctl0 = controller_get(cluster, leader, "status")
+        if ctl0 is None:
+            log("GET /api/v1/controller/status: not in this build (404)")
         time.sleep(a.idle_s)
         m_idle1 = cpu_mark(cluster)
+        ctl_idle = controller_get(cluster, leader, "status")
         idle = cpu_pct(m_idle0, m_idle1)
         shown = ", ".join(f"{k} {v:.2f}" for k, v in idle.items())
         log(f"round {rnd}: CPU with no load (% of one core): {shown} (leader {leader})")
@@ -625,11 +659,12 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
                 samples.append(smp)
                 if done_lo_at is None and time.monotonic() >= t_drop and smp["active"] <= need_lo:
                     done_lo_at = time.monotonic()
-                key = (smp["active"], smp["desired"], smp.get("scale"), smp["states"])
+                key = (smp["active"], smp["desired"], smp.get("scale"), smp.get("serving"), smp["states"])
                 if key != prev_key:
                     log(
-                        f"round {rnd}: t={smp['t'] - step:+7.1f}s from step: ACTIVE {smp['active']}, desired "
-                        f"{smp['desired']}, scale/ {smp.get('scale', '-')}, per node {smp['states']}"
+                        f"round {rnd}: t={smp['t'] - step:+7.1f}s from step: ACTIVE {smp['active']}, "
+                        f"desired {smp['desired']}, scale/ {smp.get('scale', '-')}, "
+                        f"serving {smp.get('serving', '-')}, per node {smp['states']}"
                     )
                     prev_key = key
             if sampler.failures > 40:
@@ -641,6 +676,8 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
             else:
                 next_t = time.monotonic()
         marks["end"] = cpu_mark(cluster)
+        ctl_end = controller_get(cluster, leader, "status")
+        decisions = controller_get(cluster, leader, "decisions?limit=1000")
         if lg_proc.poll() is None:
             os.kill(lg_proc.pid, signal.SIGUSR1)
         try:
@@ -653,7 +690,7 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
             raise RuntimeError(f"load generator wrote no results (rc {lg_proc.returncode})")
         with open(out) as f:
             lg = json.load(f)
-        ctl_status = sampler.last_status
+        ctl_status = ctl_end
 
         # ------------------------------------------------------------ stats
         base = next((s for s in reversed(samples) if s["t"] < step), None)
@@ -664,6 +701,12 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
         res["react_s"] = first_after(samples, step, lambda s: s["active"] > base["active"])
         res["decide_s"] = first_after(samples, step, lambda s: s["desired"] > base["desired"])
         res["ready_s"] = first_after(samples, step, lambda s: s["active"] >= need_hi)
+        if all("serving" in s for s in samples):  # the same, counting instances with endpoints
+            base_serving = base["serving"]
+            res["react_serving_s"] = first_after(samples, step, lambda s: s["serving"] > base_serving)
+            res["ready_serving_s"] = first_after(samples, step, lambda s: s["serving"] >= need_hi)
+            sv_ups, sv_downs = runs([s["serving"] for s in samples])
+            res["flaps_serving"] = sv_ups + sv_downs
         w_step = window(lg, step, step + 10)
         res["p99_step_ms"] = w_step["p99_ms"]
         w_pre = window(lg, 3.0, step)
@@ -710,15 +753,34 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
             res["hi_nodes_cpu_pct"] = sum(hi_cpu.values())
             shown = ", ".join(f"{k} {v:.1f}" for k, v in hi_cpu.items())
             log(f"round {rnd}: CPU in the high phase (% of one core): {shown}")
+        # the controller's own time on the leader: idle, and over the load (from its step counters)
+        idle_share = step_share(ctl0, ctl_idle, m_idle1[0] - m_idle0[0])
+        if idle_share:
+            res["ctl_idle_cpu_pct"] = idle_share["ctl_cpu_pct"]
+        res.update(step_share(ctl_idle, ctl_end, marks["end"][0] - m_idle1[0]))
         if isinstance(ctl_status, dict):
-            for k, v in ctl_status.items():
-                if isinstance(v, (int, float)) and re.search(r"cpu|step_ms|duration|elapsed|overhead", k):
-                    res[f"ctl_{k}"] = v
-            log(f"round {rnd}: controller status: {json.dumps(ctl_status)[:1500]}")
+            log(f"round {rnd}: controller status at the end: {json.dumps(ctl_status)[:2000]}")
+            if ctl_status.get("writes_failed"):
+                res["ctl_writes_failed"] = ctl_status["writes_failed"]
+        if isinstance(decisions, list):
+            t_wall_step = time.time() - (time.monotonic() - t_step)
+            kinds: dict[str, int] = {}
+            for d in decisions:
+                if d.get("artifact") not in (None, ARTIFACT):
+                    continue
+                kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+                log(
+                    f"round {rnd}: decision #{d['seq']} t={d['time'] - t_wall_step:+7.1f}s {d['kind']} "
+                    f"{d.get('from_count')}->{d.get('to_count')} [{d['rule']}] applied={d.get('applied')}: "
+                    f"{d['reason']} {json.dumps(d.get('inputs') or {})[:300]}"
+                )
+            res["ctl_scale_ups"] = kinds.get("scale_up", 0)
+            res["ctl_scale_downs"] = kinds.get("scale_down", 0)
+            res["ctl_skips"] = kinds.get("skip", 0)
 
         # timeline, 1 s buckets around the step, then 5 s buckets
         log(f"round {rnd}: timeline (t from step; requests by scheduled time; ACTIVE/desired = last sample)")
-        log(f"round {rnd}:    t_s offered/s  ok/s  err  p50_ms  p99_ms  max_ms  ACTIVE desired")
+        log(f"round {rnd}:    t_s offered/s  ok/s  err  p50_ms  p99_ms  max_ms  ACTIVE desired serving")
         edges = [float(x) for x in range(-5, 16)]
         b = 15.0
         while b < t_last - step:
@@ -728,7 +790,11 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
             wk = window(lg, step + lo, step + hi)
             offered = sum(1 for s in lg["sched"] if step + lo <= s < step + hi) / (hi - lo)
             ss = [s for s in samples if step + lo <= s["t"] < step + hi]
-            rr = f"{ss[-1]['active']:>6} {ss[-1]['desired']:>7}" if ss else f"{'-':>6} {'-':>7}"
+            rr = (
+                f"{ss[-1]['active']:>6} {ss[-1]['desired']:>7} {ss[-1].get('serving', '-'):>7}"
+                if ss
+                else f"{'-':>6} {'-':>7} {'-':>7}"
+            )
             log(
                 f"round {rnd}: {lo:+6.0f} {offered:>9.0f} {wk['ok_rps']:>5.0f} {wk['errors']:>4} "
                 f"{wk['p50_ms']:>7.0f} {wk['p99_ms']:>7.0f} {wk['max_ms']:>7.0f} {rr}"
@@ -738,7 +804,14 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
         if a.dump:
             with open(f"{a.dump}.{rnd}.json", "w") as f:
                 json.dump(
-                    {"samples": samples, "loadgen": lg, "result": res, "controller_status": ctl_status}, f
+                    {
+                        "samples": samples,
+                        "loadgen": lg,
+                        "result": res,
+                        "controller_status": ctl_status,
+                        "decisions": decisions,
+                    },
+                    f,
                 )
         res["_log_problems"] = scan_logs(cluster)
         return res
@@ -840,7 +913,7 @@ def run_ray(a: argparse.Namespace) -> dict[str, Any]:
                 out[f"ray_{cfg}_{k}"] = kv[f"{cfg}_{k}"]
     for k in ("ray_version", "need_replicas", "target_ongoing"):
         if k in kv:
-            out[f"ray_{k}"] = kv[k]
+            out[k if k.startswith("ray_") else f"ray_{k}"] = kv[k]
     return out
 
 
