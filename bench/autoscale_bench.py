@@ -716,9 +716,9 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
         w_all = window(lg, -1.0, t_last + 1)
         res["errors"] = w_all["errors"]
         scaled_up = any(s["active"] > a.min for s in samples if step <= s["t"] < drop)
-        # n/a: the count never left min during the high phase, so there was nothing to scale down
+        # na: the count never left min during the high phase, so there was nothing to scale down
         res["scale_down_s"] = (
-            first_after(samples, drop, lambda s: s["active"] <= a.min) if scaled_up else "n/a"
+            first_after(samples, drop, lambda s: s["active"] <= a.min) if scaled_up else "na"
         )
         act = [s["active"] for s in samples]
         ups, downs = runs(act)
