@@ -56,7 +56,8 @@ def test_load_blueprint_from_file(tmp_path: Path) -> None:
         ('id = "x"\nreplicas = 3\n[slices.a]\nartifact = "org.a:b:1.0.0"\n',
          r"^bp\.toml:2: unknown key 'replicas'; allowed keys: id, requires, slices, maps$"),
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\nreplicas = 2\n',
-         r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances, config$"),
+         r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances, config, "
+         r"max_concurrency, max_queue, entry_concurrency, scaling$"),
         # bad coordinates
         ('id = "x"\n[slices.a]\nartifact = "org.a:b"\n',
          r"^bp\.toml:3: \[slices\.a\]: invalid artifact coordinates 'org\.a:b': "
@@ -103,9 +104,11 @@ _SLICE_A = '[slices.a]\nartifact = "org.a:b:1.0.0"\n'
     [
         # unknown keys (msgspec's forbid_unknown_fields) named as written, with their table and line
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n"a`b c" = 1\n',
-         "bp.toml:4: unknown key 'a`b c' in [slices.a]; allowed keys: artifact, instances, config"),
+         "bp.toml:4: unknown key 'a`b c' in [slices.a]; allowed keys: artifact, instances, config, "
+         "max_concurrency, max_queue, entry_concurrency, scaling"),
         ('id = "x"\nslices.a.artifact = "org.a:b:1.0.0"\nslices.a.replica = 1\n',
-         "bp.toml:3: unknown key 'replica' in [slices.a]; allowed keys: artifact, instances, config"),
+         "bp.toml:3: unknown key 'replica' in [slices.a]; allowed keys: artifact, instances, config, "
+         "max_concurrency, max_queue, entry_concurrency, scaling"),
         ('id = "x"\n' + _SLICE_A + "[maps.m]\nreplica = 1\n",
          "bp.toml:5: unknown key 'replica' in [maps.m]; allowed keys: replicas, write_quorum, engine, "
          "max_value_bytes"),
@@ -397,3 +400,102 @@ def test_config_fingerprints_follow_the_config_and_secret_versions_not_values() 
     assert fingerprint({"a": 1}, {"p": 5}) == fingerprint({"a": 1}, {})  # unreferenced secrets: no effect
     r = resolve(cfg, {"p": "P1", "q": "Q1"})
     assert r.values == {"a": 1, "pw": "P1", "more": ["Q1"]} and sorted(r.secrets) == ["P1", "Q1"]
+
+
+# --- capacity limits and scaling rules (issue 15) -------------------------------------------------
+
+SCALED = """\
+id = "x"
+[slices.a]
+artifact = "org.a:b:1.0.0"
+max_concurrency = 2
+max_queue = 3
+entry_concurrency = { slow = 1 }
+
+[slices.a.scaling]
+min = 2
+max = 5
+in_flight = 4
+p95_ms = 250.5
+"""
+
+
+def test_limits_and_scaling_are_parsed_and_expanded() -> None:
+    from aether.deploy.blueprint import any_artifact, no_dependencies
+    from aether.kv.keys import BlueprintValue, ScalingRule
+    from aether.kv.store import decode_value, encode_value
+
+    bp = parse_blueprint(SCALED, "bp.toml")
+    (s,) = bp.slices
+    assert s.instances == 2  # no instances given: the scaling minimum
+    assert (s.max_concurrency, s.max_queue, dict(s.entry_concurrency)) == (2, 3, {"slow": 1})
+    assert s.scaling == ScalingRule(min=2, max=5, in_flight=4.0, p95_ms=250.5)
+    assert s.scaling.targets() == {"in_flight": 4.0, "p95_ms": 250.5}
+    value = expand(bp, no_dependencies, any_artifact)
+    assert value.slices[0] == BlueprintSlice(
+        "org.a:b:1.0.0", 2, [], name="a", scaling=s.scaling, max_concurrency=2, max_queue=3,
+        entry_concurrency={"slow": 1},
+    )
+    back = decode_value("blueprints/x", encode_value("blueprints/x", value))
+    assert isinstance(back, BlueprintValue) and back.slices[0] == value.slices[0]
+    # instances within the bounds is kept; min defaults to 1; no limits: None and {}
+    bp = parse_blueprint('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\ninstances = 3\n'
+                         "[slices.a.scaling]\nmax = 4\ncpu = 70\n", "bp.toml")
+    (s,) = bp.slices
+    assert s.instances == 3 and s.scaling == ScalingRule(min=1, max=4, cpu=70.0)
+    assert (s.max_concurrency, s.max_queue, dict(s.entry_concurrency)) == (None, None, {})
+    plain = expand(parse_blueprint(GOOD, "bp.toml"), no_dependencies, any_artifact).slices[0]
+    assert plain.scaling is None and plain.max_concurrency is None and plain.entry_concurrency == {}
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ("max_concurrency = 0", "bp.toml:4: max_concurrency in [slices.a] must be an integer >= 1, got 0"),
+        ("max_concurrency = true",
+         "bp.toml:4: max_concurrency in [slices.a] must be an integer >= 1, got True"),
+        ("max_concurrency = 1\nmax_queue = -1",
+         "bp.toml:5: max_queue in [slices.a] must be an integer >= 0, got -1"),
+        ("max_queue = 3",
+         "bp.toml:4: max_queue in [slices.a] needs a limit to queue behind: set max_concurrency "
+         "(or entry_concurrency)"),
+        ("entry_concurrency = { a = 0 }",
+         "bp.toml:4: entry_concurrency in [slices.a] must be a table of entry names to integers >= 1 "
+         "(e.g. entry_concurrency = { reserve = 2 }), got {'a': 0}"),
+        ("scaling = 3",
+         "bp.toml:4: scaling in [slices.a] must be a table ([slices.a.scaling]) with min, max and "
+         "targets, got 3"),
+        ("[slices.a.scaling]\nmin = 0\nmax = 2\nrate = 1",
+         "bp.toml:5: min = 0 in [slices.a.scaling]: must be at least 1 (undeploying is an explicit command: "
+         "`aether undeploy ARTIFACT`)"),
+        ("[slices.a.scaling]\nmin = 3\nmax = 2\nrate = 1",
+         "bp.toml:6: max = 2 in [slices.a.scaling] is below min = 3"),
+        ("[slices.a.scaling]\nmin = 1\nrate = 1",
+         "bp.toml:4: [slices.a.scaling] has no max: the most instances the controller may run (e.g. "
+         "max = 8)"),
+        ("[slices.a.scaling]\nmin = 1\nmax = 2",
+         "bp.toml:4: [slices.a.scaling] has no target: set at least one of in_flight, rate, p95_ms, cpu "
+         "(e.g. in_flight = 8: calls running or queued per instance)"),
+        ("[slices.a.scaling]\nmax = 2\nrate = 0",
+         "bp.toml:6: rate = 0 in [slices.a.scaling]: a target must be more than 0"),
+        ("[slices.a.scaling]\nmax = 2\np95_ms = -1.5",
+         "bp.toml:6: p95_ms = -1.5 in [slices.a.scaling]: a target must be more than 0"),
+        ("[slices.a.scaling]\nmax = 2\nrate = 'x'",
+         "bp.toml:6: rate in [slices.a.scaling] must be a number > 0, got 'x'"),
+        ("[slices.a.scaling]\nmax = 2.5\nrate = 1",
+         "bp.toml:5: max in [slices.a.scaling] must be an integer >= 1, got 2.5"),
+        ("[slices.a.scaling]\nmax = 2\nqps = 1",
+         "bp.toml:6: unknown key 'qps' in [slices.a.scaling]; allowed keys: min, max, in_flight, "
+         "rate, p95_ms, cpu"),
+        ("instances = 9\n[slices.a.scaling]\nmin = 1\nmax = 2\nrate = 1",
+         "bp.toml:4: instances = 9 in [slices.a] is outside its scaling bounds [1, 2] "
+         "([slices.a.scaling] min "
+         "and max); leave instances out to start at min"),
+    ],
+)
+def test_bad_limits_and_scaling_are_refused_naming_line_and_problem(table: str, expected: str) -> None:
+    text = f'id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n{table}\n'
+    with pytest.raises(BlueprintError) as e:
+        parse_blueprint(text, "bp.toml")
+    assert str(e.value) == expected
+

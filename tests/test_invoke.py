@@ -356,6 +356,35 @@ async def test_retryable_kinds_fail_over(kind: str) -> None:
     assert net.nodes["B"].server.rejected >= 1
 
 
+async def _raise_overloaded(node: str, payload: bytes) -> bytes:
+    from aether.slices.errors import InstanceOverloaded
+
+    raise InstanceOverloaded(f"instance on {node} is at its limit")
+
+
+async def test_every_candidate_overloaded_fails_fast_with_503_and_retry_after() -> None:
+    """Issue 15: a full queue everywhere answers 503 + Retry-After at once, not after the deadline."""
+    from aether.core.problem import problem_for, problem_headers
+    from aether.invoke import InvokeOverloaded
+
+    net = make_net("A", "B", "C", active_on=("A", "B", "C"))
+    for n in net.nodes.values():
+        n.slices.handlers["echo"] = _raise_overloaded
+    a = net.nodes["A"]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(InvokeOverloaded) as info:
+        await a.invoker.invoke(TARGET, "echo", b"", request_id="rid-9", timeout=5.0)
+    assert loop.time() - t0 < 1.0
+    err = info.value
+    assert err.attempts == 3 and err.kind == KIND_OVERLOADED and "every instance" in str(err)
+    assert problem_for(err).status == 503 and problem_headers(err) == {"Retry-After": "1"}
+    assert classify(err) == "status:503"  # escaping an entry: its caller gets 503, not a retry
+    # one instance with room: the call fails over to it
+    net.nodes["C"].slices.handlers["echo"] = net.nodes["C"].slices._echo
+    assert served_by(await a.invoker.invoke(TARGET, "echo", b"")) == "C"
+
+
 async def test_local_no_instance_race_falls_back_to_remote() -> None:
     net = make_net("A", "B", active_on=("B",))
     net.nodes["A"].slices.bad_local_instances = True  # says ACTIVE, but the call finds none

@@ -17,6 +17,7 @@ from aether.metrics import (
     ClusterMetricsSnapshot,
     EntryCounters,
     EntryMetrics,
+    InstanceCounters,
     MetricsAggregator,
     MetricsMessage,
     NodeMetricsUpdate,
@@ -367,3 +368,146 @@ def test_blocked_calls_are_counted_per_entry_everywhere() -> None:
     fams = {f.name: f for f in text_string_to_metric_families(PrometheusExporter(src).render().decode())}
     assert {s.labels["entry"]: s.value for s in fams["aether_entry_blocked"].samples
             if s.name == "aether_entry_blocked_total"} == {"greet": 0, "nap": 1}
+
+
+# --- slice instances, slice loads, loop lag (issue 15) ------------------------------------------------
+
+ART = str(HELLO)
+OTHER = "org.example:other:1.0.0"
+
+
+def inst(
+    instance: int, admitted: int, calls: int, busy: float, *, started: float = 0.5, in_flight: int = 0,
+    queued: int = 0, rejected: int = 0, failures: int = 0, artifact: str = ART, **kw: object,
+) -> InstanceCounters:
+    return InstanceCounters(
+        artifact, instance, in_flight, queued, admitted, rejected, calls, failures, busy, started, **kw  # type: ignore[arg-type]
+    )
+
+
+def iupd(
+    node: str, seq: int, uptime: float, *instances: InstanceCounters, entries: tuple[EntryCounters, ...] = (),
+    cpu: float = 10.0, lag_ms: float = 0.0, run: int = 1,
+) -> NodeMetricsUpdate:
+    sample = NodeSample(cpu, 1000, uptime, lag_ms)
+    return NodeMetricsUpdate(node, run, seq, sample, list(entries), list(instances))
+
+
+def test_instance_rates_come_from_cumulative_counters_and_restarts_rebase() -> None:
+    agg = MetricsAggregator("n1")
+    agg.update(iupd("n1", 1, 10.0, inst(0, 100, 90, 9.0)), now=0.0)
+    (x,) = agg.instance_stats(now=0.0)
+    assert (x.in_flight, x.calls_per_s, x.exec_ms) == (0, 0.0, None)  # a baseline
+    agg.update(iupd("n1", 2, 12.0, inst(0, 140, 120, 12.0, in_flight=3, queued=2, rejected=4, failures=2,
+                                        healthy=False, health_failures=2, health_reason="db down")), now=1.0)
+    (x,) = agg.instance_stats(now=1.0)
+    assert (x.node_id, x.artifact, x.instance, x.in_flight, x.queued) == ("n1", ART, 0, 3, 2)
+    assert (x.arrivals_per_s, x.calls_per_s, x.failures_per_s, x.rejected_per_s) == (20.0, 15.0, 1.0, 2.0)
+    assert x.exec_ms == pytest.approx(100.0)  # 3 s of execution for 30 calls
+    assert (x.calls, x.failures, x.healthy) == (120, 2, False)
+    assert (x.health_failures, x.health_reason) == (2, "db down")
+    assert (x.admitted, x.rejected) == (140, 4)
+    # the instance restarted (a new `started`): its counters count from zero
+    agg.update(iupd("n1", 3, 14.0, inst(0, 10, 8, 0.4, started=13.0)), now=2.0)
+    (x,) = agg.instance_stats(now=2.0)
+    assert (x.arrivals_per_s, x.calls_per_s, x.exec_ms) == (5.0, 4.0, pytest.approx(50.0))
+    # a new instance on a known node counts from zero too; a node that stops reporting expires
+    two = (inst(0, 10, 8, 0.4, started=13.0), inst(1, 6, 6, 0.06, started=14.5))
+    agg.update(iupd("n1", 4, 15.0, *two), now=3.0)
+    assert [(x.instance, x.calls_per_s) for x in agg.instance_stats(now=3.0)] == [(0, 0.0), (1, 6.0)]
+    assert agg.instance_stats(now=9.0) == []
+
+
+def test_slice_loads_sum_instances_and_take_p95_from_the_last_interval() -> None:
+    agg = MetricsAggregator("n1")
+    slow_b = [0] * NB
+    slow_b[10] = 1000  # 1000 calls of (0.5 s, 1 s] long ago: not in the last interval
+    old_calls = EntryCounters(ART, "greet", 1000, 1000, 0, 700.0, slow_b, 0, 0)
+    agg.update(iupd("n1", 1, 10.0, inst(0, 0, 0, 0.0), entries=(old_calls,), cpu=30.0), now=0.0)
+    agg.update(iupd("n2", 1, 10.0, inst(1, 0, 0, 0.0), inst(2, 0, 0, 0.0, artifact=OTHER), cpu=50.0), now=0.0)
+    assert agg.slice_loads(now=0.0)[ART].p95_ms is None  # no interval yet
+    fast_b = list(slow_b)
+    fast_b[3] += 100  # 100 calls of (2.5 ms, 5 ms] in this interval
+    new_calls = EntryCounters(ART, "greet", 1100, 1100, 0, 700.4, fast_b, 0, 0)
+    busy = inst(0, 110, 100, 0.4, in_flight=2, queued=1)
+    agg.update(iupd("n1", 2, 11.0, busy, entries=(new_calls,), cpu=30.0), now=1.0)
+    agg.update(iupd("n2", 2, 12.0, inst(1, 40, 30, 0.3, in_flight=1, rejected=6),
+                    inst(2, 5, 5, 0.5, artifact=OTHER), cpu=50.0), now=1.0)
+    loads = agg.slice_loads(now=1.0)
+    assert sorted(loads) == [ART, OTHER]
+    a = loads[ART]
+    assert (a.artifact, a.instances, a.in_flight, a.queued) == (ART, 2, 3, 1)
+    assert a.arrivals_per_s == pytest.approx(110 + 20) and a.calls_per_s == pytest.approx(100 + 15)
+    assert a.rejected_per_s == pytest.approx(3.0) and a.failures_per_s == 0
+    assert a.exec_ms == pytest.approx(0.7 / 130 * 1000, abs=0.01)
+    assert a.p95_ms is not None and 2.5 < a.p95_ms <= 5.0  # the interval's calls, not the old slow ones
+    assert a.cpu_percent == pytest.approx(40.0)  # both nodes host an instance
+    o = loads[OTHER]
+    assert (o.instances, o.exec_ms, o.p95_ms, o.cpu_percent) == (1, pytest.approx(100.0), None, 50.0)
+
+
+def test_loop_lag_and_instances_reach_the_snapshot_and_the_wire() -> None:
+    agg = MetricsAggregator("n1")
+    agg.update(iupd("n1", 1, 1.0, inst(0, 5, 5, 0.1), lag_ms=12.5), now=0.0)
+    agg.update(iupd("n1", 2, 2.0, inst(0, 9, 9, 0.2, in_flight=1), lag_ms=3.0), now=1.0)
+    snap = agg.tick(now=1.0, wall=100.0)
+    assert [(n.node_id, n.loop_lag_ms) for n in snap.nodes] == [("n1", 3.0)]
+    assert [(i.instance, i.in_flight, i.calls_per_s) for i in snap.instances] == [(0, 1, 4.0)]
+    assert agg.compute(now=1.0, wall=101.0).instances == snap.instances
+    for msg in (snap, iupd("n1", 3, 3.0, inst(0, 9, 9, 0.2), lag_ms=1.0)):
+        assert msgspec.msgpack.decode(msgspec.msgpack.encode(msg), type=MetricsMessage) == msg
+    # an update from a node that sends no instances (an older version) decodes with none
+    old = msgspec.msgpack.encode(["n9", 1, 1, NodeSample(1.0, 1, 1.0), []])
+    tagged = msgspec.msgpack.encode([60, *msgspec.msgpack.decode(old)])
+    decoded = msgspec.msgpack.decode(tagged, type=MetricsMessage)
+    assert isinstance(decoded, NodeMetricsUpdate) and decoded.instances == []
+    assert decoded.sample.loop_lag_ms == 0.0
+
+
+class _InstanceSource(_Source):
+    def __init__(self, node_id: str, instances: list[InstanceCounters]) -> None:
+        super().__init__(node_id)
+        self.sample = NodeSample(12.5, 4096, 3.0, 250.0)
+        self._instances = instances
+
+    def instance_counters(self) -> list[InstanceCounters]:
+        return self._instances
+
+
+def test_prometheus_has_instance_and_loop_lag_series() -> None:
+    src = _InstanceSource("n1", [inst(0, 9, 5, 0.1, in_flight=2, queued=3, rejected=4), inst(1, 1, 1, 0.1)])
+    fams = {f.name: f for f in text_string_to_metric_families(PrometheusExporter(src).render().decode())}
+    assert fams["aether_node_loop_lag_seconds"].samples[0].value == 0.25
+    names = ("aether_instance_in_flight", "aether_instance_queued", "aether_instance_rejected")
+    by = {(s.name, s.labels["instance"]): (s.value, s.labels) for f in names for s in fams[f].samples}
+    assert by[("aether_instance_in_flight", "0")] == (2, {"node": "n1", "artifact": ART, "instance": "0"})
+    assert by[("aether_instance_queued", "0")][0] == 3 and by[("aether_instance_queued", "1")][0] == 0
+    assert by[("aether_instance_rejected_total", "0")][0] == 4
+    assert fams["aether_instance_rejected"].type == "counter"
+    # a source without instances (no slice runtime) has the node series only
+    text = PrometheusExporter(_Source("n2")).render().decode()
+    names_2 = {f.name for f in text_string_to_metric_families(text)}
+    assert "aether_instance_in_flight" not in names_2 and "aether_node_loop_lag_seconds" in names_2
+
+
+def test_service_puts_instances_and_loop_lag_into_its_updates() -> None:
+    from aether.metrics import MetricsService
+
+    link = _Link("n1")
+    svc = MetricsService(
+        "n2", link, _Leader("n1"), loop_lag=lambda: 0.0425,
+        instances=lambda: [inst(0, 3, 2, 0.1, started=svc.uptime_of(time.monotonic()))],
+    )
+    svc.step()
+    ((_, msg),) = link.sent
+    assert isinstance(msg, NodeMetricsUpdate) and msg.sample.loop_lag_ms == 42.5
+    (c,) = msg.instances
+    assert (c.instance, c.admitted, c.calls) == (0, 3, 2) and 0 <= c.started <= msg.sample.uptime + 0.01
+    assert svc.instance_counters() == msg.instances
+
+    def broken() -> list[InstanceCounters]:
+        raise RuntimeError("runtime gone")
+
+    svc.instances = broken  # a failing source never stops the update
+    svc.step()
+    assert isinstance(link.sent[-1][1], NodeMetricsUpdate) and link.sent[-1][1].instances == []

@@ -30,6 +30,7 @@ __all__ = [
     "ConfigError",
     "Forbidden",
     "NotReady",
+    "Overloaded",
     "QuorumLost",
     "RequestTimeout",
     "SessionConflict",
@@ -141,6 +142,19 @@ class NotReady(AetherError):
     """The node is still recovering or catching up and cannot serve this yet (503)."""
 
     status = 503
+
+
+class Overloaded(AetherError):
+    """Too many calls: the callee refused this one at once rather than queue it (503, kind
+    overloaded: the invoker tries another instance). Answered with ``Retry-After`` (`retry_after`
+    seconds, default 1)."""
+
+    status = 503
+    wire_kind: ClassVar[WireKind] = KIND_OVERLOADED
+    retry_after: int | None = 1
+
+    def http_headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 class BadRequest(AetherError):

@@ -12,7 +12,16 @@ requires = ["artifact-repo"]      # optional: infrastructure services (kept, not
 
 [slices.place_order]              # one table per slice; NAME is a label
 artifact = "org.demo:place-order:0.1.0"   # required, GROUP:ARTIFACT:VERSION
-instances = 3                     # optional, default 1, must be >= 1
+instances = 3                     # optional, default 1 (scaling.min when scaled), >= 1
+
+max_concurrency = 8               # optional: calls one instance runs at once (default: no limit)
+max_queue = 80                    # optional: calls one instance queues beyond that (default 10 x)
+entry_concurrency = { reserve = 2 }  # optional: per-entry limits within an instance
+
+[slices.place_order.scaling]      # optional: the controller scales the slice within [min, max]
+min = 1
+max = 8
+in_flight = 6                     # targets (at least one): in_flight, rate, p95_ms, cpu
 
 [slices.place_order.config]       # optional: handed to the instances as `context.config`
 currency = "EUR"
@@ -49,7 +58,7 @@ from aether.core.maps import MapSpec
 from aether.deploy.config import check_config
 from aether.deploy.errors import BlueprintError
 from aether.deploy.ports import DependenciesOf, Resolve
-from aether.kv.keys import BlueprintSlice, BlueprintValue, parse_key
+from aether.kv.keys import BlueprintSlice, BlueprintValue, ScalingRule, parse_key
 
 DIRECT_PREFIX = "direct:"
 SOURCES = ("operator", "controller", "api")
@@ -64,6 +73,10 @@ class BlueprintSliceSpec:
     instances: int = 1
     line: int | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
+    scaling: ScalingRule | None = None
+    max_concurrency: int | None = None
+    max_queue: int | None = None
+    entry_concurrency: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +112,12 @@ class _SliceTable(msgspec.Struct, forbid_unknown_fields=True):
     """One `[slices.NAME]` table."""
 
     artifact: str
-    instances: Annotated[int, msgspec.Meta(ge=1)] = 1
+    instances: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: 1, or scaling.min
     config: dict[str, Any] = {}
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    entry_concurrency: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
+    scaling: dict[str, object] | None = None  # converted into a ScalingRule on its own
 
 
 # `[maps.NAME]` tables are converted straight into `MapSpec` (also forbid_unknown_fields).
@@ -263,6 +280,16 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
             if key == "config":
                 return (f"config in [slices.{name}] must be a table ([slices.{name}.config]) of "
                         f"settings, got {value!r}")
+            if key == "max_concurrency":
+                return f"max_concurrency in [slices.{name}] must be an integer >= 1, got {value!r}"
+            if key == "max_queue":
+                return f"max_queue in [slices.{name}] must be an integer >= 0, got {value!r}"
+            if key == "entry_concurrency":
+                return (f"entry_concurrency in [slices.{name}] must be a table of entry names to "
+                        f"integers >= 1 (e.g. entry_concurrency = {{ reserve = 2 }}), got {value!r}")
+            if key == "scaling":
+                return (f"scaling in [slices.{name}] must be a table ([slices.{name}.scaling]) with min, "
+                        f"max and targets, got {value!r}")
             if isinstance(value, int) and not isinstance(value, bool):  # an integer below 1
                 return (f"instances = {value} in [slices.{name}]: must be at least 1 (0 would mean "
                         "undeploy, which must be an explicit command: `aether undeploy ARTIFACT`)")
@@ -287,10 +314,62 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
             check_config(st.config)
         except BadRequest as e:
             raise fail(f"[slices.{name}.config]: {e}", "slices", name, "config") from None
-        spec = BlueprintSliceSpec(name, artifact, st.instances, line, st.config)
+        scaling = _parse_scaling(st.scaling, name, fail) if st.scaling is not None else None
+        instances = st.instances
+        if scaling is not None:
+            if instances is None:
+                instances = scaling.min
+            elif not scaling.min <= instances <= scaling.max:
+                raise fail(f"instances = {instances} in [slices.{name}] is outside its scaling bounds "
+                           f"[{scaling.min}, {scaling.max}] ([slices.{name}.scaling] min and max); "
+                           "leave instances out to start at min", "slices", name, "instances")
+        if st.max_queue is not None and st.max_concurrency is None and not st.entry_concurrency:
+            raise fail(f"max_queue in [slices.{name}] needs a limit to queue behind: set max_concurrency "
+                       "(or entry_concurrency)", "slices", name, "max_queue")
+        spec = BlueprintSliceSpec(
+            name, artifact, instances or 1, line, st.config, scaling, st.max_concurrency, st.max_queue,
+            dict(st.entry_concurrency),
+        )
         by_name[artifact.name] = spec
         specs.append(spec)
     return Blueprint(bp_id, tuple(specs), tuple(top.requires), filename, maps)
+
+
+_TARGETS = ("in_flight", "rate", "p95_ms", "cpu")
+
+
+def _parse_scaling(
+    table: Mapping[str, object], name: str, fail: Callable[..., BlueprintError]
+) -> ScalingRule:
+    """One `[slices.NAME.scaling]` table: max is required, min defaults to 1; 1 <= min <= max, at
+    least one target, every target > 0."""
+    path = ("slices", name, "scaling")
+    where = f"[slices.{name}.scaling]"
+
+    def bad(key: str, value: object) -> str:
+        if key in ("min", "max"):
+            return f"{key} in {where} must be an integer >= 1, got {value!r}"
+        return f"{key} in {where} must be a number > 0, got {value!r}"
+
+    rule = _convert(
+        table, ScalingRule, fail, path,
+        missing=lambda key: f"missing key {key!r} in {where}",  # every field has a default
+        bad=bad,
+    )  # fmt: skip
+    if "max" not in table:
+        raise fail(f"{where} has no max: the most instances the controller may run (e.g. max = 8)", *path)
+    if rule.min < 1:
+        raise fail(f"min = {rule.min} in {where}: must be at least 1 (undeploying is an explicit "
+                   "command: `aether undeploy ARTIFACT`)", *path, "min")
+    if rule.max < rule.min:
+        raise fail(f"max = {rule.max} in {where} is below min = {rule.min}", *path, "max")
+    if not rule.targets():
+        raise fail(f"{where} has no target: set at least one of {', '.join(_TARGETS)} "
+                   "(e.g. in_flight = 8: calls running or queued per instance)", *path)
+    for key, value in rule.targets().items():
+        if not value > 0:
+            raise fail(f"{key} = {value:g} in {where}: a target must be more than 0", *path, key)
+    return rule
 
 
 def _parse_maps(
@@ -448,6 +527,10 @@ def expand(
             depends_on=deps_of[str(a)],
             name=listed_spec.name if listed_spec else "",
             config=dict(listed_spec.config) if listed_spec else {},
+            scaling=listed_spec.scaling if listed_spec else None,
+            max_concurrency=listed_spec.max_concurrency if listed_spec else None,
+            max_queue=listed_spec.max_queue if listed_spec else None,
+            entry_concurrency=dict(listed_spec.entry_concurrency) if listed_spec else {},
         ))
     return BlueprintValue(out, source=source)
 

@@ -29,7 +29,7 @@ import msgspec
 
 from aether.core.errors import BadRequest, StatusError
 from aether.core.secrets import MissingSecret, ResolvedConfig
-from aether.kv.keys import BlueprintValue, SecretKey, SecretValue, check_secret_name
+from aether.kv.keys import BlueprintSlice, BlueprintValue, SecretKey, SecretValue, check_secret_name
 
 __all__ = [
     "SECRET_REF",
@@ -42,6 +42,7 @@ __all__ = [
     "config_conflict",
     "config_of",
     "fingerprint",
+    "limits_of",
     "resolve",
     "secret_names",
     "secret_users",
@@ -135,6 +136,16 @@ def config_of(blueprints: Iterable[BlueprintValue], artifact: str) -> dict[str, 
     return {}
 
 
+def limits_of(blueprints: Iterable[BlueprintValue], artifact: str) -> BlueprintSlice | None:
+    """The slice of the blueprints that gives `artifact` (full coordinates) its capacity limits
+    (`max_concurrency`, `max_queue`, `entry_concurrency`): the first that sets any, else None."""
+    for bp in blueprints:
+        for s in bp.slices:
+            if s.artifact == artifact and (s.max_concurrency is not None or s.entry_concurrency):
+                return s
+    return None
+
+
 def config_conflict(
     blueprints: Iterable[tuple[str, BlueprintValue]], blueprint_id: str, value: BlueprintValue
 ) -> str | None:
@@ -185,6 +196,10 @@ class SliceConfigs:
 
     def raw(self, artifact: str) -> dict[str, Any]:
         return config_of(self._blueprints(), artifact)
+
+    def limits(self, artifact: object) -> BlueprintSlice | None:
+        """The blueprint slice that gives `artifact` its capacity limits (`limits_of`), or None."""
+        return limits_of(self._blueprints(), str(artifact))
 
     def fingerprint(self, artifact: str) -> str:
         config = self.raw(artifact)

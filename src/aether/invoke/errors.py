@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from aether.core.errors import AetherError, BadRequest, StatusError, WireKind, status_kind, wire_kind_of
+from aether.core.errors import (
+    AetherError,
+    BadRequest,
+    Overloaded,
+    StatusError,
+    WireKind,
+    status_kind,
+    wire_kind_of,
+)
 from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
@@ -24,6 +32,7 @@ __all__ = [
     "EndpointUnavailable",
     "InvokeBadRequest",
     "InvokeError",
+    "InvokeOverloaded",
     "InvokeTimeout",
     "InvokerClosed",
     "NotDeployed",
@@ -142,6 +151,19 @@ class EndpointUnavailable(InvokeError, StatusError):
     def http_headers(self) -> dict[str, str]:
         """``Retry-After`` while an instance is starting."""
         return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+class InvokeOverloaded(InvokeError, Overloaded):
+    """Every instance the call could go to refused it at once because its queue was full
+    (`max_concurrency` and `max_queue` in the blueprint): 503 with ``Retry-After: 1``, raised after
+    one round over the candidates instead of waiting for the deadline. Escaping an entry (a nested
+    call), it answers that entry's caller 503 too (kind ``status:503``, not retried elsewhere: the
+    capacity that is missing is the nested slice's)."""
+
+    status = 503
+
+    def response_kind(self) -> str:
+        return status_kind(503)
 
 
 class PoisonRequest(InvokeError, StatusError):

@@ -15,6 +15,9 @@ Semantics
   another instance at once; when every candidate failed in this round, or there is no ACTIVE
   instance at all, the call waits with exponential backoff (jittered, 5 ms doubling up to 200 ms by
   default) and tries again, until its deadline (default 10 s) -> `InvokeTimeout`.
+- Overload fails fast: when every candidate of a round answered "overloaded" (its instance's queue
+  is full, docs/slices.md *Concurrency limits*), the call raises `InvokeOverloaded` (503 with
+  ``Retry-After: 1``) at once rather than retry until its deadline.
 - Fail fast: when a call finds no ACTIVE instance to try before its first attempt and a `catalog`
   (the store's view, `aether.invoke.catalog.StoreCatalog`) is wired, it asks the catalog: an
   unknown artifact or entry raises `NotDeployed` (404) and a deployed artifact with no ACTIVE
@@ -42,6 +45,7 @@ from aether.invoke.errors import (
     EndpointUnavailable,
     InvokeBadRequest,
     InvokeError,
+    InvokeOverloaded,
     InvokerClosed,
     InvokeTimeout,
     NotDeployed,
@@ -57,6 +61,7 @@ from aether.invoke.messages import (
     KIND_BAD_REQUEST,
     KIND_DEADLINE,
     KIND_NO_INSTANCE,
+    KIND_OVERLOADED,
     KIND_UNKNOWN_ENTRY,
     RETRYABLE_KINDS,
     InvokeRequest,
@@ -238,6 +243,7 @@ class Invoker:
         last_kind: str | None = None  # KIND_NO_INSTANCE when the last obstacle was "nowhere to run it"
         last_node: str | None = None
         tried: set[str] = set()
+        round_failed = round_overloaded = 0  # attempts of this round that failed, and how many overloaded
         lost: list[str] = []  # nodes that went down while running this call
         try:
             while True:
@@ -264,7 +270,15 @@ class Invoker:
                         last_kind = KIND_NO_INSTANCE
                         last_error = f"no ACTIVE instance of {target} with entry {method!r} is reachable"
                         self._warn_retry(target, method, rid, f"waiting: {last_error}")
+                    elif round_failed and round_overloaded == round_failed:
+                        raise InvokeOverloaded(
+                            f"call {target}.{method} (request {rid}): every instance that could take it "
+                            f"is at its limit ({round_failed} tried); last error: {last_error}",
+                            target=target, method=method, kind=KIND_OVERLOADED, node=last_node,
+                            request_id=rid, attempts=attempts,
+                        )  # fmt: skip
                     tried.clear()
+                    round_failed = round_overloaded = 0
                     delay = self.retry.backoff(rounds, self._rng)
                     rounds += 1
                     self._log.debug(
@@ -309,6 +323,9 @@ class Invoker:
                     last_error = f"{node}: {retry.reason}"
                     last_node = node
                     tried.add(node)
+                    round_failed += 1
+                    if retry.kind == KIND_OVERLOADED:
+                        round_overloaded += 1
                     if retry.node_lost:
                         lost.append(node)
                         if len(lost) >= self.max_nodes_lost:

@@ -36,10 +36,13 @@ from aether.metrics.messages import (
     ClusterTotals,
     EntryCounters,
     EntryStats,
+    InstanceCounters,
+    InstanceStats,
     MetricsMessage,
     NodeMetricsUpdate,
     NodeSample,
     NodeStats,
+    SliceLoad,
 )
 from aether.metrics.service import MetricsService, MetricsView
 
@@ -55,6 +58,8 @@ __all__ = [
     "EntryCounters",
     "EntryMetrics",
     "EntryStats",
+    "InstanceCounters",
+    "InstanceStats",
     "MetricsAggregator",
     "MetricsMessage",
     "MetricsService",
@@ -62,5 +67,6 @@ __all__ = [
     "NodeMetricsUpdate",
     "NodeSample",
     "NodeStats",
+    "SliceLoad",
     "quantile",
 ]

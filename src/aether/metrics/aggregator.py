@@ -18,6 +18,13 @@ difference of its uptimes (so a lost update only lengthens the interval). A node
 the baseline (rate 0); an update of a new incarnation (the node restarted) counts everything as
 new since the restart; an update older than the last one taken is dropped. Nodes not heard from
 for more than `expiry` seconds are dropped.
+
+Slice instances (issue 15): each update carries its node's instances' gauges and cumulative
+counters (`InstanceCounters`); their rates come the same way, and an instance whose ``started``
+changed (it restarted) or that is new counts everything as new. Per node the aggregator also keeps
+the last interval's latency-bucket deltas of every entry, so `slice_loads` can give an artifact's
+p95 over the last interval (not since the nodes started, as the entries' percentiles are).
+`instance_stats(now)` and `slice_loads(now)` are the controller's inputs.
 """
 
 from __future__ import annotations
@@ -32,9 +39,12 @@ from aether.metrics.messages import (
     ClusterTotals,
     EntryCounters,
     EntryStats,
+    InstanceCounters,
+    InstanceStats,
     NodeMetricsUpdate,
     NodeSample,
     NodeStats,
+    SliceLoad,
 )
 
 __all__ = ["BROADCAST_POINTS", "DEFAULT_EXPIRY", "WINDOW_POINTS", "MetricsAggregator"]
@@ -50,6 +60,37 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+@dataclass(frozen=True, slots=True)
+class _InstanceRates:
+    """One instance over its node's last interval."""
+
+    arrivals: float  # per second
+    calls: float
+    failures: float
+    rejected: float
+    dcalls: int  # calls that finished in the interval
+    dbusy: float  # their execution time (seconds)
+
+
+_NO_RATES = _InstanceRates(0.0, 0.0, 0.0, 0.0, 0, 0.0)
+
+
+@dataclass(slots=True)
+class _LoadSum:
+    """One artifact's instances summed (`MetricsAggregator.slice_loads`)."""
+
+    instances: int = 0
+    in_flight: int = 0
+    queued: int = 0
+    arrivals: float = 0.0
+    calls: float = 0.0
+    failures: float = 0.0
+    rejected: float = 0.0
+    dcalls: int = 0
+    dbusy: float = 0.0
+    nodes: set[str] = field(default_factory=set)
+
+
 @dataclass
 class _Node:
     incarnation: int
@@ -58,6 +99,23 @@ class _Node:
     sample: NodeSample
     entries: dict[tuple[str, str], EntryCounters]
     rates: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    instances: dict[tuple[str, int], InstanceCounters] = field(default_factory=dict)
+    irates: dict[tuple[str, int], _InstanceRates] = field(default_factory=dict)
+    # the latency buckets of the calls of each entry that finished in the last interval
+    interval: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+
+def _instance_rates(c: InstanceCounters, old: InstanceCounters | None, dt: float) -> _InstanceRates:
+    """`c`'s rates over `dt` seconds since `old` (None, a restart or counters gone back: since 0)."""
+    if old is None or old.started != c.started or c.admitted < old.admitted or c.calls < old.calls:
+        da, dc, df, dr, db = c.admitted, c.calls, c.failures, c.rejected, c.busy_seconds
+    else:
+        da, dc = c.admitted - old.admitted, c.calls - old.calls
+        df, dr = c.failures - old.failures, c.rejected - old.rejected
+        db = c.busy_seconds - old.busy_seconds
+    if dt <= 0:
+        return _NO_RATES
+    return _InstanceRates(da / dt, dc / dt, max(df, 0) / dt, max(dr, 0) / dt, max(dc, 0), max(db, 0.0))
 
 
 class _Merge:
@@ -123,7 +181,8 @@ class MetricsAggregator:
                     f"update from {msg.node_id}: {e.artifact}.{e.entry} has {len(e.buckets)} buckets, "
                     f"expected {_NBUCKETS}"
                 )
-        node = _Node(msg.incarnation, msg.seq, now, msg.sample, entries)
+        instances = {(c.artifact, c.instance): c for c in msg.instances}
+        node = _Node(msg.incarnation, msg.seq, now, msg.sample, entries, instances=instances)
         if prev is None:  # baseline: no interval known yet
             self._nodes[msg.node_id] = node
             return True
@@ -142,7 +201,11 @@ class MetricsAggregator:
             for i, n in enumerate(dbuckets):
                 if n > 0:
                     interval[i] += n
+            if dcalls > 0:
+                node.interval[key] = [max(n, 0) for n in dbuckets]
             node.rates[key] = (dcalls / dt, max(dfail, 0) / dt) if dt > 0 else (0.0, 0.0)
+        for ikey, c in instances.items():
+            node.irates[ikey] = _instance_rates(c, None if restarted else prev.instances.get(ikey), dt)
         self._nodes[msg.node_id] = node
         return True
 
@@ -198,6 +261,7 @@ class MetricsAggregator:
                     age=round(max(0.0, now - s.last_seen), 3),
                     calls=node_calls,
                     calls_per_s=round(node_rate, 3),
+                    loop_lag_ms=s.sample.loop_lag_ms,
                 )
             )
         entries = [
@@ -235,7 +299,9 @@ class MetricsAggregator:
             client_errors=sum(e.client_errors for e in entries),
         )
         tail = list(self.window)[-self.broadcast_points :] if self.broadcast_points else []
-        return ClusterMetricsSnapshot(self.node_id, self.seq, wall, node_stats, entries, totals, tail)
+        return ClusterMetricsSnapshot(
+            self.node_id, self.seq, wall, node_stats, entries, totals, tail, self._instance_stats()
+        )
 
     def tick(self, now: float, wall: float) -> ClusterMetricsSnapshot:
         """Leader, once a second: append this second's point to the window and return the snapshot
@@ -258,7 +324,75 @@ class MetricsAggregator:
         self._interval = [0] * _NBUCKETS
         self.seq += 1
         tail = list(self.window)[-self.broadcast_points :] if self.broadcast_points else []
-        return ClusterMetricsSnapshot(self.node_id, self.seq, wall, view.nodes, view.entries, t, tail)
+        return ClusterMetricsSnapshot(
+            self.node_id, self.seq, wall, view.nodes, view.entries, t, tail, view.instances
+        )
+
+    def instance_stats(self, now: float) -> list[InstanceStats]:
+        """Every slice instance the live nodes report (silent nodes expired first), with its gauges
+        and the rates of its node's last interval, sorted by (artifact, node, instance)."""
+        self.expire(now)
+        return self._instance_stats()
+
+    def _instance_stats(self) -> list[InstanceStats]:
+        out: list[InstanceStats] = []
+        for node_id, s in self._nodes.items():
+            for key, c in s.instances.items():
+                r = s.irates.get(key, _NO_RATES)
+                out.append(InstanceStats(
+                    node_id=node_id, artifact=c.artifact, instance=c.instance, in_flight=c.in_flight,
+                    queued=c.queued, arrivals_per_s=round(r.arrivals, 3), calls_per_s=round(r.calls, 3),
+                    failures_per_s=round(r.failures, 3), rejected_per_s=round(r.rejected, 3),
+                    exec_ms=_ms(r.dbusy / r.dcalls) if r.dcalls else None, calls=c.calls,
+                    failures=c.failures, healthy=c.healthy, health_failures=c.health_failures,
+                    health_reason=c.health_reason, admitted=c.admitted, rejected=c.rejected,
+                ))  # fmt: skip
+        out.sort(key=lambda x: (x.artifact, x.node_id, x.instance))
+        return out
+
+    def slice_loads(self, now: float) -> dict[str, SliceLoad]:
+        """Each artifact's load summed over its reporting instances (silent nodes expired first):
+        in-flight and queued calls, arrival/call/failure/rejection rates, the mean execution time
+        and the p95 latency of the calls that finished in the nodes' last interval, and the mean
+        CPU of the nodes hosting an instance. Keyed by artifact coordinates."""
+        self.expire(now)
+
+        sums: dict[str, _LoadSum] = {}
+        for node_id, s in self._nodes.items():
+            for key, c in s.instances.items():
+                m = sums.get(c.artifact)
+                if m is None:
+                    m = sums[c.artifact] = _LoadSum()
+                r = s.irates.get(key, _NO_RATES)
+                m.instances += 1
+                m.in_flight += c.in_flight
+                m.queued += c.queued
+                m.arrivals += r.arrivals
+                m.calls += r.calls
+                m.failures += r.failures
+                m.rejected += r.rejected
+                m.dcalls += r.dcalls
+                m.dbusy += r.dbusy
+                m.nodes.add(node_id)
+        out: dict[str, SliceLoad] = {}
+        for artifact in sorted(sums):
+            m = sums[artifact]
+            buckets = [0] * _NBUCKETS
+            for s in self._nodes.values():
+                for (a, _entry), b in s.interval.items():
+                    if a == artifact:
+                        for i, n in enumerate(b):
+                            buckets[i] += n
+            cpus = [self._nodes[n].sample.cpu_percent for n in sorted(m.nodes)]
+            out[artifact] = SliceLoad(
+                artifact=artifact, instances=m.instances, in_flight=m.in_flight, queued=m.queued,
+                arrivals_per_s=round(m.arrivals, 3), calls_per_s=round(m.calls, 3),
+                failures_per_s=round(m.failures, 3), rejected_per_s=round(m.rejected, 3),
+                exec_ms=_ms(m.dbusy / m.dcalls) if m.dcalls else None,
+                p95_ms=_ms(quantile(0.95, buckets)),
+                cpu_percent=round(sum(cpus) / len(cpus), 2) if cpus else None,
+            )  # fmt: skip
+        return out
 
     def history(self, seconds: float, wall: float) -> list[ClusterPoint]:
         """The window's points of the last `seconds` seconds before `wall`, oldest first."""

@@ -112,6 +112,10 @@ class InstanceStats(msgspec.Struct, frozen=True):
     healthy: bool | None = None
     health_failures: int = 0
     health_reason: str | None = None
+    admitted: int = 0
+    """Calls accepted (run or queued) since the instance started."""
+    rejected: int = 0
+    """Calls refused because the queue was full, since the instance started."""
 
 
 class SliceLoad(msgspec.Struct, frozen=True):

@@ -13,7 +13,9 @@ Linux only; the standard names and types every Prometheus client library exports
 ``process_start_time_seconds`` (gauges).
 
 Node series: ``aether_node_cpu_percent``, ``aether_node_memory_rss_bytes``,
-``aether_node_uptime_seconds`` (gauges); per entry (labels ``artifact``, ``entry``):
+``aether_node_uptime_seconds``, ``aether_node_loop_lag_seconds`` (gauges); per slice instance
+(labels ``artifact``, ``instance``): ``aether_instance_in_flight``, ``aether_instance_queued``
+(gauges), ``aether_instance_rejected_total`` (counter); per entry (labels ``artifact``, ``entry``):
 ``aether_entry_calls_total``, ``aether_entry_successes_total``, ``aether_entry_failures_total``,
 ``aether_entry_client_errors_total``, ``aether_entry_blocked_total``,
 ``aether_entry_slow_calls_total`` (label ``threshold``: ``fixed`` or ``adaptive``) and the
@@ -22,7 +24,7 @@ histogram ``aether_entry_duration_seconds``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -36,7 +38,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from aether.metrics.collector import BUCKET_BOUNDS, EntryMetrics
-from aether.metrics.messages import NodeSample
+from aether.metrics.messages import InstanceCounters, NodeSample
 
 __all__ = ["CONTENT_TYPE", "PrometheusExporter"]
 
@@ -45,7 +47,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class MetricsSource(Protocol):
-    """What the exporter reads (`MetricsService` fits)."""
+    """What the exporter reads (`MetricsService` fits). A source with an ``instance_counters()``
+    method (`MetricsService.instance_counters`) gets the per-instance series too."""
 
     node_id: str
     entries: EntryMetrics
@@ -64,10 +67,13 @@ class _NodeCollector(Collector):
             ("aether_node_cpu_percent", "CPU use of the node's process (% of one core)", sample.cpu_percent),
             ("aether_node_memory_rss_bytes", "Resident memory of the node's process", sample.rss_bytes),
             ("aether_node_uptime_seconds", "Seconds since the node started", sample.uptime),
+            ("aether_node_loop_lag_seconds", "The node's event-loop lag: the largest of the last few seconds",
+             sample.loop_lag_ms / 1000),
         ):
             g = GaugeMetricFamily(name, doc, labels=["node"])
             g.add_metric([node], float(value))
             yield g
+        yield from self._instances(node)
         labels = ["node", "artifact", "entry"]
         calls = CounterMetricFamily("aether_entry_calls", "Entry-point calls run on this node", labels=labels)
         ok = CounterMetricFamily("aether_entry_successes", "Entry-point calls that returned", labels=labels)
@@ -106,6 +112,31 @@ class _NodeCollector(Collector):
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             hist.add_metric(key, buckets, c.total_seconds)
         yield from (calls, ok, failed, client, blocked, slow, hist)
+
+
+    def _instances(self, node: str) -> Iterator[Metric]:
+        read: Callable[[], list[InstanceCounters]] | None = getattr(self._source, "instance_counters", None)
+        if read is None:
+            return
+        labels = ["node", "artifact", "instance"]
+        in_flight = GaugeMetricFamily(
+            "aether_instance_in_flight", "Calls a slice instance runs now", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "aether_instance_queued", "Calls waiting for a slot of a slice instance (max_concurrency)",
+            labels=labels,
+        )
+        rejected = CounterMetricFamily(
+            "aether_instance_rejected",
+            "Calls a slice instance refused because its queue was full (503), since it started",
+            labels=labels,
+        )
+        for c in read():
+            key = [node, c.artifact, str(c.instance)]
+            in_flight.add_metric(key, c.in_flight)
+            queued.add_metric(key, c.queued)
+            rejected.add_metric(key, c.rejected)
+        yield from (in_flight, queued, rejected)
 
 
 class PrometheusExporter:

@@ -1,7 +1,9 @@
 """`MetricsService`: the asyncio adapter of one node's metrics (the only part that does I/O).
 
-Once a second (`interval`) it samples the process with psutil (CPU %, RSS), takes the node's
-cumulative entry counters from `EntryMetrics`, and
+Once a second (`interval`) it samples the process with psutil (CPU %, RSS) and the node's event-loop
+lag (the `loop_lag` callable), takes the node's cumulative entry counters from `EntryMetrics` and
+its slice instances' counters (the `instances` callable: the node converts the slice runtime's),
+and
 
 - on every node: feeds that `NodeMetricsUpdate` to its own `MetricsAggregator` (the local view);
 - on a non-leader: sends it to the leader (`transport.send(leader, update)`);
@@ -21,7 +23,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
 import msgspec
@@ -34,6 +36,7 @@ from aether.metrics.messages import (
     ClusterPoint,
     ClusterTotals,
     EntryStats,
+    InstanceCounters,
     NodeMetricsUpdate,
     NodeSample,
     NodeStats,
@@ -92,7 +95,12 @@ class MetricsHistory(msgspec.Struct, frozen=True):
 
 
 class MetricsService:
-    """One node's metrics: the collector, the aggregator, the one-second loop and the latest view."""
+    """One node's metrics: the collector, the aggregator, the one-second loop and the latest view.
+
+    `instances()` gives the node's slice instances' counters for each update (their ``started`` on
+    this service's uptime clock: `uptime_of`); `loop_lag()` the node's event-loop lag in seconds
+    (`aether.node.looplag.LoopLagProbe.max_recent`). Both are optional (none / 0).
+    """
 
     def __init__(
         self,
@@ -105,6 +113,8 @@ class MetricsService:
         slow_threshold: float = DEFAULT_SLOW_THRESHOLD,
         thresholds: Mapping[str, float] | None = None,
         logger: logging.Logger | None = None,
+        instances: Callable[[], list[InstanceCounters]] | None = None,
+        loop_lag: Callable[[], float] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be a positive number of seconds")
@@ -114,6 +124,8 @@ class MetricsService:
         self.aggregator = MetricsAggregator(node_id, expiry=expiry)
         self._transport = transport
         self._leader = leader
+        self.instances = instances
+        self.loop_lag = loop_lag
         self._log = logger or logging.getLogger(f"aether.metrics.{node_id}")
         self._process = psutil.Process(os.getpid())
         self._started = time.monotonic()
@@ -157,6 +169,10 @@ class MetricsService:
 
     # --- one second -----------------------------------------------------------------------------
 
+    def uptime_of(self, monotonic: float) -> float:
+        """`monotonic` (a `time.monotonic()` reading) on the uptime clock of the samples."""
+        return round(monotonic - self._started, 3)
+
     def take_sample(self) -> NodeSample:
         try:
             cpu = float(self._process.cpu_percent(None))
@@ -164,13 +180,30 @@ class MetricsService:
         except psutil.Error as e:  # cannot happen for our own process, but keep the loop alive
             self._log.warning("cannot sample the process: %s", e)
             cpu, rss = self.sample.cpu_percent, self.sample.rss_bytes
-        self.sample = NodeSample(round(cpu, 2), rss, round(time.monotonic() - self._started, 3))
+        lag = 0.0
+        if self.loop_lag is not None:
+            try:
+                lag = round(float(self.loop_lag()) * 1000, 3)
+            except Exception:
+                self._log.exception("reading the loop lag failed")
+        self.sample = NodeSample(round(cpu, 2), rss, round(time.monotonic() - self._started, 3), lag)
         return self.sample
+
+    def instance_counters(self) -> list[InstanceCounters]:
+        """The node's slice instances' counters now (the `instances` callable; none without one)."""
+        if self.instances is None:
+            return []
+        try:
+            return self.instances()
+        except Exception:
+            self._log.exception("reading the instance counters failed")
+            return []
 
     def make_update(self) -> NodeMetricsUpdate:
         self._seq += 1
         return NodeMetricsUpdate(
-            self.node_id, self._incarnation, self._seq, self.take_sample(), self.entries.counters()
+            self.node_id, self._incarnation, self._seq, self.take_sample(), self.entries.counters(),
+            self.instance_counters(),
         )
 
     def step(self) -> None:

@@ -45,9 +45,11 @@ from aether.kv.protocol import (
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
+from aether.metrics.messages import InstanceCounters
 from aether.node.looplag import LoopLagProbe
 from aether.repository.cache import ClusterRepository
 from aether.repository.service import ArtifactService
+from aether.slices.capacity import SliceLimits
 from aether.slices.isolation import BlockPolicy, BlockReport, SliceBlockedNotice
 from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
@@ -196,9 +198,11 @@ class Node:
         self.repository = ClusterRepository(config.repository, self.artifacts)
         # metrics: entry calls are recorded by the slice runtime (on the node that runs the instance);
         # once a second the service pushes them to the leader, which broadcasts the cluster snapshot
+        self.loop_lag = LoopLagProbe()
         self.metrics = MetricsService(
             self.node_id, self.transport, self.leader,
             logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
+            instances=self._instance_counters, loop_lag=self.loop_lag.max_recent,
         )
         self._block_policies: dict[str, BlockPolicy] = {}
         self.slice_blocks = 0  # slice loops found blocked since start (node status)
@@ -208,7 +212,7 @@ class Node:
         # store: the store gets a forwarder to the invoker built right after it.
         self.slice_runtime = SliceRuntime(
             self.node_id, self.repository, config.data_path / "runtime", invoker=_NodeInvoker(self),
-            config_for=self.slice_configs.resolved,
+            config_for=self.slice_configs.resolved, limits_for=self._slice_limits,
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
             recorder=self.metrics.entries,
             # slice code runs on its own loops; one that keeps blocking its loop is quarantined
@@ -239,11 +243,31 @@ class Node:
             members=len(self.members),
             maps_of=self.repository.maps, repository=str(self.repository.root),
         )
-        self.loop_lag = LoopLagProbe()
         self._management_factory = management_api
         self.management: HostedAPI | None = None
         self.http: HttpRouter | None = None
         self.started_at = 0.0
+
+    # --- capacity signals (issue 15) -------------------------------------------------------------
+
+    def _slice_limits(self, artifact: Artifact) -> SliceLimits:
+        """The concurrency limits the blueprints give `artifact`'s instances (`SliceRuntime.limits_for`)."""
+        s = self.slice_configs.limits(artifact)
+        if s is None:
+            return SliceLimits()
+        return SliceLimits(s.max_concurrency, s.max_queue, dict(s.entry_concurrency))
+
+    def _instance_counters(self) -> list[InstanceCounters]:
+        """The slice runtime's instance loads as metrics counters (`MetricsService.instances`)."""
+        uptime = self.metrics.uptime_of
+        return [
+            InstanceCounters(
+                x.artifact, x.instance, x.in_flight, x.queued, x.admitted, x.rejected, x.calls,
+                x.failures, round(x.busy_seconds, 6), uptime(x.started), x.healthy,
+                x.health_failures, x.health_reason,
+            )
+            for x in self.slice_runtime.instance_loads()
+        ]
 
     # --- lifecycle ------------------------------------------------------------------------------
 

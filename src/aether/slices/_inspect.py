@@ -65,7 +65,7 @@ __all__ = [
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 RESERVED_NAMES = frozenset({
-    "start", "stop", "call", "proxy", "map", "context", "logger", "config_type", "reconfigure",
+    "start", "stop", "call", "proxy", "map", "context", "logger", "config_type", "reconfigure", "health",
 })
 _MARK = "__aether_entry__"
 _INFO_ATTR = "__aether_slice_info__"

@@ -246,6 +246,12 @@ class Slice:
     `async def reconfigure(self, config) -> None`: then each instance gets the new config (decoded
     like the first) through that hook and keeps running (`context.config` is updated after it
     returns; if it raises, the change is not applied and `aether slices` shows why).
+
+    Health: a class may define `async def health(self) -> bool | None`. The runtime calls it on every
+    ACTIVE instance every 5 s on the slice's loop, with a 2 s timeout; None or True is healthy,
+    False, raising or timing out unhealthy (the reason is reported with the instance's metrics and
+    the controller replaces instances that keep failing). Not defined here: a class without it has
+    no health check (docs/slices.md, *Health checks*).
     """
 
     context: SliceContext

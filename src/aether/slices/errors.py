@@ -3,7 +3,8 @@
 Owns the exception types raised by `aether.slices`; imports only `aether.core.errors`.
 Each error declares its HTTP `status` and invoke `wire_kind` (see `aether.core.errors`):
 `BadRequest` and its subclasses -> 400 / bad_request, `UnknownEntry` -> 404 / unknown_entry,
-`NoLocalInstance` -> 503 / no_instance, a `SliceHttpError` -> its status / ``status:NNN``;
+`NoLocalInstance` -> 503 / no_instance, `InstanceOverloaded` -> 503 / overloaded (with
+``Retry-After: 1``), a `SliceHttpError` -> its status / ``status:NNN``;
 everything else is a server-side failure.
 """
 
@@ -13,9 +14,11 @@ from typing import ClassVar
 
 from aether.core.errors import (
     KIND_NO_INSTANCE,
+    KIND_OVERLOADED,
     KIND_UNKNOWN_ENTRY,
     AetherError,
     BadRequest,
+    Overloaded,
     StatusError,
     WireKind,
 )
@@ -55,6 +58,15 @@ class NoLocalInstance(SliceError):
 
     status = 503
     wire_kind: ClassVar[WireKind] = KIND_NO_INSTANCE
+
+
+class InstanceOverloaded(SliceError, Overloaded):
+    """The instance runs `max_concurrency` calls and its queue holds `max_queue` more: the call is
+    refused at once (503 with ``Retry-After: 1``, kind overloaded: the invoker tries another
+    instance; docs/slices.md, *Concurrency limits*)."""
+
+    status = 503
+    wire_kind: ClassVar[WireKind] = KIND_OVERLOADED
 
 
 class SliceHttpError(SliceError, StatusError):

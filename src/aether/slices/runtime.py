@@ -15,6 +15,13 @@ creation, `start()`/`stop()` and calls) runs on the artifact's own loop in its o
 that blocks or exits cannot stop the node's loop; a watchdog reports a slice loop blocked for
 more than `block_limit` s to the `on_block` callbacks, naming the entry, and answers that call
 with `SliceBlocked`. May import: `aether.core`, `aether.slices.*`.
+
+Capacity (docs/slices.md, *Concurrency limits*): `limits_for(artifact)` gives an artifact's
+`SliceLimits`; an instance with limits admits calls through its `capacity.Gate` (run, queue or
+refuse with `InstanceOverloaded`), one without pays only a few counter updates. Every instance
+keeps its load counters (`instance_loads`). Health (*Health checks*): a class with
+`async def health(self)` has it called on every ACTIVE instance every `health_interval` s, on the
+slice's own loop, bounded by `health_timeout`, never twice at once for one instance.
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ from aether.slices.api import (
     normalize_target,
     type_name,
 )
+from aether.slices.capacity import NO_LIMITS, Gate, InstanceLoad, SliceLimits
 from aether.slices.errors import (
+    InstanceOverloaded,
     NoLocalInstance,
     ResponseTypeError,
     SliceStartError,
@@ -76,6 +85,10 @@ async def _construct(cls: type[Slice]) -> Slice:
     return cls()
 
 
+async def _health(hook: Callable[[], Any]) -> Any:
+    return await hook()
+
+
 async def _call_entry(obj: Slice, method: str, payload: bytes, request_id: str | None) -> bytes:
     if request_id is not None:
         current_request_id.set(request_id)  # in this call's own context (its task on the slice loop)
@@ -101,16 +114,41 @@ def is_client_error(exc: BaseException) -> bool:
 _parse_artifact = functools.lru_cache(maxsize=1024)(Artifact.parse)
 
 
+HEALTH_REASON_MAX = 200  # characters of a failed health check's reason that are kept
+
+
 @dataclass(eq=False)
 class _Instance:
     id: int
     obj: Slice
-    inflight: int = 0
+    inflight: int = 0  # calls running or queued (what draining waits for)
     accepting: bool = True
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    secrets: tuple[str, ...] = ()  # the secret values of its config (redacted from reasons)
+    gate: Gate | None = None  # admission under limits; None: no limit (no queue)
+    # load counters (`InstanceLoad`)
+    running: int = 0
+    queued: int = 0
+    admitted: int = 0
+    rejected: int = 0
+    calls: int = 0
+    failures: int = 0
+    busy: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    # health
+    healthy: bool | None = None
+    health_failures: int = 0
+    health_reason: str | None = None
+    health_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def load(self, artifact: str) -> InstanceLoad:
+        return InstanceLoad(
+            artifact, self.id, self.running, self.queued, self.admitted, self.rejected, self.calls,
+            self.failures, self.busy, self.started, self.healthy, self.health_failures, self.health_reason,
+        )  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -121,6 +159,7 @@ class _Entry:
     rr: itertools.count[int] = field(default_factory=itertools.count)
     coords: str = ""  # str(artifact), once: the metrics key (a str caches its hash)
     thread: SliceThread | None = None  # where its code runs while it is active
+    limits: SliceLimits = NO_LIMITS  # from `limits_for`, read on activation and every health round
 
     def __post_init__(self) -> None:
         self.coords = str(self.loaded.artifact)
@@ -140,7 +179,13 @@ class SliceRuntime:
     blocked (more can be appended to `on_block`). `recorder` is told about every entry call
     that ran here — local calls and calls served for other nodes alike, since both come through
     `call` — with its duration (`time.perf_counter`) and whether it returned (a call that raised,
-    including a payload that did not decode, or was cancelled counts as a failure).
+    including a payload that did not decode, or was cancelled counts as a failure); the duration
+    of a call that waited for a slot includes its time in the queue (what its caller waited).
+
+    `limits_for(artifact)` gives each artifact's `SliceLimits` (default: none), read when it is
+    activated and every `health_interval` s (so a re-applied blueprint reaches running instances);
+    an exception there is logged and the limits kept. Slices with a `health()` hook have it called
+    every `health_interval` s with a `health_timeout` (see the module docstring).
     """
 
     def __init__(
@@ -161,7 +206,12 @@ class SliceRuntime:
         recorder: CallRecorder | None = None,
         block_limit: float = 0.5,
         on_block: Iterable[Callable[[Artifact, BlockReport], None]] = (),
+        limits_for: Callable[[Artifact], SliceLimits] | None = None,
+        health_interval: float = 5.0,
+        health_timeout: float = 2.0,
     ) -> None:
+        if health_interval <= 0 or health_timeout <= 0:
+            raise ValueError("health_interval and health_timeout must be positive numbers of seconds")
         self.node_id = node_id
         self.block_limit = block_limit
         # told about every slice loop found blocked (the node logs it, counts it, may quarantine)
@@ -182,6 +232,10 @@ class SliceRuntime:
         self._entries: dict[Artifact, _Entry] = {}
         self._locks: dict[Artifact, asyncio.Lock] = {}
         self._retiring: set[asyncio.Future[None]] = set()  # replaced instances being drained and stopped
+        self.limits_for = limits_for
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self._health: asyncio.Task[None] | None = None
 
     def _lock(self, artifact: Artifact) -> asyncio.Lock:
         lock = self._locks.get(artifact)
@@ -219,6 +273,7 @@ class SliceRuntime:
                 return
             e.thread = SliceThread(e.coords, block_limit=self.block_limit, logger=self.log)
             self._ensure_watchdog()
+            e.limits = self._limits(e)
             try:
                 started = await self._start_instances(e, sorted(set(instances)))
             except BaseException:
@@ -226,6 +281,7 @@ class SliceRuntime:
                 raise
             e.instances = {i.id: i for i in started}
             e.state = "active"
+            self._ensure_health()
             self.log.info("%s: activated %s instances %s", self.node_id, artifact, sorted(e.instances))
 
     async def set_instances(
@@ -318,11 +374,12 @@ class SliceRuntime:
                 await self.deactivate(a, drain_timeout)
             with contextlib.suppress(Exception):
                 await self.unload(a)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
+        for task in (self._watchdog, self._health):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watchdog = self._health = None
 
     # --- queries ------------------------------------------------------------------------------------
 
@@ -344,6 +401,34 @@ class SliceRuntime:
             i.id for e in self._matching(artifact_name_or_coords) for i in e.instances.values() if i.accepting
         )
 
+    def instance_loads(self) -> list[InstanceLoad]:
+        """Every ACTIVE instance here with its gauges, counters and health, by (artifact, instance)."""
+        return [
+            i.load(e.coords)
+            for _, e in sorted(self._entries.items())
+            if e.state == "active"
+            for i in sorted(e.instances.values(), key=lambda i: i.id)
+        ]
+
+    def limits(self, artifact: Artifact) -> SliceLimits:
+        """The limits the instances of `artifact` run under now."""
+        e = self._entries.get(artifact)
+        return e.limits if e is not None else NO_LIMITS
+
+    def refresh_limits(self) -> None:
+        """Read `limits_for` again for every ACTIVE artifact and apply changed limits to its
+        instances (waiting calls that now may run are started). Runs every `health_interval` s."""
+        for e in list(self._entries.values()):
+            if e.state != "active":
+                continue
+            new = self._limits(e)
+            if new == e.limits:
+                continue
+            self.log.info("%s: %s limits now %s", self.node_id, e.coords, new)
+            e.limits = new
+            for inst in e.instances.values():
+                self._apply_limits(inst, new)
+
     # --- calls --------------------------------------------------------------------------------------
 
     async def call(
@@ -361,32 +446,69 @@ class SliceRuntime:
         Raises `NoLocalInstance`, `UnknownEntry`, `EntryBadRequest` (a BadRequest); errors raised by
         the entry itself propagate. `request_id` (if given) is set as `current_request_id`.
         """
-        e, inst = self._pick(artifact, instance)
+        e, inst = self._pick(artifact, instance, method)
         entry = e.loaded.info.entries.get(method)
         if entry is None:
             raise UnknownEntry(
                 f"{e.loaded.artifact} has no entry {method!r}; "
                 f"entries: {', '.join(sorted(e.loaded.info.entries))}"
             )
+        gate = inst.gate
+        waiting: asyncio.Future[None] | bool = True
+        if gate is not None:
+            waiting = gate.enter(method)
+            if waiting is False:
+                inst.rejected += 1
+                raise InstanceOverloaded(
+                    f"{e.coords} instance {inst.id} on {self.node_id} is at its limit: {gate.running} "
+                    f"call(s) running, {gate.queued} queued (max_queue {gate.queue_max}); retry later"
+                )
+        inst.admitted += 1
         inst.inflight += 1
         inst.idle.clear()
         recorder = self.recorder
         ok = client_error = False
-        t0 = perf_counter()
+        t_in = perf_counter()
         try:
-            assert e.thread is not None
-            result = await e.thread.run(_call_entry(inst.obj, method, payload, request_id), entry=method)
-            ok = True
-            return result
-        except ResponseTypeError as exc:
-            self.log.error("%s: %s: %s", self.node_id, e.coords, exc)
-            raise
-        except Exception as exc:
-            client_error = is_client_error(exc)
-            raise
+            if waiting is not True:
+                assert gate is not None and not isinstance(waiting, bool)
+                inst.queued += 1
+                try:
+                    await waiting
+                except asyncio.CancelledError:
+                    gate.abandon(waiting, method)  # the caller is gone: leave the queue
+                    raise
+                finally:
+                    inst.queued -= 1
+            thread = e.thread
+            if thread is None:  # stopped while this call waited (a drain that timed out)
+                if gate is not None:
+                    gate.leave(method)
+                raise NoLocalInstance(f"{e.coords} instance {inst.id} on {self.node_id} stopped")
+            inst.running += 1
+            t0 = perf_counter()
+            try:
+                result = await thread.run(_call_entry(inst.obj, method, payload, request_id), entry=method)
+                ok = True
+                return result
+            except ResponseTypeError as exc:
+                self.log.error("%s: %s: %s", self.node_id, e.coords, exc)
+                raise
+            except Exception as exc:
+                client_error = is_client_error(exc)
+                raise
+            finally:
+                t1 = perf_counter()
+                inst.running -= 1
+                inst.calls += 1
+                inst.busy += t1 - t0
+                if not ok and not client_error:
+                    inst.failures += 1
+                if gate is not None:
+                    gate.leave(method)
+                if recorder is not None:
+                    recorder.record(e.coords, method, t1 - t_in, ok, client_error)
         finally:
-            if recorder is not None:
-                recorder.record(e.coords, method, perf_counter() - t0, ok, client_error)
             inst.inflight -= 1
             if inst.inflight == 0:
                 inst.idle.set()
@@ -409,7 +531,9 @@ class SliceRuntime:
         found = [e for a, e in self._entries.items() if a.name == t and e.state == "active"]
         return sorted(found, key=lambda e: e.loaded.artifact.version, reverse=True)
 
-    def _pick(self, target: Artifact | str, instance: int | None) -> tuple[_Entry, _Instance]:
+    def _pick(
+        self, target: Artifact | str, instance: int | None, method: str = ""
+    ) -> tuple[_Entry, _Instance]:
         for e in self._matching(target):
             if instance is not None:
                 inst = e.instances.get(instance)
@@ -417,8 +541,23 @@ class SliceRuntime:
                     return e, inst
                 continue
             cands = [i for i in e.instances.values() if i.accepting]
-            if cands:
-                return e, cands[next(e.rr) % len(cands)]
+            if not cands:
+                continue
+            n = len(cands)
+            start = next(e.rr)
+            if not e.limits.limited:
+                return e, cands[start % n]
+            # under limits: round robin over the instances with a free slot, else the shortest queue
+            best: _Instance | None = None
+            for k in range(n):
+                i = cands[(start + k) % n]
+                g = i.gate
+                if g is None or g.free(method):
+                    return e, i
+                if best is None or (best.gate is not None and g.queued < best.gate.queued):
+                    best = i
+            assert best is not None
+            return e, best
         which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
         raise NoLocalInstance(f"no active {which} on {self.node_id}")
 
@@ -462,6 +601,93 @@ class SliceRuntime:
             maps=ThreadMaps(self.maps, thread) if self.maps is not None else None,
             codecs=e.loaded.codecs,
         )
+
+    def _limits(self, e: _Entry) -> SliceLimits:
+        if self.limits_for is None:
+            return NO_LIMITS
+        try:
+            return self.limits_for(e.loaded.artifact)
+        except Exception:
+            self.log.exception("%s: reading the limits of %s failed; keeping %s", self.node_id, e.coords,
+                               e.limits)
+            return e.limits
+
+    @staticmethod
+    def _apply_limits(inst: _Instance, limits: SliceLimits) -> None:
+        """Give `inst` a gate under `limits` (or none without limits). Calls already running
+        without a gate are not counted by a new one: a limit set now applies to new calls."""
+        if limits.limited:
+            if inst.gate is None:
+                inst.gate = Gate(limits)
+            else:
+                inst.gate.configure(limits)
+        elif inst.gate is not None:
+            gate, inst.gate = inst.gate, None
+            gate.configure(limits)  # no limits: every waiting call runs now
+
+    # --- health -------------------------------------------------------------------------------------
+
+    def _ensure_health(self) -> None:
+        if self._health is None or self._health.done():
+            self._health = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def _health_loop(self) -> None:
+        """Every `health_interval` s: refresh the limits, start a health check on every ACTIVE
+        instance whose class has one and whose previous check has finished (runs on the node's
+        loop; the checks run on the slices' loops)."""
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                self.refresh_limits()
+                self.check_health()
+            except Exception:
+                self.log.exception("%s: health round failed", self.node_id)
+
+    def check_health(self) -> int:
+        """Start a health check on every ACTIVE instance that has a `health()` hook and no check
+        running; returns how many were started (the health loop calls it; tests may too)."""
+        started = 0
+        for e in list(self._entries.values()):
+            thread = e.thread
+            if e.state != "active" or thread is None:
+                continue
+            if not callable(getattr(e.loaded.cls, "health", None)):
+                continue
+            for inst in list(e.instances.values()):
+                if not inst.accepting or (inst.health_task is not None and not inst.health_task.done()):
+                    continue
+                inst.health_task = asyncio.get_running_loop().create_task(self._check_one(e, inst, thread))
+                started += 1
+        return started
+
+    async def _check_one(self, e: _Entry, inst: _Instance, thread: SliceThread) -> None:
+        reason: str | None = None
+        try:
+            hook = inst.obj.health  # type: ignore[attr-defined]
+            result = await asyncio.wait_for(thread.run(_health(hook), entry="health()"), self.health_timeout)
+            if result is False:
+                reason = "health() returned False"
+            elif result is not None and result is not True:
+                reason = f"health() returned {type(result).__name__}, expected True, False or None"
+        except TimeoutError:
+            reason = f"health() did not answer within {self.health_timeout:g} s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = f"health() raised {type(exc).__name__}: {exc}"
+        if reason is None:
+            if inst.healthy is False:
+                self.log.info("%s: %s instance %d is healthy again", self.node_id, e.coords, inst.id)
+            inst.healthy, inst.health_failures, inst.health_reason = True, 0, None
+            return
+        reason = redact(reason, inst.secrets)
+        if len(reason) > HEALTH_REASON_MAX:
+            reason = reason[: HEALTH_REASON_MAX - 3] + "..."
+        inst.healthy = False
+        inst.health_failures += 1
+        inst.health_reason = reason
+        if inst.health_failures == 1:
+            self.log.warning("%s: %s instance %d is unhealthy: %s", self.node_id, e.coords, inst.id, reason)
 
     def _ensure_watchdog(self) -> None:
         if self._watchdog is None or self._watchdog.done():
@@ -527,7 +753,9 @@ class SliceRuntime:
             raise SliceStartError(redact(
                 f"start() of {artifact} instance {iid} raised {type(exc).__name__}: {exc}", secrets
             ), instance=iid) from exc
-        return _Instance(iid, obj)
+        inst = _Instance(iid, obj, secrets=secrets)
+        self._apply_limits(inst, e.limits)
+        return inst
 
     async def _start_instances(self, e: _Entry, ids: list[int]) -> list[_Instance]:
         if not ids:
@@ -556,6 +784,8 @@ class SliceRuntime:
         return started
 
     async def _stop_one(self, e: _Entry, inst: _Instance) -> None:
+        if inst.health_task is not None:
+            inst.health_task.cancel()
         thread = e.thread
         if thread is None:
             return
@@ -587,6 +817,11 @@ class SliceRuntime:
                 "%s: %d call(s) to %s still in flight after %.1f s of draining; stopping anyway",
                 self.node_id, left, artifact, timeout,
             )  # fmt: skip
+            for i in busy:  # calls still queued will not run here: the invoker retries them elsewhere
+                if i.gate is not None:
+                    i.gate.fail_waiting(lambda i=i: NoLocalInstance(  # type: ignore[misc]
+                        f"{artifact} instance {i.id} on {self.node_id} stopped while the call was queued"
+                    ))
 
     async def _set_instances(self, e: _Entry, instances: list[int], drain_timeout: float) -> None:
         want = set(instances)
