@@ -138,3 +138,25 @@ def test_route_sweep_only_when_no_instance_anywhere() -> None:
     assert cmds(run({A: DesiredSlice(1)}, {"node-1": {A: sv("ACTIVATING", [0])}}, routes=route)) == {}
     eps = [(f"endpoints/{A}/hello:0", EndpointValue("node-2", "ACTIVE"))]
     assert cmds(run({}, {}, routes=route, endpoints=eps)) == {}
+
+
+def test_avoided_node_gets_no_new_instances_but_keeps_its_own() -> None:
+    tracker = FailureTracker()
+    # node-2 already runs instance 1; scaling to 5 must place the new ones on node-1 and node-3 only
+    slices = {n: {A: sv("ACTIVE", [i])} for i, n in enumerate(N)}
+    p = plan({A: DesiredSlice(5)}, N, set(), slices, [], [], tracker, 100.0, 5.0, avoid={"node-2"})
+    assert p.target[A]["node-2"] == [1]  # existing instance stays
+    assert sum(len(ids) for ids in p.target[A].values()) == 5
+    assert f"slices/node-2/{A}" not in cmds(p.writes)
+    # a fresh deployment avoids it too
+    p = plan({B: DesiredSlice(3)}, N, set(), {}, [], [], FailureTracker(), 100.0, 5.0, avoid={"node-2"})
+    assert set(p.target[B]) == {"node-1", "node-3"}
+
+
+def test_avoid_is_ignored_when_every_live_node_is_avoided() -> None:
+    p = plan({A: DesiredSlice(3)}, N, set(), {}, [], [], FailureTracker(), 100.0, 5.0, avoid=set(N))
+    assert set(p.target[A]) == set(N)
+    # a down node in the avoid set does not count as a live alternative
+    p = plan({A: DesiredSlice(2)}, ["node-1"], set(), {}, [], [], FailureTracker(), 100.0, 5.0,
+             avoid={"node-1", "node-9"})
+    assert p.target[A] == {"node-1": [0, 1]}

@@ -21,6 +21,7 @@ from aether.api.server import SERVED, ManagementServer
 from aether.core.artifact import Artifact
 from aether.metrics import MetricsService
 from conftest import running_cluster
+from controller_fakes import FakeKV, FakeLeader, FakeMetrics
 from test_api_ops import FakeNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,7 +41,7 @@ class AloneTransport:
 
 class FullFakeNode(FakeNode):
     """Everything the server can serve: events (router + kv), deployments, an invoker, maps, metrics,
-    the artifact repository."""
+    the artifact repository, the controller."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -49,6 +50,10 @@ class FullFakeNode(FakeNode):
         self.maps = object()
         self.metrics = MetricsService(self.node_id, AloneTransport(), self)
         self.artifacts = object()
+        from aether.controller.service import ControllerService
+
+        leader = FakeLeader(self.node_id, [self.node_id], self.node_id)
+        self.controller = ControllerService(FakeKV(), leader, AloneTransport(), FakeMetrics())  # type: ignore[arg-type]
 
     # a consensus node: member changes through the log
     def member_info(self) -> tuple[int, list[tuple[str, str]], None]:
@@ -193,6 +198,8 @@ async def test_schemathesis_against_a_live_cluster(live_cluster: list[Any], tmp_
         "/api/v1/events",
         "--exclude-path",
         "/api/v1/metrics/stream",
+        "--exclude-path",
+        "/api/v1/controller/decisions/stream",
         "--exclude-path-regex",
         "/wait$|/invoke/|/cluster/nodes",
         "--max-examples",

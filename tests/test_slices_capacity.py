@@ -363,3 +363,15 @@ async def test_health_loop_runs_every_interval(repo: Repository, tmp_path: Path)
     calls = health["calls"]
     await asyncio.sleep(0.15)
     assert health["calls"] == calls and rt._health is None  # stopped with the runtime
+
+
+async def test_a_cancelled_waiter_at_the_head_does_not_hold_back_the_next() -> None:
+    gate = Gate(SliceLimits(max_concurrency=1, max_queue=5))
+    assert gate.enter("e") is True
+    first, second = gate.enter("e"), gate.enter("e")
+    assert isinstance(first, asyncio.Future) and isinstance(second, asyncio.Future)
+    first.cancel()  # its caller gave up; its abandon() runs later
+    gate.leave("e")  # the slot goes to the oldest waiter still waiting
+    assert second.done() and gate.running == 1 and gate.queued == 0
+    gate.abandon(first, "e")  # late: nothing left to undo
+    assert gate.running == 1 and gate.queued == 0

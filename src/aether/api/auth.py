@@ -4,7 +4,8 @@ Roles, each including the ones before it:
 
 - `read`: every `GET`/`HEAD` (status, kv, health, nodes, events, metrics, slices, blueprints,
   maps, openapi), except the key list and the audit log;
-- `operate`: writes to deployments and data: deploy, scale, undeploy, blueprints, maps, invoke;
+- `operate`: writes to deployments and data: deploy, scale, undeploy, blueprints, maps, invoke,
+  the controller configuration;
 - `admin`: keys, the audit log, and every write not named above (membership, secrets and any
   route added later: a new write route is admin-only unless its declaration says otherwise).
 
@@ -67,11 +68,18 @@ _CACHE_SIZE = 1024
 
 def declared_routes() -> tuple[Route, ...]:
     """Every route of every routes module (served by this node or not)."""
-    from aether.api import deploy_routes, map_routes, metrics_routes, node_routes, repository_routes
+    from aether.api import (
+        controller_routes,
+        deploy_routes,
+        map_routes,
+        metrics_routes,
+        node_routes,
+        repository_routes,
+    )
 
     return (
         *node_routes.ROUTES, *deploy_routes.ROUTES, *map_routes.ROUTES, *metrics_routes.ROUTES,
-        *repository_routes.ROUTES,
+        *repository_routes.ROUTES, *controller_routes.ROUTES,
     )
 
 

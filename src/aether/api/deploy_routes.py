@@ -25,7 +25,7 @@ from aether.api.routing import ANY_JSON, Answer, Body, ListOf, Named, Route, pat
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.jsonbody import decode_json_body, require_json_content_type
-from aether.deploy.operations import SliceStatus
+from aether.deploy.operations import ScaleBounds, SliceStatus
 from aether.kv.keys import BlueprintValue
 
 __all__ = [
@@ -76,8 +76,15 @@ class DeployRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """`instances` alone: the count of a fixed artifact, a pin (min = max = count) of an autoscaled
+    one; `min`/`max`: the operator's bounds of an autoscaled artifact (the count is kept, clamped,
+    unless `instances` is given too); `auto`: clear them (back to the blueprint's bounds)."""
+
     artifact: NameOrCoordinates
-    instances: Annotated[int, msgspec.Meta(ge=1)] = 1
+    instances: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    min: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    auto: bool = False
 
 
 class UndeployRequest(msgspec.Struct, forbid_unknown_fields=True):
@@ -91,8 +98,11 @@ class BlueprintDeleted(msgspec.Struct):
 
 class Scaled(msgspec.Struct):
     artifact: str
-    instances: Annotated[int, msgspec.Meta(ge=1)]
+    instances: Annotated[int, msgspec.Meta(ge=1)] | None
     blueprints: Annotated[list[str], msgspec.Meta(description="ids of the blueprints changed")]
+    autoscaled: Annotated[
+        list[ScaleBounds], msgspec.Meta(description="the autoscaled artifacts matched, count and bounds now")
+    ] = []
 
 
 class Undeployed(msgspec.Struct):
@@ -161,10 +171,10 @@ class DeploymentRoutes:
 
     async def scale(self, request: web.Request) -> web.Response:
         body = await read_body(request, ScaleRequest)
-        if body.instances < 1:
-            raise BadRequest("instances must be >= 1 (use undeploy to remove an artifact)")
-        changed = await self.svc.scale(body.artifact, body.instances)
-        return json_response(Scaled(artifact=body.artifact, instances=body.instances, blueprints=changed))
+        out = await self.svc.scale_to(
+            body.artifact, body.instances, min=body.min, max=body.max, auto=body.auto
+        )
+        return json_response(Scaled(body.artifact, body.instances, out.blueprints, out.autoscaled))
 
     async def invoke(self, request: web.Request) -> web.Response:
         """Call an entry point through the node's invoker: JSON body in, JSON answer out."""
@@ -264,7 +274,9 @@ ROUTES: Final = (
     ),
     Route(
         "POST", f"{P}/scale", DeploymentRoutes.scale, "scale",
-        "Set the instance count of an artifact in every blueprint that has it",
+        "Set the instance count of an artifact in every blueprint that has it; for an autoscaled "
+        "artifact, pin its count or set (or clear, `auto`) the operator's bounds the controller "
+        "scales within",
         {200: Answer(Scaled, "Blueprints changed")}, _CONSENSUS, role="operate", body=Body(ScaleRequest),
         tags=_DEP,
     ),

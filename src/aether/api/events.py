@@ -13,6 +13,10 @@ subscribers, each with its own bounded queue:
 - `slice-blocked` `{node, artifact, entry, seconds, where, quarantined}`: slice code held its
   own event loop longer than the limit (`quarantined`: it kept doing so and was taken down on
   that node), from `node.bus`;
+- `controller-decision` `{seq, kind, rule, reason, artifact, node, instance, from_count, to_count,
+  inputs, applied, source}`: a decision of the layer-1 controller (made here on the leader, or
+  synced from it), and `alert-firing` / `alert-resolved` (same fields) for alert transitions,
+  from `node.bus` (`aether.controller.service`);
 - `resync` `{prefix}`: the node installed a snapshot; state under `prefix` may have changed at once;
 - `dropped` `{reason, last_id}`: the last event of a subscriber that fell `queue_size` events behind.
 
@@ -167,6 +171,7 @@ class EventHub:
         if self._cancels:
             return
         from aether.cluster.leader import LeaderChanged
+        from aether.controller.types import Decision
         from aether.slices.isolation import SliceBlockedNotice
         from aether.transport import PeerDown, PeerUp
 
@@ -184,6 +189,7 @@ class EventHub:
                 SliceBlockedNotice,
                 lambda ev: self.publish("slice-blocked", msgspec.structs.asdict(ev)),
             ),
+            bus.subscribe(Decision, self._on_decision),
             kv.watch("slices/", self._on_slice),
             kv.watch("blueprints/", self._on_blueprint),
         ]
@@ -213,6 +219,10 @@ class EventHub:
         for sub in list(self._subs):
             sub._push(ev)
         return ev
+
+    def _on_decision(self, d: Any) -> None:
+        kinds = {"alert_firing": "alert-firing", "alert_resolved": "alert-resolved"}
+        self.publish(kinds.get(d.kind, "controller-decision"), msgspec.to_builtins(d))
 
     # -- store watches ----------------------------------------------------------------------------
 

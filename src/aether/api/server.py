@@ -34,6 +34,10 @@ Metrics endpoints, when the node runs a metrics service (`node.metrics`), see `a
 - `GET /metrics` -> Prometheus text exposition of this node (needs the API key like the rest, unless
   the node's `metrics_public` setting makes it public)
 
+Controller endpoints, when the node runs a controller service (`node.controller`), see
+`aether.api.controller_routes`: `GET /api/v1/controller/status`, `GET|PUT /api/v1/controller/config`,
+`GET /api/v1/controller/decisions` (and `/stream`), `GET /api/v1/alerts`.
+
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`, the title being the status's
 reason phrase. Every error answers with the status it declares (`aether.core.problem.problem_for`,
@@ -283,6 +287,11 @@ class ManagementServer:
                 for r in metrics_routes.ROUTES
             ]
             served += register(app, metrics, routes)
+        if getattr(self._node, "controller", None) is not None:
+            from aether.api import controller_routes
+
+            controller = controller_routes.ControllerRoutes(self._node.controller)  # type: ignore[attr-defined]
+            served += register(app, controller, controller_routes.ROUTES)
         self._public = frozenset(r.path for r in served if r.public and r.method == "GET")
         return app
 

@@ -336,24 +336,65 @@ def deploy(
 
 @click.command()
 @click.argument("artifact", metavar="G:A[:V]")
-@click.option("-n", "--instances", type=click.IntRange(min=1), required=True)
+@click.argument("count", metavar="[N]", type=click.IntRange(min=1), required=False)
+@click.option(
+    "-n", "--instances", type=click.IntRange(min=1), default=None, help="The instance count (or give N)."
+)
+@click.option("--min", "min_", type=click.IntRange(min=1), default=None, metavar="A",
+              help="Autoscaled slices: the fewest instances the controller may run (the operator's bound).")
+@click.option("--max", "max_", type=click.IntRange(min=1), default=None, metavar="B",
+              help="Autoscaled slices: the most instances the controller may run (the operator's bound).")
+@click.option("--auto", is_flag=True,
+              help="Autoscaled slices: clear the operator's bounds and pin (back to the blueprint's bounds).")
 @click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure).")
 @click.option("--wait-timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
 @json_option
 @click.pass_obj
 def scale(
-    settings: Settings, artifact: str, instances: int, wait: bool, wait_timeout: float, as_json: bool
+    settings: Settings, artifact: str, count: int | None, instances: int | None, min_: int | None,
+    max_: int | None, auto: bool, wait: bool, wait_timeout: float, as_json: bool,
 ) -> None:
-    """Set the instance count of ARTIFACT (G:A: every version) in every blueprint that lists it."""
+    """Set the instance count of ARTIFACT (G:A: every version) in every blueprint that lists it.
+
+    For an autoscaled slice (one with a [slices.NAME.scaling] rule), `aether scale ART N` pins it
+    at N instances (the controller keeps it there), `--min A --max B` sets the bounds the controller
+    scales within (they win over the blueprint's; the count is kept, clamped), and `--auto` clears
+    them again. See docs/controller.md.
+    """
+    if count is not None and instances is not None and count != instances:
+        fail(f"two instance counts given ({count} and -n {instances}): give one", EXIT_USAGE)
+    n = count if count is not None else instances
+    if n is None and min_ is None and max_ is None and not auto:
+        fail("give an instance count N, --min/--max bounds, or --auto", EXIT_USAGE,
+             hint=f"e.g. `aether scale {artifact} 3`; `aether slices` shows the current counts.")
+    if auto and (n is not None or min_ is not None or max_ is not None):
+        fail("--auto clears the operator's bounds and count: give it alone", EXIT_USAGE)
+    body: dict[str, Any] = {"artifact": artifact}
+    if n is not None:
+        body["instances"] = n
+    if min_ is not None:
+        body["min"] = min_
+    if max_ is not None:
+        body["max"] = max_
+    if auto:
+        body["auto"] = True
     client = make_client(settings)
-    out: Any = call(
-        client, lambda c: c.send_json("POST", "/api/v1/scale", {"artifact": artifact, "instances": instances})
-    )
+    out: Any = call(client, lambda c: c.send_json("POST", "/api/v1/scale", body))
     quiet = settings.json or as_json
     if not quiet:
-        click.echo(
-            f"Scaling {artifact} to {instances} instance(s) (blueprints: {', '.join(out['blueprints'])})."
-        )
+        if out.get("blueprints"):
+            click.echo(f"Scaling {artifact} to {n} instance(s) (blueprints: {', '.join(out['blueprints'])}).")
+        for b in out.get("autoscaled", []):
+            if auto:
+                what = "operator's bounds cleared"
+            elif b["min"] == b["max"] and b["bounds_source"] == "operator":
+                what = f"pinned at {b['instances']} instance(s)"
+            else:
+                what = f"bounds {b['min']}..{b['max']}"
+            click.echo(
+                f"{b['artifact']} (autoscaled): {what}; count {b['instances']} ({b['count_source']}), "
+                f"bounds {b['min']}..{b['max']} ({b['bounds_source']})."
+            )
     if wait:
         statuses: Any = call(client, lambda c: c.get_json("/api/v1/slices"))
         matching = [
@@ -362,7 +403,7 @@ def scale(
         ]
         _wait(settings, client, matching, wait_timeout, quiet=quiet)
         if not quiet:
-            click.echo(f"{', '.join(matching)}: {instances} instance(s) ACTIVE.")
+            click.echo(f"{', '.join(matching)}: every instance ACTIVE.")
     if quiet:
         echo_json(out)
 

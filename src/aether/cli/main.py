@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from aether import __version__
+from aether.cli import controller as controller_commands
 from aether.cli import deploy as deploy_commands
 from aether.cli import maps as map_commands
 from aether.cli import metrics as metrics_commands
@@ -1137,6 +1138,7 @@ for _command in (
     deploy_commands.undeploy, map_commands.map_group, metrics_commands.metrics, ops_commands.health,
     ops_commands.nodes, ops_commands.events, ops_commands.doctor, security_commands.key,
     security_commands.secret, security_commands.audit, cert_commands.cert, artifact,
+    controller_commands.controller, controller_commands.alerts,
 ):
     main.add_command(_command)
 

@@ -17,6 +17,12 @@ control's limit, also enforced here for state written before the limit) and one 
 at most `max_starts_per_command` new instances (`reconcile.plan`); a large change converges in
 several passes, each one triggered by the nodes' reports.
 
+Hooks for the controller (`aether.controller`, wired by the node): `avoid()` is read each pass and
+names the nodes that get no new instances (`reconcile.plan(avoid=...)`: saturated nodes; their
+instances stay); `on_write(write)` is called for each write that succeeded, so the controller
+records the reconciler's own recoveries (a FAILED instance unloaded, a lost node's keys removed)
+as decisions.
+
 Fencing: every write is `compare_and_set(key, value this leader observed, new value)`. If two
 nodes briefly both believe they lead, each write still only succeeds when the key holds what
 its writer based the decision on, so no write can overwrite a newer node report or a newer
@@ -33,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from aether.cluster.leader import LeaderChanged, LeaderManager
@@ -71,6 +77,8 @@ class ClusterDeploymentManager:
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        avoid: Callable[[], Collection[str]] | None = None,
+        on_write: Callable[[Write], None] | None = None,
     ) -> None:
         self.kv = kv
         self.leader = leader
@@ -85,6 +93,8 @@ class ClusterDeploymentManager:
         self.failures = FailureTracker(*self._backoff)
         self._clock = clock
         self._wall = wall
+        self._avoid = avoid
+        self._on_write = on_write
         self._down_since: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._dirty = True
@@ -216,8 +226,14 @@ class ClusterDeploymentManager:
             k.removeprefix("scale/"): v for k, v in self.kv.list_local("scale/") if isinstance(v, ScaleValue)
         }
         desired = desired_state(blueprints, scales)
+        avoid: Collection[str] = ()
+        if self._avoid is not None:
+            try:
+                avoid = frozenset(self._avoid())
+            except Exception:
+                self.log.exception("cannot read the nodes to avoid; placing on every node")
         p = plan(desired, up, grace, slices, endpoints, routes, self.failures, now, self._wall(),
-                 capacity=self.capacity, max_starts=self.max_starts)
+                 capacity=self.capacity, max_starts=self.max_starts, avoid=avoid)
         self.passes += 1
         self.last_plan = p
         if p.writes and self.leader.is_leader:
@@ -234,6 +250,11 @@ class ClusterDeploymentManager:
             return False
         if not ok:
             self.log.debug("%s changed meanwhile; next pass decides again", w.key)
+        elif self._on_write is not None:
+            try:
+                self._on_write(w)
+            except Exception:
+                self.log.exception("on_write hook failed for %s", w.key)
         return ok
 
 

@@ -14,6 +14,12 @@ Decisions:
 - `scale` sets the count in every blueprint that lists the artifact (the desired count is the
   maximum over blueprints, so changing only one of them could have no effect). Coordinates
   with a version match that version, `group:artifact` matches every version.
+- An autoscaled artifact (one with a `[slices.NAME.scaling]` rule) is scaled through its
+  `scale/{artifact}` key instead (docs/controller.md, "Operator bounds"): `scale(a, N)` pins it
+  (``instances = min = max = N``, ``source = operator``); `scale(a, min=A, max=B)` sets the
+  operator's bounds, which win over the blueprint's, keeping the count in force (clamped); and
+  `scale(a, auto=True)` clears them (back to the blueprint's bounds). The controller moves the
+  count within the bounds in force. The admission check counts the `scale/` values too.
 - `undeploy` removes the artifact from every blueprint that lists it (deleting blueprints left
   empty) together with dependency entries nobody needs any more; it refuses when a remaining
   slice depends on it, naming that slice.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -43,8 +50,17 @@ from aether.deploy.config import config_conflict
 from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentFailed
 from aether.deploy.lifecycle import SliceState
 from aether.deploy.ports import DependenciesOf, MapsOf, Resolve
-from aether.deploy.reconcile import desired_state
-from aether.kv.keys import BlueprintKey, BlueprintValue, MapDefKey, SliceKey, SliceStateValue, parse_key
+from aether.deploy.reconcile import Autoscaled, autoscaled, desired_state
+from aether.kv.keys import (
+    BlueprintKey,
+    BlueprintValue,
+    MapDefKey,
+    ScaleKey,
+    ScaleValue,
+    SliceKey,
+    SliceStateValue,
+    parse_key,
+)
 from aether.kv.machine import WatchEvent
 from aether.kv.store import KVStore
 
@@ -63,6 +79,28 @@ class SliceStatus(msgspec.Struct, frozen=True):
     desired: int
     active: int
     instances: list[SliceInstanceStatus]
+
+
+class ScaleBounds(msgspec.Struct, frozen=True):
+    """An autoscaled artifact after a scale command: the count and bounds in force."""
+
+    artifact: str
+    instances: int
+    min: int
+    max: int
+    bounds_source: str
+    """``operator`` while an operator's bounds are set, else ``blueprint``."""
+    count_source: str
+    """Who set the count: ``operator``, ``controller`` or ``blueprint``."""
+
+
+class ScaleOutcome(msgspec.Struct, frozen=True):
+    """What a scale command changed."""
+
+    blueprints: list[str]
+    """Ids of the blueprints changed (artifacts without a scaling rule)."""
+    autoscaled: list[ScaleBounds]
+    """The autoscaled artifacts it matched, as they are now."""
 
 
 class BlueprintEntry(msgspec.Struct, frozen=True):
@@ -110,19 +148,34 @@ class DeploymentService:
         self.limits = limits
         self.members = members
 
-    def _admit(self, changes: dict[str, BlueprintValue | None], what: str) -> None:
+    def _admit(
+        self, changes: dict[str, BlueprintValue | None], what: str,
+        scales_after: dict[str, ScaleValue] | None = None,
+    ) -> None:
         """Admission control (`aether.deploy.admission`): raise `AdmissionRejected` if replacing
-        the blueprints in `changes` (None: deleted) would exceed the instance limits."""
+        the blueprints in `changes` (None: deleted) and the `scale/` values by `scales_after` (None:
+        unchanged) would exceed the instance limits. Autoscaled artifacts count with the count in
+        force (the `scale/` values within their bounds)."""
         if self.limits is None:
             return
         current = {e.id: e.blueprint for e in self.list_blueprints()}
         after = {**current, **changes}
+        scales = self.scales()
 
-        def counts(bps: dict[str, BlueprintValue | None]) -> dict[str, int]:
+        def counts(bps: dict[str, BlueprintValue | None], sc: dict[str, ScaleValue]) -> dict[str, int]:
             values = (v for v in bps.values() if v is not None)
-            return {a: d.instances for a, d in desired_state(values).items()}
+            return {a: d.instances for a, d in desired_state(values, sc).items()}
 
-        admission.check(counts(dict(current)), counts(after), self.members, self.limits, what)
+        admission.check(counts(dict(current), scales), counts(after, scales_after or scales), self.members,
+                        self.limits, what)  # fmt: skip
+
+    def scales(self) -> dict[str, ScaleValue]:
+        """The `scale/` values of this replica, by artifact."""
+        out = {}
+        for k, v in self.kv.list_local("scale/"):
+            if isinstance(v, ScaleValue):
+                out[k.removeprefix("scale/")] = v
+        return out
 
     def _expand(self, bp: Blueprint, source: str) -> BlueprintValue:
         value = expand(bp, self.dependencies_of, self.resolve, source=source, repository=self.repository)
@@ -220,25 +273,90 @@ class DeploymentService:
         return value
 
     async def scale(self, artifact_coords: str, instances: int) -> list[str]:
-        """Set the instance count of an artifact in every blueprint listing it; returns their ids."""
-        if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
-            raise BlueprintError(f"instances must be an integer >= 1, got {instances!r} "
-                                 "(0 would mean undeploy, which is its own command)")
+        """Set the instance count of an artifact in every blueprint listing it; returns their ids
+        (an autoscaled artifact is pinned at `instances` instead: `scale_to`)."""
+        return (await self.scale_to(artifact_coords, instances)).blueprints
+
+    async def scale_to(
+        self, artifact_coords: str, instances: int | None = None, *, min: int | None = None,
+        max: int | None = None, auto: bool = False, now: float | None = None,
+    ) -> ScaleOutcome:
+        """Scale the artifacts `artifact_coords` matches (see the module docstring): `instances`
+        alone sets the count of a fixed artifact and pins an autoscaled one; `min`/`max` set an
+        autoscaled artifact's bounds (with `instances` too: its count, within them); `auto` clears
+        them. `BlueprintError` when nothing matches or the request does not fit."""
+        for name, v in (("instances", instances), ("min", min), ("max", max)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise BlueprintError(f"{name} must be an integer >= 1, got {v!r}"
+                                     + (" (0 would mean undeploy, which is its own command)"
+                                        if name == "instances" else ""))
+        bounds = min is not None or max is not None
+        if auto and (bounds or instances is not None):
+            raise BlueprintError("--auto clears the operator's bounds and count; give it alone")
+        if instances is None and not bounds and not auto:
+            raise BlueprintError("give an instance count, --min/--max bounds, or --auto")
+        if min is not None and max is not None and min > max:
+            raise BlueprintError(f"min {min} is above max {max}")
         match = _matcher(artifact_coords)
+        entries = self.list_blueprints()
+        bps = [e.blueprint for e in entries]
+        matching = sorted({s.artifact for b in bps for s in b.slices if match(s.artifact)})
+        if not matching:
+            raise BlueprintError(f"{artifact_coords} is not deployed: no blueprint lists it")
+        scales = self.scales()
+        info = autoscaled(bps, scales)
+        plain = [a for a in matching if a not in info]
+        if plain and (bounds or auto):
+            raise BlueprintError(
+                f"{plain[0]} has no [slices.NAME.scaling] rule, so it has no bounds to set: give an "
+                f"instance count (`aether scale {plain[0]} N`), or add a scaling rule to its blueprint"
+            )
+        wall = time.time() if now is None else now
+        after = dict(scales)
+        for a in matching:
+            if a in info:
+                sv = _scale_value(a, info[a], scales.get(a), instances, min, max, auto, wall)
+                if sv is not None:
+                    after[a] = sv
+        plain_set = set(plain)
 
         def change(bp_id: str, v: BlueprintValue) -> BlueprintValue | None:
-            if not any(match(s.artifact) for s in v.slices):
+            if instances is None or not any(s.artifact in plain_set for s in v.slices):
                 return None
             return msgspec.structs.replace(v, slices=[
-                msgspec.structs.replace(s, instances=instances) if match(s.artifact) else s for s in v.slices
+                msgspec.structs.replace(s, instances=instances) if s.artifact in plain_set else s
+                for s in v.slices
             ])
 
-        scaled = {e.id: new for e in self.list_blueprints() if (new := change(e.id, e.blueprint)) is not None}
-        self._admit(dict(scaled), f"scaling {artifact_coords} to {instances} instances")
-        changed = await self._update_all(change)
-        if not changed:
-            raise BlueprintError(f"{artifact_coords} is not deployed: no blueprint lists it")
-        return changed
+        scaled = {e.id: new for e in entries if (new := change(e.id, e.blueprint)) is not None}
+        self._admit(dict(scaled), f"scaling {artifact_coords}", after)
+        changed = await self._update_all(change) if plain else []
+        for a in matching:
+            if a in info:
+                await self._write_scale(a, instances, min, max, auto, wall)
+        now_info = autoscaled((e.blueprint for e in self.list_blueprints()), self.scales())
+        return ScaleOutcome(changed, [
+            ScaleBounds(a, i.instances, i.min, i.max, i.bounds_source, i.count_source)
+            for a in matching if (i := now_info.get(a)) is not None
+        ])
+
+    async def _write_scale(
+        self, artifact: str, instances: int | None, lo: int | None, hi: int | None, auto: bool, wall: float,
+    ) -> None:
+        key = ScaleKey(artifact)
+        for _ in range(20):
+            cur = self.kv.get_local(key)
+            cur = cur if isinstance(cur, ScaleValue) else None
+            bps = [e.blueprint for e in self.list_blueprints()]
+            info = autoscaled(bps, {**self.scales()})
+            if artifact not in info:
+                return  # its blueprint changed meanwhile: no longer autoscaled
+            new = _scale_value(artifact, info[artifact], cur, instances, lo, hi, auto, wall)
+            if new is None or new == cur:
+                return
+            if await self.kv.compare_and_set(key, cur, new, self.timeout):
+                return
+        raise BlueprintError(f"scale/{artifact} keeps changing; try again")
 
     async def undeploy(self, artifact_coords: str) -> list[str]:
         """Remove an artifact from every blueprint listing it; returns the ids changed or deleted."""
@@ -291,7 +409,7 @@ class DeploymentService:
     def slices_status(self) -> list[SliceStatus]:
         """Per artifact: desired count, ACTIVE instances and the state on every node, sorted."""
         blueprints = self.kv.list_local("blueprints/")
-        desired = desired_state(v for _, v in blueprints if isinstance(v, BlueprintValue))
+        desired = desired_state((v for _, v in blueprints if isinstance(v, BlueprintValue)), self.scales())
         per: dict[str, list[SliceInstanceStatus]] = {}
         for key, v in self.kv.list_local("slices/"):
             if not isinstance(v, SliceStateValue):
@@ -379,6 +497,42 @@ def _converged(s: SliceStatus) -> bool:
 def _describe(s: SliceStatus) -> str:
     states = ", ".join(f"{i.node} {i.state}" + (f" ({i.reason})" if i.reason else "") for i in s.instances)
     return f"{s.artifact} {s.active}/{s.desired} ACTIVE" + (f" [{states}]" if states else "")
+
+
+def _scale_value(
+    artifact: str, info: Autoscaled, cur: ScaleValue | None, instances: int | None, lo: int | None,
+    hi: int | None, auto: bool, wall: float,
+) -> ScaleValue | None:
+    """The `scale/{artifact}` value an operator's command makes of `cur` (None: nothing to write)."""
+    if auto:
+        if cur is None or (cur.min is None and cur.max is None):
+            return None
+        return ScaleValue(cur.instances, cur.source, wall, "the operator cleared the bounds")
+    if lo is None and hi is None:
+        assert instances is not None
+        why = f"pinned at {instances} by the operator"
+        return ScaleValue(instances, "operator", wall, why, instances, instances)
+    new_lo = lo if lo is not None else (cur.min if cur is not None else None)
+    new_hi = hi if hi is not None else (cur.max if cur is not None else None)
+    eff_lo = new_lo if new_lo is not None else info.rule.min
+    eff_hi = new_hi if new_hi is not None else info.rule.max
+    if eff_lo > eff_hi:
+        raise BlueprintError(
+            f"{artifact}: min {eff_lo} would be above max {eff_hi}"
+            + (" (the blueprint's)" if new_hi is None or new_lo is None else "")
+            + "; give both --min and --max"
+        )
+    if instances is not None:
+        if not eff_lo <= instances <= eff_hi:
+            raise BlueprintError(f"{artifact}: {instances} instances is outside the bounds "
+                                 f"{eff_lo}..{eff_hi}")
+        count, source = instances, "operator"
+    else:
+        count = info.instances if cur is None else cur.instances
+        clamped = min(eff_hi, max(eff_lo, count))
+        source = (cur.source if cur is not None else "blueprint") if clamped == count else "operator"
+        count = clamped
+    return ScaleValue(count, source, wall, f"bounds {eff_lo}..{eff_hi} set by the operator", new_lo, new_hi)
 
 
 def _without(v: BlueprintValue, match: Callable[[str], bool]) -> BlueprintValue | None:

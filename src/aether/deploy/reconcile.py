@@ -216,12 +216,15 @@ def plan(
     *,
     capacity: int | None = None,
     max_starts: int | None = None,
+    avoid: Collection[str] = (),
 ) -> Plan:
     """One reconciliation pass. `slices` is `{node: {artifact: value}}` for every key in the store;
     `up` the live nodes (the leader included); `grace` the nodes down for less than the grace
     period; `now` a monotonic clock for backoff, `wall` the timestamp written into commands;
     `capacity` the instances one node may run (admission control), `max_starts` the new
-    instances one command may start (None: unbounded)."""
+    instances one command may start (None: unbounded); `avoid` the nodes that get no new
+    instances (the controller's saturated nodes: their existing instances stay), ignored when it
+    holds every live node."""
     out = Plan()
     up_set = set(up)
     known = up_set | set(grace)
@@ -264,6 +267,9 @@ def plan(
             if st is SliceState.ACTIVE and sv.instances:
                 active.add(a)
     excluded: set[tuple[str, str]] = {(a, n) for a in desired for n in grace}
+    avoided = set(avoid) & up_set
+    if avoided and up_set - avoided:
+        excluded |= {(a, n) for a in desired for n in avoided}
     for a in desired:
         excluded |= failures.excluded(a, sorted(up_set), now)
     target = allocate({a: d.instances for a, d in desired.items()}, nodes, current,

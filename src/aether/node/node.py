@@ -16,6 +16,8 @@ from aether.consensus.engine import EngineConfig, MembersChanged, MembershipRefu
 from aether.consensus.messages import MemberChange, MemberResult, RabiaMessage
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore
+from aether.controller.service import ControllerService
+from aether.controller.types import CONTROLLER_MESSAGE_TYPES, ControllerMessage
 from aether.core.artifact import Artifact
 from aether.core.config import NodeConfig
 from aether.core.errors import BadRequest, CommitTimeout, ConfigError, QuorumLost, StatusError
@@ -45,7 +47,7 @@ from aether.kv.protocol import (
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
-from aether.metrics.messages import InstanceCounters
+from aether.metrics.messages import ClusterMetricsSnapshot, InstanceCounters, InstanceStats, SliceLoad
 from aether.node.looplag import LoopLagProbe
 from aether.repository.cache import ClusterRepository
 from aether.repository.service import ArtifactService
@@ -60,7 +62,7 @@ from aether.transport.tls import https_context, tls_files
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
 _result_encoder = msgspec.msgpack.Encoder()
 PeerMessage = Union[  # noqa: UP007 - a runtime Union for the transport
-    RabiaMessage, InvokeMessage, MapMessage, MetricsMessage
+    RabiaMessage, InvokeMessage, MapMessage, MetricsMessage, ControllerMessage
 ]
 
 
@@ -85,6 +87,22 @@ class _NodeInvoker:
     ) -> bytes:
         invoker = self._node.invoker
         return await invoker.invoke(target, method, payload, request_id=request_id, timeout=timeout)
+
+
+class _ControllerMetrics:
+    """The node's metrics as the controller reads them (`aether.controller.service.MetricsInputs`)."""
+
+    def __init__(self, metrics: MetricsService) -> None:
+        self._metrics = metrics
+
+    def snapshot(self) -> ClusterMetricsSnapshot | None:
+        return self._metrics.latest
+
+    def slice_loads(self) -> dict[str, SliceLoad]:
+        return self._metrics.aggregator.slice_loads(time.monotonic())
+
+    def instance_stats(self) -> list[InstanceStats]:
+        return self._metrics.aggregator.instance_stats(time.monotonic())
 
 
 class HostedAPI(Protocol):
@@ -233,9 +251,17 @@ class Node:
             self.kv, self.node_id, self.slice_runtime, config_version=self.slice_configs.fingerprint,
             logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
         )
+        # the layer-1 controller (docs/controller.md): steps once a second on the leader, syncs its
+        # memory and decisions to every node; the reconciler keeps new instances off the nodes it
+        # avoids and reports its own recoveries to it
+        self.controller = ControllerService(
+            self.kv, self.leader, self.transport, _ControllerMetrics(self.metrics), publish=self.bus.publish,
+            logger=logging.getLogger(f"aether.controller.{self.node_id}"),
+        )
         self.cluster_deployer = ClusterDeploymentManager(
             self.kv, self.leader, max_instances_per_node=config.max_instances_per_node,
             logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}"),
+            avoid=self.controller.avoided, on_write=self.controller.on_write,
         )
         self.deployments = DeploymentService(
             self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern,
@@ -293,6 +319,7 @@ class Node:
         )
         await self.http.start()
         self.metrics.start()
+        await self.controller.start()
         if management and self._management_factory is not None:
             self.management = self._management_factory(
                 self, host=self.config.host, port=self.config.management_port, api_key=self.config.api_key,
@@ -314,6 +341,7 @@ class Node:
         if self.management is not None:
             await self.management.stop()
             self.management = None
+        await self.controller.stop()
         await self.metrics.stop()
         await self.cluster_deployer.stop()
         await self.node_deployer.stop()
@@ -340,6 +368,8 @@ class Node:
             self.maps.dispatch(sender, msg)
         elif isinstance(msg, METRICS_MESSAGE_TYPES):
             self.metrics.on_message(sender, msg)
+        elif isinstance(msg, CONTROLLER_MESSAGE_TYPES):
+            self.controller.on_message(sender, msg)
         else:
             self.runner.on_message(sender, msg)
 

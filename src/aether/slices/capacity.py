@@ -174,6 +174,15 @@ class Gate:
         waiters = self.waiters
         if not waiters:
             return
+        if not self.entry_limits:  # one FIFO, no per-entry holds: O(1) per slot handed out
+            while waiters and (self.limit is None or self.running < self.limit):
+                entry, fut = waiters.popleft()
+                self._unqueue(entry)
+                if fut.done():  # cancelled: its abandon() will find it gone
+                    continue
+                self._take(entry)
+                fut.set_result(None)
+            return
         for item in list(waiters):
             if self.limit is not None and self.running >= self.limit:
                 break
