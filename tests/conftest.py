@@ -101,10 +101,11 @@ def deploy_hello_examples(
 
 @contextlib.asynccontextmanager
 async def running_cluster(
-    tmp_path: Path, *, extra: dict[str, tuple[str, str]] | None = None
+    tmp_path: Path, *, extra: dict[str, tuple[str, str]] | None = None, **config: Any
 ) -> AsyncIterator[list[Any]]:
     """3 in-process nodes (management on free ports) with the hello slices in their repository
-    (and the `extra` slices: {coords: (module source, class name)})."""
+    (and the `extra` slices: {coords: (module source, class name)}); `config`: more NodeConfig
+    fields for every node."""
     from aether.api.server import ManagementServer
     from aether.core.config import NodeConfig
     from aether.core.types import Address, PeerSpec
@@ -125,6 +126,7 @@ async def running_cluster(
                 http_port=0,
                 data_dir=str(tmp_path / f"n{i}"),
                 repository=str(repo_dir),
+                **config,
             ),
             management_api=ManagementServer,
         )

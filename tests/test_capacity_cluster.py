@@ -5,12 +5,15 @@ and `max_queue = 1` runs one call, queues one, and refuses the third at once wit
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from click.testing import CliRunner
 
+from aether.cli.main import main
 from aether.core.artifact import Artifact
 from conftest import running_cluster
 
@@ -90,6 +93,27 @@ async def test_a_full_queue_answers_503_with_retry_after_and_shows_in_the_metric
             assert (load_.instances, load_.in_flight, load_.queued) == (1, 1, 1)
             snap = n1.metrics.latest
             assert snap is not None and all(n.loop_lag_ms >= 0 for n in snap.nodes)
+
+            # `aether metrics` through another node shows the instance's queue (from the snapshot)
+            env = {"AETHER_CONNECT": None, "AETHER_API_KEY": None, "COLUMNS": "200"}
+            connect = f"127.0.0.1:{caller.management.port}"
+            end = loop.time() + 5
+            while True:
+                r = await asyncio.to_thread(CliRunner(env=env).invoke, main, ["--connect", connect, "metrics",
+                                                                              "--json"])  # fmt: skip
+                assert r.exit_code == 0, r.output
+                shown = [i for i in json.loads(r.output)["instances"] if i["artifact"] == ART]
+                if shown and (shown[0]["in_flight"], shown[0]["queued"]) == (1, 1):
+                    break
+                assert loop.time() < end, shown
+                await asyncio.sleep(0.2)
+            r = await asyncio.to_thread(CliRunner(env=env).invoke, main, ["--connect", connect, "metrics"])
+            assert r.exit_code == 0, r.output
+            row = next(line for line in r.output.splitlines() if ART in line and "Instances" not in line
+                       and host.node_id in line)  # fmt: skip
+            cells = [c.strip() for c in row.strip("│ ").split("│")]
+            assert cells[2:5] == ["0", "1", "1"], row  # instance 0: 1 in flight, 1 queued
+            assert "Loop lag ms" in r.output
 
             assert (await first)[0] == 200 and (await second)[0] == 200
         (x,) = host.slice_runtime.instance_loads()

@@ -180,3 +180,49 @@ async def test_load_scales_a_slice_up_to_its_max_and_back_down(tmp_path: Path) -
         st = await get(n2, "/api/v1/controller/status")
         (art,) = [a for a in st["artifacts"] if a["artifact"] == WORK]
         assert art["instances"] == 1 and art["count_source"] == "controller"
+
+
+SICK = "org.example:sick:1.0.0"
+SICK_SLICE = """
+import itertools
+from aether.slices import Slice, route
+
+_made = itertools.count()
+
+class Sick(Slice):
+    async def start(self) -> None:
+        self.n = next(_made)  # the first instance object ever made is sick, every later one is well
+
+    async def health(self) -> bool:
+        return self.n != 0
+
+    @route("GET", "/sick/n")
+    async def which(self) -> int:
+        return self.n
+"""
+
+
+async def test_an_instance_failing_its_health_checks_is_replaced(tmp_path: Path) -> None:
+    """`health()` fails on the node -> the instance counters say so -> the leader's core decides
+    `replace` -> the adapter takes the instance off its node -> the reconciler starts it again:
+    the new instance object is healthy and no further replacement follows."""
+    async with running_cluster(
+        tmp_path, extra={SICK: (SICK_SLICE, "Sick")}, health_interval=0.2, health_timeout=1.0
+    ) as nodes:
+        n1 = nodes[0]
+        bp = BlueprintValue([BlueprintSlice(SICK, 1, name="sick")])
+        await n1.kv.put(BlueprintKey("sick"), bp)
+        await until(lambda: any(d.kind == "replace" for d in n1.controller.history), "a replace decision")
+        (d,) = [d for d in n1.controller.history if d.kind == "replace"]
+        assert d.rule == "health" and d.artifact == SICK and d.instance == 0 and d.applied
+        assert "health() returned False" in d.reason
+
+        def healthy() -> bool:
+            return any(
+                i.artifact == SICK and i.healthy is True and i.health_failures == 0
+                for i in n1.metrics.aggregator.instance_stats(time.monotonic())
+            )
+
+        await until(healthy, "the replacement reports healthy", timeout=30)
+        await asyncio.sleep(1.5)
+        assert len([d for d in n1.controller.history if d.kind == "replace"]) == 1

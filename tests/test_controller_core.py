@@ -265,3 +265,19 @@ def test_wanted_by_target_combines_the_targets() -> None:
     rule = ScalingRule(min=1, max=10, in_flight=5.0, rate=100.0, p95_ms=200.0, cpu=60.0)
     w = wanted_by_target(SliceObs(ART, 2, rule, 1, 10, "blueprint", {}, 2, load))
     assert w == pytest.approx({"in_flight": 16 / 5, "rate": 3.0, "p95_ms": 4.0, "cpu": 3.0})
+
+
+def test_the_memory_a_leader_syncs_each_second_stays_small() -> None:
+    c = Controller(ControllerConfig())
+    m = SliceModel(rate=lambda t: 300, desired=4, active=4)
+    nodes = [f"n{k}" for k in range(50)]
+    for k in range(300):
+        obs = m.tick()
+        insts = [_inst(n, j, 10 * k, k // 10) for j, n in enumerate(nodes)]
+        placement = {n: [j] for j, n in enumerate(nodes)}
+        s = msgspec.structs.replace(obs.slices[0], instances=insts, placement=placement)
+        c.step(msgspec.structs.replace(obs, slices=[s]))
+    mem = c.memory.slices[ART]
+    assert max(len(w) for w in mem.errors.values()) <= 7  # one sample per 5 s of the 30 s window
+    assert len(mem.samples) <= 20 and len(mem.recommendations) <= 30
+    assert len(msgspec.msgpack.encode(c.memory)) < 16_000

@@ -164,6 +164,12 @@ async def test_replace_and_recover() -> None:
     c.net["node-1"].tick()
     await c.settle()
     assert len(c.kv.cas_calls) == 2
+    # replacing the last instance on a node deactivates the slice there (no ACTIVE key without ids)
+    last = {"kind": "replace", "artifact": A, "node": "node-2", "instance": 0, "reason": "sick"}
+    c.plan = lambda obs: [last]
+    c.net["node-1"].tick()
+    await c.settle()
+    assert c.kv.data[f"slices/node-2/{A}"] == SliceStateValue("DEACTIVATE", 1000.0, "sick", [0])
 
 
 async def test_followers_merge_decisions_and_a_new_leader_inherits_the_memory() -> None:

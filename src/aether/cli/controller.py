@@ -285,6 +285,48 @@ def decisions(settings: Settings, follow: bool, limit: int, since: int, as_json:
              hint="The node may have stopped; check it with `aether health`, then run the command again.")
 
 
+@controller.command("replay")
+@click.argument("recording", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="TOML", help="The controller configuration to replay with [default: every default].")
+@click.option("--skips/--no-skips", default=False, show_default=True, help="Also print held decisions.")
+@json_option
+@click.pass_obj
+def replay(settings: Settings, recording: str, config_file: str | None, skips: bool, as_json: bool) -> None:
+    """Run a recording of observations (`aether node --controller-record FILE`) through a controller
+    with the configuration in TOML, offline, and print what it decides.
+
+    Open loop: the recorded load and counts do not respond to the replayed decisions, so the replay
+    shows when and how this configuration would have reacted, up to its first different decision.
+    """
+    import msgspec
+
+    from aether.controller.config import parse_config
+    from aether.controller.recording import read_recording
+    from aether.controller.recording import replay as run_replay
+    from aether.core.errors import BadRequest
+
+    try:
+        cfg = parse_config(Path(config_file).read_text() if config_file else "")
+    except (BadRequest, OSError, UnicodeDecodeError) as e:
+        fail(f"{config_file}: {e}", EXIT_USAGE, hint="docs/controller.md lists every key.")
+    try:
+        observations = list(read_recording(recording))
+    except (BadRequest, OSError) as e:
+        fail(str(e), EXIT_USAGE, hint="Pass a file written by `aether node --controller-record FILE`.")
+    made = run_replay(observations, cfg)
+    docs = [msgspec.to_builtins(d) for d in made if skips or d.kind != "skip"]
+    if settings.json or as_json:
+        echo_json(docs)
+        return
+    if not observations:
+        click.echo(f"{recording} holds no observations.")
+        return
+    span = observations[-1].time - observations[0].time
+    click.echo(f"{len(observations)} observations over {span:.0f} s; {len(docs)} decisions:", err=True)
+    render_decisions(docs)
+
+
 @click.command()
 @json_option
 @click.pass_obj

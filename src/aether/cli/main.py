@@ -358,6 +358,13 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "/livez and /readyz never need one.",
 )
 @click.option(
+    "--controller-record",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="While this node leads, append every observation its controller decides on to FILE (JSON "
+    "lines, for `aether controller replay`).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -390,6 +397,7 @@ def node(
     max_buffered_bytes: int | None,
     repository: str | None,
     metrics_public: bool | None,
+    controller_record: str | None,
     log_level: str,
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
@@ -419,6 +427,7 @@ def node(
         "max_buffered_bytes": max_buffered_bytes,
         "repository": repository or None,
         "metrics_public": metrics_public or None,
+        "controller_record": controller_record or None,
     }
     try:
         config = build_node_config(config_file, flags)

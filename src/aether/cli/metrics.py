@@ -55,13 +55,13 @@ def render_metrics(doc: dict[str, Any]) -> None:
         f"{t.get('slow', 0)} slow"
     )
     nodes = Table(title="Nodes", title_justify="left")
-    for col in ("Node", "CPU %", "Memory MiB", "Uptime", "Calls", "Calls/s", "Last heard"):
+    for col in ("Node", "CPU %", "Memory MiB", "Loop lag ms", "Uptime", "Calls", "Calls/s", "Last heard"):
         nodes.add_column(col, justify="left" if col == "Node" else "right")
     for n in doc.get("nodes", []):
         nodes.add_row(
             Text(str(n["node_id"])) if n["node_id"] != doc.get("leader") else Text(f"{n['node_id']} ★"),
-            f"{n['cpu_percent']:.1f}", _mib(n["rss_bytes"]), _duration(n["uptime"]), str(n["calls"]),
-            f"{n['calls_per_s']:.1f}", f"{n['age']:.1f}s ago",
+            f"{n['cpu_percent']:.1f}", _mib(n["rss_bytes"]), f"{n.get('loop_lag_ms', 0.0):.0f}",
+            _duration(n["uptime"]), str(n["calls"]), f"{n['calls_per_s']:.1f}", f"{n['age']:.1f}s ago",
         )  # fmt: skip
     con.print(nodes)
     entries = Table(title="Entry points", title_justify="left")
@@ -84,6 +84,23 @@ def render_metrics(doc: dict[str, Any]) -> None:
     if not doc.get("entries"):
         entries.caption = "no entry point has been called yet"
     con.print(entries)
+    if doc.get("instances"):
+        inst = Table(title="Instances", title_justify="left")
+        for col in ("Artifact", "Node", "#", "In flight", "Queued", "Arrivals/s", "Refused/s", "Exec ms",
+                    "Health"):  # fmt: skip
+            inst.add_column(col, justify="left" if col in ("Artifact", "Node", "Health") else "right")
+        for i in doc["instances"]:
+            healthy = i.get("healthy")
+            why = escape(str(i.get("health_reason") or ""))
+            health = ("-" if healthy is None else "[green]ok[/green]" if healthy else
+                      f"[red]failing x{i.get('health_failures', 0)}[/red] {why}")  # fmt: skip
+            inst.add_row(
+                Text(i["artifact"]), Text(i["node_id"]), str(i["instance"]), str(i["in_flight"]),
+                f"[yellow]{i['queued']}[/yellow]" if i["queued"] else "0", f"{i['arrivals_per_s']:.1f}",
+                f"[red]{i['rejected_per_s']:.1f}[/red]" if i["rejected_per_s"] else "0",
+                _num(i.get("exec_ms"), "{:.1f}"), health,
+            )  # fmt: skip
+        con.print(inst)
     con.print(
         "[dim]Failed: 5xx (the entry raised or was cancelled); 4xx: the caller's mistakes; Blocked: "
         "calls that blocked their slice's event loop; Slow: above the fixed threshold / above 3x "

@@ -58,6 +58,8 @@ __all__ = ["ERROR_WINDOW", "TRANSITIONAL_STATES", "Controller", "wanted_by_targe
 
 ERROR_WINDOW = 30.0
 """Seconds of per-instance counters an error ratio is measured over."""
+ERROR_SAMPLE = 5.0
+"""Seconds between two samples of an instance's counters kept for its error ratio."""
 TRANSITIONAL_STATES = frozenset({
     "LOAD", "LOADING", "ACTIVATE", "ACTIVATING", "DEACTIVATE", "DEACTIVATING", "UNLOAD", "UNLOADING",
 })  # fmt: skip
@@ -293,10 +295,11 @@ class Controller:
             window = [x for x in mem.errors.get(key, []) if now - x[0] <= ERROR_WINDOW]
             if window and (i.calls < window[-1][1] or i.failures < window[-1][2]):
                 window = []  # a new instance under the same id: counters restarted
-            window.append((now, i.calls, i.failures))
+            if not window or now - window[-1][0] >= ERROR_SAMPLE:  # a few samples: the memory is synced
+                window.append((now, i.calls, i.failures))
             mem.errors[key] = window
-            calls = window[-1][1] - window[0][1]
-            fails = window[-1][2] - window[0][2]
+            calls = i.calls - window[0][1]
+            fails = i.failures - window[0][2]
             if calls > 0:
                 ratios[key] = (fails / calls, calls)
         live = {f"{i.node_id}/{i.instance}" for i in s.instances}

@@ -45,6 +45,7 @@ import msgspec
 
 from aether.controller.config import ControllerConfig, parse_config
 from aether.controller.core import Controller
+from aether.controller.recording import ObservationRecorder
 from aether.controller.types import (
     ControllerMemory,
     ControllerSync,
@@ -56,8 +57,9 @@ from aether.controller.types import (
 )
 from aether.controller.webhooks import WebhookSender, WebhookStats
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
+from aether.core.periodic import run_every
 from aether.deploy.lifecycle import PRESENT_STATES, SliceState
-from aether.deploy.reconcile import Write, autoscaled, desired_state
+from aether.deploy.reconcile import Write, autoscaled, desired_state, scale_values, slice_states
 from aether.kv.keys import (
     BlueprintValue,
     ControllerConfigKey,
@@ -174,21 +176,11 @@ class MetricsInputs(Protocol):
 
 
 def _slice_keys(kv: StoreView) -> dict[str, dict[str, SliceStateValue]]:
-    out: dict[str, dict[str, SliceStateValue]] = {}
-    for key, v in kv.list_local("slices/"):
-        if not isinstance(v, SliceStateValue):
-            continue
-        try:
-            k = parse_key(key)
-        except BadRequest:
-            continue
-        if isinstance(k, SliceKey):
-            out.setdefault(k.node_id, {})[k.artifact] = v
-    return out
+    return slice_states(kv.list_local("slices/"))
 
 
 def _scales(kv: StoreView) -> dict[str, ScaleValue]:
-    return {k.removeprefix("scale/"): v for k, v in kv.list_local("scale/") if isinstance(v, ScaleValue)}
+    return scale_values(kv.list_local("scale/"))
 
 
 def _blueprints(kv: StoreView) -> list[BlueprintValue]:
@@ -351,6 +343,7 @@ class ControllerService:
         webhooks: WebhookSender | None = None,
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
+        recorder: ObservationRecorder | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be a positive number of seconds")
@@ -367,6 +360,7 @@ class ControllerService:
             logger=logging.getLogger(f"aether.controller.webhooks.{self.node_id}")
         )
         self._clock = clock
+        self.recorder = recorder
         self.log = logger or logging.getLogger(f"aether.controller.{self.node_id}")
         self.config = ControllerConfig()
         self.config_value: ControllerConfigValue | None = None
@@ -419,20 +413,12 @@ class ControllerService:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.webhooks.stop()
+        if self.recorder is not None:
+            self.recorder.close()
         self._lose_lead()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            next_at += self.interval
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            if loop.time() - next_at > self.interval:  # fell behind (a blocked loop): do not catch up
-                next_at = loop.time()
-            try:
-                self.tick()
-            except Exception:
-                self.log.exception("controller step failed on %s", self.node_id)
+        await run_every(self.interval, self.tick, self.log, f"controller step on {self.node_id}")
 
     # --- config ---------------------------------------------------------------------------------
 
@@ -499,7 +485,10 @@ class ControllerService:
             return []
         t0 = time.perf_counter()
         core = self.core or self._take_lead()
-        decisions = core.step(self.observe(self._clock()))
+        obs = self.observe(self._clock())
+        if self.recorder is not None:
+            self.recorder.add(obs)
+        decisions = core.step(obs)
         self.memory = core.memory
         for d in decisions:
             self._carry_out(d)
@@ -596,7 +585,11 @@ class ControllerService:
         if not ok or not isinstance(cur, SliceStateValue):
             self.log.info("replace of %s #%d on %s: no longer ACTIVE there", artifact, instance, node)
             return
-        new = SliceStateValue(cur.state, when, reason, [i for i in cur.instances if i != instance])
+        rest = [i for i in cur.instances if i != instance]
+        # the last instance on that node: deactivate the slice there (the reconciler activates it
+        # again, or places the instance elsewhere), rather than an ACTIVE key with no instances
+        new = (SliceStateValue(cur.state, when, reason, rest) if rest
+               else SliceStateValue(SliceState.DEACTIVATE, when, reason, list(cur.instances)))  # fmt: skip
         await self._cas(key, cur, new)
 
     # --- the reconciler's writes ----------------------------------------------------------------

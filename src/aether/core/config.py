@@ -89,6 +89,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # `aether node --join HOST:PORT`: a member's cluster address; the node asks it for the member
     # set at start and runs as a learner (catching up by snapshot) until it is added
     join: str | None = None
+    # seconds between two calls of each slice instance's `health()` hook, and how long one may take
+    # before it counts as failed (docs/slices.md, *Health checks*)
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    # append every observation the controller decides on while this node leads to this file (JSON
+    # lines; `aether controller replay FILE` runs them through a controller config offline)
+    controller_record: str | None = None
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -108,6 +115,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if not 0 < self.http_idle_timeout <= 3600:
             raise ConfigError(
                 f"http_idle_timeout must be > 0 and <= 3600 seconds (got {self.http_idle_timeout})"
+            )
+        if not 0 < self.health_interval <= 3600 or not 0 < self.health_timeout <= 3600:
+            raise ConfigError(
+                f"health_interval and health_timeout must be > 0 and <= 3600 seconds (got "
+                f"{self.health_interval} and {self.health_timeout})"
             )
         if self.cluster_secret and self.cluster_secret_file:
             raise ConfigError(

@@ -44,15 +44,20 @@ from typing import Any
 
 from aether.cluster.leader import LeaderChanged, LeaderManager
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
-from aether.deploy.reconcile import FailureTracker, Plan, Write, desired_state, plan
+from aether.deploy.reconcile import (
+    FailureTracker,
+    Plan,
+    Write,
+    desired_state,
+    plan,
+    scale_values,
+    slice_states,
+)
 from aether.kv.keys import (
     BlueprintValue,
     EndpointValue,
     RouteValue,
-    ScaleValue,
-    SliceKey,
     SliceStateValue,
-    parse_key,
 )
 from aether.kv.machine import WatchEvent
 from aether.kv.store import KVStore
@@ -192,16 +197,7 @@ class ClusterDeploymentManager:
         """What a pass reads from the local replica: blueprints, `{node: {artifact: state}}`,
         endpoints and routes."""
         blueprints = [v for _, v in self.kv.list_local("blueprints/") if isinstance(v, BlueprintValue)]
-        slices: dict[str, dict[str, SliceStateValue]] = {}
-        for key, v in self.kv.list_local("slices/"):
-            if not isinstance(v, SliceStateValue):
-                continue
-            try:
-                k = parse_key(key)
-            except BadRequest:
-                continue
-            if isinstance(k, SliceKey):
-                slices.setdefault(k.node_id, {})[k.artifact] = v
+        slices = slice_states(self.kv.list_local("slices/"))
         endpoints = [(k, v) for k, v in self.kv.list_local("endpoints/") if isinstance(v, EndpointValue)]
         routes = [(k, v) for k, v in self.kv.list_local("routes/") if isinstance(v, RouteValue)]
         return blueprints, slices, endpoints, routes
@@ -222,9 +218,7 @@ class ClusterDeploymentManager:
         for n, t in list(self._down_since.items()):
             if now - t >= self.dead_node_grace and n not in slices:
                 self.failures.forget_node(n)
-        scales = {
-            k.removeprefix("scale/"): v for k, v in self.kv.list_local("scale/") if isinstance(v, ScaleValue)
-        }
+        scales = scale_values(self.kv.list_local("scale/"))
         desired = desired_state(blueprints, scales)
         avoid: Collection[str] = ()
         if self._avoid is not None:

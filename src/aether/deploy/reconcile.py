@@ -121,6 +121,26 @@ def desired_state(
     return {a: DesiredSlice(n, tuple(sorted(deps[a]))) for a, n in counts.items()}
 
 
+def slice_states(items: Iterable[tuple[str, object]]) -> dict[str, dict[str, SliceStateValue]]:
+    """`{node: {artifact: state}}` from the `slices/` entries of a store listing (others skipped)."""
+    out: dict[str, dict[str, SliceStateValue]] = {}
+    for key, v in items:
+        if not isinstance(v, SliceStateValue):
+            continue
+        try:
+            k = parse_key(key)
+        except BadRequest:
+            continue
+        if isinstance(k, SliceKey):
+            out.setdefault(k.node_id, {})[k.artifact] = v
+    return out
+
+
+def scale_values(items: Iterable[tuple[str, object]]) -> dict[str, ScaleValue]:
+    """`{artifact: ScaleValue}` from the `scale/` entries of a store listing."""
+    return {k.removeprefix("scale/"): v for k, v in items if isinstance(v, ScaleValue)}
+
+
 @dataclass(frozen=True, slots=True)
 class Write:
     """`compare_and_set(key, expected, new)`; `new=None` removes the key."""

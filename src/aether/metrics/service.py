@@ -29,6 +29,7 @@ from typing import Literal, Protocol
 import msgspec
 import psutil
 
+from aether.core.periodic import run_every
 from aether.metrics.aggregator import DEFAULT_EXPIRY, MetricsAggregator
 from aether.metrics.collector import DEFAULT_SLOW_THRESHOLD, EntryMetrics
 from aether.metrics.messages import (
@@ -37,6 +38,7 @@ from aether.metrics.messages import (
     ClusterTotals,
     EntryStats,
     InstanceCounters,
+    InstanceStats,
     NodeMetricsUpdate,
     NodeSample,
     NodeStats,
@@ -83,6 +85,8 @@ class MetricsView(msgspec.Struct, frozen=True):
     nodes: list[NodeStats]
     entries: list[EntryStats]
     totals: ClusterTotals
+    instances: list[InstanceStats] = []
+    """Every slice instance: calls in flight and queued, rates of the last interval, health."""
 
 
 class MetricsHistory(msgspec.Struct, frozen=True):
@@ -155,17 +159,7 @@ class MetricsService:
                 await task
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        while True:
-            next_at += self.interval
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            if loop.time() - next_at > self.interval:  # fell behind (a blocked loop): do not catch up
-                next_at = loop.time()
-            try:
-                self.step()
-            except Exception:
-                self._log.exception("metrics step failed on %s", self.node_id)
+        await run_every(self.interval, self.step, self._log, f"metrics step on {self.node_id}")
 
     # --- one second -----------------------------------------------------------------------------
 
@@ -269,12 +263,12 @@ class MetricsService:
             local = self.aggregator.compute(now, time.time())
             return MetricsView(
                 self.node_id, self._leader.leader, "local", note, local.seq, local.time, 0.0,
-                local.nodes, local.entries, local.totals,
+                local.nodes, local.entries, local.totals, self.aggregator.instance_stats(now),
             )  # fmt: skip
         assert snap is not None
         return MetricsView(
             self.node_id, self._leader.leader, "leader", None, snap.seq, snap.time, round(age, 3),
-            snap.nodes, snap.entries, snap.totals,
+            snap.nodes, snap.entries, snap.totals, snap.instances,
         )  # fmt: skip
 
     def history(self, seconds: float) -> MetricsHistory:

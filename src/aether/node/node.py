@@ -16,6 +16,7 @@ from aether.consensus.engine import EngineConfig, MembersChanged, MembershipRefu
 from aether.consensus.messages import MemberChange, MemberResult, RabiaMessage
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore
+from aether.controller.recording import ObservationRecorder
 from aether.controller.service import ControllerService
 from aether.controller.types import CONTROLLER_MESSAGE_TYPES, ControllerMessage
 from aether.core.artifact import Artifact
@@ -233,6 +234,7 @@ class Node:
             config_for=self.slice_configs.resolved, limits_for=self._slice_limits,
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
             recorder=self.metrics.entries,
+            health_interval=config.health_interval, health_timeout=config.health_timeout,
             # slice code runs on its own loops; one that keeps blocking its loop is quarantined
             on_block=[self._on_slice_block],
         )
@@ -257,6 +259,7 @@ class Node:
         self.controller = ControllerService(
             self.kv, self.leader, self.transport, _ControllerMetrics(self.metrics), publish=self.bus.publish,
             logger=logging.getLogger(f"aether.controller.{self.node_id}"),
+            recorder=ObservationRecorder(config.controller_record) if config.controller_record else None,
         )
         self.cluster_deployer = ClusterDeploymentManager(
             self.kv, self.leader, max_instances_per_node=config.max_instances_per_node,
