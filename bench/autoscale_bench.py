@@ -720,6 +720,12 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
         res["scale_down_s"] = (
             first_after(samples, drop, lambda s: s["active"] <= a.min) if scaled_up else "na"
         )
+        if scaled_up:  # drop -> the sample from which ACTIVE stays at min (differs when it flaps back up)
+            after = [s for s in samples if s["t"] >= drop]
+            last_above = max((k for k, s in enumerate(after) if s["active"] > a.min), default=-1)
+            res["scale_down_final_s"] = (
+                after[last_above + 1]["t"] - drop if after and last_above + 1 < len(after) else None
+            )
         act = [s["active"] for s in samples]
         ups, downs = runs(act)
         res["flaps"] = ups + downs
