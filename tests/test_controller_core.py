@@ -311,3 +311,14 @@ def test_a_drop_inside_an_interval_scales_down_in_one_step() -> None:
     downs = [(d.to_count, d.time - T0) for d in scalings(ds) if d.kind == "scale_down"]
     assert len(downs) == 1 and downs[0][0] == 1, downs
     assert 90 <= downs[0][1] <= 92  # the stabilization window (30 s) after the last high second
+
+
+def test_a_short_stabilization_window_does_not_scale_up_again_on_the_memory_of_a_drop() -> None:
+    # stabilization (10 s) shorter than the averaging window (20 s): after the scale-down the
+    # mean still holds high seconds; the latest second wants nothing more, so nothing happens
+    cfg = parse_config("[scaling]\nscale_down_stabilization = 10\nscale_down_cooldown = 5")
+    m = SliceModel(rate=step_rate(T0, 40, 400, 10, 30), max_queue=1000)
+    _, ds = run(m, 120, cfg)
+    assert [d.kind for d in scalings(ds)] == ["scale_up", "scale_down"], [
+        (d.time - T0, d.kind, d.to_count, d.rule) for d in scalings(ds)
+    ]

@@ -43,7 +43,7 @@ from aether.invoke import (
 )
 from aether.invoke.errors import PoisonRequest, error_text
 from aether.invoke.messages import kind_status
-from aether.slices.errors import Conflict, NotFound, SliceHttpError
+from aether.slices.errors import Conflict, InstanceOverloaded, NotFound, SliceHttpError
 from aether.transport import EventBus, PeerDown, message_types
 
 pytestmark = pytest.mark.timeout(30)
@@ -106,10 +106,14 @@ class FakeSlices:
         self.handlers: dict[str, Handler] = {"echo": self._echo}
         self.calls: list[tuple[str, str, bytes, str | None]] = []  # (artifact, method, payload, request id)
         self.bad_local_instances = False  # claim an instance but raise NoLocalInstance on call
+        self.room = True  # what has_room answers: False = every local instance is at its limit
 
     async def _echo(self, node: str, payload: bytes) -> bytes:
         await asyncio.sleep(0)
         return node.encode() + b":" + payload
+
+    def has_room(self, target: str, method: str) -> bool:
+        return self.room
 
     def local_instances(self, target: str) -> list[int]:
         if self.bad_local_instances:
@@ -269,6 +273,18 @@ async def test_local_instance_first() -> None:
     assert not net.nodes["B"].slices.calls and not net.nodes["C"].slices.calls
 
 
+async def test_a_local_instance_at_its_limit_sends_calls_elsewhere_first() -> None:
+    net = make_net("A", "B", "C", active_on=("A", "B", "C"))
+    a = net.nodes["A"]
+    a.slices.room = False  # every slot of A's instance is busy: a call would queue there
+    served = [served_by(await a.invoker.invoke(TARGET, "echo", b"x")) for _ in range(4)]
+    assert served == ["B", "C", "B", "C"] and not a.slices.calls
+    # every other node fails (overloaded): the local queue is the last resort
+    for n in ("B", "C"):
+        net.nodes[n].slices.handlers["echo"] = _raise_overloaded
+    assert served_by(await a.invoker.invoke(TARGET, "echo", b"x")) == "A"
+
+
 async def test_round_robin_across_three_remote_instances() -> None:
     net = make_net("A", "B", "C", "D", active_on=("B", "C", "D"))
     a = net.nodes["A"]
@@ -357,8 +373,6 @@ async def test_retryable_kinds_fail_over(kind: str) -> None:
 
 
 async def _raise_overloaded(node: str, payload: bytes) -> bytes:
-    from aether.slices.errors import InstanceOverloaded
-
     raise InstanceOverloaded(f"instance on {node} is at its limit")
 
 

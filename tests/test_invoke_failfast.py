@@ -34,6 +34,9 @@ class NoSlices:
     async def call(self, artifact: str, method: str, payload: bytes, *, instance: int | None = None) -> bytes:
         raise AssertionError("no local call expected")
 
+    def has_room(self, target: str, method: str) -> bool:
+        return True
+
     def local_instances(self, target: str) -> list[int]:
         return []
 

@@ -64,6 +64,9 @@ class EchoSlices:
         self.work = work
         self.served = 0
 
+    def has_room(self, target: str, method: str) -> bool:
+        return True
+
     def local_instances(self, target: str) -> list[int]:
         return [0] if self.active and ART.startswith(target) else []
 

@@ -148,6 +148,20 @@ async def test_limit_queues_then_refuses_with_503_and_retry_after(repo: Reposito
     assert x.busy_seconds > 0 and x.artifact == str(LIM) and x.healthy is None
 
 
+async def test_has_room_says_whether_a_call_would_run_at_once(repo: Repository, tmp_path: Path) -> None:
+    rt = make(repo, tmp_path, {str(LIM): SliceLimits(max_concurrency=1, max_queue=5)})
+    assert not rt.has_room(LIM, "slow")  # not loaded: no instance here
+    await rt.load(LIM)
+    await rt.activate(LIM, [0])
+    assert rt.has_room(LIM, "slow") and rt.has_room("org.example:limited", "slow")
+    first = asyncio.create_task(rt.call(LIM, "slow", enc({"key": "r"})))
+    await until(lambda: len(mod().RUNNING) == 1)
+    assert not rt.has_room(LIM, "slow")  # its one slot is busy: a call would queue
+    gate("r").set()
+    await first
+    assert rt.has_room(LIM, "slow")
+
+
 async def test_default_queue_is_ten_times_the_limit_and_cancelled_calls_leave_it(
     repo: Repository, tmp_path: Path
 ) -> None:

@@ -19,7 +19,8 @@ Autoscaling, per artifact with a `[slices.NAME.scaling]` rule:
    too, or calls are queueing or being refused), scale up at once to the wanted count — no
    cooldown — and hold every scale-down for `panic_window` seconds after the last such sample.
 3. **Ordinary path**: the mean wanted over `stable_window`; within the `tolerance` band of the
-   current count nothing changes. Up: bounded by `max_step_up` (or 100 %, whichever is more)
+   current count nothing changes. Up (when the latest second wants more too): bounded by
+   `max_step_up` (or 100 %, whichever is more)
    and `scale_up_cooldown`. Down: to the highest count recommended during
    `scale_down_stabilization` seconds, at most `max_step_down` at a time, and not before
    `scale_down_cooldown` after the last scaling.
@@ -247,6 +248,8 @@ class Controller:
             mem.last_skip = ""
             return
         if ratio > 1:
+            if wanted <= current * (1 + cfg.tolerance):
+                return  # the mean still remembers more load than this second has: hold
             want = math.ceil(stable_mean)
             to = min(cap, max(s.min, want))
             if to <= current:

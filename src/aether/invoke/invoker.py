@@ -9,7 +9,9 @@ the endpoint registry and the transport only through the Protocols in `aether.in
 Semantics
 ---------
 - A call prefers a local ACTIVE instance; otherwise it round-robins (per target and method) over
-  the registry's ACTIVE endpoints on other nodes that the transport reports up.
+  the registry's ACTIVE endpoints on other nodes that the transport reports up. A local instance
+  at its concurrency limit (`max_concurrency`: the call would queue) is not preferred: the call
+  goes to another node's instance first, and joins the local queue only when none is left.
 - Retryable failures (no instance, peer down or unreachable, the peer went down while the call was
   pending, no response within the per-attempt timeout, "overloaded", "shutting_down") fail over to
   another instance at once; when every candidate failed in this round, or there is no ACTIVE
@@ -365,28 +367,32 @@ class Invoker:
         """((node, artifact) to try next, or None; number of candidates including tried ones)."""
         candidates = 0
         me = self.node_id
-        if self._local.local_instances(target):
+        local = bool(self._local.local_instances(target))
+        if local:
             candidates = 1
-            if me not in tried:
+            if me not in tried and self._local.has_room(target, method):
                 return (me, target), candidates
         up = self._link.up_peers
         remote = [
             ep for ep in self._registry.instances(target, method) if ep.node_id != me and ep.node_id in up
         ]
-        if not remote:
-            return None, candidates
         candidates += len(remote)
-        remote.sort(key=lambda ep: (ep.node_id, ep.instance, ep.artifact))
-        key = (target, method)
-        start = self._rr.get(key, 0)
-        n = len(remote)
-        for k in range(n):
-            ep = remote[(start + k) % n]
-            if ep.node_id not in tried:
-                if key not in self._rr and len(self._rr) >= _MAX_KEYS:
-                    self._rr.clear()
-                self._rr[key] = (start + k + 1) % 1_000_000_007
-                return (ep.node_id, ep.artifact), candidates
+        if remote:
+            remote.sort(key=lambda ep: (ep.node_id, ep.instance, ep.artifact))
+            key = (target, method)
+            start = self._rr.get(key, 0)
+            n = len(remote)
+            for k in range(n):
+                ep = remote[(start + k) % n]
+                if ep.node_id not in tried:
+                    if key not in self._rr and len(self._rr) >= _MAX_KEYS:
+                        self._rr.clear()
+                    self._rr[key] = (start + k + 1) % 1_000_000_007
+                    return (ep.node_id, ep.artifact), candidates
+        # every local instance is at its concurrency limit and no other node is left to try: the
+        # local queue (a call does not join it while an instance elsewhere may have a free slot)
+        if local and me not in tried:
+            return (me, target), candidates
         return None, candidates
 
     # --- one attempt ----------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class LocalSlices(Protocol):
         """Instance numbers of ACTIVE local instances matching `target` (empty if none)."""
         ...
 
+    def has_room(self, target: str, method: str) -> bool:
+        """True when a local instance of `target` would run a call of `method` at once (one without
+        a concurrency limit always would); False when every one is at its limit (calls would queue)."""
+        ...
+
 
 class Endpoint(Protocol):
     """One ACTIVE endpoint as the registry reports it (``EndpointInfo``)."""

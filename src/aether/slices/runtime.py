@@ -429,6 +429,19 @@ class SliceRuntime:
             for inst in e.instances.values():
                 self._apply_limits(inst, new)
 
+
+    def has_room(self, target: str | Artifact, method: str) -> bool:
+        """True when a local ACTIVE instance of `target` would run a call of `method` at once (an
+        instance without limits always would); False when every one is at its concurrency limit
+        (the call would queue) or there is none. The invoker sends such calls to other nodes first."""
+        for e in self._matching(target):
+            if not e.limits.limited:
+                return any(i.accepting for i in e.instances.values())
+            for i in e.instances.values():
+                if i.accepting and (i.gate is None or i.gate.free(method)):
+                    return True
+        return False
+
     # --- calls --------------------------------------------------------------------------------------
 
     async def call(
