@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from aether.cli.main import main as cli
@@ -78,3 +79,26 @@ def test_cli_replay_prints_the_decisions_and_names_bad_input(tmp_path: Path) -> 
     bad.write_text('{"time": 1}\nnot json\n')
     r = runner.invoke(cli, ["controller", "replay", str(bad)])
     assert r.exit_code != 0 and "bad.jsonl:1" in r.output
+
+
+DATA = Path(__file__).parent / "data" / "controller"
+
+
+def test_a_recorded_bench_step_replays_to_one_scale_up_and_one_scale_down() -> None:
+    """A real recording: the leader of `bench/autoscale_bench.py` (3 node processes, 50 ms calls,
+    max_concurrency 8, in_flight target 6, 40 -> 400 -> 40 calls/s) with `--controller-record`.
+    Replayed with the default configuration it decides what the live controller decided: the
+    surge at once (3 instances on the second that straddled the step, the 4 the load needs on the
+    next), then back to 1 after the stabilization, in one step."""
+    obs = list(read_recording(DATA / "bench-step-40-400-40.jsonl.gz"))
+    assert len(obs) == 135
+    scaled = [d for d in replay(obs, parse_config("")) if d.kind.startswith("scale")]
+    assert [(d.kind, d.from_count, d.to_count, d.rule) for d in scaled] == [
+        ("scale_up", 1, 3, "panic"), ("scale_up", 3, 4, "panic"), ("scale_down", 4, 1, "target:in_flight"),
+    ]
+    assert scaled[1].time - scaled[0].time == pytest.approx(1.0, abs=0.05)
+    first_busy = next(o for o in obs if o.slices and o.slices[0].load and o.slices[0].load.queued > 0)
+    assert scaled[0].time - first_busy.time <= 1.0  # on the first second the surge shows in
+    # a calmer configuration (surges must be 5x) holds at that second: the replay shows it
+    calm = replay(obs, parse_config("[scaling]\npanic_threshold = 5"))
+    assert not [d for d in calm if d.kind == "scale_up" and d.time <= scaled[0].time]

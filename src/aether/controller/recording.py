@@ -12,6 +12,7 @@ would have done afterwards.
 
 from __future__ import annotations
 
+import gzip
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -73,8 +74,10 @@ class ObservationRecorder:
 
 
 def read_recording(path: str | Path) -> Iterator[Observation]:
-    """The observations of a recording, in order; `BadRequest` naming the line that does not parse."""
-    with Path(path).open("rb") as f:
+    """The observations of a recording (gzip-compressed when its name ends in ``.gz``), in order;
+    `BadRequest` naming the line that does not parse."""
+    p = Path(path)
+    with (gzip.open(p, "rb") if p.suffix == ".gz" else p.open("rb")) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
