@@ -70,6 +70,8 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.core.errors.Unauthorized": (401, "status:401"),
     "aether.core.errors.Forbidden": (403, "status:403"),
     "aether.core.errors.RequestTimeout": (408, "status:408"),
+    # every slot and the queue of an instance are full: retried on another instance by the invoker
+    "aether.core.errors.Overloaded": (503, "overloaded"),
     "aether.core.maps.MapError": (None, "app_error"),
     "aether.core.maps.UnknownMap": (404, "app_error"),
     "aether.core.maps.MapDefinitionConflict": (409, "status:409"),
@@ -88,11 +90,14 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.invoke.errors.EndpointUnavailable": (503, "app_error"),
     "aether.invoke.errors.PoisonRequest": (502, "app_error"),
     "aether.invoke.errors.InvokerClosed": (503, "shutting_down"),
+    # every instance was overloaded: 503 + Retry-After to the caller, not retried by the caller's caller
+    "aether.invoke.errors.InvokeOverloaded": (503, "status:503"),
     "aether.slices.errors.SliceError": (None, "app_error"),
     "aether.slices.errors.SliceDefinitionError": (None, "app_error"),
     "aether.slices.errors.EntryBadRequest": (400, "bad_request"),
     "aether.slices.errors.UnknownEntry": (404, "unknown_entry"),
     "aether.slices.errors.NoLocalInstance": (503, "no_instance"),
+    "aether.slices.errors.InstanceOverloaded": (503, "overloaded"),
     "aether.slices.errors.SliceHttpError": (500, "status:500"),
     "aether.slices.errors.NotFound": (404, "status:404"),
     "aether.slices.errors.Conflict": (409, "status:409"),
