@@ -1,0 +1,448 @@
+"""Forge's supervisor (`aether.forge.supervisor`): its pure decisions without processes, the
+requests its fault controls send (against a stand-in fault API), and a few runs of real 3-node
+clusters (kill, restart, crash the leader, add and remove a node, rolling restart, close)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psutil
+import pytest
+from aiohttp import web
+
+from aether.core.errors import BadRequest
+from aether.core.status import MemberStatus, NodeStatus
+from aether.forge import supervisor as sv
+from aether.forge.supervisor import (
+    ClusterView,
+    ForgeCluster,
+    ForgeConflict,
+    NodeNotFound,
+    NodeView,
+    PlacementView,
+    RollingRestart,
+    diff_events,
+    leader_and_quorum,
+    node_state,
+    partition_blocks,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+N3 = ["node-1", "node-2", "node-3"]
+
+
+def _st(node: str, leader: str | None, quorum: bool = True) -> NodeStatus:
+    return NodeStatus(node_id=node, leader=leader, quorum=quorum, nodes=[MemberStatus(node, "x:1", "up")])
+
+
+# -- pure decisions ---------------------------------------------------------------------------------
+
+
+def test_leader_and_quorum_from_the_answers() -> None:
+    assert leader_and_quorum({n: _st(n, "node-1") for n in N3}, N3) == ("node-1", True)
+    # the leader is frozen (no answer): the two others elected node-2
+    assert leader_and_quorum(
+        {"node-1": None, "node-2": _st("node-2", "node-2"), "node-3": _st("node-3", "node-2")}, N3
+    ) == ("node-2", True)
+    # only one answers: it may still believe in a leader, but one of three is no majority
+    assert leader_and_quorum({"node-1": _st("node-1", "node-1"), "node-2": None, "node-3": None}, N3) == (
+        "node-1",
+        False,
+    )
+    # nobody reports quorum: no leader
+    assert leader_and_quorum({n: _st(n, None, quorum=False) for n in N3}, N3) == (None, False)
+    # an isolated old leader still claims to lead; the majority outvotes it
+    obs = {
+        "node-1": _st("node-1", "node-1"),
+        "node-2": _st("node-2", "node-3"),
+        "node-3": _st("node-3", "node-3"),
+    }
+    assert leader_and_quorum(obs, N3) == ("node-3", True)
+    # quorum counts the members: with five members, two agreeing answers are not enough
+    five = [*N3, "node-4", "node-5"]
+    assert leader_and_quorum(
+        {"node-1": _st("node-1", "node-1"), "node-2": _st("node-2", "node-1")}, five
+    ) == ("node-1", False)
+
+
+def test_node_state_from_process_and_api() -> None:
+    def st(**kw: Any) -> str:
+        base: dict[str, Any] = dict(
+            process="running",
+            frozen=False,
+            answered=True,
+            seen_since_start=True,
+            stop_requested=False,
+            removed=False,
+        )
+        base.update(kw)
+        return node_state(**base)
+
+    assert st() == "up"
+    assert st(answered=False, seen_since_start=False) == "starting"
+    assert st(answered=False) == "down"  # answered before, runs, answers no more
+    assert st(process="exited") == "down"  # killed or crashed by itself
+    assert st(process="exited", stop_requested=True) == "stopped"
+    assert st(frozen=True, answered=False) == "frozen"
+    assert st(process="exited", frozen=True) == "down"  # killed while frozen
+    assert st(removed=True) == "removed"
+    assert st(process="none", answered=False, seen_since_start=False) == "down"
+
+
+def test_partition_groups_become_blocked_links_both_ways() -> None:
+    five = [*N3, "node-4", "node-5"]
+    blocks = partition_blocks([["node-1", "node-2"], ["node-3", "node-4", "node-5"]], five)
+    assert len(blocks) == 2 * 2 * 3
+    assert ("node-1", "node-3") in blocks and ("node-3", "node-1") in blocks
+    assert ("node-1", "node-2") not in blocks and ("node-4", "node-5") not in blocks
+    # nodes named in no group form one more group: isolating one node
+    iso = partition_blocks([["node-2"]], N3)
+    assert iso == {("node-2", "node-1"), ("node-2", "node-3"), ("node-1", "node-2"), ("node-3", "node-2")}
+    three_way = partition_blocks([["node-1"], ["node-2"]], N3)
+    assert len(three_way) == 6
+    with pytest.raises(NodeNotFound, match="node-9"):
+        partition_blocks([["node-9"]], N3)
+    with pytest.raises(BadRequest, match="two groups"):
+        partition_blocks([["node-1"], ["node-1", "node-2"]], N3)
+    with pytest.raises(BadRequest, match="two non-empty"):
+        partition_blocks([N3], N3)
+    assert NodeNotFound("x").status == 404 and ForgeConflict("x").status == 409
+
+
+def _view(
+    states: dict[str, str], leader: str | None, quorum: bool, placement: list[PlacementView] = ()
+) -> ClusterView:
+    nodes = [
+        NodeView(
+            id=n,
+            state=s,
+            pid=1,
+            member=True,
+            leader=n == leader,
+            ready=s == "up",
+            cluster_address="",  # type: ignore[arg-type]
+            management_address="",
+            http_address="",
+            last_seen=None,
+            restarts=0,
+        )
+        for n, s in states.items()
+    ]
+    return ClusterView(
+        time=0.0,
+        nodes=nodes,
+        leader=leader,
+        quorum=quorum,
+        members=list(states),
+        epoch=0,
+        links=[],
+        placement=list(placement),
+        decisions=[],
+        alerts=[],
+    )
+
+
+def test_diff_events_names_what_changed() -> None:
+    up = dict.fromkeys(N3, "up")
+    first = diff_events(None, _view(up, "node-1", True))
+    assert ("leader", "node-1", "leader node-1") in first and len(first) == 4
+    p1 = [PlacementView(artifact="a:1", node="node-2", instances=2, state="ACTIVE")]
+    before = _view(up, "node-1", True, p1)
+    after = _view(
+        {**up, "node-1": "frozen"},
+        "node-2",
+        True,
+        [PlacementView(artifact="a:1", node="node-2", instances=3, state="ACTIVE")],
+    )
+    assert diff_events(before, after) == [
+        ("node-frozen", "node-1", "node-1 frozen"),
+        ("leader", "node-2", "leader node-1 -> node-2"),
+        ("placement", "node-2", "a:1 on node-2: 3 ACTIVE"),
+    ]
+    lost = diff_events(before, _view({**up, "node-2": "down", "node-3": "down"}, None, False))
+    assert ("quorum", None, "quorum lost") in lost and ("placement", "node-2", "a:1 on node-2: gone") in lost
+    assert diff_events(before, before) == []
+
+
+def test_rolling_restart_steps() -> None:
+    plan = RollingRestart(N3, "node-1", step_timeout=30)
+    assert plan.order == ["node-2", "node-3", "node-1"]  # the leader last
+    ready = dict.fromkeys(N3, True)
+    assert plan.next(0, ready, quorum=False).action == "wait"  # never starts without quorum
+    step = plan.next(0, ready, quorum=True)
+    assert (step.action, step.node) == ("restart", "node-2")
+    plan.restarted("node-2", 1.0)
+    ready["node-2"] = False
+    assert (plan.next(2, ready, True).action, plan.next(2, ready, True).node) == ("wait", "node-2")
+    ready["node-2"] = True
+    assert (plan.next(3, ready, False).action) == "wait"  # ready, but the cluster has no quorum yet
+    step = plan.next(4, ready, True)
+    assert (step.action, step.node) == ("restart", "node-3")
+    plan.restarted("node-3", 4.0)
+    ready["node-3"] = False
+    step = plan.next(40, ready, True)
+    assert (step.action, step.node) == ("failed", "node-3") and "30 s" in step.reason
+    # a plan that gets through every node
+    ok = RollingRestart(N3, None)
+    for node in ok.order:
+        s = ok.next(0, dict.fromkeys(N3, True), True)
+        assert (s.action, s.node) == ("restart", node)
+        ok.restarted(node, 0)
+    assert ok.next(1, dict.fromkeys(N3, True), True).action == "done"
+
+
+# -- the fault controls' requests, against a stand-in fault API ---------------------------------------
+
+
+class _FakeProc:
+    """Stands for the asyncio process of a node that runs."""
+
+    def __init__(self) -> None:
+        self.pid = 999_999_999  # never signalled: these tests send no signal
+        self.returncode: int | None = None
+
+
+async def _fake_cluster(
+    tmp_path: Path, names: list[str]
+) -> tuple[ForgeCluster, list[tuple[str, str, str, Any]], list[web.AppRunner]]:
+    """A ForgeCluster whose nodes are stand-in fault APIs recording (node, method, path, body)."""
+    import aiohttp
+
+    seen: list[tuple[str, str, str, Any]] = []
+    runners = []
+    fc = ForgeCluster(tmp_path, nodes=len(names))
+    fc._session = aiohttp.ClientSession(headers={"Authorization": "Bearer k"})
+    for name in names:
+
+        async def handler(request: web.Request, name: str = name) -> web.Response:
+            body = await request.json() if request.can_read_body else None
+            assert request.headers["Authorization"] == "Bearer k"
+            seen.append((name, request.method, request.path, body))
+            return web.json_response({})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        n = sv._Node(name, "127.0.0.1", (1, port, 2), tmp_path, None)
+        n.proc = _FakeProc()  # type: ignore[assignment]
+        fc._nodes[name] = n
+        runners.append(runner)
+    return fc, seen, runners
+
+
+async def test_partition_isolate_set_link_heal_send_the_fault_requests(tmp_path: Path) -> None:
+    fc, seen, runners = await _fake_cluster(tmp_path, N3)
+    try:
+        await fc.partition([["node-1"], ["node-2", "node-3"]])
+        blocked = {"delay_ms": 0.0, "jitter_ms": 0.0, "loss": 0.0, "blocked": True}
+        assert sorted(seen) == sorted(
+            [
+                ("node-1", "PUT", "/api/v1/faults/links/node-2", blocked),
+                ("node-1", "PUT", "/api/v1/faults/links/node-3", blocked),
+                ("node-2", "PUT", "/api/v1/faults/links/node-1", blocked),
+                ("node-3", "PUT", "/api/v1/faults/links/node-1", blocked),
+            ]
+        )
+        links = {(v.src, v.dst): v for v in fc.view().links}
+        assert links[("node-1", "node-2")].blocked and not links[("node-2", "node-3")].blocked
+        seen.clear()
+
+        # a delay on a blocked link keeps it blocked; a frozen node gets its faults later
+        fc._nodes["node-3"].frozen = True
+        await fc.set_link("node-1", "node-3", delay_ms=50, jitter_ms=5, loss=0.1)
+        assert seen == [
+            (
+                "node-1",
+                "PUT",
+                "/api/v1/faults/links/node-3",
+                {"delay_ms": 50.0, "jitter_ms": 5.0, "loss": 0.1, "blocked": True},
+            )
+        ]
+        assert fc.link_faults()[("node-3", "node-1")].delay_ms == 50
+        seen.clear()
+        fc._nodes["node-3"].frozen = False
+        await fc._reapply_faults(fc._nodes["node-3"])  # what the poller does when a node is back
+        assert seen == [
+            (
+                "node-3",
+                "PUT",
+                "/api/v1/faults/links/node-1",
+                {"delay_ms": 50.0, "jitter_ms": 5.0, "loss": 0.1, "blocked": True},
+            )
+        ]
+        seen.clear()
+
+        await fc.heal()
+        assert fc.link_faults() == {}
+        assert {(n, m, p) for n, m, p, _ in seen} == {
+            (a, "DELETE", f"/api/v1/faults/links/{b}") for a in N3 for b in N3 if a != b
+        }
+        seen.clear()
+        await fc.isolate("node-2")
+        assert {(n, p) for n, _, p, _ in seen} == {
+            ("node-2", "/api/v1/faults/links/node-1"),
+            ("node-2", "/api/v1/faults/links/node-3"),
+            ("node-1", "/api/v1/faults/links/node-2"),
+            ("node-3", "/api/v1/faults/links/node-2"),
+        }
+        seen.clear()
+        fc._placement = [
+            PlacementView(artifact="org.example:a:1", node="node-2", instances=1, state="ACTIVE")
+        ]
+        fc._nodes["node-2"].state = "up"
+        await fc.fail_slice("org.example:a:1", error_rate=0.5)
+        await fc.heal_slice("org.example:a:1")
+        assert seen == [
+            (
+                "node-2",
+                "PUT",
+                "/api/v1/faults/slices/org.example:a:1",
+                {"error_rate": 0.5, "delay_ms": 0.0, "unhealthy": False},
+            ),
+            ("node-2", "DELETE", "/api/v1/faults/slices/org.example:a:1", None),
+        ]
+        with pytest.raises(NodeNotFound):
+            await fc.set_link("node-1", "node-7", delay_ms=1)
+        with pytest.raises(BadRequest):
+            await fc.set_link("node-1", "node-2", loss=2.0)
+        with pytest.raises(NodeNotFound, match="no up node runs"):
+            await fc.fail_slice("org.example:other:1")
+        kinds = [e.message for e in fc.events(0) if e.kind == "fault"]
+        assert kinds[0] == "partition node-1 | node-2,node-3" and "heal all links" in kinds
+    finally:
+        assert fc._session is not None
+        await fc._session.close()
+        for r in runners:
+            await r.cleanup()
+
+
+# -- real processes ---------------------------------------------------------------------------------
+
+
+def _fault_flag_known() -> bool:
+    out = subprocess.run(
+        [sys.executable, "-m", "aether.cli.main", "node", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return "--fault-injection" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def fault_injection() -> bool:
+    return _fault_flag_known()
+
+
+async def _until(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    """Wait until `cond()`; return how long it took."""
+    start = time.monotonic()
+    while not cond():
+        assert time.monotonic() - start < timeout, f"not {what} within {timeout} s"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _node(c: ForgeCluster, node: str) -> NodeView:
+    return next(n for n in c.view().nodes if n.id == node)
+
+
+def _gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+@pytest.mark.slow
+async def test_kill_restart_crash_leader_and_close(tmp_path: Path, fault_injection: bool) -> None:
+    progress: list[str] = []
+    c = ForgeCluster(tmp_path, nodes=3, fault_injection=fault_injection)
+    pids: list[int] = []
+    try:
+        await c.start(timeout=60, on_progress=progress.append)
+        pids = list(c.pids().values())
+        assert len(pids) == 3 and progress
+        v = c.view()
+        assert [n.state for n in v.nodes] == ["up"] * 3 and all(n.ready and n.member for n in v.nodes)
+        assert v.leader in N3 and v.quorum and v.members == N3
+        assert sum(n.leader for n in v.nodes) == 1
+        assert len(v.links) == 6 and all(link.up for link in v.links)
+        assert len(c.http_addresses()) == 3
+        msgspec.json.encode(v)  # JSON-able as is
+
+        follower = next(n for n in N3 if n != v.leader)
+        killed_at = time.monotonic()
+        await c.kill(follower)
+        took = await _until(lambda: _node(c, follower).state == "down", 10, f"{follower} down")
+        assert time.monotonic() - killed_at < 2.0, took
+        await _until(lambda: c.view().quorum, 10, "quorum with two of three")
+        assert len(c.http_addresses()) == 2
+        with pytest.raises(ForgeConflict, match="not running"):
+            await c.kill(follower)
+        with pytest.raises(NodeNotFound):
+            await c.kill("node-9")
+
+        await c.restart(follower)
+        await _until(
+            lambda: _node(c, follower).state == "up" and _node(c, follower).ready, 30, f"{follower} ready"
+        )
+        assert _node(c, follower).restarts == 1
+
+        old = c.view().leader
+        assert old is not None
+        await c.crash(old)
+        await _until(lambda: c.view().leader not in (None, old) and c.view().quorum, 30, "a new leader")
+        assert _node(c, old).state == "frozen" and c.view().leader != old
+        await c.restart(old)  # resumes it
+        await _until(lambda: _node(c, old).state == "up", 30, f"{old} up again")
+        msgs = [e.message for e in c.events(0)]
+        assert f"kill {follower}" in msgs and f"{follower} down" in msgs and f"crash {old} (SIGSTOP)" in msgs
+        assert any(m.startswith(f"leader {old} -> ") for m in msgs), msgs
+        assert next(e.seq for e in c.events(3)) == 4
+    finally:
+        await c.close()
+        await c.close()  # idempotent
+    assert pids and _gone(pids), [p for p in pids if not _gone([p])]
+
+
+@pytest.mark.slow
+async def test_add_remove_and_rolling_restart(tmp_path: Path, fault_injection: bool) -> None:
+    async with ForgeCluster(tmp_path, nodes=3, fault_injection=fault_injection) as c:
+        r = await c.add_node(timeout=60)
+        assert r.node == "node-4"
+        await _until(
+            lambda: c.view().members == [*N3, "node-4"] and _node(c, "node-4").ready, 30, "node-4 member"
+        )
+        assert (tmp_path / "node-4.log").exists()
+
+        await c.remove_node("node-4")
+        await _until(lambda: "node-4" not in c.view().members, 30, "node-4 removed")
+        assert _node(c, "node-4").state == "removed" and "node-4" not in c.pids()
+
+        await c.rolling_restart(step_timeout=60)
+        with pytest.raises(ForgeConflict, match="running already"):
+            await c.rolling_restart()
+        outcome = await asyncio.wait_for(c.wait_rolling_restart(), 120)
+        assert outcome == "3 nodes restarted", [e.message for e in c.events(0) if e.kind == "rolling"]
+        assert all(_node(c, n).restarts == 1 for n in N3)
+        await _until(lambda: c.view().quorum and all(_node(c, n).ready for n in N3), 30, "all ready")
+        pids = list(c.pids().values())
+    assert _gone(pids)
+    assert os.listdir(tmp_path)  # the logs stay
