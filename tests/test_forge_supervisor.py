@@ -393,6 +393,9 @@ async def test_kill_restart_crash_leader_and_close(tmp_path: Path, fault_injecti
         took = await _until(lambda: _node(c, follower).state == "down", 10, f"{follower} down")
         assert time.monotonic() - killed_at < 2.0, took
         await _until(lambda: c.view().quorum, 10, "quorum with two of three")
+        # the leader's own event stream, followed by Forge
+        await _until(lambda: any(e.kind == "cluster:node-left" and e.node == follower for e in c.events(0)),
+                     10, "the leader's node-left event")
         assert len(c.http_addresses()) == 2
         with pytest.raises(ForgeConflict, match="not running"):
             await c.kill(follower)

@@ -474,6 +474,7 @@ class ForgeCluster:
         self._slice_faults: dict[tuple[str, str], SliceFault] = {}  # (artifact, node)
         self._closed = False
         self._lock = asyncio.Lock()  # one control at a time changes processes
+        self._watchers: set[asyncio.Task[None]] = set()  # one per process: refresh on its exit
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -557,6 +558,8 @@ class ForgeCluster:
             # whatever happened above (cancelled, a failing wait): no process outlives close()
             for n in self._nodes.values():
                 self._signal(n, signal.SIGKILL)
+            for t in list(self._watchers):
+                t.cancel()
             if self._session is not None:
                 await self._session.close()
 
@@ -984,11 +987,25 @@ class ForgeCluster:
                 close_fds=True,
                 env=self._child_env(),
             )
+        self._watch_exit(n, n.proc)
         n.starts += 1
         n.frozen = n.stop_requested = n.seen_since_start = n.ready = False
         n.status = None
         n.state = "starting"
         log.debug("started %s pid %d", n.id, n.proc.pid)
+
+    def _watch_exit(self, n: _Node, proc: asyncio.subprocess.Process) -> None:
+        """Refresh the view the moment the process exits (not at the next poll)."""
+
+        async def watch() -> None:
+            await proc.wait()
+            if n.proc is proc and not self._closed:
+                n.status, n.ready = None, False
+                self._refresh()
+
+        task = asyncio.create_task(watch(), name=f"forge-exit-{n.id}")
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     def _signal(self, n: _Node, sig: int) -> None:
         """Signal the node's process group, only while its process is ours (not reaped)."""
@@ -1282,37 +1299,47 @@ class ForgeCluster:
     # -- internals: the cluster's event stream ------------------------------------------------------
 
     async def _follow_events(self) -> None:
-        """Follow `GET /api/v1/events` of the leader (or any answering node), reconnecting when
-        the stream ends or the leader moves; each event becomes a ForgeEvent `cluster:TYPE`."""
-        assert self._session is not None
+        """Follow `GET /api/v1/events` of the leader, reconnecting when the stream ends or the
+        leader moves (checked twice a second, so a frozen leader's silent stream is left at once);
+        each event becomes a ForgeEvent `cluster:TYPE`."""
         while True:
             leader = self._leader()
             src = self._nodes.get(leader) if leader else None
             if src is None or src.status is None:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(POLL_INTERVAL)
                 continue
+            reader = asyncio.create_task(self._read_events(src), name=f"forge-events-{src.id}")
             try:
-                async with self._session.get(
-                    src.management_url + f"{_API}/events",
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=20.0),
-                ) as resp:
-                    if resp.status != 200:
-                        await asyncio.sleep(2.0)
-                        continue
-                    event = ""
-                    async for raw in resp.content:
-                        line = raw.decode(errors="replace").rstrip("\r\n")
-                        if line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("data:") and event not in ("hello", ""):
-                            self._cluster_event(event, line[5:].strip())
-                        elif not line:
-                            event = ""
-                        if self._leader() != src.id:
-                            break  # follow the new leader
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                pass
-            await asyncio.sleep(0.5)
+                while not reader.done() and self._leader() == src.id and src.running and not src.frozen:
+                    await asyncio.wait({reader}, timeout=POLL_INTERVAL)
+            finally:
+                if not reader.done():
+                    reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+            await asyncio.sleep(POLL_INTERVAL)
+
+    async def _read_events(self, src: _Node) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                src.management_url + f"{_API}/events",
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=2.0, sock_read=30.0),
+            ) as resp:
+                if resp.status != 200:
+                    await asyncio.sleep(2.0)
+                    return
+                event = ""
+                async for raw in resp.content:
+                    line = raw.decode(errors="replace").rstrip("\r\n")
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event not in ("hello", ""):
+                        self._cluster_event(event, line[5:].strip())
+                    elif not line:
+                        event = ""
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
 
     def _cluster_event(self, kind: str, data: str) -> None:
         try:
