@@ -446,6 +446,18 @@ async def test_add_remove_and_rolling_restart(tmp_path: Path, fault_injection: b
         assert outcome == "3 nodes restarted", [e.message for e in c.events(0) if e.kind == "rolling"]
         assert all(_node(c, n).restarts == 1 for n in N3)
         await _until(lambda: c.view().quorum and all(_node(c, n).ready for n in N3), 30, "all ready")
+
+        r = await c.kill_leader()
+        assert r.node in N3 and _node(c, r.node).state == "down"
+        await _until(lambda: c.view().leader not in (None, r.node) and c.view().quorum, 30, "a new leader")
+        follower = next(n for n in N3 if n not in (r.node, c.view().leader))
+        await c.stop(follower)  # graceful: "stopped", not "down"
+        assert _node(c, follower).state == "stopped"
+        with pytest.raises(ForgeConflict, match="not running"):
+            await c.stop(follower)
+        await c.restart(r.node)
+        await c.restart(follower)
+        await _until(lambda: all(_node(c, n).ready for n in N3) and c.view().quorum, 30, "all ready again")
         pids = list(c.pids().values())
     assert _gone(pids)
     assert os.listdir(tmp_path)  # the logs stay

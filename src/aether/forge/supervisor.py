@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -380,6 +381,12 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
+def _wipe(data_dir: Path) -> None:
+    """Remove the data directory of a node id from an earlier run (a new node starts empty)."""
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+
+
 def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -496,7 +503,10 @@ class ForgeCluster:
 
     async def start(self, timeout: float = 60.0, on_progress: Callable[[str], None] | None = None) -> None:
         """Start every node and wait until they have quorum and each is ready (`/readyz` 200);
-        `on_progress(text)` hears what it is waiting for."""
+        `on_progress(text)` hears what it is waiting for. The nodes start empty: the data
+        directories `WORKDIR/node-K/data` of an earlier run are removed (their members had other
+        ports). On a failure the processes started so far run until `close()` (`async with`
+        calls it)."""
         if on_progress is not None:
             self.on_progress = on_progress
         if self._nodes:
@@ -520,6 +530,7 @@ class ForgeCluster:
             self._members = list(self._nodes)
             self._progress(f"starting {self.size} nodes in {self.workdir}")
             for n in self._nodes.values():
+                _wipe(n.data_dir)  # a new cluster (its ports are new): no state of an earlier run
                 await self._spawn(n)
             try:
                 await self._wait(
@@ -658,6 +669,7 @@ class ForgeCluster:
         for attempt in range(3):
             n = _Node(nid, self.host, self._pick_ports(), self.workdir, via.cluster_address)
             self._nodes[nid] = n
+            _wipe(n.data_dir)
             await self._spawn(n)
             try:
                 await self._wait(lambda n=n: n.status is not None, timeout, f"{nid} answers", watch=[n])  # type: ignore[misc]
