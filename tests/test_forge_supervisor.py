@@ -461,3 +461,30 @@ async def test_add_remove_and_rolling_restart(tmp_path: Path, fault_injection: b
         pids = list(c.pids().values())
     assert _gone(pids)
     assert os.listdir(tmp_path)  # the logs stay
+
+
+@pytest.mark.slow
+async def test_a_failed_or_cancelled_start_leaves_no_process(tmp_path: Path) -> None:
+    # a node that refuses its command line: the error names it, its exit code and its log
+    bad = ForgeCluster(tmp_path / "bad", nodes=2, fault_injection=False, extra_node_args=["--no-such-flag"])
+    with pytest.raises(sv.ForgeError, match=r"node-\d \(pid \d+\) exited with code 2") as e:
+        async with bad:
+            pass
+    assert "no-such-flag" in str(e.value)
+    assert bad.pids() == {}
+
+    # cancelled while it waits for quorum (Ctrl-C): every process it started is gone
+    c = ForgeCluster(tmp_path / "cancel", nodes=3, fault_injection=False)
+    started: list[int] = []
+
+    async def run() -> None:
+        async with c:
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(run())
+    await _until(lambda: len(c.pids()) == 3, 30, "three processes")
+    started = list(c.pids().values())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _gone(started)
