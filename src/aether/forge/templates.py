@@ -138,7 +138,8 @@ def compile_template(text: str, where: str = "template") -> Template:
         elif nxt == "{":
             end = text.find("}", j + 2)
             if end < 0:
-                raise TemplateError(f"{where}: unterminated placeholder {text[j : j + 20]!r} (no closing '}}')")
+                bad = text[j : j + 20]
+                raise TemplateError(f"{where}: unterminated placeholder {bad!r} (no closing '}}')")
             if literal:
                 parts.append("".join(literal))
                 literal = []
