@@ -162,3 +162,13 @@ def test_seeded_rendering_is_reproducible_and_in_range() -> None:
 def test_a_template_without_placeholders_is_constant() -> None:
     t = compile_template('{"a": 1, "cost": "$5"}')
     assert t.constant and t.render(random.Random()) == '{"a": 1, "cost": "$5"}'
+
+
+def test_the_example_in_docs_forge_md_parses() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "forge.md").read_text()
+    start = doc.index("```toml\n[forge]")
+    text = doc[start + len("```toml\n") : doc.index("```", start + 7)]
+    cfg = parse_forge_config(text, "docs/forge-config.toml")
+    assert [t.name for t in cfg.load.targets] == ["place-order", "get-price", "get-inventory"]
+    assert cfg.load.max_in_flight == 256 and len(cfg.load.schedule) == 2
+    assert cfg.forge.blueprint == "docs/examples/order_demo/demo-order.blueprint"
