@@ -422,3 +422,38 @@ path = "/fail/${range:1:3}"
     assert gen.cpu_seconds() > 0
     assert any(p.scope == "node" and p.name == live for p in gen.series(0.0))
     await runner.cleanup()
+
+
+async def test_a_hanging_server_fills_the_in_flight_cap_and_stop_cancels_the_rest() -> None:
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/hang", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    address = f"http://127.0.0.1:{runner.addresses[0][1]}"  # a base URL works as well as host:port
+    cfg = LoadConfig(rate=200, max_in_flight=10, targets=[Target(name="hang", path="/hang")])
+    gen = LoadGenerator(cfg, lambda: [address])
+    await gen.start()
+    gen.start_recording()
+    try:
+        for _ in range(600):
+            if gen.snapshot().total.dropped >= 20:
+                break
+            await asyncio.sleep(0.05)
+        view = gen.snapshot()
+        assert view.in_flight == 10 and view.total.sent == 10 and view.total.dropped >= 20
+        trace = gen.stop_recording()
+        assert trace.targets == ["hang"] and sum(r[0] for r in trace.counts) >= 30  # offered, drops included
+    finally:
+        await gen.stop(grace=0.2)
+        release.set()
+        await runner.cleanup()
+    view = gen.snapshot()
+    assert view.in_flight == 0 and view.total.errors == {"error:cancelled": 10} and view.total.ok == 0

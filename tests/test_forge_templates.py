@@ -105,6 +105,16 @@ def test_bad_values_name_the_key() -> None:
     assert "not valid TOML" in _error("[load\n")
 
 
+def test_the_line_is_the_one_in_the_right_table() -> None:
+    text = EXAMPLE.replace("ramp = 10", "ramp = 10\n\n[[load.schedule]]\nat = 40\nrate = -1")
+    msg = _error(text)
+    line = int(msg.split(":")[1])
+    assert "load.schedule[1].rate" in msg and text.splitlines()[line - 1] == "rate = -1"
+    text = EXAMPLE + 'weight = "x"\n'
+    msg = _error(text)
+    assert msg.startswith(f"my-forge.toml:{len(text.splitlines())}: load.targets[1].weight:")
+
+
 def test_a_bad_template_names_the_target_and_the_placeholder() -> None:
     msg = _error(EXAMPLE.replace("${range:1:3}", "${range:3:1}"))
     assert "load.targets[0] (place-order).body" in msg and "${range:3:1}" in msg and "empty" in msg

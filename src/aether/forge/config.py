@@ -115,14 +115,27 @@ def compile_target(target: Target, where: str = "target") -> TargetTemplates:
     )
 
 
-def _line_of(text: str, key: str) -> int | None:
-    """The line (1-based) of the first ``key =`` in `text` (a best effort for error messages)."""
-    pat = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=", re.MULTILINE)
-    m = pat.search(text)
-    if m is None:
-        pat = re.compile(rf"[{{,]\s*\"?{re.escape(key)}\"?\s*=")  # inline table
-        m = pat.search(text)
-    return None if m is None else text.count("\n", 0, m.start()) + 1
+def _line_of(text: str, key: str, path: str = "") -> int | None:
+    """The line (1-based) of ``key =`` in `text`, looked for first in the table `path` names
+    (``load.schedule[1]``: the second ``[[load.schedule]]``), then anywhere (a best effort for
+    error messages)."""
+    start, end = 0, len(text)
+    table = re.sub(r"\[\d+\]$", "", path)
+    if table:
+        m = re.search(r"\[(\d+)\]$", path)
+        nth = int(m.group(1)) if m else 0
+        header = rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]" if m else rf"^\s*\[\s*{re.escape(table)}\s*\]"
+        found = list(re.finditer(header, text, re.MULTILINE))
+        if nth < len(found):
+            start = found[nth].end()
+            nxt = re.compile(r"^\s*\[", re.MULTILINE).search(text, start)
+            end = nxt.start() if nxt else len(text)
+    for lo, hi in ((start, end), (0, len(text))):
+        for pat in (rf"^\s*\"?{re.escape(key)}\"?\s*=", rf"[{{,]\s*\"?{re.escape(key)}\"?\s*="):
+            m = re.compile(pat, re.MULTILINE).search(text, lo, hi)
+            if m is not None:
+                return text.count("\n", 0, m.start()) + 1
+    return None
 
 
 def _validation_error(e: msgspec.ValidationError, text: str, filename: str) -> ForgeConfigError:
@@ -133,18 +146,18 @@ def _validation_error(e: msgspec.ValidationError, text: str, filename: str) -> F
     if m:
         unknown = m.group(1)
         full = f"{key}.{unknown}" if key else unknown
-        line = _line_of(text, unknown)
+        line = _line_of(text, unknown, key)
         where = f"{filename}:{line}" if line else filename
         return ForgeConfigError(f"{where}: unknown key {full!r}")
-    last = re.sub(r"\[\d+\]$", "", key).rpartition(".")[2]
-    line = _line_of(text, last) if last else None
+    table, _, last = re.sub(r"\[\d+\]$", "", key).rpartition(".")
+    line = _line_of(text, last, table) if last else None
     where = f"{filename}:{line}" if line else filename
     return ForgeConfigError(f"{where}: {key or 'the file'}: {what}")
 
 
 def _check(cfg: ForgeConfig, text: str, filename: str) -> None:
     def fail(key: str, why: str, line_key: str | None = None) -> ForgeConfigError:
-        line = _line_of(text, line_key) if line_key else None
+        line = _line_of(text, line_key, key.rpartition(".")[0]) if line_key else None
         where = f"{filename}:{line}" if line else filename
         return ForgeConfigError(f"{where}: {key}: {why}")
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -859,12 +860,17 @@ class LoadGenerator:
         for d in self.core.tick(now, addresses):
             task = asyncio.create_task(self._send(d))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(functools.partial(self._sent, d))
         mono = time.monotonic()
         if mono - self._cpu[-1][0] >= 0.5:
             self._cpu.append((mono, time.thread_time()))
             while len(self._cpu) > 2 and mono - self._cpu[1][0] >= _CPU_WINDOW:
                 self._cpu.popleft()
+
+    def _sent(self, d: Dispatch, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():  # by stop(), maybe before it ran at all: still no longer in flight
+            self.core.finished(d, status=None, error="cancelled", latency=None, now=self._clock())
 
     async def _send(self, d: Dispatch) -> None:
         req = self.core.render(d)
@@ -889,9 +895,6 @@ class LoadGenerator:
             error = "disconnected"
         except aiohttp.ClientError:
             error = "other"
-        except asyncio.CancelledError:
-            self.core.finished(d, status=None, error="cancelled", latency=None, now=self._clock())
-            raise
         self.core.finished(d, status=status, error=error, latency=latency, now=self._clock())
         if status is not None and self._on_response is not None:
             try:
