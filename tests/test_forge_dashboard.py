@@ -1,0 +1,594 @@
+"""The Forge dashboard (src/aether/forge/static/) in a real browser: Debian's Chromium driven by
+Playwright (tests/forge_browser.py), against a fake Forge API.
+
+The fake serves the page the way Forge does (`GET /` -> index.html, `/static/<path>` -> the file
+under src/aether/forge/static/, an auth cookie set by `GET /?token=...`) and the REST API the page
+polls and drives (docs/forge.md, "Dashboard") with canned state that its control endpoints mutate:
+a killed node is down, a partition blocks links and moves the leader to the majority, the load
+rate sets the throughput of the next series points. It records every control request, so the
+tests check both what the page sent and what it then shows.
+
+Issue 16's checks: the page loads with no console errors and no request off loopback; killing
+node-3 shows it down within 3 s; moving the load slider raises the latest throughput; a partition
+sends the right groups and the page shows the leader and quorum of the state; screenshots are
+kept (build/test-artifacts/forge/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import forge_browser
+from forge_browser import Dashboard
+
+# the browser fixtures (tests/forge_browser.py), used by name below
+chromium = forge_browser.chromium
+open_dashboard = forge_browser.open_dashboard
+
+STATIC = Path(__file__).resolve().parent.parent / "src" / "aether" / "forge" / "static"
+TOKEN = "s3cret-token"
+COOKIE = "forge_token"
+ARTIFACT_A = "org.demo:place-order:0.1.0"
+ARTIFACT_B = "org.demo:inventory-service:0.1.0"
+
+try:
+    from playwright.sync_api import expect
+except ImportError:  # the chromium fixture skips with the reason
+    expect = None  # type: ignore[assignment]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _problem(status: int, title: str, detail: str) -> web.Response:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+class FakeForge:
+    """A fake Forge: the dashboard's files and a canned, mutable cluster/load state behind its API."""
+
+    def __init__(self, nodes: int = 5, rate: float = 50.0, max_rate: float = 500.0) -> None:
+        self.nodes: dict[str, dict[str, Any]] = {}
+        for i in range(1, nodes + 1):
+            self._add_node(f"node-{i}")
+        self.epoch = 1
+        self.groups: list[list[str]] | None = None
+        self.link_faults: dict[tuple[str, str], dict[str, float]] = {}
+        self.slice_faults: dict[str, dict[str, Any]] = {}
+        self.rate = rate
+        self.max_rate = max_rate
+        self.paused = False
+        self.points: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.received: list[tuple[str, str, Any]] = []  # (method, path, JSON body) of every control
+        self.leader = self._elect()
+        self.event("cluster.started", None, f"{nodes} nodes, leader {self.leader}")
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ the simulated cluster
+    def _add_node(self, node_id: str) -> None:
+        n = len(self.nodes)
+        self.nodes[node_id] = {
+            "id": node_id, "state": "up", "pid": 40000 + n, "member": True, "ready": True,
+            "cluster": f"127.0.0.1:{17100 + n}", "management": f"127.0.0.1:{17200 + n}",
+            "http": f"127.0.0.1:{17300 + n}", "restarts": 0,
+        }
+
+    def event(self, kind: str, node: str | None, message: str) -> None:
+        seq = len(self.events)
+        self.events.append({"seq": seq, "time": time.time(), "kind": kind, "node": node, "message": message})
+
+    def _members(self) -> list[str]:
+        return sorted((i for i, n in self.nodes.items() if n["member"]), key=_natural)
+
+    def _elect(self) -> str | None:
+        """The first up member of the group holding a majority of the members (SPEC: the first node
+        of the sorted active topology), or None without quorum."""
+        members = self._members()
+        groups = self.groups or [members]
+        for g in groups:
+            up = [i for i in members if i in g and self.nodes[i]["state"] == "up"]
+            if len(up) > len(members) // 2:
+                return sorted(up, key=_natural)[0]
+        return None
+
+    def _reelect(self) -> None:
+        leader = self._elect()
+        if leader != self.leader:
+            self.leader = leader
+            self.epoch += 1
+            self.event("leader.changed", leader, f"leader {leader or 'none'} (epoch {self.epoch})")
+
+    def _links(self) -> list[dict[str, Any]]:
+        links = []
+        ids = [i for i, n in self.nodes.items() if n["state"] != "removed"]
+        group_of = {i: k for k, g in enumerate(self.groups or []) for i in g}
+        for a in ids:
+            for b in ids:
+                if a == b:
+                    continue
+                blocked = bool(self.groups) and group_of.get(a) != group_of.get(b)
+                fault = self.link_faults.get((a, b), {})
+                if blocked or fault:
+                    links.append({
+                        "src": a, "dst": b, "up": not blocked, "blocked": blocked,
+                        "delay_ms": fault.get("delay_ms", 0), "loss": fault.get("loss", 0),
+                    })
+        return links
+
+    def state(self) -> dict[str, Any]:
+        nodes = [dict(n, leader=n["id"] == self.leader) for n in self.nodes.values()]
+        placement = []
+        for i, node_id in enumerate(self._members()[:3]):
+            for artifact in (ARTIFACT_A, ARTIFACT_B):
+                fault = self.slice_faults.get(artifact)
+                failed = fault is not None and fault["node"] in (None, node_id)
+                up = self.nodes[node_id]["state"] == "up"
+                state = "FAILED" if failed else "ACTIVE" if up else "UNKNOWN"
+                count = 2 if i == 0 else 1
+                placement.append({"artifact": artifact, "node": node_id, "instances": count, "state": state})
+        alerts = [
+            {"kind": "slice-failing", "artifact": a, "message": f"error rate {f['error_rate']:.0%}"}
+            for a, f in self.slice_faults.items()
+        ]
+        return {
+            "cluster": {
+                "time": time.time(), "leader": self.leader, "quorum": self.leader is not None,
+                "members": self._members(), "epoch": self.epoch, "nodes": nodes, "links": self._links(),
+                "placement": placement, "alerts": alerts,
+                "decisions": [{"time": time.time() - 30, "kind": "scale", "artifact": ARTIFACT_A,
+                               "detail": "2 -> 3 instances", "reason": "p99 above target"}],
+            },
+            "load": {
+                "running": True, "paused": self.paused, "rate": self.rate, "max_rate": self.max_rate,
+                "cpu_percent": 1.5,
+                "targets": [
+                    {"name": "place-order", "rate": self.rate * 0.6, "sent": 100, "ok": 98, "failed": 2,
+                     "errors": {"503": 2}},
+                    {"name": "get-order", "rate": self.rate * 0.4, "sent": 70, "ok": 70, "failed": 0,
+                     "errors": {}},
+                ],
+            },
+        }
+
+    def _point(self) -> dict[str, Any]:
+        throughput = 0.0 if self.paused else self.rate * random.uniform(0.97, 1.03)
+        up = [i for i, n in self.nodes.items() if n["state"] == "up"]
+        ok = 1.0 if self.leader else 0.0
+
+        def m(share: float) -> dict[str, Any]:
+            return {"throughput": throughput * share, "success_rate": ok, "p50_ms": 3.2, "p99_ms": 11.5}
+
+        return {
+            "t": time.time(),
+            "total": m(1.0),
+            "targets": {"place-order": m(0.6), "get-order": m(0.4)},
+            "nodes": {self.nodes[i]["http"]: m(1 / len(up)) for i in up},
+        }
+
+    # ------------------------------------------------------------ HTTP
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/", self._index)
+        app.router.add_static("/static", STATIC)
+        app.router.add_get("/api/state", lambda r: web.json_response(self.state()))
+        app.router.add_get("/api/series", self._series)
+        app.router.add_get("/api/events", self._events)
+        for path in (
+            "/api/nodes/{id}/{op:kill|crash|stop|restart}", "/api/leader/kill", "/api/nodes",
+            "/api/rolling-restart", "/api/network/partition", "/api/network/isolate/{id}",
+            "/api/network/heal", "/api/slices/{artifact}/{op:fail|heal}", "/api/load/ramp",
+            "/api/load/pause", "/api/load/resume",
+        ):
+            app.router.add_post(path, self._control)
+        app.router.add_delete("/api/nodes/{id}", self._control)
+        app.router.add_put("/api/network/links/{src}/{dst}", self._control)
+        app.router.add_put("/api/load/rate", self._control)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        bearer = request.headers.get("Authorization", "")
+        if request.cookies.get(COOKIE) != TOKEN and bearer != f"Bearer {TOKEN}":
+            return _problem(401, "Unauthorized", "missing or wrong Forge token")
+        return await handler(request)
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        resp = web.FileResponse(STATIC / "index.html")
+        if request.query.get("token") == TOKEN:
+            resp.set_cookie(COOKIE, TOKEN, httponly=True, samesite="Strict")
+        return resp
+
+    async def _series(self, request: web.Request) -> web.Response:
+        since = float(request.query.get("since", "0"))
+        return web.json_response({"points": [p for p in self.points if p["t"] > since]})
+
+    async def _events(self, request: web.Request) -> web.Response:
+        since = int(request.query.get("since", "0"))
+        return web.json_response({"events": self.events[since:], "next": len(self.events)})
+
+    async def _control(self, request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else None
+        path = request.path
+        self.received.append((request.method, path, body))
+        mi = request.match_info
+        node_id = mi.get("id")
+        if node_id is not None and node_id not in self.nodes:
+            return _problem(404, "Not Found", f"no node {node_id}")
+        node = self.nodes.get(node_id) if node_id else None
+        if request.method == "DELETE":
+            node["state"], node["member"] = "removed", False
+            self.event("node.removed", node_id, "removed from the cluster")
+        elif path.startswith("/api/nodes/") and node is not None:
+            op = mi["op"]
+            if op in ("kill", "crash", "stop") and node["state"] != "up":
+                return _problem(409, "Conflict", f"{node_id} is not running (state {node['state']})")
+            node["state"] = {"kill": "down", "crash": "down", "stop": "stopped", "restart": "up"}[op]
+            node["restarts"] += op == "restart"
+            self.event(f"node.{op}", node_id, f"{op} {node_id}")
+        elif path == "/api/leader/kill":
+            if self.leader is None:
+                return _problem(409, "Conflict", "no leader to kill")
+            self.nodes[self.leader]["state"] = "down"
+            self.event("node.kill", self.leader, "leader killed")
+        elif path == "/api/nodes" and request.method == "POST":
+            new_id = f"node-{len(self.nodes) + 1}"
+            self._add_node(new_id)
+            self.event("node.added", new_id, "joined")
+        elif path == "/api/network/partition":
+            groups = body["groups"]
+            present = sorted(i for i, n in self.nodes.items() if n["state"] != "removed")
+            if sorted(i for g in groups for i in g) != present:
+                return _problem(422, "Unprocessable", "the groups must cover every node once")
+            self.groups = groups
+            self.event("network.partition", None, " | ".join(",".join(g) for g in groups))
+        elif path.startswith("/api/network/isolate/"):
+            others = [i for i in self.nodes if i != node_id and self.nodes[i]["state"] != "removed"]
+            self.groups = [others, [node_id]]
+            self.event("network.isolate", node_id, "isolated")
+        elif path == "/api/network/heal":
+            self.groups, self.link_faults = None, {}
+            self.event("network.heal", None, "all links healed")
+        elif path.startswith("/api/network/links/"):
+            src, dst = mi["src"], mi["dst"]
+            fault = {"delay_ms": body["delay_ms"], "loss": body["loss"]}
+            self.link_faults[(src, dst)] = fault
+            if body.get("both_ways"):
+                self.link_faults[(dst, src)] = fault
+            self.event("network.link", src, f"{src}->{dst} {body['delay_ms']} ms")
+        elif path.startswith("/api/slices/"):
+            artifact = mi["artifact"]
+            if mi["op"] == "fail":
+                self.slice_faults[artifact] = body
+            else:
+                self.slice_faults.pop(artifact, None)
+            self.event(f"slice.{mi['op']}", body.get("node") if body else None, artifact)
+        elif path == "/api/load/rate":
+            self.rate = float(body["rate"])
+            self.event("load.rate", None, f"rate {self.rate:g}/s")
+        elif path == "/api/load/ramp":
+            self.rate = float(body["to"])  # the fake ramps at once
+            self.event("load.ramp", None, f"ramp to {body['to']}/s over {body['seconds']} s")
+        elif path in ("/api/load/pause", "/api/load/resume"):
+            self.paused = path.endswith("pause")
+            self.event(f"load.{path.rsplit('/', 1)[1]}", None, "")
+        self._reelect()
+        return web.json_response({"message": f"{request.method} {path} done"}, status=202)
+
+    # ------------------------------------------------------------ lifecycle (a thread with its own loop)
+    def start(self) -> None:
+        started = threading.Event()
+
+        async def tick() -> None:
+            while True:
+                self.points.append(self._point())
+                del self.points[:-600]
+                await asyncio.sleep(1.0)
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._runner = web.AppRunner(self.app(), access_log=None)
+            loop.run_until_complete(self._runner.setup())
+            loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
+            self._ticker = loop.create_task(tick())
+            started.set()
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-forge", daemon=True)
+        self._thread.start()
+        assert started.wait(30), "the fake Forge did not start"
+
+    def stop(self) -> None:
+        loop, runner = self._loop, self._runner
+        if loop is None or runner is None:
+            return
+
+        async def down() -> None:
+            if self._ticker:
+                self._ticker.cancel()
+            await runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(down(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread:
+            self._thread.join(30)
+
+    def controls(self, method: str | None = None, path: str | None = None) -> list[tuple[str, str, Any]]:
+        return [r for r in self.received if method in (None, r[0]) and path in (None, r[1])]
+
+
+def _natural(node_id: str) -> tuple[str, int]:
+    m = re.match(r"(.*?)(\d+)$", node_id)
+    return (m.group(1), int(m.group(2))) if m else (node_id, 0)
+
+
+@pytest.fixture
+def fake_forge() -> Any:
+    fake = FakeForge()
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def dash(fake_forge: FakeForge, open_dashboard: Any) -> Dashboard:
+    d = open_dashboard(f"{fake_forge.url}/?token={TOKEN}")
+    expect(d.by_test_id("connection")).to_have_text("live", timeout=15_000)
+    expect(d.by_test_id("node-node-5")).to_have_attribute("data-state", "up", timeout=15_000)
+    return d
+
+
+# the latest throughput the page shows, as a JS expression (NaN while it shows none)
+LATEST = "Number(document.querySelector('[data-testid=latest-throughput]').textContent)"
+
+
+def _wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def _latest_throughput(d: Dashboard) -> float | None:
+    text = d.by_test_id("latest-throughput").text_content() or ""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- the page itself
+
+
+def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge, dash: Dashboard) -> None:
+    page = dash.page
+    expect(dash.by_test_id("leader")).to_have_text("node-1")
+    expect(dash.by_test_id("quorum")).to_have_text("quorum")
+    expect(dash.by_test_id("quorum")).to_have_attribute("data-quorum", "true")
+    expect(dash.by_test_id("epoch")).to_have_text("1")
+    expect(dash.by_test_id("members")).to_have_text("5")
+    expect(dash.by_test_id("node-node-1")).to_have_attribute("data-leader", "true")
+    expect(dash.by_test_id("node-node-2")).to_have_attribute("data-leader", "false")
+    expect(page.locator('#topology line[data-down="false"]')).to_have_count(10)  # full mesh of 5
+    # the token moved from the address bar into the cookie (and memory)
+    assert "token" not in page.url
+    # charts: three uPlot charts, fed by the series
+    expect(page.locator(".uplot")).to_have_count(3)
+    page.wait_for_function(f"() => {LATEST} > 0")
+    expect(dash.by_test_id("latest-success")).to_have_text("100")
+    expect(dash.by_test_id("latest-p99")).to_have_text("11.5")
+    # scope selector: total, the routes and the nodes (by id) of the series
+    scope = dash.by_test_id("scope")
+    expect(scope.locator("option")).to_have_count(1 + 2 + 5, timeout=10_000)
+    scope.select_option("route:get-order")
+    page.wait_for_function(f"() => {LATEST} > 15 && {LATEST} < 25")  # 40 % of 50 req/s
+    expect(scope.locator("option", has_text="node-3 (127.0.0.1:17302)")).to_have_count(1)
+    scope.select_option("total")
+    # placement, controller, load targets, timeline
+    expect(dash.by_test_id(f"placement-{ARTIFACT_A}-node-1")).to_have_text("2")
+    expect(dash.by_test_id(f"placement-{ARTIFACT_B}-node-3")).to_have_attribute("data-state", "active")
+    expect(dash.by_test_id("decisions")).to_contain_text("2 -> 3 instances")
+    expect(dash.by_test_id("alerts")).to_have_text("no active alerts")
+    expect(dash.by_test_id("target-place-order")).to_contain_text("503: 2")
+    expect(dash.by_test_id("timeline").locator("li").first).to_contain_text("cluster.started")
+    expect(dash.by_test_id("load-rate-value")).to_have_text("50")
+    expect(dash.by_test_id("load-rate")).to_have_attribute("max", "500")
+    # every request went to the fake, and only to the paths the server must serve
+    paths = {re.sub(r"\?.*", "", u.removeprefix(fake_forge.url)) for u in dash.requests}
+    assert paths >= {
+        "/", "/static/app.css", "/static/app.js", "/static/vendor/uPlot.iife.min.js",
+        "/static/vendor/uPlot.min.css", "/api/state", "/api/series", "/api/events",
+    }, paths
+    assert all(u.startswith(fake_forge.url) for u in dash.requests), dash.requests
+    dash.assert_clean()
+    shot = dash.screenshot("dashboard-1280x800")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"screenshot: {shot}")
+
+
+def test_without_the_token_the_page_says_it_is_not_authorized(
+    fake_forge: FakeForge, open_dashboard: Any
+) -> None:
+    d = open_dashboard(f"{fake_forge.url}/")
+    expect(d.by_test_id("connection")).to_have_text("offline", timeout=15_000)
+    expect(d.by_test_id("status")).to_contain_text("missing or wrong Forge token", timeout=15_000)
+    expect(d.by_test_id("status")).to_have_attribute("data-kind", "error")
+
+
+# ---------------------------------------------------------------- issue 16's checks
+
+
+def test_kill_node_3_is_shown_down_within_3_seconds(fake_forge: FakeForge, dash: Dashboard) -> None:
+    node3 = dash.by_test_id("node-node-3")
+    expect(node3).to_have_attribute("data-state", "up")
+    started = time.monotonic()
+    dash.by_test_id("kill-node-3").click()
+    expect(node3).to_have_attribute("data-state", "down", timeout=3_000)
+    shown_after = time.monotonic() - started
+    print(f"kill node-3 shown down after {shown_after:.2f} s")
+    assert fake_forge.controls("POST", "/api/nodes/node-3/kill") == [("POST", "/api/nodes/node-3/kill", {})]
+    expect(dash.by_test_id("row-node-3")).to_have_attribute("data-state", "down")
+    expect(dash.by_test_id("status")).to_have_text("kill node-3: POST /api/nodes/node-3/kill done (202)")
+    expect(dash.by_test_id("timeline").locator("li").first).to_contain_text("node.kill")
+    expect(dash.by_test_id("node-node-1")).to_have_attribute("data-state", "up")  # only node-3
+    # an error answer's detail is shown: the fake refuses to crash a node that is down
+    dash.by_test_id("crash-node-3").click()
+    expect(dash.by_test_id("status")).to_have_text("crash node-3 failed: node-3 is not running (state down)")
+    expect(dash.by_test_id("status")).to_have_attribute("data-kind", "error")
+    dash.assert_clean(expected_statuses={409})
+
+
+def test_load_slider_raises_the_throughput(fake_forge: FakeForge, dash: Dashboard) -> None:
+    page = dash.page
+    _wait_until(lambda: (_latest_throughput(dash) or 0) > 0, 15, "a first throughput")
+    before = _latest_throughput(dash)
+    assert before is not None and 40 <= before <= 60, before  # the fake's 50 req/s
+    dash.by_test_id("load-rate").fill("400")  # sets the value, fires input and change
+    expect(dash.by_test_id("load-rate-value")).to_have_text("400")
+    _wait_until(lambda: fake_forge.controls("PUT", "/api/load/rate"), 10, "PUT /api/load/rate")
+    assert fake_forge.controls("PUT", "/api/load/rate") == [("PUT", "/api/load/rate", {"rate": 400})]
+    page.wait_for_function(f"() => {LATEST} >= 350", timeout=15_000)
+    after = _latest_throughput(dash)
+    assert after is not None and after > before * 5, (before, after)
+    expect(dash.by_test_id("load-state")).to_contain_text("400 req/s")
+    expect(dash.by_test_id("load-rate")).to_have_value("400")  # the slider follows the state afterwards
+    dash.assert_clean()
+
+
+def test_partition_sends_the_groups_and_shows_leader_and_quorum(
+    fake_forge: FakeForge, dash: Dashboard
+) -> None:
+    expect(dash.by_test_id("leader")).to_have_text("node-1")
+    dash.by_test_id("group-b-node-1").check()
+    dash.by_test_id("group-b-node-2").check()
+    dash.by_test_id("partition").click()
+    expect(dash.by_test_id("leader")).to_have_text("node-3", timeout=5_000)
+    assert fake_forge.controls("POST", "/api/network/partition") == [
+        ("POST", "/api/network/partition", {"groups": [["node-3", "node-4", "node-5"], ["node-1", "node-2"]]})
+    ]
+    expect(dash.by_test_id("quorum")).to_have_attribute("data-quorum", "true")
+    expect(dash.by_test_id("epoch")).to_have_text("2")
+    expect(dash.by_test_id("node-node-3")).to_have_attribute("data-leader", "true")
+    expect(dash.by_test_id("node-node-1")).to_have_attribute("data-leader", "false")
+    # the 2 x 3 links across the groups are drawn down, the 1 + 3 inside them up
+    expect(dash.page.locator('#topology line[data-down="true"]')).to_have_count(6)
+    expect(dash.by_test_id("link-node-1-node-3")).to_have_attribute("data-down", "true")
+    expect(dash.by_test_id("link-node-1-node-2")).to_have_attribute("data-down", "false")
+    # the majority loses two nodes: no quorum, no leader
+    dash.by_test_id("kill-node-4").click()
+    expect(dash.by_test_id("node-node-4")).to_have_attribute("data-state", "down")
+    dash.by_test_id("kill-node-5").click()
+    expect(dash.by_test_id("quorum")).to_have_text("NO QUORUM", timeout=5_000)
+    expect(dash.by_test_id("quorum")).to_have_attribute("data-quorum", "false")
+    expect(dash.by_test_id("leader")).to_have_text("none")
+    # healing the network gives node-1 and node-2 back to node-3: quorum, node-1 leads again
+    dash.by_test_id("heal-network").click()
+    expect(dash.by_test_id("leader")).to_have_text("node-1", timeout=5_000)
+    expect(dash.by_test_id("quorum")).to_have_text("quorum")
+    expect(dash.page.locator('#topology line[data-down="true"]')).to_have_count(0)
+    assert fake_forge.controls("POST", "/api/network/heal") == [("POST", "/api/network/heal", {})]
+    dash.assert_clean()
+
+
+def test_partition_needs_two_groups(fake_forge: FakeForge, dash: Dashboard) -> None:
+    dash.by_test_id("partition").click()
+    expect(dash.by_test_id("status")).to_contain_text("tick 'grp B'")
+    expect(dash.by_test_id("status")).to_have_attribute("data-kind", "error")
+    assert fake_forge.controls("POST", "/api/network/partition") == []
+
+
+# ---------------------------------------------------------------- every other control
+
+
+def test_every_control_sends_its_request(fake_forge: FakeForge, dash: Dashboard) -> None:
+    def click(test_id: str, method: str, path: str, body: Any, shown: str) -> None:
+        n = len(fake_forge.received)
+        dash.by_test_id(test_id).click()
+        _wait_until(lambda: len(fake_forge.received) > n, 10, f"{method} {path}")
+        assert fake_forge.received[n:] == [(method, path, body)]
+        expect(dash.by_test_id("status")).to_contain_text(shown)
+        expect(dash.by_test_id("status")).to_have_attribute("data-kind", "ok")
+
+    page = dash.page
+    click("stop-node-2", "POST", "/api/nodes/node-2/stop", {}, "stop node-2")
+    expect(dash.by_test_id("node-node-2")).to_have_attribute("data-state", "stopped")
+    click("restart-node-2", "POST", "/api/nodes/node-2/restart", {}, "restart node-2")
+    expect(dash.by_test_id("node-node-2")).to_have_attribute("data-state", "up")
+    expect(dash.by_test_id("row-node-2").locator("td").nth(2)).to_have_text("1")  # restarts
+    click("crash-node-4", "POST", "/api/nodes/node-4/crash", {}, "crash node-4")
+    click("kill-leader", "POST", "/api/leader/kill", {}, "kill leader")
+    expect(dash.by_test_id("node-node-1")).to_have_attribute("data-state", "down")
+    expect(dash.by_test_id("leader")).to_have_text("node-2")
+    click("add-node", "POST", "/api/nodes", {}, "add node")
+    expect(dash.by_test_id("node-node-6")).to_have_attribute("data-state", "up")
+    click("remove-node-6", "DELETE", "/api/nodes/node-6", None, "remove node-6")
+    expect(dash.by_test_id("node-node-6")).to_have_attribute("data-state", "removed")
+    expect(dash.by_test_id("kill-node-6")).to_be_disabled()
+    click("rolling-restart", "POST", "/api/rolling-restart", {}, "rolling restart")
+    click("isolate-node-5", "POST", "/api/network/isolate/node-5", {}, "isolate node-5")
+    expect(dash.by_test_id("link-node-3-node-5")).to_have_attribute("data-down", "true")
+    click("heal-network", "POST", "/api/network/heal", {}, "heal network")
+    # link latency and loss
+    dash.by_test_id("link-src").select_option("node-2")
+    dash.by_test_id("link-dst").select_option("node-3")
+    dash.by_test_id("link-delay").fill("150")
+    dash.by_test_id("link-jitter").fill("20")
+    dash.by_test_id("link-loss").fill("10")
+    link = {"delay_ms": 150, "jitter_ms": 20, "loss": 0.1, "both_ways": True}
+    click("set-link", "PUT", "/api/network/links/node-2/node-3", link, "link node-2→node-3")
+    expect(page.locator("#topology .link-label")).to_have_text("150 ms · 10 % loss")
+    # slice faults: the artifact select offers the placement's artifacts
+    expect(dash.by_test_id("slice-artifact").locator("option")).to_have_count(2)
+    dash.by_test_id("slice-artifact").select_option(ARTIFACT_A)
+    dash.by_test_id("slice-node").select_option("node-3")
+    dash.by_test_id("slice-error").fill("50")
+    dash.by_test_id("slice-delay").fill("200")
+    dash.by_test_id("slice-unhealthy").check()
+    fault = {"node": "node-3", "error_rate": 0.5, "delay_ms": 200, "unhealthy": True}
+    click("slice-fail", "POST", f"/api/slices/{ARTIFACT_A}/fail", fault, f"fail {ARTIFACT_A} on node-3")
+    expect(dash.by_test_id(f"placement-{ARTIFACT_A}-node-3")).to_have_attribute("data-state", "failed")
+    expect(dash.by_test_id("alerts")).to_contain_text("error rate 50%")
+    click("slice-heal", "POST", f"/api/slices/{ARTIFACT_A}/heal", {}, f"heal {ARTIFACT_A}")
+    expect(dash.by_test_id("alerts")).to_have_text("no active alerts")
+    # load ramp, pause, resume
+    dash.by_test_id("ramp-to").fill("120")
+    dash.by_test_id("ramp-seconds").fill("10")
+    click("ramp", "POST", "/api/load/ramp", {"to": 120, "seconds": 10}, "ramp to 120/s over 10 s")
+    click("load-pause", "POST", "/api/load/pause", {}, "pause load")
+    expect(dash.by_test_id("load-state")).to_contain_text("paused")
+    expect(dash.by_test_id("load-pause")).to_be_disabled()
+    page.wait_for_function(f"() => {LATEST} === 0", timeout=15_000)
+    click("load-resume", "POST", "/api/load/resume", {}, "resume load")
+    expect(dash.by_test_id("load-state")).to_contain_text("running")
+    kinds = [e["kind"] for e in fake_forge.events]
+    expect(dash.by_test_id("timeline").locator("li")).to_have_count(len(kinds), timeout=10_000)
+    expect(dash.by_test_id("timeline").locator("li.k-bad", has_text="node.crash")).to_have_count(1)
+    expect(dash.by_test_id("timeline").locator("li.k-net", has_text="network.isolate")).to_have_count(1)
+    dash.assert_clean()
+    assert json.dumps(fake_forge.received)  # all bodies were JSON
