@@ -1,12 +1,14 @@
 """The Forge dashboard (src/aether/forge/static/) in a real browser: Debian's Chromium driven by
 Playwright (tests/forge_browser.py), against a fake Forge API.
 
-The fake serves the page the way Forge does (`GET /` -> index.html, `/static/<path>` -> the file
-under src/aether/forge/static/, an auth cookie set by `GET /?token=...`) and the REST API the page
-polls and drives (docs/forge.md, "Dashboard") with canned state that its control endpoints mutate:
-a killed node is down, a partition blocks links and moves the leader to the majority, the load
-rate sets the throughput of the next series points. It records every control request, so the
-tests check both what the page sent and what it then shows.
+The fake mirrors aether.forge.server: `GET /?token=T` sets the auth cookie and redirects to `/`,
+`GET /` -> index.html, `/static/<path>` -> the file under src/aether/forge/static/, everything but
+`/` needs the cookie (or `Authorization: Bearer T`), errors are problem documents. Its answers have
+the shapes of the supervisor's ClusterView, the load generator's LoadView and flat per-second
+series points (docs/forge.md, "Dashboard"), with canned state that its control endpoints mutate:
+a killed node is down, a crashed one frozen, a partition blocks links and moves the leader to the
+majority, the load rate sets the next seconds' answered requests. It records every control
+request, so the tests check both what the page sent and what it then shows.
 
 Issue 16's checks: the page loads with no console errors and no request off loopback; killing
 node-3 shows it down within 3 s; moving the load slider raises the latest throughput; a partition
@@ -38,7 +40,7 @@ open_dashboard = forge_browser.open_dashboard
 
 STATIC = Path(__file__).resolve().parent.parent / "src" / "aether" / "forge" / "static"
 TOKEN = "s3cret-token"
-COOKIE = "forge_token"
+COOKIE = "aether_forge_token"
 ARTIFACT_A = "org.demo:place-order:0.1.0"
 ARTIFACT_B = "org.demo:inventory-service:0.1.0"
 
@@ -63,6 +65,7 @@ class FakeForge:
     """A fake Forge: the dashboard's files and a canned, mutable cluster/load state behind its API."""
 
     def __init__(self, nodes: int = 5, rate: float = 50.0, max_rate: float = 500.0) -> None:
+        self.token = TOKEN
         self.nodes: dict[str, dict[str, Any]] = {}
         for i in range(1, nodes + 1):
             self._add_node(f"node-{i}")
@@ -73,11 +76,12 @@ class FakeForge:
         self.rate = rate
         self.max_rate = max_rate
         self.paused = False
+        self.rolling: str | None = None
         self.points: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.received: list[tuple[str, str, Any]] = []  # (method, path, JSON body) of every control
         self.leader = self._elect()
-        self.event("cluster.started", None, f"{nodes} nodes, leader {self.leader}")
+        self.event("leader", self.leader, f"leader none -> {self.leader}")
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -90,12 +94,13 @@ class FakeForge:
         n = len(self.nodes)
         self.nodes[node_id] = {
             "id": node_id, "state": "up", "pid": 40000 + n, "member": True, "ready": True,
-            "cluster": f"127.0.0.1:{17100 + n}", "management": f"127.0.0.1:{17200 + n}",
-            "http": f"127.0.0.1:{17300 + n}", "restarts": 0,
+            "cluster_address": f"127.0.0.1:{17100 + n}", "management_address": f"127.0.0.1:{17200 + n}",
+            "http_address": f"127.0.0.1:{17300 + n}", "last_seen": time.time(), "restarts": 0,
         }
 
     def event(self, kind: str, node: str | None, message: str) -> None:
-        seq = len(self.events)
+        """The supervisor's events: seq from 1, kinds control, fault, node-<state>, leader, quorum..."""
+        seq = len(self.events) + 1
         self.events.append({"seq": seq, "time": time.time(), "kind": kind, "node": node, "message": message})
 
     def _members(self) -> list[str]:
@@ -115,9 +120,11 @@ class FakeForge:
     def _reelect(self) -> None:
         leader = self._elect()
         if leader != self.leader:
+            if (leader is None) != (self.leader is None):
+                self.event("quorum", None, "quorum lost" if leader is None else "quorum regained")
+            self.event("leader", leader, f"leader {self.leader or 'none'} -> {leader or 'none'}")
             self.leader = leader
             self.epoch += 1
-            self.event("leader.changed", leader, f"leader {leader or 'none'} (epoch {self.epoch})")
 
     def _links(self) -> list[dict[str, Any]]:
         links = []
@@ -132,7 +139,8 @@ class FakeForge:
                 if blocked or fault:
                     links.append({
                         "src": a, "dst": b, "up": not blocked, "blocked": blocked,
-                        "delay_ms": fault.get("delay_ms", 0), "loss": fault.get("loss", 0),
+                        "delay_ms": fault.get("delay_ms", 0), "jitter_ms": fault.get("jitter_ms", 0),
+                        "loss": fault.get("loss", 0),
                     })
         return links
 
@@ -151,40 +159,46 @@ class FakeForge:
             {"kind": "slice-failing", "artifact": a, "message": f"error rate {f['error_rate']:.0%}"}
             for a, f in self.slice_faults.items()
         ]
+
+        def totals(name: str, sent: int, failed: int) -> dict[str, Any]:
+            return {"name": name, "sent": sent, "ok": sent - failed, "failed": failed, "dropped": 0,
+                    "errors": {"503": failed} if failed else {}, "success_rate": (sent - failed) / sent,
+                    "p50_ms": 3.2, "p90_ms": 6.0, "p99_ms": 11.5}
+
         return {
             "cluster": {
                 "time": time.time(), "leader": self.leader, "quorum": self.leader is not None,
                 "members": self._members(), "epoch": self.epoch, "nodes": nodes, "links": self._links(),
-                "placement": placement, "alerts": alerts,
+                "placement": placement, "alerts": alerts, "rolling_restart": self.rolling,
                 "decisions": [{"time": time.time() - 30, "kind": "scale", "artifact": ARTIFACT_A,
                                "detail": "2 -> 3 instances", "reason": "p99 above target"}],
             },
             "load": {
-                "running": True, "paused": self.paused, "rate": self.rate, "max_rate": self.max_rate,
-                "cpu_percent": 1.5,
-                "targets": [
-                    {"name": "place-order", "rate": self.rate * 0.6, "sent": 100, "ok": 98, "failed": 2,
-                     "errors": {"503": 2}},
-                    {"name": "get-order", "rate": self.rate * 0.4, "sent": 70, "ok": 70, "failed": 0,
-                     "errors": {}},
-                ],
+                "running": True, "paused": self.paused, "replaying": False, "recording": True,
+                "rate": self.rate, "ramping_to": None, "in_flight": 0, "max_in_flight": 256,
+                "cpu_percent": 1.5, "total": totals("", 170, 2),
+                "targets": [totals("place-order", 100, 2), totals("get-order", 70, 0)],
+                "nodes": [], "skipped_nodes": [],
             },
+            "max_rate": self.max_rate,
         }
 
-    def _point(self) -> dict[str, Any]:
-        throughput = 0.0 if self.paused else self.rate * random.uniform(0.97, 1.03)
+    def _points(self, t: float) -> list[dict[str, Any]]:
+        """One second of the load generator's flat series: total, per target, per node address."""
+        answered = 0.0 if self.paused else self.rate * random.uniform(0.97, 1.03)
         up = [i for i, n in self.nodes.items() if n["state"] == "up"]
-        ok = 1.0 if self.leader else 0.0
+        ok_share = 1.0 if self.leader else 0.0
 
-        def m(share: float) -> dict[str, Any]:
-            return {"throughput": throughput * share, "success_rate": ok, "p50_ms": 3.2, "p99_ms": 11.5}
+        def point(scope: str, name: str, share: float) -> dict[str, Any]:
+            n = round(answered * share)
+            ok = round(n * ok_share)
+            return {"t": t, "scope": scope, "name": name, "sent": n, "ok": ok, "failed": n - ok, "dropped": 0,
+                    "errors": {"503": n - ok} if n - ok else {}, "success_rate": ok / n if n else None,
+                    "p50_ms": 3.2 if n else None, "p90_ms": 6.0 if n else None, "p99_ms": 11.5 if n else None}
 
-        return {
-            "t": time.time(),
-            "total": m(1.0),
-            "targets": {"place-order": m(0.6), "get-order": m(0.4)},
-            "nodes": {self.nodes[i]["http"]: m(1 / len(up)) for i in up},
-        }
+        targets = [point("target", "get-order", 0.4), point("target", "place-order", 0.6)]
+        nodes = [point("node", self.nodes[i]["http_address"], 1 / len(up)) for i in up]
+        return [point("total", "", 1.0), *targets, *nodes]
 
     # ------------------------------------------------------------ HTTP
     def app(self) -> web.Application:
@@ -206,33 +220,43 @@ class FakeForge:
         app.router.add_put("/api/load/rate", self._control)
         return app
 
+    def _authorized(self, request: web.Request) -> bool:
+        bearer = request.headers.get("Authorization", "")
+        return request.cookies.get(COOKIE) == self.token or bearer == f"Bearer {self.token}"
+
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
-            return await handler(request)
-        bearer = request.headers.get("Authorization", "")
-        if request.cookies.get(COOKIE) != TOKEN and bearer != f"Bearer {TOKEN}":
+        if request.path != "/" and not self._authorized(request):
             return _problem(401, "Unauthorized", "missing or wrong Forge token")
         return await handler(request)
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
-        resp = web.FileResponse(STATIC / "index.html")
-        if request.query.get("token") == TOKEN:
-            resp.set_cookie(COOKIE, TOKEN, httponly=True, samesite="Strict")
-        return resp
+        token = request.query.get("token")
+        if token is not None:
+            if token != self.token:
+                return _problem(401, "Unauthorized", "wrong token")
+            resp = web.HTTPFound("/")
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+            raise resp
+        if not self._authorized(request):
+            page = "<h1>open the address Forge printed</h1>"
+            return web.Response(text=page, status=401, content_type="text/html")
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
 
     async def _series(self, request: web.Request) -> web.Response:
-        since = float(request.query.get("since", "0"))
-        return web.json_response({"points": [p for p in self.points if p["t"] > since]})
+        since = float(request.query.get("since", "0"))  # seconds starting at or after it, like the generator
+        return web.json_response({"points": [p for p in self.points if p["t"] >= since]})
 
     async def _events(self, request: web.Request) -> web.Response:
-        since = int(request.query.get("since", "0"))
-        return web.json_response({"events": self.events[since:], "next": len(self.events)})
+        since = int(request.query.get("since", "0"))  # the events after it; next: the last seq answered
+        events = [e for e in self.events if e["seq"] > since]
+        return web.json_response({"events": events, "next": max((e["seq"] for e in events), default=since)})
 
     async def _control(self, request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else None
         path = request.path
         self.received.append((request.method, path, body))
+        status = 200
         mi = request.match_info
         node_id = mi.get("id")
         if node_id is not None and node_id not in self.nodes:
@@ -240,72 +264,85 @@ class FakeForge:
         node = self.nodes.get(node_id) if node_id else None
         if request.method == "DELETE":
             node["state"], node["member"] = "removed", False
-            self.event("node.removed", node_id, "removed from the cluster")
+            self.event("control", node_id, f"remove {node_id}")
+            self.event("node-removed", node_id, f"{node_id} removed")
         elif path.startswith("/api/nodes/") and node is not None:
             op = mi["op"]
             if op in ("kill", "crash", "stop") and node["state"] != "up":
                 return _problem(409, "Conflict", f"{node_id} is not running (state {node['state']})")
-            node["state"] = {"kill": "down", "crash": "down", "stop": "stopped", "restart": "up"}[op]
+            node["state"] = {"kill": "down", "crash": "frozen", "stop": "stopped", "restart": "up"}[op]
             node["restarts"] += op == "restart"
-            self.event(f"node.{op}", node_id, f"{op} {node_id}")
+            self.event("control", node_id, f"{op} {node_id}")
+            self.event(f"node-{node['state']}", node_id, f"{node_id} {node['state']}")
         elif path == "/api/leader/kill":
             if self.leader is None:
                 return _problem(409, "Conflict", "no leader to kill")
             self.nodes[self.leader]["state"] = "down"
-            self.event("node.kill", self.leader, "leader killed")
+            self.event("control", self.leader, f"kill {self.leader}")
+            self.event("node-down", self.leader, f"{self.leader} down")
         elif path == "/api/nodes" and request.method == "POST":
             new_id = f"node-{len(self.nodes) + 1}"
             self._add_node(new_id)
-            self.event("node.added", new_id, "joined")
+            self.event("member", new_id, f"{new_id} is a member")
+            status = 201
         elif path == "/api/network/partition":
             groups = body["groups"]
             present = sorted(i for i, n in self.nodes.items() if n["state"] != "removed")
             if sorted(i for g in groups for i in g) != present:
                 return _problem(422, "Unprocessable", "the groups must cover every node once")
             self.groups = groups
-            self.event("network.partition", None, " | ".join(",".join(g) for g in groups))
+            self.event("fault", None, "partition " + " | ".join(",".join(g) for g in groups))
         elif path.startswith("/api/network/isolate/"):
             others = [i for i in self.nodes if i != node_id and self.nodes[i]["state"] != "removed"]
             self.groups = [others, [node_id]]
-            self.event("network.isolate", node_id, "isolated")
+            self.event("fault", node_id, f"isolate {node_id}")
         elif path == "/api/network/heal":
             self.groups, self.link_faults = None, {}
-            self.event("network.heal", None, "all links healed")
+            self.event("fault", None, "heal all links")
         elif path.startswith("/api/network/links/"):
             src, dst = mi["src"], mi["dst"]
-            fault = {"delay_ms": body["delay_ms"], "loss": body["loss"]}
+            fault = {"delay_ms": body["delay_ms"], "jitter_ms": body["jitter_ms"], "loss": body["loss"]}
             self.link_faults[(src, dst)] = fault
             if body.get("both_ways"):
                 self.link_faults[(dst, src)] = fault
-            self.event("network.link", src, f"{src}->{dst} {body['delay_ms']} ms")
+            self.event("fault", src, f"link {src}->{dst}: {body['delay_ms']} ms")
         elif path.startswith("/api/slices/"):
             artifact = mi["artifact"]
             if mi["op"] == "fail":
                 self.slice_faults[artifact] = body
             else:
                 self.slice_faults.pop(artifact, None)
-            self.event(f"slice.{mi['op']}", body.get("node") if body else None, artifact)
+            self.event("fault", body.get("node") if body else None, f"{mi['op']} slice {artifact}")
+        elif path == "/api/rolling-restart":
+            self.rolling = "restarting node-2 (1 of 5)"
+            self.event("control", None, "rolling restart of node-2, node-3, node-4, node-5, node-1")
+            status = 202
         elif path == "/api/load/rate":
             self.rate = float(body["rate"])
-            self.event("load.rate", None, f"rate {self.rate:g}/s")
+            self.event("load", None, f"rate {self.rate:g}/s")
         elif path == "/api/load/ramp":
             self.rate = float(body["to"])  # the fake ramps at once
-            self.event("load.ramp", None, f"ramp to {body['to']}/s over {body['seconds']} s")
+            self.event("load", None, f"ramp to {body['to']}/s over {body['seconds']} s")
         elif path in ("/api/load/pause", "/api/load/resume"):
             self.paused = path.endswith("pause")
-            self.event(f"load.{path.rsplit('/', 1)[1]}", None, "")
+            self.event("load", None, path.rsplit("/", 1)[1])
         self._reelect()
-        return web.json_response({"message": f"{request.method} {path} done"}, status=202)
+        answer = {"ok": True, "message": f"{request.method} {path} done", "node": node_id}
+        return web.json_response(answer, status=status)
 
     # ------------------------------------------------------------ lifecycle (a thread with its own loop)
     def start(self) -> None:
         started = threading.Event()
 
-        async def tick() -> None:
+        async def tick() -> None:  # each second, the points of the second that just ended
+            last = 0.0
             while True:
-                self.points.append(self._point())
-                del self.points[:-600]
-                await asyncio.sleep(1.0)
+                t = float(int(time.time()) - 1)
+                if t > last:
+                    self.points.extend(self._points(t))
+                    del self.points[:-3000]
+                    last = t
+                await asyncio.sleep(0.2)
 
         def run() -> None:
             loop = asyncio.new_event_loop()
@@ -396,8 +433,8 @@ def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge,
     expect(dash.by_test_id("node-node-1")).to_have_attribute("data-leader", "true")
     expect(dash.by_test_id("node-node-2")).to_have_attribute("data-leader", "false")
     expect(page.locator('#topology line[data-down="false"]')).to_have_count(10)  # full mesh of 5
-    # the token moved from the address bar into the cookie (and memory)
-    assert "token" not in page.url
+    # opening ?token=... set the cookie and redirected to the bare URL
+    assert page.url == f"{fake_forge.url}/"
     # charts: three uPlot charts, fed by the series
     expect(page.locator(".uplot")).to_have_count(3)
     page.wait_for_function(f"() => {LATEST} > 0")
@@ -416,9 +453,12 @@ def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge,
     expect(dash.by_test_id("decisions")).to_contain_text("2 -> 3 instances")
     expect(dash.by_test_id("alerts")).to_have_text("no active alerts")
     expect(dash.by_test_id("target-place-order")).to_contain_text("503: 2")
-    expect(dash.by_test_id("timeline").locator("li").first).to_contain_text("cluster.started")
+    expect(dash.by_test_id("target-place-order").locator("td").nth(4)).to_have_text("98.0")  # success %
+    expect(dash.by_test_id("timeline").locator("li")).to_have_count(1)
+    expect(dash.by_test_id("timeline").locator("li").first).to_contain_text("leader none -> node-1")
     expect(dash.by_test_id("load-rate-value")).to_have_text("50")
-    expect(dash.by_test_id("load-rate")).to_have_attribute("max", "500")
+    expect(dash.by_test_id("load-rate")).to_have_attribute("max", "500")  # the state's max_rate
+    expect(dash.by_test_id("load-state")).to_have_text("running · 50.0 req/s · gen CPU 2 %")
     # every request went to the fake, and only to the paths the server must serve
     paths = {re.sub(r"\?.*", "", u.removeprefix(fake_forge.url)) for u in dash.requests}
     assert paths >= {
@@ -432,13 +472,14 @@ def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge,
     print(f"screenshot: {shot}")
 
 
-def test_without_the_token_the_page_says_it_is_not_authorized(
-    fake_forge: FakeForge, open_dashboard: Any
-) -> None:
-    d = open_dashboard(f"{fake_forge.url}/")
-    expect(d.by_test_id("connection")).to_have_text("offline", timeout=15_000)
-    expect(d.by_test_id("status")).to_contain_text("missing or wrong Forge token", timeout=15_000)
-    expect(d.by_test_id("status")).to_have_attribute("data-kind", "error")
+def test_a_forge_with_another_token_is_shown_unauthorized(fake_forge: FakeForge, dash: Dashboard) -> None:
+    """Forge restarted with a new token while the page stayed open: it says so instead of going blank."""
+    fake_forge.token = "another-token"
+    expect(dash.by_test_id("connection")).to_have_text("offline", timeout=15_000)
+    expect(dash.by_test_id("connection")).to_have_attribute("data-connected", "false")
+    expect(dash.by_test_id("status")).to_contain_text("missing or wrong Forge token", timeout=15_000)
+    expect(dash.by_test_id("status")).to_have_attribute("data-kind", "error")
+    dash.assert_clean(expected_statuses={401})
 
 
 # ---------------------------------------------------------------- issue 16's checks
@@ -454,8 +495,9 @@ def test_kill_node_3_is_shown_down_within_3_seconds(fake_forge: FakeForge, dash:
     print(f"kill node-3 shown down after {shown_after:.2f} s")
     assert fake_forge.controls("POST", "/api/nodes/node-3/kill") == [("POST", "/api/nodes/node-3/kill", {})]
     expect(dash.by_test_id("row-node-3")).to_have_attribute("data-state", "down")
-    expect(dash.by_test_id("status")).to_have_text("kill node-3: POST /api/nodes/node-3/kill done (202)")
-    expect(dash.by_test_id("timeline").locator("li").first).to_contain_text("node.kill")
+    expect(dash.by_test_id("status")).to_have_text("kill node-3: POST /api/nodes/node-3/kill done (200)")
+    expect(dash.by_test_id("timeline").locator("li").first).to_contain_text("node-down node-3 node-3 down")
+    expect(dash.by_test_id("timeline").locator("li").first).to_have_class("k-bad")
     expect(dash.by_test_id("node-node-1")).to_have_attribute("data-state", "up")  # only node-3
     # an error answer's detail is shown: the fake refuses to crash a node that is down
     dash.by_test_id("crash-node-3").click()
@@ -542,15 +584,19 @@ def test_every_control_sends_its_request(fake_forge: FakeForge, dash: Dashboard)
     expect(dash.by_test_id("node-node-2")).to_have_attribute("data-state", "up")
     expect(dash.by_test_id("row-node-2").locator("td").nth(2)).to_have_text("1")  # restarts
     click("crash-node-4", "POST", "/api/nodes/node-4/crash", {}, "crash node-4")
+    expect(dash.by_test_id("node-node-4")).to_have_attribute("data-state", "frozen")
     click("kill-leader", "POST", "/api/leader/kill", {}, "kill leader")
     expect(dash.by_test_id("node-node-1")).to_have_attribute("data-state", "down")
     expect(dash.by_test_id("leader")).to_have_text("node-2")
     click("add-node", "POST", "/api/nodes", {}, "add node")
+    expect(dash.by_test_id("status")).to_contain_text("(201)")
     expect(dash.by_test_id("node-node-6")).to_have_attribute("data-state", "up")
     click("remove-node-6", "DELETE", "/api/nodes/node-6", None, "remove node-6")
     expect(dash.by_test_id("node-node-6")).to_have_attribute("data-state", "removed")
     expect(dash.by_test_id("kill-node-6")).to_be_disabled()
     click("rolling-restart", "POST", "/api/rolling-restart", {}, "rolling restart")
+    expect(dash.by_test_id("status")).to_contain_text("(202)")
+    expect(dash.by_test_id("rolling")).to_have_text("rolling restart: restarting node-2 (1 of 5)")
     click("isolate-node-5", "POST", "/api/network/isolate/node-5", {}, "isolate node-5")
     expect(dash.by_test_id("link-node-3-node-5")).to_have_attribute("data-down", "true")
     click("heal-network", "POST", "/api/network/heal", {}, "heal network")
@@ -588,7 +634,11 @@ def test_every_control_sends_its_request(fake_forge: FakeForge, dash: Dashboard)
     expect(dash.by_test_id("load-state")).to_contain_text("running")
     kinds = [e["kind"] for e in fake_forge.events]
     expect(dash.by_test_id("timeline").locator("li")).to_have_count(len(kinds), timeout=10_000)
-    expect(dash.by_test_id("timeline").locator("li.k-bad", has_text="node.crash")).to_have_count(1)
-    expect(dash.by_test_id("timeline").locator("li.k-net", has_text="network.isolate")).to_have_count(1)
+    timeline = dash.by_test_id("timeline")
+    expect(timeline.locator("li.k-bad", has_text="node-frozen")).to_have_count(1)  # the crash
+    expect(timeline.locator("li.k-net", has_text="isolate node-5")).to_have_count(1)
+    expect(timeline.locator("li.k-ctl", has_text="kill node-1")).to_have_count(1)  # the leader kill
+    leader_events = [e for e in fake_forge.events if e["kind"] == "leader"]
+    expect(timeline.locator("li.k-leader")).to_have_count(len(leader_events))
     dash.assert_clean()
     assert json.dumps(fake_forge.received)  # all bodies were JSON

@@ -60,6 +60,9 @@
     if (v == null) return "–";
     return v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
   }
+  // A node's addresses: `http_address` (the supervisor's NodeView) or `http`.
+  const addr = (n, kind) => n[`${kind}_address`] ?? n[kind] ?? null;
+  const bareAddr = (a) => String(a).replace(/^[a-z]+:\/\//, "").replace(/\/+$/, "");
   // Link loss is a fraction (0..1) in the API, percent on the page.
   const lossPct = (loss) => (num(loss) == null ? 0 : loss * 100);
 
@@ -128,7 +131,7 @@
     load: null,
     points: [], // series points, ascending t
     lastT: null, // newest point's t
-    eventsNext: 0,
+    eventsNext: 0, // the last event seq seen: /api/events?since= answers the events after it
     scope: "total",
   };
 
@@ -150,12 +153,17 @@
     if (load) {
       const what = !load.running ? "stopped" : load.paused ? "paused" : "running";
       let text = `${what} · ${fmtRate(load.rate)} req/s`;
+      if (num(load.ramping_to) != null) text += ` → ${fmtRate(load.ramping_to)}`;
       if (num(load.cpu_percent) != null) text += ` · gen CPU ${load.cpu_percent.toFixed(0)} %`;
       ls.textContent = text;
       ls.dataset.state = what;
     } else {
-      ls.textContent = "?";
+      ls.textContent = "none configured";
+      ls.dataset.state = "none";
     }
+    const rolling = byTestId("rolling");
+    rolling.textContent = cluster && cluster.rolling_restart ? `rolling restart: ${cluster.rolling_restart}` : "";
+    rolling.hidden = !rolling.textContent;
   }
 
   function setConnected(ok, why) {
@@ -255,9 +263,9 @@
         n.ready === true ? "ready" : n.ready === false ? "not ready" : null,
         n.pid != null ? `pid ${n.pid}` : null,
         n.restarts ? `${n.restarts} restarts` : null,
-        n.cluster ? `cluster ${n.cluster}` : null,
-        n.management ? `management ${n.management}` : null,
-        n.http ? `http ${n.http}` : null,
+        addr(n, "cluster") ? `cluster ${addr(n, "cluster")}` : null,
+        addr(n, "management") ? `management ${addr(n, "management")}` : null,
+        addr(n, "http") ? `http ${addr(n, "http")}` : null,
       ].filter(Boolean);
       g.append(svg("title", null, info.join("\n")));
       if (isLeader) {
@@ -444,14 +452,15 @@
         "tr",
         { "data-testid": `target-${t.name}` },
         el("td", { text: t.name ?? "?" }),
-        el("td", { text: fmtRate(t.rate) }),
         el("td", { text: t.sent ?? "" }),
         el("td", { text: t.ok ?? "" }),
         el("td", { text: t.failed ?? "" }),
+        el("td", { text: fmtPct(pct(t.success_rate)) }),
+        el("td", { text: fmtMs(t.p99_ms) }),
         el("td", { text: errText || "–" }),
       );
     });
-    if (!rows.length) rows.push(el("tr", null, el("td", { colspan: 6, class: "none", text: "no load targets" })));
+    if (!rows.length) rows.push(el("tr", null, el("td", { colspan: 7, class: "none", text: "no load" })));
     byTestId("targets").tBodies[0].replaceChildren(...rows);
   }
 
@@ -477,7 +486,9 @@
         "li",
         { class: "k-bad" },
         a.time != null ? el("span", { class: "t", text: clock(a.time) }) : null,
+        " ",
         el("span", { class: "kind", text: name }),
+        " ",
         a.artifact ? `${a.artifact} ` : "",
         typeof msg === "string" ? msg : JSON.stringify(msg),
         " ",
@@ -494,7 +505,9 @@
         "li",
         { class: "k-ctl" },
         el("span", { class: "t", text: clock(d.time) }),
+        " ",
         el("span", { class: "kind", text: d.kind || "decision" }),
+        " ",
         d.artifact ? `${d.artifact} ` : "",
         typeof d.detail === "string" ? `${d.detail} ` : d.detail != null ? `${JSON.stringify(d.detail)} ` : "",
         restFields(d, ["time", "kind", "artifact", "detail"]),
@@ -508,10 +521,11 @@
   const sliderOut = byTestId("load-rate-value");
   let sliderHeld = false; // pointer down on the slider
   let sliderQuietUntil = 0; // after a change, let the server catch up before following its rate
-  function renderLoad(load) {
+  function renderLoad(load, maxFromState) {
+    for (const id of ["load-rate", "ramp", "load-pause", "load-resume"]) byTestId(id).disabled = !load;
     if (!load) return;
     const rate = num(load.rate) ?? 0;
-    const maxRate = num(load.max_rate) ?? num(load.rate_max) ?? Math.max(1000, Math.ceil((rate * 2) / 100) * 100);
+    const maxRate = num(load.max_rate) ?? num(maxFromState) ?? Math.max(2000, Math.ceil((rate * 2) / 100) * 100);
     if (sliderHeld || document.activeElement === slider || Date.now() < sliderQuietUntil) return;
     if (String(maxRate) !== slider.max) slider.max = String(maxRate);
     slider.value = String(Math.round(rate));
@@ -543,8 +557,38 @@
     return (bucket && bucket[name]) || null;
   }
 
+  // Two shapes are accepted: the load generator's flat points (one per second and series:
+  // {t, scope: "total"|"target"|"node", name, sent, ok, failed, success_rate, p50_ms, p99_ms, ...})
+  // and grouped ones ({t, total: {...}, targets: {name: {...}}, nodes: {addr: {...}}}). Both
+  // become the grouped shape, one per second.
+  function groupPoints(raw) {
+    const byT = new Map();
+    for (const p of raw) {
+      const t = num(p && p.t);
+      if (t == null) continue;
+      if (p.scope == null) {
+        byT.set(t, p);
+        continue;
+      }
+      let g = byT.get(t);
+      if (!g) byT.set(t, (g = { t, total: null, targets: {}, nodes: {} }));
+      if (p.scope === "total") g.total = p;
+      else if (p.scope === "target" || p.scope === "route") g.targets[p.name] = p;
+      else if (p.scope === "node") g.nodes[p.name] = p;
+    }
+    return [...byT.values()].sort((a, b) => a.t - b.t);
+  }
+
+  // Requests answered per second (ok + failed), unless the API says `throughput` itself.
+  function throughputOf(m) {
+    if (num(m.throughput) != null) return m.throughput;
+    const ok = num(m.ok);
+    const failed = num(m.failed);
+    return ok == null && failed == null ? null : (ok ?? 0) + (failed ?? 0);
+  }
+
   function addPoints(data) {
-    const pts = data && Array.isArray(data.points) ? data.points : [];
+    const pts = groupPoints(data && Array.isArray(data.points) ? data.points : []);
     let added = 0;
     for (const p of pts) {
       const t = num(p && p.t);
@@ -563,7 +607,10 @@
 
   function nodeLabel(key) {
     const nodes = model.cluster && Array.isArray(model.cluster.nodes) ? model.cluster.nodes : [];
-    const n = nodes.find((n) => n.id === key || n.http === key || n.management === key || n.cluster === key);
+    const k = bareAddr(key);
+    const n = nodes.find(
+      (n) => n.id === key || ["http", "management", "cluster"].some((a) => addr(n, a) && bareAddr(addr(n, a)) === k),
+    );
     return n && n.id !== key ? `${n.id} (${key})` : key;
   }
 
@@ -583,6 +630,13 @@
   }
 
   const charts = {};
+  function xRange(min, max) {
+    if (max == null) {
+      const now = Date.now() / 1000;
+      return [now - 60, now];
+    }
+    return [Math.min(min, max - 60), max];
+  }
   const CHART_H = 215;
   function makeChart(id, title, series, yRange) {
     const host = document.getElementById(id);
@@ -592,7 +646,7 @@
       height: CHART_H,
       // x: the points kept, at least the last minute (a single point would span years otherwise)
       scales: {
-        x: { time: true, range: (u, min, max) => (max == null ? [0, 60] : [Math.min(min, max - 60), max]) },
+        x: { time: true, range: (u, min, max) => xRange(min, max) },
         y: yRange ? { range: yRange } : { auto: true },
       },
       series: [{}, ...series],
@@ -609,7 +663,8 @@
       return;
     }
     charts.throughput = makeChart("chart-throughput", "Throughput (req/s)", [
-      { label: "req/s", stroke: "#3461c1", fill: "rgba(52,97,193,0.08)", width: 1.5 },
+      { label: "answered", stroke: "#3461c1", fill: "rgba(52,97,193,0.08)", width: 1.5 },
+      { label: "sent", stroke: "#9aa3b5", width: 1, dash: [4, 3] },
     ]);
     charts.success = makeChart(
       "chart-success",
@@ -634,24 +689,26 @@
     const scope = model.scope;
     const xs = [];
     const thr = [];
+    const offered = [];
     const ok = [];
     const p50 = [];
     const p99 = [];
     for (const p of model.points) {
       const m = metricsOf(p, scope) || {};
       xs.push(p.t);
-      thr.push(num(m.throughput));
+      thr.push(throughputOf(m));
+      offered.push(num(m.sent));
       ok.push(pct(m.success_rate));
       p50.push(num(m.p50_ms));
       p99.push(num(m.p99_ms));
     }
     const lastM = metricsOf(model.points[model.points.length - 1], scope) || {};
-    byTestId("latest-throughput").textContent = fmtRate(lastM.throughput);
+    byTestId("latest-throughput").textContent = fmtRate(throughputOf(lastM));
     byTestId("latest-success").textContent = fmtPct(pct(lastM.success_rate));
     byTestId("latest-p50").textContent = fmtMs(lastM.p50_ms);
     byTestId("latest-p99").textContent = fmtMs(lastM.p99_ms);
     if (!charts.throughput) return;
-    charts.throughput.chart.setData([xs, thr]);
+    charts.throughput.chart.setData([xs, thr, offered]);
     charts.success.chart.setData([xs, ok]);
     charts.latency.chart.setData([xs, p50, p99]);
   }
@@ -661,18 +718,28 @@
   });
 
   // ---------------------------------------------------------------- timeline
-  function kindClass(kind) {
+  // The supervisor's kinds: node-<state>, leader, quorum, placement, member, control (what was
+  // asked), fault (network and slice faults), rolling, cluster:<event> (the nodes' own events).
+  function kindClass(kind, message) {
     const k = String(kind || "").toLowerCase();
-    if (/(partition|isolate|link|network|heal)/.test(k)) return "k-net";
-    if (/(kill|crash|down|fail|lost|error|exit|unhealthy|alert|died)/.test(k)) return "k-bad";
-    if (/leader/.test(k)) return "k-leader";
+    const m = String(message || "").toLowerCase();
+    const bad = /(kill|crash|down|fail|lost|error|exit|unhealthy|alert|died|frozen|gone)/;
+    const good = /(up|start|ready|restart|join|add|gained|regained|recover|member|active|done)/;
+    if (k.startsWith("node-")) return bad.test(k) ? "k-bad" : good.test(k) ? "k-good" : "k-muted";
+    if (k === "leader" || k.includes("leader")) return "k-leader";
+    if (k === "quorum") return bad.test(m) ? "k-bad" : "k-good";
+    if (k === "fault" || /(partition|isolate|link|network)/.test(k)) return "k-net";
+    if (k === "control") return "k-ctl";
     if (/(load|ramp|rate|pause|resume)/.test(k)) return "k-load";
-    if (/(controller|scale|decision)/.test(k)) return "k-ctl";
-    if (/(up|start|ready|restart|join|add|gained|recover|member)/.test(k)) return "k-good";
-    return "";
+    if (k === "placement") return bad.test(m) ? "k-bad" : "k-good";
+    if (/(controller|scal|decision)/.test(k)) return "k-ctl";
+    if (bad.test(k)) return "k-bad";
+    if (good.test(k)) return "k-good";
+    return k.startsWith("cluster:") ? "k-muted" : "";
   }
   function addEvents(data) {
     const events = data && Array.isArray(data.events) ? data.events.slice() : [];
+    const seen = model.eventsNext;
     if (data && Number.isInteger(data.next)) model.eventsNext = Math.max(model.eventsNext, data.next);
     if (!events.length) return;
     events.sort((a, b) => (num(a.seq) ?? 0) - (num(b.seq) ?? 0));
@@ -680,12 +747,17 @@
     const none = list.querySelector("li.none");
     if (none) none.remove();
     for (const e of events) {
-      if (num(e.seq) != null) model.eventsNext = Math.max(model.eventsNext, e.seq + 1);
+      if (num(e.seq) != null) {
+        if (e.seq <= seen) continue; // already shown
+        model.eventsNext = Math.max(model.eventsNext, e.seq);
+      }
       const li = el(
         "li",
-        { class: kindClass(e.kind), "data-kind": e.kind || "", "data-seq": e.seq ?? "" },
+        { class: kindClass(e.kind, e.message), "data-kind": e.kind || "", "data-seq": e.seq ?? "" },
         el("span", { class: "t", text: clock(e.time) }),
+        " ",
         el("span", { class: "kind", text: e.kind || "event" }),
+        " ",
         e.node ? `${e.node} ` : "",
         e.message || "",
       );
@@ -724,7 +796,7 @@
         renderPlacement(model.cluster);
         renderController(model.cluster);
         renderTargets(model.load);
-        renderLoad(model.load);
+        renderLoad(model.load, d.max_rate);
       } else {
         setConnected(false, st.reason && st.reason.message);
         if (st.reason && st.reason.status === 401) showStatus(`not authorized: ${st.reason.message} (open the URL with ?token=...)`, true);
