@@ -106,6 +106,7 @@ class Dashboard:
     def screenshot(self, name: str) -> Path:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTIFACTS / f"{_safe(name)}.png"
+        self.page.evaluate("() => window.scrollTo(0, 0)")  # the sticky header at the top
         self.page.screenshot(path=str(path), full_page=True)
         return path
 

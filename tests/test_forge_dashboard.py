@@ -25,13 +25,16 @@ import re
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 
 import forge_browser
+from aether.core.errors import StatusError
 from forge_browser import Dashboard
 
 # the browser fixtures (tests/forge_browser.py), used by name below
@@ -43,6 +46,11 @@ TOKEN = "s3cret-token"
 COOKIE = "aether_forge_token"
 ARTIFACT_A = "org.demo:place-order:0.1.0"
 ARTIFACT_B = "org.demo:inventory-service:0.1.0"
+
+try:  # the real Forge server, once it is in the tree: the tests run against it too
+    from aether.forge import server as forge_server
+except ImportError:
+    forge_server = None  # type: ignore[assignment]
 
 try:
     from playwright.sync_api import expect
@@ -61,11 +69,20 @@ def _problem(status: int, title: str, detail: str) -> web.Response:
     return web.json_response(body, status=status, content_type="application/problem+json")
 
 
+class Refused(Exception):
+    """A control the fake refuses, as the problem document it answers with."""
+
+    def __init__(self, status: int, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.title, self.detail = status, title, detail
+
+
 class FakeForge:
     """A fake Forge: the dashboard's files and a canned, mutable cluster/load state behind its API."""
 
     def __init__(self, nodes: int = 5, rate: float = 50.0, max_rate: float = 500.0) -> None:
         self.token = TOKEN
+        self.server: Any = None  # the real ForgeServer when the tests run through it
         self.nodes: dict[str, dict[str, Any]] = {}
         for i in range(1, nodes + 1):
             self._add_node(f"node-{i}")
@@ -254,33 +271,39 @@ class FakeForge:
 
     async def _control(self, request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else None
-        path = request.path
-        self.received.append((request.method, path, body))
+        try:
+            status, answer = self.apply(request.method, request.path, body, dict(request.match_info))
+        except Refused as e:
+            return _problem(e.status, e.title, e.detail)
+        return web.json_response(answer, status=status)
+
+    def apply(self, method: str, path: str, body: Any, mi: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        """One control request: recorded, applied to the state; (status, ActionResult) or Refused."""
+        self.received.append((method, path, body))
         status = 200
-        mi = request.match_info
         node_id = mi.get("id")
         if node_id is not None and node_id not in self.nodes:
-            return _problem(404, "Not Found", f"no node {node_id}")
+            raise Refused(404, "Not Found", f"no node {node_id}")
         node = self.nodes.get(node_id) if node_id else None
-        if request.method == "DELETE":
+        if method == "DELETE":
             node["state"], node["member"] = "removed", False
             self.event("control", node_id, f"remove {node_id}")
             self.event("node-removed", node_id, f"{node_id} removed")
         elif path.startswith("/api/nodes/") and node is not None:
             op = mi["op"]
             if op in ("kill", "crash", "stop") and node["state"] != "up":
-                return _problem(409, "Conflict", f"{node_id} is not running (state {node['state']})")
+                raise Refused(409, "Conflict", f"{node_id} is not running (state {node['state']})")
             node["state"] = {"kill": "down", "crash": "frozen", "stop": "stopped", "restart": "up"}[op]
             node["restarts"] += op == "restart"
             self.event("control", node_id, f"{op} {node_id}")
             self.event(f"node-{node['state']}", node_id, f"{node_id} {node['state']}")
         elif path == "/api/leader/kill":
             if self.leader is None:
-                return _problem(409, "Conflict", "no leader to kill")
+                raise Refused(409, "Conflict", "no leader to kill")
             self.nodes[self.leader]["state"] = "down"
             self.event("control", self.leader, f"kill {self.leader}")
             self.event("node-down", self.leader, f"{self.leader} down")
-        elif path == "/api/nodes" and request.method == "POST":
+        elif path == "/api/nodes" and method == "POST":
             new_id = f"node-{len(self.nodes) + 1}"
             self._add_node(new_id)
             self.event("member", new_id, f"{new_id} is a member")
@@ -289,7 +312,7 @@ class FakeForge:
             groups = body["groups"]
             present = sorted(i for i, n in self.nodes.items() if n["state"] != "removed")
             if sorted(i for g in groups for i in g) != present:
-                return _problem(422, "Unprocessable", "the groups must cover every node once")
+                raise Refused(422, "Unprocessable", "the groups must cover every node once")
             self.groups = groups
             self.event("fault", None, "partition " + " | ".join(",".join(g) for g in groups))
         elif path.startswith("/api/network/isolate/"):
@@ -327,11 +350,11 @@ class FakeForge:
             self.paused = path.endswith("pause")
             self.event("load", None, path.rsplit("/", 1)[1])
         self._reelect()
-        answer = {"ok": True, "message": f"{request.method} {path} done", "node": node_id}
-        return web.json_response(answer, status=status)
+        return status, {"ok": True, "message": f"{method} {path} done", "node": node_id}
 
     # ------------------------------------------------------------ lifecycle (a thread with its own loop)
-    def start(self) -> None:
+    def start(self, app: web.Application | None = None) -> None:
+        """Serve `app` (default: the fake's own) on a thread with its own event loop."""
         started = threading.Event()
 
         async def tick() -> None:  # each second, the points of the second that just ended
@@ -347,7 +370,7 @@ class FakeForge:
         def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
-            self._runner = web.AppRunner(self.app(), access_log=None)
+            self._runner = web.AppRunner(app or self.app(), access_log=None)
             loop.run_until_complete(self._runner.setup())
             loop.run_until_complete(web.TCPSite(self._runner, "127.0.0.1", self.port).start())
             self._ticker = loop.create_task(tick())
@@ -383,10 +406,95 @@ def _natural(node_id: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (node_id, 0)
 
 
-@pytest.fixture
-def fake_forge() -> Any:
+class ServerAdapter:
+    """The fake's state behind the real `aether.forge.server.ForgeServer` (its `Forge` protocol), so
+    the same tests also check the real server: routes, auth cookie and redirect, static files,
+    problem documents, answer encoding."""
+
+    def __init__(self, fake: FakeForge) -> None:
+        self.fake = fake
+        self.max_rate = fake.max_rate
+
+    def state(self) -> Any:
+        s = self.fake.state()
+        return forge_server.StateAnswer(s["cluster"], s["load"])
+
+    def series(self, since: float) -> list[Any]:
+        return [p for p in self.fake.points if p["t"] >= since]
+
+    def events(self, since: int) -> tuple[list[Any], int]:
+        events = [e for e in self.fake.events if e["seq"] > since]
+        return events, max((e["seq"] for e in events), default=since)
+
+    def _do(self, method: str, path: str, body: Any = None, **mi: str) -> Any:
+        try:
+            _, answer = self.fake.apply(method, path, body, mi)
+        except Refused as e:
+            raise StatusError(e.detail, status=e.status) from None
+        return forge_server.ActionResult(message=answer["message"], node=answer["node"])
+
+    async def node_action(self, node: str, action: str) -> Any:
+        return self._do("POST", f"/api/nodes/{node}/{action}", {}, id=node, op=action)
+
+    async def kill_leader(self) -> Any:
+        return self._do("POST", "/api/leader/kill", {})
+
+    async def add_node(self) -> Any:
+        return self._do("POST", "/api/nodes", {})
+
+    async def remove_node(self, node: str) -> Any:
+        return self._do("DELETE", f"/api/nodes/{node}", None, id=node)
+
+    async def rolling_restart(self) -> Any:
+        return self._do("POST", "/api/rolling-restart", {})
+
+    async def partition(self, groups: list[list[str]]) -> Any:
+        return self._do("POST", "/api/network/partition", {"groups": groups})
+
+    async def isolate(self, node: str) -> Any:
+        return self._do("POST", f"/api/network/isolate/{node}", {}, id=node)
+
+    async def heal(self) -> Any:
+        return self._do("POST", "/api/network/heal", {})
+
+    async def set_link(self, src: str, dst: str, body: Any) -> Any:
+        path = f"/api/network/links/{src}/{dst}"
+        return self._do("PUT", path, msgspec.structs.asdict(body), src=src, dst=dst)
+
+    async def fail_slice(self, artifact: str, body: Any) -> Any:
+        path = f"/api/slices/{artifact}/fail"
+        return self._do("POST", path, msgspec.structs.asdict(body), artifact=artifact, op="fail")
+
+    async def heal_slice(self, artifact: str) -> Any:
+        return self._do("POST", f"/api/slices/{artifact}/heal", {}, artifact=artifact, op="heal")
+
+    def set_rate(self, rate: float) -> Any:
+        return self._do("PUT", "/api/load/rate", {"rate": rate})
+
+    def ramp(self, to: float, seconds: float) -> Any:
+        return self._do("POST", "/api/load/ramp", {"to": to, "seconds": seconds})
+
+    def pause(self) -> Any:
+        return self._do("POST", "/api/load/pause", {})
+
+    def resume(self) -> Any:
+        return self._do("POST", "/api/load/resume", {})
+
+    def trace(self) -> Any:
+        return {}
+
+
+@pytest.fixture(params=["fake-api", "forge-server"])
+def fake_forge(request: pytest.FixtureRequest) -> Any:
+    """The fake behind its own aiohttp routes, then behind the real Forge server (when present)."""
     fake = FakeForge()
-    fake.start()
+    app = None
+    if request.param == "forge-server":
+        if forge_server is None:
+            pytest.skip("aether.forge.server is not in this tree (yet): only the fake API's routes")
+        fake.server = forge_server.ForgeServer(ServerAdapter(fake), TOKEN)
+        app = fake.server.app()
+    fake.start(app)
     try:
         yield fake
     finally:
@@ -403,6 +511,12 @@ def dash(fake_forge: FakeForge, open_dashboard: Any) -> Dashboard:
 
 # the latest throughput the page shows, as a JS expression (NaN while it shows none)
 LATEST = "Number(document.querySelector('[data-testid=latest-throughput]').textContent)"
+
+
+def _get_json(url: str) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 def _wait_until(predicate: Any, timeout: float, what: str) -> None:
@@ -457,7 +571,10 @@ def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge,
     expect(dash.by_test_id("timeline").locator("li")).to_have_count(1)
     expect(dash.by_test_id("timeline").locator("li").first).to_contain_text("leader none -> node-1")
     expect(dash.by_test_id("load-rate-value")).to_have_text("50")
-    expect(dash.by_test_id("load-rate")).to_have_attribute("max", "500")  # the state's max_rate
+    # the slider's maximum: the state's max_rate (the load view's), else Forge's default 2000
+    state = _get_json(f"{fake_forge.url}/api/state")
+    max_rate = state.get("max_rate") or (state.get("load") or {}).get("max_rate") or 2000
+    expect(dash.by_test_id("load-rate")).to_have_attribute("max", f"{max_rate:g}")
     expect(dash.by_test_id("load-state")).to_have_text("running · 50.0 req/s · gen CPU 2 %")
     # every request went to the fake, and only to the paths the server must serve
     paths = {re.sub(r"\?.*", "", u.removeprefix(fake_forge.url)) for u in dash.requests}
@@ -474,6 +591,8 @@ def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge,
 
 def test_a_forge_with_another_token_is_shown_unauthorized(fake_forge: FakeForge, dash: Dashboard) -> None:
     """Forge restarted with a new token while the page stayed open: it says so instead of going blank."""
+    if fake_forge.server is not None:
+        pytest.skip("the page's side of it; only the fake API can change its token underway")
     fake_forge.token = "another-token"
     expect(dash.by_test_id("connection")).to_have_text("offline", timeout=15_000)
     expect(dash.by_test_id("connection")).to_have_attribute("data-connected", "false")

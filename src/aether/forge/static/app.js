@@ -650,7 +650,7 @@
         y: yRange ? { range: yRange } : { auto: true },
       },
       series: [{}, ...series],
-      axes: [{ size: 28 }, { size: 44 }],
+      axes: [{ size: 28 }, { size: 50 }],
       legend: { show: true, live: false },
       cursor: { drag: { x: false, y: false } },
     };
@@ -662,20 +662,32 @@
       showStatus("charts unavailable: uPlot did not load", true);
       return;
     }
-    charts.throughput = makeChart("chart-throughput", "Throughput (req/s)", [
-      { label: "answered", stroke: "#3461c1", fill: "rgba(52,97,193,0.08)", width: 1.5 },
-      { label: "sent", stroke: "#9aa3b5", width: 1, dash: [4, 3] },
-    ]);
+    // y from 0 (a flat line near 50 req/s must not look like wild swings)
+    const fromZero = (u, min, max) => [0, max == null || !(max > 0) ? 1 : max * 1.15];
+    charts.throughput = makeChart(
+      "chart-throughput",
+      "Throughput (req/s)",
+      [
+        { label: "answered", stroke: "#3461c1", fill: "rgba(52,97,193,0.08)", width: 1.5 },
+        { label: "sent", stroke: "#9aa3b5", width: 1, dash: [4, 3] },
+      ],
+      fromZero,
+    );
     charts.success = makeChart(
       "chart-success",
       "Success rate (%)",
       [{ label: "success %", stroke: "#2e9d57", width: 1.5 }],
       [0, 100],
     );
-    charts.latency = makeChart("chart-latency", "Latency (ms)", [
-      { label: "p50", stroke: "#7d4cc2", width: 1.5 },
-      { label: "p99", stroke: "#d64541", width: 1.5 },
-    ]);
+    charts.latency = makeChart(
+      "chart-latency",
+      "Latency (ms)",
+      [
+        { label: "p50", stroke: "#7d4cc2", width: 1.5 },
+        { label: "p99", stroke: "#d64541", width: 1.5 },
+      ],
+      fromZero,
+    );
   }
   function resizeCharts() {
     for (const c of Object.values(charts)) {
