@@ -80,7 +80,12 @@ class Refused(Exception):
 class FakeForge:
     """A fake Forge: the dashboard's files and a canned, mutable cluster/load state behind its API."""
 
-    def __init__(self, nodes: int = 5, rate: float = 50.0, max_rate: float = 500.0) -> None:
+    def __init__(
+        self, nodes: int = 5, rate: float = 50.0, max_rate: float = 500.0, *, load: bool = True,
+        grouped_series: bool = False,
+    ) -> None:
+        self.load = load  # False: Forge without [load] (state.load null, no series, load controls 409)
+        self.grouped_series = grouped_series  # answer {t, total, targets, nodes} points instead
         self.token = TOKEN
         self.server: Any = None  # the real ForgeServer when the tests run through it
         self.nodes: dict[str, dict[str, Any]] = {}
@@ -190,7 +195,7 @@ class FakeForge:
                 "decisions": [{"time": time.time() - 30, "kind": "scale", "artifact": ARTIFACT_A,
                                "detail": "2 -> 3 instances", "reason": "p99 above target"}],
             },
-            "load": {
+            "load": None if not self.load else {
                 "running": True, "paused": self.paused, "replaying": False, "recording": True,
                 "rate": self.rate, "ramping_to": None, "in_flight": 0, "max_in_flight": 256,
                 "cpu_percent": 1.5, "total": totals("", 170, 2),
@@ -262,7 +267,17 @@ class FakeForge:
 
     async def _series(self, request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))  # seconds starting at or after it, like the generator
-        return web.json_response({"points": [p for p in self.points if p["t"] >= since]})
+        points = [p for p in self.points if p["t"] >= since]
+        if self.grouped_series:
+            grouped: dict[float, dict[str, Any]] = {}
+            for p in points:
+                g = grouped.setdefault(p["t"], {"t": p["t"], "total": None, "targets": {}, "nodes": {}})
+                if p["scope"] == "total":
+                    g["total"] = p
+                else:
+                    g[f"{p['scope']}s"][p["name"]] = p
+            points = list(grouped.values())
+        return web.json_response({"points": points})
 
     async def _events(self, request: web.Request) -> web.Response:
         since = int(request.query.get("since", "0"))  # the events after it; next: the last seq answered
@@ -340,6 +355,8 @@ class FakeForge:
             self.rolling = "restarting node-2 (1 of 5)"
             self.event("control", None, "rolling restart of node-2, node-3, node-4, node-5, node-1")
             status = 202
+        elif path.startswith("/api/load/") and not self.load:
+            raise Refused(409, "Conflict", "no load is configured")
         elif path == "/api/load/rate":
             self.rate = float(body["rate"])
             self.event("load", None, f"rate {self.rate:g}/s")
@@ -359,7 +376,7 @@ class FakeForge:
 
         async def tick() -> None:  # each second, the points of the second that just ended
             last = 0.0
-            while True:
+            while self.load:
                 t = float(int(time.time()) - 1)
                 if t > last:
                     self.points.extend(self._points(t))
@@ -761,3 +778,37 @@ def test_every_control_sends_its_request(fake_forge: FakeForge, dash: Dashboard)
     expect(timeline.locator("li.k-leader")).to_have_count(len(leader_events))
     dash.assert_clean()
     assert json.dumps(fake_forge.received)  # all bodies were JSON
+
+
+# ---------------------------------------------------------------- other shapes of the answers
+
+
+def test_without_load_the_load_controls_are_off(open_dashboard: Any) -> None:
+    fake = FakeForge(load=False)
+    fake.start()
+    try:
+        d = open_dashboard(f"{fake.url}/?token={TOKEN}")
+        expect(d.by_test_id("load-state")).to_have_text("none configured", timeout=15_000)
+        expect(d.by_test_id("node-node-3")).to_have_attribute("data-state", "up")
+        for control in ("load-rate", "ramp", "load-pause", "load-resume"):
+            expect(d.by_test_id(control)).to_be_disabled()
+        expect(d.by_test_id("latest-throughput")).to_have_text("\u2013")  # no value
+        expect(d.by_test_id("targets")).to_contain_text("no load")
+        d.assert_clean()
+    finally:
+        fake.stop()
+
+
+def test_grouped_series_points_are_charted_too(open_dashboard: Any) -> None:
+    """Points grouped per second ({t, total, targets, nodes}) read like the generator's flat ones."""
+    fake = FakeForge(grouped_series=True)
+    fake.start()
+    try:
+        d = open_dashboard(f"{fake.url}/?token={TOKEN}")
+        d.page.wait_for_function(f"() => {LATEST} > 40 && {LATEST} < 60", timeout=15_000)
+        expect(d.by_test_id("scope").locator("option")).to_have_count(1 + 2 + 5, timeout=10_000)
+        d.by_test_id("scope").select_option("route:place-order")
+        d.page.wait_for_function(f"() => {LATEST} > 25 && {LATEST} < 35")  # 60 % of 50 req/s
+        d.assert_clean()
+    finally:
+        fake.stop()
