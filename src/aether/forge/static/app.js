@@ -770,7 +770,8 @@
         " ",
         el("span", { class: "kind", text: e.kind || "event" }),
         " ",
-        e.node ? `${e.node} ` : "",
+        // the node, unless the message names it already
+        e.node && !String(e.message || "").includes(e.node) ? `${e.node} ` : "",
         e.message || "",
       );
       list.prepend(li);
