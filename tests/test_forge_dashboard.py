@@ -649,6 +649,7 @@ def test_load_slider_raises_the_throughput(fake_forge: FakeForge, dash: Dashboar
     assert before is not None and 40 <= before <= 60, before  # the fake's 50 req/s
     dash.by_test_id("load-rate").fill("400")  # sets the value, fires input and change
     expect(dash.by_test_id("load-rate-value")).to_have_text("400")
+    expect(dash.by_test_id("load-resume")).to_be_disabled()  # running, not paused
     _wait_until(lambda: fake_forge.controls("PUT", "/api/load/rate"), 10, "PUT /api/load/rate")
     assert fake_forge.controls("PUT", "/api/load/rate") == [("PUT", "/api/load/rate", {"rate": 400})]
     page.wait_for_function(f"() => {LATEST} >= 350", timeout=15_000)
@@ -818,50 +819,58 @@ def test_grouped_series_points_are_charted_too(open_dashboard: Any) -> None:
 
 
 @pytest.fixture
-def real_forge(tmp_path: Path) -> Any:
-    """`aether.forge.app.open_forge` with 3 real nodes (no blueprint, no load) on a thread with its
-    own event loop; (dashboard URL with the token, the Forge). Every process it started is stopped
-    when the test ends (open_forge's own cleanup)."""
+def make_real_forge(tmp_path: Path) -> Any:
+    """A factory: `aether.forge.app.open_forge` with real node processes on a thread with its own
+    event loop -> (dashboard URL with the token, the Forge). Every Forge it started is stopped
+    when the test ends (open_forge's own cleanup stops every process it started)."""
     try:
         from aether.forge import app as forge_app
     except ImportError:
         pytest.skip("aether.forge.app is not in this tree (yet)")
-    opts = forge_app.ForgeOptions(nodes=3, port=0, workdir=tmp_path / "forge", token=TOKEN)
-    ready = threading.Event()
-    box: dict[str, Any] = {}
+    started: list[tuple[dict[str, Any], threading.Thread]] = []
 
-    def run() -> None:
-        async def main() -> None:
-            box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
-            try:
-                async with forge_app.open_forge(opts, say=lambda _: None) as (forge, url):
-                    box["forge"], box["url"] = forge, url
+    def make(**options: Any) -> tuple[str, Any]:
+        workdir = tmp_path / f"forge-{len(started)}"
+        opts = forge_app.ForgeOptions(port=0, workdir=workdir, token=TOKEN, **options)
+        ready = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            async def main() -> None:
+                box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
+                try:
+                    async with forge_app.open_forge(opts, say=lambda _: None) as (forge, url):
+                        box["forge"], box["url"] = forge, url
+                        ready.set()
+                        await box["stop"].wait()
+                except BaseException as e:
+                    box["error"] = e
+                    raise
+                finally:
                     ready.set()
-                    await box["stop"].wait()
-            except BaseException as e:
-                box["error"] = e
-                raise
-            finally:
-                ready.set()
 
-        asyncio.run(main())
+            asyncio.run(main())
 
-    thread = threading.Thread(target=run, name="real-forge", daemon=True)
-    thread.start()
-    try:
-        assert ready.wait(240), "Forge did not start within 240 s"
+        thread = threading.Thread(target=run, name="real-forge", daemon=True)
+        thread.start()
+        started.append((box, thread))
+        assert ready.wait(300), "Forge did not start within 300 s"
         if "error" in box:
             raise box["error"]
-        yield box["url"], box["forge"]
+        return box["url"], box["forge"]
+
+    try:
+        yield make
     finally:
-        if "stop" in box:
-            box["loop"].call_soon_threadsafe(box["stop"].set)
-        thread.join(120)
+        for box, thread in started:
+            if "stop" in box:
+                box["loop"].call_soon_threadsafe(box["stop"].set)
+            thread.join(120)
 
 
 @pytest.mark.slow
-def test_real_forge_kill_restart_and_kill_leader_are_shown(real_forge: Any, open_dashboard: Any) -> None:
-    url, _forge = real_forge
+def test_real_forge_kill_restart_and_kill_leader_are_shown(make_real_forge: Any, open_dashboard: Any) -> None:
+    url, _forge = make_real_forge(nodes=3)
     d = open_dashboard(url)
     expect(d.by_test_id("quorum")).to_have_attribute("data-quorum", "true", timeout=60_000)
     for i in (1, 2, 3):
@@ -886,4 +895,38 @@ def test_real_forge_kill_restart_and_kill_leader_are_shown(real_forge: Any, open
     expect(d.by_test_id("leader")).not_to_have_text(re.compile(f"^({leader}|none|\\?)$"), timeout=30_000)
     expect(d.by_test_id("quorum")).to_have_attribute("data-quorum", "true", timeout=30_000)
     expect(d.by_test_id("timeline")).to_contain_text(f"kill {leader}")
+    d.assert_clean()
+
+
+REAL_LOAD = """
+[load]
+rate = 10
+[[load.targets]]
+name = "price"
+method = "GET"
+path = "/api/pricing/${choice:PROD-ABC123,PROD-XYZ789}"
+"""
+
+
+@pytest.mark.slow
+def test_real_forge_load_slider_raises_the_throughput(
+    make_real_forge: Any, open_dashboard: Any, demo_wheels: Path
+) -> None:
+    """The order demo on 3 real nodes with the load generator: the slider's rate reaches the
+    generator and the chart's latest throughput follows."""
+    from aether.forge.config import parse_forge_config
+
+    blueprint = Path(__file__).resolve().parent.parent / "examples" / "order_demo" / "demo-order.blueprint"
+    load = parse_forge_config(REAL_LOAD).load
+    url, _forge = make_real_forge(nodes=3, blueprint=blueprint, wheels=demo_wheels, load=load)
+    d = open_dashboard(url)
+    d.page.wait_for_function(f"() => {LATEST} >= 5 && {LATEST} <= 15", timeout=30_000)  # 10 req/s
+    expect(d.by_test_id("latest-success")).to_have_text("100", timeout=30_000)
+    expect(d.by_test_id("placement").locator("tbody tr")).not_to_have_count(0)
+    d.by_test_id("load-rate").fill("80")
+    expect(d.by_test_id("load-state")).to_contain_text("80.0 req/s", timeout=10_000)
+    d.page.wait_for_function(f"() => {LATEST} >= 60", timeout=30_000)
+    expect(d.by_test_id("latest-success")).to_have_text("100")
+    d.by_test_id("scope").select_option("route:price")
+    d.page.wait_for_function(f"() => {LATEST} >= 60", timeout=10_000)
     d.assert_clean()

@@ -526,12 +526,12 @@
     if (!load) return;
     const rate = num(load.rate) ?? 0;
     const maxRate = num(load.max_rate) ?? num(maxFromState) ?? Math.max(2000, Math.ceil((rate * 2) / 100) * 100);
+    byTestId("load-pause").disabled = !!load.paused;
+    byTestId("load-resume").disabled = !load.paused && !!load.running;
     if (sliderHeld || document.activeElement === slider || Date.now() < sliderQuietUntil) return;
     if (String(maxRate) !== slider.max) slider.max = String(maxRate);
     slider.value = String(Math.round(rate));
     sliderOut.textContent = String(Math.round(rate));
-    byTestId("load-pause").disabled = !!load.paused;
-    byTestId("load-resume").disabled = !load.paused && !!load.running;
   }
   slider.addEventListener("pointerdown", () => (sliderHeld = true));
   window.addEventListener("pointerup", () => (sliderHeld = false));
