@@ -23,6 +23,8 @@ import json
 import random
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -679,6 +681,7 @@ def test_partition_sends_the_groups_and_shows_leader_and_quorum(
     expect(dash.page.locator('#topology line[data-down="true"]')).to_have_count(6)
     expect(dash.by_test_id("link-node-1-node-3")).to_have_attribute("data-down", "true")
     expect(dash.by_test_id("link-node-1-node-2")).to_have_attribute("data-down", "false")
+    print(f"screenshot: {dash.screenshot('partitioned')}")
     # the majority loses two nodes: no quorum, no leader
     dash.by_test_id("kill-node-4").click()
     expect(dash.by_test_id("node-node-4")).to_have_attribute("data-state", "down")
@@ -929,4 +932,44 @@ def test_real_forge_load_slider_raises_the_throughput(
     expect(d.by_test_id("latest-success")).to_have_text("100")
     d.by_test_id("scope").select_option("route:price")
     d.page.wait_for_function(f"() => {LATEST} >= 60", timeout=10_000)
+    d.assert_clean()
+
+
+def _nodes_inject_faults() -> bool:
+    """Whether this tree's `aether node` takes --fault-injection (Forge's link faults need it)."""
+    cli = "import sys; sys.argv[0] = 'aether'; from aether.cli.main import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", cli, "node", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    return "--fault-injection" in proc.stdout
+
+
+@pytest.mark.slow
+def test_real_forge_partition_is_shown_with_leader_and_quorum(
+    make_real_forge: Any, open_dashboard: Any
+) -> None:
+    """The leader cut off from the two others: the page shows the links across blocked and the
+    majority's new leader with quorum; healing gives the links back."""
+    if not _nodes_inject_faults():
+        pytest.skip("this tree's `aether node` has no --fault-injection (link faults)")
+    url, _forge = make_real_forge(nodes=3)
+    d = open_dashboard(url)
+    expect(d.by_test_id("quorum")).to_have_attribute("data-quorum", "true", timeout=60_000)
+    expect(d.by_test_id("leader")).to_have_text(re.compile(r"^node-[123]$"), timeout=60_000)
+    leader = d.by_test_id("leader").text_content()
+    others = sorted(f"node-{i}" for i in (1, 2, 3) if f"node-{i}" != leader)
+    d.by_test_id(f"group-b-{leader}").check()
+    d.by_test_id("partition").click()
+    expect(d.by_test_id("status")).to_contain_text("links blocked", timeout=15_000)
+    for other in others:
+        a, b = sorted([leader, other], key=_natural)
+        expect(d.by_test_id(f"link-{a}-{b}")).to_have_attribute("data-down", "true", timeout=15_000)
+    a, b = others
+    expect(d.by_test_id(f"link-{a}-{b}")).to_have_attribute("data-down", "false")
+    expect(d.by_test_id("leader")).to_have_text(re.compile(f"^({a}|{b})$"), timeout=30_000)
+    expect(d.by_test_id("quorum")).to_have_attribute("data-quorum", "true", timeout=30_000)
+    print(f"screenshot: {d.screenshot('real-forge-partitioned')}")
+    d.by_test_id("heal-network").click()
+    expect(d.page.locator('#topology line[data-down="true"]')).to_have_count(0, timeout=30_000)
+    expect(d.by_test_id("quorum")).to_have_attribute("data-quorum", "true", timeout=30_000)
     d.assert_clean()

@@ -740,7 +740,7 @@
     if (k.startsWith("node-")) return bad.test(k) ? "k-bad" : good.test(k) ? "k-good" : "k-muted";
     if (k === "leader" || k.includes("leader")) return "k-leader";
     if (k === "quorum") return bad.test(m) ? "k-bad" : "k-good";
-    if (k === "fault" || /(partition|isolate|link|network)/.test(k)) return "k-net";
+    if (/(^|:)fault$/.test(k) || /(partition|isolate|link|network)/.test(k)) return "k-net";
     if (k === "control") return "k-ctl";
     if (/(load|ramp|rate|pause|resume)/.test(k)) return "k-load";
     if (k === "placement") return bad.test(m) ? "k-bad" : "k-good";
