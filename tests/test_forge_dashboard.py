@@ -10,6 +10,11 @@ a killed node is down, a crashed one frozen, a partition blocks links and moves 
 majority, the load rate sets the next seconds' answered requests. It records every control
 request, so the tests check both what the page sent and what it then shows.
 
+The fixture `fake_forge` serves that state twice: behind the fake's own routes, and behind the real
+`aether.forge.server.ForgeServer` (through `ServerAdapter`, its `Forge` protocol) when that module
+is in the tree. The `test_real_forge_*` tests (slow) open a real Forge instead
+(`aether.forge.app.open_forge`, 3 node processes) when it is in the tree.
+
 Issue 16's checks: the page loads with no console errors and no request off loopback; killing
 node-3 shows it down within 3 s; moving the load slider raises the latest throughput; a partition
 sends the right groups and the page shows the leader and quorum of the state; screenshots are
