@@ -174,7 +174,8 @@ class FakeForge:
         return links
 
     def state(self) -> dict[str, Any]:
-        nodes = [dict(n, leader=n["id"] == self.leader) for n in self.nodes.values()]
+        now = time.time()  # last_seen changes at every poll, as the supervisor's does
+        nodes = [dict(n, leader=n["id"] == self.leader, last_seen=now) for n in self.nodes.values()]
         placement = []
         for i, node_id in enumerate(self._members()[:3]):
             for artifact in (ARTIFACT_A, ARTIFACT_B):
@@ -571,6 +572,10 @@ def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge,
     expect(dash.by_test_id("node-node-1")).to_have_attribute("data-leader", "true")
     expect(dash.by_test_id("node-node-2")).to_have_attribute("data-leader", "false")
     expect(page.locator('#topology line[data-down="false"]')).to_have_count(10)  # full mesh of 5
+    # an unchanged cluster is not redrawn at every poll (a hovered node keeps its tooltip)
+    node2 = page.get_by_test_id("node-node-2").element_handle()
+    page.wait_for_timeout(1500)
+    assert node2.evaluate("e => e.isConnected"), "the topology was redrawn though nothing changed"
     # opening ?token=... set the cookie and redirected to the bare URL
     assert page.url == f"{fake_forge.url}/"
     # charts: three uPlot charts, fed by the series

@@ -5,7 +5,7 @@
 "use strict";
 (() => {
   const POLL_MS = 500; // the issue's target: a node kill shown within 2 s
-  const HIDDEN_POLL_MS = 2000; // background tab: poll less
+  const HIDDEN_POLL_MS = 2000; // background tab, or Forge not answering: poll less
   const KEEP_SECONDS = 300; // chart window
   const MAX_EVENTS = 300;
   const MAX_DECISIONS = 12;
@@ -182,7 +182,9 @@
     const links = cluster && Array.isArray(cluster.links) ? cluster.links : [];
     const members = new Set(cluster && Array.isArray(cluster.members) ? cluster.members : []);
     const leader = cluster ? cluster.leader : null;
-    const key = JSON.stringify([nodes, links, leader, [...members]]);
+    // what is drawn (not `last_seen`, which changes at every poll): redraw only when it changes
+    const drawn = nodes.map((n) => [n.id, n.state, n.leader, n.member, n.ready, n.pid, n.restarts, addr(n, "http")]);
+    const key = JSON.stringify([drawn, links, leader, [...members]]);
     if (key === topoKey) return;
     topoKey = key;
 
@@ -821,7 +823,8 @@
       if (ev.status === "fulfilled") addEvents(ev.value.data);
     } finally {
       polling = false;
-      const delay = again ? 0 : document.hidden ? HIDDEN_POLL_MS : POLL_MS;
+      const offline = byTestId("connection").dataset.connected === "false";
+      const delay = again ? 0 : document.hidden || offline ? HIDDEN_POLL_MS : POLL_MS;
       again = false;
       timer = setTimeout(poll, delay);
     }
