@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench examples clean
+.PHONY: install test demo lint bench examples clean browser
 
 install: $(STAMP)
 
@@ -14,8 +14,28 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # What CI promises (.ci/run calls `make test`): lint first, then the suite.
-test: lint
+test: lint browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Debian's Chromium for the dashboard's browser tests (tests/test_forge_dashboard.py drives it with
+# Playwright; `playwright install` would download browsers, which we do not). Installed only when
+# missing and we are root with apt-get; otherwise says why it did nothing and succeeds: the tests
+# then skip with the reason.
+CHROMIUM ?= /usr/bin/chromium
+
+browser:
+	@if [ -x $(CHROMIUM) ]; then \
+		echo "browser: $(CHROMIUM) present"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "browser: $(CHROMIUM) missing and not root: not installing (the browser tests will skip)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: $(CHROMIUM) missing and no apt-get: not installing (the browser tests will skip)"; \
+	else \
+		echo "browser: installing Debian's chromium with apt-get"; \
+		{ apt-cache show chromium >/dev/null 2>&1 || apt-get update -q; } && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+			|| echo "browser: apt-get install chromium failed (the browser tests will skip)"; \
+	fi
 
 # ruff; mypy on the packages listed in pyproject ([tool.mypy]); the import contract between the
 # packages of src/aether ([tool.importlinter] in pyproject, see docs/architecture.md "Layers").
