@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench examples clean browser
+.PHONY: install test demo demo-wheels scenarios lint bench examples clean browser
 
 install: $(STAMP)
 
@@ -44,16 +44,22 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-# The order demo on a local 3-node cluster (see docs/order-demo.md): builds the demo wheels, deploys
-# them into the cluster's repository (.aether/cluster/repository), applies the blueprint, prints
-# curl commands and runs until Ctrl-C, then stops the nodes.
+# The order demo in Aether Forge (see docs/forge.md and docs/order-demo.md): builds the demo wheels,
+# starts 5 nodes, deploys the wheels, applies the blueprint, prints curl commands and the dashboard
+# URL, drives load, and runs until Ctrl-C, then stops the nodes.
 DEMO_WHEELS := build/examples/order_demo
 
-demo: install
+demo: demo-wheels
+	$(BIN)/aether forge --config examples/order_demo/forge-config.toml
+
+demo-wheels: install
 	rm -rf $(DEMO_WHEELS)
 	$(BIN)/python examples/build.py --only order_demo --no-deploy --out $(DEMO_WHEELS)
-	$(BIN)/aether cluster demo --nodes 3 --wheels $(DEMO_WHEELS) \
-		--blueprint examples/order_demo/demo-order.blueprint
+
+# Forge's scenarios headless with a pass/fail report (docs/forge.md "Scenarios"); SCENARIOS=all for all.
+SCENARIOS ?= ci
+scenarios: demo-wheels
+	$(BIN)/aether forge scenario $(SCENARIOS) --config examples/order_demo/forge-config.toml
 
 examples: install
 	$(BIN)/python examples/build.py $(if $(REPOSITORY),--repository $(REPOSITORY))

@@ -21,11 +21,10 @@ from aiohttp import web
 from aether.core.errors import BadRequest
 from aether.core.status import MemberStatus, NodeStatus
 from aether.forge import supervisor as sv
+from aether.forge.errors import ForgeConflict, NodeNotFound
 from aether.forge.supervisor import (
     ClusterView,
     ForgeCluster,
-    ForgeConflict,
-    NodeNotFound,
     NodeView,
     PlacementView,
     RollingRestart,

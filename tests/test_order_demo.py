@@ -632,7 +632,8 @@ def test_demo_blueprint_parses_with_its_maps_and_instance_counts() -> None:
 
 
 def test_try_lines_substitute_node_addresses() -> None:
-    from aether.cli.main import _blueprint_maps, try_lines
+    from aether.cli.main import _blueprint_maps
+    from aether.deploy.blueprint import try_lines
 
     text = (DEMO / "demo-order.blueprint").read_text()
     lines = try_lines(text, ["h:1", "h:2", "h:3"])

@@ -9,7 +9,7 @@
   stores), readable through the restarted node while it is part of every quorum.
 - A rolling restart (SIGTERM, start again) of all three nodes, one at a time, under 300 writes/s
   through failing-over clients: zero failed writes.
-- `make demo`, Ctrl-C, `make demo` (the `aether cluster demo` command twice on one directory):
+- `aether cluster demo`, Ctrl-C, `aether cluster demo` (twice on one directory):
   the orders placed over HTTP in the first run are there in the second, stock levels included.
 - A node killed with kill -9 and restarted with its own command line hosts slices again within
   seconds (right away, and after the leader had moved its instances away).
@@ -577,7 +577,7 @@ async def test_rolling_restart_under_300_writes_per_second_fails_no_write(
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. `make demo`, Ctrl-C, `make demo`
+# 4. `aether cluster demo`, Ctrl-C, `aether cluster demo`
 
 
 class LineReader:
@@ -628,7 +628,7 @@ class LineReader:
 
 
 def _run_demo(lc: LocalCluster, wheels: Path, run: int) -> tuple[subprocess.Popen[str], LineReader, Path]:
-    env = {k: v for k, v in lc.env.items() if k != "AETHER_REPOSITORY"}  # as `make demo`: --wheels sets it
+    env = {k: v for k, v in lc.env.items() if k != "AETHER_REPOSITORY"}  # --wheels sets it
     stderr = lc.dir.parent / f"demo-run{run}.stderr"
     with open(stderr, "w") as err:
         proc = subprocess.Popen(

@@ -19,6 +19,7 @@ import click
 from aether import __version__
 from aether.cli import controller as controller_commands
 from aether.cli import deploy as deploy_commands
+from aether.cli import forge as forge_commands
 from aether.cli import maps as map_commands
 from aether.cli import metrics as metrics_commands
 from aether.cli import ops as ops_commands
@@ -1054,22 +1055,6 @@ def _demo_apply(
     return applied
 
 
-def try_lines(text: str, http_addresses: list[str]) -> list[str]:
-    """The `# try:` lines of a blueprint, with `{http}`/`{httpK}` replaced by node addresses."""
-    import re
-
-    out = []
-    for line in text.splitlines():
-        m = re.match(r"^\s*#\s*try:\s?(.*)\Z", line)
-        if m is None:
-            continue
-        cmd = m.group(1)
-        for k, addr in enumerate(http_addresses, start=1):
-            cmd = cmd.replace(f"{{http{k}}}", addr)
-        out.append(cmd.replace("{http}", http_addresses[0]))
-    return out
-
-
 def _aether_command() -> str:
     """How the user runs this command: `aether` if that is on PATH, else the path it was run as
     (e.g. `.venv/bin/aether` under `make demo`)."""
@@ -1096,6 +1081,7 @@ def _print_demo_guide(
     settings: Settings, record: ClusterRecord, directory: str, applied: dict[str, Any], text: str
 ) -> None:
     from aether.cli import local_cluster as lc
+    from aether.deploy.blueprint import try_lines
 
     first = record.nodes[0]
     client = lc.node_client(record, first, api_key=settings.api_key, timeout=settings.timeout)
@@ -1147,7 +1133,7 @@ for _command in (
     deploy_commands.undeploy, map_commands.map_group, metrics_commands.metrics, ops_commands.health,
     ops_commands.nodes, ops_commands.events, ops_commands.doctor, security_commands.key,
     security_commands.secret, security_commands.audit, cert_commands.cert, artifact,
-    controller_commands.controller, controller_commands.alerts,
+    controller_commands.controller, controller_commands.alerts, forge_commands.forge,
 ):
     main.add_command(_command)
 

@@ -547,3 +547,18 @@ def any_artifact(name: str, pattern: VersionPattern) -> Artifact | None:
         group, _, art = name.partition(":")
         return Artifact(group, art, lo.version)
     return None
+
+
+def try_lines(text: str, http_addresses: list[str]) -> list[str]:
+    """The `# try:` lines of a blueprint (commands a demo prints once it runs), with `{http}` and
+    `{httpK}` replaced by the HTTP address of the first and the K-th node."""
+    out = []
+    for line in text.splitlines():
+        m = re.match(r"^\s*#\s*try:\s?(.*)\Z", line)
+        if m is None:
+            continue
+        cmd = m.group(1)
+        for k, addr in enumerate(http_addresses, start=1):
+            cmd = cmd.replace(f"{{http{k}}}", addr)
+        out.append(cmd.replace("{http}", http_addresses[0]))
+    return out

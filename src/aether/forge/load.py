@@ -62,7 +62,9 @@ __all__ = [
     "Totals",
     "Trace",
     "load_trace",
+    "parse_trace",
     "save_trace",
+    "trace_lines",
 ]
 
 log = logging.getLogger(__name__)
@@ -91,21 +93,33 @@ class _TraceHeader(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     interval: float = 1.0
 
 
-def save_trace(trace: Trace, path: str | Path) -> None:
-    """Write `trace` as JSON lines: a header object, then one array of per-target counts per interval."""
+def trace_lines(trace: Trace) -> bytes:
+    """`trace` as JSON lines: a header object, then one array of per-target counts per interval."""
     enc = msgspec.json.Encoder()
     lines = [enc.encode(_TraceHeader(start=trace.start, targets=trace.targets, interval=trace.interval))]
     lines.extend(enc.encode(row) for row in trace.counts)
-    Path(path).write_bytes(b"\n".join(lines) + b"\n")
+    return b"\n".join(lines) + b"\n"
+
+
+def save_trace(trace: Trace, path: str | Path) -> None:
+    """Write `trace` to `path` as JSON lines (`trace_lines`)."""
+    Path(path).write_bytes(trace_lines(trace))
 
 
 def load_trace(path: str | Path) -> Trace:
     """Read a trace written by `save_trace`; `BadRequest` naming the file and line if it is not one."""
     p = Path(path)
     try:
-        raw = p.read_bytes().splitlines()
+        raw = p.read_bytes()
     except OSError as e:
         raise BadRequest(f"{p}: cannot read the trace: {e}") from None
+    return parse_trace(raw, str(p))
+
+
+def parse_trace(data: bytes, name: str = "trace") -> Trace:
+    """A trace from its JSON lines (`trace_lines`); `BadRequest` naming `name` and the line."""
+    p = name
+    raw = data.splitlines()
     if not raw:
         raise BadRequest(f"{p}: empty trace (expected a header line)")
     try:
@@ -735,6 +749,12 @@ class LoadCore:
         self._recorder = None
         return trace
 
+    def recorded(self, now: float) -> Trace:
+        """The trace recorded so far (the recording goes on)."""
+        if self._recorder is None:
+            raise BadRequest("the load generator is not recording")
+        return self._recorder.trace(now)
+
     @property
     def recording(self) -> bool:
         return self._recorder is not None
@@ -928,6 +948,10 @@ class LoadGenerator:
 
     def stop_recording(self) -> Trace:
         return self.core.stop_recording(self._clock())
+
+    def recorded(self) -> Trace:
+        """The trace recorded so far, the recording going on (`BadRequest` when not recording)."""
+        return self.core.recorded(self._clock())
 
     # -- views
 

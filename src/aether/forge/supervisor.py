@@ -44,6 +44,7 @@ import msgspec
 from aether.core.errors import BadRequest, StatusError
 from aether.core.files import make_private_dirs, open_private_append, write_private
 from aether.core.status import NodeStatus
+from aether.forge.errors import ForgeConflict, ForgeError, ForgeUnavailable, NodeNotFound
 
 __all__ = [
     "EXTRA_NODE_FLAGS",
@@ -82,26 +83,6 @@ DECISIONS_SHOWN: Final = 20
 _API: Final = "/api/v1"
 
 NodeState = Literal["starting", "up", "down", "frozen", "stopped", "removed"]
-
-
-# -- errors -----------------------------------------------------------------------------------------
-
-
-class ForgeError(StatusError):
-    """A Forge control failed; the message says why (500 unless a subclass says otherwise)."""
-
-
-class NodeNotFound(ForgeError):
-    """No such node in this Forge cluster (404)."""
-
-    status = 404
-
-
-class ForgeConflict(ForgeError):
-    """The control does not fit the node's or the cluster's state (409): killing a dead node,
-    removing the last member, a second rolling restart."""
-
-    status = 409
 
 
 # -- values at the edges ----------------------------------------------------------------------------
@@ -1099,6 +1080,18 @@ class ForgeCluster:
             raise ForgeConflict("no member answers right now")
         cands.sort(key=lambda n: n.id != leader)
         return cands[0]
+
+    async def api(self, method: str, path: str, body: object | None = None, *, timeout: float = 30.0) -> Any:
+        """One management API call on an answering member (the leader first): the decoded answer,
+        or a StatusError with the node's status and problem detail (503 when none answers)."""
+        n = self._answering_member()
+        st, ans = await self._request(n, method, path, body, timeout=timeout)
+        if st == 0:
+            raise ForgeUnavailable(str(ans))
+        if st >= 400:
+            detail = ans.get("detail", ans) if isinstance(ans, dict) else ans
+            raise StatusError(f"{method} {path} on {n.id}: {detail}", status=st)
+        return ans
 
     def _progress(self, text: str) -> None:
         if self.on_progress is not None:

@@ -1,0 +1,590 @@
+"""Scenarios: faults injected into a running Forge under load, judged by explicit criteria.
+
+`aether forge scenario NAME [--json]` starts a Forge (nodes, blueprint, load), and for each
+scenario: waits for a healthy baseline, injects the fault, watches the cluster (a sample of
+Forge's view every 0.25 s) and the load (per node address and per target), heals, waits for the
+cluster to recover, and judges the criteria. Every acknowledged order (a 2xx answer to
+`POST /api/orders` carrying an `orderId`) is read back at the end: the run fails if any is lost.
+
+The judging is pure (`Sample`, `LoadCounts` and the functions below take what was recorded and
+return `Criterion`s, unit-tested without processes); `run_scenarios` is the adapter that drives the
+Forge and records. Failed requests are counted per node address of the load generator: a request
+that the killed node itself was holding is lost with the node (no runtime can hide that), so the
+criteria that say "zero failed" count the requests sent through the *other* nodes, where the
+runtime's retries and failover must hide the fault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+from aether.core.errors import BadRequest
+from aether.forge.app import Forge, ForgeOptions, open_forge
+from aether.forge.load import SentRequest
+
+__all__ = [
+    "CI_SUBSET",
+    "SCENARIOS",
+    "Criterion",
+    "LoadCounts",
+    "Sample",
+    "ScenarioReport",
+    "run_scenarios",
+]
+
+
+# -- what is recorded --------------------------------------------------------------------------------
+
+
+class Sample(msgspec.Struct, frozen=True):
+    """The cluster as Forge saw it at `t` (monotonic seconds since the scenario started)."""
+
+    t: float
+    leader: str | None
+    quorum: bool
+    up: frozenset[str]
+    members: frozenset[str]
+    ready: frozenset[str] = frozenset()
+
+
+class LoadCounts(msgspec.Struct, frozen=True):
+    """Requests answered so far, per node address of the load generator: (ok, failed)."""
+
+    ok: dict[str, int]
+    failed: dict[str, int]
+
+    def minus(self, before: LoadCounts) -> LoadCounts:
+        return LoadCounts(
+            {k: v - before.ok.get(k, 0) for k, v in self.ok.items()},
+            {k: v - before.failed.get(k, 0) for k, v in self.failed.items()},
+        )
+
+    def total(self, exclude: Iterable[str] = ()) -> tuple[int, int]:
+        ex = set(exclude)
+        ok = sum(v for k, v in self.ok.items() if k not in ex)
+        failed = sum(v for k, v in self.failed.items() if k not in ex)
+        return ok, failed
+
+
+class Criterion(msgspec.Struct, frozen=True):
+    """One judged criterion: what was expected, what was observed, and whether it passed."""
+
+    name: str
+    expected: str
+    observed: str
+    passed: bool
+
+
+class ScenarioReport(msgspec.Struct):
+    """The report of one scenario (`--json` prints a list of these)."""
+
+    scenario: str
+    description: str
+    passed: bool
+    seconds: float
+    criteria: list[Criterion]
+    requests_ok: int = 0
+    requests_failed: int = 0
+    timeline: list[str] = msgspec.field(default_factory=list)
+
+
+# -- judging (pure) ----------------------------------------------------------------------------------
+
+
+def first_time(samples: Sequence[Sample], after: float, pred: Callable[[Sample], bool]) -> float | None:
+    """Seconds from `after` to the first sample at or after it where `pred` holds."""
+    for s in samples:
+        if s.t >= after and pred(s):
+            return s.t - after
+    return None
+
+
+def quorum_gap(samples: Sequence[Sample], start: float, end: float) -> float:
+    """The longest stretch without quorum between `start` and `end`, in seconds."""
+    longest, since = 0.0, None
+    for s in samples:
+        if s.t < start or s.t > end:
+            continue
+        if not s.quorum and since is None:
+            since = s.t
+        elif s.quorum and since is not None:
+            longest, since = max(longest, s.t - since), None
+    if since is not None:
+        longest = max(longest, end - since)
+    return longest
+
+
+def within(name: str, seconds: float | None, limit: float) -> Criterion:
+    observed = "never" if seconds is None else f"{seconds:.1f} s"
+    return Criterion(name, f"<= {limit:g} s", observed, seconds is not None and seconds <= limit)
+
+
+def at_most(name: str, value: float, limit: float, unit: str = "") -> Criterion:
+    return Criterion(name, f"<= {limit:g}{unit}", f"{value:g}{unit}", value <= limit)
+
+
+def at_least(name: str, value: float, limit: float, unit: str = "") -> Criterion:
+    return Criterion(name, f">= {limit:g}{unit}", f"{value:g}{unit}", value >= limit)
+
+
+def success_rate(counts: LoadCounts, exclude: Iterable[str] = ()) -> float:
+    ok, failed = counts.total(exclude)
+    return 100.0 if ok + failed == 0 else 100.0 * ok / (ok + failed)
+
+
+# -- driving (the adapter) ---------------------------------------------------------------------------
+
+
+class ScenarioFailed(Exception):
+    """A step could not be carried out (the scenario stops and is reported failed)."""
+
+
+@dataclass
+class Run:
+    """What a scenario sees and records while it runs."""
+
+    forge: Forge
+    rng: random.Random
+    start: float = field(default_factory=time.monotonic)
+    samples: list[Sample] = field(default_factory=list)
+    criteria: list[Criterion] = field(default_factory=list)
+    timeline: list[str] = field(default_factory=list)
+    excluded: set[str] = field(default_factory=set)
+    """Node addresses whose failed requests the fault itself causes (the node killed, cut off...)."""
+
+    def now(self) -> float:
+        return time.monotonic() - self.start
+
+    def note(self, text: str) -> None:
+        self.timeline.append(f"{self.now():6.1f}s {text}")
+
+    def check(self, c: Criterion) -> None:
+        self.criteria.append(c)
+        self.note(f"{'PASS' if c.passed else 'FAIL'} {c.name}: {c.observed} (expected {c.expected})")
+
+    def sample(self) -> Sample:
+        v = self.forge.cluster.view()
+        up = frozenset(n.id for n in v.nodes if n.state == "up")
+        ready = frozenset(n.id for n in v.nodes if n.state == "up" and n.ready)
+        s = Sample(self.now(), v.leader, v.quorum, up, frozenset(v.members), ready)
+        self.samples.append(s)
+        return s
+
+    def leader(self) -> str:
+        s = self.sample()
+        if s.leader is None:
+            raise ScenarioFailed("no leader")
+        return s.leader
+
+    def followers(self) -> list[str]:
+        s = self.sample()
+        return sorted(n for n in s.up & s.members if n != s.leader)
+
+    def address(self, node: str) -> str:
+        for n in self.forge.cluster.view().nodes:
+            if n.id == node:
+                return n.http_address
+        raise ScenarioFailed(f"unknown node {node}")
+
+    async def wait(self, what: str, pred: Callable[[Sample], bool], timeout: float) -> float | None:
+        """Seconds until `pred` holds of a fresh sample (None after `timeout`)."""
+        t0 = self.now()
+        while self.now() - t0 <= timeout:
+            if pred(self.sample()):
+                return self.now() - t0
+            await asyncio.sleep(0.25)
+        self.note(f"timed out after {timeout:g} s waiting for {what}")
+        return None
+
+    async def hold(self, seconds: float) -> None:
+        end = self.now() + seconds
+        while self.now() < end:
+            self.sample()
+            await asyncio.sleep(0.25)
+
+    def load_counts(self) -> LoadCounts:
+        load = self.forge.load
+        if load is None:
+            return LoadCounts({}, {})
+        nodes = load.snapshot().nodes
+        return LoadCounts({n.name: n.ok for n in nodes}, {n.name: n.failed for n in nodes})
+
+
+Step = Callable[[Run], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    run: Step
+    min_nodes: int = 3
+
+
+async def _recovered(run: Run, nodes: int, timeout: float = 60.0) -> None:
+    """Heal everything and check that every node is up, ready, a member, with quorum again."""
+    with contextlib.suppress(Exception):
+        await run.forge.cluster.heal()
+    for n in run.forge.cluster.view().nodes:
+        if n.state in ("down", "frozen", "stopped"):
+            await run.forge.cluster.restart(n.id)
+    took = await run.wait(
+        "full recovery",
+        lambda s: s.quorum and s.leader is not None and len(s.ready & s.members) >= nodes,
+        timeout,
+    )
+    run.check(within(f"all {nodes} members up and ready again", took, timeout))
+
+
+def _members(run: Run) -> int:
+    return len(run.sample().members)
+
+
+async def kill_follower(run: Run) -> None:
+    nodes = _members(run)
+    leader = run.leader()
+    victim = run.rng.choice(run.followers())
+    run.excluded.add(run.address(victim))
+    before = run.load_counts()
+    t = run.now()
+    await run.forge.cluster.kill(victim)
+    run.note(f"killed {victim} (SIGKILL)")
+    shown = await run.wait(f"{victim} shown down", lambda s: victim not in s.up, 5)
+    run.check(within(f"{victim} shown down", shown, 2.0))
+    await run.hold(8)
+    run.check(Criterion("leader unchanged", leader, str(run.sample().leader), run.sample().leader == leader))
+    run.check(at_most("longest time without quorum", quorum_gap(run.samples, t, run.now()), 0, " s"))
+    delta = run.load_counts().minus(before)
+    run.check(at_most("failed requests through the other nodes", delta.total(run.excluded)[1], 0))
+    await _recovered(run, nodes)
+
+
+async def kill_leader(run: Run) -> None:
+    nodes = _members(run)
+    leader = run.leader()
+    run.excluded.add(run.address(leader))
+    before = run.load_counts()
+    t = run.now()
+    await run.forge.cluster.kill(leader)
+    run.note(f"killed the leader {leader} (SIGKILL)")
+    took = await run.wait("a new leader", lambda s: s.leader not in (None, leader) and s.quorum, 15)
+    run.check(within("new leader elected", took, 10.0))
+    await run.hold(6)
+    run.check(at_most("longest time without quorum", quorum_gap(run.samples, t, run.now()), 5, " s"))
+    delta = run.load_counts().minus(before)
+    run.check(at_most("failed requests through the other nodes", delta.total(run.excluded)[1], 0))
+    await _recovered(run, nodes)
+
+
+async def rolling_restart(run: Run) -> None:
+    nodes = _members(run)
+    before = run.load_counts()
+    t = run.now()
+    await run.forge.cluster.rolling_restart()
+    run.note("rolling restart started")
+    took = await run.wait(
+        "the rolling restart to finish",
+        lambda s: run.forge.cluster.view().rolling_restart is None and len(s.ready & s.members) >= nodes,
+        60.0 * nodes,
+    )
+    run.check(within("rolling restart finished", took, 45.0 * nodes))
+    run.check(at_most("longest time without quorum", quorum_gap(run.samples, t, run.now()), 0, " s"))
+    delta = run.load_counts().minus(before)
+    run.check(at_least("success rate during the restart", round(success_rate(delta), 2), 99.0, " %"))
+    await _recovered(run, nodes)
+
+
+async def partition_minority(run: Run) -> None:
+    nodes = _members(run)
+    leader = run.leader()
+    others = run.followers()
+    minority = [leader, *others][: (nodes - 1) // 2]  # the leader and, with 5 nodes, one more
+    majority = sorted(run.sample().members - set(minority))
+    for n in minority:
+        run.excluded.add(run.address(n))
+    before = run.load_counts()
+    t = run.now()
+    await run.forge.cluster.partition([sorted(minority), majority])
+    run.note(f"partitioned {sorted(minority)} from {majority}")
+    took = await run.wait(
+        "a leader on the majority side", lambda s: s.leader in majority and s.quorum, 20
+    )
+    run.check(within("majority elects a leader", took, 10.0))
+    await run.hold(6)
+    delta = run.load_counts().minus(before)
+    run.check(at_least("success rate through the majority", round(success_rate(delta, run.excluded), 2),
+                       99.0, " %"))
+    await run.forge.cluster.heal()
+    run.note("healed the partition")
+    back = await run.wait("the minority back", lambda s: len(s.ready & s.members) >= nodes, 30)
+    run.check(within("minority rejoins after healing", back, 20.0))
+    _ = t
+    await _recovered(run, nodes)
+
+
+async def add_node(run: Run) -> None:
+    nodes = _members(run)
+    before = run.load_counts()
+    result = await run.forge.cluster.add_node()
+    run.note(result.message)
+    took = await run.wait("the new member", lambda s: len(s.members) > nodes and len(s.ready) > nodes, 60)
+    run.check(within("new node is a ready member", took, 45.0))
+    await run.hold(4)
+    delta = run.load_counts().minus(before)
+    run.check(at_most("failed requests", delta.total()[1], 0))
+    await _recovered(run, nodes + 1)
+
+
+async def remove_node(run: Run) -> None:
+    nodes = _members(run)
+    victim = sorted(run.followers())[-1]
+    run.excluded.add(run.address(victim))
+    before = run.load_counts()
+    await run.forge.cluster.remove_node(victim)
+    run.note(f"removed {victim}")
+    took = await run.wait(f"{victim} out of the members", lambda s: victim not in s.members, 30)
+    run.check(within(f"{victim} removed from the members", took, 20.0))
+    await run.hold(4)
+    delta = run.load_counts().minus(before)
+    run.check(at_most("failed requests through the remaining nodes", delta.total(run.excluded)[1], 0))
+    await _recovered(run, nodes - 1)
+
+
+async def load_spike(run: Run) -> None:
+    nodes = _members(run)
+    load = run.forge.load
+    if load is None:
+        raise ScenarioFailed("load-spike needs load targets (forge-config [[load.targets]])")
+    base = load.snapshot().rate
+    before = run.load_counts()
+    decisions_before = len(run.forge.cluster.view().decisions)
+    load.ramp(base * 4, 2.0)
+    run.note(f"load ramped from {base:g} to {base * 4:g} requests/s")
+    await run.hold(20)
+    delta = run.load_counts().minus(before)
+    run.check(at_least("success rate during the spike", round(success_rate(delta), 2), 99.0, " %"))
+    decided = len(run.forge.cluster.view().decisions) - decisions_before
+    run.note(f"controller decisions during the spike: {decided}")
+    load.set_rate(base)
+    await _recovered(run, nodes)
+
+
+async def latency(run: Run) -> None:
+    nodes = _members(run)
+    victim = run.rng.choice(run.followers())
+    before = run.load_counts()
+    t = run.now()
+    for peer in sorted(run.sample().members - {victim}):
+        await run.forge.cluster.set_link(victim, peer, delay_ms=200, jitter_ms=20, loss=0, both_ways=True)
+    run.note(f"200 ms (+-20) latency on every link of {victim}")
+    await run.hold(12)
+    run.check(at_most("longest time without quorum", quorum_gap(run.samples, t, run.now()), 0, " s"))
+    delta = run.load_counts().minus(before)
+    run.check(at_least("success rate", round(success_rate(delta), 2), 99.0, " %"))
+    await _recovered(run, nodes)
+
+
+async def crash_slice(run: Run) -> None:
+    nodes = _members(run)
+    placement = run.forge.cluster.view().placement
+    candidates = sorted({p.artifact for p in placement if "place-order" in p.artifact} or
+                        {p.artifact for p in placement})
+    if not candidates:
+        raise ScenarioFailed("no slice is deployed")
+    artifact = candidates[0]
+    await run.forge.cluster.fail_slice(artifact, None, error_rate=1.0, delay_ms=0, unhealthy=True)
+    run.note(f"made an instance of {artifact} fail (every call errors, health checks fail)")
+    t0 = run.now()
+    quiet_since: float | None = None
+    last = run.load_counts()
+    recovered: float | None = None
+    while run.now() - t0 < 60:
+        await run.hold(1)
+        cur = run.load_counts()
+        failed = cur.minus(last).total()[1]
+        last = cur
+        if failed == 0:
+            quiet_since = run.now() if quiet_since is None else quiet_since
+            if run.now() - quiet_since >= 5:
+                recovered = quiet_since - t0
+                break
+        else:
+            quiet_since = None
+    run.check(within("errors stop (instance replaced or avoided)", recovered, 45.0))
+    with contextlib.suppress(Exception):
+        await run.forge.cluster.heal_slice(artifact)
+    await _recovered(run, nodes)
+
+
+CHAOS_STEPS: Final = ("kill-follower", "kill-leader", "partition-minority", "latency", "crash-slice")
+
+
+async def chaos(run: Run) -> None:
+    """A shortened "chaos hour": a seeded sequence of the other scenarios' faults, back to back."""
+    nodes = _members(run)
+    before = run.load_counts()
+    steps = [run.rng.choice(CHAOS_STEPS) for _ in range(4)]
+    run.note(f"chaos sequence: {', '.join(steps)}")
+    for name in steps:
+        sub = Run(run.forge, run.rng, start=run.start, samples=run.samples, timeline=run.timeline,
+                  excluded=run.excluded)
+        await SCENARIOS[name].run(sub)
+        run.criteria += [msgspec.structs.replace(c, name=f"{name}: {c.name}") for c in sub.criteria]
+    delta = run.load_counts().minus(before)
+    run.check(at_least("success rate over the chaos run", round(success_rate(delta, run.excluded), 2),
+                       95.0, " %"))
+    await _recovered(run, nodes)
+
+
+SCENARIOS: Final[dict[str, Scenario]] = {
+    s.name: s
+    for s in (
+        Scenario("kill-follower", "SIGKILL a follower under load, then restart it", kill_follower),
+        Scenario("kill-leader", "SIGKILL the leader under load; a new one is elected", kill_leader),
+        Scenario("rolling-restart", "Restart every node, one at a time, under load", rolling_restart),
+        Scenario("partition-minority", "Cut the leader and a minority off, then heal", partition_minority),
+        Scenario("add-node", "Add a node under load", add_node),
+        Scenario("remove-node", "Remove a follower under load", remove_node, min_nodes=4),
+        Scenario("load-spike", "Quadruple the load in 2 s and hold it", load_spike),
+        Scenario("latency", "200 ms latency on every link of one follower", latency),
+        Scenario("crash-slice", "Make one slice instance fail until it is replaced", crash_slice),
+        Scenario("chaos", "A seeded sequence of faults (the chaos hour, shortened)", chaos),
+    )
+}
+
+CI_SUBSET: Final = ("kill-follower", "kill-leader", "partition-minority")
+"""What `aether forge scenario ci` runs (the test suite runs it too)."""
+
+
+def resolve_names(names: Sequence[str]) -> list[str]:
+    """Scenario names, `all` (every one) and `ci` (the CI subset) expanded; unknown names refused."""
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            out += list(SCENARIOS)
+        elif name == "ci":
+            out += list(CI_SUBSET)
+        elif name in SCENARIOS:
+            out.append(name)
+        else:
+            known = ", ".join([*SCENARIOS, "all", "ci"])
+            raise BadRequest(f"unknown scenario {name!r}; known: {known}")
+    return out
+
+
+# -- orders -------------------------------------------------------------------------------------------
+
+
+class OrderBook:
+    """The acknowledged orders: ids of 2xx answers to `POST /api/orders` (the load generator's
+    `on_response` hook)."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def on_response(self, target: str, status: int, body: bytes | None, request: SentRequest) -> None:
+        path = urlsplit(request.url).path
+        if request.method != "POST" or path != "/api/orders" or not 200 <= status < 300 or not body:
+            return
+        try:
+            order_id = msgspec.json.decode(body).get("orderId")
+        except (msgspec.DecodeError, AttributeError):
+            return
+        if isinstance(order_id, str):
+            self.ids.add(order_id)
+
+
+async def lost_orders(
+    book: OrderBook, addresses: Callable[[], list[str]], timeout: float = 120.0
+) -> list[str]:
+    """The acknowledged orders that `GET /api/orders/{id}` does not find (404) on any node."""
+    ids = sorted(book.ids)
+    lost: list[str] = []
+    sem = asyncio.Semaphore(16)
+    deadline = time.monotonic() + timeout
+
+    async def check(session: aiohttp.ClientSession, i: int, order_id: str) -> None:
+        async with sem:
+            while time.monotonic() < deadline:
+                addrs = addresses()
+                if not addrs:
+                    await asyncio.sleep(0.5)
+                    continue
+                url = f"http://{addrs[i % len(addrs)]}/api/orders/{order_id}"
+                try:
+                    async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                        if resp.status == 200:
+                            return
+                        if resp.status == 404:
+                            lost.append(order_id)
+                            return
+                except (TimeoutError, aiohttp.ClientError):
+                    pass
+                i += 1
+                await asyncio.sleep(0.2)
+            lost.append(order_id)
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(check(session, i, o) for i, o in enumerate(ids)))
+    return sorted(lost)
+
+
+async def run_scenarios(
+    names: Sequence[str],
+    opts: ForgeOptions,
+    *,
+    say: Callable[[str], None] = print,
+    seed: int | None = None,
+) -> list[ScenarioReport]:
+    """Start a Forge with `opts`, run the scenarios one after the other on it, and report each;
+    the last report also judges the acknowledged orders (none lost)."""
+    names = resolve_names(names)
+    for name in names:
+        if opts.nodes < SCENARIOS[name].min_nodes:
+            raise BadRequest(f"scenario {name} needs at least {SCENARIOS[name].min_nodes} nodes")
+    rng = random.Random(seed)
+    book = OrderBook()
+    opts.on_response = book.on_response
+    reports: list[ScenarioReport] = []
+    async with open_forge(opts, say=say) as (forge, _url):
+        for name in names:
+            sc = SCENARIOS[name]
+            say(f"Scenario {name}: {sc.description}")
+            run = Run(forge, rng)
+            before = run.load_counts()
+            try:
+                await run.hold(2)  # a baseline under load
+                await sc.run(run)
+            except ScenarioFailed as e:
+                run.check(Criterion("steps carried out", "all", str(e), False))
+            except Exception as e:  # a control refused: the scenario fails, the run goes on
+                run.check(Criterion("steps carried out", "all", f"{type(e).__name__}: {e}", False))
+            delta = run.load_counts().minus(before)
+            ok, failed = delta.total()
+            report = ScenarioReport(
+                name, sc.description, all(c.passed for c in run.criteria), round(run.now(), 1),
+                run.criteria, ok, failed, run.timeline,
+            )
+            reports.append(report)
+            say(f"  {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.0f} s "
+                f"({ok} requests ok, {failed} failed)")
+        if forge.load is not None:
+            forge.load.pause()
+            await asyncio.sleep(1.0)  # answers in flight are counted before the check
+        lost = await lost_orders(book, forge.cluster.http_addresses)
+        c = Criterion("acknowledged orders lost", "0", f"{len(lost)} of {len(book.ids)}", not lost)
+        if reports:
+            last = reports[-1]
+            last.criteria.append(c)
+            last.passed = last.passed and c.passed
+    return reports
