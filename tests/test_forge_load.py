@@ -261,6 +261,26 @@ def test_per_second_history_is_bounded() -> None:
     assert abs(core.stats.totals("total").ok - 200) <= 1
 
 
+def test_a_refused_connection_is_sent_to_another_node_once() -> None:
+    core = LoadCore(_config(rate=10), now=0.0, rng=random.Random(1))
+    (d,) = core.tick(0.1, ["n1:1", "n2:2"])
+    other = core.reroute(d, 0.15, ["n1:1", "n2:2"])
+    assert other is not None and other.node != d.node and other.target == d.target
+    core.finished(other, status=200, error=None, latency=0.01, now=0.2)
+    assert core.in_flight == 0
+    total = core.stats.totals("total")
+    assert (total.sent, total.ok, total.failed) == (1, 1, 0)  # one request, answered
+    refused, answered = core.stats.totals("node", d.node), core.stats.totals("node", other.node)
+    assert (refused.sent, refused.rerouted, refused.failed) == (1, 1, 0)
+    assert (answered.sent, answered.ok) == (1, 1)
+    assert d.node in core.picker.skipped(0.5)  # and skipped for a second
+    # no other node: no reroute, the refusal is the request's failure
+    d2 = core.tick(1.2, ["n1:1"])[0]
+    assert core.reroute(d2, 1.25, ["n1:1"]) is None
+    core.finished(d2, status=None, error="connect", latency=None, now=1.3)
+    assert core.stats.totals("total").errors == {"error:connect": 1}
+
+
 def test_a_core_needs_a_target() -> None:
     with pytest.raises(BadRequest, match="at least one target"):
         LoadCore(LoadConfig(rate=1), now=0.0, rng=random.Random())
@@ -407,13 +427,15 @@ path = "/fail/${range:1:3}"
     view = gen.snapshot()
     assert not view.running and view.in_flight == 0
     place, broken = view.targets
-    assert place.ok >= 120 and place.failed == place.errors.get("error:connect", 0)
+    # a refused connection never reached a server: the request went to the live node instead
+    assert place.ok >= 120 and place.failed == 0
     assert broken.ok == 0 and broken.errors.get("500", 0) >= 60
-    assert set(broken.errors) <= {"500", "error:connect"}
+    assert set(broken.errors) == {"500"}
     nodes = {n.name: n for n in view.nodes}
     assert nodes[live].ok == place.ok and nodes[live].failed == broken.errors["500"]
-    assert nodes[dead].ok == 0 and nodes[dead].errors == {"error:connect": nodes[dead].sent}
-    assert nodes[dead].sent >= 1
+    assert nodes[dead].ok == 0 and nodes[dead].failed == 0 and nodes[dead].errors == {}
+    assert nodes[dead].sent >= 1 and nodes[dead].rerouted == nodes[dead].sent
+    assert nodes[live].sent == view.total.sent  # every request, the rerouted ones included
     # skipped for a second after each refusal: far fewer requests than the live node got
     assert nodes[dead].sent < nodes[live].sent / 5, (nodes[dead], nodes[live])
     assert place.p50_ms is not None and place.p99_ms is not None and place.p50_ms <= place.p99_ms

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -644,3 +645,26 @@ def test_try_lines_substitute_node_addresses() -> None:
     assert try_lines("# try: a {http} b {http2}\n#try:c\nid = 'x'\n", ["n1", "n2"]) == ["a n1 b n2", "c"]
     assert _blueprint_maps(text) == ["orders", "stock"]
     assert _blueprint_maps("not [toml") == []
+
+
+def test_the_forge_blueprint_is_the_demo_with_place_order_autoscaled() -> None:
+    """examples/order_demo/forge-order.blueprint (what `make demo` runs in Forge) must not drift
+    from demo-order.blueprint: the same slices, maps and counts, plus place-order's scaling."""
+    from aether.deploy.blueprint import parse_blueprint
+
+    demo = parse_blueprint((DEMO / "demo-order.blueprint").read_text(), "demo-order.blueprint")
+    forge = parse_blueprint((DEMO / "forge-order.blueprint").read_text(), "forge-order.blueprint")
+    assert forge.id == demo.id and forge.maps == demo.maps
+    plain = {s.artifact: s for s in demo.slices}
+    scaled = {s.artifact: s for s in forge.slices}
+    assert plain.keys() == scaled.keys()
+    for art, s in scaled.items():
+        if "place-order" in str(art):
+            assert s.scaling is not None and (s.scaling.min, s.scaling.max) == (3, 6)
+            assert s.instances == plain[art].instances == 3
+        else:
+            assert dataclasses.replace(s, line=0) == dataclasses.replace(plain[art], line=0)
+    def tries(name: str) -> list[str]:
+        return [line for line in (DEMO / name).read_text().splitlines() if line.startswith("# try:")]
+
+    assert tries("forge-order.blueprint") == tries("demo-order.blueprint")

@@ -418,13 +418,14 @@ class LogHistogram:
 
 
 class _Cell:
-    __slots__ = ("dropped", "errors", "failed", "hist", "ok", "sent")
+    __slots__ = ("dropped", "errors", "failed", "hist", "ok", "rerouted", "sent")
 
     def __init__(self) -> None:
         self.sent = 0
         self.ok = 0
         self.failed = 0
         self.dropped = 0
+        self.rerouted = 0
         self.errors: dict[str, int] = {}
         self.hist = LogHistogram()
 
@@ -446,6 +447,7 @@ class Point(msgspec.Struct, frozen=True):
     p50_ms: float | None
     p90_ms: float | None
     p99_ms: float | None
+    rerouted: int = 0  # refused at connect by this node and sent to another (node scope only)
 
 
 class Totals(msgspec.Struct, frozen=True):
@@ -461,6 +463,7 @@ class Totals(msgspec.Struct, frozen=True):
     p50_ms: float | None
     p90_ms: float | None
     p99_ms: float | None
+    rerouted: int = 0  # refused at connect by this node and sent to another (node scope only)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -523,6 +526,14 @@ class LoadStats:
         for c in self._cells(now, self._keys(target, node)):
             c.sent += 1
 
+    def rerouted(self, target: str, old: str, new: str, now: float) -> None:
+        """A request `old` refused at connect was sent to `new` instead: the same request for the
+        total and its target; per node, `old` counts it as rerouted and `new` as sent."""
+        for c in self._cells(now, [("node", old)]):
+            c.rerouted += 1
+        for c in self._cells(now, [("node", new)]):
+            c.sent += 1
+
     def dropped(self, target: str, now: float) -> None:
         for c in self._cells(now, self._keys(target, None)):
             c.dropped += 1
@@ -558,6 +569,7 @@ class LoadStats:
                         ok=c.ok,
                         failed=c.failed,
                         dropped=c.dropped,
+                        rerouted=c.rerouted,
                         errors=dict(c.errors),
                         success_rate=_rate(c),
                         p50_ms=_ms(c.hist.quantile(0.5)),
@@ -576,6 +588,7 @@ class LoadStats:
             ok=c.ok,
             failed=c.failed,
             dropped=c.dropped,
+            rerouted=c.rerouted,
             errors=dict(c.errors),
             success_rate=_rate(c),
             p50_ms=_ms(c.hist.quantile(0.5)),
@@ -712,6 +725,17 @@ class LoadCore:
             self.stats.sent(name, node, now)
             out.append(Dispatch(j, node))
         return out
+
+    def reroute(self, d: Dispatch, now: float, addresses: Sequence[str]) -> Dispatch | None:
+        """After node `d.node` refused the connection (the request never reached a server): skip
+        that node for a while and send the same request to another one, as a load balancer would
+        (None when there is no other). Once per request: a second refusal is a failure."""
+        self.picker.connect_failed(d.node, now)
+        node = self.picker.pick([a for a in addresses if a != d.node], now)
+        if node is None:
+            return None
+        self.stats.rerouted(self.targets[d.target].name, d.node, node, now)
+        return Dispatch(d.target, node)
 
     def render(self, d: Dispatch) -> SentRequest:
         t, tpl = self.targets[d.target], self._templates[d.target]
@@ -870,13 +894,16 @@ class LoadGenerator:
                 log.exception("forge load generator: tick failed")
             await asyncio.sleep(self._tick)
 
-    def _step(self) -> None:
-        now = self._clock()
+    def _safe_addresses(self) -> list[str]:
         try:
-            addresses = list(self._addresses())
+            return list(self._addresses())
         except Exception:
             log.exception("forge load generator: addresses() failed")
-            addresses = []
+            return []
+
+    def _step(self) -> None:
+        now = self._clock()
+        addresses = self._safe_addresses()
         for d in self.core.tick(now, addresses):
             task = asyncio.create_task(self._send(d))
             self._tasks.add(task)
@@ -900,12 +927,22 @@ class LoadGenerator:
         started = time.perf_counter()
         latency: float | None = None
         assert self._session is not None
+        data = None if req.body is None else req.body.encode()
         try:
-            async with self._session.request(
-                req.method, req.url, headers=req.headers, data=None if req.body is None else req.body.encode()
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
+            try:
+                async with self._session.request(req.method, req.url, headers=req.headers, data=data) as resp:
+                    body = await resp.read()
+                    status = resp.status
+            except aiohttp.ClientConnectorError:
+                other = self.core.reroute(d, self._clock(), self._safe_addresses())
+                if other is None:
+                    raise
+                path = req.url[len(_url(d.node, "")):]
+                req = msgspec.structs.replace(req, node=other.node, url=_url(other.node, path))
+                d = other
+                async with self._session.request(req.method, req.url, headers=req.headers, data=data) as resp:
+                    body = await resp.read()
+                    status = resp.status
             latency = time.perf_counter() - started
         except aiohttp.ClientConnectorError:
             error = "connect"

@@ -566,8 +566,10 @@ class ForgeCluster:
         return self._view if self._view is not None else self._make_view()
 
     def http_addresses(self) -> list[str]:
-        """HOST:PORT of the HTTP router of every node that is up."""
-        return [_addr(n.host, n.http_port) for n in self._nodes.values() if n.state == "up"]
+        """HOST:PORT of the HTTP router of every node that is up and ready (`/readyz` answered 200
+        at the last poll), as a load balancer with readiness probes would pick them: a node that
+        is starting, catching up after joining or cut off from the quorum gets no load."""
+        return [_addr(n.host, n.http_port) for n in self._nodes.values() if n.state == "up" and n.ready]
 
     def events(self, since: int = 0) -> list[ForgeEvent]:
         """The events after `since` (the last 1000 are kept), oldest first."""
