@@ -120,8 +120,11 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[:120] or "page"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
+    """Debian's Chromium through Playwright's sync API, for one test module. Not wider: the sync
+    API runs an event loop in the main thread while it is started, and every asyncio test after
+    it in the session would fail with "cannot be called from a running event loop"."""
     reason = browser_skip_reason()
     if reason:
         pytest.skip(reason)

@@ -69,23 +69,28 @@ def _build_options(
     return opts
 
 
-def _run(coro_factory: Any) -> Any:
-    """Run the coroutine `coro_factory(stop_event)` with SIGINT/SIGTERM setting the event."""
+def _run(coro_factory: Any, *, stops_itself: bool) -> Any:
+    """Run `coro_factory(stop, started)` until it returns. The first SIGINT/SIGTERM sets `stop`;
+    a coroutine that `stops_itself` (`run_forge`) then finishes on its own once it has `started()`
+    (it stops the load, the server and the nodes); otherwise, or while still starting, the task is
+    cancelled, and its cleanup still stops every node. Further signals are ignored meanwhile, so
+    a second Ctrl-C cannot interrupt the cleanup. KeyboardInterrupt when it was cancelled."""
 
     async def main() -> Any:
         stop = asyncio.Event()
+        running = [False]
         loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(coro_factory(stop, lambda: running.__setitem__(0, True)))
+
+        def on_signal() -> None:
+            if stop.is_set():
+                return
+            stop.set()
+            if not (stops_itself and running[0]):
+                task.cancel()
+
         for s in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(s, stop.set)
-        task = asyncio.ensure_future(coro_factory(stop))
-        waiter = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            waiter.cancel()
-            return task.result()
-        # stopped while starting (or during a scenario): cancel, which still stops every node
-        if not task.done():
-            task.cancel()
+            loop.add_signal_handler(s, on_signal)
         try:
             return await task
         except asyncio.CancelledError:
@@ -128,7 +133,8 @@ def forge(
         click.echo(text)
 
     try:
-        _run(lambda stop: run_forge(opts, stop, say=say))
+        _run(lambda stop, started: run_forge(opts, stop, say=say, ready=lambda *_: started()),
+             stops_itself=True)
     except KeyboardInterrupt:
         click.echo("Stopped.", err=True)
         raise click.exceptions.Exit(130) from None
@@ -175,7 +181,8 @@ def scenario(
         click.echo(text, err=as_json)
 
     try:
-        reports = _run(lambda stop: run_scenarios(names, opts, say=say, seed=seed))
+        reports = _run(lambda stop, started: run_scenarios(names, opts, say=say, seed=seed),
+                       stops_itself=False)
     except KeyboardInterrupt:
         click.echo("Stopped.", err=True)
         raise click.exceptions.Exit(130) from None
