@@ -98,6 +98,8 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.slices.errors.UnknownEntry": (404, "unknown_entry"),
     "aether.slices.errors.NoLocalInstance": (503, "no_instance"),
     "aether.slices.errors.InstanceOverloaded": (503, "overloaded"),
+    # a fault injected on the instance on purpose (Forge, tests): its own kind, not retried
+    "aether.slices.errors.InjectedFault": (500, "injected_fault"),
     "aether.slices.errors.SliceHttpError": (500, "status:500"),
     "aether.slices.errors.NotFound": (404, "status:404"),
     "aether.slices.errors.Conflict": (409, "status:409"),

@@ -325,6 +325,22 @@ def test_node_toml_syntax_error_exits_2(tmp_path: Path, fake_runner: list[NodeCo
     assert str(cfg) in r.stderr
 
 
+def test_fault_injection_is_off_by_default_and_set_by_flag_or_toml(
+    tmp_path: Path, fake_runner: list[NodeConfig]
+) -> None:
+    assert invoke("node").exit_code == 0
+    assert fake_runner[-1].fault_injection is False
+    assert invoke("node", "--fault-injection").exit_code == 0
+    assert fake_runner[-1].fault_injection is True
+    cfg = tmp_path / "aether.toml"
+    cfg.write_text("[node]\nfault_injection = true\n")
+    assert invoke("node", "--config", str(cfg)).exit_code == 0
+    assert fake_runner[-1].fault_injection is True
+    cfg.write_text('[node]\nfault_injection = "yes"\n')
+    r = invoke("node", "--config", str(cfg))
+    assert r.exit_code == 2 and "fault_injection" in r.stderr
+
+
 def test_node_fsync_choice_is_usage_error(fake_runner: list[NodeConfig]) -> None:
     r = invoke("node", "--fsync", "sometimes")
     assert r.exit_code == 2

@@ -41,7 +41,7 @@ class AloneTransport:
 
 class FullFakeNode(FakeNode):
     """Everything the server can serve: events (router + kv), deployments, an invoker, maps, metrics,
-    the artifact repository, the controller."""
+    the artifact repository, the controller, fault injection."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,6 +54,9 @@ class FullFakeNode(FakeNode):
 
         leader = FakeLeader(self.node_id, [self.node_id], self.node_id)
         self.controller = ControllerService(FakeKV(), leader, AloneTransport(), FakeMetrics())  # type: ignore[arg-type]
+        from test_api_faults import fake_injector
+
+        self.faults = fake_injector(self.node_id)
 
     # a consensus node: member changes through the log
     def member_info(self) -> tuple[int, list[tuple[str, str]], None]:

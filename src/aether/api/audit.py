@@ -41,8 +41,8 @@ class AuditEntry(msgspec.Struct):
 
 def target_of(match_info: dict[str, str], body: bytes | None) -> str | None:
     """What a write is about, when the request says: a path parameter (blueprint `id`, map or
-    key `name`, `artifact`), else the `artifact` or `name` field of a JSON object body."""
-    for name in ("id", "artifact", "name"):
+    key `name`, `artifact`, a fault's `peer`), else the `artifact` or `name` field of a JSON object body."""
+    for name in ("id", "artifact", "name", "peer"):
         value = match_info.get(name)
         if value:
             return value[:_MAX_TARGET]

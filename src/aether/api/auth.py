@@ -71,6 +71,7 @@ def declared_routes() -> tuple[Route, ...]:
     from aether.api import (
         controller_routes,
         deploy_routes,
+        fault_routes,
         map_routes,
         metrics_routes,
         node_routes,
@@ -79,7 +80,7 @@ def declared_routes() -> tuple[Route, ...]:
 
     return (
         *node_routes.ROUTES, *deploy_routes.ROUTES, *map_routes.ROUTES, *metrics_routes.ROUTES,
-        *repository_routes.ROUTES, *controller_routes.ROUTES,
+        *repository_routes.ROUTES, *controller_routes.ROUTES, *fault_routes.ROUTES,
     )
 
 

@@ -17,6 +17,8 @@ subscribers, each with its own bounded queue:
   inputs, applied, source}`: a decision of the layer-1 controller (made here on the leader, or
   synced from it), and `alert-firing` / `alert-resolved` (same fields) for alert transitions,
   from `node.bus` (`aether.controller.service`);
+- `fault` `{node, action, target, peer, artifact, fault, instances, by}`: a fault was set or
+  cleared on this node (`aether.node.faults.FaultChanged`, from `node.bus`; Forge's timeline);
 - `resync` `{prefix}`: the node installed a snapshot; state under `prefix` may have changed at once;
 - `dropped` `{reason, last_id}`: the last event of a subscriber that fell `queue_size` events behind.
 
@@ -172,6 +174,7 @@ class EventHub:
             return
         from aether.cluster.leader import LeaderChanged
         from aether.controller.types import Decision
+        from aether.node.faults import FaultChanged
         from aether.slices.isolation import SliceBlockedNotice
         from aether.transport import PeerDown, PeerUp
 
@@ -190,6 +193,7 @@ class EventHub:
                 lambda ev: self.publish("slice-blocked", msgspec.structs.asdict(ev)),
             ),
             bus.subscribe(Decision, self._on_decision),
+            bus.subscribe(FaultChanged, lambda ev: self.publish("fault", msgspec.to_builtins(ev))),
             kv.watch("slices/", self._on_slice),
             kv.watch("blueprints/", self._on_blueprint),
         ]

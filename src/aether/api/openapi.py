@@ -32,7 +32,7 @@ __all__ = [
 OPENAPI_VERSION = "3.1.0"
 TAGS = (
     "probes", "cluster", "events", "deployment", "invoke", "maps", "metrics", "controller", "repository",
-    "security", "meta",
+    "faults", "security", "meta",
 )
 _REF = "#/components/schemas/{name}"
 

@@ -38,6 +38,11 @@ Controller endpoints, when the node runs a controller service (`node.controller`
 `aether.api.controller_routes`: `GET /api/v1/controller/status`, `GET|PUT /api/v1/controller/config`,
 `GET /api/v1/controller/decisions` (and `/stream`), `GET /api/v1/alerts`.
 
+Fault injection endpoints, when the node has a fault injector (`node.faults`), see
+`aether.api.fault_routes`: `GET|DELETE /api/v1/faults`, `PUT|DELETE /api/v1/faults/links/{peer}`,
+`PUT|DELETE /api/v1/faults/slices/{artifact}` (writes refused with 403 unless the node runs with
+``--fault-injection``).
+
 Errors are RFC 9457 problem documents (`application/problem+json`):
 `{"type": "about:blank", "title": ..., "status": ..., "detail": ...}`, the title being the status's
 reason phrase. Every error answers with the status it declares (`aether.core.problem.problem_for`,
@@ -292,6 +297,11 @@ class ManagementServer:
 
             controller = controller_routes.ControllerRoutes(self._node.controller)  # type: ignore[attr-defined]
             served += register(app, controller, controller_routes.ROUTES)
+        if getattr(self._node, "faults", None) is not None:
+            from aether.api import fault_routes
+
+            faults = fault_routes.FaultRoutes(self._node.faults)  # type: ignore[attr-defined]
+            served += register(app, faults, fault_routes.ROUTES)
         self._public = frozenset(r.path for r in served if r.public and r.method == "GET")
         return app
 

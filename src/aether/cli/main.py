@@ -359,6 +359,13 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "/livez and /readyz never need one.",
 )
 @click.option(
+    "--fault-injection",
+    is_flag=True,
+    default=None,
+    help="Accept fault requests on the management API (/api/v1/faults: link latency, loss, "
+    "partitions, failing slice instances; admin role), for Aether Forge and tests. Never in production.",
+)
+@click.option(
     "--controller-record",
     type=click.Path(dir_okay=False),
     metavar="FILE",
@@ -398,6 +405,7 @@ def node(
     max_buffered_bytes: int | None,
     repository: str | None,
     metrics_public: bool | None,
+    fault_injection: bool | None,
     controller_record: str | None,
     log_level: str,
 ) -> None:
@@ -428,6 +436,7 @@ def node(
         "max_buffered_bytes": max_buffered_bytes,
         "repository": repository or None,
         "metrics_public": metrics_public or None,
+        "fault_injection": fault_injection or None,
         "controller_record": controller_record or None,
     }
     try:

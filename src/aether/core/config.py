@@ -96,6 +96,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # append every observation the controller decides on while this node leads to this file (JSON
     # lines; `aether controller replay FILE` runs them through a controller config offline)
     controller_record: str | None = None
+    # accept fault requests on the management API (`/api/v1/faults`: link latency, loss and
+    # partitions injected in the transport, failing slice instances), for Aether Forge and tests;
+    # off, a node refuses them (403). Never on a production node
+    fault_injection: bool = False
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -217,6 +221,7 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_instances_per_node: int | None = None
     max_instances_per_cluster: int | None = None
     metrics_public: bool | None = None
+    fault_injection: bool | None = None
 
 
 def load_toml(path: str | Path) -> dict[str, object]:

@@ -19,6 +19,7 @@ __all__ = [
     "KIND_APP_ERROR",
     "KIND_BAD_REQUEST",
     "KIND_DEADLINE",
+    "KIND_INJECTED_FAULT",
     "KIND_NO_INSTANCE",
     "KIND_OVERLOADED",
     "KIND_SHUTTING_DOWN",
@@ -45,7 +46,8 @@ __all__ = [
 # -- the kinds of an invoke response (aether.invoke.messages re-exports them) -----------------------
 
 WireKind = Literal[
-    "no_instance", "bad_request", "unknown_entry", "app_error", "overloaded", "shutting_down", "deadline"
+    "no_instance", "bad_request", "unknown_entry", "app_error", "overloaded", "shutting_down", "deadline",
+    "injected_fault",
 ]
 """The fixed kinds of a failed invoke response; ``status:NNN`` (see `status_kind`) is the other form."""
 
@@ -63,6 +65,10 @@ KIND_SHUTTING_DOWN: Final = "shutting_down"
 """The node is stopping its invoke server: retry elsewhere."""
 KIND_DEADLINE: Final = "deadline"
 """The call did not finish within ``timeout_ms`` (the caller's remaining time): not retryable."""
+
+KIND_INJECTED_FAULT: Final = "injected_fault"
+"""The call failed on purpose: a fault injected on the instance (management API ``/api/v1/faults``,
+nodes started with ``--fault-injection``, for Aether Forge and tests): not retryable, like app_error."""
 
 KIND_STATUS_PREFIX: Final = "status:"
 """``status:NNN``: the entry raised an error with an HTTP status (e.g. NotFound -> ``status:404``);

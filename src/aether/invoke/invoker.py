@@ -62,6 +62,7 @@ from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
     KIND_DEADLINE,
+    KIND_INJECTED_FAULT,
     KIND_NO_INSTANCE,
     KIND_OVERLOADED,
     KIND_UNKNOWN_ENTRY,
@@ -489,6 +490,13 @@ class Invoker:
             )
             err.status, err.detail = status, error
             return err
+        elif kind == KIND_INJECTED_FAULT:  # an injected fault (aether.slices.faults): its own 500
+            injected = InvokeError(
+                f"{where} failed: {error}",
+                target=target, method=method, kind=kind, node=node, request_id=rid, attempts=attempts,
+            )
+            injected.status = 500
+            return injected
         elif kind == KIND_DEADLINE:
             cls = InvokeTimeout
             message = f"call {where} did not finish before its deadline after {attempts} attempt(s): {error}"

@@ -49,6 +49,7 @@ from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
 from aether.metrics.messages import ClusterMetricsSnapshot, InstanceCounters, InstanceStats, SliceLoad
+from aether.node.faults import FaultInjector
 from aether.node.looplag import LoopLagProbe
 from aether.repository.cache import ClusterRepository
 from aether.repository.service import ArtifactService
@@ -272,6 +273,12 @@ class Node:
             members=len(self.members),
             maps_of=self.repository.maps, repository=str(self.repository.root),
         )
+        # faults injected on purpose (docs/management-api.md, *Fault injection*): refused unless
+        # the node runs with fault_injection (Aether Forge, tests)
+        self.faults = FaultInjector(
+            self.node_id, enabled=config.fault_injection, links=self.transport, slices=self.slice_runtime,
+            publish=self.bus.publish, logger=logging.getLogger(f"aether.faults.{self.node_id}"),
+        )
         self._management_factory = management_api
         self.management: HostedAPI | None = None
         self.http: HttpRouter | None = None
@@ -336,6 +343,12 @@ class Node:
             self.node_id, self.config.host, self.transport.port,
             self.management.url if self.management else "off", len(self.members),
         )
+        if self.config.fault_injection:
+            self.log.warning(
+                "node %s accepts fault injection (--fault-injection): admin keys may delay, drop or block "
+                "its links and fail its slice instances through /api/v1/faults; for Forge and tests only",
+                self.node_id,
+            )
 
     async def stop(self) -> None:
         if self.http is not None:  # first: requests in flight still have the invoker

@@ -4,7 +4,8 @@ Owns the exception types raised by `aether.slices`; imports only `aether.core.er
 Each error declares its HTTP `status` and invoke `wire_kind` (see `aether.core.errors`):
 `BadRequest` and its subclasses -> 400 / bad_request, `UnknownEntry` -> 404 / unknown_entry,
 `NoLocalInstance` -> 503 / no_instance, `InstanceOverloaded` -> 503 / overloaded (with
-``Retry-After: 1``), a `SliceHttpError` -> its status / ``status:NNN``;
+``Retry-After: 1``), `InjectedFault` -> 500 / injected_fault, a `SliceHttpError` -> its status /
+``status:NNN``;
 everything else is a server-side failure.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from aether.core.errors import (
+    KIND_INJECTED_FAULT,
     KIND_NO_INSTANCE,
     KIND_OVERLOADED,
     KIND_UNKNOWN_ENTRY,
@@ -67,6 +69,15 @@ class InstanceOverloaded(SliceError, Overloaded):
 
     status = 503
     wire_kind: ClassVar[WireKind] = KIND_OVERLOADED
+
+
+class InjectedFault(SliceError):
+    """A call to an instance failed on purpose: a fault injected on it (`SliceRuntime.inject_fault`,
+    through the management API of a node started with ``--fault-injection``; Aether Forge and
+    tests). 500, kind injected_fault (not retried: the instance failed, like an entry raising)."""
+
+    status = 500
+    wire_kind: ClassVar[WireKind] = KIND_INJECTED_FAULT
 
 
 class SliceHttpError(SliceError, StatusError):

@@ -22,6 +22,12 @@ refuse with `InstanceOverloaded`), one without pays only a few counter updates. 
 keeps its load counters (`instance_loads`). Health (*Health checks*): a class with
 `async def health(self)` has it called on every ACTIVE instance every `health_interval` s, on the
 slice's own loop, bounded by `health_timeout`, never twice at once for one instance.
+
+Faults (`aether.slices.faults`, for Aether Forge and tests): `inject_fault(artifact, SliceFault)`
+marks the instances of the artifact running here at that moment; calls to them wait the fault's
+delay, then fail with its error rate (`InjectedFault`), and with ``unhealthy`` their health checks
+fail. Instances started later are not affected. `clear_fault`, `faults()`. An instance without a
+fault pays one attribute test per call.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import copy
 import functools
 import itertools
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +63,7 @@ from aether.slices.api import (
 )
 from aether.slices.capacity import NO_LIMITS, Gate, InstanceLoad, SliceLimits
 from aether.slices.errors import (
+    InjectedFault,
     InstanceOverloaded,
     NoLocalInstance,
     ResponseTypeError,
@@ -63,13 +71,14 @@ from aether.slices.errors import (
     SliceStateError,
     UnknownEntry,
 )
+from aether.slices.faults import SliceFault, should_fail
 from aether.slices.isolation import BlockReport, SliceThread, ThreadInvoker, ThreadMaps
 from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
 from aether.slices.repository import Repository
 
-__all__ = ["CallRecorder", "SliceRuntime"]
+__all__ = ["CallRecorder", "InjectedFault", "SliceFault", "SliceRuntime"]
 
 
 class CallRecorder(Protocol):
@@ -140,6 +149,7 @@ class _Instance:
     health_failures: int = 0
     health_reason: str | None = None
     health_task: asyncio.Task[None] | None = None
+    fault: SliceFault | None = None  # injected (`SliceRuntime.inject_fault`)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -236,6 +246,8 @@ class SliceRuntime:
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self._health: asyncio.Task[None] | None = None
+        self._faults: dict[Artifact, SliceFault] = {}  # injected faults (`inject_fault`)
+        self._fault_rng = random.Random()
 
     def _lock(self, artifact: Artifact) -> asyncio.Lock:
         lock = self._locks.get(artifact)
@@ -442,6 +454,62 @@ class SliceRuntime:
                     return True
         return False
 
+    # --- faults (aether.slices.faults) ---------------------------------------------------------------
+
+    def inject_fault(self, artifact: Artifact, fault: SliceFault) -> list[int]:
+        """Give `fault` to the instances of `artifact` running here now (replacing a fault they had);
+        returns their ids. Instances started later are healthy. `NoLocalInstance` if none runs here."""
+        e = self._entries.get(artifact)
+        active = e is not None and e.state == "active"
+        insts = [i for i in e.instances.values() if i.accepting] if e is not None and active else []
+        if e is None or not insts:
+            raise NoLocalInstance(f"no instance of {artifact} runs on {self.node_id}")
+        self._faults[artifact] = fault
+        for inst in insts:
+            inst.fault = fault
+        ids = sorted(i.id for i in insts)
+        self.log.info("%s: fault injected on %s instances %s: %s", self.node_id, e.coords, ids,
+                      fault.describe())
+        return ids
+
+    def clear_fault(self, artifact: Artifact) -> bool:
+        """Remove the fault of `artifact`'s instances (their health is judged afresh); False if it
+        had none."""
+        fault = self._faults.pop(artifact, None)
+        e = self._entries.get(artifact)
+        if e is not None:
+            for inst in e.instances.values():
+                if inst.fault is None:
+                    continue
+                if inst.fault.unhealthy and inst.healthy is False:  # the next check decides again
+                    inst.healthy, inst.health_failures, inst.health_reason = None, 0, None
+                inst.fault = None
+        if fault is not None:
+            self.log.info("%s: fault on %s cleared", self.node_id, artifact)
+        return fault is not None
+
+    def faults(self) -> dict[Artifact, tuple[SliceFault, list[int]]]:
+        """Each injected fault with the ids of the instances that still have it (none once they were
+        all replaced)."""
+        out: dict[Artifact, tuple[SliceFault, list[int]]] = {}
+        for artifact, fault in sorted(self._faults.items()):
+            e = self._entries.get(artifact)
+            ids = sorted(i.id for i in e.instances.values() if i.fault is fault) if e is not None else []
+            out[artifact] = (fault, ids)
+        return out
+
+    async def _injected(self, e: _Entry, inst: _Instance) -> None:
+        """A call to an instance with a fault: wait its delay, then fail it with its error rate."""
+        fault = inst.fault
+        if fault is not None and fault.delay_ms:
+            await asyncio.sleep(fault.delay_ms / 1000.0)
+            fault = inst.fault  # cleared meanwhile: the call runs
+        if fault is not None and should_fail(fault, self._fault_rng):
+            raise InjectedFault(
+                f"injected fault: {e.coords} instance {inst.id} on {self.node_id} failed this call on "
+                "purpose (fault injection; DELETE /api/v1/faults/slices/... clears it)"
+            )
+
     # --- calls --------------------------------------------------------------------------------------
 
     async def call(
@@ -501,6 +569,8 @@ class SliceRuntime:
             inst.running += 1
             t0 = perf_counter()
             try:
+                if inst.fault is not None:
+                    await self._injected(e, inst)
                 result = await thread.run(_call_entry(inst.obj, method, payload, request_id), entry=method)
                 ok = True
                 return result
@@ -658,16 +728,22 @@ class SliceRuntime:
 
     def check_health(self) -> int:
         """Start a health check on every ACTIVE instance that has a `health()` hook and no check
-        running; returns how many were started (the health loop calls it; tests may too)."""
+        running; returns how many were started (the health loop calls it; tests may too). An
+        instance with an injected ``unhealthy`` fault fails its check at once (hook or not)."""
         started = 0
         for e in list(self._entries.values()):
             thread = e.thread
             if e.state != "active" or thread is None:
                 continue
-            if not callable(getattr(e.loaded.cls, "health", None)):
-                continue
+            hooked = callable(getattr(e.loaded.cls, "health", None))
             for inst in list(e.instances.values()):
-                if not inst.accepting or (inst.health_task is not None and not inst.health_task.done()):
+                if not inst.accepting:
+                    continue
+                if inst.fault is not None and inst.fault.unhealthy:
+                    self._health_failed(e, inst, "unhealthy by an injected fault (fault injection)")
+                    started += 1
+                    continue
+                if not hooked or (inst.health_task is not None and not inst.health_task.done()):
                     continue
                 inst.health_task = asyncio.get_running_loop().create_task(self._check_one(e, inst, thread))
                 started += 1
@@ -689,10 +765,15 @@ class SliceRuntime:
         except Exception as exc:
             reason = f"health() raised {type(exc).__name__}: {exc}"
         if reason is None:
+            if inst.fault is not None and inst.fault.unhealthy:
+                return  # a fault injected while the check ran: it does not make it healthy
             if inst.healthy is False:
                 self.log.info("%s: %s instance %d is healthy again", self.node_id, e.coords, inst.id)
             inst.healthy, inst.health_failures, inst.health_reason = True, 0, None
             return
+        self._health_failed(e, inst, reason)
+
+    def _health_failed(self, e: _Entry, inst: _Instance, reason: str) -> None:
         reason = redact(reason, inst.secrets)
         if len(reason) > HEALTH_REASON_MAX:
             reason = reason[: HEALTH_REASON_MAX - 3] + "..."

@@ -3,7 +3,8 @@
 Owns length-prefixed framing (`framing`, pure), the typed wire codec and control messages
 (`messages`), TCP links between nodes with heartbeats, reconnects and peer liveness (`tcp`),
 client sessions on the cluster port and the client-side connector (`client`), topology events
-(`events`) and the in-process typed `EventBus` (`bus`).
+(`events`), the in-process typed `EventBus` (`bus`) and the link faults a node may inject in
+what it sends (`faults`, pure; applied by `tcp`).
 
 May import only `aether.core`. Nothing here keeps module-level mutable state, so any number of
 `Transport` objects can run in one process and event loop.
@@ -12,6 +13,7 @@ May import only `aether.core`. Nothing here keeps module-level mutable state, so
 from aether.transport.bus import EventBus
 from aether.transport.client import ClientLink, ConnectionRejected, open_client_connection
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged, TransportEvent
+from aether.transport.faults import LinkFault
 from aether.transport.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameTooLarge, encode_frame
 from aether.transport.messages import (
     CONTROL_TYPES,
@@ -41,6 +43,7 @@ __all__ = [
     "FrameDecoder",
     "FrameTooLarge",
     "HelloAck",
+    "LinkFault",
     "PeerDown",
     "PeerHello",
     "PeerUp",

@@ -9,6 +9,13 @@ first frame of a batch, schedules ``_flush`` with ``loop.call_soon``; the flush 
 to the asyncio transport in one ``write`` call. So frames produced within one event-loop
 iteration leave in one syscall, in the order they were written.
 
+Link faults (`aether.transport.faults`): while ``fault`` is set (the Transport sets it on the
+links to a peer it was told to fault), every frame written (``write_frame`` and ``write_now``
+alike) goes through `faults.decide`: dropped, or queued until its due time and then written by one
+``loop.call_at`` timer per connection (due times never decrease, so the queue is in order). Unset,
+the write path pays one attribute test. Frames still queued when the connection closes are lost.
+The queue holds at most ``max_write_buffer`` bytes; beyond, frames are dropped (a full router queue).
+
 Bad input policy (per connection):
 - oversized length header: one WARNING, connection aborted at once (the stream cannot be resynced);
 - undecodable frame (garbage, unknown tag, wrong shape) or an unexpected control message during
@@ -29,13 +36,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
+from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
 import msgspec
 
 from aether.transport.auth import AuthFailed, DialerHandshake
+from aether.transport.faults import LinkFault, decide
 from aether.transport.framing import FrameDecoder, FrameTooLarge
 from aether.transport.messages import Challenge, HelloAck, Proof, Reject, WireCodec
 
@@ -44,6 +54,12 @@ MAX_BAD_FRAMES = 10
 
 DEFAULT_MAX_WRITE_BUFFER = 64 * 1024 * 1024
 """A connection whose unsent data exceeds this is dropped rather than allowed to grow."""
+
+DRAINING: LinkFault = LinkFault()
+"""The fault of a link whose fault was cleared while frames were still delayed on it: new frames
+queue behind them (order kept), and the link drops it once the queue is empty."""
+
+_RELEASE_SLACK = 0.001  # a timer may fire up to the clock resolution early: frames this close are due
 
 
 class BufferBudget:
@@ -244,6 +260,15 @@ class LinkProtocol(asyncio.Protocol):
         self.bad_frames = 0
         self.heard: HeardFrom | None = None
         self.finished: asyncio.Future[None] = loop.create_future()  # done once connection_lost ran
+        # link faults (module docstring): None on a healthy link
+        self.fault: LinkFault | None = None
+        self.fault_rng: random.Random | None = None
+        self.frames_dropped = 0  # by the fault (lost, blocked or queue full)
+        self.frames_delayed = 0
+        self._delayed: deque[tuple[float, bytes]] | None = None  # (due, frame), due never decreasing
+        self._delayed_bytes = 0
+        self._last_due = 0.0
+        self._delay_timer: asyncio.TimerHandle | None = None
 
     # ---- description / logging -------------------------------------------------------------
 
@@ -274,6 +299,7 @@ class LinkProtocol(asyncio.Protocol):
         remote_closed = self.close_reason is None
         self.closing = True
         self._pending.clear()
+        self._drop_delayed()
         if self._budget is not None:
             self._budget.release(self)
         if remote_closed:
@@ -297,6 +323,7 @@ class LinkProtocol(asyncio.Protocol):
             return
         self._flush()
         self.closing = True
+        self._drop_delayed()
         if self.close_reason is None:
             self.close_reason = reason
         if self._budget is not None:
@@ -310,6 +337,7 @@ class LinkProtocol(asyncio.Protocol):
             self.close_reason = reason
         self.closing = True
         self._pending.clear()
+        self._drop_delayed()
         if self._budget is not None:
             self._budget.release(self)
         if self.transport is not None:
@@ -322,6 +350,9 @@ class LinkProtocol(asyncio.Protocol):
         if self.closing or self.transport is None:
             return False
         self.wrote = True
+        if self.fault is not None:
+            self._faulty_write(frame, False)
+            return True
         pending = self._pending
         pending.append(frame)
         if len(pending) == 1:
@@ -329,11 +360,92 @@ class LinkProtocol(asyncio.Protocol):
         return True
 
     def write_now(self, frame: bytes) -> None:
-        """Write `frame` immediately, after anything still pending (used for handshake frames)."""
+        """Write `frame` immediately, after anything still pending (used for handshake frames);
+        on a faulted link, when the fault lets it go."""
         if self.closing or self.transport is None:
+            return
+        if self.fault is not None:
+            self._faulty_write(frame, True)
             return
         self._pending.append(frame)
         self._flush()
+
+    # ---- link faults --------------------------------------------------------------------------
+
+    def set_fault(self, fault: LinkFault | None, rng: random.Random) -> None:
+        """Apply `fault` to the frames written from now on (None: heal the link; frames already
+        delayed still leave at their time, and new ones wait behind them)."""
+        if fault is None:
+            self.fault = DRAINING if self._delayed else None
+        else:
+            self.fault = fault
+        self.fault_rng = rng
+
+    @property
+    def delayed_frames(self) -> int:
+        """Frames waiting for their due time."""
+        return len(self._delayed) if self._delayed else 0
+
+    def _faulty_write(self, frame: bytes, flush: bool) -> None:
+        fault = self.fault
+        rng = self.fault_rng
+        assert fault is not None and rng is not None
+        loop = self._loop
+        now = loop.time()
+        due = decide(fault, rng, now, self._last_due)
+        if due is None:
+            self.frames_dropped += 1
+            return
+        delayed = self._delayed
+        if due <= now and not delayed:  # leaves now, as on a healthy link
+            pending = self._pending
+            pending.append(frame)
+            if flush:
+                self._flush()
+            elif len(pending) == 1:
+                loop.call_soon(self._flush)
+            return
+        if self._delayed_bytes + len(frame) > self._max_write_buffer:
+            self.frames_dropped += 1  # the "network" queue is full: tail drop
+            return
+        if delayed is None:
+            delayed = self._delayed = deque()
+        delayed.append((due, frame))
+        self._delayed_bytes += len(frame)
+        self._last_due = due
+        self.frames_delayed += 1
+        if self._delay_timer is None:
+            self._delay_timer = loop.call_at(due, self._release)
+
+    def _release(self) -> None:
+        """The delay timer: write every frame now due (one write), then wait for the next."""
+        self._delay_timer = None
+        delayed = self._delayed
+        if not delayed or self.closing or self.transport is None:
+            return
+        limit = self._loop.time() + _RELEASE_SLACK
+        pending = self._pending
+        # the head is due (the timer was set for it; it may fire a clock tick early), then the rest
+        # that are due by now
+        while True:
+            frame = delayed.popleft()[1]
+            self._delayed_bytes -= len(frame)
+            pending.append(frame)
+            if not delayed or delayed[0][0] > limit:
+                break
+        self._flush()
+        if delayed:
+            self._delay_timer = self._loop.call_at(delayed[0][0], self._release)
+        elif self.fault is DRAINING:
+            self.fault = None  # healed and drained: back to the plain write path
+
+    def _drop_delayed(self) -> None:
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+            self._delay_timer = None
+        if self._delayed:
+            self._delayed.clear()
+        self._delayed_bytes = 0
 
     def _flush(self) -> None:
         pending = self._pending

@@ -48,6 +48,15 @@ Delivery guarantees (what a consensus layer may rely on)
   block. An exception they raise is logged with its traceback and the link stays open.
 - ``send(node_id_of_self, ...)`` returns False: local delivery is the caller's business.
 
+Link faults
+-----------
+``set_link_fault(peer, fault)`` makes this node delay, drop or block every frame it sends to `peer`
+(app messages, pings, and the frames of the handshakes on both connections), as the network would
+(`aether.transport.faults`): a blocked link makes the peer see this node down, and then this node
+see the peer down, like a partition. ``link_faults()`` lists them, ``clear_faults()`` heals every
+link. A peer removed from the members loses its fault. With no fault set, sending costs one
+attribute test more.
+
 Membership / ports
 ------------------
 ``members`` maps node id -> cluster address and normally includes this node (never dialed).
@@ -91,6 +100,7 @@ from aether.transport.auth import (
 )
 from aether.transport.bus import EventBus
 from aether.transport.events import PeerDown, PeerUp, QuorumChanged
+from aether.transport.faults import LinkFault
 from aether.transport.framing import DEFAULT_MAX_FRAME, HEADER_SIZE
 from aether.transport.messages import (
     CONTROL_TYPES,
@@ -197,6 +207,9 @@ class _OutboundProtocol(LinkProtocol):
         self.established_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._auth = DialerHandshake(owner._creds, "peer", owner.node_id, expect=peer.node_id)
+        fault = owner._faults.get(peer.node_id)
+        if fault is not None:
+            self.set_fault(fault, owner._fault_rng)
 
     def describe(self) -> str:
         return f"peer {self.peer.node_id!r} at {self.remote}"
@@ -374,6 +387,7 @@ class _InboundProtocol(LinkProtocol):
         self.counted = False  # counted in the owner's per-host connection numbers
         self.auth: AcceptorHandshake | None = None  # set once a hello was answered with a Challenge
         self.client_id = ""
+        self.claimed_peer: str | None = None  # the node id a peer hello claimed (once challenged)
         self.tls_pending = False  # the TLS handshake is running
         self.cert_id: str | None = None  # with TLS: the node id named by the verified certificate
         self._tls: _ServerTls | None = None
@@ -591,6 +605,8 @@ class Transport:
         self._log = logger or logging.getLogger("aether.transport")
         self._prefix = f"[{node_id}]"
         self._rng = random.Random()
+        self._faults: dict[str, LinkFault] = {}  # peer -> the fault of the frames we send it
+        self._fault_rng = random.Random()
 
         self._codec = WireCodec(message_types(message_type))
         client_types = None if client_message_type is None else message_types(client_message_type)
@@ -739,6 +755,7 @@ class Transport:
 
     def send(self, peer: str, msg: object) -> bool:
         """Queue `msg` for `peer`; False (message dropped) if that peer is not up. Never blocks.
+        True is no promise of delivery (at most once; a link fault may delay or drop it).
 
         Raises TypeError if `msg` is not one of the peer message types given to the constructor.
         """
@@ -765,6 +782,40 @@ class Transport:
             if p.link is not None:
                 p.link.write_frame(frame)
 
+    # ---- link faults (aether.transport.faults) -------------------------------------------------
+
+    def set_link_fault(self, peer: str, fault: LinkFault | None) -> None:
+        """Apply `fault` to every frame this node sends to `peer` from now on (None: heal the link;
+        frames already delayed still leave at their time). `KeyError` if `peer` is not a member
+        (this node is not one of its own peers)."""
+        if peer not in self._peers:
+            what = "this node itself" if peer == self.node_id else "not a member"
+            raise KeyError(f"no link to {peer!r} ({what})")
+        if fault is None:
+            self._faults.pop(peer, None)
+        else:
+            self._faults[peer] = fault
+        for link in self._links_to(peer):
+            link.set_fault(fault, self._fault_rng)
+
+    def link_faults(self) -> dict[str, LinkFault]:
+        """The fault of each faulted link, by peer id."""
+        return dict(self._faults)
+
+    def clear_faults(self) -> None:
+        """Heal every link."""
+        for peer in list(self._faults):
+            self.set_link_fault(peer, None)
+
+    def _links_to(self, peer: str) -> list[LinkProtocol]:
+        """Every connection this node writes to `peer` on: our outbound link, and the inbound ones
+        whose hello claimed `peer` (we answer their handshake, then the ack)."""
+        links: list[LinkProtocol] = [p for p in self._inbound if p.claimed_peer == peer]
+        p = self._peers.get(peer)
+        if p is not None and p.link is not None:
+            links.append(p.link)
+        return links
+
     def set_members(self, members: Mapping[str, Address]) -> None:
         """Replace the member map: dial new members, drop removed ones, redial moved ones."""
         self._apply_members(members)
@@ -788,6 +839,10 @@ class Transport:
         for node_id in [n for n in self._peers if n not in new or n == self.node_id]:
             removed = self._peers.pop(node_id)
             removed.active = False
+            if self._faults.pop(node_id, None) is not None:
+                self._log.warning(
+                    "%s fault on the link to %s cleared: no longer a member", self._prefix, node_id
+                )
             self._drop_peer_links(removed, "removed from membership", inbound_too=True)
             self._log.info("%s member %s removed", self._prefix, node_id)
         for node_id, address in new.items():
@@ -1031,6 +1086,11 @@ class Transport:
             self._log.debug("%s %s (repeat)", self._prefix, text)
 
     def _challenge(self, proto: _InboundProtocol, kind: Kind, dialer_id: str, nonce: bytes) -> None:
+        if kind == "peer":
+            proto.claimed_peer = dialer_id
+            fault = self._faults.get(dialer_id)
+            if fault is not None:  # what we answer it goes through the fault too
+                proto.set_fault(fault, self._fault_rng)
         auth = AcceptorHandshake(self._creds, self.node_id)
         try:
             my_nonce, proof = auth.challenge(kind, dialer_id, nonce)
