@@ -387,6 +387,8 @@ async def test_kill_restart_crash_leader_and_close(tmp_path: Path, fault_injecti
         msgspec.json.encode(v)  # JSON-able as is
 
         follower = next(n for n in N3 if n != v.leader)
+        # the leader's event stream is followed before the kill (it has no history to replay)
+        await _until(lambda: c.events_from == c.view().leader, 10, "the leader's event stream")
         killed_at = time.monotonic()
         await c.kill(follower)
         took = await _until(lambda: _node(c, follower).state == "down", 10, f"{follower} down")

@@ -448,6 +448,7 @@ class ForgeCluster:
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task[None] | None = None
         self._stream: asyncio.Task[None] | None = None
+        self._streaming_from: str | None = None
         self._rolling: asyncio.Task[None] | None = None
         self._rolling_state: str | None = None
         self._events: deque[ForgeEvent] = deque(maxlen=EVENTS_KEPT)
@@ -570,6 +571,12 @@ class ForgeCluster:
         at the last poll), as a load balancer with readiness probes would pick them: a node that
         is starting, catching up after joining or cut off from the quorum gets no load."""
         return [_addr(n.host, n.http_port) for n in self._nodes.values() if n.state == "up" and n.ready]
+
+    @property
+    def events_from(self) -> str | None:
+        """The node whose event stream Forge follows now (the leader's; None while connecting):
+        cluster events from before it connected are not in `events`."""
+        return self._streaming_from
 
     def events(self, since: int = 0) -> list[ForgeEvent]:
         """The events after `since` (the last 1000 are kept), oldest first."""
@@ -1339,12 +1346,17 @@ class ForgeCluster:
                     line = raw.decode(errors="replace").rstrip("\r\n")
                     if line.startswith("event:"):
                         event = line[6:].strip()
+                        if event == "hello":
+                            self._streaming_from = src.id
                     elif line.startswith("data:") and event not in ("hello", ""):
                         self._cluster_event(event, line[5:].strip())
                     elif not line:
                         event = ""
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass
+        finally:
+            if self._streaming_from == src.id:
+                self._streaming_from = None
 
     def _cluster_event(self, kind: str, data: str) -> None:
         try:
