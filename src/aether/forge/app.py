@@ -16,7 +16,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,11 @@ from aether.forge.server import (
     SliceFailBody,
     StateAnswer,
 )
-from aether.forge.supervisor import ForgeCluster
+from aether.forge.supervisor import ControlResult, ForgeCluster
 
 __all__ = [
     "Forge",
-        "ForgeOptions",
+    "ForgeOptions",
     "apply_blueprint",
     "open_forge",
     "prepare_workdir",
@@ -149,7 +149,7 @@ class Forge:
     # -- cluster controls --
 
     async def node_action(self, node: str, action: str) -> ActionResult:
-        do: Callable[[str], Any] = {
+        do: Callable[[str], Awaitable[ControlResult]] = {
             "kill": self.cluster.kill,
             "crash": self.cluster.crash,
             "stop": self.cluster.stop,
@@ -226,14 +226,9 @@ class Forge:
         return ActionResult(message=f"replaying {len(t.counts)} s of load over {seconds:g} s")
 
 
-def _result(value: Any, node: str | None = None) -> ActionResult:
+def _result(r: ControlResult, node: str | None = None) -> ActionResult:
     """The supervisor's answer as the API's `ActionResult`."""
-    if isinstance(value, ActionResult):
-        return value
-    message = getattr(value, "message", None)
-    if message is None:
-        message = value if isinstance(value, str) else "done"
-    return ActionResult(message=str(message), node=getattr(value, "node", node))
+    return ActionResult(message=r.message, node=r.node or node)
 
 
 async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
@@ -245,7 +240,7 @@ async def start_site(app: web.Application, host: str, port: int) -> web.AppRunne
     except OSError as e:
         await runner.cleanup()
         raise ForgeSetupError(f"cannot serve the dashboard on {host}:{port}: {e.strerror or e}; "
-                         "pass another --port") from None
+                              "pass another --port") from None
     return runner
 
 

@@ -120,9 +120,9 @@ def _line_of(text: str, key: str, path: str = "") -> int | None:
     (``load.schedule[1]``: the second ``[[load.schedule]]``), then anywhere (a best effort for
     error messages)."""
     start, end = 0, len(text)
-    table = re.sub(r"\[\d+\]$", "", path)
+    table = re.sub(r"\[\d+\]\Z", "", path)
     if table:
-        m = re.search(r"\[(\d+)\]$", path)
+        m = re.search(r"\[(\d+)\]\Z", path)
         nth = int(m.group(1)) if m else 0
         header = rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]" if m else rf"^\s*\[\s*{re.escape(table)}\s*\]"
         found = list(re.finditer(header, text, re.MULTILINE))
