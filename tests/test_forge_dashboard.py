@@ -10,10 +10,10 @@ a killed node is down, a crashed one frozen, a partition blocks links and moves 
 majority, the load rate sets the next seconds' answered requests. It records every control
 request, so the tests check both what the page sent and what it then shows.
 
-The fixture `fake_forge` serves that state twice: behind the fake's own routes, and behind the real
-`aether.forge.server.ForgeServer` (through `ServerAdapter`, its `Forge` protocol) when that module
-is in the tree. The `test_real_forge_*` tests (slow) open a real Forge instead
-(`aether.forge.app.open_forge`, 3 node processes) when it is in the tree.
+The fixture `fake_forge` serves that state behind the real `aether.forge.server.ForgeServer`
+(through `ServerAdapter`, its `Forge` protocol); a few tests use the fake's own routes for shapes
+the server does not make. The `test_real_forge_*` tests (slow) open a real Forge instead
+(`aether.forge.app.open_forge`, 3 node processes).
 
 Issue 16's checks: the page loads with no console errors and no request off loopback; killing
 node-3 shows it down within 3 s; moving the load slider raises the latest throughput; a partition
@@ -40,6 +40,8 @@ from aiohttp import web
 
 import forge_browser
 from aether.core.errors import StatusError
+from aether.forge import app as forge_app
+from aether.forge import server as forge_server
 from forge_browser import Dashboard
 
 # the browser fixtures (tests/forge_browser.py), used by name below
@@ -52,10 +54,6 @@ COOKIE = "aether_forge_token"
 ARTIFACT_A = "org.demo:place-order:0.1.0"
 ARTIFACT_B = "org.demo:inventory-service:0.1.0"
 
-try:  # the real Forge server, once it is in the tree: the tests run against it too
-    from aether.forge import server as forge_server
-except ImportError:
-    forge_server = None  # type: ignore[assignment]
 
 try:
     from playwright.sync_api import expect
@@ -503,21 +501,19 @@ class ServerAdapter:
     def resume(self) -> Any:
         return self._do("POST", "/api/load/resume", {})
 
-    def trace(self) -> Any:
-        return {}
+    def trace(self) -> bytes:
+        return b""
+
+    def replay(self, trace: bytes, speed: float) -> Any:
+        return forge_server.ActionResult(message="replaying")
 
 
-@pytest.fixture(params=["fake-api", "forge-server"])
-def fake_forge(request: pytest.FixtureRequest) -> Any:
-    """The fake behind its own aiohttp routes, then behind the real Forge server (when present)."""
+@pytest.fixture
+def fake_forge() -> Any:
+    """The fake's state behind the real Forge server (routes, auth, static files, encoding)."""
     fake = FakeForge()
-    app = None
-    if request.param == "forge-server":
-        if forge_server is None:
-            pytest.skip("aether.forge.server is not in this tree (yet): only the fake API's routes")
-        fake.server = forge_server.ForgeServer(ServerAdapter(fake), TOKEN)
-        app = fake.server.app()
-    fake.start(app)
+    fake.server = forge_server.ForgeServer(ServerAdapter(fake), TOKEN)
+    fake.start(fake.server.app())
     try:
         yield fake
     finally:
@@ -834,10 +830,6 @@ def make_real_forge(tmp_path: Path) -> Any:
     """A factory: `aether.forge.app.open_forge` with real node processes on a thread with its own
     event loop -> (dashboard URL with the token, the Forge). Every Forge it started is stopped
     when the test ends (open_forge's own cleanup stops every process it started)."""
-    try:
-        from aether.forge import app as forge_app
-    except ImportError:
-        pytest.skip("aether.forge.app is not in this tree (yet)")
     started: list[tuple[dict[str, Any], threading.Thread]] = []
 
     def make(**options: Any) -> tuple[str, Any]:

@@ -69,8 +69,8 @@ def test_names_expand_and_unknown_ones_are_refused() -> None:
     assert resolve_names(["kill-leader", "latency"]) == ["kill-leader", "latency"]
     with pytest.raises(BadRequest, match=r"unknown scenario 'kil-leader'.*kill-leader"):
         resolve_names(["kil-leader"])
-    wanted = {"kill-follower", "kill-leader", "rolling-restart", "partition-minority", "add-node",
-              "remove-node", "load-spike", "latency", "crash-slice", "chaos"}
+    wanted = {"kill-follower", "kill-leader", "rolling-restart", "partition-minority", "partition-two",
+              "add-node", "remove-node", "load-spike", "latency", "crash-slice", "chaos"}
     assert set(SCENARIOS) == wanted
 
 

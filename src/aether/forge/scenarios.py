@@ -295,7 +295,7 @@ async def kill_follower(run: Run) -> None:
     run.note(f"killed {victim} (SIGKILL)")
     shown = await run.wait(f"{victim} shown down", lambda s: victim not in s.up, 5)
     run.check(within(f"{victim} shown down", shown, 2.0))
-    await run.hold(8)
+    await run.hold(5)
     run.check(Criterion("leader unchanged", leader, str(run.sample().leader), run.sample().leader == leader))
     run.check(at_most("longest time without quorum", quorum_gap(run.samples, t, run.now()), 0, " s"))
     delta = run.load_counts().minus(before)
@@ -313,7 +313,7 @@ async def kill_leader(run: Run) -> None:
     run.note(f"killed the leader {leader} (SIGKILL)")
     took = await run.wait("a new leader", lambda s: s.leader not in (None, leader) and s.quorum, 15)
     run.check(within("new leader elected", took, 10.0))
-    await run.hold(6)
+    await run.hold(4)
     run.check(at_most("longest time without quorum", quorum_gap(run.samples, t, run.now()), 5, " s"))
     delta = run.load_counts().minus(before)
     run.check(failed_at_most("failed requests through the other nodes", delta, 0, run.excluded))
@@ -343,33 +343,54 @@ async def rolling_restart(run: Run) -> None:
     await _recovered(run, nodes)
 
 
-PARTITION_HOLD: Final = 22.0
-"""How long partition-minority keeps the cut: the map's takeover of partitions whose owners are
-mostly on the minority side waits `force_after` (10 s, docs/maps.md) before going on without them."""
+async def partition_minority(run: Run) -> None:
+    """The leader cut off alone: every map partition keeps a quorum of its owners on the majority
+    side (it loses at most one), so the majority must hide the cut completely."""
+    nodes = _members(run)
+    leader = run.leader()
+    majority = sorted(run.sample().members - {leader})
+    run.excluded.add(run.address(leader))
+    before = run.load_counts()
+    t = run.now()
+    await run.forge.cluster.partition([[leader], majority])
+    run.note(f"cut the leader {leader} off from {majority}")
+    took = await run.wait("a leader on the majority side", lambda s: s.leader in majority and s.quorum, 20)
+    run.check(within("majority elects a leader", took, 10.0))
+    await run.hold(max(0.0, 6 - (run.now() - t)))
+    delta = run.load_counts().minus(before)
+    run.check(failed_at_most("failed requests through the majority", delta, 0, run.excluded))
+    await run.forge.cluster.heal()
+    run.note("healed the partition")
+    back = await run.wait("the old leader back", lambda s: len(s.ready & s.members) >= nodes, 30)
+    run.check(within("the cut-off node rejoins after healing", back, 20.0))
+    await _recovered(run, nodes)
+
+
+PARTITION_TWO_HOLD: Final = 22.0
+"""How long partition-two keeps the cut: the map's takeover of partitions whose owners are mostly
+on the minority side waits `force_after` (10 s, docs/maps.md) before going on without them."""
 MAJORITY_SERVES_AGAIN: Final = 16.0
 
 
-async def partition_minority(run: Run) -> None:
+async def partition_two(run: Run) -> None:
+    """The leader and a follower cut off from the three others: map partitions with two of their
+    three owners on the cut-off side wait before the majority takes them over (a write acknowledged
+    by those two only must not be lost), then the majority serves everything."""
     nodes = _members(run)
     leader = run.leader()
-    others = run.followers()
-    minority = [leader, *others][: (nodes - 1) // 2]  # the leader and, with 5 nodes, one more
+    minority = [leader, run.followers()[0]]
     majority = sorted(run.sample().members - set(minority))
     for n in minority:
         run.excluded.add(run.address(n))
     t = run.now()
     await run.forge.cluster.partition([sorted(minority), majority])
     run.note(f"partitioned {sorted(minority)} from {majority}")
-    took = await run.wait(
-        "a leader on the majority side", lambda s: s.leader in majority and s.quorum, 20
-    )
+    took = await run.wait("a leader on the majority side", lambda s: s.leader in majority and s.quorum, 20)
     run.check(within("majority elects a leader", took, 10.0))
-    # Through the majority, requests fail only while the map takes over the partitions whose
-    # owners are mostly on the minority side (at most `force_after`); then they all succeed.
     last_failure: float | None = None
     failures = 0
     prev = run.load_counts()
-    while run.now() - t < PARTITION_HOLD:
+    while run.now() - t < PARTITION_TWO_HOLD:
         await run.hold(1)
         cur = run.load_counts()
         failed = cur.minus(prev).total(run.excluded)[1]
@@ -380,7 +401,7 @@ async def partition_minority(run: Run) -> None:
     run.note(f"{failures} requests failed through the majority, the last {last_failure or 0:.0f} s "
              "after the cut")
     serves = 0.0 if last_failure is None else last_failure
-    clean = PARTITION_HOLD - serves
+    clean = PARTITION_TWO_HOLD - serves
     run.check(Criterion(
         "requests through the majority succeed again", f"<= {MAJORITY_SERVES_AGAIN:g} s after the cut",
         f"{serves:.0f} s ({clean:.0f} s without a failure at the end)",
@@ -498,6 +519,7 @@ async def crash_slice(run: Run) -> None:
 
 
 CHAOS_STEPS: Final = ("kill-follower", "kill-leader", "partition-minority", "latency", "crash-slice")
+"""The faults the chaos run draws from (each with its own criteria)."""
 
 
 async def chaos(run: Run) -> None:
@@ -523,7 +545,9 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario("kill-follower", "SIGKILL a follower under load, then restart it", kill_follower),
         Scenario("kill-leader", "SIGKILL the leader under load; a new one is elected", kill_leader),
         Scenario("rolling-restart", "Restart every node, one at a time, under load", rolling_restart),
-        Scenario("partition-minority", "Cut the leader and a minority off, then heal", partition_minority),
+        Scenario("partition-minority", "Cut the leader off from the others, then heal", partition_minority),
+        Scenario("partition-two", "Cut the leader and a follower off from three others, then heal",
+                 partition_two, min_nodes=5),
         Scenario("add-node", "Add a node under load", add_node),
         Scenario("remove-node", "Remove a follower under load", remove_node, min_nodes=4),
         Scenario("load-spike", "Quadruple the load in 2 s and hold it 25 s", load_spike),
