@@ -37,7 +37,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from aether.forge.app import ForgeOptions, open_forge  # noqa: E402
+from aether.forge.app import ForgeOptions, open_forge, options_from_config  # noqa: E402
 from aether.forge.config import load_forge_config  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -96,10 +96,8 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="aether-forge-bench-") as tmp:
         opts = ForgeOptions(nodes=args.nodes, port=0, workdir=Path(tmp) / "forge")
         if not args.no_demo and any(wheels.glob("*.whl")):
-            cfg = load_forge_config(config)
-            opts.blueprint = ROOT / "examples/order_demo/demo-order.blueprint"
-            opts.wheels = wheels
-            opts.load = cfg.load
+            opts = options_from_config(load_forge_config(config))  # what `make demo` runs
+            opts.nodes, opts.port, opts.workdir, opts.wheels = args.nodes, 0, Path(tmp) / "forge", wheels
         elif not args.no_demo:
             print(f"(no demo wheels in {wheels}: `make demo` or examples/build.py builds them; "
                   "running without the blueprint)", file=sys.stderr)

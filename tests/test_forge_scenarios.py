@@ -14,7 +14,6 @@ from aether.forge.scenarios import (
     Sample,
     at_least,
     at_most,
-    first_time,
     quorum_gap,
     resolve_names,
     success_rate,
@@ -26,13 +25,6 @@ UP = frozenset({"node-1", "node-2", "node-3"})
 
 def s(t: float, leader: str | None = "node-1", quorum: bool = True, up: frozenset[str] = UP) -> Sample:
     return Sample(t, leader, quorum, up, UP, up)
-
-
-def test_first_time_counts_from_the_mark() -> None:
-    samples = [s(0), s(1, leader=None, quorum=False), s(2.5, leader="node-2"), s(3, leader="node-2")]
-    assert first_time(samples, 1.0, lambda x: x.leader == "node-2") == 1.5
-    assert first_time(samples, 2.6, lambda x: x.leader == "node-2") == pytest.approx(0.4)
-    assert first_time(samples, 0.0, lambda x: x.leader == "node-9") is None
 
 
 def test_quorum_gap_is_the_longest_stretch_without_quorum() -> None:

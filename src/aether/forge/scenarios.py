@@ -120,14 +120,6 @@ class ScenarioReport(msgspec.Struct):
 # -- judging (pure) ----------------------------------------------------------------------------------
 
 
-def first_time(samples: Sequence[Sample], after: float, pred: Callable[[Sample], bool]) -> float | None:
-    """Seconds from `after` to the first sample at or after it where `pred` holds."""
-    for s in samples:
-        if s.t >= after and pred(s):
-            return s.t - after
-    return None
-
-
 def quorum_gap(samples: Sequence[Sample], start: float, end: float) -> float:
     """The longest stretch without quorum between `start` and `end`, in seconds."""
     longest, since = 0.0, None
@@ -529,8 +521,7 @@ async def chaos(run: Run) -> None:
     steps = [run.rng.choice(CHAOS_STEPS) for _ in range(4)]
     run.note(f"chaos sequence: {', '.join(steps)}")
     for name in steps:
-        sub = Run(run.forge, run.rng, start=run.start, samples=run.samples, timeline=run.timeline,
-                  excluded=run.excluded)
+        sub = Run(run.forge, run.rng, start=run.start, samples=run.samples, timeline=run.timeline)
         await SCENARIOS[name].run(sub)
         run.criteria += [msgspec.structs.replace(c, name=f"{name}: {c.name}") for c in sub.criteria]
     delta = run.load_counts().minus(before)
