@@ -651,3 +651,53 @@ async def test_node_manager_protocol_driven_by_hand(make_cluster: Any) -> None:
         )
     await wait_for(lambda: not kv.list_local("slices/"), what="keys removed by the nodes")
     assert not c.members[1].store.loaded and not c.members[2].store.loaded
+
+
+async def _by_hand(c: Cluster, node: str, st: str, ids: list[int], expect: str) -> None:
+    """Play a leader: CAS `st(ids)` onto `node`'s HELLO key, wait until the node reports `expect`."""
+    kv = c.members[0].node.kv
+    key = SliceKey(node, HELLO)
+    new = SliceStateValue(st, time.time(), None, ids)
+    assert await kv.compare_and_set(key, kv.get_local(key), new)
+    def reported() -> bool:
+        v = kv.get_local(key)
+        return v is not None and v.state == expect and v.instances == ids and v != new
+
+    await wait_for(reported, what=f"{node} {expect}{ids}")
+
+
+@pytest.mark.parametrize("who", ["duplicate-host", "stale-leader"])
+async def test_endpoints_of_an_active_instance_removed_by_others_are_published_again(
+    make_cluster: Any, who: str
+) -> None:
+    """Seen in a real-process run (tests/test_restart_durability.py, leader killed and restarted,
+    two nodes briefly both leading): node-1 hosts instance 2 and publishes its endpoints; a stale
+    leader's `ACTIVE[0, 2]` reaches node-3 late, node-3 scales up and publishes instance 2 (a put:
+    it overwrites node-1's endpoints), the real leader scales the duplicate away and node-3
+    removes *its* endpoints of 2 (CAS on its own value) — node-1 is left ACTIVE, running 2, with no
+    endpoint for it, and nothing ever published it again. Same end state when a stale leader
+    removes the endpoints of a node it believes dead while the node's key survives. The node that
+    runs an instance must publish its endpoints again."""
+    c = await make_cluster(3, leaders=False)
+    kv = c.members[0].node.kv
+    for node, ids in (("node-1", [2]), ("node-3", [0])):
+        assert await kv.compare_and_set(SliceKey(node, HELLO), None, SliceStateValue("LOAD", 1.0, None, ids))
+        await wait_for(lambda n=node: getattr(kv.get_local(SliceKey(n, HELLO)), "state", None) == "LOADED",
+                       what=f"{node} LOADED")
+        await _by_hand(c, node, "ACTIVATE", ids, "ACTIVE")
+    keys = [f"endpoints/{HELLO}/greet:2", f"endpoints/{HELLO}/shout:2"]
+
+    def owners() -> list[str | None]:
+        return [(v.node_id if isinstance(v := kv.get_local(k), EndpointValue) else None) for k in keys]
+
+    assert owners() == ["node-1", "node-1"]
+    if who == "duplicate-host":
+        await _by_hand(c, "node-3", "ACTIVE", [0, 2], "ACTIVE")  # the stale leader's command
+        assert owners() == ["node-3", "node-3"]
+        await _by_hand(c, "node-3", "ACTIVE", [0], "ACTIVE")  # the real leader removes the duplicate
+    else:
+        for k in keys:  # the stale leader's "node node-1 is down" removals (its key write lost the race)
+            assert await kv.compare_and_set(k, kv.get_local(k), None)
+    await wait_for(lambda: owners() == ["node-1", "node-1"], timeout=5, what="node-1's endpoints of 2 again")
+    assert c.members[0].store.active[HELLO] == [2] and c.members[2].store.active[HELLO] == [0]
+    assert kv.get_local(SliceKey("node-1", HELLO)).state == "ACTIVE"

@@ -7,6 +7,7 @@ import pytest
 from aether.deploy.lifecycle import (
     AbortStep,
     ConfigChanged,
+    EndpointsLost,
     LifecycleTimeouts,
     Note,
     Observed,
@@ -425,3 +426,101 @@ def test_no_reconfigure_when_not_active() -> None:
     assert m.handle(ConfigChanged("c2", 3.0)) == []
     m = _machine_in(S.FAILED)
     assert m.handle(ConfigChanged("c2", 3.0)) == []
+
+
+# --- endpoints removed by someone else --------------------------------------------------------------
+
+
+def _active(ids: list[int]) -> SliceLifecycle:
+    m = SliceLifecycle(A)
+    m.handle(StepSucceeded(step_of(m.handle(Observed(v("LOAD", ids), 0.0))).seq, 1.0))
+    m.handle(StepSucceeded(step_of(m.handle(Observed(v("ACTIVATE", ids), 1.0))).seq, 2.0))
+    assert m.state is S.ACTIVE and not m.busy
+    return m
+
+
+def test_endpoints_of_a_running_instance_removed_by_others_are_published_again() -> None:
+    """The interleaving of a real-process run (leader killed and restarted, two leaders for a
+    moment): node-1's key is removed while ACTIVE (a stale leader thought it dead), it tears down;
+    the new leader's LOAD arrives during the teardown and is carried out after it, then ACTIVATE;
+    node-1 runs instance 2. Then its endpoints of 2 disappear (another node that briefly ran a
+    duplicate 2 withdrew them): nothing else would publish them again, the key says ACTIVE."""
+    m = _active([2])
+    teardown = m.handle(Observed(None, 3.0))
+    d = step_of(teardown)
+    assert d.step is Step.DEACTIVATE and writes(teardown) == []
+    assert m.serving == () and m.handle(EndpointsLost(2, 3.05)) == []  # its own teardown: not republished
+    assert [type(a) for a in m.handle(Observed(v("LOAD", [2]), 3.1))] == [Note]  # deferred
+    u = step_of(m.handle(StepSucceeded(d.seq, 3.2)))
+    out = m.handle(StepSucceeded(u.seq, 3.3))
+    assert writes(out) == [(S.LOADING, None, (2,))]
+    m.handle(StepSucceeded(step_of(out).seq, 3.4))
+    act = step_of(m.handle(Observed(v("ACTIVATE", [2]), 3.5)))
+    assert m.serving == (2,)  # starting: its endpoints are about to be its own
+    assert writes(m.handle(StepSucceeded(act.seq, 3.6))) == [(S.ACTIVE, None, (2,))]
+
+    assert m.handle(EndpointsLost(0, 4.0)) == []  # not an instance of this node
+    out = m.handle(EndpointsLost(2, 4.0))
+    assert isinstance(out[0], Note) and "publishing" in out[0].message
+    r = step_of(out)
+    assert r.step is Step.REPUBLISH and r.instances == (2,) and r.deadline == 4.0 + 10.0
+    assert writes(out) == [] and m.state is S.ACTIVE and m.busy
+    assert m.handle(EndpointsLost(2, 4.1)) == []  # the second entry's endpoint: after this step
+    out = m.handle(StepSucceeded(r.seq, 4.2))
+    assert writes(out) == [(S.ACTIVE, None, (2,))] and step_of(out).step is Step.REPUBLISH
+    out = m.handle(StepSucceeded(step_of(out).seq, 4.3))
+    assert writes(out) == [(S.ACTIVE, None, (2,))] and not m.busy
+
+
+def test_own_endpoint_removals_are_not_republished() -> None:
+    # scale-down: the dropped ids' endpoints are this node's own removals
+    m = _active([0, 1])
+    s = step_of(m.handle(Observed(v("ACTIVE", [1, 2]), 3.0)))
+    assert m.serving == (1, 2)
+    assert m.handle(EndpointsLost(0, 3.1)) == []
+    assert [a for a in m.handle(StepSucceeded(s.seq, 3.2)) if isinstance(a, StartStep)] == []
+    # deactivation
+    m = _active([0])
+    d = step_of(m.handle(Observed(v("DEACTIVATE", [0]), 3.0)))
+    assert m.handle(EndpointsLost(0, 3.1)) == []
+    assert writes(m.handle(StepSucceeded(d.seq, 3.2))) == [(S.LOADED, None, (0,))]
+    assert m.handle(EndpointsLost(0, 3.3)) == []
+    # the cleanup after a failed scale removes the endpoints before the failure is reported
+    m = _active([0])
+    s = step_of(m.handle(Observed(v("ACTIVE", [0, 1]), 3.0)))
+    assert m.handle(EndpointsLost(0, 3.1)) == []  # remembered while the step runs...
+    out = m.handle(StepFailed(s.seq, "no memory", 3.2))
+    assert writes(out) == [(S.FAILED, "scale failed: no memory", (0,))]
+    assert [a for a in out if isinstance(a, StartStep)] == []  # ...and dropped: FAILED serves nothing
+    # a quarantine
+    m = _active([0])
+    q = step_of(m.handle(Quarantine("blocked", 3.0)))
+    assert m.handle(EndpointsLost(0, 3.1)) == []
+    m.handle(StepSucceeded(q.seq, 3.2))
+    assert m.state is S.FAILED and m.handle(EndpointsLost(0, 3.3)) == []
+
+
+def test_endpoints_lost_during_a_step_are_republished_when_it_ends() -> None:
+    m = _active([0])
+    s = step_of(m.handle(Observed(v("ACTIVE", [0, 1]), 3.0)))
+    assert m.handle(EndpointsLost(0, 3.1)) == []  # kept by the scale: republished after it
+    out = m.handle(StepSucceeded(s.seq, 3.2))
+    assert writes(out) == [(S.ACTIVE, None, (0, 1))]
+    r = step_of(out)
+    assert r.step is Step.REPUBLISH and r.instances == (0, 1)
+
+
+def test_a_failed_republish_keeps_the_slice_active_and_commands_meanwhile_are_restated() -> None:
+    m = _active([0])
+    r = step_of(m.handle(EndpointsLost(0, 3.0)))
+    out = m.handle(Observed(v("DEACTIVATE", [0]), 3.1))
+    assert [type(a) for a in out] == [Reject] and "publishing endpoints again" in out[0].message  # type: ignore[attr-defined]
+    out = m.handle(StepFailed(r.seq, "quorum lost", 3.2))
+    assert writes(out) == [(S.ACTIVE, None, (0,))] and m.state is S.ACTIVE  # the truth: DEACTIVATE again
+    assert any(isinstance(a, Note) and "keep running" in a.message for a in out)
+    assert step_of(m.handle(Observed(v("DEACTIVATE", [0]), 3.3))).step is Step.DEACTIVATE
+    # a timeout too
+    m = _active([0])
+    r = step_of(m.handle(EndpointsLost(0, 3.0)))
+    out = m.handle(Tick(13.0))
+    assert isinstance(out[0], AbortStep) and writes(out) == [(S.ACTIVE, None, (0,))]

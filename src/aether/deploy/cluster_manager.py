@@ -30,7 +30,9 @@ command (no lost updates, no illegal transition applied on top of a state the wr
 see). What CAS per key cannot prevent is two leaders placing instances on different keys at
 the same time (e.g. instance 2 on node-b and on node-c). That is transient: allocation treats
 a duplicated id as over-count and the one remaining leader's next pass (at most
-`reconcile_interval` later, usually at once through the watch) scales the duplicate away.
+`reconcile_interval` later, usually at once through the watch) scales the duplicate away. The
+duplicate's host may have overwritten the endpoints of the node that keeps the id and removes
+them when it lets the id go: that node publishes them again (`NodeDeploymentManager`).
 """
 
 from __future__ import annotations

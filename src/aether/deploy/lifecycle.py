@@ -16,8 +16,9 @@ May import `aether.core` and `aether.kv` (for `SliceStateValue`); does no I/O, r
 
 Inputs (`SliceLifecycle.handle`): `Observed(value)` — the key was written (or removed: None);
 `StepSucceeded(seq)`, `StepFailed(seq, reason)` — a step the adapter started finished;
-`Tick(now)` — time passed (deadlines). `SliceLifecycle.recover(value)` is the input for a key
-found at node start-up. Every input carries `now` (any monotonic clock, seconds).
+`Tick(now)` — time passed (deadlines); `EndpointsLost(instance)` — someone removed an endpoint of
+an instance of this artifact. `SliceLifecycle.recover(value)` is the input for a key found at node
+start-up. Every input carries `now` (any monotonic clock, seconds).
 
 Outputs (lists of actions, executed in order by the adapter): `StartStep` (with a deadline),
 `AbortStep` (a step exceeded its deadline: cancel it, its late result is ignored),
@@ -52,6 +53,18 @@ Rules worth knowing:
   and the same config is not tried again; the next change is. (Instances started afresh with a
   config that does not work — a new placement, a restarted node — fail to start and go FAILED as
   usual.) Its deadline is the activate plus the deactivate deadline per instance.
+- Endpoints removed by someone else (`EndpointsLost(instance)`, fed by the adapter when an
+  endpoint of this artifact is deleted): while the node runs that instance (ACTIVE, or an
+  activate/scale step that keeps or starts it) the machine starts a REPUBLISH step when idle
+  (after the running step otherwise), staying ACTIVE: the adapter publishes the missing
+  endpoints of its instances again. How it happens: two nodes that both believed they led
+  placed one instance id on two nodes; the later host's publish (a put) overwrote the
+  endpoints, and when the duplicate was scaled away that host removed "its" endpoints (CAS on
+  its own value), leaving the first host running the instance with no endpoint. Or a stale
+  leader removed the endpoints of a node it believed dead while the node's key survived.
+  Nothing else would ever publish them again: the leader decides from `slices/` keys, and those
+  say ACTIVE. The node's own removals (scale-down, deactivation, cleanup after a failure) are of
+  instances it does not keep, so they are ignored. A failed REPUBLISH leaves the slice ACTIVE.
 """
 
 from __future__ import annotations
@@ -96,6 +109,7 @@ class Step(StrEnum):
     DEACTIVATE = "deactivate"
     UNLOAD = "unload"
     RECONFIGURE = "reconfigure"
+    REPUBLISH = "republish"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +127,7 @@ class LifecycleTimeouts:
             return self.load
         if step is Step.RECONFIGURE:  # per instance: start the new object, drain and stop the old
             return self.activate + self.deactivate
-        if step in (Step.ACTIVATE, Step.SCALE):
+        if step in (Step.ACTIVATE, Step.SCALE, Step.REPUBLISH):
             return self.activate
         if step is Step.DEACTIVATE:
             return self.deactivate
@@ -163,7 +177,16 @@ class ConfigChanged:
     now: float
 
 
-LifecycleEvent = Observed | StepSucceeded | StepFailed | Tick | Quarantine | ConfigChanged
+@dataclass(frozen=True, slots=True)
+class EndpointsLost:
+    """An endpoint of `instance` of this artifact was removed (by anyone: the machine ignores the
+    removals that are not of an instance it keeps running)."""
+
+    instance: int
+    now: float
+
+
+LifecycleEvent = Observed | StepSucceeded | StepFailed | Tick | Quarantine | ConfigChanged | EndpointsLost
 
 
 # --- actions ----------------------------------------------------------------------------------------
@@ -218,6 +241,7 @@ _STEP_STATE = {
     Step.DEACTIVATE: SliceState.DEACTIVATING,
     Step.UNLOAD: SliceState.UNLOADING,
     Step.RECONFIGURE: SliceState.ACTIVE,
+    Step.REPUBLISH: SliceState.ACTIVE,
 }
 
 
@@ -250,6 +274,7 @@ class SliceLifecycle:
         self.config: str | None = None  # config fingerprint the active instances were given
         self.wanted_config: str | None = None  # the one they should have (ConfigChanged)
         self._config_failed: str | None = None  # a config whose reconfigure failed: not retried
+        self._republish = False  # endpoints of a running instance were removed: publish them again
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -264,6 +289,16 @@ class SliceLifecycle:
     @property
     def running_seq(self) -> int | None:
         return self._running.seq if self._running else None
+
+    @property
+    def serving(self) -> tuple[int, ...]:
+        """The instances this node runs and keeps (or is starting): those whose endpoints it owns."""
+        r = self._running
+        if self._orphan:
+            return ()
+        if r is not None and r.step in (Step.ACTIVATE, Step.SCALE):
+            return r.instances
+        return self.instances if self.state is SliceState.ACTIVE else ()
 
     @property
     def finished(self) -> bool:
@@ -284,7 +319,22 @@ class SliceLifecycle:
         if isinstance(event, ConfigChanged):
             self.wanted_config = event.fingerprint
             return self._maybe_reconfigure(event.now)
+        if isinstance(event, EndpointsLost):
+            if event.instance not in self.serving:
+                return []  # this node's own removal (scale-down, deactivation, cleanup) or not ours
+            self._republish = True
+            return self._maybe_republish(event.now)
         return self._tick(event.now)
+
+    def _maybe_republish(self, now: float) -> list[LifecycleAction]:
+        """ACTIVE, idle, and endpoints of its instances were removed: publish them again."""
+        if (not self._republish or self.state is not SliceState.ACTIVE or self._running is not None
+                or self._orphan):
+            return []
+        self._republish = False
+        out = self._start(Step.REPUBLISH, tuple(sorted(self.instances)), now, write=None)
+        return [Note(f"{self.artifact}: endpoints of its instances were removed by another node while "
+                     f"ACTIVE: publishing those of {list(self.instances)} again"), *out]
 
     def _maybe_reconfigure(self, now: float) -> list[LifecycleAction]:
         """ACTIVE, idle and running another config than wanted: reconfigure every instance."""
@@ -470,7 +520,11 @@ class SliceLifecycle:
             if self._orphan:
                 return out + self._teardown(now)
             return [*out, RemoveKey(self.epoch)]
-        if ok and r.fail_reason is not None:
+        if r.step is Step.REPUBLISH:  # the instances ran throughout: ACTIVE, reason unchanged
+            self.state = SliceState.ACTIVE
+            if not ok:
+                out.append(Note(f"{self.artifact}: {reason}; its instances keep running"))
+        elif ok and r.fail_reason is not None:
             self.state, self.reason = SliceState.FAILED, r.fail_reason
         elif ok:
             self.reason = None
@@ -491,10 +545,11 @@ class SliceLifecycle:
             self.state, self.reason = SliceState.FAILED, r.fail_reason or reason
         if self.state is not SliceState.ACTIVE:
             self.config = None
+            self._republish = False
         if self._orphan:
             return out + self._teardown(now)
         write = WriteState(self.state, self.reason, self.instances, self.epoch)
-        return [*out, write, *self._maybe_reconfigure(now)]
+        return [*out, write, *self._maybe_reconfigure(now), *self._maybe_republish(now)]
 
     def _teardown(self, now: float) -> list[LifecycleAction]:
         """Key removed by someone else: go back to nothing without writing anything."""
@@ -520,6 +575,8 @@ class SliceLifecycle:
             return "ACTIVE (changing instances)"
         if self._running is not None and self._running.step is Step.RECONFIGURE:
             return "ACTIVE (reconfiguring)"
+        if self._running is not None and self._running.step is Step.REPUBLISH:
+            return "ACTIVE (publishing endpoints again)"
         return str(self.state) if self.state is not None else "nothing is loaded"
 
 

@@ -32,6 +32,11 @@ overwrites a leader command this node has not processed):
   if it had been activated) before FAILED is written.
 - A route this node's ACTIVATING/ACTIVE slice claimed that someone removes is claimed again
   (closes the race with another node's route cleanup).
+- An endpoint of an instance this node runs that someone else removes is published again (the
+  lifecycle's REPUBLISH step: CAS(absent → this node) for each missing endpoint of its instances).
+  Another node that briefly ran the same instance id (two leaders at once) overwrote it with its
+  own publish and then withdrew it, or a stale leader removed it believing this node dead; the
+  leader cannot notice (the `slices/` key says ACTIVE), so the node that runs the instance must.
 
 Start-up reconciliation (e.g. after a restart): endpoints this node published earlier are
 removed first; then every key for this node is fed to `SliceLifecycle.recover`: keys in
@@ -53,6 +58,7 @@ from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLos
 from aether.deploy.lifecycle import (
     AbortStep,
     ConfigChanged,
+    EndpointsLost,
     LifecycleAction,
     LifecycleTimeouts,
     Note,
@@ -84,6 +90,7 @@ from aether.kv.store import KVStore, decode_value
 
 _WRITE_BATCH = 128  # endpoint writes one step keeps in flight at a time
 _SERVING = frozenset({SliceState.ACTIVATE, SliceState.ACTIVATING, SliceState.ACTIVE})
+_KEEPS_SERVING = frozenset({Step.LOAD, Step.RECONFIGURE, Step.REPUBLISH})  # no cleanup when they fail
 
 
 class RouteConflict(AetherError):
@@ -151,6 +158,7 @@ class NodeDeploymentManager:
         self._starting = True
         self._cancels.append(self.kv.watch(self.prefix, self._on_slice_event))
         self._cancels.append(self.kv.watch("routes/", self._on_route_event))
+        self._cancels.append(self.kv.watch("endpoints/", self._on_endpoint_event))
         if self.config_version is not None:
             self._cancels.append(self.kv.watch("blueprints/", self._on_config_event))
             self._cancels.append(self.kv.watch("secrets/", self._on_config_event))
@@ -256,6 +264,30 @@ class NodeDeploymentManager:
                     self.log.info("route %s of active %s was removed: registering it again", key, artifact)
                     self._spawn(self._cas(key, None, value))
 
+    def _on_endpoint_event(self, ev: WatchEvent) -> None:
+        """An endpoint was removed: if it is of an instance this node runs, the lifecycle publishes
+        it again (`EndpointsLost`; it ignores this node's own removals)."""
+        if not self._running or self._starting or ev.kind == "put":
+            return
+        now = self._clock()
+        if ev.kind == "reset":
+            for artifact, m in list(self._machines.items()):
+                info = self._info.get(artifact)
+                if info is None:
+                    continue
+                for i in m.serving:
+                    keys = (EndpointKey(artifact, entry, i) for entry in info.entries)
+                    if any(self.kv.get_local(k) is None for k in keys):
+                        self._dispatch(artifact, m, m.handle(EndpointsLost(i, now)))
+            return
+        try:
+            k = parse_key(ev.key)
+        except BadRequest:
+            return
+        lost = self._machines.get(k.artifact) if isinstance(k, EndpointKey) else None
+        if isinstance(k, EndpointKey) and lost is not None:
+            self._dispatch(k.artifact, lost, lost.handle(EndpointsLost(k.instance, now)))
+
     async def _tick_loop(self) -> None:
         while True:
             await asyncio.sleep(self.tick_interval)
@@ -353,19 +385,21 @@ class NodeDeploymentManager:
             elif step is Step.RECONFIGURE:
                 for iid in ids:  # one instance at a time: the others keep serving
                     await self.store.reconfigure(a, iid)
+            elif step is Step.REPUBLISH:
+                await self._republish(artifact, self._slice_info(a, artifact), ids)
             elif step is Step.DEACTIVATE:
                 await self._deactivate(a, artifact)
             else:
                 await self._unload(a, artifact)
         except asyncio.CancelledError:
             self._steps.pop((artifact, seq), None)
-            if self._running and step not in (Step.LOAD, Step.RECONFIGURE):  # a reconfigure keeps serving
+            if self._running and step not in _KEEPS_SERVING:
                 self._spawn(self._cleanup_failed(artifact, step))
             raise
         except Exception as e:
             reason = str(e) or type(e).__name__
             self.log.warning("%s: %s failed: %s", artifact, step, reason)
-            if step not in (Step.LOAD, Step.RECONFIGURE):  # a failed reconfigure: the old instances serve
+            if step not in _KEEPS_SERVING:  # a failed reconfigure: the old instances serve
                 try:
                     await self._cleanup_failed(artifact, step)
                 except Exception:
@@ -462,6 +496,29 @@ class NodeDeploymentManager:
         keys = [EndpointKey(artifact, entry, i) for entry in sorted(info.entries) for i in ids]
         for k in range(0, len(keys), _WRITE_BATCH):  # bounded: never thousands of writes in flight
             await asyncio.gather(*(self.kv.put(key, value) for key in keys[k:k + _WRITE_BATCH]))
+
+    async def _republish(self, artifact: str, info: SliceInfo, ids: list[int]) -> None:
+        """Publish the endpoints of `ids` that are missing, each CAS(absent → this node). One that
+        another node holds is left alone: that node runs the same id only until the leader
+        removes the duplicate, and when it withdraws its endpoint this runs again."""
+        value = EndpointValue(self.node_id, "ACTIVE")
+        missing = [key for entry in sorted(info.entries) for i in ids
+                   if self.kv.get_local(key := str(EndpointKey(artifact, entry, i))) is None]
+        for k in range(0, len(missing), _WRITE_BATCH):
+            await asyncio.gather(*(self._put_if_absent(key, value) for key in missing[k:k + _WRITE_BATCH]))
+        if missing:
+            self.log.info("%s: published %d endpoints again", artifact, len(missing))
+
+    async def _put_if_absent(self, key: str, value: EndpointValue) -> None:
+        delay = 0.05
+        while True:  # until written, or the step's deadline cancels it
+            try:
+                await self.kv.compare_and_set(key, None, value)
+                return
+            except (QuorumLost, CommitTimeout) as e:
+                self.log.warning("publishing %s again failed (%s); retrying", key, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _remove_endpoints(self, artifact: str, ids: set[int] | None = None) -> None:
         mine = []
