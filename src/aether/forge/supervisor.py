@@ -75,7 +75,7 @@ EXTRA_NODE_FLAGS: Final[tuple[str, ...]] = ("--fault-injection",)
 
 SECRET_FILE: Final = "cluster.secret"
 API_KEY_FILE: Final = "api.key"
-POLL_INTERVAL: Final = 0.5
+POLL_INTERVAL: Final = 1.0
 POLL_TIMEOUT: Final = 1.0
 STOP_GRACE: Final = 5.0
 EVENTS_KEPT: Final = 1000
