@@ -231,7 +231,7 @@ class FakeForge:
         app = web.Application(middlewares=[self._auth])
         app.router.add_get("/", self._index)
         app.router.add_static("/static", STATIC)
-        app.router.add_get("/api/state", lambda r: web.json_response(self.state()))
+        app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/series", self._series)
         app.router.add_get("/api/events", self._events)
         for path in (
@@ -268,6 +268,9 @@ class FakeForge:
             page = "<h1>open the address Forge printed</h1>"
             return web.Response(text=page, status=401, content_type="text/html")
         return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state())
 
     async def _series(self, request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))  # seconds starting at or after it, like the generator
