@@ -239,8 +239,9 @@ class SliceThread:
 
         try:
             self.loop.call_soon_threadsafe(cancel)
-        except RuntimeError:
-            pass  # the slice's loop is closed
+        except RuntimeError:  # the slice's loop is closed: nothing runs there any more
+            if call.task is None:  # never started: close it here (else "never awaited" at GC)
+                call.coro.close()
 
     def _start_calls(self) -> None:
         """On the slice's loop: start every call queued so far."""
