@@ -266,6 +266,22 @@ async def test_unknown_route_is_404_naming_method_and_path(env: Env) -> None:
     assert_problem(status, body, r, 404, "GET /no/such/thing")
 
 
+async def test_unknown_route_without_quorum_is_503_not_404(env: Env) -> None:
+    """Found by Forge: a node that just joined answered 404 "no route" for the cluster's routes
+    while it was still catching up (its route table incomplete). Without quorum it cannot know,
+    so it says so: 503 with Retry-After; known routes are still served."""
+    quorum = [False]
+    env.router.has_quorum = lambda: quorum[0]
+    status, body, r = await env.req("GET", "/no/such/thing")
+    assert_problem(status, body, r, 503, "GET /no/such/thing", "node-1 has no quorum")
+    assert r.headers["Retry-After"] == "1"
+    status, _, _ = await env.req("GET", "/ping")
+    assert status == 200  # a route it knows is served
+    quorum[0] = True
+    status, body, r = await env.req("GET", "/no/such/thing")
+    assert_problem(status, body, r, 404, "GET /no/such/thing")
+
+
 async def test_wrong_method_is_405_with_allow(env: Env) -> None:
     status, body, r = await env.req("PUT", "/api/orders/7")
     assert_problem(status, body, r, 405, "PUT")

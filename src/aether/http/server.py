@@ -39,7 +39,9 @@ being accepted, or of its previous response, is closed without an answer (slowlo
 503   the artifact is deployed but no instance is ACTIVE anywhere (`EndpointUnavailable`, answered
       at once, with ``Retry-After: 1`` while an instance is starting), no ACTIVE instance could be
       reached before the deadline (an `InvokeTimeout` of kind ``no_instance``: the last attempt found
-      none, or there was none to try), or the invoker is closed
+      none, or there was none to try), or the invoker is closed; also a path that matches no route
+      while this node has no quorum (starting, catching up after a join, cut off: its route table
+      may be incomplete; with ``Retry-After: 1``) instead of a 404
 504   any other `InvokeTimeout` (the deadline passed while an attempt ran or peers were failing)
 500   anything unexpected (logged with traceback; the response never contains one)
 ====  ===========================================================================================
@@ -173,8 +175,13 @@ class HttpRouter:
         idle_timeout: float = 15.0,
         ssl_context: ssl.SSLContext | None = None,
         logger: logging.Logger | None = None,
+        has_quorum: Callable[[], bool] | None = None,
     ) -> None:
         self.node_id = node_id
+        self.has_quorum = has_quorum
+        """Whether this node is part of a quorum now: without one (starting, catching up after a
+        join, cut off) its route table may be incomplete, so a path that matches no route answers
+        503 with Retry-After instead of a 404 that would be wrong."""
         self.kv = kv
         self.invoker = invoker
         self.host = host
@@ -325,6 +332,15 @@ class HttpRouter:
                     f"method {method} is not allowed for {raw_path}; allowed: {', '.join(m.allowed_methods)}",
                     rid,
                     {"Allow": ", ".join(m.allowed_methods)},
+                )
+            if self.has_quorum is not None and not self.has_quorum():
+                return self._problem(
+                    503,
+                    f"no route for {method} {raw_path} here, but {self.node_id} has no quorum (it is "
+                    "starting, catching up or cut off), so its routes may be incomplete; retry, or "
+                    "ask another node",
+                    rid,
+                    {"Retry-After": "1"},
                 )
             return self._problem(404, f"no route for {method} {raw_path}", rid)
         body = b""

@@ -326,6 +326,7 @@ class Node:
             self.node_id, self.kv, self.invoker, host=self.config.host, port=self.config.http_port,
             idle_timeout=self.config.http_idle_timeout, ssl_context=self.https,
             logger=logging.getLogger(f"aether.http.{self.node_id}"),
+            has_quorum=self.transport.has_quorum,
         )
         await self.http.start()
         self.metrics.start()
