@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import aiohttp
 import msgspec
@@ -429,6 +429,15 @@ class _Cell:
         self.errors: dict[str, int] = {}
         self.hist = LogHistogram()
 
+    def counts(self) -> dict[str, Any]:
+        """The fields a `Point` and a `Totals` share, from this cell."""
+        return {
+            "sent": self.sent, "ok": self.ok, "failed": self.failed, "dropped": self.dropped,
+            "rerouted": self.rerouted, "errors": dict(self.errors), "success_rate": _rate(self),
+            "p50_ms": _ms(self.hist.quantile(0.5)), "p90_ms": _ms(self.hist.quantile(0.9)),
+            "p99_ms": _ms(self.hist.quantile(0.99)),
+        }
+
 
 class Point(msgspec.Struct, frozen=True):
     """One second of one series: ``scope`` is ``total``, ``target`` or ``node`` and ``name`` the
@@ -560,41 +569,13 @@ class LoadStats:
             if sec < since or (sec >= self._now and not include_current):
                 continue
             for (scope, name), c in sorted(cells.items(), key=lambda kv: (_SCOPE_ORDER[kv[0][0]], kv[0][1])):
-                out.append(
-                    Point(
-                        t=float(sec),
-                        scope=scope,
-                        name=name,
-                        sent=c.sent,
-                        ok=c.ok,
-                        failed=c.failed,
-                        dropped=c.dropped,
-                        rerouted=c.rerouted,
-                        errors=dict(c.errors),
-                        success_rate=_rate(c),
-                        p50_ms=_ms(c.hist.quantile(0.5)),
-                        p90_ms=_ms(c.hist.quantile(0.9)),
-                        p99_ms=_ms(c.hist.quantile(0.99)),
-                    )
-                )
+                out.append(Point(t=float(sec), scope=scope, name=name, **c.counts()))
         return out
 
     def totals(self, scope: str, name: str = "") -> Totals:
         """Cumulative counts of one series (zeros if it has none yet)."""
         c = self._totals.get((scope, name)) or _Cell()
-        return Totals(
-            name=name,
-            sent=c.sent,
-            ok=c.ok,
-            failed=c.failed,
-            dropped=c.dropped,
-            rerouted=c.rerouted,
-            errors=dict(c.errors),
-            success_rate=_rate(c),
-            p50_ms=_ms(c.hist.quantile(0.5)),
-            p90_ms=_ms(c.hist.quantile(0.9)),
-            p99_ms=_ms(c.hist.quantile(0.99)),
-        )
+        return Totals(name=name, **c.counts())
 
     def names(self, scope: str) -> list[str]:
         return sorted(name for s, name in self._totals if s == scope)
