@@ -169,6 +169,46 @@ class ControllerConfigValue(msgspec.Struct, frozen=True):
     by: str = ""
 
 
+class RolloutValue(msgspec.Struct, frozen=True):
+    """A rollout of a new version of one slice (`rollouts/{group:artifact}`, docs/deployment.md,
+    *Rolling and canary updates*). The leader's rollout manager (`aether.deploy.rollout`) writes
+    it; the reconciliation reads `old_instances`/`new_instances` as the desired counts of the two
+    versions while the rollout is active, and every node's invoker and HTTP router read `weights`.
+
+    `weights` maps versions to traffic weights (any non-negative integers, e.g. percents) for calls
+    addressed to ``group:artifact``: a version gets a share of the calls proportional to its weight
+    among the versions that have a reachable instance; a version that is not listed gets weight 0;
+    when every weighted version has no reachable instance, the calls go to the others (a weight
+    never makes a call fail). Empty `weights`: no split (every ACTIVE instance of any version is a
+    candidate, as without a rollout). A call addressed to full coordinates ignores weights.
+    """
+
+    id: str
+    artifact: str  # group:artifact
+    old_version: str
+    new_version: str
+    strategy: str  # rolling | canary | blue-green
+    state: str  # progressing | paused | succeeded | rolled-back | aborted
+    instances: int  # the count the blueprint wants (of the new version once done)
+    old_instances: int  # desired instances of old_version now
+    new_instances: int  # desired instances of new_version now
+    weights: dict[str, int] = {}
+    step: int = 0  # index into `steps` (canary / blue-green), or rolling steps taken
+    steps: list[int] = []  # canary: traffic percent of the new version per step, e.g. [10, 50, 100]
+    max_surge: int = 1
+    max_unavailable: int = 0
+    interval: float = 30.0  # seconds a canary step is analysed before the next one
+    max_error_rate: float | None = None  # gate: error share of the new version (0..1)
+    max_p99_ratio: float | None = None  # gate: p99 of the new version / p99 of the old
+    drain_timeout: float = 30.0
+    started: float = 0.0
+    updated: float = 0.0
+    step_started: float = 0.0
+    reason: str = ""
+    blueprint: str = ""  # the blueprint whose change started it
+    history: list[str] = []  # one line per step taken ("12:00:01 step 1: 10% to 0.2.0"), bounded
+
+
 # --- keys -------------------------------------------------------------------------------------------
 
 
@@ -315,13 +355,24 @@ class ControllerConfigKey(msgspec.Struct, frozen=True):
         return "controller/config"
 
 
+class RolloutKey(msgspec.Struct, frozen=True):
+    """The rollout of a new version of one slice (`RolloutValue`): `rollouts/{group:artifact}`."""
+
+    prefix: ClassVar[str] = "rollouts/"
+    value_type: ClassVar[type] = RolloutValue
+    artifact: str
+
+    def __str__(self) -> str:
+        return f"rollouts/{self.artifact}"
+
+
 Key = Union[  # noqa: UP007
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
-    SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey,
+    SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey, SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey,
+    ApiKeyKey, SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey,
 )
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -405,12 +456,14 @@ def parse_key(text: str) -> Key:
         if rest != "config":
             raise BadRequest(f"invalid key {text!r}: expected controller/config")
         return ControllerConfigKey()
+    if family == "rollouts":
+        return RolloutKey(_seg("artifact", rest))
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth, secrets, repository, scale, controller or user")
+                     "routes, maps, auth, secrets, repository, scale, controller, rollouts or user")
 
 
 def value_type_for(key: str) -> type:
