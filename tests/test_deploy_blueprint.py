@@ -9,7 +9,7 @@ import pytest
 
 from aether.core.artifact import Artifact, VersionPattern
 from aether.core.errors import BadRequest
-from aether.deploy.blueprint import expand, load_blueprint, parse_blueprint
+from aether.deploy.blueprint import any_artifact, expand, load_blueprint, no_dependencies, parse_blueprint
 from aether.deploy.errors import BlueprintError
 from aether.kv.keys import BlueprintSlice
 
@@ -57,7 +57,7 @@ def test_load_blueprint_from_file(tmp_path: Path) -> None:
          r"^bp\.toml:2: unknown key 'replicas'; allowed keys: id, requires, slices, maps$"),
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\nreplicas = 2\n',
          r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances, config, "
-         r"max_concurrency, max_queue, entry_concurrency, scaling$"),
+         r"max_concurrency, max_queue, entry_concurrency, scaling, rollout$"),
         # bad coordinates
         ('id = "x"\n[slices.a]\nartifact = "org.a:b"\n',
          r"^bp\.toml:3: \[slices\.a\]: invalid artifact coordinates 'org\.a:b': "
@@ -105,10 +105,10 @@ _SLICE_A = '[slices.a]\nartifact = "org.a:b:1.0.0"\n'
         # unknown keys (msgspec's forbid_unknown_fields) named as written, with their table and line
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n"a`b c" = 1\n',
          "bp.toml:4: unknown key 'a`b c' in [slices.a]; allowed keys: artifact, instances, config, "
-         "max_concurrency, max_queue, entry_concurrency, scaling"),
+         "max_concurrency, max_queue, entry_concurrency, scaling, rollout"),
         ('id = "x"\nslices.a.artifact = "org.a:b:1.0.0"\nslices.a.replica = 1\n',
          "bp.toml:3: unknown key 'replica' in [slices.a]; allowed keys: artifact, instances, config, "
-         "max_concurrency, max_queue, entry_concurrency, scaling"),
+         "max_concurrency, max_queue, entry_concurrency, scaling, rollout"),
         ('id = "x"\n' + _SLICE_A + "[maps.m]\nreplica = 1\n",
          "bp.toml:5: unknown key 'replica' in [maps.m]; allowed keys: replicas, write_quorum, engine, "
          "max_value_bytes"),
@@ -499,3 +499,26 @@ def test_bad_limits_and_scaling_are_refused_naming_line_and_problem(table: str, 
         parse_blueprint(text, "bp.toml")
     assert str(e.value) == expected
 
+
+
+def test_rollout_table_is_parsed_validated_and_carried_into_the_expanded_blueprint() -> None:
+    text = (
+        'id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\ninstances = 3\n'
+        '[slices.a.rollout]\nstrategy = "canary"\nsteps = [5, 50, 100]\nmax_error_rate = 0.01\n'
+    )
+    bp = parse_blueprint(text, "bp.toml")
+    policy = bp.slices[0].rollout
+    assert policy is not None
+    assert (policy.strategy, policy.steps, policy.max_error_rate) == ("canary", [5, 50, 100], 0.01)
+    value = expand(bp, no_dependencies, any_artifact)
+    assert value.slices[0].rollout == policy
+    for bad, problem in [
+        ('strategy = "big-bang"', r"bp\.toml:5: \[slices\.a\.rollout\]: strategy must be one of rolling"),
+        ("steps = [10, 50]", r"bp\.toml:5: \[slices\.a\.rollout\]: steps apply to the canary strategy only"),
+        ("max_surge = 0\nmax_unavailable = 0", "never make progress"),
+        ("surge = 1", r"bp\.toml:6: unknown key 'surge' in \[slices\.a\.rollout\]"),
+        ('interval = "30s"', r"interval in \[slices\.a\.rollout\] must be a number"),
+    ]:
+        with pytest.raises(BlueprintError, match=problem):
+            head = text.split("[slices.a.rollout]")[0]
+            parse_blueprint(head + "[slices.a.rollout]\n" + bad + "\n", "bp.toml")

@@ -19,6 +19,10 @@ subscribers, each with its own bounded queue:
   from `node.bus` (`aether.controller.service`);
 - `fault` `{node, action, target, peer, artifact, fault, instances, by}`: a fault was set or
   cleared on this node (`aether.node.faults.FaultChanged`, from `node.bus`; Forge's timeline);
+- `rollout` `{key, artifact, id, state, strategy, old_version, new_version, step, weights,
+  old_instances, new_instances, reason, message}`: a rollout of a new version started, took a
+  step, paused, rolled back or ended (`message`: the step's line of its history), from the
+  `rollouts/` watch (every node sees every step, whichever node leads);
 - `resync` `{prefix}`: the node installed a snapshot; state under `prefix` may have changed at once;
 - `dropped` `{reason, last_id}`: the last event of a subscriber that fell `queue_size` events behind.
 
@@ -196,6 +200,7 @@ class EventHub:
             bus.subscribe(FaultChanged, lambda ev: self.publish("fault", msgspec.to_builtins(ev))),
             kv.watch("slices/", self._on_slice),
             kv.watch("blueprints/", self._on_blueprint),
+            kv.watch("rollouts/", self._on_rollout),
         ]
 
     def stop(self) -> None:
@@ -256,6 +261,24 @@ class EventHub:
             "slice-state",
             {**base, "state": v.get("state"), "reason": v.get("reason"), "instances": v.get("instances", [])},
         )
+
+    def _on_rollout(self, ev: Any) -> None:
+        if ev.kind == "reset":
+            self.publish("resync", {"prefix": "rollouts/"})
+            return
+        artifact = ev.key[len("rollouts/") :]
+        v = self._decode(ev.key, ev.value) if ev.kind != "remove" else None
+        if not isinstance(v, dict):
+            self.publish("rollout", {"key": ev.key, "artifact": artifact, "state": "removed"})
+            return
+        history = v.get("history") or []
+        self.publish("rollout", {
+            "key": ev.key, "artifact": artifact, "id": v.get("id"), "state": v.get("state"),
+            "strategy": v.get("strategy"), "old_version": v.get("old_version"),
+            "new_version": v.get("new_version"), "step": v.get("step"), "weights": v.get("weights", {}),
+            "old_instances": v.get("old_instances"), "new_instances": v.get("new_instances"),
+            "reason": v.get("reason", ""), "message": history[-1] if history else "",
+        })  # fmt: skip
 
     def _on_blueprint(self, ev: Any) -> None:
         if ev.kind == "reset":

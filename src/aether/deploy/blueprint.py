@@ -23,6 +23,15 @@ min = 1
 max = 8
 in_flight = 6                     # targets (at least one): in_flight, rate, p95_ms, cpu
 
+[slices.place_order.rollout]      # optional: how a new version replaces the running one
+strategy = "canary"               # rolling (default) | canary | blue-green
+steps = [10, 50, 100]             # canary: percent of the calls for the new version per step
+interval = 30                     # seconds each step is analysed
+max_error_rate = 0.01             # gate: share of the new version's calls that may fail
+max_p99_ratio = 1.5               # gate: p99 of the new version / p99 of the old
+max_surge = 1                     # rolling: instances above `instances` during the update
+max_unavailable = 0               # rolling: instances below `instances` during the update
+
 [slices.place_order.config]       # optional: handed to the instances as `context.config`
 currency = "EUR"
 db_password = { secret = "db-password" }  # a secret, resolved when an instance starts
@@ -58,7 +67,8 @@ from aether.core.maps import MapSpec
 from aether.deploy.config import check_config
 from aether.deploy.errors import BlueprintError
 from aether.deploy.ports import DependenciesOf, Resolve
-from aether.kv.keys import BlueprintSlice, BlueprintValue, ScalingRule, parse_key
+from aether.deploy.rollout import STRATEGIES, check_policy
+from aether.kv.keys import BlueprintSlice, BlueprintValue, RolloutPolicy, ScalingRule, parse_key
 
 DIRECT_PREFIX = "direct:"
 SOURCES = ("operator", "controller", "api")
@@ -77,6 +87,7 @@ class BlueprintSliceSpec:
     max_concurrency: int | None = None
     max_queue: int | None = None
     entry_concurrency: Mapping[str, int] = field(default_factory=dict)
+    rollout: RolloutPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +129,7 @@ class _SliceTable(msgspec.Struct, forbid_unknown_fields=True):
     max_queue: Annotated[int, msgspec.Meta(ge=0)] | None = None
     entry_concurrency: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
     scaling: dict[str, object] | None = None  # converted into a ScalingRule on its own
+    rollout: dict[str, object] | None = None  # converted into a RolloutPolicy on its own
 
 
 # `[maps.NAME]` tables are converted straight into `MapSpec` (also forbid_unknown_fields).
@@ -287,6 +299,9 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
             if key == "entry_concurrency":
                 return (f"entry_concurrency in [slices.{name}] must be a table of entry names to "
                         f"integers >= 1 (e.g. entry_concurrency = {{ reserve = 2 }}), got {value!r}")
+            if key == "rollout":
+                return (f"rollout in [slices.{name}] must be a table ([slices.{name}.rollout]) with "
+                        f"strategy, steps, ..., got {value!r}")
             if key == "scaling":
                 return (f"scaling in [slices.{name}] must be a table ([slices.{name}.scaling]) with min, "
                         f"max and targets, got {value!r}")
@@ -326,9 +341,10 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
         if st.max_queue is not None and st.max_concurrency is None and not st.entry_concurrency:
             raise fail(f"max_queue in [slices.{name}] needs a limit to queue behind: set max_concurrency "
                        "(or entry_concurrency)", "slices", name, "max_queue")
+        rollout = _parse_rollout(st.rollout, name, fail) if st.rollout is not None else None
         spec = BlueprintSliceSpec(
             name, artifact, instances or 1, line, st.config, scaling, st.max_concurrency, st.max_queue,
-            dict(st.entry_concurrency),
+            dict(st.entry_concurrency), rollout,
         )
         by_name[artifact.name] = spec
         specs.append(spec)
@@ -370,6 +386,33 @@ def _parse_scaling(
         if not value > 0:
             raise fail(f"{key} = {value:g} in {where}: a target must be more than 0", *path, key)
     return rule
+
+
+def _parse_rollout(
+    table: Mapping[str, object], name: str, fail: Callable[..., BlueprintError]
+) -> RolloutPolicy:
+    """One `[slices.NAME.rollout]` table (docs/deployment.md, *Rolling and canary updates*)."""
+    path = ("slices", name, "rollout")
+    where = f"[slices.{name}.rollout]"
+
+    def bad(key: str, value: object) -> str:
+        if key == "strategy":
+            return f"strategy in {where} must be one of {', '.join(STRATEGIES)}, got {value!r}"
+        if key == "steps":
+            return f"steps in {where} must be a list of percents, e.g. [10, 50, 100], got {value!r}"
+        if key in ("max_surge", "max_unavailable", "min_calls"):
+            return f"{key} in {where} must be an integer, got {value!r}"
+        return f"{key} in {where} must be a number, got {value!r}"
+
+    policy = _convert(
+        table, RolloutPolicy, fail, path,
+        missing=lambda key: f"missing key {key!r} in {where}",  # every field has a default
+        bad=bad,
+    )  # fmt: skip
+    problem = check_policy(policy)
+    if problem is not None:
+        raise fail(f"{where}: {problem}", *path)
+    return policy
 
 
 def _parse_maps(
@@ -531,6 +574,7 @@ def expand(
             max_concurrency=listed_spec.max_concurrency if listed_spec else None,
             max_queue=listed_spec.max_queue if listed_spec else None,
             entry_concurrency=dict(listed_spec.entry_concurrency) if listed_spec else {},
+            rollout=listed_spec.rollout if listed_spec else None,
         ))
     return BlueprintValue(out, source=source)
 

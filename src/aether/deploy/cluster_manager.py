@@ -44,8 +44,11 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
+import msgspec
+
 from aether.cluster.leader import LeaderChanged, LeaderManager
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
+from aether.deploy.lifecycle import SliceState
 from aether.deploy.reconcile import (
     FailureTracker,
     Plan,
@@ -55,16 +58,22 @@ from aether.deploy.reconcile import (
     scale_values,
     slice_states,
 )
+from aether.deploy.rollout import ACTIVE_STATES, Observation, VersionState, Window, advance, counts_window
 from aether.kv.keys import (
+    BlueprintSlice,
     BlueprintValue,
     EndpointValue,
+    RolloutValue,
     RouteValue,
     SliceStateValue,
 )
 from aether.kv.machine import WatchEvent
 from aether.kv.store import KVStore
 
-_WATCHED = ("blueprints/", "slices/", "endpoints/", "routes/", "scale/")
+_WATCHED = ("blueprints/", "slices/", "endpoints/", "routes/", "scale/", "rollouts/")
+
+# {node: (incarnation, calls, failures, latency buckets)}: one artifact's cumulative counters
+Counters = dict[str, tuple[int, int, int, list[int]]]
 
 
 class ClusterDeploymentManager:
@@ -86,6 +95,8 @@ class ClusterDeploymentManager:
         wall: Callable[[], float] = time.time,
         avoid: Callable[[], Collection[str]] | None = None,
         on_write: Callable[[Write], None] | None = None,
+        counters: Callable[[str], Counters] | None = None,
+        latency_bounds: list[float] | None = None,
     ) -> None:
         self.kv = kv
         self.leader = leader
@@ -102,6 +113,10 @@ class ClusterDeploymentManager:
         self._wall = wall
         self._avoid = avoid
         self._on_write = on_write
+        self._counters = counters
+        self._bounds = latency_bounds or [1.0]
+        # counters of each version when the current step of a rollout started: {(id, coords): ...}
+        self._baselines: dict[tuple[str, str, float], Counters] = {}
         self._down_since: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._dirty = True
@@ -179,8 +194,9 @@ class ClusterDeploymentManager:
                     self.log.exception("reconciliation pass failed")
                 last = self._clock()
                 continue
-            wait = min(self.membership_poll, max(0.0, last + self.reconcile_interval - now),
-                       max(0.0, next_due - now))
+            wait = min(
+                self.membership_poll, max(0.0, last + self.reconcile_interval - now), max(0.0, next_due - now)
+            )
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancellation
             # that stop() sends when it races with the wake-up, and the loop would never end
             with contextlib.suppress(TimeoutError):
@@ -194,8 +210,14 @@ class ClusterDeploymentManager:
 
     # --- one pass -------------------------------------------------------------------------------
 
-    def snapshot(self) -> tuple[list[BlueprintValue], dict[str, dict[str, SliceStateValue]],
-                                list[tuple[str, EndpointValue]], list[tuple[str, RouteValue]]]:
+    def snapshot(
+        self,
+    ) -> tuple[
+        list[BlueprintValue],
+        dict[str, dict[str, SliceStateValue]],
+        list[tuple[str, EndpointValue]],
+        list[tuple[str, RouteValue]],
+    ]:
         """What a pass reads from the local replica: blueprints, `{node: {artifact: state}}`,
         endpoints and routes."""
         blueprints = [v for _, v in self.kv.list_local("blueprints/") if isinstance(v, BlueprintValue)]
@@ -221,15 +243,28 @@ class ClusterDeploymentManager:
             if now - t >= self.dead_node_grace and n not in slices:
                 self.failures.forget_node(n)
         scales = scale_values(self.kv.list_local("scale/"))
-        desired = desired_state(blueprints, scales)
+        rollouts = await self._advance_rollouts(slices)
+        desired = desired_state(blueprints, scales, rollouts)
         avoid: Collection[str] = ()
         if self._avoid is not None:
             try:
                 avoid = frozenset(self._avoid())
             except Exception:
                 self.log.exception("cannot read the nodes to avoid; placing on every node")
-        p = plan(desired, up, grace, slices, endpoints, routes, self.failures, now, self._wall(),
-                 capacity=self.capacity, max_starts=self.max_starts, avoid=avoid)
+        p = plan(
+            desired,
+            up,
+            grace,
+            slices,
+            endpoints,
+            routes,
+            self.failures,
+            now,
+            self._wall(),
+            capacity=self.capacity,
+            max_starts=self.max_starts,
+            avoid=avoid,
+        )
         self.passes += 1
         self.last_plan = p
         if p.writes and self.leader.is_leader:
@@ -237,6 +272,75 @@ class ClusterDeploymentManager:
                 self.log.info("%s", _describe(w))
             await asyncio.gather(*(self._execute(w) for w in p.writes))
         return p
+
+    # --- rollouts ---------------------------------------------------------------------------------
+
+    def _window(self, r: RolloutValue, coords: str) -> Window:
+        if self._counters is None:
+            return Window()
+        try:
+            now = self._counters(coords)
+        except Exception:
+            self.log.exception("cannot read the metrics of %s", coords)
+            return Window()
+        base = self._baselines.setdefault((r.id, coords, r.step_started), now)
+        return counts_window(base, now, self._bounds)
+
+    async def _advance_rollouts(self, slices: dict[str, dict[str, SliceStateValue]]) -> list[RolloutValue]:
+        """One step of every active rollout (`aether.deploy.rollout.advance`); returns the rollouts
+        as they stand after it (for the desired state)."""
+        out: list[RolloutValue] = []
+        live: set[tuple[str, str, float]] = set()
+        for key, r in self.kv.list_local("rollouts/"):
+            if not isinstance(r, RolloutValue):
+                continue
+            if r.state not in ACTIVE_STATES:
+                out.append(r)
+                continue
+            obs = Observation(
+                old=_version_state(slices, f"{r.artifact}:{r.old_version}"),
+                new=_version_state(slices, f"{r.artifact}:{r.new_version}"),
+                old_window=self._window(r, f"{r.artifact}:{r.old_version}"),
+                new_window=self._window(r, f"{r.artifact}:{r.new_version}"),
+            )
+            step = advance(r, obs, self._wall())
+            new = step.value
+            if new is not None:
+                if step.blueprints_to is not None:
+                    await self._pin_version(r.artifact, r.new_version, step.blueprints_to)
+                try:
+                    ok = await self.kv.compare_and_set(key, r, new)
+                except (QuorumLost, CommitTimeout, BadRequest) as e:
+                    self.log.warning("write of %s failed: %s", key, e)
+                    ok = False
+                if not ok:
+                    out.append(r)
+                    continue
+                for text in step.events:
+                    self.log.info("rollout: %s", text)
+                r = new
+            out.append(r)
+            for v in (r.old_version, r.new_version):
+                live.add((r.id, f"{r.artifact}:{v}", r.step_started))
+        for k in [k for k in self._baselines if k not in live]:
+            del self._baselines[k]
+        return out
+
+    async def _pin_version(self, name: str, from_version: str, to_version: str) -> None:
+        """Write `to_version` in place of `from_version` of `name` into every blueprint listing it
+        (a rollback ends with the blueprints saying what runs)."""
+        old, new = f"{name}:{from_version}", f"{name}:{to_version}"
+        for key, bp in self.kv.list_local("blueprints/"):
+            if not isinstance(bp, BlueprintValue) or not any(s.artifact == old for s in bp.slices):
+                continue
+            changed = BlueprintValue(
+                [_swap(s, old, new) for s in bp.slices],
+                bp.source,
+            )
+            try:
+                await self.kv.compare_and_set(key, bp, changed)
+            except (QuorumLost, CommitTimeout, BadRequest) as e:
+                self.log.warning("write of %s failed: %s", key, e)
 
     async def _execute(self, w: Write) -> bool:
         try:
@@ -261,3 +365,26 @@ def _describe(w: Write) -> str:
     if isinstance(new, SliceStateValue):
         return f"{new.state} {w.key} instances={new.instances} ({w.why})"
     return f"write {w.key} ({w.why})"
+
+
+def _swap(s: BlueprintSlice, old: str, new: str) -> BlueprintSlice:
+    """`s` with coordinates `old` replaced by `new` (as the artifact and in its dependencies)."""
+    return msgspec.structs.replace(
+        s, artifact=new if s.artifact == old else s.artifact,
+        depends_on=[new if d == old else d for d in s.depends_on],
+    )  # fmt: skip
+
+
+def _version_state(slices: dict[str, dict[str, SliceStateValue]], coords: str) -> VersionState:
+    """ACTIVE instances of `coords` and the reason of a FAILED placement of it (if any)."""
+    ready = 0
+    failed: str | None = None
+    for node, per in sorted(slices.items()):
+        v = per.get(coords)
+        if v is None:
+            continue
+        if v.state == SliceState.ACTIVE:
+            ready += len(v.instances)
+        elif v.state == SliceState.FAILED and failed is None:
+            failed = f"{v.reason or 'no reason given'} (on {node})"
+    return VersionState(ready, failed)

@@ -32,3 +32,16 @@ class AdmissionRejected(BlueprintError):
     configured limits (`max_instances_per_node`, `max_instances_per_cluster`) allow; the message
     names the limit, its value and the count asked for. Answered with 400 like every
     `BadRequest`; nothing was written."""
+
+
+class RolloutConflict(AetherError):
+    """A rollout command that the rollout's state does not allow (pause a finished rollout, start a
+    third version while one rollout runs, ...); the message says what is possible instead (409)."""
+
+    status = 409
+
+
+class RolloutNotFound(AetherError):
+    """No rollout of the named artifact is recorded (404)."""
+
+    status = 404

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Callable, Sequence
 
 import msgspec
@@ -47,14 +48,28 @@ from aether.deploy.blueprint import (
     parse_blueprint,
 )
 from aether.deploy.config import config_conflict
-from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentFailed
+from aether.deploy.errors import (
+    BlueprintError,
+    ConvergenceTimeout,
+    DeploymentFailed,
+    RolloutConflict,
+    RolloutNotFound,
+)
 from aether.deploy.lifecycle import SliceState
 from aether.deploy.ports import DependenciesOf, MapsOf, Resolve
 from aether.deploy.reconcile import Autoscaled, autoscaled, desired_state
+from aether.deploy.rollout import ACTIVE_STATES, begin, version_of
+from aether.deploy.rollout import abort as rollout_abort
+from aether.deploy.rollout import pause as rollout_pause
+from aether.deploy.rollout import resume as rollout_resume
 from aether.kv.keys import (
     BlueprintKey,
+    BlueprintSlice,
     BlueprintValue,
     MapDefKey,
+    RolloutKey,
+    RolloutPolicy,
+    RolloutValue,
     ScaleKey,
     ScaleValue,
     SliceKey,
@@ -218,8 +233,177 @@ class DeploymentService:
         self._admit({bp.id: value}, f"blueprint {bp.id!r}")
         for name, spec in bp.maps:  # before the slices, which may use them in start()
             await self._define_map(bp, name, spec)
-        await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
+        await self._put_with_rollouts(bp.id, value)
         return value
+
+    # --- rollouts -------------------------------------------------------------------------------
+
+    def rollouts(self) -> list[RolloutValue]:
+        """Every recorded rollout (active and finished; one per artifact, the latest), sorted."""
+        return sorted(
+            (v for _, v in self.kv.list_local("rollouts/") if isinstance(v, RolloutValue)),
+            key=lambda r: r.artifact,
+        )
+
+    def rollout(self, artifact: str) -> RolloutValue:
+        """The latest rollout of `artifact` (``group:artifact``, a version is ignored)."""
+        name = _name(artifact)
+        v = self.kv.get_local(RolloutKey(name))
+        if not isinstance(v, RolloutValue):
+            raise RolloutNotFound(f"no rollout of {name} is recorded (`aether rollout status` lists them)")
+        return v
+
+    def _running_versions(self, name: str) -> dict[str, int]:
+        """``{version: ACTIVE instances}`` of `name` in this replica."""
+        out: dict[str, int] = {}
+        for key, v in self.kv.list_local("slices/"):
+            if isinstance(v, SliceStateValue) and v.state == SliceState.ACTIVE:
+                k = parse_key(key)
+                if isinstance(k, SliceKey) and k.artifact.rpartition(":")[0] == name:
+                    version = k.artifact.rpartition(":")[2]
+                    out[version] = out.get(version, 0) + len(v.instances)
+        return out
+
+    def _planned_rollouts(
+        self, previous: BlueprintValue | None, value: BlueprintValue, blueprint_id: str, now: float,
+        policy: RolloutPolicy | None = None,
+    ) -> list[tuple[RolloutValue | None, RolloutValue]]:
+        """The rollouts replacing `previous` by `value` starts: one per artifact whose version
+        changed and whose old version has ACTIVE instances; [(record it replaces, new record)]."""
+        if previous is None:
+            return []
+        before = {_name(s.artifact): s for s in previous.slices}
+        counts = desired_state([value], self.scales())
+        out: list[tuple[RolloutValue | None, RolloutValue]] = []
+        for s in value.slices:
+            name, version = version_of(s.artifact)
+            old = before.get(name)
+            if old is None or old.artifact == s.artifact:
+                continue
+            old_version = version_of(old.artifact)[1]
+            current = self.kv.get_local(RolloutKey(name))
+            current = current if isinstance(current, RolloutValue) else None
+            if current is not None and current.state in ACTIVE_STATES:
+                if current.new_version == version:
+                    continue
+                raise RolloutConflict(
+                    f"a rollout of {name} from {current.old_version} to {current.new_version} is "
+                    f"{current.state}; wait for it or abort it (`aether rollout abort {name}`) before "
+                    f"asking for {version}"
+                )
+            if not self._running_versions(name).get(old_version):
+                continue  # nothing of the old version runs: a plain replacement loses no call
+            d = counts.get(s.artifact)
+            out.append((current, begin(
+                uuid.uuid4().hex[:12], name, old_version, version, d.instances if d else s.instances,
+                policy or s.rollout or RolloutPolicy(), now, blueprint=blueprint_id,
+            )))  # fmt: skip
+        return out
+
+    async def _put_with_rollouts(
+        self, blueprint_id: str, value: BlueprintValue, policy: RolloutPolicy | None = None
+    ) -> list[RolloutValue]:
+        """Store a blueprint, first recording a rollout for each artifact whose running version it
+        changes (so the leader never sees the new version without the rollout that keeps the old
+        one serving). Returns the rollouts started."""
+        key = BlueprintKey(blueprint_id)
+        previous = self.kv.get_local(key)
+        previous = previous if isinstance(previous, BlueprintValue) else None
+        planned = self._planned_rollouts(previous, value, blueprint_id, time.time(), policy)
+        started: list[RolloutValue] = []
+        try:
+            for current, new in planned:
+                if not await self.kv.compare_and_set(RolloutKey(new.artifact), current, new, self.timeout):
+                    raise RolloutConflict(f"the rollout of {new.artifact} changed meanwhile; try again")
+                started.append(new)
+            await self.kv.put(key, value, self.timeout)
+        except BaseException:
+            for r in started:  # best effort: a rollout whose blueprint was not written must not run
+                with contextlib.suppress(Exception):
+                    await self.kv.compare_and_set(RolloutKey(r.artifact), r, None, self.timeout)
+            raise
+        return started
+
+    async def update(
+        self, artifact: str, version: str, *, policy: RolloutPolicy | None = None
+    ) -> RolloutValue:
+        """Replace the running version of `artifact` (``group:artifact``) by `version` in every
+        blueprint that lists it, through a rollout (`policy`, else the blueprint's
+        `[slices.NAME.rollout]`, else rolling with one surge instance)."""
+        name = _name(artifact)
+        try:
+            target = Artifact.parse(f"{name}:{version}")
+        except BadRequest as err:
+            raise BlueprintError(f"invalid version {version!r}: {err}") from None
+        entries = [
+            b for b in self.list_blueprints() if any(_name(s.artifact) == name for s in b.blueprint.slices)
+        ]
+        if not entries:
+            raise BlueprintError(f"{name} is not deployed: no blueprint lists it (deploy it first)")
+        try:
+            self.dependencies_of(target)  # the new version must be in the repository
+        except BlueprintError:
+            raise
+        except Exception as err:
+            raise BlueprintError(f"cannot read {target} from the repository: {err}") from None
+        listed = {s.artifact for e in entries for s in e.blueprint.slices if _name(s.artifact) == name}
+        if listed == {str(target)}:
+            current = self.kv.get_local(RolloutKey(name))
+            if isinstance(current, RolloutValue) and current.new_version == version:
+                return current
+            raise BlueprintError(f"{target} is already the version the blueprints ask for")
+        started: list[RolloutValue] = []
+        for b in entries:
+            slices = [_with_version(s, name, str(target)) for s in b.blueprint.slices]
+            started += await self._put_with_rollouts(b.id, BlueprintValue(slices, b.blueprint.source), policy)
+        if started:
+            return started[0]
+        current = self.kv.get_local(RolloutKey(name))
+        if isinstance(current, RolloutValue) and current.new_version == version:
+            return current
+        raise BlueprintError(
+            f"{name} was switched to {version} directly: no instance of the old version was running, "
+            "so there was nothing to roll over"
+        )
+
+    async def _change_rollout(
+        self, artifact: str, change: Callable[[RolloutValue], RolloutValue]
+    ) -> RolloutValue:
+        key = RolloutKey(_name(artifact))
+        for _ in range(20):
+            current = self.rollout(artifact)
+            new = change(current)
+            if await self.kv.compare_and_set(key, current, new, self.timeout):
+                return new
+            await self.kv.get(key, self.timeout)  # catch up and decide again
+        raise RolloutConflict(f"the rollout of {artifact} keeps changing; try again")
+
+    async def pause_rollout(self, artifact: str) -> RolloutValue:
+        return await self._change_rollout(artifact, lambda r: rollout_pause(r, time.time()))
+
+    async def resume_rollout(self, artifact: str) -> RolloutValue:
+        return await self._change_rollout(artifact, lambda r: rollout_resume(r, time.time()))
+
+    async def abort_rollout(self, artifact: str) -> RolloutValue:
+        return await self._change_rollout(artifact, lambda r: rollout_abort(r, time.time()))
+
+    async def undo_rollout(self, artifact: str) -> RolloutValue:
+        """Go back to the version before the last rollout: abort it while it runs; after it
+        succeeded, roll back to its old version (a new rollout with the same settings)."""
+        r = self.rollout(artifact)
+        if r.state in ACTIVE_STATES and r.state != "rolling-back":
+            return await self.abort_rollout(artifact)
+        if r.state != "succeeded":
+            raise RolloutConflict(
+                f"the last rollout of {r.artifact} is {r.state}: {r.old_version} already runs, "
+                "nothing to undo"
+            )
+        policy = RolloutPolicy(
+            strategy=r.strategy, steps=list(r.steps) if r.strategy == "canary" else [], interval=r.interval,
+            max_error_rate=r.max_error_rate, max_p99_ratio=r.max_p99_ratio, max_surge=r.max_surge,
+            max_unavailable=r.max_unavailable, progress_deadline=r.progress_deadline, min_calls=r.min_calls,
+        )  # fmt: skip
+        return await self.update(r.artifact, r.old_version, policy=policy)
 
     async def _define_map(self, bp: Blueprint, name: str, spec: MapSpec) -> None:
         key = MapDefKey(name)
@@ -269,7 +453,7 @@ class DeploymentService:
                        filename=f"deploy {artifact}")
         value = self._expand(bp, "api")
         self._admit({bp.id: value}, f"deploying {instances} instances of {artifact}")
-        await self.kv.put(BlueprintKey(bp.id), value, self.timeout)
+        await self._put_with_rollouts(bp.id, value)
         return value
 
     async def scale(self, artifact_coords: str, instances: int) -> list[str]:
@@ -409,7 +593,9 @@ class DeploymentService:
     def slices_status(self) -> list[SliceStatus]:
         """Per artifact: desired count, ACTIVE instances and the state on every node, sorted."""
         blueprints = self.kv.list_local("blueprints/")
-        desired = desired_state((v for _, v in blueprints if isinstance(v, BlueprintValue)), self.scales())
+        desired = desired_state(
+            (v for _, v in blueprints if isinstance(v, BlueprintValue)), self.scales(), self.rollouts()
+        )
         per: dict[str, list[SliceInstanceStatus]] = {}
         for key, v in self.kv.list_local("slices/"):
             if not isinstance(v, SliceStateValue):
@@ -425,6 +611,15 @@ class DeploymentService:
             d = desired.get(artifact)
             out.append(SliceStatus(artifact, d.instances if d else 0, active, inst))
         return out
+
+    def _rollouts_of(self, artifacts: Sequence[str]) -> list[RolloutValue]:
+        """The recorded rollouts of the artifacts (any version) of `artifacts` that concern one of
+        them (as the old or the new version)."""
+        wanted = set(artifacts)
+        return [
+            r for r in self.rollouts()
+            if f"{r.artifact}:{r.new_version}" in wanted or f"{r.artifact}:{r.old_version}" in wanted
+        ]  # fmt: skip
 
     async def wait_converged(
         self,
@@ -457,7 +652,11 @@ class DeploymentService:
         def on_event(_: WatchEvent) -> None:
             wake.set()
 
-        cancels = [self.kv.watch("slices/", on_event), self.kv.watch("blueprints/", on_event)]
+        finished_before = {r.id for r in self._rollouts_of(artifacts) if r.state not in ACTIVE_STATES}
+        cancels = [
+            self.kv.watch("slices/", on_event), self.kv.watch("blueprints/", on_event),
+            self.kv.watch("rollouts/", on_event),
+        ]  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         last: list[SliceStatus] | None = None
@@ -470,11 +669,18 @@ class DeploymentService:
                     last = statuses
                     if progress_cb is not None:
                         progress_cb(statuses)
+                rolling = [r for r in self._rollouts_of(artifacts) if r.id not in finished_before]
+                for r in rolling:
+                    if r.state in ("rolled-back", "aborted") and f"{r.artifact}:{r.new_version}" in artifacts:
+                        raise DeploymentFailed(
+                            f"the rollout of {r.artifact} to {r.new_version} was {r.state}: {r.reason}"
+                        )
                 for s in statuses:
                     for i in s.instances:
-                        if i.state == SliceState.FAILED:
+                        if i.state == SliceState.FAILED and not rolling:
                             raise DeploymentFailed(f"{s.artifact} failed on {i.node}: {i.reason}")
-                if all(_converged(s) for s in statuses):
+                busy = any(r.state in ACTIVE_STATES for r in rolling)
+                if all(_converged(s) for s in statuses) and not busy:
                     return statuses
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -545,3 +751,21 @@ def _without(v: BlueprintValue, match: Callable[[str], bool]) -> BlueprintValue 
             break
         slices = kept
     return BlueprintValue(slices, v.source) if slices else None
+
+
+def _name(artifact: str) -> str:
+    """``group:artifact`` of coordinates with or without a version (validated)."""
+    parts = artifact.strip().split(":")
+    if len(parts) == 3:
+        return str(Artifact.parse(artifact.strip())).rpartition(":")[0]
+    if len(parts) == 2 and all(parts):
+        return ":".join(parts)
+    raise BlueprintError(f"invalid artifact {artifact!r}: expected GROUP:ARTIFACT or GROUP:ARTIFACT:VERSION")
+
+
+def _with_version(s: BlueprintSlice, name: str, coords: str) -> BlueprintSlice:
+    """`s` with every coordinates of `name` (its artifact, its dependencies) replaced by `coords`."""
+    return msgspec.structs.replace(
+        s, artifact=coords if _name(s.artifact) == name else s.artifact,
+        depends_on=[coords if _name(d) == name else d for d in s.depends_on],
+    )  # fmt: skip

@@ -3,7 +3,7 @@
 Owns: how desired state is derived from blueprints, failure backoff bookkeeping, and which
 lifecycle command the leader writes for every (node, artifact). The asyncio adapter
 (`cluster_manager`) reads the local replica, calls `plan`, and executes the writes. May import
-`aether.kv` (keys and values) and `aether.deploy.{allocation,lifecycle}`; no I/O, no clock
+`aether.kv` (keys and values) and `aether.deploy.{allocation,lifecycle,rollout}`; no I/O, no clock
 (`now` is passed in).
 
 Per pass:
@@ -41,10 +41,12 @@ from typing import Any, Literal
 from aether.core.errors import BadRequest
 from aether.deploy.allocation import Placement, allocate
 from aether.deploy.lifecycle import PRESENT_STATES, SliceState
+from aether.deploy.rollout import overrides as rollout_overrides
 from aether.kv.keys import (
     BlueprintValue,
     EndpointKey,
     EndpointValue,
+    RolloutValue,
     RouteValue,
     ScaleValue,
     ScalingRule,
@@ -99,13 +101,17 @@ def autoscaled(
 
 
 def desired_state(
-    blueprints: Iterable[BlueprintValue], scales: Mapping[str, ScaleValue] | None = None
+    blueprints: Iterable[BlueprintValue],
+    scales: Mapping[str, ScaleValue] | None = None,
+    rollouts: Iterable[RolloutValue] = (),
 ) -> dict[str, DesiredSlice]:
     """Desired instances per artifact: the maximum over the blueprints listing it (two
     blueprints asking for 2 and 3 instances of one artifact share 3 instances, they do not get
     5); `depends_on` is the union over those blueprints. An autoscaled artifact (one with a
     `[slices.NAME.scaling]` rule) gets the count of `autoscaled` instead: the controller's within
-    the bounds in force."""
+    the bounds in force. While a rollout of an artifact is active (`aether.deploy.rollout`), its
+    two versions get the rollout's counts instead of what the blueprints say about any version of
+    it (a version with 0 is left out); both take the dependencies the blueprints give any version."""
     bps = list(blueprints)
     counts: dict[str, int] = {}
     deps: dict[str, set[str]] = {}
@@ -118,6 +124,15 @@ def desired_state(
     for a, auto in autoscaled(bps, scales).items():
         if a in counts:
             counts[a] = auto.instances
+    for name, versions in rollout_overrides(rollouts).items():
+        shared: set[str] = set()
+        for a in [a for a in counts if a.rpartition(":")[0] == name]:
+            shared |= deps.get(a, set())
+            del counts[a]
+        for a, n in versions.items():
+            if n > 0:
+                counts[a] = n
+                deps[a] = shared
     return {a: DesiredSlice(n, tuple(sorted(deps[a]))) for a, n in counts.items()}
 
 
@@ -219,7 +234,7 @@ def _bounded(running: Sequence[int], target: Sequence[int], max_starts: int | No
     keep = [i for i in target if i in have]
     new = sorted(i for i in target if i not in have)
     if max_starts is not None:
-        new = new[:max(1, max_starts)]
+        new = new[: max(1, max_starts)]
     return sorted(keep + new)
 
 
@@ -292,8 +307,14 @@ def plan(
         excluded |= {(a, n) for a in desired for n in avoided}
     for a in desired:
         excluded |= failures.excluded(a, sorted(up_set), now)
-    target = allocate({a: d.instances for a, d in desired.items()}, nodes, current,
-                      failed=failed, excluded=excluded, capacity=capacity)
+    target = allocate(
+        {a: d.instances for a, d in desired.items()},
+        nodes,
+        current,
+        failed=failed,
+        excluded=excluded,
+        capacity=capacity,
+    )
     out.current, out.target = current, target
 
     # 3. commands
@@ -305,8 +326,14 @@ def plan(
             v = per.get(a)
             ids = target.get(a, {}).get(n, [])
 
-            def cmd(state: str, instances: list[int], why: str, reason: str | None = None,
-                    key: str = key, v: SliceStateValue | None = v) -> None:
+            def cmd(
+                state: str,
+                instances: list[int],
+                why: str,
+                reason: str | None = None,
+                key: str = key,
+                v: SliceStateValue | None = v,
+            ) -> None:
                 out.writes.append(Write(key, v, SliceStateValue(state, wall, reason, instances), why))
 
             if v is None:
@@ -328,8 +355,10 @@ def plan(
                 elif ids != sorted(v.instances):
                     cmd("ACTIVE", _bounded(v.instances, ids, max_starts), "scale")
 
-    # 4. routes without any instance
+    # 4. routes without any instance of any version of their artifact (the router calls
+    #    group:artifact, so a route another version registered serves the live one as well)
+    live_names = {a.rpartition(":")[0] for a in activating | live_endpoint_artifacts}
     for key, rv in routes:
-        if rv.artifact not in activating and rv.artifact not in live_endpoint_artifacts:
+        if rv.artifact.rpartition(":")[0] not in live_names:
             out.writes.append(Write(key, rv, None, f"no instance of {rv.artifact} left"))
     return out

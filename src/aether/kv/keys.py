@@ -54,6 +54,21 @@ class ScalingRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         }
 
 
+class RolloutPolicy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`[slices.NAME.rollout]`: how a new version of the slice replaces the running one
+    (docs/deployment.md, *Rolling and canary updates*). Validated by `aether.deploy.blueprint`."""
+
+    strategy: str = "rolling"  # rolling | canary | blue-green
+    steps: list[int] = []  # canary: percent of the calls for the new version per step
+    interval: float = 30.0  # seconds each canary step is analysed
+    max_error_rate: float | None = 0.05  # gate: share of the new version's calls that may fail (1: no gate)
+    max_p99_ratio: float | None = None  # gate: p99 of the new version / p99 of the old
+    max_surge: int = 1  # instances above `instances` while rolling
+    max_unavailable: int = 0  # instances below `instances` while rolling
+    progress_deadline: float = 120.0  # seconds new instances may take to become ready
+    min_calls: int = 20  # calls of the new version a gate needs before it judges
+
+
 class BlueprintSlice(msgspec.Struct, frozen=True):
     """One slice of an expanded blueprint: coordinates, instance count, and the artifacts (full
     coordinates) it calls, which must have an ACTIVE instance before it is activated."""
@@ -69,6 +84,7 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     max_concurrency: int | None = None  # calls one instance runs at once (None: no limit)
     max_queue: int | None = None  # calls one instance queues beyond max_concurrency (None: default)
     entry_concurrency: dict[str, int] = {}  # per-entry limits within an instance
+    rollout: RolloutPolicy | None = None  # [slices.NAME.rollout]: how a new version replaces this one
 
 
 class BlueprintValue(msgspec.Struct, frozen=True):
@@ -200,13 +216,16 @@ class RolloutValue(msgspec.Struct, frozen=True):
     interval: float = 30.0  # seconds a canary step is analysed before the next one
     max_error_rate: float | None = None  # gate: error share of the new version (0..1)
     max_p99_ratio: float | None = None  # gate: p99 of the new version / p99 of the old
-    drain_timeout: float = 30.0
+    progress_deadline: float = 120.0  # seconds new instances may take to become ready
+    min_calls: int = 20  # calls of the new version a gate needs before it judges
     started: float = 0.0
     updated: float = 0.0
     step_started: float = 0.0
     reason: str = ""
     blueprint: str = ""  # the blueprint whose change started it
-    history: list[str] = []  # one line per step taken ("12:00:01 step 1: 10% to 0.2.0"), bounded
+    history: list[str] = []  # one line per step taken ("step 1: 10% to 0.2.0"), bounded
+    calls: int = 0  # calls the new version finished during the rollout (analysed windows)
+    failures: int = 0  # of which failed (5xx)
 
 
 # --- keys -------------------------------------------------------------------------------------------

@@ -394,6 +394,28 @@ class MetricsAggregator:
             )  # fmt: skip
         return out
 
+    def artifact_counters(self, artifact: str, now: float) -> dict[str, tuple[int, int, int, list[int]]]:
+        """One artifact's (full coordinates) cumulative counters per node, its entries summed:
+        ``{node: (incarnation, calls, failures, latency buckets)}`` (silent nodes expired first).
+        What a rollout's health gates diff between two readings (`aether.deploy.rollout`)."""
+        self.expire(now)
+        out: dict[str, tuple[int, int, int, list[int]]] = {}
+        for node_id, s in self._nodes.items():
+            calls = failures = 0
+            buckets = [0] * _NBUCKETS
+            found = False
+            for (a, _entry), e in s.entries.items():
+                if a != artifact:
+                    continue
+                found = True
+                calls += e.calls
+                failures += e.failures
+                for i, n in enumerate(e.buckets):
+                    buckets[i] += n
+            if found:
+                out[node_id] = (s.incarnation, calls, failures, buckets)
+        return out
+
     def history(self, seconds: float, wall: float) -> list[ClusterPoint]:
         """The window's points of the last `seconds` seconds before `wall`, oldest first."""
         since = wall - seconds

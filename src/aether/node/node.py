@@ -48,6 +48,7 @@ from aether.kv.protocol import (
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
+from aether.metrics.collector import BUCKET_BOUNDS
 from aether.metrics.messages import ClusterMetricsSnapshot, InstanceCounters, InstanceStats, SliceLoad
 from aether.node.faults import FaultInjector
 from aether.node.looplag import LoopLagProbe
@@ -266,6 +267,8 @@ class Node:
             self.kv, self.leader, max_instances_per_node=config.max_instances_per_node,
             logger=logging.getLogger(f"aether.deploy.cluster.{self.node_id}"),
             avoid=self.controller.avoided, on_write=self.controller.on_write,
+            counters=lambda a: self.metrics.aggregator.artifact_counters(a, time.monotonic()),
+            latency_bounds=list(BUCKET_BOUNDS),
         )
         self.deployments = DeploymentService(
             self.kv, dependencies_of=self.repository.dependencies, resolve=self.repository.resolve_pattern,
