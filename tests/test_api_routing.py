@@ -15,14 +15,16 @@ from aether.api.routing import ROLES, Answer, Principal, RoleTable, Route, canon
 
 # The table `aether.api.auth` had before the routes declared their roles (first match wins), plus
 # the artifact repository's writes (operate, like deploying) and the controller's configuration
-# (operate, like scaling: it sets how the cluster scales), added after it.
+# (operate, like scaling: it sets how the cluster scales) and rollouts (operate, like deploying), added
+# after it.
 _OLD_TABLE = (
     ("*", r"/api/v1/keys(/[^/]*)?", "admin"),
     ("*", r"/api/v1/audit", "admin"),
     ("read", r".*", "read"),
     (
         "write",
-        r"/api/v1/(deploy|scale|undeploy|blueprints(/.*)?|maps(/.*)?|invoke/.*|repository/.*|controller/config)",
+        r"/api/v1/(deploy|scale|undeploy|blueprints(/.*)?|maps(/.*)?|invoke/.*|repository/.*|controller/config"
+        r"|rollouts(/.*)?)",
         "operate",
     ),
     ("write", r".*", "admin"),

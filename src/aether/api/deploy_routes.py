@@ -26,7 +26,7 @@ from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.jsonbody import decode_json_body, require_json_content_type
 from aether.deploy.operations import ScaleBounds, SliceStatus
-from aether.kv.keys import BlueprintValue
+from aether.kv.keys import BlueprintValue, RolloutValue
 
 __all__ = [
     "COORDINATES_PATTERN",
@@ -37,6 +37,7 @@ __all__ = [
     "DeploymentRoutes",
     "ScaleRequest",
     "UndeployRequest",
+    "UpdateRequest",
 ]
 
 _GROUP = r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9][A-Za-z0-9_-]*)*"
@@ -89,6 +90,23 @@ class ScaleRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 class UndeployRequest(msgspec.Struct, forbid_unknown_fields=True):
     artifact: NameOrCoordinates
+
+
+class UpdateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Roll `artifact` over to `version`; every other field overrides the blueprint's
+    `[slices.NAME.rollout]` setting of the same name for this rollout."""
+
+    artifact: NameOrCoordinates
+    version: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    strategy: Literal["rolling", "canary", "blue-green"] | None = None
+    steps: list[Annotated[int, msgspec.Meta(ge=1, le=100)]] | None = None
+    interval: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    max_p99_ratio: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_surge: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    max_unavailable: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    progress_deadline: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    min_calls: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class BlueprintDeleted(msgspec.Struct):
@@ -193,6 +211,35 @@ class DeploymentRoutes:
         out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
         return json_response(msgspec.msgpack.decode(out))
 
+    async def list_rollouts(self, request: web.Request) -> web.Response:
+        return json_response(self.svc.rollouts())
+
+    async def get_rollout(self, request: web.Request) -> web.Response:
+        return json_response(self.svc.rollout(request.match_info["artifact"]))
+
+    async def update(self, request: web.Request) -> web.Response:
+        body = await read_body(request, UpdateRequest)
+        overrides = {
+            f: getattr(body, f) for f in body.__struct_fields__
+            if f not in ("artifact", "version") and getattr(body, f) is not None
+        }  # fmt: skip
+        value = await self.svc.update(body.artifact, body.version, **overrides)
+        return json_response(value, status=201)
+
+    async def rollout_command(self, request: web.Request) -> web.Response:
+        artifact, command = request.match_info["artifact"], request.match_info["command"]
+        act = {
+            "pause": self.svc.pause_rollout, "resume": self.svc.resume_rollout,
+            "abort": self.svc.abort_rollout, "undo": self.svc.undo_rollout,
+        }.get(command)  # fmt: skip
+        if act is None:
+            raise BadRequest(f"unknown rollout command {command!r}: use pause, resume, abort or undo")
+        return json_response(await act(artifact))
+
+    async def wait_rollout(self, request: web.Request) -> web.Response:
+        timeout = timeout_param(request, 300.0)
+        return json_response(await self.svc.wait_rollout(request.match_info["artifact"], timeout=timeout))
+
     async def undeploy(self, request: web.Request) -> web.Response:
         body = await read_body(request, UndeployRequest)
         changed = await self.svc.undeploy(body.artifact)
@@ -214,6 +261,8 @@ BLUEPRINT_RECORD = Named(
 _DEP = ("deployment",)
 _CONSENSUS = (400, 503, 504)
 _ID = path_param("id", "blueprint id")
+_ROLLOUT = ("rollouts",)
+_NAME = path_param("artifact", "GROUP:ARTIFACT", pattern=NAME_OR_COORDINATES_PATTERN)
 
 
 def _timeout(default: float) -> Any:
@@ -279,6 +328,40 @@ ROUTES: Final = (
         "scales within",
         {200: Answer(Scaled, "Blueprints changed")}, _CONSENSUS, role="operate", body=Body(ScaleRequest),
         tags=_DEP,
+    ),
+    Route(
+        "GET", f"{P}/rollouts", DeploymentRoutes.list_rollouts, "listRollouts",
+        "The latest rollout of every artifact that had one (active and finished)",
+        {200: Answer(list[RolloutValue], "Rollouts")}, tags=_ROLLOUT,
+    ),
+    Route(
+        "POST", f"{P}/rollouts", DeploymentRoutes.update, "update",
+        "Roll an artifact over to another version in every blueprint that lists it (rolling, canary "
+        "or blue-green, with health gates and automatic rollback)",
+        {201: Answer(RolloutValue, "The rollout started")}, (400, 409, 503, 504), role="operate",
+        body=Body(UpdateRequest), tags=_ROLLOUT,
+        descriptions={409: "A rollout of the artifact to another version is in progress"},
+    ),
+    Route(
+        "GET", f"{P}/rollouts/{{artifact}}", DeploymentRoutes.get_rollout, "getRollout",
+        "The latest rollout of one artifact: state, step, counts, traffic weights and history",
+        {200: Answer(RolloutValue, "The rollout")}, (400, 404), params=(_NAME,), tags=_ROLLOUT,
+    ),
+    Route(
+        "POST", f"{P}/rollouts/{{artifact}}/wait", DeploymentRoutes.wait_rollout, "waitRollout",
+        "Wait until the rollout is no longer active (succeeded, rolled-back or aborted: see its state)",
+        {200: Answer(RolloutValue, "The finished rollout")}, (400, 404, 504), role="operate",
+        params=(_NAME, _timeout(300.0)), tags=_ROLLOUT,
+    ),
+    Route(
+        "POST", f"{P}/rollouts/{{artifact}}/{{command}}", DeploymentRoutes.rollout_command, "rolloutCommand",
+        "pause (freeze where it is), resume, abort (back to the old version) or undo (abort a running "
+        "rollout; roll a finished one back to its old version)",
+        {200: Answer(RolloutValue, "The rollout after the command")}, (400, 404, 409, 503, 504),
+        role="operate",
+        params=(_NAME, path_param("command", "the command", enum=["pause", "resume", "abort", "undo"])),
+        tags=_ROLLOUT,
+        descriptions={409: "The rollout's state does not allow the command; the detail says why"},
     ),
     Route(
         "POST", f"{P}/undeploy", DeploymentRoutes.undeploy, "undeploy",

@@ -31,8 +31,8 @@ __all__ = [
 
 OPENAPI_VERSION = "3.1.0"
 TAGS = (
-    "probes", "cluster", "events", "deployment", "invoke", "maps", "metrics", "controller", "repository",
-    "faults", "security", "meta",
+    "probes", "cluster", "events", "deployment", "rollouts", "invoke", "maps", "metrics", "controller",
+    "repository", "faults", "security", "meta",
 )
 _REF = "#/components/schemas/{name}"
 

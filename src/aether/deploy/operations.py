@@ -32,6 +32,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -325,12 +326,21 @@ class DeploymentService:
         return started
 
     async def update(
-        self, artifact: str, version: str, *, policy: RolloutPolicy | None = None
+        self, artifact: str, version: str, *, policy: RolloutPolicy | None = None, **overrides: Any
     ) -> RolloutValue:
         """Replace the running version of `artifact` (``group:artifact``) by `version` in every
         blueprint that lists it, through a rollout (`policy`, else the blueprint's
-        `[slices.NAME.rollout]`, else rolling with one surge instance)."""
+        `[slices.NAME.rollout]`, else rolling with one surge instance; `overrides` replace fields
+        of that policy, e.g. ``strategy="canary", steps=[10, 100]``)."""
         name = _name(artifact)
+        if policy is None and overrides:
+            base = self._policy_of(name)
+            if "strategy" in overrides and "steps" not in overrides:
+                overrides["steps"] = []
+            try:
+                policy = msgspec.structs.replace(base, **overrides)
+            except TypeError as err:
+                raise BadRequest(f"invalid rollout setting: {err}") from None
         try:
             target = Artifact.parse(f"{name}:{version}")
         except BadRequest as err:
@@ -365,6 +375,48 @@ class DeploymentService:
             f"{name} was switched to {version} directly: no instance of the old version was running, "
             "so there was nothing to roll over"
         )
+
+    def _policy_of(self, name: str) -> RolloutPolicy:
+        """The `[slices.NAME.rollout]` policy a blueprint gives `name` (the default without one)."""
+        for e in self.list_blueprints():
+            for s in e.blueprint.slices:
+                if _name(s.artifact) == name and s.rollout is not None:
+                    return s.rollout
+        return RolloutPolicy()
+
+    async def wait_rollout(
+        self, artifact: str, timeout: float = 300.0, progress_cb: Callable[[RolloutValue], None] | None = None
+    ) -> RolloutValue:
+        """Wait until the rollout of `artifact` is no longer active; returns it (the caller looks at
+        its state). `ConvergenceTimeout` naming its step after `timeout` seconds."""
+        key = RolloutKey(_name(artifact))
+        wake = asyncio.Event()
+        cancel = self.kv.watch("rollouts/", lambda _ev: wake.set())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last: RolloutValue | None = None
+        try:
+            while True:
+                wake.clear()
+                r = self.rollout(artifact)
+                if r != last:
+                    last = r
+                    if progress_cb is not None:
+                        progress_cb(r)
+                if r.state not in ACTIVE_STATES:
+                    return r
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    step = r.history[-1] if r.history else r.state
+                    raise ConvergenceTimeout(
+                        f"the rollout of {key.artifact} to {r.new_version} is still {r.state} after"
+                        f" {timeout:g} s (last step: {step}); `aether rollout status {key.artifact}` shows it"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, 1.0)):
+                        await wake.wait()
+        finally:
+            cancel()
 
     async def _change_rollout(
         self, artifact: str, change: Callable[[RolloutValue], RolloutValue]
