@@ -32,6 +32,8 @@ from conftest import free_ports
 pytestmark = pytest.mark.timeout(90)
 
 HELLO = "org.demo:hello:1.0.0"
+HELLO2 = "org.demo:hello:2.0.0"
+HELLO3 = "org.demo:hello:3.0.0"
 WORLD = "org.demo:world:1.0.0"
 RIVAL = "org.rival:hello-clone:1.0.0"
 ORDER = "org.demo:place-order:0.1.0"
@@ -63,6 +65,14 @@ class FakeInfo:
 HELLO_BINDINGS = {"name": "path", "loud": "query"}
 CATALOG: dict[str, FakeInfo] = {
     HELLO: FakeInfo(
+        {"greet": None, "shout": None},
+        [BoundRoute("GET", "/hello/{name}", "greet", ["name"], HELLO_BINDINGS)],
+    ),
+    HELLO2: FakeInfo(
+        {"greet": None, "shout": None},
+        [BoundRoute("GET", "/hello/{name}", "greet", ["name"], HELLO_BINDINGS)],
+    ),
+    HELLO3: FakeInfo(
         {"greet": None, "shout": None},
         [BoundRoute("GET", "/hello/{name}", "greet", ["name"], HELLO_BINDINGS)],
     ),

@@ -222,3 +222,13 @@ def test_an_active_rollout_sets_the_desired_counts_of_both_versions() -> None:
     assert overrides([done]) == {}
     assert desired_state([bp], None, [done])[f"{A}:0.2.0"].instances == 3
     assert f"{A}:0.1.0" not in desired_state([bp], None, [done])
+
+
+def test_a_started_rollout_survives_a_store_round_trip_byte_for_byte() -> None:
+    # the leader compares-and-sets the value it decoded: integers given for float settings (TOML
+    # `interval = 60`) must be stored as floats, or every CAS would fail and the rollout never move
+    import msgspec
+
+    r = begin("r", A, "1", "2", 3, RolloutPolicy(interval=60, progress_deadline=10, max_p99_ratio=2), 0.0)
+    raw = msgspec.msgpack.encode(r)
+    assert msgspec.msgpack.encode(msgspec.msgpack.decode(raw, type=RolloutValue)) == raw

@@ -174,16 +174,32 @@ def _wait(
         disable=quiet,
         transient=True,
     )
+    finished_before = {r["id"] for r in _rollouts_of(client, wanted) if r["state"] not in _ROLLING}
     with progress:
         task = progress.add_task("Waiting for instances", total=None)
         while True:
+            rolling = [r for r in _rollouts_of(client, wanted) if r["id"] not in finished_before]
+            for r in rolling:
+                if r["state"] in ("rolled-back", "aborted"):
+                    progress.stop()
+                    fail(
+                        f"the rollout of {r['artifact']} to {r['new_version']} was {r['state']}: "
+                        f"{r['reason']}",
+                        EXIT_FAILED,
+                        hint=f"`aether rollout status {r['artifact']}` shows its steps; "
+                        f"{r['old_version']} runs.",
+                    )
+            busy = [r for r in rolling if r["state"] in _ROLLING]
+            if busy:
+                r = busy[0]
+                progress.update(task, description=f"Rolling {r['artifact']} to {r['new_version']}")
             listing: Any = call(client, lambda c: c.get_json("/api/v1/slices"))
             statuses = [s for s in listing if s["artifact"] in wanted]
             total = sum(max(s["desired"], 1) for s in statuses) or len(wanted)
             done = sum(min(s["active"], s["desired"]) for s in statuses)
             progress.update(task, total=total, completed=done)
             failed = [(s["artifact"], i) for s in statuses for i in s["instances"] if i["state"] == "FAILED"]
-            if failed:
+            if failed and not busy:  # a rollout rolls a failed new version back itself
                 art, inst = failed[0]
                 progress.stop()
                 fail(
@@ -191,7 +207,7 @@ def _wait(
                     EXIT_FAILED,
                     hint="See `aether slices` for every instance, and the node's log for details.",
                 )
-            if len(statuses) == len(wanted) and all(_converged(s) for s in statuses):
+            if len(statuses) == len(wanted) and all(_converged(s) for s in statuses) and not busy:
                 return statuses
             if time.monotonic() > deadline:
                 progress.stop()
@@ -206,6 +222,18 @@ def _wait(
                     hint="Check `aether slices` and the node logs; raise --wait-timeout if slow.",
                 )
             time.sleep(0.2)
+
+
+_ROLLING = ("progressing", "paused", "rolling-back")
+
+
+def _rollouts_of(client: Any, artifacts: set[str]) -> list[dict[str, Any]]:
+    """The recorded rollouts whose old or new version is one of `artifacts`."""
+    listing: Any = call(client, lambda c: c.get_json("/api/v1/rollouts"))
+    return [
+        r for r in listing
+        if {f"{r['artifact']}:{r['new_version']}", f"{r['artifact']}:{r['old_version']}"} & artifacts
+    ]  # fmt: skip
 
 
 @blueprint.command("list")

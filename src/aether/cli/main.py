@@ -23,6 +23,7 @@ from aether.cli import forge as forge_commands
 from aether.cli import maps as map_commands
 from aether.cli import metrics as metrics_commands
 from aether.cli import ops as ops_commands
+from aether.cli import rollout as rollout_commands
 from aether.cli import security as security_commands
 from aether.cli import tls as cert_commands
 from aether.cli.artifact import artifact
@@ -1143,6 +1144,7 @@ for _command in (
     ops_commands.nodes, ops_commands.events, ops_commands.doctor, security_commands.key,
     security_commands.secret, security_commands.audit, cert_commands.cert, artifact,
     controller_commands.controller, controller_commands.alerts, forge_commands.forge,
+    rollout_commands.update, rollout_commands.rollout,
 ):
     main.add_command(_command)
 

@@ -12,8 +12,10 @@ Rules, per artifact (artifacts are processed in sorted order; a "placement" is
    they are with their ids. Instances on dead nodes and FAILED placements are dropped (their ids
    become free). A duplicated id (two nodes claiming it, e.g. after two leaders briefly wrote)
    is kept on the first node in node order only.
-2. **Too many** (desired lowered): remove from the node holding the most instances of the
-   artifact (ties: most instances overall, then the greatest node id), highest id first.
+2. **Too many** (desired lowered): remove first from nodes whose instances of the artifact do
+   not serve (`idle`: not ACTIVE, e.g. just deactivated), then from the node holding the most
+   instances of the artifact (ties: most instances overall, then the greatest node id), highest
+   id first.
 3. **Too few**: each new instance gets the lowest free id and goes to the eligible node with
    the fewest instances of this artifact (ties: fewest instances overall, then the smallest
    node id): no node gets a second instance before every eligible node has one.
@@ -46,18 +48,22 @@ def allocate(
     failed: Collection[tuple[str, str]] = (),
     excluded: Collection[tuple[str, str]] = (),
     capacity: int | None = None,
+    idle: Collection[tuple[str, str]] = (),
 ) -> Placement:
     """Return the target placement `{artifact: {node: sorted ids}}` (only non-empty entries).
 
     `failed` and `excluded` hold `(artifact, node)` pairs: a failed placement's instances are
     dropped and re-placed; an excluded pair receives no new instances (existing healthy ones
-    stay). `capacity` caps the instances (all artifacts) a node receives new ones up to.
+    stay). `capacity` caps the instances (all artifacts) a node receives new ones up to. `idle`
+    pairs hold instances that do not serve (not ACTIVE: starting, or on their way down after a
+    deactivation); too many instances are removed from them first.
     """
     cap = float("inf") if capacity is None else capacity
     live = sorted(set(nodes))
     live_set = set(live)
     failed_set = set(failed)
     blocked = set(excluded) | failed_set
+    idle_set = set(idle)
 
     kept: dict[str, dict[str, list[int]]] = {}
     for a in sorted(current):
@@ -97,7 +103,7 @@ def allocate(
         have = sum(len(v) for v in per.values())
         # 2. too many
         while have > want:
-            victim = max(per, key=lambda n: (len(per[n]), totals[n], n))
+            victim = max(per, key=lambda n: ((a, n) in idle_set, len(per[n]), totals[n], n))
             per[victim].pop()
             totals[victim] -= 1
             have -= 1

@@ -299,7 +299,7 @@ class ClusterDeploymentManager:
                 continue
             obs = Observation(
                 old=_version_state(slices, f"{r.artifact}:{r.old_version}"),
-                new=_version_state(slices, f"{r.artifact}:{r.new_version}"),
+                new=_version_state(slices, f"{r.artifact}:{r.new_version}", r.started),
                 old_window=self._window(r, f"{r.artifact}:{r.old_version}"),
                 new_window=self._window(r, f"{r.artifact}:{r.new_version}"),
             )
@@ -375,8 +375,11 @@ def _swap(s: BlueprintSlice, old: str, new: str) -> BlueprintSlice:
     )  # fmt: skip
 
 
-def _version_state(slices: dict[str, dict[str, SliceStateValue]], coords: str) -> VersionState:
-    """ACTIVE instances of `coords` and the reason of a FAILED placement of it (if any)."""
+def _version_state(
+    slices: dict[str, dict[str, SliceStateValue]], coords: str, since: float = 0.0
+) -> VersionState:
+    """ACTIVE instances of `coords` and the reason of a FAILED placement of it written at or after
+    `since` (wall clock: an older failure belongs to an earlier attempt)."""
     ready = 0
     failed: str | None = None
     for node, per in sorted(slices.items()):
@@ -385,6 +388,6 @@ def _version_state(slices: dict[str, dict[str, SliceStateValue]], coords: str) -
             continue
         if v.state == SliceState.ACTIVE:
             ready += len(v.instances)
-        elif v.state == SliceState.FAILED and failed is None:
+        elif v.state == SliceState.FAILED and failed is None and v.timestamp >= since:
             failed = f"{v.reason or 'no reason given'} (on {node})"
     return VersionState(ready, failed)

@@ -337,9 +337,9 @@ class DeploymentService:
             base = self._policy_of(name)
             if "strategy" in overrides and "steps" not in overrides:
                 overrides["steps"] = []
-            try:
-                policy = msgspec.structs.replace(base, **overrides)
-            except TypeError as err:
+            try:  # convert, not replace: the types are checked (and 60 stored as 60.0, as decoded)
+                policy = msgspec.convert({**msgspec.structs.asdict(base), **overrides}, RolloutPolicy)
+            except msgspec.ValidationError as err:
                 raise BadRequest(f"invalid rollout setting: {err}") from None
         try:
             target = Artifact.parse(f"{name}:{version}")

@@ -288,6 +288,7 @@ def plan(
     failures.observe(live_slices, now)
     current: Placement = {}
     failed: set[tuple[str, str]] = set()
+    idle: set[tuple[str, str]] = set()
     activating: set[str] = set()
     active: set[str] = set()
     for n, per in live_slices.items():
@@ -295,6 +296,8 @@ def plan(
             st = _state(sv)
             if st in PRESENT_STATES and sv.instances:
                 current.setdefault(a, {})[n] = list(sv.instances)
+                if st is not SliceState.ACTIVE:
+                    idle.add((a, n))
             elif st is SliceState.FAILED:
                 failed.add((a, n))
             if st in (SliceState.ACTIVATE, SliceState.ACTIVATING, SliceState.ACTIVE):
@@ -314,6 +317,7 @@ def plan(
         failed=failed,
         excluded=excluded,
         capacity=capacity,
+        idle=idle,
     )
     out.current, out.target = current, target
 

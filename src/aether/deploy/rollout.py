@@ -82,6 +82,11 @@ def version_of(coords: str) -> tuple[str, str]:
     return name, version
 
 
+def _float(x: float | None) -> float | None:
+    # floats as floats: the store compares encoded values, and 30 would come back as 30.0
+    return None if x is None else float(x)
+
+
 def check_policy(p: RolloutPolicy) -> str | None:
     """What is wrong with a rollout policy (None: nothing)."""
     if p.strategy not in STRATEGIES:
@@ -141,9 +146,9 @@ def begin(
         id=rollout_id, artifact=artifact, old_version=old_version, new_version=new_version,
         strategy=policy.strategy, state=PROGRESSING, instances=instances, old_instances=instances,
         new_instances=0, weights={old_version: 1}, step=0, steps=steps, max_surge=policy.max_surge,
-        max_unavailable=policy.max_unavailable, interval=policy.interval,
-        max_error_rate=policy.max_error_rate, max_p99_ratio=policy.max_p99_ratio,
-        progress_deadline=policy.progress_deadline,
+        max_unavailable=policy.max_unavailable, interval=float(policy.interval),
+        max_error_rate=_float(policy.max_error_rate), max_p99_ratio=_float(policy.max_p99_ratio),
+        progress_deadline=float(policy.progress_deadline),
         min_calls=policy.min_calls, started=now, updated=now, step_started=now, blueprint=blueprint,
     )  # fmt: skip
     return _log(
