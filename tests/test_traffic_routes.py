@@ -78,14 +78,17 @@ async def activate(c: Cluster, node: str, artifact: str, ids: list[int]) -> None
     await command(c, node, artifact, "ACTIVATE", ids, "ACTIVE")
 
 
-def route_events(c: Cluster) -> list[tuple[str, str]]:
-    """(kind, artifact) of every change of ROUTE from now on, as node-1's replica applies them."""
+def route_events(c: Cluster, times: list[float] | None = None) -> list[tuple[str, str]]:
+    """(kind, artifact) of every change of ROUTE from now on, as node-1's replica applies them
+    (and when, in `times`)."""
     seen: list[tuple[str, str]] = []
     kv = c.members[0].node.kv
 
     def on(ev: WatchEvent) -> None:
         if ev.key == ROUTE:
             seen.append((ev.kind, kv.get_local(ROUTE).artifact if ev.kind == "put" else ""))
+            if times is not None:
+                times.append(time.monotonic())
 
     kv.watch("routes/", on)
     return seen
@@ -114,11 +117,15 @@ async def test_a_rolled_back_new_version_hands_the_route_back_without_a_gap(clus
     await activate(c, "node-2", HELLO, [0])
     await activate(c, "node-3", HELLO2, [1])
     assert route(c).artifact == HELLO2
-    events = route_events(c)
+    times: list[float] = []
+    events = route_events(c, times)
     await command(c, "node-3", HELLO2, "DEACTIVATE", [1], "LOADED")  # rollback: the new version goes
     await wait_for(lambda: route(c) is not None and route(c).artifact == HELLO, what="route handed back")
     assert route(c) == RouteValue(HELLO, "greet", HELLO_BINDINGS)
     assert events == [("put", HELLO)]  # handed over in one write: never absent (no 404 meanwhile)
+    # before the instance drains (the leader's sweep of routes with no instance could win meanwhile)
+    (t_drain,) = [t for t, _, ev, a in c.behavior.timeline if ev == "deactivate-start" and a == HELLO2]
+    assert times[0] < t_drain
     await command(c, "node-2", HELLO, "DEACTIVATE", [0], "LOADED")
     await wait_for(lambda: route(c) is None, what="route removed with the last version")
 

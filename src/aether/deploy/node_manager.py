@@ -19,7 +19,8 @@ overwrites a leader command this node has not processed):
   taken over), publishes one endpoint per entry and instance, writes ACTIVE.
 - ACTIVE(other ids) (scale) → removes the endpoints of dropped instances, `store.set_instances`
   (dropped instances drain as on DEACTIVATE), publishes the endpoints of new ones.
-- DEACTIVATE → writes DEACTIVATING, removes this node's endpoints (new calls go elsewhere),
+- DEACTIVATE → writes DEACTIVATING, removes this node's endpoints (new calls go elsewhere), hands
+  the routes of the version's last instance to another version that serves (see below),
   `store.deactivate` (in-flight calls finish within its bounded drain; calls that still arrive are
   answered the retryable ``shutting_down`` and fail over), writes LOADED; if no endpoint of the
   artifact is left anywhere and no other node has it in ACTIVATE/ACTIVATING/ACTIVE, its routes go
@@ -437,6 +438,9 @@ class NodeDeploymentManager:
 
     async def _deactivate(self, a: Artifact, artifact: str) -> None:
         await self._remove_endpoints(artifact)
+        # the last instance of this version: its routes go to a version that still serves now,
+        # before the drain (the leader's sweep would otherwise remove them meanwhile)
+        await self._cleanup_routes(artifact, remove=False)
         await self.store.deactivate(a)
         self._activated.discard(artifact)
         self._claimed.pop(artifact, None)
@@ -536,14 +540,14 @@ class NodeDeploymentManager:
         for j in range(0, len(mine), _WRITE_BATCH):
             await asyncio.gather(*(self._cas(key, v, None) for key, v in mine[j:j + _WRITE_BATCH]))
 
-    async def _cleanup_routes(self, artifact: str) -> None:
+    async def _cleanup_routes(self, artifact: str, *, remove: bool = True) -> None:
         """When no instance of this version of the artifact is left in the cluster: hand the routes
         it holds to another version that still serves (or is being activated), else remove them.
 
         A route belongs to the artifact, not to one version (the router calls ``group:artifact``):
         the last instance of the old version going away during an update must not take down a route
         the new version serves, nor the last instance of a new version rolled back one the old
-        version serves."""
+        version serves. With `remove` False only the hand-over happens."""
         if self.kv.list_local(f"endpoints/{artifact}/"):
             return
         for key, v in self.kv.list_local("slices/"):
@@ -557,6 +561,8 @@ class NodeDeploymentManager:
             return
         heir = self._live_version(artifact)
         if heir is None:
+            if not remove:
+                return
             self.log.info("%s: last instance gone, removing its %d routes", artifact, len(routes))
             await asyncio.gather(*(self._cas(k, v, None) for k, v in routes))
             return
