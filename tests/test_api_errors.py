@@ -97,6 +97,7 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.slices.errors.EntryBadRequest": (400, "bad_request"),
     "aether.slices.errors.UnknownEntry": (404, "unknown_entry"),
     "aether.slices.errors.NoLocalInstance": (503, "no_instance"),
+    "aether.slices.errors.InstanceStopping": (503, "shutting_down"),
     "aether.slices.errors.InstanceOverloaded": (503, "overloaded"),
     # a fault injected on the instance on purpose (Forge, tests): its own kind, not retried
     "aether.slices.errors.InjectedFault": (500, "injected_fault"),

@@ -13,6 +13,7 @@ import pytest
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.slices import (
+    InstanceStopping,
     NoLocalInstance,
     SliceLoadError,
     SliceStartError,
@@ -251,8 +252,9 @@ async def test_deactivate_drains_in_flight_calls_and_stops_once(repo: Repository
     await asyncio.sleep(0.1)
     assert not deact.done()
     assert not [e for e in events() if e[0] == "stop"]  # stop waits for in-flight calls
-    with pytest.raises(NoLocalInstance):  # no new calls while draining
+    with pytest.raises(InstanceStopping) as stopping:  # no new calls while draining
         await store.call(CTR, "whoami", b"")
+    assert stopping.value.wire_kind == "shutting_down"  # retryable: the caller fails over at once
     gate("a").set()
     gate("b").set()
     assert sorted([dec(await c) for c in calls]) == ["a", "b"]

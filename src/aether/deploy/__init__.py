@@ -7,6 +7,7 @@ Modules and what they own (flow 2 in docs/architecture.md; docs/deployment.md):
 - `allocation`  pure instance placement (round-robin spread, minimal movement, stable ids).
 - `reconcile`   the leader's pure reconciliation pass (desired + store contents → CAS writes).
 - `endpoints`   `EndpointRegistry`, every node's cache of `endpoints/…`.
+- `traffic`     `TrafficTable`, every node's cache of the rollouts' traffic weights (`rollouts/…`).
 - `node_manager`    `NodeDeploymentManager`, every node: drives the slice runtime.
 - `cluster_manager` `ClusterDeploymentManager`, leader only: writes lifecycle commands.
 - `operations`  `DeploymentService`: apply/delete blueprints, deploy/scale/undeploy, status, wait.
@@ -26,6 +27,7 @@ from aether.deploy.lifecycle import LifecycleTimeouts, SliceLifecycle, SliceStat
 from aether.deploy.node_manager import NodeDeploymentManager, RouteConflict
 from aether.deploy.operations import DeploymentService, SliceInstanceStatus, SliceStatus
 from aether.deploy.ports import RouteInfo, SliceInfo, SliceRuntimePort
+from aether.deploy.traffic import TrafficTable
 
 __all__ = [
     "Blueprint",
@@ -49,6 +51,7 @@ __all__ = [
     "SliceRuntimePort",
     "SliceState",
     "SliceStatus",
+    "TrafficTable",
     "allocate",
     "expand",
     "load_blueprint",

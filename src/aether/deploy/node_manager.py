@@ -17,10 +17,15 @@ overwrites a leader command this node has not processed):
   is deactivated, routes claimed by this attempt released, state FAILED "activate failed: route
   GET /x is owned by org.x:y:1.0.0"; a route held by another version of the same artifact is
   taken over), publishes one endpoint per entry and instance, writes ACTIVE.
-- ACTIVE(other ids) (scale) → `store.set_instances`, publishes new endpoints, removes dropped ones.
-- DEACTIVATE → writes DEACTIVATING, removes this node's endpoints, `store.deactivate`, writes
-  LOADED; if no endpoint of the artifact is left anywhere and no other node has it in
-  ACTIVATE/ACTIVATING/ACTIVE, removes its routes (automatic route cleanup).
+- ACTIVE(other ids) (scale) → removes the endpoints of dropped instances, `store.set_instances`
+  (dropped instances drain as on DEACTIVATE), publishes the endpoints of new ones.
+- DEACTIVATE → writes DEACTIVATING, removes this node's endpoints (new calls go elsewhere), hands
+  the routes of the version's last instance to another version that serves (see below),
+  `store.deactivate` (in-flight calls finish within its bounded drain; calls that still arrive are
+  answered the retryable ``shutting_down`` and fail over), writes LOADED; if no endpoint of the
+  artifact is left anywhere and no other node has it in ACTIVATE/ACTIVATING/ACTIVE, its routes go
+  to another version of the same artifact that has one (the highest), else they are removed
+  (automatic route cleanup: a route lives while any version of the artifact serves).
 - UNLOAD → writes UNLOADING, `store.unload`, removes the key.
 - A config change (a blueprint's `[slices.NAME.config]` or a secret it names; watched under
   `blueprints/` and `secrets/` when the manager has a `config_version`) → the lifecycle's
@@ -426,12 +431,16 @@ class NodeDeploymentManager:
 
     async def _scale(self, a: Artifact, artifact: str, old: list[int], new: list[int]) -> None:
         info = self._slice_info(a, artifact)
+        # the endpoints of dropped instances go first, so new calls go elsewhere while they drain
+        await self._remove_endpoints(artifact, {i for i in old if i not in new})
         await self.store.set_instances(a, new)
         await self._publish(artifact, info, [i for i in new if i not in old])
-        await self._remove_endpoints(artifact, {i for i in old if i not in new})
 
     async def _deactivate(self, a: Artifact, artifact: str) -> None:
         await self._remove_endpoints(artifact)
+        # the last instance of this version: its routes go to a version that still serves now,
+        # before the drain (the leader's sweep would otherwise remove them meanwhile)
+        await self._cleanup_routes(artifact, remove=False)
         await self.store.deactivate(a)
         self._activated.discard(artifact)
         self._claimed.pop(artifact, None)
@@ -531,8 +540,14 @@ class NodeDeploymentManager:
         for j in range(0, len(mine), _WRITE_BATCH):
             await asyncio.gather(*(self._cas(key, v, None) for key, v in mine[j:j + _WRITE_BATCH]))
 
-    async def _cleanup_routes(self, artifact: str) -> None:
-        """Remove the artifact's routes if no instance of it is left in the cluster."""
+    async def _cleanup_routes(self, artifact: str, *, remove: bool = True) -> None:
+        """When no instance of this version of the artifact is left in the cluster: hand the routes
+        it holds to another version that still serves (or is being activated), else remove them.
+
+        A route belongs to the artifact, not to one version (the router calls ``group:artifact``):
+        the last instance of the old version going away during an update must not take down a route
+        the new version serves, nor the last instance of a new version rolled back one the old
+        version serves. With `remove` False only the hand-over happens."""
         if self.kv.list_local(f"endpoints/{artifact}/"):
             return
         for key, v in self.kv.list_local("slices/"):
@@ -542,9 +557,43 @@ class NodeDeploymentManager:
                 return
         routes = [(k, v) for k, v in self.kv.list_local("routes/")
                   if isinstance(v, RouteValue) and v.artifact == artifact]
-        if routes:
+        if not routes:
+            return
+        heir = self._live_version(artifact)
+        if heir is None:
+            if not remove:
+                return
             self.log.info("%s: last instance gone, removing its %d routes", artifact, len(routes))
             await asyncio.gather(*(self._cas(k, v, None) for k, v in routes))
+            return
+        self.log.info("%s: last instance gone, its %d routes go to %s (it still serves)",
+                      artifact, len(routes), heir)
+        claimed = dict(self._claimed.get(heir, ()))
+        await asyncio.gather(*(
+            self._cas(k, v, claimed.get(k) or RouteValue(heir, v.method, dict(v.bindings))) for k, v in routes
+        ))
+
+    def _live_version(self, artifact: str) -> str | None:
+        """The highest other version of `artifact` with an endpoint, or a node serving it or being
+        told to (ACTIVATE/ACTIVATING/ACTIVE); None when there is none."""
+        name = _name_of(artifact)
+        live: set[str] = set()
+        for key, _ in self.kv.list_local(f"endpoints/{name}:"):
+            k = _parse_or_none(key)
+            if isinstance(k, EndpointKey) and k.artifact != artifact and _name_of(k.artifact) == name:
+                live.add(k.artifact)
+        for key, v in self.kv.list_local("slices/"):
+            k = _parse_or_none(key)
+            if (isinstance(k, SliceKey) and k.artifact != artifact and _name_of(k.artifact) == name
+                    and isinstance(v, SliceStateValue) and v.state in _SERVING):
+                live.add(k.artifact)
+        versions = []
+        for coords in live:
+            try:
+                versions.append(Artifact.parse(coords))
+            except (BadRequest, ValueError):
+                continue
+        return str(max(versions)) if versions else None
 
     async def _cas(self, key: str, expected: Any, new: Any) -> bool:
         try:
@@ -561,3 +610,10 @@ class NodeDeploymentManager:
 
 def _name_of(coords: str) -> str:
     return ":".join(coords.split(":")[:2])
+
+
+def _parse_or_none(key: str) -> object:
+    try:
+        return parse_key(key)
+    except BadRequest:
+        return None

@@ -114,6 +114,12 @@ class CompiledRoute:
     segments: tuple[str | None, ...]
     params: tuple[tuple[int, str], ...]
 
+    @property
+    def target(self) -> str:
+        """What the router calls: ``group:artifact`` of the route's artifact, so that any live
+        version serves the request and a rollout's traffic weights apply (docs/deployment.md)."""
+        return ":".join(self.artifact.split(":", 2)[:2])
+
 
 @dataclass(frozen=True, slots=True)
 class Match:

@@ -3,7 +3,9 @@
 Keeps a `RouteTable` in sync with the replicated ``routes/`` keys (initial `list_local` + `watch`;
 a ``reset`` event re-reads everything), serves HTTP with one aiohttp catch-all handler, binds the
 request to the entry's argument (`aether.http.routes.build_payload`) and calls the slice through the
-invoker (which prefers a local instance and fails over itself). May import `aether.core`,
+invoker (which prefers a local instance and fails over itself). The call goes to the route's
+``group:artifact``, not to the version that registered the route: any live version serves it, split
+by a rollout's traffic weights (docs/deployment.md, *Routes across versions*). May import `aether.core`,
 `aether.kv` and `aether.invoke.errors`; reaches the KV store and the invoker only through the
 Protocols below.
 
@@ -371,7 +373,7 @@ class HttpRouter:
             return self._answer(problem_for(e), rid)
         try:
             answer = await self.invoker.invoke(
-                route.artifact, route.method, payload, request_id=rid, timeout=self.request_timeout
+                route.target, route.method, payload, request_id=rid, timeout=self.request_timeout
             )
         except Exception as e:
             if is_internal(e):

@@ -40,7 +40,7 @@ from aether.invoke.messages import (
     InvokeRequest,
     InvokeResponse,
 )
-from aether.invoke.ports import Catalog, Endpoint, LocalSlices, PeerLink, PeerSender, Registry
+from aether.invoke.ports import Catalog, Endpoint, LocalSlices, PeerLink, PeerSender, Registry, Traffic
 from aether.invoke.server import InvokeServer
 
 __all__ = [
@@ -75,6 +75,7 @@ __all__ = [
     "Registry",
     "SliceAppError",
     "StoreCatalog",
+    "Traffic",
     "UnknownEntryError",
     "classify",
     "new_request_id",

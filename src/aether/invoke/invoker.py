@@ -12,6 +12,12 @@ Semantics
   the registry's ACTIVE endpoints on other nodes that the transport reports up. A local instance
   at its concurrency limit (`max_concurrency`: the call would queue) is not preferred: the call
   goes to another node's instance first, and joins the local queue only when none is left.
+- Versions (docs/invocation.md, *Weighted version choice*): a call to ``group:artifact`` may run any
+  version; while a rollout publishes traffic weights (the `traffic` port, ``rollouts/`` keys) the
+  first attempt of each round first picks a version by weight among the versions with a
+  candidate for the entry (smooth weighted round robin per target and method: deterministic), then
+  an instance of that version as above; retries after a failed attempt may go to any version. A
+  call to full coordinates ignores weights. Without weights the choice costs one dict lookup more.
 - Retryable failures (no instance, peer down or unreachable, the peer went down while the call was
   pending, no response within the per-attempt timeout, "overloaded", "shutting_down") fail over to
   another instance at once; when every candidate failed in this round, or there is no ACTIVE
@@ -38,7 +44,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aether.core.calls import Answer, NoAnswer, PendingCalls, RetryPolicy
 from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
@@ -71,7 +77,7 @@ from aether.invoke.messages import (
     InvokeResponse,
     kind_status,
 )
-from aether.invoke.ports import Catalog, LocalSlices, PeerLink, Registry
+from aether.invoke.ports import Catalog, Endpoint, LocalSlices, PeerLink, Registry, Traffic
 from aether.transport import EventBus, PeerDown
 
 __all__ = ["Invoker", "InvokerStats"]
@@ -136,6 +142,7 @@ class Invoker:
         logger: logging.Logger | None = None,
         catalog: Catalog | None = None,
         max_nodes_lost: int = 2,
+        traffic: Traffic | None = None,
     ) -> None:
         if max_nodes_lost < 1:
             raise ValueError("max_nodes_lost must be at least 1")
@@ -148,6 +155,8 @@ class Invoker:
         self._registry = registry
         self._link = transport
         self._catalog = catalog
+        # the rollouts' weights between versions (None: never split, as without a rollout)
+        self._traffic = traffic
         # the request-id context variable (tests may pass their own)
         self._rid_var: RequestIdVar = current_request_id if request_id_var is None else request_id_var
         self._warn_interval = warn_interval
@@ -155,6 +164,8 @@ class Invoker:
         self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
         self._calls: PendingCalls[InvokeResponse] = PendingCalls()
         self._rr: dict[tuple[str, str], int] = {}
+        # smooth weighted round robin between versions: (target, method) -> version -> counter
+        self._swrr: dict[tuple[str, str], dict[str, int]] = {}
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
         self._closed = False
         self._unsubscribe: Callable[[], None] | None = None
@@ -315,7 +326,7 @@ class Invoker:
                 try:
                     if node == self.node_id:
                         stats.local_attempts += 1
-                        result = await self._call_local(target, method, payload, rid, deadline, attempts)
+                        result = await self._call_local(artifact, method, payload, rid, deadline, attempts)
                     else:
                         stats.remote_attempts += 1
                         result = await self._call_remote(
@@ -365,7 +376,17 @@ class Invoker:
     # --- choosing an instance -------------------------------------------------------------------
 
     def _choose(self, target: str, method: str, tried: set[str]) -> tuple[tuple[str, str] | None, int]:
-        """((node, artifact) to try next, or None; number of candidates including tried ones)."""
+        """((node, artifact) to try next, or None; number of candidates including tried ones).
+
+        `artifact` is what the attempt calls: `target` itself, or the full coordinates of the
+        version the traffic weights chose (then on this node too: the local call runs that version).
+        """
+        if self._traffic is not None and not tried:  # weights pick the first attempt of a round
+            weights = self._traffic.weights(target)  # the fast path: one dict lookup, empty
+            if weights:
+                picked = self._choose_weighted(target, method, weights)
+                if picked is not None:
+                    return picked
         candidates = 0
         me = self.node_id
         local = bool(self._local.local_instances(target))
@@ -395,6 +416,71 @@ class Invoker:
         if local and me not in tried:
             return (me, target), candidates
         return None, candidates
+
+    def _choose_weighted(
+        self, target: str, method: str, weights: Mapping[str, int]
+    ) -> tuple[tuple[str, str], int] | None:
+        """The first attempt of a call to ``group:artifact`` during a rollout: a version by weight
+        among the versions with a candidate (this node's instance of it with room, or an ACTIVE
+        endpoint on a reachable node), then an instance of that version as `_choose` does (local
+        first, else round robin). None when no version of positive weight has a candidate (the
+        caller then chooses among every version: a weight never makes a call fail).
+
+        The version comes from a smooth weighted round robin per (target, method) (nginx's): each
+        pick adds every candidate version's weight to its counter, takes the largest counter
+        (ties: the lowest version string) and subtracts the total from it. Deterministic and exact
+        over short windows (90/10 sends exactly 10 of every 100 calls to the second version,
+        evenly spread, not in bursts), it needs no randomness, so the seeded rng stays the backoff's.
+        """
+        me = self.node_id
+        up = self._link.up_peers
+        remote: dict[str, list[Endpoint]] = {}
+        here: set[str] = set()  # versions this node publishes an endpoint of `method` for
+        for ep in self._registry.instances(target, method):
+            version = ep.artifact.rpartition(":")[2]
+            if weights.get(version, 0) <= 0:
+                continue
+            if ep.node_id == me:
+                here.add(version)
+            elif ep.node_id in up:
+                remote.setdefault(version, []).append(ep)
+        local: set[str] = set()
+        for version in here:  # published and still accepting (not draining), with a free slot
+            coords = f"{target}:{version}"
+            if self._local.local_instances(coords) and self._local.has_room(coords, method):
+                local.add(version)
+        eligible = sorted(local.union(remote))
+        if not eligible:
+            return None
+        key = (target, method)
+        current = self._swrr.get(key)
+        if current is None:
+            if len(self._swrr) >= _MAX_KEYS:
+                self._swrr.clear()
+            current = self._swrr[key] = {}
+        elif len(current) > len(weights):  # forget versions the rollout no longer lists
+            for version in [v for v in current if v not in weights]:
+                del current[version]
+        total = 0
+        best = eligible[0]
+        for version in eligible:
+            w = weights[version]
+            total += w
+            current[version] = c = current.get(version, 0) + w
+            if c > current[best]:
+                best = version
+        current[best] -= total
+        coords = f"{target}:{best}"
+        candidates = len(local) + sum(len(eps) for eps in remote.values())
+        if best in local:
+            return (me, coords), candidates
+        eps = sorted(remote[best], key=lambda ep: (ep.node_id, ep.instance))
+        rr_key = (coords, method)
+        start = self._rr.get(rr_key, 0)
+        if rr_key not in self._rr and len(self._rr) >= _MAX_KEYS:
+            self._rr.clear()
+        self._rr[rr_key] = (start + 1) % 1_000_000_007
+        return (eps[start % len(eps)].node_id, coords), candidates
 
     # --- one attempt ----------------------------------------------------------------------------
 

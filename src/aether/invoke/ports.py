@@ -6,6 +6,7 @@ sit beside it in the layering), so it names only what it needs from them here:
 - `LocalSlices` — this node's slice runtime (``SliceRuntime`` in ``aether.slices``, or an adapter);
 - `Registry` / `Endpoint` — the endpoint cache (``EndpointRegistry`` in ``aether.deploy``);
 - `Catalog` — the store's view of a target without reachable instances (`aether.invoke.catalog`);
+- `Traffic` — the rollouts' traffic weights between versions (``TrafficTable`` in ``aether.deploy``);
 - `PeerSender` / `PeerLink` — the node-to-node transport (`aether.transport.Transport` fits both).
 
 This module imports nothing from `aether`; implementations are matched structurally.
@@ -13,10 +14,10 @@ This module imports nothing from `aether`; implementations are matched structura
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Catalog", "Endpoint", "LocalSlices", "PeerLink", "PeerSender", "Registry"]
+__all__ = ["Catalog", "Endpoint", "LocalSlices", "PeerLink", "PeerSender", "Registry", "Traffic"]
 
 
 @runtime_checkable
@@ -92,4 +93,14 @@ class Catalog(Protocol):
 
     def presence(self, target: str, method: str) -> tuple[str, str]:
         """``(state, detail)``: state is one of the `aether.invoke.catalog` constants."""
+        ...
+
+
+@runtime_checkable
+class Traffic(Protocol):
+    """The traffic split between the versions of an artifact during a rollout (``TrafficTable``)."""
+
+    def weights(self, group_artifact: str) -> Mapping[str, int]:
+        """Version -> non-negative weight for calls to `group_artifact` (empty: no split; an
+        unlisted version has weight 0). Asked on every call: must be one dict lookup."""
         ...

@@ -33,6 +33,7 @@ from aether.deploy import (
 )
 from aether.deploy.admission import InstanceLimits
 from aether.deploy.config import SliceConfigs
+from aether.deploy.traffic import TrafficTable
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
 from aether.kv.machine import Command, KVStateMachine, Result
@@ -204,6 +205,10 @@ class Node:
 
         # slices, invocation and deployment
         self.endpoints = EndpointRegistry(self.kv, logger=logging.getLogger(f"aether.deploy.{self.node_id}"))
+        # the rollouts' traffic weights between versions (the invoker and so the HTTP router apply them)
+        self.traffic = TrafficTable(
+            self.kv, logger=logging.getLogger(f"aether.deploy.traffic.{self.node_id}")
+        )
         self.maps = MapService(
             self.node_id, self.kv, self.transport, config.data_path / "maps", bus=self.bus,
             is_leader=lambda: self.leader.is_leader, up_peers=lambda: self.transport.up_peers,
@@ -244,7 +249,7 @@ class Node:
         # it is still running; lost nodes are detected by the transport (PeerDown) instead.
         self.invoker = Invoker(
             self.node_id, self.slice_runtime, self.endpoints, self.transport, bus=self.bus,
-            attempt_timeout=None, catalog=StoreCatalog(self.kv),
+            attempt_timeout=None, catalog=StoreCatalog(self.kv), traffic=self.traffic,
             logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
         )
         self.invoke_server = InvokeServer(
@@ -323,6 +328,7 @@ class Node:
         # the node of rank k publishes its directory's wheels after 1 + 2k s (docs/repository.md)
         self.artifacts.start_bootstrap(delay=1.0 + 2.0 * sorted(self.members).index(self.node_id))
         self.endpoints.start()
+        self.traffic.start()
         await self.node_deployer.start()
         await self.cluster_deployer.start()
         self.http = HttpRouter(
@@ -371,6 +377,7 @@ class Node:
         self.invoker.close()
         await self.invoke_server.stop()
         self.endpoints.close()
+        self.traffic.close()
         await self.transport.stop()
         await self.runner.stop()
         await self.loop_lag.stop()

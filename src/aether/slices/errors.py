@@ -3,7 +3,8 @@
 Owns the exception types raised by `aether.slices`; imports only `aether.core.errors`.
 Each error declares its HTTP `status` and invoke `wire_kind` (see `aether.core.errors`):
 `BadRequest` and its subclasses -> 400 / bad_request, `UnknownEntry` -> 404 / unknown_entry,
-`NoLocalInstance` -> 503 / no_instance, `InstanceOverloaded` -> 503 / overloaded (with
+`NoLocalInstance` -> 503 / no_instance, `InstanceStopping` -> 503 / shutting_down,
+`InstanceOverloaded` -> 503 / overloaded (with
 ``Retry-After: 1``), `InjectedFault` -> 500 / injected_fault, a `SliceHttpError` -> its status /
 ``status:NNN``;
 everything else is a server-side failure.
@@ -17,6 +18,7 @@ from aether.core.errors import (
     KIND_INJECTED_FAULT,
     KIND_NO_INSTANCE,
     KIND_OVERLOADED,
+    KIND_SHUTTING_DOWN,
     KIND_UNKNOWN_ENTRY,
     AetherError,
     BadRequest,
@@ -60,6 +62,13 @@ class NoLocalInstance(SliceError):
 
     status = 503
     wire_kind: ClassVar[WireKind] = KIND_NO_INSTANCE
+
+
+class InstanceStopping(NoLocalInstance):
+    """The artifact's instances on this node are draining (being deactivated or scaled away): they
+    take no new calls (503, kind shutting_down: the invoker retries on another instance)."""
+
+    wire_kind: ClassVar[WireKind] = KIND_SHUTTING_DOWN
 
 
 class InstanceOverloaded(SliceError, Overloaded):

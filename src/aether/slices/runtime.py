@@ -65,6 +65,7 @@ from aether.slices.capacity import NO_LIMITS, Gate, InstanceLoad, SliceLimits
 from aether.slices.errors import (
     InjectedFault,
     InstanceOverloaded,
+    InstanceStopping,
     NoLocalInstance,
     ResponseTypeError,
     SliceStartError,
@@ -617,14 +618,17 @@ class SliceRuntime:
     def _pick(
         self, target: Artifact | str, instance: int | None, method: str = ""
     ) -> tuple[_Entry, _Instance]:
+        draining = False  # a matching instance exists but no longer takes calls
         for e in self._matching(target):
             if instance is not None:
                 inst = e.instances.get(instance)
                 if inst is not None and inst.accepting:
                     return e, inst
+                draining = draining or inst is not None
                 continue
             cands = [i for i in e.instances.values() if i.accepting]
             if not cands:
+                draining = draining or bool(e.instances)
                 continue
             n = len(cands)
             start = next(e.rr)
@@ -642,6 +646,8 @@ class SliceRuntime:
             assert best is not None
             return e, best
         which = f"instance {instance} of {target}" if instance is not None else f"instance of {target}"
+        if draining:
+            raise InstanceStopping(f"the {which} on {self.node_id} is stopping (draining); retry elsewhere")
         raise NoLocalInstance(f"no active {which} on {self.node_id}")
 
     def _raw_config(self, e: _Entry) -> ResolvedConfig:
