@@ -35,6 +35,16 @@ def test_scale_down_removes_highest_ids_from_fullest_nodes() -> None:
     assert allocate({}, N3, cur) == {}
 
 
+def test_scale_down_removes_instances_that_do_not_serve_first() -> None:
+    # node-1 holds more instances overall (another artifact), so it would be the victim; but the
+    # instance on node-3 was just deactivated (idle): it goes, and nothing serving is stopped
+    current = {"a": {"n1": [0], "n2": [1], "n3": [2]}, "b": {"n1": [0]}}
+    without = allocate({"a": 2, "b": 1}, ["n1", "n2", "n3"], current)
+    assert without["a"] == {"n2": [1], "n3": [2]}
+    target = allocate({"a": 2, "b": 1}, ["n1", "n2", "n3"], current, idle=[("a", "n3")])
+    assert target["a"] == {"n1": [0], "n2": [1]}
+
+
 def test_freed_ids_reused_lowest_first() -> None:
     cur = {"a": {"node-1": [0, 5], "node-2": [3]}}
     out = allocate({"a": 5}, N3, cur)
