@@ -82,9 +82,18 @@ async def test_a_version_whose_start_fails_never_gets_traffic_and_is_rolled_back
     await svc.wait_converged("demo", timeout=10)
     c.behavior.fail_activate[HELLO3] = "start() raised: no database"
     seen = await watch_rollouts(c)
+    serving: list[int] = []
+
+    def on_slices(_ev: Any) -> None:
+        serving.append(counts(c, HELLO))
+
+    cancel = c.up[0].node.kv.watch("slices/", on_slices)
     await svc.apply_blueprint(bp("demo", (HELLO3, 3)), "demo.toml")
     with pytest.raises(DeploymentFailed, match=r"rolled-back: an instance of 3\.0\.0 failed"):
         await svc.wait_converged("demo", timeout=30)
+    await asyncio.sleep(1.0)  # passes after the rollback
+    cancel()
+    assert serving and min(serving) == 3, "the old version kept all its instances through the rollback"
     r = record(c)
     assert r is not None and r.state == "rolled-back" and "no database" in r.reason
     assert seen and all(v.weights.get("3.0.0", 0) == 0 for v in seen), "the failed version never got traffic"

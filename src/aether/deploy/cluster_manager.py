@@ -231,6 +231,9 @@ class ClusterDeploymentManager:
         if not self.leader.is_leader:
             return None
         blueprints, slices, endpoints, routes = self.snapshot()
+        rollouts, wrote = await self._advance_rollouts(slices)
+        if wrote:  # a rollback writes the old version back into the blueprints: plan on what is stored now
+            blueprints, slices, endpoints, routes = self.snapshot()
         now = self._clock()
         up = sorted(self.leader.up | {self.node_id})
         known = set(self.leader.members) | set(slices) | {v.node_id for _, v in endpoints}
@@ -243,7 +246,6 @@ class ClusterDeploymentManager:
             if now - t >= self.dead_node_grace and n not in slices:
                 self.failures.forget_node(n)
         scales = scale_values(self.kv.list_local("scale/"))
-        rollouts = await self._advance_rollouts(slices)
         desired = desired_state(blueprints, scales, rollouts)
         avoid: Collection[str] = ()
         if self._avoid is not None:
@@ -286,10 +288,13 @@ class ClusterDeploymentManager:
         base = self._baselines.setdefault((r.id, coords, r.step_started), now)
         return counts_window(base, now, self._bounds)
 
-    async def _advance_rollouts(self, slices: dict[str, dict[str, SliceStateValue]]) -> list[RolloutValue]:
+    async def _advance_rollouts(
+        self, slices: dict[str, dict[str, SliceStateValue]]
+    ) -> tuple[list[RolloutValue], bool]:
         """One step of every active rollout (`aether.deploy.rollout.advance`); returns the rollouts
-        as they stand after it (for the desired state)."""
+        as they stand after it (for the desired state) and whether blueprints were written."""
         out: list[RolloutValue] = []
+        wrote = False
         live: set[tuple[str, str, float]] = set()
         for key, r in self.kv.list_local("rollouts/"):
             if not isinstance(r, RolloutValue):
@@ -307,7 +312,10 @@ class ClusterDeploymentManager:
             new = step.value
             if new is not None:
                 if step.blueprints_to is not None:
-                    await self._pin_version(r.artifact, r.new_version, step.blueprints_to)
+                    wrote = True
+                    if not await self._pin_version(r.artifact, r.new_version, step.blueprints_to):
+                        out.append(r)  # stays rolling-back (its counts hold) until the blueprints say it
+                        continue
                 try:
                     ok = await self.kv.compare_and_set(key, r, new)
                 except (QuorumLost, CommitTimeout, BadRequest) as e:
@@ -324,11 +332,12 @@ class ClusterDeploymentManager:
                 live.add((r.id, f"{r.artifact}:{v}", r.step_started))
         for k in [k for k in self._baselines if k not in live]:
             del self._baselines[k]
-        return out
+        return out, wrote
 
-    async def _pin_version(self, name: str, from_version: str, to_version: str) -> None:
+    async def _pin_version(self, name: str, from_version: str, to_version: str) -> bool:
         """Write `to_version` in place of `from_version` of `name` into every blueprint listing it
-        (a rollback ends with the blueprints saying what runs)."""
+        (a rollback ends with the blueprints saying what runs); False when a write failed."""
+        ok = True
         old, new = f"{name}:{from_version}", f"{name}:{to_version}"
         for key, bp in self.kv.list_local("blueprints/"):
             if not isinstance(bp, BlueprintValue) or not any(s.artifact == old for s in bp.slices):
@@ -338,9 +347,11 @@ class ClusterDeploymentManager:
                 bp.source,
             )
             try:
-                await self.kv.compare_and_set(key, bp, changed)
+                ok = await self.kv.compare_and_set(key, bp, changed) and ok
             except (QuorumLost, CommitTimeout, BadRequest) as e:
                 self.log.warning("write of %s failed: %s", key, e)
+                ok = False
+        return ok
 
     async def _execute(self, w: Write) -> bool:
         try:
