@@ -69,6 +69,7 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     max_concurrency: int | None = None  # calls one instance runs at once (None: no limit)
     max_queue: int | None = None  # calls one instance queues beyond max_concurrency (None: default)
     entry_concurrency: dict[str, int] = {}  # per-entry limits within an instance
+    isolation: str = "auto"  # "process": always in a worker process of its own; "auto": when needed
 
 
 class BlueprintValue(msgspec.Struct, frozen=True):
