@@ -147,6 +147,9 @@ class _Worker:
         self.max_frame = max_frame
         self.decoder = FrameDecoder(max_frame)
         self.transport: asyncio.Transport | None = None
+        # the first frame of a loop turn is written at once, the next ones of that turn together after it
+        self.out: list[bytes] = []
+        self.batching = False
         self.done = asyncio.Event()
         self.cls: type[Slice] | None = None
         self.artifact: Artifact | None = None
@@ -170,7 +173,19 @@ class _Worker:
                 frame = encode_frame(Reply(msg.cid, error=error_info(exc)), self.max_frame)
             else:
                 return
+        if self.batching:
+            self.out.append(frame)
+            return
         self.transport.write(frame)
+        self.batching = True
+        self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        frames, self.out = self.out, []
+        self.batching = False
+        t = self.transport
+        if t is not None and not t.is_closing() and frames:
+            t.write(b"".join(frames))
 
     def send_threadsafe(self, msg: Message) -> None:
         if threading.get_ident() == self.thread:

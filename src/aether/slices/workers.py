@@ -105,6 +105,9 @@ class _Proc:
     pending: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
     ups: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     started: float = 0.0
+    # the first frame of a loop turn is written at once, the next ones of that turn together after it
+    out: list[bytes] = field(default_factory=list)
+    batching: bool = False
 
     @property
     def pid(self) -> int:
@@ -268,7 +271,21 @@ class WorkerHost:
         t = proc.transport
         if t is None or t.is_closing():
             raise WorkerLost(f"the worker of {self.spec.artifact} on {self.node_id} has gone")
-        t.write(encode_frame(msg, self.max_frame))
+        frame = encode_frame(msg, self.max_frame)
+        if proc.batching:
+            proc.out.append(frame)
+            return
+        t.write(frame)
+        proc.batching = True
+        asyncio.get_running_loop().call_soon(self._flush, proc)
+
+    @staticmethod
+    def _flush(proc: _Proc) -> None:
+        frames, proc.out = proc.out, []
+        proc.batching = False
+        t = proc.transport
+        if t is not None and not t.is_closing() and frames:
+            t.write(b"".join(frames))
 
     # --- receiving ----------------------------------------------------------------------------------
 
