@@ -172,6 +172,40 @@ class Hello(Slice):
         return "Hello, " + name
 """
 
+HOOKS = """
+import signal, time
+import msgspec
+from aether.slices import Slice, entry
+
+class Conf(msgspec.Struct):
+    mode: str = "ok"
+    healthy: bool = True
+
+class Hooks(Slice):
+    config_type = Conf
+
+    async def start(self):
+        if self.context.config.mode == "fail":
+            raise RuntimeError("no database")
+        if self.context.config.mode == "stubborn":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    async def stop(self):
+        if self.context.config.mode == "stubborn":
+            time.sleep(30)  # blocks the worker: it cannot even read the Shutdown
+
+    async def health(self):
+        return self.context.config.healthy
+
+    async def reconfigure(self, config):
+        pass
+
+    @entry
+    async def conf(self) -> dict:
+        return msgspec.to_builtins(self.context.config)
+"""
+
+HOOKS_A = Artifact.parse("org.example:hooks:1.0.0")
 V1 = Artifact.parse("org.example:versioned:1.0.0")
 V2 = Artifact.parse("org.example:versioned:2.0.0")
 A = Artifact.parse("org.example:a:1.0.0")
@@ -199,16 +233,17 @@ def repo(tmp_path: Path) -> Repository:
             )
         )
     r.deploy(build_slice_wheel(tmp_path / "h", "org.example:hello:0.1.0", HELLO, "Hello"))
+    r.deploy(build_slice_wheel(tmp_path / "hooks", HOOKS_A, HOOKS, "Hooks"))
     return r
 
 
 def make_runtime(repo: Repository, tmp_path: Path, **kw: object) -> tuple[SliceRuntime, LocalMaps]:
     inv = StoreInvoker()
     maps = LocalMaps(["notes"])
+    kw.setdefault("worker_policy", lambda: RestartPolicy(base=0.05, max_delay=0.2, max_restarts=3))
     rt = SliceRuntime(
         "node-1", repo, tmp_path / "data", inv, space=ImportSpace(), maps=maps,
-        config_for=lambda a: {"greeting": "hi"}, stop_timeout=2.0,
-        worker_policy=lambda: RestartPolicy(base=0.05, max_delay=0.2, max_restarts=3), **kw,  # type: ignore[arg-type]
+        config_for=lambda a: {"greeting": "hi"}, stop_timeout=2.0, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
     inv.add(rt)
     return rt, maps
@@ -416,3 +451,74 @@ async def test_worker_exits_when_the_node_process_dies(repo: Repository, tmp_pat
         node.kill()  # SIGKILL: the node cannot clean up
         await node.wait()
     await wait_for(lambda: not alive(worker), timeout=5.0)
+
+
+@pytest.mark.timeout(60)
+async def test_hooks_config_and_failed_start_in_a_worker(repo: Repository, tmp_path: Path) -> None:
+    config: dict[str, object] = {"mode": "fail"}
+    rt, _ = make_runtime(repo, tmp_path, isolation_for=lambda a: "process")
+    rt.config_for = lambda a: dict(config)
+    try:
+        await rt.load(HOOKS_A)
+        with pytest.raises(SliceStartError) as failed:
+            await rt.activate(HOOKS_A, [1])
+        assert (
+            str(failed.value)
+            == "start() of org.example:hooks:1.0.0 instance 1 raised RuntimeError: no database"
+        )
+        config["mode"] = 3  # does not fit Conf: the reason names the type and the field
+        with pytest.raises(SliceStartError, match=r"does not fit Conf.*\$\.mode"):
+            await rt.activate(HOOKS_A, [1])
+        config.update(mode="ok", healthy=False)
+        await rt.activate(HOOKS_A, [1])
+        assert dec(await rt.call(HOOKS_A, "conf", enc(None))) == {"mode": "ok", "healthy": False}
+        assert rt.check_health() == 1
+        await wait_for(lambda: rt.instance_loads()[0].healthy is False)
+        assert rt.instance_loads()[0].health_reason == "health() returned False"
+        config["healthy"] = True
+        assert await rt.reconfigure(HOOKS_A, 1) == "reloaded"  # its hook, in the worker
+        assert dec(await rt.call(HOOKS_A, "conf", enc(None))) == {"mode": "ok", "healthy": True}
+        rt.check_health()
+        await wait_for(lambda: rt.instance_loads()[0].healthy is True)
+    finally:
+        await rt.close()
+
+
+@pytest.mark.timeout(30)
+async def test_a_worker_that_ignores_shutdown_and_sigterm_is_killed(
+    repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rt, _ = make_runtime(repo, tmp_path, isolation_for=lambda a: "process")
+    rt.config_for = lambda a: {"mode": "stubborn"}
+    rt.stop_timeout = 0.3
+    await rt.load(HOOKS_A)
+    rt._entries[HOOKS_A].worker.stop_timeout = 0.3  # type: ignore[union-attr]
+    await rt.activate(HOOKS_A, [1])
+    pid = rt.worker_pid(HOOKS_A)
+    assert pid is not None
+    t0 = time.monotonic()
+    await rt.close()
+    assert not alive(pid)
+    assert time.monotonic() - t0 < 5
+    assert any("ignored SIGTERM; killing it" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(30)
+async def test_a_worker_that_keeps_dying_is_given_up(repo: Repository, tmp_path: Path) -> None:
+    policy = lambda: RestartPolicy(base=0.05, max_delay=0.05, max_restarts=1)  # noqa: E731
+    rt, _ = make_runtime(repo, tmp_path, isolation_for=lambda a: "process", worker_policy=policy)
+    try:
+        await rt.load(A)
+        await rt.activate(A, [1])
+        for _ in range(2):
+            await wait_for(lambda: rt._entries[A].worker.ready)  # type: ignore[union-attr]
+            with pytest.raises(WorkerLost):
+                await rt.call(A, "fail", enc("exit"))
+        await wait_for(lambda: rt.instance_loads()[0].healthy is False)
+        reason = rt.instance_loads()[0].health_reason or ""
+        assert "died 2 times in a row" in reason and "exit status 7" in reason
+        assert rt.worker_pid(A) is None
+        with pytest.raises(WorkerLost, match=r"not running: .*died 2 times"):
+            await rt.call(A, "version", enc(None))
+    finally:
+        await rt.close()

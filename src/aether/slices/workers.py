@@ -369,6 +369,8 @@ class WorkerHost:
 
     def _lost(self, proc: _Proc) -> None:
         """The socket closed: nothing in flight will be answered."""
+        if self._proc is proc:
+            self._ready = False  # calls fail fast (retryable) until the restart is done
         for fut in proc.pending.values():
             if not fut.done():
                 fut.set_exception(WorkerLost(
