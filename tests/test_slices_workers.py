@@ -152,6 +152,10 @@ class Uses(Slice):
         raise ValueError("boom")
 
     @entry
+    async def wrong(self) -> int:
+        return "not an int"
+
+    @entry
     async def relay(self, name: str) -> str:
         got = await self.call("org.example:hello", "greet", name, str)
         return got + " / rid=" + str(self.context.request_id)
@@ -322,6 +326,12 @@ async def test_conflicting_library_pins_each_get_their_version(
         assert wire_kind_of(bad.value) == KIND_BAD_REQUEST
         load = next(x for x in rt.instance_loads() if x.artifact == str(B))
         assert load.failures == 1  # only the ValueError; 404/409/400 are the caller's
+        # a result that does not fit the annotation: 500, logged (by the worker, on the node's log)
+        with pytest.raises(Exception) as wrong:
+            await rt.call(B, "wrong", enc(None))
+        assert type(wrong.value).__name__ == "ResponseTypeError" and wrong.value.status == 500  # type: ignore[attr-defined]
+        await wait_for(lambda: any(r.levelno == logging.ERROR and "Uses.wrong" in r.getMessage()
+                                   for r in caplog.records))  # fmt: skip
         # a slice-to-slice call from inside the worker, with the request id
         got = dec(await rt.call(B, "relay", enc("ann"), request_id="req-7"))
         assert got == "Hello, ann / rid=req-7"

@@ -33,6 +33,7 @@ import msgspec
 
 from aether.core.artifact import Artifact
 from aether.slices.api import Slice, SliceContext, current_request_id, describe_slice, invoke_entry, type_name
+from aether.slices.errors import ResponseTypeError
 from aether.slices.workerproto import (
     DEFAULT_MAX_FRAME,
     Call,
@@ -305,7 +306,11 @@ class _Worker:
             obj = self._instance(slot)
             if m.request_id is not None:
                 current_request_id.set(m.request_id)
-            return await invoke_entry(obj, m.method, m.payload)
+            try:
+                return await invoke_entry(obj, m.method, m.payload)
+            except ResponseTypeError as exc:  # a bug of the slice: logged, as in-process
+                logging.getLogger("aether.slices.worker").error("%s: %s", artifact, exc)
+                raise
         if m.op == "start":
             config = self._config(m.config)
             try:
