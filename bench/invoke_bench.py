@@ -21,6 +21,15 @@ nodes started with `--tls-cert/--tls-key/--tls-ca`; the cluster secret stays on 
 plain/TLS, TLS/plain, ..., each on a fresh cluster. Final line (rates: median of the rounds):
 `RESULT nodes=3 rounds=3 plain_calls_s=... tls_calls_s=... tls_loss_pct=... plain_p50_ms=... tls_p50_ms=...
 plain_rate_p99_ms=... tls_rate_p99_ms=... plain_runs=a/b/c tls_runs=a/b/c`
+
+`--worker`: the extra cost of a call into a slice worker process (docs/slices.md, *Worker
+processes*) against an in-process call, in one process without a cluster: one `SliceRuntime` runs
+the same echo slice twice, once in the node's interpreter and once in a worker (`isolation =
+"process"`), and calls each through `SliceRuntime.call` (what the invoker does for a local call),
+`--worker-rounds` times, alternating which goes first: one caller (median and p99 latency), then
+`--concurrency` callers (calls/s). Final line (medians of the rounds):
+`RESULT worker_rounds=3 inproc_p50_ms=... worker_p50_ms=... p50_ratio=... inproc_calls_s=...
+worker_calls_s=... calls_ratio=... inproc_p99_ms=... worker_p99_ms=... concurrency=32`
 """
 
 from __future__ import annotations
@@ -239,6 +248,100 @@ def compare_tls(a: argparse.Namespace, work: str) -> int:
     return 0
 
 
+ECHO = """
+from aether.slices import Slice, entry
+
+
+class Echo(Slice):
+    @entry
+    async def echo(self, text: str) -> str:
+        return text
+"""
+
+
+async def _measure(rt: object, target: object, calls: int, concurrency: int) -> tuple[float, float, float]:
+    """`calls` calls of `echo` through `rt.call` by `concurrency` callers: (calls/s, p50 ms, p99 ms)."""
+    import asyncio
+
+    import msgspec
+
+    payload = msgspec.msgpack.encode("bench")
+    lat: list[float] = []
+    per = max(1, calls // concurrency)
+
+    async def caller() -> None:
+        for _ in range(per):
+            t0 = time.perf_counter()
+            await rt.call(target, "echo", payload)  # type: ignore[attr-defined]
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    dt = time.perf_counter() - t0
+    lat.sort()
+    return len(lat) / dt, lat[len(lat) // 2] * 1000, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+
+
+async def _compare_worker(a: argparse.Namespace, work: Path) -> dict[str, object]:
+    from aether.core.artifact import Artifact
+    from aether.slices.loader import ImportSpace
+    from aether.slices.repository import Repository
+    from aether.slices.runtime import SliceRuntime
+    from aether.slices.testing import StoreInvoker, build_slice_wheel
+
+    repo = Repository(work / "repo")
+    inproc, worker = Artifact.parse("org.bench:echo:1.0.0"), Artifact.parse("org.bench:echo-worker:1.0.0")
+    for art, mod in ((inproc, "bench_echo"), (worker, "bench_echo_worker")):
+        repo.deploy(build_slice_wheel(work / "wheels" / mod, art, ECHO, "Echo", module=mod))
+    rt = SliceRuntime(
+        "bench", repo, work / "data", StoreInvoker(), space=ImportSpace(),
+        isolation_for=lambda art: "process" if art == worker else "auto",
+    )  # fmt: skip
+    figures: dict[str, list[tuple[float, float, float]]] = {"inproc": [], "worker": []}
+    try:
+        for art in (inproc, worker):
+            await rt.load(art)
+            await rt.activate(art, [1])
+        assert rt.isolation(worker) == "process" and rt.isolation(inproc) == "thread"
+        for art in (inproc, worker):  # warm-up
+            await _measure(rt, art, 2000, a.concurrency)
+        for r in range(a.worker_rounds):
+            order = [("inproc", inproc), ("worker", worker)]
+            for name, art in order if r % 2 == 0 else order[::-1]:
+                _, p50, p99 = await _measure(rt, art, max(1000, a.calls // 10), 1)
+                rate, _, _ = await _measure(rt, art, a.calls, a.concurrency)
+                figures[name].append((p50, p99, rate))
+                log(f"round {r + 1} {name}: p50 {p50:.3f} ms, p99 {p99:.3f} ms (1 caller), "
+                    f"{rate:,.0f} calls/s ({a.concurrency} callers)")  # fmt: skip
+    finally:
+        await rt.close()
+
+    def med(name: str, i: int) -> float:
+        return statistics.median(f[i] for f in figures[name])
+
+    res: dict[str, object] = {"worker_rounds": a.worker_rounds}
+    res.update(inproc_p50_ms=med("inproc", 0), worker_p50_ms=med("worker", 0))
+    res.update(p50_ratio=med("worker", 0) / med("inproc", 0))
+    res.update(inproc_calls_s=med("inproc", 2), worker_calls_s=med("worker", 2))
+    res.update(calls_ratio=med("worker", 2) / med("inproc", 2))
+    res.update(inproc_p99_ms=med("inproc", 1), worker_p99_ms=med("worker", 1), concurrency=a.concurrency)
+    return res
+
+
+def compare_worker(a: argparse.Namespace) -> int:
+    import asyncio
+
+    work = Path(tempfile.mkdtemp(prefix="aether-worker-bench-"))
+    try:
+        res = asyncio.run(_compare_worker(a, work))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    shown = (f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+    print("RESULT " + " ".join(shown))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=3)
@@ -249,7 +352,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--tls", action="store_true", help="compare remote calls: plaintext vs mutual TLS")
     ap.add_argument("--tls-rounds", type=int, default=3, help="with --tls: measurements per mode")
+    ap.add_argument("--worker", action="store_true", help="calls into a worker process vs in-process")
+    ap.add_argument("--worker-rounds", type=int, default=3, help="with --worker: measurements per mode")
     a = ap.parse_args()
+    if a.worker:
+        return compare_worker(a)
 
     work = tempfile.mkdtemp(prefix="aether-invoke-bench-")
     os.environ["AETHER_REPOSITORY"] = os.path.join(work, "repo")

@@ -367,6 +367,13 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "partitions, failing slice instances; admin role), for Aether Forge and tests. Never in production.",
 )
 @click.option(
+    "--max-workers",
+    type=click.IntRange(0, 1024),
+    metavar="N",
+    help="Slice worker processes this node may run at once (slices whose libraries conflict with "
+    "what is loaded, or with isolation = \"process\"; docs/slices.md) [default: 8].",
+)
+@click.option(
     "--controller-record",
     type=click.Path(dir_okay=False),
     metavar="FILE",
@@ -407,6 +414,7 @@ def node(
     repository: str | None,
     metrics_public: bool | None,
     fault_injection: bool | None,
+    max_workers: int | None,
     controller_record: str | None,
     log_level: str,
 ) -> None:
@@ -438,6 +446,7 @@ def node(
         "repository": repository or None,
         "metrics_public": metrics_public or None,
         "fault_injection": fault_injection or None,
+        "max_workers": max_workers,
         "controller_record": controller_record or None,
     }
     try:

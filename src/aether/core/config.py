@@ -93,6 +93,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # before it counts as failed (docs/slices.md, *Health checks*)
     health_interval: float = 5.0
     health_timeout: float = 2.0
+    # slice worker processes this node may run at once (docs/slices.md, *Worker processes*): a slice
+    # whose libraries or code conflict with what is loaded, or whose blueprint says isolation =
+    # "process", runs in one; loading one more fails with a reason naming this limit
+    max_workers: int = 8
     # append every observation the controller decides on while this node leads to this file (JSON
     # lines; `aether controller replay FILE` runs them through a controller config offline)
     controller_record: str | None = None
@@ -152,6 +156,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                      "max_connections_per_host"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if not 0 <= self.max_workers <= 1024:
+            raise ConfigError(f"max_workers must be between 0 and 1024 (got {self.max_workers})")
         if self.max_buffered_bytes < MIN_MAX_BUFFERED_BYTES:
             raise ConfigError(
                 f"max_buffered_bytes must be at least {MIN_MAX_BUFFERED_BYTES} (32 MiB: room for two of "
@@ -222,6 +228,7 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_instances_per_cluster: int | None = None
     metrics_public: bool | None = None
     fault_injection: bool | None = None
+    max_workers: int | None = None
 
 
 def load_toml(path: str | Path) -> dict[str, object]:

@@ -17,6 +17,7 @@ instances = 3                     # optional, default 1 (scaling.min when scaled
 max_concurrency = 8               # optional: calls one instance runs at once (default: no limit)
 max_queue = 80                    # optional: calls one instance queues beyond that (default 10 x)
 entry_concurrency = { reserve = 2 }  # optional: per-entry limits within an instance
+isolation = "process"             # optional: "auto" (default) or "process" (its own worker process)
 
 [slices.place_order.scaling]      # optional: the controller scales the slice within [min, max]
 min = 1
@@ -57,7 +58,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -88,6 +89,7 @@ class BlueprintSliceSpec:
     max_queue: int | None = None
     entry_concurrency: Mapping[str, int] = field(default_factory=dict)
     rollout: RolloutPolicy | None = None
+    isolation: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class _SliceTable(msgspec.Struct, forbid_unknown_fields=True):
     entry_concurrency: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
     scaling: dict[str, object] | None = None  # converted into a ScalingRule on its own
     rollout: dict[str, object] | None = None  # converted into a RolloutPolicy on its own
+    isolation: Literal["auto", "process"] = "auto"
 
 
 # `[maps.NAME]` tables are converted straight into `MapSpec` (also forbid_unknown_fields).
@@ -302,6 +305,8 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
             if key == "rollout":
                 return (f"rollout in [slices.{name}] must be a table ([slices.{name}.rollout]) with "
                         f"strategy, steps, ..., got {value!r}")
+            if key == "isolation":
+                return f'isolation in [slices.{name}] must be "auto" or "process", got {value!r}'
             if key == "scaling":
                 return (f"scaling in [slices.{name}] must be a table ([slices.{name}.scaling]) with min, "
                         f"max and targets, got {value!r}")
@@ -344,7 +349,7 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
         rollout = _parse_rollout(st.rollout, name, fail) if st.rollout is not None else None
         spec = BlueprintSliceSpec(
             name, artifact, instances or 1, line, st.config, scaling, st.max_concurrency, st.max_queue,
-            dict(st.entry_concurrency), rollout,
+            dict(st.entry_concurrency), rollout, st.isolation,
         )
         by_name[artifact.name] = spec
         specs.append(spec)
@@ -575,6 +580,7 @@ def expand(
             max_queue=listed_spec.max_queue if listed_spec else None,
             entry_concurrency=dict(listed_spec.entry_concurrency) if listed_spec else {},
             rollout=listed_spec.rollout if listed_spec else None,
+            isolation=listed_spec.isolation if listed_spec else "auto",
         ))
     return BlueprintValue(out, source=source)
 

@@ -85,6 +85,7 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     max_queue: int | None = None  # calls one instance queues beyond max_concurrency (None: default)
     entry_concurrency: dict[str, int] = {}  # per-entry limits within an instance
     rollout: RolloutPolicy | None = None  # [slices.NAME.rollout]: how a new version replaces this one
+    isolation: str = "auto"  # "process": always in a worker process of its own; "auto": when needed
 
 
 class BlueprintValue(msgspec.Struct, frozen=True):

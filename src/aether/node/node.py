@@ -242,6 +242,7 @@ class Node:
             logger=logging.getLogger(f"aether.slices.{self.node_id}"), maps=self.maps,
             recorder=self.metrics.entries,
             health_interval=config.health_interval, health_timeout=config.health_timeout,
+            isolation_for=self._slice_isolation, max_workers=config.max_workers,
             # slice code runs on its own loops; one that keeps blocking its loop is quarantined
             on_block=[self._on_slice_block],
         )
@@ -300,6 +301,16 @@ class Node:
         if s is None:
             return SliceLimits()
         return SliceLimits(s.max_concurrency, s.max_queue, dict(s.entry_concurrency))
+
+    def _slice_isolation(self, artifact: Artifact) -> str:
+        """``process`` when a blueprint on this replica says `isolation = "process"` for `artifact`,
+        else ``auto`` (`SliceRuntime.isolation_for`)."""
+        coords = str(artifact)
+        for _, value in self.kv.list_local("blueprints/"):
+            for s in getattr(value, "slices", ()):
+                if getattr(s, "artifact", None) == coords and getattr(s, "isolation", "auto") == "process":
+                    return "process"
+        return "auto"
 
     def _instance_counters(self) -> list[InstanceCounters]:
         """The slice runtime's instance loads as metrics counters (`MetricsService.instances`)."""

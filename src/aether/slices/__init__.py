@@ -7,7 +7,10 @@ The node and the deployment managers use `SliceRuntime`, `Repository` and `descr
 Modules: `api` (programming model: `Slice`, the decorators, `SliceContext`, `SliceCaller`), `errors`,
 `maps` (`SliceMap`), `wheel` (packaging format), `repository` (local repository directory),
 `libstore` (node-local installed code), `loader` (library resolution and import), `store`
-(`SliceRuntime`), `testing` (wheel builders and invokers for tests). Behind `api`, private:
+(`SliceRuntime`), `isolation` (each artifact's own loop and thread), `workers` / `worker` /
+`workerproto` (worker processes for slices that cannot share the node's interpreter: the node's
+side, the process's main, the protocol and restart policy), `testing` (wheel builders and
+invokers for tests). Behind `api`, private:
 `_inspect` (class inspection, `describe_slice`), `_codec` (the MessagePack codec and `CodecCache`,
 the caches of one loaded slice, which go when it is unloaded) and `_proxy` (typed calls, proxies).
 

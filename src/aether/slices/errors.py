@@ -161,6 +161,12 @@ class SliceLoadError(SliceError):
         self.reason = reason
 
 
+class SliceConflict(SliceLoadError):
+    """The slice cannot share the node's interpreter: a library it needs conflicts with a version
+    already loaded there, or its code's top-level module is already imported from another wheel
+    (another version of the same slice). The runtime then runs it in a worker process."""
+
+
 class SliceStartError(SliceError):
     """`start()` of an instance raised or timed out; `stop()` is not called for that instance."""
 

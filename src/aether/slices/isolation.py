@@ -12,8 +12,8 @@ Why threads: heartbeats, consensus, map replication and the management API run o
 loop. An entry that calls `time.sleep(5)` or spins on the CPU used to stop all of them, and the
 cluster evicted the whole node. Now it stops only its own slice's loop (a CPU-bound entry still
 shares the interpreter lock, which Python hands over every few milliseconds). What threads do
-not contain: `os._exit()`, crashes in C extensions, memory exhaustion (isolated worker processes
-are the answer to those).
+not contain: `os._exit()`, crashes in C extensions, memory exhaustion (a slice run in a worker
+process, `aether.slices.workers`, is contained against those too).
 
 May import `aether.core` and `aether.slices.*`.
 """

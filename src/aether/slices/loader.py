@@ -9,7 +9,7 @@ Resolution of each requirement (greedy, breadth-first over the slice's `Requires
 each chosen library's own requirements):
 
 1. a version already loaded in this interpreter (by any slice) is shared if it satisfies the
-   specifier, else the load fails with `SliceLoadError` naming both requirements;
+   specifier, else the load fails with `SliceConflict` naming both requirements;
 2. else a distribution installed in the node's own environment is used if it satisfies the
    specifier, else the load fails (naming the environment's version);
 3. else the highest version in the library store / repository wheelhouse satisfying it is
@@ -21,8 +21,10 @@ module-level state, mirroring `sys.path`). Library directories stay on `sys.path
 (modules imported from them cannot be unimported safely); a slice's code directory and its
 modules are removed when the last node using that wheel unloads it, so a new version of the same
 slice can then be loaded. Two different wheels whose code has the same top-level module (e.g.
-two versions of one slice) cannot be loaded side by side: the second fails with a clear reason
-(isolated worker processes are a later step).
+two versions of one slice) cannot be loaded side by side in one interpreter: the second raises
+`SliceConflict`, as does a library conflict, and the runtime runs it in a worker process
+instead; `prepare_isolated` installs such a slice's code and the libraries resolved for the
+worker's own import space (`ImportSpace.fresh`) without importing anything here.
 
 Blocking: `load`/`unload` do file I/O, may run pip and import code; run them in a thread.
 May import: `aether.core`, `aether.slices.*`, `packaging`.
@@ -50,6 +52,7 @@ from aether.slices.api import CodecCache, Slice, SliceInfo, describe_slice
 from aether.slices.errors import (
     ArtifactNotFound,
     InvalidWheel,
+    SliceConflict,
     SliceDefinitionError,
     SliceLoadError,
 )
@@ -57,7 +60,15 @@ from aether.slices.libstore import Candidate, Installer, LibraryStore
 from aether.slices.repository import Repository
 from aether.slices.wheel import WheelInfo, inspect_wheel, sha256_file
 
-__all__ = ["ImportSpace", "LoadedCode", "LoadedLibrary", "LoadedSlice", "SliceLoader", "default_import_space"]
+__all__ = [
+    "ImportSpace",
+    "IsolatedCode",
+    "LoadedCode",
+    "LoadedLibrary",
+    "LoadedSlice",
+    "SliceLoader",
+    "default_import_space",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +122,15 @@ class ImportSpace:
                 return None
         return None
 
+    def fresh(self, exclude: tuple[Path, ...] = ()) -> ImportSpace:
+        """An empty space over the same environment: what a worker process starts from (nothing
+        loaded by slices yet; the environment is this interpreter's own `sys.path` before them,
+        without the directories under `exclude`: a library store's, never the environment)."""
+        other = ImportSpace()
+        roots = tuple(str(p) for p in exclude)
+        other._base_path = [p for p in self._base_path if not (roots and p.startswith(roots))]
+        return other
+
     def snapshot(self) -> dict[str, str]:
         """`{library: version}` of every library loaded here (diagnostics)."""
         with self.lock:
@@ -137,6 +157,21 @@ class LoadedSlice:
     codecs: CodecCache = field(default_factory=CodecCache, repr=False)
     """The decoders and proxy specs built for this slice's types (every instance's
     `context.codecs`): they live and go with the loaded slice, not with the process."""
+
+
+@dataclass(frozen=True)
+class IsolatedCode:
+    """A slice prepared for a worker process (`SliceLoader.prepare_isolated`): its code and library
+    directories are installed in the node's `LibraryStore`, its libraries resolved as if nothing
+    else were loaded (the worker's own import space); nothing was imported here."""
+
+    artifact: Artifact
+    wheel: WheelInfo
+    sha256: str
+    code_dir: Path
+    slice_class: str
+    library_dirs: list[Path]
+    libraries: dict[str, str]  # name -> version
 
 
 @dataclass
@@ -232,9 +267,39 @@ class SliceLoader:
         self._loaded[artifact] = loaded
         return loaded
 
+    def prepare_isolated(self, artifact: Artifact) -> IsolatedCode:
+        """Resolve, install (code and libraries) but do not import `artifact`: for a worker process,
+        whose import space is its own. Raises SliceLoadError(reason)."""
+        try:
+            wheel_path = self.repository.resolve(artifact)
+            info = inspect_wheel(wheel_path, artifact, limits=self.repository.wheel_limits)
+        except (ArtifactNotFound, InvalidWheel) as e:
+            raise SliceLoadError(str(e)) from None
+        if not info.is_slice or info.slice_class is None:
+            raise SliceLoadError(f"{artifact}: {wheel_path.name} declares no slice class")
+        try:
+            sha = sha256_file(wheel_path)
+            code_dir = self.store.install_slice_code(wheel_path, sha)
+            worker_space = self.space.fresh(exclude=(self.store.libs_root, self.store.slices_root))
+            plan = self._plan(artifact, list(info.requirements), worker_space)
+            dirs: list[Path] = []
+            for p in plan:
+                if p.candidate is not None:
+                    self.store.ensure(p.candidate)
+                    dirs.append(self.store.directory_for(p.name, p.version))
+        except SliceLoadError:
+            raise
+        except Exception as e:
+            raise SliceLoadError(f"{artifact} cannot be loaded: {type(e).__name__}: {e}") from e
+        libraries = {p.name: str(p.version) for p in plan}
+        return IsolatedCode(artifact, info, sha, code_dir, info.slice_class, dirs, libraries)
+
     # --- libraries ----------------------------------------------------------------------------------
 
-    def _plan(self, artifact: Artifact, requirements: list[Requirement]) -> list[_Planned]:
+    def _plan(
+        self, artifact: Artifact, requirements: list[Requirement], space: ImportSpace | None = None
+    ) -> list[_Planned]:
+        space = self.space if space is None else space
         label = f"{artifact}"
         chosen: dict[str, _Planned] = {}
         queue: deque[tuple[Requirement, str]] = deque((r, label) for r in requirements)
@@ -249,13 +314,12 @@ class SliceLoader:
                         f"requires {prev.requirement} (resolved to {name} {prev.version})"
                     )
                 continue
-            loaded = self.space.libraries.get(name)
+            loaded = space.libraries.get(name)
             if loaded is not None:
                 if not _contains(req, loaded.version):
-                    raise SliceLoadError(
-                        f"{artifact} cannot be loaded on {self.node_id}: {who} requires {req}, which "
-                        f"conflicts with {loaded.describe()}; a slice with conflicting libraries needs its "
-                        "own worker process (not supported yet)"
+                    raise SliceConflict(
+                        f"{artifact} cannot be loaded into the interpreter of {self.node_id}: {who} requires "
+                        f"{req}, which conflicts with {loaded.describe()}"
                     )
                 chosen[name] = _Planned(name, loaded.version, str(req), who, None, loaded.path is None)
                 if req.extras and loaded.path is not None:
@@ -264,7 +328,7 @@ class SliceLoader:
                         (r, f"{name} {loaded.version}") for r in self.store.requirements_of(held, req.extras)
                     )
                 continue
-            env = self.space.env_version(name)
+            env = space.env_version(name)
             if env is not None:
                 if not _contains(req, env):
                     raise SliceLoadError(
@@ -325,10 +389,9 @@ class SliceLoader:
             other_sha = space.modules.get(m)
             if other_sha is not None and other_sha != sha:
                 other = space.code[other_sha]
-                raise SliceLoadError(
-                    f"{artifact} cannot be loaded on {self.node_id}: its module {m!r} is already loaded from "
-                    f"another wheel ({other.label}); unload that one first (two versions of one slice's code "
-                    "cannot share a process yet)"
+                raise SliceConflict(
+                    f"{artifact} cannot be loaded into the interpreter of {self.node_id}: its module {m!r} "
+                    f"is already loaded from another wheel ({other.label})"
                 )
             if other_sha is None and m in sys.modules:
                 where = getattr(sys.modules[m], "__file__", None) or "a built-in module"

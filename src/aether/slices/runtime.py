@@ -51,6 +51,7 @@ import msgspec
 from aether.core.artifact import Artifact
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.core.secrets import ResolvedConfig, redact
+from aether.slices._inspect import EntryInfo, RouteInfo
 from aether.slices.api import (
     Slice,
     SliceCaller,
@@ -68,6 +69,8 @@ from aether.slices.errors import (
     InstanceStopping,
     NoLocalInstance,
     ResponseTypeError,
+    SliceConflict,
+    SliceLoadError,
     SliceStartError,
     SliceStateError,
     UnknownEntry,
@@ -78,6 +81,8 @@ from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
 from aether.slices.repository import Repository
+from aether.slices.workerproto import RestartPolicy, SliceDescription
+from aether.slices.workers import WorkerHost, WorkerLost, WorkerSpec, worker_paths
 
 __all__ = ["CallRecorder", "InjectedFault", "SliceFault", "SliceRuntime"]
 
@@ -119,6 +124,32 @@ def is_client_error(exc: BaseException) -> bool:
     return status is not None and status <= 499
 
 
+async def _remote_entry(*_: Any, **__: Any) -> Any:
+    raise SliceStateError("this entry runs in a worker process")
+
+
+def _info_of(desc: SliceDescription) -> SliceInfo:
+    """The node's `SliceInfo` of a class loaded in a worker: names, routes and docs (no types: the
+    payloads are decoded and the results encoded in the worker)."""
+    routes = [RouteInfo(r.http_method, r.path, r.entry, tuple(r.path_params), dict(r.bindings))
+              for r in desc.routes]  # fmt: skip
+    entries = {
+        e.name: EntryInfo(
+            e.name,
+            e.qualname,
+            e.kind,
+            None,
+            (),
+            None,
+            tuple(r for r in routes if r.entry == e.name),
+            e.doc,
+            _remote_entry,
+        )
+        for e in desc.entries
+    }
+    return SliceInfo(Slice, desc.name, entries, routes, desc.doc)
+
+
 # A pure function's cache (like normalize_target's): parsing coordinates on every call was ~10% of
 # the HTTP request path.
 _parse_artifact = functools.lru_cache(maxsize=1024)(Artifact.parse)
@@ -130,7 +161,7 @@ HEALTH_REASON_MAX = 200  # characters of a failed health check's reason that are
 @dataclass(eq=False)
 class _Instance:
     id: int
-    obj: Slice
+    obj: Slice | None  # None: the object lives in the artifact's worker process (`slot` there)
     inflight: int = 0  # calls running or queued (what draining waits for)
     accepting: bool = True
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -151,6 +182,7 @@ class _Instance:
     health_reason: str | None = None
     health_task: asyncio.Task[None] | None = None
     fault: SliceFault | None = None  # injected (`SliceRuntime.inject_fault`)
+    slot: int = 0  # its object's key in the worker process (worker instances only)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -171,9 +203,22 @@ class _Entry:
     coords: str = ""  # str(artifact), once: the metrics key (a str caches its hash)
     thread: SliceThread | None = None  # where its code runs while it is active
     limits: SliceLimits = NO_LIMITS  # from `limits_for`, read on activation and every health round
+    worker: WorkerHost | None = None  # its code runs in this worker process instead of `thread`
+    has_health: bool = False
+    has_reconfigure: bool = False
 
     def __post_init__(self) -> None:
         self.coords = str(self.loaded.artifact)
+        if self.worker is None:
+            self.has_health = callable(getattr(self.loaded.cls, "health", None))
+            self.has_reconfigure = callable(getattr(self.loaded.cls, "reconfigure", None))
+
+    @property
+    def running(self) -> bool:
+        """Its code can run: a slice loop (in-process) or a worker that is up."""
+        if self.worker is not None:
+            return self.state == "active"
+        return self.thread is not None
 
 
 class SliceRuntime:
@@ -197,6 +242,13 @@ class SliceRuntime:
     activated and every `health_interval` s (so a re-applied blueprint reaches running instances);
     an exception there is logged and the limits kept. Slices with a `health()` hook have it called
     every `health_interval` s with a `health_timeout` (see the module docstring).
+
+    Worker processes (docs/slices.md, *Worker processes*): an artifact that cannot share this
+    interpreter (`SliceConflict`: a library version conflict, or its module already imported from
+    another wheel) or whose `isolation_for(artifact)` is ``"process"`` runs in its own supervised
+    worker process (`aether.slices.workers.WorkerHost`), at most `max_workers` of them; the rest of
+    this class (gates, counters, health, draining, faults) works the same for it. `worker_policy`
+    makes the restart policy of each worker.
     """
 
     def __init__(
@@ -220,6 +272,9 @@ class SliceRuntime:
         limits_for: Callable[[Artifact], SliceLimits] | None = None,
         health_interval: float = 5.0,
         health_timeout: float = 2.0,
+        isolation_for: Callable[[Artifact], str] | None = None,
+        max_workers: int = 8,
+        worker_policy: Callable[[], RestartPolicy] = RestartPolicy,
     ) -> None:
         if health_interval <= 0 or health_timeout <= 0:
             raise ValueError("health_interval and health_timeout must be positive numbers of seconds")
@@ -249,6 +304,13 @@ class SliceRuntime:
         self._health: asyncio.Task[None] | None = None
         self._faults: dict[Artifact, SliceFault] = {}  # injected faults (`inject_fault`)
         self._fault_rng = random.Random()
+        if max_workers < 0:
+            raise ValueError("max_workers must be >= 0")
+        self.isolation_for = isolation_for
+        self.max_workers = max_workers
+        self.worker_policy = worker_policy
+        self._workers_reserved = 0  # worker processes running or being started for a load
+        self._slots = itertools.count(1)  # never reused: names an instance object in a worker
 
     def _lock(self, artifact: Artifact) -> asyncio.Lock:
         lock = self._locks.get(artifact)
@@ -267,10 +329,73 @@ class SliceRuntime:
             e = self._entries.get(artifact)
             if e is not None:
                 return e.loaded.info
-            loaded = await asyncio.to_thread(self.loader.load, artifact)
-            self._entries[artifact] = _Entry(loaded)
-            self.log.info("%s: loaded %s (%s)", self.node_id, artifact, loaded.info.name)
-            return loaded.info
+            mode = self._isolation(artifact)
+            if mode == "process":
+                e = await self._load_in_worker(artifact, 'its blueprint sets isolation = "process"')
+            else:
+                try:
+                    e = _Entry(await asyncio.to_thread(self.loader.load, artifact))
+                except SliceConflict as exc:
+                    e = await self._load_in_worker(artifact, exc.reason)
+            self._entries[artifact] = e
+            where = f" in worker process {e.worker.pid}" if e.worker is not None else ""
+            self.log.info("%s: loaded %s (%s)%s", self.node_id, artifact, e.loaded.info.name, where)
+            return e.loaded.info
+
+    def _isolation(self, artifact: Artifact) -> str:
+        if self.isolation_for is None:
+            return "auto"
+        try:
+            return self.isolation_for(artifact)
+        except Exception:
+            self.log.exception("%s: reading the isolation of %s failed; using auto", self.node_id, artifact)
+            return "auto"
+
+    async def _load_in_worker(self, artifact: Artifact, reason: str) -> _Entry:
+        """Prepare `artifact`'s code and libraries for a worker of its own and start that worker."""
+        if self._workers_reserved >= self.max_workers:
+            raise SliceLoadError(
+                f"{artifact} needs a worker process of its own ({reason}), but {self.node_id} already runs "
+                f"{self._workers_reserved} worker process(es), its limit (max_workers = {self.max_workers}; "
+                "`aether node --max-workers N`)"
+            )
+        self._workers_reserved += 1
+        try:
+            code = await asyncio.to_thread(self.loader.prepare_isolated, artifact)
+            host = WorkerHost(
+                WorkerSpec(str(artifact), code.slice_class, worker_paths(code.code_dir, code.library_dirs),
+                           code.libraries, reason),
+                self.node_id, self.invoker, maps=self.maps, logger=self.log, policy=self.worker_policy(),
+                stop_timeout=self.stop_timeout,
+            )  # fmt: skip
+            desc = await host.open()
+        except BaseException:
+            self._workers_reserved -= 1
+            raise
+        loaded = LoadedSlice(artifact, Slice, _info_of(desc), code.wheel, code.sha256, code.code_dir,
+                             code.libraries)  # fmt: skip
+        e = _Entry(loaded, worker=host, has_health=desc.has_health, has_reconfigure=desc.has_reconfigure)
+        host.on_restart = functools.partial(self._worker_restarted, e)
+        host.on_gone = functools.partial(self._worker_gone, e)
+        return e
+
+    async def _worker_restarted(self, e: _Entry) -> None:
+        """A worker came back: start its instances again (their counters stay: they live here)."""
+        if e.state != "active" or not e.instances:
+            return
+        raw = self._raw_config(e)
+        for inst in list(e.instances.values()):
+            if not inst.accepting:
+                continue
+            inst.slot = next(self._slots)
+            try:
+                await self._start_in_worker(e, inst.id, inst.slot, raw)
+            except SliceStartError as exc:
+                self._health_failed(e, inst, f"restarted in a new worker process, start failed: {exc}")
+
+    def _worker_gone(self, e: _Entry, reason: str) -> None:
+        for inst in e.instances.values():
+            self._health_failed(e, inst, reason)
 
     async def activate(self, artifact: Artifact, instances: list[int]) -> None:
         """Create one object per instance id, set its context, await `start()` on each.
@@ -284,8 +409,9 @@ class SliceRuntime:
             if e.state == "active":
                 await self._set_instances(e, instances, 5.0)
                 return
-            e.thread = SliceThread(e.coords, block_limit=self.block_limit, logger=self.log)
-            self._ensure_watchdog()
+            if e.worker is None:
+                e.thread = SliceThread(e.coords, block_limit=self.block_limit, logger=self.log)
+                self._ensure_watchdog()
             e.limits = self._limits(e)
             try:
                 started = await self._start_instances(e, sorted(set(instances)))
@@ -324,10 +450,21 @@ class SliceRuntime:
             e = self._require(artifact)
             old = e.instances.get(instance) if e.state == "active" else None
             thread = e.thread
-            if old is None or thread is None:
+            if old is None or not e.running:
                 return "absent"
+            if e.worker is not None and e.has_reconfigure:
+                config, secrets = self._config(e)
+                try:
+                    await e.worker.request("reconfigure", instance, old.slot, config=config)
+                except Exception as exc:
+                    raise SliceStartError(
+                        redact(f"reconfigure() of {artifact} instance {instance} failed: {exc}", secrets),
+                        instance=instance,
+                    ) from exc
+                self.log.info("%s: %s instance %d reconfigured in place", self.node_id, artifact, instance)
+                return "reloaded"
             hook = getattr(old.obj, "reconfigure", None)
-            if hook is not None and callable(hook):
+            if hook is not None and callable(hook) and thread is not None and old.obj is not None:
                 config, secrets = self._config(e)
                 try:
                     await thread.run(hook(config), entry="reconfigure()")
@@ -365,7 +502,7 @@ class SliceRuntime:
             await asyncio.gather(*(self._stop_one(e, i) for i in insts))
             await self._close_thread(e)
             e.instances = {}
-            e.state = "loaded"
+            e.state = "loaded"  # a worker keeps running with the class loaded until `unload`
             self.log.info("%s: deactivated %s", self.node_id, artifact)
 
     async def unload(self, artifact: Artifact) -> None:
@@ -376,6 +513,13 @@ class SliceRuntime:
         async with self._lock(artifact):
             e = self._entries.pop(artifact, None)
             if e is None:
+                return
+            if e.worker is not None:
+                try:
+                    await e.worker.close()
+                finally:
+                    self._workers_reserved -= 1
+                self.log.info("%s: unloaded %s (its worker process stopped)", self.node_id, artifact)
                 return
             await asyncio.to_thread(self.loader.unload, artifact)
             self.log.info("%s: unloaded %s", self.node_id, artifact)
@@ -403,6 +547,24 @@ class SliceRuntime:
     def state(self, artifact: Artifact) -> Literal["loaded", "active"] | None:
         e = self._entries.get(artifact)
         return e.state if e is not None else None
+
+    def worker_pid(self, artifact: Artifact) -> int | None:
+        """The process id of the worker `artifact` runs in (None: it runs in this interpreter, or its
+        worker is being restarted)."""
+        e = self._entries.get(artifact)
+        return e.worker.pid if e is not None and e.worker is not None else None
+
+    def isolation(self, artifact: Artifact) -> Literal["thread", "process"] | None:
+        """Where `artifact`'s code runs: ``thread`` (this interpreter, its own loop and thread) or
+        ``process`` (a worker process); None if it is not loaded here."""
+        e = self._entries.get(artifact)
+        if e is None:
+            return None
+        return "process" if e.worker is not None else "thread"
+
+    def workers(self) -> dict[Artifact, int | None]:
+        """Every artifact that runs in a worker process here, with the worker's pid."""
+        return {a: e.worker.pid for a, e in sorted(self._entries.items()) if e.worker is not None}
 
     def artifacts(self) -> dict[Artifact, str]:
         """Every artifact known here with its state (`loaded` or `active`)."""
@@ -563,7 +725,8 @@ class SliceRuntime:
                 finally:
                     inst.queued -= 1
             thread = e.thread
-            if thread is None:  # stopped while this call waited (a drain that timed out)
+            worker = e.worker
+            if not e.running:  # stopped while this call waited (a drain that timed out)
                 if gate is not None:
                     gate.leave(method)
                 raise NoLocalInstance(f"{e.coords} instance {inst.id} on {self.node_id} stopped")
@@ -572,7 +735,16 @@ class SliceRuntime:
             try:
                 if inst.fault is not None:
                     await self._injected(e, inst)
-                result = await thread.run(_call_entry(inst.obj, method, payload, request_id), entry=method)
+                if worker is not None:
+                    result = await worker.request(
+                        "call", inst.id, inst.slot, method=method, payload=payload,
+                        request_id=request_id if request_id is not None else current_request_id.get(),
+                    )  # fmt: skip
+                else:
+                    assert thread is not None and inst.obj is not None
+                    result = await thread.run(
+                        _call_entry(inst.obj, method, payload, request_id), entry=method
+                    )
                 ok = True
                 return result
             except ResponseTypeError as exc:
@@ -739,9 +911,9 @@ class SliceRuntime:
         started = 0
         for e in list(self._entries.values()):
             thread = e.thread
-            if e.state != "active" or thread is None:
+            if e.state != "active" or not e.running:
                 continue
-            hooked = callable(getattr(e.loaded.cls, "health", None))
+            hooked = e.has_health
             for inst in list(e.instances.values()):
                 if not inst.accepting:
                     continue
@@ -755,11 +927,23 @@ class SliceRuntime:
                 started += 1
         return started
 
-    async def _check_one(self, e: _Entry, inst: _Instance, thread: SliceThread) -> None:
+    async def _check_one(self, e: _Entry, inst: _Instance, thread: SliceThread | None) -> None:
         reason: str | None = None
         try:
-            hook = inst.obj.health  # type: ignore[attr-defined]
-            result = await asyncio.wait_for(thread.run(_health(hook), entry="health()"), self.health_timeout)
+            if e.worker is not None:
+                got = await asyncio.wait_for(
+                    e.worker.request("health", inst.id, inst.slot), self.health_timeout
+                )
+                result = msgspec.msgpack.decode(got)
+                if isinstance(result, str):  # the worker sent the type name of what it returned
+                    reason = f"health() returned {result}, expected True, False or None"
+                    result = None
+            else:
+                assert thread is not None and inst.obj is not None
+                hook = inst.obj.health  # type: ignore[attr-defined]
+                result = await asyncio.wait_for(
+                    thread.run(_health(hook), entry="health()"), self.health_timeout
+                )
             if result is False:
                 reason = "health() returned False"
             elif result is not None and result is not True:
@@ -823,8 +1007,46 @@ class SliceRuntime:
         if t is not None:
             await t.close()
 
+    async def _start_in_worker(
+        self, e: _Entry, iid: int, slot: int, raw: ResolvedConfig | None = None
+    ) -> tuple[str, ...]:
+        """Create and start object `slot` (instance `iid`) in `e`'s worker; returns the secret values
+        of its config. `SliceStartError` (redacted) with the worker's reason if it did not start."""
+        artifact = e.loaded.artifact
+        assert e.worker is not None
+        try:
+            config, secrets = self._config(e, raw)  # decoded into its config_type in the worker
+        except SliceStartError as exc:
+            exc.instance = iid
+            raise
+        start = e.worker.request("start", iid, slot, config=config)
+        try:
+            if self.start_timeout is not None:
+                await asyncio.wait_for(start, self.start_timeout)
+            else:
+                await start
+        except TimeoutError:
+            raise SliceStartError(
+                f"start() of {artifact} instance {iid} did not finish within {self.start_timeout} s",
+                instance=iid,
+            ) from None
+        except Exception as exc:  # raised in the worker (rebuilt), the worker lost, or not sendable
+            text = (
+                str(exc)
+                if type(exc).__name__ == "_Failed"
+                else f"start() of {artifact} instance {iid} failed: {exc}"
+            )
+            raise SliceStartError(redact(text, secrets), instance=iid) from None
+        return secrets
+
     async def _start_one(self, e: _Entry, iid: int, raw: ResolvedConfig | None = None) -> _Instance:
         artifact = e.loaded.artifact
+        if e.worker is not None:
+            slot = next(self._slots)
+            secrets = await self._start_in_worker(e, iid, slot, raw)
+            inst = _Instance(iid, None, secrets=secrets, slot=slot)
+            self._apply_limits(inst, e.limits)
+            return inst
         thread = e.thread
         assert thread is not None
         try:
@@ -887,15 +1109,22 @@ class SliceRuntime:
         if inst.health_task is not None:
             inst.health_task.cancel()
         thread = e.thread
-        if thread is None:
-            return
         try:
+            if e.worker is not None:
+                await asyncio.wait_for(e.worker.request("stop", inst.id, inst.slot), self.stop_timeout)
+                return
+            if thread is None or inst.obj is None:
+                return
             await asyncio.wait_for(thread.run(inst.obj.stop(), entry="stop()"), self.stop_timeout)
         except TimeoutError:
             self.log.warning(
                 "%s: stop() of %s instance %d did not finish within %s s",
                 self.node_id, e.loaded.artifact, inst.id, self.stop_timeout,
             )  # fmt: skip
+        except WorkerLost as exc:
+            self.log.warning(
+                "%s: stop() of %s instance %d: %s", self.node_id, e.loaded.artifact, inst.id, exc
+            )
         except Exception:
             self.log.exception(
                 "%s: stop() of %s instance %d raised", self.node_id, e.loaded.artifact, inst.id

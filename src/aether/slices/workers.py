@@ -1,0 +1,485 @@
+"""Slice worker processes, seen from the node: spawning, talking to and supervising them.
+
+Owns `WorkerHost` (one per artifact the runtime runs out of process, docs/slices.md *Worker
+processes*): it starts ``python -P -m aether.slices.worker`` with one end of a Unix socketpair
+(`aether.slices.workerproto` frames; nothing listens on a network address), asks it to import the
+class (`open`), forwards the runtime's start/stop/call/health/reconfigure operations (`request`),
+answers the calls slice code makes into the node (slice-to-slice calls through the node's
+`SliceCaller`, map operations through its `MapBackend`) and re-emits the worker's log records on
+the node's loggers, naming the slice, the instance and the worker's pid.
+
+Supervision: a worker that exits while it should run fails the calls in flight with `WorkerLost`
+(503, kind no_instance: the invoker retries them on another instance), and is started again after
+the delay `RestartPolicy` decides (exponential backoff, bounded); `on_restart` (the runtime) then
+starts its instances again. `close` asks the worker to stop its instances and exit, then sends
+SIGTERM, then SIGKILL, each after `stop_timeout` s. The worker exits by itself when the node's
+process is gone (socket EOF, parent pid watch), so none is left behind.
+May import `aether.core`, `aether.slices.*`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+
+from aether.core.errors import KIND_NO_INSTANCE, WireKind
+from aether.slices.api import SliceCaller
+from aether.slices.errors import SliceError, SliceLoadError
+from aether.slices.maps import MapBackend
+from aether.slices.workerproto import (
+    DEFAULT_MAX_FRAME,
+    Call,
+    Cancel,
+    FrameDecoder,
+    GiveUp,
+    Load,
+    Log,
+    Message,
+    Op,
+    RemoteError,
+    Reply,
+    RestartPolicy,
+    Shutdown,
+    SliceDescription,
+    Up,
+    UpReply,
+    encode_frame,
+    error_info,
+    rebuild_error,
+)
+
+__all__ = ["WorkerHost", "WorkerLost", "WorkerSpec"]
+
+
+class WorkerLost(SliceError):
+    """The worker process running the instance died (or is being restarted) before it answered:
+    503, kind no_instance, so the invoker retries the call on another instance."""
+
+    status = 503
+    wire_kind: ClassVar[WireKind] = KIND_NO_INSTANCE
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to import one slice: its class and its own `sys.path` additions (the
+    slice's code directory, then the library directories resolved for the worker alone)."""
+
+    artifact: str
+    slice_class: str
+    paths: list[str]
+    libraries: dict[str, str] = field(default_factory=dict)  # name -> version, resolved for the worker
+    reason: str = ""  # why it runs in a worker (a conflict, or `isolation = "process"`)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, host: WorkerHost, proc: _Proc) -> None:
+        self.host = host
+        self.proc = proc
+
+    def data_received(self, data: bytes) -> None:
+        self.host._received(self.proc, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.host._lost(self.proc)
+
+
+@dataclass(eq=False)
+class _Proc:
+    """One OS process of a host (a restart makes a new one)."""
+
+    process: asyncio.subprocess.Process
+    decoder: FrameDecoder
+    transport: asyncio.Transport | None = None
+    pending: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
+    ups: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    started: float = 0.0
+    # the first frame of a loop turn is written at once, the next ones of that turn together after it
+    out: list[bytes] = field(default_factory=list)
+    batching: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+class WorkerHost:
+    """One supervised worker process for one artifact (see the module docstring).
+
+    `on_restart` is awaited after a restarted worker loaded the class again (the runtime starts the
+    instances it had there); `on_gone(reason)` is called when the policy gives up.
+    """
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        node_id: str,
+        invoker: SliceCaller,
+        *,
+        maps: MapBackend | None = None,
+        logger: logging.Logger | None = None,
+        policy: RestartPolicy | None = None,
+        stop_timeout: float = 5.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        on_restart: Callable[[], Awaitable[None]] | None = None,
+        on_gone: Callable[[str], None] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.spec = spec
+        self.node_id = node_id
+        self.invoker = invoker
+        self.maps = maps
+        self.log = logger or logging.getLogger("aether.slices.workers")
+        self.policy = policy or RestartPolicy()
+        self.stop_timeout = stop_timeout
+        self.max_frame = max_frame
+        self.on_restart = on_restart
+        self.on_gone = on_gone
+        self.python = python
+        self.description: SliceDescription | None = None
+        self.restarts = 0
+        self.failed: str | None = None  # set when the policy gave up
+        self._proc: _Proc | None = None
+        self._loaded: _Proc | None = None  # the process that has the class imported
+        self._ready = False
+        self._closing = False
+        self._next_cid = 0
+        self._supervisor: asyncio.Task[None] | None = None
+
+    # --- state --------------------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id (None while none runs)."""
+        return self._proc.pid if self._proc is not None and self._proc.process.returncode is None else None
+
+    @property
+    def ready(self) -> bool:
+        """True while a worker runs with the class loaded (and, after a restart, its instances started)."""
+        return self._ready and self._proc is not None
+
+    # --- starting -----------------------------------------------------------------------------------
+
+    async def open(self) -> SliceDescription:
+        """Start the worker and import the class there; `SliceLoadError(reason)` if it cannot."""
+        try:
+            await self._spawn_and_load()
+        except BaseException:
+            await self._kill()
+            raise
+        assert self.description is not None
+        self._ready = True
+        return self.description
+
+    async def _spawn_and_load(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            cmd = [self.python, "-P", "-m", "aether.slices.worker", "--fd", str(child.fileno()),
+                   "--parent", str(os.getpid()), "--max-frame", str(self.max_frame),
+                   "--log-level", str(self.log.getEffectiveLevel())]  # fmt: skip
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *cmd, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                    start_new_session=True,  # a signal to the node's terminal group is the node's, not ours
+                )  # fmt: skip
+            except OSError as exc:
+                raise SliceLoadError(
+                    f"{self.spec.artifact}: starting its worker process failed: {exc}"
+                ) from None
+        finally:
+            child.close()
+        proc = _Proc(process, FrameDecoder(self.max_frame), started=time.monotonic())
+        self._proc = proc
+        self.policy.started(proc.started)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_accepted_socket(lambda: _Protocol(self, proc), sock=parent)
+        proc.transport = transport
+        watcher = loop.create_task(self._watch(proc))
+        watcher.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+        try:
+            payload = await self._ask(proc, lambda cid: Load(
+                cid, self.spec.artifact, self.node_id, self.spec.slice_class, self.spec.paths
+            ))  # fmt: skip
+        except RemoteError as exc:
+            raise SliceLoadError(str(exc)) from None
+        except WorkerLost as exc:
+            raise SliceLoadError(
+                f"{self.spec.artifact}: its worker process exited while loading ({exc})"
+            ) from None
+        self.description = msgspec.msgpack.decode(payload, type=SliceDescription)
+        self._loaded = proc
+        self.log.info(
+            "%s: %s runs in worker process %d (%s)",
+            self.node_id,
+            self.spec.artifact,
+            proc.pid,
+            self.spec.reason or "isolated",
+        )
+
+    # --- requests -----------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        op: Op,
+        instance: int,
+        slot: int,
+        *,
+        method: str = "",
+        payload: bytes = b"",
+        request_id: str | None = None,
+        config: Any = None,
+    ) -> bytes:
+        """Run `op` on `instance` in the worker; errors come back rebuilt (`RemoteError`, same kind
+        and status as raised there) or as `WorkerLost` when the worker is not there to answer."""
+        proc = self._proc
+        # a restarted worker takes its instances' starts before it takes calls (`on_restart`)
+        if proc is None or not (self._ready or (op == "start" and self._loaded is proc)):
+            why = self.failed or "it is being restarted"
+            raise WorkerLost(f"the worker of {self.spec.artifact} on {self.node_id} is not running: {why}")
+        return await self._ask(
+            proc, lambda cid: Call(cid, op, instance, slot, method, payload, request_id, config)
+        )
+
+    async def _ask(self, proc: _Proc, make: Callable[[int], Load | Call]) -> bytes:
+        self._next_cid += 1
+        cid = self._next_cid
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        proc.pending[cid] = fut
+        try:
+            self._send(proc, make(cid))
+            return await fut
+        except asyncio.CancelledError:
+            if proc.pending.get(cid) is fut:
+                with contextlib.suppress(Exception):
+                    self._send(proc, Cancel(cid))
+            raise
+        finally:
+            proc.pending.pop(cid, None)
+
+    def _send(self, proc: _Proc, msg: Message) -> None:
+        t = proc.transport
+        if t is None or t.is_closing():
+            raise WorkerLost(f"the worker of {self.spec.artifact} on {self.node_id} has gone")
+        frame = encode_frame(msg, self.max_frame)
+        if proc.batching:
+            proc.out.append(frame)
+            return
+        t.write(frame)
+        proc.batching = True
+        asyncio.get_running_loop().call_soon(self._flush, proc)
+
+    @staticmethod
+    def _flush(proc: _Proc) -> None:
+        frames, proc.out = proc.out, []
+        proc.batching = False
+        t = proc.transport
+        if t is not None and not t.is_closing() and frames:
+            t.write(b"".join(frames))
+
+    # --- receiving ----------------------------------------------------------------------------------
+
+    def _received(self, proc: _Proc, data: bytes) -> None:
+        try:
+            msgs = proc.decoder.feed(data)
+        except Exception as exc:
+            self.log.error(
+                "%s: worker %d of %s sent a bad frame (%s); killing it",
+                self.node_id,
+                proc.pid,
+                self.spec.artifact,
+                exc,
+            )
+            if proc.transport is not None:
+                proc.transport.abort()
+            with contextlib.suppress(ProcessLookupError):
+                proc.process.kill()
+            return
+        for m in msgs:
+            if isinstance(m, Reply):
+                fut = proc.pending.get(m.cid)
+                if fut is None or fut.done():
+                    continue
+                if m.error is not None:
+                    fut.set_exception(rebuild_error(m.error))
+                else:
+                    fut.set_result(m.payload)
+            elif isinstance(m, Log):
+                self._log_record(proc, m)
+            elif isinstance(m, Up):
+                if m.cancel:
+                    task = proc.ups.pop(m.uid, None)
+                    if task is not None:
+                        task.cancel()
+                else:
+                    proc.ups[m.uid] = asyncio.get_running_loop().create_task(self._up(proc, m))
+
+    def _log_record(self, proc: _Proc, m: Log) -> None:
+        who = f"{self.spec.artifact}" + (f" instance {m.instance}" if m.instance is not None else "")
+        logging.getLogger(m.logger).log(
+            m.level, "%s (worker %d on %s): %s", who, proc.pid, self.node_id, m.message
+        )
+
+    async def _up(self, proc: _Proc, m: Up) -> None:
+        try:
+            result = await self._run_up(m)
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            reply = UpReply(m.uid, error=error_info(exc))
+        else:
+            reply = UpReply(m.uid, result=result)
+        finally:
+            proc.ups.pop(m.uid, None)
+        with contextlib.suppress(Exception):
+            self._send(proc, reply)
+
+    async def _run_up(self, m: Up) -> Any:
+        a = m.args
+        if m.op == "invoke":
+            target, method, payload, rid, timeout = a
+            return await self.invoker.invoke(target, method, bytes(payload), request_id=rid, timeout=timeout)
+        maps = self.maps
+        if maps is None:
+            raise SliceError("this node's runtime has no distributed map")
+        if m.op == "map_get":
+            return await maps.map_get(a[0], a[1])
+        if m.op == "map_put":
+            await maps.map_put(a[0], a[1], bytes(a[2]), ttl=a[3])
+            return None
+        if m.op == "map_remove":
+            return await maps.map_remove(a[0], a[1])
+        if m.op == "map_compare_and_set":
+            exp = None if a[2] is None else bytes(a[2])
+            new = None if a[3] is None else bytes(a[3])
+            return await maps.map_compare_and_set(a[0], a[1], exp, new, ttl=a[4])
+        if m.op == "map_keys":
+            return await maps.map_keys(a[0], a[1])
+        raise SliceError(f"unknown call {m.op!r} from a worker")
+
+    def _lost(self, proc: _Proc) -> None:
+        """The socket closed: nothing in flight will be answered."""
+        if self._proc is proc:
+            self._ready = False  # calls fail fast (retryable) until the restart is done
+        for fut in proc.pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerLost(
+                    f"the worker process {proc.pid} of {self.spec.artifact} on {self.node_id} exited "
+                    "before it answered; the call may have partly run"
+                ))  # fmt: skip
+        for task in proc.ups.values():
+            task.cancel()
+
+    # --- supervision --------------------------------------------------------------------------------
+
+    async def _watch(self, proc: _Proc) -> None:
+        code = await proc.process.wait()
+        if proc.transport is not None:
+            proc.transport.abort()
+        self._lost(proc)
+        if self._closing or self._proc is not proc:
+            return
+        self._ready = False
+        why = f"exit status {code}" if code >= 0 else f"killed by signal {-code}"
+        decision = self.policy.died(time.monotonic(), why)
+        if isinstance(decision, GiveUp):
+            self.failed = f"the worker of {self.spec.artifact} on {self.node_id}: {decision.reason}"
+            self._proc = None
+            self.log.error("%s", self.failed)
+            if self.on_gone is not None:
+                self.on_gone(self.failed)
+            return
+        self.log.warning(
+            "%s: the worker process %d of %s died (%s); restarting it in %.2f s (attempt %d)",
+            self.node_id,
+            proc.pid,
+            self.spec.artifact,
+            why,
+            decision.delay,
+            decision.attempt,
+        )
+        self._supervisor = asyncio.get_running_loop().create_task(self._restart(decision.delay))
+
+    async def _restart(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._closing:
+            return
+        try:
+            await self._spawn_and_load()
+            if self.on_restart is not None:
+                await self.on_restart()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.warning(
+                "%s: restarting the worker of %s failed: %s", self.node_id, self.spec.artifact, exc
+            )
+            proc = self._proc
+            if proc is not None and proc.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.process.kill()  # its watcher decides again (backoff)
+            return
+        self.restarts += 1
+        self._ready = True
+        self.log.info(
+            "%s: the worker of %s runs again (process %d)", self.node_id, self.spec.artifact, self.pid or 0
+        )
+
+    # --- stopping -----------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Ask the worker to stop its instances and exit, then SIGTERM, then SIGKILL (`stop_timeout` s)."""
+        self._closing = True
+        self._ready = False
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(BaseException):
+                await self._supervisor
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(Exception):
+            self._send(proc, Shutdown(self.stop_timeout))
+        if await self._wait(proc, self.stop_timeout * 2):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.process.send_signal(signal.SIGTERM)
+        if await self._wait(proc, self.stop_timeout):
+            return
+        self.log.warning(
+            "%s: worker %d of %s ignored SIGTERM; killing it", self.node_id, proc.pid, self.spec.artifact
+        )
+        await self._kill()
+
+    async def _wait(self, proc: _Proc, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.process.wait()), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _kill(self) -> None:
+        self._closing = True
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.process.kill()
+        await proc.process.wait()
+        if proc.transport is not None:
+            proc.transport.abort()
+
+
+def worker_paths(code_dir: Path, library_dirs: list[Path]) -> list[str]:
+    """A worker's `sys.path` additions: the slice's code first, then its libraries."""
+    return [str(code_dir), *(str(p) for p in library_dirs)]
