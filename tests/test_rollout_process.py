@@ -12,6 +12,10 @@ second one in an isolated worker process).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -163,3 +167,24 @@ async def test_updates_under_load(tmp_path: Path, repository: Path) -> None:
             assert not failed(load.between(t3 + 0.5, time.monotonic()))
         stored = await forge.api("GET", "/api/v1/blueprints/hello")
         assert stored["slices"][0]["artifact"] == f"{NAME}:0.2.0"
+        # the CLI: status table and JSON, update --wait, a refused command, undo
+        addr = forge.view().nodes[0].management_address
+        env = {**os.environ, "AETHER_API_KEY": forge.api_key}
+
+        def aether(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "aether.cli.main", "--connect", addr, *args],
+                                  capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+
+        out = aether("rollout", "status", NAME)
+        assert out.returncode == 0 and "rolled-back" in out.stdout and "max_error_rate" in out.stdout, out
+        out = aether("rollout", "status", "--json")
+        assert [r["new_version"] for r in json.loads(out.stdout)] == ["0.4.0"]
+        out = aether("update", NAME, "--to", "0.1.0", "--wait")
+        assert out.returncode == 0 and "runs 0.1.0: rollout succeeded" in out.stdout, out
+        assert "step" in out.stderr  # the steps, as they happen
+        out = aether("rollout", "pause", NAME)
+        assert out.returncode == 1 and "only a progressing rollout can be paused" in out.stderr, out
+        out = aether("rollout", "undo", NAME)
+        assert out.returncode == 0 and "rolling back to 0.2.0" in out.stdout, out
+        out = aether("rollout", "status", NAME, "--watch")
+        assert out.returncode == 0 and "runs 0.2.0" in out.stdout, out
