@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Build every example's wheels and deploy them into the local artifact repository.
 
-    python examples/build.py [--only EXAMPLE] [--repository DIR] [--out DIR] [--no-deploy]
-                             [--isolation auto|yes|no]
+    python examples/build.py [--only EXAMPLE] [--project NAME] [--set-version VERSION]
+                             [--repository DIR] [--out DIR] [--no-deploy] [--isolation auto|yes|no]
 
 Every directory `examples/*/*/` holding a `pyproject.toml` is one project (`--only order_demo`:
 just those under `examples/order_demo/`; repeatable). Each is built with
 `python -m pip wheel --no-deps` from a temporary copy (so no `build/` or `*.egg-info` is left in
-the source tree) into `build/examples/`, then deployed with `Repository.deploy_wheel` (slice
+the source tree) into `build/examples/` (`--project hello-slice`: only that project;
+`--set-version 0.2.0`: with that version instead of its pyproject's, e.g. to try a rolling
+update), then deployed with `Repository.deploy_wheel` (slice
 wheels to `{group}/{artifact}/{version}/`, library wheels to `_libs/`).
 
 Builds work offline when this interpreter has setuptools>=61 and either `wheel` or
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -56,14 +59,22 @@ def can_build_offline() -> bool:
     return st >= Version("70.1") or importlib.util.find_spec("wheel") is not None
 
 
-def build(project: Path, out: Path, isolation: bool) -> list[Path]:
-    """Build one project's wheel into `out`; returns the new wheel paths."""
+def build(project: Path, out: Path, isolation: bool, version: str | None = None) -> list[Path]:
+    """Build one project's wheel into `out` (with `version` in place of its own); returns the new
+    wheel paths."""
     before = set(out.glob("*.whl"))
     with tempfile.TemporaryDirectory(prefix="aether-example-") as tmp:
         src = Path(tmp) / project.name
         shutil.copytree(
             project, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "dist")
         )
+        if version is not None:
+            pyproject = src / "pyproject.toml"
+            pattern = r'(?m)^version\s*=\s*"[^"]*"'
+            text, n = re.subn(pattern, f'version = "{version}"', pyproject.read_text(), count=1)
+            if not n:
+                raise RuntimeError(f"{project.relative_to(ROOT)}/pyproject.toml has no version line")
+            pyproject.write_text(text)
         cmd = [
             sys.executable,
             "-m",
@@ -112,6 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         help="build only examples/EXAMPLE/* (repeatable), e.g. --only order_demo",
     )
     ap.add_argument(
+        "--project",
+        action="append",
+        metavar="NAME",
+        help="build only the project examples/*/NAME (repeatable), e.g. --project hello-slice",
+    )
+    ap.add_argument(
+        "--set-version",
+        metavar="VERSION",
+        help="build with this version instead of the one in pyproject.toml (e.g. 0.2.0)",
+    )
+    ap.add_argument(
         "--isolation",
         choices=["auto", "yes", "no"],
         default="auto",
@@ -122,6 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"no example {', '.join(unknown)}; examples: {', '.join(examples())}")
     chosen = projects(args.only)
+    if args.project:
+        missing = sorted(set(args.project) - {p.name for p in chosen})
+        if missing:
+            ap.error(f"no project {', '.join(missing)}; projects: {', '.join(p.name for p in chosen)}")
+        chosen = [p for p in chosen if p.name in args.project]
+    if args.set_version is not None:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            Version(args.set_version)
+        except InvalidVersion:
+            ap.error(f"--set-version {args.set_version!r} is not a version (e.g. 0.2.0)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     wheels: list[Path] = []
     try:
         for project in chosen:
-            built = build(project, out, isolation)
+            built = build(project, out, isolation, args.set_version)
             for w in built:
                 print(f"  built {project.relative_to(ROOT)} -> {w.name}")
             wheels += built
