@@ -164,3 +164,23 @@ async def test_canary_error_gate_rolls_back_on_the_metrics(make_cluster: Any) ->
     done = await svc.wait_rollout(NAME, timeout=20)
     assert done.state == "rolled-back" and "failed" in done.reason and "max_error_rate" in done.reason
     assert done.failures >= 20 and done.calls >= 40
+
+
+async def test_an_autoscaled_slice_keeps_its_count_across_an_update(make_cluster: Any) -> None:
+    c = await make_cluster(3)
+    svc = c.svc(0)
+
+    def blueprint(coords: str) -> str:
+        return (f'id = "demo"\n[slices.hello]\nartifact = "{coords}"\ninstances = 2\n'
+                "[slices.hello.scaling]\nmin = 2\nmax = 6\nin_flight = 4\n")  # fmt: skip
+
+    await svc.apply_blueprint(blueprint(HELLO), "demo.toml")
+    await svc.scale_to(HELLO, 4)  # as the controller or an operator would: 4, not the blueprint's 2
+    await wait_for(lambda: counts(c, HELLO) == 4, what="scaled to 4")
+    await svc.apply_blueprint(blueprint(HELLO2), "demo.toml")
+    r = record(c)
+    assert r is not None and r.instances == 4
+    assert (await svc.wait_rollout(NAME, timeout=30)).state == "succeeded"
+    await wait_for(lambda: counts(c, HELLO2) == 4 and counts(c, HELLO, PRESENT) == 0, what="4 of 2.0.0")
+    await asyncio.sleep(1.2)  # a few passes later the count holds
+    assert counts(c, HELLO2) == 4

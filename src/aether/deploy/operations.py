@@ -274,7 +274,10 @@ class DeploymentService:
         if previous is None:
             return []
         before = {_name(s.artifact): s for s in previous.slices}
-        counts = desired_state([value], self.scales())
+        scales = self.scales()
+        # an autoscaled slice keeps the count the controller (or an operator) gave the old version
+        carried = _carried_scales(previous, value, scales)
+        counts = desired_state([value], {**scales, **carried})
         out: list[tuple[RolloutValue | None, RolloutValue]] = []
         for s in value.slices:
             name, version = version_of(s.artifact)
@@ -312,6 +315,10 @@ class DeploymentService:
         previous = previous if isinstance(previous, BlueprintValue) else None
         planned = self._planned_rollouts(previous, value, blueprint_id, time.time(), policy)
         started: list[RolloutValue] = []
+        if previous is not None:  # the new version of an autoscaled slice starts from the old one's count
+            for coords, sv in _carried_scales(previous, value, self.scales()).items():
+                with contextlib.suppress(Exception):
+                    await self.kv.compare_and_set(ScaleKey(coords), None, sv, self.timeout)
         try:
             for current, new in planned:
                 if not await self.kv.compare_and_set(RolloutKey(new.artifact), current, new, self.timeout):
@@ -821,3 +828,19 @@ def _with_version(s: BlueprintSlice, name: str, coords: str) -> BlueprintSlice:
         s, artifact=coords if _name(s.artifact) == name else s.artifact,
         depends_on=[coords if _name(d) == name else d for d in s.depends_on],
     )  # fmt: skip
+
+
+def _carried_scales(
+    previous: BlueprintValue, value: BlueprintValue, scales: dict[str, ScaleValue]
+) -> dict[str, ScaleValue]:
+    """`scale/` values the new versions in `value` take over from the versions of the same
+    artifacts in `previous` (only for an autoscaled new version without a value of its own)."""
+    before = {_name(s.artifact): s.artifact for s in previous.slices}
+    out: dict[str, ScaleValue] = {}
+    for s in value.slices:
+        old = before.get(_name(s.artifact))
+        if s.scaling is not None and old is not None and old != s.artifact and s.artifact not in scales:
+            sv = scales.get(old)
+            if sv is not None:
+                out[s.artifact] = sv
+    return out
