@@ -52,9 +52,14 @@ DEMO_WHEELS := build/examples/order_demo
 demo: demo-wheels
 	$(BIN)/aether forge --config examples/order_demo/forge-config.toml
 
+# The six demo wheels, plus place-order 0.1.1 (the same code, another version) so that a Forge
+# started by `make demo` can be updated: `aether forge scenario update`, or `aether update
+# org.demo:place-order --to 0.1.1` against its nodes (docs/order-demo.md). The blueprints keep 0.1.0.
 demo-wheels: install
 	rm -rf $(DEMO_WHEELS)
 	$(BIN)/python examples/build.py --only order_demo --no-deploy --out $(DEMO_WHEELS)
+	$(BIN)/python examples/build.py --only order_demo --project place-order --set-version 0.1.1 \
+		--no-deploy --out $(DEMO_WHEELS)
 
 # Forge's scenarios headless with a pass/fail report (docs/forge.md "Scenarios"); SCENARIOS=all for all.
 SCENARIOS ?= ci

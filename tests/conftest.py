@@ -18,7 +18,8 @@ Generic helpers, usable from any test module:
   `aether cluster start|stop` commands (subprocesses) on a free port offset (`free_port_offset`);
   closed with `aether.cli.local_cluster.stop_cluster` (recorded PIDs only) when the test ends,
   its node logs attached on failure like those of `make_process_cluster`.
-- Fixture `demo_wheels` (session): the order demo's six wheels, built once with examples/build.py.
+- Fixture `demo_wheels` (session): the order demo's wheels as `make demo-wheels` builds them (six,
+  plus place-order 0.1.1), built once with examples/build.py.
 
 Blocking helpers (`wait_quorum`, `status`, ...) use plain sockets/urllib; from async tests that
 also have client traffic in flight, call them through `asyncio.to_thread(...)` (or the `a*`
@@ -825,23 +826,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The order demo's wheels (5 slices + the order-domain library), built once per session."""
+    """The order demo's wheels as `make demo-wheels` builds them (5 slices, the order-domain
+    library, and place-order 0.1.1 to update to), built once per session."""
     out = tmp_path_factory.mktemp("order-demo-wheels")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples/build.py"),
-            "--only",
-            "order_demo",
-            "--no-deploy",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=280,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert len(list(out.glob("*.whl"))) == 6, proc.stdout
+    build = [sys.executable, str(ROOT / "examples/build.py"), "--only", "order_demo", "--no-deploy"]
+    for extra in ([], ["--project", "place-order", "--set-version", "0.1.1"]):
+        proc = subprocess.run(
+            [*build, *extra, "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=280,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = sorted(w.name for w in out.glob("*.whl"))
+    assert len(names) == 7 and "place_order-0.1.1-py3-none-any.whl" in names, names
     return out

@@ -366,7 +366,7 @@ def test_cluster_demo_prints_working_curl_commands(demo_wheels: Path, tmp_path: 
             if "Ctrl-C" in line:
                 break
         out = "".join(lines)
-        assert "Deployed 6 wheel(s)" in out and f"Blueprint '{BLUEPRINT_ID}' is running" in out, out
+        assert "Deployed 7 wheel(s)" in out and f"Blueprint '{BLUEPRINT_ID}' is running" in out, out
         assert f"{cluster_dir / 'repository'}" in out
         assert "POST /api/orders" in out and "DELETE /api/orders/{order_id}" in out
         assert f"blueprint show {BLUEPRINT_ID}" in out

@@ -668,3 +668,20 @@ def test_the_forge_blueprint_is_the_demo_with_place_order_autoscaled() -> None:
         return [line for line in (DEMO / name).read_text().splitlines() if line.startswith("# try:")]
 
     assert tries("forge-order.blueprint") == tries("demo-order.blueprint")
+
+
+def test_make_demo_wheels_also_builds_place_order_0_1_1_while_the_blueprints_keep_0_1_0() -> None:
+    """`make demo` must start a Forge that can be updated (the `update` scenario, docs/order-demo.md
+    "Updating it under load"): the demo-wheels recipe builds place-order 0.1.1 into the same
+    directory; the blueprints still name 0.1.0. (The `demo_wheels` fixture runs the same builds.)"""
+    makefile = (DEMO.parents[1] / "Makefile").read_text()
+    recipe = makefile[makefile.index("\ndemo-wheels:") :].split("\n\n", 1)[0].replace("\\\n", " ")
+    builds = [" ".join(line.split()) for line in recipe.splitlines() if "examples/build.py" in line]
+    assert builds == [
+        "$(BIN)/python examples/build.py --only order_demo --no-deploy --out $(DEMO_WHEELS)",
+        "$(BIN)/python examples/build.py --only order_demo --project place-order --set-version 0.1.1 "
+        "--no-deploy --out $(DEMO_WHEELS)",
+    ]
+    for name in ("demo-order.blueprint", "forge-order.blueprint"):
+        text = (DEMO / name).read_text()
+        assert 'artifact = "org.demo:place-order:0.1.0"' in text and "0.1.1" not in text
