@@ -182,3 +182,17 @@ def test_the_example_in_docs_forge_md_parses() -> None:
     assert [t.name for t in cfg.load.targets] == ["place-order", "get-price", "get-inventory"]
     assert cfg.load.max_in_flight == 256 and len(cfg.load.schedule) == 2
     assert cfg.forge.blueprint == "docs/examples/order_demo/demo-order.blueprint"
+
+
+def test_the_demo_config_sends_a_fresh_idempotency_key_with_every_order() -> None:
+    from aether.forge.config import compile_target
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_forge_config(root / "examples" / "order_demo" / "forge-config.toml")
+    (po,) = [t for t in cfg.load.targets if t.name == "place-order"]
+    tpl = compile_target(po)
+    rng = random.Random(7)
+    keys = [tpl.headers["Idempotency-Key"].render(rng) for _ in range(50)]
+    assert len(set(keys)) == 50
+    assert all(uuid.UUID(k).version == 4 for k in keys)
+    assert re.fullmatch(r"[A-Za-z0-9._:@+=/-]{1,128}", keys[0])  # what the HTTP router accepts
