@@ -5,7 +5,9 @@
   opens with the token, the REST API answers with the bearer token, the load runs, and Ctrl-C stops
   every node process it started (checked by pid).
 - Forge's CI scenarios (`aether forge scenario ci`): kill a follower, kill the leader, partition a
-  minority, on 5 nodes under the demo's load, with zero lost acknowledged orders.
+  minority, on 5 nodes under the demo's load, with zero lost acknowledged orders; then, on the
+  same Forge, the `update` scenario: place-order rolled from 0.1.0 to 0.1.1 under 100 orders/s
+  with no failed request and no order lost or placed twice.
 - Bad input before anything starts: a directory Forge did not make, a missing blueprint.
 """
 
@@ -58,7 +60,7 @@ def test_the_demo_command_runs_forge_prints_working_commands_and_stops_everythin
             if "Ctrl-C" in line:
                 break
         out = "".join(lines)
-        assert "Deployed 6 wheel(s)" in out and "5 nodes up with quorum" in out, out
+        assert "Deployed 7 wheel(s)" in out and "5 nodes up with quorum" in out, out
         assert "Blueprint 'demo-order:0.1.0' is running: 11 instance(s) ACTIVE" in out, out
         m = re.search(r"^Dashboard: (http://127\.0\.0\.1:(\d+)/\?token=(\S+))$", out, flags=re.M)
         assert m is not None, out
@@ -146,8 +148,14 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path: Path) -> None:
     assert r.returncode == 2 and "unknown scenario 'kil-leader'" in r.stderr, r.stderr
 
 
-@pytest.mark.timeout(420)
-def test_the_ci_scenarios_pass_with_no_acknowledged_order_lost(demo_wheels: Path, tmp_path: Path) -> None:
+UPDATE_RATE = 240.0
+"""The total rate during the update scenario: place-order has half the demo's weight, 120 orders/s."""
+
+
+@pytest.mark.timeout(450)
+def test_the_ci_scenarios_and_an_update_under_load_pass_with_no_order_lost_or_doubled(
+    demo_wheels: Path, tmp_path: Path
+) -> None:
     from aether.forge.app import options_from_config
     from aether.forge.config import load_forge_config
     from aether.forge.scenarios import CI_SUBSET, run_scenarios
@@ -156,16 +164,27 @@ def test_the_ci_scenarios_pass_with_no_acknowledged_order_lost(demo_wheels: Path
     opts.port, opts.workdir, opts.wheels = 0, tmp_path / "forge", demo_wheels
     opts.env = _env()
     started = time.monotonic()
-    reports = asyncio.run(run_scenarios(["ci"], opts, seed=16, say=print))
+    reports = asyncio.run(
+        run_scenarios(["ci", "update"], opts, seed=16, say=print, rates={"update": UPDATE_RATE})
+    )
     took = time.monotonic() - started
-    print(f"CI scenarios in {took:.0f} s")
+    print(f"CI scenarios and the update in {took:.0f} s")
     for r in reports:
         for c in r.criteria:
             print(f"{r.scenario}: {'PASS' if c.passed else 'FAIL'} {c.name}: {c.observed} "
                   f"(expected {c.expected})")
-    assert [r.scenario for r in reports] == list(CI_SUBSET)
+    assert [r.scenario for r in reports] == [*CI_SUBSET, "update"]
     assert all(r.passed for r in reports), [r for r in reports if not r.passed]
     lost = reports[-1].criteria[-1]
     assert lost.name == "acknowledged orders lost" and lost.passed
     assert int(lost.observed.split(" of ")[1]) > 100  # orders were placed throughout
     assert sum(r.requests_ok for r in reports) > 500
+
+    update = reports[-1]
+    print(f"update: {update.measures}, {update.seconds:.0f} s")
+    names = [c.name for c in update.criteria]
+    assert names[:4] == ["rollout 0.1.0 -> 0.1.1", "failed requests (every node)",
+                         "stock taken equals the acknowledged orders' units",
+                         "order ids acknowledged more than once"], names
+    assert update.requests_failed == 0 and update.requests_ok > 500
+    assert update.measures["orders_per_second"] >= 100, update.measures

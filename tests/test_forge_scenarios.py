@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from aether.core.errors import BadRequest
@@ -12,10 +16,14 @@ from aether.forge.scenarios import (
     LoadCounts,
     OrderBook,
     Sample,
+    ScenarioReport,
     at_least,
     at_most,
+    ordered_quantities,
+    other_version,
     quorum_gap,
     resolve_names,
+    stock_taken_matches,
     success_rate,
     within,
 )
@@ -62,7 +70,7 @@ def test_names_expand_and_unknown_ones_are_refused() -> None:
     with pytest.raises(BadRequest, match=r"unknown scenario 'kil-leader'.*kill-leader"):
         resolve_names(["kil-leader"])
     wanted = {"kill-follower", "kill-leader", "rolling-restart", "partition-minority", "partition-two",
-              "add-node", "remove-node", "load-spike", "latency", "crash-slice", "chaos"}
+              "add-node", "remove-node", "load-spike", "latency", "crash-slice", "chaos", "update"}
     assert set(SCENARIOS) == wanted
 
 
@@ -82,3 +90,75 @@ def test_the_order_book_keeps_only_acknowledged_orders() -> None:
     book.on_response("cancel", 200, b'{"orderId": "ORD-5"}', _req("POST", "/api/orders/ORD-5/x"))
     book.on_response("place-order", 201, None, post)
     assert book.ids == {"ORD-1", "ORD-2"}
+
+
+def _order(body: str) -> SentRequest:
+    return SentRequest("place-order", "127.0.0.1:1", "POST", "http://127.0.0.1:1/api/orders", {}, body)
+
+
+def test_the_order_book_keeps_the_units_each_acknowledged_order_asked_for() -> None:
+    book = OrderBook()
+
+    def items(*lines: tuple[str, object]) -> str:
+        return json.dumps({"items": [{"productId": p, "quantity": q} for p, q in lines]})
+
+    two = items(("P-A", 2), ("P-B", 1))
+    book.on_response("place-order", 201, b'{"orderId": "ORD-1"}', _order(two))
+    book.on_response("place-order", 201, b'{"orderId": "ORD-2"}', _order(items(("P-A", 3))))
+    book.on_response("place-order", 409, b'{"orderId": "ORD-3"}', _order(two))  # not acknowledged
+    book.on_response("place-order", 201, b'{"orderId": "ORD-4"}', _order("not json"))
+    bad = items(("P-A", True)).replace("]}", ", 7]}")  # a bool quantity, an item that is no object
+    book.on_response("place-order", 201, b'{"orderId": "ORD-5"}', _order(bad))
+    assert book.quantities == {"ORD-1": {"P-A": 2, "P-B": 1}, "ORD-2": {"P-A": 3}, "ORD-4": {}, "ORD-5": {}}
+    assert ordered_quantities(book, ["ORD-1", "ORD-2", "ORD-9"]) == {"P-A": 5, "P-B": 1}
+    assert book.acknowledged == 4
+    book.on_response("place-order", 201, b'{"orderId": "ORD-1"}', _order(two))  # the same id again
+    assert book.acknowledged == 5 and len(book.ids) == 4
+
+
+def test_the_stock_check_catches_an_order_reserved_twice_or_not_at_all() -> None:
+    before = {"P-A": 1000, "P-B": 50}
+    ok = stock_taken_matches(before, {"P-A": 995, "P-B": 49}, {"P-A": 5, "P-B": 1})
+    assert ok.passed and ok.observed == "P-A: 5 taken = 5 ordered; P-B: 1 taken = 1 ordered"
+    twice = stock_taken_matches(before, {"P-A": 993, "P-B": 49}, {"P-A": 5, "P-B": 1})
+    assert not twice.passed and "P-A: 7 taken, 5 ordered (+2, an order reserved twice?)" in twice.observed
+    missing = stock_taken_matches(before, {"P-A": 997, "P-B": 49}, {"P-A": 5, "P-B": 1})
+    assert not missing.passed and "(-2)" in missing.observed
+    unread = stock_taken_matches({"P-A": 1000}, {"P-A": 995}, {"P-A": 5, "P-B": 1})
+    assert not unread.passed and "P-B: stock not read" in unread.observed
+    assert not stock_taken_matches(before, before, {}).passed  # no order placed: nothing was shown
+
+
+def test_the_update_goes_to_the_other_deployed_version() -> None:
+    assert other_version("0.1.0", ["0.1.0", "0.1.1"]) == "0.1.1"
+    assert other_version("0.1.1", ["0.1.0", "0.1.1"]) == "0.1.0"
+    assert other_version("0.1.0", ["0.1.0", "0.1.1", "0.2.0"]) == "0.2.0"
+    assert other_version("0.1.0", ["0.1.0"]) is None and other_version("0.1.0", []) is None
+
+
+def test_the_cli_rate_applies_to_every_scenario_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from aether.cli.main import main
+    from aether.forge import scenarios
+
+    seen: list[Any] = []
+
+    async def fake_run(names: Any, opts: Any, **kw: Any) -> list[ScenarioReport]:
+        seen.append((list(names), kw.get("rates")))
+        return [ScenarioReport("update", "", True, 1.0, [], measures={"orders_per_second": 120.0})]
+
+    monkeypatch.setattr(scenarios, "run_scenarios", fake_run)
+    cfg = tmp_path / "forge-config.toml"
+    cfg.write_text("")
+    args = ["forge", "scenario", "update", "ci", "--config", str(cfg), "--dir", str(tmp_path / "f")]
+    r = CliRunner().invoke(main, [*args, "--rate", "240", "--json"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == (["update", "ci"], dict.fromkeys(["update", *CI_SUBSET], 240.0))
+    assert json.loads(r.output)[0]["measures"] == {"orders_per_second": 120.0}
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and seen[-1][1] is None
+    r = CliRunner().invoke(main, [*args, "--rate", "-1"])
+    assert r.exit_code == 2 and "--rate" in r.output

@@ -145,11 +145,14 @@ def forge(
 @forge.command("scenario")
 @click.argument("names", nargs=-1, metavar="NAME...")
 @_options
+@click.option("--rate", type=click.FloatRange(0, 100_000), default=None,
+              help="The load's total rate (requests/s) while the scenarios run [default: the config's].")
 @click.option("--list", "list_only", is_flag=True, help="List the scenarios and exit.")
 @json_option
 def scenario(
     names: tuple[str, ...], config_file: Path | None, nodes: int | None, blueprint: Path | None,
-    wheels: Path | None, workdir: Path, seed: int | None, list_only: bool, as_json: bool,
+    wheels: Path | None, workdir: Path, seed: int | None, rate: float | None, list_only: bool,
+    as_json: bool,
 ) -> None:
     """Run scenarios headless and report pass/fail per criterion (exit 1 if any failed).
 
@@ -181,7 +184,8 @@ def scenario(
         click.echo(text, err=as_json)
 
     try:
-        reports = _run(lambda stop, started: run_scenarios(names, opts, say=say, seed=seed),
+        rates = None if rate is None else dict.fromkeys(resolve_names(names), rate)
+        reports = _run(lambda stop, started: run_scenarios(names, opts, say=say, seed=seed, rates=rates),
                        stops_itself=False)
     except KeyboardInterrupt:
         click.echo("Stopped.", err=True)

@@ -20,14 +20,15 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
 
+from aether.core.artifact import Version
 from aether.core.errors import BadRequest
 from aether.forge.app import Forge, ForgeOptions, open_forge
 from aether.forge.load import SentRequest
@@ -115,6 +116,9 @@ class ScenarioReport(msgspec.Struct):
     requests_ok: int = 0
     requests_failed: int = 0
     timeline: list[str] = msgspec.field(default_factory=list)
+    measures: dict[str, float] = msgspec.field(default_factory=dict)
+    """Figures the scenario measured, by name (update: `rollout_seconds`, `requests_per_second`,
+    `orders_per_second`)."""
 
 
 # -- judging (pure) ----------------------------------------------------------------------------------
@@ -162,6 +166,48 @@ def success_rate(counts: LoadCounts, exclude: Iterable[str] = ()) -> float:
     return 100.0 if ok + failed == 0 else 100.0 * ok / (ok + failed)
 
 
+def other_version(running: str, available: Iterable[str]) -> str | None:
+    """The version to update to: the highest available one other than `running` (None if none)."""
+    others = sorted((Version.parse(v) for v in set(available) if v != running), reverse=True)
+    return str(others[0]) if others else None
+
+
+def ordered_quantities(book: OrderBook, ids: Iterable[str]) -> dict[str, int]:
+    """The units per product of the acknowledged orders `ids` (as their requests asked)."""
+    out: dict[str, int] = {}
+    for order_id in ids:
+        for product, qty in book.quantities.get(order_id, {}).items():
+            out[product] = out.get(product, 0) + qty
+    return out
+
+
+def stock_taken_matches(
+    before: Mapping[str, int], after: Mapping[str, int], ordered: Mapping[str, int]
+) -> Criterion:
+    """Each product's stock went down by exactly the units its acknowledged orders asked for
+    (`before`/`after`: units available, read with no request in flight). More taken than ordered:
+    an order reserved twice (or stock taken for an order that was not acknowledged); less: an
+    acknowledged order that reserved nothing."""
+    parts: list[str] = []
+    passed = True
+    for product in sorted(set(ordered) | set(before) | set(after)):
+        want = ordered.get(product, 0)
+        if product not in before or product not in after:
+            parts.append(f"{product}: stock not read")
+            passed = False
+            continue
+        taken = before[product] - after[product]
+        if taken == want:
+            parts.append(f"{product}: {taken} taken = {want} ordered")
+        else:
+            passed = False
+            diff = taken - want
+            parts.append(f"{product}: {taken} taken, {want} ordered ({diff:+d}"
+                         f"{', an order reserved twice?' if diff > 0 else ''})")
+    return Criterion("stock taken equals the acknowledged orders' units", "taken = ordered",
+                     "; ".join(parts) or "no order placed", passed and bool(ordered))
+
+
 # -- driving (the adapter) ---------------------------------------------------------------------------
 
 
@@ -181,6 +227,10 @@ class Run:
     timeline: list[str] = field(default_factory=list)
     excluded: set[str] = field(default_factory=set)
     """Node addresses whose failed requests the fault itself causes (the node killed, cut off...)."""
+    book: OrderBook = field(default_factory=lambda: OrderBook())
+    """The acknowledged orders (the whole run's: `run_scenarios` passes its book)."""
+    measures: dict[str, float] = field(default_factory=dict)
+    """Figures measured (the report's `measures`)."""
 
     def now(self) -> float:
         return time.monotonic() - self.start
@@ -521,12 +571,144 @@ async def chaos(run: Run) -> None:
     steps = [run.rng.choice(CHAOS_STEPS) for _ in range(4)]
     run.note(f"chaos sequence: {', '.join(steps)}")
     for name in steps:
-        sub = Run(run.forge, run.rng, start=run.start, samples=run.samples, timeline=run.timeline)
+        sub = Run(run.forge, run.rng, start=run.start, samples=run.samples, timeline=run.timeline,
+                  book=run.book)
         await SCENARIOS[name].run(sub)
         run.criteria += [msgspec.structs.replace(c, name=f"{name}: {c.name}") for c in sub.criteria]
     delta = run.load_counts().minus(before)
     ok, failed = delta.total()
     run.note(f"over the chaos run: {ok} requests ok, {failed} failed ({delta.causes() or 'none'})")
+    await _recovered(run, nodes)
+
+
+UPDATED_SLICE: Final = "org.demo:place-order"
+"""The slice the update scenario rolls to another version (the order demo's; `make demo-wheels`
+builds 0.1.0 and 0.1.1)."""
+STOCK_MAP: Final = "stock"
+"""The order demo's map of stock levels (product id -> `{"available", "reserved"}`)."""
+ROLLOUT_TIMEOUT: Final = 120.0
+
+
+def _running_version(run: Run, artifact: str) -> str:
+    """The version of `artifact` with the most instances in Forge's view of the placement."""
+    counts: dict[str, int] = {}
+    for p in run.forge.cluster.view().placement:
+        name, _, version = p.artifact.rpartition(":")
+        if name == artifact:
+            counts[version] = counts.get(version, 0) + p.instances
+    if not counts:
+        raise ScenarioFailed(f"{artifact} does not run (no instance in the placement)")
+    return max(sorted(counts), key=lambda v: counts[v])
+
+
+def _available_versions(run: Run, artifact: str) -> list[str]:
+    """The versions of `artifact` in the repository Forge deployed its wheels into."""
+    from aether.slices.repository import Repository
+
+    root = run.forge.cluster.repository
+    return [] if root is None else [str(v) for v in Repository(root).versions(artifact)]
+
+
+async def _quiet(run: Run, timeout: float = 15.0) -> None:
+    """Pause the load and wait until no request of it is in flight (answers counted)."""
+    load = run.forge.load
+    assert load is not None
+    load.pause()
+    t0 = run.now()
+    while load.snapshot().in_flight and run.now() - t0 < timeout:
+        await asyncio.sleep(0.05)
+    if load.snapshot().in_flight:
+        raise ScenarioFailed(f"requests still in flight {timeout:g} s after pausing the load")
+
+
+async def _stock(run: Run, products: Iterable[str]) -> dict[str, int]:
+    """Units available per product, read from the demo's `stock` map (linearizable per key)."""
+    out: dict[str, int] = {}
+    for product in sorted(products):
+        level = await run.forge.cluster.api("GET", f"/api/v1/maps/{STOCK_MAP}/entries/{product}")
+        if isinstance(level, dict) and isinstance(level.get("available"), int):
+            out[product] = level["available"]
+    return out
+
+
+async def _follow_rollout(run: Run, artifact: str, timeout: float) -> dict[str, Any]:
+    """Poll the rollout until it is no longer active (or `timeout`); its last state, noting each
+    new line of its history."""
+    seen = 0
+    rollout: dict[str, Any] = {}
+    t0 = run.now()
+    while run.now() - t0 < timeout:
+        run.sample()
+        with contextlib.suppress(Exception):  # a leader change: ask again
+            rollout = await run.forge.cluster.api("GET", f"/api/v1/rollouts/{artifact}", timeout=5)
+        history = rollout.get("history") or []
+        for line in history[seen:]:
+            run.note(f"rollout: {line}")
+        seen = max(seen, len(history))
+        if rollout.get("state") in ("succeeded", "rolled-back", "aborted"):
+            break
+        await asyncio.sleep(0.25)
+    return rollout
+
+
+async def update(run: Run) -> None:
+    """Roll the order demo's place-order to its other version under load: the rollout succeeds,
+    no request fails, and no order is lost or placed twice (the stock taken equals the units of
+    the acknowledged orders)."""
+    nodes = _members(run)
+    load = run.forge.load
+    if load is None:
+        raise ScenarioFailed("update needs load targets (forge-config [[load.targets]])")
+    artifact = UPDATED_SLICE
+    running = _running_version(run, artifact)
+    available = _available_versions(run, artifact)
+    target = other_version(running, available)
+    if target is None:
+        raise ScenarioFailed(
+            f"only {artifact}:{running} is deployed; build another version first (`make demo-wheels` "
+            "builds 0.1.1)"
+        )
+    before = run.load_counts()
+    try:
+        await _quiet(run)
+        products = {p for units in run.book.quantities.values() for p in units}
+        if not products:
+            raise ScenarioFailed("no order was acknowledged before the update (is place-order loaded?)")
+        stock_before = await _stock(run, products)
+        ids_before, acks_before = set(run.book.ids), run.book.acknowledged
+        load.resume()
+        await run.hold(1)
+        sent_before = load.snapshot().total.sent
+        t0 = run.now()
+        await run.forge.cluster.api("POST", "/api/v1/rollouts", {"artifact": artifact, "version": target})
+        run.note(f"rollout of {artifact} {running} -> {target} started")
+        acks_at_start = run.book.acknowledged
+        rollout = await _follow_rollout(run, artifact, ROLLOUT_TIMEOUT)
+        took = max(run.now() - t0, 1e-9)
+        rate = (load.snapshot().total.sent - sent_before) / took
+        orders = (run.book.acknowledged - acks_at_start) / took
+        run.measures.update(rollout_seconds=round(took, 2), requests_per_second=round(rate, 1),
+                            orders_per_second=round(orders, 1))
+        state = str(rollout.get("state") or "unknown")
+        why = "" if state == "succeeded" else f": {rollout.get('reason') or ''}"
+        run.check(Criterion(
+            f"rollout {running} -> {target}", "succeeded",
+            f"{state} in {took:.1f} s under {rate:.0f} requests/s ({orders:.0f} orders/s acknowledged)"
+            f"{why}",
+            state == "succeeded" and rollout.get("new_version") == target,
+        ))
+        await run.hold(1)
+        await _quiet(run)
+        stock_after = await _stock(run, products)
+        new_ids = run.book.ids - ids_before
+    finally:
+        if load.snapshot().paused:
+            load.resume()
+    delta = run.load_counts().minus(before)
+    run.check(failed_at_most("failed requests (every node)", delta, 0))
+    run.check(stock_taken_matches(stock_before, stock_after, ordered_quantities(run.book, new_ids)))
+    twice = (run.book.acknowledged - acks_before) - len(new_ids)
+    run.check(at_most("order ids acknowledged more than once", twice, 0))
     await _recovered(run, nodes)
 
 
@@ -545,6 +727,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario("latency", "200 ms latency on every link of one follower", latency),
         Scenario("crash-slice", "Make one slice instance fail until it is replaced", crash_slice),
         Scenario("chaos", "A seeded sequence of faults (the chaos hour, shortened)", chaos),
+        Scenario("update", "Roll place-order to its other version under load (a rolling update)", update),
     )
 }
 
@@ -573,10 +756,13 @@ def resolve_names(names: Sequence[str]) -> list[str]:
 
 class OrderBook:
     """The acknowledged orders: ids of 2xx answers to `POST /api/orders` (the load generator's
-    `on_response` hook)."""
+    `on_response` hook), with the units per product their requests asked for, and how many
+    acknowledgements there were (an id acknowledged twice counts twice there, once in `ids`)."""
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
+        self.quantities: dict[str, dict[str, int]] = {}
+        self.acknowledged = 0
 
     def on_response(self, target: str, status: int, body: bytes | None, request: SentRequest) -> None:
         path = urlsplit(request.url).path
@@ -588,6 +774,24 @@ class OrderBook:
             return
         if isinstance(order_id, str):
             self.ids.add(order_id)
+            self.acknowledged += 1
+            self.quantities[order_id] = _units(request.body)
+
+
+def _units(body: str | None) -> dict[str, int]:
+    """The units per product an order's request body asks for (`{"items": [{"productId",
+    "quantity"}]}`); what does not fit is left out."""
+    out: dict[str, int] = {}
+    try:
+        items = msgspec.json.decode(body or "").get("items")
+    except (msgspec.DecodeError, AttributeError):
+        return out
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, dict):
+            product, qty = item.get("productId"), item.get("quantity")
+            if isinstance(product, str) and isinstance(qty, int) and not isinstance(qty, bool):
+                out[product] = out.get(product, 0) + qty
+    return out
 
 
 async def lost_orders(
@@ -631,9 +835,12 @@ async def run_scenarios(
     *,
     say: Callable[[str], None] = print,
     seed: int | None = None,
+    rates: Mapping[str, float] | None = None,
 ) -> list[ScenarioReport]:
     """Start a Forge with `opts`, run the scenarios one after the other on it, and report each;
-    the last report also judges the acknowledged orders (none lost)."""
+    the last report also judges the acknowledged orders (none lost). `rates`: the load's total
+    rate (requests/s) while the named scenarios run (from their baseline on; the configured rate
+    before and after)."""
     names = resolve_names(names)
     for name in names:
         if opts.nodes < SCENARIOS[name].min_nodes:
@@ -646,7 +853,12 @@ async def run_scenarios(
         for name in names:
             sc = SCENARIOS[name]
             say(f"Scenario {name}: {sc.description}")
-            run = Run(forge, rng)
+            run = Run(forge, rng, book=book)
+            rate = (rates or {}).get(name)
+            configured = forge.load.snapshot().rate if forge.load is not None else None
+            if rate is not None and forge.load is not None:
+                forge.load.set_rate(rate)
+                run.note(f"load at {rate:g} requests/s for this scenario")
             before = run.load_counts()
             try:
                 await run.hold(2)  # a baseline under load
@@ -655,11 +867,14 @@ async def run_scenarios(
                 run.check(Criterion("steps carried out", "all", str(e), False))
             except Exception as e:  # a control refused: the scenario fails, the run goes on
                 run.check(Criterion("steps carried out", "all", f"{type(e).__name__}: {e}", False))
+            finally:
+                if rate is not None and forge.load is not None and configured is not None:
+                    forge.load.set_rate(configured)
             delta = run.load_counts().minus(before)
             ok, failed = delta.total()
             report = ScenarioReport(
                 name, sc.description, all(c.passed for c in run.criteria), round(run.now(), 1),
-                run.criteria, ok, failed, run.timeline,
+                run.criteria, ok, failed, run.timeline, run.measures,
             )
             reports.append(report)
             say(f"  {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.0f} s "
