@@ -237,7 +237,7 @@ class FakeForge:
         for path in (
             "/api/nodes/{id}/{op:kill|crash|stop|restart}", "/api/leader/kill", "/api/nodes",
             "/api/rolling-restart", "/api/network/partition", "/api/network/isolate/{id}",
-            "/api/network/heal", "/api/slices/{artifact}/{op:fail|heal}", "/api/load/ramp",
+            "/api/network/heal", "/api/slices/{artifact}/{op:fail|heal|update}", "/api/load/ramp",
             "/api/load/pause", "/api/load/resume",
         ):
             app.router.add_post(path, self._control)
@@ -351,6 +351,12 @@ class FakeForge:
             if body.get("both_ways"):
                 self.link_faults[(dst, src)] = fault
             self.event("fault", src, f"link {src}->{dst}: {body['delay_ms']} ms")
+        elif path.startswith("/api/slices/") and mi["op"] == "update":
+            artifact, version = mi["artifact"], body["version"]
+            self.event("control", None, f"update {artifact} to {version}")
+            for step in ("progressing: step 1: 0.1.1 x1 (0 ready), 0.1.0 x3", "succeeded: runs 0.1.1"):
+                self.event("cluster:rollout", None, f"rollout {artifact} 0.1.0 -> {version} (rolling) {step}")
+            status = 202
         elif path.startswith("/api/slices/"):
             artifact = mi["artifact"]
             if mi["op"] == "fail":
@@ -491,6 +497,13 @@ class ServerAdapter:
 
     async def heal_slice(self, artifact: str) -> Any:
         return self._do("POST", f"/api/slices/{artifact}/heal", {}, artifact=artifact, op="heal")
+
+    async def update(self, artifact: str, body: Any) -> Any:
+        path = f"/api/slices/{artifact}/update"
+        answer = msgspec.structs.asdict(body)
+        if answer["strategy"] is None:
+            del answer["strategy"]
+        return self._do("POST", path, answer, artifact=artifact, op="update")
 
     def set_rate(self, rate: float) -> Any:
         return self._do("PUT", "/api/load/rate", {"rate": rate})
@@ -767,6 +780,13 @@ def test_every_control_sends_its_request(fake_forge: FakeForge, dash: Dashboard)
     expect(dash.by_test_id("alerts")).to_contain_text("error rate 50%")
     click("slice-heal", "POST", f"/api/slices/{ARTIFACT_A}/heal", {}, f"heal {ARTIFACT_A}")
     expect(dash.by_test_id("alerts")).to_have_text("no active alerts")
+    # update: the select offers the placement's slices without their versions
+    expect(dash.by_test_id("update-artifact").locator("option")).to_have_count(2)
+    dash.by_test_id("update-artifact").select_option("org.demo:place-order")
+    dash.by_test_id("update-version").fill("0.1.1")
+    click("update", "POST", "/api/slices/org.demo:place-order/update", {"version": "0.1.1"},
+          "update org.demo:place-order to 0.1.1")
+    expect(dash.by_test_id("status")).to_contain_text("(202)")
     # load ramp, pause, resume
     dash.by_test_id("ramp-to").fill("120")
     dash.by_test_id("ramp-seconds").fill("10")
@@ -783,6 +803,8 @@ def test_every_control_sends_its_request(fake_forge: FakeForge, dash: Dashboard)
     expect(timeline.locator("li.k-bad", has_text="node-frozen")).to_have_count(1)  # the crash
     expect(timeline.locator("li.k-net", has_text="isolate node-5")).to_have_count(1)
     expect(timeline.locator("li.k-ctl", has_text="kill node-1")).to_have_count(1)  # the leader kill
+    expect(timeline.locator("li.k-ctl", has_text="progressing: step 1")).to_have_count(1)  # a rollout step
+    expect(timeline.locator("li.k-good", has_text="(rolling) succeeded")).to_have_count(1)  # and its end
     leader_events = [e for e in fake_forge.events if e["kind"] == "leader"]
     expect(timeline.locator("li.k-leader")).to_have_count(len(leader_events))
     dash.assert_clean()

@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
+from aether.core.errors import StatusError
 from aether.forge.errors import ForgeConflict as Conflict
 from aether.forge.errors import NodeNotFound as NotFound
 from aether.forge.server import (
@@ -20,6 +21,7 @@ from aether.forge.server import (
     LinkBody,
     SliceFailBody,
     StateAnswer,
+    UpdateBody,
     build_forge_openapi,
 )
 
@@ -99,6 +101,12 @@ class FakeForge:
     async def heal_slice(self, artifact: str) -> ActionResult:
         self.calls.append(("heal_slice", artifact))
         return ActionResult(message="healed")
+
+    async def update(self, artifact: str, body: UpdateBody) -> ActionResult:
+        if body.version == "9.9.9":  # what a node answers for a second rollout
+            raise StatusError("a rollout of org.demo:place-order to 0.1.1 is active", status=409)
+        self.calls.append(("update", artifact, body))
+        return ActionResult(message=f"rollout of {artifact} to {body.version} started")
 
     def set_rate(self, rate: float) -> ActionResult:
         self.calls.append(("rate", rate))
@@ -194,16 +202,21 @@ async def test_controls_reach_the_forge(served: tuple[TestClient[Any, Any], Fake
     assert (await client.post("/api/slices/org.demo:place-order:0.1.0/fail", headers=AUTH,
                               json={"error_rate": 0.5})).status == 200
     assert (await client.post("/api/slices/org.demo:place-order:0.1.0/heal", headers=AUTH)).status == 200
+    resp = await client.post("/api/slices/org.demo:place-order/update", headers=AUTH,
+                             json={"version": "0.1.1", "strategy": "canary"})
+    assert resp.status == 202 and "0.1.1" in (await resp.json())["message"]
     assert (await client.put("/api/load/rate", headers=AUTH, json={"rate": 120})).status == 200
     assert (await client.post("/api/load/ramp", headers=AUTH, json={"to": 300, "seconds": 5})).status == 200
     assert (await client.post("/api/load/pause", headers=AUTH)).status == 200
     assert (await client.post("/api/load/resume", headers=AUTH)).status == 200
     kinds = [c[0] for c in fake.calls]
     assert kinds == ["kill", "crash", "stop", "restart", "kill_leader", "add", "remove", "rolling",
-                     "partition", "isolate", "heal", "link", "fail", "heal_slice", "rate", "ramp",
+                     "partition", "isolate", "heal", "link", "fail", "heal_slice", "update", "rate", "ramp",
                      "pause", "resume"]
     link = next(c for c in fake.calls if c[0] == "link")
     assert link[1:3] == ("node-1", "node-2") and link[3].delay_ms == 150 and link[3].both_ways
+    update = next(c for c in fake.calls if c[0] == "update")
+    assert update[1] == "org.demo:place-order" and update[2] == UpdateBody(version="0.1.1", strategy="canary")
     fail = next(c for c in fake.calls if c[0] == "fail")
     assert fail[1] == "org.demo:place-order:0.1.0" and fail[2].error_rate == 0.5 and fail[2].node is None
 
@@ -220,6 +233,11 @@ async def test_controls_reach_the_forge(served: tuple[TestClient[Any, Any], Fake
         ("POST", "/api/network/partition", {"groups": "node-1"}, 400, "groups"),
         ("POST", "/api/network/partition", {"groups": [["node-7"]]}, 404, "node-7"),
         ("POST", "/api/slices/x:y:1/fail", {"error_rate": 2}, 400, "error_rate"),
+        ("POST", "/api/slices/org.demo:place-order/update", {"version": " "}, 400, "version"),
+        ("POST", "/api/slices/org.demo:place-order/update", {"version": "1.0.0", "strategy": "yolo"}, 400,
+         "canary"),
+        ("POST", "/api/slices/org.demo:place-order/update", {"to": "1.0.0"}, 400, "unknown field `to`"),
+        ("POST", "/api/slices/org.demo:place-order/update", {"version": "9.9.9"}, 409, "is active"),
         ("GET", "/api/load/trace", None, 409, "no load"),
         ("GET", "/api/series?since=abc", None, 400, "since"),
         ("GET", "/api/state?x=1", None, 400, "x"),

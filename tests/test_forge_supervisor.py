@@ -28,6 +28,7 @@ from aether.forge.supervisor import (
     NodeView,
     PlacementView,
     RollingRestart,
+    cluster_event_message,
     diff_events,
     leader_and_quorum,
     node_state,
@@ -170,6 +171,30 @@ def test_diff_events_names_what_changed() -> None:
     lost = diff_events(before, _view({**up, "node-2": "down", "node-3": "down"}, None, False))
     assert ("quorum", None, "quorum lost") in lost and ("placement", "node-2", "a:1 on node-2: gone") in lost
     assert diff_events(before, before) == []
+
+
+def test_cluster_events_read_as_one_line_and_rollouts_as_a_sentence() -> None:
+    rollout = {
+        "type": "rollout", "time": 1.0, "key": "rollouts/org.demo:place-order", "id": "r1",
+        "artifact": "org.demo:place-order", "state": "progressing", "strategy": "rolling",
+        "old_version": "0.1.0", "new_version": "0.1.1", "step": 2, "weights": {"0.1.0": 3, "0.1.1": 1},
+        "old_instances": 3, "new_instances": 1, "reason": "",
+        "message": "step 2: 0.1.1 x1 (1 ready), 0.1.0 x3",
+    }
+    assert cluster_event_message("rollout", rollout) == (
+        "rollout org.demo:place-order 0.1.0 -> 0.1.1 (rolling) progressing: step 2: 0.1.1 x1 (1 ready), "
+        "0.1.0 x3; weights {'0.1.0': 3, '0.1.1': 1}"
+    )
+    back = {**rollout, "state": "rolled-back", "weights": {}, "message": "", "reason": "error rate 0.5"}
+    assert cluster_event_message("rollout", back) == (
+        "rollout org.demo:place-order 0.1.0 -> 0.1.1 (rolling) rolled-back: error rate 0.5"
+    )
+    # a removed rollout carries only its key: shown as fields, like every other event
+    removed = {"type": "rollout", "key": "rollouts/x:y"}
+    assert cluster_event_message("rollout", removed) == "rollout: key=rollouts/x:y"
+    left = {"type": "node-left", "time": 2.0, "node": "node-3", "reason": "link lost", "extra": None}
+    assert cluster_event_message("node-left", left) == "node-left: node=node-3, reason=link lost"
+    assert len(cluster_event_message("x", {"big": "y" * 1000})) == 300
 
 
 def test_rolling_restart_steps() -> None:

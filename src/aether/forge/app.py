@@ -34,6 +34,7 @@ from aether.forge.server import (
     LinkBody,
     SliceFailBody,
     StateAnswer,
+    UpdateBody,
 )
 from aether.forge.supervisor import ControlResult, ForgeCluster
 
@@ -192,6 +193,9 @@ class Forge:
 
     async def heal_slice(self, artifact: str) -> ActionResult:
         return _result(await self.cluster.heal_slice(artifact))
+
+    async def update(self, artifact: str, body: UpdateBody) -> ActionResult:
+        return _result(await self.cluster.update(artifact, body.version, body.strategy))
 
     # -- load controls --
 

@@ -680,8 +680,8 @@ async def update(run: Run) -> None:
         await run.hold(1)
         sent_before = load.snapshot().total.sent
         t0 = run.now()
-        await run.forge.cluster.api("POST", "/api/v1/rollouts", {"artifact": artifact, "version": target})
-        run.note(f"rollout of {artifact} {running} -> {target} started")
+        started = await run.forge.cluster.update(artifact, target)  # the dashboard's Update control
+        run.note(started.message)
         acks_at_start = run.book.acknowledged
         rollout = await _follow_rollout(run, artifact, ROLLOUT_TIMEOUT)
         took = max(run.now() - t0, 1e-9)

@@ -44,6 +44,7 @@ __all__ = [
     "RampBody",
     "RateBody",
     "SliceFailBody",
+    "UpdateBody",
     "build_forge_openapi",
 ]
 
@@ -90,6 +91,18 @@ class SliceFailBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     error_rate: float = 1.0
     delay_ms: float = 0.0
     unhealthy: bool = False
+
+
+class UpdateBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Roll a slice over to `version` (a rollout: new instances first, traffic shifted, old ones
+    drained; health gates and automatic rollback), with the blueprint's rollout settings or
+    `strategy`."""
+
+    version: str
+    strategy: str | None = None
+
+
+UPDATE_STRATEGIES: Final = ("rolling", "canary", "blue-green")
 
 
 class RateBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -149,6 +162,7 @@ class Forge(Protocol):
     async def set_link(self, src: str, dst: str, body: LinkBody) -> ActionResult: ...
     async def fail_slice(self, artifact: str, body: SliceFailBody) -> ActionResult: ...
     async def heal_slice(self, artifact: str) -> ActionResult: ...
+    async def update(self, artifact: str, body: UpdateBody) -> ActionResult: ...
     def set_rate(self, rate: float) -> ActionResult: ...
     def ramp(self, to: float, seconds: float) -> ActionResult: ...
     def pause(self) -> ActionResult: ...
@@ -234,6 +248,17 @@ class _Routes:
     async def heal_slice(self, request: web.Request) -> web.Response:
         query(request, ())
         return json_response(await self.forge.heal_slice(request.match_info["artifact"]))
+
+    async def update(self, request: web.Request) -> web.Response:
+        query(request, ())
+        body: UpdateBody = await read_body(request, UpdateBody)
+        if not body.version.strip():
+            raise BadRequest("version must not be empty (e.g. 0.1.1)")
+        if body.strategy is not None and body.strategy not in UPDATE_STRATEGIES:
+            raise BadRequest(
+                f"unknown strategy {body.strategy!r}; one of: {', '.join(UPDATE_STRATEGIES)}"
+            )
+        return json_response(await self.forge.update(request.match_info["artifact"], body), status=202)
 
     async def set_rate(self, request: web.Request) -> web.Response:
         query(request, ())
@@ -334,6 +359,12 @@ ROUTES: Final[tuple[Route, ...]] = (
     Route("POST", f"{P}/slices/{{artifact}}/heal", _Routes.heal_slice, "healSlice",
           "Remove the faults of a slice everywhere", _OK, (404,),
           params=(path_param("artifact", "group:name:version"),), role="operate", tags=_CTL),
+    Route("POST", f"{P}/slices/{{artifact}}/update", _Routes.update, "updateSlice",
+          "Roll a slice over to another version under load (POST /api/v1/rollouts on a node); its "
+          "steps show in the timeline as `cluster:rollout` events",
+          {202: Answer(ActionResult, "Started")}, (400, 409, 503),
+          params=(path_param("artifact", "group:name (a version in it is ignored)"),),
+          body=Body(UpdateBody), role="operate", tags=_CTL),
     Route("PUT", f"{P}/load/rate", _Routes.set_rate, "setRate", "Set the load generator's total rate",
           _OK, (400, 409), body=Body(RateBody), role="operate", tags=("load",)),
     Route("POST", f"{P}/load/ramp", _Routes.ramp, "ramp", "Ramp the load linearly to a rate",

@@ -62,6 +62,7 @@ __all__ = [
     "RollingRestart",
     "RollingStep",
     "SliceFault",
+    "cluster_event_message",
     "diff_events",
     "leader_and_quorum",
     "node_state",
@@ -291,6 +292,28 @@ def diff_events(prev: ClusterView | None, cur: ClusterView) -> list[tuple[str, s
         if key not in new_p:
             out.append(("placement", o.node, f"{o.artifact} on {o.node}: gone"))
     return out
+
+
+def cluster_event_message(kind: str, d: Mapping[str, Any]) -> str:
+    """The timeline's line for one event of a node's stream (`GET /api/v1/events`): a rollout's
+    step as a sentence (`rollout org.demo:place-order 0.1.0 -> 0.1.1 progressing: step 2: ...`),
+    any other event as its fields (`key=value`), at most 300 characters."""
+    if kind == "rollout" and d.get("artifact"):
+        head = f"rollout {d.get('artifact')}"
+        if d.get("old_version") and d.get("new_version"):
+            head += f" {d['old_version']} -> {d['new_version']}"
+        if d.get("strategy"):
+            head += f" ({d['strategy']})"
+        if d.get("state"):
+            head += f" {d['state']}"
+        tail = [str(x) for x in (d.get("message"), d.get("reason")) if x not in (None, "")]
+        if d.get("weights"):
+            tail.append(f"weights {d['weights']}")
+        return (head + (": " + "; ".join(tail) if tail else ""))[:300]
+    fields = ", ".join(
+        f"{k}={v}" for k, v in d.items() if k not in ("type", "time") and v not in (None, "", [], {})
+    )
+    return f"{kind}: {fields}"[:300]
 
 
 class RollingStep(msgspec.Struct, kw_only=True):
@@ -876,6 +899,28 @@ class ForgeCluster:
             action="heal_slice", node=None, message=f"{artifact} healed on {len(nodes)} nodes"
         )
 
+    async def update(self, artifact: str, version: str, strategy: str | None = None) -> ControlResult:
+        """Start a rollout of `artifact` (``group:name``; a version in it is ignored) to `version`
+        through the management API (`POST /api/v1/rollouts`), with the blueprint's rollout settings
+        or `strategy`. Its steps then show as `cluster:rollout` events; the node's refusals (400 a
+        bad version or an artifact no blueprint lists, 409 another rollout runs) are StatusErrors
+        with its status and detail."""
+        name = ":".join(artifact.split(":")[:2])
+        if not version.strip():
+            raise BadRequest("version must not be empty")
+        body: dict[str, Any] = {"artifact": name, "version": version.strip()}
+        if strategy:
+            body["strategy"] = strategy
+        self._event("control", None, f"update {name} to {body['version']}"
+                    + (f" ({strategy})" if strategy else ""))
+        started = await self.api("POST", f"{_API}/rollouts", body)
+        old = started.get("old_version") if isinstance(started, dict) else None
+        how = started.get("strategy") if isinstance(started, dict) else strategy
+        return ControlResult(
+            action="update", node=None,
+            message=f"rollout of {name} {old or '?'} -> {body['version']} ({how or 'rolling'}) started",
+        )
+
     def link_faults(self) -> dict[tuple[str, str], LinkFault]:
         """The link faults Forge set, by (src, dst)."""
         return dict(self._link_faults)
@@ -1366,10 +1411,7 @@ class ForgeCluster:
         if not isinstance(d, dict):
             return
         node = d.get("node") if isinstance(d.get("node"), str) else None
-        fields = ", ".join(
-            f"{k}={v}" for k, v in d.items() if k not in ("type", "time") and v not in (None, "", [], {})
-        )
-        self._event(f"cluster:{kind}", node, f"{kind}: {fields}"[:300])
+        self._event(f"cluster:{kind}", node, cluster_event_message(kind, d))
 
 
 class _PortClash(ForgeError):

@@ -398,6 +398,12 @@
       byTestId("slice-artifact"),
       artifacts.map((a) => [a, a]),
     );
+    // the update control names a slice without its version (group:name)
+    const names = [...new Set(artifacts.map((a) => a.split(":").slice(0, 2).join(":")))].sort();
+    syncSelect(
+      byTestId("update-artifact"),
+      names.map((a) => [a, a]),
+    );
   }
 
   // ---------------------------------------------------------------- placement, targets, controller
@@ -733,7 +739,8 @@
 
   // ---------------------------------------------------------------- timeline
   // The supervisor's kinds: node-<state>, leader, quorum, placement, member, control (what was
-  // asked), fault (network and slice faults), rolling, cluster:<event> (the nodes' own events).
+  // asked), fault (network and slice faults), rolling, cluster:<event> (the nodes' own events,
+  // cluster:rollout for each step of an update).
   function kindClass(kind, message) {
     const k = String(kind || "").toLowerCase();
     const m = String(message || "").toLowerCase();
@@ -744,6 +751,9 @@
     if (k === "quorum") return bad.test(m) ? "k-bad" : "k-good";
     if (/(^|:)fault$/.test(k) || /(partition|isolate|link|network)/.test(k)) return "k-net";
     if (k === "control") return "k-ctl";
+    // a rollout's steps (cluster:rollout): red when it rolls back or was aborted, green when done
+    if (k.endsWith("rollout"))
+      return /(rolling-back|rolled-back|aborted)/.test(m) ? "k-bad" : /succeeded/.test(m) ? "k-good" : "k-ctl";
     if (/(load|ramp|rate|pause|resume)/.test(k)) return "k-load";
     if (k === "placement") return bad.test(m) ? "k-bad" : "k-good";
     if (/(controller|scal|decision)/.test(k)) return "k-ctl";
@@ -937,6 +947,18 @@
         return;
       }
       return control(`heal ${artifact}`, "POST", `/api/slices/${enc(artifact)}/heal`, {}, btn);
+    },
+    update(btn) {
+      const artifact = byTestId("update-artifact").value;
+      const version = byTestId("update-version").value.trim();
+      if (!artifact || !version) {
+        showStatus("update: pick a slice and type the version to roll it to", true);
+        return;
+      }
+      const body = { version };
+      const strategy = byTestId("update-strategy").value;
+      if (strategy) body.strategy = strategy;
+      return control(`update ${artifact} to ${version}`, "POST", `/api/slices/${enc(artifact)}/update`, body, btn);
     },
     ramp(btn) {
       const body = { to: numberOf("ramp-to"), seconds: numberOf("ramp-seconds") };
