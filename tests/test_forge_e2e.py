@@ -6,8 +6,10 @@
   every node process it started (checked by pid).
 - Forge's CI scenarios (`aether forge scenario ci`): kill a follower, kill the leader, partition a
   minority, on 5 nodes under the demo's load, with zero lost acknowledged orders; then, on the
-  same Forge, the `update` scenario: place-order rolled from 0.1.0 to 0.1.1 under 100 orders/s
-  with no failed request and no order lost or placed twice.
+  same Forge, at 120 orders/s: `canary-rollback` (a canary of place-order 0.1.1 failing half its
+  calls is rolled back by its error gate, at most 1 % of the requests failing meanwhile) and
+  `update` (place-order rolled from 0.1.0 to 0.1.1 with no failed request and no order lost or
+  placed twice).
 - Bad input before anything starts: a directory Forge did not make, a missing blueprint.
 """
 
@@ -149,11 +151,12 @@ def test_bad_input_is_refused_before_anything_starts(tmp_path: Path) -> None:
 
 
 UPDATE_RATE = 240.0
-"""The total rate during the update scenario: place-order has half the demo's weight, 120 orders/s."""
+"""The total rate during the update scenarios: place-order has half the demo's weight, 120 orders/s
+(the canary's 2 % share then reaches its 6 calls within seconds)."""
 
 
 @pytest.mark.timeout(450)
-def test_the_ci_scenarios_and_an_update_under_load_pass_with_no_order_lost_or_doubled(
+def test_the_ci_scenarios_a_canary_rollback_and_an_update_pass_with_no_order_lost_or_doubled(
     demo_wheels: Path, tmp_path: Path
 ) -> None:
     from aether.forge.app import options_from_config
@@ -165,7 +168,8 @@ def test_the_ci_scenarios_and_an_update_under_load_pass_with_no_order_lost_or_do
     opts.env = _env()
     started = time.monotonic()
     reports = asyncio.run(
-        run_scenarios(["ci", "update"], opts, seed=16, say=print, rates={"update": UPDATE_RATE})
+        run_scenarios(["ci", "canary-rollback", "update"], opts, seed=16, say=print,
+                      rates={"canary-rollback": UPDATE_RATE, "update": UPDATE_RATE})
     )
     took = time.monotonic() - started
     print(f"CI scenarios and the update in {took:.0f} s")
@@ -173,13 +177,15 @@ def test_the_ci_scenarios_and_an_update_under_load_pass_with_no_order_lost_or_do
         for c in r.criteria:
             print(f"{r.scenario}: {'PASS' if c.passed else 'FAIL'} {c.name}: {c.observed} "
                   f"(expected {c.expected})")
-    assert [r.scenario for r in reports] == [*CI_SUBSET, "update"]
+    assert [r.scenario for r in reports] == [*CI_SUBSET, "canary-rollback", "update"]
     assert all(r.passed for r in reports), [r for r in reports if not r.passed]
     lost = reports[-1].criteria[-1]
     assert lost.name == "acknowledged orders lost" and lost.passed
     assert int(lost.observed.split(" of ")[1]) > 100  # orders were placed throughout
     assert sum(r.requests_ok for r in reports) > 500
 
+    canary = reports[-2]
+    assert "max_error_rate" in canary.criteria[0].observed, canary.criteria
     update = reports[-1]
     print(f"update: {update.measures}, {update.seconds:.0f} s")
     names = [c.name for c in update.criteria]

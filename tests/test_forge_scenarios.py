@@ -19,6 +19,7 @@ from aether.forge.scenarios import (
     ScenarioReport,
     at_least,
     at_most,
+    failed_share,
     ordered_quantities,
     other_version,
     quorum_gap,
@@ -70,7 +71,8 @@ def test_names_expand_and_unknown_ones_are_refused() -> None:
     with pytest.raises(BadRequest, match=r"unknown scenario 'kil-leader'.*kill-leader"):
         resolve_names(["kil-leader"])
     wanted = {"kill-follower", "kill-leader", "rolling-restart", "partition-minority", "partition-two",
-              "add-node", "remove-node", "load-spike", "latency", "crash-slice", "chaos", "update"}
+              "add-node", "remove-node", "load-spike", "latency", "crash-slice", "chaos", "update",
+              "canary-rollback"}
     assert set(SCENARIOS) == wanted
 
 
@@ -162,3 +164,11 @@ def test_the_cli_rate_applies_to_every_scenario_named(
     assert r.exit_code == 0 and seen[-1][1] is None
     r = CliRunner().invoke(main, [*args, "--rate", "-1"])
     assert r.exit_code == 2 and "--rate" in r.output
+
+
+def test_the_canary_share_of_failed_requests() -> None:
+    counts = LoadCounts({"a": 500, "b": 497}, {"a": 0, "b": 3}, {"b": {"500": 3}})
+    c = failed_share("failed", counts, 1.0)
+    assert c.passed and c.observed == "0.30 % (3 of 1000; 500: 3)" and c.expected == "<= 1 %"
+    assert not failed_share("failed", LoadCounts({"a": 90}, {"a": 10}), 1.0).passed
+    assert not failed_share("failed", LoadCounts({}, {}), 1.0).passed  # no request: nothing shown

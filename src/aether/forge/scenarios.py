@@ -712,6 +712,86 @@ async def update(run: Run) -> None:
     await _recovered(run, nodes)
 
 
+CANARY: Final[dict[str, Any]] = {
+    "strategy": "canary", "steps": [2, 50, 100], "interval": 60, "max_error_rate": 0.1, "min_calls": 6,
+}
+"""The canary-rollback scenario's rollout settings: 2 % of the calls to one new instance, rolled
+back once 6 of its calls were seen and more than 10 % of them failed."""
+CANARY_ERROR_RATE: Final = 0.5
+CANARY_MAX_FAILED: Final = 1.0
+"""% of the requests during the canary that may fail (its share of the calls x its error rate)."""
+
+
+def failed_share(name: str, counts: LoadCounts, limit_percent: float) -> Criterion:
+    """The failed requests as a share of all requests answered, at most `limit_percent`."""
+    ok, failed = counts.total()
+    share = 0.0 if ok + failed == 0 else 100.0 * failed / (ok + failed)
+    causes = counts.causes()
+    return Criterion(
+        name, f"<= {limit_percent:g} %",
+        f"{share:.2f} % ({failed} of {ok + failed}{'; ' + causes if causes else ''})",
+        share <= limit_percent and ok + failed > 0,
+    )
+
+
+async def canary_rollback(run: Run) -> None:
+    """A canary of place-order's other version whose instance fails half its calls (Forge's slice
+    fault, injected as soon as it is ready): the rollout's error gate rolls it back by itself, few
+    requests fail meanwhile, none after, and the old version keeps serving."""
+    nodes = _members(run)
+    artifact = UPDATED_SLICE
+    running = _running_version(run, artifact)
+    target = other_version(running, _available_versions(run, artifact))
+    if target is None:
+        raise ScenarioFailed(f"only {artifact}:{running} is deployed; build another version first "
+                             "(`make demo-wheels` builds 0.1.1)")
+    coords = f"{artifact}:{target}"
+    before = run.load_counts()
+    t0 = run.now()
+    body = {"artifact": artifact, "version": target, **CANARY}
+    await run.forge.cluster.api("POST", "/api/v1/rollouts", body)
+    run.note(f"canary of {coords}: {CANARY}")
+    seen, faulted = 0, False
+    rollout: dict[str, Any] = {}
+    try:
+        while run.now() - t0 < 90:
+            run.sample()
+            with contextlib.suppress(Exception):
+                rollout = await run.forge.cluster.api("GET", f"/api/v1/rollouts/{artifact}", timeout=5)
+            history = rollout.get("history") or []
+            for line in history[seen:]:
+                run.note(f"rollout: {line}")
+            seen = max(seen, len(history))
+            if rollout.get("state") in ("succeeded", "rolled-back", "aborted"):
+                break
+            ready = [p for p in run.forge.cluster.view().placement
+                     if p.artifact == coords and p.instances and p.state.upper() == "ACTIVE"]
+            if ready and not faulted:
+                await run.forge.cluster.fail_slice(coords, ready[0].node, error_rate=CANARY_ERROR_RATE)
+                faulted = True
+                run.note(f"the canary instance on {ready[0].node} fails {CANARY_ERROR_RATE:.0%} of its calls")
+            await asyncio.sleep(0.25)
+        took = run.now() - t0
+        during = run.load_counts().minus(before)
+        state, reason = str(rollout.get("state") or "unknown"), str(rollout.get("reason") or "")
+        run.check(Criterion(
+            "the canary is rolled back by its error gate", "rolled-back (max_error_rate)",
+            f"{state} after {took:.1f} s: {reason}",
+            faulted and state == "rolled-back" and "max_error_rate" in reason,
+        ))
+        run.check(failed_share("failed requests during the canary", during, CANARY_MAX_FAILED))
+        after = run.load_counts()
+        await run.hold(3)
+        run.check(failed_at_most("failed requests after the rollback", run.load_counts().minus(after), 0))
+        now_running = _running_version(run, artifact)
+        run.check(Criterion("the old version serves", running, now_running, now_running == running))
+    finally:
+        if faulted:
+            with contextlib.suppress(Exception):
+                await run.forge.cluster.heal_slice(coords)
+    await _recovered(run, nodes)
+
+
 SCENARIOS: Final[dict[str, Scenario]] = {
     s.name: s
     for s in (
@@ -728,6 +808,8 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         Scenario("crash-slice", "Make one slice instance fail until it is replaced", crash_slice),
         Scenario("chaos", "A seeded sequence of faults (the chaos hour, shortened)", chaos),
         Scenario("update", "Roll place-order to its other version under load (a rolling update)", update),
+        Scenario("canary-rollback", "A canary of place-order that fails half its calls is rolled back",
+                 canary_rollback),
     )
 }
 
