@@ -296,7 +296,11 @@ ROUTES: Final = (
             _timeout(10.0),
         ),
         body=Body(ANY_JSON, "the entry's argument (empty body: null)", required=False),
-        tags=("invoke",), descriptions={404: "Unknown entry", 503: "No ACTIVE instance of the artifact"},
+        tags=("invoke",), descriptions={
+            404: "Unknown entry", 503: "No ACTIVE instance of the artifact",
+            502: "The entry failed, or a call to an entry that is not idempotent may or may not have taken "
+                 "effect and was not repeated (IndeterminateOutcome)",
+        },
         when=lambda routes: routes.invoker is not None,
     ),
 )

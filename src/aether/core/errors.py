@@ -19,6 +19,7 @@ __all__ = [
     "KIND_APP_ERROR",
     "KIND_BAD_REQUEST",
     "KIND_DEADLINE",
+    "KIND_INDETERMINATE",
     "KIND_INJECTED_FAULT",
     "KIND_NO_INSTANCE",
     "KIND_OVERLOADED",
@@ -47,7 +48,7 @@ __all__ = [
 
 WireKind = Literal[
     "no_instance", "bad_request", "unknown_entry", "app_error", "overloaded", "shutting_down", "deadline",
-    "injected_fault",
+    "injected_fault", "indeterminate",
 ]
 """The fixed kinds of a failed invoke response; ``status:NNN`` (see `status_kind`) is the other form."""
 
@@ -69,6 +70,11 @@ KIND_DEADLINE: Final = "deadline"
 KIND_INJECTED_FAULT: Final = "injected_fault"
 """The call failed on purpose: a fault injected on the instance (management API ``/api/v1/faults``,
 nodes started with ``--fault-injection``, for Aether Forge and tests): not retryable, like app_error."""
+
+KIND_INDETERMINATE: Final = "indeterminate"
+"""The call may or may not have taken effect: an attempt reached a node that then went down, timed
+out, or was stopped while running it (or an entry let a nested call's `IndeterminateOutcome`
+escape). A caller retries it only when the entry is idempotent (docs/invocation.md)."""
 
 KIND_STATUS_PREFIX: Final = "status:"
 """``status:NNN``: the entry raised an error with an HTTP status (e.g. NotFound -> ``status:404``);

@@ -23,6 +23,7 @@ from aether.core.errors import (
 from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
+    KIND_INDETERMINATE,
     KIND_NO_INSTANCE,
     KIND_SHUTTING_DOWN,
     kind_status,
@@ -30,6 +31,7 @@ from aether.invoke.messages import (
 
 __all__ = [
     "EndpointUnavailable",
+    "IndeterminateOutcome",
     "InvokeBadRequest",
     "InvokeError",
     "InvokeOverloaded",
@@ -171,6 +173,31 @@ class PoisonRequest(InvokeError, StatusError):
     tried on more nodes, since the call itself may be what brings them down (502)."""
 
     status = 502
+
+
+class IndeterminateOutcome(InvokeError, StatusError):
+    """A call to an entry declared ``idempotent=False`` failed after an attempt that may have
+    reached it (the node running it went down, it did not answer within its timeout, or it was
+    stopped mid-call): it may or may not have taken effect, and the invoker did not repeat it.
+    502 (the callee's side failed; the client must find out or retry with the same idempotency
+    key), kind ``indeterminate`` (also on the wire, when it escapes an entry: the outcome of that
+    entry's own effects is unknown to its caller too). The message says so in words."""
+
+    status = 502
+    wire_kind: ClassVar[WireKind] = KIND_INDETERMINATE
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        target, method = kw.get("target") or "", kw.get("method") or ""
+        entry = f"{target}.{method}" if target and method else "the entry"
+        super().__init__(
+            f"{message}; the call may or may not have taken effect and was not repeated, since "
+            f"{entry} is not idempotent; retrying is safe only where the entry deduplicates by "
+            "idempotency key: retry with the same Idempotency-Key header",
+            **kw,
+        )
+
+    def response_kind(self) -> str:
+        return KIND_INDETERMINATE
 
 
 class InvokerClosed(InvokeError):
