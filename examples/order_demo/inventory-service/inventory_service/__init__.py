@@ -16,6 +16,16 @@ round is retried after a short random pause for up to `CHANGE_BUDGET_S` seconds 
 
 On start, each instance seeds the catalog's initial stock with ``compare_and_set(key, None,
 level)``: only the first instance (on any node) to get there writes, later starts change nothing.
+
+Idempotent reservations: ``reserve`` and ``release`` may be retried by the runtime (after the node
+running them went down mid-call, the caller cannot know whether they ran), so each keeps a
+`Reservation` record per order in the ``stock`` map (key ``reservation:ORDER-ID``, kept for
+`RESERVATION_TTL_S`). A reserve claims the record with ``put_if_absent`` before it takes stock and
+marks it reserved (with the levels it answered) after; a repeated reserve of the same order answers
+the recorded levels without taking stock again. A reserve that finds the record still being
+reserved takes it over (the runtime retries only when it believes the first attempt lost); should
+the first attempt still finish, it sees it lost the record and gives its stock back. A release
+marks the record released before giving stock back, so a repeated release gives it back once.
 """
 
 from __future__ import annotations
@@ -23,8 +33,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
+import uuid
 from dataclasses import dataclass, field
 
+import msgspec
 from order_domain import (
     CATALOG,
     CheckStock,
@@ -43,6 +55,22 @@ from aether.slices.maps import SliceMap
 
 STOCK_MAP = "stock"
 CHANGE_BUDGET_S = 5.0
+RESERVATION_TTL_S = 600.0  # how long a reservation record dedupes repeated reserves and releases
+RESERVING, RESERVED, RELEASED = "reserving", "reserved", "released"
+
+
+class Reservation(msgspec.Struct, frozen=True, rename="camel"):
+    """The record of one order's reservation (``reservation:ORDER-ID`` in the ``stock`` map)."""
+
+    order_id: str
+    state: str  # reserving | reserved | released
+    attempt: str = ""  # the reserve attempt that holds the record while reserving
+    lines: list[StockLine] = []  # what was reserved
+    levels: list[StockLevel] = []  # what the reserve answered
+
+
+def reservation_key(order_id: str) -> str:
+    return f"reservation:{order_id}"
 
 
 def _checked(lines: list[StockLine]) -> list[StockLine]:
@@ -105,6 +133,8 @@ class InventoryService(Slice):
 
     async def start(self) -> None:
         self.stock: SliceMap[StockLevel] = self.map(STOCK_MAP, StockLevel)
+        self.reservations: SliceMap[Reservation] = self.map(STOCK_MAP, Reservation)
+        self.duplicates = 0  # repeated reserves/releases answered from the record (for tests)
         self._queued: dict[str, list[_Change]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}  # the one writer per product with changes
         self._tasks: set[asyncio.Task[None]] = set()
@@ -229,14 +259,53 @@ class InventoryService(Slice):
         )
         return [lv for lv in levels if lv is not None]
 
-    @entry
+    @entry(idempotent=True)
     async def reserve(self, req: ReserveStock) -> list[StockLevel]:
         """Take stock for every line, or none: on a failure the lines already taken are given back.
+        Repeating it for the same order takes nothing more: it answers what the first one did.
 
         409 (`Conflict`) names the first product without enough stock; 404 an unknown product.
         """
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
+        key = reservation_key(order_id)
+        mine = Reservation(order_id, RESERVING, uuid.uuid4().hex, lines)
+        held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
+        while held is not None:  # the order has a record already
+            if held.state != RELEASED and held.lines != lines:
+                raise Conflict(f"order {order_id} already has a reservation of other lines")
+            if held.state == RESERVED:
+                self.duplicates += 1
+                self.logger.info(
+                    "reserve of order %s repeated (idempotency key %s): answering the first one's levels",
+                    order_id, self.context.idempotency_key,
+                )  # fmt: skip
+                return held.levels
+            # RESERVING: an attempt the caller gave up on (it retries only then): take it over;
+            # RELEASED: a reservation given back before: this one starts afresh
+            if await self.reservations.compare_and_set(key, held, mine, ttl=RESERVATION_TTL_S):
+                break
+            held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
+        try:
+            levels = await self._take(order_id, lines)
+        except BaseException:
+            # nothing stays taken: free the record (shielded, like the give-back) so a retry may try
+            await asyncio.shield(self.reservations.compare_and_set(key, mine, None))
+            raise
+        done = Reservation(order_id, RESERVED, mine.attempt, lines, levels)
+        if not await self.reservations.compare_and_set(key, mine, done, ttl=RESERVATION_TTL_S):
+            # a retry took the record over meanwhile: it reserves for the order; give this back
+            self.logger.warning("reserve of order %s was taken over by a retry: giving back", order_id)
+            await asyncio.shield(self._release_all(order_id, lines))
+            current = await self.reservations.get(key)
+            if current is not None and current.state == RESERVED:
+                return current.levels
+            raise SliceHttpError(
+                f"the reservation of order {order_id} is being retried; try again", status=503
+            )
+        return levels
+
+    async def _take(self, order_id: str, lines: list[StockLine]) -> list[StockLevel]:
         taken: list[StockLine] = []
         levels: list[StockLevel] = []
         try:
@@ -252,8 +321,20 @@ class InventoryService(Slice):
             raise
         return levels
 
-    @entry
+    @entry(idempotent=True)
     async def release(self, req: ReleaseStock) -> list[StockLevel]:
-        """Give back the stock of an order's lines (after a cancellation)."""
+        """Give back the stock of an order's lines (after a cancellation); repeating it for the same
+        order gives nothing more back (it answers the current levels)."""
         order_id = parse_order_id(req.order_id, "orderId")
-        return await self._release_all(order_id, _checked(req.lines))
+        lines = _checked(req.lines)
+        key = reservation_key(order_id)
+        released = Reservation(order_id, RELEASED)
+        held = await self.reservations.put_if_absent(key, released, ttl=RESERVATION_TTL_S)
+        while held is not None:
+            if held.state == RELEASED:
+                self.duplicates += 1
+                return [await self._level(line.product_id) for line in lines]
+            if await self.reservations.compare_and_set(key, held, released, ttl=RESERVATION_TTL_S):
+                break
+            held = await self.reservations.put_if_absent(key, released, ttl=RESERVATION_TTL_S)
+        return await self._release_all(order_id, lines)
