@@ -38,7 +38,7 @@ from aether.invoke import (
 from aether.invoke.breaker import CLOSED, HALF_OPEN, OPEN
 from aether.kv.keys import EndpointValue
 from aether.slices import Slice, SliceDefinitionError, describe_slice, entry, route
-from test_invoke import ART, TARGET, FakeNet, served_by
+from test_invoke import ART, OTHER, TARGET, FakeNet, served_by
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -472,7 +472,7 @@ async def test_failures_that_did_not_reach_the_target_still_fail_over() -> None:
     assert runs.on("B") == 0 and a.stats.indeterminate == 0
 
 
-async def test_a_server_stopped_mid_call_answers_indeterminate() -> None:
+async def test_a_server_stopped_mid_call_is_indeterminate_for_a_non_idempotent_entry() -> None:
     net, runs = policy_net(EntryPolicy(idempotent=False))
     a = net.nodes["A"].invoker
     call = asyncio.create_task(a.invoke(TARGET, "echo", b"x", timeout=5.0))
@@ -538,3 +538,32 @@ async def test_app_errors_and_overload_do_not_open_a_circuit() -> None:
         with pytest.raises(Exception, match="boom"):
             await net.nodes["A"].invoker.invoke(TARGET, "echo", b"x")
     assert breaker.open_keys() == []
+
+
+async def test_an_indeterminate_nested_call_escaping_an_idempotent_entry_is_not_retried() -> None:
+    """B's `parent` (idempotent) calls D's non-idempotent `echo`; D goes down mid-call. Retrying
+    `parent` on C would repeat that call: A gets `IndeterminateOutcome` and `parent` ran once."""
+    net, runs = policy_net(None, hold=("D",))
+    net.add("D").slices.handlers["echo"] = runs
+    net.nodes["D"].slices.active.add(OTHER)  # echo of another artifact, only on D
+    net.registry.add("D", artifact=OTHER, policy=EntryPolicy(idempotent=False))
+    parents: list[str] = []
+
+    def parent_on(node: str) -> Any:
+        async def parent(_node: str, payload: bytes) -> bytes:
+            parents.append(node)
+            return await net.nodes[node].invoker.invoke("org.demo:other", "echo", payload, timeout=5.0)
+
+        return parent
+
+    for node in ("B", "C"):  # ...and `parent` (idempotent) on B and C
+        net.nodes[node].slices.handlers["parent"] = parent_on(node)
+        net.registry.add(node, method="parent")
+    call = asyncio.create_task(net.nodes["A"].invoker.invoke(TARGET, "parent", b"x", timeout=5.0))
+    await until(lambda: runs.on("D") == 1)
+    net.kill("D")
+    with pytest.raises(IndeterminateOutcome) as e:
+        await call
+    assert len(parents) == 1 and runs.on("D") == 1
+    assert e.value.kind == KIND_INDETERMINATE and e.value.status == 502
+    assert str(e.value).count("may or may not have taken effect") == 1  # explained once

@@ -21,6 +21,7 @@ __all__ = [
     "KIND_DEADLINE",
     "KIND_INDETERMINATE",
     "KIND_INJECTED_FAULT",
+    "KIND_INTERRUPTED",
     "KIND_NO_INSTANCE",
     "KIND_OVERLOADED",
     "KIND_SHUTTING_DOWN",
@@ -48,7 +49,7 @@ __all__ = [
 
 WireKind = Literal[
     "no_instance", "bad_request", "unknown_entry", "app_error", "overloaded", "shutting_down", "deadline",
-    "injected_fault", "indeterminate",
+    "injected_fault", "indeterminate", "interrupted",
 ]
 """The fixed kinds of a failed invoke response; ``status:NNN`` (see `status_kind`) is the other form."""
 
@@ -72,9 +73,13 @@ KIND_INJECTED_FAULT: Final = "injected_fault"
 nodes started with ``--fault-injection``, for Aether Forge and tests): not retryable, like app_error."""
 
 KIND_INDETERMINATE: Final = "indeterminate"
-"""The call may or may not have taken effect: an attempt reached a node that then went down, timed
-out, or was stopped while running it (or an entry let a nested call's `IndeterminateOutcome`
-escape). A caller retries it only when the entry is idempotent (docs/invocation.md)."""
+"""The entry let an `IndeterminateOutcome` of a call it made escape: a call to an entry that is not
+idempotent may or may not have taken effect. Not retryable (retrying the entry would repeat that
+call); the caller gets `IndeterminateOutcome` too (docs/invocation.md)."""
+
+KIND_INTERRUPTED: Final = "interrupted"
+"""The executing node stopped the call while it ran (its invoke server's `stop` gave up waiting):
+it may have partly run. Retried elsewhere only when the entry is idempotent."""
 
 KIND_STATUS_PREFIX: Final = "status:"
 """``status:NNN``: the entry raised an error with an HTTP status (e.g. NotFound -> ``status:404``);

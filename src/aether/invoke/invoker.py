@@ -34,7 +34,9 @@ Semantics
   per-attempt wait, `retries` bounds the attempts after the first, `backoff` the first pause.
   An entry declared ``idempotent=False`` is AT MOST ONCE per logical call: an attempt that may have
   reached the target (sent, then its node went down, no answer within the attempt timeout, or the
-  node stopped it mid-run: kind ``indeterminate``) is not repeated: `IndeterminateOutcome` (502).
+  node stopped it mid-run: kind ``interrupted``) is not repeated: `IndeterminateOutcome` (502).
+  An entry that lets an `IndeterminateOutcome` escape answers kind ``indeterminate``: never
+  retried (that would repeat its non-idempotent call), raised as `IndeterminateOutcome`.
   Failures that certainly did not reach it (no instance, peer not up, send refused, "overloaded",
   "shutting_down" answers) are still retried and failed over. Without an explicit `timeout`, an
   attempt of a non-idempotent entry waits for the whole remaining deadline.
@@ -88,6 +90,7 @@ from aether.invoke.messages import (
     KIND_DEADLINE,
     KIND_INDETERMINATE,
     KIND_INJECTED_FAULT,
+    KIND_INTERRUPTED,
     KIND_NO_INSTANCE,
     KIND_OVERLOADED,
     KIND_UNKNOWN_ENTRY,
@@ -115,7 +118,7 @@ class _Retry(Exception):
         self.kind = kind
         self.node_lost = node_lost  # the node running the call went down meanwhile
         # the attempt may have reached the entry (sent and then lost): not repeated if not idempotent
-        self.maybe_ran = maybe_ran or node_lost or kind == KIND_INDETERMINATE
+        self.maybe_ran = maybe_ran or node_lost or kind == KIND_INTERRUPTED
 
     @property
     def unhealthy(self) -> bool:
@@ -567,7 +570,7 @@ class Invoker:
                 ) from None
             except Exception as exc:
                 kind = classify(exc)
-                if kind in RETRYABLE_KINDS or kind == KIND_INDETERMINATE:
+                if kind in RETRYABLE_KINDS:
                     raise _Retry(f"{kind}: {describe_exception(exc)}", kind) from exc
                 raise self._error(
                     kind, error_text(exc, kind), target, method, self.node_id, rid, attempts
@@ -610,7 +613,7 @@ class Invoker:
             return resp.payload
         kind = resp.kind
         error = resp.error or "empty response"
-        if kind in RETRYABLE_KINDS or kind == KIND_INDETERMINATE:
+        if kind in RETRYABLE_KINDS or kind == KIND_INTERRUPTED:
             raise _Retry(f"{kind}: {error}", kind)
         raise self._error(kind, error, artifact, method, node, rid, attempts)
 
@@ -628,6 +631,8 @@ class Invoker:
             return bad
         elif kind == KIND_UNKNOWN_ENTRY:
             cls, message = UnknownEntryError, f"unknown entry point {where}: {error}"
+        elif kind == KIND_INDETERMINATE:  # the entry let a nested IndeterminateOutcome escape
+            cls, message = IndeterminateOutcome, f"{where}: a call it made is indeterminate: {error}"
         elif kind == KIND_APP_ERROR:
             cls, message = SliceAppError, f"{where} raised {error}"
         elif (status := kind_status(kind)) is not None:

@@ -24,7 +24,7 @@ from aether.invoke.invoker import Invoker
 from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_DEADLINE,
-    KIND_INDETERMINATE,
+    KIND_INTERRUPTED,
     KIND_OVERLOADED,
     KIND_SHUTTING_DOWN,
     InvokeRequest,
@@ -147,13 +147,13 @@ class InvokeServer:
                 result = await self._local.call(req.target, req.method, req.payload)
         except asyncio.CancelledError:
             # stop() gave up waiting: the call may have partly run, so the caller retries it
-            # elsewhere only if the entry is idempotent (kind indeterminate, docs/invocation.md)
+            # elsewhere only if the entry is idempotent (kind interrupted, docs/invocation.md)
             self._reply(
                 sender_node,
                 req,
                 None,
                 f"node {self.node_id} stopped before the call finished (it may have partly run)",
-                KIND_INDETERMINATE,
+                KIND_INTERRUPTED,
             )
             raise
         except TimeoutError as exc:
