@@ -40,7 +40,8 @@ from aether.slices.maps import SliceMap
 from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
 from aether.slices.testing import LocalMaps, build_slice_wheel, isolated_imports
-from test_http_server import FakeKV
+from test_http_server import ART as HELLO
+from test_http_server import FakeInvoker, FakeKV
 from test_invoke import FakeNet, served_by
 from test_invoke_policy import PolicyRegistry, until
 
@@ -332,3 +333,46 @@ async def test_a_reserve_retried_after_its_node_went_down_takes_the_stock_once()
     levels = msgspec.msgpack.decode(answer.split(b":", 1)[1], type=list[d.StockLevel])
     assert levels == [d.StockLevel("PROD-ABC123", 96, 4)]  # what the first attempt answered
     hold.set()
+
+
+# --- the router and the management API take the header alike -----------------------------------------
+
+
+class KeyInvoker(FakeInvoker):
+    """Records the idempotency key each call was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: list[str | None] = []
+
+    async def invoke(self, target: str, method: str, payload: bytes, **kw: Any) -> bytes:
+        self.keys.append(kw.pop("idempotency_key", None))
+        return await super().invoke(target, method, payload, **kw)
+
+
+async def test_the_router_and_the_management_api_pass_the_header_on_alike() -> None:
+    from aether.api.server import ManagementServer
+    from test_api_errors import _InvokeNode
+
+    inv = KeyInvoker()
+    kv = FakeKV({"routes/GET:/hello/{name}": RouteValue(HELLO, "greet", {"name": "path"})})
+    router = HttpRouter("node-1", kv, inv, host="127.0.0.1", port=0)
+    await router.start()
+    api = ManagementServer(_InvokeNode(inv), host="127.0.0.1", port=0)
+    await api.start()
+    calls = (("GET", f"{router.url}/hello/ann"), ("POST", f"{api.url}/api/v1/invoke/{HELLO}/greet"))
+    try:
+        async with aiohttp.ClientSession() as s:
+            for method, url in calls:
+                async with s.request(method, url, headers={"Idempotency-Key": "k-1"}) as r:
+                    assert r.status == 200, await r.text()
+                async with s.request(method, url) as r:
+                    assert r.status == 200
+                async with s.request(method, url, headers={"Idempotency-Key": "no spaces"}) as r:
+                    assert r.status == 400
+                    detail = (await r.json(content_type=None))["detail"]
+                    assert detail.startswith("Idempotency-Key header: must be 1-128 characters"), detail
+    finally:
+        await api.stop()
+        await router.stop()
+    assert inv.keys == ["k-1", None, "k-1", None]  # None: the invoker makes one
