@@ -345,7 +345,7 @@ async def test_a_repeated_reserve_or_release_of_an_order_changes_the_stock_once(
     assert describe_slice(InventoryService).entries["reserve"].policy.is_idempotent
 
 
-async def test_a_reserve_taken_over_by_its_retry_gives_its_stock_back() -> None:
+async def test_a_reserve_taken_over_by_its_retry_takes_the_stock_once() -> None:
     class Gated(LocalMaps):
         """Holds the first compare-and-set of a stock level until released."""
 
@@ -369,9 +369,31 @@ async def test_a_reserve_taken_over_by_its_retry_gives_its_stock_back() -> None:
     other = demo.make(INVENTORY, 2)
     await other.start()
     assert await other.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
-    gate.set()  # the first attempt finishes, finds the record taken over, and gives its stock back
+    gate.set()  # the first attempt finds the order's take held already, and the record taken over
     assert await first == [d.StockLevel("PROD-ABC123", 97, 3)]  # it answers what the retry reserved
     assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+
+
+async def test_a_retry_after_a_crash_between_take_and_record_takes_the_stock_once() -> None:
+    from inventory_service import RESERVING, Reservation, reservation_key
+
+    demo = await Demo().start()
+    inv = demo.inventory
+    lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    # the first attempt claimed the record and took the stock; then its node died
+    await inv.reservations.put(reservation_key("ORD-1"), Reservation("ORD-1", RESERVING, "dead", lines))
+    await inv._take("ORD-1", lines)
+    assert (await inv.stock.get("PROD-ABC123")).holds == {"ORD-1": 3}  # type: ignore[union-attr]
+    # the retry takes the record over; the product holds the order's take: not taken again
+    assert await inv.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+    # recorded: the hold goes with the instance's next write of the product (no write of its own)
+    await inv.reserve(d.ReserveStock("ORD-2", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))]))
+    entry = await inv.stock.get("PROD-ABC123")
+    assert entry is not None and "ORD-1" not in entry.holds and (entry.available, entry.reserved) == (96, 4)
+    # the stored value reads as a plain StockLevel (what GET /api/inventory answers)
+    raw, _ = demo.maps.data["stock"]["PROD-ABC123"]
+    assert msgspec.msgpack.decode(raw, type=d.StockLevel) == d.StockLevel("PROD-ABC123", 96, 4)
 
 
 class YieldingMaps(LocalMaps):
