@@ -25,6 +25,7 @@ from aether.core.problem import (
 from aether.http.server import HttpRouter
 from aether.invoke.errors import (
     EndpointUnavailable,
+    IndeterminateOutcome,
     InvokeBadRequest,
     InvokeError,
     InvokerClosed,
@@ -89,6 +90,10 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.invoke.errors.NotDeployed": (404, "app_error"),
     "aether.invoke.errors.EndpointUnavailable": (503, "app_error"),
     "aether.invoke.errors.PoisonRequest": (502, "app_error"),
+    # a non-idempotent call that may have run: the caller's caller must not repeat it blindly either
+    "aether.invoke.errors.IndeterminateOutcome": (502, "indeterminate"),
+    # a blueprint's policy for an entry the artifact lacks: the activation's FAILED reason, no answer
+    "aether.deploy.node_manager.UnknownEntryPolicy": (None, "app_error"),
     "aether.invoke.errors.InvokerClosed": (503, "shutting_down"),
     # every instance was overloaded: 503 + Retry-After to the caller, not retried by the caller's caller
     "aether.invoke.errors.InvokeOverloaded": (503, "status:503"),
@@ -113,6 +118,7 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.slices.errors.NotASliceWheel": (400, "bad_request"),
     "aether.slices.errors.ArtifactNotFound": (None, "app_error"),
     "aether.slices.errors.SliceLoadError": (None, "app_error"),
+    "aether.slices.errors.SliceConflict": (None, "app_error"),
     "aether.slices.errors.SliceStartError": (None, "app_error"),
     "aether.slices.errors.SliceStateError": (None, "app_error"),
     "aether.slices.isolation.SliceCrashed": (None, "app_error"),
@@ -232,6 +238,7 @@ ERRORS: list[tuple[BaseException, int]] = [
     (SliceAppError("x.greet answered 409: no stock", kind="status:409"), 409),
     (InvokeBadRequest("bad request: $.name is required", kind="bad_request"), 400),
     (PoisonRequest("nodes went down running it", kind="app_error"), 502),
+    (IndeterminateOutcome("x.charge on node-2: node went down", target="x", method="charge"), 502),
     (InvokerClosed("invoker of node node-1 closed"), 503),
     (InvokeError("call failed (weird): ?", kind="weird"), 502),
     (RuntimeError("secret internals"), 500),

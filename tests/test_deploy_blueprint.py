@@ -57,7 +57,7 @@ def test_load_blueprint_from_file(tmp_path: Path) -> None:
          r"^bp\.toml:2: unknown key 'replicas'; allowed keys: id, requires, slices, maps$"),
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\nreplicas = 2\n',
          r"^bp\.toml:4: unknown key 'replicas' in \[slices\.a\]; allowed keys: artifact, instances, config, "
-         r"max_concurrency, max_queue, entry_concurrency, scaling, rollout, isolation$"),
+         r"max_concurrency, max_queue, entry_concurrency, scaling, rollout, isolation, entries$"),
         # bad coordinates
         ('id = "x"\n[slices.a]\nartifact = "org.a:b"\n',
          r"^bp\.toml:3: \[slices\.a\]: invalid artifact coordinates 'org\.a:b': "
@@ -105,10 +105,10 @@ _SLICE_A = '[slices.a]\nartifact = "org.a:b:1.0.0"\n'
         # unknown keys (msgspec's forbid_unknown_fields) named as written, with their table and line
         ('id = "x"\n[slices.a]\nartifact = "org.a:b:1.0.0"\n"a`b c" = 1\n',
          "bp.toml:4: unknown key 'a`b c' in [slices.a]; allowed keys: artifact, instances, config, "
-         "max_concurrency, max_queue, entry_concurrency, scaling, rollout, isolation"),
+         "max_concurrency, max_queue, entry_concurrency, scaling, rollout, isolation, entries"),
         ('id = "x"\nslices.a.artifact = "org.a:b:1.0.0"\nslices.a.replica = 1\n',
          "bp.toml:3: unknown key 'replica' in [slices.a]; allowed keys: artifact, instances, config, "
-         "max_concurrency, max_queue, entry_concurrency, scaling, rollout, isolation"),
+         "max_concurrency, max_queue, entry_concurrency, scaling, rollout, isolation, entries"),
         ('id = "x"\n' + _SLICE_A + "[maps.m]\nreplica = 1\n",
          "bp.toml:5: unknown key 'replica' in [maps.m]; allowed keys: replicas, write_quorum, engine, "
          "max_value_bytes"),

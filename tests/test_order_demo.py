@@ -77,6 +77,7 @@ class SliceCalls:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes:
         self.calls.append((target, method))
         if (target, method) in self.fail:
@@ -327,6 +328,74 @@ async def test_reserve_is_all_or_nothing() -> None:
         await inv.reserve(d.ReserveStock("nope", lines[:1]))
 
 
+async def test_a_repeated_reserve_or_release_of_an_order_changes_the_stock_once() -> None:
+    demo = await Demo().start()
+    inv = demo.inventory
+    lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    first = await inv.reserve(d.ReserveStock("ORD-1", lines))
+    # the runtime retries it (the answer was lost): the same order, the same lines
+    assert await inv.reserve(d.ReserveStock("ORD-1", lines)) == first == [d.StockLevel("PROD-ABC123", 97, 3)]
+    assert (await inv.get_stock("PROD-ABC123")).reserved == 3 and inv.duplicates == 1
+    with pytest.raises(Conflict, match="order ORD-1 already has a reservation of other lines"):
+        await inv.reserve(d.ReserveStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))]))
+    await inv.release(d.ReleaseStock("ORD-1", lines))
+    await inv.release(d.ReleaseStock("ORD-1", lines))  # repeated: nothing more given back
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
+    assert inv.duplicates == 2
+    assert describe_slice(InventoryService).entries["reserve"].policy.is_idempotent
+
+
+async def test_a_reserve_taken_over_by_its_retry_takes_the_stock_once() -> None:
+    class Gated(LocalMaps):
+        """Holds the first compare-and-set of a stock level until released."""
+
+        gate: asyncio.Event | None = None
+
+        async def map_compare_and_set(self, name: str, key: str, *a: Any, **kw: Any) -> bool:
+            if key.startswith("PROD-") and self.gate is not None:
+                gate, self.gate = self.gate, None
+                await gate.wait()
+            return await super().map_compare_and_set(name, key, *a, **kw)
+
+    maps = Gated(["orders", "stock"])
+    demo = await Demo(maps).start()
+    inv = demo.inventory
+    lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    maps.gate = gate = asyncio.Event()
+    first = asyncio.create_task(inv.reserve(d.ReserveStock("ORD-1", lines)))
+    while maps.gate is not None:  # the first attempt is stuck writing the stock
+        await asyncio.sleep(0)
+    # its caller gave up and retried (on another instance): the retry takes the record over
+    other = demo.make(INVENTORY, 2)
+    await other.start()
+    assert await other.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
+    gate.set()  # the first attempt finds the order's take held already, and the record taken over
+    assert await first == [d.StockLevel("PROD-ABC123", 97, 3)]  # it answers what the retry reserved
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+
+
+async def test_a_retry_after_a_crash_between_take_and_record_takes_the_stock_once() -> None:
+    from inventory_service import RESERVING, Reservation, reservation_key
+
+    demo = await Demo().start()
+    inv = demo.inventory
+    lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    # the first attempt claimed the record and took the stock; then its node died
+    await inv.reservations.put(reservation_key("ORD-1"), Reservation("ORD-1", RESERVING, "dead", lines))
+    await inv._take("ORD-1", lines)
+    assert (await inv.stock.get("PROD-ABC123")).holds == {"ORD-1": 3}  # type: ignore[union-attr]
+    # the retry takes the record over; the product holds the order's take: not taken again
+    assert await inv.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+    # recorded: the hold goes with the instance's next write of the product (no write of its own)
+    await inv.reserve(d.ReserveStock("ORD-2", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))]))
+    entry = await inv.stock.get("PROD-ABC123")
+    assert entry is not None and "ORD-1" not in entry.holds and (entry.available, entry.reserved) == (96, 4)
+    # the stored value reads as a plain StockLevel (what GET /api/inventory answers)
+    raw, _ = demo.maps.data["stock"]["PROD-ABC123"]
+    assert msgspec.msgpack.decode(raw, type=d.StockLevel) == d.StockLevel("PROD-ABC123", 96, 4)
+
+
 class YieldingMaps(LocalMaps):
     """LocalMaps that yields to the event loop between a read and a write (so updates race)."""
 
@@ -421,6 +490,27 @@ async def test_place_get_cancel_releases_stock() -> None:
     with pytest.raises(Conflict, match=rf"order {placed.order_id} is already cancelled"):
         await demo.cancel.cancel_order(placed.order_id)
     assert await demo.available("PROD-ABC123") == 100  # released once
+
+
+async def test_a_repeated_place_order_call_places_one_order() -> None:
+    from aether.core.context import enter_call, exit_call
+
+    demo = await Demo().start()
+
+    async def place(key: str) -> d.Order:
+        tokens = enter_call("rid", key)  # what the runtime sets for the call (and its retries)
+        try:
+            return await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 2)))
+        finally:
+            exit_call(tokens)
+
+    first = await place("client-key-1")
+    assert first.order_id == d.order_id_for("client-key-1")
+    assert await place("client-key-1") == first  # a retry: the same order, no second reservation
+    assert await demo.available("PROD-ABC123") == 98
+    other = await place("client-key-2")  # another call: another order
+    assert other.order_id != first.order_id and await demo.available("PROD-ABC123") == 96
+    assert d.order_id_for(None) != d.order_id_for(None)  # no key: random ids
 
 
 async def test_concurrent_cancels_release_once() -> None:
@@ -528,7 +618,7 @@ async def test_concurrent_changes_of_one_product_share_writes() -> None:
     assert inv.writes <= 5  # 50 reservations, a handful of compare-and-sets
     # takes beyond the stock fail one by one, in arrival order, within the same batches
     results = await asyncio.gather(
-        *(inv.reserve(d.ReserveStock(f"ORD-{i}", line("PROD-DEF456"))) for i in range(30)),
+        *(inv.reserve(d.ReserveStock(f"ORD-{100 + i}", line("PROD-DEF456"))) for i in range(30)),
         return_exceptions=True,
     )
     assert [isinstance(r, list) for r in results] == [True] * 10 + [False] * 20
@@ -536,7 +626,9 @@ async def test_concurrent_changes_of_one_product_share_writes() -> None:
     level = await inv.get_stock("PROD-DEF456")
     assert (level.available, level.reserved) == (0, 10)
     # releases batch too
-    await asyncio.gather(*(inv.release(d.ReleaseStock(f"ORD-{i}", line("PROD-DEF456"))) for i in range(10)))
+    await asyncio.gather(
+        *(inv.release(d.ReleaseStock(f"ORD-{100 + i}", line("PROD-DEF456"))) for i in range(10))
+    )
     assert await demo.available("PROD-DEF456") == 10
 
 

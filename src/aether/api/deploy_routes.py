@@ -23,6 +23,7 @@ from aether.api.common import (
 )
 from aether.api.routing import ANY_JSON, Answer, Body, ListOf, Named, Route, path_param, query_param
 from aether.core.artifact import Artifact
+from aether.core.context import check_idempotency_key
 from aether.core.errors import BadRequest
 from aether.core.jsonbody import decode_json_body, require_json_content_type
 from aether.deploy.operations import ScaleBounds, SliceStatus
@@ -206,9 +207,16 @@ class DeploymentRoutes:
             arg = decode_json_body(raw)  # malformed, too deep, integers beyond 64 bits: 400
         target, method = request.match_info["artifact"], request.match_info["method"]
         timeout = timeout_param(request, 10.0)
+        payload = msgspec.msgpack.encode(arg)
         # every invoker error answers with the status it declares, as on the HTTP router
         # (aether.core.problem.problem_for, through the server's middleware)
-        out = await self.invoker.invoke(target, method, msgspec.msgpack.encode(arg), timeout=timeout)
+        key = request.headers.get("Idempotency-Key")
+        if key is None:  # the invoker makes a new key for the call
+            out = await self.invoker.invoke(target, method, payload, timeout=timeout)
+        else:
+            if (problem := check_idempotency_key(key)) is not None:
+                raise BadRequest(f"Idempotency-Key header: {problem}")
+            out = await self.invoker.invoke(target, method, payload, timeout=timeout, idempotency_key=key)
         return json_response(msgspec.msgpack.decode(out))
 
     async def list_rollouts(self, request: web.Request) -> web.Response:
@@ -379,7 +387,11 @@ ROUTES: Final = (
             _timeout(10.0),
         ),
         body=Body(ANY_JSON, "the entry's argument (empty body: null)", required=False),
-        tags=("invoke",), descriptions={404: "Unknown entry", 503: "No ACTIVE instance of the artifact"},
+        tags=("invoke",), descriptions={
+            404: "Unknown entry", 503: "No ACTIVE instance of the artifact",
+            502: "The entry failed, or a call to an entry that is not idempotent may or may not have taken "
+                 "effect and was not repeated (IndeterminateOutcome)",
+        },
         when=lambda routes: routes.invoker is not None,
     ),
 )

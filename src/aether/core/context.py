@@ -1,16 +1,130 @@
-"""Context variables shared across layers.
+"""Context variables shared across layers: the request id and the idempotency key of the call
+being served.
 
 `current_request_id` is the id of the request being served. The invoker reads it to pass the id
 on through nested calls and sets it where a call runs; slices read it (re-exported as
 `aether.slices.current_request_id`). It lives here, in the lowest layer, so that both can use the
 same variable without importing each other.
+
+`current_idempotency_key` is the idempotency key of the logical call being served (docs/invocation.md,
+*Idempotency keys*). It travels exactly where the request id travels: set by `enter_call` next to
+the request id (the invoker on local calls, the invoke server on remote ones, the slice runtime in
+the task that runs the entry), read by slices (``self.context.idempotency_key``). A call a slice
+makes while serving one gets a key derived from it (`child_idempotency_key`): the parent's key, the
+target, the entry and how many calls to that target and entry the parent made before, hashed. A
+retried parent (same key) thus makes its nested calls with the same keys again.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+import hashlib
+import re
+import uuid
+from contextvars import ContextVar, Token
+from typing import Final
 
-__all__ = ["current_request_id"]
+__all__ = [
+    "IDEMPOTENCY_KEY_MAX",
+    "check_idempotency_key",
+    "child_idempotency_key",
+    "current_idempotency_key",
+    "current_request_id",
+    "derive_idempotency_key",
+    "enter_call",
+    "exit_call",
+    "new_idempotency_key",
+]
 
 current_request_id: ContextVar[str | None] = ContextVar("aether_request_id", default=None)
 """The request id of the call being served (set by the runtime/invoker); propagated on `Slice.call`."""
+
+current_idempotency_key: ContextVar[str | None] = ContextVar("aether_idempotency_key", default=None)
+"""The idempotency key of the call being served (None outside a call); nested calls derive theirs."""
+
+
+class _ChildCalls:
+    """How many nested calls to each (target, entry) the call with key `parent` has made so far.
+
+    One per served call (set by `enter_call`): tasks the entry starts copy the context and so
+    share it, and count in the order they start their calls."""
+
+    __slots__ = ("counts", "parent")
+
+    def __init__(self, parent: str) -> None:
+        self.parent = parent
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def next(self, target: str, method: str) -> int:
+        key = (target, method)
+        n = self.counts.get(key, 0)
+        self.counts[key] = n + 1
+        return n
+
+
+_child_calls: ContextVar[_ChildCalls | None] = ContextVar("aether_child_calls", default=None)
+
+IDEMPOTENCY_KEY_MAX: Final = 128
+_KEY_RE = re.compile(rf"[A-Za-z0-9._:@+=/-]{{1,{IDEMPOTENCY_KEY_MAX}}}")
+
+
+def check_idempotency_key(key: str) -> str | None:
+    """Why `key` is not a valid idempotency key (None: it is): 1-128 letters, digits or ``._:@+=/-``."""
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+        return (
+            f"must be 1-{IDEMPOTENCY_KEY_MAX} characters of letters, digits and . _ : @ + = / - (e.g. a UUID)"
+        )
+    return None
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for a logical call that has none: 32 hex digits."""
+    return uuid.uuid4().hex
+
+
+def derive_idempotency_key(parent: str, target: str, method: str, position: int) -> str:
+    """The key of the `position`-th (0-based) call to `target`.`method` made while serving the call
+    with key `parent`: 32 hex digits of SHA-256 over the four values. Deterministic: a retried
+    parent reproduces its children's keys."""
+    h = hashlib.sha256(f"{parent}\n{target}\n{method}\n{position}".encode())
+    return h.hexdigest()[:32]
+
+
+def child_idempotency_key(target: str, method: str) -> str | None:
+    """The key of a call to `target`.`method` made now, inside the call being served (None when no
+    call with a key is being served: the invoker then makes a new one)."""
+    parent = current_idempotency_key.get()
+    if parent is None:
+        return None
+    calls = _child_calls.get()
+    if calls is None or calls.parent != parent:  # a context that set the key without enter_call
+        calls = _ChildCalls(parent)
+        _child_calls.set(calls)
+    return derive_idempotency_key(parent, target, method, calls.next(target, method))
+
+
+def enter_call(
+    request_id: str | None, idempotency_key: str | None
+) -> tuple[Token[str | None] | None, Token[str | None] | None, Token[_ChildCalls | None] | None]:
+    """Set the request id and idempotency key of the call about to be served in the current context
+    (each only when given), with a fresh count of nested calls; `exit_call` undoes it."""
+    rid = current_request_id.set(request_id) if request_id is not None else None
+    if idempotency_key is None:
+        return rid, None, None
+    return (
+        rid,
+        current_idempotency_key.set(idempotency_key),
+        _child_calls.set(_ChildCalls(idempotency_key)),
+    )
+
+
+def exit_call(
+    tokens: tuple[Token[str | None] | None, Token[str | None] | None, Token[_ChildCalls | None] | None],
+) -> None:
+    """Undo `enter_call` (in the same context)."""
+    rid, key, calls = tokens
+    if calls is not None:
+        _child_calls.reset(calls)
+    if key is not None:
+        current_idempotency_key.reset(key)
+    if rid is not None:
+        current_request_id.reset(rid)

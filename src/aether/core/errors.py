@@ -19,7 +19,9 @@ __all__ = [
     "KIND_APP_ERROR",
     "KIND_BAD_REQUEST",
     "KIND_DEADLINE",
+    "KIND_INDETERMINATE",
     "KIND_INJECTED_FAULT",
+    "KIND_INTERRUPTED",
     "KIND_NO_INSTANCE",
     "KIND_OVERLOADED",
     "KIND_SHUTTING_DOWN",
@@ -47,7 +49,7 @@ __all__ = [
 
 WireKind = Literal[
     "no_instance", "bad_request", "unknown_entry", "app_error", "overloaded", "shutting_down", "deadline",
-    "injected_fault",
+    "injected_fault", "indeterminate", "interrupted",
 ]
 """The fixed kinds of a failed invoke response; ``status:NNN`` (see `status_kind`) is the other form."""
 
@@ -69,6 +71,15 @@ KIND_DEADLINE: Final = "deadline"
 KIND_INJECTED_FAULT: Final = "injected_fault"
 """The call failed on purpose: a fault injected on the instance (management API ``/api/v1/faults``,
 nodes started with ``--fault-injection``, for Aether Forge and tests): not retryable, like app_error."""
+
+KIND_INDETERMINATE: Final = "indeterminate"
+"""The entry let an `IndeterminateOutcome` of a call it made escape: a call to an entry that is not
+idempotent may or may not have taken effect. Not retryable (retrying the entry would repeat that
+call); the caller gets `IndeterminateOutcome` too (docs/invocation.md)."""
+
+KIND_INTERRUPTED: Final = "interrupted"
+"""The executing node stopped the call while it ran (its invoke server's `stop` gave up waiting):
+it may have partly run. Retried elsewhere only when the entry is idempotent."""
 
 KIND_STATUS_PREFIX: Final = "status:"
 """``status:NNN``: the entry raised an error with an HTTP status (e.g. NotFound -> ``status:404``);

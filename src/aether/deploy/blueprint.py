@@ -33,6 +33,12 @@ max_p99_ratio = 1.5               # gate: p99 of the new version / p99 of the ol
 max_surge = 1                     # rolling: instances above `instances` during the update
 max_unavailable = 0               # rolling: instances below `instances` during the update
 
+[slices.place_order.entries.reserve]  # optional: one entry's policy, over what its code declares
+idempotent = false                # may it run twice for one call? (true: retried after a lost answer)
+timeout = 2.5                     # seconds one attempt may take (a number: no "2s" strings)
+retries = 3                       # attempts after the first (default: until the call's deadline)
+backoff = 0.05                    # seconds of the first pause between retry rounds (doubling)
+
 [slices.place_order.config]       # optional: handed to the instances as `context.config`
 currency = "EUR"
 db_password = { secret = "db-password" }  # a secret, resolved when an instance starts
@@ -69,7 +75,7 @@ from aether.deploy.config import check_config
 from aether.deploy.errors import BlueprintError
 from aether.deploy.ports import DependenciesOf, Resolve
 from aether.deploy.rollout import STRATEGIES, check_policy
-from aether.kv.keys import BlueprintSlice, BlueprintValue, RolloutPolicy, ScalingRule, parse_key
+from aether.kv.keys import BlueprintSlice, BlueprintValue, EntryPolicy, RolloutPolicy, ScalingRule, parse_key
 
 DIRECT_PREFIX = "direct:"
 SOURCES = ("operator", "controller", "api")
@@ -90,6 +96,7 @@ class BlueprintSliceSpec:
     entry_concurrency: Mapping[str, int] = field(default_factory=dict)
     rollout: RolloutPolicy | None = None
     isolation: str = "auto"
+    entries: Mapping[str, EntryPolicy] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +140,7 @@ class _SliceTable(msgspec.Struct, forbid_unknown_fields=True):
     scaling: dict[str, object] | None = None  # converted into a ScalingRule on its own
     rollout: dict[str, object] | None = None  # converted into a RolloutPolicy on its own
     isolation: Literal["auto", "process"] = "auto"
+    entries: dict[str, object] = {}  # converted into EntryPolicy values by `_parse_entries`
 
 
 # `[maps.NAME]` tables are converted straight into `MapSpec` (also forbid_unknown_fields).
@@ -307,6 +315,9 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
                         f"strategy, steps, ..., got {value!r}")
             if key == "isolation":
                 return f'isolation in [slices.{name}] must be "auto" or "process", got {value!r}'
+            if key == "entries":
+                return (f"entries in [slices.{name}] must be tables ([slices.{name}.entries.ENTRY]) "
+                        f"with timeout, retries, idempotent, backoff; got {value!r}")
             if key == "scaling":
                 return (f"scaling in [slices.{name}] must be a table ([slices.{name}.scaling]) with min, "
                         f"max and targets, got {value!r}")
@@ -349,11 +360,58 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
         rollout = _parse_rollout(st.rollout, name, fail) if st.rollout is not None else None
         spec = BlueprintSliceSpec(
             name, artifact, instances or 1, line, st.config, scaling, st.max_concurrency, st.max_queue,
-            dict(st.entry_concurrency), rollout, st.isolation,
+            dict(st.entry_concurrency), rollout, st.isolation, _parse_entries(st.entries, name, fail),
         )
         by_name[artifact.name] = spec
         specs.append(spec)
     return Blueprint(bp_id, tuple(specs), tuple(top.requires), filename, maps)
+
+
+class _EntryTable(msgspec.Struct, forbid_unknown_fields=True):
+    """One `[slices.NAME.entries.ENTRY]` table: the entry's policy (`EntryPolicy`), fields optional."""
+
+    timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    retries: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    idempotent: bool | None = None
+    backoff: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+ENTRY_KEYS = _EntryTable.__struct_fields__
+
+
+def _parse_entries(
+    tables: Mapping[str, object], name: str, fail: Callable[..., BlueprintError]
+) -> dict[str, EntryPolicy]:
+    """The `[slices.NAME.entries.ENTRY]` tables: policy overrides by entry name. The names are
+    checked here for their form only; whether the artifact has such an entry is known when a node
+    loads it (an unknown one fails the activation, naming it and the entries there are)."""
+    out: dict[str, EntryPolicy] = {}
+    for entry, table in tables.items():
+        path = ("slices", name, "entries", entry)
+        where = f"[slices.{name}.entries.{entry}]"
+        if not entry.isidentifier() or entry.startswith("_"):
+            raise fail(f"{where}: {entry!r} is not an entry name (a Python method name, not starting "
+                       "with '_')", *path)
+        if not isinstance(table, dict):
+            raise fail(f"entries.{entry} in [slices.{name}] must be a table ({where}) with "
+                       f"{', '.join(ENTRY_KEYS)}, got {table!r}", *path)
+
+        def bad(key: str, value: object, where: str = where) -> str:
+            return {
+                "timeout": f"timeout in {where} must be a number of seconds > 0 (e.g. timeout = 2.5), "
+                           f"got {value!r}",
+                "retries": f"retries in {where} must be an integer >= 0, got {value!r}",
+                "idempotent": f"idempotent in {where} must be true or false, got {value!r}",
+                "backoff": f"backoff in {where} must be a number of seconds > 0, got {value!r}",
+            }[key]
+
+        t = _convert(
+            table, _EntryTable, fail, path,
+            missing=lambda key: f"missing key {key!r}",  # every field has a default
+            bad=bad,
+        )  # fmt: skip
+        out[entry] = EntryPolicy(t.timeout, t.retries, t.idempotent, t.backoff)
+    return out
 
 
 _TARGETS = ("in_flight", "rate", "p95_ms", "cpu")
@@ -581,6 +639,7 @@ def expand(
             entry_concurrency=dict(listed_spec.entry_concurrency) if listed_spec else {},
             rollout=listed_spec.rollout if listed_spec else None,
             isolation=listed_spec.isolation if listed_spec else "auto",
+            entries=dict(listed_spec.entries) if listed_spec else {},
         ))
     return BlueprintValue(out, source=source)
 

@@ -29,7 +29,14 @@ import msgspec
 
 from aether.core.errors import BadRequest, StatusError
 from aether.core.secrets import MissingSecret, ResolvedConfig
-from aether.kv.keys import BlueprintSlice, BlueprintValue, SecretKey, SecretValue, check_secret_name
+from aether.kv.keys import (
+    BlueprintSlice,
+    BlueprintValue,
+    EntryPolicy,
+    SecretKey,
+    SecretValue,
+    check_secret_name,
+)
 
 __all__ = [
     "SECRET_REF",
@@ -146,6 +153,16 @@ def limits_of(blueprints: Iterable[BlueprintValue], artifact: str) -> BlueprintS
     return None
 
 
+def entry_policies_of(blueprints: Iterable[BlueprintValue], artifact: str) -> dict[str, EntryPolicy]:
+    """The per-entry policy overrides (`[slices.NAME.entries.ENTRY]`) of `artifact` (full
+    coordinates): those of the first blueprint slice that sets any, else none."""
+    for bp in blueprints:
+        for s in bp.slices:
+            if s.artifact == artifact and s.entries:
+                return dict(s.entries)
+    return {}
+
+
 def config_conflict(
     blueprints: Iterable[tuple[str, BlueprintValue]], blueprint_id: str, value: BlueprintValue
 ) -> str | None:
@@ -200,6 +217,10 @@ class SliceConfigs:
     def limits(self, artifact: object) -> BlueprintSlice | None:
         """The blueprint slice that gives `artifact` its capacity limits (`limits_of`), or None."""
         return limits_of(self._blueprints(), str(artifact))
+
+    def entry_policies(self, artifact: object) -> dict[str, EntryPolicy]:
+        """The blueprints' per-entry policy overrides of `artifact` (`entry_policies_of`)."""
+        return entry_policies_of(self._blueprints(), str(artifact))
 
     def fingerprint(self, artifact: str) -> str:
         config = self.raw(artifact)

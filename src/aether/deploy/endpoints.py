@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
 from aether.core.errors import BadRequest
-from aether.kv.keys import EndpointKey, EndpointValue, parse_key
+from aether.kv.keys import EndpointKey, EndpointValue, EntryPolicy, parse_key
 from aether.kv.machine import WatchEvent
 from aether.kv.store import KVStore, decode_value
 
@@ -33,6 +33,8 @@ class EndpointInfo:
     instance: int
     node_id: str
     state: str
+    # the entry's effective policy as its node published it (None: the defaults); the invoker follows it
+    policy: EntryPolicy | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +140,7 @@ class EndpointRegistry:
         k = self._parse(key)
         if k is None:
             return None
-        info = EndpointInfo(k.artifact, k.method, k.instance, value.node_id, value.state)
+        info = EndpointInfo(k.artifact, k.method, k.instance, value.node_id, value.state, value.policy)
         self._by_artifact.setdefault(k.artifact, {})[(k.method, k.instance)] = info
         self._names.setdefault(_name_of(k.artifact), set()).add(k.artifact)
         return info

@@ -60,6 +60,7 @@ from typing import Any
 
 from aether.core.artifact import Artifact
 from aether.core.errors import AetherError, BadRequest, CommitTimeout, QuorumLost
+from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 from aether.deploy.lifecycle import (
     AbortStep,
     ConfigChanged,
@@ -102,6 +103,31 @@ class RouteConflict(AetherError):
     """A route the slice declares is registered by another artifact."""
 
 
+class UnknownEntryPolicy(AetherError):
+    """A blueprint sets the policy of an entry the artifact does not have (`[slices.NAME.entries.X]`)."""
+
+
+def effective_policies(
+    artifact: str, info: SliceInfo, overrides: Mapping[str, EntryPolicy]
+) -> dict[str, EntryPolicy]:
+    """The policy of each entry of the loaded slice: the blueprint's `overrides` over what the code
+    declares (`EntryInfo.policy`). An override for an entry the slice lacks is `UnknownEntryPolicy`
+    naming it and the entries there are."""
+    unknown = sorted(set(overrides) - set(info.entries))
+    if unknown:
+        raise UnknownEntryPolicy(
+            f"the blueprint sets a policy for {', '.join(repr(u) for u in unknown)} ([slices.NAME."
+            f"entries.{unknown[0]}]), which is not an entry of {artifact}; its entries: "
+            f"{', '.join(sorted(info.entries))}"
+        )
+    out: dict[str, EntryPolicy] = {}
+    for name, e in info.entries.items():
+        code = getattr(e, "policy", None)
+        base = code if isinstance(code, EntryPolicy) else DEFAULT_POLICY
+        out[name] = overrides[name].over(base) if name in overrides else base
+    return out
+
+
 def route_value(artifact: str, route: RouteInfo) -> RouteValue:
     """The stored route: artifact, entry point and where each argument binds from.
 
@@ -127,10 +153,13 @@ class NodeDeploymentManager:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         config_version: Callable[[str], str] | None = None,
+        policies_for: Callable[[str], Mapping[str, EntryPolicy]] | None = None,
     ) -> None:
         """`config_version(artifact)` is the fingerprint of the config the artifact's instances
         should run (`aether.deploy.config.SliceConfigs.fingerprint`); without it configs are
-        never changed on running instances."""
+        never changed on running instances. `policies_for(artifact)` gives the blueprints'
+        per-entry policy overrides (`SliceConfigs.entry_policies`), published with the endpoints
+        on top of the code's policies (read on activation)."""
         self.kv = kv
         self.node_id = node_id
         self.store = store
@@ -153,6 +182,8 @@ class NodeDeploymentManager:
         self._starting = False
         self._running = False
         self.config_version = config_version
+        self.policies_for = policies_for
+        self._policies: dict[str, dict[str, EntryPolicy]] = {}  # artifact -> entry -> effective policy
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -424,6 +455,8 @@ class NodeDeploymentManager:
 
     async def _activate(self, a: Artifact, artifact: str, ids: list[int]) -> None:
         info = self._slice_info(a, artifact)
+        overrides = self.policies_for(artifact) if self.policies_for is not None else {}
+        self._policies[artifact] = effective_policies(artifact, info, overrides)
         self._activated.add(artifact)
         await self.store.activate(a, ids)
         await self._claim_routes(a, artifact, info)
@@ -456,6 +489,7 @@ class NodeDeploymentManager:
             self._activated.discard(artifact)
         self._claimed.pop(artifact, None)
         self._info.pop(artifact, None)
+        self._policies.pop(artifact, None)
         await self.store.unload(a)
         await self._cleanup_routes(artifact)
 
@@ -500,21 +534,32 @@ class NodeDeploymentManager:
                 raise RouteConflict(f"route {method} {r.path} keeps changing; giving up")
             claimed.append((key, value))
 
+    def _endpoint_value(self, artifact: str, entry: str, info: SliceInfo) -> EndpointValue:
+        """This node's endpoint of `entry`, with the entry's effective policy (None: the defaults)."""
+        policies = self._policies.get(artifact)
+        if policies is None:  # activated before this manager knew it (not expected): as on activation
+            overrides = self.policies_for(artifact) if self.policies_for is not None else {}
+            overrides = {k: v for k, v in overrides.items() if k in info.entries}
+            policies = self._policies[artifact] = effective_policies(artifact, info, overrides)
+        policy = policies.get(entry)
+        return EndpointValue(self.node_id, "ACTIVE", None if policy in (None, DEFAULT_POLICY) else policy)
+
     async def _publish(self, artifact: str, info: SliceInfo, ids: list[int]) -> None:
-        value = EndpointValue(self.node_id, "ACTIVE")
-        keys = [EndpointKey(artifact, entry, i) for entry in sorted(info.entries) for i in ids]
-        for k in range(0, len(keys), _WRITE_BATCH):  # bounded: never thousands of writes in flight
-            await asyncio.gather(*(self.kv.put(key, value) for key in keys[k:k + _WRITE_BATCH]))
+        pairs = [(EndpointKey(artifact, entry, i), self._endpoint_value(artifact, entry, info))
+                 for entry in sorted(info.entries) for i in ids]
+        for k in range(0, len(pairs), _WRITE_BATCH):  # bounded: never thousands of writes in flight
+            await asyncio.gather(*(self.kv.put(key, value) for key, value in pairs[k:k + _WRITE_BATCH]))
 
     async def _republish(self, artifact: str, info: SliceInfo, ids: list[int]) -> None:
         """Publish the endpoints of `ids` that are missing, each CAS(absent → this node). One that
         another node holds is left alone: that node runs the same id only until the leader
         removes the duplicate, and when it withdraws its endpoint this runs again."""
-        value = EndpointValue(self.node_id, "ACTIVE")
-        missing = [key for entry in sorted(info.entries) for i in ids
+        missing = [(key, self._endpoint_value(artifact, entry, info))
+                   for entry in sorted(info.entries) for i in ids
                    if self.kv.get_local(key := str(EndpointKey(artifact, entry, i))) is None]
         for k in range(0, len(missing), _WRITE_BATCH):
-            await asyncio.gather(*(self._put_if_absent(key, value) for key in missing[k:k + _WRITE_BATCH]))
+            batch = missing[k:k + _WRITE_BATCH]
+            await asyncio.gather(*(self._put_if_absent(key, value) for key, value in batch))
         if missing:
             self.log.info("%s: published %d endpoints again", artifact, len(missing))
 

@@ -11,7 +11,10 @@ Protocols below.
 
 Responses: the entry's MessagePack answer re-encoded as JSON (``application/json``; a ``str``
 answer is a JSON string, ``None`` is ``null``). Every response carries ``X-Request-Id`` (the
-request's header when it is sane, else a fresh id) which is also passed to the invoker.
+request's header when it is sane, else a fresh id) which is also passed to the invoker. An
+``Idempotency-Key`` header (1-128 letters, digits and ``._:@+=/-``; anything else is a 400 naming
+the header) becomes the idempotency key of the call (the slice reads it as
+``context.idempotency_key``); without one the invoker makes a new key per request.
 
 Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``); an
 error of the invoker answers with the status it declares (`aether.core.problem.problem_for`, the
@@ -36,8 +39,11 @@ being accepted, or of its previous response, is closed without an answer (slowlo
 415   a body without a JSON content type (``Content-Type: application/json`` is required)
 4xx   the entry raised a `SliceHttpError` (``NotFound`` 404, ``Conflict`` 409, ...), directly or by
       letting one from a slice it called escape: that status, its message as the detail
-502   the slice raised (`SliceAppError`), nodes went down running the call (`PoisonRequest`), any
-      other failed call (`InvokeError`), or the answer cannot be represented as JSON
+502   the slice raised (`SliceAppError`), nodes went down running the call (`PoisonRequest`), a
+      call to an entry that is not idempotent may or may not have taken effect and was not
+      repeated (`IndeterminateOutcome`: the detail says so and that retrying with the same
+      ``Idempotency-Key`` is safe where the entry deduplicates), any other failed call
+      (`InvokeError`), or the answer cannot be represented as JSON
 503   the artifact is deployed but no instance is ACTIVE anywhere (`EndpointUnavailable`, answered
       at once, with ``Retry-After: 1`` while an instance is starting), no ACTIVE instance could be
       reached before the deadline (an `InvokeTimeout` of kind ``no_instance``: the last attempt found
@@ -62,6 +68,7 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
+from aether.core.context import check_idempotency_key
 from aether.core.errors import BadRequest, StatusError
 from aether.core.problem import PROBLEM_CONTENT_TYPE, Problem, is_internal, problem_for, problem_headers
 from aether.http.routes import ROUTE_PREFIX, Match, RouteTable, build_payload
@@ -79,6 +86,7 @@ __all__ = [
 
 MiB = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 _RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}\Z")
 _MSGPACK_DEC = msgspec.msgpack.Decoder()
 _JSON_ENC = msgspec.json.Encoder()
@@ -100,6 +108,7 @@ class InvokerLike(Protocol):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes: ...
 
 
@@ -360,6 +369,9 @@ class HttpRouter:
             except TimeoutError:
                 return self._problem(408, f"request body not received within {self.request_timeout:g}s", rid)
         route = m.route
+        ikey = request.headers.get(IDEMPOTENCY_KEY_HEADER)
+        if ikey is not None and (problem := check_idempotency_key(ikey)) is not None:
+            return self._problem(400, f"{IDEMPOTENCY_KEY_HEADER} header: {problem}", rid)
         try:
             payload = build_payload(
                 m,
@@ -372,9 +384,15 @@ class HttpRouter:
         except (BadRequest, StatusError) as e:  # BodyTooLarge (413), UnsupportedMediaType (415), ...
             return self._answer(problem_for(e), rid)
         try:
-            answer = await self.invoker.invoke(
-                route.target, route.method, payload, request_id=rid, timeout=self.request_timeout
-            )
+            if ikey is None:  # the invoker makes a new key for the call
+                answer = await self.invoker.invoke(
+                    route.target, route.method, payload, request_id=rid, timeout=self.request_timeout
+                )
+            else:
+                answer = await self.invoker.invoke(
+                    route.target, route.method, payload, request_id=rid, timeout=self.request_timeout,
+                    idempotency_key=ikey,
+                )
         except Exception as e:
             if is_internal(e):
                 raise  # logged with its traceback by `_handle`, answered 500

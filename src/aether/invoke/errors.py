@@ -23,6 +23,7 @@ from aether.core.errors import (
 from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
+    KIND_INDETERMINATE,
     KIND_NO_INSTANCE,
     KIND_SHUTTING_DOWN,
     kind_status,
@@ -30,6 +31,7 @@ from aether.invoke.messages import (
 
 __all__ = [
     "EndpointUnavailable",
+    "IndeterminateOutcome",
     "InvokeBadRequest",
     "InvokeError",
     "InvokeOverloaded",
@@ -171,6 +173,34 @@ class PoisonRequest(InvokeError, StatusError):
     tried on more nodes, since the call itself may be what brings them down (502)."""
 
     status = 502
+
+
+_EXPLAINED = "may or may not have taken effect"
+
+
+class IndeterminateOutcome(InvokeError, StatusError):
+    """A call to an entry declared ``idempotent=False`` failed after an attempt that may have
+    reached it (the node running it went down, it did not answer within its timeout, or it was
+    stopped mid-call): it may or may not have taken effect, and the invoker did not repeat it.
+    502 (the callee's side failed; the client must find out or retry with the same idempotency
+    key), kind ``indeterminate`` (also on the wire, when it escapes an entry: that entry's caller
+    gets `IndeterminateOutcome` too and does not retry it, which would repeat the nested call).
+    The message says so in words."""
+
+    status = 502
+    wire_kind: ClassVar[WireKind] = KIND_INDETERMINATE
+
+    def __init__(self, message: str, **kw: Any) -> None:
+        if _EXPLAINED not in message:  # (a nested call's message explains it already)
+            message = (
+                f"{message}; the call {_EXPLAINED} and was not repeated (an entry declared not "
+                "idempotent is never run twice for one call); retrying is safe only where the entry "
+                "deduplicates by idempotency key: retry with the same Idempotency-Key header"
+            )
+        super().__init__(message, **kw)
+
+    def response_kind(self) -> str:
+        return KIND_INDETERMINATE
 
 
 class InvokerClosed(InvokeError):

@@ -33,9 +33,24 @@ Semantics
   once. Only when an ACTIVE endpoint exists on a node that is down does the call wait as above.
 - Non-retryable failures raise at once: `InvokeBadRequest`, `UnknownEntryError`, `SliceAppError`,
   and `InvokeTimeout` when the executing node reports that the call's deadline passed.
-- Delivery is AT LEAST ONCE across retries: an attempt whose response was lost (or that timed out)
-  may still have run, or still be running, while a retry runs elsewhere. Entry points should be
-  idempotent or deduplicate by request id. Calls may run concurrently.
+- Delivery is AT LEAST ONCE across retries for entries that are idempotent (the default): an
+  attempt whose response was lost (or that timed out) may still have run, or still be running,
+  while a retry runs elsewhere. Calls may run concurrently.
+- Entry policies (`aether.core.policy.EntryPolicy`, published with each endpoint): `timeout` is the
+  per-attempt wait, `retries` bounds the attempts after the first, `backoff` the first pause.
+  An entry declared ``idempotent=False`` is AT MOST ONCE per logical call: an attempt that may have
+  reached the target (sent, then its node went down, no answer within the attempt timeout, or the
+  node stopped it mid-run: kind ``interrupted``) is not repeated: `IndeterminateOutcome` (502).
+  An entry that lets an `IndeterminateOutcome` escape answers kind ``indeterminate``: never
+  retried (that would repeat its non-idempotent call), raised as `IndeterminateOutcome`.
+  Failures that certainly did not reach it (no instance, peer not up, send refused, "overloaded",
+  "shutting_down" answers) are still retried and failed over. Without an explicit `timeout`, an
+  attempt of a non-idempotent entry waits for the whole remaining deadline.
+- Every logical call carries one idempotency key (`InvokeRequest.idempotency_key`), the same on
+  every attempt: the caller's, else derived from the key of the call being served
+  (`aether.core.context.child_idempotency_key`), else a new one.
+- A circuit breaker per (node, artifact) (`aether.invoke.breaker`) skips instances that keep
+  failing while another candidate exists.
 """
 
 from __future__ import annotations
@@ -45,12 +60,23 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from aether.core.calls import Answer, NoAnswer, PendingCalls, RetryPolicy
+from aether.core.context import (
+    check_idempotency_key,
+    child_idempotency_key,
+    enter_call,
+    exit_call,
+    new_idempotency_key,
+)
+from aether.core.policy import DEFAULT_POLICY, EntryPolicy
+from aether.invoke.breaker import CircuitBreaker
 from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
 from aether.invoke.context import RequestIdVar, current_request_id, new_request_id, read_request_id
 from aether.invoke.errors import (
     EndpointUnavailable,
+    IndeterminateOutcome,
     InvokeBadRequest,
     InvokeError,
     InvokeOverloaded,
@@ -68,7 +94,9 @@ from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
     KIND_DEADLINE,
+    KIND_INDETERMINATE,
     KIND_INJECTED_FAULT,
+    KIND_INTERRUPTED,
     KIND_NO_INSTANCE,
     KIND_OVERLOADED,
     KIND_UNKNOWN_ENTRY,
@@ -88,17 +116,29 @@ _MAX_KEYS = 4096  # bound on per-(target, method) bookkeeping (round-robin index
 class _Retry(Exception):
     """An attempt failed in a way worth retrying elsewhere (internal)."""
 
-    def __init__(self, reason: str, kind: str | None = None, *, node_lost: bool = False) -> None:
+    def __init__(
+        self, reason: str, kind: str | None = None, *, node_lost: bool = False, maybe_ran: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
         self.node_lost = node_lost  # the node running the call went down meanwhile
+        # the attempt may have reached the entry (sent and then lost): not repeated if not idempotent
+        self.maybe_ran = maybe_ran or node_lost or kind == KIND_INTERRUPTED
+
+    @property
+    def unhealthy(self) -> bool:
+        """Says the instance is unhealthy (counts for the circuit breaker); overloaded does not."""
+        return self.kind != KIND_OVERLOADED
 
 
 class InvokerStats:
     """Counters (monotonic) for metrics and tests."""
 
-    __slots__ = ("attempts", "calls", "failed", "local_attempts", "remote_attempts", "retries", "succeeded")
+    __slots__ = (
+        "attempts", "calls", "failed", "indeterminate", "local_attempts", "remote_attempts", "retries",
+        "skipped_open", "succeeded",
+    )
 
     def __init__(self) -> None:
         self.calls = 0
@@ -108,6 +148,8 @@ class InvokerStats:
         self.local_attempts = 0
         self.remote_attempts = 0
         self.retries = 0
+        self.indeterminate = 0  # calls ended with IndeterminateOutcome
+        self.skipped_open = 0  # candidates passed over because their circuit was open
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -143,6 +185,8 @@ class Invoker:
         catalog: Catalog | None = None,
         max_nodes_lost: int = 2,
         traffic: Traffic | None = None,
+        breaker: CircuitBreaker | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if max_nodes_lost < 1:
             raise ValueError("max_nodes_lost must be at least 1")
@@ -169,6 +213,9 @@ class Invoker:
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
         self._closed = False
         self._unsubscribe: Callable[[], None] | None = None
+        # per-(node, artifact) circuits; `clock` (default: the running loop's) times them
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self._clock = clock
         self.stats = InvokerStats()
         if bus is not None:
             self.attach(bus)
@@ -235,17 +282,31 @@ class Invoker:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes:
         """Call `method` of `target` (``group:artifact`` or full coordinates) with the encoded `payload`.
 
         Returns the encoded result. `request_id` defaults to the slices contextvar, else a new id.
         `timeout` (seconds, default `default_timeout`) bounds the whole call including retries.
+        `idempotency_key` identifies the logical call on every attempt (default: derived from the
+        key of the call being served, else new; see the module docstring).
         Raises `InvokeTimeout`, `InvokeBadRequest`, `UnknownEntryError`, `SliceAppError`,
-        `InvokerClosed`. At-least-once: see the module docstring.
+        `IndeterminateOutcome`, `InvokerClosed`. At-least-once unless the entry's policy says it
+        is not idempotent: see the module docstring.
         """
         if self._closed:
             raise InvokerClosed(f"invoker of node {self.node_id} is closed", target=target, method=method)
         rid = request_id or read_request_id(self._request_id_var()) or new_request_id()
+        if idempotency_key is not None:
+            problem = check_idempotency_key(idempotency_key)
+            if problem is not None:
+                raise InvokeBadRequest(
+                    f"call {target}.{method} (request {rid}): idempotency key {idempotency_key[:40]!r} "
+                    f"{problem}", target=target, method=method, kind=KIND_BAD_REQUEST, request_id=rid,
+                )  # fmt: skip
+            ikey = idempotency_key
+        else:
+            ikey = child_idempotency_key(target, method) or new_idempotency_key()
         budget = self.retry.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -259,6 +320,7 @@ class Invoker:
         tried: set[str] = set()
         round_failed = round_overloaded = 0  # attempts of this round that failed, and how many overloaded
         lost: list[str] = []  # nodes that went down while running this call
+        policy = DEFAULT_POLICY  # of the instance tried last (all instances of a version share it)
         try:
             while True:
                 if self._closed:
@@ -293,7 +355,7 @@ class Invoker:
                         )  # fmt: skip
                     tried.clear()
                     round_failed = round_overloaded = 0
-                    delay = self.retry.backoff(rounds, self._rng)
+                    delay = self._backoff(policy, rounds)
                     rounds += 1
                     self._log.debug(
                         "[%s] request %s %s.%s: %s; retrying in %.0f ms",
@@ -307,6 +369,13 @@ class Invoker:
                     await asyncio.sleep(min(delay, remaining))
                     continue
                 node, artifact = choice
+                policy = self._policy(target, method, node, artifact)
+                if policy.retries is not None and attempts > policy.retries:
+                    raise self._timeout(
+                        target, method, rid, budget, attempts, last_error, last_node, last_kind,
+                        gave_up=f"gave up after {attempts} attempt(s): the entry's policy allows "
+                                f"{policy.retries} retr{'y' if policy.retries == 1 else 'ies'}",
+                    )  # fmt: skip
                 attempts += 1
                 stats.attempts += 1
                 if attempts > 1:
@@ -323,16 +392,31 @@ class Invoker:
                     attempts,
                     node,
                 )
+                circuit = (node, artifact)
                 try:
                     if node == self.node_id:
                         stats.local_attempts += 1
-                        result = await self._call_local(artifact, method, payload, rid, deadline, attempts)
+                        result = await self._call_local(
+                            artifact, method, payload, rid, deadline, attempts, ikey, policy
+                        )
                     else:
                         stats.remote_attempts += 1
+                        self.breaker.started(circuit, self._now())
                         result = await self._call_remote(
-                            node, artifact, method, payload, rid, deadline, attempts
+                            node, artifact, method, payload, rid, deadline, attempts, ikey, policy
                         )
+                        self.breaker.success(circuit, self._now())
                 except _Retry as retry:
+                    if node != self.node_id and retry.unhealthy:
+                        self.breaker.failure(circuit, self._now())
+                    if retry.maybe_ran and not policy.is_idempotent:
+                        stats.indeterminate += 1
+                        raise IndeterminateOutcome(
+                            f"call {target}.{method} (request {rid}, idempotency key {ikey}) on {node}: "
+                            f"{retry.reason}",
+                            target=target, method=method, kind=KIND_INDETERMINATE, node=node,
+                            request_id=rid, attempts=attempts,
+                        ) from None
                     last_kind = retry.kind
                     last_error = f"{node}: {retry.reason}"
                     last_node = node
@@ -351,6 +435,10 @@ class Invoker:
                                 request_id=rid, attempts=attempts,
                             ) from None
                     continue
+                except InvokeError:
+                    if node != self.node_id:  # the instance answered (with an error): it is up
+                        self.breaker.success(circuit, self._now())
+                    raise
                 stats.succeeded += 1
                 return result
         except BaseException:
@@ -404,9 +492,10 @@ class Invoker:
             key = (target, method)
             start = self._rr.get(key, 0)
             n = len(remote)
+            skip = self._open_circuits(remote, tried)  # the circuit breaker's hook
             for k in range(n):
                 ep = remote[(start + k) % n]
-                if ep.node_id not in tried:
+                if ep.node_id not in tried and (ep.node_id, ep.artifact) not in skip:
                     if key not in self._rr and len(self._rr) >= _MAX_KEYS:
                         self._rr.clear()
                     self._rr[key] = (start + k + 1) % 1_000_000_007
@@ -482,21 +571,79 @@ class Invoker:
         self._rr[rr_key] = (start + 1) % 1_000_000_007
         return (eps[start % len(eps)].node_id, coords), candidates
 
+    def _open_circuits(self, remote: list[Any], tried: set[str]) -> set[tuple[str, str]]:
+        """The (node, artifact) of the candidates not tried yet whose circuit is open, unless every
+        one of them is (then none is skipped: a breaker never makes a call fail on its own)."""
+        now = self._now()
+        breaker = self.breaker
+        left = [(ep.node_id, ep.artifact) for ep in remote if ep.node_id not in tried]
+        skip = {c for c in left if not breaker.allows(c, now)}
+        if not skip or len(skip) == len(set(left)):
+            return set()
+        self.stats.skipped_open += 1
+        return skip
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    def _policy(self, target: str, method: str, node: str, artifact: str) -> EntryPolicy:
+        """The policy the registry publishes for `method` of the instance chosen (node, artifact);
+        the defaults when it has none (an endpoint of an older node, or a registry without them)."""
+        for ep in self._registry.instances(target, method):
+            if ep.node_id == node and (node == self.node_id or ep.artifact == artifact):
+                policy = getattr(ep, "policy", None)
+                if isinstance(policy, EntryPolicy):
+                    return policy
+        return DEFAULT_POLICY
+
+    def _backoff(self, policy: EntryPolicy, rounds: int) -> float:
+        if policy.backoff is None:
+            return self.retry.backoff(rounds, self._rng)
+        base = min(max(self.retry.backoff_max, policy.backoff), policy.backoff * (2 ** min(rounds, 30)))
+        return base / 2 + self._rng.uniform(0.0, base / 2)
+
+    def _attempt_wait(self, policy: EntryPolicy, remaining: float) -> float:
+        """How long one attempt waits: the policy's timeout; else, for an entry that must not run
+        twice, the whole remaining deadline (giving up early would only make it indeterminate);
+        else the invoker's `attempt_timeout`."""
+        if policy.timeout is not None:
+            return min(remaining, policy.timeout)
+        if not policy.is_idempotent:
+            return remaining
+        return self.retry.attempt_wait(remaining)
+
     # --- one attempt ----------------------------------------------------------------------------
 
     async def _call_local(
-        self, target: str, method: str, payload: bytes, rid: str, deadline: float, attempts: int
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        rid: str,
+        deadline: float,
+        attempts: int,
+        ikey: str = "",
+        policy: EntryPolicy = DEFAULT_POLICY,
     ) -> bytes:
         var = self._request_id_var()
         token = var.set(rid) if var is not None and var.get(None) != rid else None
+        keys = enter_call(None, ikey or None)  # where the request id goes, the key goes
         try:
-            timer = asyncio.timeout_at(deadline)
+            limit = deadline
+            if policy.timeout is not None:
+                limit = min(deadline, asyncio.get_running_loop().time() + policy.timeout)
+            timer = asyncio.timeout_at(limit)
             try:
                 async with timer:
                     return await self._local.call(target, method, payload)
             except TimeoutError as exc:
                 if not timer.expired():
                     raise self._app_error(exc, target, method, rid, attempts) from exc
+                if limit < deadline:
+                    raise _Retry(
+                        f"no answer within the entry's attempt timeout ({policy.timeout:g}s) on this node",
+                        maybe_ran=True,
+                    ) from None
                 raise InvokeTimeout(
                     f"call {target}.{method} (request {rid}) timed out running on this node ({self.node_id}) "
                     f"after {attempts} attempt(s)",
@@ -515,6 +662,7 @@ class Invoker:
                     kind, error_text(exc, kind), target, method, self.node_id, rid, attempts
                 ) from exc
         finally:
+            exit_call(keys)
             if token is not None and var is not None:
                 var.reset(token)
 
@@ -534,22 +682,24 @@ class Invoker:
         rid: str,
         deadline: float,
         attempts: int,
+        ikey: str = "",
+        policy: EntryPolicy = DEFAULT_POLICY,
     ) -> bytes:
         remaining = deadline - asyncio.get_running_loop().time()
         cid, _ = self._calls.open(node)
-        request = InvokeRequest(cid, artifact, method, payload, rid, max(1, int(remaining * 1000)))
+        request = InvokeRequest(cid, artifact, method, payload, rid, max(1, int(remaining * 1000)), ikey)
         if not self._link.send(node, request):
             self._calls.discard(cid)
             raise _Retry("not reachable (send failed: peer not up)")
         try:
-            resp = await self._calls.wait(cid, self.retry.attempt_wait(remaining))
+            resp = await self._calls.wait(cid, self._attempt_wait(policy, remaining))
         except NoAnswer as e:
-            raise _Retry(str(e)) from None
+            raise _Retry(str(e), maybe_ran=True) from None
         if resp.error is None and resp.payload is not None:
             return resp.payload
         kind = resp.kind
         error = resp.error or "empty response"
-        if kind in RETRYABLE_KINDS:
+        if kind in RETRYABLE_KINDS or kind == KIND_INTERRUPTED:
             raise _Retry(f"{kind}: {error}", kind)
         raise self._error(kind, error, artifact, method, node, rid, attempts)
 
@@ -567,6 +717,8 @@ class Invoker:
             return bad
         elif kind == KIND_UNKNOWN_ENTRY:
             cls, message = UnknownEntryError, f"unknown entry point {where}: {error}"
+        elif kind == KIND_INDETERMINATE:  # the entry let a nested IndeterminateOutcome escape
+            cls, message = IndeterminateOutcome, f"{where}: a call it made is indeterminate: {error}"
         elif kind == KIND_APP_ERROR:
             cls, message = SliceAppError, f"{where} raised {error}"
         elif (status := kind_status(kind)) is not None:
@@ -602,10 +754,12 @@ class Invoker:
         last_error: str,
         last_node: str | None,
         last_kind: str | None = None,
+        *,
+        gave_up: str | None = None,
     ) -> InvokeTimeout:
+        why = gave_up or f"did not succeed within {budget:g}s after {attempts} attempt(s)"
         return InvokeTimeout(
-            f"call {target}.{method} (request {rid}) did not succeed within {budget:g}s after "
-            f"{attempts} attempt(s); last error: {last_error}",
+            f"call {target}.{method} (request {rid}) {why}; last error: {last_error}",
             target=target,
             method=method,
             kind=last_kind,

@@ -7,8 +7,10 @@ union can import it cheaply.
 
 A request carries a per-caller correlation ``id`` (unique among that caller's in-flight calls), the
 full coordinates of the chosen artifact, the entry point, the encoded argument, the tracing request
-id and the time the caller still waits (``timeout_ms``). The response echoes ``id`` and carries
-either ``payload`` (success) or ``error`` + ``kind``.
+id, the time the caller still waits (``timeout_ms``) and the logical call's idempotency key (the
+same on every attempt; "" from a sender that predates it). The response echoes ``id`` and carries
+either ``payload`` (success) or ``error`` + ``kind``. Fields are added only at the end, with
+defaults, so messages of nodes of the previous version still decode.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from aether.core.errors import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
     KIND_DEADLINE,
+    KIND_INDETERMINATE,
     KIND_INJECTED_FAULT,
+    KIND_INTERRUPTED,
     KIND_NO_INSTANCE,
     KIND_OVERLOADED,
     KIND_SHUTTING_DOWN,
@@ -37,7 +41,9 @@ __all__ = [
     "KIND_APP_ERROR",
     "KIND_BAD_REQUEST",
     "KIND_DEADLINE",
+    "KIND_INDETERMINATE",
     "KIND_INJECTED_FAULT",
+    "KIND_INTERRUPTED",
     "KIND_NO_INSTANCE",
     "KIND_OVERLOADED",
     "KIND_SHUTTING_DOWN",
@@ -64,6 +70,7 @@ class InvokeRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=
     payload: bytes
     request_id: str
     timeout_ms: int
+    idempotency_key: str = ""
 
 
 class InvokeResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=41):

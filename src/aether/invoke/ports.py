@@ -50,7 +50,10 @@ class LocalSlices(Protocol):
 
 
 class Endpoint(Protocol):
-    """One ACTIVE endpoint as the registry reports it (``EndpointInfo``)."""
+    """One ACTIVE endpoint as the registry reports it (``EndpointInfo``).
+
+    It may also have a ``policy`` attribute: the entry's `aether.core.policy.EntryPolicy` as its
+    node published it; the invoker reads it with ``getattr`` (endpoints without one: the defaults)."""
 
     @property
     def artifact(self) -> str:

@@ -1,10 +1,11 @@
 """`InvokeServer`: runs `InvokeRequest`s from other nodes on this node's slices and answers them.
 
-Owns the executing side of a remote invocation: one task per request (with the slices request-id
-contextvar set), the request's time limit, bounded concurrency, mapping exceptions to response
-kinds, and a graceful `stop`. Also owns `dispatch`, the single transport callback for invoke
-messages (requests to this server, responses to the node's `Invoker`). May import `aether.core`
-and `aether.invoke`; it reaches slices and the transport only through `aether.invoke.ports`.
+Owns the executing side of a remote invocation: one task per request (with the request-id and
+idempotency-key contextvars set), the request's time limit, bounded concurrency, mapping
+exceptions to response kinds, and a graceful `stop`. Also owns `dispatch`, the single transport
+callback for invoke messages (requests to this server, responses to the node's `Invoker`). May
+import `aether.core` and `aether.invoke`; it reaches slices and the transport only through
+`aether.invoke.ports`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import logging
 import time
 from collections.abc import Callable
 
+from aether.core.context import enter_call
 from aether.invoke.context import RequestIdVar, current_request_id
 from aether.invoke.errors import classify, describe_exception, error_text
 from aether.invoke.invoker import Invoker
 from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_DEADLINE,
+    KIND_INTERRUPTED,
     KIND_OVERLOADED,
     KIND_SHUTTING_DOWN,
     InvokeRequest,
@@ -125,6 +128,8 @@ class InvokeServer:
         var = self._request_id_var()
         if var is not None:
             ctx.run(var.set, req.request_id)
+        if req.idempotency_key:  # the logical call's key, where the request id is (slices read it)
+            ctx.run(enter_call, None, req.idempotency_key)
         task = asyncio.get_running_loop().create_task(
             self._serve(sender_node, req), name=f"aether-invoke-{self.node_id}-{req.request_id}", context=ctx
         )
@@ -141,13 +146,14 @@ class InvokeServer:
             async with timer:
                 result = await self._local.call(req.target, req.method, req.payload)
         except asyncio.CancelledError:
-            # stop() gave up waiting: the caller retries elsewhere (the call may have partly run).
+            # stop() gave up waiting: the call may have partly run, so the caller retries it
+            # elsewhere only if the entry is idempotent (kind interrupted, docs/invocation.md)
             self._reply(
                 sender_node,
                 req,
                 None,
-                f"node {self.node_id} stopped before the call finished",
-                KIND_SHUTTING_DOWN,
+                f"node {self.node_id} stopped before the call finished (it may have partly run)",
+                KIND_INTERRUPTED,
             )
             raise
         except TimeoutError as exc:

@@ -13,6 +13,7 @@ import msgspec
 
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec, PartitionTable, check_map_name
+from aether.core.policy import EntryPolicy as EntryPolicy  # re-exported: blueprint entries, endpoints
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9._:@+-]{1,200}\Z")
 _HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
@@ -86,6 +87,9 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     entry_concurrency: dict[str, int] = {}  # per-entry limits within an instance
     rollout: RolloutPolicy | None = None  # [slices.NAME.rollout]: how a new version replaces this one
     isolation: str = "auto"  # "process": always in a worker process of its own; "auto": when needed
+    # [slices.NAME.entries.ENTRY]: per-entry policy overrides of what the code declares (fields set
+    # only; `EntryPolicy` is defined in aether.core.policy because aether.invoke may not import kv)
+    entries: dict[str, EntryPolicy] = {}
 
 
 class BlueprintValue(msgspec.Struct, frozen=True):
@@ -108,8 +112,13 @@ class SliceStateValue(msgspec.Struct, frozen=True):
 
 
 class EndpointValue(msgspec.Struct, frozen=True):
+    """One ACTIVE endpoint: the node that runs the instance, and the effective policy of the entry
+    (code + blueprint override) every caller's invoker follows (None from nodes that predate it:
+    the defaults)."""
+
     node_id: str
     state: str
+    policy: EntryPolicy | None = None
 
 
 class RouteValue(msgspec.Struct, frozen=True):

@@ -87,10 +87,12 @@ class _NodeInvoker:
 
     async def invoke(
         self, target: str, method: str, payload: bytes, *, request_id: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, idempotency_key: str | None = None,
     ) -> bytes:
         invoker = self._node.invoker
-        return await invoker.invoke(target, method, payload, request_id=request_id, timeout=timeout)
+        return await invoker.invoke(
+            target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=idempotency_key
+        )
 
 
 class _ControllerMetrics:
@@ -259,6 +261,7 @@ class Node:
         )
         self.node_deployer = NodeDeploymentManager(
             self.kv, self.node_id, self.slice_runtime, config_version=self.slice_configs.fingerprint,
+            policies_for=self.slice_configs.entry_policies,
             logger=logging.getLogger(f"aether.deploy.node.{self.node_id}"),
         )
         # the layer-1 controller (docs/controller.md): steps once a second on the leader, syncs its

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import msgspec
 
 from aether.core.artifact import Artifact
+from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 from aether.slices._codec import _bad_param, _bad_request, _is_map, encode_response, type_name
 from aether.slices.errors import (
     EntryBadRequest,
@@ -126,6 +127,10 @@ class EntryInfo:
     routes: tuple[RouteInfo, ...]
     doc: str | None
     function: Callable[..., Awaitable[Any]] = field(repr=False)
+    policy: EntryPolicy = DEFAULT_POLICY
+    """The resilience policy declared in code (`@entry(timeout=..., retries=..., idempotent=...,
+    backoff=...)`); a blueprint's ``[slices.NAME.entries.ENTRY]`` may override it (the node
+    publishes the result with the endpoints: `aether.deploy.node_manager`)."""
     _decoder: msgspec.msgpack.Decoder[Any] | None = field(repr=False, default=None)
     _single_decoder: msgspec.msgpack.Decoder[Any] | None = field(repr=False, default=None)
     _map_decoder: msgspec.msgpack.Decoder[Any] | None = field(repr=False, default=None)
@@ -250,6 +255,7 @@ class _EntryMark:
     """What `@entry` / `@route` leave on a function (as `__aether_entry__`)."""
 
     routes: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)
+    policy: EntryPolicy | None = None  # the keywords of @entry / @route
 
 
 # --- class inspection ---------------------------------------------------------------------------------
@@ -450,6 +456,7 @@ def _describe_entry(cls: type, name: str, fn: Callable[..., Any], mark: _EntryMa
         routes=tuple(routes),
         doc=inspect.getdoc(fn),
         function=fn,
+        policy=mark.policy or DEFAULT_POLICY,
         _decoder=decoder,
         _single_decoder=single,
         _map_decoder=map_decoder,

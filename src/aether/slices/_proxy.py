@@ -1,7 +1,8 @@
 """Typed calls to other slices, behind `aether.slices.api` (private).
 
 `call_slice` (what `Slice.call` does) encodes the request, calls through an `SliceCaller` with the
-current request id and decodes the answer as the caller's response type; `make_proxy` (what
+current request id and an idempotency key derived from the current one, and decodes the answer as
+the caller's response type; `make_proxy` (what
 `Slice.proxy` does) builds a `SliceProxy` with one async method per method of an interface (a
 Protocol or the target's `Slice` class). The decoders and interface specs are cached in the
 calling slice's `CodecCache` (none: built per call), never in this module.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from aether.core.artifact import Artifact
-from aether.core.context import current_request_id
+from aether.core.context import child_idempotency_key, current_request_id
 from aether.core.errors import BadRequest
 from aether.slices._codec import CodecCache, decode_response, encode_request
 from aether.slices._inspect import describe_slice
@@ -73,7 +74,15 @@ async def call_slice(
     """
     t = normalize_target(target)
     payload = encode_request(t, method, request)
-    answer = await invoker.invoke(t, method, payload, request_id=current_request_id.get(), timeout=timeout)
+    # the key is derived here, in the calling slice's context (the invoker may run on another loop)
+    key = child_idempotency_key(t, method)
+    rid = current_request_id.get()
+    if key is None:  # not serving a call with a key (tests, scripts): the invoker makes one
+        answer = await invoker.invoke(t, method, payload, request_id=rid, timeout=timeout)
+    else:
+        answer = await invoker.invoke(
+            t, method, payload, request_id=rid, timeout=timeout, idempotency_key=key
+        )
     return cast(T, decode_response(t, method, answer, response_type, codecs))
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 from aether.core.artifact import Artifact
-from aether.core.context import current_request_id
+from aether.core.context import current_idempotency_key, current_request_id
+from aether.core.policy import EntryPolicy
 from aether.slices._codec import CodecCache, decode_response, encode_request, encode_response, type_name
 from aether.slices._inspect import (
     _MARK,
@@ -65,6 +66,7 @@ __all__ = [
     "SliceInfo",
     "SliceProxy",
     "call_slice",
+    "current_idempotency_key",
     "current_request_id",
     "decode_response",
     "describe_slice",
@@ -110,6 +112,7 @@ class SliceCaller(Protocol):
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes: ...
 
 
@@ -137,6 +140,13 @@ class SliceContext:
         """Request id of the call being served (None outside a call)."""
         return current_request_id.get()
 
+    @property
+    def idempotency_key(self) -> str | None:
+        """Idempotency key of the logical call being served (None outside a call): the same on every
+        retry of that call, e.g. the HTTP client's ``Idempotency-Key`` header; a call made while
+        serving one derives its key from it (docs/invocation.md, *Idempotency keys*)."""
+        return current_idempotency_key.get()
+
 
 # --- decorators ---------------------------------------------------------------------------------------
 
@@ -157,16 +167,72 @@ def _mark(fn: Callable[..., Any], decorator: str) -> _EntryMark:
     return cast(_EntryMark, mark)
 
 
+def _policy(
+    where: str, timeout: float | None, retries: int | None, idempotent: bool | None, backoff: float | None
+) -> EntryPolicy | None:
+    policy = EntryPolicy(timeout, retries, idempotent, backoff)
+    problems = policy.problems()
+    if problems:
+        raise SliceDefinitionError(f"{where}: {'; '.join(problems)}")
+    return None if policy == EntryPolicy() else policy
+
+
+def _set_policy(mark: _EntryMark, policy: EntryPolicy | None, where: str) -> None:
+    """Stack a decorator's policy on the mark; two decorators giving one field two values is an error."""
+    if policy is None:
+        return
+    old = mark.policy
+    if old is not None:
+        for name in policy.__struct_fields__:
+            a, b = getattr(old, name), getattr(policy, name)
+            if a is not None and b is not None and a != b:
+                raise SliceDefinitionError(f"{where}: {name} is declared twice ({a!r} and {b!r})")
+        policy = policy.over(old)
+    mark.policy = policy
+
+
 @typing.overload
 def entry(fn: F, /) -> F: ...
 @typing.overload
-def entry() -> Callable[[F], F]: ...
+def entry(
+    *,
+    timeout: float | None = None,
+    retries: int | None = None,
+    idempotent: bool | None = None,
+    backoff: float | None = None,
+) -> Callable[[F], F]: ...
 
 
-def entry(fn: Any = None, /) -> Any:
-    """Mark an `async def` method of a `Slice` as an entry point (`@entry` or `@entry()`)."""
+def entry(
+    fn: Any = None,
+    /,
+    *,
+    timeout: float | None = None,
+    retries: int | None = None,
+    idempotent: bool | None = None,
+    backoff: float | None = None,
+) -> Any:
+    """Mark an `async def` method of a `Slice` as an entry point (`@entry`, `@entry()`, or with its
+    resilience policy: `@entry(idempotent=False)`, `@entry(timeout=2.0, retries=3, backoff=0.05)`).
+
+    - `timeout`: seconds one attempt may take before the caller counts it as lost;
+    - `retries`: how many times a failed attempt may be repeated (default: until the deadline);
+    - `idempotent`: False when running the entry twice for one call would do harm (the default,
+      True, lets the runtime retry an attempt whose answer was lost: at least once);
+    - `backoff`: seconds of the first pause between retry rounds (doubling).
+
+    Each may be overridden in the blueprint (``[slices.NAME.entries.ENTRY]``); see
+    docs/invocation.md, *Entry policies*.
+    """
+    policy = _policy("@entry", timeout, retries, idempotent, backoff)
     if fn is None:
-        return entry
+
+        def deco(f: F) -> F:
+            where = f"@entry on {getattr(f, '__qualname__', f)!r}"
+            _set_policy(_mark(f, "@entry"), policy, where)
+            return f
+
+        return deco
     _mark(fn, "@entry")
     return fn
 
@@ -203,13 +269,22 @@ def parse_route_path(path: str) -> tuple[str, ...]:
     return tuple(params)
 
 
-def route(method: str, path: str) -> Callable[[F], F]:
+def route(
+    method: str,
+    path: str,
+    *,
+    timeout: float | None = None,
+    retries: int | None = None,
+    idempotent: bool | None = None,
+    backoff: float | None = None,
+) -> Callable[[F], F]:
     """Declare an HTTP route for an entry (implies `@entry`); may be stacked for several routes.
 
     `method` is one of GET, POST, PUT, DELETE, PATCH (any case); `path` a pattern like
     `/api/orders/{id}`. Both are validated here; parameters are checked against the method's
-    signature by `describe_slice`.
+    signature by `describe_slice`. The keywords are the entry's policy, as on `entry`.
     """
+    policy = _policy(f"@route({method!r}, {path!r})", timeout, retries, idempotent, backoff)
 
     def deco(fn: F) -> F:
         where = f"@route({method!r}, {path!r}) on {getattr(fn, '__qualname__', fn)!r}"
@@ -224,6 +299,7 @@ def route(method: str, path: str) -> Callable[[F], F]:
         if any(r[0] == m and r[1] == path for r in mark.routes):
             raise SliceDefinitionError(f"{where}: the same route is declared twice")
         mark.routes.insert(0, (m, path, params))  # decorators apply bottom-up: keep source order
+        _set_policy(mark, policy, where)
         return fn
 
     return deco

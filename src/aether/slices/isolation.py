@@ -439,10 +439,16 @@ class ThreadInvoker:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes:
-        return await self._thread.call_main(
-            self._inner.invoke(target, method, payload, request_id=request_id, timeout=timeout)
-        )
+        if idempotency_key is None:
+            aw = self._inner.invoke(target, method, payload, request_id=request_id, timeout=timeout)
+        else:
+            aw = self._inner.invoke(
+                target, method, payload, request_id=request_id, timeout=timeout,
+                idempotency_key=idempotency_key,
+            )
+        return await self._thread.call_main(aw)
 
 
 class ThreadMaps:

@@ -59,7 +59,9 @@ class SliceMap(Generic[V]):
     ``get`` answers None for a missing (or expired) key. ``put`` with ``ttl`` (seconds) makes the
     key expire. ``compare_and_set(key, expected, new)`` writes `new` only if the current value
     equals `expected` (None: the key is absent; `new` None removes the key) and says whether it did;
-    values are compared by their encoding. ``update`` retries a read-modify-write until it wins.
+    values are compared by their encoding. ``put_if_absent(key, value)`` writes only a missing key
+    and answers the value already there (None: it wrote). ``update`` retries a read-modify-write
+    until it wins.
     """
 
     def __init__(
@@ -120,6 +122,22 @@ class SliceMap(Generic[V]):
         exp = None if expected is None else self._encode(expected)
         val = None if new is None else self._encode(new)
         return await self._backend.map_compare_and_set(self.name, key, exp, val, ttl=ttl)
+
+    async def put_if_absent(self, key: str, value: V, *, ttl: float | None = None) -> V | None:
+        """Write `value` unless `key` holds one: None when this call wrote it, else the value already
+        there (which may be `value` itself, written by an earlier attempt of the same call whose
+        answer was lost). Atomic (`compare_and_set` from absent); the building block of
+        deduplication by idempotency key (docs/maps.md, *Deduplicating retried calls*)."""
+        check_key(self.name, key)
+        _check_ttl(self.name, ttl)
+        val = self._encode(value)
+        for _ in range(100):  # absent, taken, then gone again (removed or expired) every round: give up
+            if await self._backend.map_compare_and_set(self.name, key, None, val, ttl=ttl):
+                return None
+            raw = await self._backend.map_get(self.name, key)
+            if raw is not None:
+                return self._decode(key, raw)
+        raise MapContention(f"map {self.name!r} key {key!r}: put_if_absent kept racing with removals")
 
     async def keys(self, prefix: str = "") -> list[str]:
         """Every key starting with `prefix`, sorted (a scan of every partition: not for hot paths)."""

@@ -49,6 +49,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from aether.core.artifact import Artifact
+from aether.core.context import current_idempotency_key, enter_call
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.core.secrets import ResolvedConfig, redact
 from aether.slices._inspect import EntryInfo, RouteInfo
@@ -104,9 +105,11 @@ async def _health(hook: Callable[[], Any]) -> Any:
     return await hook()
 
 
-async def _call_entry(obj: Slice, method: str, payload: bytes, request_id: str | None) -> bytes:
-    if request_id is not None:
-        current_request_id.set(request_id)  # in this call's own context (its task on the slice loop)
+async def _call_entry(
+    obj: Slice, method: str, payload: bytes, request_id: str | None, idempotency_key: str | None = None
+) -> bytes:
+    # in this call's own context (its task on the slice loop): the request id and idempotency key
+    enter_call(request_id, idempotency_key)
     return await invoke_entry(obj, method, payload)
 
 
@@ -683,13 +686,20 @@ class SliceRuntime:
         *,
         instance: int | None = None,
         request_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes:
         """Invoke `method` on a local ACTIVE instance (round-robin unless `instance` is given).
 
         `artifact` is coordinates or `group:artifact` (then the highest active version here).
         Raises `NoLocalInstance`, `UnknownEntry`, `EntryBadRequest` (a BadRequest); errors raised by
-        the entry itself propagate. `request_id` (if given) is set as `current_request_id`.
+        the entry itself propagate. `request_id` and `idempotency_key` (default: the caller's
+        `current_request_id` / `current_idempotency_key`, which the invoker and invoke server set)
+        are set for the entry.
         """
+        if request_id is None:
+            request_id = current_request_id.get()
+        if idempotency_key is None:
+            idempotency_key = current_idempotency_key.get()
         e, inst = self._pick(artifact, instance, method)
         entry = e.loaded.info.entries.get(method)
         if entry is None:
@@ -739,12 +749,12 @@ class SliceRuntime:
                     result = await worker.request(
                         "call", inst.id, inst.slot, method=method, payload=payload,
                         request_id=request_id if request_id is not None else current_request_id.get(),
+                        idempotency_key=idempotency_key,
                     )  # fmt: skip
                 else:
                     assert thread is not None and inst.obj is not None
-                    result = await thread.run(
-                        _call_entry(inst.obj, method, payload, request_id), entry=method
-                    )
+                    call = _call_entry(inst.obj, method, payload, request_id, idempotency_key)
+                    result = await thread.run(call, entry=method)
                 ok = True
                 return result
             except ResponseTypeError as exc:

@@ -246,10 +246,13 @@ class StoreInvoker:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes:
         for store in self.stores:
             if store.local_instances(target):
-                return await store.call(target, method, payload, request_id=request_id)
+                return await store.call(
+                    target, method, payload, request_id=request_id, idempotency_key=idempotency_key
+                )
         raise NoLocalInstance(f"no active instance of {target} in {len(self.stores)} local store(s)")
 
 
@@ -259,6 +262,7 @@ class FakeInvoker:
 
     handler: Callable[[str, str, bytes], Awaitable[bytes] | bytes]
     calls: list[tuple[str, str, bytes, str | None, float | None]] = field(default_factory=list)
+    keys: list[str | None] = field(default_factory=list)  # the idempotency key of each call
 
     async def invoke(
         self,
@@ -268,8 +272,10 @@ class FakeInvoker:
         *,
         request_id: str | None = None,
         timeout: float | None = None,
+        idempotency_key: str | None = None,
     ) -> bytes:
         self.calls.append((target, method, payload, request_id, timeout))
+        self.keys.append(idempotency_key)
         result = self.handler(target, method, payload)
         if inspect.isawaitable(result):
             return await result

@@ -32,7 +32,8 @@ from typing import Any
 import msgspec
 
 from aether.core.artifact import Artifact
-from aether.slices.api import Slice, SliceContext, current_request_id, describe_slice, invoke_entry, type_name
+from aether.core.context import enter_call
+from aether.slices.api import Slice, SliceContext, describe_slice, invoke_entry, type_name
 from aether.slices.errors import ResponseTypeError
 from aether.slices.workerproto import (
     DEFAULT_MAX_FRAME,
@@ -99,9 +100,9 @@ class _Invoker:
 
     async def invoke(
         self, target: str, method: str, payload: bytes, *, request_id: str | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, idempotency_key: str | None = None,
     ) -> bytes:  # fmt: skip
-        result = await self._w.up("invoke", [target, method, payload, request_id, timeout])
+        result = await self._w.up("invoke", [target, method, payload, request_id, timeout, idempotency_key])
         return bytes(result)
 
 
@@ -304,8 +305,9 @@ class _Worker:
         iid, slot = m.instance, m.slot
         if m.op == "call":
             obj = self._instance(slot)
-            if m.request_id is not None:
-                current_request_id.set(m.request_id)
+            # as in-process (`runtime._call_entry`): the request id and idempotency key in this
+            # call's own context, where nested calls derive their keys from it
+            enter_call(m.request_id, m.idempotency_key)
             try:
                 return await invoke_entry(obj, m.method, m.payload)
             except ResponseTypeError as exc:  # a bug of the slice: logged, as in-process

@@ -125,6 +125,7 @@ class Call(msgspec.Struct, frozen=True, tag="call"):
     payload: bytes = b""
     request_id: str | None = None
     config: Any = None
+    idempotency_key: str | None = None  # the logical call's key, beside its request id
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel"):

@@ -239,6 +239,7 @@ class WorkerHost:
         payload: bytes = b"",
         request_id: str | None = None,
         config: Any = None,
+        idempotency_key: str | None = None,
     ) -> bytes:
         """Run `op` on `instance` in the worker; errors come back rebuilt (`RemoteError`, same kind
         and status as raised there) or as `WorkerLost` when the worker is not there to answer."""
@@ -248,7 +249,8 @@ class WorkerHost:
             why = self.failed or "it is being restarted"
             raise WorkerLost(f"the worker of {self.spec.artifact} on {self.node_id} is not running: {why}")
         return await self._ask(
-            proc, lambda cid: Call(cid, op, instance, slot, method, payload, request_id, config)
+            proc,
+            lambda cid: Call(cid, op, instance, slot, method, payload, request_id, config, idempotency_key),
         )
 
     async def _ask(self, proc: _Proc, make: Callable[[int], Load | Call]) -> bytes:
@@ -347,8 +349,14 @@ class WorkerHost:
     async def _run_up(self, m: Up) -> Any:
         a = m.args
         if m.op == "invoke":
-            target, method, payload, rid, timeout = a
-            return await self.invoker.invoke(target, method, bytes(payload), request_id=rid, timeout=timeout)
+            target, method, payload, rid, timeout, ikey = a
+            if ikey is None:  # a SliceCaller need not take the keyword when there is no key
+                return await self.invoker.invoke(
+                    target, method, bytes(payload), request_id=rid, timeout=timeout
+                )
+            return await self.invoker.invoke(
+                target, method, bytes(payload), request_id=rid, timeout=timeout, idempotency_key=ikey
+            )
         maps = self.maps
         if maps is None:
             raise SliceError("this node's runtime has no distributed map")

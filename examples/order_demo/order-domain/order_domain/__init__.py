@@ -12,6 +12,7 @@ msgspec structs with camelCase names (``customerId``), shared by the slices that
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import uuid
 from decimal import Decimal, InvalidOperation
@@ -47,6 +48,7 @@ __all__ = [
     "StockLevel",
     "StockLine",
     "new_order_id",
+    "order_id_for",
     "parse_currency",
     "parse_customer_id",
     "parse_money",
@@ -119,6 +121,14 @@ def parse_customer_id(value: object, field: str = "customerId") -> CustomerId:
 def new_order_id() -> OrderId:
     """A fresh, random order id (``ORD-`` and 16 hex digits)."""
     return OrderId(f"ORD-{uuid.uuid4().hex[:16].upper()}")
+
+
+def order_id_for(idempotency_key: str | None) -> OrderId:
+    """The order id of the call with `idempotency_key` (``ORD-`` and 16 hex digits of its SHA-256):
+    every retry of one call places the same order. A new random id when there is no key."""
+    if not idempotency_key:
+        return new_order_id()
+    return OrderId(f"ORD-{hashlib.sha256(idempotency_key.encode()).hexdigest()[:16].upper()}")
 
 
 def parse_quantity(value: object, field: str = "quantity") -> Quantity:

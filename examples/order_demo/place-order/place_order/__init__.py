@@ -6,8 +6,13 @@
 3. price the lines (pricing-service ``calculate_total``);
 4. reserve the stock of all lines (inventory-service ``reserve``, all or nothing; a 409 from a
    reservation that lost a race escapes as is);
-5. store the order in the distributed map ``orders`` under its new id; if that fails, the
+5. store the order in the distributed map ``orders`` under its id; if that fails, the
    reservation is released before the error is answered.
+
+The order id is derived from the call's idempotency key (`order_id_for`): a retry of the same call
+(the runtime's after a crash, or a client's with the same ``Idempotency-Key`` header) places the
+same order, whose reservation inventory-service does not repeat; an order that is stored already is
+answered as it is.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from order_domain import (
     StockAvailability,
     StockLevel,
     StockLine,
-    new_order_id,
+    order_id_for,
 )
 
 from aether.invoke.errors import SliceAppError
@@ -68,9 +73,12 @@ class PlaceOrderService(Slice):
     async def place_order(self, req: PlaceOrder) -> Order:
         """Place an order; answers it with its id, status PLACED, priced lines and total."""
         customer, lines = req.parse()
+        order_id = order_id_for(self.context.idempotency_key)
+        placed = await self.orders.get(order_id)
+        if placed is not None:  # a repeat of a call that placed it already
+            return placed
         await asyncio.gather(*(self._check(i, line) for i, line in enumerate(lines)))
         priced = await self.call(PRICING, "calculate_total", PriceOrder(lines), OrderTotal)
-        order_id = new_order_id()
         await self.call(INVENTORY, "reserve", ReserveStock(order_id, lines), list[StockLevel])
         order = Order(order_id, customer, OrderStatus.PLACED, priced.lines, priced.total, now_iso())
         try:
