@@ -115,7 +115,8 @@ class ClusterDeploymentManager:
         self._on_write = on_write
         self._counters = counters
         self._bounds = latency_bounds or [1.0]
-        # counters of each version when the current step of a rollout started: {(id, coords): ...}
+        # counters of each version when a rollout's current step started: {(id, coords, step_started): ...}
+        # (a new leader starts the windows afresh: it judges the calls from its first pass on)
         self._baselines: dict[tuple[str, str, float], Counters] = {}
         self._down_since: dict[str, float] = {}
         self._wake = asyncio.Event()
