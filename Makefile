@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo demo-wheels scenarios lint bench examples clean browser
+.PHONY: install test demo demo-wheels scenarios lint bench examples clean browser prometheus
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # What CI promises (.ci/run calls `make test`): lint first, then the suite.
-test: lint browser
+test: lint browser prometheus
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Debian's Chromium for the dashboard's browser tests (tests/test_forge_dashboard.py drives it with
@@ -35,6 +35,26 @@ browser:
 		{ apt-cache show chromium >/dev/null 2>&1 || apt-get update -q; } && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
 			|| echo "browser: apt-get install chromium failed (the browser tests will skip)"; \
+	fi
+
+# Debian's Prometheus (the server and promtool) for tests/test_prometheus.py: `promtool check metrics`
+# on the node's exposition and a real Prometheus scraping a 3-node cluster for the Grafana
+# dashboard's queries (docs/grafana/aether.json). Installed like the browser above: only when
+# missing and we are root with apt-get; otherwise the tests skip with the reason.
+PROMETHEUS ?= /usr/bin/prometheus
+
+prometheus:
+	@if [ -x $(PROMETHEUS) ] && command -v promtool >/dev/null 2>&1; then \
+		echo "prometheus: $(PROMETHEUS) and promtool present"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "prometheus: missing and not root: not installing (the Prometheus tests will skip)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "prometheus: missing and no apt-get: not installing (the Prometheus tests will skip)"; \
+	else \
+		echo "prometheus: installing Debian's prometheus with apt-get"; \
+		{ apt-cache show prometheus >/dev/null 2>&1 || apt-get update -q; } && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+			|| echo "prometheus: apt-get install prometheus failed (the Prometheus tests will skip)"; \
 	fi
 
 # ruff; mypy on the packages listed in pyproject ([tool.mypy]); the import contract between the

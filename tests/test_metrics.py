@@ -221,10 +221,11 @@ def test_prometheus_text_has_node_and_entry_series_per_node_registry() -> None:
     text_a = PrometheusExporter(a).render().decode()
     PrometheusExporter(b)  # a second node in the same process: no duplicate-registration error
     fams = {f.name: f for f in text_string_to_metric_families(text_a)}
-    assert fams["aether_node_cpu_percent"].samples[0].value == 12.5
+    assert fams["aether_node_cpu_ratio"].samples[0].value == 0.125
     assert fams["aether_node_memory_rss_bytes"].samples[0].labels == {"node": "n1"}
-    calls = fams["aether_entry_calls"].samples[0]
-    assert calls.value == 3 and calls.labels == {"node": "n1", "artifact": str(HELLO), "entry": "greet"}
+    assert "aether_entry_calls" not in fams  # the histogram's _count counts the calls
+    count = next(s for s in fams["aether_entry_duration_seconds"].samples if s.name.endswith("_count"))
+    assert count.labels == {"node": "n1", "artifact": str(HELLO), "entry": "greet"}
     assert fams["aether_entry_failures"].samples[0].value == 1
     slow = {s.labels["threshold"]: s.value for s in fams["aether_entry_slow_calls"].samples}
     assert slow == {"fixed": 1, "adaptive": 0}
@@ -261,7 +262,7 @@ def test_prometheus_text_has_the_standard_process_series() -> None:
     # started (with clock-tick resolution) before this test, and not before the test session
     assert time.time() - 24 * 3600 < value["process_start_time_seconds"] <= before + 1
     # not the global default registry: nothing of ours leaks into it
-    assert REGISTRY.get_sample_value("aether_node_cpu_percent", {"node": "n1"}) is None
+    assert REGISTRY.get_sample_value("aether_node_cpu_ratio", {"node": "n1"}) is None
 
 
 # --- the node adapter (no loop started: step() by hand) ----------------------------------------------

@@ -29,6 +29,8 @@ class LeaderManager:
         self._up_any: set[str] = set()  # every up peer, members or not (a node may be added later)
         self.leader: str | None = node_id if len(self.members) == 1 else None
         self.listeners: list[Callable[[LeaderChanged], None]] = []
+        self.changes = 0
+        """How often the leader this node sees changed since it started (to none included)."""
 
     def set_members(self, members: Sequence[str]) -> None:
         """The committed member set changed (membership changes through the log)."""
@@ -43,6 +45,7 @@ class LeaderManager:
         new = active[0] if quorum else None
         if new != self.leader:
             ev = LeaderChanged(new, self.leader, new == self.node_id)
+            self.changes += 1
             self.leader = new
             for cb in list(self.listeners):
                 cb(ev)

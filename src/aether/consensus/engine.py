@@ -312,7 +312,7 @@ class Engine:
         self.synced = n == 1
         self.stats = {
             "slots": 0, "null_slots": 0, "phases": 0, "snapshots_installed": 0, "retransmits": 0,
-            "fetches": 0, "catchup_requests": 0, "slow_slots": 0,
+            "fetches": 0, "catchup_requests": 0, "slow_slots": 0, "commands": 0,
         }
 
     # --- inspection -----------------------------------------------------------------------------
@@ -864,6 +864,7 @@ class Engine:
                     continue
                 self.decided_ids[part.id] = slot
                 self._queue.pop(part.id, None)
+                self.stats["commands"] += len(part.commands)
                 results = [
                     self._apply_change(slot, c) if c[:1] == MEMBER_CHANGE_PREFIX else sm.apply(c)
                     for c in part.commands

@@ -40,6 +40,7 @@ from aether.consensus.engine import (
 from aether.consensus.messages import JournalRecord, MemberChange, MemberResult, Submit
 from aether.consensus.storage import DiskStore, JournalCorrupt, JournalError
 from aether.core.errors import CommitTimeout, QuorumLost
+from aether.core.histogram import Histogram
 
 
 class PeerSender(Protocol):
@@ -109,6 +110,8 @@ class ConsensusRunner:
         self._sync_soon = False  # an fsync is scheduled for the end of this loop iteration
         self._stopped = False
         self.failed: BaseException | None = None
+        # seconds from `apply` to its results, of every `apply` that committed (docs/metrics.md)
+        self.commit_latency = Histogram()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -250,6 +253,7 @@ class ConsensusRunner:
 
     async def apply(self, commands: Sequence[bytes], timeout: float = 5.0) -> list[bytes]:
         """Commit `commands` and return their results (QuorumLost / CommitTimeout otherwise)."""
+        started = self.clock()
         futs = self.submit(commands)
         try:
             _, pending = await asyncio.wait(futs, timeout=timeout)
@@ -264,6 +268,7 @@ class ConsensusRunner:
         errors = [e for e in (f.exception() for f in futs) if e is not None]  # retrieve every one
         if errors:
             raise errors[0]
+        self.commit_latency.observe(self.clock() - started)
         return [f.result() for f in futs]
 
     # --- actions --------------------------------------------------------------------------------

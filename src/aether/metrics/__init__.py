@@ -12,6 +12,8 @@ Owns:
   histogram quantiles, node expiry and the 2-hour sliding window of per-second cluster points;
 - `MetricsService`: the thin asyncio adapter of one node (psutil sampling, the one-second loop,
   sending through a transport-like `send(peer, msg)`);
+- `ClusterFigures`: the node's view of the cluster (members, quorum, leader, consensus counters and
+  commit latency, maps, slice states, routes) that the node hands the exporter at scrape time;
 - `PrometheusExporter`: a per-node `CollectorRegistry` with a custom collector and
   prometheus_client's process collector (the standard ``process_*`` series); never the global
   default registry, since several nodes may share a process.
@@ -21,6 +23,7 @@ transport or slices packages (they are reached through small Protocols). See doc
 """
 
 from aether.metrics.aggregator import MetricsAggregator
+from aether.metrics.cluster import ClusterFigures, MapFigures
 from aether.metrics.collector import (
     ADAPTIVE_FACTOR,
     ADAPTIVE_MIN_CALLS,
@@ -52,6 +55,7 @@ __all__ = [
     "BUCKET_BOUNDS",
     "DEFAULT_SLOW_THRESHOLD",
     "METRICS_MESSAGE_TYPES",
+    "ClusterFigures",
     "ClusterMetricsSnapshot",
     "ClusterPoint",
     "ClusterTotals",
@@ -60,6 +64,7 @@ __all__ = [
     "EntryStats",
     "InstanceCounters",
     "InstanceStats",
+    "MapFigures",
     "MetricsAggregator",
     "MetricsMessage",
     "MetricsService",

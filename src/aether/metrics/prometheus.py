@@ -12,14 +12,28 @@ Linux only; the standard names and types every Prometheus client library exports
 ``process_virtual_memory_bytes``, ``process_open_fds``, ``process_max_fds``,
 ``process_start_time_seconds`` (gauges).
 
-Node series: ``aether_node_cpu_percent``, ``aether_node_memory_rss_bytes``,
-``aether_node_uptime_seconds``, ``aether_node_loop_lag_seconds`` (gauges); per slice instance
-(labels ``artifact``, ``instance``): ``aether_instance_in_flight``, ``aether_instance_queued``
-(gauges), ``aether_instance_rejected_total`` (counter); per entry (labels ``artifact``, ``entry``):
-``aether_entry_calls_total``, ``aether_entry_successes_total``, ``aether_entry_failures_total``,
+Node series: ``aether_node_cpu_ratio`` (CPU use of the node's process, 1.0 = one core),
+``aether_node_memory_rss_bytes``, ``aether_node_uptime_seconds``, ``aether_node_loop_lag_seconds``
+(gauges); per slice instance (labels ``artifact``, ``instance``): ``aether_instance_in_flight``,
+``aether_instance_queued`` (gauges), ``aether_instance_rejected_total`` (counter); per entry (labels
+``artifact``, ``entry``): ``aether_entry_successes_total``, ``aether_entry_failures_total``,
 ``aether_entry_client_errors_total``, ``aether_entry_blocked_total``,
 ``aether_entry_slow_calls_total`` (label ``threshold``: ``fixed`` or ``adaptive``) and the
-histogram ``aether_entry_duration_seconds``.
+histogram ``aether_entry_duration_seconds`` (its ``_count`` is the number of calls).
+
+Cluster series, from the source's ``cluster_figures()`` (`ClusterFigures`, when it has one: the
+node's `MetricsService` does): gauges ``aether_cluster_members``,
+``aether_cluster_reachable_members``, ``aether_cluster_quorum`` (0/1), ``aether_cluster_leader``
+(0/1), ``aether_consensus_applied_slot``, ``aether_http_routes``, ``aether_slices`` (label
+``state``: every lifecycle state), per map (label ``map``) ``aether_map_partitions`` (label
+``role``: ``primary``, ``replica``, ``syncing``), ``aether_map_entries``,
+``aether_map_storage_bytes``, ``aether_map_replication_pending_acks``,
+``aether_map_replication_lag_seconds``; counters ``aether_cluster_leader_changes_total``,
+``aether_consensus_slots_total``, ``aether_consensus_null_slots_total``,
+``aether_consensus_commands_total``; the histogram ``aether_consensus_commit_latency_seconds``.
+
+Naming follows the Prometheus conventions (base units, ``_total`` on counters, no counter that
+repeats a histogram's ``_count``); `promtool check metrics` passes on the output (tests/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from aether.metrics.cluster import ClusterFigures
 from aether.metrics.collector import BUCKET_BOUNDS, EntryMetrics
 from aether.metrics.messages import InstanceCounters, NodeSample
 
@@ -64,7 +79,8 @@ class _NodeCollector(Collector):
         node = src.node_id
         sample = src.sample
         for name, doc, value in (
-            ("aether_node_cpu_percent", "CPU use of the node's process (% of one core)", sample.cpu_percent),
+            ("aether_node_cpu_ratio", "CPU use of the node's process (1.0 = one core busy)",
+             sample.cpu_percent / 100),
             ("aether_node_memory_rss_bytes", "Resident memory of the node's process", sample.rss_bytes),
             ("aether_node_uptime_seconds", "Seconds since the node started", sample.uptime),
             ("aether_node_loop_lag_seconds", "The node's event-loop lag: the largest of the last few seconds",
@@ -74,8 +90,8 @@ class _NodeCollector(Collector):
             g.add_metric([node], float(value))
             yield g
         yield from self._instances(node)
+        yield from self._cluster(node)
         labels = ["node", "artifact", "entry"]
-        calls = CounterMetricFamily("aether_entry_calls", "Entry-point calls run on this node", labels=labels)
         ok = CounterMetricFamily("aether_entry_successes", "Entry-point calls that returned", labels=labels)
         failed = CounterMetricFamily(
             "aether_entry_failures", "Entry-point calls that failed (5xx: raised, bad answer)", labels=labels
@@ -98,7 +114,6 @@ class _NodeCollector(Collector):
         )
         for c in src.entries.counters():
             key = [node, c.artifact, c.entry]
-            calls.add_metric(key, c.calls)
             ok.add_metric(key, c.successes)
             failed.add_metric(key, c.failures)
             client.add_metric(key, c.client_errors)
@@ -111,8 +126,90 @@ class _NodeCollector(Collector):
                 cumulative += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             hist.add_metric(key, buckets, c.total_seconds)
-        yield from (calls, ok, failed, client, blocked, slow, hist)
+        yield from (ok, failed, client, blocked, slow, hist)
 
+
+    def _cluster(self, node: str) -> Iterator[Metric]:
+        read: Callable[[], ClusterFigures | None] | None = getattr(self._source, "cluster_figures", None)
+        fig = read() if read is not None else None
+        if fig is None:
+            return
+        for name, doc, value in (
+            ("aether_cluster_members", "Members of the cluster's member set, as this node knows it",
+             fig.members),
+            ("aether_cluster_reachable_members", "Members this node reaches now, itself included",
+             fig.reachable_members),
+            ("aether_cluster_quorum", "1 when this node reaches a majority of the members (writes commit)",
+             int(fig.quorum)),
+            ("aether_cluster_leader", "1 on the node that leads (as it sees itself), else 0",
+             int(fig.is_leader)),
+            ("aether_consensus_applied_slot", "The last consensus slot this node applied", fig.applied_slot),
+            ("aether_http_routes", "HTTP routes in this node's route table", fig.routes),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["node"])
+            g.add_metric([node], float(value))
+            yield g
+        for name, doc, value in (
+            ("aether_cluster_leader_changes", "Changes of the leader this node sees, since it started",
+             fig.leader_changes),
+            ("aether_consensus_slots", "Consensus slots this node applied since it started (null slots too)",
+             fig.slots),
+            ("aether_consensus_null_slots", "Consensus slots decided empty, since this node started",
+             fig.null_slots),
+            ("aether_consensus_commands", "Commands in the consensus slots this node applied since start",
+             fig.commands),
+        ):
+            c = CounterMetricFamily(name, doc, labels=["node"])
+            c.add_metric([node], float(value))
+            yield c
+        commit = HistogramMetricFamily(
+            "aether_consensus_commit_latency_seconds",
+            "Seconds from submitting commands on this node to their results (committed writes only)",
+            labels=["node"],
+        )
+        commit.add_metric(
+            [node], [("+Inf" if b == float("inf") else repr(b), n) for b, n in fig.commit_buckets],
+            fig.commit_seconds,
+        )
+        yield commit
+        slices = GaugeMetricFamily(
+            "aether_slices", "Slices on this node per lifecycle state", labels=["node", "state"]
+        )
+        for state, n in sorted(fig.slices.items()):
+            slices.add_metric([node, state], n)
+        yield slices
+        labels = ["node", "map"]
+        parts = GaugeMetricFamily(
+            "aether_map_partitions",
+            "Partitions of a map this node holds, by role (primary, replica; syncing: taking over)",
+            labels=[*labels, "role"],
+        )
+        entries = GaugeMetricFamily(
+            "aether_map_entries", "Entries of a map stored on this node", labels=labels
+        )
+        size = GaugeMetricFamily(
+            "aether_map_storage_bytes", "Bytes of a map's data stored on this node", labels=labels
+        )
+        pending = GaugeMetricFamily(
+            "aether_map_replication_pending_acks",
+            "Replication messages this node (as primary) sent and got no acknowledgement for yet",
+            labels=labels,
+        )
+        lag = GaugeMetricFamily(
+            "aether_map_replication_lag_seconds",
+            "Age of the oldest write this node's replicas have not acknowledged (0: none pending)",
+            labels=labels,
+        )
+        for m in fig.maps:
+            key = [node, m.map]
+            parts.add_metric([*key, "primary"], m.primary_partitions)
+            parts.add_metric([*key, "replica"], m.replica_partitions)
+            parts.add_metric([*key, "syncing"], m.syncing_partitions)
+            entries.add_metric(key, m.entries)
+            size.add_metric(key, m.bytes)
+            pending.add_metric(key, m.pending_acks)
+            lag.add_metric(key, m.replication_lag_seconds)
+        yield from (parts, entries, size, pending, lag)
 
     def _instances(self, node: str) -> Iterator[Metric]:
         read: Callable[[], list[InstanceCounters]] | None = getattr(self._source, "instance_counters", None)

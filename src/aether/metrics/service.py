@@ -31,6 +31,7 @@ import psutil
 
 from aether.core.periodic import run_every
 from aether.metrics.aggregator import DEFAULT_EXPIRY, MetricsAggregator
+from aether.metrics.cluster import ClusterFigures
 from aether.metrics.collector import DEFAULT_SLOW_THRESHOLD, EntryMetrics
 from aether.metrics.messages import (
     ClusterMetricsSnapshot,
@@ -103,7 +104,8 @@ class MetricsService:
 
     `instances()` gives the node's slice instances' counters for each update (their ``started`` on
     this service's uptime clock: `uptime_of`); `loop_lag()` the node's event-loop lag in seconds
-    (`aether.node.looplag.LoopLagProbe.max_recent`). Both are optional (none / 0).
+    (`aether.node.looplag.LoopLagProbe.max_recent`); `cluster()` the node's view of the cluster
+    for the Prometheus exposition (`ClusterFigures`, read at scrape time). All are optional.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class MetricsService:
         logger: logging.Logger | None = None,
         instances: Callable[[], list[InstanceCounters]] | None = None,
         loop_lag: Callable[[], float] | None = None,
+        cluster: Callable[[], ClusterFigures] | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("interval must be a positive number of seconds")
@@ -130,6 +133,7 @@ class MetricsService:
         self._leader = leader
         self.instances = instances
         self.loop_lag = loop_lag
+        self.cluster = cluster
         self._log = logger or logging.getLogger(f"aether.metrics.{node_id}")
         self._process = psutil.Process(os.getpid())
         self._started = time.monotonic()
@@ -192,6 +196,17 @@ class MetricsService:
         except Exception:
             self._log.exception("reading the instance counters failed")
             return []
+
+    def cluster_figures(self) -> ClusterFigures | None:
+        """The node's view of the cluster now (the `cluster` callable; None without one or when
+        reading it failed, which is logged)."""
+        if self.cluster is None:
+            return None
+        try:
+            return self.cluster()
+        except Exception:
+            self._log.exception("reading the cluster figures failed")
+            return None
 
     def make_update(self) -> NodeMetricsUpdate:
         self._seq += 1

@@ -30,6 +30,7 @@ from aether.deploy import (
     DeploymentService,
     EndpointRegistry,
     NodeDeploymentManager,
+    SliceState,
 )
 from aether.deploy.admission import InstanceLimits
 from aether.deploy.config import SliceConfigs
@@ -49,6 +50,7 @@ from aether.kv.protocol import (
 from aether.kv.store import KVStore
 from aether.maps import MAP_MESSAGE_TYPES, MapMessage, MapService
 from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
+from aether.metrics.cluster import ClusterFigures, MapFigures
 from aether.metrics.collector import BUCKET_BOUNDS
 from aether.metrics.messages import ClusterMetricsSnapshot, InstanceCounters, InstanceStats, SliceLoad
 from aether.node.faults import FaultInjector
@@ -231,6 +233,7 @@ class Node:
             self.node_id, self.transport, self.leader,
             logger=logging.getLogger(f"aether.metrics.{self.node_id}"),
             instances=self._instance_counters, loop_lag=self.loop_lag.max_recent,
+            cluster=self._cluster_figures,
         )
         self._block_policies: dict[str, BlockPolicy] = {}
         self.slice_blocks = 0  # slice loops found blocked since start (node status)
@@ -314,6 +317,36 @@ class Node:
                 if getattr(s, "artifact", None) == coords and getattr(s, "isolation", "auto") == "process":
                     return "process"
         return "auto"
+
+    def _cluster_figures(self) -> ClusterFigures:
+        """This node's view of the cluster for `/metrics` (`MetricsService.cluster`), read at scrape
+        time from the components' own counters."""
+        engine = self.runner.engine
+        leader = self.leader
+        member = self.node_id in leader.members
+        maps: list[MapFigures] = []
+        now = self.maps.now()
+        for name in sorted(self.maps.specs):
+            try:
+                st = self.maps.core.local_stats(name, now)
+            except Exception:  # a map whose storage is broken or not open yet: no figures
+                continue
+            maps.append(MapFigures(
+                name, st.entries, st.bytes, st.primary_partitions, st.replica_partitions,
+                st.syncing_partitions, st.pending_acks, st.oldest_pending_ms / 1000,
+            ))
+        slices = dict.fromkeys((str(s) for s in SliceState), 0)
+        for state in self.node_deployer.states().values():
+            slices[state] = slices.get(state, 0) + 1
+        commit = self.runner.commit_latency
+        return ClusterFigures(
+            members=len(leader.members), reachable_members=len(leader.up) + int(member),
+            quorum=engine.has_quorum, is_leader=leader.is_leader, leader_changes=leader.changes,
+            slots=engine.stats["slots"], null_slots=engine.stats["null_slots"],
+            commands=engine.stats["commands"], applied_slot=engine.applied,
+            commit_buckets=commit.cumulative(), commit_seconds=commit.sum, slices=slices,
+            routes=len(self.http.table) if self.http is not None else 0, maps=maps,
+        )
 
     def _instance_counters(self) -> list[InstanceCounters]:
         """The slice runtime's instance loads as metrics counters (`MetricsService.instances`)."""
