@@ -231,7 +231,7 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
                     i += 1
                     url = f"http://127.0.0.1:{http[i % 3]}/hello/n{i}"
                     await asyncio.to_thread(lambda u=url: urllib.request.urlopen(u, timeout=5).read())
-                    await n1.kv.put(f"user/prom/{i % 5}", i)
+                    await n1.kv.put(f"user/prom/{i % 5}", b"%d" % i)
                     await nodes[i % 3].maps.map_put("carts", f"k{i % 7}", b"v")
                     await asyncio.sleep(0.05)
 
@@ -256,7 +256,8 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
                     empty = still
             finally:
                 load.cancel()
-                await asyncio.gather(load, return_exceptions=True)
+                (stopped,) = await asyncio.gather(load, return_exceptions=True)
+                assert isinstance(stopped, asyncio.CancelledError), f"the traffic failed: {stopped!r}"
             assert not empty, f"dashboard queries without data: {empty}"
             targets_now = await asyncio.to_thread(_get, f"{api}/targets")
             health = {t["scrapeUrl"]: t["health"] for t in targets_now["data"]["activeTargets"]}
@@ -277,3 +278,56 @@ async def test_every_dashboard_query_returns_data_from_a_real_prometheus(tmp_pat
                 proc.kill()
                 proc.wait(5)
             log.close()
+
+
+# --- the node's figures (in process, no Prometheus needed) ---------------------------------------------
+
+
+async def test_a_node_reports_its_view_of_the_cluster(tmp_path: Path) -> None:
+    import aiohttp
+
+    from aether.core.maps import MapSpec
+    from conftest import running_cluster
+
+    async with running_cluster(tmp_path, api_key="k") as nodes:
+        n1, n2, _ = nodes
+        await n1.maps.define("carts", MapSpec(replicas=2, write_quorum=2))
+        await n2.maps.map_put("carts", "k", b"v")  # waits for the partition table
+        before = n2.metrics.cluster_figures()
+        assert before is not None
+        for i in range(3):
+            await n2.kv.put(f"user/figures/{i}", b"x")  # committed through n2's runner
+        figs = [n.metrics.cluster_figures() for n in nodes]
+        assert all(f is not None for f in figs)
+        f2 = figs[1]
+        assert f2 is not None
+        assert (f2.members, f2.reachable_members, f2.quorum) == (3, 3, True)
+        assert [f.is_leader for f in figs if f is not None] == [True, False, False]  # node-1 leads
+        assert f2.leader_changes >= 1  # from none to node-1
+        # n2 also writes on its own (map health...): at least our three
+        assert f2.commit_buckets[-1][1] >= before.commit_buckets[-1][1] + 3 and f2.commit_seconds > 0
+        assert f2.commands >= before.commands + 3 and f2.slots > 0
+        assert f2.applied_slot == n2.runner.engine.applied
+        assert f2.slices == {"LOAD": 0, "LOADING": 0, "LOADED": 0, "ACTIVATE": 0, "ACTIVATING": 0,
+                             "ACTIVE": 0, "DEACTIVATE": 0, "DEACTIVATING": 0, "UNLOAD": 0,
+                             "UNLOADING": 0, "FAILED": 0}  # fmt: skip
+        assert f2.routes == 0
+        (m,) = f2.maps
+        assert m.map == "carts" and m.primary_partitions + m.replica_partitions > 0
+        total = sum(f.maps[0].primary_partitions for f in figs if f is not None)
+        assert total == n1.maps.partitions  # every partition has one primary
+        assert sum(f.maps[0].entries for f in figs if f is not None) >= 2  # the key on its owners
+        # and the scrape serves them (with the API key)
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{n2.management.port}/metrics"
+            async with http.get(url) as r:
+                assert r.status == 401
+            async with http.get(url, headers={"X-API-Key": "k"}) as r:
+                assert r.status == 200
+                text = await r.text()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert fams["aether_cluster_members"].samples[0].labels == {"node": "node-2"}
+        assert fams["aether_consensus_commit_latency_seconds"].type == "histogram"
+        assert {s.labels["role"] for s in fams["aether_map_partitions"].samples} == {
+            "primary", "replica", "syncing",
+        }  # fmt: skip
