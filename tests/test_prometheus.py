@@ -312,7 +312,18 @@ async def test_a_node_reports_its_view_of_the_cluster(tmp_path: Path) -> None:
                              "ACTIVE": 0, "DEACTIVATE": 0, "DEACTIVATING": 0, "UNLOAD": 0,
                              "UNLOADING": 0, "FAILED": 0}  # fmt: skip
         assert f2.routes == 0
-        (m,) = f2.maps
+        # every node applies the map's partition table on its own: wait until all have
+        def maps_view() -> list[MapFigures]:
+            return [f.maps[0] for n in nodes if (f := n.metrics.cluster_figures()) is not None and f.maps]
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while sum(m.primary_partitions for m in maps_view()) != n1.maps.partitions or any(
+            m.primary_partitions + m.replica_partitions == 0 for m in maps_view()
+        ):
+            assert asyncio.get_running_loop().time() < deadline, maps_view()
+            await asyncio.sleep(0.05)
+        figs = [n.metrics.cluster_figures() for n in nodes]
+        (m,) = figs[1].maps  # type: ignore[union-attr]
         assert m.map == "carts" and m.primary_partitions + m.replica_partitions > 0
         total = sum(f.maps[0].primary_partitions for f in figs if f is not None)
         assert total == n1.maps.partitions  # every partition has one primary
