@@ -201,3 +201,12 @@ def test_completion_completes_commands_and_choices() -> None:
     env = {"_AETHER_COMPLETE": "bash_complete", "COMP_WORDS": "aether nodes -o y", "COMP_CWORD": "3"}
     r = CliRunner(env=env).invoke(main, [], prog_name="aether")
     assert "plain,yaml" in r.output
+
+
+def test_the_shell_keeps_the_output_format() -> None:
+    from aether.cli.repl import global_args
+
+    assert global_args(common.Settings(output="yaml", json=True))[-2:] == ["-o", "yaml"]
+    assert global_args(common.Settings(output="wide"))[-2:] == ["-o", "wide"]
+    assert global_args(common.Settings(output="json", json=True))[-1] == "--json"
+    assert "-o" not in global_args(common.Settings())
