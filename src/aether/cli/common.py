@@ -28,7 +28,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.client.DEFAULT_CONNECT (not imported: start-up)
-DEFAULT_TIMEOUT = 15.0  # same as aether.cli.client.DEFAULT_TIMEOUT: above the server's own deadlines
+DEFAULT_TIMEOUT = 15.0  # same as aether.client.management.DEFAULT_TIMEOUT: above the server's own deadlines
 DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
 
 UNREACHABLE_HINT = (
