@@ -16,7 +16,7 @@ RUN groupadd --system --gid 10001 aether \
     && mkdir -p /etc/aether \
     && chown aether:aether /var/lib/aether
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/aether-*.whl \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels /wheels/aether_slices-*.whl \
     && rm -rf /wheels
 ENV PYTHONUNBUFFERED=1 \
     AETHER_REPOSITORY=/var/lib/aether/repository

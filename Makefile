@@ -10,6 +10,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip uninstall -q -y aether 2>/dev/null || true  # the distribution's old name (now aether-slices)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -93,4 +94,4 @@ bench: install
 	$(BIN)/python bench/kv_bench.py --nodes 3 --clients 64 --seconds 10
 
 clean:
-	rm -rf $(VENV) .aether build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .aether build dist *.egg-info src/*.egg-info

@@ -27,6 +27,7 @@ def test_the_doc_has_examples_of_each_kind() -> None:
     assert {
         "discover", "health", "deploy", "slices", "invoke", "scale", "events", "error",
         "metrics", "metrics-python", "prometheus",
+        "client", "client-async", "deploy-client", "slices-client", "invoke-client", "error-client",
     } <= set(names)  # fmt: skip
     assert {e[1] for e in examples()} == {"sh", "python"}
 

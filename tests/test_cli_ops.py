@@ -304,6 +304,10 @@ def test_events_follows_until_the_stream_is_lost(servers: Servers) -> None:
         assert time.monotonic() < deadline, "the CLI did not subscribe"
         time.sleep(0.02)
     servers.loop.call_soon_threadsafe(node.bus.publish, PeerDown("node-2", "link lost"))
+    assert srv.events is not None  # an event with an `id` of its own (the blueprint's)
+    servers.loop.call_soon_threadsafe(
+        srv.events.publish, "blueprint-deleted", {"key": "blueprints/shop:1.0", "id": "shop:1.0"}
+    )
     time.sleep(0.3)
     servers.run(srv.stop())
     t.join(15)
@@ -311,7 +315,10 @@ def test_events_follows_until_the_stream_is_lost(servers: Servers) -> None:
     (r,) = results
     assert r.exit_code == 3
     lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-    assert lines and lines[0]["type"] == "node-left" and lines[0]["node"] == "node-2" and lines[0]["id"] >= 1
+    assert lines and lines[0]["type"] == "node-left" and lines[0]["node"] == "node-2" and lines[0]["seq"] >= 1
+    # the stream's event id is `seq`; the event's own `id` is kept, not replaced by it
+    assert lines[1]["type"] == "blueprint-deleted" and lines[1]["id"] == "shop:1.0"
+    assert lines[1]["seq"] == lines[0]["seq"] + 1
     assert "lost the event stream" in r.output
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from aether.api import sse
-from aether.cli.client import ServerEvent, StreamLost, _server_events
+from aether.client.management import ServerEvent, StreamLost, _server_events
 
 
 async def _read(raw: bytes, n: int) -> list[ServerEvent]:

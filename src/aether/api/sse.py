@@ -3,7 +3,7 @@
 `stream_response` is a streaming answer with the headers every event stream of the API sends;
 `frame` turns one event (type, JSON-able data, optional id) into its `id:`/`event:`/`data:` block;
 `KEEPALIVE` is the comment line sent while there is nothing to say. The CLI's reader
-(`aether.cli.client`) parses exactly these blocks.
+(`aether.client.management`) parses exactly these blocks.
 """
 
 from __future__ import annotations

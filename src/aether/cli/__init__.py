@@ -1,8 +1,10 @@
 """The `aether` command line (click + rich), entry point `aether.cli.main:main`.
 
-Owns the commands, their output (tables, `--json`) and exit codes (0 ok, 1 operation failed,
-2 bad usage or configuration, 3 cannot connect), the synchronous management-API client on
-aiohttp (`aether.cli.client`) and local multi-process clusters (`aether.cli.local_cluster`).
+Owns the commands, their output (tables, `-o table|wide|json|yaml`, `--json`, `--watch`, the
+help's examples in `aether.cli.examples`) and exit codes (0 ok, 1 operation failed, 2 bad usage
+or configuration, 3 cannot connect), how a `--connect` value becomes a management-API client
+(`aether.cli.client`; the client itself is the public `aether.client.management`) and local
+multi-process clusters (`aether.cli.local_cluster`).
 
 Imports point one way: `main` (the group, and the `status`, `kv`, `node` and `cluster`
 commands) registers the commands of the other modules (`deploy`, `maps`, `metrics`, `ops`,

@@ -48,9 +48,9 @@ def _want_json(ctx: click.Context, as_json: bool) -> bool:
 
 
 def _echo_json(data: object) -> None:
-    import msgspec
+    from aether.cli.common import echo_json  # JSON, or YAML under -o yaml
 
-    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
+    echo_json(data)
 
 
 def _cluster(ctx: click.Context, repository: str | None) -> Any:
@@ -92,7 +92,9 @@ def _repo(ctx: click.Context, repository: str | None) -> Repository:
 
 
 def _json_option(f: Any) -> Any:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+    from aether.cli.common import json_option  # --json and -o table|wide|json|yaml
+
+    return json_option(f)
 
 
 def _repository_option(f: Any) -> Any:

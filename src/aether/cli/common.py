@@ -9,6 +9,7 @@ and rich are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 DEFAULT_CONNECT = "127.0.0.1:9000"  # same as aether.cli.client.DEFAULT_CONNECT (not imported: start-up)
-DEFAULT_TIMEOUT = 15.0  # same as aether.cli.client.DEFAULT_TIMEOUT: above the server's own deadlines
+DEFAULT_TIMEOUT = 15.0  # same as aether.client.management.DEFAULT_TIMEOUT: above the server's own deadlines
 DEFAULT_CLUSTER_DIR = ".aether/cluster"  # same as aether.cli.local_cluster.DEFAULT_DIR
 
 UNREACHABLE_HINT = (
@@ -47,6 +48,8 @@ class Settings:
     api_key: str | None = None
     timeout: float = DEFAULT_TIMEOUT
     ca: str | None = None  # CA certificate that verifies a node's HTTPS certificate (--ca)
+    output: str = "table"  # -o: table | wide | json | yaml (json and yaml also set `json`)
+    stream: bool = False  # --watch runs: JSON one document per line, YAML documents start with ---
 
 
 # -- output helpers ---------------------------------------------------------------------------------
@@ -60,26 +63,132 @@ def fail(message: str, code: int = EXIT_FAILED, *, hint: str | None = None) -> N
     raise click.exceptions.Exit(code)
 
 
+def _settings() -> Settings | None:
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_object(Settings) if ctx is not None else None
+
+
+def output_format() -> str:
+    """The `-o` format of the running command: table (the default), wide, json or yaml."""
+    settings = _settings()
+    return settings.output if settings is not None else "table"
+
+
+def _streaming() -> bool:
+    settings = _settings()
+    return settings is not None and settings.stream
+
+
 def echo_json(data: object) -> None:
-    """Print `data` as indented JSON."""
+    """Print `data` as indented JSON, or as YAML under `-o yaml`."""
     import msgspec
 
-    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
+    if output_format() == "yaml":
+        echo_yaml(msgspec.to_builtins(data))
+    elif _streaming():
+        echo_json_line(data)
+    else:
+        click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
 
 
 def echo_json_bytes(body: bytes) -> None:
-    """Print a JSON answer indented, as the node sent it (or as text if it is not JSON)."""
+    """Print a JSON answer indented, as the node sent it (or as text if it is not JSON); as YAML
+    under `-o yaml`."""
     import msgspec
 
     try:
-        click.echo(msgspec.json.format(body, indent=2).decode())
+        if output_format() == "yaml":
+            echo_yaml(msgspec.json.decode(body))
+        elif _streaming():
+            echo_json_line(msgspec.json.decode(body))
+        else:
+            click.echo(msgspec.json.format(body, indent=2).decode())
     except msgspec.DecodeError:
         click.echo(body.decode(errors="replace"))
 
 
+def echo_yaml(data: object) -> None:
+    """Print JSON-able `data` as a YAML document (keys in their order, block style)."""
+    import yaml
+
+    text = yaml.safe_dump(
+        data, sort_keys=False, allow_unicode=True, default_flow_style=False, explicit_start=_streaming()
+    )
+    click.echo(text, nl=False)
+
+
+def echo_json_line(data: object) -> None:
+    """Print `data` as one line of JSON (a stream: `--watch -o json`, `events --json`)."""
+    import msgspec
+
+    click.echo(msgspec.json.encode(data).decode())
+
+
+OUTPUT_FORMATS = ("table", "wide", "json", "yaml")
+
+
+def _set_output(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    settings = ctx.find_object(Settings)
+    if value is not None and settings is not None:
+        settings.output = value
+        settings.json = value in ("json", "yaml")
+
+
+def output_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`-o/--output table|wide|json|yaml` (sets `Settings.output`, and `Settings.json` for json
+    and yaml): on the group (`aether -o json status`) and on every command with `json_option`."""
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(OUTPUT_FORMATS),
+        default=None,
+        expose_value=False,
+        callback=_set_output,
+        help="Output format: table (default), wide (tables never truncated), json, yaml.",
+    )(f)
+
+
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--json` on a subcommand too (`aether status --json` == `aether --json status`)."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(f)
+    """`-o table|wide|json|yaml` and `--json` (the same as `-o json`) on a subcommand too
+    (`aether status -o json` == `aether status --json` == `aether --json status`)."""
+    f = output_option(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON (the same as -o json).")(f)
+
+
+WATCH_INTERVAL = 2.0  # seconds between the refreshes of --watch
+_sleep = time.sleep  # (tests replace it)
+
+
+def watch_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--watch`: redraw every 2 s until Ctrl-C (with JSON, one document per line each time)."""
+    return click.option(
+        "-w",
+        "--watch",
+        is_flag=True,
+        help="Redraw every 2 s until Ctrl-C (-o json: one JSON document per line).",
+    )(f)
+
+
+def watching(settings: Settings, watch: bool, show: Callable[[], None]) -> None:
+    """Run `show()` once, or with `watch` every WATCH_INTERVAL seconds until Ctrl-C (exit 0).
+    A table is redrawn on a cleared screen; JSON is printed as one compact line per refresh
+    (line-delimited JSON), YAML as one `---` document per refresh."""
+    if not watch:
+        show()
+        return
+    settings.stream = True
+    first = True
+    try:
+        while True:
+            if not settings.json and not first:
+                from aether.cli import render
+
+                render.console().clear()
+            show()
+            first = False
+            _sleep(WATCH_INTERVAL)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_OK) from None
 
 
 # -- the management API --------------------------------------------------------------------------------

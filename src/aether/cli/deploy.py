@@ -20,6 +20,8 @@ from aether.cli.common import (
     fail,
     json_option,
     make_client,
+    watch_option,
+    watching,
 )
 
 
@@ -76,12 +78,18 @@ def _to_json(statuses: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @click.command()
 @json_option
+@watch_option
 @click.pass_obj
-def slices(settings: Settings, as_json: bool) -> None:
+def slices(settings: Settings, as_json: bool, watch: bool) -> None:
     """Show every deployed artifact: desired and active instances, per-node state and failures."""
+    settings.json = settings.json or as_json
+    watching(settings, watch, lambda: _show_slices(settings))
+
+
+def _show_slices(settings: Settings) -> None:
     client = make_client(settings)
     statuses: Any = call(client, lambda c: c.get_json("/api/v1/slices"))
-    if settings.json or as_json:
+    if settings.json:
         echo_json(_to_json(statuses))
         return
     from aether.cli import render

@@ -19,6 +19,7 @@ import click
 from aether import __version__
 from aether.cli import controller as controller_commands
 from aether.cli import deploy as deploy_commands
+from aether.cli import examples
 from aether.cli import forge as forge_commands
 from aether.cli import maps as map_commands
 from aether.cli import metrics as metrics_commands
@@ -34,6 +35,7 @@ from aether.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    OUTPUT_FORMATS,
     Settings,
     call,
     echo_json,
@@ -42,6 +44,8 @@ from aether.cli.common import (
     json_option,
     make_client,
     resolve_api_key,
+    watch_option,
+    watching,
 )
 from aether.core.errors import ConfigError
 
@@ -74,7 +78,14 @@ if TYPE_CHECKING:
     "store (env AETHER_CA).",
 )
 @click.option(
-    "--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts and agents)."
+    "--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts and agents); -o json."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(OUTPUT_FORMATS),
+    default=None,
+    help="Output format of every command: table (default), wide (tables never truncated), json, yaml.",
 )
 @click.option(
     "--api-key",
@@ -105,6 +116,7 @@ def main(
     connect: str,
     ca: str | None,
     as_json: bool,
+    output: str | None,
     api_key: str | None,
     api_key_file: str | None,
     timeout: float,
@@ -123,7 +135,11 @@ def main(
     if ca and not Path(ca).is_file():
         fail(f"--ca {ca}: no such file (the CA certificate that issued the node's HTTPS certificate)",
              EXIT_USAGE)
-    ctx.obj = Settings(connect=connect, json=as_json, api_key=api_key, timeout=timeout, ca=ca or None)
+    output = output or ("json" if as_json else "table")
+    ctx.obj = Settings(
+        connect=connect, json=output in ("json", "yaml"), api_key=api_key, timeout=timeout, ca=ca or None,
+        output=output,
+    )
     if ctx.invoked_subcommand is None:
         if not in_repl and sys.stdin.isatty() and sys.stdout.isatty():
             from aether.cli.repl import run_repl
@@ -138,12 +154,18 @@ def main(
 
 @main.command()
 @json_option
+@watch_option
 @click.pass_obj
-def status(settings: Settings, as_json: bool) -> None:
+def status(settings: Settings, as_json: bool, watch: bool) -> None:
     """Show the cluster as one node sees it: members, their state, the leader and quorum."""
+    settings.json = settings.json or as_json
+    watching(settings, watch, lambda: _show_status(settings))
+
+
+def _show_status(settings: Settings) -> None:
     client = make_client(settings)
     body = call(client, lambda c: c.get_raw("/api/v1/status"))
-    if settings.json or as_json:
+    if settings.json:
         echo_json_bytes(body)
         return
     import msgspec
@@ -191,6 +213,23 @@ def kv_list(settings: Settings, prefix: str, as_json: bool) -> None:
         out.print(f"No keys {what}.")
         return
     out.print(render.kv_table(listing.prefix, listing.entries))
+
+
+# -- completion ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+@click.pass_context
+def completion(ctx: click.Context, shell: str) -> None:
+    """Print the shell completion script of `aether` for SHELL (click's shell completion):
+    commands, options and choices complete on Tab."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None  # the three choices are click's built-in shells
+    root = ctx.find_root().command
+    click.echo(cls(root, {}, "aether", "_AETHER_COMPLETE").source())
 
 
 # -- node ---------------------------------------------------------------------------------------------
@@ -1156,6 +1195,7 @@ for _command in (
     rollout_commands.update, rollout_commands.rollout,
 ):
     main.add_command(_command)
+examples.attach(main)  # the "Examples:" section of every command's help
 
 if __name__ == "__main__":
     main(prog_name="aether")

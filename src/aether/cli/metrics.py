@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from aether.cli.common import EXIT_OK, Settings, call, json_option, make_client
+from aether.cli.common import EXIT_OK, Settings, call, echo_json, echo_json_line, json_option, make_client
 
 
 def _mib(n: Any) -> str:
@@ -141,12 +141,10 @@ def metrics(settings: Settings, watch: bool, interval: float, count: int | None,
         while True:
             doc: Any = call(client, lambda c: c.get_json("/api/v1/metrics"))
             if settings.json or as_json:
-                import msgspec
-
                 if watch:
-                    click.echo(msgspec.json.encode(doc).decode())
+                    echo_json_line(doc)
                 else:
-                    click.echo(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode())
+                    echo_json(doc)  # or YAML under -o yaml
             else:
                 if watch and rounds:
                     render.console().clear()

@@ -26,6 +26,8 @@ from aether.cli.common import (
     json_option,
     make_client,
     report,
+    watch_option,
+    watching,
 )
 from aether.core.errors import ConfigError
 
@@ -84,12 +86,18 @@ def health(settings: Settings, as_json: bool) -> None:
 
 @click.command()
 @json_option
+@watch_option
 @click.pass_obj
-def nodes(settings: Settings, as_json: bool) -> None:
+def nodes(settings: Settings, as_json: bool, watch: bool) -> None:
     """List the cluster's members as the node sees them: address, up/down, leader."""
+    settings.json = settings.json or as_json
+    watching(settings, watch, lambda: _show_nodes(settings))
+
+
+def _show_nodes(settings: Settings) -> None:
     client = make_client(settings)
     members: Any = call(client, lambda c: c.get_json("/api/v1/nodes"))
-    if settings.json or as_json:
+    if settings.json:
         echo_json(members)
         return
     from rich.table import Table
@@ -163,11 +171,10 @@ def events(settings: Settings, as_json: bool) -> None:
                 )
                 continue
             if as_json:
-                click.echo(
-                    msgspec.json.encode(
-                        {"id": int(ev_id) if ev_id and ev_id.isdigit() else ev_id, **data}
-                    ).decode()
-                )
+                # the stream's event id as `seq`: the event's own `id` (a blueprint's, an
+                # instance's) stays as the node sent it
+                seq = int(ev_id) if ev_id and ev_id.isdigit() else ev_id
+                click.echo(msgspec.json.encode({"seq": seq, **data}).decode())
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(float(data.get("time") or time.time())))
                 click.echo(f"{stamp}  #{ev_id or '-':<5} {ev_type:<17} {_describe_event(data)}")

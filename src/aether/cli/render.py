@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from aether.cli.common import Settings
 from aether.core.status import KVEntry, NodeStatus
 
 if TYPE_CHECKING:
@@ -19,9 +20,31 @@ if TYPE_CHECKING:
 LEADER_MARK = "★ leader"
 
 
+# Width of stdout when it is not a terminal (a pipe, a file): wide enough that no table column is
+# cut with an ellipsis or folded, and no line wrapped, for `grep`, `awk` and `cut`.
+PIPE_WIDTH = 10_000
+
+
 def console(stderr: bool = False) -> Console:
-    """A console bound to the current stdout/stderr (so click's test runner captures it)."""
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    """A console bound to the current stdout/stderr (so click's test runner captures it).
+
+    Emoji codes are off: text such as ``G:A:V`` must print as typed, never as ``G🅰V`` (rich
+    reads ``:A:`` as an emoji code). When stdout is not a terminal, or `-o wide` was asked for,
+    its width is `PIPE_WIDTH`: tables are as wide as their content, nothing is truncated.
+    """
+    con = Console(stderr=stderr, highlight=False, soft_wrap=False, emoji=False)
+    if not stderr and (not con.is_terminal or _wide()):
+        con.width = PIPE_WIDTH
+    return con
+
+
+def _wide() -> bool:
+    """`-o wide` was given to the running command."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_object(Settings) if ctx is not None else None
+    return obj is not None and obj.output == "wide"
 
 
 def _state(state: str) -> str:

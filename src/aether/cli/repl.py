@@ -57,7 +57,9 @@ def _history() -> History:
 def global_args(settings: Settings) -> list[str]:
     """The REPL's global options as arguments, put before every line."""
     args = ["--connect", settings.connect, "--timeout", repr(settings.timeout)]
-    if settings.json:
+    if settings.output not in ("table", "json"):
+        args += ["-o", settings.output]  # `aether -o yaml` (or wide): every line in that format
+    elif settings.json:
         args.append("--json")
     if settings.api_key:
         args += ["--api-key", settings.api_key]

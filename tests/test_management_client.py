@@ -1,0 +1,104 @@
+"""The public management-API client (`aether.client.management`), sync and async, against a fake
+node's real management server: typed answers, typed errors carrying the status and the problem."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+import aether.client
+from aether.client.management import (
+    ApiError,
+    ApiUnreachable,
+    AsyncManagementClient,
+    ManagementClient,
+    ServerEvent,
+)
+from aether.core.problem import Problem
+from aether.core.status import KVEntry, NodeStatus
+from aether.deploy.operations import SliceInstanceStatus, SliceStatus
+from conftest import refusing_port
+from test_cli_ops import FakeNode, Servers, addr
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def servers() -> Iterator[Servers]:
+    s = Servers()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_the_clients_are_public_names_of_aether_client() -> None:
+    assert aether.client.ManagementClient is ManagementClient
+    assert aether.client.AsyncManagementClient is AsyncManagementClient
+    assert aether.client.ApiError is ApiError
+    with pytest.raises(AttributeError):
+        _ = aether.client.NoSuchName  # type: ignore[attr-defined]
+
+
+def _node() -> FakeNode:
+    node = FakeNode()
+    node.slices = [KVEntry("config/a", {"x": 1}), KVEntry("other/b", "y")]
+    node.deployments.status = [
+        {"artifact": "org.demo:a:1.0", "desired": 2, "active": 1,
+         "instances": [{"node": "node-1", "state": "ACTIVE", "reason": None, "instance_ids": [1]}]},
+    ]  # fmt: skip
+    return node
+
+
+def test_sync_typed_calls(servers: Servers) -> None:
+    srv = servers.start(_node())
+    client = ManagementClient(f"http://{addr(srv)}")
+    st = client.status()
+    assert isinstance(st, NodeStatus) and st.node_id == "node-1" and st.quorum
+    assert [m["id"] for m in client.nodes()] == ["node-1", "node-2"]
+    assert client.kv("config/") == [KVEntry("config/a", {"x": 1})]
+    assert client.slices() == [
+        SliceStatus("org.demo:a:1.0", 2, 1, [SliceInstanceStatus("node-1", "ACTIVE", None, [1])])
+    ]
+    assert client.health()["ready"] is True
+
+
+def test_errors_carry_status_and_problem(servers: Servers) -> None:
+    node = _node()
+    node.quorum = False
+    srv = servers.start(node)
+    client = ManagementClient(addr(srv))
+    health = client.health()  # 503 is an answer here, not an error
+    assert health["ready"] is False and health["reason"]
+    with pytest.raises(ApiError) as caught:
+        client.get_json("/api/v1/no-such-thing")
+    e = caught.value
+    assert e.status == 404 and isinstance(e.problem, Problem) and e.problem.status == 404
+    assert e.detail == e.problem.detail and e.kind == e.problem.type and e.body["status"] == 404
+    with pytest.raises(ApiError) as caught:
+        client.deploy("org.demo:a:1.0", instances=0)  # bad input: a 400 naming the field
+    assert caught.value.status == 400 and "instances" in caught.value.detail
+    with pytest.raises(ApiUnreachable):
+        ManagementClient(f"127.0.0.1:{refusing_port()}", timeout=2).status()
+
+
+def test_async_typed_calls(servers: Servers) -> None:
+    srv = servers.start(_node())
+
+    async def main() -> None:
+        client = AsyncManagementClient(f"http://{addr(srv)}")
+        st, nodes, slices = await asyncio.gather(client.status(), client.nodes(), client.slices())
+        assert isinstance(st, NodeStatus) and st.leader == "node-1"
+        assert len(nodes) == 2 and slices[0].artifact == "org.demo:a:1.0"
+        assert await client.kv("other/") == [KVEntry("other/b", "y")]
+        with pytest.raises(ApiError) as caught:
+            await client.get_json("/api/v1/no-such-thing")
+        assert caught.value.status == 404
+        events = client.events(read_timeout=5)
+        first = await anext(events)
+        assert isinstance(first, ServerEvent) and first.event == "hello"
+        await events.aclose()  # type: ignore[attr-defined]
+
+    asyncio.run(main())
