@@ -10,6 +10,10 @@ Everything the map decides happens in `aether.maps.core.MapCore` (sans-IO). This
 - opens and deletes storage engines (I/O), and answers the scatter calls `keys()` and `stats()`;
 - defines and removes maps (compare-and-set on the definition in the consensus store).
 
+Tracing: with a tracer enabled, each operation a slice (or the node) makes is a span of kind client
+(``map.get NAME`` ...) in the trace of the call being served (`aether.core.tracing.current_trace`);
+it covers the hops to the partition's primary, which records no span of its own.
+
 Clocks: `now` (monotonic seconds) and `wall_ms` (wall-clock milliseconds, for TTLs) are
 injectable; the seeded simulation passes its virtual clocks.
 """
@@ -36,6 +40,7 @@ from aether.core.maps import (
     PartitionTable,
     check_key,
 )
+from aether.core.tracing import NOOP_TRACER, Tracer, current_trace
 from aether.kv.keys import MapDefKey, MapHealthKey, MapTableKey
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
 from aether.maps.messages import (
@@ -51,7 +56,7 @@ from aether.maps.messages import (
     SyncChunk,
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, activate
-from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
+from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, OP_PUT, OP_REMOVE
 from aether.maps.storage import MapStorage, open_storage_engine
 from aether.transport import EventBus, PeerDown, PeerUp
 
@@ -116,8 +121,10 @@ class MapService:
         open_storage: Callable[[str, Path, str], MapStorage] = open_storage_engine,
         boot_id: Callable[[], str | None] = _boot_id,
         logger: logging.Logger | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self.node_id = node_id
+        self.tracer = tracer  # a span per operation when enabled (aether.core.tracing)
         self.kv = kv
         self.sender = sender
         self.data_dir = Path(data_dir)
@@ -476,6 +483,29 @@ class MapService:
     ) -> tuple[bytes | None, bool]:
         check_key(name, key)
         self.core.spec(name)
+        if self.tracer.enabled:
+            return await self._traced_op(name, op, key, value, expected, ttl)
+        return await self._submit(name, op, key, value, expected, ttl)
+
+    async def _traced_op(
+        self, name: str, op: int, key: str, value: bytes | None, expected: bytes | None, ttl: float | None
+    ) -> tuple[bytes | None, bool]:
+        verb = OP_NAMES.get(op, str(op))
+        span = self.tracer.start_span(
+            f"map.{verb} {name}", current_trace.get(), "client",
+            {"aether.map": name, "aether.map.operation": verb, "aether.node.id": self.node_id},
+        )  # fmt: skip
+        try:
+            return await self._submit(name, op, key, value, expected, ttl)
+        except BaseException as exc:
+            span.record_error(exc)
+            raise
+        finally:
+            span.end()
+
+    async def _submit(
+        self, name: str, op: int, key: str, value: bytes | None, expected: bytes | None, ttl: float | None
+    ) -> tuple[bytes | None, bool]:
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
         op_id, _ = self._ops.open(None)  # the core retries, fails over and keeps the deadline
         try:
@@ -518,6 +548,21 @@ class MapService:
         """Every live key with `prefix`, asked from the primaries of all partitions. Raises
         `MapUnavailable` naming the partitions no reachable primary serves (never a partial list)."""
         self.core.spec(name)
+        if not self.tracer.enabled:
+            return await self._keys(name, prefix)
+        span = self.tracer.start_span(
+            f"map.keys {name}", current_trace.get(), "client",
+            {"aether.map": name, "aether.map.operation": "keys", "aether.node.id": self.node_id},
+        )  # fmt: skip
+        try:
+            return await self._keys(name, prefix)
+        except BaseException as exc:
+            span.record_error(exc)
+            raise
+        finally:
+            span.end()
+
+    async def _keys(self, name: str, prefix: str) -> list[str]:
         deadline = self.now() + self.timings.op_timeout
         while True:
             keys: set[str] = set()
