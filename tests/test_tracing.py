@@ -482,3 +482,36 @@ async def test_a_node_with_tracing_otlp_exports_its_spans_to_the_endpoint(tmp_pa
     attrs = {kv.key: kv.value.string_value for kv in res.attributes}
     assert attrs["service.name"] == CLUSTER
     assert attrs["service.instance.id"] == attrs["aether.node.id"] == "node-1"
+
+
+async def test_a_5xx_answer_marks_the_router_span_failed_and_a_4xx_does_not() -> None:
+    from aether.invoke.errors import InvokeTimeout
+
+    exporter = InMemorySpanExporter()
+    tracer = OtelTracer(CLUSTER, "node-a", exporter, batch=False)
+
+    class Timing:
+        async def invoke(self, target: str, method: str, payload: bytes, **kw: Any) -> bytes:
+            if method == "slow":
+                raise InvokeTimeout("deadline passed", target=target, method=method)
+            return msgspec.msgpack.encode("ok")
+
+    routes = {
+        "routes/GET:/slow": RouteValue("g:a", "slow", {}),
+        "routes/GET:/fast": RouteValue("g:a", "fast", {}),
+    }
+    router = HttpRouter("node-a", RoutesKV(routes), Timing(), tracer=tracer)
+    await router.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path, status in (("/slow", 504), ("/fast", 200), ("/missing", 404)):
+                async with s.get(f"{router.url}{path}") as r:
+                    assert r.status == status
+    finally:
+        await router.stop()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert spans["GET /slow"].status.status_code.name == "ERROR"
+    assert spans["GET /slow"].attributes["error.type"] == "504"
+    assert spans["GET /fast"].status.status_code.name == "UNSET"
+    assert spans["HTTP GET"].status.status_code.name == "UNSET"  # the 404: no route matched
+    assert spans["HTTP GET"].attributes["http.response.status_code"] == 404

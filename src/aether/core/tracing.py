@@ -103,6 +103,10 @@ class Span(Protocol):
         """Mark the span failed with `exc` (its type and text)."""
         ...
 
+    def set_error(self, error_type: str, description: str) -> None:
+        """Mark the span failed without an exception (e.g. an HTTP 5xx answer)."""
+        ...
+
     def end(self) -> None: ...
 
 
@@ -141,6 +145,9 @@ class _NoopSpan:
         pass
 
     def record_error(self, exc: BaseException) -> None:
+        pass
+
+    def set_error(self, error_type: str, description: str) -> None:
         pass
 
     def end(self) -> None:

@@ -370,6 +370,8 @@ class HttpRouter:
                 current_trace.reset(token)
         if span is not None:
             span.set_attribute("http.response.status_code", resp.status)
+            if resp.status >= 500:  # a server error (OpenTelemetry's HTTP conventions); 4xx are the client's
+                span.set_error(str(resp.status), f"answered {resp.status}")
             span.end()
         return resp
 

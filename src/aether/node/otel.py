@@ -74,8 +74,11 @@ class OtelSpan:
         self._span.update_name(name)
 
     def record_error(self, exc: BaseException) -> None:
-        self._span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        self._span.set_attribute("error.type", type(exc).__name__)
+        self.set_error(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+
+    def set_error(self, error_type: str, description: str) -> None:
+        self._span.set_status(Status(StatusCode.ERROR, description))
+        self._span.set_attribute("error.type", error_type)
 
     def end(self) -> None:
         self._span.end()
