@@ -352,8 +352,11 @@ async def test_an_untraced_node_still_passes_the_context_on() -> None:
 
 
 async def test_map_operations_are_spans_of_the_call_being_served(tmp_path: Path) -> None:
+    """A map operation is a client span in the caller's trace; the partition's primary on another
+    node records a server span under it (the context travels in `MapRequest`)."""
     from aether.api.server import ManagementServer
     from aether.core.config import NodeConfig
+    from aether.maps.partitioning import partition_of
     from aether.node.node import Node
     from maps_cluster import MapCluster
 
@@ -371,27 +374,44 @@ async def test_map_operations_are_spans_of_the_call_being_served(tmp_path: Path)
                 tracer=OtelTracer(CLUSTER, f"node-{i + 1}", exporter, batch=False),
             )  # fmt: skip
 
-    c = Traced(tmp_path, 1)
-    await c.start("node-1")
+    c = Traced(tmp_path, 2)
+    await c.start("node-1", "node-2")
     try:
-        await c.wait_table(["node-1"])
+        await c.wait_table(["node-1", "node-2"])
         await c.define("orders")
         maps = c.node("node-1").maps
+        table = maps.table
+        assert table is not None
+        key = next(
+            k
+            for k in (f"k{i}" for i in range(1000))
+            if table.primary(partition_of(k, table.partitions)) == "node-2"
+        )
         token = current_trace.set(parse_traceparent(TRACEPARENT))
         try:
-            await maps.map_put("orders", "k", msgspec.msgpack.encode(1))
-            assert await maps.map_get("orders", "k") is not None
-            assert await maps.map_keys("orders") == ["k"]
+            await maps.map_put("orders", key, msgspec.msgpack.encode(1))
+            assert await maps.map_get("orders", key) is not None
+            assert await maps.map_keys("orders") == [key]
         finally:
             current_trace.reset(token)
     finally:
         await c.stop_all()
     spans = [s for s in exporter.get_finished_spans() if s.name.startswith("map.")]
-    assert [s.name for s in spans] == ["map.put orders", "map.get orders", "map.keys orders"]
-    for s in spans:
-        assert f"{s.context.trace_id:032x}" == TRACE_ID
+    client = [s for s in spans if s.kind.name == "CLIENT"]
+    assert [s.name for s in client] == ["map.put orders", "map.get orders", "map.keys orders"]
+    for s in client:
+        assert f"{s.context.trace_id:032x}" == TRACE_ID and node_of(s) == "node-1"
         assert s.parent is not None and f"{s.parent.span_id:016x}" == PARENT_SPAN
-        assert s.kind.name == "CLIENT" and s.attributes["aether.map"] == "orders"
+        assert s.attributes["aether.map"] == "orders"
+    served = {s.name: s for s in spans if s.kind.name == "SERVER"}
+    assert set(served) == {"map.serve put orders", "map.serve get orders"}
+    for verb in ("put", "get"):
+        s, parent = (
+            served[f"map.serve {verb} orders"],
+            next(x for x in client if x.name == f"map.{verb} orders"),
+        )
+        assert node_of(s) == "node-2" and s.parent is not None
+        assert s.parent.span_id == parent.context.span_id and s.context.trace_id == parent.context.trace_id
 
 
 # --- tracing off imports nothing -------------------------------------------------------------------------
