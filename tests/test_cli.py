@@ -341,6 +341,31 @@ def test_fault_injection_is_off_by_default_and_set_by_flag_or_toml(
     assert r.exit_code == 2 and "fault_injection" in r.stderr
 
 
+def test_tracing_is_off_by_default_and_set_by_flags_or_toml(
+    tmp_path: Path, fake_runner: list[NodeConfig]
+) -> None:
+    assert invoke("node").exit_code == 0
+    assert (fake_runner[-1].tracing, fake_runner[-1].otlp_endpoint) == ("off", None)
+    url = "http://127.0.0.1:4318/v1/traces"
+    assert invoke("node", "--tracing", "otlp", "--otlp-endpoint", url).exit_code == 0
+    assert (fake_runner[-1].tracing, fake_runner[-1].otlp_endpoint) == ("otlp", url)
+    cfg = tmp_path / "aether.toml"
+    cfg.write_text(f'[node]\nnode_id = "node-1"\n\n[tracing]\nexporter = "otlp"\nendpoint = "{url}"\n')
+    assert invoke("node", "--config", str(cfg)).exit_code == 0
+    assert (fake_runner[-1].tracing, fake_runner[-1].otlp_endpoint) == ("otlp", url)
+    cfg.write_text(f'node_id = "node-1"\n[tracing]\nexporter = "otlp"\nendpoint = "{url}"\n')  # no [node]
+    assert invoke("node", "--config", str(cfg)).exit_code == 0
+    assert (fake_runner[-1].node_id, fake_runner[-1].tracing) == ("node-1", "otlp")
+    for bad, needle in (('exporter = "jaeger"', "tracing must be off or otlp"),
+                        ('endpoint = "collector:4318"', "otlp_endpoint must be an http"),
+                        ("sampler = 1", "sampler")):
+        cfg.write_text(f"[tracing]\n{bad}\n")
+        r = invoke("node", "--config", str(cfg))
+        assert r.exit_code == 2 and needle in r.stderr, r.stderr
+    r = invoke("node", "--tracing", "zipkin")
+    assert r.exit_code == 2 and "zipkin" in r.stderr
+
+
 def test_node_fsync_choice_is_usage_error(fake_runner: list[NodeConfig]) -> None:
     r = invoke("node", "--fsync", "sometimes")
     assert r.exit_code == 2

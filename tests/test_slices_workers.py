@@ -17,6 +17,7 @@ import pytest
 
 from aether.core.artifact import Artifact
 from aether.core.errors import KIND_APP_ERROR, KIND_BAD_REQUEST, KIND_NO_INSTANCE, wire_kind_of
+from aether.core.tracing import current_trace, parse_traceparent
 from aether.slices import SliceLoadError, SliceStartError
 from aether.slices.errors import Conflict, NotFound
 from aether.slices.loader import ImportSpace
@@ -161,6 +162,13 @@ class Uses(Slice):
         return got + " / rid=" + str(self.context.request_id)
 
     @entry
+    async def traced(self) -> list:
+        # the trace context the node sent with the call, and the one a nested call arrived with
+        from aether.core.tracing import current_trace
+        here = current_trace.get()
+        return [here and here.traceparent, await self.call("org.example:hello", "traceparent", None, str)]
+
+    @entry
     async def remember(self, value: str) -> list:
         m = self.map("notes", str)
         await m.put("k", value)
@@ -174,6 +182,12 @@ class Hello(Slice):
     @entry
     async def greet(self, name: str) -> str:
         return "Hello, " + name
+
+    @entry
+    async def traceparent(self) -> str:
+        from aether.core.tracing import current_trace
+        here = current_trace.get()
+        return here.traceparent if here else "none"
 """
 
 HOOKS = """
@@ -335,6 +349,15 @@ async def test_conflicting_library_pins_each_get_their_version(
         # a slice-to-slice call from inside the worker, with the request id
         got = dec(await rt.call(B, "relay", enc("ann"), request_id="req-7"))
         assert got == "Hello, ann / rid=req-7"
+        # the trace context reaches the worker (Call) and comes back with its nested call (Up)
+        tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        token = current_trace.set(parse_traceparent(tp))
+        try:
+            assert dec(await rt.call(B, "traced", enc(None))) == [tp, tp]
+            assert dec(await rt.call(A, "traced", enc(None))) == [tp, tp]  # on a slice thread
+        finally:
+            current_trace.reset(token)
+        assert dec(await rt.call(B, "traced", enc(None))) == [None, "none"]
         # a map operation from inside the worker goes to the node's MapBackend
         assert dec(await rt.call(B, "remember", enc("v1"))) == ["v1", ["k"]]
         assert maps.data["notes"]["k"][0] == enc("v1")

@@ -420,6 +420,17 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "lines, for `aether controller replay`).",
 )
 @click.option(
+    "--tracing",
+    type=click.Choice(["off", "otlp"]),
+    help="Record spans of HTTP requests, slice calls and map operations and export them over OTLP "
+    "(needs `pip install aether-slices[otel]`; docs/operations.md, Tracing) [default: off].",
+)
+@click.option(
+    "--otlp-endpoint",
+    metavar="URL",
+    help="Where --tracing otlp sends spans (OTLP/HTTP) [default: http://localhost:4318/v1/traces].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -455,6 +466,8 @@ def node(
     fault_injection: bool | None,
     max_workers: int | None,
     controller_record: str | None,
+    tracing: str | None,
+    otlp_endpoint: str | None,
     log_level: str,
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
@@ -487,6 +500,8 @@ def node(
         "fault_injection": fault_injection or None,
         "max_workers": max_workers,
         "controller_record": controller_record or None,
+        "tracing": tracing,
+        "otlp_endpoint": otlp_endpoint or None,
     }
     try:
         config = build_node_config(config_file, flags)

@@ -104,6 +104,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # partitions injected in the transport, failing slice instances), for Aether Forge and tests;
     # off, a node refuses them (403). Never on a production node
     fault_injection: bool = False
+    # tracing (docs/operations.md, *Tracing*): "off", or "otlp" to record spans with the
+    # OpenTelemetry SDK (the extra aether-slices[otel]) and export them over OTLP/HTTP to otlp_endpoint
+    # (default: the SDK's, http://localhost:4318/v1/traces, or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
+    tracing: str = "off"
+    otlp_endpoint: str | None = None
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -149,6 +154,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(
                 "--https needs a server certificate: --http-tls-cert/--http-tls-key, or the node's "
                 "--tls-cert/--tls-key (`aether cert issue NODE_ID`)"
+            )
+        if self.tracing not in ("off", "otlp"):
+            raise ConfigError(f"tracing must be off or otlp (got {self.tracing!r})")
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"otlp_endpoint must be an http:// or https:// URL, e.g. http://localhost:4318/v1/traces "
+                f"(got {self.otlp_endpoint!r})"
             )
         if self.snapshot_every < 1:
             raise ConfigError("snapshot_every must be >= 1")
@@ -229,12 +241,22 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_public: bool | None = None
     fault_injection: bool | None = None
     max_workers: int | None = None
+    tracing: str | None = None
+    otlp_endpoint: str | None = None
+
+
+class _TomlTracing(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``[tracing]`` of aether.toml: ``exporter = "otlp"`` (or "off") and its ``endpoint``."""
+
+    exporter: str | None = None
+    endpoint: str | None = None
 
 
 def load_toml(path: str | Path) -> dict[str, object]:
     """Read an `aether.toml` and return the settings it gives (only those present).
 
-    Peers may be `["node-2=127.0.0.1:7001", ...]` or `[{id = "...", address = "..."}]`.
+    Peers may be `["node-2=127.0.0.1:7001", ...]` or `[{id = "...", address = "..."}]`. A
+    ``[tracing]`` table (``exporter``, ``endpoint``) sets `tracing` and `otlp_endpoint`.
     """
     p = Path(path)
     try:
@@ -243,9 +265,13 @@ def load_toml(path: str | Path) -> dict[str, object]:
         raise ConfigError(f"config file {p} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: {e}") from None
+    tracing_table = raw.get("tracing")
     section = raw.get("node", raw)
+    if section is raw and isinstance(tracing_table, dict):
+        section = {k: v for k, v in raw.items() if k != "tracing"}
     try:
         parsed = msgspec.convert(section, _TomlNode)
+        tracing = msgspec.convert(tracing_table, _TomlTracing) if isinstance(tracing_table, dict) else None
     except msgspec.ValidationError as e:
         raise ConfigError(f"{p}: {e}") from None
     out: dict[str, object] = {
@@ -259,4 +285,9 @@ def load_toml(path: str | Path) -> dict[str, object]:
             else:
                 peers.append(PeerSpec(check_node_id(item.id), Address.parse(item.address)))
         out["peers"] = peers
+    if tracing is not None:
+        if tracing.exporter is not None:
+            out["tracing"] = tracing.exporter
+        if tracing.endpoint is not None:
+            out["otlp_endpoint"] = tracing.endpoint
     return out

@@ -13,6 +13,9 @@ the task that runs the entry), read by slices (``self.context.idempotency_key``)
 makes while serving one gets a key derived from it (`child_idempotency_key`): the parent's key, the
 target, the entry and how many calls to that target and entry the parent made before, hashed. A
 retried parent (same key) thus makes its nested calls with the same keys again.
+
+The trace context of the call (`aether.core.tracing.current_trace`, docs/invocation.md, *Trace
+context*) travels beside them: `enter_call` sets it too when given.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import re
 import uuid
 from contextvars import ContextVar, Token
 from typing import Final
+
+from aether.core.tracing import TraceContext, current_trace
 
 __all__ = [
     "IDEMPOTENCY_KEY_MAX",
@@ -102,26 +107,36 @@ def child_idempotency_key(target: str, method: str) -> str | None:
     return derive_idempotency_key(parent, target, method, calls.next(target, method))
 
 
+CallTokens = tuple[
+    Token[str | None] | None,
+    Token[str | None] | None,
+    Token[_ChildCalls | None] | None,
+    Token[TraceContext | None] | None,
+]
+
+
 def enter_call(
-    request_id: str | None, idempotency_key: str | None
-) -> tuple[Token[str | None] | None, Token[str | None] | None, Token[_ChildCalls | None] | None]:
-    """Set the request id and idempotency key of the call about to be served in the current context
-    (each only when given), with a fresh count of nested calls; `exit_call` undoes it."""
+    request_id: str | None, idempotency_key: str | None, trace: TraceContext | None = None
+) -> CallTokens:
+    """Set the request id, idempotency key and trace context of the call about to be served in the
+    current context (each only when given), with a fresh count of nested calls; `exit_call` undoes it."""
     rid = current_request_id.set(request_id) if request_id is not None else None
+    tc = current_trace.set(trace) if trace is not None else None
     if idempotency_key is None:
-        return rid, None, None
+        return rid, None, None, tc
     return (
         rid,
         current_idempotency_key.set(idempotency_key),
         _child_calls.set(_ChildCalls(idempotency_key)),
+        tc,
     )
 
 
-def exit_call(
-    tokens: tuple[Token[str | None] | None, Token[str | None] | None, Token[_ChildCalls | None] | None],
-) -> None:
+def exit_call(tokens: CallTokens) -> None:
     """Undo `enter_call` (in the same context)."""
-    rid, key, calls = tokens
+    rid, key, calls, tc = tokens
+    if tc is not None:
+        current_trace.reset(tc)
     if calls is not None:
         _child_calls.reset(calls)
     if key is not None:

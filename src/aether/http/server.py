@@ -16,6 +16,11 @@ request's header when it is sane, else a fresh id) which is also passed to the i
 the header) becomes the idempotency key of the call (the slice reads it as
 ``context.idempotency_key``); without one the invoker makes a new key per request.
 
+A W3C ``traceparent`` header (with its ``tracestate``) makes the request part of that trace: the
+router's span (one per request, kind server, named ``METHOD ROUTE``, when the node traces) is its
+child and the call carries the context on (`aether.core.tracing`). A malformed ``traceparent`` is
+ignored: a new trace starts, never an error (docs/operations.md, *Tracing*).
+
 Errors are problem documents (``application/problem+json``, ``{type,title,status,detail}``); an
 error of the invoker answers with the status it declares (`aether.core.problem.problem_for`, the
 same mapping as the management API's invoke endpoint):
@@ -71,6 +76,7 @@ from aiohttp import web
 from aether.core.context import check_idempotency_key
 from aether.core.errors import BadRequest, StatusError
 from aether.core.problem import PROBLEM_CONTENT_TYPE, Problem, is_internal, problem_for, problem_headers
+from aether.core.tracing import NOOP_TRACER, Span, Tracer, current_trace, parse_traceparent
 from aether.http.routes import ROUTE_PREFIX, Match, RouteTable, build_payload
 from aether.invoke.errors import InvokerClosed, UnknownEntryError
 from aether.kv.keys import RouteValue
@@ -87,6 +93,8 @@ __all__ = [
 MiB = 1024 * 1024
 REQUEST_ID_HEADER = "X-Request-Id"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+TRACEPARENT_HEADER = "traceparent"
+TRACESTATE_HEADER = "tracestate"
 _RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}\Z")
 _MSGPACK_DEC = msgspec.msgpack.Decoder()
 _JSON_ENC = msgspec.json.Encoder()
@@ -187,8 +195,11 @@ class HttpRouter:
         ssl_context: ssl.SSLContext | None = None,
         logger: logging.Logger | None = None,
         has_quorum: Callable[[], bool] | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self.node_id = node_id
+        self.tracer = tracer  # one span per request when enabled (aether.core.tracing)
+        self._tracing = tracer.enabled
         self.has_quorum = has_quorum
         """Whether this node is part of a quorum now: without one (starting, catching up after a
         join, cut off) its route table may be incomplete, so a path that matches no route answers
@@ -323,19 +334,59 @@ class HttpRouter:
         rid = given if given is not None and _RID_RE.match(given) else _new_request_id()
         method = request.method
         url = request.rel_url
+        tp = request.headers.get(TRACEPARENT_HEADER)
+        if tp is None and not self._tracing:  # the fast path: nothing to trace, nothing to pass on
+            try:
+                return await self._serve(request, rid, method, url.raw_path, url.raw_query_string)
+            except Exception:
+                self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
+                return self._problem(500, "internal error while handling the request; see the node log", rid)
+        return await self._handle_traced(request, rid, method, tp)
+
+    async def _handle_traced(
+        self, request: web.Request, rid: str, method: str, tp: str | None
+    ) -> web.StreamResponse:
+        """`_handle` with a trace context to pass on, a span to record, or both."""
+        url = request.rel_url
+        parent = parse_traceparent(tp, request.headers.get(TRACESTATE_HEADER)) if tp is not None else None
+        span: Span | None = None
+        if self._tracing:
+            span = self.tracer.start_span(
+                f"HTTP {method}", parent, "server",
+                {"http.request.method": method, "url.path": url.raw_path, "aether.request_id": rid,
+                 "aether.node.id": self.node_id},
+            )  # fmt: skip
+            parent = span.context
+        token = current_trace.set(parent) if parent is not None else None
         try:
-            return await self._serve(request, rid, method, url.raw_path, url.raw_query_string)
-        except Exception:
+            resp = await self._serve(request, rid, method, url.raw_path, url.raw_query_string, span)
+        except Exception as exc:
             self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
-            return self._problem(500, "internal error while handling the request; see the node log", rid)
+            if span is not None:
+                span.record_error(exc)
+            resp = self._problem(500, "internal error while handling the request; see the node log", rid)
+        finally:
+            if token is not None:
+                current_trace.reset(token)
+        if span is not None:
+            span.set_attribute("http.response.status_code", resp.status)
+            if resp.status >= 500:  # a server error (OpenTelemetry's HTTP conventions); 4xx are the client's
+                span.set_error(str(resp.status), f"answered {resp.status}")
+            span.end()
+        return resp
 
     async def _serve(
-        self, request: web.Request, rid: str, method: str, raw_path: str, raw_query: str
+        self, request: web.Request, rid: str, method: str, raw_path: str, raw_query: str,
+        span: Span | None = None,
     ) -> web.StreamResponse:
         try:
             m = self.table.match(method, raw_path)
         except BadRequest as e:
             return self._problem(400, str(e), rid)
+        if span is not None and isinstance(m, Match):
+            span.update_name(f"{method} {m.route.pattern}")
+            span.set_attribute("http.route", m.route.pattern)
+            span.set_attribute("aether.target", f"{m.route.target}.{m.route.method}")
         if not isinstance(m, Match):
             if m.allowed_methods:
                 return self._problem(

@@ -49,6 +49,12 @@ Semantics
 - Every logical call carries one idempotency key (`InvokeRequest.idempotency_key`), the same on
   every attempt: the caller's, else derived from the key of the call being served
   (`aether.core.context.child_idempotency_key`), else a new one.
+- Tracing (docs/invocation.md, *Trace context*): the call carries the trace context of the call
+  being served (`aether.core.tracing.current_trace`) to the node that runs it (`InvokeRequest`'s
+  ``traceparent``/``tracestate``; locally through the same context variable). With a tracer
+  enabled, each call is a span (``call T.M``), each attempt a child span of kind client
+  (``attempt T.M``) whose context the callee gets, and a local attempt's execution a span of kind
+  server (``run T.M``), as the invoke server makes for a remote one.
 - A circuit breaker per (node, artifact) (`aether.invoke.breaker`) skips instances that keep
   failing while another candidate exists.
 """
@@ -71,6 +77,7 @@ from aether.core.context import (
     new_idempotency_key,
 )
 from aether.core.policy import DEFAULT_POLICY, EntryPolicy
+from aether.core.tracing import NOOP_TRACER, Span, TraceContext, Tracer, current_trace, trace_fields
 from aether.invoke.breaker import CircuitBreaker
 from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
 from aether.invoke.context import RequestIdVar, current_request_id, new_request_id, read_request_id
@@ -187,6 +194,7 @@ class Invoker:
         traffic: Traffic | None = None,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         if max_nodes_lost < 1:
             raise ValueError("max_nodes_lost must be at least 1")
@@ -217,6 +225,7 @@ class Invoker:
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self._clock = clock
         self.stats = InvokerStats()
+        self.tracer = tracer  # spans of calls and attempts when enabled (aether.core.tracing)
         if bus is not None:
             self.attach(bus)
 
@@ -321,6 +330,14 @@ class Invoker:
         round_failed = round_overloaded = 0  # attempts of this round that failed, and how many overloaded
         lost: list[str] = []  # nodes that went down while running this call
         policy = DEFAULT_POLICY  # of the instance tried last (all instances of a version share it)
+        tracer = self.tracer
+        call_span: Span | None = None
+        if tracer.enabled:
+            call_span = tracer.start_span(
+                f"call {target}.{method}", current_trace.get(), "internal",
+                {"aether.target": target, "aether.entry": method, "aether.request_id": rid,
+                 "aether.node.id": self.node_id},
+            )  # fmt: skip
         try:
             while True:
                 if self._closed:
@@ -393,20 +410,32 @@ class Invoker:
                     node,
                 )
                 circuit = (node, artifact)
+                attempt_span: Span | None = None
+                if call_span is not None:
+                    attempt_span = tracer.start_span(
+                        f"attempt {target}.{method}", call_span.context, "client",
+                        {"aether.artifact": artifact, "aether.entry": method, "aether.attempt": attempts,
+                         "aether.peer.node": node, "aether.node.id": self.node_id},
+                    )  # fmt: skip
+                    trace = attempt_span.context
+                else:
+                    trace = current_trace.get()
                 try:
                     if node == self.node_id:
                         stats.local_attempts += 1
                         result = await self._call_local(
-                            artifact, method, payload, rid, deadline, attempts, ikey, policy
+                            artifact, method, payload, rid, deadline, attempts, ikey, policy, trace
                         )
                     else:
                         stats.remote_attempts += 1
                         self.breaker.started(circuit, self._now())
                         result = await self._call_remote(
-                            node, artifact, method, payload, rid, deadline, attempts, ikey, policy
+                            node, artifact, method, payload, rid, deadline, attempts, ikey, policy, trace
                         )
                         self.breaker.success(circuit, self._now())
                 except _Retry as retry:
+                    if attempt_span is not None:
+                        attempt_span.record_error(retry)
                     if node != self.node_id and retry.unhealthy:
                         self.breaker.failure(circuit, self._now())
                     if retry.maybe_ran and not policy.is_idempotent:
@@ -435,15 +464,25 @@ class Invoker:
                                 request_id=rid, attempts=attempts,
                             ) from None
                     continue
-                except InvokeError:
+                except InvokeError as err:
+                    if attempt_span is not None:
+                        attempt_span.record_error(err)
                     if node != self.node_id:  # the instance answered (with an error): it is up
                         self.breaker.success(circuit, self._now())
                     raise
+                finally:
+                    if attempt_span is not None:
+                        attempt_span.end()
                 stats.succeeded += 1
                 return result
-        except BaseException:
+        except BaseException as exc:
             stats.failed += 1
+            if call_span is not None:
+                call_span.record_error(exc)
             raise
+        finally:
+            if call_span is not None:
+                call_span.end()
 
     def _fail_fast(self, target: str, method: str, rid: str) -> None:
         """Raise at once when the store shows no ACTIVE endpoint of the entry anywhere (see module)."""
@@ -624,10 +663,19 @@ class Invoker:
         attempts: int,
         ikey: str = "",
         policy: EntryPolicy = DEFAULT_POLICY,
+        trace: TraceContext | None = None,
     ) -> bytes:
         var = self._request_id_var()
         token = var.set(rid) if var is not None and var.get(None) != rid else None
-        keys = enter_call(None, ikey or None)  # where the request id goes, the key goes
+        span: Span | None = None
+        if trace is not None and self.tracer.enabled:  # the callee side of a local attempt
+            span = self.tracer.start_span(
+                f"run {target}.{method}", trace, "server",
+                {"aether.artifact": target, "aether.entry": method, "aether.request_id": rid,
+                 "aether.node.id": self.node_id},
+            )  # fmt: skip
+            trace = span.context
+        keys = enter_call(None, ikey or None, trace)  # where the request id goes, the key goes
         try:
             limit = deadline
             if policy.timeout is not None:
@@ -661,7 +709,13 @@ class Invoker:
                 raise self._error(
                     kind, error_text(exc, kind), target, method, self.node_id, rid, attempts
                 ) from exc
+        except BaseException as exc:
+            if span is not None:
+                span.record_error(exc)
+            raise
         finally:
+            if span is not None:
+                span.end()
             exit_call(keys)
             if token is not None and var is not None:
                 var.reset(token)
@@ -684,10 +738,14 @@ class Invoker:
         attempts: int,
         ikey: str = "",
         policy: EntryPolicy = DEFAULT_POLICY,
+        trace: TraceContext | None = None,
     ) -> bytes:
         remaining = deadline - asyncio.get_running_loop().time()
         cid, _ = self._calls.open(node)
-        request = InvokeRequest(cid, artifact, method, payload, rid, max(1, int(remaining * 1000)), ikey)
+        tp, ts = trace_fields(trace)
+        request = InvokeRequest(
+            cid, artifact, method, payload, rid, max(1, int(remaining * 1000)), ikey, tp, ts
+        )
         if not self._link.send(node, request):
             self._calls.discard(cid)
             raise _Retry("not reachable (send failed: peer not up)")

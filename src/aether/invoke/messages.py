@@ -8,7 +8,9 @@ union can import it cheaply.
 A request carries a per-caller correlation ``id`` (unique among that caller's in-flight calls), the
 full coordinates of the chosen artifact, the entry point, the encoded argument, the tracing request
 id, the time the caller still waits (``timeout_ms``) and the logical call's idempotency key (the
-same on every attempt; "" from a sender that predates it). The response echoes ``id`` and carries
+same on every attempt; "" from a sender that predates it), then the W3C ``traceparent`` and
+``tracestate`` of the calling attempt ("" when the call is not traced; docs/invocation.md, *Trace
+context*). The response echoes ``id`` and carries
 either ``payload`` (success) or ``error`` + ``kind``. Fields are added only at the end, with
 defaults, so messages of nodes of the previous version still decode.
 """
@@ -71,6 +73,8 @@ class InvokeRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=
     request_id: str
     timeout_ms: int
     idempotency_key: str = ""
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 class InvokeResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=41):

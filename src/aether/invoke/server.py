@@ -2,7 +2,9 @@
 
 Owns the executing side of a remote invocation: one task per request (with the request-id and
 idempotency-key contextvars set), the request's time limit, bounded concurrency, mapping
-exceptions to response kinds, and a graceful `stop`. Also owns `dispatch`, the single transport
+exceptions to response kinds, and a graceful `stop`. The request's trace context (``traceparent``)
+becomes the served call's `current_trace`; with a tracer enabled the execution is a span of kind
+server (``run T.M``), a child of the caller's attempt span. Also owns `dispatch`, the single transport
 callback for invoke messages (requests to this server, responses to the node's `Invoker`). May
 import `aether.core` and `aether.invoke`; it reaches slices and the transport only through
 `aether.invoke.ports`.
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from aether.core.context import enter_call
+from aether.core.tracing import NOOP_TRACER, Span, Tracer, current_trace, parse_traceparent
 from aether.invoke.context import RequestIdVar, current_request_id
 from aether.invoke.errors import classify, describe_exception, error_text
 from aether.invoke.invoker import Invoker
@@ -59,6 +62,7 @@ class InvokeServer:
         hold_for: float = 10.0,
         max_held: int = 1024,
         clock: Callable[[], float] = time.monotonic,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -81,6 +85,7 @@ class InvokeServer:
         self._hold_for = hold_for
         self._max_held = max_held
         self._clock = clock
+        self.tracer = tracer  # a span per served request when enabled (aether.core.tracing)
         self._held: dict[str, collections.deque[tuple[float, InvokeResponse]]] = {}
         self.held_dropped = 0
 
@@ -130,13 +135,33 @@ class InvokeServer:
             ctx.run(var.set, req.request_id)
         if req.idempotency_key:  # the logical call's key, where the request id is (slices read it)
             ctx.run(enter_call, None, req.idempotency_key)
+        span: Span | None = None
+        if req.traceparent:  # the caller's attempt: the parent of this execution
+            trace = parse_traceparent(req.traceparent, req.tracestate)
+            if trace is not None and self.tracer.enabled:
+                span = self.tracer.start_span(
+                    f"run {req.target}.{req.method}", trace, "server",
+                    {"aether.artifact": req.target, "aether.entry": req.method,
+                     "aether.request_id": req.request_id, "aether.peer.node": sender_node,
+                     "aether.node.id": self.node_id},
+                )  # fmt: skip
+                trace = span.context
+            if trace is not None:
+                ctx.run(current_trace.set, trace)
+        coro = self._serve(sender_node, req) if span is None else self._serve_traced(sender_node, req, span)
         task = asyncio.get_running_loop().create_task(
-            self._serve(sender_node, req), name=f"aether-invoke-{self.node_id}-{req.request_id}", context=ctx
+            coro, name=f"aether-invoke-{self.node_id}-{req.request_id}", context=ctx
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, sender_node: str, req: InvokeRequest) -> None:
+    async def _serve_traced(self, sender_node: str, req: InvokeRequest, span: Span) -> None:
+        try:
+            await self._serve(sender_node, req, span)
+        finally:
+            span.end()
+
+    async def _serve(self, sender_node: str, req: InvokeRequest, span: Span | None = None) -> None:
         self._log.debug(
             "[%s] request %s %s.%s from %s", self.node_id, req.request_id, req.target, req.method, sender_node
         )
@@ -157,6 +182,8 @@ class InvokeServer:
             )
             raise
         except TimeoutError as exc:
+            if span is not None:
+                span.record_error(exc)
             if timer.expired():
                 self._reply(
                     sender_node,
@@ -169,6 +196,8 @@ class InvokeServer:
                 self._app_error(sender_node, req, exc)
             return
         except Exception as exc:
+            if span is not None:
+                span.record_error(exc)
             kind = classify(exc)
             if kind == KIND_APP_ERROR:
                 self._app_error(sender_node, req, exc)

@@ -304,6 +304,7 @@ class _ClientOp:
     attempt_until: float = 0.0
     retry_at: float = 0.0
     last: str = "no partition table yet"
+    trace: tuple[str, str] = ("", "")  # (traceparent, tracestate) sent with each attempt
 
 
 
@@ -1040,12 +1041,14 @@ class MapCore:
 
     def submit(
         self, op_id: int, name: str, op: int, key: str, value: bytes | None, expected: bytes | None,
-        ttl_ms: int, now: float, wall: int,
+        ttl_ms: int, now: float, wall: int, trace: tuple[str, str] = ("", ""),
     ) -> list[Action]:
-        """Start operation `op_id` of a local caller; it ends with a `Reply` or a `Fail`."""
+        """Start operation `op_id` of a local caller; it ends with a `Reply` or a `Fail`. `trace`
+        (traceparent, tracestate) goes with each request to the partition's primary."""
         self._clock(now, wall)
         rid = next(self._rids)
-        c = _ClientOp(op_id, rid, name, op, key, value, expected, ttl_ms, now + self.t.op_timeout)
+        deadline = now + self.t.op_timeout
+        c = _ClientOp(op_id, rid, name, op, key, value, expected, ttl_ms, deadline, trace=trace)
         self.client[op_id] = c
         self._client_by_rid[rid] = op_id
         self._attempt(c)
@@ -1067,7 +1070,8 @@ class MapCore:
         elif primary in self.up:
             c.peer = primary
             c.attempt_until = self._now + self.t.attempt_timeout
-            self._send(primary, MapRequest(c.rid, c.op, c.name, c.key, c.value, c.expected, c.ttl_ms))
+            req = MapRequest(c.rid, c.op, c.name, c.key, c.value, c.expected, c.ttl_ms, *c.trace)
+            self._send(primary, req)
         else:
             c.peer = None
             c.last = f"partition {p}: its primary {primary} is not reachable"

@@ -64,6 +64,9 @@ class MapRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=50)
     value: bytes | None
     expected: bytes | None
     ttl_ms: int
+    # the W3C trace context of the operation ("" untraced; docs/invocation.md, *Trace context*)
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 class MapResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=51):

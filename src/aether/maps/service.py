@@ -10,6 +10,12 @@ Everything the map decides happens in `aether.maps.core.MapCore` (sans-IO). This
 - opens and deletes storage engines (I/O), and answers the scatter calls `keys()` and `stats()`;
 - defines and removes maps (compare-and-set on the definition in the consensus store).
 
+Tracing: with a tracer enabled, each operation a slice (or the node) makes is a span of kind client
+(``map.get NAME`` ...) in the trace of the call being served (`aether.core.tracing.current_trace`);
+it covers the hops to the partition's primary. The request to the primary carries the trace
+context (`MapRequest.traceparent`); a primary that traces records a span of kind server
+(``map.serve get NAME``) from the request to its answer.
+
 Clocks: `now` (monotonic seconds) and `wall_ms` (wall-clock milliseconds, for TTLs) are
 injectable; the seeded simulation passes its virtual clocks.
 """
@@ -36,12 +42,22 @@ from aether.core.maps import (
     PartitionTable,
     check_key,
 )
+from aether.core.tracing import (
+    NOOP_TRACER,
+    Span,
+    TraceContext,
+    Tracer,
+    current_trace,
+    parse_traceparent,
+    trace_fields,
+)
 from aether.kv.keys import MapDefKey, MapHealthKey, MapTableKey
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
 from aether.maps.messages import (
     KeysRequest,
     KeysResponse,
     MapNodeStats,
+    MapRequest,
     MapResponse,
     PushAck,
     ReadCheckAck,
@@ -51,7 +67,7 @@ from aether.maps.messages import (
     SyncChunk,
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, activate
-from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
+from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, OP_PUT, OP_REMOVE
 from aether.maps.storage import MapStorage, open_storage_engine
 from aether.transport import EventBus, PeerDown, PeerUp
 
@@ -64,6 +80,7 @@ _DEF_ROUNDS = 5  # compare-and-set rounds of define/undefine before giving up (M
 _HOLD_FOR = 2.0  # how long an answer waits for our link to its requester to come up
 _MAX_HELD = 10_000
 _ANSWERS = (MapResponse, ReplicateAck, SyncChunk, PushAck, ReadCheckAck, KeysResponse, StatsResponse)
+_MAX_SERVING = 4096  # spans of requests served here kept open at most (see _serve_span)
 _ALIVE_FILE = "alive"
 _BOOT_FILE = "boot"  # the machine's boot id when this node last ran (a different one: power cut possible)
 
@@ -116,8 +133,10 @@ class MapService:
         open_storage: Callable[[str, Path, str], MapStorage] = open_storage_engine,
         boot_id: Callable[[], str | None] = _boot_id,
         logger: logging.Logger | None = None,
+        tracer: Tracer = NOOP_TRACER,
     ) -> None:
         self.node_id = node_id
+        self.tracer = tracer  # a span per operation when enabled (aether.core.tracing)
         self.kv = kv
         self.sender = sender
         self.data_dir = Path(data_dir)
@@ -149,6 +168,7 @@ class MapService:
         self._closed = False
         self._health: str | None = None  # what this node last recorded under maps/health/
         self._alive_written = 0.0
+        self._serving: dict[tuple[str, int], Span] = {}  # spans of traced requests being served here
         self._held: dict[str, list[tuple[float, object]]] = {}  # answers waiting for our link to a peer
 
     # --- views used by the API, the CLI and tests -----------------------------------------------------------
@@ -306,6 +326,12 @@ class MapService:
     def _run(self, actions: list[Any]) -> None:
         for a in actions:
             if isinstance(a, Send):
+                if self._serving and isinstance(a.msg, MapResponse):
+                    span = self._serving.pop((a.peer, a.msg.id), None)
+                    if span is not None:
+                        if a.msg.error is not None:
+                            span.set_error(a.msg.kind or "error", a.msg.error)
+                        span.end()
                 if not self.sender.send(a.peer, a.msg) and isinstance(a.msg, _ANSWERS):
                     # the request came on the peer's link while ours to it is not up yet: answer
                     # once it is (requests themselves are sent again by the core)
@@ -466,7 +492,29 @@ class MapService:
         if isinstance(msg, KeysResponse | StatsResponse):
             self._calls.resolve(msg.id, sender, msg)
             return
+        if isinstance(msg, MapRequest) and msg.traceparent and self.tracer.enabled:
+            self._serve_span(sender, msg)
         self._run(self.core.receive(sender, msg, self.now(), self.wall_ms()))
+
+    def _serve_span(self, sender: str, msg: MapRequest) -> None:
+        """Start the span of a traced request from `sender`; ended by its `MapResponse` (`_run`)."""
+        parent = parse_traceparent(msg.traceparent, msg.tracestate)
+        if parent is None:
+            return
+        if len(self._serving) >= _MAX_SERVING:  # requests the core dropped unanswered: end them
+            for old in self._serving.values():
+                old.end()
+            self._serving.clear()
+        verb = OP_NAMES.get(msg.op, str(msg.op))
+        span = self.tracer.start_span(
+            f"map.serve {verb} {msg.map}", parent, "server",
+            {"aether.map": msg.map, "aether.map.operation": verb, "aether.peer.node": sender,
+             "aether.node.id": self.node_id},
+        )  # fmt: skip
+        previous = self._serving.pop((sender, msg.id), None)  # a retry of the same request
+        if previous is not None:
+            previous.end()
+        self._serving[(sender, msg.id)] = span
 
     # --- the MapBackend (any node) --------------------------------------------------------------------------
 
@@ -476,11 +524,36 @@ class MapService:
     ) -> tuple[bytes | None, bool]:
         check_key(name, key)
         self.core.spec(name)
+        if self.tracer.enabled:
+            return await self._traced_op(name, op, key, value, expected, ttl)
+        return await self._submit(name, op, key, value, expected, ttl, current_trace.get())
+
+    async def _traced_op(
+        self, name: str, op: int, key: str, value: bytes | None, expected: bytes | None, ttl: float | None
+    ) -> tuple[bytes | None, bool]:
+        verb = OP_NAMES.get(op, str(op))
+        span = self.tracer.start_span(
+            f"map.{verb} {name}", current_trace.get(), "client",
+            {"aether.map": name, "aether.map.operation": verb, "aether.node.id": self.node_id},
+        )  # fmt: skip
+        try:
+            return await self._submit(name, op, key, value, expected, ttl, span.context)
+        except BaseException as exc:
+            span.record_error(exc)
+            raise
+        finally:
+            span.end()
+
+    async def _submit(
+        self, name: str, op: int, key: str, value: bytes | None, expected: bytes | None, ttl: float | None,
+        trace: TraceContext | None = None,
+    ) -> tuple[bytes | None, bool]:
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
         op_id, _ = self._ops.open(None)  # the core retries, fails over and keeps the deadline
         try:
             now, wall = self.now(), self.wall_ms()
-            self._run(self.core.submit(op_id, name, op, key, value, expected, ttl_ms, now, wall))
+            tf = trace_fields(trace)
+            self._run(self.core.submit(op_id, name, op, key, value, expected, ttl_ms, now, wall, tf))
         except BaseException:
             self._ops.discard(op_id)
             raise
@@ -518,6 +591,21 @@ class MapService:
         """Every live key with `prefix`, asked from the primaries of all partitions. Raises
         `MapUnavailable` naming the partitions no reachable primary serves (never a partial list)."""
         self.core.spec(name)
+        if not self.tracer.enabled:
+            return await self._keys(name, prefix)
+        span = self.tracer.start_span(
+            f"map.keys {name}", current_trace.get(), "client",
+            {"aether.map": name, "aether.map.operation": "keys", "aether.node.id": self.node_id},
+        )  # fmt: skip
+        try:
+            return await self._keys(name, prefix)
+        except BaseException as exc:
+            span.record_error(exc)
+            raise
+        finally:
+            span.end()
+
+    async def _keys(self, name: str, prefix: str) -> list[str]:
         deadline = self.now() + self.timings.op_timeout
         while True:
             keys: set[str] = set()

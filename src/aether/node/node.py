@@ -24,6 +24,7 @@ from aether.core.config import NodeConfig
 from aether.core.errors import BadRequest, CommitTimeout, ConfigError, QuorumLost, StatusError
 from aether.core.files import prepare_private_dir
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
+from aether.core.tracing import Tracer
 from aether.core.types import Address, check_node_id
 from aether.deploy import (
     ClusterDeploymentManager,
@@ -55,6 +56,7 @@ from aether.metrics.collector import BUCKET_BOUNDS
 from aether.metrics.messages import ClusterMetricsSnapshot, InstanceCounters, InstanceStats, SliceLoad
 from aether.node.faults import FaultInjector
 from aether.node.looplag import LoopLagProbe
+from aether.node.tracing import make_tracer
 from aether.repository.cache import ClusterRepository
 from aether.repository.service import ArtifactService
 from aether.slices.capacity import SliceLimits
@@ -150,9 +152,15 @@ class Node:
         *,
         logger: logging.Logger | None = None,
         management_api: ManagementFactory | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config.validate()
         self.node_id = config.node_id
+        # spans of the router, the invoker, the invoke server and the maps (docs/operations.md,
+        # *Tracing*): the given tracer (tests), else the one config.tracing asks for, else none
+        self.tracer: Tracer = tracer if tracer is not None else make_tracer(
+            config.tracing, config.cluster_name, config.node_id, config.otlp_endpoint
+        )
         self.log = logger or logging.getLogger(f"aether.node.{self.node_id}")
         self.members = {p.id: p.address for p in config.peers}
         self.bus = EventBus(self.log)
@@ -217,7 +225,7 @@ class Node:
             self.node_id, self.kv, self.transport, config.data_path / "maps", bus=self.bus,
             is_leader=lambda: self.leader.is_leader, up_peers=lambda: self.transport.up_peers,
             has_quorum=self.transport.has_quorum,
-            logger=logging.getLogger(f"aether.maps.{self.node_id}"),
+            logger=logging.getLogger(f"aether.maps.{self.node_id}"), tracer=self.tracer,
         )
         # the cluster's artifact repository (docs/repository.md); the local directory is its cache
         self.artifacts = ArtifactService(
@@ -256,11 +264,11 @@ class Node:
         self.invoker = Invoker(
             self.node_id, self.slice_runtime, self.endpoints, self.transport, bus=self.bus,
             attempt_timeout=None, catalog=StoreCatalog(self.kv), traffic=self.traffic,
-            logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
+            logger=logging.getLogger(f"aether.invoke.{self.node_id}"), tracer=self.tracer,
         )
         self.invoke_server = InvokeServer(
             self.node_id, self.slice_runtime, self.transport, invoker=self.invoker,
-            logger=logging.getLogger(f"aether.invoke.{self.node_id}"),
+            logger=logging.getLogger(f"aether.invoke.{self.node_id}"), tracer=self.tracer,
         )
         self.node_deployer = NodeDeploymentManager(
             self.kv, self.node_id, self.slice_runtime, config_version=self.slice_configs.fingerprint,
@@ -382,7 +390,7 @@ class Node:
             self.node_id, self.kv, self.invoker, host=self.config.host, port=self.config.http_port,
             idle_timeout=self.config.http_idle_timeout, ssl_context=self.https,
             logger=logging.getLogger(f"aether.http.{self.node_id}"),
-            has_quorum=self.transport.has_quorum,
+            has_quorum=self.transport.has_quorum, tracer=self.tracer,
         )
         await self.http.start()
         self.metrics.start()
@@ -428,6 +436,7 @@ class Node:
         await self.transport.stop()
         await self.runner.stop()
         await self.loop_lag.stop()
+        await asyncio.to_thread(self.tracer.shutdown)  # exports the spans left (blocking I/O)
         self.log.info(
             "node %s stopped at slot %d; consensus stats %s",
             self.node_id, self.runner.engine.applied, self.runner.engine.stats,

@@ -28,12 +28,13 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from aether.core.tracing import TraceContext, current_trace
 from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError
 from aether.slices.maps import MapBackend
@@ -424,6 +425,35 @@ async def _closed_coro() -> None:
     raise asyncio.CancelledError
 
 
+def _traced(aw: Awaitable[T]) -> Awaitable[T]:
+    """`aw` run on the node's loop with the trace context of the slice code that made it (the
+    node's task does not inherit the slice loop's context); `aw` itself when untraced."""
+    trace = current_trace.get()
+    if trace is None:
+        return aw
+    return _Traced(trace, aw)
+
+
+class _Traced(Generic[T]):
+    """An awaitable that sets the trace context in the task awaiting it, then awaits `aw`;
+    `close` closes `aw` (a call cancelled before it started)."""
+
+    __slots__ = ("aw", "trace")
+
+    def __init__(self, trace: TraceContext, aw: Awaitable[T]) -> None:
+        self.trace = trace
+        self.aw = aw
+
+    def __await__(self) -> Generator[Any, None, T]:
+        current_trace.set(self.trace)  # in the node's task that awaits this
+        return (yield from self.aw.__await__())
+
+    def close(self) -> None:
+        close = getattr(self.aw, "close", None)
+        if close is not None:
+            close()
+
+
 class ThreadInvoker:
     """The node's `SliceCaller`, callable from a slice's loop."""
 
@@ -448,7 +478,7 @@ class ThreadInvoker:
                 target, method, payload, request_id=request_id, timeout=timeout,
                 idempotency_key=idempotency_key,
             )
-        return await self._thread.call_main(aw)
+        return await self._thread.call_main(_traced(aw))
 
 
 class ThreadMaps:
@@ -466,21 +496,21 @@ class ThreadMaps:
             require(name)
 
     async def map_get(self, name: str, key: str) -> bytes | None:
-        return await self._thread.call_main(self._inner.map_get(name, key))
+        return await self._thread.call_main(_traced(self._inner.map_get(name, key)))
 
     async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
-        await self._thread.call_main(self._inner.map_put(name, key, value, ttl=ttl))
+        await self._thread.call_main(_traced(self._inner.map_put(name, key, value, ttl=ttl)))
 
     async def map_remove(self, name: str, key: str) -> bool:
-        return await self._thread.call_main(self._inner.map_remove(name, key))
+        return await self._thread.call_main(_traced(self._inner.map_remove(name, key)))
 
     async def map_compare_and_set(
         self, name: str, key: str, expected: bytes | None, new: bytes | None, *, ttl: float | None = None
     ) -> bool:
         return await self._thread.call_main(
-            self._inner.map_compare_and_set(name, key, expected, new, ttl=ttl)
+            _traced(self._inner.map_compare_and_set(name, key, expected, new, ttl=ttl))
         )
 
     async def map_keys(self, name: str, prefix: str = "") -> list[str]:
-        return await self._thread.call_main(self._inner.map_keys(name, prefix))
+        return await self._thread.call_main(_traced(self._inner.map_keys(name, prefix)))
 

@@ -52,6 +52,7 @@ from aether.core.artifact import Artifact
 from aether.core.context import current_idempotency_key, enter_call
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.core.secrets import ResolvedConfig, redact
+from aether.core.tracing import TraceContext, current_trace, trace_fields
 from aether.slices._inspect import EntryInfo, RouteInfo
 from aether.slices.api import (
     Slice,
@@ -106,10 +107,12 @@ async def _health(hook: Callable[[], Any]) -> Any:
 
 
 async def _call_entry(
-    obj: Slice, method: str, payload: bytes, request_id: str | None, idempotency_key: str | None = None
+    obj: Slice, method: str, payload: bytes, request_id: str | None, idempotency_key: str | None = None,
+    trace: TraceContext | None = None,
 ) -> bytes:
-    # in this call's own context (its task on the slice loop): the request id and idempotency key
-    enter_call(request_id, idempotency_key)
+    # in this call's own context (its task on the slice loop): the request id, idempotency key and
+    # trace context
+    enter_call(request_id, idempotency_key, trace)
     return await invoke_entry(obj, method, payload)
 
 
@@ -700,6 +703,7 @@ class SliceRuntime:
             request_id = current_request_id.get()
         if idempotency_key is None:
             idempotency_key = current_idempotency_key.get()
+        trace = current_trace.get()  # the entry's nested calls and map operations carry it on
         e, inst = self._pick(artifact, instance, method)
         entry = e.loaded.info.entries.get(method)
         if entry is None:
@@ -749,11 +753,11 @@ class SliceRuntime:
                     result = await worker.request(
                         "call", inst.id, inst.slot, method=method, payload=payload,
                         request_id=request_id if request_id is not None else current_request_id.get(),
-                        idempotency_key=idempotency_key,
+                        idempotency_key=idempotency_key, trace=trace_fields(trace),
                     )  # fmt: skip
                 else:
                     assert thread is not None and inst.obj is not None
-                    call = _call_entry(inst.obj, method, payload, request_id, idempotency_key)
+                    call = _call_entry(inst.obj, method, payload, request_id, idempotency_key, trace)
                     result = await thread.run(call, entry=method)
                 ok = True
                 return result

@@ -33,6 +33,7 @@ import msgspec
 
 from aether.core.artifact import Artifact
 from aether.core.context import enter_call
+from aether.core.tracing import current_trace, parse_traceparent, trace_fields
 from aether.slices.api import Slice, SliceContext, describe_slice, invoke_entry, type_name
 from aether.slices.errors import ResponseTypeError
 from aether.slices.workerproto import (
@@ -201,7 +202,7 @@ class _Worker:
         uid = self.next_uid
         fut: asyncio.Future[Any] = self.loop.create_future()
         self.ups[uid] = fut
-        self.send(Up(uid, op, args))
+        self.send(Up(uid, op, args, False, *trace_fields(current_trace.get())))
         try:
             return await fut
         except asyncio.CancelledError:
@@ -307,7 +308,7 @@ class _Worker:
             obj = self._instance(slot)
             # as in-process (`runtime._call_entry`): the request id and idempotency key in this
             # call's own context, where nested calls derive their keys from it
-            enter_call(m.request_id, m.idempotency_key)
+            enter_call(m.request_id, m.idempotency_key, parse_traceparent(m.traceparent, m.tracestate))
             try:
                 return await invoke_entry(obj, m.method, m.payload)
             except ResponseTypeError as exc:  # a bug of the slice: logged, as in-process

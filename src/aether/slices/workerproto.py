@@ -126,6 +126,8 @@ class Call(msgspec.Struct, frozen=True, tag="call"):
     request_id: str | None = None
     config: Any = None
     idempotency_key: str | None = None  # the logical call's key, beside its request id
+    traceparent: str = ""  # the call's W3C trace context, beside them ("" untraced)
+    tracestate: str = ""
 
 
 class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
@@ -164,12 +166,15 @@ UpOp = Literal["invoke", "map_get", "map_put", "map_remove", "map_compare_and_se
 
 class Up(msgspec.Struct, frozen=True, tag="up"):
     """Slice code in the worker calls the node: a slice-to-slice call (``invoke``: args are target,
-    method, payload, request id, timeout) or a map operation (the `MapBackend` method's arguments)."""
+    method, payload, request id, timeout) or a map operation (the `MapBackend` method's arguments),
+    with the W3C trace context of the call being served in the worker ("" untraced)."""
 
     uid: int
     op: UpOp
     args: list[Any]
     cancel: bool = False
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 class Log(msgspec.Struct, frozen=True, tag="log"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from aether.core.errors import KIND_NO_INSTANCE, WireKind
+from aether.core.tracing import current_trace, parse_traceparent
 from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError, SliceLoadError
 from aether.slices.maps import MapBackend
@@ -61,6 +63,16 @@ from aether.slices.workerproto import (
 )
 
 __all__ = ["WorkerHost", "WorkerLost", "WorkerSpec"]
+
+
+def _up_context(m: Up) -> contextvars.Context:
+    """The context an `Up` from slice code runs in: its trace context set (docs/invocation.md)."""
+    ctx = contextvars.copy_context()
+    if m.traceparent:
+        trace = parse_traceparent(m.traceparent, m.tracestate)
+        if trace is not None:
+            ctx.run(current_trace.set, trace)
+    return ctx
 
 
 class WorkerLost(SliceError):
@@ -240,6 +252,7 @@ class WorkerHost:
         request_id: str | None = None,
         config: Any = None,
         idempotency_key: str | None = None,
+        trace: tuple[str, str] = ("", ""),
     ) -> bytes:
         """Run `op` on `instance` in the worker; errors come back rebuilt (`RemoteError`, same kind
         and status as raised there) or as `WorkerLost` when the worker is not there to answer."""
@@ -250,7 +263,9 @@ class WorkerHost:
             raise WorkerLost(f"the worker of {self.spec.artifact} on {self.node_id} is not running: {why}")
         return await self._ask(
             proc,
-            lambda cid: Call(cid, op, instance, slot, method, payload, request_id, config, idempotency_key),
+            lambda cid: Call(
+                cid, op, instance, slot, method, payload, request_id, config, idempotency_key, *trace
+            ),
         )
 
     async def _ask(self, proc: _Proc, make: Callable[[int], Load | Call]) -> bytes:
@@ -324,7 +339,9 @@ class WorkerHost:
                     if task is not None:
                         task.cancel()
                 else:
-                    proc.ups[m.uid] = asyncio.get_running_loop().create_task(self._up(proc, m))
+                    proc.ups[m.uid] = asyncio.get_running_loop().create_task(
+                        self._up(proc, m), context=_up_context(m)
+                    )
 
     def _log_record(self, proc: _Proc, m: Log) -> None:
         who = f"{self.spec.artifact}" + (f" instance {m.instance}" if m.instance is not None else "")
