@@ -104,6 +104,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # partitions injected in the transport, failing slice instances), for Aether Forge and tests;
     # off, a node refuses them (403). Never on a production node
     fault_injection: bool = False
+    # how the node writes its log to stderr: "text" (one line per record, as always) or "json" (one
+    # JSON object per line with node, request id, trace id, slice and instance); and how many recent
+    # records it keeps in memory for `GET /api/v1/logs` / `aether logs` (docs/operations.md, *Logs*)
+    log_format: str = "text"
+    log_buffer: int = 5000
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -150,6 +155,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "--https needs a server certificate: --http-tls-cert/--http-tls-key, or the node's "
                 "--tls-cert/--tls-key (`aether cert issue NODE_ID`)"
             )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json (got {self.log_format!r})")
+        if not 1 <= self.log_buffer <= 1_000_000:
+            raise ConfigError(f"log_buffer must be between 1 and 1000000 records (got {self.log_buffer})")
         if self.snapshot_every < 1:
             raise ConfigError("snapshot_every must be >= 1")
         for name in ("max_instances_per_node", "max_instances_per_cluster", "max_connections",
@@ -229,6 +238,8 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     metrics_public: bool | None = None
     fault_injection: bool | None = None
     max_workers: int | None = None
+    log_format: str | None = None
+    log_buffer: int | None = None
 
 
 def load_toml(path: str | Path) -> dict[str, object]:

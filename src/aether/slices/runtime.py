@@ -49,7 +49,13 @@ from typing import Any, Literal, Protocol
 import msgspec
 
 from aether.core.artifact import Artifact
-from aether.core.context import current_idempotency_key, enter_call
+from aether.core.context import (
+    current_idempotency_key,
+    current_instance,
+    current_node_id,
+    current_slice,
+    enter_call,
+)
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.core.secrets import ResolvedConfig, redact
 from aether.slices._inspect import EntryInfo, RouteInfo
@@ -106,10 +112,16 @@ async def _health(hook: Callable[[], Any]) -> Any:
 
 
 async def _call_entry(
-    obj: Slice, method: str, payload: bytes, request_id: str | None, idempotency_key: str | None = None
+    obj: Slice, method: str, payload: bytes, request_id: str | None, idempotency_key: str | None = None,
+    where: tuple[str, str, int] | None = None,
 ) -> bytes:
-    # in this call's own context (its task on the slice loop): the request id and idempotency key
+    # in this call's own context (its task on the slice loop): the request id and idempotency key,
+    # and for its log records (aether.core.logs) the node, slice and instance (`where`)
     enter_call(request_id, idempotency_key)
+    if where is not None:
+        current_node_id.set(where[0])
+        current_slice.set(where[1])
+        current_instance.set(where[2])
     return await invoke_entry(obj, method, payload)
 
 
@@ -753,7 +765,10 @@ class SliceRuntime:
                     )  # fmt: skip
                 else:
                     assert thread is not None and inst.obj is not None
-                    call = _call_entry(inst.obj, method, payload, request_id, idempotency_key)
+                    call = _call_entry(
+                        inst.obj, method, payload, request_id, idempotency_key,
+                        (self.node_id, e.coords, inst.id),
+                    )
                     result = await thread.run(call, entry=method)
                 ok = True
                 return result
