@@ -419,6 +419,9 @@ from aether.slices import Slice, route
 
 
 class Echo(Slice):
+    async def start(self) -> None:
+        self.logger.info("echo starting")
+
     @route("GET", "/echo/{word}")
     async def echo(self, word: str) -> str:
         self.logger.info("echoing %s", word)
@@ -459,13 +462,16 @@ async def test_one_request_through_the_router_logs_on_two_nodes_with_one_request
         assert echoed, on_host
         assert echoed[0].node == host.node_id
         assert echoed[0].slice == "org.test:echo:0.1.0" and echoed[0].instance is not None
+        # what the instance's start() logged names it too
+        started = [e for e in on_host if e.message == "echo starting"]
+        assert [(e.slice, e.instance) for e in started] == [("org.test:echo:0.1.0", echoed[0].instance)]
         # every node keeps only its own records
         assert all(e.node == caller.node_id for e in on_caller)
         # and the API hands them out
         status, page = await asyncio.to_thread(
             lambda: _get_port(host.management.port, "/api/v1/logs?slice=echo")
         )
-        assert status == 200 and [e["message"] for e in page["entries"]] == ["echoing hi"]
+        assert status == 200 and [e["message"] for e in page["entries"]] == ["echo starting", "echoing hi"]
 
 
 def _get_port(port: int, path: str) -> tuple[int, Any]:
