@@ -335,6 +335,26 @@ async def test_the_log_stream_sends_new_records_as_events(servers: list[Any], lo
     assert (data["message"], data["request_id"], data["node"]) == ("after the stream opened", "r7", "node-1")
 
 
+async def test_the_log_stream_says_when_records_left_the_buffer_unsent(
+    servers: list[Any], logger: logging.Logger
+) -> None:
+    (n1, srv), _ = servers
+    n1.logs.max_records = 2
+    url = f"http://127.0.0.1:{srv.port}/api/v1/logs/stream"
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        await r.content.readuntil(b"\n\n")  # hello
+        for i in range(5):  # faster than the stream looks (every 0.2 s): some never get sent
+            _in("node-1", fn=lambda i=i: logger.info("burst %d", i))
+        blocks = [await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)]
+        while b"burst 4" not in blocks[-1]:
+            assert len(blocks) < 8, blocks  # (keepalives come every second: fail fast, not at the timeout)
+            blocks.append(await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5))
+    gaps = [json.loads(b.split(b"data: ", 1)[1]) for b in blocks if b.startswith(b"event: gap")]
+    sent = [json.loads(b.split(b"data: ", 1)[1])["message"] for b in blocks if b"event: log" in b]
+    assert gaps and sum(g["missed"] for g in gaps) + len(sent) == 5, blocks
+    assert sent[-2:] == ["burst 3", "burst 4"]
+
+
 # -- aether logs ----------------------------------------------------------------------------------
 
 
@@ -372,6 +392,18 @@ def test_aether_logs_merges_the_nodes_by_time(
     assert " node-2 ERROR   [-] " in lines[3]
     r = _cli("--json", "logs", f"127.0.0.1:{s1.port}", f"127.0.0.1:{s2.port}", "--slice", "place-order")
     assert [json.loads(line)["node"] for line in r.stdout.splitlines()] == ["node-2"]
+    # node-2's address is guessed (its cluster host, node-1's management port): node-1 answers there
+    r = _cli("--connect", f"127.0.0.1:{s1.port}", "logs", "node-2", "--dir", str(tmp_path))
+    assert r.exit_code == 0 and "but node-1 answered" in r.stderr and "HOST:PORT" in r.stderr
+    # a local cluster's cluster.json knows the management port of each node
+    from aether.cli.local_cluster import ClusterRecord, NodeRecord, save_record
+
+    nodes = [NodeRecord(id=f"node-{i}", cluster_port=7000 + i, management_port=s.port, http_port=0,
+                        data_dir="d", log="l", pid_file="p") for i, s in ((1, s1), (2, s2))]  # fmt: skip
+    save_record(tmp_path, ClusterRecord(host="127.0.0.1", port_offset=0, nodes=nodes))
+    r = _cli("--connect", f"127.0.0.1:{s1.port}", "logs", "node-2", "--dir", str(tmp_path))
+    assert r.exit_code == 0 and "answered" not in r.stderr, r.stderr
+    assert [line.split(": ", 1)[1] for line in r.stdout.splitlines()] == ["order placed", "unrelated"]
     r = _cli("--connect", f"127.0.0.1:{s1.port}", "logs", "node-7", "--dir", str(tmp_path))
     assert r.exit_code == 2 and "no node 'node-7'" in r.stderr and "node-1, node-2" in r.stderr
     assert _cli("logs", f"127.0.0.1:{s1.port}", "--since", "soon").exit_code == 2

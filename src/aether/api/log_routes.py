@@ -102,17 +102,19 @@ class LogRoutes:
         logs = self.logs
         resp = sse.stream_response()
         try:
+            # the first batch: what `since` / `after` select of the records held (the newest
+            # DEFAULT_LIMIT); without either, what comes after the hello's `last_seq` (read once:
+            # slice threads log while the hello is written)
+            last_seq = logs.last_seq
+            after = f.after if (f.since is not None or f.after) else last_seq
             await resp.prepare(request)
             hello = {
                 "type": "hello",
                 "node_id": getattr(self.node, "node_id", ""),
                 "time": time.time(),
-                "last_seq": logs.last_seq,
+                "last_seq": last_seq,
             }
             await resp.write(sse.frame("hello", hello))
-            # the first batch: what `since` / `after` select of the records held (the newest
-            # DEFAULT_LIMIT); without either, only what comes from now on
-            after = f.after if (f.since is not None or f.after) else logs.last_seq
             first = True
             next_beat = time.monotonic() + self.heartbeat
             while True:

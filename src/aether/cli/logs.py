@@ -316,6 +316,14 @@ def logs(
             click.secho(f"warning: {label}: {err}", fg="yellow", err=True)
             continue
         entries = page.get("entries", []) if isinstance(page, dict) else []
+        answered = page.get("node_id") if isinstance(page, dict) else None
+        if not _is_address(label) and answered != label:  # a guessed address, another node there
+            click.secho(
+                f"warning: asked {label} at {client.target}, but {answered} answered; name {label} by its "
+                "management address HOST:PORT",
+                fg="yellow",
+                err=True,
+            )
         for entry in entries:
             entry.setdefault("node", page.get("node_id"))
         pages.append(entries)

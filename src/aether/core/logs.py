@@ -318,7 +318,15 @@ class LogBuffer(logging.Handler):
         above `after`, of slice `slice` (see `matches_slice`) and at `level` or above; the newest
         `limit` of them."""
         with self.lock or _NoLock():
-            entries = [e for e, _ in self._entries]
+            if after > 0:  # numbered in order: take the newer end only (a follower's poll)
+                newer: list[LogEntry] = []
+                for e, _ in reversed(self._entries):
+                    if e.seq <= after:
+                        break
+                    newer.append(e)
+                entries = newer[::-1]
+            else:
+                entries = [e for e, _ in self._entries]
         return select(entries, since=since, after=after, slice=slice, level=level, limit=limit)
 
 
