@@ -1,4 +1,5 @@
-"""Core value types shared by every layer: node ids, addresses, errors, configuration.
+"""Core value types shared by every layer: node ids, addresses, errors, configuration, the context
+variables of the call being served, and the structured log records (`aether.core.logs`).
 
-Owns no I/O and imports nothing from the rest of `aether`.
+Owns no I/O (beyond logging's own handlers) and imports nothing from the rest of `aether`.
 """
