@@ -479,14 +479,37 @@ async def test_one_request_through_the_router_logs_on_two_nodes_with_one_request
             await asyncio.sleep(0.05)
         host = hosts[0]
         caller = next(n for n in nodes if n is not host)
-        url = f"http://127.0.0.1:{caller.http.port}/echo/hi"
-        async with aiohttp.ClientSession() as s:
-            while True:
-                async with s.get(url, headers={"X-Request-Id": "req-cross-1"}) as r:
-                    if r.status == 200:
-                        break
-                assert loop.time() < end, f"the route never answered: {r.status}"
+        # `aether logs --follow` on both nodes while the request goes through
+        clients = [ManagementClient(f"127.0.0.1:{n.management.port}") for n in (caller, host)]
+        got: list[dict[str, Any]] = []
+        notices: list[str] = []
+        stop = threading.Event()
+        follower = threading.Thread(
+            target=follow_streams, args=(clients, {}, got.append, notices.append, stop), kwargs={"window": 0}
+        )
+        follower.start()
+        try:
+            while sum("following" in n for n in notices) < 2:
+                assert loop.time() < end, notices
+                await asyncio.sleep(0.02)
+            url = f"http://127.0.0.1:{caller.http.port}/echo/hi"
+            async with aiohttp.ClientSession() as s:
+                while True:
+                    async with s.get(url, headers={"X-Request-Id": "req-cross-1"}) as r:
+                        if r.status == 200:
+                            break
+                    assert loop.time() < end, f"the route never answered: {r.status}"
+                    await asyncio.sleep(0.05)
+            both = {caller.node_id, host.node_id}
+            while not both <= {e["node"] for e in got if e.get("request_id") == "req-cross-1"}:
+                assert loop.time() < end, got
                 await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.to_thread(follower.join, 5)
+        lines = [format_entry(e) for e in got if e.get("request_id") == "req-cross-1"]
+        assert any(f" {host.node_id} INFO    [req-cross-1] org.test:echo:0.1.0#" in x for x in lines), lines
+        assert any(f" {caller.node_id} DEBUG   [req-cross-1] " in x for x in lines), lines
         on_caller = caller.logs.query()
         on_host = host.logs.query()
         assert any(e.request_id == "req-cross-1" and e.node == caller.node_id for e in on_caller), on_caller

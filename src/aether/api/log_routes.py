@@ -107,6 +107,7 @@ class LogRoutes:
             # slice threads log while the hello is written)
             last_seq = logs.last_seq
             after = f.after if (f.since is not None or f.after) else last_seq
+            exact = f.since is None or f.after > 0  # from a sequence number: say what was lost since
             await resp.prepare(request)
             hello = {
                 "type": "hello",
@@ -122,7 +123,7 @@ class LogRoutes:
                 if self.closing or transport is None or transport.is_closing():
                     break
                 oldest, top = logs.first_seq, logs.last_seq
-                if oldest > after + 1 and not first:
+                if oldest > after + 1 and (exact or not first):
                     await resp.write(sse.frame("gap", {"type": "gap", "missed": oldest - after - 1}))
                 batch = logs.query(
                     since=f.since if first else None,
