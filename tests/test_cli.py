@@ -242,6 +242,8 @@ def test_server_error_exits_1_with_problem_detail(start_server: StartServer) -> 
     assert r.exit_code == 1
     assert "500" in r.stderr and "see the node log" in r.stderr
     assert "boom" not in r.stderr
+    # the hint names the command that shows that node's log
+    assert f"`aether logs 127.0.0.1:{srv.port} --since 5m --level error`" in r.stderr
 
 
 def test_no_command_prints_help() -> None:

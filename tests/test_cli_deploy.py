@@ -5,6 +5,7 @@ invoke, FAILED reasons, bad input)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -108,6 +109,7 @@ def test_deployment_commands_end_to_end(make_process_cluster: Any, tmp_path: Pat
     out = aether(addr, "deploy", "org.example:broken:0.1.0", "-n", "1", "--wait", "--wait-timeout", "30")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAILED" in out.stderr and "database password missing" in out.stderr
+    assert re.search(r"`aether logs node-\d --since 5m`", out.stderr), out.stderr  # the failed node's log
     broken = slices(addr)["org.example:broken:0.1.0"]
     assert any(
         i["state"] == "FAILED" and "database password missing" in (i["reason"] or "")

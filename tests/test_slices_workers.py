@@ -327,8 +327,11 @@ async def test_conflicting_library_pins_each_get_their_version(
         await rt.activate(B, [1])
         assert dec(await rt.call(A, "version", enc(None))) == "1.0"
         assert dec(await rt.call(B, "version", enc(None))) == "2.0"
-        # the worker's log records reach the node's logger, naming the slice and instance
+        # the worker's log records reach the node's logger, naming the slice and instance (in the
+        # text, and as the fields of the node's log buffer and JSON lines)
         await wait_for(lambda: any("started with hi" in r.getMessage() and f"{B} instance 1" in r.getMessage()
+                                   and getattr(r, "aether_slice", None) == str(B)
+                                   and getattr(r, "aether_instance", None) == 1
                                    for r in caplog.records))  # fmt: skip
         # typed errors keep their kind and status; a client error is counted as one
         for how, kind in (("404", "status:404"), ("409", "status:409"), ("other", KIND_APP_ERROR)):

@@ -72,6 +72,7 @@ def declared_routes() -> tuple[Route, ...]:
         controller_routes,
         deploy_routes,
         fault_routes,
+        log_routes,
         map_routes,
         metrics_routes,
         node_routes,
@@ -80,7 +81,7 @@ def declared_routes() -> tuple[Route, ...]:
 
     return (
         *node_routes.ROUTES, *deploy_routes.ROUTES, *map_routes.ROUTES, *metrics_routes.ROUTES,
-        *repository_routes.ROUTES, *controller_routes.ROUTES, *fault_routes.ROUTES,
+        *repository_routes.ROUTES, *controller_routes.ROUTES, *fault_routes.ROUTES, *log_routes.ROUTES,
     )
 
 

@@ -32,7 +32,7 @@ __all__ = [
 OPENAPI_VERSION = "3.1.0"
 TAGS = (
     "probes", "cluster", "events", "deployment", "rollouts", "invoke", "maps", "metrics", "controller",
-    "repository", "faults", "security", "meta",
+    "repository", "logs", "faults", "security", "meta",
 )
 _REF = "#/components/schemas/{name}"
 

@@ -38,6 +38,9 @@ Controller endpoints, when the node runs a controller service (`node.controller`
 `aether.api.controller_routes`: `GET /api/v1/controller/status`, `GET|PUT /api/v1/controller/config`,
 `GET /api/v1/controller/decisions` (and `/stream`), `GET /api/v1/alerts`.
 
+Log endpoints, when the node keeps its recent log records (`node.logs`), see `aether.api.log_routes`:
+`GET /api/v1/logs`, `GET /api/v1/logs/stream`.
+
 Fault injection endpoints, when the node has a fault injector (`node.faults`), see
 `aether.api.fault_routes`: `GET|DELETE /api/v1/faults`, `PUT|DELETE /api/v1/faults/links/{peer}`,
 `PUT|DELETE /api/v1/faults/slices/{artifact}` (writes refused with 403 unless the node runs with
@@ -297,6 +300,16 @@ class ManagementServer:
 
             controller = controller_routes.ControllerRoutes(self._node.controller)  # type: ignore[attr-defined]
             served += register(app, controller, controller_routes.ROUTES)
+        if getattr(self._node, "logs", None) is not None:
+            from aether.api import log_routes
+
+            log_streams = log_routes.LogRoutes(self._node, heartbeat=self._heartbeat)
+            served += register(app, log_streams, log_routes.ROUTES)
+
+            async def end_log_streams(_app: web.Application) -> None:
+                log_streams.close()
+
+            app.on_shutdown.append(end_log_streams)
         if getattr(self._node, "faults", None) is not None:
             from aether.api import fault_routes
 

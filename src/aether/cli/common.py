@@ -244,6 +244,8 @@ def report(e: Exception) -> NoReturn:
                 "Pass the cluster's API key with --api-key-file FILE or the AETHER_API_KEY "
                 "environment variable."
             )
+        elif e.status == 500:
+            hint = f"The node logged the cause: `aether logs {e.address} --since 5m --level error` shows it."
         fail(f"{e.address}: {e.title} ({e.status}): {e.detail}", EXIT_FAILED, hint=hint)
     raise e
 

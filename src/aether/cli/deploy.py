@@ -213,7 +213,8 @@ def _wait(
                 fail(
                     f"{art} FAILED on {inst['node']}: {inst.get('reason') or 'no reason given'}",
                     EXIT_FAILED,
-                    hint="See `aether slices` for every instance, and the node's log for details.",
+                    hint=f"See `aether slices` for every instance, and `aether logs {inst['node']} "
+                    "--since 5m` for the node's log.",
                 )
             if len(statuses) == len(wanted) and all(_converged(s) for s in statuses) and not busy:
                 return statuses
@@ -227,7 +228,8 @@ def _wait(
                 fail(
                     f"not every instance became ACTIVE within {timeout:g} s: {', '.join(pending)}",
                     EXIT_FAILED,
-                    hint="Check `aether slices` and the node logs; raise --wait-timeout if slow.",
+                    hint="Check `aether slices` and the node logs (`aether logs --since 5m`); raise "
+                    "--wait-timeout if slow.",
                 )
             time.sleep(0.2)
 

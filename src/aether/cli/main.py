@@ -21,6 +21,7 @@ from aether.cli import controller as controller_commands
 from aether.cli import deploy as deploy_commands
 from aether.cli import examples
 from aether.cli import forge as forge_commands
+from aether.cli import logs as log_commands
 from aether.cli import maps as map_commands
 from aether.cli import metrics as metrics_commands
 from aether.cli import ops as ops_commands
@@ -438,6 +439,14 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     envvar="AETHER_LOG_LEVEL",
     help="Log level (env AETHER_LOG_LEVEL).",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    envvar="AETHER_LOG_FORMAT",
+    help="How the log is written to stderr: text lines, or one JSON object per line with time, level, "
+    "logger, message, node, request_id, trace_id, slice, instance (env AETHER_LOG_FORMAT; "
+    "log_format in aether.toml) [default: text].",
+)
 def node(
     config_file: str | None,
     node_id: str | None,
@@ -469,6 +478,7 @@ def node(
     tracing: str | None,
     otlp_endpoint: str | None,
     log_level: str,
+    log_format: str | None,
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
     ctx = click.get_current_context()
@@ -502,6 +512,7 @@ def node(
         "controller_record": controller_record or None,
         "tracing": tracing,
         "otlp_endpoint": otlp_endpoint or None,
+        "log_format": log_format,
     }
     try:
         config = build_node_config(config_file, flags)
@@ -520,13 +531,9 @@ def node(
         if e.name and (e.name == "aether.node" or e.name.startswith("aether.node.")):
             fail("the node runtime (aether.node.runner) is missing from this installation")
         raise
-    import logging
+    from aether.core.logs import configure_logging
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        format=f"%(asctime)s %(levelname)s {config.node_id} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.node_id, log_level, config.log_format, sys.stderr)
     from aether.api.server import ManagementServer
 
     try:
@@ -1207,7 +1214,7 @@ for _command in (
     ops_commands.nodes, ops_commands.events, ops_commands.doctor, security_commands.key,
     security_commands.secret, security_commands.audit, cert_commands.cert, artifact,
     controller_commands.controller, controller_commands.alerts, forge_commands.forge,
-    rollout_commands.update, rollout_commands.rollout,
+    rollout_commands.update, rollout_commands.rollout, log_commands.logs,
 ):
     main.add_command(_command)
 examples.attach(main)  # the "Examples:" section of every command's help

@@ -109,6 +109,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # (default: the SDK's, http://localhost:4318/v1/traces, or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)
     tracing: str = "off"
     otlp_endpoint: str | None = None
+    # how the node writes its log to stderr: "text" (one line per record, as always) or "json" (one
+    # JSON object per line with node, request id, trace id, slice and instance); and how many recent
+    # records it keeps in memory for `GET /api/v1/logs` / `aether logs` (docs/operations.md, *Logs*)
+    log_format: str = "text"
+    log_buffer: int = 5000
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -162,6 +167,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 f"otlp_endpoint must be an http:// or https:// URL, e.g. http://localhost:4318/v1/traces "
                 f"(got {self.otlp_endpoint!r})"
             )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json (got {self.log_format!r})")
+        if not 1 <= self.log_buffer <= 1_000_000:
+            raise ConfigError(f"log_buffer must be between 1 and 1000000 records (got {self.log_buffer})")
         if self.snapshot_every < 1:
             raise ConfigError("snapshot_every must be >= 1")
         for name in ("max_instances_per_node", "max_instances_per_cluster", "max_connections",
@@ -243,6 +252,8 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_workers: int | None = None
     tracing: str | None = None
     otlp_endpoint: str | None = None
+    log_format: str | None = None
+    log_buffer: int | None = None
 
 
 class _TomlTracing(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

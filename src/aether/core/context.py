@@ -16,6 +16,10 @@ retried parent (same key) thus makes its nested calls with the same keys again.
 
 The trace context of the call (`aether.core.tracing.current_trace`, docs/invocation.md, *Trace
 context*) travels beside them: `enter_call` sets it too when given.
+
+`current_node_id`, `current_slice` and `current_instance` say where the code running now belongs,
+for the log records it emits (`aether.core.logs`): the node sets its id while it starts its
+components (the tasks they start inherit it), the slice runtime sets all three where an entry runs.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ __all__ = [
     "check_idempotency_key",
     "child_idempotency_key",
     "current_idempotency_key",
+    "current_instance",
+    "current_node_id",
     "current_request_id",
+    "current_slice",
     "derive_idempotency_key",
     "enter_call",
     "exit_call",
@@ -45,6 +52,16 @@ current_request_id: ContextVar[str | None] = ContextVar("aether_request_id", def
 
 current_idempotency_key: ContextVar[str | None] = ContextVar("aether_idempotency_key", default=None)
 """The idempotency key of the call being served (None outside a call); nested calls derive theirs."""
+
+
+current_node_id: ContextVar[str | None] = ContextVar("aether_node_id", default=None)
+"""The node the running code belongs to (set by `Node.start`, inherited by the tasks it starts)."""
+
+current_slice: ContextVar[str | None] = ContextVar("aether_slice", default=None)
+"""The coordinates (``group:artifact:version``) of the slice whose entry runs (None outside one)."""
+
+current_instance: ContextVar[int | None] = ContextVar("aether_instance", default=None)
+"""The instance id of the slice whose entry runs (None outside one)."""
 
 
 class _ChildCalls:

@@ -28,7 +28,9 @@ __all__ = [
 ]
 
 PROBLEM_CONTENT_TYPE: Final = "application/problem+json"
-INTERNAL_DETAIL: Final = "internal error while handling the request; see the node log"
+INTERNAL_DETAIL: Final = (
+    "internal error while handling the request; see the node log (`aether logs NODE --since 5m`)"
+)
 
 
 def status_title(status: int) -> str:

@@ -73,9 +73,16 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
-from aether.core.context import check_idempotency_key
+from aether.core.context import check_idempotency_key, current_request_id
 from aether.core.errors import BadRequest, StatusError
-from aether.core.problem import PROBLEM_CONTENT_TYPE, Problem, is_internal, problem_for, problem_headers
+from aether.core.problem import (
+    INTERNAL_DETAIL,
+    PROBLEM_CONTENT_TYPE,
+    Problem,
+    is_internal,
+    problem_for,
+    problem_headers,
+)
 from aether.core.tracing import NOOP_TRACER, Span, Tracer, current_trace, parse_traceparent
 from aether.http.routes import ROUTE_PREFIX, Match, RouteTable, build_payload
 from aether.invoke.errors import InvokerClosed, UnknownEntryError
@@ -334,14 +341,18 @@ class HttpRouter:
         rid = given if given is not None and _RID_RE.match(given) else _new_request_id()
         method = request.method
         url = request.rel_url
-        tp = request.headers.get(TRACEPARENT_HEADER)
-        if tp is None and not self._tracing:  # the fast path: nothing to trace, nothing to pass on
-            try:
-                return await self._serve(request, rid, method, url.raw_path, url.raw_query_string)
-            except Exception:
-                self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
-                return self._problem(500, "internal error while handling the request; see the node log", rid)
-        return await self._handle_traced(request, rid, method, tp)
+        token = current_request_id.set(rid)  # the request id of the log records it causes here
+        try:
+            tp = request.headers.get(TRACEPARENT_HEADER)
+            if tp is None and not self._tracing:  # the fast path: nothing to trace, nothing to pass on
+                try:
+                    return await self._serve(request, rid, method, url.raw_path, url.raw_query_string)
+                except Exception:
+                    self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
+                    return self._problem(500, INTERNAL_DETAIL.replace("NODE", self.node_id), rid)
+            return await self._handle_traced(request, rid, method, tp)
+        finally:
+            current_request_id.reset(token)
 
     async def _handle_traced(
         self, request: web.Request, rid: str, method: str, tp: str | None
@@ -364,7 +375,7 @@ class HttpRouter:
             self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
             if span is not None:
                 span.record_error(exc)
-            resp = self._problem(500, "internal error while handling the request; see the node log", rid)
+            resp = self._problem(500, INTERNAL_DETAIL.replace("NODE", self.node_id), rid)
         finally:
             if token is not None:
                 current_trace.reset(token)

@@ -21,8 +21,10 @@ from aether.controller.service import ControllerService
 from aether.controller.types import CONTROLLER_MESSAGE_TYPES, ControllerMessage
 from aether.core.artifact import Artifact
 from aether.core.config import NodeConfig
+from aether.core.context import current_node_id
 from aether.core.errors import BadRequest, CommitTimeout, ConfigError, QuorumLost, StatusError
 from aether.core.files import prepare_private_dir
+from aether.core.logs import LogBuffer
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.core.tracing import Tracer
 from aether.core.types import Address, check_node_id
@@ -153,6 +155,7 @@ class Node:
         logger: logging.Logger | None = None,
         management_api: ManagementFactory | None = None,
         tracer: Tracer | None = None,
+        own_process: bool = False,
     ) -> None:
         self.config = config.validate()
         self.node_id = config.node_id
@@ -162,6 +165,9 @@ class Node:
             config.tracing, config.cluster_name, config.node_id, config.otlp_endpoint
         )
         self.log = logger or logging.getLogger(f"aether.node.{self.node_id}")
+        # the recent log records of this node (`GET /api/v1/logs`, docs/operations.md *Logs*);
+        # `own_process`: the only node of its process, so records of no node are its own too
+        self.logs = LogBuffer(self.node_id, max_records=config.log_buffer, claim_all=own_process)
         self.members = {p.id: p.address for p in config.peers}
         self.bus = EventBus(self.log)
         self.sm = KVStateMachine()
@@ -372,7 +378,16 @@ class Node:
 
     async def start(self, *, management: bool = True) -> None:
         """Start every component; the management API too when `management` and the node was
-        given a factory for it."""
+        given a factory for it. The tasks the components start carry the node's id in their
+        context (`current_node_id`): their log records are this node's."""
+        self.logs.attach()
+        token = current_node_id.set(self.node_id)
+        try:
+            await self._start(management=management)
+        finally:
+            current_node_id.reset(token)
+
+    async def _start(self, *, management: bool) -> None:
         self.started_at = time.time()
         self.runner.recover()
         self._follow_members()  # the member set of the snapshot and journal, not the configured one
@@ -416,6 +431,12 @@ class Node:
             )
 
     async def stop(self) -> None:
+        try:
+            await self._stop()
+        finally:
+            self.logs.detach()
+
+    async def _stop(self) -> None:
         if self.http is not None:  # first: requests in flight still have the invoker
             await self.http.stop()
             self.http = None

@@ -11,6 +11,7 @@ import sys
 
 from aether.consensus.storage import JournalCorrupt
 from aether.core.config import NodeConfig
+from aether.core.logs import configure_logging
 from aether.node.node import ManagementFactory, Node
 
 
@@ -27,7 +28,7 @@ async def serve(config: NodeConfig, *, management_api: ManagementFactory | None 
         from aether.node.join import joined_config
 
         config = await joined_config(config, logging.getLogger("aether.node"))
-    node = Node(config, management_api=management_api)
+    node = Node(config, management_api=management_api, own_process=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -60,11 +61,7 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
     # Belt and braces: the node creates its files 0600 / directories 0700 explicitly; the umask
     # covers what else this process writes (pip installing a library, slice code).
     os.umask(0o077)
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.node_id, logging.INFO, config.log_format, sys.stderr)  # unless set up
     _install_loop_policy()
     log = logging.getLogger("aether.node")
     try:

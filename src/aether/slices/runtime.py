@@ -40,16 +40,22 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 
 from aether.core.artifact import Artifact
-from aether.core.context import current_idempotency_key, enter_call
+from aether.core.context import (
+    current_idempotency_key,
+    current_instance,
+    current_node_id,
+    current_slice,
+    enter_call,
+)
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.core.secrets import ResolvedConfig, redact
 from aether.core.tracing import TraceContext, current_trace, trace_fields
@@ -106,13 +112,33 @@ async def _health(hook: Callable[[], Any]) -> Any:
     return await hook()
 
 
+_T = TypeVar("_T")
+
+
+def _enter_instance(where: tuple[str, str, int]) -> None:
+    """Name the node, slice and instance whose code runs in this task (for its log records,
+    aether.core.logs; tasks it starts inherit them)."""
+    current_node_id.set(where[0])
+    current_slice.set(where[1])
+    current_instance.set(where[2])
+
+
+async def _in_instance(where: tuple[str, str, int], hook: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a hook of an instance (`start`, `stop`) in a task that names it (`_enter_instance`)."""
+    _enter_instance(where)
+    return await hook()
+
+
 async def _call_entry(
     obj: Slice, method: str, payload: bytes, request_id: str | None, idempotency_key: str | None = None,
     trace: TraceContext | None = None,
+    where: tuple[str, str, int] | None = None,
 ) -> bytes:
     # in this call's own context (its task on the slice loop): the request id, idempotency key and
-    # trace context
+    # trace context, and for its log records (aether.core.logs) the node, slice and instance (`where`)
     enter_call(request_id, idempotency_key, trace)
+    if where is not None:
+        _enter_instance(where)
     return await invoke_entry(obj, method, payload)
 
 
@@ -757,7 +783,10 @@ class SliceRuntime:
                     )  # fmt: skip
                 else:
                     assert thread is not None and inst.obj is not None
-                    call = _call_entry(inst.obj, method, payload, request_id, idempotency_key, trace)
+                    call = _call_entry(
+                        inst.obj, method, payload, request_id, idempotency_key, trace,
+                        (self.node_id, e.coords, inst.id),
+                    )
                     result = await thread.run(call, entry=method)
                 ok = True
                 return result
@@ -1075,11 +1104,14 @@ class SliceRuntime:
                 f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", secrets
             ), instance=iid) from exc
         obj.context = self._context(e, iid, thread, config)
+        where = (self.node_id, e.coords, iid)
         try:
             if self.start_timeout is not None:
-                await asyncio.wait_for(thread.run(obj.start(), entry="start()"), self.start_timeout)
+                await asyncio.wait_for(
+                    thread.run(_in_instance(where, obj.start), entry="start()"), self.start_timeout
+                )
             else:
-                await thread.run(obj.start(), entry="start()")
+                await thread.run(_in_instance(where, obj.start), entry="start()")
         except TimeoutError:
             raise SliceStartError(
                 f"start() of {artifact} instance {iid} did not finish within {self.start_timeout} s",
@@ -1129,7 +1161,8 @@ class SliceRuntime:
                 return
             if thread is None or inst.obj is None:
                 return
-            await asyncio.wait_for(thread.run(inst.obj.stop(), entry="stop()"), self.stop_timeout)
+            stop = _in_instance((self.node_id, e.coords, inst.id), inst.obj.stop)
+            await asyncio.wait_for(thread.run(stop, entry="stop()"), self.stop_timeout)
         except TimeoutError:
             self.log.warning(
                 "%s: stop() of %s instance %d did not finish within %s s",

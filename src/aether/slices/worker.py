@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 
 from aether.core.artifact import Artifact
-from aether.core.context import enter_call
+from aether.core.context import current_request_id, enter_call
 from aether.core.tracing import current_trace, parse_traceparent, trace_fields
 from aether.slices.api import Slice, SliceContext, describe_slice, invoke_entry, type_name
 from aether.slices.errors import ResponseTypeError
@@ -88,7 +88,9 @@ class _Forward(logging.Handler):
             text = record.getMessage()
             if record.exc_info:
                 text += "\n" + logging.Formatter().formatException(record.exc_info)
-            self.worker.send_threadsafe(Log(record.levelno, record.name, text, _instance.get()))
+            self.worker.send_threadsafe(
+                Log(record.levelno, record.name, text, _instance.get(), current_request_id.get())
+            )
         except Exception:
             self.handleError(record)
 

@@ -184,6 +184,7 @@ class Log(msgspec.Struct, frozen=True, tag="log"):
     logger: str
     message: str
     instance: int | None = None
+    request_id: str | None = None  # of the call being served where the record was emitted
 
 
 Message = Load | Call | Cancel | Shutdown | UpReply | Reply | Up | Log

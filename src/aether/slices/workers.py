@@ -346,7 +346,18 @@ class WorkerHost:
     def _log_record(self, proc: _Proc, m: Log) -> None:
         who = f"{self.spec.artifact}" + (f" instance {m.instance}" if m.instance is not None else "")
         logging.getLogger(m.logger).log(
-            m.level, "%s (worker %d on %s): %s", who, proc.pid, self.node_id, m.message
+            m.level,
+            "%s (worker %d on %s): %s",
+            who,
+            proc.pid,
+            self.node_id,
+            m.message,
+            extra={
+                "aether_node": self.node_id,
+                "aether_slice": str(self.spec.artifact),
+                "aether_instance": m.instance,
+                "aether_request_id": m.request_id,
+            },
         )
 
     async def _up(self, proc: _Proc, m: Up) -> None:
