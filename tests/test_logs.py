@@ -498,16 +498,24 @@ async def test_one_request_through_the_router_logs_on_two_nodes_with_one_request
                             break
                     assert loop.time() < end, f"the route never answered: {r.status}"
                     await asyncio.sleep(0.05)
-            both = {caller.node_id, host.node_id}
-            while not both <= {e["node"] for e in got if e.get("request_id") == "req-cross-1"}:
-                assert loop.time() < end, got
+            def lines() -> list[str]:
+                return [format_entry(e) for e in list(got) if e.get("request_id") == "req-cross-1"]
+
+            def slice_line() -> bool:  # the slice's own record on its host
+                mark = f" {host.node_id} INFO    [req-cross-1] org.test:echo:0.1.0#"
+                return any(mark in x for x in lines())
+
+            def caller_line() -> bool:  # the router's node handing the call on
+                return any(f" {caller.node_id} DEBUG   [req-cross-1] " in x for x in lines())
+
+            # the two nodes' streams arrive in any order: wait for both records, not any two
+            while not (slice_line() and caller_line()):
+                assert loop.time() < end, lines()
                 await asyncio.sleep(0.05)
         finally:
             stop.set()
             await asyncio.to_thread(follower.join, 5)
-        lines = [format_entry(e) for e in got if e.get("request_id") == "req-cross-1"]
-        assert any(f" {host.node_id} INFO    [req-cross-1] org.test:echo:0.1.0#" in x for x in lines), lines
-        assert any(f" {caller.node_id} DEBUG   [req-cross-1] " in x for x in lines), lines
+        assert slice_line() and caller_line(), lines()
         on_caller = caller.logs.query()
         on_host = host.logs.query()
         assert any(e.request_id == "req-cross-1" and e.node == caller.node_id for e in on_caller), on_caller
