@@ -237,3 +237,27 @@ async def test_bad_input_gives_clear_errors(cluster: MapCluster) -> None:
     # the nodes are unaffected
     await typed.put("fine", 5)
     assert await typed.get("fine") == 5
+
+
+async def test_a_map_defined_through_one_node_is_usable_through_another_at_once(tmp_path: Path) -> None:
+    # the definition may not have reached the other node's replica when the first call comes (here:
+    # what node-1 and node-3 send node-2 arrives 300 ms late): node-2 looks the name up through
+    # consensus before it answers "not defined" (a test that defined a map on one node and wrote
+    # it through another failed about one clean-clone run in three before)
+    from aether.transport import LinkFault
+    from conftest import running_cluster
+
+    async with running_cluster(tmp_path) as nodes:
+        n1, n2, n3 = nodes
+        await n1.maps.define("warm", MapSpec(replicas=2, write_quorum=2))
+        await n2.maps.map_put("warm", "k", b"v")  # the partition table is in place everywhere
+        for sender in (n1, n3):
+            sender.transport.set_link_fault(n2.node_id, LinkFault(delay_ms=300))
+        await n1.maps.define("fresh", MapSpec(replicas=2, write_quorum=2))
+        assert "fresh" not in n2.maps.core.specs  # node-2's replica has not seen it yet
+        await n2.maps.map_put("fresh", "k", b"v")
+        assert await n2.maps.map_get("fresh", "k") == b"v"
+        with pytest.raises(UnknownMap, match="'never-defined' is not defined"):
+            await n2.maps.map_put("never-defined", "k", b"v")
+        for sender in (n1, n3):
+            sender.transport.set_link_fault(n2.node_id, None)

@@ -523,7 +523,7 @@ class MapService:
         ttl: float | None = None,
     ) -> tuple[bytes | None, bool]:
         check_key(name, key)
-        self.core.spec(name)
+        await self._require(name)
         if self.tracer.enabled:
             return await self._traced_op(name, op, key, value, expected, ttl)
         return await self._submit(name, op, key, value, expected, ttl, current_trace.get())
@@ -559,6 +559,23 @@ class MapService:
             raise
         return await self._ops.wait(op_id)
 
+    async def _require(self, name: str) -> None:
+        """Raise `UnknownMap` unless map `name` is defined. A name this replica does not know yet is
+        looked up through consensus first: a map just defined through another node is usable here at
+        once (its definition may not have reached this replica when the call comes)."""
+        if name in self.core.specs:
+            return
+        try:
+            found = await self.kv.get(MapDefKey(name))
+        except Exception:  # no quorum, a timeout: the local answer stands
+            found = None
+        if found is not None:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 1.0  # the replica has it now; the watch hands it to the core
+            while name not in self.core.specs and loop.time() < until:
+                await asyncio.sleep(0.01)
+        self.core.spec(name)
+
     def require_map(self, name: str) -> None:
         """Raise `UnknownMap` (saying how to define it) unless map `name` is defined."""
         self.core.spec(name)
@@ -590,7 +607,7 @@ class MapService:
     async def map_keys(self, name: str, prefix: str = "") -> list[str]:
         """Every live key with `prefix`, asked from the primaries of all partitions. Raises
         `MapUnavailable` naming the partitions no reachable primary serves (never a partial list)."""
-        self.core.spec(name)
+        await self._require(name)
         if not self.tracer.enabled:
             return await self._keys(name, prefix)
         span = self.tracer.start_span(
