@@ -58,6 +58,8 @@ def test_answers_and_hints_with_two_of_three_nodes_down(make_process_cluster: An
             assert "may or may not have been applied" in hint
         else:
             assert "may or may not" not in hint  # said once, by the server
+        if failed >= 2 and slowest >= 4.5:
+            break  # each failure waits out the 5 s budget: two of them show what the others would
     assert failed >= 1
     # one of them waited out the server's 5 s retry budget: a 5 s client timeout would have given
     # up first and blamed the connection

@@ -59,7 +59,7 @@ from aether.slices import Slice, entry
 
 class SlowStart(Slice):
     async def start(self) -> None:
-        await asyncio.sleep(8)
+        await asyncio.sleep(5)
 
     @entry
     async def ping(self) -> str:
@@ -126,7 +126,7 @@ def test_fail_fast_invoke(cluster: LocalCluster) -> None:
     status, _, doc, took = request(port, "POST", "/api/v1/invoke/org.example:strict/nope", b"{}", JSON)
     assert status == 404 and "no entry 'nope'" in doc["detail"] and "place" in doc["detail"], doc
     assert took < 2.0, took
-    # deployed, only instance still in start() (8 s): 503 with Retry-After at once
+    # deployed, only instance still in start() (5 s): 503 with Retry-After at once
     status, doc = cluster.api(
         1, "POST", "/api/v1/deploy", {"artifact": "org.example:slowstart:0.1.0", "instances": 1}
     )
