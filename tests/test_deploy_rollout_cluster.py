@@ -184,3 +184,32 @@ async def test_an_autoscaled_slice_keeps_its_count_across_an_update(make_cluster
     await wait_for(lambda: counts(c, HELLO2) == 4 and counts(c, HELLO, PRESENT) == 0, what="4 of 2.0.0")
     await asyncio.sleep(1.2)  # a few passes later the count holds
     assert counts(c, HELLO2) == 4
+
+
+async def test_the_leader_stopped_mid_rollout_the_next_leader_finishes_it(make_cluster: Any) -> None:
+    """The rollout lives in the store, not in the leader: a new leader picks it up at the step it
+    had reached and finishes it, with the old version serving until the new one is ready."""
+    c = await make_cluster(3)
+    svc = c.svc(1)
+    await svc.apply_blueprint(bp("demo", (HELLO, 2)), "demo.toml")
+    await svc.wait_converged("demo", timeout=10)
+    await svc.update(NAME, "2.0.0", strategy="canary", steps=[50, 100], interval=1.5)
+    await wait_for(lambda: (r := record(c)) is not None and r.weights.get("2.0.0") == 50, what="canary step")
+    before = record(c)
+    assert before is not None and before.state == "progressing" and before.step == 0
+    await c.stop(0)  # the leader, mid-step
+    await wait_for(lambda: c.members[1].node.leader.is_leader, what="node-2 leads")
+    mid = record(c)
+    assert mid is not None and mid.state == "progressing" and mid.step == 0, "the new leader resumes the step"
+    done = await svc.wait_rollout(NAME, timeout=30)
+    assert done.state == "succeeded", done.history
+    assert done.history[: len(before.history)] == before.history, "one history, carried on"
+    await svc.wait_converged("demo", timeout=15)
+    await wait_for(
+        lambda: counts(c, HELLO2) == 2
+        and counts(c, HELLO, PRESENT) == 0
+        and "node-1" not in c.placement(HELLO2),
+        what="2 instances of 2.0.0 on the live nodes",
+    )
+    stored = svc.get_blueprint("demo")
+    assert stored is not None and [s.artifact for s in stored.slices] == [HELLO2]
