@@ -122,9 +122,9 @@ async def test_status_json_shape(server: ManagementServer, http: aiohttp.ClientS
         "leader": "node-1",
         "quorum": True,
         "nodes": [
-            {"id": "node-1", "address": "127.0.0.1:7000", "state": "up"},
-            {"id": "node-2", "address": "127.0.0.1:7001", "state": "up"},
-            {"id": "node-3", "address": "127.0.0.1:7002", "state": "down"},
+            {"id": "node-1", "address": "127.0.0.1:7000", "state": "up", "management": None, "http": None},
+            {"id": "node-2", "address": "127.0.0.1:7001", "state": "up", "management": None, "http": None},
+            {"id": "node-3", "address": "127.0.0.1:7002", "state": "down", "management": None, "http": None},
         ],
         "applied_slot": 41,
         "management_port": 9000,

@@ -139,7 +139,9 @@ def test_status_json(start_server: StartServer, where: str) -> None:
     assert data["node_id"] == "node-2"
     assert data["leader"] == "node-1"
     assert data["quorum"] is True
-    assert data["nodes"][2] == {"id": "node-3", "address": "127.0.0.1:7002", "state": "down"}
+    assert data["nodes"][2] == {
+        "id": "node-3", "address": "127.0.0.1:7002", "state": "down", "management": None, "http": None
+    }
 
 
 def test_connect_from_environment(start_server: StartServer) -> None:

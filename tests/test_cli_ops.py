@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,6 +59,7 @@ class FakeNode:
         self.deployments = FakeDeployments()
         self.local_instances: dict[str, list[int]] = {}
         self.extra: dict[str, Any] = {}  # more NodeStatus fields
+        self.published: dict[str, str] = {}  # node id -> the management address it published
 
     def status(self) -> NodeStatus:
         return NodeStatus(
@@ -65,8 +67,8 @@ class FakeNode:
             leader=self.leader,
             quorum=self.quorum,
             nodes=[
-                MemberStatus("node-1", "127.0.0.1:7000", "up"),
-                MemberStatus("node-2", "127.0.0.1:7001", "up"),
+                MemberStatus("node-1", "127.0.0.1:7000", "up", self.published.get("node-1")),
+                MemberStatus("node-2", "127.0.0.1:7001", "up", self.published.get("node-2")),
             ],
             local_instances=self.local_instances,
             **self.extra,
@@ -146,12 +148,17 @@ def test_health_unreachable_exits_3() -> None:
 
 
 def test_nodes_table_and_json(servers: Servers) -> None:
-    srv = servers.start(FakeNode())
+    node = FakeNode()
+    node.published["node-1"] = "127.0.0.1:9100"
+    srv = servers.start(node)
     r = invoke("--connect", addr(srv), "nodes")
     assert r.exit_code == 0 and "node-2" in r.output and "127.0.0.1:7001" in r.output and "★" in r.output
+    assert "Management" in r.output and "127.0.0.1:9100" in r.output
     r = invoke("--connect", addr(srv), "nodes", "--json")
-    first = json.loads(r.output)[0]
-    assert first == {"id": "node-1", "address": "127.0.0.1:7000", "state": "up", "leader": True}
+    first, second = json.loads(r.output)
+    assert first == {"id": "node-1", "address": "127.0.0.1:7000", "state": "up", "leader": True,
+                     "management": "127.0.0.1:9100", "http": None}  # fmt: skip
+    assert second["management"] is None
 
 
 # -- doctor ------------------------------------------------------------------------------------------
@@ -180,6 +187,25 @@ def test_doctor_all_ok(servers: Servers) -> None:
         "instances serving": "ok",
         "routes": "ok",
     }
+
+
+def test_doctor_without_nodes_asks_the_members_where_they_published_their_apis(
+    servers: Servers, tmp_path: Path
+) -> None:
+    node1 = FakeNode("node-1")
+    a, b = servers.start(node1), servers.start(FakeNode("node-2"))
+    no_cluster = str(tmp_path / "none")
+    r = invoke("--connect", addr(a), "doctor", "--cluster-dir", no_cluster, "--json")
+    report = json.loads(r.output)
+    assert report["source"] == "--connect" and _verdicts(r.output)["reachability"] == "warning"
+    assert "only 1 of 2 members checked" in report["checks"][0]["detail"]
+    node1.published["node-2"] = addr(b)
+    r = invoke("--connect", addr(a), "doctor", "--cluster-dir", no_cluster, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["source"] == "--connect and the addresses the members published"
+    assert [n["address"] for n in report["nodes"]] == [addr(a), addr(b)]
+    assert _verdicts(r.output)["reachability"] == "ok"
 
 
 def test_doctor_failed_and_stuck_instances(servers: Servers) -> None:

@@ -245,14 +245,15 @@ class LogNode:
     def __init__(self, node_id: str, logger: logging.Logger) -> None:
         self.node_id = node_id
         self.management_port = 0
+        self.published: dict[str, str] = {}  # node id -> the management address it published
         self.logs = LogBuffer(node_id)
         self.logs.attach(logger)
 
     def status(self) -> NodeStatus:
         return NodeStatus(
             node_id=self.node_id, leader="node-1", quorum=True, management_port=self.management_port,
-            nodes=[MemberStatus("node-1", "127.0.0.1:7000", "up"),
-                   MemberStatus("node-2", "127.0.0.1:7001", "up")],
+            nodes=[MemberStatus("node-1", "127.0.0.1:7000", "up", self.published.get("node-1")),
+                   MemberStatus("node-2", "127.0.0.1:7001", "up", self.published.get("node-2"))],
         )  # fmt: skip
 
     def kv_list(self, prefix: str) -> list[Any]:
@@ -404,6 +405,13 @@ def test_aether_logs_merges_the_nodes_by_time(
     assert [line.split(": ", 1)[1] for line in r.stdout.splitlines()] == ["order placed", "unrelated"]
     r = _cli("--connect", f"127.0.0.1:{s1.port}", "logs", "node-7", "--dir", str(tmp_path))
     assert r.exit_code == 2 and "no node 'node-7'" in r.stderr and "node-1, node-2" in r.stderr
+    # the address a node published (nodes/{id}, shown by GET /api/v1/nodes) wins over both
+    n1, _ = servers[0]
+    n1.published["node-2"] = f"127.0.0.1:{s2.port}"
+    (tmp_path / "cluster.json").unlink()
+    r = _cli("--connect", f"127.0.0.1:{s1.port}", "logs", "node-2", "--dir", str(tmp_path))
+    assert r.exit_code == 0 and "answered" not in r.stderr, r.stderr
+    assert [line.split(": ", 1)[1] for line in r.stdout.splitlines()] == ["order placed", "unrelated"]
     assert _cli("logs", f"127.0.0.1:{s1.port}", "--since", "soon").exit_code == 2
 
 

@@ -170,7 +170,8 @@ class NodeRoutes:
         query(request, ())
         status: NodeStatus = await resolve(self.node.status())
         return json_response([
-            NodeEntry(id=m.id, address=m.address, state=m.state, leader=m.id == status.leader)  # type: ignore[arg-type]
+            NodeEntry(id=m.id, address=m.address, state=m.state, leader=m.id == status.leader,  # type: ignore[arg-type]
+                      management=m.management, http=m.http)
             for m in status.nodes
         ])
 

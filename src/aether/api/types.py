@@ -68,6 +68,10 @@ class NodeEntry(msgspec.Struct, frozen=True):
     address: Annotated[str, msgspec.Meta(description="cluster HOST:PORT")]
     state: Literal["up", "down"]
     leader: bool
+    management: Annotated[
+        str | None, msgspec.Meta(description="its management API, [https://]HOST:PORT, as it published it")
+    ] = None
+    http: Annotated[str | None, msgspec.Meta(description="its HTTP router, [https://]HOST:PORT")] = None
 
 
 class KeyInfo(msgspec.Struct, frozen=True):

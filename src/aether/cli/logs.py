@@ -5,9 +5,10 @@ docs/operations.md, *Logs*). This command asks the nodes named (node ids or mana
 ``HOST:PORT``), by default every member of the cluster, and prints their records merged by time,
 each line naming its node and request id; `--follow` streams them from every node at once.
 
-A node id is turned into a management address through the local cluster's ``cluster.json`` (when
-it has that node), else the member's cluster host with the management port of the `--connect` node
-(nodes of one cluster on different hosts usually share the management port).
+A node id is turned into the management address that node published (`GET /api/v1/nodes`,
+``management``; every node records it under `nodes/{id}` when it starts), else through the local
+cluster's ``cluster.json``, else the member's cluster host with the management port of the
+`--connect` node (a node that has not published yet, e.g. one of an older version).
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def resolve_targets(
         mid = m.get("id")
         if mid == own_id:
             addresses[mid] = settings.connect
+        elif m.get("management"):  # the address the node published (`nodes/{id}`)
+            addresses[mid] = m["management"]
         elif mid in known:
             addresses[mid] = known[mid]
         elif own_port:

@@ -89,7 +89,8 @@ def health(settings: Settings, as_json: bool) -> None:
 @watch_option
 @click.pass_obj
 def nodes(settings: Settings, as_json: bool, watch: bool) -> None:
-    """List the cluster's members as the node sees them: address, up/down, leader."""
+    """List the cluster's members as the node sees them: cluster address, up/down, leader, and
+    where each serves its management API and HTTP router (as it published them)."""
     settings.json = settings.json or as_json
     watching(settings, watch, lambda: _show_nodes(settings))
 
@@ -106,12 +107,13 @@ def _show_nodes(settings: Settings) -> None:
     from aether.cli import render
 
     table = Table(title="Nodes", title_justify="left")
-    for col in ("Node", "Address", "State", "Leader"):
+    for col in ("Node", "Address", "State", "Leader", "Management", "HTTP"):
         table.add_column(col)
     for m in members:
         color = "green" if m["state"] == "up" else "red"
         table.add_row(
-            Text(m["id"]), m["address"], f"[{color}]{m['state']}[/{color}]", "★" if m["leader"] else ""
+            Text(m["id"]), m["address"], f"[{color}]{m['state']}[/{color}]", "★" if m["leader"] else "",
+            Text(m.get("management") or "-"), Text(m.get("http") or "-"),
         )
     render.console().print(table)
 
@@ -235,9 +237,24 @@ def _doctor_targets(settings: Settings, nodes_opt: str | None, cluster_dir: str)
         )
     try:
         parse_target(settings.connect)
-        return [settings.connect.strip()], "--connect"
     except ConfigError as e:
         fail(str(e), EXIT_USAGE)
+    own = settings.connect.strip()
+    from aether.cli.client import ApiError, ApiUnreachable
+
+    try:  # the other members, where they published their management APIs (`nodes/{id}`)
+        status: Any = make_client(settings).get_json("/api/v1/status")
+        members: Any = make_client(settings).get_json("/api/v1/nodes")
+    except (ApiUnreachable, ApiError):
+        return [own], "--connect"
+    me = status.get("node_id") if isinstance(status, dict) else None
+    others = [
+        m["management"] for m in (members if isinstance(members, list) else [])
+        if isinstance(m, dict) and m.get("id") != me and isinstance(m.get("management"), str)
+    ]
+    if not others:
+        return [own], "--connect"
+    return [own, *others], "--connect and the addresses the members published"
 
 
 def _probe(settings: Settings, address: str) -> dict[str, Any]:

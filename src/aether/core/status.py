@@ -11,6 +11,8 @@ class MemberStatus(msgspec.Struct, frozen=True):
     id: str
     address: str  # cluster address, HOST:PORT
     state: str  # "up" | "down" (self is always "up")
+    management: str | None = None  # [https://]HOST:PORT of its management API, as it published it
+    http: str | None = None  # [https://]HOST:PORT of its HTTP router
 
 
 class NodeStatus(msgspec.Struct, frozen=True):

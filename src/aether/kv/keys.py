@@ -195,6 +195,18 @@ class ControllerConfigValue(msgspec.Struct, frozen=True):
     by: str = ""
 
 
+class NodeInfoValue(msgspec.Struct, frozen=True):
+    """Where a node serves its own ports (`nodes/{id}`), published by the node itself once it
+    started: its management API and HTTP router as ``HOST:PORT`` (with ``https://`` when they use
+    TLS), None when it runs without one. The cluster address is the member set's; these are what
+    clients need to talk to one node in particular (`aether logs NODE`)."""
+
+    management: str | None = None
+    http: str | None = None
+    version: str = ""  # the aether-slices version the node runs
+    started: float = 0.0  # wall-clock time the node started
+
+
 class RolloutValue(msgspec.Struct, frozen=True):
     """A rollout of a new version of one slice (`rollouts/{group:artifact}`, docs/deployment.md,
     *Rolling and canary updates*). The leader's rollout manager (`aether.deploy.rollout`) writes
@@ -395,13 +407,24 @@ class RolloutKey(msgspec.Struct, frozen=True):
         return f"rollouts/{self.artifact}"
 
 
+class NodeInfoKey(msgspec.Struct, frozen=True):
+    """The addresses a node serves on (`NodeInfoValue`): `nodes/{node id}`."""
+
+    prefix: ClassVar[str] = "nodes/"
+    value_type: ClassVar[type] = NodeInfoValue
+    node: str
+
+    def __str__(self) -> str:
+        return f"nodes/{self.node}"
+
+
 Key = Union[  # noqa: UP007
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
-    SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey,
+    SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey, NodeInfoKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey, SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey,
+    ApiKeyKey, SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey, NodeInfoKey,
 )
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -487,12 +510,14 @@ def parse_key(text: str) -> Key:
         return ControllerConfigKey()
     if family == "rollouts":
         return RolloutKey(_seg("artifact", rest))
+    if family == "nodes":
+        return NodeInfoKey(_seg("node id", rest))
     if family == "user":
         if len(rest) > 1024 or "\x00" in rest:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth, secrets, repository, scale, controller, rollouts or user")
+                     "routes, maps, auth, secrets, repository, scale, controller, rollouts, nodes or user")
 
 
 def value_type_for(key: str) -> type:

@@ -11,6 +11,7 @@ from typing import Any, Protocol, Union
 
 import msgspec
 
+from aether import __version__
 from aether.cluster.leader import LeaderChanged, LeaderManager
 from aether.consensus.engine import EngineConfig, MembersChanged, MembershipRefused
 from aether.consensus.messages import MemberChange, MemberResult, RabiaMessage
@@ -40,6 +41,7 @@ from aether.deploy.config import SliceConfigs
 from aether.deploy.traffic import TrafficTable
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
+from aether.kv.keys import NodeInfoKey, NodeInfoValue
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import (
     ClientMembers,
@@ -311,6 +313,7 @@ class Node:
         self._management_factory = management_api
         self.management: HostedAPI | None = None
         self.http: HttpRouter | None = None
+        self._publisher: asyncio.Task[None] | None = None  # records this node's addresses (nodes/{id})
         self.started_at = 0.0
 
     # --- capacity signals (issue 15) -------------------------------------------------------------
@@ -418,6 +421,7 @@ class Node:
                 metrics_public=self.config.metrics_public,
             )
             await self.management.start()
+        self._publisher = asyncio.create_task(self._publish_info(), name=f"node-info-{self.node_id}")
         self.log.info(
             "node %s started: cluster %s:%d, management %s, %d members",
             self.node_id, self.config.host, self.transport.port,
@@ -437,6 +441,10 @@ class Node:
             self.logs.detach()
 
     async def _stop(self) -> None:
+        if self._publisher is not None:
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+            self._publisher = None
         if self.http is not None:  # first: requests in flight still have the invoker
             await self.http.stop()
             self.http = None
@@ -462,6 +470,45 @@ class Node:
             "node %s stopped at slot %d; consensus stats %s",
             self.node_id, self.runner.engine.applied, self.runner.engine.stats,
         )
+
+    def node_info(self) -> NodeInfoValue:
+        """Where this node serves its management API and HTTP router (``HOST:PORT`` as others reach
+        it: the configured host, or the host of its cluster address when it listens on every
+        interface), as published under `nodes/{id}`."""
+
+        def where(port: int, tls: bool) -> str:
+            host = self.config.host
+            if host in ("", "0.0.0.0", "::"):
+                host = self.members.get(self.node_id, Address(host, 0)).host
+            shown = f"[{host}]" if ":" in host else host
+            return f"{'https://' if tls else ''}{shown}:{port}"
+
+        tls = self.https is not None
+        return NodeInfoValue(
+            management=where(self.management.port, tls) if self.management is not None else None,
+            http=where(self.http.port, tls) if self.http is not None else None,
+            version=__version__,
+            started=self.started_at,
+        )
+
+    async def _publish_info(self) -> None:
+        """Record `node_info()` under `nodes/{id}` once the cluster takes writes (retried with
+        backoff while it has no quorum); nothing is written when the record already says so."""
+        key, delay = NodeInfoKey(self.node_id), 0.2
+        while True:
+            info = self.node_info()
+            stored = self.kv.get_local(key)
+            if isinstance(stored, NodeInfoValue) and msgspec.structs.replace(stored, started=0.0) == (
+                msgspec.structs.replace(info, started=0.0)
+            ):
+                return
+            try:
+                await self.kv.put(key, info)
+                return
+            except Exception as e:  # no quorum yet, a timeout: the outcome is unknown, so look again
+                self.log.debug("cannot record this node's addresses yet: %s", e)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -611,6 +658,10 @@ class Node:
             raise StatusError(str(e), status=409) from None
         if not res.ok:
             raise StatusError(res.error or "refused", status=409)
+        try:  # its addresses go with it (a node added again publishes them when it starts)
+            await self.kv.remove(NodeInfoKey(node_id))
+        except (QuorumLost, CommitTimeout, StatusError) as e:
+            self.log.info("%s removed, but its record nodes/%s stays: %s", node_id, node_id, e)
         return res
 
     def _on_leader_change(self, ev: LeaderChanged) -> None:
@@ -694,10 +745,14 @@ class Node:
         eng = self.runner.engine
         pend = eng.pending_config
         shown = set(eng.members) | set(pend.members if pend is not None else ())
-        nodes = [
-            MemberStatus(m, str(addr), "up" if (m == self.node_id or m in up) else "down")
-            for m, addr in sorted(self.members.items()) if m in shown
-        ]
+        published = {k[len(NodeInfoKey.prefix):]: v for k, v in self.kv.list_local(NodeInfoKey.prefix)}
+        nodes = []
+        for m, addr in sorted(self.members.items()):
+            if m in shown:
+                info = published.get(m)
+                info = info if isinstance(info, NodeInfoValue) else NodeInfoValue()
+                state = "up" if (m == self.node_id or m in up) else "down"
+                nodes.append(MemberStatus(m, str(addr), state, info.management, info.http))
         return NodeStatus(
             node_id=self.node_id,
             leader=self.leader.leader,
