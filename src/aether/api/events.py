@@ -239,7 +239,7 @@ class EventHub:
     def _decode(key: str, raw: bytes | None) -> Any:
         if raw is None:
             return None
-        from aether.kv.store import decode_value
+        from aether.kv.contract import decode_value
 
         try:
             return msgspec.to_builtins(decode_value(key, raw))

@@ -60,6 +60,7 @@ from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
 from aether.core.periodic import run_every
 from aether.deploy.lifecycle import PRESENT_STATES, SliceState
 from aether.deploy.reconcile import Write, autoscaled, desired_state, scale_values, slice_states
+from aether.kv.contract import WatchEvent
 from aether.kv.keys import (
     BlueprintValue,
     ControllerConfigKey,
@@ -70,7 +71,6 @@ from aether.kv.keys import (
     SliceStateValue,
     parse_key,
 )
-from aether.kv.machine import WatchEvent
 from aether.metrics.messages import ClusterMetricsSnapshot, InstanceStats, SliceLoad
 
 __all__ = [
@@ -120,7 +120,7 @@ CoreFactory = Callable[[ControllerConfig, ControllerMemory | None], ControllerCo
 
 
 class StoreView(Protocol):
-    """The node's replicated store (`aether.kv.store.KVStore` fits)."""
+    """The node's replicated store (an `aether.kv.contract.ClusterStore` fits)."""
 
     def get_local(self, key: Any) -> Any: ...
 

@@ -59,6 +59,7 @@ from aether.deploy.reconcile import (
     slice_states,
 )
 from aether.deploy.rollout import ACTIVE_STATES, Observation, VersionState, Window, advance, counts_window
+from aether.kv.contract import ClusterStore, WatchEvent
 from aether.kv.keys import (
     BlueprintSlice,
     BlueprintValue,
@@ -67,8 +68,6 @@ from aether.kv.keys import (
     RouteValue,
     SliceStateValue,
 )
-from aether.kv.machine import WatchEvent
-from aether.kv.store import KVStore
 
 _WATCHED = ("blueprints/", "slices/", "endpoints/", "routes/", "scale/", "rollouts/")
 
@@ -79,7 +78,7 @@ Counters = dict[str, tuple[int, int, int, list[int]]]
 class ClusterDeploymentManager:
     def __init__(
         self,
-        kv: KVStore,
+        kv: ClusterStore,
         leader: LeaderManager,
         *,
         reconcile_interval: float = 1.0,

@@ -202,7 +202,7 @@ class SliceConfigs:
     """The config of each artifact as this node's replica has it (blueprints and secrets)."""
 
     def __init__(self, kv: Any) -> None:
-        self.kv = kv  # `aether.kv.store.KVStore` (list_local, get_local)
+        self.kv = kv  # the node's `aether.kv.contract.ClusterStore` (list_local, get_local)
 
     def _blueprints(self) -> list[BlueprintValue]:
         return [v for _, v in self.kv.list_local("blueprints/") if isinstance(v, BlueprintValue)]

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.kv.contract import ClusterStore, WatchEvent, decode_value
 from aether.kv.keys import EndpointKey, EndpointValue, EntryPolicy, parse_key
-from aether.kv.machine import WatchEvent
-from aether.kv.store import KVStore, decode_value
 
 PREFIX = "endpoints/"
 
@@ -59,7 +58,7 @@ def _name_of(coords: str) -> str:
 class EndpointRegistry:
     """Cache of endpoints. `start()` (idempotent) before use; `close()` stops following the store."""
 
-    def __init__(self, kv: KVStore, *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, kv: ClusterStore, *, logger: logging.Logger | None = None) -> None:
         self.kv = kv
         self.log = logger or logging.getLogger("aether.deploy.endpoints")
         # coords -> (method, instance) -> info

@@ -82,6 +82,7 @@ from aether.deploy.lifecycle import (
     WriteState,
 )
 from aether.deploy.ports import RouteInfo, SliceInfo, SliceRuntimePort
+from aether.kv.contract import ClusterStore, WatchEvent, decode_value
 from aether.kv.keys import (
     EndpointKey,
     EndpointValue,
@@ -91,8 +92,6 @@ from aether.kv.keys import (
     SliceStateValue,
     parse_key,
 )
-from aether.kv.machine import WatchEvent
-from aether.kv.store import KVStore, decode_value
 
 _WRITE_BATCH = 128  # endpoint writes one step keeps in flight at a time
 _SERVING = frozenset({SliceState.ACTIVATE, SliceState.ACTIVATING, SliceState.ACTIVE})
@@ -143,7 +142,7 @@ def route_value(artifact: str, route: RouteInfo) -> RouteValue:
 class NodeDeploymentManager:
     def __init__(
         self,
-        kv: KVStore,
+        kv: ClusterStore,
         node_id: str,
         store: SliceRuntimePort,
         *,

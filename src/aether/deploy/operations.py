@@ -63,6 +63,7 @@ from aether.deploy.rollout import ACTIVE_STATES, begin, version_of
 from aether.deploy.rollout import abort as rollout_abort
 from aether.deploy.rollout import pause as rollout_pause
 from aether.deploy.rollout import resume as rollout_resume
+from aether.kv.contract import ClusterStore, WatchEvent
 from aether.kv.keys import (
     BlueprintKey,
     BlueprintSlice,
@@ -77,8 +78,6 @@ from aether.kv.keys import (
     SliceStateValue,
     parse_key,
 )
-from aether.kv.machine import WatchEvent
-from aether.kv.store import KVStore
 
 
 class SliceInstanceStatus(msgspec.Struct, frozen=True):
@@ -145,7 +144,7 @@ def _matcher(coords: str) -> Callable[[str], bool]:
 class DeploymentService:
     def __init__(
         self,
-        kv: KVStore,
+        kv: ClusterStore,
         *,
         dependencies_of: DependenciesOf,
         resolve: Resolve,

@@ -22,9 +22,8 @@ from types import MappingProxyType
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.kv.contract import ClusterStore, WatchEvent, decode_value
 from aether.kv.keys import RolloutKey, RolloutValue, parse_key
-from aether.kv.machine import WatchEvent
-from aether.kv.store import KVStore, decode_value
 
 __all__ = ["PREFIX", "TrafficTable"]
 
@@ -35,7 +34,7 @@ _NONE: Mapping[str, int] = MappingProxyType({})
 class TrafficTable:
     """Cache of the rollouts' weights. `start()` (idempotent) before use; `close()` stops following."""
 
-    def __init__(self, kv: KVStore, *, logger: logging.Logger | None = None) -> None:
+    def __init__(self, kv: ClusterStore, *, logger: logging.Logger | None = None) -> None:
         self.kv = kv
         self.log = logger or logging.getLogger("aether.deploy.traffic")
         self._weights: dict[str, Mapping[str, int]] = {}  # group:artifact -> version -> weight

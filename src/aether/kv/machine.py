@@ -27,6 +27,7 @@ from typing import Union
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.kv.contract import WatchEvent
 from aether.kv.keys import KEY_FAMILIES, parse_key
 
 
@@ -71,15 +72,6 @@ class Result(msgspec.Struct, array_like=True, frozen=True, gc=False):
     value: bytes | None = None
     revision: int = 0
     error: str | None = None
-
-
-class WatchEvent(msgspec.Struct, array_like=True, frozen=True, gc=False):
-    """A put or remove, in commit order. `value` is None for removes."""
-
-    kind: str  # "put" | "remove"
-    key: str
-    value: bytes | None
-    revision: int
 
 
 class _Snapshot(msgspec.Struct, array_like=True):

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 import msgspec
 
 from aether.core.errors import BadRequest, CommitTimeout, QuorumLost, SessionConflict
-from aether.kv.keys import Key, parse_key, value_type_for
+from aether.kv.contract import WatchCallback, WatchEvent, decode_value, encode_value
+from aether.kv.keys import Key, parse_key
 from aether.kv.machine import (
     UNKNOWN_SESSION,
     Cas,
@@ -27,14 +28,10 @@ from aether.kv.machine import (
     Put,
     Remove,
     Result,
-    WatchEvent,
     decode_result,
     encode_command,
     session_error_kind,
 )
-
-_enc = msgspec.msgpack.Encoder()
-WatchCallback = Callable[[WatchEvent], None]
 
 
 class _Incarnation(Protocol):
@@ -56,27 +53,10 @@ class Replicator(Protocol):
     async def apply(self, commands: Sequence[bytes], timeout: float = ...) -> list[bytes]: ...
 
 
-def encode_value(key: str, value: Any) -> bytes:
-    """Encode a typed value for `key`'s family (bytes pass through for user keys)."""
-    vt = value_type_for(key)
-    if vt is bytes:
-        if not isinstance(value, bytes):
-            raise BadRequest(f"value for {key!r} must be bytes")
-        return value
-    if not isinstance(value, vt):
-        raise BadRequest(f"value for {key!r} must be {vt.__name__}, not {type(value).__name__}")
-    return _enc.encode(value)
-
-
-def decode_value(key: str, data: bytes) -> Any:
-    vt = value_type_for(key)
-    if vt is bytes:
-        return data
-    return msgspec.msgpack.decode(data, type=vt)
-
-
 class KVStore:
-    """`session` overrides the client session id of this node's writes (tests, simulation); by
+    """The `ClusterStore` (aether.kv.contract) over the embedded Rabia consensus.
+
+    `session` overrides the client session id of this node's writes (tests, simulation); by
     default it is unique per process incarnation, `kv-{node_id}-{engine incarnation}`. It must
     never be reused by another process: the replicated session table outlives processes, and a
     reused (session, seq) would be refused as stale or as a conflict."""
