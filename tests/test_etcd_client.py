@@ -253,42 +253,30 @@ async def test_two_watchers_see_the_same_events_in_revision_order(
 async def test_watch_resumes_after_its_member_is_killed(etcd: EtcdClient, etcd_cluster: EtcdCluster) -> None:
     start = (await etcd.range()).revision + 1
     watch = etcd.watch("r/", start)
-    got: list[WatchEvent] = []
-
-    async def consume() -> None:
-        async for ev in watch:
-            got.append(ev)
-
-    task = asyncio.create_task(consume())
     writer = EtcdClient(EtcdConfig(endpoints=etcd_cluster.endpoints, cluster=etcd.config.cluster))
     await writer.open()
     killed: int | None = None
     try:
-        await asyncio.wait_for(watch.created.wait(), 5)
         for i in range(10):
             await writer.put(f"r/{i}", b"before")
-        while len(got) < 10:
-            await asyncio.sleep(0.01)
+        got = await collect(watch, 10)
         assert watch.endpoint is not None
         killed = etcd_cluster.index_of(watch.endpoint)
         etcd_cluster.kill(killed)
-        for i in range(10, 20):  # written while the watch reconnects
+        # written while the watch is down (it is not iterated, so it cannot reconnect before they
+        # commit): only a resume from the revision after the last event delivered sees them
+        for i in range(10, 20):
             await writer.put(f"r/{i}", b"after")
-        for _ in range(500):
-            if len(got) >= 20:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)  # a doubled event would arrive now
+        got += await collect(watch, 10)
+        assert watch.reconnects >= 1 and watch.endpoint != etcd_cluster.endpoint(killed)
+        await writer.put("r/last", b"")
+        got += await collect(watch, 1)  # a doubled event would come before this one
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
         await watch.aclose()
         await writer.close()
         if killed is not None:
             etcd_cluster.restart(killed)
-    assert watch.reconnects >= 1
-    assert [e.key for e in got] == [f"r/{i}" for i in range(20)]
+    assert [e.key for e in got] == [*(f"r/{i}" for i in range(20)), "r/last"]
     revisions = [e.mod_revision for e in got]
     assert revisions == sorted(set(revisions))
 
@@ -312,6 +300,15 @@ async def test_lease_expiry_deletes_keys_and_a_keeper_keeps_them(etcd: EtcdClien
     finally:
         await keeper.stop(revoke=True)
     assert await etcd.get("nodes/alive") is None
+
+    # a keeper whose lease is revoked elsewhere reports it lost
+    other = await etcd.grant(5)
+    keeper = etcd.keep_alive(other, interval=0.05)
+    await etcd.revoke(other.id)
+    await asyncio.wait_for(keeper.lost.wait(), 3)
+    assert isinstance(keeper.error, LeaseNotFound)
+    await keeper.stop()
+    await etcd.revoke(other.id)  # already gone: not an error
 
 
 async def test_failover_when_the_first_endpoint_is_down(etcd_cluster: EtcdCluster) -> None:

@@ -540,6 +540,8 @@ class EtcdClient:
                             self._raise_error(endpoint, msg.error)
                         if msg.result is not None:
                             yield msg.result
+        except aiohttp.ClientSSLError as e:
+            raise _Lost(endpoint, f"TLS failed ({e}): check the etcd ca/cert/key files", sent=False) from e
         except aiohttp.ClientConnectorError as e:
             raise _Lost(endpoint, f"cannot connect ({e.os_error or e})", sent=False) from e
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
