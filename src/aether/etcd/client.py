@@ -354,7 +354,6 @@ class EtcdClient:
         async with self._auth_lock:
             if self._token is not None:
                 return
-            self._token = None
             body = {"name": self.config.username, "password": self.config.password}
             data = await self._post_once(
                 endpoint, "auth/authenticate", body, self._policy.attempt_wait(remaining)
