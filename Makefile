@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo demo-wheels scenarios lint bench examples clean browser prometheus
+.PHONY: install test demo demo-wheels scenarios lint bench examples clean browser prometheus etcd
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # What CI promises (.ci/run calls `make test`): lint first, then the suite.
-test: lint browser prometheus
+test: lint browser prometheus etcd
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Debian's Chromium for the dashboard's browser tests (tests/test_forge_dashboard.py drives it with
@@ -56,6 +56,25 @@ prometheus:
 		{ apt-cache show prometheus >/dev/null 2>&1 || apt-get update -q; } && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
 			|| echo "prometheus: apt-get install prometheus failed (the Prometheus tests will skip)"; \
+	fi
+
+# Debian's etcd (etcd-server: /usr/bin/etcd; etcd-client: etcdctl) for tests/test_etcd_client.py,
+# which starts a real 3-member etcd cluster (tests/etcd_cluster.py). Installed like the browser
+# above: only when missing and we are root with apt-get; otherwise the etcd tests skip with the reason.
+ETCD ?= /usr/bin/etcd
+
+etcd:
+	@if [ -x $(ETCD) ] && command -v etcdctl >/dev/null 2>&1; then \
+		echo "etcd: $(ETCD) and etcdctl present"; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "etcd: missing and not root: not installing (the etcd tests will skip)"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "etcd: missing and no apt-get: not installing (the etcd tests will skip)"; \
+	else \
+		echo "etcd: installing Debian's etcd-server and etcd-client with apt-get"; \
+		{ apt-cache show etcd-server >/dev/null 2>&1 || apt-get update -q; } && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends etcd-server etcd-client \
+			|| echo "etcd: apt-get install etcd-server etcd-client failed (the etcd tests will skip)"; \
 	fi
 
 # ruff; mypy on the packages listed in pyproject ([tool.mypy]); the import contract between the
