@@ -8,8 +8,10 @@ gone), leases, failover between endpoints, TLS and username/password auth, and t
 of all that (`aether.etcd.errors`). Every key of an Aether cluster lives under
 ``/aether/{cluster}/`` (data under ``kv/``, request-id records under ``requests/``).
 
-It sits beside `aether.kv` in the layers and imports only `aether.core`; the store interface that
-puts `KVStore` and etcd behind one contract, and the node's wiring, build on it.
+`EtcdStore` (`aether.etcd.store`) is the etcd backend of the cluster state store interface
+(`aether.kv.contract.ClusterStore`): a cache of the cluster's keys kept by one watch, exactly-once
+writes, the same errors as the embedded Rabia store. The package sits in the layer above `aether.kv`
+and imports only `aether.core`, `aether.kv.contract` and `aether.kv.keys` (never the Rabia backend).
 """
 
 from aether.etcd.client import EtcdClient, EtcdWatch, LeaseKeeper, WatchCursor, prefix_end
@@ -21,6 +23,7 @@ from aether.etcd.errors import (
     LeaseNotFound,
     StoreUnavailable,
 )
+from aether.etcd.store import EtcdStore
 from aether.etcd.types import CasResult, EtcdConfig, KeyValue, Lease, OnceResult, RangeResult, WatchEvent
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "EtcdClient",
     "EtcdConfig",
     "EtcdError",
+    "EtcdStore",
     "EtcdWatch",
     "KeyValue",
     "Lease",

@@ -21,7 +21,7 @@ import contextlib
 import random
 import ssl
 from collections.abc import AsyncGenerator, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import aiohttp
 import msgspec
@@ -449,6 +449,61 @@ class EtcdClient:
         body = {
             "compare": compare,
             "success": [self._put_op(full, value, lease), self._put_op(rid, full, record_lease)],
+            "failure": [{"request_range": {"key": _b64(rid)}}, {"request_range": {"key": _b64(full)}}],
+        }
+        r = await self._call("kv/txn", body, WireTxn)
+        if r.succeeded:
+            return OnceResult("applied", r.header.revision)
+        record = r.responses[0].response_range if r.responses else None
+        if record is not None and record.kvs:
+            return OnceResult("duplicate", record.kvs[0].mod_revision)
+        cur = r.responses[1].response_range if len(r.responses) > 1 else None
+        return OnceResult("conflict", r.header.revision, self._kv(cur.kvs[0]) if cur and cur.kvs else None)
+
+    async def write_once(
+        self,
+        request_id: str,
+        key: str,
+        value: bytes | None,
+        *,
+        expect: Literal["any", "absent", "exists", "value"] = "any",
+        expected_value: bytes = b"",
+        record_lease: int = 0,
+    ) -> OnceResult:
+        """Put `value` (None: delete the key) at most once per `request_id`, under a condition on the
+        key: ``any``, ``absent`` (it must not exist), ``exists``, or ``value`` (it must hold
+        `expected_value`: a transaction comparing the value itself). Like `put_once`: the key and
+        the record ``/aether/{cluster}/requests/{request_id}`` are written in one transaction, so a
+        retry after a lost answer (retried here, on any endpoint) answers ``duplicate`` with the
+        revision of the first write instead of writing again. ``conflict``: the condition failed,
+        nothing was written, `current` is the key as it is (None: absent)."""
+        rid = self._req_root + _check_key(request_id, "request id").encode()
+        full = self._full(_check_key(key))
+        if value is not None:
+            _check_value(value)
+        _check_value(expected_value)
+        _check_revision(record_lease, "record_lease")
+        compare: list[dict[str, Any]] = [
+            {"target": "CREATE", "result": "EQUAL", "key": _b64(rid), "create_revision": "0"}
+        ]
+        if expect == "absent":
+            compare.append({"target": "CREATE", "result": "EQUAL", "key": _b64(full), "create_revision": "0"})
+        elif expect == "exists":
+            compare.append(
+                {"target": "CREATE", "result": "GREATER", "key": _b64(full), "create_revision": "0"}
+            )
+        elif expect == "value":  # etcd fails a VALUE compare on a missing key: absent never matches
+            compare.append(
+                {"target": "VALUE", "result": "EQUAL", "key": _b64(full), "value": _b64(expected_value)}
+            )
+        elif expect != "any":
+            raise EtcdBadRequest(f"etcd write condition must be any, absent, exists or value, not {expect!r}")
+        write = (
+            {"request_delete_range": {"key": _b64(full)}} if value is None else self._put_op(full, value, 0)
+        )
+        body = {
+            "compare": compare,
+            "success": [write, self._put_op(rid, full, record_lease)],
             "failure": [{"request_range": {"key": _b64(rid)}}, {"request_range": {"key": _b64(full)}}],
         }
         r = await self._call("kv/txn", body, WireTxn)

@@ -3,12 +3,14 @@
 `ClusterStore` is the one interface: typed get/put/remove/compare-and-set, local reads of this
 node's replica, and prefix watches delivering puts and removes in commit order, the same order on
 every node, with a ``reset`` event when a watcher must re-read (a lagging replica jumped ahead by a
-snapshot). `aether.kv.store.KVStore` implements it over the embedded Rabia consensus; deploy,
+snapshot). `aether.kv.store.KVStore` implements it over the embedded Rabia consensus,
+`aether.etcd.store.EtcdStore` on etcd (tests/store_contract.py is the suite both pass); deploy,
 controller, repository, the management API and the router see only this module (an import
 contract in pyproject.toml keeps it so), so another backend can stand in for it.
 
 The typed value codec lives here too: every backend stores the same bytes for a key family's
-value (msgpack of its struct; user keys are raw bytes).
+value (msgpack of its struct; user keys are raw bytes); and the input checks every backend makes
+(`check_key`, `encode_checked`, with the limits the Rabia state machine enforces).
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ from typing import Any, Protocol
 import msgspec
 
 from aether.core.errors import BadRequest
-from aether.kv.keys import Key, value_type_for
+from aether.kv.keys import Key, parse_key, value_type_for
 
 _enc = msgspec.msgpack.Encoder()
+
+MAX_KEY_BYTES = 1024
+"""The longest key (UTF-8 bytes) any backend accepts (`aether.kv.machine` enforces the same)."""
+MAX_VALUE_BYTES = 1024 * 1024
+"""The largest encoded value any backend accepts (`aether.kv.machine` enforces the same)."""
 
 
 class WatchEvent(msgspec.Struct, array_like=True, frozen=True, gc=False):
@@ -93,3 +100,21 @@ def decode_value(key: str, data: bytes) -> Any:
     if vt is bytes:
         return data
     return msgspec.msgpack.decode(data, type=vt)
+
+
+def check_key(key: Key | str) -> str:
+    """The key as text; `BadRequest` naming the problem unless it is a valid key of a known family
+    no longer than `MAX_KEY_BYTES` (the checks the Rabia state machine makes, for other backends)."""
+    text = str(key)
+    parse_key(text)
+    if len(text.encode()) > MAX_KEY_BYTES:
+        raise BadRequest(f"key {text[:40]!r}... longer than {MAX_KEY_BYTES} bytes")
+    return text
+
+
+def encode_checked(key: str, value: Any) -> bytes:
+    """`encode_value`, then `BadRequest` if the encoding exceeds `MAX_VALUE_BYTES`."""
+    data = encode_value(key, value)
+    if len(data) > MAX_VALUE_BYTES:
+        raise BadRequest(f"value for {key!r} is {len(data)} bytes; the limit is {MAX_VALUE_BYTES}")
+    return data
