@@ -56,6 +56,8 @@ def test_every_package_has_a_layer() -> None:
         ("core/errors.py", "aether.transport"),  # the lowest layer imports nothing of aether
         ("maps/service.py", "aether.kv.store"),  # a narrower contract only
         ("controller/service.py", "aether.kv.machine"),  # behind the store interface (kv.contract)
+        ("etcd/store.py", "aether.kv.machine"),  # the etcd backend sees only kv.contract and kv.keys
+        ("kv/contract.py", "aether.etcd.errors"),  # kv is below etcd
     ],
 )
 def test_a_breach_fails(tmp_path: Path, module: str, imported: str) -> None:

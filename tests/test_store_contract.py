@@ -333,3 +333,28 @@ async def test_an_etcd_write_returns_once_the_writer_s_cache_has_it(etcd_cluster
         assert s.get_local("user/a") is None
     finally:
         await c.stop()
+
+
+async def test_etcd_request_records_hang_on_a_lease_that_is_renewed_and_replaced_when_gone(
+    etcd_cluster: EtcdCluster,
+) -> None:
+    c = EtcdStores(etcd_cluster, 1)
+    (s,) = c.etcd_stores
+    s.record_ttl = 2  # a new lease every second
+    await c.start()
+    try:
+        await s.put("user/a", b"1")
+        assert s._lease is not None
+        first = s._lease[0]
+        await s.put("user/a", b"2")
+        assert s._lease[0] == first
+        await asyncio.sleep(1.1)
+        await s.put("user/a", b"3")
+        assert s._lease[0] != first
+        # the lease is gone (etcd was away longer than its TTL): a new one, and the write goes through
+        await s.client.revoke(s._lease[0])
+        gone = s._lease[0]
+        assert await s.compare_and_set("user/a", b"3", b"4") is True
+        assert s._lease[0] != gone and await s.get("user/a") == b"4"
+    finally:
+        await c.stop()

@@ -120,9 +120,9 @@ class EtcdStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for _, fut in self._waiters:
+        for _, fut in self._waiters:  # writes waiting for the cache: they stand, let them return
             if not fut.done():
-                fut.cancel()
+                fut.set_result(None)
         self._waiters.clear()
         if self._own_client:
             await self.client.close()
