@@ -26,7 +26,7 @@ import msgspec
 import pytest
 
 from aether.core.artifact import Artifact
-from aether.core.context import derive_idempotency_key
+from aether.core.context import RandomHex, derive_idempotency_key
 from aether.core.policy import EntryPolicy
 from aether.deploy.endpoints import EndpointRegistry
 from aether.deploy.node_manager import NodeDeploymentManager, UnknownEntryPolicy
@@ -155,6 +155,21 @@ async def test_calls_a_slice_makes_derive_their_keys_from_its_key(
     # the same request again (a client retry) makes the same nested keys
     async with s.get(f"{url}/nested", headers={"Idempotency-Key": "order-7"}) as r:
         assert await r.json() == [parent, first, second]
+
+
+def test_random_hex_gives_distinct_hex_ids_across_blocks() -> None:
+    """The router's and invoker's id source: 2n hex digits per take, distinct, also across the
+    refills of its urandom block (a block of 32 bytes holds two 16-byte keys only)."""
+    ids = RandomHex(block=32)
+    keys = [ids.take(16) for _ in range(200)]
+    assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+    assert len(set(keys)) == 200
+    short = ids.take(8)
+    assert len(short) == 16 and short not in {k[:16] for k in keys}
+    with pytest.raises(ValueError, match="cannot take 33 bytes"):
+        ids.take(33)
+    with pytest.raises(ValueError, match="at least 16"):
+        RandomHex(block=8)
 
 
 @pytest.mark.parametrize("bad", ["has space", "x" * 129, "ä"])

@@ -70,17 +70,17 @@ from typing import Any
 
 from aether.core.calls import Answer, NoAnswer, PendingCalls, RetryPolicy
 from aether.core.context import (
+    RandomHex,
     check_idempotency_key,
     child_idempotency_key,
     enter_call,
     exit_call,
-    new_idempotency_key,
 )
 from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 from aether.core.tracing import NOOP_TRACER, Span, TraceContext, Tracer, current_trace, trace_fields
 from aether.invoke.breaker import CircuitBreaker
 from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
-from aether.invoke.context import RequestIdVar, current_request_id, new_request_id, read_request_id
+from aether.invoke.context import RequestIdVar, current_request_id, read_request_id
 from aether.invoke.errors import (
     EndpointUnavailable,
     IndeterminateOutcome,
@@ -215,6 +215,7 @@ class Invoker:
         self._rng = rng or random.Random()
         self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
         self._calls: PendingCalls[InvokeResponse] = PendingCalls()
+        self._ids = RandomHex()  # new request ids (16 hex digits) and idempotency keys (32)
         self._rr: dict[tuple[str, str], int] = {}
         # smooth weighted round robin between versions: (target, method) -> version -> counter
         self._swrr: dict[tuple[str, str], dict[str, int]] = {}
@@ -305,7 +306,7 @@ class Invoker:
         """
         if self._closed:
             raise InvokerClosed(f"invoker of node {self.node_id} is closed", target=target, method=method)
-        rid = request_id or read_request_id(self._request_id_var()) or new_request_id()
+        rid = request_id or read_request_id(self._request_id_var()) or self._ids.take(8)
         if idempotency_key is not None:
             problem = check_idempotency_key(idempotency_key)
             if problem is not None:
@@ -315,7 +316,7 @@ class Invoker:
                 )  # fmt: skip
             ikey = idempotency_key
         else:
-            ikey = child_idempotency_key(target, method) or new_idempotency_key()
+            ikey = child_idempotency_key(target, method) or self._ids.take(16)
         budget = self.retry.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
