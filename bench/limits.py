@@ -244,7 +244,7 @@ class Profiler:
             return
         ext = {"flamegraph": "svg", "raw": "txt", "speedscope": "json"}[self.fmt]
         out = os.path.join(self.outdir, f"{name}.{ext}")
-        cmd = [self.exe, "record", "--nonblocking", "--rate", "200", "--format", self.fmt,
+        cmd = [self.exe, "record", "--nonblocking", "--threads", "--rate", "200", "--format", self.fmt,
                "--duration", str(max(1, round(seconds))), "--pid", str(pid), "--output", out]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL)  # fmt: skip

@@ -75,6 +75,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 
 from aether.core.context import RandomHex, check_idempotency_key, current_request_id
 from aether.core.errors import BadRequest, StatusError
@@ -109,6 +110,7 @@ _RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}\Z")
 _MSGPACK_DEC = msgspec.msgpack.Decoder()
 _JSON_ENC = msgspec.json.Encoder()
 _ROUTE_DEC = msgspec.msgpack.Decoder(RouteValue)
+_JSON_TYPE = ("Content-Type", "application/json")
 
 
 class KVLike(Protocol):
@@ -506,6 +508,6 @@ class HttpRouter:
             return self._problem(
                 502, f"the answer of {route.artifact}.{route.method} cannot be represented as JSON: {e}", rid
             )
-        return web.Response(
-            body=out, status=200, content_type="application/json", headers={REQUEST_ID_HEADER: rid}
-        )
+        # the headers as a CIMultiDict, Content-Type among them: half the cost of `content_type=`
+        # plus a dict (aiohttp then parses the type and copies the dict)
+        return web.Response(body=out, headers=CIMultiDict(((REQUEST_ID_HEADER, rid), _JSON_TYPE)))
