@@ -258,6 +258,33 @@ async def test_endpoints_carry_the_effective_policy_to_the_registry(tmp_path: Pa
     assert ep.policy == EntryPolicy(idempotent=False)
 
 
+async def test_registry_answers_follow_every_change_of_the_endpoints() -> None:
+    """`instances` answers are remembered per (artifact, method) (the invoker asks on every call):
+    a put, a remove and a reset must each show at once, and a caller changing its list must not
+    change the next answer."""
+    kv = DictKV()
+    registry = EndpointRegistry(kv)  # type: ignore[arg-type]
+    registry.start()
+    (_, on_event), *_ = kv.watchers
+    name = "org.example:keys"
+    assert registry.instances(name, "whoami") == []
+    await kv.put(f"endpoints/{KEYS}/whoami:0", EndpointValue("node-1", "ACTIVE"))
+    first = registry.instances(name, "whoami")
+    assert [(e.node_id, e.instance) for e in first] == [("node-1", 0)]
+    first.clear()  # the caller's copy
+    await kv.put(f"endpoints/{KEYS}/whoami:1", EndpointValue("node-2", "ACTIVE"))
+    both = [("node-1", 0), ("node-2", 1)]
+    assert [(e.node_id, e.instance) for e in registry.instances(name, "whoami")] == both
+    assert len(registry.instances(KEYS, "whoami")) == 2
+    await kv.put(f"endpoints/{KEYS}/whoami:1", EndpointValue("node-2", "STARTING"))
+    assert [e.instance for e in registry.instances(name, "whoami")] == [0]
+    on_event(WatchEvent("remove", f"endpoints/{KEYS}/whoami:0", None, 2))
+    assert registry.instances(name, "whoami") == [] and registry.instances(KEYS, "whoami") == []
+    kv.data = {f"endpoints/{KEYS}/whoami:3": EndpointValue("node-3", "ACTIVE")}  # after a snapshot
+    on_event(WatchEvent("reset", "", None, 3))
+    assert [e.instance for e in registry.instances(name, "whoami")] == [3]
+
+
 async def test_a_blueprint_policy_for_a_missing_entry_fails_the_activation(tmp_path: Path) -> None:
     info = describe_slice(load_keys_class(tmp_path))
     kv = DictKV()
