@@ -449,8 +449,11 @@ class HttpRouter:
                     413, f"request body of {length} bytes exceeds the limit of {self.max_body} bytes", rid
                 )
             try:
-                async with asyncio.timeout(self.request_timeout):
+                if request.content.is_eof():  # the whole body has arrived: read() will not wait
                     body = await request.read()
+                else:  # (a loop timer per request otherwise)
+                    async with asyncio.timeout(self.request_timeout):
+                        body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._problem(413, f"request body exceeds the limit of {self.max_body} bytes", rid)
             except TimeoutError:
