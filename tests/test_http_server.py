@@ -156,6 +156,14 @@ async def test_get_with_path_and_query_binding(env: Env) -> None:
     assert call["request_id"] == r.headers["X-Request-Id"]
 
 
+async def test_head_answers_the_get_route_without_a_body(env: Env) -> None:
+    """HEAD falls back to the GET route; aiohttp's low-level server sends the head only."""
+    async with env.session.head(env.base + "/ping") as r:
+        assert r.status == 200 and r.content_type == "application/json"
+        assert r.headers.get("X-Request-Id") and await r.read() == b""
+    assert [c["method"] for c in env.inv.calls] == ["ping"]
+
+
 async def test_request_id_is_echoed_or_generated(env: Env) -> None:
     _, _, r = await env.req("GET", "/ping", headers={"X-Request-Id": "abc-123"})
     assert r.headers["X-Request-Id"] == "abc-123"

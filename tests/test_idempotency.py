@@ -26,7 +26,7 @@ import msgspec
 import pytest
 
 from aether.core.artifact import Artifact
-from aether.core.context import derive_idempotency_key
+from aether.core.context import RandomHex, derive_idempotency_key
 from aether.core.policy import EntryPolicy
 from aether.deploy.endpoints import EndpointRegistry
 from aether.deploy.node_manager import NodeDeploymentManager, UnknownEntryPolicy
@@ -157,6 +157,21 @@ async def test_calls_a_slice_makes_derive_their_keys_from_its_key(
         assert await r.json() == [parent, first, second]
 
 
+def test_random_hex_gives_distinct_hex_ids_across_blocks() -> None:
+    """The router's and invoker's id source: 2n hex digits per take, distinct, also across the
+    refills of its urandom block (a block of 32 bytes holds two 16-byte keys only)."""
+    ids = RandomHex(block=32)
+    keys = [ids.take(16) for _ in range(200)]
+    assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+    assert len(set(keys)) == 200
+    short = ids.take(8)
+    assert len(short) == 16 and short not in {k[:16] for k in keys}
+    with pytest.raises(ValueError, match="cannot take 33 bytes"):
+        ids.take(33)
+    with pytest.raises(ValueError, match="at least 16"):
+        RandomHex(block=8)
+
+
 @pytest.mark.parametrize("bad", ["has space", "x" * 129, "ä"])
 async def test_a_bad_idempotency_key_header_is_a_400_naming_it(
     router: tuple[str, aiohttp.ClientSession], bad: str
@@ -241,6 +256,33 @@ async def test_endpoints_carry_the_effective_policy_to_the_registry(tmp_path: Pa
     assert kv.get_local(f"endpoints/{KEYS}/nested:0").policy is None  # the defaults: nothing stored
     (ep,) = [e for e in registry.instances("org.example:keys", "charge") if e.instance == 0]
     assert ep.policy == EntryPolicy(idempotent=False)
+
+
+async def test_registry_answers_follow_every_change_of_the_endpoints() -> None:
+    """`instances` answers are remembered per (artifact, method) (the invoker asks on every call):
+    a put, a remove and a reset must each show at once, and a caller changing its list must not
+    change the next answer."""
+    kv = DictKV()
+    registry = EndpointRegistry(kv)  # type: ignore[arg-type]
+    registry.start()
+    (_, on_event), *_ = kv.watchers
+    name = "org.example:keys"
+    assert registry.instances(name, "whoami") == []
+    await kv.put(f"endpoints/{KEYS}/whoami:0", EndpointValue("node-1", "ACTIVE"))
+    first = registry.instances(name, "whoami")
+    assert [(e.node_id, e.instance) for e in first] == [("node-1", 0)]
+    first.clear()  # the caller's copy
+    await kv.put(f"endpoints/{KEYS}/whoami:1", EndpointValue("node-2", "ACTIVE"))
+    both = [("node-1", 0), ("node-2", 1)]
+    assert [(e.node_id, e.instance) for e in registry.instances(name, "whoami")] == both
+    assert len(registry.instances(KEYS, "whoami")) == 2
+    await kv.put(f"endpoints/{KEYS}/whoami:1", EndpointValue("node-2", "STARTING"))
+    assert [e.instance for e in registry.instances(name, "whoami")] == [0]
+    on_event(WatchEvent("remove", f"endpoints/{KEYS}/whoami:0", None, 2))
+    assert registry.instances(name, "whoami") == [] and registry.instances(KEYS, "whoami") == []
+    kv.data = {f"endpoints/{KEYS}/whoami:3": EndpointValue("node-3", "ACTIVE")}  # after a snapshot
+    on_event(WatchEvent("reset", "", None, 3))
+    assert [e.instance for e in registry.instances(name, "whoami")] == [3]
 
 
 async def test_a_blueprint_policy_for_a_missing_entry_fails_the_activation(tmp_path: Path) -> None:

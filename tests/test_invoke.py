@@ -607,6 +607,41 @@ async def test_local_call_deadline() -> None:
         await net.nodes["A"].invoker.invoke(TARGET, "echo", b"", timeout=0.1)
 
 
+async def test_a_far_local_deadline_is_kept_by_the_sweep() -> None:
+    """A local attempt with a limit >= 1 s away has no timer of its own: the sweep cancels it once
+    its limit passed (InvokeTimeout, at most a sweep period late), a caller that goes away still
+    cancels it (CancelledError, not a timeout), and the sweep stops once nothing is watched."""
+    net = make_net("A", active_on=("A",))
+    inv = net.nodes["A"].invoker
+    started: list[float] = []
+
+    async def slow(node: str, payload: bytes) -> bytes:
+        started.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(30)
+        return b""
+
+    net.nodes["A"].slices.handlers["echo"] = slow
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(InvokeTimeout, match="timed out running on this node"):
+        await inv.invoke(TARGET, "echo", b"", timeout=1.2)
+    assert 1.2 <= loop.time() - t0 < 1.6
+    assert inv._deadlines == set()
+    # the caller goes away: its cancellation is not taken for the deadline
+    call = asyncio.ensure_future(inv.invoke(TARGET, "echo", b"", timeout=5))
+    await asyncio.sleep(0.05)
+    assert len(inv._deadlines) == 1
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert inv._deadlines == set()
+    await asyncio.sleep(0.05)
+    assert inv._sweeper is None  # not armed while no local attempt runs
+    # a fast call with a far deadline answers as before
+    net.nodes["A"].slices.handlers["echo"] = net.nodes["A"].slices._echo
+    assert await inv.invoke(TARGET, "echo", b"x", timeout=5) == b"A:x"
+
+
 async def test_timeout_error_raised_by_the_slice_is_an_app_error() -> None:
     net = make_net("A", "B", active_on=("A", "B"))
 

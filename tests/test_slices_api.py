@@ -447,6 +447,12 @@ async def test_proxy_against_fake_invoker() -> None:
     assert await api.greet_many(["a"], punct="?") == [Greeting("hi a?")]
     assert await api.ping() == "pong"
     assert [m for _, m, *_ in inv.calls] == ["greet", "greet", "greet_many", "greet_many", "ping"]
+    # every argument given positionally skips Signature.bind: the same request as with keywords
+    assert await api.greet_many(["a"], "?") == [Greeting("hi a?")]
+    assert inv.calls[-1][2] == inv.calls[3][2] == enc({"names": ["a"], "punct": "?"})
+    assert (inv.calls[0][2], inv.calls[1][2]) == (enc("Ann"), enc("Bo"))
+    with pytest.raises(TypeError, match="greet"):
+        await api.greet("a", "b")  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="greet"):
         await api.greet()  # type: ignore[call-arg]
     # a Slice class works as the interface too

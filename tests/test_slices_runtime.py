@@ -173,6 +173,27 @@ async def test_load_activate_call_round_robin(repo: Repository, tmp_path: Path) 
     assert dec(await store.call(CTR, "add", enc({"a": "40", "b": 2}))) == 42
 
 
+async def test_calls_by_name_follow_activation_and_deactivation(repo: Repository, tmp_path: Path) -> None:
+    """What a `group:artifact` target names is remembered between calls (every call asks up to three
+    times): deactivating, activating and unloading must be seen at once."""
+    store = make_store(repo, tmp_path)
+    name = "org.example:counter"
+    await store.load(CTR)
+    with pytest.raises(NoLocalInstance):
+        await store.call(name, "whoami", b"")
+    await store.activate(CTR, [0])
+    assert dec(await store.call(name, "whoami", b""))["instance"] == 0
+    assert store.has_room(name, "whoami")
+    await store.deactivate(CTR)
+    assert store.local_instances(name) == [] and not store.has_room(name, "whoami")
+    with pytest.raises(NoLocalInstance):
+        await store.call(name, "whoami", b"")
+    await store.activate(CTR, [4])
+    assert dec(await store.call(name, "whoami", b""))["instance"] == 4
+    await store.unload(CTR)
+    assert store.local_instances(name) == [] and store.local_instances(str(CTR)) == []
+
+
 async def test_call_errors(repo: Repository, tmp_path: Path) -> None:
     store = make_store(repo, tmp_path)
     with pytest.raises(NoLocalInstance):

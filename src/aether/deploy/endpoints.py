@@ -66,6 +66,9 @@ class EndpointRegistry:
         self._names: dict[str, set[str]] = {}  # group:artifact -> coords
         self._listeners: list[EndpointListener] = []
         self._cancel: Callable[[], None] | None = None
+        # `instances` answers, per (artifact, method): the invoker asks on every call (the policy of
+        # a local attempt, the candidates of a remote one); emptied on every change
+        self._answers: dict[tuple[str, str], tuple[EndpointInfo, ...]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -85,12 +88,18 @@ class EndpointRegistry:
     def instances(self, artifact: str, method: str) -> list[EndpointInfo]:
         """ACTIVE instances of `artifact` (coordinates or group:artifact) serving `method`,
         sorted by (artifact, instance)."""
+        known = self._answers.get((artifact, method))
+        if known is not None:
+            return list(known)  # a copy: the caller may change its list
         out: list[EndpointInfo] = []
         for coords in self._coords(artifact):
             for (m, _), info in self._by_artifact.get(coords, {}).items():
                 if m == method and info.state == "ACTIVE":
                     out.append(info)
         out.sort(key=lambda i: (i.artifact, i.instance))
+        if len(self._answers) >= 4096:
+            self._answers.clear()
+        self._answers[(artifact, method)] = tuple(out)
         return out
 
     def all(self, artifact: str | None = None) -> list[EndpointInfo]:
@@ -129,6 +138,7 @@ class EndpointRegistry:
         return sorted(self._names.get(artifact, ()))
 
     def _reload(self) -> None:
+        self._answers.clear()
         self._by_artifact.clear()
         self._names.clear()
         for key, value in self.kv.list_local(PREFIX):
@@ -139,6 +149,7 @@ class EndpointRegistry:
         k = self._parse(key)
         if k is None:
             return None
+        self._answers.clear()
         info = EndpointInfo(k.artifact, k.method, k.instance, value.node_id, value.state, value.policy)
         self._by_artifact.setdefault(k.artifact, {})[(k.method, k.instance)] = info
         self._names.setdefault(_name_of(k.artifact), set()).add(k.artifact)
@@ -148,6 +159,7 @@ class EndpointRegistry:
         k = self._parse(key)
         if k is None:
             return None
+        self._answers.clear()
         eps = self._by_artifact.get(k.artifact)
         if eps is None:
             return None

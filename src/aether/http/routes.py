@@ -113,16 +113,27 @@ class CompiledRoute:
     bindings: Mapping[str, str]
     segments: tuple[str | None, ...]
     params: tuple[tuple[int, str], ...]
+    # derived once (`__post_init__`), read per request
+    target: str = field(init=False, compare=False)
+    """What the router calls: ``group:artifact`` of the route's artifact, so that any live
+    version serves the request and a rollout's traffic weights apply (docs/deployment.md)."""
+    query_names: tuple[str, ...] = field(init=False, compare=False)  # bound from the query, sorted
+    field_names: tuple[str, ...] = field(init=False, compare=False)  # body or query, sorted
 
-    @property
-    def target(self) -> str:
-        """What the router calls: ``group:artifact`` of the route's artifact, so that any live
-        version serves the request and a rollout's traffic weights apply (docs/deployment.md)."""
-        return ":".join(self.artifact.split(":", 2)[:2])
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen
+        set_(self, "target", ":".join(self.artifact.split(":", 2)[:2]))
+        set_(self, "query_names", tuple(sorted(n for n, s in self.bindings.items() if s == "query")))
+        set_(
+            self, "field_names", tuple(sorted(n for n, s in self.bindings.items() if s in ("body", "query")))
+        )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Match:
+    """A request's route and its path parameters (not frozen: one is made per request, and a
+    frozen dataclass's ``__init__`` costs several times more)."""
+
     route: CompiledRoute
     params: dict[str, str]
 
@@ -160,6 +171,8 @@ def split_path(raw_path: str) -> list[str]:
     if raw_path == "/":
         return []
     body = raw_path[1:-1] if raw_path.endswith("/") else raw_path[1:]
+    if "%" not in body:  # nothing percent-encoded: the segments are the raw ones
+        return body.split("/")
     return [_decode_segment(s) for s in body.split("/")]
 
 
@@ -318,12 +331,13 @@ class RouteTable:
         path that does not decode."""
         segs = split_path(raw_path)
         allowed: set[str] = set()
-        entry = self._literal.get(tuple(segs))
-        if entry is not None:
-            r = _pick(entry.methods, method)
-            if r is not None:
-                return Match(r, {})
-            allowed.update(entry.methods)
+        if self._literal:
+            entry = self._literal.get(tuple(segs))
+            if entry is not None:
+                r = _pick(entry.methods, method)
+                if r is not None:
+                    return Match(r, {})
+                allowed.update(entry.methods)
         for entry in self._by_len.get(len(segs), ()):
             if not _matches(entry.segments, segs):
                 continue
@@ -392,18 +406,16 @@ def build_payload(
         require_json_content_type(content_type)
         parsed = decode_json_body(body)
     query = _parse_query(query_string)
-    accepted = sorted(n for n, s in bindings.items() if s == "query")
+    accepted = route.query_names
     for name in query:
         if name not in accepted:
             takes = f"accepts: {', '.join(accepted)}" if accepted else "accepts no query parameters"
-            raise BadRequest(
-                f"unknown query parameter {name!r}; {route.http_method} {route.pattern} {takes}"
-            )
+            raise BadRequest(f"unknown query parameter {name!r}; {route.http_method} {route.pattern} {takes}")
     body_obj: dict[str, Any] | None = parsed if isinstance(parsed, dict) else None
     if not bindings:
         return _ENC.encode(parsed) if has_body else b""
     if body_obj is not None:
-        fields = sorted(n for n, s in bindings.items() if s in ("body", "query"))
+        fields = route.field_names
         for name in body_obj:
             if name not in fields:
                 takes = f"accepts: {', '.join(fields)}" if fields else "takes no body fields"

@@ -70,17 +70,17 @@ from typing import Any
 
 from aether.core.calls import Answer, NoAnswer, PendingCalls, RetryPolicy
 from aether.core.context import (
+    RandomHex,
     check_idempotency_key,
     child_idempotency_key,
     enter_call,
     exit_call,
-    new_idempotency_key,
 )
 from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 from aether.core.tracing import NOOP_TRACER, Span, TraceContext, Tracer, current_trace, trace_fields
 from aether.invoke.breaker import CircuitBreaker
 from aether.invoke.catalog import ACTIVE, FAILED, STARTING, UNKNOWN_ENTRY
-from aether.invoke.context import RequestIdVar, current_request_id, new_request_id, read_request_id
+from aether.invoke.context import RequestIdVar, current_request_id, read_request_id
 from aether.invoke.errors import (
     EndpointUnavailable,
     IndeterminateOutcome,
@@ -118,6 +118,36 @@ from aether.transport import EventBus, PeerDown
 __all__ = ["Invoker", "InvokerStats"]
 
 _MAX_KEYS = 4096  # bound on per-(target, method) bookkeeping (round-robin index, warning limiter)
+# A local attempt whose limit is at least _SWEPT_FROM s away is not given a timer of its own
+# (`asyncio.timeout_at` costs a loop timer per call, a tenth of a local hello's time on the node's
+# loop): one sweep every _SWEEP_EVERY s, armed while such attempts run, cancels those past their
+# limit (at most _SWEEP_EVERY late, against a limit of at least _SWEPT_FROM).
+_SWEPT_FROM = 1.0
+_SWEEP_EVERY = 0.02
+
+
+class _LocalDeadline:
+    """The limit of one local attempt watched by the sweep (`Invoker._sweep`); the task running it
+    is cancelled once the limit has passed, as `asyncio.timeout_at` would."""
+
+    __slots__ = ("cancelling", "expired", "limit", "task")
+
+    def __init__(self, limit: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.limit = limit
+        self.task = task
+        self.cancelling = task.cancelling()  # cancellations requested before this attempt
+        self.expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+        self.task.cancel()
+
+    def expired_here(self) -> bool:
+        """For a CancelledError in the attempt: True when the sweep's cancellation caused it (and it
+        is taken back), False when someone else cancelled the task too."""
+        return self.expired and self.task.uncancel() <= self.cancelling
 
 
 class _Retry(Exception):
@@ -215,6 +245,9 @@ class Invoker:
         self._rng = rng or random.Random()
         self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
         self._calls: PendingCalls[InvokeResponse] = PendingCalls()
+        self._ids = RandomHex()  # new request ids (16 hex digits) and idempotency keys (32)
+        self._deadlines: set[_LocalDeadline] = set()  # local attempts the sweep watches
+        self._sweeper: asyncio.TimerHandle | None = None
         self._rr: dict[tuple[str, str], int] = {}
         # smooth weighted round robin between versions: (target, method) -> version -> counter
         self._swrr: dict[tuple[str, str], dict[str, int]] = {}
@@ -305,7 +338,7 @@ class Invoker:
         """
         if self._closed:
             raise InvokerClosed(f"invoker of node {self.node_id} is closed", target=target, method=method)
-        rid = request_id or read_request_id(self._request_id_var()) or new_request_id()
+        rid = request_id or read_request_id(self._request_id_var()) or self._ids.take(8)
         if idempotency_key is not None:
             problem = check_idempotency_key(idempotency_key)
             if problem is not None:
@@ -315,7 +348,7 @@ class Invoker:
                 )  # fmt: skip
             ikey = idempotency_key
         else:
-            ikey = child_idempotency_key(target, method) or new_idempotency_key()
+            ikey = child_idempotency_key(target, method) or self._ids.take(16)
         budget = self.retry.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -677,31 +710,33 @@ class Invoker:
             trace = span.context
         keys = enter_call(None, ikey or None, trace)  # where the request id goes, the key goes
         try:
+            loop = asyncio.get_running_loop()
             limit = deadline
             if policy.timeout is not None:
-                limit = min(deadline, asyncio.get_running_loop().time() + policy.timeout)
-            timer = asyncio.timeout_at(limit)
+                limit = min(deadline, loop.time() + policy.timeout)
             try:
-                async with timer:
-                    return await self._local.call(target, method, payload)
+                if limit - loop.time() < _SWEPT_FROM:
+                    timer = asyncio.timeout_at(limit)
+                    try:
+                        async with timer:
+                            return await self._local.call(target, method, payload)
+                    except TimeoutError:
+                        if not timer.expired():
+                            raise  # the entry's own: an application error (below)
+                else:  # a far deadline: watched by the sweep, not by a timer of its own
+                    watch = _LocalDeadline(limit)
+                    self._deadlines.add(watch)
+                    if self._sweeper is None:
+                        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+                    try:
+                        return await self._local.call(target, method, payload)
+                    except asyncio.CancelledError:
+                        if not watch.expired_here():
+                            raise  # cancelled by someone else (the caller went away)
+                    finally:
+                        self._deadlines.discard(watch)
             except TimeoutError as exc:
-                if not timer.expired():
-                    raise self._app_error(exc, target, method, rid, attempts) from exc
-                if limit < deadline:
-                    raise _Retry(
-                        f"no answer within the entry's attempt timeout ({policy.timeout:g}s) on this node",
-                        maybe_ran=True,
-                    ) from None
-                raise InvokeTimeout(
-                    f"call {target}.{method} (request {rid}) timed out running on this node ({self.node_id}) "
-                    f"after {attempts} attempt(s)",
-                    target=target,
-                    method=method,
-                    kind=KIND_DEADLINE,
-                    node=self.node_id,
-                    request_id=rid,
-                    attempts=attempts,
-                ) from None
+                raise self._app_error(exc, target, method, rid, attempts) from exc
             except Exception as exc:
                 kind = classify(exc)
                 if kind in RETRYABLE_KINDS:
@@ -709,6 +744,22 @@ class Invoker:
                 raise self._error(
                     kind, error_text(exc, kind), target, method, self.node_id, rid, attempts
                 ) from exc
+            # the limit passed while the call ran here
+            if limit < deadline:
+                raise _Retry(
+                    f"no answer within the entry's attempt timeout ({policy.timeout:g}s) on this node",
+                    maybe_ran=True,
+                ) from None
+            raise InvokeTimeout(
+                f"call {target}.{method} (request {rid}) timed out running on this node ({self.node_id}) "
+                f"after {attempts} attempt(s)",
+                target=target,
+                method=method,
+                kind=KIND_DEADLINE,
+                node=self.node_id,
+                request_id=rid,
+                attempts=attempts,
+            ) from None
         except BaseException as exc:
             if span is not None:
                 span.record_error(exc)
@@ -719,6 +770,15 @@ class Invoker:
             exit_call(keys)
             if token is not None and var is not None:
                 var.reset(token)
+
+    def _sweep(self) -> None:
+        """Cancel the local attempts past their limit; again in `_SWEEP_EVERY` s while any runs."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for watch in self._deadlines:
+            if not watch.expired and watch.limit <= now:
+                watch.expire()
+        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep) if self._deadlines else None
 
     def _app_error(
         self, exc: BaseException, target: str, method: str, rid: str, attempts: int

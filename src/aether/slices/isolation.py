@@ -28,6 +28,7 @@ import logging
 import sys
 import threading
 import time
+import types
 from collections.abc import Awaitable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -331,7 +332,8 @@ class SliceThread:
             if nc.cancelled:
                 nc.aw_close()
                 continue
-            nc.task = main.create_task(_as_coro(nc.aw))
+            aw = nc.aw  # a coroutine (the usual call) is a task as it is; other awaitables get wrapped
+            nc.task = main.create_task(aw if type(aw) is types.CoroutineType else _as_coro(aw))
             nc.task.add_done_callback(functools.partial(self._node_call_done, nc))
 
     def _node_call_done(self, nc: _NodeCall, task: asyncio.Task[Any]) -> None:

@@ -328,6 +328,10 @@ class SliceRuntime:
             node_id, repository, self.data_dir, space=space, allow_index=allow_index, installer=installer
         )
         self._entries: dict[Artifact, _Entry] = {}
+        # `_matching` of a str target, per target: every call asks it up to three times (the
+        # invoker's choice, `has_room`, `_pick`); emptied whenever an entry is added, removed,
+        # activated or deactivated (`_changed`)
+        self._match_cache: dict[str, list[_Entry]] = {}
         self._locks: dict[Artifact, asyncio.Lock] = {}
         self._retiring: set[asyncio.Future[None]] = set()  # replaced instances being drained and stopped
         self.limits_for = limits_for
@@ -370,6 +374,7 @@ class SliceRuntime:
                 except SliceConflict as exc:
                     e = await self._load_in_worker(artifact, exc.reason)
             self._entries[artifact] = e
+            self._changed()
             where = f" in worker process {e.worker.pid}" if e.worker is not None else ""
             self.log.info("%s: loaded %s (%s)%s", self.node_id, artifact, e.loaded.info.name, where)
             return e.loaded.info
@@ -452,6 +457,7 @@ class SliceRuntime:
                 raise
             e.instances = {i.id: i for i in started}
             e.state = "active"
+            self._changed()
             self._ensure_health()
             self.log.info("%s: activated %s instances %s", self.node_id, artifact, sorted(e.instances))
 
@@ -535,6 +541,7 @@ class SliceRuntime:
             await self._close_thread(e)
             e.instances = {}
             e.state = "loaded"  # a worker keeps running with the class loaded until `unload`
+            self._changed()
             self.log.info("%s: deactivated %s", self.node_id, artifact)
 
     async def unload(self, artifact: Artifact) -> None:
@@ -546,6 +553,7 @@ class SliceRuntime:
             e = self._entries.pop(artifact, None)
             if e is None:
                 return
+            self._changed()
             if e.worker is not None:
                 try:
                     await e.worker.close()
@@ -820,15 +828,28 @@ class SliceRuntime:
             raise SliceStateError(f"{artifact} is not loaded on {self.node_id}; load it first")
         return e
 
+    def _changed(self) -> None:
+        """An entry was added, removed, activated or deactivated: forget `_matching`'s answers."""
+        self._match_cache.clear()
+
     def _matching(self, target: str | Artifact) -> list[_Entry]:
+        """The active entries `target` names, highest version first (do not mutate the list)."""
         if isinstance(target, Artifact):
             e = self._entries.get(target)
             return [e] if e is not None and e.state == "active" else []
+        found = self._match_cache.get(target)
+        if found is not None:
+            return found
         t = normalize_target(target)
         if t.count(":") == 2:
-            return self._matching(_parse_artifact(t))
-        found = [e for a, e in self._entries.items() if a.name == t and e.state == "active"]
-        return sorted(found, key=lambda e: e.loaded.artifact.version, reverse=True)
+            found = self._matching(_parse_artifact(t))
+        else:
+            found = [e for a, e in self._entries.items() if a.name == t and e.state == "active"]
+            found.sort(key=lambda e: e.loaded.artifact.version, reverse=True)
+        if len(self._match_cache) >= 1024:
+            self._match_cache.clear()
+        self._match_cache[target] = found
+        return found
 
     def _pick(
         self, target: Artifact | str, instance: int | None, method: str = ""
