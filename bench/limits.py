@@ -72,6 +72,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -404,6 +405,14 @@ def measure(
     return out
 
 
+def with_isolation(blueprint: str, isolation: str) -> str:
+    """`blueprint` with ``isolation = "inline"`` in every slice table (``thread``: as it is)."""
+    if isolation == "thread":
+        return blueprint
+    table = r"^(\[slices\.[A-Za-z0-9_-]+\]\n)"
+    return re.sub(table, rf'\1isolation = "{isolation}"\n', blueprint, flags=re.M)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (medians reported)")
@@ -418,6 +427,11 @@ def main() -> int:
         choices=("flamegraph", "raw", "speedscope"),
         default="flamegraph",
         help="py-spy output: svg flame graphs, raw collapsed stacks (.txt) or speedscope (.json)",
+    )
+    ap.add_argument(
+        "--isolation", choices=("thread", "inline"), default="thread",
+        help="where hello and greeter run on the nodes: their own loop and thread (the default), or the "
+        'node\'s loop (isolation = "inline" in the blueprint: no thread hop)',
     )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (node logs)")
     ap.add_argument("--serve", choices=("hello", "chain"), help="run one bare server (internal)")
@@ -437,7 +451,7 @@ def main() -> int:
     prof = Profiler(a.profile, a.profile_format)
     res: dict[str, Any] = {}
     rc = 0
-    blueprint = {"toml": BLUEPRINT, "filename": "hello.blueprint"}
+    blueprint = {"toml": with_isolation(BLUEPRINT, a.isolation), "filename": "hello.blueprint"}
     cluster: Cluster | None = None
     bare: BareServers | None = None
     try:
@@ -489,6 +503,7 @@ def main() -> int:
             rounds=a.rounds,
             conns=a.conns,
             bare_chain_conns=a.bare_chain_conns,
+            isolation=a.isolation,
             non2xx=int(sum(f["non2xx"] for r in rounds for f in r.values())),
             socket_errors=int(sum(f["socket_errors"] for r in rounds for f in r.values())),
         )

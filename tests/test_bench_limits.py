@@ -53,6 +53,15 @@ def test_ratios_follow_the_documented_definitions() -> None:
     assert r["hello_cpu_ratio"] == pytest.approx(1.5)
 
 
+def test_isolation_inline_goes_into_every_slice_table_of_the_blueprint() -> None:
+    assert limits.with_isolation(limits.BLUEPRINT, "thread") == limits.BLUEPRINT
+    inline = limits.with_isolation(limits.BLUEPRINT, "inline")
+    assert inline.count('isolation = "inline"') == inline.count("[slices.") == 2
+    from aether.deploy.blueprint import parse_blueprint
+
+    assert {s.isolation for s in parse_blueprint(inline, "hello.blueprint").slices} == {"inline"}
+
+
 def test_summary_takes_medians_and_the_result_line_leads_with_the_required_keys() -> None:
     slower = {k: dict(v) for k, v in ROUND.items()}
     slower["hello"]["rps"] = 10_000

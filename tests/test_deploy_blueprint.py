@@ -533,4 +533,5 @@ def test_isolation_is_parsed_validated_and_expanded() -> None:
     assert plain.isolation == "auto"
     with pytest.raises(BlueprintError) as e:
         parse_blueprint(text.replace('"process"', '"thread"'), "bp.toml")
-    assert str(e.value) == 'bp.toml:4: isolation in [slices.a] must be "auto" or "process", got \'thread\''
+    allowed = '"auto", "process" or "inline"'
+    assert str(e.value) == f"bp.toml:4: isolation in [slices.a] must be {allowed}, got 'thread'"

@@ -25,6 +25,7 @@ from aether.deploy.lifecycle import (
 from aether.kv.keys import SliceStateValue
 from aether.slices.isolation import (
     BlockPolicy,
+    InlineLoop,
     SliceBlocked,
     SliceCrashed,
     SliceThread,
@@ -232,3 +233,30 @@ def test_quarantine_takes_an_active_slice_down_and_reports_failed_with_the_reaso
     assert m.state is SliceState.FAILED
     # nothing to take down when it is not active (e.g. already failed)
     assert not [a for a in m.handle(Quarantine("again", 3.0)) if isinstance(a, StartStep)]
+
+
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+async def test_inline_code_runs_on_the_node_loop_and_its_exits_are_contained(exc: BaseException) -> None:
+    inline = InlineLoop("org.x:inline:1.0.0")
+
+    async def where() -> int:
+        return threading.get_ident()
+
+    async def leave() -> None:
+        raise exc
+
+    async def fail() -> None:
+        raise ValueError("boom")
+
+    assert await inline.run(where(), entry="where") == threading.get_ident()
+    with pytest.raises(SliceCrashed, match=rf"leave of org.x:inline:1.0.0 raised {type(exc).__name__}"):
+        await inline.run(leave(), entry="leave")
+    with pytest.raises(ValueError, match="boom"):
+        await inline.run(fail(), entry="fail")
+    assert await inline.call_main(where()) == threading.get_ident()
+    assert inline.check(time.monotonic() + 60) is None  # a blocked node loop is the node's to report
+    assert await inline.close()
+    closed = where()
+    with pytest.raises(SliceCrashed, match="stopped"):
+        await inline.run(closed, entry="where")
+    assert inspect.getcoroutinestate(closed) == inspect.CORO_CLOSED

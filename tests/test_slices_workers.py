@@ -436,6 +436,12 @@ def test_node_reads_isolation_from_blueprints_and_max_workers_from_config(tmp_pa
     fake = SimpleNamespace(kv=SimpleNamespace(list_local=lambda prefix: bps))
     assert Node._slice_isolation(fake, A) == "process"  # type: ignore[arg-type]
     assert Node._slice_isolation(fake, B) == "auto"  # type: ignore[arg-type]
+    bps.append(("blueprints/y", BlueprintValue([BlueprintSlice(str(A), 1, isolation="inline"),
+                                                BlueprintSlice(str(B), 1, isolation="inline")])))  # fmt: skip
+    assert Node._slice_isolation(fake, A) == "process"  # the more contained wins
+    assert Node._slice_isolation(fake, B) == "auto"  # type: ignore[arg-type]
+    bps.pop(0)
+    assert Node._slice_isolation(fake, B) == "inline"  # type: ignore[arg-type]
     p = tmp_path / "aether.toml"
     p.write_text('[node]\nnode_id = "node-1"\nmax_workers = 3\n')
     assert load_toml(p)["max_workers"] == 3
@@ -556,5 +562,35 @@ async def test_a_worker_that_keeps_dying_is_given_up(repo: Repository, tmp_path:
         assert rt.worker_pid(A) is None
         with pytest.raises(WorkerLost, match=r"not running: .*died 2 times"):
             await rt.call(A, "version", enc(None))
+    finally:
+        await rt.close()
+
+
+@pytest.mark.timeout(60)
+async def test_an_inline_slice_runs_on_the_node_loop_and_reaches_the_node_directly(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """isolation = "inline": the slice's code runs on the node's own loop and thread (no hop), its
+    calls and map operations go to the node's objects as they are; exits are still contained."""
+    hello = Artifact.parse("org.example:hello:0.1.0")
+    rt, maps = make_runtime(repo, tmp_path, isolation_for=lambda a: "inline" if a == A else "auto")
+    try:
+        for a in (hello, A):
+            await rt.load(a)
+            await rt.activate(a, [1])
+        assert rt.isolation(A) == "inline" and rt.isolation(hello) == "thread"
+        assert dec(await rt.call(A, "version", enc(None))) == "1.0"
+        entry = rt._entries[A]
+        assert entry.thread is not None and not hasattr(entry.thread, "thread")  # no thread of its own
+        obj = entry.instances[1].obj
+        assert obj is not None and obj.context.invoker is rt.invoker and obj.context.maps is maps
+        got = dec(await rt.call(A, "relay", enc("ann"), request_id="req-8"))
+        assert got == "Hello, ann / rid=req-8"  # a call from inline code to a threaded slice
+        assert dec(await rt.call(A, "remember", enc("v2"))) == ["v2", ["k"]]
+        with pytest.raises(Exception) as failed:
+            await rt.call(A, "fail", enc("other"))
+        assert wire_kind_of(failed.value) == KIND_APP_ERROR
+        await rt.deactivate(A)
+        assert rt.isolation(A) == "thread"  # loaded, not active: no loop chosen yet
     finally:
         await rt.close()

@@ -86,7 +86,8 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     max_queue: int | None = None  # calls one instance queues beyond max_concurrency (None: default)
     entry_concurrency: dict[str, int] = {}  # per-entry limits within an instance
     rollout: RolloutPolicy | None = None  # [slices.NAME.rollout]: how a new version replaces this one
-    isolation: str = "auto"  # "process": always in a worker process of its own; "auto": when needed
+    isolation: str = "auto"  # "process": always in a worker process of its own; "auto": when needed;
+    # "inline": on the node's own loop (no thread hop; trusted code that never blocks)
     # [slices.NAME.entries.ENTRY]: per-entry policy overrides of what the code declares (fields set
     # only; `EntryPolicy` is defined in aether.core.policy because aether.invoke may not import kv)
     entries: dict[str, EntryPolicy] = {}

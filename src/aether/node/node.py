@@ -327,13 +327,17 @@ class Node:
 
     def _slice_isolation(self, artifact: Artifact) -> str:
         """``process`` when a blueprint on this replica says `isolation = "process"` for `artifact`,
-        else ``auto`` (`SliceRuntime.isolation_for`)."""
+        else ``inline`` when one says so, else ``auto`` (`SliceRuntime.isolation_for`): the more
+        contained wins when blueprints disagree."""
         coords = str(artifact)
+        said = set()
         for _, value in self.kv.list_local("blueprints/"):
             for s in getattr(value, "slices", ()):
-                if getattr(s, "artifact", None) == coords and getattr(s, "isolation", "auto") == "process":
-                    return "process"
-        return "auto"
+                if getattr(s, "artifact", None) == coords:
+                    said.add(getattr(s, "isolation", "auto"))
+        if "process" in said:
+            return "process"
+        return "inline" if said == {"inline"} else "auto"
 
     def _cluster_figures(self) -> ClusterFigures:
         """This node's view of the cluster for `/metrics` (`MetricsService.cluster`), read at scrape

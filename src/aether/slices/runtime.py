@@ -84,7 +84,7 @@ from aether.slices.errors import (
     UnknownEntry,
 )
 from aether.slices.faults import SliceFault, should_fail
-from aether.slices.isolation import BlockReport, SliceThread, ThreadInvoker, ThreadMaps
+from aether.slices.isolation import BlockReport, InlineLoop, SliceThread, ThreadInvoker, ThreadMaps
 from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
@@ -233,7 +233,7 @@ class _Entry:
     instances: dict[int, _Instance] = field(default_factory=dict)
     rr: itertools.count[int] = field(default_factory=itertools.count)
     coords: str = ""  # str(artifact), once: the metrics key (a str caches its hash)
-    thread: SliceThread | None = None  # where its code runs while it is active
+    thread: SliceThread | InlineLoop | None = None  # where its code runs while it is active
     limits: SliceLimits = NO_LIMITS  # from `limits_for`, read on activation and every health round
     worker: WorkerHost | None = None  # its code runs in this worker process instead of `thread`
     has_health: bool = False
@@ -446,7 +446,9 @@ class SliceRuntime:
             if e.state == "active":
                 await self._set_instances(e, instances, 5.0)
                 return
-            if e.worker is None:
+            if e.worker is None and self._isolation(artifact) == "inline":
+                e.thread = InlineLoop(e.coords, logger=self.log)
+            elif e.worker is None:
                 e.thread = SliceThread(e.coords, block_limit=self.block_limit, logger=self.log)
                 self._ensure_watchdog()
             e.limits = self._limits(e)
@@ -594,13 +596,16 @@ class SliceRuntime:
         e = self._entries.get(artifact)
         return e.worker.pid if e is not None and e.worker is not None else None
 
-    def isolation(self, artifact: Artifact) -> Literal["thread", "process"] | None:
-        """Where `artifact`'s code runs: ``thread`` (this interpreter, its own loop and thread) or
-        ``process`` (a worker process); None if it is not loaded here."""
+    def isolation(self, artifact: Artifact) -> Literal["thread", "inline", "process"] | None:
+        """Where `artifact`'s code runs: ``thread`` (this interpreter, its own loop and thread),
+        ``inline`` (on the node's loop, while it is active) or ``process`` (a worker process); None
+        if it is not loaded here."""
         e = self._entries.get(artifact)
         if e is None:
             return None
-        return "process" if e.worker is not None else "thread"
+        if e.worker is not None:
+            return "process"
+        return "inline" if isinstance(e.thread, InlineLoop) else "thread"
 
     def workers(self) -> dict[Artifact, int | None]:
         """Every artifact that runs in a worker process here, with the worker's pid."""
@@ -914,16 +919,23 @@ class SliceRuntime:
                 "table in the blueprint)", secrets,
             )) from None
 
-    def _context(self, e: _Entry, instance: int, thread: SliceThread, config: Any) -> SliceContext:
+    def _context(
+        self, e: _Entry, instance: int, thread: SliceThread | InlineLoop, config: Any
+    ) -> SliceContext:
         artifact = e.loaded.artifact
+        invoker: SliceCaller = self.invoker
+        maps = self.maps
+        if isinstance(thread, SliceThread):  # inline slices use the node's own objects
+            invoker = ThreadInvoker(self.invoker, thread)
+            maps = ThreadMaps(self.maps, thread) if self.maps is not None else None
         return SliceContext(
             artifact=artifact,
             node_id=self.node_id,
             instance=instance,
             logger=logging.getLogger(f"aether.slice.{artifact.group}.{artifact.artifact}"),
             config=config,
-            invoker=ThreadInvoker(self.invoker, thread),
-            maps=ThreadMaps(self.maps, thread) if self.maps is not None else None,
+            invoker=invoker,
+            maps=maps,
             codecs=e.loaded.codecs,
         )
 
@@ -991,7 +1003,7 @@ class SliceRuntime:
                 started += 1
         return started
 
-    async def _check_one(self, e: _Entry, inst: _Instance, thread: SliceThread | None) -> None:
+    async def _check_one(self, e: _Entry, inst: _Instance, thread: SliceThread | InlineLoop | None) -> None:
         reason: str | None = None
         try:
             if e.worker is not None:
