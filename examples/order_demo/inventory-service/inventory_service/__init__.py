@@ -16,7 +16,7 @@ random pause for up to `CHANGE_BUDGET_S` seconds (then 503).
 
 Escrow shards: a product with at least `SHARD_FROM` units of initial stock keeps them in
 `STOCK_SHARDS` entries (`shard_keys`: its id, then ``ID~1`` ...), each with a share. Each instance
-orders the shards at random and takes from the less busy of its first `SHARDS_IN_USE`; a round
+orders the shards at random and takes from the less busy of its first `SHARDS_IN_USE` (1); a round
 lost on a shard sends it to the end of the order, so the instances of the cluster write apart
 instead of colliding on one key. A take its shard cannot give makes the line read all the shards
 and take from the fullest (in pieces if needed): 409 only when all together have too little. The
@@ -75,9 +75,9 @@ STOCK_MAP = "stock"
 CHANGE_BUDGET_S = 5.0
 RESERVATION_TTL_S = 600.0  # how long a reservation record dedupes repeated reserves and releases
 RESERVING, RESERVED, RELEASED = "reserving", "reserved", "released"
-STOCK_SHARDS = 8  # keys a product with at least SHARD_FROM units of initial stock is split over
+STOCK_SHARDS = 4  # keys a product with at least SHARD_FROM units of initial stock is split over
 SHARD_FROM = 1000
-SHARDS_IN_USE = 2  # shards one instance writes at the same time (its first preferences)
+SHARDS_IN_USE = 1  # shards one instance writes at the same time (its first preferences)
 REPLANS = 3  # how often one line looks for stock in other shards before answering 409
 
 
