@@ -317,13 +317,16 @@ class InventoryService(Slice):
     @entry
     async def check_stock(self, req: CheckStock) -> StockAvailability:
         """Whether `quantity` units of the product could be reserved now (no reservation is made).
-        For a product split into shards, `available` when sufficient counts the shard read now and
-        the others as this instance last saw them; when not sufficient every shard is read now."""
+        For a product split into shards it is sufficient without a read when the shard this
+        instance would take from had enough when it last wrote or read it (`available` then sums
+        the shards as it last saw them: the check is advice, `reserve` decides); otherwise every
+        shard is read now."""
         pid = parse_product_id(req.product_id, "productId")
         qty = parse_quantity(req.quantity, "quantity")
         keys = shard_keys(pid)
         if len(keys) > 1:
-            first = await self._read(self._pick(pid, qty))
+            key = self._pick(pid, qty)
+            first = self._known.get(key) or await self._read(key)
             if first is not None and first.available >= qty:
                 level = await self._estimate(pid)
                 return StockAvailability(pid, qty, max(level.available, first.available), True)
