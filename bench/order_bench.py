@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Order demo benchmark: `POST /api/orders` (and `GET /api/orders/{id}`) requests/s and p50/p99 on
-3 real nodes, with the load spread over every node's HTTP port.
+"""Order demo benchmark: `POST /api/orders` on ONE hot product (and `GET /api/orders/{id}`)
+requests/s and p50/p99 on 3 real nodes, with the load spread over every node's HTTP port.
 
 Builds the order demo's six wheels (examples/build.py --only order_demo: five slices and the
 order-domain library), deploys them into a fresh repository, starts 3 `aether node` processes on
@@ -10,21 +10,34 @@ get-order-status x2, cancel-order x2; maps `orders` and `stock` with 3 replicas,
 and waits until every instance is ACTIVE. Then, for each connection count C in `--conns`:
 
 - `place`: three `wrk -t1 -c(C/3)` processes at once, one per node's HTTP port, each sending
-  `POST /api/orders` with one line (1 x PROD-STICKER, whose stock is effectively unlimited). Every
-  request is a full place-order: two slice calls to inventory (check, reserve; reserve is a
-  compare-and-set on the `stock` map), one to pricing, and a replicated put into `orders`.
-- `get`: the same shape with `GET /api/orders/{id}` over 300 orders placed beforehand.
+  `POST /api/orders` with one line: 1 x `--product` (default PROD-STICKER, 100,000,000 in stock:
+  every order really takes a unit of the same product, and none runs out). Every request is a
+  full place-order: two slice calls to inventory (check, reserve: a claim of the order's
+  reservation record, the take, the record), one to pricing, and a replicated put into `orders`.
+- `get`: the same shape with `GET /api/orders/{id}` over 300 orders placed beforehand
+  (`--no-get` skips it).
+
+After the runs the product's stock must have gone down by at least the orders answered 2xx
+(else the run fails: an order acknowledged without its stock).
 
 Each run has an unrecorded warm-up (`--warmup`, default 2 s) and then `--duration` s (default 10).
 `rps` is the sum over the three wrk processes. p50/p99 merge the three latency distributions:
 each wrk process reports its latency at every 0.1 % quantile (a Lua `done` hook), these are
 pooled weighted by request count and the percentile is read off the pool (exact to about 0.1 %
-in rank). Everything runs on loopback on the same machine as the nodes (wrk uses CPU too);
-every process started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
+in rank). `cpu_ms`: user + system CPU of the three node processes per placed order (from
+/proc/PID/stat), which the other work on a shared machine moves much less than rps and latency.
+Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
+started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
+
+`--baseline REF` (e.g. `main`) also builds the demo as of git REF (`git archive REF examples`,
+built by that tree's own build.py) and measures both, each on fresh nodes, `--rounds N` times,
+alternating which goes first; the RESULT then gives the medians (`base_*` for REF) and the
+medians of the per-round ratios new/base (`place_c{C}_{rps,p50_ms,p99_ms,cpu_ms}_ratio`).
 
 Final line (machine-readable):
-`RESULT nodes=3 place_c{C}_rps=... place_c{C}_p50_ms=... place_c{C}_p99_ms=... get_c{C}_rps=...
-get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=... socket_errors=...` (one line), or
+`RESULT nodes=3 product=... place_c{C}_rps=... place_c{C}_p50_ms=... place_c{C}_p99_ms=...
+place_c{C}_cpu_ms=... get_c{C}_rps=... get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=...
+socket_errors=... [base_... place_c{C}_rps_ratio=... ...]` (one line), or
 `RESULT error=<ExceptionName>` after the tail of every node log.
 """
 
@@ -35,6 +48,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,7 +64,7 @@ from kv_bench import HOST, Cluster, log  # noqa: E402
 BUILD = ROOT / "examples" / "build.py"
 BLUEPRINT_FILE = ROOT / "examples" / "order_demo" / "demo-order.blueprint"
 BLUEPRINT_ID = "demo-order:0.1.0"
-ORDER = {"customerId": "CUST-BENCH", "items": [{"productId": "PROD-STICKER", "quantity": 1}]}
+HOT_PRODUCT = "PROD-STICKER"  # 100,000,000 in stock: every order takes one, none runs out
 
 _wrk: set[subprocess.Popen[bytes]] = set()
 
@@ -66,8 +80,8 @@ end
 """
 
 
-def post_script() -> str:
-    body = json.dumps(ORDER).replace("\\", "\\\\").replace("'", "\\'")
+def post_script(order: dict[str, object]) -> str:
+    body = json.dumps(order).replace("\\", "\\\\").replace("'", "\\'")
     return (
         'wrk.method = "POST"\n'
         'wrk.headers["Content-Type"] = "application/json"\n'
@@ -87,9 +101,9 @@ def get_script(order_ids: list[str]) -> str:
     )
 
 
-def build_wheels(out: Path) -> list[Path]:
+def build_wheels(out: Path, build: Path = BUILD) -> Path:
     proc = subprocess.run(
-        [sys.executable, str(BUILD), "--only=order_demo", "--no-deploy", f"--out={out}"],
+        [sys.executable, str(build), "--only=order_demo", "--no-deploy", f"--out={out}"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -100,7 +114,7 @@ def build_wheels(out: Path) -> list[Path]:
     wheels = sorted(out.glob("*.whl"))
     if len(wheels) != 6:
         raise RuntimeError(f"expected 6 wheels, built {[w.name for w in wheels]}")
-    return wheels
+    return out
 
 
 def run_wrk_all(ports: list[int], path: str, conns: int, seconds: float, script: Path) -> list[str]:
@@ -140,13 +154,14 @@ def merge(outs: list[str]) -> dict[str, float]:
     """Sum the rates; pool the quantile grids (weighted by requests) for p50/p99."""
     pool: list[tuple[float, float]] = []  # (latency_us, weight)
     rps = 0.0
-    non2xx = errors = 0
+    non2xx = errors = ok_total = 0
     for out in outs:
         q_line = next(ln for ln in out.splitlines() if ln.startswith("QUANTILES_US "))
         s_line = next(ln for ln in out.splitlines() if ln.startswith("SUMMARY "))
         s = {k: int(v) for k, v in (kv.split("=") for kv in s_line.split()[1:])}
         qs = [float(x) for x in q_line.split()[1:]]
         rps += s["requests"] / (s["duration_us"] / 1e6)
+        ok_total += s["requests"] - s["non2xx"]
         non2xx += s["non2xx"]
         errors += s["socket_errors"]
         pool += [(v, s["requests"] / len(qs)) for v in qs]
@@ -161,50 +176,80 @@ def merge(outs: list[str]) -> dict[str, float]:
                 return v / 1000
         return pool[-1][0] / 1000
 
-    return {"rps": rps, "p50_ms": pct(50), "p99_ms": pct(99), "non2xx": non2xx, "socket_errors": errors}
+    return {
+        "rps": rps,
+        "p50_ms": pct(50),
+        "p99_ms": pct(99),
+        "non2xx": non2xx,
+        "socket_errors": errors,
+        "ok_total": ok_total,
+    }
+
+
+def cpu_seconds(cluster: Cluster) -> float:
+    """User + system CPU seconds the node processes used so far (/proc/PID/stat)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in cluster.procs:
+        if p is None:
+            continue
+        with open(f"/proc/{p.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def load(
-    label: str, ports: list[int], path: str, conns: int, a: argparse.Namespace, script: Path
+    label: str,
+    ports: list[int],
+    path: str,
+    conns: int,
+    a: argparse.Namespace,
+    script: Path,
+    cluster: Cluster | None = None,
 ) -> dict[str, float]:
     run_wrk_all(ports, path, conns, a.warmup, script)  # not recorded
+    cpu0 = cpu_seconds(cluster) if cluster is not None else 0.0
     r = merge(run_wrk_all(ports, path, conns, a.duration, script))
+    if cluster is not None:  # the nodes' CPU per request: what the load on the machine moves least
+        r["cpu_ms"] = (cpu_seconds(cluster) - cpu0) * 1000 / max(1.0, r["rps"] * a.duration)
     log(
         f"{label} c={conns} over {len(ports)} ports: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
         f"p99 {r['p99_ms']:.2f} ms, non2xx {r['non2xx']:.0f}, socket errors {r['socket_errors']:.0f}"
+        + (f", node CPU {r['cpu_ms']:.2f} ms per request" if "cpu_ms" in r else "")
     )
     return r
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
-    ap.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each run")
-    ap.add_argument("--conns", default="6,48", help="comma-separated total connection counts")
-    ap.add_argument("--timeout", type=float, default=90.0, help="deadline for start-up and convergence")
-    ap.add_argument("--keep", action="store_true", help="keep the work dir (node logs)")
-    a = ap.parse_args()
-    conns = [int(c) for c in a.conns.split(",") if c.strip()]
-    if not conns or min(conns) < 1:
-        ap.error("--conns needs positive connection counts, e.g. 6,48")
+def baseline_wheels(ref: str, out: Path) -> Path:
+    """The order demo's wheels as of git `ref` (its examples/ tree, built by its own build.py)."""
+    src = out / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "examples"], capture_output=True, timeout=120, check=False
+    )
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {ref} failed: {archive.stderr.decode(errors='replace')}")
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=120)
+    wheels = out / "wheels"
+    build_wheels(wheels, src / "examples" / "build.py")
+    return wheels
 
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+
+def run_variant(
+    label: str, wheels: Path, work: Path, conns: list[int], a: argparse.Namespace, order: dict[str, object]
+) -> dict[str, float]:
+    """Start 3 nodes with the demo built from `wheels`, measure every step, stop them."""
+    from aether.slices.repository import Repository
+
     n = 3
-    work = Path(tempfile.mkdtemp(prefix="aether-order-bench-"))
-    res: dict[str, object] = {"nodes": n}
-    rc = 0
-    cluster: Cluster | None = None
+    repo = Repository(work / "repo")
+    for w in sorted(wheels.glob("*.whl")):
+        repo.deploy_wheel(w)
+    os.environ["AETHER_REPOSITORY"] = str(work / "repo")
+    cluster = Cluster(n, str(work), no_uvloop=False, fsync=None, extra=[])
+    res: dict[str, float] = {}
     try:
-        ensure_wrk()
-        log("building the order demo wheels")
-        from aether.slices.repository import Repository
-
-        repo = Repository(work / "repo")
-        for w in build_wheels(work / "wheels"):
-            repo.deploy_wheel(w)
-        os.environ["AETHER_REPOSITORY"] = str(work / "repo")
-        cluster = Cluster(n, str(work), no_uvloop=False, fsync=None, extra=[])
         mgmt = cluster.mgmt_ports[0]
         ports = cluster.http_ports
         deadline = time.monotonic() + a.timeout
@@ -220,51 +265,120 @@ def main() -> int:
             f"/api/v1/blueprints/{BLUEPRINT_ID}/wait?timeout={a.timeout:g}",
             timeout=a.timeout + 5,
         )
-        log("deployed: " + ", ".join(f"{s['artifact']} x{s['active']}" for s in st))
-        sample = http(ports[0], "POST", "/api/orders", ORDER)
-        log(f"sample POST /api/orders on node-1: {sample}")
-        ids = [http(ports[k % n], "POST", "/api/orders", ORDER)["orderId"] for k in range(300)]
+        log(f"[{label}] deployed: " + ", ".join(f"{s['artifact']} x{s['active']}" for s in st))
+        product = order["items"][0]["productId"]  # type: ignore[index]
+        before = http(ports[1], "GET", f"/api/inventory/{product}")
+        ids = [http(ports[k % n], "POST", "/api/orders", order)["orderId"] for k in range(300)]
         read = http(ports[2], "GET", f"/api/orders/{ids[0]}")
         if read["orderId"] != ids[0]:
             raise RuntimeError(f"GET /api/orders/{ids[0]} answered {read}")
         post_lua, get_lua = work / "post.lua", work / "get.lua"
-        post_lua.write_text(post_script())
+        post_lua.write_text(post_script(order))
         get_lua.write_text(get_script(ids))
         non2xx = socket_errors = 0
+        placed = 300
         for c in conns:
-            r = load("place", ports, "/api/orders", c, a, post_lua)
+            r = load(f"[{label}] place {product}", ports, "/api/orders", c, a, post_lua, cluster)
             res.update(
                 {
                     f"place_c{c}_rps": r["rps"],
                     f"place_c{c}_p50_ms": r["p50_ms"],
                     f"place_c{c}_p99_ms": r["p99_ms"],
+                    f"place_c{c}_cpu_ms": r["cpu_ms"],
                 }
             )
             non2xx += int(r["non2xx"])
             socket_errors += int(r["socket_errors"])
-        for c in conns:
-            r = load("get", ports, "/api/orders/x", c, a, get_lua)
-            res.update(
-                {f"get_c{c}_rps": r["rps"], f"get_c{c}_p50_ms": r["p50_ms"], f"get_c{c}_p99_ms": r["p99_ms"]}
-            )
-            non2xx += int(r["non2xx"])
-            socket_errors += int(r["socket_errors"])
-        stock = http(ports[1], "GET", "/api/inventory/PROD-STICKER")
-        log(f"stock after the run: {stock}")
+            placed += int(r["ok_total"])
+        if not a.no_get:
+            for c in conns:
+                r = load(f"[{label}] get", ports, "/api/orders/x", c, a, get_lua)
+                res.update(
+                    {
+                        f"get_c{c}_rps": r["rps"],
+                        f"get_c{c}_p50_ms": r["p50_ms"],
+                        f"get_c{c}_p99_ms": r["p99_ms"],
+                    }
+                )
+                non2xx += int(r["non2xx"])
+                socket_errors += int(r["socket_errors"])
+        after = http(ports[1], "GET", f"/api/inventory/{product}")
+        taken = before["available"] - after["available"]
+        log(
+            f"[{label}] stock of {product}: {before} -> {after}: {taken} taken, at least {placed} orders "
+            "answered 2xx (wrk does not count the answers it cut off)"
+        )
+        if taken < placed or after["available"] < 0:
+            raise RuntimeError(f"{product}: {taken} units taken for {placed} acknowledged orders")
         res.update(non2xx=non2xx, socket_errors=socket_errors)
+    except BaseException:
+        for i in range(n):
+            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        raise
+    finally:
+        kill_wrk()
+        cluster.stop_all()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per run")
+    ap.add_argument("--warmup", type=float, default=2.0, help="unrecorded seconds before each run")
+    ap.add_argument("--conns", default="6,48", help="comma-separated total connection counts")
+    ap.add_argument("--timeout", type=float, default=90.0, help="deadline for start-up and convergence")
+    ap.add_argument("--product", default=HOT_PRODUCT, help="the one product every order takes")
+    ap.add_argument("--baseline", metavar="REF", help="also measure the demo as of git REF (e.g. main)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds (with --baseline: each runs both)")
+    ap.add_argument("--no-get", action="store_true", help="skip the GET /api/orders/{id} step")
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (node logs)")
+    a = ap.parse_args()
+    conns = [int(c) for c in a.conns.split(",") if c.strip()]
+    if not conns or min(conns) < 1:
+        ap.error("--conns needs positive connection counts, e.g. 6,48")
+    if a.rounds < 1:
+        ap.error("--rounds needs at least 1")
+    order = {"customerId": "CUST-BENCH", "items": [{"productId": a.product, "quantity": 1}]}
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    work = Path(tempfile.mkdtemp(prefix="aether-order-bench-"))
+    res: dict[str, object] = {"nodes": 3, "product": a.product}
+    rc = 0
+    try:
+        ensure_wrk()
+        log("building the order demo wheels")
+        variants = {"new": build_wheels(work / "wheels")}
+        if a.baseline:
+            log(f"building the order demo wheels as of {a.baseline}")
+            variants = {"base": baseline_wheels(a.baseline, work / "base"), **variants}
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+        for k in range(a.rounds):
+            names = list(variants) if k % 2 == 0 else list(reversed(variants))  # alternate who goes first
+            for v in names:
+                runs[v].append(run_variant(v, variants[v], work / f"{v}-{k}", conns, a, order))
+        for v, rs in runs.items():
+            prefix = "base_" if v == "base" else ""
+            for key in rs[0]:
+                vals = [r[key] for r in rs]
+                res[prefix + key] = (
+                    sum(vals) if key in ("non2xx", "socket_errors") else statistics.median(vals)
+                )
+        if a.baseline:
+            for c in conns:
+                for m in ("rps", "p50_ms", "p99_ms", "cpu_ms"):
+                    k = f"place_c{c}_{m}"
+                    ratios = [n[k] / b[k] for n, b in zip(runs["new"], runs["base"], strict=True) if b[k]]
+                    if ratios:
+                        res[f"{k}_ratio"] = statistics.median(ratios)
     except (Exception, Interrupted) as e:
         log(f"ERROR: {type(e).__name__}: {e}")
-        if cluster is not None:
-            for i in range(n):
-                log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
         res = {"error": type(e).__name__}
         rc = 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         kill_wrk()
-        if cluster is not None:
-            cluster.stop_all()
         if a.keep:
             log(f"work dir kept: {work}")
         else:

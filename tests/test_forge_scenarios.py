@@ -24,6 +24,7 @@ from aether.forge.scenarios import (
     other_version,
     quorum_gap,
     resolve_names,
+    stock_keys,
     stock_taken_matches,
     success_rate,
     within,
@@ -129,6 +130,12 @@ def test_the_stock_check_catches_an_order_reserved_twice_or_not_at_all() -> None
     unread = stock_taken_matches({"P-A": 1000}, {"P-A": 995}, {"P-A": 5, "P-B": 1})
     assert not unread.passed and "P-B: stock not read" in unread.observed
     assert not stock_taken_matches(before, before, {}).passed  # no order placed: nothing was shown
+
+
+def test_the_stock_of_a_product_is_read_from_its_key_and_its_shards() -> None:
+    listed = ["P-A~2", "P-A", "P-AB", "P-A~1", "P-AB~1", "reservation:ORD-1"]
+    assert stock_keys("P-A", listed) == ["P-A", "P-A~1", "P-A~2"]
+    assert stock_keys("P-AB", listed) == ["P-AB", "P-AB~1"] and stock_keys("P-C", listed) == []
 
 
 def test_the_update_goes_to_the_other_deployed_version() -> None:

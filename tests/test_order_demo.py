@@ -381,8 +381,9 @@ async def test_a_retry_after_a_crash_between_take_and_record_takes_the_stock_onc
     inv = demo.inventory
     lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
     # the first attempt claimed the record and took the stock; then its node died
-    await inv.reservations.put(reservation_key("ORD-1"), Reservation("ORD-1", RESERVING, "dead", lines))
-    await inv._take("ORD-1", lines)
+    rec = Reservation("ORD-1", RESERVING, "dead", lines, plan=inv._plan(lines))
+    await inv.reservations.put(reservation_key("ORD-1"), rec)
+    await inv._take("ORD-1", lines, [rec])
     assert (await inv.stock.get("PROD-ABC123")).holds == {"ORD-1": 3}  # type: ignore[union-attr]
     # the retry takes the record over; the product holds the order's take: not taken again
     assert await inv.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
@@ -424,6 +425,201 @@ async def test_concurrent_reservations_never_oversell() -> None:
     level = await demo.inventory.get_stock("PROD-DEF456")
     assert sold <= 10 and level.available == 10 - sold and level.reserved == sold
     assert level.available <= 1  # sold out (a leftover single unit only if just 2-unit orders came later)
+
+
+# --- escrow shards: a product with a lot of stock is split over several keys -----------------------
+
+
+class CountingReads:
+    """Counts the `stock` map reads of a LocalMaps from now on."""
+
+    def __init__(self, maps: LocalMaps) -> None:
+        self.count = 0
+        get = maps.map_get
+
+        async def counted(name: str, key: str) -> bytes | None:
+            self.count += name == "stock"
+            return await get(name, key)
+
+        maps.map_get = counted  # type: ignore[method-assign]
+
+
+def _entry(maps: LocalMaps, key: str) -> Any:
+    from inventory_service import StockEntry
+
+    raw, _ = maps.data["stock"][key]
+    return msgspec.msgpack.decode(raw, type=StockEntry)
+
+
+async def test_a_big_product_is_split_over_shards_and_reads_as_one_level() -> None:
+    from inventory_service import STOCK_SHARDS, shard_keys
+
+    demo = await Demo().start()
+    keys = shard_keys("PROD-STICKER")
+    assert keys == ["PROD-STICKER"] + [f"PROD-STICKER~{k}" for k in range(1, STOCK_SHARDS)]
+    assert shard_keys("PROD-ABC123") == ["PROD-ABC123"]  # small stock: one key, as before
+    assert [_entry(demo.maps, k).available for k in keys] == [100_000_000 // STOCK_SHARDS] * STOCK_SHARDS
+    other = demo.make(INVENTORY, 2)
+    await other.start()  # seeds nothing more
+    instances = [demo.inventory, other]
+    assert await other.get_stock("PROD-STICKER") == d.StockLevel("PROD-STICKER", 100_000_000, 0)
+    line = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(3))]
+    await asyncio.gather(*(instances[i % 2].reserve(d.ReserveStock(f"ORD-{i}", line)) for i in range(20)))
+    await asyncio.gather(
+        *(instances[i % 2].release(d.ReleaseStock(f"ORD-{i}", line)) for i in range(0, 20, 2))
+    )
+    level = d.StockLevel("PROD-STICKER", 100_000_000 - 30, 30)
+    assert await demo.inventory.get_stock("PROD-STICKER") == await other.get_stock("PROD-STICKER") == level
+    check = await other.check_stock(d.CheckStock(d.ProductId("PROD-STICKER"), d.Quantity(5)))
+    assert check.sufficient and check.available >= 5  # from what it last saw: no read
+    assert sum(_entry(demo.maps, k).reserved for k in keys) == 30
+
+
+async def test_a_line_larger_than_any_shard_takes_pieces_of_several(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inventory_service
+    from inventory_service import Reservation, reservation_key, shard_keys
+
+    monkeypatch.setattr(inventory_service, "SHARD_FROM", 10)  # PROD-DEF456 (10) is split 3, 3, 2, 2
+    monkeypatch.setattr(inventory_service, "STOCK_SHARDS", 4)
+    demo = await Demo().start()
+    inv = demo.inventory
+    keys = shard_keys("PROD-DEF456")
+    assert [_entry(demo.maps, k).available for k in keys] == [3, 3, 2, 2]
+    five = [d.StockLine(d.ProductId("PROD-DEF456"), d.Quantity(5))]
+    assert await inv.reserve(d.ReserveStock("ORD-1", five)) == [d.StockLevel("PROD-DEF456", 5, 5)]
+    record = await inv.reservations.get(reservation_key("ORD-1"))
+    assert isinstance(record, Reservation) and len(record.plan) >= 2  # the record says where it took them
+    assert sum(p.quantity for p in record.plan) == 5
+
+    def check(n: int) -> Awaitable[d.StockAvailability]:
+        return inv.check_stock(d.CheckStock(d.ProductId("PROD-DEF456"), d.Quantity(n)))
+
+    reads = CountingReads(demo.maps)
+    assert await check(5) == d.StockAvailability("PROD-DEF456", 5, 5, True)  # no shard has 5: all read
+    assert reads.count == len(keys)
+    assert (await check(1)).sufficient and reads.count == len(keys)  # its shard had enough: no read
+    assert await check(6) == d.StockAvailability("PROD-DEF456", 6, 5, False)
+    with pytest.raises(Conflict, match="insufficient stock for PROD-DEF456: 5 available, 6 requested"):
+        await inv.reserve(d.ReserveStock("ORD-2", [d.StockLine(d.ProductId("PROD-DEF456"), d.Quantity(6))]))
+    assert await inv.get_stock("PROD-DEF456") == d.StockLevel("PROD-DEF456", 5, 5)  # ORD-2 took nothing
+    await inv.release(d.ReleaseStock("ORD-1", five))  # back where it came from
+    assert [_entry(demo.maps, k).available for k in keys] == [3, 3, 2, 2]
+    assert all(not _entry(demo.maps, k).holds and _entry(demo.maps, k).reserved == 0 for k in keys)
+
+
+async def test_concurrent_reservations_of_a_split_product_never_oversell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import inventory_service
+
+    monkeypatch.setattr(inventory_service, "SHARD_FROM", 10)
+    monkeypatch.setattr(inventory_service, "STOCK_SHARDS", 4)
+    demo = await Demo(YieldingMaps(["orders", "stock"])).start()
+    others = [demo.make(INVENTORY, i) for i in range(2, 4)]
+    await asyncio.gather(*(o.start() for o in others))
+    instances = [demo.inventory, *others]
+
+    async def buy(i: int) -> bool:
+        line = d.StockLine(d.ProductId("PROD-DEF456"), d.Quantity(1 + i % 2))
+        try:
+            await instances[i % len(instances)].reserve(d.ReserveStock(f"ORD-{i}", [line]))
+            return True
+        except Conflict:
+            return False
+
+    results = await asyncio.gather(*(buy(i) for i in range(40)))
+    sold = sum(1 + i % 2 for i, ok in enumerate(results) if ok)
+    level = await demo.inventory.get_stock("PROD-DEF456")
+    assert sold <= 10 and level.available == 10 - sold and level.reserved == sold
+    # sold out: a single unit left over only if it is the last one and 2-unit orders came later
+    assert level.available <= 1 or not any(results[i] is False and i % 2 == 0 for i in range(40))
+
+
+async def test_a_retry_on_another_instance_takes_from_the_shards_the_first_attempt_planned() -> None:
+    from inventory_service import RESERVING, Reservation, reservation_key, shard_keys
+
+    demo = await Demo().start()
+    first = demo.inventory
+    retry = demo.make(INVENTORY, 2)
+    await retry.start()
+    keys = shard_keys("PROD-STICKER")
+    first._prefer["PROD-STICKER"] = list(keys)
+    retry._prefer["PROD-STICKER"] = list(reversed(keys))  # left alone it would take from another shard
+    lines = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(3))]
+    # the first attempt claimed the record with its plan and took the stock; then its node died
+    rec = Reservation("ORD-1", RESERVING, "dead", lines, plan=first._plan(lines))
+    assert [p.key for p in rec.plan] == [keys[0]]
+    await first.reservations.put(reservation_key("ORD-1"), rec)
+    await first._take("ORD-1", lines, [rec])
+    assert _entry(demo.maps, keys[0]).holds == {"ORD-1": 3}
+    await retry.reserve(d.ReserveStock("ORD-1", lines))
+    assert await retry.get_stock("PROD-STICKER") == d.StockLevel("PROD-STICKER", 100_000_000 - 3, 3)
+    assert [_entry(demo.maps, k).reserved for k in keys] == [3] + [0] * (len(keys) - 1)
+
+
+async def test_a_stale_remembered_level_costs_a_read_and_moves_the_instance_to_another_shard() -> None:
+    from inventory_service import shard_keys
+
+    demo = await Demo().start()
+    a, b = demo.inventory, demo.make(INVENTORY, 2)
+    await b.start()
+    keys = shard_keys("PROD-STICKER")
+    a._prefer["PROD-STICKER"] = list(keys)
+    b._prefer["PROD-STICKER"] = list(keys)  # the same first choice: they meet on keys[0]
+    one = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(1))]
+    await a.reserve(d.ReserveStock("ORD-1", one))  # a remembers keys[0] as it wrote it
+    await b.reserve(d.ReserveStock("ORD-2", one))  # b writes keys[0] behind a's back
+    writes = a.writes
+    await a.reserve(d.ReserveStock("ORD-3", one))  # a's compare-and-set on what it remembered fails
+    assert a.lost == 1 and a.writes == writes + 1
+    assert _entry(demo.maps, keys[0]).reserved == 3
+    assert a._prefer["PROD-STICKER"][-1] == keys[0]  # it prefers the other shards from now on
+    await a.reserve(d.ReserveStock("ORD-4", one))
+    assert _entry(demo.maps, keys[0]).reserved == 3 and await a.get_stock("PROD-STICKER") == d.StockLevel(
+        "PROD-STICKER", 100_000_000 - 4, 4
+    )
+
+
+async def test_stock_stored_before_shards_existed_stays_in_the_product_key() -> None:
+    from inventory_service import StockEntry
+
+    maps = LocalMaps(["orders", "stock"])
+    # a version without shards kept all of the sticker's stock under its id
+    await maps.map_put("stock", "PROD-STICKER", msgspec.msgpack.encode(StockEntry("PROD-STICKER", 500, 7)))
+    demo = await Demo(maps).start()
+    assert sorted(k for k in maps.data["stock"] if k.startswith("PROD-STICKER")) == ["PROD-STICKER"]
+    line = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(3))]
+    await demo.inventory.reserve(d.ReserveStock("ORD-1", line))  # its shards do not exist: falls back
+    assert await demo.inventory.get_stock("PROD-STICKER") == d.StockLevel("PROD-STICKER", 497, 10)
+
+
+async def test_a_record_written_by_the_version_before_shards_is_taken_over_and_released() -> None:
+    from inventory_service import RELEASED, RESERVED, RESERVING, Reservation, reservation_key
+
+    class Before(msgspec.Struct, frozen=True, rename="camel"):  # the record without `plan`
+        order_id: str
+        state: str
+        attempt: str = ""
+        lines: list[d.StockLine] = []
+        levels: list[d.StockLevel] = []
+
+    demo = await Demo().start()
+    inv = demo.inventory
+    lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    for order, state in (("ORD-1", RESERVING), ("ORD-2", RELEASED)):
+        old = msgspec.msgpack.encode(Before(order, state, "dead" if state == RESERVING else "", lines))
+        assert old != msgspec.msgpack.encode(msgspec.msgpack.decode(old, type=Reservation))
+        await demo.maps.map_put("stock", reservation_key(order), old)
+        # compare-and-set compares bytes: without reading them back this looped forever
+        await asyncio.wait_for(inv.reserve(d.ReserveStock(order, lines)), 5)
+        record = await inv.reservations.get(reservation_key(order))
+        assert record is not None and record.state == RESERVED
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 94, 6)
+    await demo.maps.map_put(
+        "stock", reservation_key("ORD-3"), msgspec.msgpack.encode(Before("ORD-3", RESERVED, "x", lines))
+    )
+    await asyncio.wait_for(inv.release(d.ReleaseStock("ORD-3", lines)), 5)  # gives back to the product's key
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
 
 
 # --- pricing --------------------------------------------------------------------------------------------
@@ -756,6 +952,7 @@ def test_the_forge_blueprint_is_the_demo_with_place_order_autoscaled() -> None:
             assert s.instances == plain[art].instances == 3
         else:
             assert dataclasses.replace(s, line=0) == dataclasses.replace(plain[art], line=0)
+
     def tries(name: str) -> list[str]:
         return [line for line in (DEMO / name).read_text().splitlines() if line.startswith("# try:")]
 

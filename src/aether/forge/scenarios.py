@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import msgspec
@@ -621,13 +621,26 @@ async def _quiet(run: Run, timeout: float = 15.0) -> None:
         raise ScenarioFailed(f"requests still in flight {timeout:g} s after pausing the load")
 
 
+SHARD_SEPARATOR: Final = "~"
+"""A product with a lot of stock keeps it under its id and escrow shards `PRODUCT-ID~K`."""
+
+
+def stock_keys(product: str, keys: Iterable[str]) -> list[str]:
+    """The keys of the `stock` map holding `product`'s stock, among `keys` (a prefix listing)."""
+    return sorted(k for k in keys if k == product or k.startswith(product + SHARD_SEPARATOR))
+
+
 async def _stock(run: Run, products: Iterable[str]) -> dict[str, int]:
-    """Units available per product, read from the demo's `stock` map (linearizable per key)."""
+    """Units available per product: its keys in the demo's `stock` map (each linearizable) read
+    and summed, while no request of the load is in flight."""
     out: dict[str, int] = {}
     for product in sorted(products):
-        level = await run.forge.cluster.api("GET", f"/api/v1/maps/{STOCK_MAP}/entries/{product}")
-        if isinstance(level, dict) and isinstance(level.get("available"), int):
-            out[product] = level["available"]
+        listing = await run.forge.cluster.api("GET", f"/api/v1/maps/{STOCK_MAP}/keys?prefix={quote(product)}")
+        found = listing.get("keys") if isinstance(listing, dict) else None
+        for key in stock_keys(product, found if isinstance(found, list) else []):
+            level = await run.forge.cluster.api("GET", f"/api/v1/maps/{STOCK_MAP}/entries/{quote(key)}")
+            if isinstance(level, dict) and isinstance(level.get("available"), int):
+                out[product] = out.get(product, 0) + level["available"]
     return out
 
 

@@ -3,19 +3,28 @@
 Entries: ``check_stock`` (is there enough?), ``reserve`` (take stock for an order's lines, all or
 nothing), ``release`` (give it back), and ``GET /api/inventory/{product_id}``.
 
-Every change is an atomic read-modify-write of one product's `StockLevel`: read it, compute the
-new level, write it with ``compare_and_set`` only if nobody wrote in between, else try again. So
-concurrent reservations on any number of instances and nodes never oversell.
+Every change is an atomic read-modify-write of one stock entry (`StockEntry`): compute the new
+level, write it with ``compare_and_set`` only if nobody wrote in between, else read and try again.
+So concurrent reservations on any number of instances and nodes never oversell.
 
-Group commit: within one instance, the changes to one product that arrive while a write of that
-product is in flight are queued and then applied together, in arrival order, in one
-compare-and-set (each take still checked against the stock left by the ones before it). A
-popular product then costs one map write per batch instead of one per order, and each instance
-has at most one write per product in flight, competing only with the other instances. A lost
-round is retried after a short random pause for up to `CHANGE_BUDGET_S` seconds (then 503).
+Group commit: within one instance, the changes to one entry that arrive while a write of it is in
+flight are queued and then applied together, in arrival order, in one compare-and-set (each take
+still checked against the stock left by the ones before it). A popular product then costs one map
+write per batch instead of one per order. The expected value is what the instance's writer wrote
+last, so a round is a single write; a lost round reads the entry and is retried after a short
+random pause for up to `CHANGE_BUDGET_S` seconds (then 503).
+
+Escrow shards: a product with at least `SHARD_FROM` units of initial stock keeps them in
+`STOCK_SHARDS` entries (`shard_keys`: its id, then ``ID~1`` ...), each with a share. Each instance
+orders the shards at random and takes from the less busy of its first `SHARDS_IN_USE` (1); a round
+lost on a shard sends it to the end of the order, so the instances of the cluster write apart
+instead of colliding on one key. A take its shard cannot give makes the line read all the shards
+and take from the fullest (in pieces if needed): 409 only when all together have too little. The
+product's level is the sum of its shards.
 
 On start, each instance seeds the catalog's initial stock with ``compare_and_set(key, None,
-level)``: only the first instance (on any node) to get there writes, later starts change nothing.
+level)`` (a split product's shards first, its own key last): only the first instance (on any node)
+to get there writes, later starts change nothing.
 
 Idempotent reservations: ``reserve`` and ``release`` may be retried by the runtime (after the node
 running them went down mid-call, the caller cannot know whether they ran), so each keeps a
@@ -27,12 +36,14 @@ reserved takes it over (the runtime retries only when it believes the first atte
 the first attempt still finish, it answers what the record says. A release marks the record
 released before giving stock back, so a repeated release gives it back once.
 
-Takes are idempotent per order too: each product's stored `StockEntry` holds the orders whose take
-is not yet settled (`holds`: order id -> units), written in the same compare-and-set as the take. A
-take for an order the product already holds changes nothing, so a retry that takes over the record
-of an attempt that died between taking the stock and recording the reservation does not take it
-again. Once the reservation is recorded, its holds are dropped with the instance's next write of
-that product (no extra write); a release drops them too.
+Takes are idempotent per order too: each stored `StockEntry` holds the orders whose take is not yet
+settled (`holds`: order id -> units), written in the same compare-and-set as the take. A take for
+an order the entry already holds changes nothing, so a retry that takes over the record of an
+attempt that died between taking the stock and recording the reservation does not take it again:
+the record's `plan` (written with the claim, before any take, and rewritten before taking from
+other shards) names the entries each line takes from, and the retry follows it. Once the
+reservation is recorded, its holds are dropped with the instance's next write of that entry (no
+extra write); a release, which gives back where the plan took, drops them too.
 """
 
 from __future__ import annotations
@@ -64,11 +75,29 @@ STOCK_MAP = "stock"
 CHANGE_BUDGET_S = 5.0
 RESERVATION_TTL_S = 600.0  # how long a reservation record dedupes repeated reserves and releases
 RESERVING, RESERVED, RELEASED = "reserving", "reserved", "released"
+STOCK_SHARDS = 4  # keys a product with at least SHARD_FROM units of initial stock is split over
+SHARD_FROM = 1000
+SHARDS_IN_USE = 1  # shards one instance writes at the same time (its first preferences)
+REPLANS = 3  # how often one line looks for stock in other shards before answering 409
+
+
+def shard_keys(product_id: str) -> list[str]:
+    """The `stock` map keys holding a product's stock: the product id itself and, for a product of
+    the catalog with at least `SHARD_FROM` units, ``PRODUCT-ID~1`` .. ``~3`` (escrow shards)."""
+    product = CATALOG.get(product_id)  # type: ignore[call-overload]
+    n = STOCK_SHARDS if product is not None and product.initial_stock >= SHARD_FROM else 1
+    return [product_id] + [f"{product_id}~{k}" for k in range(1, n)]
+
+
+def split(total: int, n: int) -> list[int]:
+    """`total` units over `n` shards, as evenly as possible (the first ones get the remainder)."""
+    return [total // n + (1 if k < total % n else 0) for k in range(n)]
 
 
 class StockEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
-    """What the ``stock`` map holds per product: a `StockLevel` (what ``GET /api/inventory/{id}``
-    answers; without holds it encodes the same) and the orders whose take is not settled yet."""
+    """What the ``stock`` map holds per product (or per shard of a product): a `StockLevel` (what
+    ``GET /api/inventory/{id}`` answers, summed over the shards; without holds it encodes the same)
+    and the orders whose take is not settled yet."""
 
     product_id: str
     available: int
@@ -79,7 +108,15 @@ class StockEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True
         return StockLevel(self.product_id, self.available, self.reserved)
 
 
-class Reservation(msgspec.Struct, frozen=True, rename="camel"):
+class Piece(msgspec.Struct, frozen=True, rename="camel"):
+    """Units of one line of an order taken from one key (shard) of the ``stock`` map."""
+
+    product_id: str
+    key: str
+    quantity: int
+
+
+class Reservation(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """The record of one order's reservation (``reservation:ORDER-ID`` in the ``stock`` map)."""
 
     order_id: str
@@ -87,6 +124,7 @@ class Reservation(msgspec.Struct, frozen=True, rename="camel"):
     attempt: str = ""  # the reserve attempt that holds the record while reserving
     lines: list[StockLine] = []  # what was reserved
     levels: list[StockLevel] = []  # what the reserve answered
+    plan: list[Piece] = []  # where each line's units are taken from: written before taking them
 
 
 def reservation_key(order_id: str) -> str:
@@ -108,6 +146,14 @@ def _checked(lines: list[StockLine]) -> list[StockLine]:
 
 def _stopping() -> SliceHttpError:
     return SliceHttpError("the inventory instance is stopping; try again", status=503)
+
+
+def _retried(order_id: str) -> SliceHttpError:
+    return SliceHttpError(f"the reservation of order {order_id} is being retried; try again", status=503)
+
+
+class _TakenOver(Exception):
+    """A retry of the same reserve took the record over: the takes are its business now."""
 
 
 TAKE, GIVE, UNDO = "take", "give", "undo"
@@ -172,23 +218,55 @@ def _apply(
     return entry, results
 
 
+def _plan_line(product_id: str, missing: int, found: dict[str, StockEntry | None]) -> list[Piece]:
+    """`missing` units of a product from the shards in `found` (key -> entry read), the fullest
+    first; `Conflict` (or `NotFound` if no shard exists) when they hold fewer."""
+    have = sorted(((e.available, k) for k, e in found.items() if e is not None), key=lambda x: -x[0])
+    if not have:
+        raise NotFound(f"no product {product_id}")
+    total = sum(a for a, _ in have)
+    if total < missing:
+        raise Conflict(f"insufficient stock for {product_id}: {total} available, {missing} requested")
+    out: list[Piece] = []
+    for available, key in have:
+        if missing == 0:
+            break
+        n = min(available, missing)
+        if n > 0:
+            out.append(Piece(product_id, key, n))
+            missing -= n
+    return out
+
+
 class InventoryService(Slice):
     """Checks, reserves and releases stock; every instance sees the same `stock` map."""
 
     async def start(self) -> None:
         self.stock: SliceMap[StockEntry] = self.map(STOCK_MAP, StockEntry)
         self.reservations: SliceMap[Reservation] = self.map(STOCK_MAP, Reservation)
+        self._raw: SliceMap[msgspec.Raw] = self.map(STOCK_MAP, msgspec.Raw)
         self.duplicates = 0  # repeated reserves/releases answered from the record (for tests)
-        self._queued: dict[str, list[_Change]] = {}
-        self._writers: dict[str, asyncio.Task[None]] = {}  # the one writer per product with changes
+        self._queued: dict[str, list[_Change]] = {}  # stock key -> changes waiting for its writer
+        self._writers: dict[str, asyncio.Task[None]] = {}  # the one writer per key with changes
         self._tasks: set[asyncio.Task[None]] = set()
-        self._settled: dict[str, set[str]] = {}  # product -> orders whose holds the next write drops
+        self._settled: dict[str, set[str]] = {}  # stock key -> orders whose holds the next write drops
+        self._known: dict[str, StockEntry] = {}  # stock key -> its value as this instance last saw it
+        self._expect: dict[str, StockEntry] = {}  # stock key -> what this instance's writer wrote last
+        self._prefer: dict[str, list[str]] = {}  # product -> its shard keys, this instance's order
         self.writes = 0  # compare-and-set rounds that changed stock (for tests and curiosity)
+        self.lost = 0  # compare-and-set rounds lost to another instance (for tests and curiosity)
         seeded = 0
         for product in CATALOG.values():
-            level = StockEntry(product.product_id, product.initial_stock, 0)
-            if await self.stock.compare_and_set(product.product_id, None, level):
-                seeded += 1
+            keys = shard_keys(product.product_id)
+            shares = split(product.initial_stock, len(keys))
+            if len(keys) > 1 and await self.stock.get(keys[0]) is not None:
+                continue  # seeded already (or by a version without shards: it all stays in keys[0])
+            # the product's own key last: once it exists, every shard does
+            for key, share in reversed(list(zip(keys, shares, strict=True))):
+                level = StockEntry(product.product_id, share, 0)
+                if await self.stock.compare_and_set(key, None, level):
+                    self._known[key] = self._expect[key] = level
+                    seeded += key == keys[0]
         self.logger.info(
             "inventory instance %d on %s: seeded %d of %d products",
             self.context.instance,
@@ -197,11 +275,39 @@ class InventoryService(Slice):
             len(CATALOG),
         )
 
-    async def _level(self, product_id: str) -> StockLevel:
-        entry = await self.stock.get(product_id)
+    # --- reading --------------------------------------------------------------------------------
+
+    async def _read(self, key: str) -> StockEntry | None:
+        entry = await self.stock.get(key)
         if entry is None:
+            self._known.pop(key, None)
+        else:
+            self._known[key] = entry
+        return entry
+
+    async def _read_all(self, product_id: str, keys: list[str] | None = None) -> dict[str, StockEntry | None]:
+        keys = shard_keys(product_id) if keys is None else keys
+        found = await asyncio.gather(*(self._read(k) for k in keys))
+        return dict(zip(keys, found, strict=True))
+
+    @staticmethod
+    def _sum(product_id: str, entries: list[StockEntry | None]) -> StockLevel:
+        present = [e for e in entries if e is not None]
+        if not present:
             raise NotFound(f"no product {product_id}")
-        return entry.level()
+        return StockLevel(product_id, sum(e.available for e in present), sum(e.reserved for e in present))
+
+    async def _level(self, product_id: str) -> StockLevel:
+        """The product's level now: its shards read (in parallel) and summed."""
+        return self._sum(product_id, list((await self._read_all(product_id)).values()))
+
+    async def _estimate(self, product_id: str) -> StockLevel:
+        """The product's level as this instance last saw each shard (a shard never seen is read)."""
+        keys = shard_keys(product_id)
+        unseen = [k for k in keys if k not in self._known]
+        if unseen:
+            await self._read_all(product_id, unseen)
+        return self._sum(product_id, [self._known.get(k) for k in keys])
 
     @route("GET", "/api/inventory/{product_id}")
     async def get_stock(self, product_id: str) -> StockLevel:
@@ -210,55 +316,114 @@ class InventoryService(Slice):
 
     @entry
     async def check_stock(self, req: CheckStock) -> StockAvailability:
-        """Whether `quantity` units of the product could be reserved now (no reservation is made)."""
+        """Whether `quantity` units of the product could be reserved now (no reservation is made).
+        For a product split into shards it is sufficient without a read when the shard this
+        instance would take from had enough when it last wrote or read it (`available` then sums
+        the shards as it last saw them: the check is advice, `reserve` decides); otherwise every
+        shard is read now."""
         pid = parse_product_id(req.product_id, "productId")
         qty = parse_quantity(req.quantity, "quantity")
+        keys = shard_keys(pid)
+        if len(keys) > 1:
+            key = self._pick(pid, qty)
+            first = self._known.get(key) or await self._read(key)
+            if first is not None and first.available >= qty:
+                level = await self._estimate(pid)
+                return StockAvailability(pid, qty, max(level.available, first.available), True)
         level = await self._level(pid)
         return StockAvailability(pid, qty, level.available, level.available >= qty)
 
+    # --- shards ---------------------------------------------------------------------------------
+
+    def _preferred(self, product_id: str) -> list[str]:
+        keys = self._prefer.get(product_id)
+        if keys is None:  # every instance its own random order: instances mostly write apart
+            keys = shard_keys(product_id)
+            keys = self._prefer[product_id] = random.sample(keys, len(keys))
+        return keys
+
+    def _pick(self, product_id: str, quantity: int) -> str:
+        """The shard the next take of `quantity` units goes to: among this instance's first
+        `SHARDS_IN_USE` preferences that hold enough as far as it knows, the least busy one."""
+        keys = self._preferred(product_id)
+        if len(keys) == 1:
+            return keys[0]
+        known = self._known
+        fit = [k for k in keys if k not in known or known[k].available >= quantity][:SHARDS_IN_USE]
+        fit = fit or keys[:1]
+        return min(fit, key=lambda k: len(self._queued.get(k, ())) + (k in self._writers))
+
+    def _demote(self, key: str, product_id: str) -> None:
+        """A round on `key` was lost to another instance: prefer the other shards from now on."""
+        keys = self._prefer.get(product_id)
+        if keys is not None and len(keys) > 1 and key in keys:
+            keys.remove(key)
+            keys.append(key)
+
     # --- group commit ---------------------------------------------------------------------------
 
-    def _submit(self, product_id: str, change: _Change) -> None:
-        queue = self._queued.get(product_id)
-        if queue is not None:  # a writer for this product is running: it takes this one next
+    def _submit(self, key: str, product_id: str, change: _Change) -> None:
+        queue = self._queued.get(key)
+        if queue is not None:  # a writer for this key is running: it takes this one next
             queue.append(change)
             return
-        self._queued[product_id] = [change]
-        task = asyncio.get_running_loop().create_task(self._writer(product_id))
-        self._writers[product_id] = task
+        self._queued[key] = [change]
+        task = asyncio.get_running_loop().create_task(self._writer(key, product_id))
+        self._writers[key] = task
         self._tasks.add(task)
-        task.add_done_callback(lambda t: self._writer_done(product_id, t))
+        task.add_done_callback(lambda t: self._writer_done(key, t))
 
-    async def _writer(self, product_id: str) -> None:
-        while batch := self._queued.get(product_id):
-            self._queued[product_id] = []
-            await self._commit(product_id, batch)
+    async def _writer(self, key: str, product_id: str) -> None:
+        while batch := self._queued.get(key):
+            self._queued[key] = []
+            await self._commit(key, product_id, batch)
         # no await between the last empty check and here: nothing can be queued unseen
-        del self._queued[product_id]
-        del self._writers[product_id]
+        del self._queued[key]
+        del self._writers[key]
 
-    def _writer_done(self, product_id: str, task: asyncio.Task[None]) -> None:
+    def _writer_done(self, key: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self._writers.get(product_id) is task:  # cancelled (maybe before it ran) or failed
-            del self._writers[product_id]
-            for ch in self._queued.pop(product_id, []):
+        if self._writers.get(key) is task:  # cancelled (maybe before it ran) or failed
+            del self._writers[key]
+            for ch in self._queued.pop(key, []):
                 if not ch.done.done():
                     ch.done.set_exception(_stopping())
 
-    async def _commit(self, product_id: str, batch: list[_Change]) -> None:
+    async def _commit(self, key: str, product_id: str, batch: list[_Change]) -> None:
+        """Apply `batch` to `key` in one compare-and-set. The expected value is the one this
+        instance's writer of the key last wrote (no read first; other reads never change it, as one
+        that started before the write may end after it); a lost round, or a batch that would write
+        nothing on that remembered value, reads the key and tries again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CHANGE_BUDGET_S
         rounds = 0
         try:
             while True:
-                cur = await self.stock.get(product_id)
-                settled = self._settled.pop(product_id, None)
+                cur = self._expect.get(key)
+                fresh = cur is None
+                if fresh:
+                    cur = await self._read(key)
+                    if cur is not None:
+                        self._expect[key] = cur
+                settled = self._settled.pop(key, None)
                 new, results = _apply(product_id, cur, batch, settled)
-                if new == cur or await self.stock.compare_and_set(product_id, cur, new):
+                if new == cur:
+                    if fresh:
+                        break
+                    self._expect.pop(key, None)  # decide on what is stored, not on what was seen
+                elif await self.stock.compare_and_set(key, cur, new):
+                    assert new is not None
+                    self._known[key] = self._expect[key] = new
                     break
+                else:
+                    self._expect.pop(key, None)
+                    self.lost += 1
+                    self._demote(key, product_id)
+                    rounds += 1
                 if settled:  # not written: drop them with the next round
-                    self._settled.setdefault(product_id, set()).update(settled)
-                rounds += 1
+                    self._settled.setdefault(key, set()).update(settled)
+                if not fresh and rounds == 0:
+                    continue  # only the remembered value was stale: read it, no pause
                 if loop.time() >= deadline:
                     raise SliceHttpError(
                         f"the stock of {product_id} changed {rounds} times while this request tried "
@@ -283,29 +448,52 @@ class InventoryService(Slice):
             else:
                 ch.done.set_result(result)
 
-    async def _change(self, product_id: str, change: _Change) -> StockLevel | None:
-        self._submit(product_id, change)
+    async def _change(self, piece: Piece, change: _Change) -> StockLevel | None:
+        self._submit(piece.key, piece.product_id, change)
         try:
             return await asyncio.shield(change.done)
         except asyncio.CancelledError:
             if change.take:  # the caller is gone: give back what the batch may still take for it
-                change.done.add_done_callback(lambda f: self._undo(product_id, change, f))
+                change.done.add_done_callback(lambda f: self._undo(piece, change, f))
             raise
 
-    def _undo(self, product_id: str, took: _Change, f: asyncio.Future[StockLevel | None]) -> None:
+    def _undo(self, piece: Piece, took: _Change, f: asyncio.Future[StockLevel | None]) -> None:
         if f.cancelled() or f.exception() is not None:
             return
         give = _Change(UNDO, took.quantity, took.order_id)
         give.done.add_done_callback(lambda g: g.cancelled() or g.exception())  # nobody awaits it
-        self._submit(product_id, give)
+        self._submit(piece.key, piece.product_id, give)
 
     # --- entries --------------------------------------------------------------------------------
 
-    async def _release_all(self, order_id: str, lines: list[StockLine], kind: str = GIVE) -> list[StockLevel]:
-        levels = await asyncio.gather(
-            *(self._change(line.product_id, _Change(kind, line.quantity, order_id)) for line in lines)
-        )
-        return [lv for lv in levels if lv is not None]
+    async def _give_back(self, order_id: str, pieces: list[Piece], kind: str = GIVE) -> None:
+        await asyncio.gather(*(self._change(p, _Change(kind, p.quantity, order_id)) for p in pieces))
+
+    async def _levels(self, lines: list[StockLine], after: list[StockLevel | None]) -> list[StockLevel]:
+        """Per line, the product's level after a change: the changed key's for an unsplit product,
+        the sum of this instance's view of the shards for a split one."""
+        out: list[StockLevel] = []
+        for line, level in zip(lines, after, strict=True):
+            if len(shard_keys(line.product_id)) > 1:
+                out.append(await self._estimate(line.product_id))
+            elif level is not None:
+                out.append(level)
+        return out
+
+    async def _swap(self, key: str, held: Reservation, new: Reservation) -> bool:
+        """`compare_and_set` of the record `held` (as read) to `new`. A record written by another
+        version of this slice may encode differently from `held` re-encoded (compare-and-set
+        compares bytes): if the stored bytes decode to `held`, they are what is compared."""
+        if await self.reservations.compare_and_set(key, held, new, ttl=RESERVATION_TTL_S):
+            return True
+        raw = await self._raw.get(key)
+        if raw is None or msgspec.msgpack.decode(raw, type=Reservation) != held:
+            return False  # someone else changed it
+        encoded = msgspec.Raw(msgspec.msgpack.encode(new))
+        return await self._raw.compare_and_set(key, raw, encoded, ttl=RESERVATION_TTL_S)
+
+    def _plan(self, lines: list[StockLine]) -> list[Piece]:
+        return [Piece(ln.product_id, self._pick(ln.product_id, ln.quantity), ln.quantity) for ln in lines]
 
     @entry(idempotent=True)
     async def reserve(self, req: ReserveStock) -> list[StockLevel]:
@@ -317,7 +505,7 @@ class InventoryService(Slice):
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
         key = reservation_key(order_id)
-        mine = Reservation(order_id, RESERVING, uuid.uuid4().hex, lines)
+        mine = Reservation(order_id, RESERVING, uuid.uuid4().hex, lines, plan=self._plan(lines))
         held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
         while held is not None:  # the order has a record already
             if held.state != RELEASED and held.lines != lines:
@@ -329,47 +517,106 @@ class InventoryService(Slice):
                     order_id, self.context.idempotency_key,
                 )  # fmt: skip
                 return held.levels
-            # RESERVING: an attempt the caller gave up on (it retries only then): take it over;
+            # RESERVING: an attempt the caller gave up on (it retries only then): take it over,
+            # with its plan (the takes it may have made are held where the plan says);
             # RELEASED: a reservation given back before: this one starts afresh
-            if await self.reservations.compare_and_set(key, held, mine, ttl=RESERVATION_TTL_S):
+            if held.state == RESERVING and held.plan:
+                mine = msgspec.structs.replace(mine, plan=held.plan)
+            if await self._swap(key, held, mine):
                 break
             held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
+        record = [mine]  # the record as this attempt wrote it last (a fallback changes its plan)
         try:
-            levels = await self._take(order_id, lines)
+            levels = await self._take(order_id, lines, record)
+        except _TakenOver:
+            raise _retried(order_id) from None
         except BaseException:
             # nothing stays taken: free the record (shielded, like the give-back) so a retry may try
-            await asyncio.shield(self.reservations.compare_and_set(key, mine, None))
+            await asyncio.shield(self.reservations.compare_and_set(key, record[0], None))
             raise
-        done = Reservation(order_id, RESERVED, mine.attempt, lines, levels)
+        mine = record[0]
+        done = msgspec.structs.replace(mine, state=RESERVED, levels=levels)
         if not await self.reservations.compare_and_set(key, mine, done, ttl=RESERVATION_TTL_S):
             # a retry took the record over meanwhile: the takes are the order's (held once, by
-            # order id), the retry records them; answer what it recorded
+            # order id, where the plan says), the retry records them; answer what it recorded
             self.logger.warning("reserve of order %s was taken over by a retry", order_id)
             current = await self.reservations.get(key)
             if current is not None and current.state == RESERVED:
                 return current.levels
-            raise SliceHttpError(
-                f"the reservation of order {order_id} is being retried; try again", status=503
-            )
-        for line in lines:  # recorded: the holds are no longer needed
-            self._settled.setdefault(line.product_id, set()).add(order_id)
+            raise _retried(order_id)
+        for piece in mine.plan:  # recorded: the holds are no longer needed
+            self._settled.setdefault(piece.key, set()).add(order_id)
         return levels
 
-    async def _take(self, order_id: str, lines: list[StockLine]) -> list[StockLevel]:
-        taken: list[StockLine] = []
-        levels: list[StockLevel] = []
+    async def _take(
+        self, order_id: str, lines: list[StockLine], record: list[Reservation]
+    ) -> list[StockLevel]:
+        """Take every line's pieces as `record[0].plan` says. A piece its shard cannot give makes
+        the line look again over all the product's shards: the new plan is written into the
+        record (by compare-and-set: `_TakenOver` if a retry owns it now) before taking from them."""
+        taken: list[Piece] = []
+        after: list[StockLevel | None] = []
         try:
             for line in lines:
-                level = await self._change(line.product_id, _Change(TAKE, line.quantity, order_id))
-                assert level is not None
-                levels.append(level)
-                taken.append(line)
+                level: StockLevel | None = None
+                attempt = 0
+                while True:
+                    todo = [p for p in record[0].plan if p.product_id == line.product_id and p not in taken]
+                    try:
+                        for piece in todo:
+                            level = await self._change(piece, _Change(TAKE, piece.quantity, order_id))
+                            taken.append(piece)
+                        break
+                    except (Conflict, NotFound):
+                        if len(shard_keys(line.product_id)) == 1:
+                            raise
+                        if attempt == REPLANS:
+                            raise Conflict(
+                                f"insufficient stock for {line.product_id}: its shards ran out "
+                                f"{attempt + 1} times while order {order_id} took {line.quantity}; "
+                                "try again"
+                            ) from None
+                    attempt += 1
+                    await self._replan(order_id, line, taken, record)
+                after.append(level)
+        except _TakenOver:
+            raise  # the retry that owns the record now takes (or undoes) as it decides
         except BaseException:
             if taken:
                 # shielded: a cancelled caller must not leave the taken lines reserved
-                await asyncio.shield(self._release_all(order_id, taken, UNDO))
+                await asyncio.shield(self._give_back(order_id, taken, UNDO))
             raise
-        return levels
+        return await self._levels(lines, after)
+
+    async def _replan(
+        self, order_id: str, line: StockLine, taken: list[Piece], record: list[Reservation]
+    ) -> None:
+        mine = record[0]
+        got = [p for p in taken if p.product_id == line.product_id]
+        used = {p.key for p in got}
+        found = await self._read_all(
+            line.product_id, [k for k in shard_keys(line.product_id) if k not in used]
+        )
+        missing = line.quantity - sum(p.quantity for p in got)
+        try:
+            extra = _plan_line(line.product_id, missing, found)
+        except Conflict:
+            have = sum(e.available for e in found.values() if e is not None) + line.quantity - missing
+            raise Conflict(
+                f"insufficient stock for {line.product_id}: {have} available, {line.quantity} "
+                f"requested (order {order_id})"
+            ) from None
+        plan = [p for p in mine.plan if p.product_id != line.product_id] + got + extra
+        new = msgspec.structs.replace(mine, plan=plan)
+        if not await self.reservations.compare_and_set(
+            reservation_key(order_id), mine, new, ttl=RESERVATION_TTL_S
+        ):
+            raise _TakenOver
+        record[0] = new
+        if extra:  # prefer, from now on, the shard that had the most
+            keys = self._preferred(line.product_id)
+            keys.remove(extra[0].key)
+            keys.insert(0, extra[0].key)
 
     @entry(idempotent=True)
     async def release(self, req: ReleaseStock) -> list[StockLevel]:
@@ -380,11 +627,22 @@ class InventoryService(Slice):
         key = reservation_key(order_id)
         released = Reservation(order_id, RELEASED)
         held = await self.reservations.put_if_absent(key, released, ttl=RESERVATION_TTL_S)
+        plan: list[Piece] = []
         while held is not None:
             if held.state == RELEASED:
                 self.duplicates += 1
                 return [await self._level(line.product_id) for line in lines]
-            if await self.reservations.compare_and_set(key, held, released, ttl=RESERVATION_TTL_S):
+            if await self._swap(key, held, released):
+                plan = held.plan
                 break
             held = await self.reservations.put_if_absent(key, released, ttl=RESERVATION_TTL_S)
-        return await self._release_all(order_id, lines)
+        # back where the plan took it from (a line the plan does not cover: to the product's key)
+        pieces: list[Piece] = []
+        for line in lines:
+            mine = [p for p in plan if p.product_id == line.product_id]
+            if sum(p.quantity for p in mine) != line.quantity:
+                mine = [Piece(line.product_id, line.product_id, line.quantity)]
+            pieces += mine
+        levels = await asyncio.gather(*(self._change(p, _Change(GIVE, p.quantity, order_id)) for p in pieces))
+        by_product = dict(zip((p.product_id for p in pieces), levels, strict=True))
+        return await self._levels(lines, [by_product.get(line.product_id) for line in lines])
