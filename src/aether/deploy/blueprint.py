@@ -17,7 +17,7 @@ instances = 3                     # optional, default 1 (scaling.min when scaled
 max_concurrency = 8               # optional: calls one instance runs at once (default: no limit)
 max_queue = 80                    # optional: calls one instance queues beyond that (default 10 x)
 entry_concurrency = { reserve = 2 }  # optional: per-entry limits within an instance
-isolation = "process"             # optional: "auto" (default), "process" (own worker) or "inline" (node's loop)
+isolation = "process"             # optional: "auto" (default), "process" (a worker) or "inline" (node loop)
 
 [slices.place_order.scaling]      # optional: the controller scales the slice within [min, max]
 min = 1
