@@ -14,6 +14,18 @@ p99-at-1,000-calls/s figure). Final line:
 `RESULT nodes=3 local_calls_s=... local_p50_ms=... local_p99_ms=... remote_calls_s=... remote_p50_ms=...
 remote_p99_ms=... remote_rate=1000 remote_rate_p99_ms=...`
 
+`--rounds N` (default 3; 0 skips it), after the runs above: the goal "remote calls at least as fast
+as local ones minus one loopback hop" in one run. Alternating rounds of local calls (to
+`org.bench:hello-local`, the hello slice without its route, on every node), remote calls (hello, one
+instance, not on the driver's node) and a bare loopback round trip in the transport's framing and
+codec between two extra processes (`--bare-serve`, `--bare-client`); per round and mode one caller
+(p50, p99) and `--concurrency` callers (calls/s, and CPU per call: of the three node processes, less
+their idle background rate, or of the two bare processes). Extra keys (medians of the rounds):
+`local_1c_p50_ms remote_1c_p50_ms bare_1c_p50_ms` (and `_p99_ms`), `*_rounds_calls_s`, `*_cpu_us`,
+`remote_cpu_ratio` = remote / (local + bare) CPU per call, `remote_latency_ratio` = remote p50 /
+(local p50 + bare p50), `remote_cost_ratio` = (1 / remote calls/s) / (1 / local + 1 / bare), each
+<= 1 when the goal is met, and `*_runs` (calls/s of every round).
+
 `--tls`: the cost of mutual TLS on remote calls (every call and answer crosses the cluster port).
 Measures remote calls only, `--tls-rounds` times on a plaintext cluster and as often on a mutual-TLS
 cluster (a CA and node certificates generated with `aether.transport.tls` in the run's temp dir,
@@ -199,6 +211,17 @@ def deploy_remote(port: int) -> None:
     log(f"remote placement: hello on {where[HELLO]}, driver on {where[DRIVER_ARTIFACT]}")
 
 
+def proc_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system, all threads) used so far by the processes `pids`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
 BARE_REPLY = b"\x83\xa7message\xacHello, bench!\xa4node\xa6node-2\xa8instance\x01"  # a Greeting's size
 
 
@@ -304,13 +327,14 @@ def bare_client(port: int, calls: int, concurrency: int) -> int:
                 await fut
                 lats.append(pc() - s)
 
-        t0 = pc()
+        t0, c0 = pc(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        secs = pc() - t0
+        secs, cpu = pc() - t0, time.process_time() - c0
         t.close()
         lats.sort()
         return {"calls_per_s": len(lats) / secs, "p50_ms": lats[len(lats) // 2] * 1e3,
-                "p99_ms": lats[min(len(lats) - 1, int(len(lats) * 0.99))] * 1e3}  # fmt: skip
+                "p99_ms": lats[min(len(lats) - 1, int(len(lats) * 0.99))] * 1e3,
+                "client_cpu_s": cpu}  # fmt: skip
 
     loop = _bare_loop()
     try:
@@ -339,9 +363,11 @@ class BareHop:
 
         cmd = [sys.executable, __file__, "--bare-client", str(self.port), "--calls", str(calls),
                "--concurrency", str(concurrency)]  # fmt: skip
+        c0 = proc_cpu([self.proc.pid])
         out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout)
+        out["cpu_us"] = (proc_cpu([self.proc.pid]) - c0 + out["client_cpu_s"]) * 1e6 / calls
         log(f"{label}: {calls} calls, {out['calls_per_s']:.0f} calls/s, p50 {out['p50_ms']:.3f} ms, "
-            f"p99 {out['p99_ms']:.3f} ms")  # fmt: skip
+            f"p99 {out['p99_ms']:.3f} ms, {out['cpu_us']:.1f} µs CPU per call")  # fmt: skip
         return out
 
     def stop(self) -> None:
@@ -350,11 +376,17 @@ class BareHop:
             self.proc.wait(10)
 
 
-def compare_rounds(a: argparse.Namespace, port: int, bare: BareHop) -> dict[str, object]:
+def compare_rounds(a: argparse.Namespace, port: int, bare: BareHop, pids: list[int]) -> dict[str, object]:
     """Alternating rounds of local calls, remote calls and the bare loopback hop: one caller (p50,
-    p99: the per-call latency) and `--concurrency` callers (calls/s). Medians of the rounds."""
+    p99: the per-call latency) and `--concurrency` callers (calls/s, and CPU per call: of all node
+    processes for local and remote, of the two bare processes for bare). Medians of the rounds."""
     modes = ["local", "remote", "bare"]
     figs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    c0, t0 = proc_cpu(pids), time.monotonic()
+    time.sleep(3.0)
+    idle = (proc_cpu(pids) - c0) / (time.monotonic() - t0)  # the nodes' own background work, s/s
+    log(f"idle nodes: {idle * 1000:.1f} ms CPU per second (subtracted from the per-call figures)")
     lat_calls = max(1000, a.calls // 10)
     for r in range(a.rounds):
         order = modes[r % 3 :] + modes[: r % 3]
@@ -362,11 +394,16 @@ def compare_rounds(a: argparse.Namespace, port: int, bare: BareHop) -> dict[str,
             if m == "bare":
                 one = bare.run(lat_calls, 1, f"round {r + 1} bare, 1 caller")
                 many = bare.run(a.calls, a.concurrency, f"round {r + 1} bare, {a.concurrency} callers")
+                cpu[m].append(many["cpu_us"])
             else:
                 target = "org.bench:hello-local" if m == "local" else "org.example:hello"
                 one = run_driver(a, port, f"round {r + 1} {m}, 1 caller", target=target, calls=lat_calls,
                                  concurrency=1)  # fmt: skip
+                c0, t0 = proc_cpu(pids), time.monotonic()
                 many = run_driver(a, port, f"round {r + 1} {m}, {a.concurrency} callers", target=target)
+                used = proc_cpu(pids) - c0 - idle * (time.monotonic() - t0)
+                cpu[m].append(used * 1e6 / a.calls)
+                log(f"  {cpu[m][-1]:.1f} µs CPU per call over the nodes")
             figs[m].append((one["p50_ms"], one["p99_ms"], many["calls_per_s"]))
 
     def med(m: str, i: int) -> float:
@@ -376,6 +413,10 @@ def compare_rounds(a: argparse.Namespace, port: int, bare: BareHop) -> dict[str,
     for m in modes:
         res[f"{m}_1c_p50_ms"], res[f"{m}_1c_p99_ms"] = med(m, 0), med(m, 1)
         res[f"{m}_rounds_calls_s"] = med(m, 2)
+    for m in modes:
+        res[f"{m}_cpu_us"] = statistics.median(cpu[m])
+    # CPU per call, robust to the machine's other load: <= 1 is the goal met
+    res["remote_cpu_ratio"] = res["remote_cpu_us"] / (res["local_cpu_us"] + res["bare_cpu_us"])  # type: ignore[operator]
     # the goal "remote calls at least as fast as local ones minus one loopback hop": <= 1 is met
     res["remote_latency_ratio"] = med("remote", 0) / (med("local", 0) + med("bare", 0))
     # the same in cost per call at concurrency: 1/remote <= 1/local + 1/bare
@@ -616,7 +657,8 @@ def main() -> int:
         if a.rounds > 0:
             bare = BareHop()
             bare.run(a.calls, a.concurrency, "warm-up bare")
-            res.update(compare_rounds(a, port, bare))
+            pids = [p.pid for p in cluster.procs if p is not None]
+            res.update(compare_rounds(a, port, bare, pids))
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
         for i in range(a.nodes):
