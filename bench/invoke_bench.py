@@ -14,6 +14,18 @@ p99-at-1,000-calls/s figure). Final line:
 `RESULT nodes=3 local_calls_s=... local_p50_ms=... local_p99_ms=... remote_calls_s=... remote_p50_ms=...
 remote_p99_ms=... remote_rate=1000 remote_rate_p99_ms=...`
 
+`--rounds N` (default 3; 0 skips it), after the runs above: the goal "remote calls at least as fast
+as local ones minus one loopback hop" in one run. Alternating rounds of local calls (to
+`org.bench:hello-local`, the hello slice without its route, on every node), remote calls (hello, one
+instance, not on the driver's node) and a bare loopback round trip in the transport's framing and
+codec between two extra processes (`--bare-serve`, `--bare-client`); per round and mode one caller
+(p50, p99) and `--concurrency` callers (calls/s, and CPU per call: of the three node processes, less
+their idle background rate, or of the two bare processes). Extra keys (medians of the rounds):
+`local_1c_p50_ms remote_1c_p50_ms bare_1c_p50_ms` (and `_p99_ms`), `*_rounds_calls_s`, `*_cpu_us`,
+`remote_cpu_ratio` = remote / (local + bare) CPU per call, `remote_latency_ratio` = remote p50 /
+(local p50 + bare p50), `remote_cost_ratio` = (1 / remote calls/s) / (1 / local + 1 / bare), each
+<= 1 when the goal is met, and `*_runs` (calls/s of every round).
+
 `--tls`: the cost of mutual TLS on remote calls (every call and answer crosses the cluster port).
 Measures remote calls only, `--tls-rounds` times on a plaintext cluster and as often on a mutual-TLS
 cluster (a CA and node certificates generated with `aether.transport.tls` in the run's temp dir,
@@ -157,12 +169,22 @@ def wait_converged(port: int, want: dict[str, int], timeout: float = 60.0) -> li
 
 
 HELLO, DRIVER_ARTIFACT = "org.example:hello:0.1.0", "org.bench:driver:0.1.0"
+HELLO_LOCAL = "org.bench:hello-local:0.1.0"  # the hello slice without its HTTP route, on every node
 
 
-def run_driver(a: argparse.Namespace, port: int, mode: str, rate: float = 0.0) -> dict:
+def run_driver(
+    a: argparse.Namespace,
+    port: int,
+    mode: str,
+    rate: float = 0.0,
+    *,
+    target: str = "org.example:hello",
+    calls: int = 0,
+    concurrency: int = 0,
+) -> dict:
     """One driver run through node 1's management API: closed loop, or open loop at `rate` calls/s."""
-    calls = int(a.rate * a.rate_seconds) if rate else a.calls
-    body = {"target": "org.example:hello", "method": "greet", "calls": calls, "concurrency": a.concurrency,
+    calls = calls or (int(a.rate * a.rate_seconds) if rate else a.calls)
+    body = {"target": target, "method": "greet", "calls": calls, "concurrency": concurrency or a.concurrency,
             "rate": rate}  # fmt: skip
     out = http(port, "POST", "/api/v1/invoke/org.bench:driver/run?timeout=300", body, timeout=320)
     assert isinstance(out, dict)
@@ -187,6 +209,221 @@ def deploy_remote(port: int) -> None:
     if where[HELLO] == where[DRIVER_ARTIFACT]:
         raise RuntimeError(f"driver and hello were placed on the same node {where}; cannot measure remote")
     log(f"remote placement: hello on {where[HELLO]}, driver on {where[DRIVER_ARTIFACT]}")
+
+
+def proc_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system, all threads) used so far by the processes `pids`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
+BARE_REPLY = b"\x83\xa7message\xacHello, bench!\xa4node\xa6node-2\xa8instance\x01"  # a Greeting's size
+
+
+def _bare_loop() -> object:
+    import asyncio
+
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop()
+
+
+def bare_serve() -> int:
+    """The callee of the bare loopback hop: answers every InvokeRequest at once, in the transport's
+    framing and codec, frames of one read written together. Prints its port."""
+    import asyncio
+
+    from aether.invoke.messages import InvokeRequest, InvokeResponse
+    from aether.transport.framing import FrameDecoder
+    from aether.transport.messages import WireCodec
+
+    codec = WireCodec((InvokeRequest, InvokeResponse))
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+            self.t = transport
+            self.frames = FrameDecoder()
+
+        def data_received(self, data: bytes) -> None:
+            out = []
+            for payload in self.frames.feed(data):
+                req = codec.decode(payload)
+                out.append(codec.frame(InvokeResponse(req.id, BARE_REPLY, None, None)))
+            if out:
+                self.t.write(b"".join(out))
+
+    loop = _bare_loop()
+    asyncio.set_event_loop(loop)  # type: ignore[arg-type]
+    srv = loop.run_until_complete(loop.create_server(Echo, HOST, 0))  # type: ignore[attr-defined]
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    loop.run_forever()  # type: ignore[attr-defined]
+    return 0
+
+
+def bare_client(port: int, calls: int, concurrency: int) -> int:
+    """The caller of the bare loopback hop: `concurrency` callers, each sends an InvokeRequest and
+    awaits its future (resolved by id from the read side); frames of one loop turn leave in one
+    write, as on a link. Prints JSON {calls_per_s, p50_ms, p99_ms}."""
+    import asyncio
+    import socket
+
+    import msgspec
+
+    from aether.invoke.messages import InvokeRequest, InvokeResponse
+    from aether.transport.framing import FrameDecoder
+    from aether.transport.messages import WireCodec
+
+    codec = WireCodec((InvokeRequest, InvokeResponse))
+    arg = msgspec.msgpack.encode("bench")
+
+    async def main() -> dict:
+        loop = asyncio.get_running_loop()
+        waiting: dict[int, asyncio.Future] = {}
+        pending: list[bytes] = []
+
+        class Caller(asyncio.Protocol):
+            def connection_made(self, transport):  # type: ignore[no-untyped-def]
+                self.t = transport
+                self.frames = FrameDecoder()
+                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def data_received(self, data: bytes) -> None:
+                for payload in self.frames.feed(data):
+                    resp = codec.decode(payload)
+                    fut = waiting.pop(resp.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(resp.payload)
+
+        t, _proto = await loop.create_connection(Caller, HOST, port)
+
+        def flush() -> None:
+            t.write(b"".join(pending))
+            pending.clear()
+
+        ids = iter(range(1, 1 << 62))
+        lats: list[float] = []
+        left = calls
+        pc = time.perf_counter
+
+        async def worker() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                s = pc()
+                cid = next(ids)
+                fut = loop.create_future()
+                waiting[cid] = fut
+                pending.append(codec.frame(InvokeRequest(cid, HELLO, "greet", arg, "rid", 10000, "key")))
+                if len(pending) == 1:
+                    loop.call_soon(flush)
+                await fut
+                lats.append(pc() - s)
+
+        t0, c0 = pc(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        secs, cpu = pc() - t0, time.process_time() - c0
+        t.close()
+        lats.sort()
+        return {"calls_per_s": len(lats) / secs, "p50_ms": lats[len(lats) // 2] * 1e3,
+                "p99_ms": lats[min(len(lats) - 1, int(len(lats) * 0.99))] * 1e3,
+                "client_cpu_s": cpu}  # fmt: skip
+
+    loop = _bare_loop()
+    try:
+        out = loop.run_until_complete(main())  # type: ignore[attr-defined]
+    finally:
+        loop.close()  # type: ignore[attr-defined]
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+class BareHop:
+    """The bare loopback hop: a server process and, per run, a client process (two processes, as two
+    nodes), both in the transport's framing and codec with nothing of Aether around them."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--bare-serve"], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def run(self, calls: int, concurrency: int, label: str) -> dict:
+        import subprocess
+
+        cmd = [sys.executable, __file__, "--bare-client", str(self.port), "--calls", str(calls),
+               "--concurrency", str(concurrency)]  # fmt: skip
+        c0 = proc_cpu([self.proc.pid])
+        out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout)
+        out["cpu_us"] = (proc_cpu([self.proc.pid]) - c0 + out["client_cpu_s"]) * 1e6 / calls
+        log(f"{label}: {calls} calls, {out['calls_per_s']:.0f} calls/s, p50 {out['p50_ms']:.3f} ms, "
+            f"p99 {out['p99_ms']:.3f} ms, {out['cpu_us']:.1f} µs CPU per call")  # fmt: skip
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, 15)
+            self.proc.wait(10)
+
+
+def compare_rounds(a: argparse.Namespace, port: int, bare: BareHop, pids: list[int]) -> dict[str, object]:
+    """Alternating rounds of local calls, remote calls and the bare loopback hop: one caller (p50,
+    p99: the per-call latency) and `--concurrency` callers (calls/s, and CPU per call: of all node
+    processes for local and remote, of the two bare processes for bare). Medians of the rounds."""
+    modes = ["local", "remote", "bare"]
+    figs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    c0, t0 = proc_cpu(pids), time.monotonic()
+    time.sleep(3.0)
+    idle = (proc_cpu(pids) - c0) / (time.monotonic() - t0)  # the nodes' own background work, s/s
+    log(f"idle nodes: {idle * 1000:.1f} ms CPU per second (subtracted from the per-call figures)")
+    lat_calls = max(1000, a.calls // 10)
+    for r in range(a.rounds):
+        order = modes[r % 3 :] + modes[: r % 3]
+        for m in order:
+            if m == "bare":
+                one = bare.run(lat_calls, 1, f"round {r + 1} bare, 1 caller")
+                many = bare.run(a.calls, a.concurrency, f"round {r + 1} bare, {a.concurrency} callers")
+                cpu[m].append(many["cpu_us"])
+            else:
+                target = "org.bench:hello-local" if m == "local" else "org.example:hello"
+                one = run_driver(a, port, f"round {r + 1} {m}, 1 caller", target=target, calls=lat_calls,
+                                 concurrency=1)  # fmt: skip
+                c0, t0 = proc_cpu(pids), time.monotonic()
+                many = run_driver(a, port, f"round {r + 1} {m}, {a.concurrency} callers", target=target)
+                used = proc_cpu(pids) - c0 - idle * (time.monotonic() - t0)
+                cpu[m].append(used * 1e6 / a.calls)
+                log(f"  {cpu[m][-1]:.1f} µs CPU per call over the nodes")
+            figs[m].append((one["p50_ms"], one["p99_ms"], many["calls_per_s"]))
+
+    def med(m: str, i: int) -> float:
+        return statistics.median(f[i] for f in figs[m])
+
+    res: dict[str, object] = {"rounds": a.rounds}
+    for m in modes:
+        res[f"{m}_1c_p50_ms"], res[f"{m}_1c_p99_ms"] = med(m, 0), med(m, 1)
+        res[f"{m}_rounds_calls_s"] = med(m, 2)
+    for m in modes:
+        res[f"{m}_cpu_us"] = statistics.median(cpu[m])
+    # CPU per call, robust to the machine's other load: <= 1 is the goal met
+    res["remote_cpu_ratio"] = res["remote_cpu_us"] / (res["local_cpu_us"] + res["bare_cpu_us"])  # type: ignore[operator]
+    # the goal "remote calls at least as fast as local ones minus one loopback hop": <= 1 is met
+    res["remote_latency_ratio"] = med("remote", 0) / (med("local", 0) + med("bare", 0))
+    # the same in cost per call at concurrency: 1/remote <= 1/local + 1/bare
+    res["remote_cost_ratio"] = (1 / med("remote", 2)) / (1 / med("local", 2) + 1 / med("bare", 2))
+    for m in modes:
+        res[f"{m}_runs"] = "/".join(f"{f[2]:.0f}" for f in figs[m])
+    return res
 
 
 def compare_tls(a: argparse.Namespace, work: str) -> int:
@@ -242,8 +479,8 @@ def compare_tls(a: argparse.Namespace, work: str) -> int:
         "plain_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["plain"]),
         "tls_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["tls"]),
     }
-    print("RESULT " + " ".join(
-        f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items())
+    print(
+        "RESULT " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items())
     )
     return 0
 
@@ -354,7 +591,15 @@ def main() -> int:
     ap.add_argument("--tls-rounds", type=int, default=3, help="with --tls: measurements per mode")
     ap.add_argument("--worker", action="store_true", help="calls into a worker process vs in-process")
     ap.add_argument("--worker-rounds", type=int, default=3, help="with --worker: measurements per mode")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="remote vs local vs bare loopback hop: alternating rounds (0: skip)")  # fmt: skip
+    ap.add_argument("--bare-serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-client", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.bare_serve:
+        return bare_serve()
+    if a.bare_client:
+        return bare_client(a.bare_client, a.calls, a.concurrency)
     if a.worker:
         return compare_worker(a)
 
@@ -369,6 +614,14 @@ def main() -> int:
             Path(work) / "wheels", "org.bench:driver:0.1.0", DRIVER, "Driver", module="bench_driver"
         )
     )
+    hello_path = HERE.parent / "examples" / "hello" / "hello-slice" / "hello_slice" / "__init__.py"
+    hello_src = hello_path.read_text()
+    local_src = hello_src.replace("import Slice, route", "import Slice, entry").replace(
+        '@route("GET", "/hello/{name}")', "@entry"
+    )
+    Repository(Path(work) / "repo").deploy(
+        build_slice_wheel(Path(work) / "wheels", HELLO_LOCAL, local_src, "Hello", module="bench_hello_local")
+    )
     if a.tls:
         try:
             return compare_tls(a, work)
@@ -379,6 +632,7 @@ def main() -> int:
     res: dict[str, object] = {"nodes": a.nodes}
     rc = 0
     hello, driver = HELLO, DRIVER_ARTIFACT
+    bare: BareHop | None = None
     try:
         cluster.start()
         port = cluster.mgmt_ports[0]
@@ -387,18 +641,24 @@ def main() -> int:
             return run_driver(a, port, mode, rate)
 
         deploy_remote(port)
+        # the same hello slice (without its HTTP route) on every node: calls to it are local
+        http(port, "POST", "/api/v1/deploy", {"artifact": HELLO_LOCAL, "instances": a.nodes})
+        wait_converged(port, {hello: 1, driver: 1, HELLO_LOCAL: a.nodes})
+        local = "org.bench:hello-local"
         run("warm-up", 0.0)
         r = run("remote")
         res.update(remote_calls_s=r["calls_per_s"], remote_p50_ms=r["p50_ms"], remote_p99_ms=r["p99_ms"])
         r = run("remote", a.rate)
         res.update(remote_rate=int(a.rate), remote_rate_p50_ms=r["p50_ms"], remote_rate_p99_ms=r["p99_ms"])
-        # local: hello everywhere
-        http(port, "POST", "/api/v1/scale", {"artifact": hello, "instances": a.nodes})
-        wait_converged(port, {hello: a.nodes, driver: 1})
-        r = run("local")
+        r = run_driver(a, port, "local", target=local)
         res.update(local_calls_s=r["calls_per_s"], local_p50_ms=r["p50_ms"], local_p99_ms=r["p99_ms"])
-        r = run("local", a.rate)
+        r = run_driver(a, port, "local", a.rate, target=local)
         res.update(local_rate_p99_ms=r["p99_ms"])
+        if a.rounds > 0:
+            bare = BareHop()
+            bare.run(a.calls, a.concurrency, "warm-up bare")
+            pids = [p.pid for p in cluster.procs if p is not None]
+            res.update(compare_rounds(a, port, bare, pids))
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
         for i in range(a.nodes):
@@ -406,6 +666,8 @@ def main() -> int:
         res["error"] = type(e).__name__
         rc = 1
     finally:
+        if bare is not None:
+            bare.stop()
         cluster.stop_all()
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -879,6 +879,24 @@ async def test_server_enforces_timeout_ms() -> None:
     await wait_for(lambda: srv.in_flight == 0)  # the task ends just after it replied
 
 
+async def test_server_deadline_cancels_only_the_late_request() -> None:
+    # a short time limit expires while a long one keeps running: the late request is answered
+    # "deadline", the other one normally, and nothing is left behind
+    gate = asyncio.Event()
+    cap = Capture()
+    srv = InvokeServer("S", blocking_slices(gate), cap)
+    srv.on_request("X", InvokeRequest(1, ART, "echo", b"", "r1", 5000))
+    srv.on_request("X", InvokeRequest(2, ART, "echo", b"", "r2", 30))
+    await wait_for(lambda: len(cap.out) == 1)
+    assert cap.out[0][1].id == 2 and cap.out[0][1].kind == KIND_DEADLINE
+    assert "did not finish within 0.03s on S" in (cap.out[0][1].error or "")
+    gate.set()
+    await wait_for(lambda: len(cap.out) == 2)
+    assert cap.by_id()[1].payload == b"done"
+    await wait_for(lambda: srv.in_flight == 0)
+    assert not srv._expired
+
+
 async def test_server_bounds_concurrency() -> None:
     gate = asyncio.Event()
     cap = Capture()

@@ -515,6 +515,36 @@ async def test_an_open_circuit_is_skipped_while_another_instance_exists() -> Non
     assert served.count("B") >= 2  # round robin again
 
 
+def test_breaker_is_idle_until_something_fails() -> None:
+    b = CircuitBreaker(threshold=2, cool_down=1.0)
+    assert b.idle
+    b.failure(("B", ART), 0.0)
+    assert not b.idle  # one failure is tracked (the circuit is still closed)
+    b.success(("B", ART), 0.1)
+    assert b.idle
+
+
+async def test_remote_calls_do_not_read_the_clock_while_the_breaker_is_idle() -> None:
+    # the breaker's bookkeeping is skipped on the remote path while nothing failed (a clock read
+    # and two set comprehensions per call); once something failed it is back, as before
+    reads = [0]
+
+    def clock() -> float:
+        reads[0] += 1
+        return 0.0
+
+    breaker = CircuitBreaker(threshold=2, cool_down=10.0)
+    net, _ = policy_net(None, hold=(), breaker=breaker, clock=clock)
+    a = net.nodes["A"].invoker
+    for _ in range(4):
+        await a.invoke(TARGET, "echo", b"x")
+    assert reads[0] == 0 and breaker.idle
+    net.send_fails.add("B")
+    for _ in range(2):
+        await a.invoke(TARGET, "echo", b"x")
+    assert reads[0] > 0 and not breaker.idle
+
+
 async def test_an_open_circuit_never_fails_a_call_on_its_own() -> None:
     now = [0.0]
     breaker = CircuitBreaker(threshold=1, cool_down=10.0)

@@ -55,6 +55,12 @@ class CircuitBreaker:
         self._circuits: dict[Hashable, _Circuit] = {}
         self.opened = 0  # times a circuit opened (monotonic counter, for metrics and tests)
 
+    @property
+    def idle(self) -> bool:
+        """No circuit is tracked (no recent failure anywhere): `allows` is True for every key and
+        `started` and `success` change nothing, so a caller may skip them (and reading its clock)."""
+        return not self._circuits
+
     def state(self, key: Hashable, now: float) -> str:
         """CLOSED, OPEN or HALF_OPEN (an OPEN circuit past its cool-down still reads OPEN until a
         probe `started`)."""

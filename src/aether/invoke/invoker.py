@@ -461,11 +461,14 @@ class Invoker:
                         )
                     else:
                         stats.remote_attempts += 1
-                        self.breaker.started(circuit, self._now())
+                        breaker = self.breaker
+                        if not breaker.idle:  # (skipped, no clock read, when nothing failed lately)
+                            breaker.started(circuit, self._now())
                         result = await self._call_remote(
                             node, artifact, method, payload, rid, deadline, attempts, ikey, policy, trace
                         )
-                        self.breaker.success(circuit, self._now())
+                        if not breaker.idle:
+                            breaker.success(circuit, self._now())
                 except _Retry as retry:
                     if attempt_span is not None:
                         attempt_span.record_error(retry)
@@ -646,8 +649,10 @@ class Invoker:
     def _open_circuits(self, remote: list[Any], tried: set[str]) -> set[tuple[str, str]]:
         """The (node, artifact) of the candidates not tried yet whose circuit is open, unless every
         one of them is (then none is skipped: a breaker never makes a call fail on its own)."""
-        now = self._now()
         breaker = self.breaker
+        if breaker.idle:  # no circuit at all: nothing to skip
+            return set()
+        now = self._now()
         left = [(ep.node_id, ep.artifact) for ep in remote if ep.node_id not in tried]
         skip = {c for c in left if not breaker.allows(c, now)}
         if not skip or len(skip) == len(set(left)):

@@ -11,7 +11,10 @@ import struct
 
 from aether.core.errors import AetherError
 
-__all__ = ["DEFAULT_MAX_FRAME", "HEADER_SIZE", "FrameDecoder", "FrameTooLarge", "encode_frame"]
+__all__ = [
+    "DEFAULT_MAX_FRAME", "HEADER_SIZE", "MAX_PAYLOAD", "FrameDecoder", "FrameTooLarge", "encode_frame",
+    "frame_header",
+]  # fmt: skip
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 """Largest payload accepted by default (16 MiB)."""
@@ -19,7 +22,11 @@ DEFAULT_MAX_FRAME = 16 * 1024 * 1024
 HEADER_SIZE = 4
 
 _HEADER = struct.Struct(">I")
-_MAX_PAYLOAD = 0xFFFFFFFF
+MAX_PAYLOAD = 0xFFFFFFFF
+"""The largest payload a 4-byte length prefix can announce."""
+
+frame_header = _HEADER.pack
+"""``frame_header(size)``: the 4-byte length prefix of a payload of `size` bytes (<= MAX_PAYLOAD)."""
 
 # Compact the receive buffer once this many consumed bytes sit at its front. Between compactions
 # frames are parsed at an offset, so a stream of small frames costs O(total bytes), not O(n^2).
@@ -44,7 +51,7 @@ class FrameTooLarge(AetherError, ValueError):
 def encode_frame(payload: bytes | bytearray | memoryview) -> bytes:
     """Return `payload` prefixed with its 4-byte big-endian length."""
     size = len(payload)
-    if size > _MAX_PAYLOAD:
+    if size > MAX_PAYLOAD:
         raise ValueError(f"payload of {size} bytes does not fit a 4-byte length prefix")
     return _HEADER.pack(size) + bytes(payload)
 

@@ -15,7 +15,7 @@ from typing import Any, Final, Union
 
 import msgspec
 
-from aether.transport.framing import encode_frame
+from aether.transport.framing import MAX_PAYLOAD, encode_frame, frame_header
 
 __all__ = [
     "CONTROL_TYPES",
@@ -136,7 +136,10 @@ class WireCodec:
 
     def frame(self, msg: object) -> bytes:
         """Encode `msg` and wrap it in a frame."""
-        return encode_frame(self.encoder.encode(msg))
+        payload = self.encoder.encode(msg)
+        if len(payload) > MAX_PAYLOAD:
+            return encode_frame(payload)  # raises ValueError
+        return frame_header(len(payload)) + payload  # the hot path: no extra call, no copy check
 
     def decode(self, payload: bytes) -> Any:
         """Decode one payload; raises msgspec.DecodeError (or ValidationError) on bad input."""
