@@ -34,7 +34,8 @@ async def serve(config: NodeConfig, *, management_api: ManagementFactory | None 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # the journal could not be written: the node stops (fail-stop) and the process exits non-zero
-    node.runner.on_fatal.append(lambda exc: stop.set())
+    if node.runner is not None:  # (none with the etcd store: no journal)
+        node.runner.on_fatal.append(lambda exc: stop.set())
     await node.start()
     # Everything built so far (modules, the node's components) lives as long as the process:
     # keep it out of the cyclic collector's full scans, and collect young objects less often,
@@ -46,7 +47,7 @@ async def serve(config: NodeConfig, *, management_api: ManagementFactory | None 
         await stop.wait()
     finally:
         await node.stop()
-    if node.runner.failed is not None:
+    if node.runner is not None and node.runner.failed is not None:
         raise NodeFailed(str(node.runner.failed))
 
 
