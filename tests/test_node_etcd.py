@@ -21,7 +21,7 @@ from aether.core.types import Address, PeerSpec
 from aether.etcd import EtcdConfig, EtcdStore
 from aether.kv.machine import Command, Put
 from aether.node.etcd_wiring import EtcdLeaderManager, choose_leader, client_command, etcd_config
-from conftest import ProcessCluster, deploy_hello_examples, http_json
+from conftest import ProcessCluster, deploy_hello_examples, free_ports, http_json
 from etcd_cluster import HAVE_ETCD, MISSING, EtcdCluster
 
 # --- configuration ------------------------------------------------------------------------------
@@ -262,3 +262,22 @@ def test_three_nodes_on_etcd_serve_survive_kill9_and_refuse_writes_without_etcd_
         if c is not None:
             c.close()  # the nodes first (by PID), then etcd
         etcd.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_node_waits_for_an_unreachable_etcd_and_stops_while_waiting(
+    make_process_cluster: Callable[..., ProcessCluster],
+) -> None:
+    """Nothing answers at the endpoint: the node says it waits for etcd (naming it) and retries;
+    SIGTERM ends it at once, cleanly (it does not wait for etcd to come back)."""
+    (port,) = free_ports(1)  # nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    c = make_process_cluster(
+        1, start=False, extra_args=["--store", "etcd", "--etcd-endpoints", url, "--fsync", "none"]
+    )
+    c.start(0)
+    _wait(lambda: len(c.log_lines(0, "waits for etcd", url)) >= 2, "two 'waits for etcd' lines", c, 20)
+    assert c.try_status(0) is None  # it serves nothing before it has the cluster's state
+    t0 = time.monotonic()
+    assert c.stop(0, timeout=10) == 0
+    assert time.monotonic() - t0 < 5

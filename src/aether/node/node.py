@@ -184,6 +184,7 @@ class Node:
         self.runner: ConsensusRunner | None = None
         self.etcd_members: EtcdMembership | None = None
         self._client_tasks: set[asyncio.Task[None]] = set()  # clients' commands on the etcd store
+        self.waiting_for_store = False  # start() waits for etcd's first answer (etcd store)
         self.kv: KVStore | EtcdStore
         self.leader: LeaderManager
         if config.store == "etcd":
@@ -368,18 +369,28 @@ class Node:
         assert isinstance(self.kv, EtcdStore) and self.etcd_members is not None
         await self.kv.start()
         endpoints = ", ".join(self.config.etcd_endpoints)
-        while True:
-            try:
-                await self.kv.wait_synced(timeout=5.0)
-                break
-            except QuorumLost as e:
-                self.log.warning("node %s waits for etcd at %s: %s", self.node_id, endpoints, e)
+        self.waiting_for_store = True
+        try:
+            while True:
+                try:
+                    await self.kv.wait_synced(timeout=2.0)
+                    break
+                except QuorumLost as e:
+                    self.log.warning("node %s waits for etcd at %s: %s", self.node_id, endpoints, e)
+        finally:
+            self.waiting_for_store = False
         self.log.info(
             "cluster state store: etcd at %s, prefix /aether/%s/ (revision %d)",
             endpoints, self.config.cluster_name, self.kv.revision,
         )
         self.maps.set_members(list(self.members))  # the configured peers, as the transport dials them
         await self.etcd_members.start()
+
+    async def abandon_start(self) -> None:
+        """Close what `start()` opened when it was cancelled while `waiting_for_store` (nothing
+        else had started then)."""
+        await self._stop_etcd()
+        self.logs.detach()
 
     async def _stop_etcd(self) -> None:
         for task in list(self._client_tasks):
