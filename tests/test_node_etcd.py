@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -192,6 +193,13 @@ def test_three_nodes_on_etcd_serve_survive_kill9_and_refuse_writes_without_etcd_
         st = statuses[0]
         assert st["store"] == "etcd" and st["store_endpoints"] == list(etcd.endpoints), st
         assert (tmp_path / "cluster0" / "node-1" / "data" / "consensus").exists() is False  # no journal
+        # Prometheus figures from the etcd store (no consensus slots)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{c.management_ports[0]}/metrics", timeout=5)
+        text = metrics.read().decode()
+        figures = {
+            ln.split("{")[0]: ln.rsplit(" ", 1)[1] for ln in text.splitlines() if ln.startswith("aether_")
+        }
+        assert (figures["aether_cluster_quorum"], figures["aether_cluster_members"]) == ("1.0", "3.0")
         # every node sees the same leader, chosen from the member keys
         leaders = {c.status(i)["leader"] for i in range(3)}
         assert len(leaders) == 1 and None not in leaders, leaders
