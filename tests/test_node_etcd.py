@@ -1,7 +1,9 @@
 """The node on etcd (`aether node --store etcd`, issue 20): the configuration and its checks, the
 leader choice from the member keys (sans-IO), and a 3-node cluster of real `aether node` processes
-on a real 3-member etcd (tests/etcd_cluster.py): ready, serving the hello example through the
-router, surviving kill -9 of the leader, 503 naming etcd while etcd has no quorum, and back."""
+on a real 3-member etcd (tests/etcd_cluster.py): ready, the cluster-port client protocol, a
+distributed map, the hello example through the router, kill -9 of the leader (the next oldest
+member leads, the slice and the map are served), 503 naming etcd while etcd has no quorum, and
+back; and a node waiting for an unreachable etcd."""
 
 from __future__ import annotations
 
@@ -219,6 +221,16 @@ def test_three_nodes_on_etcd_serve_survive_kill9_and_refuse_writes_without_etcd_
         assert status in (200, 201), (status, doc)
         _wait(lambda: all(_hello(c, i) for i in range(3)), "GET /hello/world on every node", c)
 
+        # a distributed map (its definition in the etcd store, its data on the nodes)
+        status, doc = http_json(
+            c.management_ports[0], "POST", "/api/v1/maps", {"name": "m", "replicas": 3, "write_quorum": 2}
+        )
+        assert status == 201, (status, doc)
+        _wait(
+            lambda: http_json(c.management_ports[1], "PUT", "/api/v1/maps/m/entries/a", {"n": 1})[0] == 200,
+            "a map write through node-2", c,
+        )  # fmt: skip
+
         # kill -9 the leader: its lease expires, the oldest other member leads, the slice is served
         leader = c.leader_index()
         c.kill9(leader)
@@ -239,6 +251,9 @@ def test_three_nodes_on_etcd_serve_survive_kill9_and_refuse_writes_without_etcd_
         took = time.monotonic() - took
         assert took < 8, f"the leader moved after {took:.1f}s (member ttl 2s)"
         _wait(lambda: all(_hello(c, i) for i in survivors), "GET /hello/world on the survivors", c)
+        for i in survivors:
+            status, doc = http_json(c.management_ports[i], "GET", "/api/v1/maps/m/entries/a")
+            assert (status, doc) == (200, {"n": 1}), i
 
         # etcd without quorum: writes answer 503 naming etcd, /readyz is not ready; then back
         etcd.kill(1)
