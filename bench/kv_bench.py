@@ -33,6 +33,21 @@ plain/TLS, TLS/plain, ..., each in a fresh child run; the last line is then
     RESULT ... plain_ops_per_s=... tls_ops_per_s=... tls_loss_pct=... plain_p50_ms=... tls_p50_ms=...
 
 (``--tls-only`` runs one TLS measurement, with the ordinary RESULT line.)
+
+``--store etcd``: the cluster state on etcd (issue 20) beside the embedded Rabia store, in the same
+run. Runs the benchmark (every other flag as given) once on Rabia-backed nodes and once on nodes
+started with ``--store etcd`` against a fresh 3-member etcd (Debian's ``/usr/bin/etcd``, or
+``--etcd-bin``; members on free loopback ports, data in the work dir, killed by PID), each in a
+child run; the last line is then
+
+    RESULT ... rabia_ops_per_s=... etcd_ops_per_s=... rabia_p50_ms=... etcd_p50_ms=... rabia_p99_ms=...
+
+plus, with ``--failover``, the failover figures of both (``rabia_failover_...``, ``etcd_failover_...``).
+``--failover-target etcd`` (with ``--store-only etcd``, or ``--store etcd``) kills etcd member
+``--etcd-victim`` (default 1) instead of an Aether node: ``failover_others_max_gap_ms`` is then the
+longest pause of acknowledged writes over every client. ``--store-only etcd`` runs one etcd
+measurement with the ordinary RESULT line. The load clients are the same `AetherClient`s: an
+etcd-backed node serves the cluster-port client protocol on its etcd store.
 """
 
 from __future__ import annotations
@@ -257,6 +272,85 @@ class Cluster:
             return ""
 
 
+class EtcdProcs:
+    """`n` etcd members on 127.0.0.1 (free client and peer ports), data under `workdir`, killed by PID."""
+
+    def __init__(self, n: int, workdir: str, binary: str) -> None:
+        if not os.access(binary, os.X_OK):
+            raise RuntimeError(f"{binary} missing: install Debian's etcd-server (`make etcd` as root)")
+        self.binary = binary
+        self.workdir = os.path.join(workdir, "etcd")
+        os.makedirs(self.workdir, exist_ok=True)
+        ports = free_ports(2 * n)
+        self.client_ports, self.peer_ports = ports[:n], ports[n:]
+        self.names = [f"e{i + 1}" for i in range(n)]
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * n
+        self.all_pids: list[int] = []
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [f"http://{HOST}:{p}" for p in self.client_ports]
+
+    def start(self, timeout: float = 30.0) -> None:
+        initial = ",".join(
+            f"{nm}=http://{HOST}:{p}" for nm, p in zip(self.names, self.peer_ports, strict=True)
+        )
+        for i, name in enumerate(self.names):
+            url, peer = self.endpoints[i], f"http://{HOST}:{self.peer_ports[i]}"
+            cmd = [
+                self.binary, f"--name={name}", f"--data-dir={os.path.join(self.workdir, name)}",
+                f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
+                f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster={initial}", "--initial-cluster-state=new",
+                "--initial-cluster-token=aether-bench", "--logger=zap", "--log-level=warn",
+            ]  # fmt: skip
+            with open(os.path.join(self.workdir, f"{name}.log"), "ab") as logf:
+                p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[i] = p
+            self.all_pids.append(p.pid)
+        deadline = time.monotonic() + timeout
+        pending = list(range(len(self.names)))
+        while pending:
+            for i in list(pending):
+                p = self.procs[i]
+                if p is not None and p.poll() is not None:
+                    raise RuntimeError(f"etcd {self.names[i]} exited ({p.returncode}); see {self.workdir}")
+                try:
+                    with urllib.request.urlopen(f"{self.endpoints[i]}/health", timeout=1) as r:
+                        if json.loads(r.read()).get("health") == "true":
+                            pending.remove(i)
+                except OSError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"etcd members {pending} not healthy within {timeout}s; see {self.workdir}"
+                )
+            time.sleep(0.05)
+
+    def is_leader(self, i: int) -> bool:
+        req = urllib.request.Request(f"{self.endpoints[i]}/v3/maintenance/status", data=b"{}", method="POST")
+        with urllib.request.urlopen(req, timeout=2) as r:
+            doc = json.loads(r.read())
+        return str(doc.get("leader")) == str(doc.get("header", {}).get("member_id"))
+
+    def kill9(self, i: int) -> None:
+        p = self.procs[i]
+        if p is not None and p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)
+        self.procs[i] = None
+
+    def stop_all(self) -> None:
+        for pid in self.all_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for p in self.procs:
+            if p is not None:
+                with contextlib.suppress(Exception):
+                    p.wait(timeout=5)
+        self.procs = [None] * len(self.procs)
+
+
 # --------------------------------------------------------------------------------------------------
 # load generation (forked worker processes)
 
@@ -450,7 +544,7 @@ def failover_stats(
             base_gaps.append(max_gap(acks, b0, b0 + window) if t_kill - 0.1 - b0 > 0.2 else float("nan"))
     fin = sorted(x for x in victim_gaps if x != float("inf"))
     r: dict[str, Any] = {
-        "failover_victim": f"node-{victim + 1}",
+        "failover_victim": f"node-{victim + 1}" if victim >= 0 else "etcd-member",
         "failover_victim_clients": len(victim_gaps),
         "failover_victim_ms_max": (max(victim_gaps) * 1e3) if victim_gaps else float("nan"),
         "failover_victim_ms_median": (statistics.median(victim_gaps) * 1e3) if victim_gaps else float("nan"),
@@ -469,6 +563,7 @@ def failover_stats(
 # --------------------------------------------------------------------------------------------------
 
 _CLUSTER: Cluster | None = None
+_ETCD: EtcdProcs | None = None
 _CLIENT_TLS: Any = None  # TlsFiles of the load clients with --tls-only (inherited by the forked workers)
 _WORKER_PIDS: list[int] = []
 _WORKDIR: str | None = None
@@ -476,13 +571,16 @@ _KEEP = False
 
 
 def cleanup() -> None:
-    global _CLUSTER
+    global _CLUSTER, _ETCD
     for pid in _WORKER_PIDS:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     if _CLUSTER is not None:
         _CLUSTER.stop_all()
         _CLUSTER = None
+    if _ETCD is not None:  # after the nodes
+        _ETCD.stop_all()
+        _ETCD = None
     if _WORKDIR and not _KEEP:
         shutil.rmtree(_WORKDIR, ignore_errors=True)
 
@@ -505,7 +603,7 @@ def fmt(v: Any) -> str:
 
 
 def main() -> int:
-    global _CLUSTER, _WORKDIR, _KEEP, _CLIENT_TLS
+    global _CLUSTER, _WORKDIR, _KEEP, _CLIENT_TLS, _ETCD
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=3, help="cluster size (3 or 5)")
     ap.add_argument("--clients", type=int, default=64, help="concurrent clients")
@@ -544,7 +642,29 @@ def main() -> int:
     )
     ap.add_argument("--tls-rounds", type=int, default=1, help="with --tls: measurements per mode")
     ap.add_argument("--tls-only", action="store_true", help="one measurement on a mutual-TLS cluster")
+    ap.add_argument(
+        "--store",
+        choices=["rabia", "etcd"],
+        default="rabia",
+        help="etcd: measure Rabia-backed and etcd-backed nodes in one run (see above)",
+    )
+    ap.add_argument("--store-only", choices=["rabia", "etcd"], default=None, help="one measurement on it")
+    ap.add_argument("--etcd-bin", default="/usr/bin/etcd", help="the etcd server binary")
+    ap.add_argument(
+        "--failover-target",
+        choices=["node", "etcd"],
+        default="node",
+        help="with --failover: kill an Aether node (default) or an etcd member (etcd store only)",
+    )
+    ap.add_argument("--etcd-victim", type=int, default=1, help="etcd member to kill (1..3)")
     a = ap.parse_args()
+    if a.store == "etcd" and a.store_only is None:
+        if a.tls or a.tls_only or a.dump or a.workdir:
+            ap.error("--store etcd compares two fresh clusters: not with --tls, --dump or --workdir")
+        return compare_stores(sys.argv[1:], a.failover_target)
+    store = a.store_only or "rabia"
+    if a.failover_target == "etcd" and store != "etcd":
+        ap.error("--failover-target etcd needs the etcd store (--store etcd or --store-only etcd)")
     if a.tls:
         if a.failover or a.dump or a.workdir:
             ap.error("--tls compares two fresh clusters: not with --failover, --dump or --workdir")
@@ -568,8 +688,16 @@ def main() -> int:
     workers: list[Any] = []
     try:
         t0 = time.monotonic()
+        node_args = list(a.node_arg)
+        if store == "etcd":
+            _ETCD = EtcdProcs(3, _WORKDIR, a.etcd_bin)
+            _ETCD.start()
+            took = 1e3 * (time.monotonic() - t0)
+            log(f"etcd: 3 members up in {took:.0f} ms at {','.join(_ETCD.endpoints)}")
+            node_args += ["--store", "etcd", "--etcd-endpoints", ",".join(_ETCD.endpoints)]
+            res["store"] = "etcd"
         _CLUSTER = Cluster(
-            a.nodes, _WORKDIR, no_uvloop=a.no_uvloop, fsync=a.fsync, extra=a.node_arg, tls=a.tls_only
+            a.nodes, _WORKDIR, no_uvloop=a.no_uvloop, fsync=a.fsync, extra=node_args, tls=a.tls_only
         )
         os.environ["AETHER_CLUSTER_SECRET"] = _CLUSTER.secret  # the (forked) workers' AetherClients read it
         _CLIENT_TLS = _CLUSTER.client_tls()
@@ -635,9 +763,21 @@ def main() -> int:
         t_kill = None
         if a.failover:
             time.sleep(max(0.0, t_start + kill_at - time.monotonic()))
-            t_kill = time.monotonic()
-            _CLUSTER.kill9(victim)
-            log(f"kill -9 node-{victim + 1} at +{kill_at:.2f} s")
+            if a.failover_target == "etcd" and _ETCD is not None:
+                ev = a.etcd_victim - 1
+                was_leader = _ETCD.is_leader(ev)
+                t_kill = time.monotonic()
+                _ETCD.kill9(ev)
+                victim = -1  # no Aether node dies: every client counts among "the others"
+                extra["failover_etcd_leader_killed"] = was_leader
+                log(
+                    f"kill -9 etcd member {ev + 1} ({'the' if was_leader else 'not the'} etcd leader) "
+                    f"at +{kill_at:.2f} s"
+                )
+            else:
+                t_kill = time.monotonic()
+                _CLUSTER.kill9(victim)
+                log(f"kill -9 node-{victim + 1} at +{kill_at:.2f} s")
 
         deadline = t_start + a.seconds + a.timeout + 60
         while len(results) + len(werrors) < procs:
@@ -763,6 +903,55 @@ def main() -> int:
         cleanup()
     print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in {**res, **extra}.items()), flush=True)
     return rc
+
+
+def compare_stores(args: list[str], failover_target: str) -> int:
+    """Run this benchmark on Rabia-backed and on etcd-backed nodes, each in a child; one RESULT
+    line with both figures (``rabia_...``, ``etcd_...``). With ``--failover-target etcd`` the Rabia
+    run kills an Aether node instead (it has no etcd)."""
+    fields_of: dict[str, dict[str, str]] = {}
+    base = without_flag(args, "--store")
+    for store in ("rabia", "etcd"):
+        run = without_flag(base, "--failover-target") if store == "rabia" else base
+        cmd = [sys.executable, os.path.abspath(__file__), *run, "--store-only", store]
+        log(f"--store etcd: the {store} run")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        for x in proc.stdout.splitlines():
+            if not x.startswith("RESULT "):
+                print(f"  {store}: {x}", flush=True)
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), "")
+        fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+        if proc.returncode != 0 or "ops_per_s" not in fields:
+            log(f"{store} run failed (exit {proc.returncode}): {line or proc.stdout[-500:]}")
+            print(f"RESULT error={store}-run-failed", flush=True)
+            return proc.returncode or 1
+        log(f"{store}: {line}")
+        fields_of[store] = fields
+    first = fields_of["rabia"]
+    out: dict[str, Any] = {"nodes": first.get("nodes", "?"), "clients": first.get("clients", "?")}
+    for k in ("ops_per_s", "p50_ms", "p99_ms"):
+        for store in ("rabia", "etcd"):
+            out[f"{store}_{k}"] = fields_of[store][k]
+    for store in ("rabia", "etcd"):
+        for k, v in fields_of[store].items():
+            if k.startswith("failover_"):
+                out[f"{store}_{k}"] = v
+    out["errors"] = sum(int(f.get("errors", "0")) for f in fields_of.values())
+    print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in out.items()), flush=True)
+    return 0
+
+
+def without_flag(args: list[str], flag: str) -> list[str]:
+    """`args` without `flag` and its value (``--flag VALUE`` or ``--flag=VALUE``)."""
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+        elif x == flag:
+            skip = True
+        elif not x.startswith(f"{flag}="):
+            out.append(x)
+    return out
 
 
 def compare_tls(args: list[str], rounds: int) -> int:

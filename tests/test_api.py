@@ -139,6 +139,10 @@ async def test_status_json_shape(server: ManagementServer, http: aiohttp.ClientS
         "store_write_failing_for": None,
         "store_write_error": None,
         "slice_blocks": 0,
+        # the cluster state store (the etcd endpoints and error only with store "etcd")
+        "store": "rabia",
+        "store_endpoints": [],
+        "store_error": None,
     }
 
 

@@ -290,6 +290,29 @@ def test_doctor_fails_on_failing_store_writes_and_loop_lag(servers: Servers) -> 
     assert r.exit_code == 1 and "writes fail for 12.0 s: not committed" in r.output
 
 
+def test_doctor_checks_the_etcd_store(servers: Servers) -> None:
+    n1, n2 = FakeNode("node-1"), FakeNode("node-2")
+    a, b = servers.start(n1), servers.start(n2)
+    nodes = f"{addr(a)},{addr(b)}"
+    assert "store" not in _verdicts(invoke("doctor", "--nodes", nodes, "--json").output)  # rabia: none
+    etcd = {"store": "etcd", "store_endpoints": ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]}
+    n1.extra, n2.extra = dict(etcd), dict(etcd)
+    r = invoke("doctor", "--nodes", nodes, "--json")
+    (check,) = [c for c in json.loads(r.output)["checks"] if c["name"] == "store"]
+    assert r.exit_code == 0 and check["verdict"] == "ok", r.output
+    assert check["detail"] == (
+        "etcd at http://10.0.0.1:2379, http://10.0.0.2:2379: 2 of 2 nodes reach it with a quorum"
+    )
+    n2.quorum = False
+    n2.extra = {**etcd, "store_error": "etcd at http://10.0.0.1:2379: no leader"}
+    r = invoke("doctor", "--nodes", nodes)
+    assert r.exit_code == 1 and "node-2: etcd at http://10.0.0.1:2379: no leader" in r.output, r.output
+    assert _verdicts(invoke("doctor", "--nodes", nodes, "--json").output)["store"] == "failed"
+    n2.quorum, n2.extra = True, {}  # one node on the embedded store, one on etcd
+    v = _verdicts(invoke("doctor", "--nodes", nodes, "--json").output)
+    assert v["store"] == "failed"
+
+
 def test_doctor_leader_disagreement_and_unreachable_node(servers: Servers) -> None:
     a, b = servers.start(FakeNode("node-1")), servers.start(FakeNode("node-2", leader="node-2"))
     r = invoke("doctor", "--json", "--nodes", f"{addr(a)},{addr(b)},127.0.0.1:{dead_port()}")

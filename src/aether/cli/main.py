@@ -432,6 +432,39 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     help="Where --tracing otlp sends spans (OTLP/HTTP) [default: http://localhost:4318/v1/traces].",
 )
 @click.option(
+    "--store",
+    type=click.Choice(["rabia", "etcd"]),
+    help="The cluster state store: rabia (embedded consensus, nothing else to run) or etcd (an etcd "
+    "v3 at --etcd-endpoints; membership and leader from etcd leases; docs/operations.md, Running on "
+    "etcd) [default: rabia].",
+)
+@click.option(
+    "--etcd-endpoints",
+    metavar="URL,...",
+    help="With --store etcd: the client URLs of the etcd members, e.g. http://h1:2379,http://h2:2379.",
+)
+@click.option("--etcd-username", metavar="USER", help="etcd user (with --etcd-password-file or env "
+              "AETHER_ETCD_PASSWORD).")
+@click.option(
+    "--etcd-password-file",
+    metavar="FILE",
+    envvar="AETHER_ETCD_PASSWORD_FILE",
+    help="File holding the etcd user's password (env AETHER_ETCD_PASSWORD_FILE; or the password itself "
+    "in env AETHER_ETCD_PASSWORD; never a flag value).",
+)
+@click.option("--etcd-ca", metavar="FILE", help="CA certificate of etcd's server certificates "
+              "(https endpoints).")
+@click.option("--etcd-cert", metavar="FILE", help="Client certificate for etcd (--client-cert-auth), "
+              "with --etcd-key.")
+@click.option("--etcd-key", metavar="FILE", help="The key of --etcd-cert.")
+@click.option(
+    "--etcd-member-ttl",
+    type=click.IntRange(1, 300),
+    metavar="SECONDS",
+    help="With --store etcd: TTL of this node's member lease; a killed node leaves the member set "
+    "(and the leadership) within it [default: 5].",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -477,6 +510,14 @@ def node(
     controller_record: str | None,
     tracing: str | None,
     otlp_endpoint: str | None,
+    store: str | None,
+    etcd_endpoints: str | None,
+    etcd_username: str | None,
+    etcd_password_file: str | None,
+    etcd_ca: str | None,
+    etcd_cert: str | None,
+    etcd_key: str | None,
+    etcd_member_ttl: int | None,
     log_level: str,
     log_format: str | None,
 ) -> None:
@@ -513,9 +554,22 @@ def node(
         "tracing": tracing,
         "otlp_endpoint": otlp_endpoint or None,
         "log_format": log_format,
+        "store": store,
+        "etcd_endpoints": [u.strip() for u in (etcd_endpoints or "").split(",") if u.strip()] or None,
+        "etcd_username": etcd_username or None,
+        "etcd_password": os.environ.get("AETHER_ETCD_PASSWORD") or None,
+        "etcd_password_file": etcd_password_file or None,
+        "etcd_ca": etcd_ca or None,
+        "etcd_cert": etcd_cert or None,
+        "etcd_key": etcd_key or None,
+        "etcd_member_ttl": etcd_member_ttl,
     }
     try:
         config = build_node_config(config_file, flags)
+        if config.store == "etcd":
+            from aether.node.etcd_wiring import etcd_config
+
+            etcd_config(config)  # fail now if the password file is unreadable
         from aether.transport.auth import load_secret
 
         load_secret(config.cluster_secret, config.cluster_secret_file)  # fail now if unreadable

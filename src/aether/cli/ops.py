@@ -401,6 +401,35 @@ def _statuses(settings: Settings, up: list[dict[str, Any]]) -> dict[str, dict[st
     return out
 
 
+def _store_checks(statuses: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """With the etcd store (docs/operations.md, *Running on etcd*): the check "store" names the
+    backend and its endpoints, failed when a node's store has no quorum (etcd unreachable or
+    without a quorum itself) or the nodes use different stores. Nothing for the embedded store,
+    whose quorum the "quorum" check covers."""
+    known = {n: st for n, st in statuses.items() if st is not None}
+    kinds = {str(st.get("store") or "rabia") for st in known.values()}
+    if "etcd" not in kinds:
+        return []
+    if len(kinds) > 1:
+        items = [f"{n}: {st.get('store') or 'rabia'}" for n, st in sorted(known.items())]
+        return [_check("store", FAILED, "the nodes use different cluster state stores", items)]
+    endpoints = sorted({e for st in known.values() for e in st.get("store_endpoints") or ()})
+    failed = [
+        f"{n}: {st.get('store_error') or 'no quorum'}"
+        for n, st in sorted(known.items())
+        if not st.get("quorum")
+    ]
+    return [
+        _check(
+            "store",
+            FAILED if failed else OK,
+            f"etcd at {', '.join(endpoints)}: {len(known) - len(failed)} of {len(known)} nodes reach it "
+            "with a quorum",
+            failed,
+        )
+    ]
+
+
 def _node_checks(statuses: dict[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
     """Store writes and event-loop lag, as every node reports them in its status."""
     writes_failed, writes_warn, lag_items = [], [], []
@@ -426,7 +455,8 @@ def _node_checks(statuses: dict[str, dict[str, Any] | None]) -> list[dict[str, A
             elif lag > LAG_WARN_MS:
                 lag_verdict = WARN if lag_verdict == OK else lag_verdict
                 lag_items.append(f"{node}: event-loop lag up to {lag:.0f} ms in the last 10 s")
-    checks = [
+    checks = _store_checks(statuses)
+    checks += [
         _check(
             "store writes",
             FAILED if writes_failed else WARN if writes_warn else OK,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -30,6 +32,9 @@ MIN_MAX_BUFFERED_BYTES = 32 * 1024 * 1024
 DEFAULT_PRE_AUTH_MAX_FRAME = 4096
 PRE_AUTH_MAX_FRAME_RANGE = (256, 1024 * 1024)
 MAX_HANDSHAKE_TIMEOUT = 300.0
+STORES = ("rabia", "etcd")
+# with store = "etcd" the cluster name becomes the etcd key prefix /aether/NAME/
+_ETCD_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -114,6 +119,24 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # records it keeps in memory for `GET /api/v1/logs` / `aether logs` (docs/operations.md, *Logs*)
     log_format: str = "text"
     log_buffer: int = 5000
+    # the cluster state store (docs/operations.md, *Running on etcd*): "rabia" (embedded, the
+    # default: nothing to run besides Aether) or "etcd" (an existing etcd v3 at etcd_endpoints; the
+    # cluster's keys live under /aether/{cluster_name}/, membership and leader come from etcd leases)
+    store: str = "rabia"
+    etcd_endpoints: list[str] = []
+    # etcd authentication: the user, and its password in etcd_password (the CLI takes it only from
+    # AETHER_ETCD_PASSWORD, never a flag value) or in the file etcd_password_file
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    etcd_password_file: str | None = None
+    # TLS to etcd: the CA of etcd's server certificates, and this node's client certificate and key
+    # (etcd's --client-cert-auth)
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    # seconds a node's member key outlives its last lease renewal: a killed node leaves the member
+    # set (and the leadership) this long after it died
+    etcd_member_ttl: int = 5
 
     def validate(self) -> NodeConfig:
         check_node_id(self.node_id)
@@ -191,6 +214,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 "a hello needs a few hundred bytes, and more than that only lets unauthenticated "
                 "connections hold memory"
             )
+        self._validate_store()
         if self.handshake_timeout is not None and not 0 < self.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:
             raise ConfigError(
                 f"handshake_timeout must be > 0 and <= {MAX_HANDSHAKE_TIMEOUT:g} seconds "
@@ -198,9 +222,66 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
         return self
 
+    def _validate_store(self) -> None:
+        if self.store not in STORES:
+            raise ConfigError(f"store must be rabia or etcd (got {self.store!r})")
+        etcd_only = {
+            "etcd_endpoints": self.etcd_endpoints, "etcd_username": self.etcd_username,
+            "etcd_password": self.etcd_password, "etcd_password_file": self.etcd_password_file,
+            "etcd_ca": self.etcd_ca, "etcd_cert": self.etcd_cert, "etcd_key": self.etcd_key,
+        }
+        if self.store == "rabia":
+            given = [k for k, v in etcd_only.items() if v]
+            if given:
+                raise ConfigError(
+                    f"{', '.join(given)} set but the store is rabia: add --store etcd (store = \"etcd\") "
+                    "to keep the cluster state in etcd, or drop them"
+                )
+            return
+        if not self.etcd_endpoints:
+            raise ConfigError(
+                "store etcd needs the etcd endpoints: --etcd-endpoints http://HOST:2379,... "
+                "(etcd_endpoints in aether.toml)"
+            )
+        for url in self.etcd_endpoints:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ConfigError(
+                    f"etcd endpoint {url!r}: expected http://HOST:PORT or https://HOST:PORT (no path)"
+                )
+        if not _ETCD_CLUSTER_NAME.match(self.cluster_name):
+            raise ConfigError(
+                f"cluster name {self.cluster_name!r}: with store etcd it becomes the key prefix "
+                "/aether/NAME/: 1-63 letters, digits, '.', '_' or '-'"
+            )
+        if self.join is not None:
+            raise ConfigError(
+                "--join is for the rabia store: with store etcd a node joins by running with the same "
+                "cluster name and etcd endpoints (membership comes from etcd)"
+            )
+        if self.etcd_password and self.etcd_password_file:
+            raise ConfigError(
+                "both an etcd password (AETHER_ETCD_PASSWORD or etcd_password) and an etcd password file "
+                "are set: use only one"
+            )
+        has_password = bool(self.etcd_password or self.etcd_password_file)
+        if bool(self.etcd_username) != has_password:
+            raise ConfigError(
+                "etcd authentication needs a user and its password: --etcd-username with "
+                "--etcd-password-file (or AETHER_ETCD_PASSWORD), both or neither"
+            )
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            raise ConfigError(
+                "--etcd-cert needs --etcd-key too (and the other way round): give both or neither"
+            )
+        if not 1 <= self.etcd_member_ttl <= 300:
+            raise ConfigError(
+                f"etcd_member_ttl must be between 1 and 300 seconds (got {self.etcd_member_ttl})"
+            )
+
     def __repr__(self) -> str:  # never print the secret (or the API key)
         shown = {f: getattr(self, f) for f in self.__struct_fields__}
-        for f in ("cluster_secret", "api_key"):
+        for f in ("cluster_secret", "api_key", "etcd_password"):
             if shown[f]:
                 shown[f] = "***"
         return f"NodeConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
@@ -254,6 +335,15 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     otlp_endpoint: str | None = None
     log_format: str | None = None
     log_buffer: int | None = None
+    store: str | None = None
+    etcd_endpoints: list[str] | None = None
+    etcd_username: str | None = None
+    etcd_password: str | None = None
+    etcd_password_file: str | None = None
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_member_ttl: int | None = None
 
 
 class _TomlTracing(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -41,6 +41,11 @@ class NodeStatus(msgspec.Struct, frozen=True):
     store_write_error: str | None = None
     # slice event loops found blocked past the limit since start (each also a `slice-blocked` event)
     slice_blocks: int = 0
+    # the cluster state store: "rabia" (embedded) or "etcd", with the etcd endpoints, and why it
+    # cannot take writes now (etcd unreachable or without quorum), else None (`aether doctor`)
+    store: str = "rabia"
+    store_endpoints: list[str] = []
+    store_error: str | None = None
 
 
 class KVEntry(msgspec.Struct, frozen=True):

@@ -156,16 +156,22 @@ class EtcdClient:
 
     Use it as ``async with EtcdClient(config) as etcd: ...`` (or `open`/`close`). Keys are
     relative strs, values bytes; bad input raises `EtcdBadRequest` before anything is sent.
+    `namespace`: where under ``/aether/{cluster}/`` its keys live: ``kv/`` (the store's data) by
+    default; the node keeps its member keys under ``members/`` with a second client.
     """
 
-    def __init__(self, config: EtcdConfig, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: EtcdConfig, *, rng: random.Random | None = None, namespace: str = "kv/"
+    ) -> None:
+        if not namespace.endswith("/") or namespace.startswith("/") or namespace == "requests/":
+            raise ValueError(f"etcd client namespace {namespace!r}: NAME/, not requests/")
         self.config = config
         self._policy = RetryPolicy(
             timeout=config.request_timeout, attempt_timeout=config.attempt_timeout, backoff_max=0.5
         )
         self._rng = rng or random.Random()
         self._root = config.root.encode()
-        self._kv_root = self._root + b"kv/"
+        self._kv_root = self._root + namespace.encode()
         self._req_root = self._root + b"requests/"
         self._current = 0
         self._session: aiohttp.ClientSession | None = None

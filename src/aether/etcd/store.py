@@ -297,8 +297,9 @@ class EtcdStore:
         timeout: float,
         expect: Literal["any", "absent", "exists", "value"] = "any",
         expected_value: bytes = b"",
+        request_id: str | None = None,
     ) -> OnceResult:
-        request_id = f"{self._session}-{next(self._seq)}"
+        request_id = request_id or f"{self._session}-{next(self._seq)}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
 
@@ -326,6 +327,27 @@ class EtcdStore:
         if res.outcome != "conflict" and not (value is None and expect == "absent"):
             await self._until_cached(res.revision, deadline - loop.time())
         return res
+
+    async def write_bytes(
+        self,
+        key: str,
+        value: bytes | None,
+        *,
+        request_id: str,
+        expect: Literal["any", "absent", "exists", "value"] = "any",
+        expected_value: bytes = b"",
+        timeout: float = 5.0,
+    ) -> OnceResult:
+        """A raw write (`value` None: delete) under the caller's `request_id`, for writes whose
+        retries come from outside (the cluster-port clients' ``(client, seq)``): the same id written
+        again, through any node, reports ``duplicate`` instead of writing twice. The key and value
+        get the checks of `put`."""
+        k = check_key(key)
+        if value is not None:
+            value = encode_checked(k, value)
+        if expect == "value":
+            expected_value = encode_checked(k, expected_value)
+        return await self._write(k, value, timeout, expect, expected_value, request_id=f"c-{request_id}")
 
     # -- ClusterStore ----------------------------------------------------------------------------------
 

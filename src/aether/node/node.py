@@ -7,6 +7,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Coroutine
 from typing import Any, Protocol, Union
 
 import msgspec
@@ -39,6 +40,7 @@ from aether.deploy import (
 from aether.deploy.admission import InstanceLimits
 from aether.deploy.config import SliceConfigs
 from aether.deploy.traffic import TrafficTable
+from aether.etcd import EtcdStore
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
 from aether.kv.keys import NodeInfoKey, NodeInfoValue
@@ -58,6 +60,7 @@ from aether.metrics import METRICS_MESSAGE_TYPES, MetricsMessage, MetricsService
 from aether.metrics.cluster import ClusterFigures, MapFigures
 from aether.metrics.collector import BUCKET_BOUNDS
 from aether.metrics.messages import ClusterMetricsSnapshot, InstanceCounters, InstanceStats, SliceLoad
+from aether.node.etcd_wiring import EtcdLeaderManager, EtcdMembership, client_command, etcd_config
 from aether.node.faults import FaultInjector
 from aether.node.looplag import LoopLagProbe
 from aether.node.tracing import make_tracer
@@ -175,25 +178,37 @@ class Node:
         self.sm = KVStateMachine()
         # the journal holds the whole KV, map files the maps: the data dir is for this user only
         prepare_private_dir(config.data_path, self.log)
-        self.store = DiskStore(config.data_path / "consensus", config.fsync)
-        self.runner = ConsensusRunner(
-            self.node_id,
-            list(self.members),
-            self.sm,
-            self.store,
-            seed=config.cluster_name.encode(),
-            config=EngineConfig(snapshot_every=config.snapshot_every),
-            logger=logging.getLogger(f"aether.consensus.{self.node_id}"),
-            learner=config.join is not None,
-        )
-        self.runner.on_members.append(self._on_members_changed)
+        # the cluster state store: the embedded Rabia consensus (runner + journal), or etcd
+        # (`store = "etcd"`: no runner, no journal; members and leader from etcd, etcd_wiring.py)
+        self.store: DiskStore | None = None
+        self.runner: ConsensusRunner | None = None
+        self.etcd_members: EtcdMembership | None = None
+        self._client_tasks: set[asyncio.Task[None]] = set()  # clients' commands on the etcd store
+        self.waiting_for_store = False  # start() waits for etcd's first answer (etcd store)
+        self.kv: KVStore | EtcdStore
+        self.leader: LeaderManager
+        if config.store == "etcd":
+            self._make_etcd_store()
+        else:
+            self.store = DiskStore(config.data_path / "consensus", config.fsync)
+            self.runner = ConsensusRunner(
+                self.node_id,
+                list(self.members),
+                self.sm,
+                self.store,
+                seed=config.cluster_name.encode(),
+                config=EngineConfig(snapshot_every=config.snapshot_every),
+                logger=logging.getLogger(f"aether.consensus.{self.node_id}"),
+                learner=config.join is not None,
+            )
+            self.runner.on_members.append(self._on_members_changed)
+            self.kv = KVStore(self.runner, self.sm, self.node_id)
+            self.leader = LeaderManager(self.node_id, list(self.members))
         self._candidates: dict[str, Address] = {}  # nodes being added: dialed before they commit
         # members the latest change removed: still linked (as learners) until the next change, so a
         # removed node that was cut off mid-slot still learns that it was removed
         self._retired: dict[str, Address] = {}
         self._epoch_seen = -1
-        self.kv = KVStore(self.runner, self.sm, self.node_id)
-        self.leader = LeaderManager(self.node_id, list(self.members))
         self.leader.listeners.append(self._on_leader_change)
         own = self.members[self.node_id]
         secret = load_secret(config.cluster_secret, config.cluster_secret_file)
@@ -316,6 +331,98 @@ class Node:
         self._publisher: asyncio.Task[None] | None = None  # records this node's addresses (nodes/{id})
         self.started_at = 0.0
 
+    # --- the cluster state store: Rabia or etcd (docs/operations.md, *Running on etcd*) ---------
+
+    def _make_etcd_store(self) -> None:
+        """`store = "etcd"`: the store, the leader and the membership from etcd (`etcd_wiring`)."""
+        cfg = etcd_config(self.config)
+        self.kv = EtcdStore(cfg, self.node_id)
+        self.leader = EtcdLeaderManager(self.node_id)
+        self.etcd_members = EtcdMembership(
+            cfg, self.node_id, str(self.members[self.node_id]), ttl=self.config.etcd_member_ttl,
+            on_change=self._on_etcd_members, logger=logging.getLogger(f"aether.node.etcd.{self.node_id}"),
+        )
+
+    def has_quorum(self) -> bool:
+        """Can the cluster state store take writes now: etcd answers (etcd store), or this node
+        reaches a majority of the members (Rabia)? The router's 503 and `/readyz` follow it."""
+        if isinstance(self.kv, EtcdStore):  # the cache follows etcd and the member lease renews
+            return self.kv.has_quorum() and self.etcd_members is not None and self.etcd_members.reachable
+        return self.transport.has_quorum()
+
+    def _consensus(self) -> ConsensusRunner:
+        """The consensus runner; with the etcd store there is none, and membership changes are
+        refused (409) naming how membership works there."""
+        if self.runner is None:
+            name = self.config.cluster_name
+            raise StatusError(
+                f"node {self.node_id} keeps the cluster state in etcd: the members are the nodes running "
+                f"with cluster name {name!r} on the same etcd (their lease-backed keys under "
+                f"/aether/{name}/members/); add a node by starting it with them, remove one by stopping it",
+                status=409,
+            )
+        return self.runner
+
+    async def _start_etcd(self) -> None:
+        """Start the etcd store and wait until its cache holds the cluster's state (retried, with a
+        log line, while etcd is unreachable), then write and follow the member keys."""
+        assert isinstance(self.kv, EtcdStore) and self.etcd_members is not None
+        await self.kv.start()
+        endpoints = ", ".join(self.config.etcd_endpoints)
+        self.waiting_for_store = True
+        try:
+            while True:
+                try:
+                    await self.kv.wait_synced(timeout=2.0)
+                    break
+                except QuorumLost as e:
+                    self.log.warning("node %s waits for etcd at %s: %s", self.node_id, endpoints, e)
+        finally:
+            self.waiting_for_store = False
+        self.log.info(
+            "cluster state store: etcd at %s, prefix /aether/%s/ (revision %d)",
+            endpoints, self.config.cluster_name, self.kv.revision,
+        )
+        self.maps.set_members(list(self.members))  # the configured peers, as the transport dials them
+        await self.etcd_members.start()
+
+    async def abandon_start(self) -> None:
+        """Close what `start()` opened when it was cancelled while `waiting_for_store` (nothing
+        else had started then)."""
+        await self._stop_etcd()
+        self.logs.detach()
+
+    async def _stop_etcd(self) -> None:
+        for task in list(self._client_tasks):
+            task.cancel()
+        await asyncio.gather(*self._client_tasks, return_exceptions=True)
+        if self.etcd_members is not None:
+            await self.etcd_members.stop()
+        if isinstance(self.kv, EtcdStore):
+            await self.kv.stop()
+
+    def _etcd_error(self) -> str:
+        """Why the etcd store cannot take writes now (for the status and `aether doctor`)."""
+        assert isinstance(self.kv, EtcdStore)
+        members = self.etcd_members
+        why = [
+            self.kv.watch_error, self.kv.last_write_error,
+            members.error if members is not None and not members.reachable else None,
+        ]
+        shown = "; ".join(w for w in why if w) or "the first read of the cluster's state is not in yet"
+        return f"etcd at {', '.join(self.config.etcd_endpoints)}: {shown}"
+
+    def _etcd_revision(self) -> int:
+        """The etcd revision this node's cache holds (0 with the Rabia store)."""
+        return self.kv.revision if isinstance(self.kv, EtcdStore) else 0
+
+    def _on_etcd_members(self, live: dict[str, int] | None, addresses: dict[str, str]) -> None:
+        if live is not None and isinstance(self.leader, EtcdLeaderManager) and live != self.leader.live:
+            self.log.info("live members (etcd): %s", ", ".join(sorted(live)) or "none")
+            self.deployments.members = max(1, len(live))  # admission: the cluster's instance capacity
+        if isinstance(self.leader, EtcdLeaderManager):
+            self.leader.set_live(live)
+
     # --- capacity signals (issue 15) -------------------------------------------------------------
 
     def _slice_limits(self, artifact: Artifact) -> SliceLimits:
@@ -342,7 +449,6 @@ class Node:
     def _cluster_figures(self) -> ClusterFigures:
         """This node's view of the cluster for `/metrics` (`MetricsService.cluster`), read at scrape
         time from the components' own counters."""
-        engine = self.runner.engine
         leader = self.leader
         member = self.node_id in leader.members
         maps: list[MapFigures] = []
@@ -359,6 +465,16 @@ class Node:
         slices = dict.fromkeys((str(s) for s in SliceState), 0)
         for state in self.node_deployer.states().values():
             slices[state] = slices.get(state, 0) + 1
+        routes = len(self.http.table) if self.http is not None else 0
+        if self.runner is None:  # etcd: no slots, no commit histogram; the revision as applied slot
+            return ClusterFigures(
+                members=len(leader.members), reachable_members=len(leader.up) + int(member),
+                quorum=self.has_quorum(), is_leader=leader.is_leader, leader_changes=leader.changes,
+                slots=0, null_slots=0, commands=0, applied_slot=self._etcd_revision(),
+                commit_buckets=[(float("inf"), 0)], commit_seconds=0.0, slices=slices, routes=routes,
+                maps=maps,
+            )
+        engine = self.runner.engine
         commit = self.runner.commit_latency
         return ClusterFigures(
             members=len(leader.members), reachable_members=len(leader.up) + int(member),
@@ -366,7 +482,7 @@ class Node:
             slots=engine.stats["slots"], null_slots=engine.stats["null_slots"],
             commands=engine.stats["commands"], applied_slot=engine.applied,
             commit_buckets=commit.cumulative(), commit_seconds=commit.sum, slices=slices,
-            routes=len(self.http.table) if self.http is not None else 0, maps=maps,
+            routes=routes, maps=maps,
         )
 
     def _instance_counters(self) -> list[InstanceCounters]:
@@ -396,11 +512,15 @@ class Node:
 
     async def _start(self, *, management: bool) -> None:
         self.started_at = time.time()
-        self.runner.recover()
-        self._follow_members()  # the member set of the snapshot and journal, not the configured one
+        if self.runner is not None:
+            self.runner.recover()
+            self._follow_members()  # the member set of the snapshot and journal, not the configured one
+        else:
+            await self._start_etcd()
         self.loop_lag.start()
         await self.transport.start()
-        self.runner.start(self.transport)
+        if self.runner is not None:
+            self.runner.start(self.transport)
         await self.maps.start()
         # the node of rank k publishes its directory's wheels after 1 + 2k s (docs/repository.md)
         self.artifacts.start_bootstrap(delay=1.0 + 2.0 * sorted(self.members).index(self.node_id))
@@ -412,7 +532,7 @@ class Node:
             self.node_id, self.kv, self.invoker, host=self.config.host, port=self.config.http_port,
             idle_timeout=self.config.http_idle_timeout, ssl_context=self.https,
             logger=logging.getLogger(f"aether.http.{self.node_id}"),
-            has_quorum=self.transport.has_quorum, tracer=self.tracer,
+            has_quorum=self.has_quorum, tracer=self.tracer,
         )
         await self.http.start()
         self.metrics.start()
@@ -467,13 +587,19 @@ class Node:
         self.endpoints.close()
         self.traffic.close()
         await self.transport.stop()
-        await self.runner.stop()
+        if self.runner is not None:
+            await self.runner.stop()
+        else:
+            await self._stop_etcd()
         await self.loop_lag.stop()
         await asyncio.to_thread(self.tracer.shutdown)  # exports the spans left (blocking I/O)
-        self.log.info(
-            "node %s stopped at slot %d; consensus stats %s",
-            self.node_id, self.runner.engine.applied, self.runner.engine.stats,
-        )
+        if self.runner is not None:
+            self.log.info(
+                "node %s stopped at slot %d; consensus stats %s",
+                self.node_id, self.runner.engine.applied, self.runner.engine.stats,
+            )
+        else:
+            self.log.info("node %s stopped at etcd revision %d", self.node_id, self._etcd_revision())
 
     def node_info(self) -> NodeInfoValue:
         """Where this node serves its management API and HTTP router (``HOST:PORT`` as others reach
@@ -525,23 +651,25 @@ class Node:
             self.metrics.on_message(sender, msg)
         elif isinstance(msg, CONTROLLER_MESSAGE_TYPES):
             self.controller.on_message(sender, msg)
-        else:
+        elif self.runner is not None:
             self.runner.on_message(sender, msg)
 
     def _on_peer_up(self, ev: PeerUp) -> None:
-        self.runner.peer_up(ev.node_id)
+        if self.runner is not None:
+            self.runner.peer_up(ev.node_id)
         self.leader.peer_up(ev.node_id)
         self.invoke_server.peer_up(ev.node_id)
 
     def _on_peer_down(self, ev: PeerDown) -> None:
-        self.runner.peer_down(ev.node_id)
+        if self.runner is not None:
+            self.runner.peer_down(ev.node_id)
         self.leader.peer_down(ev.node_id)
 
     # --- membership (changes go through the log: docs/consensus.md) -----------------------------
 
     def _member_map(self) -> dict[str, Address]:
         """Addresses of the members in effect and pending (and nodes being added), this node too."""
-        eng = self.runner.engine
+        eng = self._consensus().engine
         pend = eng.pending_config
         ids = set(eng.members) | set(pend.members if pend is not None else ()) | {self.node_id}
         book = eng.member_addresses()
@@ -564,7 +692,7 @@ class Node:
         return out
 
     def _follow_members(self) -> None:
-        eng = self.runner.engine
+        eng = self._consensus().engine
         book = self._member_map()
         if book != self.members:
             self.members = book
@@ -594,7 +722,10 @@ class Node:
         self._follow_members()
 
     def member_info(self) -> tuple[int, list[tuple[str, str]], list[tuple[str, str]] | None]:
-        eng = self.runner.engine
+        if self.etcd_members is not None:  # the live member keys in etcd; no epochs, nothing pending
+            live = self.etcd_members.addresses
+            return 0, [(m, live[m]) for m in sorted(live)], None
+        eng = self._consensus().engine
         book = self._member_map()
         pend = eng.pending_config
         cur = [(m, str(book[m])) for m in eng.members if m in book]
@@ -610,7 +741,8 @@ class Node:
             check_node_id(node_id)
         except ConfigError as e:
             raise BadRequest(str(e)) from None
-        eng = self.runner.engine
+        runner = self._consensus()
+        eng = runner.engine
         if node_id in eng.members:
             raise StatusError(f"node {node_id} is already a member", status=409)
         if not eng.is_member:
@@ -639,7 +771,7 @@ class Node:
             book = {m: str(a) for m, a in self._member_map().items() if m != node_id}
             change = MemberChange("add", node_id, str(addr), addresses=book)
             try:
-                res = await self.runner.change_members(change, timeout=self.config.request_timeout)
+                res = await runner.change_members(change, timeout=self.config.request_timeout)
             except MembershipRefused as e:
                 raise StatusError(str(e), status=409) from None
             if not res.ok:
@@ -655,8 +787,9 @@ class Node:
         """Remove `node_id` from the member set; StatusError 409 with the reason when refused."""
         if not node_id:
             raise BadRequest("a node id is required")
+        runner = self._consensus()
         try:
-            res = await self.runner.change_members(
+            res = await runner.change_members(
                 MemberChange("remove", node_id), timeout=self.config.request_timeout)
         except MembershipRefused as e:
             raise StatusError(str(e), status=409) from None
@@ -708,6 +841,11 @@ class Node:
             if refused is not None:
                 session.send(ClientResponse(msg.id, None, refused, "bad_request"))
                 return
+            if isinstance(self.kv, EtcdStore):
+                call = client_command(self.kv, cmd, self.config.request_timeout)
+                self._etcd_client_request(session, msg.id, call)
+                return
+            assert self.runner is not None
             (fut,) = self.runner.submit([msg.command])
             rid = msg.id
 
@@ -738,12 +876,50 @@ class Node:
             if refused is not None:
                 session.send(ClientResponse(msg.id, None, refused, "bad_request"))
                 return
+            if isinstance(self.kv, EtcdStore):  # this node's cache of etcd
+                try:
+                    local = self.kv.get_local(msg.key)
+                except BadRequest as e:
+                    session.send(ClientResponse(msg.id, None, str(e), "bad_request"))
+                    return
+                result = Result(True, local, self.kv.revision)
+                session.send(ClientResponse(msg.id, _result_encoder.encode(result)))
+                return
             v = self.sm.get(msg.key)
             session.send(ClientResponse(msg.id, _result_encoder.encode(Result(True, v, self.sm.revision))))
+
+    def _etcd_client_request(
+        self, session: ClientSession, rid: int, call: Coroutine[Any, Any, Result]
+    ) -> None:
+        """Run a client's command on the etcd store (`etcd_wiring.client_command`) and answer it
+        as the Rabia path does (errors with their kind)."""
+
+        async def run() -> None:
+            try:
+                res = await call
+            except QuorumLost as e:
+                reply = ClientResponse(rid, None, str(e), "quorum")
+            except CommitTimeout as e:
+                reply = ClientResponse(rid, None, str(e), "timeout")
+            except BadRequest as e:
+                reply = ClientResponse(rid, None, str(e), "bad_request")
+            except Exception as e:
+                self.log.exception("client command on the etcd store failed")
+                reply = ClientResponse(rid, None, f"internal error: {e}", "internal")
+            else:
+                reply = ClientResponse(rid, _result_encoder.encode(res))
+            if not session.closed:
+                session.send(reply)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._client_tasks.add(task)
+        task.add_done_callback(self._client_tasks.discard)
 
     # --- views for the management API -----------------------------------------------------------
 
     def status(self) -> NodeStatus:
+        if self.runner is None:
+            return self._etcd_status()
         up = self.transport.up_peers
         # the member set in effect (and a pending one), as the log made it
         eng = self.runner.engine
@@ -772,7 +948,9 @@ class Node:
                 if (ids := self.slice_runtime.local_instances(a))
             },
             loop_lag_max_ms=round(self.loop_lag.max_recent() * 1000, 1),
-            journal_error=str(failed) if (failed := self.store.failed) is not None else None,
+            journal_error=(
+                str(failed) if self.store is not None and (failed := self.store.failed) is not None else None
+            ),
             store_write_failures=self.kv.write_failures,
             store_write_failing_for=(
                 None if self.kv.failing_since is None else round(time.monotonic() - self.kv.failing_since, 1)
@@ -783,3 +961,44 @@ class Node:
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
         return [KVEntry(k, _jsonable(v)) for k, v in self.kv.list_local(prefix)]
+
+    def _etcd_status(self) -> NodeStatus:
+        """`status()` with the etcd store: the nodes are the configured peers and the live members
+        (up when their member key in etcd is live), quorum is etcd's, the applied slot the revision
+        this node's cache holds."""
+        assert isinstance(self.kv, EtcdStore)
+        live = set(self.etcd_members.addresses) if self.etcd_members is not None else set()
+        book = {m: str(a) for m, a in self.members.items()}
+        if self.etcd_members is not None:
+            book.update(self.etcd_members.addresses)
+        published = {k[len(NodeInfoKey.prefix):]: v for k, v in self.kv.list_local(NodeInfoKey.prefix)}
+        nodes = []
+        for m, addr in sorted(book.items()):
+            info = published.get(m)
+            info = info if isinstance(info, NodeInfoValue) else NodeInfoValue()
+            nodes.append(MemberStatus(m, addr, "up" if m in live else "down", info.management, info.http))
+        return NodeStatus(
+            node_id=self.node_id,
+            leader=self.leader.leader,
+            quorum=self.has_quorum(),
+            nodes=nodes,
+            applied_slot=self.kv.revision,
+            management_port=self.management.port if self.management else 0,
+            cluster_port=self.transport.port,
+            http_port=self.http.port if self.http is not None else self.config.http_port,
+            pid=os.getpid(),
+            local_instances={
+                str(a): ids for a in self.slice_runtime.artifacts()
+                if (ids := self.slice_runtime.local_instances(a))
+            },
+            loop_lag_max_ms=round(self.loop_lag.max_recent() * 1000, 1),
+            store_write_failures=self.kv.write_failures,
+            store_write_failing_for=(
+                None if self.kv.failing_since is None else round(time.monotonic() - self.kv.failing_since, 1)
+            ),
+            store_write_error=self.kv.last_write_error,
+            slice_blocks=self.slice_blocks,
+            store="etcd",
+            store_endpoints=list(self.config.etcd_endpoints),
+            store_error=None if self.has_quorum() else self._etcd_error(),
+        )

@@ -34,8 +34,10 @@ async def serve(config: NodeConfig, *, management_api: ManagementFactory | None 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # the journal could not be written: the node stops (fail-stop) and the process exits non-zero
-    node.runner.on_fatal.append(lambda exc: stop.set())
-    await node.start()
+    if node.runner is not None:  # (none with the etcd store: no journal)
+        node.runner.on_fatal.append(lambda exc: stop.set())
+    if not await _start_unless_stopped(node, stop):
+        return
     # Everything built so far (modules, the node's components) lives as long as the process:
     # keep it out of the cyclic collector's full scans, and collect young objects less often,
     # so collections do not show up as latency spikes under load.
@@ -46,8 +48,26 @@ async def serve(config: NodeConfig, *, management_api: ManagementFactory | None 
         await stop.wait()
     finally:
         await node.stop()
-    if node.runner.failed is not None:
+    if node.runner is not None and node.runner.failed is not None:
         raise NodeFailed(str(node.runner.failed))
+
+
+async def _start_unless_stopped(node: Node, stop: asyncio.Event) -> bool:
+    """Start the node; False when it was stopped while still waiting for etcd to answer (then
+    nothing else had started: the store is closed and the process can exit)."""
+    starting = asyncio.ensure_future(node.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done() and node.waiting_for_store:
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await node.abandon_start()
+            return False
+        await starting
+        return True
+    finally:
+        stopping.cancel()
 
 
 class NodeFailed(Exception):
