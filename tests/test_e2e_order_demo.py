@@ -19,7 +19,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import aiohttp
 import pytest
 
 from conftest import ProcessCluster
+from etcd_cluster import EtcdCluster, requires_etcd, running_etcd
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "order_demo"
@@ -64,8 +66,17 @@ def mgmt(
         raise AssertionError(f"{method} {path} -> {e.code}: {e.read().decode(errors='replace')}") from None
 
 
-def start_demo(make_process_cluster: Callable[..., ProcessCluster], wheels: Path) -> ProcessCluster:
-    cluster = make_process_cluster(3, start=False)
+def start_demo(
+    make_process_cluster: Callable[..., ProcessCluster], wheels: Path, etcd: EtcdCluster | None = None
+) -> ProcessCluster:
+    """The demo on 3 node processes: on the embedded store, or on `etcd` (its own prefix)."""
+    if etcd is None:
+        cluster = make_process_cluster(3, start=False)
+    else:
+        cluster = make_process_cluster(
+            3, start=False, cluster_name=f"demo{uuid.uuid4().hex[:8]}",
+            extra_args=["--store", "etcd", "--etcd-endpoints", ",".join(etcd.endpoints), "--fsync", "none"],
+        )  # fmt: skip
     deploy_demo(cluster, wheels)
     cluster.start_all()
     cluster.wait_quorum(30)
@@ -120,11 +131,22 @@ def order_body(customer: str = "CUST-123", *items: tuple[str, Any]) -> dict[str,
     return {"customerId": customer, "items": [{"productId": p, "quantity": q} for p, q in items]}
 
 
+@pytest.fixture(params=["rabia", pytest.param("etcd", marks=requires_etcd)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EtcdCluster | None]:
+    """The cluster state store under the demo: the embedded one, or a real 3-member etcd (issue 20:
+    the deployment, router and map path on either backend)."""
+    if request.param == "rabia":
+        yield None
+        return
+    with running_etcd(tmp_path / "etcd") as etcd:
+        yield etcd
+
+
 @pytest.mark.timeout(180)
 async def test_order_placed_on_one_node_is_read_and_cancelled_on_others(
-    make_process_cluster: Callable[..., ProcessCluster], demo_wheels: Path
+    make_process_cluster: Callable[..., ProcessCluster], demo_wheels: Path, store: EtcdCluster | None
 ) -> None:
-    cluster = await asyncio.to_thread(start_demo, make_process_cluster, demo_wheels)
+    cluster = await asyncio.to_thread(start_demo, make_process_cluster, demo_wheels, store)
     async with aiohttp.ClientSession() as session:
         http = Http(cluster, session)
         status, price = await http(0, "GET", "/api/pricing/PROD-ABC123")
