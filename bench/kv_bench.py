@@ -48,6 +48,14 @@ plus, with ``--failover``, the failover figures of both (``rabia_failover_...``,
 longest pause of acknowledged writes over every client. ``--store-only etcd`` runs one etcd
 measurement with the ordinary RESULT line. The load clients are the same `AetherClient`s: an
 etcd-backed node serves the cluster-port client protocol on its etcd store.
+
+``--compare-nodes 3,5``: the benchmark (every other flag as given) on a 3-node and a 5-node cluster,
+``--compare-rounds`` times each, alternating, each in a fresh child run; the last line is then
+
+    RESULT nodes=3,5 ... ops3=... ops5=... ratio5_3=... p50_3=... p99_3=... p50_5=... p99_5=... runs3=...
+           runs5=...
+
+(medians of the rounds; ``ratio5_3`` = ops5 / ops3).
 """
 
 from __future__ import annotations
@@ -657,7 +665,29 @@ def main() -> int:
         help="with --failover: kill an Aether node (default) or an etcd member (etcd store only)",
     )
     ap.add_argument("--etcd-victim", type=int, default=1, help="etcd member to kill (1..3)")
+    ap.add_argument(
+        "--compare-nodes",
+        default=None,
+        metavar="A,B",
+        help="compare two cluster sizes (e.g. 3,5): --compare-rounds runs each, alternating (see above)",
+    )
+    ap.add_argument("--compare-rounds", type=int, default=3, help="with --compare-nodes: runs per size")
     a = ap.parse_args()
+    if a.compare_nodes:
+        try:
+            sizes = [int(x) for x in a.compare_nodes.split(",")]
+        except ValueError:
+            sizes = []
+        if len(sizes) != 2 or min(sizes) < 1 or sizes[0] == sizes[1]:
+            ap.error("--compare-nodes takes two different cluster sizes, e.g. 3,5")
+        if a.failover or a.dump or a.workdir or a.tls:
+            ap.error("--compare-nodes runs fresh clusters: not with --failover, --dump, --workdir or --tls")
+        return compare_nodes(
+            strip_args(sys.argv[1:], {"--compare-nodes", "--compare-rounds", "--nodes"}),
+            sizes[0],
+            sizes[1],
+            max(1, a.compare_rounds),
+        )
     if a.store == "etcd" and a.store_only is None:
         if a.tls or a.tls_only or a.dump or a.workdir:
             ap.error("--store etcd compares two fresh clusters: not with --tls, --dump or --workdir")
@@ -910,9 +940,9 @@ def compare_stores(args: list[str], failover_target: str) -> int:
     line with both figures (``rabia_...``, ``etcd_...``). With ``--failover-target etcd`` the Rabia
     run kills an Aether node instead (it has no etcd)."""
     fields_of: dict[str, dict[str, str]] = {}
-    base = without_flag(args, "--store")
+    base = strip_args(args, {"--store"})
     for store in ("rabia", "etcd"):
-        run = without_flag(base, "--failover-target") if store == "rabia" else base
+        run = strip_args(base, {"--failover-target"}) if store == "rabia" else base
         cmd = [sys.executable, os.path.abspath(__file__), *run, "--store-only", store]
         log(f"--store etcd: the {store} run")
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
@@ -941,17 +971,65 @@ def compare_stores(args: list[str], failover_target: str) -> int:
     return 0
 
 
-def without_flag(args: list[str], flag: str) -> list[str]:
-    """`args` without `flag` and its value (``--flag VALUE`` or ``--flag=VALUE``)."""
-    out, skip = [], False
-    for x in args:
+def strip_args(argv: list[str], drop: set[str]) -> list[str]:
+    """`argv` without the options in `drop` (given as `--opt value` or `--opt=value`)."""
+    out: list[str] = []
+    skip = False
+    for x in argv:
         if skip:
             skip = False
-        elif x == flag:
+        elif x in drop:
             skip = True
-        elif not x.startswith(f"{flag}="):
+        elif x.split("=", 1)[0] not in drop:
             out.append(x)
     return out
+
+
+def run_child(args: list[str], label: str) -> dict[str, str] | None:
+    """Run this benchmark with `args` in a child; its RESULT fields (None if it failed)."""
+    cmd = [sys.executable, os.path.abspath(__file__), *args]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    for x in proc.stdout.splitlines():
+        if not x.startswith("RESULT "):
+            print(f"  {label}: {x}", flush=True)
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), "")
+    fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+    if proc.returncode != 0 or "ops_per_s" not in fields:
+        log(f"{label} run failed (exit {proc.returncode}): {line or proc.stdout[-500:]}")
+        return None
+    log(f"{label}: {line}")
+    return fields
+
+
+def compare_nodes(args: list[str], a: int, b: int, rounds: int) -> int:
+    """Run this benchmark on an `a`-node and a `b`-node cluster, alternating (a, b), (b, a), ...,
+    each run a fresh cluster in a child; one RESULT line with the medians and their ratio."""
+    runs: dict[int, list[dict[str, str]]] = {a: [], b: []}
+    for r in range(rounds):
+        for n in (a, b) if r % 2 == 0 else (b, a):
+            log(f"--compare-nodes round {r + 1}/{rounds}: {n} nodes")
+            fields = run_child([*args, "--nodes", str(n)], f"{n} nodes")
+            if fields is None:
+                print(f"RESULT error={n}-node-run-failed", flush=True)
+                return 1
+            runs[n].append(fields)
+
+    def med(n: int, k: str) -> float:
+        return statistics.median(float(f[k]) for f in runs[n])
+
+    ops_a, ops_b = med(a, "ops_per_s"), med(b, "ops_per_s")
+    out: dict[str, Any] = {"nodes": f"{a},{b}", "clients": runs[a][0].get("clients", "?"), "rounds": rounds}
+    out[f"ops{a}"] = ops_a
+    out[f"ops{b}"] = ops_b
+    out[f"ratio{b}_{a}"] = ops_b / ops_a if ops_a else float("nan")
+    for n in (a, b):
+        out[f"p50_{n}"] = med(n, "p50_ms")
+        out[f"p99_{n}"] = med(n, "p99_ms")
+    for n in (a, b):
+        out[f"runs{n}"] = "/".join(f"{float(f['ops_per_s']):.0f}" for f in runs[n])
+    out["errors"] = sum(int(f.get("errors", "0")) for m in runs.values() for f in m)
+    print("RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in out.items()), flush=True)
+    return 0
 
 
 def compare_tls(args: list[str], rounds: int) -> int:

@@ -19,6 +19,7 @@ from aether.consensus.engine import (
 )
 from aether.consensus.messages import (
     COMBINED_ORIGIN,
+    VOTE_UNDECIDED,
     Batch,
     BatchId,
     CatchupReply,
@@ -176,6 +177,40 @@ def test_stale_message_is_answered_with_decision() -> None:
     acts = e1.take_actions()
     decisions = [a for a in acts if isinstance(a, Send) and isinstance(a.msg, Decision)]
     assert decisions and decisions[0].to == "n2" and decisions[0].msg.slot == 1
+
+
+def test_late_messages_of_a_slot_just_decided_are_not_answered_at_once() -> None:
+    """Issue 19: with 5 replicas every replica answered about two late STATE/VOTE messages per
+    slot with a DECISION carrying the whole batch, nearly all of which arrived after their
+    receiver had decided by itself. Within `stale_answer_grace` of deciding by its own rounds, a
+    replica answers only senders that went past the deciding phase; later, everyone."""
+    net = Net(5)
+    net.submit("n1", Put("user/a", b"1"))
+    net.run()
+    e1 = net.engines["n1"]
+    assert e1.applied == 1 and e1._own_decision[0] == 1
+    decided_phase, t = e1._own_decision[1], e1._own_decision[2]
+    grace = e1.cfg.stale_answer_grace
+
+    def answered(sender: str, msg: object, at: float) -> bool:
+        e1.receive(sender, msg, at)
+        return any(
+            isinstance(a, Send) and isinstance(a.msg, Decision) and a.to == sender for a in e1.take_actions()
+        )
+
+    # the sender is not past the deciding phase: what it needs is on its way
+    assert not answered("n2", VoteMsg(1, decided_phase, VOTE_UNDECIDED), t + grace / 2)
+    assert not answered("n2", StateMsg(1, decided_phase, 1, None), t + grace / 2)
+    assert not answered("n3", Proposal(1, None), t + grace / 2)
+    # it went past the deciding phase (it did not decide there): answered at once
+    assert answered("n4", StateMsg(1, decided_phase + 1, 1, None), t + grace / 2)
+    # after the grace (a stuck sender retransmits): answered
+    assert answered("n2", VoteMsg(1, decided_phase, VOTE_UNDECIDED), t + grace * 2)
+    # a slot older than the one just decided is answered at once
+    net.submit("n1", Put("user/b", b"2"))
+    net.run()
+    assert e1.applied == 2
+    assert answered("n5", StateMsg(1, 0, 1, None), e1._own_decision[2])
 
 
 def test_invalid_bits_and_unknown_senders_are_ignored() -> None:
@@ -439,6 +474,51 @@ def test_a_command_arriving_late_in_a_slot_waits_for_the_next_slot_to_be_sealed(
     sealed = [a.msg.batch for a in acts if isinstance(a, Send) and isinstance(a.msg, Submit)]
     assert len(sealed) == 1 and sealed[0].slot == 2
     assert late not in {t for a in acts if isinstance(a, Completed) for t in a.tokens}
+
+
+def _one_in_flight_engine() -> tuple[Engine, Batch]:
+    """n1 of three with a budget of one own batch in flight, spent on slot 1's proposal."""
+    e = Engine("n1", ["n1", "n2", "n3"], KVStateMachine(), config=EngineConfig(max_inflight_batches=1))
+    for p in ("n2", "n3"):
+        e.peer_up(p, 0.0)
+    e.take_actions()
+    e.submit(encode_command(Put("user/a", b"1")), 0.0)
+    x = next(a.msg.batch for a in e.take_actions() if isinstance(a, Send) and isinstance(a.msg, Proposal))
+    assert x is not None
+    return e, x
+
+
+def _sealed(acts: list[object]) -> list[Batch]:
+    return [a.msg.batch for a in acts if isinstance(a, Send) and isinstance(a.msg, Submit)]
+
+
+def test_commands_waiting_for_the_budget_are_sealed_when_the_exchange_completes() -> None:
+    """Issue 19: under load the in-flight budget blocked sealing for a whole slot, so commands
+    sent right after their answers (early in the next slot) were proposed a slot late. They are
+    sealed, as one batch beyond the budget, when this replica's exchange completes: tagged with
+    this slot (proposed in the next one), the Submit before the STATE."""
+    e, x = _one_in_flight_engine()
+    e.submit(encode_command(Put("user/b", b"1")), 0.0)
+    assert _sealed(e.take_actions()) == []  # the budget is spent
+    e.receive("n2", Proposal(1, x), 0.0)  # exchange complete
+    acts = e.take_actions()
+    sealed = _sealed(acts)
+    assert len(sealed) == 1 and sealed[0].slot == 1 and len(sealed[0].commands) == 1
+    kinds = [type(a.msg).__name__ for a in acts if isinstance(a, Send)]
+    assert kinds.index("Submit") < kinds.index("StateMsg")
+    e.submit(encode_command(Put("user/c", b"1")), 0.0)  # one such batch only; then the slot's end
+    assert _sealed(e.take_actions()) == []
+    assert e._proposal_value(2) is not None and sealed[0] in e._proposal_value(2).members()  # type: ignore[union-attr]
+
+
+def test_a_replica_behind_its_peers_does_not_seal_at_its_exchange() -> None:
+    """A replica whose peers are already a round ahead (W - 1 STATEs, or a VOTE, before its own
+    exchange) would send the batch too late for them: it waits for the slot to end."""
+    e, x = _one_in_flight_engine()
+    e.submit(encode_command(Put("user/b", b"1")), 0.0)
+    e.receive("n3", StateMsg(1, 0, 1, x.id), 0.0)  # n3 is a round ahead
+    e.receive("n2", Proposal(1, x), 0.0)
+    assert _sealed(e.take_actions()) == []
 
 
 def test_a_proposal_holds_pending_batches_oldest_first_within_the_limits() -> None:

@@ -169,6 +169,10 @@ class EngineConfig:
     dedup_slots: int = 50_000  # how long a decided batch id is remembered
     snapshot_every: int = 2000  # minimum slots between local snapshots (the first one is staggered)
     retransmit_after: float = 0.05
+    # A Proposal/STATE/VOTE that arrives this soon after this replica decided its slot, from a
+    # sender not yet past the deciding phase, is not answered with DECISION: the messages that
+    # let the sender decide are on their way (see `_answer_stale`)
+    stale_answer_grace: float = 0.025
     commit_timeout: float = 1.5
     max_future_slots: int = 64
     catchup_entries: int = 512
@@ -292,6 +296,8 @@ class Engine:
         self._own_queued: set[BatchId] = set()
         self._up: set[str] = set()
         self._last_stale_reply: dict[str, tuple[int, float]] = {}
+        # (slot, deciding phase, time) of the last slot decided by our own rounds (see _answer_stale)
+        self._own_decision: tuple[int, int, float] = (0, 0, -1e18)
         self._last_catchup: dict[str, float] = {}
         self._last_idle_sync = 0.0
         self._sync_replies: set[str] = set()
@@ -312,7 +318,7 @@ class Engine:
         self.synced = n == 1
         self.stats = {
             "slots": 0, "null_slots": 0, "phases": 0, "snapshots_installed": 0, "retransmits": 0,
-            "fetches": 0, "catchup_requests": 0, "slow_slots": 0, "commands": 0,
+            "fetches": 0, "catchup_requests": 0, "slow_slots": 0, "commands": 0, "exchange_seals": 0,
         }
 
     # --- inspection -----------------------------------------------------------------------------
@@ -555,7 +561,7 @@ class Engine:
         slot: int = msg.slot  # type: ignore[attr-defined]
         if slot <= self.applied:
             if isinstance(msg, (Proposal, StateMsg, VoteMsg)):
-                self._answer_stale(sender, slot, now)
+                self._answer_stale(sender, slot, -1 if isinstance(msg, Proposal) else msg.phase, now)
             return
         if isinstance(msg, Decision):
             if slot == self._cur.slot:
@@ -691,6 +697,8 @@ class Engine:
         if not cur.exchanged:
             if len(cur.proposals) < W:
                 return False
+            if self._open:
+                self._seal_at_exchange(now)
             cur.exchanged = True
             counts: dict[BatchId, int] = {}
             for b in cur.proposals.values():
@@ -824,6 +832,7 @@ class Engine:
         self._apply(slot, batch, persist=True)
         if self._cur.tell_laggards:
             self._tell_laggards(batch)  # after the slot's record: a decision sent is on our disk
+            self._own_decision = (slot, self._cur.decided_phase, now)
         self._new_slot(now)
 
     def _new_slot(self, now: float) -> None:
@@ -1026,8 +1035,9 @@ class Engine:
                 own.discard(b)
         return max(len(own), len(self._inflight))
 
-    def _maybe_seal(self, now: float) -> None:
-        if not self._open or self._own_in_flight() >= self.cfg.max_inflight_batches:
+    def _maybe_seal(self, now: float, extra: int = 0) -> None:
+        """Seal the open commands into a batch if the in-flight budget (plus `extra`) allows."""
+        if not self._open or self._own_in_flight() >= self.cfg.max_inflight_batches + extra:
             return
         if self._cur.exchanged and not self._cur.decided:
             # Late in a slot: a batch sealed now might reach a peer only after it proposed in
@@ -1054,6 +1064,26 @@ class Engine:
         self._own_queued.add(bid)
         self._enqueue(batch)
         self.actions.append(Send(None, Submit(batch), self.peers))
+
+    def _seal_at_exchange(self, now: float) -> None:
+        """The last moment a batch may be sealed for proposal in the next slot: just before this
+        replica's exchange completes (and its Submit leaves before the STATE that follows).
+
+        Under load the in-flight budget is spent by the batch sealed when the previous slot
+        ended, so the commands that clients send right after their answers (early in a slot)
+        used to wait for that slot to end and were proposed a slot later: three slots from
+        answer to answer. They are sealed here as one batch beyond the budget. Not when this
+        replica is behind (a peer already voted, or W - 1 peers sent their STATE): the others
+        may then decide the slot before this batch reaches them and propose differently in the
+        next one, which would commit nothing.
+        """
+        ph0 = self._cur.phases.get(0)
+        if ph0 is not None and (ph0.votes or len(ph0.states) >= self.W - 1):
+            return
+        before = len(self._own_queued)
+        self._maybe_seal(now, extra=1)
+        if len(self._own_queued) > before:
+            self.stats["exchange_seals"] += 1
 
     def _fail_all(self, reason: str) -> None:
         unsent = [t for t, _, _ in self._open]
@@ -1087,7 +1117,21 @@ class Engine:
             if v is not None:
                 self._send(peer, VoteMsg(cur.slot, p, v[0], v[1]))
 
-    def _answer_stale(self, sender: str, slot: int, now: float) -> None:
+    def _answer_stale(self, sender: str, slot: int, phase: int, now: float) -> None:
+        """Answer a Proposal/STATE/VOTE (of `phase`; -1 for a Proposal) for a decided `slot`.
+
+        Not at once when it is about the slot this replica has just decided by its own rounds,
+        from a phase up to the deciding one: the sender is then at most a round behind, and the
+        messages that let it decide (ours among them) are already on their way over FIFO links.
+        Answering would send it the whole batch once more per late message (with 5 replicas,
+        about two such answers per replica and slot, nearly all of them arriving after their
+        receiver had decided anyway). A sender that went past the deciding phase is answered at
+        once (it did not decide in it); one that really is stuck (its messages or ours were
+        lost) retransmits after `retransmit_after` idle and is answered then.
+        """
+        own = self._own_decision
+        if slot == own[0] and phase <= own[1] and now - own[2] < self.cfg.stale_answer_grace:
+            return
         last = self._last_stale_reply.get(sender)
         if last is not None and last[0] == slot and now - last[1] < self.cfg.retransmit_after:
             return
