@@ -34,7 +34,7 @@ PRE_AUTH_MAX_FRAME_RANGE = (256, 1024 * 1024)
 MAX_HANDSHAKE_TIMEOUT = 300.0
 STORES = ("rabia", "etcd")
 # with store = "etcd" the cluster name becomes the etcd key prefix /aether/NAME/
-_ETCD_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+ETCD_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -249,7 +249,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ConfigError(
                     f"etcd endpoint {url!r}: expected http://HOST:PORT or https://HOST:PORT (no path)"
                 )
-        if not _ETCD_CLUSTER_NAME.match(self.cluster_name):
+        if not ETCD_CLUSTER_NAME.match(self.cluster_name):
             raise ConfigError(
                 f"cluster name {self.cluster_name!r}: with store etcd it becomes the key prefix "
                 "/aether/NAME/: 1-63 letters, digits, '.', '_' or '-'"

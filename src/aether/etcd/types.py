@@ -7,12 +7,12 @@ Keys given to and returned by the client are *relative*: the client stores them 
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
+from aether.core.config import ETCD_CLUSTER_NAME
 from aether.core.errors import ConfigError
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "WatchEvent",
 ]
 
-_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class EtcdConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,7 +58,7 @@ class EtcdConfig(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(
                     f"etcd endpoint {url!r}: expected http://HOST:PORT or https://HOST:PORT (no path)"
                 )
-        if not _CLUSTER_NAME.match(self.cluster):
+        if not ETCD_CLUSTER_NAME.match(self.cluster):
             raise ConfigError(
                 f"etcd cluster name {self.cluster!r}: 1-63 letters, digits, '.', '_' or '-' "
                 "(it becomes the key prefix /aether/NAME/)"
