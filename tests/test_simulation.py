@@ -2,7 +2,8 @@
 
 Each test runs a block of seeds of one profile and fails with a line per failing seed, each with
 the command that reproduces it (`python -m aether.testing.sim --seed N --profile P -v`).
-AETHER_SIM_SEEDS=N scales the total (default 1,000 seeds across profiles). Deliberately broken
+AETHER_SIM_SEEDS=N scales the total (default 600 seeds across profiles: the suite's time budget;
+CI must run at least 500, issue 2; sweeps of thousands run with `python -m aether.testing.sim`). Deliberately broken
 engines, stores, runners and session tables (`aether.testing.mutants`) must be caught within a
 bounded number of seeds.
 """
@@ -32,7 +33,7 @@ from aether.testing.sim import (
     run_seed,
 )
 
-TOTAL = int(os.environ.get("AETHER_SIM_SEEDS", "1000"))
+TOTAL = int(os.environ.get("AETHER_SIM_SEEDS", "600"))
 # share of the seeds per profile (engine-only seeds take ~30 ms, node seeds 60-150 ms)
 SHARES = {"engine": 0.27, "members": 0.03, "ci": 0.35, "node-members": 0.03, "aggressive": 0.10,
           "disk": 0.08, "partitions": 0.05, "five": 0.05, "sessions": 0.04}
