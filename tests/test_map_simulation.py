@@ -4,8 +4,8 @@ joining and a cluster starting node by node, checked for per-key linearizability
 final reads and converged replicas.
 
 Each test runs a block of seeds of one profile and fails with a line per failing seed and the
-command that reproduces it. AETHER_MAP_SIM_SEEDS=N sets the seeds per profile (default 8, for the suite's time budget; sweeps of
-hundreds run with `python -m aether.testing.mapsim --seeds A:B`).
+command that reproduces it. AETHER_MAP_SIM_SEEDS=N sets the seeds per profile (default 8, for
+the suite's time budget; sweeps of hundreds: `python -m aether.testing.mapsim --seeds A:B`).
 Deliberately broken cores (`mapsim.MUTANTS`) must be caught within a few seeds.
 """
 

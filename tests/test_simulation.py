@@ -2,10 +2,10 @@
 
 Each test runs a block of seeds of one profile and fails with a line per failing seed, each with
 the command that reproduces it (`python -m aether.testing.sim --seed N --profile P -v`).
-AETHER_SIM_SEEDS=N scales the total (default 600 seeds across profiles: the suite's time budget;
-CI must run at least 500, issue 2; sweeps of thousands run with `python -m aether.testing.sim`). Deliberately broken
-engines, stores, runners and session tables (`aether.testing.mutants`) must be caught within a
-bounded number of seeds.
+AETHER_SIM_SEEDS=N scales the total (default 600 seeds across profiles, for the suite's time
+budget; CI must run at least 500, issue 2; sweeps of thousands: `python -m aether.testing.sim`).
+Deliberately broken engines, stores, runners and session tables (`aether.testing.mutants`) must
+be caught within a bounded number of seeds.
 """
 
 from __future__ import annotations
