@@ -943,19 +943,11 @@ def compare_stores(args: list[str], failover_target: str) -> int:
     base = strip_args(args, {"--store"})
     for store in ("rabia", "etcd"):
         run = strip_args(base, {"--failover-target"}) if store == "rabia" else base
-        cmd = [sys.executable, os.path.abspath(__file__), *run, "--store-only", store]
         log(f"--store etcd: the {store} run")
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        for x in proc.stdout.splitlines():
-            if not x.startswith("RESULT "):
-                print(f"  {store}: {x}", flush=True)
-        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), "")
-        fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-        if proc.returncode != 0 or "ops_per_s" not in fields:
-            log(f"{store} run failed (exit {proc.returncode}): {line or proc.stdout[-500:]}")
+        fields = run_child([*run, "--store-only", store], store)
+        if fields is None:
             print(f"RESULT error={store}-run-failed", flush=True)
-            return proc.returncode or 1
-        log(f"{store}: {line}")
+            return 1
         fields_of[store] = fields
     first = fields_of["rabia"]
     out: dict[str, Any] = {"nodes": first.get("nodes", "?"), "clients": first.get("clients", "?")}
@@ -1038,19 +1030,11 @@ def compare_tls(args: list[str], rounds: int) -> int:
     for r in range(rounds):
         for mode in (("plain", "tls") if r % 2 == 0 else ("tls", "plain")):
             only = ["--tls-only"] if mode == "tls" else []
-            cmd = [sys.executable, os.path.abspath(__file__), *args, *only]
             log(f"--tls round {r + 1}/{rounds}: {mode}")
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-            for x in proc.stdout.splitlines():
-                if not x.startswith("RESULT "):
-                    print(f"  {mode}: {x}", flush=True)
-            line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")), "")
-            fields = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-            if proc.returncode != 0 or "ops_per_s" not in fields:
-                log(f"{mode} run failed (exit {proc.returncode}): {line or proc.stdout[-500:]}")
+            fields = run_child([*args, *only], mode)
+            if fields is None:
                 print(f"RESULT error={mode}-run-failed", flush=True)
-                return proc.returncode or 1
-            log(f"{mode}: {line}")
+                return 1
             runs[mode].append(fields)
 
     def mean(mode: str, k: str) -> float:
