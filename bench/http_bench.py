@@ -274,6 +274,18 @@ def wait_quorum_fast(cluster: Cluster, deadline: float) -> None:
         time.sleep(0.01)
 
 
+def write_post_lua(work: str) -> str:
+    """A wrk script (in `work`) that sends the greeter's `POST /greeter/welcome` body; its path."""
+    path = os.path.join(work, "post.lua")
+    with open(path, "w") as f:
+        f.write(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            'wrk.body = \'{"names":["world"]}\'\n'
+        )
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per wrk run")
@@ -296,13 +308,7 @@ def main() -> int:
         ensure_wrk()
         os.environ["AETHER_REPOSITORY"] = os.path.join(work, "repo")
         build_repository(Path(work) / "repo", Path(work) / "wheels")
-        post_lua = os.path.join(work, "post.lua")
-        with open(post_lua, "w") as f:
-            f.write(
-                'wrk.method = "POST"\n'
-                'wrk.headers["Content-Type"] = "application/json"\n'
-                'wrk.body = \'{"names":["world"]}\'\n'
-            )
+        post_lua = write_post_lua(work)
         cluster = Cluster(n, work, no_uvloop=False, fsync=None, extra=[])
         mgmt = cluster.mgmt_ports[0]
         hport = cluster.http_ports

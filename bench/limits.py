@@ -99,6 +99,7 @@ from http_bench import (  # noqa: E402
     placement,
     run_wrk,
     wait_converged,
+    write_post_lua,
 )
 from kv_bench import HOST, Cluster, free_ports, log  # noqa: E402
 
@@ -458,13 +459,7 @@ def main() -> int:
         ensure_wrk()
         os.environ["AETHER_REPOSITORY"] = os.path.join(work, "repo")
         build_repository(Path(work) / "repo", Path(work) / "wheels")
-        post_lua = os.path.join(work, "post.lua")
-        with open(post_lua, "w") as f:
-            f.write(
-                'wrk.method = "POST"\n'
-                'wrk.headers["Content-Type"] = "application/json"\n'
-                'wrk.body = \'{"names":["world"]}\'\n'
-            )
+        post_lua = write_post_lua(work)
         bare = BareServers(work, a.bare_chain_conns)
         bare.start()
         cluster = Cluster(3, work, no_uvloop=False, fsync=None, extra=[])
