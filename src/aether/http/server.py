@@ -1,8 +1,9 @@
 """`HttpRouter`: the node's HTTP front door (flow 3 in docs/architecture.md).
 
 Keeps a `RouteTable` in sync with the replicated ``routes/`` keys (initial `list_local` + `watch`;
-a ``reset`` event re-reads everything), serves HTTP with aiohttp's low-level server (one handler,
-no `web.Application`: the route table does the routing), binds the request to the entry's argument
+a ``reset`` event re-reads everything), serves HTTP/1.1 with `aether.http.wire.WireServer` (an
+asyncio protocol over httptools: aiohttp's server cost several times the router's own work per
+request; the route table does the routing), binds the request to the entry's argument
 (`aether.http.routes.build_payload`) and calls the slice through the invoker (which prefers a
 local instance and fails over itself). The call goes to the route's ``group:artifact``, not to
 the version that registered the route: any live version serves it, split by a rollout's traffic
@@ -26,8 +27,8 @@ error of the invoker answers with the status it declares (`aether.core.problem.p
 same mapping as the management API's invoke endpoint):
 
 ====  ===========================================================================================
-400   malformed path/query/JSON, a bound header whose bytes are not UTF-8, header bytes aiohttp's
-      parser refuses (plain text from aiohttp, logged as one line), JSON nested more than 64
+400   malformed path/query/JSON, a bound header whose bytes are not UTF-8, bytes the HTTP parser
+      refuses (plain text, logged as one line, the connection closes), JSON nested more than 64
       levels or an integer outside -2**63..2**64-1, an unknown query parameter or body field,
       body not an object, or the entry rejected the argument (`BadRequest` /
       `InvokeBadRequest`: the detail names the field and why)
@@ -36,11 +37,10 @@ same mapping as the management API's invoke endpoint):
       route names an entry the artifact does not have (`UnknownEntryError`: the detail says the
       route is misconfigured)
 405   the path exists for other methods (``Allow`` header lists them)
-408   the client did not send its body within ``request_timeout``
-
-A connection that has not sent a complete request head within ``idle_timeout`` seconds (15) of
-being accepted, or of its previous response, is closed without an answer (slowloris).
-413   body larger than ``max_body``
+408   the client did not send its body within ``request_timeout`` (the connection closes)
+413   body larger than ``max_body`` (answered as soon as the declared length or the bytes received
+      pass it; the rest is not read and the connection closes)
+414   a request target longer than 8190 bytes (plain text; the connection closes)
 415   a body without a JSON content type (``Content-Type: application/json`` is required)
 4xx   the entry raised a `SliceHttpError` (``NotFound`` 404, ``Conflict`` 409, ...), directly or by
       letting one from a slice it called escape: that status, its message as the detail
@@ -57,7 +57,11 @@ being accepted, or of its previous response, is closed without an answer (slowlo
       may be incomplete; with ``Retry-After: 1``) instead of a 404
 504   any other `InvokeTimeout` (the deadline passed while an attempt ran or peers were failing)
 500   anything unexpected (logged with traceback; the response never contains one)
+431   a request head of more than 100 fields or 32 KiB (plain text; the connection closes)
 ====  ===========================================================================================
+
+A connection that has not sent a complete request head within ``idle_timeout`` seconds (15) of
+being accepted, or of its previous response, is closed without an answer (slowloris).
 """
 
 from __future__ import annotations
@@ -71,11 +75,6 @@ from typing import Any, Protocol
 
 import msgspec
 from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
-from multidict import CIMultiDict
 
 from aether.core.context import RandomHex, check_idempotency_key, current_request_id
 from aether.core.errors import BadRequest, StatusError
@@ -89,6 +88,7 @@ from aether.core.problem import (
 )
 from aether.core.tracing import NOOP_TRACER, Span, Tracer, current_trace, parse_traceparent
 from aether.http.routes import ROUTE_PREFIX, Match, RouteTable, build_payload
+from aether.http.wire import WireReply, WireRequest, WireServer
 from aether.invoke.errors import InvokerClosed, UnknownEntryError
 from aether.kv.keys import RouteValue
 
@@ -110,7 +110,7 @@ _RID_RE = re.compile(r"^[A-Za-z0-9._:@+=/-]{1,128}\Z")
 _MSGPACK_DEC = msgspec.msgpack.Decoder()
 _JSON_ENC = msgspec.json.Encoder()
 _ROUTE_DEC = msgspec.msgpack.Decoder(RouteValue)
-_JSON_TYPE = ("Content-Type", "application/json")
+_JSON_TYPE = "application/json"
 
 
 class KVLike(Protocol):
@@ -225,15 +225,15 @@ class HttpRouter:
         self.table = RouteTable()
         self._ids = RandomHex()  # request ids of requests without a sane X-Request-Id
         self._cancel_watch: Callable[[], None] | None = None
-        self._runner: web.BaseRunner | None = None
+        self._server: WireServer | None = None
 
     @property
     def port(self) -> int:
         """The bound port (the configured one before `start`)."""
-        if self._runner is not None:
-            for addr in self._runner.addresses:
-                if isinstance(addr, tuple) and len(addr) >= 2:
-                    return int(addr[1])
+        if self._server is not None:
+            port = self._server.port
+            if port is not None:
+                return port
         return self._port
 
     @property
@@ -286,30 +286,30 @@ class HttpRouter:
 
     async def start(self) -> None:
         """Load the route table, watch `routes/`, and start listening."""
-        if self._runner is not None:
+        if self._server is not None:
             return
         self._cancel_watch = self.kv.watch(ROUTE_PREFIX, self._on_event)
         self._reload()
-        # aiohttp's low-level server: the route table does the routing, so a `web.Application`
-        # (URL dispatcher, match info, middlewares, `web.Request`) would only add work per request
-        server = web.Server(
+        # our own HTTP/1.1 protocol over httptools (aether.http.wire): the route table does the
+        # routing, and aiohttp's server machinery cost several times the router's own work
+        server = WireServer(
             self._handle,
-            request_factory=self._make_request,
-            access_log=None,
-            logger=ServerLogger(self.log, {}),
-            keepalive_timeout=self.idle_timeout,
+            name=f"HTTP router of {self.node_id}",
+            max_body=self.max_body,
+            idle_timeout=self.idle_timeout,
+            body_timeout=self.request_timeout,
+            on_body_timeout=self._body_timeout,
+            logger=self.log,
         )
-        runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
         try:
-            await start_site(runner, self.host, self._port, self.ssl_context, self.idle_timeout)
+            await server.start(self.host, self._port, self.ssl_context)
         except BaseException:
-            await runner.cleanup()
+            await server.stop()
             if self._cancel_watch is not None:
                 self._cancel_watch()
                 self._cancel_watch = None
             raise
-        self._runner = runner
+        self._server = server
         self.log.info("HTTP router of %s listening on %s", self.node_id, self.url)
 
     async def stop(self) -> None:
@@ -317,82 +317,65 @@ class HttpRouter:
         if self._cancel_watch is not None:
             self._cancel_watch()
             self._cancel_watch = None
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
 
     # --- request handling -----------------------------------------------------------------------
 
-    def _make_request(
-        self,
-        message: RawRequestMessage,
-        payload: StreamReader,
-        protocol: RequestHandler,
-        writer: AbstractStreamWriter,
-        task: asyncio.Task[None],
-    ) -> web.BaseRequest:
-        """A request whose body may be up to `max_body` bytes (`read` raises beyond)."""
-        return web.BaseRequest(
-            message,
-            payload,
-            protocol,
-            writer,
-            task,
-            asyncio.get_running_loop(),
-            client_max_size=self.max_body,
+    def _body_timeout(self) -> WireReply:
+        return self._problem(
+            408, f"request body not received within {self.request_timeout:g}s", self._ids.take(8)
         )
 
     def _problem(
         self, status: int, detail: str, rid: str, headers: dict[str, str] | None = None
-    ) -> web.Response:
+    ) -> WireReply:
         return self._answer(Problem.of(status, detail), rid, headers)
 
     @staticmethod
-    def _answer(problem: Problem, rid: str, headers: dict[str, str] | None = None) -> web.Response:
-        h = {REQUEST_ID_HEADER: rid}
+    def _answer(problem: Problem, rid: str, headers: dict[str, str] | None = None) -> WireReply:
+        h = [(REQUEST_ID_HEADER, rid)]
         if headers:
-            h.update(headers)
-        return web.Response(
-            body=problem.encode(), status=problem.status, content_type=PROBLEM_CONTENT_TYPE, headers=h
-        )
+            h.extend(headers.items())
+        return WireReply(problem.status, problem.encode(), PROBLEM_CONTENT_TYPE, h)
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: WireRequest) -> WireReply:
         given = request.headers.get(REQUEST_ID_HEADER)
         rid = given if given is not None and _RID_RE.match(given) else self._ids.take(8)
         method = request.method
-        url = request.rel_url
         token = current_request_id.set(rid)  # the request id of the log records it causes here
         try:
             tp = request.headers.get(TRACEPARENT_HEADER)
             if tp is None and not self._tracing:  # the fast path: nothing to trace, nothing to pass on
                 try:
-                    return await self._serve(request, rid, method, url.raw_path, url.raw_query_string)
+                    return await self._serve(request, rid, method, request.path, request.query)
                 except Exception:
-                    self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
+                    self.log.exception("HTTP %s %s (request %s) failed", method, request.path, rid)
                     return self._problem(500, INTERNAL_DETAIL.replace("NODE", self.node_id), rid)
             return await self._handle_traced(request, rid, method, tp)
         finally:
             current_request_id.reset(token)
 
     async def _handle_traced(
-        self, request: web.BaseRequest, rid: str, method: str, tp: str | None
-    ) -> web.StreamResponse:
+        self, request: WireRequest, rid: str, method: str, tp: str | None
+    ) -> WireReply:
         """`_handle` with a trace context to pass on, a span to record, or both."""
-        url = request.rel_url
+        raw_path = request.path
         parent = parse_traceparent(tp, request.headers.get(TRACESTATE_HEADER)) if tp is not None else None
         span: Span | None = None
         if self._tracing:
             span = self.tracer.start_span(
                 f"HTTP {method}", parent, "server",
-                {"http.request.method": method, "url.path": url.raw_path, "aether.request_id": rid,
+                {"http.request.method": method, "url.path": raw_path, "aether.request_id": rid,
                  "aether.node.id": self.node_id},
             )  # fmt: skip
             parent = span.context
         token = current_trace.set(parent) if parent is not None else None
         try:
-            resp = await self._serve(request, rid, method, url.raw_path, url.raw_query_string, span)
+            resp = await self._serve(request, rid, method, raw_path, request.query, span)
         except Exception as exc:
-            self.log.exception("HTTP %s %s (request %s) failed", method, url.raw_path, rid)
+            self.log.exception("HTTP %s %s (request %s) failed", method, raw_path, rid)
             if span is not None:
                 span.record_error(exc)
             resp = self._problem(500, INTERNAL_DETAIL.replace("NODE", self.node_id), rid)
@@ -408,13 +391,13 @@ class HttpRouter:
 
     async def _serve(
         self,
-        request: web.BaseRequest,
+        request: WireRequest,
         rid: str,
         method: str,
         raw_path: str,
         raw_query: str,
         span: Span | None = None,
-    ) -> web.StreamResponse:
+    ) -> WireReply:
         try:
             m = self.table.match(method, raw_path)
         except BadRequest as e:
@@ -441,23 +424,14 @@ class HttpRouter:
                     {"Retry-After": "1"},
                 )
             return self._problem(404, f"no route for {method} {raw_path}", rid)
-        body = b""
-        if request.can_read_body:
-            length = request.content_length
-            if length is not None and length > self.max_body:
-                return self._problem(
-                    413, f"request body of {length} bytes exceeds the limit of {self.max_body} bytes", rid
-                )
-            try:
-                if request.content.is_eof():  # the whole body has arrived: read() will not wait
-                    body = await request.read()
-                else:  # (a loop timer per request otherwise)
-                    async with asyncio.timeout(self.request_timeout):
-                        body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                return self._problem(413, f"request body exceeds the limit of {self.max_body} bytes", rid)
-            except TimeoutError:
-                return self._problem(408, f"request body not received within {self.request_timeout:g}s", rid)
+        if request.too_large is not None:  # (the body was not read; the connection closes)
+            return self._problem(
+                413,
+                f"request body of at least {request.too_large} bytes exceeds the limit of "
+                f"{self.max_body} bytes",
+                rid,
+            )
+        body = request.body
         route = m.route
         ikey = request.headers.get(IDEMPOTENCY_KEY_HEADER)
         if ikey is not None and (problem := check_idempotency_key(ikey)) is not None:
@@ -511,6 +485,4 @@ class HttpRouter:
             return self._problem(
                 502, f"the answer of {route.artifact}.{route.method} cannot be represented as JSON: {e}", rid
             )
-        # the headers as a CIMultiDict, Content-Type among them: half the cost of `content_type=`
-        # plus a dict (aiohttp then parses the type and copies the dict)
-        return web.Response(body=out, headers=CIMultiDict(((REQUEST_ID_HEADER, rid), _JSON_TYPE)))
+        return WireReply(200, out, _JSON_TYPE, [(REQUEST_ID_HEADER, rid)])
