@@ -1692,6 +1692,21 @@ class MapCore:
 
     # --- storage failures -----------------------------------------------------------------------------------
 
+    def storage_failed(self, name: str, error: BaseException, now: float) -> list[Action]:
+        """The service could not commit what map `name` stored since its last commit (all of it
+        is undone; see `aether.maps.storage`): the map is broken here, as after a failed write,
+        and its writes still waiting for replicas are refused so that their callers try again
+        (with the same operation id, at the partition's next primary)."""
+        self._clock(now)
+        self._storage_failed(name, error)
+        why = self._broken_why(name)
+        for w in [w for w in self._tracked.values() if w.name == name]:
+            targets, w.targets = w.targets, []
+            for t in targets:
+                self._refuse(t, KIND_NOT_PRIMARY, why)
+            self._untrack(w)
+        return self._take()
+
     def _storage_failed(self, name: str, e: BaseException) -> None:
         if name in self.broken:
             return
