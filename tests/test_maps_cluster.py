@@ -13,7 +13,7 @@ import pytest
 from aether.core.maps import MapSpec, MapUnavailable, MapValueDecodeError, MapValueTooLarge, UnknownMap
 from aether.maps.partitioning import owners_for, partition_of
 from aether.slices.maps import SliceMap
-from maps_cluster import MapCluster
+from maps_cluster import MapCluster, on_disk_keys
 
 pytestmark = pytest.mark.timeout(120)
 ALL3 = ["node-1", "node-2", "node-3"]
@@ -264,15 +264,9 @@ async def test_a_map_defined_through_one_node_is_usable_through_another_at_once(
 
 
 def _committed(cluster: MapCluster, nid: str, name: str, key: str) -> bool:
-    """Whether `key` is committed in node `nid`'s SQLite file of map `name` (another connection)."""
-    import sqlite3
-
+    """Whether `key` is committed in node `nid`'s SQLite file of map `name` (would survive a crash)."""
     (path,) = (cluster.tmp / nid.replace("node-", "n")).rglob(f"{name}.sqlite")
-    db = sqlite3.connect(path)
-    try:
-        return db.execute("SELECT 1 FROM records WHERE k = ?", (key,)).fetchone() is not None
-    finally:
-        db.close()
+    return key in on_disk_keys(path)
 
 
 async def test_group_commit_acknowledges_only_committed_writes(cluster: MapCluster) -> None:
@@ -345,7 +339,7 @@ import asyncio, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from aether.core.maps import MapSpec
-from maps_cluster import MapCluster
+from maps_cluster import MapCluster, on_disk_keys
 
 async def main() -> None:
     c = MapCluster(Path(sys.argv[1]), 1)
