@@ -1742,6 +1742,7 @@ class MapCore:
                 try:
                     engine.put(self.partitions - 1, "\x00probe", Record(None, 0, 0, 1))
                     engine.delete(self.partitions - 1, "\x00probe")
+                    engine.commit()  # a write counts only once committed (a full disk fails here)
                 except Exception as e:
                     self.log.warning("map %r storage still failing: %s", name, e)
                     continue
