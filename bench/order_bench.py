@@ -29,8 +29,10 @@ in rank). `cpu_ms`: user + system CPU of the three node processes per placed ord
 Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
-`--baseline REF` (e.g. `main`) also builds the demo as of git REF (`git archive REF examples`,
-built by that tree's own build.py) and measures both, each on fresh nodes, `--rounds N` times,
+`--baseline REF` (e.g. `main`) also builds the demo as of git REF (`git archive REF examples src`,
+built by that tree's own build.py) and runs its nodes on REF's `src` too (through `PYTHONPATH`,
+so a change of the platform, e.g. the map's storage, is compared as well as one of the demo's
+slices), and measures both, each on fresh nodes, `--rounds N` times,
 alternating which goes first; the RESULT then gives the medians (`base_*` for REF) and the
 medians of the per-round ratios new/base (`place_c{C}_{rps,p50_ms,p99_ms,cpu_ms}_ratio`).
 
@@ -221,32 +223,46 @@ def load(
     return r
 
 
-def baseline_wheels(ref: str, out: Path) -> Path:
-    """The order demo's wheels as of git `ref` (its examples/ tree, built by its own build.py)."""
+def baseline_wheels(ref: str, out: Path) -> tuple[Path, Path]:
+    """The order demo's wheels as of git `ref` (its examples/ tree, built by its own build.py),
+    and the directory of its `aether` package (the nodes of the baseline run on it)."""
     src = out / "src"
     src.mkdir(parents=True)
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref, "examples"], capture_output=True, timeout=120, check=False
+        ["git", "-C", str(ROOT), "archive", ref, "examples", "src"],
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     if archive.returncode != 0:
         raise RuntimeError(f"git archive {ref} failed: {archive.stderr.decode(errors='replace')}")
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=120)
     wheels = out / "wheels"
     build_wheels(wheels, src / "examples" / "build.py")
-    return wheels
+    return wheels, src / "src"
 
 
 def run_variant(
-    label: str, wheels: Path, work: Path, conns: list[int], a: argparse.Namespace, order: dict[str, object]
+    label: str,
+    variant: tuple[Path, Path | None],
+    work: Path,
+    conns: list[int],
+    a: argparse.Namespace,
+    order: dict[str, object],
 ) -> dict[str, float]:
-    """Start 3 nodes with the demo built from `wheels`, measure every step, stop them."""
+    """Start 3 nodes with the demo built from `variant`'s wheels (and, if it names one, on the
+    `aether` package of its source directory), measure every step, stop them."""
     from aether.slices.repository import Repository
 
+    wheels, pkg = variant
     n = 3
     repo = Repository(work / "repo")
     for w in sorted(wheels.glob("*.whl")):
         repo.deploy_wheel(w)
     os.environ["AETHER_REPOSITORY"] = str(work / "repo")
+    saved = os.environ.get("PYTHONPATH")
+    if pkg is not None:  # the nodes (started below, with this environment) import REF's aether
+        os.environ["PYTHONPATH"] = str(pkg)
     cluster = Cluster(n, str(work), no_uvloop=False, fsync=None, extra=[])
     res: dict[str, float] = {}
     try:
@@ -318,6 +334,10 @@ def run_variant(
     finally:
         kill_wrk()
         cluster.stop_all()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     return res
 
 
@@ -348,7 +368,7 @@ def main() -> int:
     try:
         ensure_wrk()
         log("building the order demo wheels")
-        variants = {"new": build_wheels(work / "wheels")}
+        variants: dict[str, tuple[Path, Path | None]] = {"new": (build_wheels(work / "wheels"), None)}
         if a.baseline:
             log(f"building the order demo wheels as of {a.baseline}")
             variants = {"base": baseline_wheels(a.baseline, work / "base"), **variants}

@@ -78,3 +78,24 @@ class MapCluster:
         while not all(name in n.maps.engines for n in self.nodes.values()):
             assert loop.time() < end, f"map {name} not defined everywhere"
             await asyncio.sleep(0.01)
+
+
+def on_disk_keys(path: Path) -> set[str]:
+    """The keys of a map's SQLite file that a process opening it after a crash would find: read from
+    a copy of the file and its WAL as they are on disk now (SQLite recovers only committed
+    transactions from a WAL). The node keeps its file locked, so the copy is the way to look."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / "copy.sqlite"
+        for suffix in ("", "-wal"):
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                shutil.copyfile(src, f"{copy}{suffix}")
+        db = sqlite3.connect(copy)
+        try:
+            return {k for (k,) in db.execute("SELECT k FROM records")}
+        finally:
+            db.close()

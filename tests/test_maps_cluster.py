@@ -13,7 +13,7 @@ import pytest
 from aether.core.maps import MapSpec, MapUnavailable, MapValueDecodeError, MapValueTooLarge, UnknownMap
 from aether.maps.partitioning import owners_for, partition_of
 from aether.slices.maps import SliceMap
-from maps_cluster import MapCluster
+from maps_cluster import MapCluster, on_disk_keys
 
 pytestmark = pytest.mark.timeout(120)
 ALL3 = ["node-1", "node-2", "node-3"]
@@ -261,3 +261,130 @@ async def test_a_map_defined_through_one_node_is_usable_through_another_at_once(
             await n2.maps.map_put("never-defined", "k", b"v")
         for sender in (n1, n3):
             sender.transport.set_link_fault(n2.node_id, None)
+
+
+def _committed(cluster: MapCluster, nid: str, name: str, key: str) -> bool:
+    """Whether `key` is committed in node `nid`'s SQLite file of map `name` (would survive a crash)."""
+    (path,) = (cluster.tmp / nid.replace("node-", "n")).rglob(f"{name}.sqlite")
+    return key in on_disk_keys(path)
+
+
+async def test_group_commit_acknowledges_only_committed_writes(cluster: MapCluster) -> None:
+    """The writes arriving in one loop turn share one SQLite commit per node (far fewer commits
+    than writes), and a write is acknowledged only once it is committed: when a put returns, the
+    key is in the committed database of at least write-quorum (2) of its owners."""
+    await cluster.define("stock", MapSpec(engine="sqlite"))
+    maps = [cluster.node(n).maps for n in ALL3]
+    before = sum(m.commits for m in maps)
+    keys = [f"PROD-{i}" for i in range(60)]
+
+    async def put(key: str) -> None:
+        await maps[0].map_put("stock", key, key.encode())
+        assert sum(_committed(cluster, n, "stock", key) for n in ALL3) >= 2, key
+
+    await asyncio.gather(*(put(k) for k in keys))
+    commits = sum(m.commits for m in maps) - before
+    # one transaction per write would be at least 3 per key (the primary and two replicas)
+    assert commits < len(keys), commits
+    for k in keys:
+        assert await maps[2].map_get("stock", k) == k.encode()
+
+
+class _FailingCommit:
+    """A SQLite connection whose COMMIT fails (a disk error at the worst moment)."""
+
+    def __init__(self, db: object) -> None:
+        self._db = db
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+    def execute(self, sql: str, *args: object) -> object:
+        import sqlite3
+
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+        return self._db.execute(sql, *args)  # type: ignore[attr-defined]
+
+
+async def test_a_failed_group_commit_fails_every_write_of_the_turn(tmp_path: Path) -> None:
+    """When the commit of a turn fails, none of its writes is acknowledged (every caller gets
+    MapUnavailable), none is stored, the map stops being served here, and what was acknowledged
+    before stays."""
+    c = MapCluster(tmp_path, 1)
+    try:
+        await c.start("node-1")
+        await c.wait_table(["node-1"])
+        await c.define("orders", MapSpec(engine="sqlite", replicas=1, write_quorum=1))
+        svc = c.node("node-1").maps
+        await svc.map_put("orders", "before", b"kept")
+        engine = svc.engines["orders"]
+        real = engine._db  # type: ignore[attr-defined]
+        engine._db = _FailingCommit(real)  # type: ignore[attr-defined]
+        results = await asyncio.gather(
+            *(svc.map_put("orders", f"ORD-{i}", b"x") for i in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, MapUnavailable) for r in results), results
+        assert "orders" in svc.core.broken
+        engine._db = real  # type: ignore[attr-defined]
+        assert engine.get(0, "x") is None and not engine.pending
+        assert _committed(c, "node-1", "orders", "before")
+        assert not any(_committed(c, "node-1", "orders", f"ORD-{i}") for i in range(5))
+    finally:
+        await c.stop_all()
+
+
+_WRITER = """
+import asyncio, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from aether.core.maps import MapSpec
+from maps_cluster import MapCluster, on_disk_keys
+
+async def main() -> None:
+    c = MapCluster(Path(sys.argv[1]), 1)
+    await c.start("node-1")
+    await c.wait_table(["node-1"])
+    await c.define("orders", MapSpec(engine="sqlite", replicas=1, write_quorum=1))
+    m = c.node("node-1").maps
+    for i in range(100_000):  # batches of writes in one loop turn each, until killed
+        await asyncio.gather(*(m.map_put("orders", f"ORD-{i}-{j}", b"v") for j in range(8)))
+        print(f"acked {i}", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_acknowledged_group_committed_writes_survive_kill9(tmp_path: Path) -> None:
+    """A node process killed with SIGKILL while it group-commits batches of writes keeps every
+    write it acknowledged: reopened, its database holds every key of every acknowledged batch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from aether.maps.storage import SqliteStorage
+
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(tmp_path), tests_dir], stdout=subprocess.PIPE, text=True
+    )
+    acked = -1
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            acked = int(line.split()[1])
+            if acked >= 60:
+                break
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert acked >= 60
+    (path,) = tmp_path.rglob("orders.sqlite")
+    engine = SqliteStorage(path)
+    try:
+        stored = {k for p in engine.partitions() for k, _ in engine.scan(p)}
+        missing = [f"ORD-{i}-{j}" for i in range(acked + 1) for j in range(8) if f"ORD-{i}-{j}" not in stored]
+        assert missing == []
+    finally:
+        engine.close()

@@ -19,14 +19,20 @@ P = 8  # partitions
 
 
 class Full(MemoryStorage):
-    """A memory engine whose writes fail while `full` (a full disk)."""
+    """A memory engine whose writes fail while `full` (a full disk); with `at_commit`, the writes
+    go through and their commit fails instead (as SQLite's does when the WAL cannot grow)."""
 
     full = False
+    at_commit = False
 
     def put(self, partition: int, key: str, rec: Any) -> None:
-        if self.full:
+        if self.full and not self.at_commit:
             raise OSError(28, "No space left on device")
         super().put(partition, key, rec)
+
+    def commit(self) -> None:
+        if self.full and self.at_commit:
+            raise OSError(28, "No space left on device")
 
 
 class Net:
@@ -247,6 +253,24 @@ def test_a_full_disk_takes_the_node_out_of_the_table_and_it_comes_back() -> None
     net.submit(victim, 2, OP_GET, key)
     net.settle()
     assert net.results[2] == (b"v", True)
+
+
+def test_a_storage_that_fails_at_commit_is_not_taken_for_healed() -> None:
+    """A map whose commit failed (`storage_failed`, from the service's group commit) stays out of
+    service while its probe's write cannot be committed, although the write itself goes through;
+    it comes back once commits work again."""
+    net = Net()
+    victim = net.ids[2]
+    engine = net.engines[victim]
+    engine.full = engine.at_commit = True
+    net.run(victim, net.cores[victim].storage_failed("m", OSError(28, "No space left on device"), net.now))
+    net.settle(2 * net.t.probe_after + 2.0)
+    assert "m" in net.cores[victim].broken and victim in net.health
+    assert victim not in net.table.members
+    engine.full = False
+    net.settle(net.t.probe_after + 2.0)
+    assert "m" not in net.cores[victim].broken and victim not in net.health
+    assert victim in net.table.members
 
 
 def test_a_node_cut_off_longer_than_the_tombstone_horizon_drops_its_copies() -> None:

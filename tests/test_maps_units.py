@@ -277,3 +277,59 @@ async def test_after_a_reboot_persistent_copies_count_for_nothing(tmp_path: Path
     svc = await start("boot-b")
     assert not svc.core.held.get(("orders", 3)), "not held again until a takeover gives it"
     await svc.stop()
+
+
+def test_sqlite_writes_wait_for_commit_and_a_failed_write_undoes_the_transaction(tmp_path: Path) -> None:
+    """Group commit: writes collect in one transaction until `commit` (a crash before it would
+    find none of them); a write that fails inside it makes the commit fail and undo every write
+    of the transaction, counters included, even those that came before the failure."""
+    import sqlite3
+
+    from maps_cluster import on_disk_keys
+
+    e = SqliteStorage(tmp_path / "m.sqlite")
+
+    def seen() -> set[str]:  # what a restart after a crash would find
+        return on_disk_keys(tmp_path / "m.sqlite")
+
+    e.put(1, "a", Record(b"12345", 1, 1))
+    e.add_ops([(1, "node-1", 1, 100)])
+    assert e.pending and seen() == set()
+    e.commit()
+    assert not e.pending and seen() == {"a"} and (e.entries, e.bytes) == (1, 5)
+    e.put(1, "b", Record(b"xy", 1, 2))
+    e.delete(1, "a")
+    with pytest.raises(sqlite3.Error):
+        e.put(1, "c", Record(object(), 1, 3))  # type: ignore[arg-type]  # cannot be bound
+    e.put(1, "d", Record(b"z", 1, 4))  # after the failure: must not be committed on its own
+    with pytest.raises(sqlite3.OperationalError, match="a write of this transaction failed"):
+        e.commit()
+    assert not e.pending and seen() == {"a"} and (e.entries, e.bytes) == (1, 5)
+    assert e.get(1, "a") == Record(b"12345", 1, 1) and e.get(1, "b") is None and e.get(1, "d") is None
+    e.put(1, "e", Record(b"ok", 1, 5))  # works again after the rollback
+    e.close()  # close commits
+    again = SqliteStorage(tmp_path / "m.sqlite")
+    assert {k for k, _ in again.scan(1)} == {"a", "e"} and (again.entries, again.bytes) == (2, 7)
+    assert again.load_ops() == [(1, "node-1", 1, 100)]
+    again.close()
+
+
+def test_sqlite_put_counts_sizes_without_reading_again(tmp_path: Path) -> None:
+    """`put` and `delete` take the old record's size from the `get` just before (the core reads a
+    key before it writes it); a write of another key in between must not confuse the counters."""
+    e = SqliteStorage(tmp_path / "m.sqlite")
+    e.put(1, "a", Record(b"1234", 1, 1))
+    assert e.get(1, "a") is not None
+    e.put(1, "b", Record(b"xy", 1, 2))  # another key since the read of "a"
+    e.put(1, "a", Record(b"1", 1, 3))
+    assert (e.entries, e.bytes) == (2, 3)
+    assert e.get(1, "b") is not None
+    e.delete(1, "b")
+    e.delete(1, "b")  # gone already: nothing to count
+    assert (e.entries, e.bytes) == (1, 1)
+    e.get(1, "a")
+    e.drop(1)
+    e.put(1, "a", Record(b"12", 1, 4))  # after a drop the remembered read is stale
+    assert (e.entries, e.bytes) == (1, 2)
+    e.close()
+

@@ -341,6 +341,8 @@ class MapCore:
         self.broken: dict[str, str] = {}  # map -> why its storage failed
         self._broken_at: dict[str, float] = {}
         self.table: PartitionTable | None = None
+        self._owners_table: PartitionTable | None = None  # the table `_owners_memo` is for
+        self._owners_memo: dict[int, list[list[str] | None]] = {}  # replicas -> owners per partition
         self.table_changed_at = 0.0
         # (map, partition) -> the active configurations whose data this node has held since they
         # became active (it took the partition over at that version, or acknowledged that takeover's
@@ -441,7 +443,21 @@ class MapCore:
 
     def _owners(self, name: str, p: int) -> list[str]:
         assert self.table is not None
-        return owners_for(self.table, p, self.specs[name].replicas)
+        return self._owners_in(self.table, p, self.specs[name].replicas)
+
+    def _owners_in(self, table: PartitionTable, p: int, replicas: int) -> list[str]:
+        """`owners_for`, remembered per table (asked for every operation and, per partition, by
+        the housekeeping every second): the same list each time, which callers do not change."""
+        if table is not self._owners_table:
+            self._owners_table = table
+            self._owners_memo = {}
+        lists = self._owners_memo.get(replicas)
+        if lists is None:
+            lists = self._owners_memo[replicas] = [None] * table.partitions
+        owners = lists[p]
+        if owners is None:
+            owners = lists[p] = owners_for(table, p, replicas)
+        return owners
 
     def _need(self, name: str, owners: list[str]) -> int:
         """Acknowledgements a primary needs from replicas (write quorum minus itself)."""
@@ -581,7 +597,7 @@ class MapCore:
         """Whether the owners of `p` (of any map) differ from those of its active configuration: a
         primary that keeps `p` takes it over again, so that they hold it before it is recorded."""
         return any(
-            active_owners(table, p, spec.replicas) != owners_for(table, p, spec.replicas)
+            active_owners(table, p, spec.replicas) != self._owners_in(table, p, spec.replicas)
             for spec in self.specs.values()
         )
 
@@ -775,7 +791,7 @@ class MapCore:
             done = prom.pushed.get(name, set())
             by_peer: dict[str, list[int]] = {}
             for p in prom.parts:
-                for peer in owners_for(table, p, replicas)[1:]:
+                for peer in self._owners_in(table, p, replicas)[1:]:
                     if (peer, p) not in done and (peer, name, p) not in sent:
                         by_peer.setdefault(peer, []).append(p)
             for peer, parts in by_peer.items():
@@ -885,7 +901,7 @@ class MapCore:
             return []
         out = []
         for name, replicas in self._push_targets():
-            owners = owners_for(table, p, replicas)
+            owners = self._owners_in(table, p, replicas)
             default_need = min(MapSpec().write_quorum, len(owners)) - 1
             need = self._need(name, owners) if name else default_need
             got = prom.pushed.get(name, set())
@@ -1656,7 +1672,7 @@ class MapCore:
             by_primary: dict[str, list[int]] = {}
             for p in range(table.partitions):
                 active = table.active[p]
-                owners = owners_for(table, p, spec.replicas)
+                owners = self._owners_in(table, p, spec.replicas)
                 if not active or self.node_id not in owners[1:] or self._holds(name, p, active):
                     continue
                 if owners[0] in self.up:
@@ -1692,6 +1708,21 @@ class MapCore:
 
     # --- storage failures -----------------------------------------------------------------------------------
 
+    def storage_failed(self, name: str, error: BaseException, now: float) -> list[Action]:
+        """The service could not commit what map `name` stored since its last commit (all of it
+        is undone; see `aether.maps.storage`): the map is broken here, as after a failed write,
+        and its writes still waiting for replicas are refused so that their callers try again
+        (with the same operation id, at the partition's next primary)."""
+        self._clock(now)
+        self._storage_failed(name, error)
+        why = self._broken_why(name)
+        for w in [w for w in self._tracked.values() if w.name == name]:
+            targets, w.targets = w.targets, []
+            for t in targets:
+                self._refuse(t, KIND_NOT_PRIMARY, why)
+            self._untrack(w)
+        return self._take()
+
     def _storage_failed(self, name: str, e: BaseException) -> None:
         if name in self.broken:
             return
@@ -1711,6 +1742,7 @@ class MapCore:
                 try:
                     engine.put(self.partitions - 1, "\x00probe", Record(None, 0, 0, 1))
                     engine.delete(self.partitions - 1, "\x00probe")
+                    engine.commit()  # a write counts only once committed (a full disk fails here)
                 except Exception as e:
                     self.log.warning("map %r storage still failing: %s", name, e)
                     continue
@@ -1741,7 +1773,7 @@ class MapCore:
         primary = replica = 0
         if table is not None:
             for p in range(table.partitions):
-                owners = owners_for(table, p, spec.replicas)
+                owners = self._owners_in(table, p, spec.replicas)
                 if owners[0] == self.node_id:
                     primary += 1
                 elif self.node_id in owners:
@@ -1788,7 +1820,7 @@ class MapCore:
                 try:
                     gone = [
                         p for p in engine.partitions()
-                        if self.node_id not in owners_for(table, p, spec.replicas)
+                        if self.node_id not in self._owners_in(table, p, spec.replicas)
                     ]
                 except Exception as e:
                     self._storage_failed(name, e)

@@ -7,6 +7,11 @@ Everything the map decides happens in `aether.maps.core.MapCore` (sans-IO). This
   transport; the leader role and the quorum signal of this node; a tick every `tick_interval`;
 - carries out its actions: sends messages, resolves the futures of callers' operations, writes
   the partition table (leader) and this node's storage health with compare-and-set/put;
+- commits the storage engines (group commit): what the core stored in one event-loop turn is
+  committed in one transaction per map at the end of the turn, and only then are the turn's
+  actions carried out, so no write is acknowledged (to a caller, or to a primary by a replica)
+  before it is durable. A failed commit fails every acknowledgement of the turn (`_unacknowledged`)
+  and tells the core (`MapCore.storage_failed`);
 - opens and deletes storage engines (I/O), and answers the scatter calls `keys()` and `stats()`;
 - defines and removes maps (compare-and-set on the definition in the consensus store).
 
@@ -54,6 +59,7 @@ from aether.core.tracing import (
 from aether.kv.keys import MapDefKey, MapHealthKey, MapTableKey
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
 from aether.maps.messages import (
+    KIND_NOT_PRIMARY,
     KeysRequest,
     KeysResponse,
     MapNodeStats,
@@ -61,6 +67,7 @@ from aether.maps.messages import (
     MapResponse,
     PushAck,
     ReadCheckAck,
+    Replicate,
     ReplicateAck,
     StatsRequest,
     StatsResponse,
@@ -170,6 +177,8 @@ class MapService:
         self._alive_written = 0.0
         self._serving: dict[tuple[str, int], Span] = {}  # spans of traced requests being served here
         self._held: dict[str, list[tuple[float, object]]] = {}  # answers waiting for our link to a peer
+        self._batch: list[Any] | None = None  # this turn's actions, carried out after its commit
+        self.commits = 0  # group commits (for tests and the benchmarks)
 
     # --- views used by the API, the CLI and tests -----------------------------------------------------------
 
@@ -230,6 +239,7 @@ class MapService:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._commit()
         for calls in (self._ops, self._calls):
             calls.fail_all(lambda: MapUnavailable(f"node {self.node_id} is stopping"))
         for engine in self.core.engines.values():
@@ -324,6 +334,45 @@ class MapService:
     # --- actions --------------------------------------------------------------------------------------------
 
     def _run(self, actions: list[Any]) -> None:
+        """Carry out the core's `actions`; if the core stored something not committed yet, at the
+        end of this loop turn, after the commit (and so do all actions until then, in order)."""
+        if self._batch is not None:
+            self._batch.extend(actions)
+            return
+        if not any(engine.pending for engine in self.core.engines.values()):
+            self._carry_out(actions)
+            return
+        self._batch = list(actions)
+        try:
+            asyncio.get_running_loop().call_soon(self._commit)
+        except RuntimeError:  # no loop running (a synchronous caller): commit now
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit every engine with pending writes, then carry out the actions that waited."""
+        actions, self._batch = self._batch, None
+        if actions is None:
+            return
+        failed: list[tuple[str, BaseException]] = []
+        for name, engine in list(self.core.engines.items()):
+            if engine.pending:
+                try:
+                    engine.commit()
+                except Exception as e:  # sqlite3 errors, OSError...: the turn's writes are undone
+                    failed.append((name, e))
+        self.commits += 1
+        if failed:
+            names = {name for name, _ in failed}
+            why = f"{self.node_id}: committing map writes failed ({failed[0][1]})"
+            actions = [
+                _unacknowledged(a, why) for a in actions
+                if not (isinstance(a, Send) and isinstance(a.msg, Replicate) and a.msg.map in names)
+            ]
+            for name, error in failed:
+                actions += self.core.storage_failed(name, error, self.now())
+        self._carry_out(actions)
+
+    def _carry_out(self, actions: list[Any]) -> None:
         for a in actions:
             if isinstance(a, Send):
                 if self._serving and isinstance(a.msg, MapResponse):
@@ -709,6 +758,23 @@ class MapService:
                 return True
             current = self.kv.get_local(key)  # changed meanwhile; our replica is current now
         raise MapContention(f"map {name!r} kept changing while it was being removed; try again")
+
+
+def _unacknowledged(action: Any, why: str) -> Any:
+    """`action` without the acknowledgement it carries (its turn's commit failed): a local
+    caller's result becomes `MapUnavailable`, a remote caller's answer a refusal it retries
+    elsewhere, a replica's acknowledgement of a write or a push a refusal (resent later)."""
+    if isinstance(action, Reply):
+        return Fail(action.op, MapUnavailable(why))
+    if isinstance(action, Send):
+        msg = action.msg
+        if isinstance(msg, MapResponse) and msg.error is None:
+            return Send(action.peer, MapResponse(msg.id, None, False, why, KIND_NOT_PRIMARY))
+        if isinstance(msg, ReplicateAck) and msg.ok:
+            return Send(action.peer, ReplicateAck(msg.id, False, why))
+        if isinstance(msg, PushAck) and msg.ok:
+            return Send(action.peer, PushAck(msg.id, False, why))
+    return action
 
 
 def _describe(spec: object) -> str:

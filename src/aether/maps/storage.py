@@ -1,11 +1,20 @@
 """Storage engines of the distributed map, behind one interface (`MapStorage`).
 
 `MemoryStorage` keeps one dict per partition. `SqliteStorage` keeps one SQLite database per map in
-the node's data directory, in WAL mode with ``synchronous=NORMAL`` and autocommit: every write is
-committed before the operation is acknowledged and survives a crash of the process (a power loss
-may lose the last writes of this node; the replicas have them). Both count the live entries and
+the node's data directory, in WAL mode with ``synchronous=NORMAL`` and an exclusive lock (held
+while the engine is open: no other connection, in this process or another, can open the file
+meanwhile). Both count the live entries and
 the bytes of their values for `stats`. Engines store whatever record they are given; the caller
 decides with `records.newer` whether a record replaces the current one.
+
+Group commit: `SqliteStorage` opens a transaction with the first write and keeps adding the writes
+that follow to it until `commit` (`pending` says whether one is open; `close` commits it). The
+node's map service (`aether.maps.service`) commits once per event-loop turn, before it sends or
+answers anything the core decided in that turn: every write is committed before the operation it
+belongs to is acknowledged, and survives a crash of the process (a power loss may lose the last
+writes of this node; the replicas have them). A failed commit rolls the transaction back and
+raises: the service then fails every acknowledgement of that turn. `MemoryStorage` has nothing to
+commit (`pending` is always False).
 """
 
 from __future__ import annotations
@@ -20,6 +29,16 @@ from aether.core.files import make_private_dirs, open_private
 from aether.maps.records import Record
 
 __all__ = ["MapStorage", "MemoryStorage", "SqliteStorage", "open_storage_engine"]
+
+CACHE_KIB = 16 * 1024
+"""Page cache of one `SqliteStorage` (one map on one node), in KiB."""
+
+# the partitions holding records, one index seek each (a plain DISTINCT reads every record)
+_PARTITIONS = (
+    "WITH RECURSIVE ps(p) AS (SELECT min(p) FROM records UNION ALL "
+    "SELECT (SELECT min(p) FROM records WHERE p > ps.p) FROM ps WHERE ps.p IS NOT NULL) "
+    "SELECT p FROM ps WHERE p IS NOT NULL"
+)
 
 
 class MapStorage(Protocol):
@@ -60,6 +79,15 @@ class MapStorage(Protocol):
 
     def purge_ops(self, partitions: range, before_ms: int) -> None: ...
 
+    @property
+    def pending(self) -> bool:
+        """A write is not committed yet (`commit` makes it durable)."""
+        ...
+
+    def commit(self) -> None:
+        """Make the writes so far durable. On failure they are all undone and the error raised."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -76,6 +104,10 @@ class MemoryStorage:
         self._ops: dict[int, dict[tuple[str, int], int]] = {}
         self.entries = 0
         self.bytes = 0
+        self.pending = False
+
+    def commit(self) -> None:
+        pass
 
     def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
         for p, origin, rid, at in ops:
@@ -156,7 +188,8 @@ class MemoryStorage:
 
 
 class SqliteStorage:
-    """One SQLite database file per map (``{name}.sqlite`` in `directory`)."""
+    """One SQLite database file per map (``{name}.sqlite`` in `directory`). Writes collect in one
+    transaction until `commit` (see the module docstring)."""
 
     def __init__(self, path: Path) -> None:
         make_private_dirs(path.parent)
@@ -165,8 +198,14 @@ class SqliteStorage:
         # -shm files the database file's mode
         os.close(open_private(path, os.O_RDWR))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # the node is the file's only user: it keeps the lock instead of taking and releasing it
+        # (fcntl calls) around every transaction, and the WAL index lives in its memory (no -shm)
+        self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # pages kept in memory (SQLite's default is 2 MiB): every write reads the B-tree pages on
+        # its way to a random leaf; with more of them cached, fewer are read from the file again
+        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS records (p INTEGER NOT NULL, k TEXT NOT NULL, v BLOB, "
             "epoch INTEGER NOT NULL, seq INTEGER NOT NULL, exp INTEGER NOT NULL, PRIMARY KEY (p, k)) "
@@ -181,28 +220,90 @@ class SqliteStorage:
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE v IS NOT NULL"
         ).fetchone()
         self.entries, self.bytes = int(row[0]), int(row[1])
+        self._counts = (self.entries, self.bytes)  # as of the last commit (restored by a rollback)
+        self._error: BaseException | None = None  # a write of the open transaction failed
+        # the record `get` read last: the core reads a key right before it writes it, so `put` and
+        # `delete` take the old record's size from here instead of reading it again
+        self._seen: tuple[int, str, Record | None] | None = None
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return self._db.in_transaction or self._error is not None
+
+    def _exec(
+        self, sql: str, args: tuple[object, ...] = (), many: list[tuple[int, str, int, int]] | None = None
+    ) -> sqlite3.Cursor:
+        """Run a write (`many`: once per row) in the open transaction (opened here if none is)."""
+        db = self._db
+        try:
+            if not db.in_transaction:
+                db.execute("BEGIN")
+            return db.execute(sql, args) if many is None else db.executemany(sql, many)
+        except BaseException as e:
+            # SQLite may have rolled the whole transaction back (a full disk, an I/O error): the
+            # commit must fail even if later writes open a new one
+            self._error = self._error or e
+            raise
+
+    def commit(self) -> None:
+        if not self.pending:
+            return
+        try:
+            if self._error is not None:
+                raise sqlite3.OperationalError(f"a write of this transaction failed: {self._error}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._counts = (self.entries, self.bytes)
+
+    def _rollback(self) -> None:
+        self._error = None
+        self._seen = None
+        self.entries, self.bytes = self._counts
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # rolled back already (SQLite does so itself after some errors)
+
+    # --- records --------------------------------------------------------------------------------
 
     def get(self, partition: int, key: str) -> Record | None:
         row = self._db.execute(
             "SELECT v, epoch, seq, exp FROM records WHERE p = ? AND k = ?", (partition, key)
         ).fetchone()
-        return None if row is None else Record(row[0], row[1], row[2], row[3])
+        rec = None if row is None else Record(row[0], row[1], row[2], row[3])
+        self._seen = (partition, key, rec)
+        return rec
+
+    def _old(self, partition: int, key: str) -> Record | None:
+        seen = self._seen
+        if seen is not None and seen[0] == partition and seen[1] == key:
+            return seen[2]
+        return self.get(partition, key)
 
     def put(self, partition: int, key: str, rec: Record) -> None:
-        old = self.get(partition, key)
-        self._db.execute(
+        old = self._old(partition, key)
+        self._seen = None
+        self._exec(
             "INSERT OR REPLACE INTO records (p, k, v, epoch, seq, exp) VALUES (?, ?, ?, ?, ?, ?)",
             (partition, key, rec.value, rec.epoch, rec.seq, rec.expires),
         )
+        self._seen = (partition, key, rec)
         e0, b0 = _size(old)
         e1, b1 = _size(rec)
         self.entries += e1 - e0
         self.bytes += b1 - b0
 
     def delete(self, partition: int, key: str) -> None:
-        old = self.get(partition, key)
+        old = self._old(partition, key)
         if old is not None:
-            self._db.execute("DELETE FROM records WHERE p = ? AND k = ?", (partition, key))
+            self._seen = None
+            self._exec("DELETE FROM records WHERE p = ? AND k = ?", (partition, key))
+            self._seen = (partition, key, None)
             e, b = _size(old)
             self.entries -= e
             self.bytes -= b
@@ -214,25 +315,27 @@ class SqliteStorage:
         return iter([(r[0], Record(r[1], r[2], r[3], r[4])) for r in rows])
 
     def partitions(self) -> set[int]:
-        return {r[0] for r in self._db.execute("SELECT DISTINCT p FROM records")}
+        return {r[0] for r in self._db.execute(_PARTITIONS)}
 
     def drop(self, partition: int) -> None:
-        self._db.execute("DELETE FROM ops WHERE p = ?", (partition,))
+        self._seen = None
+        self._exec("DELETE FROM ops WHERE p = ?", (partition,))
         row = self._db.execute(
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE p = ? AND v IS NOT NULL",
             (partition,),
         ).fetchone()
-        self._db.execute("DELETE FROM records WHERE p = ?", (partition,))
+        self._exec("DELETE FROM records WHERE p = ?", (partition,))
         self.entries -= int(row[0])
         self.bytes -= int(row[1])
 
     def purge(self, partitions: range, now_ms: int) -> int:
+        self._seen = None
         where = "p >= ? AND p < ? AND exp > 0 AND exp <= ?"
         args = (partitions.start, partitions.stop, now_ms)
         row = self._db.execute(
             f"SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE {where} AND v IS NOT NULL", args
         ).fetchone()
-        n = self._db.execute(f"DELETE FROM records WHERE {where}", args).rowcount
+        n = self._exec(f"DELETE FROM records WHERE {where}", args).rowcount
         self.entries -= int(row[0])
         self.bytes -= int(row[1])
         return int(n)
@@ -243,29 +346,33 @@ class SqliteStorage:
 
     def set_held(self, partition: int, versions: set[int]) -> None:
         if versions:
-            self._db.execute(
+            self._exec(
                 "INSERT OR REPLACE INTO held (p, versions) VALUES (?, ?)",
                 (partition, ",".join(str(v) for v in sorted(versions))),
             )
         else:
-            self._db.execute("DELETE FROM held WHERE p = ?", (partition,))
+            self._exec("DELETE FROM held WHERE p = ?", (partition,))
 
     def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
         if ops:
-            self._db.executemany("INSERT OR REPLACE INTO ops (p, origin, rid, at) VALUES (?, ?, ?, ?)", ops)
+            self._exec("INSERT OR REPLACE INTO ops (p, origin, rid, at) VALUES (?, ?, ?, ?)", many=ops)
 
     def load_ops(self) -> list[tuple[int, str, int, int]]:
         rows = self._db.execute("SELECT p, origin, rid, at FROM ops")
         return [(int(p), str(o), int(r), int(a)) for p, o, r, a in rows]
 
     def purge_ops(self, partitions: range, before_ms: int) -> None:
-        self._db.execute(
+        self._exec(
             "DELETE FROM ops WHERE p >= ? AND p < ? AND at < ?",
             (partitions.start, partitions.stop, before_ms),
         )
 
     def close(self) -> None:
-        self._db.close()
+        """Commit what is pending and close the database."""
+        try:
+            self.commit()
+        finally:
+            self._db.close()
 
 
 def open_storage_engine(engine: str, directory: Path, name: str) -> MapStorage:
