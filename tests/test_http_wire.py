@@ -273,3 +273,108 @@ async def test_stop_lets_a_busy_request_finish_within_the_shutdown_timeout(
     idle_w.close()
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)  # no longer listening
+
+
+# --- the protocol fed directly: any split of the bytes gives the same answers ---------------------
+
+
+class FakeTransport:
+    """Collects what the protocol writes; `pause_reading` etc. are recorded, not acted on."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+def _request(i: int, kind: int, body_len: int) -> bytes:
+    body = bytes([97 + (i + j) % 26 for j in range(body_len)])
+    if kind == 0:
+        return f"GET /g{i}?n={i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    if kind == 1:
+        return f"POST /p{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {body_len}\r\n\r\n".encode() + body
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[k : k + 7]), body[k : k + 7]) for k in range(0, body_len, 7)
+    )
+    return (
+        f"POST /c{i} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + chunks
+        + b"0\r\n\r\n"
+    )
+
+
+def _expected(i: int, kind: int, body_len: int) -> bytes:
+    if kind == 0:
+        return f"GET /g{i} ?n={i} 0".encode()
+    return f"POST /{'p' if kind == 1 else 'c'}{i} ? {body_len}".encode()
+
+
+async def _feed(chunks: list[bytes]) -> tuple[FakeTransport, Recorder]:
+    from aether.http.wire import _Conn
+
+    rec = Recorder()
+    server = WireServer(
+        rec, name="fed", max_body=1000, idle_timeout=30, body_timeout=30,
+        on_body_timeout=lambda: WireReply(408, b"late", "text/plain"), logger=logging.getLogger("test.wire"),
+    )  # fmt: skip
+    conn = _Conn(server)
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    for chunk in chunks:
+        conn.data_received(chunk)
+        await asyncio.sleep(0)  # let the serving task run between chunks now and then
+    for _ in range(50):
+        await asyncio.sleep(0)
+    return transport, rec
+
+
+@pytest.mark.timeout(120)
+def test_any_split_of_pipelined_requests_gives_the_same_answers() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    requests = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40)), min_size=1, max_size=5)
+
+    @settings(max_examples=150, deadline=None)
+    @given(requests, st.lists(st.integers(1, 60), min_size=1, max_size=40))
+    def check(reqs: list[tuple[int, int]], cuts: list[int]) -> None:
+        data = b"".join(_request(i, kind, n) for i, (kind, n) in enumerate(reqs))
+        chunks, pos = [], 0
+        for c in cuts:
+            if pos >= len(data):
+                break
+            chunks.append(data[pos : pos + c])
+            pos += c
+        if pos < len(data):
+            chunks.append(data[pos:])
+        transport, rec = asyncio.run(_feed(chunks))
+        answers = split_answers(bytes(transport.out))
+        assert [a[2] for a in answers] == [_expected(i, k, n) for i, (k, n) in enumerate(reqs)]
+        assert all(a[0] == 200 for a in answers) and not transport.closed
+        assert [r.body for r in rec.seen] == [
+            bytes([97 + (i + j) % 26 for j in range(n)]) if k else b"" for i, (k, n) in enumerate(reqs)
+        ]
+
+    check()
