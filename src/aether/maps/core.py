@@ -30,7 +30,8 @@ Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the fu
   primary keeps one execution per id (retries join it, answered ones get the same answer), so a
   retry after a lost answer, a failover or a handover reports the first attempt's outcome.
 - **Leader** (of the consensus store): keeps the table equal to the live members (a node counts as
-  gone `down_grace` seconds after its link dropped), checked on every change and every tick.
+  gone `down_grace` seconds after its link dropped, and a member not heard from since this node
+  started `start_grace` seconds after the start), checked on every change and every tick.
 
 A node without a consensus quorum (`set_quorum(False)`) stops serving as primary. A node whose
 storage fails (an engine raises: full disk, I/O error) stops serving that map, says why in every
@@ -157,6 +158,11 @@ class MapTimings:
     sync_timeout: float = 2.0
     """A promotion's sync request that got no chunk for this long is sent again."""
     down_grace: float = 0.5
+    start_grace: float = 2.0
+    """A member (of the table or the member set) this node has not heard from since it started counts
+    as live for this long after the start: nodes of a cluster started (or restarted) together come
+    up within moments of each other, and a leader that planned them out of the table only to plan
+    them back in would make every node take its partitions over twice."""
     force_after: float = 10.0
     """A promotion that cannot hear enough previous owners because they left the table proceeds
     after this long (their unreplicated writes may be lost; it says so)."""
@@ -334,6 +340,7 @@ class MapCore:
         self._ids = itertools.count(1)
         self._serials = itertools.count(1)
         self._now = 0.0
+        self._started: float | None = None  # the first `now` this core was given
         self._wall = 0
 
         self.specs: dict[str, MapSpec] = {}
@@ -384,6 +391,8 @@ class MapCore:
 
     def _clock(self, now: float, wall: int | None = None) -> None:
         self._now = now
+        if self._started is None:
+            self._started = now
         if wall is not None:
             self._wall = wall
 
@@ -1027,6 +1036,10 @@ class MapCore:
     def live_members(self, now: float) -> list[str]:
         gone = {n for n, t in self._down_since.items() if now - t >= self.t.down_grace}
         live = (self.up | {self.node_id} | set(self._down_since)) - gone - self.excluded
+        if self._started is not None and now - self._started < self.t.start_grace:
+            # not heard from since this node started (not down either): still coming up, probably
+            known = set(self.members or ()) | set(self.table.members if self.table is not None else ())
+            live |= known - self.up - set(self._down_since) - self.excluded
         if self.members is not None:
             live &= self.members
         return sorted(live)
