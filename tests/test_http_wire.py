@@ -209,6 +209,21 @@ async def test_bad_requests_get_a_plain_answer_and_a_close(
     assert split_answers(await talk(server, b"GET /ok HTTP/1.1\r\nConnection: close\r\n\r\n"))[0][0] == 200
 
 
+async def test_upgrade_and_connect_requests_are_served_then_closed(
+    served: tuple[WireServer, Recorder],
+) -> None:
+    """No protocol upgrades: the request is answered like any other, then the connection closes
+    (the bytes after it belong to another protocol and are not read)."""
+    server, rec = served
+    upgrade = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x00"
+    [(status, headers, body)] = split_answers(await talk(server, upgrade))
+    assert (status, headers["connection"], body) == (200, "close", b"GET /ws ? 0")
+    raw = await talk(server, b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01")
+    [(status, headers, _)] = split_answers(raw)
+    assert (status, headers["connection"]) == (200, "close")
+    assert [r.method for r in rec.seen] == ["GET", "CONNECT"]
+
+
 async def test_handler_exception_is_500_and_the_connection_goes_on(
     served: tuple[WireServer, Recorder],
 ) -> None:

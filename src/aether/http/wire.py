@@ -164,6 +164,7 @@ class _Conn(asyncio.Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # no upgrades here: the request parsed so far is served, then the connection closes
+            # (one not complete by then is answered by the deadline sweep)
             self.closing = True
             self._pause()
         except httptools.HttpParserCallbackError as e:  # (ours, raised in a callback)
