@@ -141,8 +141,15 @@ class _NodeSide:
     def __init__(self) -> None:
         self.threads: list[int] = []
 
-    async def invoke(self, target: str, method: str, payload: bytes, *, request_id: str | None = None,
-                     timeout: float | None = None) -> bytes:
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
         self.threads.append(threading.get_ident())
         return b"answer:" + payload
 
@@ -260,3 +267,50 @@ async def test_inline_code_runs_on_the_node_loop_and_its_exits_are_contained(exc
     with pytest.raises(SliceCrashed, match="stopped"):
         await inline.run(closed, entry="where")
     assert inspect.getcoroutinestate(closed) == inspect.CORO_CLOSED
+
+
+async def test_calls_queued_as_the_slice_loop_closes_fail_instead_of_waiting_forever() -> None:
+    """Calls reach the slice's loop with one wake-up at the end of the node loop's turn: when that
+    loop has closed by then (its thread stopped without `close`), the calls fail with
+    `SliceCrashed` and their coroutines are closed (they would otherwise wait forever)."""
+    st = SliceThread("org.x:stopped:1.0.0")
+    st.loop.call_soon_threadsafe(st.loop.stop)
+    await asyncio.to_thread(st.thread.join, 5.0)
+    assert not st.thread.is_alive() and st.loop.is_closed()
+
+    async def entry() -> int:
+        return 1
+
+    coros = [entry() for _ in range(3)]
+    results = await asyncio.wait_for(asyncio.gather(*(st.run(c) for c in coros), return_exceptions=True), 5.0)
+    assert all(isinstance(r, SliceCrashed) and "closed" in str(r) for r in results), results
+    assert all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in coros)
+
+
+async def test_many_calls_from_one_turn_share_one_wake_up_of_the_slice_loop() -> None:
+    """The hand-off batches: calls queued during one turn of the node's loop wake the slice's loop
+    once (each wake-up is a system call and a hand-over of the interpreter lock)."""
+    st = SliceThread("org.x:batch:1.0.0")
+    wakes = 0
+    start = st._start_calls
+
+    def counting() -> None:
+        nonlocal wakes
+        wakes += 1
+        start()
+
+    st._start_calls = counting  # type: ignore[method-assign]
+    try:
+
+        async def entry(i: int) -> int:
+            await asyncio.sleep(0)
+            return i
+
+        async def one(i: int) -> int:
+            time.sleep(0.002)  # the node's loop is busy in this turn (the slice's thread could run)
+            return await st.run(entry(i))
+
+        assert await asyncio.gather(*(one(i) for i in range(20))) == list(range(20))
+        assert wakes == 1, wakes
+    finally:
+        assert await st.close(timeout=2.0)

@@ -209,6 +209,11 @@ class SliceThread:
             except BaseException:
                 self.log.debug("slice loop %s: error while closing", self.name, exc_info=True)
             loop.close()
+            if self._outbox:  # answers of the last turn (their deferred wake-up never ran)
+                try:
+                    self.main.call_soon_threadsafe(self._settle_calls)
+                except RuntimeError:
+                    pass
 
     # --- running slice code -----------------------------------------------------------------------
 
@@ -222,11 +227,7 @@ class SliceThread:
         self._inbox.append(call)
         if not self._inbox_woken:
             self._inbox_woken = True
-            try:
-                self.loop.call_soon_threadsafe(self._start_calls)
-            except RuntimeError:  # closed meanwhile
-                coro.close()
-                raise SliceCrashed(f"{self.name}: the slice's loop is closed") from None
+            self.main.call_soon(self._wake_inbox)  # once this turn of the node's loop is done
         try:
             return await answer
         except asyncio.CancelledError:
@@ -247,6 +248,20 @@ class SliceThread:
             if call.task is None:  # never started: close it here (else "never awaited" at GC)
                 call.coro.close()
 
+    def _wake_inbox(self) -> None:
+        """On the node's loop, at the end of the turn that queued calls: one wake-up of the slice's
+        loop for all of them (waking it at once let it take each call as it came, one system call
+        and one hand-over of the interpreter lock each, while the node's loop was still busy)."""
+        try:
+            self.loop.call_soon_threadsafe(self._start_calls)
+        except RuntimeError:  # the slice's loop closed meanwhile: fail what waits for it
+            inbox = self._inbox
+            while inbox:
+                call = inbox.popleft()
+                call.coro.close()
+                if not call.answer.done():
+                    call.answer.set_exception(SliceCrashed(f"{self.name}: the slice's loop is closed"))
+
     def _start_calls(self) -> None:
         """On the slice's loop: start every call queued so far."""
         self._inbox_woken = False  # first: a call queued from now on wakes us again
@@ -261,10 +276,14 @@ class SliceThread:
         self._outbox.append((call, result, error))
         if not self._outbox_woken:
             self._outbox_woken = True
-            try:
-                self.main.call_soon_threadsafe(self._settle_calls)
-            except RuntimeError:
-                pass  # the node's loop is closed: nobody waits any more
+            self.loop.call_soon(self._wake_outbox)  # once this turn of the slice's loop is done
+
+    def _wake_outbox(self) -> None:
+        """On the slice's loop: one wake-up of the node's loop for the answers of this turn."""
+        try:
+            self.main.call_soon_threadsafe(self._settle_calls)
+        except RuntimeError:
+            pass  # the node's loop is closed: nobody waits any more
 
     def _settle_calls(self) -> None:
         """On the node's loop: resolve every call answered so far."""
@@ -317,12 +336,16 @@ class SliceThread:
         self._up.append(nc)
         if not self._up_woken:
             self._up_woken = True
-            self.main.call_soon_threadsafe(self._start_node_calls)
+            self.loop.call_soon(self._wake_up)  # once this turn of the slice's loop is done
         try:
             return await nc.fut
         except asyncio.CancelledError:
             self.main.call_soon_threadsafe(nc.cancel)
             raise
+
+    def _wake_up(self) -> None:
+        """On the slice's loop: one wake-up of the node's loop for the node calls of this turn."""
+        self.main.call_soon_threadsafe(self._start_node_calls)
 
     def _start_node_calls(self) -> None:
         """On the node's loop: start every call slice code queued so far."""
@@ -347,10 +370,14 @@ class SliceThread:
             self._down.append((nc, task.result(), None))
         if not self._down_woken:
             self._down_woken = True
-            try:
-                self.loop.call_soon_threadsafe(self._settle_node_calls)
-            except RuntimeError:
-                pass  # the slice's loop is closed
+            self.main.call_soon(self._wake_down)  # once this turn of the node's loop is done
+
+    def _wake_down(self) -> None:
+        """On the node's loop: one wake-up of the slice's loop for the node calls finished this turn."""
+        try:
+            self.loop.call_soon_threadsafe(self._settle_node_calls)
+        except RuntimeError:
+            pass  # the slice's loop is closed
 
     def _settle_node_calls(self) -> None:
         """On the slice's loop: resolve every node call answered so far."""
