@@ -14,9 +14,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# What CI promises (.ci/run calls `make test`): lint first, then the suite.
+# What CI promises (.ci/run calls `make test`): lint first, then the suite, on PYTEST_WORKERS
+# pytest-xdist workers (2; 0 runs it in one process). Whole files go to one worker (loadfile):
+# module fixtures (an etcd cluster, a process cluster) stay shared by their tests. Most of the
+# suite's time is spent waiting on real node processes, so two workers nearly halve it.
+PYTEST_WORKERS ?= 2
+
 test: lint browser prometheus etcd
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
 
 # Debian's Chromium for the dashboard's browser tests (tests/test_forge_dashboard.py drives it with
 # Playwright; `playwright install` would download browsers, which we do not). Installed only when
