@@ -42,6 +42,7 @@ same mapping as the management API's invoke endpoint):
       pass it; the rest is not read and the connection closes)
 414   a request target longer than 8190 bytes (plain text; the connection closes)
 415   a body without a JSON content type (``Content-Type: application/json`` is required)
+431   a request head of more than 100 fields or 32 KiB (plain text; the connection closes)
 4xx   the entry raised a `SliceHttpError` (``NotFound`` 404, ``Conflict`` 409, ...), directly or by
       letting one from a slice it called escape: that status, its message as the detail
 502   the slice raised (`SliceAppError`), nodes went down running the call (`PoisonRequest`), a
@@ -57,7 +58,6 @@ same mapping as the management API's invoke endpoint):
       may be incomplete; with ``Retry-After: 1``) instead of a 404
 504   any other `InvokeTimeout` (the deadline passed while an attempt ran or peers were failing)
 500   anything unexpected (logged with traceback; the response never contains one)
-431   a request head of more than 100 fields or 32 KiB (plain text; the connection closes)
 ====  ===========================================================================================
 
 A connection that has not sent a complete request head within ``idle_timeout`` seconds (15) of
