@@ -452,19 +452,7 @@ class EtcdClient:
             compare.append(
                 {"target": "MOD", "result": "EQUAL", "key": _b64(full), "mod_revision": str(expected)}
             )
-        body = {
-            "compare": compare,
-            "success": [self._put_op(full, value, lease), self._put_op(rid, full, record_lease)],
-            "failure": [{"request_range": {"key": _b64(rid)}}, {"request_range": {"key": _b64(full)}}],
-        }
-        r = await self._call("kv/txn", body, WireTxn)
-        if r.succeeded:
-            return OnceResult("applied", r.header.revision)
-        record = r.responses[0].response_range if r.responses else None
-        if record is not None and record.kvs:
-            return OnceResult("duplicate", record.kvs[0].mod_revision)
-        cur = r.responses[1].response_range if len(r.responses) > 1 else None
-        return OnceResult("conflict", r.header.revision, self._kv(cur.kvs[0]) if cur and cur.kvs else None)
+        return await self._once_txn(compare, self._put_op(full, value, lease), full, rid, record_lease)
 
     async def write_once(
         self,
@@ -507,6 +495,13 @@ class EtcdClient:
         write = (
             {"request_delete_range": {"key": _b64(full)}} if value is None else self._put_op(full, value, 0)
         )
+        return await self._once_txn(compare, write, full, rid, record_lease)
+
+    async def _once_txn(
+        self, compare: list[dict[str, Any]], write: dict[str, Any], full: bytes, rid: bytes, record_lease: int
+    ) -> OnceResult:
+        """The txn of `put_once`/`write_once`: if `compare` holds, `write` and the request-id record
+        `rid` (naming `full`) together; else read the record (a duplicate) and the key (a conflict)."""
         body = {
             "compare": compare,
             "success": [write, self._put_op(rid, full, record_lease)],
