@@ -406,23 +406,29 @@ class YieldingMaps(LocalMaps):
         return value
 
 
-async def test_concurrent_reservations_never_oversell() -> None:
+async def _buy_40_concurrently(instances: int) -> tuple[list[bool], int, Any]:
+    """40 concurrent reservations of 1 or 2 units of PROD-DEF456 (10 in stock) spread over
+    `instances` inventory instances: (which succeeded, units sold, the stock level after)."""
     demo = await Demo(YieldingMaps(["orders", "stock"])).start()
-    others = [demo.make(INVENTORY, i) for i in range(2, 5)]
+    others = [demo.make(INVENTORY, i) for i in range(2, instances + 1)]
     await asyncio.gather(*(o.start() for o in others))
-    instances = [demo.inventory, *others]
+    inventories = [demo.inventory, *others]
 
     async def buy(i: int) -> bool:
         line = d.StockLine(d.ProductId("PROD-DEF456"), d.Quantity(1 + i % 2))
         try:
-            await instances[i % len(instances)].reserve(d.ReserveStock(f"ORD-{i}", [line]))
+            await inventories[i % len(inventories)].reserve(d.ReserveStock(f"ORD-{i}", [line]))
             return True
         except Conflict:
             return False
 
-    results = await asyncio.gather(*(buy(i) for i in range(40)))
+    results = list(await asyncio.gather(*(buy(i) for i in range(40))))
     sold = sum(1 + i % 2 for i, ok in enumerate(results) if ok)
-    level = await demo.inventory.get_stock("PROD-DEF456")
+    return results, sold, await demo.inventory.get_stock("PROD-DEF456")
+
+
+async def test_concurrent_reservations_never_oversell() -> None:
+    _, sold, level = await _buy_40_concurrently(instances=4)
     assert sold <= 10 and level.available == 10 - sold and level.reserved == sold
     assert level.available <= 1  # sold out (a leftover single unit only if just 2-unit orders came later)
 
@@ -514,22 +520,7 @@ async def test_concurrent_reservations_of_a_split_product_never_oversell(
 
     monkeypatch.setattr(inventory_service, "SHARD_FROM", 10)
     monkeypatch.setattr(inventory_service, "STOCK_SHARDS", 4)
-    demo = await Demo(YieldingMaps(["orders", "stock"])).start()
-    others = [demo.make(INVENTORY, i) for i in range(2, 4)]
-    await asyncio.gather(*(o.start() for o in others))
-    instances = [demo.inventory, *others]
-
-    async def buy(i: int) -> bool:
-        line = d.StockLine(d.ProductId("PROD-DEF456"), d.Quantity(1 + i % 2))
-        try:
-            await instances[i % len(instances)].reserve(d.ReserveStock(f"ORD-{i}", [line]))
-            return True
-        except Conflict:
-            return False
-
-    results = await asyncio.gather(*(buy(i) for i in range(40)))
-    sold = sum(1 + i % 2 for i, ok in enumerate(results) if ok)
-    level = await demo.inventory.get_stock("PROD-DEF456")
+    results, sold, level = await _buy_40_concurrently(instances=3)
     assert sold <= 10 and level.available == 10 - sold and level.reserved == sold
     # sold out: a single unit left over only if it is the last one and 2-unit orders came later
     assert level.available <= 1 or not any(results[i] is False and i % 2 == 0 for i in range(40))
