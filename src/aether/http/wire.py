@@ -119,6 +119,7 @@ class _Conn(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[WireRequest] = collections.deque()
         self.busy = False  # a task is serving this connection's requests
+        self.task: asyncio.Task[None] | None = None  # the last one started
         self.closing = False  # close once the answer being written is out; read nothing more
         self.paused_reading = False
         self.write_ready: asyncio.Future[None] | None = None  # set while the transport is paused
@@ -307,7 +308,7 @@ class _Conn(asyncio.Protocol):
                 self._pause()
         else:
             self.busy = True
-            self.loop.create_task(self._serve(req))
+            self.task = self.loop.create_task(self._serve(req))  # (held: the loop keeps tasks weakly)
 
     def _pause(self) -> None:
         if not self.paused_reading and self.transport is not None and not self.transport.is_closing():
