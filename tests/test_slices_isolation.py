@@ -141,15 +141,8 @@ class _NodeSide:
     def __init__(self) -> None:
         self.threads: list[int] = []
 
-    async def invoke(
-        self,
-        target: str,
-        method: str,
-        payload: bytes,
-        *,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> bytes:
+    async def invoke(self, target: str, method: str, payload: bytes, *, request_id: str | None = None,
+                     timeout: float | None = None) -> bytes:
         self.threads.append(threading.get_ident())
         return b"answer:" + payload
 
