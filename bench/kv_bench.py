@@ -78,7 +78,8 @@ import tempfile
 import time
 import urllib.request
 from array import array
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 HOST = "127.0.0.1"
 _NO_UVLOOP_SHIM = (
@@ -993,18 +994,36 @@ def run_child(args: list[str], label: str) -> dict[str, str] | None:
     return fields
 
 
+K = TypeVar("K", int, str)
+
+
+def alternate(
+    what: str, rounds: int, pair: tuple[K, K], child: Callable[[K], tuple[list[str], str, str]]
+) -> dict[K, list[dict[str, str]]] | None:
+    """Run the children of `pair` in alternating order, (x, y), (y, x), ..., `rounds` times; `child`
+    gives each one's (args, label, name in the error). The RESULT fields of each run by member of
+    `pair`, or None (after printing a RESULT error line) when a run failed."""
+    runs: dict[K, list[dict[str, str]]] = {pair[0]: [], pair[1]: []}
+    for r in range(rounds):
+        for x in pair if r % 2 == 0 else pair[::-1]:
+            args, label, name = child(x)
+            log(f"{what} round {r + 1}/{rounds}: {label}")
+            fields = run_child(args, label)
+            if fields is None:
+                print(f"RESULT error={name}-run-failed", flush=True)
+                return None
+            runs[x].append(fields)
+    return runs
+
+
 def compare_nodes(args: list[str], a: int, b: int, rounds: int) -> int:
     """Run this benchmark on an `a`-node and a `b`-node cluster, alternating (a, b), (b, a), ...,
     each run a fresh cluster in a child; one RESULT line with the medians and their ratio."""
-    runs: dict[int, list[dict[str, str]]] = {a: [], b: []}
-    for r in range(rounds):
-        for n in (a, b) if r % 2 == 0 else (b, a):
-            log(f"--compare-nodes round {r + 1}/{rounds}: {n} nodes")
-            fields = run_child([*args, "--nodes", str(n)], f"{n} nodes")
-            if fields is None:
-                print(f"RESULT error={n}-node-run-failed", flush=True)
-                return 1
-            runs[n].append(fields)
+    runs = alternate(
+        "--compare-nodes", rounds, (a, b), lambda n: ([*args, "--nodes", str(n)], f"{n} nodes", f"{n}-node")
+    )
+    if runs is None:
+        return 1
 
     def med(n: int, k: str) -> float:
         return statistics.median(float(f[k]) for f in runs[n])
@@ -1026,16 +1045,12 @@ def compare_nodes(args: list[str], a: int, b: int, rounds: int) -> int:
 
 def compare_tls(args: list[str], rounds: int) -> int:
     """Run this benchmark plain and with --tls-only, alternating, each in a child; one RESULT line."""
-    runs: dict[str, list[dict[str, str]]] = {"plain": [], "tls": []}
-    for r in range(rounds):
-        for mode in (("plain", "tls") if r % 2 == 0 else ("tls", "plain")):
-            only = ["--tls-only"] if mode == "tls" else []
-            log(f"--tls round {r + 1}/{rounds}: {mode}")
-            fields = run_child([*args, *only], mode)
-            if fields is None:
-                print(f"RESULT error={mode}-run-failed", flush=True)
-                return 1
-            runs[mode].append(fields)
+    runs = alternate(
+        "--tls", rounds, ("plain", "tls"),
+        lambda mode: ([*args, *(["--tls-only"] if mode == "tls" else [])], mode, mode),
+    )  # fmt: skip
+    if runs is None:
+        return 1
 
     def mean(mode: str, k: str) -> float:
         return statistics.fmean(float(f[k]) for f in runs[mode])
