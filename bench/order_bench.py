@@ -24,8 +24,9 @@ Each run has an unrecorded warm-up (`--warmup`, default 2 s) and then `--duratio
 `rps` is the sum over the three wrk processes. p50/p99 merge the three latency distributions:
 each wrk process reports its latency at every 0.1 % quantile (a Lua `done` hook), these are
 pooled weighted by request count and the percentile is read off the pool (exact to about 0.1 %
-in rank). `cpu_ms`: user + system CPU of the three node processes per placed order (from
-/proc/PID/stat), which the other work on a shared machine moves much less than rps and latency.
+in rank; the log line gives p90 and p99.9 as well). `cpu_ms`: user + system CPU of the three
+node processes per placed order (from /proc/PID/stat), which the other work on a shared machine
+moves much less than rps and latency.
 Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
@@ -181,7 +182,9 @@ def merge(outs: list[str]) -> dict[str, float]:
     return {
         "rps": rps,
         "p50_ms": pct(50),
+        "p90_ms": pct(90),
         "p99_ms": pct(99),
+        "p999_ms": pct(99.9),
         "non2xx": non2xx,
         "socket_errors": errors,
         "ok_total": ok_total,
@@ -217,7 +220,8 @@ def load(
         r["cpu_ms"] = (cpu_seconds(cluster) - cpu0) * 1000 / max(1.0, r["rps"] * a.duration)
     log(
         f"{label} c={conns} over {len(ports)} ports: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
-        f"p99 {r['p99_ms']:.2f} ms, non2xx {r['non2xx']:.0f}, socket errors {r['socket_errors']:.0f}"
+        f"p90 {r['p90_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, p99.9 {r['p999_ms']:.2f} ms, "
+        f"non2xx {r['non2xx']:.0f}, socket errors {r['socket_errors']:.0f}"
         + (f", node CPU {r['cpu_ms']:.2f} ms per request" if "cpu_ms" in r else "")
     )
     return r

@@ -157,6 +157,85 @@ def test_sqlite_engine_persists(tmp_path: Path) -> None:
     again.close()
 
 
+@pytest.mark.parametrize("engine", ["memory", "sqlite"])
+def test_applied_operations_survive_drop_purge_and_restart_as_the_interface_says(
+    tmp_path: Path, engine: str
+) -> None:
+    """Both engines: `add_ops` is durable with the commit (sqlite: across a reopen), `drop` forgets
+    a partition's operations so far (not later ones), `purge_ops` those older than its horizon, a
+    rolled-back transaction logs none."""
+
+    def reopen(e: MemoryStorage | SqliteStorage) -> MemoryStorage | SqliteStorage:
+        if isinstance(e, MemoryStorage):
+            return e
+        e.close()
+        return SqliteStorage(tmp_path / "m.sqlite")
+
+    e: MemoryStorage | SqliteStorage = open_storage_engine(engine, tmp_path, "m")  # type: ignore[assignment]
+    e.put(1, "a", Record(b"1", 1, 1))
+    e.add_ops([(1, "n1", 1, 100), (2, "n1", 2, 100)])
+    e.commit()
+    e.add_ops([(1, "n2", 1, 200), (3, "n2", 2, 200)])
+    e.commit()
+    e = reopen(e)
+    everything = [(1, "n1", 1, 100), (1, "n2", 1, 200), (2, "n1", 2, 100), (3, "n2", 2, 200)]
+    assert sorted(e.load_ops()) == everything
+    e.drop(1)
+    e.add_ops([(1, "n3", 7, 300)])  # after the drop: kept
+    e.commit()
+    e = reopen(e)
+    assert sorted(e.load_ops()) == [(1, "n3", 7, 300), (2, "n1", 2, 100), (3, "n2", 2, 200)]
+    e.purge_ops(range(0, 8), 150)
+    e.commit()
+    e = reopen(e)
+    assert sorted(e.load_ops()) == [(1, "n3", 7, 300), (3, "n2", 2, 200)]
+    e.add_ops([(2, "n4", 1, 400)])
+    if isinstance(e, SqliteStorage):
+        with pytest.raises(Exception, match="not supported"):
+            e.put(2, "b", Record(object(), 1, 2))  # type: ignore[arg-type]  # cannot be bound
+    if isinstance(e, SqliteStorage):
+        with pytest.raises(Exception, match="a write of this transaction failed"):
+            e.commit()
+        e = reopen(e)
+        assert (2, "n4", 1, 400) not in e.load_ops()
+    e.purge_ops(range(0, 8), 2**62)
+    e.commit()
+    e = reopen(e)
+    assert e.load_ops() == []
+    e.close()
+
+
+def test_sqlite_logs_a_commits_operations_as_one_row_and_migrates_the_old_table(tmp_path: Path) -> None:
+    """The operations of one commit are one appended `oplog` row (not one index entry each: the
+    row count is what keeps the write volume per commit down); a file from before `oplog`, with
+    its ``ops`` table, has its operations moved over on open."""
+    import sqlite3
+
+    path = tmp_path / "m.sqlite"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE ops (p INTEGER NOT NULL, origin TEXT NOT NULL, rid INTEGER NOT NULL, "
+        "at INTEGER NOT NULL, PRIMARY KEY (p, origin, rid)) WITHOUT ROWID"
+    )
+    old.executemany("INSERT INTO ops VALUES (?, ?, ?, ?)", [(4, "n1", 1, 10), (5, "n1", 2, 20)])
+    old.commit()
+    old.close()
+    e = SqliteStorage(path)
+    assert sorted(e.load_ops()) == [(4, "n1", 1, 10), (5, "n1", 2, 20)]
+    e.add_ops([(p, "n2", p, 30) for p in range(50)])
+    e.add_ops([(7, "n2", 99, 31)])
+    e.commit()
+    e.close()
+    db = sqlite3.connect(path)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    rows = db.execute("SELECT count(*) FROM oplog").fetchone()[0]
+    db.close()
+    assert "ops" not in tables and rows == 2  # the migrated one and this commit's
+    again = SqliteStorage(path)
+    assert len(again.load_ops()) == 53
+    again.close()
+
+
 def test_memory_engine_scan_is_a_snapshot() -> None:
     e = MemoryStorage()
     e.put(0, "a", Record(b"1", 1, 1))

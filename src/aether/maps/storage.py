@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
+
+import msgspec
 
 from aether.core.files import make_private_dirs, open_private
 from aether.maps.records import Record
 
 __all__ = ["MapStorage", "MemoryStorage", "SqliteStorage", "open_storage_engine"]
+
+_OPS_ENCODER = msgspec.msgpack.Encoder()
+_OPS_DECODER = msgspec.msgpack.Decoder(list[tuple[int, str, int, int]])
 
 CACHE_KIB = 16 * 1024
 """Page cache of one `SqliteStorage` (one map on one node), in KiB."""
@@ -77,7 +83,10 @@ class MapStorage(Protocol):
 
     def load_ops(self) -> list[tuple[int, str, int, int]]: ...
 
-    def purge_ops(self, partitions: range, before_ms: int) -> None: ...
+    def purge_ops(self, partitions: range, before_ms: int) -> None:
+        """Forget the operations of `partitions` applied before `before_ms` (an engine may forget
+        other partitions' that old as well)."""
+        ...
 
     @property
     def pending(self) -> bool:
@@ -212,10 +221,18 @@ class SqliteStorage:
             "WITHOUT ROWID"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS held (p INTEGER PRIMARY KEY, versions TEXT NOT NULL)")
+        # applied operations: one row per commit that added any (`oplog`), appended at the end of
+        # the table instead of one row per operation at a random place of an index; `opdrop`: a
+        # partition's operations in rows up to `seq` were dropped with its copy
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS ops (p INTEGER NOT NULL, origin TEXT NOT NULL, rid INTEGER NOT NULL, "
-            "at INTEGER NOT NULL, PRIMARY KEY (p, origin, rid)) WITHOUT ROWID"
+            "CREATE TABLE IF NOT EXISTS oplog "
+            "(seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, ops BLOB NOT NULL)"
         )
+        self._db.execute("CREATE TABLE IF NOT EXISTS opdrop (p INTEGER PRIMARY KEY, seq INTEGER NOT NULL)")
+        self._migrate_ops()
+        # (seq, newest `at`) of the oplog rows, oldest first: where `purge_ops` cuts
+        self._log: deque[tuple[int, int]] = deque(self._db.execute("SELECT seq, at FROM oplog ORDER BY seq"))
+        self._new_ops: list[tuple[int, str, int, int]] = []  # added in the open transaction
         row = self._db.execute(
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE v IS NOT NULL"
         ).fetchone()
@@ -228,19 +245,32 @@ class SqliteStorage:
 
     # --- transactions ---------------------------------------------------------------------------
 
+    def _migrate_ops(self) -> None:
+        """A file written before `oplog` keeps its operations in a table ``ops`` (one row per
+        operation): moved into one `oplog` row."""
+        db = self._db
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ops'").fetchone() is None:
+            return
+        old = db.execute("SELECT p, origin, rid, at FROM ops")
+        rows = [(int(p), str(o), int(r), int(a)) for p, o, r, a in old]
+        db.execute("BEGIN")
+        if rows:
+            at = max(r[3] for r in rows)
+            db.execute("INSERT INTO oplog (at, ops) VALUES (?, ?)", (at, _OPS_ENCODER.encode(rows)))
+        db.execute("DROP TABLE ops")
+        db.execute("COMMIT")
+
     @property
     def pending(self) -> bool:
-        return self._db.in_transaction or self._error is not None
+        return self._db.in_transaction or self._error is not None or bool(self._new_ops)
 
-    def _exec(
-        self, sql: str, args: tuple[object, ...] = (), many: list[tuple[int, str, int, int]] | None = None
-    ) -> sqlite3.Cursor:
-        """Run a write (`many`: once per row) in the open transaction (opened here if none is)."""
+    def _exec(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        """Run a write in the open transaction (opened here if none is)."""
         db = self._db
         try:
             if not db.in_transaction:
                 db.execute("BEGIN")
-            return db.execute(sql, args) if many is None else db.executemany(sql, many)
+            return db.execute(sql, args)
         except BaseException as e:
             # SQLite may have rolled the whole transaction back (a full disk, an I/O error): the
             # commit must fail even if later writes open a new one
@@ -253,21 +283,35 @@ class SqliteStorage:
         try:
             if self._error is not None:
                 raise sqlite3.OperationalError(f"a write of this transaction failed: {self._error}")
+            logged = None
+            if self._new_ops:
+                ops = self._new_ops
+                at = max(op[3] for op in ops)
+                cur = self._exec("INSERT INTO oplog (at, ops) VALUES (?, ?)", (at, _OPS_ENCODER.encode(ops)))
+                logged = (int(cur.lastrowid or 0), at)
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+        self._new_ops = []
+        if logged is not None:
+            self._log.append(logged)
         self._counts = (self.entries, self.bytes)
 
     def _rollback(self) -> None:
         self._error = None
         self._seen = None
+        self._new_ops = []
         self.entries, self.bytes = self._counts
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
         except sqlite3.Error:
             pass  # rolled back already (SQLite does so itself after some errors)
+        try:  # a purge of the undone transaction took rows off `_log`
+            self._log = deque(self._db.execute("SELECT seq, at FROM oplog ORDER BY seq"))
+        except sqlite3.Error:
+            pass  # the storage is failing: the node stops serving the map and drops `_log` with it
 
     # --- records --------------------------------------------------------------------------------
 
@@ -319,7 +363,9 @@ class SqliteStorage:
 
     def drop(self, partition: int) -> None:
         self._seen = None
-        self._exec("DELETE FROM ops WHERE p = ?", (partition,))
+        self._new_ops = [op for op in self._new_ops if op[0] != partition]
+        if self._log:  # the operations logged so far: skipped by `load_ops`, gone with their rows
+            self._exec("INSERT OR REPLACE INTO opdrop (p, seq) VALUES (?, ?)", (partition, self._log[-1][0]))
         row = self._db.execute(
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE p = ? AND v IS NOT NULL",
             (partition,),
@@ -354,18 +400,32 @@ class SqliteStorage:
             self._exec("DELETE FROM held WHERE p = ?", (partition,))
 
     def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
-        if ops:
-            self._exec("INSERT OR REPLACE INTO ops (p, origin, rid, at) VALUES (?, ?, ?, ?)", many=ops)
+        """Logged with the transaction's other writes, as one `oplog` row, when it commits."""
+        self._new_ops += ops
 
     def load_ops(self) -> list[tuple[int, str, int, int]]:
-        rows = self._db.execute("SELECT p, origin, rid, at FROM ops")
-        return [(int(p), str(o), int(r), int(a)) for p, o, r, a in rows]
+        dropped = dict(self._db.execute("SELECT p, seq FROM opdrop").fetchall())
+        out: list[tuple[int, str, int, int]] = []
+        for seq, blob in self._db.execute("SELECT seq, ops FROM oplog ORDER BY seq"):
+            out += [
+                (p, o, r, a) for p, o, r, a in _OPS_DECODER.decode(blob) if seq > dropped.get(p, -1)
+            ]
+        return out + self._new_ops
 
     def purge_ops(self, partitions: range, before_ms: int) -> None:
-        self._exec(
-            "DELETE FROM ops WHERE p >= ? AND p < ? AND at < ?",
-            (partitions.start, partitions.stop, before_ms),
-        )
+        """Forget the operations applied before `before_ms`: of every partition, not only of
+        `partitions` (an `oplog` row holds many partitions' operations). A row goes once every
+        operation in it and in the rows before it is that old."""
+        log = self._log
+        cut = None
+        while log and log[0][1] < before_ms:
+            cut = log.popleft()[0]
+        if before_ms >= 2**62:  # everything (a node dropping all its copies)
+            self._new_ops = []
+            self._exec("DELETE FROM opdrop")
+        if cut is not None:
+            self._exec("DELETE FROM oplog WHERE seq <= ?", (cut,))
+            self._exec("DELETE FROM opdrop WHERE seq <= ?", (cut,))
 
     def close(self) -> None:
         """Commit what is pending and close the database."""
