@@ -700,6 +700,44 @@ async def test_a_repeated_place_order_call_places_one_order() -> None:
     assert d.order_id_for(None) != d.order_id_for(None)  # no key: random ids
 
 
+async def test_place_order_reads_existence_stock_and_price_at_once_and_decides_in_that_order() -> None:
+    """The stock checks, the total and the read of whether the order exists run at the same time
+    (fails on the version that ran them one after the other); the outcome is the sequential one:
+    an existing order wins over a check that fails now, a failed check over the total."""
+    from aether.core.context import enter_call, exit_call
+
+    demo = await Demo().start()
+    calls = demo.invoker.calls
+    seen_by_check: list[list[tuple[str, str]]] = []
+
+    async def slow_check() -> None:
+        await asyncio.sleep(0.05)
+        seen_by_check.append(list(calls))
+
+    demo.invoker.after[(INVENTORY, "check_stock")] = slow_check
+    placed = await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 2)))
+    assert (PRICING, "calculate_total") in seen_by_check[0], "the total was asked only after the checks"
+    del demo.invoker.after[(INVENTORY, "check_stock")]
+
+    async def place(key: str, *items: tuple[str, int]) -> d.Order:
+        tokens = enter_call("rid", key)
+        try:
+            return await demo.place.place_order(order("CUST-1", *items))
+        finally:
+            exit_call(tokens)
+
+    last = await demo.available("PROD-POSTER")
+    first = await place("k-last", ("PROD-POSTER", last))  # takes the last units
+    assert await demo.available("PROD-POSTER") == 0
+    assert await place("k-last", ("PROD-POSTER", last)) == first  # a repeat: not a 409 now
+    cancelled = await demo.cancel.cancel_order(first.order_id)
+    assert await place("k-last", ("PROD-POSTER", last)) == cancelled  # not placed (and taken) again
+    assert await demo.available("PROD-POSTER") == last
+    with pytest.raises(BadRequest, match=r"items\[0\]\.productId"):  # the check's error, not pricing's
+        await demo.place.place_order(order("CUST-1", ("PROD-NOPE00", 1)))
+    assert placed.status is d.OrderStatus.PLACED
+
+
 async def test_concurrent_cancels_release_once() -> None:
     demo = await Demo(YieldingMaps(["orders", "stock"])).start()
     placed = await demo.place.place_order(order("CUST-1", ("PROD-DEF456", 4)))

@@ -3,7 +3,10 @@
 1. parse the request (`PlaceOrder.parse`: 400 naming the field, e.g. ``items[0].quantity``);
 2. check the stock of every line in parallel (``asyncio.gather`` of calls to inventory-service):
    an unknown product is a 400 naming its line, too little stock a 409;
-3. price the lines (pricing-service ``calculate_total``);
+3. price the lines (pricing-service ``calculate_total``): at the same time as the checks, and as
+   the read of whether the order exists already (below); they are all reads, so the outcome is the
+   one of doing them one after the other (the first that decides wins: an existing order, then a
+   failed check, then the total), in the time of the slowest;
 4. reserve the stock of all lines (inventory-service ``reserve``, all or nothing; a 409 from a
    reservation that lost a race escapes as is);
 5. store the order in the distributed map ``orders`` under its id; if that fails, the
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 from order_domain import (
     CheckStock,
@@ -42,6 +46,12 @@ from aether.slices.maps import SliceMap
 INVENTORY = "org.demo:inventory-service"
 PRICING = "org.demo:pricing-service"
 ORDERS_MAP = "orders"
+
+
+def _retrieve(f: asyncio.Future[Any]) -> None:
+    """Take a dropped read's outcome, so that asyncio does not log it as never retrieved."""
+    if not f.cancelled():
+        f.exception()
 
 
 def now_iso() -> str:
@@ -74,11 +84,24 @@ class PlaceOrderService(Slice):
         """Place an order; answers it with its id, status PLACED, priced lines and total."""
         customer, lines = req.parse()
         order_id = order_id_for(self.context.idempotency_key)
-        placed = await self.orders.get(order_id)
-        if placed is not None:  # a repeat of a call that placed it already
-            return placed
-        await asyncio.gather(*(self._check(i, line) for i, line in enumerate(lines)))
-        priced = await self.call(PRICING, "calculate_total", PriceOrder(lines), OrderTotal)
+        # three reads at once (they change nothing): whether a repeat of this call placed the order
+        # already, the stock checks, the total; decided in that order, as if one after the other
+        reads: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self.orders.get(order_id)),
+            asyncio.gather(*(self._check(i, line) for i, line in enumerate(lines))),
+            asyncio.ensure_future(self.call(PRICING, "calculate_total", PriceOrder(lines), OrderTotal)),
+        ]
+        try:
+            placed = await reads[0]
+            if placed is not None:  # a repeat of a call that placed it already
+                return placed
+            await reads[1]
+            priced: OrderTotal = await reads[2]
+        finally:
+            for f in reads:  # what is not needed any more (an error decided first, or a repeat)
+                if not f.done():
+                    f.cancel()
+                f.add_done_callback(_retrieve)
         await self.call(INVENTORY, "reserve", ReserveStock(order_id, lines), list[StockLevel])
         order = Order(order_id, customer, OrderStatus.PLACED, priced.lines, priced.total, now_iso())
         try:
