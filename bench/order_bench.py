@@ -30,6 +30,11 @@ moves much less than rps and latency.
 Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
+`--isolation inline` runs every demo slice on its node's loop (``isolation = "inline"`` added to
+each slice table of the blueprint) and `--engine memory` keeps both maps in memory: experiments
+that show what the slice threads and the SQLite storage cost per order, not configurations the
+demo ships with.
+
 `--baseline REF` (e.g. `main`) also builds the demo as of git REF (`git archive REF examples src`,
 built by that tree's own build.py) and runs its nodes on REF's `src` too (through `PYTHONPATH`,
 so a change of the platform, e.g. the map's storage, is compared as well as one of the demo's
@@ -38,9 +43,9 @@ alternating which goes first; the RESULT then gives the medians (`base_*` for RE
 medians of the per-round ratios new/base (`place_c{C}_{rps,p50_ms,p99_ms,cpu_ms}_ratio`).
 
 Final line (machine-readable):
-`RESULT nodes=3 product=... place_c{C}_rps=... place_c{C}_p50_ms=... place_c{C}_p99_ms=...
-place_c{C}_cpu_ms=... get_c{C}_rps=... get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=...
-socket_errors=... [base_... place_c{C}_rps_ratio=... ...]` (one line), or
+`RESULT nodes=3 product=... isolation=... engine=... place_c{C}_rps=... place_c{C}_p50_ms=...
+place_c{C}_p99_ms=... place_c{C}_cpu_ms=... get_c{C}_rps=... get_c{C}_p50_ms=... get_c{C}_p99_ms=...
+non2xx=... socket_errors=... [base_... place_c{C}_rps_ratio=... ...]` (one line), or
 `RESULT error=<ExceptionName>` after the tail of every node log.
 """
 
@@ -49,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -63,6 +69,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from http_bench import Interrupted, _on_signal, ensure_wrk, http, wait_quorum_fast  # noqa: E402
 from kv_bench import HOST, Cluster, log  # noqa: E402
+from limits import with_isolation  # noqa: E402
 
 BUILD = ROOT / "examples" / "build.py"
 BLUEPRINT_FILE = ROOT / "examples" / "order_demo" / "demo-order.blueprint"
@@ -102,6 +109,11 @@ def get_script(order_ids: list[str]) -> str:
         '  return wrk.format("GET", paths[(counter % #paths) + 1])\n'
         "end\n" + LUA_DONE
     )
+
+
+def with_engine(blueprint: str, engine: str) -> str:
+    """`blueprint` with every map's storage engine set to `engine`."""
+    return re.sub(r'^engine = "[a-z]+"', f'engine = "{engine}"', blueprint, flags=re.M)
 
 
 def build_wheels(out: Path, build: Path = BUILD) -> Path:
@@ -276,9 +288,8 @@ def run_variant(
         for i in range(n):
             cluster.start_node(i)
         wait_quorum_fast(cluster, deadline)
-        http(
-            mgmt, "POST", "/api/v1/blueprints", {"toml": BLUEPRINT_FILE.read_text(), "filename": "demo-order"}
-        )
+        toml = with_engine(with_isolation(BLUEPRINT_FILE.read_text(), a.isolation), a.engine)
+        http(mgmt, "POST", "/api/v1/blueprints", {"toml": toml, "filename": "demo-order"})
         st = http(
             mgmt,
             "POST",
@@ -355,6 +366,15 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REF", help="also measure the demo as of git REF (e.g. main)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds (with --baseline: each runs both)")
     ap.add_argument("--no-get", action="store_true", help="skip the GET /api/orders/{id} step")
+    ap.add_argument(
+        "--isolation", choices=("thread", "inline"), default="thread",
+        help='where the demo\'s slices run: their own loop and thread (as the blueprint says), or '
+        'the node\'s loop (isolation = "inline" set in every slice table, for the experiment)',
+    )  # fmt: skip
+    ap.add_argument(
+        "--engine", choices=("sqlite", "memory"), default="sqlite",
+        help="the storage engine of both maps (sqlite: as the blueprint says)",
+    )  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work dir (node logs)")
     a = ap.parse_args()
     conns = [int(c) for c in a.conns.split(",") if c.strip()]
@@ -367,7 +387,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     work = Path(tempfile.mkdtemp(prefix="aether-order-bench-"))
-    res: dict[str, object] = {"nodes": 3, "product": a.product}
+    res: dict[str, object] = {"nodes": 3, "product": a.product, "isolation": a.isolation, "engine": a.engine}
     rc = 0
     try:
         ensure_wrk()
