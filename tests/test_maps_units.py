@@ -236,6 +236,47 @@ def test_sqlite_logs_a_commits_operations_as_one_row_and_migrates_the_old_table(
     again.close()
 
 
+def test_sqlite_purges_log_rows_by_their_own_age_and_never_reuses_a_row_number(tmp_path: Path) -> None:
+    """A row whose operations another node's clock dated ahead does not hold back the purge of the
+    rows after it; a partition's drop mark goes with the last row it covers, and a row logged after
+    every row was purged is not taken for one the mark covers (row numbers are never reused)."""
+    import sqlite3
+
+    path = tmp_path / "m.sqlite"
+    e = SqliteStorage(path)
+    e.add_ops([(1, "ahead", 1, 10_000)])  # dated far ahead
+    e.commit()
+    for t in (100, 200, 300):
+        e.add_ops([(1, "n1", t, t)])
+        e.commit()
+    e.purge_ops(range(0, 64), 250)
+    e.commit()
+    assert sorted(e.load_ops()) == [(1, "ahead", 1, 10_000), (1, "n1", 300, 300)]
+    e.drop(1)  # marks every row so far
+    e.commit()
+    assert e.load_ops() == []
+    e.purge_ops(range(0, 64), 5_000)  # the newest row goes, the one dated ahead stays (and the mark)
+    e.commit()
+    e.close()
+    e = SqliteStorage(path)
+    e.add_ops([(1, "n3", 1, 6_000)])
+    e.commit()
+    assert e.load_ops() == [(1, "n3", 1, 6_000)]  # after the mark, though below the purged row's number
+    e.purge_ops(range(0, 64), 20_000)  # every row goes, and with them the mark
+    e.commit()
+    e.close()
+    db = sqlite3.connect(path)
+    marks = db.execute("SELECT count(*) FROM opdrop").fetchone()[0]
+    db.close()
+    e = SqliteStorage(path)
+    e.add_ops([(1, "n2", 1, 30_000)])  # a new row (numbers start again): no mark covers it
+    e.commit()
+    e.close()
+    again = SqliteStorage(path)
+    assert again.load_ops() == [(1, "n2", 1, 30_000)] and marks == 0
+    again.close()
+
+
 def test_memory_engine_scan_is_a_snapshot() -> None:
     e = MemoryStorage()
     e.put(0, "a", Record(b"1", 1, 1))

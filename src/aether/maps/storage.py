@@ -19,9 +19,10 @@ commit (`pending` is always False).
 
 from __future__ import annotations
 
+import heapq
+import json
 import os
 import sqlite3
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -230,8 +231,9 @@ class SqliteStorage:
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS opdrop (p INTEGER PRIMARY KEY, seq INTEGER NOT NULL)")
         self._migrate_ops()
-        # (seq, newest `at`) of the oplog rows, oldest first: where `purge_ops` cuts
-        self._log: deque[tuple[int, int]] = deque(self._db.execute("SELECT seq, at FROM oplog ORDER BY seq"))
+        self._log: list[tuple[int, int]] = []  # heap of (newest `at`, seq) of the oplog rows
+        self._last_seq = 0  # the highest seq logged (a new row takes the next one)
+        self._load_log()
         self._new_ops: list[tuple[int, str, int, int]] = []  # added in the open transaction
         row = self._db.execute(
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE v IS NOT NULL"
@@ -244,6 +246,16 @@ class SqliteStorage:
         self._seen: tuple[int, str, Record | None] | None = None
 
     # --- transactions ---------------------------------------------------------------------------
+
+    def _load_log(self) -> None:
+        self._log = [(int(at), int(seq)) for seq, at in self._db.execute("SELECT seq, at FROM oplog")]
+        heapq.heapify(self._log)
+        # above every row left and every drop mark: a new row is never taken for one a mark covers
+        row = self._db.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM oplog), 0), "
+            "coalesce((SELECT max(seq) FROM opdrop), 0))"
+        ).fetchone()
+        self._last_seq = int(row[0])
 
     def _migrate_ops(self) -> None:
         """A file written before `oplog` keeps its operations in a table ``ops`` (one row per
@@ -287,15 +299,18 @@ class SqliteStorage:
             if self._new_ops:
                 ops = self._new_ops
                 at = max(op[3] for op in ops)
-                cur = self._exec("INSERT INTO oplog (at, ops) VALUES (?, ?)", (at, _OPS_ENCODER.encode(ops)))
-                logged = (int(cur.lastrowid or 0), at)
+                seq = self._last_seq + 1
+                blob = _OPS_ENCODER.encode(ops)
+                self._exec("INSERT INTO oplog (seq, at, ops) VALUES (?, ?, ?)", (seq, at, blob))
+                logged = (at, seq)
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
         self._new_ops = []
         if logged is not None:
-            self._log.append(logged)
+            heapq.heappush(self._log, logged)
+            self._last_seq = logged[1]
         self._counts = (self.entries, self.bytes)
 
     def _rollback(self) -> None:
@@ -309,7 +324,7 @@ class SqliteStorage:
         except sqlite3.Error:
             pass  # rolled back already (SQLite does so itself after some errors)
         try:  # a purge of the undone transaction took rows off `_log`
-            self._log = deque(self._db.execute("SELECT seq, at FROM oplog ORDER BY seq"))
+            self._load_log()
         except sqlite3.Error:
             pass  # the storage is failing: the node stops serving the map and drops `_log` with it
 
@@ -365,7 +380,7 @@ class SqliteStorage:
         self._seen = None
         self._new_ops = [op for op in self._new_ops if op[0] != partition]
         if self._log:  # the operations logged so far: skipped by `load_ops`, gone with their rows
-            self._exec("INSERT OR REPLACE INTO opdrop (p, seq) VALUES (?, ?)", (partition, self._log[-1][0]))
+            self._exec("INSERT OR REPLACE INTO opdrop (p, seq) VALUES (?, ?)", (partition, self._last_seq))
         row = self._db.execute(
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE p = ? AND v IS NOT NULL",
             (partition,),
@@ -414,18 +429,19 @@ class SqliteStorage:
 
     def purge_ops(self, partitions: range, before_ms: int) -> None:
         """Forget the operations applied before `before_ms`: of every partition, not only of
-        `partitions` (an `oplog` row holds many partitions' operations). A row goes once every
-        operation in it and in the rows before it is that old."""
-        log = self._log
-        cut = None
-        while log and log[0][1] < before_ms:
-            cut = log.popleft()[0]
+        `partitions` (an `oplog` row holds many partitions' operations). A row goes once the
+        newest operation in it is that old (one dated ahead by another node's clock keeps only its
+        own row)."""
         if before_ms >= 2**62:  # everything (a node dropping all its copies)
             self._new_ops = []
-            self._exec("DELETE FROM opdrop")
-        if cut is not None:
-            self._exec("DELETE FROM oplog WHERE seq <= ?", (cut,))
-            self._exec("DELETE FROM opdrop WHERE seq <= ?", (cut,))
+        log = self._log
+        gone: list[int] = []
+        while log and log[0][0] < before_ms:
+            gone.append(heapq.heappop(log)[1])
+        if gone:
+            self._exec("DELETE FROM oplog WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(gone),))
+            # a partition's drop mark matters only while a row it covers is left
+            self._exec("DELETE FROM opdrop WHERE seq < (SELECT coalesce(min(seq), 1 << 62) FROM oplog)")
 
     def close(self) -> None:
         """Commit what is pending and close the database."""
