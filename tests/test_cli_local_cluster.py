@@ -387,16 +387,18 @@ def test_stop_and_status_without_cluster(tmp_path: Path) -> None:
     r = invoke("cluster", "stop", "--dir", str(tmp_path / "none"))
     assert r.exit_code == 0
     assert "nothing to stop" in r.stdout
-    r = invoke("cluster", "status", "--dir", str(tmp_path / "none"))
-    assert r.exit_code == 1
-    assert "no local cluster" in r.stderr and "aether cluster start" in r.stderr
+    for command in (["status"], ["restart", "node-1"]):
+        r = invoke("cluster", *command, "--dir", str(tmp_path / "none"))
+        assert r.exit_code == 1
+        assert "no local cluster" in r.stderr and "aether cluster start" in r.stderr
 
 
 def test_damaged_cluster_file_is_reported(tmp_path: Path) -> None:
     (tmp_path / "cluster.json").write_text("{not json")
-    r = invoke("cluster", "status", "--dir", str(tmp_path))
-    assert r.exit_code == 1
-    assert "damaged" in r.stderr
+    for command in (["status"], ["restart", "node-1"]):
+        r = invoke("cluster", *command, "--dir", str(tmp_path))
+        assert r.exit_code == 1
+        assert "damaged" in r.stderr
 
 
 # -- the real commands, end to end, with a stand-in node runtime -------------------------------------
