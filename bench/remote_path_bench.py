@@ -42,13 +42,10 @@ import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from aether.core.types import Address
-from aether.invoke import InvokeMessage, Invoker, InvokeServer
 from aether.invoke.messages import InvokeRequest, InvokeResponse
-from aether.transport import EventBus, Transport
+from aether.testing.invokenodes import Endpoint, StaticRegistry, make_invoke_node, start_nodes, stop_nodes
 from aether.transport.framing import FrameDecoder
 from aether.transport.messages import WireCodec
 
@@ -60,23 +57,6 @@ REPLY = b"\x83\xa7message\xacHello, bench!\xa4node\xa6node-2\xa8instance\x01"  #
 
 def log(msg: str) -> None:
     print(f"[remote-path {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Ep:
-    artifact: str
-    method: str
-    instance: int
-    node_id: str
-    state: str = "ACTIVE"
-
-
-class Registry:
-    def __init__(self, eps: list[Ep]) -> None:
-        self.eps = eps
-
-    def instances(self, target: str, method: str) -> list[Ep]:
-        return [e for e in self.eps if e.method == method and e.artifact.startswith(target)]
 
 
 class Slices:
@@ -176,34 +156,20 @@ class BareHop:
 
 async def main_async(a: argparse.Namespace) -> dict[str, object]:
     logging.basicConfig(level=logging.ERROR)
-    registry = Registry([Ep(ART, "greet", 0, "B"), Ep(ART, "greet", 0, "L")])
-    nodes: dict[str, tuple[Transport, Invoker, InvokeServer]] = {}
-    for node_id, active in (("A", False), ("B", True), ("L", True)):
-        bus = EventBus()
-        slices = Slices(active)
-        box: dict[str, InvokeServer] = {}
-        transport = Transport(
+    registry = StaticRegistry([Endpoint(ART, "greet", 0, "B"), Endpoint(ART, "greet", 0, "L")])
+    nodes = {
+        node_id: make_invoke_node(
             node_id,
-            {node_id: Address(HOST, 0)},
-            listen=Address(HOST, 0),
+            Slices(active),
+            registry,
             cluster_name="bench",
-            message_type=InvokeMessage,
-            on_message=lambda sender, msg, box=box: box["s"].dispatch(sender, msg),
-            bus=bus,
             logger=logging.getLogger(f"bench.{node_id}"),
         )
-        invoker = Invoker(node_id, slices, registry, transport, bus=bus)
-        box["s"] = InvokeServer(node_id, slices, transport, invoker=invoker)
-        nodes[node_id] = (transport, invoker, box["s"])
-    a_t, a_inv, _ = nodes["A"]
-    b_t = nodes["B"][0]
-    l_inv = nodes["L"][1]
-    for t in (a_t, b_t, nodes["L"][0]):
-        await t.start()
-    a_t.set_members({"A": Address(HOST, a_t.port), "B": Address(HOST, b_t.port)})
-    b_t.set_members({"A": Address(HOST, a_t.port), "B": Address(HOST, b_t.port)})
-    while not ("B" in a_t.up_peers and "A" in b_t.up_peers):
-        await asyncio.sleep(0.01)
+        for node_id, active in (("A", False), ("B", True), ("L", True))
+    }
+    a_inv, l_inv = nodes["A"].invoker, nodes["L"].invoker
+    await start_nodes([nodes["A"], nodes["B"]])  # A calls B
+    await nodes["L"].transport.start()  # L calls itself
     bare = BareHop()
     await bare.start()
     arg = b"\xa5bench"
@@ -231,10 +197,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
                 log(f"round {r + 1} {m}: {rate:,.0f} calls/s, {us:.1f} µs CPU per call")
     finally:
         await bare.stop()
-        for t, inv, srv in nodes.values():
-            inv.close()
-            await srv.stop(grace=1.0)
-            await t.stop()
+        await stop_nodes(nodes.values(), grace=1.0)
     if a.only:
         return {f"{a.only}_us": statistics.median(cpu[a.only]), "rounds": a.rounds}
     med = {m: statistics.median(v) for m, v in rates.items()}
