@@ -38,21 +38,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import statistics
 import sys
 import time
 from typing import Any
 
-from aether.invoke.messages import InvokeRequest, InvokeResponse
+import barehop
 from aether.testing.invokenodes import Endpoint, StaticRegistry, make_invoke_node, start_nodes, stop_nodes
-from aether.transport.framing import FrameDecoder
-from aether.transport.messages import WireCodec
 
 HOST = "127.0.0.1"
 ART = "org.bench:echo:1.0.0"
 TARGET = "org.bench:echo"
-REPLY = b"\x83\xa7message\xacHello, bench!\xa4node\xa6node-2\xa8instance\x01"  # a Greeting's size
 
 
 def log(msg: str) -> None:
@@ -72,7 +68,7 @@ class Slices:
         return [0] if self.active and ART.startswith(target) else []
 
     async def call(self, artifact: str, method: str, payload: bytes, *, instance: int | None = None) -> bytes:
-        return REPLY
+        return barehop.REPLY
 
 
 async def run_calls(call: Any, calls: int, concurrency: int) -> tuple[float, float]:
@@ -88,70 +84,6 @@ async def run_calls(call: Any, calls: int, concurrency: int) -> tuple[float, flo
     t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return calls / (time.perf_counter() - t0), (time.process_time() - c0) * 1e6 / calls
-
-
-class BareHop:
-    """The bare loopback round trip: an echo server and one caller connection, same loop."""
-
-    def __init__(self) -> None:
-        self.codec = WireCodec((InvokeRequest, InvokeResponse))
-        self.waiting: dict[int, asyncio.Future[bytes | None]] = {}
-        self.pending: list[bytes] = []
-        self.next_id = 0
-        self.arg = b"\xa5bench"
-
-    async def start(self) -> None:
-        codec = self.codec
-        waiting = self.waiting
-
-        class Echo(asyncio.Protocol):
-            def connection_made(self, transport: Any) -> None:
-                self.t = transport
-                self.frames = FrameDecoder()
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def data_received(self, data: bytes) -> None:
-                out = []
-                for payload in self.frames.feed(data):
-                    req = codec.decode(payload)
-                    out.append(codec.frame(InvokeResponse(req.id, REPLY, None, None)))
-                if out:
-                    self.t.write(b"".join(out))
-
-        class Caller(asyncio.Protocol):
-            def connection_made(self, transport: Any) -> None:
-                self.frames = FrameDecoder()
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def data_received(self, data: bytes) -> None:
-                for payload in self.frames.feed(data):
-                    resp = codec.decode(payload)
-                    fut = waiting.pop(resp.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(resp.payload)
-
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(Echo, HOST, 0)
-        port = self.server.sockets[0].getsockname()[1]
-        self.t, _ = await loop.create_connection(Caller, HOST, port)
-
-    def _flush(self) -> None:
-        self.t.write(b"".join(self.pending))
-        self.pending.clear()
-
-    async def call(self) -> bytes | None:
-        self.next_id += 1
-        cid = self.next_id
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[cid] = fut
-        self.pending.append(self.codec.frame(InvokeRequest(cid, ART, "greet", self.arg, "rid", 10000, "key")))
-        if len(self.pending) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await fut
-
-    async def stop(self) -> None:
-        self.t.close()
-        self.server.close()
 
 
 async def main_async(a: argparse.Namespace) -> dict[str, object]:
@@ -170,9 +102,9 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
     a_inv, l_inv = nodes["A"].invoker, nodes["L"].invoker
     await start_nodes([nodes["A"], nodes["B"]])  # A calls B
     await nodes["L"].transport.start()  # L calls itself
-    bare = BareHop()
-    await bare.start()
-    arg = b"\xa5bench"
+    bare_server = await barehop.serve(HOST)
+    bare = await barehop.connect(HOST, bare_server.sockets[0].getsockname()[1], ART)
+    arg = barehop.ARG
 
     async def remote() -> bytes:
         return await a_inv.invoke(TARGET, "greet", arg)
@@ -196,7 +128,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
                 cpu[m].append(us)
                 log(f"round {r + 1} {m}: {rate:,.0f} calls/s, {us:.1f} µs CPU per call")
     finally:
-        await bare.stop()
+        bare.close()
+        bare_server.close()
         await stop_nodes(nodes.values(), grace=1.0)
     if a.only:
         return {f"{a.only}_us": statistics.median(cpu[a.only]), "rounds": a.rounds}
