@@ -11,13 +11,11 @@ import pytest
 
 from aether.client import AetherClient
 from aether.cluster.leader import LeaderChanged
-from aether.core.config import NodeConfig
 from aether.core.errors import BadRequest, CommitTimeout, SessionConflict
-from aether.core.types import Address, PeerSpec
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
 from aether.kv.machine import Command, Get, Result, WatchEvent, encode_command
 from aether.node.node import Node
-from conftest import free_ports
+from conftest import node_configs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,22 +31,7 @@ async def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped
 
 @pytest.fixture
 async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    ports = free_ports(3)
-    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
-    ns = [
-        Node(
-            NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp_path / f"n{i}"),
-                repository=str(tmp_path / "repo"),
-            )
-        )
-        for i in range(3)
-    ]
+    ns = [Node(c) for c in node_configs(tmp_path, repository=str(tmp_path / "repo"))]
     started: list[Node] = []
     try:
         for n in ns:
