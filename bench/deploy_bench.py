@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from kv_bench import HOST, Cluster, log  # noqa: E402
+from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
 EXAMPLES = HERE.parent / "examples" / "hello"
 
@@ -130,8 +130,7 @@ def main() -> int:
         res["max_s"] = max(later)
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
-        for i in range(a.nodes):
-            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        cluster.log_tails()
         res["error"] = type(e).__name__
         rc = 1
     finally:
@@ -140,9 +139,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"work dir kept: {work}")
-    print(
-        "RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
-    )
+    print(result_line(res))
     return rc
 
 

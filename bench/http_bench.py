@@ -53,7 +53,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from deploy_bench import build_repository, converged  # noqa: E402
-from kv_bench import HOST, Cluster, log  # noqa: E402
+from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
 HELLO = "org.example:hello:0.1.0"
 GREETER = "org.example:greeter:0.1.0"
@@ -401,8 +401,7 @@ def main() -> int:
     except (Exception, Interrupted) as e:
         log(f"ERROR: {type(e).__name__}: {e}")
         if cluster is not None:
-            for i in range(n):
-                log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+            cluster.log_tails()
         res = {"error": type(e).__name__}
         extra = {}
         rc = 1
@@ -417,10 +416,7 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     res.update(extra)
-    print(
-        "RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
-        flush=True,
-    )
+    print(result_line(res), flush=True)
     return rc
 
 

@@ -60,7 +60,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from deploy_bench import build_repository, converged  # noqa: E402
-from kv_bench import HOST, Cluster, log  # noqa: E402
+from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
 DRIVER = """
 import asyncio
@@ -392,8 +392,7 @@ def compare_tls(a: argparse.Namespace, work: str) -> int:
                                    "p99_ms": closed["p99_ms"], "rate_p99_ms": opened["p99_ms"]})  # fmt: skip
             except Exception as e:
                 log(f"ERROR in {mode} round {r + 1}: {type(e).__name__}: {e}")
-                for i in range(a.nodes):
-                    log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+                cluster.log_tails()
                 rc = 1
             finally:
                 cluster.stop_all()
@@ -420,9 +419,7 @@ def compare_tls(a: argparse.Namespace, work: str) -> int:
         "plain_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["plain"]),
         "tls_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["tls"]),
     }
-    print(
-        "RESULT " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items())
-    )
+    print(result_line(out, 2))
     return 0
 
 
@@ -602,8 +599,7 @@ def main() -> int:
             res.update(compare_rounds(a, port, bare, pids))
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
-        for i in range(a.nodes):
-            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        cluster.log_tails()
         res["error"] = type(e).__name__
         rc = 1
     finally:
@@ -612,9 +608,7 @@ def main() -> int:
         cluster.stop_all()
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(
-        "RESULT " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
-    )
+    print(result_line(res, 2))
     return rc
 
 
