@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -31,7 +32,9 @@ from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 EXAMPLES = HERE.parent / "examples" / "hello"
 
 
-def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 10.0) -> object:
+def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 10.0) -> Any:
+    """`method` `path` on the management API at `port` with the JSON `body`; the decoded JSON answer
+    (None when empty). Raises urllib's HTTPError for an error answer."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
         f"http://{HOST}:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}

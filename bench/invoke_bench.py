@@ -54,11 +54,11 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import deploy_bench  # noqa: E402
 from deploy_bench import build_repository, converged  # noqa: E402
 from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
@@ -148,13 +148,8 @@ class Driver(Slice):
 
 
 def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 120.0) -> object:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        f"http://{HOST}:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-    return json.loads(raw) if raw.strip() else None
+    """`deploy_bench.http` with a longer default timeout."""
+    return deploy_bench.http(port, method, path, body, timeout)
 
 
 def wait_converged(port: int, want: dict[str, int], timeout: float = 60.0) -> list[dict]:
