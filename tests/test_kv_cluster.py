@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from aether.client import AetherClient
 from aether.cluster.leader import LeaderChanged
+from aether.consensus.storage import JournalError
 from aether.core.errors import BadRequest, CommitTimeout, SessionConflict
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
 from aether.kv.machine import Command, Get, Result, WatchEvent, encode_command
@@ -170,3 +172,20 @@ async def test_an_unknown_session_after_a_resend_is_an_unknown_outcome() -> None
     with pytest.raises(CommitTimeout, match="outcome unknown"):
         await c.put("user/a", b"1")
     assert c._lanes == []  # the lane is not reused
+
+
+async def test_status_names_the_node_and_its_failed_journal(nodes: list[Node]) -> None:
+    """`status()`: the store's view (members, quorum, applied slot) with the node's own figures, and
+    the journal's error once it failed."""
+    n = nodes[0]
+    st = n.status()
+    assert [m.id for m in st.nodes] == ["node-1", "node-2", "node-3"] and st.quorum
+    assert (st.node_id, st.leader, st.store, st.journal_error) == ("node-1", "node-1", "rabia", None)
+    assert n.runner is not None and st.applied_slot == n.runner.engine.applied
+    assert (st.pid, st.cluster_port) == (os.getpid(), n.transport.port)
+    assert n.store is not None
+    n.store._failed = JournalError("append failed: disk full")
+    try:
+        assert n.status().journal_error == "append failed: disk full"
+    finally:
+        n.store._failed = None
