@@ -16,17 +16,6 @@ import psutil
 from conftest import free_port_offset
 
 
-def run_aether(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    """`python -m aether.cli.main ARGS` with `env`, its output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "aether.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def alive(pid: int | None) -> bool:
     """Whether process `pid` runs (a zombie does not; one of ours is reaped here)."""
     if not pid:

@@ -23,8 +23,8 @@ from click.testing import CliRunner, Result
 
 from aether.cli import local_cluster as lc
 from aether.cli.main import main
-from conftest import free_port_offset
-from local_cluster_cli import alive, run_aether, running_demo, wait_gone
+from conftest import aether_cli, free_port_offset
+from local_cluster_cli import alive, running_demo, wait_gone
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -405,7 +405,7 @@ def stand_in_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return run_aether(env, *args, timeout=timeout)
+    return aether_cli(*args, env=env, timeout=timeout)
 
 
 def test_cluster_start_and_stop_commands(cluster_dir: Path, stand_in_env: dict[str, str]) -> None:
