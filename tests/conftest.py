@@ -4,6 +4,7 @@ Generic helpers, usable from any test module:
 
 - `free_ports(n)` -> n distinct free TCP ports on 127.0.0.1, below the kernel's ephemeral range
   (see there why); `refusing_port()` -> a port that refuses connections.
+- `wait_until(pred, timeout, what)` (async): polls `pred` until true, else AssertionError.
 - `node_configs(tmp_path, n=3, **config)` -> the NodeConfigs of an in-process loopback cluster
   (free cluster ports, management/HTTP on port 0); `running_cluster(tmp_path)` runs 3 such nodes.
 - `ProcessCluster` starts N `aether node` processes (distinct free cluster / management / HTTP
@@ -103,6 +104,17 @@ def deploy_hello_examples(
 
 # --------------------------------------------------------------------------------------------------
 # in-process clusters
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `pred` every 10 ms on the running loop until it is true; AssertionError naming `what`
+    after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def node_configs(tmp_path: Path, n: int = 3, **config: Any) -> list[NodeConfig]:

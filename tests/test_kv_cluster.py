@@ -17,18 +17,9 @@ from aether.core.errors import BadRequest, CommitTimeout, SessionConflict
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
 from aether.kv.machine import Command, Get, Result, WatchEvent, encode_command
 from aether.node.node import Node
-from conftest import node_configs
+from conftest import node_configs, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -39,7 +30,7 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
         for n in ns:
             await n.start(management=False)
             started.append(n)
-        await _wait(lambda: all(n.transport.has_quorum() and n.leader.leader == "node-1" for n in ns))
+        await wait_until(lambda: all(n.transport.has_quorum() and n.leader.leader == "node-1" for n in ns))
         yield ns
     finally:
         for n in started:
@@ -83,7 +74,7 @@ async def test_watches_see_same_events_in_same_order_on_every_node(nodes: list[N
                 await node.kv.put(key, f"v{i}".encode())
 
     await asyncio.gather(*(writer(n, k) for k, n in enumerate(nodes)))
-    await _wait(lambda: len({len(v) for v in seen.values()}) == 1 and len(seen["node-1"]) > 0)
+    await wait_until(lambda: len({len(v) for v in seen.values()}) == 1 and len(seen["node-1"]) > 0)
     first = seen["node-1"]
     assert seen["node-2"] == first and seen["node-3"] == first
     revisions = [r for _, _, r in first]
@@ -98,7 +89,7 @@ async def test_leader_is_first_sorted_live_node_and_changes_on_loss(nodes: list[
     assert all(n.leader.leader == "node-1" for n in nodes)
     assert nodes[0].leader.is_leader and not nodes[1].leader.is_leader
     await nodes[0].stop()
-    await _wait(lambda: nodes[1].leader.leader == "node-2" and nodes[2].leader.leader == "node-2")
+    await wait_until(lambda: nodes[1].leader.leader == "node-2" and nodes[2].leader.leader == "node-2")
     assert events and events[-1].leader == "node-2" and events[-1].is_self
     # writes keep committing with 2 of 3
     await nodes[1].kv.put("user/after-leader-loss", b"1")
@@ -142,7 +133,7 @@ async def _evict(nodes: list[Node], session: str) -> None:
     async with AetherClient(_addresses(nodes), prefer=1) as other:
         for i in range(3):  # three more sessions in a table of three
             await other._request(encode_command(Get("user/a"), f"evictor-{i}", 1))
-    await _wait(lambda: all(session not in n.sm.sessions for n in nodes))
+    await wait_until(lambda: all(session not in n.sm.sessions for n in nodes))
 
 
 async def test_a_client_refused_for_its_session_raises_session_conflict(nodes: list[Node]) -> None:

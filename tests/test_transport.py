@@ -44,6 +44,7 @@ from aether.transport import (
     open_client_connection,
 )
 from aether.transport.auth import AcceptorHandshake, Credentials
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -75,15 +76,6 @@ class Resp(msgspec.Struct, array_like=True, frozen=True, tag=21):
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Node:
