@@ -125,6 +125,17 @@ def free_ports(n: int) -> list[int]:
 # the cluster
 
 
+def kill_all(pids: list[int], procs: list[subprocess.Popen[bytes] | None]) -> None:
+    """SIGKILL every pid we ever started (gone ones are skipped), then reap `procs`."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for p in procs:
+        if p is not None:
+            with contextlib.suppress(Exception):
+                p.wait(timeout=5)
+
+
 class Cluster:
     def __init__(
         self, n: int, workdir: str, *, no_uvloop: bool, fsync: str | None, extra: list[str], tls: bool = False
@@ -267,13 +278,7 @@ class Cluster:
                 p.wait(timeout=max(0.1, t_end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log(f"node pid {p.pid} ignored SIGTERM for 10 s; SIGKILL")
-        for pid in self.all_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        for p in self.procs:
-            if p is not None:
-                with contextlib.suppress(Exception):
-                    p.wait(timeout=5)
+        kill_all(self.all_pids, self.procs)
         self.procs = [None] * self.n
         for f in self._logs:
             if f is not None and not f.closed:
@@ -361,13 +366,7 @@ class EtcdProcs:
         self.procs[i] = None
 
     def stop_all(self) -> None:
-        for pid in self.all_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        for p in self.procs:
-            if p is not None:
-                with contextlib.suppress(Exception):
-                    p.wait(timeout=5)
+        kill_all(self.all_pids, self.procs)
         self.procs = [None] * len(self.procs)
 
 
