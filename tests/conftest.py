@@ -113,7 +113,7 @@ async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str 
     deadline = loop.time() + timeout
     while not pred():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
 
 
