@@ -822,8 +822,7 @@ def run_round(a: argparse.Namespace, work: str, rnd: int) -> dict[str, Any]:
         res["_log_problems"] = scan_logs(cluster)
         return res
     except (Exception, Interrupted):
-        for i in range(cluster.n):
-            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i, 30)}")
+        cluster.log_tails(30)
         raise
     finally:
         if lg_proc is not None and lg_proc.poll() is None:

@@ -23,15 +23,18 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from kv_bench import HOST, Cluster, log  # noqa: E402
+from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
 EXAMPLES = HERE.parent / "examples" / "hello"
 
 
-def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 10.0) -> object:
+def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 10.0) -> Any:
+    """`method` `path` on the management API at `port` with the JSON `body`; the decoded JSON answer
+    (None when empty). Raises urllib's HTTPError for an error answer."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(
         f"http://{HOST}:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
@@ -130,8 +133,7 @@ def main() -> int:
         res["max_s"] = max(later)
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
-        for i in range(a.nodes):
-            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        cluster.log_tails()
         res["error"] = type(e).__name__
         rc = 1
     finally:
@@ -140,9 +142,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"work dir kept: {work}")
-    print(
-        "RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
-    )
+    print(result_line(res))
     return rc
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -52,8 +51,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from deploy_bench import build_repository, converged  # noqa: E402
-from kv_bench import HOST, Cluster, log  # noqa: E402
+from deploy_bench import build_repository, converged, http  # noqa: E402
+from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
 HELLO = "org.example:hello:0.1.0"
 GREETER = "org.example:greeter:0.1.0"
@@ -68,16 +67,6 @@ class Interrupted(Exception):
 
 def _on_signal(signum: int, _frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
-
-
-def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 10.0) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        f"http://{HOST}:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-    return json.loads(raw) if raw.strip() else None
 
 
 def wait_converged(port: int, want: dict[str, int], timeout: float = 60.0) -> list[dict]:
@@ -401,8 +390,7 @@ def main() -> int:
     except (Exception, Interrupted) as e:
         log(f"ERROR: {type(e).__name__}: {e}")
         if cluster is not None:
-            for i in range(n):
-                log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+            cluster.log_tails()
         res = {"error": type(e).__name__}
         extra = {}
         rc = 1
@@ -417,10 +405,7 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     res.update(extra)
-    print(
-        "RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()),
-        flush=True,
-    )
+    print(result_line(res), flush=True)
     return rc
 
 

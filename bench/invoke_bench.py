@@ -54,13 +54,13 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import deploy_bench  # noqa: E402
 from deploy_bench import build_repository, converged  # noqa: E402
-from kv_bench import HOST, Cluster, log  # noqa: E402
+from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
 DRIVER = """
 import asyncio
@@ -148,13 +148,8 @@ class Driver(Slice):
 
 
 def http(port: int, method: str, path: str, body: object | None = None, timeout: float = 120.0) -> object:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        f"http://{HOST}:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-    return json.loads(raw) if raw.strip() else None
+    """`deploy_bench.http` with a longer default timeout."""
+    return deploy_bench.http(port, method, path, body, timeout)
 
 
 def wait_converged(port: int, want: dict[str, int], timeout: float = 60.0) -> list[dict]:
@@ -222,9 +217,6 @@ def proc_cpu(pids: list[int]) -> float:
     return total / tick
 
 
-BARE_REPLY = b"\x83\xa7message\xacHello, bench!\xa4node\xa6node-2\xa8instance\x01"  # a Greeting's size
-
-
 def _bare_loop() -> object:
     import asyncio
 
@@ -237,78 +229,28 @@ def _bare_loop() -> object:
 
 
 def bare_serve() -> int:
-    """The callee of the bare loopback hop: answers every InvokeRequest at once, in the transport's
-    framing and codec, frames of one read written together. Prints its port."""
+    """The callee of the bare loopback hop (`barehop.Echo`). Prints its port."""
     import asyncio
 
-    from aether.invoke.messages import InvokeRequest, InvokeResponse
-    from aether.transport.framing import FrameDecoder
-    from aether.transport.messages import WireCodec
-
-    codec = WireCodec((InvokeRequest, InvokeResponse))
-
-    class Echo(asyncio.Protocol):
-        def connection_made(self, transport):  # type: ignore[no-untyped-def]
-            self.t = transport
-            self.frames = FrameDecoder()
-
-        def data_received(self, data: bytes) -> None:
-            out = []
-            for payload in self.frames.feed(data):
-                req = codec.decode(payload)
-                out.append(codec.frame(InvokeResponse(req.id, BARE_REPLY, None, None)))
-            if out:
-                self.t.write(b"".join(out))
+    import barehop
 
     loop = _bare_loop()
     asyncio.set_event_loop(loop)  # type: ignore[arg-type]
-    srv = loop.run_until_complete(loop.create_server(Echo, HOST, 0))  # type: ignore[attr-defined]
+    srv = loop.run_until_complete(barehop.serve(HOST))  # type: ignore[attr-defined]
     print(srv.sockets[0].getsockname()[1], flush=True)
     loop.run_forever()  # type: ignore[attr-defined]
     return 0
 
 
 def bare_client(port: int, calls: int, concurrency: int) -> int:
-    """The caller of the bare loopback hop: `concurrency` callers, each sends an InvokeRequest and
-    awaits its future (resolved by id from the read side); frames of one loop turn leave in one
-    write, as on a link. Prints JSON {calls_per_s, p50_ms, p99_ms}."""
+    """The caller of the bare loopback hop (`barehop.Caller`): `concurrency` callers, each awaiting
+    one round trip after the other. Prints JSON {calls_per_s, p50_ms, p99_ms, client_cpu_s}."""
     import asyncio
-    import socket
 
-    import msgspec
-
-    from aether.invoke.messages import InvokeRequest, InvokeResponse
-    from aether.transport.framing import FrameDecoder
-    from aether.transport.messages import WireCodec
-
-    codec = WireCodec((InvokeRequest, InvokeResponse))
-    arg = msgspec.msgpack.encode("bench")
+    import barehop
 
     async def main() -> dict:
-        loop = asyncio.get_running_loop()
-        waiting: dict[int, asyncio.Future] = {}
-        pending: list[bytes] = []
-
-        class Caller(asyncio.Protocol):
-            def connection_made(self, transport):  # type: ignore[no-untyped-def]
-                self.t = transport
-                self.frames = FrameDecoder()
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def data_received(self, data: bytes) -> None:
-                for payload in self.frames.feed(data):
-                    resp = codec.decode(payload)
-                    fut = waiting.pop(resp.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(resp.payload)
-
-        t, _proto = await loop.create_connection(Caller, HOST, port)
-
-        def flush() -> None:
-            t.write(b"".join(pending))
-            pending.clear()
-
-        ids = iter(range(1, 1 << 62))
+        caller = await barehop.connect(HOST, port, HELLO)
         lats: list[float] = []
         left = calls
         pc = time.perf_counter
@@ -318,19 +260,13 @@ def bare_client(port: int, calls: int, concurrency: int) -> int:
             while left > 0:
                 left -= 1
                 s = pc()
-                cid = next(ids)
-                fut = loop.create_future()
-                waiting[cid] = fut
-                pending.append(codec.frame(InvokeRequest(cid, HELLO, "greet", arg, "rid", 10000, "key")))
-                if len(pending) == 1:
-                    loop.call_soon(flush)
-                await fut
+                await caller.call()
                 lats.append(pc() - s)
 
         t0, c0 = pc(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         secs, cpu = pc() - t0, time.process_time() - c0
-        t.close()
+        caller.close()
         lats.sort()
         return {"calls_per_s": len(lats) / secs, "p50_ms": lats[len(lats) // 2] * 1e3,
                 "p99_ms": lats[min(len(lats) - 1, int(len(lats) * 0.99))] * 1e3,
@@ -451,8 +387,7 @@ def compare_tls(a: argparse.Namespace, work: str) -> int:
                                    "p99_ms": closed["p99_ms"], "rate_p99_ms": opened["p99_ms"]})  # fmt: skip
             except Exception as e:
                 log(f"ERROR in {mode} round {r + 1}: {type(e).__name__}: {e}")
-                for i in range(a.nodes):
-                    log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+                cluster.log_tails()
                 rc = 1
             finally:
                 cluster.stop_all()
@@ -479,9 +414,7 @@ def compare_tls(a: argparse.Namespace, work: str) -> int:
         "plain_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["plain"]),
         "tls_runs": "/".join(f"{x['calls_s']:.0f}" for x in runs["tls"]),
     }
-    print(
-        "RESULT " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items())
-    )
+    print(result_line(out, 2))
     return 0
 
 
@@ -661,8 +594,7 @@ def main() -> int:
             res.update(compare_rounds(a, port, bare, pids))
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
-        for i in range(a.nodes):
-            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        cluster.log_tails()
         res["error"] = type(e).__name__
         rc = 1
     finally:
@@ -671,9 +603,7 @@ def main() -> int:
         cluster.stop_all()
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(
-        "RESULT " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
-    )
+    print(result_line(res, 2))
     return rc
 
 

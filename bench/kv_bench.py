@@ -78,7 +78,7 @@ import tempfile
 import time
 import urllib.request
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 HOST = "127.0.0.1"
@@ -90,6 +90,12 @@ _NO_UVLOOP_SHIM = (
 
 def log(msg: str) -> None:
     print(f"[aether-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def result_line(res: Mapping[str, object], digits: int = 3) -> str:
+    """The final line of a benchmark: ``RESULT k=v ...``, floats with `digits` decimals."""
+    shown = (f"{k}={v:.{digits}f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
+    return "RESULT " + " ".join(shown)
 
 
 def pct(sorted_vals: list[float], p: float) -> float:
@@ -117,6 +123,17 @@ def free_ports(n: int) -> list[int]:
 
 # --------------------------------------------------------------------------------------------------
 # the cluster
+
+
+def kill_all(pids: list[int], procs: list[subprocess.Popen[bytes] | None]) -> None:
+    """SIGKILL every pid we ever started (gone ones are skipped), then reap `procs`."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for p in procs:
+        if p is not None:
+            with contextlib.suppress(Exception):
+                p.wait(timeout=5)
 
 
 class Cluster:
@@ -261,17 +278,16 @@ class Cluster:
                 p.wait(timeout=max(0.1, t_end - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log(f"node pid {p.pid} ignored SIGTERM for 10 s; SIGKILL")
-        for pid in self.all_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        for p in self.procs:
-            if p is not None:
-                with contextlib.suppress(Exception):
-                    p.wait(timeout=5)
+        kill_all(self.all_pids, self.procs)
         self.procs = [None] * self.n
         for f in self._logs:
             if f is not None and not f.closed:
                 f.close()
+
+    def log_tails(self, n: int = 15) -> None:
+        """Log the last `n` lines of every node's log (after a failure)."""
+        for i in range(self.n):
+            log(f"--- {self.ids[i]} log tail ---\n{self.log_tail(i, n)}")
 
     def log_tail(self, i: int, n: int = 15) -> str:
         try:
@@ -350,13 +366,7 @@ class EtcdProcs:
         self.procs[i] = None
 
     def stop_all(self) -> None:
-        for pid in self.all_pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        for p in self.procs:
-            if p is not None:
-                with contextlib.suppress(Exception):
-                    p.wait(timeout=5)
+        kill_all(self.all_pids, self.procs)
         self.procs = [None] * len(self.procs)
 
 

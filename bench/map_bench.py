@@ -354,8 +354,7 @@ def main() -> int:
             res["errors"] = errs
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
-        for i in range(a.nodes):
-            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        cluster.log_tails()
         res["error"] = type(e).__name__
         rc = 1
     finally:

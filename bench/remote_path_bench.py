@@ -38,45 +38,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from aether.core.types import Address
-from aether.invoke import InvokeMessage, Invoker, InvokeServer
-from aether.invoke.messages import InvokeRequest, InvokeResponse
-from aether.transport import EventBus, Transport
-from aether.transport.framing import FrameDecoder
-from aether.transport.messages import WireCodec
+import barehop
+from aether.testing.invokenodes import Endpoint, StaticRegistry, make_invoke_node, start_nodes, stop_nodes
 
 HOST = "127.0.0.1"
 ART = "org.bench:echo:1.0.0"
 TARGET = "org.bench:echo"
-REPLY = b"\x83\xa7message\xacHello, bench!\xa4node\xa6node-2\xa8instance\x01"  # a Greeting's size
 
 
 def log(msg: str) -> None:
     print(f"[remote-path {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Ep:
-    artifact: str
-    method: str
-    instance: int
-    node_id: str
-    state: str = "ACTIVE"
-
-
-class Registry:
-    def __init__(self, eps: list[Ep]) -> None:
-        self.eps = eps
-
-    def instances(self, target: str, method: str) -> list[Ep]:
-        return [e for e in self.eps if e.method == method and e.artifact.startswith(target)]
 
 
 class Slices:
@@ -92,7 +68,7 @@ class Slices:
         return [0] if self.active and ART.startswith(target) else []
 
     async def call(self, artifact: str, method: str, payload: bytes, *, instance: int | None = None) -> bytes:
-        return REPLY
+        return barehop.REPLY
 
 
 async def run_calls(call: Any, calls: int, concurrency: int) -> tuple[float, float]:
@@ -110,103 +86,25 @@ async def run_calls(call: Any, calls: int, concurrency: int) -> tuple[float, flo
     return calls / (time.perf_counter() - t0), (time.process_time() - c0) * 1e6 / calls
 
 
-class BareHop:
-    """The bare loopback round trip: an echo server and one caller connection, same loop."""
-
-    def __init__(self) -> None:
-        self.codec = WireCodec((InvokeRequest, InvokeResponse))
-        self.waiting: dict[int, asyncio.Future[bytes | None]] = {}
-        self.pending: list[bytes] = []
-        self.next_id = 0
-        self.arg = b"\xa5bench"
-
-    async def start(self) -> None:
-        codec = self.codec
-        waiting = self.waiting
-
-        class Echo(asyncio.Protocol):
-            def connection_made(self, transport: Any) -> None:
-                self.t = transport
-                self.frames = FrameDecoder()
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def data_received(self, data: bytes) -> None:
-                out = []
-                for payload in self.frames.feed(data):
-                    req = codec.decode(payload)
-                    out.append(codec.frame(InvokeResponse(req.id, REPLY, None, None)))
-                if out:
-                    self.t.write(b"".join(out))
-
-        class Caller(asyncio.Protocol):
-            def connection_made(self, transport: Any) -> None:
-                self.frames = FrameDecoder()
-                transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def data_received(self, data: bytes) -> None:
-                for payload in self.frames.feed(data):
-                    resp = codec.decode(payload)
-                    fut = waiting.pop(resp.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(resp.payload)
-
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(Echo, HOST, 0)
-        port = self.server.sockets[0].getsockname()[1]
-        self.t, _ = await loop.create_connection(Caller, HOST, port)
-
-    def _flush(self) -> None:
-        self.t.write(b"".join(self.pending))
-        self.pending.clear()
-
-    async def call(self) -> bytes | None:
-        self.next_id += 1
-        cid = self.next_id
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[cid] = fut
-        self.pending.append(self.codec.frame(InvokeRequest(cid, ART, "greet", self.arg, "rid", 10000, "key")))
-        if len(self.pending) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
-        return await fut
-
-    async def stop(self) -> None:
-        self.t.close()
-        self.server.close()
-
-
 async def main_async(a: argparse.Namespace) -> dict[str, object]:
     logging.basicConfig(level=logging.ERROR)
-    registry = Registry([Ep(ART, "greet", 0, "B"), Ep(ART, "greet", 0, "L")])
-    nodes: dict[str, tuple[Transport, Invoker, InvokeServer]] = {}
-    for node_id, active in (("A", False), ("B", True), ("L", True)):
-        bus = EventBus()
-        slices = Slices(active)
-        box: dict[str, InvokeServer] = {}
-        transport = Transport(
+    registry = StaticRegistry([Endpoint(ART, "greet", 0, "B"), Endpoint(ART, "greet", 0, "L")])
+    nodes = {
+        node_id: make_invoke_node(
             node_id,
-            {node_id: Address(HOST, 0)},
-            listen=Address(HOST, 0),
+            Slices(active),
+            registry,
             cluster_name="bench",
-            message_type=InvokeMessage,
-            on_message=lambda sender, msg, box=box: box["s"].dispatch(sender, msg),
-            bus=bus,
             logger=logging.getLogger(f"bench.{node_id}"),
         )
-        invoker = Invoker(node_id, slices, registry, transport, bus=bus)
-        box["s"] = InvokeServer(node_id, slices, transport, invoker=invoker)
-        nodes[node_id] = (transport, invoker, box["s"])
-    a_t, a_inv, _ = nodes["A"]
-    b_t = nodes["B"][0]
-    l_inv = nodes["L"][1]
-    for t in (a_t, b_t, nodes["L"][0]):
-        await t.start()
-    a_t.set_members({"A": Address(HOST, a_t.port), "B": Address(HOST, b_t.port)})
-    b_t.set_members({"A": Address(HOST, a_t.port), "B": Address(HOST, b_t.port)})
-    while not ("B" in a_t.up_peers and "A" in b_t.up_peers):
-        await asyncio.sleep(0.01)
-    bare = BareHop()
-    await bare.start()
-    arg = b"\xa5bench"
+        for node_id, active in (("A", False), ("B", True), ("L", True))
+    }
+    a_inv, l_inv = nodes["A"].invoker, nodes["L"].invoker
+    await start_nodes([nodes["A"], nodes["B"]])  # A calls B
+    await nodes["L"].transport.start()  # L calls itself
+    bare_server = await barehop.serve(HOST)
+    bare = await barehop.connect(HOST, bare_server.sockets[0].getsockname()[1], ART)
+    arg = barehop.ARG
 
     async def remote() -> bytes:
         return await a_inv.invoke(TARGET, "greet", arg)
@@ -230,11 +128,9 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
                 cpu[m].append(us)
                 log(f"round {r + 1} {m}: {rate:,.0f} calls/s, {us:.1f} µs CPU per call")
     finally:
-        await bare.stop()
-        for t, inv, srv in nodes.values():
-            inv.close()
-            await srv.stop(grace=1.0)
-            await t.stop()
+        bare.close()
+        bare_server.close()
+        await stop_nodes(nodes.values(), grace=1.0)
     if a.only:
         return {f"{a.only}_us": statistics.median(cpu[a.only]), "rounds": a.rounds}
     med = {m: statistics.median(v) for m, v in rates.items()}

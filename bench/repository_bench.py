@@ -38,7 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from deploy_bench import http  # noqa: E402
-from kv_bench import HOST, Cluster, log  # noqa: E402
+from kv_bench import HOST, Cluster, log, result_line  # noqa: E402
 
 SOURCE = """
 from aether.slices import Slice, entry
@@ -217,8 +217,7 @@ def main() -> int:
         res["cold_ratio"] = float(res["cold_start_s"]) / float(res["local_start_s"])  # type: ignore[arg-type]
     except Exception as e:
         log(f"ERROR: {type(e).__name__}: {e}")
-        for i in range(a.nodes):
-            log(f"--- {cluster.ids[i]} log tail ---\n{cluster.log_tail(i)}")
+        cluster.log_tails()
         res["error"] = type(e).__name__
         rc = 1
     finally:
@@ -228,9 +227,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             log(f"work dir kept: {work}")
-    print(
-        "RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items())
-    )
+    print(result_line(res))
     return rc
 
 

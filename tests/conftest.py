@@ -4,6 +4,9 @@ Generic helpers, usable from any test module:
 
 - `free_ports(n)` -> n distinct free TCP ports on 127.0.0.1, below the kernel's ephemeral range
   (see there why); `refusing_port()` -> a port that refuses connections.
+- `wait_until(pred, timeout, what)` (async): polls `pred` until true, else AssertionError.
+- `node_configs(tmp_path, n=3, **config)` -> the NodeConfigs of an in-process loopback cluster
+  (free cluster ports, management/HTTP on port 0); `running_cluster(tmp_path)` runs 3 such nodes.
 - `ProcessCluster` starts N `aether node` processes (distinct free cluster / management / HTTP
   ports, data dirs and log files under a base directory), and offers `kill9(i)`, `stop(i)`,
   `start(i)`, `status(i)`, `kv(i, prefix)`, `wait_quorum(...)`, `wait_applied_equal(...)`,
@@ -50,9 +53,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from aether.core.config import NodeConfig
 
 HOST = "127.0.0.1"
 
@@ -100,6 +106,40 @@ def deploy_hello_examples(
 # in-process clusters
 
 
+async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `pred` every 10 ms on the running loop until it is true; AssertionError naming `what`
+    after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def node_configs(tmp_path: Path, n: int = 3, **config: Any) -> list[NodeConfig]:
+    """The configs of an `n`-node in-process cluster on loopback: node-1..node-n on free cluster
+    ports (`free_ports`), management and HTTP servers on port 0, data in `tmp_path`/n0, n1, ...;
+    `config`: more NodeConfig fields for every node."""
+    from aether.core.config import NodeConfig
+    from aether.core.types import Address, PeerSpec
+
+    ports = free_ports(n)
+    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
+    return [
+        NodeConfig(
+            node_id=f"node-{i + 1}",
+            peers=peers,
+            cluster_port=ports[i],
+            management_port=0,
+            http_port=0,
+            data_dir=str(tmp_path / f"n{i}"),
+            **config,
+        )
+        for i in range(n)
+    ]
+
+
 @contextlib.asynccontextmanager
 async def running_cluster(
     tmp_path: Path, *, extra: dict[str, tuple[str, str]] | None = None, **config: Any
@@ -108,31 +148,13 @@ async def running_cluster(
     (and the `extra` slices: {coords: (module source, class name)}); `config`: more NodeConfig
     fields for every node."""
     from aether.api.server import ManagementServer
-    from aether.core.config import NodeConfig
-    from aether.core.types import Address, PeerSpec
     from aether.node.node import Node
     from aether.slices.testing import isolated_imports
 
     repo_dir = tmp_path / "repo"
     deploy_hello_examples(repo_dir, tmp_path / "wheels", extra=extra)
-    ports = free_ports(3)
-    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
-    nodes = [
-        Node(
-            NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp_path / f"n{i}"),
-                repository=str(repo_dir),
-                **config,
-            ),
-            management_api=ManagementServer,
-        )
-        for i in range(3)
-    ]
+    configs = node_configs(tmp_path, repository=str(repo_dir), **config)
+    nodes = [Node(c, management_api=ManagementServer) for c in configs]
     with isolated_imports():
         started: list[Any] = []
         try:

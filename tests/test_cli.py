@@ -61,6 +61,11 @@ class BrokenNode(FakeNode):
         raise RuntimeError("boom")
 
 
+class OddNode(FakeNode):
+    def status(self) -> NodeStatus:
+        return {"node_id": self.node_id}  # type: ignore[return-value]  # not a NodeStatus: fields missing
+
+
 StartServer = Callable[..., ManagementServer]
 
 
@@ -246,6 +251,13 @@ def test_server_error_exits_1_with_problem_detail(start_server: StartServer) -> 
     assert "boom" not in r.stderr
     # the hint names the command that shows that node's log
     assert f"`aether logs 127.0.0.1:{srv.port} --since 5m --level error`" in r.stderr
+
+
+def test_unexpected_answer_names_the_node_and_the_path(start_server: StartServer) -> None:
+    srv = start_server(OddNode())
+    r = invoke(*connect(srv), "status")
+    assert r.exit_code == 1
+    assert f"error: 127.0.0.1:{srv.port}: unexpected answer to /api/v1/status: Object missing" in r.stderr
 
 
 def test_no_command_prints_help() -> None:

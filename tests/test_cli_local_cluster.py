@@ -23,7 +23,8 @@ from click.testing import CliRunner, Result
 
 from aether.cli import local_cluster as lc
 from aether.cli.main import main
-from conftest import free_port_offset
+from conftest import aether_cli, free_port_offset
+from local_cluster_cli import alive, running_demo, wait_gone
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -158,17 +159,6 @@ def cluster_dir(tmp_path: Path) -> Iterator[Path]:
 def invoke(*args: str) -> Result:
     env = {"AETHER_CONNECT": None, "AETHER_API_KEY": None, "AETHER_PORT_OFFSET": None, "COLUMNS": "160"}
     return CliRunner(env=env).invoke(main, list(args), catch_exceptions=False)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # -- planning -----------------------------------------------------------------------------------------
@@ -387,16 +377,18 @@ def test_stop_and_status_without_cluster(tmp_path: Path) -> None:
     r = invoke("cluster", "stop", "--dir", str(tmp_path / "none"))
     assert r.exit_code == 0
     assert "nothing to stop" in r.stdout
-    r = invoke("cluster", "status", "--dir", str(tmp_path / "none"))
-    assert r.exit_code == 1
-    assert "no local cluster" in r.stderr and "aether cluster start" in r.stderr
+    for command in (["status"], ["restart", "node-1"]):
+        r = invoke("cluster", *command, "--dir", str(tmp_path / "none"))
+        assert r.exit_code == 1
+        assert "no local cluster" in r.stderr and "aether cluster start" in r.stderr
 
 
 def test_damaged_cluster_file_is_reported(tmp_path: Path) -> None:
     (tmp_path / "cluster.json").write_text("{not json")
-    r = invoke("cluster", "status", "--dir", str(tmp_path))
-    assert r.exit_code == 1
-    assert "damaged" in r.stderr
+    for command in (["status"], ["restart", "node-1"]):
+        r = invoke("cluster", *command, "--dir", str(tmp_path))
+        assert r.exit_code == 1
+        assert "damaged" in r.stderr
 
 
 # -- the real commands, end to end, with a stand-in node runtime -------------------------------------
@@ -413,13 +405,7 @@ def stand_in_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aether.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return aether_cli(*args, env=env, timeout=timeout)
 
 
 def test_cluster_start_and_stop_commands(cluster_dir: Path, stand_in_env: dict[str, str]) -> None:
@@ -463,43 +449,13 @@ def test_cluster_start_and_stop_commands(cluster_dir: Path, stand_in_env: dict[s
     r = run_cli(stand_in_env, "cluster", "stop", "--dir", str(cluster_dir))
     assert r.returncode == 0, r.stderr
     assert all(f"Stopped node-{k} (pid {pid})" in r.stdout for k, pid in enumerate(pids, 1))
-    deadline = time.monotonic() + 5
-    while any(alive(pid) for pid in pids if pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(alive(pid) for pid in pids if pid)
+    assert wait_gone(pids, 5)
     assert "stopped cleanly" in Path(node2.log).read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cluster_demo_runs_until_signal(cluster_dir: Path, stand_in_env: dict[str, str], sig: int) -> None:
-    offset = free_port_offset(3)
-    demo = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aether.cli.main",
-            "cluster",
-            "demo",
-            "--nodes",
-            "3",
-            "--dir",
-            str(cluster_dir),
-            "--base-port-offset",
-            str(offset),
-        ],
-        env=stand_in_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        lines: list[str] = []
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.append(line)
-            if "Ctrl-C" in line:
-                break
-        assert any("Quorum: yes" in line for line in lines), "".join(lines)
+    with running_demo(stand_in_env, cluster_dir) as demo:
         rec = lc.load_record(cluster_dir)
         assert rec is not None
         pids = [n.pid for n in rec.nodes]
@@ -511,7 +467,3 @@ def test_cluster_demo_runs_until_signal(cluster_dir: Path, stand_in_env: dict[st
         assert demo.returncode == 0, err
         assert all(f"Stopped node-{k} (pid {pid})" in out for k, pid in enumerate(pids, 1))
         assert not any(alive(pid) for pid in pids if pid)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait(10)

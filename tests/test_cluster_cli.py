@@ -12,16 +12,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from aether.cli import local_cluster as lc
-from conftest import free_port_offset
+from conftest import aether_cli, free_port_offset
+from local_cluster_cli import alive, running_demo, wait_gone
 
 pytestmark = [
     pytest.mark.skipif(
@@ -49,42 +48,15 @@ def cluster_dir(tmp_path: Path) -> Iterator[Path]:
         lc.stop_cluster(d, timeout=5.0)
 
 
-def aether(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aether.cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def wait_gone(pids: list[int | None], seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not any(alive(p) for p in pids)
-
-
 def status_rows(env: dict[str, str], directory: Path) -> tuple[int, list[dict]]:
-    r = aether(env, "cluster", "status", "--dir", str(directory), "--json")
+    r = aether_cli("cluster", "status", "--dir", str(directory), "--json", env=env)
     return r.returncode, json.loads(r.stdout)
 
 
 def test_start_status_stop_and_start_again(cluster_dir: Path, env: dict[str, str]) -> None:
     for round_ in (1, 2):  # a second start in the same directory reuses the data dirs
         offset = free_port_offset(3)
-        r = aether(
-            env,
+        r = aether_cli(
             "cluster",
             "start",
             "--nodes",
@@ -93,6 +65,7 @@ def test_start_status_stop_and_start_again(cluster_dir: Path, env: dict[str, str
             str(cluster_dir),
             "--base-port-offset",
             str(offset),
+            env=env,
         )
         assert r.returncode == 0, f"round {round_}: {r.stderr}"
         assert "Quorum: yes" in r.stdout and "3/3 nodes up" in r.stdout
@@ -108,7 +81,7 @@ def test_start_status_stop_and_start_again(cluster_dir: Path, env: dict[str, str
 
         views = []
         for row in rows:
-            s = aether(env, "--connect", f"127.0.0.1:{row['management_port']}", "--json", "status")
+            s = aether_cli("--connect", f"127.0.0.1:{row['management_port']}", "--json", "status", env=env)
             assert s.returncode == 0, s.stderr
             views.append(json.loads(s.stdout))
         assert [v["node_id"] for v in views] == ["node-1", "node-2", "node-3"]
@@ -118,12 +91,14 @@ def test_start_status_stop_and_start_again(cluster_dir: Path, env: dict[str, str
         assert next(row["id"] for row in rows if row["leader"]) in leaders
         assert all(sorted(n["id"] for n in v["nodes"]) == ["node-1", "node-2", "node-3"] for v in views)
 
-        kv = aether(env, "--connect", f"127.0.0.1:{rows[0]['management_port']}", "--json", "kv", "list")
+        kv = aether_cli(
+            "--connect", f"127.0.0.1:{rows[0]['management_port']}", "--json", "kv", "list", env=env
+        )
         assert kv.returncode == 0, kv.stderr
         listing = json.loads(kv.stdout)
         assert listing["prefix"] == "" and isinstance(listing["entries"], list)
 
-        r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "stop", "--dir", str(cluster_dir), env=env)
         assert r.returncode == 0, r.stderr
         assert all(f"Stopped node-{k} (pid {pid})" in r.stdout for k, pid in enumerate(pids, 1)), r.stdout
         assert wait_gone(pids)
@@ -135,9 +110,10 @@ def test_start_status_stop_and_start_again(cluster_dir: Path, env: dict[str, str
 
 def test_status_after_kill_9_of_one_node(cluster_dir: Path, env: dict[str, str]) -> None:
     offset = free_port_offset(3)
-    r = aether(
-        env, "cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset)
-    )
+    r = aether_cli(
+        "cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset),
+        env=env,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     _, rows = status_rows(env, cluster_dir)
     victim = rows[2]
@@ -152,41 +128,14 @@ def test_status_after_kill_9_of_one_node(cluster_dir: Path, env: dict[str, str])
         time.sleep(0.2)
     assert sum(row["leader"] for row in rows) == 1
     assert not rows[2]["leader"]
-    r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+    r = aether_cli("cluster", "stop", "--dir", str(cluster_dir), env=env)
     assert r.returncode == 0, r.stderr
     assert "node-3" in r.stdout and "was not running" in r.stdout
     assert wait_gone([row["pid"] for row in rows])
 
 
 def test_demo_stops_the_nodes_on_ctrl_c(cluster_dir: Path, env: dict[str, str]) -> None:
-    offset = free_port_offset(3)
-    demo = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aether.cli.main",
-            "cluster",
-            "demo",
-            "--nodes",
-            "3",
-            "--dir",
-            str(cluster_dir),
-            "--base-port-offset",
-            str(offset),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert demo.stdout is not None
-        lines: list[str] = []
-        for line in demo.stdout:
-            lines.append(line)
-            if "Ctrl-C" in line:
-                break
-        assert any("Quorum: yes" in line for line in lines), "".join(lines)
+    with running_demo(env, cluster_dir) as demo:
         _, rows = status_rows(env, cluster_dir)
         pids = [row["pid"] for row in rows]
         assert all(alive(pid) for pid in pids)
@@ -195,10 +144,6 @@ def test_demo_stops_the_nodes_on_ctrl_c(cluster_dir: Path, env: dict[str, str]) 
         assert demo.returncode == 0, err
         assert all(f"Stopped node-{k}" in out for k in (1, 2, 3)), out
         assert wait_gone(pids)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait(10)
 
 
 def test_writes_after_stop_and_start_on_the_same_directory_are_applied(
@@ -210,23 +155,23 @@ def test_writes_after_stop_and_start_on_the_same_directory_are_applied(
     start = ("cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset))
 
     def on(i: int, *args: str) -> subprocess.CompletedProcess[str]:
-        return aether(env, "--connect", f"127.0.0.1:{9000 + offset + i}", *args, timeout=30)
+        return aether_cli("--connect", f"127.0.0.1:{9000 + offset + i}", *args, timeout=30, env=env)
 
     def maps() -> list[str]:
         r = on(2, "--json", "map", "list")
         assert r.returncode == 0, r.stderr
         return sorted(m["name"] for m in json.loads(r.stdout)["maps"])
 
-    r = aether(env, *start)
+    r = aether_cli(*start, env=env)
     assert r.returncode == 0, r.stderr
     for i, name in enumerate(("m1", "gone")):
         r = on(i, "map", "create", name)
         assert r.returncode == 0 and "Created map" in r.stdout, r.stderr
     assert maps() == ["gone", "m1"]
-    r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+    r = aether_cli("cluster", "stop", "--dir", str(cluster_dir), env=env)
     assert r.returncode == 0, r.stderr
 
-    r = aether(env, *start)
+    r = aether_cli(*start, env=env)
     assert r.returncode == 0, r.stderr
     for i, name in ((0, "m2"), (0, "m3"), (1, "m4")):
         r = on(i, "map", "create", name)
@@ -242,7 +187,7 @@ def test_writes_after_stop_and_start_on_the_same_directory_are_applied(
     assert r.returncode == 0, r.stderr
     r = on(0, "map", "get", "m3", "order-1")
     assert r.returncode != 0 and "404" in r.stderr
-    r = aether(env, "cluster", "stop", "--dir", str(cluster_dir))
+    r = aether_cli("cluster", "stop", "--dir", str(cluster_dir), env=env)
     assert r.returncode == 0, r.stderr
 
 
@@ -252,9 +197,10 @@ def test_restart_one_node_start_only_the_missing_and_status_by_answer(
     """Issue 11: no command restarted one node (`cluster start` refused while any node ran), and
     `cluster status` called a node restarted by hand "down" because its pid file was stale."""
     offset = free_port_offset(3)
-    r = aether(
-        env, "cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset)
-    )
+    r = aether_cli(
+        "cluster", "start", "--nodes", "3", "--dir", str(cluster_dir), "--base-port-offset", str(offset),
+        env=env,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     _, rows = status_rows(env, cluster_dir)
     pids = [row["pid"] for row in rows]
@@ -263,28 +209,28 @@ def test_restart_one_node_start_only_the_missing_and_status_by_answer(
         # node-3 dies; `cluster start` (no options) starts only node-3, with its ports and data
         os.kill(pids[2], signal.SIGKILL)
         assert wait_gone([pids[2]])
-        r = aether(env, "cluster", "start", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "start", "--dir", str(cluster_dir), env=env)
         assert r.returncode == 0, r.stderr
         assert "Started node-3" in r.stderr and "3/3 nodes up" in r.stdout
         _, rows = status_rows(env, cluster_dir)
         assert [row["pid"] for row in rows][:2] == pids[:2] and alive(rows[2]["pid"])
         assert rows[2]["pid"] != pids[2] and rows[2]["management_port"] == 9002 + offset
         # nothing missing: says so, starts nothing
-        r = aether(env, "cluster", "start", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "start", "--dir", str(cluster_dir), env=env)
         assert r.returncode == 0 and "already run" in r.stderr, r.stderr
         # --nodes that would change the running cluster is refused
-        r = aether(env, "cluster", "start", "--nodes", "5", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "start", "--nodes", "5", "--dir", str(cluster_dir), env=env)
         assert r.returncode == 1 and "has 3 nodes" in r.stderr
 
         # one command restarts one node
         old = rows[2]["pid"]
-        r = aether(env, "cluster", "restart", "node-3", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "restart", "node-3", "--dir", str(cluster_dir), env=env)
         assert r.returncode == 0, r.stderr
         assert f"Stopped node-3 (pid {old})" in r.stderr and "3/3 nodes up" in r.stdout
         assert wait_gone([old])
         _, rows = status_rows(env, cluster_dir)
         assert all(row["up"] for row in rows) and rows[2]["pid"] not in (old, None)
-        r = aether(env, "cluster", "restart", "node-9", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "restart", "node-9", "--dir", str(cluster_dir), env=env)
         assert r.returncode == 2 and "node-1, node-2, node-3" in r.stderr
 
         # node-2 restarted by hand (`aether node ...` with the same flags): status asks the node
@@ -304,10 +250,10 @@ def test_restart_one_node_start_only_the_missing_and_status_by_answer(
             assert time.monotonic() < deadline, rows
             time.sleep(0.2)
         assert code == 0 and rows[1]["pid"] is None  # up, but not a process of this directory
-        r = aether(dict(env, COLUMNS="200"), "cluster", "status", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "status", "--dir", str(cluster_dir), env=dict(env, COLUMNS="200"))
         line = next(line for line in r.stdout.splitlines() if "node-2" in line)
         assert "up (started elsewhere)" in line and "3/3 nodes up" in r.stdout
-        r = aether(env, "cluster", "restart", "node-2", "--dir", str(cluster_dir))
+        r = aether_cli("cluster", "restart", "node-2", "--dir", str(cluster_dir), env=env)
         assert r.returncode == 1 and "not started from" in r.stderr
     finally:
         if hand is not None:

@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 
 from aether.core.artifact import Artifact, VersionPattern
-from aether.core.config import NodeConfig
-from aether.core.types import Address, PeerSpec
 from aether.deploy.cluster_manager import ClusterDeploymentManager
 from aether.deploy.endpoints import EndpointChange, EndpointRegistry
 from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentFailed
@@ -27,7 +25,7 @@ from aether.deploy.operations import DeploymentService, SliceStatus
 from aether.deploy.ports import SliceRuntimePort
 from aether.kv.keys import EndpointValue, RouteValue, SliceKey, SliceStateValue
 from aether.node.node import Node
-from conftest import free_ports
+from conftest import node_configs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -200,19 +198,9 @@ class Cluster:
         self, tmp: Path, n: int, behavior: Behavior, timeouts: LifecycleTimeouts, leaders: bool = True
     ) -> None:
         self.leaders = leaders
-        ports = free_ports(n)
-        peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
         self.behavior = behavior
         self.members: list[Member] = []
-        for i in range(n):
-            config = NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp / f"n{i}"),
-            )
+        for config in node_configs(tmp, n):
             node = Node(config)
             store = FakeSliceStore(node.node_id, behavior)
             assert isinstance(store, SliceRuntimePort)

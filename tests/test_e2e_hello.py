@@ -15,18 +15,9 @@ import msgspec
 import pytest
 
 from aether.node.node import Node
-from conftest import EXAMPLES, running_cluster
+from conftest import EXAMPLES, running_cluster, wait_until
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
-
-
-async def _until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Welcome(msgspec.Struct):
@@ -138,17 +129,17 @@ async def test_calls_survive_loss_of_a_node_hosting_an_instance(cluster: list[No
             await asyncio.sleep(0.002)
 
     tasks = [asyncio.create_task(stream()) for _ in range(4)]
-    await _until(lambda: len(served_by) > 50, 10, "calls flowing")
+    await wait_until(lambda: len(served_by) > 50, 10, "calls flowing")
     await victim.stop()
     before = len(served_by)
-    await _until(lambda: len(served_by) > before + 200, 15, "calls after the node stopped")
+    await wait_until(lambda: len(served_by) > before + 200, 15, "calls after the node stopped")
 
     # the lost instance is re-placed on a survivor within 5 s
     def replaced() -> bool:
         st = next(x for x in n1.deployments.slices_status() if x.artifact == "org.example:hello:0.1.0")
         return st.active == 2 and all(i.node != victim_id for i in st.instances)
 
-    await _until(replaced, 5, "the hello instance re-placed on a survivor")
+    await wait_until(replaced, 5, "the hello instance re-placed on a survivor")
     stop.set()
     await asyncio.gather(*tasks)
     assert failures == [], failures[:5]

@@ -322,14 +322,19 @@ def test_lagging_replica_catches_up_by_entries() -> None:
     assert net.engines["n3"].stats["snapshots_installed"] == 0
 
 
-def test_restart_repeats_journaled_proposal_instead_of_equivocating() -> None:
-    ids = ["n1", "n2", "n3"]
+def n1_submitting(ids: list[str]) -> tuple[Engine, list[object]]:
+    """n1 of `ids` with its peers up, after it submitted one Put: the engine and the submit's actions."""
     e = Engine("n1", ids, KVStateMachine())
-    for p in ("n2", "n3"):
+    for p in ids[1:]:
         e.peer_up(p, 0.0)
     e.take_actions()
     e.submit(encode_command(Put("user/a", b"1")), 0.0)
-    acts = e.take_actions()
+    return e, e.take_actions()
+
+
+def test_restart_repeats_journaled_proposal_instead_of_equivocating() -> None:
+    ids = ["n1", "n2", "n3"]
+    _, acts = n1_submitting(ids)
     sent = [a.record for a in acts if isinstance(a, Persist) and isinstance(a.record, SentRec)]
     prop = next(r.msg for r in sent if isinstance(r.msg, Proposal))
     assert prop.batch is not None
@@ -367,12 +372,7 @@ def test_clean_stop_snapshot_keeps_the_slot_in_progress() -> None:
     batch it proposed is gone from its queue and a peer now pushes another batch.
     """
     ids = ["n1", "n2", "n3"]
-    e = Engine("n1", ids, KVStateMachine())
-    for p in ("n2", "n3"):
-        e.peer_up(p, 0.0)
-    e.take_actions()
-    e.submit(encode_command(Put("user/a", b"1")), 0.0)
-    first = e.take_actions()
+    e, first = n1_submitting(ids)
     prop = _slot_msgs(first, 1)[("p", 0)]
     assert isinstance(prop, Proposal) and prop.batch is not None
     x = prop.batch
@@ -456,12 +456,8 @@ def test_a_command_arriving_late_in_a_slot_waits_for_the_next_slot_to_be_sealed(
     """Once a replica has exchanged proposals, a batch sealed now could reach a peer after that
     peer proposed in the next slot; it is sealed when the slot ends, tagged with the next slot."""
     ids = ["n1", "n2", "n3"]
-    e = Engine("n1", ids, KVStateMachine())
-    for p in ("n2", "n3"):
-        e.peer_up(p, 0.0)
-    e.take_actions()
-    e.submit(encode_command(Put("user/a", b"1")), 0.0)
-    x = next(a.msg.batch for a in e.take_actions() if isinstance(a, Send) and isinstance(a.msg, Proposal))
+    e, acts = n1_submitting(ids)
+    x = next(a.msg.batch for a in acts if isinstance(a, Send) and isinstance(a.msg, Proposal))
     assert x is not None and x.slot == 1
     e.receive("n2", Proposal(1, x), 0.0)  # exchange complete: STATE 1 for x
     e.take_actions()

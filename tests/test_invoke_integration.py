@@ -12,19 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from aether.core.types import Address
-from aether.invoke import InvokeMessage, Invoker, InvokeServer
-from aether.transport import EventBus, Transport
+from aether.testing.invokenodes import Endpoint as Ep
+from aether.testing.invokenodes import InvokeNode, StaticRegistry, make_invoke_node, start_nodes, stop_nodes
 
 pytestmark = pytest.mark.timeout(60)
 
-HOST = "127.0.0.1"
 CLUSTER = "invoke-test"
 ART = "org.demo:echo:1.0.0"
 TARGET = "org.demo:echo"
@@ -32,29 +28,6 @@ TARGET = "org.demo:echo"
 
 class NoLocalInstance(Exception):
     wire_kind = "no_instance"  # declared like the slices package's error
-
-
-@dataclass(frozen=True)
-class Ep:
-    artifact: str
-    method: str
-    instance: int
-    node_id: str
-    state: str = "ACTIVE"
-
-
-class StaticRegistry:
-    """Endpoints as a registry would cache them; deliberately NOT updated when a node dies."""
-
-    def __init__(self, eps: list[Ep]) -> None:
-        self.eps = eps
-
-    def instances(self, target: str, method: str) -> list[Ep]:
-        return [
-            e
-            for e in self.eps
-            if e.method == method and (e.artifact == target or e.artifact.startswith(target + ":"))
-        ]
 
 
 class EchoSlices:
@@ -78,45 +51,17 @@ class EchoSlices:
         return self.node_id.encode() + b":" + payload
 
 
-@dataclass
-class Member:
-    id: str
-    transport: Transport
-    bus: EventBus
-    slices: EchoSlices
-    invoker: Invoker
-    server: InvokeServer
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def make_member(
     node_id: str, registry: StaticRegistry, active: bool, work: float, **invoker_kw: Any
-) -> Member:
-    bus = EventBus()
-    slices = EchoSlices(node_id, active, work)
-    box: dict[str, InvokeServer] = {}
-    transport = Transport(
+) -> InvokeNode:
+    return make_invoke_node(
         node_id,
-        {node_id: Address(HOST, 0)},
-        listen=Address(HOST, 0),
+        EchoSlices(node_id, active, work),
+        registry,  # deliberately NOT updated when a node dies
         cluster_name=CLUSTER,
-        message_type=InvokeMessage,
-        on_message=lambda sender, msg: box["server"].dispatch(sender, msg),
-        bus=bus,
         logger=logging.getLogger(f"test.invoke.{uuid.uuid4().hex[:6]}.{node_id}"),
+        **invoker_kw,
     )
-    invoker = Invoker(node_id, slices, registry, transport, bus=bus, **invoker_kw)
-    server = InvokeServer(node_id, slices, transport, invoker=invoker)
-    box["server"] = server
-    return Member(node_id, transport, bus, slices, invoker, server)
 
 
 async def test_stream_survives_a_target_node_stopping_mid_stream() -> None:
@@ -130,14 +75,7 @@ async def test_stream_survives_a_target_node_stopping_mid_stream() -> None:
     a, b = members["A"], members["B"]
     loop = asyncio.get_running_loop()
     try:
-        for m in members.values():
-            await m.transport.start()
-        addresses = {i: Address(HOST, m.transport.port) for i, m in members.items()}
-        for m in members.values():  # no await in between
-            m.transport.set_members(addresses)
-        await wait_until(
-            lambda: all(len(m.transport.up_peers) == 2 for m in members.values()), what="peers up"
-        )
+        await start_nodes(list(members.values()))
 
         workers = 32
         stop_at: list[float] = []  # loop time when B's transport had stopped
@@ -192,7 +130,4 @@ async def test_stream_survives_a_target_node_stopping_mid_stream() -> None:
             f"slowest call {worst * 1000:.1f} ms"
         )
     finally:
-        for m in members.values():
-            m.invoker.close()
-            await m.server.stop(grace=1.0)
-            await m.transport.stop()
+        await stop_nodes(members.values(), grace=1.0)

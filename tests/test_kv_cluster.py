@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,50 +12,25 @@ import pytest
 
 from aether.client import AetherClient
 from aether.cluster.leader import LeaderChanged
-from aether.core.config import NodeConfig
+from aether.consensus.storage import JournalError
 from aether.core.errors import BadRequest, CommitTimeout, SessionConflict
-from aether.core.types import Address, PeerSpec
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
 from aether.kv.machine import Command, Get, Result, WatchEvent, encode_command
 from aether.node.node import Node
-from conftest import free_ports
+from conftest import node_configs, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 
-async def _wait(cond, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    ports = free_ports(3)
-    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
-    ns = [
-        Node(
-            NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp_path / f"n{i}"),
-                repository=str(tmp_path / "repo"),
-            )
-        )
-        for i in range(3)
-    ]
+    ns = [Node(c) for c in node_configs(tmp_path, repository=str(tmp_path / "repo"))]
     started: list[Node] = []
     try:
         for n in ns:
             await n.start(management=False)
             started.append(n)
-        await _wait(lambda: all(n.transport.has_quorum() and n.leader.leader == "node-1" for n in ns))
+        await wait_until(lambda: all(n.transport.has_quorum() and n.leader.leader == "node-1" for n in ns))
         yield ns
     finally:
         for n in started:
@@ -98,7 +74,7 @@ async def test_watches_see_same_events_in_same_order_on_every_node(nodes: list[N
                 await node.kv.put(key, f"v{i}".encode())
 
     await asyncio.gather(*(writer(n, k) for k, n in enumerate(nodes)))
-    await _wait(lambda: len({len(v) for v in seen.values()}) == 1 and len(seen["node-1"]) > 0)
+    await wait_until(lambda: len({len(v) for v in seen.values()}) == 1 and len(seen["node-1"]) > 0)
     first = seen["node-1"]
     assert seen["node-2"] == first and seen["node-3"] == first
     revisions = [r for _, _, r in first]
@@ -113,7 +89,7 @@ async def test_leader_is_first_sorted_live_node_and_changes_on_loss(nodes: list[
     assert all(n.leader.leader == "node-1" for n in nodes)
     assert nodes[0].leader.is_leader and not nodes[1].leader.is_leader
     await nodes[0].stop()
-    await _wait(lambda: nodes[1].leader.leader == "node-2" and nodes[2].leader.leader == "node-2")
+    await wait_until(lambda: nodes[1].leader.leader == "node-2" and nodes[2].leader.leader == "node-2")
     assert events and events[-1].leader == "node-2" and events[-1].is_self
     # writes keep committing with 2 of 3
     await nodes[1].kv.put("user/after-leader-loss", b"1")
@@ -157,7 +133,7 @@ async def _evict(nodes: list[Node], session: str) -> None:
     async with AetherClient(_addresses(nodes), prefer=1) as other:
         for i in range(3):  # three more sessions in a table of three
             await other._request(encode_command(Get("user/a"), f"evictor-{i}", 1))
-    await _wait(lambda: all(session not in n.sm.sessions for n in nodes))
+    await wait_until(lambda: all(session not in n.sm.sessions for n in nodes))
 
 
 async def test_a_client_refused_for_its_session_raises_session_conflict(nodes: list[Node]) -> None:
@@ -187,3 +163,20 @@ async def test_an_unknown_session_after_a_resend_is_an_unknown_outcome() -> None
     with pytest.raises(CommitTimeout, match="outcome unknown"):
         await c.put("user/a", b"1")
     assert c._lanes == []  # the lane is not reused
+
+
+async def test_status_names_the_node_and_its_failed_journal(nodes: list[Node]) -> None:
+    """`status()`: the store's view (members, quorum, applied slot) with the node's own figures, and
+    the journal's error once it failed."""
+    n = nodes[0]
+    st = n.status()
+    assert [m.id for m in st.nodes] == ["node-1", "node-2", "node-3"] and st.quorum
+    assert (st.node_id, st.leader, st.store, st.journal_error) == ("node-1", "node-1", "rabia", None)
+    assert n.runner is not None and st.applied_slot == n.runner.engine.applied
+    assert (st.pid, st.cluster_port) == (os.getpid(), n.transport.port)
+    assert n.store is not None
+    n.store._failed = JournalError("append failed: disk full")
+    try:
+        assert n.status().journal_error == "append failed: disk full"
+    finally:
+        n.store._failed = None

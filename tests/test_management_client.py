@@ -4,7 +4,11 @@ node's real management server: typed answers, typed errors carrying the status a
 from __future__ import annotations
 
 import asyncio
+import http.server
+import os
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +106,46 @@ def test_async_typed_calls(servers: Servers) -> None:
         await events.aclose()  # type: ignore[attr-defined]
 
     asyncio.run(main())
+
+
+def test_upload_streams_the_file_in_pieces_with_progress(tmp_path: Path) -> None:
+    """`upload` PUTs the file's bytes (with its length, the API key and the params) in 256 KiB
+    pieces, reporting progress after each; the 2xx answer's body comes back."""
+    got: dict[str, object] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            headers = self.headers
+            got.update(path=self.path, type=headers["Content-Type"], key=headers["X-API-Key"], body=body)
+            answer = b'{"stored": true}'
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        data = os.urandom(600 * 1024)
+        wheel = tmp_path / "w.whl"
+        wheel.write_bytes(data)
+        seen: list[tuple[int, int]] = []
+        client = ManagementClient(f"127.0.0.1:{srv.server_address[1]}", api_key="k-1")
+        path = "/api/v1/repository/files/w.whl"
+        answer = client.upload(path, wheel, {"sha256": "ab"}, lambda *p: seen.append(p))
+        assert answer == b'{"stored": true}'
+        assert got == {
+            "path": f"{path}?sha256=ab",
+            "type": "application/octet-stream",
+            "key": "k-1",
+            "body": data,
+        }
+        assert seen == [(256 * 1024, len(data)), (512 * 1024, len(data)), (len(data), len(data))]
+    finally:
+        srv.shutdown()
+        srv.server_close()

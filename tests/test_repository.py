@@ -28,7 +28,7 @@ from aether.repository import core
 from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
 from aether.slices.testing import build_library_wheel, build_slice_wheel, isolated_imports
 from aether.slices.wheel import inspect_wheel
-from conftest import EXAMPLES, free_ports
+from conftest import EXAMPLES, node_configs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -214,27 +214,12 @@ class Cluster:
 
 async def _start(tmp_path: Path, repos: list[Path], api_key: str | None = None) -> list[Any]:
     from aether.api.server import ManagementServer
-    from aether.core.config import NodeConfig
-    from aether.core.types import Address, PeerSpec
     from aether.node.node import Node
 
-    ports = free_ports(len(repos))
-    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
+    configs = node_configs(tmp_path, len(repos), api_key=api_key)
     nodes = [
-        Node(
-            NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp_path / f"n{i}"),
-                repository=str(repo),
-                api_key=api_key,
-            ),
-            management_api=ManagementServer,
-        )
-        for i, repo in enumerate(repos)
+        Node(msgspec.structs.replace(c, repository=str(repo)), management_api=ManagementServer)
+        for c, repo in zip(configs, repos, strict=True)
     ]
     for n in nodes:
         await n.start()

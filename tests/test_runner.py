@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +54,25 @@ def make(store: DiskStore) -> ConsensusRunner:
     return r
 
 
-@pytest.mark.timeout(30)
-async def test_clean_stop_then_restart_repeats_what_was_sent_in_the_slot(tmp_path: Path) -> None:
-    r = make(DiskStore(tmp_path))
+def started(store: DiskStore) -> tuple[ConsensusRunner, Recorder]:
+    """n1 of IDS on `store`, started, with its two peers up; what it sends lands in the Recorder."""
+    r = make(store)
     tr = Recorder()
     r.start(tr)
     r.peer_up("n2")
     r.peer_up("n3")
+    return r, tr
+
+
+def gated_fs() -> tuple[SimFileSystem, list[Callable[[], None]]]:
+    """A simulated file system whose fsyncs wait in the returned list until one is called."""
+    gate: list[Callable[[], None]] = []
+    return SimFileSystem(schedule=lambda _d, fn: gate.append(fn)), gate
+
+
+@pytest.mark.timeout(30)
+async def test_clean_stop_then_restart_repeats_what_was_sent_in_the_slot(tmp_path: Path) -> None:
+    r, tr = started(DiskStore(tmp_path))
     fut = r.submit([encode_command(Put("user/a", b"1"))])[0]
     await until(lambda: ("p", 0) in tr.slot_msgs(1))
     x = tr.slot_msgs(1)[("p", 0)].batch
@@ -91,13 +104,8 @@ async def test_clean_stop_then_restart_repeats_what_was_sent_in_the_slot(tmp_pat
 
 @pytest.mark.timeout(30)
 async def test_messages_wait_for_the_fsync_of_their_records() -> None:
-    gate: list[Any] = []
-    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
-    r = make(DiskStore(Path("/sim/n1"), fs=fs))
-    tr = Recorder()
-    r.start(tr)
-    r.peer_up("n2")
-    r.peer_up("n3")
+    fs, gate = gated_fs()
+    r, tr = started(DiskStore(Path("/sim/n1"), fs=fs))
     tr.sent.clear()
     r.submit([encode_command(Put("user/a", b"1"))])
     await asyncio.sleep(0)
@@ -114,13 +122,9 @@ async def test_messages_wait_for_the_fsync_of_their_records() -> None:
 @pytest.mark.timeout(30)
 async def test_a_journal_that_cannot_be_written_stops_the_replica() -> None:
     fs = SimFileSystem()
-    r = make(DiskStore(Path("/sim/n1"), fs=fs))
+    r, tr = started(DiskStore(Path("/sim/n1"), fs=fs))
     fatal: list[BaseException] = []
     r.on_fatal.append(fatal.append)
-    tr = Recorder()
-    r.start(tr)
-    r.peer_up("n2")
-    r.peer_up("n3")
     tr.sent.clear()
     fs.fail_writes = errno.ENOSPC
     fut = r.submit([encode_command(Put("user/a", b"1"))])[0]
@@ -142,13 +146,8 @@ async def test_messages_queued_during_an_fsync_wait_for_the_next_one() -> None:
     """Group commit: an fsync covers only the records written before it started. Messages whose
     records were written while it ran must wait for the next fsync (found by the node simulation:
     a STATE went out before its journal record was on disk)."""
-    gate: list[Any] = []
-    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
-    r = make(DiskStore(Path("/sim/n1"), fs=fs))
-    tr = Recorder()
-    r.start(tr)
-    r.peer_up("n2")
-    r.peer_up("n3")
+    fs, gate = gated_fs()
+    r, tr = started(DiskStore(Path("/sim/n1"), fs=fs))
     tr.sent.clear()
     r.submit([encode_command(Put("user/a", b"1"))])
     await asyncio.sleep(0)  # the fsync starts once the loop has run what it had input for
@@ -172,13 +171,8 @@ async def test_an_answer_waits_for_the_vote_that_decided_it_not_for_later_record
     """The client's answer depends on the votes that decided its slot (journalled before they
     were sent), not on the slot's own record or the next proposal written in the same step:
     it goes out while their fsync is still running (it used to wait for it)."""
-    gate: list[Any] = []
-    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
-    r = make(DiskStore(Path("/sim/n1"), fs=fs))
-    tr = Recorder()
-    r.start(tr)
-    r.peer_up("n2")
-    r.peer_up("n3")
+    fs, gate = gated_fs()
+    r, tr = started(DiskStore(Path("/sim/n1"), fs=fs))
     fut = r.submit([encode_command(Put("user/a", b"1"))])[0]
     await asyncio.sleep(0)
     gate.pop()()  # the proposal is durable and sent
@@ -203,8 +197,7 @@ async def test_an_answer_waits_for_the_vote_that_decided_it_not_for_later_record
 @pytest.mark.timeout(30)
 async def test_a_vote_that_decides_the_slot_is_durable_before_the_answer() -> None:
     """With one replica its own vote decides the slot in the same step: the answer waits for it."""
-    gate: list[Any] = []
-    fs = SimFileSystem(schedule=lambda _d, fn: gate.append(fn))
+    fs, gate = gated_fs()
     r = ConsensusRunner("n1", ["n1"], KVStateMachine(), DiskStore(Path("/sim/n1"), fs=fs), seed=b"t",
                         tick_interval=3600)
     r.recover()

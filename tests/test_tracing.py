@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import subprocess
 import sys
@@ -34,13 +33,14 @@ from aether.core.artifact import Artifact
 from aether.core.tracing import NOOP_TRACER, TraceContext, current_trace, parse_traceparent
 from aether.core.types import Address
 from aether.http.server import HttpRouter
-from aether.invoke import InvokeMessage, Invoker, InvokeServer
+from aether.invoke import Invoker
 from aether.kv.keys import RouteValue
 from aether.node.otel import OtelTracer
 from aether.node.tracing import make_tracer
 from aether.slices import Slice, SliceContext, invoke_entry
 from aether.slices.testing import LocalMaps
-from aether.transport import EventBus, Transport
+from aether.testing.invokenodes import Endpoint as Ep
+from aether.testing.invokenodes import InvokeNode, StaticRegistry, make_invoke_node, start_nodes, stop_nodes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,27 +100,6 @@ def test_make_tracer_off_is_the_noop_tracer() -> None:
 # --- three nodes ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ep:
-    artifact: str
-    method: str
-    instance: int
-    node_id: str
-    state: str = "ACTIVE"
-
-
-class Registry:
-    def __init__(self, eps: list[Ep]) -> None:
-        self.eps = eps
-
-    def instances(self, target: str, method: str) -> list[Ep]:
-        return [
-            e
-            for e in self.eps
-            if e.method == method and (e.artifact == target or e.artifact.startswith(target + ":"))
-        ]
-
-
 class DemoSlices:
     """A node's slice instances: demo slice objects, run where the invoker / invoke server call."""
 
@@ -169,41 +148,32 @@ CLASSES: dict[str, type[Slice]] = {
 
 @dataclass
 class Member:
-    id: str
-    transport: Transport
-    invoker: Invoker
-    server: InvokeServer
+    node: InvokeNode
     tracer: OtelTracer
     slices: list[Slice]
 
 
-def make_member(node_id: str, registry: Registry, exporter: InMemorySpanExporter, maps: LocalMaps) -> Member:
+def make_member(
+    node_id: str, registry: StaticRegistry, exporter: InMemorySpanExporter, maps: LocalMaps
+) -> Member:
     tracer = OtelTracer(CLUSTER, node_id, exporter, batch=False)
-    box: dict[str, InvokeServer] = {}
-    bus = EventBus()
-    transport = Transport(
-        node_id,
-        {node_id: Address("127.0.0.1", 0)},
-        listen=Address("127.0.0.1", 0),
-        cluster_name=CLUSTER,
-        message_type=InvokeMessage,
-        on_message=lambda sender, msg: box["server"].dispatch(sender, msg),
-        bus=bus,
-        logger=logging.getLogger(f"test.tracing.{uuid.uuid4().hex[:6]}.{node_id}"),
-    )
     objs: dict[str, Slice] = {}
-    local = DemoSlices(objs)
-    invoker = Invoker(node_id, local, registry, transport, bus=bus, tracer=tracer)
-    server = InvokeServer(node_id, local, transport, invoker=invoker, tracer=tracer)
-    box["server"] = server
+    node = make_invoke_node(
+        node_id,
+        DemoSlices(objs),
+        registry,
+        cluster_name=CLUSTER,
+        logger=logging.getLogger(f"test.tracing.{uuid.uuid4().hex[:6]}.{node_id}"),
+        tracer=tracer,
+    )
     for coords in PLACEMENT[node_id]:
         obj = CLASSES[coords]()
         obj.context = SliceContext(
             artifact=Artifact.parse(coords), node_id=node_id, instance=1,
-            logger=logging.getLogger("test.tracing"), config={}, invoker=invoker, maps=maps,
+            logger=logging.getLogger("test.tracing"), config={}, invoker=node.invoker, maps=maps,
         )  # fmt: skip
         objs[coords] = obj
-    return Member(node_id, transport, invoker, server, tracer, list(objs.values()))
+    return Member(node, tracer, list(objs.values()))
 
 
 @pytest.fixture
@@ -216,17 +186,8 @@ async def cluster() -> Any:
         for method in ("place_order", "check_stock", "reserve", "release", "calculate_total")
     ]
     maps = LocalMaps(["orders", "stock"])  # the demo's maps (map spans: test_map_operations_...)
-    members = {nid: make_member(nid, Registry(eps), exporter, maps) for nid in PLACEMENT}
-    for m in members.values():
-        await m.transport.start()
-    addrs = {nid: Address("127.0.0.1", m.transport.port) for nid, m in members.items()}
-    for m in members.values():  # no await in between
-        m.transport.set_members(addrs)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while not all(len(m.transport.up_peers) == 2 for m in members.values()):
-        assert loop.time() < end, "links not up"
-        await asyncio.sleep(0.01)
+    members = {nid: make_member(nid, StaticRegistry(eps), exporter, maps) for nid in PLACEMENT}
+    await start_nodes([m.node for m in members.values()])
     for m in members.values():
         for obj in m.slices:
             await obj.start()
@@ -236,7 +197,7 @@ async def cluster() -> Any:
         RoutesKV({"routes/POST:/api/orders": RouteValue(
             "org.demo:place-order", "place_order", {"customerId": "body", "items": "body"}
         )}),
-        a.invoker,
+        a.node.invoker,
         tracer=a.tracer,
     )  # fmt: skip
     await router.start()
@@ -244,10 +205,8 @@ async def cluster() -> Any:
         yield router, exporter
     finally:
         await router.stop()
+        await stop_nodes(m.node for m in members.values())
         for m in members.values():
-            m.invoker.close()
-            await m.server.stop()
-            await m.transport.stop()
             m.tracer.shutdown()
 
 
@@ -338,7 +297,7 @@ async def test_an_untraced_node_still_passes_the_context_on() -> None:
             sent.append(msg)
             return False  # refused: the call retries until its deadline
 
-    invoker = Invoker("node-a", DemoSlices({}), Registry([Ep(PLACE, "m", 1, "node-b")]), Link())
+    invoker = Invoker("node-a", DemoSlices({}), StaticRegistry([Ep(PLACE, "m", 1, "node-b")]), Link())
     token = current_trace.set(parse_traceparent(TRACEPARENT, "v=1"))
     try:
         with pytest.raises(Exception):  # noqa: B017 - the call cannot succeed; what it sent matters

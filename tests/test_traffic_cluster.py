@@ -20,13 +20,11 @@ import aiohttp
 import msgspec
 import pytest
 
-from aether.core.config import NodeConfig
-from aether.core.types import Address, PeerSpec
 from aether.kv.keys import RolloutKey, RolloutValue, SliceKey, SliceStateValue
 from aether.node.node import Node
 from aether.slices.repository import Repository
 from aether.slices.testing import build_slice_wheel, isolated_imports
-from conftest import free_ports
+from conftest import node_configs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,22 +68,7 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
     for coords, module in ((V1, "hello_v1"), (V2, "hello_v2")):
         source = SOURCE.replace("VERSION", coords.rsplit(":", 1)[1])
         repo.deploy(build_slice_wheel(tmp_path / "wheels", coords, source, "Hello", module=module))
-    ports = free_ports(3)
-    peers = [PeerSpec(f"node-{i + 1}", Address("127.0.0.1", p)) for i, p in enumerate(ports)]
-    nodes = [
-        Node(
-            NodeConfig(
-                node_id=f"node-{i + 1}",
-                peers=peers,
-                cluster_port=ports[i],
-                management_port=0,
-                http_port=0,
-                data_dir=str(tmp_path / f"n{i}"),
-                repository=str(tmp_path / "repo"),
-            )
-        )
-        for i in range(3)
-    ]
+    nodes = [Node(c) for c in node_configs(tmp_path, repository=str(tmp_path / "repo"))]
     for n in nodes:  # the test plays the leader: no reconciliation of its hand-written commands
         n.cluster_deployer = _Dormant()  # type: ignore[assignment]
     with isolated_imports():

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from aether.core.types import Address
 from aether.transport import (
     Challenge,
+    ClientLink,
     ClientSession,
     EventBus,
     FrameDecoder,
@@ -43,6 +44,7 @@ from aether.transport import (
     open_client_connection,
 )
 from aether.transport.auth import AcceptorHandshake, Credentials
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -74,15 +76,6 @@ class Resp(msgspec.Struct, array_like=True, frozen=True, tag=21):
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Node:
@@ -533,21 +526,28 @@ def server_node(node_id: str = "srv", **kw: Any) -> tuple[Node, list[ClientSessi
     return n, opened, closed
 
 
+async def connect_client(
+    srv: Node, client_id: str, on_message: Callable[[Any], None], on_close: Callable[[Exception | None], None]
+) -> ClientLink:
+    """A client connection to `srv` (started) in this module's cluster, answers typed `Resp`."""
+    return await open_client_connection(
+        Address(HOST, srv.t.port),
+        cluster_name=CLUSTER,
+        secret=SECRET,
+        client_id=client_id,
+        message_type=Resp,
+        on_message=on_message,
+        on_close=on_close,
+    )
+
+
 async def test_client_round_trip_and_close() -> None:
     srv, opened, closed = server_node()
     got: list[Any] = []
     closes: list[Exception | None] = []
     try:
         await srv.t.start()
-        link = await open_client_connection(
-            Address(HOST, srv.t.port),
-            cluster_name=CLUSTER,
-            secret=SECRET,
-            client_id="c1",
-            message_type=Resp,
-            on_message=got.append,
-            on_close=closes.append,
-        )
+        link = await connect_client(srv, "c1", got.append, closes.append)
         assert link.node_id == "srv" and not link.closed
         for i in range(500):
             assert link.send(Req(i))
@@ -573,15 +573,7 @@ async def test_client_handler_error_logged_and_server_close_reported(
     closes: list[Exception | None] = []
     try:
         await srv.t.start()
-        link = await open_client_connection(
-            Address(HOST, srv.t.port),
-            cluster_name=CLUSTER,
-            secret=SECRET,
-            client_id="c2",
-            message_type=Resp,
-            on_message=got.append,
-            on_close=closes.append,
-        )
+        link = await connect_client(srv, "c2", got.append, closes.append)
         link.send(Req(-1))
         link.send(Req(4))
         await wait_until(lambda: got == [Resp(8)], what="response after failing handler")
@@ -626,15 +618,7 @@ async def test_stop_closes_client_sessions() -> None:
     closes: list[Exception | None] = []
     try:
         await srv.t.start()
-        link = await open_client_connection(
-            Address(HOST, srv.t.port),
-            cluster_name=CLUSTER,
-            secret=SECRET,
-            client_id="c3",
-            message_type=Resp,
-            on_message=lambda m: None,
-            on_close=closes.append,
-        )
+        link = await connect_client(srv, "c3", lambda m: None, closes.append)
         link.send(Req(1))
         await wait_until(lambda: srv.t._inbound and all(p.session for p in srv.t._inbound), what="session")
     finally:

@@ -14,7 +14,7 @@ import logging
 import socket
 import struct
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Union
 
 import msgspec
@@ -36,6 +36,7 @@ from aether.transport import (
     encode_frame,
 )
 from aether.transport.auth import AuthFailed, Credentials, DialerHandshake
+from conftest import wait_until
 from test_transport import Note, PeerMsg, Req, Resp
 
 pytestmark = pytest.mark.timeout(30)
@@ -53,15 +54,6 @@ def frame(obj: Any) -> bytes:
 
 
 REPLY_DECODER = msgspec.msgpack.Decoder(Union[HelloAck, Reject, Challenge])  # noqa: UP007
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Env:

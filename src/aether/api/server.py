@@ -65,7 +65,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import ipaddress
 import logging
 import ssl
 from typing import Any, Protocol
@@ -81,6 +80,7 @@ from aether.api.types import KVListing
 from aether.core.errors import ConfigError, Forbidden, RequestTimeout, Unauthorized
 from aether.core.problem import Problem, is_internal, problem_for, problem_headers
 from aether.core.status import KVEntry, NodeStatus
+from aether.core.types import is_loopback_host
 from aether.http.server import ServerLogger, start_site
 
 __all__ = [
@@ -123,17 +123,6 @@ class NodeView(Protocol):
     def status(self) -> NodeStatus: ...
 
     def kv_list(self, prefix: str) -> list[KVEntry]: ...
-
-
-def is_loopback_host(host: str) -> bool:
-    """True if `host` names only the loopback interface (`localhost`, 127.0.0.0/8, `::1`)."""
-    h = host.strip().strip("[]").lower()
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 def _basic_password(token: str) -> str:

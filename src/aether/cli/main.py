@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from aether.cli.local_cluster import ClusterRecord, NodeObservation
     from aether.core.config import NodeConfig
     from aether.core.types import PeerSpec
+
+_T = TypeVar("_T")
 
 # -- the group ----------------------------------------------------------------------------------------
 
@@ -169,18 +171,23 @@ def _show_status(settings: Settings) -> None:
     if settings.json:
         echo_json_bytes(body)
         return
-    import msgspec
-
     from aether.cli import render
     from aether.core.status import NodeStatus
 
-    try:
-        st = msgspec.json.decode(body, type=NodeStatus)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        fail(f"{client.target}: unexpected answer to /api/v1/status: {e}")
+    st = _decode_answer(client.target, "/api/v1/status", body, NodeStatus)
     out = render.console()
     out.print(render.node_status_table(st, client.target))
     out.print(render.node_status_summary(st))
+
+
+def _decode_answer(target: str, path: str, body: bytes, into: type[_T]) -> _T:
+    """The node's JSON answer to `path` as `into`; fails (exit 1) naming the node and path if it is not."""
+    import msgspec
+
+    try:
+        return msgspec.json.decode(body, type=into)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        fail(f"{target}: unexpected answer to {path}: {e}")
 
 
 @main.group()
@@ -199,15 +206,10 @@ def kv_list(settings: Settings, prefix: str, as_json: bool) -> None:
     if settings.json or as_json:
         echo_json_bytes(body)
         return
-    import msgspec
-
     from aether.api.types import KVListing
     from aether.cli import render
 
-    try:
-        listing = msgspec.json.decode(body, type=KVListing)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        fail(f"{client.target}: unexpected answer to /api/v1/kv: {e}")
+    listing = _decode_answer(client.target, "/api/v1/kv", body, KVListing)
     out = render.console()
     if not listing.entries:
         what = f"with prefix {prefix!r}" if prefix else "in the store"
@@ -616,6 +618,17 @@ def dir_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def _stop_timeout_option(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The option `name` of the commands that stop nodes: seconds from SIGTERM to SIGKILL."""
+    return click.option(
+        name,
+        type=click.FloatRange(min=0.0),
+        default=10.0,
+        show_default=True,
+        help="Seconds to wait after SIGTERM before SIGKILL.",
+    )
+
+
 def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--timeout",
@@ -851,6 +864,19 @@ def cluster_start(
     click.echo(_connect_hint(record, directory))
 
 
+def _recorded_cluster(directory: str) -> ClusterRecord:
+    """The record of the local cluster in `directory`; fails (exit 1) when it is unreadable or absent."""
+    from aether.cli import local_cluster as lc
+
+    try:
+        record = lc.load_record(directory)
+    except lc.ClusterError as e:
+        fail(str(e))
+    if record is None:
+        fail(f"no local cluster recorded in {directory}", hint="Start one with `aether cluster start`.")
+    return record
+
+
 def _start_some(
     settings: Settings, directory: str, ids: list[str], timeout: float
 ) -> tuple[ClusterRecord, dict[str, Any], list[NodeObservation]]:
@@ -876,13 +902,7 @@ def _start_some(
     show_default=True,
     help="Seconds to wait for quorum after the start.",
 )
-@click.option(
-    "--stop-timeout",
-    type=click.FloatRange(min=0.0),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait after SIGTERM before SIGKILL.",
-)
+@_stop_timeout_option("--stop-timeout")
 @click.pass_obj
 def cluster_restart(
     settings: Settings, node_ids: tuple[str, ...], directory: str, timeout: float, stop_timeout: float
@@ -891,12 +911,7 @@ def cluster_restart(
     its recorded ports and data, and wait for quorum."""
     from aether.cli import local_cluster as lc
 
-    try:
-        record = lc.load_record(directory)
-    except lc.ClusterError as e:
-        fail(str(e))
-    if record is None:
-        fail(f"no local cluster recorded in {directory}", hint="Start one with `aether cluster start`.")
+    record = _recorded_cluster(directory)
     known = [n.id for n in record.nodes]
     unknown = [i for i in node_ids if i not in known]
     if unknown:
@@ -921,13 +936,7 @@ def cluster_restart(
 
 @cluster.command("stop")
 @dir_option
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0.0),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait after SIGTERM before SIGKILL.",
-)
+@_stop_timeout_option("--timeout")
 def cluster_stop(directory: str, timeout: float) -> None:
     """Stop the node processes started from DIR (SIGTERM, then SIGKILL after the timeout)."""
     from aether.cli import local_cluster as lc
@@ -951,12 +960,7 @@ def cluster_status(settings: Settings, directory: str, as_json: bool) -> None:
     """Show each local node up or down, the leader and quorum (exit 1 without quorum)."""
     from aether.cli import local_cluster as lc
 
-    try:
-        record = lc.load_record(directory)
-    except lc.ClusterError as e:
-        fail(str(e))
-    if record is None:
-        fail(f"no local cluster recorded in {directory}", hint="Start one with `aether cluster start`.")
+    record = _recorded_cluster(directory)
     obs = lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0))
     leader = lc.cluster_leader(obs)
     if settings.json or as_json:
@@ -999,9 +1003,7 @@ def cluster_add_node(settings: Settings, node_id: str, address: str, as_json: bo
     if settings.json or as_json:
         echo_json(ans)
         return
-    assert isinstance(ans, dict)
-    click.echo(f"{node_id} added: members {', '.join(ans['members'])} (epoch {ans['epoch']}, "
-               f"from slot {ans['from_slot']})")
+    _echo_member_change(node_id, "added", ans)
 
 
 @cluster.command("remove-node")
@@ -1020,8 +1022,13 @@ def cluster_remove_node(settings: Settings, node_id: str, as_json: bool) -> None
     if settings.json or as_json:
         echo_json(ans)
         return
+    _echo_member_change(node_id, "removed", ans)
+
+
+def _echo_member_change(node_id: str, change: str, ans: object) -> None:
+    """One line for a committed member change (the node's answer to add-node / remove-node)."""
     assert isinstance(ans, dict)
-    click.echo(f"{node_id} removed: members {', '.join(ans['members'])} (epoch {ans['epoch']}, "
+    click.echo(f"{node_id} {change}: members {', '.join(ans['members'])} (epoch {ans['epoch']}, "
                f"from slot {ans['from_slot']})")
 
 

@@ -276,17 +276,8 @@ class _Base:
                     if progress is not None:
                         progress(sent, size)
 
-        connected = _Connected()
-        try:
-            tls = self._ssl()
-            async with asyncio.timeout(timeout), self._session(connected) as session:
-                headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-                async with session.put(
-                    self._url(path, params), data=body(), headers=headers, ssl=tls, allow_redirects=False
-                ) as resp:
-                    return Answer(resp.status, resp.reason or "", await resp.read())
-        except Exception as e:
-            raise self.unreachable(e, connected.up) from None
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        return await self._send("PUT", path, params, body(), headers, timeout)
 
     def _url(self, path: str, params: dict[str, str] | None) -> Any:
         from yarl import URL
@@ -347,20 +338,36 @@ class _Base:
     ) -> Answer:
         """One request; `longer`: seconds the node may hold it beyond the client's timeout (a
         wait or an invoke with its own timeout)."""
+        headers = {"Content-Type": content_type} if body is not None else None
+        return await self._send(method, path, params, body, headers, self.timeout + longer)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str] | None,
+        data: object,
+        headers: dict[str, str] | None,
+        timeout: float,
+    ) -> Answer:
+        """Send `data` (bytes, an async generator of bytes, or None) and read the whole answer,
+        all within `timeout` seconds; ApiUnreachable (and its subclasses) when there is no answer."""
         connected = _Connected()
         try:
             tls = self._ssl()
-            async with asyncio.timeout(self.timeout + longer), self._session(connected) as session:
-                headers = {"Content-Type": content_type} if body is not None else None
-                async with session.request(
+            async with (
+                asyncio.timeout(timeout),
+                self._session(connected) as session,
+                session.request(
                     method,
                     self._url(path, params),
-                    data=body,
+                    data=data,
                     headers=headers,
                     ssl=tls,
                     allow_redirects=False,
-                ) as resp:
-                    return Answer(resp.status, resp.reason or "", await resp.read())
+                ) as resp,
+            ):
+                return Answer(resp.status, resp.reason or "", await resp.read())
         except Exception as e:
             raise self.unreachable(e, connected.up) from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated
 
@@ -31,6 +32,17 @@ def check_node_id(value: str) -> str:
 def default_node_id(k: int) -> str:
     """The id of the k-th (1-based) node of a local cluster."""
     return f"node-{k}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """True if `host` names only the loopback interface (`localhost`, 127.0.0.0/8, `::1`)."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
 
 
 class Address(msgspec.Struct, frozen=True):

@@ -933,12 +933,26 @@ class Node:
                 info = info if isinstance(info, NodeInfoValue) else NodeInfoValue()
                 state = "up" if (m == self.node_id or m in up) else "down"
                 nodes.append(MemberStatus(m, str(addr), state, info.management, info.http))
+        failed = self.store.failed if self.store is not None else None
+        return self._node_status(
+            nodes,
+            self.transport.has_quorum(),
+            self.runner.engine.applied,
+            journal_error=str(failed) if failed is not None else None,
+        )
+
+    def _node_status(
+        self, nodes: list[MemberStatus], quorum: bool, applied_slot: int, **store: Any
+    ) -> NodeStatus:
+        """The status answer with what the store decides (`nodes`, `quorum`, `applied_slot` and the
+        `store` fields: the journal's error; or etcd, its endpoints and error) and this node's own
+        figures: ports, pid, instances, loop lag, store write failures, blocked slices."""
         return NodeStatus(
             node_id=self.node_id,
             leader=self.leader.leader,
-            quorum=self.transport.has_quorum(),
+            quorum=quorum,
             nodes=nodes,
-            applied_slot=self.runner.engine.applied,
+            applied_slot=applied_slot,
             management_port=self.management.port if self.management else 0,
             cluster_port=self.transport.port,
             http_port=self.http.port if self.http is not None else self.config.http_port,
@@ -948,15 +962,13 @@ class Node:
                 if (ids := self.slice_runtime.local_instances(a))
             },
             loop_lag_max_ms=round(self.loop_lag.max_recent() * 1000, 1),
-            journal_error=(
-                str(failed) if self.store is not None and (failed := self.store.failed) is not None else None
-            ),
             store_write_failures=self.kv.write_failures,
             store_write_failing_for=(
                 None if self.kv.failing_since is None else round(time.monotonic() - self.kv.failing_since, 1)
             ),
             store_write_error=self.kv.last_write_error,
             slice_blocks=self.slice_blocks,
+            **store,
         )
 
     def kv_list(self, prefix: str) -> list[KVEntry]:
@@ -977,27 +989,10 @@ class Node:
             info = published.get(m)
             info = info if isinstance(info, NodeInfoValue) else NodeInfoValue()
             nodes.append(MemberStatus(m, addr, "up" if m in live else "down", info.management, info.http))
-        return NodeStatus(
-            node_id=self.node_id,
-            leader=self.leader.leader,
-            quorum=self.has_quorum(),
-            nodes=nodes,
-            applied_slot=self.kv.revision,
-            management_port=self.management.port if self.management else 0,
-            cluster_port=self.transport.port,
-            http_port=self.http.port if self.http is not None else self.config.http_port,
-            pid=os.getpid(),
-            local_instances={
-                str(a): ids for a in self.slice_runtime.artifacts()
-                if (ids := self.slice_runtime.local_instances(a))
-            },
-            loop_lag_max_ms=round(self.loop_lag.max_recent() * 1000, 1),
-            store_write_failures=self.kv.write_failures,
-            store_write_failing_for=(
-                None if self.kv.failing_since is None else round(time.monotonic() - self.kv.failing_since, 1)
-            ),
-            store_write_error=self.kv.last_write_error,
-            slice_blocks=self.slice_blocks,
+        return self._node_status(
+            nodes,
+            self.has_quorum(),
+            self.kv.revision,
             store="etcd",
             store_endpoints=list(self.config.etcd_endpoints),
             store_error=None if self.has_quorum() else self._etcd_error(),

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 from pathlib import Path
 from typing import Final, Literal
 
 from aether.core.errors import ConfigError
+from aether.core.types import is_loopback_host
 
 __all__ = [
     "MIN_SECRET_BYTES",
@@ -122,17 +122,6 @@ def write_secret_file(path: str | Path, secret: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, p)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True if `host` names only the loopback interface (`localhost`, 127.0.0.0/8, `::1`)."""
-    h = host.strip().strip("[]").lower()
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 class Credentials:
