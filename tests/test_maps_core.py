@@ -3,6 +3,7 @@ consensus store. Each test pins one rule of docs/maps.md at the level where it l
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,9 +12,9 @@ from aether.core.calls import RetryPolicy
 from aether.core.maps import MapSpec, MapUnavailable
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
 from aether.maps.messages import MapRequest, MapResponse, ReplicateAck, SyncChunk
-from aether.maps.partitioning import activate, partition_of
+from aether.maps.partitioning import activate, owners_for, partition_of
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
-from aether.maps.storage import MemoryStorage
+from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage
 
 P = 8  # partitions
 
@@ -39,7 +40,9 @@ class Net:
     """`n` cores; the first `joined` (default all) are up for each other from the start, the others
     come up with `join`."""
 
-    def __init__(self, n: int = 3, *, joined: int | None = None) -> None:
+    def __init__(
+        self, n: int = 3, *, joined: int | None = None, engines: dict[str, MapStorage] | None = None
+    ) -> None:
         self.ids = [f"n{i + 1}" for i in range(n)]
         self.t = MapTimings(
             retry=RetryPolicy(timeout=3.0, attempt_timeout=0.5, backoff_min=0.02, backoff_max=0.5)
@@ -47,7 +50,7 @@ class Net:
         self.cores = {
             i: MapCore(i, partitions=P, timings=self.t, incarnation=k) for k, i in enumerate(self.ids)
         }
-        self.engines = {i: Full() for i in self.ids}
+        self.engines: dict[str, MapStorage] = engines or {i: Full() for i in self.ids}
         self.table: Any = None
         self.queue: list[tuple[str, str, Any]] = []
         self.results: dict[int, Any] = {}
@@ -82,6 +85,9 @@ class Net:
         return True
 
     def run(self, node: str, actions: list[Any]) -> None:
+        engine = self.engines.get(node)
+        if engine is not None and engine.pending:  # as the map service: committed before acting
+            engine.commit()
         for a in actions:
             if isinstance(a, Send):
                 self.queue.append((node, a.peer, a.msg))
@@ -403,6 +409,51 @@ def test_after_a_full_restart_a_takeover_goes_on_once_every_owner_answered() -> 
     net.settle()
     # every write reached every owner before the restart: the keeper's copy has them all
     assert [net.results[100 + n] for n in range(len(keys))] == [(b"v", True)] * len(keys)
+
+
+def test_a_retry_after_every_owner_restarted_from_disk_reports_the_first_attempts_outcome(
+    tmp_path: Path,
+) -> None:
+    """The restart path of operation ids: a compare-and-set is applied and acknowledged by the
+    replicas, its answer is lost, and every owner of the key restarts from its SQLite file before
+    the caller (a fourth node, not an owner) retries. The ids come back from the files (no core
+    remembers anything), so the retry reports that it was applied, not a mismatch."""
+    ids = [f"n{i + 1}" for i in range(4)]
+    net = Net(4, engines={i: SqliteStorage(tmp_path / f"{i}.sqlite") for i in ids})
+    key = "k"
+    owners = set(owners_for(net.table, partition_of(key, P), 3))
+    client = next(i for i in ids if i not in owners)
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    assert net.results[1] == (None, True)
+    net.drop = lambda src, dst, msg: isinstance(msg, MapResponse) and dst == client  # answers lost
+    net.submit(client, 2, OP_CAS, key, b"b", b"a")
+    net.pump()  # applied and replicated; the answer is lost and the caller waits to retry
+    assert 2 not in net.results
+    net.queue.clear()
+    for i in owners:  # every owner restarts from its file: nothing in memory survives
+        engine = net.engines[i]
+        assert isinstance(engine, SqliteStorage)
+        engine.close()
+        net.engines[i] = SqliteStorage(tmp_path / f"{i}.sqlite")
+        net.cores[i] = MapCore(i, partitions=P, timings=net.t, incarnation=50 + ids.index(i))
+        net.run(i, net.cores[i].define("m", MapSpec(), net.engines[i], net.now))
+        net.run(i, net.cores[i].set_table(net.table, net.now))
+    for i in owners:
+        for j in ids:
+            if j != i:
+                net.run(i, net.cores[i].peer_up(j, net.now))
+                net.run(j, net.cores[j].peer_up(i, net.now))
+    leader = sorted(owners)[0]
+    net.run(leader, net.cores[leader].set_leader(True, net.now))
+    net.drop = lambda src, dst, msg: False
+    net.settle(2.5)  # within the caller's 3 s of retries
+    assert net.results[2] == (b"b", True), "the retry ran again instead of reporting the first attempt"
+    net.submit(client, 3, OP_GET, key)
+    net.settle()
+    assert net.results[3] == (b"b", True)
+    for engine in net.engines.values():
+        engine.close()
 
 
 def _restarted_leader(net: Net, at: float) -> tuple[MapCore, list[Any]]:
