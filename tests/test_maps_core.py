@@ -456,6 +456,46 @@ def test_a_retry_after_every_owner_restarted_from_disk_reports_the_first_attempt
         engine.close()
 
 
+def test_a_damaged_operation_log_takes_the_map_out_of_service_on_that_node_until_it_copies_again(
+    tmp_path: Path,
+) -> None:
+    """Bad bytes on disk do not kill the node: an `oplog` row that does not decode (a damaged file)
+    makes the restarted node's map storage failed (named, and out of the table), the probe finds
+    the storage writable, the node drops its copy (the log with it) and is given the data again."""
+    import sqlite3
+
+    ids = [f"n{i + 1}" for i in range(3)]
+    net = Net(3, engines={i: SqliteStorage(tmp_path / f"{i}.sqlite") for i in ids})
+    net.submit(ids[0], 1, OP_PUT, "k", b"v")
+    net.settle()
+    victim = ids[2]
+    old = net.engines[victim]
+    assert isinstance(old, SqliteStorage) and old.load_ops()
+    old.close()
+    db = sqlite3.connect(tmp_path / f"{victim}.sqlite")
+    db.execute("UPDATE oplog SET ops = x'c1'")  # 0xc1: a byte msgpack never uses
+    db.commit()
+    db.close()
+    net.engines[victim] = SqliteStorage(tmp_path / f"{victim}.sqlite")
+    net.cores[victim] = MapCore(victim, partitions=P, timings=net.t, incarnation=77)
+    net.run(victim, net.cores[victim].define("m", MapSpec(), net.engines[victim], net.now))
+    assert "DecodeError" in net.cores[victim].broken["m"] and "DecodeError" in net.health[victim]
+    net.run(victim, net.cores[victim].set_table(net.table, net.now))
+    for j in ids:
+        if j != victim:
+            net.run(victim, net.cores[victim].peer_up(j, net.now))
+    net.settle(net.t.probe_after + 3.0)
+    assert "m" not in net.cores[victim].broken and victim not in net.health
+    net.submit(victim, 2, OP_GET, "k")
+    net.settle()
+    assert net.results[2] == (b"v", True)
+    for engine in net.engines.values():
+        engine.close()
+    again = SqliteStorage(tmp_path / f"{victim}.sqlite")
+    again.load_ops()  # the damaged row went with the dropped copy
+    again.close()
+
+
 def _restarted_leader(net: Net, at: float) -> tuple[MapCore, list[Any]]:
     """`n1` restarts at `at` (the table names all three nodes); it hears `n2` first, which gives it
     quorum and the leadership. Returns the new core and the table writes it asked for."""
