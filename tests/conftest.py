@@ -780,6 +780,18 @@ class LocalCluster:
 # fixtures
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}: the test run was asked to stop")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI job's timeout, `timeout`, a stopped xdist worker) ends the run the way Ctrl-C
+    does: the running test's fixtures are torn down, so the node processes they started (Forge's
+    among them, which are not bound to this process' life) are stopped by PID, not left running."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Byte-compile src/aether once, before any test starts a process.
 
