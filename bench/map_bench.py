@@ -245,7 +245,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--keys", type=int, default=10000)
-    ap.add_argument("--engine", choices=["memory", "sqlite"], default="memory")
+    ap.add_argument("--engine", choices=["memory", "log", "sqlite"], default="memory")
     ap.add_argument("--replicas", type=int, default=3)
     ap.add_argument("--write-quorum", type=int, default=2)
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of puts before measuring")

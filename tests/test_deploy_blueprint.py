@@ -123,7 +123,7 @@ _SLICE_A = '[slices.a]\nartifact = "org.a:b:1.0.0"\n'
         ("id = 1979-05-27\n" + _SLICE_A,
          "bp.toml:1: id must be a non-empty string, got datetime.date(1979, 5, 27)"),
         ('id = "x"\n' + _SLICE_A + "[maps.m]\nengine = 3\n",
-         'bp.toml:5: engine in [maps.m] must be "memory" or "sqlite", got 3'),
+         'bp.toml:5: engine in [maps.m] must be "memory", "log" or "sqlite", got 3'),
         ('id = "x"\n' + _SLICE_A + "[maps.m]\nmax_value_bytes = 1.5\n",
          "bp.toml:5: max_value_bytes in [maps.m] must be an integer, got 1.5"),
         ('id = "x"\n' + _SLICE_A + "[maps]\nm = 3\n", "bp.toml:5: maps.m must be a table ([maps.m])"),

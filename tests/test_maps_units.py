@@ -13,7 +13,7 @@ from aether.core.maps import PartitionTable
 from aether.maps.messages import MAP_MESSAGE_TYPES, MapMessage, Replicate, SyncChunk
 from aether.maps.partitioning import owners_for, partition_of, plan_table, rank
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE, Record, evaluate, is_live, newer
-from aether.maps.storage import MemoryStorage, SqliteStorage, open_storage_engine
+from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage, open_storage_engine
 
 
 def test_partition_of_is_stable_and_spread() -> None:
@@ -120,7 +120,7 @@ def test_messages_fit_one_transport_union() -> None:
     assert {t.__struct_config__.tag for t in MAP_MESSAGE_TYPES} == set(range(50, 60)) | set(range(62, 66))
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("kind", ["memory", "log", "sqlite"])
 def test_engine_contract(kind: str, tmp_path: Path) -> None:
     e = open_storage_engine(kind, tmp_path, "m")
     e.put(1, "a", Record(b"12345", 1, 1))
@@ -157,21 +157,21 @@ def test_sqlite_engine_persists(tmp_path: Path) -> None:
     again.close()
 
 
-@pytest.mark.parametrize("engine", ["memory", "sqlite"])
+@pytest.mark.parametrize("engine", ["memory", "log", "sqlite"])
 def test_applied_operations_survive_drop_purge_and_restart_as_the_interface_says(
     tmp_path: Path, engine: str
 ) -> None:
-    """Both engines: `add_ops` is durable with the commit (sqlite: across a reopen), `drop` forgets
-    a partition's operations so far (not later ones), `purge_ops` those older than its horizon, a
-    rolled-back transaction logs none."""
+    """Every engine: `add_ops` is durable with the commit (log and sqlite: across a reopen), `drop`
+    forgets a partition's operations so far (not later ones), `purge_ops` those older than its
+    horizon, a rolled-back transaction logs none."""
 
-    def reopen(e: MemoryStorage | SqliteStorage) -> MemoryStorage | SqliteStorage:
-        if isinstance(e, MemoryStorage):
+    def reopen(e: MapStorage) -> MapStorage:
+        if engine == "memory":
             return e
         e.close()
-        return SqliteStorage(tmp_path / "m.sqlite")
+        return open_storage_engine(engine, tmp_path, "m")
 
-    e: MemoryStorage | SqliteStorage = open_storage_engine(engine, tmp_path, "m")  # type: ignore[assignment]
+    e: MapStorage = open_storage_engine(engine, tmp_path, "m")
     e.put(1, "a", Record(b"1", 1, 1))
     e.add_ops([(1, "n1", 1, 100), (2, "n1", 2, 100)])
     e.commit()

@@ -197,7 +197,7 @@ def map_stats(settings: Settings, map_name: str, as_json: bool) -> None:
     type=click.IntRange(1, 9),
     help="Acknowledgements before a write returns [min(2, replicas)].",
 )
-@click.option("--engine", type=click.Choice(["memory", "sqlite"]), help="Storage engine [memory].")
+@click.option("--engine", type=click.Choice(["memory", "log", "sqlite"]), help="Storage engine [memory].")
 @click.option(
     "--max-value-bytes", type=click.IntRange(min=1), help="Largest encoded value in bytes [1048576]."
 )

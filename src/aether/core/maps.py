@@ -32,7 +32,7 @@ __all__ = [
     "check_map_name",
 ]
 
-StorageEngine = Literal["memory", "sqlite"]
+StorageEngine = Literal["memory", "log", "sqlite"]
 MAX_KEY_BYTES: Final = 1024
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
 MAX_VALUE_BYTES_LIMIT: Final = 8 * 1024 * 1024
@@ -87,8 +87,8 @@ class MapSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How one map is replicated and stored.
 
     `replicas` copies of every key (primary included) and `write_quorum` acknowledgements before a
-    write returns; both are capped by the number of live nodes. `engine` is ``memory`` or
-    ``sqlite`` (persistent, in the node's data directory).
+    write returns; both are capped by the number of live nodes. `engine` is ``memory``, ``log``
+    or ``sqlite`` (both persistent, in the node's data directory; see `aether.maps.storage`).
     """
 
     replicas: int = 3

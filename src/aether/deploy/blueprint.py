@@ -46,7 +46,7 @@ db_password = { secret = "db-password" }  # a secret, resolved when an instance 
 [maps.orders]                     # optional: a distributed map the slices use; NAME is the map name
 replicas = 3                      # optional, default 3 (copies, primary included)
 write_quorum = 2                  # optional, default 2 (acknowledgements before a write returns)
-engine = "sqlite"                 # optional: "memory" (default) or "sqlite" (persistent)
+engine = "sqlite"                 # optional: "memory" (default), "log" or "sqlite" (both persistent)
 max_value_bytes = 1048576         # optional, default 1 MiB
 ```
 
@@ -488,7 +488,7 @@ def _parse_maps(
 
         def bad_map(key: str, value: object, name: str = name) -> str:
             if key == "engine":
-                return f'engine in [maps.{name}] must be "memory" or "sqlite", got {value!r}'
+                return f'engine in [maps.{name}] must be "memory", "log" or "sqlite", got {value!r}'
             return f"{key} in [maps.{name}] must be an integer, got {value!r}"
 
         spec = _convert(

@@ -6,7 +6,8 @@ Modules:
   the live nodes, so a joining or leaving node moves only its share), owners per map.
 - `records` (sans-IO): the stored record (value or tombstone, version, expiry), version order,
   the merge rule and the evaluation of one operation against the current record.
-- `storage`: the storage engines behind one interface: `MemoryStorage` and `SqliteStorage` (WAL).
+- `storage`: the storage engines behind one interface: `MemoryStorage` and `SqliteStorage` (WAL);
+  `logstorage`: `LogStorage`, the map in memory and every commit appended to a file.
 - `messages`: node-to-node wire messages (tags 50-59).
 - `service`: `MapService`, one per node: serves operations for the partitions this node is
   primary of, replicates to the owners, answers replication, sync, key and stats requests, syncs a

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -75,7 +76,7 @@ from aether.maps.messages import (
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, activate
 from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, OP_PUT, OP_REMOVE
-from aether.maps.storage import MapStorage, open_storage_engine
+from aether.maps.storage import MapStorage, StorageDamaged, open_storage_engine, storage_files
 from aether.transport import EventBus, PeerDown, PeerUp
 
 __all__ = ["MapService"]
@@ -446,7 +447,16 @@ class MapService:
         old = self.core.specs.get(name)
         engine = None
         if name not in self.core.engines or (old is not None and old.engine != spec.engine):
-            engine = self.open_storage(spec.engine, self.data_dir, name)
+            try:
+                engine = self.open_storage(spec.engine, self.data_dir, name)
+            except StorageDamaged as e:
+                aside = e.path.with_name(f"{e.path.name}.damaged-{self.wall_ms()}")
+                os.replace(e.path, aside)
+                self.log.error(
+                    "map %r: %s; moved to %s: this node starts the map empty and gets its copies "
+                    "from the other owners", name, e, aside,
+                )
+                engine = self.open_storage(spec.engine, self.data_dir, name)
             if self._distrust:
                 for p in engine.held():
                     engine.set_held(p, set())
@@ -458,9 +468,8 @@ class MapService:
             for p in engine.partitions():
                 engine.drop(p)
             engine.close()
-            path = self.data_dir / f"{name}.sqlite"
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            for path in storage_files(self.data_dir, name):
+                path.unlink(missing_ok=True)
 
     def _on_def_event(self, ev: Any) -> None:
         if ev.kind == "reset":

@@ -1,6 +1,7 @@
 """Storage engines of the distributed map, behind one interface (`MapStorage`).
 
-`MemoryStorage` keeps one dict per partition. `SqliteStorage` keeps one SQLite database per map in
+`MemoryStorage` keeps one dict per partition; `LogStorage` (`aether.maps.logstorage`, engine ``log``)
+the same, with every commit appended to a file. `SqliteStorage` keeps one SQLite database per map in
 the node's data directory, in WAL mode with ``synchronous=NORMAL`` and an exclusive lock (held
 while the engine is open: no other connection, in this process or another, can open the file
 meanwhile). Both count the live entries and
@@ -32,7 +33,9 @@ import msgspec
 from aether.core.files import make_private_dirs, open_private
 from aether.maps.records import Record
 
-__all__ = ["MapStorage", "MemoryStorage", "SqliteStorage", "open_storage_engine"]
+__all__ = [
+    "MapStorage", "MemoryStorage", "SqliteStorage", "StorageDamaged", "open_storage_engine", "storage_files",
+]
 
 _OPS_ENCODER = msgspec.msgpack.Encoder()
 _OPS_DECODER = msgspec.msgpack.Decoder(list[tuple[int, str, int, int]])
@@ -46,6 +49,15 @@ _PARTITIONS = (
     "SELECT (SELECT min(p) FROM records WHERE p > ps.p) FROM ps WHERE ps.p IS NOT NULL) "
     "SELECT p FROM ps WHERE p IS NOT NULL"
 )
+
+
+class StorageDamaged(Exception):
+    """A map's file does not read back, and not because a crash cut its end short: it is damaged.
+    `path` names it (the map service sets it aside and starts the map empty on this node)."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class MapStorage(Protocol):
@@ -456,4 +468,17 @@ def open_storage_engine(engine: str, directory: Path, name: str) -> MapStorage:
         return MemoryStorage()
     if engine == "sqlite":
         return SqliteStorage(directory / f"{name}.sqlite")
-    raise ValueError(f"unknown storage engine {engine!r}; use memory or sqlite")
+    if engine == "log":
+        from aether.maps.logstorage import LogStorage
+
+        return LogStorage(directory / f"{name}.log")
+    raise ValueError(f"unknown storage engine {engine!r}; use memory, log or sqlite")
+
+
+def storage_files(directory: Path, name: str) -> list[Path]:
+    """Every file the persistent engines may keep for map `name` in `directory`."""
+    sqlite = directory / f"{name}.sqlite"
+    log = directory / f"{name}.log"
+    return [Path(f"{sqlite}{s}") for s in ("", "-wal", "-shm")] + [
+        Path(f"{log}{s}") for s in ("", ".tmp", ".lock")
+    ]

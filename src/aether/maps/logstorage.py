@@ -1,0 +1,387 @@
+"""`LogStorage`, the ``log`` engine: a map's records in memory, made durable by appending each
+commit to a log file, which is rewritten as a snapshot once it has grown to twice the live data.
+
+Why a third engine: a SQLite commit writes whole pages (every record lands on a random leaf; the
+page goes to the WAL and again to the database at the checkpoint), and Python's `sqlite3` lets go
+of the interpreter lock around every step of every statement, so a node whose slices run in
+threads hands the lock back and forth several times per commit. Here a commit is one `write`
+system call carrying the turn's changes (tens of bytes plus the values). The price: the whole map
+lives in memory, as with ``memory``, and opening it reads the whole file.
+
+The file, ``NAME.log`` in the node's map directory (0600), is a header line and then one frame per
+commit: payload length (4 bytes, little-endian), CRC-32 of those 4 bytes, CRC-32 of the payload,
+and the payload, the commit's changes as a msgpack list (`_Change`). ``NAME.log.lock`` is locked
+(`flock`) while the engine is open: another process opening the same map fails at once.
+
+Opening replays the frames in order. A frame cut short at the end of the file, or whose payload
+does not match its checksum while it is the last one, is a commit a crash interrupted (the write
+never returned, so nothing of it was acknowledged): it is cut off. Anything else that does not
+read back (a wrong header, a damaged frame followed by others, a payload that is not a list of
+changes) raises `StorageDamaged` naming the file and the byte offset; the map service then sets
+the file aside and starts the map empty on this node (the other owners have the data).
+
+Durability is the sqlite engine's: once `commit` returns the changes are in the kernel's page
+cache and survive a crash of the process (kill -9 included); a power cut may lose the last ones
+(there is no fsync per commit; a snapshot is synced before it replaces the log). A commit whose
+write fails (a full disk) cuts the file back to the end of the previous commit, undoes the turn's
+changes in memory and raises.
+
+Snapshots: when the file exceeds `COMPACT_MIN_BYTES` and twice the size of the last snapshot, the
+commit writes the live state to ``NAME.log.tmp``, syncs it, renames it over the log and syncs the
+directory: a crash leaves the old log or the new one, never a mix. It runs on the node's loop and
+costs about what replaying does (roughly proportional to the live data); it happens once per
+growth of the file by the live size, so its cost per write stays constant.
+
+May import `aether.core` and `aether.maps.records` / `aether.maps.storage`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from aether.core.files import make_private_dirs, open_private
+from aether.maps.records import Record
+from aether.maps.storage import MemoryStorage, StorageDamaged
+
+__all__ = ["COMPACT_MIN_BYTES", "LogStorage"]
+
+MAGIC = b"aether map log 1\n"
+"""The file's first bytes (a format change gets a new number)."""
+
+COMPACT_MIN_BYTES = 16 * 1024 * 1024
+"""A log smaller than this is never rewritten (per map and node)."""
+
+_HEAD = struct.Struct("<III")  # payload length, CRC-32 of the length bytes, CRC-32 of the payload
+_LEN = struct.Struct("<I")
+_SNAPSHOT_CHUNK = 4096  # changes per frame of a snapshot
+
+
+class _Put(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=0):
+    p: int
+    k: str
+    r: Record
+
+
+class _Del(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=1):
+    p: int
+    k: str
+
+
+class _Drop(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=2):
+    p: int
+
+
+class _Held(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=3):
+    p: int
+    versions: list[int]
+
+
+class _Ops(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=4):
+    ops: list[tuple[int, str, int, int]]
+
+
+class _PurgeOps(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5):
+    start: int
+    stop: int
+    before: int
+
+
+_Change = _Put | _Del | _Drop | _Held | _Ops | _PurgeOps
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(list[_Change])
+
+
+def frame(payload: bytes) -> bytes:
+    """One frame of the log: the header (length and the two checksums) and `payload`."""
+    n = _LEN.pack(len(payload))
+    return _HEAD.pack(len(payload), zlib.crc32(n), zlib.crc32(payload)) + payload
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class LogStorage(MemoryStorage):
+    """`MemoryStorage` whose changes are appended to ``NAME.log`` at each `commit` (see the module
+    docstring)."""
+
+    def __init__(self, path: Path, *, compact_min_bytes: int = COMPACT_MIN_BYTES) -> None:
+        super().__init__()
+        make_private_dirs(path.parent)
+        self.path = path
+        self.compact_min_bytes = compact_min_bytes
+        self._lock_fd = open_private(f"{path}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise OSError(f"{path} is open in another process (its lock file {path}.lock is held)") from None
+        self._fd = -1
+        try:
+            Path(f"{path}.tmp").unlink(missing_ok=True)  # a snapshot a crash interrupted
+            self._size = self._replay()
+            self._fd = open_private(path, os.O_WRONLY | os.O_APPEND)
+            if self._size == 0:
+                _write_all(self._fd, MAGIC)
+                self._size = len(MAGIC)
+        except BaseException:
+            self._close_files()
+            raise
+        # about what a snapshot taken now would weigh (the file may hold much that is gone)
+        self._snapshot_size = min(self._size, self._live_estimate())
+        self._changes: list[_Change] = []  # since the last commit
+        self._undo: list[tuple[Any, ...]] = []  # how to take them back in memory
+        self._counts = (self.entries, self.bytes)
+        self.snapshots = 0  # rewrites of the file since opening (for tests and stats)
+
+    # --- opening ------------------------------------------------------------------------------------
+
+    def _replay(self) -> int:
+        """Apply the file's commits to memory; the length of the file that holds them."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        if not data:
+            return 0
+        if not data.startswith(MAGIC):
+            if MAGIC.startswith(data):  # the header a crash cut short: nothing was committed
+                os.truncate(self.path, 0)
+                return 0
+            raise StorageDamaged(self.path, f"{self.path} is not an Aether map log (it starts {data[:16]!r})")
+        view = memoryview(data)
+        pos, end = len(MAGIC), len(data)
+        while pos < end:
+            if end - pos < _HEAD.size:
+                break  # a header cut short: torn
+            length, len_crc, crc = _HEAD.unpack_from(view, pos)
+            if zlib.crc32(_LEN.pack(length)) != len_crc:
+                if not any(view[pos:]):
+                    break  # zeros a power cut left after the last commit
+                raise StorageDamaged(self.path, f"{self.path}: damaged frame header at byte {pos}")
+            stop = pos + _HEAD.size + length
+            if stop > end:
+                break  # a commit cut short
+            payload = view[pos + _HEAD.size : stop]
+            if zlib.crc32(payload) != crc:
+                if stop == end:
+                    break  # the last commit, written in part
+                raise StorageDamaged(
+                    self.path, f"{self.path}: the commit at byte {pos} does not match its checksum"
+                )
+            try:
+                changes = _DECODER.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                why = f"{self.path}: the commit at byte {pos} cannot be read: {e}"
+                raise StorageDamaged(self.path, why) from None
+            for change in changes:
+                self._apply(change)
+            pos = stop
+        if pos < end:
+            os.truncate(self.path, pos)
+        return pos
+
+    def _apply(self, c: _Change) -> None:
+        """Replay one change (no logging, no undo)."""
+        if isinstance(c, _Put):
+            MemoryStorage.put(self, c.p, c.k, c.r)
+        elif isinstance(c, _Del):
+            MemoryStorage.delete(self, c.p, c.k)
+        elif isinstance(c, _Drop):
+            MemoryStorage.drop(self, c.p)
+        elif isinstance(c, _Held):
+            MemoryStorage.set_held(self, c.p, set(c.versions))
+        elif isinstance(c, _Ops):
+            MemoryStorage.add_ops(self, c.ops)
+        else:
+            MemoryStorage.purge_ops(self, range(c.start, c.stop), c.before)
+
+    # --- changes ------------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._changes)
+
+    @pending.setter
+    def pending(self, value: bool) -> None:  # MemoryStorage.__init__ sets it
+        pass
+
+    def put(self, partition: int, key: str, rec: Record) -> None:
+        part = self._parts.get(partition)
+        self._undo.append(("rec", partition, key, None if part is None else part.get(key)))
+        super().put(partition, key, rec)
+        self._changes.append(_Put(partition, key, rec))
+
+    def delete(self, partition: int, key: str) -> None:
+        part = self._parts.get(partition)
+        if part is None or key not in part:
+            return
+        self._undo.append(("rec", partition, key, part[key]))
+        super().delete(partition, key)
+        self._changes.append(_Del(partition, key))
+
+    def drop(self, partition: int) -> None:
+        self._undo.append(("drop", partition, self._parts.get(partition), self._ops.get(partition)))
+        super().drop(partition)
+        self._changes.append(_Drop(partition))
+
+    def set_held(self, partition: int, versions: set[int]) -> None:
+        self._undo.append(("held", partition, self._held.get(partition)))
+        super().set_held(partition, versions)
+        self._changes.append(_Held(partition, sorted(versions)))
+
+    def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
+        if not ops:
+            return
+        for p, origin, rid, _ in ops:
+            self._undo.append(("op", p, (origin, rid), self._ops.get(p, {}).get((origin, rid))))
+        super().add_ops(ops)
+        self._changes.append(_Ops(list(ops)))
+
+    def purge_ops(self, partitions: range, before_ms: int) -> None:
+        gone = False
+        for p in partitions:
+            d = self._ops.get(p)
+            if d:
+                old = {k: at for k, at in d.items() if at < before_ms}
+                if old:
+                    self._undo.append(("ops", p, old))
+                    gone = True
+        if gone:
+            super().purge_ops(partitions, before_ms)
+            self._changes.append(_PurgeOps(partitions.start, partitions.stop, before_ms))
+
+    # --- commits ------------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        if not self._changes:
+            return
+        try:
+            data = frame(_ENCODER.encode(self._changes))
+            try:
+                _write_all(self._fd, data)
+            except BaseException:
+                try:
+                    os.truncate(self.path, self._size)  # a part may be in the file
+                except OSError:
+                    pass  # then replaying cuts it off (the checksum does not match)
+                raise
+        except BaseException:
+            self._rollback()
+            raise
+        self._size += len(data)
+        self._changes = []
+        self._undo = []
+        self._counts = (self.entries, self.bytes)
+        if self._size > self.compact_min_bytes and self._size > 2 * self._snapshot_size:
+            self.snapshot()
+
+    def _rollback(self) -> None:
+        """Take back in memory what changed since the last commit."""
+        for u in reversed(self._undo):
+            kind, p = u[0], u[1]
+            if kind == "rec":
+                if u[3] is None:
+                    MemoryStorage.delete(self, p, u[2])
+                else:
+                    MemoryStorage.put(self, p, u[2], u[3])
+            elif kind == "drop":
+                if u[2] is not None:
+                    self._parts[p] = u[2]
+                if u[3] is not None:
+                    self._ops[p] = u[3]
+            elif kind == "held":
+                MemoryStorage.set_held(self, p, set() if u[2] is None else u[2])
+            elif kind == "op":
+                d = self._ops.setdefault(p, {})
+                if u[3] is None:
+                    d.pop(u[2], None)
+                else:
+                    d[u[2]] = u[3]
+            else:  # "ops": purged ids
+                self._ops.setdefault(p, {}).update(u[2])
+        self._changes = []
+        self._undo = []
+        self.entries, self.bytes = self._counts
+
+    def snapshot(self) -> None:
+        """Rewrite the file as the live state (what is committed: call it between commits)."""
+        assert not self._changes, "snapshot with uncommitted changes"
+        tmp = Path(f"{self.path}.tmp")
+        fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+        try:
+            size = len(MAGIC)
+            _write_all(fd, MAGIC)
+            for chunk in self._state_chunks():
+                data = frame(_ENCODER.encode(chunk))
+                _write_all(fd, data)
+                size += len(data)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        old, self._fd = self._fd, open_private(self.path, os.O_WRONLY | os.O_APPEND)
+        os.close(old)
+        self._size = self._snapshot_size = size
+        self.snapshots += 1
+
+    def _live_estimate(self) -> int:
+        records = sum(len(part) for part in self._parts.values())
+        ops = sum(len(d) for d in self._ops.values())
+        return len(MAGIC) + self.bytes + 32 * records + 24 * ops
+
+    def _state_chunks(self) -> Any:
+        chunk: list[_Change] = []
+        for p, part in self._parts.items():
+            for k, rec in part.items():
+                chunk.append(_Put(p, k, rec))
+                if len(chunk) >= _SNAPSHOT_CHUNK:
+                    yield chunk
+                    chunk = []
+        for p, versions in self._held.items():
+            chunk.append(_Held(p, sorted(versions)))
+        ops = [(p, o, r, at) for p, d in self._ops.items() for (o, r), at in d.items()]
+        for i in range(0, len(ops), _SNAPSHOT_CHUNK):
+            chunk.append(_Ops(ops[i : i + _SNAPSHOT_CHUNK]))
+            yield chunk
+            chunk = []
+        if chunk:
+            yield chunk
+
+    # --- closing ------------------------------------------------------------------------------------
+
+    def _close_files(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        """Commit what is pending and close the file (the records in memory go with it)."""
+        if self._fd < 0:
+            return
+        try:
+            self.commit()
+        finally:
+            self._close_files()
+            super().close()

@@ -1,0 +1,270 @@
+"""The ``log`` map engine (`aether.maps.logstorage`): what a commit leaves in the file is what opening
+it gives back, whatever happened after (a crash mid-write, a power cut's zeros, a full disk, a
+snapshot cut short), and a damaged file is named, never silently shortened."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aether.maps.logstorage import MAGIC, LogStorage, frame
+from aether.maps.records import Record
+from aether.maps.storage import MemoryStorage, StorageDamaged
+from test_disk_faults import fill, tiny_filesystem
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def state(e: MemoryStorage) -> dict[str, Any]:
+    """Everything an engine holds, comparable."""
+    return {
+        "parts": {p: dict(d) for p, d in e._parts.items() if d},
+        "held": e.held(),
+        "ops": sorted(e.load_ops()),
+        "counts": (e.entries, e.bytes),
+    }
+
+
+def crash(e: LogStorage) -> None:
+    """What kill -9 leaves: the file as written so far (nothing pending committed), the lock gone."""
+    e._close_files()
+
+
+def random_step(rng: random.Random, e: MemoryStorage, now: int) -> None:
+    p = rng.randrange(6)
+    key = f"k{rng.randrange(12)}"
+    roll = rng.random()
+    if roll < 0.45:
+        value = None if rng.random() < 0.15 else rng.randbytes(rng.randrange(0, 40))
+        e.put(p, key, Record(value, rng.randrange(3), rng.randrange(1000), rng.choice([0, 0, now + 50])))
+    elif roll < 0.6:
+        e.delete(p, key)
+    elif roll < 0.65:
+        e.drop(p)
+    elif roll < 0.72:
+        e.set_held(p, set(rng.sample(range(8), rng.randrange(3))))
+    elif roll < 0.85:
+        e.add_ops([(p, f"n{rng.randrange(3)}", rng.randrange(50), now)])
+    elif roll < 0.92:
+        e.purge_ops(range(rng.randrange(3), 6), now - rng.randrange(100))
+    else:
+        e.purge(range(0, 6), now)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_reopening_gives_what_was_committed_through_crashes_and_snapshots(tmp_path: Path, seed: int) -> None:
+    """Random changes applied to the engine and to a `MemoryStorage` model; at random points a
+    commit, a clean reopen, a crash (the uncommitted changes are lost: the model goes back to its
+    last commit) or a snapshot; the engine always equals the model (in half the runs a small
+    snapshot threshold makes snapshots happen on their own as well; in the others reopening
+    replays long logs)."""
+    rng = random.Random(seed)
+    path = tmp_path / "m.log"
+    threshold = 256 if seed % 2 else 1 << 30
+    e = LogStorage(path, compact_min_bytes=threshold)
+    model, committed = MemoryStorage(), MemoryStorage()
+    now, snapshots = 1000, 0
+    for _ in range(600):
+        now += rng.randrange(20)
+        r = rng.random()
+        if r < 0.8:
+            s = rng.getstate()
+            random_step(rng, e, now)
+            rng.setstate(s)
+            random_step(rng, model, now)
+        elif r < 0.9:
+            e.commit()
+            committed = copy.deepcopy(model)
+        elif r < 0.95:
+            snapshots += e.snapshots
+            e.close()
+            committed = copy.deepcopy(model)
+            e = LogStorage(path, compact_min_bytes=threshold)
+        elif r < 0.98:
+            snapshots += e.snapshots
+            crash(e)
+            model = copy.deepcopy(committed)
+            e = LogStorage(path, compact_min_bytes=threshold)
+        else:
+            e.commit()
+            committed = copy.deepcopy(model)
+            snapshots -= 1  # taken by hand, not by the threshold
+            e.snapshot()
+        assert state(e) == state(model)
+    assert (snapshots + e.snapshots > 0) == (threshold == 256)
+    e.close()
+    again = LogStorage(path)
+    assert state(again) == state(model)
+    again.close()
+
+
+def test_snapshots_keep_the_file_near_the_live_data(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    e = LogStorage(path, compact_min_bytes=64 * 1024)
+    for i in range(20_000):  # the same 100 keys over and over: ~2 MB written in all
+        e.put(i % 100 % 7, f"k{i % 100}", Record(b"x" * 80, 1, i))
+        e.commit()
+    assert e.snapshots >= 10
+    assert path.stat().st_size < 2 * 64 * 1024
+    e.close()
+    again = LogStorage(path)
+    assert again.entries == 100 and again.get(99 % 7, "k99") == Record(b"x" * 80, 1, 19_999)
+    again.close()
+
+
+def _committed_file(tmp_path: Path) -> tuple[Path, int, dict[str, Any]]:
+    """A log of two commits; the length of the first and the state after it."""
+    path = tmp_path / "m.log"
+    e = LogStorage(path)
+    e.put(1, "a", Record(b"first", 1, 1))
+    e.add_ops([(1, "n1", 1, 100)])
+    e.commit()
+    first = path.stat().st_size
+    after_first = state(e)
+    e.put(1, "b", Record(b"second", 1, 2))
+    e.set_held(1, {3})
+    e.commit()
+    e.close()
+    return path, first, after_first
+
+
+def test_a_commit_cut_short_anywhere_is_cut_off_and_the_earlier_ones_stay(tmp_path: Path) -> None:
+    path, first, after_first = _committed_file(tmp_path)
+    whole = path.read_bytes()
+    for cut in range(first + 1, len(whole)):  # every length inside the second frame
+        path.write_bytes(whole[:cut])
+        e = LogStorage(path)
+        assert state(e) == after_first, cut
+        assert path.stat().st_size == first  # the torn part is gone, the next commit follows the first
+        e.put(2, "c", Record(b"after", 1, 3))
+        e.commit()
+        e.close()
+        again = LogStorage(path)
+        assert again.get(2, "c") == Record(b"after", 1, 3) and again.get(1, "a") is not None
+        again.close()
+    for cut in range(0, len(MAGIC)):  # the header itself cut short: an empty map
+        path.write_bytes(whole[:cut])
+        e = LogStorage(path)
+        assert e.entries == 0 and path.read_bytes() == MAGIC
+        e.close()
+
+
+def test_zeros_after_the_last_commit_are_cut_off(tmp_path: Path) -> None:
+    path, _, _ = _committed_file(tmp_path)
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b"\0" * 4096)  # what a power cut can leave in the blocks after the data
+    e = LogStorage(path)
+    assert e.get(1, "b") == Record(b"second", 1, 2) and e.held() == {1: {3}}
+    assert path.stat().st_size == size
+    e.close()
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        # a byte of the first commit's payload (the second follows it)
+        (lambda b: _flip(b, len(MAGIC) + 15), "the commit at byte 17 does not match its checksum"),
+        (lambda b: _flip(b, len(MAGIC)), "damaged frame header at byte 17"),  # its length
+        (lambda b: b"SQLite format 3\x00" + b[16:], "is not an Aether map log"),
+    ],
+    ids=["payload", "header", "not-a-log"],
+)
+def test_damage_before_the_end_is_named_and_nothing_is_cut(tmp_path: Path, damage: Any, match: str) -> None:
+    path, _, _ = _committed_file(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    damaged = path.read_bytes()
+    with pytest.raises(StorageDamaged, match=match) as info:
+        LogStorage(path)
+    assert info.value.path == path
+    assert path.read_bytes() == damaged  # left as found, for whoever looks at it
+    os.replace(path, tmp_path / "aside")
+    LogStorage(path).close()  # the failed open let its lock go
+
+
+def test_a_payload_that_is_not_a_list_of_changes_is_damage(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    path.write_bytes(MAGIC + frame(b"\x93\x01\x02\x03") + frame(b"\x90"))  # [1, 2, 3]: no such change
+    with pytest.raises(StorageDamaged, match="commit at byte 17 cannot be read"):
+        LogStorage(path)
+
+
+def test_a_second_opener_is_refused_in_this_process_and_another(tmp_path: Path) -> None:
+    path = tmp_path / "m.log"
+    e = LogStorage(path)
+    with pytest.raises(OSError, match="open in another process"):
+        LogStorage(path)
+    code = (
+        "import sys; from pathlib import Path; from aether.maps.logstorage import LogStorage; "
+        "LogStorage(Path(sys.argv[1]))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "open in another process" in r.stderr
+    e.close()
+    LogStorage(path).close()  # free again once closed
+
+
+def test_a_snapshot_a_crash_interrupted_leaves_the_old_log(tmp_path: Path) -> None:
+    path, _, _ = _committed_file(tmp_path)
+    Path(f"{path}.tmp").write_bytes(MAGIC + b"half a snapshot")
+    e = LogStorage(path)
+    assert e.get(1, "b") is not None and not Path(f"{path}.tmp").exists()
+    e.close()
+
+
+def test_a_full_disk_fails_the_commit_undoes_it_and_the_next_one_works(tmp_path: Path) -> None:
+    """A real full file system (a small tmpfs, root only): the commit raises ENOSPC, the file
+    and the memory are as after the previous commit; with room again the engine goes on."""
+    mnt = tmp_path / "fs"
+    with tiny_filesystem(mnt, "1m"):
+        path = mnt / "m.log"
+        e = LogStorage(path)
+        e.put(1, "kept", Record(b"v", 1, 1))
+        e.add_ops([(1, "n1", 1, 100)])
+        e.commit()
+        before, size = state(e), path.stat().st_size
+        filler = fill(mnt)
+        e.put(1, "kept", Record(b"w" * 5000, 1, 2))
+        e.put(2, "new", Record(b"n" * 5000, 1, 3))
+        e.purge_ops(range(0, 8), 150)
+        e.drop(1)
+        e.set_held(2, {4})
+        e.add_ops([(2, "n2", 9, 200)])
+        with pytest.raises(OSError) as info:
+            e.commit()
+        assert info.value.errno == 28  # ENOSPC
+        assert state(e) == before and not e.pending
+        assert path.stat().st_size == size
+        filler.unlink()
+        e.put(3, "later", Record(b"l", 1, 4))
+        e.commit()
+        e.close()
+        again = LogStorage(path)
+        assert again.get(1, "kept") == Record(b"v", 1, 1) and again.get(3, "later") is not None
+        assert again.get(2, "new") is None and sorted(again.load_ops()) == [(1, "n1", 1, 100)]
+        again.close()
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        e = LogStorage(tmp_path / "maps" / "m.log", compact_min_bytes=0)
+        e.put(1, "a", Record(b"1", 1, 1))
+        e.commit()  # a snapshot as well (threshold 0)
+        assert e.snapshots == 1
+        for name in ("m.log", "m.log.lock"):
+            assert (tmp_path / "maps" / name).stat().st_mode & 0o777 == 0o600, name
+        e.close()
+    finally:
+        os.umask(old)
