@@ -31,9 +31,9 @@ Everything runs on loopback on the same machine as the nodes (wrk uses CPU too);
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
 `--isolation inline` runs every demo slice on its node's loop (``isolation = "inline"`` added to
-each slice table of the blueprint) and `--engine memory` keeps both maps in memory: experiments
-that show what the slice threads and the SQLite storage cost per order, not configurations the
-demo ships with.
+each slice table of the blueprint) and `--engine memory|sqlite` sets both maps' storage engine
+(the blueprint says ``log``): experiments that show what the slice threads and the storage cost
+per order, not configurations the demo ships with.
 
 `--baseline REF` (e.g. `main`) also builds the demo as of git REF (`git archive REF examples src`,
 built by that tree's own build.py) and runs its nodes on REF's `src` too (through `PYTHONPATH`,
@@ -114,6 +114,12 @@ def get_script(order_ids: list[str]) -> str:
 def with_engine(blueprint: str, engine: str) -> str:
     """`blueprint` with every map's storage engine set to `engine`."""
     return re.sub(r'^engine = "[a-z]+"', f'engine = "{engine}"', blueprint, flags=re.M)
+
+
+def blueprint_engine(blueprint: str) -> str:
+    """The storage engine `blueprint` gives its maps (the first one named)."""
+    m = re.search(r'^engine = "([a-z]+)"', blueprint, flags=re.M)
+    return m.group(1) if m else "memory"
 
 
 def build_wheels(out: Path, build: Path = BUILD) -> Path:
@@ -288,7 +294,9 @@ def run_variant(
         for i in range(n):
             cluster.start_node(i)
         wait_quorum_fast(cluster, deadline)
-        toml = with_engine(with_isolation(BLUEPRINT_FILE.read_text(), a.isolation), a.engine)
+        toml = with_isolation(BLUEPRINT_FILE.read_text(), a.isolation)
+        if a.engine is not None:
+            toml = with_engine(toml, a.engine)
         http(mgmt, "POST", "/api/v1/blueprints", {"toml": toml, "filename": "demo-order"})
         st = http(
             mgmt,
@@ -372,8 +380,8 @@ def main() -> int:
         'the node\'s loop (isolation = "inline" set in every slice table, for the experiment)',
     )  # fmt: skip
     ap.add_argument(
-        "--engine", choices=("sqlite", "memory"), default="sqlite",
-        help="the storage engine of both maps (sqlite: as the blueprint says)",
+        "--engine", choices=("log", "sqlite", "memory"),
+        help="the storage engine of both maps (default: as the blueprint says)",
     )  # fmt: skip
     ap.add_argument("--keep", action="store_true", help="keep the work dir (node logs)")
     a = ap.parse_args()
@@ -387,7 +395,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     work = Path(tempfile.mkdtemp(prefix="aether-order-bench-"))
-    res: dict[str, object] = {"nodes": 3, "product": a.product, "isolation": a.isolation, "engine": a.engine}
+    engine = a.engine or blueprint_engine(BLUEPRINT_FILE.read_text())
+    res: dict[str, object] = {"nodes": 3, "product": a.product, "isolation": a.isolation, "engine": engine}
     rc = 0
     try:
         ensure_wrk()

@@ -23,7 +23,8 @@ import order_bench  # noqa: E402
 def test_the_experiment_variants_of_the_demo_blueprint_parse_and_change_only_what_they_say() -> None:
     text = order_bench.BLUEPRINT_FILE.read_text()
     shipped = parse_blueprint(text, "demo-order.blueprint")
-    assert order_bench.with_engine(order_bench.with_isolation(text, "thread"), "sqlite") == text
+    assert order_bench.blueprint_engine(text) == "log"
+    assert order_bench.with_engine(order_bench.with_isolation(text, "thread"), "log") == text
     bp = parse_blueprint(
         order_bench.with_engine(order_bench.with_isolation(text, "inline"), "memory"), "variant.blueprint"
     )

@@ -946,7 +946,7 @@ def test_demo_blueprint_parses_with_its_maps_and_instance_counts() -> None:
         "org.demo:get-order-status": 2,
         "org.demo:cancel-order": 2,
     }
-    assert dict(bp.maps) == {"orders": MapSpec(3, 2, "sqlite"), "stock": MapSpec(3, 2, "sqlite")}
+    assert dict(bp.maps) == {"orders": MapSpec(3, 2, "log"), "stock": MapSpec(3, 2, "log")}
 
 
 def test_try_lines_substitute_node_addresses() -> None:
