@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,11 @@ def state(e: MemoryStorage) -> dict[str, Any]:
 
 
 def crash(e: LogStorage) -> None:
-    """What kill -9 leaves: the file as written so far (nothing pending committed), the lock gone."""
+    """What kill -9 leaves: the file as written so far (nothing pending committed), the lock gone;
+    a snapshot being written is left as a ``.tmp`` file (its thread is let finish first, so that
+    it does not write into the next engine's snapshot: a killed process writes nothing more)."""
+    if e._snap is not None:
+        e._snap.thread.join()
     e._close_files()
 
 
@@ -83,8 +88,8 @@ def test_reopening_gives_what_was_committed_through_crashes_and_snapshots(tmp_pa
             e.commit()
             committed = copy.deepcopy(model)
         elif r < 0.95:
+            e.close()  # (finishes a snapshot being written)
             snapshots += e.snapshots
-            e.close()
             committed = copy.deepcopy(model)
             e = LogStorage(path, compact_min_bytes=threshold)
         elif r < 0.98:
@@ -98,8 +103,8 @@ def test_reopening_gives_what_was_committed_through_crashes_and_snapshots(tmp_pa
             snapshots -= 1  # taken by hand, not by the threshold
             e.snapshot()
         assert state(e) == state(model)
-    assert (snapshots + e.snapshots > 0) == (threshold == 256)
     e.close()
+    assert (snapshots + e.snapshots > 0) == (threshold == 256)
     again = LogStorage(path)
     assert state(again) == state(model)
     again.close()
@@ -116,6 +121,64 @@ def test_snapshots_keep_the_file_near_the_live_data(tmp_path: Path) -> None:
     e.close()
     again = LogStorage(path)
     assert again.entries == 100 and again.get(99 % 7, "k99") == Record(b"x" * 80, 1, 19_999)
+    again.close()
+
+
+def test_a_snapshot_is_written_beside_the_commits_that_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot's thread is held back: commits go on meanwhile (to the old log), the log is
+    replaced only by the first commit after the thread is done, and that file holds them all."""
+    from aether.maps import logstorage
+
+    release = threading.Event()
+    run = logstorage._SnapshotWriter._run
+
+    def held_back(self: Any, chunks: Any) -> None:
+        assert release.wait(30)
+        run(self, chunks)
+
+    monkeypatch.setattr(logstorage._SnapshotWriter, "_run", held_back)
+    path = tmp_path / "m.log"
+    e = LogStorage(path, compact_min_bytes=4096)
+    i = 0
+    while e._snap is None:  # until the file crosses the threshold
+        e.put(0, f"k{i % 10}", Record(b"x" * 100, 1, i))
+        e.commit()
+        i += 1
+    inode = path.stat().st_ino
+    for j in range(50):  # while the snapshot is being written
+        e.put(1, f"during{j}", Record(b"d", 1, j))
+        e.commit()
+    assert path.stat().st_ino == inode and e.snapshots == 0
+    release.set()
+    e._snap.thread.join()
+    e.put(2, "after", Record(b"a", 1, 0))
+    e.commit()  # finds the thread done: the snapshot, with what came meanwhile, replaces the log
+    assert path.stat().st_ino != inode and e.snapshots == 1 and e._snap is None
+    assert path.stat().st_size < 4096 + 50 * 64
+    want = state(e)
+    crash(e)
+    again = LogStorage(path)
+    assert state(again) == want and again.entries == 10 + 50 + 1
+    again.close()
+
+
+def test_a_failed_snapshot_leaves_the_log_and_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "m.log"
+    e = LogStorage(path, compact_min_bytes=2048)
+    Path(f"{path}.tmp").mkdir()  # the snapshot cannot be written there
+    for i in range(100):
+        e.put(0, f"k{i % 5}", Record(b"x" * 100, 1, i))
+        e.commit()
+    assert "the snapshot failed (IsADirectoryError" in caplog.text and e.snapshots == 0
+    want = state(e)
+    e.close()
+    Path(f"{path}.tmp").rmdir()
+    again = LogStorage(path)
+    assert state(again) == want
     again.close()
 
 
@@ -261,10 +324,10 @@ def test_files_are_private(tmp_path: Path) -> None:
     try:
         e = LogStorage(tmp_path / "maps" / "m.log", compact_min_bytes=0)
         e.put(1, "a", Record(b"1", 1, 1))
-        e.commit()  # a snapshot as well (threshold 0)
+        e.commit()  # a snapshot as well (threshold 0), finished by `close`
+        e.close()
         assert e.snapshots == 1
         for name in ("m.log", "m.log.lock"):
             assert (tmp_path / "maps" / name).stat().st_mode & 0o777 == 0o600, name
-        e.close()
     finally:
         os.umask(old)

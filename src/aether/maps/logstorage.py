@@ -27,10 +27,12 @@ write fails (a full disk) cuts the file back to the end of the previous commit, 
 changes in memory and raises.
 
 Snapshots: when the file exceeds `COMPACT_MIN_BYTES` and twice the size of the last snapshot, the
-commit writes the live state to ``NAME.log.tmp``, syncs it, renames it over the log and syncs the
-directory: a crash leaves the old log or the new one, never a mix. It runs on the node's loop and
-costs about what replaying does (roughly proportional to the live data); it happens once per
-growth of the file by the live size, so its cost per write stays constant.
+commit copies the dicts (the records themselves are immutable) and a thread writes them to
+``NAME.log.tmp`` and syncs it while the map goes on; the commits made meanwhile go to the log as
+usual and are kept; the first commit after the thread is done appends them to the snapshot, syncs
+it, renames it over the log and syncs the directory. A crash leaves the old log or the new one,
+never a mix (a leftover ``.tmp`` is removed on open). A snapshot that fails (a full disk) is
+logged and dropped; the log goes on and the next one comes when it has doubled again.
 
 May import `aether.core` and `aether.maps.records` / `aether.maps.storage`.
 """
@@ -38,9 +40,12 @@ May import `aether.core` and `aether.maps.records` / `aether.maps.storage`.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +66,7 @@ COMPACT_MIN_BYTES = 16 * 1024 * 1024
 _HEAD = struct.Struct("<III")  # payload length, CRC-32 of the length bytes, CRC-32 of the payload
 _LEN = struct.Struct("<I")
 _SNAPSHOT_CHUNK = 4096  # changes per frame of a snapshot
+_log = logging.getLogger("aether.maps.logstorage")
 
 
 class _Put(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=0):
@@ -110,6 +116,66 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _chunks(
+    parts: dict[int, dict[str, Record]], held: list[_Held], ops: list[tuple[int, str, int, int]]
+) -> Iterator[list[_Change]]:
+    chunk: list[_Change] = []
+    for p, part in parts.items():
+        for k, rec in part.items():
+            chunk.append(_Put(p, k, rec))
+            if len(chunk) >= _SNAPSHOT_CHUNK:
+                yield chunk
+                chunk = []
+    chunk += held
+    for i in range(0, len(ops), _SNAPSHOT_CHUNK):
+        chunk.append(_Ops(ops[i : i + _SNAPSHOT_CHUNK]))
+        yield chunk
+        chunk = []
+    if chunk:
+        yield chunk
+
+
+class _SnapshotWriter:
+    """Writes a snapshot to ``NAME.log.tmp`` in a thread of its own (the node's loop goes on; the
+    commits made meanwhile are kept in `tail` and appended when the snapshot takes the log's place,
+    on the loop: `LogStorage._finish_snapshot`)."""
+
+    def __init__(self, tmp: Path, chunks: Iterator[list[_Change]]) -> None:
+        self.tmp = tmp
+        self.tail: list[bytes] = []
+        self.size = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(chunks,), name=f"aether-snapshot-{tmp.name}", daemon=True
+        )
+        self.thread.start()
+
+    def _run(self, chunks: Iterator[list[_Change]]) -> None:
+        try:
+            fd = open_private(self.tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                size = len(MAGIC)
+                _write_all(fd, MAGIC)
+                for chunk in chunks:
+                    data = frame(_ENCODER.encode(chunk))
+                    _write_all(fd, data)
+                    size += len(data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.size = size
+        except BaseException as e:  # reported on the loop (`LogStorage._finish_snapshot`)
+            self.error = e
+
+
 class LogStorage(MemoryStorage):
     """`MemoryStorage` whose changes are appended to ``NAME.log`` at each `commit` (see the module
     docstring)."""
@@ -142,6 +208,7 @@ class LogStorage(MemoryStorage):
         self._undo: list[tuple[Any, ...]] = []  # how to take them back in memory
         self._counts = (self.entries, self.bytes)
         self.snapshots = 0  # rewrites of the file since opening (for tests and stats)
+        self._snap: _SnapshotWriter | None = None  # a snapshot being written
 
     # --- opening ------------------------------------------------------------------------------------
 
@@ -283,8 +350,13 @@ class LogStorage(MemoryStorage):
         self._changes = []
         self._undo = []
         self._counts = (self.entries, self.bytes)
-        if self._size > self.compact_min_bytes and self._size > 2 * self._snapshot_size:
-            self.snapshot()
+        snap = self._snap
+        if snap is not None:
+            snap.tail.append(data)
+            if not snap.thread.is_alive():
+                self._finish_snapshot()
+        elif self._size > self.compact_min_bytes and self._size > 2 * self._snapshot_size:
+            self._snap = _SnapshotWriter(Path(f"{self.path}.tmp"), self._state_copy())
 
     def _rollback(self) -> None:
         """Take back in memory what changed since the last commit."""
@@ -315,56 +387,68 @@ class LogStorage(MemoryStorage):
         self.entries, self.bytes = self._counts
 
     def snapshot(self) -> None:
-        """Rewrite the file as the live state (what is committed: call it between commits)."""
+        """Rewrite the file as the live state now (what is committed: call it between commits);
+        raises what made it fail (the log stays as it was)."""
         assert not self._changes, "snapshot with uncommitted changes"
-        tmp = Path(f"{self.path}.tmp")
-        fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+        if self._snap is not None:
+            self._finish_snapshot()
+        self._snap = _SnapshotWriter(Path(f"{self.path}.tmp"), self._state_copy())
+        error = self._finish_snapshot()
+        if error is not None:
+            raise error
+
+    def _state_copy(self) -> Iterator[list[_Change]]:
+        """The committed state as the frames of a snapshot, from copies of the dicts (the records
+        themselves are immutable): what the writer thread encodes while the map goes on."""
+        parts = {p: dict(d) for p, d in self._parts.items() if d}
+        held = [_Held(p, sorted(v)) for p, v in self._held.items()]
+        ops = [(p, o, r, at) for p, d in self._ops.items() for (o, r), at in d.items()]
+        return _chunks(parts, held, ops)
+
+    def _finish_snapshot(self) -> BaseException | None:
+        """Wait for the writer, append the commits made meanwhile and put the snapshot in the log's
+        place; on failure leave the log as it is (and try again after it doubled). The error."""
+        snap, self._snap = self._snap, None
+        assert snap is not None
+        snap.thread.join()
+        tmp = snap.tmp
+        error = snap.error
+        if error is None:
+            tail = b"".join(snap.tail)
+            try:
+                fd = open_private(tmp, os.O_WRONLY | os.O_APPEND)
+                try:
+                    _write_all(fd, tail)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, self.path)
+                _fsync_dir(self.path.parent)
+                new = open_private(self.path, os.O_WRONLY | os.O_APPEND)
+            except OSError as e:
+                error = e
+            else:
+                os.close(self._fd)
+                self._fd = new
+                self._size = snap.size + len(tail)
+                self._snapshot_size = snap.size
+                self.snapshots += 1
+                return None
         try:
-            size = len(MAGIC)
-            _write_all(fd, MAGIC)
-            for chunk in self._state_chunks():
-                data = frame(_ENCODER.encode(chunk))
-                _write_all(fd, data)
-                size += len(data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
             tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        old, self._fd = self._fd, open_private(self.path, os.O_WRONLY | os.O_APPEND)
-        os.close(old)
-        self._size = self._snapshot_size = size
-        self.snapshots += 1
+        except OSError:
+            pass  # (not a file: opening the map again names it)
+        self._snapshot_size = self._size  # again once the file has doubled
+        _log.warning(
+            "map log %s: the snapshot failed (%s: %s); the log goes on growing",
+            self.path, type(error).__name__, error,
+        )  # fmt: skip
+        return error
 
     def _live_estimate(self) -> int:
         records = sum(len(part) for part in self._parts.values())
         ops = sum(len(d) for d in self._ops.values())
         return len(MAGIC) + self.bytes + 32 * records + 24 * ops
-
-    def _state_chunks(self) -> Any:
-        chunk: list[_Change] = []
-        for p, part in self._parts.items():
-            for k, rec in part.items():
-                chunk.append(_Put(p, k, rec))
-                if len(chunk) >= _SNAPSHOT_CHUNK:
-                    yield chunk
-                    chunk = []
-        for p, versions in self._held.items():
-            chunk.append(_Held(p, sorted(versions)))
-        ops = [(p, o, r, at) for p, d in self._ops.items() for (o, r), at in d.items()]
-        for i in range(0, len(ops), _SNAPSHOT_CHUNK):
-            chunk.append(_Ops(ops[i : i + _SNAPSHOT_CHUNK]))
-            yield chunk
-            chunk = []
-        if chunk:
-            yield chunk
 
     # --- closing ------------------------------------------------------------------------------------
 
@@ -377,11 +461,14 @@ class LogStorage(MemoryStorage):
             self._lock_fd = -1
 
     def close(self) -> None:
-        """Commit what is pending and close the file (the records in memory go with it)."""
+        """Commit what is pending, finish a snapshot being written and close the file (the records
+        in memory go with it)."""
         if self._fd < 0:
             return
         try:
             self.commit()
+            if self._snap is not None:
+                self._finish_snapshot()
         finally:
             self._close_files()
             super().close()
