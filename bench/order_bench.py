@@ -233,7 +233,14 @@ def load(
 ) -> dict[str, float]:
     run_wrk_all(ports, path, conns, a.warmup, script)  # not recorded
     cpu0 = cpu_seconds(cluster) if cluster is not None else 0.0
-    r = merge(run_wrk_all(ports, path, conns, a.duration, script))
+    outs = run_wrk_all(ports, path, conns, a.duration, script)
+    r = merge(outs)
+    if len(outs) > 1:  # each node as the entry point: an uneven share of the work shows here
+        each = [merge([o]) for o in outs]
+        log(f"{label} c={conns} per entry node: " + "; ".join(
+            f"node-{i + 1} {e['rps']:.0f} req/s p50 {e['p50_ms']:.1f} p99 {e['p99_ms']:.1f} ms"
+            for i, e in enumerate(each)
+        ))  # fmt: skip
     if cluster is not None:  # the nodes' CPU per request: what the load on the machine moves least
         r["cpu_ms"] = (cpu_seconds(cluster) - cpu0) * 1000 / max(1.0, r["rps"] * a.duration)
     log(
