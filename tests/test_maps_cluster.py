@@ -251,33 +251,39 @@ async def test_deleting_a_persistent_map_removes_its_files_on_every_node(tmp_pat
         await c.stop_all()
 
 
-async def test_a_damaged_log_is_set_aside_and_the_node_gets_its_copies_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("engine", ["log", "sqlite"])
+async def test_a_damaged_map_file_is_set_aside_and_the_node_gets_its_copies_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, engine: StorageEngine
 ) -> None:
-    """A node whose ``log`` file of a map is damaged (not a torn end: a frame in the middle) does
-    not refuse to start nor serve what it read so far: it moves the file aside (kept for whoever
-    looks into it), logs why, starts the map empty and is given its copies by the other owners."""
+    """A node whose file of a map is damaged (log: a frame in the middle, not a torn end; sqlite:
+    not a database any more) starts (a damaged SQLite file stopped the whole node from starting)
+    and does not serve what it read: it moves the file aside (kept for whoever looks into it),
+    logs why, starts the map empty and is given its copies by the other owners."""
     from aether.maps.logstorage import MAGIC
 
     c = MapCluster(tmp_path, 3)
     try:
         await c.start(*ALL3)
         await c.wait_table(ALL3)
-        await c.define("stock", MapSpec(engine="log"))
+        await c.define("stock", MapSpec(engine=engine))
         m = c.node("node-1").maps
         for i in range(50):
             await m.map_put("stock", f"PROD-{i}", b"%d" % i)
         await c.stop("node-3")
-        (path,) = (tmp_path / "n3").rglob("stock.log")
+        (path,) = (tmp_path / "n3").rglob(f"stock.{engine}")
         data = bytearray(path.read_bytes())
-        data[len(MAGIC) + 15] ^= 0xFF  # in the first commit's payload; many follow
+        if engine == "log":
+            data[len(MAGIC) + 15] ^= 0xFF  # in the first commit's payload; many follow
+            why = "the commit at byte 17 does not match its checksum"
+        else:
+            data[:16] = b"not SQLite 3 \x00\x00\x00"  # the header
+            why = "is damaged: file is not a database"
         path.write_bytes(bytes(data))
         await c.start("node-3")
         await c.wait_table(ALL3)
-        (aside,) = path.parent.glob("stock.log.damaged-*")
+        (aside,) = path.parent.glob(f"stock.{engine}.damaged-*")
         assert aside.read_bytes() == bytes(data)
-        assert "the commit at byte 17 does not match its checksum" in caplog.text
-        assert "this node starts the map empty" in caplog.text
+        assert why in caplog.text and "this node starts the map empty" in caplog.text
         engine = c.node("node-3").maps.engines["stock"]
         loop = asyncio.get_running_loop()
         end = loop.time() + 10

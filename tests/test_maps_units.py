@@ -13,7 +13,7 @@ from aether.core.maps import PartitionTable
 from aether.maps.messages import MAP_MESSAGE_TYPES, MapMessage, Replicate, SyncChunk
 from aether.maps.partitioning import owners_for, partition_of, plan_table, rank
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE, Record, evaluate, is_live, newer
-from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage, open_storage_engine
+from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage, StorageDamaged, open_storage_engine
 
 
 def test_partition_of_is_stable_and_spread() -> None:
@@ -144,6 +144,25 @@ def test_engine_contract(kind: str, tmp_path: Path) -> None:
     assert e.get(3, "due") is None and e.get(4, "gone") is None and e.get(3, "later") is not None
     assert e.get(9, "other") is not None and (e.entries, e.bytes) == (2, 3)
     e.close()
+
+
+def test_a_damaged_sqlite_file_is_named_and_set_aside_with_its_wal(tmp_path: Path) -> None:
+    path = tmp_path / "orders.sqlite"
+    e = SqliteStorage(path)
+    e.put(1, "a", Record(b"1", 1, 1))
+    e.commit()
+    e.close()
+    path.write_bytes(b"this is not a database file" * 200)
+    Path(f"{path}-wal").write_bytes(b"a stale write-ahead log")
+    with pytest.raises(StorageDamaged, match=r"orders\.sqlite is damaged: file is not a database") as info:
+        SqliteStorage(path)
+    assert info.value.path == path
+    moved = info.value.set_aside(".damaged-1")
+    assert "orders.sqlite.damaged-1" in [p.name for p in moved]
+    assert not path.exists() and not Path(f"{path}-wal").exists()  # (a WAL left: moved as well)
+    fresh = SqliteStorage(path)  # the map starts empty
+    assert fresh.entries == 0
+    fresh.close()
 
 
 def test_sqlite_engine_persists(tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -450,11 +449,10 @@ class MapService:
             try:
                 engine = self.open_storage(spec.engine, self.data_dir, name)
             except StorageDamaged as e:
-                aside = e.path.with_name(f"{e.path.name}.damaged-{self.wall_ms()}")
-                os.replace(e.path, aside)
+                aside = e.set_aside(f".damaged-{self.wall_ms()}")
                 self.log.error(
                     "map %r: %s; moved to %s: this node starts the map empty and gets its copies "
-                    "from the other owners", name, e, aside,
+                    "from the other owners", name, e, ", ".join(str(p) for p in aside),
                 )
                 engine = self.open_storage(spec.engine, self.data_dir, name)
             if self._distrust:

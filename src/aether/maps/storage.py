@@ -40,6 +40,8 @@ __all__ = [
 _OPS_ENCODER = msgspec.msgpack.Encoder()
 _OPS_DECODER = msgspec.msgpack.Decoder(list[tuple[int, str, int, int]])
 
+_NOTADB = sqlite3.SQLITE_NOTADB
+
 CACHE_KIB = 16 * 1024
 """Page cache of one `SqliteStorage` (one map on one node), in KiB."""
 
@@ -53,11 +55,24 @@ _PARTITIONS = (
 
 class StorageDamaged(Exception):
     """A map's file does not read back, and not because a crash cut its end short: it is damaged.
-    `path` names it (the map service sets it aside and starts the map empty on this node)."""
+    `path` names it (the map service sets it aside, with its side files, and starts the map empty
+    on this node)."""
 
     def __init__(self, path: Path, message: str) -> None:
         super().__init__(message)
         self.path = path
+
+    def set_aside(self, suffix: str) -> list[Path]:
+        """Rename the file and its SQLite side files (``-wal``, ``-shm``: a stale WAL would be
+        replayed into a new database) to NAME + `suffix`; the new names."""
+        moved = []
+        for side in ("", "-wal", "-shm"):
+            old = Path(f"{self.path}{side}")
+            if side == "" or old.exists():
+                new = Path(f"{self.path}{side}{suffix}")
+                os.replace(old, new)
+                moved.append(new)
+        return moved
 
 
 class MapStorage(Protocol):
@@ -220,6 +235,16 @@ class SqliteStorage:
         # -shm files the database file's mode
         os.close(open_private(path, os.O_RDWR))
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self._open()
+        except BaseException as e:
+            self._db.close()
+            code = getattr(e, "sqlite_errorcode", 0) & 0xFF  # "malformed", "not a database"
+            if isinstance(e, sqlite3.DatabaseError) and code in (sqlite3.SQLITE_CORRUPT, _NOTADB):
+                raise StorageDamaged(path, f"{path} is damaged: {e}") from None
+            raise
+
+    def _open(self) -> None:
         # the node is the file's only user: it keeps the lock instead of taking and releasing it
         # (fcntl calls) around every transaction, and the WAL index lives in its memory (no -shm)
         self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
