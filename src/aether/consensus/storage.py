@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Protocol
 
 from aether.core.errors import AetherError
-from aether.core.files import PRIVATE_FILE_MODE, make_private_dirs
+from aether.core.files import PRIVATE_FILE_MODE, fsync_dir, make_private_dirs
 
 _HDR = struct.Struct(">II")
 _log = logging.getLogger("aether.consensus.storage")
@@ -169,11 +169,7 @@ class OsFileSystem:
         os.replace(src, dst)
 
     def fsync_dir(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path)
 
     def makedirs(self, path: Path) -> list[Path]:
         return make_private_dirs(path)  # 0700, like the files (0600)

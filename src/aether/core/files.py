@@ -20,12 +20,14 @@ from typing import BinaryIO
 __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
+    "fsync_dir",
     "make_private_dirs",
     "open_private",
     "open_private_append",
     "prepare_private_dir",
     "privatize_tree",
     "tighten_dir",
+    "write_all",
     "write_private",
 ]
 
@@ -88,14 +90,28 @@ def open_private_append(path: Path | str) -> BinaryIO:
     return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab")
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """`os.write` until all of `data` is written (a write may take only a part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync_dir(path: Path | str) -> None:
+    """Make the entries of directory `path` durable (after a file was created or renamed in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_private(path: Path | str, data: bytes) -> None:
     """Write `data` as the whole content of `path` (created 0600; an existing file keeps its
     mode, so write a temporary name and rename it over the target for an atomic replace)."""
     fd = open_private(path, os.O_WRONLY | os.O_TRUNC)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
     finally:
         os.close(fd)
 

@@ -51,7 +51,7 @@ from typing import Any
 
 import msgspec
 
-from aether.core.files import make_private_dirs, open_private
+from aether.core.files import fsync_dir, make_private_dirs, open_private, write_all
 from aether.maps.records import Record
 from aether.maps.storage import MemoryStorage, StorageDamaged
 
@@ -110,20 +110,6 @@ def frame(payload: bytes) -> bytes:
     return _HEAD.pack(len(payload), zlib.crc32(n), zlib.crc32(payload)) + payload
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _chunks(
     parts: dict[int, dict[str, Record]], held: list[_Held], ops: list[tuple[int, str, int, int]]
 ) -> Iterator[list[_Change]]:
@@ -163,10 +149,10 @@ class _SnapshotWriter:
             fd = open_private(self.tmp, os.O_WRONLY | os.O_TRUNC)
             try:
                 size = len(MAGIC)
-                _write_all(fd, MAGIC)
+                write_all(fd, MAGIC)
                 for chunk in chunks:
                     data = frame(_ENCODER.encode(chunk))
-                    _write_all(fd, data)
+                    write_all(fd, data)
                     size += len(data)
                 os.fsync(fd)
             finally:
@@ -197,7 +183,7 @@ class LogStorage(MemoryStorage):
             self._size = self._replay()
             self._fd = open_private(path, os.O_WRONLY | os.O_APPEND)
             if self._size == 0:
-                _write_all(self._fd, MAGIC)
+                write_all(self._fd, MAGIC)
                 self._size = len(MAGIC)
         except BaseException:
             self._close_files()
@@ -336,7 +322,7 @@ class LogStorage(MemoryStorage):
         try:
             data = frame(_ENCODER.encode(self._changes))
             try:
-                _write_all(self._fd, data)
+                write_all(self._fd, data)
             except BaseException:
                 try:
                     os.truncate(self.path, self._size)  # a part may be in the file
@@ -418,12 +404,12 @@ class LogStorage(MemoryStorage):
             try:
                 fd = open_private(tmp, os.O_WRONLY | os.O_APPEND)
                 try:
-                    _write_all(fd, tail)
+                    write_all(fd, tail)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
                 os.replace(tmp, self.path)
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
                 new = open_private(self.path, os.O_WRONLY | os.O_APPEND)
             except OSError as e:
                 error = e
