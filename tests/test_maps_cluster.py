@@ -273,8 +273,8 @@ async def test_a_damaged_map_file_is_set_aside_and_the_node_gets_its_copies_agai
         (path,) = (tmp_path / "n3").rglob(f"stock.{engine}")
         data = bytearray(path.read_bytes())
         if engine == "log":
-            data[len(MAGIC) + 15] ^= 0xFF  # in the first commit's payload; many follow
-            why = "the commit at byte 17 does not match its checksum"
+            data[len(MAGIC) + 19] ^= 0xFF  # in the first commit's payload; many follow
+            why = "damaged commit at byte 17 (a whole one follows"
         else:
             data[:16] = b"not SQLite 3 \x00\x00\x00"  # the header
             why = "is damaged: file is not a database"

@@ -38,7 +38,7 @@ def crash(e: LogStorage) -> None:
     a snapshot being written is left as a ``.tmp`` file (its thread is let finish first, so that
     it does not write into the next engine's snapshot: a killed process writes nothing more)."""
     if e._snap is not None:
-        e._snap.thread.join()
+        e._snap.join()
     e._close_files()
 
 
@@ -117,7 +117,7 @@ def test_snapshots_keep_the_file_near_the_live_data(tmp_path: Path) -> None:
         e.put(i % 100 % 7, f"k{i % 100}", Record(b"x" * 80, 1, i))
         e.commit()
         if e._snap is not None:  # a snapshot's thread done before the next commit (a slow
-            e._snap.thread.join()  # machine would let the log grow on meanwhile)
+            e._snap.join()  # machine would let the log grow on meanwhile)
     assert e.snapshots >= 10
     assert path.stat().st_size < 2 * 64 * 1024
     e.close()
@@ -154,7 +154,7 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
         e.commit()
     assert path.stat().st_ino == inode and e.snapshots == 0
     release.set()
-    e._snap.thread.join()
+    e._snap.join()
     e.put(2, "after", Record(b"a", 1, 0))
     e.commit()  # finds the thread done: the snapshot, with what came meanwhile, replaces the log
     assert path.stat().st_ino != inode and e.snapshots == 1 and e._snap is None
@@ -217,18 +217,37 @@ def test_a_commit_cut_short_anywhere_is_cut_off_and_the_earlier_ones_stay(tmp_pa
     for cut in range(0, len(MAGIC)):  # the header itself cut short: an empty map
         path.write_bytes(whole[:cut])
         e = LogStorage(path)
-        assert e.entries == 0 and path.read_bytes() == MAGIC
+        assert e.entries == 0 and path.read_bytes() == b""
+        e.put(1, "a", Record(b"1", 1, 1))
+        e.commit()  # the header goes with the first commit
         e.close()
+        again = LogStorage(path)
+        assert path.read_bytes().startswith(MAGIC) and again.get(1, "a") == Record(b"1", 1, 1)
+        again.close()
 
 
-def test_zeros_after_the_last_commit_are_cut_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tail", [b"\0" * 4096, bytes(range(256)) * 3, b"AEML" + bytes(200)])
+def test_zeros_or_garbage_after_the_last_commit_are_cut_off(tmp_path: Path, tail: bytes) -> None:
+    """What a power cut can leave after the data (zeros, the garbage of a block written in part,
+    a frame's start): no whole frame follows, so it is cut off, not taken for damage."""
     path, _, _ = _committed_file(tmp_path)
     size = path.stat().st_size
     with open(path, "ab") as f:
-        f.write(b"\0" * 4096)  # what a power cut can leave in the blocks after the data
+        f.write(tail)
     e = LogStorage(path)
     assert e.get(1, "b") == Record(b"second", 1, 2) and e.held() == {1: {3}}
     assert path.stat().st_size == size
+    e.close()
+
+
+def test_a_garbled_last_commit_header_is_cut_off(tmp_path: Path) -> None:
+    path, first, after_first = _committed_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    for i in range(first, first + 16):  # the second (last) commit's header
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    e = LogStorage(path)
+    assert state(e) == after_first and path.stat().st_size == first
     e.close()
 
 
@@ -239,12 +258,13 @@ def _flip(data: bytes, at: int) -> bytes:
 @pytest.mark.parametrize(
     "damage, match",
     [
-        # a byte of the first commit's payload (the second follows it)
-        (lambda b: _flip(b, len(MAGIC) + 15), "the commit at byte 17 does not match its checksum"),
-        (lambda b: _flip(b, len(MAGIC)), "damaged frame header at byte 17"),  # its length
-        (lambda b: b"SQLite format 3\x00" + b[16:], "is not an Aether map log"),
+        # a byte of the first commit's payload, of its length, of its mark (the second follows it)
+        (lambda b: _flip(b, len(MAGIC) + 19), r"damaged commit at byte 17 \(a whole one follows at byte \d"),
+        (lambda b: _flip(b, len(MAGIC) + 5), r"damaged commit at byte 17 \(a whole one follows"),
+        (lambda b: _flip(b, len(MAGIC)), r"damaged commit at byte 17 \(a whole one follows"),
+        (lambda b: b"SQLite format 3\x00" + b[16:], "not an Aether map log"),
     ],
-    ids=["payload", "header", "not-a-log"],
+    ids=["payload", "length", "mark", "not-a-log"],
 )
 def test_damage_before_the_end_is_named_and_nothing_is_cut(tmp_path: Path, damage: Any, match: str) -> None:
     path, _, _ = _committed_file(tmp_path)

@@ -9,16 +9,20 @@ system call carrying the turn's changes (tens of bytes plus the values). The pri
 lives in memory, as with ``memory``, and opening it reads the whole file.
 
 The file, ``NAME.log`` in the node's map directory (0600), is a header line and then one frame per
-commit: payload length (4 bytes, little-endian), CRC-32 of those 4 bytes, CRC-32 of the payload,
-and the payload, the commit's changes as a msgpack list (`_Change`). ``NAME.log.lock`` is locked
-(`flock`) while the engine is open: another process opening the same map fails at once.
+commit: a mark (``AEML``), the payload length (4 bytes, little-endian), the CRC-32 of those 4
+bytes, the CRC-32 of the payload, and the payload, the commit's changes as a msgpack list
+(`_Change`). ``NAME.log.lock`` is locked (`flock`) while the engine is open: another process
+opening the same map fails at once. A new file gets its header with its first commit, so opening
+a map writes nothing (a map defined while the disk is full opens, and fails at its first commit
+like any other write).
 
-Opening replays the frames in order. A frame cut short at the end of the file, or whose payload
-does not match its checksum while it is the last one, is a commit a crash interrupted (the write
-never returned, so nothing of it was acknowledged): it is cut off. Anything else that does not
-read back (a wrong header, a damaged frame followed by others, a payload that is not a list of
-changes) raises `StorageDamaged` naming the file and the byte offset; the map service then sets
-the file aside and starts the map empty on this node (the other owners have the data).
+Opening replays the frames in order. Where a frame does not check out (cut short, zeros, garbage,
+a wrong checksum), the file is cut there if no whole frame follows: that is the end a crash or a
+power cut left (the commit's write never returned, or was never synced, so the node did not
+count on it). If a whole frame does follow (found by its mark), the file is damaged: cutting
+would lose committed data, so `StorageDamaged` is raised naming the file and the byte offset; the
+map service then sets the file aside and starts the map empty on this node (the other owners have
+the data). A payload that checks out but does not decode is damage too.
 
 Durability is the sqlite engine's: once `commit` returns the changes are in the kernel's page
 cache and survive a crash of the process (kill -9 included); a power cut may lose the last ones
@@ -47,11 +51,11 @@ import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from aether.core.files import fsync_dir, make_private_dirs, open_private, write_all
+from aether.core.files import fsync_dir, make_private_dirs, open_private
 from aether.maps.records import Record
 from aether.maps.storage import MemoryStorage, StorageDamaged
 
@@ -63,7 +67,8 @@ MAGIC = b"aether map log 1\n"
 COMPACT_MIN_BYTES = 16 * 1024 * 1024
 """A log smaller than this is never rewritten (per map and node)."""
 
-_HEAD = struct.Struct("<III")  # payload length, CRC-32 of the length bytes, CRC-32 of the payload
+_MARK = b"AEML"  # starts every frame: after a damaged one, the next whole frame is found by it
+_HEAD = struct.Struct("<4sIII")  # mark, payload length, CRC-32 of the length bytes, CRC-32 of the payload
 _LEN = struct.Struct("<I")
 _SNAPSHOT_CHUNK = 4096  # changes per frame of a snapshot
 _log = logging.getLogger("aether.maps.logstorage")
@@ -104,10 +109,115 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(list[_Change])
 
 
+class LogFiles(Protocol):
+    """The file operations the engine uses (`OsFiles` here; the map simulation passes its
+    simulated file system, `aether.testing.simfs`, with page cache, power cuts and full disks)."""
+
+    def read(self, path: Path) -> bytes | None:
+        """The whole file, or None if there is none."""
+        ...
+
+    def open(self, path: Path, *, truncate: bool) -> int:
+        """Open for appending (created 0600 if missing; emptied first if `truncate`)."""
+        ...
+
+    def write(self, handle: int, data: bytes) -> int:
+        """Write some of `data` at the end; how many bytes were written."""
+        ...
+
+    def fsync(self, handle: int) -> None: ...
+
+    def close(self, handle: int) -> None: ...
+
+    def truncate(self, path: Path, size: int) -> None: ...
+
+    def replace(self, src: Path, dst: Path) -> None: ...
+
+    def unlink(self, path: Path) -> None:
+        """Remove `path` if it exists."""
+        ...
+
+    def exists(self, path: Path) -> bool: ...
+
+    def fsync_dir(self, path: Path) -> None: ...
+
+    def makedirs(self, path: Path) -> list[Path]: ...
+
+
+class OsFiles:
+    """`LogFiles` on the real file system (files 0600, directories 0700)."""
+
+    def read(self, path: Path) -> bytes | None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def open(self, path: Path, *, truncate: bool) -> int:
+        return open_private(path, os.O_WRONLY | os.O_APPEND | (os.O_TRUNC if truncate else 0))
+
+    def write(self, handle: int, data: bytes) -> int:
+        return os.write(handle, data)
+
+    def fsync(self, handle: int) -> None:
+        os.fsync(handle)
+
+    def close(self, handle: int) -> None:
+        os.close(handle)
+
+    def truncate(self, path: Path, size: int) -> None:
+        os.truncate(path, size)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def fsync_dir(self, path: Path) -> None:
+        fsync_dir(path)
+
+    def makedirs(self, path: Path) -> list[Path]:
+        return make_private_dirs(path)
+
+
+def _write_all(files: LogFiles, handle: int, data: bytes) -> None:
+    while data:  # (a write may take only a part: a full disk, a signal)
+        data = data[files.write(handle, data) :]
+
+
 def frame(payload: bytes) -> bytes:
     """One frame of the log: the header (length and the two checksums) and `payload`."""
     n = _LEN.pack(len(payload))
-    return _HEAD.pack(len(payload), zlib.crc32(n), zlib.crc32(payload)) + payload
+    return _HEAD.pack(_MARK, len(payload), zlib.crc32(n), zlib.crc32(payload)) + payload
+
+
+def _frame_at(view: memoryview, pos: int, end: int) -> int | None:
+    """The end of the whole frame at `pos` (mark, length and payload check out), else None."""
+    if end - pos < _HEAD.size:
+        return None
+    mark, length, len_crc, crc = _HEAD.unpack_from(view, pos)
+    if mark != _MARK or zlib.crc32(_LEN.pack(length)) != len_crc:
+        return None
+    stop = pos + _HEAD.size + length
+    if stop > end or zlib.crc32(view[pos + _HEAD.size : stop]) != crc:
+        return None
+    return stop
+
+
+def _next_frame(data: bytes, view: memoryview, start: int) -> int | None:
+    """Where the first whole frame at or after `start` begins, if any."""
+    end = len(data)
+    i = data.find(_MARK, start)
+    while i != -1:
+        if _frame_at(view, i, end) is not None:
+            return i
+        i = data.find(_MARK, i + 1)
+    return None
 
 
 def _chunks(
@@ -134,7 +244,8 @@ class _SnapshotWriter:
     commits made meanwhile are kept in `tail` and appended when the snapshot takes the log's place,
     on the loop: `LogStorage._finish_snapshot`)."""
 
-    def __init__(self, tmp: Path, chunks: Iterator[list[_Change]]) -> None:
+    def __init__(self, files: LogFiles, tmp: Path, chunks: Iterator[list[_Change]], *, thread: bool) -> None:
+        self.files = files
         self.tmp = tmp
         self.tail: list[bytes] = []
         self.size = 0
@@ -142,21 +253,32 @@ class _SnapshotWriter:
         self.thread = threading.Thread(
             target=self._run, args=(chunks,), name=f"aether-snapshot-{tmp.name}", daemon=True
         )
-        self.thread.start()
+        if thread:
+            self.thread.start()
+        else:  # written now (the simulation: no threads on its virtual time)
+            self._run(chunks)
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def join(self) -> None:
+        if self.thread.ident is not None:
+            self.thread.join()
 
     def _run(self, chunks: Iterator[list[_Change]]) -> None:
+        files = self.files
         try:
-            fd = open_private(self.tmp, os.O_WRONLY | os.O_TRUNC)
+            fd = files.open(self.tmp, truncate=True)
             try:
                 size = len(MAGIC)
-                write_all(fd, MAGIC)
+                _write_all(files, fd, MAGIC)
                 for chunk in chunks:
                     data = frame(_ENCODER.encode(chunk))
-                    write_all(fd, data)
+                    _write_all(files, fd, data)
                     size += len(data)
-                os.fsync(fd)
+                files.fsync(fd)
             finally:
-                os.close(fd)
+                files.close(fd)
             self.size = size
         except BaseException as e:  # reported on the loop (`LogStorage._finish_snapshot`)
             self.error = e
@@ -166,25 +288,36 @@ class LogStorage(MemoryStorage):
     """`MemoryStorage` whose changes are appended to ``NAME.log`` at each `commit` (see the module
     docstring)."""
 
-    def __init__(self, path: Path, *, compact_min_bytes: int = COMPACT_MIN_BYTES) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        compact_min_bytes: int = COMPACT_MIN_BYTES,
+        files: LogFiles | None = None,
+        background: bool = True,
+    ) -> None:
+        """`files`: where the file lives (default: the real file system, where the engine also
+        locks it); `background`: snapshots written by a thread (else on the caller's)."""
         super().__init__()
-        make_private_dirs(path.parent)
+        self.files: LogFiles = files or OsFiles()
+        self.files.makedirs(path.parent)
         self.path = path
         self.compact_min_bytes = compact_min_bytes
-        self._lock_fd = open_private(f"{path}.lock", os.O_RDWR)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise OSError(f"{path} is open in another process (its lock file {path}.lock is held)") from None
+        self.background = background
+        self._lock_fd = -1
+        if files is None:
+            self._lock_fd = open_private(f"{path}.lock", os.O_RDWR)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                held = f"{path} is open in another process (its lock file {path}.lock is held)"
+                raise OSError(held) from None
         self._fd = -1
         try:
-            Path(f"{path}.tmp").unlink(missing_ok=True)  # a snapshot a crash interrupted
-            self._size = self._replay()
-            self._fd = open_private(path, os.O_WRONLY | os.O_APPEND)
-            if self._size == 0:
-                write_all(self._fd, MAGIC)
-                self._size = len(MAGIC)
+            self.files.unlink(Path(f"{path}.tmp"))  # a snapshot a crash interrupted
+            self._size = self._replay()  # 0: a new file (its header goes with the first commit,
+            self._fd = self.files.open(path, truncate=False)  # so opening writes nothing)
         except BaseException:
             self._close_files()
             raise
@@ -200,49 +333,41 @@ class LogStorage(MemoryStorage):
 
     def _replay(self) -> int:
         """Apply the file's commits to memory; the length of the file that holds them."""
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return 0
+        data = self.files.read(self.path)
         if not data:
             return 0
         if not data.startswith(MAGIC):
             if MAGIC.startswith(data):  # the header a crash cut short: nothing was committed
-                os.truncate(self.path, 0)
+                self.files.truncate(self.path, 0)
                 return 0
-            raise StorageDamaged(self.path, f"{self.path} is not an Aether map log (it starts {data[:16]!r})")
+            raise self._damaged(f"not an Aether map log (it starts {data[:16]!r})")
         view = memoryview(data)
         pos, end = len(MAGIC), len(data)
         while pos < end:
-            if end - pos < _HEAD.size:
-                break  # a header cut short: torn
-            length, len_crc, crc = _HEAD.unpack_from(view, pos)
-            if zlib.crc32(_LEN.pack(length)) != len_crc:
-                if not any(view[pos:]):
-                    break  # zeros a power cut left after the last commit
-                raise StorageDamaged(self.path, f"{self.path}: damaged frame header at byte {pos}")
-            stop = pos + _HEAD.size + length
-            if stop > end:
-                break  # a commit cut short
+            stop = _frame_at(view, pos, end)
+            if stop is None:
+                # not a whole frame: the end a crash or a power cut left (cut short, zeros, garbage)
+                # if no whole frame follows; damage if one does (cutting there would lose it)
+                after = _next_frame(data, view, pos + 1)
+                if after is None:
+                    break
+                raise self._damaged(f"damaged commit at byte {pos} (a whole one follows at byte {after})")
             payload = view[pos + _HEAD.size : stop]
-            if zlib.crc32(payload) != crc:
-                if stop == end:
-                    break  # the last commit, written in part
-                raise StorageDamaged(
-                    self.path, f"{self.path}: the commit at byte {pos} does not match its checksum"
-                )
             try:
                 changes = _DECODER.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                why = f"{self.path}: the commit at byte {pos} cannot be read: {e}"
-                raise StorageDamaged(self.path, why) from None
+                raise self._damaged(f"the commit at byte {pos} cannot be read: {e}") from None
             for change in changes:
                 self._apply(change)
             pos = stop
         if pos < end:
-            os.truncate(self.path, pos)
+            self.files.truncate(self.path, pos)
         return pos
+
+    def _damaged(self, why: str) -> StorageDamaged:
+        return StorageDamaged(
+            self.path, f"{self.path}: {why}", rename=self.files.replace, exists=self.files.exists
+        )
 
     def _apply(self, c: _Change) -> None:
         """Replay one change (no logging, no undo)."""
@@ -321,11 +446,13 @@ class LogStorage(MemoryStorage):
             return
         try:
             data = frame(_ENCODER.encode(self._changes))
+            if self._size == 0:
+                data = MAGIC + data
             try:
-                write_all(self._fd, data)
+                _write_all(self.files, self._fd, data)
             except BaseException:
                 try:
-                    os.truncate(self.path, self._size)  # a part may be in the file
+                    self.files.truncate(self.path, self._size)  # a part may be in the file
                 except OSError:
                     pass  # then replaying cuts it off (the checksum does not match)
                 raise
@@ -339,10 +466,10 @@ class LogStorage(MemoryStorage):
         snap = self._snap
         if snap is not None:
             snap.tail.append(data)
-            if not snap.thread.is_alive():
+            if snap.done():
                 self._finish_snapshot()
         elif self._size > self.compact_min_bytes and self._size > 2 * self._snapshot_size:
-            self._snap = _SnapshotWriter(Path(f"{self.path}.tmp"), self._state_copy())
+            self._snap = self._start_snapshot(thread=self.background)
 
     def _rollback(self) -> None:
         """Take back in memory what changed since the last commit."""
@@ -378,10 +505,13 @@ class LogStorage(MemoryStorage):
         assert not self._changes, "snapshot with uncommitted changes"
         if self._snap is not None:
             self._finish_snapshot()
-        self._snap = _SnapshotWriter(Path(f"{self.path}.tmp"), self._state_copy())
+        self._snap = self._start_snapshot(thread=False)
         error = self._finish_snapshot()
         if error is not None:
             raise error
+
+    def _start_snapshot(self, *, thread: bool) -> _SnapshotWriter:
+        return _SnapshotWriter(self.files, Path(f"{self.path}.tmp"), self._state_copy(), thread=thread)
 
     def _state_copy(self) -> Iterator[list[_Change]]:
         """The committed state as the frames of a snapshot, from copies of the dicts (the records
@@ -396,32 +526,33 @@ class LogStorage(MemoryStorage):
         place; on failure leave the log as it is (and try again after it doubled). The error."""
         snap, self._snap = self._snap, None
         assert snap is not None
-        snap.thread.join()
+        snap.join()
         tmp = snap.tmp
         error = snap.error
+        files = self.files
         if error is None:
             tail = b"".join(snap.tail)
             try:
-                fd = open_private(tmp, os.O_WRONLY | os.O_APPEND)
+                fd = files.open(tmp, truncate=False)
                 try:
-                    write_all(fd, tail)
-                    os.fsync(fd)
+                    _write_all(files, fd, tail)
+                    files.fsync(fd)
                 finally:
-                    os.close(fd)
-                os.replace(tmp, self.path)
-                fsync_dir(self.path.parent)
-                new = open_private(self.path, os.O_WRONLY | os.O_APPEND)
+                    files.close(fd)
+                files.replace(tmp, self.path)
+                files.fsync_dir(self.path.parent)
+                new = files.open(self.path, truncate=False)
             except OSError as e:
                 error = e
             else:
-                os.close(self._fd)
+                files.close(self._fd)
                 self._fd = new
                 self._size = snap.size + len(tail)
                 self._snapshot_size = snap.size
                 self.snapshots += 1
                 return None
         try:
-            tmp.unlink(missing_ok=True)
+            files.unlink(tmp)
         except OSError:
             pass  # (not a file: opening the map again names it)
         self._snapshot_size = self._size  # again once the file has doubled
@@ -440,7 +571,7 @@ class LogStorage(MemoryStorage):
 
     def _close_files(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
+            self.files.close(self._fd)
             self._fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the lock

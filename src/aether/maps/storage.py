@@ -24,7 +24,7 @@ import heapq
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -58,9 +58,18 @@ class StorageDamaged(Exception):
     `path` names it (the map service sets it aside, with its side files, and starts the map empty
     on this node)."""
 
-    def __init__(self, path: Path, message: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        message: str,
+        *,
+        rename: Callable[[Path, Path], None] = os.replace,
+        exists: Callable[[Path], bool] = os.path.exists,
+    ) -> None:
         super().__init__(message)
         self.path = path
+        self._rename = rename  # (the engine's files: real, or the simulation's)
+        self._exists = exists
 
     def set_aside(self, suffix: str) -> list[Path]:
         """Rename the file and its SQLite side files (``-wal``, ``-shm``: a stale WAL would be
@@ -68,9 +77,9 @@ class StorageDamaged(Exception):
         moved = []
         for side in ("", "-wal", "-shm"):
             old = Path(f"{self.path}{side}")
-            if side == "" or old.exists():
+            if side == "" or self._exists(old):
                 new = Path(f"{self.path}{side}{suffix}")
-                os.replace(old, new)
+                self._rename(old, new)
                 moved.append(new)
         return moved
 

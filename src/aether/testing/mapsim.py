@@ -3,7 +3,9 @@
 
 What runs unchanged: `MapService` (the asyncio adapter) and `MapCore` on every node, the storage
 engines (`MemoryStorage`; a node's engine survives a kill when the profile makes it persistent,
-as sqlite does), and every message encoded and decoded with msgspec as the transport does.
+as sqlite does; in the ``log`` profile the real `LogStorage` on each node's simulated file system,
+`aether.testing.simfs`, reopened from it at every start), and every message encoded and decoded
+with msgspec as the transport does.
 
 What is simulated, from one `random.Random(seed)`:
 
@@ -17,7 +19,10 @@ What is simulated, from one `random.Random(seed)`:
   sees the committed changes through its own watch, in commit order, after a delay (a node cut
   off sees them when it is back; sometimes as a `reset`).
 - nodes: killed and restarted (a memory engine comes back empty, a persistent one with its data),
-  storage that fails for a while (every write raises, as a full disk does), the leader among them.
+  storage that fails for a while (every write raises, as a full disk does), the leader among them;
+  with the log engine also power cuts (the file falls back to what was fsynced plus a random,
+  maybe torn, part of the rest, and the node restarts as on a rebooted machine: it distrusts its
+  copies until a takeover gives them again).
 
 Clients run get/put/remove/compare-and-set on a few keys through random live nodes and record a
 history (unique values per write). Checked at the end, after the world heals: the history is
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import random
 import sys
@@ -45,11 +51,13 @@ from aether.core.errors import CommitTimeout, QuorumLost
 from aether.core.maps import MapError, MapSpec, MapUnavailable
 from aether.kv.keys import MapDefKey
 from aether.maps.core import MapTimings
+from aether.maps.logstorage import LogStorage
 from aether.maps.messages import MapMessage
 from aether.maps.partitioning import owners_for
 from aether.maps.service import MapService
 from aether.maps.storage import MemoryStorage
 from aether.testing.lincheck import CheckResult, Op, check_history
+from aether.testing.simfs import SimFileSystem
 from aether.testing.vloop import SimDeadlock, VirtualTimeLoop
 
 __all__ = ["MapWorld", "Outcome", "profile_names", "run_map_seed"]
@@ -69,6 +77,7 @@ class Profile:
     replicas: int = 3
     write_quorum: int = 2
     persistent: bool = False
+    engine: str = "memory"  # or "log": the real LogStorage on a simulated file system (persistent)
     duration: float = 30.0
     clients: int = 4
     keys: int = 4
@@ -81,8 +90,8 @@ class Profile:
 
     def describe(self) -> str:
         faults = ",".join(sorted(self.kinds)) or "none"
-        return (f"nodes={self.nodes} R={self.replicas} W={self.write_quorum} "
-                f"{'persistent' if self.persistent else 'memory'} faults={faults}")
+        engine = "log" if self.engine == "log" else "persistent" if self.persistent else "memory"
+        return f"nodes={self.nodes} R={self.replicas} W={self.write_quorum} {engine} faults={faults}"
 
 
 def _crash(rng: random.Random) -> Profile:
@@ -119,9 +128,16 @@ def _restart(rng: random.Random) -> Profile:
                    kinds={"restart": 1.0, "flap": 0.3, "stall": 0.5}, slow_store=0.1)
 
 
+def _log(rng: random.Random) -> Profile:
+    """The log engine on each node's simulated disk: kills, power cuts, full disks (writes fail
+    and, with the page cache full, partly), whole-cluster restarts; snapshots every few KiB."""
+    return Profile(nodes=rng.choice([3, 4, 5]), persistent=True, engine="log", fault_gap=(1.0, 3.0),
+                   kinds={"power": 1.0, "kill": 0.5, "disk": 0.5, "restart": 0.3, "flap": 0.5})
+
+
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
     "crash": _crash, "partitions": _partitions, "disk": _disk, "mixed": _mixed, "startup": _startup,
-    "restart": _restart,
+    "restart": _restart, "log": _log,
 }
 
 
@@ -299,12 +315,17 @@ class SimNode:
         self.service: MapService | None = None
         self.gen = 0
         self.engines: dict[str, FaultyEngine] = {}  # survive restarts when persistent
+        self.fs = SimFileSystem()  # the log engine's files (the page cache survives a kill)
+        self.rebooted = False  # a power cut since the last start: the service distrusts its copies
         # its consensus replica (journal): what it had applied when it stopped, kept across restarts
         self.replica: tuple[int, dict[str, Any]] | None = None
         self.paused_until = 0.0  # a stalled process (CPU starvation, a long pause): nothing runs
         self.skew = world.rng.uniform(-0.5, 0.5)
 
-    def open_storage(self, kind: str, directory: Path, name: str) -> FaultyEngine:
+    def open_storage(self, kind: str, directory: Path, name: str) -> FaultyEngine | LogStorage:
+        if self.world.profile.engine == "log":
+            path = Path("/sim") / self.id / "maps" / f"{name}.log"
+            return LogStorage(path, files=self.fs, background=False, compact_min_bytes=4096)
         if not self.world.profile.persistent or name not in self.engines:
             self.engines[name] = FaultyEngine()
         return self.engines[name]
@@ -328,6 +349,7 @@ class SimNode:
             incarnation=w.rng.getrandbits(23), open_storage=self.open_storage, boot_id=lambda: None,
             logger=w.logger(self.id),
         )
+        svc._distrust, self.rebooted = self.rebooted, False  # (what `_check_boot` finds on a real machine)
         svc._check_horizon = lambda: None  # type: ignore[method-assign]  # no files in the simulation
         svc._write_alive = lambda wall: None  # type: ignore[method-assign]
         tick = svc._tick
@@ -338,6 +360,7 @@ class SimNode:
         w.log(f"start {self.id} (gen {self.gen})")
 
     def kill(self) -> None:
+        self.fs.crash()  # open files are gone (the page cache stays): nothing more is written
         svc = self.service
         self.running = False
         self.service = None
@@ -410,6 +433,7 @@ class MapWorld:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._deferred = 0
         self._disk_settled_at = 0.0  # until then no memory-engine node is killed (see `fault`)
+        self._power_settled_at = 0.0  # until then no other power cut (see `fault`)
         self._loggers: dict[str, _Quiet] = {}
         self.loop.set_exception_handler(self._on_loop_error)
 
@@ -574,6 +598,7 @@ class MapWorld:
                 self.nodes[nid].start()
             for e in self.nodes[nid].engines.values():
                 e.full = False
+            self.nodes[nid].fs.fail_writes = None
         self.topology_changed()
         self.log("heal")
 
@@ -775,6 +800,20 @@ class MapWorld:
             self.topology_changed()
             await asyncio.sleep(rng.uniform(0.01, 0.3))
             self._uncut()
+        elif kind == "power" and running and self.loop.time() >= self._power_settled_at:
+            # one power cut at a time: a second owner losing its unsynced tail before the first got
+            # its copies again would be two faults, beyond what unsynced copies promise
+            victim = rng.choice(running)
+            node = self.nodes[victim]
+            node.kill()
+            node.fs.power_loss(rng)
+            node.rebooted = True
+            self.log(f"power cut of {victim}")
+            self.topology_changed()
+            await asyncio.sleep(rng.uniform(0.2, 3.0))
+            node.start()
+            self.topology_changed()
+            self._power_settled_at = self.loop.time() + 2 * self.timings.probe_after + 4.0
         elif kind == "disk":
             victim = rng.choice(running) if running else None
             if victim is None:
@@ -782,10 +821,12 @@ class MapWorld:
             engines = self.nodes[victim].engines.values()
             for e in engines:
                 e.full = True
+            self.nodes[victim].fs.fail_writes = errno.ENOSPC
             self.log(f"disk of {victim} full")
             await asyncio.sleep(rng.uniform(0.5, 4.0))
             for e in self.nodes[victim].engines.values():
                 e.full = False
+            self.nodes[victim].fs.fail_writes = None
             self.log(f"disk of {victim} has space again")
             self._disk_settled_at = self.loop.time() + 2 * self.timings.probe_after + 4.0
         elif kind == "add":

@@ -145,6 +145,10 @@ class SimFileSystem:
         f = self.files.pop(src)
         self.files[dst] = f
 
+    def unlink(self, path: Path) -> None:
+        """Remove the name if it exists (gone from the disk once its directory is fsynced)."""
+        self.files.pop(path, None)
+
     def fsync_dir(self, path: Path) -> None:
         self.dir_fsyncs += 1
         for p in [p for p in self.durable_names if p.parent == path]:
