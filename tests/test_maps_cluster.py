@@ -251,6 +251,42 @@ async def test_deleting_a_persistent_map_removes_its_files_on_every_node(tmp_pat
         await c.stop_all()
 
 
+@pytest.mark.timeout(90)
+async def test_a_map_defined_while_a_nodes_disk_is_full_opens_there_once_there_is_room(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Opening a new SQLite map needs to write; with node-3's disk full (a real full tmpfs as its
+    map directory, root only) the error escaped the store's watch callback and the map stayed
+    undefined on node-3. Now node-3 counts the map as broken (the others serve it), tries to open
+    it again, and once there is room it opens, probes, and gets its copies like a returning node."""
+    from test_disk_faults import fill, tiny_filesystem
+
+    c = MapCluster(tmp_path, 3)
+    maps_dir = tmp_path / "n3" / "maps"
+    with tiny_filesystem(maps_dir, "1m"):
+        try:
+            await c.start(*ALL3)
+            await c.wait_table(ALL3)
+            filler = fill(maps_dir)
+            await c.define("stock", MapSpec(engine="sqlite"))
+            assert "map 'stock': cannot open its sqlite storage (OperationalError" in caplog.text
+            m1 = c.node("node-1").maps
+            for i in range(20):  # served by the others meanwhile
+                await m1.map_put("stock", f"PROD-{i}", b"%d" % i)
+            assert "stock" in c.node("node-3").maps.core.broken
+            filler.unlink()
+            svc3 = c.node("node-3").maps
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 40
+            while "stock" in svc3.core.broken or svc3.engines["stock"].entries < 20:
+                assert loop.time() < end, (svc3.core.broken, caplog.text[-2000:])
+                await asyncio.sleep(0.1)
+            assert "map 'stock': its storage opened" in caplog.text
+            assert await svc3.map_get("stock", "PROD-7") == b"7"
+        finally:
+            await c.stop_all()
+
+
 @pytest.mark.parametrize("engine", ["log", "sqlite"])
 async def test_a_damaged_map_file_is_set_aside_and_the_node_gets_its_copies_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, engine: StorageEngine

@@ -75,7 +75,13 @@ from aether.maps.messages import (
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, activate
 from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, OP_PUT, OP_REMOVE
-from aether.maps.storage import MapStorage, StorageDamaged, open_storage_engine, storage_files
+from aether.maps.storage import (
+    MapStorage,
+    StorageDamaged,
+    UnopenedStorage,
+    open_storage_engine,
+    storage_files,
+)
 from aether.transport import EventBus, PeerDown, PeerUp
 
 __all__ = ["MapService"]
@@ -157,6 +163,7 @@ class MapService:
         self.open_storage = open_storage
         self.boot_id = boot_id
         self._distrust = False  # the machine restarted since the last run: persisted copies count for nothing
+        self._reopen_at: dict[str, float] = {}  # maps whose engine could not be opened: when to try again
         self.log = logger or logging.getLogger(f"aether.maps.{node_id}")
         self.core = MapCore(
             node_id, partitions=partitions, timings=timings, logger=self.log,
@@ -280,6 +287,8 @@ class MapService:
         if self._held:
             for peer in [p for p, held in self._held.items() if now - held[-1][0] > _HOLD_FOR]:
                 del self._held[peer]
+        if self._reopen_at:
+            self._reopen(now)
         self._run(self.core.tick(now, wall))
 
     # --- the tombstone horizon across restarts --------------------------------------------------------------
@@ -444,21 +453,55 @@ class MapService:
 
     def _define(self, name: str, spec: MapSpec, *, new: bool = False) -> None:
         old = self.core.specs.get(name)
-        engine = None
+        engine: MapStorage | None = None
         if name not in self.core.engines or (old is not None and old.engine != spec.engine):
             try:
-                engine = self.open_storage(spec.engine, self.data_dir, name)
-            except StorageDamaged as e:
-                aside = e.set_aside(f".damaged-{self.wall_ms()}")
+                engine = self._open_engine(name, spec)
+            except Exception as e:  # a full disk, a permission: broken here until it opens
                 self.log.error(
-                    "map %r: %s; moved to %s: this node starts the map empty and gets its copies "
-                    "from the other owners", name, e, ", ".join(str(p) for p in aside),
-                )
-                engine = self.open_storage(spec.engine, self.data_dir, name)
-            if self._distrust:
-                for p in engine.held():
-                    engine.set_held(p, set())
+                    "map %r: cannot open its %s storage (%s: %s): this node does not serve the map "
+                    "and tries again every %g s", name, spec.engine, type(e).__name__, e,
+                    self.timings.probe_after,
+                )  # fmt: skip
+                engine = UnopenedStorage(e)
+                self._reopen_at[name] = self.now() + self.timings.probe_after
         self._run(self.core.define(name, spec, engine, self.now(), new=new))
+
+    def _open_engine(self, name: str, spec: MapSpec) -> MapStorage:
+        try:
+            engine = self.open_storage(spec.engine, self.data_dir, name)
+        except StorageDamaged as e:
+            aside = e.set_aside(f".damaged-{self.wall_ms()}")
+            self.log.error(
+                "map %r: %s; moved to %s: this node starts the map empty and gets its copies "
+                "from the other owners", name, e, ", ".join(str(p) for p in aside),
+            )
+            engine = self.open_storage(spec.engine, self.data_dir, name)
+        if self._distrust:
+            for p in engine.held():
+                engine.set_held(p, set())
+        return engine
+
+    def _reopen(self, now: float) -> None:
+        """Try again to open the engines that could not be opened (`UnopenedStorage`); one that
+        opens replaces the stand-in, and the map's storage probe brings the map back."""
+        for name, when in list(self._reopen_at.items()):
+            engine, spec = self.core.engines.get(name), self.core.specs.get(name)
+            if not isinstance(engine, UnopenedStorage) or spec is None:
+                del self._reopen_at[name]
+                continue
+            if now < when:
+                continue
+            try:
+                opened = self._open_engine(name, spec)
+            except Exception as e:
+                self._reopen_at[name] = now + self.timings.probe_after
+                why = f"{type(e).__name__}: {e}"
+                self.log.warning("map %r: its storage still cannot be opened (%s)", name, why)
+                continue
+            del self._reopen_at[name]
+            self.log.warning("map %r: its storage opened", name)
+            self._run(self.core.define(name, spec, opened, now))
 
     def _undefine(self, name: str) -> None:
         engine = self.core.undefine(name)

@@ -34,7 +34,8 @@ from aether.core.files import make_private_dirs, open_private
 from aether.maps.records import Record
 
 __all__ = [
-    "MapStorage", "MemoryStorage", "SqliteStorage", "StorageDamaged", "open_storage_engine", "storage_files",
+    "MapStorage", "MemoryStorage", "SqliteStorage", "StorageDamaged", "UnopenedStorage",
+    "open_storage_engine", "storage_files",
 ]
 
 _OPS_ENCODER = msgspec.msgpack.Encoder()
@@ -135,6 +136,63 @@ class MapStorage(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class UnopenedStorage:
+    """Stands in for an engine that could not be opened (a full disk, a missing permission): every
+    use raises, so the map is broken on this node (it does not serve it and the leader leaves it
+    out); the map service tries to open the engine again (`MapService._reopen`)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        self.entries = 0
+        self.bytes = 0
+        self.pending = False
+
+    def _fail(self) -> OSError:
+        return OSError(f"the map's storage could not be opened ({type(self.error).__name__}: {self.error})")
+
+    def get(self, partition: int, key: str) -> Record | None:
+        raise self._fail()
+
+    def put(self, partition: int, key: str, rec: Record) -> None:
+        raise self._fail()
+
+    def delete(self, partition: int, key: str) -> None:
+        raise self._fail()
+
+    def scan(self, partition: int) -> Iterator[tuple[str, Record]]:
+        raise self._fail()
+
+    def partitions(self) -> set[int]:
+        return set()
+
+    def drop(self, partition: int) -> None:
+        pass  # holds nothing
+
+    def purge(self, partitions: range, now_ms: int) -> int:
+        return 0
+
+    def held(self) -> dict[int, set[int]]:
+        raise self._fail()
+
+    def set_held(self, partition: int, versions: set[int]) -> None:
+        raise self._fail()
+
+    def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
+        raise self._fail()
+
+    def load_ops(self) -> list[tuple[int, str, int, int]]:
+        return []
+
+    def purge_ops(self, partitions: range, before_ms: int) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _size(rec: Record | None) -> tuple[int, int]:
