@@ -532,24 +532,26 @@ class LogStorage(MemoryStorage):
         files = self.files
         if error is None:
             tail = b"".join(snap.tail)
+            fd = -1
             try:
-                fd = files.open(tmp, truncate=False)
-                try:
-                    _write_all(files, fd, tail)
-                    files.fsync(fd)
-                finally:
-                    files.close(fd)
+                fd = files.open(tmp, truncate=False)  # (appends to the log once renamed)
+                _write_all(files, fd, tail)
+                files.fsync(fd)
                 files.replace(tmp, self.path)
-                files.fsync_dir(self.path.parent)
-                new = files.open(self.path, truncate=False)
             except OSError as e:
                 error = e
-            else:
+                if fd >= 0:
+                    files.close(fd)
+            else:  # the snapshot is the log now: commits go to it, whatever happens next
                 files.close(self._fd)
-                self._fd = new
+                self._fd = fd
                 self._size = snap.size + len(tail)
                 self._snapshot_size = snap.size
                 self.snapshots += 1
+                try:
+                    files.fsync_dir(self.path.parent)
+                except OSError as e:  # a power cut may bring the old name back: its last writes
+                    _log.warning("map log %s: syncing its directory failed: %s", self.path, e)
                 return None
         try:
             files.unlink(tmp)
