@@ -184,6 +184,31 @@ def test_a_failed_snapshot_leaves_the_log_and_is_logged(
     again.close()
 
 
+def test_commits_after_a_snapshot_whose_directory_sync_failed_are_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The snapshot was renamed over the log but syncing the directory failed: the commits after
+    it must go to the new file (they went to the replaced one's handle, gone at the next open)."""
+    from aether.maps.logstorage import OsFiles
+
+    class DirSyncFails(OsFiles):
+        def fsync_dir(self, path: Path) -> None:
+            raise OSError(5, "Input/output error")
+
+    path = tmp_path / "m.log"
+    e = LogStorage(path, files=DirSyncFails())
+    e.put(0, "before", Record(b"b", 1, 1))
+    e.commit()
+    e.snapshot()
+    assert e.snapshots == 1 and "syncing its directory failed" in caplog.text
+    e.put(0, "after", Record(b"a", 1, 2))
+    e.commit()
+    e.close()
+    again = LogStorage(path)
+    assert again.get(0, "after") == Record(b"a", 1, 2) and again.get(0, "before") is not None
+    again.close()
+
+
 def _committed_file(tmp_path: Path) -> tuple[Path, int, dict[str, Any]]:
     """A log of two commits; the length of the first and the state after it."""
     path = tmp_path / "m.log"
