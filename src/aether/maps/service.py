@@ -478,8 +478,12 @@ class MapService:
             )
             engine = self.open_storage(spec.engine, self.data_dir, name)
         if self._distrust:
-            for p in engine.held():
-                engine.set_held(p, set())
+            try:
+                for p in engine.held():
+                    engine.set_held(p, set())
+            except BaseException:
+                engine.close()  # (its lock with it: trying again must be able to open it)
+                raise
         return engine
 
     def _reopen(self, now: float) -> None:
