@@ -189,7 +189,7 @@ def test_commits_after_a_snapshot_whose_directory_sync_failed_are_kept(
 ) -> None:
     """The snapshot was renamed over the log but syncing the directory failed: the commits after
     it must go to the new file (they went to the replaced one's handle, gone at the next open)."""
-    from aether.maps.logstorage import OsFiles
+    from aether.core.files import OsFiles
 
     class DirSyncFails(OsFiles):
         def fsync_dir(self, path: Path) -> None:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Protocol
 
 from aether.core.errors import AetherError
-from aether.core.files import PRIVATE_FILE_MODE, fsync_dir, make_private_dirs
+from aether.core.files import OsFiles
 
 _HDR = struct.Struct(">II")
 _log = logging.getLogger("aether.consensus.storage")
@@ -104,27 +104,12 @@ _datasync = getattr(os, "fdatasync", os.fsync)
 INLINE_FSYNC_MAX = 0.002
 
 
-class OsFileSystem:
-    """The real file system."""
+class OsFileSystem(OsFiles):
+    """The real file system (`OsFiles`), with fdatasync and fsyncs handed to a thread when the disk
+    is slow."""
 
     def __init__(self) -> None:
         self._recent: collections.deque[float] = collections.deque(maxlen=16)  # fsync seconds
-
-    def read(self, path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def exists(self, path: Path) -> bool:
-        return path.exists()
-
-    def open(self, path: Path, *, truncate: bool) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
-        return os.open(path, flags, PRIVATE_FILE_MODE)  # the journal holds the whole KV
-
-    def write(self, handle: int, data: bytes) -> int:
-        return os.write(handle, data)
 
     def fsync(self, handle: int) -> None:
         _datasync(handle)
@@ -158,21 +143,6 @@ class OsFileSystem:
 
         fut = asyncio.get_running_loop().run_in_executor(None, work)
         fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
-
-    def close(self, handle: int) -> None:
-        os.close(handle)
-
-    def truncate(self, path: Path, size: int) -> None:
-        os.truncate(path, size)
-
-    def replace(self, src: Path, dst: Path) -> None:
-        os.replace(src, dst)
-
-    def fsync_dir(self, path: Path) -> None:
-        fsync_dir(path)
-
-    def makedirs(self, path: Path) -> list[Path]:
-        return make_private_dirs(path)  # 0700, like the files (0600)
 
 
 def frame(payload: bytes) -> bytes:

@@ -20,6 +20,7 @@ from typing import BinaryIO
 __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
+    "OsFiles",
     "fsync_dir",
     "make_private_dirs",
     "open_private",
@@ -104,6 +105,53 @@ def fsync_dir(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class OsFiles:
+    """Files by handle on the real file system, for the write-ahead logs (the consensus journal,
+    the log map engine), which take them as a parameter so that the simulations can pass a
+    simulated disk instead (`aether.testing.simfs`). Files are created 0600, directories 0700."""
+
+    def read(self, path: Path) -> bytes | None:
+        """The whole file, or None if there is none."""
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def exists(self, path: Path) -> bool:
+        return path.exists()
+
+    def open(self, path: Path, *, truncate: bool) -> int:
+        """Open for appending (created if missing; emptied first if `truncate`)."""
+        return open_private(path, os.O_WRONLY | os.O_APPEND | (os.O_TRUNC if truncate else 0))
+
+    def write(self, handle: int, data: bytes) -> int:
+        """Write some of `data` at the end; how many bytes were written."""
+        return os.write(handle, data)
+
+    def fsync(self, handle: int) -> None:
+        os.fsync(handle)
+
+    def close(self, handle: int) -> None:
+        os.close(handle)
+
+    def truncate(self, path: Path, size: int) -> None:
+        os.truncate(path, size)
+
+    def replace(self, src: Path, dst: Path) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        """Remove `path` if it exists."""
+        path.unlink(missing_ok=True)
+
+    def fsync_dir(self, path: Path) -> None:
+        fsync_dir(path)
+
+    def makedirs(self, path: Path) -> list[Path]:
+        """Create `path` and missing parents (0700); the directories that were created."""
+        return make_private_dirs(path)
 
 
 def write_private(path: Path | str, data: bytes) -> None:

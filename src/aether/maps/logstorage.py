@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from aether.core.files import fsync_dir, make_private_dirs, open_private
+from aether.core.files import OsFiles, open_private
 from aether.maps.records import Record
 from aether.maps.storage import MemoryStorage, StorageDamaged
 
@@ -110,7 +110,7 @@ _DECODER = msgspec.msgpack.Decoder(list[_Change])
 
 
 class LogFiles(Protocol):
-    """The file operations the engine uses (`OsFiles` here; the map simulation passes its
+    """The file operations the engine uses (`aether.core.files.OsFiles`; the map simulation passes its
     simulated file system, `aether.testing.simfs`, with page cache, power cuts and full disks)."""
 
     def read(self, path: Path) -> bytes | None:
@@ -142,47 +142,6 @@ class LogFiles(Protocol):
     def fsync_dir(self, path: Path) -> None: ...
 
     def makedirs(self, path: Path) -> list[Path]: ...
-
-
-class OsFiles:
-    """`LogFiles` on the real file system (files 0600, directories 0700)."""
-
-    def read(self, path: Path) -> bytes | None:
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-
-    def open(self, path: Path, *, truncate: bool) -> int:
-        return open_private(path, os.O_WRONLY | os.O_APPEND | (os.O_TRUNC if truncate else 0))
-
-    def write(self, handle: int, data: bytes) -> int:
-        return os.write(handle, data)
-
-    def fsync(self, handle: int) -> None:
-        os.fsync(handle)
-
-    def close(self, handle: int) -> None:
-        os.close(handle)
-
-    def truncate(self, path: Path, size: int) -> None:
-        os.truncate(path, size)
-
-    def replace(self, src: Path, dst: Path) -> None:
-        os.replace(src, dst)
-
-    def unlink(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-
-    def exists(self, path: Path) -> bool:
-        return path.exists()
-
-    def fsync_dir(self, path: Path) -> None:
-        fsync_dir(path)
-
-    def makedirs(self, path: Path) -> list[Path]:
-        return make_private_dirs(path)
 
 
 def _write_all(files: LogFiles, handle: int, data: bytes) -> None:
