@@ -406,12 +406,16 @@ def measure(
     return out
 
 
-def with_isolation(blueprint: str, isolation: str) -> str:
-    """`blueprint` with ``isolation = "inline"`` in every slice table (``thread``: as it is)."""
-    if isolation == "thread":
+def with_isolation(blueprint: str, isolation: str | None) -> str:
+    """`blueprint` with ``isolation = "shared"`` or ``"inline"`` in every slice table (``thread``:
+    without an isolation line, so each slice has a thread of its own; None: as it is)."""
+    if isolation is None:
         return blueprint
+    text = re.sub(r'^isolation = "[a-z]+".*\n', "", blueprint, flags=re.M)
+    if isolation == "thread":
+        return text
     table = r"^(\[slices\.[A-Za-z0-9_-]+\]\n)"
-    return re.sub(table, rf'\1isolation = "{isolation}"\n', blueprint, flags=re.M)
+    return re.sub(table, rf'\1isolation = "{isolation}"\n', text, flags=re.M)
 
 
 def main() -> int:
@@ -430,9 +434,10 @@ def main() -> int:
         help="py-spy output: svg flame graphs, raw collapsed stacks (.txt) or speedscope (.json)",
     )
     ap.add_argument(
-        "--isolation", choices=("thread", "inline"), default="thread",
-        help="where hello and greeter run on the nodes: their own loop and thread (the default), or the "
-        'node\'s loop (isolation = "inline" in the blueprint: no thread hop)',
+        "--isolation", choices=("thread", "shared", "inline"), default="thread",
+        help="where hello and greeter run on the nodes: their own loop and thread (the default), the "
+        'node\'s shared slice loop (isolation = "shared": the greeter calls hello directly there), or '
+        'the node\'s loop (isolation = "inline": no thread hop)',
     )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (node logs)")
     ap.add_argument("--serve", choices=("hello", "chain"), help="run one bare server (internal)")

@@ -55,6 +55,7 @@ def test_ratios_follow_the_documented_definitions() -> None:
 
 def test_isolation_inline_goes_into_every_slice_table_of_the_blueprint() -> None:
     assert limits.with_isolation(limits.BLUEPRINT, "thread") == limits.BLUEPRINT
+    assert limits.with_isolation(limits.BLUEPRINT, None) == limits.BLUEPRINT
     inline = limits.with_isolation(limits.BLUEPRINT, "inline")
     assert inline.count('isolation = "inline"') == inline.count("[slices.") == 2
     from aether.deploy.blueprint import parse_blueprint

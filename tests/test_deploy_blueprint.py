@@ -529,9 +529,11 @@ def test_isolation_is_parsed_validated_and_expanded() -> None:
     bp = parse_blueprint(text, "bp.toml")
     assert bp.slices[0].isolation == "process"
     assert expand(bp, no_dependencies, any_artifact).slices[0].isolation == "process"
+    shared = parse_blueprint(text.replace('"process"', '"shared"'), "bp.toml")
+    assert expand(shared, no_dependencies, any_artifact).slices[0].isolation == "shared"
     plain = expand(parse_blueprint(GOOD, "bp.toml"), no_dependencies, any_artifact).slices[0]
     assert plain.isolation == "auto"
     with pytest.raises(BlueprintError) as e:
         parse_blueprint(text.replace('"process"', '"thread"'), "bp.toml")
-    allowed = '"auto", "process" or "inline"'
+    allowed = '"auto", "process", "shared" or "inline"'
     assert str(e.value) == f"bp.toml:4: isolation in [slices.a] must be {allowed}, got 'thread'"

@@ -5,6 +5,7 @@ node through bridges; a slice that keeps blocking is quarantined (policy and lif
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import threading
 import time
@@ -307,3 +308,27 @@ async def test_many_calls_from_one_turn_share_one_wake_up_of_the_slice_loop() ->
         assert wakes == 1, wakes
     finally:
         assert await st.close(timeout=2.0)
+
+
+async def test_calls_leave_no_reference_cycles_behind() -> None:
+    """A call's task, its context and the call must not keep each other alive: cyclic garbage on
+    every call made every request through the router 20-30 % slower (the collector ran all the
+    time; bench/http_bench.py found it)."""
+    t = SliceThread("org.x:cycles:1.0.0")
+
+    async def work() -> int:
+        return 1
+
+    try:
+        assert await t.run(work(), entry="work", owner="org.x:cycles:1.0.0") == 1
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(50):
+                assert await t.run(work(), entry="work", owner="org.x:cycles:1.0.0") == 1
+            found = gc.collect()
+        finally:
+            gc.enable()
+        assert found < 50, f"{found} objects in reference cycles after 50 calls"
+    finally:
+        await t.close()

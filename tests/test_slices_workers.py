@@ -442,6 +442,10 @@ def test_node_reads_isolation_from_blueprints_and_max_workers_from_config(tmp_pa
     assert Node._slice_isolation(fake, B) == "auto"  # type: ignore[arg-type]
     bps.pop(0)
     assert Node._slice_isolation(fake, B) == "inline"  # type: ignore[arg-type]
+    bps.append(("blueprints/z", BlueprintValue([BlueprintSlice(str(B), 1, isolation="shared")])))
+    assert Node._slice_isolation(fake, B) == "shared"  # type: ignore[arg-type]  # (over inline)
+    bps.append(("blueprints/w", BlueprintValue([BlueprintSlice(str(B), 1)])))
+    assert Node._slice_isolation(fake, B) == "auto"  # type: ignore[arg-type]  # (its own thread)
     p = tmp_path / "aether.toml"
     p.write_text('[node]\nnode_id = "node-1"\nmax_workers = 3\n')
     assert load_toml(p)["max_workers"] == 3

@@ -17,7 +17,7 @@ instances = 3                     # optional, default 1 (scaling.min when scaled
 max_concurrency = 8               # optional: calls one instance runs at once (default: no limit)
 max_queue = 80                    # optional: calls one instance queues beyond that (default 10 x)
 entry_concurrency = { reserve = 2 }  # optional: per-entry limits within an instance
-isolation = "process"             # optional: "auto" (default), "process" (a worker) or "inline" (node loop)
+isolation = "process"             # optional: "auto" (default), "process" (a worker), "shared" or "inline"
 
 [slices.place_order.scaling]      # optional: the controller scales the slice within [min, max]
 min = 1
@@ -139,7 +139,7 @@ class _SliceTable(msgspec.Struct, forbid_unknown_fields=True):
     entry_concurrency: dict[str, Annotated[int, msgspec.Meta(ge=1)]] = {}
     scaling: dict[str, object] | None = None  # converted into a ScalingRule on its own
     rollout: dict[str, object] | None = None  # converted into a RolloutPolicy on its own
-    isolation: Literal["auto", "process", "inline"] = "auto"
+    isolation: Literal["auto", "process", "shared", "inline"] = "auto"
     entries: dict[str, object] = {}  # converted into EntryPolicy values by `_parse_entries`
 
 
@@ -314,7 +314,8 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
                 return (f"rollout in [slices.{name}] must be a table ([slices.{name}.rollout]) with "
                         f"strategy, steps, ..., got {value!r}")
             if key == "isolation":
-                return f'isolation in [slices.{name}] must be "auto", "process" or "inline", got {value!r}'
+                return (f'isolation in [slices.{name}] must be "auto", "process", "shared" or "inline", '
+                        f"got {value!r}")
             if key == "entries":
                 return (f"entries in [slices.{name}] must be tables ([slices.{name}.entries.ENTRY]) "
                         f"with timeout, retries, idempotent, backoff; got {value!r}")

@@ -102,6 +102,11 @@ class EndpointRegistry:
         self._answers[(artifact, method)] = tuple(out)
         return out
 
+    def cached_instances(self, artifact: str, method: str) -> tuple[EndpointInfo, ...] | None:
+        """`instances(artifact, method)` as last answered, or None when it has not been asked since
+        the last change. Only reads: safe from another thread (the shared slice loop's)."""
+        return self._answers.get((artifact, method))
+
     def all(self, artifact: str | None = None) -> list[EndpointInfo]:
         """Every cached endpoint (any state), optionally of one artifact, sorted."""
         coords = self._coords(artifact) if artifact is not None else list(self._by_artifact)

@@ -76,6 +76,7 @@ from aether.core.context import (
     enter_call,
     exit_call,
 )
+from aether.core.deadlines import SWEPT_FROM, DeadlineSweep
 from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 from aether.core.tracing import NOOP_TRACER, Span, TraceContext, Tracer, current_trace, trace_fields
 from aether.invoke.breaker import CircuitBreaker
@@ -118,36 +119,8 @@ from aether.transport import EventBus, PeerDown
 __all__ = ["Invoker", "InvokerStats"]
 
 _MAX_KEYS = 4096  # bound on per-(target, method) bookkeeping (round-robin index, warning limiter)
-# A local attempt whose limit is at least _SWEPT_FROM s away is not given a timer of its own
-# (`asyncio.timeout_at` costs a loop timer per call, a tenth of a local hello's time on the node's
-# loop): one sweep every _SWEEP_EVERY s, armed while such attempts run, cancels those past their
-# limit (at most _SWEEP_EVERY late, against a limit of at least _SWEPT_FROM).
-_SWEPT_FROM = 1.0
-_SWEEP_EVERY = 0.02
-
-
-class _LocalDeadline:
-    """The limit of one local attempt watched by the sweep (`Invoker._sweep`); the task running it
-    is cancelled once the limit has passed, as `asyncio.timeout_at` would."""
-
-    __slots__ = ("cancelling", "expired", "limit", "task")
-
-    def __init__(self, limit: float) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.limit = limit
-        self.task = task
-        self.cancelling = task.cancelling()  # cancellations requested before this attempt
-        self.expired = False
-
-    def expire(self) -> None:
-        self.expired = True
-        self.task.cancel()
-
-    def expired_here(self) -> bool:
-        """For a CancelledError in the attempt: True when the sweep's cancellation caused it (and it
-        is taken back), False when someone else cancelled the task too."""
-        return self.expired and self.task.uncancel() <= self.cancelling
+# A local attempt whose limit is at least SWEPT_FROM s away is not given a timer of its own: the
+# node's loop's `DeadlineSweep` cancels it once past its limit (aether.core.deadlines).
 
 
 class _Retry(Exception):
@@ -246,8 +219,7 @@ class Invoker:
         self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
         self._calls: PendingCalls[InvokeResponse] = PendingCalls()
         self._ids = RandomHex()  # new request ids (16 hex digits) and idempotency keys (32)
-        self._deadlines: set[_LocalDeadline] = set()  # local attempts the sweep watches
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._deadlines = DeadlineSweep()  # the limits of local attempts far enough away
         self._rr: dict[tuple[str, str], int] = {}
         # smooth weighted round robin between versions: (target, method) -> version -> counter
         self._swrr: dict[tuple[str, str], dict[str, int]] = {}
@@ -720,7 +692,7 @@ class Invoker:
             if policy.timeout is not None:
                 limit = min(deadline, loop.time() + policy.timeout)
             try:
-                if limit - loop.time() < _SWEPT_FROM:
+                if limit - loop.time() < SWEPT_FROM:
                     timer = asyncio.timeout_at(limit)
                     try:
                         async with timer:
@@ -729,42 +701,23 @@ class Invoker:
                         if not timer.expired():
                             raise  # the entry's own: an application error (below)
                 else:  # a far deadline: watched by the sweep, not by a timer of its own
-                    watch = _LocalDeadline(limit)
-                    self._deadlines.add(watch)
-                    if self._sweeper is None:
-                        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep)
+                    watch = self._deadlines.watch(limit)
                     try:
                         return await self._local.call(target, method, payload)
                     except asyncio.CancelledError:
                         if not watch.expired_here():
                             raise  # cancelled by someone else (the caller went away)
                     finally:
-                        self._deadlines.discard(watch)
-            except TimeoutError as exc:
-                raise self._app_error(exc, target, method, rid, attempts) from exc
+                        self._deadlines.done(watch)
             except Exception as exc:
-                kind = classify(exc)
-                if kind in RETRYABLE_KINDS:
-                    raise _Retry(f"{kind}: {describe_exception(exc)}", kind) from exc
-                raise self._error(
-                    kind, error_text(exc, kind), target, method, self.node_id, rid, attempts
-                ) from exc
+                raise self._local_failure(exc, target, method, rid, attempts) from exc
             # the limit passed while the call ran here
             if limit < deadline:
                 raise _Retry(
                     f"no answer within the entry's attempt timeout ({policy.timeout:g}s) on this node",
                     maybe_ran=True,
                 ) from None
-            raise InvokeTimeout(
-                f"call {target}.{method} (request {rid}) timed out running on this node ({self.node_id}) "
-                f"after {attempts} attempt(s)",
-                target=target,
-                method=method,
-                kind=KIND_DEADLINE,
-                node=self.node_id,
-                request_id=rid,
-                attempts=attempts,
-            ) from None
+            raise self._local_deadline(target, method, rid, attempts) from None
         except BaseException as exc:
             if span is not None:
                 span.record_error(exc)
@@ -776,14 +729,70 @@ class Invoker:
             if token is not None and var is not None:
                 var.reset(token)
 
-    def _sweep(self) -> None:
-        """Cancel the local attempts past their limit; again in `_SWEEP_EVERY` s while any runs."""
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for watch in self._deadlines:
-            if not watch.expired and watch.limit <= now:
-                watch.expire()
-        self._sweeper = loop.call_later(_SWEEP_EVERY, self._sweep) if self._deadlines else None
+    def _local_failure(
+        self, exc: Exception, target: str, method: str, rid: str, attempts: int
+    ) -> InvokeError | _Retry:
+        """What a local attempt that raised `exc` comes to: the caller's error, or a retry."""
+        if isinstance(exc, TimeoutError):  # the entry's own (not the attempt's limit)
+            return self._app_error(exc, target, method, rid, attempts)
+        kind = classify(exc)
+        if kind in RETRYABLE_KINDS:
+            return _Retry(f"{kind}: {describe_exception(exc)}", kind)
+        return self._error(kind, error_text(exc, kind), target, method, self.node_id, rid, attempts)
+
+    def _local_deadline(self, target: str, method: str, rid: str, attempts: int) -> InvokeTimeout:
+        return InvokeTimeout(
+            f"call {target}.{method} (request {rid}) timed out running on this node ({self.node_id}) "
+            f"after {attempts} attempt(s)",
+            target=target,
+            method=method,
+            kind=KIND_DEADLINE,
+            node=self.node_id,
+            request_id=rid,
+            attempts=attempts,
+        )
+
+    # --- direct calls on the shared slice loop ----------------------------------------------------
+
+    def direct_ready(self, target: str, method: str, timeout: float | None) -> float | None:
+        """For a call slice code on the node's shared slice loop makes to a slice on the same loop
+        (`aether.slices.isolation.SharedInvoker`): its time limit in seconds when it may run there
+        directly, as `invoke`'s local attempt would run it now; None when it must go through
+        `invoke`: the invoker is closed, tracing is on (spans are made here), a rollout splits
+        `target`, the entry's policy sets a timeout or retries of its own (`invoke`'s rounds apply
+        them), or the entry's endpoints are not cached since the last change. Called from the shared
+        loop's thread, so it only reads. Direct calls are not counted in `stats` (the slice metrics
+        count them as any call)."""
+        if self._closed or self.tracer.enabled:
+            return None
+        if self._traffic is not None and self._traffic.weights(target):
+            return None
+        cached = getattr(self._registry, "cached_instances", None)
+        eps = cached(target, method) if cached is not None else None
+        if eps is None:
+            return None
+        policy = DEFAULT_POLICY
+        for ep in eps:
+            if ep.node_id == self.node_id:
+                found = getattr(ep, "policy", None)
+                if isinstance(found, EntryPolicy):
+                    policy = found
+                break
+        if policy.timeout is not None or policy.retries is not None:
+            return None
+        budget = self.retry.timeout if timeout is None else timeout
+        return budget if budget > 0 else None
+
+    def direct_error(
+        self, exc: BaseException | None, target: str, method: str, rid: str, *, expired: bool = False
+    ) -> InvokeError | None:
+        """The error the caller of a direct call sees (as `invoke` reports a local attempt that raised
+        `exc`, or whose deadline passed when `expired`); None when `invoke` would retry it (the
+        caller then makes the call through `invoke`)."""
+        if expired or not isinstance(exc, Exception):
+            return self._local_deadline(target, method, rid, 1)
+        failure = self._local_failure(exc, target, method, rid, 1)
+        return None if isinstance(failure, _Retry) else failure
 
     def _app_error(
         self, exc: BaseException, target: str, method: str, rid: str, attempts: int

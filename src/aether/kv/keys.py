@@ -87,6 +87,7 @@ class BlueprintSlice(msgspec.Struct, frozen=True):
     entry_concurrency: dict[str, int] = {}  # per-entry limits within an instance
     rollout: RolloutPolicy | None = None  # [slices.NAME.rollout]: how a new version replaces this one
     isolation: str = "auto"  # "process": always in a worker process of its own; "auto": when needed;
+    # "shared": on the node's shared slice loop (calls between shared slices run directly there);
     # "inline": on the node's own loop (no thread hop; trusted code that never blocks)
     # [slices.NAME.entries.ENTRY]: per-entry policy overrides of what the code declares (fields set
     # only; `EntryPolicy` is defined in aether.core.policy because aether.invoke may not import kv)

@@ -105,6 +105,16 @@ class _NodeInvoker:
             target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=idempotency_key
         )
 
+    def direct_ready(self, target: str, method: str, timeout: float | None) -> float | None:
+        """`Invoker.direct_ready` (calls between slices on the node's shared loop)."""
+        return self._node.invoker.direct_ready(target, method, timeout)
+
+    def direct_error(
+        self, exc: BaseException | None, target: str, method: str, rid: str, *, expired: bool = False
+    ) -> Exception | None:
+        """`Invoker.direct_error`."""
+        return self._node.invoker.direct_error(exc, target, method, rid, expired=expired)
+
 
 class _ControllerMetrics:
     """The node's metrics as the controller reads them (`aether.controller.service.MetricsInputs`)."""
@@ -434,8 +444,8 @@ class Node:
 
     def _slice_isolation(self, artifact: Artifact) -> str:
         """``process`` when a blueprint on this replica says `isolation = "process"` for `artifact`,
-        else ``inline`` when one says so, else ``auto`` (`SliceRuntime.isolation_for`): the more
-        contained wins when blueprints disagree."""
+        else ``auto`` when one says ``auto`` (its own thread), else ``shared`` when one says so, else
+        ``inline`` (`SliceRuntime.isolation_for`): the more contained wins when blueprints disagree."""
         coords = str(artifact)
         said = set()
         for _, value in self.kv.list_local("blueprints/"):
@@ -444,7 +454,9 @@ class Node:
                     said.add(getattr(s, "isolation", "auto"))
         if "process" in said:
             return "process"
-        return "inline" if said == {"inline"} else "auto"
+        if said == {"inline"}:
+            return "inline"
+        return "shared" if said and said <= {"inline", "shared"} else "auto"
 
     def _cluster_figures(self) -> ClusterFigures:
         """This node's view of the cluster for `/metrics` (`MetricsService.cluster`), read at scrape

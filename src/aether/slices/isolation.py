@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import functools
 import itertools
 import logging
@@ -31,20 +32,21 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
+from aether.core.deadlines import DeadlineSweep
 from aether.core.tracing import TraceContext, current_trace
 from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError
 from aether.slices.maps import MapBackend
 
 __all__ = [
-    "BlockPolicy", "BlockReport", "InlineLoop", "SliceBlocked", "SliceBlockedNotice", "SliceCrashed",
-    "SliceThread", "ThreadInvoker", "ThreadMaps",
+    "BlockPolicy", "BlockReport", "InlineLoop", "NotDirect", "SharedInvoker", "SliceBlocked",
+    "SliceBlockedNotice", "SliceCrashed", "SliceThread", "ThreadInvoker", "ThreadMaps",
 ]
 
 T = TypeVar("T")
@@ -74,10 +76,11 @@ class SliceBlockedNotice(msgspec.Struct, frozen=True):
 class BlockReport:
     """A slice loop found blocked by `SliceThread.check`."""
 
-    thread: str  # the artifact's coordinates
+    thread: str  # the thread's name: the artifact's coordinates (the node's shared loop: "shared")
     entry: str | None  # the entry (or "start()"/"stop()") whose call blocks it, when known
     seconds: float  # how long the loop has not turned
     where: str  # innermost source location of the blocked thread ("file:line in function")
+    owner: str | None = None  # the coordinates of the slice whose call blocks it, when known
 
 
 class BlockPolicy:
@@ -105,15 +108,34 @@ class BlockPolicy:
 
 
 class _Call:
-    __slots__ = ("answer", "coro", "entry", "task")
+    __slots__ = ("answer", "coro", "entry", "owner", "task")
 
     def __init__(
-        self, entry: str | None, answer: asyncio.Future[Any], coro: Coroutine[Any, Any, Any]
+        self, entry: str | None, answer: asyncio.Future[Any], coro: Coroutine[Any, Any, Any],
+        owner: str | None = None,
     ) -> None:
         self.entry = entry
         self.answer = answer  # on the node's loop
         self.coro = coro
+        self.owner = owner  # the coordinates of the slice whose code it runs (a shared loop runs many)
         self.task: asyncio.Task[Any] | None = None  # on the slice's loop, once started
+
+
+class _Running:
+    """What a task on the shared loop runs while it makes a direct call (`SliceThread.direct_enter`):
+    the callee's entry and slice, and the answer of the call being served (for `check`)."""
+
+    __slots__ = ("answer", "entry", "owner")
+
+    def __init__(self, entry: str, answer: asyncio.Future[Any] | None, owner: str) -> None:
+        self.entry = entry
+        self.answer = answer
+        self.owner = owner
+
+
+# the call a task on a slice loop serves (set by `_guard` in the call's task; tasks that slice code
+# starts inherit it): a direct call made from such a task answers that call when it blocks the loop
+_serving: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("aether_slice_call", default=None)
 
 
 class _NodeCall:
@@ -158,14 +180,21 @@ class SliceThread:
 
     BEAT = 0.1  # how often the slice loop proves it turns (a fifth of the default block_limit)
 
-    def __init__(self, name: str, *, block_limit: float = 0.5, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, name: str, *, block_limit: float = 0.5, logger: logging.Logger | None = None,
+        shared: bool = False,
+    ) -> None:
         self.name = name
+        # the node's shared slice loop (``isolation = "shared"``): the code of several slices runs here,
+        # and their calls to each other run directly on it (`SharedInvoker`)
+        self.shared = shared
+        self.deadlines = DeadlineSweep()  # of the direct calls on this (shared) loop, used there only
         self.block_limit = block_limit
         self.log = logger or logging.getLogger("aether.slices.isolation")
         self.main = asyncio.get_running_loop()
         self.loop = asyncio.new_event_loop()
         self.beat = time.monotonic()
-        self._calls: dict[asyncio.Task[Any], _Call] = {}
+        self._calls: dict[asyncio.Task[Any], _Call | _Running] = {}
         self._blocked_since: float | None = None  # the beat of the episode already reported
         self._closed = False
         # node loop -> slice loop: calls to start; slice loop -> node loop: (call, result, error)
@@ -173,6 +202,9 @@ class SliceThread:
         self._inbox_woken = False
         self._outbox: collections.deque[tuple[_Call, Any, BaseException | None]] = collections.deque()
         self._outbox_woken = False
+        # slice loop -> node loop: bookkeeping to do there (`post_main`), with the answers' wake-up
+        self._later: collections.deque[tuple[Any, tuple[Any, ...]]] = collections.deque()
+        self._streak = 0  # direct calls made in this turn of the (shared) loop (`direct_yield`)
         # slice loop -> node loop: node calls made by slice code, and their results back
         self._up: collections.deque[_NodeCall] = collections.deque()
         self._up_woken = False
@@ -209,7 +241,7 @@ class SliceThread:
             except BaseException:
                 self.log.debug("slice loop %s: error while closing", self.name, exc_info=True)
             loop.close()
-            if self._outbox:  # answers of the last turn (their deferred wake-up never ran)
+            if self._outbox or self._later:  # answers of the last turn (their deferred wake-up never ran)
                 try:
                     self.main.call_soon_threadsafe(self._settle_calls)
                 except RuntimeError:
@@ -217,13 +249,16 @@ class SliceThread:
 
     # --- running slice code -----------------------------------------------------------------------
 
-    async def run(self, coro: Coroutine[Any, Any, T], *, entry: str | None = None) -> T:
-        """Run `coro` on this thread's loop; await it on the node's loop."""
+    async def run(
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+    ) -> T:
+        """Run `coro` on this thread's loop; await it on the node's loop. `entry` and `owner` (the
+        slice's coordinates) name the call when it blocks the loop."""
         if self._closed:
             coro.close()
             raise SliceCrashed(f"{self.name}: the slice's loop is closed")
         answer: asyncio.Future[T] = self.main.create_future()
-        call = _Call(entry, answer, coro)
+        call = _Call(entry, answer, coro, owner)
         self._inbox.append(call)
         if not self._inbox_woken:
             self._inbox_woken = True
@@ -285,9 +320,24 @@ class SliceThread:
         except RuntimeError:
             pass  # the node's loop is closed: nobody waits any more
 
+    def post_main(self, fn: Any, *args: Any) -> None:
+        """From the slice's loop: run `fn(*args)` on the node's loop soon, with the answers of this
+        turn (one wake-up of the node's loop for both). For bookkeeping the node's loop owns."""
+        self._later.append((fn, args))
+        if not self._outbox_woken:
+            self._outbox_woken = True
+            self.loop.call_soon(self._wake_outbox)
+
     def _settle_calls(self) -> None:
-        """On the node's loop: resolve every call answered so far."""
+        """On the node's loop: resolve every call answered so far (and run what `post_main` queued)."""
         self._outbox_woken = False
+        later = self._later
+        while later:
+            fn, args = later.popleft()
+            try:
+                fn(*args)
+            except Exception:
+                self.log.exception("slice loop %s: bookkeeping on the node's loop failed", self.name)
         outbox = self._outbox
         while outbox:
             call, result, error = outbox.popleft()
@@ -305,6 +355,7 @@ class SliceThread:
         task = asyncio.current_task()
         assert task is not None
         self._calls[task] = call
+        serving = _serving.set(call)
         try:
             result = await call.coro
         except asyncio.CancelledError:
@@ -313,7 +364,8 @@ class SliceThread:
         except Exception as e:
             self._answer(call, None, e)
         except BaseException as e:
-            what = f"{call.entry} of {self.name}" if call.entry else self.name
+            name = call.owner or self.name
+            what = f"{call.entry} of {name}" if call.entry else name
             self.log.error(
                 "slice %s raised %s(%s): contained; the call fails and the node goes on "
                 "(slice code must not exit the process)", what, type(e).__name__, e,
@@ -326,6 +378,7 @@ class SliceThread:
             self._answer(call, result, None)
         finally:
             del self._calls[task]
+            _serving.reset(serving)  # (else the task's context and the call would keep each other)
 
     async def call_main(self, aw: Awaitable[T]) -> T:
         """From slice code: run a coroutine of the node (a map operation, a call) on the node's loop.
@@ -412,14 +465,51 @@ class SliceThread:
         task = asyncio.current_task(self.loop)
         call = self._calls.get(task) if task is not None else None
         entry = call.entry if call is not None else None
+        owner = call.owner if call is not None else None
         where = self._where()
-        if call is not None and not call.answer.done():
-            call.answer.set_exception(SliceBlocked(
-                f"{entry or 'a call'} of {self.name} blocked its slice's event loop for more than "
-                f"{self.block_limit:g} s ({where}); an async entry must not block: await, or move "
+        answer = call.answer if call is not None else None
+        if answer is not None and not answer.done():
+            answer.set_exception(SliceBlocked(
+                f"{entry or 'a call'} of {owner or self.name} blocked its slice's event loop for more "
+                f"than {self.block_limit:g} s ({where}); an async entry must not block: await, or move "
                 "blocking work to asyncio.to_thread"
             ))  # fmt: skip
-        return BlockReport(self.name, entry, lag, where)
+        return BlockReport(self.name, entry, lag, where, owner)
+
+    def direct_enter(
+        self, owner: str, entry: str, task: asyncio.Task[Any]
+    ) -> tuple[asyncio.Task[Any], _Call | _Running | None]:
+        """On this (shared) loop, as `task` runs another slice's entry directly: name that entry and
+        slice as what the task runs now (for `check`: a block is the callee's, and answers the call
+        being served); undo with `direct_exit`."""
+        calls = self._calls
+        before = calls.get(task)
+        serving = _serving.get()
+        calls[task] = _Running(entry, serving.answer if serving is not None else None, owner)
+        return task, before
+
+    DIRECT_STREAK = 32  # direct calls in one turn of the loop before one of them yields
+
+    def direct_yield(self) -> bool:
+        """On this (shared) loop, as a direct call ends: True when the caller should yield to the
+        loop (`await asyncio.sleep(0)`). A direct call does not suspend its caller, so a caller
+        making calls in a loop would hold the loop (the watchdog would take it for blocked, other
+        slices' calls would wait): one in `DIRECT_STREAK` calls of a turn yields."""
+        n = self._streak
+        if n == 0:
+            self.loop.call_soon(self._end_streak)  # runs when the loop turns
+        self._streak = n + 1
+        return n + 1 >= self.DIRECT_STREAK
+
+    def _end_streak(self) -> None:
+        self._streak = 0
+
+    def direct_exit(self, token: tuple[asyncio.Task[Any], _Call | _Running | None]) -> None:
+        task, before = token
+        if before is None:
+            self._calls.pop(task, None)
+        else:
+            self._calls[task] = before
 
     def _where(self) -> str:
         ident = self.thread.ident
@@ -460,7 +550,9 @@ class InlineLoop:
         self.log = logger or logging.getLogger("aether.slices.isolation")
         self._closed = False
 
-    async def run(self, coro: Coroutine[Any, Any, T], *, entry: str | None = None) -> T:
+    async def run(
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+    ) -> T:
         """Await `coro` here, on the node's loop; `SliceCrashed` for a `BaseException` other than
         cancellation."""
         if self._closed:
@@ -557,6 +649,53 @@ class ThreadInvoker:
                 idempotency_key=idempotency_key,
             )
         return await self._thread.call_main(_traced(aw))
+
+
+class NotDirect:
+    """`SharedInvoker`'s direct path declined a call: it goes the usual way, with `idempotency_key`
+    when the direct path derived it already (a call's key is derived once)."""
+
+    __slots__ = ("idempotency_key",)
+
+    def __init__(self, idempotency_key: str | None) -> None:
+        self.idempotency_key = idempotency_key
+
+
+DirectCall = Callable[
+    [str, str, bytes, "str | None", "float | None", "str | None"], Awaitable["bytes | NotDirect"]
+]
+
+
+class SharedInvoker(ThreadInvoker):
+    """The node's `SliceCaller` for slice code on the node's shared loop (``isolation = "shared"``).
+
+    A call to a slice whose code runs on the same loop is tried directly first (`direct`:
+    `SliceRuntime._direct` runs the entry in the caller's task, with the same request id, key,
+    deadline, errors and bookkeeping as a local call through the node): no hop to the node's loop
+    and back, no interpreter lock handed over. A call it declines (`NotDirect`) goes the usual way.
+    """
+
+    def __init__(self, inner: SliceCaller, thread: SliceThread, direct: DirectCall) -> None:
+        super().__init__(inner, thread)
+        self._direct = direct
+
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> bytes:
+        out = await self._direct(target, method, payload, request_id, timeout, idempotency_key)
+        if not isinstance(out, NotDirect):
+            return out
+        idempotency_key = out.idempotency_key or idempotency_key
+        return await super().invoke(
+            target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=idempotency_key
+        )
 
 
 class ThreadMaps:

@@ -44,18 +44,22 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import msgspec
 
 from aether.core.artifact import Artifact
 from aether.core.context import (
+    check_idempotency_key,
+    child_idempotency_key,
     current_idempotency_key,
     current_instance,
     current_node_id,
     current_slice,
     enter_call,
+    exit_call,
 )
+from aether.core.deadlines import SWEPT_FROM
 from aether.core.errors import KIND_BAD_REQUEST, kind_status, wire_kind_of
 from aether.core.secrets import ResolvedConfig, redact
 from aether.core.tracing import TraceContext, current_trace, trace_fields
@@ -84,7 +88,16 @@ from aether.slices.errors import (
     UnknownEntry,
 )
 from aether.slices.faults import SliceFault, should_fail
-from aether.slices.isolation import BlockReport, InlineLoop, SliceThread, ThreadInvoker, ThreadMaps
+from aether.slices.isolation import (
+    BlockReport,
+    InlineLoop,
+    NotDirect,
+    SharedInvoker,
+    SliceCrashed,
+    SliceThread,
+    ThreadInvoker,
+    ThreadMaps,
+)
 from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
@@ -115,18 +128,26 @@ async def _health(hook: Callable[[], Any]) -> Any:
 _T = TypeVar("_T")
 
 
-def _enter_instance(where: tuple[str, str, int]) -> None:
+def _enter_instance(where: tuple[str, str, int]) -> tuple[Any, Any, Any]:
     """Name the node, slice and instance whose code runs in this task (for its log records,
-    aether.core.logs; tasks it starts inherit them)."""
-    current_node_id.set(where[0])
-    current_slice.set(where[1])
-    current_instance.set(where[2])
+    aether.core.logs; tasks it starts inherit them); the tokens undo it."""
+    return current_node_id.set(where[0]), current_slice.set(where[1]), current_instance.set(where[2])
+
+
+def _exit_instance(names: tuple[Any, Any, Any]) -> None:
+    current_node_id.reset(names[0])
+    current_slice.reset(names[1])
+    current_instance.reset(names[2])
 
 
 async def _in_instance(where: tuple[str, str, int], hook: Callable[[], Awaitable[_T]]) -> _T:
-    """Run a hook of an instance (`start`, `stop`) in a task that names it (`_enter_instance`)."""
-    _enter_instance(where)
-    return await hook()
+    """Run a hook of an instance (`start`, `stop`) naming it (`_enter_instance`), undone after (an
+    inline slice's hook runs in the node's task)."""
+    names = _enter_instance(where)
+    try:
+        return await hook()
+    finally:
+        _exit_instance(names)
 
 
 async def _call_entry(
@@ -134,12 +155,21 @@ async def _call_entry(
     trace: TraceContext | None = None,
     where: tuple[str, str, int] | None = None,
 ) -> bytes:
-    # in this call's own context (its task on the slice loop): the request id, idempotency key and
-    # trace context, and for its log records (aether.core.logs) the node, slice and instance (`where`)
-    enter_call(request_id, idempotency_key, trace)
-    if where is not None:
-        _enter_instance(where)
-    return await invoke_entry(obj, method, payload)
+    # in this call's context: the request id, idempotency key and trace context, and for its log
+    # records (aether.core.logs) the node, slice and instance (`where`); undone when it returns, for
+    # a call run in its caller's task (an inline slice's, a direct call on the shared loop)
+    keys = enter_call(request_id, idempotency_key, trace)
+    names = _enter_instance(where) if where is not None else None
+    try:
+        return await invoke_entry(obj, method, payload)
+    finally:
+        if names is not None:
+            _exit_instance(names)
+        exit_call(keys)
+
+
+async def _noop() -> None:
+    return None
 
 
 def is_client_error(exc: BaseException) -> bool:
@@ -182,6 +212,20 @@ def _info_of(desc: SliceDescription) -> SliceInfo:
     return SliceInfo(Slice, desc.name, entries, routes, desc.doc)
 
 
+_NOT_DIRECT = NotDirect(None)
+
+
+@runtime_checkable
+class DirectCaller(Protocol):
+    """An invoker that lets calls between slices on the node's shared loop run there directly
+    (`aether.invoke.Invoker`'s `direct_ready` and `direct_error`, through the node)."""
+
+    def direct_ready(self, target: str, method: str, timeout: float | None) -> float | None: ...
+
+    def direct_error(
+        self, exc: BaseException | None, target: str, method: str, rid: str, *, expired: bool = False
+    ) -> Exception | None: ...
+
 # A pure function's cache (like normalize_target's): parsing coordinates on every call was ~10% of
 # the HTTP request path.
 _parse_artifact = functools.lru_cache(maxsize=1024)(Artifact.parse)
@@ -195,6 +239,8 @@ class _Instance:
     id: int
     obj: Slice | None  # None: the object lives in the artifact's worker process (`slot` there)
     inflight: int = 0  # calls running or queued (what draining waits for)
+    # direct calls running on the shared loop (`SliceRuntime._direct`): written there only
+    direct_inflight: int = 0
     accepting: bool = True
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     secrets: tuple[str, ...] = ()  # the secret values of its config (redacted from reasons)
@@ -221,8 +267,9 @@ class _Instance:
 
     def load(self, artifact: str) -> InstanceLoad:
         return InstanceLoad(
-            artifact, self.id, self.running, self.queued, self.admitted, self.rejected, self.calls,
-            self.failures, self.busy, self.started, self.healthy, self.health_failures, self.health_reason,
+            artifact, self.id, self.running + self.direct_inflight, self.queued, self.admitted,
+            self.rejected, self.calls, self.failures, self.busy, self.started, self.healthy,
+            self.health_failures, self.health_reason,
         )  # fmt: skip
 
 
@@ -320,6 +367,7 @@ class SliceRuntime:
         self.repository = repository
         self.data_dir = Path(data_dir)
         self.invoker = invoker
+        self._direct_caller = invoker if isinstance(invoker, DirectCaller) else None
         self.log = logger or logging.getLogger("aether.slices.runtime")
         self.config_for = config_for
         self.start_timeout = start_timeout
@@ -347,6 +395,9 @@ class SliceRuntime:
         self.worker_policy = worker_policy
         self._workers_reserved = 0  # worker processes running or being started for a load
         self._slots = itertools.count(1)  # never reused: names an instance object in a worker
+        # the node's shared slice loop (``isolation = "shared"``) and the artifacts whose code runs there
+        self._shared: SliceThread | None = None
+        self._shared_users: set[Artifact] = set()
 
     def _lock(self, artifact: Artifact) -> asyncio.Lock:
         lock = self._locks.get(artifact)
@@ -446,8 +497,16 @@ class SliceRuntime:
             if e.state == "active":
                 await self._set_instances(e, instances, 5.0)
                 return
-            if e.worker is None and self._isolation(artifact) == "inline":
+            mode = self._isolation(artifact) if e.worker is None else "process"
+            if mode == "inline":
                 e.thread = InlineLoop(e.coords, logger=self.log)
+            elif mode == "shared":
+                if self._shared is None:
+                    self._shared = SliceThread("shared", block_limit=self.block_limit, logger=self.log,
+                                               shared=True)  # fmt: skip
+                    self._ensure_watchdog()
+                self._shared_users.add(artifact)
+                e.thread = self._shared
             elif e.worker is None:
                 e.thread = SliceThread(e.coords, block_limit=self.block_limit, logger=self.log)
                 self._ensure_watchdog()
@@ -507,7 +566,7 @@ class SliceRuntime:
             if hook is not None and callable(hook) and thread is not None and old.obj is not None:
                 config, secrets = self._config(e)
                 try:
-                    await thread.run(hook(config), entry="reconfigure()")
+                    await thread.run(hook(config), entry="reconfigure()", owner=e.coords)
                 except Exception as exc:
                     raise SliceStartError(redact(
                         f"reconfigure() of {artifact} instance {instance} raised {type(exc).__name__}: {exc}",
@@ -596,16 +655,18 @@ class SliceRuntime:
         e = self._entries.get(artifact)
         return e.worker.pid if e is not None and e.worker is not None else None
 
-    def isolation(self, artifact: Artifact) -> Literal["thread", "inline", "process"] | None:
+    def isolation(self, artifact: Artifact) -> Literal["thread", "shared", "inline", "process"] | None:
         """Where `artifact`'s code runs: ``thread`` (this interpreter, its own loop and thread),
-        ``inline`` (on the node's loop, while it is active) or ``process`` (a worker process); None
-        if it is not loaded here."""
+        ``shared`` (the node's shared slice loop, while it is active), ``inline`` (on the node's loop,
+        while it is active) or ``process`` (a worker process); None if it is not loaded here."""
         e = self._entries.get(artifact)
         if e is None:
             return None
         if e.worker is not None:
             return "process"
-        return "inline" if isinstance(e.thread, InlineLoop) else "thread"
+        if isinstance(e.thread, InlineLoop):
+            return "inline"
+        return "shared" if e.thread is not None and e.thread is self._shared else "thread"
 
     def workers(self) -> dict[Artifact, int | None]:
         """Every artifact that runs in a worker process here, with the worker's pid."""
@@ -800,7 +861,7 @@ class SliceRuntime:
                         inst.obj, method, payload, request_id, idempotency_key, trace,
                         (self.node_id, e.coords, inst.id),
                     )
-                    result = await thread.run(call, entry=method)
+                    result = await thread.run(call, entry=method, owner=e.coords)
                 ok = True
                 return result
             except ResponseTypeError as exc:
@@ -824,6 +885,133 @@ class SliceRuntime:
             inst.inflight -= 1
             if inst.inflight == 0:
                 inst.idle.set()
+
+    # --- direct calls on the shared loop ------------------------------------------------------------
+
+    async def _direct(
+        self, caller: SliceThread, target: str, method: str, payload: bytes, request_id: str | None,
+        timeout: float | None, idempotency_key: str | None = None,
+    ) -> bytes | NotDirect:
+        """On the node's shared slice loop (`caller`): a call slice code there makes to a slice that
+        runs on the same loop, run directly in the caller's task (no hop to the node's loop and back:
+        `SharedInvoker`). `NotDirect` when it must go the usual way: the target's entry is not on this
+        loop or not resolved here yet, runs under concurrency limits or with an injected fault, the
+        invoker says no (`direct_ready`: a rollout splits the target, tracing is on, the entry's
+        policy has a timeout or retries of its own), or no call is being served (no request id, no
+        idempotency key given or to derive from), or the key given is not a valid one; and after an
+        error the invoker would retry elsewhere (`direct_error`: the usual way then tries again, with
+        the same idempotency key).
+
+        Everything this reads is read-only here (the node's loop writes it); the call's bookkeeping
+        (instance counters, metrics) goes to the node's loop with the turn's answers (`post_main`)."""
+        found = self._direct_target(caller, target, method)
+        invoker = self._direct_caller
+        if found is None or invoker is None:
+            return _NOT_DIRECT
+        limit = invoker.direct_ready(target, method, timeout)
+        if limit is None:
+            return _NOT_DIRECT
+        rid = request_id or current_request_id.get()
+        if idempotency_key is not None:  # (`Slice.call` derives it: see `call_slice`)
+            if check_idempotency_key(idempotency_key) is not None:
+                return _NOT_DIRECT  # the usual way says what is wrong with it
+            ikey: str | None = idempotency_key
+        else:
+            ikey = child_idempotency_key(target, method)
+        if rid is None or ikey is None:
+            return NotDirect(ikey)
+        e, inst = found
+        obj = inst.obj
+        assert obj is not None
+        task = asyncio.current_task()
+        assert task is not None
+        loop = caller.loop
+        inst.direct_inflight += 1
+        named = caller.direct_enter(e.coords, method, task)
+        ok = client_error = expired = False
+        failure: BaseException | None = None
+        t0 = perf_counter()
+        # the deadline: a far one (the usual) watched by the loop's sweep, a near one by a timer
+        timer = asyncio.timeout(limit) if limit < SWEPT_FROM else None
+        watch = caller.deadlines.watch(loop.time() + limit, task) if timer is None else None
+        result = b""
+        try:
+            call = _call_entry(obj, method, payload, rid, ikey, None, (self.node_id, e.coords, inst.id))
+            if timer is None:
+                result = await call
+            else:
+                async with timer:
+                    result = await call
+            ok = True
+        except asyncio.CancelledError:
+            if watch is None or not watch.expired_here():
+                raise  # cancelled by someone else (the caller went away)
+            expired = True
+        except Exception as exc:
+            expired = isinstance(exc, TimeoutError) and timer is not None and timer.expired()
+            client_error = not expired and is_client_error(exc)
+            failure = exc
+        except BaseException as exc:  # contained as on a loop of its own (SliceThread._guard)
+            what = f"{method} of {e.coords}"
+            self.log.error(
+                "slice %s raised %s(%s): contained; the call fails and the node goes on (slice code "
+                "must not exit the process)", what, type(exc).__name__, exc,
+            )  # fmt: skip
+            failure = SliceCrashed(
+                f"{what} raised {type(exc).__name__}({exc}); slice code must not exit the process "
+                "(the call failed, the node goes on)"
+            )
+        finally:
+            if watch is not None:
+                caller.deadlines.done(watch)
+            caller.direct_exit(named)
+            inst.direct_inflight -= 1
+            caller.post_main(self._direct_done, e, inst, method, perf_counter() - t0, ok, client_error)
+        if ok:
+            if caller.direct_yield():
+                await asyncio.sleep(0)
+            return result
+        error = invoker.direct_error(failure, target, method, rid, expired=expired)
+        if error is None:
+            return NotDirect(ikey)
+        raise error from failure
+
+    def _direct_target(
+        self, caller: SliceThread, target: str, method: str
+    ) -> tuple[_Entry, _Instance] | None:
+        """The entry and instance a direct call from `caller`'s loop runs, if it may (see `_direct`).
+        Reads only (on the shared loop's thread): a target the node's loop has not resolved yet, or
+        state that changes while this reads it, answers None."""
+        try:
+            found = self._match_cache.get(target)  # filled by the node's loop only
+            if not found:
+                return None
+            e = found[0]
+            if e.thread is not caller or e.state != "active" or e.limits.limited:
+                return None
+            if method not in e.loaded.info.entries:
+                return None
+            cands = [i for i in e.instances.values() if i.accepting]
+            if not cands:
+                return None
+            inst = cands[next(e.rr) % len(cands)]
+        except RuntimeError:  # changed while read (the node's loop started or stopped an instance)
+            return None
+        if inst.fault is not None or inst.obj is None:
+            return None
+        return e, inst
+
+    def _direct_done(
+        self, e: _Entry, inst: _Instance, method: str, seconds: float, ok: bool, client_error: bool
+    ) -> None:
+        """On the node's loop: count a direct call as `call` counts the calls it runs."""
+        inst.admitted += 1
+        inst.calls += 1
+        inst.busy += seconds
+        if not ok and not client_error:
+            inst.failures += 1
+        if self.recorder is not None:
+            self.recorder.record(e.coords, method, seconds, ok, client_error)
 
     # --- internals ----------------------------------------------------------------------------------
 
@@ -925,7 +1113,10 @@ class SliceRuntime:
         artifact = e.loaded.artifact
         invoker: SliceCaller = self.invoker
         maps = self.maps
-        if isinstance(thread, SliceThread):  # inline slices use the node's own objects
+        if isinstance(thread, SliceThread) and thread.shared:
+            invoker = SharedInvoker(self.invoker, thread, functools.partial(self._direct, thread))
+            maps = ThreadMaps(self.maps, thread) if self.maps is not None else None
+        elif isinstance(thread, SliceThread):  # inline slices use the node's own objects
             invoker = ThreadInvoker(self.invoker, thread)
             maps = ThreadMaps(self.maps, thread) if self.maps is not None else None
         return SliceContext(
@@ -1018,7 +1209,7 @@ class SliceRuntime:
                 assert thread is not None and inst.obj is not None
                 hook = inst.obj.health  # type: ignore[attr-defined]
                 result = await asyncio.wait_for(
-                    thread.run(_health(hook), entry="health()"), self.health_timeout
+                    thread.run(_health(hook), entry="health()", owner=e.coords), self.health_timeout
                 )
             if result is False:
                 reason = "health() returned False"
@@ -1058,11 +1249,24 @@ class SliceRuntime:
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            checked: set[int] = set()  # the shared loop is the thread of several entries: once
             for a, e in list(self._entries.items()):
                 t = e.thread
-                report = t.check(now) if t is not None else None
+                if t is None or id(t) in checked:
+                    continue
+                checked.add(id(t))
+                report = t.check(now)
                 if report is None:
                     continue
+                if isinstance(t, SliceThread) and t.shared:
+                    owner = self._shared_owner(report)
+                    if owner is None:
+                        self.log.warning(
+                            "%s: the shared slice loop was blocked for %.1f s by code outside any call "
+                            "(%s); calls to its slices wait", self.node_id, report.seconds, report.where,
+                        )  # fmt: skip
+                        continue
+                    a = owner
                 self.log.warning(
                     "%s: slice %s blocked its event loop for %.1f s in %s (%s); the node is not "
                     "affected, calls to this slice wait", self.node_id, a, report.seconds,
@@ -1074,12 +1278,26 @@ class SliceRuntime:
                     except Exception:
                         self.log.exception("on_block callback failed")
 
+    def _shared_owner(self, report: BlockReport) -> Artifact | None:
+        """The artifact on the shared loop whose call blocks it (None: unknown)."""
+        if report.owner is None:
+            return None
+        for a in self._shared_users:
+            if str(a) == report.owner:
+                return a
+        return None
+
     async def _retire(self, e: _Entry, inst: _Instance, drain_timeout: float) -> None:
         await self._drain(e.loaded.artifact, [inst], drain_timeout)
         await self._stop_one(e, inst)
 
     async def _close_thread(self, e: _Entry) -> None:
         t, e.thread = e.thread, None
+        if t is not None and t is self._shared:  # closed with the last slice that runs there
+            self._shared_users.discard(e.loaded.artifact)
+            if self._shared_users:
+                return
+            self._shared = None
         if t is not None:
             await t.close()
 
@@ -1131,7 +1349,7 @@ class SliceRuntime:
             exc.instance = iid
             raise
         try:
-            obj = await thread.run(_construct(e.loaded.cls), entry="__init__()")
+            obj = await thread.run(_construct(e.loaded.cls), entry="__init__()", owner=e.coords)
         except Exception as exc:
             raise SliceStartError(redact(
                 f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", secrets
@@ -1141,10 +1359,11 @@ class SliceRuntime:
         try:
             if self.start_timeout is not None:
                 await asyncio.wait_for(
-                    thread.run(_in_instance(where, obj.start), entry="start()"), self.start_timeout
+                    thread.run(_in_instance(where, obj.start), entry="start()", owner=e.coords),
+                    self.start_timeout,
                 )
             else:
-                await thread.run(_in_instance(where, obj.start), entry="start()")
+                await thread.run(_in_instance(where, obj.start), entry="start()", owner=e.coords)
         except TimeoutError:
             raise SliceStartError(
                 f"start() of {artifact} instance {iid} did not finish within {self.start_timeout} s",
@@ -1195,7 +1414,7 @@ class SliceRuntime:
             if thread is None or inst.obj is None:
                 return
             stop = _in_instance((self.node_id, e.coords, inst.id), inst.obj.stop)
-            await asyncio.wait_for(thread.run(stop, entry="stop()"), self.stop_timeout)
+            await asyncio.wait_for(thread.run(stop, entry="stop()", owner=e.coords), self.stop_timeout)
         except TimeoutError:
             self.log.warning(
                 "%s: stop() of %s instance %d did not finish within %s s",
@@ -1211,6 +1430,34 @@ class SliceRuntime:
             )
 
     async def _drain(self, artifact: Artifact, insts: list[_Instance], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._drain_calls(artifact, insts, timeout)
+        e = self._entries.get(artifact)
+        thread = e.thread if e is not None else None
+        if isinstance(thread, SliceThread) and thread.shared:
+            await self._drain_direct(artifact, thread, insts, deadline)
+
+    async def _drain_direct(
+        self, artifact: Artifact, thread: SliceThread, insts: list[_Instance], deadline: float
+    ) -> None:
+        """Wait (until `deadline`) for the direct calls running on the shared loop. A direct call that
+        found its instance accepting just before the drain began has counted itself once the shared
+        loop has run one more call (the check and the count are one step there)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(thread.run(_noop()), max(0.0, deadline - loop.time()))
+        except Exception:  # (TimeoutError too)
+            pass  # a blocked or closed loop: the wait below gives up at the deadline
+        while any(i.direct_inflight for i in insts) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if any(i.direct_inflight for i in insts):
+            self.log.warning(
+                "%s: %d direct call(s) to %s still running on the shared loop after draining; stopping "
+                "anyway", self.node_id, sum(i.direct_inflight for i in insts), artifact,
+            )  # fmt: skip
+
+    async def _drain_calls(self, artifact: Artifact, insts: list[_Instance], timeout: float) -> None:
         busy = [i for i in insts if i.inflight]
         if not busy:
             return

@@ -1,0 +1,414 @@
+"""The node's shared slice loop (``isolation = "shared"``) and the direct calls between its slices.
+
+A real `SliceRuntime` with a real `Invoker` (no cluster): two slices on the shared loop, a caller
+and a callee, and a third on a thread of its own. A call from the caller to the callee runs in the
+caller's task on the shared loop; these tests check it is direct (the node's loop takes no part:
+the invoker counts no attempt) and that it gives what the usual way gives: the result, the request
+id and the derived idempotency key, the errors and their kinds, the deadline, the containment of
+``SystemExit``, the slice metrics and instance counters, draining, the watchdog naming the callee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aether.core.artifact import Artifact
+from aether.core.context import current_slice, derive_idempotency_key
+from aether.core.policy import EntryPolicy
+from aether.invoke import Invoker
+from aether.slices.capacity import SliceLimits
+from aether.slices.faults import SliceFault
+from aether.slices.isolation import BlockReport
+from aether.slices.loader import ImportSpace
+from aether.slices.repository import Repository
+from aether.slices.runtime import SliceRuntime
+from aether.slices.testing import build_slice_wheel, isolated_imports
+
+pytestmark = pytest.mark.timeout(30)
+
+CALLER = "org.example:caller:1.0.0"
+CALLEE = "org.example:callee:1.0.0"
+LONER = "org.example:loner:1.0.0"
+
+CALLER_SOURCE = """
+import asyncio, threading
+from typing import Any
+from aether.core.context import current_slice
+from aether.slices import Slice, entry
+
+class Caller(Slice):
+    @entry
+    async def ask(self, what: list) -> dict:
+        method, arg = what
+        got = await self.call("org.example:callee", method, arg, Any, timeout=2.0)
+        return {"got": got, "thread": threading.get_ident(), "slice_after": current_slice.get(),
+                "rid": self.context.request_id, "key": self.context.idempotency_key}
+
+    @entry
+    async def ask_soon(self, what: list) -> Any:
+        method, arg = what
+        return await self.call("org.example:callee", method, arg, Any, timeout=0.3)
+
+    @entry
+    async def ask_many(self, n: int) -> list:
+        calls = [self.call("org.example:callee", "who", None, dict) for _ in range(n)]
+        return await asyncio.gather(*calls)
+
+    @entry
+    async def ask_loner(self, arg: str) -> dict:
+        return await self.call("org.example:loner", "who", arg, dict)
+"""
+
+CALLEE_SOURCE = """
+import asyncio, threading, time
+from aether.core.context import current_slice
+from aether.slices import Slice, entry, BadRequest
+
+class Callee(Slice):
+    @entry
+    async def who(self) -> dict:
+        return {"thread": threading.get_ident(), "slice": current_slice.get(),
+                "rid": self.context.request_id, "key": self.context.idempotency_key}
+
+    @entry
+    async def fail(self) -> str:
+        raise ValueError("no such thing")
+
+    @entry
+    async def bad(self) -> str:
+        raise BadRequest("the name is missing")
+
+    @entry
+    async def slow(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "slept"
+
+    @entry
+    async def nap(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "napped"
+
+    @entry
+    async def leave(self) -> str:
+        raise SystemExit(3)
+"""
+
+LONER_SOURCE = """
+import threading
+from aether.slices import Slice, entry
+
+class Loner(Slice):
+    @entry
+    async def who(self, arg: str) -> dict:
+        return {"thread": threading.get_ident(), "arg": arg}
+"""
+
+
+class NoPeers:
+    up_peers: frozenset[str] = frozenset()
+
+    def send(self, peer: str, msg: object) -> bool:
+        return False
+
+
+class Endpoints:
+    """A registry without endpoints whose answers are always cached (`cached_instances`), with a
+    policy per (target, method) when a test sets one."""
+
+    def __init__(self) -> None:
+        self.policies: dict[tuple[str, str], EntryPolicy] = {}
+
+    def instances(self, target: str, method: str) -> list[Any]:
+        return list(self.cached_instances(target, method))
+
+    def cached_instances(self, target: str, method: str) -> tuple[Any, ...]:
+        policy = self.policies.get((target, method))
+        if policy is None:
+            return ()
+        return (_Endpoint(target, method, 0, "node-1", policy),)
+
+
+class _Endpoint:
+    def __init__(
+        self, artifact: str, method: str, instance: int, node_id: str, policy: EntryPolicy
+    ) -> None:
+        self.artifact, self.method, self.instance, self.node_id, self.policy = (
+            artifact, method, instance, node_id, policy
+        )
+
+
+class Forward:
+    """The runtime's `SliceCaller` (the node's `_NodeInvoker`): the invoker, built after the runtime."""
+
+    invoker: Invoker
+
+    async def invoke(self, target: str, method: str, payload: bytes, **kw: Any) -> bytes:
+        return await self.invoker.invoke(target, method, payload, **kw)
+
+    def direct_ready(self, target: str, method: str, timeout: float | None) -> float | None:
+        return self.invoker.direct_ready(target, method, timeout)
+
+    def direct_error(
+        self, exc: BaseException | None, target: str, method: str, rid: str, *, expired: bool = False
+    ) -> Exception | None:
+        return self.invoker.direct_error(exc, target, method, rid, expired=expired)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, bool, bool]] = []
+
+    def record(self, artifact: str, method: str, seconds: float, ok: bool, client_error: bool) -> None:
+        self.calls.append((artifact, method, ok, client_error))
+
+
+class Setup:
+    def __init__(
+        self, runtime: SliceRuntime, invoker: Invoker, endpoints: Endpoints, recorder: Recorder
+    ) -> None:
+        self.runtime = runtime
+        self.invoker = invoker
+        self.endpoints = endpoints
+        self.recorder = recorder
+        self.limits: dict[Artifact, SliceLimits] = {}
+
+    async def ask(self, entry: str, payload: Any, request_id: str = "rid-1", key: str = "order-7") -> Any:
+        import msgspec
+
+        raw = await self.invoker.invoke(
+            CALLER, entry, msgspec.msgpack.encode(payload), request_id=request_id, idempotency_key=key
+        )
+        return msgspec.msgpack.decode(raw)
+
+    def local_attempts(self) -> int:
+        return self.invoker.stats.local_attempts
+
+
+@pytest.fixture(autouse=True)
+def _isolated() -> Iterator[None]:
+    with isolated_imports():
+        yield
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    async with _started(tmp_path, "shared") as s:
+        yield s
+
+
+@contextlib.asynccontextmanager
+async def _started(tmp_path: Path, mode: str) -> AsyncIterator[Setup]:
+    """The caller and the callee with isolation `mode`, the loner on a thread of its own."""
+    repo = Repository(tmp_path / "repo")
+    for coords, source, cls in ((CALLER, CALLER_SOURCE, "Caller"), (CALLEE, CALLEE_SOURCE, "Callee"),
+                                (LONER, LONER_SOURCE, "Loner")):  # fmt: skip
+        repo.deploy(build_slice_wheel(tmp_path / "w", coords, source, cls))
+    fwd = Forward()
+    recorder = Recorder()
+    limits: dict[Artifact, SliceLimits] = {}
+    runtime = SliceRuntime(
+        "node-1", repo, tmp_path / "data", fwd, space=ImportSpace(), recorder=recorder,
+        isolation_for=lambda a: "auto" if str(a) == LONER else mode,
+        limits_for=lambda a: limits.get(a, SliceLimits()), block_limit=0.2,
+    )  # fmt: skip
+    endpoints = Endpoints()
+    fwd.invoker = Invoker("node-1", runtime, endpoints, NoPeers())
+    s = Setup(runtime, fwd.invoker, endpoints, recorder)
+    s.limits = limits
+    for coords in (CALLER, CALLEE, LONER):
+        a = Artifact.parse(coords)
+        await runtime.load(a)
+        await runtime.activate(a, [0])
+    try:
+        yield s
+    finally:
+        await runtime.close(drain_timeout=1.0)
+
+
+async def _warm(s: Setup) -> None:
+    """The first call to a target goes the usual way (the node's loop resolves it); later ones are
+    direct."""
+    await s.ask("ask", ["who", None])
+
+
+async def test_slices_on_the_shared_loop_call_each_other_directly_with_what_the_usual_way_gives(
+    setup: Setup,
+) -> None:
+    s = setup
+    assert s.runtime.isolation(Artifact.parse(CALLER)) == "shared"
+    assert s.runtime.isolation(Artifact.parse(LONER)) == "thread"
+    first = await s.ask("ask", ["who", None], key="order-7")  # the usual way: one local attempt
+    assert s.local_attempts() == 2  # the outer call and the nested one
+    again = await s.ask("ask", ["who", None], key="order-8")  # direct: the outer attempt only
+    assert s.local_attempts() == 3
+    for out, key in ((first, "order-7"), (again, "order-8")):
+        got = out["got"]
+        assert got["thread"] == out["thread"] != threading.get_ident()  # the same (shared) loop
+        assert got["slice"] == CALLEE and out["slice_after"] == CALLER  # log context restored
+        assert got["rid"] == out["rid"] == "rid-1"
+        assert out["key"] == key
+        assert got["key"] == derive_idempotency_key(key, "org.example:callee", "who", 0)
+    # several direct calls at once from one entry (gather: each in a task of its own)
+    many = await s.ask("ask_many", 3, key="order-9")
+    assert s.local_attempts() == 4
+    assert [m["key"] for m in many] == [
+        derive_idempotency_key("order-9", "org.example:callee", "who", n) for n in range(3)
+    ]
+    # the bookkeeping reaches the node's loop: instance counters and slice metrics count them all
+    await asyncio.sleep(0.05)
+    callee = [load for load in s.runtime.instance_loads() if load.artifact == CALLEE]
+    assert callee[0].calls == 5 and callee[0].failures == 0
+    assert [c for c in s.recorder.calls if c[0] == CALLEE] == [(CALLEE, "who", True, False)] * 5
+
+
+async def test_a_call_to_a_slice_on_its_own_thread_goes_the_usual_way(setup: Setup) -> None:
+    s = setup
+    for n in range(2):
+        out = await s.ask("ask_loner", f"x{n}")
+        assert out["arg"] == f"x{n}"
+    assert s.local_attempts() == 4  # every nested call is an attempt of the invoker
+
+
+async def test_direct_calls_fail_as_the_usual_way_fails(setup: Setup) -> None:
+    """Each failure of a nested call, made directly and then the usual way (a fault that delays
+    nothing and fails nothing sends it through `call`): the same error, word for word."""
+    s = setup
+    await _warm(s)
+    callee = Artifact.parse(CALLEE)
+    cases = [
+        ("ask", "fail", None), ("ask", "bad", None), ("ask_soon", "slow", 2.0), ("ask", "leave", None),
+    ]  # fmt: skip
+
+    async def outcome(entry: str, method: str, arg: Any) -> tuple[type[BaseException], str, int | None]:
+        with pytest.raises(Exception) as info:
+            await s.ask(entry, [method, arg])
+        return type(info.value), str(info.value), getattr(info.value, "status", None)
+
+    base = s.local_attempts()
+    direct = [await outcome(*case) for case in cases]
+    assert s.local_attempts() == base + len(cases)  # the outer calls only: every nested one was direct
+    s.runtime.inject_fault(callee, SliceFault(error_rate=0.0))
+    usual = [await outcome(*case) for case in cases]
+    assert s.local_attempts() == base + 3 * len(cases)
+    s.runtime.clear_fault(callee)
+    assert direct == usual
+    assert "callee.fail on node-1 (request rid-1) raised ValueError: no such thing" in direct[0][1]
+    assert "bad request to org.example:callee.bad" in direct[1][1]
+    assert "org.example:callee.slow (request rid-1) timed out running on this node (node-1)" in direct[2][1]
+    assert "leave of org.example:callee:1.0.0 raised SystemExit(3)" in direct[3][1]
+    # contained: the slices go on
+    assert (await s.ask("ask", ["who", None]))["got"]["slice"] == CALLEE
+    await asyncio.sleep(0.05)
+    failed = [c for c in s.recorder.calls if c[0] == CALLEE and c[1] != "who"]
+    assert failed == [
+        (CALLEE, "fail", False, False), (CALLEE, "bad", False, True), (CALLEE, "slow", False, False),
+        (CALLEE, "leave", False, False),
+    ] * 2  # fmt: skip
+
+
+async def test_limits_faults_and_policies_of_the_callee_send_the_call_the_usual_way(setup: Setup) -> None:
+    s = setup
+    await _warm(s)
+    callee = Artifact.parse(CALLEE)
+    base = s.local_attempts()
+    s.runtime.inject_fault(callee, SliceFault(error_rate=0.0, delay_ms=1))
+    await s.ask("ask", ["who", None])
+    assert s.local_attempts() == base + 2  # a fault is injected by `call`: the usual way
+    s.runtime.clear_fault(callee)
+    s.endpoints.policies[("org.example:callee", "who")] = EntryPolicy(timeout=1.0)
+    await s.ask("ask", ["who", None])
+    assert s.local_attempts() == base + 4  # an attempt timeout of its own: the invoker's rounds
+    del s.endpoints.policies[("org.example:callee", "who")]
+    s.limits[callee] = SliceLimits(max_concurrency=4)
+    s.runtime.refresh_limits()
+    await s.ask("ask", ["who", None])
+    assert s.local_attempts() == base + 6  # under limits: admission by the gate
+    s.limits.pop(callee)
+    s.runtime.refresh_limits()
+    await s.ask("ask", ["who", None])
+    assert s.local_attempts() == base + 7  # direct again
+
+
+async def test_draining_the_callee_waits_for_its_direct_calls(setup: Setup) -> None:
+    s = setup
+    await _warm(s)
+    base = s.local_attempts()
+    running = asyncio.ensure_future(s.ask("ask", ["slow", 0.5]))
+    await asyncio.sleep(0.15)
+    assert s.local_attempts() == base + 1  # the nested call runs directly
+    t0 = asyncio.get_running_loop().time()
+    await s.runtime.deactivate(Artifact.parse(CALLEE), drain_timeout=3.0)
+    assert asyncio.get_running_loop().time() - t0 >= 0.25  # it waited for the direct call
+    assert (await running)["got"] == "slept"
+    # the shared loop stays for the caller; a call to the stopped callee is not direct and fails
+    assert s.runtime.isolation(Artifact.parse(CALLER)) == "shared"
+    with pytest.raises(Exception, match=r"no ACTIVE instance|timed out|did not succeed"):
+        await s.ask("ask_soon", ["who", None])
+
+
+async def test_the_watchdog_names_the_callee_that_blocks_the_shared_loop(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = setup
+    await _warm(s)
+    reports: list[tuple[Artifact, BlockReport]] = []
+    s.runtime.on_block.append(lambda a, r: reports.append((a, r)))
+    blocked = r"nap of org\.example:callee:1\.0\.0 blocked its slice's event loop"
+    with caplog.at_level(logging.WARNING), pytest.raises(Exception, match=blocked):
+        await s.ask("ask", ["nap", 0.6])
+    assert reports and reports[0][0] == Artifact.parse(CALLEE)
+    assert reports[0][1].owner == CALLEE and reports[0][1].entry == "nap"
+
+
+async def test_the_shared_loop_closes_with_the_last_slice_on_it(setup: Setup) -> None:
+    s = setup
+    rt = s.runtime
+    shared = rt._shared
+    assert shared is not None and shared.thread.is_alive()
+    await rt.deactivate(Artifact.parse(CALLER))
+    assert rt._shared is shared and shared.thread.is_alive()
+    await rt.deactivate(Artifact.parse(CALLEE))
+    assert rt._shared is None
+    await asyncio.sleep(0)
+    shared.thread.join(2.0)
+    assert not shared.thread.is_alive()
+    await rt.activate(Artifact.parse(CALLEE), [0])  # a new shared loop
+    assert rt._shared is not None and rt._shared is not shared
+
+
+async def test_a_nested_call_in_the_callers_task_leaves_the_callers_log_context_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """Inline slices run a nested call in the caller's task too: the callee's log context (node,
+    slice, instance), request id and key are undone when it returns (they stayed: the caller's
+    later log records named the callee; and a task that activated inline slices named the last)."""
+    async with _started(tmp_path, "inline") as s:
+        assert current_slice.get(None) is None  # the start() hooks ran in this task: undone too
+        out = await s.ask("ask", ["who", None], key="order-5")
+        assert out["got"]["slice"] == CALLEE and out["slice_after"] == CALLER
+        assert out["key"] == "order-5"
+        assert out["got"]["thread"] == out["thread"] == threading.get_ident()  # the node's loop
+
+
+async def test_direct_calls_leave_no_reference_cycles_behind(setup: Setup) -> None:
+    s = setup
+    await _warm(s)
+    await s.ask("ask", ["who", None])
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(30):
+            await s.ask("ask", ["who", None], key=f"order-{n}")
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found < 30, f"{found} objects in reference cycles after 30 calls"
