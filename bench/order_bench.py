@@ -30,10 +30,11 @@ moves much less than rps and latency.
 Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
-`--isolation inline` runs every demo slice on its node's loop (``isolation = "inline"`` added to
-each slice table of the blueprint) and `--engine memory|sqlite` sets both maps' storage engine
-(the blueprint says ``log``): experiments that show what the slice threads and the storage cost
-per order, not configurations the demo ships with.
+`--isolation thread|inline` runs every demo slice on a thread of its own or on its node's loop
+(the blueprint says ``isolation = "shared"``: one slice loop per node, calls between the demo's
+slices direct) and `--engine memory|sqlite` sets both maps' storage engine (the blueprint says
+``log``): experiments that show what the slice threads and the storage cost per order, not
+configurations the demo ships with.
 
 `--baseline REF` (e.g. `main`) also builds the demo as of git REF (`git archive REF examples src`,
 built by that tree's own build.py) and runs its nodes on REF's `src` too (through `PYTHONPATH`,
@@ -120,6 +121,12 @@ def blueprint_engine(blueprint: str) -> str:
     """The storage engine `blueprint` gives its maps (the first one named)."""
     m = re.search(r'^engine = "([a-z]+)"', blueprint, flags=re.M)
     return m.group(1) if m else "memory"
+
+
+def blueprint_isolation(blueprint: str) -> str:
+    """Where `blueprint` runs its slices (the first isolation named; none: "thread")."""
+    m = re.search(r'^isolation = "([a-z]+)"', blueprint, flags=re.M)
+    return "thread" if m is None or m.group(1) in ("auto", "process") else m.group(1)
 
 
 def build_wheels(out: Path, build: Path = BUILD) -> Path:
@@ -382,9 +389,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds (with --baseline: each runs both)")
     ap.add_argument("--no-get", action="store_true", help="skip the GET /api/orders/{id} step")
     ap.add_argument(
-        "--isolation", choices=("thread", "inline"), default="thread",
-        help='where the demo\'s slices run: their own loop and thread (as the blueprint says), or '
-        'the node\'s loop (isolation = "inline" set in every slice table, for the experiment)',
+        "--isolation", choices=("thread", "shared", "inline"), default=None,
+        help='where the demo\'s slices run (default: as the blueprint says, "shared"): "thread", a '
+        'loop and thread of their own each; "shared", one slice loop per node; "inline", the node\'s '
+        "loop (set in every slice table, for the experiment)",
     )  # fmt: skip
     ap.add_argument(
         "--engine", choices=("log", "sqlite", "memory"),
@@ -403,7 +411,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     work = Path(tempfile.mkdtemp(prefix="aether-order-bench-"))
     engine = a.engine or blueprint_engine(BLUEPRINT_FILE.read_text())
-    res: dict[str, object] = {"nodes": 3, "product": a.product, "isolation": a.isolation, "engine": engine}
+    isolation = a.isolation or blueprint_isolation(BLUEPRINT_FILE.read_text())
+    res: dict[str, object] = {"nodes": 3, "product": a.product, "isolation": isolation, "engine": engine}
     rc = 0
     try:
         ensure_wrk()

@@ -24,7 +24,10 @@ def test_the_experiment_variants_of_the_demo_blueprint_parse_and_change_only_wha
     text = order_bench.BLUEPRINT_FILE.read_text()
     shipped = parse_blueprint(text, "demo-order.blueprint")
     assert order_bench.blueprint_engine(text) == "log"
-    assert order_bench.with_engine(order_bench.with_isolation(text, "thread"), "log") == text
+    assert order_bench.blueprint_isolation(text) == "shared"
+    assert order_bench.with_engine(order_bench.with_isolation(text, None), "log") == text
+    own = parse_blueprint(order_bench.with_isolation(text, "thread"), "variant.blueprint")
+    assert {s.isolation for s in own.slices} == {"auto"} and len(own.slices) == len(shipped.slices)
     bp = parse_blueprint(
         order_bench.with_engine(order_bench.with_isolation(text, "inline"), "memory"), "variant.blueprint"
     )
