@@ -64,6 +64,12 @@ class Caller(Slice):
         return await asyncio.gather(*calls)
 
     @entry
+    async def ask_in_a_loop(self, n: int) -> int:
+        for _ in range(n):
+            await self.call("org.example:callee", "who", None, dict)
+        return n
+
+    @entry
     async def ask_loner(self, arg: str) -> dict:
         return await self.call("org.example:loner", "who", arg, dict)
 """
@@ -412,3 +418,17 @@ async def test_direct_calls_leave_no_reference_cycles_behind(setup: Setup) -> No
     finally:
         gc.enable()
     assert found < 30, f"{found} objects in reference cycles after 30 calls"
+
+
+async def test_a_caller_making_direct_calls_in_a_loop_lets_the_loop_turn(setup: Setup) -> None:
+    """A direct call does not suspend its caller: 20,000 of them in a loop (longer than the 0.2 s
+    block limit here) would hold the shared loop, and the watchdog would fail the call as blocking.
+    One in `DIRECT_STREAK` yields."""
+    s = setup
+    await _warm(s)
+    reports: list[Any] = []
+    s.runtime.on_block.append(lambda a, r: reports.append(r))
+    base = s.local_attempts()
+    assert await s.ask("ask_in_a_loop", 20_000) == 20_000
+    assert s.local_attempts() == base + 1  # every nested call direct
+    assert reports == []
