@@ -26,7 +26,9 @@ each wrk process reports its latency at every 0.1 % quantile (a Lua `done` hook)
 pooled weighted by request count and the percentile is read off the pool (exact to about 0.1 %
 in rank; the log line gives p90 and p99.9 as well). `cpu_ms`: user + system CPU of the three
 node processes per placed order (from /proc/PID/stat), which the other work on a shared machine
-moves much less than rps and latency.
+moves much less than rps and latency. `loop_lag_ms`: the largest event-loop lag any node reported
+(`loop_lag_max_ms` of its status, the last 10 s) right after the run, -1 if none answered; the
+per-node log line gives each node's (a tail from a stalled loop shows there).
 Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
@@ -45,8 +47,9 @@ medians of the per-round ratios new/base (`place_c{C}_{rps,p50_ms,p99_ms,cpu_ms}
 
 Final line (machine-readable):
 `RESULT nodes=3 product=... isolation=... engine=... place_c{C}_rps=... place_c{C}_p50_ms=...
-place_c{C}_p99_ms=... place_c{C}_cpu_ms=... get_c{C}_rps=... get_c{C}_p50_ms=... get_c{C}_p99_ms=...
-non2xx=... socket_errors=... [base_... place_c{C}_rps_ratio=... ...]` (one line), or
+place_c{C}_p99_ms=... place_c{C}_cpu_ms=... place_c{C}_loop_lag_ms=... get_c{C}_rps=...
+get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=... socket_errors=...
+[base_... place_c{C}_rps_ratio=... ...]` (one line), or
 `RESULT error=<ExceptionName>` after the tail of every node log.
 """
 
@@ -229,6 +232,19 @@ def cpu_seconds(cluster: Cluster) -> float:
     return total
 
 
+def loop_lags(cluster: Cluster) -> list[float | None]:
+    """Each node's largest event-loop lag of the last 10 s (`loop_lag_max_ms` of its status), read
+    right after a measured run: a stall of the node's loop shows here as a tail of its own."""
+    out: list[float | None] = []
+    for i in range(cluster.n):
+        try:
+            lag = cluster.status(i).get("loop_lag_max_ms")
+        except (OSError, ValueError):
+            lag = None
+        out.append(float(lag) if isinstance(lag, (int, float)) else None)
+    return out
+
+
 def load(
     label: str,
     ports: list[int],
@@ -242,10 +258,14 @@ def load(
     cpu0 = cpu_seconds(cluster) if cluster is not None else 0.0
     outs = run_wrk_all(ports, path, conns, a.duration, script)
     r = merge(outs)
+    lags = loop_lags(cluster) if cluster is not None else []
+    if any(lag is not None for lag in lags):
+        r["loop_lag_max_ms"] = max(lag for lag in lags if lag is not None)
     if len(outs) > 1:  # each node as the entry point: an uneven share of the work shows here
         each = [merge([o]) for o in outs]
         log(f"{label} c={conns} per entry node: " + "; ".join(
             f"node-{i + 1} {e['rps']:.0f} req/s p50 {e['p50_ms']:.1f} p99 {e['p99_ms']:.1f} ms"
+            + (f" (loop lag max {lags[i]:.0f} ms)" if i < len(lags) and lags[i] is not None else "")
             for i, e in enumerate(each)
         ))  # fmt: skip
     if cluster is not None:  # the nodes' CPU per request: what the load on the machine moves least
@@ -338,6 +358,7 @@ def run_variant(
                     f"place_c{c}_p50_ms": r["p50_ms"],
                     f"place_c{c}_p99_ms": r["p99_ms"],
                     f"place_c{c}_cpu_ms": r["cpu_ms"],
+                    f"place_c{c}_loop_lag_ms": r.get("loop_lag_max_ms", -1.0),
                 }
             )
             non2xx += int(r["non2xx"])
