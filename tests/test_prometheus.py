@@ -69,6 +69,8 @@ def figures() -> ClusterFigures:
         null_slots=5, commands=70, applied_slot=41, commit_buckets=h.cumulative(), commit_seconds=h.sum,
         slices={"ACTIVE": 2, "FAILED": 1, "LOADING": 0}, routes=4,
         maps=[MapFigures("carts", 10, 2048, 3, 6, 1, 2, 0.25)],
+        invoke={"calls": 9, "succeeded": 7, "failed": 2, "attempts": 11, "local_attempts": 8,
+                "remote_attempts": 3, "retries": 2, "indeterminate": 1, "skipped_open": 0},
     )  # fmt: skip
 
 
@@ -117,6 +119,11 @@ def test_cluster_series_come_from_the_figures() -> None:
     assert fams["aether_map_storage_bytes"].samples[0].value == 2048
     assert fams["aether_map_replication_pending_acks"].samples[0].value == 2
     assert fams["aether_map_replication_lag_seconds"].samples[0].value == 0.25
+    calls = {s.labels["outcome"]: s.value for s in fams["aether_invoke_calls"].samples}
+    assert calls == {"succeeded": 7, "failed": 2} and fams["aether_invoke_calls"].type == "counter"
+    attempts = {s.labels["outcome"]: s.value for s in fams["aether_invoke_attempts"].samples}
+    assert attempts == {"local": 8, "remote": 3}
+    assert (one("aether_invoke_retries"), one("aether_invoke_indeterminate")) == (2, 1)
     # no figures (a source without them, or reading them failed): no cluster series
     names = {f.name for f in text_string_to_metric_families(
         PrometheusExporter(_ClusterSource("n2", None)).render().decode())}  # fmt: skip

@@ -56,3 +56,6 @@ class ClusterFigures(msgspec.Struct, frozen=True):
     routes: int
     """HTTP routes in this node's route table."""
     maps: list[MapFigures] = []
+    invoke: dict[str, int] = {}
+    """The invoker's counters since the node started (`InvokerStats.as_dict`: calls, succeeded,
+    failed, attempts, local_attempts, remote_attempts, retries, indeterminate, skipped_open)."""

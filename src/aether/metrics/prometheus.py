@@ -30,7 +30,10 @@ node's `MetricsService` does): gauges ``aether_cluster_members``,
 ``aether_map_storage_bytes``, ``aether_map_replication_pending_acks``,
 ``aether_map_replication_lag_seconds``; counters ``aether_cluster_leader_changes_total``,
 ``aether_consensus_slots_total``, ``aether_consensus_null_slots_total``,
-``aether_consensus_commands_total``; the histogram ``aether_consensus_commit_latency_seconds``.
+``aether_consensus_commands_total``, ``aether_invoke_calls_total`` (label ``outcome``:
+``succeeded``, ``failed``), ``aether_invoke_attempts_total`` (label ``outcome``: ``local``,
+``remote``), ``aether_invoke_retries_total``, ``aether_invoke_indeterminate_total``; the histogram
+``aether_consensus_commit_latency_seconds``.
 
 Naming follows the Prometheus conventions (base units, ``_total`` on counters, no counter that
 repeats a histogram's ``_count``); `promtool check metrics` passes on the output (tests/test_metrics.py).
@@ -54,6 +57,17 @@ from prometheus_client.registry import Collector
 from aether.metrics.cluster import ClusterFigures
 from aether.metrics.collector import BUCKET_BOUNDS, EntryMetrics
 from aether.metrics.messages import InstanceCounters, NodeSample
+
+_INVOKE_SERIES: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("aether_invoke_calls", "Calls to slices this node's invoker made (from its router and its slices), "
+     "by outcome", {"succeeded": "succeeded", "failed": "failed"}),
+    ("aether_invoke_attempts", "Attempts of those calls, by where they ran",
+     {"local": "local_attempts", "remote": "remote_attempts"}),
+    ("aether_invoke_retries", "Attempts after a call's first (another instance or node, after an error "
+     "or an attempt timeout)", {"": "retries"}),
+    ("aether_invoke_indeterminate", "Calls that ended IndeterminateOutcome (an entry that must not run "
+     "twice may have run)", {"": "indeterminate"}),
+)
 
 __all__ = ["CONTENT_TYPE", "PrometheusExporter"]
 
@@ -162,6 +176,14 @@ class _NodeCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=["node"])
             c.add_metric([node], float(value))
             yield c
+        if fig.invoke:  # the calls this node's invoker made, their attempts and what came of them
+            for name, doc, keys in _INVOKE_SERIES:
+                if all(k in fig.invoke for k in keys.values()):
+                    split = len(keys) > 1  # by outcome
+                    c = CounterMetricFamily(name, doc, labels=["node", "outcome"] if split else ["node"])
+                    for label, stat in keys.items():
+                        c.add_metric([node, label] if split else [node], float(fig.invoke[stat]))
+                    yield c
         commit = HistogramMetricFamily(
             "aether_consensus_commit_latency_seconds",
             "Seconds from submitting commands on this node to their results (committed writes only)",

@@ -484,7 +484,7 @@ class Node:
                 quorum=self.has_quorum(), is_leader=leader.is_leader, leader_changes=leader.changes,
                 slots=0, null_slots=0, commands=0, applied_slot=self._etcd_revision(),
                 commit_buckets=[(float("inf"), 0)], commit_seconds=0.0, slices=slices, routes=routes,
-                maps=maps,
+                maps=maps, invoke=self.invoker.stats.as_dict(),
             )
         engine = self.runner.engine
         commit = self.runner.commit_latency
@@ -494,7 +494,7 @@ class Node:
             slots=engine.stats["slots"], null_slots=engine.stats["null_slots"],
             commands=engine.stats["commands"], applied_slot=engine.applied,
             commit_buckets=commit.cumulative(), commit_seconds=commit.sum, slices=slices,
-            routes=routes, maps=maps,
+            routes=routes, maps=maps, invoke=self.invoker.stats.as_dict(),
         )
 
     def _instance_counters(self) -> list[InstanceCounters]:
