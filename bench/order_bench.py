@@ -28,7 +28,8 @@ in rank; the log line gives p90 and p99.9 as well). `cpu_ms`: user + system CPU 
 node processes per placed order (from /proc/PID/stat), which the other work on a shared machine
 moves much less than rps and latency. `loop_lag_ms`: the largest event-loop lag any node reported
 (`loop_lag_max_ms` of its status, the last 10 s) right after the run, -1 if none answered; the
-per-node log line gives each node's (a tail from a stalled loop shows there).
+per-node log line gives each node's (a tail from a stalled loop shows there). `retries`: calls
+the nodes' invokers retried during the run (`aether_invoke_retries_total`; -1 if unknown).
 Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
@@ -47,8 +48,8 @@ medians of the per-round ratios new/base (`place_c{C}_{rps,p50_ms,p99_ms,cpu_ms}
 
 Final line (machine-readable):
 `RESULT nodes=3 product=... isolation=... engine=... place_c{C}_rps=... place_c{C}_p50_ms=...
-place_c{C}_p99_ms=... place_c{C}_cpu_ms=... place_c{C}_loop_lag_ms=... get_c{C}_rps=...
-get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=... socket_errors=...
+place_c{C}_p99_ms=... place_c{C}_cpu_ms=... place_c{C}_loop_lag_ms=... place_c{C}_retries=...
+get_c{C}_rps=... get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=... socket_errors=...
 [base_... place_c{C}_rps_ratio=... ...]` (one line), or
 `RESULT error=<ExceptionName>` after the tail of every node log.
 """
@@ -66,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -245,6 +247,22 @@ def loop_lags(cluster: Cluster) -> list[float | None]:
     return out
 
 
+def invoke_retries(cluster: Cluster) -> list[float | None]:
+    """Each node's `aether_invoke_retries_total` now (None if its /metrics did not answer)."""
+    out: list[float | None] = []
+    for i in range(cluster.n):
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{cluster.mgmt_ports[i]}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            out.append(None)
+            continue
+        found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("aether_invoke_retries_total{")]  # fmt: skip
+        out.append(found[0] if found else None)
+    return out
+
+
 def load(
     label: str,
     ports: list[int],
@@ -256,9 +274,17 @@ def load(
 ) -> dict[str, float]:
     run_wrk_all(ports, path, conns, a.warmup, script)  # not recorded
     cpu0 = cpu_seconds(cluster) if cluster is not None else 0.0
+    retries0 = invoke_retries(cluster) if cluster is not None else []
     outs = run_wrk_all(ports, path, conns, a.duration, script)
     r = merge(outs)
     lags = loop_lags(cluster) if cluster is not None else []
+    retries1 = invoke_retries(cluster) if cluster is not None else []
+    retries = [
+        (after - before) if after is not None and before is not None else None
+        for before, after in zip(retries0, retries1, strict=False)
+    ]
+    if retries and all(n is not None for n in retries):
+        r["retries"] = float(sum(n for n in retries if n is not None))
     if any(lag is not None for lag in lags):
         r["loop_lag_max_ms"] = max(lag for lag in lags if lag is not None)
     if len(outs) > 1:  # each node as the entry point: an uneven share of the work shows here
@@ -266,6 +292,7 @@ def load(
         log(f"{label} c={conns} per entry node: " + "; ".join(
             f"node-{i + 1} {e['rps']:.0f} req/s p50 {e['p50_ms']:.1f} p99 {e['p99_ms']:.1f} ms"
             + (f" (loop lag max {lags[i]:.0f} ms)" if i < len(lags) and lags[i] is not None else "")
+            + (f" retries {retries[i]:.0f}" if i < len(retries) and retries[i] is not None else "")
             for i, e in enumerate(each)
         ))  # fmt: skip
     if cluster is not None:  # the nodes' CPU per request: what the load on the machine moves least
@@ -359,6 +386,7 @@ def run_variant(
                     f"place_c{c}_p99_ms": r["p99_ms"],
                     f"place_c{c}_cpu_ms": r["cpu_ms"],
                     f"place_c{c}_loop_lag_ms": r.get("loop_lag_max_ms", -1.0),
+                    f"place_c{c}_retries": r.get("retries", -1.0),
                 }
             )
             non2xx += int(r["non2xx"])
