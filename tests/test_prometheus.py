@@ -121,7 +121,7 @@ def test_cluster_series_come_from_the_figures() -> None:
     assert fams["aether_map_replication_lag_seconds"].samples[0].value == 0.25
     calls = {s.labels["outcome"]: s.value for s in fams["aether_invoke_calls"].samples}
     assert calls == {"succeeded": 7, "failed": 2} and fams["aether_invoke_calls"].type == "counter"
-    attempts = {s.labels["outcome"]: s.value for s in fams["aether_invoke_attempts"].samples}
+    attempts = {s.labels["where"]: s.value for s in fams["aether_invoke_attempts"].samples}
     assert attempts == {"local": 8, "remote": 3}
     assert (one("aether_invoke_retries"), one("aether_invoke_indeterminate")) == (2, 1)
     # no figures (a source without them, or reading them failed): no cluster series

@@ -31,7 +31,7 @@ node's `MetricsService` does): gauges ``aether_cluster_members``,
 ``aether_map_replication_lag_seconds``; counters ``aether_cluster_leader_changes_total``,
 ``aether_consensus_slots_total``, ``aether_consensus_null_slots_total``,
 ``aether_consensus_commands_total``, ``aether_invoke_calls_total`` (label ``outcome``:
-``succeeded``, ``failed``), ``aether_invoke_attempts_total`` (label ``outcome``: ``local``,
+``succeeded``, ``failed``), ``aether_invoke_attempts_total`` (label ``where``: ``local``,
 ``remote``), ``aether_invoke_retries_total``, ``aether_invoke_indeterminate_total``; the histogram
 ``aether_consensus_commit_latency_seconds``.
 
@@ -58,15 +58,16 @@ from aether.metrics.cluster import ClusterFigures
 from aether.metrics.collector import BUCKET_BOUNDS, EntryMetrics
 from aether.metrics.messages import InstanceCounters, NodeSample
 
-_INVOKE_SERIES: tuple[tuple[str, str, dict[str, str]], ...] = (
+# the invoker's counters (`ClusterFigures.invoke`): (name, help, label or "", {label value: counter})
+_INVOKE_SERIES: tuple[tuple[str, str, str, dict[str, str]], ...] = (
     ("aether_invoke_calls", "Calls to slices this node's invoker made (from its router and its slices), "
-     "by outcome", {"succeeded": "succeeded", "failed": "failed"}),
+     "by outcome", "outcome", {"succeeded": "succeeded", "failed": "failed"}),
     ("aether_invoke_attempts", "Attempts of those calls, by where they ran",
-     {"local": "local_attempts", "remote": "remote_attempts"}),
+     "where", {"local": "local_attempts", "remote": "remote_attempts"}),
     ("aether_invoke_retries", "Attempts after a call's first (another instance or node, after an error "
-     "or an attempt timeout)", {"": "retries"}),
+     "or an attempt timeout)", "", {"": "retries"}),
     ("aether_invoke_indeterminate", "Calls that ended IndeterminateOutcome (an entry that must not run "
-     "twice may have run)", {"": "indeterminate"}),
+     "twice may have run)", "", {"": "indeterminate"}),
 )
 
 __all__ = ["CONTENT_TYPE", "PrometheusExporter"]
@@ -177,12 +178,11 @@ class _NodeCollector(Collector):
             c.add_metric([node], float(value))
             yield c
         if fig.invoke:  # the calls this node's invoker made, their attempts and what came of them
-            for name, doc, keys in _INVOKE_SERIES:
+            for name, doc, label, keys in _INVOKE_SERIES:
                 if all(k in fig.invoke for k in keys.values()):
-                    split = len(keys) > 1  # by outcome
-                    c = CounterMetricFamily(name, doc, labels=["node", "outcome"] if split else ["node"])
-                    for label, stat in keys.items():
-                        c.add_metric([node, label] if split else [node], float(fig.invoke[stat]))
+                    c = CounterMetricFamily(name, doc, labels=["node", label] if label else ["node"])
+                    for tag, stat in keys.items():
+                        c.add_metric([node, tag] if label else [node], float(fig.invoke[stat]))
                     yield c
         commit = HistogramMetricFamily(
             "aether_consensus_commit_latency_seconds",
