@@ -310,11 +310,12 @@ async def test_many_calls_from_one_turn_share_one_wake_up_of_the_slice_loop() ->
         assert await st.close(timeout=2.0)
 
 
-async def test_calls_leave_no_reference_cycles_behind() -> None:
+@pytest.mark.parametrize("shared", [False, True])
+async def test_calls_leave_no_reference_cycles_behind(shared: bool) -> None:
     """A call's task, its context and the call must not keep each other alive: cyclic garbage on
     every call made every request through the router 20-30 % slower (the collector ran all the
     time; bench/http_bench.py found it)."""
-    t = SliceThread("org.x:cycles:1.0.0")
+    t = SliceThread("org.x:cycles:1.0.0", shared=shared)
 
     async def work() -> int:
         return 1

@@ -355,7 +355,7 @@ class SliceThread:
         task = asyncio.current_task()
         assert task is not None
         self._calls[task] = call
-        serving = _serving.set(call)
+        serving = _serving.set(call) if self.shared else None  # (read by direct calls only)
         try:
             result = await call.coro
         except asyncio.CancelledError:
@@ -378,7 +378,8 @@ class SliceThread:
             self._answer(call, result, None)
         finally:
             del self._calls[task]
-            _serving.reset(serving)  # (else the task's context and the call would keep each other)
+            if serving is not None:  # (else the task's context and the call would keep each other)
+                _serving.reset(serving)
 
     async def call_main(self, aw: Awaitable[T]) -> T:
         """From slice code: run a coroutine of the node (a map operation, a call) on the node's loop.
