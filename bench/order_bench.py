@@ -29,7 +29,9 @@ node processes per placed order (from /proc/PID/stat), which the other work on a
 moves much less than rps and latency. `loop_lag_ms`: the largest event-loop lag any node reported
 (`loop_lag_max_ms` of its status, the last 10 s) right after the run, -1 if none answered; the
 per-node log line gives each node's (a tail from a stalled loop shows there). `retries`: calls
-the nodes' invokers retried during the run (`aether_invoke_retries_total`; -1 if unknown).
+the nodes' invokers retried during the run (`aether_invoke_retries_total`; -1 if unknown);
+`map_retries`: their map operations tried again (`aether_map_op_retries_total`, every reason: an
+attempt the primary left unanswered for 1 s is one, and shows as a ~1 s tail).
 Everything runs on loopback on the same machine as the nodes (wrk uses CPU too); every process
 started is tracked by PID and killed by PID on exit, also on SIGINT/SIGTERM.
 
@@ -49,7 +51,8 @@ medians of the per-round ratios new/base (`place_c{C}_{rps,p50_ms,p99_ms,cpu_ms}
 Final line (machine-readable):
 `RESULT nodes=3 product=... isolation=... engine=... place_c{C}_rps=... place_c{C}_p50_ms=...
 place_c{C}_p99_ms=... place_c{C}_cpu_ms=... place_c{C}_loop_lag_ms=... place_c{C}_retries=...
-get_c{C}_rps=... get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=... socket_errors=...
+place_c{C}_map_retries=... get_c{C}_rps=... get_c{C}_p50_ms=... get_c{C}_p99_ms=... non2xx=...
+socket_errors=...
 [base_... place_c{C}_rps_ratio=... ...]` (one line), or
 `RESULT error=<ExceptionName>` after the tail of every node log.
 """
@@ -247,9 +250,14 @@ def loop_lags(cluster: Cluster) -> list[float | None]:
     return out
 
 
-def invoke_retries(cluster: Cluster) -> list[float | None]:
-    """Each node's `aether_invoke_retries_total` now (None if its /metrics did not answer)."""
-    out: list[float | None] = []
+RETRY_SERIES = {"retries": "aether_invoke_retries_total{", "map_retries": "aether_map_op_retries_total{"}
+
+
+def retry_counts(cluster: Cluster) -> list[dict[str, float] | None]:
+    """Each node's retry counters now, summed over their labels: ``retries`` (its invoker's,
+    `aether_invoke_retries_total`) and ``map_retries`` (its map operations',
+    `aether_map_op_retries_total`); None if its /metrics did not answer."""
+    out: list[dict[str, float] | None] = []
     for i in range(cluster.n):
         try:
             with urllib.request.urlopen(f"http://{HOST}:{cluster.mgmt_ports[i]}/metrics", timeout=2) as r:
@@ -257,10 +265,18 @@ def invoke_retries(cluster: Cluster) -> list[float | None]:
         except OSError:
             out.append(None)
             continue
-        found = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith("aether_invoke_retries_total{")]  # fmt: skip
-        out.append(found[0] if found else None)
+        out.append(parse_retries(text))
     return out
+
+
+def parse_retries(text: str) -> dict[str, float]:
+    """The `RETRY_SERIES` counters in a /metrics text, each summed over its labels."""
+    counts = dict.fromkeys(RETRY_SERIES, 0.0)
+    for line in text.splitlines():
+        for key, prefix in RETRY_SERIES.items():
+            if line.startswith(prefix):
+                counts[key] += float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 def load(
@@ -274,17 +290,18 @@ def load(
 ) -> dict[str, float]:
     run_wrk_all(ports, path, conns, a.warmup, script)  # not recorded
     cpu0 = cpu_seconds(cluster) if cluster is not None else 0.0
-    retries0 = invoke_retries(cluster) if cluster is not None else []
+    retries0 = retry_counts(cluster) if cluster is not None else []
     outs = run_wrk_all(ports, path, conns, a.duration, script)
     r = merge(outs)
     lags = loop_lags(cluster) if cluster is not None else []
-    retries1 = invoke_retries(cluster) if cluster is not None else []
+    retries1 = retry_counts(cluster) if cluster is not None else []
     retries = [
-        (after - before) if after is not None and before is not None else None
+        {k: after[k] - before[k] for k in RETRY_SERIES} if after is not None and before is not None else None
         for before, after in zip(retries0, retries1, strict=False)
     ]
     if retries and all(n is not None for n in retries):
-        r["retries"] = float(sum(n for n in retries if n is not None))
+        for k in RETRY_SERIES:
+            r[k] = float(sum(n[k] for n in retries if n is not None))
     if any(lag is not None for lag in lags):
         r["loop_lag_max_ms"] = max(lag for lag in lags if lag is not None)
     if len(outs) > 1:  # each node as the entry point: an uneven share of the work shows here
@@ -292,7 +309,8 @@ def load(
         log(f"{label} c={conns} per entry node: " + "; ".join(
             f"node-{i + 1} {e['rps']:.0f} req/s p50 {e['p50_ms']:.1f} p99 {e['p99_ms']:.1f} ms"
             + (f" (loop lag max {lags[i]:.0f} ms)" if i < len(lags) and lags[i] is not None else "")
-            + (f" retries {retries[i]:.0f}" if i < len(retries) and retries[i] is not None else "")
+            + ("" if i >= len(retries) or (n := retries[i]) is None
+               else f" retries {n['retries']:.0f} map retries {n['map_retries']:.0f}")
             for i, e in enumerate(each)
         ))  # fmt: skip
     if cluster is not None:  # the nodes' CPU per request: what the load on the machine moves least
@@ -387,6 +405,7 @@ def run_variant(
                     f"place_c{c}_cpu_ms": r["cpu_ms"],
                     f"place_c{c}_loop_lag_ms": r.get("loop_lag_max_ms", -1.0),
                     f"place_c{c}_retries": r.get("retries", -1.0),
+                    f"place_c{c}_map_retries": r.get("map_retries", -1.0),
                 }
             )
             non2xx += int(r["non2xx"])

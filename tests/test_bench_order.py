@@ -67,3 +67,17 @@ def test_the_storage_benchmark_runs_against_a_git_ref() -> None:
     assert last.startswith("RESULT ") and fields["writes"] == "300"
     for key in ("cpu_us", "kib", "base_cpu_us", "base_kib", "cpu_ratio", "kib_ratio"):
         assert float(fields[key]) > 0, last
+
+
+def test_the_retry_counters_are_summed_over_their_labels() -> None:
+    text = "\n".join([
+        "# HELP aether_invoke_retries_total Attempts after a call's first",
+        "# TYPE aether_invoke_retries_total counter",
+        'aether_invoke_retries_total{node="node-1"} 3.0',
+        'aether_map_op_retries_total{map="orders",node="node-1",reason="refused"} 0.0',
+        'aether_map_op_retries_total{map="orders",node="node-1",reason="timeout"} 2.0',
+        'aether_map_op_retries_total{map="stock",node="node-1",reason="timeout"} 5.0',
+        'aether_map_op_retries_created{map="stock",node="node-1",reason="timeout"} 1.7e9',
+    ])
+    assert order_bench.parse_retries(text) == {"retries": 3.0, "map_retries": 7.0}
+    assert order_bench.parse_retries("") == {"retries": 0.0, "map_retries": 0.0}

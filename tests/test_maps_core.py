@@ -532,3 +532,58 @@ def test_a_member_that_does_not_come_up_after_a_restart_is_planned_out_after_sta
     assert not [a for a in leader.tick(net.now + net.t.start_grace - 0.1, 0) if isinstance(a, WriteTable)]
     later = [a for a in leader.tick(net.now + net.t.start_grace + 0.05, 0) if isinstance(a, WriteTable)]
     assert [w.new.members for w in later] == [net.ids[:2]]
+
+
+def test_a_callers_retries_are_counted_by_why_the_attempt_before_got_no_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`client_retries` (exported as ``aether_map_op_retries_total``): a request its primary leaves
+    unanswered is tried again after the attempt timeout (`timeout`, with one log line for the
+    tick's silent attempts); one refused (the map unknown there yet) after a pause (`refused`); one
+    whose primary is down after a pause (`unreachable`). An operation answered at once counts none."""
+    net = Net()
+    caller = net.ids[0]
+    core = net.cores[caller]
+    assert core.retry_counts("m") == {"timeout": 0, "refused": 0, "unreachable": 0}
+    key = next(k for k in (f"k{i}" for i in range(200)) if net.primary_of(k) != caller)
+    primary = net.primary_of(key)
+    net.submit(caller, 1, OP_PUT, key, b"v")
+    net.settle()
+    assert net.results[1] == (None, True)
+    assert core.retry_counts("m") == {"timeout": 0, "refused": 0, "unreachable": 0}
+
+    lost = [True]  # the first request to the primary is lost: it never answers that attempt
+    def drop(src: str, dst: str, msg: Any) -> bool:
+        if isinstance(msg, MapRequest) and lost[0]:
+            lost[0] = False
+            return True
+        return False
+
+    net.drop = drop
+    with caplog.at_level("INFO", logger=f"aether.maps.{caller}"):
+        net.submit(caller, 2, OP_PUT, key, b"w")
+        net.settle(net.t.attempt_timeout + 0.5)
+    assert net.results[2] == (None, True)
+    assert core.retry_counts("m") == {"timeout": 1, "refused": 0, "unreachable": 0}
+    assert f"1 operation(s) got no answer from {primary} within 0.5s" in caplog.text
+
+    # refused: the primary does not know the map yet (defined on the caller only, for now)
+    for i, c in net.cores.items():
+        if i == caller:
+            net.run(i, c.define("late", MapSpec(), MemoryStorage(), net.now, new=True))
+    net.submit(caller, 3, OP_PUT, key, b"v", name="late")
+    net.tick()  # the request goes out and is refused
+    net.tick()  # the pause is over: tried again
+    assert core.retry_counts("late")["refused"] >= 1
+    for i, c in net.cores.items():
+        if i != caller:
+            net.run(i, c.define("late", MapSpec(), MemoryStorage(), net.now, new=True))
+    net.settle()
+    assert net.results[3] == (None, True)
+
+    # unreachable: the primary's link is down (the table still names it, within its grace)
+    net.run(caller, core.peer_down(primary, net.now))
+    net.submit(caller, 4, OP_GET, key)
+    net.tick()
+    net.tick()
+    assert core.retry_counts("m")["unreachable"] >= 1

@@ -68,7 +68,8 @@ def figures() -> ClusterFigures:
         members=3, reachable_members=2, quorum=True, is_leader=True, leader_changes=2, slots=40,
         null_slots=5, commands=70, applied_slot=41, commit_buckets=h.cumulative(), commit_seconds=h.sum,
         slices={"ACTIVE": 2, "FAILED": 1, "LOADING": 0}, routes=4,
-        maps=[MapFigures("carts", 10, 2048, 3, 6, 1, 2, 0.25)],
+        maps=[MapFigures("carts", 10, 2048, 3, 6, 1, 2, 0.25,
+                         {"timeout": 4, "refused": 1, "unreachable": 0})],
         invoke={"calls": 9, "succeeded": 7, "failed": 2, "attempts": 11, "local_attempts": 8,
                 "remote_attempts": 3, "retries": 2, "indeterminate": 1, "skipped_open": 0},
     )  # fmt: skip
@@ -119,6 +120,10 @@ def test_cluster_series_come_from_the_figures() -> None:
     assert fams["aether_map_storage_bytes"].samples[0].value == 2048
     assert fams["aether_map_replication_pending_acks"].samples[0].value == 2
     assert fams["aether_map_replication_lag_seconds"].samples[0].value == 0.25
+    retries = {s.labels["reason"]: s.value for s in fams["aether_map_op_retries"].samples}
+    assert retries == {"timeout": 4, "refused": 1, "unreachable": 0}
+    assert fams["aether_map_op_retries"].type == "counter"
+    assert fams["aether_map_op_retries"].samples[0].labels["map"] == "carts"
     calls = {s.labels["outcome"]: s.value for s in fams["aether_invoke_calls"].samples}
     assert calls == {"succeeded": 7, "failed": 2} and fams["aether_invoke_calls"].type == "counter"
     attempts = {s.labels["where"]: s.value for s in fams["aether_invoke_attempts"].samples}

@@ -78,6 +78,7 @@ from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, Record, evaluate, is_l
 from aether.maps.storage import MapStorage
 
 __all__ = [
+    "RETRY_REASONS",
     "Action",
     "Activate",
     "Fail",
@@ -143,6 +144,11 @@ class StorageHealth(NamedTuple):
 
 Action = Send | Reply | Fail | WriteTable | Activate | StorageHealth
 
+
+RETRY_REASONS = ("timeout", "refused", "unreachable")
+"""Why an operation of a local caller was tried again (`MapCore.client_retries`): its primary did
+not answer within the attempt timeout; answered that it is not (or not yet) the primary or that
+the map is unavailable there; or no primary was known or reachable."""
 
 _CLIENT_RETRY = RetryPolicy(timeout=5.0, attempt_timeout=1.0, backoff_min=0.02, backoff_max=0.5)
 
@@ -311,6 +317,7 @@ class _ClientOp:
     retry_at: float = 0.0
     last: str = "no partition table yet"
     trace: tuple[str, str] = ("", "")  # (traceparent, tracestate) sent with each attempt
+    why: str = ""  # why the last attempt ended without an answer (`RETRY_REASONS`): the next is a retry
 
 
 
@@ -382,6 +389,8 @@ class MapCore:
 
         self.client: dict[int, _ClientOp] = {}
         self._client_by_rid: dict[int, int] = {}
+        # map -> reason -> attempts of local callers' operations after one that got no answer
+        self.client_retries: dict[str, dict[str, int]] = {}
         self._out: list[Action] = []
         self._purge_cursor = 0
         self._last_housekeeping = 0.0
@@ -1084,9 +1093,14 @@ class MapCore:
         return self._take()
 
     def _attempt(self, c: _ClientOp) -> None:
+        if c.why:  # a retry: counted by why the attempt before it got no answer
+            counts = self.client_retries.setdefault(c.name, dict.fromkeys(RETRY_REASONS, 0))
+            counts[c.why] += 1
+            c.why = ""
         table = self.table
         if table is None:
             c.retry_at = self._now + self.t.retry.backoff(c.attempts, self._rng)
+            c.why = "unreachable"
             return
         c.attempts += 1
         p = partition_of(c.key, table.partitions)
@@ -1105,6 +1119,7 @@ class MapCore:
             c.peer = None
             c.last = f"partition {p}: its primary {primary} is not reachable"
             c.retry_at = self._now + self.t.retry.backoff(c.attempts - 1, self._rng)
+            c.why = "unreachable"
 
     def _client_result(
         self, op_id: int, value: bytes | None, ok: bool, kind: str | None, error: str | None
@@ -1121,6 +1136,7 @@ class MapCore:
         else:  # not primary / unavailable: retry with the same id after a short pause
             c.peer = None
             c.last = error or kind
+            c.why = "refused"
             c.retry_at = self._now + self.t.retry.backoff(c.attempts - 1, self._rng)
 
     def _finish(self, c: _ClientOp, action: Action) -> None:
@@ -1636,6 +1652,7 @@ class MapCore:
 
     def tick(self, now: float, wall: int) -> list[Action]:
         self._clock(now, wall)
+        silent: dict[tuple[str, str], int] = {}  # (map, primary) -> attempts it left unanswered
         for c in list(self.client.values()):
             if now >= c.deadline:
                 self._finish(c, Fail(c.op_id, MapUnavailable(
@@ -1645,10 +1662,17 @@ class MapCore:
                 )))
             elif c.peer is not None and now >= c.attempt_until:
                 c.last = f"{c.peer} did not answer within {self.t.attempt_timeout:g}s"
+                silent[(c.name, c.peer)] = silent.get((c.name, c.peer), 0) + 1
                 c.peer = None
+                c.why = "timeout"
                 self._attempt(c)
             elif c.peer is None and now >= c.retry_at:
                 self._attempt(c)
+        for (name, peer), n in silent.items():
+            self.log.info(
+                "map %r: %d operation(s) got no answer from %s within %gs; retried (same ids)",
+                name, n, peer, self.t.attempt_timeout,
+            )
         self._resend()
         self._pull()
         self._answer_parked(now)
@@ -1778,6 +1802,12 @@ class MapCore:
         for p in parts:
             out.extend(k for k, rec in engine.scan(p) if k.startswith(prefix) and is_live(rec, wall))
         return out, parts
+
+    def retry_counts(self, name: str) -> dict[str, int]:
+        """How often operations of this node's callers on map `name` were tried again, by why
+        (every one of `RETRY_REASONS`, zeros included), since the core started."""
+        counts = self.client_retries.get(name, {})
+        return {reason: counts.get(reason, 0) for reason in RETRY_REASONS}
 
     def local_stats(self, name: str, now: float) -> MapNodeStats:
         spec = self.spec(name)

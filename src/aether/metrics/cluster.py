@@ -27,6 +27,9 @@ class MapFigures(msgspec.Struct, frozen=True):
     """Replication messages this node (as primary) sent and got no acknowledgement for yet."""
     replication_lag_seconds: float
     """Age of the oldest of them (0 when none): how far the replicas are behind."""
+    retries: dict[str, int] = {}
+    """Attempts of this node's callers' operations after one that got no answer, by why
+    (`aether.maps.core.RETRY_REASONS`: timeout, refused, unreachable), since the node started."""
 
 
 class ClusterFigures(msgspec.Struct, frozen=True):

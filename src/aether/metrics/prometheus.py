@@ -28,7 +28,8 @@ node's `MetricsService` does): gauges ``aether_cluster_members``,
 ``state``: every lifecycle state), per map (label ``map``) ``aether_map_partitions`` (label
 ``role``: ``primary``, ``replica``, ``syncing``), ``aether_map_entries``,
 ``aether_map_storage_bytes``, ``aether_map_replication_pending_acks``,
-``aether_map_replication_lag_seconds``; counters ``aether_cluster_leader_changes_total``,
+``aether_map_replication_lag_seconds``; counters ``aether_map_op_retries_total`` (per map, label
+``reason``: ``timeout``, ``refused``, ``unreachable``), ``aether_cluster_leader_changes_total``,
 ``aether_consensus_slots_total``, ``aether_consensus_null_slots_total``,
 ``aether_consensus_commands_total``, ``aether_invoke_calls_total`` (label ``outcome``:
 ``succeeded``, ``failed``), ``aether_invoke_attempts_total`` (label ``where``: ``local``,
@@ -222,8 +223,17 @@ class _NodeCollector(Collector):
             "Age of the oldest write this node's replicas have not acknowledged (0: none pending)",
             labels=labels,
         )
+        retries = CounterMetricFamily(
+            "aether_map_op_retries",
+            "Attempts of map operations of this node's callers after one that got no answer, by why "
+            "(timeout: the primary did not answer in time; refused: not the primary, or the map "
+            "unavailable there; unreachable: no primary known or reachable)",
+            labels=[*labels, "reason"],
+        )
         for m in fig.maps:
             key = [node, m.map]
+            for reason, n in sorted(m.retries.items()):
+                retries.add_metric([*key, reason], float(n))
             parts.add_metric([*key, "primary"], m.primary_partitions)
             parts.add_metric([*key, "replica"], m.replica_partitions)
             parts.add_metric([*key, "syncing"], m.syncing_partitions)
@@ -231,7 +241,7 @@ class _NodeCollector(Collector):
             size.add_metric(key, m.bytes)
             pending.add_metric(key, m.pending_acks)
             lag.add_metric(key, m.replication_lag_seconds)
-        yield from (parts, entries, size, pending, lag)
+        yield from (parts, entries, size, pending, lag, retries)
 
     def _instances(self, node: str) -> Iterator[Metric]:
         read: Callable[[], list[InstanceCounters]] | None = getattr(self._source, "instance_counters", None)

@@ -473,6 +473,7 @@ class Node:
             maps.append(MapFigures(
                 name, st.entries, st.bytes, st.primary_partitions, st.replica_partitions,
                 st.syncing_partitions, st.pending_acks, st.oldest_pending_ms / 1000,
+                self.maps.core.retry_counts(name),
             ))
         slices = dict.fromkeys((str(s) for s in SliceState), 0)
         for state in self.node_deployer.states().values():
