@@ -370,8 +370,97 @@ async def test_a_reserve_taken_over_by_its_retry_takes_the_stock_once() -> None:
     await other.start()
     assert await other.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
     gate.set()  # the first attempt finds the order's take held already, and the record taken over
-    assert await first == [d.StockLevel("PROD-ABC123", 97, 3)]  # it answers what the retry reserved
+    assert await first == [d.StockLevel("PROD-ABC123", 97, 3)]  # held once: the same levels
+    await inv.stop()  # its record write finds the record changed and leaves it to the retry
     assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+    held = await inv.reservations.get("reservation:ORD-1")
+    assert held is not None and held.state == "reserved"
+    assert held.levels == [d.StockLevel("PROD-ABC123", 97, 3)]
+
+
+class RecordGate(LocalMaps):
+    """Holds the writes that mark a reservation record reserved (compare-and-sets of a
+    ``reservation:`` key from an existing record; the claims, from none, pass) while `hold` is
+    set; `fail` makes them raise instead (the map unavailable)."""
+
+    hold: asyncio.Event | None = None
+    fail = False
+
+    async def map_compare_and_set(
+        self, name: str, key: str, expected: bytes | None, *a: Any, **kw: Any
+    ) -> bool:
+        if key.startswith("reservation:") and expected is not None:
+            if self.fail:
+                from aether.core.maps import MapUnavailable
+
+                raise MapUnavailable(f"map {name!r}: no quorum (test)")
+            if self.hold is not None:
+                await self.hold.wait()
+        return await super().map_compare_and_set(name, key, expected, *a, **kw)
+
+
+async def test_reserve_answers_once_the_stock_is_taken_and_records_the_reservation_meanwhile() -> None:
+    """The record's write overlaps with what the caller does next; a repeat on the same instance
+    waits for it and answers the recorded levels (no takeover); the holds go once it is written."""
+    maps = RecordGate(["orders", "stock"])
+    demo = await Demo(maps).start()
+    inv = demo.inventory
+    lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    maps.hold = asyncio.Event()
+    levels = await asyncio.wait_for(inv.reserve(d.ReserveStock("ORD-1", lines)), 5)
+    assert levels == [d.StockLevel("PROD-ABC123", 97, 3)]
+    record = await inv.reservations.get("reservation:ORD-1")
+    assert record is not None and record.state == "reserving"  # not written yet: held at the gate
+    assert (await inv.stock.get("PROD-ABC123")).holds == {"ORD-1": 3}  # type: ignore[union-attr]
+    repeat = asyncio.create_task(inv.reserve(d.ReserveStock("ORD-1", lines)))
+    await asyncio.sleep(0.05)
+    assert not repeat.done()  # it waits for this instance's record of the first one
+    maps.hold.set()
+    assert await repeat == levels and inv.duplicates == 1
+    record = await inv.reservations.get("reservation:ORD-1")
+    assert record is not None and record.state == "reserved" and record.levels == levels
+    await inv.reserve(d.ReserveStock("ORD-2", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))]))
+    entry = await inv.stock.get("PROD-ABC123")
+    assert entry is not None and "ORD-1" not in entry.holds and (entry.available, entry.reserved) == (96, 4)
+
+
+async def test_stop_waits_for_the_reservations_being_recorded() -> None:
+    maps = RecordGate(["orders", "stock"])
+    demo = await Demo(maps).start()
+    inv = demo.inventory
+    maps.hold = asyncio.Event()
+    await inv.reserve(d.ReserveStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(2))]))
+    stopping = asyncio.create_task(inv.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    maps.hold.set()
+    await asyncio.wait_for(stopping, 5)
+    record = await inv.reservations.get("reservation:ORD-1")
+    assert record is not None and record.state == "reserved"
+
+
+async def test_a_record_that_cannot_be_written_is_recorded_by_a_repeat_and_the_stock_taken_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    maps = RecordGate(["orders", "stock"])
+    demo = await Demo(maps).start()
+    inv = demo.inventory
+    lines = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    maps.fail = True
+    with caplog.at_level("WARNING"):
+        assert await inv.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
+        await inv.stop()
+    assert "recording the reservation of order ORD-1 failed" in caplog.text
+    record = await inv.reservations.get("reservation:ORD-1")
+    assert record is not None and record.state == "reserving"  # its plan kept: a repeat follows it
+    maps.fail = False
+    other = demo.make(INVENTORY, 2)
+    await other.start()
+    assert await other.reserve(d.ReserveStock("ORD-1", lines)) == [d.StockLevel("PROD-ABC123", 97, 3)]
+    await other.stop()
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+    record = await inv.reservations.get("reservation:ORD-1")
+    assert record is not None and record.state == "reserved"
 
 
 async def test_a_retry_after_a_crash_between_take_and_record_takes_the_stock_once() -> None:

@@ -29,12 +29,16 @@ to get there writes, later starts change nothing.
 Idempotent reservations: ``reserve`` and ``release`` may be retried by the runtime (after the node
 running them went down mid-call, the caller cannot know whether they ran), so each keeps a
 `Reservation` record per order in the ``stock`` map (key ``reservation:ORDER-ID``, kept for
-`RESERVATION_TTL_S`). A reserve claims the record with ``put_if_absent`` before it takes stock and
-marks it reserved (with the levels it answered) after; a repeated reserve of the same order answers
-the recorded levels without taking stock again. A reserve that finds the record still being
-reserved takes it over (the runtime retries only when it believes the first attempt lost); should
-the first attempt still finish, it answers what the record says. A release marks the record
-released before giving stock back, so a repeated release gives it back once.
+`RESERVATION_TTL_S`). A reserve claims the record with ``put_if_absent`` before it takes stock,
+answers once the stock is taken, and marks the record reserved (with the levels it answered)
+meanwhile, in a task of its own (`_record`: the caller's next step, storing the order, overlaps
+with that write; a repeat or release of the order on the same instance waits for it, and so does
+the instance's stop). A repeated reserve of the same order answers the recorded levels without
+taking stock again. A reserve that finds the record still being reserved takes it over (the
+runtime retries only when it believes the first attempt lost): it takes where the record's plan
+says (held already: nothing more is taken) and records it; the first attempt's record write then
+finds the record changed and leaves it to the retry. A release marks the record released before
+giving stock back, so a repeated release gives it back once.
 
 Takes are idempotent per order too: each stored `StockEntry` holds the orders whose take is not yet
 settled (`holds`: order id -> units), written in the same compare-and-set as the take. A take for
@@ -260,6 +264,7 @@ class InventoryService(Slice):
         self._queued: dict[str, list[_Change]] = {}  # stock key -> changes waiting for its writer
         self._writers: dict[str, asyncio.Task[None]] = {}  # the one writer per key with changes
         self._tasks: set[asyncio.Task[None]] = set()
+        self._recording: dict[str, asyncio.Task[None]] = {}  # order id -> its record being written
         self._settled: dict[str, set[str]] = {}  # stock key -> orders whose holds the next write drops
         self._known: dict[str, StockEntry] = {}  # stock key -> its value as this instance last saw it
         self._expect: dict[str, StockEntry] = {}  # stock key -> what this instance's writer wrote last
@@ -515,6 +520,7 @@ class InventoryService(Slice):
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
         key = reservation_key(order_id)
+        await self._recorded(order_id)
         mine = Reservation(order_id, RESERVING, uuid.uuid4().hex, lines, plan=self._plan(lines))
         held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
         while held is not None:  # the order has a record already
@@ -544,19 +550,55 @@ class InventoryService(Slice):
             # nothing stays taken: free the record (shielded, like the give-back) so a retry may try
             await asyncio.shield(self.reservations.compare_and_set(key, record[0], None))
             raise
-        mine = record[0]
-        done = msgspec.structs.replace(mine, state=RESERVED, levels=levels)
-        if not await self.reservations.compare_and_set(key, mine, done, ttl=RESERVATION_TTL_S):
-            # a retry took the record over meanwhile: the takes are the order's (held once, by
-            # order id, where the plan says), the retry records them; answer what it recorded
-            self.logger.warning("reserve of order %s was taken over by a retry", order_id)
-            current = await self.reservations.get(key)
-            if current is not None and current.state == RESERVED:
-                return current.levels
-            raise _retried(order_id)
-        for piece in mine.plan:  # recorded: the holds are no longer needed
-            self._settled.setdefault(piece.key, set()).add(order_id)
+        # taken (held by order id where the plan says): answered now, recorded meanwhile (the
+        # caller's next step, storing the order, overlaps with the record's write)
+        self._start_record(key, record[0], levels)
         return levels
+
+    # --- recording a reservation ----------------------------------------------------------------
+
+    def _start_record(self, key: str, mine: Reservation, levels: list[StockLevel]) -> None:
+        task = asyncio.get_running_loop().create_task(self._record(key, mine, levels))
+        self._recording[mine.order_id] = task
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._record_done(mine.order_id, t))
+
+    def _record_done(self, order_id: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._recording.get(order_id) is task:
+            del self._recording[order_id]
+
+    async def _record(self, key: str, mine: Reservation, levels: list[StockLevel]) -> None:
+        """Mark the reservation `mine` (as this attempt wrote it last) reserved, with the levels it
+        answered; then its holds may go. If that fails, the record stays ``reserving`` with its
+        plan: a repeat takes it over and records it, a release gives back where the plan took."""
+        done = msgspec.structs.replace(mine, state=RESERVED, levels=levels)
+        try:
+            recorded = await self.reservations.compare_and_set(key, mine, done, ttl=RESERVATION_TTL_S)
+        except Exception as e:
+            self.logger.warning(
+                "recording the reservation of order %s failed (%s): its stock stays held by the "
+                "order; a repeat of the reserve records it, a release gives it back", mine.order_id, e,
+            )  # fmt: skip
+            return
+        if not recorded:  # a repeat (on another instance) or a release took the record over: theirs
+            self.logger.info("reservation of order %s: taken over before it was recorded", mine.order_id)
+            return
+        for piece in mine.plan:  # recorded: the holds are no longer needed
+            self._settled.setdefault(piece.key, set()).add(mine.order_id)
+
+    async def _recorded(self, order_id: str) -> None:
+        """Wait until this instance's record of an earlier reserve of the order is written (a
+        repeat then finds it reserved instead of taking it over)."""
+        task = self._recording.get(order_id)
+        if task is not None:
+            await asyncio.wait({task})
+
+    async def stop(self) -> None:
+        """Let the reservations being recorded finish (for up to `CHANGE_BUDGET_S`)."""
+        pending = set(self._recording.values())
+        if pending:
+            await asyncio.wait(pending, timeout=CHANGE_BUDGET_S)
 
     async def _take(
         self, order_id: str, lines: list[StockLine], record: list[Reservation]
@@ -635,6 +677,7 @@ class InventoryService(Slice):
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
         key = reservation_key(order_id)
+        await self._recorded(order_id)
         released = Reservation(order_id, RELEASED)
         held = await self.reservations.put_if_absent(key, released, ttl=RESERVATION_TTL_S)
         plan: list[Piece] = []
