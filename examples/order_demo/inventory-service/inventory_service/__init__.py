@@ -595,8 +595,9 @@ class InventoryService(Slice):
             await asyncio.wait({task})
 
     async def stop(self) -> None:
-        """Let the reservations being recorded finish (for up to `CHANGE_BUDGET_S`)."""
-        pending = set(self._recording.values())
+        """Let the reservations being recorded, and the writes of stock under way, finish (for up to
+        `CHANGE_BUDGET_S`)."""
+        pending = set(self._tasks)
         if pending:
             await asyncio.wait(pending, timeout=CHANGE_BUDGET_S)
 
