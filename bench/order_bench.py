@@ -12,8 +12,8 @@ and waits until every instance is ACTIVE. Then, for each connection count C in `
 - `place`: three `wrk -t1 -c(C/3)` processes at once, one per node's HTTP port, each sending
   `POST /api/orders` with one line: 1 x `--product` (default PROD-STICKER, 100,000,000 in stock:
   every order really takes a unit of the same product, and none runs out). Every request is a
-  full place-order: two slice calls to inventory (check, reserve: a claim of the order's
-  reservation record, the take, the record), one to pricing, and a replicated put into `orders`.
+  full place-order: two slice calls to inventory (check, reserve: the take, shared with its
+  batch, and the order's reservation record), one to pricing, and a replicated put into `orders`.
 - `get`: the same shape with `GET /api/orders/{id}` over 300 orders placed beforehand
   (`--no-get` skips it).
 
