@@ -26,7 +26,15 @@ import msgspec
 import pytest
 
 from aether.core.artifact import Artifact
-from aether.core.context import RandomHex, derive_idempotency_key
+from aether.core.context import (
+    MINTED,
+    RandomHex,
+    check_call_key,
+    check_idempotency_key,
+    derive_idempotency_key,
+    idempotency_key_given,
+    new_idempotency_key,
+)
 from aether.core.policy import EntryPolicy
 from aether.deploy.endpoints import EndpointRegistry
 from aether.deploy.node_manager import NodeDeploymentManager, UnknownEntryPolicy
@@ -55,13 +63,13 @@ class Keys(Slice):
     @route("GET", "/keys")
     async def whoami(self) -> dict:
         return {"key": self.context.idempotency_key, "var": current_idempotency_key.get(),
-                "rid": self.context.request_id}
+                "rid": self.context.request_id, "given": self.context.idempotency_key_given}
 
     @route("GET", "/nested")
     async def nested(self) -> list:
         first = await self.call("org.example:keys", "whoami", None, dict)
         second = await self.call("org.example:keys", "whoami", None, dict)
-        return [self.context.idempotency_key, first["key"], second["key"]]
+        return [self.context.idempotency_key, first["key"], second["key"], first["given"]]
 
     @entry(idempotent=False)
     async def charge(self) -> str:
@@ -133,13 +141,16 @@ async def test_the_idempotency_key_header_reaches_the_slice(
     key = "3f2b9c1e-0d4a-4c51-9a77-5e8f1b2c3d4e"
     async with s.get(f"{url}/keys", headers={"Idempotency-Key": key, "X-Request-Id": "rid-1"}) as r:
         assert r.status == 200
-        assert await r.json() == {"key": key, "var": key, "rid": "rid-1"}
-    # without the header, every request gets a key of its own
+        assert await r.json() == {"key": key, "var": key, "rid": "rid-1", "given": True}
+    # without the header, every request gets a key of its own, made up (so the slice knows that no
+    # earlier call can have had it)
     got = []
     for _ in range(2):
         async with s.get(f"{url}/keys") as r:
-            got.append((await r.json())["key"])
-    assert got[0] and got[1] and got[0] != got[1] and len(got[0]) == 32
+            body = await r.json()
+            assert body["given"] is False
+            got.append(body["key"])
+    assert got[0] != got[1] and all(k.startswith(MINTED) and len(k) == 33 for k in got)
 
 
 async def test_calls_a_slice_makes_derive_their_keys_from_its_key(
@@ -148,13 +159,28 @@ async def test_calls_a_slice_makes_derive_their_keys_from_its_key(
     url, s = router
     async with s.get(f"{url}/nested", headers={"Idempotency-Key": "order-7"}) as r:
         assert r.status == 200
-        parent, first, second = await r.json()
-    assert parent == "order-7"
+        parent, first, second, given = await r.json()
+    assert parent == "order-7" and given is True  # derived from a given key: given too
     assert first == derive_idempotency_key("order-7", "org.example:keys", "whoami", 0)
     assert second == derive_idempotency_key("order-7", "org.example:keys", "whoami", 1)
     # the same request again (a client retry) makes the same nested keys
     async with s.get(f"{url}/nested", headers={"Idempotency-Key": "order-7"}) as r:
-        assert await r.json() == [parent, first, second]
+        assert await r.json() == [parent, first, second, True]
+    # a made-up key's children are made up as well
+    async with s.get(f"{url}/nested") as r:
+        parent, first, second, given = await r.json()
+    assert parent.startswith(MINTED) and given is False
+    assert first == derive_idempotency_key(parent, "org.example:keys", "whoami", 0)
+    assert first.startswith(MINTED) and second.startswith(MINTED) and len(first) == 33
+
+
+def test_made_up_keys_are_marked_and_clients_cannot_mark_theirs() -> None:
+    assert new_idempotency_key().startswith(MINTED) and not idempotency_key_given(new_idempotency_key())
+    assert idempotency_key_given("order-7") and idempotency_key_given(None)
+    assert check_idempotency_key(MINTED + "abc") is not None  # a client cannot pass one off as made up
+    assert check_call_key(MINTED + "abc") is None  # slice code may pass its call's key on
+    assert check_call_key(MINTED + "has space") is not None and check_call_key("ok-key") is None
+    assert not derive_idempotency_key(MINTED + "abc", "t", "m", 0).startswith(MINTED * 2)
 
 
 def test_random_hex_gives_distinct_hex_ids_across_blocks() -> None:
@@ -172,7 +198,7 @@ def test_random_hex_gives_distinct_hex_ids_across_blocks() -> None:
         RandomHex(block=8)
 
 
-@pytest.mark.parametrize("bad", ["has space", "x" * 129, "ä"])
+@pytest.mark.parametrize("bad", ["has space", "x" * 129, "ä", "~made-up"])
 async def test_a_bad_idempotency_key_header_is_a_400_naming_it(
     router: tuple[str, aiohttp.ClientSession], bad: str
 ) -> None:

@@ -21,6 +21,7 @@ from aether.core.context import (
     derive_idempotency_key,
     enter_call,
     exit_call,
+    idempotency_key_given,
 )
 from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 from aether.core.problem import problem_for
@@ -407,7 +408,8 @@ async def test_an_explicit_key_reaches_the_slice_and_a_bad_one_is_refused() -> N
     await a.invoke(TARGET, "echo", b"x")
     await a.invoke(TARGET, "echo", b"x")
     generated = [k for _, k in runs.seen[1:]]
-    assert len(set(generated)) == 2 and all(k and len(k) == 32 for k in generated)  # one per call
+    assert len(set(generated)) == 2  # one per call, made up by the invoker (and marked so)
+    assert all(k and len(k) == 33 and not idempotency_key_given(k) for k in generated)
     with pytest.raises(InvokeBadRequest, match="idempotency key 'bad key' must be 1-128 characters"):
         await a.invoke(TARGET, "echo", b"x", idempotency_key="bad key")
 

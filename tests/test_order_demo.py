@@ -853,6 +853,70 @@ async def test_a_repeated_place_order_call_places_one_order() -> None:
     assert d.order_id_for(None) != d.order_id_for(None)  # no key: random ids
 
 
+class OrderReads(LocalMaps):
+    """Counts the reads of the ``orders`` map."""
+
+    reads = 0
+
+    async def map_get(self, name: str, key: str) -> bytes | None:
+        self.reads += name == "orders"
+        return await super().map_get(name, key)
+
+
+async def _placed_with(demo: Demo, key: str, *items: tuple[str, int]) -> d.Order:
+    """place_order as served for a call with idempotency key `key` (one attempt)."""
+    from aether.core.context import enter_call, exit_call
+
+    tokens = enter_call("rid", key)
+    try:
+        return await demo.place.place_order(order("CUST-1", *(items or [("PROD-ABC123", 2)])))
+    finally:
+        exit_call(tokens)
+
+
+async def test_only_a_given_key_makes_place_order_look_for_an_earlier_order() -> None:
+    """A client's key may come again after the reservation's record expired: the order is looked
+    for. A key the runtime made up belongs to this one call: no read."""
+    from aether.core.context import new_idempotency_key
+
+    maps = OrderReads(["orders", "stock"])
+    demo = await Demo(maps).start()
+    await _placed_with(demo, "client-key-1")
+    assert maps.reads == 1
+    await _placed_with(demo, new_idempotency_key())
+    assert maps.reads == 1 and await demo.available("PROD-ABC123") == 96
+
+
+async def test_attempts_of_one_call_with_a_made_up_key_place_one_order() -> None:
+    """Two attempts of one call (the runtime's retry overlapping the first) without the read: the
+    second to store answers the first one's order; one reservation."""
+    from aether.core.context import new_idempotency_key
+
+    demo = await Demo().start()
+    key = new_idempotency_key()
+    a, b = await asyncio.gather(_placed_with(demo, key), _placed_with(demo, key))
+    assert a == b and a.order_id == d.order_id_for(key)
+    assert await demo.available("PROD-ABC123") == 98
+    assert await demo.get.get_order(a.order_id) == a
+
+
+async def test_a_late_attempt_of_an_order_cancelled_meanwhile_gives_its_stock_back() -> None:
+    """The first attempt arrives after its retry placed the order and the client cancelled it: its
+    reservation (the record was released: it takes anew) is released again, the answer is the
+    cancelled order."""
+    from aether.core.context import new_idempotency_key
+
+    demo = await Demo().start()
+    key = new_idempotency_key()
+    placed = await _placed_with(demo, key)
+    await demo.cancel.cancel_order(placed.order_id)
+    assert await demo.available("PROD-ABC123") == 100
+    late = await _placed_with(demo, key)
+    assert late.order_id == placed.order_id and late.status is d.OrderStatus.CANCELLED
+    assert await demo.get.get_order(placed.order_id) == late
+    assert await demo.inventory.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
+
+
 async def test_place_order_reads_existence_stock_and_price_at_once_and_decides_in_that_order() -> None:
     """The stock checks, the total and the read of whether the order exists run at the same time
     (fails on the version that ran them one after the other); the outcome is the sequential one:
@@ -947,10 +1011,10 @@ async def test_a_reservation_that_loses_the_race_escapes_as_409() -> None:
 
 async def test_failed_store_releases_the_reservation() -> None:
     class NoOrders(LocalMaps):
-        async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        async def map_compare_and_set(self, name: str, key: str, *a: Any, **kw: Any) -> bool:
             if name == "orders":
                 raise RuntimeError("disk on fire")
-            await super().map_put(name, key, value, ttl=ttl)
+            return await super().map_compare_and_set(name, key, *a, **kw)
 
     demo = await Demo(NoOrders(["orders", "stock"])).start()
     with pytest.raises(RuntimeError, match="disk on fire"):

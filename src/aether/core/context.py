@@ -14,6 +14,12 @@ makes while serving one gets a key derived from it (`child_idempotency_key`): th
 target, the entry and how many calls to that target and entry the parent made before, hashed. A
 retried parent (same key) thus makes its nested calls with the same keys again.
 
+A key the runtime made up for a logical call (no key given: `mint_idempotency_key`) starts with
+`MINTED`, which a key given from outside cannot (`check_idempotency_key`), and so do the keys
+derived from it. `idempotency_key_given` tells them apart: only the attempts of one logical call
+share a made-up key, while a given key may come again in a later call (a client retrying an hour
+later), so an entry that deduplicates needs to look for an earlier call's effects only then.
+
 The trace context of the call (`aether.core.tracing.current_trace`, docs/invocation.md, *Trace
 context*) travels beside them: `enter_call` sets it too when given.
 
@@ -35,7 +41,9 @@ from aether.core.tracing import TraceContext, current_trace
 
 __all__ = [
     "IDEMPOTENCY_KEY_MAX",
+    "MINTED",
     "RandomHex",
+    "check_call_key",
     "check_idempotency_key",
     "child_idempotency_key",
     "current_idempotency_key",
@@ -46,6 +54,8 @@ __all__ = [
     "derive_idempotency_key",
     "enter_call",
     "exit_call",
+    "idempotency_key_given",
+    "mint_idempotency_key",
     "new_idempotency_key",
 ]
 
@@ -100,9 +110,35 @@ def check_idempotency_key(key: str) -> str | None:
     return None
 
 
+MINTED: Final = "~"
+"""The first character of a key the runtime made up for a logical call, and of the keys derived
+from one; not allowed in a key given from outside (`check_idempotency_key`)."""
+
+
+def check_call_key(key: str) -> str | None:
+    """`check_idempotency_key` for a key slice code passes to a call: it may also be a key the
+    runtime made (its own call's, passed on), which keeps saying so."""
+    if isinstance(key, str) and key.startswith(MINTED):
+        return check_idempotency_key(key[1:])
+    return check_idempotency_key(key)
+
+
+def idempotency_key_given(key: str | None) -> bool:
+    """Whether `key` was given from outside the runtime (a client's ``Idempotency-Key``, a key slice
+    code chose) or derived from such a key: a later logical call may bring it again. False for a
+    key the runtime made up for one logical call (`MINTED`), which only that call's attempts
+    share. True for None (nothing known)."""
+    return key is None or not key.startswith(MINTED)
+
+
 def new_idempotency_key() -> str:
-    """A fresh key for a logical call that has none: 32 hex digits."""
-    return uuid.uuid4().hex
+    """A fresh key for a logical call that has none: `MINTED` and 32 hex digits."""
+    return MINTED + uuid.uuid4().hex
+
+
+def mint_idempotency_key(ids: RandomHex) -> str:
+    """`new_idempotency_key` from `ids` (the invoker's, on hot paths): `MINTED` and 32 hex digits."""
+    return MINTED + ids.take(16)
 
 
 class RandomHex:
@@ -137,10 +173,11 @@ class RandomHex:
 
 def derive_idempotency_key(parent: str, target: str, method: str, position: int) -> str:
     """The key of the `position`-th (0-based) call to `target`.`method` made while serving the call
-    with key `parent`: 32 hex digits of SHA-256 over the four values. Deterministic: a retried
-    parent reproduces its children's keys."""
+    with key `parent`: 32 hex digits of SHA-256 over the four values, after `MINTED` when the
+    parent's key was made up by the runtime. Deterministic: a retried parent reproduces its
+    children's keys."""
     h = hashlib.sha256(f"{parent}\n{target}\n{method}\n{position}".encode())
-    return h.hexdigest()[:32]
+    return ("" if idempotency_key_given(parent) else MINTED) + h.hexdigest()[:32]
 
 
 def child_idempotency_key(target: str, method: str) -> str | None:

@@ -48,7 +48,8 @@ Semantics
   attempt of a non-idempotent entry waits for the whole remaining deadline.
 - Every logical call carries one idempotency key (`InvokeRequest.idempotency_key`), the same on
   every attempt: the caller's, else derived from the key of the call being served
-  (`aether.core.context.child_idempotency_key`), else a new one.
+  (`aether.core.context.child_idempotency_key`), else a new one, made up (`MINTED` first: the callee
+  can tell that no earlier logical call had it, `idempotency_key_given`).
 - Tracing (docs/invocation.md, *Trace context*): the call carries the trace context of the call
   being served (`aether.core.tracing.current_trace`) to the node that runs it (`InvokeRequest`'s
   ``traceparent``/``tracestate``; locally through the same context variable). With a tracer
@@ -71,10 +72,11 @@ from typing import Any
 from aether.core.calls import Answer, NoAnswer, PendingCalls, RetryPolicy
 from aether.core.context import (
     RandomHex,
-    check_idempotency_key,
+    check_call_key,
     child_idempotency_key,
     enter_call,
     exit_call,
+    mint_idempotency_key,
 )
 from aether.core.deadlines import SWEPT_FROM, DeadlineSweep
 from aether.core.policy import DEFAULT_POLICY, EntryPolicy
@@ -312,7 +314,7 @@ class Invoker:
             raise InvokerClosed(f"invoker of node {self.node_id} is closed", target=target, method=method)
         rid = request_id or read_request_id(self._request_id_var()) or self._ids.take(8)
         if idempotency_key is not None:
-            problem = check_idempotency_key(idempotency_key)
+            problem = check_call_key(idempotency_key)
             if problem is not None:
                 raise InvokeBadRequest(
                     f"call {target}.{method} (request {rid}): idempotency key {idempotency_key[:40]!r} "
@@ -320,7 +322,7 @@ class Invoker:
                 )  # fmt: skip
             ikey = idempotency_key
         else:
-            ikey = child_idempotency_key(target, method) or self._ids.take(16)
+            ikey = child_idempotency_key(target, method) or mint_idempotency_key(self._ids)
         budget = self.retry.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 from aether.core.artifact import Artifact
-from aether.core.context import current_idempotency_key, current_request_id
+from aether.core.context import current_idempotency_key, current_request_id, idempotency_key_given
 from aether.core.policy import EntryPolicy
 from aether.slices._codec import CodecCache, decode_response, encode_request, encode_response, type_name
 from aether.slices._inspect import (
@@ -146,6 +146,16 @@ class SliceContext:
         retry of that call, e.g. the HTTP client's ``Idempotency-Key`` header; a call made while
         serving one derives its key from it (docs/invocation.md, *Idempotency keys*)."""
         return current_idempotency_key.get()
+
+    @property
+    def idempotency_key_given(self) -> bool:
+        """Whether the key of the call being served was given from outside the runtime (a client's
+        ``Idempotency-Key`` header, a key slice code passed to ``call``) or derived from one: a
+        later call may bring the same key again (a client retrying an hour later), so an entry
+        that deduplicates must look for what an earlier call with it did. False when the runtime
+        made the key up for this logical call: only its own attempts share it (retries, which may
+        overlap one another, within the call's deadline). True outside a call."""
+        return idempotency_key_given(current_idempotency_key.get())
 
 
 # --- decorators ---------------------------------------------------------------------------------------

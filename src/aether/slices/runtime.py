@@ -50,7 +50,7 @@ import msgspec
 
 from aether.core.artifact import Artifact
 from aether.core.context import (
-    check_idempotency_key,
+    check_call_key,
     child_idempotency_key,
     current_idempotency_key,
     current_instance,
@@ -913,7 +913,7 @@ class SliceRuntime:
             return _NOT_DIRECT
         rid = request_id or current_request_id.get()
         if idempotency_key is not None:  # (`Slice.call` derives it: see `call_slice`)
-            if check_idempotency_key(idempotency_key) is not None:
+            if check_call_key(idempotency_key) is not None:
                 return _NOT_DIRECT  # the usual way says what is wrong with it
             ikey: str | None = idempotency_key
         else:

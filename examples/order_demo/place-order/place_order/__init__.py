@@ -9,13 +9,19 @@
    failed check, then the total), in the time of the slowest;
 4. reserve the stock of all lines (inventory-service ``reserve``, all or nothing; a 409 from a
    reservation that lost a race escapes as is);
-5. store the order in the distributed map ``orders`` under its id; if that fails, the
-   reservation is released before the error is answered.
+5. store the order in the distributed map ``orders`` under its id, unless it is there already
+   (``put_if_absent``); if that fails, the reservation is released before the error is answered.
 
 The order id is derived from the call's idempotency key (`order_id_for`): a retry of the same call
 (the runtime's after a crash, or a client's with the same ``Idempotency-Key`` header) places the
 same order, whose reservation inventory-service does not repeat; an order that is stored already is
-answered as it is.
+answered as it is. The read of whether it exists (step 3) is made only for a key given from outside
+(``self.context.idempotency_key_given``: a client's, which may come again at any later time, also
+after the reservation's record expired). A key the runtime made up is shared by the attempts of
+this one call only, all within its deadline: there an attempt that finds the order stored by
+another (step 5) answers that one, on the same reservation (one per order id); found cancelled
+meanwhile, it releases the reservation first (releasing is once per order: whichever release
+comes second gives nothing back).
 """
 
 from __future__ import annotations
@@ -84,19 +90,22 @@ class PlaceOrderService(Slice):
         """Place an order; answers it with its id, status PLACED, priced lines and total."""
         customer, lines = req.parse()
         order_id = order_id_for(self.context.idempotency_key)
-        # three reads at once (they change nothing): whether a repeat of this call placed the order
-        # already, the stock checks, the total; decided in that order, as if one after the other
+        # reads at once (they change nothing): whether an earlier call with this key placed the
+        # order already (only a given key can come from one), the stock checks, the total; decided
+        # in that order, as if one after the other
         reads: list[asyncio.Future[Any]] = [
-            asyncio.ensure_future(self.orders.get(order_id)),
             asyncio.gather(*(self._check(i, line) for i, line in enumerate(lines))),
             asyncio.ensure_future(self.call(PRICING, "calculate_total", PriceOrder(lines), OrderTotal)),
         ]
+        if self.context.idempotency_key_given:
+            reads.insert(0, asyncio.ensure_future(self.orders.get(order_id)))
         try:
-            placed = await reads[0]
-            if placed is not None:  # a repeat of a call that placed it already
-                return placed
-            await reads[1]
-            priced: OrderTotal = await reads[2]
+            if len(reads) == 3:
+                placed = await reads.pop(0)
+                if placed is not None:  # a repeat of a call that placed it already
+                    return placed
+            await reads[0]
+            priced: OrderTotal = await reads[1]
         finally:
             for f in reads:  # what is not needed any more (an error decided first, or a repeat)
                 if not f.done():
@@ -105,12 +114,17 @@ class PlaceOrderService(Slice):
         await self.call(INVENTORY, "reserve", ReserveStock(order_id, lines), list[StockLevel])
         order = Order(order_id, customer, OrderStatus.PLACED, priced.lines, priced.total, now_iso())
         try:
-            await self.orders.put(order_id, order)
+            placed = await self.orders.put_if_absent(order_id, order)
         except BaseException:
             self.logger.warning("storing order %s failed: releasing its reservation", order_id)
-            await asyncio.shield(
-                self.call(INVENTORY, "release", ReleaseStock(order_id, lines), list[StockLevel])
-            )
+            await asyncio.shield(self._release(order_id, lines))
             raise
+        if placed is not None:  # another attempt of this call stored it first: its answer is this one's
+            if placed.status is OrderStatus.CANCELLED:  # and it was cancelled since (a late attempt)
+                await asyncio.shield(self._release(order_id, lines))
+            return placed
         self.logger.debug("order %s placed for %s: %s", order_id, customer, order.total)
         return order
+
+    async def _release(self, order_id: str, lines: list[StockLine]) -> None:
+        await self.call(INVENTORY, "release", ReleaseStock(order_id, lines), list[StockLevel])
