@@ -5,7 +5,7 @@ requests/s and p50/p99 on 3 real nodes, with the load spread over every node's H
 Builds the order demo's six wheels (examples/build.py --only order_demo: five slices and the
 order-domain library), deploys them into a fresh repository, starts 3 `aether node` processes on
 127.0.0.1 (free ports; data dirs and logs in a fresh `/tmp/aether-order-bench-*` dir), applies
-examples/order_demo/demo-order.blueprint (inventory x2, pricing x2, place-order x3,
+examples/order_demo/demo-order.blueprint (inventory x3, pricing x3, place-order x3,
 get-order-status x2, cancel-order x2; maps `orders` and `stock` with 3 replicas, write quorum 2)
 and waits until every instance is ACTIVE. Then, for each connection count C in `--conns`:
 

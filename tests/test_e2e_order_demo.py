@@ -87,8 +87,8 @@ def start_demo(
     statuses = mgmt(cluster, 1, "POST", f"/api/v1/blueprints/{BLUEPRINT_ID}/wait?timeout=60")
     active = {s["artifact"]: s["active"] for s in statuses}
     assert active == {
-        "org.demo:inventory-service:0.1.0": 2,
-        "org.demo:pricing-service:0.1.0": 2,
+        "org.demo:inventory-service:0.1.0": 3,
+        "org.demo:pricing-service:0.1.0": 3,
         "org.demo:place-order:0.1.0": 3,
         "org.demo:get-order-status:0.1.0": 2,
         "org.demo:cancel-order:0.1.0": 2,

@@ -63,7 +63,7 @@ def test_the_demo_command_runs_forge_prints_working_commands_and_stops_everythin
                 break
         out = "".join(lines)
         assert "Deployed 7 wheel(s)" in out and "5 nodes up with quorum" in out, out
-        assert "Blueprint 'demo-order:0.1.0' is running: 11 instance(s) ACTIVE" in out, out
+        assert "Blueprint 'demo-order:0.1.0' is running: 13 instance(s) ACTIVE" in out, out
         m = re.search(r"^Dashboard: (http://127\.0\.0\.1:(\d+)/\?token=(\S+))$", out, flags=re.M)
         assert m is not None, out
         url, port, token = m[1], int(m[2]), m[3]

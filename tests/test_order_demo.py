@@ -1157,8 +1157,8 @@ def test_demo_blueprint_parses_with_its_maps_and_instance_counts() -> None:
     bp = parse_blueprint((DEMO / "demo-order.blueprint").read_text(), "demo-order.blueprint")
     assert bp.id == "demo-order:0.1.0"
     assert {s.artifact.name: s.instances for s in bp.slices} == {
-        INVENTORY: 2,
-        PRICING: 2,
+        INVENTORY: 3,
+        PRICING: 3,
         "org.demo:place-order": 3,
         "org.demo:get-order-status": 2,
         "org.demo:cancel-order": 2,
