@@ -113,7 +113,11 @@ def test_the_demo_command_runs_forge_prints_working_commands_and_stops_everythin
             time.sleep(0.1)
         assert not [p for p in pids if _alive(p)], "node processes left behind"
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # failed before Ctrl-C: its nodes, whether or not read from its API
+            try:
+                pids += [k.pid for k in psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
             proc.kill()
             proc.wait(10)
         for p in pids:

@@ -33,6 +33,8 @@ DEFAULT_PRE_AUTH_MAX_FRAME = 4096
 PRE_AUTH_MAX_FRAME_RANGE = (256, 1024 * 1024)
 MAX_HANDSHAKE_TIMEOUT = 300.0
 STORES = ("rabia", "etcd")
+PARENT_PID_ENV = "AETHER_PARENT_PID"
+"""Environment variable: a node whose parent process (this pid) goes away stops itself (Forge)."""
 # with store = "etcd" the cluster name becomes the etcd key prefix /aether/NAME/
 ETCD_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 

@@ -41,6 +41,7 @@ from typing import Any, Final, Literal
 import aiohttp
 import msgspec
 
+from aether.core.config import PARENT_PID_ENV
 from aether.core.errors import BadRequest, StatusError
 from aether.core.files import make_private_dirs, open_private_append, write_private
 from aether.core.status import NodeStatus
@@ -1012,6 +1013,7 @@ class ForgeCluster:
         env.pop("AETHER_CLUSTER_SECRET", None)
         env.pop("AETHER_API_KEY", None)
         env["AETHER_CLUSTER_SECRET_FILE"] = str(self._secret_file)
+        env[PARENT_PID_ENV] = str(os.getpid())  # the nodes stop themselves if Forge dies (SIGKILL)
         if self.repository is not None:
             env["AETHER_REPOSITORY"] = str(self.repository)
         return env

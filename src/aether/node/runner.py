@@ -1,4 +1,9 @@
-"""`run_node`: run one node in this process until SIGINT/SIGTERM (what `aether node` calls)."""
+"""`run_node`: run one node in this process until SIGINT/SIGTERM (what `aether node` calls).
+
+A node started with ``AETHER_PARENT_PID`` in its environment (Aether Forge sets it to its own
+pid) also stops, the same way, once that process is no longer its parent: Forge killed with
+SIGKILL, or its terminal closed, leaves no node behind.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import signal
 import sys
 
 from aether.consensus.storage import JournalCorrupt
-from aether.core.config import NodeConfig
+from aether.core.config import PARENT_PID_ENV, NodeConfig
 from aether.core.logs import configure_logging
 from aether.node.node import ManagementFactory, Node
 
@@ -23,13 +28,57 @@ def _install_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config: NodeConfig, *, management_api: ManagementFactory | None = None) -> None:
+PARENT_POLL_S = 0.5
+
+
+def parent_pid_from_env() -> int | None:
+    """The pid in ``AETHER_PARENT_PID`` (None when unset); ValueError naming it when it is not one."""
+    raw = os.environ.get(PARENT_PID_ENV)
+    if raw is None or raw == "":
+        return None
+    try:
+        pid = int(raw)
+    except ValueError:
+        pid = 0
+    if pid <= 0:
+        raise ValueError(f"{PARENT_PID_ENV} must be the process id of the node's parent, got {raw!r}")
+    return pid
+
+
+async def _exit_with_parent(parent: int, stop: asyncio.Event, log: logging.Logger) -> None:
+    """Set `stop` once `parent` is no longer this process's parent (it died: we were re-parented)."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("the process that started this node (pid %d) is gone: stopping the node", parent)
+            stop.set()
+            return
+        await asyncio.sleep(PARENT_POLL_S)
+
+
+async def serve(
+    config: NodeConfig,
+    *,
+    management_api: ManagementFactory | None = None,
+    parent: int | None = None,
+) -> None:
+    """Run the node until SIGINT/SIGTERM, or until process `parent` is gone (when given)."""
+    stop = asyncio.Event()
+    watch = None
+    if parent is not None:
+        watch = asyncio.ensure_future(_exit_with_parent(parent, stop, logging.getLogger("aether.node")))
+    try:
+        await _serve(config, stop, management_api)
+    finally:
+        if watch is not None:
+            watch.cancel()
+
+
+async def _serve(config: NodeConfig, stop: asyncio.Event, management_api: ManagementFactory | None) -> None:
     if config.join is not None:
         from aether.node.join import joined_config
 
         config = await joined_config(config, logging.getLogger("aether.node"))
     node = Node(config, management_api=management_api, own_process=True)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -85,7 +134,12 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
     _install_loop_policy()
     log = logging.getLogger("aether.node")
     try:
-        asyncio.run(serve(config, management_api=management_api))
+        parent = parent_pid_from_env()
+    except ValueError as e:
+        log.error("cannot start node %s: %s", config.node_id, e)
+        return 2
+    try:
+        asyncio.run(serve(config, management_api=management_api, parent=parent))
     except (OSError, JournalCorrupt) as e:
         log.error("cannot start node %s: %s", config.node_id, e)
         return 1
