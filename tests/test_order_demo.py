@@ -46,7 +46,7 @@ for _p in PROJECTS:
 import order_domain as d  # noqa: E402
 from cancel_order import CancelOrder  # noqa: E402
 from get_order_status import GetOrderStatus  # noqa: E402
-from inventory_service import InventoryService  # noqa: E402
+from inventory_service import InventoryService, Piece  # noqa: E402
 from place_order import PlaceOrderService  # noqa: E402
 from pricing_service import PricingService  # noqa: E402
 
@@ -439,7 +439,7 @@ async def test_holds_of_an_attempt_that_never_recorded_are_given_back_once_colle
     """The node of the first attempt died after taking (or the map failed its record): the stock
     stays held, its retry takes anew; an instance writing the entry a minute later gives the dead
     attempt's units back (the sticker: a shard, collected by another instance)."""
-    from inventory_service import HOLD_GC_S, shard_keys
+    from inventory_service import shard_keys
 
     maps = RecordFault(["orders", "stock"])
     demo = await Demo(maps).start()
@@ -460,7 +460,7 @@ async def test_holds_of_an_attempt_that_never_recorded_are_given_back_once_colle
     maps.fail = False
     await b.reserve(d.ReserveStock("ORD-1", three))  # the retry: taken again for now
     assert (await a.get_stock(product)).reserved == before.reserved + 6
-    clock.now += HOLD_GC_S - 1  # not yet: b's next write leaves the dead hold alone
+    clock.now += b.hold_gc_s - 1  # not yet: b's next write leaves the dead hold alone
     await b.reserve(d.ReserveStock("ORD-2", [d.StockLine(d.ProductId(product), d.Quantity(1))]))
     await asyncio.sleep(0.01)
     assert b.collected == 0 and dead[0] in _entry(demo.maps, key).holds
@@ -478,8 +478,6 @@ async def test_holds_of_an_attempt_that_never_recorded_are_given_back_once_colle
 async def test_holds_of_an_attempt_whose_record_was_written_are_kept_once_collected() -> None:
     """The record was written but its answer lost (the reserve failed for its caller): the
     collector finds the attempt's record and keeps the stock, dropping the hold."""
-    from inventory_service import HOLD_GC_S
-
     maps = RecordFault(["orders", "stock"])
     demo = await Demo(maps).start()
     inv = demo.inventory
@@ -489,13 +487,12 @@ async def test_holds_of_an_attempt_whose_record_was_written_are_kept_once_collec
         await inv.reserve(d.ReserveStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]))
     maps.lost = False
     [hold] = _entry(demo.maps, "PROD-ABC123").holds
-    clock.now += HOLD_GC_S + 1
+    clock.now += inv.hold_gc_s + 1
     one = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))]
     await inv.reserve(d.ReserveStock("ORD-2", one))
-    await _collected(inv, 1)
-    await inv.reserve(d.ReserveStock("ORD-3", one))  # the write that drops it
+    await _collected(inv, 1)  # dropped by a write of its own
     assert hold not in _entry(demo.maps, "PROD-ABC123").holds
-    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 95, 5)
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 96, 4)
 
 
 async def test_a_record_write_answered_with_its_own_value_is_the_reservation() -> None:
@@ -512,10 +509,64 @@ async def test_a_record_write_answered_with_its_own_value_is_the_reservation() -
     assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
 
 
+async def test_a_hold_on_an_entry_nobody_writes_is_collected_by_the_sweep() -> None:
+    """The dead attempt's instance preferred a shard no other instance writes (its node is gone):
+    the periodic sweep of the catalog's entries finds the old hold and gives it back."""
+    from inventory_service import hold_key, new_attempt, shard_keys
+
+    demo = await Demo().start()
+    inv = demo.inventory
+    inv._clock = clock = Clock()
+    key = shard_keys("PROD-STICKER")[3]
+    lines = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(3))]
+    dead = hold_key("ORD-1", new_attempt(clock.now))
+    await inv._take("ORD-1", dead, lines, [[Piece("PROD-STICKER", key, 3)]])
+    await inv.sweep_once()
+    await asyncio.sleep(0.01)
+    assert inv.collected == 0 and dead in _entry(demo.maps, key).holds  # not old yet
+    clock.now += inv.hold_gc_s + 1
+    await inv.sweep_once()
+    await _collected(inv, 1)
+    assert not _entry(demo.maps, key).holds
+    assert await inv.get_stock("PROD-STICKER") == d.StockLevel("PROD-STICKER", 100_000_000, 0)
+    await inv.stop()
+    assert inv._sweeper.cancelled()
+
+
+async def test_a_record_write_that_does_not_end_in_time_is_a_503_and_leaves_the_holds() -> None:
+    """The write is bounded by `record_within_s` too: if it lands later, a collector that already
+    judged the attempt dead would have given its stock back under a written record."""
+
+    class SlowRecords(LocalMaps):
+        async def map_compare_and_set(self, name: str, key: str, *a: Any, **kw: Any) -> bool:
+            if key.startswith("reservation:"):
+                await asyncio.sleep(5)
+            return await super().map_compare_and_set(name, key, *a, **kw)
+
+    maps = SlowRecords(["orders", "stock"])
+    demo = await Demo(maps).start()
+    inv = demo.inventory
+    inv.record_within_s = 0.05
+    with pytest.raises(SliceHttpError, match=r"could not be recorded within 0\.05s") as err:
+        await inv.reserve(d.ReserveStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]))
+    assert err.value.status == 503
+    assert await inv.reservations.get("reservation:ORD-1") is None
+    [hold] = _entry(demo.maps, "PROD-ABC123").holds  # for the collector to decide
+    assert hold.startswith("ORD-1/")
+
+
+@pytest.mark.parametrize("bad", ["60", 3, True, None])
+async def test_a_bad_hold_gc_s_config_fails_the_start_naming_it(bad: object) -> None:
+    demo = Demo()
+    inv = demo.make(INVENTORY)
+    inv.context = dataclasses.replace(inv.context, config={"hold_gc_s": bad})
+    with pytest.raises(ValueError, match=r"config hold_gc_s: must be a number of seconds >= 6, got "):
+        await inv.start()
+
+
 async def test_a_reserve_that_cannot_record_in_time_gives_its_stock_back() -> None:
-    """Past `RECORD_WITHIN_S` a collector could soon judge the attempt dead and give its stock
+    """Past `record_within_s` a collector could soon judge the attempt dead and give its stock
     back: the attempt gives it back itself and answers 503, before writing any record."""
-    from inventory_service import RECORD_WITHIN_S
 
     maps = Gated(["orders", "stock"])
     demo = await Demo(maps).start()
@@ -527,7 +578,7 @@ async def test_a_reserve_that_cannot_record_in_time_gives_its_stock_back() -> No
     )
     while not maps.waiting:
         await asyncio.sleep(0)
-    clock.now += RECORD_WITHIN_S + 0.5
+    clock.now += inv.record_within_s + 0.5
     gate.set()
     with pytest.raises(SliceHttpError, match="took more than 10s: nothing is reserved") as err:
         await slow

@@ -42,12 +42,15 @@ is one map write of its own per reservation; the take is shared with the batch i
   record answers it too. Retried compare-and-set rounds of one attempt take once (the hold is
   there).
 - An attempt that took but never wrote its record (its node died, the map failed it) leaves its
-  holds behind: an instance writing an entry collects the holds older than `HOLD_GC_S`
-  (`_collect`): it reads the order's record; written by that attempt: the hold is dropped and the
-  stock stays taken; not written: the units are given back. So an attempt writes its record within
-  `RECORD_WITHIN_S` of its start or gives its takes back itself and answers 503: the collector's
-  judgement leaves it ample time (the nodes' clocks agreeing within seconds). A retry after such a
-  death takes anew; the dead attempt's units come back once collected.
+  holds behind: holds older than ``hold_gc_s`` (the slice's config, `HOLD_GC_S` by default) are
+  collected (`_collect`) by an instance writing the entry, and by every instance's sweep of the
+  catalog's entries (`_sweep`, every quarter of that: an entry nobody writes any more, e.g. the
+  shard of a dead node's instance): it reads the order's record; written by that attempt: the hold
+  is dropped and the stock stays taken; not written: the units are given back. So an attempt
+  writes its record within a sixth of ``hold_gc_s`` from its start (the write itself bounded by
+  that) or gives its takes back itself and answers 503: the collector's judgement leaves it ample
+  time (the nodes' clocks agreeing within seconds). A retry after such a death takes anew; the dead
+  attempt's units come back once collected.
 - Once its record is written, an attempt's holds are dropped with the instance's next write of the
   entry (no extra write). A release marks the record released (keeping the attempt it released)
   before giving the units back where the plan took them (dropping that attempt's holds), so a
@@ -87,8 +90,10 @@ from aether.slices.maps import SliceMap
 STOCK_MAP = "stock"
 CHANGE_BUDGET_S = 5.0
 RESERVATION_TTL_S = 600.0  # how long a reservation record dedupes repeated reserves and releases
-RECORD_WITHIN_S = 10.0  # a reserve gives up unless its record is written this soon after it began
-HOLD_GC_S = 60.0  # holds older than this are collected (kept or given back, as the record says)
+HOLD_GC_S = 60.0  # default `hold_gc_s`: holds older are collected (kept or given back, as the record says)
+MIN_HOLD_GC_S = 6.0
+RECORD_SHARE = 6  # a reserve gives up unless its record is written within hold_gc_s / RECORD_SHARE
+SWEEPS = 4  # sweeps of the catalog's entries per hold_gc_s
 RESERVING, RESERVED, RELEASED = "reserving", "reserved", "released"
 STOCK_SHARDS = 4  # keys a product with at least SHARD_FROM units of initial stock is split over
 SHARD_FROM = 1000
@@ -136,6 +141,13 @@ def hold_time(key: str) -> int | None:
         return int(began)
     except ValueError:
         return None
+
+
+def _hold_gc_s(value: object) -> float:
+    """The ``hold_gc_s`` config value, checked: seconds, at least `MIN_HOLD_GC_S`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= MIN_HOLD_GC_S:
+        raise ValueError(f"config hold_gc_s: must be a number of seconds >= {MIN_HOLD_GC_S:g}, got {value!r}")
+    return float(value)
 
 
 def split(total: int, n: int) -> list[int]:
@@ -197,14 +209,15 @@ def _stopping() -> SliceHttpError:
     return SliceHttpError("the inventory instance is stopping; try again", status=503)
 
 
-TAKE, GIVE, UNDO = "take", "give", "undo"
+TAKE, GIVE, UNDO, DROP = "take", "give", "undo", "drop"
 
 
 @dataclass
 class _Change:
-    """One queued change of `quantity` units for an order: a take (reserve), a give (release) or
-    the undo of a take (a reservation that failed, whose caller went away, or that was collected).
-    `hold`: the hold key the take writes, the undo gives back (only if held), the give drops."""
+    """One queued change of `quantity` units for an order: a take (reserve), a give (release), the
+    undo of a take (a reservation that failed, whose caller went away, or that was collected), or
+    the drop of a hold whose stock stays taken (collected: recorded). `hold`: the hold key the take
+    writes, the undo gives back (only if held), the give and the drop remove."""
 
     kind: str
     quantity: int
@@ -252,6 +265,9 @@ def _apply(
                 continue
             holds = {**entry.holds, ch.hold: ch.quantity}
             entry = StockEntry(product_id, entry.available - ch.quantity, entry.reserved + ch.quantity, holds)
+        elif ch.kind == DROP:
+            if held:
+                entry = msgspec.structs.replace(entry, holds=_without(entry.holds, ch.hold))
         elif ch.kind == GIVE or held:  # an undo gives back only a take that is still held
             # (a give drops the released attempt's hold, and one of the version keyed by order id)
             legacy = ch.kind == GIVE and ch.order_id in entry.holds
@@ -298,6 +314,8 @@ class InventoryService(Slice):
         self._collecting: set[str] = set()  # holds whose record is being read (`_collect`)
         self._swept: dict[str, float] = {}  # stock key -> when `_collect` may look at it again
         self._clock: Callable[[], float] = time.time  # wall clock: attempts' ids and holds' ages
+        self.hold_gc_s = _hold_gc_s(self.context.config.get("hold_gc_s", HOLD_GC_S))
+        self.record_within_s = self.hold_gc_s / RECORD_SHARE
         self.collected = 0  # old holds collected, kept or given back (for tests and curiosity)
         self._known: dict[str, StockEntry] = {}  # stock key -> its value as this instance last saw it
         self._expect: dict[str, StockEntry] = {}  # stock key -> what this instance's writer wrote last
@@ -323,6 +341,7 @@ class InventoryService(Slice):
             seeded,
             len(CATALOG),
         )
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -589,34 +608,44 @@ class InventoryService(Slice):
         """Write the record of the reservation `mine` (its stock taken, held by its attempt): None
         when it is written, else the reservation the order has already (reserved). A record left
         released (or written by the version before as still reserving) is replaced. Too late
-        (`RECORD_WITHIN_S` after `began`: a collector may soon judge the attempt dead), the takes
-        are given back and it is a 503; if the write fails, the holds wait for the collector, which
-        keeps them if the record was written after all and gives them back if not."""
+        (`record_within_s` after `began`: a collector may soon judge the attempt dead), the takes
+        are given back and it is a 503; if the write fails or does not end by then, the holds wait
+        for the collector, which keeps them if the record was written after all and gives them back
+        if not."""
         order_id = mine.order_id
         key = reservation_key(order_id)
-        if self._clock() - began > RECORD_WITHIN_S:
+        left = began + self.record_within_s - self._clock()
+        if left <= 0:
             await asyncio.shield(self._give_back(order_id, hold_key(order_id, mine.attempt), mine.plan, UNDO))
             raise SliceHttpError(
-                f"the reservation of order {order_id} took more than {RECORD_WITHIN_S:g}s: nothing "
-                "is reserved; try again",
+                f"the reservation of order {order_id} took more than {self.record_within_s:g}s: "
+                "nothing is reserved; try again",
                 status=503,
             )
         try:
-            held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
-            while held is not None:
-                if held.attempt == mine.attempt:  # written by this call, its answer lost and retried
-                    return None
-                if held.state == RESERVED or (held.state != RELEASED and held.lines != mine.lines):
-                    return held
-                if await self._swap(key, held, mine):
-                    return None
+            async with asyncio.timeout(left):
                 held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
+                while held is not None:
+                    if held.attempt == mine.attempt:  # written by this call, its answer lost and retried
+                        return None
+                    if held.state == RESERVED or (held.state != RELEASED and held.lines != mine.lines):
+                        return held
+                    if await self._swap(key, held, mine):
+                        return None
+                    held = await self.reservations.put_if_absent(key, mine, ttl=RESERVATION_TTL_S)
         except Exception as e:
+            why = f"not written within {self.record_within_s:g}s" if isinstance(e, TimeoutError) else str(e)
             self.logger.warning(
                 "recording the reservation of order %s failed (%s): its stock stays held until an "
                 "instance collects the holds (after %gs): kept if the record was written, else "
-                "given back", order_id, e, HOLD_GC_S,
+                "given back", order_id, why, self.hold_gc_s,
             )  # fmt: skip
+            if isinstance(e, TimeoutError):
+                raise SliceHttpError(
+                    f"the reservation of order {order_id} could not be recorded within "
+                    f"{self.record_within_s:g}s; try again",
+                    status=503,
+                ) from None
             raise
         return None
 
@@ -624,13 +653,13 @@ class InventoryService(Slice):
 
     def _collect(self, key: str, product_id: str, entry: StockEntry) -> None:
         """Start deciding about the holds of `entry` (the value of `key` about to be written)
-        older than `HOLD_GC_S`: an attempt that took and never recorded, or one recorded on an
+        older than `hold_gc_s`: an attempt that took and never recorded, or one recorded on an
         instance that has not written the entry since. At most once a second per entry."""
         now = self._clock()
         if now < self._swept.get(key, 0.0):
             return
         self._swept[key] = now + 1.0
-        oldest = now - HOLD_GC_S
+        oldest = now - self.hold_gc_s
         settled = self._settled.get(key, ())
         for hold, units in entry.holds.items():
             began = hold_time(hold)
@@ -653,10 +682,8 @@ class InventoryService(Slice):
                 outcome = "its record, if there was one, expired: kept"
             else:
                 outcome = "never recorded: given back"
-            if outcome.endswith("kept"):  # the hold goes with the next write of the entry
-                self._settled.setdefault(key, set()).add(hold)
-            else:
-                await self._change(Piece(product_id, key, units), _Change(UNDO, units, order_id, hold))
+            kind = DROP if outcome.endswith("kept") else UNDO  # (both only if it is still held)
+            await self._change(Piece(product_id, key, units), _Change(kind, units, order_id, hold))
             self.collected += 1
             self.logger.info("hold %s of %d on %s: %s", hold, units, key, outcome)
         except Exception as e:
@@ -664,9 +691,30 @@ class InventoryService(Slice):
         finally:
             self._collecting.discard(hold)
 
+    async def _sweep(self) -> None:
+        """Every quarter of `hold_gc_s` (give or take a fifth), read the catalog's stock entries and
+        collect their old holds: also those of an entry nobody writes any more."""
+        while True:
+            await asyncio.sleep(self.hold_gc_s / SWEEPS * random.uniform(0.8, 1.2))
+            await self.sweep_once()
+
+    async def sweep_once(self) -> None:
+        """Read every stock entry of the catalog and start collecting its old holds."""
+        for product_id in CATALOG:
+            for key in shard_keys(product_id):
+                try:
+                    entry = await self._read(key)
+                except Exception as e:  # the map unavailable for a while: the next sweep
+                    self.logger.debug("sweep of %s: %s", key, e)
+                    continue
+                if entry is not None and entry.holds:
+                    self._collect(key, product_id, entry)
+
     async def stop(self) -> None:
         """Let the writes of stock under way, and the holds being collected, finish (for up to
         `CHANGE_BUDGET_S`)."""
+        self._sweeper.cancel()
+        await asyncio.gather(self._sweeper, return_exceptions=True)
         pending = set(self._tasks)
         if pending:
             await asyncio.wait(pending, timeout=CHANGE_BUDGET_S)
