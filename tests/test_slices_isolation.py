@@ -281,6 +281,32 @@ async def test_calls_queued_as_the_slice_loop_closes_fail_instead_of_waiting_for
     assert all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in coros)
 
 
+async def test_a_call_that_races_with_close_fails_instead_of_hanging() -> None:
+    """A call queued in the node loop's turn just before `close()`: its start reaches the slice's
+    loop in the same turn as the stop. It used to be started as a task that the close then
+    cancelled before its first step: its caller waited for an answer until its own deadline, and
+    its coroutine was never awaited (a "coroutine '_health' was never awaited" warning in a full
+    run). It fails with `SliceCrashed` now, its coroutine closed."""
+    st = SliceThread("org.x:closing:1.0.0")
+    gate = threading.Event()
+    st.loop.call_soon_threadsafe(gate.wait)  # the slice loop is busy in a callback meanwhile
+
+    async def entry() -> int:
+        return 1
+
+    coro = entry()
+    call = asyncio.ensure_future(st.run(coro, entry="health()"))
+    for _ in range(3):  # run() queues it; the end of this turn asks the slice loop to start it
+        await asyncio.sleep(0)
+    closing = asyncio.ensure_future(st.close(timeout=5.0))  # then the stop, in the same batch
+    await asyncio.sleep(0)
+    gate.set()
+    assert await closing
+    with pytest.raises(SliceCrashed, match="clos"):
+        await asyncio.wait_for(call, 5.0)
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
 async def test_many_calls_from_one_turn_share_one_wake_up_of_the_slice_loop() -> None:
     """The hand-off batches: calls queued during one turn of the node's loop wake the slice's loop
     once (each wake-up is a system call and a hand-over of the interpreter lock)."""

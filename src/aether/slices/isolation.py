@@ -298,12 +298,18 @@ class SliceThread:
                     call.answer.set_exception(SliceCrashed(f"{self.name}: the slice's loop is closed"))
 
     def _start_calls(self) -> None:
-        """On the slice's loop: start every call queued so far."""
+        """On the slice's loop: start every call queued so far. Closing (the stop is in this same
+        turn), fail them instead: a task started now would be cancelled before its first step,
+        its caller never answered and its coroutine never awaited."""
         self._inbox_woken = False  # first: a call queued from now on wakes us again
         inbox = self._inbox
         loop = self.loop
         while inbox:
             call = inbox.popleft()
+            if self._closed:
+                call.coro.close()
+                self._answer(call, None, SliceCrashed(f"{self.name}: the slice's loop is closing"))
+                continue
             call.task = loop.create_task(self._guard(call))
 
     def _answer(self, call: _Call, result: Any, error: BaseException | None) -> None:
