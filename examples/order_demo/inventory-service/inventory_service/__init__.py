@@ -47,7 +47,7 @@ is one map write of its own per reservation; the take is shared with the batch i
   catalog's entries (`_sweep`, every quarter of that: an entry nobody writes any more, e.g. the
   shard of a dead node's instance): it reads the order's record; written by that attempt: the hold
   is dropped and the stock stays taken; not written: the units are given back. So an attempt
-  writes its record within a sixth of ``hold_gc_s`` from its start (the write itself bounded by
+  writes its record within half of ``hold_gc_s`` from its start (the write itself bounded by
   that) or gives its takes back itself and answers 503: the collector's judgement leaves it ample
   time (the nodes' clocks agreeing within seconds). A retry after such a death takes anew; the dead
   attempt's units come back once collected.
@@ -92,7 +92,8 @@ CHANGE_BUDGET_S = 5.0
 RESERVATION_TTL_S = 600.0  # how long a reservation record dedupes repeated reserves and releases
 HOLD_GC_S = 60.0  # default `hold_gc_s`: holds older are collected (kept or given back, as the record says)
 MIN_HOLD_GC_S = 6.0
-RECORD_SHARE = 6  # a reserve gives up unless its record is written within hold_gc_s / RECORD_SHARE
+RECORD_SHARE = 2  # a reserve gives up unless its record is written within hold_gc_s / RECORD_SHARE
+# (generous: a map write waits out a failover of its key's primary, seconds after a kill -9)
 SWEEPS = 4  # sweeps of the catalog's entries per hold_gc_s
 RESERVING, RESERVED, RELEASED = "reserving", "reserved", "released"
 STOCK_SHARDS = 4  # keys a product with at least SHARD_FROM units of initial stock is split over
