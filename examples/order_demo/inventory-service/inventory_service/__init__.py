@@ -568,7 +568,8 @@ class InventoryService(Slice):
     @entry(idempotent=True)
     async def reserve(self, req: ReserveStock) -> list[StockLevel]:
         """Take stock for every line, or none: on a failure the lines already taken are given back.
-        Repeating it for the same order takes nothing more: it answers what the first one did.
+        Repeating it for the same order leaves the stock as the first one left it (what a repeat
+        takes meanwhile, it gives back) and answers what the first one did.
 
         409 (`Conflict`) names the first product without enough stock; 404 an unknown product.
         """
