@@ -678,13 +678,13 @@ class InventoryService(Slice):
         order_id, _, attempt = hold.partition("/")
         try:
             record = await self.reservations.get(reservation_key(order_id))
+            # (a drop and an undo both change the entry only if it still holds the hold)
             if record is not None and record.attempt == attempt:
-                outcome = "its reservation is recorded: kept"
+                kind, outcome = DROP, "its reservation is recorded: kept"
             elif record is None and self._clock() - began >= RESERVATION_TTL_S:
-                outcome = "its record, if there was one, expired: kept"
+                kind, outcome = DROP, "its record, if there was one, expired: kept"
             else:
-                outcome = "never recorded: given back"
-            kind = DROP if outcome.endswith("kept") else UNDO  # (both only if it is still held)
+                kind, outcome = UNDO, "never recorded: given back"
             await self._change(Piece(product_id, key, units), _Change(kind, units, order_id, hold))
             self.collected += 1
             self.logger.info("hold %s of %d on %s: %s", hold, units, key, outcome)

@@ -93,19 +93,17 @@ class PlaceOrderService(Slice):
         # reads at once (they change nothing): whether an earlier call with this key placed the
         # order already (only a given key can come from one), the stock checks, the total; decided
         # in that order, as if one after the other
-        reads: list[asyncio.Future[Any]] = [
-            asyncio.gather(*(self._check(i, line) for i, line in enumerate(lines))),
-            asyncio.ensure_future(self.call(PRICING, "calculate_total", PriceOrder(lines), OrderTotal)),
-        ]
-        if self.context.idempotency_key_given:
-            reads.insert(0, asyncio.ensure_future(self.orders.get(order_id)))
+        found = (
+            asyncio.ensure_future(self.orders.get(order_id)) if self.context.idempotency_key_given else None
+        )
+        checked = asyncio.gather(*(self._check(i, line) for i, line in enumerate(lines)))
+        total = asyncio.ensure_future(self.call(PRICING, "calculate_total", PriceOrder(lines), OrderTotal))
+        reads: list[asyncio.Future[Any]] = [checked, total] if found is None else [found, checked, total]
         try:
-            if len(reads) == 3:
-                placed = await reads.pop(0)
-                if placed is not None:  # a repeat of a call that placed it already
-                    return placed
-            await reads[0]
-            priced: OrderTotal = await reads[1]
+            if found is not None and (placed := await found) is not None:  # a repeat that placed it
+                return placed
+            await checked
+            priced: OrderTotal = await total
         finally:
             for f in reads:  # what is not needed any more (an error decided first, or a repeat)
                 if not f.done():
