@@ -52,7 +52,8 @@ seconds apart; CPU per request moves much less, so it is the figure to compare c
 `--profile DIR` runs `py-spy record --nonblocking --rate 200` on the node serving the load
 (node-1 for hello and chain, the ingress node for remote) for the whole measured run of each
 Aether step and writes `DIR/<step>-r<round>.svg` flame graphs (py-spy sampling costs the node
-some throughput: compare profiled figures with profiled ones only).
+some throughput: compare profiled figures with profiled ones only); `--profile-gil` keeps only the
+samples holding the interpreter lock (where the CPU goes, without the idle threads' waits).
 
 Processes (nodes, bare servers, wrk, py-spy) are tracked by PID and killed by PID on exit, also
 on SIGINT/SIGTERM; the work dir (`/tmp/aether-limits-*`) is deleted unless `--keep`.
@@ -235,9 +236,10 @@ class BareServers:
 class Profiler:
     """py-spy record on one PID for one measured run (None when not profiling)."""
 
-    def __init__(self, outdir: str | None, fmt: str = "flamegraph") -> None:
+    def __init__(self, outdir: str | None, fmt: str = "flamegraph", gil: bool = False) -> None:
         self.outdir = outdir
         self.fmt = fmt
+        self.gil = gil
         self.proc: subprocess.Popen[bytes] | None = None
         self.exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
 
@@ -248,6 +250,8 @@ class Profiler:
         out = os.path.join(self.outdir, f"{name}.{ext}")
         cmd = [self.exe, "record", "--nonblocking", "--threads", "--rate", "200", "--format", self.fmt,
                "--duration", str(max(1, round(seconds))), "--pid", str(pid), "--output", out]  # fmt: skip
+        if self.gil:
+            cmd.append("--gil")  # only samples holding the interpreter lock: CPU work, not idle threads
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      stdin=subprocess.DEVNULL)  # fmt: skip
 
@@ -434,6 +438,10 @@ def main() -> int:
         help="py-spy output: svg flame graphs, raw collapsed stacks (.txt) or speedscope (.json)",
     )
     ap.add_argument(
+        "--profile-gil", action="store_true",
+        help="profile only samples holding the interpreter lock (where the CPU goes, without idle threads)",
+    )
+    ap.add_argument(
         "--isolation", choices=("thread", "shared", "inline"), default="thread",
         help="where hello and greeter run on the nodes: their own loop and thread (the default), the "
         'node\'s shared slice loop (isolation = "shared": the greeter calls hello directly there), or '
@@ -454,7 +462,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="aether-limits-")
     if a.profile:
         os.makedirs(a.profile, exist_ok=True)
-    prof = Profiler(a.profile, a.profile_format)
+    prof = Profiler(a.profile, a.profile_format, a.profile_gil)
     res: dict[str, Any] = {}
     rc = 0
     blueprint = {"toml": with_isolation(BLUEPRINT, a.isolation), "filename": "hello.blueprint"}

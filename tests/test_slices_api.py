@@ -460,6 +460,29 @@ async def test_proxy_against_fake_invoker() -> None:
     assert await api2.greet("Cy") == Greeting("hello Cy")
 
 
+async def test_proxy_is_kept_per_target_and_interface() -> None:
+    """`proxy()` in every call (the usual way to write it) makes the proxy once: the same object
+    for the same target and interface, a bounded number kept, made before the context is set and
+    still calling through the context set later."""
+    inv = FakeInvoker(lambda t, m, p: enc(Greeting(f"{t} {dec(p)}")))
+    c = Caller()
+    early = c.proxy("org.example:hello", HelloApi)  # before the context: kept, and it works after
+    c.context = _context(inv)
+    api = c.proxy("org.example:hello", HelloApi)
+    assert api is early
+    assert await api.greet("Ann") == Greeting("org.example:hello Ann")
+    other = c.proxy("org.example:other", HelloApi)
+    assert other is not api and c.proxy("org.example:other", HelloApi) is other
+    assert await other.greet("Bo") == Greeting("org.example:other Bo")
+    assert Caller().proxy("org.example:hello", HelloApi) is not api  # kept per slice instance
+    for n in range(Slice.PROXIES_KEPT + 5):
+        c.proxy(f"org.example:s{n}", HelloApi)
+    assert len(c.__dict__["_aether_proxies"]) == Slice.PROXIES_KEPT  # the oldest made way
+    assert c.proxy("org.example:hello", HelloApi) is not api
+    with pytest.raises(BadRequest, match="call target must be a string"):
+        c.proxy(["org.example:hello"], HelloApi)  # type: ignore[arg-type]  # unhashable: not kept
+
+
 def test_proxy_interface_validation() -> None:
     class NotAsync(Protocol):
         def greet(self, name: str) -> str: ...

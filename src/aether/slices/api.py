@@ -22,7 +22,7 @@ import keyword
 import logging
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
@@ -386,11 +386,29 @@ class Slice:
             ctx.invoker, target, method, request, response_type, timeout=timeout, codecs=ctx.codecs
         )
 
+    PROXIES_KEPT: ClassVar[int] = 64  # proxies an instance keeps for its next `proxy()` calls
+
     def proxy(self, target: str, api: type[P]) -> P:
         """A typed proxy of `target`: `api` is a Protocol (or the target's Slice class) whose async
-        methods are named and typed like the target's entries."""
+        methods are named and typed like the target's entries.
+
+        The same proxy object for the same `target` and `api` (it holds no state of its own): a
+        proxy made per call costs nothing more than one kept in `start()`."""
+        kept: dict[tuple[str, type], Any] | None = self.__dict__.get("_aether_proxies")
+        try:
+            found = kept.get((target, api)) if kept is not None else None
+        except TypeError:  # an unhashable target: make_proxy says what is wrong with it
+            found = None
+        if found is not None:
+            return cast(P, found)
         ctx = self.__dict__.get("context")  # a proxy may be made before the context is set
-        return make_proxy(target, api, self._proxy_call, ctx.codecs if ctx is not None else None)
+        made = make_proxy(target, api, self._proxy_call, ctx.codecs if ctx is not None else None)
+        if kept is None:
+            kept = self.__dict__["_aether_proxies"] = {}
+        if len(kept) >= self.PROXIES_KEPT:
+            kept.pop(next(iter(kept)))  # the oldest
+        kept[(target, api)] = made
+        return made
 
     def map(self, name: str, value_type: type[T] | Any = Any) -> SliceMap[T]:
         """The cluster's distributed map `name` with values of `value_type` (see `SliceMap`).
@@ -412,5 +430,5 @@ class Slice:
             require(name)
         return SliceMap(backend, name, value_type, codecs=ctx.codecs)
 
-    async def _proxy_call(self, target: str, method: str, request: Any, response_type: Any) -> Any:
-        return await self.call(target, method, request, response_type)
+    def _proxy_call(self, target: str, method: str, request: Any, response_type: Any) -> Awaitable[Any]:
+        return self.call(target, method, request, response_type)  # (awaited by the proxy's method)
