@@ -62,7 +62,7 @@ class Slices:
         self.active = active
 
     def has_room(self, target: str, method: str) -> bool:
-        return True
+        return bool(self.local_instances(target))
 
     def local_instances(self, target: str) -> list[int]:
         return [0] if self.active and ART.startswith(target) else []

@@ -113,7 +113,7 @@ class FakeSlices:
         return node.encode() + b":" + payload
 
     def has_room(self, target: str, method: str) -> bool:
-        return self.room
+        return self.room and bool(self.local_instances(target))
 
     def local_instances(self, target: str) -> list[int]:
         if self.bad_local_instances:

@@ -35,7 +35,7 @@ class NoSlices:
         raise AssertionError("no local call expected")
 
     def has_room(self, target: str, method: str) -> bool:
-        return True
+        return False  # (no local instance)
 
     def local_instances(self, target: str) -> list[int]:
         return []

@@ -113,7 +113,7 @@ class DemoSlices:
         return None
 
     def has_room(self, target: str, method: str) -> bool:
-        return True
+        return self._find(target) is not None
 
     def local_instances(self, target: str) -> list[int]:
         return [1] if self._find(target) is not None else []

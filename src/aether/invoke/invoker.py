@@ -524,13 +524,11 @@ class Invoker:
                 picked = self._choose_weighted(target, method, weights)
                 if picked is not None:
                     return picked
-        candidates = 0
         me = self.node_id
+        if me not in tried and self._local.has_room(target, method):  # (the usual: one question)
+            return (me, target), 1
         local = bool(self._local.local_instances(target))
-        if local:
-            candidates = 1
-            if me not in tried and self._local.has_room(target, method):
-                return (me, target), candidates
+        candidates = 1 if local else 0
         up = self._link.up_peers
         remote = [
             ep for ep in self._registry.instances(target, method) if ep.node_id != me and ep.node_id in up

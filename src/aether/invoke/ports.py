@@ -45,7 +45,8 @@ class LocalSlices(Protocol):
 
     def has_room(self, target: str, method: str) -> bool:
         """True when a local instance of `target` would run a call of `method` at once (one without
-        a concurrency limit always would); False when every one is at its limit (calls would queue)."""
+        a concurrency limit always would); False when every one is at its limit (calls would queue)
+        or there is none (the invoker asks this first, `local_instances` only when it is False)."""
         ...
 
 
