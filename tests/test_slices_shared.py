@@ -106,6 +106,10 @@ class Callee(Slice):
     @entry
     async def leave(self) -> str:
         raise SystemExit(3)
+
+    @entry
+    async def liar(self) -> int:
+        return "not a number"  # type: ignore[return-value]
 """
 
 LONER_SOURCE = """
@@ -292,6 +296,7 @@ async def test_direct_calls_fail_as_the_usual_way_fails(setup: Setup) -> None:
     callee = Artifact.parse(CALLEE)
     cases = [
         ("ask", "fail", None), ("ask", "bad", None), ("ask_soon", "slow", 2.0), ("ask", "leave", None),
+        ("ask", "slow", "not seconds"), ("ask", "liar", None),
     ]  # fmt: skip
 
     async def outcome(entry: str, method: str, arg: Any) -> tuple[type[BaseException], str, int | None]:
@@ -311,13 +316,15 @@ async def test_direct_calls_fail_as_the_usual_way_fails(setup: Setup) -> None:
     assert "bad request to org.example:callee.bad" in direct[1][1]
     assert "org.example:callee.slow (request rid-1) timed out running on this node (node-1)" in direct[2][1]
     assert "leave of org.example:callee:1.0.0 raised SystemExit(3)" in direct[3][1]
+    assert "invalid request for entry" in direct[4][1] and "Expected `float`, got `str`" in direct[4][1]
+    assert "returned str, but its return annotation is int" in direct[5][1]
     # contained: the slices go on
     assert (await s.ask("ask", ["who", None]))["got"]["slice"] == CALLEE
     await asyncio.sleep(0.05)
     failed = [c for c in s.recorder.calls if c[0] == CALLEE and c[1] != "who"]
     assert failed == [
         (CALLEE, "fail", False, False), (CALLEE, "bad", False, True), (CALLEE, "slow", False, False),
-        (CALLEE, "leave", False, False),
+        (CALLEE, "leave", False, False), (CALLEE, "slow", False, True), (CALLEE, "liar", False, False),
     ] * 2  # fmt: skip
 
 
