@@ -49,6 +49,14 @@ bare chain's front and back; node-1 for hello and chain; the ingress node and th
 for remote. On a machine shared with other work the rps figures swing several-fold between runs
 seconds apart; CPU per request moves much less, so it is the figure to compare changes with.
 
+`--pin`: the processes serving the step measured (the same list) run on CPU 0, wrk, this script
+and the nodes not measured on CPU 1 (every thread's affinity, set before each step). Without it
+the scheduler moves a node's two threads (its loop, the shared slice loop) and wrk over both
+CPUs, and the chain's CPU per request swings between runs (82-134 us in one afternoon, while the
+bare app's stayed at 38-53); pinned, the server under test has one CPU of its own and the load
+generator the other, for the bare app as for the node. The bare chain's two processes then share
+one CPU (its figures are not comparable with unpinned ones). The key `pinned` says which it was.
+
 `--profile DIR` runs `py-spy record --nonblocking --rate 200` on the node serving the load
 (node-1 for hello and chain, the ingress node for remote) for the whole measured run of each
 Aether step and writes `DIR/<step>-r<round>.svg` flame graphs (py-spy sampling costs the node
@@ -380,6 +388,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _TICK
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (a process's threads each have their own affinity)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, cpus)
+
+
 def measure(
     a: argparse.Namespace,
     prof: Profiler,
@@ -391,6 +410,11 @@ def measure(
 ) -> dict[str, float]:
     """One step: a warm-up wrk run, then the measured one (profiled when `pid` is given).
     `cpu_us` is the CPU time `servers` used during the measured run per request answered."""
+    if a.pin:  # the servers measured on CPU 0, everything else (wrk, the idle nodes) on CPU 1
+        for other in a.pinned_pids:
+            pin_process(other, {1})
+        for server in servers:
+            pin_process(server, {0})
     run_wrk(url, a.conns, a.warmup, script)  # not recorded
     if pid:
         prof.start(pid, step, a.duration)  # covers the measured run only
@@ -447,6 +471,10 @@ def main() -> int:
         'node\'s shared slice loop (isolation = "shared": the greeter calls hello directly there), or '
         'the node\'s loop (isolation = "inline": no thread hop)',
     )
+    ap.add_argument(
+        "--pin", action="store_true",
+        help="the server measured (the bare app, node-1, ...) on CPU 0, wrk and the rest on CPU 1",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work dir (node logs)")
     ap.add_argument("--serve", choices=("hello", "chain"), help="run one bare server (internal)")
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
@@ -477,6 +505,9 @@ def main() -> int:
         bare.start()
         cluster = Cluster(3, work, no_uvloop=False, fsync=None, extra=[])
         cluster.start(a.timeout)
+        if a.pin:
+            os.sched_setaffinity(0, {1})  # this script and the wrk runs it starts
+            a.pinned_pids = [_pid(cluster, i) for i in range(3)] + bare.pids("hello") + bare.pids("chain")
         http(cluster.mgmt_ports[0], "POST", "/api/v1/blueprints", blueprint)
         hport = cluster.http_ports
         hello_url = f"http://{HOST}:{{}}/hello/world"
@@ -512,6 +543,7 @@ def main() -> int:
             conns=a.conns,
             bare_chain_conns=a.bare_chain_conns,
             isolation=a.isolation,
+            pinned=int(a.pin),
             non2xx=int(sum(f["non2xx"] for r in rounds for f in r.values())),
             socket_errors=int(sum(f["socket_errors"] for r in rounds for f in r.values())),
         )

@@ -359,3 +359,27 @@ async def test_calls_leave_no_reference_cycles_behind(shared: bool) -> None:
         assert found < 50, f"{found} objects in reference cycles after 50 calls"
     finally:
         await t.close()
+
+
+async def test_one_in_direct_streak_direct_calls_of_a_turn_yields() -> None:
+    """`direct_yield`: of the direct calls that end in one turn of the shared loop, every
+    `DIRECT_STREAK`-th yields (a caller making calls in a loop lets the loop turn); the others go
+    on. It used to answer True for every call after the first `DIRECT_STREAK` of a turn: under load
+    (a turn running one call each for dozens of callers) most callers then paid a suspension and a
+    resumption for nothing."""
+    st = SliceThread("shared", shared=True)
+    streak = SliceThread.DIRECT_STREAK
+
+    async def turns() -> list[list[int]]:
+        out = []
+        for _ in range(2):
+            out.append([i for i in range(3 * streak + 5) if st.direct_yield()])  # one turn
+            await asyncio.sleep(0)  # the loop turns: the count starts again
+        return out
+
+    try:
+        got = await st.run(turns())
+    finally:
+        await st.close()
+    every = [streak - 1, 2 * streak - 1, 3 * streak - 1]
+    assert got == [every, every]

@@ -501,12 +501,14 @@ class SliceThread:
         """On this (shared) loop, as a direct call ends: True when the caller should yield to the
         loop (`await asyncio.sleep(0)`). A direct call does not suspend its caller, so a caller
         making calls in a loop would hold the loop (the watchdog would take it for blocked, other
-        slices' calls would wait): one in `DIRECT_STREAK` calls of a turn yields."""
-        n = self._streak
-        if n == 0:
+        slices' calls would wait): one in `DIRECT_STREAK` calls of a turn yields. (Not every call
+        after the first `DIRECT_STREAK`: under load a turn runs many callers' calls, one each, and
+        each yield costs its caller a suspension and a resumption through its whole stack.)"""
+        n = self._streak + 1
+        if n == 1:
             self.loop.call_soon(self._end_streak)  # runs when the loop turns
-        self._streak = n + 1
-        return n + 1 >= self.DIRECT_STREAK
+        self._streak = n
+        return n % self.DIRECT_STREAK == 0
 
     def _end_streak(self) -> None:
         self._streak = 0

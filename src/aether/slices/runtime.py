@@ -983,7 +983,8 @@ class SliceRuntime:
     def _direct_target(
         self, caller: SliceThread, target: str, method: str
     ) -> tuple[_Entry, _Instance, EntryInfo] | None:
-        """The entry and instance a direct call from `caller`'s loop runs, if it may (see `_direct`).
+        """The entry, instance and entry description a direct call from `caller`'s loop runs, if it
+        may (see `_direct`).
         Reads only (on the shared loop's thread): a target the node's loop has not resolved yet, or
         state that changes while this reads it, answers None."""
         try:
