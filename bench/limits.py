@@ -52,10 +52,11 @@ seconds apart; CPU per request moves much less, so it is the figure to compare c
 `--pin`: the processes serving the step measured (the same list) run on CPU 0, wrk, this script
 and the nodes not measured on CPU 1 (every thread's affinity, set before each step). Without it
 the scheduler moves a node's two threads (its loop, the shared slice loop) and wrk over both
-CPUs, and the chain's CPU per request swings between runs (82-134 us in one afternoon, while the
-bare app's stayed at 38-53); pinned, the server under test has one CPU of its own and the load
-generator the other, for the bare app as for the node. The bare chain's two processes then share
-one CPU (its figures are not comparable with unpinned ones). The key `pinned` says which it was.
+CPUs, and the chain's CPU per request swings between runs (96-134 us for the same code in one
+afternoon, while the bare app's stayed at 38-57); pinned, the server under test has one CPU of
+its own and the load generator the other, for the bare app as for the node. The bare chain's two
+processes then share one CPU (its figures are not comparable with unpinned ones). The key
+`pinned` says which it was.
 
 `--profile DIR` runs `py-spy record --nonblocking --rate 200` on the node serving the load
 (node-1 for hello and chain, the ingress node for remote) for the whole measured run of each
