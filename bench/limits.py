@@ -50,7 +50,8 @@ for remote. On a machine shared with other work the rps figures swing several-fo
 seconds apart; CPU per request moves much less, so it is the figure to compare changes with.
 
 `--pin`: the processes serving the step measured (the same list) run on CPU 0, wrk, this script
-and the nodes not measured on CPU 1 (every thread's affinity, set before each step). Without it
+and the nodes not measured on CPU 1 (the first two CPUs this process may use; every thread's
+affinity, set before each step). Without it
 the scheduler moves a node's two threads (its loop, the shared slice loop) and wrk over both
 CPUs, and the chain's CPU per request swings between runs (96-134 us for the same code in one
 afternoon, while the bare app's stayed at 38-57); pinned, the server under test has one CPU of
@@ -411,11 +412,11 @@ def measure(
 ) -> dict[str, float]:
     """One step: a warm-up wrk run, then the measured one (profiled when `pid` is given).
     `cpu_us` is the CPU time `servers` used during the measured run per request answered."""
-    if a.pin:  # the servers measured on CPU 0, everything else (wrk, the idle nodes) on CPU 1
+    if a.pin:  # the servers measured on one CPU, everything else (wrk, the idle nodes) on another
         for other in a.pinned_pids:
-            pin_process(other, {1})
+            pin_process(other, {a.load_cpu})
         for server in servers:
-            pin_process(server, {0})
+            pin_process(server, {a.server_cpu})
     run_wrk(url, a.conns, a.warmup, script)  # not recorded
     if pid:
         prof.start(pid, step, a.duration)  # covers the measured run only
@@ -485,6 +486,11 @@ def main() -> int:
         return serve(a.serve, a.port, a.back_port, a.bare_chain_conns)
     if a.rounds < 1:
         ap.error("--rounds must be at least 1")
+    if a.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error(f"--pin needs two CPUs to run on, this process may use {len(cpus)}")
+        a.server_cpu, a.load_cpu = cpus[0], cpus[1]
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
@@ -507,7 +513,7 @@ def main() -> int:
         cluster = Cluster(3, work, no_uvloop=False, fsync=None, extra=[])
         cluster.start(a.timeout)
         if a.pin:
-            os.sched_setaffinity(0, {1})  # this script and the wrk runs it starts
+            os.sched_setaffinity(0, {a.load_cpu})  # this script and the wrk runs it starts
             a.pinned_pids = [_pid(cluster, i) for i in range(3)] + bare.pids("hello") + bare.pids("chain")
         http(cluster.mgmt_ports[0], "POST", "/api/v1/blueprints", blueprint)
         hport = cluster.http_ports
