@@ -54,7 +54,7 @@ and the nodes not measured on CPU 1 (the first two CPUs this process may use; ev
 affinity, set before each step). Without it
 the scheduler moves a node's two threads (its loop, the shared slice loop) and wrk over both
 CPUs, and the chain's CPU per request swings between runs (96-134 us for the same code in one
-afternoon, while the bare app's stayed at 38-57); pinned, the server under test has one CPU of
+afternoon, while the bare app's stayed at 38-61); pinned, the server under test has one CPU of
 its own and the load generator the other, for the bare app as for the node. The bare chain's two
 processes then share one CPU (its figures are not comparable with unpinned ones). The key
 `pinned` says which it was.
