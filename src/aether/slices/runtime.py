@@ -150,21 +150,19 @@ async def _in_instance(where: tuple[str, str, int], hook: Callable[[], Awaitable
 
 
 async def _call_entry(
-    obj: Slice, entry: EntryInfo, payload: bytes, request_id: str | None, idempotency_key: str | None = None,
-    trace: TraceContext | None = None,
-    where: tuple[str, str, int] | None = None,
+    obj: Slice, entry: EntryInfo, payload: bytes, request_id: str | None, idempotency_key: str | None,
+    trace: TraceContext | None, where: tuple[str, str, int],
 ) -> bytes:
     # `invoke_entry` for an entry already looked up, in this call's context: the request id,
     # idempotency key and trace context, and for its log records (aether.core.logs) the node, slice
     # and instance (`where`); undone when it returns, for a call run in its caller's task (an inline
-    # slice's)
+    # slice's). (`SliceRuntime._direct` does the same in place.)
     keys = enter_call(request_id, idempotency_key, trace)
-    names = _enter_instance(where) if where is not None else None
+    names = _enter_instance(where)
     try:
         return entry.encode_result(await entry.function(obj, **entry.decode(payload)))
     finally:
-        if names is not None:
-            _exit_instance(names)
+        _exit_instance(names)
         exit_call(keys)
 
 
