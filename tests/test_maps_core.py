@@ -11,7 +11,7 @@ import pytest
 from aether.core.calls import RetryPolicy
 from aether.core.maps import MapSpec, MapUnavailable
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
-from aether.maps.messages import MapRequest, MapResponse, ReplicateAck, SyncChunk
+from aether.maps.messages import MapRequest, MapResponse, Replicate, ReplicateAck, SyncChunk
 from aether.maps.partitioning import activate, owners_for, partition_of
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
 from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage
@@ -162,7 +162,8 @@ def test_a_retry_after_a_lost_answer_reports_the_first_attempts_outcome(
 ) -> None:
     """A remove (or compare-and-set) applied by the primary whose answer was lost is retried with
     the same id: the retry reports that it was applied (True), not what running it again would
-    report (False: the key is gone / no longer holds the expected value)."""
+    report (False: the key is gone / no longer holds the expected value). The client's node does
+    not get the write's copy meanwhile, so it cannot answer its caller itself (`_answer_own`)."""
     net = Net()
     key = "k"
     client = _client_of(net, key)
@@ -172,6 +173,8 @@ def test_a_retry_after_a_lost_answer_reports_the_first_attempts_outcome(
     lost: list[Any] = []
 
     def drop_first_answer(src: str, dst: str, msg: Any) -> bool:
+        if isinstance(msg, Replicate) and dst == client:
+            return True
         if isinstance(msg, MapResponse) and dst == client and not lost:
             lost.append(msg)
             return True
@@ -587,3 +590,99 @@ def test_a_callers_retries_are_counted_by_why_the_attempt_before_got_no_answer(
     net.tick()
     net.tick()
     assert core.retry_counts("m")["unreachable"] >= 1
+
+
+def _deliver_until(net: Net, done: Any) -> list[tuple[str, str, Any]]:
+    """Deliver messages one at a time until `done()`; the messages delivered, in order."""
+    seen: list[tuple[str, str, Any]] = []
+    while not done():
+        assert net.queue, "nothing left to deliver"
+        seen.append(net.queue[0])
+        net.step()
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("op", "value", "expected", "answer"),
+    [
+        (OP_PUT, b"b", None, (None, True)),
+        (OP_CAS, b"b", b"a", (b"b", True)),
+        (OP_REMOVE, None, None, (None, True)),
+    ],
+)
+def test_a_write_is_answered_by_the_callers_node_when_it_stores_its_copy(
+    op: int, value: bytes | None, expected: bytes | None, answer: tuple[bytes | None, bool]
+) -> None:
+    """The caller's node is a replica of the key (3 owners of 3 nodes, write quorum 2): the
+    primary's copy and its own are a quorum, so it answers its caller as it stores the copy, two
+    messages earlier than the primary's answer would arrive (request, copy: no acknowledgement
+    and response). Its acknowledgement says so, and the primary sends no `MapResponse`."""
+    net = Net()
+    key = "k"
+    prim, client = net.primary_of(key), _client_of(net, key)
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    net.submit(client, 2, op, key, value, expected)
+    seen = _deliver_until(net, lambda: 2 in net.results)
+    assert net.results[2] == answer
+    path = [(src, dst, type(m)) for src, dst, m in seen]
+    assert path == [(client, prim, MapRequest), (prim, client, Replicate)]
+    rest: list[Any] = []
+    net.drop = lambda src, dst, msg: rest.append((src, dst, msg)) and False
+    net.settle()
+    acks = [m for src, dst, m in rest if isinstance(m, ReplicateAck) and src == client]
+    assert [(a.ok, a.answered) for a in acks] == [(True, True)]
+    assert not [m for src, dst, m in rest if isinstance(m, MapResponse)], "the primary answered too"
+    # the primary counted the acknowledgement: the key is not held for reads, which see the write
+    third = next(i for i in net.ids if i not in (prim, client))
+    net.submit(third, 3, OP_GET, key)
+    net.settle(0.1)
+    assert net.results[3] == ((b"b", True) if op != OP_REMOVE else (None, True))
+
+
+def test_a_write_that_writes_nothing_and_a_quorum_of_three_are_answered_by_the_primary() -> None:
+    """No copy, no early answer: a compare-and-set that fails is the primary's to answer (with the
+    current value); and with a write quorum of 3 the caller's copy is not enough, so the caller waits
+    for the primary's `MapResponse` after every replica acknowledged."""
+    net = Net()
+    for i, c in net.cores.items():
+        net.run(i, c.define("w3", MapSpec(write_quorum=3), MemoryStorage(), net.now, new=True))
+    net.settle()
+    key = "k"
+    client = _client_of(net, key)
+    seen: list[Any] = []
+    net.drop = lambda src, dst, msg: seen.append((src, dst, msg)) and False
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    seen.clear()
+    net.submit(client, 2, OP_CAS, key, b"c", b"x")  # expects x, finds a: writes nothing
+    net.settle()
+    assert net.results[2] == (b"a", False)
+    assert [m.ok for s, d, m in seen if isinstance(m, MapResponse) and d == client] == [False]
+    seen.clear()
+    net.submit(client, 3, OP_PUT, key, b"v", name="w3")
+    net.settle()
+    assert net.results[3] == (None, True)
+    acks = [(m.ok, m.answered) for s, d, m in seen if isinstance(m, ReplicateAck) and s == client]
+    assert acks == [(True, False)]
+    responses = [m for s, d, m in seen if isinstance(m, MapResponse) and d == client]
+    assert [(m.value, m.ok) for m in responses] == [(None, True)]
+
+
+def test_a_copy_the_callers_node_refuses_does_not_answer_its_caller() -> None:
+    """The early answer stands on the caller's node holding the copy: fenced by a newer primary
+    (here: its fence raised by hand), it refuses the deposed primary's copy and its caller is not
+    answered (the refusal makes that primary step down; the caller retries elsewhere)."""
+    net = Net()
+    key = "k"
+    prim, client = net.primary_of(key), _client_of(net, key)
+    p = partition_of(key, P)
+    net.cores[client].fence[p] += 1
+    net.submit(client, 1, OP_PUT, key, b"v")
+    delivered: list[Any] = []
+    net.drop = lambda src, dst, msg: delivered.append((dst, msg)) and False
+    _deliver_until(net, lambda: any(isinstance(m, Replicate) and d == client for d, m in delivered))
+    assert 1 not in net.results, "answered on a copy it refused"
+    net.settle()
+    refusals = [m for d, m in delivered if isinstance(m, ReplicateAck) and d == prim and not m.ok]
+    assert refusals and refusals[0].reason.startswith("fenced") and not refusals[0].answered

@@ -18,10 +18,12 @@ Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the fu
   epoch as the active configuration (`Activate`: a compare-and-set of the table, which fails once
   a newer table exists). It takes `p` over again whenever `p`'s owners differ from the active
   configuration's. It evaluates every operation without yielding; a write is stored, sent to the
-  replicas, and answered once ``W - 1`` acknowledged; an unacknowledged write is resent until it
-  is, never failed. A read, or an operation that writes nothing, waits until no write of its key
-  is unacknowledged and until a *read check* started after it confirmed with ``W - 1`` replicas
-  that no newer primary fenced them: a deposed primary cannot answer from stale data.
+  replicas, and answered once ``W - 1`` acknowledged (unless the caller's node is one of them and
+  ``W <= 2``: that replica answers its caller as it stores the copy, and the primary sends no
+  answer); an unacknowledged write is resent until it is, never failed. A read, or an operation
+  that writes nothing, waits until no write of its key is unacknowledged and until a *read check*
+  started after it confirmed with ``W - 1`` replicas that no newer primary fenced them: a deposed
+  primary cannot answer from stale data.
 - **Replica**: applies writes and pushes unless fenced, answers read checks, raises its fence when
   it sees a newer epoch, and asks its primary for the active configuration's copy if it lacks it.
 - **Any node** runs operations for local callers: sends each to the partition's primary (a direct
@@ -81,6 +83,7 @@ __all__ = [
     "RETRY_REASONS",
     "Action",
     "Activate",
+    "Answered",
     "Fail",
     "MapCore",
     "MapTimings",
@@ -135,6 +138,15 @@ class Activate(NamedTuple):
     partitions: list[int]
 
 
+class Answered(NamedTuple):
+    """(Primary) the request `id` of `peer` needs no `MapResponse`: that node, a replica of the
+    write, answered its caller itself when it stored its copy. Nothing is sent; the adapter ends
+    what it keeps for the request (its trace span)."""
+
+    peer: str
+    id: int
+
+
 class StorageHealth(NamedTuple):
     """This node's map storage failed (`reason`) or works again (None): the adapter records it
     where the leader's planner sees it (the table leaves out nodes whose storage failed)."""
@@ -142,7 +154,7 @@ class StorageHealth(NamedTuple):
     reason: str | None
 
 
-Action = Send | Reply | Fail | WriteTable | Activate | StorageHealth
+Action = Send | Reply | Fail | WriteTable | Activate | StorageHealth | Answered
 
 
 RETRY_REASONS = ("timeout", "refused", "unreachable")
@@ -237,6 +249,7 @@ class _Write:
     acked: set[str] = field(default_factory=set)
     sent: dict[str, float] = field(default_factory=dict)  # peer -> when last sent
     ids: dict[int, str] = field(default_factory=dict)  # message id -> peer
+    done: bool = False  # acknowledged by the write quorum (its callers answered)
 
 
 @dataclass(slots=True)
@@ -1299,10 +1312,15 @@ class MapCore:
                 self._step_down(w.partition, f"{sender} refused the write: {msg.reason}")
             return  # storage trouble at the replica: resent later, or the table leaves it out
         w.acked.add(sender)
+        if msg.answered:  # the replica was the caller's node and answered it (`_answer_own`)
+            for t in [t for t in w.targets if t.peer == sender]:
+                w.targets.remove(t)
+                self._out.append(Answered(sender, t.id))
         self._maybe_complete(w)
 
     def _maybe_complete(self, w: _Write) -> None:
-        if w.targets and len(w.acked) >= w.need:
+        if not w.done and len(w.acked) >= w.need:
+            w.done = True
             targets, w.targets = w.targets, []
             if self._pending.get(w.oid) is w:
                 del self._pending[w.oid]
@@ -1312,7 +1330,7 @@ class MapCore:
             for t in targets:
                 self._answer(t, w.answer, True)
         if (
-            not w.targets and w.name in self.specs and self.table is not None
+            w.done and w.name in self.specs and self.table is not None
             and set(self._owners(w.name, w.partition)[1:]) <= w.acked
         ):
             self._untrack(w)
@@ -1462,7 +1480,24 @@ class MapCore:
             return
         if msg.origin:
             self._merge_ops(msg.map, [(p, msg.origin, msg.rid, self._wall)])
-        self._send(sender, ReplicateAck(msg.id, True))
+        answered = msg.origin == self.node_id and self._answer_own(sender, msg)
+        self._send(sender, ReplicateAck(msg.id, True, None, answered))
+
+    def _answer_own(self, sender: str, msg: Replicate) -> bool:
+        """The write `msg` (stored here) is one of this node's callers' and went to primary
+        `sender`: with a write quorum of at most 2, the primary's copy (it replicates only what it
+        stored) and this one are a quorum, so the caller is answered now, one message earlier than
+        by the primary's `MapResponse` (which the acknowledgement tells it to leave out). The answer
+        is the primary's for a write: the value of a compare-and-set, nothing for the others."""
+        op_id = self._client_by_rid.get(msg.rid)
+        c = self.client.get(op_id) if op_id is not None else None
+        if c is None or c.peer != sender or c.name != msg.map or c.key != msg.key or c.op == OP_GET:
+            return False
+        spec = self.specs.get(c.name)
+        if spec is None or spec.write_quorum > 2:
+            return False
+        self._client_result(c.op_id, c.value if c.op == OP_CAS else None, True, None, None)
+        return True
 
     def _on_push(self, sender: str, msg: Push) -> None:
         if not msg.map:  # the takeover of these partitions, without data

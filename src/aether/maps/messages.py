@@ -98,6 +98,9 @@ class ReplicateAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5
     id: int
     ok: bool
     reason: str | None = None
+    answered: bool = False
+    """The write was the replica's own caller's (`Replicate.origin`), and the replica answered
+    that caller itself: the primary sends it no `MapResponse` (an older primary ignores this)."""
 
 
 class SyncRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=54):

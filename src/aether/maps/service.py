@@ -57,7 +57,17 @@ from aether.core.tracing import (
     trace_fields,
 )
 from aether.kv.keys import MapDefKey, MapHealthKey, MapTableKey
-from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
+from aether.maps.core import (
+    Activate,
+    Answered,
+    Fail,
+    MapCore,
+    MapTimings,
+    Reply,
+    Send,
+    StorageHealth,
+    WriteTable,
+)
 from aether.maps.messages import (
     KIND_NOT_PRIMARY,
     KeysRequest,
@@ -406,6 +416,10 @@ class MapService:
                 self._spawn(self._activate(a.version, a.partitions))
             elif isinstance(a, StorageHealth):
                 self._spawn(self._record_health(a.reason))
+            elif isinstance(a, Answered):  # the caller's node answered it: no response to send
+                span = self._serving.pop((a.peer, a.id), None) if self._serving else None
+                if span is not None:
+                    span.end()
 
     async def _write_table(self, expected: PartitionTable | None, new: PartitionTable) -> None:
         try:
