@@ -130,7 +130,9 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The snapshot's thread is held back: commits go on meanwhile (to the old log), the log is
-    replaced only by the first commit after the thread is done, and that file holds them all."""
+    replaced only by the first commit after the thread is done, and that file holds them all. The
+    writer builds the frames of the operation ids from the copies taken when it started (not on
+    the loop, where it stalled the node): ids added and purged meanwhile come from the log's tail."""
     from aether.maps import logstorage
 
     release = threading.Event()
@@ -146,12 +148,16 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     i = 0
     while e._snap is None:  # until the file crosses the threshold
         e.put(0, f"k{i % 10}", Record(b"x" * 100, 1, i))
+        e.add_ops([(0, "n1", i, 1000 + i)])
         e.commit()
         i += 1
     inode = path.stat().st_ino
     for j in range(50):  # while the snapshot is being written
         e.put(1, f"during{j}", Record(b"d", 1, j))
+        e.add_ops([(1, "n2", j, 5000 + j)])
         e.commit()
+    e.purge_ops(range(1), 1000 + i // 2)  # half of the ids the snapshot copied
+    e.commit()
     assert path.stat().st_ino == inode and e.snapshots == 0
     release.set()
     e._snap.join()
@@ -163,6 +169,8 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     crash(e)
     again = LogStorage(path)
     assert state(again) == want and again.entries == 10 + 50 + 1
+    assert {(p, o) for p, o, _, _ in want["ops"]} == {(0, "n1"), (1, "n2")}
+    assert len(want["ops"]) == i - i // 2 + 50
     again.close()
 
 

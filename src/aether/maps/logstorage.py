@@ -180,8 +180,10 @@ def _next_frame(data: bytes, view: memoryview, start: int) -> int | None:
 
 
 def _chunks(
-    parts: dict[int, dict[str, Record]], held: list[_Held], ops: list[tuple[int, str, int, int]]
+    parts: dict[int, dict[str, Record]], held: list[_Held], ops: dict[int, dict[tuple[str, int], int]]
 ) -> Iterator[list[_Change]]:
+    """The frames of a snapshot, built as they are written (in the writer's thread): the records,
+    the held versions, the operation ids, `_SNAPSHOT_CHUNK` changes or ids per frame."""
     chunk: list[_Change] = []
     for p, part in parts.items():
         for k, rec in part.items():
@@ -190,10 +192,16 @@ def _chunks(
                 yield chunk
                 chunk = []
     chunk += held
-    for i in range(0, len(ops), _SNAPSHOT_CHUNK):
-        chunk.append(_Ops(ops[i : i + _SNAPSHOT_CHUNK]))
-        yield chunk
-        chunk = []
+    batch: list[tuple[int, str, int, int]] = []
+    for p, d in ops.items():
+        for (o, r), at in d.items():
+            batch.append((p, o, r, at))
+            if len(batch) >= _SNAPSHOT_CHUNK:
+                chunk.append(_Ops(batch))
+                yield chunk
+                chunk, batch = [], []
+    if batch:
+        chunk.append(_Ops(batch))
     if chunk:
         yield chunk
 
@@ -477,7 +485,9 @@ class LogStorage(MemoryStorage):
         themselves are immutable): what the writer thread encodes while the map goes on."""
         parts = {p: dict(d) for p, d in self._parts.items() if d}
         held = [_Held(p, sorted(v)) for p, v in self._held.items()]
-        ops = [(p, o, r, at) for p, d in self._ops.items() for (o, r), at in d.items()]
+        # dicts copied here, on the loop (C speed); the tuples of the ids are made in the writer's
+        # thread: built here they stalled the loop (~18 ms for 150,000 ids)
+        ops = {p: dict(d) for p, d in self._ops.items() if d}
         return _chunks(parts, held, ops)
 
     def _finish_snapshot(self) -> BaseException | None:
