@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from aether.core.maps import (
+    MapKeyError,
     MapSpec,
     MapUnavailable,
     MapValueDecodeError,
@@ -58,6 +59,42 @@ async def test_operations_from_any_node_see_the_same_data(cluster: MapCluster) -
     # every write is on all three replicas
     for n in ALL3:
         assert cluster.node(n).maps.engines["orders"].entries >= 99
+
+
+async def test_start_op_runs_an_operation_without_a_task_and_declines_what_needs_one(
+    cluster: MapCluster,
+) -> None:
+    """`MapService.start_op` (what thread and shared slices use) answers as the `map_*` methods do,
+    leaves nothing pending once answered, raises bad keys at once, and declines (None) a map this
+    node has not seen defined (the coroutine asks consensus) and any operation while tracing is on
+    (the coroutine makes its span)."""
+    m1, m2 = cluster.node("node-1").maps, cluster.node("node-2").maps
+    answers = []
+    for op, key, value, expected in [
+        ("put", "k1", b"a", None), ("get", "k1", None, None), ("compare_and_set", "k1", b"b", b"a"),
+        ("compare_and_set", "k1", b"c", b"a"), ("remove", "k1", None, None), ("remove", "k1", None, None),
+        ("get", "k1", None, None),
+    ]:
+        fut = m1.start_op("orders", op, key, value, expected, None, None)  # type: ignore[arg-type]
+        assert fut is not None
+        answers.append(await fut)
+    assert answers == [(None, True), (b"a", True), (b"b", True), (b"b", False), (None, True), (None, False),
+                       (None, True)]
+    await asyncio.sleep(0)
+    assert len(m1._ops) == 0, "an answered operation stays pending"
+    assert await m2.map_get("orders", "k1") is None
+    with pytest.raises(MapKeyError):
+        m1.start_op("orders", "get", "", None, None, None, None)
+    assert m1.start_op("no-such-map", "get", "k", None, None, None, None) is None
+    tracer, m1.tracer = m1.tracer, _EnabledTracer()  # type: ignore[assignment]
+    try:
+        assert m1.start_op("orders", "get", "k1", None, None, None, None) is None
+    finally:
+        m1.tracer = tracer
+
+
+class _EnabledTracer:
+    enabled = True
 
 
 async def _writer(m, prefix: str, acked: list[str], stop: asyncio.Event) -> int:  # type: ignore[no-untyped-def]

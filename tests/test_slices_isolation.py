@@ -5,6 +5,7 @@ node through bridges; a slice that keeps blocking is quarantined (policy and lif
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import threading
@@ -166,6 +167,121 @@ async def test_slice_code_reaches_the_node_on_the_node_loop() -> None:
     assert (a, b) == (b"answer:p", b"m/k")
     assert node.threads == [threading.get_ident()] * 2  # ran on the node's loop ...
     assert slice_thread != threading.get_ident()  # ... called from the slice's thread
+    assert await st.close()
+
+
+class _StartingMaps:
+    """A map backend that also starts operations without a coroutine (`MapOpStarter`, as the node's
+    map service does): records which way each operation went and answers from a dict."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {"a": b"1"}
+        self.started: list[tuple[str, str, int]] = []  # (op, key, thread)
+        self.plain: list[str] = []
+        self.decline = False
+        self.pending: asyncio.Future[Any] | None = None
+
+    def start_op(self, name: str, op: str, key: str, value: bytes | None, expected: bytes | None,
+                 ttl: float | None, trace: Any) -> asyncio.Future[tuple[bytes | None, bool]] | None:
+        if self.decline:
+            return None
+        if not key:
+            raise ValueError("empty key")
+        self.started.append((op, key, threading.get_ident()))
+        fut: asyncio.Future[tuple[bytes | None, bool]] = asyncio.get_running_loop().create_future()
+        if key == "wait":
+            self.pending = fut
+            return fut
+        if op == "get":
+            fut.set_result((self.data.get(key), True))
+        elif op == "put":
+            assert value is not None
+            self.data[key] = value
+            fut.set_result((None, True))
+        elif op == "remove":
+            fut.set_result((None, self.data.pop(key, None) is not None))
+        else:
+            ok = self.data.get(key) == expected
+            if ok:
+                assert value is not None
+                self.data[key] = value
+            fut.set_result((value, ok))
+        return fut
+
+    async def map_get(self, name: str, key: str) -> bytes | None:
+        self.plain.append("get")
+        return self.data.get(key)
+
+    async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+        self.plain.append("put")
+        self.data[key] = value
+
+    async def map_remove(self, name: str, key: str) -> bool:
+        self.plain.append("remove")
+        return self.data.pop(key, None) is not None
+
+    async def map_compare_and_set(self, name: str, key: str, expected: bytes | None, new: bytes | None,
+                                  *, ttl: float | None = None) -> bool:
+        self.plain.append("compare_and_set")
+        return False
+
+    async def map_keys(self, name: str, prefix: str = "") -> list[str]:
+        return sorted(self.data)
+
+
+async def test_map_operations_start_on_the_node_loop_without_a_task_when_the_backend_can() -> None:
+    """`ThreadMaps` hands each operation to the backend's `start_op` on the node's loop (its future
+    is what the slice waits for: no coroutine and task per operation there), with the answers of
+    the `MapBackend` methods; where `start_op` declines it uses those methods; what `start_op`
+    raises reaches slice code; a slice that stops waiting cancels the operation's future."""
+    st = SliceThread("org.x:mapper:1.0.0")
+    backend = _StartingMaps()
+    maps = ThreadMaps(backend, st)
+
+    async def entry() -> list[Any]:
+        return [
+            await maps.map_get("m", "a"),
+            await maps.map_put("m", "b", b"2"),
+            await maps.map_compare_and_set("m", "b", b"2", b"3"),
+            await maps.map_compare_and_set("m", "b", b"2", b"4"),
+            await maps.map_remove("m", "a"),
+            await maps.map_remove("m", "a"),
+            await maps.map_get("m", "b"),
+        ]
+
+    assert await st.run(entry(), entry="entry") == [b"1", None, True, False, True, False, b"3"]
+    assert [op for op, _, _ in backend.started] == [
+        "get", "put", "compare_and_set", "compare_and_set", "remove", "remove", "get"
+    ]
+    assert {t for _, _, t in backend.started} == {threading.get_ident()}  # on the node's loop
+    assert backend.plain == []
+
+    backend.decline = True
+
+    async def declined() -> tuple[bytes | None, bool]:
+        return await maps.map_get("m", "b"), await maps.map_compare_and_set("m", "b", b"3", b"5")
+
+    assert await st.run(declined(), entry="declined") == (b"3", False)
+    assert backend.plain == ["get", "compare_and_set"]
+    backend.decline = False
+
+    async def bad() -> None:
+        await maps.map_get("m", "")
+
+    with pytest.raises(ValueError, match="empty key"):
+        await st.run(bad(), entry="bad")
+
+    async def gives_up() -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await maps.map_get("m", "wait")
+
+    await st.run(gives_up(), entry="gives_up")
+    for _ in range(100):
+        if backend.pending is not None and backend.pending.cancelled():
+            break
+        await asyncio.sleep(0.01)
+    assert backend.pending is not None and backend.pending.cancelled()
     assert await st.close()
 
 

@@ -28,6 +28,7 @@ injectable; the seeded simulation passes its virtual clocks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -95,6 +96,9 @@ from aether.maps.storage import (
 from aether.transport import EventBus, PeerDown, PeerUp
 
 __all__ = ["MapService"]
+
+_OP_CODES = {"get": OP_GET, "put": OP_PUT, "remove": OP_REMOVE, "compare_and_set": OP_CAS}
+"""`MapOpStarter` operation names -> the core's codes."""
 
 # writes of this node's own records to the consensus store (activation, storage health): bounded
 # rounds, paused with this policy's backoff
@@ -665,8 +669,15 @@ class MapService:
         self, name: str, op: int, key: str, value: bytes | None, expected: bytes | None, ttl: float | None,
         trace: TraceContext | None = None,
     ) -> tuple[bytes | None, bool]:
+        op_id, _ = self._start(name, op, key, value, expected, ttl, trace)
+        return await self._ops.wait(op_id)
+
+    def _start(
+        self, name: str, op: int, key: str, value: bytes | None, expected: bytes | None, ttl: float | None,
+        trace: TraceContext | None,
+    ) -> tuple[int, asyncio.Future[tuple[bytes | None, bool]]]:
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
-        op_id, _ = self._ops.open(None)  # the core retries, fails over and keeps the deadline
+        op_id, fut = self._ops.open(None)  # the core retries, fails over and keeps the deadline
         try:
             now, wall = self.now(), self.wall_ms()
             tf = trace_fields(trace)
@@ -674,7 +685,24 @@ class MapService:
         except BaseException:
             self._ops.discard(op_id)
             raise
-        return await self._ops.wait(op_id)
+        return op_id, fut
+
+    def start_op(
+        self, name: str, op: str, key: str, value: bytes | None, expected: bytes | None,
+        ttl: float | None, trace: TraceContext | None,
+    ) -> asyncio.Future[tuple[bytes | None, bool]] | None:
+        """`MapOpStarter.start_op` (the slices on threads call it on the node's loop): the operation
+        `_op` runs, without its coroutines and task. None when it needs them: the tracer is on (the
+        operation's span) or this node has not seen the map defined yet (`_require` asks consensus)."""
+        if self.tracer.enabled or name not in self.core.specs:
+            return None
+        check_key(name, key)
+        op_id, fut = self._start(name, _OP_CODES[op], key, value, expected, ttl, trace)
+        fut.add_done_callback(functools.partial(self._forget_op, op_id))
+        return fut
+
+    def _forget_op(self, op_id: int, _fut: asyncio.Future[Any]) -> None:
+        self._ops.discard(op_id)  # as `PendingCalls.wait` does when it ends
 
     async def _require(self, name: str) -> None:
         """Raise `UnknownMap` unless map `name` is defined. A name this replica does not know yet is

@@ -42,7 +42,7 @@ from aether.core.deadlines import DeadlineSweep
 from aether.core.tracing import TraceContext, current_trace
 from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError
-from aether.slices.maps import MapBackend
+from aether.slices.maps import MapBackend, MapOp, MapOpStarter
 
 __all__ = [
     "BlockPolicy", "BlockReport", "InlineLoop", "NotDirect", "SharedInvoker", "SliceBlocked",
@@ -138,15 +138,25 @@ class _Running:
 _serving: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("aether_slice_call", default=None)
 
 
+class _Start:
+    """A node call that starts without a coroutine when it can: `fn()`, on the node's loop, returns
+    the operation's future, or an awaitable to run as a task (`ThreadMaps`)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], asyncio.Future[Any] | Awaitable[Any]]) -> None:
+        self.fn = fn
+
+
 class _NodeCall:
     """A call slice code makes into the node (runs on the node's loop, answered on the slice's)."""
 
     __slots__ = ("aw", "cancelled", "fut", "task")
 
-    def __init__(self, aw: Awaitable[Any], fut: asyncio.Future[Any]) -> None:
+    def __init__(self, aw: Awaitable[Any] | _Start, fut: asyncio.Future[Any]) -> None:
         self.aw = aw
         self.fut = fut  # on the slice's loop
-        self.task: asyncio.Task[Any] | None = None  # on the node's loop, once started
+        self.task: asyncio.Future[Any] | None = None  # on the node's loop, once started (a task or a future)
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -387,8 +397,9 @@ class SliceThread:
             if serving is not None:  # (else the task's context and the call would keep each other)
                 _serving.reset(serving)
 
-    async def call_main(self, aw: Awaitable[T]) -> T:
-        """From slice code: run a coroutine of the node (a map operation, a call) on the node's loop.
+    async def call_main(self, aw: Awaitable[T] | _Start) -> T:
+        """From slice code: run a coroutine of the node (a map operation, a call) on the node's loop
+        (or, for a `_Start`, what its function starts there).
 
         Batched like `run`, the other way round: requests queue for the node's loop, results queue
         back for the slice's loop, one wake-up each for as many as have queued."""
@@ -417,17 +428,34 @@ class SliceThread:
             if nc.cancelled:
                 nc.aw_close()
                 continue
-            aw = nc.aw  # a coroutine (the usual call) is a task as it is; other awaitables get wrapped
-            nc.task = main.create_task(aw if type(aw) is types.CoroutineType else _as_coro(aw))
-            nc.task.add_done_callback(functools.partial(self._node_call_done, nc))
+            aw = nc.aw
+            if type(aw) is _Start:
+                try:
+                    started = aw.fn()
+                except Exception as e:  # bad input, raised before anything started
+                    self._post(nc, None, e)
+                    continue
+                if isinstance(started, asyncio.Future):  # under way: no task needed
+                    nc.task = started
+                    started.add_done_callback(functools.partial(self._node_call_done, nc))
+                    continue
+                aw = started
+            # a coroutine (the usual call) is a task as it is; other awaitables get wrapped
+            task = main.create_task(aw if type(aw) is types.CoroutineType else _as_coro(aw))  # type: ignore[arg-type]
+            nc.task = task
+            task.add_done_callback(functools.partial(self._node_call_done, nc))
 
-    def _node_call_done(self, nc: _NodeCall, task: asyncio.Task[Any]) -> None:
+    def _node_call_done(self, nc: _NodeCall, task: asyncio.Future[Any]) -> None:
         if task.cancelled():
-            self._down.append((nc, _CANCELLED, None))
+            self._post(nc, _CANCELLED, None)
         elif (exc := task.exception()) is not None:
-            self._down.append((nc, None, exc))
+            self._post(nc, None, exc)
         else:
-            self._down.append((nc, task.result(), None))
+            self._post(nc, task.result(), None)
+
+    def _post(self, nc: _NodeCall, result: Any, error: BaseException | None) -> None:
+        """On the node's loop: `nc` ended; its slice's loop hears of it after this turn."""
+        self._down.append((nc, result, error))
         if not self._down_woken:
             self._down_woken = True
             self.main.call_soon(self._wake_down)  # once this turn of the node's loop is done
@@ -600,6 +628,22 @@ async def _as_coro(aw: Awaitable[T]) -> T:
     return await aw
 
 
+async def _map_op(
+    inner: MapBackend, name: str, op: MapOp, key: str, value: bytes | None, expected: bytes | None,
+    ttl: float | None,
+) -> tuple[bytes | None, bool]:
+    """`MapOpStarter.start_op`'s answer from the plain `MapBackend` methods."""
+    if op == "get":
+        return await inner.map_get(name, key), True
+    if op == "put":
+        assert value is not None
+        await inner.map_put(name, key, value, ttl=ttl)
+        return None, True
+    if op == "remove":
+        return None, await inner.map_remove(name, key)
+    return None, await inner.map_compare_and_set(name, key, expected, value, ttl=ttl)
+
+
 async def _closed_coro() -> None:
     raise asyncio.CancelledError
 
@@ -713,6 +757,7 @@ class ThreadMaps:
     def __init__(self, inner: MapBackend, thread: SliceThread) -> None:
         self._inner = inner
         self._thread = thread
+        self._starter = inner if isinstance(inner, MapOpStarter) else None
 
     def require_map(self, name: str) -> None:
         """`UnknownMap` unless `name` is defined (`Slice.map` calls it): a read of the node's local
@@ -722,20 +767,38 @@ class ThreadMaps:
             require(name)
 
     async def map_get(self, name: str, key: str) -> bytes | None:
-        return await self._thread.call_main(_traced(self._inner.map_get(name, key)))
+        return (await self._op(name, "get", key))[0]
 
     async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
-        await self._thread.call_main(_traced(self._inner.map_put(name, key, value, ttl=ttl)))
+        await self._op(name, "put", key, value, None, ttl)
 
     async def map_remove(self, name: str, key: str) -> bool:
-        return await self._thread.call_main(_traced(self._inner.map_remove(name, key)))
+        return (await self._op(name, "remove", key))[1]
 
     async def map_compare_and_set(
         self, name: str, key: str, expected: bytes | None, new: bytes | None, *, ttl: float | None = None
     ) -> bool:
-        return await self._thread.call_main(
-            _traced(self._inner.map_compare_and_set(name, key, expected, new, ttl=ttl))
-        )
+        return (await self._op(name, "compare_and_set", key, new, expected, ttl))[1]
+
+    def _op(
+        self, name: str, op: MapOp, key: str, value: bytes | None = None, expected: bytes | None = None,
+        ttl: float | None = None,
+    ) -> Awaitable[tuple[bytes | None, bool]]:
+        start = functools.partial(self._start, current_trace.get(), name, op, key, value, expected, ttl)
+        return self._thread.call_main(_Start(start))
+
+    def _start(
+        self, trace: TraceContext | None, name: str, op: MapOp, key: str, value: bytes | None,
+        expected: bytes | None, ttl: float | None,
+    ) -> asyncio.Future[tuple[bytes | None, bool]] | Awaitable[tuple[bytes | None, bool]]:
+        """On the node's loop: the operation started by the node's `start_op` (no task for it), or
+        else a coroutine of the `MapBackend` methods, with the slice code's trace context."""
+        if self._starter is not None:
+            fut = self._starter.start_op(name, op, key, value, expected, ttl, trace)
+            if fut is not None:
+                return fut
+        coro = _map_op(self._inner, name, op, key, value, expected, ttl)
+        return coro if trace is None else _Traced(trace, coro)
 
     async def map_keys(self, name: str, prefix: str = "") -> list[str]:
         return await self._thread.call_main(_traced(self._inner.map_keys(name, prefix)))

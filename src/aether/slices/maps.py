@@ -11,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast, runtime_checkable
 
 import msgspec
 
 from aether.core.maps import MapContention, MapError, MapValueDecodeError, check_key
 
 if TYPE_CHECKING:
+    from aether.core.tracing import TraceContext
     from aether.slices._codec import CodecCache
 
-__all__ = ["MapBackend", "SliceMap"]
+__all__ = ["MapBackend", "MapOp", "MapOpStarter", "SliceMap"]
 
 V = TypeVar("V")
 _ENCODER = msgspec.msgpack.Encoder()
@@ -47,6 +48,24 @@ class MapBackend(Protocol):
     ) -> bool: ...
 
     async def map_keys(self, name: str, prefix: str = "") -> list[str]: ...
+
+
+MapOp = Literal["get", "put", "remove", "compare_and_set"]
+
+
+@runtime_checkable
+class MapOpStarter(Protocol):
+    """A `MapBackend` that can also start an operation without a coroutine of its own (the
+    node's map service, for the slices on threads: no task per operation on the node's loop)."""
+
+    def start_op(
+        self, name: str, op: MapOp, key: str, value: bytes | None, expected: bytes | None,
+        ttl: float | None, trace: TraceContext | None,
+    ) -> asyncio.Future[tuple[bytes | None, bool]] | None:
+        """Start `op` (for "compare_and_set" `value` is the new value); its future ends with
+        ``(value read, ok)`` as the backend's operation answers. None: it cannot start this one so
+        (the caller uses the `MapBackend` methods). Raises what the operation raises for bad input."""
+        ...
 
 
 def _type_name(t: Any) -> str:
