@@ -701,7 +701,7 @@ class Invoker:
                         if not timer.expired():
                             raise  # the entry's own: an application error (below)
                 else:  # a far deadline: watched by the sweep, not by a timer of its own
-                    watch = self._deadlines.watch(limit)
+                    watch = self._deadlines.watch(limit, asyncio.current_task(loop))
                     try:
                         return await self._local.call(target, method, payload)
                     except asyncio.CancelledError:

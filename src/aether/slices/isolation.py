@@ -368,7 +368,7 @@ class SliceThread:
                 answer.set_result(result)
 
     async def _guard(self, call: _Call) -> None:
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)  # (with the loop: no lookup of the running one, a getpid)
         assert task is not None
         self._calls[task] = call
         serving = _serving.set(call) if self.shared else None  # (read by direct calls only)

@@ -921,9 +921,9 @@ class SliceRuntime:
         e, inst, ent = found
         obj = inst.obj
         assert obj is not None
-        task = asyncio.current_task()
-        assert task is not None
         loop = caller.loop
+        task = asyncio.current_task(loop)  # (with the loop: no lookup of the running one, a getpid)
+        assert task is not None
         inst.direct_inflight += 1
         named = caller.direct_enter(e.coords, method, task)
         ok = client_error = expired = False
