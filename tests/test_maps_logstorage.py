@@ -174,6 +174,61 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     again.close()
 
 
+def test_a_snapshot_holds_the_state_when_it_started_while_the_map_changes_under_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting a snapshot lends the writer the map's per-partition dicts instead of copying them
+    all on the loop; a change to a lent partition (put, delete, drop, operation ids added or purged)
+    gives the map a copy first. The writer, held back while the map changes, writes exactly the
+    state of the moment it started, and the map goes on with every change."""
+    from aether.maps import logstorage
+
+    release = threading.Event()
+    run = logstorage._SnapshotWriter._run
+    kept: dict[str, Any] = {}
+
+    def held_back(self: Any, chunks: Any) -> None:
+        assert release.wait(30)
+        run(self, chunks)
+        kept["snapshot"] = self.files.read(self.tmp)  # before the commits made meanwhile go after it
+
+    monkeypatch.setattr(logstorage._SnapshotWriter, "_run", held_back)
+    e = LogStorage(tmp_path / "m.log", compact_min_bytes=4096)
+    i = 0
+    while True:
+        e.put(i % 4, f"k{i % 40}", Record(b"x" * 100, 1, i))
+        e.add_ops([(i % 4, "n1", i, 1000 + i)])
+        e.commit()
+        if e._snap is not None:
+            break
+        i += 1
+    at_start = state(e)
+    e.put(0, "k0", Record(b"changed", 2, 0))
+    e.put(0, "new", Record(b"n", 2, 1))
+    e.delete(1, "k1")
+    e.drop(2)
+    e.add_ops([(3, "n2", 1, 9000)])
+    e.purge_ops(range(4), 1000 + i // 2)
+    e.commit()
+    after = state(e)
+    assert after != at_start
+    release.set()
+    e._snap.join()
+    e.put(3, "last", Record(b"l", 2, 2))
+    e.commit()  # the snapshot takes the log's place
+    assert e.snapshots == 1
+    snap_path = tmp_path / "snap.log"
+    snap_path.write_bytes(kept["snapshot"])
+    written = LogStorage(snap_path)
+    assert state(written) == at_start
+    written.close()
+    want = state(e)
+    crash(e)
+    again = LogStorage(tmp_path / "m.log")
+    assert state(again) == want
+    again.close()
+
+
 def test_a_failed_snapshot_leaves_the_log_and_is_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -295,6 +295,10 @@ class LogStorage(MemoryStorage):
         self._counts = (self.entries, self.bytes)
         self.snapshots = 0  # rewrites of the file since opening (for tests and stats)
         self._snap: _SnapshotWriter | None = None  # a snapshot being written
+        # partitions whose dict of records / of operation ids the snapshot being written reads:
+        # the first change to one while it does gives the map a copy of its own (copy on write)
+        self._lent: set[int] = set()
+        self._lent_ops: set[int] = set()
 
     # --- opening ------------------------------------------------------------------------------------
 
@@ -361,7 +365,24 @@ class LogStorage(MemoryStorage):
     def pending(self, value: bool) -> None:  # MemoryStorage.__init__ sets it
         pass
 
+    def _own(self, partition: int) -> None:
+        """About to change `partition`'s records: if the snapshot writer reads its dict, the map
+        goes on with a copy (the writer keeps the dict as it was when the snapshot started)."""
+        self._lent.discard(partition)
+        part = self._parts.get(partition)
+        if part is not None:
+            self._parts[partition] = dict(part)
+
+    def _own_ops(self, partition: int) -> None:
+        """`_own` for `partition`'s operation ids."""
+        self._lent_ops.discard(partition)
+        d = self._ops.get(partition)
+        if d is not None:
+            self._ops[partition] = dict(d)
+
     def put(self, partition: int, key: str, rec: Record) -> None:
+        if partition in self._lent:
+            self._own(partition)
         part = self._parts.get(partition)
         self._undo.append(("rec", partition, key, None if part is None else part.get(key)))
         super().put(partition, key, rec)
@@ -371,11 +392,17 @@ class LogStorage(MemoryStorage):
         part = self._parts.get(partition)
         if part is None or key not in part:
             return
+        if partition in self._lent:
+            self._own(partition)
         self._undo.append(("rec", partition, key, part[key]))
         super().delete(partition, key)
         self._changes.append(_Del(partition, key))
 
     def drop(self, partition: int) -> None:
+        if partition in self._lent:
+            self._own(partition)
+        if partition in self._lent_ops:
+            self._own_ops(partition)
         self._undo.append(("drop", partition, self._parts.get(partition), self._ops.get(partition)))
         super().drop(partition)
         self._changes.append(_Drop(partition))
@@ -388,7 +415,10 @@ class LogStorage(MemoryStorage):
     def add_ops(self, ops: list[tuple[int, str, int, int]]) -> None:
         if not ops:
             return
+        lent = self._lent_ops
         for p, origin, rid, _ in ops:
+            if p in lent:
+                self._own_ops(p)
             self._undo.append(("op", p, (origin, rid), self._ops.get(p, {}).get((origin, rid))))
         super().add_ops(ops)
         self._changes.append(_Ops(list(ops)))
@@ -400,6 +430,8 @@ class LogStorage(MemoryStorage):
             if d:
                 old = {k: at for k, at in d.items() if at < before_ms}
                 if old:
+                    if p in self._lent_ops:
+                        self._own_ops(p)
                     self._undo.append(("ops", p, old))
                     gone = True
         if gone:
@@ -481,13 +513,15 @@ class LogStorage(MemoryStorage):
         return _SnapshotWriter(self.files, Path(f"{self.path}.tmp"), self._state_copy(), thread=thread)
 
     def _state_copy(self) -> Iterator[list[_Change]]:
-        """The committed state as the frames of a snapshot, from copies of the dicts (the records
-        themselves are immutable): what the writer thread encodes while the map goes on."""
-        parts = {p: dict(d) for p, d in self._parts.items() if d}
+        """The committed state as the frames of a snapshot: what the writer thread encodes while
+        the map goes on. The per-partition dicts are lent, not copied (the first change to one
+        copies it: `_own`); the records themselves are immutable. Copying them all here, on the
+        loop, stalled the node for ~20 ms per 75,000 records and 150,000 operation ids."""
+        parts = {p: d for p, d in self._parts.items() if d}
+        ops = {p: d for p, d in self._ops.items() if d}
+        self._lent = set(parts)
+        self._lent_ops = set(ops)
         held = [_Held(p, sorted(v)) for p, v in self._held.items()]
-        # dicts copied here, on the loop (C speed); the tuples of the ids are made in the writer's
-        # thread: built here they stalled the loop (~18 ms for 150,000 ids)
-        ops = {p: dict(d) for p, d in self._ops.items() if d}
         return _chunks(parts, held, ops)
 
     def _finish_snapshot(self) -> BaseException | None:
@@ -496,6 +530,8 @@ class LogStorage(MemoryStorage):
         snap, self._snap = self._snap, None
         assert snap is not None
         snap.join()
+        self._lent.clear()  # the writer is done with them
+        self._lent_ops.clear()
         tmp = snap.tmp
         error = snap.error
         files = self.files
