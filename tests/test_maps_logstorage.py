@@ -312,6 +312,14 @@ def test_a_commit_cut_short_anywhere_is_cut_off_and_the_earlier_ones_stay(tmp_pa
         again = LogStorage(path)
         assert path.read_bytes().startswith(MAGIC) and again.get(1, "a") == Record(b"1", 1, 1)
         again.close()
+    for cut in (0, 1, 13, len(MAGIC) - 1):  # a power cut: the header in part, zeros where the rest was
+        path.write_bytes(whole[:cut] + bytes(len(whole) - cut))
+        e = LogStorage(path)
+        assert e.entries == 0 and path.read_bytes() == b"", cut
+        e.close()
+    path.write_bytes(whole[:13] + b"x" + bytes(100))  # something else after it: not taken for empty
+    with pytest.raises(StorageDamaged, match="not an Aether map log"):
+        LogStorage(path)
 
 
 @pytest.mark.parametrize("tail", [b"\0" * 4096, bytes(range(256)) * 3, b"AEML" + bytes(200)])

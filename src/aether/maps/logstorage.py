@@ -31,8 +31,9 @@ write fails (a full disk) cuts the file back to the end of the previous commit, 
 changes in memory and raises.
 
 Snapshots: when the file exceeds `COMPACT_MIN_BYTES` and twice the size of the last snapshot, the
-commit copies the dicts (the records themselves are immutable) and a thread writes them to
-``NAME.log.tmp`` and syncs it while the map goes on; the commits made meanwhile go to the log as
+commit lends the per-partition dicts to a thread (the records themselves are immutable; the
+first change to a lent dict copies it) that writes them to ``NAME.log.tmp`` and syncs it while
+the map goes on; the commits made meanwhile go to the log as
 usual and are kept; the first commit after the thread is done appends them to the snapshot, syncs
 it, renames it over the log and syncs the directory. A crash leaves the old log or the new one,
 never a mix (a leftover ``.tmp`` is removed on open). A snapshot that fails (a full disk) is
@@ -308,7 +309,12 @@ class LogStorage(MemoryStorage):
         if not data:
             return 0
         if not data.startswith(MAGIC):
-            if MAGIC.startswith(data):  # the header a crash cut short: nothing was committed
+            k = 0
+            while k < len(data) and k < len(MAGIC) and data[k] == MAGIC[k]:
+                k += 1
+            if data.count(0, k) == len(data) - k:
+                # the header a crash cut short, or a power cut left in part and zeros after it
+                # (the first commit was never synced): nothing was committed
                 self.files.truncate(self.path, 0)
                 return 0
             raise self._damaged(f"not an Aether map log (it starts {data[:16]!r})")
