@@ -11,7 +11,15 @@ import pytest
 from aether.core.calls import RetryPolicy
 from aether.core.maps import MapSpec, MapUnavailable
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
-from aether.maps.messages import MapRequest, MapResponse, Replicate, ReplicateAck, SyncChunk
+from aether.maps.messages import (
+    MapRequest,
+    MapResponse,
+    ReadCheck,
+    ReadCheckAck,
+    Replicate,
+    ReplicateAck,
+    SyncChunk,
+)
 from aether.maps.partitioning import activate, owners_for, partition_of
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE
 from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage
@@ -686,3 +694,62 @@ def test_a_copy_the_callers_node_refuses_does_not_answer_its_caller() -> None:
     net.settle()
     refusals = [m for d, m in delivered if isinstance(m, ReplicateAck) and d == prim and not m.ok]
     assert refusals and refusals[0].reason.startswith("fenced") and not refusals[0].answered
+
+
+@pytest.mark.parametrize(
+    ("op", "value", "expected", "answer"),
+    [(OP_GET, None, None, (b"a", True)), (OP_CAS, b"c", b"x", (b"a", False))],
+)
+def test_an_operation_that_writes_nothing_is_checked_by_the_callers_node(
+    op: int, value: bytes | None, expected: bytes | None, answer: tuple[bytes | None, bool]
+) -> None:
+    """A read (or a compare-and-set that does not apply) from a node that owns the key: the
+    primary answers at once with its epoch, and the caller's node makes the read check itself (no
+    newer primary fenced it), so no check round with the replicas: request and answer only."""
+    net = Net()
+    key = "k"
+    prim, client = net.primary_of(key), _client_of(net, key)
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    net.submit(client, 2, op, key, value, expected)
+    seen = _deliver_until(net, lambda: 2 in net.results)
+    assert net.results[2] == answer
+    path = [(src, dst, type(m)) for src, dst, m in seen]
+    assert path == [(client, prim, MapRequest), (prim, client, MapResponse)]
+    assert seen[1][2].check == net.cores[prim].prims[partition_of(key, P)].epoch
+    rest: list[Any] = []
+    net.drop = lambda src, dst, msg: rest.append(msg) and False
+    net.settle()
+    assert not [m for m in rest if isinstance(m, ReadCheck | ReadCheckAck)]
+
+
+def test_an_unchecked_answer_is_refused_by_a_fenced_caller_and_an_older_caller_gets_a_checked_one() -> None:
+    """A caller's node that a newer primary fenced (its fence raised by hand here) does not take
+    the deposed primary's unchecked answer: the operation is tried again (and, with no newer
+    primary to find, ends as unavailable), never answered from the old primary's data. A request
+    from a node that does not check (`checks` unset: an older version) gets the usual check round."""
+    net = Net()
+    key = "k"
+    prim, client = net.primary_of(key), _client_of(net, key)
+    p = partition_of(key, P)
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    net.cores[client].fence[p] += 1
+    net.submit(client, 2, OP_GET, key)
+    _deliver_until(net, lambda: not any(isinstance(m, MapRequest) for _, _, m in net.queue) and not net.queue)
+    assert 2 not in net.results, "took an answer from a primary it knows to be deposed"
+    net.settle(4.0)
+    assert isinstance(net.results[2], MapUnavailable)
+
+    net2 = Net()
+    prim, client = net2.primary_of(key), _client_of(net2, key)
+    net2.submit(client, 1, OP_PUT, key, b"a")
+    net2.settle()
+    seen: list[Any] = []
+    net2.drop = lambda src, dst, msg: seen.append(msg) and False
+    req = MapRequest(4242, OP_GET, "m", key, None, None, 0)  # as an older node sends it
+    net2.run(prim, net2.cores[prim].receive(client, req, net2.now, int(net2.now * 1000)))
+    net2.settle()
+    answers = [m for m in seen if isinstance(m, MapResponse) and m.id == 4242]
+    assert [(m.value, m.ok, m.check) for m in answers] == [(b"a", True, 0)]
+    assert [m for m in seen if isinstance(m, ReadCheck)], "no check round for an older caller"

@@ -231,6 +231,7 @@ class _Op:
     partition: int
     extra: list[_Target] = field(default_factory=list)  # retries and duplicates of the same operation
     parked_at: float = 0.0  # when it started waiting for the partition's takeover
+    checks: bool = False  # the caller's node makes the read check itself (`MapRequest.checks`)
 
 
 @dataclass(slots=True)
@@ -1126,7 +1127,7 @@ class MapCore:
         elif primary in self.up:
             c.peer = primary
             c.attempt_until = self._now + self.t.attempt_timeout
-            req = MapRequest(c.rid, c.op, c.name, c.key, c.value, c.expected, c.ttl_ms, *c.trace)
+            req = MapRequest(c.rid, c.op, c.name, c.key, c.value, c.expected, c.ttl_ms, *c.trace, True)
             self._send(primary, req)
         else:
             c.peer = None
@@ -1173,11 +1174,11 @@ class MapCore:
         elif isinstance(msg, MapRequest):
             p = partition_of(msg.key, self.partitions)
             self._serve(_Op(_Target(sender, msg.id), (sender, msg.id), msg.map, msg.op, msg.key, msg.value,
-                            msg.expected, msg.ttl_ms, p))
+                            msg.expected, msg.ttl_ms, p, checks=msg.checks))
         elif isinstance(msg, MapResponse):
             op_id = self._client_by_rid.get(msg.id)
             c = self.client.get(op_id) if op_id is not None else None
-            if c is not None and c.peer == sender:
+            if c is not None and c.peer == sender and (not msg.check or self._checked(sender, c, msg.check)):
                 self._client_result(c.op_id, msg.value, msg.ok, msg.kind, msg.error)
         elif isinstance(msg, ReadCheck):
             self._on_read_check(sender, msg)
@@ -1363,8 +1364,13 @@ class MapCore:
         if prim.inflight.get(key):
             prim.waiting.setdefault(key, []).append(op)
             return
-        if self._need(op.name, self._owners(op.name, op.partition)) <= 0:
+        owners = self._owners(op.name, op.partition)
+        need = self._need(op.name, owners)
+        if need <= 0:
             self._answer_now(prim, op)
+            return
+        if need == 1 and op.checks and not op.extra and op.target.peer in owners[1:]:
+            self._answer_unchecked(prim, op)
             return
         if len(prim.queued) >= _MAX_PARKED:
             self._refuse_op(op, KIND_NOT_PRIMARY, f"too many reads waiting at partition {op.partition}")
@@ -1372,6 +1378,39 @@ class MapCore:
         prim.queued.append(op)
         if prim.check is None:
             self._start_check(op.partition, prim)
+
+    def _answer_unchecked(self, prim: _Primary, op: _Op) -> None:
+        """Answer `op` (it writes nothing; its caller's node is an owner and one confirmation is
+        enough) at once, with this primary's epoch: the caller's node makes the read check itself
+        (`_checked`), two messages earlier than a check round would end. Not kept as the operation's
+        outcome: if the caller's node refuses the answer, a retry runs again."""
+        ok, current = self._get(op.name, op.partition, op.key)
+        if not ok:
+            self._refuse_op(op, KIND_UNAVAILABLE, self._broken_why(op.name))
+            return
+        out = evaluate(
+            op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
+            epoch=prim.epoch, seq=prim.seq + 1, tombstone_ms=self.t.tombstone_ms,
+        )
+        if out.write is not None:  # the key changed since it was evaluated: a write now (`_answer_now`)
+            self._evaluate(prim, op)
+            return
+        if self._inprogress.get(op.oid) is op:
+            del self._inprogress[op.oid]
+        assert op.target.peer is not None
+        self._send(op.target.peer, MapResponse(op.target.id, out.value, out.ok, check=prim.epoch))
+
+    def _checked(self, sender: str, c: _ClientOp, epoch: int) -> bool:
+        """The read check of an answer `sender` gave at `epoch` before checking (`MapResponse.check`),
+        made here as a replica answers a `ReadCheck`: taken unless a newer primary fenced this node
+        (then the operation is tried again, at the partition's primary as this node knows it)."""
+        p = partition_of(c.key, self.partitions)
+        if self.fence[p] > epoch:
+            why = f"{sender} answered from epoch {epoch} of partition {p}; epoch {self.fence[p]} took it over"
+            self._client_result(c.op_id, None, False, KIND_NOT_PRIMARY, why)
+            return False
+        self._raise_fence(p, epoch)
+        return True
 
     def _start_check(self, p: int, prim: _Primary) -> None:
         ops, prim.queued = prim.queued, []

@@ -67,6 +67,9 @@ class MapRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=50)
     # the W3C trace context of the operation ("" untraced; docs/invocation.md, *Trace context*)
     traceparent: str = ""
     tracestate: str = ""
+    checks: bool = False
+    """The caller's node can make the read check of an operation that writes nothing itself
+    (`MapResponse.check`); an older primary ignores this and checks with its replicas."""
 
 
 class MapResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=51):
@@ -75,6 +78,10 @@ class MapResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=51
     ok: bool
     error: str | None = None
     kind: str | None = None
+    check: int = 0
+    """Nonzero: the answer of an operation that wrote nothing, given before any read check; the
+    caller's node (an owner of the partition) takes it only if no primary newer than this epoch
+    fenced it, as a replica answers a `ReadCheck`."""
 
 
 OpId = tuple[str, int]
