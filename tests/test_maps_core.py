@@ -610,6 +610,23 @@ def _deliver_until(net: Net, done: Any) -> list[tuple[str, str, Any]]:
     return seen
 
 
+def _from_an_owner(
+    op: int, value: bytes | None, expected: bytes | None, answer: tuple[bytes | None, bool]
+) -> tuple[Net, str, str, list[tuple[str, str, Any]]]:
+    """Key "k" holds b"a"; `op` from a node that is not the key's primary (an owner: 3 of 3) is
+    delivered message by message until it is answered with `answer`: the cluster, the primary, the
+    calling node, the messages delivered for `op` until then."""
+    net = Net()
+    key = "k"
+    prim, client = net.primary_of(key), _client_of(net, key)
+    net.submit(client, 1, OP_PUT, key, b"a")
+    net.settle()
+    net.submit(client, 2, op, key, value, expected)
+    seen = _deliver_until(net, lambda: 2 in net.results)
+    assert net.results[2] == answer
+    return net, prim, client, seen
+
+
 @pytest.mark.parametrize(
     ("op", "value", "expected", "answer"),
     [
@@ -625,14 +642,8 @@ def test_a_write_is_answered_by_the_callers_node_when_it_stores_its_copy(
     primary's copy and its own are a quorum, so it answers its caller as it stores the copy, two
     messages earlier than the primary's answer would arrive (request, copy: no acknowledgement
     and response). Its acknowledgement says so, and the primary sends no `MapResponse`."""
-    net = Net()
+    net, prim, client, seen = _from_an_owner(op, value, expected, answer)
     key = "k"
-    prim, client = net.primary_of(key), _client_of(net, key)
-    net.submit(client, 1, OP_PUT, key, b"a")
-    net.settle()
-    net.submit(client, 2, op, key, value, expected)
-    seen = _deliver_until(net, lambda: 2 in net.results)
-    assert net.results[2] == answer
     path = [(src, dst, type(m)) for src, dst, m in seen]
     assert path == [(client, prim, MapRequest), (prim, client, Replicate)]
     rest: list[Any] = []
@@ -706,14 +717,8 @@ def test_an_operation_that_writes_nothing_is_checked_by_the_callers_node(
     """A read (or a compare-and-set that does not apply) from a node that owns the key: the
     primary answers at once with its epoch, and the caller's node makes the read check itself (no
     newer primary fenced it), so no check round with the replicas: request and answer only."""
-    net = Net()
+    net, prim, client, seen = _from_an_owner(op, value, expected, answer)
     key = "k"
-    prim, client = net.primary_of(key), _client_of(net, key)
-    net.submit(client, 1, OP_PUT, key, b"a")
-    net.settle()
-    net.submit(client, 2, op, key, value, expected)
-    seen = _deliver_until(net, lambda: 2 in net.results)
-    assert net.results[2] == answer
     path = [(src, dst, type(m)) for src, dst, m in seen]
     assert path == [(client, prim, MapRequest), (prim, client, MapResponse)]
     assert seen[1][2].check == net.cores[prim].prims[partition_of(key, P)].epoch

@@ -76,7 +76,7 @@ from aether.maps.messages import (
     SyncRequest,
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, active_owners, owners_for, partition_of, plan_table
-from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, Record, evaluate, is_live, newer
+from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, Outcome, Record, evaluate, is_live, newer
 from aether.maps.storage import MapStorage
 
 __all__ = [
@@ -1384,16 +1384,8 @@ class MapCore:
         enough) at once, with this primary's epoch: the caller's node makes the read check itself
         (`_checked`), two messages earlier than a check round would end. Not kept as the operation's
         outcome: if the caller's node refuses the answer, a retry runs again."""
-        ok, current = self._get(op.name, op.partition, op.key)
-        if not ok:
-            self._refuse_op(op, KIND_UNAVAILABLE, self._broken_why(op.name))
-            return
-        out = evaluate(
-            op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
-            epoch=prim.epoch, seq=prim.seq + 1, tombstone_ms=self.t.tombstone_ms,
-        )
-        if out.write is not None:  # the key changed since it was evaluated: a write now (`_answer_now`)
-            self._evaluate(prim, op)
+        out = self._evaluate_again(prim, op)
+        if out is None:
             return
         if self._inprogress.get(op.oid) is op:
             del self._inprogress[op.oid]
@@ -1468,20 +1460,27 @@ class MapCore:
             self._start_check(p, prim)
 
     def _answer_now(self, prim: _Primary, op: _Op) -> None:
-        """Evaluate an operation that wrote nothing again and answer it (if it would write now,
-        the key changed meanwhile: it runs as a write)."""
+        """Evaluate an operation that wrote nothing again and answer it."""
+        out = self._evaluate_again(prim, op)
+        if out is not None:
+            self._answer_op(op, out.value, out.ok)
+
+    def _evaluate_again(self, prim: _Primary, op: _Op) -> Outcome | None:
+        """The outcome of an operation that wrote nothing, evaluated again now. None when it is
+        taken care of otherwise: refused (the storage failed), or run as a write (it would write
+        now: the key changed meanwhile)."""
         ok, current = self._get(op.name, op.partition, op.key)
         if not ok:
             self._refuse_op(op, KIND_UNAVAILABLE, self._broken_why(op.name))
-            return
+            return None
         out = evaluate(
             op.op, current, value=op.value, expected=op.expected, ttl_ms=op.ttl_ms, now_ms=self._wall,
             epoch=prim.epoch, seq=prim.seq + 1, tombstone_ms=self.t.tombstone_ms,
         )
         if out.write is not None:
             self._evaluate(prim, op)
-        else:
-            self._answer_op(op, out.value, out.ok)
+            return None
+        return out
 
     # --- replicas -------------------------------------------------------------------------------------------
 
