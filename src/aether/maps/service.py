@@ -97,8 +97,8 @@ from aether.transport import EventBus, PeerDown, PeerUp
 
 __all__ = ["MapService"]
 
-_OP_CODES = {"get": OP_GET, "put": OP_PUT, "remove": OP_REMOVE, "compare_and_set": OP_CAS}
-"""`MapOpStarter` operation names -> the core's codes."""
+_OP_CODES = {name: code for code, name in OP_NAMES.items()}
+"""`MapOpStarter` operation names (the core's `OP_NAMES`) -> the core's codes."""
 
 # writes of this node's own records to the consensus store (activation, storage health): bounded
 # rounds, paused with this policy's backoff
