@@ -588,6 +588,70 @@ async def test_a_reserve_that_cannot_record_in_time_gives_its_stock_back() -> No
     assert await inv.reservations.get("reservation:ORD-1") is None
 
 
+async def test_a_hold_that_took_too_long_gives_its_stock_back() -> None:
+    """As a reserve past `record_within_s`: no time left for the caller to store its order, so the
+    hold gives its stock back itself and answers 503."""
+    maps = Gated(["orders", "stock"])
+    demo = await Demo(maps).start()
+    inv = demo.inventory
+    inv._clock = clock = Clock()
+    maps.gate = gate = asyncio.Event()
+    slow = asyncio.create_task(_hold(inv, "ORD-1", "PROD-ABC123", 3))
+    while not maps.waiting:
+        await asyncio.sleep(0)
+    clock.now += inv.record_within_s + 0.5
+    gate.set()
+    with pytest.raises(SliceHttpError, match="took more than 30s: nothing is held") as err:
+        await slow
+    assert err.value.status == 503
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
+    assert not _entry(demo.maps, "PROD-ABC123").holds
+    held = await _hold(inv, "ORD-2", "PROD-ABC123", 1)  # in time: the caller's time is what is left
+    assert 0 < held.within_s <= inv.record_within_s
+
+
+async def test_an_order_not_stored_in_time_is_a_503_and_its_hold_is_judged_by_the_order() -> None:
+    """The order's write does not end within the time `hold_stock` gave: a 503, and the hold is
+    left (the write may still land): the collector keeps it if the order is there, else gives it
+    back."""
+
+    class SlowOrders(LocalMaps):
+        delay = 0.0
+
+        async def map_compare_and_set(self, name: str, key: str, *a: Any, **kw: Any) -> bool:
+            if name != "orders":
+                return await super().map_compare_and_set(name, key, *a, **kw)
+
+            async def late() -> bool:  # goes on when its caller gives up, as a sent write does
+                await asyncio.sleep(self.delay)
+                return await LocalMaps.map_compare_and_set(self, name, key, *a, **kw)
+
+            return await asyncio.shield(asyncio.ensure_future(late()))
+
+    maps = SlowOrders(["orders", "stock"])
+    demo = await Demo(maps).start()
+    inv = demo.inventory
+    inv.record_within_s = 0.05  # the time a caller has to store its order
+    maps.delay = 0.2
+    stored: list[str] = []
+    for landed in (True, False):
+        with pytest.raises(SliceHttpError, match=r"could not be stored within 0\.\ds") as err:
+            await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 2)))
+        assert err.value.status == 503 and demo.invoker.calls[-1] == (INVENTORY, "hold_stock")
+        await asyncio.sleep(0.3)  # the write lands after all
+        [new] = [k for k in await demo.maps.map_keys("orders") if k not in stored]
+        if landed:
+            stored.append(new)
+        else:  # (as if it had not)
+            await demo.maps.map_remove("orders", new)
+    assert len(_entry(demo.maps, "PROD-ABC123").holds) == 2  # left for the collector
+    inv._clock = clock = Clock()
+    clock.now = 4_000_000_000.0
+    await inv.sweep_once()
+    await _collected(inv, 2)
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 98, 2)  # the stored order's
+
+
 class YieldingMaps(LocalMaps):
     """LocalMaps that yields to the event loop between a read and a write (so updates race)."""
 
@@ -854,14 +918,22 @@ async def test_place_get_cancel_releases_stock() -> None:
     assert placed.status is d.OrderStatus.PLACED and placed.customer_id == "CUST-123"
     assert placed.total == d.Money.of("59.48", "USD")
     assert [(x.product_id, x.quantity) for x in placed.lines] == [("PROD-ABC123", 2), ("PROD-XYZ789", 1)]
-    # stock checks ran for both lines, then pricing, then one reservation
+    # stock checks ran for both lines, then pricing, then one hold of the stock, settled once stored
     assert demo.invoker.calls == [
         (INVENTORY, "check_stock"),
         (INVENTORY, "check_stock"),
         (PRICING, "calculate_total"),
-        (INVENTORY, "reserve"),
+        (INVENTORY, "hold_stock"),
+        (INVENTORY, "settle"),
     ]
     assert await demo.available("PROD-ABC123") == 98
+    # the order keeps where its stock is held; no reservation record of inventory's own
+    assert placed.reservation is not None and placed.reservation.attempt.endswith("o")
+    assert [(p.key, p.quantity) for p in placed.reservation.pieces] == [
+        ("PROD-ABC123", 2),
+        ("PROD-XYZ789", 1),
+    ]
+    assert await demo.inventory.reservations.get(f"reservation:{placed.order_id}") is None
     assert await demo.get.get_order(placed.order_id) == placed
     # the camelCase JSON the HTTP client sees
     js = msgspec.json.decode(msgspec.json.encode(placed))
@@ -881,6 +953,119 @@ async def test_place_get_cancel_releases_stock() -> None:
     with pytest.raises(Conflict, match=rf"order {placed.order_id} is already cancelled"):
         await demo.cancel.cancel_order(placed.order_id)
     assert await demo.available("PROD-ABC123") == 100  # released once
+
+
+async def _hold(inv: Any, order_id: str, product: str, n: int) -> d.StockHeld:
+    return await inv.hold_stock(d.ReserveStock(order_id, [d.StockLine(d.ProductId(product), d.Quantity(n))]))
+
+
+async def test_a_settled_hold_is_dropped_with_the_next_write_and_the_stock_stays_taken() -> None:
+    demo = await Demo().start()
+    inv = demo.inventory
+    placed = await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 2)))
+    assert placed.reservation is not None
+    hold = f"{placed.order_id}/{placed.reservation.attempt}"
+    assert hold in _entry(demo.maps, "PROD-ABC123").holds  # settled: dropped with the next write
+    await _hold(inv, "ORD-2", "PROD-ABC123", 1)
+    assert hold not in _entry(demo.maps, "PROD-ABC123").holds
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+
+
+@pytest.mark.parametrize("stored", [False, True])
+async def test_a_hold_nobody_settles_is_judged_by_its_order(stored: bool) -> None:
+    """The caller of `hold_stock` died before `settle` (before or after storing its order): a
+    minute later the collector reads the order: stored with the hold, the stock stays taken;
+    never stored, it goes back."""
+    demo = await Demo().start()
+    inv = demo.inventory
+    inv._clock = clock = Clock()
+    held = await _hold(inv, "ORD-1", "PROD-ABC123", 3)
+    if stored:
+        o = await demo.place.place_order(order("CUST-1", ("PROD-XYZ789", 1)))
+        await demo.place.orders.put(
+            "ORD-1", msgspec.structs.replace(o, order_id="ORD-1", reservation=held.hold)
+        )
+    [hold] = [h for h in _entry(demo.maps, "PROD-ABC123").holds if h.startswith("ORD-1/")]
+    clock.now += inv.hold_gc_s + 1
+    await _hold(inv, "ORD-2", "PROD-ABC123", 1)  # a write of the entry starts the collection
+    await _collected(inv, 1)
+    assert hold not in _entry(demo.maps, "PROD-ABC123").holds
+    taken = 3 + 1 if stored else 1
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100 - taken, taken)
+
+
+async def test_the_hold_of_an_attempt_its_order_does_not_name_goes_back() -> None:
+    """The first attempt of a hold took (on one shard), and its answer was lost with its node; the
+    retry took on another, which the order names: the first one's units go back, the order's stay
+    (also a hold of the order's attempt on a key the order does not name: a give-back that failed)."""
+    from inventory_service import hold_key, new_attempt, shard_keys
+
+    demo = await Demo().start()
+    inv = demo.inventory
+    inv._clock = clock = Clock()
+    keys = shard_keys("PROD-STICKER")
+    held = await _hold(inv, "ORD-1", "PROD-STICKER", 2)
+    [piece] = held.hold.pieces
+    first, stray, *_ = (k for k in keys if k != piece.key)
+    two = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(2))]
+    await inv._take(
+        "ORD-1", hold_key("ORD-1", new_attempt(clock.now) + "o"), two, [[Piece("PROD-STICKER", first, 2)]]
+    )
+    await inv._take("ORD-1", hold_key("ORD-1", held.hold.attempt), two, [[Piece("PROD-STICKER", stray, 2)]])
+    o = await demo.place.place_order(order("CUST-1", ("PROD-XYZ789", 1)))
+    await demo.place.orders.put("ORD-1", msgspec.structs.replace(o, order_id="ORD-1", reservation=held.hold))
+    clock.now += inv.hold_gc_s + 1
+    await inv.sweep_once()
+    await _collected(inv, 3)
+    assert not any(_entry(demo.maps, k).holds for k in (piece.key, first, stray))
+    assert (await inv.get_stock("PROD-STICKER")).reserved == 2  # the order's, once
+    assert _entry(demo.maps, piece.key).reserved == 2
+
+
+async def test_settle_without_keep_gives_back_once_and_release_returns_to_the_held_pieces() -> None:
+    from inventory_service import shard_keys
+
+    demo = await Demo().start()
+    inv = demo.inventory
+    held = await _hold(inv, "ORD-1", "PROD-ABC123", 3)
+    lost = d.SettleStock("ORD-1", held.hold, False)
+    assert await inv.settle(lost) == 1 and await inv.settle(lost) == 1  # given back once: held no more
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
+    # a release with the order's hold gives back where it was taken, once
+    held = await _hold(inv, "ORD-2", "PROD-STICKER", 5)
+    [piece] = held.hold.pieces
+    before = _entry(demo.maps, piece.key).available
+    five = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(5))]
+    await inv.release(d.ReleaseStock("ORD-2", five, held.hold))
+    await inv.release(d.ReleaseStock("ORD-2", five, held.hold))
+    assert _entry(demo.maps, piece.key).available == before + 5 and not _entry(demo.maps, piece.key).holds
+    assert await inv.get_stock("PROD-STICKER") == d.StockLevel("PROD-STICKER", 100_000_000, 0)
+    assert piece.key in shard_keys("PROD-STICKER")
+
+
+@pytest.mark.parametrize(
+    ("hold", "message"),
+    [
+        (d.StockHold("123-abc", [d.StockPiece("PROD-ABC123", "PROD-ABC123", 1)]), "hold.attempt: '123-abc'"),
+        (d.StockHold("x-1o", [d.StockPiece("PROD-ABC123", "PROD-ABC123", 1)]), "hold.attempt: 'x-1o'"),
+        (d.StockHold("123-abco", []), "hold.pieces: nothing held"),
+        (d.StockHold("123-abco", [d.StockPiece("PROD-ABC123", "PROD-XYZ789", 1)]), r"hold.pieces\[0\].key"),
+        (
+            d.StockHold("123-abco", [d.StockPiece("PROD-ABC123", "PROD-ABC123", 0)]),
+            r"hold.pieces\[0\].quantity",
+        ),
+        (d.StockHold("123-abco", [d.StockPiece("nope", "nope", 1)]), r"hold.pieces\[0\].productId"),
+    ],
+)
+async def test_a_malformed_hold_is_a_400_naming_the_field(hold: d.StockHold, message: str) -> None:
+    demo = await Demo().start()
+    with pytest.raises(BadRequest, match=message):
+        await demo.inventory.settle(d.SettleStock("ORD-1", hold, True))
+    with pytest.raises(BadRequest, match=message):
+        await demo.inventory.release(
+            d.ReleaseStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))], hold)
+        )
+    assert await demo.inventory.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
 
 
 async def test_a_repeated_place_order_call_places_one_order() -> None:

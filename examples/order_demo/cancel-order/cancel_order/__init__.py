@@ -2,8 +2,8 @@
 
 The status flips from PLACED to CANCELLED with an atomic update of the order in the map
 ``orders``; only the request that made that change releases the stock (inventory-service
-``release``), so concurrent or repeated cancellations release it once. Cancelling a cancelled order
-is a 409, an unknown order a 404.
+``release``, with the order's hold: back where it was taken), so concurrent or repeated
+cancellations release it once. Cancelling a cancelled order is a 409, an unknown order a 404.
 """
 
 from __future__ import annotations
@@ -55,6 +55,6 @@ class CancelOrder(Slice):
         order = await self.orders.update(oid, cancel)
         assert order is not None
         lines = [StockLine(parse_product_id(x.product_id), parse_quantity(x.quantity)) for x in order.lines]
-        await self.call(INVENTORY, "release", ReleaseStock(oid, lines), list[StockLevel])
+        await self.call(INVENTORY, "release", ReleaseStock(oid, lines, order.reservation), list[StockLevel])
         self.logger.debug("order %s cancelled; released %d line(s)", oid, len(lines))
         return order

@@ -44,9 +44,13 @@ __all__ = [
     "Quantity",
     "ReleaseStock",
     "ReserveStock",
+    "SettleStock",
     "StockAvailability",
+    "StockHeld",
+    "StockHold",
     "StockLevel",
     "StockLine",
+    "StockPiece",
     "new_order_id",
     "order_id_for",
     "parse_currency",
@@ -319,9 +323,47 @@ class ReserveStock(msgspec.Struct, frozen=True, rename="camel"):
     lines: list[StockLine]
 
 
+class StockPiece(msgspec.Struct, frozen=True, rename="camel"):
+    """Units of one line of an order taken from one key (shard) of the ``stock`` map."""
+
+    product_id: str
+    key: str
+    quantity: int
+
+
+class StockHold(msgspec.Struct, frozen=True, rename="camel"):
+    """Where inventory-service holds an order's stock (``hold_stock`` answers it, the order keeps
+    it): the attempt that took it and the pieces it took."""
+
+    attempt: str
+    pieces: list[StockPiece]
+
+
+class StockHeld(msgspec.Struct, frozen=True, rename="camel"):
+    """The answer of inventory-service ``hold_stock``: each line's level after the take, the hold,
+    and the seconds the caller has from now to store its order with it (later, a collector may
+    judge the hold, finding no order, and give its stock back)."""
+
+    levels: list[StockLevel]
+    hold: StockHold
+    within_s: float
+
+
+class SettleStock(msgspec.Struct, frozen=True, rename="camel"):
+    """inventory-service ``settle``: the order was stored with `hold` (`keep`: its stock stays
+    taken) or not (the stock goes back)."""
+
+    order_id: str
+    hold: StockHold
+    keep: bool
+
+
 class ReleaseStock(msgspec.Struct, frozen=True, rename="camel"):
+    """inventory-service ``release``; `hold`: the order's (`Order.reservation`), if it keeps one."""
+
     order_id: str
     lines: list[StockLine]
+    hold: StockHold | None = None
 
 
 class ProductPrice(msgspec.Struct, frozen=True, rename="camel"):
@@ -362,3 +404,5 @@ class Order(msgspec.Struct, frozen=True, rename="camel"):
     total: Money
     placed_at: str  # ISO 8601, UTC
     cancelled_at: str | None = None
+    # where inventory-service holds its stock (an order placed by a version before holds: None)
+    reservation: StockHold | None = None

@@ -7,21 +7,23 @@
    the read of whether the order exists already (below); they are all reads, so the outcome is the
    one of doing them one after the other (the first that decides wins: an existing order, then a
    failed check, then the total), in the time of the slowest;
-4. reserve the stock of all lines (inventory-service ``reserve``, all or nothing; a 409 from a
-   reservation that lost a race escapes as is);
-5. store the order in the distributed map ``orders`` under its id, unless it is there already
-   (``put_if_absent``); if that fails, the reservation is released before the error is answered.
+4. hold the stock of all lines (inventory-service ``hold_stock``, all or nothing; a 409 from a
+   take that lost a race escapes as is);
+5. store the order, with the hold (`Order.reservation`: the order is the reservation's record), in
+   the distributed map ``orders`` under its id, unless it is there already (``put_if_absent``); if
+   that fails, the stock is released before the error is answered (not stored within the time
+   ``hold_stock`` answered: a 503, and inventory judges the hold by whether the order is there);
+   then tell inventory-service it is kept (``settle``: no write, the holds go with its next write
+   of the stock).
 
 The order id is derived from the call's idempotency key (`order_id_for`): a retry of the same call
 (the runtime's after a crash, or a client's with the same ``Idempotency-Key`` header) places the
-same order, whose reservation inventory-service does not repeat; an order that is stored already is
-answered as it is. The read of whether it exists (step 3) is made only for a key given from outside
-(``self.context.idempotency_key_given``: a client's, which may come again at any later time, also
-after the reservation's record expired). A key the runtime made up is shared by the attempts of
-this one call only, all within its deadline: there an attempt that finds the order stored by
-another (step 5) answers that one, on the same reservation (one per order id); found cancelled
-meanwhile, it releases the reservation first (releasing is once per order: whichever release
-comes second gives nothing back).
+same order; an order that is stored already is answered as it is. The read of whether it exists
+(step 3) is made only for a key given from outside (``self.context.idempotency_key_given``: a
+client's, which may come again at any later time). A key the runtime made up is shared by the
+attempts of this one call only: there an attempt that finds the order stored by another (step 5)
+answers that one and gives its own hold back (``settle`` not kept); the stored order keeps the
+hold it was stored with (a cancellation releases that one).
 """
 
 from __future__ import annotations
@@ -39,14 +41,17 @@ from order_domain import (
     PriceOrder,
     ReleaseStock,
     ReserveStock,
+    SettleStock,
     StockAvailability,
+    StockHeld,
+    StockHold,
     StockLevel,
     StockLine,
     order_id_for,
 )
 
 from aether.invoke.errors import SliceAppError
-from aether.slices import BadRequest, Conflict, Slice, route
+from aether.slices import BadRequest, Conflict, Slice, SliceHttpError, route
 from aether.slices.maps import SliceMap
 
 INVENTORY = "org.demo:inventory-service"
@@ -109,20 +114,39 @@ class PlaceOrderService(Slice):
                 if not f.done():
                     f.cancel()
                 f.add_done_callback(_retrieve)
-        await self.call(INVENTORY, "reserve", ReserveStock(order_id, lines), list[StockLevel])
-        order = Order(order_id, customer, OrderStatus.PLACED, priced.lines, priced.total, now_iso())
+        held = await self.call(INVENTORY, "hold_stock", ReserveStock(order_id, lines), StockHeld)
+        order = Order(
+            order_id, customer, OrderStatus.PLACED, priced.lines, priced.total, now_iso(), None, held.hold
+        )
         try:
-            placed = await self.orders.put_if_absent(order_id, order)
+            async with asyncio.timeout(held.within_s):
+                placed = await self.orders.put_if_absent(order_id, order)
+        except TimeoutError:  # the write may still land: the hold is left for inventory to judge
+            raise SliceHttpError(
+                f"order {order_id} could not be stored within {held.within_s:.1f}s; try again with the "
+                "same Idempotency-Key (its stock goes back unless it was stored after all)",
+                status=503,
+            ) from None
         except BaseException:
-            self.logger.warning("storing order %s failed: releasing its reservation", order_id)
-            await asyncio.shield(self._release(order_id, lines))
+            self.logger.warning("storing order %s failed: releasing its stock", order_id)
+            await asyncio.shield(self._release(order_id, lines, held.hold))
             raise
-        if placed is not None:  # another attempt of this call stored it first: its answer is this one's
-            if placed.status is OrderStatus.CANCELLED:  # and it was cancelled since (a late attempt)
-                await asyncio.shield(self._release(order_id, lines))
+        if placed is not None and placed.reservation != held.hold:
+            # another attempt of this call stored it first: its answer is this one's, and the stock
+            # this attempt holds goes back (the stored order keeps its own)
+            await asyncio.shield(self._settle(order_id, held.hold, keep=False))
             return placed
+        await self._settle(order_id, held.hold, keep=True)
         self.logger.debug("order %s placed for %s: %s", order_id, customer, order.total)
         return order
 
-    async def _release(self, order_id: str, lines: list[StockLine]) -> None:
-        await self.call(INVENTORY, "release", ReleaseStock(order_id, lines), list[StockLevel])
+    async def _settle(self, order_id: str, hold: StockHold, *, keep: bool) -> None:
+        """Tell inventory-service whether the order keeps `hold`. Best effort: a hold not settled is
+        judged by the order itself after a while (kept if the order holds it, else given back)."""
+        try:
+            await self.call(INVENTORY, "settle", SettleStock(order_id, hold, keep), int)
+        except Exception as e:
+            self.logger.info("settling the stock of order %s: %s (the order decides later)", order_id, e)
+
+    async def _release(self, order_id: str, lines: list[StockLine], hold: StockHold) -> None:
+        await self.call(INVENTORY, "release", ReleaseStock(order_id, lines, hold), list[StockLevel])
