@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -1066,6 +1067,23 @@ async def test_a_malformed_hold_is_a_400_naming_the_field(hold: d.StockHold, mes
             d.ReleaseStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(1))], hold)
         )
     assert await demo.inventory.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
+
+
+def test_order_times_are_iso_8601_utc_with_milliseconds() -> None:
+    import time
+    from datetime import UTC, datetime
+
+    from place_order import Clock
+
+    clock = Clock()
+    for _ in range(3):  # (the second's part is formatted once and reused)
+        before = time.time()
+        stamp = clock.now_iso()
+        after = time.time()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+        at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert at.tzinfo is not None and at.utcoffset() == UTC.utcoffset(None)
+        assert int(before * 1000) / 1000 - 0.001 <= at.timestamp() <= after
 
 
 async def test_a_repeated_place_order_call_places_one_order() -> None:

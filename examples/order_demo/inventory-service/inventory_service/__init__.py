@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import random
 import time
 from collections.abc import Callable
@@ -128,9 +129,14 @@ REPLANS = 3  # how often one line looks for stock in other shards before answeri
 def shard_keys(product_id: str) -> list[str]:
     """The `stock` map keys holding a product's stock: the product id itself and, for a product of
     the catalog with at least `SHARD_FROM` units, ``PRODUCT-ID~1`` .. ``~3`` (escrow shards)."""
+    return list(_shard_keys(product_id, SHARD_FROM, STOCK_SHARDS))
+
+
+@functools.lru_cache(maxsize=1024)  # (of the constant catalog: asked several times per order)
+def _shard_keys(product_id: str, shard_from: int, shards: int) -> tuple[str, ...]:
     product = CATALOG.get(product_id)  # type: ignore[call-overload]
-    n = STOCK_SHARDS if product is not None and product.initial_stock >= SHARD_FROM else 1
-    return [product_id] + [f"{product_id}~{k}" for k in range(1, n)]
+    n = shards if product is not None and product.initial_stock >= shard_from else 1
+    return (product_id, *(f"{product_id}~{k}" for k in range(1, n)))
 
 
 def shard_order(keys: list[str], instance: int) -> list[str]:

@@ -29,7 +29,7 @@ hold it was stored with (a cancellation releases that one).
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 from order_domain import (
@@ -57,6 +57,10 @@ from aether.slices.maps import SliceMap
 INVENTORY = "org.demo:inventory-service"
 PRICING = "org.demo:pricing-service"
 ORDERS_MAP = "orders"
+# below this many seconds to store an order (what `hold_stock` answers: half of inventory's
+# hold_gc_s, a minute by default, less the take), its write gets a timer of its own; above, the
+# map's own retry budget ends it first (a timer per order cost 1.2 % of the CPU)
+TIMER_FROM_S = 10.0
 
 
 def _retrieve(f: asyncio.Future[Any]) -> None:
@@ -65,8 +69,20 @@ def _retrieve(f: asyncio.Future[Any]) -> None:
         f.exception()
 
 
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+class Clock:
+    """ISO 8601 times in UTC with milliseconds (``2026-12-06T19:34:33.599Z``); the part up to the
+    second is formatted once a second (a `datetime` formatted per order cost ~1 % of the CPU)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now_iso(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((t - second) * 1000):03d}Z"
 
 
 class PlaceOrderService(Slice):
@@ -74,6 +90,7 @@ class PlaceOrderService(Slice):
 
     async def start(self) -> None:
         self.orders: SliceMap[Order] = self.map(ORDERS_MAP, Order)
+        self.clock = Clock()
 
     async def _check(self, i: int, line: StockLine) -> None:
         try:
@@ -116,10 +133,20 @@ class PlaceOrderService(Slice):
                 f.add_done_callback(_retrieve)
         held = await self.call(INVENTORY, "hold_stock", ReserveStock(order_id, lines), StockHeld)
         order = Order(
-            order_id, customer, OrderStatus.PLACED, priced.lines, priced.total, now_iso(), None, held.hold
+            order_id,
+            customer,
+            OrderStatus.PLACED,
+            priced.lines,
+            priced.total,
+            self.clock.now_iso(),
+            None,
+            held.hold,
         )
         try:
-            async with asyncio.timeout(held.within_s):
+            if held.within_s < TIMER_FROM_S:
+                async with asyncio.timeout(held.within_s):
+                    placed = await self.orders.put_if_absent(order_id, order)
+            else:  # the write gives up by itself well before (its retries' budget, 5 s by default)
                 placed = await self.orders.put_if_absent(order_id, order)
         except TimeoutError:  # the write may still land: the hold is left for inventory to judge
             raise SliceHttpError(
