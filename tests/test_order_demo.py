@@ -995,6 +995,38 @@ async def test_a_hold_nobody_settles_is_judged_by_its_order(stored: bool) -> Non
     assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100 - taken, taken)
 
 
+async def test_a_hold_settled_through_another_instance_goes_once_its_order_is_found() -> None:
+    """`settle` reached an instance that does not write the hold's key: the instance that does asks
+    the order after a few seconds and drops the hold it keeps (a hold without an order stays until
+    the final judgement, which gives it back)."""
+    from inventory_service import SETTLE_CHECK_S
+
+    demo = await Demo().start()
+    a, b = demo.inventory, demo.make(INVENTORY, 2)
+    await b.start()
+    a._clock = b._clock = clock = Clock()
+    kept = await _hold(a, "ORD-1", "PROD-STICKER", 2)
+    [piece] = kept.hold.pieces
+    o = await demo.place.place_order(order("CUST-1", ("PROD-XYZ789", 1)))
+    await demo.place.orders.put("ORD-1", msgspec.structs.replace(o, order_id="ORD-1", reservation=kept.hold))
+    assert piece.key not in b._expect and await b.settle(d.SettleStock("ORD-1", kept.hold, True)) == 1
+    lost = await _hold(a, "ORD-2", "PROD-STICKER", 3)  # its caller never stored the order
+    assert [p.key for p in lost.hold.pieces] == [piece.key]
+    await _hold(a, "ORD-3", "PROD-STICKER", 1)
+    holds = _entry(demo.maps, piece.key).holds
+    assert {h.split("/")[0] for h in holds} == {"ORD-1", "ORD-2", "ORD-3"}  # nothing settled on a
+    clock.now += SETTLE_CHECK_S + 1
+    await _hold(a, "ORD-4", "PROD-STICKER", 1)  # a's next write starts the check
+    await _collected(a, 1)
+    await _hold(a, "ORD-5", "PROD-STICKER", 1)
+    holds = _entry(demo.maps, piece.key).holds
+    assert not any(h.startswith("ORD-1/") for h in holds) and any(h.startswith("ORD-2/") for h in holds)
+    clock.now += a.hold_gc_s
+    await a.sweep_once()
+    await _collected(a, 2 + 3)  # ORD-2 given back; ORD-3..5 (no orders either) too
+    assert await a.get_stock("PROD-STICKER") == d.StockLevel("PROD-STICKER", 100_000_000 - 2, 2)
+
+
 async def test_the_hold_of_an_attempt_its_order_does_not_name_goes_back() -> None:
     """The first attempt of a hold took (on one shard), and its answer was lost with its node; the
     retry took on another, which the order names: the first one's units go back, the order's stay
