@@ -75,10 +75,10 @@ order about an unsettled hold once it is `SETTLE_CHECK_S` old and drops it if th
 (so its entry carries a few seconds of holds, not a minute's). A hold nobody settles (the caller
 died, or the answer was lost and the call retried, which takes anew) is judged by the collector
 as above, by the order instead of a record (`_judge`): the order stored with this attempt and
-naming this key keeps it, else it goes back. A ``release``
-with the order's hold gives back where the pieces were taken (and drops their holds); its record
-(released) keeps a repeated release from giving twice. On the benchmark's hot product: 0.78x the
-CPU per order, 1.27x the orders per second of ``reserve`` (bench/README.md).
+naming this key keeps it, else it goes back. A ``release`` with the order's hold gives back where
+the pieces were taken (and drops their holds); its record (released) keeps a repeated release
+from giving twice. On the benchmark's hot product: 0.78x the CPU per order, 1.27x the orders per
+second of ``reserve`` (bench/README.md).
 """
 
 from __future__ import annotations
@@ -805,9 +805,7 @@ class InventoryService(Slice):
         with this attempt and on this key. A `reserve` attempt's is the reservation record: kept
         if written by this attempt, or expired (it can no longer tell)."""
         if attempt.endswith(ORDER_KEPT):
-            if (
-                self._orders is None
-            ):  # on first use: an inventory without `hold_stock` callers needs no orders map
+            if self._orders is None:  # on first use: without `hold_stock` callers, no orders map needed
                 self._orders = self.map(ORDERS_MAP, Order)
             order = await self._orders.get(order_id)
             held = order.reservation if order is not None else None
