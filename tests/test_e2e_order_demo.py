@@ -294,9 +294,10 @@ async def test_kill9_of_a_node_while_placing_1000_orders(
     node-1 is the leader (it writes the map's partition table); node-3 is not. Every request must
     succeed, and every acknowledged order must be readable afterwards through both survivors.
     """
-    # a reserve on the victim that took stock and died before recording it leaves a hold; its
-    # retry takes anew, and the hold is given back once older than hold_gc_s (20 s here; a record
-    # write may take 10 s of it, while the killed node's map partitions fail over)
+    # a hold_stock on the victim that took stock and died before its order was stored (or whose
+    # answer was lost) leaves a hold; the retry takes anew, and the order it stores names the
+    # retry's hold: the first is given back once older than hold_gc_s (20 s here; the order's
+    # write may take seconds of it, while the killed node's map partitions fail over)
     cluster = await asyncio.to_thread(start_demo, make_process_cluster, demo_wheels, None, "hold_gc_s = 20")
     assert cluster.leader_index() == 0
     total, rate = 1000, 100.0
@@ -355,7 +356,7 @@ async def test_kill9_of_a_node_while_placing_1000_orders(
         status, stock = await http(survivors[0], "GET", "/api/inventory/PROD-STICKER")
         assert status == 200
         # no acknowledged reservation was lost (issue 17: place-order's order id comes from its
-        # idempotency key, reserve deduplicates by it) ...
+        # idempotency key; the order, stored once per id, names the one hold it keeps) ...
         assert STICKER_STOCK - stock["available"] == stock["reserved"] >= total, stock
         # ... and none retried after the crash counts twice once the dead attempts' holds are
         # collected (a sweep every 5 s finds those older than 20 s)
