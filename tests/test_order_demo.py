@@ -565,50 +565,32 @@ async def test_a_bad_hold_gc_s_config_fails_the_start_naming_it(bad: object) -> 
         await inv.start()
 
 
-async def test_a_reserve_that_cannot_record_in_time_gives_its_stock_back() -> None:
+@pytest.mark.parametrize(("entry", "said"), [("reserve", "reserved"), ("hold_stock", "held")])
+async def test_a_take_that_leaves_no_time_to_record_gives_its_stock_back(entry: str, said: str) -> None:
     """Past `record_within_s` a collector could soon judge the attempt dead and give its stock
-    back: the attempt gives it back itself and answers 503, before writing any record."""
+    back: the attempt gives it back itself and answers 503 (`reserve`: before writing any record;
+    `hold_stock`: leaving its caller no time to store the order, which is the record)."""
 
     maps = Gated(["orders", "stock"])
     demo = await Demo(maps).start()
     inv = demo.inventory
     inv._clock = clock = Clock()
     maps.gate = gate = asyncio.Event()
-    slow = asyncio.create_task(
-        inv.reserve(d.ReserveStock("ORD-1", [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]))
-    )
+    three = [d.StockLine(d.ProductId("PROD-ABC123"), d.Quantity(3))]
+    slow = asyncio.create_task(getattr(inv, entry)(d.ReserveStock("ORD-1", three)))
     while not maps.waiting:
         await asyncio.sleep(0)
     clock.now += inv.record_within_s + 0.5
     gate.set()
-    with pytest.raises(SliceHttpError, match="took more than 30s: nothing is reserved") as err:
+    with pytest.raises(SliceHttpError, match=f"took more than 30s: nothing is {said}") as err:
         await slow
     assert err.value.status == 503
     assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
     assert not _entry(demo.maps, "PROD-ABC123").holds
     assert await inv.reservations.get("reservation:ORD-1") is None
-
-
-async def test_a_hold_that_took_too_long_gives_its_stock_back() -> None:
-    """As a reserve past `record_within_s`: no time left for the caller to store its order, so the
-    hold gives its stock back itself and answers 503."""
-    maps = Gated(["orders", "stock"])
-    demo = await Demo(maps).start()
-    inv = demo.inventory
-    inv._clock = clock = Clock()
-    maps.gate = gate = asyncio.Event()
-    slow = asyncio.create_task(_hold(inv, "ORD-1", "PROD-ABC123", 3))
-    while not maps.waiting:
-        await asyncio.sleep(0)
-    clock.now += inv.record_within_s + 0.5
-    gate.set()
-    with pytest.raises(SliceHttpError, match="took more than 30s: nothing is held") as err:
-        await slow
-    assert err.value.status == 503
-    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
-    assert not _entry(demo.maps, "PROD-ABC123").holds
-    held = await _hold(inv, "ORD-2", "PROD-ABC123", 1)  # in time: the caller's time is what is left
-    assert 0 < held.within_s <= inv.record_within_s
+    if entry == "hold_stock":  # in time, the caller's time is what is left of it
+        held = await _hold(inv, "ORD-2", "PROD-ABC123", 1)
+        assert 0 < held.within_s <= inv.record_within_s
 
 
 async def test_an_order_not_stored_in_time_is_a_503_and_its_hold_is_judged_by_the_order() -> None:
