@@ -250,7 +250,7 @@ async def test_order_placed_on_one_node_is_read_and_cancelled_on_others(
                 "/api/orders",
                 order_body("CUST-1", ("PROD-POSTER", 5)),
                 409,
-                "insufficient stock for PROD-POSTER: 1 available, 5 requested",
+                "items[0]: insufficient stock for PROD-POSTER: 1 available, 5 requested",
             ),
         ]
         for method, path, body, want, detail in cases:

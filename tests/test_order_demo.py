@@ -901,10 +901,8 @@ async def test_place_get_cancel_releases_stock() -> None:
     assert placed.status is d.OrderStatus.PLACED and placed.customer_id == "CUST-123"
     assert placed.total == d.Money.of("59.48", "USD")
     assert [(x.product_id, x.quantity) for x in placed.lines] == [("PROD-ABC123", 2), ("PROD-XYZ789", 1)]
-    # stock checks ran for both lines, then pricing, then one hold of the stock, settled once stored
+    # pricing, then one hold of the stock (no check before: the hold decides), settled once stored
     assert demo.invoker.calls == [
-        (INVENTORY, "check_stock"),
-        (INVENTORY, "check_stock"),
         (PRICING, "calculate_total"),
         (INVENTORY, "hold_stock"),
         (INVENTORY, "settle"),
@@ -1185,24 +1183,32 @@ async def test_a_late_attempt_of_an_order_cancelled_meanwhile_gives_its_stock_ba
     assert await demo.inventory.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 100, 0)
 
 
-async def test_place_order_reads_existence_stock_and_price_at_once_and_decides_in_that_order() -> None:
-    """The stock checks, the total and the read of whether the order exists run at the same time
-    (fails on the version that ran them one after the other); the outcome is the sequential one:
-    an existing order wins over a check that fails now, a failed check over the total."""
+class SlowOrderReads(LocalMaps):
+    """Reads of the ``orders`` map take 50 ms; `seen` keeps the slice calls made by the end of each."""
+
+    def __init__(self, calls: list[tuple[str, str]]) -> None:
+        super().__init__(["orders", "stock"])
+        self.calls = calls
+        self.seen: list[list[tuple[str, str]]] = []
+
+    async def map_get(self, name: str, key: str) -> bytes | None:
+        if name == "orders":
+            await asyncio.sleep(0.05)
+            self.seen.append(list(self.calls))
+        return await super().map_get(name, key)
+
+
+async def test_place_order_reads_existence_and_price_at_once_and_decides_in_that_order() -> None:
+    """The total and the read of whether the order exists run at the same time (fails on a version
+    that runs them one after the other); the outcome is the sequential one: an existing order wins
+    over the total, and over a hold that would fail now."""
     from aether.core.context import enter_call, exit_call
 
-    demo = await Demo().start()
-    calls = demo.invoker.calls
-    seen_by_check: list[list[tuple[str, str]]] = []
-
-    async def slow_check() -> None:
-        await asyncio.sleep(0.05)
-        seen_by_check.append(list(calls))
-
-    demo.invoker.after[(INVENTORY, "check_stock")] = slow_check
-    placed = await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 2)))
-    assert (PRICING, "calculate_total") in seen_by_check[0], "the total was asked only after the checks"
-    del demo.invoker.after[(INVENTORY, "check_stock")]
+    calls: list[tuple[str, str]] = []
+    maps = SlowOrderReads(calls)
+    demo = Demo(maps)
+    demo.invoker.calls = calls
+    await demo.start()
 
     async def place(key: str, *items: tuple[str, int]) -> d.Order:
         tokens = enter_call("rid", key)
@@ -1211,6 +1217,8 @@ async def test_place_order_reads_existence_stock_and_price_at_once_and_decides_i
         finally:
             exit_call(tokens)
 
+    placed = await place("k-first", ("PROD-ABC123", 2))
+    assert (PRICING, "calculate_total") in maps.seen[0], "the total was asked only after the read"
     last = await demo.available("PROD-POSTER")
     first = await place("k-last", ("PROD-POSTER", last))  # takes the last units
     assert await demo.available("PROD-POSTER") == 0
@@ -1218,7 +1226,7 @@ async def test_place_order_reads_existence_stock_and_price_at_once_and_decides_i
     cancelled = await demo.cancel.cancel_order(first.order_id)
     assert await place("k-last", ("PROD-POSTER", last)) == cancelled  # not placed (and taken) again
     assert await demo.available("PROD-POSTER") == last
-    with pytest.raises(BadRequest, match=r"items\[0\]\.productId"):  # the check's error, not pricing's
+    with pytest.raises(BadRequest, match=r"items\[0\]\.productId"):  # the catalog's error, not pricing's
         await demo.place.place_order(order("CUST-1", ("PROD-NOPE00", 1)))
     assert placed.status is d.OrderStatus.PLACED
 
@@ -1251,29 +1259,49 @@ async def test_place_order_errors_name_the_line() -> None:
     demo = await Demo().start()
     with pytest.raises(BadRequest, match=r"^items\[1\]\.productId: no product PROD-NOPE"):
         await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 1), ("PROD-NOPE", 1)))
+    assert demo.invoker.calls == [], "a product not in the catalog is refused before any call"
     with pytest.raises(Conflict, match=r"^items\[0\]: insufficient stock for PROD-POSTER: 1 available, 2"):
         await demo.place.place_order(order("CUST-1", ("PROD-POSTER", 2)))
+    # the hold is all or nothing: the first line's take goes back when the second cannot be taken
+    with pytest.raises(Conflict, match=r"^items\[1\]: insufficient stock for PROD-POSTER: 1 available, 3"):
+        await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 4), ("PROD-POSTER", 3)))
     with pytest.raises(BadRequest, match=r"^customerId: "):
         await demo.place.place_order(order("nobody"))
     assert await demo.maps.map_keys("orders") == []
     # nothing was reserved by the failed attempts
     assert await demo.available("PROD-ABC123") == 100
+    assert await demo.available("PROD-POSTER") == 1
     # the last poster: the first order gets it, the next one is a conflict
     await demo.place.place_order(order("CUST-1", ("PROD-POSTER", 1)))
-    with pytest.raises(Conflict, match=r"insufficient stock for PROD-POSTER: 0 available"):
+    with pytest.raises(Conflict, match=r"^items\[0\]: insufficient stock for PROD-POSTER: 0 available"):
         await demo.place.place_order(order("CUST-2", ("PROD-POSTER", 1)))
 
 
-async def test_a_reservation_that_loses_the_race_escapes_as_409() -> None:
+async def test_a_product_inventory_has_no_stock_of_is_a_400_naming_the_line() -> None:
+    """A product of the catalog without a stock entry (e.g. before inventory seeded it): the hold's
+    404 for ``lines[i]`` is the request's 400 for ``items[i]``; any other error of the hold escapes
+    as it is."""
     demo = await Demo().start()
-    # the check passes, then someone else takes the stock before the reservation
+    await demo.maps.map_remove("stock", "PROD-XYZ789")
+    with pytest.raises(BadRequest, match=r"^items\[1\]\.productId: no product PROD-XYZ789"):
+        await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 1), ("PROD-XYZ789", 1)))
+    assert await demo.available("PROD-ABC123") == 100
+    failure = SliceAppError("inventory answered 409", target=INVENTORY, method="hold_stock")
+    failure.status, failure.detail = 409, "order ORD-1 already has a reservation of other lines"
+    demo.invoker.fail[(INVENTORY, "hold_stock")] = failure
+    with pytest.raises(SliceAppError) as e:
+        await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 1)))
+    assert e.value is failure
+
+
+async def test_stock_taken_between_the_total_and_the_hold_is_a_409_naming_the_line() -> None:
+    demo = await Demo().start()
     poster = d.StockLine(d.ProductId("PROD-POSTER"), d.Quantity(1))
-    demo.invoker.after[(INVENTORY, "check_stock")] = lambda: demo.inventory.reserve(
+    demo.invoker.after[(PRICING, "calculate_total")] = lambda: demo.inventory.reserve(
         d.ReserveStock("ORD-OTHER", [poster])
     )
-    with pytest.raises(SliceAppError) as e:
+    with pytest.raises(Conflict, match=r"^items\[0\]: insufficient stock for PROD-POSTER: 0 available"):
         await demo.place.place_order(order("CUST-1", ("PROD-POSTER", 1)))
-    assert e.value.status == 409 and "insufficient stock for PROD-POSTER" in e.value.detail
     assert await demo.maps.map_keys("orders") == []
 
 
@@ -1346,17 +1374,16 @@ async def test_a_product_that_keeps_changing_answers_503(monkeypatch: pytest.Mon
     import inventory_service
 
     class Meddling(LocalMaps):
-        """Another writer changes the stock between every read and write."""
+        """Another writer changes the stock right before every write of it."""
 
-        async def map_get(self, name: str, key: str) -> bytes | None:
-            value = await super().map_get(name, key)
-            if name == "stock" and value is not None:
-                level = msgspec.msgpack.decode(value, type=d.StockLevel)
+        async def map_compare_and_set(self, name: str, key: str, *a: Any, **kw: Any) -> bool:
+            if name == "stock" and (value := self.data[name].get(key)) is not None:
+                level = msgspec.msgpack.decode(value[0], type=d.StockLevel)
                 self.data[name][key] = (
                     msgspec.msgpack.encode(msgspec.structs.replace(level, reserved=level.reserved + 1)),
                     None,
                 )
-            return value
+            return await super().map_compare_and_set(name, key, *a, **kw)
 
     monkeypatch.setattr(inventory_service, "CHANGE_BUDGET_S", 0.05)
     demo = await Demo(Meddling(["orders", "stock"])).start()

@@ -258,7 +258,6 @@ async def test_a_traced_request_through_three_nodes_is_one_trace_with_parented_s
         f"run {PLACE}.place_order@node-b",
     ]
     for entry in (
-        f"{INVENTORY}.check_stock",
         f"{PRICING}.calculate_total",
         f"{INVENTORY}.hold_stock",
         f"{INVENTORY}.settle",

@@ -619,7 +619,8 @@ class InventoryService(Slice):
         Repeating it for the same order leaves the stock as the first one left it (what a repeat
         takes meanwhile, it gives back) and answers what the first one did.
 
-        409 (`Conflict`) names the first product without enough stock; 404 an unknown product.
+        409 (`Conflict`) names the first line without enough stock (``lines[i]: insufficient stock
+        for ...``); 404 one whose product has no stock (``lines[i].productId: no product ...``).
         """
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
@@ -656,7 +657,8 @@ class InventoryService(Slice):
         its stock stays taken; else it goes back. So a repeat takes anew, and the hold of an
         attempt whose answer was lost goes back.
 
-        409 (`Conflict`) names the first product without enough stock; 404 an unknown product.
+        409 (`Conflict`) names the first line without enough stock (``lines[i]: insufficient stock
+        for ...``); 404 one whose product has no stock (``lines[i].productId: no product ...``).
         """
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
@@ -856,34 +858,43 @@ class InventoryService(Slice):
         taken: list[Piece] = []
         after: list[StockLevel | None] = []
         try:
-            for line in lines:
-                level: StockLevel | None = None
-                tries = 0
-                while True:
-                    todo = [p for p in plan[0] if p.product_id == line.product_id and p not in taken]
-                    try:
-                        for piece in todo:
-                            level = await self._change(piece, _Change(TAKE, piece.quantity, order_id, hold))
-                            taken.append(piece)
-                        break
-                    except (Conflict, NotFound):
-                        if len(shard_keys(line.product_id)) == 1:
-                            raise
-                        if tries == REPLANS:
-                            raise Conflict(
-                                f"insufficient stock for {line.product_id}: its shards ran out "
-                                f"{tries + 1} times while order {order_id} took {line.quantity}; "
-                                "try again"
-                            ) from None
-                    tries += 1
-                    plan[0] = await self._replan(order_id, line, taken, plan[0])
-                after.append(level)
+            for i, line in enumerate(lines):
+                try:
+                    after.append(await self._take_line(order_id, hold, line, taken, plan))
+                except NotFound as e:  # named by its line, as the request's fields are
+                    raise NotFound(f"lines[{i}].productId: {e}") from None
+                except Conflict as e:
+                    raise Conflict(f"lines[{i}]: {e}") from None
         except BaseException:
             if taken:
                 # shielded: a cancelled caller must not leave the taken lines reserved
                 await asyncio.shield(self._give_back(order_id, hold, taken, UNDO))
             raise
         return await self._levels(lines, after)
+
+    async def _take_line(
+        self, order_id: str, hold: str, line: StockLine, taken: list[Piece], plan: list[list[Piece]]
+    ) -> StockLevel | None:
+        """`_take` of one line (the pieces taken go to `taken`): the level after its last piece."""
+        level: StockLevel | None = None
+        tries = 0
+        while True:
+            todo = [p for p in plan[0] if p.product_id == line.product_id and p not in taken]
+            try:
+                for piece in todo:
+                    level = await self._change(piece, _Change(TAKE, piece.quantity, order_id, hold))
+                    taken.append(piece)
+                return level
+            except (Conflict, NotFound):
+                if len(shard_keys(line.product_id)) == 1:
+                    raise
+                if tries == REPLANS:
+                    raise Conflict(
+                        f"insufficient stock for {line.product_id}: its shards ran out "
+                        f"{tries + 1} times while order {order_id} took {line.quantity}; try again"
+                    ) from None
+            tries += 1
+            plan[0] = await self._replan(order_id, line, taken, plan[0])
 
     async def _replan(
         self, order_id: str, line: StockLine, taken: list[Piece], plan: list[Piece]
