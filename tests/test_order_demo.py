@@ -901,12 +901,10 @@ async def test_place_get_cancel_releases_stock() -> None:
     assert placed.status is d.OrderStatus.PLACED and placed.customer_id == "CUST-123"
     assert placed.total == d.Money.of("59.48", "USD")
     assert [(x.product_id, x.quantity) for x in placed.lines] == [("PROD-ABC123", 2), ("PROD-XYZ789", 1)]
-    # pricing, then one hold of the stock (no check before: the hold decides), settled once stored
-    assert demo.invoker.calls == [
-        (PRICING, "calculate_total"),
-        (INVENTORY, "hold_stock"),
-        (INVENTORY, "settle"),
-    ]
+    # pricing, then one hold of the stock (no check before: the hold decides); once the order is
+    # stored its hold waits to be settled by the next hold_stock (no settle call of its own)
+    assert demo.invoker.calls == [(PRICING, "calculate_total"), (INVENTORY, "hold_stock")]
+    assert demo.place._kept == [d.KeptHold(placed.order_id, placed.reservation)]
     assert await demo.available("PROD-ABC123") == 98
     # the order keeps where its stock is held; no reservation record of inventory's own
     assert placed.reservation is not None and placed.reservation.attempt.endswith("o")
@@ -936,20 +934,72 @@ async def test_place_get_cancel_releases_stock() -> None:
     assert await demo.available("PROD-ABC123") == 100  # released once
 
 
+def _line(product: str, n: int) -> d.StockLine:
+    return d.StockLine(d.ProductId(product), d.Quantity(n))
+
+
 async def _hold(inv: Any, order_id: str, product: str, n: int) -> d.StockHeld:
     return await inv.hold_stock(d.ReserveStock(order_id, [d.StockLine(d.ProductId(product), d.Quantity(n))]))
 
 
-async def test_a_settled_hold_is_dropped_with_the_next_write_and_the_stock_stays_taken() -> None:
+def _hold_of(o: d.Order) -> str:
+    assert o.reservation is not None
+    return f"{o.order_id}/{o.reservation.attempt}"
+
+
+async def test_a_stored_orders_hold_is_settled_by_the_next_hold_and_dropped_with_its_write() -> None:
     demo = await Demo().start()
     inv = demo.inventory
-    placed = await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 2)))
-    assert placed.reservation is not None
-    hold = f"{placed.order_id}/{placed.reservation.attempt}"
-    assert hold in _entry(demo.maps, "PROD-ABC123").holds  # settled: dropped with the next write
-    await _hold(inv, "ORD-2", "PROD-ABC123", 1)
-    assert hold not in _entry(demo.maps, "PROD-ABC123").holds
+    first = await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 2)))
+    assert _hold_of(first) in _entry(demo.maps, "PROD-ABC123").holds  # not settled yet
+    second = await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 1)))  # carries the first's
+    holds = _entry(demo.maps, "PROD-ABC123").holds
+    assert _hold_of(first) not in holds and _hold_of(second) in holds
+    assert demo.place._kept == [d.KeptHold(second.order_id, second.reservation)]
+    assert (INVENTORY, "settle") not in demo.invoker.calls
     assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 97, 3)
+    # `settle` with keep does the same for a caller that settles at once
+    held = await _hold(inv, "ORD-3", "PROD-ABC123", 1)
+    assert await inv.settle(d.SettleStock("ORD-3", held.hold, True)) == 1
+    await _hold(inv, "ORD-4", "PROD-ABC123", 1)
+    assert not any(h.startswith("ORD-3/") for h in _entry(demo.maps, "PROD-ABC123").holds)
+    assert await inv.get_stock("PROD-ABC123") == d.StockLevel("PROD-ABC123", 95, 5)
+
+
+async def test_a_hold_carries_at_most_max_kept_settlements_and_place_order_keeps_the_rest() -> None:
+    demo = await Demo().start()
+    held = await _hold(demo.inventory, "ORD-1", "PROD-ABC123", 1)
+    waiting = [d.KeptHold("ORD-1", held.hold)] * (d.MAX_KEPT + 6)
+    demo.place._kept = list(waiting)
+    placed = await demo.place.place_order(order("CUST-1", ("PROD-ABC123", 1)))
+    assert demo.place._kept == [*waiting[: 6], d.KeptHold(placed.order_id, placed.reservation)]
+    assert not any(h.startswith("ORD-1/") for h in _entry(demo.maps, "PROD-ABC123").holds)
+    too_many = d.ReserveStock("ORD-2", [_line("PROD-ABC123", 1)], waiting)
+    with pytest.raises(BadRequest, match=rf"^kept: {d.MAX_KEPT + 6} holds, at most {d.MAX_KEPT}"):
+        await demo.inventory.hold_stock(too_many)
+
+
+@pytest.mark.parametrize(
+    ("kept", "message"),
+    [
+        (d.KeptHold("nope", d.StockHold("123-abco", [d.StockPiece("PROD-ABC123", "PROD-ABC123", 1)])),
+         r"^kept\[0\]\.orderId: "),
+        (d.KeptHold("ORD-1", d.StockHold("123-abc", [d.StockPiece("PROD-ABC123", "PROD-ABC123", 1)])),
+         r"^kept\[0\]\.hold\.attempt: '123-abc'"),
+        (d.KeptHold("ORD-1", d.StockHold("123-abco", [d.StockPiece("PROD-ABC123", "PROD-XYZ789", 1)])),
+         r"^kept\[0\]\.hold\.pieces\[0\]\.key"),
+    ],
+)  # fmt: skip
+async def test_a_malformed_kept_hold_is_a_400_naming_it_and_takes_nothing(
+    kept: d.KeptHold, message: str
+) -> None:
+    demo = await Demo().start()
+    with pytest.raises(BadRequest, match=message):
+        await demo.inventory.hold_stock(d.ReserveStock("ORD-2", [_line("PROD-ABC123", 1)], [kept]))
+    assert await demo.available("PROD-ABC123") == 100
+    with pytest.raises(BadRequest, match=r"^kept: holds are settled by hold_stock"):
+        await demo.inventory.reserve(d.ReserveStock("ORD-2", [_line("PROD-ABC123", 1)], [kept]))
+    assert await demo.available("PROD-ABC123") == 100
 
 
 @pytest.mark.parametrize("stored", [False, True])

@@ -67,9 +67,10 @@ the caller's own write of its order can carry it. ``hold_stock`` takes as ``rese
 attempt whose id ends in `ORDER_KEPT`, its holds in the entries) and answers the levels and the
 hold (`StockHold`: the attempt and the pieces, the keys each line took from), with no record.
 place-order stores the order with it (`Order.reservation`, in the same ``put_if_absent``) and then
-calls ``settle``: kept, the holds go with this instance's next write of each entry (no write of
-its own); not kept (another attempt of the call stored the order first), what is still held goes
-back. A ``settle`` that reaches an instance not writing the hold's key (several instances on a
+settles it: kept, carried by its next ``hold_stock`` (`ReserveStock.kept`; or ``settle``), the
+holds go with this instance's next write of each entry (no write of its own); not kept (another
+attempt of the call stored the order first; ``settle``), what is still held goes back. A
+settlement that reaches an instance not writing the hold's key (several instances on a
 node, or none on the caller's) changes nothing there; the instance that writes the key asks the
 order about an unsettled hold once it is `SETTLE_CHECK_S` old and drops it if the order keeps it
 (so its entry carries a few seconds of holds, not a minute's). A hold nobody settles (the caller
@@ -95,6 +96,7 @@ from dataclasses import dataclass, field
 import msgspec
 from order_domain import (
     CATALOG,
+    MAX_KEPT,
     CheckStock,
     Order,
     ReleaseStock,
@@ -237,19 +239,20 @@ def _checked(lines: list[StockLine]) -> list[StockLine]:
     return out
 
 
-def _checked_hold(hold: StockHold) -> list[Piece]:
-    """The pieces of a hold a caller sends back (`settle`, `release`), checked: each a key of its
-    product's stock and a quantity; an attempt of `hold_stock`."""
+def _checked_hold(hold: StockHold, field: str = "hold") -> list[Piece]:
+    """The pieces of a hold a caller sends back (`settle`, `release`, `ReserveStock.kept`), checked:
+    each a key of its product's stock and a quantity; an attempt of `hold_stock`. Errors name the
+    hold as `field`."""
     if not hold.attempt.endswith(ORDER_KEPT) or hold_time(f"/{hold.attempt}") is None:
-        raise BadRequest(f"hold.attempt: {hold.attempt!r} is not an attempt of hold_stock")
+        raise BadRequest(f"{field}.attempt: {hold.attempt!r} is not an attempt of hold_stock")
     if not hold.pieces:
-        raise BadRequest("hold.pieces: nothing held")
+        raise BadRequest(f"{field}.pieces: nothing held")
     out: list[Piece] = []
     for i, p in enumerate(hold.pieces):
-        pid = parse_product_id(p.product_id, f"hold.pieces[{i}].productId")
+        pid = parse_product_id(p.product_id, f"{field}.pieces[{i}].productId")
         if p.key not in shard_keys(pid):
-            raise BadRequest(f"hold.pieces[{i}].key: {p.key!r} is not a stock key of {pid}")
-        out.append(Piece(pid, p.key, parse_quantity(p.quantity, f"hold.pieces[{i}].quantity")))
+            raise BadRequest(f"{field}.pieces[{i}].key: {p.key!r} is not a stock key of {pid}")
+        out.append(Piece(pid, p.key, parse_quantity(p.quantity, f"{field}.pieces[{i}].quantity")))
     return out
 
 
@@ -624,6 +627,8 @@ class InventoryService(Slice):
         """
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
+        if req.kept:
+            raise BadRequest("kept: holds are settled by hold_stock (reserve keeps a record of its own)")
         began = self._clock()
         attempt = new_attempt(began)
         hold = hold_key(order_id, attempt)
@@ -652,7 +657,9 @@ class InventoryService(Slice):
         """Take stock for every line, or none, as `reserve` does, but without a record of its own:
         the answer's hold is recorded by the caller with its order (`Order.reservation` in the
         ``orders`` map) within the answer's `within_s` (what is left of half of ``hold_gc_s``
-        since the attempt began; none left: the takes go back, 503), and then it calls `settle`.
+        since the attempt began; none left: the takes go back, 503), and then settles it as kept:
+        with its next ``hold_stock`` (`ReserveStock.kept`, at most `MAX_KEPT`, settled before this
+        take, so that its writes drop them) or with `settle`.
         A hold nobody settles is judged by that order after ``hold_gc_s``: stored with this hold,
         its stock stays taken; else it goes back. So a repeat takes anew, and the hold of an
         attempt whose answer was lost goes back.
@@ -662,6 +669,15 @@ class InventoryService(Slice):
         """
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
+        if len(req.kept) > MAX_KEPT:
+            raise BadRequest(f"kept: {len(req.kept)} holds, at most {MAX_KEPT} per call")
+        kept = [
+            (hold_key(parse_order_id(k.order_id, f"kept[{i}].orderId"), k.hold.attempt),
+             _checked_hold(k.hold, f"kept[{i}].hold"))
+            for i, k in enumerate(req.kept)
+        ]  # fmt: skip
+        for hold, pieces in kept:  # as `settle` with keep: before this take, so that its write drops them
+            self._keep(hold, pieces)
         began = self._clock()
         attempt = new_attempt(began) + ORDER_KEPT
         hold = hold_key(order_id, attempt)
@@ -688,14 +704,18 @@ class InventoryService(Slice):
         if not req.keep:
             await asyncio.shield(self._give_back(order_id, hold, pieces, UNDO))
             return len(pieces)
+        self._keep(hold, pieces)
+        return len(pieces)
+
+    def _keep(self, hold: str, pieces: list[Piece]) -> None:
+        """`hold`'s order was stored with it: its holds go with this instance's next write of each
+        key it writes (a key it does not write, or too many waiting: the order is asked, `_collect`)."""
         for piece in pieces:
-            # (a key this instance does not write, or too many waiting: its order is asked, `_collect`)
             if (
                 piece.key in self._expect
                 and len(held := self._settled.setdefault(piece.key, set())) < MAX_SETTLED
             ):
                 held.add(hold)
-        return len(pieces)
 
     def _repeated(self, order_id: str, held: Reservation) -> list[StockLevel]:
         self.duplicates += 1

@@ -25,10 +25,12 @@ from aether.slices import BadRequest
 __all__ = [
     "CATALOG",
     "CURRENCIES",
+    "MAX_KEPT",
     "MAX_LINES",
     "MAX_QUANTITY",
     "CheckStock",
     "CustomerId",
+    "KeptHold",
     "Money",
     "Order",
     "OrderId",
@@ -318,11 +320,6 @@ class StockLevel(msgspec.Struct, frozen=True, rename="camel"):
     reserved: int = 0
 
 
-class ReserveStock(msgspec.Struct, frozen=True, rename="camel"):
-    order_id: str
-    lines: list[StockLine]
-
-
 class StockPiece(msgspec.Struct, frozen=True, rename="camel"):
     """Units of one line of an order taken from one key (shard) of the ``stock`` map."""
 
@@ -337,6 +334,26 @@ class StockHold(msgspec.Struct, frozen=True, rename="camel"):
 
     attempt: str
     pieces: list[StockPiece]
+
+
+MAX_KEPT = 64  # holds of earlier orders one ``hold_stock`` may carry (`ReserveStock.kept`)
+
+
+class KeptHold(msgspec.Struct, frozen=True, rename="camel"):
+    """An order stored with `hold` (`settle` with keep, carried by a later ``hold_stock``)."""
+
+    order_id: str
+    hold: StockHold
+
+
+class ReserveStock(msgspec.Struct, frozen=True, rename="camel"):
+    """inventory-service ``reserve`` and ``hold_stock``; `kept` (``hold_stock`` only): holds of
+    earlier orders stored with them, settled as kept before this one takes (what place-order
+    would otherwise tell ``settle`` in a call of its own)."""
+
+    order_id: str
+    lines: list[StockLine]
+    kept: list[KeptHold] = []
 
 
 class StockHeld(msgspec.Struct, frozen=True, rename="camel"):
