@@ -160,10 +160,13 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     e.commit()
     assert path.stat().st_ino == inode and e.snapshots == 0
     release.set()
-    e._snap.join()
+    snap = e._snap
+    snap.join()
+    assert snap.written == 51  # the writer appended (and synced) the commits made so far
     e.put(2, "after", Record(b"a", 1, 0))
     e.commit()  # finds the thread done: the snapshot, with what came meanwhile, replaces the log
     assert path.stat().st_ino != inode and e.snapshots == 1 and e._snap is None
+    assert path.stat().st_size == snap.size + len(snap.tail[-1])  # each commit once: the last here
     assert path.stat().st_size < 4096 + 50 * 64
     want = state(e)
     crash(e)
@@ -190,7 +193,8 @@ def test_a_snapshot_holds_the_state_when_it_started_while_the_map_changes_under_
     def held_back(self: Any, chunks: Any) -> None:
         assert release.wait(30)
         run(self, chunks)
-        kept["snapshot"] = self.files.read(self.tmp)  # before the commits made meanwhile go after it
+        data = self.files.read(self.tmp)  # the snapshot, then the commits made meanwhile it appended
+        kept["snapshot"] = data[: len(data) - sum(len(t) for t in self.tail[: self.written])]
 
     monkeypatch.setattr(logstorage._SnapshotWriter, "_run", held_back)
     e = LogStorage(tmp_path / "m.log", compact_min_bytes=4096)
@@ -226,6 +230,65 @@ def test_a_snapshot_holds_the_state_when_it_started_while_the_map_changes_under_
     crash(e)
     again = LogStorage(tmp_path / "m.log")
     assert state(again) == want
+    again.close()
+
+
+def test_a_snapshot_leaves_the_loop_no_file_sync_and_no_close_of_the_replaced_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Syncing the snapshot with the commits made meanwhile happens in the writer's thread, and the
+    replaced log is closed (its blocks freed) in another: on the committing thread (the node's
+    loop) finishing a snapshot only appends the last commits, renames and syncs the directory (the
+    sync and the close on the loop stalled a busy node ~10 ms per snapshot; bench/snapshot_bench.py).
+    Each commit is in the new log once; reopening gives the state."""
+    from aether.core.files import OsFiles
+    from aether.maps import logstorage
+
+    loop_thread = threading.get_ident()
+    calls: list[tuple[str, bool]] = []  # (operation, on the committing thread)
+
+    class Watched(OsFiles):
+        def fsync(self, handle: int) -> None:
+            calls.append(("fsync", threading.get_ident() == loop_thread))
+            super().fsync(handle)
+
+        def close(self, handle: int) -> None:
+            calls.append(("close", threading.get_ident() == loop_thread))
+            super().close(handle)
+
+    release = threading.Event()
+    run = logstorage._SnapshotWriter._run
+
+    def held_back(self: Any, chunks: Any) -> None:
+        assert release.wait(30)
+        run(self, chunks)
+
+    monkeypatch.setattr(logstorage._SnapshotWriter, "_run", held_back)
+    path = tmp_path / "m.log"
+    e = LogStorage(path, compact_min_bytes=4096, files=Watched())
+    i = 0
+    while e._snap is None:
+        e.put(0, f"k{i % 10}", Record(b"x" * 100, 1, i))
+        e.commit()
+        i += 1
+    for j in range(20):
+        e.put(1, f"during{j}", Record(b"d", 1, j))
+        e.commit()
+    release.set()
+    e._snap.join()
+    calls.clear()
+    e.put(2, "after", Record(b"a", 1, 0))
+    e.commit()  # finishes the snapshot
+    assert e.snapshots == 1
+    for t in threading.enumerate():
+        if t.name == "aether-log-close":
+            t.join(10)
+    assert ("close", False) in calls, calls  # the replaced log, off the loop
+    assert not [c for c in calls if c[1]], f"file syncs or closes on the committing thread: {calls}"
+    want = state(e)
+    crash(e)
+    again = LogStorage(path)
+    assert state(again) == want and again.entries == 10 + 20 + 1
     again.close()
 
 
