@@ -21,10 +21,8 @@ cpu_ratio=... kib_ratio=...]`.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,14 +32,7 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 from aether.maps.records import Record  # noqa: E402
-
-
-def load_storage(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from gitsource import variants  # noqa: E402
 
 
 def wchar() -> int:
@@ -79,28 +70,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", metavar="REF", help="also run git REF's storage.py")
     a = ap.parse_args()
-    variants = {"new": load_storage(ROOT / "src" / "aether" / "maps" / "storage.py", "storage_new")}
-    tmp = None
-    if a.baseline:
-        src = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{a.baseline}:src/aether/maps/storage.py"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-            f.write(src)
-        tmp = Path(f.name)
-        variants["base"] = load_storage(tmp, "storage_base")
-    figures: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    try:
+    with variants("aether/maps/storage.py", "storage", a.baseline) as mods:
+        figures: dict[str, list[tuple[float, float]]] = {k: [] for k in mods}
         for r in range(a.rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            order = list(mods) if r % 2 == 0 else list(reversed(mods))
             for name in order:
-                cpu, kib = run(variants[name], a.writes, a.per_commit, a.value_size)
+                cpu, kib = run(mods[name], a.writes, a.per_commit, a.value_size)
                 figures[name].append((cpu, kib))
                 print(f"round {r + 1} {name}: {cpu:.1f} us CPU, {kib:.1f} KiB written per write", flush=True)
-    finally:
-        if tmp is not None:
-            tmp.unlink()
     out = {"writes": a.writes, "per_commit": a.per_commit}
     for name, rows in figures.items():
         prefix = "" if name == "new" else "base_"

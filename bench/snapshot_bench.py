@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,18 +42,10 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 from aether.maps.records import Record  # noqa: E402
+from gitsource import variants  # noqa: E402
 
 PARTITIONS = 1024
 KEYS = ("gap_max_ms", "gap_p99_ms", "finish_ms", "snapshot_ms")
-
-
-def load_logstorage(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # (msgspec resolves the module's annotations through it)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _burn(us: float) -> None:
@@ -131,30 +121,15 @@ def main() -> None:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.turn_us < 0:
         ap.error("--turn-us must be >= 0")
-    here = ROOT / "src" / "aether" / "maps" / "logstorage.py"
-    variants = {"new": load_logstorage(here, "logstorage_new")}
-    tmp = None
-    if a.baseline:
-        src = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{a.baseline}:src/aether/maps/logstorage.py"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-            f.write(src)
-        tmp = Path(f.name)
-        variants["base"] = load_logstorage(tmp, "logstorage_base")
-    figures: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
-    try:
+    with variants("aether/maps/logstorage.py", "logstorage", a.baseline) as mods:
+        figures: dict[str, list[dict[str, float]]] = {k: [] for k in mods}
         for r in range(a.rounds):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            order = list(mods) if r % 2 == 0 else list(reversed(mods))
             for name in order:
-                fig = run(variants[name], a)
+                fig = run(mods[name], a)
                 figures[name].append(fig)
                 shown = " ".join(f"{k}={v:.1f}" for k, v in fig.items())
                 print(f"round {r + 1} {name}: {shown}", flush=True)
-    finally:
-        if tmp is not None:
-            tmp.unlink()
     out: dict[str, object] = {"records": a.records}
     for name, rows in figures.items():
         prefix = "" if name == "new" else "base_"

@@ -10,6 +10,7 @@ import random
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,11 @@ def test_snapshots_keep_the_file_near_the_live_data(tmp_path: Path) -> None:
     again.close()
 
 
-def test_a_snapshot_is_written_beside_the_commits_that_go_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The snapshot's thread is held back: commits go on meanwhile (to the old log), the log is
-    replaced only by the first commit after the thread is done, and that file holds them all. The
-    writer builds the frames of the operation ids from the copies taken when it started (not on
-    the loop, where it stalled the node): ids added and purged meanwhile come from the log's tail."""
+def _hold_back_writer(
+    monkeypatch: pytest.MonkeyPatch, then: Callable[[Any], None] | None = None
+) -> threading.Event:
+    """Snapshot writers wait for the event this returns before they write (commits go on
+    meanwhile); `then(writer)` runs once one has written."""
     from aether.maps import logstorage
 
     release = threading.Event()
@@ -141,8 +140,21 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     def held_back(self: Any, chunks: Any) -> None:
         assert release.wait(30)
         run(self, chunks)
+        if then is not None:
+            then(self)
 
     monkeypatch.setattr(logstorage._SnapshotWriter, "_run", held_back)
+    return release
+
+
+def test_a_snapshot_is_written_beside_the_commits_that_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot's thread is held back: commits go on meanwhile (to the old log), the log is
+    replaced only by the first commit after the thread is done, and that file holds them all. The
+    writer builds the frames of the operation ids from the copies taken when it started (not on
+    the loop, where it stalled the node): ids added and purged meanwhile come from the log's tail."""
+    release = _hold_back_writer(monkeypatch)
     path = tmp_path / "m.log"
     e = LogStorage(path, compact_min_bytes=4096)
     i = 0
@@ -184,19 +196,13 @@ def test_a_snapshot_holds_the_state_when_it_started_while_the_map_changes_under_
     all on the loop; a change to a lent partition (put, delete, drop, operation ids added or purged)
     gives the map a copy first. The writer, held back while the map changes, writes exactly the
     state of the moment it started, and the map goes on with every change."""
-    from aether.maps import logstorage
-
-    release = threading.Event()
-    run = logstorage._SnapshotWriter._run
     kept: dict[str, Any] = {}
 
-    def held_back(self: Any, chunks: Any) -> None:
-        assert release.wait(30)
-        run(self, chunks)
-        data = self.files.read(self.tmp)  # the snapshot, then the commits made meanwhile it appended
-        kept["snapshot"] = data[: len(data) - sum(len(t) for t in self.tail[: self.written])]
+    def keep(writer: Any) -> None:
+        data = writer.files.read(writer.tmp)  # the snapshot, then the commits made meanwhile it appended
+        kept["snapshot"] = data[: len(data) - sum(len(t) for t in writer.tail[: writer.written])]
 
-    monkeypatch.setattr(logstorage._SnapshotWriter, "_run", held_back)
+    release = _hold_back_writer(monkeypatch, keep)
     e = LogStorage(tmp_path / "m.log", compact_min_bytes=4096)
     i = 0
     while True:
@@ -242,7 +248,6 @@ def test_a_snapshot_leaves_the_loop_no_file_sync_and_no_close_of_the_replaced_lo
     sync and the close on the loop stalled a busy node ~10 ms per snapshot; bench/snapshot_bench.py).
     Each commit is in the new log once; reopening gives the state."""
     from aether.core.files import OsFiles
-    from aether.maps import logstorage
 
     loop_thread = threading.get_ident()
     calls: list[tuple[str, bool]] = []  # (operation, on the committing thread)
@@ -256,14 +261,7 @@ def test_a_snapshot_leaves_the_loop_no_file_sync_and_no_close_of_the_replaced_lo
             calls.append(("close", threading.get_ident() == loop_thread))
             super().close(handle)
 
-    release = threading.Event()
-    run = logstorage._SnapshotWriter._run
-
-    def held_back(self: Any, chunks: Any) -> None:
-        assert release.wait(30)
-        run(self, chunks)
-
-    monkeypatch.setattr(logstorage._SnapshotWriter, "_run", held_back)
+    release = _hold_back_writer(monkeypatch)
     path = tmp_path / "m.log"
     e = LogStorage(path, compact_min_bytes=4096, files=Watched())
     i = 0
