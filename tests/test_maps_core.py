@@ -162,6 +162,16 @@ def test_every_partition_is_served_after_start() -> None:
     assert sum(sum(1 for p in c.prims.values() if p.ready) for c in net.cores.values()) == P
 
 
+def test_exactly_the_primary_of_a_key_says_it_is_owned_here() -> None:
+    """`primary_here` (`SliceMap.owned_here`): one node per key, the primary of its partition in
+    the table; none for a map not defined, nor before a table exists."""
+    net = Net()
+    for key in (f"k{i}" for i in range(40)):
+        assert [i for i in net.ids if net.cores[i].primary_here("m", key)] == [net.primary_of(key)]
+    assert not any(net.cores[i].primary_here("nope", "k1") for i in net.ids)
+    assert not MapCore("n9", partitions=P, timings=net.t, incarnation=9).primary_here("m", "k1")
+
+
 @pytest.mark.parametrize(
     ("op", "expected", "answer"), [(OP_REMOVE, None, (None, True)), (OP_CAS, b"a", (b"b", True))]
 )

@@ -815,6 +815,34 @@ async def test_six_instances_write_apart() -> None:
     assert len(taken) == 6 and all(_entry(demo.maps, k).reserved == 5 for k in taken)
 
 
+async def test_an_instance_writes_the_shards_whose_primary_is_on_its_node_first() -> None:
+    """Shards whose primary copy is on the instance's node (`SliceMap.owned_here`) come first in
+    its order, from the k-th of them for instance k; the others after, as before; asked again
+    after a sweep (the owners change)."""
+    from inventory_service import shard_keys, shard_order
+
+    keys = shard_keys("PROD-STICKER")
+    owned = {keys[5], keys[9], keys[12]}
+
+    class Owning(LocalMaps):
+        def map_owned_here(self, name: str, key: str) -> bool:
+            return name == "stock" and key in owned
+
+    demo = await Demo(Owning(["orders", "stock"])).start()
+    a, b = demo.inventory, demo.make(INVENTORY, 2)  # instances 1 and 2
+    await b.start()
+    one = [d.StockLine(d.ProductId("PROD-STICKER"), d.Quantity(1))]
+    await a.reserve(d.ReserveStock("ORD-1", one))
+    await b.reserve(d.ReserveStock("ORD-2", one))
+    assert _entry(demo.maps, keys[9]).reserved == 1 and _entry(demo.maps, keys[12]).reserved == 1
+    assert a._prefer["PROD-STICKER"][:3] == [keys[9], keys[12], keys[5]]
+    assert a._prefer["PROD-STICKER"][3:] == [k for k in shard_order(keys, 1) if k not in owned]
+    owned.clear()  # the owners changed: without a new order the instance keeps writing keys[9]
+    a._prefer.clear()  # (what each periodic sweep does)
+    await a.reserve(d.ReserveStock("ORD-3", one))
+    assert _entry(demo.maps, keys[1]).reserved == 1  # instance 1: shard 1, as without owners
+
+
 async def test_stock_seeded_over_fewer_shards_by_an_earlier_version_stays_there() -> None:
     """An earlier version split the sticker over 4 shards: starting instances seed nothing more, an
     instance whose first choice is a shard that does not exist takes from the fullest existing one

@@ -170,6 +170,33 @@ async def test_slice_code_reaches_the_node_on_the_node_loop() -> None:
     assert await st.close()
 
 
+async def test_owned_here_is_the_nodes_answer_read_from_the_slices_thread() -> None:
+    """`SliceMap.owned_here` through `ThreadMaps`: the node's `map_owned_here`, asked directly from
+    the slice's thread (a read: no hop to the node's loop); False for a backend without it."""
+    st = SliceThread("org.x:caller:1.0.0")
+    asked: list[tuple[str, str, int]] = []
+
+    class Owning(_NodeSide):
+        def map_owned_here(self, name: str, key: str) -> bool:
+            asked.append((name, key, threading.get_ident()))
+            return key == "mine"
+
+    maps = ThreadMaps(Owning(), st)  # type: ignore[arg-type]
+    plain = ThreadMaps(_NodeSide(), st)  # type: ignore[arg-type]
+
+    async def entry() -> tuple[bool, bool, bool, int]:
+        return (
+            maps.map_owned_here("m", "mine"), maps.map_owned_here("m", "other"),
+            plain.map_owned_here("m", "mine"), threading.get_ident(),
+        )  # fmt: skip
+
+    mine, other, unknown, slice_thread = await st.run(entry(), entry="entry")
+    assert (mine, other, unknown) == (True, False, False)
+    assert [a[:2] for a in asked] == [("m", "mine"), ("m", "other")]
+    assert {a[2] for a in asked} == {slice_thread}
+    assert await st.close()
+
+
 class _StartingMaps:
     """A map backend that also starts operations without a coroutine (`MapOpStarter`, as the node's
     map service does): records which way each operation went and answers from a dict."""

@@ -151,6 +151,18 @@ async def test_values_must_be_encodable() -> None:
         await m.put("k", object())
 
 
+async def test_owned_here_asks_the_backend_and_is_false_where_it_cannot_tell() -> None:
+    class Owning(LocalMaps):
+        def map_owned_here(self, name: str, key: str) -> bool:
+            return key.endswith("~1")
+
+    stock = make_slice(Owning(["stock"])).map("stock", Stock)
+    assert stock.owned_here("p~1") and not stock.owned_here("p~2")
+    assert make_slice(LocalMaps(["stock"])).map("stock", Stock).owned_here("p~1") is False
+    with pytest.raises(MapKeyError):
+        stock.owned_here("")
+
+
 def test_slice_without_a_map_backend_says_so() -> None:
     with pytest.raises(SliceCallError, match="no distributed map"):
         make_slice(None).map("stock", Stock)

@@ -566,6 +566,15 @@ class MapCore:
             del self._pushes[rid]
         return self.engines.pop(name, None)
 
+    def primary_here(self, name: str, key: str) -> bool:
+        """Whether this node is the primary of `key`'s partition of map `name` in the partition
+        table it knows now: a hint (the table changes as nodes come and go; False while there is
+        none, or for a map not defined here). Reads only, so a slice loop's thread may ask."""
+        table = self.table
+        if table is None or name not in self.specs:
+            return False
+        return table.primary(partition_of(key, table.partitions)) == self.node_id
+
     def spec(self, name: str) -> MapSpec:
         spec = self.specs.get(name)
         if spec is None:

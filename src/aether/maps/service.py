@@ -725,6 +725,11 @@ class MapService:
         """Raise `UnknownMap` (saying how to define it) unless map `name` is defined."""
         self.core.spec(name)
 
+    def map_owned_here(self, name: str, key: str) -> bool:
+        """`SliceMap.owned_here`: whether this node is the primary of `key` now (`MapCore.primary_here`;
+        reads only: the slice loops' threads call it)."""
+        return self.core.primary_here(name, key)
+
     async def map_get(self, name: str, key: str) -> bytes | None:
         return (await self._op(name, OP_GET, key))[0]
 

@@ -766,6 +766,11 @@ class ThreadMaps:
         if require is not None:
             require(name)
 
+    def map_owned_here(self, name: str, key: str) -> bool:
+        """`SliceMap.owned_here`: the node's answer, read from this thread (it changes nothing)."""
+        owned = getattr(self._inner, "map_owned_here", None)
+        return bool(owned(name, key)) if owned is not None else False
+
     async def map_get(self, name: str, key: str) -> bytes | None:
         return (await self._op(name, "get", key))[0]
 

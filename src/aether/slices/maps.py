@@ -32,7 +32,8 @@ class MapBackend(Protocol):
     """The runtime's distributed map, values as MessagePack bytes (implemented by `aether.maps`).
 
     A backend may also offer `require_map(name)`, raising `UnknownMap` for an undefined map
-    (`Slice.map` calls it). Every operation raises `UnknownMap` for an undefined map,
+    (`Slice.map` calls it), and `map_owned_here(name, key)` (`SliceMap.owned_here`). Every
+    operation raises `UnknownMap` for an undefined map,
     `MapValueTooLarge` / `MapKeyError` for bad input and `MapUnavailable` when the data cannot be
     reached in time.
     """
@@ -117,6 +118,15 @@ class SliceMap(Generic[V]):
                 f"map {self.name!r} key {key!r}: the stored value does not decode as "
                 f"{_type_name(self.value_type)}: {e}"
             ) from None
+
+    def owned_here(self, key: str) -> bool:
+        """Whether this node holds the primary copy of `key` now, as far as it knows: its writes
+        are then decided here, one network hop fewer each way. A hint for placing work near its data
+        (which of several keys an instance writes); it changes as nodes join and leave, and is
+        False where the runtime cannot tell (a slice in a worker process, a backend without it)."""
+        check_key(self.name, key)
+        owned = getattr(self._backend, "map_owned_here", None)
+        return bool(owned(self.name, key)) if owned is not None else False
 
     async def get(self, key: str) -> V | None:
         check_key(self.name, key)

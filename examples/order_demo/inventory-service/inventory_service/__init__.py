@@ -18,10 +18,12 @@ random pause for up to `CHANGE_BUDGET_S` seconds (then 503).
 
 Escrow shards: a product with at least `SHARD_FROM` units of initial stock keeps them in
 `STOCK_SHARDS` entries (`shard_keys`: its id, then ``ID~1`` ...), each with a share. Instance k
-prefers the shards from ``k mod STOCK_SHARDS`` on (`shard_order`) and takes from the less busy of
-its first `SHARDS_IN_USE` (1); a round lost on a shard sends it to the end of the order, so the
-instances of the cluster write apart instead of colliding on one key (up to `STOCK_SHARDS`
-instances). A take its shard cannot give (it ran low, or it does not exist: a product seeded
+prefers the shards whose primary copy is on its node (`SliceMap.owned_here`: a write decided
+there, a network hop fewer each way; 0.96x the CPU per order), from the k-th of them on, then the
+others from ``k mod STOCK_SHARDS`` on (`_shard_preference`, `shard_order`), and takes from the
+less busy of its first `SHARDS_IN_USE` (1); a round lost on a shard sends it to the end of the
+order, so the instances of the cluster write apart instead of colliding on one key (up to
+`STOCK_SHARDS` instances). A take its shard cannot give (it ran low, or it does not exist: a product seeded
 with fewer shards by an earlier version keeps those) makes the line read all the shards and take
 from the fullest (in pieces if needed): 409 only when all together have too little. The
 product's level is the sum of its shards.
@@ -461,9 +463,25 @@ class InventoryService(Slice):
 
     def _preferred(self, product_id: str) -> list[str]:
         keys = self._prefer.get(product_id)
-        if keys is None:  # instance k starts at shard k: instances write apart (`shard_order`)
-            keys = self._prefer[product_id] = shard_order(shard_keys(product_id), self.context.instance)
+        if keys is None:
+            keys = self._prefer[product_id] = self._shard_preference(product_id)
         return keys
+
+    def _shard_preference(self, product_id: str) -> list[str]:
+        """Instance k's order of a product's shards: first those whose primary copy is on this
+        node (`SliceMap.owned_here`: their writes are decided here, a network hop fewer each way),
+        rotated to start at the k-th of them, then the others as `shard_order` has them (instance k
+        starts at shard k: instances write apart). Asked again after each sweep (the owners change
+        as nodes come and go)."""
+        keys = shard_order(shard_keys(product_id), self.context.instance)
+        if len(keys) == 1:
+            return keys
+        here = [k for k in shard_keys(product_id) if self.stock.owned_here(k)]
+        if not here:
+            return keys
+        k = self.context.instance % len(here)
+        here = here[k:] + here[:k]
+        return here + [key for key in keys if key not in here]
 
     def _pick(self, product_id: str, quantity: int) -> str:
         """The shard the next take of `quantity` units goes to: among this instance's first
@@ -850,6 +868,7 @@ class InventoryService(Slice):
         collect their old holds: also those of an entry nobody writes any more."""
         while True:
             await asyncio.sleep(self.hold_gc_s / SWEEPS * random.uniform(0.8, 1.2))
+            self._prefer.clear()  # which shards are owned here may have changed (`_shard_preference`)
             await self.sweep_once()
 
     async def sweep_once(self) -> None:
