@@ -751,6 +751,57 @@ async def test_a_line_larger_than_any_shard_takes_pieces_of_several(monkeypatch:
     assert all(not _entry(demo.maps, k).holds and _entry(demo.maps, k).reserved == 0 for k in keys)
 
 
+async def test_the_levels_answered_are_the_sums_of_the_shards_as_last_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An instance answers a split product's level from the sums of the shards as it last saw them,
+    kept as it reads and writes (not summed per answer): after takes and gives by two instances, and
+    a shard that went away and came back, they are what summing its view of each shard gives, and
+    the stored sums once it has seen every shard as stored."""
+    import inventory_service
+    from inventory_service import StockEntry, shard_keys
+
+    monkeypatch.setattr(inventory_service, "SHARD_FROM", 10)  # PROD-DEF456 (10) is split 3, 3, 2, 2
+    monkeypatch.setattr(inventory_service, "STOCK_SHARDS", 4)
+    demo = await Demo().start()
+    a = demo.inventory
+    b = demo.make(INVENTORY, 2)
+    await b.start()
+    keys = shard_keys("PROD-DEF456")
+
+    def level(entries: list[Any]) -> d.StockLevel:
+        available, reserved = sum(e.available for e in entries), sum(e.reserved for e in entries)
+        return d.StockLevel("PROD-DEF456", available, reserved)
+
+    def stored() -> d.StockLevel:
+        return level([_entry(demo.maps, k) for k in keys if k in demo.maps.data["stock"]])
+
+    def seen(inv: Any) -> d.StockLevel:  # its view of each shard, summed
+        return level([inv._known[k] for k in keys if k in inv._known])
+
+    for i, inv in enumerate([a, b, a, b]):
+        held = await _hold(inv, f"ORD-{i}", "PROD-DEF456", 1 + i % 2)
+        assert held.levels == [seen(inv)]
+    assert stored() == d.StockLevel("PROD-DEF456", 4, 6)
+    assert seen(a) != stored() and seen(b) != stored()  # neither saw the other's writes
+    await a._read_all("PROD-DEF456")
+    assert await a._estimate("PROD-DEF456") == stored()
+    held = await _hold(b, "ORD-4", "PROD-DEF456", 1)
+    released = await b.release(d.ReleaseStock("ORD-4", [_line("PROD-DEF456", 1)], held.hold))
+    assert released == [seen(b)] != [stored()]  # b's view of a's shards is from before a's takes
+    assert await b._level("PROD-DEF456") == stored() == d.StockLevel("PROD-DEF456", 4, 6)  # read all
+    assert await b._estimate("PROD-DEF456") == stored()  # it read every shard just now
+    # a shard goes away (a sees it gone), then comes back with other stock (a reads it again)
+    gone = keys[-1]
+    del demo.maps.data["stock"][gone]
+    assert await a._read(gone) is None
+    assert await a._estimate("PROD-DEF456") == seen(a) == stored()
+    before = stored()
+    await b.stock.put(gone, StockEntry("PROD-DEF456", 7, 0))
+    assert await a._estimate("PROD-DEF456") == seen(a) == stored()  # read again: not seen since
+    assert stored() == d.StockLevel("PROD-DEF456", before.available + 7, before.reserved)
+
+
 async def test_concurrent_reservations_of_a_split_product_never_oversell(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

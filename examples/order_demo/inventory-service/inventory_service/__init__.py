@@ -376,6 +376,8 @@ class InventoryService(Slice):
         self.record_within_s = self.hold_gc_s / RECORD_SHARE
         self.collected = 0  # old holds collected, kept or given back (for tests and curiosity)
         self._known: dict[str, StockEntry] = {}  # stock key -> its value as this instance last saw it
+        # product -> [available, reserved, keys] summed over its shards in `_known` (kept by `_see`)
+        self._seen: dict[str, list[int]] = {}
         self._expect: dict[str, StockEntry] = {}  # stock key -> what this instance's writer wrote last
         self._prefer: dict[str, list[str]] = {}  # product -> its shard keys, this instance's order
         self.writes = 0  # compare-and-set rounds that changed stock (for tests and curiosity)
@@ -390,7 +392,8 @@ class InventoryService(Slice):
             for key, share in reversed(list(zip(keys, shares, strict=True))):
                 level = StockEntry(product.product_id, share, 0)
                 if await self.stock.compare_and_set(key, None, level):
-                    self._known[key] = self._expect[key] = level
+                    self._see(key, level)
+                    self._expect[key] = level
                     seeded += key == keys[0]
         self.logger.info(
             "inventory instance %d on %s: seeded %d of %d products",
@@ -405,11 +408,28 @@ class InventoryService(Slice):
 
     async def _read(self, key: str) -> StockEntry | None:
         entry = await self.stock.get(key)
-        if entry is None:
-            self._known.pop(key, None)
-        else:
-            self._known[key] = entry
+        self._see(key, entry)
         return entry
+
+    def _see(self, key: str, entry: StockEntry | None) -> None:
+        """`entry` is the value of stock key `key` now (None: there is none): remember it, and keep
+        its product's sums over the shards seen (`_estimate` answers from them: summing 16 shards
+        per order was 2 % of the CPU of the order demo)."""
+        old = self._known.pop(key, None) if entry is None else self._known.get(key)
+        if entry is not None:
+            self._known[key] = entry
+        if old is not None:
+            sums = self._seen[old.product_id]
+            sums[0] -= old.available
+            sums[1] -= old.reserved
+            sums[2] -= 1
+        if entry is not None:
+            sums = self._seen.get(entry.product_id)
+            if sums is None:
+                sums = self._seen[entry.product_id] = [0, 0, 0]
+            sums[0] += entry.available
+            sums[1] += entry.reserved
+            sums[2] += 1
 
     async def _read_all(self, product_id: str, keys: list[str] | None = None) -> dict[str, StockEntry | None]:
         keys = shard_keys(product_id) if keys is None else keys
@@ -429,11 +449,16 @@ class InventoryService(Slice):
 
     async def _estimate(self, product_id: str) -> StockLevel:
         """The product's level as this instance last saw each shard (a shard never seen is read)."""
-        keys = shard_keys(product_id)
-        unseen = [k for k in keys if k not in self._known]
-        if unseen:
-            await self._read_all(product_id, unseen)
-        return self._sum(product_id, [self._known.get(k) for k in keys])
+        sums = self._seen.get(product_id)
+        if sums is None or sums[2] < len(_shard_keys(product_id, SHARD_FROM, STOCK_SHARDS)):
+            keys = shard_keys(product_id)
+            unseen = [k for k in keys if k not in self._known]
+            if unseen:
+                await self._read_all(product_id, unseen)
+            sums = self._seen.get(product_id)
+            if sums is None or sums[2] == 0:
+                raise NotFound(f"no product {product_id}")
+        return StockLevel(product_id, sums[0], sums[1])
 
     @route("GET", "/api/inventory/{product_id}")
     async def get_stock(self, product_id: str) -> StockLevel:
@@ -490,8 +515,15 @@ class InventoryService(Slice):
         if len(keys) == 1:
             return keys[0]
         known = self._known
-        fit = [k for k in keys if k not in known or known[k].available >= quantity][:SHARDS_IN_USE]
-        fit = fit or keys[:1]
+        fit: list[str] = []
+        for k in keys:  # (the first that fit: not all 16 looked at per order)
+            e = known.get(k)
+            if e is None or e.available >= quantity:
+                fit.append(k)
+                if len(fit) == SHARDS_IN_USE:
+                    break
+        if len(fit) < 2:
+            return fit[0] if fit else keys[0]
         return min(fit, key=lambda k: len(self._queued.get(k, ())) + (k in self._writers))
 
     def _demote(self, key: str, product_id: str) -> None:
@@ -556,7 +588,8 @@ class InventoryService(Slice):
                     self._expect.pop(key, None)  # decide on what is stored, not on what was seen
                 elif await self.stock.compare_and_set(key, cur, new):
                     assert new is not None
-                    self._known[key] = self._expect[key] = new
+                    self._see(key, new)
+                    self._expect[key] = new
                     break
                 else:
                     self._expect.pop(key, None)
