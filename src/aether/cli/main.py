@@ -482,6 +482,14 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "logger, message, node, request_id, trace_id, slice, instance (env AETHER_LOG_FORMAT; "
     "log_format in aether.toml) [default: text].",
 )
+@click.option(
+    "--cpu-scheduling",
+    type=click.Choice(["batch", "normal"]),
+    envvar="AETHER_CPU_SCHEDULING",
+    help="How Linux schedules the node's threads: batch (SCHED_BATCH: a woken thread does not take "
+    "its waker's core at once; lower tail latency under load) or normal (SCHED_OTHER) (env "
+    "AETHER_CPU_SCHEDULING; cpu_scheduling in aether.toml) [default: batch].",
+)
 def node(
     config_file: str | None,
     node_id: str | None,
@@ -522,6 +530,7 @@ def node(
     etcd_member_ttl: int | None,
     log_level: str,
     log_format: str | None,
+    cpu_scheduling: str | None,
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
     ctx = click.get_current_context()
@@ -556,6 +565,7 @@ def node(
         "tracing": tracing,
         "otlp_endpoint": otlp_endpoint or None,
         "log_format": log_format,
+        "cpu_scheduling": cpu_scheduling,
         "store": store,
         "etcd_endpoints": [u.strip() for u in (etcd_endpoints or "").split(",") if u.strip()] or None,
         "etcd_username": etcd_username or None,

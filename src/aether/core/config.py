@@ -39,6 +39,9 @@ PARENT_PID_ENV = "AETHER_PARENT_PID"
 ETCD_CLUSTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 
 
+CPU_SCHEDULING = ("batch", "normal")  # NodeConfig.cpu_scheduling
+
+
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Everything one node needs to start. `peers` includes every member, this node too."""
 
@@ -121,6 +124,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # records it keeps in memory for `GET /api/v1/logs` / `aether logs` (docs/operations.md, *Logs*)
     log_format: str = "text"
     log_buffer: int = 5000
+    # how the kernel schedules the node's threads (docs/operations.md, *CPU*): "batch" (Linux
+    # SCHED_BATCH: a thread woken by another does not take that one's core at once; the default)
+    # or "normal" (SCHED_OTHER, what a process gets unless it asks)
+    cpu_scheduling: str = "batch"
     # the cluster state store (docs/operations.md, *Running on etcd*): "rabia" (embedded, the
     # default: nothing to run besides Aether) or "etcd" (an existing etcd v3 at etcd_endpoints; the
     # cluster's keys live under /aether/{cluster_name}/, membership and leader come from etcd leases)
@@ -194,6 +201,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json (got {self.log_format!r})")
+        if self.cpu_scheduling not in CPU_SCHEDULING:
+            raise ConfigError(f"cpu_scheduling must be batch or normal (got {self.cpu_scheduling!r})")
         if not 1 <= self.log_buffer <= 1_000_000:
             raise ConfigError(f"log_buffer must be between 1 and 1000000 records (got {self.log_buffer})")
         if self.snapshot_every < 1:
