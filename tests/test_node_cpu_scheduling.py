@@ -107,6 +107,25 @@ def test_set_cpu_scheduling_covers_the_threads_running_and_those_started_later()
 
 
 @needs_sched
+def test_a_policy_chosen_by_whoever_started_the_node_is_left_as_it_is() -> None:
+    """A node started under another policy (here ``SCHED_IDLE``, as ``chrt --idle`` would) keeps
+    it: the answer says so (the node logs it)."""
+    script = textwrap.dedent(
+        """
+        import os
+        from aether.node.runner import set_cpu_scheduling
+
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        print(set_cpu_scheduling("batch"))
+        assert os.sched_getscheduler(0) == os.SCHED_IDLE
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "it runs under SCHED_IDLE, left as it is"
+
+
+@needs_sched
 def test_set_cpu_scheduling_says_why_not_where_the_system_has_no_such_policy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

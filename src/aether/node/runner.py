@@ -34,7 +34,8 @@ PARENT_POLL_S = 0.5
 def set_cpu_scheduling(policy: str) -> str | None:
     """Put every thread of this process (and so the threads it starts later, which inherit it) under
     the kernel's scheduling `policy`: "batch" (Linux ``SCHED_BATCH``) or "normal" (``SCHED_OTHER``).
-    Returns None when done, else why not (not Linux, or the kernel refused): the node runs on.
+    Returns None when done, else why not (not Linux, the kernel refused, or the process was started
+    under another policy, e.g. ``chrt --idle``, which is then left as it is): the node runs on.
 
     Why batch: a node's threads and the nodes' processes wake each other all the time (a frame to a
     peer, a call handed to the slice loop). Under ``SCHED_OTHER`` the woken thread often takes the
@@ -50,10 +51,14 @@ def set_cpu_scheduling(policy: str) -> str | None:
         tids = [int(t) for t in os.listdir("/proc/self/task")]
     except OSError:
         tids = [0]  # (0: this thread)
+    ours = {os.SCHED_OTHER, getattr(os, "SCHED_BATCH", os.SCHED_OTHER)}
     param = os.sched_param(0)
     try:
         for tid in tids:
             try:
+                if (now := os.sched_getscheduler(tid)) not in ours:  # chosen by whoever started us
+                    names = {getattr(os, n, None): n for n in ("SCHED_FIFO", "SCHED_RR", "SCHED_IDLE")}
+                    return f"it runs under {names.get(now, f'policy {now}')}, left as it is"
                 os.sched_setscheduler(tid, wanted, param)
             except ProcessLookupError:
                 pass  # the thread ended meanwhile
