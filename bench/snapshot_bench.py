@@ -7,8 +7,9 @@ and syncs the file; the first commit after it is done finishes the snapshot on t
 measures what the loop sees, in one process with no network:
 
 - the engine is filled with `--records` records of `--value-size` bytes (1,024 partitions, one
-  operation id each, committed `--per-commit` at a time), then a snapshot is started by the next
-  commit (`compact_min_bytes` lowered to 0);
+  operation id each, 64 per commit), each written three times (`WRITES`: a map whose records are
+  overwritten; the engine does not rewrite a log that is mostly live data), then a snapshot is
+  started by the next commit (`compact_min_bytes` lowered to 0);
 - meanwhile a uvloop loop runs a busy node's turns: each turn puts and commits `--per-commit`
   records and burns `--turn-us` microseconds of Python work, then yields; the gap between the
   ends of consecutive turns is the loop's lag;
@@ -45,6 +46,7 @@ from aether.maps.records import Record  # noqa: E402
 from gitsource import variants  # noqa: E402
 
 PARTITIONS = 1024
+WRITES = 3  # each record written this often: two thirds of the log are gone, so a snapshot starts
 KEYS = ("gap_max_ms", "gap_p99_ms", "finish_ms", "snapshot_ms")
 
 
@@ -93,14 +95,16 @@ def run(mod: ModuleType, a: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="aether-snapshot-bench-") as d:
         engine = mod.LogStorage(Path(d) / "orders.log", compact_min_bytes=1 << 60)
         value = b"x" * a.value_size
-        for i in range(a.records):
-            key = f"order-{i:09d}"
-            p = hash(key) % PARTITIONS
-            engine.put(p, key, Record(value, 3, i))
-            engine.add_ops([(p, "node-1:8f2c", i, 1_700_000_000_000 + i)])
-            if i % 64 == 63:
-                engine.commit()
-        engine.commit()
+        for rewrite in range(WRITES):
+            for i in range(a.records):
+                key = f"order-{i:09d}"
+                p = hash(key) % PARTITIONS
+                engine.put(p, key, Record(value, 3 + rewrite, i))
+                if not rewrite:
+                    engine.add_ops([(p, "node-1:8f2c", i, 1_700_000_000_000 + i)])
+                if i % 64 == 63:
+                    engine.commit()
+            engine.commit()
         try:
             return uvloop.run(_measure(engine, a, value))
         finally:

@@ -30,13 +30,16 @@ cache and survive a crash of the process (kill -9 included); a power cut may los
 write fails (a full disk) cuts the file back to the end of the previous commit, undoes the turn's
 changes in memory and raises.
 
-Snapshots: when the file exceeds `COMPACT_MIN_BYTES` and twice the size of the last snapshot, the
-commit lends the per-partition dicts to a thread (the records themselves are immutable; the
-first change to a lent dict copies it) that writes them to ``NAME.log.tmp`` while the map goes
-on; the commits made meanwhile go to the log as usual and are kept; the thread appends those made
-so far and syncs the file; the first commit after the thread is done appends the few made since
-(not synced, as any commit), renames the file over the log and syncs the directory (syncing on
-the loop stalled it ~10 ms per snapshot). A crash leaves the old log or the new one,
+Snapshots: when the file exceeds `COMPACT_MIN_BYTES` and twice the size of the last snapshot, and
+more than half of it is gone (overwritten or removed: over twice the live data's estimated size;
+a map that only grows, like the order demo's orders, is not rewritten for nothing: each rewrite
+of it cost the whole map's encoding under the interpreter lock; it is looked at again once the
+file has doubled), the commit lends the per-partition dicts to a thread (the records themselves
+are immutable; the first change to a lent dict copies it) that writes them to ``NAME.log.tmp``
+while the map goes on; the commits made meanwhile go to the log as usual and are kept; the
+thread appends those made so far and syncs the file; the first commit after the thread is done
+appends the few made since (not synced, as any commit), renames the file over the log and syncs
+the directory (syncing on the loop stalled it ~10 ms per snapshot). A crash leaves the old log or the new one,
 never a mix (a leftover ``.tmp`` is removed on open). A snapshot that fails (a full disk) is
 logged and dropped; the log goes on and the next one comes when it has doubled again.
 
@@ -492,7 +495,11 @@ class LogStorage(MemoryStorage):
             if snap.done():
                 self._finish_snapshot()
         elif self._size > self.compact_min_bytes and self._size > 2 * self._snapshot_size:
-            self._snap = self._start_snapshot(thread=self.background)
+            live = self._live_estimate()
+            if self._size > 2 * live:  # at least half of the file is gone: rewrite it
+                self._snap = self._start_snapshot(thread=self.background)
+            else:  # mostly live data (a map that only grows): look again once it has doubled
+                self._snapshot_size = live
 
     def _rollback(self) -> None:
         """Take back in memory what changed since the last commit."""
