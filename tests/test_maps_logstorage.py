@@ -190,6 +190,19 @@ def _hold_back_writer(
     return release
 
 
+def _overwrite_until_a_snapshot_starts(e: LogStorage, *, ops: bool = False) -> int:
+    """Commit puts of 10 keys over and over (and an operation id each, with `ops`) until the
+    threshold starts a snapshot; the number of commits made."""
+    i = 0
+    while e._snap is None:
+        e.put(0, f"k{i % 10}", Record(b"x" * 100, 1, i))
+        if ops:
+            e.add_ops([(0, "n1", i, 1000 + i)])
+        e.commit()
+        i += 1
+    return i
+
+
 def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,12 +213,7 @@ def test_a_snapshot_is_written_beside_the_commits_that_go_on(
     release = _hold_back_writer(monkeypatch)
     path = tmp_path / "m.log"
     e = LogStorage(path, compact_min_bytes=4096)
-    i = 0
-    while e._snap is None:  # until the file crosses the threshold
-        e.put(0, f"k{i % 10}", Record(b"x" * 100, 1, i))
-        e.add_ops([(0, "n1", i, 1000 + i)])
-        e.commit()
-        i += 1
+    i = _overwrite_until_a_snapshot_starts(e, ops=True)
     inode = path.stat().st_ino
     for j in range(50):  # while the snapshot is being written
         e.put(1, f"during{j}", Record(b"d", 1, j))
@@ -241,11 +249,7 @@ def test_a_snapshot_by_hand_while_the_thresholds_own_is_written_finishes_that_on
     release = _hold_back_writer(monkeypatch)
     path = tmp_path / "m.log"
     e = LogStorage(path, compact_min_bytes=4096)
-    i = 0
-    while e._snap is None:  # overwrites until the threshold starts one
-        e.put(0, f"k{i % 10}", Record(b"x" * 100, 1, i))
-        e.commit()
-        i += 1
+    _overwrite_until_a_snapshot_starts(e)
     for j in range(20):  # while it is held back
         e.put(1, f"during{j}", Record(b"d", 1, j))
         e.commit()
