@@ -28,6 +28,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import selectors
 import sys
 import threading
 import time
@@ -496,6 +497,9 @@ class SliceThread:
             return None
         if self._blocked_since == beat:
             return None
+        frame = self._frame()
+        if frame is not None and self._waiting_for_events(frame):
+            return None  # not blocked: its timer is due, the thread waits for a core or the GIL
         self._blocked_since = beat
         task = asyncio.current_task(self.loop)
         call = self._calls.get(task) if task is not None else None
@@ -548,12 +552,28 @@ class SliceThread:
         else:
             self._calls[task] = before
 
-    def _where(self) -> str:
+    def _frame(self) -> types.FrameType | None:
         ident = self.thread.ident
-        frame = sys._current_frames().get(ident) if ident is not None else None
+        return sys._current_frames().get(ident) if ident is not None else None
+
+    def _where(self) -> str:
+        frame = self._frame()
         if frame is None:
             return "location unknown"
         return f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+    @staticmethod
+    def _waiting_for_events(frame: types.FrameType) -> bool:
+        """Whether the loop's thread is in the loop's own wait for events, with no slice code on
+        its stack: asyncio's selector called from the loop's `_run_once`, or (uvloop, whose loop
+        has no Python frames) `_main` itself. A stale beat then means the thread was not given a
+        core or the GIL back since its timer fell due (an overloaded machine or process), not that
+        a slice blocks it. Slice code waiting in a selector of its own has its frames under it."""
+        code = frame.f_code
+        if code is _MAIN_CODE:
+            return True
+        back = frame.f_back
+        return code in _SELECT_CODES and back is not None and back.f_code is _RUN_ONCE_CODE
 
     # --- shutting down ------------------------------------------------------------------------------
 
@@ -573,6 +593,16 @@ class SliceThread:
                              self.name, timeout)
             return False
         return True
+
+
+# What `SliceThread._waiting_for_events` recognises: the loop's own wait, in either kind of loop.
+_MAIN_CODE = SliceThread._main.__code__
+_RUN_ONCE_CODE = asyncio.base_events.BaseEventLoop._run_once.__code__  # type: ignore[attr-defined]
+_SELECT_CODES = frozenset(
+    cls.select.__code__
+    for name in ("SelectSelector", "PollSelector", "EpollSelector", "DevpollSelector", "KqueueSelector")
+    if (cls := getattr(selectors, name, None)) is not None
+)
 
 
 class InlineLoop:
