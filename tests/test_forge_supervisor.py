@@ -422,7 +422,7 @@ async def test_kill_restart_crash_leader_and_close(tmp_path: Path, fault_injecti
         # picked once every node names the same leader.
         def settled() -> bool:
             named = {s.leader if s is not None and s.quorum else None for s in c._statuses().values()}
-            return len(named) == 1 and c.view().leader in named
+            return len(named) == 1 and None not in named and c.view().leader in named
 
         await _until(settled, 10, "every node naming the same leader")
         leader = c.view().leader
