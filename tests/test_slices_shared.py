@@ -1,11 +1,12 @@
-"""The node's shared slice loop (``isolation = "shared"``) and the direct calls between its slices.
+"""The node's shared slice loop (``isolation = "shared"``) and the direct calls between its slices,
+and between inline slices (``isolation = "inline"``, on the node's loop).
 
-A real `SliceRuntime` with a real `Invoker` (no cluster): two slices on the shared loop, a caller
-and a callee, and a third on a thread of its own. A call from the caller to the callee runs in the
-caller's task on the shared loop; these tests check it is direct (the node's loop takes no part:
-the invoker counts no attempt) and that it gives what the usual way gives: the result, the request
-id and the derived idempotency key, the errors and their kinds, the deadline, the containment of
-``SystemExit``, the slice metrics and instance counters, draining, the watchdog naming the callee.
+A real `SliceRuntime` with a real `Invoker` (no cluster): two slices on the shared loop (or both
+inline), a caller and a callee, and a third on a thread of its own. A call from the caller to the
+callee runs in the caller's task; these tests check it is direct (the invoker counts no attempt)
+and that it gives what the usual way gives: the result, the request id and the derived
+idempotency key, the errors and their kinds, the deadline, the containment of ``SystemExit``, the
+slice metrics and instance counters, draining, the watchdog naming the callee (shared loop).
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class Setup:
         self.endpoints = endpoints
         self.recorder = recorder
         self.limits: dict[Artifact, SliceLimits] = {}
+        self.mode = "shared"
 
     async def ask(self, entry: str, payload: Any, request_id: str = "rid-1", key: str = "order-7") -> Any:
         import msgspec
@@ -212,6 +214,14 @@ def _isolated() -> Iterator[None]:
 @pytest.fixture
 async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
     async with _started(tmp_path, "shared") as s:
+        yield s
+
+
+@pytest.fixture(params=["shared", "inline"])
+async def either(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Setup]:
+    """The caller and the callee on the shared loop, or both inline (on the node's loop)."""
+    async with _started(tmp_path, request.param) as s:
+        s.mode = request.param
         yield s
 
 
@@ -250,11 +260,11 @@ async def _warm(s: Setup) -> None:
     await s.ask("ask", ["who", None])
 
 
-async def test_slices_on_the_shared_loop_call_each_other_directly_with_what_the_usual_way_gives(
-    setup: Setup,
+async def test_slices_on_one_loop_call_each_other_directly_with_what_the_usual_way_gives(
+    either: Setup,
 ) -> None:
-    s = setup
-    assert s.runtime.isolation(Artifact.parse(CALLER)) == "shared"
+    s = either
+    assert s.runtime.isolation(Artifact.parse(CALLER)) == s.mode
     assert s.runtime.isolation(Artifact.parse(LONER)) == "thread"
     first = await s.ask("ask", ["who", None], key="order-7")  # the usual way: one local attempt
     assert s.local_attempts() == 2  # the outer call and the nested one
@@ -262,7 +272,8 @@ async def test_slices_on_the_shared_loop_call_each_other_directly_with_what_the_
     assert s.local_attempts() == 3
     for out, key in ((first, "order-7"), (again, "order-8")):
         got = out["got"]
-        assert got["thread"] == out["thread"] != threading.get_ident()  # the same (shared) loop
+        assert got["thread"] == out["thread"]  # the same loop: the shared one, or the node's
+        assert (out["thread"] == threading.get_ident()) == (s.mode == "inline")
         assert got["slice"] == CALLEE and out["slice_after"] == CALLER  # log context restored
         assert got["rid"] == out["rid"] == "rid-1"
         assert out["key"] == key
@@ -280,18 +291,18 @@ async def test_slices_on_the_shared_loop_call_each_other_directly_with_what_the_
     assert [c for c in s.recorder.calls if c[0] == CALLEE] == [(CALLEE, "who", True, False)] * 5
 
 
-async def test_a_call_to_a_slice_on_its_own_thread_goes_the_usual_way(setup: Setup) -> None:
-    s = setup
+async def test_a_call_to_a_slice_on_its_own_thread_goes_the_usual_way(either: Setup) -> None:
+    s = either
     for n in range(2):
         out = await s.ask("ask_loner", f"x{n}")
         assert out["arg"] == f"x{n}"
     assert s.local_attempts() == 4  # every nested call is an attempt of the invoker
 
 
-async def test_direct_calls_fail_as_the_usual_way_fails(setup: Setup) -> None:
+async def test_direct_calls_fail_as_the_usual_way_fails(either: Setup) -> None:
     """Each failure of a nested call, made directly and then the usual way (a fault that delays
     nothing and fails nothing sends it through `call`): the same error, word for word."""
-    s = setup
+    s = either
     await _warm(s)
     callee = Artifact.parse(CALLEE)
     cases = [
@@ -328,8 +339,8 @@ async def test_direct_calls_fail_as_the_usual_way_fails(setup: Setup) -> None:
     ] * 2  # fmt: skip
 
 
-async def test_limits_faults_and_policies_of_the_callee_send_the_call_the_usual_way(setup: Setup) -> None:
-    s = setup
+async def test_limits_faults_and_policies_of_the_callee_send_the_call_the_usual_way(either: Setup) -> None:
+    s = either
     await _warm(s)
     callee = Artifact.parse(CALLEE)
     base = s.local_attempts()
@@ -351,8 +362,8 @@ async def test_limits_faults_and_policies_of_the_callee_send_the_call_the_usual_
     assert s.local_attempts() == base + 7  # direct again
 
 
-async def test_draining_the_callee_waits_for_its_direct_calls(setup: Setup) -> None:
-    s = setup
+async def test_draining_the_callee_waits_for_its_direct_calls(either: Setup) -> None:
+    s = either
     await _warm(s)
     base = s.local_attempts()
     running = asyncio.ensure_future(s.ask("ask", ["slow", 0.5]))
@@ -362,8 +373,8 @@ async def test_draining_the_callee_waits_for_its_direct_calls(setup: Setup) -> N
     await s.runtime.deactivate(Artifact.parse(CALLEE), drain_timeout=3.0)
     assert asyncio.get_running_loop().time() - t0 >= 0.25  # it waited for the direct call
     assert (await running)["got"] == "slept"
-    # the shared loop stays for the caller; a call to the stopped callee is not direct and fails
-    assert s.runtime.isolation(Artifact.parse(CALLER)) == "shared"
+    # the loop stays for the caller; a call to the stopped callee is not direct and fails
+    assert s.runtime.isolation(Artifact.parse(CALLER)) == s.mode
     with pytest.raises(Exception, match=r"no ACTIVE instance|timed out|did not succeed"):
         await s.ask("ask_soon", ["who", None])
 
@@ -412,8 +423,8 @@ async def test_a_nested_call_in_the_callers_task_leaves_the_callers_log_context_
         assert out["got"]["thread"] == out["thread"] == threading.get_ident()  # the node's loop
 
 
-async def test_direct_calls_leave_no_reference_cycles_behind(setup: Setup) -> None:
-    s = setup
+async def test_direct_calls_leave_no_reference_cycles_behind(either: Setup) -> None:
+    s = either
     await _warm(s)
     await s.ask("ask", ["who", None])
     gc.collect()
@@ -427,15 +438,31 @@ async def test_direct_calls_leave_no_reference_cycles_behind(setup: Setup) -> No
     assert found < 30, f"{found} objects in reference cycles after 30 calls"
 
 
-async def test_a_caller_making_direct_calls_in_a_loop_lets_the_loop_turn(setup: Setup) -> None:
+async def test_a_caller_making_direct_calls_in_a_loop_lets_the_loop_turn(either: Setup) -> None:
     """A direct call does not suspend its caller: 20,000 of them in a loop (longer than the 0.2 s
-    block limit here) would hold the shared loop, and the watchdog would fail the call as blocking.
-    One in `DIRECT_STREAK` yields."""
-    s = setup
+    block limit here) would hold the loop: on the shared loop the watchdog would fail the call as
+    blocking, on the node's loop (inline) nothing else would run meanwhile. One in `DIRECT_STREAK`
+    yields."""
+    s = either
     await _warm(s)
     reports: list[Any] = []
     s.runtime.on_block.append(lambda a, r: reports.append(r))
     base = s.local_attempts()
-    assert await s.ask("ask_in_a_loop", 20_000) == 20_000
+    turns = 0
+
+    async def tick() -> None:  # another task on the node's loop
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0)
+    before = turns
+    try:
+        assert await s.ask("ask_in_a_loop", 20_000) == 20_000
+    finally:
+        ticker.cancel()
     assert s.local_attempts() == base + 1  # every nested call direct
     assert reports == []
+    assert turns - before >= 20_000 // 32 // 2  # the node's loop turned while the calls ran

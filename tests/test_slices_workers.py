@@ -20,6 +20,7 @@ from aether.core.errors import KIND_APP_ERROR, KIND_BAD_REQUEST, KIND_NO_INSTANC
 from aether.core.tracing import current_trace, parse_traceparent
 from aether.slices import SliceLoadError, SliceStartError
 from aether.slices.errors import Conflict, NotFound
+from aether.slices.isolation import InlineInvoker
 from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime, is_client_error
@@ -575,7 +576,9 @@ async def test_an_inline_slice_runs_on_the_node_loop_and_reaches_the_node_direct
     repo: Repository, tmp_path: Path
 ) -> None:
     """isolation = "inline": the slice's code runs on the node's own loop and thread (no hop), its
-    calls and map operations go to the node's objects as they are; exits are still contained."""
+    calls go to the node's invoker (after trying a direct call to another inline slice, which the
+    threaded hello is not) and its map operations to the node's maps as they are; exits are still
+    contained."""
     hello = Artifact.parse("org.example:hello:0.1.0")
     rt, maps = make_runtime(repo, tmp_path, isolation_for=lambda a: "inline" if a == A else "auto")
     try:
@@ -587,7 +590,8 @@ async def test_an_inline_slice_runs_on_the_node_loop_and_reaches_the_node_direct
         entry = rt._entries[A]
         assert entry.thread is not None and not hasattr(entry.thread, "thread")  # no thread of its own
         obj = entry.instances[1].obj
-        assert obj is not None and obj.context.invoker is rt.invoker and obj.context.maps is maps
+        assert obj is not None and obj.context.maps is maps
+        assert isinstance(obj.context.invoker, InlineInvoker) and obj.context.invoker._inner is rt.invoker
         got = dec(await rt.call(A, "relay", enc("ann"), request_id="req-8"))
         assert got == "Hello, ann / rid=req-8"  # a call from inline code to a threaded slice
         assert dec(await rt.call(A, "remember", enc("v2"))) == ["v2", ["k"]]

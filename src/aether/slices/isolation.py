@@ -35,7 +35,7 @@ import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -46,8 +46,9 @@ from aether.slices.errors import SliceError
 from aether.slices.maps import MapBackend, MapOp, MapOpStarter
 
 __all__ = [
-    "BlockPolicy", "BlockReport", "InlineLoop", "NotDirect", "SharedInvoker", "SliceBlocked",
-    "SliceBlockedNotice", "SliceCrashed", "SliceThread", "ThreadInvoker", "ThreadMaps",
+    "BlockPolicy", "BlockReport", "DirectHome", "InlineCalls", "InlineInvoker", "InlineLoop", "NotDirect",
+    "SharedInvoker", "SliceBlocked", "SliceBlockedNotice", "SliceCrashed", "SliceThread", "ThreadInvoker",
+    "ThreadMaps",
 ]
 
 T = TypeVar("T")
@@ -176,7 +177,32 @@ _names = itertools.count(1)
 _CANCELLED = object()
 
 
-class SliceThread:
+class _DirectStreak:
+    """The direct calls made in one turn of `loop` (`SliceRuntime._direct` runs them in their
+    caller's task), for `direct_yield`."""
+
+    DIRECT_STREAK = 32  # direct calls in one turn of the loop before one of them yields
+    loop: asyncio.AbstractEventLoop
+    _streak: int = 0
+
+    def direct_yield(self) -> bool:
+        """On this loop, as a direct call ends: True when the caller should yield to the loop
+        (`await asyncio.sleep(0)`). A direct call does not suspend its caller, so a caller making
+        calls in a loop would hold the loop (the watchdog would take it for blocked, other calls
+        would wait): one in `DIRECT_STREAK` calls of a turn yields. (Not every call after the first
+        `DIRECT_STREAK`: under load a turn runs many callers' calls, one each, and each yield costs
+        its caller a suspension and a resumption through its whole stack.)"""
+        n = self._streak + 1
+        if n == 1:
+            self.loop.call_soon(self._end_streak)  # runs when the loop turns
+        self._streak = n
+        return n % self.DIRECT_STREAK == 0
+
+    def _end_streak(self) -> None:
+        self._streak = 0
+
+
+class SliceThread(_DirectStreak):
     """An asyncio loop in a daemon thread, for one artifact's code. Create and use it on the node's loop.
 
     `run(coro, entry=...)` runs a coroutine there and returns its result on the node's loop; a
@@ -527,24 +553,6 @@ class SliceThread:
         calls[task] = _Running(entry, serving.answer if serving is not None else None, owner)
         return task, before
 
-    DIRECT_STREAK = 32  # direct calls in one turn of the loop before one of them yields
-
-    def direct_yield(self) -> bool:
-        """On this (shared) loop, as a direct call ends: True when the caller should yield to the
-        loop (`await asyncio.sleep(0)`). A direct call does not suspend its caller, so a caller
-        making calls in a loop would hold the loop (the watchdog would take it for blocked, other
-        slices' calls would wait): one in `DIRECT_STREAK` calls of a turn yields. (Not every call
-        after the first `DIRECT_STREAK`: under load a turn runs many callers' calls, one each, and
-        each yield costs its caller a suspension and a resumption through its whole stack.)"""
-        n = self._streak + 1
-        if n == 1:
-            self.loop.call_soon(self._end_streak)  # runs when the loop turns
-        self._streak = n
-        return n % self.DIRECT_STREAK == 0
-
-    def _end_streak(self) -> None:
-        self._streak = 0
-
     def direct_exit(self, token: tuple[asyncio.Task[Any], _Call | _Running | None]) -> None:
         task, before = token
         if before is None:
@@ -744,6 +752,20 @@ class NotDirect:
         self.idempotency_key = idempotency_key
 
 
+class DirectHome(Protocol):
+    """The loop where a direct call runs in its caller's task (`SliceRuntime._direct`), and what
+    it keeps there: the node's shared slice loop (its `SliceThread`) or the node's own loop for the
+    inline slices (`InlineCalls`)."""
+
+    loop: asyncio.AbstractEventLoop
+    deadlines: DeadlineSweep
+
+    def direct_enter(self, owner: str, entry: str, task: asyncio.Task[Any]) -> Any: ...
+    def direct_exit(self, token: Any) -> None: ...
+    def direct_yield(self) -> bool: ...
+    def post_main(self, fn: Any, *args: Any) -> None: ...
+
+
 DirectCall = Callable[
     [str, str, bytes, "str | None", "float | None", "str | None"], Awaitable["bytes | NotDirect"]
 ]
@@ -778,6 +800,60 @@ class SharedInvoker(ThreadInvoker):
         idempotency_key = out.idempotency_key or idempotency_key
         return await super().invoke(
             target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=idempotency_key
+        )
+
+
+class InlineCalls(_DirectStreak):
+    """The node's loop as the home of direct calls between inline slices: what a `SliceThread`
+    gives `SliceRuntime._direct` on the shared loop (the loop, the deadline sweep, the streak that
+    makes a caller yield), for the slices with ``isolation = "inline"``, which all run on the node's
+    loop. No watchdog (a blocking inline slice blocks the node's loop, which the node's loop-lag
+    probe reports), and the bookkeeping runs at once: this is the loop that owns it. Create it on
+    the node's loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.deadlines = DeadlineSweep()  # of the direct calls between inline slices
+
+    def direct_enter(self, owner: str, entry: str, task: asyncio.Task[Any]) -> None:
+        """Nothing to name: no watchdog looks at the node's loop from here."""
+        return None
+
+    def direct_exit(self, token: None) -> None:
+        return None
+
+    def post_main(self, fn: Any, *args: Any) -> None:
+        """`fn(*args)` now (on the node's loop already)."""
+        fn(*args)
+
+
+class InlineInvoker:
+    """The node's `SliceCaller` for inline slices: a call to another inline slice on this node is
+    tried directly first (`SliceRuntime._direct` with the node's `InlineCalls`), as on the shared
+    loop; one it declines (`NotDirect`) goes through the node's invoker as before."""
+
+    def __init__(self, inner: SliceCaller, direct: DirectCall) -> None:
+        self._inner = inner
+        self._direct = direct
+
+    async def invoke(
+        self,
+        target: str,
+        method: str,
+        payload: bytes,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> bytes:
+        out = await self._direct(target, method, payload, request_id, timeout, idempotency_key)
+        if not isinstance(out, NotDirect):
+            return out
+        key = out.idempotency_key or idempotency_key
+        if key is None:
+            return await self._inner.invoke(target, method, payload, request_id=request_id, timeout=timeout)
+        return await self._inner.invoke(
+            target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=key
         )
 
 

@@ -89,6 +89,9 @@ from aether.slices.errors import (
 from aether.slices.faults import SliceFault, should_fail
 from aether.slices.isolation import (
     BlockReport,
+    DirectHome,
+    InlineCalls,
+    InlineInvoker,
     InlineLoop,
     NotDirect,
     SharedInvoker,
@@ -395,6 +398,7 @@ class SliceRuntime:
         self._slots = itertools.count(1)  # never reused: names an instance object in a worker
         # the node's shared slice loop (``isolation = "shared"``) and the artifacts whose code runs there
         self._shared: SliceThread | None = None
+        self._inline: InlineCalls | None = None  # the node's loop as home of direct calls (inline slices)
         self._shared_users: set[Artifact] = set()
 
     def _lock(self, artifact: Artifact) -> asyncio.Lock:
@@ -887,13 +891,15 @@ class SliceRuntime:
     # --- direct calls on the shared loop ------------------------------------------------------------
 
     async def _direct(
-        self, caller: SliceThread, target: str, method: str, payload: bytes, request_id: str | None,
+        self, caller: DirectHome, target: str, method: str, payload: bytes, request_id: str | None,
         timeout: float | None, idempotency_key: str | None = None,
     ) -> bytes | NotDirect:
-        """On the node's shared slice loop (`caller`): a call slice code there makes to a slice that
-        runs on the same loop, run directly in the caller's task (no hop to the node's loop and back:
-        `SharedInvoker`). `NotDirect` when it must go the usual way: the target's entry is not on this
-        loop or not resolved here yet, runs under concurrency limits or with an injected fault, the
+        """On the node's shared slice loop (`caller`, its `SliceThread`) or, between inline slices,
+        on the node's loop (`caller`, the runtime's `InlineCalls`): a call slice code there makes to
+        a slice that runs on the same loop, run directly in the caller's task (no hop to the node's
+        loop and back: `SharedInvoker`; no pass through the invoker: `InlineInvoker`). `NotDirect`
+        when it must go the usual way: the target's entry is not on this loop or not resolved here
+        yet, runs under concurrency limits or with an injected fault, the
         invoker says no (`direct_ready`: a rollout splits the target, tracing is on, the entry's
         policy has a timeout or retries of its own), or no call is being served (no request id, no
         idempotency key given or to derive from), or the key given is not a valid one; and after an
@@ -979,7 +985,7 @@ class SliceRuntime:
         raise error from failure
 
     def _direct_target(
-        self, caller: SliceThread, target: str, method: str
+        self, caller: DirectHome, target: str, method: str
     ) -> tuple[_Entry, _Instance, EntryInfo] | None:
         """The entry, instance and entry description a direct call from `caller`'s loop runs, if it
         may (see `_direct`).
@@ -990,7 +996,10 @@ class SliceRuntime:
             if not found:
                 return None
             e = found[0]
-            if e.thread is not caller or e.state != "active" or e.limits.limited:
+            home: object = e.thread
+            if isinstance(home, InlineLoop):
+                home = self._inline  # (every inline slice runs on the node's loop)
+            if home is not caller or e.state != "active" or e.limits.limited:
                 return None
             ent = e.loaded.info.entries.get(method)
             if ent is None:
@@ -1010,6 +1019,13 @@ class SliceRuntime:
         if inst.fault is not None or inst.obj is None:
             return None
         return e, inst, ent
+
+    def _inline_calls(self) -> InlineCalls:
+        """The node's loop as the home of direct calls between inline slices (made at first use,
+        on the node's loop)."""
+        if self._inline is None:
+            self._inline = InlineCalls()
+        return self._inline
 
     def _direct_done(
         self, e: _Entry, inst: _Instance, method: str, seconds: float, ok: bool, client_error: bool
@@ -1123,10 +1139,12 @@ class SliceRuntime:
         artifact = e.loaded.artifact
         invoker: SliceCaller = self.invoker
         maps = self.maps
-        if isinstance(thread, SliceThread) and thread.shared:
+        if isinstance(thread, InlineLoop):  # a call to another inline slice here runs directly
+            invoker = InlineInvoker(self.invoker, functools.partial(self._direct, self._inline_calls()))
+        elif isinstance(thread, SliceThread) and thread.shared:
             invoker = SharedInvoker(self.invoker, thread, functools.partial(self._direct, thread))
             maps = ThreadMaps(self.maps, thread) if self.maps is not None else None
-        elif isinstance(thread, SliceThread):  # inline slices use the node's own objects
+        elif isinstance(thread, SliceThread):  # (inline slices use the node's maps)
             invoker = ThreadInvoker(self.invoker, thread)
             maps = ThreadMaps(self.maps, thread) if self.maps is not None else None
         return SliceContext(
@@ -1445,26 +1463,29 @@ class SliceRuntime:
         await self._drain_calls(artifact, insts, timeout)
         e = self._entries.get(artifact)
         thread = e.thread if e is not None else None
-        if isinstance(thread, SliceThread) and thread.shared:
+        if (isinstance(thread, SliceThread) and thread.shared) or isinstance(thread, InlineLoop):
             await self._drain_direct(artifact, thread, insts, deadline)
 
     async def _drain_direct(
-        self, artifact: Artifact, thread: SliceThread, insts: list[_Instance], deadline: float
+        self, artifact: Artifact, thread: SliceThread | InlineLoop, insts: list[_Instance], deadline: float
     ) -> None:
-        """Wait (until `deadline`) for the direct calls running on the shared loop. A direct call that
-        found its instance accepting just before the drain began has counted itself once the shared
-        loop has run one more call (the check and the count are one step there)."""
+        """Wait (until `deadline`) for the direct calls running on the shared loop (or, for an inline
+        slice, on the node's loop). A direct call that found its instance accepting just before the
+        drain began has counted itself once the shared loop has run one more call (the check and the
+        count are one step there; on the node's loop they are one step of this loop)."""
         loop = asyncio.get_running_loop()
-        try:
-            await asyncio.wait_for(thread.run(_noop()), max(0.0, deadline - loop.time()))
-        except Exception:  # (TimeoutError too)
-            pass  # a blocked or closed loop: the wait below gives up at the deadline
+        if isinstance(thread, SliceThread):
+            try:
+                await asyncio.wait_for(thread.run(_noop()), max(0.0, deadline - loop.time()))
+            except Exception:  # (TimeoutError too)
+                pass  # a blocked or closed loop: the wait below gives up at the deadline
         while any(i.direct_inflight for i in insts) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         if any(i.direct_inflight for i in insts):
             self.log.warning(
-                "%s: %d direct call(s) to %s still running on the shared loop after draining; stopping "
-                "anyway", self.node_id, sum(i.direct_inflight for i in insts), artifact,
+                "%s: %d direct call(s) to %s still running on %s after draining; stopping anyway",
+                self.node_id, sum(i.direct_inflight for i in insts), artifact,
+                "the shared loop" if isinstance(thread, SliceThread) else "the node's loop",
             )  # fmt: skip
 
     async def _drain_calls(self, artifact: Artifact, insts: list[_Instance], timeout: float) -> None:
