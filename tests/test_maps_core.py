@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from aether.core.calls import RetryPolicy
-from aether.core.maps import MapSpec, MapUnavailable
+from aether.core.maps import MapSpec, MapUnavailable, UnknownMap
 from aether.maps.core import Activate, Fail, MapCore, MapTimings, Reply, Send, StorageHealth, WriteTable
 from aether.maps.messages import (
     MapRequest,
@@ -768,3 +768,60 @@ def test_an_unchecked_answer_is_refused_by_a_fenced_caller_and_an_older_caller_g
     answers = [m for m in seen if isinstance(m, MapResponse) and m.id == 4242]
     assert [(m.value, m.ok, m.check) for m in answers] == [(b"a", True, 0)]
     assert [m for m in seen if isinstance(m, ReadCheck)], "no check round for an older caller"
+
+
+def _undefine(net: Net, node: str, name: str = "m") -> None:
+    """Map `name` removed on `node` as the service does it (`MapService._undefine`)."""
+    engine, actions = net.cores[node].undefine(name, net.now)
+    net.run(node, actions)
+    if engine is not None:
+        engine.close()
+    net.engines.pop(node, None)
+
+
+def test_a_map_removed_while_a_read_waits_behind_its_write_does_not_crash_the_primary() -> None:
+    """A read of a key with a write still waiting for its replicas waits behind it; removing the
+    map then releases the read, which must not look the map up again (a KeyError out of the
+    definition watch left the map half removed), and its callers, local and remote, hear at once
+    that the map is gone instead of retrying until their deadline."""
+    net = Net()
+    key = "k"
+    prim = net.primary_of(key)
+    net.drop = lambda src, dst, msg: isinstance(msg, ReplicateAck) and dst == prim
+    net.submit(prim, 1, OP_PUT, key, b"v")
+    net.pump()
+    net.submit(_client_of(net, key), 2, OP_GET, key)  # a remote caller's read
+    net.pump()
+    assert 1 not in net.results and 2 not in net.results
+    _undefine(net, prim)
+    net.settle(0.2)
+    assert "m" not in net.cores[prim].specs and "m" not in net.cores[prim].broken
+    assert isinstance(net.results.get(1), UnknownMap) and isinstance(net.results.get(2), UnknownMap)
+
+
+def test_a_map_removed_during_a_read_check_is_not_taken_for_a_storage_failure() -> None:
+    """A read in a read-check round when its map is removed: the round's confirmation must not
+    read the removed map's engine (a KeyError there was taken for a failed storage: the node
+    recorded itself broken, left the table and later dropped every map's copies)."""
+    net = Net()
+    key = "k"
+    prim = net.primary_of(key)
+    held: list[tuple[str, str, Any]] = []
+
+    def hold_acks(src: str, dst: str, msg: Any) -> bool:
+        if isinstance(msg, ReadCheckAck) and dst == prim:
+            held.append((src, dst, msg))
+            return True
+        return False
+
+    net.drop = hold_acks
+    net.submit(prim, 1, OP_GET, key)
+    net.pump()
+    assert held and 1 not in net.results
+    _undefine(net, prim)
+    net.drop = lambda src, dst, msg: False
+    for src, dst, msg in held:
+        net.run(dst, net.cores[dst].receive(src, msg, net.now, int(net.now * 1000)))
+    net.settle(0.2)
+    assert not net.cores[prim].broken and prim not in net.health
+    assert isinstance(net.results.get(1), UnknownMap)

@@ -553,8 +553,32 @@ class MapCore:
                 self._start_promotion(table.version, again)
         return self._take()
 
-    def undefine(self, name: str) -> MapStorage | None:
-        """Map `name` was removed: forget it and return its engine for the adapter to delete."""
+    def undefine(self, name: str, now: float) -> tuple[MapStorage | None, list[Action]]:
+        """Map `name` was removed: forget it and return its engine for the adapter to delete, and
+        the actions that answer what still waited for the map (`UnknownMap` for its callers: once
+        forgotten, nothing here may read its definition or its engine again)."""
+        self._clock(now)
+        why = f"map {name!r} was removed while the operation waited"
+        for prim in self.prims.values():
+            ops = [op for op in prim.parked if op.name == name]
+            prim.parked = [op for op in prim.parked if op.name != name]
+            ops += [op for op in prim.queued if op.name == name]
+            prim.queued = [op for op in prim.queued if op.name != name]
+            for mk in [k for k in prim.waiting if k[0] == name]:
+                ops += prim.waiting.pop(mk)
+            for mk in [k for k in prim.inflight if k[0] == name]:
+                del prim.inflight[mk]
+            if prim.check is not None:
+                ops += [op for op in prim.check.ops if op.name == name]
+                prim.check.ops = [op for op in prim.check.ops if op.name != name]
+            for op in ops:
+                self._refuse_op(op, KIND_UNKNOWN_MAP, why)
+        for w in [w for w in self._tracked.values() if w.name == name]:
+            targets, w.targets = w.targets, []
+            for t in targets:
+                self._refuse(t, KIND_UNKNOWN_MAP, why)
+        for c in [c for c in self.client.values() if c.name == name]:
+            self._finish(c, Fail(c.op_id, UnknownMap(why)))
         self.specs.pop(name, None)
         self.ops.pop(name, None)
         self.broken.pop(name, None)
@@ -564,7 +588,7 @@ class MapCore:
             self._untrack(self._tracked[sid])
         for rid in [k for k, ps in self._pushes.items() if ps.name == name]:
             del self._pushes[rid]
-        return self.engines.pop(name, None)
+        return self.engines.pop(name, None), self._take()
 
     def primary_here(self, name: str, key: str) -> bool:
         """Whether this node is the primary of `key`'s partition of map `name` in the partition

@@ -526,7 +526,8 @@ class MapService:
             self._run(self.core.define(name, spec, opened, now))
 
     def _undefine(self, name: str) -> None:
-        engine = self.core.undefine(name)
+        engine, actions = self.core.undefine(name, self.now())
+        self._run(actions)
         if engine is not None:
             for p in engine.partitions():
                 engine.drop(p)
