@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -472,3 +474,121 @@ def test_sqlite_put_counts_sizes_without_reading_again(tmp_path: Path) -> None:
     assert (e.entries, e.bytes) == (1, 2)
     e.close()
 
+
+
+class _WatchedKV:
+    """The consensus store of a one-node cluster: writes apply at once and fire the watches."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, object] = {}
+        self.watches: dict[int, tuple[str, object]] = {}
+        self.writes: list[tuple[str, object | None]] = []
+
+    def get_local(self, key: object) -> object:
+        return self.data.get(str(key))
+
+    def list_local(self, prefix: str = "") -> list[tuple[str, object]]:
+        return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
+
+    def watch(self, prefix: str, callback: object) -> object:
+        wid = len(self.watches) + 1
+        self.watches[wid] = (prefix, callback)
+        return lambda: self.watches.pop(wid, None)
+
+    def _set(self, key: object, value: object | None) -> None:
+        from aether.kv.contract import WatchEvent
+
+        k = str(key)
+        self.writes.append((k, value))
+        if value is None:
+            self.data.pop(k, None)
+            ev = WatchEvent("remove", k, None, len(self.writes))
+        else:
+            self.data[k] = value
+            ev = WatchEvent("put", k, msgspec.msgpack.encode(value), len(self.writes))
+        for prefix, cb in list(self.watches.values()):
+            if k.startswith(prefix):
+                cb(ev)  # type: ignore[operator]
+
+    async def get(self, key: object, timeout: float = 5.0) -> object:
+        return self.data.get(str(key))
+
+    async def compare_and_set(self, key: object, expected: object, new: object, timeout: float = 5.0) -> bool:
+        if self.data.get(str(key)) != expected:
+            return False
+        self._set(key, new)
+        return True
+
+    async def put(self, key: object, value: object, timeout: float = 5.0) -> int:
+        self._set(key, value)
+        return len(self.writes)
+
+    async def remove(self, key: object, timeout: float = 5.0) -> bool:
+        found = str(key) in self.data
+        self._set(key, None)
+        return found
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    def send(self, peer: str, msg: object) -> bool:
+        self.sent.append((peer, msg))
+        return True
+
+
+async def _one_node_service(tmp_path: Path) -> Any:
+    """A started `MapService` that is the whole cluster (and its leader), serving map "m"."""
+    from aether.core.maps import MapSpec
+    from aether.kv.keys import MapDefKey
+    from aether.maps.service import MapService
+
+    kv = _WatchedKV()
+    kv.data[str(MapDefKey("m"))] = MapSpec(replicas=1, write_quorum=1)
+    svc = MapService(
+        "node-1", kv, _Sent(), tmp_path, is_leader=lambda: True, partitions=8, tick_interval=0.01,
+    )  # fmt: skip
+    await svc.start()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    while svc.table is None or svc.syncing or len(svc.core.prims) < 8:
+        assert loop.time() < end, "the one-node map service did not start serving"
+        await asyncio.sleep(0.01)
+    await svc.map_put("m", "k", b"v")
+    return svc
+
+
+async def test_a_map_operation_started_after_stop_fails_at_once(tmp_path: Path) -> None:
+    """Once the service stopped, nothing ticks its core and its engines are closed: an operation
+    started then (a caller still holding the backend) must fail with `MapUnavailable`, not wait
+    forever for an answer no one will give."""
+    from aether.core.maps import MapUnavailable
+
+    svc = await _one_node_service(tmp_path)
+    await svc.stop()
+    with pytest.raises(MapUnavailable, match="stop"):
+        await asyncio.wait_for(svc.map_get("m", "k"), 2.0)
+    with pytest.raises(MapUnavailable, match="stop"):
+        svc.start_op("m", "put", "k", b"w", None, None, None)
+    with pytest.raises(MapUnavailable, match="stop"):  # was: KeyError from the closed engines
+        await asyncio.wait_for(svc.map_keys("m"), 2.0)
+
+
+async def test_a_request_arriving_after_stop_is_not_taken_for_a_storage_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node stops its maps before its transport: a peer's request that arrives in between must
+    be ignored, not served from the closed engines (a KeyError there was taken for a failed
+    storage: an error logged and this node recorded as broken under maps/health/)."""
+    from aether.kv.keys import MapHealthKey
+    from aether.maps.messages import MapRequest
+
+    svc = await _one_node_service(tmp_path)
+    await svc.stop()
+    svc.dispatch("node-2", MapRequest(7, OP_GET, "m", "k", None, None, 0))
+    svc.dispatch("node-2", MapRequest(8, OP_PUT, "m", "k", b"w", None, 0))
+    await asyncio.sleep(0.05)
+    assert not svc.core.broken and not svc._tasks
+    assert svc.kv.get_local(MapHealthKey("node-1")) is None
+    assert "storage failed" not in caplog.text

@@ -610,7 +610,10 @@ class MapService:
     # --- messages -------------------------------------------------------------------------------------------
 
     def dispatch(self, sender: str, msg: Any) -> None:
-        """The transport callback for map messages."""
+        """The transport callback for map messages (ignored once stopped: the node stops its
+        transport after its maps, and the engines are closed)."""
+        if self._closed:
+            return
         if isinstance(msg, KeysResponse | StatsResponse):
             self._calls.resolve(msg.id, sender, msg)
             return
@@ -677,6 +680,7 @@ class MapService:
         self, name: str, op: int, key: str, value: bytes | None, expected: bytes | None, ttl: float | None,
         trace: TraceContext | None,
     ) -> tuple[int, asyncio.Future[tuple[bytes | None, bool]]]:
+        self._check_open()
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
         op_id, fut = self._ops.open(None)  # the core retries, fails over and keeps the deadline
         try:
@@ -687,6 +691,11 @@ class MapService:
             self._ops.discard(op_id)
             raise
         return op_id, fut
+
+    def _check_open(self) -> None:
+        """Raise `MapUnavailable` once stopped: nothing would answer (no ticks, engines closed)."""
+        if self._closed:
+            raise MapUnavailable(f"node {self.node_id} is stopping")
 
     def start_op(
         self, name: str, op: str, key: str, value: bytes | None, expected: bytes | None,
@@ -759,6 +768,7 @@ class MapService:
         """Every live key with `prefix`, asked from the primaries of all partitions. Raises
         `MapUnavailable` naming the partitions no reachable primary serves (never a partial list)."""
         await self._require(name)
+        self._check_open()
         if not self.tracer.enabled:
             return await self._keys(name, prefix)
         span = self.tracer.start_span(
