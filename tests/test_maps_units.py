@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -538,16 +539,17 @@ class _Sent:
         return True
 
 
-async def _one_node_service(tmp_path: Path) -> Any:
+async def _one_node_service(tmp_path: Path, kv: _WatchedKV | None = None, **options: Any) -> Any:
     """A started `MapService` that is the whole cluster (and its leader), serving map "m"."""
     from aether.core.maps import MapSpec
     from aether.kv.keys import MapDefKey
     from aether.maps.service import MapService
 
-    kv = _WatchedKV()
+    kv = kv or _WatchedKV()
     kv.data[str(MapDefKey("m"))] = MapSpec(replicas=1, write_quorum=1)
     svc = MapService(
         "node-1", kv, _Sent(), tmp_path, is_leader=lambda: True, partitions=8, tick_interval=0.01,
+        **options,
     )  # fmt: skip
     await svc.start()
     loop = asyncio.get_running_loop()
@@ -592,3 +594,68 @@ async def test_a_request_arriving_after_stop_is_not_taken_for_a_storage_failure(
     assert not svc.core.broken and not svc._tasks
     assert svc.kv.get_local(MapHealthKey("node-1")) is None
     assert "storage failed" not in caplog.text
+
+
+class _FlakyKV(_WatchedKV):
+    """A store whose writes fail while `down` (no quorum), counting the failures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.failures = 0
+
+    def _set(self, key: object, value: object | None) -> None:
+        if self.down:
+            self.failures += 1
+            raise ConnectionError("no quorum")
+        super()._set(key, value)
+
+
+class _FullAtCommit(MemoryStorage):
+    """A memory engine whose commits fail while `full` (a full disk)."""
+
+    full = False
+
+    def put(self, partition: int, key: str, rec: Any) -> None:
+        super().put(partition, key, rec)
+        self.pending = True  # committed at the end of the turn, as a persistent engine is
+
+    def commit(self) -> None:
+        self.pending = False
+        if self.full:
+            raise OSError(28, "No space left on device")
+        super().commit()
+
+
+async def test_the_health_record_ends_as_the_storage_is_when_its_writes_are_retried(tmp_path: Path) -> None:
+    """The storage fails while the store has no quorum, and works again before it has one: the
+    record of the failure, retried with a growing pause, must not land after the removal that
+    followed it (the node would stay recorded broken, and out of the table, while it works)."""
+    from aether.core.maps import MapUnavailable
+    from aether.kv.keys import MapHealthKey
+    from aether.maps.core import MapTimings
+
+    kv = _FlakyKV()
+    engine = _FullAtCommit()
+    skew = [0.0]  # the service's clock runs ahead by this (its probe comes with the next tick)
+    svc = await _one_node_service(
+        tmp_path, kv, timings=MapTimings(probe_after=0.1), open_storage=lambda kind, d, name: engine,
+        now=lambda: time.monotonic() + skew[0],
+    )
+    try:
+        kv.down = engine.full = True
+        with pytest.raises(MapUnavailable, match="committing"):
+            await svc.map_put("m", "k2", b"w")  # its commit fails: the map is broken here
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 5
+        while kv.failures < 5:  # the failure's record is retried, and now waits ~1 s for its next try
+            assert loop.time() < end
+            await asyncio.sleep(0.01)
+        kv.down = engine.full = False  # the store has a quorum again, the disk has room ...
+        skew[0] = 2.0  # ... and the probe finds it at the next tick, long before that next try
+        while svc.core.broken or svc._tasks:
+            assert loop.time() < end, (svc.core.broken, svc._tasks)
+            await asyncio.sleep(0.01)
+        assert kv.get_local(MapHealthKey("node-1")) is None, kv.writes
+    finally:
+        await svc.stop()

@@ -195,6 +195,8 @@ class MapService:
         self._quorum = True
         self._closed = False
         self._health: str | None = None  # what this node last recorded under maps/health/
+        self._health_wanted: str | None = None  # what it is to record there (the core's last StorageHealth)
+        self._health_writer: asyncio.Task[None] | None = None  # the one task writing it
         self._alive_written = 0.0
         self._serving: dict[tuple[str, int], Span] = {}  # spans of traced requests being served here
         self._held: dict[str, list[tuple[float, object]]] = {}  # answers waiting for our link to a peer
@@ -247,7 +249,7 @@ class MapService:
             self._unsubscribe.append(self.bus.subscribe(PeerUp, lambda ev: self.peer_up(ev.node_id)))
             self._unsubscribe.append(self.bus.subscribe(PeerDown, lambda ev: self.peer_down(ev.node_id)))
         if self.kv.get_local(MapHealthKey(self.node_id)) is not None and not self.core.broken:
-            self._spawn(self._record_health(None))  # recorded by an earlier incarnation
+            self._want_health(None)  # recorded by an earlier incarnation
         self._ticker = asyncio.create_task(self._ticking())
         self.replan()
 
@@ -267,10 +269,11 @@ class MapService:
             engine.close()
         self.core.engines.clear()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -419,7 +422,7 @@ class MapService:
             elif isinstance(a, Activate):
                 self._spawn(self._activate(a.version, a.partitions))
             elif isinstance(a, StorageHealth):
-                self._spawn(self._record_health(a.reason))
+                self._want_health(a.reason)
             elif isinstance(a, Answered):  # the caller's node answered it: no response to send
                 span = self._serving.pop((a.peer, a.id), None) if self._serving else None
                 if span is not None:
@@ -454,18 +457,35 @@ class MapService:
             await asyncio.sleep(_STORE_RETRY.backoff(attempt, self._rng) / 5)
         self._run(self.core.activated(version, parts, ok, self.now()))
 
-    async def _record_health(self, reason: str | None) -> None:
-        for attempt in range(10):
-            try:
-                if reason is None:
-                    await self.kv.remove(MapHealthKey(self.node_id))
-                else:
-                    await self.kv.put(MapHealthKey(self.node_id), reason)
+    def _want_health(self, reason: str | None) -> None:
+        """Record `reason` under maps/health/ (None: remove the record). One task writes it, always
+        the latest wanted: a write retried after a newer one (each with its own task, a record of a
+        failure, backing off longer, landed after the removal that followed it) would undo it."""
+        self._health_wanted = reason
+        if self._health_writer is None:
+            self._health_writer = self._spawn(self._record_health())
+
+    async def _record_health(self) -> None:
+        try:
+            attempt = 0
+            while attempt < 10:
+                reason = self._health_wanted
+                try:
+                    if reason is None:
+                        await self.kv.remove(MapHealthKey(self.node_id))
+                    else:
+                        await self.kv.put(MapHealthKey(self.node_id), reason)
+                except Exception as e:
+                    self.log.warning("cannot record this node's map storage health: %s", e)
+                    attempt += 1
+                    await asyncio.sleep(_STORE_RETRY.backoff(attempt, self._rng))
+                    continue
                 self._health = reason
-                return
-            except Exception as e:
-                self.log.warning("cannot record this node's map storage health: %s", e)
-                await asyncio.sleep(_STORE_RETRY.backoff(attempt + 1, self._rng))
+                if self._health_wanted == reason:
+                    return
+                attempt = 0  # it changed meanwhile: record the latest
+        finally:
+            self._health_writer = None
 
     # --- consensus store events -----------------------------------------------------------------------------
 
