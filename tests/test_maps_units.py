@@ -659,3 +659,34 @@ async def test_the_health_record_ends_as_the_storage_is_when_its_writes_are_retr
         assert kv.get_local(MapHealthKey("node-1")) is None, kv.writes
     finally:
         await svc.stop()
+
+
+async def test_actions_carried_out_as_the_service_stops_start_no_task_that_outlives_it(
+    tmp_path: Path,
+) -> None:
+    """`stop()` commits the turn's writes and carries out the actions that waited for that commit
+    (the loop may also run the turn's commit while `stop()` waits for its tasks to end): a store
+    write among them (a storage health record, an activation, a table) must not start a task
+    after the service cancelled its tasks, one that would write to the store after it stopped."""
+    from aether.maps.core import StorageHealth
+    from aether.maps.service import MapService
+
+    kv = _WatchedKV()
+    engine = _FullAtCommit()
+    svc = await _one_node_service(tmp_path, kv, open_storage=lambda kind, d, name: engine)
+    spawned: list[Any] = []
+    real_spawn = MapService._spawn
+
+    def spawn(self: MapService, coro: Any) -> Any:
+        task = real_spawn(self, coro)
+        if task is not None:
+            spawned.append(task)
+        return task
+
+    svc._spawn = spawn.__get__(svc)  # type: ignore[method-assign]
+    engine.put(0, "k3", Record(b"w", 1, 1))  # a write of this turn, not committed yet ...
+    svc._run([StorageHealth("a reason")])  # ... so this waits for the commit at the end of the turn
+    await svc.stop()
+    await asyncio.sleep(0.05)
+    assert all(t.done() for t in spawned) and not svc._tasks
+    assert [k for k, _ in kv.writes if "health" in k] == []

@@ -269,7 +269,10 @@ class MapService:
             engine.close()
         self.core.engines.clear()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any] | None:
+        if self._closed:  # stopping: its tasks are cancelled, none may start now and outlive it
+            coro.close()
+            return None
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
