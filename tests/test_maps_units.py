@@ -690,3 +690,36 @@ async def test_actions_carried_out_as_the_service_stops_start_no_task_that_outli
     await asyncio.sleep(0.05)
     assert all(t.done() for t in spawned) and not svc._tasks
     assert [k for k, _ in kv.writes if "health" in k] == []
+
+
+async def test_the_health_record_is_written_however_long_the_store_has_no_quorum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node that starts with a storage failure recorded by its previous run removes the record
+    (else the leader leaves it out of the table); the store may have no quorum for a while (the
+    rest of the cluster is still starting). The removal was given up after 10 tries: the node
+    stayed out of the table until it restarted again. It is retried until it is written."""
+    from aether.core.calls import RetryPolicy
+    from aether.core.maps import MapSpec
+    from aether.kv.keys import MapDefKey, MapHealthKey
+    from aether.maps import service
+    from aether.maps.service import MapService
+
+    monkeypatch.setattr(service, "_STORE_RETRY", RetryPolicy(1.0, None, backoff_min=0.001, backoff_max=0.002))
+    kv = _FlakyKV()
+    kv.data[str(MapDefKey("m"))] = MapSpec(replicas=1, write_quorum=1)
+    kv.data[str(MapHealthKey("node-1"))] = "map 'm' storage failed (...)"  # by the previous run
+    kv.down = True
+    svc = MapService("node-1", kv, _Sent(), tmp_path, partitions=8, tick_interval=0.01)
+    await svc.start()
+    try:
+        await asyncio.sleep(0.5)  # long enough for many more than 10 tries
+        assert kv.failures >= 10
+        kv.down = False
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 2
+        while kv.get_local(MapHealthKey("node-1")) is not None:
+            assert loop.time() < end, "the stale health record was never removed"
+            await asyncio.sleep(0.01)
+    finally:
+        await svc.stop()

@@ -469,9 +469,11 @@ class MapService:
             self._health_writer = self._spawn(self._record_health())
 
     async def _record_health(self) -> None:
+        """Write `_health_wanted` until it is written, however long the store has no quorum (the
+        leader plans with the record: given up, it stayed wrong until the node restarted)."""
         try:
             attempt = 0
-            while attempt < 10:
+            while True:
                 reason = self._health_wanted
                 try:
                     if reason is None:
@@ -479,7 +481,9 @@ class MapService:
                     else:
                         await self.kv.put(MapHealthKey(self.node_id), reason)
                 except Exception as e:
-                    self.log.warning("cannot record this node's map storage health: %s", e)
+                    if attempt % 10 == 0:
+                        self.log.warning("cannot record this node's map storage health (tried %d times): %s",
+                                         attempt + 1, e)
                     attempt += 1
                     await asyncio.sleep(_STORE_RETRY.backoff(attempt, self._rng))
                     continue
