@@ -723,3 +723,42 @@ async def test_the_health_record_is_written_however_long_the_store_has_no_quorum
             await asyncio.sleep(0.01)
     finally:
         await svc.stop()
+
+
+class _FailingDrop(_FullAtCommit):
+    """An engine on a full disk whose copies cannot even be deleted (SQLite's DELETE needs room)."""
+
+    closed = False
+    failing = False
+
+    def drop(self, partition: int) -> None:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        super().drop(partition)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_map_removed_while_its_storage_fails_still_closes_and_deletes_its_files(
+    tmp_path: Path,
+) -> None:
+    """Removing a map is what one does with a map whose disk is full; deleting its copies partition
+    by partition fails there: the map was left half removed (its engine open, with its lock, and
+    its files kept). The files are deleted whatever dropping the partitions did."""
+    from aether.kv.keys import MapDefKey
+
+    kv = _WatchedKV()
+    engine = _FailingDrop()
+    svc = await _one_node_service(tmp_path, kv, open_storage=lambda kind, d, name: engine)
+    try:
+        files = [tmp_path / "m.sqlite", tmp_path / "m.sqlite-wal"]
+        for f in files:
+            f.write_bytes(b"x")
+        engine.failing = True
+        assert await svc.undefine("m")
+        assert "m" not in svc.engines and engine.closed
+        assert not any(f.exists() for f in files)
+        assert kv.get_local(MapDefKey("m")) is None
+    finally:
+        await svc.stop()

@@ -28,6 +28,7 @@ injectable; the seeded simulation passes its virtual clocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -556,9 +557,15 @@ class MapService:
         engine, actions = self.core.undefine(name, self.now())
         self._run(actions)
         if engine is not None:
-            for p in engine.partitions():
-                engine.drop(p)
-            engine.close()
+            try:
+                for p in engine.partitions():
+                    engine.drop(p)
+                engine.close()
+            except Exception as e:  # a full disk, an I/O error: the map goes all the same
+                self.log.warning("map %r: removing its copies failed (%s: %s); deleting its files",
+                                 name, type(e).__name__, e)
+                with contextlib.suppress(Exception):
+                    engine.close()
             for path in storage_files(self.data_dir, name):
                 path.unlink(missing_ok=True)
 
