@@ -137,6 +137,11 @@ async def test_bad_input_errors_name_the_problem() -> None:
     assert issubclass(MapValueTooLarge, BadRequest) and issubclass(MapKeyError, BadRequest)
     with pytest.raises(MapError, match="ttl must be a positive number"):
         await stock.put("k", Stock("k", 1), ttl=-1)
+    # (max_attempts=0 raised UnboundLocalError: no round ran, and the error named the round count)
+    with pytest.raises(MapError, match=r"max_attempts must be a whole number of at least 1, not 0"):
+        await stock.update("k", lambda v: v, max_attempts=0)
+    with pytest.raises(MapError, match=r"budget must be a positive number of seconds, not -1"):
+        await stock.update("k", lambda v: v, budget=-1)
     with pytest.raises(UnknownMap, match="'nope' is not defined; defined maps: stock"):
         await shop.map("nope", int).get("k")
     # a value written as another type does not decode as Stock

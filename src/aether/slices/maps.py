@@ -190,6 +190,11 @@ class SliceMap(Generic[V]):
         other writers won for `budget` seconds or `max_attempts` rounds.
         """
         check_key(self.name, key)
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise MapError(f"map {self.name!r}: max_attempts must be a whole number of at least 1, not "
+                           f"{max_attempts!r}")  # fmt: skip
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+            raise MapError(f"map {self.name!r}: budget must be a positive number of seconds, not {budget!r}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
         for attempt in range(max_attempts):
