@@ -127,7 +127,19 @@ class ConsensusRunner:
                     f"journal {self.store.journal_path}: record at offset {off} has a valid checksum "
                     f"but cannot be decoded ({e}); was it written by another version?"
                 ) from None
-        self.engine.recover(snap, records)
+        try:
+            self.engine.recover(snap, records)
+        except msgspec.DecodeError as e:
+            # decided batches are decoded with their record (above) and applied by the state
+            # machine, which answers a malformed command rather than raising: what cannot be
+            # decoded here is the snapshot (the engine's or the state machine's part of it)
+            if snap is None:
+                raise
+            raise JournalCorrupt(
+                f"snapshot {self.store.snapshot_path} cannot be decoded ({e}): it is damaged, or was "
+                "written by another version; restore the node's data directory from a backup or "
+                "remove it so the node rejoins from its peers"
+            ) from None
         self._last_applied = self.engine.applied
         self.log.info(
             "recovered at slot %d (%d journal records, incarnation %d)",
