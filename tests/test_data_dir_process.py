@@ -3,6 +3,10 @@
 - A damaged ``consensus/snapshot.bin`` (cut short, as a disk or a copy can leave it) stops the
   start with one log line naming the file, exit status 1, and the files left as they were. Seen
   before: the start died with a msgspec traceback ("Input data was truncated") naming no file.
+- A second `aether node` on a data directory a running node holds refuses to start (naming the
+  directory and the holder's pid) and touches nothing. Seen before: it started and served on
+  the same journal and snapshot as the running node, both appending to one ``journal.bin``.
+- The lock dies with its process: after kill -9 the node starts again on the same directory.
 
 Clusters come from the shared fixtures in tests/conftest.py (free ports, PIDs cleaned up).
 """
@@ -10,12 +14,16 @@ Clusters come from the shared fixtures in tests/conftest.py (free ports, PIDs cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from conftest import ProcessCluster
+from conftest import ProcessCluster, free_ports
 
 pytestmark = [pytest.mark.slow]
 
@@ -62,3 +70,54 @@ def test_truncated_snapshot_stops_the_start_naming_the_file(
     lines = c.log_lines(0, "cannot start node node-1", f"snapshot {snap} cannot be decoded")
     assert lines, c.log_tail(0)
     assert _files(c.data_dir(0)) == before  # the failed start changed nothing
+
+
+@pytest.mark.timeout(90)
+def test_second_node_on_a_held_data_dir_refuses_to_start(
+    make_process_cluster: Callable[..., ProcessCluster], tmp_path: Path,
+) -> None:
+    c = make_process_cluster(1)
+    asyncio.run(_put(c, 5))
+    holder = c.pid(0)
+    data = c.data_dir(0)
+    before = _files(data)
+
+    # the same node's command line with other ports (a copied config, a second terminal)
+    cmd = c.command(0)
+    ports = free_ports(3)
+    for flag, port in zip(("--cluster-port", "--management-port", "--http-port"), ports, strict=True):
+        cmd[cmd.index(flag) + 1] = str(port)
+    cmd[cmd.index("--peers") + 1] = f"node-1=127.0.0.1:{ports[0]}"
+    log = tmp_path / "second.log"
+    with open(log, "wb") as out:
+        second = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=c.env,
+            start_new_session=True,
+        )
+    try:
+        try:
+            rc = second.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            rc = None
+        text = log.read_text(errors="replace")
+        assert rc == 1, f"the second node runs on {data} (exit code {rc}); its log:\n{text[-3000:]}"
+        assert f"data directory {data} is in use by another process (pid {holder}" in text, text
+        assert "Traceback" not in text, text
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(second.pid, signal.SIGKILL)
+        second.wait(timeout=10)
+    c.check_alive()
+    assert _files(data) == before  # the refused start changed nothing
+
+    # the running node is unharmed; after kill -9 (no unlock) the node starts again
+    asyncio.run(_put(c, 3))
+    c.kill9(0)
+    c.start(0)
+    c.wait_quorum(20)
+
+    async def read() -> bytes | None:
+        async with c.client(0) as client:
+            return await client.get("user/k4")
+
+    assert asyncio.run(read()) == b"v4"

@@ -8,14 +8,17 @@ SIGKILL, or its terminal closed, leaves no node behind.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gc
 import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from aether.consensus.storage import JournalCorrupt
 from aether.core.config import PARENT_PID_ENV, NodeConfig
+from aether.core.files import make_private_dirs, open_private
 from aether.core.logs import configure_logging
 from aether.node.node import ManagementFactory, Node
 
@@ -155,6 +158,38 @@ async def _start_unless_stopped(node: Node, stop: asyncio.Event) -> bool:
         stopping.cancel()
 
 
+LOCK_FILE = "node.lock"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Lock `data_dir` for this process (an exclusive `flock` on its ``node.lock``, which then
+    holds our pid) and return the lock's file descriptor: the lock lasts until it is closed or the
+    process ends, however it ends. OSError naming the directory and the holder's pid when another
+    process holds it: two nodes on one data directory would append to the same journal and replace
+    each other's snapshot."""
+    make_private_dirs(data_dir)
+    path = data_dir / LOCK_FILE
+    fd = open_private(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        os.close(fd)
+        raise OSError(
+            f"data directory {data_dir} is in use by another process (pid {holder} holds the lock on "
+            f"{path}): stop that node first, or give this one its own --data-dir"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class NodeFailed(Exception):
     """The node stopped itself because its local state could not be written."""
 
@@ -178,6 +213,11 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
         log.error("cannot start node %s: %s", config.node_id, e)
         return 2
     try:
+        lock = lock_data_dir(config.data_path)
+    except OSError as e:
+        log.error("cannot start node %s: %s", config.node_id, e)
+        return 1
+    try:
         asyncio.run(serve(config, management_api=management_api, parent=parent))
     except (OSError, JournalCorrupt) as e:
         log.error("cannot start node %s: %s", config.node_id, e)
@@ -185,4 +225,6 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
     except NodeFailed as e:
         log.error("node %s stopped: %s", config.node_id, e)
         return 1
+    finally:
+        os.close(lock)
     return 0
