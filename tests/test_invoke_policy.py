@@ -599,3 +599,62 @@ async def test_an_indeterminate_nested_call_escaping_an_idempotent_entry_is_not_
     assert len(parents) == 1 and runs.on("D") == 1
     assert e.value.kind == KIND_INDETERMINATE and e.value.status == 502
     assert str(e.value).count("may or may not have taken effect") == 1  # explained once
+
+
+# A slice running in a worker process (isolation = "process") whose worker dies while it runs the
+# call: the call may have partly run (`WorkerHost` fails it with `WorkerLostMidCall`, kind
+# interrupted), so it is repeated only for an idempotent entry. Seen before: the worker's death was
+# answered no_instance ("did not run here") and a non-idempotent call was run again elsewhere.
+
+
+def _dies_mid_call(runs: Runs, on: str) -> Any:
+    async def handler(node: str, payload: bytes) -> bytes:
+        if node == on:
+            runs.seen.append((node, current_idempotency_key.get()))
+            raise _mid_call_error()
+        return await runs(node, payload)
+
+    return handler
+
+
+def _mid_call_error() -> Exception:
+    from aether.slices.workers import WorkerLostMidCall
+
+    return WorkerLostMidCall("the worker process 4242 of org.example:art:1.0.0 on B exited before it "
+                             "answered; the call may have partly run")
+
+
+async def test_a_non_idempotent_call_whose_worker_dies_remotely_is_not_repeated() -> None:
+    net, runs = policy_net(EntryPolicy(idempotent=False), hold=())
+    for n in net.nodes.values():
+        n.slices.handlers["echo"] = _dies_mid_call(runs, "B")
+    a = net.nodes["A"].invoker
+    calls = [asyncio.create_task(a.invoke(TARGET, "echo", b"pay", timeout=5.0)) for _ in range(4)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    on_b = [r for r in results if isinstance(r, IndeterminateOutcome)]
+    assert on_b and all(r.node == "B" for r in on_b)  # B's calls end indeterminate
+    assert runs.on("B") == len(on_b) and runs.on("C") == len(results) - len(on_b)  # none run twice
+
+
+async def test_a_non_idempotent_local_call_whose_worker_dies_is_not_repeated() -> None:
+    net, runs = policy_net(EntryPolicy(idempotent=False), hold=())
+    net.nodes["A"].slices.active.add(ART)
+    net.registry.eps = [e for e in net.registry.eps if e.node_id == "C"]
+    net.registry.add("A", policy=EntryPolicy(idempotent=False))
+    net.registry.add("C", instance=1, policy=EntryPolicy(idempotent=False))
+    for n in net.nodes.values():
+        n.slices.handlers["echo"] = _dies_mid_call(runs, "A")
+    a = net.nodes["A"].invoker
+    with pytest.raises(IndeterminateOutcome, match="may have partly run"):
+        await a.invoke(TARGET, "echo", b"pay", timeout=5.0)
+    assert runs.on("A") == 1 and runs.on("C") == 0
+
+
+async def test_an_idempotent_local_call_whose_worker_dies_is_retried() -> None:
+    net, runs = policy_net(None, hold=())
+    net.nodes["A"].slices.active.add(ART)
+    net.registry.add("A")
+    for n in net.nodes.values():
+        n.slices.handlers["echo"] = _dies_mid_call(runs, "A")
+    a = net.nodes["A"].invoker
+    assert served_by(await a.invoke(TARGET, "echo", b"x", timeout=5.0)) in ("B", "C")

@@ -40,7 +40,8 @@ Semantics
   per-attempt wait, `retries` bounds the attempts after the first, `backoff` the first pause.
   An entry declared ``idempotent=False`` is AT MOST ONCE per logical call: an attempt that may have
   reached the target (sent, then its node went down, no answer within the attempt timeout, or the
-  node stopped it mid-run: kind ``interrupted``) is not repeated: `IndeterminateOutcome` (502).
+  node stopped it mid-run, or the worker process running it died: kind ``interrupted``) is not
+  repeated: `IndeterminateOutcome` (502).
   An entry that lets an `IndeterminateOutcome` escape answers kind ``indeterminate``: never
   retried (that would repeat its non-idempotent call), raised as `IndeterminateOutcome`.
   Failures that certainly did not reach it (no instance, peer not up, send refused, "overloaded",
@@ -736,7 +737,9 @@ class Invoker:
         if isinstance(exc, TimeoutError):  # the entry's own (not the attempt's limit)
             return self._app_error(exc, target, method, rid, attempts)
         kind = classify(exc)
-        if kind in RETRYABLE_KINDS:
+        # interrupted: the instance's worker process died mid-call (it may have partly run), retried
+        # only for an idempotent entry, as the same answer from another node (`_call_remote`)
+        if kind in RETRYABLE_KINDS or kind == KIND_INTERRUPTED:
             return _Retry(f"{kind}: {describe_exception(exc)}", kind)
         return self._error(kind, error_text(exc, kind), target, method, self.node_id, rid, attempts)
 

@@ -8,8 +8,10 @@ answers the calls slice code makes into the node (slice-to-slice calls through t
 `SliceCaller`, map operations through its `MapBackend`) and re-emits the worker's log records on
 the node's loggers, naming the slice, the instance and the worker's pid.
 
-Supervision: a worker that exits while it should run fails the calls in flight with `WorkerLost`
-(503, kind no_instance: the invoker retries them on another instance), and is started again after
+Supervision: a worker that exits while it should run fails the calls in flight with
+`WorkerLostMidCall` (503, kind interrupted: they may have partly run, so the invoker retries them on
+another instance only for idempotent entries; calls made while it is down fail with `WorkerLost`,
+kind no_instance, retried), and is started again after
 the delay `RestartPolicy` decides (exponential backoff, bounded); `on_restart` (the runtime) then
 starts its instances again. `close` asks the worker to stop its instances and exit, then sends
 SIGTERM, then SIGKILL, each after `stop_timeout` s. The worker exits by itself when the node's
@@ -35,7 +37,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from aether.core.errors import KIND_NO_INSTANCE, WireKind
+from aether.core.errors import KIND_INTERRUPTED, KIND_NO_INSTANCE, WireKind
 from aether.core.tracing import current_trace, parse_traceparent
 from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError, SliceLoadError
@@ -62,7 +64,7 @@ from aether.slices.workerproto import (
     rebuild_error,
 )
 
-__all__ = ["WorkerHost", "WorkerLost", "WorkerSpec"]
+__all__ = ["WorkerHost", "WorkerLost", "WorkerLostMidCall", "WorkerSpec"]
 
 
 def _up_context(m: Up) -> contextvars.Context:
@@ -76,11 +78,20 @@ def _up_context(m: Up) -> contextvars.Context:
 
 
 class WorkerLost(SliceError):
-    """The worker process running the instance died (or is being restarted) before it answered:
-    503, kind no_instance, so the invoker retries the call on another instance."""
+    """The worker process of the instance is not running (it died, or is being restarted), so the
+    call was not sent to it: 503, kind no_instance, so the invoker retries the call on another
+    instance."""
 
     status = 503
     wire_kind: ClassVar[WireKind] = KIND_NO_INSTANCE
+
+
+class WorkerLostMidCall(WorkerLost):
+    """The worker process died after the call was sent to it and before it answered: the call may
+    have partly run. 503, kind interrupted: the invoker retries it elsewhere only when the entry is
+    idempotent (else `IndeterminateOutcome`), as for a call its node stopped mid-run."""
+
+    wire_kind: ClassVar[WireKind] = KIND_INTERRUPTED
 
 
 @dataclass(frozen=True)
@@ -409,7 +420,7 @@ class WorkerHost:
             self._ready = False  # calls fail fast (retryable) until the restart is done
         for fut in proc.pending.values():
             if not fut.done():
-                fut.set_exception(WorkerLost(
+                fut.set_exception(WorkerLostMidCall(
                     f"the worker process {proc.pid} of {self.spec.artifact} on {self.node_id} exited "
                     "before it answered; the call may have partly run"
                 ))  # fmt: skip
