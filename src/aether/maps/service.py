@@ -329,8 +329,11 @@ class MapService:
                 "copies are dropped and copied again from the cluster",
                 gone_ms / 1000, self.timings.tombstone_ms / 1000,
             )
-            for db in self.data_dir.glob("*.sqlite*"):
-                db.unlink(missing_ok=True)
+            # every persistent engine's files: sqlite's (with -wal, -shm) and log's (with a
+            # snapshot a crash interrupted); its lock file may stay
+            for pattern in ("*.sqlite*", "*.log", "*.log.tmp"):
+                for db in self.data_dir.glob(pattern):
+                    db.unlink(missing_ok=True)
 
     def _check_boot(self) -> None:
         """A persistent copy counts towards a takeover only if it holds every write this node
