@@ -997,6 +997,41 @@ async def test_fits_the_real_slices_package() -> None:
     assert seen == ["outer-rid"]
 
 
+async def test_a_restarted_caller_never_takes_an_answer_meant_for_its_previous_process() -> None:
+    """B holds the answer to a call of A's previous process (A died while B ran it, so B's link to
+    A was down) and sends it once its link to the restarted A is up. Seen before: call ids started
+    at 1 in every process, so the restarted A's call with the same id took that answer: the result
+    of another call (another payload, maybe another entry), while its own answer was dropped."""
+    net = make_net("A", "B", active_on=("B",))
+    release = {b"old": asyncio.Event(), b"new": asyncio.Event()}
+
+    async def held(node: str, payload: bytes) -> bytes:
+        await release[payload].wait()
+        return node.encode() + b":" + payload
+
+    net.nodes["B"].slices.handlers["echo"] = held
+    old = asyncio.create_task(net.nodes["A"].invoker.invoke(TARGET, "echo", b"old", timeout=5.0))
+    await wait_for(lambda: net.nodes["B"].server.in_flight == 1)
+    net.kill("A")  # A's process dies while B runs its call
+    old.cancel()
+    await asyncio.gather(old, return_exceptions=True)
+    release[b"old"].set()
+    await wait_for(lambda: net.nodes["B"].server.in_flight == 0)  # answered, held: no link to A
+
+    # A starts again (a new process: a new invoker), and reaches B before B's link to it is up
+    net.down.discard("A")
+    net.send_fails.add("A")
+    a = net.add("A")
+    new = asyncio.create_task(a.invoker.invoke(TARGET, "echo", b"new", timeout=5.0))
+    await wait_for(lambda: net.nodes["B"].server.in_flight == 1)
+    net.send_fails.discard("A")
+    net.nodes["B"].server.peer_up("A")  # B's link to A is up: the held answer goes out
+    await asyncio.sleep(0.01)
+    assert not new.done(), f"the new call took the old call's answer: {new.result()!r}"
+    release[b"new"].set()
+    assert await new == b"B:new"
+
+
 async def test_a_response_whose_link_is_not_up_yet_is_sent_when_it_comes_up() -> None:
     """Links are one per direction: a peer that restarted reaches us (its link) before our link to
     it is up again. Its request ran, and the response used to be dropped, so the caller waited its

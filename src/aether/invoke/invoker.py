@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -220,7 +221,11 @@ class Invoker:
         self._warn_interval = warn_interval
         self._rng = rng or random.Random()
         self._log = logger or logging.getLogger(f"aether.invoke.{node_id}")
-        self._calls: PendingCalls[InvokeResponse] = PendingCalls()
+        # Call ids must not repeat across restarts of this node: a peer that ran a call of our
+        # previous process holds its answer until its link to us is up again (`InvokeServer`), and
+        # would hand it to whichever call of ours has the same id. A random start (48 bits of
+        # `os.urandom`, not `rng`, which tests seed alike) keeps the processes' ranges apart.
+        self._calls: PendingCalls[InvokeResponse] = PendingCalls(int.from_bytes(os.urandom(6), "big") + 1)
         self._ids = RandomHex()  # new request ids (16 hex digits) and idempotency keys (32)
         self._deadlines = DeadlineSweep()  # the limits of local attempts far enough away
         self._rr: dict[tuple[str, str], int] = {}
