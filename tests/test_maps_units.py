@@ -421,6 +421,45 @@ async def test_after_a_reboot_persistent_copies_count_for_nothing(tmp_path: Path
     await svc.stop()
 
 
+async def test_a_restarted_node_never_takes_a_keys_answer_meant_for_its_previous_process(
+    tmp_path: Path,
+) -> None:
+    """A peer holds its answers while its link to us is down and sends them once it is up again
+    (`_ANSWERS`, up to `_HOLD_FOR`): after a restart of this node, an answer to a keys request of
+    the previous process. Seen before: the service numbered its requests from 1 in every process,
+    so the restarted node's request with the same id took that answer (another map's keys)."""
+    from aether.maps.messages import KeysRequest, KeysResponse
+    from aether.maps.service import MapService
+
+    class Sent:
+        def __init__(self) -> None:
+            self.out: list[tuple[str, object]] = []
+
+        def send(self, peer: str, msg: object) -> bool:
+            self.out.append((peer, msg))
+            return True
+
+    async def ask(svc: MapService, sent: Sent, name: str) -> tuple[asyncio.Task[object], int]:
+        call = asyncio.create_task(svc._call("node-2", lambda i: KeysRequest(i, name, ""), 5.0))
+        await asyncio.sleep(0)
+        (peer, req), = sent.out
+        assert peer == "node-2" and isinstance(req, KeysRequest)
+        return call, req.id
+
+    before, after = Sent(), Sent()
+    old = MapService("node-1", _LaggingKV(), before, tmp_path)  # type: ignore[arg-type]
+    old_call, old_id = await ask(old, before, "secrets")
+    old_call.cancel()  # the process dies; node-2 answers it while its link to us is down (held)
+    await asyncio.gather(old_call, return_exceptions=True)
+    new = MapService("node-1", _LaggingKV(), after, tmp_path)  # type: ignore[arg-type]  # restarted
+    new_call, new_id = await ask(new, after, "orders")
+    new.dispatch("node-2", KeysResponse(old_id, ["secret-1"], None, [0]))  # the held answer arrives
+    await asyncio.sleep(0)
+    assert not new_call.done(), f"took the old request's answer: {new_call.result()!r}"
+    new.dispatch("node-2", KeysResponse(new_id, ["order-1"], None, [0]))
+    assert (await new_call).keys == ["order-1"]  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "log"])
 async def test_a_node_down_longer_than_the_tombstone_horizon_drops_its_copies_at_start(
     tmp_path: Path, engine: str

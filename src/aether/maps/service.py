@@ -188,7 +188,10 @@ class MapService:
         self._rng = random.Random(self.core.incarnation)  # backoff jitter (seeded in the simulation)
         # operations of local callers (answered by the core's Reply/Fail) and scatter calls to peers
         self._ops: PendingCalls[tuple[bytes | None, bool]] = PendingCalls()
-        self._calls: PendingCalls[Any] = PendingCalls()
+        # Scatter call ids must not repeat across restarts (as the core's operation ids): a peer
+        # holds its answers while its link to us is down, and would hand one meant for our previous
+        # process to the call of this one with the same id.
+        self._calls: PendingCalls[Any] = PendingCalls((self.core.incarnation & 0x7FFFFF) << 40 | 1)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: list[Callable[[], None]] = []
         self._ticker: asyncio.Task[None] | None = None
