@@ -825,3 +825,48 @@ def test_a_map_removed_during_a_read_check_is_not_taken_for_a_storage_failure() 
     net.settle(0.2)
     assert not net.cores[prim].broken and prim not in net.health
     assert isinstance(net.results.get(1), UnknownMap)
+
+
+def test_a_restarted_primary_never_counts_an_ack_meant_for_its_previous_process() -> None:
+    """A replica holds its answers while its link to the primary's node is down (the map service's
+    `_ANSWERS`) and sends them once it is up again: after the primary's node restarted, acks of
+    writes its previous process replicated. Seen before: the core numbered its messages to peers
+    from 1 in every process, so such an ack counted for the restarted primary's write with the
+    same id, and that write was answered before any replica had stored it."""
+    net = Net()
+    key = "k"
+    prim = net.primary_of(key)
+    others = [i for i in net.ids if i != prim]
+    held: list[tuple[str, ReplicateAck]] = []
+
+    def hold_acks(src: str, dst: str, msg: Any) -> bool:
+        if isinstance(msg, ReplicateAck) and dst == prim:
+            held.append((src, msg))  # the primary's process dies before they arrive
+            return True
+        return False
+
+    net.drop = hold_acks
+    for op_id in range(1, 41):
+        net.submit(prim, op_id, OP_PUT, key, b"old")
+        net.settle(0.1)
+    assert len(held) >= 40
+
+    # the primary's node restarts (a new process, a new core) with its copy, and takes over again
+    net.drop = lambda src, dst, msg: False
+    net.cores[prim] = MapCore(prim, partitions=P, timings=net.t, incarnation=1000)
+    net.run(prim, net.cores[prim].define("m", MapSpec(), net.engines[prim], net.now))
+    net.run(prim, net.cores[prim].set_table(net.table, net.now))
+    for j in others:
+        net.run(prim, net.cores[prim].peer_up(j, net.now))
+    net.settle(3.0)
+    assert net.primary_of(key) == prim
+
+    # a new write whose replicas do not store it (its Replicates are lost) must not be answered
+    # by the held acks of the previous process's writes
+    net.drop = lambda src, dst, msg: isinstance(msg, Replicate) and src == prim
+    net.submit(prim, 100, OP_PUT, key, b"new")
+    net.pump()
+    for src, ack in held:
+        net.run(prim, net.cores[prim].receive(src, ack, net.now, int(net.now * 1000)))
+    net.pump()
+    assert 100 not in net.results, f"the write was answered with no replica storing it: {net.results[100]}"

@@ -358,7 +358,10 @@ class MapCore:
         # Operation ids must not repeat across incarnations of this node (a restarted node's ids
         # would match the previous incarnation's applied ones): `incarnation` is random per start.
         self._rids = itertools.count((incarnation & 0x7FFFFF) << 40 | 1)
-        self._ids = itertools.count(1)
+        # Nor may the ids of messages to peers (Replicate, SyncRequest, Push, ReadCheck): a peer
+        # holds its answers while its link to us is down and sends them when it is up again, so
+        # answers to our previous incarnation's messages would be taken for this one's.
+        self._ids = itertools.count((incarnation & 0x7FFFFF) << 40 | 1)
         self._serials = itertools.count(1)
         self._now = 0.0
         self._started: float | None = None  # the first `now` this core was given
