@@ -360,8 +360,10 @@ class MapCore:
         self._rids = itertools.count((incarnation & 0x7FFFFF) << 40 | 1)
         # Nor may the ids of messages to peers (Replicate, SyncRequest, Push, ReadCheck): a peer
         # holds its answers while its link to us is down and sends them when it is up again, so
-        # answers to our previous incarnation's messages would be taken for this one's.
-        self._ids = itertools.count((incarnation & 0x7FFFFF) << 40 | 1)
+        # answers to our previous incarnation's messages would be taken for this one's. (Half way
+        # up the incarnation's range: apart from the operation ids above, though no answer is
+        # looked up among both.)
+        self._ids = itertools.count((incarnation & 0x7FFFFF) << 40 | 1 << 39 | 1)
         self._serials = itertools.count(1)
         self._now = 0.0
         self._started: float | None = None  # the first `now` this core was given
