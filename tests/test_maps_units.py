@@ -500,6 +500,34 @@ async def test_a_node_down_longer_than_the_tombstone_horizon_drops_its_copies_at
         await svc.stop()
 
 
+async def test_a_failed_write_of_the_liveness_time_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's map liveness time (``alive``, read at the next start for the tombstone horizon)
+    and boot id are replaced in one step. Seen before: they were truncated and then written, so a
+    write that failed (a full disk) or a kill in between left an empty ``alive``, and the next
+    start skipped the horizon check: copies older than the horizon were kept."""
+    import aether.core.files as files
+    from aether.maps.service import MapService
+
+    (tmp_path / "alive").write_text("1234\n")
+    svc = MapService(
+        "node-1", _LaggingKV(), sender=None, data_dir=tmp_path, wall_ms=lambda: 99_000,  # type: ignore[arg-type]
+        boot_id=lambda: "boot-a",
+    )
+
+    def full(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "write_all", full)
+    svc._write_alive(99_000)  # logged, not raised
+    assert (tmp_path / "alive").read_text() == "1234\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alive"]  # no temporary file left
+    monkeypatch.undo()
+    svc._write_alive(99_000)
+    assert (tmp_path / "alive").read_text() == "99000\n"
+
+
 def test_sqlite_writes_wait_for_commit_and_a_failed_write_undoes_the_transaction(tmp_path: Path) -> None:
     """Group commit: writes collect in one transaction until `commit` (a crash before it would
     find none of them); a write that fails inside it makes the commit fail and undo every write

@@ -27,6 +27,7 @@ __all__ = [
     "open_private_append",
     "prepare_private_dir",
     "privatize_tree",
+    "replace_private",
     "tighten_dir",
     "write_all",
     "write_private",
@@ -162,6 +163,24 @@ def write_private(path: Path | str, data: bytes) -> None:
         write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def replace_private(path: Path | str, data: bytes) -> None:
+    """Make `data` the content of `path` (0600) in one step: written to ``PATH.tmp``, then renamed
+    over `path`, so a reader (or a restart after a kill, or a write that failed on a full disk)
+    finds the old content or the new, never a file cut short. Not synced: a power cut may keep the
+    old content."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_private(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 def privatize_tree(root: Path | str) -> None:

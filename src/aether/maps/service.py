@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import msgspec
 
 from aether.core.calls import NoAnswer, PendingCalls, RetryPolicy
-from aether.core.files import make_private_dirs, write_private
+from aether.core.files import make_private_dirs, replace_private
 from aether.core.maps import (
     MapContention,
     MapDefinitionConflict,
@@ -356,14 +356,14 @@ class MapService:
             self.log.warning("the machine restarted since this node ran: its map copies are copied anew")
         try:
             make_private_dirs(self.data_dir)
-            write_private(path, f"{current}\n".encode())
+            replace_private(path, f"{current}\n".encode())
         except OSError as e:
             self.log.warning("cannot record the boot id: %s", e)
 
     def _write_alive(self, wall: int) -> None:
         try:
             make_private_dirs(self.data_dir)
-            write_private(self.data_dir / _ALIVE_FILE, f"{wall}\n".encode())
+            replace_private(self.data_dir / _ALIVE_FILE, f"{wall}\n".encode())
         except OSError as e:
             self.log.warning("cannot record the map liveness time: %s", e)
 
