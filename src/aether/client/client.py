@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import random
@@ -233,14 +234,19 @@ class AetherClient:
             raise AetherError(resp.error)
 
     def _switch(self) -> None:
+        """Leave this node for the next one. The requests still waiting on its link are sent again
+        there (same session seq): its answers cannot arrive once the link is closed."""
         if self._link is not None:
-            self._link.close()
+            self._link.close()  # (its close callback comes later, and is then not ours: `_on_close`)
             self._link = None
+            self._pending.fail_all(lambda: ConnectionError("switched to another node"))
         self._index = (self._index + 1) % len(self.addresses)
 
     async def _ensure_link(self, deadline: float) -> ClientLink:
-        if self._link is not None and not self._link.closed:
-            return self._link
+        if self._link is not None:
+            if not self._link.closed:
+                return self._link
+            self._lost(None)  # closed under us (a protocol error), its close callback still to come
         if self._connecting is not None:
             return await asyncio.shield(self._connecting)
         loop = asyncio.get_running_loop()
@@ -266,6 +272,7 @@ class AetherClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            taken: list[ClientLink] = []  # the link, once it is ours (its close callback says which)
             try:
                 link = await open_client_connection(
                     addr,
@@ -273,7 +280,7 @@ class AetherClient:
                     client_id=self.client_id,
                     message_type=ServerMessage,
                     on_message=self._on_message,
-                    on_close=self._on_close,
+                    on_close=functools.partial(self._on_close, taken),
                     timeout=min(remaining, 2.0),
                     secret=self._secret,
                     client_key=self._client_key,
@@ -286,6 +293,7 @@ class AetherClient:
             except (ConnectionError, OSError) as e:
                 errors.append(f"{addr}: {e}")
                 continue
+            taken.append(link)
             self._index = idx
             self._link = link
             return link
@@ -297,7 +305,16 @@ class AetherClient:
         if isinstance(msg, ClientResponse):
             self._pending.resolve(msg.id, None, msg)
 
-    def _on_close(self, exc: Exception | None) -> None:
+    def _on_close(self, taken: list[ClientLink], exc: Exception | None) -> None:
+        """A link closed. Only the current one's loss is a failover: the close of a link this
+        client left (`_switch`, `close`), whose callback may come after the next link is up (a TLS
+        close takes a while), must not drop that link or fail the requests waiting on it."""
+        if not taken or taken[0] is not self._link:
+            return
+        self._lost(exc)
+
+    def _lost(self, exc: Exception | None) -> None:
+        """The current link is gone, not by this client's choice: fail over."""
         self._link = None
         if self._closed:
             return
