@@ -870,3 +870,75 @@ def test_a_restarted_primary_never_counts_an_ack_meant_for_its_previous_process(
         net.run(prim, net.cores[prim].receive(src, ack, net.now, int(net.now * 1000)))
     net.pump()
     assert 100 not in net.results, f"the write was answered with no replica storing it: {net.results[100]}"
+
+
+def _go_down(net: Net, node: str) -> None:
+    """`node` stops: its messages are lost, the others see it go and the leader plans it out."""
+    net.drop = lambda src, dst, msg: node in (src, dst)
+    net.cores.pop(node)
+    net.engines.pop(node).close()
+    for other in net.cores:
+        net.run(other, net.cores[other].peer_down(node, net.now))
+    net.settle(net.t.down_grace + 2.0)
+    assert node not in net.table.members
+
+
+def _come_back(net: Net, node: str, engine: MapStorage, incarnation: int) -> None:
+    """`node` starts again with `engine` (its files as it left them) and the current table."""
+    net.queue = [m for m in net.queue if node not in m[:2]]
+    net.drop = lambda src, dst, msg: False
+    net.engines[node] = engine
+    net.cores[node] = MapCore(node, partitions=P, timings=net.t, incarnation=incarnation)
+    net.run(node, net.cores[node].define("m", MapSpec(), engine, net.now))
+    net.run(node, net.cores[node].set_table(net.table, net.now))
+    for other in net.cores:
+        if other != node:
+            net.run(node, net.cores[node].peer_up(other, net.now))
+            net.run(other, net.cores[other].peer_up(node, net.now))
+    net.settle(3.0)
+    assert node in net.table.members
+
+
+def test_a_node_back_after_the_tombstone_horizon_with_its_log_file_brings_no_removed_key_back(
+    tmp_path: Path,
+) -> None:
+    """A node down longer than the tombstone horizon keeps its ``log`` file (the service's start
+    drops only SQLite files): keys removed meanwhile, their tombstones purged everywhere else, are
+    still in it. They must not come back: the takeovers while it was away made newer active
+    configurations, so its copy counts for nothing (a primary drops it, a push from the primary
+    deletes what the replica had and the primary has not), however long it was away."""
+    from aether.maps.logstorage import LogStorage
+
+    ids = [f"n{i + 1}" for i in range(3)]
+    net = Net(3, engines={i: LogStorage(tmp_path / f"{i}.log", background=False) for i in ids})
+    keys = [f"k{i}" for i in range(40)]
+    for n, key in enumerate(keys):
+        net.submit(ids[n % 3], n + 1, OP_PUT, key, b"v")
+    net.settle()
+    victim = ids[2]
+    assert net.engines[victim].entries == len(keys)
+    _go_down(net, victim)
+    for n, key in enumerate(keys):
+        net.submit(ids[n % 2], 100 + n, OP_REMOVE, key)
+    net.settle()
+    assert all(net.results[100 + n] == (None, True) for n in range(len(keys)))
+    net.now += net.t.tombstone_ms / 1000 + 60  # away longer than the horizon: tombstones purged
+    for i in ids[:2]:
+        net.engines[i].purge(range(P), int(net.now * 1000))
+        assert not any(list(net.engines[i].scan(p)) for p in range(P)), "the tombstones are gone"
+    again = LogStorage(tmp_path / f"{victim}.log", background=False)
+    assert again.entries == len(keys), "the log file still holds the removed keys"
+    _come_back(net, victim, again, 77)
+    for n, key in enumerate(keys):
+        net.submit(ids[n % 3], 200 + n, OP_GET, key)
+    net.settle()
+    assert [net.results[200 + n] for n in range(len(keys))] == [(None, True)] * len(keys)
+    assert net.engines[victim].entries == 0, "its stale copy was replaced by the primaries' pushes"
+    # and with the node that came back as one of the two copies left: still nothing
+    _go_down(net, ids[1])
+    for n, key in enumerate(keys):
+        net.submit(ids[2 * (n % 2)], 300 + n, OP_GET, key)
+    net.settle()
+    assert [net.results[300 + n] for n in range(len(keys))] == [(None, True)] * len(keys)
+    for engine in net.engines.values():
+        engine.close()
