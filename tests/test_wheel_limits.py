@@ -216,3 +216,28 @@ def test_management_api_deploy_of_a_zip_bomb_is_a_400(
     assert f"more than the limit of {256 * MiB} bytes (AETHER_WHEEL_MAX_BYTES)" in doc["detail"], doc
     assert "bomb" in doc["detail"] and ".whl" in doc["detail"]
     assert http_json(port, "GET", "/api/v1/blueprints")[1] == []
+
+
+def test_install_directories_a_killed_process_left_are_removed_at_the_next_start(tmp_path: Path) -> None:
+    """`install_wheel` unpacks into a ``.tmp-*`` directory beside the target and renames it into
+    place; a process killed meanwhile left it there for good (a slice's libraries: up to the wheel
+    limit, per kill). The node's next start removes those older than `LEFTOVER_AGE`, and leaves a
+    young one (an install another runtime on the directory may be running) and everything else."""
+    from aether.slices.libstore import LibraryStore
+
+    data = tmp_path / "runtime"
+    old_lib = data / "libs" / ".tmp-numpy==2.0-abc"
+    old_slice = data / "slices" / ".tmp-0123abcd-xyz"
+    young = data / "libs" / ".tmp-attrs==23.1-def"
+    kept = [data / "libs" / "attrs==23.1", data / "slices" / "0123abcd"]
+    for d in (old_lib, old_slice, young, *kept):
+        (d / "pkg").mkdir(parents=True)
+        (d / "pkg" / "__init__.py").write_text("x = 1\n")
+    hour_ago = os.stat(young).st_mtime - 3600
+    for d in (old_lib, old_slice):
+        os.utime(d, (hour_ago, hour_ago))
+    store = LibraryStore(data, None)
+    assert store.removed_leftovers == 2
+    assert not old_lib.exists() and not old_slice.exists()
+    assert young.exists() and all(d.exists() for d in kept)
+    assert LibraryStore(tmp_path / "fresh", None).removed_leftovers == 0  # no directories yet

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -209,6 +210,26 @@ class LibraryStore:
         self.allow_index = allow_index
         self.installer: Installer = installer
         self._tags: dict[Tag, int] | None = None
+        self.removed_leftovers = self._remove_leftovers()
+
+    LEFTOVER_AGE = 600.0  # s: an install directory this old belongs to no install still running
+
+    def _remove_leftovers(self) -> int:
+        """Remove the temporary directories of installs a killed process left (``.tmp-*`` beside
+        the libraries and the slice code: `install_wheel` renames its directory into place, or
+        removes it, unless the process dies first); only those older than `LEFTOVER_AGE`, so an
+        install another runtime on this directory is running now keeps its own. Returns how many."""
+        cutoff = time.time() - self.LEFTOVER_AGE
+        removed = 0
+        for root in (self.libs_root, self.slices_root):
+            try:
+                found = [d for d in root.glob(".tmp-*") if d.is_dir() and d.stat().st_mtime < cutoff]
+            except OSError:
+                continue
+            for d in found:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += not d.exists()
+        return removed
 
     def _tag_rank(self) -> dict[Tag, int]:
         if self._tags is None:
