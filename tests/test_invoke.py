@@ -1063,3 +1063,22 @@ async def test_a_response_whose_link_is_not_up_yet_is_sent_when_it_comes_up() ->
     cap.up = True
     srv.peer_up("Z")
     assert [m.id for p, m in cap.out if p == "Z"] == [5, 6] and srv.held_dropped == 2
+
+
+def test_oversized_says_exactly_whether_a_message_exceeds_the_frame_limit() -> None:
+    """The invoker and the invoke server refuse a message the peer's transport would close the link
+    on (`max_frame`); the check must agree with the frame the transport writes, byte for byte."""
+    from aether.invoke.messages import oversized
+    from aether.transport.messages import WireCodec
+
+    codec = WireCodec(message_types(InvokeMessage))
+    limit = 4096
+    for n in range(limit - 300, limit + 2):
+        msgs: list[InvokeRequest | InvokeResponse] = [
+            InvokeRequest(2**47 + n, ART, "echo", b"p" * n, "r" * 16, 1000, "~" + "k" * 32, "t" * 55, "é"),
+            InvokeResponse(2**47 + n, b"p" * n, None, None),
+            InvokeResponse(n, None, "é" * (n // 2), KIND_APP_ERROR),
+        ]
+        for msg in msgs:
+            size = len(codec.frame(msg)) - 4
+            assert oversized(msg, limit) == (size if size > limit else None), (n, type(msg).__name__)

@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
+from aether.core.types import Address
+from aether.invoke import InvokeBadRequest, InvokeMessage, Invoker, InvokeServer, SliceAppError
 from aether.testing.invokenodes import Endpoint as Ep
 from aether.testing.invokenodes import InvokeNode, StaticRegistry, make_invoke_node, start_nodes, stop_nodes
+from aether.transport import EventBus, PeerDown, Transport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,3 +134,76 @@ async def test_stream_survives_a_target_node_stopping_mid_stream() -> None:
         )
     finally:
         await stop_nodes(members.values(), grace=1.0)
+
+
+class SizedSlices:
+    """Entry "big" answers `size` bytes, "small" a few; every call's payload length is recorded."""
+
+    def __init__(self, active: bool, size: int) -> None:
+        self.active = active
+        self.size = size
+        self.ran: list[tuple[str, int]] = []
+
+    def has_room(self, target: str, method: str) -> bool:
+        return self.active
+
+    def local_instances(self, target: str) -> list[int]:
+        return [0] if self.active else []
+
+    async def call(self, artifact: str, method: str, payload: bytes, *, instance: int | None = None) -> bytes:
+        self.ran.append((method, len(payload)))
+        return b"x" * self.size if method == "big" else b"ok"
+
+
+def sized_member(node_id: str, slices: SizedSlices, registry: StaticRegistry, max_frame: int) -> InvokeNode:
+    """A node as `make_invoke_node` makes one, with a transport of a small `max_frame`."""
+    bus = EventBus()
+    box: dict[str, InvokeServer] = {}
+    transport = Transport(
+        node_id,
+        {node_id: Address("127.0.0.1", 0)},
+        listen=Address("127.0.0.1", 0),
+        cluster_name=CLUSTER,
+        message_type=InvokeMessage,
+        on_message=lambda sender, msg: box["server"].dispatch(sender, msg),
+        bus=bus,
+        logger=logging.getLogger(f"test.invoke.{uuid.uuid4().hex[:6]}.{node_id}"),
+        max_frame=max_frame,
+    )
+    invoker = Invoker(node_id, slices, registry, transport, bus=bus, default_timeout=3.0)
+    server = box["server"] = InvokeServer(node_id, slices, transport, invoker=invoker)
+    return InvokeNode(node_id, transport, bus, invoker, server)
+
+
+async def test_a_message_larger_than_a_frame_fails_the_call_and_leaves_the_links_up() -> None:
+    """A result (or an argument) larger than the transport's `max_frame` used to be written all the
+    same: the receiving node closed the link on its frame header, the sender saw its peer down, the
+    caller heard nothing and retried the entry until its deadline (a 504 after the whole timeout,
+    the entry run once per attempt, the link between the two nodes reset each time, failing over
+    every other call on it). Now the callee answers app_error and the caller refuses to send a
+    request that large: both fail at once with a clear error, and no link goes down."""
+    limit = 64 * 1024
+    registry = StaticRegistry([Ep(ART, "big", 0, "B"), Ep(ART, "small", 0, "B")])
+    sb = SizedSlices(True, limit + 1000)
+    a = sized_member("A", SizedSlices(False, 0), registry, limit)
+    b = sized_member("B", sb, registry, limit)
+    downs: list[PeerDown] = []
+    a.bus.subscribe(PeerDown, downs.append)
+    b.bus.subscribe(PeerDown, downs.append)
+    loop = asyncio.get_running_loop()
+    try:
+        await start_nodes([a, b])
+        t0 = loop.time()
+        with pytest.raises(SliceAppError, match=r"result of \d+ bytes is larger than the largest message"):
+            await a.invoker.invoke(ART, "big", b"", timeout=3.0)
+        assert loop.time() - t0 < 1.0, "the caller waited for an answer that could not come"
+        assert sb.ran == [("big", 0)], "the entry ran again"
+        with pytest.raises(InvokeBadRequest, match=r"request of \d+ bytes is larger than the largest"):
+            await a.invoker.invoke(ART, "small", b"y" * limit, timeout=3.0)
+        assert sb.ran == [("big", 0)], "the request was sent"
+        assert await a.invoker.invoke(ART, "small", b"y" * (limit - 1024), timeout=3.0) == b"ok"
+        await asyncio.sleep(0.2)
+        assert downs == [], f"a link went down: {downs}"
+        assert a.invoker.pending_count == 0
+    finally:
+        await stop_nodes([a, b], grace=1.0)

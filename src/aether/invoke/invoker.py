@@ -116,6 +116,7 @@ from aether.invoke.messages import (
     InvokeRequest,
     InvokeResponse,
     kind_status,
+    oversized,
 )
 from aether.invoke.ports import Catalog, Endpoint, LocalSlices, PeerLink, Registry, Traffic
 from aether.transport import EventBus, PeerDown
@@ -213,6 +214,9 @@ class Invoker:
         self._local = local
         self._registry = registry
         self._link = transport
+        # the transport's largest frame (None: not known): a larger request would make the callee
+        # close the link, so it is refused before it is sent
+        self._max_frame: int | None = getattr(transport, "max_frame", None)
         self._catalog = catalog
         # the rollouts' weights between versions (None: never split, as without a rollout)
         self._traffic = traffic
@@ -483,7 +487,9 @@ class Invoker:
                 except InvokeError as err:
                     if attempt_span is not None:
                         attempt_span.record_error(err)
-                    if node != self.node_id:  # the instance answered (with an error): it is up
+                    # the instance answered (with an error): it is up; an error raised before
+                    # anything was sent (a request too large to send) names no node
+                    if node != self.node_id and err.node is not None:
                         self.breaker.success(circuit, self._now())
                     raise
                 finally:
@@ -828,6 +834,16 @@ class Invoker:
         request = InvokeRequest(
             cid, artifact, method, payload, rid, max(1, int(remaining * 1000)), ikey, tp, ts
         )
+        limit = self._max_frame
+        if limit is not None and (size := oversized(request, limit)) is not None:
+            self._calls.discard(cid)
+            bad = InvokeBadRequest(
+                f"call {artifact}.{method} (request {rid}): the request of {size} bytes is larger than "
+                f"the largest message between nodes (max_frame, {limit} bytes); not sent",
+                target=artifact, method=method, kind=KIND_BAD_REQUEST, request_id=rid, attempts=attempts,
+            )  # fmt: skip
+            bad.detail = f"the request of {size} bytes is larger than the largest message between nodes"
+            raise bad
         if not self._link.send(node, request):
             self._calls.discard(cid)
             raise _Retry("not reachable (send failed: peer not up)")

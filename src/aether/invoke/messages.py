@@ -57,6 +57,7 @@ __all__ = [
     "InvokeResponse",
     "WireKind",
     "kind_status",
+    "oversized",
     "status_kind",
 ]
 
@@ -91,3 +92,26 @@ InvokeMessage = Union[InvokeRequest, InvokeResponse]  # noqa: UP007 - msgspec ne
 
 INVOKE_MESSAGE_TYPES: Final[tuple[type[msgspec.Struct], ...]] = (InvokeRequest, InvokeResponse)
 """For ``isinstance(msg, INVOKE_MESSAGE_TYPES)`` when demultiplexing the transport's on_message."""
+
+
+_SIZER = msgspec.msgpack.Encoder()
+_ENVELOPE = 128  # more than msgpack adds around the fields of either message (headers, tag, ints)
+
+
+def oversized(msg: InvokeRequest | InvokeResponse, limit: int) -> int | None:
+    """The encoded size of `msg` when it is larger than `limit` bytes (the transport's ``max_frame``:
+    a peer closes the link on a larger frame), else None. Cheap unless `msg` comes near the limit:
+    the lengths of its fields bound its size, and only then is it encoded to measure it."""
+    if isinstance(msg, InvokeRequest):
+        text = (
+            len(msg.target) + len(msg.method) + len(msg.request_id) + len(msg.idempotency_key)
+            + len(msg.traceparent) + len(msg.tracestate)
+        )  # fmt: skip
+        bound = len(msg.payload) + 4 * text + _ENVELOPE  # (4: the most UTF-8 bytes of a character)
+    else:
+        text = len(msg.error or "") + len(msg.kind or "")
+        bound = len(msg.payload or b"") + 4 * text + _ENVELOPE
+    if bound <= limit:
+        return None
+    size = len(_SIZER.encode(msg))
+    return size if size > limit else None

@@ -32,6 +32,7 @@ from aether.invoke.messages import (
     KIND_SHUTTING_DOWN,
     InvokeRequest,
     InvokeResponse,
+    oversized,
 )
 from aether.invoke.ports import LocalSlices, PeerSender
 
@@ -70,6 +71,9 @@ class InvokeServer:
         self.invoker = invoker
         self._local = local
         self._sender = sender
+        # the transport's largest frame (None: not known): a larger response would make the caller
+        # close the link, so it is answered with an error instead
+        self._max_frame: int | None = getattr(sender, "max_frame", None)
         self._max_in_flight = max_in_flight
         self._max_timeout = max_timeout
         # the request-id context variable (tests may pass their own)
@@ -262,8 +266,24 @@ class InvokeServer:
         self, sender_node: str, req: InvokeRequest, payload: bytes | None, error: str | None, kind: str | None
     ) -> None:
         self.served += 1
+        resp = InvokeResponse(req.id, payload, error, kind)
+        limit = self._max_frame
+        if limit is not None and (size := oversized(resp, limit)) is not None:
+            what = "result" if payload is not None else "error"
+            self._log.error(
+                "[%s] request %s %s.%s (from %s): its %s of %d bytes is larger than the largest message "
+                "between nodes (max_frame %d bytes); answered app_error instead",
+                self.node_id, req.request_id, req.target, req.method, sender_node, what, size, limit,
+            )  # fmt: skip
+            resp = InvokeResponse(
+                req.id,
+                None,
+                f"MessageTooLarge: its {what} of {size} bytes is larger than the largest message between "
+                f"nodes (max_frame, {limit} bytes)",
+                KIND_APP_ERROR,
+            )
         try:
-            sent = self._sender.send(sender_node, InvokeResponse(req.id, payload, error, kind))
+            sent = self._sender.send(sender_node, resp)
         except Exception:
             self._log.exception(
                 "[%s] request %s: cannot send the response to %s", self.node_id, req.request_id, sender_node
@@ -274,7 +294,7 @@ class InvokeServer:
             if len(held) >= self._max_held:
                 held.popleft()
                 self.held_dropped += 1
-            held.append((self._clock() + self._hold_for, InvokeResponse(req.id, payload, error, kind)))
+            held.append((self._clock() + self._hold_for, resp))
             self._log.debug(
                 "[%s] request %s: link to %s not up; response held until it is",
                 self.node_id, req.request_id, sender_node,

@@ -712,6 +712,12 @@ class Transport:
         return self._port
 
     @property
+    def max_frame(self) -> int:
+        """The largest frame payload a peer accepts (bytes; the same setting on every node): `send`
+        writes a larger message all the same, and the peer closes the link on it."""
+        return self._max_frame
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes reserved now by unfinished inbound frames, over all connections (see `BufferBudget`)."""
         return self._budget.used
