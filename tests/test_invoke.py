@@ -1082,3 +1082,27 @@ def test_oversized_says_exactly_whether_a_message_exceeds_the_frame_limit() -> N
         for msg in msgs:
             size = len(codec.frame(msg)) - 4
             assert oversized(msg, limit) == (size if size > limit else None), (n, type(msg).__name__)
+
+
+async def test_held_responses_of_a_peer_that_never_comes_back_are_dropped_after_hold_for() -> None:
+    """Held responses were only looked at when their peer's link came up again: for a caller that
+    never comes back (it crashed, or was replaced by a node of another id) up to `max_held`
+    responses, payloads and all, stayed in memory for good, although a response is held for
+    `hold_for` seconds at most (docs/invocation.md, *Server behaviour*)."""
+    slices = FakeSlices("S")
+    slices.active.add(ART)
+    cap = Capture()
+    cap.up = False
+    srv = InvokeServer("S", slices, cap, hold_for=0.05)
+    for i in range(3):
+        srv.on_request("gone", InvokeRequest(i, ART, "echo", b"x" * 1000, f"r{i}", 1000))
+    await wait_for(lambda: srv.served == 3)
+    assert sum(len(q) for q in srv._held.values()) == 3
+    await wait_for(lambda: not srv._held, timeout=2.0)
+    assert srv.held_dropped == 3
+    srv.on_request("back", InvokeRequest(9, ART, "echo", b"", "r9", 1000))  # holding starts again
+    await wait_for(lambda: srv.served == 4)
+    cap.up = True
+    srv.peer_up("back")
+    assert [m.id for _, m in cap.out] == [9]
+    await srv.stop()

@@ -92,6 +92,8 @@ class InvokeServer:
         self.tracer = tracer  # a span per served request when enabled (aether.core.tracing)
         self._held: dict[str, collections.deque[tuple[float, InvokeResponse]]] = {}
         self.held_dropped = 0
+        # drops held responses past `hold_for` whether or not their peer comes back (`_prune_held`)
+        self._prune_timer: asyncio.TimerHandle | None = None
         # requests cancelled by their time limit (`_expire`), answered "deadline" by `_serve`
         self._expired: set[asyncio.Task[None]] = set()
 
@@ -295,6 +297,8 @@ class InvokeServer:
                 held.popleft()
                 self.held_dropped += 1
             held.append((self._clock() + self._hold_for, resp))
+            if self._prune_timer is None:
+                self._prune_timer = asyncio.get_running_loop().call_later(self._hold_for, self._prune_held)
             self._log.debug(
                 "[%s] request %s: link to %s not up; response held until it is",
                 self.node_id, req.request_id, sender_node,
@@ -312,6 +316,24 @@ class InvokeServer:
                 continue
             if not self._sender.send(node_id, resp):
                 self.held_dropped += 1
+
+    def _prune_held(self) -> None:
+        """Drop the held responses past their time (their callers gave up), also for a peer that
+        never comes back (crashed, or replaced by a node of another id); again while any is held."""
+        self._prune_timer = None
+        now = self._clock()
+        for node_id in list(self._held):
+            held = self._held[node_id]
+            while held and held[0][0] <= now:  # oldest first: their times never decrease
+                held.popleft()
+                self.held_dropped += 1
+            if not held:
+                del self._held[node_id]
+        if self._held:
+            first = min(held[0][0] for held in self._held.values())
+            self._prune_timer = asyncio.get_running_loop().call_later(
+                max(first - now, 0.001), self._prune_held
+            )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
