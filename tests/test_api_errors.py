@@ -94,7 +94,8 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.invoke.errors.IndeterminateOutcome": (502, "indeterminate"),
     # a blueprint's policy for an entry the artifact lacks: the activation's FAILED reason, no answer
     "aether.deploy.node_manager.UnknownEntryPolicy": (None, "app_error"),
-    "aether.invoke.errors.InvokerClosed": (503, "shutting_down"),
+    # escaping an entry: the entry ran, and its node stopped it (retried only if idempotent)
+    "aether.invoke.errors.InvokerClosed": (503, "interrupted"),
     # every instance was overloaded: 503 + Retry-After to the caller, not retried by the caller's caller
     "aether.invoke.errors.InvokeOverloaded": (503, "status:503"),
     "aether.slices.errors.SliceError": (None, "app_error"),

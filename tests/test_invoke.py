@@ -242,7 +242,7 @@ def test_classify_by_declared_kind() -> None:
     assert classify(ValueError("x")) == KIND_APP_ERROR
     # a nested call's failure escaping an entry is that entry's own failure
     assert classify(InvokeBadRequest("x", kind=KIND_BAD_REQUEST)) == KIND_APP_ERROR
-    assert classify(InvokerClosed("x")) == KIND_SHUTTING_DOWN
+    assert classify(InvokerClosed("x")) == KIND_INTERRUPTED  # the entry ran: it may have partly run
     assert classify(NotFound("no order ORD-1")) == "status:404"
     assert classify(Conflict("not enough stock")) == "status:409"
     assert classify(SliceHttpError("gone", status=410)) == "status:410"

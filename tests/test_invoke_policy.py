@@ -33,6 +33,7 @@ from aether.invoke import (
     CircuitBreaker,
     IndeterminateOutcome,
     InvokeBadRequest,
+    InvokerClosed,
     InvokeRequest,
     InvokeTimeout,
 )
@@ -658,3 +659,34 @@ async def test_an_idempotent_local_call_whose_worker_dies_is_retried() -> None:
         n.slices.handlers["echo"] = _dies_mid_call(runs, "A")
     a = net.nodes["A"].invoker
     assert served_by(await a.invoke(TARGET, "echo", b"x", timeout=5.0)) in ("B", "C")
+
+
+async def test_a_non_idempotent_entry_whose_nested_call_finds_its_node_stopping_is_not_repeated() -> None:
+    """An entry that ran, and whose nested call then raised `InvokerClosed` (its node is stopping),
+    was answered shutting_down, a kind that says the entry was never reached: the caller ran it
+    again elsewhere although it is not idempotent. It may have partly run, so it is now answered
+    interrupted: retried only if the entry is idempotent."""
+
+    def stopping_on_b(runs: Runs) -> Any:
+        async def handler(node: str, payload: bytes) -> bytes:
+            await runs(node, payload)  # the entry's first effects
+            if node == "B":
+                raise InvokerClosed("invoker of node B closed", kind=None)  # its nested call
+            return node.encode() + b":" + payload
+
+        return handler
+
+    for policy, retried in ((EntryPolicy(idempotent=False), False), (None, True)):
+        net, runs = policy_net(policy, hold=())
+        for n in net.nodes.values():
+            n.slices.handlers["echo"] = stopping_on_b(runs)
+        a = net.nodes["A"].invoker
+        results = await asyncio.gather(
+            *(a.invoke(TARGET, "echo", b"pay", timeout=5.0) for _ in range(4)), return_exceptions=True
+        )
+        if retried:  # idempotent: B's calls fail over to C
+            assert all(r == b"C:pay" for r in results), results
+        else:
+            on_b = [r for r in results if isinstance(r, IndeterminateOutcome)]
+            assert on_b and all(r.node == "B" for r in on_b), results
+            assert runs.on("C") == len(results) - len(on_b), "an entry that ran on B ran again on C"

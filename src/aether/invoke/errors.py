@@ -24,8 +24,8 @@ from aether.invoke.messages import (
     KIND_APP_ERROR,
     KIND_BAD_REQUEST,
     KIND_INDETERMINATE,
+    KIND_INTERRUPTED,
     KIND_NO_INSTANCE,
-    KIND_SHUTTING_DOWN,
     kind_status,
 )
 
@@ -204,10 +204,12 @@ class IndeterminateOutcome(InvokeError, StatusError):
 
 
 class InvokerClosed(InvokeError):
-    """The invoker was closed (the node is stopping): 503, kind shutting_down."""
+    """The invoker was closed (the node is stopping): 503. Escaping an entry (a nested call found its
+    node stopping), kind interrupted: the entry ran, perhaps in part, so its caller repeats it
+    elsewhere only if it is idempotent."""
 
     status = 503
-    wire_kind: ClassVar[WireKind] = KIND_SHUTTING_DOWN
+    wire_kind: ClassVar[WireKind] = KIND_INTERRUPTED
 
 
 def classify(exc: BaseException) -> str:
@@ -215,7 +217,7 @@ def classify(exc: BaseException) -> str:
     (`aether.core.errors.wire_kind_of`). ``NoLocalInstance`` -> no_instance, ``UnknownEntry`` ->
     unknown_entry, `BadRequest` -> bad_request, a `StatusError` -> ``status:NNN``, anything else ->
     app_error. An `InvokeError` escaping an entry (a nested call it made failed) is the entry's own
-    failure (app_error), except `InvokerClosed` (the node is stopping: shutting_down) and a
+    failure (app_error), except `InvokerClosed` (the node stopped it mid-run: interrupted) and a
     `SliceAppError` that carries a status (the same ``status:NNN``).
     """
     return wire_kind_of(exc)
