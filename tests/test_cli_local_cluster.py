@@ -303,6 +303,11 @@ def test_crashing_node_fails_fast_with_its_log(cluster_dir: Path, fake_node_scri
 def test_no_quorum_times_out_naming_the_node(cluster_dir: Path, fake_node_script: Path) -> None:
     rec = lc.plan_cluster(cluster_dir, 2, port_offset=free_port_offset(2))
     procs = lc.launch_nodes(cluster_dir, rec, node_argv=fake_argv(fake_node_script, "noquorum"))
+    # the stand-ins up first (a loaded machine took over 2 s to start them, and the log then had no
+    # "serving" yet): what is tested is the wait that times out on nodes without a quorum
+    deadline = time.monotonic() + 30
+    while not all("serving" in lc.log_tail(n) for n in rec.nodes) and time.monotonic() < deadline:
+        time.sleep(0.05)
     with pytest.raises(lc.ClusterStartError) as ei:
         lc.wait_for_quorum(rec, timeout=2, procs=procs)
     assert "within 2 s" in str(ei.value) and "no quorum" in str(ei.value)
