@@ -537,3 +537,37 @@ def test_isolation_is_parsed_validated_and_expanded() -> None:
         parse_blueprint(text.replace('"process"', '"thread"'), "bp.toml")
     allowed = '"auto", "process", "shared" or "inline"'
     assert str(e.value) == f"bp.toml:4: isolation in [slices.a] must be {allowed}, got 'thread'"
+
+
+HUGE = 2**64  # one more than the store (msgpack) can encode
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (f"max_concurrency = {HUGE}", f"b.toml:4: max_concurrency = {HUGE} in [slices.a] is out"),
+        (f"[slices.a.config]\nlimits = {{ n = {HUGE} }}", f"b.toml:5: n = {HUGE} in [slices.a.config.limi"),
+        (f"[slices.a.config]\nsizes = [1, -{HUGE}]", f"b.toml:5: sizes = -{HUGE} in [slices.a.config] is"),
+        (f"[slices.a.rollout]\nmax_surge = {HUGE}", f"b.toml:5: max_surge = {HUGE} in [slices.a.rollout]"),
+        (f"[slices.a.entries.greet]\nretries = {HUGE}", f"b.toml:5: retries = {HUGE} in [slices.a.entries."),
+        (f"[slices.a.scaling]\nmax = {HUGE}\nin_flight = 1", f"b.toml:5: max = {HUGE} in [slices.a.scaling]"),
+    ],
+)
+def test_integers_the_store_cannot_hold_are_refused_naming_key_and_line(table: str, expected: str) -> None:
+    """TOML integers are unbounded, the store's encoding (msgpack) is not: such a blueprint used to
+    pass parsing and expansion and fail only in `kv.put` with an OverflowError (a 500 from
+    `POST /api/v1/blueprints`, seen with max_concurrency = 2**64)."""
+    text = f'id = "x"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\n{table}\n'
+    with pytest.raises(BlueprintError) as e:
+        parse_blueprint(text, "b.toml")
+    assert str(e.value).startswith(expected), str(e.value)
+    assert "integers must be between -2**63 and 2**64-1" in str(e.value)
+
+
+def test_the_largest_integers_the_store_holds_are_accepted_and_stored() -> None:
+    from aether.kv.contract import decode_value, encode_value
+
+    text = (f'id = "x"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\nmax_concurrency = {HUGE - 1}\n'
+            f"[slices.a.config]\nlo = {-(2**63)}\nhi = {HUGE - 1}\n")
+    value = expand(parse_blueprint(text), no_dependencies, any_artifact)
+    assert decode_value("blueprints/x", encode_value("blueprints/x", value)) == value

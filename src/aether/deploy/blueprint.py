@@ -54,7 +54,8 @@ Every error is a `BlueprintError` whose message starts with `FILE:LINE:` (or `FI
 line applies) and says what is wrong and what is allowed. The keys, required keys and value types
 are checked by msgspec (Structs with ``forbid_unknown_fields``), one table at a time: the top level,
 then each `[maps.NAME]`, then each `[slices.NAME]`; within a table the first problem in the order
-of the file is reported.
+of the file is reported. Before that, any integer the store cannot hold (outside -2**63..2**64-1;
+TOML integers are unbounded) is refused naming its key, config tables included.
 """
 
 from __future__ import annotations
@@ -241,6 +242,26 @@ class _Locator:
 _TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*\Z")
 
 
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
+"""The integers the store can hold (msgpack: int64 and uint64); TOML integers are unbounded."""
+
+
+def _check_int_range(value: object, path: tuple[str, ...], fail: Callable[..., BlueprintError]) -> None:
+    """Raise the `BlueprintError` naming the key of the first integer the store cannot encode: such
+    a value would pass every other check and fail only when the blueprint is written."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_int_range(v, (*path, k), fail)
+    elif isinstance(value, list):
+        for v in value:
+            _check_int_range(v, path, fail)
+    elif isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
+        key, table = (path[-1], path[:-1]) if path else ("?", ())
+        where = f" in [{'.'.join(table)}]" if table else ""
+        raise fail(f"{key} = {value}{where} is out of range: integers must be between -2**63 and "
+                   "2**64-1", *path)
+
+
 def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
     """Parse and validate blueprint TOML; raise `BlueprintError` naming file, line and problem."""
     try:
@@ -258,6 +279,8 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
     def fail(problem: str, *path: str) -> BlueprintError:
         line = loc.line(*path) if path else None
         return BlueprintError(f"{filename}:{line}: {problem}" if line else f"{filename}: {problem}")
+
+    _check_int_range(raw, (), fail)
 
     def bad_top(key: str, value: object) -> str:
         return {
