@@ -71,3 +71,42 @@ async def test_a_failing_avoid_hook_places_everywhere() -> None:
     p = await mgr.reconcile_once()
     assert p is not None and set(p.target[A]) == {"node-1", "node-2", "node-3"}
     assert isinstance(kv.data[f"slices/node-2/{A}"], SliceStateValue)
+
+
+@pytest.mark.parametrize("state", ["progressing", "paused", "rolling-back"])
+async def test_a_rollout_whose_blueprint_was_deleted_ends_and_its_instances_go(state: str) -> None:
+    """Deleting the only blueprint listing an artifact (or undeploying it) during a rollout: the
+    rollout's counts used to keep both versions desired (they replace what the blueprints say);
+    a paused rollout kept them running for ever, and a rolling-back one (no blueprint left to
+    bring the old version back for) never ended. The leader now ends the rollout `aborted`,
+    naming why, and removes the instances like for any deleted blueprint."""
+    import msgspec
+
+    from aether.deploy.rollout import begin
+    from aether.kv.keys import RolloutPolicy
+
+    old, new = "org.demo:a:1.0.0", "org.demo:a:2.0.0"
+    r = begin("r1", "org.demo:a", "1.0.0", "2.0.0", 2, RolloutPolicy(), 1000.0)
+    r = msgspec.structs.replace(r, state=state, new_instances=1)
+    running = {
+        f"slices/node-1/{old}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+        f"slices/node-2/{old}": SliceStateValue("ACTIVE", 1.0, None, [1]),
+        f"slices/node-3/{new}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+    }
+    kv = FakeKV({"rollouts/org.demo:a": r, **running})  # no blueprint lists org.demo:a any more
+    mgr = ClusterDeploymentManager(kv, FakeLeader({"node-2", "node-3"}), wall=lambda: 1001.0)  # type: ignore[arg-type]
+    p = await mgr.reconcile_once()
+    assert p is not None
+    ended = kv.data["rollouts/org.demo:a"]
+    assert ended.state == "aborted" and ended.weights == {}
+    assert "no blueprint lists org.demo:a" in ended.reason
+    assert p.target == {}  # nothing desired: every instance of both versions is deactivated
+    states = {k: v.state for k, v in kv.data.items() if k.startswith("slices/")}
+    assert states == dict.fromkeys(running, "DEACTIVATE")
+    # a rollout of an artifact a blueprint still lists is left alone
+    bp = BlueprintValue([BlueprintSlice(new, 2)])
+    kv2 = FakeKV({"rollouts/org.demo:a": r, "blueprints/x": bp, **running})
+    mgr2 = ClusterDeploymentManager(kv2, FakeLeader({"node-2", "node-3"}), wall=lambda: 1001.0)  # type: ignore[arg-type]
+    await mgr2.reconcile_once()
+    # (rolling-back with the old version ready: rolled-back, as before)
+    assert kv2.data["rollouts/org.demo:a"].state != "aborted"

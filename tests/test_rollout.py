@@ -232,3 +232,18 @@ def test_a_started_rollout_survives_a_store_round_trip_byte_for_byte() -> None:
     r = begin("r", A, "1", "2", 3, RolloutPolicy(interval=60, progress_deadline=10, max_p99_ratio=2), 0.0)
     raw = msgspec.msgpack.encode(r)
     assert msgspec.msgpack.encode(msgspec.msgpack.decode(raw, type=RolloutValue)) == raw
+
+
+@pytest.mark.parametrize("state", ["progressing", "paused", "rolling-back"])
+def test_a_rollout_no_blueprint_lists_any_more_ends_aborted_and_imposes_no_counts(state: str) -> None:
+    import msgspec
+
+    r = msgspec.structs.replace(advance(start(3), obs(3, 0), 1001).value, state=state)  # type: ignore[arg-type]
+    step = advance(r, Observation(VersionState(3), VersionState(1), listed=False), 1002)
+    assert step.value is not None and step.value.state == "aborted"
+    assert (step.value.old_instances, step.value.new_instances, step.value.weights) == (0, 0, {})
+    why = f"no blueprint lists {A} any more (deleted or undeployed)"
+    assert step.events == [f"rollout of {A} to 0.2.0 ended: {why}"] and step.value.reason == why
+    assert step.blueprints_to is None  # no blueprint to write back into
+    assert desired_state([], None, [step.value]) == {}
+    assert desired_state([], None, [r]) != {}  # what the active rollout alone kept running

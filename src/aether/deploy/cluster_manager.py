@@ -231,7 +231,8 @@ class ClusterDeploymentManager:
         if not self.leader.is_leader:
             return None
         blueprints, slices, endpoints, routes = self.snapshot()
-        rollouts, wrote = await self._advance_rollouts(slices)
+        listed = {s.artifact.rpartition(":")[0] for bp in blueprints for s in bp.slices}
+        rollouts, wrote = await self._advance_rollouts(slices, listed)
         if wrote:  # a rollback writes the old version back into the blueprints: plan on what is stored now
             blueprints, slices, endpoints, routes = self.snapshot()
         now = self._clock()
@@ -289,9 +290,10 @@ class ClusterDeploymentManager:
         return counts_window(base, now, self._bounds)
 
     async def _advance_rollouts(
-        self, slices: dict[str, dict[str, SliceStateValue]]
+        self, slices: dict[str, dict[str, SliceStateValue]], listed: set[str]
     ) -> tuple[list[RolloutValue], bool]:
-        """One step of every active rollout (`aether.deploy.rollout.advance`); returns the rollouts
+        """One step of every active rollout (`aether.deploy.rollout.advance`; `listed`: the
+        ``group:artifact`` names the blueprints list, any version); returns the rollouts
         as they stand after it (for the desired state) and whether blueprints were written."""
         out: list[RolloutValue] = []
         wrote = False
@@ -307,6 +309,7 @@ class ClusterDeploymentManager:
                 new=_version_state(slices, f"{r.artifact}:{r.new_version}", r.started),
                 old_window=self._window(r, f"{r.artifact}:{r.old_version}"),
                 new_window=self._window(r, f"{r.artifact}:{r.new_version}"),
+                listed=r.artifact in listed,
             )
             step = advance(r, obs, self._wall())
             new = step.value

@@ -34,6 +34,10 @@ A rollback sets the desired counts back (all old instances, no new ones) and sen
 the old version; once the old instances are all ready the rollout ends ``rolled-back`` (or
 ``aborted`` when an operator asked) and the leader writes the old version back into the
 blueprints, so what is stored is what runs.
+
+A rollout of an artifact no blueprint lists any more (its blueprint deleted, the artifact
+undeployed), in any active state, ends ``aborted`` at once: its counts would otherwise keep both
+versions running (a paused rollout for ever).
 """
 
 from __future__ import annotations
@@ -184,6 +188,7 @@ class Observation:
     new: VersionState = VersionState()
     old_window: Window = Window()
     new_window: Window = Window()
+    listed: bool = True  # does a blueprint still list the artifact (any version)?
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +297,15 @@ def _count(r: RolloutValue, obs: Observation) -> RolloutValue:
 
 def advance(r: RolloutValue, obs: Observation, now: float) -> RolloutStep:
     """One step of an active rollout given what the store and the metrics show."""
-    if r.state == PAUSED or r.state in TERMINAL_STATES:
+    if r.state in TERMINAL_STATES:
+        return RolloutStep()
+    if not obs.listed:  # its blueprint was deleted (or the artifact undeployed): nothing to roll
+        reason = f"no blueprint lists {r.artifact} any more (deleted or undeployed)"
+        v = _replace(_count(r, obs), state=ABORTED, old_instances=0, new_instances=0, weights={},
+                     reason=reason, updated=now)  # fmt: skip
+        text = f"rollout of {r.artifact} to {r.new_version} ended: {reason}"
+        return RolloutStep(_log(v, text), [text])
+    if r.state == PAUSED:
         return RolloutStep()
     if r.state == ROLLING_BACK:
         if obs.old.ready >= r.instances:
