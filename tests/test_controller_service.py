@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import pytest
 
 from aether.controller.service import ControllerService, build_observation
@@ -277,3 +278,35 @@ async def test_alerts_view() -> None:
     assert (firing.state, firing.name, firing.severity, firing.for_, firing.value) == (
         "firing", "slow", "critical", 5.0, 300.0)
     assert pending.state == "pending" and pending.labels == {"artifact": "a", "entry": "e"}
+
+
+def test_the_controller_does_not_scale_an_artifact_during_its_rollout() -> None:
+    """During a canary the new version gets a share of the calls only; the controller used to scale
+    its `scale/` count by that share (down to min within a minute), and the rollout's end then left
+    the artifact on that count under the full load. It now holds the count while a rollout of the
+    artifact is active (docs/deployment.md, *Known limits*), and scales again once it ended."""
+    from aether.controller.config import ControllerConfig
+    from aether.controller.core import Controller
+    from aether.deploy.rollout import begin
+    from aether.kv.keys import RolloutPolicy
+
+    new = "org.demo:a:2.0.0"
+    bps = [BlueprintValue([BlueprintSlice(new, 6, scaling=RULE)])]
+    scales = {new: ScaleValue(6, "controller", 1.0)}
+    running = begin("r1", "org.demo:a", "1.0.0", "2.0.0", 6, RolloutPolicy(strategy="canary"), 900.0)
+    slices = {"node-1": {new: SliceStateValue("ACTIVE", 1.0, None, [0])},
+              "node-2": {"org.demo:a:1.0.0": SliceStateValue("ACTIVE", 1.0, None, [0, 1, 2, 3, 4, 5])}}
+    canary_share = SliceLoad(new, 1, 1, 0, 4.0, 4.0, 0.0, 0.0, 250.0, 260.0, 10.0)  # wants 0.25 instances
+    core = Controller(ControllerConfig())
+
+    def step(t: float, rollouts: list[Any]) -> list[Decision]:
+        obs = build_observation(
+            t, blueprints=bps, scales=scales, slices=slices, members=N, up=set(N), snapshot=snapshot(t),
+            slice_loads={new: canary_share}, instance_stats=[], rollouts=rollouts,
+        )  # fmt: skip
+        return [d for d in core.step(obs) if d.kind in ("scale_up", "scale_down")]
+
+    assert [d for t in range(1000, 1120) for d in step(float(t), [running])] == []
+    done = msgspec.structs.replace(running, state="succeeded")
+    after = [d for t in range(1120, 1240) for d in step(float(t), [done])]
+    assert any(d.to_count is not None and d.to_count < 6 for d in after)

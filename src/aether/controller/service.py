@@ -60,11 +60,13 @@ from aether.core.errors import BadRequest, CommitTimeout, QuorumLost
 from aether.core.periodic import run_every
 from aether.deploy.lifecycle import PRESENT_STATES, SliceState
 from aether.deploy.reconcile import Write, autoscaled, desired_state, scale_values, slice_states
+from aether.deploy.rollout import ACTIVE_STATES as ROLLOUT_ACTIVE
 from aether.kv.contract import WatchEvent
 from aether.kv.keys import (
     BlueprintValue,
     ControllerConfigKey,
     ControllerConfigValue,
+    RolloutValue,
     ScaleKey,
     ScaleValue,
     SliceKey,
@@ -198,14 +200,18 @@ def build_observation(
     snapshot: ClusterMetricsSnapshot | None,
     slice_loads: Mapping[str, SliceLoad],
     instance_stats: Sequence[InstanceStats],
+    rollouts: Iterable[RolloutValue] = (),
 ) -> Observation:
     """The controller's input for one step (pure: every input is given).
 
     `slices` is `{node: {artifact: value}}` of the store; `up` the live nodes (the leader too);
-    `metrics_age` is the age of `snapshot` by its wall-clock time (None without one)."""
+    `metrics_age` is the age of `snapshot` by its wall-clock time (None without one). An artifact
+    with an active rollout is observed without its scaling rule: its count holds until the rollout
+    ends (the rollout fixed its counts; the new version's load is only its share of the calls)."""
     bps = list(blueprints)
     desired = desired_state(bps, scales)
-    auto = autoscaled(bps, scales)
+    rolling = {r.artifact for r in rollouts if r.state in ROLLOUT_ACTIVE}
+    auto = {a: v for a, v in autoscaled(bps, scales).items() if a.rpartition(":")[0] not in rolling}
     lag: dict[str, tuple[float, float]] = {}
     if snapshot is not None:
         lag = {n.node_id: (n.loop_lag_ms, n.cpu_percent) for n in snapshot.nodes}
@@ -475,6 +481,7 @@ class ControllerService:
             members=self.leader.members, up=self.leader.up | {self.node_id},
             snapshot=self.metrics.snapshot(), slice_loads=self.metrics.slice_loads(),
             instance_stats=self.metrics.instance_stats(),
+            rollouts=[v for _, v in self.kv.list_local("rollouts/") if isinstance(v, RolloutValue)],
         )  # fmt: skip
 
     def tick(self) -> list[Decision]:
