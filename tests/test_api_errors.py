@@ -130,6 +130,7 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.deploy.errors.ConvergenceTimeout": (504, "app_error"),
     "aether.deploy.errors.RolloutConflict": (409, "app_error"),
     "aether.deploy.errors.RolloutNotFound": (404, "app_error"),
+    "aether.deploy.errors.BlueprintNotFound": (404, "app_error"),
     "aether.deploy.node_manager.RouteConflict": (None, "app_error"),
     "aether.http.routes.BodyTooLarge": (413, "bad_request"),
     "aether.api.auth.Conflict": (409, "status:409"),

@@ -18,7 +18,7 @@ import pytest
 from aether.core.artifact import Artifact, VersionPattern
 from aether.deploy.cluster_manager import ClusterDeploymentManager
 from aether.deploy.endpoints import EndpointChange, EndpointRegistry
-from aether.deploy.errors import BlueprintError, ConvergenceTimeout, DeploymentFailed
+from aether.deploy.errors import BlueprintError, BlueprintNotFound, ConvergenceTimeout, DeploymentFailed
 from aether.deploy.lifecycle import LifecycleTimeouts
 from aether.deploy.node_manager import NodeDeploymentManager
 from aether.deploy.operations import DeploymentService, SliceStatus
@@ -581,7 +581,7 @@ async def test_operations_input_errors_and_convergence_timeout(make_cluster: Any
         await svc.deploy(Artifact.parse(HELLO), 0)
     with pytest.raises(BlueprintError, match="not deployed"):
         await svc.undeploy(HELLO)
-    with pytest.raises(BlueprintError, match="no blueprint 'nope'"):
+    with pytest.raises(BlueprintNotFound, match="no blueprint 'nope'"):
         await svc.wait_converged("nope", timeout=1)
     assert c.kv("blueprints/") == []  # nothing was written by the failed requests
     c.behavior.delays[("load", INVENTORY)] = 3.0

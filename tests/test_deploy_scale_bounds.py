@@ -159,3 +159,20 @@ async def test_api_and_cli_scale_with_bounds() -> None:
         assert r.exit_code == 2 and "give it alone" in r.output
     finally:
         await srv.stop()
+
+
+async def test_waiting_for_an_unknown_blueprint_is_a_404_as_the_route_declares() -> None:
+    """`POST /api/v1/blueprints/{id}/wait` declares 404 for no such blueprint; the service raised a
+    BlueprintError, which answers 400 (a bad request) instead."""
+    from aether.core.problem import problem_for
+    from aether.deploy.errors import BlueprintNotFound
+
+    svc = service()
+
+    async def get(key: Any, timeout: float = 5.0) -> Any:  # the read through consensus
+        return svc.kv.get_local(key)
+
+    svc.kv.get = get  # type: ignore[attr-defined]
+    with pytest.raises(BlueprintNotFound, match="no blueprint 'nope'") as e:
+        await svc.wait_converged("nope", timeout=1)
+    assert problem_for(e.value).status == 404

@@ -45,3 +45,9 @@ class RolloutNotFound(AetherError):
     """No rollout of the named artifact is recorded (404)."""
 
     status = 404
+
+
+class BlueprintNotFound(AetherError):
+    """No blueprint with the id waited for (404, as `POST /api/v1/blueprints/{id}/wait` declares)."""
+
+    status = 404

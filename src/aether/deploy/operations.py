@@ -51,6 +51,7 @@ from aether.deploy.blueprint import (
 from aether.deploy.config import config_conflict
 from aether.deploy.errors import (
     BlueprintError,
+    BlueprintNotFound,
     ConvergenceTimeout,
     DeploymentFailed,
     RolloutConflict,
@@ -701,7 +702,7 @@ class DeploymentService:
                 v = await self.kv.get(self._key(target), self.timeout)
                 bp = v if isinstance(v, BlueprintValue) else None
             if bp is None:
-                raise BlueprintError(f"no blueprint {target!r}")
+                raise BlueprintNotFound(f"no blueprint {target!r}; `aether blueprint list` shows the ids")
             artifacts = [s.artifact for s in bp.slices]
         else:
             artifacts = [str(Artifact.parse(a)) for a in target]
