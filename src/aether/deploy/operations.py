@@ -232,6 +232,14 @@ class DeploymentService:
         if conflict is not None:
             raise BlueprintError(f"{filename}: {conflict}")
         self._admit({bp.id: value}, f"blueprint {bp.id!r}")
+        # every refusal before the first write: a map defined for a blueprint that is then refused
+        # (a rollout of another version runs: 409; another map conflicts) would stay behind
+        previous = self.kv.get_local(BlueprintKey(bp.id))
+        previous = previous if isinstance(previous, BlueprintValue) else None
+        self._planned_rollouts(previous, value, bp.id, time.time())
+        for name, spec in bp.maps:
+            if (current := self.kv.get_local(MapDefKey(name))) is not None:
+                self._check_map(bp, name, spec, current)
         for name, spec in bp.maps:  # before the slices, which may use them in start()
             await self._define_map(bp, name, spec)
         await self._put_with_rollouts(bp.id, value)
@@ -469,7 +477,10 @@ class DeploymentService:
         current = self.kv.get_local(key)
         if current is None and await self.kv.compare_and_set(key, None, spec, self.timeout):
             return
-        current = self.kv.get_local(key)
+        self._check_map(bp, name, spec, self.kv.get_local(key))
+
+    def _check_map(self, bp: Blueprint, name: str, spec: MapSpec, current: object) -> None:
+        """`BlueprintError` if map `name`, defined as `current`, has other settings than `spec`."""
         if current != spec:
             raise BlueprintError(
                 f"{bp.filename}: [maps.{name}] asks for replicas={spec.replicas} "

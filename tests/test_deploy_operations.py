@@ -1,0 +1,48 @@
+"""`DeploymentService.apply_blueprint` over an in-memory store: a refused apply writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from aether.deploy.blueprint import any_artifact, no_dependencies
+from aether.deploy.errors import RolloutConflict
+from aether.deploy.operations import DeploymentService
+from aether.deploy.rollout import begin
+from aether.kv.keys import BlueprintSlice, BlueprintValue, RolloutPolicy, SliceStateValue
+from controller_fakes import FakeKV
+
+pytestmark = pytest.mark.timeout(10)
+
+A1, A2 = "org.demo:a:1.0.0", "org.demo:a:2.0.0"
+
+
+async def test_an_apply_refused_for_a_running_rollout_defines_none_of_its_maps() -> None:
+    """A blueprint asking for a third version while a rollout runs is refused (409), but its
+    `[maps.NAME]` sections used to be defined first: the map stayed, and a corrected blueprint with
+    other map settings was then refused because "map 'orders' exists"."""
+    rollout = begin("r1", "org.demo:a", "1.0.0", "2.0.0", 1, RolloutPolicy(), 1.0)
+    kv = FakeKV({
+        "blueprints/shop": BlueprintValue([BlueprintSlice(A2, 1, name="a")]),
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+        "rollouts/org.demo:a": rollout,
+    })  # fmt: skip
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    before = dict(kv.data)
+    toml = ('id = "shop"\n[maps.orders]\nreplicas = 1\nwrite_quorum = 1\n'
+            '[slices.a]\nartifact = "org.demo:a:3.0.0"\n')
+    with pytest.raises(RolloutConflict, match=r"rollout of org\.demo:a from 1\.0\.0 to 2\.0\.0 is"):
+        await svc.apply_blueprint(toml, "shop.toml")
+    assert kv.data == before  # no map definition, no blueprint, no rollout
+
+
+async def test_an_apply_refused_for_a_conflicting_map_defines_none_of_its_other_maps() -> None:
+    from aether.core.maps import MapSpec
+    from aether.deploy.errors import BlueprintError
+
+    kv = FakeKV({"maps/defs/orders": MapSpec(replicas=1, write_quorum=1)})
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    toml = ('id = "shop"\n[maps.carts]\n[maps.orders]\nreplicas = 3\n'
+            '[slices.a]\nartifact = "org.demo:a:1.0.0"\n')
+    with pytest.raises(BlueprintError, match="map 'orders' exists with"):
+        await svc.apply_blueprint(toml, "shop.toml")
+    assert sorted(kv.data) == ["maps/defs/orders"]  # carts was not defined
