@@ -46,3 +46,30 @@ async def test_an_apply_refused_for_a_conflicting_map_defines_none_of_its_other_
     with pytest.raises(BlueprintError, match="map 'orders' exists with"):
         await svc.apply_blueprint(toml, "shop.toml")
     assert sorted(kv.data) == ["maps/defs/orders"]  # carts was not defined
+
+
+async def test_a_refusal_during_a_rollback_does_not_suggest_an_abort_that_is_refused() -> None:
+    """The 409 for another version during a rollout said "wait for it or abort it"; a rollback
+    cannot be aborted (`abort` answers 409 "only a progressing or paused rollout can be aborted")."""
+    import msgspec
+
+    from aether.deploy.rollout import abort
+
+    rollout = abort(begin("r1", "org.demo:a", "1.0.0", "2.0.0", 1, RolloutPolicy(), 1.0), 2.0)
+    assert rollout.state == "rolling-back"
+    kv = FakeKV({
+        "blueprints/shop": BlueprintValue([BlueprintSlice(A2, 1, name="a")]),
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+        "rollouts/org.demo:a": rollout,
+    })  # fmt: skip
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    with pytest.raises(RolloutConflict) as e:
+        await svc.apply_blueprint('id = "shop"\n[slices.a]\nartifact = "org.demo:a:3.0.0"\n', "shop.toml")
+    assert "is rolling-back; wait until it is back on 1.0.0 before asking for 3.0.0" in str(e.value)
+    assert "abort" not in str(e.value)
+    with pytest.raises(RolloutConflict, match="only a progressing or paused rollout can be aborted"):
+        await svc.abort_rollout("org.demo:a")
+    # a progressing one still offers the abort
+    kv.data["rollouts/org.demo:a"] = msgspec.structs.replace(rollout, state="progressing")
+    with pytest.raises(RolloutConflict, match="wait for it or abort it"):
+        await svc.apply_blueprint('id = "shop"\n[slices.a]\nartifact = "org.demo:a:3.0.0"\n', "shop.toml")

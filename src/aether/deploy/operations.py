@@ -298,10 +298,13 @@ class DeploymentService:
             if current is not None and current.state in ACTIVE_STATES:
                 if current.new_version == version:
                     continue
+                way_out = (  # a rollback cannot be aborted: it ends once the old version runs again
+                    "wait until it is back on " + current.old_version if current.state == "rolling-back"
+                    else f"wait for it or abort it (`aether rollout abort {name}`)"
+                )
                 raise RolloutConflict(
                     f"a rollout of {name} from {current.old_version} to {current.new_version} is "
-                    f"{current.state}; wait for it or abort it (`aether rollout abort {name}`) before "
-                    f"asking for {version}"
+                    f"{current.state}; {way_out} before asking for {version}"
                 )
             if not self._running_versions(name).get(old_version):
                 continue  # nothing of the old version runs: a plain replacement loses no call
