@@ -73,3 +73,51 @@ async def test_a_refusal_during_a_rollback_does_not_suggest_an_abort_that_is_ref
     kv.data["rollouts/org.demo:a"] = msgspec.structs.replace(rollout, state="progressing")
     with pytest.raises(RolloutConflict, match="wait for it or abort it"):
         await svc.apply_blueprint('id = "shop"\n[slices.a]\nartifact = "org.demo:a:3.0.0"\n', "shop.toml")
+
+
+class RacingKV(FakeKV):
+    """The in-memory store, where another apply lands just before the next write of a blueprint."""
+
+    def __init__(self, data: dict[str, object]) -> None:
+        super().__init__(data)
+        self.before_blueprint_write: list[object] = []  # coroutine functions, run once each
+
+    async def get(self, key: object, timeout: float = 5.0) -> object:  # the read through consensus
+        return self.get_local(key)
+
+    async def _race(self, key: object) -> None:
+        if str(key).startswith("blueprints/") and self.before_blueprint_write:
+            await self.before_blueprint_write.pop(0)()  # type: ignore[operator]
+
+    async def put(self, key: object, value: object, timeout: float = 5.0) -> int:
+        await self._race(key)
+        return await super().put(key, value, timeout)
+
+    async def compare_and_set(self, key: object, expected: object, new: object, timeout: float = 5.0) -> bool:
+        await self._race(key)
+        return await super().compare_and_set(key, expected, new, timeout)
+
+
+async def test_two_applies_racing_cannot_leave_a_rollout_its_blueprint_does_not_ask_for() -> None:
+    """Two applies of one blueprint id: the one that read the blueprint first wrote it last with an
+    unconditional put, over the other's new version and the rollout recorded for it. The store then
+    held blueprint 1.0.0 with a rollout to 2.0.0 running (which ends in a plain replacement back to
+    1.0.0, without a rollout). The write is now a compare-and-set against what the apply read:
+    the stale apply is refused (409) and the store is what the other apply wrote."""
+    kv = RacingKV({
+        "blueprints/shop": BlueprintValue([BlueprintSlice(A1, 1, name="a")]),
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+    })  # fmt: skip
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    to_v2 = 'id = "shop"\n[slices.a]\nartifact = "org.demo:a:2.0.0"\n'
+    more_v1 = 'id = "shop"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\ninstances = 2\n'
+
+    async def other_apply() -> None:
+        await svc.apply_blueprint(to_v2, "v2.toml")
+
+    kv.before_blueprint_write.append(other_apply)
+    with pytest.raises(RolloutConflict, match="blueprint shop changed meanwhile"):
+        await svc.apply_blueprint(more_v1, "v1.toml")
+    bp = kv.data["blueprints/shop"]
+    assert [s.artifact for s in bp.slices] == [A2]  # type: ignore[attr-defined]
+    assert kv.data["rollouts/org.demo:a"].new_version == "2.0.0"  # type: ignore[attr-defined]

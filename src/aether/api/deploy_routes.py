@@ -294,13 +294,17 @@ ROUTES: Final = (
     Route(
         "POST", f"{P}/blueprints", DeploymentRoutes.apply_blueprint, "applyBlueprint",
         "Parse, expand and store a blueprint (replaces one with the same id)",
-        {201: Answer(BLUEPRINT_RECORD, "The expanded blueprint")}, _CONSENSUS, role="operate",
+        {201: Answer(BLUEPRINT_RECORD, "The expanded blueprint")}, (*_CONSENSUS, 409), role="operate",
         body=Body(
             ApplyBlueprint,
             alternatives={"application/toml": {"type": "string"}, "text/plain": {"type": "string"}},
         ),
         tags=_DEP,
-        descriptions={400: "Invalid body or blueprint; the detail names the file, line and problem"},
+        descriptions={
+            400: "Invalid body or blueprint; the detail names the file, line and problem",
+            409: "A rollout of another version of one of its artifacts is active, or the blueprint "
+                 "changed meanwhile (nothing stored; try again)",
+        },
     ),
     Route(
         "GET", f"{P}/blueprints/{{id}}", DeploymentRoutes.get_blueprint, "getBlueprint",

@@ -322,8 +322,10 @@ class DeploymentService:
         changes (so the leader never sees the new version without the rollout that keeps the old
         one serving). Returns the rollouts started."""
         key = BlueprintKey(blueprint_id)
-        previous = self.kv.get_local(key)
-        previous = previous if isinstance(previous, BlueprintValue) else None
+        # read through consensus (this replica may lag another node's apply): the write below is a
+        # compare-and-set against it, so a concurrent apply is refused rather than overwritten
+        stored = await self.kv.get(key, self.timeout)
+        previous = stored if isinstance(stored, BlueprintValue) else None
         planned = self._planned_rollouts(previous, value, blueprint_id, time.time(), policy)
         started: list[RolloutValue] = []
         if previous is not None:  # the new version of an autoscaled slice starts from the old one's count
@@ -335,7 +337,11 @@ class DeploymentService:
                 if not await self.kv.compare_and_set(RolloutKey(new.artifact), current, new, self.timeout):
                     raise RolloutConflict(f"the rollout of {new.artifact} changed meanwhile; try again")
                 started.append(new)
-            await self.kv.put(key, value, self.timeout)
+            if not await self.kv.compare_and_set(key, stored, value, self.timeout):
+                raise RolloutConflict(
+                    f"blueprint {blueprint_id} changed meanwhile (another apply, update or deploy); "
+                    "try again"
+                )
         except BaseException:
             for r in started:  # best effort: a rollout whose blueprint was not written must not run
                 with contextlib.suppress(Exception):
