@@ -121,3 +121,34 @@ async def test_two_applies_racing_cannot_leave_a_rollout_its_blueprint_does_not_
     bp = kv.data["blueprints/shop"]
     assert [s.artifact for s in bp.slices] == [A2]  # type: ignore[attr-defined]
     assert kv.data["rollouts/org.demo:a"].new_version == "2.0.0"  # type: ignore[attr-defined]
+
+
+def test_the_versions_of_a_rollout_keep_the_config_limits_and_policies_the_blueprints_give() -> None:
+    """Once a rollout starts, the blueprints list only the new version. The node looks up config,
+    capacity limits and entry policies by full coordinates, so the old version, still serving every
+    call, got an empty config: its fingerprint changed and every node reconfigured (restarted) the
+    old instances without their config or secrets; old instances started again by a rollback got
+    none either, nor their `max_concurrency` and entry policies."""
+    from aether.core.policy import EntryPolicy
+    from aether.deploy.config import SliceConfigs
+    from aether.kv.keys import SecretValue
+
+    config = {"currency": "EUR", "db": {"secret": "db-password"}}
+    policies = {"charge": EntryPolicy(timeout=2.5)}
+
+    def blueprint(coords: str) -> BlueprintValue:
+        return BlueprintValue([BlueprintSlice(coords, 2, name="a", config=config, max_concurrency=8,
+                                              entries=policies)])  # fmt: skip
+
+    kv = FakeKV({"blueprints/shop": blueprint(A1), "secrets/db-password": SecretValue("s3cret", 1.0, 1.0, 1)})
+    configs = SliceConfigs(kv)
+    running = configs.fingerprint(A1)
+    kv.data["blueprints/shop"] = blueprint(A2)  # the rollout to 2.0.0 starts
+    assert configs.fingerprint(A1) == running  # the old instances are not reconfigured
+    assert configs.resolved(A1).values == {"currency": "EUR", "db": "s3cret"}
+    limits = configs.limits(A1)
+    assert limits is not None and limits.max_concurrency == 8
+    assert configs.entry_policies(A1) == policies
+    # the listed version's own settings win; another artifact gets nothing from it
+    kv.data["blueprints/other"] = BlueprintValue([BlueprintSlice("org.demo:b:1.0.0", 1, config={"x": 1})])
+    assert configs.raw("org.demo:b:1.0.0") == {"x": 1} and configs.raw("org.demo:c:1.0.0") == {}

@@ -134,32 +134,44 @@ def resolve(
     return ResolvedConfig(values, tuple(used))
 
 
+def slices_of(blueprints: Iterable[BlueprintValue], artifact: str) -> list[BlueprintSlice]:
+    """The blueprint slices of `artifact` (full coordinates); when no blueprint lists that version,
+    those of the other versions of the artifact. A rollout runs a version the blueprints no longer
+    (old) or not yet (rolled back) list: its instances take the settings the blueprints give the
+    artifact, not none (which would reconfigure the serving old instances with an empty config)."""
+    bps = list(blueprints)
+    exact = [s for bp in bps for s in bp.slices if s.artifact == artifact]
+    if exact:
+        return exact
+    name = artifact.rpartition(":")[0]
+    return [s for bp in bps for s in bp.slices if s.artifact.rpartition(":")[0] == name]
+
+
 def config_of(blueprints: Iterable[BlueprintValue], artifact: str) -> dict[str, Any]:
-    """The config of `artifact` (full coordinates): the first non-empty one the blueprints give."""
-    for bp in blueprints:
-        for s in bp.slices:
-            if s.artifact == artifact and s.config:
-                return dict(s.config)
+    """The config of `artifact` (full coordinates; see `slices_of`): the first non-empty one the
+    blueprints give."""
+    for s in slices_of(blueprints, artifact):
+        if s.config:
+            return dict(s.config)
     return {}
 
 
 def limits_of(blueprints: Iterable[BlueprintValue], artifact: str) -> BlueprintSlice | None:
-    """The slice of the blueprints that gives `artifact` (full coordinates) its capacity limits
-    (`max_concurrency`, `max_queue`, `entry_concurrency`): the first that sets any, else None."""
-    for bp in blueprints:
-        for s in bp.slices:
-            if s.artifact == artifact and (s.max_concurrency is not None or s.entry_concurrency):
-                return s
+    """The slice of the blueprints that gives `artifact` (full coordinates; see `slices_of`) its
+    capacity limits (`max_concurrency`, `max_queue`, `entry_concurrency`): the first that sets any,
+    else None."""
+    for s in slices_of(blueprints, artifact):
+        if s.max_concurrency is not None or s.entry_concurrency:
+            return s
     return None
 
 
 def entry_policies_of(blueprints: Iterable[BlueprintValue], artifact: str) -> dict[str, EntryPolicy]:
     """The per-entry policy overrides (`[slices.NAME.entries.ENTRY]`) of `artifact` (full
-    coordinates): those of the first blueprint slice that sets any, else none."""
-    for bp in blueprints:
-        for s in bp.slices:
-            if s.artifact == artifact and s.entries:
-                return dict(s.entries)
+    coordinates; see `slices_of`): those of the first blueprint slice that sets any, else none."""
+    for s in slices_of(blueprints, artifact):
+        if s.entries:
+            return dict(s.entries)
     return {}
 
 
