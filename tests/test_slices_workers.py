@@ -454,6 +454,12 @@ def test_node_reads_isolation_from_blueprints_and_max_workers_from_config(tmp_pa
     assert Node._slice_isolation(fake, B) == "shared"  # type: ignore[arg-type]  # (over inline)
     bps.append(("blueprints/w", BlueprintValue([BlueprintSlice(str(B), 1)])))
     assert Node._slice_isolation(fake, B) == "auto"  # type: ignore[arg-type]  # (its own thread)
+    # a rollout's old version, which no blueprint lists any more, keeps the artifact's isolation
+    # (it used to get "auto": old instances started again by a rollback ran outside their worker)
+    a2 = BlueprintSlice("org.example:a:2.0.0", 1, isolation="process")
+    bps[:] = [("blueprints/x", BlueprintValue([a2]))]
+    assert Node._slice_isolation(fake, A) == "process"  # type: ignore[arg-type]
+    assert Node._slice_isolation(fake, B) == "auto"  # type: ignore[arg-type]  # another artifact
     p = tmp_path / "aether.toml"
     p.write_text('[node]\nnode_id = "node-1"\nmax_workers = 3\n')
     assert load_toml(p)["max_workers"] == 3

@@ -38,12 +38,12 @@ from aether.deploy import (
     SliceState,
 )
 from aether.deploy.admission import InstanceLimits
-from aether.deploy.config import SliceConfigs
+from aether.deploy.config import SliceConfigs, slices_of
 from aether.deploy.traffic import TrafficTable
 from aether.etcd import EtcdStore
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
-from aether.kv.keys import NodeInfoKey, NodeInfoValue
+from aether.kv.keys import BlueprintValue, NodeInfoKey, NodeInfoValue
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import (
     ClientMembers,
@@ -446,12 +446,9 @@ class Node:
         """``process`` when a blueprint on this replica says `isolation = "process"` for `artifact`,
         else ``auto`` when one says ``auto`` (its own thread), else ``shared`` when one says so, else
         ``inline`` (`SliceRuntime.isolation_for`): the more contained wins when blueprints disagree."""
-        coords = str(artifact)
-        said = set()
-        for _, value in self.kv.list_local("blueprints/"):
-            for s in getattr(value, "slices", ()):
-                if getattr(s, "artifact", None) == coords:
-                    said.add(getattr(s, "isolation", "auto"))
+        # a version no blueprint lists (a rollout's old one) takes what they say of the artifact
+        bps = [v for _, v in self.kv.list_local("blueprints/") if isinstance(v, BlueprintValue)]
+        said = {s.isolation for s in slices_of(bps, str(artifact))}
         if "process" in said:
             return "process"
         if said == {"inline"}:
