@@ -152,3 +152,27 @@ def test_the_versions_of_a_rollout_keep_the_config_limits_and_policies_the_bluep
     # the listed version's own settings win; another artifact gets nothing from it
     kv.data["blueprints/other"] = BlueprintValue([BlueprintSlice("org.demo:b:1.0.0", 1, config={"x": 1})])
     assert configs.raw("org.demo:b:1.0.0") == {"x": 1} and configs.raw("org.demo:c:1.0.0") == {}
+
+
+async def test_a_refused_write_withdraws_its_rollout_also_after_the_leader_advanced_it() -> None:
+    """The rollout is recorded before the blueprint; when the blueprint write then fails, the
+    rollout is withdrawn with a compare-and-set against the value first written. The leader's
+    pass, which the rollout's write wakes, has usually advanced it by then (step 1), so that
+    compare-and-set failed and the rollout kept running for a blueprint that never asked for it."""
+    import msgspec
+
+    kv = RacingKV({
+        "blueprints/shop": BlueprintValue([BlueprintSlice(A1, 1, name="a")]),
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+    })  # fmt: skip
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+
+    async def leader_step_and_another_write() -> None:
+        r = kv.data["rollouts/org.demo:a"]
+        kv.data["rollouts/org.demo:a"] = msgspec.structs.replace(r, new_instances=1, step=1)  # type: ignore[arg-type]
+        kv.data["blueprints/shop"] = BlueprintValue([BlueprintSlice(A1, 3, name="a")])
+
+    kv.before_blueprint_write.append(leader_step_and_another_write)
+    with pytest.raises(RolloutConflict, match="blueprint shop changed meanwhile"):
+        await svc.apply_blueprint('id = "shop"\n[slices.a]\nartifact = "org.demo:a:2.0.0"\n', "v2.toml")
+    assert "rollouts/org.demo:a" not in kv.data

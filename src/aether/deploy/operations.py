@@ -344,10 +344,23 @@ class DeploymentService:
                 )
         except BaseException:
             for r in started:  # best effort: a rollout whose blueprint was not written must not run
-                with contextlib.suppress(Exception):
-                    await self.kv.compare_and_set(RolloutKey(r.artifact), r, None, self.timeout)
+                await self._withdraw(r)
             raise
         return started
+
+    async def _withdraw(self, r: RolloutValue) -> None:
+        """Remove rollout `r` (best effort), also when the leader advanced it meanwhile (its write
+        wakes the leader's pass at once): any value with its id is it."""
+        key = RolloutKey(r.artifact)
+        for _ in range(3):
+            try:
+                cur = await self.kv.get(key, self.timeout)  # through consensus: the leader's step too
+                if not isinstance(cur, RolloutValue) or cur.id != r.id:
+                    return
+                if await self.kv.compare_and_set(key, cur, None, self.timeout):
+                    return
+            except Exception:
+                return
 
     async def update(
         self, artifact: str, version: str, *, policy: RolloutPolicy | None = None, **overrides: Any
