@@ -168,10 +168,16 @@ def limits_of(blueprints: Iterable[BlueprintValue], artifact: str) -> BlueprintS
 
 def entry_policies_of(blueprints: Iterable[BlueprintValue], artifact: str) -> dict[str, EntryPolicy]:
     """The per-entry policy overrides (`[slices.NAME.entries.ENTRY]`) of `artifact` (full
-    coordinates; see `slices_of`): those of the first blueprint slice that sets any, else none."""
-    for s in slices_of(blueprints, artifact):
-        if s.entries:
-            return dict(s.entries)
+    coordinates): those of the first blueprint slice of that very version that sets any, else
+    none. Not those of another version (`slices_of`): a policy for an entry the version lacks fails
+    its activation (`UnknownEntryPolicy`), so the old version of a rollout, started again by a
+    rollback, would fail on a policy the new version's entries ask for; it runs with the policies
+    its code declares instead (policies are read at activation only: the running instances keep
+    theirs)."""
+    for bp in blueprints:
+        for s in bp.slices:
+            if s.artifact == artifact and s.entries:
+                return dict(s.entries)
     return {}
 
 
