@@ -771,18 +771,12 @@ DirectCall = Callable[
 ]
 
 
-class SharedInvoker(ThreadInvoker):
-    """The node's `SliceCaller` for slice code on the node's shared loop (``isolation = "shared"``).
+class _DirectFirst:
+    """A `SliceCaller` that tries each call directly (`SliceRuntime._direct`, in the caller's task)
+    and sends what that declines (`NotDirect`) the usual way (`_usual`), with the idempotency key
+    the direct path derived already (a call's key is derived once)."""
 
-    A call to a slice whose code runs on the same loop is tried directly first (`direct`:
-    `SliceRuntime._direct` runs the entry in the caller's task, with the same request id, key,
-    deadline, errors and bookkeeping as a local call through the node): no hop to the node's loop
-    and back, no interpreter lock handed over. A call it declines (`NotDirect`) goes the usual way.
-    """
-
-    def __init__(self, inner: SliceCaller, thread: SliceThread, direct: DirectCall) -> None:
-        super().__init__(inner, thread)
-        self._direct = direct
+    _direct: DirectCall
 
     async def invoke(
         self,
@@ -797,9 +791,36 @@ class SharedInvoker(ThreadInvoker):
         out = await self._direct(target, method, payload, request_id, timeout, idempotency_key)
         if not isinstance(out, NotDirect):
             return out
-        idempotency_key = out.idempotency_key or idempotency_key
-        return await super().invoke(
-            target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=idempotency_key
+        key = out.idempotency_key or idempotency_key
+        return await self._usual(target, method, payload, request_id, timeout, key)
+
+    async def _usual(
+        self, target: str, method: str, payload: bytes, request_id: str | None, timeout: float | None,
+        idempotency_key: str | None,
+    ) -> bytes:
+        raise NotImplementedError
+
+
+class SharedInvoker(_DirectFirst, ThreadInvoker):
+    """The node's `SliceCaller` for slice code on the node's shared loop (``isolation = "shared"``).
+
+    A call to a slice whose code runs on the same loop is tried directly first (`direct`:
+    `SliceRuntime._direct` runs the entry in the caller's task, with the same request id, key,
+    deadline, errors and bookkeeping as a local call through the node): no hop to the node's loop
+    and back, no interpreter lock handed over. A call it declines (`NotDirect`) goes the usual way.
+    """
+
+    def __init__(self, inner: SliceCaller, thread: SliceThread, direct: DirectCall) -> None:
+        ThreadInvoker.__init__(self, inner, thread)
+        self._direct = direct
+
+    async def _usual(
+        self, target: str, method: str, payload: bytes, request_id: str | None, timeout: float | None,
+        idempotency_key: str | None,
+    ) -> bytes:
+        return await ThreadInvoker.invoke(
+            self, target, method, payload, request_id=request_id, timeout=timeout,
+            idempotency_key=idempotency_key,
         )
 
 
@@ -827,7 +848,7 @@ class InlineCalls(_DirectStreak):
         fn(*args)
 
 
-class InlineInvoker:
+class InlineInvoker(_DirectFirst):
     """The node's `SliceCaller` for inline slices: a call to another inline slice on this node is
     tried directly first (`SliceRuntime._direct` with the node's `InlineCalls`), as on the shared
     loop; one it declines (`NotDirect`) goes through the node's invoker as before."""
@@ -836,24 +857,14 @@ class InlineInvoker:
         self._inner = inner
         self._direct = direct
 
-    async def invoke(
-        self,
-        target: str,
-        method: str,
-        payload: bytes,
-        *,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        idempotency_key: str | None = None,
+    async def _usual(
+        self, target: str, method: str, payload: bytes, request_id: str | None, timeout: float | None,
+        idempotency_key: str | None,
     ) -> bytes:
-        out = await self._direct(target, method, payload, request_id, timeout, idempotency_key)
-        if not isinstance(out, NotDirect):
-            return out
-        key = out.idempotency_key or idempotency_key
-        if key is None:
+        if idempotency_key is None:
             return await self._inner.invoke(target, method, payload, request_id=request_id, timeout=timeout)
         return await self._inner.invoke(
-            target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=key
+            target, method, payload, request_id=request_id, timeout=timeout, idempotency_key=idempotency_key
         )
 
 
