@@ -16,16 +16,21 @@ pytestmark = pytest.mark.timeout(10)
 A1, A2 = "org.demo:a:1.0.0", "org.demo:a:2.0.0"
 
 
+def _rolling_store(rollout: object) -> FakeKV:
+    """The blueprint on 2.0.0, 1.0.0 still ACTIVE on node-1, and `rollout` of org.demo:a."""
+    return FakeKV({
+        "blueprints/shop": BlueprintValue([BlueprintSlice(A2, 1, name="a")]),
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+        "rollouts/org.demo:a": rollout,
+    })  # fmt: skip
+
+
 async def test_an_apply_refused_for_a_running_rollout_defines_none_of_its_maps() -> None:
     """A blueprint asking for a third version while a rollout runs is refused (409), but its
     `[maps.NAME]` sections used to be defined first: the map stayed, and a corrected blueprint with
     other map settings was then refused because "map 'orders' exists"."""
     rollout = begin("r1", "org.demo:a", "1.0.0", "2.0.0", 1, RolloutPolicy(), 1.0)
-    kv = FakeKV({
-        "blueprints/shop": BlueprintValue([BlueprintSlice(A2, 1, name="a")]),
-        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0]),
-        "rollouts/org.demo:a": rollout,
-    })  # fmt: skip
+    kv = _rolling_store(rollout)
     svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
     before = dict(kv.data)
     toml = ('id = "shop"\n[maps.orders]\nreplicas = 1\nwrite_quorum = 1\n'
@@ -57,11 +62,7 @@ async def test_a_refusal_during_a_rollback_does_not_suggest_an_abort_that_is_ref
 
     rollout = abort(begin("r1", "org.demo:a", "1.0.0", "2.0.0", 1, RolloutPolicy(), 1.0), 2.0)
     assert rollout.state == "rolling-back"
-    kv = FakeKV({
-        "blueprints/shop": BlueprintValue([BlueprintSlice(A2, 1, name="a")]),
-        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0]),
-        "rollouts/org.demo:a": rollout,
-    })  # fmt: skip
+    kv = _rolling_store(rollout)
     svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
     with pytest.raises(RolloutConflict) as e:
         await svc.apply_blueprint('id = "shop"\n[slices.a]\nartifact = "org.demo:a:3.0.0"\n', "shop.toml")

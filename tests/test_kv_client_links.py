@@ -48,6 +48,19 @@ class FakeLink:
         asyncio.get_running_loop().call_later(self._delay, self._on_close, None)
 
 
+def _fake_links(monkeypatch: pytest.MonkeyPatch, close_delay: float) -> list[FakeLink]:
+    """The client's connections made `FakeLink`s; the list of those opened, in order."""
+    opened: list[FakeLink] = []
+
+    async def fake_open(address: Any, *, on_message: Any, on_close: Any, **_: Any) -> FakeLink:
+        link = FakeLink(ADDRESSES.index(str(address)), on_message, on_close, close_delay)
+        opened.append(link)
+        return link
+
+    monkeypatch.setattr(client_module, "open_client_connection", fake_open)
+    return opened
+
+
 @pytest.mark.parametrize("close_delay", [0.0, 0.05])
 async def test_a_client_leaving_a_node_without_quorum_goes_to_the_next_and_keeps_that_link(
     monkeypatch: pytest.MonkeyPatch, close_delay: float
@@ -57,14 +70,7 @@ async def test_a_client_leaving_a_node_without_quorum_goes_to_the_next_and_keeps
     (node 3 instead of node 2) and counted a failover; arriving after the next link was up (a TLS
     close), it dropped that link without closing it (a leaked connection) and failed the requests
     waiting on it, so the next request opened a third link."""
-    opened: list[FakeLink] = []
-
-    async def fake_open(address: Any, *, on_message: Any, on_close: Any, **_: Any) -> FakeLink:
-        link = FakeLink(ADDRESSES.index(str(address)), on_message, on_close, close_delay)
-        opened.append(link)
-        return link
-
-    monkeypatch.setattr(client_module, "open_client_connection", fake_open)
+    opened = _fake_links(monkeypatch, close_delay)
     c = AetherClient(ADDRESSES, client_id="app", prefer=0, timeout=5.0)
     try:
         assert await c.put("k", b"v") == 7
@@ -82,14 +88,7 @@ async def test_a_client_leaving_a_node_without_quorum_goes_to_the_next_and_keeps
 async def test_losing_the_current_link_fails_over_to_the_next_node(monkeypatch: pytest.MonkeyPatch) -> None:
     """The current link closed by the node (its callback with an error): a failover, counted, and
     the next request goes to the next node."""
-    opened: list[FakeLink] = []
-
-    async def fake_open(address: Any, *, on_message: Any, on_close: Any, **_: Any) -> FakeLink:
-        link = FakeLink(ADDRESSES.index(str(address)), on_message, on_close, 0.0)
-        opened.append(link)
-        return link
-
-    monkeypatch.setattr(client_module, "open_client_connection", fake_open)
+    opened = _fake_links(monkeypatch, 0.0)
     c = AetherClient(ADDRESSES, client_id="app", prefer=1, timeout=5.0)
     try:
         assert await c.put("k", b"v") == 7
