@@ -241,6 +241,34 @@ async def test_a_node_that_falls_behind_gets_a_reset_then_the_cluster_state(
     await until(lambda: rec.changes()[-1:] == [("put", "user/r/new", b"1", rev)], what="events after reset")
 
 
+async def test_a_key_s_creation_revision_tells_it_apart_from_one_removed_and_written_again(
+    store_cluster: MakeCluster,
+) -> None:
+    """`created_local`: the revision that created the key's current value, the same on every node,
+    kept by an overwrite, a new one after a removal and a new write, also on a node that saw
+    neither but only a reset (the map service tells a map created again under the same name from
+    the one it had this way)."""
+    c = await store_cluster(3)
+    a, lagging = c.stores[0], c.stores[2]
+    assert a.created_local("user/c/k") == 0  # absent
+    rev = await a.put("user/c/k", b"1")
+    await until(lambda: all(s.get_local("user/c/k") == b"1" for s in c.stores), what="the write everywhere")
+    assert [s.created_local("user/c/k") for s in c.stores] == [rev] * 3
+    rev2 = await c.stores[1].put("user/c/k", b"2")  # overwritten: created then, still
+    assert rev2 > rev
+    await until(lambda: lagging.get_local("user/c/k") == b"2", what="the overwrite on node 2")
+    assert [s.created_local("user/c/k") for s in c.stores] == [rev] * 3
+    async with c.fall_behind(2):  # removed and written again with the same value, unseen by node 2
+        await a.put("user/c/k", b"1")
+        await a.remove("user/c/k")
+        rev3 = await a.put("user/c/k", b"1")
+    await until(lambda: lagging.created_local("user/c/k") == rev3, what="the new creation on node 2")
+    assert lagging.get_local("user/c/k") == b"1" and a.created_local("user/c/k") == rev3 > rev2
+    assert await a.compare_and_set("user/c/k", b"1", None)
+    await until(lambda: lagging.get_local("user/c/k") is None, what="the removal on node 2")
+    assert lagging.created_local("user/c/k") == 0
+
+
 async def test_a_write_whose_answer_is_lost_is_applied_once(store_cluster: MakeCluster) -> None:
     c = await store_cluster(3)
     rec = Recorder(c.stores[1], "user/once/")
@@ -301,6 +329,7 @@ CONTRACT_TESTS = [
     test_watches_deliver_commit_order_identical_on_every_node,
     test_a_write_returns_after_the_writer_s_replica_and_watchers_have_it,
     test_a_node_that_falls_behind_gets_a_reset_then_the_cluster_state,
+    test_a_key_s_creation_revision_tells_it_apart_from_one_removed_and_written_again,
     test_a_write_whose_answer_is_lost_is_applied_once,
     test_quorum_loss_is_a_clear_503_and_writes_resume_after,
 ]

@@ -259,6 +259,49 @@ def test_a_snapshot_from_before_digests_still_loads() -> None:
     assert sm2.snapshot() == snap
 
 
+class _SnapshotBeforeCreated(msgspec.Struct, array_like=True):
+    """The snapshot layout before it kept the keys' creation revisions (what a replica of an
+    earlier version decodes)."""
+
+    revision: int
+    items: list[tuple[str, bytes]]
+    sessions: list[tuple[str, int, bytes]]
+    session_digests: list[bytes] = []
+
+
+def test_a_key_s_creation_revision_is_kept_by_overwrites_renewed_by_removal_and_snapshotted() -> None:
+    sm = KVStateMachine()
+    assert sm.created_revision("user/a") == 0
+    run(sm, Put("user/a", b"1"), "c", 1)  # revision 1
+    run(sm, Put("user/b", b"1"), "c", 2)  # 2
+    run(sm, Put("user/a", b"2"), "c", 3)  # 3: an overwrite
+    run(sm, Cas("user/b", b"1", b"3"), "c", 4)  # 4: an overwrite
+    assert (sm.created_revision("user/a"), sm.created_revision("user/b")) == (1, 2)
+    run(sm, Remove("user/a"), "c", 5)  # 5
+    assert sm.created_revision("user/a") == 0
+    run(sm, Cas("user/a", None, b"2"), "c", 6)  # 6: the same value as before, written again
+    assert sm.get("user/a") == b"2" and sm.created_revision("user/a") == 6
+    run(sm, Cas("user/b", b"3", None), "c", 7)  # removed by compare-and-set
+    run(sm, Cas("user/b", b"nope", b"x"), "c", 8)  # refused: changes nothing
+    assert sm.created_revision("user/b") == 0 and sm.revision == 7
+    snap = sm.snapshot()
+    sm2 = KVStateMachine()
+    sm2.restore(snap)
+    assert sm2.created_revision("user/a") == 6 and sm2.snapshot() == snap
+    # a replica of the earlier version decodes the new snapshot (the field is ignored) ...
+    old = msgspec.msgpack.decode(snap, type=_SnapshotBeforeCreated)
+    assert old.revision == 7 and old.items == [("user/a", b"2")]
+    # ... and its snapshots load here: creation unknown (0) until a key is created again
+    sm3 = KVStateMachine()
+    sm3.restore(msgspec.msgpack.encode(old))
+    assert sm3.get("user/a") == b"2" and sm3.created_revision("user/a") == 0
+    run(sm3, Put("user/c", b"1"), "c", 9)
+    assert sm3.created_revision("user/c") == 8
+    sm4 = KVStateMachine()
+    sm4.restore(sm3.snapshot())
+    assert (sm4.created_revision("user/a"), sm4.created_revision("user/c")) == (0, 8)
+
+
 def test_secrets_are_a_key_family_external_clients_cannot_touch() -> None:
     from aether.kv.keys import SecretKey, SecretValue, parse_key, value_type_for
     from aether.kv.protocol import client_key_refusal

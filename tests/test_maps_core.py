@@ -942,3 +942,46 @@ def test_a_node_back_after_the_tombstone_horizon_with_its_log_file_brings_no_rem
     assert [net.results[300 + n] for n in range(len(keys))] == [(None, True)] * len(keys)
     for engine in net.engines.values():
         engine.close()
+
+
+def test_a_node_that_kept_a_removed_maps_copy_takes_the_new_map_over_from_the_others() -> None:
+    """The map was removed and created again while `n3` saw neither (its replica of the store
+    lagged): it kept the old map's copy and took the new map's writes into it. Once it finds out
+    (`replaced`: the adapter hands it a new, empty engine) its copy counts for nothing and it takes
+    the partitions it serves over again: the old data is gone everywhere, the new map's writes are
+    all there, also when one of the others is gone afterwards."""
+    net = Net()
+    keys = [f"k{i}" for i in range(40)]
+    for n, key in enumerate(keys):
+        net.submit(net.ids[n % 3], n + 1, OP_PUT, key, b"old")
+    net.settle()
+    stale = net.ids[2]
+    for i in net.ids[:2]:  # removed and created again: these two saw it
+        _engine, actions = net.cores[i].undefine("m", net.now)
+        net.run(i, actions)
+        net.engines[i] = Full()
+        net.run(i, net.cores[i].define("m", MapSpec(), net.engines[i], net.now, new=True))
+    net.settle()
+    mine = keys[::2]  # written to the new map (into `n3`'s old copy too, as primary or replica)
+    assert any(net.primary_of(k) == stale for k in mine)
+    for n, key in enumerate(mine):
+        net.submit(net.ids[n % 2], 100 + n, OP_PUT, key, b"new")
+    net.settle()
+    assert all(net.results[100 + n] == (None, True) for n in range(len(mine)))
+    # `n3` finds out (a watch reset): the old map goes, the new one gets a new engine
+    core = net.cores[stale]
+    _engine, actions = core.undefine("m", net.now)
+    net.run(stale, actions)
+    net.engines[stale] = Full()
+    net.run(stale, core.define("m", MapSpec(), net.engines[stale], net.now, replaced=True))
+    net.settle(3.0)
+    expected = [(b"new" if key in mine else None, True) for key in keys]
+    for n, key in enumerate(keys):
+        net.submit(net.ids[n % 3], 200 + n, OP_GET, key)
+    net.settle()
+    assert [net.results[200 + n] for n in range(len(keys))] == expected
+    _go_down(net, net.ids[1])  # `n3`'s copy is one of the two left
+    for n, key in enumerate(keys):
+        net.submit(net.ids[2 * (n % 2)], 300 + n, OP_GET, key)
+    net.settle()
+    assert [net.results[300 + n] for n in range(len(keys))] == expected

@@ -323,6 +323,9 @@ class _LaggingKV:
     def list_local(self, prefix: str = "") -> list[tuple[str, object]]:
         return [(k, v) for k, v in self.local.items() if k.startswith(prefix)]
 
+    def created_local(self, key: object) -> int:
+        return 0  # (unknown)
+
     def watch(self, prefix: str, callback: object) -> object:
         return lambda: None
 
@@ -589,6 +592,7 @@ class _WatchedKV:
 
     def __init__(self) -> None:
         self.data: dict[str, object] = {}
+        self.created: dict[str, int] = {}  # key -> the write (revision) that created it
         self.watches: dict[int, tuple[str, object]] = {}
         self.writes: list[tuple[str, object | None]] = []
 
@@ -597,6 +601,9 @@ class _WatchedKV:
 
     def list_local(self, prefix: str = "") -> list[tuple[str, object]]:
         return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
+
+    def created_local(self, key: object) -> int:
+        return self.created.get(str(key), 0)
 
     def watch(self, prefix: str, callback: object) -> object:
         wid = len(self.watches) + 1
@@ -610,8 +617,10 @@ class _WatchedKV:
         self.writes.append((k, value))
         if value is None:
             self.data.pop(k, None)
+            self.created.pop(k, None)
             ev = WatchEvent("remove", k, None, len(self.writes))
         else:
+            self.created.setdefault(k, len(self.writes))
             self.data[k] = value
             ev = WatchEvent("put", k, msgspec.msgpack.encode(value), len(self.writes))
         for prefix, cb in list(self.watches.values()):
@@ -653,7 +662,7 @@ async def _one_node_service(tmp_path: Path, kv: _WatchedKV | None = None, **opti
     from aether.maps.service import MapService
 
     kv = kv or _WatchedKV()
-    kv.data[str(MapDefKey("m"))] = MapSpec(replicas=1, write_quorum=1)
+    kv._set(MapDefKey("m"), MapSpec(replicas=1, write_quorum=1))
     svc = MapService(
         "node-1", kv, _Sent(), tmp_path, is_leader=lambda: True, partitions=8, tick_interval=0.01,
         **options,
@@ -867,5 +876,100 @@ async def test_a_map_removed_while_its_storage_fails_still_closes_and_deletes_it
         assert "m" not in svc.engines and engine.closed
         assert not any(f.exists() for f in files)
         assert kv.get_local(MapDefKey("m")) is None
+    finally:
+        await svc.stop()
+
+
+async def _serving(svc: Any) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 5
+    while svc.table is None or svc.syncing or len(svc.core.prims) < 8 or "m" not in svc.engines:
+        assert loop.time() < end, "the one-node map service did not start serving"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_map_removed_and_created_again_while_a_node_saw_only_a_reset_is_a_new_map(
+    tmp_path: Path,
+) -> None:
+    """A node whose replica of the store lagged sees neither the removal of a map nor its creation
+    again under the same name with the same settings, only a watch ``reset``: the definition it
+    reads is equal to the one it had. It kept the removed map's copy (served, and counted as one
+    of the new map's copies): its old data showed up in the new map. The definition's creation
+    revision (`created_local`) tells the two apart."""
+    from aether.kv.contract import WatchEvent
+    from aether.kv.keys import MapDefKey
+    from aether.maps.service import MapService
+
+    kv = _WatchedKV()
+    svc = await _one_node_service(tmp_path, kv)  # map "m" holding k = v
+    other = MapService("node-2", kv, _Sent(), tmp_path / "other")  # another node's management API
+    try:
+        spec = kv.data[str(MapDefKey("m"))]
+        watches, kv.watches = kv.watches, {}  # this node's replica lags: no events
+        assert await other.undefine("m")
+        assert await other.define("m", spec) is True  # (`spec`: the same settings)
+        kv.watches = watches
+        for prefix, cb in list(kv.watches.values()):  # it jumped ahead: re-read everything
+            cb(WatchEvent("reset", prefix, None, len(kv.writes)))  # type: ignore[operator]
+        await _serving(svc)
+        assert await svc.map_get("m", "k") is None, "the removed map's data is in the new map"
+        await svc.map_put("m", "k2", b"w")
+        assert await svc.map_get("m", "k2") == b"w"
+        # a reset that changed nothing keeps the map and its data
+        for prefix, cb in list(kv.watches.values()):
+            cb(WatchEvent("reset", prefix, None, len(kv.writes)))  # type: ignore[operator]
+        await _serving(svc)
+        assert await svc.map_get("m", "k2") == b"w"
+    finally:
+        await svc.stop()
+
+
+@pytest.mark.parametrize("engine", ["log", "sqlite"])
+async def test_a_node_that_missed_a_map_being_removed_and_created_again_does_not_open_its_old_files(
+    tmp_path: Path, engine: str
+) -> None:
+    """A node down while its map was removed and created again with the same name and settings
+    (it saw neither) found the old map's files at start and opened them for the new map: the old
+    data showed up in it. A restart under the same definition keeps the data, and so do files
+    written before the definition was recorded beside them (an earlier version)."""
+    from aether.core.maps import MapSpec
+    from aether.maps.service import MapService
+    from aether.maps.storage import definition_file
+
+    kv = _WatchedKV()
+    other = MapService("node-2", kv, _Sent(), tmp_path / "other")  # another node's management API
+    spec = MapSpec(replicas=1, write_quorum=1, engine=engine)  # type: ignore[arg-type]
+    assert await other.define("m", spec) is True
+
+    async def start() -> MapService:
+        svc = MapService("node-1", kv, _Sent(), tmp_path / "node-1", is_leader=lambda: True,
+                         partitions=8, tick_interval=0.01)  # fmt: skip
+        await svc.start()
+        await _serving(svc)
+        return svc
+
+    svc = await start()
+    await svc.map_put("m", "k", b"v")
+    await svc.stop()
+    marker = definition_file(tmp_path / "node-1", "m")
+    assert marker.read_text() == f"{kv.created_local('maps/defs/m')}\n"
+    marker.unlink()  # as an earlier version left it: taken as it is
+    svc = await start()  # a plain restart: the same map, its data kept
+    try:
+        assert await svc.map_get("m", "k") == b"v"
+    finally:
+        await svc.stop()
+    assert marker.exists()
+    assert await other.undefine("m")  # while node-1 is down
+    assert await other.define("m", spec) is True
+    svc = await start()
+    try:
+        assert await svc.map_get("m", "k") is None, "the removed map's data is in the new map"
+        await svc.map_put("m", "k2", b"w")
+    finally:
+        await svc.stop()
+    svc = await start()  # and its files are the new map's from then on
+    try:
+        assert await svc.map_get("m", "k2") == b"w"
     finally:
         await svc.stop()

@@ -676,6 +676,7 @@ class EtcdWatch:
                                 client._relative(ev.kv.key),
                                 ev.kv.value,
                                 ev.kv.mod_revision,
+                                ev.kv.create_revision,
                             )
                             for ev in result.events
                         ]

@@ -88,6 +88,7 @@ class EtcdStore:
         self._session = f"{node_id}-{secrets.token_hex(8)}"  # unique per store instance
         self._seq = itertools.count(1)
         self._cache: dict[str, bytes] = {}
+        self._created: dict[str, int] = {}  # key -> its etcd create_revision (`created_local`)
         self.revision = 0  # the etcd revision the cache holds (at least)
         self.resyncs = 0  # full re-reads after the first (compaction)
         self._watches: dict[int, tuple[str, WatchCallback]] = {}
@@ -194,6 +195,7 @@ class EtcdStore:
     def _install(self, snapshot: RangeResult) -> None:
         first = not self._synced.is_set()
         self._cache = {kv.key: kv.value for kv in snapshot.items}
+        self._created = {kv.key: kv.create_revision for kv in snapshot.items}
         self.revision = max(self.revision, snapshot.revision)
         self._synced.set()
         self.watch_error = None
@@ -210,9 +212,11 @@ class EtcdStore:
     def _apply(self, ev: EtcdEvent) -> None:
         if ev.type == "delete":
             self._cache.pop(ev.key, None)
+            self._created.pop(ev.key, None)
             event = WatchEvent("remove", ev.key, None, ev.mod_revision)
         else:
             self._cache[ev.key] = ev.value
+            self._created[ev.key] = ev.create_revision
             event = WatchEvent("put", ev.key, ev.value, ev.mod_revision)
         self.revision = max(self.revision, ev.mod_revision)
         for prefix, cb in list(self._watches.values()):
@@ -385,6 +389,10 @@ class EtcdStore:
         k = str(key)
         v = self._cache.get(k)
         return None if v is None else decode_value(k, v)
+
+    def created_local(self, key: Key | str) -> int:
+        """etcd's ``create_revision`` of `key` as this node's cache holds it; 0 when absent."""
+        return self._created.get(str(key), 0)
 
     def list_local(self, prefix: str = "") -> list[tuple[str, Any]]:
         out: list[tuple[str, Any]] = []

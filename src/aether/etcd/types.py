@@ -124,6 +124,7 @@ class WatchEvent(msgspec.Struct, frozen=True):
     key: str
     value: bytes
     mod_revision: int
+    create_revision: int = 0  # of the key a put wrote (when it came from absent: `mod_revision`)
 
 
 class Lease(msgspec.Struct, frozen=True):

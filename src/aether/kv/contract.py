@@ -77,6 +77,14 @@ class ClusterStore(Protocol):
         """Every (key, decoded value) under `prefix` in this node's replica, sorted by key."""
         ...
 
+    def created_local(self, key: Key | str) -> int:
+        """The store revision at which `key` got its current value from absent, in this node's
+        replica: the same on every node, kept when the key is overwritten, a new (higher) one when
+        it was removed and written again, so it tells a key re-created from the one that was there
+        (also to a watcher that saw only a ``reset``). 0 when absent or unknown (the Rabia store:
+        a key restored from a snapshot of an earlier version)."""
+        ...
+
     def watch(self, prefix: str, callback: WatchCallback) -> Callable[[], None]:
         """Call `callback` for every put/remove under `prefix`, in commit order; returns cancel."""
         ...

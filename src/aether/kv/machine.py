@@ -81,6 +81,10 @@ class _Snapshot(msgspec.Struct, array_like=True):
     # op digest of each session's last command, in `sessions` order; absent in snapshots
     # written before digests existed (those sessions then have an unknown digest, b"")
     session_digests: list[bytes] = []
+    # the revision that created each key of `items` (in `items` order; 0: unknown); absent in
+    # snapshots written before it was kept (then unknown for every key). A trailing field: a
+    # replica of an earlier version decodes this snapshot and ignores it.
+    created: list[int] = []
 
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
@@ -143,6 +147,8 @@ class KVStateMachine:
     def __init__(self, max_sessions: int = 10_000) -> None:
         self.data: dict[str, bytes] = {}
         self.revision = 0
+        # key -> the revision at which it got its current value from absent (`created_revision`)
+        self.created: dict[str, int] = {}
         # client -> (last seq, op digest of that command, its recorded result), least recent first
         self.sessions: OrderedDict[str, tuple[int, bytes, bytes]] = OrderedDict()
         self.max_sessions = max_sessions
@@ -232,8 +238,11 @@ class KVStateMachine:
         self.revision += 1
         if value is None:
             del self.data[key]
+            self.created.pop(key, None)
             self.events.append(WatchEvent("remove", key, None, self.revision))
         else:
+            if key not in self.data:
+                self.created[key] = self.revision
             self.data[key] = value
             self.events.append(WatchEvent("put", key, value, self.revision))
 
@@ -244,6 +253,7 @@ class KVStateMachine:
                 list(self.data.items()),  # insertion order is the same on every replica
                 [(c, s, r) for c, (s, _, r) in self.sessions.items()],
                 [d for _, d, _ in self.sessions.values()],
+                [self.created.get(k, 0) for k in self.data],
             )
         )
 
@@ -251,6 +261,10 @@ class KVStateMachine:
         snap = _snap_decoder.decode(data)
         self.revision = snap.revision
         self.data = dict(snap.items)
+        created = snap.created
+        if len(created) != len(snap.items):  # an old snapshot: every key's creation unknown
+            created = [0] * len(snap.items)
+        self.created = {k: r for (k, _), r in zip(snap.items, created, strict=True) if r}
         digests = snap.session_digests
         if len(digests) != len(snap.sessions):  # an old snapshot: digests unknown
             digests = [b""] * len(snap.sessions)
@@ -264,6 +278,12 @@ class KVStateMachine:
 
     def get(self, key: str) -> bytes | None:
         return self.data.get(key)
+
+    def created_revision(self, key: str) -> int:
+        """The revision at which `key` got its current value from absent: a key removed and
+        written again has a new one, a key overwritten keeps it. 0 when absent, or unknown (a key
+        restored from a snapshot of an earlier version, which did not keep it)."""
+        return self.created.get(key, 0)
 
     def items(self, prefix: str = "") -> list[tuple[str, bytes]]:
         return sorted((k, v) for k, v in self.data.items() if k.startswith(prefix))

@@ -161,6 +161,9 @@ class KVStore:
         v = self.sm.get(k)
         return None if v is None else decode_value(k, v)
 
+    def created_local(self, key: Key | str) -> int:
+        return self.sm.created_revision(str(key))
+
     def list_local(self, prefix: str = "") -> list[tuple[str, Any]]:
         out = []
         for k, v in self.sm.items(prefix):

@@ -503,14 +503,20 @@ class MapCore:
     # --- definitions ----------------------------------------------------------------------------------------
 
     def define(
-        self, name: str, spec: MapSpec, engine: MapStorage | None, now: float, *, new: bool = False
+        self, name: str, spec: MapSpec, engine: MapStorage | None, now: float, *, new: bool = False,
+        replaced: bool = False,
     ) -> list[Action]:
         """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one).
 
         `new`: the definition was committed while this node was running; partitions whose owners
         for this map differ from their active configuration's are taken over again. (Copies count
         per partition, for every map: a node that did not know a map yet refused its writes, so it
-        never acknowledged one it does not hold.)"""
+        never acknowledged one it does not hold.)
+
+        `replaced`: the map this node knew under `name` was removed and created again (another
+        `uid`) without this node seeing it (a watch reset), and `engine` is a new, empty one. It
+        may have taken writes of the new map into the old one's copy meanwhile: its copy counts for
+        nothing, and the partitions it serves are taken over again from the other owners."""
         self._clock(now)
         table = self.table
         self.specs[name] = spec
@@ -548,7 +554,14 @@ class MapCore:
                 # can hold writes of it from an older configuration; push it (empty or not) too,
                 # or the takeover would wait for its acknowledgements forever
                 self._start_push(prom)
-        if new and table is not None:
+        if replaced and table is not None:
+            why = f"map {name!r} was removed and created again"
+            for p in list(self.prims):
+                self._step_down(p, why)
+            mine = {p for p in range(table.partitions) if table.primary(p) == self.node_id}
+            if mine:
+                self._start_promotion(table.version, mine)
+        elif new and table is not None:
             # a map with more replicas than the others may have owners the active configurations
             # do not name: take those partitions over again
             again = {p for p, prim in self.prims.items() if prim.ready and self._unrecorded(table, p)}

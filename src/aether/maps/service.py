@@ -91,6 +91,7 @@ from aether.maps.storage import (
     MapStorage,
     StorageDamaged,
     UnopenedStorage,
+    definition_file,
     open_storage_engine,
     storage_files,
 )
@@ -124,6 +125,8 @@ class KVLike(Protocol):
     def get_local(self, key: Any) -> Any: ...
 
     def list_local(self, prefix: str = "") -> list[tuple[str, Any]]: ...
+
+    def created_local(self, key: Any) -> int: ...
 
     def watch(self, prefix: str, callback: Callable[[Any], None]) -> Callable[[], None]: ...
 
@@ -179,6 +182,9 @@ class MapService:
         self.boot_id = boot_id
         self._distrust = False  # the machine restarted since the last run: persisted copies count for nothing
         self._reopen_at: dict[str, float] = {}  # maps whose engine could not be opened: when to try again
+        # map -> the store revision that created the definition it is defined with here (its
+        # identity: a map removed and created again has another; 0: unknown)
+        self._created: dict[str, int] = {}
         self.log = logger or logging.getLogger(f"aether.maps.{node_id}")
         self.core = MapCore(
             node_id, partitions=partitions, timings=timings, logger=self.log,
@@ -505,6 +511,17 @@ class MapService:
 
     def _define(self, name: str, spec: MapSpec, *, new: bool = False) -> None:
         old = self.core.specs.get(name)
+        created = self.kv.created_local(MapDefKey(name))  # the definition's identity (0: unknown)
+        known = self._created.get(name, 0)
+        replaced = old is not None and created != 0 and known != 0 and created != known
+        if replaced:  # removed and created again while this node saw only a reset: the old map goes
+            self.log.warning(
+                "map %r was removed and created again (this node did not see it go): its copy here "
+                "is dropped and its partitions taken over again from the other owners", name,
+            )  # fmt: skip
+            self._undefine(name)
+            old = None
+        self._created[name] = created
         engine: MapStorage | None = None
         if name not in self.core.engines or (old is not None and old.engine != spec.engine):
             try:
@@ -517,9 +534,43 @@ class MapService:
                 )  # fmt: skip
                 engine = UnopenedStorage(e)
                 self._reopen_at[name] = self.now() + self.timings.probe_after
-        self._run(self.core.define(name, spec, engine, self.now(), new=new))
+        new = new and not replaced
+        self._run(self.core.define(name, spec, engine, self.now(), new=new, replaced=replaced))
+
+    def _claim_files(self, name: str) -> None:
+        """Make map `name`'s files those of its current definition (`created_local` of its key, in
+        `NAME.def` beside them): files of a map of that name that was removed while this node did
+        not see it go (down meanwhile) are deleted first, never opened for the new one. Files
+        without that record (an earlier version wrote them), or a definition whose creation this
+        node's store does not know, are taken as they are."""
+        created = self._created.get(name, 0)
+        if not created:
+            return
+        marker = definition_file(self.data_dir, name)
+        try:
+            found = int(marker.read_text().strip())
+        except FileNotFoundError:
+            found = 0
+        except (OSError, ValueError) as e:
+            self.log.warning("map %r: %s unreadable (%s): its files are taken as they are", name, marker, e)
+            found = 0
+        if found == created:
+            return
+        if found:
+            stale = [p for p in storage_files(self.data_dir, name) if p != marker and p.exists()]
+            if stale:
+                self.log.warning(
+                    "map %r: its files here belong to a map of that name that was removed while this "
+                    "node did not see it go: deleted (%s)", name, ", ".join(str(p) for p in stale),
+                )  # fmt: skip
+            for path in stale:
+                path.unlink(missing_ok=True)
+        make_private_dirs(self.data_dir)
+        replace_private(marker, b"%d\n" % created)
 
     def _open_engine(self, name: str, spec: MapSpec) -> MapStorage:
+        if spec.engine != "memory":
+            self._claim_files(name)
         try:
             engine = self.open_storage(spec.engine, self.data_dir, name)
         except StorageDamaged as e:
@@ -560,6 +611,7 @@ class MapService:
             self._run(self.core.define(name, spec, opened, now))
 
     def _undefine(self, name: str) -> None:
+        self._created.pop(name, None)
         engine, actions = self.core.undefine(name, self.now())
         self._run(actions)
         if engine is not None:

@@ -35,7 +35,7 @@ from aether.maps.records import Record
 
 __all__ = [
     "MapStorage", "MemoryStorage", "SqliteStorage", "StorageDamaged", "UnopenedStorage",
-    "open_storage_engine", "storage_files",
+    "definition_file", "open_storage_engine", "storage_files",
 ]
 
 _OPS_ENCODER = msgspec.msgpack.Encoder()
@@ -568,9 +568,16 @@ def open_storage_engine(engine: str, directory: Path, name: str) -> MapStorage:
 
 
 def storage_files(directory: Path, name: str) -> list[Path]:
-    """Every file the persistent engines may keep for map `name` in `directory`."""
+    """Every file the persistent engines may keep for map `name` in `directory`, the file naming
+    the definition they belong to (`definition_file`) last."""
     sqlite = directory / f"{name}.sqlite"
     log = directory / f"{name}.log"
     return [Path(f"{sqlite}{s}") for s in ("", "-wal", "-shm")] + [
         Path(f"{log}{s}") for s in ("", ".tmp", ".lock")
-    ]
+    ] + [definition_file(directory, name)]
+
+
+def definition_file(directory: Path, name: str) -> Path:
+    """The file naming the definition of map `name` whose data its files in `directory` hold: the
+    store revision that created it (`ClusterStore.created_local`)."""
+    return directory / f"{name}.def"

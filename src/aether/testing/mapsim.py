@@ -162,13 +162,17 @@ class SimStore:
         self.world = world
         self.data: dict[str, Any] = {}
         self.log: list[tuple[str, str, Any]] = []  # (kind, key, value) in commit order
+        self.created: dict[str, int] = {}  # key -> the revision (log length) that created it
 
     def commit(self, kind: str, key: str, value: Any) -> None:
+        self.log.append((kind, key, value))
         if kind == "put":
+            if key not in self.data:
+                self.created[key] = len(self.log)
             self.data[key] = value
         else:
             self.data.pop(key, None)
-        self.log.append((kind, key, value))
+            self.created.pop(key, None)
         for view in self.world.views.values():
             view.notify()
 
@@ -180,6 +184,7 @@ class NodeKV:
         self.world = world
         self.node = node
         self.local: dict[str, Any] = {}
+        self.created: dict[str, int] = {}  # of the local copy's keys (`created_local`)
         self.applied = 0
         self.watches: list[tuple[str, Callable[[Any], None]]] = []
         self._scheduled = False
@@ -190,6 +195,9 @@ class NodeKV:
 
     def list_local(self, prefix: str = "") -> list[tuple[str, Any]]:
         return sorted((k, v) for k, v in self.local.items() if k.startswith(prefix))
+
+    def created_local(self, key: Any) -> int:
+        return self.created.get(str(key), 0)
 
     def watch(self, prefix: str, callback: Callable[[Any], None]) -> Callable[[], None]:
         entry = (prefix, callback)
@@ -219,6 +227,7 @@ class NodeKV:
         if len(log) - self.applied > 3 and w.rng.random() < 0.3:
             # fell behind: jump to the current state and tell the watchers to re-read (a reset)
             self.local = dict(w.store.data)
+            self.created = dict(w.store.created)
             self.applied = len(log)
             for prefix, cb in list(self.watches):
                 w.guard(cb, _Reset(prefix))
@@ -227,9 +236,12 @@ class NodeKV:
             kind, key, value = log[self.applied]
             self.applied += 1
             if kind == "put":
+                if key not in self.local:
+                    self.created[key] = self.applied
                 self.local[key] = value
             else:
                 self.local.pop(key, None)
+                self.created.pop(key, None)
             data = msgspec.msgpack.encode(value) if kind == "put" else None
             for prefix, cb in list(self.watches):
                 if key.startswith(prefix):
@@ -318,7 +330,7 @@ class SimNode:
         self.fs = SimFileSystem()  # the log engine's files (the page cache survives a kill)
         self.rebooted = False  # a power cut since the last start: the service distrusts its copies
         # its consensus replica (journal): what it had applied when it stopped, kept across restarts
-        self.replica: tuple[int, dict[str, Any]] | None = None
+        self.replica: tuple[int, dict[str, Any], dict[str, int]] | None = None
         self.paused_until = 0.0  # a stalled process (CPU starvation, a long pause): nothing runs
         self.skew = world.rng.uniform(-0.5, 0.5)
 
@@ -336,9 +348,11 @@ class SimNode:
         self.running = True
         view = NodeKV(w, self.id)
         if self.replica is not None:  # a restart: its replica recovers what it had, then catches up
-            view.applied, view.local = self.replica[0], dict(self.replica[1])
+            applied, local, created = self.replica
+            view.applied, view.local, view.created = applied, dict(local), dict(created)
         else:
             view.local = dict(w.store.data) if w.store_reachable(self.id) else dict(view.local)
+            view.created = dict(w.store.created) if w.store_reachable(self.id) else {}
             view.applied = len(w.store.log) if w.store_reachable(self.id) else 0
         w.views[self.id] = view
         svc = MapService(
@@ -352,6 +366,7 @@ class SimNode:
         svc._distrust, self.rebooted = self.rebooted, False  # (what `_check_boot` finds on a real machine)
         svc._check_horizon = lambda: None  # type: ignore[method-assign]  # no files in the simulation
         svc._write_alive = lambda wall: None  # type: ignore[method-assign]
+        svc._claim_files = lambda name: None  # type: ignore[method-assign]  # (no maps are removed here)
         tick = svc._tick
         svc._tick = lambda: None if w.loop.time() < self.paused_until else tick()  # type: ignore[method-assign]
         self.service = svc
@@ -366,7 +381,7 @@ class SimNode:
         self.service = None
         view = self.world.views.pop(self.id, None)
         if view is not None:
-            self.replica = (view.applied, dict(view.local))
+            self.replica = (view.applied, dict(view.local), dict(view.created))
         if svc is not None:
             svc._closed = True
             for t in list(svc._tasks) + ([svc._ticker] if svc._ticker else []):
