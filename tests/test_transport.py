@@ -668,3 +668,29 @@ async def test_quorum_counts_the_voters_only_when_set() -> None:
         assert not a.has_quorum()  # not a voter itself
         a.set_voters(None)
         assert not a.has_quorum()
+
+
+@pytest.mark.parametrize("how", ["send", "broadcast"])
+async def test_a_message_over_max_frame_is_refused_and_the_link_stays_up(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The peer would close the link on a frame over its max_frame (the same setting on every node):
+    # the sender must not write it, or every message queued with it is lost, the peer goes down and
+    # whatever produced the message (a retry, a catch-up) produces it again on the next link.
+    limit = 64 * 1024
+    async with cluster(["a", "b"], max_frame=limit, max_buffered_bytes=4 * limit) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        big = Blob(b"x" * (limit + 1))
+        if how == "send":
+            assert a.t.send("b", big) is False
+        else:
+            a.t.broadcast(big)
+        assert a.t.send("b", Note(2))
+        await wait_until(lambda: Note(2) in b.got("a"), what="the next message")
+        assert big not in b.got("a")
+        assert not [e for e in a.events + b.events if isinstance(e, PeerDown)]
+        assert a.t.up_peers == {"b"} and b.t.up_peers == {"a"}
+        refused = [r for r in caplog.records if r.name == a.log.name and r.levelno == logging.ERROR]
+        assert len(refused) == 1
+        assert f"Blob of {limit + 1 + 7} bytes" in refused[0].getMessage()
+        assert f"max_frame of {limit} bytes" in refused[0].getMessage()

@@ -40,6 +40,9 @@ Delivery guarantees (what a consensus layer may rely on)
 - Messages sent to one peer over one link are delivered in the order of the ``send`` calls.
 - At most once: ``send`` returns False and drops the message if the link is not up; frames queued
   on a link that then drops are lost. Nothing is retransmitted or buffered across reconnects.
+- A message whose frame would exceed ``max_frame`` is never written (the peer would close the link
+  on it, losing what is queued with it): ``send`` returns False, ``broadcast`` sends it to nobody,
+  and it is logged as an error naming the limit.
 - Messages from a peer are delivered as they arrive on its inbound connection, even while we
   consider it down (e.g. our dial to it failed); after a reconnect the new inbound connection
   replaces the old one, so there is no reordering within one connection but no ordering across
@@ -632,6 +635,7 @@ class Transport:
         self._started = False
         self._stopped = False
         self._last_quorum = False
+        self.oversized_refused = 0  # messages not sent because they exceed max_frame
         self._apply_members(members)
 
     # ---- public API ---------------------------------------------------------------------------
@@ -713,8 +717,9 @@ class Transport:
 
     @property
     def max_frame(self) -> int:
-        """The largest frame payload a peer accepts (bytes; the same setting on every node): `send`
-        writes a larger message all the same, and the peer closes the link on it."""
+        """The largest frame payload a peer accepts (bytes; the same setting on every node). `send`
+        and `broadcast` refuse a larger message (False, logged as an error) rather than write what
+        the peer would close the link on; the layers above keep theirs under it."""
         return self._max_frame
 
     @property
@@ -770,7 +775,11 @@ class Transport:
         p = self._up.get(peer)
         if p is None or p.link is None:
             return False
-        return p.link.write_frame(self._codec.frame(msg))
+        frame = self._codec.frame(msg)
+        if len(frame) - HEADER_SIZE > self._max_frame:
+            self._refuse_oversized(msg, frame)
+            return False
+        return p.link.write_frame(frame)
 
     def broadcast(self, msg: object, to: Iterable[str] | None = None) -> None:
         """Queue `msg` (encoded once) for every up peer, or those of `to` that are up; this node
@@ -780,6 +789,9 @@ class Transport:
         if not self._up:
             return
         frame = self._codec.frame(msg)
+        if len(frame) - HEADER_SIZE > self._max_frame:
+            self._refuse_oversized(msg, frame)
+            return
         if to is None:
             targets: Iterable[_Peer] = self._up.values()
         else:
@@ -787,6 +799,19 @@ class Transport:
         for p in targets:
             if p.link is not None:
                 p.link.write_frame(frame)
+
+    def _refuse_oversized(self, msg: object, frame: bytes) -> None:
+        """A message the peers would close the link on (their decoder refuses frames over
+        ``max_frame``): it is dropped here instead, with the error naming the limit, so the link and
+        whatever else is queued on it survive. The layers above keep their messages under it."""
+        self.oversized_refused += 1
+        name = type(msg).__name__
+        self._log_limited(
+            f"oversized|{name}",
+            f"{name} of {len(frame) - HEADER_SIZE} bytes exceeds the max_frame of {self._max_frame} bytes "
+            "between nodes; not sent (a bug of the layer that built it: please report it)",
+            level=logging.ERROR,
+        )
 
     # ---- link faults (aether.transport.faults) -------------------------------------------------
 
@@ -1080,14 +1105,14 @@ class Transport:
             else:
                 self._per_host.pop(proto.host, None)
 
-    def _log_limited(self, key: str, text: str) -> None:
+    def _log_limited(self, key: str, text: str, level: int = logging.WARNING) -> None:
         now = time.monotonic()
         last = self._reject_logged.get(key)
         if last is None or now - last >= _REJECT_LOG_INTERVAL:
             if len(self._reject_logged) > 1024:
                 self._reject_logged.clear()
             self._reject_logged[key] = now
-            self._log.warning("%s %s", self._prefix, text)
+            self._log.log(level, "%s %s", self._prefix, text)
         else:
             self._log.debug("%s %s (repeat)", self._prefix, text)
 
