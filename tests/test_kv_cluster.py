@@ -12,11 +12,15 @@ import pytest
 
 from aether.client import AetherClient
 from aether.cluster.leader import LeaderChanged
+from aether.consensus.messages import Batch, BatchId, Submit
 from aether.consensus.storage import JournalError
-from aether.core.errors import BadRequest, CommitTimeout, SessionConflict
+from aether.core.errors import BadRequest, CommitTimeout, SessionConflict, TooLarge
 from aether.kv.keys import BlueprintKey, BlueprintSlice, BlueprintValue, SliceStateValue
-from aether.kv.machine import Command, Get, Result, WatchEvent, encode_command
+from aether.kv.machine import Command, Get, Put, Result, WatchEvent, encode_command
+from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
 from aether.node.node import Node
+from aether.transport import PeerDown, open_client_connection
+from aether.transport.framing import DEFAULT_MAX_FRAME
 from conftest import node_configs, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -186,3 +190,63 @@ async def test_status_names_the_node_and_its_failed_journal(nodes: list[Node]) -
         assert n.status().journal_error == "append failed: disk full"
     finally:
         n.store._failed = None
+
+
+def _peer_downs(nodes: list[Node]) -> list[PeerDown]:
+    downs: list[PeerDown] = []
+    for n in nodes:
+        n.bus.subscribe(PeerDown, downs.append)
+    return downs
+
+
+async def test_a_client_value_over_the_store_limit_is_refused_before_it_is_sent(nodes: list[Node]) -> None:
+    # Before: a 17 MiB put went out as a frame over the node's max_frame; every node closed the
+    # client's connection in turn and the put ended in a timeout after the client's deadline.
+    downs = _peer_downs(nodes)
+    async with AetherClient(_addresses(nodes), timeout=5.0) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for op in (
+            client.put("user/big", b"x" * (17 << 20)),
+            client.compare_and_set("user/big", None, b"x" * (2 << 20)),
+        ):
+            with pytest.raises(
+                TooLarge, match=r"is .* bytes; the store's limit is 1048576 bytes per value"
+            ) as err:
+                await op
+            assert err.value.status == 413
+        assert loop.time() - started < 1.0
+        assert await client.put("user/small", b"ok") >= 1
+    assert not downs
+
+
+async def test_a_command_too_large_for_a_message_between_nodes_is_refused_by_the_node(
+    nodes: list[Node],
+) -> None:
+    # A command that fits the client's frame but not a Submit between nodes (a client not using
+    # AetherClient's check). Before: the node queued it; its Submit and Proposal exceeded max_frame,
+    # so the peers closed the links (or the transport dropped them), the request timed out and the
+    # batch stayed at the head of the node's queue.
+    downs = _peer_downs(nodes)
+    probe = len(encode_command(Put("user/big", b"x" * 70_000))) - 70_000
+    command = encode_command(Put("user/big", b"x" * (DEFAULT_MAX_FRAME - 16 - probe)))
+    assert len(msgspec.msgpack.encode(ClientRequest(1, command))) <= DEFAULT_MAX_FRAME
+    submit = Submit(Batch(BatchId("node-1", 1, 1), 1, [command]))
+    assert len(msgspec.msgpack.encode(submit)) > DEFAULT_MAX_FRAME
+    answers: list[ClientResponse] = []
+    link = await open_client_connection(
+        nodes[0].transport.members["node-1"], cluster_name="aether", client_id="raw",
+        message_type=ServerMessage, on_message=answers.append, on_close=lambda *_: None,
+    )  # fmt: skip
+    try:
+        link.send(ClientRequest(1, command))
+        await wait_until(lambda: bool(answers), timeout=10.0, what="the answer")
+    finally:
+        link.close()
+    assert answers[0].kind == "bad_request", answers
+    assert "larger than 4194304 bytes" in (answers[0].error or "")
+    assert "max_batch_bytes" in (answers[0].error or "")
+    async with AetherClient(_addresses(nodes), timeout=5.0) as client:
+        assert await client.put("user/after", b"ok") >= 1
+    assert not downs
+    assert all(n.transport.oversized_refused == 0 for n in nodes)

@@ -18,10 +18,12 @@ from aether.core.errors import (
     CommitTimeout,
     QuorumLost,
     SessionConflict,
+    TooLarge,
     Unauthorized,
 )
 from aether.core.types import Address
 from aether.kv.machine import (
+    MAX_VALUE_BYTES,
     UNKNOWN_SESSION,
     Cas,
     Get,
@@ -149,6 +151,7 @@ class AetherClient:
     # --- machinery ------------------------------------------------------------------------------
 
     async def _call(self, op: Op) -> Result:
+        _check_size(op)
         res, sends = await self._on_lane(op)
         if session_error_kind(res.error) == UNKNOWN_SESSION:
             if sends > 1:
@@ -323,3 +326,21 @@ class AetherClient:
         self.failovers += 1
         err = ConnectionError(f"connection lost: {exc}" if exc else "connection closed by node")
         self._pending.fail_all(lambda: err)
+
+
+def _check_size(op: Op) -> None:
+    """Refuse, before anything is sent, a value the store would refuse (`TooLarge`, 413): the
+    command would travel to every node first, and one beyond a message between nodes not at all."""
+    values: list[tuple[str, bytes | None]]
+    if isinstance(op, Put):
+        values = [("value", op.value)]
+    elif isinstance(op, Cas):
+        values = [("expected value", op.expected), ("new value", op.new)]
+    else:
+        return
+    for what, value in values:
+        if value is not None and len(value) > MAX_VALUE_BYTES:
+            raise TooLarge(
+                f"{what} for {op.key[:200]!r} is {len(value)} bytes; the store's limit is {MAX_VALUE_BYTES} "
+                "bytes per value (not sent)"
+            )

@@ -128,7 +128,7 @@ class Failed:
     """Commands submitted here will not be answered; their outcome is indeterminate."""
 
     tokens: list[int]
-    reason: str  # "quorum" | "timeout" | "indeterminate"
+    reason: str  # "quorum" | "timeout" | "indeterminate" | "member" | "too_large" (definite)
     definite: bool = False  # True: the commands never left this node and will never take effect
 
 
@@ -159,8 +159,27 @@ class MembershipRefused(Exception):
 Action = Send | Persist | SaveSnapshot | Completed | Failed | Installed | MembersChanged
 
 
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""The largest message the engine sends by default: the transport's default ``max_frame``."""
+
+# Encoded bytes a batch costs beyond its commands: each command's bin header (at most 5 bytes),
+# and per batch its id (origin up to MAX_NODE_ID bytes), timestamps and list headers.
+_COMMAND_OVERHEAD = 5
+_BATCH_OVERHEAD = MAX_NODE_ID + 128
+_MESSAGE_OVERHEAD = 1024  # a message's own fields around its batches or snapshot piece
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
+    """Limits and timers of one replica (the same on every replica).
+
+    ``max_message_bytes`` is the largest message the engine sends (the transport's ``max_frame``):
+    a command larger than ``max_batch_bytes`` is refused at `Engine.submit` (``Failed`` with reason
+    ``too_large``), so a batch, a proposal and a decision hold at most ``max_batch_bytes`` of
+    commands; a catch-up reply carries as many decided entries as fit, and a snapshot that does not
+    fit travels in pieces. The batch limits must leave such a message room (checked here).
+    """
+
     max_batch_commands: int = 4096
     max_batch_bytes: int = 4 * 1024 * 1024
     max_inflight_batches: int = 2  # own batches sealed but not decided; the rest accumulate
@@ -179,6 +198,38 @@ class EngineConfig:
     catchup_interval: float = 0.05
     idle_sync_interval: float = 1.0  # an idle replica asks its peers what it missed this often
     learner_sync_interval: float = 0.2  # a non-member asks the members what it missed this often
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # a snapshot coming in pieces from a peer that sent none for this long is given up (asked anew)
+    snapshot_piece_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        need = self.largest_value_bytes() + _MESSAGE_OVERHEAD
+        if need > self.max_message_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must hold the largest proposal the batch "
+                f"limits allow ({need} bytes: max_batch_bytes={self.max_batch_bytes}, max_batch_commands="
+                f"{self.max_batch_commands}, max_proposal_batches={self.max_proposal_batches})"
+            )
+
+    def largest_value_bytes(self) -> int:
+        """An upper bound of the encoded size of one proposal value (a batch, or combined ones)."""
+        batches = self.max_proposal_batches
+        commands = batches * self.max_batch_commands
+        return self.max_batch_bytes + commands * _COMMAND_OVERHEAD + (batches + 1) * _BATCH_OVERHEAD
+
+    @property
+    def snapshot_piece_bytes(self) -> int:
+        """The bytes of a snapshot one catch-up reply carries at most."""
+        return self.max_message_bytes - _MESSAGE_OVERHEAD
+
+
+def entry_bytes(batch: Batch | None) -> int:
+    """An upper bound of the encoded size of a decided entry holding `batch`."""
+    if batch is None:
+        return 32
+    parts = batch.members()
+    commands = sum(len(b.commands) for b in parts)
+    return batch.size() + commands * _COMMAND_OVERHEAD + (len(parts) + 1) * _BATCH_OVERHEAD
 
 
 def coin(seed: bytes, slot: int, phase: int) -> int:
@@ -189,6 +240,17 @@ def coin(seed: bytes, slot: int, phase: int) -> int:
 
 _snapshot_encoder = msgspec.msgpack.Encoder()
 _snapshot_decoder = msgspec.msgpack.Decoder(EngineSnapshot)
+
+
+@dataclass(slots=True)
+class _SnapshotIn:
+    """A snapshot arriving in pieces (`CatchupReply.total`): from whom, of which slot, so far."""
+
+    sender: str
+    slot: int
+    total: int
+    data: bytearray
+    at: float  # when the last piece came
 
 
 @dataclass(slots=True)
@@ -304,6 +366,11 @@ class Engine:
         self._last_learner_sync = -1e18
         self._learner_turn = 0
         self.peer_applied: dict[str, int] = {}  # slots each asker had applied, by its CatchupReq
+        # A snapshot larger than one message travels in pieces: the one this replica serves (slot,
+        # bytes; kept while the entries after it are, so every asker gets the same), and the one
+        # it receives (from one peer at a time).
+        self._snap_out: tuple[int, bytes] | None = None
+        self._snap_in: _SnapshotIn | None = None
         # A node joining with a member set it was told (not the one the log started from) must
         # not replay the log from slot 1 on top of it: it waits for a snapshot, which carries the
         # member set of its slot. `recover` clears this when a local snapshot exists.
@@ -398,6 +465,9 @@ class Engine:
     def submit(self, command: bytes, now: float) -> int:
         """Queue one command for commit; returns a token named later by Completed/Failed."""
         token = next(self._tokens)
+        if len(command) > self.cfg.max_batch_bytes:
+            self.actions.append(Failed([token], "too_large", definite=True))
+            return token
         if not self.is_member:
             self.actions.append(Failed([token], "member", definite=True))
             return token
@@ -412,13 +482,20 @@ class Engine:
 
     def submit_many(self, commands: Sequence[bytes], now: float) -> list[int]:
         tokens = [next(self._tokens) for _ in commands]
+        limit = self.cfg.max_batch_bytes
+        ok = [(t, c) for t, c in zip(tokens, commands, strict=True) if len(c) <= limit]
+        if len(ok) < len(tokens):  # refused alone: the others go ahead
+            large = [t for t, c in zip(tokens, commands, strict=True) if len(c) > limit]
+            self.actions.append(Failed(large, "too_large", definite=True))
+            if not ok:
+                return tokens
         if not self.is_member:
-            self.actions.append(Failed(tokens, "member", definite=True))
+            self.actions.append(Failed([t for t, _ in ok], "member", definite=True))
             return tokens
         if not self.has_quorum:
-            self.actions.append(Failed(tokens, "quorum", definite=True))
+            self.actions.append(Failed([t for t, _ in ok], "quorum", definite=True))
             return tokens
-        for t, c in zip(tokens, commands, strict=True):
+        for t, c in ok:
             self._open.append((t, c, now))
             self._open_bytes += len(c)
         self._maybe_seal(now)
@@ -469,7 +546,7 @@ class Engine:
             return
         self._up.add(peer)
         # Learn whether we are behind, and let the peer see our current slot.
-        self._send(peer, CatchupReq(self._catchup_from()))
+        self._send(peer, self._catchup_req(peer))
         self._last_catchup[peer] = now
         self._retransmit_to(peer)
         self._maybe_seal(now)
@@ -479,6 +556,8 @@ class Engine:
         if peer not in self._up:
             return
         self._up.discard(peer)
+        if self._snap_in is not None and self._snap_in.sender == peer:
+            self._snap_in = None  # its pieces stopped: whoever answers next sends a whole one
         if not self.has_quorum:
             self._fail_all("quorum" if self.is_member else "member")
 
@@ -505,6 +584,9 @@ class Engine:
             self.actions.append(Failed([t for t, _, _ in stale], "timeout", definite=True))
         if self._open and not self.has_quorum:
             self._fail_all("quorum")
+        out = self._snap_out
+        if out is not None and not self._snapshot_servable(out[0]):
+            self._snap_out = None  # the entries after it are gone: a later asker gets a new one
         idle = now - max(cur.last_progress, cur.last_retransmit)
         if (cur.started or cur.proposals) and idle > cfg.retransmit_after:
             cur.last_retransmit = now
@@ -1142,42 +1224,123 @@ class Engine:
             self._on_catchup_req(sender, CatchupReq(slot))
 
     def _request_catchup(self, peer: str, now: float) -> None:
+        inc = self._snap_in
+        if inc is not None:
+            if inc.slot <= self.applied or now - inc.at > self.cfg.snapshot_piece_timeout:
+                self._snap_in = inc = None  # overtaken, or its sender stopped answering
+            else:
+                peer = inc.sender  # a snapshot is coming in pieces: ask its sender for the next one
         last = self._last_catchup.get(peer, -1e18)
         if now - last < self.cfg.catchup_interval:
             return
         self._last_catchup[peer] = now
         self.stats["catchup_requests"] += 1
-        self._send(peer, CatchupReq(self._catchup_from()))
+        self._send(peer, self._catchup_req(peer))
+
+    def _catchup_req(self, peer: str) -> CatchupReq:
+        """What to ask `peer`: the next piece of the snapshot it is sending, else what we miss."""
+        inc = self._snap_in
+        if inc is not None and inc.sender == peer:
+            return CatchupReq(self._catchup_from(), inc.slot, len(inc.data))
+        return CatchupReq(self._catchup_from())
 
     def _on_catchup_req(self, sender: str, msg: CatchupReq) -> None:
         start = msg.from_slot
         # how far the asker has applied (a learner's progress, for adapters that add members)
         self.peer_applied[sender] = max(start - 1, 0)
+        out = self._snap_out
+        if msg.snapshot_slot and out is not None and out[0] == msg.snapshot_slot and msg.offset < len(out[1]):
+            self._send_snapshot(sender, out, msg.offset)
+            return
+        # (a piece of a snapshot no longer served: answered as a new request, the asker starts over)
         if start > self.applied:
             self._send(sender, CatchupReply(self.applied, []))
             return
         if start in self.log or start > self.applied:
             end = min(self.applied, start + self.cfg.catchup_entries - 1)
-            entries = [Entry(s, self.log[s]) for s in range(start, end + 1)]
+            room = self.cfg.max_message_bytes - _MESSAGE_OVERHEAD
+            entries: list[Entry] = []
+            for s in range(start, end + 1):
+                batch = self.log[s]
+                size = entry_bytes(batch)
+                if entries and size > room:
+                    break  # the rest in the next reply (the asker asks again while behind)
+                room -= size
+                entries.append(Entry(s, batch))
             self._send(sender, CatchupReply(self.applied, entries))
         else:
-            self._send(sender, CatchupReply(self.applied, [], self.applied, self._snapshot_bytes()))
+            self._send_snapshot(sender, self._served_snapshot(), 0)
+
+    def _snapshot_servable(self, slot: int) -> bool:
+        """A snapshot of `slot` still brings an asker up to date: the entries after it are kept."""
+        return slot == self.applied or slot + 1 in self.log
+
+    def _served_snapshot(self) -> tuple[int, bytes]:
+        """The snapshot to send an asker: the one being served in pieces while it can be, else a new
+        one (kept for the pieces that follow if it does not fit one message)."""
+        out = self._snap_out
+        if out is not None and self._snapshot_servable(out[0]):
+            return out
+        out = (self.applied, self._snapshot_bytes())
+        self._snap_out = out if len(out[1]) > self.cfg.snapshot_piece_bytes else None
+        return out
+
+    def _send_snapshot(self, to: str, out: tuple[int, bytes], offset: int) -> None:
+        slot, data = out
+        piece = self.cfg.snapshot_piece_bytes
+        if offset == 0 and len(data) <= piece:
+            self._send(to, CatchupReply(self.applied, [], slot, data))
+        else:
+            chunk = data[offset : offset + piece]
+            self._send(to, CatchupReply(self.applied, [], slot, chunk, len(data), offset))
+
+    def _on_snapshot_piece(self, sender: str, msg: CatchupReply, now: float) -> bytes | None:
+        """Take one piece of a snapshot; the whole snapshot once this was its last piece, else None
+        (the next piece is asked for; a duplicate or stray piece is ignored)."""
+        if msg.snapshot_slot <= self.applied or not msg.snapshot:
+            return None
+        inc = self._snap_in
+        if msg.offset == 0 and (
+            inc is None
+            or (inc.sender == sender and inc.slot != msg.snapshot_slot)  # the sender started over
+            or inc.sender not in self._up
+            or now - inc.at > self.cfg.snapshot_piece_timeout
+        ):
+            inc = self._snap_in = _SnapshotIn(sender, msg.snapshot_slot, msg.total, bytearray(), now)
+        if (
+            inc is None or inc.sender != sender or inc.slot != msg.snapshot_slot or inc.total != msg.total
+            or msg.offset != len(inc.data) or len(inc.data) + len(msg.snapshot) > inc.total
+        ):
+            return None
+        inc.data += msg.snapshot
+        inc.at = now
+        if len(inc.data) < inc.total:
+            self._last_catchup[sender] = now
+            self._send(sender, CatchupReq(self._catchup_from(), inc.slot, len(inc.data)))
+            return None
+        self._snap_in = None
+        return bytes(inc.data)
 
     def _catchup_from(self) -> int:
         # slot 0 is never held as an entry: asking for it gets a snapshot
         return 0 if self._needs_snapshot else self.applied + 1
 
     def _on_catchup_reply(self, sender: str, msg: CatchupReply, now: float) -> None:
+        snapshot = msg.snapshot
+        if msg.total:
+            snapshot = self._on_snapshot_piece(sender, msg, now)
+            if snapshot is None:
+                return
         if self._needs_snapshot:
-            if msg.snapshot is None or msg.snapshot_slot <= 0:
+            if snapshot is None or msg.snapshot_slot <= 0:
                 return
             self._needs_snapshot = False
         if not self.synced and sender in self.peers:  # a majority of the members answered
             self._sync_replies.add(sender)
             if len(self._sync_replies) + 1 >= self.M:
                 self.synced = True
-        if msg.snapshot is not None and msg.snapshot_slot > self.applied:
-            self._install_snapshot_bytes(msg.snapshot, emit=True)
+        if snapshot is not None and msg.snapshot_slot > self.applied:
+            self._install_snapshot_bytes(snapshot, emit=True)
             self._new_slot(now)
         advanced = False
         for e in msg.entries:

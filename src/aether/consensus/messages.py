@@ -124,18 +124,28 @@ class Entry(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
 
 class CatchupReq(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=17):
-    """Ask for decided entries from `from_slot` on (or a snapshot if they are collected)."""
+    """Ask for decided entries from `from_slot` on (or a snapshot if they are collected).
+
+    With `snapshot_slot`: send the piece at `offset` of the snapshot of that slot (one that is
+    too large for one message travels in pieces, each asked for when the one before arrived).
+    """
 
     from_slot: int
+    snapshot_slot: int = 0
+    offset: int = 0
 
 
 class CatchupReply(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=18):
-    """Decided entries, or a snapshot taken after `snapshot_slot` was applied."""
+    """Decided entries (as many as fit one message), or a snapshot taken after `snapshot_slot` was
+    applied: the whole of it, or (`total` > 0) the piece at `offset` of a snapshot of `total` bytes.
+    """
 
     applied: int
     entries: list[Entry]
     snapshot_slot: int = 0
     snapshot: bytes | None = None
+    total: int = 0
+    offset: int = 0
 
 
 RabiaMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union object

@@ -39,7 +39,7 @@ from aether.consensus.engine import (
 )
 from aether.consensus.messages import JournalRecord, MemberChange, MemberResult, Submit
 from aether.consensus.storage import DiskStore, JournalCorrupt, JournalError
-from aether.core.errors import CommitTimeout, QuorumLost
+from aether.core.errors import CommitTimeout, QuorumLost, TooLarge
 from aether.core.histogram import Histogram
 
 
@@ -395,8 +395,13 @@ class ConsensusRunner:
                     if f is not None and not f.done():
                         f.set_result(res)
             else:
-                if a.reason == "timeout":
-                    exc: Exception = CommitTimeout("not committed in time (outcome unknown)")
+                if a.reason == "too_large":
+                    exc: Exception = TooLarge(
+                        f"a command larger than {self.engine.cfg.max_batch_bytes} bytes (the largest "
+                        "command consensus carries, max_batch_bytes); not applied"
+                    )
+                elif a.reason == "timeout":
+                    exc = CommitTimeout("not committed in time (outcome unknown)")
                 elif a.reason == "member":
                     exc = QuorumLost(
                         f"node {self.node_id} is not a member of the cluster's member set (it was "

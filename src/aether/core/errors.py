@@ -181,6 +181,13 @@ class BadRequest(AetherError):
     wire_kind: ClassVar[WireKind] = KIND_BAD_REQUEST
 
 
+class TooLarge(BadRequest):
+    """Input larger than a limit the message names (413, kind bad_request): not applied, and
+    retrying it unchanged fails the same way."""
+
+    status = 413
+
+
 class SessionConflict(AetherError):
     """The store refused a command because of its client session: the (client, seq) was already
     used for a different command, is below the session's last sequence, or continues a session

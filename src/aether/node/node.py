@@ -72,6 +72,7 @@ from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
 from aether.transport import ClientSession, EventBus, PeerDown, PeerUp, Transport
 from aether.transport.auth import load_secret
+from aether.transport.framing import DEFAULT_MAX_FRAME
 from aether.transport.tls import https_context, tls_files
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
@@ -207,7 +208,10 @@ class Node:
                 self.sm,
                 self.store,
                 seed=config.cluster_name.encode(),
-                config=EngineConfig(snapshot_every=config.snapshot_every),
+                # no message larger than the transport's max_frame (the default, on every node)
+                config=EngineConfig(
+                    snapshot_every=config.snapshot_every, max_message_bytes=DEFAULT_MAX_FRAME
+                ),
                 logger=logging.getLogger(f"aether.consensus.{self.node_id}"),
                 learner=config.join is not None,
             )
@@ -874,6 +878,8 @@ class Node:
                     session.send(ClientResponse(rid, None, str(exc), "quorum"))
                 elif isinstance(exc, CommitTimeout):
                     session.send(ClientResponse(rid, None, str(exc), "timeout"))
+                elif isinstance(exc, BadRequest):  # TooLarge: a command consensus does not carry
+                    session.send(ClientResponse(rid, None, str(exc), "bad_request"))
                 else:
                     session.send(ClientResponse(rid, None, f"internal error: {exc}", "internal"))
 
