@@ -22,6 +22,7 @@ from aether.core.maps import (
 )
 from aether.maps.partitioning import owners_for, partition_of
 from aether.slices.maps import SliceMap
+from aether.transport import PeerDown
 from maps_cluster import MapCluster, on_disk_keys
 
 pytestmark = pytest.mark.timeout(120)
@@ -378,6 +379,21 @@ async def test_bad_input_gives_clear_errors(cluster: MapCluster) -> None:
     for key in ("a", "b", "c", "d", "e", "f"):
         with pytest.raises(MapValueTooLarge, match="exceeds the map's limit of 64 bytes"):
             await m1.map_put("small", key, b"x" * 65)
+    # a value over the largest message between nodes (16 MiB), and a CAS expecting one that large:
+    # refused by the caller's node, at once, without a message to the primary. Before, the request
+    # went out over max_frame: the primary closed the link (failing over everything on it), and the
+    # operation was sent again on every new link until its deadline.
+    downs: list[PeerDown] = []
+    for n in cluster.nodes.values():
+        n.bus.subscribe(PeerDown, downs.append)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for key in ("a", "b", "c", "d", "e", "f"):
+        with pytest.raises(MapValueTooLarge, match="value of 17825792 bytes exceeds the map's limit of 64"):
+            await m1.map_put("small", key, b"x" * (17 << 20))
+    with pytest.raises(MapValueTooLarge, match="expected value of 65 bytes exceeds the map's limit of 64"):
+        await m1.map_compare_and_set("small", "a", b"x" * 65, b"y")
+    assert loop.time() - started < 2.0 and not downs
     with pytest.raises(UnknownMap, match=r"map 'nope' is not defined.*aether map create nope"):
         await m1.map_get("nope", "k")
     typed: SliceMap[int] = SliceMap(m1, "orders", int)

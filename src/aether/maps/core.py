@@ -1154,6 +1154,19 @@ class MapCore:
         c = _ClientOp(op_id, rid, name, op, key, value, expected, ttl_ms, deadline, trace=trace)
         self.client[op_id] = c
         self._client_by_rid[rid] = op_id
+        spec = self.specs.get(name)
+        large = None if spec is None else next(
+            (v for v in (value, expected) if v is not None and len(v) > spec.max_value_bytes), None
+        )
+        if spec is not None and large is not None:
+            # refused here, not by the primary: the request would carry it to another node first (and
+            # one over max_frame could not travel at all); an expected value that large matches nothing
+            what = "value" if large is value else "expected value"
+            self._client_result(op_id, None, False, KIND_BAD_REQUEST, (
+                f"map {name!r} key {key!r}: {what} of {len(large)} bytes exceeds the map's limit of "
+                f"{spec.max_value_bytes} bytes"
+            ))
+            return self._take()
         self._attempt(c)
         return self._take()
 
