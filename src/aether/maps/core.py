@@ -1155,9 +1155,13 @@ class MapCore:
         self.client[op_id] = c
         self._client_by_rid[rid] = op_id
         spec = self.specs.get(name)
-        large = None if spec is None else next(
-            (v for v in (value, expected) if v is not None and len(v) > spec.max_value_bytes), None
-        )
+        limit = spec.max_value_bytes if spec is not None else None
+        large = None
+        if limit is not None:  # (no generator: this runs for every operation)
+            if value is not None and len(value) > limit:
+                large = value
+            elif expected is not None and len(expected) > limit:
+                large = expected
         if spec is not None and large is not None:
             # refused here, not by the primary: the request would carry it to another node first (and
             # one over max_frame could not travel at all); an expected value that large matches nothing
