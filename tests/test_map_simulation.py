@@ -1,7 +1,7 @@
 """Seeded simulation of the distributed map (`aether.testing.mapsim`): real `MapService`s and
 `MapCore`s under node kills, partitions, link flaps, duplicated messages, full disks, a node
-joining and a cluster starting node by node, checked for per-key linearizability, agreement of
-final reads and converged replicas.
+joining, a cluster starting node by node and maps removed and created again, checked for
+per-key linearizability, agreement of final reads and converged replicas.
 
 Each test runs a block of seeds of one profile and fails with a line per failing seed and the
 command that reproduces it. AETHER_MAP_SIM_SEEDS=N sets the seeds per profile (default 8, for
@@ -50,6 +50,8 @@ def test_map_simulation_seeds(profile: str) -> None:
     [
         ("no-owner-quorum", "crash"),  # a takeover that does not copy from the active owners loses writes
         ("stale-primary", "partitions"),  # a cut-off primary that keeps answering serves stale reads
+        # a node that did not see a map removed and created again serves or spreads the removed one's data
+        ("no-definition-identity", "recreate"),
     ],
 )
 def test_map_simulation_catches_mutants(mutant: str, profile: str) -> None:

@@ -985,3 +985,49 @@ def test_a_node_that_kept_a_removed_maps_copy_takes_the_new_map_over_from_the_ot
         net.submit(net.ids[2 * (n % 2)], 300 + n, OP_GET, key)
     net.settle()
     assert [net.results[300 + n] for n in range(len(keys))] == expected
+
+
+def test_messages_about_another_definition_of_a_map_are_refused_both_ways() -> None:
+    """The map simulation found it (`recreate` profile, seed 2 of the first version of the fix): a
+    node that had not yet caught up with a map removed and created again answered a peer's request
+    for a copy (a `SyncRequest` of the new map) with the removed map's data, which then spread
+    through the new map. Every message about a map carries the identity of the definition its
+    sender knows (`created`); a node that knows another refuses it as if it did not know the map
+    yet (the sender retries), and one without an identity (an older node: 0) is taken as before."""
+    from aether.maps.messages import Push, PushAck, SyncRequest
+    from aether.maps.records import Record
+
+    net = Net()
+    old, new = net.ids[0], net.ids[1]
+    key = next(f"k{i}" for i in range(100) if net.primary_of(f"k{i}") == old)
+    net.submit(new, 1, OP_PUT, key, b"removed")
+    net.settle()
+    p = partition_of(key, P)
+    for i in net.ids:  # the definitions as each node knows them: node `old` has not caught up
+        net.run(i, net.cores[i].define("m", MapSpec(), None, net.now, created=5 if i == old else 9))
+    core = net.cores[old]
+    rec = Record(b"new", 99, 1, 0)
+
+    def answers(msg: Any) -> list[Any]:
+        return [a.msg for a in core.receive(new, msg, net.now, 0) if isinstance(a, Send)]
+
+    (chunk,) = answers(SyncRequest(1, "m", [p], 0, [], 9))  # asked for a copy: not the removed map's
+    assert isinstance(chunk, SyncChunk) and chunk.items == [] and "another definition" in (chunk.error or "")
+    assert answers(SyncRequest(2, "m", [p], 7, [7], 9))[0].error is not None
+    (ack,) = answers(Replicate(3, "m", p, key, rec, "", 0, 9))
+    assert isinstance(ack, ReplicateAck) and not ack.ok and "another definition" in (ack.reason or "")
+    (pack,) = answers(Push(4, "m", 99, [p], [(p, key, rec)], [], [], True, 9))
+    assert isinstance(pack, PushAck) and not pack.ok
+    (resp,) = answers(MapRequest(5, OP_GET, "m", key, None, None, 0, checks=True, created=9))
+    assert isinstance(resp, MapResponse) and not resp.ok and resp.kind == "not_primary"
+    assert net.engines[old].get(p, key) is not None and net.engines[old].get(p, key).value == b"removed"
+    # the same messages from a node without identities (an earlier version) are served as before
+    (resp,) = answers(MapRequest(6, OP_GET, "m", key, None, None, 0, checks=True))  # (read check: the caller)
+    assert resp.ok and resp.value == b"removed"
+    (chunk,) = answers(SyncRequest(7, "m", [p], 7, [7], 0))
+    assert chunk.error is None and [(q, k) for q, k, _ in chunk.items] == [(p, key)]
+    # and what this node sends says which definition it knows
+    other = next(f"k{i}" for i in range(100) if net.primary_of(f"k{i}") == new)
+    actions = core.submit(8, "m", OP_GET, other, None, None, 0, net.now, 0)
+    (req,) = [a.msg for a in actions if isinstance(a, Send)]
+    assert isinstance(req, MapRequest) and req.created == 5

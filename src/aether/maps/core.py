@@ -370,6 +370,9 @@ class MapCore:
         self._wall = 0
 
         self.specs: dict[str, MapSpec] = {}
+        # map -> the store revision that created its definition (its identity; 0: unknown), sent
+        # with its messages: a peer that knows another definition under the name refuses them
+        self.created: dict[str, int] = {}
         self.engines: dict[str, MapStorage] = {}
         self.broken: dict[str, str] = {}  # map -> why its storage failed
         self._broken_at: dict[str, float] = {}
@@ -504,7 +507,7 @@ class MapCore:
 
     def define(
         self, name: str, spec: MapSpec, engine: MapStorage | None, now: float, *, new: bool = False,
-        replaced: bool = False,
+        replaced: bool = False, created: int | None = None,
     ) -> list[Action]:
         """Map `name` is defined as `spec`; `engine` is its storage (None: keep the current one).
 
@@ -514,12 +517,19 @@ class MapCore:
         never acknowledged one it does not hold.)
 
         `replaced`: the map this node knew under `name` was removed and created again (another
-        `uid`) without this node seeing it (a watch reset), and `engine` is a new, empty one. It
-        may have taken writes of the new map into the old one's copy meanwhile: its copy counts for
-        nothing, and the partitions it serves are taken over again from the other owners."""
+        `created`) without this node seeing it (a watch reset), and `engine` is a new, empty one.
+        Its copy counts for nothing, and the partitions it serves are taken over again from the
+        other owners.
+
+        `created`: the store revision that created the definition (its identity, 0 unknown; None
+        keeps the one known). Messages about the map carry it, and a peer that knows another
+        refuses them, so a node that has not caught up with a removal and creation again neither
+        serves nor sends the removed map's data for the new one, nor takes the new one's."""
         self._clock(now)
         table = self.table
         self.specs[name] = spec
+        if created is not None:
+            self.created[name] = created
         if engine is not None:
             old = self.engines.pop(name, None)
             if old is not None and old is not engine:
@@ -598,6 +608,7 @@ class MapCore:
         for c in [c for c in self.client.values() if c.name == name]:
             self._finish(c, Fail(c.op_id, UnknownMap(why)))
         self.specs.pop(name, None)
+        self.created.pop(name, None)
         self.ops.pop(name, None)
         self.broken.pop(name, None)
         for key in [k for k in self.held if k[0] == name]:
@@ -729,7 +740,7 @@ class MapCore:
             rid = next(self._ids)
             prom.asked[rid] = (peer, name, self._now)
             active = [table.active[p] if len(table.active) == table.partitions else 0 for p in parts]
-            self._send(peer, SyncRequest(rid, name, parts, prom.version, active))
+            self._send(peer, SyncRequest(rid, name, parts, prom.version, active, self.created.get(name, 0)))
 
     def _holds(self, name: str, p: int, version: int) -> bool:
         return version in self.held.get((name, p), ())
@@ -914,7 +925,8 @@ class MapCore:
             self._storage_failed(name, e)
             return
         rid = next(self._ids)
-        msg = Push(rid, name, epoch, sorted(parts), items, self._ops_of(name, parts), deletes, known is None)
+        msg = Push(rid, name, epoch, sorted(parts), items, self._ops_of(name, parts), deletes, known is None,
+                   self.created.get(name, 0))
         self._pushes[rid] = _PushState(peer, name, sorted(parts), self._now, msg, prom)
         if peer in self.up:
             self._send(peer, msg)
@@ -1195,7 +1207,8 @@ class MapCore:
         elif primary in self.up:
             c.peer = primary
             c.attempt_until = self._now + self.t.attempt_timeout
-            req = MapRequest(c.rid, c.op, c.name, c.key, c.value, c.expected, c.ttl_ms, *c.trace, True)
+            req = MapRequest(c.rid, c.op, c.name, c.key, c.value, c.expected, c.ttl_ms, *c.trace, True,
+                             self.created.get(c.name, 0))
             self._send(primary, req)
         else:
             c.peer = None
@@ -1241,6 +1254,9 @@ class MapCore:
             self._on_replicate_ack(sender, msg)
         elif isinstance(msg, MapRequest):
             p = partition_of(msg.key, self.partitions)
+            if (why := self._other_definition(msg.map, msg.created)) is not None:
+                self._send(sender, MapResponse(msg.id, None, False, why, KIND_NOT_PRIMARY))
+                return self._take()
             self._serve(_Op(_Target(sender, msg.id), (sender, msg.id), msg.map, msg.op, msg.key, msg.value,
                             msg.expected, msg.ttl_ms, p, checks=msg.checks))
         elif isinstance(msg, MapResponse):
@@ -1370,7 +1386,8 @@ class MapCore:
         w.ids[mid] = peer
         w.sent[peer] = self._now
         self._msg_write[mid] = w
-        self._send(peer, Replicate(mid, w.name, w.partition, w.key, w.rec, w.oid[0], w.oid[1]))
+        self._send(peer, Replicate(mid, w.name, w.partition, w.key, w.rec, w.oid[0], w.oid[1],
+                                   self.created.get(w.name, 0)))
 
     def _on_replicate_ack(self, sender: str, msg: ReplicateAck) -> None:
         w = self._msg_write.pop(msg.id, None)
@@ -1559,10 +1576,24 @@ class MapCore:
             if prim is not None and prim.epoch < epoch:
                 self._step_down(p, f"a newer primary (epoch {epoch}) took partition {p} over")
 
+    def _other_definition(self, name: str, created: int) -> str | None:
+        """Why a message about map `name` with definition identity `created` (0: unknown) is not
+        about the map this node knows under that name (None: it is, or either is unknown)."""
+        mine = self.created.get(name, 0)
+        if not created or not mine or created == mine:
+            return None
+        return (
+            f"{self.node_id} knows another definition of map {name!r} (created at revision {mine}, "
+            f"not {created}): it was removed and created again, and one of the two has not caught up"
+        )
+
     def _on_replicate(self, sender: str, msg: Replicate) -> None:
         p = msg.partition
         if msg.map not in self.engines or not 0 <= p < self.partitions:
             self._send(sender, ReplicateAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
+            return
+        if (why := self._other_definition(msg.map, msg.created)) is not None:
+            self._send(sender, ReplicateAck(msg.id, False, why))
             return
         if msg.map in self.broken:
             self._send(sender, ReplicateAck(msg.id, False, self._broken_why(msg.map)))
@@ -1618,6 +1649,9 @@ class MapCore:
             return
         if msg.map not in self.engines:
             self._send(sender, PushAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
+            return
+        if (other := self._other_definition(msg.map, msg.created)) is not None:
+            self._send(sender, PushAck(msg.id, False, other))
             return
         if msg.map in self.broken:
             self._send(sender, PushAck(msg.id, False, self._broken_why(msg.map)))
@@ -1696,6 +1730,9 @@ class MapCore:
 
     def _serve_sync(self, sender: str, req: SyncRequest) -> None:
         parts = [p for p in req.partitions if 0 <= p < self.partitions]
+        if (why := self._other_definition(req.map, req.created)) is not None:
+            self._send(sender, SyncChunk(req.id, [], True, why))
+            return
         if not req.fence:  # a replica without a copy asks its primary for one
             mine = [p for p in parts if (prim := self.prims.get(p)) is not None and prim.ready]
             engine = self.engines.get(req.map)
@@ -1856,7 +1893,8 @@ class MapCore:
                 if owners[0] in self.up:
                     by_primary.setdefault(owners[0], []).append(p)
             for primary, parts in by_primary.items():
-                self._send(primary, SyncRequest(next(self._ids), name, parts, 0))
+                created = self.created.get(name, 0)
+                self._send(primary, SyncRequest(next(self._ids), name, parts, 0, [], created))
 
     def _resend(self, only: str | None = None) -> None:
         """Resend replication, pushes and read checks still waiting for an answer."""

@@ -70,6 +70,11 @@ class MapRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=50)
     checks: bool = False
     """The caller's node can make the read check of an operation that writes nothing itself
     (`MapResponse.check`); an older primary ignores this and checks with its replicas."""
+    created: int = 0
+    """The store revision that created the map's definition as the sender knows it (its identity: a
+    map removed and created again has another; 0: unknown, or an older sender). A receiver that
+    knows another refuses the message as if it did not know the map yet: the two must not mix the
+    removed map's data with the new one's."""
 
 
 class MapResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=51):
@@ -99,6 +104,8 @@ class Replicate(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=52):
     record: Record
     origin: str = ""
     rid: int = 0
+    created: int = 0
+    """As `MapRequest.created`."""
 
 
 class ReplicateAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=53):
@@ -117,6 +124,8 @@ class SyncRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=54
     fence: int
     active: list[int] = []
     """Per partition, the version of its active configuration as the requester knows it."""
+    created: int = 0
+    """As `MapRequest.created`."""
 
 
 class SyncChunk(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=55):
@@ -185,6 +194,8 @@ class Push(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=62):
     """Keys the replica reported that the primary does not hold."""
     full: bool = False
     """The items are the whole of these partitions: the replica deletes what else it holds."""
+    created: int = 0
+    """As `MapRequest.created`."""
 
 
 class PushAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=63):

@@ -182,9 +182,6 @@ class MapService:
         self.boot_id = boot_id
         self._distrust = False  # the machine restarted since the last run: persisted copies count for nothing
         self._reopen_at: dict[str, float] = {}  # maps whose engine could not be opened: when to try again
-        # map -> the store revision that created the definition it is defined with here (its
-        # identity: a map removed and created again has another; 0: unknown)
-        self._created: dict[str, int] = {}
         self.log = logger or logging.getLogger(f"aether.maps.{node_id}")
         self.core = MapCore(
             node_id, partitions=partitions, timings=timings, logger=self.log,
@@ -511,8 +508,8 @@ class MapService:
 
     def _define(self, name: str, spec: MapSpec, *, new: bool = False) -> None:
         old = self.core.specs.get(name)
-        created = self.kv.created_local(MapDefKey(name))  # the definition's identity (0: unknown)
-        known = self._created.get(name, 0)
+        created = self._identity(name)
+        known = self.core.created.get(name, 0)
         replaced = old is not None and created != 0 and known != 0 and created != known
         if replaced:  # removed and created again while this node saw only a reset: the old map goes
             self.log.warning(
@@ -521,11 +518,10 @@ class MapService:
             )  # fmt: skip
             self._undefine(name)
             old = None
-        self._created[name] = created
         engine: MapStorage | None = None
         if name not in self.core.engines or (old is not None and old.engine != spec.engine):
             try:
-                engine = self._open_engine(name, spec)
+                engine = self._open_engine(name, spec, created)
             except Exception as e:  # a full disk, a permission: broken here until it opens
                 self.log.error(
                     "map %r: cannot open its %s storage (%s: %s): this node does not serve the map "
@@ -535,15 +531,19 @@ class MapService:
                 engine = UnopenedStorage(e)
                 self._reopen_at[name] = self.now() + self.timings.probe_after
         new = new and not replaced
-        self._run(self.core.define(name, spec, engine, self.now(), new=new, replaced=replaced))
+        now = self.now()
+        self._run(self.core.define(name, spec, engine, now, new=new, replaced=replaced, created=created))
 
-    def _claim_files(self, name: str) -> None:
+    def _identity(self, name: str) -> int:
+        """The identity of map `name`'s definition: the store revision that created it (0: unknown)."""
+        return self.kv.created_local(MapDefKey(name))
+
+    def _claim_files(self, name: str, created: int) -> None:
         """Make map `name`'s files those of its current definition (`created_local` of its key, in
         `NAME.def` beside them): files of a map of that name that was removed while this node did
         not see it go (down meanwhile) are deleted first, never opened for the new one. Files
         without that record (an earlier version wrote them), or a definition whose creation this
         node's store does not know, are taken as they are."""
-        created = self._created.get(name, 0)
         if not created:
             return
         marker = definition_file(self.data_dir, name)
@@ -568,9 +568,9 @@ class MapService:
         make_private_dirs(self.data_dir)
         replace_private(marker, b"%d\n" % created)
 
-    def _open_engine(self, name: str, spec: MapSpec) -> MapStorage:
+    def _open_engine(self, name: str, spec: MapSpec, created: int) -> MapStorage:
         if spec.engine != "memory":
-            self._claim_files(name)
+            self._claim_files(name, created)
         try:
             engine = self.open_storage(spec.engine, self.data_dir, name)
         except StorageDamaged as e:
@@ -600,7 +600,7 @@ class MapService:
             if now < when:
                 continue
             try:
-                opened = self._open_engine(name, spec)
+                opened = self._open_engine(name, spec, self.core.created.get(name, 0))
             except Exception as e:
                 self._reopen_at[name] = now + self.timings.probe_after
                 why = f"{type(e).__name__}: {e}"
@@ -611,7 +611,6 @@ class MapService:
             self._run(self.core.define(name, spec, opened, now))
 
     def _undefine(self, name: str) -> None:
-        self._created.pop(name, None)
         engine, actions = self.core.undefine(name, self.now())
         self._run(actions)
         if engine is not None:

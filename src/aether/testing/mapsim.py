@@ -24,6 +24,11 @@ What is simulated, from one `random.Random(seed)`:
   maybe torn, part of the rest, and the node restarts as on a rebooted machine: it distrusts its
   copies until a takeover gives them again).
 
+- maps removed and created again under the same name and settings (``recreate``) while a node
+  is stalled, its watch then seeing both or only a reset: the new map is another register per key
+  (an operation overlapping the re-creation is unchecked, a write of unknown outcome may have
+  reached either map).
+
 Clients run get/put/remove/compare-and-set on a few keys through random live nodes and record a
 history (unique values per write). Checked at the end, after the world heals: the history is
 linearizable per key (`aether.testing.lincheck`; an operation that failed with `MapUnavailable`
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import random
@@ -128,6 +134,14 @@ def _restart(rng: random.Random) -> Profile:
                    kinds={"restart": 1.0, "flap": 0.3, "stall": 0.5}, slow_store=0.1)
 
 
+def _recreate(rng: random.Random) -> Profile:
+    """Maps removed and created again under the same name with the same settings while a node is
+    stalled (its watch then sees both, or only a reset, when it resumes), with kills and flaps: a
+    node must never take the removed map's copy for the new map's."""
+    return Profile(nodes=rng.choice([3, 4, 5]), fault_gap=(0.5, 2.5),
+                   kinds={"recreate": 1.0, "kill": 0.4, "flap": 0.4, "stall": 0.3})
+
+
 def _log(rng: random.Random) -> Profile:
     """The log engine on each node's simulated disk: kills, power cuts, full disks (writes fail
     and, with the page cache full, partly), whole-cluster restarts; snapshots every few KiB."""
@@ -137,7 +151,7 @@ def _log(rng: random.Random) -> Profile:
 
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
     "crash": _crash, "partitions": _partitions, "disk": _disk, "mixed": _mixed, "startup": _startup,
-    "restart": _restart, "log": _log,
+    "restart": _restart, "log": _log, "recreate": _recreate,
 }
 
 
@@ -186,6 +200,7 @@ class NodeKV:
         self.local: dict[str, Any] = {}
         self.created: dict[str, int] = {}  # of the local copy's keys (`created_local`)
         self.applied = 0
+        self.jump_next = False  # the next catch-up jumps to the current state (a reset), however near
         self.watches: list[tuple[str, Callable[[Any], None]]] = []
         self._scheduled = False
 
@@ -224,7 +239,8 @@ class NodeKV:
             w.loop.call_at(w.nodes[self.node].paused_until + 0.001, self._catch_up)
             return
         log = w.store.log
-        if len(log) - self.applied > 3 and w.rng.random() < 0.3:
+        if self.jump_next or (len(log) - self.applied > 3 and w.rng.random() < 0.3):
+            self.jump_next = False
             # fell behind: jump to the current state and tell the watchers to re-read (a reset)
             self.local = dict(w.store.data)
             self.created = dict(w.store.created)
@@ -366,7 +382,7 @@ class SimNode:
         svc._distrust, self.rebooted = self.rebooted, False  # (what `_check_boot` finds on a real machine)
         svc._check_horizon = lambda: None  # type: ignore[method-assign]  # no files in the simulation
         svc._write_alive = lambda wall: None  # type: ignore[method-assign]
-        svc._claim_files = lambda name: None  # type: ignore[method-assign]  # (no maps are removed here)
+        svc._claim_files = lambda name, created: None  # type: ignore[method-assign]  # (no maps are removed here)
         tick = svc._tick
         svc._tick = lambda: None if w.loop.time() < self.paused_until else tick()  # type: ignore[method-assign]
         self.service = svc
@@ -440,6 +456,12 @@ class MapWorld:
         self.queues: dict[tuple[str, str], int] = {}  # generation per directed link (a cut loses in flight)
         self.history: list[Op] = []
         self.maps = [MAP]  # defined so far
+        # a map removed and created again is another map: its keys' histories are apart
+        # (`_hkey`); an operation that overlaps a window from the removal until every running
+        # node's store replica has the new definition is not checked (a read) or indeterminate in
+        # the new map (a write: it may have reached either)
+        self.epochs: dict[str, int] = {}
+        self.windows: list[list[Any]] = []  # [map, start, end or None]
         self.errors: list[str] = []
         self.violations: list[str] = []
         self.trace: list[str] = []
@@ -641,7 +663,7 @@ class MapWorld:
                     except MapError as e:
                         raise SimViolation(f"final read of {name}/{key} through {nid} failed: {e}") from None
                     client = 1000 + self.ids.index(nid)
-                    hkey = f"{name}/{key}"
+                    hkey = self._hkey(name, key)
                     self.history.append(Op(client, "get", hkey, None, None, t0, self.loop.time(), v))
                     seen[nid] = v
                 if len(set(seen.values())) != 1:
@@ -697,12 +719,14 @@ class MapWorld:
             assert svc is not None
             name = rng.choice(self.maps)
             key = f"k{rng.randrange(self.profile.keys)}"
-            hkey = f"{name}/{key}"
+            hkey = self._hkey(name, key)
+            epoch0 = self.epochs.get(name, 0)
             if name not in svc.specs:
                 continue  # this node has not seen the definition yet (UnknownMap before anything)
             n += 1
             value = f"c{idx}-{n}".encode()
             kind = rng.choices(["get", "put", "cas", "remove"], [4, 3, 3, 1])[0]
+            written = value if kind in ("put", "cas") else None
             expected: bytes | None = None
             t0 = self.loop.time()
             self.stats["ops"] += 1
@@ -718,21 +742,74 @@ class MapWorld:
                     # expect what a read (any recent one) saw, sometimes absent
                     expected = rng.choice([self._recent(hkey), None])
                     result = await svc.map_compare_and_set(name, key, expected, value)
-            except MapUnavailable:
+            except MapError as e:
+                if not isinstance(e, MapUnavailable) and not self._overlaps(name, t0):
+                    self.violations.append(f"client {idx}: {kind} {hkey} failed unexpectedly: {e!r}")
+                    continue
+                if kind == "get":
+                    continue
                 self.stats["indeterminate"] += 1
-                self.history.append(Op(idx, kind, hkey, value if kind in ("put", "cas") else None,
-                                       expected, t0, None, None))
+                self._unsure(Op(idx, kind, hkey, written, expected, t0, None, None), name, key, epoch0)
                 continue
             except asyncio.CancelledError:
                 self.history.append(Op(idx, kind, hkey, value if kind in ("put", "cas") else None,
                                        expected, t0, None, None))
                 raise
-            except MapError as e:
-                self.violations.append(f"client {idx}: {kind} {hkey} failed unexpectedly: {e!r}")
+            if self._overlaps(name, t0):  # the map was removed and created again meanwhile
+                if kind != "get":
+                    self._unsure(Op(idx, kind, hkey, written, expected, t0, None, None), name, key, epoch0)
                 continue
             self.stats["ok"] += 1
             self.history.append(Op(idx, kind, hkey, value if kind in ("put", "cas") else None,
                                    expected, t0, self.loop.time(), result))
+
+    def _hkey(self, name: str, key: str, epoch: int | None = None) -> str:
+        """The history's name of `key` of map `name` as it is defined now (or was in `epoch`)."""
+        if epoch is None:
+            epoch = self.epochs.get(name, 0)
+        return f"{name}/{key}" if not epoch else f"{name}#{epoch}/{key}"
+
+    def _unsure(self, op: Op, name: str, key: str, epoch0: int) -> None:
+        """Record write `op` (its outcome unknown, `epoch0` the map's when it began) as one that may
+        have taken effect in the map as it was, in any map created again since, or not at all."""
+        for epoch in range(epoch0, self.epochs.get(name, 0) + 1):
+            self.history.append(dataclasses.replace(op, key=self._hkey(name, key, epoch)))
+
+    def _overlaps(self, name: str, t0: float) -> bool:
+        """Whether an operation on `name` from `t0` until now overlaps a window of its re-creation."""
+        return any(w[0] == name and (w[2] is None or w[2] >= t0) for w in self.windows)
+
+    async def _recreate(self, name: str) -> None:
+        """Remove map `name` and create it again with the same settings, maybe while a node is
+        stalled (then its replica sees it late, maybe only as a reset); the window ends once every
+        running node's replica has the new definition."""
+        rng = self.rng
+        key = str(MapDefKey(name))
+        spec = self.store.data.get(key)
+        running = [n for n in self.members if self.nodes[n].running]
+        if spec is None or not running:
+            return
+        victim = rng.choice(running)
+        window: list[Any] = [name, self.loop.time(), None]
+        self.windows.append(window)
+        self.nodes[victim].paused_until = self.loop.time() + rng.uniform(0.3, 2.0)
+        view = self.views.get(victim)
+        if view is not None and rng.random() < 0.6:
+            view.jump_next = True
+        self.log(f"recreate {name} (stall {victim} until {self.nodes[victim].paused_until:.3f})")
+        self.store.commit("remove", key, None)
+        await asyncio.sleep(rng.uniform(0.0, 0.3))
+        self.store.commit("put", key, spec)
+        self.epochs[name] = self.epochs.get(name, 0) + 1
+        index = len(self.store.log)
+        deadline = self.loop.time() + 30.0
+        while self.loop.time() < deadline:
+            views = [self.views.get(n) for n in self.ids if self.nodes[n].running]
+            if all(v is not None and v.applied >= index for v in views):
+                break
+            await asyncio.sleep(0.05)
+        window[2] = self.loop.time()
+        self.log(f"{name} recreated (epoch {self.epochs[name]})")
 
     def _recent(self, key: str) -> bytes | None:
         for op in reversed(self.history[-50:]):
@@ -785,6 +862,8 @@ class MapWorld:
                 replicas=self.profile.replicas, write_quorum=self.profile.write_quorum))
             self.log(f"define {name}")
             self.maps.append(name)
+        elif kind == "recreate":
+            await self._recreate(rng.choice(self.maps))
         elif kind == "stall" and running:
             victim = rng.choice(running)
             self.nodes[victim].paused_until = self.loop.time() + rng.uniform(0.2, 2.0)
@@ -912,10 +991,15 @@ def _no_quorum_check(core: Any, has_quorum: bool, now: float, wall: int) -> list
     return core._take()  # keeps serving as primary without a quorum
 
 
+def _no_definition_identity(svc: Any, name: str) -> int:
+    return 0  # a map created again is taken for the removed one
+
+
 MUTANTS: dict[str, list[tuple[str, Callable[..., Any]]]] = {
     "no-owner-quorum": [("_synced", _no_owner_quorum)],
     "stale-primary": [("_observe", _no_read_check), ("set_quorum", _no_quorum_check)],
     "no-quorum-check": [("set_quorum", _no_quorum_check)],
+    "no-definition-identity": [("MapService._identity", _no_definition_identity)],
 }
 """Deliberate bugs (`--mutant`): the checks must catch each (tests/test_map_simulation.py)."""
 
@@ -930,7 +1014,8 @@ def run_map_seed(
     world = MapWorld(seed, profile, verbose=verbose)
     with contextlib.ExitStack() as stack:
         for attr, fn in MUTANTS[mutant] if mutant is not None else []:
-            stack.enter_context(mock.patch.object(MapCore, attr, fn))
+            owner: Any = MapService if attr.startswith("MapService.") else MapCore
+            stack.enter_context(mock.patch.object(owner, attr.rpartition(".")[2], fn))
         world.run()
     problem = ""
     if world.violations:
