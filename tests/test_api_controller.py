@@ -74,6 +74,13 @@ async def test_config_get_put_and_validation(served: Any) -> None:
         assert r.status == 400
         problem = await r.json()
     assert "failures" in problem["detail"]
+    inf = "[scaling]\nstable_window = inf\n"
+    async with s.put(f"{url}{P}/controller/config", data=inf, headers=toml) as r:
+        assert r.status == 400  # inf passed `> 0`: a window that never ends
+        assert (await r.json())["detail"] == (
+            "controller config: scaling.stable_window = inf is not a finite number: inf, -inf and nan "
+            "are not accepted"
+        )
     async with s.put(f"{url}{P}/controller/config", data="[[[", headers={"Content-Type": "text/plain"}) as r:
         assert r.status == 400 and "not valid TOML" in (await r.json())["detail"]
     async with s.put(f"{url}{P}/controller/config", json={"text": "x"}) as r:

@@ -19,6 +19,7 @@ from aether.cli import common
 from aether.cli.examples import EXAMPLES
 from aether.cli.main import main
 from aether.core.status import KVEntry
+from conftest import refusing_port
 from test_cli_ops import FakeNode, Servers, addr
 
 pytestmark = pytest.mark.timeout(60)
@@ -210,3 +211,37 @@ def test_the_shell_keeps_the_output_format() -> None:
     assert global_args(common.Settings(output="wide"))[-2:] == ["-o", "wide"]
     assert global_args(common.Settings(output="json", json=True))[-1] == "--json"
     assert "-o" not in global_args(common.Settings())
+
+
+# -- Float options --------------------------------------------------------------------------------------
+
+
+def _float_options() -> list[tuple[str, click.Option]]:
+    return [
+        (f"{path} {opt.opts[0]}".strip(), opt)
+        for path, cmd in commands()
+        for opt in cmd.params
+        if isinstance(opt, click.Option) and isinstance(opt.type, click.types.FloatParamType)
+    ]
+
+
+def test_every_float_option_refuses_inf_and_nan() -> None:
+    """click's float types accept inf and nan (and FloatRange(min=0, min_open=True) lets both
+    through: inf > 0, nan fails no comparison); a JSON body has no form for them, msgspec writes
+    null and the server reads "not set"."""
+    found = _float_options()
+    assert {"update --interval", "update --max-error-rate", "update --max-p99-ratio"} <= {p for p, _ in found}
+    for _, opt in found:
+        for text in ("inf", "-inf", "nan"):
+            with pytest.raises(click.BadParameter, match="not a finite number"):
+                opt.type.convert(text, opt, None)
+
+
+def test_update_with_interval_inf_is_a_usage_error_not_a_rollout_with_the_default() -> None:
+    """`aether update G:A --to V --interval inf` sent {"interval": null} (msgspec's JSON for inf):
+    the rollout ran with the blueprint's interval, silently. Now a usage error (exit 2) before any
+    request: the address given refuses connections, which would be exit 3."""
+    target = f"127.0.0.1:{refusing_port()}"
+    r = invoke("--connect", target, "update", "org.demo:a", "--to", "2.0.0", "--interval", "inf")
+    assert r.exit_code == 2, r.output
+    assert "--interval" in r.output and "'inf' is not a finite number" in r.output

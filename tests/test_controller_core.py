@@ -14,6 +14,7 @@ from aether.controller.alerts import series_key
 from aether.controller.config import ControllerConfig, parse_config
 from aether.controller.core import Controller, wanted_by_target
 from aether.controller.types import ControllerMemory, KeyObs, NodeObs, Observation, SliceObs
+from aether.core.errors import BadRequest
 from aether.kv.keys import ScalingRule
 from aether.metrics.messages import (
     ClusterMetricsSnapshot,
@@ -322,3 +323,43 @@ def test_a_short_stabilization_window_does_not_scale_up_again_on_the_memory_of_a
     assert [d.kind for d in scalings(ds)] == ["scale_up", "scale_down"], [
         (d.time - T0, d.kind, d.to_count, d.rule) for d in scalings(ds)
     ]
+
+
+def _float_keys_of_controller_config() -> list[tuple[str, str]]:
+    """(TOML text with a VALUE placeholder, dotted key) for every float of the controller config,
+    found from its Structs: a float added later is covered."""
+    from aether.controller.config import AlertRule, HealthConfig, ScalingConfig, Webhook
+
+    def floats(cls: type) -> list[str]:
+        info = msgspec.inspect.type_info(cls)
+        assert isinstance(info, msgspec.inspect.StructType)
+        return [f.encode_name for f in info.fields if isinstance(f.type, msgspec.inspect.FloatType)]
+
+    out = [(f"[scaling]\n{k} = {{value}}", f"scaling.{k}") for k in floats(ScalingConfig)]
+    out += [(f"[health]\n{k} = {{value}}", f"health.{k}") for k in floats(HealthConfig)]
+    alert = '[[alerts]]\nname = "a"\nmetric = "cluster.nodes"\n'
+    for k in floats(AlertRule):
+        rest = "" if k == "threshold" else "threshold = 1.0\n"
+        out.append((f"{alert}{rest}{k} = {{value}}", f"alerts[0].{k}"))
+    out += [(f'[[webhooks]]\nurl = "http://127.0.0.1:9/h"\n{k} = {{value}}', f"webhooks[0].{k}")
+            for k in floats(Webhook)]
+    return out
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize(("text", "key"), _float_keys_of_controller_config())
+def test_controller_config_refuses_inf_and_nan_naming_the_key(text: str, key: str, value: str) -> None:
+    """inf passed every `gt=0` constraint (a `stable_window`, `transition_timeout` or webhook
+    `timeout` that never ends) and an alert `threshold = nan` passed as any float, an alert that
+    could never fire (every comparison with nan is false)."""
+    with pytest.raises(BadRequest) as e:
+        parse_config(text.format(value=value))
+    assert str(e.value) == (
+        f"controller config: {key} = {value} is not a finite number: inf, -inf and nan are not accepted"
+    )
+
+
+def test_controller_config_float_keys_cover_the_known_ones() -> None:
+    keys = {k for _, k in _float_keys_of_controller_config()}
+    assert {"scaling.panic_window", "health.transition_timeout", "alerts[0].threshold", "alerts[0].for",
+            "webhooks[0].timeout"} <= keys

@@ -571,3 +571,61 @@ def test_the_largest_integers_the_store_holds_are_accepted_and_stored() -> None:
             f"[slices.a.config]\nlo = {-(2**63)}\nhi = {HUGE - 1}\n")
     value = expand(parse_blueprint(text), no_dependencies, any_artifact)
     assert decode_value("blueprints/x", encode_value("blueprints/x", value)) == value
+
+
+def _float_fields(cls: type) -> list[str]:
+    """The fields of the msgspec Struct `cls` that hold a float (optional or constrained ones too)."""
+    import msgspec
+
+    def is_float(t: object) -> bool:
+        if isinstance(t, msgspec.inspect.FloatType):
+            return True
+        return isinstance(t, msgspec.inspect.UnionType) and any(is_float(u) for u in t.types)
+
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return [f.encode_name for f in info.fields if is_float(f.type)]
+
+
+def _every_float_key() -> list[tuple[str, str]]:
+    """(table text with KEY = VALUE placeholders, key) for every float of every blueprint table,
+    found from the Structs the tables are converted into: a float field added later is covered."""
+    from aether.deploy.blueprint import _EntryTable, _SliceTable
+    from aether.kv.keys import RolloutPolicy, ScalingRule
+
+    out: list[tuple[str, str]] = []
+    out += [("{key} = {value}", k) for k in _float_fields(_SliceTable)]
+    out += [("[slices.a.rollout]\n{key} = {value}", k) for k in _float_fields(RolloutPolicy)]
+    out += [("[slices.a.entries.greet]\n{key} = {value}", k) for k in _float_fields(_EntryTable)]
+    for k in _float_fields(ScalingRule):
+        other = "rate" if k == "in_flight" else "in_flight"  # a valid target beside the one tested
+        out.append((f"[slices.a.scaling]\nmax = 3\n{other} = 1.0\n{{key}} = {{value}}", k))
+    out.append(("[slices.a.config]\n{key} = {value}", "limit"))  # free-form config too
+    out.append(("[slices.a.config]\n{key} = [1.5, {value}]", "weights"))
+    return out
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize(("table", "key"), _every_float_key())
+def test_inf_and_nan_are_refused_for_every_float_naming_key_and_line(
+    table: str, key: str, value: str
+) -> None:
+    """TOML has inf, -inf and nan. inf passed every `> 0` check: `interval = inf` kept a canary
+    step analysing for ever, `progress_deadline = inf` never rolled a hung version back, an
+    entry's `timeout = inf` was published and shown by the API as null ("not set"), and the
+    blueprint read back through the API (`GET /api/v1/blueprints/ID`, interval: null) no longer
+    decoded into a `BlueprintValue`. Every float of a blueprint is now checked in one place."""
+    body = table.format(key=key, value=value)
+    text = f'id = "x"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\n{body}\n'
+    line = text.splitlines().index(next(ln for ln in text.splitlines() if ln.startswith(f"{key} ="))) + 1
+    with pytest.raises(BlueprintError) as e:
+        parse_blueprint(text, "b.toml")
+    assert str(e.value).startswith(f"b.toml:{line}: {key} = {value} in [slices.a"), str(e.value)
+    assert "is not a finite number: inf, -inf and nan are not accepted" in str(e.value)
+
+
+def test_the_float_keys_checked_are_those_of_the_structs() -> None:
+    """The parametrisation above is not empty by accident: it covers the known floats."""
+    keys = {k for _, k in _every_float_key()}
+    assert {"interval", "progress_deadline", "max_error_rate", "max_p99_ratio", "timeout", "backoff",
+            "in_flight", "rate", "p95_ms", "cpu"} <= keys

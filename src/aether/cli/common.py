@@ -9,6 +9,7 @@ and rich are imported inside the functions that need them.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,19 @@ class Settings:
 
 
 # -- output helpers ---------------------------------------------------------------------------------
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float option (within the bounds given, if any) that refuses inf, -inf and nan: click's
+    own FloatRange lets them through (inf > 0, and every comparison with nan is false), and a JSON
+    body has no form for them (msgspec writes null, which the server reads as "not set":
+    `aether update G:A --to V --interval inf` rolled out with the blueprint's interval)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = click.FLOAT.convert(value, param, ctx)  # the number, then its range
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number (inf and nan are not accepted)", param, ctx)
+        return super().convert(rv, param, ctx)
 
 
 def fail(message: str, code: int = EXIT_FAILED, *, hint: str | None = None) -> NoReturn:

@@ -14,6 +14,7 @@ import click
 from aether.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
+    FiniteFloatRange,
     Settings,
     call,
     echo_json,
@@ -111,7 +112,8 @@ def blueprint() -> None:
 @click.option(
     "--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure or timeout)."
 )
-@click.option("--wait-timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+@click.option("--wait-timeout", type=FiniteFloatRange(), default=120.0, show_default=True,
+              help="Seconds to wait.")
 @json_option
 @click.pass_obj
 def blueprint_apply(settings: Settings, file: Path, wait: bool, wait_timeout: float, as_json: bool) -> None:
@@ -342,7 +344,7 @@ def blueprint_delete(settings: Settings, blueprint_id: str) -> None:
 @click.argument("artifact", metavar="G:A:V")
 @click.option("-n", "--instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE.")
-@click.option("--wait-timeout", type=float, default=120.0, show_default=True)
+@click.option("--wait-timeout", type=FiniteFloatRange(), default=120.0, show_default=True)
 @json_option
 @click.pass_obj
 def deploy(
@@ -385,7 +387,8 @@ def deploy(
 @click.option("--auto", is_flag=True,
               help="Autoscaled slices: clear the operator's bounds and pin (back to the blueprint's bounds).")
 @click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure).")
-@click.option("--wait-timeout", type=float, default=120.0, show_default=True, help="Seconds to wait.")
+@click.option("--wait-timeout", type=FiniteFloatRange(), default=120.0, show_default=True,
+              help="Seconds to wait.")
 @json_option
 @click.pass_obj
 def scale(

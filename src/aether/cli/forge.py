@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from aether.cli.common import EXIT_FAILED, EXIT_USAGE, echo_json, fail, json_option
+from aether.cli.common import EXIT_FAILED, EXIT_USAGE, FiniteFloatRange, echo_json, fail, json_option
 
 DEFAULT_CONFIG = "forge-config.toml"
 
@@ -105,7 +105,7 @@ def _run(coro_factory: Any, *, stops_itself: bool) -> Any:
               help="Dashboard and REST API port on 127.0.0.1 [default: 8888; 0 picks a free one].")
 @click.option("--replay", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Replay this load trace (saved from `GET /api/load/trace`) once the load starts.")
-@click.option("--replay-speed", type=click.FloatRange(0.01, 1000), default=1.0, show_default=True,
+@click.option("--replay-speed", type=FiniteFloatRange(0.01, 1000), default=1.0, show_default=True,
               help="Replay the trace this many times faster.")
 @click.pass_context
 def forge(
@@ -145,7 +145,7 @@ def forge(
 @forge.command("scenario")
 @click.argument("names", nargs=-1, metavar="NAME...")
 @_options
-@click.option("--rate", type=click.FloatRange(0, 100_000), default=None,
+@click.option("--rate", type=FiniteFloatRange(0, 100_000), default=None,
               help="The load's total rate (requests/s) while the scenarios run [default: the config's].")
 @click.option("--list", "list_only", is_flag=True, help="List the scenarios and exit.")
 @json_option

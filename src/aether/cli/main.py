@@ -37,6 +37,7 @@ from aether.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     OUTPUT_FORMATS,
+    FiniteFloatRange,
     Settings,
     call,
     echo_json,
@@ -106,7 +107,7 @@ _T = TypeVar("_T")
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=DEFAULT_TIMEOUT,
     show_default=True,
     help="Seconds to wait for a node's answer (above the node's own 5-10 s deadlines, so its "
@@ -351,7 +352,7 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
 )
 @click.option(
     "--http-idle-timeout",
-    type=click.FloatRange(min=0.1, max=3600),
+    type=FiniteFloatRange(min=0.1, max=3600),
     metavar="SECONDS",
     help="Close a management API or HTTP router connection that has not sent a complete request "
     "head this long after connecting (or after its last answer) [default: 15].",
@@ -632,7 +633,7 @@ def _stop_timeout_option(name: str) -> Callable[[Callable[..., Any]], Callable[.
     """The option `name` of the commands that stop nodes: seconds from SIGTERM to SIGKILL."""
     return click.option(
         name,
-        type=click.FloatRange(min=0.0),
+        type=FiniteFloatRange(min=0.0),
         default=10.0,
         show_default=True,
         help="Seconds to wait after SIGTERM before SIGKILL.",
@@ -642,7 +643,7 @@ def _stop_timeout_option(name: str) -> Callable[[Callable[..., Any]], Callable[.
 def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
         "--timeout",
-        type=click.FloatRange(min=1.0),
+        type=FiniteFloatRange(min=1.0),
         default=30.0,
         show_default=True,
         help="Seconds to wait for quorum.",
@@ -907,7 +908,7 @@ def _start_some(
 @dir_option
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=1.0),
+    type=FiniteFloatRange(min=1.0),
     default=30.0,
     show_default=True,
     help="Seconds to wait for quorum after the start.",
@@ -1067,7 +1068,7 @@ def _echo_member_change(node_id: str, change: str, ans: object) -> None:
 )
 @click.option(
     "--wait-timeout",
-    type=click.FloatRange(min=1.0),
+    type=FiniteFloatRange(min=1.0),
     default=120.0,
     show_default=True,
     help="Seconds to wait for the blueprint's instances.",

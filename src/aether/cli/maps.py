@@ -14,6 +14,7 @@ import click
 from aether.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
+    FiniteFloatRange,
     Settings,
     call,
     echo_json,
@@ -265,7 +266,8 @@ def map_get(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
 @click.argument("map_name", metavar="NAME")
 @click.argument("key")
 @click.argument("value", metavar="JSON")
-@click.option("--ttl", type=float, metavar="SECONDS", help="Expire the entry after this many seconds.")
+@click.option("--ttl", type=FiniteFloatRange(), metavar="SECONDS",
+              help="Expire the entry after this many seconds.")
 @json_option
 @click.pass_obj
 def map_put(

@@ -13,7 +13,16 @@ from typing import Any
 
 import click
 
-from aether.cli.common import EXIT_OK, Settings, call, echo_json, echo_json_line, json_option, make_client
+from aether.cli.common import (
+    EXIT_OK,
+    FiniteFloatRange,
+    Settings,
+    call,
+    echo_json,
+    echo_json_line,
+    json_option,
+    make_client,
+)
 
 
 def _mib(n: Any) -> str:
@@ -112,7 +121,7 @@ def render_metrics(doc: dict[str, Any]) -> None:
 @click.option("--watch", is_flag=True, help="Refresh every --interval seconds until Ctrl-C.")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.2, max=3600),
+    type=FiniteFloatRange(min=0.2, max=3600),
     default=1.0,
     show_default=True,
     metavar="SECONDS",

@@ -19,6 +19,7 @@ from aether.cli.common import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     UNREACHABLE_HINT,
+    FiniteFloatRange,
     Settings,
     call,
     echo_json,
@@ -606,7 +607,7 @@ def _slice_checks(settings: Settings, probe: dict[str, Any], stuck_after: float)
 )
 @click.option(
     "--stuck-after",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=STUCK_AFTER,
     show_default=True,
     metavar="SECONDS",

@@ -14,6 +14,7 @@ import click
 from aether.cli.common import (
     EXIT_FAILED,
     EXIT_USAGE,
+    FiniteFloatRange,
     Settings,
     call,
     echo_json,
@@ -107,18 +108,19 @@ def _name(artifact: str) -> str:
               help="Default: the blueprint's [slices.NAME.rollout] strategy, else rolling.")
 @click.option("--steps", default=None, metavar="P,P,..",
               help="Canary: percent of the calls for the new version per step (e.g. 10,50,100).")
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--interval", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Seconds each canary step is analysed.")
 @click.option("--max-surge", type=click.IntRange(min=0), default=None,
               help="Rolling: instances above the count during the update (default 1).")
 @click.option("--max-unavailable", type=click.IntRange(min=0), default=None,
               help="Rolling: instances below the count during the update (default 0).")
-@click.option("--max-error-rate", type=click.FloatRange(0, 1), default=None,
+@click.option("--max-error-rate", type=FiniteFloatRange(0, 1), default=None,
               help="Gate: share of the new version's calls that may fail (default 0.05).")
-@click.option("--max-p99-ratio", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-p99-ratio", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Gate: p99 of the new version / p99 of the old (canary steps).")
 @click.option("--wait", is_flag=True, help="Follow the rollout until it ends (exit 1 unless it succeeded).")
-@click.option("--wait-timeout", type=float, default=600.0, show_default=True, help="Seconds to wait.")
+@click.option("--wait-timeout", type=FiniteFloatRange(), default=600.0, show_default=True,
+              help="Seconds to wait.")
 @json_option
 @click.pass_obj
 def update(

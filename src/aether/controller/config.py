@@ -4,7 +4,8 @@ Stored as text under `controller/config` (`aether.kv.keys.ControllerConfigValue`
 `aether controller config --set FILE` or `PUT /api/v1/controller/config`, parsed here once per
 change. Every field has a default, so an empty text is a valid configuration. Durations are
 seconds. Unknown keys, wrong types and out-of-range values are refused with a message naming the
-key (`BadRequest`).
+key (`BadRequest`), and so is any inf, -inf or nan (`aether.core.numbers`: a window, cooldown or
+timeout of inf never ends, an alert threshold of nan is never crossed).
 
 ```toml
 dry_run = false                   # record decisions without applying them
@@ -58,6 +59,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.core.numbers import format_path, number_problem
 
 __all__ = [
     "ALERT_METRICS",
@@ -186,6 +188,10 @@ def parse_config(text: str) -> ControllerConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BadRequest(f"controller config is not valid TOML: {e}") from None
+    found = number_problem(data)
+    if found is not None:  # inf passes `gt=0` and nan any unconstrained float: refuse them all here
+        path, value, problem = found
+        raise BadRequest(f"controller config: {format_path(path)} = {value} {problem}")
     try:
         cfg = msgspec.convert(data, ControllerConfig)
     except msgspec.ValidationError as e:

@@ -54,8 +54,10 @@ Every error is a `BlueprintError` whose message starts with `FILE:LINE:` (or `FI
 line applies) and says what is wrong and what is allowed. The keys, required keys and value types
 are checked by msgspec (Structs with ``forbid_unknown_fields``), one table at a time: the top level,
 then each `[maps.NAME]`, then each `[slices.NAME]`; within a table the first problem in the order
-of the file is reported. Before that, any integer the store cannot hold (outside -2**63..2**64-1;
-TOML integers are unbounded) is refused naming its key, config tables included.
+of the file is reported. Before that, any number the cluster cannot keep is refused naming its key,
+config tables included (`aether.core.numbers`): an integer the store cannot hold (outside
+-2**63..2**64-1; TOML integers are unbounded) and TOML's inf, -inf and nan (no duration, count,
+share or threshold is infinite; they have no JSON form either).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ import msgspec
 from aether.core.artifact import Artifact, VersionPattern
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec
+from aether.core.numbers import number_problem
 from aether.deploy.config import check_config
 from aether.deploy.errors import BlueprintError
 from aether.deploy.ports import DependenciesOf, Resolve
@@ -242,24 +245,17 @@ class _Locator:
 _TOML_POS_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*\Z")
 
 
-INT_MIN, INT_MAX = -(2**63), 2**64 - 1
-"""The integers the store can hold (msgpack: int64 and uint64); TOML integers are unbounded."""
-
-
-def _check_int_range(value: object, path: tuple[str, ...], fail: Callable[..., BlueprintError]) -> None:
-    """Raise the `BlueprintError` naming the key of the first integer the store cannot encode: such
-    a value would pass every other check and fail only when the blueprint is written."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_int_range(v, (*path, k), fail)
-    elif isinstance(value, list):
-        for v in value:
-            _check_int_range(v, path, fail)
-    elif isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
-        key, table = (path[-1], path[:-1]) if path else ("?", ())
-        where = f" in [{'.'.join(table)}]" if table else ""
-        raise fail(f"{key} = {value}{where} is out of range: integers must be between -2**63 and "
-                   "2**64-1", *path)
+def _check_numbers(raw: object, fail: Callable[..., BlueprintError]) -> None:
+    """Raise the `BlueprintError` naming the key of the first number the cluster cannot keep
+    (`aether.core.numbers`: an integer the store cannot encode, or inf/-inf/nan): such a value
+    would pass the type checks (inf is > 0) and fail only later, or never be reached."""
+    found = number_problem(raw)
+    if found is None:
+        return
+    path = tuple(p for p in found[0] if isinstance(p, str))  # array items: the key of the array
+    key, table = (path[-1], path[:-1]) if path else ("?", ())
+    where = f" in [{'.'.join(table)}]" if table else ""
+    raise fail(f"{key} = {found[1]}{where} {found[2]}", *path)
 
 
 def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
@@ -280,7 +276,7 @@ def parse_blueprint(text: str, filename: str = "<blueprint>") -> Blueprint:
         line = loc.line(*path) if path else None
         return BlueprintError(f"{filename}:{line}: {problem}" if line else f"{filename}: {problem}")
 
-    _check_int_range(raw, (), fail)
+    _check_numbers(raw, fail)
 
     def bad_top(key: str, value: object) -> str:
         return {
