@@ -110,3 +110,27 @@ async def test_a_rollout_whose_blueprint_was_deleted_ends_and_its_instances_go(s
     await mgr2.reconcile_once()
     # (rolling-back with the old version ready: rolled-back, as before)
     assert kv2.data["rollouts/org.demo:a"].state != "aborted"
+
+
+async def test_the_leader_forgets_scale_values_no_blueprint_needs_but_keeps_those_of_a_rollout() -> None:
+    """The backstop of `DeploymentService`'s own clean-up: a `scale/` value of an artifact that no
+    blueprint autoscales any more (here its scaling rule was removed, and a version was replaced)
+    is removed by the leader's pass; the old version of an active rollout keeps its value (a
+    rollback brings it back with that count)."""
+    from aether.deploy.rollout import begin
+    from aether.kv.keys import RolloutPolicy, ScaleValue, ScalingRule
+
+    b1, b2, c1, c2 = "org.demo:b:1.0.0", "org.demo:b:2.0.0", "org.demo:c:1.0.0", "org.demo:c:2.0.0"
+    rule = ScalingRule(min=1, max=8, in_flight=4.0)
+    kv = FakeKV({
+        "blueprints/x": BlueprintValue([BlueprintSlice(A, 1), BlueprintSlice(b2, 1, scaling=rule),
+                                        BlueprintSlice(c2, 1, scaling=rule)]),
+        f"scale/{A}": ScaleValue(5, "operator", 1.0, "", 5, 5),  # A has no scaling rule any more
+        f"scale/{b1}": ScaleValue(3, "controller", 1.0),  # replaced by b2, no rollout
+        f"scale/{b2}": ScaleValue(3, "controller", 1.0),
+        f"scale/{c1}": ScaleValue(4, "controller", 1.0),  # the old version of a running rollout
+        "rollouts/org.demo:c": begin("r1", "org.demo:c", "1.0.0", "2.0.0", 4, RolloutPolicy(), 1000.0),
+    })  # fmt: skip
+    mgr = ClusterDeploymentManager(kv, FakeLeader({"node-2", "node-3"}))  # type: ignore[arg-type]
+    await mgr.reconcile_once()
+    assert sorted(k for k in kv.data if k.startswith("scale/")) == [f"scale/{b2}", f"scale/{c1}"]

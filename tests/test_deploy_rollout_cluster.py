@@ -184,6 +184,9 @@ async def test_an_autoscaled_slice_keeps_its_count_across_an_update(make_cluster
     await wait_for(lambda: counts(c, HELLO2) == 4 and counts(c, HELLO, PRESENT) == 0, what="4 of 2.0.0")
     await asyncio.sleep(1.2)  # a few passes later the count holds
     assert counts(c, HELLO2) == 4
+    # the old version's value is forgotten once the rollout is over (a later apply of 1.0.0 would
+    # otherwise start from that count, or from an operator's pin of long ago)
+    await wait_for(lambda: set(svc.scales()) == {HELLO2}, what="scale/ of 1.0.0 forgotten")
 
 
 async def test_the_leader_stopped_mid_rollout_the_next_leader_finishes_it(make_cluster: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from aether.deploy.admission import InstanceLimits
+from aether.deploy.blueprint import any_artifact, no_dependencies
 from aether.deploy.errors import AdmissionRejected, BlueprintError
 from aether.deploy.operations import DeploymentService
 from aether.deploy.reconcile import autoscaled
@@ -176,3 +177,52 @@ async def test_waiting_for_an_unknown_blueprint_is_a_404_as_the_route_declares()
     with pytest.raises(BlueprintNotFound, match="no blueprint 'nope'") as e:
         await svc.wait_converged("nope", timeout=1)
     assert problem_for(e.value).status == 404
+
+
+class Store(FakeKV):
+    """The in-memory store with the reads through consensus and the removal the service uses."""
+
+    async def get(self, key: Any, timeout: float = 5.0) -> Any:
+        return self.get_local(key)
+
+    async def remove(self, key: Any, timeout: float = 5.0) -> bool:
+        existed = str(key) in self.data
+        self._set(str(key), None)
+        return existed
+
+
+AUTOSCALED = (
+    'id = "x"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\n'
+    "[slices.a.scaling]\nmin = 2\nmax = 8\nin_flight = 4.0\n"
+)
+
+
+def bounds(svc: DeploymentService) -> tuple[int, int, int, str, str]:
+    a = autoscaled([e.blueprint for e in svc.list_blueprints()], svc.scales())[A]
+    return a.instances, a.min, a.max, a.bounds_source, a.count_source
+
+
+async def test_a_deleted_blueprint_applied_again_starts_from_its_own_count_not_an_old_pin() -> None:
+    """`scale/{artifact}` outlived the blueprint: an operator's pin (min = max = 6) or the
+    controller's count came back with a blueprint deleted and applied again, weeks later too. As
+    deleting a Kubernetes Deployment forgets its scale, deleting the blueprint (or undeploying the
+    artifact) now removes the `scale/` values of what no other blueprint autoscales."""
+    kv = Store()
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    await svc.apply_blueprint(AUTOSCALED, "x.toml")
+    await svc.scale_to(A, 6, now=1.0)
+    assert bounds(svc) == (6, 6, 6, "operator", "operator")
+    assert await svc.delete_blueprint("x")
+    assert f"scale/{A}" not in kv.data
+    await svc.apply_blueprint(AUTOSCALED, "x.toml")
+    assert bounds(svc) == (2, 2, 8, "blueprint", "blueprint")
+    # undeploy forgets it too
+    await svc.scale_to(A, min=3, max=5, now=2.0)
+    await svc.undeploy("org.demo:a")
+    assert svc.scales() == {}
+    # another blueprint still autoscaling the artifact keeps the value
+    await svc.apply_blueprint(AUTOSCALED, "x.toml")
+    await svc.apply_blueprint(AUTOSCALED.replace('id = "x"', 'id = "y"'), "y.toml")
+    await svc.scale_to(A, 4, now=3.0)
+    assert await svc.delete_blueprint("x")
+    assert bounds(svc) == (4, 4, 4, "operator", "operator")

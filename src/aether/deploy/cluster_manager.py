@@ -17,6 +17,12 @@ control's limit, also enforced here for state written before the limit) and one 
 at most `max_starts_per_command` new instances (`reconcile.plan`); a large change converges in
 several passes, each one triggered by the nodes' reports.
 
+Each pass also removes the `scale/` values nothing needs any more (`reconcile.stale_scales`: no
+blueprint autoscales the artifact and no active rollout names it), so a blueprint deleted and
+applied again starts from its own count and bounds, not an old pin; `DeploymentService` does the
+same right after a delete, undeploy or apply, this is the backstop (a scaling rule removed, a
+rollout ended, a write that raced).
+
 Hooks for the controller (`aether.controller`, wired by the node): `avoid()` is read each pass and
 names the nodes that get no new instances (`reconcile.plan(avoid=...)`: saturated nodes; their
 instances stay); `on_write(write)` is called for each write that succeeded, so the controller
@@ -57,6 +63,7 @@ from aether.deploy.reconcile import (
     plan,
     scale_values,
     slice_states,
+    stale_scales,
 )
 from aether.deploy.rollout import ACTIVE_STATES, Observation, VersionState, Window, advance, counts_window
 from aether.kv.contract import ClusterStore, WatchEvent
@@ -270,10 +277,11 @@ class ClusterDeploymentManager:
         )
         self.passes += 1
         self.last_plan = p
-        if p.writes and self.leader.is_leader:
-            for w in p.writes:
+        writes = [*p.writes, *stale_scales(blueprints, scales, rollouts)]  # forgotten with their blueprint
+        if writes and self.leader.is_leader:
+            for w in writes:
                 self.log.info("%s", _describe(w))
-            await asyncio.gather(*(self._execute(w) for w in p.writes))
+            await asyncio.gather(*(self._execute(w) for w in writes))
         return p
 
     # --- rollouts ---------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ from aether.deploy.errors import (
 )
 from aether.deploy.lifecycle import SliceState
 from aether.deploy.ports import DependenciesOf, MapsOf, Resolve
-from aether.deploy.reconcile import Autoscaled, autoscaled, desired_state
+from aether.deploy.reconcile import Autoscaled, autoscaled, desired_state, stale_scales
 from aether.deploy.rollout import ACTIVE_STATES, begin, version_of
 from aether.deploy.rollout import abort as rollout_abort
 from aether.deploy.rollout import pause as rollout_pause
@@ -328,10 +328,7 @@ class DeploymentService:
         previous = stored if isinstance(stored, BlueprintValue) else None
         planned = self._planned_rollouts(previous, value, blueprint_id, time.time(), policy)
         started: list[RolloutValue] = []
-        if previous is not None:  # the new version of an autoscaled slice starts from the old one's count
-            for coords, sv in _carried_scales(previous, value, self.scales()).items():
-                with contextlib.suppress(Exception):
-                    await self.kv.compare_and_set(ScaleKey(coords), None, sv, self.timeout)
+        carried = _carried_scales(previous, value, self.scales()) if previous is not None else {}
         try:
             for current, new in planned:
                 if not await self.kv.compare_and_set(RolloutKey(new.artifact), current, new, self.timeout):
@@ -346,7 +343,21 @@ class DeploymentService:
             for r in started:  # best effort: a rollout whose blueprint was not written must not run
                 await self._withdraw(r)
             raise
+        # the new version of an autoscaled slice starts from the old one's count; written once the
+        # blueprint lists it (before, the leader's pass would forget it as listed by no blueprint)
+        for coords, sv in carried.items():
+            with contextlib.suppress(Exception):
+                await self.kv.compare_and_set(ScaleKey(coords), None, sv, self.timeout)
+        await self._forget_scales()
         return started
+
+    async def _forget_scales(self) -> None:
+        """Remove the `scale/` values no blueprint needs any more (`reconcile.stale_scales`), best
+        effort (the leader's pass removes what is left): deleting a blueprint forgets the count and
+        bounds of what it autoscaled, so applying it again starts from its own."""
+        for w in stale_scales((e.blueprint for e in self.list_blueprints()), self.scales(), self.rollouts()):
+            with contextlib.suppress(Exception):
+                await self.kv.compare_and_set(w.key, w.expected, w.new, self.timeout)
 
     async def _withdraw(self, r: RolloutValue) -> None:
         """Remove rollout `r` (best effort), also when the leader advanced it meanwhile (its write
@@ -511,8 +522,11 @@ class DeploymentService:
             )
 
     async def delete_blueprint(self, blueprint_id: str) -> bool:
-        """Remove a blueprint; its slices are undeployed unless another blueprint lists them."""
-        return await self.kv.remove(self._key(blueprint_id), self.timeout)
+        """Remove a blueprint; its slices are undeployed unless another blueprint lists them, and
+        the `scale/` values of what only it autoscaled are forgotten (`_forget_scales`)."""
+        removed = await self.kv.remove(self._key(blueprint_id), self.timeout)
+        await self._forget_scales()
+        return removed
 
     def list_blueprints(self) -> list[BlueprintEntry]:
         out = []
@@ -656,7 +670,9 @@ class DeploymentService:
                 return None
             return _without(v, match) or BlueprintValue([], v.source)
 
-        return await self._update_all(change)
+        changed = await self._update_all(change)
+        await self._forget_scales()
+        return changed
 
     async def _update_all(self, change: Callable[[str, BlueprintValue], BlueprintValue | None]) -> list[str]:
         """Apply `change` to every blueprint with compare-and-set (re-read and retry on conflict);

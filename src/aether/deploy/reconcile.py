@@ -41,6 +41,7 @@ from typing import Any, Literal
 from aether.core.errors import BadRequest
 from aether.deploy.allocation import Placement, allocate
 from aether.deploy.lifecycle import PRESENT_STATES, SliceState
+from aether.deploy.rollout import ACTIVE_STATES
 from aether.deploy.rollout import overrides as rollout_overrides
 from aether.kv.keys import (
     BlueprintValue,
@@ -134,6 +135,27 @@ def desired_state(
                 counts[a] = n
                 deps[a] = shared
     return {a: DesiredSlice(n, tuple(sorted(deps[a]))) for a, n in counts.items()}
+
+
+def stale_scales(
+    blueprints: Iterable[BlueprintValue],
+    scales: Mapping[str, ScaleValue],
+    rollouts: Iterable[RolloutValue] = (),
+) -> list[Write]:
+    """The removals of the `scale/` values nothing needs any more: those of an artifact that no
+    blueprint autoscales (its blueprint deleted, the artifact undeployed or replaced by another
+    version, its scaling rule removed) and no active rollout names as its old or new version (a
+    rollback brings the old version back, with its count). As deleting a Kubernetes Deployment
+    forgets its scale, a blueprint applied again starts from its own count and bounds, not from an
+    operator's pin or the controller's count of before."""
+    live = set(autoscaled(blueprints))
+    for r in rollouts:
+        if r.state in ACTIVE_STATES:
+            live |= {f"{r.artifact}:{r.old_version}", f"{r.artifact}:{r.new_version}"}
+    return [
+        Write(f"scale/{a}", sv, None, f"no blueprint autoscales {a} any more")
+        for a, sv in sorted(scales.items()) if a not in live
+    ]  # fmt: skip
 
 
 def slice_states(items: Iterable[tuple[str, object]]) -> dict[str, dict[str, SliceStateValue]]:
