@@ -134,3 +134,36 @@ async def test_the_leader_forgets_scale_values_no_blueprint_needs_but_keeps_thos
     mgr = ClusterDeploymentManager(kv, FakeLeader({"node-2", "node-3"}))  # type: ignore[arg-type]
     await mgr.reconcile_once()
     assert sorted(k for k in kv.data if k.startswith("scale/")) == [f"scale/{b2}", f"scale/{c1}"]
+
+
+async def test_a_rollback_writes_back_the_old_versions_own_slice_not_only_its_version() -> None:
+    """The leader ended a rollback by swapping the coordinates in the blueprint: 1.0.0 came back
+    with 2.0.0's config, limits, isolation and entry policies (and the node then reconfigured
+    the old instances with them). It now writes back the slice the rollout recorded."""
+    import msgspec
+
+    from aether.core.policy import EntryPolicy
+    from aether.deploy.rollout import abort, begin
+    from aether.kv.keys import RolloutPolicy
+
+    old, new = "org.demo:a:1.0.0", "org.demo:a:2.0.0"
+    before = BlueprintSlice(old, 2, name="a", config={"currency": "EUR"}, max_concurrency=4,
+                            entries={"charge": EntryPolicy(timeout=1.0)})  # fmt: skip
+    after = BlueprintSlice(new, 2, name="a", config={"currency": "USD"}, max_concurrency=16,
+                           isolation="process", entries={"refund": EntryPolicy(timeout=9.0)})  # fmt: skip
+    dependent = BlueprintSlice("org.demo:b:1.0.0", 1, depends_on=[new], name="b")
+    r = begin("r1", "org.demo:a", "1.0.0", "2.0.0", 2, RolloutPolicy(), 1000.0, blueprint="x",
+              old_slice=before)
+    r = abort(msgspec.structs.replace(r, new_instances=1), 1000.5)
+    kv = FakeKV({
+        "rollouts/org.demo:a": r,
+        "blueprints/x": BlueprintValue([after, dependent]),
+        f"slices/node-1/{old}": SliceStateValue("ACTIVE", 1.0, None, [0]),
+        f"slices/node-2/{old}": SliceStateValue("ACTIVE", 1.0, None, [1]),
+    })  # fmt: skip
+    mgr = ClusterDeploymentManager(kv, FakeLeader({"node-2", "node-3"}), wall=lambda: 1001.0)  # type: ignore[arg-type]
+    await mgr.reconcile_once()
+    assert kv.data["rollouts/org.demo:a"].state == "aborted"
+    a, b = kv.data["blueprints/x"].slices
+    assert a == before
+    assert b.depends_on == [old]

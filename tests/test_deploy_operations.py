@@ -179,3 +179,49 @@ async def test_a_refused_write_withdraws_its_rollout_also_after_the_leader_advan
     with pytest.raises(RolloutConflict, match="blueprint shop changed meanwhile"):
         await svc.apply_blueprint('id = "shop"\n[slices.a]\nartifact = "org.demo:a:2.0.0"\n', "v2.toml")
     assert "rollouts/org.demo:a" not in kv.data
+
+
+async def test_a_rollout_keeps_the_old_versions_own_settings_and_a_rollback_restores_them() -> None:
+    """A blueprint changing the version and the slice's settings at once (config, a secret, limits,
+    isolation, entry policies): the old version, still serving, took the NEW blueprint's settings
+    (`config.slices_of` fell back to the version listed), so every node reconfigured the old
+    instances with 2.0.0's config; after a rollback the leader wrote 1.0.0 back with 2.0.0's
+    settings, so 1.0.0 kept running with a config it was never deployed with. The rollout now
+    records the old version's slice; the old instances keep it, and a rollback restores it."""
+    from aether.core.policy import EntryPolicy
+    from aether.deploy.config import SliceConfigs
+    from aether.kv.keys import SecretValue
+
+    old_toml = ('id = "shop"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\ninstances = 2\nmax_concurrency = 4\n'
+                '[slices.a.config]\ncurrency = "EUR"\ndb = { secret = "db-v1" }\n'
+                '[slices.a.entries.charge]\ntimeout = 1.0\n')
+    new_toml = ('id = "shop"\n[slices.a]\nartifact = "org.demo:a:2.0.0"\ninstances = 2\n'
+                'max_concurrency = 16\nisolation = "process"\n'
+                '[slices.a.config]\ncurrency = "USD"\ndb = { secret = "db-v2" }\n'
+                '[slices.a.entries.refund]\ntimeout = 9.0\n')
+    kv = RacingKV({
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0, 1]),
+        "secrets/db-v1": SecretValue("one", 1.0, 1.0, 1),
+        "secrets/db-v2": SecretValue("two", 1.0, 1.0, 1),
+    })  # fmt: skip
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    configs = SliceConfigs(kv)
+    await svc.apply_blueprint(old_toml, "v1.toml")
+    running = configs.fingerprint(A1)
+    old_slice = svc.get_blueprint("shop").slices[0]  # type: ignore[union-attr]
+
+    await svc.apply_blueprint(new_toml, "v2.toml")
+    assert svc.rollout("org.demo:a").state == "progressing"
+    # while it runs, the old version keeps its own settings: nothing to reconfigure
+    assert configs.fingerprint(A1) == running
+    assert configs.resolved(A1).values == {"currency": "EUR", "db": "one"}
+    assert configs.limits(A1).max_concurrency == 4  # type: ignore[union-attr]
+    assert configs.entry_policies(A1) == {"charge": EntryPolicy(timeout=1.0)}
+    assert configs.resolved(A2).values == {"currency": "USD", "db": "two"}
+    assert configs.entry_policies(A2) == {"refund": EntryPolicy(timeout=9.0)}
+    from aether.deploy.config import slices_of
+
+    bps = [e.blueprint for e in svc.list_blueprints()]
+    assert [s.isolation for s in slices_of(bps, A1, svc.rollouts())] == ["auto"]
+    assert [s.isolation for s in slices_of(bps, A2, svc.rollouts())] == ["process"]
+    assert svc.rollout("org.demo:a").old_slice == old_slice  # what a rollback writes back

@@ -324,7 +324,7 @@ class ClusterDeploymentManager:
             if new is not None:
                 if step.blueprints_to is not None:
                     wrote = True
-                    if not await self._pin_version(r.artifact, r.new_version, step.blueprints_to):
+                    if not await self._pin_version(r, step.blueprints_to):
                         out.append(r)  # stays rolling-back (its counts hold) until the blueprints say it
                         continue
                 try:
@@ -345,16 +345,21 @@ class ClusterDeploymentManager:
             del self._baselines[k]
         return out, wrote
 
-    async def _pin_version(self, name: str, from_version: str, to_version: str) -> bool:
-        """Write `to_version` in place of `from_version` of `name` into every blueprint listing it
-        (a rollback ends with the blueprints saying what runs); False when a write failed."""
+    async def _pin_version(self, r: RolloutValue, to_version: str) -> bool:
+        """Write `to_version` in place of the rollout's new version into every blueprint listing it
+        (a rollback ends with the blueprints saying what runs); False when a write failed. The
+        blueprint whose change started the rollout gets the old slice back as the rollout recorded
+        it (config, limits, isolation, entry policies: those the old version ran with), the others
+        only the version (`update` changed nothing else in them)."""
         ok = True
-        old, new = f"{name}:{from_version}", f"{name}:{to_version}"
+        old, new = f"{r.artifact}:{r.new_version}", f"{r.artifact}:{to_version}"
+        restore = r.old_slice if to_version == r.old_version and r.old_slice is not None else None
         for key, bp in self.kv.list_local("blueprints/"):
             if not isinstance(bp, BlueprintValue) or not any(s.artifact == old for s in bp.slices):
                 continue
+            back = restore if key == f"blueprints/{r.blueprint}" else None
             changed = BlueprintValue(
-                [_swap(s, old, new) for s in bp.slices],
+                [back if back is not None and s.artifact == old else _swap(s, old, new) for s in bp.slices],
                 bp.source,
             )
             try:

@@ -4,7 +4,8 @@ Owns: the `{ secret = "NAME" }` reference syntax inside `[slices.NAME.config]` t
 an artifact gets when several blueprints list it, resolving references against the `secrets/`
 keys, the fingerprint that tells a node its running instances have an outdated config, and the
 secret store operations the management API uses (`Secrets`). The functions are pure; `SliceConfigs`
-and `Secrets` read and write the node's `KVStore`. May import `aether.core` and `aether.kv`.
+and `Secrets` read and write the node's `KVStore`. May import `aether.core`, `aether.kv` and
+`aether.deploy.rollout` (its states).
 
 Decisions:
 - An artifact's config is the non-empty `config` of the blueprints listing it (coordinates
@@ -14,6 +15,10 @@ Decisions:
 - A reference to a secret that is not set is not refused at apply time (secrets and blueprints
   can be set in either order): the instance goes FAILED with a reason naming the secret, and the
   leader's retry after the backoff picks up the secret once it is set.
+- The old version of an active rollout, which the blueprints no longer list, keeps the settings
+  it was deployed with: the slice the rollout recorded (`RolloutValue.old_slice`), so a blueprint
+  that changes the version and the config together neither reconfigures the serving old
+  instances nor starts old instances again (a rollback) with the new version's config.
 - The fingerprint hashes the config (references, not values) and the `version` of each secret
   it names: a node can tell that something changed without ever hashing a secret value.
 """
@@ -29,10 +34,12 @@ import msgspec
 
 from aether.core.errors import BadRequest, StatusError
 from aether.core.secrets import MissingSecret, ResolvedConfig
+from aether.deploy.rollout import ACTIVE_STATES
 from aether.kv.keys import (
     BlueprintSlice,
     BlueprintValue,
     EntryPolicy,
+    RolloutValue,
     SecretKey,
     SecretValue,
     check_secret_name,
@@ -134,51 +141,73 @@ def resolve(
     return ResolvedConfig(values, tuple(used))
 
 
-def slices_of(blueprints: Iterable[BlueprintValue], artifact: str) -> list[BlueprintSlice]:
-    """The blueprint slices of `artifact` (full coordinates); when no blueprint lists that version,
-    those of the other versions of the artifact. A rollout runs a version the blueprints no longer
-    (old) or not yet (rolled back) list: its instances take the settings the blueprints give the
-    artifact, not none (which would reconfigure the serving old instances with an empty config)."""
+def _recorded(rollouts: Iterable[RolloutValue], artifact: str) -> BlueprintSlice | None:
+    """The slice an active rollout recorded for `artifact` as its old version, or None."""
+    for r in rollouts:
+        if r.state in ACTIVE_STATES and f"{r.artifact}:{r.old_version}" == artifact:
+            return r.old_slice
+    return None
+
+
+def slices_of(
+    blueprints: Iterable[BlueprintValue], artifact: str, rollouts: Iterable[RolloutValue] = ()
+) -> list[BlueprintSlice]:
+    """The blueprint slices of `artifact` (full coordinates). A rollout runs a version the
+    blueprints no longer list (the old one): its instances keep the slice the rollout recorded for
+    it (`RolloutValue.old_slice`: the settings they were deployed with, not the new version's);
+    without such a record (a rollout started by an older node), the slices of the other versions
+    of the artifact, not none (which would reconfigure the serving old instances with an empty
+    config)."""
     bps = list(blueprints)
     exact = [s for bp in bps for s in bp.slices if s.artifact == artifact]
     if exact:
         return exact
+    recorded = _recorded(rollouts, artifact)
+    if recorded is not None:
+        return [recorded]
     name = artifact.rpartition(":")[0]
     return [s for bp in bps for s in bp.slices if s.artifact.rpartition(":")[0] == name]
 
 
-def config_of(blueprints: Iterable[BlueprintValue], artifact: str) -> dict[str, Any]:
+def config_of(
+    blueprints: Iterable[BlueprintValue], artifact: str, rollouts: Iterable[RolloutValue] = ()
+) -> dict[str, Any]:
     """The config of `artifact` (full coordinates; see `slices_of`): the first non-empty one the
     blueprints give."""
-    for s in slices_of(blueprints, artifact):
+    for s in slices_of(blueprints, artifact, rollouts):
         if s.config:
             return dict(s.config)
     return {}
 
 
-def limits_of(blueprints: Iterable[BlueprintValue], artifact: str) -> BlueprintSlice | None:
+def limits_of(
+    blueprints: Iterable[BlueprintValue], artifact: str, rollouts: Iterable[RolloutValue] = ()
+) -> BlueprintSlice | None:
     """The slice of the blueprints that gives `artifact` (full coordinates; see `slices_of`) its
     capacity limits (`max_concurrency`, `max_queue`, `entry_concurrency`): the first that sets any,
     else None."""
-    for s in slices_of(blueprints, artifact):
+    for s in slices_of(blueprints, artifact, rollouts):
         if s.max_concurrency is not None or s.entry_concurrency:
             return s
     return None
 
 
-def entry_policies_of(blueprints: Iterable[BlueprintValue], artifact: str) -> dict[str, EntryPolicy]:
+def entry_policies_of(
+    blueprints: Iterable[BlueprintValue], artifact: str, rollouts: Iterable[RolloutValue] = ()
+) -> dict[str, EntryPolicy]:
     """The per-entry policy overrides (`[slices.NAME.entries.ENTRY]`) of `artifact` (full
     coordinates): those of the first blueprint slice of that very version that sets any, else
-    none. Not those of another version (`slices_of`): a policy for an entry the version lacks fails
-    its activation (`UnknownEntryPolicy`), so the old version of a rollout, started again by a
-    rollback, would fail on a policy the new version's entries ask for; it runs with the policies
-    its code declares instead (policies are read at activation only: the running instances keep
-    theirs)."""
+    those an active rollout recorded for it as its old version, else none. Not those of another
+    version (`slices_of`'s fallback): a policy for an entry the version lacks fails its activation
+    (`UnknownEntryPolicy`), so the old version of a rollout, started again by a rollback, would fail
+    on a policy the new version's entries ask for (policies are read at activation only: the
+    running instances keep theirs)."""
     for bp in blueprints:
         for s in bp.slices:
             if s.artifact == artifact and s.entries:
                 return dict(s.entries)
-    return {}
+    recorded = _recorded(rollouts, artifact)
+    return dict(recorded.entries) if recorded is not None else {}
 
 
 def config_conflict(
@@ -225,20 +254,23 @@ class SliceConfigs:
     def _blueprints(self) -> list[BlueprintValue]:
         return [v for _, v in self.kv.list_local("blueprints/") if isinstance(v, BlueprintValue)]
 
+    def _rollouts(self) -> list[RolloutValue]:
+        return [v for _, v in self.kv.list_local("rollouts/") if isinstance(v, RolloutValue)]
+
     def _secret(self, name: str) -> SecretValue | None:
         v = self.kv.get_local(SecretKey(name))
         return v if isinstance(v, SecretValue) else None
 
     def raw(self, artifact: str) -> dict[str, Any]:
-        return config_of(self._blueprints(), artifact)
+        return config_of(self._blueprints(), artifact, self._rollouts())
 
     def limits(self, artifact: object) -> BlueprintSlice | None:
         """The blueprint slice that gives `artifact` its capacity limits (`limits_of`), or None."""
-        return limits_of(self._blueprints(), str(artifact))
+        return limits_of(self._blueprints(), str(artifact), self._rollouts())
 
     def entry_policies(self, artifact: object) -> dict[str, EntryPolicy]:
         """The blueprints' per-entry policy overrides of `artifact` (`entry_policies_of`)."""
-        return entry_policies_of(self._blueprints(), str(artifact))
+        return entry_policies_of(self._blueprints(), str(artifact), self._rollouts())
 
     def fingerprint(self, artifact: str) -> str:
         config = self.raw(artifact)

@@ -311,7 +311,7 @@ class DeploymentService:
             d = counts.get(s.artifact)
             out.append((current, begin(
                 uuid.uuid4().hex[:12], name, old_version, version, d.instances if d else s.instances,
-                policy or s.rollout or RolloutPolicy(), now, blueprint=blueprint_id,
+                policy or s.rollout or RolloutPolicy(), now, blueprint=blueprint_id, old_slice=old,
             )))  # fmt: skip
         return out
 

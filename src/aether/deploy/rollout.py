@@ -33,7 +33,8 @@ within `progress_deadline` seconds also roll back.
 A rollback sets the desired counts back (all old instances, no new ones) and sends every call to
 the old version; once the old instances are all ready the rollout ends ``rolled-back`` (or
 ``aborted`` when an operator asked) and the leader writes the old version back into the
-blueprints, so what is stored is what runs.
+blueprints — the old slice as the rollout recorded it (`RolloutValue.old_slice`: its config,
+limits, isolation and entry policies, not the new version's) — so what is stored is what runs.
 
 A rollout of an artifact no blueprint lists any more (its blueprint deleted, the artifact
 undeployed), in any active state, ends ``aborted`` at once: its counts would otherwise keep both
@@ -50,7 +51,7 @@ import msgspec
 
 from aether.core.errors import BadRequest
 from aether.deploy.errors import RolloutConflict
-from aether.kv.keys import RolloutPolicy, RolloutValue
+from aether.kv.keys import BlueprintSlice, RolloutPolicy, RolloutValue
 
 __all__ = [
     "ACTIVE_STATES",
@@ -131,9 +132,12 @@ def begin(
     now: float,
     *,
     blueprint: str = "",
+    old_slice: BlueprintSlice | None = None,
 ) -> RolloutValue:
     """A new rollout of `artifact` (``group:artifact``) from `old_version` to `new_version` with
-    `instances` instances, in state ``progressing``. Raises `BadRequest` for a bad policy."""
+    `instances` instances, in state ``progressing``; `old_slice` is the old version's slice of the
+    blueprint (kept for the old instances and written back by a rollback). Raises `BadRequest`
+    for a bad policy."""
     problem = check_policy(policy)
     if problem is not None:
         raise BadRequest(f"rollout of {artifact}: {problem}")
@@ -154,6 +158,7 @@ def begin(
         max_error_rate=_float(policy.max_error_rate), max_p99_ratio=_float(policy.max_p99_ratio),
         progress_deadline=float(policy.progress_deadline),
         min_calls=policy.min_calls, started=now, updated=now, step_started=now, blueprint=blueprint,
+        old_slice=old_slice,
     )  # fmt: skip
     return _log(
         r,

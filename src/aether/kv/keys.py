@@ -250,6 +250,10 @@ class RolloutValue(msgspec.Struct, frozen=True):
     history: list[str] = []  # one line per step taken ("step 1: 10% to 0.2.0"), bounded
     calls: int = 0  # calls the new version finished during the rollout (analysed windows)
     failures: int = 0  # of which failed (5xx)
+    # the old version's slice as its blueprint gave it when the rollout started (config, limits,
+    # isolation, entry policies, count): what the old instances keep running with, and what a
+    # rollback writes back (None: recorded by an older node, or nothing to keep)
+    old_slice: BlueprintSlice | None = None
 
 
 # --- keys -------------------------------------------------------------------------------------------

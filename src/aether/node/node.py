@@ -43,7 +43,7 @@ from aether.deploy.traffic import TrafficTable
 from aether.etcd import EtcdStore
 from aether.http import HttpRouter
 from aether.invoke import INVOKE_MESSAGE_TYPES, InvokeMessage, Invoker, InvokeServer, StoreCatalog
-from aether.kv.keys import BlueprintValue, NodeInfoKey, NodeInfoValue
+from aether.kv.keys import BlueprintValue, NodeInfoKey, NodeInfoValue, RolloutValue
 from aether.kv.machine import Command, KVStateMachine, Result
 from aether.kv.protocol import (
     ClientMembers,
@@ -450,9 +450,10 @@ class Node:
         """``process`` when a blueprint on this replica says `isolation = "process"` for `artifact`,
         else ``auto`` when one says ``auto`` (its own thread), else ``shared`` when one says so, else
         ``inline`` (`SliceRuntime.isolation_for`): the more contained wins when blueprints disagree."""
-        # a version no blueprint lists (a rollout's old one) takes what they say of the artifact
+        # a version no blueprint lists (a rollout's old one) keeps what the rollout recorded for it
         bps = [v for _, v in self.kv.list_local("blueprints/") if isinstance(v, BlueprintValue)]
-        said = {s.isolation for s in slices_of(bps, str(artifact))}
+        rollouts = [v for _, v in self.kv.list_local("rollouts/") if isinstance(v, RolloutValue)]
+        said = {s.isolation for s in slices_of(bps, str(artifact), rollouts)}
         if "process" in said:
             return "process"
         if said == {"inline"}:
