@@ -225,3 +225,58 @@ async def test_a_rollout_keeps_the_old_versions_own_settings_and_a_rollback_rest
     assert [s.isolation for s in slices_of(bps, A1, svc.rollouts())] == ["auto"]
     assert [s.isolation for s in slices_of(bps, A2, svc.rollouts())] == ["process"]
     assert svc.rollout("org.demo:a").old_slice == old_slice  # what a rollback writes back
+
+
+async def test_an_update_of_several_blueprints_failing_part_way_sets_the_written_ones_back() -> None:
+    """`update` changes every blueprint listing the artifact, one compare-and-set each. When a later
+    one failed (another apply landed first: 409 "changed meanwhile; try again"), the earlier ones
+    stayed on the new version with their rollout running: half applied, while the answer read as a
+    refusal. Once the rollout ended, blueprint "other" asked for 2.0.0 and "shop" for 1.0.0, and
+    both versions ran for good. The written blueprints are now set back and their rollout
+    withdrawn, and the error says so."""
+    kv = RacingKV({
+        "blueprints/other": BlueprintValue([BlueprintSlice(A1, 1, name="a")]),
+        "blueprints/shop": BlueprintValue([BlueprintSlice(A1, 2, name="a")]),
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0, 1]),
+    })  # fmt: skip
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    theirs = BlueprintValue([BlueprintSlice(A1, 3, name="a")])
+
+    async def nothing() -> None:
+        pass
+
+    async def another_apply_of_shop() -> None:
+        kv.data["blueprints/shop"] = theirs
+
+    kv.before_blueprint_write += [nothing, another_apply_of_shop]  # "other" is written first
+    with pytest.raises(RolloutConflict) as e:
+        await svc.update("org.demo:a", "2.0.0")
+    assert kv.data["blueprints/other"] == BlueprintValue([BlueprintSlice(A1, 1, name="a")])
+    assert kv.data["blueprints/shop"] == theirs
+    assert "rollouts/org.demo:a" not in kv.data  # withdrawn
+    assert "blueprint shop changed meanwhile" in str(e.value)
+    assert "nothing was changed: blueprint other was set back" in str(e.value)
+    # and again, without the race: every blueprint goes over
+    r = await svc.update("org.demo:a", "2.0.0")
+    assert r.new_version == "2.0.0"
+    assert {s.artifact for e in svc.list_blueprints() for s in e.blueprint.slices} == {A2}
+
+
+async def test_an_undeploy_failing_part_way_sets_the_written_blueprints_back() -> None:
+    """`undeploy` (and `scale` of a fixed artifact) change every blueprint listing it; when one kept
+    changing, the ones before stayed changed and the error only said "try again"."""
+    from aether.deploy.errors import BlueprintError
+
+    before = {
+        "blueprints/a-first": BlueprintValue([BlueprintSlice(A1, 1, name="a"),
+                                              BlueprintSlice("org.demo:b:1.0.0", 1, name="b")]),
+        "blueprints/b-second": BlueprintValue([BlueprintSlice(A1, 2, name="a")]),
+    }  # fmt: skip
+    kv = RacingKV(dict(before))
+    kv.refuse["blueprints/b-second"] = 100  # someone keeps writing it
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    with pytest.raises(BlueprintError) as e:
+        await svc.undeploy("org.demo:a")
+    assert kv.data == before
+    assert "blueprint b-second keeps changing" in str(e.value)
+    assert "nothing was changed: blueprint a-first was set back" in str(e.value)

@@ -32,12 +32,12 @@ import contextlib
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import msgspec
 
 from aether.core.artifact import Artifact
-from aether.core.errors import BadRequest
+from aether.core.errors import AetherError, BadRequest
 from aether.core.maps import MapSpec
 from aether.deploy import admission
 from aether.deploy.admission import InstanceLimits
@@ -140,6 +140,10 @@ def _matcher(coords: str) -> Callable[[str], bool]:
     if len(parts) == 2 and all(parts):
         return lambda a: ":".join(a.split(":")[:2]) == text
     raise BlueprintError(f"invalid artifact {coords!r}: expected GROUP:ARTIFACT:VERSION or GROUP:ARTIFACT")
+
+
+Written = tuple[BlueprintKey, "BlueprintValue | None", "BlueprintValue | None"]
+"""One blueprint write of an operation: its key, the value before and the value written (None: absent)."""
 
 
 class DeploymentService:
@@ -316,11 +320,12 @@ class DeploymentService:
         return out
 
     async def _put_with_rollouts(
-        self, blueprint_id: str, value: BlueprintValue, policy: RolloutPolicy | None = None
+        self, blueprint_id: str, value: BlueprintValue, policy: RolloutPolicy | None = None,
+        written: list[Written] | None = None,
     ) -> list[RolloutValue]:
         """Store a blueprint, first recording a rollout for each artifact whose running version it
         changes (so the leader never sees the new version without the rollout that keeps the old
-        one serving). Returns the rollouts started."""
+        one serving). Returns the rollouts started; appends (key, before, after) to `written`."""
         key = BlueprintKey(blueprint_id)
         # read through consensus (this replica may lag another node's apply): the write below is a
         # compare-and-set against it, so a concurrent apply is refused rather than overwritten
@@ -339,6 +344,8 @@ class DeploymentService:
                     f"blueprint {blueprint_id} changed meanwhile (another apply, update or deploy); "
                     "try again"
                 )
+            if written is not None:
+                written.append((key, stored, value))
         except BaseException:
             for r in started:  # best effort: a rollout whose blueprint was not written must not run
                 await self._withdraw(r)
@@ -358,6 +365,47 @@ class DeploymentService:
         for w in stale_scales((e.blueprint for e in self.list_blueprints()), self.scales(), self.rollouts()):
             with contextlib.suppress(Exception):
                 await self.kv.compare_and_set(w.key, w.expected, w.new, self.timeout)
+
+    async def _all_or_nothing(
+        self, err: BaseException, written: list[Written], started: list[RolloutValue]
+    ) -> NoReturn:
+        """An operation over several blueprints (`update`, `undeploy`, `scale`) failed part-way with
+        `err`: set the blueprints it wrote back (newest first, each a compare-and-set against what
+        it wrote), withdraw the rollouts it started, and raise `err` saying what was set back and
+        what could not be (changed meanwhile). The store has no transaction over several keys:
+        without this the first blueprints stayed changed (a rollout running for them) while the
+        answer read as a refusal."""
+        back: list[str] = []
+        stuck: list[str] = []
+        for key, before, after in reversed(written):
+            try:
+                ok = await self.kv.compare_and_set(key, after, before, self.timeout)
+            except Exception:
+                ok = False
+            (back if ok else stuck).append(str(key).removeprefix("blueprints/"))
+        for r in started:
+            await self._withdraw(r)
+        with contextlib.suppress(Exception):
+            await self._forget_scales()
+        if not written or not isinstance(err, AetherError):
+            raise err
+        back.sort()
+        stuck.sort()
+
+        def ids(names: list[str]) -> str:
+            return f"blueprint{'s' if len(names) > 1 else ''} {', '.join(names)}"
+
+        if not stuck:
+            note = f"nothing was changed: {ids(back)} {'were' if len(back) > 1 else 'was'} set back"
+        else:
+            keeps = "they keep" if len(stuck) > 1 else "it keeps"
+            note = (f"{ids(stuck)} changed meanwhile and could not be set back: {keeps} this change; "
+                    "run the command again to finish it" + (f" ({ids(back)} set back)" if back else ""))
+        try:
+            again = type(err)(f"{err}; {note}")
+        except Exception:
+            raise err from None
+        raise again from None
 
     async def _withdraw(self, r: RolloutValue) -> None:
         """Remove rollout `r` (best effort), also when the leader advanced it meanwhile (its write
@@ -411,9 +459,14 @@ class DeploymentService:
                 return current
             raise BlueprintError(f"{target} is already the version the blueprints ask for")
         started: list[RolloutValue] = []
-        for b in entries:
-            slices = [_with_version(s, name, str(target)) for s in b.blueprint.slices]
-            started += await self._put_with_rollouts(b.id, BlueprintValue(slices, b.blueprint.source), policy)
+        written: list[Written] = []
+        try:
+            for b in entries:
+                slices = [_with_version(s, name, str(target)) for s in b.blueprint.slices]
+                value = BlueprintValue(slices, b.blueprint.source)
+                started += await self._put_with_rollouts(b.id, value, policy, written)
+        except BaseException as err:
+            await self._all_or_nothing(err, written, started)
         if started:
             return started[0]
         current = self.kv.get_local(RolloutKey(name))
@@ -676,24 +729,30 @@ class DeploymentService:
 
     async def _update_all(self, change: Callable[[str, BlueprintValue], BlueprintValue | None]) -> list[str]:
         """Apply `change` to every blueprint with compare-and-set (re-read and retry on conflict);
-        a result without slices deletes the blueprint."""
+        a result without slices deletes the blueprint. All or nothing: a failure part-way sets the
+        blueprints already written back (`_all_or_nothing`)."""
         changed: list[str] = []
-        for entry in self.list_blueprints():
-            key = BlueprintKey(entry.id)
-            current: BlueprintValue | None = entry.blueprint
-            for _ in range(20):
-                if current is None:
-                    break
-                new = change(entry.id, current)
-                if new is None:
-                    break
-                ok = await self.kv.compare_and_set(key, current, new if new.slices else None, self.timeout)
-                if ok:
-                    changed.append(entry.id)
-                    break
-                current = await self.kv.get(key, self.timeout)
-            else:
-                raise BlueprintError(f"blueprint {entry.id} keeps changing; try again")
+        written: list[Written] = []
+        try:
+            for entry in self.list_blueprints():
+                key = BlueprintKey(entry.id)
+                current: BlueprintValue | None = entry.blueprint
+                for _ in range(20):
+                    if current is None:
+                        break
+                    new = change(entry.id, current)
+                    if new is None:
+                        break
+                    after = new if new.slices else None
+                    if await self.kv.compare_and_set(key, current, after, self.timeout):
+                        changed.append(entry.id)
+                        written.append((key, current, after))
+                        break
+                    current = await self.kv.get(key, self.timeout)
+                else:
+                    raise BlueprintError(f"blueprint {entry.id} keeps changing; try again")
+        except BaseException as err:
+            await self._all_or_nothing(err, written, [])
         return changed
 
     # --- status ---------------------------------------------------------------------------------
