@@ -324,6 +324,31 @@ def test_node_config_errors_exit_2(fake_runner: list[NodeConfig], args: list[str
     assert fake_runner == []
 
 
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("heartbeat_interval = inf", "heartbeat_interval = inf is not a finite number"),
+        ("request_timeout = nan", "request_timeout = nan is not a finite number"),
+        ("snapshot_every = 99999999999999999999999", "= 99999999999999999999999 is out of range"),
+        ("heartbeat_interval = 0.0", "heartbeat_interval must be > 0"),
+        ("heartbeat_timeout = -1.0", "heartbeat_timeout must be > 0"),
+        ("request_timeout = 0.0", "request_timeout must be > 0"),
+        ("heartbeat_interval = 1.0\nheartbeat_timeout = 0.5", "heartbeat_timeout (0.5) must be longer"),
+    ],
+)
+def test_node_toml_numbers_the_node_cannot_run_with_exit_2(
+    tmp_path: Path, fake_runner: list[NodeConfig], toml: str, needle: str
+) -> None:
+    """A heartbeat interval of 0 or less made the heartbeat loop spin, inf or nan never sent one
+    or never declared a peer down: all were accepted."""
+    cfg = tmp_path / "aether.toml"
+    cfg.write_text(f'[node]\nnode_id = "node-1"\npeers = ["node-1=127.0.0.1:7000"]\n{toml}\n')
+    r = invoke("node", "--config", str(cfg))
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and r.stderr.startswith("error: ")
+    assert fake_runner == []
+
+
 def test_node_toml_with_unknown_key_exits_2(tmp_path: Path, fake_runner: list[NodeConfig]) -> None:
     cfg = tmp_path / "aether.toml"
     cfg.write_text('[node]\nnode_id = "node-1"\nmanagment_port = 9100\n')

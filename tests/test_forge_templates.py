@@ -92,6 +92,14 @@ def test_unknown_keys_are_named_with_their_line() -> None:
     assert "unknown key 'lod'" in _error("[lod]\nrate = 1\n")
 
 
+@pytest.mark.parametrize("number", ["inf", "-inf", "nan", "+inf"])
+def test_non_finite_numbers_are_refused_naming_the_key_and_line(number: str) -> None:
+    """`rate = inf` passed `>= 0` (a load that never paces), `nan` every comparison."""
+    msg = _error(f"[load]\nrate = 1\n\n[[load.schedule]]\nat = 0\nrate = {number}\n")
+    assert msg.startswith("my-forge.toml:6: load.schedule[0].rate = ") and "not a finite number" in msg
+    assert "load.rate = inf" in _error("[load]\nrate = inf\n")
+
+
 def test_bad_values_name_the_key() -> None:
     msg = _error("[load]\nrate = -5\n")
     assert msg.startswith("my-forge.toml:2: load.rate:") and ">= 0" in msg

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from aether.core.errors import ConfigError
+from aether.core.numbers import format_path, number_problem
 from aether.core.types import (
     CLUSTER_PORT_BASE,
     HTTP_PORT_BASE,
@@ -162,6 +163,15 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                 raise ConfigError(f"{name} {port} out of range 0-65535")
         if self.fsync not in ("none", "snapshot", "always"):
             raise ConfigError(f"fsync must be one of none, snapshot, always (got {self.fsync!r})")
+        for name in ("heartbeat_interval", "heartbeat_timeout", "request_timeout"):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:  # (also refuses nan: every comparison with it is false)
+                raise ConfigError(f"{name} must be > 0 and <= 3600 seconds (got {value})")
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat_timeout ({self.heartbeat_timeout}) must be longer than heartbeat_interval "
+                f"({self.heartbeat_interval}): a peer is declared down after missing heartbeats"
+            )
         if not 0 < self.http_idle_timeout <= 3600:
             raise ConfigError(
                 f"http_idle_timeout must be > 0 and <= 3600 seconds (got {self.http_idle_timeout})"
@@ -377,6 +387,9 @@ def load_toml(path: str | Path) -> dict[str, object]:
         raise ConfigError(f"config file {p} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: {e}") from None
+    if (found := number_problem(raw)) is not None:
+        where, number, problem = found
+        raise ConfigError(f"{p}: {format_path(where)} = {number!r} {problem}")
     tracing_table = raw.get("tracing")
     section = raw.get("node", raw)
     if section is raw and isinstance(tracing_table, dict):

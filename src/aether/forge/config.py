@@ -17,6 +17,7 @@ from typing import Annotated
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.core.numbers import format_path, number_problem
 from aether.forge.templates import Template, TemplateError, compile_template
 
 __all__ = [
@@ -193,6 +194,14 @@ def parse_forge_config(text: str, filename: str = "forge-config.toml") -> ForgeC
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ForgeConfigError(f"{filename}: not valid TOML: {e}") from None
+    if (found := number_problem(data)) is not None:
+        where, number, problem = found
+        key = format_path(where)
+        line = None
+        if where and isinstance(where[-1], str):
+            line = _line_of(text, where[-1], key.rpartition(".")[0])
+        at = f"{filename}:{line}" if line else filename
+        raise ForgeConfigError(f"{at}: {key} = {number!r} {problem}")
     try:
         cfg = msgspec.convert(data, ForgeConfig)
     except msgspec.ValidationError as e:
