@@ -226,6 +226,21 @@ async def test_a_rollout_keeps_the_old_versions_own_settings_and_a_rollback_rest
     assert [s.isolation for s in slices_of(bps, A2, svc.rollouts())] == ["process"]
     assert svc.rollout("org.demo:a").old_slice == old_slice  # what a rollback writes back
 
+    # the rollout succeeded; the operator scaled to 3 since; `undo` brings 1.0.0 back with its own
+    # settings (it changed only the version: 1.0.0 ran with 2.0.0's config, limits, isolation) and
+    # keeps the count
+    import msgspec
+
+    kv.data["rollouts/org.demo:a"] = msgspec.structs.replace(svc.rollout("org.demo:a"), state="succeeded")
+    kv.data[f"slices/node-1/{A2}"] = SliceStateValue("ACTIVE", 1.0, None, [0, 1])
+    kv.data.pop(f"slices/node-1/{A1}")
+    new_slice = msgspec.structs.replace(svc.get_blueprint("shop").slices[0], instances=3)  # type: ignore[union-attr]
+    kv.data["blueprints/shop"] = BlueprintValue([new_slice])
+    undo = await svc.undo_rollout("org.demo:a")
+    assert (undo.old_version, undo.new_version) == ("2.0.0", "1.0.0")
+    assert svc.get_blueprint("shop").slices == [msgspec.structs.replace(old_slice, instances=3)]  # type: ignore[union-attr]
+    assert undo.old_slice == new_slice  # and undoing the undo brings 2.0.0's back
+
 
 async def test_an_update_of_several_blueprints_failing_part_way_sets_the_written_ones_back() -> None:
     """`update` changes every blueprint listing the artifact, one compare-and-set each. When a later

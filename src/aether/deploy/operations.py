@@ -422,12 +422,16 @@ class DeploymentService:
                 return
 
     async def update(
-        self, artifact: str, version: str, *, policy: RolloutPolicy | None = None, **overrides: Any
+        self, artifact: str, version: str, *, policy: RolloutPolicy | None = None,
+        restore: tuple[str, BlueprintSlice] | None = None, **overrides: Any,
     ) -> RolloutValue:
         """Replace the running version of `artifact` (``group:artifact``) by `version` in every
         blueprint that lists it, through a rollout (`policy`, else the blueprint's
         `[slices.NAME.rollout]`, else rolling with one surge instance; `overrides` replace fields
-        of that policy, e.g. ``strategy="canary", steps=[10, 100]``)."""
+        of that policy, e.g. ``strategy="canary", steps=[10, 100]``). `restore` (blueprint id,
+        slice): that blueprint's slice of the artifact becomes this one (its settings: config,
+        limits, isolation, entry policies; the instance count stays the blueprint's), as `undo`
+        brings back what an earlier version ran with."""
         name = _name(artifact)
         if policy is None and overrides:
             base = self._policy_of(name)
@@ -462,7 +466,15 @@ class DeploymentService:
         written: list[Written] = []
         try:
             for b in entries:
-                slices = [_with_version(s, name, str(target)) for s in b.blueprint.slices]
+                back = restore[1] if restore is not None and restore[0] == b.id else None
+                slices = [
+                    _with_version(
+                        s if back is None or _name(s.artifact) != name
+                        else msgspec.structs.replace(back, instances=s.instances, scaling=s.scaling),
+                        name, str(target),
+                    )
+                    for s in b.blueprint.slices
+                ]
                 value = BlueprintValue(slices, b.blueprint.source)
                 started += await self._put_with_rollouts(b.id, value, policy, written)
         except BaseException as err:
@@ -542,7 +554,9 @@ class DeploymentService:
 
     async def undo_rollout(self, artifact: str) -> RolloutValue:
         """Go back to the version before the last rollout: abort it while it runs; after it
-        succeeded, roll back to its old version (a new rollout with the same settings)."""
+        succeeded, roll back to its old version (a new rollout with the same policy) with the
+        settings it ran with (`RolloutValue.old_slice`, in the blueprint that started the rollout;
+        the instance count and scaling rule stay what they are now)."""
         r = self.rollout(artifact)
         if r.state in ACTIVE_STATES and r.state != "rolling-back":
             return await self.abort_rollout(artifact)
@@ -556,7 +570,8 @@ class DeploymentService:
             max_error_rate=r.max_error_rate, max_p99_ratio=r.max_p99_ratio, max_surge=r.max_surge,
             max_unavailable=r.max_unavailable, progress_deadline=r.progress_deadline, min_calls=r.min_calls,
         )  # fmt: skip
-        return await self.update(r.artifact, r.old_version, policy=policy)
+        restore = (r.blueprint, r.old_slice) if r.blueprint and r.old_slice is not None else None
+        return await self.update(r.artifact, r.old_version, policy=policy, restore=restore)
 
     async def _define_map(self, bp: Blueprint, name: str, spec: MapSpec) -> None:
         key = MapDefKey(name)
