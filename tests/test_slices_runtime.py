@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -306,6 +307,96 @@ async def test_drain_is_bounded_and_stop_errors_are_logged(
         and "stop() of org.example:counter:1.0.0 instance 0 raised" in caplog.text
     )
     stuck.cancel()
+
+
+STUCK = """
+import asyncio
+import threading
+from aether.slices import Slice, entry
+
+EVENTS = []
+RELEASE = threading.Event()
+
+class Stuck(Slice):
+    async def stop(self):
+        EVENTS.append("stop")
+        if self.context.config.get("stop_blocks"):
+            RELEASE.wait()  # blocks its slice's loop (its own thread) until the test ends
+
+    @entry
+    async def hang(self, seconds: float) -> str:
+        EVENTS.append("call-begin")
+        await asyncio.sleep(seconds)
+        EVENTS.append("call-end")
+        return "done"
+"""
+
+
+def stuck_store(tmp_path: Path, n: int, config: dict[str, object] | None = None, **kw: object) -> tuple[
+    SliceRuntime, list[Artifact]
+]:
+    r = Repository(tmp_path / "stuck-repo")
+    arts = [Artifact.parse(f"org.example:stuck{i}:1.0.0") for i in range(n)]
+    for i, a in enumerate(arts):
+        r.deploy(build_slice_wheel(tmp_path / f"sw{i}", str(a), STUCK, "Stuck", module=f"stuck{i}"))
+    return make_store(r, tmp_path, config, **kw), arts
+
+
+def stuck_module(i: int) -> Any:
+    import sys
+
+    return sys.modules[f"stuck{i}"]
+
+
+async def test_close_drains_every_slice_at_once(repo: Repository, tmp_path: Path) -> None:
+    """A node stopping with calls stuck in several slices used to drain them one after the other:
+    4 slices, 4 drains (20 s with the node's 5 s), past what a supervisor waits before it kills the
+    node. They drain together now: one `drain_timeout` in all, and what a drain promises still
+    holds (a call that ends within it is answered before its instance stops)."""
+    store, arts = stuck_store(tmp_path, 4)
+    for a in arts:
+        await store.load(a)
+        await store.activate(a, [0])
+    mods = [stuck_module(i) for i in range(4)]
+    calls = [asyncio.create_task(store.call(a, "hang", enc({"seconds": 3600}))) for a in arts[:3]]
+    quick = asyncio.create_task(store.call(arts[3], "hang", enc({"seconds": 0.5})))
+    while sum(m.EVENTS.count("call-begin") for m in mods) < 4:
+        await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    await store.close(drain_timeout=1.0)
+    took = time.monotonic() - t0
+    assert 1.0 <= took < 2.0, f"closing took {took:.2f} s for 4 slices draining 1 s each"
+    assert dec(await quick) == "done"
+    assert mods[3].EVENTS == ["call-begin", "call-end", "stop"]  # drained, then stopped
+    for m in mods[:3]:
+        assert m.EVENTS == ["call-begin", "stop"]
+    done, _ = await asyncio.wait(calls, timeout=1.0)
+    assert len(done) == 3, "a call stuck past the drain was never answered"
+    assert store.artifacts() == {}
+
+
+async def test_close_is_bounded_when_stop_hooks_block_forever(
+    repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `stop()` that never returns (blocking its own loop) costs `stop_timeout`, then its loop is
+    left to itself after 2 s; with several such slices those bounds overlap instead of adding up."""
+    store, arts = stuck_store(tmp_path, 3, {"stop_blocks": True}, stop_timeout=0.3)
+    for a in arts:
+        await store.load(a)
+        await store.activate(a, [0])
+    mods = [stuck_module(i) for i in range(3)]
+    try:
+        t0 = time.monotonic()
+        await store.close(drain_timeout=1.0)
+        took = time.monotonic() - t0
+    finally:
+        for m in mods:
+            m.RELEASE.set()
+    assert took < 4.0, f"closing took {took:.2f} s (3 x (0.3 s stop + 2 s loop) one after the other: 6.9 s)"
+    assert all(m.EVENTS == ["stop"] for m in mods)
+    assert caplog.text.count("did not finish within 0.3 s") == 3
+    assert caplog.text.count("still busy") == 3
+    assert store.artifacts() == {}
 
 
 async def test_set_instances_scales(repo: Repository, tmp_path: Path) -> None:

@@ -592,6 +592,11 @@ class SliceRuntime:
     async def deactivate(self, artifact: Artifact, drain_timeout: float = 5.0) -> None:
         """Stop accepting calls, wait up to `drain_timeout` s for in-flight calls, then `stop()` each
         instance once (errors and timeouts are logged). The artifact stays loaded. Idempotent."""
+        await self._deactivate(artifact, drain_timeout)
+
+    async def _deactivate(self, artifact: Artifact, drain_timeout: float, until: float | None = None) -> None:
+        """`deactivate`; with `until` (a time of the running loop) the drain ends then instead (no
+        later than `drain_timeout` s after it began either way)."""
         async with self._lock(artifact):
             e = self._entries.get(artifact)
             if e is None or e.state != "active":
@@ -599,6 +604,8 @@ class SliceRuntime:
             insts = list(e.instances.values())
             for i in insts:
                 i.accepting = False
+            if until is not None:
+                drain_timeout = min(drain_timeout, max(0.0, until - asyncio.get_running_loop().time()))
             await self._drain(e.loaded.artifact, insts, drain_timeout)
             await asyncio.gather(*(self._stop_one(e, i) for i in insts))
             await self._close_thread(e)
@@ -628,18 +635,32 @@ class SliceRuntime:
             self.log.info("%s: unloaded %s", self.node_id, artifact)
 
     async def close(self, drain_timeout: float = 5.0) -> None:
-        """Deactivate and unload everything (node shutdown)."""
-        for a in list(self._entries):
-            with contextlib.suppress(Exception):
-                await self.deactivate(a, drain_timeout)
-            with contextlib.suppress(Exception):
-                await self.unload(a)
+        """Deactivate and unload everything (node shutdown), every artifact at once: their calls
+        in flight drain together, within `drain_timeout` s of the start in all (not one drain after
+        another: a node with N slices busy would take N drains to stop, past what its supervisor
+        waits before it kills it), then every instance's `stop()` runs (each bounded by
+        `stop_timeout`), then their loops and worker processes close. So the whole takes at most
+        `drain_timeout` + `stop_timeout` + 2 s (a slice loop that does not stop is left to itself
+        after 2 s), or + 3 x `stop_timeout` with worker processes (`WorkerHost.close`), however
+        many slices there are."""
+        until = asyncio.get_running_loop().time() + drain_timeout
+        await asyncio.gather(*(self._close_one(a, drain_timeout, until) for a in list(self._entries)))
         for task in (self._watchdog, self._health):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._watchdog = self._health = None
+
+    async def _close_one(self, artifact: Artifact, drain_timeout: float, until: float) -> None:
+        try:
+            await self._deactivate(artifact, drain_timeout, until)
+        except Exception:
+            self.log.exception("%s: deactivating %s while closing failed", self.node_id, artifact)
+        try:
+            await self.unload(artifact)
+        except Exception:
+            self.log.exception("%s: unloading %s while closing failed", self.node_id, artifact)
 
     # --- queries ------------------------------------------------------------------------------------
 
