@@ -22,6 +22,8 @@ logs attached to failures). Waits are deadlines for a condition; write loads are
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import json
 import queue
 import signal
@@ -32,7 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +246,9 @@ async def until_async(pred: Callable[[], bool], timeout: float, what: str) -> No
 # --------------------------------------------------------------------------------------------------
 # 1. `aether cluster stop` + `aether cluster start`, 10 times, with writes in between
 
+_wait_for = wait_for
+VERIFY_POLL = 0.02  # seconds between the checks of one condition in the stop-and-start test
+
 ROUNDS = 10
 KV_PER_ROUND = 20
 STOP_RATE = 1000.0  # writes per second while `aether cluster stop` runs: slots in flight when it stops
@@ -269,9 +274,13 @@ def _verify_local_cluster(
     desired: dict[str, int],
     since: float,
     label: str,
+    pool: concurrent.futures.ThreadPoolExecutor,
 ) -> None:
     """Every write so far is visible through every node, and every slice is ACTIVE, written in
-    this run of the cluster (at or after wall time `since`)."""
+    this run of the cluster (at or after wall time `since`). Polls every `VERIFY_POLL` s: each
+    check is a request to a local node, and most are true at once or within a few polls."""
+    wait_for = functools.partial(_wait_for, interval=VERIFY_POLL)
+    cli_view: concurrent.futures.Future[subprocess.CompletedProcess[str]] | None = None
     # the replicas agree (no slot decided differently on different nodes)
     wait_for(lambda: _same_everywhere(lc, "user/restart/", kv), 15, f"{label}: identical stores")
     for i in range(lc.nodes):
@@ -314,9 +323,12 @@ def _verify_local_cluster(
             return not problems, problems
 
         wait_for(slices, 45, f"{label}: every slice ACTIVE (in this run) as seen by {node}")
+        if i == 0:  # node 0 has converged: its CLI view (a process of its own) while the others are checked
+            cli_view = pool.submit(lc.on, 0, "slices", "--json")
 
     # the CLI view, and the slices actually serve: greeter calls hello, through every node
-    out = _check_ok(lc.on(0, "slices", "--json"), f"{label}: aether slices --json")
+    assert cli_view is not None
+    out = _check_ok(cli_view.result(), f"{label}: aether slices --json")
     assert slices_problems(json.loads(out), desired) == [], out
     for i in range(lc.nodes):
         status, body = lc.api(i, "POST", "/api/v1/invoke/org.example:greeter/welcome", {"name": label})
@@ -357,7 +369,9 @@ class WritesDuringStop:
         assert self._ready.wait(10)
         w = self.writes
         assert w is not None
-        wait_for(lambda: (len(w.acked) >= STOP_RATE / 4, w.summary()), 10, "writes before the stop")
+        wait_for(
+            lambda: (len(w.acked) >= STOP_RATE / 4, w.summary()), 10, "writes before the stop", VERIFY_POLL
+        )
         return w
 
     def __exit__(self, *exc: object) -> None:
@@ -387,9 +401,18 @@ async def _put_kv(lc: LocalCluster, items: dict[str, bytes], prefer: int) -> Non
             await cl.put(k, v)
 
 
+@pytest.fixture
+def pool() -> Iterator[concurrent.futures.ThreadPoolExecutor]:
+    """Threads for what the stop-and-start test runs side by side (CLI processes, mostly)."""
+    with concurrent.futures.ThreadPoolExecutor(3, thread_name_prefix="restart-test") as p:
+        yield p
+
+
 @pytest.mark.timeout(300)
 def test_cluster_stop_and_start_10_times_keeps_every_write(
-    make_local_cluster: Callable[..., LocalCluster], tmp_path: Path
+    make_local_cluster: Callable[..., LocalCluster],
+    tmp_path: Path,
+    pool: concurrent.futures.ThreadPoolExecutor,
 ) -> None:
     lc = make_local_cluster(3)
     deploy_hello_examples(lc.repository, tmp_path / "wheels")
@@ -406,50 +429,68 @@ def test_cluster_stop_and_start_10_times_keeps_every_write(
         assert "Quorum: yes" in out.stdout and "3/3 nodes up" in out.stdout, out.stdout
         if r > 0:  # everything written before the stop is back
             _verify_local_cluster(
-                lc, maps=maps, blueprints=blueprints, kv=kv, desired=desired, since=since, label=label
+                lc, maps=maps, blueprints=blueprints, kv=kv, desired=desired, since=since, label=label,
+                pool=pool,
             )
 
-        # writes of this round, each through another node (each node writes with its own session)
+        # writes of this round, each through another node (each node writes with its own session):
+        # maps, blueprints and KV keys are independent, so their three sequences run side by side
+        # (each a chain of CLI processes; one after the other they cost a round ~1 s more)
         via = r % lc.nodes
-        names = [f"m{r}", *(["shared"] if r == 0 else [])]
-        for name in names:
-            out = _check_ok(
-                lc.on(via, "map", "create", name, "--engine", _engine(name)), f"{label}: map create {name}"
-            )
-            assert f"Created map '{name}'" in out, out
-            maps[name] = {}
-        for name, key, value in ((f"m{r}", "k", {"round": r}), ("shared", f"r{r}", r)):
-            _check_ok(
-                lc.on(via, "map", "put", name, key, json.dumps(value)), f"{label}: map put {name} {key}"
-            )
-            maps[name][key] = value
+
+        def map_writes(r: int = r, label: str = label, via: int = via) -> None:
+            names = [f"m{r}", *(["shared"] if r == 0 else [])]
+            for name in names:
+                out = _check_ok(
+                    lc.on(via, "map", "create", name, "--engine", _engine(name)),
+                    f"{label}: map create {name}",
+                )
+                assert f"Created map '{name}'" in out, out
+                maps[name] = {}
+            for name, key, value in ((f"m{r}", "k", {"round": r}), ("shared", f"r{r}", r)):
+                _check_ok(
+                    lc.on(via, "map", "put", name, key, json.dumps(value)), f"{label}: map put {name} {key}"
+                )
+                maps[name][key] = value
+
         # one blueprint re-applied with another instance count each round (hello 2, 3, 2, ...),
         # so every round also deploys; and a new blueprint each round
-        main_bp = tmp_path / "main.blueprint"
         hello_n = 2 + r % 2
-        main_bp.write_text(
-            f'id = "restart-main:1"\n\n[slices.hello]\nartifact = "{HELLO}"\ninstances = {hello_n}\n\n'
-            f'[slices.greeter]\nartifact = "{GREETER}"\ninstances = 1\n'
-        )
-        _check_ok(
-            lc.on(via, "blueprint", "apply", str(main_bp), "--wait", "--wait-timeout", "60"),
-            f"{label}: blueprint apply (hello x{hello_n}) --wait",
-        )
-        blueprints["restart-main:1"] = {HELLO: hello_n, GREETER: 1}
-        round_bp = tmp_path / f"r{r}.blueprint"
-        round_bp.write_text(
-            f'id = "restart-r{r}:1"\n\n[slices.greeter]\nartifact = "{GREETER}"\ninstances = 1\n'
-        )
-        _check_ok(lc.on(via, "blueprint", "apply", str(round_bp)), f"{label}: blueprint apply restart-r{r}:1")
-        # greeter depends on hello: its expansion lists hello with 1 instance
-        blueprints[f"restart-r{r}:1"] = {HELLO: 1, GREETER: 1}
-        desired = {HELLO: hello_n, GREETER: 1}
+
+        def blueprint_writes(r: int = r, label: str = label, via: int = via, hello_n: int = hello_n) -> None:
+            main_bp = tmp_path / "main.blueprint"
+            main_bp.write_text(
+                f'id = "restart-main:1"\n\n[slices.hello]\nartifact = "{HELLO}"\ninstances = {hello_n}\n\n'
+                f'[slices.greeter]\nartifact = "{GREETER}"\ninstances = 1\n'
+            )
+            _check_ok(
+                lc.on(via, "blueprint", "apply", str(main_bp), "--wait", "--wait-timeout", "60"),
+                f"{label}: blueprint apply (hello x{hello_n}) --wait",
+            )
+            blueprints["restart-main:1"] = {HELLO: hello_n, GREETER: 1}
+            round_bp = tmp_path / f"r{r}.blueprint"
+            round_bp.write_text(
+                f'id = "restart-r{r}:1"\n\n[slices.greeter]\nartifact = "{GREETER}"\ninstances = 1\n'
+            )
+            _check_ok(
+                lc.on(via, "blueprint", "apply", str(round_bp)), f"{label}: blueprint apply restart-r{r}:1"
+            )
+            # greeter depends on hello: its expansion lists hello with 1 instance
+            blueprints[f"restart-r{r}:1"] = {HELLO: 1, GREETER: 1}
+
         items = {f"user/restart/r{r:02d}/{j:02d}": f"r{r}-{j}".encode() for j in range(KV_PER_ROUND)}
-        asyncio.run(_put_kv(lc, items, prefer=via))
+        chains = [
+            pool.submit(map_writes),
+            pool.submit(blueprint_writes),
+            pool.submit(lambda items=items, via=via: asyncio.run(_put_kv(lc, items, prefer=via))),
+        ]
+        for chain in chains:
+            chain.result()  # (its AssertionError, if any)
+        desired = {HELLO: hello_n, GREETER: 1}
         kv |= items
         # read your writes (a create answered "Created" must have created the map)
         _verify_local_cluster(
-            lc, maps=maps, blueprints=blueprints, kv=kv, desired=desired, since=since, label=label
+            lc, maps=maps, blueprints=blueprints, kv=kv, desired=desired, since=since, label=label, pool=pool
         )
 
         pids = lc.pids()
