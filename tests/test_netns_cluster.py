@@ -13,6 +13,7 @@ namespaces cannot be made (not root, no iproute2), with the reason.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import ssl
@@ -20,10 +21,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -33,14 +34,24 @@ from netns import Hosts, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+T = TypeVar("T")
+
 CLUSTER_PORT, MANAGEMENT_PORT, HTTP_PORT = 7000, 9000, 8080  # each host has its own ports
 API_KEY = "netns-test-admin-key-0123456789abcdef"
+# between two polls of a condition: each poll is a CLI process (~0.5 s), so more pause is only waiting
+POLL = 0.1
 
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _each(fn: Callable[[int], T], items: Sequence[int]) -> list[T]:
+    """`fn` of every item, side by side (each a CLI process: one after the other they add up)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _write(path: Path, text: str) -> Path:
@@ -126,12 +137,13 @@ class Cluster:
         deadline = time.monotonic() + timeout
         pending = list(nodes)
         while pending:
-            pending = [i for i in pending if self.cli(i, "health")[0] != 0]
+            codes = _each(lambda i: self.cli(i, "health")[0], pending)
+            pending = [i for i, code in zip(pending, codes, strict=True) if code != 0]
             if pending and time.monotonic() > deadline:
                 logs = {self.ids[i]: (self.dir / f"{self.ids[i]}.log").read_text()[-3000:] for i in pending}
                 late = [self.ids[i] for i in pending]
                 raise AssertionError(f"not ready after {timeout:g}s: {late}\n{logs}")
-            time.sleep(0.5)
+            time.sleep(POLL)
 
 
 @pytest.fixture
@@ -172,8 +184,8 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
     # a map and slices serve through every node
     assert cluster.cli(0, "map", "create", "accounts")[0] == 0
     assert cluster.cli(1, "map", "put", "accounts", "alice", '{"balance": 10}')[0] == 0
-    for i in members:
-        code, value = cluster.cli(i, "map", "get", "accounts", "alice")
+    got = _each(lambda i: cluster.cli(i, "map", "get", "accounts", "alice"), members)
+    for i, (code, value) in zip(members, got, strict=True):
         assert code == 0 and value == {"balance": 10}, (i, value)
     # the wheel is uploaded through one node; every node fetches it from the cluster to run it
     source = (EXAMPLES / "hello-slice" / "hello_slice" / "__init__.py").read_text()
@@ -208,7 +220,7 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
         if code == 0:
             break
         assert time.monotonic() < deadline, "the majority stopped serving writes"
-        time.sleep(0.5)
+        time.sleep(POLL)
     assert cluster.cli(1, "map", "get", "accounts", "bob") == (0, {"balance": 20})
     for i in (0, 1):
         assert cluster.https(i, "/hello/majority")[0] == 200
@@ -218,7 +230,7 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
         if code != 0:
             break
         assert time.monotonic() < deadline, "the cut-off node kept accepting writes"
-        time.sleep(0.5)
+        time.sleep(POLL)
     text = json.dumps(err) if not isinstance(err, str) else err
     assert "quorum" in text.lower() or "unavailable" in text.lower(), text
 
@@ -228,7 +240,7 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
     deadline = time.monotonic() + 30
     while cluster.cli(2, "map", "get", "accounts", "bob") != (0, {"balance": 20}):
         assert time.monotonic() < deadline, "the healed node did not converge"
-        time.sleep(0.5)
+        time.sleep(POLL)
     assert cluster.https(2, "/hello/healed")[0] == 200
 
     # a fourth host joins: it asks a member for the member set, catches up as a learner, and is
@@ -237,7 +249,7 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
     deadline = time.monotonic() + 60
     while cluster.cli(3, "status")[0] != 0:
         assert time.monotonic() < deadline, (tmp_path / "node-4.log").read_text()[-3000:]
-        time.sleep(0.5)
+        time.sleep(POLL)
     code, out = cluster.cli(0, "cluster", "add-node", "node-4", f"{cluster.address(3)}:{CLUSTER_PORT}")
     assert code == 0, out
     cluster.wait_ready([3])
@@ -247,9 +259,9 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
     code, out = cluster.cli(0, "cluster", "remove-node", "node-2")
     assert code == 0, out
     deadline = time.monotonic() + 30
-    while any(cluster.members(i) != ["node-1", "node-3", "node-4"] for i in (0, 2, 3)):
-        assert time.monotonic() < deadline, [cluster.members(i) for i in (0, 2, 3)]
-        time.sleep(0.5)
+    while (seen := _each(cluster.members, (0, 2, 3))) != [["node-1", "node-3", "node-4"]] * 3:
+        assert time.monotonic() < deadline, seen
+        time.sleep(POLL)
     cluster.hosts.stop(procs[1])
     # the slice's instance that ran on node-2 is placed again, on the members that remain
     deadline = time.monotonic() + 60
@@ -261,7 +273,7 @@ def test_hosts_serve_through_every_node_survive_a_cut_and_change_members(
         if code == 0 and hello and hello[0]["active"] == 3 and on and "node-2" not in on:
             break
         assert time.monotonic() < deadline, out
-        time.sleep(0.5)
+        time.sleep(POLL)
     assert cluster.cli(2, "map", "put", "accounts", "erin", '{"balance": 50}')[0] == 0
     assert cluster.cli(3, "map", "get", "accounts", "erin") == (0, {"balance": 50})
     assert cluster.cli(0, "map", "get", "accounts", "bob") == (0, {"balance": 20})
