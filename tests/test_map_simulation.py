@@ -57,3 +57,32 @@ def test_map_simulation_seeds(profile: str) -> None:
 def test_map_simulation_catches_mutants(mutant: str, profile: str) -> None:
     caught = [seed for seed in range(1, 11) if not run_map_seed(seed, profile, mutant=mutant).ok]
     assert caught, f"mutant {mutant} survived 10 seeds of profile {profile}"
+
+
+def test_the_simulated_links_deliver_in_order() -> None:
+    """A simulated link is FIFO, as the TCP connection it stands for (and as the map's protocol
+    expects: a sync's last chunk after the others). It used to give each message its own random
+    delay, so a later message could overtake an earlier one on the same link."""
+    import asyncio
+
+    import msgspec
+
+    from aether.maps.messages import MapMessage, StatsRequest
+    from aether.testing.mapsim import MapWorld
+
+    world = MapWorld(1, "crash")
+    a, b = world.ids[:2]
+    world.view_up[a].add(b)
+    got: list[int] = []
+
+    def deliver(src: str, dst: str, data: bytes, gen: int, dst_gen: int) -> None:
+        got.append(msgspec.msgpack.decode(data, type=MapMessage).id)
+
+    world._deliver = deliver  # type: ignore[method-assign]
+    try:
+        for i in range(200):
+            assert world.net_send(a, b, StatsRequest(i, "m"))
+        world.loop.run_until_complete(asyncio.sleep(1.0))
+    finally:
+        world.loop.close()
+    assert got == list(range(200))

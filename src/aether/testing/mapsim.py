@@ -454,6 +454,7 @@ class MapWorld:
         self.links: set[tuple[str, str]] = set()  # directed pairs that are cut
         self.view_up: dict[str, set[str]] = {nid: set() for nid in self.ids}  # what each node was told
         self.queues: dict[tuple[str, str], int] = {}  # generation per directed link (a cut loses in flight)
+        self._link_at: dict[tuple[str, str], float] = {}  # when the last message sent on a link arrives
         self.history: list[Op] = []
         self.maps = [MAP]  # defined so far
         # a map removed and created again is another map: its keys' histories are apart
@@ -564,11 +565,14 @@ class MapWorld:
             return False
         data = msgspec.msgpack.encode(msg)
         gen = self.queues.get((src, dst), 0)
-        # FIFO per link: deliveries keep their order because the delay grows with the link's backlog
-        delay = self.rng.uniform(0.0005, 0.005)
-        self.loop.call_later(delay, self._deliver, src, dst, data, gen, self.nodes[dst].gen)
+        # FIFO per link, as a TCP connection is: a message is not delivered before one sent earlier
+        # on the same link (a random delay alone let a later message overtake an earlier one)
+        at = self.loop.time() + self.rng.uniform(0.0005, 0.005)
+        at = max(at, self._link_at.get((src, dst), 0.0) + 1e-6)
+        self._link_at[(src, dst)] = at
+        self.loop.call_at(at, self._deliver, src, dst, data, gen, self.nodes[dst].gen)
         if self.profile.duplicate and self.rng.random() < self.profile.duplicate:
-            self.loop.call_later(delay + 0.001, self._deliver, src, dst, data, gen, self.nodes[dst].gen)
+            self.loop.call_at(at + 0.001, self._deliver, src, dst, data, gen, self.nodes[dst].gen)
         return True
 
     def _deliver(self, src: str, dst: str, data: bytes, gen: int, dst_gen: int) -> None:
