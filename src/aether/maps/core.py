@@ -95,6 +95,8 @@ __all__ = [
 
 _SYNC_CHUNK_ITEMS = 512
 _SYNC_CHUNK_BYTES = 1024 * 1024
+_FENCED_PUSH = "fenced: a newer primary took these partitions over"
+_RECEIVED = 1024  # pushes in pieces applied lately, remembered so a resent last piece is acknowledged
 _MAX_OUTCOMES = 50_000  # answers of operations that wrote nothing, kept for their retries
 _SLOW_TAKEOVER = 5.0  # seconds after which a takeover still under way is logged (once)
 _MAX_PARKED = 10_000  # operations waiting at one primary for promotion, a key's writes or a check
@@ -188,10 +190,16 @@ class MapTimings:
     tombstone_ms: int = 3_600_000
     dedup_ms: int = 60_000
     probe_after: float = 5.0
+    piece_bytes: int = 4 * 1024 * 1024
+    """The most data (records, operation ids, deleted keys) one push piece or one sync chunk
+    carries; a single record larger than that travels alone. Well under the transport's
+    `max_frame` (16 MiB) with a largest value (8 MiB) on top."""
 
     def __post_init__(self) -> None:
         if self.retry.attempt_timeout is None:
             raise ValueError("map operations need a per-attempt timeout (retry.attempt_timeout)")
+        if self.piece_bytes < 1:
+            raise ValueError(f"piece_bytes must be at least 1, not {self.piece_bytes}")
 
     @property
     def op_timeout(self) -> float:
@@ -291,6 +299,7 @@ class _Promotion:
     holders: dict[str, dict[str, set[int]]] = field(default_factory=dict)  # map -> peer -> partitions held
     # sync id -> the items received so far (merged once the last chunk says which partitions count)
     buffered: dict[int, list[tuple[int, str, Record]]] = field(default_factory=dict)
+    buffered_ops: dict[int, OpIds] = field(default_factory=dict)  # sync id -> operation ids received so far
     have: dict[tuple[str, str], dict[tuple[int, str], tuple[int, int]]] = field(default_factory=dict)
     merged: int = 0
     phase: str = "sync"  # sync -> push -> (activate) -> done
@@ -302,14 +311,37 @@ class _Promotion:
 
 @dataclass(slots=True)
 class _PushState:
-    """A push to a replica, resent until acknowledged (or the partition is no longer ours)."""
+    """A push to a replica, resent until acknowledged (or the partition is no longer ours). One
+    larger than `MapTimings.piece_bytes` is `pieces`, sent one at a time: `at` is the piece in
+    flight, sent again until acknowledged, and the next follows its acknowledgement."""
 
     peer: str
     name: str
     parts: list[int]
     sent: float
-    msg: Push
+    pieces: list[Push]
     promotion: _Promotion | None
+    at: int = 0
+    warned: bool = False  # the peer answered a piece as an earlier version does (logged once)
+
+    @property
+    def msg(self) -> Push:
+        return self.pieces[self.at]
+
+
+@dataclass(slots=True)
+class _Incoming:
+    """A push arriving in pieces (`Push.stream`), kept until its last piece arrives."""
+
+    name: str
+    epoch: int
+    parts: list[int]
+    full: bool
+    heard: float  # when its last piece arrived (one not heard of for `drop_after` is dropped)
+    next: int = 0  # the piece expected next
+    items: list[tuple[int, str, Record]] = field(default_factory=list)
+    ops: OpIds = field(default_factory=list)
+    deletes: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -333,6 +365,16 @@ class _ClientOp:
     trace: tuple[str, str] = ("", "")  # (traceparent, tracestate) sent with each attempt
     why: str = ""  # why the last attempt ended without an answer (`RETRY_REASONS`): the next is a retry
 
+
+
+def _record_size(key: str, rec: Record) -> int:
+    """About the encoded size of a record with its key and partition (an upper bound for keys)."""
+    return len(key.encode()) + (len(rec.value) if rec.value is not None else 0) + 40
+
+
+def _op_size(op: tuple[int, str, int, int]) -> int:
+    """About the encoded size of an applied operation's id (`OpIds` entry)."""
+    return len(op[1]) + 32
 
 
 # --- the core ----------------------------------------------------------------------------------------
@@ -395,7 +437,9 @@ class MapCore:
         # answers them the same way (writes are found in `ops`).
         self._inprogress: dict[OpId, _Op] = {}
         self._outcomes: OrderedDict[OpId, tuple[bytes | None, bool]] = OrderedDict()
-        self._pushes: dict[int, _PushState] = {}
+        self._pushes: dict[int, _PushState] = {}  # the id of the piece in flight -> its push
+        self._incoming: dict[tuple[str, int], _Incoming] = {}  # (sender, stream) -> pieces kept so far
+        self._received: OrderedDict[tuple[str, int], None] = OrderedDict()  # pushes in pieces applied
         self._checks: dict[int, tuple[int, _Check]] = {}  # ReadCheck id -> (partition, round)
         self.ops: dict[str, dict[int, dict[OpId, int]]] = {}  # map -> partition -> applied op id -> wall ms
         self.has_quorum = True
@@ -536,6 +580,7 @@ class MapCore:
                 old.close()
             self.engines[name] = engine
             self.ops[name] = {}
+            self._drop_incoming(name)  # pieces of pushes into the engine it had
             for (n, q) in [k for k in self.held if k[0] == name]:
                 del self.held[(n, q)]
             try:
@@ -617,6 +662,7 @@ class MapCore:
             self._untrack(self._tracked[sid])
         for rid in [k for k, ps in self._pushes.items() if ps.name == name]:
             del self._pushes[rid]
+        self._drop_incoming(name)
         return self.engines.pop(name, None), self._take()
 
     def primary_here(self, name: str, key: str) -> bool:
@@ -740,7 +786,9 @@ class MapCore:
             rid = next(self._ids)
             prom.asked[rid] = (peer, name, self._now)
             active = [table.active[p] if len(table.active) == table.partitions else 0 for p in parts]
-            self._send(peer, SyncRequest(rid, name, parts, prom.version, active, self.created.get(name, 0)))
+            self._send(peer, SyncRequest(
+                rid, name, parts, prom.version, active, split_ops=True, created=self.created.get(name, 0)
+            ))
 
     def _holds(self, name: str, p: int, version: int) -> bool:
         return version in self.held.get((name, p), ())
@@ -908,7 +956,8 @@ class MapCore:
         known: dict[tuple[int, str], tuple[int, int]] | None,
     ) -> None:
         """Make `peer`'s copy of `parts` of map `name` equal to this node's: the whole of them, or
-        (`known`: what `peer` reported holding) what differs. Map "": only the takeover itself."""
+        (`known`: what `peer` reported holding) what differs. Map "": only the takeover itself.
+        Larger than `MapTimings.piece_bytes`, it goes in pieces (`Push.stream`)."""
         items: list[tuple[int, str, Record]] = []
         deletes: list[tuple[int, str]] = []
         try:
@@ -925,11 +974,51 @@ class MapCore:
             self._storage_failed(name, e)
             return
         rid = next(self._ids)
-        msg = Push(rid, name, epoch, sorted(parts), items, self._ops_of(name, parts), deletes, known is None,
-                   self.created.get(name, 0))
-        self._pushes[rid] = _PushState(peer, name, sorted(parts), self._now, msg, prom)
+        pieces = self._pieces(rid, name, epoch, sorted(parts), items, self._ops_of(name, parts), deletes,
+                              known is None)
+        self._pushes[rid] = _PushState(peer, name, sorted(parts), self._now, pieces, prom)
         if peer in self.up:
-            self._send(peer, msg)
+            self._send(peer, pieces[0])
+
+    def _pieces(
+        self, rid: int, name: str, epoch: int, parts: list[int], items: list[tuple[int, str, Record]],
+        ops: OpIds, deletes: list[tuple[int, str]], full: bool,
+    ) -> list[Push]:
+        """The push as one message if it fits `piece_bytes`, else in pieces of at most that much
+        (a record larger than that alone in its piece): the first piece's id is the stream's."""
+        budget = self.t.piece_bytes
+        sizes = [_record_size(k, r) for _p, k, r in items]
+        total = sum(sizes) + sum(_op_size(o) for o in ops) + sum(len(k.encode()) + 16 for _p, k in deletes)
+        if total <= budget:
+            created = self.created.get(name, 0)
+            return [Push(rid, name, epoch, parts, items, ops, deletes, full, created=created)]
+        chunks: list[tuple[list[tuple[int, str, Record]], OpIds, list[tuple[int, str]]]] = []
+        cur: tuple[list[tuple[int, str, Record]], OpIds, list[tuple[int, str]]] = ([], [], [])
+        size = 0
+
+        def room(n: int) -> None:
+            nonlocal cur, size
+            if size and size + n > budget:
+                chunks.append(cur)
+                cur, size = ([], [], []), 0
+            size += n
+
+        for item, n in zip(items, sizes, strict=True):
+            room(n)
+            cur[0].append(item)
+        for op in ops:
+            room(_op_size(op))
+            cur[1].append(op)
+        for d in deletes:
+            room(len(d[1].encode()) + 16)
+            cur[2].append(d)
+        chunks.append(cur)
+        last = len(chunks) - 1
+        return [
+            Push(rid if i == 0 else next(self._ids), name, epoch, [], its, its_ops, its_deletes, full,
+                 stream=rid, piece=i, last=i == last, covers=parts, created=self.created.get(name, 0))
+            for i, (its, its_ops, its_deletes) in enumerate(chunks)
+        ]
 
     def _pushed(self, prom: _Promotion, p: int) -> bool:
         assert self.table is not None
@@ -1111,6 +1200,7 @@ class MapCore:
                 self._storage_failed(name, e)
         for by_p in self.ops.values():
             by_p.clear()
+        self._drop_incoming()  # pushes of which some pieces arrived before: they would be applied as a whole
         for name, p in list(self.held):  # its copies count again only for takeovers from now on
             self._unhold(name, p)
         table = self.table
@@ -1637,78 +1727,180 @@ class MapCore:
         return True
 
     def _on_push(self, sender: str, msg: Push) -> None:
+        if msg.stream:
+            self._on_piece(sender, msg)
+            return
         if not msg.map:  # the takeover of these partitions, without data
             if any(not 0 <= p < self.partitions or self.fence[p] > msg.epoch for p in msg.partitions):
-                why = "fenced: a newer primary took these partitions over"
-                self._send(sender, PushAck(msg.id, False, why))
+                self._send(sender, PushAck(msg.id, False, _FENCED_PUSH))
                 return
             for p in msg.partitions:
                 self._raise_fence(p, msg.epoch)
                 self._hold("", p, msg.epoch)
             self._send(sender, PushAck(msg.id, True))
             return
-        if msg.map not in self.engines:
-            self._send(sender, PushAck(msg.id, False, f"unknown map {msg.map!r} on {self.node_id}"))
-            return
-        if (other := self._other_definition(msg.map, msg.created)) is not None:
-            self._send(sender, PushAck(msg.id, False, other))
-            return
-        if msg.map in self.broken:
-            self._send(sender, PushAck(msg.id, False, self._broken_why(msg.map)))
-            return
-        parts = set(msg.partitions)
-        if any(p not in parts for p, _k, _r in msg.items) or any(p not in parts for p, *_ in msg.ops):
-            self._send(sender, PushAck(msg.id, False, "records of partitions the push does not name"))
-            return
-        if any(not 0 <= p < self.partitions or self.fence[p] > msg.epoch for p in parts):
-            self._send(sender, PushAck(msg.id, False, "fenced: a newer primary took these partitions over"))
-            return
+        why: str | None = self._push_refused(
+            msg.map, msg.epoch, msg.partitions, msg.items, msg.ops, msg.created
+        )
+        if why is None:
+            why = self._apply_push(
+                msg.map, msg.epoch, msg.partitions, msg.items, msg.ops, msg.deletes, msg.full
+            )
+        self._send(sender, PushAck(msg.id, why is None, why))
+
+    def _push_refused(
+        self, name: str, epoch: int, partitions: list[int], items: list[tuple[int, str, Record]], ops: OpIds,
+        created: int,
+    ) -> str | None:
+        """Why a push (or a piece of one) of map `name` (its definition `created`) is refused, or None."""
+        if name not in self.engines:
+            return f"unknown map {name!r} on {self.node_id}"
+        if (other := self._other_definition(name, created)) is not None:
+            return other
+        if name in self.broken:
+            return self._broken_why(name)
+        parts = set(partitions)
+        if any(p not in parts for p, _k, _r in items) or any(p not in parts for p, *_ in ops):
+            return "records of partitions the push does not name"
+        if any(not 0 <= p < self.partitions or self.fence[p] > epoch for p in parts):
+            return _FENCED_PUSH
+        return None
+
+    def _apply_push(
+        self, name: str, epoch: int, partitions: list[int], items: list[tuple[int, str, Record]], ops: OpIds,
+        deletes: list[tuple[int, str]], full: bool,
+    ) -> str | None:
+        """Apply a whole push (checked by `_push_refused`): None, or why it failed (the storage)."""
+        parts = set(partitions)
         for p in parts:
-            self._raise_fence(p, msg.epoch)
+            self._raise_fence(p, epoch)
         # The push is the primary's copy as of its takeover at `epoch`: it replaces what this node
         # holds, except records written since the takeover (epoch `epoch`, newer by sequence).
         def replaced(current: Record | None) -> bool:
-            return current is None or current.epoch < msg.epoch
-        engine = self.engines[msg.map]
+            return current is None or current.epoch < epoch
+        engine = self.engines[name]
         try:
-            if msg.full:
-                pushed = {(p, key) for p, key, _r in msg.items}
+            if full:
+                pushed = {(p, key) for p, key, _r in items}
                 for p in parts:
                     for key, held_rec in list(engine.scan(p)):
                         if (p, key) not in pushed and replaced(held_rec):
                             engine.delete(p, key)
-            for p, key in msg.deletes:
+            for p, key in deletes:
                 if p in parts and replaced(engine.get(p, key)):
                     engine.delete(p, key)
-            for p, key, rec in msg.items:
+            for p, key, rec in items:
                 current = engine.get(p, key)
                 if replaced(current) or newer(rec, current):
                     engine.put(p, key, rec)
         except Exception as e:
-            self._storage_failed(msg.map, e)
-            self._send(sender, PushAck(msg.id, False, self._broken_why(msg.map)))
-            return
-        self._merge_ops(msg.map, msg.ops)
+            self._storage_failed(name, e)
+            return self._broken_why(name)
+        self._merge_ops(name, ops)
         for p in parts:
-            self._hold(msg.map, p, msg.epoch)
-        self._send(sender, PushAck(msg.id, True))
+            self._hold(name, p, epoch)
+        return None
+
+    def _on_piece(self, sender: str, msg: Push) -> None:
+        """A piece of a push: kept until the last one arrives, then the push is applied as a whole
+        (its deletions and the claim to hold the partitions wait for every piece). A piece this
+        node lacks the pieces before of (it restarted, or dropped the push) is refused with the
+        piece it expects (`PushAck.next`): the sender goes back to it."""
+        key = (sender, msg.stream)
+
+        def ack(ok: bool, why: str | None, nxt: int) -> None:
+            self._send(sender, PushAck(msg.id, ok, why, msg.stream, nxt))
+
+        if key in self._received:  # applied already: the acknowledgement of the last piece was lost
+            ack(True, None, msg.piece + 1)
+            return
+        why = self._push_refused(msg.map, msg.epoch, msg.covers, msg.items, msg.ops, msg.created)
+        if why is not None:
+            self._incoming.pop(key, None)
+            ack(False, why, 0)
+            return
+        inc = self._incoming.get(key)
+        if inc is None:
+            if msg.piece:
+                ack(False, f"missing pieces: {self.node_id} has no piece of push {msg.stream} before "
+                           f"piece {msg.piece}", 0)
+                return
+            # a push of the same partitions started again, here or by a newer primary, replaces one
+            # still arriving: its sender gave that one up
+            covers = set(msg.covers)
+            for k, other in list(self._incoming.items()):
+                if other.name == msg.map and other.epoch <= msg.epoch and covers.intersection(other.parts):
+                    del self._incoming[k]
+            inc = self._incoming[key] = _Incoming(msg.map, msg.epoch, list(msg.covers), msg.full, self._now)
+        if msg.piece < inc.next:  # sent again (its acknowledgement was lost): kept already
+            ack(True, None, inc.next)
+            return
+        if msg.piece > inc.next:
+            why = f"missing pieces: {self.node_id} expects piece {inc.next} of push {msg.stream}"
+            ack(False, why, inc.next)
+            return
+        inc.items.extend(msg.items)
+        inc.ops.extend(msg.ops)
+        inc.deletes.extend(msg.deletes)
+        inc.next += 1
+        inc.heard = self._now
+        if not msg.last:
+            ack(True, None, inc.next)
+            return
+        del self._incoming[key]
+        why = self._apply_push(inc.name, inc.epoch, inc.parts, inc.items, inc.ops, inc.deletes, inc.full)
+        if why is None:
+            self._received[key] = None
+            while len(self._received) > _RECEIVED:
+                self._received.popitem(last=False)
+        ack(why is None, why, inc.next)
+
+    def _drop_incoming(self, name: str | None = None) -> None:
+        """Forget pushes still arriving in pieces (of map `name`; None: all)."""
+        for k in [k for k, inc in self._incoming.items() if name is None or inc.name == name]:
+            del self._incoming[k]
 
     def _on_push_ack(self, sender: str, msg: PushAck) -> None:
         ps = self._pushes.get(msg.id)
         if ps is None or ps.peer != sender:
             return
+        pieces = msg.stream != 0 or ps.msg.stream != 0
+        if pieces and msg.stream != ps.msg.stream:
+            # a node of an earlier version: it takes no pieces (it refuses them, or ignores them)
+            if not ps.warned:
+                ps.warned = True
+                self.log.warning(
+                    "%s cannot take the copy of partitions %s of map %r in pieces (it runs an earlier "
+                    "version?): it gets no copy of them from this node until it is upgraded",
+                    sender, ps.parts, ps.name,
+                )
+            return  # resent after resend_after
         if not msg.ok:
             if msg.reason and msg.reason.startswith("fenced"):
                 for p in ps.parts:
                     prim = self.prims.get(p)
                     if prim is not None and prim.epoch <= ps.msg.epoch:
                         self._step_down(p, f"{sender}: {msg.reason}")
+            elif pieces and msg.reason and msg.reason.startswith("missing pieces"):
+                self._next_piece(ps, msg.id, min(max(msg.next, 0), len(ps.pieces) - 1))
             return  # resent after resend_after (storage trouble at the replica)
+        if ps.at + 1 < len(ps.pieces):
+            self._next_piece(ps, msg.id, ps.at + 1)
+            return
         del self._pushes[msg.id]
         prom = ps.promotion
         if prom is not None:
             prom.pushed.setdefault(ps.name, set()).update((sender, p) for p in ps.parts)
             self._advance(prom)
+
+    def _next_piece(self, ps: _PushState, acked: int, at: int) -> None:
+        """Send piece `at` of push `ps` (after the acknowledgement or refusal of piece id `acked`)."""
+        del self._pushes[acked]
+        ps.at = at
+        ps.sent = self._now
+        self._pushes[ps.msg.id] = ps
+        if ps.peer in self.up:
+            self._send(ps.peer, ps.msg)
 
     def _merge_ops(self, name: str, ops: OpIds) -> None:
         """Remember applied operations (in memory, and with the data: `MapStorage.add_ops`)."""
@@ -1760,25 +1952,37 @@ class MapCore:
             self._send(sender, SyncChunk(req.id, [], True, self._broken_why(req.map)))
             return
         items: list[tuple[int, str, Record]] = []
+        ops: OpIds = []
         size = 0
+        limit = min(_SYNC_CHUNK_BYTES, self.t.piece_bytes)
         chunks: list[SyncChunk] = []
         try:
             for p in parts:
                 for key, rec in engine.scan(p):
                     items.append((p, key, rec))
-                    size += len(key) + (len(rec.value) if rec.value else 0) + 16
-                    if len(items) >= _SYNC_CHUNK_ITEMS or size >= _SYNC_CHUNK_BYTES:
+                    size += _record_size(key, rec)
+                    if len(items) >= _SYNC_CHUNK_ITEMS or size >= limit:
                         chunks.append(SyncChunk(req.id, items, False))
                         items, size = [], 0
         except Exception as e:
             self._storage_failed(req.map, e)
             self._send(sender, SyncChunk(req.id, [], True, self._broken_why(req.map)))
             return
+        if req.split_ops:  # the applied operations' ids too, within the budget (else all in the last chunk)
+            for op in self._ops_of(req.map, parts):
+                n = _op_size(op)
+                if size and size + n > limit:
+                    chunks.append(SyncChunk(req.id, items, False, None, ops))
+                    items, ops, size = [], [], 0
+                ops.append(op)
+                size += n
+        else:
+            ops = self._ops_of(req.map, parts)
         for chunk in chunks:
             self._send(sender, chunk)
         active = dict(zip(req.partitions, req.active, strict=False))
         held = [p for p in parts if active.get(p) and self._holds(req.map, p, active[p])]
-        self._send(sender, SyncChunk(req.id, items, True, None, self._ops_of(req.map, parts), held))
+        self._send(sender, SyncChunk(req.id, items, True, None, ops, held))
 
     def _on_chunk(self, sender: str, msg: SyncChunk) -> None:
         for prom in self._promotions:
@@ -1802,10 +2006,13 @@ class MapCore:
                 if p in prom.parts:
                     have[(p, key)] = (rec.epoch, rec.seq)
                     buffered.append((p, key, rec))
+            if msg.ops:  # (every chunk may carry some: `SyncRequest.split_ops`)
+                prom.buffered_ops.setdefault(msg.id, []).extend(op for op in msg.ops if op[0] in prom.parts)
             if not msg.done:
                 return
             del prom.asked[msg.id]
             items = prom.buffered.pop(msg.id, [])
+            ops = prom.buffered_ops.pop(msg.id, [])
             spec = self.specs.get(name)
             table = self.table
             if name in self.engines and name not in self.broken and spec is not None and table is not None:
@@ -1821,7 +2028,7 @@ class MapCore:
                         ok, current = self._get(name, p, key)
                         if ok and newer(rec, current) and self._put(name, p, key, rec):
                             prom.merged += 1
-                self._merge_ops(name, [op for op in msg.ops if op[0] in held])
+                self._merge_ops(name, [op for op in ops if op[0] in held])
             prom.answered.setdefault(name, set()).add(peer)
             self._advance(prom)
             return
@@ -1894,7 +2101,7 @@ class MapCore:
                     by_primary.setdefault(owners[0], []).append(p)
             for primary, parts in by_primary.items():
                 created = self.created.get(name, 0)
-                self._send(primary, SyncRequest(next(self._ids), name, parts, 0, [], created))
+                self._send(primary, SyncRequest(next(self._ids), name, parts, 0, [], created=created))
 
     def _resend(self, only: str | None = None) -> None:
         """Resend replication, pushes and read checks still waiting for an answer."""
@@ -2033,6 +2240,12 @@ class MapCore:
                 if done:
                     for oid in [o for o, at in done.items() if at < horizon and o not in self._pending]:
                         del done[oid]
+        for k, inc in list(self._incoming.items()):
+            # a push in pieces whose sender went quiet (it went down, or gave the push up) or that a
+            # newer primary fenced: forgotten (a piece that comes after all is refused as missing)
+            quiet = self._now - inc.heard >= self.t.drop_after
+            if quiet or any(self.fence[p] > inc.epoch for p in inc.parts):
+                del self._incoming[k]
         table = self.table
         if table is not None and self._now - self.table_changed_at >= self.t.drop_after:
             for name, engine in self.engines.items():

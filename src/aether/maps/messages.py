@@ -5,10 +5,11 @@ A `MapRequest` asks the partition's primary to run one operation and is answered
 owners, which answer `ReplicateAck`. A `SyncRequest` asks a node for every record of some
 partitions of one map and is answered by `SyncChunk`s (the last has ``done``); a non-zero
 ``fence`` (sent by a new primary) makes the receiver refuse replication of older epochs for
-those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and map stats.
-A new primary sends the merged state of its partitions to their replicas as `Push` messages
-(answered by `PushAck`), and confirms before answering a read that no newer primary fenced it
-with a `ReadCheck` round (answered by `ReadCheckAck`). Every write carries the id of the
+those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and
+map stats. A new primary sends the merged state of its partitions to their replicas as `Push`
+messages (answered by `PushAck`; one larger than `MapTimings.piece_bytes` in pieces), and
+confirms before answering a read that no newer primary fenced it with a `ReadCheck` round
+(answered by `ReadCheckAck`). Every write carries the id of the
 operation that made it (``origin``, ``rid``), so a retried operation is recognised at the primary
 (see `aether.maps.core`).
 May import only msgspec and `aether.maps.records`.
@@ -124,6 +125,10 @@ class SyncRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=54
     fence: int
     active: list[int] = []
     """Per partition, the version of its active configuration as the requester knows it."""
+    split_ops: bool = False
+    """The requester takes operation ids in every chunk (`SyncChunk.ops`), so they are spread over
+    the chunks within the size budget; an earlier version takes them only from the last chunk,
+    which then carries them all."""
     created: int = 0
     """As `MapRequest.created`."""
 
@@ -181,7 +186,16 @@ class StatsResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=
 
 
 class Push(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=62):
-    """Records (and applied operation ids) of some partitions a primary sends to a replica."""
+    """Records (and applied operation ids) of some partitions a primary sends to a replica.
+
+    A push larger than the size budget travels in pieces (`stream` nonzero), one at a time, each
+    sent once the previous one is acknowledged. The replica keeps the pieces and applies them
+    together when the last arrives: it deletes what the push does not hold (`full`) and counts as
+    holding the partitions only then. A piece leaves `partitions` empty and names them in
+    `covers`: a node of an earlier version (which ignores the trailing fields) refuses a piece
+    with records or operation ids (they name partitions the push does not) and takes nothing from
+    one without; it never applies a piece as the whole push, and its acknowledgement (without
+    `PushAck.stream`) does not count."""
 
     id: int
     map: str
@@ -194,6 +208,14 @@ class Push(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=62):
     """Keys the replica reported that the primary does not hold."""
     full: bool = False
     """The items are the whole of these partitions: the replica deletes what else it holds."""
+    stream: int = 0
+    """Nonzero: this is piece `piece` of the push `stream` (the id of its first piece). 0: the
+    whole push is this message."""
+    piece: int = 0
+    last: bool = False
+    """(A piece) the last one: the replica applies the push."""
+    covers: list[int] = []
+    """(A piece) the partitions of the push."""
     created: int = 0
     """As `MapRequest.created`."""
 
@@ -202,6 +224,12 @@ class PushAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=63):
     id: int
     ok: bool
     reason: str | None = None
+    stream: int = 0
+    """(The answer to a piece) its `Push.stream`: an earlier version answers 0."""
+    next: int = 0
+    """(The answer to a piece) the piece the replica expects next; after a refusal because it
+    lacks earlier pieces (it restarted, or dropped a push it heard nothing of for long), the
+    sender goes back to it."""
 
 
 class ReadCheck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=64):

@@ -93,11 +93,13 @@ class Profile:
     stagger: float = 0.0  # nodes start one by one within this many seconds (a real cluster start)
     slow_store: float = 0.0  # chance that a store write takes up to 0.5 s, and half of those time out
     # after committing (the caller cannot know the outcome, as with a real consensus timeout)
+    piece_bytes: int = 0  # `MapTimings.piece_bytes` (0: the default): small, pushes go in many pieces
 
     def describe(self) -> str:
         faults = ",".join(sorted(self.kinds)) or "none"
         engine = "log" if self.engine == "log" else "persistent" if self.persistent else "memory"
-        return f"nodes={self.nodes} R={self.replicas} W={self.write_quorum} {engine} faults={faults}"
+        pieces = f" piece_bytes={self.piece_bytes}" if self.piece_bytes else ""
+        return f"nodes={self.nodes} R={self.replicas} W={self.write_quorum} {engine} faults={faults}{pieces}"
 
 
 def _crash(rng: random.Random) -> Profile:
@@ -149,9 +151,20 @@ def _log(rng: random.Random) -> Profile:
                    kinds={"power": 1.0, "kill": 0.5, "disk": 0.5, "restart": 0.3, "flap": 0.5})
 
 
+def _pieces(rng: random.Random) -> Profile:
+    """Pushes, sync chunks and keys answers within a budget of a few hundred bytes: every copy a
+    takeover or a returning replica gets travels in many pieces, under kills, cuts, duplicated
+    messages, full disks and a joining node."""
+    return Profile(
+        nodes=rng.choice([3, 4, 5]), persistent=rng.random() < 0.5, duplicate=0.01, keys=8,
+        piece_bytes=rng.choice([200, 400]),
+        kinds={"kill": 1.0, "isolate": 1.0, "split": 0.5, "flap": 1.0, "disk": 0.3, "add": 0.5},
+    )
+
+
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
     "crash": _crash, "partitions": _partitions, "disk": _disk, "mixed": _mixed, "startup": _startup,
-    "restart": _restart, "log": _log, "recreate": _recreate,
+    "restart": _restart, "log": _log, "recreate": _recreate, "pieces": _pieces,
 }
 
 
@@ -443,6 +456,7 @@ class MapWorld:
         self.timings = MapTimings(
             retry=RetryPolicy(timeout=3.0, attempt_timeout=1.0, backoff_min=0.02, backoff_max=0.5),
             force_after=6.0, drop_after=8.0, probe_after=2.0,
+            **({"piece_bytes": self.profile.piece_bytes} if self.profile.piece_bytes else {}),
         )
         self.store = SimStore(self)
         self.views: dict[str, NodeKV] = {}
