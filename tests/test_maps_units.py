@@ -973,3 +973,81 @@ async def test_a_node_that_missed_a_map_being_removed_and_created_again_does_not
         assert await svc.map_get("m", "k2") == b"w"
     finally:
         await svc.stop()
+
+
+async def test_keys_of_a_node_that_do_not_fit_one_message_between_nodes_come_in_pages(tmp_path: Path) -> None:
+    """`keys()` asks every node for the keys of the partitions it serves as primary. The answer was
+    one `KeysResponse` whatever its size: with ~17 MiB of keys on one node the transport refused
+    it (over its 16 MiB `max_frame`), and keys() failed with `MapUnavailable` after its deadline.
+    The keys come in pages of at most `piece_bytes` now; two services on a network that refuses
+    what the transport refuses."""
+    from aether.core.calls import RetryPolicy
+    from aether.core.maps import MapSpec
+    from aether.kv.keys import MapDefKey
+    from aether.maps.core import MapTimings
+    from aether.maps.service import MapService
+    from aether.transport.framing import DEFAULT_MAX_FRAME
+
+    loop = asyncio.get_running_loop()
+    ids = ["node-1", "node-2"]
+    services: dict[str, MapService] = {}
+    refused: list[tuple[str, int]] = []
+
+    class Link:
+        def __init__(self, me: str) -> None:
+            self.me = me
+
+        def send(self, peer: str, msg: object) -> bool:
+            data = msgspec.msgpack.encode(msg)
+            if len(data) > DEFAULT_MAX_FRAME:  # as `Transport.send`
+                refused.append((type(msg).__name__, len(data)))
+                return False
+            decoded = msgspec.msgpack.decode(data, type=MapMessage)
+            loop.call_soon(services[peer].dispatch, self.me, decoded)
+            return True
+
+    kv = _WatchedKV()
+    kv._set(MapDefKey("m"), MapSpec(replicas=2, write_quorum=1))
+    retry = RetryPolicy(timeout=2.0, attempt_timeout=1.0, backoff_min=0.02, backoff_max=0.5)
+    timings = MapTimings(retry=retry)
+    for nid in ids:
+        services[nid] = MapService(
+            nid, kv, Link(nid), tmp_path / nid, is_leader=lambda nid=nid: nid == "node-1",  # type: ignore[misc]
+            up_peers=lambda nid=nid: [o for o in ids if o != nid], partitions=8, tick_interval=0.01,  # type: ignore[misc]
+            timings=timings,
+        )  # fmt: skip
+    try:
+        for svc in services.values():
+            await svc.start()
+        for nid, svc in services.items():
+            for other in ids:
+                if other != nid:
+                    svc.peer_up(other)
+        end = loop.time() + 10
+        while not (
+            all(svc.table is not None and svc.table.members == ids for svc in services.values())
+            and sum(1 for svc in services.values() for prim in svc.core.prims.values() if prim.ready) == 8
+        ):
+            assert loop.time() < end, "the two map services did not start serving"
+            await asyncio.sleep(0.01)
+        two = services["node-2"]
+        table = two.table
+        assert table is not None
+        mine = {p for p in range(8) if table.primary(p) == "node-2"}
+        expected: list[str] = []
+        n = 0
+        while len(expected) < 17_500:  # 1 KiB keys: ~17 MiB in node-2's partitions
+            n += 1
+            key = f"{n:08d}" + "x" * 1000
+            p = partition_of(key, 8)
+            if p in mine:
+                two.engines["m"].put(p, key, Record(b"v", table.version, n))
+                expected.append(key)
+        await services["node-1"].map_put("m", "one", b"v")
+        expected.append("one")
+        keys = await services["node-1"].map_keys("m")
+        assert keys == sorted(expected)
+        assert not refused, refused
+    finally:
+        for svc in services.values():
+            await svc.stop()

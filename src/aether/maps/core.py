@@ -42,6 +42,7 @@ answer, and asks to be left out of the table (`StorageHealth`) until a probe wri
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import random
@@ -191,9 +192,9 @@ class MapTimings:
     dedup_ms: int = 60_000
     probe_after: float = 5.0
     piece_bytes: int = 4 * 1024 * 1024
-    """The most data (records, operation ids, deleted keys) one push piece or one sync chunk
-    carries; a single record larger than that travels alone. Well under the transport's
-    `max_frame` (16 MiB) with a largest value (8 MiB) on top."""
+    """The most data (records, operation ids, deleted keys, keys) one push piece, one sync chunk or
+    one keys answer carries; a single record larger than that travels alone. Well under the
+    transport's `max_frame` (16 MiB) with a largest value (8 MiB) on top."""
 
     def __post_init__(self) -> None:
         if self.retry.attempt_timeout is None:
@@ -1369,7 +1370,7 @@ class MapCore:
         elif isinstance(msg, KeysRequest):
             try:
                 keys, parts = self.local_keys(msg.map, msg.prefix, wall)
-                self._send(sender, KeysResponse(msg.id, keys, None, parts))
+                self._send(sender, self._keys_page(msg, keys, parts))
             except MapError as e:
                 self._send(sender, KeysResponse(msg.id, [], str(e)))
         elif isinstance(msg, StatsRequest):
@@ -1378,6 +1379,33 @@ class MapCore:
             except MapError as e:
                 self._send(sender, StatsResponse(msg.id, None, str(e)))
         return self._take()
+
+    def _keys_page(self, req: KeysRequest, keys: list[str], parts: list[int]) -> KeysResponse:
+        """The answer to `req`: the keys after `req.after` in order, as many as `piece_bytes` holds
+        (at least one), and whether more follow. A request of an earlier version (no `after`) gets
+        every key, or an error naming the limit if they exceed it."""
+        budget = self.t.piece_bytes
+        keys.sort()
+        if req.after is None:
+            size = sum(len(k.encode()) + 2 for k in keys)
+            if size > budget:
+                return KeysResponse(req.id, [], (
+                    f"{self.node_id}: the {len(keys)} keys of map {req.map!r} with prefix {req.prefix!r} "
+                    f"it serves ({size} bytes) exceed the {budget} bytes of one answer to a node of an "
+                    "earlier version, which cannot ask for them in pages: use a longer prefix, or ask "
+                    "through an upgraded node"
+                ))
+            return KeysResponse(req.id, keys, None, parts)
+        start = bisect.bisect_right(keys, req.after) if req.after else 0
+        page: list[str] = []
+        size = 0
+        for k in itertools.islice(keys, start, None):
+            n = len(k.encode()) + 2
+            if page and size + n > budget:
+                return KeysResponse(req.id, page, None, parts, more=True)
+            page.append(k)
+            size += n
+        return KeysResponse(req.id, page, None, parts)
 
     # --- serving operations (primary) -----------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ A `MapRequest` asks the partition's primary to run one operation and is answered
 owners, which answer `ReplicateAck`. A `SyncRequest` asks a node for every record of some
 partitions of one map and is answered by `SyncChunk`s (the last has ``done``); a non-zero
 ``fence`` (sent by a new primary) makes the receiver refuse replication of older epochs for
-those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` and
+those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` (in pages) and
 map stats. A new primary sends the merged state of its partitions to their replicas as `Push`
 messages (answered by `PushAck`; one larger than `MapTimings.piece_bytes` in pieces), and
 confirms before answering a read that no newer primary fenced it with a `ReadCheck` round
@@ -148,6 +148,10 @@ class KeysRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=56
     id: int
     map: str
     prefix: str
+    after: str | None = None
+    """A page of the keys after this one ("": the first page), within the size budget
+    (`KeysResponse.more`). None (an earlier version): every key in one answer, or an error when
+    they exceed the budget."""
 
 
 class KeysResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=57):
@@ -156,6 +160,8 @@ class KeysResponse(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=5
     error: str | None = None
     partitions: list[int] = []
     """The partitions the answer covers (those the node serves as primary)."""
+    more: bool = False
+    """(A page) keys after the last of these follow: ask again with it as `KeysRequest.after`."""
 
 
 class MapNodeStats(msgspec.Struct, frozen=True):

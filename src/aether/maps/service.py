@@ -121,6 +121,10 @@ def _boot_id() -> str | None:
         return None  # wall-clock ms of the last time this node had a quorum (tombstone horizon)
 
 
+def _keys_request(i: int, *, name: str, prefix: str, after: str) -> KeysRequest:
+    return KeysRequest(i, name, prefix, after)
+
+
 class KVLike(Protocol):
     def get_local(self, key: Any) -> Any: ...
 
@@ -889,18 +893,17 @@ class MapService:
             table = self.core.table
             peers = sorted(m for m in (table.members if table else []) if m != self.node_id)
             results = await asyncio.gather(
-                *(self._call(p, lambda i: KeysRequest(i, name, prefix), self.timings.attempt_timeout)
-                  for p in peers),
-                return_exceptions=True,
+                *(self._peer_keys(p, name, prefix) for p in peers), return_exceptions=True,
             )
             for peer, r in zip(peers, results, strict=True):
-                if isinstance(r, KeysResponse):
-                    if r.error is not None:
-                        problems.append(f"{peer}: {r.error}")
-                    keys.update(r.keys)
-                    covered.update(r.partitions)
-                elif isinstance(r, BaseException):
+                if isinstance(r, BaseException):
                     problems.append(f"{peer}: {r}")
+                    continue
+                got, served, error = r
+                if error is not None:
+                    problems.append(f"{peer}: {error}")
+                keys.update(got)
+                covered.update(served)
             missing = self.core.partitions - len(covered)
             if table is not None and missing == 0:
                 return sorted(keys)
@@ -911,6 +914,27 @@ class MapService:
                     f"{self.core.partitions} partitions ({detail})"
                 )
             await asyncio.sleep(0.1)
+
+    async def _peer_keys(self, peer: str, name: str, prefix: str) -> tuple[list[str], set[int], str | None]:
+        """The keys with `prefix` that `peer` serves as primary, asked page by page (each answer
+        within `MapTimings.piece_bytes`), the partitions every page covered (one that moved
+        meanwhile does not count), and the error of an answer. A node of an earlier version
+        answers the whole list at once."""
+        keys: list[str] = []
+        parts: set[int] | None = None
+        after = ""
+        while True:
+            page = functools.partial(_keys_request, name=name, prefix=prefix, after=after)
+            r = await self._call(peer, page, self.timings.attempt_timeout)
+            if not isinstance(r, KeysResponse):
+                raise MapUnavailable(f"unexpected answer {type(r).__name__}")
+            if r.error is not None:
+                return keys, set(), r.error
+            keys.extend(r.keys)
+            parts = set(r.partitions) if parts is None else parts & set(r.partitions)
+            if not r.more or not r.keys:
+                return keys, parts, None
+            after = r.keys[-1]
 
     async def stats(self, name: str) -> list[MapNodeStats]:
         """Every live node's view of map `name` (this node first)."""
