@@ -1326,3 +1326,30 @@ def test_a_takeover_gets_the_operation_ids_in_chunks_within_the_budget() -> None
     for p in mine:
         assert before[p] and set(before[p]) <= set(net.cores[newcomer].ops["m"].get(p, {})), p
 
+
+def test_a_compare_and_set_whose_two_values_do_not_fit_one_message_is_refused_at_once() -> None:
+    """With `max_value_bytes` at its largest (8 MiB), a compare-and-set of an 8 MiB value by
+    another 8 MiB one makes a request over the transport's 16 MiB: it was sent to the primary, the
+    transport refused it, and the caller got `MapUnavailable` after retrying until its deadline.
+    It is refused by the caller's node now, naming the sizes and the limit; a compare-and-set
+    whose values fit still works."""
+    from aether.core.maps import MAX_VALUE_BYTES_LIMIT, MapValueTooLarge
+    from aether.transport.framing import DEFAULT_MAX_FRAME
+
+    net = Net(spec=MapSpec(max_value_bytes=MAX_VALUE_BYTES_LIMIT), max_frame=DEFAULT_MAX_FRAME)
+    key = "k"
+    caller = _client_of(net, key)
+    big, other = b"a" * MAX_VALUE_BYTES_LIMIT, b"b" * MAX_VALUE_BYTES_LIMIT
+    net.submit(caller, 1, OP_PUT, key, big)
+    net.settle()
+    assert net.results[1] == (None, True)
+    net.submit(caller, 2, OP_CAS, key, other, big)
+    err = net.results.get(2)
+    assert isinstance(err, MapValueTooLarge), (err, net.oversized)
+    assert f"together exceed {16 * 1024 * 1024 - 64 * 1024} bytes" in str(err), err
+    assert str(MAX_VALUE_BYTES_LIMIT) in str(err), err
+    half = b"c" * (MAX_VALUE_BYTES_LIMIT // 2)
+    net.submit(caller, 3, OP_CAS, key, half, big)
+    net.settle()
+    assert net.results[3] == (half, True)
+    assert not net.oversized, net.oversized

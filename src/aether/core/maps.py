@@ -16,6 +16,7 @@ from aether.core.errors import AetherError, BadRequest, StatusError
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_CAS_BYTES",
     "MAX_KEY_BYTES",
     "MapContention",
     "MapDefinitionConflict",
@@ -37,6 +38,10 @@ MAX_KEY_BYTES: Final = 1024
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
 MAX_VALUE_BYTES_LIMIT: Final = 8 * 1024 * 1024
 """Values travel in one transport frame (16 MiB at most)."""
+MAX_CAS_BYTES: Final = 16 * 1024 * 1024 - 64 * 1024
+"""A compare-and-set carries its expected and its new value in one message between nodes (16 MiB
+at most, with its key and the map's name): together they may not exceed this (two values at
+`MAX_VALUE_BYTES_LIMIT` do)."""
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}\Z")
 
 

@@ -52,7 +52,15 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from aether.core.calls import RetryPolicy
-from aether.core.maps import MapError, MapSpec, MapUnavailable, MapValueTooLarge, PartitionTable, UnknownMap
+from aether.core.maps import (
+    MAX_CAS_BYTES,
+    MapError,
+    MapSpec,
+    MapUnavailable,
+    MapValueTooLarge,
+    PartitionTable,
+    UnknownMap,
+)
 from aether.maps.messages import (
     KIND_BAD_REQUEST,
     KIND_NOT_PRIMARY,
@@ -1272,6 +1280,14 @@ class MapCore:
             self._client_result(op_id, None, False, KIND_BAD_REQUEST, (
                 f"map {name!r} key {key!r}: {what} of {len(large)} bytes exceeds the map's limit of "
                 f"{spec.max_value_bytes} bytes"
+            ))
+            return self._take()
+        if value is not None and expected is not None and len(value) + len(expected) > MAX_CAS_BYTES:
+            # both travel in one request to the primary: two values of 8 MiB cannot
+            self._client_result(op_id, None, False, KIND_BAD_REQUEST, (
+                f"map {name!r} key {key!r}: a compare-and-set's expected value ({len(expected)} bytes) and "
+                f"new value ({len(value)} bytes) together exceed {MAX_CAS_BYTES} bytes (they travel in one "
+                "message between nodes)"
             ))
             return self._take()
         self._attempt(c)
