@@ -372,6 +372,30 @@ async def test_answer_not_json_representable_is_502(env: Env) -> None:
     assert_problem(status, body, r, 502, "cannot be represented as JSON")
 
 
+async def test_a_request_in_flight_when_the_router_stops_is_answered(env: Env) -> None:
+    """A node stopping (a rolling restart) closed the router first and gave requests in flight
+    1 s before aborting their connections, while the slices behind them drain for 5 s: a call of
+    2 s failed with a reset connection. The router now waits as long as the slices drain
+    (`shutdown_timeout`, 5 s) and stops taking new connections at once."""
+
+    async def slow() -> bytes:
+        await asyncio.sleep(2.0)
+        return msgspec.msgpack.encode("done")
+
+    env.inv.behaviour = lambda t, m, p: slow()
+    pending = asyncio.ensure_future(env.req("GET", "/ping"))
+    while not env.inv.calls:
+        await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await env.router.stop()
+    status, body, _ = await pending
+    assert (status, body) == (200, "done")
+    assert loop.time() - t0 < 4.0  # once answered, not the whole timeout
+    with pytest.raises(aiohttp.ClientConnectionError):  # no new requests meanwhile
+        await env.req("GET", "/ping")
+
+
 async def test_routes_follow_watch_events_and_reset(env: Env) -> None:
     status, _, _ = await env.req("GET", "/new/1")
     assert status == 404

@@ -203,8 +203,12 @@ class HttpRouter:
         logger: logging.Logger | None = None,
         has_quorum: Callable[[], bool] | None = None,
         tracer: Tracer = NOOP_TRACER,
+        shutdown_timeout: float = 5.0,
     ) -> None:
         self.node_id = node_id
+        # `stop` lets requests in flight finish for up to this many seconds (the slices' drain
+        # timeout: a node stopping in a rolling restart answers what it took), then aborts the rest
+        self.shutdown_timeout = shutdown_timeout
         self.tracer = tracer  # one span per request when enabled (aether.core.tracing)
         self._tracing = tracer.enabled
         self.has_quorum = has_quorum
@@ -300,6 +304,7 @@ class HttpRouter:
             body_timeout=self.request_timeout,
             on_body_timeout=self._body_timeout,
             logger=self.log,
+            shutdown_timeout=self.shutdown_timeout,
         )
         try:
             await server.start(self.host, self._port, self.ssl_context)
