@@ -65,6 +65,7 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.core.errors.CommitTimeout": (504, "app_error"),
     "aether.core.errors.NotReady": (503, "app_error"),
     "aether.core.errors.BadRequest": (400, "bad_request"),
+    "aether.core.errors.TooLarge": (413, "bad_request"),
     "aether.core.errors.SessionConflict": (500, "app_error"),
     "aether.core.errors.ConfigError": (None, "app_error"),
     "aether.core.errors.StatusError": (500, "status:500"),
