@@ -26,7 +26,13 @@ from aether.core.errors import BadRequest
 from aether.kv.keys import ArtifactKey, ArtifactManifest
 from aether.repository import core
 from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
-from aether.slices.testing import build_library_wheel, build_slice_wheel, isolated_imports
+from aether.slices.testing import (
+    LocalMaps,
+    build_library_wheel,
+    build_slice_wheel,
+    isolated_imports,
+    write_wheel,
+)
 from aether.slices.wheel import inspect_wheel
 from conftest import EXAMPLES, node_configs
 
@@ -181,6 +187,118 @@ def test_manifest_key_round_trips() -> None:
     m = _manifest()
     assert msgspec.json.decode(msgspec.json.encode(m), type=ArtifactManifest) == m
     assert value_type_for(str(k)) is ArtifactManifest
+
+
+
+# --- the service on an in-memory store and map (no cluster) -------------------------------------------
+
+
+class MemoryStore:
+    """The `ManifestStore` of one node whose replica is always current (a one-node cluster)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def get_local(self, key: Any) -> Any:
+        return self.data.get(str(key))
+
+    def list_local(self, prefix: str = "") -> list[tuple[str, Any]]:
+        return sorted((k, v) for k, v in self.data.items() if k.startswith(prefix))
+
+    async def get(self, key: Any, timeout: float = 5.0) -> Any:
+        return self.get_local(key)
+
+    async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
+        if self.data.get(str(key)) != expected:
+            return False
+        if new is None:
+            self.data.pop(str(key), None)
+        else:
+            self.data[str(key)] = new
+        return True
+
+
+class MemoryMaps(LocalMaps):
+    def __init__(self) -> None:
+        super().__init__(create_on_use=True, max_value_bytes=4 * core.CHUNK_SIZE)
+
+    async def define(self, name: str, spec: Any) -> bool:
+        self.require_map(name)
+        return True
+
+
+def _service(tmp_path: Path, store: Any = None, maps: Any = None, **kw: Any) -> Any:
+    from aether.repository.service import ArtifactService
+    from aether.slices.repository import Repository
+
+    service = ArtifactService(
+        store if store is not None else MemoryStore(),
+        maps if maps is not None else MemoryMaps(),
+        members=1,
+        cache=Repository(tmp_path / "cache"),
+        work_dir=tmp_path / "work",
+        **kw,
+    )
+    service.bind()
+    return service
+
+
+async def _bytes(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+def _patch_member(wheel: Path, member: str, *, flags: int = 0, method: int | None = None) -> Path:
+    """Set general-purpose `flags` bits and/or the compression `method` of `member` in its local
+    header and its central-directory entry."""
+    raw = bytearray(wheel.read_bytes())
+    with zipfile.ZipFile(wheel) as zf:
+        info = zf.getinfo(member)
+    headers = [(info.header_offset, 6, 8)]
+    i = raw.find(b"PK\x01\x02")
+    while i != -1:
+        n = int.from_bytes(raw[i + 28 : i + 30], "little")
+        if raw[i + 46 : i + 46 + n] == member.encode():
+            headers.append((i, 8, 10))
+        i = raw.find(b"PK\x01\x02", i + 1)
+    for at, f, m in headers:
+        raw[at + f] |= flags
+        if method is not None:
+            raw[at + m : at + m + 2] = method.to_bytes(2, "little")
+    wheel.write_bytes(bytes(raw))
+    return wheel
+
+
+@pytest.mark.parametrize(
+    ("damage", "says"),
+    [
+        ("encrypted", "tinylib/data.py cannot be read"),
+        ("method", "tinylib/data.py cannot be read"),
+    ],
+)
+async def test_an_unreadable_wheel_is_a_400_and_leaves_nothing(
+    tmp_path: Path, damage: str, says: str
+) -> None:
+    """Seen: a member flagged encrypted or compressed with a method zipfile lacks made the upload
+    a 500 (RuntimeError / NotImplementedError out of the RECORD check)."""
+    from aether.core.problem import problem_for
+
+    files = {"tinylib/__init__.py": "", "tinylib/data.py": "X = 1\n" * 50}
+    w = write_wheel(tmp_path / "w", "tinylib", "1.0", files)
+    if damage == "encrypted":
+        _patch_member(w, "tinylib/data.py", flags=0x1)
+    elif damage == "method":
+        _patch_member(w, "tinylib/data.py", method=6)
+    service = _service(tmp_path)
+    try:
+        data = w.read_bytes()
+        with pytest.raises(Exception) as ei:
+            await service.upload(_bytes(data), w.name, declared=len(data))
+        problem = problem_for(ei.value)
+        assert problem.status == 400 and says in problem.detail, (type(ei.value), problem)
+        assert service.manifests() == [] and service.maps.data.get(core.MAP_NAME, {}) == {}
+        assert list((tmp_path / "work").iterdir()) == []
+    finally:
+        await service.stop()
 
 
 # --- a cluster whose nodes have their own directories ------------------------------------------------

@@ -43,7 +43,14 @@ from aether.repository import core
 from aether.repository.errors import ArtifactConflict, ArtifactMissing, RepositoryUnavailable
 from aether.slices.errors import InvalidWheel
 from aether.slices.repository import Repository
-from aether.slices.wheel import WheelInfo, WheelLimits, WheelRecord, inspect_wheel, sha256_file
+from aether.slices.wheel import (
+    ZIP_READ_ERRORS,
+    WheelInfo,
+    WheelLimits,
+    WheelRecord,
+    inspect_wheel,
+    sha256_file,
+)
 
 __all__ = ["ArtifactService", "ChunkMap", "ManifestStore"]
 
@@ -75,13 +82,16 @@ class ChunkMap(Protocol):
     async def define(self, name: str, spec: MapSpec) -> bool: ...
 
 
+_CORRUPT: tuple[type[BaseException], ...] = (*ZIP_READ_ERRORS, OSError)
+
+
 def _inspect(path: Path, limits: WheelLimits) -> WheelInfo:
     """Inspect a wheel and check every member against its RECORD (a corrupt zip fails here)."""
     info = inspect_wheel(path, limits=limits)
     try:
         with zipfile.ZipFile(path) as zf:
             WheelRecord.read(zf, path).verify_all(zf, limits.budget(path))
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except _CORRUPT as e:
         raise InvalidWheel(f"{path.name}: corrupt wheel ({e})") from None
     return info
 

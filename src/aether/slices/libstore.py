@@ -44,6 +44,7 @@ from aether.core.files import make_private_dirs, open_private, privatize_tree
 from aether.slices.errors import InvalidWheel, SliceLoadError
 from aether.slices.wheel import (
     DEFAULT_WHEEL_LIMITS,
+    ZIP_READ_ERRORS,
     DistInfo,
     WheelLimits,
     WheelRecord,
@@ -161,7 +162,7 @@ def install_wheel(
                     WheelRecord.read(zf, wheel).verify_all(zf, limits.budget(wheel))
         except InvalidWheel as e:
             raise SliceLoadError(str(e)) from None
-        except (zipfile.BadZipFile, EOFError) as e:  # e.g. a CRC mismatch: a damaged or lying member
+        except ZIP_READ_ERRORS as e:  # e.g. a CRC mismatch: a damaged or lying member
             raise SliceLoadError(f"{wheel}: damaged wheel ({e})") from None
         if use_pip:
             _pip(["--target", str(tmp), str(wheel)], wheel.name)
@@ -171,7 +172,7 @@ def install_wheel(
                 unpack_pure_wheel(wheel, tmp, limits)
             except InvalidWheel as e:
                 raise SliceLoadError(str(e)) from None
-            except (zipfile.BadZipFile, EOFError) as e:  # e.g. a CRC mismatch: a damaged or lying member
+            except ZIP_READ_ERRORS as e:  # e.g. a CRC mismatch: a damaged or lying member
                 raise SliceLoadError(f"{wheel}: damaged wheel ({e})") from None
         try:
             os.rename(tmp, target)

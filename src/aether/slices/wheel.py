@@ -51,6 +51,7 @@ import os
 import re
 import tomllib
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
@@ -71,6 +72,7 @@ __all__ = [
     "DEPENDENCIES_GROUP",
     "DESCRIPTOR_NAME",
     "SLICES_GROUP",
+    "ZIP_READ_ERRORS",
     "DistInfo",
     "WheelInfo",
     "WheelLimits",
@@ -87,6 +89,16 @@ DEPENDENCIES_GROUP = "aether.slice-dependencies"
 DESCRIPTOR_NAME = "aether-slice.toml"
 _MAX_META = 4 * 1024 * 1024  # bytes read from one metadata file at most
 _DIST_INFO_READ = ("METADATA", "WHEEL", "entry_points.txt")  # the *.dist-info files inspect_wheel reads
+ZIP_READ_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,  # a CRC mismatch, a bad header
+    zlib.error,  # a damaged deflate stream
+    EOFError,  # a member cut short
+    NotImplementedError,  # a compression method zipfile lacks
+    RuntimeError,  # an encrypted member
+)
+"""What reading a member of a damaged or hand-made zip raises (the wheel's fault, never ours)."""
+
+
 _OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
 
 
@@ -254,12 +266,15 @@ class WheelRecord:
             if budget is not None:
                 budget.add_file()
             check = self.hasher(info.filename)
-            with zf.open(info) as src:
-                while chunk := src.read(1 << 20):
-                    if budget is not None:
-                        budget.add_bytes(len(chunk))
-                    if check is not None:
-                        check.update(chunk)
+            try:
+                with zf.open(info) as src:
+                    while chunk := src.read(1 << 20):
+                        if budget is not None:
+                            budget.add_bytes(len(chunk))
+                        if check is not None:
+                            check.update(chunk)
+            except ZIP_READ_ERRORS as e:
+                raise InvalidWheel(f"{self.path}: {info.filename} cannot be read ({e})") from None
             if check is not None:
                 check.verify()
 
@@ -426,6 +441,8 @@ def _read(zf: zipfile.ZipFile, name: str, path: Path) -> str:
         raise InvalidWheel(f"{path}: {name} is too large ({info.file_size} bytes)")
     try:
         return zf.read(name).decode("utf-8")
+    except ZIP_READ_ERRORS as e:
+        raise InvalidWheel(f"{path}: {name} cannot be read ({e})") from None
     except UnicodeDecodeError:
         raise InvalidWheel(f"{path}: {name} is not UTF-8 text") from None
 
