@@ -273,16 +273,23 @@ def _patch_member(wheel: Path, member: str, *, flags: int = 0, method: int | Non
     [
         ("encrypted", "tinylib/data.py cannot be read"),
         ("method", "tinylib/data.py cannot be read"),
+        ("dotdot", "unsafe path '../evil.py'"),
+        ("absolute", "unsafe path '/tmp/evil.py'"),
     ],
 )
-async def test_an_unreadable_wheel_is_a_400_and_leaves_nothing(
+async def test_an_unreadable_or_unsafe_wheel_is_a_400_and_leaves_nothing(
     tmp_path: Path, damage: str, says: str
 ) -> None:
     """Seen: a member flagged encrypted or compressed with a method zipfile lacks made the upload
-    a 500 (RuntimeError / NotImplementedError out of the RECORD check)."""
+    a 500 (RuntimeError / NotImplementedError out of the RECORD check); a member named `../x` or
+    `/x` (hashes right in RECORD) was stored, and every node failed to install it later."""
     from aether.core.problem import problem_for
 
     files = {"tinylib/__init__.py": "", "tinylib/data.py": "X = 1\n" * 50}
+    if damage == "dotdot":
+        files["../evil.py"] = "x = 1\n"
+    elif damage == "absolute":
+        files["/tmp/evil.py"] = "x = 1\n"
     w = write_wheel(tmp_path / "w", "tinylib", "1.0", files)
     if damage == "encrypted":
         _patch_member(w, "tinylib/data.py", flags=0x1)

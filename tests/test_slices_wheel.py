@@ -240,6 +240,20 @@ def test_installing_an_unreadable_member_is_a_load_error(tmp_path: Path, damage:
         install_wheel(w, target)
     assert not target.exists() and list((tmp_path / "libs").iterdir()) == []
 
+@pytest.mark.parametrize("name", ["../evil.py", "/abs/evil.py", "tinylib/../../evil.py", "..\\evil.py"])
+def test_a_member_outside_the_install_directory_is_refused(tmp_path: Path, name: str) -> None:
+    """Seen: a wheel whose RECORD lists (with correct hashes) a member named `../evil.py` or an
+    absolute path was accepted by the repository (upload, `deploy`) and failed only when a node
+    installed it; refused when inspected, naming the member."""
+    w = write_wheel(tmp_path, "tinylib", "1.0", {"tinylib/__init__.py": "", name: "x = 1\n"})
+    with pytest.raises(InvalidWheel, match="unsafe path") as ei:
+        inspect_wheel(w)
+    assert repr(name) in str(ei.value)
+    with pytest.raises(InvalidWheel, match="unsafe path"):
+        Repository(tmp_path / "repo").deploy_library(w)
+    assert not (tmp_path / "repo" / "_libs").exists()
+
+
 # --- repository ----------------------------------------------------------------------------------------
 
 

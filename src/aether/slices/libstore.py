@@ -49,6 +49,7 @@ from aether.slices.wheel import (
     WheelLimits,
     WheelRecord,
     evaluate_requirements,
+    unsafe_member,
 )
 
 __all__ = ["Candidate", "LibraryStore", "install_wheel", "unpack_pure_wheel"]
@@ -101,7 +102,7 @@ def unpack_pure_wheel(wheel: Path, target: Path, limits: WheelLimits = DEFAULT_W
         record = WheelRecord.read(zf, wheel)
         for info in zf.infolist():
             p = PurePosixPath(info.filename)
-            if p.is_absolute() or ".." in p.parts or "\\" in info.filename:
+            if unsafe_member(info.filename):
                 raise SliceLoadError(f"{wheel}: unsafe path {info.filename!r} in the wheel")
             parts = p.parts
             if parts and parts[0].endswith(".data") and len(parts) > 2:

@@ -55,7 +55,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.parser import HeaderParser
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
@@ -82,6 +82,7 @@ __all__ = [
     "inspect_wheel",
     "parse_entry_points",
     "sha256_file",
+    "unsafe_member",
 ]
 
 SLICES_GROUP = "aether.slices"
@@ -97,6 +98,13 @@ ZIP_READ_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,  # an encrypted member
 )
 """What reading a member of a damaged or hand-made zip raises (the wheel's fault, never ours)."""
+
+
+def unsafe_member(name: str) -> bool:
+    """Whether a zip member's name would land outside the directory a wheel is installed into
+    (an absolute path, a `..` part, a backslash)."""
+    p = PurePosixPath(name)
+    return p.is_absolute() or ".." in p.parts or "\\" in name
 
 
 _OBJECT_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
@@ -509,6 +517,12 @@ def inspect_wheel(
     with zf:
         limits.check(zf, path)
         names = zf.namelist()
+        for n in names:
+            if unsafe_member(n):
+                raise InvalidWheel(
+                    f"{path}: unsafe path {n!r} in the wheel: a member must stay inside the directory "
+                    "the wheel is installed into"
+                )
         metas = sorted({n.split("/")[0] for n in names if re.match(r"^[^/]+\.dist-info/METADATA\Z", n)})
         if not metas:
             raise InvalidWheel(f"{path}: not a wheel (no *.dist-info/METADATA)")
