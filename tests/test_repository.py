@@ -308,6 +308,36 @@ async def test_an_unreadable_or_unsafe_wheel_is_a_400_and_leaves_nothing(
         await service.stop()
 
 
+
+async def test_an_upload_that_loses_its_compare_and_set_to_a_version_deleted_since_is_not_created(
+    tmp_path: Path,
+) -> None:
+    """Seen: when the manifest's compare-and-set lost (another upload of the version won) and the
+    winner was deleted before this node looked, `_store` found nothing there, decided "new" and
+    the upload answered 201 created, though no manifest was written (the wheel was not there).
+    Now it tries the compare-and-set again: the version is stored."""
+    w = build_library_wheel(tmp_path / "w", "tinylib", "1.0")
+
+    class RacedStore(MemoryStore):
+        lost = 0
+
+        async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
+            if self.lost == 0 and new is not None:
+                self.lost += 1  # another upload won, and a delete removed its manifest since
+                return False
+            return await super().compare_and_set(key, expected, new, timeout)
+
+    store = RacedStore()
+    service = _service(tmp_path, store)
+    try:
+        data = w.read_bytes()
+        manifest, created = await service.upload(_bytes(data), w.name, declared=len(data))
+        assert store.lost == 1
+        assert created and store.get_local(ArtifactKey("tinylib", "1.0")) == manifest
+    finally:
+        await service.stop()
+
+
 # --- a cluster whose nodes have their own directories ------------------------------------------------
 
 

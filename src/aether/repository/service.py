@@ -315,12 +315,20 @@ class ArtifactService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        if await self.store.compare_and_set(key, None, manifest):
-            return True
-        # another upload of this version won the race: our replica applied it before the
-        # compare-and-set answered (the store answers once the local replica applied the slot)
-        existing = self.store.get_local(key)
-        return core.decide(existing, manifest) == "new"
+        for _ in range(3):
+            if await self.store.compare_and_set(key, None, manifest):
+                return True
+            # another upload of this version won the race: our replica applied it before the
+            # compare-and-set answered (the store answers once the local replica applied the slot)
+            existing = self.store.get_local(key)
+            if existing is not None:
+                core.decide(existing, manifest)  # the same bytes, or ArtifactConflict
+                return False
+            # ...and a delete removed it since: nothing is stored yet, try again
+        raise ArtifactConflict(
+            f"{manifest.project} {manifest.version} was uploaded and deleted by others while this upload "
+            "ran; try again"
+        )
 
     async def _retrying(self, op: Callable[[], Awaitable[_T]]) -> _T:
         """`op()` again while the map answers `MapUnavailable`, for up to `map_budget` seconds (a
