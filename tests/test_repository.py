@@ -125,6 +125,25 @@ def test_decide_new_same_or_conflict() -> None:
         core.decide(None, new, [_manifest(project="other", filename="other-0.1.0-py3-none-any.whl")])
 
 
+
+def test_deployed_by_names_the_blueprints_and_active_rollouts_using_a_version() -> None:
+    from aether.kv.keys import BlueprintSlice, BlueprintValue, RolloutValue
+
+    bps = [
+        ("blueprints/shop", BlueprintValue([BlueprintSlice("org.example:hello:0.1.0", 2)])),
+        ("blueprints/other", BlueprintValue([BlueprintSlice("org.example:hello:0.3.0", 1)])),
+    ]
+
+    def rollout(state: str) -> RolloutValue:
+        return RolloutValue("r1", "org.example:hello", "0.1.0", "0.2.0", "rolling", state, 2, 1, 1)
+
+    assert core.deployed_by("org.example:hello:0.1.0", bps) == ["blueprint shop"]
+    assert core.deployed_by("org.example:hello:0.2.0", bps, [rollout("progressing")]) == [
+        "rollout r1 of org.example:hello"
+    ]
+    assert core.deployed_by("org.example:hello:0.2.0", bps, [rollout("succeeded")]) == []
+    assert core.deployed_by("org.example:hello:0.9.0", bps, [rollout("paused")]) == []
+
 def test_reading_helpers() -> None:
     ms = [
         _manifest(),
@@ -525,6 +544,40 @@ async def test_a_corrupted_cache_is_fetched_again(cluster: Cluster, tmp_path: Pa
     again = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
     assert again == path and path.read_bytes() == w.read_bytes()
     assert repo.dependencies("org.example:hello:0.1.0") == {}
+
+
+
+async def test_the_wheel_of_a_deployed_slice_is_not_deleted(cluster: Cluster, tmp_path: Path) -> None:
+    """Seen: deleting the version a blueprint runs answered 200 and removed the wheel from the
+    cluster and from the deleting node's directory: its running instances stayed, but a node
+    that restarts (or lost its directory, or joins) could never load the slice again. Now the
+    delete is a 409 naming the blueprint while one wants the version; after undeploy it goes."""
+    w = _hello(tmp_path / "w")
+    assert (await cluster.upload(0, w))[0] == 201
+    coords = Artifact.parse("org.example:hello:0.1.0")
+    n0 = cluster.nodes[0]
+    await n0.deployments.deploy(coords, 3)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 60
+    while not all(n.slice_runtime.local_instances(coords) for n in cluster.nodes):
+        assert loop.time() < end, [n.kv.list_local("slices/") for n in cluster.nodes]
+        await asyncio.sleep(0.1)
+    cached = cluster.repos[0] / "org" / "example" / "hello" / "0.1.0" / w.name
+    assert cached.is_file()
+    for url in (f"{P}/artifacts/hello/0.1.0", f"{P}/maven/org/example/hello/0.1.0/"):
+        async with cluster.session.delete(cluster.url(0, url)) as r:
+            doc = await r.json(content_type=None)
+            assert r.status == 409, doc
+        assert "org.example:hello:0.1.0 is deployed" in doc["detail"] and "undeploy" in doc["detail"], doc
+    assert [m["version"] for m in await cluster.manifests(0)] == ["0.1.0"] and cached.is_file()
+    await n0.deployments.undeploy(str(coords))
+    end = loop.time() + 10
+    while any(k.startswith("blueprints/") for k, _ in n0.kv.list_local("blueprints/")):
+        assert loop.time() < end
+        await asyncio.sleep(0.05)
+    async with cluster.session.delete(cluster.url(0, f"{P}/artifacts/hello/0.1.0")) as r:
+        assert r.status == 200, await r.text()
+    assert await cluster.manifests(0) == []
 
 
 async def test_bootstrap_publishes_the_local_directory(tmp_path: Path) -> None:

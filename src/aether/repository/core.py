@@ -30,7 +30,7 @@ from packaging.version import Version as PepVersion
 from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec, PartitionTable
-from aether.kv.keys import ArtifactKey, ArtifactManifest
+from aether.kv.keys import ArtifactKey, ArtifactManifest, BlueprintValue, RolloutValue
 from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
 from aether.slices.wheel import WheelInfo
 
@@ -44,6 +44,7 @@ __all__ = [
     "chunk_count",
     "chunk_key",
     "decide",
+    "deployed_by",
     "find_slice",
     "key_of",
     "library_closure",
@@ -230,6 +231,29 @@ def decide(
                     f"{new.filename} declares the same coordinates"
                 )
     return "new"
+
+
+_ROLLOUT_ACTIVE = frozenset({"progressing", "paused"})
+
+
+def deployed_by(
+    coords: str, blueprints: Iterable[tuple[str, object]], rollouts: Iterable[object] = ()
+) -> list[str]:
+    """What keeps the slice `coords` deployed: the blueprints naming it (`(key, value)` pairs of
+    the store's `blueprints/`) and the active rollouts from or to it. A version in use is not
+    deleted: a node that restarts, lost its directory or joins could not load it any more."""
+    users: list[str] = []
+    for key, bp in blueprints:
+        if isinstance(bp, BlueprintValue) and any(s.artifact == coords for s in bp.slices):
+            users.append(f"blueprint {key.removeprefix('blueprints/')}")
+    for r in rollouts:
+        if (
+            isinstance(r, RolloutValue)
+            and r.state in _ROLLOUT_ACTIVE
+            and coords in (f"{r.artifact}:{r.old_version}", f"{r.artifact}:{r.new_version}")
+        ):
+            users.append(f"rollout {r.id} of {r.artifact}")
+    return users
 
 
 # --- reading ----------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.files import make_private_dirs
 from aether.core.maps import MapDefinitionConflict, MapSpec, MapUnavailable, PartitionTable
-from aether.kv.keys import ArtifactKey, ArtifactManifest
+from aether.kv.keys import ArtifactKey, ArtifactManifest, BlueprintKey, RolloutKey
 from aether.repository import core
 from aether.repository.errors import ArtifactConflict, ArtifactMissing, RepositoryUnavailable
 from aether.slices.errors import InvalidWheel
@@ -433,11 +433,24 @@ class ArtifactService:
 
     async def delete(self, project: str, version: str) -> ArtifactManifest:
         """Remove a version: the manifest first (with compare-and-set: it is gone for everyone at
-        once), then its chunks (unless another version has the same bytes) and the cached copy."""
+        once), then its chunks (unless another version has the same bytes) and the cached copy.
+        A slice version a blueprint or an active rollout uses is refused (`ArtifactConflict`)."""
         key = ArtifactKey(project, version)
         current = self.store.get_local(key)  # a stale one fails the compare-and-set: try again
         if not isinstance(current, ArtifactManifest):
             raise ArtifactMissing(f"{project} {version} is not in the cluster's repository")
+        if current.coords is not None:
+            users = core.deployed_by(
+                current.coords,
+                self.store.list_local(BlueprintKey.prefix),
+                (v for _, v in self.store.list_local(RolloutKey.prefix)),
+            )
+            if users:
+                raise ArtifactConflict(
+                    f"{current.coords} is deployed ({', '.join(users)}): undeploy it, or roll it out "
+                    "to another version, before deleting its wheel (a node that restarts or joins "
+                    "could not load it any more)"
+                )
         if not await self.store.compare_and_set(key, current, None):
             raise ArtifactConflict(f"{project} {version} changed while it was being deleted; try again")
         if not any(m.sha256 == current.sha256 for m in self.manifests()):
