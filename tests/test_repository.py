@@ -357,6 +357,51 @@ async def test_an_upload_that_loses_its_compare_and_set_to_a_version_deleted_sin
         await service.stop()
 
 
+
+@pytest.mark.parametrize("full", ["work", "cache"])
+async def test_a_full_disk_is_a_503_naming_it_and_leaves_no_partial_wheel(tmp_path: Path, full: str) -> None:
+    """A full disk (a 1 MiB tmpfs; needs root) under the upload's work directory or the node's
+    cache: nothing half-written stays to be served later (checked), and the answer names the
+    problem. Seen: the OSError (ENOSPC) escaped the upload and the fetch as an internal error
+    (500, 'see the node log')."""
+    import os
+
+    from aether.core.problem import problem_for
+    from test_disk_faults import tiny_filesystem
+
+    w = write_wheel(
+        tmp_path / "w", "biglib", "1.0", {"biglib/__init__.py": "", "biglib/blob.bin": os.urandom(3 << 20)}
+    )
+    data = w.read_bytes()
+    (tmp_path / "cache").mkdir()
+    with tiny_filesystem(tmp_path / full, "1m"):
+        service = _service(tmp_path)
+        try:
+            if full == "work":
+                with pytest.raises(Exception) as ei:
+                    await service.upload(_bytes(data), w.name, declared=len(data))
+                assert service.manifests() == [] and service.maps.data.get(core.MAP_NAME, {}) == {}
+            else:
+                m, created = await service.upload(_bytes(data), w.name, declared=len(data))
+                assert created  # stored in the cluster; only the node's own copy did not fit
+                with pytest.raises(Exception) as ei:
+                    await service.fetch(m)
+            problem = problem_for(ei.value)
+            assert problem.status == 503 and "no space left" in problem.detail.lower(), problem
+            assert str(tmp_path / full) in problem.detail
+            leftovers = [p for p in (tmp_path / full).rglob("*") if p.is_file()]
+            assert leftovers == [], leftovers
+        finally:
+            await service.stop()
+    if full == "cache":  # room again: fetched whole
+        service = _service(tmp_path, service.store, service.maps)
+        try:
+            path = await service.fetch(m)
+            assert path.read_bytes() == data
+        finally:
+            await service.stop()
+
+
 # --- a cluster whose nodes have their own directories ------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -94,6 +95,17 @@ def _inspect(path: Path, limits: WheelLimits) -> WheelInfo:
     except _CORRUPT as e:
         raise InvalidWheel(f"{path.name}: corrupt wheel ({e})") from None
     return info
+
+
+def _no_space(e: BaseException, where: Path, what: str) -> BaseException:
+    """A full disk (ENOSPC, EDQUOT) as `RepositoryUnavailable` (503) naming the directory; any
+    other error as it is."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RepositoryUnavailable(
+            f"no space left on the node's disk for {what} (in {where}: {e.strerror}); nothing of it "
+            "was kept: free some space, or use another node"
+        )
+    return e
 
 
 def cache_path(cache: Repository, manifest: ArtifactManifest) -> Path:
@@ -260,14 +272,20 @@ class ArtifactService:
         `HashMismatch`, `UploadTooLarge`, `ArtifactConflict`; nothing is visible unless it succeeds."""
         core.wheel_filename(filename)
         meter = core.UploadMeter(self.max_upload, declared=declared, expected_sha256=sha256)
-        make_private_dirs(self.work_dir)
-        tmpdir = Path(tempfile.mkdtemp(prefix="upload-", dir=self.work_dir))
+        try:
+            make_private_dirs(self.work_dir)
+            tmpdir = Path(tempfile.mkdtemp(prefix="upload-", dir=self.work_dir))
+        except OSError as e:
+            raise _no_space(e, self.work_dir, f"the upload of {filename}") from None
         path = tmpdir / filename
         try:
-            with open(path, "wb") as out:
-                async for data in body:
-                    meter.feed(data)
-                    out.write(data)
+            try:
+                with open(path, "wb") as out:
+                    async for data in body:
+                        meter.feed(data)
+                        out.write(data)
+            except OSError as e:
+                raise _no_space(e, self.work_dir, f"the upload of {filename}") from None
             digest = meter.finish()
             info = await asyncio.to_thread(_inspect, path, self.cache.wheel_limits)
             manifest = core.manifest_for(
@@ -401,8 +419,12 @@ class ArtifactService:
             and await asyncio.to_thread(sha256_file, dest) == manifest.sha256
         ):
             return dest
-        make_private_dirs(dest.parent)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".whl", dir=dest.parent)
+        what = f"fetching {manifest.filename}"
+        try:
+            make_private_dirs(dest.parent)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".whl", dir=dest.parent)
+        except OSError as e:
+            raise _no_space(e, dest.parent, what) from None
         try:
             h = hashlib.sha256()
             size = 0
@@ -419,8 +441,11 @@ class ArtifactService:
                     f"not {manifest.sha256[:12]}…"
                 )
             os.replace(tmp, dest)
-        except BaseException:
+        except BaseException as e:
             Path(tmp).unlink(missing_ok=True)
+            full = _no_space(e, dest.parent, what)
+            if full is not e:
+                raise full from None
             raise
         if manifest.coords is not None:  # one wheel per version directory
             for other in dest.parent.glob("*.whl"):
