@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Final, TypeVar
 
+import aiohttp
 import msgspec
 from aiohttp import web
 from packaging.utils import canonicalize_name
@@ -67,15 +68,27 @@ class RepositoryRoutes:
     # --- helpers ------------------------------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
-        """The request body as it arrives; 408 if the client sends nothing for `idle_timeout`."""
+        """The request body as it arrives; 408 if the client sends nothing for `idle_timeout`; a
+        400 (logged as one line, not as an internal error) if the client closes the connection
+        before the body's end."""
+        received = 0
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
                     data = await request.content.read(_READ_SIZE)
             except TimeoutError:
                 raise RequestTimeout(f"no upload data received for {self.idle_timeout:g} s") from None
+            except (ConnectionError, aiohttp.ClientPayloadError) as e:
+                self.service.log.info(
+                    "upload %s cut off after %d bytes (%s); nothing was stored", request.path, received, e
+                )
+                raise BadRequest(
+                    f"the upload was cut off after {received} bytes (the connection closed: {e}); "
+                    "nothing was stored"
+                ) from None
             if not data:
                 return
+            received += len(data)
             yield data
 
     async def _upload(
