@@ -22,6 +22,7 @@ from aether.maps.messages import (
     Replicate,
     ReplicateAck,
     SyncChunk,
+    SyncRequest,
 )
 from aether.maps.partitioning import activate, owners_for, partition_of
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE, Record
@@ -1353,3 +1354,52 @@ def test_a_compare_and_set_whose_two_values_do_not_fit_one_message_is_refused_at
     net.settle()
     assert net.results[3] == (half, True)
     assert not net.oversized, net.oversized
+
+
+def test_a_map_defined_before_the_takeovers_push_arrives_counts_once_it_does(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node came up late: a primary took its partitions over without it (the other replica's
+    acknowledgement sufficed) and its push to the latecomer was still on the way when a new map
+    was defined. The latecomer learned the map first: its empty copy counted only where it held
+    the takeover already, and the push that came next made it hold the partition but not the
+    map. The primary died before anything repaired that: the survivors' takeovers of those
+    partitions found one counting copy of the two they need, and every partition they took over
+    waited `force_after` (10 s) and went on saying writes may be lost (seen in the etcd process
+    test after a kill -9 of the map's primary ~30 ms after the map was created)."""
+    net = Net(3, joined=2)
+    late, doomed = net.ids[2], net.ids[1]
+    held: list[tuple[str, str, Any]] = []
+
+    def hold(src: str, dst: str, msg: Any) -> bool:
+        if (src, dst) == (doomed, late) and isinstance(msg, Push):
+            held.append((src, dst, msg))
+            return True
+        return False
+
+    net.drop = hold
+    net.join(late)
+    net.settle(1.0)
+    core = net.cores[doomed]
+    assert not core._promotions, "the primary took its partitions over without the latecomer"
+    assert held, "its push to the latecomer is still on the way"
+    spec = MapSpec()
+    net.run(late, net.cores[late].define("m2", spec, MemoryStorage(), net.now, new=True))
+    # (its request for the primary's copy, which would repair it, goes unanswered: the primary dies)
+    net.drop = lambda src, dst, msg: (src, dst) == (late, doomed) and isinstance(msg, SyncRequest)
+    net.queue.extend(held)
+    net.pump()
+    for i in (net.ids[0], doomed):
+        net.run(i, net.cores[i].define("m2", spec, MemoryStorage(), net.now, new=True))
+    net.pump()
+    key = next(k for k in (f"k{i}" for i in range(200)) if net.primary_of(k) == doomed)
+    net.submit(net.ids[0], 1, OP_PUT, key, b"v", name="m2")
+    net.settle(0.2)
+    assert net.results[1] == (None, True)
+    _go_down(net, doomed)  # (the survivors take its partitions over within these 2.5 s)
+    stalled = [c._takeover_status(min(prom.parts)) for c in net.cores.values() for prom in c._promotions]
+    assert not stalled, stalled
+    assert "lost their copy" not in caplog.text
+    net.submit(late, 2, OP_GET, key, name="m2")
+    net.settle(0.5)
+    assert net.results[2] == (b"v", True)

@@ -435,6 +435,10 @@ class MapCore:
         # became active (it took the partition over at that version, or acknowledged that takeover's
         # push): its copy counts towards a takeover's quorum only for those
         self.held: dict[tuple[str, int], set[int]] = {}
+        # maps this node learned while running (`define` with `new`): it refused their writes until
+        # it held them, so an empty copy of one holds every configuration whose takeover this
+        # process acknowledged, also one acknowledged after it learned the map (`_hold_learned`)
+        self._learned: set[str] = set()
         self.fence = [0] * partitions  # the newest primary epoch this node knows, per partition
         self.prims: dict[int, _Primary] = {}
         self._promotions: list[_Promotion] = []
@@ -590,6 +594,7 @@ class MapCore:
             self.engines[name] = engine
             self.ops[name] = {}
             self._drop_incoming(name)  # pieces of pushes into the engine it had
+            self._learned.discard(name)
             for (n, q) in [k for k in self.held if k[0] == name]:
                 del self.held[(n, q)]
             try:
@@ -605,6 +610,7 @@ class MapCore:
                         if n == "" and q not in filled:
                             for v in versions:
                                 self._hold(name, q, v)
+                    self._learned.add(name)
             except Exception as e:
                 self._storage_failed(name, e)
         for prom in self._promotions:
@@ -663,6 +669,7 @@ class MapCore:
             self._finish(c, Fail(c.op_id, UnknownMap(why)))
         self.specs.pop(name, None)
         self.created.pop(name, None)
+        self._learned.discard(name)
         self.ops.pop(name, None)
         self.broken.pop(name, None)
         for key in [k for k in self.held if k[0] == name]:
@@ -1212,6 +1219,9 @@ class MapCore:
         self._drop_incoming()  # pushes of which some pieces arrived before: they would be applied as a whole
         for name, p in list(self.held):  # its copies count again only for takeovers from now on
             self._unhold(name, p)
+        # (this process acknowledged writes of those maps, maybe at a configuration whose push of
+        # the partition is still to come: their emptied copies count again only once pushed)
+        self._learned.clear()
         table = self.table
         if table is not None:
             mine = {p for p in range(table.partitions) if table.primary(p) == self.node_id}
@@ -1781,6 +1791,7 @@ class MapCore:
             for p in msg.partitions:
                 self._raise_fence(p, msg.epoch)
                 self._hold("", p, msg.epoch)
+            self._hold_learned(msg.partitions, msg.epoch)
             self._send(sender, PushAck(msg.id, True))
             return
         why: str | None = self._push_refused(
@@ -1791,6 +1802,27 @@ class MapCore:
                 msg.map, msg.epoch, msg.partitions, msg.items, msg.ops, msg.deletes, msg.full
             )
         self._send(sender, PushAck(msg.id, why is None, why))
+
+    def _hold_learned(self, parts: list[int], version: int) -> None:
+        """This node acknowledges the takeover of `parts` at `version` (the push of the partition
+        itself): the maps it learned while running hold that configuration where their copy is
+        empty, as `define` makes them hold the takeovers acknowledged before. Until now it refused
+        their writes there (it did not hold them), so the empty copy holds all it acknowledged.
+        Otherwise it would count only once the primary answered its request for the copy (`_pull`,
+        every 2 s), and a primary that died first would leave a copy too few for the next
+        takeover (which then waits `force_after`)."""
+        for name in sorted(self._learned):
+            engine = self.engines.get(name)
+            if engine is None or name in self.broken:
+                continue
+            try:
+                filled = engine.partitions()
+            except Exception as e:
+                self._storage_failed(name, e)
+                continue
+            for p in parts:
+                if p not in filled:
+                    self._hold(name, p, version)
 
     def _push_refused(
         self, name: str, epoch: int, partitions: list[int], items: list[tuple[int, str, Record]], ops: OpIds,
