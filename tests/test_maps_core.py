@@ -1403,3 +1403,92 @@ def test_a_map_defined_before_the_takeovers_push_arrives_counts_once_it_does(
     net.submit(late, 2, OP_GET, key, name="m2")
     net.settle(0.5)
     assert net.results[2] == (b"v", True)
+
+
+def test_a_piece_acknowledgement_undone_by_a_failed_commit_is_a_refusal_of_that_piece(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The map service turns a turn's acknowledgements into refusals when its commit fails
+    (`_unacknowledged`). For a piece of a push, the refusal lost the piece's stream: the primary
+    took it for the answer of a node of an earlier version, logged that the replica gets no copy
+    from it until upgraded, and ignored it. It stays the answer to that piece: the primary sends
+    the piece again, without the false warning, and the push completes."""
+    from aether.maps.service import _unacknowledged
+
+    net = Net(piece_bytes=2048)
+    _filled(net, 60, 300)
+    victim = net.ids[2]
+    undone: list[PushAck] = []
+
+    def fail_first_commit(src: str, dst: str, msg: Any) -> bool:
+        if src == victim and isinstance(msg, PushAck) and msg.ok and msg.stream and not undone:
+            refusal = _unacknowledged(Send(dst, msg), f"{victim}: committing map writes failed").msg
+            undone.append(refusal)
+            net.queue.append((src, dst, refusal))
+            return True
+        return False
+
+    net.drop = fail_first_commit
+    _restart(net, victim, Full(), 77)
+    net.settle(4.0)
+    assert undone, "a piece's acknowledgement was undone"
+    assert "earlier version" not in caplog.text
+    assert not undone[0].ok and undone[0].stream, undone
+    core = net.cores[victim]
+    for p in range(P):
+        assert core._holds("m", p, net.table.active[p]), p
+        assert _records(net.engines[victim], p) == _records(net.engines[net.table.primary(p)], p), p
+
+
+def test_a_push_in_pieces_whose_application_a_failed_commit_undid_is_not_acknowledged_again() -> None:
+    """A replica applied the last piece of a push, but the acknowledgement was lost and the commit
+    of that turn failed (the service undoes the turn's writes and the map is out of service there
+    until its storage works and it copies everything again). The primary sends the last piece
+    again: the replica answered it as applied (it remembers the pushes it applied, so that a lost
+    acknowledgement does not make it take the push again) and the primary counted a copy that
+    was not there towards its write quorum. It is refused now; so is one that arrives after the
+    node dropped its copies (`forget_data`)."""
+    net = Net(piece_bytes=2048)
+    _filled(net, 60, 300)
+    victim = net.ids[2]
+    lost: list[tuple[str, str, Any]] = []
+    answers: list[PushAck] = []
+
+    def watch(src: str, dst: str, msg: Any) -> bool:
+        if src == victim and isinstance(msg, PushAck) and msg.stream:
+            answers.append(msg)
+            if msg.ok and not lost:
+                pushed = next(m for s, d, m in sent if (s, d) == (dst, victim) and m.id == msg.id)
+                if pushed.last:
+                    lost.append((dst, victim, pushed))
+                    return True
+        if dst == victim and isinstance(msg, Push) and msg.stream:
+            sent.append((src, dst, msg))
+        return False
+
+    sent: list[tuple[str, str, Any]] = []
+    net.drop = watch
+    _restart(net, victim, Full(), 77)
+    for _ in range(100):
+        if lost:
+            break
+        if not net.step():
+            net.tick()
+    assert lost, "no last piece was applied"
+    core = net.cores[victim]
+    primary, _dst, last = lost[0]
+    # the turn's commit fails: its writes are undone (as the service's engines do) and the map stops
+    for p in last.covers:
+        net.engines[victim].drop(p)
+    net.run(victim, core.storage_failed("m", OSError(5, "Input/output error"), net.now))
+    answers.clear()
+    net.run(victim, core.receive(primary, last, net.now, int(net.now * 1000)))
+    ack = next(a for s, _d, a in net.queue if s == victim and isinstance(a, PushAck) and a.id == last.id)
+    assert not ack.ok, "the replica acknowledged a push it no longer has"
+    # the same after the node dropped its copies (its storage works again)
+    net.queue.clear()
+    core.broken.clear()
+    core.forget_data("test")
+    net.run(victim, core.receive(primary, last, net.now, int(net.now * 1000)))
+    ack = next(a for s, _d, a in net.queue if s == victim and isinstance(a, PushAck) and a.id == last.id)
+    assert not ack.ok, "the replica acknowledged a push it dropped"

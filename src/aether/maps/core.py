@@ -452,7 +452,7 @@ class MapCore:
         self._outcomes: OrderedDict[OpId, tuple[bytes | None, bool]] = OrderedDict()
         self._pushes: dict[int, _PushState] = {}  # the id of the piece in flight -> its push
         self._incoming: dict[tuple[str, int], _Incoming] = {}  # (sender, stream) -> pieces kept so far
-        self._received: OrderedDict[tuple[str, int], None] = OrderedDict()  # pushes in pieces applied
+        self._received: OrderedDict[tuple[str, int], str] = OrderedDict()  # pushes in pieces applied -> map
         self._checks: dict[int, tuple[int, _Check]] = {}  # ReadCheck id -> (partition, round)
         self.ops: dict[str, dict[int, dict[OpId, int]]] = {}  # map -> partition -> applied op id -> wall ms
         self.has_quorum = True
@@ -1887,13 +1887,15 @@ class MapCore:
         def ack(ok: bool, why: str | None, nxt: int) -> None:
             self._send(sender, PushAck(msg.id, ok, why, msg.stream, nxt))
 
-        if key in self._received:  # applied already: the acknowledgement of the last piece was lost
-            ack(True, None, msg.piece + 1)
-            return
+        # (refused first: a push applied here whose map failed since, its writes undone, is no
+        # longer held; nor is one applied before the node dropped its copies, which forgets it)
         why = self._push_refused(msg.map, msg.epoch, msg.covers, msg.items, msg.ops, msg.created)
         if why is not None:
             self._incoming.pop(key, None)
             ack(False, why, 0)
+            return
+        if key in self._received:  # applied already: the acknowledgement of the last piece was lost
+            ack(True, None, msg.piece + 1)
             return
         inc = self._incoming.get(key)
         if inc is None:
@@ -1926,15 +1928,18 @@ class MapCore:
         del self._incoming[key]
         why = self._apply_push(inc.name, inc.epoch, inc.parts, inc.items, inc.ops, inc.deletes, inc.full)
         if why is None:
-            self._received[key] = None
+            self._received[key] = inc.name
             while len(self._received) > _RECEIVED:
                 self._received.popitem(last=False)
         ack(why is None, why, inc.next)
 
     def _drop_incoming(self, name: str | None = None) -> None:
-        """Forget pushes still arriving in pieces (of map `name`; None: all)."""
+        """Forget pushes still arriving in pieces, and those applied (of map `name`; None: all):
+        the copy they went into is gone."""
         for k in [k for k, inc in self._incoming.items() if name is None or inc.name == name]:
             del self._incoming[k]
+        for k in [k for k, n in self._received.items() if name is None or n == name]:
+            del self._received[k]
 
     def _on_push_ack(self, sender: str, msg: PushAck) -> None:
         ps = self._pushes.get(msg.id)

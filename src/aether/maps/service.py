@@ -1000,7 +1000,9 @@ def _unacknowledged(action: Any, why: str) -> Any:
         if isinstance(msg, ReplicateAck) and msg.ok:
             return Send(action.peer, ReplicateAck(msg.id, False, why))
         if isinstance(msg, PushAck) and msg.ok:
-            return Send(action.peer, PushAck(msg.id, False, why))
+            # (a piece's refusal still names its stream and the piece expected: without them the
+            # primary takes it for the answer of a node of an earlier version)
+            return Send(action.peer, msgspec.structs.replace(msg, ok=False, reason=why))
     return action
 
 
