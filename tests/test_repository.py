@@ -30,6 +30,7 @@ from aether.slices.testing import (
     LocalMaps,
     build_library_wheel,
     build_slice_wheel,
+    damage_wheel_member,
     isolated_imports,
     write_wheel,
 )
@@ -266,25 +267,6 @@ async def _bytes(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-def _patch_member(wheel: Path, member: str, *, flags: int = 0, method: int | None = None) -> Path:
-    """Set general-purpose `flags` bits and/or the compression `method` of `member` in its local
-    header and its central-directory entry."""
-    raw = bytearray(wheel.read_bytes())
-    with zipfile.ZipFile(wheel) as zf:
-        info = zf.getinfo(member)
-    headers = [(info.header_offset, 6, 8)]
-    i = raw.find(b"PK\x01\x02")
-    while i != -1:
-        n = int.from_bytes(raw[i + 28 : i + 30], "little")
-        if raw[i + 46 : i + 46 + n] == member.encode():
-            headers.append((i, 8, 10))
-        i = raw.find(b"PK\x01\x02", i + 1)
-    for at, f, m in headers:
-        raw[at + f] |= flags
-        if method is not None:
-            raw[at + m : at + m + 2] = method.to_bytes(2, "little")
-    wheel.write_bytes(bytes(raw))
-    return wheel
 
 
 @pytest.mark.parametrize(
@@ -311,9 +293,9 @@ async def test_an_unreadable_or_unsafe_wheel_is_a_400_and_leaves_nothing(
         files["/tmp/evil.py"] = "x = 1\n"
     w = write_wheel(tmp_path / "w", "tinylib", "1.0", files)
     if damage == "encrypted":
-        _patch_member(w, "tinylib/data.py", flags=0x1)
+        damage_wheel_member(w, "tinylib/data.py", flags=0x1)
     elif damage == "method":
-        _patch_member(w, "tinylib/data.py", method=6)
+        damage_wheel_member(w, "tinylib/data.py", method=6)
     service = _service(tmp_path)
     try:
         data = w.read_bytes()

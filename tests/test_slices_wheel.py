@@ -12,7 +12,7 @@ from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest
 from aether.slices import ArtifactNotFound, InvalidWheel, NotASliceWheel
 from aether.slices.repository import Repository, default_root
-from aether.slices.testing import build_library_wheel, build_slice_wheel, write_wheel
+from aether.slices.testing import build_library_wheel, build_slice_wheel, damage_wheel_member, write_wheel
 from aether.slices.wheel import aether_version, inspect_wheel, parse_entry_points
 
 pytestmark = pytest.mark.timeout(30)
@@ -178,25 +178,6 @@ def test_descriptor_declared_twice(tmp_path: Path) -> None:
 
 
 
-def _patch_member(wheel: Path, member: str, *, flags: int = 0, method: int | None = None) -> Path:
-    """Set general-purpose `flags` bits and/or the compression `method` of `member`, in its local
-    header and its central-directory entry (what a damaged or hand-made zip can carry)."""
-    raw = bytearray(wheel.read_bytes())
-    with zipfile.ZipFile(wheel) as zf:
-        info = zf.getinfo(member)
-    headers = [(info.header_offset, 6, 8)]  # local header: flags at +6, method at +8
-    i = raw.find(b"PK\x01\x02")
-    while i != -1:  # central directory entries: flags at +8, method at +10
-        n = int.from_bytes(raw[i + 28 : i + 30], "little")
-        if raw[i + 46 : i + 46 + n] == member.encode():
-            headers.append((i, 8, 10))
-        i = raw.find(b"PK\x01\x02", i + 1)
-    for at, f, m in headers:
-        raw[at + f] |= flags
-        if method is not None:
-            raw[at + m : at + m + 2] = method.to_bytes(2, "little")
-    wheel.write_bytes(bytes(raw))
-    return wheel
 
 
 @pytest.mark.parametrize("damage", ["crc", "encrypted", "method"])
@@ -214,9 +195,9 @@ def test_a_damaged_metadata_member_is_an_invalid_wheel(tmp_path: Path, damage: s
         raw[start + info.compress_size // 2] ^= 0x55
         w.write_bytes(bytes(raw))
     elif damage == "encrypted":
-        _patch_member(w, meta, flags=0x1)
+        damage_wheel_member(w, meta, flags=0x1)
     else:
-        _patch_member(w, meta, method=6)  # "implode": not supported by zipfile
+        damage_wheel_member(w, meta, method=6)  # "implode": not supported by zipfile
     with pytest.raises(InvalidWheel, match=r"tinylib-1\.0-py3-none-any\.whl: .*METADATA"):
         inspect_wheel(w)
 
@@ -232,9 +213,9 @@ def test_installing_an_unreadable_member_is_a_load_error(tmp_path: Path, damage:
 
     w = build_library_wheel(tmp_path, "tinylib", "1.0", {"tinylib/__init__.py": "X = 1\n" * 50})
     if damage == "encrypted":
-        _patch_member(w, "tinylib/__init__.py", flags=0x1)
+        damage_wheel_member(w, "tinylib/__init__.py", flags=0x1)
     else:
-        _patch_member(w, "tinylib/__init__.py", method=6)
+        damage_wheel_member(w, "tinylib/__init__.py", method=6)
     target = tmp_path / "libs" / "tinylib==1.0"
     with pytest.raises(SliceLoadError, match=r"tinylib-1\.0-py3-none-any\.whl: damaged wheel"):
         install_wheel(w, target)

@@ -49,6 +49,7 @@ __all__ = [
     "StoreInvoker",
     "build_library_wheel",
     "build_slice_wheel",
+    "damage_wheel_member",
     "default_module_name",
     "isolated_imports",
     "wheel_version",
@@ -355,3 +356,25 @@ class LocalMaps:
     async def map_keys(self, name: str, prefix: str = "") -> list[str]:
         keys = [k for k in list(self._map(name)) if k.startswith(prefix)]
         return sorted(k for k in keys if self._live(name, k) is not None)
+
+
+def damage_wheel_member(wheel: Path, member: str, *, flags: int = 0, method: int | None = None) -> Path:
+    """Set general-purpose `flags` bits (e.g. 0x1: encrypted) and/or the compression `method` of
+    `member` of `wheel`, in its local header and its central-directory entry, in place: what a
+    damaged or hand-made zip can carry (for tests of how such a wheel is refused)."""
+    raw = bytearray(wheel.read_bytes())
+    with zipfile.ZipFile(wheel) as zf:
+        info = zf.getinfo(member)
+    headers = [(info.header_offset, 6, 8)]  # local header: flags at +6, method at +8
+    i = raw.find(b"PK\x01\x02")
+    while i != -1:  # central directory entries: flags at +8, method at +10
+        n = int.from_bytes(raw[i + 28 : i + 30], "little")
+        if raw[i + 46 : i + 46 + n] == member.encode():
+            headers.append((i, 8, 10))
+        i = raw.find(b"PK\x01\x02", i + 1)
+    for at, f, m in headers:
+        raw[at + f] |= flags
+        if method is not None:
+            raw[at + m : at + m + 2] = method.to_bytes(2, "little")
+    wheel.write_bytes(bytes(raw))
+    return wheel
