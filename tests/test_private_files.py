@@ -236,3 +236,47 @@ def test_local_cluster_files_are_private(make_local_cluster: Callable[..., Local
     r = c.stop()
     assert r.returncode == 0, r.stdout + r.stderr
     assert loose(c.dir) == []
+
+
+def test_replace_private_syncs_the_file_and_its_directory_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`sync=True` (what a map's definition record needs: after a power cut an old record would
+    have the new map's files deleted) fsyncs the new content before the rename and the directory
+    after it; without it nothing is synced."""
+    from aether.core import files
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "m.def"
+    files.replace_private(target, b"7\n")
+    assert synced == [] and target.read_bytes() == b"7\n"
+    files.replace_private(target, b"9\n", sync=True)
+    assert target.read_bytes() == b"9\n" and (target.stat().st_mode & 0o777) == 0o600
+    assert synced == [str(tmp_path / "m.def.tmp"), str(tmp_path)]
+    assert not (tmp_path / "m.def.tmp").exists()
+
+
+def test_a_maps_definition_record_is_written_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aether.maps import service
+
+    calls: list[dict[str, object]] = []
+    real = service.replace_private
+
+    def spy(path: Path, data: bytes, **kw: object) -> None:
+        calls.append({"path": Path(path).name, **kw})
+        real(path, data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "replace_private", spy)
+    svc = service.MapService.__new__(service.MapService)
+    svc.data_dir = tmp_path
+    svc.log = logging.getLogger("test")
+    svc._claim_files("m", 12)
+    assert calls == [{"path": "m.def", "sync": True}]
+    assert (tmp_path / "m.def").read_text() == "12\n"

@@ -165,16 +165,26 @@ def write_private(path: Path | str, data: bytes) -> None:
         os.close(fd)
 
 
-def replace_private(path: Path | str, data: bytes) -> None:
+def replace_private(path: Path | str, data: bytes, *, sync: bool = False) -> None:
     """Make `data` the content of `path` (0600) in one step: written to ``PATH.tmp``, then renamed
     over `path`, so a reader (or a restart after a kill, or a write that failed on a full disk)
-    finds the old content or the new, never a file cut short. Not synced: a power cut may keep the
-    old content."""
+    finds the old content or the new, never a file cut short. Not synced unless `sync` (the file
+    before the rename, its directory after): without it a power cut may keep the old content."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        write_private(tmp, data)
+        if sync:
+            fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        else:
+            write_private(tmp, data)
         os.replace(tmp, path)
+        if sync:
+            fsync_dir(path.parent)
     except BaseException:
         try:
             tmp.unlink(missing_ok=True)

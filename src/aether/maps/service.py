@@ -570,7 +570,9 @@ class MapService:
             for path in stale:
                 path.unlink(missing_ok=True)
         make_private_dirs(self.data_dir)
-        replace_private(marker, b"%d\n" % created)
+        # synced: after a power cut an old record would have the new map's files taken for the
+        # removed one's and deleted
+        replace_private(marker, b"%d\n" % created, sync=True)
 
     def _open_engine(self, name: str, spec: MapSpec, created: int) -> MapStorage:
         if spec.engine != "memory":
