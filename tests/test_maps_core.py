@@ -899,18 +899,28 @@ def _go_down(net: Net, node: str) -> None:
 
 def _come_back(net: Net, node: str, engine: MapStorage, incarnation: int) -> None:
     """`node` starts again with `engine` (its files as it left them) and the current table."""
-    net.queue = [m for m in net.queue if node not in m[:2]]
     net.drop = lambda src, dst, msg: False
+    _start_again(net, node, engine, incarnation)
+    net.settle(3.0)
+    assert node in net.table.members
+
+
+def _start_again(
+    net: Net, node: str, engine: MapStorage, incarnation: int, *, seen_down: bool = False
+) -> None:
+    """`node`'s process starts again with `engine` and the current table, its messages in flight
+    lost; `seen_down`: the others saw it go first (a restart within `down_grace`)."""
+    net.queue = [m for m in net.queue if node not in m[:2]]
     net.engines[node] = engine
     net.cores[node] = MapCore(node, partitions=P, timings=net.t, incarnation=incarnation)
     net.run(node, net.cores[node].define("m", net.spec, engine, net.now))
     net.run(node, net.cores[node].set_table(net.table, net.now))
     for other in net.cores:
         if other != node:
+            if seen_down:
+                net.run(other, net.cores[other].peer_down(node, net.now))
             net.run(node, net.cores[node].peer_up(other, net.now))
             net.run(other, net.cores[other].peer_up(node, net.now))
-    net.settle(3.0)
-    assert node in net.table.members
 
 
 def test_a_node_back_after_the_tombstone_horizon_with_its_log_file_brings_no_removed_key_back(
@@ -1097,16 +1107,7 @@ def test_a_takeover_whose_copy_is_larger_than_one_message_between_nodes_complete
 
 def _restart(net: Net, node: str, engine: MapStorage, incarnation: int) -> None:
     """`node`'s process restarts at once with `engine` (within `down_grace`: the table stays)."""
-    net.queue = [m for m in net.queue if node not in m[:2]]
-    net.engines[node] = engine
-    net.cores[node] = MapCore(node, partitions=P, timings=net.t, incarnation=incarnation)
-    net.run(node, net.cores[node].define("m", net.spec, engine, net.now))
-    net.run(node, net.cores[node].set_table(net.table, net.now))
-    for other in net.cores:
-        if other != node:
-            net.run(other, net.cores[other].peer_down(node, net.now))
-            net.run(node, net.cores[node].peer_up(other, net.now))
-            net.run(other, net.cores[other].peer_up(node, net.now))
+    _start_again(net, node, engine, incarnation, seen_down=True)
 
 
 def _ghost(p: int) -> str:
