@@ -1126,6 +1126,14 @@ def _filled(net: Net, n: int, size: int, via: list[str] | None = None) -> list[s
     return keys
 
 
+def _in_pieces() -> tuple[Net, str]:
+    """Three cores whose pushes go in pieces of 2 KiB, 60 keys of 300 bytes written, and the node
+    the tests make a replica that gets pieces."""
+    net = Net(piece_bytes=2048)
+    _filled(net, 60, 300)
+    return net, net.ids[2]
+
+
 def test_a_push_in_pieces_is_applied_only_once_every_piece_arrived_and_lost_pieces_are_sent_again() -> None:
     """A replica restarted (its old copy has keys the primaries do not: they must go) and asks
     its primaries for their copies: each comes in pieces of at most `piece_bytes` (plus one
@@ -1176,9 +1184,7 @@ def test_a_push_in_pieces_is_applied_only_once_every_piece_arrived_and_lost_piec
 def test_a_replica_that_lost_the_pieces_it_had_gets_the_push_again_from_its_first_piece() -> None:
     """The replica restarts in the middle of a push in pieces (what it kept of it is gone): the
     next piece is refused as missing the ones before, and the primary goes back to the first."""
-    net = Net(piece_bytes=2048)
-    _filled(net, 60, 300)
-    victim = net.ids[2]
+    net, victim = _in_pieces()
     sent: list[tuple[str, Any]] = []
 
     def watch(src: str, dst: str, msg: Any) -> bool:
@@ -1272,9 +1278,7 @@ def test_a_node_of_the_earlier_version_never_takes_a_piece_for_a_whole_push() ->
     with no partitions named: it holds, fences and deletes nothing for it, and refuses one that
     carries records or operation ids (they name partitions the push does not). Its answer (no
     `PushAck.stream`) does not count: the push is not taken for delivered, and it is logged."""
-    net = Net(piece_bytes=2048)
-    _filled(net, 60, 300)
-    victim = net.ids[2]
+    net, victim = _in_pieces()
     got: list[tuple[str, Any]] = []
 
     def earlier_version(src: str, dst: str, msg: Any) -> bool:
@@ -1416,9 +1420,7 @@ def test_a_piece_acknowledgement_undone_by_a_failed_commit_is_a_refusal_of_that_
     the piece again, without the false warning, and the push completes."""
     from aether.maps.service import _unacknowledged
 
-    net = Net(piece_bytes=2048)
-    _filled(net, 60, 300)
-    victim = net.ids[2]
+    net, victim = _in_pieces()
     undone: list[PushAck] = []
 
     def fail_first_commit(src: str, dst: str, msg: Any) -> bool:
@@ -1449,9 +1451,7 @@ def test_a_push_in_pieces_whose_application_a_failed_commit_undid_is_not_acknowl
     acknowledgement does not make it take the push again) and the primary counted a copy that
     was not there towards its write quorum. It is refused now; so is one that arrives after the
     node dropped its copies (`forget_data`)."""
-    net = Net(piece_bytes=2048)
-    _filled(net, 60, 300)
-    victim = net.ids[2]
+    net, victim = _in_pieces()
     lost: list[tuple[str, str, Any]] = []
     answers: list[PushAck] = []
 
