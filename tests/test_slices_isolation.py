@@ -12,6 +12,7 @@ import selectors
 import sys
 import threading
 import time
+import types
 from typing import Any
 
 import pytest
@@ -599,3 +600,41 @@ async def test_one_in_direct_streak_direct_calls_of_a_turn_yields() -> None:
         await st.close()
     every = [streak - 1, 2 * streak - 1, 3 * streak - 1]
     assert got == [every, every]
+
+
+async def test_only_a_stack_of_loop_machinery_is_taken_for_a_thread_waiting_for_the_gil() -> None:
+    """Found in CI: a thread slice's loop, kept from the GIL while the node's loop ran 20,000 direct
+    calls, was reported as blocked by its slice "in selector_events.py in _write_to_self" (waking
+    the node's loop). A stale beat with only the loop's machinery on the thread's stack is not a
+    block; slice code on it, or a callback being run (possibly slice code without frames), is."""
+    st = SliceThread("org.x:stacks:1.0.0", block_limit=5.0)
+    started = threading.Event()
+
+    def stack() -> types.FrameType:
+        frame = sys._current_frames()[st.thread.ident]  # type: ignore[index]
+        return frame
+
+    async def blocking() -> str:
+        started.set()
+        time.sleep(0.4)  # slice code holding its loop
+        return "done"
+
+    try:
+        await asyncio.sleep(0.05)
+        assert SliceThread._loop_machinery_only(stack())  # idle: the loop's own wait
+        call = asyncio.ensure_future(st.run(blocking(), entry="blocking"))
+        await asyncio.to_thread(started.wait, 2.0)
+        assert not SliceThread._loop_machinery_only(stack())  # the slice's frames are on it
+        assert await call == "done"
+        started.clear()
+        st.loop.call_soon_threadsafe(lambda: (started.set(), time.sleep(0.4)))
+        await asyncio.to_thread(started.wait, 2.0)
+        assert not SliceThread._loop_machinery_only(stack())  # a callback (this file's lambda)
+        await asyncio.sleep(0.5)
+        waiter = threading.Event()
+        st.loop.call_soon_threadsafe(waiter.wait, 0.4)  # a callback without frames of its own here
+        await asyncio.sleep(0.1)
+        assert not SliceThread._loop_machinery_only(stack())  # threading's wait: not machinery
+    finally:
+        await asyncio.sleep(0.4)
+        assert await st.close()

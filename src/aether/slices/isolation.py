@@ -28,6 +28,7 @@ import contextvars
 import functools
 import itertools
 import logging
+import os
 import selectors
 import sys
 import threading
@@ -581,7 +582,30 @@ class SliceThread(_DirectStreak):
         if code is _MAIN_CODE:
             return True
         back = frame.f_back
-        return code in _SELECT_CODES and back is not None and back.f_code is _RUN_ONCE_CODE
+        if code in _SELECT_CODES and back is not None and back.f_code is _RUN_ONCE_CODE:
+            return True
+        return SliceThread._loop_machinery_only(frame)
+
+    @staticmethod
+    def _loop_machinery_only(frame: types.FrameType) -> bool:
+        """Whether every frame of the thread's stack is the loop's own machinery (asyncio, the
+        thread's start, this module: e.g. the wake-up of the node's loop, `call_soon_threadsafe`
+        writing to its pipe), not a callback being run (`Handle._run` innermost: it may be slice
+        code without frames of its own, `loop.call_soon(time.sleep, 5)`). Such a thread waits for
+        the GIL or a core, as in `_waiting_for_events` (seen under load in CI: a slice thread in
+        `_write_to_self` for 0.2 s while the node's loop ran 20,000 direct calls, reported as
+        blocked by its slice)."""
+        if frame.f_code is _HANDLE_RUN_CODE:
+            return False
+        f: types.FrameType | None = frame
+        while f is not None:
+            name = f.f_code.co_filename
+            if name == threading.__file__:  # (only the thread's start, at the bottom: not Event.wait)
+                return f.f_code in _THREAD_START_CODES
+            if not (name == __file__ or name.startswith(_ASYNCIO_DIR) or name == selectors.__file__):
+                return False
+            f = f.f_back
+        return True
 
     # --- shutting down ------------------------------------------------------------------------------
 
@@ -606,6 +630,11 @@ class SliceThread(_DirectStreak):
 # What `SliceThread._waiting_for_events` recognises: the loop's own wait, in either kind of loop.
 _MAIN_CODE = SliceThread._main.__code__
 _RUN_ONCE_CODE = asyncio.base_events.BaseEventLoop._run_once.__code__  # type: ignore[attr-defined]
+_HANDLE_RUN_CODE = asyncio.events.Handle._run.__code__
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__) + os.sep
+_THREAD_START_CODES = frozenset(
+    getattr(threading.Thread, n).__code__ for n in ("run", "_bootstrap", "_bootstrap_inner")
+)
 _SELECT_CODES = frozenset(
     cls.select.__code__
     for name in ("SelectSelector", "PollSelector", "EpollSelector", "DevpollSelector", "KqueueSelector")
