@@ -16,9 +16,12 @@ from aiohttp import web
 from aether.core.errors import BadRequest
 from aether.forge.config import LoadConfig, ScheduleStep, Target, parse_forge_config
 from aether.forge.load import (
+    DETAIL_CHARS,
+    FAILURES_KEPT,
     LoadCore,
     LoadGenerator,
     LoadPlan,
+    LoadStats,
     LogHistogram,
     NodePicker,
     SentRequest,
@@ -369,7 +372,12 @@ async def test_a_real_run_counts_statuses_and_nodes_and_skips_a_dead_address() -
         return web.json_response({"orderId": f"ORD-{len(body)}"}, status=201)
 
     async def fail(request: web.Request) -> web.Response:
-        return web.Response(status=500, text="no")
+        n = request.match_info["n"]
+        if n == "1":
+            return web.Response(status=500, text="no")
+        problem = {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+                   "detail": f"item {n} is broken"}
+        return web.json_response(problem, status=500, content_type="application/problem+json")
 
     app = web.Application()
     app.router.add_post("/ok", ok)
@@ -444,6 +452,13 @@ path = "/fail/${range:1:3}"
     assert view.cpu_percent is not None and view.cpu_percent >= 0
     assert gen.cpu_seconds() > 0
     assert any(p.scope == "node" and p.name == live for p in gen.series(0.0))
+    # each failure is kept with what the answer said: the problem document's detail, else the text
+    failures = gen.failures()
+    assert [f.seq for f in failures] == list(range(1, len(failures) + 1))
+    assert len(failures) == min(gen.failure_count, FAILURES_KEPT) and gen.failure_count == broken.failed
+    assert {f.detail for f in failures} == {"no", "item 2 is broken", "item 3 is broken"}
+    assert {(f.cause, f.target, f.node) for f in failures} == {("500", "broken", live)}
+    assert gen.failures(failures[-1].seq) == [] and gen.failures(failures[-2].seq) == failures[-1:]
     await runner.cleanup()
 
 
@@ -480,3 +495,46 @@ async def test_a_hanging_server_fills_the_in_flight_cap_and_stop_cancels_the_res
         await runner.cleanup()
     view = gen.snapshot()
     assert view.in_flight == 0 and view.total.errors == {"error:cancelled": 10} and view.total.ok == 0
+
+
+async def test_a_request_without_an_answer_in_time_fails_as_a_timeout_saying_so() -> None:
+    release = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="late")
+
+    app = web.Application()
+    app.router.add_get("/hang", hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    cfg = LoadConfig(rate=20, timeout=0.2, targets=[Target(name="hang", path="/hang")])
+    gen = LoadGenerator(cfg, lambda: [f"127.0.0.1:{runner.addresses[0][1]}"])
+    await gen.start()
+    try:
+        for _ in range(600):
+            if gen.failure_count >= 3:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await gen.stop(grace=0.2)
+        release.set()
+        await runner.cleanup()
+    timeouts = [f for f in gen.failures() if f.cause == "error:timeout"]
+    assert len(timeouts) >= 3, gen.failures()
+    assert {f.detail for f in timeouts} == {"no answer within 0.2 s"}
+
+
+def test_the_stats_keep_the_latest_failures_numbered_with_their_detail() -> None:
+    stats = LoadStats()
+    for k in range(FAILURES_KEPT + 50):
+        stats.finished("t", "n:1", None, 0.01, float(k))  # successes are not kept
+        stats.finished("t", "n:1", "503", 0.01, float(k), "x" * 1000 if k == FAILURES_KEPT + 49 else f"d{k}")
+    kept = stats.failures()
+    assert stats.failure_count == FAILURES_KEPT + 50 and len(kept) == FAILURES_KEPT
+    assert [f.seq for f in kept] == list(range(51, FAILURES_KEPT + 51))
+    assert kept[0].detail == "d50" and kept[0].t == 50.0 and kept[0].cause == "503"
+    assert len(kept[-1].detail) == DETAIL_CHARS  # a long message is cut
+    assert [f.seq for f in stats.failures(FAILURES_KEPT + 48)] == [FAILURES_KEPT + 49, FAILURES_KEPT + 50]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from aether.core.errors import BadRequest
-from aether.forge.load import SentRequest
+from aether.forge.load import FailedRequest, SentRequest
 from aether.forge.scenarios import (
     CI_SUBSET,
     SCENARIOS,
@@ -20,6 +20,7 @@ from aether.forge.scenarios import (
     at_least,
     at_most,
     failed_share,
+    failure_examples,
     ordered_quantities,
     other_version,
     quorum_gap,
@@ -145,6 +146,9 @@ def test_the_update_goes_to_the_other_deployed_version() -> None:
     assert other_version("0.1.0", ["0.1.0"]) is None and other_version("0.1.0", []) is None
 
 
+EXAMPLE = "503 x2 place-order via n:1 at 3.0: busy"
+
+
 def test_the_cli_rate_applies_to_every_scenario_named(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -157,18 +161,22 @@ def test_the_cli_rate_applies_to_every_scenario_named(
 
     async def fake_run(names: Any, opts: Any, **kw: Any) -> list[ScenarioReport]:
         seen.append((list(names), kw.get("rates")))
-        return [ScenarioReport("update", "", True, 1.0, [], measures={"orders_per_second": 120.0})]
+        failed = ScenarioReport("kill-leader", "", False, 1.0, [], failures=[EXAMPLE])
+        return [ScenarioReport("update", "", True, 1.0, [], measures={"orders_per_second": 120.0}), failed]
 
     monkeypatch.setattr(scenarios, "run_scenarios", fake_run)
     cfg = tmp_path / "forge-config.toml"
     cfg.write_text("")
     args = ["forge", "scenario", "update", "ci", "--config", str(cfg), "--dir", str(tmp_path / "f")]
     r = CliRunner().invoke(main, [*args, "--rate", "240", "--json"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 1, r.output  # one scenario failed
     assert seen[-1] == (["update", "ci"], dict.fromkeys(["update", *CI_SUBSET], 240.0))
     assert json.loads(r.output)[0]["measures"] == {"orders_per_second": 120.0}
+    assert json.loads(r.output)[1]["failures"] == [EXAMPLE]
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == 0 and seen[-1][1] is None
+    assert r.exit_code == 1 and seen[-1][1] is None
+    # the failed scenario's failed requests are shown under the table
+    assert f"Failed requests during kill-leader (examples):\n  {EXAMPLE}" in r.output
     r = CliRunner().invoke(main, [*args, "--rate", "-1"])
     assert r.exit_code == 2 and "--rate" in r.output
 
@@ -179,3 +187,26 @@ def test_the_canary_share_of_failed_requests() -> None:
     assert c.passed and c.observed == "0.30 % (3 of 1000; 500: 3)" and c.expected == "<= 1 %"
     assert not failed_share("failed", LoadCounts({"a": 90}, {"a": 10}), 1.0).passed
     assert not failed_share("failed", LoadCounts({}, {}), 1.0).passed  # no request: nothing shown
+
+
+def test_failure_examples_show_each_cause_and_message_once_with_a_count() -> None:
+    def f(seq: int, node: str, cause: str, detail: str) -> FailedRequest:
+        return FailedRequest(seq, 10.0 + seq, "place-order", node, cause, detail)
+
+    failures = [
+        f(1, "n:1", "503", "map 'orders' key 'ORD-AB12CD34EF': get got no answer after 16 attempt(s) in 5s"),
+        f(2, "n:2", "503", "map 'orders' key 'ORD-9F8E7D6C5B': get got no answer after 15 attempt(s) in 5s"),
+        f(3, "n:9", "503", "from the node the fault hit"),
+        f(4, "n:1", "500", "injected fault"),
+        f(5, "n:1", "error:timeout", "no answer within 10 s"),
+        f(6, "n:2", "500", "injected fault"),
+    ]
+    lines = failure_examples(failures, exclude={"n:9"})
+    assert lines == [
+        "503 x2 place-order via n:1 at 11.0: map 'orders' key 'ORD-AB12CD34EF': get got no answer after "
+        "16 attempt(s) in 5s",
+        "500 x2 place-order via n:1 at 14.0: injected fault",
+        "error:timeout x1 place-order via n:1 at 15.0: no answer within 10 s",
+    ]
+    assert failure_examples(failures, limit=1) == [lines[0]]  # the count goes on past the limit
+    assert failure_examples([], exclude=()) == []

@@ -214,5 +214,10 @@ def _print_reports(reports: list[Any]) -> None:
                 "[green]pass[/green]" if c.passed else "[red]FAIL[/red]",
             )
     Console(file=sys.stdout).print(table)
+    for r in reports:
+        if not r.passed and r.failures:
+            click.echo(f"Failed requests during {r.scenario} (examples):")
+            for line in r.failures:
+                click.echo(f"  {line}")
     passed = sum(r.passed for r in reports)
     click.echo(f"{passed} of {len(reports)} scenario(s) passed.")

@@ -10,7 +10,9 @@ Sans-IO core, no sockets, sleeps or clocks inside (times and a `random.Random` a
 - `LoadStats`: per target, per node address and in total, sent / ok / failed by status
   (``"500"``; ``"error:connect"``, ``"error:timeout"``... for transport failures) / dropped
   client side and a latency histogram, cumulative and per second for the last `history` seconds
-  (`series(since)` gives the `Point`s a dashboard charts).
+  (`series(since)` gives the `Point`s a dashboard charts), and the last `FAILURES_KEPT` failed
+  requests with what they were told (`FailedRequest`: the problem document's detail, or the
+  transport error), numbered so a caller can ask for those after a point (`failures(after)`).
 - `NodePicker`: the node address of each request, round robin over the addresses it is given; a
   connect error skips that address for a second.
 - `LoadCore`: the above together, plus the in-flight cap (beyond `max_in_flight` a request is
@@ -45,10 +47,12 @@ import aiohttp
 import msgspec
 
 from aether.core.errors import BadRequest
+from aether.core.problem import decode_problem
 from aether.forge.config import LoadConfig, ScheduleStep, Target, TargetTemplates, compile_target
 
 __all__ = [
     "Dispatch",
+    "FailedRequest",
     "LoadCore",
     "LoadGenerator",
     "LoadPlan",
@@ -459,6 +463,25 @@ class Point(msgspec.Struct, frozen=True):
     rerouted: int = 0  # refused at connect by this node and sent to another (node scope only)
 
 
+class FailedRequest(msgspec.Struct, frozen=True):
+    """One failed request as the load generator saw it: `seq` counts failures since it started
+    (1, 2, ...), `t` is when it ended (the generator's clock), `cause` its status (``"503"``) or
+    transport error (``"error:timeout"``) and `detail` what the answer said (the problem
+    document's detail, at most `DETAIL_CHARS` characters) or the transport error's text."""
+
+    seq: int
+    t: float
+    target: str
+    node: str | None
+    cause: str
+    detail: str
+
+
+FAILURES_KEPT: Final = 200
+"""Failed requests `LoadStats` keeps (the latest), for `failures(after)`."""
+DETAIL_CHARS: Final = 300
+
+
 class Totals(msgspec.Struct, frozen=True):
     """Everything since the generator started, for one target, node address, or in total."""
 
@@ -497,6 +520,8 @@ class LoadStats:
         self._seconds: deque[tuple[int, dict[_Key, _Cell]]] = deque()
         self._totals: dict[_Key, _Cell] = {_TOTAL: _Cell()}
         self._now = 0
+        self._failures: deque[FailedRequest] = deque(maxlen=FAILURES_KEPT)
+        self._failure_seq = 0
 
     def _cells(self, now: float, keys: Iterable[_Key]) -> list[_Cell]:
         sec = int(now)
@@ -548,10 +573,17 @@ class LoadStats:
             c.dropped += 1
 
     def finished(
-        self, target: str, node: str | None, failure: str | None, latency: float | None, now: float
+        self, target: str, node: str | None, failure: str | None, latency: float | None, now: float,
+        detail: str = "",
     ) -> None:
-        """A request ended: `failure` None is a success, else ``"503"`` or ``"error:connect"``...;
-        `latency` (seconds) is recorded when there was an HTTP answer."""
+        """A request ended: `failure` None is a success, else ``"503"`` or ``"error:connect"``...
+        (`detail`: what the answer or the error said); `latency` (seconds) is recorded when there
+        was an HTTP answer."""
+        if failure is not None:
+            self._failure_seq += 1
+            self._failures.append(
+                FailedRequest(self._failure_seq, now, target, node, failure, detail[:DETAIL_CHARS])
+            )
         for c in self._cells(now, self._keys(target, node)):
             if failure is None:
                 c.ok += 1
@@ -560,6 +592,15 @@ class LoadStats:
                 c.errors[failure] = c.errors.get(failure, 0) + 1
             if latency is not None:
                 c.hist.record(latency)
+
+    @property
+    def failure_count(self) -> int:
+        """Failed requests since the start (the `seq` of the latest `FailedRequest`)."""
+        return self._failure_seq
+
+    def failures(self, after: int = 0) -> list[FailedRequest]:
+        """The kept failed requests numbered above `after`, oldest first (at most `FAILURES_KEPT`)."""
+        return [f for f in self._failures if f.seq > after]
 
     def series(self, since: float = 0.0, *, include_current: bool = False) -> list[Point]:
         """Points of the seconds starting at or after `since`, oldest first (total, then targets,
@@ -730,10 +771,12 @@ class LoadCore:
         )
 
     def finished(
-        self, d: Dispatch, *, status: int | None, error: str | None, latency: float | None, now: float
+        self, d: Dispatch, *, status: int | None, error: str | None, latency: float | None, now: float,
+        detail: str = "",
     ) -> None:
         """A dispatched request ended with HTTP `status` (and `latency` seconds) or transport
-        `error` (``connect``, ``timeout``...; a connect error skips the node for a second)."""
+        `error` (``connect``, ``timeout``...; a connect error skips the node for a second);
+        `detail`: what a failed one was told (`LoadStats.failures`)."""
         self.in_flight -= 1
         t = self.targets[d.target]
         if status is not None:
@@ -742,7 +785,8 @@ class LoadCore:
             failure = f"error:{error or 'other'}"
             if error == "connect":
                 self.picker.connect_failed(d.node, now)
-        self.stats.finished(t.name, d.node, failure, latency if status is not None else None, now)
+        self.stats.finished(t.name, d.node, failure, latency if status is not None else None, now,
+                            detail if failure is not None else "")
 
     def start_recording(self, now: float) -> None:
         self._recorder = _Recorder([t.name for t in self.targets], float(int(now)))
@@ -904,6 +948,7 @@ class LoadGenerator:
         req = self.core.render(d)
         status: int | None = None
         error: str | None = None
+        detail = ""
         body: bytes | None = None
         started = time.perf_counter()
         latency: float | None = None
@@ -925,15 +970,17 @@ class LoadGenerator:
                     body = await resp.read()
                     status = resp.status
             latency = time.perf_counter() - started
-        except aiohttp.ClientConnectorError:
-            error = "connect"
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            error = "timeout"
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            error = "disconnected"
-        except aiohttp.ClientError:
-            error = "other"
-        self.core.finished(d, status=status, error=error, latency=latency, now=self._clock())
+        except aiohttp.ClientConnectorError as e:
+            error, detail = "connect", str(e)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
+            error, detail = "timeout", str(e) or f"no answer within {self._config.timeout:g} s"
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            error, detail = "disconnected", str(e) or type(e).__name__
+        except aiohttp.ClientError as e:
+            error, detail = "other", f"{type(e).__name__}: {e}"
+        if status is not None and not self.core.targets[d.target].is_success(status):
+            detail = decode_problem(body or b"", status).detail
+        self.core.finished(d, status=status, error=error, latency=latency, now=self._clock(), detail=detail)
         if status is not None and self._on_response is not None:
             try:
                 captured = body if self.core.targets[d.target].capture else None
@@ -991,6 +1038,14 @@ class LoadGenerator:
 
     def snapshot(self) -> LoadView:
         return self.core.view(running=self.running, now=self._clock(), cpu_percent=self.cpu_percent())
+
+    def failures(self, after: int = 0) -> list[FailedRequest]:
+        """The latest failed requests numbered above `after` (`LoadStats.failures`)."""
+        return self.core.stats.failures(after)
+
+    @property
+    def failure_count(self) -> int:
+        return self.core.stats.failure_count
 
     def series(self, since: float = 0.0) -> list[Point]:
         """Per-second points (total, per target, per node) of the completed seconds since `since`."""

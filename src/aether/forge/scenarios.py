@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import msgspec
 from aether.core.artifact import Version
 from aether.core.errors import BadRequest
 from aether.forge.app import Forge, ForgeOptions, open_forge
-from aether.forge.load import SentRequest
+from aether.forge.load import FailedRequest, SentRequest
 
 __all__ = [
     "CI_SUBSET",
@@ -119,6 +120,38 @@ class ScenarioReport(msgspec.Struct):
     measures: dict[str, float] = msgspec.field(default_factory=dict)
     """Figures the scenario measured, by name (update: `rollout_seconds`, `requests_per_second`,
     `orders_per_second`)."""
+    failures: list[str] = msgspec.field(default_factory=list)
+    """Examples of the requests that failed during the scenario (through the nodes its fault did
+    not hit), one per cause and message, at most `FAILURE_EXAMPLES`: what they were told, to tell
+    where a failure came from."""
+
+
+FAILURE_EXAMPLES: Final = 8
+
+
+def failure_examples(
+    failures: Iterable[FailedRequest], exclude: Iterable[str] = (), limit: int = FAILURE_EXAMPLES
+) -> list[str]:
+    """One line per distinct failure (cause and message, ids and numbers masked to compare) of the
+    requests through nodes not in `exclude`, in order, at most `limit`, each with how often it
+    occurred: ``503 x12 place-order via 127.0.0.1:4001: map 'orders' ...``."""
+    ex = set(exclude)
+    seen: dict[tuple[str, str, str], list[Any]] = {}
+    for f in failures:
+        if f.node in ex:
+            continue
+        key = (f.cause, f.target, _MASK.sub("#", f.detail))
+        if key in seen:
+            seen[key][1] += 1
+        elif len(seen) < limit:
+            seen[key] = [f, 1]
+    return [
+        f"{f.cause} x{n} {f.target} via {f.node or '-'} at {f.t:.1f}: {f.detail or '(no message)'}"
+        for f, n in seen.values()
+    ]
+
+
+_MASK: Final = re.compile(r"[0-9a-fA-F]{6,}|\d+")
 
 
 # -- judging (pure) ----------------------------------------------------------------------------------
@@ -955,6 +988,7 @@ async def run_scenarios(
                 forge.load.set_rate(rate)
                 run.note(f"load at {rate:g} requests/s for this scenario")
             before = run.load_counts()
+            seq0 = forge.load.failure_count if forge.load is not None else 0
             try:
                 await run.hold(2)  # a baseline under load
                 await sc.run(run)
@@ -970,6 +1004,7 @@ async def run_scenarios(
             report = ScenarioReport(
                 name, sc.description, all(c.passed for c in run.criteria), round(run.now(), 1),
                 run.criteria, ok, failed, run.timeline, run.measures,
+                [] if forge.load is None else failure_examples(forge.load.failures(seq0), run.excluded),
             )
             reports.append(report)
             say(f"  {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.0f} s "
