@@ -353,6 +353,35 @@ async def _recovered(run: Run, nodes: int, timeout: float = 60.0) -> None:
     )
     run.check(within(f"all {nodes} members up and ready again", None if took is None else run.now() - t0,
                      timeout))
+    # the maps' partitions moved back (a node rejoined the partition table): the next scenario
+    # starts once every partition has its primary serving again, not during the takeover
+    settled = None
+    while took is not None and run.now() - t0 <= timeout:
+        state = await _maps_state(run)
+        if state is not None and all(m >= nodes and syncing == 0 for m, syncing in state.values()):
+            settled = run.now() - t0
+            break
+        await asyncio.sleep(0.25)
+    if took is not None and settled is None:
+        run.note(f"maps not settled after {timeout:g} s: {await _maps_state(run)}")
+    run.check(within("every map partition served again", settled, timeout))
+
+
+async def _maps_state(run: Run) -> dict[str, tuple[int, int]] | None:
+    """Per map: how many nodes are in its partition table and answered, and how many partitions
+    their primaries are still taking over (`GET /api/v1/maps/{name}`); None when a call failed."""
+    out: dict[str, tuple[int, int]] = {}
+    try:
+        listing = await run.forge.cluster.api("GET", "/api/v1/maps", timeout=5)
+        for m in listing.get("maps") or []:
+            name = str(m["name"])
+            detail = await run.forge.cluster.api("GET", f"/api/v1/maps/{quote(name, safe='')}", timeout=5)
+            nodes = detail.get("nodes") or []
+            members = set(detail.get("members") or []) & {str(n.get("node")) for n in nodes}
+            out[name] = (len(members), sum(int(n.get("syncing_partitions") or 0) for n in nodes))
+    except Exception:
+        return None
+    return out
 
 
 def _members(run: Run) -> int:
