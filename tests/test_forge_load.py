@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import socket
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -462,7 +464,9 @@ path = "/fail/${range:1:3}"
     await runner.cleanup()
 
 
-async def test_a_hanging_server_fills_the_in_flight_cap_and_stop_cancels_the_rest() -> None:
+@contextlib.asynccontextmanager
+async def _hanging_server() -> AsyncIterator[str]:
+    """A server whose `GET /hang` answers only once the test is over; yields its base URL."""
     release = asyncio.Event()
 
     async def hang(request: web.Request) -> web.Response:
@@ -475,53 +479,46 @@ async def test_a_hanging_server_fills_the_in_flight_cap_and_stop_cancels_the_res
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    address = f"http://127.0.0.1:{runner.addresses[0][1]}"  # a base URL works as well as host:port
-    cfg = LoadConfig(rate=200, max_in_flight=10, targets=[Target(name="hang", path="/hang")])
-    gen = LoadGenerator(cfg, lambda: [address])
-    await gen.start()
-    gen.start_recording()
     try:
-        for _ in range(600):
-            if gen.snapshot().total.dropped >= 20:
-                break
-            await asyncio.sleep(0.05)
-        view = gen.snapshot()
-        assert view.in_flight == 10 and view.total.sent == 10 and view.total.dropped >= 20
-        trace = gen.stop_recording()
-        assert trace.targets == ["hang"] and sum(r[0] for r in trace.counts) >= 30  # offered, drops included
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
-        await gen.stop(grace=0.2)
         release.set()
         await runner.cleanup()
+
+
+async def test_a_hanging_server_fills_the_in_flight_cap_and_stop_cancels_the_rest() -> None:
+    async with _hanging_server() as address:  # a base URL works as well as host:port
+        cfg = LoadConfig(rate=200, max_in_flight=10, targets=[Target(name="hang", path="/hang")])
+        gen = LoadGenerator(cfg, lambda: [address])
+        await gen.start()
+        gen.start_recording()
+        try:
+            for _ in range(600):
+                if gen.snapshot().total.dropped >= 20:
+                    break
+                await asyncio.sleep(0.05)
+            view = gen.snapshot()
+            assert view.in_flight == 10 and view.total.sent == 10 and view.total.dropped >= 20
+            trace = gen.stop_recording()
+            assert trace.targets == ["hang"] and sum(r[0] for r in trace.counts) >= 30  # drops included
+        finally:
+            await gen.stop(grace=0.2)
     view = gen.snapshot()
     assert view.in_flight == 0 and view.total.errors == {"error:cancelled": 10} and view.total.ok == 0
 
 
 async def test_a_request_without_an_answer_in_time_fails_as_a_timeout_saying_so() -> None:
-    release = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="late")
-
-    app = web.Application()
-    app.router.add_get("/hang", hang)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    cfg = LoadConfig(rate=20, timeout=0.2, targets=[Target(name="hang", path="/hang")])
-    gen = LoadGenerator(cfg, lambda: [f"127.0.0.1:{runner.addresses[0][1]}"])
-    await gen.start()
-    try:
-        for _ in range(600):
-            if gen.failure_count >= 3:
-                break
-            await asyncio.sleep(0.05)
-    finally:
-        await gen.stop(grace=0.2)
-        release.set()
-        await runner.cleanup()
+    async with _hanging_server() as address:
+        cfg = LoadConfig(rate=20, timeout=0.2, targets=[Target(name="hang", path="/hang")])
+        gen = LoadGenerator(cfg, lambda: [address])
+        await gen.start()
+        try:
+            for _ in range(600):
+                if gen.failure_count >= 3:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await gen.stop(grace=0.2)
     timeouts = [f for f in gen.failures() if f.cause == "error:timeout"]
     assert len(timeouts) >= 3, gen.failures()
     assert {f.detail for f in timeouts} == {"no answer within 0.2 s"}
