@@ -340,6 +340,51 @@ async def test_an_upload_that_loses_its_compare_and_set_to_a_version_deleted_sin
 
 
 
+async def test_a_delete_racing_a_reupload_of_the_same_bytes_leaves_the_upload_whole(tmp_path: Path) -> None:
+    """Seen: chunks were keyed by sha256 alone, and a delete removed them after its manifest went
+    (when no manifest of the same bytes was left in its replica). An upload of the same bytes that
+    ran meanwhile, here while the delete's first chunk removal was on its way, wrote those very
+    keys and its manifest; the removal then took its chunk: a listed version no node could serve
+    (503 chunk missing). Now each upload writes chunks of its own: the delete removes only the
+    deleted upload's, and the new upload stays whole."""
+    w = build_library_wheel(tmp_path / "w", "tinylib", "1.0")
+    data = w.read_bytes()
+
+    class SlowRemoves(MemoryMaps):
+        def __init__(self) -> None:
+            super().__init__()
+            self.removing = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def map_remove(self, name: str, key: str) -> bool:
+            self.removing.set()
+            await self.release.wait()  # the removal is on its way (a network round trip)
+            return await super().map_remove(name, key)
+
+    maps = SlowRemoves()
+    service = _service(tmp_path, maps=maps)
+    try:
+        first, created = await service.upload(_bytes(data), w.name, declared=len(data))
+        assert created
+        deleting = asyncio.ensure_future(service.delete("tinylib", "1.0"))
+        await asyncio.wait_for(maps.removing.wait(), 10)  # the manifest is gone, its chunks go now
+        assert service.manifest("tinylib", "1.0") is None
+        second, created = await service.upload(_bytes(data), w.name, declared=len(data))
+        assert created and second.sha256 == first.sha256
+        maps.release.set()
+        assert await asyncio.wait_for(deleting, 10) == first
+        assert service.manifest("tinylib", "1.0") == second
+        path = await service.fetch(second, tmp_path / "fetched" / w.name)  # every chunk is there
+        assert path.read_bytes() == data
+        # the deleted upload's chunks went, the new one's stayed
+        assert sorted(maps.data[core.MAP_NAME]) == [
+            core.chunk_key(second.sha256, i, second.upload) for i in range(second.chunks)
+        ]
+    finally:
+        maps.release.set()
+        await service.stop()
+
+
 @pytest.mark.parametrize("full", ["work", "cache"])
 async def test_a_full_disk_is_a_503_naming_it_and_leaves_no_partial_wheel(tmp_path: Path, full: str) -> None:
     """A full disk (a 1 MiB tmpfs; needs root) under the upload's work directory or the node's

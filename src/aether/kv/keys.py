@@ -172,6 +172,10 @@ class ArtifactManifest(msgspec.Struct, frozen=True):
     requires_dist: list[str] = []
     requires_python: str | None = None
     uploaded: float = 0.0
+    upload: str = ""
+    """The upload's own id (random hex): its chunks are `{sha256}/{upload}/{index}`, written by this
+    upload alone, so deleting another upload of the same bytes never removes them. "" (a manifest
+    written before uploads had ids): `{sha256}/{index}`."""
 
 
 class ScaleValue(msgspec.Struct, frozen=True):

@@ -5,8 +5,9 @@
   version must be the METADATA's) and against what the cluster holds (`decide`: a new version, the
   same bytes again, or a conflict);
 - wheel bytes are `chunks` values of `chunk_size` bytes in the map `MAP_NAME`, keyed by the wheel's
-  sha256 and the chunk's index (`chunk_key`): content-addressed, so two uploads never overwrite each
-  other's chunks, and the manifest (written last) is what makes a wheel visible;
+  sha256, the upload's id and the chunk's index (`chunk_key`): each upload writes chunks of its own,
+  so deleting one upload never removes the chunks another (of the same bytes) relies on, and the
+  manifest (written last) is what makes a wheel visible;
 - reading: the slice wheel of some coordinates, the versions of a slice, the library wheels a set
   of requirements needs (`library_closure`);
 - the read protocols: Maven-style paths (`parse_maven_path`, `maven_metadata`) and the PEP 503 /
@@ -83,8 +84,10 @@ def maps_serving(table: PartitionTable | None) -> bool:
     return table is not None and len(table.active) == table.partitions and all(a > 0 for a in table.active)
 
 
-def chunk_key(sha256: str, index: int) -> str:
-    return f"{sha256}/{index}"
+def chunk_key(sha256: str, index: int, upload: str = "") -> str:
+    """`{sha256}/{upload}/{index}`; `{sha256}/{index}` for a manifest written before uploads had
+    ids (`upload` "")."""
+    return f"{sha256}/{upload}/{index}" if upload else f"{sha256}/{index}"
 
 
 def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:
@@ -164,6 +167,7 @@ def manifest_for(
     now: float,
     expected: Artifact | None = None,
     chunk_size: int = CHUNK_SIZE,
+    upload: str = "",
 ) -> ArtifactManifest:
     """The manifest of an inspected wheel. Refuses (BadRequest) a file name whose project or
     version is not the METADATA's, and, with `expected` (a Maven path's coordinates), a wheel that
@@ -203,6 +207,7 @@ def manifest_for(
         maps=list(info.maps),
         requires_dist=list(info.requires_dist),
         uploaded=now,
+        upload=upload,
     )
 
 

@@ -4,16 +4,16 @@ An upload streams into a private temporary file under the node's data directory 
 limit and sha256, `core.UploadMeter`), is inspected as a wheel (metadata, RECORD hashes, unpack
 limits) in a worker thread, then:
 
-1. `decide` against the manifest the consensus store holds (a linearizable read): the same bytes
-   again answer at once, other bytes are a 409;
+1. `decide` against the manifest this node's replica holds: the same bytes again answer at once,
+   other bytes are a 409;
 2. its chunks go to the map `aether.repository` (defined on first use, `core.map_spec`), keyed by
-   sha256 and index;
+   sha256, the upload's own id and index: no other upload writes or deletes them;
 3. its manifest is written with compare-and-set (absent -> manifest) at `repository/{project}/{version}`.
 
 Only step 3 makes the wheel visible, so a failed or concurrent upload never shows a half-stored
-wheel; chunks of an upload that failed before step 3 are garbage, overwritten by the next upload of
-the same bytes (content-addressed). Reading fetches the chunks and checks size and sha256 before a
-file is renamed into place.
+wheel; an upload that fails after step 2 with a known outcome removes its chunks (one a crash
+interrupts leaves them as garbage). A delete removes the manifest, then that upload's chunks.
+Reading fetches the chunks and checks size and sha256 before a file is renamed into place.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -289,7 +290,8 @@ class ArtifactService:
             digest = meter.finish()
             info = await asyncio.to_thread(_inspect, path, self.cache.wheel_limits)
             manifest = core.manifest_for(
-                info, filename, meter.size, digest, now=self.clock(), expected=expected
+                info, filename, meter.size, digest, now=self.clock(), expected=expected,
+                upload=secrets.token_hex(8),
             )
             created = await self._store(manifest, path)
             if not created:
@@ -315,11 +317,34 @@ class ArtifactService:
         if core.decide(existing, manifest, self.manifests()) == "same":
             return False
         await self._ensure_map()
+        await self._put_chunks(manifest, path)
+        # from here on the chunks are this upload's alone: a known failure removes them
+        try:
+            for _ in range(3):
+                if await self.store.compare_and_set(key, None, manifest):
+                    return True
+                # another upload of this version won the race: our replica applied it before the
+                # compare-and-set answered (the store answers once the local replica applied the slot)
+                existing = self.store.get_local(key)
+                if existing is not None:
+                    core.decide(existing, manifest)  # the same bytes, or ArtifactConflict
+                    await self._drop_chunks(manifest)  # the winner's chunks serve it
+                    return False
+                # ...and a delete removed it since: nothing is stored yet, try again
+            raise ArtifactConflict(
+                f"{manifest.project} {manifest.version} was uploaded and deleted by others while "
+                "this upload ran; try again"
+            )
+        except ArtifactConflict:
+            await self._drop_chunks(manifest)
+            raise
+
+    async def _put_chunks(self, manifest: ArtifactManifest, path: Path) -> None:
         sem = asyncio.Semaphore(_PARALLEL_CHUNKS)
 
         async def put(i: int, data: bytes) -> None:
             async with sem:
-                key = core.chunk_key(manifest.sha256, i)
+                key = core.chunk_key(manifest.sha256, i, manifest.upload)
                 await self._retrying(functools.partial(self.maps.map_put, core.MAP_NAME, key, data))
 
         tasks = []
@@ -333,20 +358,12 @@ class ArtifactService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        for _ in range(3):
-            if await self.store.compare_and_set(key, None, manifest):
-                return True
-            # another upload of this version won the race: our replica applied it before the
-            # compare-and-set answered (the store answers once the local replica applied the slot)
-            existing = self.store.get_local(key)
-            if existing is not None:
-                core.decide(existing, manifest)  # the same bytes, or ArtifactConflict
-                return False
-            # ...and a delete removed it since: nothing is stored yet, try again
-        raise ArtifactConflict(
-            f"{manifest.project} {manifest.version} was uploaded and deleted by others while this upload "
-            "ran; try again"
-        )
+
+    async def _drop_chunks(self, manifest: ArtifactManifest) -> None:
+        """Remove the chunks of `manifest`'s upload (no other manifest refers to them)."""
+        for i in range(manifest.chunks):
+            with contextlib.suppress(Exception):  # garbage at worst; never visible without a manifest
+                await self.maps.map_remove(core.MAP_NAME, core.chunk_key(manifest.sha256, i, manifest.upload))
 
     async def _retrying(self, op: Callable[[], Awaitable[_T]]) -> _T:
         """`op()` again while the map answers `MapUnavailable`, for up to `map_budget` seconds (a
@@ -382,7 +399,7 @@ class ArtifactService:
     async def chunks(self, manifest: ArtifactManifest) -> AsyncIterator[bytes]:
         """The wheel's bytes, chunk by chunk (each chunk's size checked; the caller checks the hash)."""
         for i in range(manifest.chunks):
-            key = core.chunk_key(manifest.sha256, i)
+            key = core.chunk_key(manifest.sha256, i, manifest.upload)
             data = await self._retrying(functools.partial(self.maps.map_get, core.MAP_NAME, key))
             want = min(manifest.chunk_size, manifest.size - i * manifest.chunk_size)
             if data is None or len(data) != want:
@@ -458,7 +475,7 @@ class ArtifactService:
 
     async def delete(self, project: str, version: str) -> ArtifactManifest:
         """Remove a version: the manifest first (with compare-and-set: it is gone for everyone at
-        once), then its chunks (unless another version has the same bytes) and the cached copy.
+        once), then the chunks of its upload and the cached copy.
         A slice version a blueprint or an active rollout uses is refused (`ArtifactConflict`)."""
         key = ArtifactKey(project, version)
         current = self.store.get_local(key)  # a stale one fails the compare-and-set: try again
@@ -478,10 +495,10 @@ class ArtifactService:
                 )
         if not await self.store.compare_and_set(key, current, None):
             raise ArtifactConflict(f"{project} {version} changed while it was being deleted; try again")
-        if not any(m.sha256 == current.sha256 for m in self.manifests()):
-            for i in range(current.chunks):
-                with contextlib.suppress(Exception):  # garbage at worst; never visible without a manifest
-                    await self.maps.map_remove(core.MAP_NAME, core.chunk_key(current.sha256, i))
+        # an upload's chunks are its own; those of a manifest written before uploads had ids are
+        # keyed by sha256 alone (shared with another such manifest of the same bytes, if any)
+        if current.upload or not any(m.sha256 == current.sha256 and not m.upload for m in self.manifests()):
+            await self._drop_chunks(current)
         with contextlib.suppress(OSError):
             cached = cache_path(self.cache, current)
             if cached.is_file() and await asyncio.to_thread(sha256_file, cached) == current.sha256:
