@@ -228,6 +228,10 @@ class MemoryStore:
     async def get(self, key: Any, timeout: float = 5.0) -> Any:
         return self.get_local(key)
 
+    async def put(self, key: Any, value: Any, timeout: float = 5.0) -> int:
+        self.data[str(key)] = value
+        return 0
+
     async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
         if self.data.get(str(key)) != expected:
             return False
@@ -236,6 +240,9 @@ class MemoryStore:
         else:
             self.data[str(key)] = new
         return True
+
+    def watch(self, prefix: str, callback: Any) -> Any:
+        return lambda: None  # the tests of this store call the service's steps themselves
 
 
 class MemoryMaps(LocalMaps):
@@ -382,6 +389,37 @@ async def test_a_delete_racing_a_reupload_of_the_same_bytes_leaves_the_upload_wh
         ]
     finally:
         maps.release.set()
+        await service.stop()
+
+
+async def test_start_up_publishing_skips_and_drops_the_copies_of_deleted_versions(tmp_path: Path) -> None:
+    """A node's start-up publishing (`publish_local`) against tombstones: a copy of a deleted
+    version (its bytes) is removed, not published; a file of a deleted version with other bytes
+    is kept but not published; a wheel the cluster never had is published; an explicit upload of
+    a deleted version is still stored."""
+    old = build_library_wheel(tmp_path / "old", "tinylib", "1.0")
+    gone = write_wheel(tmp_path / "gone", "gonelib", "2.0", {"gonelib/__init__.py": "X = 1\n"})
+    rebuilt = write_wheel(tmp_path / "rebuilt", "gonelib", "2.0", {"gonelib/__init__.py": "X = 2\n"})
+    fresh = build_library_wheel(tmp_path / "fresh", "freshlib", "3.0")
+    service = _service(tmp_path)
+    libs = service.cache.libs_dir
+    try:
+        for w in (old, gone):
+            data = w.read_bytes()
+            await service.upload(_bytes(data), w.name, declared=len(data))
+            await service.delete(*core.wheel_filename(w.name))
+        assert service.manifests() == [] and service.maps.data[core.MAP_NAME] == {}
+        shutil.copy(old, libs / old.name)  # another node's copy of the deleted version
+        shutil.copy(rebuilt, libs / gone.name)  # other bytes under a deleted version
+        shutil.copy(fresh, libs / fresh.name)  # prepared for the bootstrap
+        assert await service.publish_local() == 1
+        assert [(m.project, m.version) for m in service.manifests()] == [("freshlib", "3.0")]
+        assert not (libs / old.name).exists()
+        assert (libs / gone.name).read_bytes() == rebuilt.read_bytes()
+        data = old.read_bytes()
+        m, created = await service.upload(_bytes(data), old.name, declared=len(data))
+        assert created and service.manifest("tinylib", "1.0") == m
+    finally:
         await service.stop()
 
 

@@ -178,6 +178,20 @@ class ArtifactManifest(msgspec.Struct, frozen=True):
     written before uploads had ids): `{sha256}/{index}`."""
 
 
+class ArtifactTombstone(msgspec.Struct, frozen=True):
+    """A deleted version of the artifact repository (docs/repository.md): a node does not publish
+    its local copy of it at start-up, and drops that copy. Written by the delete, before the
+    manifest goes; an explicit upload of the version is still accepted (the tombstone only stops
+    the implicit publishing of local directories)."""
+
+    project: str
+    version: str
+    filename: str
+    sha256: str
+    deleted: float  # wall-clock time of the delete
+    coords: str | None = None  # group:artifact:version of a slice wheel; None for a library
+
+
 class ScaleValue(msgspec.Struct, frozen=True):
     """The instance count of an autoscaled artifact and the bounds operators set on it
     (`scale/{artifact}`). The controller writes `instances` (``source = "controller"``) within the
@@ -384,6 +398,19 @@ class ArtifactKey(msgspec.Struct, frozen=True):
         return f"repository/{self.project}/{self.version}"
 
 
+class ArtifactTombstoneKey(msgspec.Struct, frozen=True):
+    """A deleted version of the artifact repository (`ArtifactTombstone`):
+    `repository-deleted/{project}/{version}`; written only by the node's repository service."""
+
+    prefix: ClassVar[str] = "repository-deleted/"
+    value_type: ClassVar[type] = ArtifactTombstone
+    project: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"repository-deleted/{self.project}/{self.version}"
+
+
 class ScaleKey(msgspec.Struct, frozen=True):
     """The controller's count and the operator's bounds of an autoscaled artifact (`ScaleValue`):
     `scale/{artifact coordinates}`."""
@@ -430,11 +457,12 @@ class NodeInfoKey(msgspec.Struct, frozen=True):
 
 Key = Union[  # noqa: UP007
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
-    SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey, NodeInfoKey,
+    SecretKey, ArtifactKey, ArtifactTombstoneKey, ScaleKey, ControllerConfigKey, RolloutKey, NodeInfoKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey, SecretKey, ArtifactKey, ScaleKey, ControllerConfigKey, RolloutKey, NodeInfoKey,
+    ApiKeyKey, SecretKey, ArtifactKey, ArtifactTombstoneKey, ScaleKey, ControllerConfigKey, RolloutKey,
+    NodeInfoKey,
 )
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -512,6 +540,11 @@ def parse_key(text: str) -> Key:
         if not sep2:
             raise BadRequest(f"invalid key {text!r}: expected repository/PROJECT/VERSION")
         return ArtifactKey(_seg("project", project), _seg("version", version))
+    if family == "repository-deleted":
+        project, sep2, version = rest.partition("/")
+        if not sep2:
+            raise BadRequest(f"invalid key {text!r}: expected repository-deleted/PROJECT/VERSION")
+        return ArtifactTombstoneKey(_seg("project", project), _seg("version", version))
     if family == "scale":
         return ScaleKey(_seg("artifact", rest))
     if family == "controller":
@@ -527,7 +560,8 @@ def parse_key(text: str) -> Key:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth, secrets, repository, scale, controller, rollouts, nodes or user")
+                     "routes, maps, auth, secrets, repository, repository-deleted, scale, controller, "
+                     "rollouts, nodes or user")
 
 
 def value_type_for(key: str) -> type:

@@ -8,6 +8,8 @@
   sha256, the upload's id and the chunk's index (`chunk_key`): each upload writes chunks of its own,
   so deleting one upload never removes the chunks another (of the same bytes) relies on, and the
   manifest (written last) is what makes a wheel visible;
+- a deleted version leaves a tombstone that keeps nodes from publishing their copies of it again at
+  start-up (`bootstrap_action`);
 - reading: the slice wheel of some coordinates, the versions of a slice, the library wheels a set
   of requirements needs (`library_closure`);
 - the read protocols: Maven-style paths (`parse_maven_path`, `maven_metadata`) and the PEP 503 /
@@ -31,7 +33,7 @@ from packaging.version import Version as PepVersion
 from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec, PartitionTable
-from aether.kv.keys import ArtifactKey, ArtifactManifest, BlueprintValue, RolloutValue
+from aether.kv.keys import ArtifactKey, ArtifactManifest, ArtifactTombstone, BlueprintValue, RolloutValue
 from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
 from aether.slices.wheel import WheelInfo
 
@@ -42,6 +44,7 @@ __all__ = [
     "MAP_NAME",
     "MavenPath",
     "UploadMeter",
+    "bootstrap_action",
     "chunk_count",
     "chunk_key",
     "decide",
@@ -236,6 +239,25 @@ def decide(
                     f"{new.filename} declares the same coordinates"
                 )
     return "new"
+
+
+Bootstrap = Literal["skip", "publish", "drop", "withhold"]
+
+
+def bootstrap_action(
+    manifest: ArtifactManifest | None, tombstone: ArtifactTombstone | None, local_sha256: str = ""
+) -> Bootstrap:
+    """What a node does at start-up with a wheel of its local directory, given what the cluster
+    holds for its version: `skip` (the cluster has the version), `publish` (the cluster does not
+    have it and never deleted it: the bootstrap of a prepared directory), `drop` (a copy of a
+    version the cluster deleted: remove the file), `withhold` (the version was deleted and this
+    file holds other bytes than the deleted ones: neither published nor removed; an explicit
+    upload publishes it). `local_sha256` (the file's) is needed only with a tombstone."""
+    if manifest is not None:
+        return "skip"
+    if tombstone is None:
+        return "publish"
+    return "drop" if local_sha256 == tombstone.sha256 else "withhold"
 
 
 _ROLLOUT_ACTIVE = frozenset({"progressing", "paused"})

@@ -12,8 +12,10 @@ limits) in a worker thread, then:
 
 Only step 3 makes the wheel visible, so a failed or concurrent upload never shows a half-stored
 wheel; an upload that fails after step 2 with a known outcome removes its chunks (one a crash
-interrupts leaves them as garbage). A delete removes the manifest, then that upload's chunks.
-Reading fetches the chunks and checks size and sha256 before a file is renamed into place.
+interrupts leaves them as garbage). A delete writes a tombstone (`repository-deleted/...`) before
+it removes the manifest, then removes that upload's chunks: nodes drop their copies of a deleted
+version and do not publish them at start-up. Reading fetches the chunks and checks size and sha256
+before a file is renamed into place.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.files import make_private_dirs
 from aether.core.maps import MapDefinitionConflict, MapSpec, MapUnavailable, PartitionTable
-from aether.kv.keys import ArtifactKey, ArtifactManifest, BlueprintKey, RolloutKey
+from aether.kv.keys import (
+    ArtifactKey,
+    ArtifactManifest,
+    ArtifactTombstone,
+    ArtifactTombstoneKey,
+    BlueprintKey,
+    RolloutKey,
+)
 from aether.repository import core
 from aether.repository.errors import ArtifactConflict, ArtifactMissing, RepositoryUnavailable
 from aether.slices.errors import InvalidWheel
@@ -69,7 +78,11 @@ class ManifestStore(Protocol):
 
     async def get(self, key: Any, timeout: float = 5.0) -> Any: ...
 
+    async def put(self, key: Any, value: Any, timeout: float = 5.0) -> int: ...
+
     async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool: ...
+
+    def watch(self, prefix: str, callback: Callable[[Any], None]) -> Callable[[], None]: ...
 
 
 class ChunkMap(Protocol):
@@ -173,6 +186,7 @@ class ArtifactService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._calls: set[concurrent.futures.Future[Any]] = set()  # worker threads waiting on the loop
         self._stopped = False
+        self._unwatch: Callable[[], None] | None = None  # the watch of removed manifests
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -191,6 +205,8 @@ class ArtifactService:
         not all publish the same wheels at once while the cluster is starting: the later ones
         find the manifests there and skip them."""
         self.bind()
+        if self._unwatch is None:
+            self._unwatch = self.store.watch(ArtifactKey.prefix, self._on_manifest_event)
 
         async def run() -> None:
             await asyncio.sleep(delay)
@@ -214,6 +230,9 @@ class ArtifactService:
 
     async def stop(self) -> None:
         self._stopped = True
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         for f in list(self._calls):
             f.cancel()
         for t in list(self._tasks):
@@ -474,9 +493,10 @@ class ArtifactService:
     # --- delete -------------------------------------------------------------------------------------
 
     async def delete(self, project: str, version: str) -> ArtifactManifest:
-        """Remove a version: the manifest first (with compare-and-set: it is gone for everyone at
-        once), then the chunks of its upload and the cached copy.
-        A slice version a blueprint or an active rollout uses is refused (`ArtifactConflict`)."""
+        """Remove a version: a tombstone first (nodes drop their copies of the version and do not
+        publish them again), then the manifest (with compare-and-set: it is gone for everyone at
+        once), then the chunks of its upload and the cached copy. A slice version a blueprint or
+        an active rollout uses is refused (`ArtifactConflict`)."""
         key = ArtifactKey(project, version)
         current = self.store.get_local(key)  # a stale one fails the compare-and-set: try again
         if not isinstance(current, ArtifactManifest):
@@ -493,6 +513,13 @@ class ArtifactService:
                     "to another version, before deleting its wheel (a node that restarts or joins "
                     "could not load it any more)"
                 )
+        # before the manifest goes: no node can see the version missing without its tombstone
+        await self.store.put(
+            ArtifactTombstoneKey(project, version),
+            ArtifactTombstone(
+                project, version, current.filename, current.sha256, self.clock(), current.coords
+            ),
+        )
         if not await self.store.compare_and_set(key, current, None):
             raise ArtifactConflict(f"{project} {version} changed while it was being deleted; try again")
         # an upload's chunks are its own; those of a manifest written before uploads had ids are
@@ -505,11 +532,64 @@ class ArtifactService:
                 cached.unlink()
         return current
 
+    # --- deleted versions' copies -------------------------------------------------------------------
+
+    def _copy_of(self, tomb: ArtifactTombstone) -> Path:
+        if tomb.coords is not None:
+            return self.cache.artifact_dir(Artifact.parse(tomb.coords)) / tomb.filename
+        return self.cache.libs_dir / tomb.filename
+
+    async def drop_deleted_copy(self, project: str, version: str) -> bool:
+        """Remove this node's copy of `project` `version` if the cluster deleted it (its tombstone,
+        no manifest) and the copy holds the deleted bytes; whether a file was removed."""
+        tomb = self.store.get_local(ArtifactTombstoneKey(project, version))
+        if not isinstance(tomb, ArtifactTombstone) or self.manifest(project, version) is not None:
+            return False
+        path = self._copy_of(tomb)
+        try:
+            if not path.is_file() or await asyncio.to_thread(sha256_file, path) != tomb.sha256:
+                return False
+            path.unlink()
+        except OSError as e:
+            self.log.warning("could not drop the copy of deleted %s %s (%s): %s", project, version, path, e)
+            return False
+        self.log.info("dropped %s: %s %s was deleted from the cluster's repository", path, project, version)
+        return True
+
+    def _on_manifest_event(self, event: Any) -> None:
+        """The store's watch of `repository/`: a removed manifest (or a replica reset: any of them)
+        makes this node drop its copy of the deleted version, in the background."""
+        if event.kind == "remove":
+            parts = str(event.key).split("/")
+            if len(parts) != 3:
+                return
+            targets = [(parts[1], parts[2])]
+        elif event.kind == "reset":
+            targets = [
+                (t.project, t.version)
+                for _, t in self.store.list_local(ArtifactTombstoneKey.prefix)
+                if isinstance(t, ArtifactTombstone)
+            ]
+        else:
+            return
+        if not targets or self._stopped:
+            return
+
+        async def run() -> None:
+            for project, version in targets:
+                await self.drop_deleted_copy(project, version)
+
+        task = asyncio.get_running_loop().create_task(run(), name="repository-drop-deleted")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # --- bootstrap ----------------------------------------------------------------------------------
 
     async def publish_local(self) -> int:
-        """Upload the local directory's wheels that the cluster lacks; returns how many were new.
-        A version the cluster has with other bytes stays as the cluster has it (a warning)."""
+        """Upload the local directory's wheels that the cluster lacks and never deleted; returns how
+        many were new. A version the cluster has with other bytes stays as the cluster has it (a
+        warning); a copy of a version the cluster deleted is removed (other bytes than the deleted
+        ones: kept, not published, a warning)."""
         local: list[Path] = []
         for a in await asyncio.to_thread(self.cache.list):
             with contextlib.suppress(Exception):
@@ -522,6 +602,11 @@ class ArtifactService:
             except BadRequest:
                 continue
             have = self.manifest(project, version)
+            if have is None:
+                # through consensus: a replica recovered from disk may not know yet of what
+                # happened while this node was down (an upload, a delete)
+                got = await self.store.get(ArtifactKey(project, version))
+                have = got if isinstance(got, ArtifactManifest) else None
             if have is not None:
                 if have.filename == path.name and await asyncio.to_thread(sha256_file, path) != have.sha256:
                     self.log.warning(
@@ -531,6 +616,26 @@ class ArtifactService:
                         project,
                         version,
                     )
+                continue
+            got = await self.store.get(ArtifactTombstoneKey(project, version))
+            tomb = got if isinstance(got, ArtifactTombstone) else None
+            sha = await asyncio.to_thread(sha256_file, path) if tomb is not None else ""
+            action = core.bootstrap_action(have, tomb, sha)
+            if action == "drop":
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                self.log.info(
+                    "dropped %s: %s %s was deleted from the cluster's repository", path, project, version
+                )
+                continue
+            if action == "withhold":
+                self.log.warning(
+                    "not publishing %s: %s %s was deleted from the cluster's repository (this file "
+                    "holds other bytes than the deleted ones); upload it to publish it again",
+                    path,
+                    project,
+                    version,
+                )
                 continue
             try:
                 _, created = await self.upload(_read_file(path), path.name, declared=path.stat().st_size)
