@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -125,6 +126,32 @@ def test_decide_new_same_or_conflict() -> None:
     with pytest.raises(ArtifactConflict, match="declares the same coordinates"):
         core.decide(None, new, [_manifest(project="other", filename="other-0.1.0-py3-none-any.whl")])
 
+
+
+def test_claims_tombstones_and_chunk_keys() -> None:
+    from aether.kv.keys import ArtifactTombstone, CoordinatesClaim, parse_key
+
+    new = _manifest()
+    assert core.claim_check(new, None, None) == "free"
+    assert core.claim_check(new, CoordinatesClaim("hello", "0.1.0", 1.0), None) == "ours"
+    other = _manifest(project="other", filename="other-0.1.0-py3-none-any.whl")
+    with pytest.raises(ArtifactConflict, match=r"already in the repository as other-0\.1\.0-py3"):
+        core.claim_check(new, CoordinatesClaim("other", "0.1.0", 1.0), other)
+    with pytest.raises(ArtifactConflict, match=r"claimed by other 0\.1\.0, whose upload has not") as ei:
+        core.claim_check(new, CoordinatesClaim("other", "0.1.0", 1.0), None)
+    assert ei.value.status == 409 and "aether artifact delete other 0.1.0" in str(ei.value)
+    tomb = ArtifactTombstone("hello", "0.1.0", "hello-0.1.0-py3-none-any.whl", "a" * 64, 1.0)
+    assert core.bootstrap_action(new, tomb, "a" * 64) == "skip"
+    assert core.bootstrap_action(None, None) == "publish"
+    assert core.bootstrap_action(None, tomb, "a" * 64) == "drop"
+    assert core.bootstrap_action(None, tomb, "b" * 64) == "withhold"
+    assert core.chunk_key("a" * 64, 3, "f00d") == f"{'a' * 64}/f00d/3"
+    assert core.chunk_key("a" * 64, 3) == f"{'a' * 64}/3"  # a manifest written before upload ids
+    assert str(parse_key("repository-deleted/hello/0.1.0")) == "repository-deleted/hello/0.1.0"
+    claim_key = "repository-coords/org.example:hello:0.1.0"
+    assert str(parse_key(claim_key)) == claim_key
+    with pytest.raises(BadRequest, match="expected repository-deleted/PROJECT/VERSION"):
+        parse_key("repository-deleted/hello")
 
 
 def test_deployed_by_names_the_blueprints_and_active_rollouts_using_a_version() -> None:
@@ -423,6 +450,35 @@ async def test_start_up_publishing_skips_and_drops_the_copies_of_deleted_version
         await service.stop()
 
 
+async def test_a_claim_an_interrupted_upload_left_is_released_by_deleting_its_version(tmp_path: Path) -> None:
+    """An upload that stopped between claiming a slice's coordinates and writing its manifest (its
+    node crashed) leaves the claim: another project's wheel of those coordinates gets a 409 naming
+    the claimant and the way out; deleting the claimant's version (404: it has no manifest)
+    releases the claim, and the upload then passes."""
+    from aether.kv.keys import CoordinatesClaim, CoordinatesClaimKey
+    from aether.repository.errors import ArtifactMissing
+
+    w = _hello(tmp_path / "w")
+    store = MemoryStore()
+    claim = CoordinatesClaim("hello-old", "0.1.0", 1.0)
+    await store.put(CoordinatesClaimKey("org.example:hello:0.1.0"), claim)
+    service = _service(tmp_path, store)
+    try:
+        data = w.read_bytes()
+        with pytest.raises(ArtifactConflict, match=r"claimed by hello-old 0\.1\.0, whose upload has not"):
+            await service.upload(_bytes(data), w.name, declared=len(data))
+        assert service.manifests() == [] and service.maps.data[core.MAP_NAME] == {}  # its chunks went
+        with pytest.raises(ArtifactMissing, match=r"the claim its interrupted upload left on org\.example"):
+            await service.delete("hello-old", "0.1.0")
+        _, created = await service.upload(_bytes(data), w.name, declared=len(data))
+        claim = store.get_local(CoordinatesClaimKey("org.example:hello:0.1.0"))
+        assert created and (claim.project, claim.version) == ("hello", "0.1.0")
+        await service.delete("hello", "0.1.0")  # the delete releases the claim
+        assert store.get_local(CoordinatesClaimKey("org.example:hello:0.1.0")) is None
+    finally:
+        await service.stop()
+
+
 @pytest.mark.parametrize("full", ["work", "cache"])
 async def test_a_full_disk_is_a_503_naming_it_and_leaves_no_partial_wheel(tmp_path: Path, full: str) -> None:
     """A full disk (a 1 MiB tmpfs; needs root) under the upload's work directory or the node's
@@ -555,6 +611,53 @@ async def test_upload_is_stored_everywhere_idempotent_and_immutable(cluster: Clu
     assert status == 409 and "already in the repository with other content" in doc["detail"], doc
     status, body, ctype = await cluster.get(2, f"{P}/files/{w.name}")
     assert status == 200 and body == w.read_bytes() and ctype == "application/octet-stream"
+
+
+async def _holders(cluster: Cluster, i: int) -> list[str]:
+    return [m["project"] for m in await cluster.manifests(i) if m["coords"] == "org.example:hello:0.1.0"]
+
+
+async def test_two_projects_racing_for_one_slice_coordinates_on_two_nodes_one_wins(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen: "another project declares the same coordinates" was checked against the uploading
+    node's replica only: two uploads of different projects declaring one slice's coordinates,
+    through two nodes at once (both past the check before either manifest committed; here held
+    there until both are), both answered 201, and the cluster held two wheels for one slice.
+    Now the coordinates are claimed with compare-and-set before the manifest: one 201, one 409."""
+    from aether.repository.service import ArtifactService
+
+    a = _hello(tmp_path / "a")
+    b = build_slice_wheel(
+        tmp_path / "b", "org.example:hello:0.1.0", HELLO, "Hello", module="hello_slice",
+        dist_name="hello-fork",
+    )
+    arrived: list[str] = []
+    both = asyncio.Event()
+    real = ArtifactService._ensure_map
+
+    async def together(self: ArtifactService) -> None:  # both uploads passed the early check
+        arrived.append(self.log.name)
+        if len(arrived) == 2:
+            both.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(both.wait(), 10)
+        await real(self)
+
+    monkeypatch.setattr(ArtifactService, "_ensure_map", together)
+    (s1, d1), (s2, d2) = await asyncio.gather(cluster.upload(0, a), cluster.upload(1, b))
+    assert len(arrived) == 2, arrived
+    assert sorted([s1, s2]) == [201, 409], (d1, d2)
+    loser = d1 if s1 == 409 else d2
+    assert "org.example:hello:0.1.0" in loser["detail"] and "same coordinates" in loser["detail"], loser
+    for i in range(3):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while not await _holders(cluster, i):
+            assert loop.time() < end
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert len(found := await _holders(cluster, i)) == 1, (i, found)
 
 
 async def test_bad_uploads_are_refused_and_leave_nothing(cluster: Cluster, tmp_path: Path) -> None:

@@ -192,6 +192,15 @@ class ArtifactTombstone(msgspec.Struct, frozen=True):
     coords: str | None = None  # group:artifact:version of a slice wheel; None for a library
 
 
+class CoordinatesClaim(msgspec.Struct, frozen=True):
+    """Which wheel holds a slice's coordinates (docs/repository.md): taken with compare-and-set
+    before the wheel's manifest is written, so two projects can never both declare them."""
+
+    project: str
+    version: str
+    claimed: float  # wall-clock time of the claim
+
+
 class ScaleValue(msgspec.Struct, frozen=True):
     """The instance count of an autoscaled artifact and the bounds operators set on it
     (`scale/{artifact}`). The controller writes `instances` (``source = "controller"``) within the
@@ -411,6 +420,18 @@ class ArtifactTombstoneKey(msgspec.Struct, frozen=True):
         return f"repository-deleted/{self.project}/{self.version}"
 
 
+class CoordinatesClaimKey(msgspec.Struct, frozen=True):
+    """The wheel holding a slice's coordinates (`CoordinatesClaim`):
+    `repository-coords/{group:artifact:version}`; written only by the node's repository service."""
+
+    prefix: ClassVar[str] = "repository-coords/"
+    value_type: ClassVar[type] = CoordinatesClaim
+    coords: str
+
+    def __str__(self) -> str:
+        return f"repository-coords/{self.coords}"
+
+
 class ScaleKey(msgspec.Struct, frozen=True):
     """The controller's count and the operator's bounds of an autoscaled artifact (`ScaleValue`):
     `scale/{artifact coordinates}`."""
@@ -457,12 +478,13 @@ class NodeInfoKey(msgspec.Struct, frozen=True):
 
 Key = Union[  # noqa: UP007
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey, ApiKeyKey,
-    SecretKey, ArtifactKey, ArtifactTombstoneKey, ScaleKey, ControllerConfigKey, RolloutKey, NodeInfoKey,
+    SecretKey, ArtifactKey, ArtifactTombstoneKey, CoordinatesClaimKey, ScaleKey, ControllerConfigKey,
+    RolloutKey, NodeInfoKey,
 ]
 KEY_FAMILIES: tuple[type, ...] = (
     BlueprintKey, SliceKey, EndpointKey, RouteKey, UserKey, MapDefKey, MapTableKey, MapHealthKey,
-    ApiKeyKey, SecretKey, ArtifactKey, ArtifactTombstoneKey, ScaleKey, ControllerConfigKey, RolloutKey,
-    NodeInfoKey,
+    ApiKeyKey, SecretKey, ArtifactKey, ArtifactTombstoneKey, CoordinatesClaimKey, ScaleKey,
+    ControllerConfigKey, RolloutKey, NodeInfoKey,
 )
 SECRET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -545,6 +567,8 @@ def parse_key(text: str) -> Key:
         if not sep2:
             raise BadRequest(f"invalid key {text!r}: expected repository-deleted/PROJECT/VERSION")
         return ArtifactTombstoneKey(_seg("project", project), _seg("version", version))
+    if family == "repository-coords":
+        return CoordinatesClaimKey(_seg("coordinates", rest))
     if family == "scale":
         return ScaleKey(_seg("artifact", rest))
     if family == "controller":
@@ -560,8 +584,8 @@ def parse_key(text: str) -> Key:
             raise BadRequest("invalid user key: at most 1024 characters, no NUL")
         return UserKey(rest)
     raise BadRequest(f"unknown key family {family!r} in {text!r}: use blueprints, slices, endpoints, "
-                     "routes, maps, auth, secrets, repository, repository-deleted, scale, controller, "
-                     "rollouts, nodes or user")
+                     "routes, maps, auth, secrets, repository, repository-deleted, repository-coords, scale, "
+                     "controller, rollouts, nodes or user")
 
 
 def value_type_for(key: str) -> type:

@@ -8,9 +8,11 @@ index for pip, a Maven-style path subset):
              wheel's metadata), the manifest it becomes, whether it is new, the same or a
              conflicting version, chunk keys, Maven paths, the simple index's documents.
 - `errors`   the repository's errors, each with its HTTP status.
-- `service`  `ArtifactService`, the asyncio adapter: wheel bytes in chunks in the distributed map
-             `aether.repository` (defined on first use), the manifest written last, with
-             compare-and-set, in the consensus store (`repository/{project}/{version}`).
+- `service`  `ArtifactService`, the asyncio adapter: wheel bytes in chunks of the upload's own in
+             the distributed map `aether.repository` (defined on first use), a slice's claim on its
+             coordinates and then the manifest, each with compare-and-set, in the consensus store
+             (`repository-coords/{coords}`, `repository/{project}/{version}`); a delete leaves a
+             tombstone (`repository-deleted/{project}/{version}`).
 - `cache`    `ClusterRepository`, the `slices.Repository` the node's loader and deployment code
              use: manifests from the cluster, wheels fetched into the local directory, which is
              only a cache (sha256-checked) and the bootstrap of a single machine.

@@ -8,8 +8,9 @@
   sha256, the upload's id and the chunk's index (`chunk_key`): each upload writes chunks of its own,
   so deleting one upload never removes the chunks another (of the same bytes) relies on, and the
   manifest (written last) is what makes a wheel visible;
-- a deleted version leaves a tombstone that keeps nodes from publishing their copies of it again at
-  start-up (`bootstrap_action`);
+- a slice's coordinates are held by one wheel (`claim_check`: a claim taken with compare-and-set
+  before the manifest is written), and a deleted version leaves a tombstone that keeps nodes from
+  publishing their copies of it again at start-up (`bootstrap_action`);
 - reading: the slice wheel of some coordinates, the versions of a slice, the library wheels a set
   of requirements needs (`library_closure`);
 - the read protocols: Maven-style paths (`parse_maven_path`, `maven_metadata`) and the PEP 503 /
@@ -33,7 +34,14 @@ from packaging.version import Version as PepVersion
 from aether.core.artifact import Artifact, Version, VersionPattern
 from aether.core.errors import BadRequest
 from aether.core.maps import MapSpec, PartitionTable
-from aether.kv.keys import ArtifactKey, ArtifactManifest, ArtifactTombstone, BlueprintValue, RolloutValue
+from aether.kv.keys import (
+    ArtifactKey,
+    ArtifactManifest,
+    ArtifactTombstone,
+    BlueprintValue,
+    CoordinatesClaim,
+    RolloutValue,
+)
 from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
 from aether.slices.wheel import WheelInfo
 
@@ -47,6 +55,7 @@ __all__ = [
     "bootstrap_action",
     "chunk_count",
     "chunk_key",
+    "claim_check",
     "decide",
     "deployed_by",
     "find_slice",
@@ -239,6 +248,30 @@ def decide(
                     f"{new.filename} declares the same coordinates"
                 )
     return "new"
+
+
+def claim_check(
+    new: ArtifactManifest, claim: CoordinatesClaim | None, holder: ArtifactManifest | None
+) -> Literal["free", "ours"]:
+    """Whether `new` (a slice wheel) may hold its coordinates: `free` (no claim: take it), `ours`
+    (claimed by this very project and version); `ArtifactConflict` when another project or
+    version claimed them. `holder` is the claimant's manifest (read through consensus): None when
+    its upload has not finished (or was interrupted, or it is being deleted)."""
+    if claim is None:
+        return "free"
+    if (claim.project, claim.version) == (new.project, new.version):
+        return "ours"
+    if holder is not None:
+        raise ArtifactConflict(
+            f"the slice {new.coords} is already in the repository as {holder.filename}; "
+            f"{new.filename} declares the same coordinates"
+        )
+    raise ArtifactConflict(
+        f"the slice {new.coords} is claimed by {claim.project} {claim.version}, whose upload has not "
+        f"finished; {new.filename} declares the same coordinates. If that upload was interrupted, "
+        f"upload {claim.project} {claim.version} again, or delete it (aether artifact delete "
+        f"{claim.project} {claim.version}) to free the coordinates"
+    )
 
 
 Bootstrap = Literal["skip", "publish", "drop", "withhold"]

@@ -8,9 +8,11 @@ limits) in a worker thread, then:
    other bytes are a 409;
 2. its chunks go to the map `aether.repository` (defined on first use, `core.map_spec`), keyed by
    sha256, the upload's own id and index: no other upload writes or deletes them;
-3. its manifest is written with compare-and-set (absent -> manifest) at `repository/{project}/{version}`.
+3. a slice wheel claims its coordinates with compare-and-set at `repository-coords/{coords}`
+   (`core.claim_check`: a claim held by another project or version is a 409);
+4. its manifest is written with compare-and-set (absent -> manifest) at `repository/{project}/{version}`.
 
-Only step 3 makes the wheel visible, so a failed or concurrent upload never shows a half-stored
+Only step 4 makes the wheel visible, so a failed or concurrent upload never shows a half-stored
 wheel; an upload that fails after step 2 with a known outcome removes its chunks (one a crash
 interrupts leaves them as garbage). A delete writes a tombstone (`repository-deleted/...`) before
 it removes the manifest, then removes that upload's chunks: nodes drop their copies of a deleted
@@ -48,6 +50,8 @@ from aether.kv.keys import (
     ArtifactTombstone,
     ArtifactTombstoneKey,
     BlueprintKey,
+    CoordinatesClaim,
+    CoordinatesClaimKey,
     RolloutKey,
 )
 from aether.repository import core
@@ -330,8 +334,8 @@ class ArtifactService:
 
     async def _store(self, manifest: ArtifactManifest, path: Path) -> bool:
         key = core.key_of(manifest)
-        # this node's replica: an early answer for a version it already knows; the compare-and-set
-        # below decides (a stale replica only costs writing the chunks for nothing)
+        # this node's replica: an early answer for a version it already knows; the compare-and-sets
+        # below decide (a stale replica only costs writing the chunks for nothing)
         existing = self.store.get_local(key)
         if core.decide(existing, manifest, self.manifests()) == "same":
             return False
@@ -339,9 +343,10 @@ class ArtifactService:
         await self._put_chunks(manifest, path)
         # from here on the chunks are this upload's alone: a known failure removes them
         try:
+            await self._claim(manifest)
             for _ in range(3):
                 if await self.store.compare_and_set(key, None, manifest):
-                    return True
+                    break
                 # another upload of this version won the race: our replica applied it before the
                 # compare-and-set answered (the store answers once the local replica applied the slot)
                 existing = self.store.get_local(key)
@@ -350,13 +355,23 @@ class ArtifactService:
                     await self._drop_chunks(manifest)  # the winner's chunks serve it
                     return False
                 # ...and a delete removed it since: nothing is stored yet, try again
-            raise ArtifactConflict(
-                f"{manifest.project} {manifest.version} was uploaded and deleted by others while "
-                "this upload ran; try again"
-            )
+            else:
+                raise ArtifactConflict(
+                    f"{manifest.project} {manifest.version} was uploaded and deleted by others while "
+                    "this upload ran; try again"
+                )
         except ArtifactConflict:
             await self._drop_chunks(manifest)
             raise
+        try:
+            # a delete of this version released the claim between it and the manifest: take it again
+            await self._claim(manifest)
+        except ArtifactConflict:
+            with contextlib.suppress(Exception):
+                if await self.store.compare_and_set(key, manifest, None):
+                    await self._drop_chunks(manifest)
+            raise
+        return True
 
     async def _put_chunks(self, manifest: ArtifactManifest, path: Path) -> None:
         sem = asyncio.Semaphore(_PARALLEL_CHUNKS)
@@ -383,6 +398,39 @@ class ArtifactService:
         for i in range(manifest.chunks):
             with contextlib.suppress(Exception):  # garbage at worst; never visible without a manifest
                 await self.maps.map_remove(core.MAP_NAME, core.chunk_key(manifest.sha256, i, manifest.upload))
+
+    async def _claim(self, manifest: ArtifactManifest) -> None:
+        """Hold the slice's coordinates for `manifest`'s project and version (nothing for a library
+        wheel): a compare-and-set of `repository-coords/{coords}`, so that of two uploads of one
+        coordinates by different projects racing on two nodes only one passes; ArtifactConflict
+        when another project or version holds them."""
+        if manifest.coords is None:
+            return
+        ckey = CoordinatesClaimKey(manifest.coords)
+        for _ in range(5):
+            got = await self.store.get(ckey)  # through consensus: the replica is as recent now
+            claim = got if isinstance(got, CoordinatesClaim) else None
+            holder = None
+            if claim is not None and (claim.project, claim.version) != (manifest.project, manifest.version):
+                got = await self.store.get(ArtifactKey(claim.project, claim.version))
+                holder = got if isinstance(got, ArtifactManifest) else None
+            if core.claim_check(manifest, claim, holder) == "ours":
+                return
+            # free; a wheel stored before coordinates were claimed holds them without a claim
+            mine = CoordinatesClaim(manifest.project, manifest.version, self.clock())
+            for other in self.manifests():
+                if other.coords == manifest.coords and core.key_of(other) != core.key_of(manifest):
+                    with contextlib.suppress(Exception):
+                        await self.store.compare_and_set(
+                            ckey, None, CoordinatesClaim(other.project, other.version, other.uploaded)
+                        )
+                    core.decide(None, manifest, [other])  # ArtifactConflict
+            if await self.store.compare_and_set(ckey, None, mine):
+                return
+        raise ArtifactConflict(
+            f"the slice {manifest.coords} is claimed and released by other uploads while this one "
+            "ran; try again"
+        )
 
     async def _retrying(self, op: Callable[[], Awaitable[_T]]) -> _T:
         """`op()` again while the map answers `MapUnavailable`, for up to `map_budget` seconds (a
@@ -495,12 +543,22 @@ class ArtifactService:
     async def delete(self, project: str, version: str) -> ArtifactManifest:
         """Remove a version: a tombstone first (nodes drop their copies of the version and do not
         publish them again), then the manifest (with compare-and-set: it is gone for everyone at
-        once), then the chunks of its upload and the cached copy. A slice version a blueprint or
-        an active rollout uses is refused (`ArtifactConflict`)."""
+        once), then the chunks of its upload, its claim on the slice's coordinates and the cached
+        copy. A slice version a blueprint or an active rollout uses is refused (`ArtifactConflict`).
+        A version with no manifest is `ArtifactMissing`; the claim an interrupted upload of it left
+        on coordinates is released on the way (the way to free them)."""
         key = ArtifactKey(project, version)
         current = self.store.get_local(key)  # a stale one fails the compare-and-set: try again
         if not isinstance(current, ArtifactManifest):
-            raise ArtifactMissing(f"{project} {version} is not in the cluster's repository")
+            freed = await self._release_claims(project, version)
+            raise ArtifactMissing(
+                f"{project} {version} is not in the cluster's repository"
+                + (
+                    f" (the claim its interrupted upload left on {', '.join(freed)} was released)"
+                    if freed
+                    else ""
+                )
+            )
         if current.coords is not None:
             users = core.deployed_by(
                 current.coords,
@@ -526,11 +584,22 @@ class ArtifactService:
         # keyed by sha256 alone (shared with another such manifest of the same bytes, if any)
         if current.upload or not any(m.sha256 == current.sha256 and not m.upload for m in self.manifests()):
             await self._drop_chunks(current)
+        await self._release_claims(project, version)
         with contextlib.suppress(OSError):
             cached = cache_path(self.cache, current)
             if cached.is_file() and await asyncio.to_thread(sha256_file, cached) == current.sha256:
                 cached.unlink()
         return current
+
+    async def _release_claims(self, project: str, version: str) -> list[str]:
+        """Release the coordinates `project` `version` claims (compare-and-set); the freed ones."""
+        freed = []
+        for k, claim in self.store.list_local(CoordinatesClaimKey.prefix):
+            if isinstance(claim, CoordinatesClaim) and (claim.project, claim.version) == (project, version):
+                with contextlib.suppress(Exception):
+                    if await self.store.compare_and_set(k, claim, None):
+                        freed.append(k.removeprefix(CoordinatesClaimKey.prefix))
+        return freed
 
     # --- deleted versions' copies -------------------------------------------------------------------
 
