@@ -4,15 +4,18 @@ the dispatch of every control, and the OpenAPI document (valid, and naming what 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
 from aether.core.errors import StatusError
+from aether.forge.app import Forge
+from aether.forge.config import LoadConfig, Target
 from aether.forge.errors import ForgeConflict as Conflict
 from aether.forge.errors import NodeNotFound as NotFound
+from aether.forge.load import FailedRequest, LoadGenerator
 from aether.forge.server import (
     COOKIE,
     ROUTES,
@@ -49,6 +52,10 @@ class FakeForge:
 
     def events(self, since: int) -> tuple[list[Any], int]:
         return [{"seq": since + 1, "message": "x"}], since + 1
+
+    def failures(self, after: int) -> tuple[list[FailedRequest], int]:
+        self.calls.append(("failures", after))
+        return [], after
 
     async def node_action(self, node: str, action: str) -> ActionResult:
         self._node(node)
@@ -240,6 +247,14 @@ async def test_controls_reach_the_forge(served: tuple[TestClient[Any, Any], Fake
         ("POST", "/api/slices/org.demo:place-order/update", {"version": "9.9.9"}, 409, "is active"),
         ("GET", "/api/load/trace", None, 409, "no load"),
         ("GET", "/api/series?since=abc", None, 400, "since"),
+        ("GET", "/api/load/failures?after=abc", None, 400, "after must be a whole number >= 0"),
+        ("GET", "/api/load/failures?after=-1", None, 400, "after must be a whole number >= 0"),
+        ("GET", "/api/load/failures?after=1.5", None, 400, "'1.5'"),
+        ("GET", "/api/load/failures?after=", None, 400, "after must be a whole number >= 0"),
+        ("GET", "/api/load/failures?after=%C2%B2", None, 400, "after must be"),  # a superscript two
+        ("GET", "/api/load/failures?after=" + "9" * 5000, None, 400, "after must be"),
+        ("GET", "/api/load/failures?after=1&after=2", None, 400, "'after' given more than once"),
+        ("GET", "/api/load/failures?since=3", None, 400, "accepts: after"),
         ("GET", "/api/state?x=1", None, 400, "x"),
         ("GET", "/api/nothing-here", None, 404, "Not Found"),
     ],
@@ -254,6 +269,93 @@ async def test_bad_requests_get_problems_naming_the_issue(
     assert resp.content_type == "application/problem+json"
     problem = await resp.json()
     assert problem["status"] == status and words in problem["detail"]
+
+
+async def test_a_bad_after_never_reaches_the_forge(served: tuple[TestClient[Any, Any], FakeForge]) -> None:
+    client, fake = served
+    assert (await client.get("/api/load/failures?after=x", headers=AUTH)).status == 400
+    assert fake.calls == []
+    resp = await client.get("/api/load/failures?after=0012", headers=AUTH)
+    assert resp.status == 200 and await resp.json() == {"failures": [], "next": 12}
+    assert fake.calls == [("failures", 12)]
+
+
+def _load_forge(load: LoadGenerator | None) -> Forge:
+    """The real Forge object (its cluster is not needed to answer about the load)."""
+    return Forge(cast(Any, None), load, max_rate=100.0)
+
+
+@pytest.fixture
+async def load_served() -> AsyncIterator[tuple[TestClient[Any, Any], LoadGenerator]]:
+    """The real server and Forge over a load generator that is not started: the tests record its
+    requests' ends in its statistics as it does when answers come back."""
+    config = LoadConfig(targets=[Target(name="place-order", path="/api/orders")])
+    gen = LoadGenerator(config, lambda: ["127.0.0.1:4001"], clock=lambda: 1000.0)
+    client: TestClient[Any, Any] = TestClient(TestServer(ForgeServer(_load_forge(gen), TOKEN).app()))
+    await client.start_server()
+    try:
+        yield client, gen
+    finally:
+        await client.close()
+
+
+async def test_the_failures_after_a_number_come_oldest_first_with_next(
+    load_served: tuple[TestClient[Any, Any], LoadGenerator],
+) -> None:
+    client, gen = load_served
+    stats = gen.core.stats
+
+    async def failures(query: str = "") -> Any:
+        resp = await client.get(f"/api/load/failures{query}", headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    assert await failures() == {"failures": [], "next": 0}
+    stats.finished("place-order", "127.0.0.1:4001", None, 0.01, 1000.0)  # a success: not kept
+    stats.finished("place-order", "127.0.0.1:4001", "503", 0.02, 1001.0, detail="map 'orders': no answer")
+    stats.finished("place-order", None, "error:no_node", None, 1002.0, detail="no address to send to")
+    stats.finished("place-order", "127.0.0.1:4002", "500", 0.03, 1003.5, detail="<b>boom</b> & more")
+    everything = await failures()
+    assert everything == {"next": 3, "failures": [
+        {"seq": 1, "t": 1001.0, "target": "place-order", "node": "127.0.0.1:4001", "cause": "503",
+         "detail": "map 'orders': no answer"},
+        {"seq": 2, "t": 1002.0, "target": "place-order", "node": None, "cause": "error:no_node",
+         "detail": "no address to send to"},
+        {"seq": 3, "t": 1003.5, "target": "place-order", "node": "127.0.0.1:4002", "cause": "500",
+         "detail": "<b>boom</b> & more"},
+    ]}
+    assert await failures("?after=0") == everything
+    assert await failures("?after=1") == {"failures": everything["failures"][1:], "next": 3}
+    assert await failures("?after=3") == {"failures": [], "next": 3}
+    # an `after` beyond the latest (the page saw an earlier generator): nothing, and `next` says so
+    assert await failures("?after=50") == {"failures": [], "next": 3}
+
+
+async def test_the_failures_keep_the_latest_only(
+    load_served: tuple[TestClient[Any, Any], LoadGenerator],
+) -> None:
+    client, gen = load_served
+    for i in range(250):
+        gen.core.stats.finished("place-order", "127.0.0.1:4001", "503", 0.01, 1000.0 + i, detail=f"n{i}")
+    answer = await (await client.get("/api/load/failures?after=10", headers=AUTH)).json()
+    assert [f["seq"] for f in answer["failures"]] == list(range(51, 251)) and answer["next"] == 250
+    answer = await (await client.get("/api/load/failures?after=249", headers=AUTH)).json()
+    assert answer == {"failures": [{"seq": 250, "t": 1249.0, "target": "place-order",
+                                    "node": "127.0.0.1:4001", "cause": "503", "detail": "n249"}],
+                      "next": 250}
+
+
+async def test_the_failures_without_load_are_a_conflict() -> None:
+    client: TestClient[Any, Any] = TestClient(TestServer(ForgeServer(_load_forge(None), TOKEN).app()))
+    await client.start_server()
+    try:
+        resp = await client.get("/api/load/failures?after=0", headers=AUTH)
+        assert resp.status == 409 and resp.content_type == "application/problem+json"
+        assert "no load is configured" in (await resp.json())["detail"]
+        bad = await client.get("/api/load/failures?after=no", headers=AUTH)  # checked first
+        assert bad.status == 400 and "after" in (await bad.json())["detail"]
+    finally:
+        await client.close()
 
 
 async def test_a_trace_is_replayed_at_the_speed_asked(served: tuple[TestClient[Any, Any], FakeForge]) -> None:
@@ -300,5 +402,6 @@ async def test_openapi_is_valid_and_names_every_served_route(
     # every control of the page is in the document
     for path in ("/api/nodes/{id}/{action}", "/api/leader/kill", "/api/network/partition",
                  "/api/network/links/{src}/{dst}", "/api/slices/{artifact}/fail", "/api/load/rate",
-                 "/api/load/ramp", "/api/load/pause", "/api/load/resume", "/api/rolling-restart"):
+                 "/api/load/ramp", "/api/load/pause", "/api/load/resume", "/api/rolling-restart",
+                 "/api/load/failures"):
         assert path in doc["paths"], path

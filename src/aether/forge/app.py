@@ -27,7 +27,7 @@ from aether.core.files import write_private
 from aether.deploy.blueprint import try_lines
 from aether.forge.config import ForgeConfig, LoadConfig
 from aether.forge.errors import ForgeConflict, ForgeSetupError, ForgeUnavailable
-from aether.forge.load import LoadGenerator, load_trace, parse_trace, trace_lines
+from aether.forge.load import FailedRequest, LoadGenerator, load_trace, parse_trace, trace_lines
 from aether.forge.server import (
     ActionResult,
     ForgeServer,
@@ -222,6 +222,11 @@ class Forge:
 
     def trace(self) -> bytes:
         return trace_lines(self._load().recorded())
+
+    def failures(self, after: int) -> tuple[list[FailedRequest], int]:
+        """The load generator's kept failed requests numbered above `after`, and the latest's number."""
+        load = self._load()
+        return load.failures(after), load.failure_count
 
     def replay(self, trace: bytes, speed: float) -> ActionResult:
         t = parse_trace(trace, "the request body")

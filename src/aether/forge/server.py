@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -32,11 +33,13 @@ from aether.api.openapi import build_openapi
 from aether.api.routing import Answer, Body, Route, path_param, query_param, register
 from aether.core.errors import BadRequest, StatusError, Unauthorized
 from aether.core.problem import is_internal, problem_for, problem_headers
+from aether.forge.load import FailedRequest
 
 __all__ = [
     "COOKIE",
     "STATIC_DIR",
     "ActionResult",
+    "FailuresAnswer",
     "Forge",
     "ForgeServer",
     "LinkBody",
@@ -123,6 +126,15 @@ class EventsAnswer(msgspec.Struct):
     next: int
 
 
+class FailuresAnswer(msgspec.Struct):
+    """The load generator's kept failed requests numbered above `after`, oldest first (at most its
+    last 200), and `next`: the number of the latest failure (0 before any), to ask `after=next`
+    next time. A `next` below the `after` asked means the numbering started again."""
+
+    failures: list[FailedRequest]
+    next: int
+
+
 class SeriesAnswer(msgspec.Struct):
     points: list[Any]
 
@@ -151,6 +163,7 @@ class Forge(Protocol):
     def state(self) -> StateAnswer: ...
     def series(self, since: float) -> list[Any]: ...
     def events(self, since: int) -> tuple[list[Any], int]: ...
+    def failures(self, after: int) -> tuple[list[FailedRequest], int]: ...
     async def node_action(self, node: str, action: str) -> ActionResult: ...
     async def kill_leader(self) -> ActionResult: ...
     async def add_node(self) -> ActionResult: ...
@@ -192,6 +205,12 @@ class _Routes:
         since = int(_number_param(q, "since", 0))
         events, nxt = self.forge.events(since)
         return json_response(EventsAnswer(events, nxt))
+
+    async def failures(self, request: web.Request) -> web.Response:
+        q = query(request, ("after",))
+        after = _count_param(q, "after", 0)
+        failures, nxt = self.forge.failures(after)
+        return json_response(FailuresAnswer(failures, nxt))
 
     async def node_action(self, request: web.Request) -> web.Response:
         query(request, ())
@@ -307,6 +326,25 @@ def _number_param(q: dict[str, str], name: str, default: float) -> float:
     return value
 
 
+_DIGITS: Final = re.compile(r"[0-9]+", re.ASCII)
+
+
+def _count_param(q: dict[str, str], name: str, default: int) -> int:
+    """A whole number >= 0 (a sequence number) from the query, else 400 naming `name`."""
+    text = q.get(name)
+    if text is None:
+        return default
+    value = None
+    if _DIGITS.fullmatch(text):
+        try:
+            value = int(text)
+        except ValueError:  # more digits than Python converts
+            pass
+    if value is None:
+        raise BadRequest(f"{name} must be a whole number >= 0 (a sequence number), not {text[:40]!r}")
+    return value
+
+
 _ID = path_param("id", "a node id (node-K)")
 _OK = {200: Answer(ActionResult, "Done; `message` says what happened")}
 _CTL = ("control",)
@@ -379,6 +417,14 @@ ROUTES: Final[tuple[Route, ...]] = (
                        "one array of counts per second (`aether forge --replay FILE` takes it)",
                        media=TRACE_CONTENT_TYPE)},
           (400, 409), tags=("load",)),
+    Route("GET", f"{P}/load/failures", _Routes.failures, "getLoadFailures",
+          "The load generator's latest failed requests (its last 200) with what each was told",
+          {200: Answer(FailuresAnswer, "Failures numbered above `after`, oldest first; `next` (the "
+                       "latest failure's number) for the next call")},
+          (400, 409),
+          params=(query_param("after", "failure number (default 0: all kept); only failures after it",
+                              type="integer", minimum=0),),
+          tags=("load",)),
     Route("POST", f"{P}/load/replay", _Routes.replay, "replayLoad",
           "Offer the load of a recorded trace from now on (then the configured rate again)",
           _OK, (400, 409), params=(query_param("speed", "replay speed (2 = twice as fast)"),),
