@@ -7,7 +7,8 @@ The fake mirrors aether.forge.server: `GET /?token=T` sets the auth cookie and r
 the shapes of the supervisor's ClusterView, the load generator's LoadView and flat per-second
 series points (docs/forge.md, "Dashboard"), with canned state that its control endpoints mutate:
 a killed node is down, a crashed one frozen, a partition blocks links and moves the leader to the
-majority, the load rate sets the next seconds' answered requests. It records every control
+majority, the load rate sets the next seconds' answered requests; the tests add the load
+generator's failed requests (`fail`, answered by `GET /api/load/failures?after=N`). It records every control
 request, so the tests check both what the page sent and what it then shows.
 
 The fixture `fake_forge` serves that state behind the real `aether.forge.server.ForgeServer`
@@ -42,6 +43,7 @@ import forge_browser
 from aether.core.errors import StatusError
 from aether.forge import app as forge_app
 from aether.forge import server as forge_server
+from aether.forge.load import FailedRequest
 from forge_browser import Dashboard
 
 # the browser fixtures (tests/forge_browser.py), used by name below
@@ -105,6 +107,10 @@ class FakeForge:
         self.points: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self.received: list[tuple[str, str, Any]] = []  # (method, path, JSON body) of every control
+        self.failures: list[dict[str, Any]] = []  # the load generator's kept failed requests
+        self.failure_count = 0  # failed requests since the load started (the latest one's seq)
+        self.failures_asked: list[int] = []  # the `after` of every GET /api/load/failures
+        self._failures_lock = threading.Lock()  # the tests add failures while the server answers
         self.leader = self._elect()
         self.event("leader", self.leader, f"leader none -> {self.leader}")
         self.port = _free_port()
@@ -226,6 +232,28 @@ class FakeForge:
         nodes = [point("node", self.nodes[i]["http_address"], 1 / len(up)) for i in up]
         return [point("total", "", 1.0), *targets, *nodes]
 
+    def fail(self, cause: str, detail: str, target: str = "place-order", node: int | None = 2) -> None:
+        """A failed request of the load generator: numbered from 1, its last 200 kept."""
+        address = None if node is None else self.nodes[f"node-{node}"]["http_address"]
+        with self._failures_lock:
+            self.failure_count += 1
+            self.failures.append({"seq": self.failure_count, "t": time.time(), "target": target,
+                                  "node": address, "cause": cause, "detail": detail})
+            del self.failures[:-200]
+
+    def new_load_generator(self) -> None:
+        """Another load generator (Forge restarted on the same port): failures numbered from 1 again."""
+        with self._failures_lock:
+            self.failures, self.failure_count = [], 0
+
+    def failures_after(self, after: int) -> tuple[list[dict[str, Any]], int]:
+        """GET /api/load/failures?after=N: the kept ones above N, oldest first, and the latest seq."""
+        if not self.load:
+            raise Refused(409, "Conflict", "no load is configured")
+        with self._failures_lock:
+            self.failures_asked.append(after)
+            return [f for f in self.failures if f["seq"] > after], self.failure_count
+
     # ------------------------------------------------------------ HTTP
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
@@ -234,6 +262,7 @@ class FakeForge:
         app.router.add_get("/api/state", self._state)
         app.router.add_get("/api/series", self._series)
         app.router.add_get("/api/events", self._events)
+        app.router.add_get("/api/load/failures", self._failures)
         for path in (
             "/api/nodes/{id}/{op:kill|crash|stop|restart}", "/api/leader/kill", "/api/nodes",
             "/api/rolling-restart", "/api/network/partition", "/api/network/isolate/{id}",
@@ -290,6 +319,16 @@ class FakeForge:
         since = int(request.query.get("since", "0"))  # the events after it; next: the last seq answered
         events = [e for e in self.events if e["seq"] > since]
         return web.json_response({"events": events, "next": max((e["seq"] for e in events), default=since)})
+
+    async def _failures(self, request: web.Request) -> web.Response:
+        after = request.query.get("after", "0")
+        if not after.isascii() or not after.isdigit():
+            return _problem(400, "Bad Request", f"after must be a whole number >= 0, not {after!r}")
+        try:
+            failures, nxt = self.failures_after(int(after))
+        except Refused as e:
+            return _problem(e.status, e.title, e.detail)
+        return web.json_response({"failures": failures, "next": nxt})
 
     async def _control(self, request: web.Request) -> web.Response:
         body = await request.json() if request.can_read_body else None
@@ -456,6 +495,13 @@ class ServerAdapter:
         events = [e for e in self.fake.events if e["seq"] > since]
         return events, max((e["seq"] for e in events), default=since)
 
+    def failures(self, after: int) -> tuple[list[Any], int]:
+        try:
+            failures, nxt = self.fake.failures_after(after)
+        except Refused as e:
+            raise StatusError(e.detail, status=e.status) from None
+        return [msgspec.convert(f, FailedRequest) for f in failures], nxt
+
     def _do(self, method: str, path: str, body: Any = None, **mi: str) -> Any:
         try:
             _, answer = self.fake.apply(method, path, body, mi)
@@ -619,7 +665,7 @@ def test_page_loads_local_assets_only_and_shows_the_state(fake_forge: FakeForge,
     paths = {re.sub(r"\?.*", "", u.removeprefix(fake_forge.url)) for u in dash.requests}
     assert paths >= {
         "/", "/static/app.css", "/static/app.js", "/static/vendor/uPlot.iife.min.js",
-        "/static/vendor/uPlot.min.css", "/api/state", "/api/series", "/api/events",
+        "/static/vendor/uPlot.min.css", "/api/state", "/api/series", "/api/events", "/api/load/failures",
     }, paths
     assert all(u.startswith(fake_forge.url) for u in dash.requests), dash.requests
     dash.assert_clean()
@@ -721,6 +767,96 @@ def test_partition_needs_two_groups(fake_forge: FakeForge, dash: Dashboard) -> N
     expect(dash.by_test_id("status")).to_contain_text("tick 'grp B'")
     expect(dash.by_test_id("status")).to_have_attribute("data-kind", "error")
     assert fake_forge.controls("POST", "/api/network/partition") == []
+
+
+# ---------------------------------------------------------------- recent failures
+
+
+def _failure_rows(d: Dashboard) -> Any:
+    return d.by_test_id("failures").locator("tbody tr")
+
+
+def test_recent_failures_are_shown_newest_first_with_their_detail_as_text(
+    fake_forge: FakeForge, dash: Dashboard
+) -> None:
+    page = dash.page
+    rows = _failure_rows(dash)
+    expect(rows).to_have_text(["no failed request"])  # the empty state
+    expect(dash.by_test_id("failures-count")).to_have_text("")
+    fake_forge.fail("503", "map 'orders' key 'ORD-1': get got no answer after 16 attempt(s) in 5s", node=3)
+    fake_forge.fail("error:timeout", "TimeoutError: ", target="get-order", node=None)
+    hostile = '<img src=x onerror="window.__hacked=1"><b>bold</b> & <script>window.__hacked=2</script>'
+    fake_forge.fail("500", hostile)
+    expect(rows).to_have_count(3)
+    first, second, third = rows.nth(0), rows.nth(1), rows.nth(2)
+    expect(first).to_have_attribute("data-seq", "3")  # newest first
+    cells = first.locator("td")
+    expect(cells.nth(0)).to_have_text(re.compile(r"^\d\d:\d\d:\d\d$"))  # the time
+    expect(cells.nth(1)).to_have_text("500")
+    expect(cells.nth(2)).to_have_text("place-order")
+    expect(cells.nth(3)).to_have_text("node-2 (127.0.0.1:17301)")  # the node named by its address
+    expect(cells.nth(4)).to_have_text(hostile)  # shown as text, not run as HTML
+    assert dash.by_test_id("failures").locator("img, b, script").count() == 0
+    assert page.evaluate("() => window.__hacked") is None
+    expect(second.locator("td")).to_have_text(
+        [re.compile(r"\d\d:\d\d:\d\d"), "error:timeout", "get-order", "\u2013", "TimeoutError:"]
+    )
+    expect(third.locator("td").nth(1)).to_have_text("503")
+    expect(third.locator("td").nth(3)).to_have_text("node-3 (127.0.0.1:17302)")
+    expect(dash.by_test_id("failures-count")).to_have_text("3 since the load started")
+    # a long detail is cut; its title has the whole text, and the row wraps instead of widening the page
+    long_detail = "slice place-order failed: " + " ".join(f"attempt-{i}-of-many" for i in range(25))
+    fake_forge.fail("502", long_detail)
+    expect(rows.first).to_have_attribute("data-seq", "4")
+    detail = rows.first.locator("td.detail")
+    expect(detail).to_have_attribute("title", long_detail)
+    shown = detail.text_content() or ""
+    assert shown.endswith("…") and len(shown) < len(long_detail) and long_detail.startswith(shown[:-1])
+    print(f"screenshot: {dash.screenshot('recent-failures')}")
+    # polled incrementally: each request asks for what is newer than the latest failure shown
+    _wait_until(lambda: fake_forge.failures_asked[-1] == 4, 5, "GET /api/load/failures?after=4")
+    asked = list(fake_forge.failures_asked)
+    assert asked == sorted(asked) and asked[0] == 0, asked
+    # a burst: the page keeps the newest 20 rows, however many came
+    for i in range(250):
+        fake_forge.fail("503", f"burst {i}")
+    expect(rows.first).to_have_attribute("data-seq", "254")
+    expect(rows).to_have_count(20)
+    expect(rows.last).to_have_attribute("data-seq", "235")
+    expect(dash.by_test_id("failures-count")).to_have_text("254 since the load started")
+    for i in range(30):
+        fake_forge.fail("503", f"more {i}")
+        if i % 10 == 0:
+            page.wait_for_timeout(600)  # spread over a few polls
+    expect(rows.first).to_have_attribute("data-seq", "284")
+    expect(rows).to_have_count(20)
+    seqs = [int(s) for s in rows.evaluate_all("rs => rs.map(r => r.dataset.seq)")]
+    assert seqs == list(range(284, 264, -1)), seqs
+    dash.assert_clean()
+
+
+def test_recent_failures_start_again_with_another_load_generator(
+    fake_forge: FakeForge, dash: Dashboard
+) -> None:
+    """Forge restarted on the same port while the page stayed open: its failures are numbered from 1
+    again, below what the page asked for; the page forgets the old ones and shows the new."""
+    rows = _failure_rows(dash)
+    for i in range(5):
+        fake_forge.fail("503", f"old {i}")
+    expect(rows).to_have_count(5)
+    fake_forge.new_load_generator()
+    fake_forge.fail("500", "new one")  # before the page sees the new numbering: still shown
+    fake_forge.fail("502", "new two")
+    expect(rows).to_have_count(2)
+    expect(rows.locator("td.detail")).to_have_text(["new two", "new one"])
+    expect(dash.by_test_id("failures-count")).to_have_text("2 since the load started")
+    fake_forge.new_load_generator()
+    expect(rows).to_have_text(["no failed request"])
+    expect(dash.by_test_id("failures-count")).to_have_text("")
+    fake_forge.fail("503", "newer")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-seq", "1")
+    dash.assert_clean()
 
 
 # ---------------------------------------------------------------- every other control
@@ -825,6 +961,10 @@ def test_without_load_the_load_controls_are_off(open_dashboard: Any) -> None:
             expect(d.by_test_id(control)).to_be_disabled()
         expect(d.by_test_id("latest-throughput")).to_have_text("\u2013")  # no value
         expect(d.by_test_id("targets")).to_contain_text("no load")
+        expect(d.by_test_id("failures").locator("tbody tr")).to_have_text(["no load"])
+        expect(d.by_test_id("failures-count")).to_have_text("")
+        d.page.wait_for_timeout(1200)  # a few polls: none asks for failures (they would be 409s)
+        assert not [u for u in d.requests if "/api/load/failures" in u], d.requests
         d.assert_clean()
     finally:
         fake.stop()
@@ -949,6 +1089,8 @@ def test_real_forge_load_slider_raises_the_throughput(
     d.page.wait_for_function(f"() => {LATEST} >= 5 && {LATEST} <= 15", timeout=30_000)  # 10 req/s
     expect(d.by_test_id("latest-success")).to_have_text("100", timeout=30_000)
     expect(d.by_test_id("placement").locator("tbody tr")).not_to_have_count(0)
+    # the real GET /api/load/failures answered (its rows, or its empty state; not "no load")
+    expect(d.by_test_id("failures")).to_have_attribute("data-state", re.compile(r"^(empty|shown)$"))
     d.by_test_id("load-rate").fill("80")
     expect(d.by_test_id("load-state")).to_contain_text("80.0 req/s", timeout=10_000)
     d.page.wait_for_function(f"() => {LATEST} >= 60", timeout=30_000)

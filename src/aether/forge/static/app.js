@@ -9,6 +9,8 @@
   const KEEP_SECONDS = 300; // chart window
   const MAX_EVENTS = 300;
   const MAX_DECISIONS = 12;
+  const MAX_FAILURES = 20; // failed requests shown (the generator keeps its last 200)
+  const DETAIL_CHARS = 160; // a failure's detail beyond this is cut (the whole text in its title)
   const SVG_NS = "http://www.w3.org/2000/svg";
 
   const $ = (sel, root = document) => root.querySelector(sel);
@@ -132,6 +134,7 @@
     points: [], // series points, ascending t
     lastT: null, // newest point's t
     eventsNext: 0, // the last event seq seen: /api/events?since= answers the events after it
+    failuresNext: 0, // the last failure seq seen: /api/load/failures?after= answers those after it
     scope: "total",
   };
 
@@ -791,6 +794,73 @@
     while (list.children.length > MAX_EVENTS) list.lastElementChild.remove();
   }
 
+  // ---------------------------------------------------------------- recent failures
+  // The load generator's failed requests ({seq, t, target, node, cause, detail}), newest first;
+  // at most MAX_FAILURES rows: new ones are prepended, the oldest dropped.
+  function cut(text, max) {
+    return text.length <= max ? text : `${text.slice(0, max - 1)}…`;
+  }
+  function failureRow(f) {
+    const detail = typeof f.detail === "string" ? f.detail : f.detail == null ? "" : JSON.stringify(f.detail);
+    const node = f.node ? nodeLabel(String(f.node)) : "–";
+    return el(
+      "tr",
+      { "data-seq": f.seq ?? "", "data-cause": f.cause ?? "" },
+      el("td", { class: "t", text: clock(f.t), title: `#${f.seq ?? "?"}` }),
+      el("td", { class: "cause", text: f.cause ?? "?" }),
+      el("td", { text: f.target ?? "?" }),
+      el("td", { text: node }),
+      el("td", { class: "detail", text: cut(detail, DETAIL_CHARS) || "–", title: detail || null }),
+    );
+  }
+  function renderFailuresNote(text) {
+    const body = byTestId("failures").tBodies[0];
+    body.replaceChildren(el("tr", null, el("td", { colspan: 5, class: "none", text })));
+  }
+  function renderFailuresCount() {
+    const n = model.failuresNext;
+    byTestId("failures-count").textContent = n ? `${n} since the load started` : "";
+  }
+  // `data`: the answer of /api/load/failures, or null when there is no load.
+  function addFailures(data) {
+    if (data == null) {
+      if (byTestId("failures").dataset.state !== "none") {
+        byTestId("failures").dataset.state = "none";
+        model.failuresNext = 0;
+        renderFailuresNote("no load");
+        renderFailuresCount();
+      }
+      return;
+    }
+    const table = byTestId("failures");
+    const nxt = Number.isInteger(data.next) ? data.next : null;
+    const restarted = nxt != null && nxt < model.failuresNext;
+    if (restarted) model.failuresNext = 0; // numbered from 1 again (another load generator)
+    if (restarted || !table.dataset.state || table.dataset.state === "none") {
+      table.dataset.state = "empty";
+      renderFailuresNote("no failed request");
+    }
+    if (restarted) {
+      // this answer holds only those above the old number: the next poll asks for them all
+      renderFailuresCount();
+      return;
+    }
+    const fresh = (Array.isArray(data.failures) ? data.failures : [])
+      .filter((f) => f && num(f.seq) != null && f.seq > model.failuresNext)
+      .sort((a, b) => a.seq - b.seq)
+      .slice(-MAX_FAILURES);
+    if (nxt != null) model.failuresNext = Math.max(model.failuresNext, nxt);
+    if (fresh.length) {
+      model.failuresNext = Math.max(model.failuresNext, fresh[fresh.length - 1].seq);
+      const body = table.tBodies[0];
+      if (table.dataset.state === "empty") body.replaceChildren();
+      table.dataset.state = "shown";
+      for (const f of fresh) body.prepend(failureRow(f));
+      while (body.rows.length > MAX_FAILURES) body.lastElementChild.remove();
+    }
+    renderFailuresCount();
+  }
+
   // ---------------------------------------------------------------- polling
   let polling = false;
   let again = false;
@@ -804,10 +874,16 @@
     clearTimeout(timer);
     try {
       const seriesPath = model.lastT == null ? "/api/series" : `/api/series?since=${model.lastT}`;
-      const [st, se, ev] = await Promise.allSettled([
-        api("GET", "/api/state"),
+      const state = api("GET", "/api/state");
+      // the failures only with a load generator (without one the API answers 409)
+      const failures = state.then((r) =>
+        r.data && r.data.load ? api("GET", `/api/load/failures?after=${model.failuresNext}`) : null,
+      );
+      const [st, se, ev, fa] = await Promise.allSettled([
+        state,
         api("GET", seriesPath),
         api("GET", `/api/events?since=${model.eventsNext}`),
+        failures,
       ]);
       if (st.status === "fulfilled") {
         const d = st.value.data || {};
@@ -831,6 +907,8 @@
         renderCharts();
       }
       if (ev.status === "fulfilled") addEvents(ev.value.data);
+      if (fa.status === "fulfilled") addFailures(fa.value && (fa.value.data || {}));
+      else if (fa.reason && fa.reason.status === 409) addFailures(null);
     } finally {
       polling = false;
       const offline = byTestId("connection").dataset.connected === "false";
