@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from aether.api.server import ManagementServer
+from aether.core.artifact import Artifact
 from aether.node.node import Node
 from aether.slices.repository import Repository
 from aether.slices.testing import build_slice_wheel, isolated_imports
@@ -67,3 +68,68 @@ async def test_node_stop_drains_stuck_slices_together(tmp_path: Path) -> None:
     assert not pending, "a call stuck in a slice was not ended by the stop"
     assert 5.0 <= took < 8.0, f"stopping took {took:.1f} s for {N} slices draining 5 s each"
     assert node.slice_runtime.artifacts() == {}
+
+
+SWALLOWS = """
+import asyncio, os
+from aether.slices import Slice, entry
+
+RELEASE = {release!r}
+
+class Swallows(Slice):
+    async def stop(self):
+        while not os.path.exists(RELEASE):
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                pass  # swallowed: the stop goes on
+
+    @entry
+    async def ping(self) -> str:
+        return "pong"
+"""
+
+
+@pytest.mark.parametrize("isolation", ["inline", "shared"])
+async def test_a_stop_hook_that_swallows_its_cancellation_holds_neither_undeploy_nor_node_stop(
+    tmp_path: Path, isolation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An inline slice whose `stop()` catches `CancelledError` and goes on: its undeploy never
+    ended (the deactivate step's deadline cancelled it, and the cancelled step waited for the hook)
+    and the node's stop hung for ever. Both end now: `stop()` gets `stop_timeout` (5 s), then it is
+    abandoned, named in the log, and the node goes on."""
+    art = "org.test:swallows:1.0.0"
+    repo = Repository(tmp_path / "repo")
+    release = tmp_path / "release"
+    source = SWALLOWS.format(release=str(release))
+    repo.deploy(build_slice_wheel(tmp_path / "wheels", art, source, "Swallows", module="swallows"))
+    bp = f'id = "swallows:1"\n[slices.s]\nartifact = "{art}"\ninstances = 1\nisolation = "{isolation}"\n'
+    (config,) = node_configs(tmp_path, 1, repository=str(repo.root))
+    node = Node(config, management_api=ManagementServer)
+    with isolated_imports():
+        await node.start()
+        try:
+            await node.deployments.apply_blueprint(bp, "swallows.blueprint")
+            await node.deployments.wait_converged("swallows:1", timeout=30)
+            assert node.slice_runtime.isolation(Artifact.parse(art)) == isolation
+            t0 = time.monotonic()
+            await node.deployments.delete_blueprint("swallows:1")
+            await wait_until(lambda: node.slice_runtime.artifacts() == {}, 20, "the slice undeployed")
+            undeployed = time.monotonic() - t0
+            await node.deployments.apply_blueprint(bp, "swallows.blueprint")
+            await node.deployments.wait_converged("swallows:1", timeout=30)
+            t0 = time.monotonic()
+            stopping = asyncio.ensure_future(node.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=20)
+            stopped = time.monotonic() - t0
+            assert done, f"the node's stop did not end within {stopped:.0f} s"
+            await stopping
+        finally:
+            release.touch()
+            if not node.transport._stopped:
+                await node.stop()
+            await asyncio.sleep(0.2)  # (the abandoned hook ends)
+    assert undeployed < 9.0, f"undeploying took {undeployed:.1f} s"  # 5 s stop + (inline) 2 s left
+    assert stopped < 9.0, f"stopping took {stopped:.1f} s"
+    assert node.slice_runtime.artifacts() == {}
+    assert caplog.text.count(f"stop() of {art} instance 0 did not finish within 5.0 s") == 2, caplog.text

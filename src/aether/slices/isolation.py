@@ -307,6 +307,13 @@ class SliceThread(_DirectStreak):
             self._cancel(call)
             raise
 
+    async def hook(
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+    ) -> T:
+        """`run` for a lifecycle hook (as `InlineLoop.hook`): a caller that stops waiting goes on at
+        once here anyway (the hook runs on this thread's loop, where it is cancelled)."""
+        return await self.run(coro, entry=entry, owner=owner)
+
     def _cancel(self, call: _Call) -> None:
         def cancel() -> None:
             if call.task is not None:
@@ -653,6 +660,9 @@ class InlineLoop:
         self.name = name
         self.log = logger or logging.getLogger("aether.slices.isolation")
         self._closed = False
+        # hooks whose caller stopped waiting (a deadline, a cancelled step) before they ended: the
+        # hook -> what it is (`hook`); they end by themselves, or are left running (`close`)
+        self._left: dict[asyncio.Task[Any], str] = {}
 
     async def run(
         self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
@@ -677,6 +687,31 @@ class InlineLoop:
                 "(the call failed, the node goes on)"
             ) from None
 
+    async def hook(
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+    ) -> T:
+        """`run` for a lifecycle hook (`__init__`, `start()`, `stop()`, `health()`, `reconfigure()`),
+        in a task of its own: a caller that stops waiting (its deadline passed, its step was
+        cancelled) cancels the hook and goes on at once, as with a slice on its own loop. Awaited in
+        the caller's task, a hook that swallows its cancellation (catches `CancelledError` and goes
+        on awaiting) kept the caller waiting for it: a node's stop or the deactivation of the slice
+        never ended. A hook still running after it was cancelled is left to itself (`close` logs
+        it)."""
+        task = asyncio.ensure_future(self.run(coro, entry=entry, owner=owner))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.cancel()
+                self._left[task] = entry or "a hook"
+                task.add_done_callback(self._hook_ended)
+            raise
+
+    def _hook_ended(self, task: asyncio.Task[Any]) -> None:
+        self._left.pop(task, None)
+        if not task.cancelled():
+            task.exception()  # (retrieved: nobody waits for it any more)
+
     async def call_main(self, aw: Awaitable[T]) -> T:
         """From slice code: a node coroutine, awaited where it already is."""
         return await aw
@@ -687,7 +722,20 @@ class InlineLoop:
         return None
 
     async def close(self, timeout: float = 2.0) -> bool:
+        """No more calls; wait (up to `timeout` s) for the hooks cancelled by a caller that stopped
+        waiting (`hook`) to end. False, logged naming them, if slice code still runs one (it ignores
+        its cancellation: it is left running on the node's loop)."""
         self._closed = True
+        if self._left:
+            await asyncio.wait(list(self._left), timeout=timeout)
+        if self._left:
+            self.log.warning(
+                "slice %s: %s still running %.1f s after %s cancelled (slice code that catches "
+                "asyncio.CancelledError and goes on); abandoned: it is left running on the node's loop",
+                self.name, ", ".join(sorted(set(self._left.values()))), timeout,
+                "it was" if len(self._left) == 1 else "they were",
+            )  # fmt: skip
+            return False
         return True
 
 

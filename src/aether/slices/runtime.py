@@ -568,7 +568,7 @@ class SliceRuntime:
             if hook is not None and callable(hook) and thread is not None and old.obj is not None:
                 config, secrets = self._config(e)
                 try:
-                    await thread.run(hook(config), entry="reconfigure()", owner=e.coords)
+                    await thread.hook(hook(config), entry="reconfigure()", owner=e.coords)
                 except Exception as exc:
                     raise SliceStartError(redact(
                         f"reconfigure() of {artifact} instance {instance} raised {type(exc).__name__}: {exc}",
@@ -1258,7 +1258,7 @@ class SliceRuntime:
                 assert thread is not None and inst.obj is not None
                 hook = inst.obj.health  # type: ignore[attr-defined]
                 result = await asyncio.wait_for(
-                    thread.run(_health(hook), entry="health()", owner=e.coords), self.health_timeout
+                    thread.hook(_health(hook), entry="health()", owner=e.coords), self.health_timeout
                 )
             if result is False:
                 reason = "health() returned False"
@@ -1398,7 +1398,7 @@ class SliceRuntime:
             exc.instance = iid
             raise
         try:
-            obj = await thread.run(_construct(e.loaded.cls), entry="__init__()", owner=e.coords)
+            obj = await thread.hook(_construct(e.loaded.cls), entry="__init__()", owner=e.coords)
         except Exception as exc:
             raise SliceStartError(redact(
                 f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", secrets
@@ -1408,11 +1408,11 @@ class SliceRuntime:
         try:
             if self.start_timeout is not None:
                 await asyncio.wait_for(
-                    thread.run(_in_instance(where, obj.start), entry="start()", owner=e.coords),
+                    thread.hook(_in_instance(where, obj.start), entry="start()", owner=e.coords),
                     self.start_timeout,
                 )
             else:
-                await thread.run(_in_instance(where, obj.start), entry="start()", owner=e.coords)
+                await thread.hook(_in_instance(where, obj.start), entry="start()", owner=e.coords)
         except TimeoutError:
             raise SliceStartError(
                 f"start() of {artifact} instance {iid} did not finish within {self.start_timeout} s",
@@ -1463,10 +1463,10 @@ class SliceRuntime:
             if thread is None or inst.obj is None:
                 return
             stop = _in_instance((self.node_id, e.coords, inst.id), inst.obj.stop)
-            await asyncio.wait_for(thread.run(stop, entry="stop()", owner=e.coords), self.stop_timeout)
+            await asyncio.wait_for(thread.hook(stop, entry="stop()", owner=e.coords), self.stop_timeout)
         except TimeoutError:
             self.log.warning(
-                "%s: stop() of %s instance %d did not finish within %s s",
+                "%s: stop() of %s instance %d did not finish within %s s; abandoned, the node goes on",
                 self.node_id, e.loaded.artifact, inst.id, self.stop_timeout,
             )  # fmt: skip
         except WorkerLost as exc:

@@ -1,0 +1,219 @@
+"""Stopping slices whose code does not stop: every isolation mode bounds the stop of a slice.
+
+A lifecycle hook (`start()`, `stop()`, `health()`) or an entry that swallows its cancellation
+(catches `asyncio.CancelledError` and goes on awaiting), or blocks its thread (`time.sleep`), or
+never returns: the deactivation of the slice, the node's stop (`SliceRuntime.close`) and the
+activation's deadline end in bounded time anyway, the slice is abandoned with a log line naming
+it, and the runtime goes on. A real `SliceRuntime` per isolation mode ("inline" on this loop,
+"shared", "thread", "process" in a worker process); the node-level tests are in
+tests/test_node_stop.py.
+
+The misbehaving code ends once the test touches its release file (so nothing outlives the test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aether.core.artifact import Artifact
+from aether.slices import SliceStartError
+from aether.slices.loader import ImportSpace
+from aether.slices.repository import Repository
+from aether.slices.runtime import SliceRuntime
+from aether.slices.testing import StoreInvoker, build_slice_wheel, isolated_imports
+
+pytestmark = pytest.mark.timeout(60)
+
+# `how` in the config picks the misbehaviour of each hook: "swallow" (catches CancelledError and
+# goes on awaiting) or "sleep" (blocks its thread with time.sleep); both end with the release file
+STUBBORN = """
+import asyncio, os, time
+from aether.slices import Slice, entry
+
+def released(cfg):
+    return os.path.exists(cfg["release"])
+
+async def misbehave(cfg, how):
+    if how == "swallow":
+        while not released(cfg):
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                pass  # swallowed: the task goes on
+    elif how == "sleep":
+        while not released(cfg):
+            time.sleep(0.02)
+
+class Stubborn(Slice):
+    async def start(self):
+        await misbehave(self.context.config, self.context.config.get("start"))
+
+    async def stop(self):
+        await misbehave(self.context.config, self.context.config.get("stop"))
+
+    async def health(self):
+        await misbehave(self.context.config, self.context.config.get("health"))
+        return True
+
+    @entry
+    async def hang(self) -> str:
+        await misbehave(self.context.config, "swallow")
+        return "done"
+"""
+
+A = Artifact.parse("org.t:stubborn:1.0.0")
+MODES = ["inline", "shared", "thread", "process"]
+STOP_TIMEOUT = 0.3
+# a hook left running is waited for 2 s when its slice's loop closes (`SliceThread.close`,
+# `InlineLoop.close`); a worker that does not exit gets SIGTERM after 2 x stop_timeout
+BOUND = STOP_TIMEOUT + 2.0 + 1.5
+
+
+class Env:
+    def __init__(self, rt: SliceRuntime, release: Path) -> None:
+        self.rt = rt
+        self.release = release
+
+
+@pytest.fixture
+async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """`await make_env(mode, **config)`: a runtime with the stubborn slice loaded with isolation
+    `mode`; the release file is touched and the runtime closed when the test ends."""
+    made: list[Env] = []
+    with isolated_imports():
+        repo = Repository(tmp_path / "repo")
+        repo.deploy(build_slice_wheel(tmp_path / "w", str(A), STUBBORN, "Stubborn", module="stubborn_slice"))
+
+        async def make(mode: str, start_timeout: float | None = None, **config: Any) -> Env:
+            release = tmp_path / f"release{len(made)}"
+            cfg = {**config, "release": str(release)}
+            inv = StoreInvoker()
+            rt = SliceRuntime(
+                "node-1", repo, tmp_path / f"data{len(made)}", inv, space=ImportSpace(),
+                config_for=lambda a: cfg, isolation_for=lambda a: mode, stop_timeout=STOP_TIMEOUT,
+                start_timeout=start_timeout, health_interval=3600, health_timeout=0.3,
+            )  # fmt: skip
+            inv.add(rt)
+            env = Env(rt, release)
+            made.append(env)
+            await rt.load(A)
+            return env
+
+        try:
+            yield make
+        finally:
+            for env in made:
+                env.release.touch()
+                await env.rt.close(drain_timeout=0.1)
+            await asyncio.sleep(0.1)  # (the released hooks end)
+
+
+async def bounded(aw: Any, what: str, limit: float = BOUND) -> float:
+    """Await `aw`; its duration. Fails (instead of hanging the test) when it takes past 3 x `limit`."""
+    t0 = time.monotonic()
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=3 * limit)
+    took = time.monotonic() - t0
+    if not done:
+        task.cancel()  # (it may not end: it is left to the release file)
+        raise AssertionError(f"{what} did not end within {3 * limit:.1f} s")
+    task.result()
+    assert took < limit, f"{what} took {took:.2f} s"
+    return took
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_stop_that_swallows_its_cancellation_is_abandoned(
+    make_env: Any, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inline, `stop()` ran in the deactivating task: `wait_for` cancelled it at `stop_timeout`,
+    then waited for it to end, for ever (the node's stop and the slice's undeploy with it)."""
+    caplog.set_level(logging.INFO)
+    env = await make_env(mode, stop="swallow")
+    await env.rt.activate(A, [0])
+    assert env.rt.isolation(A) == mode
+    await bounded(env.rt.deactivate(A, drain_timeout=0.2), "deactivating")
+    assert env.rt.state(A) == "loaded"
+    assert f"stop() of {A} instance 0 did not finish within {STOP_TIMEOUT} s" in caplog.text
+    if mode == "inline":  # the hook still runs on the node's loop: said, naming the slice
+        assert f"slice {A}: stop() still running 2.0 s after it was cancelled" in caplog.text
+        assert "abandoned" in caplog.text
+    await env.rt.activate(A, [1])  # the runtime goes on with the slice
+    assert env.rt.local_instances(A) == [1]
+    await bounded(env.rt.close(drain_timeout=0.2), "closing")
+    assert env.rt.artifacts() == {}
+
+
+@pytest.mark.parametrize("mode", ["shared", "thread", "process"])
+async def test_a_stop_that_blocks_its_thread_is_abandoned(
+    make_env: Any, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`stop()` in `time.sleep`: off the node's loop, the close is bounded (inline, nothing can
+    interrupt it: docs/slices.md, *Inline slices*)."""
+    env = await make_env(mode, stop="sleep")
+    await env.rt.activate(A, [0])
+    await bounded(env.rt.close(drain_timeout=0.2), "closing")
+    assert env.rt.artifacts() == {}
+    assert f"stop() of {A} instance 0 did not finish within {STOP_TIMEOUT} s" in caplog.text
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_start_that_never_returns_ends_at_the_deadline(make_env: Any, mode: str) -> None:
+    """The node's managers time the activation (no `start_timeout`: the step's deadline cancels
+    it). Inline, the cancelled `start()` was awaited until it ended: never."""
+    env = await make_env(mode, start="swallow")
+    with pytest.raises(TimeoutError):
+        await bounded(asyncio.wait_for(env.rt.activate(A, [0]), 0.3), "the activation's deadline")
+    assert env.rt.local_instances(A) == []
+    await bounded(env.rt.close(drain_timeout=0.2), "closing")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_start_timeout_fails_the_activation(make_env: Any, mode: str) -> None:
+    env = await make_env(mode, start_timeout=0.3, start="swallow")
+    with pytest.raises(SliceStartError, match=r"start\(\) of org.t:stubborn:1.0.0 instance 0 did not finish"):
+        await bounded(env.rt.activate(A, [0]), "activating")
+    assert env.rt.local_instances(A) == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_entry_that_swallows_its_cancellation_does_not_hold_the_stop(
+    make_env: Any, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await make_env(mode)
+    await env.rt.activate(A, [0])
+    call = asyncio.ensure_future(env.rt.call(A, "hang", b""))
+    while not any(i.in_flight for i in env.rt.instance_loads()):
+        await asyncio.sleep(0.01)
+    await bounded(env.rt.close(drain_timeout=0.3), "closing")
+    assert env.rt.artifacts() == {}
+    assert "1 call(s) to org.t:stubborn:1.0.0 still in flight after 0.3 s of draining" in caplog.text
+    env.release.touch()
+    await asyncio.wait({call}, timeout=5)
+    call.cancel()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_health_check_that_swallows_its_cancellation_is_unhealthy(make_env: Any, mode: str) -> None:
+    """Inline, the check waited for the cancelled hook for ever: the instance stayed 'not checked
+    yet' (healthy None) whatever its hook did, and was never replaced."""
+    env = await make_env(mode, health="swallow")
+    await env.rt.activate(A, [0])
+    assert env.rt.check_health() == 1
+
+    def load() -> Any:
+        (got,) = env.rt.instance_loads()
+        return got
+
+    deadline = time.monotonic() + 5
+    while load().healthy is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert (load().healthy, load().health_reason) == (False, "health() did not answer within 0.3 s")
+    await bounded(env.rt.close(drain_timeout=0.2), "closing")
