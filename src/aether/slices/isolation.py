@@ -275,7 +275,10 @@ class SliceThread(_DirectStreak):
                 for t in pending:
                     t.cancel()
                 if pending:
-                    loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+                    _, left = loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
+                    if left:  # slice code that swallows its cancellation: it runs on, here, alone
+                        self._abandon(left)
+                        loop.run_until_complete(asyncio.wait(left))
             except BaseException:
                 self.log.debug("slice loop %s: error while closing", self.name, exc_info=True)
             loop.close()
@@ -284,6 +287,33 @@ class SliceThread(_DirectStreak):
                     self.main.call_soon_threadsafe(self._settle_calls)
                 except RuntimeError:
                     pass
+
+    def _abandon(self, left: set[asyncio.Task[Any]]) -> None:
+        """On the slice's loop, closing: `left` did not end when cancelled (slice code that catches
+        `CancelledError` and goes on). Their callers are answered now, the log names them, and the
+        loop keeps running them in this (daemon) thread until they end by themselves: closed with
+        them pending, it left their coroutines to the garbage collector, which ran their cleanup at
+        some later point on whatever thread (and the callers were never answered)."""
+        names = []
+        for task in left:
+            call = self._calls.get(task)
+            if isinstance(call, _Running):  # (a direct call: its caller's deadline answers it)
+                names.append(f"{call.entry} of {call.owner}")
+            elif call is not None:
+                name = call.owner or self.name
+                what = f"{call.entry} of {name}" if call.entry else name
+                names.append(what)
+                self._answer(call, None, SliceCrashed(
+                    f"{what} did not end when its slice was stopped (its code ignores cancellation); "
+                    "abandoned"
+                ))  # fmt: skip
+            else:
+                names.append(f"a task of slice code ({task.get_name()})")
+        self.log.warning(
+            "slice loop %s: %s still running 1.0 s after %s cancelled (slice code that catches "
+            "asyncio.CancelledError and goes on); abandoned: left running on the loop's own thread",
+            self.name, ", ".join(sorted(names)), "it was" if len(names) == 1 else "they were",
+        )  # fmt: skip
 
     # --- running slice code -----------------------------------------------------------------------
 
