@@ -1495,9 +1495,9 @@ class SliceRuntime:
         drain began has counted itself once the shared loop has run one more call (the check and the
         count are one step there; on the node's loop they are one step of this loop)."""
         loop = asyncio.get_running_loop()
-        if isinstance(thread, SliceThread):
+        if isinstance(thread, SliceThread) and deadline > loop.time():
             try:
-                await asyncio.wait_for(thread.run(_noop()), max(0.0, deadline - loop.time()))
+                await asyncio.wait_for(thread.run(_noop()), deadline - loop.time())
             except Exception:  # (TimeoutError too)
                 pass  # a blocked or closed loop: the wait below gives up at the deadline
         while any(i.direct_inflight for i in insts) and loop.time() < deadline:
