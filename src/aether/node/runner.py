@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from aether.consensus.storage import JournalCorrupt
 from aether.core.config import PARENT_PID_ENV, NodeConfig
@@ -32,6 +34,50 @@ def _install_loop_policy() -> None:
 
 
 PARENT_POLL_S = 0.5
+LEFT_TASKS_S = 1.0  # what the tasks still running when the node has stopped get after their cancellation
+
+
+def _run(main: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run(main)`, except for the tasks still running once `main` returned: cancelled and
+    given `LEFT_TASKS_S` s to end, then left (logged, naming them) as the process exits.
+    `asyncio.run` waited for every one of them to end: the abandoned `stop()` of an inline slice that
+    catches its cancellation and goes on (docs/slices.md) kept the stopped node's process alive
+    for ever, until its supervisor killed it."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(main)
+    finally:
+        try:
+            _cancel_left(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_left(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if not tasks:
+        return
+    for t in tasks:
+        t.cancel()
+    done, left = loop.run_until_complete(asyncio.wait(tasks, timeout=LEFT_TASKS_S))
+    for t in done:
+        if not t.cancelled() and t.exception() is not None:
+            loop.call_exception_handler({
+                "message": "unhandled exception in a task as the node's process exits",
+                "exception": t.exception(), "task": t,
+            })  # fmt: skip
+    if left:
+        for t in left:  # (they are left pending: not reported again when collected)
+            t._log_destroy_pending = False  # type: ignore[attr-defined]
+        logging.getLogger("aether.node").warning(
+            "%d task(s) still running %.1f s after the node stopped and cancelled them (code that "
+            "catches asyncio.CancelledError and goes on): %s; the process exits without them",
+            len(left), LEFT_TASKS_S, ", ".join(sorted(t.get_name() for t in left)),
+        )  # fmt: skip
 
 
 def set_cpu_scheduling(policy: str) -> str | None:
@@ -218,7 +264,7 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
         log.error("cannot start node %s: %s", config.node_id, e)
         return 1
     try:
-        asyncio.run(serve(config, management_api=management_api, parent=parent))
+        _run(serve(config, management_api=management_api, parent=parent))
     except (OSError, JournalCorrupt) as e:
         log.error("cannot start node %s: %s", config.node_id, e)
         return 1

@@ -704,7 +704,7 @@ class InlineLoop:
             raise SliceCrashed(f"{self.name}: the slice is stopped")
         try:
             return await coro
-        except (Exception, asyncio.CancelledError):
+        except (Exception, asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: closed unfinished)
             raise
         except BaseException as e:
             what = f"{entry} of {self.name}" if entry else self.name
@@ -727,7 +727,8 @@ class InlineLoop:
         on awaiting) kept the caller waiting for it: a node's stop or the deactivation of the slice
         never ended. A hook still running after it was cancelled is left to itself (`close` logs
         it)."""
-        task = asyncio.ensure_future(self.run(coro, entry=entry, owner=owner))
+        name = f"{entry or 'a hook'} of {owner or self.name}"  # (named in the logs when left running)
+        task = asyncio.get_running_loop().create_task(self.run(coro, entry=entry, owner=owner), name=name)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -145,11 +145,15 @@ def _exit_instance(names: tuple[Any, Any, Any]) -> None:
 async def _in_instance(where: tuple[str, str, int], hook: Callable[[], Awaitable[_T]]) -> _T:
     """Run a hook of an instance (`start`, `stop`) naming it (`_enter_instance`), undone after (an
     inline slice's hook runs in the node's task)."""
-    names = _enter_instance(where)
+    names: tuple[Any, Any, Any] | None = _enter_instance(where)
     try:
         return await hook()
+    except GeneratorExit:  # closed unfinished (an abandoned hook, collected): not in its context
+        names = None
+        raise
     finally:
-        _exit_instance(names)
+        if names is not None:
+            _exit_instance(names)
 
 
 async def _call_entry(
@@ -161,12 +165,16 @@ async def _call_entry(
     # and instance (`where`); undone when it returns, for a call run in its caller's task (an inline
     # slice's). (`SliceRuntime._direct` does the same in place.)
     keys = enter_call(request_id, idempotency_key, trace)
-    names = _enter_instance(where)
+    names: tuple[Any, Any, Any] | None = _enter_instance(where)
     try:
         return entry.encode_result(await entry.function(obj, **entry.decode(payload)))
+    except GeneratorExit:  # closed unfinished (an abandoned call, collected): not in its context
+        names = None
+        raise
     finally:
-        _exit_instance(names)
-        exit_call(keys)
+        if names is not None:
+            _exit_instance(names)
+            exit_call(keys)
 
 
 async def _noop() -> None:

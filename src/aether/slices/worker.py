@@ -413,8 +413,14 @@ def main(argv: list[str] | None = None) -> None:
     if os.getppid() != args.parent:
         os._exit(3)
     threading.Thread(target=_watch_parent, args=(args.parent,), daemon=True, name="parent-watch").start()
+    # not asyncio.run: once `_serve` returns, its clean-up cancels the tasks left and waits for every
+    # one of them to end, and slice code that catches its cancellation and goes on (an abandoned
+    # `stop()`) never does: the worker then lived on until its node sent SIGTERM, 2 x stop_timeout
+    # later. Nothing is left to clean up here: the process ends at once.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        asyncio.run(_serve(args.fd, args.max_frame, args.log_level))
+        loop.run_until_complete(_serve(args.fd, args.max_frame, args.log_level))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
