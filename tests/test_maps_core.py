@@ -24,7 +24,7 @@ from aether.maps.messages import (
     SyncChunk,
     SyncRequest,
 )
-from aether.maps.partitioning import activate, owners_for, partition_of
+from aether.maps.partitioning import activate, owners_for, partition_of, rank
 from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE, Record
 from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage
 
@@ -352,7 +352,7 @@ def test_a_map_defined_while_a_takeover_pushes_is_pushed_too() -> None:
     assert newcomer not in net.table.members
     net.join(newcomer)
     core = net.cores[newcomer]
-    while not any(prom.phase == "push" for prom in core._promotions):
+    while not any(prom.parts - prom.syncing for prom in core._promotions):
         assert net.step(), "the newcomer's takeover never reached its push phase"
     for i, c in net.cores.items():
         net.run(i, c.define("m2", MapSpec(), MemoryStorage(), net.now, new=True))
@@ -1493,3 +1493,73 @@ def test_a_push_in_pieces_whose_application_a_failed_commit_undid_is_not_acknowl
     net.run(victim, core.receive(primary, last, net.now, int(net.now * 1000)))
     ack = next(a for s, _d, a in net.queue if s == victim and isinstance(a, PushAck) and a.id == last.id)
     assert not ack.ok, "the replica acknowledged a push it dropped"
+
+
+def _key_of(p: int) -> str:
+    return next(k for k in (f"k{i}" for i in range(10_000)) if partition_of(k, P) == p)
+
+
+def test_a_partition_short_of_copies_holds_up_only_its_own_takeover(caplog: pytest.LogCaptureFixture) -> None:
+    """Two of four nodes are cut off at once (R = 3, W = 2). The survivors take every partition
+    over again; a partition whose active owners were both of those nodes and one survivor has one
+    counting copy of the two it needs, and its takeover waits `force_after` (10 s) for owners
+    that left the table. A survivor's partitions whose owners it can still reach are synced at
+    once and must serve right away: the whole takeover used to wait for its slowest partition, so
+    every partition of that node was unavailable for those 10 s (Forge `partition-two`: requests
+    failed `MapUnavailable` after their 5 s timeout)."""
+    net = Net(4)
+    assert net.t.force_after >= 5.0
+    keys = {p: _key_of(p) for p in range(P)}
+    for p, key in keys.items():
+        net.submit(net.ids[p % 4], 1 + p, OP_PUT, key, b"v%d" % p)
+    net.settle()
+    assert all(net.results[1 + p] == (None, True) for p in range(P))
+    old = net.table
+
+    def short_and_synced(gone: tuple[str, str]) -> tuple[str, set[int], set[int]] | None:
+        """A survivor that becomes primary of both a partition short of copies and a synced one."""
+        survivors = [i for i in net.ids if i not in gone]
+        for node in survivors:
+            mine = [p for p in range(P) if rank(p, survivors)[0] == node]
+            short = {p for p in mine if set(gone) <= set(owners_for(old, p, 3))}
+            if short and set(mine) - short:
+                return node, short, set(mine) - short
+        return None
+
+    # (the leader, net.ids[0], stays: it plans the table without the two that go)
+    pairs = [(a, b) for a in net.ids[1:] for b in net.ids[1:] if a < b]
+    gone, found = next((pair, f) for pair in pairs if (f := short_and_synced(pair)) is not None)
+    node, short, synced = found
+    caplog.set_level("INFO", logger=f"aether.maps.{node}")
+    net.drop = lambda src, dst, msg: src in gone or dst in gone
+    for g in gone:
+        net.cores.pop(g)
+        net.engines.pop(g).close()
+        for other in net.cores:
+            net.run(other, net.cores[other].peer_down(g, net.now))
+    while net.table.version == old.version:
+        net.tick()
+    started = net.now
+    assert net.table.members == sorted(set(net.ids) - set(gone))
+    core = net.cores[node]
+    net.settle(1.0)
+    assert all(core.prims[p].ready for p in synced), [core._takeover_status(p) for p in synced]
+    assert all(net.table.active[p] == net.table.version for p in synced)
+    assert not any(core.prims[p].ready for p in short)
+    assert f"serving {len(synced)} partition(s) as primary at v{net.table.version}" in caplog.text
+    other = next(i for i in net.cores if i != node)
+    for p in synced:  # served well before force_after, with the data
+        net.submit(other, 100 + p, OP_GET, keys[p])
+    net.submit(other, 200, OP_GET, keys[min(short)])
+    net.settle(1.0)
+    assert all(net.results[100 + p] == (b"v%d" % p, True) for p in synced)
+    assert 200 not in net.results, net.results[200]
+    net.settle(started + net.t.force_after - 0.5 - net.now)
+    assert not any(core.prims[p].ready for p in short), "the short partition waits force_after"
+    net.settle(2.0)
+    assert all(core.prims[p].ready for p in short), [core._takeover_status(p) for p in short]
+    assert "writes acknowledged only by them may be lost" in caplog.text
+    for p in short:
+        net.submit(other, 300 + p, OP_GET, keys[p])
+    net.settle()
+    assert all(net.results[300 + p] == (b"v%d" % p, True) for p in short)

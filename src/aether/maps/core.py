@@ -310,11 +310,17 @@ class _Promotion:
     buffered: dict[int, list[tuple[int, str, Record]]] = field(default_factory=dict)
     buffered_ops: dict[int, OpIds] = field(default_factory=dict)  # sync id -> operation ids received so far
     have: dict[tuple[str, str], dict[tuple[int, str], tuple[int, int]]] = field(default_factory=dict)
+    # (peer, map) -> the partitions of which `have` is that peer's whole copy: its answer came while
+    # they were still syncing (a partition past its sync before that gets the whole copy pushed)
+    covered: dict[tuple[str, str], set[int]] = field(default_factory=dict)
     merged: int = 0
-    phase: str = "sync"  # sync -> push -> (activate) -> done
+    # Each partition goes on alone: sync (`syncing`) -> push -> record the activation (`activating`)
+    # -> serve (it leaves `parts`). One that waits for copies holds up no other.
+    syncing: set[int] = field(default_factory=set)  # partitions still copying from their owners
     activating: set[int] = field(default_factory=set)  # partitions whose activation is being recorded
     pushed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # map -> {(peer, partition)} acked
     forced: bool = False
+    partial: bool = False  # some partitions serve while others are still taken over (logged once)
     warned: bool = False  # a takeover that takes long is logged once, saying what it waits for
 
 
@@ -430,6 +436,8 @@ class MapCore:
         self.table: PartitionTable | None = None
         self._owners_table: PartitionTable | None = None  # the table `_owners_memo` is for
         self._owners_memo: dict[int, list[list[str] | None]] = {}  # replicas -> owners per partition
+        self._active_table: PartitionTable | None = None  # the table `_active_memo` is for
+        self._active_memo: dict[tuple[int, int], list[str] | None] = {}  # (partition, replicas) -> owners
         self.table_changed_at = 0.0
         # (map, partition) -> the active configurations whose data this node has held since they
         # became active (it took the partition over at that version, or acknowledged that takeover's
@@ -556,6 +564,17 @@ class MapCore:
             owners = lists[p] = owners_for(table, p, replicas)
         return owners
 
+    def _active_owners(self, table: PartitionTable, p: int, replicas: int) -> list[str] | None:
+        """`active_owners`, remembered per table (a takeover asks for each partition it still syncs,
+        on every answer and every tick): the same list each time, which callers do not change."""
+        if table is not self._active_table:
+            self._active_table = table
+            self._active_memo = {}
+        key = (p, replicas)
+        if key not in self._active_memo:
+            self._active_memo[key] = active_owners(table, p, replicas)
+        return self._active_memo[key]
+
     def _need(self, name: str, owners: list[str]) -> int:
         """Acknowledgements a primary needs from replicas (write quorum minus itself)."""
         return min(self.specs[name].write_quorum, len(owners)) - 1
@@ -616,13 +635,13 @@ class MapCore:
         for prom in self._promotions:
             if self.table is None:
                 break
-            if prom.phase == "sync":  # takeovers under way copy it too
+            if prom.syncing:  # partitions still copying copy it too
                 peers = (set(self.table.members) | self.up) - {self.node_id}
                 self._ask(prom, [(peer, name) for peer in sorted(peers)])
-            elif prom.phase == "push" and engine is not None and name not in self.broken:
-                # past their sync: the map was committed after the table they serve, so no owner
-                # can hold writes of it from an older configuration; push it (empty or not) too,
-                # or the takeover would wait for its acknowledgements forever
+            if prom.parts - prom.syncing and engine is not None and name not in self.broken:
+                # partitions past their sync: the map was committed after the table they serve, so
+                # no owner can hold writes of it from an older configuration; push it (empty or not)
+                # too, or their takeover would wait for its acknowledgements forever
                 self._start_push(prom)
         if replaced and table is not None:
             why = f"map {name!r} was removed and created again"
@@ -734,6 +753,7 @@ class MapCore:
                 promote.add(p)
         for prom in list(self._promotions):
             prom.parts -= promote
+            prom.syncing -= promote
             self._advance(prom)
         if promote:
             self._start_promotion(new.version, promote)
@@ -782,17 +802,17 @@ class MapCore:
                 if not self._trusted(p, spec, name):
                     self._drop(name, p)
                     by_p.pop(p, None)
-        prom = _Promotion(version, set(parts), self._now)
+        prom = _Promotion(version, set(parts), self._now, syncing=set(parts))
         self._promotions.append(prom)
         self._ask(prom)
         self._advance(prom)
 
     def _ask(self, prom: _Promotion, only: Iterable[tuple[str, str]] | None = None) -> None:
-        """Send sync requests (with the fence) for the promotion's partitions."""
+        """Send sync requests (with the fence) for the promotion's partitions still syncing."""
         table = self.table
-        if table is None or not prom.parts:
+        if table is None or not prom.syncing:
             return
-        parts = sorted(prom.parts)
+        parts = sorted(prom.syncing)
         if only is None:
             peers = (set(table.members) | self.up) - {self.node_id}
             only = [(peer, name) for name in self.specs for peer in sorted(peers)]
@@ -845,7 +865,7 @@ class MapCore:
         """Whether this node's copy of `p` counts as one of its active configuration's."""
         table = self.table
         assert table is not None
-        owners = active_owners(table, p, spec.replicas)
+        owners = self._active_owners(table, p, spec.replicas)
         if owners is None or self.node_id not in owners:
             return False
         return self._holds(name, p, table.active[p])
@@ -859,7 +879,7 @@ class MapCore:
         for name, spec in self.specs.items():
             if name in self.broken:
                 return False  # it cannot hold this map's copy: it waits to leave the table
-            owners = active_owners(table, p, spec.replicas)
+            owners = self._active_owners(table, p, spec.replicas)
             if owners is None:
                 continue  # never taken over: nothing was written
             need = len(owners) - min(spec.write_quorum, len(owners)) + 1
@@ -895,18 +915,31 @@ class MapCore:
             return False
         return True
 
-    def _advance(self, prom: _Promotion) -> None:
-        """Move a promotion on: sync -> push -> record the activation -> serve."""
-        if prom.phase == "sync" and prom.parts and all(self._synced(prom, p) for p in prom.parts):
-            prom.phase = "push"
-            self._start_push(prom)
-        if prom.phase == "push":
-            done = [p for p in prom.parts if p not in prom.activating and self._pushed(prom, p)]
-            if done:
-                prom.activating.update(done)
-                self._out.append(Activate(prom.version, sorted(done)))
+    def _advance(self, prom: _Promotion, *, some: bool = True) -> None:
+        """Move a promotion on, partition by partition: sync -> push -> record the activation ->
+        serve. A partition goes on once it is synced itself: one whose owners are short of copies
+        (two of three cut off: it waits `force_after`) holds up no other (it used to hold the whole
+        takeover, every partition unavailable for those 10 s). `some` False: only if every
+        partition still syncing is synced (while answers are still on the way: the partitions they
+        complete go on with those, in one push per owner and one activation, or at the next tick)."""
+        if prom.syncing and self.table is not None:
+            synced = {p for p in prom.syncing if self._synced(prom, p)}
+            if synced and (some or synced == prom.syncing):
+                # (from now on nothing more is merged into them: what they push is what they serve)
+                prom.syncing -= synced
+                if not prom.syncing:  # answers still on the way are of no use any more
+                    prom.asked.clear()
+                    prom.buffered.clear()
+                    prom.buffered_ops.clear()
+                self._start_push(prom)
+        done = [
+            p for p in prom.parts
+            if p not in prom.syncing and p not in prom.activating and self._pushed(prom, p)
+        ]
+        if done:
+            prom.activating.update(done)
+            self._out.append(Activate(prom.version, sorted(done)))
         if not prom.parts:
-            prom.phase = "done"
             if prom in self._promotions:
                 self._promotions.remove(prom)
             for ps in self._pushes.values():
@@ -936,26 +969,39 @@ class MapCore:
                 "serving as primary at v%d after merging %d records in %.0f ms%s", prom.version, prom.merged,
                 (self._now - prom.started) * 1000, " (forced)" if prom.forced else "",
             )
+        elif parts and not prom.partial:
+            prom.partial = True
+            self.log.info(
+                "serving %d partition(s) as primary at v%d after %.0f ms; %d more still being taken over: %s",
+                len(parts), prom.version, (self._now - prom.started) * 1000, len(prom.parts),
+                self._takeover_status(min(prom.syncing or prom.parts)),
+            )
         self._advance(prom)
 
     def _start_push(self, prom: _Promotion) -> None:
-        """Send each replica of the promoted partitions what it lacked (once per replica and map)."""
+        """Send each replica of the promoted partitions past their sync what it lacked (once per
+        replica, map and partition)."""
         table = self.table
         assert table is not None
         sent = {
             (ps.peer, ps.name, p) for ps in self._pushes.values() if ps.promotion is prom for p in ps.parts
         }
+        synced = sorted(prom.parts - prom.syncing)
         for name, replicas in self._push_targets():
             done = prom.pushed.get(name, set())
             by_peer: dict[str, list[int]] = {}
-            for p in prom.parts:
+            for p in synced:
                 for peer in self._owners_in(table, p, replicas)[1:]:
                     if (peer, p) not in done and (peer, name, p) not in sent:
                         by_peer.setdefault(peer, []).append(p)
             for peer, parts in by_peer.items():
-                known = prom.have.get((peer, name), {})
-                full = peer not in prom.answered.get(name, set())
-                self._push(peer, name, parts, prom.version, prom, None if full else known)
+                covered = prom.covered.get((peer, name), set())
+                whole = [p for p in parts if p not in covered]
+                known = [p for p in parts if p in covered]  # what differs from what it said it holds
+                if whole:
+                    self._push(peer, name, whole, prom.version, prom, None)
+                if known:
+                    self._push(peer, name, known, prom.version, prom, prom.have.get((peer, name), {}))
 
     def _push_targets(self) -> list[tuple[str, int]]:
         """The maps a takeover pushes (name, replicas), and the partition itself (name ""): its
@@ -1082,7 +1128,7 @@ class MapCore:
                 continue
             head = (f"{self.node_id} is taking partition {p} over at v{prom.version} "
                     f"(for {self._now - prom.started:.1f} s)")
-            if prom.phase == "sync":
+            if p in prom.syncing:
                 asked = sorted({f"{peer} ({n or 'the partition'})" for peer, n, _ in prom.asked.values()})
                 if asked:
                     return f"{head}: copying from its owners, waiting for {', '.join(asked)}"
@@ -1132,6 +1178,7 @@ class MapCore:
         for prom in list(self._promotions):
             if p in prom.parts:
                 prom.parts.discard(p)
+                prom.syncing.discard(p)
                 self._advance(prom)
         for op in ops:
             self._refuse_op(op, KIND_NOT_PRIMARY, why)
@@ -1143,7 +1190,7 @@ class MapCore:
         self.up.add(peer)
         self._down_since.pop(peer, None)
         for prom in self._promotions:
-            if prom.phase == "sync":
+            if prom.syncing:
                 asked = {(pe, n) for pe, n, _ in prom.asked.values()}
                 self._ask(prom, [
                     (peer, name) for name in self.specs
@@ -2071,7 +2118,7 @@ class MapCore:
             if entry is None:
                 continue
             peer, name, _t = entry
-            if peer != sender or prom.phase != "sync":
+            if peer != sender:
                 return
             if msg.error is not None:
                 # not an answer: asked again after `resend_after` (tick re-asks after sync_timeout)
@@ -2083,12 +2130,13 @@ class MapCore:
             prom.asked[msg.id] = (peer, name, self._now)  # progress: not timed out
             have = prom.have.setdefault((peer, name), {})
             buffered = prom.buffered.setdefault(msg.id, [])
+            # (only partitions still syncing: one past its sync pushes and serves what it merged)
             for p, key, rec in msg.items:
-                if p in prom.parts:
+                if p in prom.syncing:
                     have[(p, key)] = (rec.epoch, rec.seq)
                     buffered.append((p, key, rec))
             if msg.ops:  # (every chunk may carry some: `SyncRequest.split_ops`)
-                prom.buffered_ops.setdefault(msg.id, []).extend(op for op in msg.ops if op[0] in prom.parts)
+                prom.buffered_ops.setdefault(msg.id, []).extend(op for op in msg.ops if op[0] in prom.syncing)
             if not msg.done:
                 return
             del prom.asked[msg.id]
@@ -2101,7 +2149,7 @@ class MapCore:
                 # active: copies of other nodes (or of an owner that lost its copy) do not count
                 held = {
                     p for p in msg.held
-                    if p in prom.parts and peer in (active_owners(table, p, spec.replicas) or ())
+                    if p in prom.syncing and peer in (self._active_owners(table, p, spec.replicas) or ())
                 }
                 prom.holders.setdefault(name, {})[peer] = held
                 for p, key, rec in items:
@@ -2111,7 +2159,10 @@ class MapCore:
                             prom.merged += 1
                 self._merge_ops(name, [op for op in ops if op[0] in held])
             prom.answered.setdefault(name, set()).add(peer)
-            self._advance(prom)
+            # (the request named every partition still syncing, and each chunk's records of them
+            # are in `have`: for those, a push can send only what differs)
+            prom.covered.setdefault((peer, name), set()).update(prom.syncing)
+            self._advance(prom, some=not prom.asked)
             return
 
     # --- time -----------------------------------------------------------------------------------------------
@@ -2145,11 +2196,11 @@ class MapCore:
         for prom in list(self._promotions):
             if not prom.warned and now - prom.started >= _SLOW_TAKEOVER:
                 prom.warned = True
-                some = min(prom.parts, default=None)
+                some = min(prom.syncing or prom.parts, default=None)
                 if some is not None:
                     self.log.warning("%s (and %d more partitions)", self._takeover_status(some),
                                      len(prom.parts) - 1)
-            if prom.phase == "sync":
+            if prom.syncing:
                 stale = [rid for rid, (_pe, _n, t) in prom.asked.items() if now - t >= self.t.sync_timeout]
                 again = [prom.asked.pop(rid)[:2] for rid in stale]
                 self._ask(prom, again)
