@@ -1599,3 +1599,74 @@ def test_a_push_looks_through_what_the_owner_reported_once_not_once_per_partitio
     assert sorted(pushes[0].deletes) == sorted(ghosts)
     assert [(p, key) for p, key, _r in pushes[0].items] == [changed]
     assert known.looked == 1
+
+
+@pytest.mark.parametrize("hold", [0.3, 1.5])
+def test_synced_partitions_wait_for_answers_on_the_way_at_most_gather_for(hold: float) -> None:
+    """A node leaves; a survivor takes partitions over, some synced by one owner's answer, others
+    waiting for another owner's, which comes `hold` seconds late. Within `gather_for` (0.5 s) the
+    synced partitions wait for it and all go on together (one push per owner, one activation: a
+    consensus write each, as before partitions went on alone); an answer later than that holds
+    them up no longer than `gather_for`."""
+    net = Net(4)
+    assert net.t.gather_for == 0.5
+    old = net.table
+
+    def setting(gone: str) -> tuple[str, str, set[int], set[int]] | None:
+        """(promoting node, late owner, partitions synced without it, partitions waiting for it)"""
+        survivors = [i for i in net.ids if i != gone]
+        for node in survivors:
+            for late in survivors:
+                if late == node:
+                    continue
+                other = next(i for i in survivors if i not in (node, late))
+                mine = [p for p in range(P) if rank(p, survivors)[0] == node
+                        and gone in owners_for(old, p, 3)]
+                free = {p for p in mine if {node, other} <= set(owners_for(old, p, 3))}
+                if free and set(mine) - free:
+                    return node, late, free, set(mine) - free
+        return None
+
+    gone, found = next((g, f) for g in net.ids[1:] if (f := setting(g)) is not None)
+    node, late, free, waiting = found
+    held: list[tuple[str, str, Any]] = []
+    activations: list[tuple[float, list[int]]] = []
+    run = net.run
+
+    def record(at: str, actions: list[Any]) -> None:
+        if at == node:
+            activations.extend((net.now, a.partitions) for a in actions if isinstance(a, Activate))
+        run(at, actions)
+
+    def drop(src: str, dst: str, msg: Any) -> bool:
+        if (src, dst) == (late, node) and isinstance(msg, SyncChunk):
+            held.append((src, dst, msg))
+            return True
+        return gone in (src, dst)
+
+    net.run = record  # type: ignore[method-assign]
+    net.drop = drop
+    net.cores.pop(gone)
+    net.engines.pop(gone).close()
+    for other in net.cores:
+        net.run(other, net.cores[other].peer_down(gone, net.now))
+    while net.table.version == old.version:
+        net.tick()
+    started, version = net.now, net.table.version
+    activations.clear()
+    net.settle(hold)
+    core = net.cores[node]
+    if hold < net.t.gather_for:
+        assert not activations, "the synced partitions waited for the answer on the way"
+    else:
+        assert activations, "the synced partitions went on after gather_for"
+        assert net.t.gather_for - 0.05 <= activations[0][0] - started <= net.t.gather_for + 0.1
+        assert set(activations[0][1]) == free and all(core.prims[p].ready for p in free)
+    assert not any(core.prims[p].ready for p in waiting)
+    net.drop = lambda src, dst, msg: gone in (src, dst)
+    net.queue.extend(held)
+    net.settle(0.2)
+    assert all(core.prims[p].ready for p in free | waiting)
+    assert net.table.version == version and all(net.table.active[p] == version for p in free | waiting)
+    if hold < net.t.gather_for:
+        assert set(activations[0][1]) >= free, activations

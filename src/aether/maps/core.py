@@ -195,6 +195,11 @@ class MapTimings:
     force_after: float = 10.0
     """A promotion that cannot hear enough previous owners because they left the table proceeds
     after this long (their unreplicated writes may be lost; it says so)."""
+    gather_for: float = 0.5
+    """A takeover's partitions that are synced while answers of owners are still on the way wait
+    for them this long at most (from the takeover's start), so that the partitions those answers
+    complete go on together (one push per owner and map, one activation: a consensus write);
+    after it, each goes on as soon as it is synced (one short of copies holds up only itself)."""
     drop_after: float = 10.0
     tombstone_ms: int = 3_600_000
     dedup_ms: int = 60_000
@@ -915,16 +920,17 @@ class MapCore:
             return False
         return True
 
-    def _advance(self, prom: _Promotion, *, some: bool = True) -> None:
+    def _advance(self, prom: _Promotion) -> None:
         """Move a promotion on, partition by partition: sync -> push -> record the activation ->
         serve. A partition goes on once it is synced itself: one whose owners are short of copies
         (two of three cut off: it waits `force_after`) holds up no other (it used to hold the whole
-        takeover, every partition unavailable for those 10 s). `some` False: only if every
-        partition still syncing is synced (while answers are still on the way: the partitions they
-        complete go on with those, in one push per owner and one activation, or at the next tick)."""
+        takeover, every partition unavailable for those 10 s). While answers are still on the way,
+        for `MapTimings.gather_for` at most, the synced ones wait for the partitions those answers
+        complete, to go on with them (one push per owner and map, one activation)."""
         if prom.syncing and self.table is not None:
             synced = {p for p in prom.syncing if self._synced(prom, p)}
-            if synced and (some or synced == prom.syncing):
+            gathering = bool(prom.asked) and self._now - prom.started < self.t.gather_for
+            if synced and (synced == prom.syncing or not gathering):
                 # (from now on nothing more is merged into them: what they push is what they serve)
                 prom.syncing -= synced
                 if not prom.syncing:  # answers still on the way are of no use any more
@@ -2166,7 +2172,7 @@ class MapCore:
             # (the request named every partition still syncing, and each chunk's records of them
             # are in `have`: for those, a push can send only what differs)
             prom.covered.setdefault((peer, name), set()).update(prom.syncing)
-            self._advance(prom, some=not prom.asked)
+            self._advance(prom)
             return
 
     # --- time -----------------------------------------------------------------------------------------------
