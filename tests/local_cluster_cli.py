@@ -30,6 +30,20 @@ def alive(pid: int | None) -> bool:
         return False
 
 
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (never reaps it: a `Popen` of the caller
+    keeps its exit status)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
+
+
 def wait_gone(pids: list[int | None], seconds: float = 10) -> bool:
     """Whether every process of `pids` has ended within `seconds`."""
     deadline = time.monotonic() + seconds

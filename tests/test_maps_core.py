@@ -150,6 +150,15 @@ class Net:
             self.run(i, c.tick(self.now, int(self.now * 1000)))
         self.pump()
 
+    def remove(self, *nodes: str) -> None:
+        """`nodes` stop (their cores and storage go away) and every other node sees them go; the
+        caller arranges that their messages are lost (`drop`)."""
+        for node in nodes:
+            self.cores.pop(node)
+            self.engines.pop(node).close()
+            for other in self.cores:
+                self.run(other, self.cores[other].peer_down(node, self.now))
+
     def settle(self, seconds: float = 1.0) -> None:
         self.pump()
         end = self.now + seconds
@@ -889,10 +898,7 @@ def test_a_restarted_primary_never_counts_an_ack_meant_for_its_previous_process(
 def _go_down(net: Net, node: str) -> None:
     """`node` stops: its messages are lost, the others see it go and the leader plans it out."""
     net.drop = lambda src, dst, msg: node in (src, dst)
-    net.cores.pop(node)
-    net.engines.pop(node).close()
-    for other in net.cores:
-        net.run(other, net.cores[other].peer_down(node, net.now))
+    net.remove(node)
     net.settle(net.t.down_grace + 2.0)
     assert node not in net.table.members
 
@@ -1532,11 +1538,7 @@ def test_a_partition_short_of_copies_holds_up_only_its_own_takeover(caplog: pyte
     node, short, synced = found
     caplog.set_level("INFO", logger=f"aether.maps.{node}")
     net.drop = lambda src, dst, msg: src in gone or dst in gone
-    for g in gone:
-        net.cores.pop(g)
-        net.engines.pop(g).close()
-        for other in net.cores:
-            net.run(other, net.cores[other].peer_down(g, net.now))
+    net.remove(*gone)
     while net.table.version == old.version:
         net.tick()
     started = net.now
@@ -1646,10 +1648,7 @@ def test_synced_partitions_wait_for_answers_on_the_way_at_most_gather_for(hold: 
 
     net.run = record  # type: ignore[method-assign]
     net.drop = drop
-    net.cores.pop(gone)
-    net.engines.pop(gone).close()
-    for other in net.cores:
-        net.run(other, net.cores[other].peer_down(gone, net.now))
+    net.remove(gone)
     while net.table.version == old.version:
         net.tick()
     started, version = net.now, net.table.version

@@ -35,6 +35,18 @@ def _active(c: ProcessCluster) -> int:
     return sum(s["active"] for s in slices if s["artifact"] == HELLO) if status == 200 else -1
 
 
+def _upload(c: ProcessCluster, wheel: Path) -> None:
+    """PUT `wheel` into the cluster's repository through node-1: 201, stored."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{c.management_ports[0]}/api/v1/repository/files/{wheel.name}",
+        data=wheel.read_bytes(),
+        method="PUT",
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 201
+
+
 def _wait(pred: Any, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
     while not pred():
@@ -49,14 +61,7 @@ def test_upload_once_run_everywhere_and_refetch_after_a_lost_directory(tmp_path:
     try:
         c.start_all()
         c.wait_quorum(30)
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{c.management_ports[0]}/api/v1/repository/files/{wheel.name}",
-            data=wheel.read_bytes(),
-            method="PUT",
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert r.status == 201
+        _upload(c, wheel)
         # deploy through another node: it expands the blueprint from the cluster's manifests
         status, doc = http_json(
             c.management_ports[1], "POST", "/api/v1/deploy", {"artifact": HELLO, "instances": 3}
@@ -116,14 +121,7 @@ def test_a_deleted_version_stays_deleted_when_nodes_that_fetched_it_restart(tmp_
         # past every node's first start-up publishing (node-3's: 5 s after it starts), so that
         # only the restart below can publish anything
         time.sleep(max(0.0, started + 6.5 - time.monotonic()))
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{c.management_ports[0]}/api/v1/repository/files/{wheel.name}",
-            data=wheel.read_bytes(),
-            method="PUT",
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert r.status == 201
+        _upload(c, wheel)
         status, doc = http_json(
             c.management_ports[0], "POST", "/api/v1/deploy", {"artifact": HELLO, "instances": 3}
         )
@@ -154,8 +152,7 @@ def test_a_deleted_version_stays_deleted_when_nodes_that_fetched_it_restart(tmp_
             assert _manifests(c, i) == [], c.ids[i]
         assert not cached(2).exists()
         # the version can still be uploaded again on purpose (an explicit upload is not refused)
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert r.status == 201
+        _upload(c, wheel)
         _wait(lambda: _manifests(c, 2) == ["hello 0.1.0"], 10, "the new upload seen by node-3")
     finally:
         c.close()

@@ -5,7 +5,6 @@ tests/test_node_stop.py an in-process node; here what matters is the end of the 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import pytest
 from aether.slices.repository import Repository
 from aether.slices.testing import build_slice_wheel
 from conftest import aether_cli, http_json
+from local_cluster_cli import running
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
@@ -49,18 +49,6 @@ isolation = "process"
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
-
-
 def test_a_node_process_exits_when_its_slices_stop_hooks_never_end(
     make_process_cluster: Any, tmp_path: Path
 ) -> None:
@@ -83,7 +71,7 @@ def test_a_node_process_exits_when_its_slices_stop_hooks_never_end(
     status, worker = http_json(c.management_ports[0], "POST", "/api/v1/invoke/org.t:worker-swallows/pid")
     assert status == 200, worker
     node = c.pid(0)
-    assert node is not None and worker != node and alive(worker)
+    assert node is not None and worker != node and running(worker)
     t0 = time.monotonic()
     assert c.stop(0, timeout=30) == 0
     took = time.monotonic() - t0
@@ -91,7 +79,7 @@ def test_a_node_process_exits_when_its_slices_stop_hooks_never_end(
     # 5 s (stop_timeout) + 2 s (the inline stop() left) + 1 s (tasks left when the process ends);
     # before: never (the worker alone: 5 + 10 s)
     assert took < 12.5, f"the node took {took:.1f} s to exit\n{c.log_tail(0)}"
-    assert not alive(worker)
+    assert not running(worker)
     for coords in (INLINE, WORKER):
         assert f"stop() of {coords} instance 0 did not finish within 5.0 s; abandoned" in log, log
     assert f"slice {INLINE}: stop() still running 2.0 s after it was cancelled" in log

@@ -52,6 +52,7 @@ from aether.slices.workerproto import (
     rebuild_error,
 )
 from aether.slices.workers import WorkerLost, WorkerLostMidCall
+from local_cluster_cli import running
 
 enc = msgspec.msgpack.encode
 dec = msgspec.msgpack.decode
@@ -274,18 +275,6 @@ def make_runtime(repo: Repository, tmp_path: Path, **kw: object) -> tuple[SliceR
     return rt, maps
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
-
-
 async def wait_for(pred: object, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -303,7 +292,7 @@ async def test_two_versions_of_one_slice_side_by_side(repo: Repository, tmp_path
         await rt.load(V2)  # its module is already imported from v1's wheel: a worker of its own
         assert rt.isolation(V1) == "thread" and rt.isolation(V2) == "process"
         pid = rt.worker_pid(V2)
-        assert pid is not None and alive(pid)
+        assert pid is not None and running(pid)
         await rt.activate(V1, [1])
         await rt.activate(V2, [1, 2])
         assert dec(await rt.call(V1, "version", enc(None))) == "1.0.0"
@@ -315,7 +304,7 @@ async def test_two_versions_of_one_slice_side_by_side(repo: Repository, tmp_path
         assert loads[(str(V2), 1)].calls + loads[(str(V2), 2)].calls == 3  # counted on the node
     finally:
         await rt.close()
-    assert not alive(pid)
+    assert not running(pid)
 
 
 @pytest.mark.timeout(60)
@@ -403,7 +392,7 @@ async def test_killed_worker_is_restarted_and_serves_again(repo: Repository, tmp
         assert rt.instance_loads()[0].calls >= 3  # the counters survived the restarts (node-side)
     finally:
         await rt.close()
-    await wait_for(lambda: not any(alive(p) for p in pids))
+    await wait_for(lambda: not any(running(p) for p in pids))
 
 
 @pytest.mark.timeout(60)
@@ -506,11 +495,11 @@ async def test_worker_exits_when_the_node_process_dies(repo: Repository, tmp_pat
         assert node.stdout is not None
         line = await asyncio.wait_for(node.stdout.readline(), 20)
         worker = int(line)
-        assert alive(worker)
+        assert running(worker)
     finally:
         node.kill()  # SIGKILL: the node cannot clean up
         await node.wait()
-    await wait_for(lambda: not alive(worker), timeout=5.0)
+    await wait_for(lambda: not running(worker), timeout=5.0)
 
 
 @pytest.mark.timeout(60)
@@ -558,7 +547,7 @@ async def test_a_worker_that_ignores_shutdown_and_sigterm_is_killed(
     assert pid is not None
     t0 = time.monotonic()
     await rt.close()
-    assert not alive(pid)
+    assert not running(pid)
     assert time.monotonic() - t0 < 5
     assert any("ignored SIGTERM; killing it" in r.getMessage() for r in caplog.records)
 
