@@ -134,6 +134,11 @@ class FakeForge:
         seq = len(self.events) + 1
         self.events.append({"seq": seq, "time": time.time(), "kind": kind, "node": node, "message": message})
 
+    def events_after(self, since: int) -> tuple[list[dict[str, Any]], int]:
+        """GET /api/events?since=N: the events above N, oldest first, and the latest seq."""
+        events = list(self.events)
+        return [e for e in events if e["seq"] > since], len(events)
+
     def _members(self) -> list[str]:
         return sorted((i for i, n in self.nodes.items() if n["member"]), key=_natural)
 
@@ -316,9 +321,8 @@ class FakeForge:
         return web.json_response({"points": points})
 
     async def _events(self, request: web.Request) -> web.Response:
-        since = int(request.query.get("since", "0"))  # the events after it; next: the last seq answered
-        events = [e for e in self.events if e["seq"] > since]
-        return web.json_response({"events": events, "next": max((e["seq"] for e in events), default=since)})
+        events, nxt = self.events_after(int(request.query.get("since", "0")))
+        return web.json_response({"events": events, "next": nxt})
 
     async def _failures(self, request: web.Request) -> web.Response:
         after = request.query.get("after", "0")
@@ -492,8 +496,7 @@ class ServerAdapter:
         return [p for p in self.fake.points if p["t"] >= since]
 
     def events(self, since: int) -> tuple[list[Any], int]:
-        events = [e for e in self.fake.events if e["seq"] > since]
-        return events, max((e["seq"] for e in events), default=since)
+        return self.fake.events_after(since)
 
     def failures(self, after: int) -> tuple[list[Any], int]:
         try:
@@ -856,6 +859,22 @@ def test_recent_failures_start_again_with_another_load_generator(
     fake_forge.fail("503", "newer")
     expect(rows).to_have_count(1)
     expect(rows.first).to_have_attribute("data-seq", "1")
+    dash.assert_clean()
+
+
+def test_the_timeline_starts_again_with_another_forge(fake_forge: FakeForge, dash: Dashboard) -> None:
+    """Forge restarted on the same port while the page stayed open: its events are numbered from 1
+    again, below what the page asked for; the page starts its timeline over instead of waiting for
+    the new Forge to pass the old number."""
+    items = dash.by_test_id("timeline").locator("li")
+    fake_forge.event("control", None, "old one")
+    fake_forge.event("control", None, "old two")
+    expect(items.first).to_contain_text("old two")
+    fake_forge.events.clear()
+    fake_forge.event("control", None, "new one")
+    expect(items).to_have_count(1)
+    expect(items.first).to_contain_text("new one")
+    expect(items.first).to_have_attribute("data-seq", "1")
     dash.assert_clean()
 
 

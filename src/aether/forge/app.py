@@ -143,9 +143,7 @@ class Forge:
         return self.load.series(since) if self.load is not None else []
 
     def events(self, since: int) -> tuple[list[Any], int]:
-        events = list(self.cluster.events(since))
-        nxt = max((e.seq for e in events), default=since)
-        return events, nxt
+        return list(self.cluster.events(since)), self.cluster.event_count
 
     # -- cluster controls --
 

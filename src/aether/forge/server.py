@@ -122,6 +122,10 @@ class RampBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class EventsAnswer(msgspec.Struct):
+    """The timeline's events numbered above `since`, oldest first (at most its last 1000), and
+    `next`: the number of the latest event (0 before any), to ask `since=next` next time. A `next`
+    below the `since` asked means the numbering started again (another Forge on the same port)."""
+
     events: list[Any]
     next: int
 

@@ -606,6 +606,11 @@ class ForgeCluster:
         """The events after `since` (the last 1000 are kept), oldest first."""
         return [e for e in self._events if e.seq > since]
 
+    @property
+    def event_count(self) -> int:
+        """The latest event's number (0 before any)."""
+        return self._seq
+
     # -- controls -----------------------------------------------------------------------------------
 
     async def kill(self, node: str) -> ControlResult:

@@ -765,6 +765,13 @@
     return k.startsWith("cluster:") ? "k-muted" : "";
   }
   function addEvents(data) {
+    if (data && Number.isInteger(data.next) && data.next < model.eventsNext) {
+      // numbered from 1 again (another Forge answers on this address): start the timeline over;
+      // this answer holds only those above the old number, the next poll asks for them all
+      model.eventsNext = 0;
+      byTestId("timeline").replaceChildren();
+      return;
+    }
     const events = data && Array.isArray(data.events) ? data.events.slice() : [];
     const seen = model.eventsNext;
     if (data && Number.isInteger(data.next)) model.eventsNext = Math.max(model.eventsNext, data.next);
