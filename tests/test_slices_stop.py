@@ -30,6 +30,7 @@ from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
 from aether.slices.testing import StoreInvoker, build_slice_wheel, isolated_imports
+from aether.slices.workerproto import HEALTH_STILL_RUNNING
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,7 +62,16 @@ class Stubborn(Slice):
         await misbehave(self.context.config, self.context.config.get("stop"))
 
     async def health(self):
-        await misbehave(self.context.config, self.context.config.get("health"))
+        log = self.context.config.get("health_log")  # "+" when a health() starts, "-" when it ends
+        if log:
+            with open(log, "a") as f:
+                f.write("+")
+        try:
+            await misbehave(self.context.config, self.context.config.get("health"))
+        finally:
+            if log:
+                with open(log, "a") as f:
+                    f.write("-")
         return True
 
     @entry
@@ -242,3 +252,49 @@ async def test_a_health_check_that_swallows_its_cancellation_is_unhealthy(make_e
         await asyncio.sleep(0.02)
     assert (load().healthy, load().health_reason) == (False, "health() did not answer within 0.3 s")
     await bounded(env.rt.close(drain_timeout=0.2), "closing")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_health_check_still_running_is_not_started_again(
+    make_env: Any, mode: str, tmp_path: Path
+) -> None:
+    """The hook that swallowed its cancellation at the timeout runs on: each interval started
+    another health() next to it (one more stuck task per interval, on the slice's loop, the node's
+    loop or in the worker). Now the instance fails each check with a reason saying so, its failure
+    count grows (the controller replaces it), and only one health() runs; once it has ended, the
+    next check runs again."""
+    log = tmp_path / "health.log"
+    env = await make_env(mode, health="swallow", health_log=str(log))
+    await env.rt.activate(A, [0])
+
+    def load() -> Any:
+        (got,) = env.rt.instance_loads()
+        return got
+
+    async def checked(failures: int) -> None:
+        deadline = time.monotonic() + 5
+        while load().health_failures < failures and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert load().health_failures == failures
+
+    assert env.rt.check_health() == 1
+    await checked(1)
+    assert load().health_reason == "health() did not answer within 0.3 s"
+    for n in range(2, 6):  # the next intervals
+        assert env.rt.check_health() == 1
+        await checked(n)
+        await asyncio.sleep(0.05)  # (a health() started by mistake writes its "+" meanwhile)
+        assert log.read_text() == "+", "only the first health() ran, and it runs still"
+        assert (load().healthy, load().health_reason) == (False, HEALTH_STILL_RUNNING)
+
+    env.release.touch()  # the stuck health() ends; the next check runs a new one, which passes
+    deadline = time.monotonic() + 5
+    while log.read_text() != "+-" and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert log.read_text() == "+-"
+    assert env.rt.check_health() == 1
+    deadline = time.monotonic() + 5
+    while load().healthy is not True and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert (load().healthy, load().health_failures, load().health_reason) == (True, 0, None)
+    assert log.read_text() == "+-+-"

@@ -21,7 +21,8 @@ Capacity (docs/slices.md, *Concurrency limits*): `limits_for(artifact)` gives an
 refuse with `InstanceOverloaded`), one without pays only a few counter updates. Every instance
 keeps its load counters (`instance_loads`). Health (*Health checks*): a class with
 `async def health(self)` has it called on every ACTIVE instance every `health_interval` s, on the
-slice's own loop, bounded by `health_timeout`, never twice at once for one instance.
+slice's own loop, bounded by `health_timeout`, never twice at once for one instance (a health()
+that ignored its cancellation at the timeout and runs on fails the next checks, none is started).
 
 Faults (`aether.slices.faults`, for Aether Forge and tests): `inject_fault(artifact, SliceFault)`
 marks the instances of the artifact running here at that moment; calls to them wait the fault's
@@ -36,11 +37,12 @@ import asyncio
 import contextlib
 import copy
 import functools
+import inspect
 import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
@@ -104,7 +106,7 @@ from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.maps import MapBackend
 from aether.slices.repository import Repository
-from aether.slices.workerproto import RestartPolicy, SliceDescription
+from aether.slices.workerproto import HEALTH_STILL_RUNNING, RestartPolicy, SliceDescription
 from aether.slices.workers import WorkerHost, WorkerLost, WorkerSpec, worker_paths
 
 __all__ = ["CallRecorder", "InjectedFault", "SliceFault", "SliceRuntime"]
@@ -267,7 +269,10 @@ class _Instance:
     healthy: bool | None = None
     health_failures: int = 0
     health_reason: str | None = None
-    health_task: asyncio.Task[None] | None = None
+    health_task: asyncio.Task[None] | None = None  # the check (on the node's loop), bounded
+    # the coroutine of its last health() (in-process): it may run on after the check gave up on it
+    # (a hook that swallows its cancellation); no new one starts before it has ended
+    health_hook: Coroutine[Any, Any, Any] | None = None
     fault: SliceFault | None = None  # injected (`SliceRuntime.inject_fault`)
     slot: int = 0  # its object's key in the worker process (worker instances only)
 
@@ -1231,7 +1236,10 @@ class SliceRuntime:
     def check_health(self) -> int:
         """Start a health check on every ACTIVE instance that has a `health()` hook and no check
         running; returns how many were started (the health loop calls it; tests may too). An
-        instance with an injected ``unhealthy`` fault fails its check at once (hook or not)."""
+        instance with an injected ``unhealthy`` fault fails its check at once (hook or not); so
+        does one whose previous `health()` still runs after its check gave up on it (it ignored
+        its cancellation at the timeout): `HEALTH_STILL_RUNNING`, no second one is started next to
+        it (a worker process answers so for its own instances). Both count as started."""
         started = 0
         for e in list(self._entries.values()):
             thread = e.thread
@@ -1247,6 +1255,12 @@ class SliceRuntime:
                     continue
                 if not hooked or (inst.health_task is not None and not inst.health_task.done()):
                     continue
+                if inst.health_hook is not None:
+                    if inspect.getcoroutinestate(inst.health_hook) != inspect.CORO_CLOSED:
+                        self._health_failed(e, inst, HEALTH_STILL_RUNNING)
+                        started += 1
+                        continue
+                    inst.health_hook = None
                 inst.health_task = asyncio.get_running_loop().create_task(self._check_one(e, inst, thread))
                 started += 1
         return started
@@ -1265,8 +1279,10 @@ class SliceRuntime:
             else:
                 assert thread is not None and inst.obj is not None
                 hook = inst.obj.health  # type: ignore[attr-defined]
+                # kept: its state says when the hook has really ended (`check_health`), on any loop
+                inst.health_hook = coro = _health(hook)
                 result = await asyncio.wait_for(
-                    thread.hook(_health(hook), entry="health()", owner=e.coords), self.health_timeout
+                    thread.hook(coro, entry="health()", owner=e.coords), self.health_timeout
                 )
             if result is False:
                 reason = "health() returned False"
@@ -1277,7 +1293,10 @@ class SliceRuntime:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            reason = f"health() raised {type(exc).__name__}: {exc}"
+            if type(exc).__name__ == "_Failed":  # the worker's own (HEALTH_STILL_RUNNING): the whole reason
+                reason = str(exc)
+            else:
+                reason = f"health() raised {type(exc).__name__}: {exc}"
         if reason is None:
             if inst.fault is not None and inst.fault.unhealthy:
                 return  # a fault injected while the check ran: it does not make it healthy

@@ -38,6 +38,7 @@ from aether.slices.api import Slice, SliceContext, describe_slice, invoke_entry,
 from aether.slices.errors import ResponseTypeError
 from aether.slices.workerproto import (
     DEFAULT_MAX_FRAME,
+    HEALTH_STILL_RUNNING,
     Call,
     Cancel,
     EntryDescription,
@@ -160,6 +161,8 @@ class _Worker:
         self.artifact: Artifact | None = None
         self.node_id = ""
         self.instances: dict[int, Slice] = {}
+        # the slots whose health() runs: one at a time (a cancelled one may run on)
+        self.health: set[int] = set()
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.ups: dict[int, asyncio.Future[Any]] = {}
         self.next_uid = 0
@@ -343,7 +346,16 @@ class _Worker:
                 await inst.stop()
             return b""
         if m.op == "health":
-            result = await self._instance(slot).health()  # type: ignore[attr-defined]
+            # the node cancels a check at its timeout; a health() that swallows the cancellation
+            # runs on, and each next check started one more next to it: refused while it runs
+            if slot in self.health:
+                raise _Failed(HEALTH_STILL_RUNNING)
+            obj = self._instance(slot)
+            self.health.add(slot)
+            try:
+                result = await obj.health()  # type: ignore[attr-defined]
+            finally:
+                self.health.discard(slot)
             if result is None or isinstance(result, bool):
                 return msgspec.msgpack.encode(result)
             return msgspec.msgpack.encode(type(result).__name__)

@@ -24,6 +24,7 @@ from aether.core.errors import KIND_APP_ERROR, AetherError, kind_status
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
+    "HEALTH_STILL_RUNNING",
     "Call",
     "Cancel",
     "ErrorInfo",
@@ -48,6 +49,13 @@ __all__ = [
 
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 """The largest message either side accepts (bytes after the length prefix)."""
+
+HEALTH_STILL_RUNNING = (
+    "health() is still running from an earlier check (it ignored its cancellation at the timeout); "
+    "no new check starts until it ends"
+)
+"""The reason of a failed health check while the instance's previous `health()` has not ended (the
+node's runtime for slices in-process, the worker for its own)."""
 
 _HEADER = struct.Struct(">I")
 
