@@ -188,6 +188,29 @@ def _ephemeral_range() -> tuple[int, int]:
 
 # Ports handed out by `free_ports`/`free_port_offset` in this process: never handed out twice.
 _handed_out: set[int] = set()
+
+
+def _xdist_share() -> tuple[int, int]:
+    """(this pytest-xdist worker's index, the number of workers); (0, 1) without xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        index = int(worker[2:]) if worker.startswith("gw") else 0
+    except ValueError:
+        return 0, 1
+    return (index % count, count) if count > 1 else (0, 1)
+
+
+_PORT_BLOCK = 256
+
+
+def _ours(port: int) -> bool:
+    """Whether `port` is in this xdist worker's share: the workers draw from disjoint blocks of
+    `_PORT_BLOCK` ports, so two of them never hand out the same port (each knows only its own
+    `_handed_out`: a port worker A drew and had not bound yet was free when worker B probed it,
+    and B's node then failed to bind, EADDRINUSE, while A's server answered on its address)."""
+    index, count = _xdist_share()
+    return (port // _PORT_BLOCK) % count == index
 # Sockets of `refusing_port`: bound, never listening, open until the process ends.
 _refusing: list[socket.socket] = []
 
@@ -201,7 +224,9 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
     connection, in any process. Such a port used to take a planned port between this probe and
     the server's bind (asyncio's `create_server` then failed with EADDRINUSE), for instance node-1
     connecting to node-3 before node-3 listened. A port is never handed out twice by this process
-    either. What remains is another program binding the same fixed port in that gap. Servers that
+    either, nor by two pytest-xdist workers (each draws from its own blocks, `_ours`). What remains
+    is another program binding the same port in that gap (a Forge in the other worker picks its
+    nodes' ports from the same range): `make_process_cluster` starts again on other ports then. Servers that
     can report their port (management and HTTP servers of in-process nodes) bind port 0 instead.
     """
     import random
@@ -209,11 +234,11 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
     lo = 10_000
     hi = max(_ephemeral_range()[0], lo + 10_000)
     ports: list[int] = []
-    for _ in range(100 * n + 1000):
+    for _ in range(200 * n + 2000):
         if len(ports) == n:
             return ports
         port = random.randrange(lo, hi)
-        if port in _handed_out or not _bindable(host, port):
+        if port in _handed_out or not _ours(port) or not _bindable(host, port):
             continue
         _handed_out.add(port)
         ports.append(port)
@@ -632,10 +657,10 @@ def free_port_offset(nodes: int) -> int:
     `free_ports`); none of them was handed out before in this process."""
     import random
 
-    for _ in range(500):
+    for _ in range(5000):
         k = random.randrange(1000, 23000)
         ports = {base + k + i for base in (7000, 9000, 8080) for i in range(nodes)}
-        if not ports & _handed_out and all(_port_free(p) for p in ports):
+        if not ports & _handed_out and all(_ours(p) for p in ports) and all(_port_free(p) for p in ports):
             _handed_out.update(ports)
             return k
     raise RuntimeError("no free port range found")
@@ -828,12 +853,24 @@ def make_process_cluster(
     made: list[ProcessCluster] = request.node.__dict__.setdefault("_process_clusters", [])
 
     def make(n: int = 3, *, start: bool = True, quorum_timeout: float = 20.0, **kw: Any) -> ProcessCluster:
-        c = ProcessCluster(n, tmp_path / f"cluster{len(made)}", **kw)
-        made.append(c)
-        if start:
+        for attempt in range(1, 4):
+            c = ProcessCluster(n, tmp_path / f"cluster{len(made)}", **kw)
+            made.append(c)
+            if not start:
+                return c
             c.start_all()
-            c.wait_quorum(quorum_timeout)
-        return c
+            try:
+                # every node, not only those still running: one that could not bind its port
+                # exited, and the others have a quorum without it
+                c.wait_quorum(quorum_timeout, nodes=range(n))
+            except NodeExited as e:
+                if "address already in use" not in str(e) or attempt == 3:
+                    raise
+                print(f"make_process_cluster: another program took a port; starting again: {e}")
+                c.close()
+                continue
+            return c
+        raise AssertionError("unreachable")
 
     try:
         yield make

@@ -1,16 +1,23 @@
 """The suite itself: a run stopped with SIGTERM (a CI timeout, `timeout`) still tears the running
-test's fixtures down, so the processes they started are stopped, not left behind."""
+test's fixtures down, so the processes they started are stopped, not left behind; the two
+pytest-xdist workers never hand out the same port; a process cluster whose port another program
+took starts again on other ports."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+import conftest
+from conftest import HOST, ProcessCluster
 
 TESTS = Path(__file__).resolve().parent
 
@@ -80,3 +87,46 @@ def test_a_run_stopped_with_sigterm_tears_its_fixtures_down(tmp_path: Path) -> N
             proc.wait()
         if child is not None and alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_xdist_workers_draw_ports_from_disjoint_shares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean clone failed once: node-2 of a cluster could not bind its port (EADDRINUSE),
+    because the other worker had handed the same port to a server of its own; the cluster had a
+    quorum without node-2, and a client met the other server on node-2's address."""
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    shares = []
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        monkeypatch.setattr(conftest, "_handed_out", set())
+        ports = set(conftest.free_ports(200))
+        k = conftest.free_port_offset(3)
+        ports |= {base + k + i for base in (7000, 9000, 8080) for i in range(3)}
+        assert all(conftest._ours(p) for p in ports)
+        shares.append(ports)
+    assert not shares[0] & shares[1]
+
+
+def test_a_process_cluster_whose_port_was_taken_starts_again_on_other_ports(
+    make_process_cluster: Callable[..., ProcessCluster], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken = socket.socket()
+    taken.bind((HOST, 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    real = conftest.free_ports
+    drawn: list[list[int]] = []
+
+    def rigged(n: int, host: str = HOST) -> list[int]:
+        ports = real(n, host)
+        if not drawn:
+            ports[1] = port  # node-2's cluster port: another program listens there
+        drawn.append(ports)
+        return ports
+
+    monkeypatch.setattr(conftest, "free_ports", rigged)
+    try:
+        c = make_process_cluster(3)
+    finally:
+        taken.close()
+    assert len(drawn) == 2 and port not in c.cluster_ports
+    assert c.running() == [0, 1, 2]
