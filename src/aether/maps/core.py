@@ -204,6 +204,7 @@ class MapTimings:
     tombstone_ms: int = 3_600_000
     dedup_ms: int = 60_000
     probe_after: float = 5.0
+    """A map whose storage failed is probed again after this long."""
     piece_bytes: int = 4 * 1024 * 1024
     """The most data (records, operation ids, deleted keys, keys) one push piece, one sync chunk or
     one keys answer carries; a single record larger than that travels alone. Well under the
@@ -224,7 +225,6 @@ class MapTimings:
     def attempt_timeout(self) -> float:
         """How long one attempt waits for the primary's answer before retrying (same id)."""
         return self.retry.attempt_timeout or self.retry.timeout
-    """A map whose storage failed is probed again after this long."""
 
 
 # --- per-operation and per-partition state ----------------------------------------------------------
