@@ -1177,3 +1177,74 @@ async def test_the_chunk_map_is_defined_after_the_first_takeover(tmp_path: Path)
     table[0] = PartitionTable(1, 4, ["a"], owners, [1, 1, 1, 1])
     await asyncio.wait_for(task, 5)
     assert len(defined) == 1
+
+
+# --- linearizable "already there" ---------------------------------------------------------------------
+
+
+class Replicated:
+    """A store's committed state and one replica per node; a replica applies what was committed
+    only when its node goes through consensus (Rabia: the store answers once the local replica
+    applied the slot), so a node that does not lags behind the others' writes."""
+
+    def __init__(self) -> None:
+        self.committed: dict[str, Any] = {}
+
+    def node(self) -> ReplicaStore:
+        return ReplicaStore(self)
+
+
+class ReplicaStore(MemoryStore):
+    def __init__(self, cluster: Replicated) -> None:
+        super().__init__()
+        self.cluster = cluster
+
+    def catch_up(self) -> None:
+        self.data = dict(self.cluster.committed)
+
+    async def get(self, key: Any, timeout: float = 5.0) -> Any:
+        self.catch_up()
+        return self.get_local(key)
+
+    async def put(self, key: Any, value: Any, timeout: float = 5.0) -> int:
+        self.cluster.committed[str(key)] = value
+        self.catch_up()
+        return 0
+
+    async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
+        self.catch_up()
+        ok = await super().compare_and_set(key, expected, new, timeout)
+        self.cluster.committed = dict(self.data)
+        return ok
+
+
+@pytest.mark.parametrize("again", ["same bytes", "other bytes"])
+async def test_already_there_is_not_answered_from_a_replica_that_missed_a_delete(
+    tmp_path: Path, again: str
+) -> None:
+    """Seen: the early check of an upload read the node's own replica only. Just after a delete
+    committed through another node, a replica that had not applied it yet answered an upload of
+    the same bytes "200 already there" (nothing was stored: the version stayed deleted) and one
+    of other bytes "409 other content". Now what the replica knows of the version is read again
+    through consensus before it is the answer: both are stored."""
+    w = _hello(tmp_path / "w")
+    other = _hello(tmp_path / "other", body="\n# rebuilt\n")
+    cluster, maps = Replicated(), MemoryMaps()
+    a = _service(tmp_path / "a", cluster.node(), maps)
+    b = _service(tmp_path / "b", cluster.node(), maps)
+    try:
+        first, created = await a.upload(_bytes(w.read_bytes()), w.name)
+        assert created
+        b.store.catch_up()  # node b applied the upload
+        assert b.manifest(first.project, "0.1.0") == first
+        await a.delete(first.project, "0.1.0")  # through node a; b's replica has not applied it
+        assert b.manifest(first.project, "0.1.0") == first
+        data = (w if again == "same bytes" else other).read_bytes()
+        m, created = await b.upload(_bytes(data), w.name)
+        assert created and m.sha256 == hashlib.sha256(data).hexdigest()
+        assert cluster.committed[f"repository/{first.project}/0.1.0"] == m
+        path = await a.fetch(m, tmp_path / "fetched" / w.name)
+        assert path.read_bytes() == data
+    finally:
+        await a.stop()
+        await b.stop()

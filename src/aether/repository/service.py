@@ -4,8 +4,8 @@ An upload streams into a private temporary file under the node's data directory 
 limit and sha256, `core.UploadMeter`), is inspected as a wheel (metadata, RECORD hashes, unpack
 limits) in a worker thread, then:
 
-1. `decide` against the manifest this node's replica holds: the same bytes again answer at once,
-   other bytes are a 409;
+1. `decide` against the manifest this node's replica holds, read again through consensus when
+   the replica has one: the same bytes again answer at once, other bytes are a 409;
 2. its chunks go to the map `aether.repository` (defined on first use, `core.map_spec`), keyed by
    sha256, the upload's own id and index: no other upload writes or deletes them;
 3. a slice wheel claims its coordinates with compare-and-set at `repository-coords/{coords}`
@@ -316,9 +316,9 @@ class ArtifactService:
                 info, filename, meter.size, digest, now=self.clock(), expected=expected,
                 upload=secrets.token_hex(8),
             )
-            created = await self._store(manifest, path)
+            stands, created = await self._store(manifest, path)
             if not created:
-                return self.manifest(manifest.project, manifest.version) or manifest, False
+                return stands, False
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(place, path, cache_path(self.cache, manifest), move=True)
             self.log.info(
@@ -332,13 +332,23 @@ class ArtifactService:
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
-    async def _store(self, manifest: ArtifactManifest, path: Path) -> bool:
+    async def _store(self, manifest: ArtifactManifest, path: Path) -> tuple[ArtifactManifest, bool]:
+        """Store `manifest`'s upload; (the manifest that stands, whether it is this one, new)."""
         key = core.key_of(manifest)
-        # this node's replica: an early answer for a version it already knows; the compare-and-sets
-        # below decide (a stale replica only costs writing the chunks for nothing)
-        existing = self.store.get_local(key)
-        if core.decide(existing, manifest, self.manifests()) == "same":
-            return False
+        # this node's replica: an early answer for a version it does not know yet costs nothing
+        # (the compare-and-sets below decide). One it knows (the same bytes: "already there"; other
+        # bytes or coordinates: 409) is read again through consensus first: the replica may not
+        # have applied a delete committed through another node yet
+        existing = await self._confirmed(self.store.get_local(key), key)
+        others = [
+            o
+            for o in self.manifests()
+            if o.coords is not None and o.coords == manifest.coords and core.key_of(o) != key
+        ]
+        others = [o for o in others if await self._confirmed(o, core.key_of(o)) == o]
+        if core.decide(existing, manifest, others) == "same":
+            assert existing is not None
+            return existing, False
         await self._ensure_map()
         await self._put_chunks(manifest, path)
         # from here on the chunks are this upload's alone: a known failure removes them
@@ -347,13 +357,12 @@ class ArtifactService:
             for _ in range(3):
                 if await self.store.compare_and_set(key, None, manifest):
                     break
-                # another upload of this version won the race: our replica applied it before the
-                # compare-and-set answered (the store answers once the local replica applied the slot)
-                existing = self.store.get_local(key)
-                if existing is not None:
-                    core.decide(existing, manifest)  # the same bytes, or ArtifactConflict
+                # another upload of this version won the race (or a delete removed it since)
+                got = await self.store.get(key)
+                if isinstance(got, ArtifactManifest):
+                    core.decide(got, manifest)  # the same bytes, or ArtifactConflict
                     await self._drop_chunks(manifest)  # the winner's chunks serve it
-                    return False
+                    return got, False
                 # ...and a delete removed it since: nothing is stored yet, try again
             else:
                 raise ArtifactConflict(
@@ -371,7 +380,15 @@ class ArtifactService:
                 if await self.store.compare_and_set(key, manifest, None):
                     await self._drop_chunks(manifest)
             raise
-        return True
+        return manifest, True
+
+    async def _confirmed(self, local: Any, key: ArtifactKey) -> ArtifactManifest | None:
+        """None when `local` (the replica's value of `key`) is no manifest; else the manifest of
+        `key` read through consensus (linearizable: what the cluster holds now), or None."""
+        if not isinstance(local, ArtifactManifest):
+            return None
+        got = await self.store.get(key)
+        return got if isinstance(got, ArtifactManifest) else None
 
     async def _put_chunks(self, manifest: ArtifactManifest, path: Path) -> None:
         sem = asyncio.Semaphore(_PARALLEL_CHUNKS)
