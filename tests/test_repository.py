@@ -1248,3 +1248,47 @@ async def test_already_there_is_not_answered_from_a_replica_that_missed_a_delete
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_file_kept_under_a_deleted_version_is_neither_listed_nor_loaded(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Seen: a node keeps a file under a deleted version when it holds other bytes than the
+    deleted ones (not published at start-up, a warning), and the node's `Repository` still
+    offered it through its local-directory fallback: listed among the versions, resolved, loaded.
+    A deleted version ran on that one node. Now the fallback refuses it, naming the tombstone
+    and the way to publish it; an upload of the version makes it loadable again."""
+    from aether.slices.errors import ArtifactNotFound
+
+    w = _hello(tmp_path / "w")
+    rebuilt = _hello(tmp_path / "rebuilt", body="\n# rebuilt\n")
+    status, doc = await cluster.upload(0, w)
+    assert status == 201, doc
+    project = doc["manifest"]["project"]
+    async with cluster.session.delete(cluster.url(0, f"{P}/artifacts/{project}/0.1.0")) as r:
+        assert r.status == 200, await r.text()
+    node = cluster.nodes[1]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while node.kv.get_local(f"repository-deleted/{project}/0.1.0") is None:
+        assert loop.time() < end, "node-2 did not apply the delete"
+        await asyncio.sleep(0.05)
+    kept = cluster.repos[1] / "org" / "example" / "hello" / "0.1.0" / w.name
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(rebuilt, kept)  # what its start-up publishing keeps ("withhold")
+    repo = node.repository
+    with pytest.raises(ArtifactNotFound) as ei:
+        await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
+    says = str(ei.value)
+    assert "org.example:hello:0.1.0 was deleted from the cluster's repository" in says, says
+    assert f"repository-deleted/{project}/0.1.0" in says and str(kept) in says, says
+    with pytest.raises(ArtifactNotFound, match="was deleted"):
+        repo.resolve("org.example:hello:0.1.0")  # on the loop: the replica's tombstone
+    assert repo.versions("org.example:hello") == [] and repo.list() == []
+    assert repo.resolve_pattern("org.example:hello", "^0.1.0") is None
+    # published on purpose: loadable again, the cluster's bytes
+    status, doc = await cluster.upload(1, kept)
+    assert status == 201, doc
+    path = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
+    assert path.read_bytes() == rebuilt.read_bytes()
+    assert [str(v) for v in repo.versions("org.example:hello")] == ["0.1.0"]

@@ -15,7 +15,8 @@ index for pip, a Maven-style path subset):
              tombstone (`repository-deleted/{project}/{version}`).
 - `cache`    `ClusterRepository`, the `slices.Repository` the node's loader and deployment code
              use: manifests from the cluster, wheels fetched into the local directory, which is
-             only a cache (sha256-checked) and the bootstrap of a single machine.
+             only a cache (sha256-checked) and the bootstrap of a single machine; a file
+             kept there under a deleted version is not loaded.
 
 May import: `aether.core`, `aether.kv.keys`, `aether.slices` (repository, wheel, errors), `packaging`.
 It reaches the map service and the store through the Protocols in `service` (the node fills them in).

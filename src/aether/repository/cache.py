@@ -9,18 +9,22 @@ from the cluster's manifests first and the local directory second:
 - `resolve` (called by the loader in a worker thread): a slice the cluster has is fetched into the
   local directory unless it is there with the right sha256 (memoised by size and mtime), together
   with the library wheels its `Requires-Dist` names; a slice only in the local directory is
-  resolved there, as before (the bootstrap of a single machine, published to the cluster at start).
+  resolved there, as before (the bootstrap of a single machine, published to the cluster at start),
+  unless the cluster deleted that version (its tombstone): a file a node keeps under a deleted
+  version is neither listed nor loaded (`ArtifactNotFound` naming the tombstone).
 """
 
 from __future__ import annotations
 
 import builtins
+import time
 from pathlib import Path
 
 from packaging.requirements import Requirement
 
 from aether.core.artifact import Artifact, Version, VersionPattern
-from aether.kv.keys import ArtifactManifest
+from aether.core.errors import BadRequest
+from aether.kv.keys import ArtifactManifest, ArtifactTombstone, ArtifactTombstoneKey
 from aether.repository import core
 from aether.repository.service import ArtifactService, cache_path
 from aether.slices.errors import ArtifactNotFound
@@ -28,6 +32,10 @@ from aether.slices.repository import Repository, _parse_name
 from aether.slices.wheel import WheelLimits, evaluate_requirements, sha256_file
 
 __all__ = ["ClusterRepository"]
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
 
 class ClusterRepository(Repository):
@@ -50,6 +58,29 @@ class ClusterRepository(Repository):
         if s.loop is None or s.on_loop_thread():
             return s.manifests()
         return s.call(s.manifests_async(), timeout=30.0)
+
+    def _deleted_coords(self) -> set[str]:
+        s = self.service
+        if s.loop is None or s.on_loop_thread():
+            return s.deleted_coords()
+        return s.call(s.deleted_coords_async(), timeout=30.0)
+
+    def _local(self, artifacts: builtins.list[Artifact]) -> builtins.list[Artifact]:
+        """The local directory's `artifacts` but those of versions the cluster deleted."""
+        deleted = self._deleted_coords() if artifacts else set()
+        return [a for a in artifacts if str(a) not in deleted]
+
+    def _tombstone(self, path: Path) -> ArtifactTombstone | None:
+        """The tombstone of the version of the local wheel `path`, if the cluster deleted it (read
+        through consensus from a worker thread; the replica on the loop)."""
+        try:
+            project, version = core.wheel_filename(path.name)
+        except BadRequest:
+            return None
+        s = self.service
+        if s.loop is None or s.on_loop_thread():
+            return s.tombstone(project, version)
+        return s.call(s.deleted(project, version), timeout=30.0)
 
     def _manifest(self, artifact: Artifact) -> ArtifactManifest | None:
         return core.find_slice(self._cluster(), artifact)
@@ -81,13 +112,16 @@ class ClusterRepository(Repository):
     # --- Repository -------------------------------------------------------------------------------
 
     def list(self) -> builtins.list[Artifact]:
-        found = set(super().list())
+        found = set(self._local(super().list()))
         found.update(Artifact.parse(m.coords) for m in self._cluster() if m.coords is not None)
         return sorted(found)
 
     def versions(self, name: str) -> builtins.list[Version]:
         n = _parse_name(name)
-        return sorted(set(super().versions(n)) | set(core.slice_versions(self._cluster(), n)))
+        local = super().versions(n)
+        deleted = self._deleted_coords() if local else set()
+        local = [v for v in local if str(Artifact.parse(f"{n}:{v}")) not in deleted]
+        return sorted(set(local) | set(core.slice_versions(self._cluster(), n)))
 
     def resolve_pattern(self, name: str, pattern: VersionPattern | str) -> Artifact | None:
         n = _parse_name(name)
@@ -102,7 +136,21 @@ class ClusterRepository(Repository):
         cluster = self._cluster()
         m = core.find_slice(cluster, a)
         if m is None:
-            return super().resolve(a)
+            local = super().resolve(a)  # ArtifactNotFound when it is not there either
+            tomb = self._tombstone(local)
+            if tomb is not None:
+                raise ArtifactNotFound(
+                    f"{a} was deleted from the cluster's repository (its tombstone "
+                    f"{ArtifactTombstoneKey(tomb.project, tomb.version)}: {tomb.filename}, sha256 "
+                    f"{tomb.sha256[:12]}…, deleted {_utc(tomb.deleted)}); the file {local} this node "
+                    "keeps under that version is not loaded: upload it "
+                    f"(aether artifact deploy {local}) to publish the version again"
+                )
+            # a read through consensus brought the replica up to date: the version may be there now
+            cluster = self._cluster()
+            m = core.find_slice(cluster, a)
+            if m is None:
+                return local
         path = self._ensure(m)
         for lib in core.library_closure(cluster, m.requires_dist):
             self._ensure(lib)

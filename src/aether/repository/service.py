@@ -16,7 +16,8 @@ Only step 4 makes the wheel visible, so a failed or concurrent upload never show
 wheel; an upload that fails after step 2 with a known outcome removes its chunks (one a crash
 interrupts leaves them as garbage). A delete writes a tombstone (`repository-deleted/...`) before
 it removes the manifest, then removes that upload's chunks: nodes drop their copies of a deleted
-version and do not publish them at start-up. Reading fetches the chunks and checks size and sha256
+version, do not publish them at start-up and do not load a file kept under it (`tombstone`,
+`deleted`). Reading fetches the chunks and checks size and sha256
 before a file is renamed into place.
 """
 
@@ -641,6 +642,40 @@ class ArtifactService:
             return False
         self.log.info("dropped %s: %s %s was deleted from the cluster's repository", path, project, version)
         return True
+
+    def tombstone(self, project: str, version: str) -> ArtifactTombstone | None:
+        """The tombstone of `project` `version` in this node's replica, if the version was deleted
+        and not uploaded again (no manifest); None otherwise."""
+        tomb = self.store.get_local(ArtifactTombstoneKey(project, version))
+        if not isinstance(tomb, ArtifactTombstone) or self.manifest(project, version) is not None:
+            return None
+        return tomb
+
+    def deleted_coords(self) -> set[str]:
+        """The coordinates of the slice versions the cluster deleted and holds no more (this node's
+        replica; loop thread only)."""
+        held = {m.coords for m in self.manifests() if m.coords is not None}
+        return {
+            t.coords
+            for _, t in self.store.list_local(ArtifactTombstoneKey.prefix)
+            if isinstance(t, ArtifactTombstone) and t.coords is not None and t.coords not in held
+        }
+
+    async def deleted_coords_async(self) -> set[str]:
+        return self.deleted_coords()
+
+    async def deleted(self, project: str, version: str, timeout: float = 5.0) -> ArtifactTombstone | None:
+        """`tombstone`, read through consensus (a replica recovered from disk may not know yet of
+        a delete); this node's replica when the cluster does not answer (no quorum)."""
+        try:
+            manifest = await self.store.get(ArtifactKey(project, version), timeout)
+            tomb = await self.store.get(ArtifactTombstoneKey(project, version), timeout)
+        except Exception as e:  # no quorum, a timeout: the replica's knowledge stands
+            self.log.debug("reading the tombstone of %s %s through consensus failed: %s", project, version, e)
+            return self.tombstone(project, version)
+        if isinstance(manifest, ArtifactManifest) or not isinstance(tomb, ArtifactTombstone):
+            return None
+        return tomb
 
     def _on_manifest_event(self, event: Any) -> None:
         """The store's watch of `repository/`: a removed manifest (or a replica reset: any of them)
