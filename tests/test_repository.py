@@ -1179,7 +1179,127 @@ async def test_the_chunk_map_is_defined_after_the_first_takeover(tmp_path: Path)
     assert len(defined) == 1
 
 
-# --- linearizable "already there" ---------------------------------------------------------------------
+# --- garbage, deleted versions' files, linearizable "already there" ------------------------------------
+
+
+def test_orphan_uploads_are_found_and_counted_from_their_first_sighting() -> None:
+    a, b = "a" * 64, "b" * 64
+    listed = _manifest(sha256=a, upload="u1", chunks=2)
+    legacy = _manifest(project="old", sha256=b, upload="", chunks=1)
+    keys = [
+        core.chunk_key(a, 0, "u1"), core.chunk_key(a, 1, "u1"),  # the listed version's
+        core.chunk_key(a, 0, "u2"), core.chunk_key(a, 1, "u2"),  # an interrupted upload of the same bytes
+        core.chunk_key(b, 0),  # a manifest's written before uploads had ids
+        core.chunk_key("c" * 64, 0),  # such chunks no manifest refers to
+        "not-a-chunk", f"{a}/u3/x", f"{'g' * 64}/u4/0",  # left alone
+    ]  # fmt: skip
+    assert core.chunk_upload(core.chunk_key(a, 7, "u1")) == (a, "u1")
+    assert core.chunk_upload(core.chunk_key(b, 7)) == (b, "")
+    orphans = core.orphan_uploads(keys, [listed, legacy])
+    assert orphans == {
+        (a, "u2"): [core.chunk_key(a, 0, "u2"), core.chunk_key(a, 1, "u2")],
+        ("c" * 64, ""): [core.chunk_key("c" * 64, 0)],
+    }
+    t = core.OrphanTracker(60.0)
+    assert t.observe(orphans, 100.0) == []
+    assert t.observe(orphans, 159.0) == []
+    assert t.observe([(a, "u2")], 160.0) == [(a, "u2")]  # ("c"*64, "") was not an orphan this pass
+    assert t.observe(orphans, 170.0) == [(a, "u2")]  # ...so it counts again from 170
+    assert t.observe(orphans, 230.0) == [(a, "u2"), ("c" * 64, "")]
+    t.reset()
+    assert t.observe(orphans, 1000.0) == []
+    with pytest.raises(ValueError, match="positive"):
+        core.OrphanTracker(0)
+    assert not core.upload_overdue(1799.0, 3600.0) and core.upload_overdue(1801.0, 3600.0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_the_leader_removes_the_chunks_of_an_interrupted_upload_after_the_orphan_age(
+    tmp_path: Path,
+) -> None:
+    """Seen: an upload interrupted after writing its chunks (its node crashed; here the manifest's
+    compare-and-set timed out, outcome unknown) left them in the map for good: no collector.
+    Now the leader removes the chunks no manifest refers to once they were orphans for the
+    orphan age, never a listed version's, and nothing while it is not the leader."""
+    from aether.core.errors import CommitTimeout
+
+    listed = build_library_wheel(tmp_path / "w", "tinylib", "1.0")
+    lost = build_library_wheel(tmp_path / "w", "lostlib", "2.0")
+
+    class CrashingStore(MemoryStore):
+        async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
+            if str(key) == "repository/lostlib/2.0":
+                raise CommitTimeout("not committed within 5.0s (outcome unknown)")
+            return await super().compare_and_set(key, expected, new, timeout)
+
+    clock, leader = Clock(), [True]
+    service = _service(
+        tmp_path, CrashingStore(), orphan_age=60.0, monotonic=clock, is_leader=lambda: leader[0]
+    )
+    maps = service.maps
+    try:
+        m, created = await service.upload(_bytes(listed.read_bytes()), listed.name)
+        assert created
+        with pytest.raises(CommitTimeout):
+            await service.upload(_bytes(lost.read_bytes()), lost.name)
+        mine = {core.chunk_key(m.sha256, i, m.upload) for i in range(m.chunks)}
+        left = set(maps.data[core.MAP_NAME]) - mine
+        assert left, "the interrupted upload left chunks"
+        assert await service.collect_orphans() == 0  # first seen now
+        clock.now += 59
+        assert await service.collect_orphans() == 0
+        leader[0] = False  # another node leads meanwhile: nothing removed, and the count starts over
+        clock.now += 10
+        assert await service.collect_orphans() == 0
+        leader[0] = True
+        assert await service.collect_orphans() == 0
+        assert set(maps.data[core.MAP_NAME]) == mine | left
+        clock.now += 60
+        assert await service.collect_orphans() == len(left)
+        assert set(maps.data[core.MAP_NAME]) == mine
+        path = await service.fetch(m, tmp_path / "fetched" / listed.name)
+        assert path.read_bytes() == listed.read_bytes()
+        clock.now += 1000
+        assert await service.collect_orphans() == 0 and set(maps.data[core.MAP_NAME]) == mine
+    finally:
+        await service.stop()
+
+
+async def test_an_upload_slower_than_half_the_orphan_age_is_refused_and_leaves_no_chunks(
+    tmp_path: Path,
+) -> None:
+    """An upload in progress must never lose its chunks to the collector: one whose chunks took
+    longer than half the orphan age to write does not write its manifest (503 naming the
+    setting) and removes its chunks; the collector only removes chunks orphaned for the age."""
+    from aether.core.problem import problem_for
+
+    w = build_library_wheel(tmp_path / "w", "tinylib", "1.0")
+    clock = Clock()
+
+    class SlowMaps(MemoryMaps):
+        async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None:
+            clock.now += 31  # each chunk write takes 31 s
+            await super().map_put(name, key, value, ttl=ttl)
+
+    service = _service(tmp_path, maps=SlowMaps(), orphan_age=60.0, monotonic=clock)
+    try:
+        with pytest.raises(Exception) as ei:
+            await service.upload(_bytes(w.read_bytes()), w.name)
+        problem = problem_for(ei.value)
+        assert problem.status == 503 and "half the repository's orphan age (60 s)" in problem.detail
+        assert service.manifests() == [] and service.maps.data[core.MAP_NAME] == {}
+        service.orphan_age = 3600.0
+        _, created = await service.upload(_bytes(w.read_bytes()), w.name)
+        assert created
+    finally:
+        await service.stop()
 
 
 class Replicated:
@@ -1292,3 +1412,17 @@ async def test_a_file_kept_under_a_deleted_version_is_neither_listed_nor_loaded(
     path = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
     assert path.read_bytes() == rebuilt.read_bytes()
     assert [str(v) for v in repo.versions("org.example:hello")] == ["0.1.0"]
+
+
+def test_the_orphan_age_is_a_node_setting_with_a_checked_range(tmp_path: Path) -> None:
+    from aether.cli.main import build_node_config
+    from aether.core.errors import ConfigError
+
+    assert build_node_config(None, {}).repository_orphan_age == core.DEFAULT_ORPHAN_AGE == 3600.0
+    cfg = tmp_path / "aether.toml"
+    cfg.write_text("repository_orphan_age = 600\n")
+    assert build_node_config(str(cfg), {}).repository_orphan_age == 600.0
+    for bad in ("59", "3000000"):
+        cfg.write_text(f"repository_orphan_age = {bad}\n")
+        with pytest.raises(ConfigError, match=r"repository_orphan_age must be >= 60 and <= 2592000 seconds"):
+            build_node_config(str(cfg), {})

@@ -90,6 +90,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     handshake_timeout: float | None = None
     # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
     repository: str | None = None
+    # seconds the chunks of an upload that wrote no manifest (a crash or a failed write
+    # interrupted it) stay in the repository's map before the leader removes them; an upload
+    # that takes more than half of it to store its chunks is refused (docs/repository.md)
+    repository_orphan_age: float = 3600.0
     # admission control: slice instances (all artifacts together) one node may run, and the whole
     # cluster; a blueprint, deploy or scale that would exceed either is rejected with a 400
     max_instances_per_node: int = DEFAULT_MAX_INSTANCES_PER_NODE
@@ -171,6 +175,13 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(
                 f"heartbeat_timeout ({self.heartbeat_timeout}) must be longer than heartbeat_interval "
                 f"({self.heartbeat_interval}): a peer is declared down after missing heartbeats"
+            )
+        if not 60 <= self.repository_orphan_age <= 30 * 86400:
+            # an upload gives up after half of it: the other half is what a slow compare-and-set
+            # of its manifest (5 s, outcome unknown) may take before its chunks could be collected
+            raise ConfigError(
+                "repository_orphan_age must be >= 60 and <= 2592000 seconds (30 days) (got "
+                f"{self.repository_orphan_age})"
             )
         if not 0 < self.http_idle_timeout <= 3600:
             raise ConfigError(
@@ -347,6 +358,7 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pre_auth_max_frame: int | None = None
     handshake_timeout: float | None = None
     repository: str | None = None
+    repository_orphan_age: float | None = None
     max_instances_per_node: int | None = None
     max_instances_per_cluster: int | None = None
     metrics_public: bool | None = None

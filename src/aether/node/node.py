@@ -269,6 +269,7 @@ class Node:
             self.kv, self.maps, members=len(self.members), cache=Repository(config.repository),
             work_dir=config.data_path / "repository", partition_table=lambda: self.maps.table,
             logger=logging.getLogger(f"aether.repository.{self.node_id}"),
+            orphan_age=config.repository_orphan_age, is_leader=lambda: self.leader.is_leader,
         )
         self.repository = ClusterRepository(config.repository, self.artifacts)
         # metrics: entry calls are recorded by the slice runtime (on the node that runs the instance);
@@ -539,6 +540,7 @@ class Node:
         await self.maps.start()
         # the node of rank k publishes its directory's wheels after 1 + 2k s (docs/repository.md)
         self.artifacts.start_bootstrap(delay=1.0 + 2.0 * sorted(self.members).index(self.node_id))
+        self.artifacts.start_collector()  # the leader removes the chunks interrupted uploads left
         self.endpoints.start()
         self.traffic.start()
         await self.node_deployer.start()

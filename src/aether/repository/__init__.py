@@ -12,7 +12,8 @@ index for pip, a Maven-style path subset):
              the distributed map `aether.repository` (defined on first use), a slice's claim on its
              coordinates and then the manifest, each with compare-and-set, in the consensus store
              (`repository-coords/{coords}`, `repository/{project}/{version}`); a delete leaves a
-             tombstone (`repository-deleted/{project}/{version}`).
+             tombstone (`repository-deleted/{project}/{version}`); the leader collects the
+             chunks no manifest refers to (interrupted uploads).
 - `cache`    `ClusterRepository`, the `slices.Repository` the node's loader and deployment code
              use: manifests from the cluster, wheels fetched into the local directory, which is
              only a cache (sha256-checked) and the bootstrap of a single machine; a file

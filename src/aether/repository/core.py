@@ -8,6 +8,10 @@
   sha256, the upload's id and the chunk's index (`chunk_key`): each upload writes chunks of its own,
   so deleting one upload never removes the chunks another (of the same bytes) relies on, and the
   manifest (written last) is what makes a wheel visible;
+- chunks no manifest refers to (an upload a crash or a timed-out write interrupted, a delete whose
+  removals failed) are garbage: `orphan_uploads` finds them, `OrphanTracker` says which have been
+  orphans for `orphan_age` seconds (the leader then removes them), and `upload_overdue` keeps an
+  upload from writing its manifest after half that age (its chunks could be collected by then);
 - a slice's coordinates are held by one wheel (`claim_check`: a claim taken with compare-and-set
   before the manifest is written), and a deleted version leaves a tombstone that keeps nodes from
   publishing their copies of it again at start-up (`bootstrap_action`);
@@ -48,13 +52,16 @@ from aether.slices.wheel import WheelInfo
 __all__ = [
     "CHUNK_SIZE",
     "DEFAULT_MAX_UPLOAD",
+    "DEFAULT_ORPHAN_AGE",
     "JSON_V1",
     "MAP_NAME",
     "MavenPath",
+    "OrphanTracker",
     "UploadMeter",
     "bootstrap_action",
     "chunk_count",
     "chunk_key",
+    "chunk_upload",
     "claim_check",
     "decide",
     "deployed_by",
@@ -66,10 +73,12 @@ __all__ = [
     "maps_serving",
     "maven_metadata",
     "negotiate",
+    "orphan_uploads",
     "parse_maven_path",
     "simple_project",
     "simple_root",
     "slice_versions",
+    "upload_overdue",
     "wheel_filename",
 ]
 
@@ -78,6 +87,8 @@ MAP_NAME: Final = "aether.repository"
 CHUNK_SIZE: Final = 512 * 1024
 DEFAULT_MAX_UPLOAD: Final = 64 * 1024 * 1024
 """Largest wheel an upload may carry (bytes); the node's `ArtifactService(max_upload=...)` changes it."""
+DEFAULT_ORPHAN_AGE: Final = 3600.0
+"""Seconds chunks no manifest refers to stay before they are removed (`repository_orphan_age`)."""
 JSON_V1: Final = "application/vnd.pypi.simple.v1+json"
 HTML_V1: Final = "application/vnd.pypi.simple.v1+html"
 _SHA256_HEX = frozenset("0123456789abcdef")
@@ -100,6 +111,68 @@ def chunk_key(sha256: str, index: int, upload: str = "") -> str:
     """`{sha256}/{upload}/{index}`; `{sha256}/{index}` for a manifest written before uploads had
     ids (`upload` "")."""
     return f"{sha256}/{upload}/{index}" if upload else f"{sha256}/{index}"
+
+
+def chunk_upload(key: str) -> tuple[str, str] | None:
+    """(sha256, upload) of a chunk key (`chunk_key`'s inverse, without the index; upload "" for a
+    key of a manifest written before uploads had ids); None for a key that is no chunk's."""
+    parts = key.split("/")
+    if len(parts) not in (2, 3) or not parts[-1].isdigit() or len(parts[0]) != 64:
+        return None
+    if not set(parts[0]) <= _SHA256_HEX or (len(parts) == 3 and not parts[1]):
+        return None
+    return parts[0], parts[1] if len(parts) == 3 else ""
+
+
+Upload = tuple[str, str]
+"""(sha256, upload id) of the chunks of one upload."""
+
+
+def orphan_uploads(keys: Iterable[str], manifests: Iterable[ArtifactManifest]) -> dict[Upload, list[str]]:
+    """The chunk keys of the map, grouped by upload, of the uploads no manifest refers to (keys
+    that are no chunk's are left alone). An upload's chunks are referred to by the manifest with
+    its sha256 and upload id; the chunks keyed by sha256 alone by any manifest of that sha256
+    written before uploads had ids."""
+    referred = {(m.sha256, m.upload) for m in manifests}
+    out: dict[Upload, list[str]] = {}
+    for key in keys:
+        up = chunk_upload(key)
+        if up is not None and up not in referred:
+            out.setdefault(up, []).append(key)
+    return out
+
+
+class OrphanTracker:
+    """Which uploads have had chunks and no manifest for at least `age` seconds (sans-IO: the
+    caller gives the time, from a monotonic clock). An upload is an orphan from the first pass
+    that saw it so (`observe`), and stops being one as soon as a pass sees its manifest or no
+    chunk of it; only an orphan seen so for `age` seconds is due. Memory only: a new leader
+    starts counting again (removal is delayed, never hastened)."""
+
+    def __init__(self, age: float) -> None:
+        if not age > 0:
+            raise ValueError(f"the orphan age must be a positive number of seconds (got {age})")
+        self.age = age
+        self.first_seen: dict[Upload, float] = {}
+
+    def observe(self, orphans: Iterable[Upload], now: float) -> list[Upload]:
+        """Record this pass's orphans; the ones due for removal (sorted)."""
+        self.first_seen = {o: self.first_seen.get(o, now) for o in orphans}
+        return sorted(o for o, t in self.first_seen.items() if now - t >= self.age)
+
+    def forget(self, upload: Upload) -> None:
+        self.first_seen.pop(upload, None)
+
+    def reset(self) -> None:
+        self.first_seen.clear()
+
+
+def upload_overdue(elapsed: float, orphan_age: float) -> bool:
+    """Whether an upload whose chunks began to be written `elapsed` seconds ago is too late to
+    write its claim or manifest: after half the orphan age the collector may have counted its
+    chunks as orphans long enough (it removes them after the whole age, counted from a moment
+    after they were written; the other half covers a slow compare-and-set and clock rates)."""
+    return elapsed > orphan_age / 2
 
 
 def chunk_count(size: int, chunk_size: int = CHUNK_SIZE) -> int:

@@ -13,11 +13,13 @@ limits) in a worker thread, then:
 4. its manifest is written with compare-and-set (absent -> manifest) at `repository/{project}/{version}`.
 
 Only step 4 makes the wheel visible, so a failed or concurrent upload never shows a half-stored
-wheel; an upload that fails after step 2 with a known outcome removes its chunks (one a crash
-interrupts leaves them as garbage). A delete writes a tombstone (`repository-deleted/...`) before
-it removes the manifest, then removes that upload's chunks: nodes drop their copies of a deleted
-version, do not publish them at start-up and do not load a file kept under it (`tombstone`,
-`deleted`). Reading fetches the chunks and checks size and sha256
+wheel; an upload that fails after step 2 with a known outcome removes its chunks. The chunks a
+crash or a write of unknown outcome leaves are garbage the leader collects (`collect_orphans`)
+once no manifest referred to them for `orphan_age` seconds; an upload that would take more than
+half that long to write its manifest gives up instead (`core.upload_overdue`). A delete writes
+a tombstone (`repository-deleted/...`) before it removes the manifest, then removes that upload's
+chunks: nodes drop their copies of a deleted version, do not publish them at start-up and do not
+load a file kept under it (`tombstone`, `deleted`). Reading fetches the chunks and checks size and sha256
 before a file is renamed into place.
 """
 
@@ -44,7 +46,7 @@ from typing import Any, Protocol, TypeVar
 from aether.core.artifact import Artifact
 from aether.core.errors import BadRequest
 from aether.core.files import make_private_dirs
-from aether.core.maps import MapDefinitionConflict, MapSpec, MapUnavailable, PartitionTable
+from aether.core.maps import MapDefinitionConflict, MapSpec, MapUnavailable, PartitionTable, UnknownMap
 from aether.kv.keys import (
     ArtifactKey,
     ArtifactManifest,
@@ -53,6 +55,7 @@ from aether.kv.keys import (
     BlueprintKey,
     CoordinatesClaim,
     CoordinatesClaimKey,
+    MapDefKey,
     RolloutKey,
 )
 from aether.repository import core
@@ -98,6 +101,8 @@ class ChunkMap(Protocol):
     async def map_put(self, name: str, key: str, value: bytes, *, ttl: float | None = None) -> None: ...
 
     async def map_remove(self, name: str, key: str) -> bool: ...
+
+    async def map_keys(self, name: str, prefix: str = "") -> list[str]: ...
 
     async def define(self, name: str, spec: MapSpec) -> bool: ...
 
@@ -173,6 +178,9 @@ class ArtifactService:
         partition_table: Callable[[], PartitionTable | None] | None = None,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.time,
+        orphan_age: float = core.DEFAULT_ORPHAN_AGE,
+        is_leader: Callable[[], bool] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.maps = maps
@@ -184,6 +192,10 @@ class ArtifactService:
         self.partition_table = partition_table
         self.log = logger or logging.getLogger("aether.repository")
         self.clock = clock
+        self.monotonic = monotonic
+        self.orphan_age = orphan_age
+        self.is_leader = is_leader
+        self._orphans = core.OrphanTracker(orphan_age)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._map_ready = False
@@ -351,11 +363,14 @@ class ArtifactService:
             assert existing is not None
             return existing, False
         await self._ensure_map()
+        started = self.monotonic()
         await self._put_chunks(manifest, path)
         # from here on the chunks are this upload's alone: a known failure removes them
         try:
+            self._in_time(manifest, started)
             await self._claim(manifest)
             for _ in range(3):
+                self._in_time(manifest, started)
                 if await self.store.compare_and_set(key, None, manifest):
                     break
                 # another upload of this version won the race (or a delete removed it since)
@@ -370,7 +385,7 @@ class ArtifactService:
                     f"{manifest.project} {manifest.version} was uploaded and deleted by others while "
                     "this upload ran; try again"
                 )
-        except ArtifactConflict:
+        except (ArtifactConflict, RepositoryUnavailable):
             await self._drop_chunks(manifest)
             raise
         try:
@@ -390,6 +405,17 @@ class ArtifactService:
             return None
         got = await self.store.get(key)
         return got if isinstance(got, ArtifactManifest) else None
+
+    def _in_time(self, manifest: ArtifactManifest, started: float) -> None:
+        """`RepositoryUnavailable` once the upload is too late to claim and write its manifest:
+        its chunks, written `started` (monotonic) on, may count as orphans by now."""
+        elapsed = self.monotonic() - started
+        if core.upload_overdue(elapsed, self.orphan_age):
+            raise RepositoryUnavailable(
+                f"the upload of {manifest.filename} took {elapsed:.0f} s to store its chunks, longer than "
+                f"half the repository's orphan age ({self.orphan_age:g} s): its chunks could be collected "
+                "as garbage, so it is not stored; try again (or raise repository_orphan_age)"
+            )
 
     async def _put_chunks(self, manifest: ArtifactManifest, path: Path) -> None:
         sem = asyncio.Semaphore(_PARALLEL_CHUNKS)
@@ -618,6 +644,81 @@ class ArtifactService:
                     if await self.store.compare_and_set(k, claim, None):
                         freed.append(k.removeprefix(CoordinatesClaimKey.prefix))
         return freed
+
+    # --- garbage: chunks no manifest refers to ----------------------------------------------------------
+
+    def start_collector(self, interval: float | None = None) -> None:
+        """Every `interval` seconds (default: a twelfth of the orphan age, between 0.5 s and 5
+        minutes), on the leader only, remove the chunks of uploads that have had no manifest for
+        the orphan age (`collect_orphans`)."""
+        if self.is_leader is None:
+            return
+        every = interval if interval is not None else max(0.5, min(300.0, self.orphan_age / 12))
+        self.bind()
+
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await self.collect_orphans()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # no quorum, a partition without its primary...
+                    self.log.debug("collecting the repository's orphan chunks failed (%s)", e)
+
+        task = asyncio.get_running_loop().create_task(run(), name="repository-collector")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh(self) -> None:
+        """Bring this node's replica up to date (a read through consensus: the store answers once
+        the replica applied it), so that its manifests are the cluster's as of now."""
+        await self.store.get(MapDefKey(core.MAP_NAME))
+
+    async def collect_orphans(self, limit: int = 4096) -> int:
+        """One pass of the collector (the leader's; another node only forgets what it counted):
+        the chunks of uploads no manifest refers to that were orphans already `orphan_age` seconds
+        ago, at most `limit` of them, are removed; returns how many. An upload in progress is not
+        one of them (`upload_overdue`: it gives up before half that age), a listed version's chunks
+        are referred to by its manifest, read after the map's keys and again, through consensus,
+        before anything is removed."""
+        if self.is_leader is not None and not self.is_leader():
+            self._orphans.reset()  # a later leadership counts again from its own first pass
+            return 0
+        try:
+            keys = await self.maps.map_keys(core.MAP_NAME)
+        except UnknownMap:
+            return 0  # no upload ever wrote a chunk
+        await self._refresh()  # after the keys: a manifest written before them is seen
+        orphans = core.orphan_uploads(keys, self.manifests())
+        due = self._orphans.observe(orphans, self.monotonic())
+        if not due:
+            return 0
+        await self._refresh()
+        still = core.orphan_uploads(keys, self.manifests())
+        removed = 0
+        for upload in due:
+            if upload not in still:
+                self._orphans.forget(upload)
+                continue
+            if removed >= limit:
+                break
+            chunks = still[upload][: limit - removed]
+            for key in chunks:
+                await self.maps.map_remove(core.MAP_NAME, key)
+            removed += len(chunks)
+            if len(chunks) == len(still[upload]):
+                self._orphans.forget(upload)
+            sha, upload_id = upload
+            self.log.info(
+                "removed %d chunk(s) of upload %s of sha256 %s from the repository's map: no manifest "
+                "referred to them for %g s (an upload a crash or a failed write interrupted)",
+                len(chunks),
+                upload_id or "(without id)",
+                sha[:12],
+                self.orphan_age,
+            )
+        return removed
 
     # --- deleted versions' copies -------------------------------------------------------------------
 
