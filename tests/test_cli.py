@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -473,6 +475,42 @@ def test_build_node_config_toml_peer_tables(tmp_path: Path) -> None:
     assert c.cluster_port == 7100
     assert c.host == "0.0.0.0"
     assert c.peers[0] == PeerSpec("a", Address("10.0.0.1", 7000))
+
+
+def _documented_toml_keys() -> list[str]:
+    """The `aether.toml` keys docs/cli.md's table of `aether node` settings names (2nd column)."""
+    doc = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    table = doc.split("| flag | `aether.toml` key | default |", 1)[1].split("\n\n", 1)[0]
+    keys = {k for row in table.replace("\\|", "/").splitlines()[2:]
+            for k in re.findall(r"`([a-z_]+)`", row.split("|")[2])}
+    return sorted(keys)
+
+
+def test_every_documented_toml_key_is_accepted(tmp_path: Path) -> None:
+    """Seen: docs/cli.md gave `health_interval`, `health_timeout`, `controller_record` and
+    `cpu_scheduling` as aether.toml keys, and a node refused the file ("unknown field
+    `health_interval`"). Each documented key, with its default value, must load into the config."""
+    keys = _documented_toml_keys()
+    assert {"health_interval", "cpu_scheduling", "node_id", "repository_orphan_age"} <= set(keys), keys
+    defaults = NodeConfig(node_id="node-1", peers=[PeerSpec("node-1", Address("127.0.0.1", 7000))])
+    samples: dict[str, Any] = {
+        "peers": ["node-1=127.0.0.1:7000"], "controller_record": str(tmp_path / "rec.jsonl"),
+        "etcd_endpoints": ["127.0.0.1:2379"],
+    }  # fmt: skip
+    for key in keys:
+        value = samples.get(key, getattr(defaults, key, None))
+        if value is None:
+            value = str(tmp_path / key)  # a path or a name
+        cfg = tmp_path / f"{key}.toml"
+        cfg.write_text(f"{key} = {json.dumps(value)}\n")  # (JSON's scalars and lists are TOML's)
+        try:
+            c = build_node_config(str(cfg), {})
+        except ConfigError as e:
+            if "unknown field" in str(e):
+                raise AssertionError(f"documented aether.toml key {key!r} refused: {e}") from None
+            continue  # (another check of the value: the key itself was taken)
+        if key != "peers":
+            assert getattr(c, key) == value, key
 
 
 # -- the HTTP client ----------------------------------------------------------------------------------

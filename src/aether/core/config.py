@@ -377,6 +377,10 @@ class _TomlNode(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     etcd_cert: str | None = None
     etcd_key: str | None = None
     etcd_member_ttl: int | None = None
+    controller_record: str | None = None
+    cpu_scheduling: str | None = None
+    health_interval: float | None = None
+    health_timeout: float | None = None
 
 
 class _TomlTracing(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
