@@ -55,8 +55,9 @@ def test_map_simulation_seeds(profile: str) -> None:
     ],
 )
 def test_map_simulation_catches_mutants(mutant: str, profile: str) -> None:
-    caught = [seed for seed in range(1, 11) if not run_map_seed(seed, profile, mutant=mutant).ok]
-    assert caught, f"mutant {mutant} survived 10 seeds of profile {profile}"
+    # the first seed that catches it is enough (the others only cost the suite's time)
+    caught = next((seed for seed in range(1, 11) if not run_map_seed(seed, profile, mutant=mutant).ok), None)
+    assert caught is not None, f"mutant {mutant} survived 10 seeds of profile {profile}"
 
 
 def test_the_simulated_links_deliver_in_order() -> None:
