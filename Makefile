@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml
 # What CI promises (.ci/run calls `make test`): lint first, then the suite, on PYTEST_WORKERS
 # pytest-xdist workers (2; 0 runs it in one process). Whole files go to one worker (loadfile):
 # module fixtures (an etcd cluster, a process cluster) stay shared by their tests. Most of the
-# suite's time is spent waiting on real node processes, so two workers nearly halve it.
+# suite's time is spent waiting on real node processes, so two workers nearly halve it. Files
+# are handed out longest first (tests/conftest.py, tests/file_seconds.json; xdist's own reorder,
+# by number of tests, is off), so that both workers finish together.
 # The 25 slowest tests are listed at the end: CI's output then shows what to trim when the suite
 # nears its 15 minutes.
 PYTEST_WORKERS ?= 2
 
 test: lint browser prometheus etcd
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # Debian's Chromium for the dashboard's browser tests (tests/test_forge_dashboard.py drives it with
 # Playwright; `playwright install` would download browsers, which we do not). Installed only when

@@ -37,6 +37,7 @@ Environment knobs (defaults exercise the real `aether node` command unchanged):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -815,6 +816,27 @@ def pytest_configure(config: pytest.Config) -> None:
     among them, which are not bound to this process' life) are stopped by PID, not left running."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest files first, the others after them in their order (tests keep their order
+    within a file). `make test` hands whole files to two xdist workers in collection order
+    (`--dist loadfile --no-loadscope-reorder`): a long file handed out last (the 10-round restart
+    test, 80-120 s) kept one worker busy while the other had nothing left, about a minute at the
+    end of the run; longest-first leaves only short files for the end. The seconds per file are
+    tests/file_seconds.json, from a whole run's `--durations=0` (setup + call + teardown summed per
+    file, on a loaded machine: only their order matters); a file not listed counts 0.1 s a test."""
+    weights: dict[str, float] = json.loads((Path(__file__).parent / "file_seconds.json").read_text())
+    files = [item.nodeid.split("::")[0] for item in items]
+    count = collections.Counter(files)
+    first: dict[str, int] = {}
+    for i, file in enumerate(files):
+        first.setdefault(file, i)
+    key = {
+        id(item): (-weights.get(file.removeprefix("tests/"), 0.1 * count[file]), first[file], i)
+        for i, (item, file) in enumerate(zip(items, files, strict=True))
+    }
+    items.sort(key=lambda item: key[id(item)])
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -5,19 +5,21 @@ took starts again on other ports."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import conftest
-from conftest import HOST, ProcessCluster
+from conftest import HOST, ROOT, ProcessCluster
 
 TESTS = Path(__file__).resolve().parent
 
@@ -130,3 +132,20 @@ def test_a_process_cluster_whose_port_was_taken_starts_again_on_other_ports(
         taken.close()
     assert len(drawn) == 2 and port not in c.cluster_ports
     assert c.running() == [0, 1, 2]
+
+
+def test_the_files_longest_first_are_run_first() -> None:
+    """tests/file_seconds.json names files that exist (a renamed file would silently lose its
+    place), and the collection hook puts them first, longest first, each file's tests together
+    and in their order."""
+    weights = json.loads((ROOT / "tests" / "file_seconds.json").read_text())
+    missing = [f for f in weights if not (ROOT / "tests" / f).is_file()]
+    assert not missing, f"tests/file_seconds.json names files that do not exist: {missing}"
+    light, heavy = "tests/test_zz_unlisted.py", "tests/" + min(weights, key=lambda f: weights[f])
+    heaviest = "tests/" + max(weights, key=lambda f: weights[f])
+    ids = [f"{light}::a", f"{heavy}::a", f"{light}::b", f"{heaviest}::a", f"{heavy}::b", f"{heaviest}::b"]
+    items = [types.SimpleNamespace(nodeid=i) for i in ids]
+    conftest.pytest_collection_modifyitems(None, items)  # type: ignore[arg-type]
+    assert [it.nodeid for it in items] == [
+        f"{heaviest}::a", f"{heaviest}::b", f"{heavy}::a", f"{heavy}::b", f"{light}::a", f"{light}::b",
+    ]  # fmt: skip
