@@ -74,6 +74,7 @@ class Net:
         self.now = 0.0
         self.drop: Any = lambda src, dst, msg: False
         self.health: dict[str, str] = {}
+        self.lagging: set[str] = set()  # nodes whose consensus store replica does not follow the table
         first = self.ids[: n if joined is None else joined]
         for i in first:
             for j in first:
@@ -138,7 +139,30 @@ class Net:
     def set_table(self, table: Any) -> None:
         self.table = table
         for i, c in self.cores.items():
-            self.run(i, c.set_table(table, self.now))
+            if i not in self.lagging:
+                self.run(i, c.set_table(table, self.now))
+
+    def catch_up(self, node: str) -> None:
+        """`node`'s store replica follows again: it gets the current table."""
+        self.lagging.discard(node)
+        self.run(node, self.cores[node].set_table(self.table, self.now))
+
+    def cut(self, node: str) -> None:
+        """`node` is cut off: its links go down both ways and its store replica stops following."""
+        self.drop = lambda src, dst, msg: node in (src, dst)
+        self.lagging.add(node)
+        for other in self.cores:
+            if other != node:
+                self.run(other, self.cores[other].peer_down(node, self.now))
+                self.run(node, self.cores[node].peer_down(other, self.now))
+
+    def heal(self, node: str) -> None:
+        """`node`'s links are up again (its store replica may still lag: `catch_up`)."""
+        self.drop = lambda src, dst, msg: False
+        for other in self.cores:
+            if other != node:
+                self.run(node, self.cores[node].peer_up(other, self.now))
+                self.run(other, self.cores[other].peer_up(node, self.now))
 
     def pump(self) -> None:
         while self.step():
@@ -1669,3 +1693,121 @@ def test_synced_partitions_wait_for_answers_on_the_way_at_most_gather_for(hold: 
     assert net.table.version == version and all(net.table.active[p] == version for p in free | waiting)
     if hold < net.t.gather_for:
         assert set(activations[0][1]) >= free, activations
+
+
+def _cut_and_planned_out(net: Net, node: str) -> int:
+    """`node` is cut off until the leader planned it out; returns the table version without it."""
+    net.cut(node)
+    net.settle(net.t.down_grace + 1.0)
+    assert node not in net.table.members
+    assert net.cores[node].table.version < net.table.version
+    return int(net.table.version)
+
+
+def test_a_returning_node_is_planned_in_once_its_store_replica_has_the_table() -> None:
+    """A node comes back from a cut while its consensus store replica has not yet applied the
+    table that planned it out. The leader used to plan it in as soon as its links were up: the
+    node was then primary of partitions in a table it did not know, and they were served by nobody
+    until its replica caught up (0.05-2 s on a local cluster; operations failed or waited). Now the
+    leader asks it which table it has, leaves it out meanwhile (the others keep serving every
+    partition), and plans it in the moment it reports the table the leader would replace."""
+    net = Net()
+    back = net.ids[2]
+    keys = {p: _key_of(p) for p in range(P)}
+    for p, key in keys.items():
+        net.submit(net.ids[0], 1 + p, OP_PUT, key, b"v%d" % p)
+    net.settle()
+    out = _cut_and_planned_out(net, back)
+    net.heal(back)
+    net.settle(2.0)
+    assert back not in net.table.members, "planned in before its store replica has the table"
+    assert net.table.version == out
+    for p, key in keys.items():  # meanwhile every partition is served, by the others
+        net.submit(net.ids[1], 100 + p, OP_GET, key)
+    net.settle(1.0)
+    assert [net.results.get(100 + p) for p in range(P)] == [(b"v%d" % p, True) for p in range(P)]
+    net.catch_up(back)
+    net.pump()  # its answer to the probe goes out with the table: no tick needed
+    assert back in net.table.members and net.table.version == out + 1
+    assert net.cores[back].table.version == net.table.version
+    net.settle(1.0)
+    mine = [p for p in range(P) if net.table.primary(p) == back]
+    assert mine and all(net.cores[back].prims[p].ready for p in mine)
+    for p in mine:
+        net.submit(net.ids[0], 200 + p, OP_GET, keys[p])
+    net.settle(1.0)
+    assert [net.results.get(200 + p) for p in mine] == [(b"v%d" % p, True) for p in mine]
+
+
+def test_a_returning_node_that_never_reports_its_table_is_planned_in_after_rejoin_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wait is bounded: a node whose answers do not come (nor its replica's catch-up) is
+    planned in `rejoin_wait` after it came up, with a warning saying so."""
+    net = Net(rejoin_wait=3.0)
+    back = net.ids[2]
+    caplog.set_level("INFO", logger=f"aether.maps.{net.ids[0]}")
+    _cut_and_planned_out(net, back)
+    net.heal(back)
+    came_up = net.now
+    net.drop = lambda src, dst, msg: src == back and isinstance(msg, ReadCheckAck)
+    net.settle(net.t.rejoin_wait - 0.2)
+    assert back not in net.table.members
+    assert f"{back} is up and not in partition table" in caplog.text
+    net.settle(0.5)
+    assert back in net.table.members
+    assert net.now - came_up >= net.t.rejoin_wait
+    assert f"{back} came up 3.0 s ago and has not reported partition table" in caplog.text
+
+
+class _EarlierReadCheck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=64):
+    """`ReadCheck` as a node of the earlier version decodes it (no `table`)."""
+
+    id: int
+    partition: int
+    epoch: int
+
+
+class _EarlierReadCheckAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=65):
+    id: int
+    ok: bool
+    reason: str | None = None
+
+
+def test_a_returning_node_of_the_earlier_version_is_planned_in_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Mixed versions: the table probe is a `ReadCheck` whose new trailing field an earlier version
+    ignores; it answers `no partition -1` (and changes nothing), without a table in the answer.
+    The leader then plans it in at once, as before: it cannot report, so waiting is no use."""
+    net = Net()
+    back = net.ids[2]
+    caplog.set_level("INFO", logger=f"aether.maps.{net.ids[0]}")
+    _cut_and_planned_out(net, back)
+    probed: list[int] = []
+
+    def earlier(src: str, dst: str, msg: Any) -> bool:
+        """`back`'s messages through the earlier version's codec: it answers a probe as it would."""
+        if dst == back and isinstance(msg, ReadCheck):
+            old = msgspec.msgpack.decode(msgspec.msgpack.encode(msg), type=_EarlierReadCheck)
+            assert (old.partition, old.epoch) == (-1, 0)
+            msg = msgspec.msgpack.decode(msgspec.msgpack.encode(old), type=ReadCheck)
+            fences = list(net.cores[back].fence)
+            net.run(back, net.cores[back].receive(src, msg, net.now, int(net.now * 1000)))
+            assert net.cores[back].fence == fences, "the probe changed the earlier version's fences"
+            probed.append(msg.id)
+            return True
+        if src == back and isinstance(msg, ReadCheckAck):
+            old_ack = msgspec.msgpack.decode(msgspec.msgpack.encode(msg), type=_EarlierReadCheckAck)
+            assert (old_ack.ok, old_ack.reason) == (False, "no partition -1")
+            msg = msgspec.msgpack.decode(msgspec.msgpack.encode(old_ack), type=ReadCheckAck)
+            net.run(dst, net.cores[dst].receive(src, msg, net.now, int(net.now * 1000)))
+            return True
+        return False
+
+    net.heal(back)
+    net.drop = earlier
+    net.pump()
+    assert probed, "the leader did not ask"
+    assert back in net.table.members, "an earlier version's node waits for a report it cannot send"
+    assert f"{back} does not report which partition table it has (an earlier version)" in caplog.text

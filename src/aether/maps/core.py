@@ -33,7 +33,11 @@ Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the fu
   retry after a lost answer, a failover or a handover reports the first attempt's outcome.
 - **Leader** (of the consensus store): keeps the table equal to the live members (a node counts as
   gone `down_grace` seconds after its link dropped, and a member not heard from since this node
-  started `start_grace` seconds after the start), checked on every change and every tick.
+  started `start_grace` seconds after the start), checked on every change and every tick. A node
+  that came up and is not in the table is planned in once it reported (a *table probe*:
+  `ReadCheck.table`) that its store replica has the table the leader would replace, so that it
+  knows at once the partitions the new table gives it; after `rejoin_wait` without such a report
+  all the same, and a node of an earlier version (it cannot report) at once.
 
 A node without a consensus quorum (`set_quorum(False)`) stops serving as primary. A node whose
 storage fails (an engine raises: full disk, I/O error) stops serving that map, says why in every
@@ -66,6 +70,7 @@ from aether.maps.messages import (
     KIND_NOT_PRIMARY,
     KIND_UNAVAILABLE,
     KIND_UNKNOWN_MAP,
+    TABLE_UNREPORTED,
     KeysRequest,
     KeysResponse,
     MapNodeStats,
@@ -192,6 +197,13 @@ class MapTimings:
     as live for this long after the start: nodes of a cluster started (or restarted) together come
     up within moments of each other, and a leader that planned them out of the table only to plan
     them back in would make every node take its partitions over twice."""
+    rejoin_wait: float = 10.0
+    """A node that comes up and is not in the partition table (it returns, or joins) is planned in
+    once it reports (`ReadCheck.table`, a table probe) that its consensus store replica applied the
+    table the leader would replace: planned in earlier, it would be given partitions while it does
+    not know it, and they would be served by nobody until its replica caught up. A node that does
+    not report that within this long of coming up is planned in all the same (logged); one of an
+    earlier version (it cannot report) at once."""
     force_after: float = 10.0
     """A promotion that cannot hear enough previous owners because they left the table proceeds
     after this long (their unreplicated writes may be lost; it says so)."""
@@ -476,6 +488,15 @@ class MapCore:
         self.excluded: set[str] = set()  # nodes whose map storage failed (left out of the table)
         self.members: set[str] | None = None  # the member set, once the node says (None: everyone up)
         self.is_leader = False
+        # (leader) peers that came up and are not in the table: planned in once they report having
+        # the table it would replace (`_ready_to_join`)
+        self._up_at: dict[str, float] = {}  # peer -> when it came up (this time)
+        self._peer_table: dict[str, int] = {}  # peer -> the table version it reported since then
+        self._probing: dict[str, tuple[int, float]] = {}  # peer -> (version asked for, when)
+        self._probe_ids: dict[int, str] = {}  # ids of table probes in flight -> their peer
+        self._joining: dict[str, str] = {}  # peer -> what was logged about its wait ("held", "in")
+        # (any node) table probes to answer once this node has the version they ask for
+        self._table_waiters: dict[str, tuple[int, int]] = {}  # asker -> (probe id, version)
         self._writing_table = False
         self._table_retry_at = 0.0
 
@@ -747,6 +768,10 @@ class MapCore:
                     self._activated(prom, done)
             return self._take()
         self.table_changed_at = now
+        for asker, (pid, version) in list(self._table_waiters.items()):
+            if new.version >= version:
+                del self._table_waiters[asker]
+                self._send(asker, ReadCheckAck(pid, True, None, new.version))
         promote: set[int] = set()
         for p in range(new.partitions):
             if new.primary(p) != self.node_id:
@@ -1197,6 +1222,9 @@ class MapCore:
 
     def peer_up(self, peer: str, now: float) -> list[Action]:
         self._clock(now)
+        if peer not in self.up:
+            self._forget_join(peer)
+            self._up_at[peer] = now
         self.up.add(peer)
         self._down_since.pop(peer, None)
         for prom in self._promotions:
@@ -1214,6 +1242,9 @@ class MapCore:
         self._clock(now)
         self.up.discard(peer)
         self._down_since[peer] = now
+        self._forget_join(peer)
+        self._up_at.pop(peer, None)
+        self._table_waiters.pop(peer, None)
         for c in self.client.values():
             if c.peer == peer:
                 c.peer = None
@@ -1302,13 +1333,91 @@ class MapCore:
         if self._now < self._table_retry_at:
             return
         live = self.live_members(self._now)
+        table = self.table
+        if table is not None:
+            live = [n for n in live if n in table.members or self._ready_to_join(n, table.version)]
         if not live:
             return
-        new = plan_table(self.table, live, self.partitions)
+        new = plan_table(table, live, self.partitions)
         if new is None:
             return
         self._writing_table = True
         self._out.append(WriteTable(self.table, new))
+
+    def _ready_to_join(self, node: str, version: int) -> bool:
+        """(Leader) whether `node`, live and not in the table (version `version`), is to be planned
+        in: its store replica has that table (it reported it), it cannot report (an earlier
+        version), or it did not report within `rejoin_wait` of coming up. Else it is asked (a
+        table probe, sent again every `resend_after`) and left out for now."""
+        if node == self.node_id:
+            return True
+        if node not in self.up:
+            return False  # (a member not heard from yet, or gone within `down_grace`): it cannot report
+        seen = self._peer_table.get(node)
+        waited = self._now - self._up_at.get(node, self._now)
+        said = self._joining.get(node)
+        if seen == TABLE_UNREPORTED:
+            if said != "in":
+                self.log.info("%s does not report which partition table it has (an earlier version): "
+                              "planning it in without waiting for it", node)
+        elif seen is not None and seen >= version:
+            if said != "in":
+                self.log.info("%s has partition table v%d (%.2f s after it came up): planning it in",
+                              node, seen, waited)
+        elif waited >= self.t.rejoin_wait:
+            if said != "in":
+                self.log.warning(
+                    "%s came up %.1f s ago and has not reported partition table v%d (%s): planning it "
+                    "in all the same; the partitions it gets are served once its store replica has the "
+                    "new table", node, waited, version,
+                    "nothing reported" if seen is None else f"it has v{seen}",
+                )
+        else:
+            probe = self._probing.get(node)
+            if probe is None or probe[0] != version or self._now - probe[1] >= self.t.resend_after:
+                pid = next(self._ids)
+                self._probe_ids[pid] = node
+                self._probing[node] = (version, self._now)
+                self._send(node, ReadCheck(pid, -1, 0, version))
+            if said is None:
+                self._joining[node] = "held"
+                self.log.info(
+                    "%s is up and not in partition table v%d: planned in once its store replica has that "
+                    "table (it has %s; at most %g s)", node, version,
+                    "not said" if seen is None else f"v{seen}", self.t.rejoin_wait,
+                )
+            return False
+        self._joining[node] = "in"
+        self._probing.pop(node, None)
+        for pid in [i for i, n in self._probe_ids.items() if n == node]:
+            del self._probe_ids[pid]
+        return True
+
+    def _forget_join(self, peer: str) -> None:
+        """What the leader knew about `peer`'s table (it went down, or came up again: ask anew)."""
+        self._peer_table.pop(peer, None)
+        self._probing.pop(peer, None)
+        self._joining.pop(peer, None)
+        for pid in [i for i, n in self._probe_ids.items() if n == peer]:
+            del self._probe_ids[pid]
+
+    def _on_table_probe(self, sender: str, msg: ReadCheck) -> None:
+        """The leader asks which partition table this node has; answered now, and again once it has
+        the version asked for."""
+        have = self.table.version if self.table is not None else 0
+        self._send(sender, ReadCheckAck(msg.id, have >= msg.table, None, have))
+        if have < msg.table:
+            self._table_waiters[sender] = (msg.id, msg.table)
+        else:
+            self._table_waiters.pop(sender, None)
+
+    def _on_table_report(self, sender: str, msg: ReadCheckAck) -> None:
+        if self._probe_ids.get(msg.id) != sender:
+            return
+        seen = self._peer_table.get(sender)
+        if msg.table == TABLE_UNREPORTED or seen is None or msg.table > seen:
+            self._peer_table[sender] = msg.table
+        self._plan()
 
     def table_written(self, ok: bool, now: float) -> list[Action]:
         """The outcome of a `WriteTable` (False: another table won, or no quorum: plan again later)."""
@@ -1708,6 +1817,9 @@ class MapCore:
                 self._send(peer, ReadCheck(check.id, p, prim.epoch))
 
     def _on_read_check(self, sender: str, msg: ReadCheck) -> None:
+        if msg.table:
+            self._on_table_probe(sender, msg)
+            return
         p = msg.partition
         if not 0 <= p < self.partitions:
             self._send(sender, ReadCheckAck(msg.id, False, f"no partition {p}"))
@@ -1719,6 +1831,9 @@ class MapCore:
             self._send(sender, ReadCheckAck(msg.id, True))
 
     def _on_read_check_ack(self, sender: str, msg: ReadCheckAck) -> None:
+        if msg.id in self._probe_ids:
+            self._on_table_report(sender, msg)
+            return
         entry = self._checks.get(msg.id)
         if entry is None:
             return

@@ -9,9 +9,10 @@ those partitions. `KeysRequest`/`StatsRequest` are scatter requests of `keys()` 
 map stats. A new primary sends the merged state of its partitions to their replicas as `Push`
 messages (answered by `PushAck`; one larger than `MapTimings.piece_bytes` in pieces), and
 confirms before answering a read that no newer primary fenced it with a `ReadCheck` round
-(answered by `ReadCheckAck`). Every write carries the id of the
-operation that made it (``origin``, ``rid``), so a retried operation is recognised at the primary
-(see `aether.maps.core`).
+(answered by `ReadCheckAck`); the leader asks a node that came up which partition table it has
+applied with a `ReadCheck` too (a *table probe*, `ReadCheck.table`). Every write carries the id
+of the operation that made it (``origin``, ``rid``), so a retried operation is recognised at the
+primary (see `aether.maps.core`).
 May import only msgspec and `aether.maps.records`.
 """
 
@@ -29,6 +30,7 @@ __all__ = [
     "KIND_UNAVAILABLE",
     "KIND_UNKNOWN_MAP",
     "MAP_MESSAGE_TYPES",
+    "TABLE_UNREPORTED",
     "KeysRequest",
     "KeysResponse",
     "MapMessage",
@@ -239,17 +241,31 @@ class PushAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=63):
 
 
 class ReadCheck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=64):
-    """Is `epoch` still the newest primary epoch of `partition` this replica knows?"""
+    """Is `epoch` still the newest primary epoch of `partition` this replica knows?
+
+    With `table` nonzero it is a *table probe* instead (`partition` -1, `epoch` 0): the leader
+    asks a node that came up whether its consensus store replica has applied partition table
+    version `table` (the one the leader would replace by planning the node in). The node answers
+    at once with the version it has, and again once it has `table`. A node of an earlier version
+    ignores the trailing field and answers ``no partition -1`` without changing anything."""
 
     id: int
     partition: int
     epoch: int
+    table: int = 0
+
+
+TABLE_UNREPORTED: Final = -1
+"""`ReadCheckAck.table` of an answer that does not report a table (an earlier version's)."""
 
 
 class ReadCheckAck(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=65):
     id: int
     ok: bool
     reason: str | None = None
+    table: int = TABLE_UNREPORTED
+    """(The answer to a table probe) the partition table version this node has applied (0: none
+    yet); `TABLE_UNREPORTED` from a node of an earlier version."""
 
 
 MapMessage = Union[  # noqa: UP007 - msgspec needs a runtime Union object
