@@ -1051,3 +1051,61 @@ async def test_keys_of_a_node_that_do_not_fit_one_message_between_nodes_come_in_
     finally:
         for svc in services.values():
             await svc.stop()
+
+
+async def test_prepare_opens_the_persistent_engines_off_the_loop_and_start_uses_them(tmp_path: Path) -> None:
+    """Seen: a node restarted with a log map of 20,000 keys replayed its file (0.3-0.5 s) on the
+    event loop while its links were up; its peers heard nothing for 0.64 s, took it for down and
+    changed the partition table twice. `prepare` (the node calls it before its links are up)
+    opens the engines in a worker thread: the loop keeps running meanwhile, and `start` uses
+    those engines instead of opening the files again."""
+    import threading
+    import time
+
+    from aether.core.maps import MapSpec
+    from aether.kv.keys import MapDefKey
+    from aether.maps.service import MapService
+    from aether.maps.storage import open_storage_engine
+
+    opened: list[tuple[str, str, bool]] = []
+
+    def slow_open(kind: str, d: Path, name: str) -> Any:
+        opened.append((kind, name, threading.current_thread() is threading.main_thread()))
+        time.sleep(0.4)  # (a long replay)
+        return open_storage_engine(kind, d, name)
+
+    kv = _WatchedKV()
+    kv._set(MapDefKey("orders"), MapSpec(replicas=1, write_quorum=1, engine="log"))
+    kv._set(MapDefKey("cache"), MapSpec(replicas=1, write_quorum=1))  # memory: nothing to open early
+    svc = MapService(
+        "node-1", kv, _Sent(), tmp_path, is_leader=lambda: True, partitions=8, tick_interval=0.01,
+        open_storage=slow_open,
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticks() -> None:
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    ticker = asyncio.create_task(ticks())
+    await svc.prepare()
+    done.set()
+    await ticker
+    assert opened == [("log", "orders", False)], opened  # in a worker thread, the log map only
+    assert max(gaps) < 0.3, f"the loop stood still for {max(gaps):.2f} s while the files were opened"
+    await svc.start()
+    try:
+        assert [(k, n) for k, n, _ in opened] == [("log", "orders"), ("memory", "cache")], opened
+        end = loop.time() + 5
+        while svc.table is None or svc.syncing or len(svc.core.prims) < 8:
+            assert loop.time() < end, "the map service did not start serving"
+            await asyncio.sleep(0.01)
+        await svc.map_put("orders", "k", b"v")
+        assert await svc.map_get("orders", "k") == b"v"
+    finally:
+        await svc.stop()

@@ -534,6 +534,9 @@ class Node:
         else:
             await self._start_etcd()
         self.loop_lag.start()
+        # the maps' files are opened (a log engine's replayed) before the links are up: on the
+        # loop with the links up, a big one kept the node from answering heartbeats
+        await self.maps.prepare()
         await self.transport.start()
         if self.runner is not None:
             self.runner.start(self.transport)
