@@ -1426,3 +1426,74 @@ def test_the_orphan_age_is_a_node_setting_with_a_checked_range(tmp_path: Path) -
         cfg.write_text(f"repository_orphan_age = {bad}\n")
         with pytest.raises(ConfigError, match=r"repository_orphan_age must be >= 60 and <= 2592000 seconds"):
             build_node_config(str(cfg), {})
+
+
+async def test_a_deleted_library_version_is_not_installed_from_a_copy_a_node_keeps(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Seen: the library store picks any matching version among the libraries it installed
+    (`{data}/libs/{name}=={version}`) and the wheels of `_libs/`, and a deleted library version
+    stayed in both: the directory a node installed it into is never removed, and a wheel with other
+    bytes under the deleted version is kept in `_libs/` (withheld at start-up). A slice needing
+    that version still loaded on such a node, from a library the cluster had deleted. Now a
+    deleted version (its tombstone, no manifest) is no candidate: the load fails naming the
+    tombstone and the way out; an upload of the version makes it loadable again."""
+    from aether.slices.errors import SliceLoadError
+    from aether.slices.loader import ImportSpace, SliceLoader
+
+    lib = build_library_wheel(tmp_path / "w", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 7\n"})
+    rebuilt = build_library_wheel(tmp_path / "r", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 8\n"})
+    src = HELLO.replace("class Hello", "import tinylib\n\nclass Hello")
+    w = build_slice_wheel(
+        tmp_path / "w",
+        "org.example:hello:0.1.0",
+        src,
+        "Hello",
+        module="hello_slice",
+        requires=["tinylib>=1.0"],
+    )
+    for f in (lib, w):
+        status, doc = await cluster.upload(0, f)
+        assert status == 201, doc
+    node = cluster.nodes[1]
+    repo, cached = node.repository, cluster.repos[1] / "_libs" / lib.name
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while len(node.repository.service.manifests()) < 2:
+        assert loop.time() < end, "node-2 did not apply the uploads"
+        await asyncio.sleep(0.05)
+    hello = Artifact.parse("org.example:hello:0.1.0")
+    installed = SliceLoader("node-2", repo, tmp_path / "data-a", space=ImportSpace())
+    code = await asyncio.to_thread(installed.prepare_isolated, hello)
+    assert code.libraries == {"tinylib": "1.0"} and cached.read_bytes() == lib.read_bytes()
+    assert (tmp_path / "data-a" / "libs" / "tinylib==1.0").is_dir()
+
+    async with cluster.session.delete(cluster.url(0, f"{P}/artifacts/tinylib/1.0")) as r:
+        assert r.status == 200, await r.text()
+    end = loop.time() + 10
+    while node.kv.get_local("repository-deleted/tinylib/1.0") is None or cached.exists():
+        assert loop.time() < end, "node-2 did not apply the delete or drop its copy in _libs/"
+        await asyncio.sleep(0.05)
+
+    def refused(loader: SliceLoader) -> str:
+        with pytest.raises(SliceLoadError) as ei:
+            loader.prepare_isolated(hello)
+        return str(ei.value)
+
+    # the directory node-2 installed the deleted version into
+    says = await asyncio.to_thread(refused, installed)
+    assert "tinylib 1.0 was deleted from the cluster's repository" in says, says
+    assert "repository-deleted/tinylib/1.0" in says and "aether artifact deploy" in says, says
+    # a wheel with other bytes kept under the deleted version in _libs/, installed by no one yet
+    shutil.copy(rebuilt, cached)
+    fresh = SliceLoader("node-2", repo, tmp_path / "data-b", space=ImportSpace())
+    says = await asyncio.to_thread(refused, fresh)
+    assert "repository-deleted/tinylib/1.0" in says, says
+    assert not (tmp_path / "data-b" / "libs" / "tinylib==1.0").exists()
+    # published on purpose: installed again, the cluster's bytes
+    status, doc = await cluster.upload(1, rebuilt)
+    assert status == 201, doc
+    code = await asyncio.to_thread(fresh.prepare_isolated, hello)
+    assert code.libraries == {"tinylib": "1.0"}
+    module = tmp_path / "data-b" / "libs" / "tinylib==1.0" / "tinylib" / "__init__.py"
+    assert module.read_text() == "VALUE = 8\n"

@@ -11,7 +11,9 @@ from the cluster's manifests first and the local directory second:
   with the library wheels its `Requires-Dist` names; a slice only in the local directory is
   resolved there, as before (the bootstrap of a single machine, published to the cluster at start),
   unless the cluster deleted that version (its tombstone): a file a node keeps under a deleted
-  version is neither listed nor loaded (`ArtifactNotFound` naming the tombstone).
+  version is neither listed nor loaded (`ArtifactNotFound` naming the tombstone);
+- `withdrawn_libraries`: the library versions the cluster deleted, which the library store does
+  not install from a copy the node keeps (an installed directory, a wheel in `_libs/`).
 """
 
 from __future__ import annotations
@@ -174,6 +176,22 @@ class ClusterRepository(Repository):
         if m is None:
             return super().requirements(a)
         return list(evaluate_requirements(m.requires_dist, source=m.filename))
+
+    def withdrawn_libraries(self) -> dict[tuple[str, str], str]:
+        """The library versions the cluster deleted (a tombstone, no manifest; read through
+        consensus from a worker thread, the replica on the loop): the library store installs none
+        of them, neither from the directory it installed one into nor from a wheel kept in `_libs/`."""
+        s = self.service
+        if s.loop is None or s.on_loop_thread():
+            tombs = s.deleted_libraries()
+        else:
+            tombs = s.call(s.deleted_libraries_async(), timeout=30.0)
+        return {
+            key: f"{t.project} {t.version} was deleted from the cluster's repository (its tombstone "
+            f"{ArtifactTombstoneKey(t.project, t.version)}: {t.filename}, sha256 {t.sha256[:12]}…, "
+            f"deleted {_utc(t.deleted)})"
+            for key, t in tombs.items()
+        }
 
     def cached(self) -> builtins.list[Path]:
         """The wheels of the cluster's repository that are in the local directory now."""

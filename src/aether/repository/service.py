@@ -19,7 +19,8 @@ once no manifest referred to them for `orphan_age` seconds; an upload that would
 half that long to write its manifest gives up instead (`core.upload_overdue`). A delete writes
 a tombstone (`repository-deleted/...`) before it removes the manifest, then removes that upload's
 chunks: nodes drop their copies of a deleted version, do not publish them at start-up and do not
-load a file kept under it (`tombstone`, `deleted`). Reading fetches the chunks and checks size and sha256
+load a file kept under it (`tombstone`, `deleted`) nor install a library version kept under it
+(`deleted_libraries`). Reading fetches the chunks and checks size and sha256
 before a file is renamed into place.
 """
 
@@ -777,6 +778,25 @@ class ArtifactService:
         if isinstance(manifest, ArtifactManifest) or not isinstance(tomb, ArtifactTombstone):
             return None
         return tomb
+
+    def deleted_libraries(self) -> dict[tuple[str, str], ArtifactTombstone]:
+        """The library versions the cluster deleted and holds no more, `(project, version)` -> the
+        tombstone (this node's replica; loop thread only)."""
+        held = {(m.project, m.version) for m in self.manifests()}
+        return {
+            (t.project, t.version): t
+            for _, t in self.store.list_local(ArtifactTombstoneKey.prefix)
+            if isinstance(t, ArtifactTombstone) and t.coords is None and (t.project, t.version) not in held
+        }
+
+    async def deleted_libraries_async(self, timeout: float = 5.0) -> dict[tuple[str, str], ArtifactTombstone]:
+        """`deleted_libraries` after a read through consensus (a replica recovered from disk may not
+        know yet of a delete); this node's replica as it is when the cluster does not answer."""
+        try:
+            await asyncio.wait_for(self._refresh(), timeout)
+        except Exception as e:  # no quorum, a timeout: the replica's knowledge stands
+            self.log.debug("reading the deleted library versions through consensus failed: %s", e)
+        return self.deleted_libraries()
 
     def _on_manifest_event(self, event: Any) -> None:
         """The store's watch of `repository/`: a removed manifest (or a replica reset: any of them)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
@@ -243,8 +243,10 @@ class LibraryStore:
     def directory_for(self, name: str, version: PepVersion) -> Path:
         return self.libs_root / f"{canonicalize_name(name)}=={version}"
 
-    def candidates(self, name: str) -> list[Candidate]:
-        """Installable versions of `name` (installed here or in the wheelhouse), highest first."""
+    def candidates(self, name: str, withdrawn: Container[PepVersion] = ()) -> list[Candidate]:
+        """Installable versions of `name` (installed here or in the wheelhouse), highest first;
+        none of the `withdrawn` versions (the repository's, e.g. deleted from the cluster: a copy
+        kept here of one is no candidate)."""
         cname = canonicalize_name(name)
         found: dict[PepVersion, Candidate] = {}
         if self.libs_root.is_dir():
@@ -253,7 +255,8 @@ class LibraryStore:
                     v = PepVersion(d.name.split("==", 1)[1])
                 except InvalidVersion:
                     continue
-                found[v] = Candidate(cname, v, directory=d)
+                if v not in withdrawn:
+                    found[v] = Candidate(cname, v, directory=d)
         if self.wheelhouse is not None and self.wheelhouse.is_dir():
             rank = self._tag_rank()
             best: dict[PepVersion, tuple[int, Path]] = {}
@@ -271,21 +274,22 @@ class LibraryStore:
                 if wver not in best or r < best[wver][0]:
                     best[wver] = (r, w)
             for v, (_, w) in best.items():
-                if v not in found:
+                if v not in found and v not in withdrawn:
                     found[v] = Candidate(cname, v, wheel=w)
         return [found[v] for v in sorted(found, reverse=True)]
 
-    def best(self, req: Requirement) -> Candidate | None:
-        """The highest available version satisfying `req` (pre-releases only if nothing else fits)."""
-        cands = self.candidates(req.name)
+    def best(self, req: Requirement, withdrawn: Container[PepVersion] = ()) -> Candidate | None:
+        """The highest available version satisfying `req` (pre-releases only if nothing else fits),
+        but the `withdrawn` ones."""
+        cands = self.candidates(req.name, withdrawn)
         by_version = {c.version: c for c in cands}
         chosen = list(req.specifier.filter(by_version))
         if not chosen:
             return None
         return by_version[max(chosen)]
 
-    def available(self, name: str) -> list[str]:
-        return [str(c.version) for c in self.candidates(name)]
+    def available(self, name: str, withdrawn: Container[PepVersion] = ()) -> list[str]:
+        return [str(c.version) for c in self.candidates(name, withdrawn)]
 
     # --- installing ---------------------------------------------------------------------------------
 

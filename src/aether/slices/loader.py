@@ -13,7 +13,9 @@ each chosen library's own requirements):
 2. else a distribution installed in the node's own environment is used if it satisfies the
    specifier, else the load fails (naming the environment's version);
 3. else the highest version in the library store / repository wheelhouse satisfying it is
-   installed (from the package index only with `allow_index=True`).
+   installed (from the package index only with `allow_index=True`), but no version the
+   repository withdrew (`Repository.withdrawn_libraries`: one deleted from the cluster): when
+   only such versions match, the load fails naming why they were withdrawn.
 
 `sys.path` and `sys.modules` belong to the whole process, so what is loaded is tracked by an
 `ImportSpace`, shared by every node in the process (`default_import_space()`: the one piece of
@@ -188,6 +190,17 @@ def _contains(req: Requirement, version: PepVersion) -> bool:
     return req.specifier.contains(version, prereleases=True)
 
 
+def _by_name(withdrawn: dict[tuple[str, str], str]) -> dict[str, dict[PepVersion, str]]:
+    """`Repository.withdrawn_libraries` by canonical name and version (unparsable ones left out)."""
+    out: dict[str, dict[PepVersion, str]] = {}
+    for (name, version), why in withdrawn.items():
+        try:
+            out.setdefault(canonicalize_name(name), {})[PepVersion(version)] = why
+        except InvalidVersion:
+            continue
+    return out
+
+
 def _purge_modules(names: tuple[str, ...]) -> None:
     for mod in list(sys.modules):
         top = mod.split(".", 1)[0]
@@ -301,6 +314,7 @@ class SliceLoader:
     ) -> list[_Planned]:
         space = self.space if space is None else space
         label = f"{artifact}"
+        withdrawn: dict[str, dict[PepVersion, str]] | None = None  # read once, when first needed
         chosen: dict[str, _Planned] = {}
         queue: deque[tuple[Requirement, str]] = deque((r, label) for r in requirements)
         while queue:
@@ -337,11 +351,22 @@ class SliceLoader:
                     )
                 chosen[name] = _Planned(name, env, str(req), who, None, from_env=True)
                 continue
-            cand = self.store.best(req)
+            if withdrawn is None:
+                withdrawn = _by_name(self.repository.withdrawn_libraries())
+            gone = withdrawn.get(name, {})
+            cand = self.store.best(req, gone)
             if cand is None and self.store.allow_index:
                 cand = self.store.fetch_from_index(req)
             if cand is None:
-                avail = self.store.available(name)
+                deleted = [gone[v] for v in sorted(req.specifier.filter(gone, prereleases=True))]
+                if deleted:
+                    raise SliceLoadError(
+                        f"{artifact} cannot be loaded: {who} requires {req}, and "
+                        f"{'; '.join(deleted)}; a copy of a withdrawn version this node keeps is not "
+                        "installed: upload a matching wheel (aether artifact deploy WHEEL) to publish "
+                        "it, or require another version"
+                    )
+                avail = self.store.available(name, gone)
                 have = f"available: {', '.join(avail)}" if avail else "no version of it is there"
                 raise SliceLoadError(
                     f"{artifact} cannot be loaded: {who} requires {req}, and no matching version is in the "

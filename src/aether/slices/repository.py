@@ -216,6 +216,12 @@ class Repository:
         matching = [v for v in self.versions(n) if p.matches(v)]
         return Artifact.parse(f"{n}:{max(matching)}") if matching else None
 
+    def withdrawn_libraries(self) -> dict[tuple[str, str], str]:
+        """The library versions this repository withdrew, `(canonical name, version)` -> why: the
+        library store installs none of them, not even from a copy it keeps (a directory alone
+        withdraws nothing; the cluster's repository withdraws the versions it deleted)."""
+        return {}
+
     def library_wheels(self) -> builtins.list[Path]:
         """Wheel files in the wheelhouse `_libs/`, sorted by name."""
         if not self.libs_dir.is_dir():
