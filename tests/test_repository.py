@@ -709,19 +709,19 @@ async def test_maven_paths_and_delete(cluster: Cluster, tmp_path: Path) -> None:
         assert r.status == 404
 
 
+def _hello_needing_tinylib(out: Path) -> Path:
+    """The hello slice's wheel (org.example:hello:0.1.0), importing tinylib and requiring tinylib>=1.0."""
+    src = HELLO.replace("class Hello", "import tinylib\n\nclass Hello")
+    return build_slice_wheel(
+        out, "org.example:hello:0.1.0", src, "Hello", module="hello_slice", requires=["tinylib>=1.0"]
+    )
+
+
 async def test_a_node_without_the_wheel_fetches_it_and_runs_it(cluster: Cluster, tmp_path: Path) -> None:
     """Node 1's directory is the bootstrap (published to the cluster at start); nodes 2 and 3 have
     empty directories and get the slice and its library from the cluster when they run it."""
     lib = build_library_wheel(tmp_path / "w", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 7\n"})
-    src = HELLO.replace("class Hello", "import tinylib\n\nclass Hello")
-    w = build_slice_wheel(
-        tmp_path / "w",
-        "org.example:hello:0.1.0",
-        src,
-        "Hello",
-        module="hello_slice",
-        requires=["tinylib>=1.0"],
-    )
+    w = _hello_needing_tinylib(tmp_path / "w")
     for f in (w, lib):
         status, doc = await cluster.upload(0, f)
         assert status == 201, doc
@@ -1443,15 +1443,7 @@ async def test_a_deleted_library_version_is_not_installed_from_a_copy_a_node_kee
 
     lib = build_library_wheel(tmp_path / "w", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 7\n"})
     rebuilt = build_library_wheel(tmp_path / "r", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 8\n"})
-    src = HELLO.replace("class Hello", "import tinylib\n\nclass Hello")
-    w = build_slice_wheel(
-        tmp_path / "w",
-        "org.example:hello:0.1.0",
-        src,
-        "Hello",
-        module="hello_slice",
-        requires=["tinylib>=1.0"],
-    )
+    w = _hello_needing_tinylib(tmp_path / "w")
     for f in (lib, w):
         status, doc = await cluster.upload(0, f)
         assert status == 201, doc
