@@ -290,3 +290,28 @@ def test_deploy_fails_while_a_slice_map_is_undefined(make_process_cluster: Any, 
     assert r.returncode == 1
     assert f"not found in the repository {c.repository}" in r.stderr, r.stderr
     assert "upload it to the cluster with `aether artifact deploy WHEEL`" in r.stderr, r.stderr
+
+
+def test_the_slices_table_names_its_instance_column_as_ids() -> None:
+    """The column lists instance ids (``0``, ``1,3``), not a count: headed "Instances" a row
+    reading ``node-1 ACTIVE 0`` looked like a node running none."""
+    from rich.console import Console
+
+    from aether.cli.deploy import _slice_rows
+
+    statuses = [
+        {
+            "artifact": "org.example:hello:0.1.0",
+            "desired": 3,
+            "active": 3,
+            "instances": [
+                {"node": "node-1", "state": "ACTIVE", "instance_ids": [0]},
+                {"node": "node-2", "state": "ACTIVE", "instance_ids": [1, 2]},
+            ],
+        }
+    ]
+    console = Console(width=200, record=True, color_system=None)
+    console.print(_slice_rows(statuses))
+    text = console.export_text()
+    assert "Instance ids" in text
+    assert any("node-2" in line and "1,2" in line for line in text.splitlines()), text

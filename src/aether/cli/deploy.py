@@ -30,7 +30,7 @@ def _slice_rows(statuses: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="Slices", title_justify="left")
-    for col in ("Artifact", "Desired", "Active", "Node", "State", "Instances", "Reason"):
+    for col in ("Artifact", "Desired", "Active", "Node", "State", "Instance ids", "Reason"):
         table.add_column(col)
     for s in statuses:
         insts = s.get("instances") or [{}]
