@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from aether.slices.testing import (
     isolated_imports,
     write_wheel,
 )
-from aether.slices.wheel import inspect_wheel
+from aether.slices.wheel import inspect_wheel, sha256_file
 from conftest import EXAMPLES, node_configs
 
 pytestmark = pytest.mark.timeout(120)
@@ -1458,7 +1458,8 @@ async def test_a_deleted_library_version_is_not_installed_from_a_copy_a_node_kee
     installed = SliceLoader("node-2", repo, tmp_path / "data-a", space=ImportSpace())
     code = await asyncio.to_thread(installed.prepare_isolated, hello)
     assert code.libraries == {"tinylib": "1.0"} and cached.read_bytes() == lib.read_bytes()
-    assert (tmp_path / "data-a" / "libs" / "tinylib==1.0").is_dir()
+    assert code.library_dirs == [tmp_path / "data-a" / "libs" / f"tinylib==1.0@{sha256_file(lib)}"]
+    assert code.library_dirs[0].is_dir()
 
     async with cluster.session.delete(cluster.url(0, f"{P}/artifacts/tinylib/1.0")) as r:
         assert r.status == 200, await r.text()
@@ -1481,11 +1482,65 @@ async def test_a_deleted_library_version_is_not_installed_from_a_copy_a_node_kee
     fresh = SliceLoader("node-2", repo, tmp_path / "data-b", space=ImportSpace())
     says = await asyncio.to_thread(refused, fresh)
     assert "repository-deleted/tinylib/1.0" in says, says
-    assert not (tmp_path / "data-b" / "libs" / "tinylib==1.0").exists()
+    assert not list((tmp_path / "data-b" / "libs").glob("tinylib==1.0*"))
     # published on purpose: installed again, the cluster's bytes
     status, doc = await cluster.upload(1, rebuilt)
     assert status == 201, doc
     code = await asyncio.to_thread(fresh.prepare_isolated, hello)
     assert code.libraries == {"tinylib": "1.0"}
-    module = tmp_path / "data-b" / "libs" / "tinylib==1.0" / "tinylib" / "__init__.py"
+    module = tmp_path / "data-b" / "libs" / f"tinylib==1.0@{sha256_file(rebuilt)}" / "tinylib" / "__init__.py"
     assert module.read_text() == "VALUE = 8\n"
+
+
+async def _until(what: str, ok: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not ok():
+        assert loop.time() < end, what
+        await asyncio.sleep(0.05)
+
+
+async def test_a_library_version_uploaded_again_with_other_bytes_is_installed_again(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Seen: the library store's installed directories (`{data}/libs/{name}=={version}`) recorded
+    no sha256, so a library version deleted and uploaded again with other bytes kept running, on a
+    node that had installed the old bytes, from the old bytes' directory (the cluster held only
+    the new ones). Now a directory names the sha256 of the wheel it came from and is used only
+    for the bytes the cluster holds under its version: the new bytes are installed beside it, and
+    the old directory, stale and used by no worker any more, is removed."""
+    from aether.slices.loader import ImportSpace, SliceLoader
+
+    old = build_library_wheel(tmp_path / "w", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 7\n"})
+    new = build_library_wheel(tmp_path / "r", "tinylib", "1.0", {"tinylib/__init__.py": "VALUE = 8\n"})
+    for f in (old, _hello_needing_tinylib(tmp_path / "w")):
+        status, doc = await cluster.upload(0, f)
+        assert status == 201, doc
+    node = cluster.nodes[1]
+    service = node.repository.service
+    await _until("node-2 did not apply the uploads", lambda: len(service.manifests()) == 2)
+    hello = Artifact.parse("org.example:hello:0.1.0")
+    loader = SliceLoader("node-2", node.repository, tmp_path / "data", space=ImportSpace())
+    code = await asyncio.to_thread(loader.prepare_isolated, hello)
+    (old_dir,) = code.library_dirs
+    assert (old_dir / "tinylib" / "__init__.py").read_text() == "VALUE = 7\n"
+
+    async with cluster.session.delete(cluster.url(0, f"{P}/artifacts/tinylib/1.0")) as r:
+        assert r.status == 200, await r.text()
+    status, doc = await cluster.upload(0, new)
+    assert status == 201, doc
+    await _until(
+        "node-2 did not apply the new upload",
+        lambda: getattr(service.manifest("tinylib", "1.0"), "sha256", "") == sha256_file(new),
+    )
+    # the worker of the first preparation still runs: the old bytes' directory stays for it
+    code = await asyncio.to_thread(loader.prepare_isolated, hello)
+    (new_dir,) = code.library_dirs
+    assert new_dir != old_dir and new_dir.name == f"tinylib==1.0@{sha256_file(new)}"
+    assert (new_dir / "tinylib" / "__init__.py").read_text() == "VALUE = 8\n"
+    assert old_dir.is_dir()
+    # that worker is gone: the next resolution removes the directory no one uses again
+    loader.release_isolated(hello)
+    code = await asyncio.to_thread(loader.prepare_isolated, hello)
+    assert code.library_dirs == [new_dir]
+    assert not old_dir.exists() and new_dir.is_dir()

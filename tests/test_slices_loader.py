@@ -13,6 +13,7 @@ from aether.slices import SliceLoadError
 from aether.slices.loader import ImportSpace, SliceLoader
 from aether.slices.repository import Repository
 from aether.slices.testing import build_library_wheel, build_slice_wheel, isolated_imports
+from aether.slices.wheel import sha256_file
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,6 +59,12 @@ def deploy(repo: Repository, tmp: Path, coords: str, src: str, requires: list[st
     )  # type: ignore[arg-type]
 
 
+def lib_dir(repo: Repository, data: Path, name: str, version: str) -> Path:
+    """Where the store installs the wheelhouse's `name` `version`: `libs/{name}=={version}@{sha256}`."""
+    wheel = repo.libs_dir / f"{name}-{version}-py3-none-any.whl"
+    return data / "libs" / f"{name}=={version}@{sha256_file(wheel)}"
+
+
 def tinylib_paths() -> list[str]:
     return [p for p in sys.path if "tinylib==" in p]
 
@@ -74,7 +81,7 @@ def test_slice_imports_library_from_wheelhouse(repo: Repository, tmp_path: Path)
     ls = loader.load(a)
     assert version_of(ls.cls) == "1.0"
     assert ls.libraries == {"tinylib": "1.0"}
-    assert (tmp_path / "data/libs/tinylib==1.0/tinylib/__init__.py").is_file()
+    assert (lib_dir(repo, tmp_path / "data", "tinylib", "1.0") / "tinylib/__init__.py").is_file()
     assert (tmp_path / f"data/slices/{ls.sha256}/a_slice/__init__.py").is_file()
     assert ls.code_dir == tmp_path / f"data/slices/{ls.sha256}"
     assert set(ls.info.entries) == {"version"}
@@ -96,7 +103,7 @@ def test_compatible_slices_share_one_version(repo: Repository, tmp_path: Path) -
     assert version_of(la.cls) == version_of(lb.cls) == "1.0"
     assert lb.libraries == {"tinylib": "1.0"}
     assert len(tinylib_paths()) == 1
-    assert not (tmp_path / "data/libs/tinylib==2.0").exists()
+    assert not list((tmp_path / "data/libs").glob("tinylib==2.0*"))
 
 
 def test_conflicting_slice_fails_naming_both_requirements(repo: Repository, tmp_path: Path) -> None:
@@ -238,5 +245,51 @@ def test_pip_installer(repo: Repository, tmp_path: Path) -> None:
     a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
     ls = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace(), installer="pip").load(a)
     assert version_of(ls.cls) == "1.0"
-    assert list((tmp_path / "data/libs/tinylib==1.0").glob("tinylib-1.0.dist-info"))
+    assert list(lib_dir(repo, tmp_path / "data", "tinylib", "1.0").glob("tinylib-1.0.dist-info"))
     assert (tmp_path / f"data/slices/{ls.sha256}/a_slice/__init__.py").is_file()
+
+
+class Withdrawing(Repository):
+    """A directory repository whose withdrawn library versions the test sets (as the cluster's
+    repository withdraws the versions it deleted)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.withdrawn: dict[tuple[str, str], str] = {}
+
+    def withdrawn_libraries(self) -> dict[tuple[str, str], str]:
+        return dict(self.withdrawn)
+
+
+def test_installed_directories_of_a_withdrawn_version_go_once_nothing_uses_them(tmp_path: Path) -> None:
+    """Seen: the directories a node installed library versions into stayed on disk for ever, also
+    those of versions the repository withdrew (deleted from the cluster), which no resolution
+    uses again. Now the resolution that reads the withdrawn versions removes them, but not one a
+    slice in this interpreter imports from (on sys.path) nor one a worker process holds."""
+    repo = Withdrawing(tmp_path / "repo")
+    for v in ("1.0", "2.0"):
+        repo.deploy_library(build_library_wheel(tmp_path / "built" / v, "tinylib", v))
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib==1.0"], module="a_slice")
+    c = deploy(repo, tmp_path, "org.example:c:1.0.0", USES_TINYLIB, ["tinylib>=2"], module="c_slice")
+    later = ImportSpace()  # before anything is on sys.path (its environment is sys.path as it is)
+    worker = SliceLoader("node-2", repo, tmp_path / "d2", space=ImportSpace())
+    SliceLoader("node-1", repo, tmp_path / "d1", space=ImportSpace()).load(a)
+    held = worker.prepare_isolated(a).library_dirs[0]
+    used = lib_dir(repo, tmp_path / "d1", "tinylib", "1.0")
+    assert used.is_dir() and held == lib_dir(repo, tmp_path / "d2", "tinylib", "1.0")
+
+    repo.withdrawn = {("tinylib", "1.0"): "tinylib 1.0 was deleted"}
+    # on sys.path (a slice of this interpreter imports from it) / held for a running worker: kept
+    SliceLoader("node-1", repo, tmp_path / "d1", space=later).prepare_isolated(c)
+    assert worker.prepare_isolated(c).libraries == {"tinylib": "2.0"}
+    assert used.is_dir() and held.is_dir()
+    # the worker is gone: the next resolution removes the directory, and only it
+    worker.release_isolated(a)
+    assert worker.prepare_isolated(c).libraries == {"tinylib": "2.0"}
+    assert not held.exists()
+    assert [d.name for d in (tmp_path / "d2" / "libs").iterdir()] == [
+        lib_dir(repo, tmp_path / "d2", "tinylib", "2.0").name
+    ]
+    assert used.is_dir()
+    with pytest.raises(SliceLoadError, match=r"tinylib 1\.0 was deleted"):
+        worker.prepare_isolated(a)

@@ -13,7 +13,10 @@ from the cluster's manifests first and the local directory second:
   unless the cluster deleted that version (its tombstone): a file a node keeps under a deleted
   version is neither listed nor loaded (`ArtifactNotFound` naming the tombstone);
 - `withdrawn_libraries`: the library versions the cluster deleted, which the library store does
-  not install from a copy the node keeps (an installed directory, a wheel in `_libs/`).
+  not install from a copy the node keeps (an installed directory, a wheel in `_libs/`);
+- `library_hashes`: the sha256 of each library version the cluster holds: the library store uses
+  only a directory installed from those bytes (one installed from a deleted upload's other bytes
+  of the same version is not used, and is removed once nothing uses it).
 """
 
 from __future__ import annotations
@@ -192,6 +195,13 @@ class ClusterRepository(Repository):
             f"deleted {_utc(t.deleted)})"
             for key, t in tombs.items()
         }
+
+    def library_hashes(self) -> dict[tuple[str, str], str]:
+        """The sha256 of every library wheel the cluster holds (its manifests, this node's replica:
+        read after `withdrawn_libraries`, which brings it up to date through consensus): a library
+        directory a node installed from other bytes of such a version is not used (e.g. a version
+        deleted and uploaded again with other bytes)."""
+        return {(m.project, m.version): m.sha256 for m in self._cluster() if m.coords is None}
 
     def cached(self) -> builtins.list[Path]:
         """The wheels of the cluster's repository that are in the local directory now."""

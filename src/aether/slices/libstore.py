@@ -2,8 +2,18 @@
 
 Layout under a node's data directory::
 
-    {data_dir}/libs/{name}=={version}/      # one library distribution (canonical name, PEP 440 version)
-    {data_dir}/slices/{sha256-of-wheel}/     # the code of one slice wheel
+    {data_dir}/libs/{name}=={version}@{sha256-of-wheel}/  # a library wheel (canonical name, PEP 440)
+    {data_dir}/libs/{name}=={version}/                    # installed from the index (no wheel known)
+    {data_dir}/slices/{sha256-of-wheel}/                   # the code of one slice wheel
+
+A library directory names the sha256 of the wheel it was installed from, so a version whose
+bytes changed (deleted from the cluster and uploaded again with other bytes, or a wheel of the
+wheelhouse replaced) is installed again beside it: a directory is used only when its sha256 is
+the one the repository holds for that version (`Repository.library_hashes`), else the wheelhouse
+wheel's of that version; a directory without one (installed from the index, or by an earlier
+release) only when neither knows the version. `stale_directories` names the directories no
+resolution will use again (withdrawn versions, other bytes than the repository's), which the
+loader removes once nothing uses them.
 
 Each directory is a `pip install --no-deps --target` tree (module directories plus the
 distribution's `*.dist-info`), created under a temporary name and renamed into place, so a
@@ -28,7 +38,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
@@ -49,12 +59,14 @@ from aether.slices.wheel import (
     WheelLimits,
     WheelRecord,
     evaluate_requirements,
+    sha256_file,
     unsafe_member,
 )
 
 __all__ = ["Candidate", "LibraryStore", "install_wheel", "unpack_pure_wheel"]
 
 Installer = Literal["auto", "pip"]
+_Hashes = Mapping[PepVersion, str]  # version -> the sha256 of the wheel the repository holds
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class Candidate:
     version: PepVersion
     wheel: Path | None = None
     directory: Path | None = None
+    sha256: str = ""  # of the wheel (`wheel`, or the one `directory` was installed from); "" unknown
 
     def __str__(self) -> str:
         return f"{self.name} {self.version}"
@@ -212,6 +225,7 @@ class LibraryStore:
         self.allow_index = allow_index
         self.installer: Installer = installer
         self._tags: dict[Tag, int] | None = None
+        self._hashes: dict[Path, tuple[int, int, str]] = {}  # wheel -> (size, mtime_ns, sha256)
         self.removed_leftovers = self._remove_leftovers()
 
     LEFTOVER_AGE = 600.0  # s: an install directory this old belongs to no install still running
@@ -240,70 +254,169 @@ class LibraryStore:
 
     # --- candidates ---------------------------------------------------------------------------------
 
-    def directory_for(self, name: str, version: PepVersion) -> Path:
-        return self.libs_root / f"{canonicalize_name(name)}=={version}"
+    def directory_for(self, name: str, version: PepVersion, sha256: str = "") -> Path:
+        """`libs/{name}=={version}@{sha256}` (the wheel it is installed from), or
+        `libs/{name}=={version}` without a sha256 (installed from the package index)."""
+        base = f"{canonicalize_name(name)}=={version}"
+        return self.libs_root / (f"{base}@{sha256}" if sha256 else base)
 
-    def candidates(self, name: str, withdrawn: Container[PepVersion] = ()) -> list[Candidate]:
+    @staticmethod
+    def _parse_dir(d: Path) -> tuple[str, PepVersion, str] | None:
+        """(canonical name, version, wheel sha256 or "") of an installed directory's name."""
+        if d.name.startswith(".") or "==" not in d.name:
+            return None
+        name, _, rest = d.name.partition("==")
+        text, _, sha = rest.partition("@")
+        try:
+            return name, PepVersion(text), sha
+        except InvalidVersion:
+            return None
+
+    def wheel_sha256(self, wheel: Path) -> str:
+        """The sha256 of a wheel file (memoised by size and mtime)."""
+        st = wheel.stat()
+        memo = self._hashes.get(wheel)
+        if memo is not None and memo[:2] == (st.st_size, st.st_mtime_ns):
+            return memo[2]
+        digest = sha256_file(wheel)
+        self._hashes[wheel] = (st.st_size, st.st_mtime_ns, digest)
+        return digest
+
+    def installed(self) -> list[tuple[str, PepVersion, str, Path]]:
+        """Every installed library directory: (canonical name, version, wheel sha256 or "", path)."""
+        out = []
+        if self.libs_root.is_dir():
+            for d in sorted(self.libs_root.iterdir()):
+                parsed = self._parse_dir(d)
+                if parsed is not None and d.is_dir():
+                    out.append((*parsed, d))
+        return out
+
+    def candidates(
+        self, name: str, withdrawn: Container[PepVersion] = (), hashes: _Hashes | None = None
+    ) -> list[Candidate]:
         """Installable versions of `name` (installed here or in the wheelhouse), highest first;
         none of the `withdrawn` versions (the repository's, e.g. deleted from the cluster: a copy
-        kept here of one is no candidate)."""
+        kept here of one is no candidate). `hashes` are the sha256 the repository holds for
+        versions of `name`: of such a version only the wheel and the directory of those bytes are
+        candidates; of another, a directory whose sha256 is not the wheelhouse wheel's is none."""
         cname = canonicalize_name(name)
-        found: dict[PepVersion, Candidate] = {}
-        if self.libs_root.is_dir():
-            for d in self.libs_root.glob(f"{cname}==*"):
-                try:
-                    v = PepVersion(d.name.split("==", 1)[1])
-                except InvalidVersion:
-                    continue
-                if v not in withdrawn:
-                    found[v] = Candidate(cname, v, directory=d)
+        hashes = hashes or {}
+        wheels: dict[PepVersion, Candidate] = {}
         if self.wheelhouse is not None and self.wheelhouse.is_dir():
             rank = self._tag_rank()
-            best: dict[PepVersion, tuple[int, Path]] = {}
+            ranked: dict[PepVersion, list[tuple[int, Path]]] = {}
             for w in self.wheelhouse.glob("*.whl"):
                 try:
                     wname, wver, _, wtags = parse_wheel_filename(w.name)
                 except InvalidWheelFilename:
                     continue
-                if wname != cname:
+                if wname != cname or wver in withdrawn or w.name.startswith("."):
                     continue
                 ranks = [rank[t] for t in wtags if t in rank]
                 if not ranks:
                     continue  # not installable on this interpreter/platform
-                r = min(ranks)
-                if wver not in best or r < best[wver][0]:
-                    best[wver] = (r, w)
-            for v, (_, w) in best.items():
-                if v not in found and v not in withdrawn:
-                    found[v] = Candidate(cname, v, wheel=w)
+                ranked.setdefault(wver, []).append((min(ranks), w))
+            for v, ws in ranked.items():
+                ws.sort()
+                want = hashes.get(v)
+                if want is None:
+                    wheels[v] = Candidate(cname, v, wheel=ws[0][1])
+                    continue
+                for _, w in ws:  # only the repository's bytes of this version
+                    try:
+                        if self.wheel_sha256(w) == want:
+                            wheels[v] = Candidate(cname, v, wheel=w, sha256=want)
+                            break
+                    except OSError:
+                        continue
+        found: dict[PepVersion, Candidate] = {}
+        for dname, v, sha, d in self.installed():
+            if dname != cname or v in withdrawn or v in found:
+                continue
+            expected = hashes.get(v)
+            kept = wheels.get(v)
+            if expected is None and kept is not None and kept.wheel is not None:
+                try:
+                    expected = kept.sha256 or self.wheel_sha256(kept.wheel)
+                    wheels[v] = Candidate(cname, v, wheel=kept.wheel, sha256=expected)
+                except OSError:
+                    expected = None
+            if expected is None or sha == expected:
+                found[v] = Candidate(cname, v, directory=d, sha256=sha)
+        for v, c in wheels.items():
+            found.setdefault(v, c)
         return [found[v] for v in sorted(found, reverse=True)]
 
-    def best(self, req: Requirement, withdrawn: Container[PepVersion] = ()) -> Candidate | None:
+    def best(
+        self, req: Requirement, withdrawn: Container[PepVersion] = (), hashes: _Hashes | None = None
+    ) -> Candidate | None:
         """The highest available version satisfying `req` (pre-releases only if nothing else fits),
-        but the `withdrawn` ones."""
-        cands = self.candidates(req.name, withdrawn)
+        but the `withdrawn` ones (and only the bytes `hashes` names, see `candidates`)."""
+        cands = self.candidates(req.name, withdrawn, hashes)
         by_version = {c.version: c for c in cands}
         chosen = list(req.specifier.filter(by_version))
         if not chosen:
             return None
         return by_version[max(chosen)]
 
-    def available(self, name: str, withdrawn: Container[PepVersion] = ()) -> list[str]:
-        return [str(c.version) for c in self.candidates(name, withdrawn)]
+    def available(
+        self, name: str, withdrawn: Container[PepVersion] = (), hashes: _Hashes | None = None
+    ) -> list[str]:
+        return [str(c.version) for c in self.candidates(name, withdrawn, hashes)]
+
+    def stale_directories(
+        self,
+        withdrawn: Mapping[str, Container[PepVersion]],
+        hashes: Mapping[str, Mapping[PepVersion, str]],
+    ) -> list[Path]:
+        """The installed directories no resolution uses again (by canonical name): those of a
+        `withdrawn` version, and those of a version the repository holds (`hashes`) installed
+        from other bytes (or from unknown ones)."""
+        out = []
+        for name, v, sha, d in self.installed():
+            if v in withdrawn.get(name, ()):
+                out.append(d)
+                continue
+            want = hashes.get(name, {}).get(v)
+            if want is not None and sha != want:
+                out.append(d)
+        return out
+
+    def remove_directory(self, d: Path) -> bool:
+        """Remove an installed directory (renamed away first, so it is gone at once or not at
+        all; a leftover of a crash is removed as any `.tmp-*`). Whether it is gone."""
+        if d.parent != self.libs_root or self._parse_dir(d) is None:
+            raise ValueError(f"{d} is no installed library directory of {self.libs_root}")
+        gone = self.libs_root / f".tmp-gone-{d.name[:40]}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(d, gone)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        shutil.rmtree(gone, ignore_errors=True)
+        return True
 
     # --- installing ---------------------------------------------------------------------------------
 
     def ensure(self, cand: Candidate) -> Path:
-        """Install `cand` into `libs/{name}=={version}` if it is not there yet; returns the directory."""
-        target = self.directory_for(cand.name, cand.version)
-        if target.is_dir():
-            return target
-        if cand.wheel is not None:
-            install_wheel(cand.wheel, target, installer=self.installer, limits=self.limits)
-            return target
+        """Install `cand` into `libs/{name}=={version}@{sha256}` if it is not there yet; returns the
+        directory (`cand.directory` for one installed already)."""
         if cand.directory is not None:
+            if not cand.directory.is_dir():
+                raise SliceLoadError(f"{cand}: its directory {cand.directory} is gone")
             return cand.directory
-        raise SliceLoadError(f"{cand}: nothing to install from")
+        if cand.wheel is None:
+            raise SliceLoadError(f"{cand}: nothing to install from")
+        try:
+            sha = cand.sha256 or self.wheel_sha256(cand.wheel)
+        except OSError as e:
+            raise SliceLoadError(f"{cand}: cannot read {cand.wheel} ({e})") from None
+        target = self.directory_for(cand.name, cand.version, sha)
+        if not target.is_dir():
+            install_wheel(cand.wheel, target, installer=self.installer, limits=self.limits)
+        return target
 
     def fetch_from_index(self, req: Requirement) -> Candidate:
         """Install the best match for `req` from the package index (only with `allow_index`)."""
@@ -337,9 +450,6 @@ class LibraryStore:
         """The library's own requirements (markers evaluated, for the requested extras)."""
         if cand.directory is not None and cand.directory.is_dir():
             return _dist_info_requirements(cand.directory, extras)
-        installed = self.directory_for(cand.name, cand.version)
-        if installed.is_dir():
-            return _dist_info_requirements(installed, extras)
         if cand.wheel is not None:
             with zipfile.ZipFile(cand.wheel) as zf:
                 metas = [n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA")]

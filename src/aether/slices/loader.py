@@ -15,7 +15,15 @@ each chosen library's own requirements):
 3. else the highest version in the library store / repository wheelhouse satisfying it is
    installed (from the package index only with `allow_index=True`), but no version the
    repository withdrew (`Repository.withdrawn_libraries`: one deleted from the cluster): when
-   only such versions match, the load fails naming why they were withdrawn.
+   only such versions match, the load fails naming why they were withdrawn. Of a version whose
+   bytes the repository names (`Repository.library_hashes`), only a directory installed from
+   those bytes is used (else the wheel is installed beside it).
+
+The resolution that reads the withdrawn versions also removes the node's installed directories no
+resolution uses again (`LibraryStore.stale_directories`: withdrawn versions, other bytes than the
+repository's) unless something may still import from them: a directory on `sys.path` or of a
+library loaded in the import space (any node of the process), or handed to a worker process that
+has not been released (`release_isolated`).
 
 `sys.path` and `sys.modules` belong to the whole process, so what is loaded is tracked by an
 `ImportSpace`, shared by every node in the process (`default_import_space()`: the one piece of
@@ -111,6 +119,9 @@ class ImportSpace:
         self.code: dict[str, LoadedCode] = {}  # sha256 -> code
         self.modules: dict[str, str] = {}  # top-level module -> sha256
         self._base_path = [p for p in sys.path]
+        # library directories handed to worker processes, by owner ("{artifact} on {node}"): kept
+        # on disk until the owner's worker is gone (`SliceLoader.release_isolated`)
+        self.held: dict[str, tuple[Path, ...]] = {}
 
     def env_version(self, name: str) -> PepVersion | None:
         """Version of `name` installed in the node's environment (not in slice library dirs)."""
@@ -184,6 +195,7 @@ class _Planned:
     requested_by: str
     candidate: Candidate | None  # None: already loaded or from the environment
     from_env: bool = False
+    directory: Path | None = None  # where `candidate` is installed (`LibraryStore.ensure`)
 
 
 def _contains(req: Requirement, version: PepVersion) -> bool:
@@ -196,6 +208,17 @@ def _by_name(withdrawn: dict[tuple[str, str], str]) -> dict[str, dict[PepVersion
     for (name, version), why in withdrawn.items():
         try:
             out.setdefault(canonicalize_name(name), {})[PepVersion(version)] = why
+        except InvalidVersion:
+            continue
+    return out
+
+
+def _hashes_by_name(hashes: dict[tuple[str, str], str]) -> dict[str, dict[PepVersion, str]]:
+    """`Repository.library_hashes` by canonical name and version (unparsable ones left out)."""
+    out: dict[str, dict[PepVersion, str]] = {}
+    for (name, version), sha in hashes.items():
+        try:
+            out.setdefault(canonicalize_name(name), {})[PepVersion(version)] = sha
         except InvalidVersion:
             continue
     return out
@@ -264,7 +287,7 @@ class SliceLoader:
             plan = self._plan(artifact, list(info.requirements))
             for p in plan:
                 if p.candidate is not None:
-                    self.store.ensure(p.candidate)
+                    p.directory = self.store.ensure(p.candidate)
             libraries = self._commit_libraries(owner, plan)
             try:
                 cls = self._import(artifact, owner, sha, code_dir, info)
@@ -294,18 +317,25 @@ class SliceLoader:
             sha = sha256_file(wheel_path)
             code_dir = self.store.install_slice_code(wheel_path, sha)
             worker_space = self.space.fresh(exclude=(self.store.libs_root, self.store.slices_root))
-            plan = self._plan(artifact, list(info.requirements), worker_space)
-            dirs: list[Path] = []
-            for p in plan:
-                if p.candidate is not None:
-                    self.store.ensure(p.candidate)
-                    dirs.append(self.store.directory_for(p.name, p.version))
+            with self.space.lock:  # no removal of stale directories between planning and holding
+                plan = self._plan(artifact, list(info.requirements), worker_space)
+                dirs: list[Path] = []
+                for p in plan:
+                    if p.candidate is not None:
+                        dirs.append(self.store.ensure(p.candidate))
+                self.space.held[self._owner(artifact)] = tuple(dirs)
         except SliceLoadError:
             raise
         except Exception as e:
             raise SliceLoadError(f"{artifact} cannot be loaded: {type(e).__name__}: {e}") from e
         libraries = {p.name: str(p.version) for p in plan}
         return IsolatedCode(artifact, info, sha, code_dir, info.slice_class, dirs, libraries)
+
+    def release_isolated(self, artifact: Artifact) -> None:
+        """The worker process `prepare_isolated(artifact)` prepared for is gone (or never started):
+        its library directories may be removed once stale."""
+        with self.space.lock:
+            self.space.held.pop(self._owner(artifact), None)
 
     # --- libraries ----------------------------------------------------------------------------------
 
@@ -315,6 +345,7 @@ class SliceLoader:
         space = self.space if space is None else space
         label = f"{artifact}"
         withdrawn: dict[str, dict[PepVersion, str]] | None = None  # read once, when first needed
+        hashes: dict[str, dict[PepVersion, str]] = {}
         chosen: dict[str, _Planned] = {}
         queue: deque[tuple[Requirement, str]] = deque((r, label) for r in requirements)
         while queue:
@@ -353,8 +384,10 @@ class SliceLoader:
                 continue
             if withdrawn is None:
                 withdrawn = _by_name(self.repository.withdrawn_libraries())
+                hashes = _hashes_by_name(self.repository.library_hashes())  # after: up to date
+                self._sweep(withdrawn, hashes)
             gone = withdrawn.get(name, {})
-            cand = self.store.best(req, gone)
+            cand = self.store.best(req, gone, hashes.get(name))
             if cand is None and self.store.allow_index:
                 cand = self.store.fetch_from_index(req)
             if cand is None:
@@ -366,7 +399,7 @@ class SliceLoader:
                         "installed: upload a matching wheel (aether artifact deploy WHEEL) to publish "
                         "it, or require another version"
                     )
-                avail = self.store.available(name, gone)
+                avail = self.store.available(name, gone, hashes.get(name))
                 have = f"available: {', '.join(avail)}" if avail else "no version of it is there"
                 raise SliceLoadError(
                     f"{artifact} cannot be loaded: {who} requires {req}, and no matching version is in the "
@@ -385,7 +418,7 @@ class SliceLoader:
             if lib is None:
                 path: Path | None = None
                 if p.candidate is not None:
-                    path = self.store.directory_for(p.name, p.version)
+                    path = p.directory if p.directory is not None else self.store.ensure(p.candidate)
                     if str(path) not in sys.path:
                         sys.path.append(str(path))
                         added = True
@@ -396,6 +429,26 @@ class SliceLoader:
         if added:
             importlib.invalidate_caches()
         return used
+
+    def _sweep(
+        self, withdrawn: dict[str, dict[PepVersion, str]], hashes: dict[str, dict[PepVersion, str]]
+    ) -> None:
+        """Remove this node's installed library directories no resolution uses again (withdrawn
+        versions, other bytes than the repository's) that nothing may import from: on `sys.path`,
+        a library loaded in the import space, or held for a worker process. Call with the import
+        space's lock held."""
+        stale = self.store.stale_directories(withdrawn, hashes)
+        if not stale:
+            return
+        space = self.space
+        in_use = set(sys.path)
+        in_use.update(str(lib.path) for lib in space.libraries.values() if lib.path is not None)
+        in_use.update(str(d) for dirs in space.held.values() for d in dirs)
+        for d in stale:
+            if str(d) in in_use:
+                continue
+            if self.store.remove_directory(d):
+                _log.info("%s: removed %s: its library version was withdrawn or replaced", self.node_id, d)
 
     def _release_libraries(self, owner: str) -> None:
         for lib in self.space.libraries.values():

@@ -222,6 +222,13 @@ class Repository:
         withdraws nothing; the cluster's repository withdraws the versions it deleted)."""
         return {}
 
+    def library_hashes(self) -> dict[tuple[str, str], str]:
+        """The sha256 of the wheel this repository holds for a library version, `(canonical name,
+        version)` -> sha256, where it is the authority on a version's bytes: the library store
+        installs and uses only those bytes of such a version (a plain directory holds none: its
+        wheelhouse's files are what they are; the cluster's repository, its manifests')."""
+        return {}
+
     def library_wheels(self) -> builtins.list[Path]:
         """Wheel files in the wheelhouse `_libs/`, sorted by name."""
         if not self.libs_dir.is_dir():

@@ -474,6 +474,7 @@ class SliceRuntime:
             desc = await host.open()
         except BaseException:
             self._workers_reserved -= 1
+            self.loader.release_isolated(artifact)
             raise
         loaded = LoadedSlice(artifact, Slice, _info_of(desc), code.wheel, code.sha256, code.code_dir,
                              code.libraries)  # fmt: skip
@@ -642,6 +643,7 @@ class SliceRuntime:
                     await e.worker.close()
                 finally:
                     self._workers_reserved -= 1
+                    self.loader.release_isolated(artifact)
                 self.log.info("%s: unloaded %s (its worker process stopped)", self.node_id, artifact)
                 return
             await asyncio.to_thread(self.loader.unload, artifact)
