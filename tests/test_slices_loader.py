@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version as PepVersion
 
 from aether.core.artifact import Artifact
 from aether.slices import SliceLoadError
@@ -293,3 +297,32 @@ def test_installed_directories_of_a_withdrawn_version_go_once_nothing_uses_them(
     assert used.is_dir()
     with pytest.raises(SliceLoadError, match=r"tinylib 1\.0 was deleted"):
         worker.prepare_isolated(a)
+
+
+@pytest.mark.timeout(120)
+def test_pip_never_installs_a_withdrawn_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen: with `allow_index=True` and only withdrawn versions matching, the store asked pip for
+    the bare requirement with `--find-links _libs/`: pip installed the withdrawn version, from the
+    wheel the node keeps in `_libs/` (or from the index). Now pip gets no `--find-links` and the
+    requirement excludes the withdrawn versions (`!=1.0`): it installs another matching version
+    from the index (here a local one: no network)."""
+    repo = Withdrawing(tmp_path / "repo")
+    for v in ("1.0", "2.0"):
+        repo.deploy_library(build_library_wheel(tmp_path / "built" / v, "tinylib", v))
+    repo.withdrawn = {("tinylib", "1.0"): "tinylib 1.0 was deleted"}
+    index = tmp_path / "index"
+    links = []
+    index.mkdir()
+    for v in ("0.9", "1.0"):
+        w = build_library_wheel(tmp_path / "idx" / v, "tinylib", v)
+        shutil.copy(w, index / w.name)
+        links.append(f'<a href="../../{w.name}">{w.name}</a>')
+    (index / "simple" / "tinylib").mkdir(parents=True)
+    (index / "simple" / "tinylib" / "index.html").write_text(f"<html><body>{''.join(links)}</body></html>")
+    monkeypatch.setenv("PIP_INDEX_URL", (index / "simple").as_uri() + "/")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace(), allow_index=True)
+    ls = loader.load(a)
+    assert ls.libraries == {"tinylib": "0.9"} and version_of(ls.cls) == "0.9"
+    assert loader.store.index_requirement(Requirement("tinylib<2"), [PepVersion("1.0")]) == "tinylib!=1.0,<2"

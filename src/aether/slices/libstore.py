@@ -20,9 +20,10 @@ distribution's `*.dist-info`), created under a temporary name and renamed into p
 directory that exists is complete. Pure-Python wheels (`Root-Is-Purelib: true` and nothing but
 purelib/platlib in `.data/`) are unpacked directly — the same tree pip produces, without a pip
 process per library; every other wheel, and fetching from the package index when
-`allow_index=True`, goes through `python -m pip install --no-deps --target DIR` (with
-`--no-index --find-links {repository}/_libs` unless the index is allowed). `installer="pip"` forces
-pip for every wheel.
+`allow_index=True`, goes through `python -m pip install --no-deps --target DIR` (the index with no
+`--find-links`: the wheelhouse's wheels are the store's own candidates, and pip could pick one the
+store refused, e.g. of a withdrawn version; the withdrawn versions are excluded from pip's
+requirement as `!=VERSION`). `installer="pip"` forces pip for every wheel.
 
 Blocking: every method does file I/O or runs pip; callers run them in a thread.
 May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
@@ -38,13 +39,14 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.tags import Tag, sys_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion
@@ -418,23 +420,31 @@ class LibraryStore:
             install_wheel(cand.wheel, target, installer=self.installer, limits=self.limits)
         return target
 
-    def fetch_from_index(self, req: Requirement) -> Candidate:
-        """Install the best match for `req` from the package index (only with `allow_index`)."""
+    @staticmethod
+    def index_requirement(req: Requirement, withdrawn: Collection[PepVersion] = ()) -> str:
+        """What pip is asked for: `req`'s name and specifier, and `!=VERSION` for each withdrawn
+        version (no route installs one: neither the index nor a file pip finds)."""
+        spec = req.specifier & SpecifierSet(",".join(f"!={v}" for v in sorted(withdrawn)))
+        return f"{canonicalize_name(req.name)}{spec}"
+
+    def fetch_from_index(self, req: Requirement, withdrawn: Collection[PepVersion] = ()) -> Candidate:
+        """Install the best match for `req` from the package index (only with `allow_index`), none
+        of the `withdrawn` versions. pip gets no `--find-links`: the wheelhouse's wheels are the
+        store's candidates (`best`), and only the ones it refused would be left for pip."""
         if not self.allow_index:
             raise SliceLoadError(f"{req}: installing from the package index is not allowed on this node")
         make_private_dirs(self.libs_root)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-index-", dir=self.libs_root))
         try:
-            args = ["--target", str(tmp)]
-            if self.wheelhouse is not None and self.wheelhouse.is_dir():
-                args += ["--find-links", str(self.wheelhouse)]
-            req_text = f"{req.name}{req.specifier}"
-            _pip([*args, req_text], req_text)
+            req_text = self.index_requirement(req, withdrawn)
+            _pip(["--target", str(tmp), req_text], req_text)
             privatize_tree(tmp)
             metas = list(tmp.glob("*.dist-info/METADATA"))
             if len(metas) != 1:
                 raise SliceLoadError(f"{req_text}: pip installed {len(metas)} distributions, expected one")
             version = PepVersion(importlib.metadata.PathDistribution(metas[0].parent).version or "0")
+            if version in withdrawn:  # pip honours `!=`; a wrong version is never installed
+                raise SliceLoadError(f"{req_text}: pip installed {req.name} {version}, a withdrawn version")
             target = self.directory_for(req.name, version)
             try:
                 os.rename(tmp, target)

@@ -389,7 +389,7 @@ class SliceLoader:
             gone = withdrawn.get(name, {})
             cand = self.store.best(req, gone, hashes.get(name))
             if cand is None and self.store.allow_index:
-                cand = self.store.fetch_from_index(req)
+                cand = self.store.fetch_from_index(req, gone)
             if cand is None:
                 deleted = [gone[v] for v in sorted(req.specifier.filter(gone, prereleases=True))]
                 if deleted:
