@@ -1213,6 +1213,30 @@ def test_orphan_uploads_are_found_and_counted_from_their_first_sighting() -> Non
     assert not core.upload_overdue(1799.0, 3600.0) and core.upload_overdue(1801.0, 3600.0)
 
 
+def test_orphan_claims_are_the_claims_of_versions_without_a_manifest() -> None:
+    """The claims the collector may release: of a version with no manifest, never of a listed one;
+    a claim taken again (another upload, another time) is another claim, counted from its own
+    first sighting."""
+    from aether.kv.keys import CoordinatesClaim, CoordinatesClaimKey
+
+    listed = _manifest(version="0.2.0", coords="org.example:hello:0.2.0")
+    held = CoordinatesClaim(listed.project, listed.version, 5.0)
+    lost = CoordinatesClaim("hello", "0.1.0", 7.0)
+    claims = [
+        (str(CoordinatesClaimKey("org.example:hello:0.2.0")), held),
+        (str(CoordinatesClaimKey("org.example:hello:0.1.0")), lost),
+        ("repository-coords/org.example:x:1.0.0", "not a claim"),
+    ]
+    orphans = core.orphan_claims(claims, [listed])
+    ref = ("org.example:hello:0.1.0", "hello", "0.1.0", 7.0)
+    assert orphans == {ref: lost}
+    assert core.orphan_claims(claims, [listed, _manifest(project="hello", version="0.1.0")]) == {}
+    t: core.OrphanTracker[core.ClaimRef] = core.OrphanTracker(60.0)
+    assert t.observe(orphans, 100.0) == [] and t.observe(orphans, 160.0) == [ref]
+    again = ("org.example:hello:0.1.0", "hello", "0.1.0", 8.0)  # released, taken by a new upload
+    assert t.observe([again], 170.0) == [] and t.observe([again], 230.0) == [again]
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -1268,6 +1292,103 @@ async def test_the_leader_removes_the_chunks_of_an_interrupted_upload_after_the_
         assert path.read_bytes() == listed.read_bytes()
         clock.now += 1000
         assert await service.collect_orphans() == 0 and set(maps.data[core.MAP_NAME]) == mine
+    finally:
+        await service.stop()
+
+
+async def test_the_leader_releases_the_claim_of_an_interrupted_upload_after_the_orphan_age(
+    tmp_path: Path,
+) -> None:
+    """Seen: a slice upload interrupted between claiming its coordinates and writing its manifest
+    (its node crashed; here the manifest's compare-and-set timed out, outcome unknown) left the
+    claim `repository-coords/...` for good: the collector took its chunks, and only deleting the
+    version by hand freed the coordinates. Now the leader releases a claim whose version has no
+    manifest once it has seen it so for the orphan age (as the chunks), never a listed version's
+    claim nor anything while it is not the leader; another project may then take the coordinates."""
+    from aether.core.errors import CommitTimeout
+    from aether.kv.keys import CoordinatesClaim, CoordinatesClaimKey
+
+    listed = _hello(tmp_path / "listed", "0.2.0")
+    lost = _hello(tmp_path / "lost", "0.1.0")
+    other = build_slice_wheel(
+        tmp_path / "other", "org.example:hello:0.1.0", HELLO, "Hello", module="hello_slice",
+        dist_name="hello-fork",
+    )  # fmt: skip
+
+    class CrashingStore(MemoryStore):
+        async def compare_and_set(self, key: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
+            if str(key) == "repository/hello/0.1.0" and new is not None:
+                raise CommitTimeout("not committed within 5.0s (outcome unknown)")
+            return await super().compare_and_set(key, expected, new, timeout)
+
+    clock, leader = Clock(), [True]
+    store = CrashingStore()
+    service = _service(tmp_path, store, orphan_age=60.0, monotonic=clock, is_leader=lambda: leader[0])
+    lost_key = CoordinatesClaimKey("org.example:hello:0.1.0")
+    listed_key = CoordinatesClaimKey("org.example:hello:0.2.0")
+    try:
+        _, created = await service.upload(_bytes(listed.read_bytes()), listed.name)
+        assert created
+        with pytest.raises(CommitTimeout):
+            await service.upload(_bytes(lost.read_bytes()), lost.name)
+        claim = store.get_local(lost_key)
+        assert isinstance(claim, CoordinatesClaim)
+        assert (claim.project, claim.version) == ("hello", "0.1.0")
+        await service.collect_orphans()  # first seen now
+        clock.now += 59
+        await service.collect_orphans()
+        leader[0] = False  # another node leads meanwhile: nothing released, and the count starts over
+        clock.now += 10
+        await service.collect_orphans()
+        leader[0] = True
+        await service.collect_orphans()
+        assert store.get_local(lost_key) == claim
+        with pytest.raises(ArtifactConflict, match=r"claimed by hello 0\.1\.0, whose upload has not"):
+            await service.upload(_bytes(other.read_bytes()), other.name)
+        clock.now += 60
+        await service.collect_orphans()
+        assert store.get_local(lost_key) is None
+        assert isinstance(store.get_local(listed_key), CoordinatesClaim)  # the listed version's stays
+        clock.now += 1000
+        await service.collect_orphans()
+        assert isinstance(store.get_local(listed_key), CoordinatesClaim)
+        _, created = await service.upload(_bytes(other.read_bytes()), other.name)
+        got = store.get_local(lost_key)
+        assert created and (got.project, got.version) == ("hello-fork", "0.1.0")
+    finally:
+        await service.stop()
+
+
+async def test_a_claim_whose_manifest_appears_while_it_is_released_is_taken_back(tmp_path: Path) -> None:
+    """The collector's release of an orphan claim races the upload's manifest (written between
+    the collector's consensus read of it and the release): the claim is put back, so a listed
+    version keeps its claim."""
+    from aether.kv.keys import CoordinatesClaim, CoordinatesClaimKey
+
+    w = _hello(tmp_path / "w")
+    key = CoordinatesClaimKey("org.example:hello:0.1.0")
+    claim = CoordinatesClaim("hello", "0.1.0", 1.0)
+    late: list[ArtifactManifest] = []
+
+    class RacingStore(MemoryStore):
+        async def compare_and_set(self, k: Any, expected: Any, new: Any, timeout: float = 5.0) -> bool:
+            done = await super().compare_and_set(k, expected, new, timeout)
+            if str(k) == str(key) and new is None and late:  # the upload's manifest lands now
+                await self.put(ArtifactKey("hello", "0.1.0"), late.pop())
+            return done
+
+    clock, store = Clock(), RacingStore()
+    service = _service(tmp_path, store, orphan_age=60.0, monotonic=clock)
+    try:
+        m, _ = await service.upload(_bytes(w.read_bytes()), w.name)
+        await service.delete("hello", "0.1.0")
+        await store.put(key, claim)  # as the upload of the same bytes took it before its manifest
+        late.append(m)
+        assert await service.collect_claims() == 0
+        clock.now += 60
+        assert await service.collect_claims() == 0
+        assert isinstance(store.get_local(ArtifactKey("hello", "0.1.0")), ArtifactManifest)
+        assert store.get_local(key) == claim
     finally:
         await service.stop()
 

@@ -91,7 +91,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # slice repository dir (default: $AETHER_REPOSITORY or ~/.aether/repository)
     repository: str | None = None
     # seconds the chunks of an upload that wrote no manifest (a crash or a failed write
-    # interrupted it) stay in the repository's map before the leader removes them; an upload
+    # interrupted it) stay in the repository's map (and its claim on a slice's coordinates)
+    # before the leader removes them; an upload
     # that takes more than half of it to store its chunks is refused (docs/repository.md)
     repository_orphan_age: float = 3600.0
     # admission control: slice instances (all artifacts together) one node may run, and the whole

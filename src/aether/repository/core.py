@@ -12,6 +12,8 @@
   removals failed) are garbage: `orphan_uploads` finds them, `OrphanTracker` says which have been
   orphans for `orphan_age` seconds (the leader then removes them), and `upload_overdue` keeps an
   upload from writing its manifest after half that age (its chunks could be collected by then);
+  so is the claim on a slice's coordinates such an upload took (`orphan_claims`: a claim whose
+  version has no manifest), released the same way;
 - a slice's coordinates are held by one wheel (`claim_check`: a claim taken with compare-and-set
   before the manifest is written), and a deleted version leaves a tombstone that keeps nodes from
   publishing their copies of it again at start-up (`bootstrap_action`);
@@ -28,7 +30,7 @@ import html
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Generic, Literal, TypeVar
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
@@ -44,6 +46,7 @@ from aether.kv.keys import (
     ArtifactTombstone,
     BlueprintValue,
     CoordinatesClaim,
+    CoordinatesClaimKey,
     RolloutValue,
 )
 from aether.repository.errors import ArtifactConflict, HashMismatch, UploadTooLarge
@@ -73,6 +76,7 @@ __all__ = [
     "maps_serving",
     "maven_metadata",
     "negotiate",
+    "orphan_claims",
     "orphan_uploads",
     "parse_maven_path",
     "simple_project",
@@ -142,8 +146,32 @@ def orphan_uploads(keys: Iterable[str], manifests: Iterable[ArtifactManifest]) -
     return out
 
 
-class OrphanTracker:
-    """Which uploads have had chunks and no manifest for at least `age` seconds (sans-IO: the
+ClaimRef = tuple[str, str, str, float]
+"""(coordinates, project, version, claimed) of one claim on a slice's coordinates: a claim taken
+again (another upload) is another one."""
+
+
+def orphan_claims(
+    claims: Iterable[tuple[str, object]], manifests: Iterable[ArtifactManifest]
+) -> dict[ClaimRef, CoordinatesClaim]:
+    """The claims on slice coordinates (`(key, value)` pairs of the store's `repository-coords/`)
+    whose project and version have no manifest: taken by an upload that has not written its
+    manifest (yet: `upload_overdue` bounds how long it may take) or never will (interrupted), or
+    left by a delete whose release failed. A claim of a listed version is never one."""
+    listed = {(m.project, m.version) for m in manifests}
+    out: dict[ClaimRef, CoordinatesClaim] = {}
+    for key, c in claims:
+        if isinstance(c, CoordinatesClaim) and (c.project, c.version) not in listed:
+            coords = str(key).removeprefix(CoordinatesClaimKey.prefix)
+            out[(coords, c.project, c.version, c.claimed)] = c
+    return out
+
+
+K = TypeVar("K", Upload, ClaimRef)
+
+
+class OrphanTracker(Generic[K]):
+    """Which uploads (or claims) have had no manifest for at least `age` seconds (sans-IO: the
     caller gives the time, from a monotonic clock). An upload is an orphan from the first pass
     that saw it so (`observe`), and stops being one as soon as a pass sees its manifest or no
     chunk of it; only an orphan seen so for `age` seconds is due. Memory only: a new leader
@@ -153,14 +181,14 @@ class OrphanTracker:
         if not age > 0:
             raise ValueError(f"the orphan age must be a positive number of seconds (got {age})")
         self.age = age
-        self.first_seen: dict[Upload, float] = {}
+        self.first_seen: dict[K, float] = {}
 
-    def observe(self, orphans: Iterable[Upload], now: float) -> list[Upload]:
+    def observe(self, orphans: Iterable[K], now: float) -> list[K]:
         """Record this pass's orphans; the ones due for removal (sorted)."""
         self.first_seen = {o: self.first_seen.get(o, now) for o in orphans}
         return sorted(o for o, t in self.first_seen.items() if now - t >= self.age)
 
-    def forget(self, upload: Upload) -> None:
+    def forget(self, upload: K) -> None:
         self.first_seen.pop(upload, None)
 
     def reset(self) -> None:

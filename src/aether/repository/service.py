@@ -15,7 +15,8 @@ limits) in a worker thread, then:
 Only step 4 makes the wheel visible, so a failed or concurrent upload never shows a half-stored
 wheel; an upload that fails after step 2 with a known outcome removes its chunks. The chunks a
 crash or a write of unknown outcome leaves are garbage the leader collects (`collect_orphans`)
-once no manifest referred to them for `orphan_age` seconds; an upload that would take more than
+once no manifest referred to them for `orphan_age` seconds, and so is the claim on coordinates
+such an upload took (`collect_claims`); an upload that would take more than
 half that long to write its manifest gives up instead (`core.upload_overdue`). A delete writes
 a tombstone (`repository-deleted/...`) before it removes the manifest, then removes that upload's
 chunks: nodes drop their copies of a deleted version, do not publish them at start-up and do not
@@ -196,7 +197,8 @@ class ArtifactService:
         self.monotonic = monotonic
         self.orphan_age = orphan_age
         self.is_leader = is_leader
-        self._orphans = core.OrphanTracker(orphan_age)
+        self._orphans: core.OrphanTracker[core.Upload] = core.OrphanTracker(orphan_age)
+        self._orphan_claims: core.OrphanTracker[core.ClaimRef] = core.OrphanTracker(orphan_age)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._map_ready = False
@@ -679,13 +681,53 @@ class ArtifactService:
     async def collect_orphans(self, limit: int = 4096) -> int:
         """One pass of the collector (the leader's; another node only forgets what it counted):
         the chunks of uploads no manifest refers to that were orphans already `orphan_age` seconds
-        ago, at most `limit` of them, are removed; returns how many. An upload in progress is not
-        one of them (`upload_overdue`: it gives up before half that age), a listed version's chunks
-        are referred to by its manifest, read after the map's keys and again, through consensus,
-        before anything is removed."""
+        ago, at most `limit` of them, are removed, and so are the claims on slice coordinates
+        whose version had no manifest then (`collect_claims`); returns how many keys went. An
+        upload in progress is not one of them (`upload_overdue`: it gives up before half that
+        age), a listed version's chunks are referred to by its manifest, read after the map's keys
+        and again, through consensus, before anything is removed."""
         if self.is_leader is not None and not self.is_leader():
             self._orphans.reset()  # a later leadership counts again from its own first pass
+            self._orphan_claims.reset()
             return 0
+        return await self._collect_chunks(limit) + await self.collect_claims()
+
+    async def collect_claims(self) -> int:
+        """Release the claims on slice coordinates whose project and version have had no manifest
+        for `orphan_age` seconds, as seen by this leader's passes (`core.orphan_claims`: an upload
+        interrupted between its claim and its manifest; one in progress writes its manifest within
+        half that age or gives up, as for its chunks). Each is read again through consensus, with
+        its version's manifest, and released with compare-and-set (a claim taken again since is
+        another one); a manifest found after the release gets its claim back. Returns how many."""
+        await self._refresh()
+        orphans = core.orphan_claims(self.store.list_local(CoordinatesClaimKey.prefix), self.manifests())
+        due = self._orphan_claims.observe(orphans, self.monotonic())
+        released = 0
+        for ref in due:
+            self._orphan_claims.forget(ref)
+            coords, project, version, _ = ref
+            claim, key = orphans[ref], CoordinatesClaimKey(coords)
+            if isinstance(await self.store.get(ArtifactKey(project, version)), ArtifactManifest):
+                continue  # written since the pass that saw the claim
+            if not await self.store.compare_and_set(key, claim, None):
+                continue  # released or taken again since
+            if isinstance(await self.store.get(ArtifactKey(project, version)), ArtifactManifest):
+                # its upload wrote the manifest in between after all: the claim is its own
+                with contextlib.suppress(Exception):
+                    await self.store.compare_and_set(key, None, claim)
+                continue
+            released += 1
+            self.log.info(
+                "released the claim of %s %s on %s: its version had no manifest for %g s (an upload a "
+                "crash or a failed write interrupted)",
+                project,
+                version,
+                coords,
+                self.orphan_age,
+            )
+        return released
+
+    async def _collect_chunks(self, limit: int) -> int:
         try:
             keys = await self.maps.map_keys(core.MAP_NAME)
         except UnknownMap:
