@@ -299,6 +299,34 @@ def test_installed_directories_of_a_withdrawn_version_go_once_nothing_uses_them(
         worker.prepare_isolated(a)
 
 
+def test_releasing_a_worker_s_directories_does_not_wait_for_a_load_in_progress(tmp_path: Path) -> None:
+    """The runtime releases a worker's library directories on its event loop, while a load in a
+    thread may hold the import space's lock and wait for that loop (a read of the cluster's
+    repository): the release must not wait for the lock (it would deadlock the node)."""
+    import threading
+    import time
+
+    space = ImportSpace()
+    loader = SliceLoader("node-1", Repository(tmp_path / "repo"), tmp_path / "data", space=space)
+    holding, done = threading.Event(), threading.Event()
+
+    def load_in_progress() -> None:
+        with space.lock:
+            holding.set()
+            done.wait(3)
+
+    t = threading.Thread(target=load_in_progress)
+    t.start()
+    try:
+        assert holding.wait(3)
+        t0 = time.monotonic()
+        loader.release_isolated(Artifact.parse("org.example:a:1.0.0"))
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        done.set()
+        t.join()
+
+
 @pytest.mark.timeout(120)
 def test_pip_never_installs_a_withdrawn_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Seen: with `allow_index=True` and only withdrawn versions matching, the store asked pip for

@@ -120,8 +120,11 @@ class ImportSpace:
         self.modules: dict[str, str] = {}  # top-level module -> sha256
         self._base_path = [p for p in sys.path]
         # library directories handed to worker processes, by owner ("{artifact} on {node}"): kept
-        # on disk until the owner's worker is gone (`SliceLoader.release_isolated`)
+        # on disk until the owner's worker is gone (`SliceLoader.release_isolated`). A lock of its
+        # own, never held while waiting: the runtime releases on its event loop, which a thread
+        # holding `lock` may be waiting for (a read of the cluster's repository)
         self.held: dict[str, tuple[Path, ...]] = {}
+        self.held_lock = threading.Lock()
 
     def env_version(self, name: str) -> PepVersion | None:
         """Version of `name` installed in the node's environment (not in slice library dirs)."""
@@ -323,7 +326,8 @@ class SliceLoader:
                 for p in plan:
                     if p.candidate is not None:
                         dirs.append(self.store.ensure(p.candidate))
-                self.space.held[self._owner(artifact)] = tuple(dirs)
+                with self.space.held_lock:
+                    self.space.held[self._owner(artifact)] = tuple(dirs)
         except SliceLoadError:
             raise
         except Exception as e:
@@ -333,8 +337,9 @@ class SliceLoader:
 
     def release_isolated(self, artifact: Artifact) -> None:
         """The worker process `prepare_isolated(artifact)` prepared for is gone (or never started):
-        its library directories may be removed once stale."""
-        with self.space.lock:
+        its library directories may be removed once stale. Never blocks on a load in progress
+        (the runtime calls it on its event loop)."""
+        with self.space.held_lock:
             self.space.held.pop(self._owner(artifact), None)
 
     # --- libraries ----------------------------------------------------------------------------------
@@ -443,7 +448,8 @@ class SliceLoader:
         space = self.space
         in_use = set(sys.path)
         in_use.update(str(lib.path) for lib in space.libraries.values() if lib.path is not None)
-        in_use.update(str(d) for dirs in space.held.values() for d in dirs)
+        with space.held_lock:
+            in_use.update(str(d) for dirs in space.held.values() for d in dirs)
         for d in stale:
             if str(d) in in_use:
                 continue
