@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,7 @@ from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
 from aether.slices.testing import StoreInvoker, build_slice_wheel, isolated_imports
 from aether.slices.workerproto import HEALTH_STILL_RUNNING
+from aether.slices.workers import EXIT_GRACE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,6 +61,10 @@ class Stubborn(Slice):
         await misbehave(self.context.config, self.context.config.get("start"))
 
     async def stop(self):
+        log = self.context.config.get("stop_log")  # the instance's id when its stop() starts
+        if log:
+            with open(log, "a") as f:
+                f.write(str(self.context.instance))
         await misbehave(self.context.config, self.context.config.get("stop"))
 
     async def health(self):
@@ -84,7 +90,7 @@ A = Artifact.parse("org.t:stubborn:1.0.0")
 MODES = ["inline", "shared", "thread", "process"]
 STOP_TIMEOUT = 0.3
 # a hook left running is waited for 2 s when its slice's loop closes (`SliceThread.close`,
-# `InlineLoop.close`); a worker that does not exit gets SIGTERM after 2 x stop_timeout
+# `InlineLoop.close`); a worker that does not exit gets SIGTERM after `EXIT_GRACE` (1 s)
 BOUND = STOP_TIMEOUT + 2.0 + 1.5
 
 
@@ -177,6 +183,49 @@ async def test_a_stop_that_blocks_its_thread_is_abandoned(
     await bounded(env.rt.close(drain_timeout=0.2), "closing")
     assert env.rt.artifacts() == {}
     assert f"stop() of {A} instance 0 did not finish within {STOP_TIMEOUT} s" in caplog.text
+
+
+async def test_a_worker_asked_to_exit_stops_its_instances_side_by_side_and_exits_on_time(
+    make_env: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`Shutdown` to a worker whose instances are still started (the runtime could not stop them
+    first): it awaited each `stop()` in turn with `wait_for`, which waits for a cancelled hook to
+    end, so a `stop()` that swallows its cancellation held it for ever (the next instance's
+    `stop()` never ran) until its node sent SIGTERM, 2 x stop_timeout later. Now the `stop()`s run
+    side by side, get stop_timeout, and the worker exits by itself, naming those it abandoned."""
+    caplog.set_level(logging.INFO)
+    log = tmp_path / "stops.log"
+    env = await make_env("process", stop="swallow", stop_log=str(log))
+    await env.rt.activate(A, [0, 1])
+    host = env.rt._entries[A].worker
+    assert host is not None and host._proc is not None
+    process = host._proc.process
+    await bounded(host.close(), "closing the worker", STOP_TIMEOUT + 1.0)
+    assert process.returncode == 0, f"the worker did not exit by itself ({process.returncode})"
+    assert sorted(log.read_text()) == ["0", "1"], "each instance's stop() ran"
+    assert f"stop() of instance(s) 0, 1 did not finish within {STOP_TIMEOUT} s; abandoned" in caplog.text
+
+
+async def test_undeploying_a_worker_whose_stop_blocks_it_takes_one_stop_timeout(make_env: Any) -> None:
+    """The runtime asks each instance's `stop()` (stop_timeout), then the worker to exit: one whose
+    loop a `stop()` blocks (`time.sleep`) cannot, and it was given 2 x stop_timeout more before
+    SIGTERM although it had nothing left to stop (3 x stop_timeout in all: 15 s by default). Now
+    the node waits `EXIT_GRACE` (1 s) for a worker with nothing left to stop."""
+    env = await make_env("process", stop="sleep")
+    env.rt.stop_timeout = 1.5
+    host = env.rt._entries[A].worker
+    assert host is not None
+    host.stop_timeout = 1.5
+    await env.rt.activate(A, [0])
+    process = host._proc.process if host._proc is not None else None
+
+    async def undeploy() -> None:
+        await env.rt.deactivate(A, drain_timeout=0.1)
+        await env.rt.unload(A)
+
+    took = await bounded(undeploy(), "undeploying", 1.5 + EXIT_GRACE + 1.0)
+    assert took >= 1.5 + EXIT_GRACE - 0.1  # (its stop() got its time)
+    assert process is not None and process.returncode == -signal.SIGTERM
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -656,8 +656,9 @@ class SliceRuntime:
         waits before it kills it), then every instance's `stop()` runs (each bounded by
         `stop_timeout`), then their loops and worker processes close. So the whole takes at most
         `drain_timeout` + `stop_timeout` + 2 s (a slice loop that does not stop is left to itself
-        after 2 s), or + 3 x `stop_timeout` with worker processes (`WorkerHost.close`), however
-        many slices there are."""
+        after 2 s; a worker process, its instances stopped, gets 1 s to exit before SIGTERM, and
+        `stop_timeout` more only if it ignores SIGTERM: `WorkerHost.close`), however many slices
+        there are."""
         until = asyncio.get_running_loop().time() + drain_timeout
         await asyncio.gather(*(self._close_one(a, drain_timeout, until) for a in list(self._entries)))
         for task in (self._watchdog, self._health):

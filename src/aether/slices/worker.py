@@ -374,17 +374,43 @@ class _Worker:
         return obj
 
     async def _shutdown(self, stop_timeout: float) -> None:
+        """Stop the instances still started, side by side, each bounded by `stop_timeout` s, then
+        exit (`done`). A `stop()` still running then is cancelled and abandoned (the process ends
+        under it): awaited one after another with `wait_for`, which waits for the cancelled hook to
+        end, a `stop()` that swallowed its cancellation kept the worker from exiting until its node
+        sent SIGTERM (and N slow ones took N x `stop_timeout`)."""
+        log = logging.getLogger("aether.slices.worker")
+        stops: dict[asyncio.Task[None], int] = {}
         for slot in list(self.instances):
             inst = self.instances.pop(slot)
             iid = inst.context.instance
-            token = _instance.set(iid)
-            try:
-                await asyncio.wait_for(inst.stop(), stop_timeout)
-            except BaseException:
-                logging.getLogger("aether.slices.worker").exception("stop() of instance %d failed", iid)
-            finally:
-                _instance.reset(token)
+            ctx = contextvars.copy_context()
+            ctx.run(_instance.set, iid)
+            stops[self.loop.create_task(_stop(inst, iid), context=ctx)] = iid
+        if stops:
+            _, left = await asyncio.wait(stops, timeout=stop_timeout)
+            for task in left:
+                task.cancel()
+            if left:  # (a stop() that lets its cancellation through runs its clean-up now)
+                _, left = await asyncio.wait(left, timeout=SHUTDOWN_CANCEL_GRACE)
+            if left:
+                log.warning(
+                    "stop() of instance(s) %s did not finish within %s s; abandoned, the worker exits",
+                    ", ".join(str(stops[t]) for t in sorted(left, key=stops.__getitem__)), stop_timeout,
+                )  # fmt: skip
         self.done.set()
+
+
+SHUTDOWN_CANCEL_GRACE = 0.1  # s a stop() cancelled at shutdown gets to end before the worker exits
+
+
+async def _stop(inst: Slice, iid: int) -> None:
+    try:
+        await inst.stop()
+    except asyncio.CancelledError:
+        raise
+    except BaseException:  # (SystemExit too: the worker exits anyway, after the others' stop())
+        logging.getLogger("aether.slices.worker").exception("stop() of instance %d failed", iid)
 
 
 class _Failed(Exception):

@@ -145,7 +145,8 @@ class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
 
 
 class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
-    """Stop every instance still started (bounded by `stop_timeout` s each) and exit."""
+    """Stop every instance still started (side by side, `stop_timeout` s in all: a `stop()` still
+    running then is abandoned) and exit."""
 
     stop_timeout: float = 5.0
 

@@ -13,8 +13,9 @@ Supervision: a worker that exits while it should run fails the calls in flight w
 another instance only for idempotent entries; calls made while it is down fail with `WorkerLost`,
 kind no_instance, retried), and is started again after
 the delay `RestartPolicy` decides (exponential backoff, bounded); `on_restart` (the runtime) then
-starts its instances again. `close` asks the worker to stop its instances and exit, then sends
-SIGTERM, then SIGKILL, each after `stop_timeout` s. The worker exits by itself when the node's
+starts its instances again. `close` asks the worker to stop the instances still started there and
+exit, then sends SIGTERM (after `EXIT_GRACE` s, plus `stop_timeout` if it still had instances to
+stop), then SIGKILL (`stop_timeout` s later). The worker exits by itself when the node's
 process is gone (socket EOF, parent pid watch), so none is left behind.
 May import `aether.core`, `aether.slices.*`.
 """
@@ -64,7 +65,10 @@ from aether.slices.workerproto import (
     rebuild_error,
 )
 
-__all__ = ["WorkerHost", "WorkerLost", "WorkerLostMidCall", "WorkerSpec"]
+__all__ = ["EXIT_GRACE", "WorkerHost", "WorkerLost", "WorkerLostMidCall", "WorkerSpec"]
+
+# s a worker asked to exit (`WorkerHost.close`) gets before SIGTERM, beyond the stop()s it still runs
+EXIT_GRACE = 1.0
 
 
 def _up_context(m: Up) -> contextvars.Context:
@@ -128,6 +132,8 @@ class _Proc:
     pending: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
     ups: dict[int, asyncio.Task[None]] = field(default_factory=dict)
     started: float = 0.0
+    # the objects started there and not asked to stop since (what a `Shutdown` still has to stop)
+    live: set[int] = field(default_factory=set)
     # the first frame of a loop turn is written at once, the next ones of that turn together after it
     out: list[bytes] = field(default_factory=list)
     batching: bool = False
@@ -272,12 +278,23 @@ class WorkerHost:
         if proc is None or not (self._ready or (op == "start" and self._loaded is proc)):
             why = self.failed or "it is being restarted"
             raise WorkerLost(f"the worker of {self.spec.artifact} on {self.node_id} is not running: {why}")
-        return await self._ask(
-            proc,
-            lambda cid: Call(
-                cid, op, instance, slot, method, payload, request_id, config, idempotency_key, *trace
-            ),
-        )
+        # `live`: a start may have started the object there unless the worker said it failed; once
+        # asked to stop, its stop() is the worker's business (and bounded there) whatever comes back
+        if op == "start":
+            proc.live.add(slot)
+        elif op == "stop":
+            proc.live.discard(slot)
+        try:
+            return await self._ask(
+                proc,
+                lambda cid: Call(
+                    cid, op, instance, slot, method, payload, request_id, config, idempotency_key, *trace
+                ),
+            )
+        except RemoteError:
+            if op == "start":
+                proc.live.discard(slot)
+            raise
 
     async def _ask(self, proc: _Proc, make: Callable[[int], Load | Call]) -> bytes:
         self._next_cid += 1
@@ -485,7 +502,12 @@ class WorkerHost:
     # --- stopping -----------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Ask the worker to stop its instances and exit, then SIGTERM, then SIGKILL (`stop_timeout` s)."""
+        """Ask the worker to stop its instances and exit; SIGTERM if it has not exited after
+        `EXIT_GRACE` s (plus `stop_timeout`, the worker's bound on the `stop()`s, when objects are
+        still started there), then SIGKILL `stop_timeout` s later. Objects the node asked to stop
+        already (`request("stop")`: the runtime stops every instance before it unloads) leave the
+        worker nothing to wait for: one still there after the grace is held by slice code the node
+        has abandoned (a `stop()` blocking its loop), so it did not get 2 x `stop_timeout` more."""
         self._closing = True
         self._ready = False
         if self._supervisor is not None:
@@ -497,7 +519,7 @@ class WorkerHost:
             return
         with contextlib.suppress(Exception):
             self._send(proc, Shutdown(self.stop_timeout))
-        if await self._wait(proc, self.stop_timeout * 2):
+        if await self._wait(proc, EXIT_GRACE + (self.stop_timeout if proc.live else 0.0)):
             return
         with contextlib.suppress(ProcessLookupError):
             proc.process.send_signal(signal.SIGTERM)
