@@ -125,6 +125,8 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.slices.errors.SliceStateError": (None, "app_error"),
     "aether.slices.isolation.SliceCrashed": (None, "app_error"),
     "aether.slices.isolation.SliceBlocked": (None, "app_error"),
+    # still running when its slice's loop closed: it may have partly run (retried if idempotent)
+    "aether.slices.isolation.SliceStopped": (503, "interrupted"),
     "aether.deploy.errors.BlueprintError": (400, "bad_request"),
     "aether.deploy.errors.AdmissionRejected": (400, "bad_request"),
     "aether.deploy.errors.DeploymentFailed": (409, "app_error"),

@@ -20,15 +20,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from aether.core.artifact import Artifact
 from aether.core.context import current_slice, derive_idempotency_key
+from aether.core.errors import KIND_INTERRUPTED, wire_kind_of
 from aether.core.policy import EntryPolicy
 from aether.invoke import Invoker
 from aether.slices.capacity import SliceLimits
 from aether.slices.faults import SliceFault
-from aether.slices.isolation import BlockReport
+from aether.slices.isolation import BlockReport, SliceStopped
 from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
@@ -71,12 +73,17 @@ class Caller(Slice):
         return n
 
     @entry
+    async def ask_long(self, what: list) -> Any:
+        method, arg = what
+        return await self.call("org.example:callee", method, arg, Any, timeout=30.0)
+
+    @entry
     async def ask_loner(self, arg: str) -> dict:
         return await self.call("org.example:loner", "who", arg, dict)
 """
 
 CALLEE_SOURCE = """
-import asyncio, threading, time
+import asyncio, os, threading, time
 from aether.core.context import current_slice
 from aether.slices import Slice, entry, BadRequest
 
@@ -103,6 +110,15 @@ class Callee(Slice):
     async def nap(self, seconds: float) -> str:
         time.sleep(seconds)
         return "napped"
+
+    @entry
+    async def stubborn(self, release: str) -> str:
+        while not os.path.exists(release):
+            try:
+                await asyncio.sleep(0.02)
+            except asyncio.CancelledError:
+                pass  # swallowed: the task goes on
+        return "released"
 
     @entry
     async def leave(self) -> str:
@@ -194,8 +210,6 @@ class Setup:
         self.mode = "shared"
 
     async def ask(self, entry: str, payload: Any, request_id: str = "rid-1", key: str = "order-7") -> Any:
-        import msgspec
-
         raw = await self.invoker.invoke(
             CALLER, entry, msgspec.msgpack.encode(payload), request_id=request_id, idempotency_key=key
         )
@@ -407,6 +421,51 @@ async def test_the_shared_loop_closes_with_the_last_slice_on_it(setup: Setup) ->
     assert not shared.thread.is_alive()
     await rt.activate(Artifact.parse(CALLEE), [0])  # a new shared loop
     assert rt._shared is not None and rt._shared is not shared
+
+
+@pytest.mark.parametrize("callee", ["slow", "stubborn"])
+async def test_a_call_running_a_direct_call_when_the_shared_loop_closes_is_answered_at_once(
+    setup: Setup, tmp_path: Path, callee: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The runtime closes (the node stops; or the last slice on the shared loop goes and the loop
+    with it) while the caller's entry waits for a direct call to the callee. The call being served
+    (here straight from the runtime, as the invoke server serves another node's) is answered at
+    once with `SliceStopped` (503, kind interrupted: the caller's invoker retries it elsewhere if
+    the entry is idempotent, as for a call whose node or worker process stopped mid-run). It was
+    answered with a bare cancellation (`slow`: the caller's task saw CancelledError without being
+    cancelled), or, when the callee ignores its cancellation (`stubborn`), never: `_abandon`
+    answered the calls a task served but not one inside a direct call (its caller's deadline
+    would, 10 s by default)."""
+    s = setup
+    await _warm(s)
+    release = tmp_path / "release"
+    arg: Any = 30.0 if callee == "slow" else str(release)
+    loop = asyncio.get_running_loop()
+    call = asyncio.ensure_future(s.runtime.call(
+        CALLER, "ask_long", msgspec.msgpack.encode([callee, arg]), request_id="rid-3", idempotency_key="o-3"
+    ))  # fmt: skip
+    target = s.runtime._entries[Artifact.parse(CALLEE)].instances[0]
+    while target.direct_inflight == 0:  # (it runs directly, in the caller's task)
+        await asyncio.sleep(0.01)
+    t0 = loop.time()
+    closing = asyncio.ensure_future(s.runtime.close(drain_timeout=0.2))
+    try:
+        done, _ = await asyncio.wait({call}, timeout=5.0)
+        took = loop.time() - t0
+    finally:
+        release.touch()  # (the abandoned callee ends)
+        await closing
+    assert done, "the call was not answered within 5 s of the close"
+    assert not call.cancelled(), "answered with a bare cancellation"
+    with pytest.raises(SliceStopped) as got:
+        call.result()
+    assert (got.value.status, wire_kind_of(got.value)) == (503, KIND_INTERRUPTED)
+    text = str(got.value)
+    assert text.startswith(f"ask_long of {CALLER} ") and "when its slice was stopped" in text, text
+    if callee == "stubborn":
+        assert f"ask_long of {CALLER} (running stubborn of {CALLEE} directly) did not end" in text
+        assert f"stubborn of {CALLEE} still running 1.0 s after it was cancelled" in caplog.text
+    assert took < 2.5  # drain 0.2 s, then (stubborn) 1 s for the cancelled tasks to end
 
 
 async def test_a_nested_call_in_the_callers_task_leaves_the_callers_log_context_as_it_was(

@@ -36,11 +36,12 @@ import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import msgspec
 
 from aether.core.deadlines import DeadlineSweep
+from aether.core.errors import KIND_INTERRUPTED, WireKind
 from aether.core.tracing import TraceContext, current_trace
 from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError
@@ -48,7 +49,8 @@ from aether.slices.maps import MapBackend, MapOp, MapOpStarter
 
 __all__ = [
     "BlockPolicy", "BlockReport", "DirectHome", "InlineCalls", "InlineInvoker", "InlineLoop", "NotDirect",
-    "SharedInvoker", "SliceBlocked", "SliceBlockedNotice", "SliceCrashed", "SliceThread", "ThreadInvoker",
+    "SharedInvoker", "SliceBlocked", "SliceBlockedNotice", "SliceCrashed", "SliceStopped", "SliceThread",
+    "ThreadInvoker",
     "ThreadMaps",
 ]
 
@@ -58,6 +60,16 @@ T = TypeVar("T")
 class SliceCrashed(SliceError):
     """Slice code raised `SystemExit`, `KeyboardInterrupt` or another `BaseException`: contained, the
     call fails (the node goes on)."""
+
+
+class SliceStopped(SliceError):
+    """The call was still running when its slice's loop was closed (the slice was undeployed or
+    scaled away, the node stops, its drain gave up on the call): answered without it. It may have
+    partly run: 503, kind interrupted, so the caller's invoker repeats it on another instance only
+    if the entry is idempotent (as for a call whose node or worker process stopped mid-run)."""
+
+    status = 503
+    wire_kind: ClassVar[WireKind] = KIND_INTERRUPTED
 
 
 class SliceBlocked(SliceError):
@@ -126,14 +138,18 @@ class _Call:
 
 class _Running:
     """What a task on the shared loop runs while it makes a direct call (`SliceThread.direct_enter`):
-    the callee's entry and slice, and the answer of the call being served (for `check`)."""
+    the callee's entry and slice, and the call being served (its answer: for `check`, `_abandon`)."""
 
-    __slots__ = ("answer", "entry", "owner")
+    __slots__ = ("entry", "owner", "served")
 
-    def __init__(self, entry: str, answer: asyncio.Future[Any] | None, owner: str) -> None:
+    def __init__(self, entry: str, served: _Call | None, owner: str) -> None:
         self.entry = entry
-        self.answer = answer
+        self.served = served
         self.owner = owner
+
+    @property
+    def answer(self) -> asyncio.Future[Any] | None:
+        return self.served.answer if self.served is not None else None
 
 
 # the call a task on a slice loop serves (set by `_guard` in the call's task; tasks that slice code
@@ -297,13 +313,18 @@ class SliceThread(_DirectStreak):
         names = []
         for task in left:
             call = self._calls.get(task)
-            if isinstance(call, _Running):  # (a direct call: its caller's deadline answers it)
+            if isinstance(call, _Running):  # a direct call, in the task of the call it serves
                 names.append(f"{call.entry} of {call.owner}")
+                served = call.served
+                if served is not None:  # (it waited for its caller's deadline: 10 s by default)
+                    self._answer(served, None, SliceStopped(
+                        f"{self._what(served)} (running {call.entry} of {call.owner} directly) did not "
+                        "end when its slice was stopped (its code ignores cancellation); abandoned"
+                    ))  # fmt: skip
             elif call is not None:
-                name = call.owner or self.name
-                what = f"{call.entry} of {name}" if call.entry else name
+                what = self._what(call)
                 names.append(what)
-                self._answer(call, None, SliceCrashed(
+                self._answer(call, None, SliceStopped(
                     f"{what} did not end when its slice was stopped (its code ignores cancellation); "
                     "abandoned"
                 ))  # fmt: skip
@@ -314,6 +335,10 @@ class SliceThread(_DirectStreak):
             "asyncio.CancelledError and goes on); abandoned: left running on the loop's own thread",
             self.name, ", ".join(sorted(names)), "it was" if len(names) == 1 else "they were",
         )  # fmt: skip
+
+    def _what(self, call: _Call) -> str:
+        name = call.owner or self.name
+        return f"{call.entry} of {name}" if call.entry else name
 
     # --- running slice code -----------------------------------------------------------------------
 
@@ -440,13 +465,20 @@ class SliceThread(_DirectStreak):
         try:
             result = await call.coro
         except asyncio.CancelledError:
-            self._answer(call, _CANCELLED, None)
+            if self._closed:
+                # cancelled by the loop's close (`_main`), not by its caller: answered with why (a
+                # bare cancellation reached a caller whose task nobody had cancelled)
+                self._answer(call, None, SliceStopped(
+                    f"{self._what(call)} was cancelled when its slice was stopped, before it finished "
+                    "(it may have partly run)"
+                ))  # fmt: skip
+            else:
+                self._answer(call, _CANCELLED, None)
             raise
         except Exception as e:
             self._answer(call, None, e)
         except BaseException as e:
-            name = call.owner or self.name
-            what = f"{call.entry} of {name}" if call.entry else name
+            what = self._what(call)
             self.log.error(
                 "slice %s raised %s(%s): contained; the call fails and the node goes on "
                 "(slice code must not exit the process)", what, type(e).__name__, e,
@@ -588,7 +620,7 @@ class SliceThread(_DirectStreak):
         calls = self._calls
         before = calls.get(task)
         serving = _serving.get()
-        calls[task] = _Running(entry, serving.answer if serving is not None else None, owner)
+        calls[task] = _Running(entry, serving, owner)
         return task, before
 
     def direct_exit(self, token: tuple[asyncio.Task[Any], _Call | _Running | None]) -> None:
