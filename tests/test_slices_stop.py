@@ -17,6 +17,7 @@ import asyncio
 import gc
 import logging
 import signal
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +31,7 @@ from aether.slices import SliceStartError
 from aether.slices.isolation import SliceStopped
 from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
-from aether.slices.runtime import SliceRuntime
+from aether.slices.runtime import CLOSE_UNLOAD_WAIT, SliceRuntime
 from aether.slices.testing import StoreInvoker, build_slice_wheel, isolated_imports
 from aether.slices.workerproto import HEALTH_STILL_RUNNING
 from aether.slices.workers import EXIT_GRACE
@@ -349,3 +350,58 @@ async def test_a_health_check_still_running_is_not_started_again(
         await asyncio.sleep(0.02)
     assert (load().healthy, load().health_failures, load().health_reason) == (True, 0, None)
     assert log.read_text() == "+-+-"
+
+
+# a slice whose module's own code (run by its import) blocks its thread until the release file
+BLOCKS_ON_IMPORT = """
+import os, time
+while not os.path.exists({release!r}):
+    time.sleep(0.02)
+from aether.slices import Slice, entry
+
+class Blocks(Slice):
+    @entry
+    async def ping(self) -> str:
+        return "pong"
+"""
+
+
+async def test_a_slice_whose_import_blocks_holds_neither_the_stop_nor_the_process_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slice module whose top-level code blocks (a connection made at import, with no timeout):
+    its load's deadline gives up on it, but its import ran in a thread of the default executor
+    holding the import space's lock. The node's stop then unloaded its other slices, each waiting
+    for that lock: `close` never ended. And a thread of the default executor it blocks kept the
+    node's process from exiting after its stop (`loop.shutdown_default_executor`, node/runner.py).
+    Now the import runs on a daemon thread of its own, and `close` gives each slice's code 2 s
+    (`CLOSE_UNLOAD_WAIT`) to leave the import space, then leaves it there, saying why."""
+    release = tmp_path / "release"
+    ok, blocks = Artifact.parse("org.t:ok:1.0.0"), Artifact.parse("org.t:blocks:1.0.0")
+    with isolated_imports():
+        repo = Repository(tmp_path / "repo")
+        repo.deploy(build_slice_wheel(tmp_path / "w", str(ok), STUBBORN, "Stubborn", module="ok_slice"))
+        source = BLOCKS_ON_IMPORT.format(release=str(release))
+        repo.deploy(build_slice_wheel(tmp_path / "w", str(blocks), source, "Blocks", module="blocks_slice"))
+        inv = StoreInvoker()
+        rt = SliceRuntime(
+            "node-1", repo, tmp_path / "data", inv, space=ImportSpace(), stop_timeout=STOP_TIMEOUT,
+            config_for=lambda a: {"release": str(release)}, isolation_for=lambda a: "thread",
+        )  # fmt: skip
+        inv.add(rt)
+        try:
+            await rt.load(ok)
+            await rt.activate(ok, [0])
+            with pytest.raises(TimeoutError):  # (the load step's deadline)
+                await asyncio.wait_for(rt.load(blocks), 0.3)
+            await bounded(rt.close(drain_timeout=0.1), "closing", STOP_TIMEOUT + CLOSE_UNLOAD_WAIT + 1.0)
+            assert rt.artifacts() == {}
+            assert f"node-1: the code of {ok} did not leave the import space within 2.0 s" in caplog.text
+            loop = asyncio.get_running_loop()
+            # what the node's process does once the node stopped, before it exits
+            await bounded(loop.shutdown_default_executor(), "shutting the default executor down", 1.0)
+        finally:
+            release.touch()
+            for t in threading.enumerate():  # (the import ends; the unload it held goes on)
+                if t.name.startswith("aether-slice-"):
+                    t.join(5.0)

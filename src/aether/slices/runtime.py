@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import functools
 import inspect
 import itertools
 import logging
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -109,7 +111,7 @@ from aether.slices.repository import Repository
 from aether.slices.workerproto import HEALTH_STILL_RUNNING, RestartPolicy, SliceDescription
 from aether.slices.workers import WorkerHost, WorkerLost, WorkerSpec, worker_paths
 
-__all__ = ["CallRecorder", "InjectedFault", "SliceFault", "SliceRuntime"]
+__all__ = ["CLOSE_UNLOAD_WAIT", "CallRecorder", "InjectedFault", "SliceFault", "SliceRuntime"]
 
 
 class CallRecorder(Protocol):
@@ -243,6 +245,37 @@ _parse_artifact = functools.lru_cache(maxsize=1024)(Artifact.parse)
 
 
 HEALTH_REASON_MAX = 200  # characters of a failed health check's reason that are kept
+# s the node's stop (`SliceRuntime.close`) waits for each slice's code to leave the import space
+CLOSE_UNLOAD_WAIT = 2.0
+
+
+async def _in_thread(what: str, fn: Callable[..., _T], *args: Any) -> _T:
+    """`asyncio.to_thread`, on a daemon thread of its own (named ``aether-slice-WHAT``): for the
+    loader's work, which imports slice modules and so runs their top-level code. A module whose
+    code blocks held a thread of the loop's default executor for as long, and the node's process
+    never exited after its stop (it shuts that executor down, waiting for every thread of it)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[_T] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if fut.done():  # (its caller stopped waiting)
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = ctx.run(fn, *args), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # (the loop is closed: nobody waits any more)
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"aether-slice-{what}", daemon=True).start()
+    return await fut
 
 
 @dataclass(eq=False)
@@ -436,7 +469,7 @@ class SliceRuntime:
                 e = await self._load_in_worker(artifact, 'its blueprint sets isolation = "process"')
             else:
                 try:
-                    e = _Entry(await asyncio.to_thread(self.loader.load, artifact))
+                    e = _Entry(await _in_thread(f"load {artifact}", self.loader.load, artifact))
                 except SliceConflict as exc:
                     e = await self._load_in_worker(artifact, exc.reason)
             self._entries[artifact] = e
@@ -631,6 +664,11 @@ class SliceRuntime:
     async def unload(self, artifact: Artifact) -> None:
         """Forget the class (deactivating first if needed). The slice's code leaves sys.path when no
         other node in this process uses it; library directories stay on sys.path. Idempotent."""
+        await self._unload(artifact)
+
+    async def _unload(self, artifact: Artifact, code_wait: float | None = None) -> None:
+        """`unload`; with `code_wait`, the wait for the code to leave the import space (which a
+        slice whose module's code blocks its import holds) ends after that many seconds."""
         if artifact in self._entries and self._entries[artifact].state == "active":
             await self.deactivate(artifact)
         async with self._lock(artifact):
@@ -646,7 +684,16 @@ class SliceRuntime:
                     self.loader.release_isolated(artifact)
                 self.log.info("%s: unloaded %s (its worker process stopped)", self.node_id, artifact)
                 return
-            await asyncio.to_thread(self.loader.unload, artifact)
+            leaving = _in_thread(f"unload {artifact}", self.loader.unload, artifact)
+            try:
+                await (leaving if code_wait is None else asyncio.wait_for(leaving, code_wait))
+            except TimeoutError:
+                self.log.warning(
+                    "%s: the code of %s did not leave the import space within %.1f s (the import of "
+                    "another slice holds it: its module's code blocks?); left there, the node goes on",
+                    self.node_id, artifact, code_wait,
+                )  # fmt: skip
+                return
             self.log.info("%s: unloaded %s", self.node_id, artifact)
 
     async def close(self, drain_timeout: float = 5.0) -> None:
@@ -674,7 +721,7 @@ class SliceRuntime:
         except Exception:
             self.log.exception("%s: deactivating %s while closing failed", self.node_id, artifact)
         try:
-            await self.unload(artifact)
+            await self._unload(artifact, CLOSE_UNLOAD_WAIT)
         except Exception:
             self.log.exception("%s: unloading %s while closing failed", self.node_id, artifact)
 
