@@ -8,12 +8,15 @@ SIGKILL, or its terminal closed, leaves no node behind.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import fcntl
 import gc
 import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ def _install_loop_policy() -> None:
 
 PARENT_POLL_S = 0.5
 LEFT_TASKS_S = 1.0  # what the tasks still running when the node has stopped get after their cancellation
+LEFT_THREADS_S = 1.0  # what the threads still running then get (`exit_leaving_threads`)
 
 
 def _run(main: Coroutine[Any, Any, None]) -> None:
@@ -42,16 +46,20 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
     given `LEFT_TASKS_S` s to end, then left (logged, naming them) as the process exits.
     `asyncio.run` waited for every one of them to end: the abandoned `stop()` of an inline slice that
     catches its cancellation and goes on (docs/slices.md) kept the stopped node's process alive
-    for ever, until its supervisor killed it."""
+    for ever, until its supervisor killed it. The threads of the loop's default executor are left
+    to `exit_leaving_threads`: `loop.shutdown_default_executor()` joined each of them, for ever for
+    one that slice code blocks (`asyncio.to_thread`), even once its wait was cancelled."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+    loop.set_default_executor(executor)
     try:
         loop.run_until_complete(main)
     finally:
         try:
             _cancel_left(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
+            executor.shutdown(wait=False)  # (its idle threads end; those at work end when it is done)
         finally:
             asyncio.set_event_loop(None)
             loop.close()
@@ -78,6 +86,31 @@ def _cancel_left(loop: asyncio.AbstractEventLoop) -> None:
             "catches asyncio.CancelledError and goes on): %s; the process exits without them",
             len(left), LEFT_TASKS_S, ", ".join(sorted(t.get_name() for t in left)),
         )  # fmt: skip
+
+
+def exit_leaving_threads(code: int) -> int:
+    """`code`, once the node stopped (`_run` returned), if no thread would keep the process alive;
+    else, after `LEFT_THREADS_S` s, the process exits with `code` here (logged, naming them).
+    The interpreter waits for every thread that is not a daemon before it exits, and each thread
+    of an executor: slice code blocked in one (`asyncio.to_thread`, a thread of its own) kept the
+    stopped node's process alive until its supervisor killed it."""
+    deadline = time.monotonic() + LEFT_THREADS_S
+    me = threading.current_thread()
+    left = [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+    for t in left:
+        t.join(max(0.0, deadline - time.monotonic()))
+    left = [t for t in left if t.is_alive()]
+    if not left:
+        return code
+    logging.getLogger("aether.node").warning(
+        "%d thread(s) still running %.1f s after the node stopped (slice code blocked in a thread it "
+        "started, or in asyncio.to_thread): %s; the process exits without them",
+        len(left), LEFT_THREADS_S, ", ".join(sorted(t.name for t in left)),
+    )  # fmt: skip
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def set_cpu_scheduling(policy: str) -> str | None:
@@ -267,10 +300,12 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
         _run(serve(config, management_api=management_api, parent=parent))
     except (OSError, JournalCorrupt) as e:
         log.error("cannot start node %s: %s", config.node_id, e)
-        return 1
+        code = 1
     except NodeFailed as e:
         log.error("node %s stopped: %s", config.node_id, e)
-        return 1
+        code = 1
+    else:
+        code = 0
     finally:
         os.close(lock)
-    return 0
+    return exit_leaving_threads(code)
