@@ -1859,3 +1859,65 @@ def test_a_node_fenced_off_many_partitions_at_once_steps_down_in_one_pass() -> N
     assert not core.prims, "it still serves partitions of the stale table the owners fenced"
     assert max(worst)[0] <= 3 * len(mine), max(worst)
 
+
+class _Counting(Full):
+    """A memory engine that counts the records written into it and read out of it."""
+
+    touched = 0
+
+    def put(self, partition: int, key: str, rec: Any) -> None:
+        self.touched += 1
+        super().put(partition, key, rec)
+
+    def scan(self, partition: int) -> Any:
+        records = list(super().scan(partition))
+        self.touched += len(records)
+        return iter(records)
+
+
+def test_a_big_copy_goes_to_a_replica_in_pushes_of_bounded_size() -> None:
+    """A replica that came back empty gets each primary's copy of its partitions. It went in one
+    push: reading it (primary), and decoding, applying and committing it (replica) were each one
+    step of the event loop, 0.1-0.3 s for a third of 20,000 keys, and the replica missed its
+    peers' heartbeats. Now it goes in pushes of about `batch_records` records (whole partitions),
+    the next once the one before is acknowledged. Counted, not timed: no message a node handles
+    makes it read or write more than that plus one partition's records."""
+    net = Net(partitions=64, batch_records=100)
+    keys = _filled(net, 1200, 8)
+    victim = net.ids[2]
+    _go_down(net, victim)
+    for i in net.ids[:2]:
+        old = net.engines[i]
+        counting = net.engines[i] = _Counting()
+        for p in range(64):
+            for key, rec in old.scan(p):
+                counting.put(p, key, rec)
+        net.cores[i].engines["m"] = counting
+    engine = _Counting()
+    net.drop = lambda src, dst, msg: False
+    _start_again(net, victim, engine, 77)
+    per_partition = max(sum(1 for k in keys if partition_of(k, 64) == p) for p in range(64))
+    worst = 0
+    pushes: list[Push] = []
+    for _ in range(200):
+        while net.queue:
+            dst, msg = net.queue[0][1], net.queue[0][2]
+            if isinstance(msg, Push) and dst == victim and msg.map:
+                pushes.append(msg)
+            before = {i: e.touched for i, e in net.engines.items() if isinstance(e, _Counting)}
+            net.step()
+            if isinstance(msg, Push | PushAck):
+                for i, n in before.items():
+                    worst = max(worst, net.engines[i].touched - n)
+        net.tick()
+        if not any(c._promotions for c in net.cores.values()) and not net.queue:
+            break
+    assert not any(c._promotions for c in net.cores.values())
+    assert len(pushes) >= 6, "each primary's copy went in a few pushes"
+    assert max(len(m.items) for m in pushes) <= 100 + per_partition
+    assert worst <= 2 * (100 + per_partition), worst
+    table = net.table
+    for p in range(64):
+        assert net.cores[victim]._holds("m", p, table.active[p]), p
+        assert _records(engine, p) == _records(net.engines[table.primary(p)], p), p
+
