@@ -215,6 +215,7 @@ class MapService:
         self._serving: dict[tuple[str, int], Span] = {}  # spans of traced requests being served here
         self._held: dict[str, list[tuple[float, object]]] = {}  # answers waiting for our link to a peer
         self._batch: list[Any] | None = None  # this turn's actions, carried out after its commit
+        self._more_handle: asyncio.Handle | None = None  # the core's next batch of work (`MapCore.more`)
         self.commits = 0  # group commits (for tests and the benchmarks)
 
     # --- views used by the API, the CLI and tests -----------------------------------------------------------
@@ -307,6 +308,9 @@ class MapService:
         tasks = list(self._tasks) + ([self._ticker] if self._ticker else [])
         for t in tasks:
             t.cancel()
+        if self._more_handle is not None:
+            self._more_handle.cancel()
+            self._more_handle = None
         await asyncio.gather(*tasks, return_exceptions=True)
         self._commit()
         self._close_preopened()
@@ -414,18 +418,34 @@ class MapService:
 
     def _run(self, actions: list[Any]) -> None:
         """Carry out the core's `actions`; if the core stored something not committed yet, at the
-        end of this loop turn, after the commit (and so do all actions until then, in order)."""
+        end of this loop turn, after the commit (and so do all actions until then, in order).
+        Work the core does in batches (`MapCore.busy`) goes on in the next loop turn."""
         if self._batch is not None:
             self._batch.extend(actions)
-            return
-        if not any(engine.pending for engine in self.core.engines.values()):
+        elif not any(engine.pending for engine in self.core.engines.values()):
             self._carry_out(actions)
+        else:
+            self._batch = list(actions)
+            try:
+                asyncio.get_running_loop().call_soon(self._commit)
+            except RuntimeError:  # no loop running (a synchronous caller): commit now
+                self._commit()
+        if self._more_handle is None and self.core.busy and not self._closed:
+            try:
+                self._more_handle = asyncio.get_running_loop().call_soon(self._more)
+            except RuntimeError:  # (no loop: the next call with one goes on)
+                pass
+
+    def _more(self) -> None:
+        """The core's next batch of work: one per loop turn, so that heartbeats, other messages
+        and timers are served in between (a big takeover's steps kept the loop for 0.1-0.8 s)."""
+        self._more_handle = None
+        if self._closed:
             return
-        self._batch = list(actions)
         try:
-            asyncio.get_running_loop().call_soon(self._commit)
-        except RuntimeError:  # no loop running (a synchronous caller): commit now
-            self._commit()
+            self._run(self.core.more(self.now(), self.wall_ms()))
+        except Exception:
+            self.log.exception("map work failed")
 
     def _commit(self) -> None:
         """Commit every engine with pending writes, then carry out the actions that waited."""

@@ -401,6 +401,15 @@ class SimNode:
         svc._claim_files = lambda name, created: None  # type: ignore[method-assign]  # (no maps are removed here)
         tick = svc._tick
         svc._tick = lambda: None if w.loop.time() < self.paused_until else tick()  # type: ignore[method-assign]
+        more = svc._more
+
+        def paused_more() -> None:  # a stalled node does no work either: it goes on when it resumes
+            if w.loop.time() < self.paused_until:
+                svc._more_handle = w.loop.call_at(self.paused_until + 0.001, paused_more)
+                return
+            more()
+
+        svc._more = paused_more  # type: ignore[method-assign]
         self.service = svc
         w.spawn(svc.start())
         view.notify()
