@@ -179,6 +179,11 @@ def test_sqlite_engine_persists(tmp_path: Path) -> None:
     again.close()
 
 
+
+def _indexed(e: MapStorage) -> list[tuple[int, str, int, int]]:
+    """`ops_index` flattened as `load_ops` is, sorted."""
+    return sorted((p, o, r, at) for p, d in e.ops_index().items() for (o, r), at in d.items())
+
 @pytest.mark.parametrize("engine", ["memory", "log", "sqlite"])
 def test_applied_operations_survive_drop_purge_and_restart_as_the_interface_says(
     tmp_path: Path, engine: str
@@ -201,16 +206,18 @@ def test_applied_operations_survive_drop_purge_and_restart_as_the_interface_says
     e.commit()
     e = reopen(e)
     everything = [(1, "n1", 1, 100), (1, "n2", 1, 200), (2, "n1", 2, 100), (3, "n2", 2, 200)]
-    assert sorted(e.load_ops()) == everything
+    assert sorted(e.load_ops()) == everything == _indexed(e)
+    e.ops_index()[1].clear()  # the caller's copy
+    assert _indexed(e) == everything
     e.drop(1)
     e.add_ops([(1, "n3", 7, 300)])  # after the drop: kept
     e.commit()
     e = reopen(e)
-    assert sorted(e.load_ops()) == [(1, "n3", 7, 300), (2, "n1", 2, 100), (3, "n2", 2, 200)]
+    assert sorted(e.load_ops()) == [(1, "n3", 7, 300), (2, "n1", 2, 100), (3, "n2", 2, 200)] == _indexed(e)
     e.purge_ops(range(0, 8), 150)
     e.commit()
     e = reopen(e)
-    assert sorted(e.load_ops()) == [(1, "n3", 7, 300), (3, "n2", 2, 200)]
+    assert sorted(e.load_ops()) == [(1, "n3", 7, 300), (3, "n2", 2, 200)] == _indexed(e)
     e.add_ops([(2, "n4", 1, 400)])
     if isinstance(e, SqliteStorage):
         with pytest.raises(Exception, match="not supported"):

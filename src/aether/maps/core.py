@@ -683,8 +683,7 @@ class MapCore:
             try:
                 for q, versions in engine.held().items():
                     self.held[(name, q)] = set(versions)
-                for q, origin, rid, at in engine.load_ops():
-                    self.ops[name].setdefault(q, {})[(origin, rid)] = at
+                self.ops[name] = engine.ops_index()
                 if new:
                     # a map this node learns while running: it refused the map's writes until now,
                     # so an empty copy holds all it acknowledged, as its takeovers' partitions do

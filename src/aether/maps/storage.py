@@ -121,6 +121,13 @@ class MapStorage(Protocol):
 
     def load_ops(self) -> list[tuple[int, str, int, int]]: ...
 
+    def ops_index(self) -> dict[int, dict[tuple[str, int], int]]:
+        """`load_ops` by partition, ``{partition: {(origin, rid): applied_at_ms}}``: new dicts the
+        caller owns (`MapCore` keeps them as its index of applied operations). A memory or log
+        engine copies its own (C speed): indexing 20,000 operations one by one held a restarted
+        node's event loop 0.05-0.17 s."""
+        ...
+
     def purge_ops(self, partitions: range, before_ms: int) -> None:
         """Forget the operations of `partitions` applied before `before_ms` (an engine may forget
         other partitions' that old as well)."""
@@ -185,6 +192,9 @@ class UnopenedStorage:
     def load_ops(self) -> list[tuple[int, str, int, int]]:
         return []
 
+    def ops_index(self) -> dict[int, dict[tuple[str, int], int]]:
+        return {}
+
     def purge_ops(self, partitions: range, before_ms: int) -> None:
         pass
 
@@ -219,6 +229,9 @@ class MemoryStorage:
 
     def load_ops(self) -> list[tuple[int, str, int, int]]:
         return [(p, o, r, at) for p, d in self._ops.items() for (o, r), at in d.items()]
+
+    def ops_index(self) -> dict[int, dict[tuple[str, int], int]]:
+        return {p: dict(d) for p, d in self._ops.items() if d}
 
     def purge_ops(self, partitions: range, before_ms: int) -> None:
         for p in partitions:
@@ -530,6 +543,12 @@ class SqliteStorage:
                 (p, o, r, a) for p, o, r, a in _OPS_DECODER.decode(blob) if seq > dropped.get(p, -1)
             ]
         return out + self._new_ops
+
+    def ops_index(self) -> dict[int, dict[tuple[str, int], int]]:
+        index: dict[int, dict[tuple[str, int], int]] = {}
+        for p, origin, rid, at in self.load_ops():
+            index.setdefault(p, {})[(origin, rid)] = at
+        return index
 
     def purge_ops(self, partitions: range, before_ms: int) -> None:
         """Forget the operations applied before `before_ms`: of every partition, not only of
