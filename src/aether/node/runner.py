@@ -207,7 +207,8 @@ async def _serve(config: NodeConfig, stop: asyncio.Event, management_api: Manage
         return
     # Everything built so far (modules, the node's components) lives as long as the process:
     # keep it out of the cyclic collector's full scans, and collect young objects less often,
-    # so collections do not show up as latency spikes under load.
+    # so collections do not show up as latency spikes under load. (What the node loaded before
+    # its links came up, its maps' records, it froze then: this walks only what came since.)
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
