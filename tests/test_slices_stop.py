@@ -1,6 +1,6 @@
 """Stopping slices whose code does not stop: every isolation mode bounds the stop of a slice.
 
-A lifecycle hook (`start()`, `stop()`, `health()`) or an entry that swallows its cancellation
+A lifecycle hook (`start()`, `stop()`, `health()`, `reconfigure()`) or an entry that swallows its cancellation
 (catches `asyncio.CancelledError` and goes on awaiting), or blocks its thread (`time.sleep`), or
 never returns: the deactivation of the slice, the node's stop (`SliceRuntime.close`) and the
 activation's deadline end in bounded time anyway, the slice is abandoned with a log line naming
@@ -69,6 +69,9 @@ class Stubborn(Slice):
                 f.write(str(self.context.instance))
         await misbehave(self.context.config, self.context.config.get("stop"))
 
+    async def reconfigure(self, config):
+        await misbehave(config, config.get("reconfigure"))
+
     async def health(self):
         log = self.context.config.get("health_log")  # "+" when a health() starts, "-" when it ends
         if log:
@@ -86,11 +89,16 @@ class Stubborn(Slice):
     async def hang(self) -> str:
         await misbehave(self.context.config, "swallow")
         return "done"
+
+    @entry
+    async def ping(self) -> str:
+        return "pong"
 """
 
 A = Artifact.parse("org.t:stubborn:1.0.0")
 MODES = ["inline", "shared", "thread", "process"]
 STOP_TIMEOUT = 0.3
+RECONFIGURE_TIMEOUT = 0.3
 # a hook left running is waited for 2 s when its slice's loop closes (`SliceThread.close`,
 # `InlineLoop.close`); a worker that does not exit gets SIGTERM after `EXIT_GRACE` (1 s)
 BOUND = STOP_TIMEOUT + 2.0 + 1.5
@@ -119,6 +127,7 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 "node-1", repo, tmp_path / f"data{len(made)}", inv, space=ImportSpace(),
                 config_for=lambda a: cfg, isolation_for=lambda a: mode, stop_timeout=STOP_TIMEOUT,
                 start_timeout=start_timeout, health_interval=3600, health_timeout=0.3,
+                reconfigure_timeout=RECONFIGURE_TIMEOUT,
             )  # fmt: skip
             inv.add(rt)
             env = Env(rt, release)
@@ -350,6 +359,33 @@ async def test_a_health_check_still_running_is_not_started_again(
         await asyncio.sleep(0.02)
     assert (load().healthy, load().health_failures, load().health_reason) == (True, 0, None)
     assert log.read_text() == "+-+-"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_reconfigure_that_never_returns_ends_at_its_timeout(
+    make_env: Any, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`reconfigure()` had no bound of its own: only the node's reconfigure step deadline
+    (activate + deactivate, 20 s per instance) ended it, and meanwhile it held the slice's lock (an
+    undeploy of the slice waited for it). Now it gets `reconfigure_timeout`: cancelled then (left
+    running if it swallows that), the change is not applied, the instance serves on and the
+    slice's deactivation is not held."""
+    env = await make_env(mode, reconfigure="swallow")
+    await env.rt.activate(A, [0])
+    with pytest.raises(SliceStartError) as got:
+        await bounded(env.rt.reconfigure(A, 0), "reconfiguring", RECONFIGURE_TIMEOUT + 1.5)
+    assert str(got.value) == (
+        f"reconfigure() of {A} instance 0 did not finish within {RECONFIGURE_TIMEOUT:g} s; cancelled"
+    )
+    assert got.value.instance == 0
+    assert (
+        f"reconfigure() of {A} instance 0 did not finish within {RECONFIGURE_TIMEOUT:g} s; cancelled "
+        "(left running if it ignores that), the change is not applied"
+    ) in caplog.text
+    assert env.rt.local_instances(A) == [0]
+    assert await asyncio.wait_for(env.rt.call(A, "ping", b""), 5) == b"\xa4pong"  # it serves on
+    await bounded(env.rt.deactivate(A, drain_timeout=0.2), "deactivating")
+    assert env.rt.state(A) == "loaded"
 
 
 # a slice whose module's own code (run by its import) blocks its thread until the release file

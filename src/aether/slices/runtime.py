@@ -357,12 +357,13 @@ class SliceRuntime:
     interpreter's import bookkeeping (default: the process-wide one); `allow_index` lets the
     node install libraries from the package index when the wheelhouse has no match;
     `start_timeout` bounds each `start()` (None: unbounded here, the managers time the step);
-    `stop_timeout` bounds each `stop()`. `on_block` callbacks are told about every slice loop found
-    blocked (more can be appended to `on_block`). `recorder` is told about every entry call
-    that ran here — local calls and calls served for other nodes alike, since both come through
-    `call` — with its duration (`time.perf_counter`) and whether it returned (a call that raised,
-    including a payload that did not decode, or was cancelled counts as a failure); the duration
-    of a call that waited for a slot includes its time in the queue (what its caller waited).
+    `stop_timeout` bounds each `stop()`, `reconfigure_timeout` each `reconfigure()` hook. `on_block`
+    callbacks are told about every slice loop found blocked (more can be appended to `on_block`).
+    `recorder` is told about every entry call that ran here — local calls and calls served for
+    other nodes alike, since both come through `call` — with its duration (`time.perf_counter`)
+    and whether it returned (a call that raised, including a payload that did not decode, or was
+    cancelled counts as a failure); the duration of a call that waited for a slot includes its
+    time in the queue (what its caller waited).
 
     `limits_for(artifact)` gives each artifact's `SliceLimits` (default: none), read when it is
     activated and every `health_interval` s (so a re-applied blueprint reaches running instances);
@@ -398,12 +399,15 @@ class SliceRuntime:
         limits_for: Callable[[Artifact], SliceLimits] | None = None,
         health_interval: float = 5.0,
         health_timeout: float = 2.0,
+        reconfigure_timeout: float = 5.0,
         isolation_for: Callable[[Artifact], str] | None = None,
         max_workers: int = 8,
         worker_policy: Callable[[], RestartPolicy] = RestartPolicy,
     ) -> None:
-        if health_interval <= 0 or health_timeout <= 0:
-            raise ValueError("health_interval and health_timeout must be positive numbers of seconds")
+        if health_interval <= 0 or health_timeout <= 0 or reconfigure_timeout <= 0:
+            raise ValueError(
+                "health_interval, health_timeout and reconfigure_timeout must be positive numbers of seconds"
+            )
         self.node_id = node_id
         self.block_limit = block_limit
         # told about every slice loop found blocked (the node logs it, counts it, may quarantine)
@@ -419,6 +423,7 @@ class SliceRuntime:
         self.config_for = config_for
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.reconfigure_timeout = reconfigure_timeout
         self.loader = SliceLoader(
             node_id, repository, self.data_dir, space=space, allow_index=allow_index, installer=installer
         )
@@ -592,7 +597,9 @@ class SliceRuntime:
         instance is restarted make-before-break: a new object with the same id is created and
         started, takes the calls, then the old one is drained (up to `drain_timeout` s) and stopped,
         so the instance never stops serving. `SliceStartError` (redacted) if the config does not
-        decode, the hook raises or the new object does not start; the old object then still serves.
+        decode, the hook raises or does not return within `reconfigure_timeout` s (it is cancelled,
+        and left running if it ignores that) or the new object does not start; the old object then
+        still serves.
         """
         async with self._lock(artifact):
             e = self._require(artifact)
@@ -603,7 +610,12 @@ class SliceRuntime:
             if e.worker is not None and e.has_reconfigure:
                 config, secrets = self._config(e)
                 try:
-                    await e.worker.request("reconfigure", instance, old.slot, config=config)
+                    await asyncio.wait_for(
+                        e.worker.request("reconfigure", instance, old.slot, config=config),
+                        self.reconfigure_timeout,
+                    )
+                except TimeoutError:
+                    raise self._reconfigure_timed_out(artifact, instance) from None
                 except Exception as exc:
                     raise SliceStartError(
                         redact(f"reconfigure() of {artifact} instance {instance} failed: {exc}", secrets),
@@ -615,7 +627,12 @@ class SliceRuntime:
             if hook is not None and callable(hook) and thread is not None and old.obj is not None:
                 config, secrets = self._config(e)
                 try:
-                    await thread.hook(hook(config), entry="reconfigure()", owner=e.coords)
+                    await asyncio.wait_for(
+                        thread.hook(hook(config), entry="reconfigure()", owner=e.coords),
+                        self.reconfigure_timeout,
+                    )
+                except TimeoutError:
+                    raise self._reconfigure_timed_out(artifact, instance) from None
                 except Exception as exc:
                     raise SliceStartError(redact(
                         f"reconfigure() of {artifact} instance {instance} raised {type(exc).__name__}: {exc}",
@@ -635,6 +652,18 @@ class SliceRuntime:
             self.log.info("%s: %s instance %d restarted with its new config", self.node_id, artifact,
                           instance)
             return "restarted"
+
+    def _reconfigure_timed_out(self, artifact: Artifact, instance: int) -> SliceStartError:
+        self.log.warning(
+            "%s: reconfigure() of %s instance %d did not finish within %g s; cancelled (left running "
+            "if it ignores that), the change is not applied", self.node_id, artifact, instance,
+            self.reconfigure_timeout,
+        )  # fmt: skip
+        return SliceStartError(
+            f"reconfigure() of {artifact} instance {instance} did not finish within "
+            f"{self.reconfigure_timeout:g} s; cancelled",
+            instance=instance,
+        )
 
     async def deactivate(self, artifact: Artifact, drain_timeout: float = 5.0) -> None:
         """Stop accepting calls, wait up to `drain_timeout` s for in-flight calls, then `stop()` each
