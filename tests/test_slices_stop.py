@@ -27,7 +27,9 @@ from typing import Any
 import pytest
 
 from aether.core.artifact import Artifact
+from aether.core.errors import KIND_SHUTTING_DOWN, wire_kind_of
 from aether.slices import SliceStartError
+from aether.slices.errors import InstanceStopping
 from aether.slices.isolation import SliceStopped
 from aether.slices.loader import ImportSpace
 from aether.slices.repository import Repository
@@ -88,6 +90,13 @@ class Stubborn(Slice):
     @entry
     async def hang(self) -> str:
         await misbehave(self.context.config, "swallow")
+        return "done"
+
+    @entry
+    async def block(self) -> str:  # blocks its loop's thread; says so in its block_log first
+        with open(self.context.config["block_log"], "a") as f:
+            f.write("+")
+        await misbehave(self.context.config, "sleep")
         return "done"
 
     @entry
@@ -386,6 +395,47 @@ async def test_a_reconfigure_that_never_returns_ends_at_its_timeout(
     assert await asyncio.wait_for(env.rt.call(A, "ping", b""), 5) == b"\xa4pong"  # it serves on
     await bounded(env.rt.deactivate(A, drain_timeout=0.2), "deactivating")
     assert env.rt.state(A) == "loaded"
+
+
+@pytest.mark.parametrize("mode", ["shared", "thread"])
+async def test_a_call_queued_on_a_slice_loop_that_closes_before_it_starts_is_retried_elsewhere(
+    make_env: Any, mode: str, tmp_path: Path
+) -> None:
+    """A call queued for a slice's loop that an entry blocks, when the slice is stopped (its drain
+    gave up): the loop closes before the call starts. It was answered `SliceCrashed` (an app error:
+    never retried) although it never ran; now `InstanceStopping` (503, kind shutting_down), which
+    the invoker retries on another instance, whatever the entry (it did not run)."""
+    block_log = tmp_path / "block.log"
+    env = await make_env(mode, block_log=str(block_log))
+    await env.rt.activate(A, [0])
+    thread = env.rt._entries[A].thread
+    assert thread is not None
+    blocker = asyncio.ensure_future(env.rt.call(A, "block", b""))
+    deadline = time.monotonic() + 5
+    while not block_log.exists() and time.monotonic() < deadline:  # the entry blocks the loop now
+        await asyncio.sleep(0.01)
+    queued = asyncio.ensure_future(env.rt.call(A, "ping", b""))
+    await asyncio.sleep(0.05)  # (queued for the blocked loop)
+    assert not queued.done()
+    stopping = asyncio.ensure_future(env.rt.deactivate(A, drain_timeout=0.2))
+    while not thread._closed and time.monotonic() < deadline:  # (drain, then stop(), gave up)
+        await asyncio.sleep(0.01)
+    assert thread._closed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env.release.touch()  # the blocking entry returns: the loop takes the queued call, closing
+        with pytest.raises(InstanceStopping) as got:
+            await asyncio.wait_for(queued, 5)
+        assert "before the call started" in str(got.value)
+        assert (got.value.status, wire_kind_of(got.value)) == (503, KIND_SHUTTING_DOWN)
+        await bounded(stopping, "deactivating")
+        await asyncio.wait({blocker}, timeout=5)
+        assert blocker.done()
+        blocker.exception()  # (retrieved: the watchdog answered it, SliceBlocked)
+        gc.collect()
+    # (the stop() queued behind the blocking entry, given up at stop_timeout, then failed as the
+    # queued call: its cancellation made a new coroutine for it that nothing ever awaited)
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
 
 
 # a slice whose module's own code (run by its import) blocks its thread until the release file

@@ -44,7 +44,7 @@ from aether.core.deadlines import DeadlineSweep
 from aether.core.errors import KIND_INTERRUPTED, WireKind
 from aether.core.tracing import TraceContext, current_trace
 from aether.slices.api import SliceCaller
-from aether.slices.errors import SliceError
+from aether.slices.errors import InstanceStopping, SliceError
 from aether.slices.maps import MapBackend, MapOp, MapOpStarter
 
 __all__ = [
@@ -70,6 +70,14 @@ class SliceStopped(SliceError):
 
     status = 503
     wire_kind: ClassVar[WireKind] = KIND_INTERRUPTED
+
+
+def _not_started(name: str, why: str) -> InstanceStopping:
+    """For a call (or hook) that reached a slice's loop closed or closing, before it started: it did
+    not run, so it is `InstanceStopping` (503, kind shutting_down: the invoker tries another
+    instance, whatever the entry), not `SliceCrashed` (an app error, never retried) nor
+    `SliceStopped` (it may have partly run)."""
+    return InstanceStopping(f"{name}: {why} (stopped before the call started); retry elsewhere")
 
 
 class SliceBlocked(SliceError):
@@ -349,7 +357,7 @@ class SliceThread(_DirectStreak):
         slice's coordinates) name the call when it blocks the loop."""
         if self._closed:
             coro.close()
-            raise SliceCrashed(f"{self.name}: the slice's loop is closed")
+            raise _not_started(self.name, "the slice's loop is closed")
         answer: asyncio.Future[T] = self.main.create_future()
         call = _Call(entry, answer, coro, owner)
         self._inbox.append(call)
@@ -375,7 +383,8 @@ class SliceThread(_DirectStreak):
                 call.task.cancel()
             else:  # not started yet
                 call.coro.close()
-                call.coro = _closed_coro()
+                if not self._closed:  # (closing, it is never started: a new coroutine went unawaited)
+                    call.coro = _closed_coro()
 
         try:
             self.loop.call_soon_threadsafe(cancel)
@@ -395,7 +404,7 @@ class SliceThread(_DirectStreak):
                 call = inbox.popleft()
                 call.coro.close()
                 if not call.answer.done():
-                    call.answer.set_exception(SliceCrashed(f"{self.name}: the slice's loop is closed"))
+                    call.answer.set_exception(_not_started(self.name, "the slice's loop is closed"))
 
     def _start_calls(self) -> None:
         """On the slice's loop: start every call queued so far. Closing (the stop is in this same
@@ -408,7 +417,7 @@ class SliceThread(_DirectStreak):
             call = inbox.popleft()
             if self._closed:
                 call.coro.close()
-                self._answer(call, None, SliceCrashed(f"{self.name}: the slice's loop is closing"))
+                self._answer(call, None, _not_started(self.name, "the slice's loop is closing"))
                 continue
             call.task = loop.create_task(self._guard(call))
 
@@ -733,7 +742,7 @@ class InlineLoop:
         cancellation."""
         if self._closed:
             coro.close()
-            raise SliceCrashed(f"{self.name}: the slice is stopped")
+            raise _not_started(self.name, "the slice is stopped")
         try:
             return await coro
         except (Exception, asyncio.CancelledError, GeneratorExit):  # (GeneratorExit: closed unfinished)
