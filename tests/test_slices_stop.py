@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ import pytest
 
 from aether.core.artifact import Artifact
 from aether.core.errors import KIND_SHUTTING_DOWN, wire_kind_of
-from aether.slices import SliceStartError
+from aether.slices import SliceLoadError, SliceStartError
 from aether.slices.errors import InstanceStopping
 from aether.slices.isolation import SliceStopped
 from aether.slices.loader import ImportSpace
@@ -128,7 +129,9 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         repo = Repository(tmp_path / "repo")
         repo.deploy(build_slice_wheel(tmp_path / "w", str(A), STUBBORN, "Stubborn", module="stubborn_slice"))
 
-        async def make(mode: str, start_timeout: float | None = None, **config: Any) -> Env:
+        async def make(
+            mode: str, start_timeout: float | None = None, load: bool = True, **config: Any
+        ) -> Env:
             release = tmp_path / f"release{len(made)}"
             cfg = {**config, "release": str(release)}
             inv = StoreInvoker()
@@ -141,7 +144,8 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             inv.add(rt)
             env = Env(rt, release)
             made.append(env)
-            await rt.load(A)
+            if load:
+                await rt.load(A)
             return env
 
         try:
@@ -436,6 +440,47 @@ async def test_a_call_queued_on_a_slice_loop_that_closes_before_it_starts_is_ret
     # (the stop() queued behind the blocking entry, given up at stop_timeout, then failed as the
     # queued call: its cancellation made a new coroutine for it that nothing ever awaited)
     assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+
+
+def _worker_processes() -> set[int]:
+    """The pids of this process's live children that are slice worker processes."""
+    me, found = os.getpid(), set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == me and fields[0] != "Z" and b"aether.slices.worker" in cmd:
+            found.add(int(d.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc")
+async def test_a_load_still_running_when_the_runtime_closes_is_unloaded_when_it_ends(make_env: Any) -> None:
+    """`close` unloaded the artifacts loaded by then: one whose load was still under way (its
+    worker process starting) was not among them, and once loaded it stayed, its worker running,
+    in a closed runtime. Now a load that ends after `close` began is unloaded at once (its worker
+    stopped) and fails, saying why."""
+    env = await make_env("process", load=False)
+    before = _worker_processes()
+    loading = asyncio.ensure_future(env.rt.load(A))
+    deadline = time.monotonic() + 10
+    while not (_worker_processes() - before) and time.monotonic() < deadline:  # (the worker spawns)
+        await asyncio.sleep(0.01)
+    spawned = _worker_processes() - before
+    assert spawned and not loading.done()
+    await bounded(env.rt.close(drain_timeout=0.1), "closing")
+    with pytest.raises(SliceLoadError, match=f"{A}: the slice runtime of node-1 was closed while it loaded"):
+        await asyncio.wait_for(loading, 10)
+    assert env.rt.artifacts() == {} and env.rt.workers() == {}
+    deadline = time.monotonic() + 5
+    while spawned & _worker_processes() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not spawned & _worker_processes(), "its worker process was stopped"
 
 
 # a slice whose module's own code (run by its import) blocks its thread until the release file

@@ -433,6 +433,7 @@ class SliceRuntime:
         # activated or deactivated (`_changed`)
         self._match_cache: dict[str, list[_Entry]] = {}
         self._locks: dict[Artifact, asyncio.Lock] = {}
+        self._closes = 0  # how many times `close` began (a load it did not see checks it)
         self._retiring: set[asyncio.Future[None]] = set()  # replaced instances being drained and stopped
         self.limits_for = limits_for
         self.health_interval = health_interval
@@ -463,8 +464,10 @@ class SliceRuntime:
     async def load(self, artifact: Artifact) -> SliceInfo:
         """Resolve the wheel, install its code and libraries, import and describe the class.
 
-        Idempotent. Raises `SliceLoadError(reason)`.
+        Idempotent. Raises `SliceLoadError(reason)`; also when `close` began while it loaded (it is
+        then unloaded at once, its worker process stopped: `close` knew nothing of it).
         """
+        closes = self._closes
         async with self._lock(artifact):
             e = self._entries.get(artifact)
             if e is not None:
@@ -481,7 +484,17 @@ class SliceRuntime:
             self._changed()
             where = f" in worker process {e.worker.pid}" if e.worker is not None else ""
             self.log.info("%s: loaded %s (%s)%s", self.node_id, artifact, e.loaded.info.name, where)
-            return e.loaded.info
+        if self._closes != closes:
+            try:
+                await self._unload(artifact, CLOSE_UNLOAD_WAIT)
+            except Exception:
+                self.log.exception("%s: unloading %s, loaded after the runtime closed, failed",
+                                   self.node_id, artifact)  # fmt: skip
+            raise SliceLoadError(
+                f"{artifact}: the slice runtime of {self.node_id} was closed while it loaded (the node "
+                "stops); unloaded"
+            )
+        return e.loaded.info
 
     def _isolation(self, artifact: Artifact) -> str:
         if self.isolation_for is None:
@@ -734,7 +747,8 @@ class SliceRuntime:
         `drain_timeout` + `stop_timeout` + 2 s (a slice loop that does not stop is left to itself
         after 2 s; a worker process, its instances stopped, gets 1 s to exit before SIGTERM, and
         `stop_timeout` more only if it ignores SIGTERM: `WorkerHost.close`), however many slices
-        there are."""
+        there are. A load still under way then is unloaded when it ends (and fails: `load`)."""
+        self._closes += 1  # a load still under way unloads what it loaded when it ends (`load`)
         until = asyncio.get_running_loop().time() + drain_timeout
         await asyncio.gather(*(self._close_one(a, drain_timeout, until) for a in list(self._entries)))
         for task in (self._watchdog, self._health):
