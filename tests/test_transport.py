@@ -420,6 +420,37 @@ async def test_peer_down_up_and_quorum_on_stop_and_restart() -> None:
         await n.t.stop()
 
 
+async def test_a_restarted_peer_is_not_timed_out_while_the_survivor_backs_off() -> None:
+    """A node killed and restarted at once dials the survivor and sees it up on the ack; the
+    survivor, backing off its dials to the dead node, must dial back at once (it only sends on its
+    own link), or the restarted node hears nothing and declares it down after heartbeat_timeout.
+    reconnect_min = reconnect_max = 2 s pins the survivor's backoff at 1-2 s, longer than the 0.6 s
+    timeout: without the prompt dial back, b2 always times `a` out here."""
+    kw: dict[str, Any] = {"reconnect_min": 2.0, "reconnect_max": 2.0, "heartbeat_timeout": 0.6}
+    async with cluster(["a", "b"], **kw) as nodes:
+        a = nodes["a"]
+        members = a.t.members
+        await nodes["b"].t.stop()  # abortive, like kill -9: the links just close, no goodbye
+        await wait_until(lambda: a.t.up_peers == set(), what="b down")
+        await asyncio.sleep(0.1)  # a's dial to b failed (refused) or never started: it backs off 1-2 s
+        a.events.clear()
+        b2 = Node("b", members=dict(members), port=members["b"].port, **kw)
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            await b2.t.start()
+            await wait_until(lambda: b2.t.up_peers == {"a"}, timeout=2.0, what="b2 sees a up")
+            await wait_until(lambda: a.t.up_peers == {"b"}, timeout=2.0, what="a sees b2 up")
+            both_up = loop.time() - started
+            await asyncio.sleep(0.8)  # past b2's heartbeat timeout counted from its link coming up
+            assert not [e for e in b2.events if isinstance(e, PeerDown)], b2.events
+            assert b2.t.up_peers == {"a"} and a.t.up_peers == {"b"}
+            assert [e for e in a.events if isinstance(e, PeerUp | PeerDown)] == [PeerUp("b")]
+            assert both_up < 0.5, f"a saw the restarted b only {both_up:.2f}s after it started"
+        finally:
+            await b2.t.stop()
+
+
 async def test_heartbeat_timeout_marks_silent_peer_down() -> None:
     async with fake_server(node_id="mute") as (mute, fakes):
         n = Node(

@@ -32,7 +32,14 @@ on either connection, or the ack) within ``heartbeat_timeout``. It goes DOWN imm
 outbound link closes or errors, or when nothing was heard for ``heartbeat_timeout`` (checked every
 ``heartbeat_interval``); the outbound link is then closed and redialed with jittered exponential
 backoff between ``reconnect_min`` and ``reconnect_max``. Each outbound link carries a ``Ping``
-every ``heartbeat_interval`` in which nothing else was written. Every change publishes
+every ``heartbeat_interval`` in which nothing else was written.
+
+Since a node sends only on its own outbound link, a peer that dials us (and so sees us UP on our
+ack) hears from us only once our dial to it is established. So when a peer proves itself on an
+inbound connection while our dial to it sleeps in its backoff (grown while the peer was away, up
+to ``reconnect_max``), the sleep is cut short and we dial at once; otherwise a node restarted
+at once (kill -9, start) would hear nothing for up to ``reconnect_max`` and time us out after
+``heartbeat_timeout``, losing quorum for a moment. Nothing changes on the wire. Every change publishes
 `PeerUp` / `PeerDown`, and `QuorumChanged` whenever `has_quorum()` flips, on the event bus.
 
 Delivery guarantees (what a consensus layer may rely on)
@@ -145,6 +152,11 @@ def _same(proto: _OutboundProtocol) -> _OutboundProtocol:
     return proto
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class ClientSession(FramedEndpoint):
     """Server side of one client connection on the cluster port.
 
@@ -175,7 +187,9 @@ class ClientSession(FramedEndpoint):
 class _Peer(HeardFrom):
     """Per-member bookkeeping."""
 
-    __slots__ = ("active", "address", "attempts", "inbound", "link", "logged", "node_id", "task", "up")
+    __slots__ = (
+        "active", "address", "attempts", "inbound", "link", "logged", "node_id", "task", "up", "wake"
+    )  # fmt: skip
 
     def __init__(self, node_id: str, address: Address) -> None:
         super().__init__()
@@ -188,6 +202,7 @@ class _Peer(HeardFrom):
         self.task: asyncio.Task[None] | None = None
         self.attempts = 0
         self.logged: set[str] = set()  # dial problems already logged since the last time it was up
+        self.wake: asyncio.Future[None] | None = None  # while the dial loop sleeps its backoff: ends it
 
 
 class _OutboundProtocol(LinkProtocol):
@@ -925,7 +940,7 @@ class Transport:
         try:
             while not self._stopped and peer.active:
                 if peer.attempts:
-                    await asyncio.sleep(self._backoff(peer.attempts))
+                    await self._back_off(peer)
                     if self._stopped or not peer.active:
                         return
                 peer.attempts += 1
@@ -976,6 +991,26 @@ class Transport:
                     peer.link = None
                 proto.abort("dialing cancelled")
             raise
+
+    async def _back_off(self, peer: _Peer) -> None:
+        """Sleep the backoff before the next dial to `peer`, unless `_dial_back` ends it sooner."""
+        loop = self._require_loop()
+        wake = peer.wake = loop.create_future()
+        timer = loop.call_later(self._backoff(peer.attempts), _wake, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            peer.wake = None
+
+    def _dial_back(self, peer: _Peer) -> None:
+        """`peer` just proved itself on an inbound connection, so it is reachable and sees us up
+        (it has our ack) but hears nothing from us until our own link to it is established: if our
+        dial sleeps in its backoff, dial now (module docstring, *Link model*)."""
+        wake = peer.wake
+        if wake is not None and not wake.done():
+            self._log.debug("%s peer %s dialed us: dialing it back now", self._prefix, peer.node_id)
+            wake.set_result(None)
 
     def _dial_problem(self, peer: _Peer, kind: str, level: int, text: str) -> None:
         """Log a dial/handshake problem once per kind until the peer is up again, then at DEBUG."""
@@ -1213,6 +1248,7 @@ class Transport:
         peer.last_heard = self._require_loop().time()
         proto.write_now(self._ack_frame)
         self._log.debug("%s accepted peer %s from %s", self._prefix, auth.dialer_id, proto.remote)
+        self._dial_back(peer)
 
     # ---- callbacks into the application -------------------------------------------------------
 
