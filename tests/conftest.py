@@ -16,6 +16,11 @@ Generic helpers, usable from any test module:
 - Fixture `make_process_cluster(n=3, **kw)`: a factory; every cluster it made is closed in a
   `finally` when the test ends (pass or fail), and when the test fails the tail of every node log
   is attached to the failure report ("node logs" section).
+- Fixture `make_module_process_cluster` (module scope): the same factory for a cluster that the
+  tests of one module share, through a module-scoped fixture of that module (each start of a
+  node costs about a CPU-second of imports); only where no test needs a fresh cluster or stops,
+  kills or reconfigures one. Closed after the module's last test; its node logs are attached to
+  any failing test of the module.
 - Fixture `process_cluster`: a started 3-node cluster with quorum.
 - `LocalCluster` / fixture `make_local_cluster(nodes=3)`: a cluster directory driven by the real
   `aether cluster start|stop` commands (subprocesses) on a free port offset (`free_port_offset`);
@@ -39,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -858,7 +864,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
-    clusters: list[ProcessCluster | LocalCluster] = getattr(item, "_process_clusters", [])
+    # the test's own clusters, and those its module shares (`make_module_process_cluster`)
+    clusters: list[ProcessCluster | LocalCluster] = [
+        c for node in reversed(item.listchain()) for c in getattr(node, "_process_clusters", [])
+    ]
     if rep.failed and clusters:
         for k, c in enumerate(clusters):
             rep.sections.append((f"node logs (cluster {k}, {rep.when})", c.logs_report()))
@@ -873,32 +882,59 @@ def make_process_cluster(
     Every cluster made is closed (all its PIDs SIGKILLed) when the test ends, pass or fail.
     """
     made: list[ProcessCluster] = request.node.__dict__.setdefault("_process_clusters", [])
-
-    def make(n: int = 3, *, start: bool = True, quorum_timeout: float = 20.0, **kw: Any) -> ProcessCluster:
-        for attempt in range(1, 4):
-            c = ProcessCluster(n, tmp_path / f"cluster{len(made)}", **kw)
-            made.append(c)
-            if not start:
-                return c
-            c.start_all()
-            try:
-                # every node, not only those still running: one that could not bind its port
-                # exited, and the others have a quorum without it
-                c.wait_quorum(quorum_timeout, nodes=range(n))
-            except NodeExited as e:
-                if "address already in use" not in str(e) or attempt == 3:
-                    raise
-                print(f"make_process_cluster: another program took a port; starting again: {e}")
-                c.close()
-                continue
-            return c
-        raise AssertionError("unreachable")
-
     try:
-        yield make
+        yield functools.partial(_make_process_cluster, made, tmp_path)
     finally:
         for c in made:
             c.close()
+
+
+@pytest.fixture(scope="module")
+def make_module_process_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ProcessCluster]]:
+    """`make_process_cluster` for a cluster that the tests of one module share (a module-scoped
+    fixture calls it): closed when the module's last test ended; its node logs are attached to
+    the report of any test of the module that fails. Only for tests that neither need a fresh
+    cluster nor stop, kill or reconfigure one (those keep `make_process_cluster`)."""
+    made: list[ProcessCluster] = request.node.__dict__.setdefault("_process_clusters", [])
+    base = tmp_path_factory.mktemp(request.node.name.removesuffix(".py"))
+    try:
+        yield functools.partial(_make_process_cluster, made, base)
+    finally:
+        for c in made:
+            c.close()
+
+
+def _make_process_cluster(
+    made: list[ProcessCluster],
+    base: Path,
+    n: int = 3,
+    *,
+    start: bool = True,
+    quorum_timeout: float = 20.0,
+    **kw: Any,
+) -> ProcessCluster:
+    """A `ProcessCluster` under `base`, recorded in `made` (which the caller closes); started with
+    quorum unless `start` is false. A cluster that lost a port to another program starts again."""
+    for attempt in range(1, 4):
+        c = ProcessCluster(n, base / f"cluster{len(made)}", **kw)
+        made.append(c)
+        if not start:
+            return c
+        c.start_all()
+        try:
+            # every node, not only those still running: one that could not bind its port
+            # exited, and the others have a quorum without it
+            c.wait_quorum(quorum_timeout, nodes=range(n))
+        except NodeExited as e:
+            if "address already in use" not in str(e) or attempt == 3:
+                raise
+            print(f"make_process_cluster: another program took a port; starting again: {e}")
+            c.close()
+            continue
+        return c
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture

@@ -149,3 +149,28 @@ def test_the_files_longest_first_are_run_first() -> None:
     assert [it.nodeid for it in items] == [
         f"{heaviest}::a", f"{heaviest}::b", f"{heavy}::a", f"{heavy}::b", f"{light}::a", f"{light}::b",
     ]  # fmt: skip
+
+
+
+@pytest.fixture(scope="module")
+def unstarted_module_cluster(make_module_process_cluster: Callable[..., ProcessCluster]) -> ProcessCluster:
+    c = make_module_process_cluster(2, start=False)  # nothing runs: only the failure report is tested
+    c.log_path(1).parent.mkdir(parents=True)
+    c.log_path(1).write_text("the line the report of a failing test must show\n")
+    return c
+
+
+def test_a_failing_test_gets_the_node_logs_of_its_modules_shared_cluster(
+    unstarted_module_cluster: ProcessCluster, request: pytest.FixtureRequest
+) -> None:
+    """`make_module_process_cluster` records its clusters on the module, and the report hook
+    attaches their node logs to any failing test of the module, not only to the test (the
+    fixture's first user) that made them."""
+    rep = types.SimpleNamespace(failed=True, when="call", sections=[])
+    hook = conftest.pytest_runtest_makereport(request.node, None)  # type: ignore[arg-type]
+    next(hook)
+    with pytest.raises(StopIteration):
+        hook.send(types.SimpleNamespace(get_result=lambda: rep))
+    assert [name for name, _ in rep.sections] == ["node logs (cluster 0, call)"]
+    assert "===== node-2 (down)" in rep.sections[0][1]
+    assert "the line the report of a failing test must show" in rep.sections[0][1]
