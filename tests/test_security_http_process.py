@@ -54,11 +54,16 @@ def wait_ready(c: ProcessCluster, i: int = 0, key: str | None = KEY, timeout: fl
     raise AssertionError(f"node not ready within {timeout}s\n{c.log_tail(i)}")
 
 
-@pytest.fixture
-def keyed_node(make_process_cluster: Callable[..., ProcessCluster], tmp_path: Path) -> ProcessCluster:
-    key_file = tmp_path / "api.key"
+@pytest.fixture(scope="module")
+def keyed_node(
+    make_module_process_cluster: Callable[..., ProcessCluster], tmp_path_factory: pytest.TempPathFactory
+) -> ProcessCluster:
+    """One node with a key file, shared by the tests of this module: they only send requests
+    (slow, malformed or without a key) and read its log and command line; none stops it or
+    changes its settings."""
+    key_file = tmp_path_factory.mktemp("keyed") / "api.key"
     key_file.write_text(KEY + "\n")
-    c = make_process_cluster(
+    c = make_module_process_cluster(
         1, start=False,
         extra_args=["--api-key-file", str(key_file), "--http-idle-timeout", str(IDLE)],
     )
