@@ -125,12 +125,16 @@ def wait_https_ready(c: ProcessCluster, ca: Path, timeout: float = 40.0) -> None
     raise AssertionError(f"node not ready over HTTPS within {timeout}s\n{c.log_tail(0)}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def https_node(
-    make_process_cluster: Callable[..., ProcessCluster], ca_dir: Path, tmp_path: Path
+    make_module_process_cluster: Callable[..., ProcessCluster], ca_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> ProcessCluster:
-    c = make_process_cluster(1, start=False, extra_args=[*_tls_args(ca_dir), "--https"])
-    deploy_hello_examples(c.repository, tmp_path / "wheels")
+    """One node serving HTTPS, shared by the tests of this module: they connect to it (over HTTPS,
+    plain HTTP, with and without the CA) and one applies the hello blueprint; none stops it or
+    depends on what another did."""
+    c = make_module_process_cluster(1, start=False, extra_args=[*_tls_args(ca_dir), "--https"])
+    deploy_hello_examples(c.repository, tmp_path_factory.mktemp("wheels"))
     c.start_all()
     wait_https_ready(c, ca_dir / "ca.crt")
     return c
