@@ -27,6 +27,20 @@ from conftest import HOST, ProcessCluster, aether_cli, free_ports
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
+@pytest.fixture(scope="module")
+def three_nodes(make_module_process_cluster: Callable[..., ProcessCluster]) -> ProcessCluster:
+    """A 3-node cluster shared by the impostor and the client test: they attack it from outside
+    and check it keeps its peers and commits; neither stops a node or writes what the other reads."""
+    return make_module_process_cluster(3)
+
+
+@pytest.fixture(scope="module")
+def one_node(make_module_process_cluster: Callable[..., ProcessCluster]) -> ProcessCluster:
+    """A 1-node cluster shared by the half-frame and the handshake-deadline test (connections
+    from outside that the node closes; the memory test measures the growth of its RSS)."""
+    return make_module_process_cluster(1)
+
+
 def _frame(obj: Any) -> bytes:
     payload = msgspec.msgpack.encode(obj)
     return struct.pack(">I", len(payload)) + payload
@@ -64,9 +78,9 @@ def _both_see_each_other(c: ProcessCluster) -> bool:
 
 
 async def test_impostor_loop_neither_joins_nor_displaces_the_genuine_peer(
-    make_process_cluster: Callable[..., ProcessCluster],
+    three_nodes: ProcessCluster,
 ) -> None:
-    c = make_process_cluster(3)
+    c = three_nodes
     port = c.cluster_ports[0]
     stop = time.monotonic() + 6.0
     replies: list[str] = []
@@ -94,9 +108,9 @@ async def test_impostor_loop_neither_joins_nor_displaces_the_genuine_peer(
 
 
 async def test_clients_need_the_secret_and_may_write_only_user_keys(
-    make_process_cluster: Callable[..., ProcessCluster],
+    three_nodes: ProcessCluster,
 ) -> None:
-    c = make_process_cluster(3)
+    c = three_nodes
     for secret in ("", "a-wrong-secret-of-enough-length"):
         bad = c.client(secret=secret or None, timeout=3.0)
         with pytest.raises(Unauthorized, match=r"every node refused this client.*cluster secret"):
@@ -118,12 +132,12 @@ async def test_clients_need_the_secret_and_may_write_only_user_keys(
 
 
 async def test_unauthenticated_half_frames_do_not_grow_memory(
-    make_process_cluster: Callable[..., ProcessCluster],
+    one_node: ProcessCluster,
 ) -> None:
     """100 connections each announce a 1 MiB frame and send 512 KiB of it, and 100 more hold a
     half-sent 4,000-byte frame. Before the 4 KiB pre-auth limit the node buffered all of it
     (~50 MiB here; 1.4 GiB with 16 MiB frames). Bound: RSS grows by less than 20 MiB."""
-    c = make_process_cluster(1)
+    c = one_node
     proc = psutil.Process(c.pid(0))
     before = proc.memory_info().rss
     port = c.cluster_ports[0]
@@ -159,9 +173,9 @@ async def test_unauthenticated_half_frames_do_not_grow_memory(
 
 
 async def test_handshake_deadline_closes_a_connection_that_never_proves(
-    make_process_cluster: Callable[..., ProcessCluster],
+    one_node: ProcessCluster,
 ) -> None:
-    c = make_process_cluster(1)
+    c = one_node
 
     def stalled() -> float:
         with socket.create_connection((HOST, c.cluster_ports[0]), timeout=10) as s:
