@@ -147,11 +147,25 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EtcdCluste
         yield etcd
 
 
+@pytest.fixture(scope="module")
+def shared_demo(
+    make_module_process_cluster: Callable[..., ProcessCluster], demo_wheels: Path
+) -> ProcessCluster:
+    """The demo on the embedded store, shared by the two tests that only place and read orders,
+    each of products the other does not touch (the walk-through: mouse, cable, poster; the
+    oversell race: keyboards); the kill -9 tests start their own."""
+    return start_demo(make_module_process_cluster, demo_wheels)
+
+
 @pytest.mark.timeout(180)
 async def test_order_placed_on_one_node_is_read_and_cancelled_on_others(
-    make_process_cluster: Callable[..., ProcessCluster], demo_wheels: Path, store: EtcdCluster | None
+    make_process_cluster: Callable[..., ProcessCluster], demo_wheels: Path, store: EtcdCluster | None,
+    request: pytest.FixtureRequest,
 ) -> None:
-    cluster = await asyncio.to_thread(start_demo, make_process_cluster, demo_wheels, store)
+    if store is None:
+        cluster = request.getfixturevalue("shared_demo")  # (nothing else runs on this loop yet)
+    else:
+        cluster = await asyncio.to_thread(start_demo, make_process_cluster, demo_wheels, store)
     async with aiohttp.ClientSession() as session:
         http = Http(cluster, session)
         status, price = await http(0, "GET", "/api/pricing/PROD-ABC123")
@@ -265,11 +279,9 @@ async def test_order_placed_on_one_node_is_read_and_cancelled_on_others(
 
 
 @pytest.mark.timeout(300)
-async def test_no_oversell_under_concurrent_orders_through_every_node(
-    make_process_cluster: Callable[..., ProcessCluster], demo_wheels: Path
-) -> None:
+async def test_no_oversell_under_concurrent_orders_through_every_node(shared_demo: ProcessCluster) -> None:
     """60 concurrent orders of 1 keyboard (10 in stock) through all three nodes: exactly 10 succeed."""
-    cluster = await asyncio.to_thread(start_demo, make_process_cluster, demo_wheels)
+    cluster = shared_demo
     async with aiohttp.ClientSession() as session:
         http = Http(cluster, session)
         results = await asyncio.gather(
