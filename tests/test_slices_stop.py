@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from aether.core.artifact import Artifact
@@ -74,6 +75,7 @@ class Stubborn(Slice):
 
     async def reconfigure(self, config):
         await misbehave(config, config.get("reconfigure"))
+        self.v = config.get("v")
 
     async def health(self):
         log = self.context.config.get("health_log")  # "+" when a health() starts, "-" when it ends
@@ -103,6 +105,10 @@ class Stubborn(Slice):
     @entry
     async def ping(self) -> str:
         return "pong"
+
+    @entry
+    async def version(self) -> str:  # the config this instance's context holds, and its own state
+        return f"{self.context.config.get('v')}/{getattr(self, 'v', None)}"
 """
 
 A = Artifact.parse("org.t:stubborn:1.0.0")
@@ -115,9 +121,10 @@ BOUND = STOP_TIMEOUT + 2.0 + 1.5
 
 
 class Env:
-    def __init__(self, rt: SliceRuntime, release: Path) -> None:
+    def __init__(self, rt: SliceRuntime, release: Path, cfg: dict[str, Any]) -> None:
         self.rt = rt
         self.release = release
+        self.cfg = cfg  # what `config_for` gives (change it to change the slice's config)
 
 
 @pytest.fixture
@@ -142,7 +149,7 @@ async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 reconfigure_timeout=RECONFIGURE_TIMEOUT,
             )  # fmt: skip
             inv.add(rt)
-            env = Env(rt, release)
+            env = Env(rt, release, cfg)
             made.append(env)
             if load:
                 await rt.load(A)
@@ -481,6 +488,30 @@ async def test_a_load_still_running_when_the_runtime_closes_is_unloaded_when_it_
     while spawned & _worker_processes() and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
     assert not spawned & _worker_processes(), "its worker process was stopped"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_reconfigure_that_ends_after_its_timeout_does_not_change_the_context_config(
+    make_env: Any, mode: str
+) -> None:
+    """A `reconfigure()` that swallows its cancellation at `reconfigure_timeout` and returns later:
+    the node reported the change as not applied, but in a worker process the worker set the new
+    config as the instance's `context.config` anyway once the hook returned. Now the context
+    keeps the config the node believes applied, in every isolation; what the late hook did to the
+    object's own state is the slice's (documented: the hook is abandoned, as any)."""
+    env = await make_env(mode, v=1)
+    await env.rt.activate(A, [0])
+    env.cfg.update(v=2, reconfigure="swallow")
+    with pytest.raises(SliceStartError, match="did not finish within"):
+        await bounded(env.rt.reconfigure(A, 0), "reconfiguring", RECONFIGURE_TIMEOUT + 1.5)
+    env.release.touch()  # the abandoned hook returns now
+    await asyncio.sleep(0.2)
+    got = msgspec.msgpack.decode(await asyncio.wait_for(env.rt.call(A, "version", b""), 5))
+    assert got == "1/2"  # context: the config the node believes applied; the object: what its hook set
+    # a change applied in time still reaches the context
+    env.cfg.update(v=3, reconfigure=None)
+    assert await asyncio.wait_for(env.rt.reconfigure(A, 0), 5) == "reloaded"
+    assert msgspec.msgpack.decode(await asyncio.wait_for(env.rt.call(A, "version", b""), 5)) == "3/3"
 
 
 # a slice whose module's own code (run by its import) blocks its thread until the release file

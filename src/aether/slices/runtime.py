@@ -249,6 +249,12 @@ HEALTH_REASON_MAX = 200  # characters of a failed health check's reason that are
 CLOSE_UNLOAD_WAIT = 2.0
 
 
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a finished future's exception (logged by whoever looked at it, if anyone)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 async def _in_thread(what: str, fn: Callable[..., _T], *args: Any) -> _T:
     """`asyncio.to_thread`, on a daemon thread of its own (named ``aether-slice-WHAT``): for the
     loader's work, which imports slice modules and so runs their top-level code. A module whose
@@ -634,6 +640,25 @@ class SliceRuntime:
                         redact(f"reconfigure() of {artifact} instance {instance} failed: {exc}", secrets),
                         instance=instance,
                     ) from exc
+                # applied: only now does the worker set it as the context's config (a hook that
+                # returns after its timeout must not). The message is sent whatever happens to this
+                # call from here on, and the worker takes it before anything sent to it later.
+                told = asyncio.ensure_future(
+                    e.worker.request("set_config", instance, old.slot, config=config)
+                )
+                told.add_done_callback(_consume)
+                done, _ = await asyncio.wait({told}, timeout=self.reconfigure_timeout)
+                if not done:
+                    self.log.warning(
+                        "%s: the worker of %s did not confirm the new config of instance %d within %g s "
+                        "(its loop is blocked?); it takes it once its loop runs",
+                        self.node_id, artifact, instance, self.reconfigure_timeout,
+                    )  # fmt: skip
+                elif told.exception() is not None:
+                    self.log.warning(
+                        "%s: the worker of %s did not take the new config of instance %d: %s",
+                        self.node_id, artifact, instance, redact(str(told.exception()), secrets),
+                    )  # fmt: skip
                 self.log.info("%s: %s instance %d reconfigured in place", self.node_id, artifact, instance)
                 return "reloaded"
             hook = getattr(old.obj, "reconfigure", None)

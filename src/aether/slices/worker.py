@@ -360,10 +360,15 @@ class _Worker:
                 return msgspec.msgpack.encode(result)
             return msgspec.msgpack.encode(type(result).__name__)
         if m.op == "reconfigure":
+            # the hook only: the node decides whether the change is applied (the hook returned
+            # within its `reconfigure_timeout`) and then says so (``set_config``). Set here once the
+            # hook returned, a hook that swallowed its cancellation at that timeout and returned
+            # later gave the instance the config the node had reported not applied.
             obj = self._instance(slot)
-            config = self._config(m.config)
-            await obj.reconfigure(config)  # type: ignore[attr-defined]
-            obj.context.config = config
+            await obj.reconfigure(self._config(m.config))  # type: ignore[attr-defined]
+            return b""
+        if m.op == "set_config":
+            self._instance(slot).context.config = self._config(m.config)
             return b""
         raise _Failed(f"unknown operation {m.op!r}")
 

@@ -116,13 +116,15 @@ class Load(msgspec.Struct, frozen=True, tag="load"):
     paths: list[str]
 
 
-Op = Literal["start", "stop", "call", "health", "reconfigure"]
+Op = Literal["start", "stop", "call", "health", "reconfigure", "set_config"]
 
 
 class Call(msgspec.Struct, frozen=True, tag="call"):
     """Run `op` on the object `slot` (instance id `instance`): ``start`` creates and starts it with
     `config`, ``call`` runs entry `method` with `payload`, ``stop``/``health``/``reconfigure`` call
-    those hooks. A slot names one object: a restarted instance (a new config) gets a new one while
+    those hooks (``reconfigure`` leaves `context.config` as it is), ``set_config`` sets `config` as
+    the object's `context.config` (the node applies a reconfigure so once its hook returned in
+    time). A slot names one object: a restarted instance (a new config) gets a new one while
     the old object with the same instance id drains."""
 
     cid: int
