@@ -204,6 +204,25 @@ def test_same_wheel_on_two_nodes_in_one_process(repo: Repository, tmp_path: Path
     assert not [p for p in sys.path if "/slices/" in p and str(tmp_path) in p]
 
 
+def test_an_unload_does_not_disturb_an_import_walking_sys_path(repo: Repository, tmp_path: Path) -> None:
+    """A slice module's import runs without the import space's lock (so that one whose code
+    blocks does not hold the other slices' loads and unloads), so an unload may happen while
+    another thread's import walks `sys.path` (importlib's PathFinder: `for entry in sys.path`).
+    The unload removed its code directory in place: the walk then skipped the entry after it."""
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib"], module="a_slice")
+    b = deploy(repo, tmp_path, "org.example:b:1.0.0", USES_TINYLIB, ["tinylib"], module="b_slice")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    a_dir, b_dir = str(loader.load(a).code_dir), str(loader.load(b).code_dir)
+    assert sys.path[-2:] == [a_dir, b_dir]
+    walk = iter(sys.path)  # an import in another thread, looking in a's directory
+    for p in walk:
+        if p == a_dir:
+            break
+    loader.unload(a)
+    assert a_dir not in sys.path
+    assert list(walk) == [b_dir]  # the walk goes on with the entry after a's
+
+
 @pytest.mark.parametrize(
     ("src", "needle"),
     [

@@ -36,6 +36,12 @@ two versions of one slice) cannot be loaded side by side in one interpreter: the
 instead; `prepare_isolated` installs such a slice's code and the libraries resolved for the
 worker's own import space (`ImportSpace.fresh`) without importing anything here.
 
+The import space's lock is held while a load plans, installs and puts libraries and code on
+`sys.path`, and while an unload removes them, not while the slice's module is imported (its
+top-level code runs): a module whose code blocks held every other load and unload of the process.
+What that import needs stays meanwhile (its code and libraries are recorded as used); `sys.path`
+is replaced, never changed in place, when an entry leaves it, since an import may be walking it.
+
 Blocking: `load`/`unload` do file I/O, may run pip and import code; run them in a thread.
 May import: `aether.core`, `aether.slices.*`, `packaging`.
 """
@@ -293,10 +299,22 @@ class SliceLoader:
                     p.directory = self.store.ensure(p.candidate)
             libraries = self._commit_libraries(owner, plan)
             try:
-                cls = self._import(artifact, owner, sha, code_dir, info)
+                code = self._add_code(artifact, owner, sha, code_dir, info)
             except BaseException:
                 self._release_libraries(owner)
                 raise
+        # the module's own code runs now, without the space's lock: code that blocks there (a
+        # connection opened at import) held every other load and unload of the interpreter. What
+        # the import needs is in place (its libraries and code on sys.path, its modules claimed,
+        # its users recorded: nothing of it is removed meanwhile); Python's own module locks keep
+        # two imports of one module apart.
+        try:
+            cls = self._import(artifact, code, info)
+        except BaseException:
+            with space.lock:
+                self._release_code(owner, sha)
+                self._release_libraries(owner)
+            raise
         try:
             slice_info = describe_slice(cls)
         except SliceDefinitionError as e:
@@ -462,11 +480,14 @@ class SliceLoader:
 
     # --- code ---------------------------------------------------------------------------------------
 
-    def _import(
+    def _add_code(
         self, artifact: Artifact, owner: str, sha: str, code_dir: Path, info: WheelInfo
-    ) -> type[Slice]:
+    ) -> LoadedCode:
+        """Put the slice's code on sys.path (once per wheel) and claim its modules for `owner`
+        (SliceConflict/SliceLoadError if another wheel or the process has them). With the space's
+        lock held."""
         assert info.slice_class is not None
-        module_name, _, attr = info.slice_class.partition(":")
+        module_name = info.slice_class.partition(":")[0]
         modules = tuple(sorted(set(info.top_level) | {module_name.split(".")[0]}))
         space = self.space
         for m in modules:
@@ -492,6 +513,13 @@ class SliceLoader:
             sys.path.append(str(code_dir))
             importlib.invalidate_caches()
         code.users.add(owner)
+        return code
+
+    def _import(self, artifact: Artifact, code: LoadedCode, info: WheelInfo) -> type[Slice]:
+        """Import the slice's module (its top-level code runs) and get its class. Without the
+        space's lock; the caller releases the code and libraries if this raises."""
+        assert info.slice_class is not None
+        module_name, _, attr = info.slice_class.partition(":")
         try:
             module = importlib.import_module(module_name)
             mod_file = Path(getattr(module, "__file__", "") or "").resolve()
@@ -504,13 +532,10 @@ class SliceLoader:
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except SliceLoadError:
-            self._release_code(owner, sha)
             raise
         except AttributeError:
-            self._release_code(owner, sha)
             raise SliceLoadError(f"{artifact}: module {module_name!r} has no attribute {attr!r}") from None
         except (Exception, SystemExit) as e:
-            self._release_code(owner, sha)
             frames = traceback.extract_tb(e.__traceback__)
             where = ""
             if frames and not isinstance(e, SyntaxError):
@@ -519,11 +544,7 @@ class SliceLoader:
             raise SliceLoadError(
                 f"{artifact}: importing {module_name} failed: {type(e).__name__}: {e}{where}"
             ) from None
-        except BaseException:
-            self._release_code(owner, sha)
-            raise
         if not (isinstance(obj, type) and issubclass(obj, Slice)):
-            self._release_code(owner, sha)
             raise SliceLoadError(
                 f"{artifact}: {info.slice_class} is not a subclass of aether.slices.Slice (got {obj!r})"
             )
@@ -540,10 +561,10 @@ class SliceLoader:
         for m in code.modules:
             if self.space.modules.get(m) == sha:
                 del self.space.modules[m]
-        try:
-            sys.path.remove(str(code.path))
-        except ValueError:
-            pass
+        # a new list, not removed in place: another thread may be importing (iterating sys.path)
+        # meanwhile, a slice module's import runs without the lock, and an in-place removal made
+        # that iteration skip the entry after the removed one
+        sys.path = [p for p in sys.path if p != str(code.path)]
         _purge_modules(code.modules)
         importlib.invalidate_caches()
 

@@ -756,8 +756,8 @@ class SliceRuntime:
                 await (leaving if code_wait is None else asyncio.wait_for(leaving, code_wait))
             except TimeoutError:
                 self.log.warning(
-                    "%s: the code of %s did not leave the import space within %.1f s (the import of "
-                    "another slice holds it: its module's code blocks?); left there, the node goes on",
+                    "%s: the code of %s did not leave the import space within %.1f s (another slice's "
+                    "load holds it: installing its libraries?); left there, the node goes on",
                     self.node_id, artifact, code_wait,
                 )  # fmt: skip
                 return
