@@ -2002,3 +2002,62 @@ def test_a_node_that_starts_takes_its_engines_index_of_operation_ids_whole() -> 
     assert sorted((p, o, r, at) for p, d in core.ops["m"].items() for (o, r), at in d.items()) == sorted(ops)
     core.ops["m"][0].clear()  # the core's own copy: the engine keeps its ids
     assert len(engine.ops_index()[0]) == sum(1 for op in ops if op[0] == 0)
+
+
+def test_a_copy_of_big_values_goes_to_a_replica_in_pushes_bounded_by_bytes() -> None:
+    """Pushes were bounded by their records alone (`batch_records`, 1,000): with values up to
+    `max_value_bytes` (1 MiB) one push could be 1 GiB, which the primary built whole (all its
+    pieces at once) and the replica kept until its last piece. Now a push carries whole
+    partitions within about `batch_bytes`, and only a partition bigger than that goes alone (in
+    pieces). Counted on the messages and on what each side keeps for a push (primary: the pieces
+    of its pushes in flight; replica: the pieces kept until the last one)."""
+    bound = 30_000
+    net = Net(partitions=16, batch_bytes=bound, piece_bytes=8_000)
+    keys = _filled(net, 96, 2_000)  # about 12 KB per partition: two or so per push, in pieces
+    big = [f"big{i}" for i in range(400) if partition_of(f"big{i}", 16) == 0][:20]
+    for i, key in enumerate(big):  # partition 0: 40 KB, more than the bound: alone, in pieces
+        net.submit(net.ids[0], 20_000 + i, OP_PUT, key, b"B" * 2_000)
+    net.settle()
+    keys += big
+    victim = net.ids[2]
+    _go_down(net, victim)
+    engine = Full()
+    net.drop = lambda src, dst, msg: False
+    _start_again(net, victim, engine, 77)
+
+    def held(items: Any) -> int:
+        return sum(len(rec.value or b"") for _p, _k, rec in items)
+
+    # (primary, push) -> (partitions, records, value bytes)
+    pushes: dict[tuple[str, int], tuple[list[int], int, int]] = {}
+    worst_replica = worst_primary = 0
+    for _ in range(300):
+        while net.queue:
+            src, dst, msg = net.queue[0]
+            if isinstance(msg, Push) and dst == victim and msg.map:
+                covers, n, size = pushes.get((src, msg.stream or msg.id), ([], 0, 0))
+                pushes[(src, msg.stream or msg.id)] = (
+                    msg.covers or msg.partitions or covers, n + len(msg.items), size + held(msg.items)
+                )
+            net.step()
+            for inc in net.cores[victim]._incoming.values():
+                if len(inc.parts) > 1:
+                    worst_replica = max(worst_replica, held(inc.items))
+            for i in net.ids[:2]:
+                for ps in net.cores[i]._pushes.values():
+                    if ps.peer == victim and len(ps.parts) > 1:
+                        worst_primary = max(worst_primary, sum(held(m.items) for m in ps.pieces))
+        net.tick()
+        if not any(c._promotions for c in net.cores.values()) and not net.queue:
+            break
+    assert not any(c._promotions for c in net.cores.values())
+    assert len(pushes) >= 6, pushes
+    for (_src, _rid), (covers, _n, size) in pushes.items():
+        assert size <= bound or len(covers) == 1, (covers, size)
+    assert any(covers == [0] and size > bound for covers, _n, size in pushes.values()), "the big one"
+    assert 0 < worst_primary <= bound, worst_primary
+    assert 0 < worst_replica <= bound, worst_replica
+    table = net.table
+    for p in range(16):
+        assert net.cores[victim]._holds("m", p, table.active[p]), p
+        assert _records(engine, p) == _records(net.engines[table.primary(p)], p), p

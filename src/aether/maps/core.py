@@ -229,6 +229,12 @@ class MapTimings:
     answer this many per step. One push of a third of 20,000 keys kept the replica's event loop
     from answering heartbeats for 0.1-0.2 s per push (and 0.1 s more for its commit), a sync's
     answer its owner's for 0.06-0.14 s and its merge the new primary's for 0.07-0.2 s."""
+    batch_bytes: int = 4 * 1024 * 1024
+    """The most data (records, operation ids, deleted keys) one push of a copy carries, about: a
+    copy for one replica goes in pushes of whole partitions within this (and `batch_records`); a
+    partition with more goes alone, in pieces of `piece_bytes`. The primary builds a push whole
+    and the replica keeps its pieces until the last one arrives: bounded by records alone, a push
+    of 1,000 records of values up to `MapSpec.max_value_bytes` (1 MiB) was up to 1 GiB on each."""
 
     def __post_init__(self) -> None:
         if self.retry.attempt_timeout is None:
@@ -237,6 +243,8 @@ class MapTimings:
             raise ValueError(f"piece_bytes must be at least 1, not {self.piece_bytes}")
         if self.batch_records < 1:
             raise ValueError(f"batch_records must be at least 1, not {self.batch_records}")
+        if self.batch_bytes < 1:
+            raise ValueError(f"batch_bytes must be at least 1, not {self.batch_bytes}")
 
     @property
     def op_timeout(self) -> float:
@@ -1091,9 +1099,10 @@ class MapCore:
     ) -> None:
         """Make `peer`'s copy of `parts` of map `name` equal to this node's: the whole of them, or
         (`known`: what `peer` reported holding) what differs. Map "": only the takeover itself.
-        The partitions go in pushes of about `MapTimings.batch_records` records each, the next
-        once the one before is acknowledged (`_PushState.rest`); a push larger
-        than `MapTimings.piece_bytes` goes in pieces (`Push.stream`)."""
+        The partitions go in pushes within about `MapTimings.batch_records` records and
+        `MapTimings.batch_bytes` bytes each (whole partitions; the first alone may exceed them),
+        the next once the one before is acknowledged (`_PushState.rest`); a push larger than
+        `MapTimings.piece_bytes` goes in pieces (`Push.stream`)."""
         items: list[tuple[int, str, Record]] = []
         deletes: list[tuple[int, str]] = []
         # the keys `peer` reported per partition (looked through once per chain of pushes: once
@@ -1106,19 +1115,38 @@ class MapCore:
         order = sorted(parts)
         taken: list[int] = []
         scanned = 0
+        size = 0  # what the push carries so far (as `_pieces` counts it)
+        by_p = self.ops.get(name, {})
         try:
             for p in order if name else ():
-                if taken and scanned >= self.t.batch_records:
-                    break
-                taken.append(p)
+                # a partition that would take the push past a bound starts the next one (read no
+                # further than that: the first of a push goes whole, whatever its size)
                 engine = self.engines[name]
                 mine: set[str] = set()
+                its: list[tuple[int, str, Record]] = []
+                n = 0
+                more = sum(_op_size((p, o, r, at)) for (o, r), at in by_p.get(p, {}).items())
+                over = False
                 for key, rec in engine.scan(p):
                     mine.add(key)
-                    scanned += 1
+                    n += 1
                     if known is None or known.get((p, key)) != (rec.epoch, rec.seq):
-                        items.append((p, key, rec))
-                deletes.extend((p, key) for key in reported.get(p, ()) if key not in mine)
+                        its.append((p, key, rec))
+                        more += _record_size(key, rec)
+                    if taken and (scanned + n > self.t.batch_records or size + more > self.t.batch_bytes):
+                        over = True
+                        break
+                if not over:
+                    gone = [(p, key) for key in reported.get(p, ()) if key not in mine]
+                    more += sum(len(key.encode()) + 16 for _p, key in gone)
+                    over = bool(taken) and size + more > self.t.batch_bytes
+                if over:
+                    break
+                taken.append(p)
+                items.extend(its)
+                deletes.extend(gone)
+                scanned += n
+                size += more
         except Exception as e:
             self._storage_failed(name, e)
             return

@@ -95,12 +95,14 @@ class Profile:
     # after committing (the caller cannot know the outcome, as with a real consensus timeout)
     piece_bytes: int = 0  # `MapTimings.piece_bytes` (0: the default): small, pushes go in many pieces
     batch_records: int = 0  # `MapTimings.batch_records` (0: the default): small, a copy goes in many pushes
+    batch_bytes: int = 0  # `MapTimings.batch_bytes` (0: the default): small, so are pushes of big records
 
     def describe(self) -> str:
         faults = ",".join(sorted(self.kinds)) or "none"
         engine = "log" if self.engine == "log" else "persistent" if self.persistent else "memory"
         pieces = f" piece_bytes={self.piece_bytes}" if self.piece_bytes else ""
         pieces += f" batch_records={self.batch_records}" if self.batch_records else ""
+        pieces += f" batch_bytes={self.batch_bytes}" if self.batch_bytes else ""
         return f"nodes={self.nodes} R={self.replicas} W={self.write_quorum} {engine} faults={faults}{pieces}"
 
 
@@ -155,12 +157,13 @@ def _log(rng: random.Random) -> Profile:
 
 def _pieces(rng: random.Random) -> Profile:
     """Pushes, sync chunks and keys answers within a budget of a few hundred bytes, and a copy in
-    pushes of a record or three: every copy a takeover or a returning replica gets travels in many
-    pushes and pieces, under kills, cuts, duplicated
+    pushes of a record or three, or of a few hundred bytes (`batch_bytes`): every copy a takeover
+    or a returning replica gets travels in many pushes and pieces, under kills, cuts, duplicated
     messages, full disks and a joining node."""
     return Profile(
         nodes=rng.choice([3, 4, 5]), persistent=rng.random() < 0.5, duplicate=0.01, keys=8,
-        piece_bytes=rng.choice([200, 400]), batch_records=rng.choice([1, 3]),
+        piece_bytes=rng.choice([200, 400]), batch_records=rng.choice([1, 3, 50]),
+        batch_bytes=rng.choice([150, 600]),
         kinds={"kill": 1.0, "isolate": 1.0, "split": 0.5, "flap": 1.0, "disk": 0.3, "add": 0.5},
     )
 
@@ -470,6 +473,7 @@ class MapWorld:
             force_after=6.0, drop_after=8.0, probe_after=2.0,
             **({"piece_bytes": self.profile.piece_bytes} if self.profile.piece_bytes else {}),
             **({"batch_records": self.profile.batch_records} if self.profile.batch_records else {}),
+            **({"batch_bytes": self.profile.batch_bytes} if self.profile.batch_bytes else {}),
         )
         self.store = SimStore(self)
         self.views: dict[str, NodeKV] = {}
