@@ -2061,3 +2061,41 @@ def test_a_copy_of_big_values_goes_to_a_replica_in_pushes_bounded_by_bytes() -> 
     for p in range(16):
         assert net.cores[victim]._holds("m", p, table.active[p]), p
         assert _records(engine, p) == _records(net.engines[table.primary(p)], p), p
+
+
+def test_a_partition_stepped_down_from_mid_copy_holds_up_none_of_the_other_partitions() -> None:
+    """A takeover's copy for a replica goes in a chain of pushes. When a partition of the push in
+    flight stopped being this node's (a newer primary fenced it), the push was dropped, and with
+    it the partitions queued after it; nothing pushed them again (a takeover pushes once its
+    partitions are synced, and they were), so their takeover waited for acknowledgements that
+    never came and they stayed unserved. Now the partitions left go in a new push."""
+    net = Net(partitions=16, batch_records=1)
+    _filled(net, 64, 10)
+    victim = net.ids[2]
+    # the copies the takeovers push do not arrive yet
+    net.drop = lambda src, dst, msg: victim in (src, dst) or (isinstance(msg, Push) and msg.map == "m")
+    net.remove(victim)
+    net.settle(net.t.down_grace + 2.0)
+    assert victim not in net.table.members
+    chains = [
+        (node, ps) for node in net.ids[:2] for ps in net.cores[node]._pushes.values()
+        if ps.name == "m" and ps.rest and ps.promotion is not None and not ps.promotion.syncing
+    ]
+    assert chains, "a takeover past its syncs pushes a chain"
+    node, ps = chains[0]
+    prom = ps.promotion
+    assert prom is not None
+    other = next(i for i in net.ids[:2] if i != node)
+    gone = ps.parts[0]
+    left = set(prom.parts) - {gone}
+    assert set(ps.rest) <= left
+    # a newer primary fences the partition of the push in flight
+    net.run(node, net.cores[node].receive(
+        other, SyncRequest(999_999, "m", [gone], prom.version + 1), net.now, int(net.now * 1000)
+    ))
+    assert gone not in net.cores[node].prims
+    net.drop = lambda src, dst, msg: victim in (src, dst)
+    net.settle(5.0)
+    assert prom not in net.cores[node]._promotions, net.cores[node]._takeover_status(min(prom.parts))
+    for p in left:
+        assert net.cores[node].prims[p].ready, p

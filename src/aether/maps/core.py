@@ -1308,9 +1308,16 @@ class MapCore:
             for t in ops_targets:
                 self._refuse(t, KIND_NOT_PRIMARY, why)
             self._untrack(w)
+        # a push of a partition gone is dropped (its pieces carry that partition's records): the
+        # takeover pushes its other partitions, and those queued after it, again (nothing else
+        # would: a takeover pushes when partitions finish their sync, and these had; they waited
+        # for acknowledgements that never came). A push of no takeover is pulled again.
+        again: list[_Promotion] = []
         for rid, ps in list(self._pushes.items()):
             if not gone.keys().isdisjoint(ps.parts):
                 del self._pushes[rid]
+                if ps.promotion is not None and ps.promotion not in again:
+                    again.append(ps.promotion)
             elif not gone.keys().isdisjoint(ps.rest):
                 ps.rest = [p for p in ps.rest if p not in gone]
         for prom in list(self._promotions):
@@ -1319,6 +1326,10 @@ class MapCore:
                 prom.syncing.difference_update(gone)
                 if advance:
                     self._advance(prom)
+        if advance:  # (else the caller takes every partition left over again: set_table)
+            for prom in again:
+                if prom in self._promotions:
+                    self._start_push(prom)
         for op, why in ops:
             self._refuse_op(op, KIND_NOT_PRIMARY, why)
 
