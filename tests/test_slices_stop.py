@@ -528,6 +528,26 @@ class Blocks(Slice):
 """
 
 
+def _runtime_with_a_blocking_import(
+    tmp_path: Path, release: Path, blocks: Artifact, *others: Artifact
+) -> SliceRuntime:
+    """A runtime (thread slices) whose repository holds `blocks`, whose module's import blocks until
+    the file `release` exists, and `others`, each a `STUBBORN` slice (module ``{name}_slice``)."""
+    repo = Repository(tmp_path / "repo")
+    for a in others:
+        module = f"{a.artifact}_slice"
+        repo.deploy(build_slice_wheel(tmp_path / "w", str(a), STUBBORN, "Stubborn", module=module))
+    source = BLOCKS_ON_IMPORT.format(release=str(release))
+    repo.deploy(build_slice_wheel(tmp_path / "w", str(blocks), source, "Blocks", module="blocks_slice"))
+    inv = StoreInvoker()
+    rt = SliceRuntime(
+        "node-1", repo, tmp_path / "data", inv, space=ImportSpace(), stop_timeout=STOP_TIMEOUT,
+        config_for=lambda a: {"release": str(release)}, isolation_for=lambda a: "thread",
+    )  # fmt: skip
+    inv.add(rt)
+    return rt
+
+
 async def test_a_slice_whose_import_blocks_holds_neither_the_stop_nor_the_process_exit(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -542,16 +562,7 @@ async def test_a_slice_whose_import_blocks_holds_neither_the_stop_nor_the_proces
     release = tmp_path / "release"
     ok, blocks = Artifact.parse("org.t:ok:1.0.0"), Artifact.parse("org.t:blocks:1.0.0")
     with isolated_imports():
-        repo = Repository(tmp_path / "repo")
-        repo.deploy(build_slice_wheel(tmp_path / "w", str(ok), STUBBORN, "Stubborn", module="ok_slice"))
-        source = BLOCKS_ON_IMPORT.format(release=str(release))
-        repo.deploy(build_slice_wheel(tmp_path / "w", str(blocks), source, "Blocks", module="blocks_slice"))
-        inv = StoreInvoker()
-        rt = SliceRuntime(
-            "node-1", repo, tmp_path / "data", inv, space=ImportSpace(), stop_timeout=STOP_TIMEOUT,
-            config_for=lambda a: {"release": str(release)}, isolation_for=lambda a: "thread",
-        )  # fmt: skip
-        inv.add(rt)
+        rt = _runtime_with_a_blocking_import(tmp_path, release, blocks, ok)
         try:
             await rt.load(ok)
             await rt.activate(ok, [0])
@@ -581,17 +592,7 @@ async def test_a_slice_whose_import_blocks_holds_no_other_slice_load_or_unload(t
     ok, other = Artifact.parse("org.t:ok:1.0.0"), Artifact.parse("org.t:other:1.0.0")
     blocks = Artifact.parse("org.t:blocks:1.0.0")
     with isolated_imports():
-        repo = Repository(tmp_path / "repo")
-        repo.deploy(build_slice_wheel(tmp_path / "w", str(ok), STUBBORN, "Stubborn", module="ok_slice"))
-        repo.deploy(build_slice_wheel(tmp_path / "w", str(other), STUBBORN, "Stubborn", module="other_slice"))
-        source = BLOCKS_ON_IMPORT.format(release=str(release))
-        repo.deploy(build_slice_wheel(tmp_path / "w", str(blocks), source, "Blocks", module="blocks_slice"))
-        inv = StoreInvoker()
-        rt = SliceRuntime(
-            "node-1", repo, tmp_path / "data", inv, space=ImportSpace(), stop_timeout=STOP_TIMEOUT,
-            config_for=lambda a: {"release": str(release)}, isolation_for=lambda a: "thread",
-        )  # fmt: skip
-        inv.add(rt)
+        rt = _runtime_with_a_blocking_import(tmp_path, release, blocks, ok, other)
         try:
             await rt.load(ok)
             await rt.activate(ok, [0])
