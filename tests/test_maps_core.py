@@ -1883,6 +1883,17 @@ class _Counting(Full):
         return iter(records)
 
 
+def _count_engines(net: Net, ids: list[str]) -> None:
+    """Give the nodes `ids` a `_Counting` engine of map "m" holding what theirs held."""
+    for i in ids:
+        old = net.engines[i]
+        counting = net.engines[i] = _Counting()
+        for p in range(net.partitions):
+            for key, rec in old.scan(p):
+                counting.put(p, key, rec)
+        net.cores[i].engines["m"] = counting
+
+
 def test_a_big_copy_goes_to_a_replica_in_pushes_of_bounded_size() -> None:
     """A replica that came back empty gets each primary's copy of its partitions. It went in one
     push: reading it (primary), and decoding, applying and committing it (replica) were each one
@@ -1894,13 +1905,7 @@ def test_a_big_copy_goes_to_a_replica_in_pushes_of_bounded_size() -> None:
     keys = _filled(net, 1200, 8)
     victim = net.ids[2]
     _go_down(net, victim)
-    for i in net.ids[:2]:
-        old = net.engines[i]
-        counting = net.engines[i] = _Counting()
-        for p in range(64):
-            for key, rec in old.scan(p):
-                counting.put(p, key, rec)
-        net.cores[i].engines["m"] = counting
+    _count_engines(net, net.ids[:2])
     engine = _Counting()
     net.drop = lambda src, dst, msg: False
     _start_again(net, victim, engine, 77)
@@ -1943,13 +1948,7 @@ def test_a_takeovers_sync_is_answered_and_merged_in_bounded_steps() -> None:
     victim = net.ids[2]
     stale = net.table
     _go_down(net, victim)
-    for i in net.ids[:2]:
-        old = net.engines[i]
-        counting = net.engines[i] = _Counting()
-        for p in range(64):
-            for key, rec in old.scan(p):
-                counting.put(p, key, rec)
-        net.cores[i].engines["m"] = counting
+    _count_engines(net, net.ids[:2])
     engine = _Counting()
     for p in range(64):  # it comes back with the copy it had (as a log engine does)
         for key, rec in net.engines[net.ids[0]].scan(p):
