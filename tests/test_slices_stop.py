@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -529,9 +530,9 @@ class Blocks(Slice):
 
 
 def _runtime_with_a_blocking_import(
-    tmp_path: Path, release: Path, blocks: Artifact, *others: Artifact
+    tmp_path: Path, release: Path, blocks: Artifact, *others: Artifact, mode: str = "thread"
 ) -> SliceRuntime:
-    """A runtime (thread slices) whose repository holds `blocks`, whose module's import blocks until
+    """A runtime (isolation `mode`) whose repository holds `blocks`, whose module's import blocks until
     the file `release` exists, and `others`, each a `STUBBORN` slice (module ``{name}_slice``)."""
     repo = Repository(tmp_path / "repo")
     for a in others:
@@ -542,7 +543,7 @@ def _runtime_with_a_blocking_import(
     inv = StoreInvoker()
     rt = SliceRuntime(
         "node-1", repo, tmp_path / "data", inv, space=ImportSpace(), stop_timeout=STOP_TIMEOUT,
-        config_for=lambda a: {"release": str(release)}, isolation_for=lambda a: "thread",
+        config_for=lambda a: {"release": str(release)}, isolation_for=lambda a: mode,
     )  # fmt: skip
     inv.add(rt)
     return rt
@@ -614,3 +615,118 @@ async def test_a_slice_whose_import_blocks_holds_no_other_slice_load_or_unload(t
             for t in threading.enumerate():  # (the import ends)
                 if t.name.startswith("aether-slice-"):
                     t.join(5.0)
+
+
+async def _import_threads_end() -> None:
+    """Wait for the loader's threads (a blocked import that was released) to end."""
+    for t in threading.enumerate():
+        if t.name.startswith("aether-slice-"):
+            await asyncio.to_thread(t.join, 5.0)
+
+
+async def test_a_load_given_up_at_its_deadline_is_undone_when_its_import_ends(tmp_path: Path) -> None:
+    """The load step's deadline cancelled `load` while the slice's module was still being imported:
+    the import ended later and the loader kept the slice loaded in the import space (its code on
+    sys.path, its module claimed, `loader.loaded` set), but the runtime had no entry for it, so the
+    undeploy's `unload` released nothing, ever. The next version of the slice (the same module)
+    then conflicted with it and went to a worker process. Now the abandoned load is undone when its
+    import ends, and the next version loads here normally."""
+    release = tmp_path / "release"
+    blocks, newer = Artifact.parse("org.t:blocks:1.0.0"), Artifact.parse("org.t:blocks:2.0.0")
+    with isolated_imports():
+        rt = _runtime_with_a_blocking_import(tmp_path, release, blocks)
+        source = BLOCKS_ON_IMPORT.format(release=str(release))
+        wheel = build_slice_wheel(tmp_path / "w", str(newer), source, "Blocks", module="blocks_slice")
+        rt.repository.deploy(wheel)
+        space = rt.loader.space
+        try:
+            with pytest.raises(TimeoutError):  # (the load step's deadline)
+                await asyncio.wait_for(rt.load(blocks), 0.3)
+            await bounded(rt.unload(blocks), "unloading (the undeploy)", 1.0)
+            assert rt.artifacts() == {}
+            release.touch()  # the import ends now
+            await _import_threads_end()
+            deadline = time.monotonic() + 2
+            while (space.code or rt.loader.loaded(blocks)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert space.code == {} and space.modules == {}, "the abandoned load was undone"
+            assert rt.loader.loaded(blocks) is None
+            assert not [p for p in sys.path if p.startswith(str(tmp_path))], "its code left sys.path"
+            assert rt.artifacts() == {}
+            await asyncio.wait_for(rt.load(newer), 5)
+            assert rt.workers() == {} and rt.isolation(newer) == "thread", "loaded here, no conflict"
+            await rt.activate(newer, [0])
+            assert await asyncio.wait_for(rt.call(newer, "ping", b""), 5) == b"\xa4pong"
+        finally:
+            release.touch()
+            await rt.close(drain_timeout=0.1)
+            await _import_threads_end()
+
+
+async def test_a_load_retried_while_the_abandoned_one_still_imports_takes_it_over(tmp_path: Path) -> None:
+    """The deployer retries the load of a slice whose first load it gave up on, the import still
+    running: the retry waits for that import (no second one) and gets the slice loaded; it is not
+    undone under it when the first, abandoned, load ends."""
+    release = tmp_path / "release"
+    blocks = Artifact.parse("org.t:blocks:1.0.0")
+    with isolated_imports():
+        rt = _runtime_with_a_blocking_import(tmp_path, release, blocks)
+        try:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(rt.load(blocks), 0.3)
+            retry = asyncio.ensure_future(rt.load(blocks))
+            await asyncio.sleep(0.1)
+            assert not retry.done()
+            loads = [t for t in threading.enumerate() if t.name == f"aether-slice-load {blocks}"]
+            assert len(loads) == 1, "one import of the slice"
+            release.touch()
+            await asyncio.wait_for(retry, 5)
+            await _import_threads_end()
+            await asyncio.sleep(0.1)  # (an undo would run now)
+            assert rt.state(blocks) == "loaded" and rt.loader.loaded(blocks) is not None
+            (code,) = rt.loader.space.code.values()
+            assert code.users == {f"{blocks} on node-1"}
+            await rt.activate(blocks, [0])
+            assert await asyncio.wait_for(rt.call(blocks, "ping", b""), 5) == b"\xa4pong"
+            await rt.unload(blocks)
+            assert rt.loader.space.code == {}
+        finally:
+            release.touch()
+            await rt.close(drain_timeout=0.1)
+            await _import_threads_end()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table in /proc")
+async def test_a_load_given_up_while_its_worker_process_starts_stops_that_worker(tmp_path: Path) -> None:
+    """isolation = "process": a load given up while its worker process imports the slice (its
+    module's code blocks) stops that worker at once and releases what was held for it (the
+    worker count, its library directories); a later load of the artifact works normally."""
+    release = tmp_path / "release"
+    blocks = Artifact.parse("org.t:blocks:1.0.0")
+    with isolated_imports():
+        rt = _runtime_with_a_blocking_import(tmp_path, release, blocks, mode="process")
+        try:
+            before = _worker_processes()
+            loading = asyncio.ensure_future(rt.load(blocks))
+            deadline = time.monotonic() + 10
+            while not (_worker_processes() - before) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            spawned = _worker_processes() - before
+            assert spawned and not loading.done()
+            loading.cancel()  # (the load step's deadline)
+            with pytest.raises(asyncio.CancelledError):
+                await loading
+            deadline = time.monotonic() + 3
+            while spawned & _worker_processes() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert not spawned & _worker_processes(), "its worker process was stopped"
+            await asyncio.sleep(0.05)
+            assert rt._workers_reserved == 0 and rt.loader.space.held == {} and rt.artifacts() == {}
+            release.touch()
+            await asyncio.wait_for(rt.load(blocks), 10)
+            assert rt.worker_pid(blocks) is not None
+            await rt.activate(blocks, [0])
+            assert await asyncio.wait_for(rt.call(blocks, "ping", b""), 5) == b"\xa4pong"
+        finally:
+            release.touch()
+            await rt.close(drain_timeout=0.1)

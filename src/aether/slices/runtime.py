@@ -353,6 +353,25 @@ class _Entry:
         return self.thread is not None
 
 
+class _Loading:
+    """A load under way (`SliceRuntime.load`): its task and how many callers wait for it; `gone` is
+    set while none does (all gave up: the load is undone when it ends)."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Future[SliceInfo]
+        self.waiting = 0
+        self.gone = asyncio.Event()
+
+    def join(self) -> None:
+        self.waiting += 1
+        self.gone.clear()
+
+    def leave(self) -> None:
+        self.waiting -= 1
+        if not self.waiting:
+            self.gone.set()
+
+
 class SliceRuntime:
     """Loads, runs and calls the slices of one node.
 
@@ -439,6 +458,7 @@ class SliceRuntime:
         # activated or deactivated (`_changed`)
         self._match_cache: dict[str, list[_Entry]] = {}
         self._locks: dict[Artifact, asyncio.Lock] = {}
+        self._loading: dict[Artifact, _Loading] = {}  # loads under way (`load`), by artifact
         self._closes = 0  # how many times `close` began (a load it did not see checks it)
         self._retiring: set[asyncio.Future[None]] = set()  # replaced instances being drained and stopped
         self.limits_for = limits_for
@@ -472,24 +492,25 @@ class SliceRuntime:
 
         Idempotent. Raises `SliceLoadError(reason)`; also when `close` began while it loaded (it is
         then unloaded at once, its worker process stopped: `close` knew nothing of it).
+
+        The work runs as a task of its own (`_Loading`), which the callers of `load` wait for: a
+        caller that stops waiting (the load step's deadline) does not stop an import under way (it
+        runs on a thread; nothing can interrupt it), and a later load of the artifact waits for the
+        same one. When its last caller has given up, the load is undone as soon as it ends (the
+        slice leaves the import space; a worker process still starting is stopped at once), so
+        nothing stays loaded that the runtime does not know of.
         """
         closes = self._closes
-        async with self._lock(artifact):
-            e = self._entries.get(artifact)
-            if e is not None:
-                return e.loaded.info
-            mode = self._isolation(artifact)
-            if mode == "process":
-                e = await self._load_in_worker(artifact, 'its blueprint sets isolation = "process"')
-            else:
-                try:
-                    e = _Entry(await _in_thread(f"load {artifact}", self.loader.load, artifact))
-                except SliceConflict as exc:
-                    e = await self._load_in_worker(artifact, exc.reason)
-            self._entries[artifact] = e
-            self._changed()
-            where = f" in worker process {e.worker.pid}" if e.worker is not None else ""
-            self.log.info("%s: loaded %s (%s)%s", self.node_id, artifact, e.loaded.info.name, where)
+        job = self._loading.get(artifact)
+        if job is None:
+            job = self._loading[artifact] = _Loading()
+            job.task = asyncio.ensure_future(self._load_job(artifact, job))
+            job.task.add_done_callback(_consume)
+        job.join()
+        try:
+            info = await asyncio.shield(job.task)
+        finally:
+            job.leave()
         if self._closes != closes:
             try:
                 await self._unload(artifact, CLOSE_UNLOAD_WAIT)
@@ -500,7 +521,46 @@ class SliceRuntime:
                 f"{artifact}: the slice runtime of {self.node_id} was closed while it loaded (the node "
                 "stops); unloaded"
             )
-        return e.loaded.info
+        return info
+
+    def _abandoned(self, artifact: Artifact) -> SliceLoadError:
+        return SliceLoadError(
+            f"{artifact}: its load on {self.node_id} was given up by its caller(s) (a deadline); undone"
+        )
+
+    async def _load_job(self, artifact: Artifact, job: _Loading) -> SliceInfo:
+        """The work of `load` (see there): under the artifact's lock, for as long as it takes; undone
+        if every caller has given up by the time it ends."""
+        async with self._lock(artifact):
+            try:
+                e = self._entries.get(artifact)
+                if e is not None:
+                    return e.loaded.info
+                if job.gone.is_set():  # given up while it waited for the lock: nothing to do
+                    raise self._abandoned(artifact)
+                mode = self._isolation(artifact)
+                if mode == "process":
+                    e = await self._load_in_worker(artifact, 'its blueprint sets isolation = "process"', job)
+                else:
+                    try:
+                        e = _Entry(await _in_thread(f"load {artifact}", self.loader.load, artifact))
+                    except SliceConflict as exc:
+                        e = await self._load_in_worker(artifact, exc.reason, job)
+            finally:  # from here on, a new load of the artifact is a new job (after this one)
+                if self._loading.get(artifact) is job:
+                    del self._loading[artifact]
+            if job.gone.is_set():  # nobody waits for it any more: undone, under the lock still
+                self.log.warning(
+                    "%s: the load of %s ended after its caller gave up on it; unloading it",
+                    self.node_id, artifact,
+                )  # fmt: skip
+                await self._release(artifact, e)
+                raise self._abandoned(artifact)
+            self._entries[artifact] = e
+            self._changed()
+            where = f" in worker process {e.worker.pid}" if e.worker is not None else ""
+            self.log.info("%s: loaded %s (%s)%s", self.node_id, artifact, e.loaded.info.name, where)
+            return e.loaded.info
 
     def _isolation(self, artifact: Artifact) -> str:
         if self.isolation_for is None:
@@ -511,8 +571,9 @@ class SliceRuntime:
             self.log.exception("%s: reading the isolation of %s failed; using auto", self.node_id, artifact)
             return "auto"
 
-    async def _load_in_worker(self, artifact: Artifact, reason: str) -> _Entry:
-        """Prepare `artifact`'s code and libraries for a worker of its own and start that worker."""
+    async def _load_in_worker(self, artifact: Artifact, reason: str, job: _Loading) -> _Entry:
+        """Prepare `artifact`'s code and libraries for a worker of its own and start that worker; a
+        worker still starting when every caller of the load has given up (`job`) is stopped then."""
         if self._workers_reserved >= self.max_workers:
             raise SliceLoadError(
                 f"{artifact} needs a worker process of its own ({reason}), but {self.node_id} already runs "
@@ -528,7 +589,20 @@ class SliceRuntime:
                 self.node_id, self.invoker, maps=self.maps, logger=self.log, policy=self.worker_policy(),
                 stop_timeout=self.stop_timeout,
             )  # fmt: skip
-            desc = await host.open()
+            if job.gone.is_set():
+                raise self._abandoned(artifact)
+            opening = asyncio.ensure_future(host.open())
+            gone = asyncio.ensure_future(job.gone.wait())
+            try:
+                await asyncio.wait({opening, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not opening.done():  # abandoned, or this task cancelled: its process is killed
+                    opening.cancel()
+                    await asyncio.wait({opening})
+            if opening.cancelled():
+                raise self._abandoned(artifact)
+            desc = opening.result()
         except BaseException:
             self._workers_reserved -= 1
             self.loader.release_isolated(artifact)
@@ -738,30 +812,40 @@ class SliceRuntime:
         slice whose module's code blocks its import holds) ends after that many seconds."""
         if artifact in self._entries and self._entries[artifact].state == "active":
             await self.deactivate(artifact)
+        job = self._loading.get(artifact)
+        if artifact not in self._entries and job is not None and job.gone.is_set():
+            return  # a load its callers gave up on: it undoes itself when it ends (`load`)
         async with self._lock(artifact):
             e = self._entries.pop(artifact, None)
             if e is None:
                 return
             self._changed()
-            if e.worker is not None:
-                try:
-                    await e.worker.close()
-                finally:
-                    self._workers_reserved -= 1
-                    self.loader.release_isolated(artifact)
-                self.log.info("%s: unloaded %s (its worker process stopped)", self.node_id, artifact)
-                return
-            leaving = _in_thread(f"unload {artifact}", self.loader.unload, artifact)
+            if await self._release(artifact, e, code_wait):
+                where = " (its worker process stopped)" if e.worker is not None else ""
+                self.log.info("%s: unloaded %s%s", self.node_id, artifact, where)
+
+    async def _release(self, artifact: Artifact, e: _Entry, code_wait: float | None = None) -> bool:
+        """Undo the load of `e` (no longer among the entries): stop its worker process and release
+        what was held for it, or take its code out of the import space (waiting `code_wait` s at
+        most: False if it did not leave by then)."""
+        if e.worker is not None:
             try:
-                await (leaving if code_wait is None else asyncio.wait_for(leaving, code_wait))
-            except TimeoutError:
-                self.log.warning(
-                    "%s: the code of %s did not leave the import space within %.1f s (another slice's "
-                    "load holds it: installing its libraries?); left there, the node goes on",
-                    self.node_id, artifact, code_wait,
-                )  # fmt: skip
-                return
-            self.log.info("%s: unloaded %s", self.node_id, artifact)
+                await e.worker.close()
+            finally:
+                self._workers_reserved -= 1
+                self.loader.release_isolated(artifact)
+            return True
+        leaving = _in_thread(f"unload {artifact}", self.loader.unload, artifact)
+        try:
+            await (leaving if code_wait is None else asyncio.wait_for(leaving, code_wait))
+        except TimeoutError:
+            self.log.warning(
+                "%s: the code of %s did not leave the import space within %.1f s (another slice's "
+                "load holds it: installing its libraries?); left there, the node goes on",
+                self.node_id, artifact, code_wait,
+            )  # fmt: skip
+            return False
+        return True
 
     async def close(self, drain_timeout: float = 5.0) -> None:
         """Deactivate and unload everything (node shutdown), every artifact at once: their calls
