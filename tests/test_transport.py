@@ -451,6 +451,133 @@ async def test_a_restarted_peer_is_not_timed_out_while_the_survivor_backs_off() 
             await b2.t.stop()
 
 
+class StuckDialTarget:
+    """Listens on 127.0.0.1:`port` so that a dial to it gets stuck, as across machines:
+    "connecting" (the accept queue is full, so the kernel drops the SYN and the dialer's connect
+    hangs in SYN retries, as towards a machine that is down) or "handshaking" (the connection is
+    accepted and then nothing is ever answered, like a half-open one)."""
+
+    def __init__(self, port: int, stuck_in: str) -> None:
+        self.port = port
+        self.stuck_in = stuck_in
+        self.socks: list[socket.socket] = []
+        self.server: asyncio.Server | None = None
+        self.accepted: list[asyncio.BaseTransport] = []
+
+    async def open(self) -> None:
+        if self.stuck_in == "handshaking":
+            accepted = self.accepted
+
+            class Silent(asyncio.Protocol):
+                def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                    accepted.append(transport)
+
+            self.server = await asyncio.get_running_loop().create_server(Silent, HOST, self.port)
+            self.port = self.server.sockets[0].getsockname()[1]  # if given 0
+            return
+        lsock = socket.socket()
+        self.socks.append(lsock)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((HOST, self.port))
+        lsock.listen(0)
+        self.socks.append(socket.create_connection((HOST, self.port), timeout=1.0))  # queue now full
+        with socket.socket() as probe:  # check that a connect to the port now hangs
+            probe.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                probe.connect((HOST, self.port))
+            await asyncio.sleep(0.05)
+            with pytest.raises(OSError):
+                probe.getpeername()  # still not connected: the SYN was dropped
+
+    def close_listener(self) -> None:
+        """Free the port; a connection accepted in "handshaking" stays open (and silent)."""
+        if self.server is not None:
+            self.server.close()
+        for s in self.socks:
+            s.close()
+
+    def close(self) -> None:
+        self.close_listener()
+        for tr in self.accepted:
+            tr.abort()
+
+
+@pytest.mark.parametrize(
+    ("stuck_in", "hb_timeout"),
+    [("connecting", 0.4), ("handshaking", 0.4), ("connecting", 1.6), ("handshaking", 1.6)],
+)
+async def test_a_restarted_peer_is_not_timed_out_while_the_survivor_dial_is_stuck(
+    stuck_in: str, hb_timeout: float
+) -> None:
+    """Like the test above, but the survivor's dial to the restarted node does not sleep a backoff:
+    it is stuck connecting (SYN retries towards a machine that was down) or handshaking (a
+    half-open connection), for up to handshake_timeout (3 s here). The restarted node dials the
+    survivor and sees it up on the ack; the survivor must give up its stuck attempt and dial again,
+    or the restarted node hears nothing and times it out after heartbeat_timeout (0.4 s, well
+    before the survivor's SYN retry 1 s after its first SYN could reach it). The stuck dial is
+    0.3 s old when the peer proves itself: older than heartbeat_timeout / 4 with 0.4 s (given up at
+    once), younger with 1.6 s (given up when 0.4 s old): both must be up within 0.5 s either way."""
+    kw: dict[str, Any] = {"heartbeat_timeout": hb_timeout, "handshake_timeout": 3.0}
+    async with cluster(["a", "b"], **kw) as nodes:
+        a = nodes["a"]
+        members = a.t.members
+        await nodes["b"].t.stop()  # abortive, like kill -9
+        target = StuckDialTarget(members["b"].port, stuck_in)
+        b2: Node | None = None
+        try:
+            await target.open()  # a's next dial to b (backoff of some 20-40 ms) gets stuck there
+            await wait_until(lambda: a.t.up_peers == set(), what="b down")
+            if stuck_in == "handshaking":
+                await wait_until(lambda: bool(target.accepted), what="a's dial stuck in the handshake")
+            await asyncio.sleep(0.3)
+            target.close_listener()  # b's port is free again; a's dial stays stuck
+            a.events.clear()
+            b2 = Node("b", members=dict(members), port=members["b"].port, **kw)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await b2.t.start()
+            await wait_until(lambda: b2.t.up_peers == {"a"}, timeout=2.0, what="b2 sees a up")
+            await wait_until(lambda: a.t.up_peers == {"b"}, timeout=2.0, what="a sees b2 up")
+            both_up = loop.time() - started
+            await asyncio.sleep(0.6)  # past b2's heartbeat timeout (0.4 s) counted from its link coming up
+            assert not [e for e in b2.events if isinstance(e, PeerDown)], b2.events
+            assert b2.t.up_peers == {"a"} and a.t.up_peers == {"b"}
+            assert [e for e in a.events if isinstance(e, PeerUp | PeerDown)] == [PeerUp("b")]
+            assert both_up < 0.5, f"a saw the restarted b only {both_up:.2f}s after it started"
+        finally:
+            target.close()
+            if b2 is not None:
+                await b2.t.stop()
+
+
+async def test_a_peer_reachable_one_way_gets_one_prompt_redial_per_proof() -> None:
+    """b reaches a, but a's dials to b hang (its address for b is a silent listener): b dials a,
+    sees it up, hears nothing, times it out, dials again, and so on. Each time b proves itself, a
+    gives up its stuck dial and dials once more, and no more than that: no tight loop."""
+    kw: dict[str, Any] = {"heartbeat_timeout": 0.4, "handshake_timeout": 3.0}
+    a, b = Node("a", **kw), Node("b", **kw)
+    target = StuckDialTarget(0, "handshaking")
+    try:
+        await target.open()
+        sink_address = Address(HOST, target.port)
+        await a.t.start()
+        await b.t.start()
+        a_addr, b_addr = Address(HOST, a.t.port), Address(HOST, b.t.port)
+        a.t.set_members({"a": a_addr, "b": sink_address})
+        b.t.set_members({"a": a_addr, "b": b_addr})
+        await asyncio.sleep(2.0)
+        proofs = sum(1 for e in b.events if isinstance(e, PeerUp))  # b's links up: a accepted its proof
+        downs = [e for e in b.events if isinstance(e, PeerDown)]
+        assert proofs >= 3 and all("heartbeat timeout" in e.reason for e in downs), b.events
+        dials = len(target.accepted)  # a's dials to b, all stuck in the handshake
+        assert proofs <= dials <= proofs + 1, f"{dials} dials for {proofs} proofs"
+        assert a.t.up_peers == set()
+    finally:
+        await a.t.stop()
+        await b.t.stop()
+        target.close()
+
+
 async def test_heartbeat_timeout_marks_silent_peer_down() -> None:
     async with fake_server(node_id="mute") as (mute, fakes):
         n = Node(

@@ -39,7 +39,13 @@ ack) hears from us only once our dial to it is established. So when a peer prove
 inbound connection while our dial to it sleeps in its backoff (grown while the peer was away, up
 to ``reconnect_max``), the sleep is cut short and we dial at once; otherwise a node restarted
 at once (kill -9, start) would hear nothing for up to ``reconnect_max`` and time us out after
-``heartbeat_timeout``, losing quorum for a moment. Nothing changes on the wire. Every change publishes
+``heartbeat_timeout``, losing quorum for a moment. Likewise when our dial is still connecting
+(SYN retries towards a machine that was down) or waiting for its ``HelloAck`` (a half-open
+connection), which could last up to the handshake timeout: once that dial is
+``heartbeat_timeout / 4`` old it is given up and made again at once. The proof also makes the
+next dial after a failed one start without backoff. Each proof buys at most one such prompt dial
+and failures still grow the backoff, so a peer that reaches us while we cannot reach it makes us
+dial at most once per proof (i.e. per its own reconnect). Nothing changes on the wire. Every change publishes
 `PeerUp` / `PeerDown`, and `QuorumChanged` whenever `has_quorum()` flips, on the event bus.
 
 Delivery guarantees (what a consensus layer may rely on)
@@ -188,7 +194,8 @@ class _Peer(HeardFrom):
     """Per-member bookkeeping."""
 
     __slots__ = (
-        "active", "address", "attempts", "inbound", "link", "logged", "node_id", "task", "up", "wake"
+        "active", "address", "attempts", "connecting", "inbound", "link", "logged", "node_id",
+        "proven", "task", "up", "wake",
     )  # fmt: skip
 
     def __init__(self, node_id: str, address: Address) -> None:
@@ -203,6 +210,8 @@ class _Peer(HeardFrom):
         self.attempts = 0
         self.logged: set[str] = set()  # dial problems already logged since the last time it was up
         self.wake: asyncio.Future[None] | None = None  # while the dial loop sleeps its backoff: ends it
+        self.connecting: asyncio.Timeout | None = None  # while `link` connects: the connect deadline
+        self.proven = False  # it proved itself inbound since our current dial began: no backoff after it
 
 
 class _OutboundProtocol(LinkProtocol):
@@ -223,6 +232,8 @@ class _OutboundProtocol(LinkProtocol):
         self._owner = owner
         self.peer = peer
         self.established_at = 0.0
+        self.started_at = loop.time()
+        self.cut_short = False  # given up by `Transport._cut_dial`: the peer dialed us meanwhile
         self._timer: asyncio.TimerHandle | None = None
         self._auth = DialerHandshake(owner._creds, "peer", owner.node_id, expect=peer.node_id)
         fault = owner._faults.get(peer.node_id)
@@ -605,6 +616,9 @@ class Transport:
         self._on_client_closed = on_client_closed
         self._hb_interval = heartbeat_interval
         self._hb_timeout = heartbeat_timeout
+        # A dial this old and still not established when the peer proves itself inbound is given up
+        # and made again (`_dial_back`): the peer, which sees us up, then hears from us in time.
+        self._stuck_dial = heartbeat_timeout / 4
         self._handshake_timeout = (
             handshake_timeout if handshake_timeout is not None else max(1.0, 5 * heartbeat_timeout)
         )
@@ -939,16 +953,17 @@ class Transport:
         proto: _OutboundProtocol | None = None
         try:
             while not self._stopped and peer.active:
-                if peer.attempts:
+                if peer.attempts and not peer.proven:
                     await self._back_off(peer)
                     if self._stopped or not peer.active:
                         return
                 peer.attempts += 1
+                peer.proven = False  # one prompt redial per proof of the peer (`_dial_back`)
                 address = peer.address
                 proto = _OutboundProtocol(self, peer)
                 peer.link = proto
                 try:
-                    async with asyncio.timeout(self._handshake_timeout):
+                    async with asyncio.timeout(self._handshake_timeout) as peer.connecting:
                         if self._dial_ssl is None:
                             await loop.create_connection(
                                 functools.partial(_same, proto), address.host, address.port
@@ -960,9 +975,12 @@ class Transport:
                                 ssl_handshake_timeout=self._handshake_timeout,
                             )
                 except (OSError, TimeoutError, ValueError) as exc:
+                    peer.connecting = None
                     if peer.link is proto:
                         peer.link = None
                     proto.abort("connect failed")
+                    if proto.cut_short:
+                        continue  # `_cut_dial` logged it; peer.proven is set: dial again at once
                     if isinstance(exc, ssl.SSLError):
                         self._dial_problem(
                             peer,
@@ -981,11 +999,13 @@ class Transport:
                         f"{exc or type(exc).__name__}; retrying with backoff",
                     )
                     continue
+                peer.connecting = None
                 await proto.finished
                 if proto.established and loop.time() - proto.established_at >= self._hb_timeout:
                     peer.attempts = 0  # the link was healthy for a while: redial promptly
                 proto = None
         except asyncio.CancelledError:
+            peer.connecting = None
             if proto is not None and not proto.established:
                 if peer.link is proto:
                     peer.link = None
@@ -1006,11 +1026,48 @@ class Transport:
     def _dial_back(self, peer: _Peer) -> None:
         """`peer` just proved itself on an inbound connection, so it is reachable and sees us up
         (it has our ack) but hears nothing from us until our own link to it is established: if our
-        dial sleeps in its backoff, dial now (module docstring, *Link model*)."""
+        dial sleeps in its backoff, dial now; if it is still connecting or handshaking, give it up
+        once it is `_stuck_dial` seconds old and dial again; if it fails, dial again without the
+        backoff, once (module docstring, *Link model*)."""
+        proto = peer.link
+        if proto is not None and proto.established:
+            return
+        peer.proven = True
         wake = peer.wake
         if wake is not None and not wake.done():
             self._log.debug("%s peer %s dialed us: dialing it back now", self._prefix, peer.node_id)
             wake.set_result(None)
+            return
+        if proto is None or proto.closing:
+            return  # between two dials: the next one starts at once
+        loop = self._require_loop()
+        wait = proto.started_at + self._stuck_dial - loop.time()
+        if wait <= 0:
+            self._cut_dial(proto)
+        else:
+            loop.call_later(wait, self._cut_dial, proto)
+
+    def _cut_dial(self, proto: _OutboundProtocol) -> None:
+        """Give up dial `proto` if it is still connecting or handshaking (`_dial_back`)."""
+        peer = proto.peer
+        if self._stopped or peer.link is not proto or proto.established or proto.closing or proto.cut_short:
+            return
+        loop = self._require_loop()
+        proto.cut_short = True
+        connecting = peer.connecting
+        self._dial_problem(
+            peer,
+            "stuck",
+            logging.INFO,
+            f"peer {peer.node_id!r} dialed us while our dial to it at {peer.address} was still "
+            f"{'connecting' if connecting is not None else 'waiting for its HelloAck'} after "
+            f"{loop.time() - proto.started_at:.2f}s: dialing it again",
+        )
+        if connecting is not None:  # the dial loop awaits the connect: end it as if it timed out
+            if not connecting.expired():
+                connecting.reschedule(loop.time())
+        else:
+            proto.abort("dial given up: the peer dialed us meanwhile")
 
     def _dial_problem(self, peer: _Peer, kind: str, level: int, text: str) -> None:
         """Log a dial/handshake problem once per kind until the peer is up again, then at DEBUG."""
@@ -1027,6 +1084,7 @@ class Transport:
             return
         peer.last_heard = proto.established_at
         peer.logged.clear()
+        peer.proven = False
         self._mark_up(peer)
 
     def _outbound_closed(self, proto: _OutboundProtocol) -> None:
