@@ -51,7 +51,7 @@ import itertools
 import logging
 import random
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -2340,10 +2340,8 @@ class MapCore:
         n = 0
         for p in parts:
             if n >= budget:
-                yield True
                 n = 0
-                if (why := self._answer_gone(req, engine)) is not None:
-                    self._send(sender, SyncChunk(req.id, [], True, why))
+                if (yield from self._answer_pause(sender, req, engine)):
                     return
             try:
                 for key, rec in engine.scan(p):
@@ -2360,10 +2358,8 @@ class MapCore:
         if req.split_ops:  # the applied operations' ids too, within the budget (else all in the last chunk)
             for op in self._ops_of(req.map, parts):
                 if n >= budget:
-                    yield True
                     n = 0
-                    if (why := self._answer_gone(req, engine)) is not None:
-                        self._send(sender, SyncChunk(req.id, [], True, why))
+                    if (yield from self._answer_pause(sender, req, engine)):
                         return
                 m = _op_size(op)
                 if size and size + m > limit:
@@ -2377,6 +2373,17 @@ class MapCore:
         active = dict(zip(req.partitions, req.active, strict=False))
         held = [p for p in parts if active.get(p) and self._holds(req.map, p, active[p])]
         self._send(sender, SyncChunk(req.id, items, True, None, ops, held))
+
+    def _answer_pause(
+        self, sender: str, req: SyncRequest, engine: MapStorage
+    ) -> Generator[bool, None, bool]:
+        """End a step of a sync answer (`_answer_sync`); after it, True when the answer cannot go
+        on (its error sent: `_answer_gone`)."""
+        yield True
+        if (why := self._answer_gone(req, engine)) is not None:
+            self._send(sender, SyncChunk(req.id, [], True, why))
+            return True
+        return False
 
     def _answer_gone(self, req: SyncRequest, engine: MapStorage) -> str | None:
         """Why a sync answer in progress cannot go on (None: it can)."""
