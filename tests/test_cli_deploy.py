@@ -110,10 +110,15 @@ def test_deployment_commands_end_to_end(make_process_cluster: Any, tmp_path: Pat
     assert out.returncode == 1, out.stdout + out.stderr
     assert "FAILED" in out.stderr and "database password missing" in out.stderr
     assert re.search(r"`aether logs node-\d --since 5m`", out.stderr), out.stderr  # the failed node's log
-    broken = slices(addr)["org.example:broken:0.1.0"]
-    assert any(
-        i["state"] == "FAILED" and "database password missing" in (i["reason"] or "")
-        for i in broken["instances"]
+    # (the cluster places a failed instance again elsewhere at once, where it fails the same way:
+    # a read right after --wait could find every instance loading again, so poll for a FAILED one)
+    until(
+        lambda: any(
+            i["state"] == "FAILED" and "database password missing" in (i["reason"] or "")
+            for i in slices(addr)["org.example:broken:0.1.0"]["instances"]
+        ),
+        30,
+        "slices shows the broken instance FAILED with its reason",
     )
     out = aether(addr, "undeploy", "org.example:broken:0.1.0")
     assert out.returncode == 0, out.stderr
