@@ -15,7 +15,8 @@ Semantics
 - Versions (docs/invocation.md, *Weighted version choice*): a call to ``group:artifact`` may run any
   version; while a rollout publishes traffic weights (the `traffic` port, ``rollouts/`` keys) the
   first attempt of each round first picks a version by weight among the versions with a
-  candidate for the entry (smooth weighted round robin per target and method: deterministic), then
+  candidate for the entry (a shuffled deck of the weights per target and method: exact per deck,
+  random within it, from the seeded rng), then
   an instance of that version as above; retries after a failed attempt may go to any version. A
   call to full coordinates ignores weights. Without weights the choice costs one dict lookup more.
 - Retryable failures (no instance, peer down or unreachable, the peer went down while the call was
@@ -65,10 +66,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aether.core.calls import Answer, NoAnswer, PendingCalls, RetryPolicy
@@ -122,6 +125,15 @@ from aether.invoke.ports import Catalog, Endpoint, LocalSlices, PeerLink, Regist
 from aether.transport import EventBus, PeerDown
 
 __all__ = ["Invoker", "InvokerStats"]
+
+@dataclass(slots=True)
+class _Deck:
+    """The versions left to deal for one (target, method) during a rollout (`Invoker._deal`)."""
+
+    hand: tuple[tuple[str, int], ...]  # the candidate versions and weights it was dealt for
+    counts: list[int]  # cards left per version of `hand`
+    left: int  # their sum
+
 
 _MAX_KEYS = 4096  # bound on per-(target, method) bookkeeping (round-robin index, warning limiter)
 # A local attempt whose limit is at least SWEPT_FROM s away is not given a timer of its own: the
@@ -233,8 +245,8 @@ class Invoker:
         self._ids = RandomHex()  # new request ids (16 hex digits) and idempotency keys (32)
         self._deadlines = DeadlineSweep()  # the limits of local attempts far enough away
         self._rr: dict[tuple[str, str], int] = {}
-        # smooth weighted round robin between versions: (target, method) -> version -> counter
-        self._swrr: dict[tuple[str, str], dict[str, int]] = {}
+        # the shuffled decks of the versions' weights: (target, method) -> deck (`_choose_weighted`)
+        self._decks: dict[tuple[str, str], _Deck] = {}
         self._warned: dict[tuple[str, str], tuple[float, int]] = {}
         self._closed = False
         self._unsubscribe: Callable[[], None] | None = None
@@ -574,11 +586,15 @@ class Invoker:
         first, else round robin). None when no version of positive weight has a candidate (the
         caller then chooses among every version: a weight never makes a call fail).
 
-        The version comes from a smooth weighted round robin per (target, method) (nginx's): each
-        pick adds every candidate version's weight to its counter, takes the largest counter
-        (ties: the lowest version string) and subtracts the total from it. Deterministic and exact
-        over short windows (90/10 sends exactly 10 of every 100 calls to the second version,
-        evenly spread, not in bursts), it needs no randomness, so the seeded rng stays the backoff's.
+        The version is drawn from a shuffled deck per (target, method): the candidates' weights
+        divided by their greatest common divisor (90/10: a deck of 9 + 1 cards), drawn at random
+        without replacement (the invoker's seeded rng) and dealt again once empty, or once the
+        candidates or their weights change. Exact over each deck (90/10 sends exactly 1 of every
+        10 calls to the second version: no bursts) and random within it, so a client's own pattern
+        cannot line up with the choice: with a fixed rotation (the smooth weighted round robin
+        used before), 50/50 alternated strictly, and a client alternating two kinds of requests
+        sent every one of the first kind to the old version and every one of the second to the
+        new one (a canary step judged the new version on half of its traffic only).
         """
         me = self.node_id
         up = self._link.up_peers
@@ -600,24 +616,7 @@ class Invoker:
         eligible = sorted(local.union(remote))
         if not eligible:
             return None
-        key = (target, method)
-        current = self._swrr.get(key)
-        if current is None:
-            if len(self._swrr) >= _MAX_KEYS:
-                self._swrr.clear()
-            current = self._swrr[key] = {}
-        elif len(current) > len(weights):  # forget versions the rollout no longer lists
-            for version in [v for v in current if v not in weights]:
-                del current[version]
-        total = 0
-        best = eligible[0]
-        for version in eligible:
-            w = weights[version]
-            total += w
-            current[version] = c = current.get(version, 0) + w
-            if c > current[best]:
-                best = version
-        current[best] -= total
+        best = self._deal(target, method, tuple((v, weights[v]) for v in eligible))
         coords = f"{target}:{best}"
         candidates = len(local) + sum(len(eps) for eps in remote.values())
         if best in local:
@@ -629,6 +628,28 @@ class Invoker:
             self._rr.clear()
         self._rr[rr_key] = (start + 1) % 1_000_000_007
         return (eps[start % len(eps)].node_id, coords), candidates
+
+    def _deal(self, target: str, method: str, hand: tuple[tuple[str, int], ...]) -> str:
+        """One card of the (target, method) deck for the candidate versions and weights `hand`
+        (see `_choose_weighted`); a new deck when the hand changed or the deck is empty."""
+        key = (target, method)
+        deck = self._decks.get(key)
+        if deck is None or deck.hand != hand or deck.left == 0:
+            if deck is None and len(self._decks) >= _MAX_KEYS:
+                self._decks.clear()
+            g = 0
+            for _, w in hand:
+                g = math.gcd(g, w)
+            counts = [w // g for _, w in hand]
+            deck = self._decks[key] = _Deck(hand, counts, sum(counts))
+        pick = self._rng.randrange(deck.left)
+        for i, n in enumerate(deck.counts):
+            if pick < n:
+                deck.counts[i] = n - 1
+                deck.left -= 1
+                return hand[i][0]
+            pick -= n
+        raise AssertionError("a deck's counts add up to what is left")  # pragma: no cover
 
     def _open_circuits(self, remote: list[Any], tried: set[str]) -> set[tuple[str, str]]:
         """The (node, artifact) of the candidates not tried yet whose circuit is open, unless every
