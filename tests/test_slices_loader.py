@@ -373,3 +373,46 @@ def test_pip_never_installs_a_withdrawn_version(tmp_path: Path, monkeypatch: pyt
     ls = loader.load(a)
     assert ls.libraries == {"tinylib": "0.9"} and version_of(ls.cls) == "0.9"
     assert loader.store.index_requirement(Requirement("tinylib<2"), [PepVersion("1.0")]) == "tinylib!=1.0,<2"
+
+
+def test_a_library_directory_holds_the_bytes_its_name_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen (review): `LibraryStore.ensure` hashed the wheelhouse's wheel and then installed from
+    its path: a fetch replacing the file in between gave `libs/tinylib==1.0@{old sha256}` the new
+    bytes. Now it installs a private copy, hashed while copied; a wheel chosen for the repository's
+    sha256 whose bytes changed since is refused."""
+    from aether.slices import libstore
+
+    old = build_library_wheel(tmp_path / "old", "tinylib", "1.0")
+    new = build_library_wheel(
+        tmp_path / "new", "tinylib", "1.0", {"tinylib/__init__.py": '__version__ = "new"\n'}
+    )
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    wheel = wheelhouse / old.name
+    shutil.copy(old, wheel)
+
+    def fetch() -> None:  # a fetch replaces the wheel (written beside it, renamed over it)
+        shutil.copy(new, wheelhouse / ".incoming")
+        os.replace(wheelhouse / ".incoming", wheel)
+
+    real_install = libstore.install_wheel
+
+    def install_after_a_fetch(w: Path, target: Path, **kw: object) -> None:
+        fetch()
+        real_install(w, target, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(libstore, "install_wheel", install_after_a_fetch)
+    store = libstore.LibraryStore(tmp_path / "data", wheelhouse)
+    (cand,) = store.candidates("tinylib")
+    d = store.ensure(cand)
+    assert d == store.directory_for("tinylib", PepVersion("1.0"), sha256_file(old))
+    assert (d / "tinylib/__init__.py").read_text() == '__version__ = "1.0"\n'
+    monkeypatch.undo()
+
+    other = libstore.LibraryStore(tmp_path / "data2", wheelhouse)  # the wheel holds `new` now
+    chosen = libstore.Candidate("tinylib", PepVersion("1.0"), wheel=wheel, sha256=sha256_file(old))
+    with pytest.raises(SliceLoadError, match=r"tinylib 1\.0: .* changed since it was chosen"):
+        other.ensure(chosen)
+    assert [p.name for p in (tmp_path / "data2" / "libs").iterdir()] == []

@@ -31,6 +31,7 @@ May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import shutil
@@ -198,6 +199,16 @@ def install_wheel(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_hashing(src: Path, dest: Path) -> str:
+    """Copy `src` to the new private file `dest`; the sha256 of the bytes copied."""
+    h = hashlib.sha256()
+    with open(src, "rb") as f, os.fdopen(open_private(dest, os.O_WRONLY | os.O_EXCL), "wb") as out:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+    return h.hexdigest()
 
 
 def _dist_info_requirements(directory: Path, extras: Iterable[str]) -> list[Requirement]:
@@ -412,12 +423,29 @@ class LibraryStore:
         if cand.wheel is None:
             raise SliceLoadError(f"{cand}: nothing to install from")
         try:
-            sha = cand.sha256 or self.wheel_sha256(cand.wheel)
+            known = cand.sha256 or self.wheel_sha256(cand.wheel)
         except OSError as e:
             raise SliceLoadError(f"{cand}: cannot read {cand.wheel} ({e})") from None
-        target = self.directory_for(cand.name, cand.version, sha)
-        if not target.is_dir():
-            install_wheel(cand.wheel, target, installer=self.installer, limits=self.limits)
+        installed = self.directory_for(cand.name, cand.version, known)
+        if installed.is_dir():
+            return installed
+        # the wheel may be replaced meanwhile (a fetch into the wheelhouse): what is installed is a
+        # private copy, hashed while copied, so the directory names the bytes it was installed from
+        make_private_dirs(self.libs_root)
+        with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=self.libs_root) as tmp:
+            copy = Path(tmp) / cand.wheel.name
+            try:
+                sha = _copy_hashing(cand.wheel, copy)
+            except OSError as e:
+                raise SliceLoadError(f"{cand}: cannot read {cand.wheel} ({e})") from None
+            if cand.sha256 and sha != cand.sha256:
+                raise SliceLoadError(
+                    f"{cand}: {cand.wheel} changed since it was chosen (sha256 {sha}, the repository's is "
+                    f"{cand.sha256}); load again"
+                )
+            target = self.directory_for(cand.name, cand.version, sha)
+            if not target.is_dir():
+                install_wheel(copy, target, installer=self.installer, limits=self.limits)
         return target
 
     @staticmethod
