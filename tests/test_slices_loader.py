@@ -346,6 +346,21 @@ def test_releasing_a_worker_s_directories_does_not_wait_for_a_load_in_progress(t
         t.join()
 
 
+def local_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, versions: list[str]) -> None:
+    """A package index of `name`'s `versions` in a directory, pip's index for the test (no network)."""
+    index = tmp_path / "index"
+    links = []
+    index.mkdir()
+    for v in versions:
+        w = build_library_wheel(tmp_path / "idx" / v, name, v)
+        shutil.copy(w, index / w.name)
+        links.append(f'<a href="../../{w.name}">{w.name}</a>')
+    (index / "simple" / name).mkdir(parents=True)
+    (index / "simple" / name / "index.html").write_text(f"<html><body>{''.join(links)}</body></html>")
+    monkeypatch.setenv("PIP_INDEX_URL", (index / "simple").as_uri() + "/")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+
+
 @pytest.mark.timeout(120)
 def test_pip_never_installs_a_withdrawn_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Seen: with `allow_index=True` and only withdrawn versions matching, the store asked pip for
@@ -357,17 +372,7 @@ def test_pip_never_installs_a_withdrawn_version(tmp_path: Path, monkeypatch: pyt
     for v in ("1.0", "2.0"):
         repo.deploy_library(build_library_wheel(tmp_path / "built" / v, "tinylib", v))
     repo.withdrawn = {("tinylib", "1.0"): "tinylib 1.0 was deleted"}
-    index = tmp_path / "index"
-    links = []
-    index.mkdir()
-    for v in ("0.9", "1.0"):
-        w = build_library_wheel(tmp_path / "idx" / v, "tinylib", v)
-        shutil.copy(w, index / w.name)
-        links.append(f'<a href="../../{w.name}">{w.name}</a>')
-    (index / "simple" / "tinylib").mkdir(parents=True)
-    (index / "simple" / "tinylib" / "index.html").write_text(f"<html><body>{''.join(links)}</body></html>")
-    monkeypatch.setenv("PIP_INDEX_URL", (index / "simple").as_uri() + "/")
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    local_index(tmp_path, monkeypatch, "tinylib", ["0.9", "1.0"])
     a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
     loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace(), allow_index=True)
     ls = loader.load(a)
@@ -416,3 +421,21 @@ def test_a_library_directory_holds_the_bytes_its_name_hashes(
     with pytest.raises(SliceLoadError, match=r"tinylib 1\.0: .* changed since it was chosen"):
         other.ensure(chosen)
     assert [p.name for p in (tmp_path / "data2" / "libs").iterdir()] == []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("withdrawn", "installed"), [("1.0", "1.0+local"), ("1.0+local", "1.0")])
+def test_pip_excludes_exactly_the_withdrawn_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, withdrawn: str, installed: str
+) -> None:
+    """Seen (review): a withdrawn 1.0 was excluded from pip's requirement as `!=1.0`, which (PEP 440:
+    a candidate's local label is ignored against a public version) excludes 1.0+local too, another
+    version the repository did not withdraw: pip installed 0.9. Now a public version is excluded only
+    once a dry run shows pip would choose it, which it does not while 1.0+local is there."""
+    repo = Withdrawing(tmp_path / "repo")
+    repo.deploy_library(build_library_wheel(tmp_path / "built", "tinylib", "2.0"))
+    repo.withdrawn = {("tinylib", withdrawn): f"tinylib {withdrawn} was deleted"}
+    local_index(tmp_path, monkeypatch, "tinylib", ["0.9", "1.0", "1.0+local"])
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
+    ls = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace(), allow_index=True).load(a)
+    assert ls.libraries == {"tinylib": installed} and version_of(ls.cls) == installed

@@ -23,7 +23,8 @@ process per library; every other wheel, and fetching from the package index when
 `allow_index=True`, goes through `python -m pip install --no-deps --target DIR` (the index with no
 `--find-links`: the wheelhouse's wheels are the store's own candidates, and pip could pick one the
 store refused, e.g. of a withdrawn version; the withdrawn versions are excluded from pip's
-requirement as `!=VERSION`). `installer="pip"` forces pip for every wheel.
+requirement as `!=VERSION`; one without a local label only once pip's dry run chooses it, since
+`!=1.0` excludes `1.0+local` too). `installer="pip"` forces pip for every wheel.
 
 Blocking: every method does file I/O or runs pip; callers run them in a thread.
 May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -139,7 +141,8 @@ def unpack_pure_wheel(wheel: Path, target: Path, limits: WheelLimits = DEFAULT_W
                 check.verify()
 
 
-def _pip(args: list[str], what: str) -> None:
+def _pip(args: list[str], what: str) -> str:
+    """Run `pip install --no-deps ... ARGS`; its standard output."""
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "--no-input",
            "--quiet", *args]  # fmt: skip
     env = dict(os.environ, PIP_NO_INPUT="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
@@ -150,6 +153,7 @@ def _pip(args: list[str], what: str) -> None:
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise SliceLoadError(f"installing {what} with pip failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout
 
 
 def install_wheel(
@@ -455,6 +459,30 @@ class LibraryStore:
         spec = req.specifier & SpecifierSet(",".join(f"!={v}" for v in sorted(withdrawn)))
         return f"{canonicalize_name(req.name)}{spec}"
 
+    def _index_requirement_excluding(self, req: Requirement, withdrawn: Collection[PepVersion]) -> str:
+        """`index_requirement` excluding exactly the `withdrawn` versions. `!=1.0` excludes `1.0+local`
+        too (PEP 440 ignores a candidate's local label against a public version), which is another
+        version, so a withdrawn public version is excluded only once pip is seen choosing it (a dry
+        run): while pip may install a `1.0+local`, it prefers it to `1.0`, which sorts below it."""
+        exclude = [v for v in withdrawn if v.local is not None]  # `!=1.0+local` is exact
+        public = [v for v in withdrawn if v.local is None]
+        while True:
+            text = self.index_requirement(req, exclude)
+            spec = Requirement(text).specifier
+            if not any(spec.contains(v, prereleases=True) for v in public if v not in exclude):
+                return text
+            report = _pip(["--dry-run", "--ignore-installed", "--report", "-", text], text)
+            try:
+                (chosen,) = json.loads(report)["install"]
+                version = PepVersion(chosen["metadata"]["version"])
+            except (ValueError, KeyError, TypeError, InvalidVersion) as e:
+                raise SliceLoadError(
+                    f"{text}: pip's report of what it would install is unreadable ({e})"
+                ) from None
+            if version not in withdrawn:
+                return text
+            exclude.append(version)
+
     def fetch_from_index(self, req: Requirement, withdrawn: Collection[PepVersion] = ()) -> Candidate:
         """Install the best match for `req` from the package index (only with `allow_index`), none
         of the `withdrawn` versions. pip gets no `--find-links`: the wheelhouse's wheels are the
@@ -464,14 +492,14 @@ class LibraryStore:
         make_private_dirs(self.libs_root)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-index-", dir=self.libs_root))
         try:
-            req_text = self.index_requirement(req, withdrawn)
+            req_text = self._index_requirement_excluding(req, withdrawn)
             _pip(["--target", str(tmp), req_text], req_text)
             privatize_tree(tmp)
             metas = list(tmp.glob("*.dist-info/METADATA"))
             if len(metas) != 1:
                 raise SliceLoadError(f"{req_text}: pip installed {len(metas)} distributions, expected one")
             version = PepVersion(importlib.metadata.PathDistribution(metas[0].parent).version or "0")
-            if version in withdrawn:  # pip honours `!=`; a wrong version is never installed
+            if version in withdrawn:  # the index changed since the dry run (pip honours `!=`)
                 raise SliceLoadError(f"{req_text}: pip installed {req.name} {version}, a withdrawn version")
             target = self.directory_for(req.name, version)
             try:
