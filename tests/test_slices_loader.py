@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from packaging.version import Version as PepVersion
 
 from aether.core.artifact import Artifact
 from aether.slices import SliceLoadError
-from aether.slices.loader import ImportSpace, SliceLoader
+from aether.slices.libstore import Candidate
+from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
 from aether.slices.repository import Repository
 from aether.slices.testing import build_library_wheel, build_slice_wheel, isolated_imports
 from aether.slices.wheel import sha256_file
@@ -439,3 +441,106 @@ def test_pip_excludes_exactly_the_withdrawn_version(
     a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
     ls = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace(), allow_index=True).load(a)
     assert ls.libraries == {"tinylib": installed} and version_of(ls.cls) == installed
+
+
+NO_LIBRARY = """
+from aether.slices import Slice, entry
+
+class Uses(Slice):
+    @entry
+    async def version(self) -> str:
+        return "none"
+"""
+
+
+class SlowInstalls:
+    """`install_wheel` of the library store counted per target, blocked for `name`'s directories
+    until `release` is set (a slow install, e.g. pip)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+        from aether.slices import libstore
+
+        self.name = name
+        self.started, self.release = threading.Event(), threading.Event()
+        self.targets: list[str] = []
+        real = libstore.install_wheel
+
+        def install(wheel: Path, target: Path, **kw: object) -> None:
+            self.targets.append(target.name)
+            if target.name.startswith(f"{name}=="):
+                self.started.set()
+                assert self.release.wait(30)
+            real(wheel, target, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(libstore, "install_wheel", install)
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # the test looks at it
+            out.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_slow_library_install_does_not_hold_other_loads(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen (review): a load installed its libraries (pip can take minutes) with the import space's
+    lock held, so every other load and unload of the process waited for it. Now the installs run
+    without the lock; the plan is made again once they are done."""
+    repo.deploy_library(build_library_wheel(tmp_path / "other", "otherlib", "1.0"))
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
+    b = deploy(repo, tmp_path, "org.example:b:1.0.0", NO_LIBRARY, ["otherlib"], module="b_slice")
+    slow = SlowInstalls(monkeypatch, "tinylib")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    ta, got_a = in_thread(lambda: loader.load(a))
+    try:
+        assert slow.started.wait(10)
+        tb, got_b = in_thread(lambda: (loader.load(b).libraries, loader.unload(b)))
+        tb.join(10)
+        assert not tb.is_alive(), "a load waited for another load's library install"
+        assert got_b == [({"otherlib": "1.0"}, None)]
+    finally:
+        slow.release.set()
+        ta.join(10)
+    (ls,) = got_a
+    assert isinstance(ls, LoadedSlice) and version_of(ls.cls) == "1.0"
+
+
+def test_two_loads_that_need_one_library_install_it_once(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Installs run without the import space's lock: a second load that needs a library while the
+    first installs it waits for that install (not for the lock) and uses its directory."""
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
+    a2 = deploy(repo, tmp_path, "org.example:a2:1.0.0", USES_TINYLIB, ["tinylib==1.0"], module="a2_slice")
+    slow = SlowInstalls(monkeypatch, "tinylib")
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    second = threading.Event()
+    real_ensure = loader.store.ensure
+
+    def ensure(cand: Candidate) -> Path:
+        if threading.current_thread() is not ta:
+            second.set()
+        return real_ensure(cand)
+
+    monkeypatch.setattr(loader.store, "ensure", ensure)
+    ta, got_a = in_thread(lambda: loader.load(a))
+    try:
+        assert slow.started.wait(10)
+        tb, got_b = in_thread(lambda: loader.load(a2))
+        assert second.wait(10), "the second load did not get to install (it waited for the lock)"
+    finally:
+        slow.release.set()
+        ta.join(10)
+    tb.join(10)
+    assert [type(x) for x in got_a + got_b] == [LoadedSlice, LoadedSlice]
+    installed = [t for t in slow.targets if t.startswith("tinylib==")]
+    assert installed == [lib_dir(repo, tmp_path / "data", "tinylib", "1.0").name]

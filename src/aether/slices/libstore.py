@@ -26,7 +26,9 @@ store refused, e.g. of a withdrawn version; the withdrawn versions are excluded 
 requirement as `!=VERSION`; one without a local label only once pip's dry run chooses it, since
 `!=1.0` excludes `1.0+local` too). `installer="pip"` forces pip for every wheel.
 
-Blocking: every method does file I/O or runs pip; callers run them in a thread.
+Blocking: every method does file I/O or runs pip; callers run them in a thread, possibly several
+at once: one install of a directory (or of a requirement from the index) runs at a time, the others
+wait for it and use its result.
 May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
 """
 
@@ -40,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from collections.abc import Collection, Container, Iterable, Mapping
@@ -243,6 +246,9 @@ class LibraryStore:
         self.installer: Installer = installer
         self._tags: dict[Tag, int] | None = None
         self._hashes: dict[Path, tuple[int, int, str]] = {}  # wheel -> (size, mtime_ns, sha256)
+        self._install_locks: dict[str, threading.Lock] = {}  # see `_install_lock`
+        self._install_locks_lock = threading.Lock()
+        self._fetched: dict[str, Candidate] = {}  # requirement asked of pip -> what it installed last
         self.removed_leftovers = self._remove_leftovers()
 
     LEFTOVER_AGE = 600.0  # s: an install directory this old belongs to no install still running
@@ -433,24 +439,32 @@ class LibraryStore:
         installed = self.directory_for(cand.name, cand.version, known)
         if installed.is_dir():
             return installed
-        # the wheel may be replaced meanwhile (a fetch into the wheelhouse): what is installed is a
-        # private copy, hashed while copied, so the directory names the bytes it was installed from
-        make_private_dirs(self.libs_root)
-        with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=self.libs_root) as tmp:
-            copy = Path(tmp) / cand.wheel.name
-            try:
-                sha = _copy_hashing(cand.wheel, copy)
-            except OSError as e:
-                raise SliceLoadError(f"{cand}: cannot read {cand.wheel} ({e})") from None
-            if cand.sha256 and sha != cand.sha256:
-                raise SliceLoadError(
-                    f"{cand}: {cand.wheel} changed since it was chosen (sha256 {sha}, the repository's is "
-                    f"{cand.sha256}); load again"
-                )
-            target = self.directory_for(cand.name, cand.version, sha)
-            if not target.is_dir():
-                install_wheel(copy, target, installer=self.installer, limits=self.limits)
+        with self._install_lock(str(installed)):  # two loads that need it install it once
+            if installed.is_dir():
+                return installed
+            # the wheel may be replaced meanwhile (a fetch into the wheelhouse): what is installed is
+            # a private copy, hashed while copied, so the directory names the bytes it holds
+            make_private_dirs(self.libs_root)
+            with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=self.libs_root) as tmp:
+                copy = Path(tmp) / cand.wheel.name
+                try:
+                    sha = _copy_hashing(cand.wheel, copy)
+                except OSError as e:
+                    raise SliceLoadError(f"{cand}: cannot read {cand.wheel} ({e})") from None
+                if cand.sha256 and sha != cand.sha256:
+                    raise SliceLoadError(
+                        f"{cand}: {cand.wheel} changed since it was chosen (sha256 {sha}, the repository's "
+                        f"is {cand.sha256}); load again"
+                    )
+                target = self.directory_for(cand.name, cand.version, sha)
+                if not target.is_dir():
+                    install_wheel(copy, target, installer=self.installer, limits=self.limits)
         return target
+
+    def _install_lock(self, key: str) -> threading.Lock:
+        """The lock of one install (a directory, or a requirement fetched from the index)."""
+        with self._install_locks_lock:
+            return self._install_locks.setdefault(key, threading.Lock())
 
     @staticmethod
     def index_requirement(req: Requirement, withdrawn: Collection[PepVersion] = ()) -> str:
@@ -489,6 +503,17 @@ class LibraryStore:
         store's candidates (`best`), and only the ones it refused would be left for pip."""
         if not self.allow_index:
             raise SliceLoadError(f"{req}: installing from the package index is not allowed on this node")
+        key = self.index_requirement(req, withdrawn)
+        before = self._fetched.get(key)
+        with self._install_lock(f"index {key}"):
+            done = self._fetched.get(key)
+            if done is not before and done is not None and done.directory and done.directory.is_dir():
+                return done  # another load fetched it while this one waited
+            done = self._fetch_from_index(req, withdrawn)
+            self._fetched[key] = done
+            return done
+
+    def _fetch_from_index(self, req: Requirement, withdrawn: Collection[PepVersion]) -> Candidate:
         make_private_dirs(self.libs_root)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-index-", dir=self.libs_root))
         try:

@@ -36,9 +36,11 @@ two versions of one slice) cannot be loaded side by side in one interpreter: the
 instead; `prepare_isolated` installs such a slice's code and the libraries resolved for the
 worker's own import space (`ImportSpace.fresh`) without importing anything here.
 
-The import space's lock is held while a load plans, installs and puts libraries and code on
-`sys.path`, and while an unload removes them, not while the slice's module is imported (its
-top-level code runs): a module whose code blocks held every other load and unload of the process.
+The import space's lock is held while a load plans and puts libraries and code on `sys.path`, and
+while an unload removes them, not while the slice's module is imported (its top-level code runs): a
+module whose code blocks held every other load and unload of the process. Nor while a load installs
+the libraries its plan chose (`_planned`: installed without the lock, then planned again with it;
+`LibraryStore` installs one directory once when two loads need it): a slow pip held them all too.
 What that import needs stays meanwhile (its code and libraries are recorded as used); `sys.path`
 is replaced, never changed in place, when an entry leaves it, since an import may be walking it.
 
@@ -48,6 +50,7 @@ May import: `aether.core`, `aether.slices.*`, `packaging`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -55,6 +58,7 @@ import sys
 import threading
 import traceback
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,11 +296,7 @@ class SliceLoader:
         code_dir = self.store.install_slice_code(wheel_path, sha)
         owner = self._owner(artifact)
         space = self.space
-        with space.lock:
-            plan = self._plan(artifact, list(info.requirements))
-            for p in plan:
-                if p.candidate is not None:
-                    p.directory = self.store.ensure(p.candidate)
+        with self._planned(artifact, list(info.requirements)) as plan:
             libraries = self._commit_libraries(owner, plan)
             try:
                 code = self._add_code(artifact, owner, sha, code_dir, info)
@@ -338,12 +338,9 @@ class SliceLoader:
             sha = sha256_file(wheel_path)
             code_dir = self.store.install_slice_code(wheel_path, sha)
             worker_space = self.space.fresh(exclude=(self.store.libs_root, self.store.slices_root))
-            with self.space.lock:  # no removal of stale directories between planning and holding
-                plan = self._plan(artifact, list(info.requirements), worker_space)
-                dirs: list[Path] = []
-                for p in plan:
-                    if p.candidate is not None:
-                        dirs.append(self.store.ensure(p.candidate))
+            # the space's lock held: no removal of stale directories between planning and holding
+            with self._planned(artifact, list(info.requirements), worker_space) as plan:
+                dirs = [p.directory for p in plan if p.directory is not None]
                 with self.space.held_lock:
                     self.space.held[self._owner(artifact)] = tuple(dirs)
         except SliceLoadError:
@@ -362,10 +359,53 @@ class SliceLoader:
 
     # --- libraries ----------------------------------------------------------------------------------
 
-    def _plan(
+    @contextlib.contextmanager
+    def _planned(
         self, artifact: Artifact, requirements: list[Requirement], space: ImportSpace | None = None
+    ) -> Iterator[list[_Planned]]:
+        """The plan for `requirements`, every chosen library installed (`_Planned.directory`), with
+        the import space's lock held until the block ends. What must be installed first (a wheel,
+        pip from the index) is installed without the lock, then the plan is made again (what is
+        loaded may have changed meanwhile); after `_INSTALL_ROUNDS` rounds, under the lock."""
+        fetched: dict[str, Candidate] = {}
+        round_ = 0
+        while True:
+            pending: list[Candidate | tuple[Requirement, dict[PepVersion, str]]] | None = (
+                [] if round_ < self._INSTALL_ROUNDS else None
+            )
+            round_ += 1
+            with self.space.lock:
+                plan = self._plan(artifact, requirements, space, pending, fetched)
+                if not pending:
+                    for p in plan:
+                        if p.candidate is not None:
+                            p.directory = self.store.ensure(p.candidate)
+                    yield plan
+                    return
+            for work in pending:  # without the lock: other loads and unloads go on meanwhile
+                if isinstance(work, Candidate):
+                    self.store.ensure(work)
+                else:
+                    req, gone = work
+                    fetched[canonicalize_name(req.name)] = self.store.fetch_from_index(req, gone)
+
+    _INSTALL_ROUNDS = 3  # plans whose installs run without the import space's lock, then one with it
+
+    def _plan(
+        self,
+        artifact: Artifact,
+        requirements: list[Requirement],
+        space: ImportSpace | None = None,
+        pending: list[Candidate | tuple[Requirement, dict[PepVersion, str]]] | None = None,
+        fetched: dict[str, Candidate] | None = None,
     ) -> list[_Planned]:
+        """Resolve `requirements` (with the space's lock held). With `pending`, install nothing:
+        add to it each chosen wheel not installed yet, and each requirement pip must fetch from the
+        index (with its withdrawn versions; its own requirements are planned once it is there).
+        `fetched`: what earlier rounds fetched from the index, by name."""
         space = self.space if space is None else space
+        fetched = fetched or {}
+        to_fetch: set[str] = set()
         label = f"{artifact}"
         withdrawn: dict[str, dict[PepVersion, str]] | None = None  # read once, when first needed
         hashes: dict[str, dict[PepVersion, str]] = {}
@@ -411,7 +451,15 @@ class SliceLoader:
                 self._sweep(withdrawn, hashes)
             gone = withdrawn.get(name, {})
             cand = self.store.best(req, gone, hashes.get(name))
+            got = fetched.get(name)
+            if cand is None and got is not None and got.version not in gone and _contains(req, got.version):
+                cand = got if got.directory is not None and got.directory.is_dir() else None
             if cand is None and self.store.allow_index:
+                if pending is not None:
+                    if name not in to_fetch:
+                        to_fetch.add(name)
+                        pending.append((req, gone))
+                    continue
                 cand = self.store.fetch_from_index(req, gone)
             if cand is None:
                 deleted = [gone[v] for v in sorted(req.specifier.filter(gone, prereleases=True))]
@@ -430,6 +478,8 @@ class SliceLoader:
                     "wheel with `aether artifact deploy WHEEL`"
                 )
             chosen[name] = _Planned(name, cand.version, str(req), who, cand)
+            if pending is not None and cand.directory is None:
+                pending.append(cand)
             queue.extend((r, f"{name} {cand.version}") for r in self.store.requirements_of(cand, req.extras))
         return list(chosen.values())
 
