@@ -420,7 +420,7 @@ def test_a_library_directory_holds_the_bytes_its_name_hashes(
 
     other = libstore.LibraryStore(tmp_path / "data2", wheelhouse)  # the wheel holds `new` now
     chosen = libstore.Candidate("tinylib", PepVersion("1.0"), wheel=wheel, sha256=sha256_file(old))
-    with pytest.raises(SliceLoadError, match=r"tinylib 1\.0: .* changed since it was chosen"):
+    with pytest.raises(SliceLoadError, match=r"tinylib 1\.0: .* changed meanwhile"):
         other.ensure(chosen)
     assert [p.name for p in (tmp_path / "data2" / "libs").iterdir()] == []
 
@@ -544,3 +544,37 @@ def test_two_loads_that_need_one_library_install_it_once(
     assert [type(x) for x in got_a + got_b] == [LoadedSlice, LoadedSlice]
     installed = [t for t in slow.targets if t.startswith("tinylib==")]
     assert installed == [lib_dir(repo, tmp_path / "data", "tinylib", "1.0").name]
+
+
+def test_a_slice_code_directory_holds_the_bytes_its_name_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for libraries: the loader hashed the slice's wheel, then the store installed it from its
+    path: a wheel replaced in between (the artifact deployed again with other bytes and fetched)
+    gave `slices/{old sha256}` the new code. Now the store installs a private copy it hashed."""
+    from aether.slices import libstore
+
+    def build(src: str, where: str) -> Path:
+        coords = "org.example:a:1.0.0"
+        return build_slice_wheel(tmp_path / where, coords, src, "Uses", None, [], module="a_slice")
+
+    old, new = build(USES_TINYLIB, "old"), build(NO_LIBRARY, "new")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    wheel = cache / old.name
+    shutil.copy(old, wheel)
+    real_install = libstore.install_wheel
+
+    def install_after_a_fetch(w: Path, target: Path, **kw: object) -> None:
+        shutil.copy(new, cache / ".incoming")
+        os.replace(cache / ".incoming", wheel)
+        real_install(w, target, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(libstore, "install_wheel", install_after_a_fetch)
+    store = libstore.LibraryStore(tmp_path / "data", None)
+    d = store.install_slice_code(wheel, sha256_file(old))
+    assert d == tmp_path / "data" / "slices" / sha256_file(old)
+    assert "tinylib" in (d / "a_slice" / "__init__.py").read_text()
+    monkeypatch.undo()
+    with pytest.raises(SliceLoadError, match=r"changed meanwhile"):  # the wheel holds `new` now
+        libstore.LibraryStore(tmp_path / "data2", None).install_slice_code(wheel, sha256_file(old))

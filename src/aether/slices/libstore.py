@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Collection, Container, Iterable, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Mapping
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
@@ -442,24 +442,36 @@ class LibraryStore:
         with self._install_lock(str(installed)):  # two loads that need it install it once
             if installed.is_dir():
                 return installed
-            # the wheel may be replaced meanwhile (a fetch into the wheelhouse): what is installed is
-            # a private copy, hashed while copied, so the directory names the bytes it holds
-            make_private_dirs(self.libs_root)
-            with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=self.libs_root) as tmp:
-                copy = Path(tmp) / cand.wheel.name
-                try:
-                    sha = _copy_hashing(cand.wheel, copy)
-                except OSError as e:
-                    raise SliceLoadError(f"{cand}: cannot read {cand.wheel} ({e})") from None
-                if cand.sha256 and sha != cand.sha256:
-                    raise SliceLoadError(
-                        f"{cand}: {cand.wheel} changed since it was chosen (sha256 {sha}, the repository's "
-                        f"is {cand.sha256}); load again"
-                    )
-                target = self.directory_for(cand.name, cand.version, sha)
-                if not target.is_dir():
-                    install_wheel(copy, target, installer=self.installer, limits=self.limits)
-        return target
+            return self._install_copy(
+                cand.wheel,
+                self.libs_root,
+                cand.sha256,
+                lambda sha: self.directory_for(cand.name, cand.version, sha),
+                str(cand),
+            )
+
+    def _install_copy(
+        self, wheel: Path, root: Path, expected: str, target: Callable[[str], Path], what: str
+    ) -> Path:
+        """Install `wheel` into `target(its sha256)` (a directory in `root`) from a private copy
+        hashed while it is copied: a fetch may replace the wheel meanwhile, and a directory holds
+        the bytes its name hashes. `expected`: the sha256 it was chosen for ("" none): other bytes
+        are refused."""
+        make_private_dirs(root)
+        with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=root) as tmp:
+            copy = Path(tmp) / wheel.name
+            try:
+                sha = _copy_hashing(wheel, copy)
+            except OSError as e:
+                raise SliceLoadError(f"{what}: cannot read {wheel} ({e})") from None
+            if expected and sha != expected:
+                raise SliceLoadError(
+                    f"{what}: {wheel} changed meanwhile (sha256 {sha}, chosen as {expected}); load again"
+                )
+            dest = target(sha)
+            if not dest.is_dir():
+                install_wheel(copy, dest, installer=self.installer, limits=self.limits)
+        return dest
 
     def _install_lock(self, key: str) -> threading.Lock:
         """The lock of one install (a directory, or a requirement fetched from the index)."""
@@ -551,8 +563,14 @@ class LibraryStore:
         return []
 
     def install_slice_code(self, wheel: Path, sha256: str) -> Path:
-        """Install a slice wheel's code into `slices/{sha256}/` (reused when already there)."""
+        """Install a slice wheel's code into `slices/{sha256}/` (reused when already there);
+        SliceLoadError if the wheel's bytes are no longer the ones `sha256` hashes (replaced)."""
         target = self.slices_root / sha256
-        if not target.is_dir():
-            install_wheel(wheel, target, installer=self.installer, limits=self.limits)
-        return target
+        if target.is_dir():
+            return target
+        with self._install_lock(str(target)):
+            if target.is_dir():
+                return target
+            return self._install_copy(
+                wheel, self.slices_root, sha256, lambda sha: self.slices_root / sha, wheel.name
+            )
