@@ -578,3 +578,48 @@ def test_a_slice_code_directory_holds_the_bytes_its_name_hashes(
     monkeypatch.undo()
     with pytest.raises(SliceLoadError, match=r"changed meanwhile"):  # the wheel holds `new` now
         libstore.LibraryStore(tmp_path / "data2", None).install_slice_code(wheel, sha256_file(old))
+
+
+def test_two_loads_that_fetch_one_requirement_from_the_index_run_pip_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Index fetches run without the import space's lock too: a second fetch of the same
+    requirement while the first runs waits for it and uses its directory (pip runs once)."""
+    from aether.slices import libstore
+
+    store = libstore.LibraryStore(tmp_path / "data", None, allow_index=True)
+    started, release = threading.Event(), threading.Event()
+    runs: list[str] = []
+
+    def pip_fetch(req: Requirement, withdrawn: object) -> Candidate:
+        runs.append(str(req))
+        started.set()
+        assert release.wait(30)
+        d = store.directory_for("tinylib", PepVersion("1.0"))
+        d.mkdir(parents=True, exist_ok=True)
+        return Candidate("tinylib", PepVersion("1.0"), directory=d)
+
+    waiting = threading.Event()
+    real_lock = store._install_lock
+    asked: list[str] = []
+
+    def install_lock(key: str) -> threading.Lock:
+        asked.append(key)
+        if len(asked) == 2:
+            waiting.set()
+        return real_lock(key)
+
+    monkeypatch.setattr(store, "_fetch_from_index", pip_fetch)
+    monkeypatch.setattr(store, "_install_lock", install_lock)
+    first, got_first = in_thread(lambda: store.fetch_from_index(Requirement("tinylib<2")))
+    try:
+        assert started.wait(10)
+        second, got_second = in_thread(lambda: store.fetch_from_index(Requirement("tinylib<2")))
+        assert waiting.wait(10)  # the second fetch waits for the first
+    finally:
+        release.set()
+        first.join(10)
+    second.join(10)
+    d = store.directory_for("tinylib", PepVersion("1.0"))
+    assert got_first == got_second == [Candidate("tinylib", PepVersion("1.0"), directory=d)]
+    assert runs == ["tinylib<2"]
