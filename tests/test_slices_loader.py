@@ -580,6 +580,52 @@ def test_a_slice_code_directory_holds_the_bytes_its_name_hashes(
         libstore.LibraryStore(tmp_path / "data2", None).install_slice_code(wheel, sha256_file(old))
 
 
+@pytest.mark.parametrize("isolated", [False, True], ids=["load", "prepare_isolated"])
+def test_a_slice_is_described_and_installed_from_the_same_bytes(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated: bool
+) -> None:
+    """Seen (review): the loader read the slice's wheel three times: its declarations
+    (`inspect_wheel`), its sha256, then its code (unless `slices/{sha256}` was there already). A
+    wheel replaced after the first read (the same version deployed again and fetched) gave a
+    slice the class and requirements of the old bytes and the code of the new ones. Now all
+    three come from one private copy of the wheel, hashed while copied."""
+    from aether.slices import loader as loader_mod
+
+    a = deploy(repo, tmp_path, "org.example:a:1.0.0", USES_TINYLIB, ["tinylib<2"], module="a_slice")
+    wheel = repo.resolve(a)
+    old = tmp_path / "old.whl"
+    shutil.copy(wheel, old)
+    new = build_slice_wheel(
+        tmp_path / "new", "org.example:a:1.0.0", NO_LIBRARY, "Uses", None, [], module="a_slice"
+    )  # fmt: skip
+    assert new.name == wheel.name and sha256_file(new) != sha256_file(old)
+    loader = SliceLoader("node-1", repo, tmp_path / "data", space=ImportSpace())
+    loader.store.install_slice_code(new, sha256_file(new))  # the new bytes' code is there already
+    real_inspect = loader_mod.inspect_wheel
+
+    def inspect_then_a_fetch(path: Path, *args: object, **kw: object) -> object:
+        info = real_inspect(path, *args, **kw)  # type: ignore[arg-type]
+        shutil.copy(new, wheel.parent / ".incoming")  # written beside it, renamed over it
+        os.replace(wheel.parent / ".incoming", wheel)
+        return info
+
+    monkeypatch.setattr(loader_mod, "inspect_wheel", inspect_then_a_fetch)
+    if isolated:
+        code = loader.prepare_isolated(a)
+        sha, code_dir, info, libraries = code.sha256, code.code_dir, code.wheel, code.libraries
+    else:
+        ls = loader.load(a)
+        sha, code_dir, info, libraries = ls.sha256, ls.code_dir, ls.wheel, ls.libraries
+        assert version_of(ls.cls) == "1.0"
+    assert sha256_file(wheel) == sha256_file(new)  # the file was replaced meanwhile
+    assert sha == sha256_file(old)
+    assert code_dir == tmp_path / "data" / "slices" / sha
+    assert "tinylib" in (code_dir / "a_slice" / "__init__.py").read_text()
+    assert [str(r) for r in info.requirements] == ["tinylib<2"]
+    assert libraries == {"tinylib": "1.0"}
+    assert not list((tmp_path / "data" / "slices").glob(".tmp-*"))  # the copy is gone
+
+
 def test_two_loads_that_fetch_one_requirement_from_the_index_run_pip_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

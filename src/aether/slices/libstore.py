@@ -34,6 +34,7 @@ May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -45,7 +46,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Collection, Container, Iterable, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
@@ -457,13 +458,7 @@ class LibraryStore:
         hashed while it is copied: a fetch may replace the wheel meanwhile, and a directory holds
         the bytes its name hashes. `expected`: the sha256 it was chosen for ("" none): other bytes
         are refused."""
-        make_private_dirs(root)
-        with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=root) as tmp:
-            copy = Path(tmp) / wheel.name
-            try:
-                sha = _copy_hashing(wheel, copy)
-            except OSError as e:
-                raise SliceLoadError(f"{what}: cannot read {wheel} ({e})") from None
+        with self._private_copy(wheel, root, what) as (copy, sha):
             if expected and sha != expected:
                 raise SliceLoadError(
                     f"{what}: {wheel} changed meanwhile (sha256 {sha}, chosen as {expected}); load again"
@@ -472,6 +467,26 @@ class LibraryStore:
             if not dest.is_dir():
                 install_wheel(copy, dest, installer=self.installer, limits=self.limits)
         return dest
+
+    @contextlib.contextmanager
+    def _private_copy(self, wheel: Path, root: Path, what: str) -> Iterator[tuple[Path, str]]:
+        """A private copy of `wheel` (in a `.tmp-wheel-*` directory of `root`, removed after the
+        block) and the sha256 of its bytes, hashed while copied."""
+        make_private_dirs(root)
+        with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=root) as tmp:
+            copy = Path(tmp) / wheel.name
+            try:
+                sha = _copy_hashing(wheel, copy)
+            except OSError as e:
+                raise SliceLoadError(f"{what}: cannot read {wheel} ({e})") from None
+            yield copy, sha
+
+    def slice_wheel(self, wheel: Path) -> contextlib.AbstractContextManager[tuple[Path, str]]:
+        """A private copy of the slice wheel `wheel` and the sha256 of its bytes, for the block:
+        the loader reads the slice's declarations from it, names its code by that sha256 and
+        installs it from it (`install_slice_code(copy, sha256)`), so all three come from the same
+        bytes even if a fetch replaces `wheel` meanwhile."""
+        return self._private_copy(wheel, self.slices_root, wheel.name)
 
     def _install_lock(self, key: str) -> threading.Lock:
         """The lock of one install (a directory, or a requirement fetched from the index)."""

@@ -1,7 +1,8 @@
 """Loading slice classes from wheels into this interpreter (docs/slices.md).
 
 Owns library resolution and importing: `SliceLoader.load(artifact)` resolves the artifact's wheel
-in the repository, installs its code into the node's `LibraryStore`, resolves its library
+in the repository, reads its declarations and installs its code into the node's `LibraryStore`
+(both from one private copy of the wheel, `LibraryStore.slice_wheel`), resolves its library
 requirements, puts the needed `{name}=={version}` directories on `sys.path`, imports the class,
 checks that it subclasses `Slice` and describes it.
 
@@ -78,7 +79,7 @@ from aether.slices.errors import (
 )
 from aether.slices.libstore import Candidate, Installer, LibraryStore
 from aether.slices.repository import Repository
-from aether.slices.wheel import WheelInfo, inspect_wheel, sha256_file
+from aether.slices.wheel import WheelInfo, inspect_wheel
 
 __all__ = [
     "ImportSpace",
@@ -284,16 +285,26 @@ class SliceLoader:
         except Exception as e:
             raise SliceLoadError(f"{artifact} cannot be loaded: {type(e).__name__}: {e}") from e
 
-    def _load(self, artifact: Artifact) -> LoadedSlice:
+    def _slice_code(self, artifact: Artifact) -> tuple[WheelInfo, str, Path]:
+        """The slice's declarations, the sha256 of its wheel and its installed code directory, all
+        read from one private copy of the wheel (`LibraryStore.slice_wheel`): a fetch replacing the
+        repository's file meanwhile (the same version deployed again) gave a slice the class and
+        requirements of some bytes and, `slices/{sha256}` being there already, the code of others."""
         try:
             wheel_path = self.repository.resolve(artifact)
-            info = inspect_wheel(wheel_path, artifact, limits=self.repository.wheel_limits)
-        except (ArtifactNotFound, InvalidWheel) as e:
+        except ArtifactNotFound as e:
             raise SliceLoadError(str(e)) from None
-        if not info.is_slice or info.slice_class is None:
-            raise SliceLoadError(f"{artifact}: {wheel_path.name} declares no slice class")
-        sha = sha256_file(wheel_path)
-        code_dir = self.store.install_slice_code(wheel_path, sha)
+        with self.store.slice_wheel(wheel_path) as (copy, sha):
+            try:
+                info = inspect_wheel(copy, artifact, limits=self.repository.wheel_limits)
+            except InvalidWheel as e:  # named by the repository's file, not the copy
+                raise SliceLoadError(str(e).replace(str(copy), str(wheel_path))) from None
+            if not info.is_slice or info.slice_class is None:
+                raise SliceLoadError(f"{artifact}: {wheel_path.name} declares no slice class")
+            return info, sha, self.store.install_slice_code(copy, sha)
+
+    def _load(self, artifact: Artifact) -> LoadedSlice:
+        info, sha, code_dir = self._slice_code(artifact)
         owner = self._owner(artifact)
         space = self.space
         with self._planned(artifact, list(info.requirements)) as plan:
@@ -328,15 +339,7 @@ class SliceLoader:
         """Resolve, install (code and libraries) but do not import `artifact`: for a worker process,
         whose import space is its own. Raises SliceLoadError(reason)."""
         try:
-            wheel_path = self.repository.resolve(artifact)
-            info = inspect_wheel(wheel_path, artifact, limits=self.repository.wheel_limits)
-        except (ArtifactNotFound, InvalidWheel) as e:
-            raise SliceLoadError(str(e)) from None
-        if not info.is_slice or info.slice_class is None:
-            raise SliceLoadError(f"{artifact}: {wheel_path.name} declares no slice class")
-        try:
-            sha = sha256_file(wheel_path)
-            code_dir = self.store.install_slice_code(wheel_path, sha)
+            info, sha, code_dir = self._slice_code(artifact)
             worker_space = self.space.fresh(exclude=(self.store.libs_root, self.store.slices_root))
             # the space's lock held: no removal of stale directories between planning and holding
             with self._planned(artifact, list(info.requirements), worker_space) as plan:
@@ -348,6 +351,7 @@ class SliceLoader:
         except Exception as e:
             raise SliceLoadError(f"{artifact} cannot be loaded: {type(e).__name__}: {e}") from e
         libraries = {p.name: str(p.version) for p in plan}
+        assert info.slice_class is not None  # `_slice_code` refuses a wheel without one
         return IsolatedCode(artifact, info, sha, code_dir, info.slice_class, dirs, libraries)
 
     def release_isolated(self, artifact: Artifact) -> None:
