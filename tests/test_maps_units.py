@@ -854,10 +854,10 @@ class _FailingDrop(_FullAtCommit):
     closed = False
     failing = False
 
-    def drop(self, partition: int) -> None:
+    def drop(self, partition: int) -> int:
         if self.failing:
             raise OSError(28, "No space left on device")
-        super().drop(partition)
+        return super().drop(partition)
 
     def close(self) -> None:
         self.closed = True

@@ -425,14 +425,15 @@ class LogStorage(MemoryStorage):
         super().delete(partition, key)
         self._changes.append(_Del(partition, key))
 
-    def drop(self, partition: int) -> None:
+    def drop(self, partition: int) -> int:
         if partition in self._lent:
             self._own(partition)
         if partition in self._lent_ops:
             self._own_ops(partition)
         self._undo.append(("drop", partition, self._parts.get(partition), self._ops.get(partition)))
-        super().drop(partition)
+        n = super().drop(partition)
         self._changes.append(_Drop(partition))
+        return n
 
     def set_held(self, partition: int, versions: set[int]) -> None:
         self._undo.append(("held", partition, self._held.get(partition)))

@@ -101,7 +101,10 @@ class MapStorage(Protocol):
 
     def partitions(self) -> set[int]: ...
 
-    def drop(self, partition: int) -> None: ...
+    def drop(self, partition: int) -> int:
+        """Delete every record of `partition` (tombstones included) and its operation ids; the
+        number of records deleted (what it cost: `MapCore` deletes copies a batch per step)."""
+        ...
 
     def purge(self, partitions: range, now_ms: int) -> int:
         """Delete the records of `partitions` whose expiry is due (values and tombstones); their count."""
@@ -174,8 +177,8 @@ class UnopenedStorage:
     def partitions(self) -> set[int]:
         return set()
 
-    def drop(self, partition: int) -> None:
-        pass  # holds nothing
+    def drop(self, partition: int) -> int:
+        return 0  # holds nothing
 
     def purge(self, partitions: range, now_ms: int) -> int:
         return 0
@@ -277,14 +280,16 @@ class MemoryStorage:
     def partitions(self) -> set[int]:
         return {p for p, d in self._parts.items() if d}
 
-    def drop(self, partition: int) -> None:
+    def drop(self, partition: int) -> int:
         self._ops.pop(partition, None)
         part = self._parts.pop(partition, None)
-        if part:
-            for rec in part.values():
-                e, b = _size(rec)
-                self.entries -= e
-                self.bytes -= b
+        if not part:
+            return 0
+        for rec in part.values():
+            e, b = _size(rec)
+            self.entries -= e
+            self.bytes -= b
+        return len(part)
 
     def purge(self, partitions: range, now_ms: int) -> int:
         n = 0
@@ -493,7 +498,7 @@ class SqliteStorage:
     def partitions(self) -> set[int]:
         return {r[0] for r in self._db.execute(_PARTITIONS)}
 
-    def drop(self, partition: int) -> None:
+    def drop(self, partition: int) -> int:
         self._seen = None
         self._new_ops = [op for op in self._new_ops if op[0] != partition]
         if self._log:  # the operations logged so far: skipped by `load_ops`, gone with their rows
@@ -502,9 +507,10 @@ class SqliteStorage:
             "SELECT count(v), coalesce(sum(length(v)), 0) FROM records WHERE p = ? AND v IS NOT NULL",
             (partition,),
         ).fetchone()
-        self._exec("DELETE FROM records WHERE p = ?", (partition,))
+        n = self._exec("DELETE FROM records WHERE p = ?", (partition,)).rowcount
         self.entries -= int(row[0])
         self.bytes -= int(row[1])
+        return int(n)
 
     def purge(self, partitions: range, now_ms: int) -> int:
         self._seen = None
