@@ -551,8 +551,23 @@ class SqliteStorage:
         return out + self._new_ops
 
     def ops_index(self) -> dict[int, dict[tuple[str, int], int]]:
+        """Built from the log's rows as they decode (not from `load_ops`' list of them all): a
+        drop mark is looked at only for a row it covers (most are newer than every mark)."""
+        dropped: dict[int, int] = dict(self._db.execute("SELECT p, seq FROM opdrop").fetchall())
+        newest_mark = max(dropped.values(), default=-1)
         index: dict[int, dict[tuple[str, int], int]] = {}
-        for p, origin, rid, at in self.load_ops():
+        for seq, blob in self._db.execute("SELECT seq, ops FROM oplog ORDER BY seq"):
+            if seq > newest_mark:
+                for p, origin, rid, at in _OPS_DECODER.decode(blob):
+                    d = index.get(p)
+                    if d is None:
+                        d = index[p] = {}
+                    d[(origin, rid)] = at
+            else:
+                for p, origin, rid, at in _OPS_DECODER.decode(blob):
+                    if seq > dropped.get(p, -1):
+                        index.setdefault(p, {})[(origin, rid)] = at
+        for p, origin, rid, at in self._new_ops:
             index.setdefault(p, {})[(origin, rid)] = at
         return index
 
