@@ -1981,6 +1981,99 @@ def test_a_takeovers_sync_is_answered_and_merged_in_bounded_steps() -> None:
             assert _records(net.engines[owner], p) == _records(net.engines[table.primary(p)], p), p
 
 
+def _take_over_watching_chunks(net: Net, victim: str, *, earlier_owners: bool = False) -> tuple[int, int]:
+    """Run `victim`'s takeover to its end (it came back empty); the most records and operation ids
+    one sync chunk carried and the most the victim kept of the answers on the way at once.
+    `earlier_owners`: the owners answer as an earlier version does (no `SyncChunk.holds`)."""
+    per_chunk = kept = 0
+    for _ in range(200):
+        while net.queue:
+            src, dst, msg = net.queue[0]
+            if isinstance(msg, SyncChunk) and dst == victim:
+                per_chunk = max(per_chunk, len(msg.items) + len(msg.ops))
+                if earlier_owners:
+                    net.queue[0] = (src, dst, msgspec.structs.replace(msg, holds=None))
+            net.step()
+            for prom in net.cores[victim]._promotions:
+                held = sum(map(len, prom.buffered.values())) + sum(map(len, prom.buffered_ops.values()))
+                kept = max(kept, held)
+        net.tick()
+        if not any(c._promotions for c in net.cores.values()) and not net.queue:
+            break
+    assert not any(c._promotions for c in net.cores.values())
+    table = net.table
+    for p in range(net.partitions):
+        assert net.cores[victim]._holds("m", p, table.active[p]), p
+        for owner in net.ids:
+            assert _records(net.engines[owner], p) == _records(net.engines[table.primary(p)], p), p
+            assert net.cores[owner].ops["m"].get(p) == net.cores[table.primary(p)].ops["m"].get(p), p
+    return per_chunk, kept
+
+
+def test_a_takeover_merges_each_sync_chunk_as_it_comes_and_chunks_are_bounded_by_count() -> None:
+    """The node taking over kept every chunk of an owner's answer until the last one (which says
+    which partitions count): a third of the map in memory per owner, more than the map's share of
+    a node's memory for a large ``sqlite`` map. Each chunk now says which of its partitions the
+    owner holds (`SyncChunk.holds`), and the records of those are merged as they come. And a chunk
+    carried up to 1 MiB of operation ids (~26,000: 20-160 ms to decode on a loaded machine, one
+    step of the loop); it carries at most `batch_records` (at most 512) records and ids now."""
+    net = Net(partitions=64, batch_records=100)
+    _filled(net, 1200, 8)
+    victim = net.ids[2]
+    _go_down(net, victim)
+    net.drop = lambda src, dst, msg: False
+    _start_again(net, victim, Full(), 77)
+    per_chunk, kept = _take_over_watching_chunks(net, victim)
+    assert per_chunk <= 100, per_chunk
+    assert kept == 0, f"it kept {kept} records and ids of answers on the way"
+
+
+def test_a_takeover_merges_at_once_only_what_the_owner_says_it_holds() -> None:
+    """A chunk's records are merged as they come only for the partitions the chunk says the owner
+    holds (`SyncChunk.holds`); the others wait for the last chunk, and count only if it names them
+    (`held`): an owner's copy that holds no configuration may carry writes no quorum acknowledged
+    (a deposed primary's), which must not win a merge."""
+    net = Net(partitions=64, batch_records=100)
+    _filled(net, 300, 8)
+    victim = net.ids[2]
+    _go_down(net, victim)
+    net.drop = lambda src, dst, msg: False
+    _start_again(net, victim, Full(), 77)
+    core = net.cores[victim]
+    while not any(prom.asked for prom in core._promotions) and net.step():
+        pass
+    net.drop = lambda src, dst, msg: victim in (src, dst)  # (the chunks below are all it gets)
+    prom = next(prom for prom in core._promotions if prom.asked)
+    owner = net.ids[0]
+    rid = next(r for r, (peer, _n, _t) in prom.asked.items() if peer == owner)
+    p, q = sorted(prom.syncing)[:2]
+    bad = Record(b"never acknowledged", 10**6, 1)
+    wall = int(net.now * 1000)
+    first = SyncChunk(rid, [(p, "held", bad), (q, "unheld", bad)], False, holds=[p])
+    core.receive(owner, first, net.now, wall)
+    assert net.engines[victim].get(p, "held") == bad, "a chunk of a partition its owner holds waits"
+    assert net.engines[victim].get(q, "unheld") is None
+    core.receive(owner, SyncChunk(rid, [], True, held=[p], holds=[]), net.now, wall)
+    while core.busy:
+        core.more(net.now, wall)
+    assert net.engines[victim].get(q, "unheld") is None, "it merged a copy its owner does not hold"
+    assert q not in prom.holders["m"][owner] and p in prom.holders["m"][owner]
+
+
+def test_a_takeover_keeps_the_chunks_of_an_owner_of_an_earlier_version_until_its_last() -> None:
+    """An owner of an earlier version says nothing of what it holds until its answer's last chunk
+    (`SyncChunk.holds` None): the node taking over keeps its chunks until then, as before, and
+    the copies come out the same."""
+    net = Net(partitions=64, batch_records=100)
+    _filled(net, 1200, 8)
+    victim = net.ids[2]
+    _go_down(net, victim)
+    net.drop = lambda src, dst, msg: False
+    _start_again(net, victim, Full(), 77)
+    _per_chunk, kept = _take_over_watching_chunks(net, victim, earlier_owners=True)
+    assert kept > 100, kept
+
+
 class _CountingDrops(_Counting):
     """A `_Counting` engine that also counts the partitions and records deleted with them."""
 

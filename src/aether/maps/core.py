@@ -107,7 +107,7 @@ __all__ = [
     "WriteTable",
 ]
 
-_SYNC_CHUNK_ITEMS = 512
+_SYNC_CHUNK_ITEMS = 512  # records and operation ids per sync chunk, at most (and `batch_records`)
 _SYNC_CHUNK_BYTES = 1024 * 1024
 _FENCED_PUSH = "fenced: a newer primary took these partitions over"
 _RECEIVED = 1024  # pushes in pieces applied lately, remembered so a resent last piece is acknowledged
@@ -345,9 +345,10 @@ class _Promotion:
     asked: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # sync id -> (peer, map, sent)
     answered: dict[str, set[str]] = field(default_factory=dict)  # map -> peers that answered fully
     holders: dict[str, dict[str, set[int]]] = field(default_factory=dict)  # map -> peer -> partitions held
-    # sync id -> the items received so far (merged once the last chunk says which partitions count)
+    # sync id -> the items received so far that their chunk did not say the owner holds (merged once
+    # the last chunk says which partitions count; those it holds are merged as they come)
     buffered: dict[int, list[tuple[int, str, Record]]] = field(default_factory=dict)
-    buffered_ops: dict[int, OpIds] = field(default_factory=dict)  # sync id -> operation ids received so far
+    buffered_ops: dict[int, OpIds] = field(default_factory=dict)  # sync id -> operation ids so kept
     have: dict[tuple[str, str], dict[tuple[int, str], tuple[int, int]]] = field(default_factory=dict)
     # (peer, map) -> the partitions of which `have` is that peer's whole copy: its answer came while
     # they were still syncing (a partition past its sync before that gets the whole copy pushed)
@@ -2421,6 +2422,14 @@ class MapCore:
         size = 0
         limit = min(_SYNC_CHUNK_BYTES, self.t.piece_bytes)
         budget = self.t.batch_records
+        count = min(_SYNC_CHUNK_ITEMS, budget)  # records and operation ids per chunk
+        active = dict(zip(req.partitions, req.active, strict=False))
+
+        def chunk(done: bool = False, held: list[int] | None = None) -> SyncChunk:
+            carried = {q for q, _k, _r in items} | {op[0] for op in ops}
+            holds = sorted(q for q in carried if active.get(q) and self._holds(req.map, q, active[q]))
+            return SyncChunk(req.id, items, done, None, ops, held or [], holds)
+
         n = 0
         for p in parts:
             if n >= budget:
@@ -2433,8 +2442,8 @@ class MapCore:
                     items.append((p, key, rec))
                     n += 1
                     size += _record_size(key, rec)
-                    if len(items) >= _SYNC_CHUNK_ITEMS or size >= limit:
-                        self._send(sender, SyncChunk(req.id, items, False))
+                    if len(items) >= count or size >= limit:
+                        self._send(sender, chunk())
                         items, size = [], 0
             except Exception as e:
                 self._storage_failed(req.map, e)
@@ -2447,17 +2456,16 @@ class MapCore:
                     if (yield from self._answer_pause(sender, req, engine)):
                         return
                 m = _op_size(op)
-                if size and size + m > limit:
-                    self._send(sender, SyncChunk(req.id, items, False, None, ops))
+                if size and (size + m > limit or len(items) + len(ops) >= count):
+                    self._send(sender, chunk())
                     items, ops, size = [], [], 0
                 ops.append(op)
                 size += m
                 n += 1
         else:
             ops = self._ops_of(req.map, parts)
-        active = dict(zip(req.partitions, req.active, strict=False))
         held = [p for p in parts if active.get(p) and self._holds(req.map, p, active[p])]
-        self._send(sender, SyncChunk(req.id, items, True, None, ops, held))
+        self._send(sender, chunk(True, held))
 
     def _answer_pause(
         self, sender: str, req: SyncRequest, engine: MapStorage
@@ -2498,13 +2506,26 @@ class MapCore:
             prom.asked[msg.id] = (peer, name, self._now)  # progress: not timed out
             have = prom.have.setdefault((peer, name), {})
             buffered = prom.buffered.setdefault(msg.id, [])
+            # The partitions the owner held when it sent the chunk count (`SyncChunk.holds`): their
+            # records are merged now, one chunk per step, and the others' kept until the last chunk
+            # says which count (an owner of an earlier version says nothing: all of them kept).
+            now = self._held_by(prom, peer, name, msg.holds) if msg.holds else None
             # (only partitions still syncing: one past its sync pushes and serves what it merged)
             for p, key, rec in msg.items:
                 if p in prom.syncing:
                     have[(p, key)] = (rec.epoch, rec.seq)
-                    buffered.append((p, key, rec))
+                    if now is not None and p in now:
+                        ok, current = self._get(name, p, key)
+                        if ok and newer(rec, current) and self._put(name, p, key, rec):
+                            prom.merged += 1
+                    else:
+                        buffered.append((p, key, rec))
             if msg.ops:  # (every chunk may carry some: `SyncRequest.split_ops`)
-                prom.buffered_ops.setdefault(msg.id, []).extend(op for op in msg.ops if op[0] in prom.syncing)
+                if now:
+                    self._merge_ops(name, [op for op in msg.ops if op[0] in now])
+                prom.buffered_ops.setdefault(msg.id, []).extend(
+                    op for op in msg.ops if op[0] in prom.syncing and not (now and op[0] in now)
+                )
             if not msg.done:
                 return
             del prom.asked[msg.id]
@@ -2530,7 +2551,8 @@ class MapCore:
         self, prom: _Promotion, peer: str, name: str, claimed: list[int],
         items: list[tuple[int, str, Record]], ops: OpIds,
     ) -> Iterator[bool]:
-        """Merge `peer`'s whole answer for map `name` into this node's copy, then count its copy
+        """Merge what `peer`'s answer for map `name` left to its end (the records of partitions its
+        chunks did not say it holds, `SyncChunk.holds`) into this node's copy, then count its copy
         and move the takeover on: `MapTimings.batch_records` records and operation ids per step
         (all at once, a third of 20,000 keys kept the loop 0.07-0.2 s). Meanwhile the takeover's
         synced partitions wait for it as for an answer on the way (`_Promotion.merging`); a

@@ -144,6 +144,11 @@ class SyncChunk(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=55):
     held: list[int] = []
     """(Last chunk) the partitions whose copy this node has held since the requested active
     configuration became active; only those count towards the requester's quorum."""
+    holds: list[int] | None = None
+    """Of the partitions this chunk carries records or operation ids of, those whose copy the
+    sender held (as `held` says) when it sent the chunk: the requester merges those at once
+    instead of keeping the whole answer until the last chunk says which partitions count. None:
+    a node of an earlier version (the requester keeps its chunks until the last)."""
 
 
 class KeysRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=56):
