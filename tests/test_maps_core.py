@@ -2159,6 +2159,47 @@ def test_copies_a_node_no_longer_trusts_are_deleted_in_bounded_steps() -> None:
     assert len(keys) == sum(1 for p in range(64) for _k in net.engines[victim].scan(p))
 
 
+def test_a_node_that_forgets_its_data_deletes_it_in_bounded_steps() -> None:
+    """A node whose storage works again after a failure (or that was cut off past the tombstone
+    horizon) drops every copy it holds (`forget_data`) and gets them again: it deleted the whole
+    map in that one step. Now as a takeover's untrusted copies, `batch_records` records per step;
+    its copies come back whole."""
+    from aether.maps.core import _DROP_PARTITION_COST
+
+    net = Net(partitions=64, batch_records=100)
+    keys = _filled(net, 1200, 8)
+    node = net.ids[2]
+    engine = _CountingDrops()
+    for p in range(64):
+        for key, rec in net.engines[node].scan(p):
+            engine.put(p, key, rec)
+        versions = net.cores[node].held.get(("m", p))
+        if versions:
+            engine.set_held(p, versions)
+    net.engines[node] = net.cores[node].engines["m"] = engine
+    biggest = max(sum(1 for _ in engine.scan(p)) for p in range(64))
+    per_step = []
+    net.cores[node].forget_data("test")
+    net.run(node, net.cores[node]._take())
+    per_step.append((engine.dropped_records, engine.dropped))
+    for _ in range(200):
+        while net.queue:
+            before = (engine.dropped_records, engine.dropped)
+            net.step()
+            per_step.append((engine.dropped_records - before[0], engine.dropped - before[1]))
+        net.tick()
+        if not any(c._promotions for c in net.cores.values()) and not net.queue:
+            break
+    assert engine.dropped_records >= len(keys), "it deleted every copy"
+    bound = 100 + biggest + _DROP_PARTITION_COST
+    assert max(r + _DROP_PARTITION_COST * n for r, n in per_step) <= bound, per_step
+    net.settle(3.0)  # (a replica asks its primaries for the copies it lacks every 2 s)
+    table = net.table
+    for p in range(64):
+        assert net.cores[node]._holds("m", p, table.active[p]), p
+        assert _records(engine, p) == _records(net.engines[table.primary(p)], p), p
+
+
 def test_a_sync_answered_while_copies_are_being_deleted_carries_none_of_them() -> None:
     """Copies a node dropped (`MapCore._drop_later`) but has not deleted from its engine yet are
     gone for every reader: a newer primary's sync answered meanwhile carries none of their records

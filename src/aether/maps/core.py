@@ -1489,12 +1489,12 @@ class MapCore:
         storage failed) and take its partitions over again from the other owners."""
         self.log.warning("dropping this node's map copies (%s); they are copied back from the cluster", why)
         self._step_down_all([(p, f"{self.node_id} copies its map data again") for p in list(self.prims)])
-        for name, parts in list(self._dropping.items()):  # (their records of holding them go too)
-            self._settle_all(name, list(parts))
+        # (deleted from the engines a batch per step, as a takeover's untrusted copies are: the
+        # whole map at once held the loop as long as its size)
         for name, engine in self.engines.items():
             try:
-                for p in list(engine.partitions()):
-                    engine.drop(p)
+                for p in sorted(engine.partitions()):
+                    self._drop_later(name, p)
                 engine.purge_ops(range(self.partitions), 2**62)
             except Exception as e:
                 self._storage_failed(name, e)
@@ -1502,7 +1502,11 @@ class MapCore:
             by_p.clear()
         self._drop_incoming()  # pushes of which some pieces arrived before: they would be applied as a whole
         for name, p in list(self.held):  # its copies count again only for takeovers from now on
-            self._unhold(name, p)
+            if name in self.engines:
+                self._drop_later(name, p)  # (its record of holding it goes with the copy)
+            else:
+                self._unhold(name, p)
+        self._start_drops()
         # (this process acknowledged writes of those maps, maybe at a configuration whose push of
         # the partition is still to come: their emptied copies count again only once pushed)
         self._learned.clear()
