@@ -71,6 +71,10 @@ __all__ = ["MapWorld", "Outcome", "profile_names", "run_map_seed"]
 MAP = "m"
 MAP2 = "m2"
 PARTITIONS = 16
+# one decoder for every delivered message: `msgspec.msgpack.decode(data, type=MapMessage)` looks the
+# Union's type information up again on each call (about 20 us, against 0.6 us with a Decoder), a
+# third of a seed's CPU time (the other simulators decode with Decoders too)
+_map_msg_decoder = msgspec.msgpack.Decoder(MapMessage)
 
 
 class SimViolation(AssertionError):
@@ -617,7 +621,7 @@ class MapWorld:
             self.loop.call_at(node.paused_until + self._deferred * 1e-7, self._deliver, src, dst, data, gen,
                               dst_gen)
             return
-        msg = msgspec.msgpack.decode(data, type=MapMessage)
+        msg = _map_msg_decoder.decode(data)
         if node.service is not None:
             self.guard(node.service.dispatch, src, msg)
 
