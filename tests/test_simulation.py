@@ -112,16 +112,15 @@ def test_engine_only_simulation_catches_a_broken_engine(monkeypatch: pytest.Monk
         self.D = 1
 
     monkeypatch.setattr(engine_mod.Engine, "__init__", broken)
-    caught = 0
+    # the first seed that catches it is enough (measured: seed 6, and 19 of the first 80)
     for seed in range(80):
         try:
             _, res = run_seed(seed)
         except InvariantViolation:
-            caught += 1
-            continue
+            return
         if not res.ok:
-            caught += 1
-    assert caught > 0
+            return
+    pytest.fail("80 seeds of the engine-only simulation did not catch an engine deciding on one vote")
 
 
 # --- the session table ------------------------------------------------------------------------------
