@@ -27,7 +27,7 @@ Generic helpers, usable from any test module:
   closed with `aether.cli.local_cluster.stop_cluster` (recorded PIDs only) when the test ends,
   its node logs attached on failure like those of `make_process_cluster`.
 - Fixture `demo_wheels` (session): the order demo's wheels as `make demo-wheels` builds them (six,
-  plus place-order 0.1.1), built once with examples/build.py.
+  plus place-order 0.1.1), built once per run with examples/build.py (shared by the xdist workers).
 
 Blocking helpers (`wait_quorum`, `status`, ...) use plain sockets/urllib; from async tests that
 also have client traffic in flight, call them through `asyncio.to_thread(...)` (or the `a*`
@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -971,18 +972,30 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def demo_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The order demo's wheels as `make demo-wheels` builds them (5 slices, the order-domain
-    library, and place-order 0.1.1 to update to), built once per session."""
-    out = tmp_path_factory.mktemp("order-demo-wheels")
-    build = [sys.executable, str(ROOT / "examples/build.py"), "--only", "order_demo", "--no-deploy"]
-    for extra in ([], ["--project", "place-order", "--set-version", "0.1.1"]):
-        proc = subprocess.run(
-            [*build, *extra, "--out", str(out)],
-            capture_output=True,
-            text=True,
-            timeout=280,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    library, and place-order 0.1.1 to update to), built once per run: under xdist the workers'
+    temporary directories share a parent, and the first worker that needs the wheels builds them
+    there while the others wait on a lock (a build costs ~9 CPU-seconds; the tests only read the
+    wheels, copying them into repositories of their own)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "order-demo-wheels"
+    done = shared / "order-demo-wheels.done"
+    with open(shared / "order-demo-wheels.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # (a build that failed half-way)
+            out.mkdir()
+            build = [sys.executable, str(ROOT / "examples/build.py"), "--only", "order_demo", "--no-deploy"]
+            for extra in ([], ["--project", "place-order", "--set-version", "0.1.1"]):
+                proc = subprocess.run(
+                    [*build, *extra, "--out", str(out)],
+                    capture_output=True,
+                    text=True,
+                    timeout=280,
+                    check=False,
+                )
+                assert proc.returncode == 0, proc.stdout + proc.stderr
+            done.touch()
     names = sorted(w.name for w in out.glob("*.whl"))
     assert len(names) == 7 and "place_order-0.1.1-py3-none-any.whl" in names, names
     return out
