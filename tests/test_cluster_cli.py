@@ -35,8 +35,13 @@ pytestmark = [
 
 
 @pytest.fixture
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+def env(tmp_path: Path) -> dict[str, str]:
+    # the nodes' artifact repository is the test's own: with the default (~/.aether/repository)
+    # a node publishes the wheels it finds there into the cluster's map `aether.repository`, and
+    # `map list` is not the maps the test created
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["AETHER_REPOSITORY"] = str(tmp_path / "repository")
+    return env
 
 
 @pytest.fixture
