@@ -54,6 +54,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -823,6 +824,14 @@ def pytest_configure(config: pytest.Config) -> None:
     among them, which are not bound to this process' life) are stopped by PID, not left running."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+    # Every process a test starts gets a home of the run's own: `aether` keeps its defaults under
+    # ~/.aether (the artifact repository a node caches into and publishes from at start, the local
+    # cluster's directory), and a developer's own wheels there became part of the clusters that
+    # tests started without AETHER_REPOSITORY (test_cluster_cli listed a map `aether.repository`
+    # it never created), while those tests' wheels stayed in the developer's home.
+    home = Path(tempfile.mkdtemp(prefix="aether-test-home-"))
+    config.add_cleanup(functools.partial(shutil.rmtree, home, ignore_errors=True))
+    os.environ["HOME"] = str(home)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
