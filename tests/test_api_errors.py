@@ -139,7 +139,8 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.api.auth.Conflict": (409, "status:409"),
     "aether.api.auth.NotFound": (404, "status:404"),
     "aether.api.map_routes._TooLarge": (413, "status:413"),
-    "aether.consensus.storage.JournalError": (None, "app_error"),
+    # this node's journal failed (a full disk): it stops, the others may still commit (unknown outcome)
+    "aether.consensus.storage.JournalError": (503, "app_error"),
     "aether.consensus.storage.JournalCorrupt": (None, "app_error"),
     "aether.transport.framing.FrameTooLarge": (None, "app_error"),
 }

@@ -1,8 +1,15 @@
 """A node whose disk fills up stops (fail-stop) instead of voting on without its journal.
 
 Seen before: with a full disk the journal silently stopped growing while the node kept voting,
-with nothing logged. Now the node logs why, exits with status 1, the others keep committing,
-and once there is room again the node restarts and catches up with every acknowledged write.
+with nothing logged. Now the node logs why and what to do, exits with status 1, the others keep
+committing, and once there is room again the node restarts and catches up with every
+acknowledged write.
+
+Seen later (the test used to write only through the other nodes): a client writing through the
+node whose disk filled got `internal error: appending to .../journal.bin failed` for a write the
+others may still commit, instead of being sent to another node; and starting the node again
+while its disk was still full died with a Python traceback (the incarnation file could not be
+written) instead of a line saying so.
 
 Needs root (a small tmpfs is mounted as the node's data directory); skipped otherwise.
 """
@@ -51,7 +58,7 @@ def fill(path: Path) -> Path:
 
 
 @pytest.mark.timeout(120)
-async def test_full_disk_stops_the_node_and_it_catches_up_after(
+async def test_full_disk_stops_the_node_its_clients_go_elsewhere_and_it_catches_up_after(
     make_process_cluster: Callable[..., ProcessCluster],
 ) -> None:
     c = make_process_cluster(3, start=False)
@@ -60,13 +67,17 @@ async def test_full_disk_stops_the_node_and_it_catches_up_after(
         c.start_all()
         await c.await_quorum(30, nodes=[0, 1, 2])
         acked: dict[str, bytes] = {}
-        async with c.client(prefer=0, only=[0, 1], timeout=5.0) as client:
+
+        async def put(k: str, v: bytes) -> None:
+            await client.put(k, v)  # raises if the write is not acknowledged
+            acked[k] = v
+
+        # the client writes through the victim: its requests in flight when the journal fails
+        # must move to another node (same session: applied once), not fail
+        async with c.client(prefer=victim, timeout=10.0) as client:
             for i in range(50):
-                k, v = f"user/before-{i}", f"v{i}".encode()
-                await client.put(k, v)
-                acked[k] = v
+                await put(f"user/before-{i}", f"v{i}".encode())
             filler = fill(c.data_dir(victim))
-            # writes go on through the majority; the victim's next journal append fails
             i = 0
             proc = c.procs[victim]
             assert proc is not None
@@ -74,22 +85,28 @@ async def test_full_disk_stops_the_node_and_it_catches_up_after(
             deadline = loop.time() + 30
             while proc.poll() is None or i < 100:
                 assert loop.time() < deadline, "the node with a full disk did not stop\n" + c.log_tail(victim)
-                k, v = f"user/during-{i}", f"w{i}".encode()
-                await client.put(k, v)
-                acked[k] = v
-                i += 1
+                await asyncio.gather(*(put(f"user/during-{i + j}", f"w{i + j}".encode()) for j in range(4)))
+                i += 4
             assert proc.wait(timeout=10) == 1
             c.procs[victim] = None
             log = c.log_text(victim)
             assert "consensus stops" in log and "No space left on device" in log, c.log_tail(victim)
+            assert f"free space on the file system holding {c.data_dir(victim)}" in log, c.log_tail(victim)
             assert "stopped:" in log  # run_node's last word names the reason
+            # started again while the disk is still full: one line saying so, exit 1, no traceback
+            c.start(victim)
+            proc = c.procs[victim]
+            assert proc is not None and proc.wait(timeout=30) == 1, c.log_tail(victim)
+            c.procs[victim] = None
+            last_run = c.log_text(victim).rsplit("---- test harness: starting", 1)[1]
+            assert "Traceback" not in last_run, last_run
+            for says in (f"cannot start node {c.ids[victim]}", "No space left", "free space on the"):
+                assert says in last_run, last_run
             filler.unlink()
             c.start(victim)
             await c.await_quorum(30, nodes=[0, 1, 2])
             for j in range(20):
-                k, v = f"user/after-{j}", f"a{j}".encode()
-                await client.put(k, v)
-                acked[k] = v
+                await put(f"user/after-{j}", f"a{j}".encode())
         await asyncio.to_thread(c.wait_applied_equal, 30.0)
         for node in range(3):
             got = await c.akv(node, "user/")

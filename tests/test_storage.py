@@ -18,6 +18,7 @@ from aether.consensus.storage import (
     frame,
     scan_journal,
 )
+from aether.core.problem import problem_for
 from aether.testing.simfs import SimFileSystem
 
 D = Path("/sim/node/consensus")
@@ -85,6 +86,10 @@ def test_a_failed_append_fails_the_store_for_good(err: int) -> None:
         s.append([b"lost"])
     fs.fail_writes = None
     assert s.failed is not None
+    # says what to do, and a request that failed with it is a 503 naming it (outcome unknown)
+    remedy = "free space on the file system holding" if err == errno.ENOSPC else "check the disk holding"
+    assert f"{remedy} {D}" in str(s.failed) and "then start the node again" in str(s.failed)
+    assert problem_for(s.failed).status == 503 and problem_for(s.failed).detail == str(s.failed)
     with pytest.raises(JournalError):
         s.append([b"later"])  # never writes again, even when the disk has room again
     seen: list[BaseException | None] = []

@@ -51,7 +51,12 @@ DurableCallback = Callable[[BaseException | None], None]
 
 
 class JournalError(AetherError):
-    """The journal or snapshot could not be written; the replica must stop (fail-stop)."""
+    """The journal or snapshot could not be written; the replica must stop (fail-stop).
+
+    A request that fails with it has an unknown outcome (its command may have reached the other
+    replicas, which go on): 503, and this node's clients are told to ask another node."""
+
+    status = 503
 
 
 class JournalCorrupt(AetherError):
@@ -286,9 +291,17 @@ class DiskStore:
         if self._failed is None:
             # the runner logs it (CRITICAL) and stops the replica
             self._failed = JournalError(
-                f"{what} failed: {e}; this replica stops (nothing unjournalled is sent)"
+                f"{what} failed: {e}; this replica stops (nothing unjournalled is sent): "
+                f"{self._remedy(e)}"
             )
         return self._failed
+
+    def _remedy(self, e: BaseException) -> str:
+        """What the operator does about `e` (in the error and the node's last log line)."""
+        again = "then start the node again: it catches up from its peers"
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"free space on the file system holding {self.dir}, {again}"
+        return f"check the disk holding {self.dir} (the kernel log names I/O errors), {again}"
 
     def _check(self) -> None:
         if self._failed is not None:

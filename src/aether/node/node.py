@@ -18,7 +18,7 @@ from aether.cluster.leader import LeaderChanged, LeaderManager
 from aether.consensus.engine import EngineConfig, MembersChanged, MembershipRefused
 from aether.consensus.messages import MemberChange, MemberResult, RabiaMessage
 from aether.consensus.runner import ConsensusRunner
-from aether.consensus.storage import DiskStore
+from aether.consensus.storage import DiskStore, JournalError
 from aether.controller.recording import ObservationRecorder
 from aether.controller.service import ControllerService
 from aether.controller.types import CONTROLLER_MESSAGE_TYPES, ControllerMessage
@@ -891,6 +891,13 @@ class Node:
                     session.send(ClientResponse(rid, f.result()))
                 elif isinstance(exc, QuorumLost):
                     session.send(ClientResponse(rid, None, str(exc), "quorum"))
+                elif isinstance(exc, JournalError):
+                    # This replica stopped (its disk is full or failing); the others go on and may
+                    # still commit the command. "quorum" sends the client to another node with
+                    # the same session sequence, which applies it at most once.
+                    session.send(ClientResponse(
+                        rid, None, f"{self.node_id} stopped, so the outcome is unknown here: {exc}", "quorum",
+                    ))
                 elif isinstance(exc, CommitTimeout):
                     session.send(ClientResponse(rid, None, str(exc), "timeout"))
                 elif isinstance(exc, BadRequest):  # TooLarge: a command consensus does not carry

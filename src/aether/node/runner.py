@@ -21,7 +21,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from aether.consensus.storage import JournalCorrupt
+from aether.consensus.storage import JournalCorrupt, JournalError
 from aether.core.config import PARENT_PID_ENV, NodeConfig
 from aether.core.files import make_private_dirs, open_private
 from aether.core.logs import configure_logging
@@ -299,7 +299,7 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
         return 1
     try:
         _run(serve(config, management_api=management_api, parent=parent))
-    except (OSError, JournalCorrupt) as e:
+    except (OSError, JournalCorrupt, JournalError) as e:  # JournalError: e.g. a full disk at start
         log.error("cannot start node %s: %s", config.node_id, e)
         code = 1
     except NodeFailed as e:
