@@ -339,6 +339,73 @@ def test_a_full_disk_takes_the_node_out_of_the_table_and_it_comes_back() -> None
     assert net.results[2] == (b"v", True)
 
 
+def test_every_nodes_disk_filling_in_turn_loses_no_acknowledged_write() -> None:
+    """Every node's disk fills, one after the other (the table leaves each out in turn, until one
+    node owns every partition), then has room again, the sole owner's last. Seen on real nodes
+    (three data directories on small tmpfs mounts, a `log` map): every acknowledged write was
+    lost, twice over. Each node whose storage worked again dropped its copies ("it may have missed
+    writes"), although a failed commit is undone whole and a broken map acknowledges nothing; and
+    the first node back took every partition over without the sole owner, still broken, once
+    `force_after` had passed, as if it had left the cluster (dropping its own copies, which did not
+    count). Now a node whose disk has room again goes on from what it committed, as a restarted
+    one does, and a takeover waits for an owner left out only because its storage failed."""
+    net = Net()
+    keys = [f"k{i}" for i in range(40)]
+    for i, key in enumerate(keys):
+        net.submit(net.ids[i % 3], i, OP_PUT, key, b"v%d" % i)
+    net.settle()
+    assert all(net.results[i] == (None, True) for i in range(len(keys)))
+    for j, node in enumerate(net.ids):
+        net.engines[node].full = True
+        net.submit(node, 100 + j, OP_PUT, f"big{j}", b"x")  # fails on this node's disk
+        net.settle(3.0)
+    assert set(net.health) == set(net.ids), net.health
+    assert net.table.members == [net.ids[2]], "the last one left owns every partition"
+    for j, node in enumerate(net.ids):  # the sole owner gets room last, well after force_after
+        net.engines[node].full = False
+        net.settle(net.t.probe_after + (net.t.force_after + 5.0 if j == 0 else 1.0))
+    net.settle(5.0)
+    assert not net.health
+    for i, key in enumerate(keys):
+        net.submit(net.ids[(i + 1) % 3], 200 + i, OP_GET, key)
+    net.settle()
+    lost = [key for i, key in enumerate(keys) if net.results[200 + i] != (b"v%d" % i, True)]
+    assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:3]}: {net.results[200]}"
+
+
+def test_a_primary_holds_the_configuration_before_it_asks_for_the_activation() -> None:
+    """The table records a takeover's activation only after the new primary's copy says, on its
+    disk, that it holds that configuration (committed in the turn that asks for the activation).
+    Else a full disk at the commit that followed the activation left the table naming a copy as the
+    one that counts while the copy did not say so (see the test above and
+    test_maps_units.test_an_activation_whose_turn_did_not_commit_is_not_recorded)."""
+    net = Net()
+    seen: list[tuple[str, int, list[int]]] = []
+    run = net.run
+
+    def checked(node: str, actions: list[Any]) -> None:
+        engine = net.engines.get(node)
+        if engine is not None and engine.pending:
+            engine.commit()  # (as `run` does first: what the turn wrote is on disk before it acts)
+        for a in actions:
+            if isinstance(a, Activate):
+                assert engine is not None
+                held = engine.held()
+                missing = [p for p in a.partitions if a.version not in held.get(p, set())]
+                assert not missing, f"{node} asked to activate v{a.version} of {missing} before holding it"
+                seen.append((node, a.version, a.partitions))
+        run(node, actions)
+
+    net.run = checked  # type: ignore[method-assign]
+    victim = net.ids[2]
+    net.submit(net.ids[0], 1, OP_PUT, "k", b"v")
+    net.settle()
+    net.engines[victim].full = True  # the others take its partitions over
+    net.submit(net.ids[0], 2, OP_PUT, "k2", b"v")
+    net.settle(3.0)
+    assert victim not in net.table.members and seen
+
+
 def test_a_storage_that_fails_at_commit_is_not_taken_for_healed() -> None:
     """A map whose commit failed (`storage_failed`, from the service's group commit) stays out of
     service while its probe's write cannot be committed, although the write itself goes through;

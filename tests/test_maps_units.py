@@ -807,6 +807,41 @@ async def test_the_health_record_ends_as_the_storage_is_when_its_writes_are_retr
         await svc.stop()
 
 
+async def test_an_activation_whose_turn_did_not_commit_is_not_recorded(tmp_path: Path) -> None:
+    """A takeover's activation waits for the commit of its turn, which holds the new configuration
+    on this node's copy: when that commit fails (a full disk), the table must not record the
+    activation. Seen on real nodes whose disks filled in turn: the table named the one node left
+    as holding a configuration its disk did not say it held; once back it answered without the
+    copy, and the partition was taken over with none (every acknowledged write of it lost)."""
+    from aether.kv.keys import MapTableKey
+    from aether.maps.core import Activate
+
+    kv = _WatchedKV()
+    engine = _FullAtCommit()
+    svc = await _one_node_service(tmp_path, kv, open_storage=lambda kind, d, name: engine)
+    try:
+        table = kv.get_local(MapTableKey())
+        told: list[tuple[int, list[int], bool]] = []
+        activated = svc.core.activated
+
+        def spy(version: int, parts: list[int], ok: bool, now: float) -> Any:
+            told.append((version, parts, ok))
+            return activated(version, parts, ok, now)
+
+        svc.core.activated = spy  # type: ignore[method-assign]
+        engine.full = True
+        written = len(kv.writes)
+        engine.put(0, "k3", Record(b"w", 1, 1))  # the turn's writes (its held configuration) ...
+        svc._run([Activate(table.version, [0])])  # ... and the activation that waits for them
+        await asyncio.sleep(0.05)
+        assert [k for k, _ in kv.writes[written:] if k == str(MapTableKey())] == [], "recorded"
+        assert told == [(table.version, [0], False)]
+        assert "m" in svc.core.broken
+    finally:
+        engine.full = False
+        await svc.stop()
+
+
 async def test_actions_carried_out_as_the_service_stops_start_no_task_that_outlives_it(
     tmp_path: Path,
 ) -> None:

@@ -91,7 +91,7 @@ from aether.maps.messages import (
 )
 from aether.maps.partitioning import DEFAULT_PARTITIONS, active_owners, owners_for, partition_of, plan_table
 from aether.maps.records import OP_CAS, OP_GET, OP_NAMES, Outcome, Record, evaluate, is_live, newer
-from aether.maps.storage import MapStorage
+from aether.maps.storage import MapStorage, no_space
 
 __all__ = [
     "RETRY_REASONS",
@@ -481,6 +481,7 @@ class MapCore:
         self.created: dict[str, int] = {}
         self.engines: dict[str, MapStorage] = {}
         self.broken: dict[str, str] = {}  # map -> why its storage failed
+        self._damaged: set[str] = set()  # maps broken since the last heal by more than a full disk
         self._broken_at: dict[str, float] = {}
         self.table: PartitionTable | None = None
         self._owners_table: PartitionTable | None = None  # the table `_owners_memo` is for
@@ -781,6 +782,7 @@ class MapCore:
         self._learned.discard(name)
         self.ops.pop(name, None)
         self.broken.pop(name, None)
+        self._damaged.discard(name)
         for key in [k for k in self.held if k[0] == name]:
             del self.held[key]
         for sid in [k for k, w in self._tracked.items() if w.name == name]:
@@ -1052,7 +1054,12 @@ class MapCore:
             lost = [o for o in others if o in answered and p not in holders.get(o, ())]
             if self.node_id in owners and not self._trusted(p, spec, name):
                 lost.append(self.node_id)
-            left = [o for o in others if o not in answered and o not in table.members]
+            # (an owner left out only because its map storage failed has not left: it keeps its
+            # copy and comes back with it once its disk has room, and it may hold the only copies
+            # that count, when every owner's disk filled in turn: going on without it lost them)
+            left = [
+                o for o in others if o not in answered and o not in table.members and not self._storage_out(o)
+            ]
             all_answered = all(o in answered for o in others)
             if all_answered or (
                 have + len(lost) + len(left) >= need and self._now - prom.started >= self.t.force_after
@@ -1094,6 +1101,15 @@ class MapCore:
         ]
         if done:
             prom.activating.update(done)
+            # This copy holds the configuration before the table says it is active: committed in
+            # this turn, before the service records the activation (which it does not when the
+            # turn's commit failed). Held only after, a full disk at that commit left the table
+            # naming this node's copy as the one that counts while the copy on its disk did not
+            # say so: once back, it answered without it, and the partition was taken over without
+            # any copy (every acknowledged write of it lost).
+            for p in done:
+                for name in ["", *(n for n in self.specs if n not in self.broken)]:
+                    self._hold(name, p, prom.version)
             self._out.append(Activate(prom.version, sorted(done)))
         if not prom.parts:
             if prom in self._promotions:
@@ -1486,7 +1502,8 @@ class MapCore:
 
     def forget_data(self, why: str) -> None:
         """Drop every copy this node holds (out of date beyond the tombstone horizon, or after its
-        storage failed) and take its partitions over again from the other owners."""
+        storage failed with more than a full disk: bad bytes, an I/O error) and take its
+        partitions over again from the other owners."""
         self.log.warning("dropping this node's map copies (%s); they are copied back from the cluster", why)
         self._step_down_all([(p, f"{self.node_id} copies its map data again") for p in list(self.prims)])
         # (deleted from the engines a batch per step, as a takeover's untrusted copies are: the
@@ -1515,6 +1532,11 @@ class MapCore:
             mine = {p for p in range(table.partitions) if table.primary(p) == self.node_id}
             if mine:
                 self._start_promotion(table.version, mine)
+
+    def _storage_out(self, node: str) -> bool:
+        """Whether `node` is a cluster member that the table leaves out because its map storage
+        failed (`set_excluded`): it still holds its copies."""
+        return node in self.excluded and (self.members is None or node in self.members)
 
     def live_members(self, now: float) -> list[str]:
         gone = {n for n, t in self._down_since.items() if now - t >= self.t.down_grace}
@@ -2718,6 +2740,8 @@ class MapCore:
             return
         reason = f"map {name!r} storage failed ({type(e).__name__}: {e}); this node stopped serving it"
         self.broken[name] = reason
+        if not no_space(e):
+            self._damaged.add(name)  # not only a full disk: its copies are not trusted once it works
         self._broken_at[name] = self._now
         self.log.error("%s", reason)
         self._out.append(StorageHealth(reason))
@@ -2739,8 +2763,45 @@ class MapCore:
             del self.broken[name]
             self.log.warning("map %r storage works again", name)
             if not self.broken:
-                self.forget_data("its storage failed and may have missed writes")
+                if self._damaged:  # bad bytes or an I/O error: what the engines hold may be wrong
+                    self._damaged.clear()
+                    self.forget_data("its storage failed and may have missed writes")
+                else:  # a full disk only: its failed commits were undone whole
+                    self._storage_healed()
                 self._out.append(StorageHealth(None))
+
+    def _storage_healed(self) -> None:
+        """Every map's storage works again after a full disk (`no_space`): go on from what the
+        engines committed, as a restarted process does, and take this node's partitions over again.
+
+        A failed commit undid its whole turn (records, held configurations and operation ids
+        alike), and while a map was broken here this node acknowledged none of its writes; so its
+        committed copies hold every write they acknowledged and count as they did, and what they
+        missed the other owners have (a takeover merges it). It used to drop them ("it may have
+        missed writes"): when every owner's disk filled at once, each dropped its copies and every
+        acknowledged write was lost. What this process kept beside its engines is forgotten: the
+        held configurations in memory (one whose commit failed is not in its engine), the
+        operation ids answered, pushes of which only pieces arrived, its primaries."""
+        self.log.warning(
+            "map storage works again: this node goes on from the map copies it had committed and "
+            "takes its partitions over again"
+        )
+        self._step_down_all([(p, f"{self.node_id}'s map storage works again") for p in list(self.prims)])
+        self._drop_incoming()  # pushes of which some pieces arrived before: they would be applied as a whole
+        self.held.clear()
+        self._learned.clear()
+        for name, engine in self.engines.items():
+            try:
+                for q, versions in engine.held().items():
+                    self.held[(name, q)] = set(versions)
+                self.ops[name] = engine.ops_index()
+            except Exception as e:
+                self._storage_failed(name, e)
+        table = self.table
+        if table is not None:
+            mine = {p for p in range(table.partitions) if table.primary(p) == self.node_id}
+            if mine:
+                self._start_promotion(table.version, mine)
 
     # --- local views ----------------------------------------------------------------------------------------
 

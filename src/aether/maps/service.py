@@ -463,12 +463,19 @@ class MapService:
         if failed:
             names = {name for name, _ in failed}
             why = f"{self.node_id}: committing map writes failed ({failed[0][1]})"
+            # an activation waits for the held configurations committed in its turn: not recorded
+            # in the table when they did not commit (the core hears it was not, as for a table
+            # that moved on)
+            refused = [a for a in actions if isinstance(a, Activate)]
             actions = [
                 _unacknowledged(a, why) for a in actions
                 if not (isinstance(a, Send) and isinstance(a.msg, Replicate) and a.msg.map in names)
+                and not isinstance(a, Activate)
             ]
             for name, error in failed:
                 actions += self.core.storage_failed(name, error, self.now())
+            for a in refused:
+                actions += self.core.activated(a.version, a.partitions, False, self.now())
         self._carry_out(actions)
 
     def _carry_out(self, actions: list[Any]) -> None:

@@ -20,6 +20,7 @@ commit (`pending` is always False).
 
 from __future__ import annotations
 
+import errno
 import heapq
 import json
 import os
@@ -35,8 +36,20 @@ from aether.maps.records import Record
 
 __all__ = [
     "MapStorage", "MemoryStorage", "SqliteStorage", "StorageDamaged", "UnopenedStorage",
-    "definition_file", "open_storage_engine", "storage_files",
+    "definition_file", "no_space", "open_storage_engine", "storage_files",
 ]
+
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+
+
+def no_space(e: BaseException) -> bool:
+    """Whether `e` says the disk (or the user's quota) is full: the write was refused whole and
+    nothing on disk is damaged (OSError ENOSPC or EDQUOT, SQLite's SQLITE_FULL)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", None) == _SQLITE_FULL or "database or disk is full" in str(e)
+    return False
 
 _OPS_ENCODER = msgspec.msgpack.Encoder()
 _OPS_DECODER = msgspec.msgpack.Decoder(list[tuple[int, str, int, int]])
