@@ -2880,10 +2880,15 @@ class MapCore:
                 if name in self.broken:
                     continue
                 spec = self.specs[name]
+                # (kept while this node is an owner of the partition's active configuration: its
+                # copy may be one a takeover needs, until the new owners' is recorded active. Left
+                # out of the table because its disk was full, the last owner of every partition
+                # dropped the only copies that counted while the takeover waited for them.)
                 try:
                     gone = [
                         p for p in engine.partitions()
                         if self.node_id not in self._owners_in(table, p, spec.replicas)
+                        and self.node_id not in (self._active_owners(table, p, spec.replicas) or ())
                     ]
                 except Exception as e:
                     self._storage_failed(name, e)
