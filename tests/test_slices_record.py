@@ -93,6 +93,37 @@ def test_an_intact_wheel_installs(tmp_path: Path) -> None:
     assert (target / "intact" / "__init__.py").is_file()
 
 
+def test_a_full_disk_refuses_the_install_naming_the_directory_and_keeps_nothing(tmp_path: Path) -> None:
+    """A library or slice installed on a full disk (a 1 MiB tmpfs; needs root). Seen: a bare
+    `OSError: [Errno 28] No space left on device`, naming neither the wheel nor the directory (the
+    slice's status said `... cannot be loaded: OSError: [Errno 28] ...`)."""
+    import os
+
+    from aether.slices.testing import write_wheel
+    from test_disk_faults import tiny_filesystem
+
+    files = {"biglib/__init__.py": "", "biglib/blob.bin": os.urandom(3 << 20)}
+    w = write_wheel(tmp_path / "w", "biglib", "1.0", files)
+    libs = tmp_path / "libs"
+    with tiny_filesystem(libs, "1m"):
+        with pytest.raises(SliceLoadError) as e:
+            install_wheel(w, libs / "biglib==1.0")
+        msg = str(e.value)
+        assert "no space left on the node's disk" in msg and w.name in msg and str(libs) in msg, msg
+        assert list(libs.iterdir()) == []  # nothing half-installed stays
+    # the node's store copies a wheel (hashing it) before it installs it: that copy fills the disk
+    from aether.slices.libstore import LibraryStore
+
+    data = tmp_path / "data"
+    with tiny_filesystem(data, "1m"):
+        store = LibraryStore(data, None)
+        with pytest.raises(SliceLoadError) as e:
+            store.install_slice_code(w, "0" * 64)
+        msg = str(e.value)
+        assert "no space left on the node's disk" in msg and w.name in msg, msg
+        assert list((data / "slices").iterdir()) == []
+
+
 @pytest.mark.parametrize("installer", ["auto", "pip"])
 def test_a_tampered_library_wheel_is_refused(tmp_path: Path, installer: str) -> None:
     """Both ways of installing check RECORD: the unpacker while writing, and before pip (which

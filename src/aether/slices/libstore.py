@@ -35,6 +35,7 @@ May import: `aether.slices.wheel`, `aether.slices.errors`, `packaging`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -171,6 +172,23 @@ def install_wheel(
     """
     if target.exists():
         return
+    try:
+        _install_wheel(wheel, target, installer, limits)
+    except OSError as e:
+        _raise_no_space(e, wheel, target.parent)  # (the bare OSError named neither)
+        raise
+
+
+def _raise_no_space(e: OSError, wheel: Path, directory: Path) -> None:
+    """SliceLoadError naming `wheel` and `directory` if `e` says the disk is full."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise SliceLoadError(
+            f"no space left on the node's disk to install {wheel.name} (in {directory}: "
+            f"{e.strerror}); nothing of it was kept: free some space there"
+        ) from None
+
+
+def _install_wheel(wheel: Path, target: Path, installer: Installer, limits: WheelLimits) -> None:
     make_private_dirs(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name[:40]}-", dir=target.parent))  # 0700
     try:
@@ -472,12 +490,18 @@ class LibraryStore:
     def _private_copy(self, wheel: Path, root: Path, what: str) -> Iterator[tuple[Path, str]]:
         """A private copy of `wheel` (in a `.tmp-wheel-*` directory of `root`, removed after the
         block) and the sha256 of its bytes, hashed while copied."""
-        make_private_dirs(root)
-        with tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=root) as tmp:
-            copy = Path(tmp) / wheel.name
+        try:
+            make_private_dirs(root)
+            tmp = tempfile.TemporaryDirectory(prefix=".tmp-wheel-", dir=root)
+        except OSError as e:
+            _raise_no_space(e, wheel, root)
+            raise
+        with tmp:
+            copy = Path(tmp.name) / wheel.name
             try:
                 sha = _copy_hashing(wheel, copy)
             except OSError as e:
+                _raise_no_space(e, wheel, root)
                 raise SliceLoadError(f"{what}: cannot read {wheel} ({e})") from None
             yield copy, sha
 
