@@ -23,6 +23,8 @@ from click.testing import CliRunner, Result
 
 from aether.cli import local_cluster as lc
 from aether.cli.main import main
+from aether.slices.repository import Repository
+from aether.slices.testing import build_library_wheel, build_slice_wheel
 from conftest import aether_cli, free_port_offset
 from local_cluster_cli import alive, running_demo, wait_gone
 
@@ -89,6 +91,7 @@ def run_node(config, *, management_api=None):
         "node_id": config.node_id, "host": config.host, "cluster_port": config.cluster_port,
         "management_port": config.management_port, "http_port": config.http_port,
         "data_dir": config.data_dir, "peers": [f"{p.id}={p.address}" for p in config.peers],
+        "repository": config.repository,
     }), flush=True)
 
     class View:
@@ -443,6 +446,7 @@ def test_cluster_start_and_stop_commands(cluster_dir: Path, stand_in_env: dict[s
         "http_port": 8081 + offset,
         "data_dir": str(cluster_dir.absolute() / "node-2" / "data"),
         "peers": [f"node-{k}=127.0.0.1:{7000 + offset + k - 1}" for k in (1, 2, 3)],
+        "repository": str(cluster_dir.absolute() / "repository"),
     }
     pids = [n.pid for n in rec.nodes]
     assert all(pid and alive(pid) for pid in pids)
@@ -472,3 +476,88 @@ def test_cluster_demo_runs_until_signal(cluster_dir: Path, stand_in_env: dict[st
         assert demo.returncode == 0, err
         assert all(f"Stopped node-{k} (pid {pid})" in out for k, pid in enumerate(pids, 1))
         assert not any(alive(pid) for pid in pids if pid)
+
+
+def _node_configs(rec: lc.ClusterRecord) -> list[dict[str, object]]:
+    """The last CONFIG line each stand-in node of `rec` printed (this run's)."""
+    out = []
+    for n in rec.nodes:
+        lines = [ln for ln in Path(n.log).read_text().splitlines() if ln.startswith("CONFIG ")]
+        out.append(json.loads(lines[-1][len("CONFIG ") :]))
+    return out
+
+
+def test_each_cluster_has_its_own_repository_seeded_once_from_the_default(
+    tmp_path: Path, stand_in_env: dict[str, str]
+) -> None:
+    """The nodes of a local cluster get DIR/repository, not the machine's ~/.aether/repository
+    (which every local cluster shared: a wheel uploaded to one appeared in all, a delete in one
+    took it from the others); it is a copy of the default directory's wheels made when the cluster
+    is created, kept (not copied again) on later starts; AETHER_REPOSITORY overrides it; a
+    cluster.json without it (an older release) keeps the default directory."""
+    home = tmp_path / "home"
+    env = dict(stand_in_env, HOME=str(home))
+    default = Repository(home / ".aether" / "repository")
+    default.deploy(build_slice_wheel(tmp_path / "w1", "org.example:one:1.0.0", "class One: pass", "One"))
+    default.deploy_library(build_library_wheel(tmp_path / "w1", "tinylib", "1.0", {"tinylib.py": "X = 1"}))
+    offset = free_port_offset(2)
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    def start(d: Path, env: dict[str, str]) -> lc.ClusterRecord:
+        r = run_cli(env, "cluster", "start", "--nodes", "2", "--dir", str(d),
+                    "--base-port-offset", str(offset))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        rec = lc.load_record(d)
+        assert rec is not None
+        return rec
+
+    def stop(d: Path) -> None:
+        r = run_cli(env, "cluster", "stop", "--dir", str(d))
+        assert r.returncode == 0, r.stderr
+
+    try:
+        rec = start(a, env)
+        own = a.absolute() / "repository"
+        assert [c["repository"] for c in _node_configs(rec)] == [str(own)] * 2
+        assert rec.repository == str(own)
+        seeded = Repository(own)
+        assert [str(x) for x in seeded.list()] == ["org.example:one:1.0.0"]
+        assert [w.name for w in seeded.library_wheels()] == ["tinylib-1.0-py3-none-any.whl"]
+        # what the nodes put in their directory stays in this cluster's
+        seeded.deploy(build_slice_wheel(tmp_path / "w2", "org.example:two:1.0.0", "class Two: pass", "Two"))
+        stop(a)
+
+        # a later start keeps the directory and does not copy the default directory's wheels again
+        default.deploy(build_slice_wheel(tmp_path / "w3", "org.example:three:1.0.0", "class T: pass", "T"))
+        rec = start(a, env)
+        assert rec.repository == str(own)
+        assert [c["repository"] for c in _node_configs(rec)] == [str(own)] * 2
+        assert [str(x) for x in seeded.list()] == ["org.example:one:1.0.0", "org.example:two:1.0.0"]
+        stop(a)
+
+        # AETHER_REPOSITORY in the environment is what the nodes get (the record keeps the cluster's)
+        explicit = tmp_path / "explicit"
+        rec = start(a, dict(env, AETHER_REPOSITORY=str(explicit)))
+        assert rec.repository == str(own)
+        assert [c["repository"] for c in _node_configs(rec)] == [str(explicit)] * 2
+        stop(a)
+
+        # a new cluster: its own copy of the default directory, without the other cluster's wheels
+        rec = start(b, env)
+        assert rec.repository == str(b.absolute() / "repository")
+        assert [str(x) for x in Repository(rec.repository).list()] == [
+            "org.example:one:1.0.0", "org.example:three:1.0.0"
+        ]
+        assert [str(x) for x in default.list()] == ["org.example:one:1.0.0", "org.example:three:1.0.0"]
+        stop(b)
+
+        # a cluster.json of an older release (no `repository`): the nodes keep the default directory
+        saved = json.loads((b / "cluster.json").read_text())
+        del saved["repository"]
+        (b / "cluster.json").write_text(json.dumps(saved))
+        rec = start(b, env)
+        assert rec.repository is None
+        assert [c["repository"] for c in _node_configs(rec)] == [None] * 2
+    finally:
+        lc.stop_cluster(a, timeout=2.0)
+        lc.stop_cluster(b, timeout=2.0)

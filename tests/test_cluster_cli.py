@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from aether.cli import local_cluster as lc
-from conftest import aether_cli, free_port_offset
+from aether.slices.testing import build_slice_wheel
+from conftest import aether_cli, free_port_offset, http_json
 from local_cluster_cli import alive, running_demo, wait_gone
 
 pytestmark = [
@@ -264,3 +266,68 @@ def test_restart_one_node_start_only_the_missing_and_status_by_answer(
         if hand is not None:
             hand.kill()
             hand.wait(10)
+
+
+def test_clusters_of_two_directories_do_not_share_their_repository(tmp_path: Path) -> None:
+    """Every local cluster used ~/.aether/repository as its nodes' cache and start-up bootstrap, so
+    a wheel uploaded to one cluster was published by every cluster started later (a new one said
+    "Already stored (same sha256)" for a wheel never uploaded to it, and refused other bytes of
+    that version, 409). Now each has DIR/repository, a copy of the default directory's wheels
+    made when it is created: what is there before is published, what one cluster gets is its own."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["HOME"] = str(home)
+    default = home / ".aether" / "repository"
+    seed = build_slice_wheel(tmp_path / "seed", "org.example:seed:1.0.0", "class Seed: pass", "Seed")
+    upload = build_slice_wheel(tmp_path / "up", "org.example:up:1.0.0", "class Up: pass", "Up")
+    other = build_slice_wheel(tmp_path / "other", "org.example:up:1.0.0", "class Up:\n    x = 1", "Up")
+    assert other.read_bytes() != upload.read_bytes()
+    r = aether_cli("artifact", "deploy", "--repository", str(default), str(seed), env=env)
+    assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    def start(d: Path) -> int:
+        """Start a 1-node cluster in `d`; its management port once its bootstrap was published."""
+        offset = free_port_offset(1)
+        r = aether_cli("cluster", "start", "--nodes", "1", "--dir", str(d), "--base-port-offset", str(offset),
+                       env=env)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        log = d / "node-1.log"
+        wait_for(lambda: re.search(r"published \d+ wheel\(s\) of", log.read_text()), f"the bootstrap of {d}")
+        return 9000 + offset
+
+    def files(port: int) -> list[str]:
+        status, manifests = http_json(port, "GET", "/api/v1/repository/artifacts")
+        assert status == 200, manifests
+        return sorted(m["filename"] for m in manifests)
+
+    def deploy(port: int, wheel: Path) -> subprocess.CompletedProcess[str]:
+        return aether_cli("--connect", f"127.0.0.1:{port}", "artifact", "deploy", str(wheel), env=env)
+
+    try:
+        port_a = start(a)
+        assert files(port_a) == [seed.name]  # in the default directory before: published
+        r = deploy(port_a, upload)
+        assert r.returncode == 0 and "Stored org.example:up:1.0.0" in r.stdout, r.stdout + r.stderr
+        # (the node placed the upload in its directory before it answered)
+
+        port_b = start(b)  # A still runs
+        assert files(port_b) == [seed.name]
+        r = deploy(port_b, other)  # other bytes of A's version: B never had it
+        assert r.returncode == 0 and "Stored org.example:up:1.0.0" in r.stdout, r.stdout + r.stderr
+        assert files(port_a) == files(port_b) == sorted([seed.name, upload.name])
+        up = Path("org", "example", "up", "1.0.0", upload.name)
+        assert (a / "repository" / up).read_bytes() == upload.read_bytes()
+        assert (b / "repository" / up).read_bytes() == other.read_bytes()
+        assert not (default / up).parent.exists()
+    finally:
+        lc.stop_cluster(a, timeout=5.0)
+        lc.stop_cluster(b, timeout=5.0)
+
+
+def wait_for(pred: object, what: str, timeout: float = 30.0) -> None:
+    assert callable(pred)
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, f"{what}: not within {timeout} s"
+        time.sleep(0.1)

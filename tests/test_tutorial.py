@@ -86,9 +86,11 @@ def test_tutorial_runs_as_written(tmp_path: Path) -> None:
     assert r.returncode == 0, f"{out}\n{r.stderr}"
     assert (work / "dist" / "counter_slice-0.1.0-py3-none-any.whl").is_file()
     # uploaded to the cluster, and fetched by the node running it into the nodes' directory (the
-    # default, ~/.aether/repository)
+    # local cluster's own, not the machine's ~/.aether/repository)
     assert "Stored org.example:counter:0.1.0" in out
-    assert (tmp_path / "home" / ".aether" / "repository" / "org" / "example" / "counter" / "0.1.0").is_dir()
+    counter = Path("org", "example", "counter", "0.1.0")
+    assert (work / ".aether" / "cluster" / "repository" / counter).is_dir()
+    assert not (tmp_path / "home" / ".aether" / "repository" / counter).exists()
     assert re.findall(r'"count":(\d+)', out) == ["1", "2", "2", "3", "3"], out
     assert "3/3 nodes up" in out  # cluster start, and restart
     assert re.search(r"org\.example:counter:0\.1\.0\s*│\s*3\s*│\s*3", out), out  # aether slices

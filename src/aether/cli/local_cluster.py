@@ -14,7 +14,14 @@ A local cluster lives in one directory (default `.aether/cluster`):
   certificate per node (`node-K.crt`, `node-K.key`, for the node id and the loopback names),
   generated on the first start: the nodes use them for mutual TLS on the cluster port and serve
   the management API and the HTTP router over HTTPS. `cluster.json` names the CA (`tls_ca`), so
-  the CLI verifies the nodes against it without --ca.
+  the CLI verifies the nodes against it without --ca;
+- `repository/` is the artifact repository directory of the nodes (their cache of the cluster's
+  repository and the bootstrap they publish at start, docs/repository.md), shared by this
+  cluster's nodes only: when the cluster is created (no `cluster.json` yet) it is seeded with a
+  copy of the wheels of `~/.aether/repository` (what `make examples` put there), never again.
+  `cluster.json` records it (`repository`); a caller whose environment sets AETHER_REPOSITORY
+  gives the nodes that directory instead (recorded when it creates the cluster). A `cluster.json`
+  of an older release records none: its nodes keep the default directory.
 
 Node K (1-based) is `node-K` with cluster port 7000+K-1, management port 9000+K-1 and HTTP port
 8080+K-1, all shifted by `port_offset`. Nodes are started as `python -m aether.cli.main node ...`
@@ -35,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +69,8 @@ DEFAULT_DIR = ".aether/cluster"
 CLUSTER_FILE = "cluster.json"
 SECRET_FILE = "cluster.secret"
 TLS_DIR = "tls"
+REPOSITORY_DIR = "repository"
+REPOSITORY_ENV = "AETHER_REPOSITORY"  # aether.slices.repository's (not imported here: start-up time)
 MAX_NODES = 99
 LOG_TAIL_LINES = 25
 _CREATE_TIME_TOLERANCE = 0.05  # seconds
@@ -83,9 +92,11 @@ __all__ = [
     "load_record",
     "missing_nodes",
     "node_client",
+    "nodes_repository",
     "observe",
     "plan_cluster",
     "running_nodes",
+    "seed_repository",
     "start_nodes",
     "stop_cluster",
     "wait_for_quorum",
@@ -131,6 +142,10 @@ class ClusterRecord(msgspec.Struct, kw_only=True):
     version: int = 1
     # the cluster CA certificate of a cluster started with --tls (its node certificates beside it)
     tls_ca: str | None = None
+    # the artifact repository directory of the nodes (DIR/repository, or the AETHER_REPOSITORY the
+    # cluster was created with); None in a cluster.json of an older release: the nodes' default
+    # ($AETHER_REPOSITORY, else ~/.aether/repository), as then
+    repository: str | None = None
 
     def peers_arg(self) -> str:
         return ",".join(f"{n.id}={Address(self.host, n.cluster_port)}" for n in self.nodes)
@@ -396,8 +411,57 @@ def launch_nodes(
             f"stop it first with `aether cluster stop --dir {d}`"
         )
     check_ports(record)
+    record.repository = _cluster_repository(d, load_record(d), os.environ if env is None else env)
     record.started_at = time.time()
     return _spawn(d, record, record.nodes, node_argv, env)
+
+
+def _cluster_repository(d: Path, previous: ClusterRecord | None, env: Mapping[str, str]) -> str | None:
+    """The repository directory of the cluster of `d` (`ClusterRecord.repository`): the recorded
+    one of a cluster started before, else (the cluster is created) the AETHER_REPOSITORY of `env`,
+    else `d/repository`, seeded with the wheels of `~/.aether/repository`."""
+    if previous is not None:
+        return previous.repository
+    explicit = env.get(REPOSITORY_ENV)
+    if explicit:
+        return str(Path(explicit).expanduser().absolute())
+    own = d.absolute() / REPOSITORY_DIR
+    source = Path.home() / ".aether" / "repository"
+    try:
+        seed_repository(source, own)
+    except OSError as e:
+        raise ClusterError(
+            f"cannot copy the wheels of {source} into the cluster's repository {own}: {e}"
+        ) from e
+    return str(own)
+
+
+def seed_repository(source: Path, dest: Path) -> int:
+    """Copy the wheels of the repository directory `source` (slice wheels by coordinates, library
+    wheels in `_libs/`) into `dest` (created, 0700), but for a version `dest` has a wheel of, or a
+    library wheel of that name; returns how many were copied."""
+    from aether.slices.errors import ArtifactNotFound
+    from aether.slices.repository import Repository, _copy_atomic
+
+    make_private_dirs(dest)
+    src, dst = Repository(source), Repository(dest)
+    copies: list[tuple[Path, Path]] = []
+    for a in src.list():
+        target_dir = dst.artifact_dir(a)
+        if target_dir.is_dir() and any(p.suffix == ".whl" for p in target_dir.iterdir()):
+            continue
+        with contextlib.suppress(ArtifactNotFound):  # removed meanwhile
+            copies.append((src.resolve(a), target_dir))
+    copies += [(w, dst.libs_dir) for w in src.library_wheels() if not (dst.libs_dir / w.name).exists()]
+    for wheel, target_dir in copies:
+        _copy_atomic(wheel, target_dir, wheel.name)
+    return len(copies)
+
+
+def nodes_repository(record: ClusterRecord, env: Mapping[str, str] | None = None) -> str:
+    """The repository directory the nodes of `record` get when started with `env` (default ours)."""
+    e = os.environ if env is None else env
+    return e.get(REPOSITORY_ENV) or record.repository or str(Path.home() / ".aether" / "repository")
 
 
 def missing_nodes(record: ClusterRecord, *, api_key: str | None = None, timeout: float = 1.0) -> list[str]:
@@ -448,6 +512,8 @@ def _spawn(
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     if not child_env.get("AETHER_CLUSTER_SECRET") and not child_env.get("AETHER_CLUSTER_SECRET_FILE"):
         child_env["AETHER_CLUSTER_SECRET_FILE"] = str(ensure_secret_file(d).absolute())
+    if record.repository and not child_env.get(REPOSITORY_ENV):
+        child_env[REPOSITORY_ENV] = record.repository
     try:
         ensure_tls_files(record)
     except (AetherError, OSError) as e:

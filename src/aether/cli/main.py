@@ -706,6 +706,7 @@ def _start_cluster(
     except lc.ClusterError as e:
         fail(str(e))
     err.print(f"Started {nodes} node(s) from {directory} (logs: {Path(directory) / 'node-K.log'}).")
+    click.echo(f"Artifact repository of the nodes: {lc.nodes_repository(record, env)}", err=True)
     if record.tls_ca:
         click.echo(
             f"TLS: mutual TLS between the nodes, HTTPS on APIs and routers (CA: {record.tls_ca}).", err=True
@@ -837,6 +838,9 @@ def cluster_start(
     If nodes of the cluster recorded in DIR still run (or answer), start only the missing ones,
     with their recorded ports, data and TLS setting. With --tls the nodes use mutual TLS on the
     cluster port and HTTPS for the management API and the HTTP router (certificates in DIR/tls).
+
+    The nodes' artifact repository directory is DIR/repository (env AETHER_REPOSITORY overrides),
+    a copy of the wheels of ~/.aether/repository made when the cluster is created.
     """
     from aether.cli import local_cluster as lc
 
@@ -1072,7 +1076,7 @@ def _echo_member_change(node_id: str, change: str, ans: object) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Artifact repository of the nodes [default: DIR/repository with --wheels, else "
-    "$AETHER_REPOSITORY or ~/.aether/repository].",
+    "$AETHER_REPOSITORY, else the cluster's own, as for `cluster start`].",
 )
 @click.option(
     "--wait-timeout",
