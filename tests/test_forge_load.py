@@ -351,6 +351,25 @@ def test_replay_reproduces_per_second_counts(tmp_path: Path, speed: float) -> No
     assert abs(len(core.plan.due(10.0 + 5 / speed + 0.1)) - 50) <= 1
 
 
+@pytest.mark.timeout(20)  # before the fix the plan looped forever inside `due` (Forge hung)
+@pytest.mark.parametrize("speed", [1.0, 50.0, 1000.0])
+def test_replay_at_wall_clock_times_ends_with_the_traces_counts(speed: float) -> None:
+    # Forge replays at time.time() (~1.8e9 s), where start + (k + 1) * step - start is not
+    # (k + 1) * step in floats: at speed 50 the interval index computed again from the time at a
+    # boundary came out as the same one and `due` never returned (found with
+    # `POST /api/load/replay?speed=50`: the dashboard and the API stopped answering)
+    start = 1796673853.123456
+    plan = LoadPlan(40, [2, 1, 1], now=start)
+    counts = [[20, 10, 10], [7, 0, 3], [0, 0, 0], [13, 5, 1]] * 25
+    plan.replay(Trace(start=0.0, targets=["a", "b", "c"], counts=counts), [0, 1, 2], speed, start)
+    got = [0, 0, 0]
+    for k in range(1, round(len(counts) / speed / TICK) + 3):
+        for j in plan.due(start + k * TICK):
+            got[j] += 1
+    assert not plan.replaying
+    assert got == [sum(row[j] for row in counts) for j in range(3)]  # exactly what was offered
+
+
 def test_replay_refuses_a_trace_with_unknown_targets() -> None:
     core = LoadCore(_config(rate=1), now=0.0, rng=random.Random(1))
     with pytest.raises(BadRequest, match="targets the config does not: other"):

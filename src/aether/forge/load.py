@@ -318,14 +318,18 @@ class LoadPlan:
             return
         rp = self._replay
         t = a
-        while t < b:
-            k = int((t - rp.start) / rp.step + _EPS)
-            if k >= len(rp.trace.counts):
-                break
+        # the trace interval `t` is in; afterwards k only moves forward: recomputing it from t at
+        # every boundary can give the same k again at wall-clock times (start + (k + 1) * step
+        # minus start is not (k + 1) * step in floats), and the loop would never end
+        k = max(0, int((t - rp.start) / rp.step + _EPS))
+        while t < b and k < len(rp.trace.counts):
             seg_end = min(b, rp.start + (k + 1) * rp.step)
-            for j, r in enumerate(rp.rates(k)):
-                self._replay_tokens[j] += r * (seg_end - t)
-            t = seg_end
+            if seg_end > t:
+                for j, r in enumerate(rp.rates(k)):
+                    self._replay_tokens[j] += r * (seg_end - t)
+                t = seg_end
+            if t < b:  # reached the end of interval k
+                k += 1
 
     def _advance(self, now: float) -> None:
         if now <= self._t:
@@ -361,8 +365,11 @@ class LoadPlan:
         self._advance(now)
         if replaying:  # also the tail of a replay that ended within this step
             out: list[int] = []
+            ended = self._replay is None
             for j, tok in enumerate(self._replay_tokens):
-                n = int(tok + _EPS)
+                # at its end a replay has offered whole counts: round away the float error that
+                # absolute wall-clock times leave in the segment lengths (at most ~1e-6 s each)
+                n = round(tok) if ended else int(tok + _EPS)
                 if n > 0:
                     self._replay_tokens[j] = tok - n
                     out.extend([j] * n)
