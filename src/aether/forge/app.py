@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from aiohttp import web
 
@@ -50,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MARKER = "forge.marker"
+LOCK_FILE = "forge.lock"  # flock-ed by the Forge that uses the directory
 TOKEN_FILE = "forge.token"
 DEFAULT_MAX_RATE = 2000.0
 
@@ -78,9 +81,13 @@ class ForgeOptions:
     """Passed to the load generator (scenarios record acknowledged orders with it)."""
 
 
-def prepare_workdir(workdir: Path) -> None:
+def prepare_workdir(workdir: Path) -> IO[str]:
     """Make `workdir` empty and ours: a directory Forge made before (it holds the marker file) is
-    wiped, an empty or missing one is used, anything else is refused (never delete a user's files)."""
+    wiped, an empty or missing one is used, anything else is refused (never delete a user's files).
+
+    A directory a running Forge uses is refused too: wiping it would pull the data, logs, secret
+    and token from under that Forge's nodes. The answer is the open lock file (`forge.lock`, an
+    exclusive `flock` holding our pid) that marks it in use: keep it open while Forge runs."""
     if workdir.exists():
         if not workdir.is_dir():
             raise ForgeSetupError(f"{workdir} exists and is not a directory; pass another --dir")
@@ -89,9 +96,36 @@ def prepare_workdir(workdir: Path) -> None:
             raise ForgeSetupError(
                 f"{workdir} is not empty and was not made by Forge; pass an empty or new --dir"
             )
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True, mode=0o700)
-    (workdir / MARKER).write_text("made by aether forge; wiped at its next start\n")
+    else:
+        workdir.mkdir(parents=True, mode=0o700)
+    lock = open(workdir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 (held while Forge runs)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ForgeSetupError(
+            f"{workdir} is in use by another Forge (pid {holder}); stop it (Ctrl-C) or pass "
+            "another --dir"
+        ) from None
+    try:
+        for entry in workdir.iterdir():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        workdir.chmod(0o700)
+        (workdir / MARKER).write_text("made by aether forge; wiped at its next start\n")
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+    except BaseException:
+        lock.close()
+        raise
+    return lock
 
 
 def deploy_wheels(wheels: Path, repository: Path) -> list[str]:
@@ -269,7 +303,16 @@ async def open_forge(
     if opts.blueprint is not None and not opts.blueprint.is_file():
         raise ForgeSetupError(f"blueprint {opts.blueprint} does not exist")
     workdir = opts.workdir
-    prepare_workdir(workdir)
+    lock = prepare_workdir(workdir)
+    with lock:  # released (closed) once every node process is stopped
+        async with _open_forge(opts, workdir, say) as answer:
+            yield answer
+
+
+@contextlib.asynccontextmanager
+async def _open_forge(
+    opts: ForgeOptions, workdir: Path, say: Callable[[str], None]
+) -> AsyncIterator[tuple[Forge, str]]:
     repository: Path | None = None
     if opts.wheels is not None:
         repository = workdir / "repository"
