@@ -18,7 +18,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from aether.core.errors import BadRequest
+from aether.core.errors import BadRequest, StatusError
 from aether.core.status import MemberStatus, NodeStatus
 from aether.forge import supervisor as sv
 from aether.forge.errors import ForgeConflict, NodeNotFound
@@ -236,9 +236,10 @@ class _FakeProc:
 
 
 async def _fake_cluster(
-    tmp_path: Path, names: list[str]
+    tmp_path: Path, names: list[str], refuse: Callable[[str], str | None] = lambda path: None
 ) -> tuple[ForgeCluster, list[tuple[str, str, str, Any]], list[web.AppRunner]]:
-    """A ForgeCluster whose nodes are stand-in fault APIs recording (node, method, path, body)."""
+    """A ForgeCluster whose nodes are stand-in fault APIs recording (node, method, path, body);
+    a path for which `refuse` gives a detail is answered 400 with that detail."""
     import aiohttp
 
     seen: list[tuple[str, str, str, Any]] = []
@@ -251,6 +252,9 @@ async def _fake_cluster(
             body = await request.json() if request.can_read_body else None
             assert request.headers["Authorization"] == "Bearer k"
             seen.append((name, request.method, request.path, body))
+            detail = refuse(request.path)
+            if detail is not None:
+                return web.json_response({"status": 400, "detail": detail}, status=400)
             return web.json_response({})
 
         app = web.Application()
@@ -346,6 +350,47 @@ async def test_partition_isolate_set_link_heal_send_the_fault_requests(tmp_path:
             await fc.fail_slice("org.example:other:1")
         kinds = [e.message for e in fc.events(0) if e.kind == "fault"]
         assert kinds[0] == "partition node-1 | node-2,node-3" and "heal all links" in kinds
+    finally:
+        assert fc._session is not None
+        await fc._session.close()
+        for r in runners:
+            await r.cleanup()
+
+
+async def test_slice_faults_need_coordinates_and_a_refusal_keeps_its_status(tmp_path: Path) -> None:
+    # found by hand: `POST /api/slices/org.demo:place-order/fail` (no version) answered 500 with the
+    # node's 400 as a Python dict in the detail, and the timeline said the slice was failing
+    fc, seen, runners = await _fake_cluster(
+        tmp_path, N3, refuse=lambda p: "no such slice here" if p.endswith(":9.9.9") else None
+    )
+    try:
+        fc._placement = [
+            PlacementView(artifact="org.demo:place-order:0.1.0", node="node-2", instances=1, state="ACTIVE")
+        ]
+        fc._nodes["node-2"].state = "up"
+        for call in (
+            fc.fail_slice("org.demo:place-order", node="node-2"),
+            fc.fail_slice("org.demo:place-order"),
+            fc.heal_slice("org.demo:place-order"),
+        ):
+            with pytest.raises(BadRequest, match=r"deployed: org\.demo:place-order:0\.1\.0") as bad:
+                await call
+            assert bad.value.status == 400 and "GROUP:ARTIFACT:VERSION" in str(bad.value)
+        assert seen == []  # refused before asking a node
+        with pytest.raises(StatusError) as refused:
+            await fc.fail_slice("org.demo:place-order:9.9.9", node="node-2")
+        assert refused.value.status == 400, refused.value  # the node's status, not a 500
+        assert str(refused.value) == (
+            "node-2 refused the slice fault on org.demo:place-order:9.9.9: no such slice here"
+        )
+        # nothing failed, so the timeline says nothing failed, and heal has nothing to clear
+        assert [e.message for e in fc.events(0) if e.kind == "fault"] == []
+        assert (await fc.heal_slice("org.demo:place-order:9.9.9")).message.endswith("healed on 0 nodes")
+        await fc.fail_slice("org.demo:place-order:0.1.0", error_rate=0.5)
+        assert [e.message for e in fc.events(0) if e.kind == "fault"][-2:] == [
+            "heal slice org.demo:place-order:9.9.9",
+            "fail slice org.demo:place-order:0.1.0 on node-2: error rate 0.5, delay 0 ms",
+        ]
     finally:
         assert fc._session is not None
         await fc._session.close()

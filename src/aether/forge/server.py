@@ -399,7 +399,7 @@ ROUTES: Final[tuple[Route, ...]] = (
           (400, 404), params=(path_param("artifact", "group:name:version"),),
           body=Body(SliceFailBody), role="operate", tags=_CTL),
     Route("POST", f"{P}/slices/{{artifact}}/heal", _Routes.heal_slice, "healSlice",
-          "Remove the faults of a slice everywhere", _OK, (404,),
+          "Remove the faults of a slice everywhere", _OK, (400, 404),
           params=(path_param("artifact", "group:name:version"),), role="operate", tags=_CTL),
     Route("POST", f"{P}/slices/{{artifact}}/update", _Routes.update, "updateSlice",
           "Roll a slice over to another version under load (POST /api/v1/rollouts on a node); its "

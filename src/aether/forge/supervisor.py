@@ -41,6 +41,7 @@ from typing import Any, Final, Literal
 import aiohttp
 import msgspec
 
+from aether.core.artifact import Artifact
 from aether.core.config import PARENT_PID_ENV
 from aether.core.errors import BadRequest, StatusError
 from aether.core.files import make_private_dirs, open_private_append, write_private
@@ -867,9 +868,11 @@ class ForgeCluster:
         delay_ms: float = 0.0,
         unhealthy: bool = False,
     ) -> ControlResult:
-        """Make the artifact's instances on one node fail (by default the first up node running it)."""
+        """Make the artifact's instances on one node fail (by default the first up node running it).
+        `artifact` is full coordinates, ``group:name:version``, as the placement lists them."""
         if not 0.0 <= error_rate <= 1.0 or delay_ms < 0:
             raise BadRequest("error_rate must be within 0..1 and delay_ms not negative")
+        artifact = self._slice_coordinates(artifact)
         if node is None:
             running = [p.node for p in self._placement if p.artifact == artifact and p.instances > 0]
             up = [x for x in running if x in self._nodes and self._nodes[x].state == "up"]
@@ -878,22 +881,27 @@ class ForgeCluster:
             node = up[0]
         n = self._get(node)
         fault = SliceFault(error_rate=error_rate, delay_ms=delay_ms, unhealthy=unhealthy)
+        st, ans = await self._request(
+            n, "PUT", f"{_API}/faults/slices/{artifact}", msgspec.to_builtins(fault)
+        )
+        if st == 0:
+            raise ForgeUnavailable(f"{node} cannot be reached to fail {artifact}: {ans}")
+        if st not in (200, 201, 204):  # the node's own refusal (e.g. 400), with its status
+            detail = ans.get("detail", ans) if isinstance(ans, dict) else ans
+            raise StatusError(f"{node} refused the slice fault on {artifact}: {detail}", status=st)
+        # the timeline says the fault is in place only once it is
         self._event(
             "fault",
             node,
             f"fail slice {artifact} on {node}: error rate {error_rate:g}, "
             f"delay {delay_ms:g} ms{', unhealthy' if unhealthy else ''}",
         )
-        st, ans = await self._request(
-            n, "PUT", f"{_API}/faults/slices/{artifact}", msgspec.to_builtins(fault)
-        )
-        if st not in (200, 201, 204):
-            raise ForgeError(f"{node} refused the slice fault: {st} {ans}")
         self._slice_faults[(artifact, node)] = fault
         return ControlResult(action="fail_slice", node=node, message=f"{artifact} fails on {node}")
 
     async def heal_slice(self, artifact: str) -> ControlResult:
         """Clear the artifact's slice faults on every node Forge set them on."""
+        artifact = self._slice_coordinates(artifact)
         nodes = sorted(nd for (a, nd) in self._slice_faults if a == artifact)
         self._event("fault", None, f"heal slice {artifact}")
         for nd in nodes:
@@ -904,6 +912,18 @@ class ForgeCluster:
         return ControlResult(
             action="heal_slice", node=None, message=f"{artifact} healed on {len(nodes)} nodes"
         )
+
+    def _slice_coordinates(self, artifact: str) -> str:
+        """`artifact` as ``group:name:version`` (slice faults are per deployed version); a
+        BadRequest naming the deployed versions when it is not, e.g. ``org.demo:place-order``."""
+        try:
+            Artifact.parse(artifact)
+            return artifact.strip()
+        except BadRequest as e:
+            name = ":".join(artifact.strip().split(":")[:2])
+            deployed = sorted({p.artifact for p in self._placement if p.artifact.startswith(f"{name}:")})
+            hint = f"; deployed: {', '.join(deployed)}" if deployed else ""
+            raise BadRequest(f"slice faults need the version: {e}{hint}") from None
 
     async def update(self, artifact: str, version: str, strategy: str | None = None) -> ControlResult:
         """Start a rollout of `artifact` (``group:name``; a version in it is ignored) to `version`
