@@ -256,6 +256,29 @@ def test_stats_per_target_node_status_and_per_second_series() -> None:
     assert tot.p50_ms is not None and tot.p99_ms is not None and tot.p50_ms <= tot.p99_ms
 
 
+def test_seconds_without_requests_have_zero_points_for_the_total_and_targets() -> None:
+    # found by hand: with the load paused `GET /api/series` answered no point for those seconds, so
+    # the dashboard's throughput chart drew a line across the pause and its numbers kept showing
+    # the last second with requests (35 req/s) while nothing was sent
+    core = LoadCore(_config(rate=20), now=100.0, rng=random.Random(1))
+    for k in range(1, 501):  # 5 s: sending during 2 s, paused for 3
+        now = 100.0 + k * TICK
+        if k == 200:  # at 102.0: nothing starts from then on
+            core.plan.pause(now)
+        for d in core.tick(now, ["n:1"]):
+            core.finished(d, status=200, error=None, latency=0.001, now=now)
+    points = core.stats.series(0.0)
+    totals = {p.t: p for p in points if p.scope == "total"}
+    assert sorted(totals) == [100.0, 101.0, 102.0, 103.0, 104.0]  # 105 is in progress
+    assert totals[101.0].sent > 0
+    for t in (102.0, 103.0, 104.0):
+        assert (totals[t].sent, totals[t].ok, totals[t].failed) == (0, 0, 0)
+        assert totals[t].success_rate is None and totals[t].p50_ms is None
+        assert {p.name for p in points if p.t == t and p.scope == "target"} == {"ok", "bad"}
+        assert not [p for p in points if p.t == t and p.scope == "node"]  # no request, no node
+    assert core.stats.totals("total").sent == sum(p.sent for p in totals.values())
+
+
 def test_per_second_history_is_bounded() -> None:
     core = LoadCore(_config(rate=10, history=5), now=0.0, rng=random.Random(1))
     for k in range(1, 2001):  # 20 s

@@ -560,8 +560,12 @@ class LoadStats:
         return keys
 
     def advance(self, now: float) -> None:
-        """Time passes: the seconds before `now` are complete (for `series`)."""
+        """Time passes: the seconds before `now` are complete (for `series`). The second of `now`
+        gets a point for the total and each target even if no request starts or ends in it (load
+        paused, rate 0): the charts then drop to 0 instead of drawing a line across the gap, and the
+        dashboard's latest-second numbers do not keep showing the last second with requests."""
         self._now = max(self._now, int(now))
+        self._cells(now, [k for k in self._totals if k[0] != "node"])
 
     def sent(self, target: str, node: str | None, now: float) -> None:
         for c in self._cells(now, self._keys(target, node)):
