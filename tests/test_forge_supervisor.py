@@ -251,6 +251,8 @@ async def _fake_cluster(
         async def handler(request: web.Request, name: str = name) -> web.Response:
             body = await request.json() if request.can_read_body else None
             assert request.headers["Authorization"] == "Bearer k"
+            if request.path == "/api/v1/status":  # what the poller asks: up, node-1 leads
+                return web.json_response(msgspec.to_builtins(_st(name, "node-1")))
             seen.append((name, request.method, request.path, body))
             detail = refuse(request.path)
             if detail is not None:
@@ -350,6 +352,36 @@ async def test_partition_isolate_set_link_heal_send_the_fault_requests(tmp_path:
             await fc.fail_slice("org.example:other:1")
         kinds = [e.message for e in fc.events(0) if e.kind == "fault"]
         assert kinds[0] == "partition node-1 | node-2,node-3" and "heal all links" in kinds
+    finally:
+        assert fc._session is not None
+        await fc._session.close()
+        for r in runners:
+            await r.cleanup()
+
+
+async def test_a_resumed_node_gets_the_faults_changed_while_it_was_frozen(tmp_path: Path) -> None:
+    # found by hand: partition, crash (SIGSTOP) a node, heal, restart (SIGCONT): the heal skipped
+    # the frozen node, and nothing told it afterwards, so it kept blocking its links while Forge
+    # showed them healed; the timeline also said "node-3 down" the moment it was resumed
+    fc, seen, runners = await _fake_cluster(tmp_path, N3)
+    try:
+        await fc.partition([["node-1", "node-2"], ["node-3"]])
+        await fc.crash("node-3")
+        seen.clear()
+        await fc.heal()
+        assert not [x for x in seen if x[0] == "node-3"]  # frozen: it cannot be told now
+        await fc.set_link("node-3", "node-1", delay_ms=30)
+        n0 = fc.event_count
+        seen.clear()
+        await fc.restart("node-3", timeout=20)
+        to3 = [(m, p, b) for nd, m, p, b in seen if nd == "node-3" and p.startswith("/api/v1/faults")]
+        assert to3 == [
+            ("DELETE", "/api/v1/faults", None),  # what it held from before the freeze
+            ("PUT", "/api/v1/faults/links/node-1",
+             {"delay_ms": 30.0, "jitter_ms": 0.0, "loss": 0.0, "blocked": False}),
+        ]
+        states = [e.message for e in fc.events(n0) if e.node == "node-3" and e.kind.startswith("node-")]
+        assert "node-3 down" not in states and states[-1] == "node-3 up", states
     finally:
         assert fc._session is not None
         await fc._session.close()

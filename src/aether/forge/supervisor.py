@@ -414,6 +414,7 @@ class _Node:
         self.stop_requested = False
         self.removed = False
         self.seen_since_start = False
+        self.faults_stale = False  # resumed from a freeze: sync its faults once it answers
         self.restarts = 0
         self.starts = 0
         self.status: NodeStatus | None = None
@@ -655,6 +656,11 @@ class ForgeCluster:
             if n.running and n.frozen:
                 self._signal(n, signal.SIGCONT)
                 n.frozen = False
+                # "starting" until it answers again (not "down": nothing failed), and then its
+                # faults are synced: those Forge changed or healed while it was frozen never
+                # reached it, and its memory still holds the ones from before the freeze
+                n.seen_since_start = False
+                n.faults_stale = True
                 msg = f"{node} resumed (SIGCONT)"
             else:
                 if n.running:
@@ -1061,7 +1067,7 @@ class ForgeCluster:
             )
         self._watch_exit(n, n.proc)
         n.starts += 1
-        n.frozen = n.stop_requested = n.seen_since_start = n.ready = False
+        n.frozen = n.stop_requested = n.seen_since_start = n.ready = n.faults_stale = False
         n.status = None
         n.state = "starting"
         log.debug("started %s pid %d", n.id, n.proc.pid)
@@ -1219,7 +1225,13 @@ class ForgeCluster:
         rd, _ = await self._request(n, "GET", "/readyz", None, timeout=POLL_TIMEOUT)
         first = not n.seen_since_start
         n.status, n.ready, n.last_seen, n.seen_since_start = status, rd == 200, time.time(), True
-        if first and n.starts > 1:
+        if first and n.faults_stale:  # resumed: clear what it still holds, then give it Forge's
+            n.faults_stale = False
+            cst, cans = await self._request(n, "DELETE", f"{_API}/faults", None)
+            if cst not in (200, 204):
+                self._event("fault", n.id, f"clearing {n.id}'s old faults failed: {cst} {cans}")
+            await self._reapply_faults(n)
+        elif first and n.starts > 1:
             await self._reapply_faults(n)
 
     async def _poll_once(self) -> None:
