@@ -130,11 +130,16 @@ FAILURE_EXAMPLES: Final = 8
 
 
 def failure_examples(
-    failures: Iterable[FailedRequest], exclude: Iterable[str] = (), limit: int = FAILURE_EXAMPLES
+    failures: Iterable[FailedRequest],
+    exclude: Iterable[str] = (),
+    limit: int = FAILURE_EXAMPLES,
+    origin: float = 0.0,
 ) -> list[str]:
     """One line per distinct failure (cause and message, ids and numbers masked to compare) of the
     requests through nodes not in `exclude`, in order, at most `limit`, each with how often it
-    occurred: ``503 x12 place-order via 127.0.0.1:4001: map 'orders' ...``."""
+    occurred and when the first one failed, in seconds after `origin` (the scenario's start on the
+    load generator's clock, so it reads as the scenario's timeline does):
+    ``503 x12 place-order via 127.0.0.1:4001 at 31.2s: map 'orders' ...``."""
     ex = set(exclude)
     seen: dict[tuple[str, str, str], list[Any]] = {}
     for f in failures:
@@ -146,7 +151,8 @@ def failure_examples(
         elif len(seen) < limit:
             seen[key] = [f, 1]
     return [
-        f"{f.cause} x{n} {f.target} via {f.node or '-'} at {f.t:.1f}: {f.detail or '(no message)'}"
+        f"{f.cause} x{n} {f.target} via {f.node or '-'} at {f.t - origin:.1f}s: "
+        f"{f.detail or '(no message)'}"
         for f, n in seen.values()
     ]
 
@@ -1033,7 +1039,9 @@ async def run_scenarios(
             report = ScenarioReport(
                 name, sc.description, all(c.passed for c in run.criteria), round(run.now(), 1),
                 run.criteria, ok, failed, run.timeline, run.measures,
-                [] if forge.load is None else failure_examples(forge.load.failures(seq0), run.excluded),
+                [] if forge.load is None else failure_examples(
+                    forge.load.failures(seq0), run.excluded, origin=time.time() - run.now()
+                ),
             )
             reports.append(report)
             say(f"  {'PASSED' if report.passed else 'FAILED'} in {report.seconds:.0f} s "
