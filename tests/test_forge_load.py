@@ -20,6 +20,7 @@ from aether.forge.config import LoadConfig, ScheduleStep, Target, parse_forge_co
 from aether.forge.load import (
     DETAIL_CHARS,
     FAILURES_KEPT,
+    NO_NODE_DETAIL,
     LoadCore,
     LoadGenerator,
     LoadPlan,
@@ -347,6 +348,8 @@ def test_recording_counts_offered_requests_per_target_per_second() -> None:
     for row in trace.counts[:3]:
         assert abs(row[0] - 15) <= 1 and abs(row[1] - 5) <= 1
     assert core.stats.totals("total").errors == {"error:no_node": sum(map(sum, trace.counts))}
+    # the dashboard's Recent failures and the scenarios' examples say why (it was an empty detail)
+    assert {f.detail for f in core.stats.failures()} == {NO_NODE_DETAIL}
     with pytest.raises(BadRequest, match="not recording"):
         core.stop_recording(54.0)
 

@@ -74,6 +74,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EPS: Final = 1e-9
+NO_NODE_DETAIL: Final = "not sent: no node was up and ready (none to send it to)"
 SKIP_SECONDS: Final = 1.0
 """How long an address that refused a connection is skipped by `NodePicker`."""
 
@@ -752,7 +753,7 @@ class LoadCore:
             node = self.picker.pick(addresses, now)
             if node is None:
                 self.stats.sent(name, None, now)
-                self.stats.finished(name, None, "error:no_node", None, now)
+                self.stats.finished(name, None, "error:no_node", None, now, NO_NODE_DETAIL)
                 continue
             self.in_flight += 1
             self.stats.sent(name, node, now)
