@@ -55,3 +55,30 @@ def test_a_directory_a_running_forge_uses_is_refused_not_wiped(tmp_path: Path) -
             lock.close()
     with prepare_workdir(d):  # once it stopped, the directory is free again
         assert not (d / "node-1.log").exists()
+
+
+def test_a_taken_dashboard_port_is_refused_before_any_node_starts(tmp_path: Path) -> None:
+    # found by hand: `aether forge --port 9300` (taken) started the nodes (with `make demo`: the
+    # wheels, the nodes and the blueprint's instances, about 40 s) and only then said the port was
+    # taken
+    import asyncio
+    import socket
+
+    from aether.forge.app import ForgeOptions, open_forge
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    opts = ForgeOptions(nodes=1, port=port, workdir=tmp_path / "forge")
+
+    async def run() -> None:
+        async with open_forge(opts, say=lambda _: None):
+            raise AssertionError("Forge started on a taken port")
+
+    try:
+        with pytest.raises(ForgeSetupError, match=rf"127\.0\.0\.1:{port}: .*pass another --port"):
+            asyncio.run(run())
+    finally:
+        taken.close()
+    assert not (tmp_path / "forge").exists()  # nothing was prepared, no node was started

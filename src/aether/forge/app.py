@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -272,16 +273,32 @@ def _result(r: ControlResult, node: str | None = None) -> ActionResult:
     return ActionResult(message=r.message, node=r.node or node)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve `app` on host:port; a taken port is a ForgeError saying what to do."""
+def bind_dashboard(host: str, port: int) -> socket.socket:
+    """The dashboard's listening socket, bound before anything starts: a taken port fails at once
+    (a ForgeSetupError saying what to do), not after the nodes and the blueprint."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
+        sock.bind((host.strip("[]"), port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise ForgeSetupError(f"cannot serve the dashboard on {host}:{port}: {e.strerror or e}; "
+                              "pass another --port (0 picks a free one)") from None
+    return sock
+
+
+async def start_site(app: web.Application, sock: socket.socket) -> web.AppRunner:
+    """Serve `app` on the socket `bind_dashboard` made."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.SockSite(runner, sock).start()
     except OSError as e:
         await runner.cleanup()
-        raise ForgeSetupError(f"cannot serve the dashboard on {host}:{port}: {e.strerror or e}; "
-                              "pass another --port") from None
+        raise ForgeSetupError(f"cannot serve the dashboard: {e.strerror or e}") from None
     return runner
 
 
@@ -303,15 +320,19 @@ async def open_forge(
     if opts.blueprint is not None and not opts.blueprint.is_file():
         raise ForgeSetupError(f"blueprint {opts.blueprint} does not exist")
     workdir = opts.workdir
-    lock = prepare_workdir(workdir)
-    with lock:  # released (closed) once every node process is stopped
-        async with _open_forge(opts, workdir, say) as answer:
-            yield answer
+    sock = bind_dashboard(opts.host, opts.port)
+    try:
+        lock = prepare_workdir(workdir)
+        with lock:  # released (closed) once every node process is stopped
+            async with _open_forge(opts, workdir, sock, say) as answer:
+                yield answer
+    finally:
+        sock.close()  # (closed already when the server ran)
 
 
 @contextlib.asynccontextmanager
 async def _open_forge(
-    opts: ForgeOptions, workdir: Path, say: Callable[[str], None]
+    opts: ForgeOptions, workdir: Path, sock: socket.socket, say: Callable[[str], None]
 ) -> AsyncIterator[tuple[Forge, str]]:
     repository: Path | None = None
     if opts.wheels is not None:
@@ -349,7 +370,7 @@ async def _open_forge(
         if opts.blueprint is not None:
             forge.blueprint_text = opts.blueprint.read_text(encoding="utf-8")
         server = ForgeServer(forge, opts.token, token_file=str(token_file))
-        runner = await start_site(server.app(), opts.host, opts.port)
+        runner = await start_site(server.app(), sock)
         port = site_port(runner)
         yield forge, f"http://{opts.host}:{port}/?token={opts.token}"
     finally:
