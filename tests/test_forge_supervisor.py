@@ -224,6 +224,27 @@ def test_rolling_restart_steps() -> None:
     assert ok.next(1, dict.fromkeys(N3, True), True).action == "done"
 
 
+def test_a_rolling_restart_skips_a_node_removed_meanwhile() -> None:
+    # found by hand: DELETE /api/nodes/node-2 while the rolling restart was restarting node-2
+    # left it "waiting for node-2 to be ready" for 60 s, then "failed", and the other nodes were
+    # never restarted
+    four = [*N3, "node-4"]
+    plan = RollingRestart(four, "node-1", step_timeout=60)
+    ready = dict.fromkeys(four, True)
+    assert plan.next(0, ready, True).node == "node-2"
+    plan.restarted("node-2", 0.0)
+    ready["node-2"] = False  # removed: it never becomes ready again
+    step = plan.next(1, ready, True, removed={"node-2"})
+    assert (step.action, step.node) == ("restart", "node-3")
+    plan.restarted("node-3", 1.0)
+    # node-4 is removed before its turn: skipped too
+    step = plan.next(2, ready, True, removed={"node-2", "node-4"})
+    assert (step.action, step.node) == ("restart", "node-1")
+    plan.restarted("node-1", 2.0)
+    step = plan.next(3, ready, True, removed={"node-2", "node-4"})
+    assert step.action == "done" and step.reason == "2 nodes restarted (node-2, node-4 removed meanwhile)"
+
+
 # -- the fault controls' requests, against a stand-in fault API ---------------------------------------
 
 

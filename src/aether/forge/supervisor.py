@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -328,9 +328,10 @@ class RollingRestart:
     """The steps of a rolling restart: one node at a time (followers first, the leader last),
     restart it, wait until it is ready again and the cluster has quorum, then the next.
 
-    `next(now, ready, quorum)` says what to do; the caller restarts the node of a "restart" step
-    and then calls `restarted(node, now)`. A node that is not ready within `step_timeout` seconds
-    of its restart fails the run.
+    `next(now, ready, quorum, removed)` says what to do; the caller restarts the node of a
+    "restart" step and then calls `restarted(node, now)`. A node that is not ready within
+    `step_timeout` seconds of its restart fails the run; a node removed from the cluster meanwhile
+    (`removed`) is skipped, whether or not it was restarted already.
     """
 
     def __init__(self, nodes: Sequence[str], leader: str | None, *, step_timeout: float = 60.0) -> None:
@@ -341,10 +342,19 @@ class RollingRestart:
         self._i = 0
         self._since: float | None = None  # when the current node's restart was done
         self._left_ready = False  # the restarted node was seen not ready (its new process answers)
+        self.skipped: list[str] = []  # removed from the cluster before their turn ended
 
-    def next(self, now: float, ready: Mapping[str, bool], quorum: bool) -> RollingStep:
+    def next(
+        self, now: float, ready: Mapping[str, bool], quorum: bool, removed: Collection[str] = ()
+    ) -> RollingStep:
+        while self._i < len(self.order) and self.order[self._i] in removed:
+            self.skipped.append(self.order[self._i])
+            self._i += 1
+            self._since = None
         if self._i >= len(self.order):
-            return RollingStep(action="done", reason=f"{len(self.order)} nodes restarted")
+            done = len(self.order) - len(self.skipped)
+            gone = f" ({', '.join(self.skipped)} removed meanwhile)" if self.skipped else ""
+            return RollingStep(action="done", reason=f"{done} nodes restarted{gone}")
         node = self.order[self._i]
         if self._since is None:
             if not quorum:
@@ -353,7 +363,7 @@ class RollingRestart:
         if ready.get(node, False) and quorum:
             self._i += 1
             self._since = None
-            return self.next(now, ready, quorum)
+            return self.next(now, ready, quorum, removed)
         if now - self._since > self.step_timeout:
             return RollingStep(
                 action="failed",
@@ -766,7 +776,8 @@ class ForgeCluster:
         try:
             while True:
                 ready = {n.id: n.ready for n in self._nodes.values()}
-                step = plan.next(time.monotonic(), ready, self._quorum())
+                removed = {n.id for n in self._nodes.values() if n.removed}
+                step = plan.next(time.monotonic(), ready, self._quorum(), removed)
                 self._rolling_state = step.reason
                 if step.action == "done":
                     self._event("rolling", None, f"rolling restart done: {step.reason}")
