@@ -244,7 +244,13 @@ async def test_concurrent_compare_and_set_has_one_winner_per_round(cluster: MapC
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "log"])
-async def test_persistent_map_survives_a_full_cluster_restart(tmp_path: Path, engine: StorageEngine) -> None:
+@pytest.mark.parametrize("down", ["restart", "power-cut"])
+async def test_persistent_map_survives_a_full_cluster_restart(
+    tmp_path: Path, engine: StorageEngine, down: str
+) -> None:
+    """Every node stops and starts again: at once, or after a power cut of every machine (another
+    boot id: no copy counts, the takeovers take their union). The power cut lost every key: the
+    takeovers dropped the copies that did not count."""
     c = MapCluster(tmp_path, 3)
     try:
         await c.start(*ALL3)
@@ -255,6 +261,11 @@ async def test_persistent_map_survives_a_full_cluster_restart(tmp_path: Path, en
             await m.map_put("stock", f"PROD-{i}", b"%d" % i)
         await m.map_remove("stock", "PROD-7")
         await c.stop_all()
+        for i in (1, 2, 3):
+            maps_dir = tmp_path / f"n{i}" / "maps"
+            if down == "power-cut":
+                assert (maps_dir / "boot").exists()
+                (maps_dir / "boot").write_text("another-boot\n")
         await c.start(*ALL3)
         await c.wait_table(ALL3)
         m3 = c.node("node-3").maps

@@ -361,6 +361,15 @@ class _Promotion:
     activating: set[int] = field(default_factory=set)  # partitions whose activation is being recorded
     pushed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # map -> {(peer, partition)} acked
     forced: bool = False
+    # When no owner of a partition has a copy that counts (a power cut of the whole cluster, or the
+    # whole cluster away past the tombstone horizon: every copy distrusted), the takeover takes the
+    # union of the copies that do not count instead of starting empty. Until it knows, it keeps
+    # them aside (newest record of each key): this node's own (`untrusted`: read as they are
+    # deleted, `MapCore._settle`) and the owners' answers' records of partitions they do not hold.
+    untrusted: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) of own copies so kept
+    spare: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
+    union: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) taken from `spare`
+    unioned: bool = False  # (logged once)
     # the copies this node can no longer trust are still being deleted (`MapCore._drop_later`):
     # it asks for no copy and moves on no partition before they are gone
     dropping: bool = False
@@ -892,14 +901,20 @@ class MapCore:
         # The partition's data is what the owners of its active configuration hold. A copy this
         # node did not hold as one of them (or held before it restarted) may contain writes that
         # never became part of it (a deposed primary's unacknowledged ones): drop it first.
+        # When no owner has a copy that counts, though, the copies that do not are all there is
+        # (`_Promotion.spare`): this node's own ones are read as they are deleted, unless they were
+        # being deleted already (the node forgot its data: out of date or damaged).
+        prom = _Promotion(version, set(parts), self._now, syncing=set(parts))
         for name, spec in self.specs.items():
             engine = self.engines.get(name)
             if engine is None or name in self.broken:
                 continue
+            dropping = self._dropping.get(name, {})
             for p in parts:
                 if not self._trusted(p, spec, name):
+                    if p not in dropping and self._active_owner(self.node_id, name, p):
+                        prom.untrusted.add((name, p))
                     self._drop_later(name, p)
-        prom = _Promotion(version, set(parts), self._now, syncing=set(parts))
         self._promotions.append(prom)
         if self._dropping:  # (its first batch now: all of them, if they are few)
             prom.dropping = True
@@ -1005,6 +1020,9 @@ class MapCore:
         if held:
             self._persist_held(name, p)
         try:
+            for prom in self._promotions:
+                if (name, p) in prom.untrusted and p in prom.syncing:
+                    self._keep_aside(prom, name, [(p, key, rec) for key, rec in engine.scan(p)])
             return engine.drop(p)
         except Exception as e:
             self._storage_failed(name, e)
@@ -1015,6 +1033,35 @@ class MapCore:
         if name in self._dropping:
             for p in parts:
                 self._settle(name, p)
+
+    def _active_owner(self, node: str, name: str, p: int) -> bool:
+        """Whether `node` is an owner of partition `p`'s active configuration (for map `name`)."""
+        spec, table = self.specs.get(name), self.table
+        if spec is None or table is None:
+            return False
+        return node in (self._active_owners(table, p, spec.replicas) or ())
+
+    def _keep_aside(self, prom: _Promotion, name: str, items: Iterable[tuple[int, str, Record]]) -> None:
+        """Keep `items`, records of copies that do not count, in case no owner has one that does
+        (`_Promotion.spare`): the newest record of each key."""
+        for p, key, rec in items:
+            if p in prom.syncing:
+                spare = prom.spare.setdefault((name, p), {})
+                if newer(rec, spare.get(key)):
+                    spare[key] = rec
+
+    def _take_spares(self, prom: _Promotion, parts: Iterable[int]) -> None:
+        """`parts` are past their sync: those that no owner had a copy of that counts take the
+        union of the copies that do not (`_synced`); the others' are forgotten."""
+        for p in parts:
+            for name in self.specs:
+                spare = prom.spare.pop((name, p), None)
+                if spare is None or (name, p) not in prom.union or name in self.broken:
+                    continue
+                for key, rec in spare.items():
+                    ok, current = self._get(name, p, key)
+                    if ok and newer(rec, current) and self._put(name, p, key, rec):
+                        prom.merged += 1
 
     def _trusted(self, p: int, spec: MapSpec, name: str) -> bool:
         """Whether this node's copy of `p` counts as one of its active configuration's."""
@@ -1040,6 +1087,7 @@ class MapCore:
             need = len(owners) - min(spec.write_quorum, len(owners)) + 1
             answered = prom.answered.get(name, set())
             holders = prom.holders.get(name, {})
+            prom.union.discard((name, p))
             others = [o for o in owners if o != self.node_id]
             have = sum(1 for o in others if p in holders.get(o, ()))
             if self._trusted(p, spec, name):
@@ -1064,6 +1112,21 @@ class MapCore:
             if all_answered or (
                 have + len(lost) + len(left) >= need and self._now - prom.started >= self.t.force_after
             ):
+                if have == 0 and prom.spare.get((name, p)):
+                    # No copy that counts anywhere (every owner's machine restarted, or the whole
+                    # cluster was away past the tombstone horizon): the copies that do not are all
+                    # that is left of the partition. Starting empty lost every acknowledged write.
+                    prom.union.add((name, p))
+                    if not prom.unioned:
+                        prom.unioned = True
+                        self.log.warning(
+                            "partition %d of map %r: no owner has a copy that counts (all restarted "
+                            "after a power cut, or were away past the tombstone horizon): taken over from "
+                            "the union of their copies; the newest writes may be missing and removed keys "
+                            "may come back",
+                            p, name,
+                        )
+                    continue
                 if not prom.forced:
                     prom.forced = True
                     self.log.warning(
@@ -1090,6 +1153,7 @@ class MapCore:
             if synced and (synced == prom.syncing or not gathering):
                 # (from now on nothing more is merged into them: what they push is what they serve)
                 prom.syncing -= synced
+                self._take_spares(prom, synced)
                 if not prom.syncing:  # answers still on the way are of no use any more
                     prom.asked.clear()
                     prom.buffered.clear()
@@ -2601,6 +2665,8 @@ class MapCore:
                     ok, current = self._get(name, p, key)
                     if ok and newer(rec, current) and self._put(name, p, key, rec):
                         prom.merged += 1
+                elif held is not None and self._active_owner(peer, name, p):
+                    self._keep_aside(prom, name, [(p, key, rec)])
             for i in range(0, len(ops), budget):
                 if n >= budget:
                     yield True
