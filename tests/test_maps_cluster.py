@@ -244,13 +244,14 @@ async def test_concurrent_compare_and_set_has_one_winner_per_round(cluster: MapC
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "log"])
-@pytest.mark.parametrize("down", ["restart", "power-cut"])
+@pytest.mark.parametrize("down", ["restart", "power-cut", "past-horizon"])
 async def test_persistent_map_survives_a_full_cluster_restart(
     tmp_path: Path, engine: StorageEngine, down: str
 ) -> None:
-    """Every node stops and starts again: at once, or after a power cut of every machine (another
-    boot id: no copy counts, the takeovers take their union). The power cut lost every key: the
-    takeovers dropped the copies that did not count."""
+    """Every node stops and starts again: at once, after a power cut of every machine (another
+    boot id: no copy counts, the takeovers take their union) or after two hours (longer than the
+    tombstone horizon: the same). Both lost every key: the takeovers dropped the copies that did
+    not count, and a node back after the horizon deleted its files (30 of 30 keys gone)."""
     c = MapCluster(tmp_path, 3)
     try:
         await c.start(*ALL3)
@@ -266,6 +267,9 @@ async def test_persistent_map_survives_a_full_cluster_restart(
             if down == "power-cut":
                 assert (maps_dir / "boot").exists()
                 (maps_dir / "boot").write_text("another-boot\n")
+            elif down == "past-horizon":
+                last = int((maps_dir / "alive").read_text())
+                (maps_dir / "alive").write_text(f"{last - 2 * 3_600_000}\n")
         await c.start(*ALL3)
         await c.wait_table(ALL3)
         m3 = c.node("node-3").maps

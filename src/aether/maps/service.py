@@ -184,7 +184,9 @@ class MapService:
         self.wall_ms = wall_ms
         self.open_storage = open_storage
         self.boot_id = boot_id
-        self._distrust = False  # the machine restarted since the last run: persisted copies count for nothing
+        # the machine restarted, or the node was away past the tombstone horizon, since the last run:
+        # persisted copies count only where no owner has one that does (`_check_boot`, `_check_horizon`)
+        self._distrust = False
         self._reopen_at: dict[str, float] = {}  # maps whose engine could not be opened: when to try again
         self._prepared = False
         # engines `prepare` opened off the loop: name -> (spec, definition identity, engine)
@@ -365,8 +367,12 @@ class MapService:
     # --- the tombstone horizon across restarts --------------------------------------------------------------
 
     def _check_horizon(self) -> None:
-        """A node that was down longer than the tombstone horizon drops its persistent copies: keys
-        removed meanwhile (their tombstones purged) must not come back."""
+        """A node that was down longer than the tombstone horizon keeps its persistent copies but
+        does not count them (as after a power cut, `_check_boot`): keys removed meanwhile, their
+        tombstones purged by the nodes that ran, must not come back from them, so the other owners'
+        copies that count decide. When no owner has one (the whole cluster was down that long: it
+        missed no removal), a takeover takes the union of the copies (`MapCore._synced`). It
+        deleted its files: a whole cluster down past the horizon lost every persistent map."""
         path = self.data_dir / _ALIVE_FILE
         try:
             last = int(path.read_text().strip())
@@ -374,16 +380,12 @@ class MapService:
             return
         gone_ms = self.wall_ms() - last
         if gone_ms >= self.timings.tombstone_ms:
+            self._distrust = True
             self.log.warning(
                 "this node was away for %.0f s, longer than the tombstone horizon (%.0f s): its map "
-                "copies are dropped and copied again from the cluster",
+                "copies count only if no other owner has one that does",
                 gone_ms / 1000, self.timings.tombstone_ms / 1000,
             )
-            # every persistent engine's files: sqlite's (with -wal, -shm) and log's (with a
-            # snapshot a crash interrupted); its lock file may stay
-            for pattern in ("*.sqlite*", "*.log", "*.log.tmp"):
-                for db in self.data_dir.glob(pattern):
-                    db.unlink(missing_ok=True)
 
     def _check_boot(self) -> None:
         """A persistent copy counts towards a takeover only if it holds every write this node
@@ -400,7 +402,10 @@ class MapService:
             last = None
         if last is not None and last != current:
             self._distrust = True
-            self.log.warning("the machine restarted since this node ran: its map copies are copied anew")
+            self.log.warning(
+                "the machine restarted since this node ran: its map copies count only if no other owner "
+                "has one that does"
+            )
         try:
             make_private_dirs(self.data_dir)
             replace_private(path, f"{current}\n".encode())
