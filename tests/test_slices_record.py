@@ -207,3 +207,21 @@ def test_a_wheel_without_record_is_refused(tmp_path: Path) -> None:
         install_wheel(w, target)
     assert not target.exists()
     assert issubclass(WheelRecordMismatch, InvalidWheel)  # a BadRequest: 400 through the API
+
+
+def test_an_install_error_names_the_wheel_not_its_temporary_copy(tmp_path: Path) -> None:
+    """The store installs a wheel from a private copy (hashed while copied); an install error named
+    that copy (`.../slices/.tmp-wheel-xyz/bad-1.0-py3-none-any.whl: not a wheel`), a path that is
+    gone by the time anyone reads it."""
+    import hashlib
+
+    from aether.slices.libstore import LibraryStore
+
+    wheel = tmp_path / "repo" / "bad-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"not a zip file at all")
+    store = LibraryStore(tmp_path / "data", None)
+    with pytest.raises(SliceLoadError) as e:
+        store.install_slice_code(wheel, hashlib.sha256(wheel.read_bytes()).hexdigest())
+    msg = str(e.value)
+    assert str(wheel) in msg and ".tmp-wheel-" not in msg, msg

@@ -483,7 +483,10 @@ class LibraryStore:
                 )
             dest = target(sha)
             if not dest.is_dir():
-                install_wheel(copy, dest, installer=self.installer, limits=self.limits)
+                try:
+                    install_wheel(copy, dest, installer=self.installer, limits=self.limits)
+                except SliceLoadError as e:  # named by the wheel, not by its temporary copy
+                    raise SliceLoadError(str(e).replace(str(copy), str(wheel))) from None
         return dest
 
     @contextlib.contextmanager
