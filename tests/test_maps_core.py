@@ -2077,6 +2077,18 @@ def _take_over_watching_chunks(net: Net, victim: str, *, earlier_owners: bool = 
     return per_chunk, kept
 
 
+def _restarted_with_small_batches(keys: int) -> tuple[Net, str]:
+    """A 64-partition map of `keys` keys (batches of 100 records), whose third node went down and
+    started again with an empty copy: its takeovers are about to sync."""
+    net = Net(partitions=64, batch_records=100)
+    _filled(net, keys, 8)
+    victim = net.ids[2]
+    _go_down(net, victim)
+    net.drop = lambda src, dst, msg: False
+    _start_again(net, victim, Full(), 77)
+    return net, victim
+
+
 def test_a_takeover_merges_each_sync_chunk_as_it_comes_and_chunks_are_bounded_by_count() -> None:
     """The node taking over kept every chunk of an owner's answer until the last one (which says
     which partitions count): a third of the map in memory per owner, more than the map's share of
@@ -2084,12 +2096,7 @@ def test_a_takeover_merges_each_sync_chunk_as_it_comes_and_chunks_are_bounded_by
     owner holds (`SyncChunk.holds`), and the records of those are merged as they come. And a chunk
     carried up to 1 MiB of operation ids (~26,000: 20-160 ms to decode on a loaded machine, one
     step of the loop); it carries at most `batch_records` (at most 512) records and ids now."""
-    net = Net(partitions=64, batch_records=100)
-    _filled(net, 1200, 8)
-    victim = net.ids[2]
-    _go_down(net, victim)
-    net.drop = lambda src, dst, msg: False
-    _start_again(net, victim, Full(), 77)
+    net, victim = _restarted_with_small_batches(1200)
     per_chunk, kept = _take_over_watching_chunks(net, victim)
     assert per_chunk <= 100, per_chunk
     assert kept == 0, f"it kept {kept} records and ids of answers on the way"
@@ -2100,12 +2107,7 @@ def test_a_takeover_merges_at_once_only_what_the_owner_says_it_holds() -> None:
     holds (`SyncChunk.holds`); the others wait for the last chunk, and count only if it names them
     (`held`): an owner's copy that holds no configuration may carry writes no quorum acknowledged
     (a deposed primary's), which must not win a merge."""
-    net = Net(partitions=64, batch_records=100)
-    _filled(net, 300, 8)
-    victim = net.ids[2]
-    _go_down(net, victim)
-    net.drop = lambda src, dst, msg: False
-    _start_again(net, victim, Full(), 77)
+    net, victim = _restarted_with_small_batches(300)
     core = net.cores[victim]
     while not any(prom.asked for prom in core._promotions) and net.step():
         pass
@@ -2131,12 +2133,7 @@ def test_a_takeover_keeps_the_chunks_of_an_owner_of_an_earlier_version_until_its
     """An owner of an earlier version says nothing of what it holds until its answer's last chunk
     (`SyncChunk.holds` None): the node taking over keeps its chunks until then, as before, and
     the copies come out the same."""
-    net = Net(partitions=64, batch_records=100)
-    _filled(net, 1200, 8)
-    victim = net.ids[2]
-    _go_down(net, victim)
-    net.drop = lambda src, dst, msg: False
-    _start_again(net, victim, Full(), 77)
+    net, victim = _restarted_with_small_batches(1200)
     _per_chunk, kept = _take_over_watching_chunks(net, victim, earlier_owners=True)
     assert kept > 100, kept
 
