@@ -120,8 +120,12 @@ async def test_clients_with_the_same_client_id_have_their_own_sessions(nodes: li
 
 
 async def test_a_client_whose_session_was_evicted_resubmits_on_a_new_one(nodes: list[Node]) -> None:
+    # The nodes write too (the map table's compare-and-sets), each in a session of its own, and
+    # a node whose session was evicted adds two (the refused write's one-off and its next one):
+    # in a table of three those made the new lane's session go between its seq 1 and seq 2 (a
+    # CI run). With eight, evicting a session takes more new ones than the nodes can add.
     for n in nodes:
-        n.sm.max_sessions = 3
+        n.sm.max_sessions = _TABLE
     async with AetherClient(_addresses(nodes), prefer=0) as c:
         await c.put("user/a", b"1")
         (lane,) = c._lanes
@@ -139,9 +143,12 @@ async def test_a_client_whose_session_was_evicted_resubmits_on_a_new_one(nodes: 
         assert await c.get("user/a") == b"2"
 
 
+_TABLE = 8
+
+
 async def _evict(nodes: list[Node], session: str) -> None:
     async with AetherClient(_addresses(nodes), prefer=1) as other:
-        for i in range(3):  # three more sessions in a table of three
+        for i in range(_TABLE):  # as many new sessions as the table holds
             await other._request(encode_command(Get("user/a"), f"evictor-{i}", 1))
     await wait_until(lambda: all(session not in n.sm.sessions for n in nodes))
 
