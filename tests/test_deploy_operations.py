@@ -295,3 +295,27 @@ async def test_an_undeploy_failing_part_way_sets_the_written_blueprints_back() -
     assert kv.data == before
     assert "blueprint b-second keeps changing" in str(e.value)
     assert "nothing was changed: blueprint a-first was set back" in str(e.value)
+
+
+async def test_a_repeated_update_answers_the_running_rollout_and_refuses_other_settings() -> None:
+    """The same update sent twice (a retry, a second click in Forge) was answered 201 "started"
+    both times, and a repeat with other settings (a canary asked while a rolling update to that
+    version ran) was answered with the rolling one as if it had been taken. Now the repeat says it
+    started nothing, and other explicit settings are a 409 naming them."""
+    kv = RacingKV({
+        "blueprints/shop": BlueprintValue([BlueprintSlice(A1, 2, name="a")]),
+        f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0, 1]),
+    })  # fmt: skip
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    first, started = await svc.update_started("org.demo:a", "2.0.0", strategy="canary", interval=5)
+    assert started and first.strategy == "canary" and first.steps
+    again, started = await svc.update_started("org.demo:a", "2.0.0", strategy="canary", interval=5.0)
+    assert (again, started) == (first, False)
+    plain, started = await svc.update_started("org.demo:a:2.0.0", "2.0.0")  # no settings: that rollout
+    assert (plain, started) == (first, False)
+    with pytest.raises(RolloutConflict) as e:
+        await svc.update_started("org.demo:a", "2.0.0", strategy="rolling", max_surge=2)
+    assert "already progressing with other settings" in str(e.value)
+    assert "max_surge 2 (it runs with 1)" in str(e.value)
+    assert "strategy 'rolling' (it runs with 'canary')" in str(e.value)
+    assert kv.data["rollouts/org.demo:a"] == first  # the refusal changed nothing

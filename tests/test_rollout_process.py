@@ -182,6 +182,15 @@ async def test_updates_under_load(tmp_path: Path, repository: Path) -> None:
         out = aether("update", NAME, "--to", "0.1.0", "--wait")
         assert out.returncode == 0 and "runs 0.1.0: rollout succeeded" in out.stdout, out
         assert "step" in out.stderr  # the steps, as they happen
+        # the same update again starts nothing: the API answers 200 with that rollout, Forge's
+        # control and the CLI say so (both said "started" before)
+        repeat = {"artifact": NAME, "version": "0.1.0"}
+        status, again = await forge.api_status("POST", "/api/v1/rollouts", repeat)
+        assert (status, again["state"], again["new_version"]) == (200, "succeeded", "0.1.0")
+        done = await forge.update(NAME, "0.1.0")
+        assert done.message == f"rollout of {NAME} 0.2.0 -> 0.1.0 (rolling) already succeeded", done
+        out = aether("update", NAME, "--to", "0.1.0")
+        assert out.returncode == 0 and "already at 0.1.0: its rollout from 0.2.0 succeeded" in out.stdout, out
         out = aether("rollout", "pause", NAME)
         assert out.returncode == 1 and "only a progressing rollout can be paused" in out.stderr, out
         out = aether("rollout", "undo", NAME)

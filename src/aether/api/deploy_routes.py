@@ -231,8 +231,9 @@ class DeploymentRoutes:
             f: getattr(body, f) for f in body.__struct_fields__
             if f not in ("artifact", "version") and getattr(body, f) is not None
         }  # fmt: skip
-        value = await self.svc.update(body.artifact, body.version, **overrides)
-        return json_response(value, status=201)
+        value, started = await self.svc.update_started(body.artifact, body.version, **overrides)
+        # 200: the rollout to that version already exists (a repeated request), answered as it is
+        return json_response(value, status=201 if started else 200)
 
     async def rollout_command(self, request: web.Request) -> web.Response:
         artifact, command = request.match_info["artifact"], request.match_info["command"]
@@ -350,9 +351,11 @@ ROUTES: Final = (
         "POST", f"{P}/rollouts", DeploymentRoutes.update, "update",
         "Roll an artifact over to another version in every blueprint that lists it (rolling, canary "
         "or blue-green, with health gates and automatic rollback)",
-        {201: Answer(RolloutValue, "The rollout started")}, (400, 409, 503, 504), role="operate",
-        body=Body(UpdateRequest), tags=_ROLLOUT,
-        descriptions={409: "A rollout of the artifact to another version is in progress"},
+        {201: Answer(RolloutValue, "The rollout started"),
+         200: Answer(RolloutValue, "A rollout to that version exists already (a repeated request)")},
+        (400, 409, 503, 504), role="operate", body=Body(UpdateRequest), tags=_ROLLOUT,
+        descriptions={409: "A rollout of the artifact to another version is in progress, or one to "
+                           "this version runs with other settings"},
     ),
     Route(
         "GET", f"{P}/rollouts/{{artifact}}", DeploymentRoutes.get_rollout, "getRollout",

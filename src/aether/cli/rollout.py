@@ -154,6 +154,11 @@ def update(
     client = make_client(settings)
     out: Any = call(client, lambda c: c.send_json("POST", "/api/v1/rollouts", body))
     quiet = settings.json or as_json
+    if out["state"] not in ("progressing", "paused") and not quiet:
+        # a repeated update answered with the rollout that already took the artifact there
+        click.echo(f"{name} is already at {out['new_version']}: its rollout from {out['old_version']} "
+                   f"{out['state']}.")
+        return
     if wait:
         if not quiet:
             click.echo(

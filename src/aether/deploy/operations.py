@@ -431,8 +431,22 @@ class DeploymentService:
         of that policy, e.g. ``strategy="canary", steps=[10, 100]``). `restore` (blueprint id,
         slice): that blueprint's slice of the artifact becomes this one (its settings: config,
         limits, isolation, entry policies; the instance count stays the blueprint's), as `undo`
-        brings back what an earlier version ran with."""
+        brings back what an earlier version ran with. Asked again for the version a rollout is
+        already taking the artifact to, it answers that rollout (see `update_started`)."""
+        value, _ = await self.update_started(artifact, version, policy=policy, restore=restore, **overrides)
+        return value
+
+    async def update_started(
+        self, artifact: str, version: str, *, policy: RolloutPolicy | None = None,
+        restore: tuple[str, BlueprintSlice] | None = None, **overrides: Any,
+    ) -> tuple[RolloutValue, bool]:
+        """`update`, and whether this call started the rollout (False: the blueprints already ask
+        for `version` and the rollout answered is the one that took them there, still running or
+        ended). Settings given explicitly (`overrides`) that differ from that rollout's are a
+        `RolloutConflict` naming them: a repeated request is answered, a different one is not
+        silently dropped."""
         name = _name(artifact)
+        explicit = dict(overrides)
         if policy is None and overrides:
             base = self._policy_of(name)
             if "strategy" in overrides and "steps" not in overrides:
@@ -460,7 +474,8 @@ class DeploymentService:
         if listed == {str(target)}:
             current = self.kv.get_local(RolloutKey(name))
             if isinstance(current, RolloutValue) and current.new_version == version:
-                return current
+                _check_same_settings(current, explicit)
+                return current, False
             raise BlueprintError(f"{target} is already the version the blueprints ask for")
         started: list[RolloutValue] = []
         written: list[Written] = []
@@ -480,10 +495,10 @@ class DeploymentService:
         except BaseException as err:
             await self._all_or_nothing(err, written, started)
         if started:
-            return started[0]
+            return started[0], True
         current = self.kv.get_local(RolloutKey(name))
         if isinstance(current, RolloutValue) and current.new_version == version:
-            return current
+            return current, False
         raise BlueprintError(
             f"{name} was switched to {version} directly: no instance of the old version was running, "
             "so there was nothing to roll over"
@@ -933,6 +948,28 @@ def _without(v: BlueprintValue, match: Callable[[str], bool]) -> BlueprintValue 
             break
         slices = kept
     return BlueprintValue(slices, v.source) if slices else None
+
+
+def _check_same_settings(current: RolloutValue, explicit: dict[str, Any]) -> None:
+    """A `RolloutConflict` naming the settings of a repeated update that differ from the rollout
+    already taking the artifact to that version (steps left out of a canary take the defaults)."""
+    differ = []
+    for field, asked in sorted(explicit.items()):
+        have = getattr(current, field, None)
+        if field == "steps" and not asked and current.strategy != "rolling":
+            continue  # the strategy's default steps
+        if isinstance(have, float) and isinstance(asked, int | float) and not isinstance(asked, bool):
+            same = float(asked) == have
+        else:
+            same = asked == have
+        if not same:
+            differ.append(f"{field} {asked!r} (it runs with {have!r})")
+    if differ:
+        raise RolloutConflict(
+            f"a rollout of {current.artifact} to {current.new_version} is already {current.state} "
+            f"with other settings: {', '.join(differ)}; wait for it or abort it "
+            f"(`aether rollout abort {current.artifact}`), then update again"
+        )
 
 
 def _name(artifact: str) -> str:

@@ -956,12 +956,15 @@ class ForgeCluster:
             body["strategy"] = strategy
         self._event("control", None, f"update {name} to {body['version']}"
                     + (f" ({strategy})" if strategy else ""))
-        started = await self.api("POST", f"{_API}/rollouts", body)
+        status, started = await self.api_status("POST", f"{_API}/rollouts", body)
         old = started.get("old_version") if isinstance(started, dict) else None
         how = started.get("strategy") if isinstance(started, dict) else strategy
+        state = started.get("state") if isinstance(started, dict) else None
+        what = f"rollout of {name} {old or '?'} -> {body['version']} ({how or 'rolling'})"
+        # 200: a rollout to that version already existed (this update repeated an earlier one)
         return ControlResult(
             action="update", node=None,
-            message=f"rollout of {name} {old or '?'} -> {body['version']} ({how or 'rolling'}) started",
+            message=f"{what} started" if status == 201 else f"{what} already {state or 'started'}",
         )
 
     def link_faults(self) -> dict[tuple[str, str], LinkFault]:
@@ -1182,6 +1185,12 @@ class ForgeCluster:
     async def api(self, method: str, path: str, body: object | None = None, *, timeout: float = 30.0) -> Any:
         """One management API call on an answering member (the leader first): the decoded answer,
         or a StatusError with the node's status and problem detail (503 when none answers)."""
+        return (await self.api_status(method, path, body, timeout=timeout))[1]
+
+    async def api_status(
+        self, method: str, path: str, body: object | None = None, *, timeout: float = 30.0
+    ) -> tuple[int, Any]:
+        """`api`, with the status the node answered (below 400)."""
         n = self._answering_member()
         st, ans = await self._request(n, method, path, body, timeout=timeout)
         if st == 0:
@@ -1189,7 +1198,7 @@ class ForgeCluster:
         if st >= 400:
             detail = ans.get("detail", ans) if isinstance(ans, dict) else ans
             raise StatusError(f"{method} {path} on {n.id}: {detail}", status=st)
-        return ans
+        return st, ans
 
     def _progress(self, text: str) -> None:
         if self.on_progress is not None:
