@@ -108,6 +108,57 @@ def test_a_full_disk_part_way_through_a_record_leaves_a_torn_tail() -> None:
     assert payloads(DiskStore(D, fs=fs)) == [b"a" * 10]
 
 
+@pytest.mark.parametrize("fault", ["full", "eio", "fsync"])
+def test_a_failed_snapshot_leaves_no_temporary_file(fault: str) -> None:
+    # A failed snapshot's temporary (up to a whole snapshot) used to stay until the next snapshot
+    # that succeeded, holding the space a full disk needed for the node to start again.
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    s.append([b"a" * 10])
+    s.sync()
+    if fault == "full":
+        fs.capacity = fs._used() + 1_000  # room for part of the snapshot
+    elif fault == "eio":
+        fs.fail_writes = errno.EIO
+    else:
+        fs.fail_fsync = errno.EIO
+    with pytest.raises(JournalError, match="snapshot"):
+        s.save_snapshot(b"S" * 5_000, [b"a" * 10])
+    assert sorted(p.name for p in fs.files) == ["journal.bin"]
+    fs.capacity = fs.fail_writes = fs.fail_fsync = None
+    assert payloads(DiskStore(D, fs=fs)) == [b"a" * 10]
+
+
+def test_a_failed_incarnation_write_leaves_no_temporary_file() -> None:
+    fs = SimFileSystem()
+    s = DiskStore(D, fs=fs)
+    fs.fail_writes = errno.ENOSPC
+    with pytest.raises(JournalError, match="incarnation"):
+        s.next_incarnation(5)
+    assert not fs.files
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_opening_removes_the_temporaries_a_write_that_never_finished_left(real: bool, tmp_path: Path) -> None:
+    # a kill (or a power cut) between writing a temporary and renaming it leaves it behind
+    fs: SimFileSystem | OsFileSystem
+    if real:
+        d, fs = tmp_path / "consensus", OsFileSystem()
+        d.mkdir()
+        for name in ("snapshot.bin.tmp", "journal.bin.tmp", "incarnation.tmp", "notes.tmp", "journal.bin"):
+            (d / name).write_bytes(b"x" * 100)
+    else:
+        d, fs = D, SimFileSystem()
+        fs.makedirs(d)
+        for name in ("snapshot.bin.tmp", "journal.bin.tmp", "incarnation.tmp", "notes.tmp", "journal.bin"):
+            h = fs.open(d / name, truncate=True)
+            fs.write(h, b"x" * 100)
+            fs.close(h)
+    DiskStore(d, fs=fs)
+    left = sorted(p.name for p in d.iterdir()) if real else sorted(p.name for p in fs.files)
+    assert left == ["journal.bin", "notes.tmp"]  # only its own names: nothing else is touched
+
+
 def test_short_writes_are_completed() -> None:
     fs = SimFileSystem()
     fs.short_writes = True

@@ -20,6 +20,11 @@ A write or fsync that fails raises `JournalError` (and, for fsyncs in the backgr
 to the callbacks); the store is then *failed* and refuses every later append: the replica must
 stop rather than send anything that was not journalled.
 
+Snapshots (and the incarnation number) are written to ``NAME.tmp`` and renamed over ``NAME``. A
+write that fails removes its temporary at once, and opening the store removes any such temporary
+a kill or a power cut left (these three names are written by nothing else): a snapshot's
+temporary is as large as the snapshot, space a full disk needs before the node can start again.
+
 All file access goes through a `FileSystem`, so the simulation can run this code against a
 simulated disk (power loss, torn writes, full disk, I/O errors); `OsFileSystem` is the real one.
 """
@@ -91,6 +96,10 @@ class FileSystem(Protocol):
     def truncate(self, path: Path, size: int) -> None: ...
 
     def replace(self, src: Path, dst: Path) -> None: ...
+
+    def unlink(self, path: Path) -> None:
+        """Remove `path` if it exists."""
+        ...
 
     def fsync_dir(self, path: Path) -> None: ...
 
@@ -225,6 +234,27 @@ class DiskStore:
         if created and self.durable_journal:
             for d in {c.parent for c in created}:
                 self.fs.fsync_dir(d)
+        self._remove_temporaries()
+
+    def _temporaries(self) -> list[Path]:
+        """The temporary names `_write_atomically` writes (``NAME.tmp`` of each file it replaces):
+        only this store writes them, so any found on opening is a leftover (a kill or a power cut
+        between writing and renaming it)."""
+        files = (self.snapshot_path, self.journal_path, self.incarnation_path)
+        return [p.with_name(p.name + ".tmp") for p in files]
+
+    def _remove_temporaries(self) -> None:
+        """Remove what a write that never finished left: a snapshot's temporary may be as large as
+        the snapshot, space a full disk needs before the node can start again."""
+        for tmp in self._temporaries():
+            if not self.fs.exists(tmp):
+                continue
+            try:
+                self.fs.unlink(tmp)
+            except OSError as e:  # (writing it again truncates it; only the space is lost)
+                _log.warning("cannot remove %s, left by a write that did not finish: %s", tmp, e)
+            else:
+                _log.info("removed %s, left by a write that did not finish", tmp)
 
     @property
     def durable_journal(self) -> bool:
@@ -412,8 +442,16 @@ class DiskStore:
             fs.replace(tmp, path)
             if sync:
                 fs.fsync_dir(self.dir)
-        except OSError as e:
-            raise self._fail(f"writing {path}", e) from e
+        except BaseException as e:
+            # A failed write leaves nothing behind: on a full disk its temporary (up to a whole
+            # snapshot) would keep the space the node needs to start again.
+            try:
+                fs.unlink(tmp)  # (gone already if the rename was done)
+            except OSError as ue:
+                _log.warning("cannot remove %s after a failed write: %s", tmp, ue)
+            if isinstance(e, OSError):
+                raise self._fail(f"writing {path}", e) from e
+            raise
 
     def save_snapshot(self, data: bytes, keep: list[bytes] | None = None) -> None:
         """Replace the snapshot atomically, then start a journal holding only `keep`.
