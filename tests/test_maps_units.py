@@ -783,6 +783,49 @@ class _FullAtCommit(MemoryStorage):
         super().commit()
 
 
+async def test_a_probe_does_not_find_a_storage_working_on_a_disk_still_full(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A log map on a (simulated) disk that fills: the failed commit is cut back, which frees the
+    bytes it had written, so the probe's write of a few bytes fits although the disk is still full.
+    It used to find the storage working: the node was taken back in, failed again at the
+    takeover's first writes and went out, every `probe_after` (seen in the map chaos test's log on a
+    2 MiB tmpfs). The probe now also wants `probe_room` free."""
+    from aether.core.maps import MapUnavailable
+    from aether.maps.core import MapTimings
+    from aether.maps.logstorage import LogStorage
+    from aether.testing.simfs import SimFileSystem
+
+    fs = SimFileSystem()
+    engine = LogStorage(Path("/sim/maps/m.log"), files=fs, background=False)
+    skew = [0.0]
+    svc = await _one_node_service(
+        tmp_path, timings=MapTimings(probe_after=0.1), open_storage=lambda kind, d, name: engine,
+        now=lambda: time.monotonic() + skew[0],
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        fs.capacity = fs._used() + 300  # the disk is full but for a few hundred bytes
+        with pytest.raises(MapUnavailable, match="committing"):
+            await svc.map_put("m", "big", b"x" * 10_000)  # written in part, then cut back
+        assert "m" in svc.core.broken and fs.free_bytes(Path("/sim/maps")) == 300
+        for _ in range(10):  # ten probes, on a disk still full
+            skew[0] += 0.2
+            await asyncio.sleep(0.03)
+            assert "m" in svc.core.broken, "a probe took the storage for working on a full disk"
+        assert "300 bytes free on its file system" in caplog.text
+        fs.capacity = fs._used() + MapTimings().probe_room  # room again
+        end = loop.time() + 5
+        while svc.core.broken:
+            assert loop.time() < end
+            skew[0] += 0.2
+            await asyncio.sleep(0.03)
+        await svc.map_put("m", "big", b"x" * 10_000)
+        assert await svc.map_get("m", "big") == b"x" * 10_000
+    finally:
+        await svc.stop()
+
+
 async def test_the_health_record_ends_as_the_storage_is_when_its_writes_are_retried(tmp_path: Path) -> None:
     """The storage fails while the store has no quorum, and works again before it has one: the
     record of the failure, retried with a growing pause, must not land after the removal that

@@ -21,6 +21,7 @@ __all__ = [
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
     "OsFiles",
+    "free_bytes",
     "fsync_dir",
     "make_private_dirs",
     "open_private",
@@ -108,6 +109,12 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
+def free_bytes(path: Path | str) -> int:
+    """Bytes an unprivileged process may still write on the file system holding `path`."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 class OsFiles:
     """Files by handle on the real file system, for the write-ahead logs (the consensus journal,
     the log map engine), which take them as a parameter so that the simulations can pass a
@@ -149,6 +156,10 @@ class OsFiles:
 
     def fsync_dir(self, path: Path) -> None:
         fsync_dir(path)
+
+    def free_bytes(self, path: Path) -> int | None:
+        """Bytes still free for files in directory `path` (`free_bytes`)."""
+        return free_bytes(path)
 
     def makedirs(self, path: Path) -> list[Path]:
         """Create `path` and missing parents (0700); the directories that were created."""

@@ -41,7 +41,8 @@ Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the fu
 
 A node without a consensus quorum (`set_quorum(False)`) stops serving as primary. A node whose
 storage fails (an engine raises: full disk, I/O error) stops serving that map, says why in every
-answer, and asks to be left out of the table (`StorageHealth`) until a probe write succeeds.
+answer, and asks to be left out of the table (`StorageHealth`) until a probe finds room on its
+file system (`MapTimings.probe_room`) and its write commits.
 """
 
 from __future__ import annotations
@@ -220,6 +221,14 @@ class MapTimings:
     dedup_ms: int = 60_000
     probe_after: float = 5.0
     """A map whose storage failed is probed again after this long."""
+    probe_room: int = 16 * 1024 * 1024
+    """A probe finds a map's storage working again only with at least this much free on its file
+    system (when the engine can tell, `MapStorage.free_bytes`): room for the largest single write
+    a node taken back in receives (a record of the largest value, 8 MiB, which travels alone)
+    twice over (sqlite writes a commit to its write-ahead log, then into the database). The
+    probe's own write is a few bytes: once a failed write was undone it fit on a disk still full,
+    and the node was taken back in, failed at the takeover's first writes and went out again,
+    every `probe_after`."""
     piece_bytes: int = 4 * 1024 * 1024
     """The most data (records, operation ids, deleted keys, keys) one push piece, one sync chunk or
     one keys answer carries; a single record larger than that travels alone. Well under the
@@ -2820,6 +2829,14 @@ class MapCore:
             engine = self.engines.get(name)
             if engine is not None:
                 try:
+                    free = engine.free_bytes()
+                    if free is not None and free < self.t.probe_room:
+                        self.log.warning(
+                            "map %r storage still failing: %d bytes free on its file system, fewer "
+                            "than the %d a node taken back in may need at once",
+                            name, free, self.t.probe_room,
+                        )  # fmt: skip
+                        continue
                     engine.put(self.partitions - 1, "\x00probe", Record(None, 0, 0, 1))
                     engine.delete(self.partitions - 1, "\x00probe")
                     engine.commit()  # a write counts only once committed (a full disk fails here)

@@ -147,6 +147,10 @@ class LogFiles(Protocol):
 
     def fsync_dir(self, path: Path) -> None: ...
 
+    def free_bytes(self, path: Path) -> int | None:
+        """Bytes still free for files in directory `path` (None: unknown)."""
+        ...
+
     def makedirs(self, path: Path) -> list[Path]: ...
 
 
@@ -604,6 +608,9 @@ class LogStorage(MemoryStorage):
         records = sum(len(part) for part in self._parts.values())
         ops = sum(len(d) for d in self._ops.values())
         return len(MAGIC) + self.bytes + 32 * records + 24 * ops
+
+    def free_bytes(self) -> int | None:
+        return self.files.free_bytes(self.path.parent)
 
     # --- closing ------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import msgspec
 
-from aether.core.files import make_private_dirs, open_private
+from aether.core.files import free_bytes, make_private_dirs, open_private
 from aether.maps.records import Record
 
 __all__ = [
@@ -158,6 +158,11 @@ class MapStorage(Protocol):
         """Make the writes so far durable. On failure they are all undone and the error raised."""
         ...
 
+    def free_bytes(self) -> int | None:
+        """Bytes still free on the file system holding this engine's files (None: it keeps none,
+        or cannot tell). The probe of a failed storage requires room (`MapTimings.probe_room`)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -217,6 +222,9 @@ class UnopenedStorage:
     def commit(self) -> None:
         pass
 
+    def free_bytes(self) -> int | None:
+        return None
+
     def close(self) -> None:
         pass
 
@@ -235,6 +243,9 @@ class MemoryStorage:
         self.entries = 0
         self.bytes = 0
         self.pending = False
+
+    def free_bytes(self) -> int | None:
+        return None  # (no files)
 
     def commit(self) -> None:
         pass
@@ -599,6 +610,9 @@ class SqliteStorage:
             self._exec("DELETE FROM oplog WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(gone),))
             # a partition's drop mark matters only while a row it covers is left
             self._exec("DELETE FROM opdrop WHERE seq < (SELECT coalesce(min(seq), 1 << 62) FROM oplog)")
+
+    def free_bytes(self) -> int | None:
+        return free_bytes(self.path.parent)
 
     def close(self) -> None:
         """Commit what is pending and close the database."""

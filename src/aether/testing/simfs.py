@@ -157,6 +157,10 @@ class SimFileSystem:
             if p.parent == path:
                 self.durable_names[p] = f
 
+    def free_bytes(self, path: Path) -> int | None:
+        """What `capacity` leaves (None: no limit)."""
+        return None if self.capacity is None else max(0, self.capacity - self._used())
+
     def makedirs(self, path: Path) -> list[Path]:
         created: list[Path] = []
         p = path
