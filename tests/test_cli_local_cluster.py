@@ -342,6 +342,31 @@ def bystander() -> Iterator[subprocess.Popen[bytes]]:
         p.wait(10)
 
 
+def test_a_failed_record_write_leaves_no_temporary_and_stale_ones_are_removed(tmp_path: Path) -> None:
+    # Each `aether` process writes cluster.json through a temporary named after its pid: a write
+    # that failed (a full disk) or a process killed while writing left one, another every time.
+    d = tmp_path / "c"
+    rec = lc.plan_cluster(d, 1)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / lc.CLUSTER_FILE).mkdir()  # the rename fails: a directory is in the way
+    with pytest.raises(OSError):
+        lc.save_record(d, rec)
+    assert not [p.name for p in d.iterdir() if p.name.endswith(".tmp")]
+    (d / lc.CLUSTER_FILE).rmdir()
+    hour_ago = time.time() - 3600
+    killed = d / f".{lc.CLUSTER_FILE}.4242.tmp"  # of a process killed while writing
+    running = d / f".{lc.CLUSTER_FILE}.4243.tmp"  # of a write running now in another process
+    other = d / f".{lc.CLUSTER_FILE}.notes.tmp"  # not a name it writes
+    for f in (killed, running, other):
+        f.write_text("{}")
+    for f in (killed, other):
+        os.utime(f, (hour_ago, hour_ago))
+    lc.save_record(d, rec)
+    left = sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
+    assert left == sorted([running.name, other.name])
+    assert lc.load_record(d) == rec
+
+
 def test_stop_ignores_pid_with_other_create_time(tmp_path: Path, bystander: subprocess.Popen[bytes]) -> None:
     d = tmp_path / "c"
     rec = lc.plan_cluster(d, 1)

@@ -99,6 +99,23 @@ def test_proofs_are_fresh_and_not_reflectable() -> None:
     assert SECRET not in proof_d and SECRET not in proof_a
 
 
+def test_a_failed_secret_write_leaves_no_copy_of_the_secret(tmp_path: Any) -> None:
+    import os
+    import time
+
+    path = tmp_path / "secret"
+    path.mkdir()  # the rename fails: a directory is in the way
+    with pytest.raises(OSError):
+        write_secret_file(path, "0123456789abcdef0123")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]  # no temporary holding it
+    path.rmdir()
+    killed = tmp_path / ".secret.4242.tmp"  # a process killed between writing and renaming it
+    killed.write_text("an old secret")
+    os.utime(killed, (time.time() - 3600, time.time() - 3600))
+    write_secret_file(path, "0123456789abcdef0123")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]
+
+
 def test_load_secret(tmp_path: Any) -> None:
     path = tmp_path / "secret"
     write_secret_file(path, "0123456789abcdef0123")

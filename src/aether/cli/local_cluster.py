@@ -52,7 +52,14 @@ import msgspec
 
 from aether.cli.client import ApiError, ApiUnreachable, ManagementClient
 from aether.core.errors import AetherError
-from aether.core.files import make_private_dirs, open_private_append, prepare_private_dir, write_private
+from aether.core.files import (
+    make_private_dirs,
+    open_private_append,
+    prepare_private_dir,
+    process_temporary,
+    remove_stale_temporaries,
+    write_private,
+)
 from aether.core.status import NodeStatus
 from aether.core.types import (
     CLUSTER_PORT_BASE,
@@ -205,12 +212,19 @@ def load_record(directory: str | Path) -> ClusterRecord | None:
 
 
 def save_record(directory: str | Path, record: ClusterRecord) -> None:
-    """Write `cluster.json` atomically."""
+    """Write `cluster.json` atomically, through a temporary of this process's own; a write that
+    fails removes it, and those of `aether` processes killed while writing are removed here."""
     d = Path(directory)
     make_private_dirs(d)
-    tmp = d / f".{CLUSTER_FILE}.{os.getpid()}.tmp"
-    write_private(tmp, msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
-    os.replace(tmp, d / CLUSTER_FILE)
+    path = d / CLUSTER_FILE
+    remove_stale_temporaries(path)
+    tmp = process_temporary(path)
+    try:
+        write_private(tmp, msgspec.json.format(msgspec.json.encode(record), indent=2) + b"\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (one per process id: they piled up, each a whole record)
+        raise
 
 
 def ensure_secret_file(directory: str | Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +29,8 @@ __all__ = [
     "open_private_append",
     "prepare_private_dir",
     "privatize_tree",
+    "process_temporary",
+    "remove_stale_temporaries",
     "replace_private",
     "tighten_dir",
     "write_all",
@@ -202,6 +205,42 @@ def replace_private(path: Path | str, data: bytes, *, sync: bool = False) -> Non
         except OSError:
             pass
         raise
+
+
+STALE_TEMPORARY_AGE = 60.0
+"""Seconds after which a `process_temporary` belongs to no write still running (one takes
+milliseconds)."""
+
+
+def process_temporary(path: Path) -> Path:
+    """The name this process writes the new content of `path` to before renaming it over `path`
+    (``.NAME.PID.tmp`` beside it): for a file that several processes may replace at once, each
+    with a temporary of its own. Remove it if the write fails; `remove_stale_temporaries` removes
+    those of processes killed between writing and renaming."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(path: Path, age: float = STALE_TEMPORARY_AGE) -> int:
+    """Remove the `process_temporary` names of `path`, of any process, older than `age` seconds
+    (a write still running keeps its own); nothing else is touched. How many were removed."""
+    prefix = f".{path.name}."
+    cutoff = time.time() - age
+    removed = 0
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(prefix) and name.endswith(".tmp") and name[len(prefix) : -4].isdigit()):
+            continue
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            pass  # gone meanwhile, or not ours to remove: left as it is
+    return removed
 
 
 def privatize_tree(root: Path | str) -> None:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from aether.core.errors import ConfigError
+from aether.core.files import process_temporary, remove_stale_temporaries
 from aether.core.types import is_loopback_host
 
 __all__ = [
@@ -114,14 +115,19 @@ def write_secret_file(path: str | Path, secret: str) -> None:
     """Write `secret` to `path`, readable by the owner only (0600), atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    remove_stale_temporaries(p)  # of processes killed while writing it: copies of a secret
+    tmp = process_temporary(p)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, secret.encode() + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, secret.encode() + b"\n")
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a copy of the secret left behind otherwise
+        raise
 
 
 class Credentials:
