@@ -297,6 +297,32 @@ def _service(tmp_path: Path, store: Any = None, maps: Any = None, **kw: Any) -> 
     return service
 
 
+async def test_a_starting_node_removes_the_wheels_killed_fetches_left(tmp_path: Path) -> None:
+    """A process killed during a fetch (or a copy) into the cache leaves its ``.tmp-*.whl``: nothing
+    removed it, and a wheel may weigh megabytes. The next start removes those older than
+    `LEFTOVER_AGE` (the cache may be shared: a fetch running in another node keeps its own);
+    nothing else."""
+    import os
+    import time
+
+    old = time.time() - 3600
+    version_dir = tmp_path / "cache" / "org" / "example" / "echo" / "1.0.0"
+    version_dir.mkdir(parents=True)
+    fetch = version_dir / ".tmp-k2j3h4.whl"
+    lib = tmp_path / "cache" / "_libs" / ".tmp-a1b2c3.whl"
+    lib.parent.mkdir()
+    running = version_dir / ".tmp-zzzz.whl"  # a fetch running now
+    wheel = version_dir / "echo-1.0.0-py3-none-any.whl"
+    for f in (fetch, lib, running, wheel):
+        f.write_bytes(b"x" * 1000)
+    for f in (fetch, lib, wheel):
+        os.utime(f, (old, old))
+    service = _service(tmp_path)
+    assert not fetch.exists() and not lib.exists()
+    assert running.exists() and wheel.exists()
+    assert service.removed_leftovers == 2
+
+
 async def _bytes(data: bytes) -> AsyncIterator[bytes]:
     yield data
 

@@ -207,6 +207,30 @@ class ArtifactService:
         self._calls: set[concurrent.futures.Future[Any]] = set()  # worker threads waiting on the loop
         self._stopped = False
         self._unwatch: Callable[[], None] | None = None  # the watch of removed manifests
+        self.removed_leftovers = self._remove_leftovers()
+
+    LEFTOVER_AGE = 600.0  # s: a temporary this old belongs to no fetch or copy still running
+
+    def _remove_leftovers(self) -> int:
+        """Remove the ``.tmp-*.whl`` files that fetches and copies into the cache (`place`,
+        `_fetch`, `Repository.deploy`) left when their process was killed between writing and
+        renaming them: each removes its own when it fails, and a wheel may weigh megabytes. Only
+        those older than `LEFTOVER_AGE`: the cache may be shared with other nodes on this machine,
+        whose fetches running now keep theirs. (Uploads' ``upload-*`` directories are in this
+        node's own `work_dir`: `bind` removes them all.) Returns how many."""
+        cutoff = time.time() - self.LEFTOVER_AGE
+        removed = 0
+        for top, _dirs, files in os.walk(self.cache.root):
+            for name in files:
+                if name.startswith(".tmp-") and name.endswith(".whl"):
+                    f = Path(top) / name
+                    with contextlib.suppress(OSError):
+                        if f.stat().st_mtime < cutoff:
+                            f.unlink()
+                            removed += 1
+        if removed:
+            self.log.info("removed %d wheels of unfinished fetches from %s", removed, self.cache.root)
+        return removed
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
