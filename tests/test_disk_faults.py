@@ -113,3 +113,36 @@ async def test_full_disk_stops_the_node_its_clients_go_elsewhere_and_it_catches_
             missing = {k for k, v in acked.items() if got.get(k) not in (v, v.decode())}
             assert not missing, f"{c.ids[node]} lacks {len(missing)} acked keys, e.g. {sorted(missing)[:3]}"
         c.close()  # before the tmpfs goes away
+
+
+@pytest.mark.timeout(120)
+async def test_a_node_killed_during_a_snapshot_on_a_full_disk_starts_again(
+    make_process_cluster: Callable[..., ProcessCluster],
+) -> None:
+    """A node killed while writing a snapshot leaves `snapshot.bin.tmp` (as large as the snapshot);
+    here it fills the rest of the disk. The next start used to fail at once (`writing
+    .../incarnation.tmp failed: No space left on device`) and go on failing: nothing removed the
+    leftover. Now a replica opening its directory removes it, and the node starts and catches up."""
+    c = make_process_cluster(3, start=False)
+    victim = 2
+    with tiny_filesystem(c.data_dir(victim)):
+        c.start_all()
+        await c.await_quorum(30, nodes=[0, 1, 2])
+        async with c.client(prefer=0, timeout=10.0) as client:
+            for i in range(20):
+                await client.put(f"user/before-{i}", f"v{i}".encode())
+            c.kill9(victim)
+            consensus = c.data_dir(victim) / "consensus"
+            leftover = fill(consensus).rename(consensus / "snapshot.bin.tmp")
+            for i in range(20):
+                await client.put(f"user/while-down-{i}", f"w{i}".encode())
+            c.start(victim)
+            await c.await_quorum(30, nodes=[0, 1, 2])
+            assert not leftover.exists()
+            await client.put("user/after", b"a")
+        await asyncio.to_thread(c.wait_applied_equal, 30.0)
+        got = await c.akv(victim, "user/")
+        assert len(got) == 41 and got.get("user/after") in (b"a", "a"), sorted(got)[:5]
+        last_run = c.log_text(victim).rsplit("---- test harness: starting", 1)[1]
+        assert "Traceback" not in last_run and "No space left" not in last_run, last_run
+        c.close()  # before the tmpfs goes away
