@@ -786,6 +786,29 @@ async def test_a_corrupted_cache_is_fetched_again(cluster: Cluster, tmp_path: Pa
 
 
 
+async def test_a_fetch_leaves_the_temporary_of_a_fetch_running_in_another_node(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A fetch keeps one wheel per version directory by removing the others there: it removed as
+    well the ``.tmp-*.whl`` another node sharing the directory was writing (whose rename then
+    failed). Only the temporaries older than ten minutes are anyone's to remove (at a start)."""
+    w = _hello(tmp_path / "w")
+    assert (await cluster.upload(0, w))[0] == 201
+    repo = cluster.nodes[1].repository
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 10
+    while not repo.versions("org.example:hello"):
+        assert loop.time() < end
+        await asyncio.sleep(0.05)
+    path = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
+    running = path.parent / ".tmp-abc123.whl"  # another node's fetch, being written
+    running.write_bytes(b"being written")
+    path.write_bytes(b"garbage")  # fetched again
+    again = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
+    assert again == path and path.read_bytes() == w.read_bytes()
+    assert running.exists()
+
+
 async def test_the_wheel_of_a_deployed_slice_is_not_deleted(cluster: Cluster, tmp_path: Path) -> None:
     """Seen: deleting the version a blueprint runs answered 200 and removed the wheel from the
     cluster and from the deleting node's directory: its running instances stayed, but a node

@@ -310,6 +310,19 @@ def test_repository_redeploy_replaces_and_coords_override(tmp_path: Path) -> Non
     assert not [p for p in (tmp_path / "repo").rglob(".tmp-*")]
 
 
+def test_a_deploy_leaves_the_temporary_of_a_copy_running_in_another_process(tmp_path: Path) -> None:
+    # One wheel per version directory: a deploy removes the others there, and removed as well the
+    # .tmp-*.whl of a fetch or copy another node sharing the directory was writing (its rename then
+    # failed with FileNotFoundError).
+    repo = Repository(tmp_path / "repo")
+    a = repo.deploy(build_slice_wheel(tmp_path / "a", "org.example:echo:1.0.0", SRC, "Echo"))
+    running = repo.artifact_dir(a) / ".tmp-abc123.whl"
+    running.write_bytes(b"being written")
+    repo.deploy(build_slice_wheel(tmp_path / "b", "org.example:echo:1.0.0", SRC + "\nV = 2\n", "Echo"))
+    assert running.exists()
+    assert len([p for p in repo.artifact_dir(a).iterdir() if not p.name.startswith(".")]) == 1
+
+
 def test_repository_dependencies(tmp_path: Path) -> None:
     repo = Repository(tmp_path / "repo")
     a = repo.deploy(

@@ -604,7 +604,8 @@ class ArtifactService:
             raise
         if manifest.coords is not None:  # one wheel per version directory
             for other in dest.parent.glob("*.whl"):
-                if other != dest:
+                # (not the .tmp-* of a fetch running in another node sharing the directory)
+                if other != dest and not other.name.startswith("."):
                     other.unlink(missing_ok=True)
         self.log.info("fetched %s from the cluster's repository", manifest.filename)
         return dest

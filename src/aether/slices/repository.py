@@ -102,7 +102,8 @@ class Repository:
         target_dir = self.artifact_dir(info.coords)
         dest = _copy_atomic(info.path, target_dir, info.path.name)
         for other in target_dir.glob("*.whl"):
-            if other != dest:
+            # (not the .tmp-* of a copy or fetch running in another process sharing the directory)
+            if other != dest and not other.name.startswith("."):
                 other.unlink(missing_ok=True)
         return info.coords
 
