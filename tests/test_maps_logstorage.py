@@ -382,6 +382,55 @@ def test_a_failed_snapshot_leaves_the_log_and_is_logged(
     again.close()
 
 
+def test_a_snapshot_that_filled_the_disk_gives_its_space_back_when_a_commit_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A snapshot's writer filled the disk part way through: its file was removed only at the next
+    commit that succeeded, and on the full disk (full of it) none did; the map's storage probe,
+    which wants room, could not bring it back either. A commit that fails removes it now, and so
+    does asking the engine for the free space (`free_bytes`, the probe)."""
+    from aether.testing.simfs import SimFileSystem
+
+    fs = SimFileSystem()
+    release = _hold_back_writer(monkeypatch)
+    path = Path("/sim/maps/m.log")
+    tmp = Path(f"{path}.tmp")
+    e = LogStorage(path, files=fs, compact_min_bytes=2048)
+    _overwrite_until_a_snapshot_starts(e)
+    fs.capacity = fs._used() + 300  # the snapshot fills the disk part way through
+    release.set()
+    assert e._snap is not None
+    e._snap.join()
+    assert e._snap.error is not None and tmp in fs.files
+    e.put(0, "k0", Record(b"y" * 400, 1, 10_000))
+    with pytest.raises(OSError):
+        e.commit()  # no room: the snapshot's partial file holds it
+    assert tmp not in fs.files and fs.free_bytes(path.parent) == 300
+    e.put(0, "k0", Record(b"y" * 100, 1, 10_001))
+    e.commit()  # fits again
+    e.close()
+    fs.capacity = None
+    again = LogStorage(path, files=fs)
+    assert again.get(0, "k0") == Record(b"y" * 100, 1, 10_001)
+    again.close()
+
+
+def test_asking_for_the_free_space_removes_a_failed_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aether.testing.simfs import SimFileSystem
+
+    fs = SimFileSystem()
+    release = _hold_back_writer(monkeypatch)
+    path = Path("/sim/maps/m.log")
+    e = LogStorage(path, files=fs, compact_min_bytes=2048)
+    _overwrite_until_a_snapshot_starts(e)
+    fs.capacity = fs._used() + 300
+    release.set()
+    assert e._snap is not None
+    e._snap.join()
+    assert e.free_bytes() == 300 and Path(f"{path}.tmp") not in fs.files
+    e.close()
+
+
 def test_commits_after_a_snapshot_whose_directory_sync_failed_are_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -41,7 +41,9 @@ thread appends those made so far and syncs the file; the first commit after the 
 appends the few made since (not synced, as any commit), renames the file over the log and syncs
 the directory (syncing on the loop stalled it ~10 ms per snapshot). A crash leaves the old log or the new one,
 never a mix (a leftover ``.tmp`` is removed on open). A snapshot that fails (a full disk) is
-logged and dropped; the log goes on and the next one comes when it has doubled again.
+logged and dropped, its file removed at the next commit, or at once when that commit fails too
+(the file may hold the space the commit lacked); the log goes on and the next one comes when it
+has doubled again.
 
 May import `aether.core` and `aether.maps.records` / `aether.maps.storage`.
 """
@@ -489,6 +491,7 @@ class LogStorage(MemoryStorage):
                 raise
         except BaseException:
             self._rollback()
+            self._drop_failed_snapshot()
             raise
         self._size += len(data)
         self._changes = []
@@ -610,7 +613,16 @@ class LogStorage(MemoryStorage):
         return len(MAGIC) + self.bytes + 32 * records + 24 * ops
 
     def free_bytes(self) -> int | None:
+        self._drop_failed_snapshot()  # (its space is free once it is gone)
         return self.files.free_bytes(self.path.parent)
+
+    def _drop_failed_snapshot(self) -> None:
+        """Remove the file of a snapshot whose writer failed (a full disk) now: it was removed only
+        at the next commit that succeeded, and on a full disk there may be none, the snapshot's
+        partial file holding the space the commits (and the storage's probe) need."""
+        snap = self._snap
+        if snap is not None and snap.done() and snap.error is not None:
+            self._finish_snapshot()
 
     # --- closing ------------------------------------------------------------------------------------
 
