@@ -185,6 +185,39 @@ def test_plan_rejects_bad_sizes_and_offsets(tmp_path: Path, nodes: int, offset: 
         lc.plan_cluster(tmp_path, nodes, port_offset=offset)
 
 
+def test_a_recorded_cluster_keeps_the_settings_it_was_created_with(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    assert lc.plan_start(d).tls_ca is None and len(lc.plan_start(d, 5).nodes) == 5  # nothing recorded
+    created = lc.plan_cluster(d, 3, port_offset=100, tls=True)
+    created.secret_id = "0123456789abcdef"
+    lc.save_record(d, created)
+    again = lc.plan_start(d)  # no flags: TLS, node count, ports and secret as created
+    assert again.tls_ca == str(d.absolute() / "tls" / "ca.crt"), again
+    assert (len(again.nodes), again.port_offset, again.secret_id) == (3, 100, "0123456789abcdef")
+    assert lc.plan_start(d, 3, port_offset=200).nodes[0].cluster_port == 7200  # ports may move
+    with pytest.raises(lc.ClusterError, match="created with 3 node"):
+        lc.plan_start(d, 5)
+    lc.save_record(d, lc.plan_cluster(d, 3))  # created without TLS: --tls turns it on
+    assert lc.plan_start(d).tls_ca is None and lc.plan_start(d, tls=True).tls_ca is not None
+
+
+def test_a_cluster_started_with_a_secret_from_the_environment_needs_it_again(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    record = lc.plan_cluster(d, 1)
+    record.secret_id = lc.secret_id(b"s" * 32)  # started with AETHER_CLUSTER_SECRET=sss...
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_CLUSTER_SECRET")}
+    lc.check_nodes_secret(d, record, dict(env, AETHER_CLUSTER_SECRET="s" * 32))
+    with pytest.raises(lc.ClusterError, match="there is no such file"):
+        lc.check_nodes_secret(d, record, env)
+    assert not (d / "cluster.secret").exists()  # not replaced by a new one behind the user's back
+    with pytest.raises(lc.ClusterError, match="both"):
+        lc.check_nodes_secret(
+            d, record, dict(env, AETHER_CLUSTER_SECRET="s" * 32, AETHER_CLUSTER_SECRET_FILE="f")
+        )
+    with pytest.raises(lc.ClusterError, match="cannot read the cluster secret file"):
+        lc.check_nodes_secret(d, record, dict(env, AETHER_CLUSTER_SECRET_FILE=str(tmp_path / "none")))
+
+
 # -- full flow with stand-in nodes --------------------------------------------------------------------
 
 

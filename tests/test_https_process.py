@@ -308,3 +308,71 @@ def test_cluster_start_tls_then_status_over_https(tls_local_cluster: tuple[Local
     assert "3/3 nodes up" in r.stdout, r.stdout
     r = aether_cli("cluster", "stop", env=lc.env, cwd=work)
     assert r.returncode == 0, r.stderr
+
+
+def test_cluster_started_with_tls_comes_back_with_tls_and_its_settings(
+    tls_local_cluster: tuple[LocalCluster, Path],
+) -> None:
+    """A stopped cluster created with --tls starts again with TLS and the recorded secret, node
+    count and ports when `aether cluster start` is given no flags (it used to re-plan from the
+    flags: the nodes came back on plain TCP and HTTP, on the default ports); flags that conflict
+    with what the nodes' data records are refused."""
+    lc, work = tls_local_cluster
+    r = aether_cli(
+        "cluster", "start", "--tls", "--base-port-offset", str(lc.port_offset), "--timeout", "60",
+        env=lc.env, cwd=work, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    ca = lc.dir / "tls" / "ca.crt"
+    r = aether_cli("cluster", "stop", env=lc.env, cwd=work)
+    assert r.returncode == 0, r.stderr
+    # a cluster.json of an older release has no secret_id: it must still start
+    record = json.loads((lc.dir / "cluster.json").read_text())
+    assert record["secret_id"], record
+    del record["secret_id"]
+    (lc.dir / "cluster.json").write_text(json.dumps(record))
+    logs_before = [lc.log_path(i).stat().st_size for i in range(3)]
+
+    r = aether_cli("cluster", "start", "--timeout", "60", env=lc.env, cwd=work, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3/3 nodes up" in r.stdout and f"curl --cacert {ca.resolve()}" in r.stdout, r.stdout
+    status, doc = https(lc.management_port(0), "GET", "/api/v1/status", ca=ca)
+    assert status == 200 and doc["quorum"] and len(doc["nodes"]) == 3, doc
+    with pytest.raises((urllib.error.URLError, OSError)):
+        urllib.request.urlopen(f"http://{HOST}:{lc.management_port(1)}/api/v1/status", timeout=5)
+    for i in range(3):  # this run of every node linked over mutual TLS
+        with lc.log_path(i).open("rb") as f:
+            f.seek(logs_before[i])
+            assert b"mutual TLS" in f.read(), lc.log_text(i)[-2000:]
+    assert json.loads((lc.dir / "cluster.json").read_text())["secret_id"] == record_secret_id(lc)
+
+    r = aether_cli("cluster", "stop", env=lc.env, cwd=work)
+    assert r.returncode == 0, r.stderr
+    # another node count than the nodes' data records cannot start: refused before starting any
+    r = aether_cli("cluster", "start", "--nodes", "5", env=lc.env, cwd=work)
+    assert r.returncode == 1 and "was created with 3 node(s)" in r.stderr, r.stderr
+    assert "drop --nodes" in r.stderr, r.stderr
+    # nor another secret than the one the cluster was started with (its clients hold that one)
+    other = dict(lc.env, AETHER_CLUSTER_SECRET="0123456789abcdef0123456789abcdef")
+    r = aether_cli("cluster", "start", env=other, cwd=work)
+    assert r.returncode == 1 and "not the one the cluster of" in r.stderr, r.stderr
+    assert not lc.dir.joinpath("node-1.pid").exists()
+    # the cluster's own secret given explicitly is that secret: fine
+    same = dict(lc.env, AETHER_CLUSTER_SECRET_FILE=str(lc.dir / "cluster.secret"))
+    r = aether_cli("cluster", "start", "--timeout", "60", env=same, cwd=work, timeout=120)
+    assert r.returncode == 0 and "3/3 nodes up" in r.stdout, r.stdout + r.stderr
+    status, _ = https(lc.management_port(2), "GET", "/api/v1/status", ca=ca)
+    assert status == 200
+    # a node restarted with another secret could not link with the running ones: refused
+    r = aether_cli("cluster", "restart", "node-3", env=other, cwd=work)
+    assert r.returncode == 1 and "running nodes" in r.stderr, r.stderr
+    r = aether_cli("cluster", "status", env=lc.env, cwd=work)  # refused before stopping node-3
+    assert r.returncode == 0 and "3/3 nodes up" in r.stdout, r.stdout
+    r = aether_cli("cluster", "stop", env=lc.env, cwd=work)
+    assert r.returncode == 0, r.stderr
+
+
+def record_secret_id(lc: LocalCluster) -> str:
+    from aether.cli.local_cluster import secret_id
+
+    return secret_id(lc.secret)

@@ -9,7 +9,12 @@ A local cluster lives in one directory (default `.aether/cluster`):
 - `cluster.secret` (0600) holds the cluster secret the nodes prove to each other on the cluster
   port, generated on the first start (docs/cluster-security.md). Clients of the cluster port use
   it too: `AETHER_CLUSTER_SECRET_FILE=DIR/cluster.secret`. A caller whose environment already sets
-  AETHER_CLUSTER_SECRET or AETHER_CLUSTER_SECRET_FILE gives the nodes that secret instead;
+  AETHER_CLUSTER_SECRET or AETHER_CLUSTER_SECRET_FILE gives the nodes that secret instead.
+  `cluster.json` records a fingerprint of it (`secret_id`): a later start that would give the
+  nodes another secret is refused (`_nodes_secret`), but for a new `cluster.secret` written while
+  every node is stopped;
+- a stopped cluster starts again with the settings it was created with (`plan_start`): node
+  count, TLS, secret, and its port offset unless moved;
 - with `aether cluster start --tls`, `tls/` (0700) holds a cluster CA (`ca.crt`, `ca.key`) and a
   certificate per node (`node-K.crt`, `node-K.key`, for the node id and the loopback names),
   generated on the first start: the nodes use them for mutual TLS on the cluster port and serve
@@ -34,6 +39,8 @@ only through their management API and their processes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
 import signal
@@ -90,6 +97,7 @@ __all__ = [
     "NodeObservation",
     "NodeRecord",
     "StopResult",
+    "check_nodes_secret",
     "cluster_leader",
     "cluster_quorum",
     "default_node_argv",
@@ -102,7 +110,9 @@ __all__ = [
     "nodes_repository",
     "observe",
     "plan_cluster",
+    "plan_start",
     "running_nodes",
+    "secret_id",
     "seed_repository",
     "start_nodes",
     "stop_cluster",
@@ -153,6 +163,9 @@ class ClusterRecord(msgspec.Struct, kw_only=True):
     # cluster was created with); None in a cluster.json of an older release: the nodes' default
     # ($AETHER_REPOSITORY, else ~/.aether/repository), as then
     repository: str | None = None
+    # a fingerprint of the cluster secret the nodes were started with (`secret_id`), never the
+    # secret: a start that would give them another one is refused; None in an older cluster.json
+    secret_id: str | None = None
 
     def peers_arg(self) -> str:
         return ",".join(f"{n.id}={Address(self.host, n.cluster_port)}" for n in self.nodes)
@@ -198,6 +211,38 @@ def plan_cluster(
     return ClusterRecord(host=host, port_offset=port_offset, nodes=recs, tls_ca=tls_ca)
 
 
+def plan_start(
+    directory: str | Path, nodes: int | None = None, *, port_offset: int | None = None, tls: bool = False
+) -> ClusterRecord:
+    """The plan of `aether cluster start` in `directory`: a new cluster (`nodes` default 3, offset
+    default 0) when none is recorded there, else the recorded cluster with the settings it was
+    created with (docs/cli.md, *aether cluster start*):
+
+    - its node count: the nodes' data records them as the members, so another `nodes` cannot
+      start (ClusterError saying what to do);
+    - TLS: a cluster created with --tls always starts with TLS; `tls` turns it on for a cluster
+      created without it (an upgrade, recorded);
+    - its port offset unless `port_offset` moves it (the members are named by id, so their
+      addresses may change while every node is stopped);
+    - its repository and secret (`launch_nodes`).
+    """
+    previous = load_record(directory)
+    if previous is None:
+        return plan_cluster(directory, 3 if nodes is None else nodes, port_offset=port_offset or 0, tls=tls)
+    count = len(previous.nodes)
+    if nodes is not None and nodes != count:
+        raise ClusterError(
+            f"the cluster of {directory} was created with {count} node(s), and their data records "
+            f"them as its members: it cannot start with --nodes {nodes}; drop --nodes to start it "
+            "again, or create a new cluster in another --dir (or after removing this directory)"
+        )
+    offset = previous.port_offset if port_offset is None else port_offset
+    record = plan_cluster(directory, count, host=previous.host, port_offset=offset,
+                          tls=tls or previous.tls_ca is not None)  # fmt: skip
+    record.secret_id = previous.secret_id
+    return record
+
+
 def load_record(directory: str | Path) -> ClusterRecord | None:
     """The recorded cluster of `directory`, or None if there is none."""
     path = Path(directory) / CLUSTER_FILE
@@ -235,6 +280,73 @@ def ensure_secret_file(directory: str | Path) -> Path:
     if not path.exists():
         write_secret_file(path, generate_secret())
     return path
+
+
+def secret_id(secret: bytes) -> str:
+    """The fingerprint of a cluster secret that `cluster.json` records (`ClusterRecord.secret_id`):
+    it tells two secrets apart and reveals nothing of either."""
+    return hmac.new(secret, b"aether local cluster secret id v1", hashlib.sha256).hexdigest()[:16]
+
+
+def _nodes_secret(d: Path, record: ClusterRecord, child_env: dict[str, str], *, whole: bool) -> None:
+    """Give the nodes (`child_env`) the cluster secret and record its fingerprint in `record`.
+
+    The environment's AETHER_CLUSTER_SECRET or AETHER_CLUSTER_SECRET_FILE, else `d/cluster.secret`
+    (generated for a new cluster). Raises ClusterError when it cannot be read, or when it is not
+    the secret the cluster was started with before: the nodes still running (or, for the `whole`
+    cluster, its clients) hold that one. The one deliberate change allowed: a new secret written
+    into `d/cluster.secret` while every node is stopped (`whole`).
+    """
+    from aether.transport.auth import SECRET_ENV, SECRET_FILE_ENV, secret_from_env
+
+    own = d / SECRET_FILE
+    value, file = child_env.get(SECRET_ENV), child_env.get(SECRET_FILE_ENV)
+    if value and file:
+        raise ClusterError(
+            f"the environment sets both {SECRET_ENV} and {SECRET_FILE_ENV}; unset one of them "
+            f"(or both, and the nodes get the cluster's own secret, {own})"
+        )
+    if value or file:
+        source = f"{SECRET_ENV} in the environment" if value else f"{SECRET_FILE_ENV}={file}"
+    else:
+        if record.secret_id is not None and not own.exists():
+            raise ClusterError(
+                f"the cluster of {d} was started with a cluster secret that is not in {own} (there is "
+                f"no such file): give the nodes that secret again ({SECRET_ENV} or {SECRET_FILE_ENV}), "
+                f"or, to give the stopped cluster a new secret, write one into {own} (mode 0600; "
+                "python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        child_env[SECRET_FILE_ENV] = str(ensure_secret_file(d).absolute())
+        source = str(own)
+    try:
+        secret = secret_from_env(child_env)
+    except AetherError as e:
+        raise ClusterError(f"cannot give the nodes the cluster secret: {e}") from None
+    assert secret is not None
+    sid = secret_id(secret)
+    if record.secret_id is not None and record.secret_id != sid and not (whole and source == str(own)):
+        if whole:
+            raise ClusterError(
+                f"the nodes would get the cluster secret of {source}, not the one the cluster of {d} "
+                f"was started with (clients holding that one would be refused): unset {SECRET_ENV} and "
+                f"{SECRET_FILE_ENV} to use the cluster's own secret, {own}, or give the one it was "
+                f"started with; to change the secret of the stopped cluster, write the new one into {own}"
+            )
+        raise ClusterError(
+            f"the cluster secret of {source} is not the one the running nodes of {d} were started "
+            f"with, so the node(s) started now could not link with them: give the same secret (unset "
+            f"{SECRET_ENV} and {SECRET_FILE_ENV} to use {own}), or stop the whole cluster first"
+        )
+    record.secret_id = sid
+
+
+def check_nodes_secret(
+    directory: str | Path, record: ClusterRecord, env: Mapping[str, str] | None = None
+) -> None:
+    """Raise ClusterError if nodes of `record` started now (environment `env`, default ours) would
+    not get the secret the running ones have (as `start_nodes` would, before stopping any)."""
+    probe = msgspec.structs.replace(record)
+    _nodes_secret(Path(directory), probe, dict(os.environ if env is None else env), whole=False)
 
 
 def ensure_tls_files(record: ClusterRecord) -> None:
@@ -425,9 +537,12 @@ def launch_nodes(
             f"stop it first with `aether cluster stop --dir {d}`"
         )
     check_ports(record)
-    record.repository = _cluster_repository(d, load_record(d), os.environ if env is None else env)
+    previous = load_record(d)
+    record.repository = _cluster_repository(d, previous, os.environ if env is None else env)
+    if previous is not None and record.secret_id is None:
+        record.secret_id = previous.secret_id
     record.started_at = time.time()
-    return _spawn(d, record, record.nodes, node_argv, env)
+    return _spawn(d, record, record.nodes, node_argv, env, whole=True)
 
 
 def _cluster_repository(d: Path, previous: ClusterRecord | None, env: Mapping[str, str]) -> str | None:
@@ -510,7 +625,7 @@ def start_nodes(
             raise ClusterError(f"{n.id} (pid {n.pid}) is already running")
     check_ports(ClusterRecord(host=record.host, port_offset=record.port_offset, nodes=nodes))
     prepare_private_dir(d, logging.getLogger("aether.cluster"))
-    return record, _spawn(d, record, nodes, node_argv, env)
+    return record, _spawn(d, record, nodes, node_argv, env, whole=False)
 
 
 def _spawn(
@@ -519,13 +634,14 @@ def _spawn(
     nodes: Sequence[NodeRecord],
     node_argv: NodeArgv,
     env: dict[str, str] | None,
+    *,
+    whole: bool,
 ) -> dict[str, subprocess.Popen[bytes]]:
     import psutil
 
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
-    if not child_env.get("AETHER_CLUSTER_SECRET") and not child_env.get("AETHER_CLUSTER_SECRET_FILE"):
-        child_env["AETHER_CLUSTER_SECRET_FILE"] = str(ensure_secret_file(d).absolute())
+    _nodes_secret(d, record, child_env, whole=whole)
     if record.repository and not child_env.get(REPOSITORY_ENV):
         child_env[REPOSITORY_ENV] = record.repository
     try:

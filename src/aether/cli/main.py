@@ -685,9 +685,9 @@ def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _start_cluster(
     settings: Settings,
-    nodes: int,
+    nodes: int | None,
     directory: str,
-    port_offset: int,
+    port_offset: int | None,
     timeout: float,
     *,
     env: dict[str, str] | None = None,
@@ -695,17 +695,28 @@ def _start_cluster(
 ) -> tuple[ClusterRecord, dict[str, Any], list[NodeObservation]]:
     """Start the nodes (environment `env`, default ours; with `tls`, mutual TLS and HTTPS with
     certificates generated in DIR/tls) and wait for quorum with a progress display; exit 1 on
-    failure."""
+    failure. `nodes` and `port_offset` are None when not given: the recorded cluster's (a new
+    one's defaults); a recorded cluster keeps the settings it was created with (`plan_start`)."""
     from aether.cli import local_cluster as lc
     from aether.cli import render
 
     err = render.console(stderr=True)
     try:
-        record = lc.plan_cluster(directory, nodes, port_offset=port_offset, tls=tls)
+        record = lc.plan_start(directory, nodes, port_offset=port_offset, tls=tls)
+        previous_tls = (lc.load_record(directory) or record).tls_ca is not None
+        secret_before = record.secret_id
         procs = lc.launch_nodes(directory, record, env=env)
     except lc.ClusterError as e:
         fail(str(e))
-    err.print(f"Started {nodes} node(s) from {directory} (logs: {Path(directory) / 'node-K.log'}).")
+    logs = Path(directory) / "node-K.log"
+    err.print(f"Started {len(record.nodes)} node(s) from {directory} (logs: {logs}).")
+    if secret_before is not None and record.secret_id != secret_before:
+        click.echo(
+            f"The cluster secret changed ({Path(directory) / lc.SECRET_FILE} is new): clients need the "
+            "new one.", err=True,
+        )  # fmt: skip
+    if record.tls_ca and not previous_tls:
+        click.echo("TLS is on for this cluster from now on (recorded in cluster.json).", err=True)
     click.echo(f"Artifact repository of the nodes: {lc.nodes_repository(record, env)}", err=True)
     if record.tls_ca:
         click.echo(
@@ -836,8 +847,10 @@ def cluster_start(
     """Start N local node processes and wait until they have quorum and agree on a leader.
 
     If nodes of the cluster recorded in DIR still run (or answer), start only the missing ones,
-    with their recorded ports, data and TLS setting. With --tls the nodes use mutual TLS on the
-    cluster port and HTTPS for the management API and the HTTP router (certificates in DIR/tls).
+    with their recorded ports, data and TLS setting. A stopped cluster starts again with the
+    settings it was created with: its node count, TLS, secret and (unless --base-port-offset moves
+    it) ports. With --tls the nodes use mutual TLS on the cluster port and HTTPS for the
+    management API and the HTTP router (certificates in DIR/tls); once on, TLS stays on.
 
     The nodes' artifact repository directory is DIR/repository (env AETHER_REPOSITORY overrides),
     a copy of the wheels of ~/.aether/repository made when the cluster is created.
@@ -858,7 +871,7 @@ def cluster_start(
             fail(
                 f"the cluster of {directory} has {len(record.nodes)} nodes and some run; "
                 f"--nodes {nodes} would change it",
-                hint=f"Stop it first with `aether cluster stop{_dir_arg(directory)}`, or drop --nodes.",
+                hint="Drop --nodes: a local cluster keeps the node count it was created with.",
             )
         if port_offset != record.port_offset and given("port_offset") in (
             src, click.core.ParameterSource.ENVIRONMENT
@@ -882,9 +895,20 @@ def cluster_start(
             return
         record, _, obs = _start_some(settings, directory, missing, timeout)
     else:
-        record, _, obs = _start_cluster(settings, nodes, directory, port_offset, timeout, tls=tls)
+        given_nodes, given_offset = _given_start_options(ctx, nodes, port_offset)
+        record, _, obs = _start_cluster(settings, given_nodes, directory, given_offset, timeout, tls=tls)
     _print_cluster(obs, directory)
     click.echo(_connect_hint(record, directory))
+
+
+def _given_start_options(ctx: click.Context, nodes: int, port_offset: int) -> tuple[int | None, int | None]:
+    """--nodes and --base-port-offset as given (None for a default: a recorded cluster's own)."""
+    given = ctx.get_parameter_source
+    explicit = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return (
+        nodes if given("nodes") in explicit else None,
+        port_offset if given("port_offset") in explicit else None,
+    )
 
 
 def _recorded_cluster(directory: str) -> ClusterRecord:
@@ -941,6 +965,10 @@ def cluster_restart(
         fail(f"no node {', '.join(unknown)} in the cluster of {directory}", EXIT_USAGE,
              hint=f"Its nodes: {', '.join(known)}.")
     ids = list(dict.fromkeys(node_ids))
+    try:  # before stopping anything: a node started with another secret could not link
+        lc.check_nodes_secret(directory, record)
+    except lc.ClusterError as e:
+        fail(str(e))
     for o in lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0)):
         if o.node.id in ids and o.up and not o.running:
             fail(
@@ -1138,8 +1166,9 @@ def cluster_demo(
     try:
         # While starting, SIGTERM acts like Ctrl-C: _start_cluster stops the nodes it started.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        given_nodes, given_offset = _given_start_options(click.get_current_context(), nodes, port_offset)
         record, procs, obs = _start_cluster(
-            settings, nodes, directory, port_offset, timeout, env=env, tls=tls
+            settings, given_nodes, directory, given_offset, timeout, env=env, tls=tls
         )
         _print_cluster(obs, directory)
         if text is not None:
