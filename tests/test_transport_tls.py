@@ -22,6 +22,7 @@ import pytest
 from aether.core.errors import ConfigError
 from aether.core.types import Address
 from aether.transport import EventBus, PeerHello, Transport
+from aether.transport.client import open_client_connection
 from aether.transport.tls import (
     TlsFiles,
     cert_node_id,
@@ -31,7 +32,7 @@ from aether.transport.tls import (
     issue_node_cert,
     server_context,
 )
-from test_transport import Note, PeerMsg, wait_until
+from test_transport import Note, PeerMsg, Resp, wait_until
 from test_transport_badinput import frame
 
 pytestmark = pytest.mark.timeout(30)
@@ -265,6 +266,22 @@ async def test_plaintext_to_a_tls_node_is_refused_with_a_clear_log_line(
         assert "--tls-cert/--tls-key/--tls-ca" in line
         assert a.up_peers == set() and not n.inbox["a"]
         await wait_until(lambda: not a._inbound, what="refused connections released")
+
+
+async def test_a_client_without_tls_learns_the_node_may_need_it(
+    ca: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS node closes a plaintext client without an answer; the client's error says that this
+    is what a TLS node does and how to connect (it only said "closed the connection")."""
+    async with nodes(caplog) as n:
+        a = await n.start("a", files(ca, "a"))
+        with pytest.raises(ConnectionError, match=r"closed the connection during the handshake \(a node that "
+                           r"runs mutual TLS .* tls=TlsFiles\(cert, key, ca\)"):  # fmt: skip
+            await open_client_connection(
+                Address(HOST, a.port), cluster_name=CLUSTER, client_id="c", message_type=Resp,
+                on_message=lambda m: None, on_close=lambda x: None,
+            )  # fmt: skip
+        await n.wait_warning("a", "did not start a TLS handshake")
 
 
 async def test_tls_without_a_client_certificate_is_refused(

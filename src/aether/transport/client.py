@@ -52,6 +52,7 @@ class _ClientSideProtocol(LinkProtocol):
         on_close: Callable[[Exception | None], None],
         max_frame: int,
         max_write_buffer: int,
+        tls: bool = False,
     ) -> None:
         super().__init__(
             loop=loop,
@@ -69,6 +70,7 @@ class _ClientSideProtocol(LinkProtocol):
         self._on_close = on_close
         self.handshake: asyncio.Future[str] = loop.create_future()
         self.closed_locally = False
+        self._tls = tls
 
     def describe(self) -> str:
         return f"node at {self._address}"
@@ -113,9 +115,16 @@ class _ClientSideProtocol(LinkProtocol):
         self.abort("handshake failed")
 
     def _on_closed(self, exc: Exception | None) -> None:
-        self._fail_handshake(
-            ConnectionError(f"aether node at {self._address} closed the connection during the handshake")
+        # A node running mutual TLS closes a plaintext connection without a word (there is no TLS
+        # to send a reason over): say so, since the client cannot tell it from other closes.
+        hint = "" if self._tls else (
+            " (a node that runs mutual TLS on its cluster port does this to a client without TLS: "
+            "then connect with tls=TlsFiles(cert, key, ca), a certificate from the cluster CA; the "
+            "node's log says why it closed)"
         )
+        self._fail_handshake(ConnectionError(
+            f"aether node at {self._address} closed the connection during the handshake{hint}"
+        ))  # fmt: skip
         if self.established:
             error: Exception | None = None
             if not self.closed_locally:
@@ -200,6 +209,7 @@ async def open_client_connection(
         on_close=on_close,
         max_frame=max_frame,
         max_write_buffer=max_write_buffer,
+        tls=ssl_context is not None,
     )
     try:
         async with asyncio.timeout(timeout):
