@@ -72,6 +72,14 @@ def test_mismatched_credentials_fail(dialer: Credentials, acceptor: Credentials,
         _run(dialer, acceptor)
 
 
+@pytest.mark.parametrize("kind", ["peer", "client"])
+def test_an_open_acceptor_is_refused_naming_the_variable_to_set(kind: str) -> None:
+    # the hint kept its case ("aether_cluster_secret" was a lowercased AETHER_CLUSTER_SECRET)
+    with pytest.raises(AuthFailed, match=r"Set the same cluster secret on every node "
+                       r"\(--cluster-secret-file or AETHER_CLUSTER_SECRET\)"):  # fmt: skip
+        _run(Credentials(CLUSTER, secret=SECRET), Credentials(CLUSTER), kind)
+
+
 def test_client_key_does_not_authenticate_a_peer() -> None:
     client_only = Credentials(CLUSTER, client_key=client_key_of(SECRET))
     with pytest.raises(AuthFailed):

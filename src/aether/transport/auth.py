@@ -243,9 +243,10 @@ class DialerHandshake:
             self.proved = True
             return b""  # open: nothing to prove, nothing to check (an acceptor with a secret refuses us)
         if not proof_a:
+            fix = _fix("peer")  # the open node lacks the secret, whoever dials it
             raise AuthFailed(
                 f"node {acceptor_id!r} runs without a cluster secret (open) and cannot prove it is a "
-                f"member; refusing it. {_fix('peer').capitalize()}"
+                f"member; refusing it. {fix[:1].upper()}{fix[1:]}"
             )
         expected = _proof(
             key, _ACCEPTOR_LABEL, self._creds.cluster, self.kind, self._id, acceptor_id, self.nonce, nonce_a
