@@ -218,6 +218,19 @@ def test_a_cluster_started_with_a_secret_from_the_environment_needs_it_again(tmp
         lc.check_nodes_secret(d, record, dict(env, AETHER_CLUSTER_SECRET_FILE=str(tmp_path / "none")))
 
 
+def test_the_clusters_own_secret_file_exported_for_clients_is_generated_on_first_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/cluster-security.md has clients `export AETHER_CLUSTER_SECRET_FILE=.aether/cluster/cluster.secret`;
+    # a first `aether cluster start` in that shell must still create it (it refused: no such file)
+    monkeypatch.chdir(tmp_path)
+    d = Path(".aether/cluster")
+    record = lc.plan_cluster(d, 1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_CLUSTER_SECRET")}
+    lc.check_nodes_secret(d, record, dict(env, AETHER_CLUSTER_SECRET_FILE=".aether/cluster/cluster.secret"))
+    assert len((d / "cluster.secret").read_text().strip()) == 64
+
+
 # -- full flow with stand-in nodes --------------------------------------------------------------------
 
 

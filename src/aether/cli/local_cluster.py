@@ -301,6 +301,8 @@ def _nodes_secret(d: Path, record: ClusterRecord, child_env: dict[str, str], *, 
 
     own = d / SECRET_FILE
     value, file = child_env.get(SECRET_ENV), child_env.get(SECRET_FILE_ENV)
+    if file and not value and Path(file).absolute().resolve() == own.absolute().resolve():
+        file = None  # the cluster's own file, as docs/cluster-security.md has clients export it
     if value and file:
         raise ClusterError(
             f"the environment sets both {SECRET_ENV} and {SECRET_FILE_ENV}; unset one of them "
