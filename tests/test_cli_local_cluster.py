@@ -455,7 +455,11 @@ def test_stop_terminates_recorded_process(tmp_path: Path, bystander: subprocess.
 def test_stop_and_status_without_cluster(tmp_path: Path) -> None:
     r = invoke("cluster", "stop", "--dir", str(tmp_path / "none"))
     assert r.exit_code == 0
-    assert "nothing to stop" in r.stdout
+    assert "No nodes recorded" in r.stdout and "nothing to stop" in r.stdout
+    lc.save_record(tmp_path / "stopped", lc.plan_cluster(tmp_path / "stopped", 3))  # recorded, none runs
+    r = invoke("cluster", "stop", "--dir", str(tmp_path / "stopped"))
+    assert r.exit_code == 0
+    assert "runs; nothing to stop" in r.stdout and "No nodes recorded" not in r.stdout, r.stdout
     for command in (["status"], ["restart", "node-1"]):
         r = invoke("cluster", *command, "--dir", str(tmp_path / "none"))
         assert r.exit_code == 1

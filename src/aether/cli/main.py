@@ -997,7 +997,9 @@ def cluster_stop(directory: str, timeout: float) -> None:
     except lc.ClusterError as e:
         fail(str(e))
     if not results:
-        click.echo(f"No nodes recorded in {directory}; nothing to stop.")
+        recorded = lc.load_record(directory) is not None
+        click.echo(f"No node of {directory} runs; nothing to stop." if recorded
+                   else f"No nodes recorded in {directory}; nothing to stop.")  # fmt: skip
         return
     if not _report_stop(results):
         raise click.exceptions.Exit(EXIT_FAILED)
