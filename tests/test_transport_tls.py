@@ -281,7 +281,8 @@ async def test_a_client_without_tls_learns_the_node_may_need_it(
                 Address(HOST, a.port), cluster_name=CLUSTER, client_id="c", message_type=Resp,
                 on_message=lambda m: None, on_close=lambda x: None,
             )  # fmt: skip
-        await n.wait_warning("a", "did not start a TLS handshake")
+        line = await n.wait_warning("a", "did not start a TLS handshake")
+        assert "(a client: AetherClient(tls=TlsFiles(cert, key, ca)))" in line, line
 
 
 async def test_tls_without_a_client_certificate_is_refused(

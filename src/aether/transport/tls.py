@@ -306,7 +306,8 @@ def tls_problem(exc: BaseException) -> str:
                       "PACKET_LENGTH_TOO_LONG", "UNEXPECTED_RECORD"):
             return (
                 f"it did not start a TLS handshake ({reason}): this node requires TLS on the cluster "
-                "port; start the other side with --tls-cert/--tls-key/--tls-ca too"
+                "port; start the other side with --tls-cert/--tls-key/--tls-ca too (a client: "
+                "AetherClient(tls=TlsFiles(cert, key, ca)))"
             )
         if "ALERT" in reason.upper():  # the other side refused *our* certificate
             return (
