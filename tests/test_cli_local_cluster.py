@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
 from click.testing import CliRunner, Result
@@ -206,16 +207,16 @@ def test_a_cluster_started_with_a_secret_from_the_environment_needs_it_again(tmp
     record = lc.plan_cluster(d, 1)
     record.secret_id = lc.secret_id(b"s" * 32)  # started with AETHER_CLUSTER_SECRET=sss...
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_CLUSTER_SECRET")}
-    lc.check_nodes_secret(d, record, dict(env, AETHER_CLUSTER_SECRET="s" * 32))
+    lc.check_node_credentials(d, record, dict(env, AETHER_CLUSTER_SECRET="s" * 32))
     with pytest.raises(lc.ClusterError, match="there is no such file"):
-        lc.check_nodes_secret(d, record, env)
+        lc.check_node_credentials(d, record, env)
     assert not (d / "cluster.secret").exists()  # not replaced by a new one behind the user's back
     with pytest.raises(lc.ClusterError, match="both"):
-        lc.check_nodes_secret(
+        lc.check_node_credentials(
             d, record, dict(env, AETHER_CLUSTER_SECRET="s" * 32, AETHER_CLUSTER_SECRET_FILE="f")
         )
     with pytest.raises(lc.ClusterError, match="cannot read the cluster secret file"):
-        lc.check_nodes_secret(d, record, dict(env, AETHER_CLUSTER_SECRET_FILE=str(tmp_path / "none")))
+        lc.check_node_credentials(d, record, dict(env, AETHER_CLUSTER_SECRET_FILE=str(tmp_path / "none")))
 
 
 def test_the_clusters_own_secret_file_exported_for_clients_is_generated_on_first_start(
@@ -227,7 +228,8 @@ def test_the_clusters_own_secret_file_exported_for_clients_is_generated_on_first
     d = Path(".aether/cluster")
     record = lc.plan_cluster(d, 1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_CLUSTER_SECRET")}
-    lc.check_nodes_secret(d, record, dict(env, AETHER_CLUSTER_SECRET_FILE=".aether/cluster/cluster.secret"))
+    exported = dict(env, AETHER_CLUSTER_SECRET_FILE=".aether/cluster/cluster.secret")
+    lc.check_node_credentials(d, record, exported)
     assert len((d / "cluster.secret").read_text().strip()) == 64
 
 
@@ -636,3 +638,28 @@ def test_each_cluster_has_its_own_repository_seeded_once_from_the_default(
     finally:
         lc.stop_cluster(a, timeout=2.0)
         lc.stop_cluster(b, timeout=2.0)
+
+
+def test_a_cluster_started_with_an_api_key_needs_it_again(tmp_path: Path) -> None:
+    d = tmp_path / "c"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AETHER_CLUSTER_SECRET", "AETHER_API_KEY"))
+    }
+    record = lc.plan_cluster(d, 1)
+    lc.check_node_credentials(d, record, env)  # an older cluster.json: not known, anything goes
+    lc.check_node_credentials(d, record, dict(env, AETHER_API_KEY="k1"))
+    probe = msgspec.structs.replace(record)
+    lc.apply_node_credentials(d, probe, dict(env, AETHER_API_KEY="k1"), whole=True)
+    assert probe.api_key_id
+    with pytest.raises(lc.ClusterError, match="open to every local process"):
+        lc.check_node_credentials(d, probe, env)
+    with pytest.raises(lc.ClusterError, match="with another management API key"):
+        lc.check_node_credentials(d, probe, dict(env, AETHER_API_KEY="k2"))
+    lc.check_node_credentials(d, probe, dict(env, AETHER_API_KEY="k1"))
+    lc.apply_node_credentials(d, probe, dict(env, AETHER_API_KEY="k2"), whole=True)  # changed while stopped
+    opened = msgspec.structs.replace(record)
+    lc.apply_node_credentials(d, opened, env, whole=True)
+    assert opened.api_key_id == ""
+    with pytest.raises(lc.ClusterError, match="without a management API key"):
+        lc.check_node_credentials(d, opened, dict(env, AETHER_API_KEY="k1"))
+    lc.apply_node_credentials(d, opened, dict(env, AETHER_API_KEY="k1"), whole=True)  # set while stopped

@@ -331,3 +331,37 @@ def wait_for(pred: object, what: str, timeout: float = 30.0) -> None:
     while not pred():
         assert time.monotonic() < end, f"{what}: not within {timeout} s"
         time.sleep(0.1)
+
+
+def test_a_cluster_started_with_an_api_key_does_not_come_back_open(
+    cluster_dir: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """The management API key is a setting the cluster was started with: a later start without it
+    is refused (the nodes' API would be open to every local process), and a key given with
+    --api-key-file protects the nodes as AETHER_API_KEY does (it was only sent by the CLI)."""
+    key = "local-admin-key-0123456789"
+    offset = str(free_port_offset(1))
+    start = ("cluster", "start", "--nodes", "1", "--dir", str(cluster_dir), "--base-port-offset", offset)
+    r = aether_cli(*start, env=dict(env, AETHER_API_KEY=key))
+    assert r.returncode == 0, r.stderr
+    port = 9000 + int(offset)
+    status, _ = http_json(port, "GET", "/api/v1/status")
+    assert status == 401
+    r = aether_cli("cluster", "stop", "--dir", str(cluster_dir), env=env)
+    assert r.returncode == 0, r.stderr
+
+    r = aether_cli("cluster", "start", "--dir", str(cluster_dir), env=env)  # no key
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "was started with a management API key" in r.stderr and "AETHER_API_KEY" in r.stderr, r.stderr
+    assert not list(cluster_dir.glob("*.pid"))
+    key_file = tmp_path / "api.key"
+    key_file.write_text(key + "\n")
+    r = aether_cli("--api-key-file", str(key_file), "cluster", "start", "--dir", str(cluster_dir), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    status, _ = http_json(port, "GET", "/api/v1/status")
+    assert status == 401  # the node requires the key given by file
+    # a node restarted without the key would come back open beside the others: refused, kept running
+    r = aether_cli("cluster", "restart", "node-1", "--dir", str(cluster_dir), env=env)
+    assert r.returncode == 1 and "API key" in r.stderr, r.stderr
+    r = aether_cli("--api-key-file", str(key_file), "cluster", "status", "--dir", str(cluster_dir), env=env)
+    assert r.returncode == 0 and "1/1 nodes up" in r.stdout, r.stdout + r.stderr

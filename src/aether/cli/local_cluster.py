@@ -14,7 +14,8 @@ A local cluster lives in one directory (default `.aether/cluster`):
   nodes another secret is refused (`_nodes_secret`), but for a new `cluster.secret` written while
   every node is stopped;
 - a stopped cluster starts again with the settings it was created with (`plan_start`): node
-  count, TLS, secret, and its port offset unless moved;
+  count, TLS, secret, management API key (`api_key_id`, a fingerprint of AETHER_API_KEY: a start
+  without it is refused), and its port offset unless moved;
 - with `aether cluster start --tls`, `tls/` (0700) holds a cluster CA (`ca.crt`, `ca.key`) and a
   certificate per node (`node-K.crt`, `node-K.key`, for the node id and the loopback names),
   generated on the first start: the nodes use them for mutual TLS on the cluster port and serve
@@ -84,6 +85,7 @@ CLUSTER_FILE = "cluster.json"
 SECRET_FILE = "cluster.secret"
 TLS_DIR = "tls"
 REPOSITORY_DIR = "repository"
+API_KEY_ENV = "AETHER_API_KEY"
 REPOSITORY_ENV = "AETHER_REPOSITORY"  # aether.slices.repository's (not imported here: start-up time)
 MAX_NODES = 99
 LOG_TAIL_LINES = 25
@@ -97,7 +99,8 @@ __all__ = [
     "NodeObservation",
     "NodeRecord",
     "StopResult",
-    "check_nodes_secret",
+    "apply_node_credentials",
+    "check_node_credentials",
     "cluster_leader",
     "cluster_quorum",
     "default_node_argv",
@@ -166,6 +169,9 @@ class ClusterRecord(msgspec.Struct, kw_only=True):
     # a fingerprint of the cluster secret the nodes were started with (`secret_id`), never the
     # secret: a start that would give them another one is refused; None in an older cluster.json
     secret_id: str | None = None
+    # likewise of the management API key (AETHER_API_KEY) they were started with, "" for none
+    # (the API open to local processes): a start without the key is refused; None: not known
+    api_key_id: str | None = None
 
     def peers_arg(self) -> str:
         return ",".join(f"{n.id}={Address(self.host, n.cluster_port)}" for n in self.nodes)
@@ -239,7 +245,7 @@ def plan_start(
     offset = previous.port_offset if port_offset is None else port_offset
     record = plan_cluster(directory, count, host=previous.host, port_offset=offset,
                           tls=tls or previous.tls_ca is not None)  # fmt: skip
-    record.secret_id = previous.secret_id
+    record.secret_id, record.api_key_id = previous.secret_id, previous.api_key_id
     return record
 
 
@@ -342,13 +348,50 @@ def _nodes_secret(d: Path, record: ClusterRecord, child_env: dict[str, str], *, 
     record.secret_id = sid
 
 
-def check_nodes_secret(
+def _nodes_api_key(d: Path, record: ClusterRecord, child_env: Mapping[str, str], *, whole: bool) -> None:
+    """Record the fingerprint of the management API key the nodes get (AETHER_API_KEY of
+    `child_env`) in `record`; raise ClusterError when the cluster was started with a key and this
+    start has none (its API would be open to every local process: a downgrade), or, for nodes
+    started beside running ones (not `whole`), when the key is not theirs. Changing the key, or
+    setting one, while every node is stopped is allowed."""
+    key = child_env.get(API_KEY_ENV) or ""
+    kid = hmac.new(key.encode(), b"aether local cluster api key id v1", hashlib.sha256).hexdigest()[:16]
+    kid = kid if key else ""
+    before = record.api_key_id
+    if before and not kid:
+        raise ClusterError(
+            f"the cluster of {d} was started with a management API key and {API_KEY_ENV} is not set "
+            f"now: its nodes would start without one, their API open to every local process; set "
+            f"{API_KEY_ENV} (or give --api-key-file) to the cluster's key"
+        )
+    if before is not None and kid != before and not whole:
+        raise ClusterError(
+            f"the running nodes of {d} were started "
+            f"{'with another management API key' if before else 'without a management API key'} "
+            f"than the {API_KEY_ENV} of this start: give the same key (or none), or stop the whole "
+            "cluster first"
+        )
+    record.api_key_id = kid
+
+
+def check_node_credentials(
     directory: str | Path, record: ClusterRecord, env: Mapping[str, str] | None = None
 ) -> None:
     """Raise ClusterError if nodes of `record` started now (environment `env`, default ours) would
-    not get the secret the running ones have (as `start_nodes` would, before stopping any)."""
+    not get the secret and API key the running ones have (as `start_nodes` would, before
+    stopping any)."""
     probe = msgspec.structs.replace(record)
-    _nodes_secret(Path(directory), probe, dict(os.environ if env is None else env), whole=False)
+    apply_node_credentials(directory, probe, dict(os.environ if env is None else env))
+
+
+def apply_node_credentials(
+    directory: str | Path, record: ClusterRecord, child_env: dict[str, str], *, whole: bool = False
+) -> None:
+    """Give the nodes of `record` their cluster secret in `child_env` and record the fingerprints
+    of it and of their API key in `record`; ClusterError when they are not the ones the cluster
+    was started with (`_nodes_secret`, `_nodes_api_key`; `whole`: every node starts now)."""
+    _nodes_secret(Path(directory), record, child_env, whole=whole)
+    _nodes_api_key(Path(directory), record, child_env, whole=whole)
 
 
 def ensure_tls_files(record: ClusterRecord) -> None:
@@ -543,6 +586,8 @@ def launch_nodes(
     record.repository = _cluster_repository(d, previous, os.environ if env is None else env)
     if previous is not None and record.secret_id is None:
         record.secret_id = previous.secret_id
+    if previous is not None and record.api_key_id is None:
+        record.api_key_id = previous.api_key_id
     record.started_at = time.time()
     return _spawn(d, record, record.nodes, node_argv, env, whole=True)
 
@@ -643,7 +688,7 @@ def _spawn(
 
     child_env = dict(os.environ if env is None else env)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
-    _nodes_secret(d, record, child_env, whole=whole)
+    apply_node_credentials(d, record, child_env, whole=whole)
     if record.repository and not child_env.get(REPOSITORY_ENV):
         child_env[REPOSITORY_ENV] = record.repository
     try:

@@ -705,7 +705,7 @@ def _start_cluster(
         record = lc.plan_start(directory, nodes, port_offset=port_offset, tls=tls)
         previous_tls = (lc.load_record(directory) or record).tls_ca is not None
         secret_before = record.secret_id
-        procs = lc.launch_nodes(directory, record, env=env)
+        procs = lc.launch_nodes(directory, record, env=_nodes_env(settings, env))
     except lc.ClusterError as e:
         fail(str(e))
     logs = Path(directory) / "node-K.log"
@@ -723,6 +723,15 @@ def _start_cluster(
             f"TLS: mutual TLS between the nodes, HTTPS on APIs and routers (CA: {record.tls_ca}).", err=True
         )
     return record, procs, _await_quorum(settings, record, procs, directory, timeout)
+
+
+def _nodes_env(settings: Settings, env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of local nodes: `env` (default ours) with the CLI's API key as
+    AETHER_API_KEY, so a key given with --api-key-file protects the nodes as the variable does."""
+    e = dict(os.environ if env is None else env)
+    if settings.api_key and not e.get("AETHER_API_KEY"):
+        e["AETHER_API_KEY"] = settings.api_key
+    return e
 
 
 def _await_quorum(
@@ -848,7 +857,7 @@ def cluster_start(
 
     If nodes of the cluster recorded in DIR still run (or answer), start only the missing ones,
     with their recorded ports, data and TLS setting. A stopped cluster starts again with the
-    settings it was created with: its node count, TLS, secret and (unless --base-port-offset moves
+    settings it was created with: its node count, TLS, secret, API key and (unless --base-port-offset moves
     it) ports. With --tls the nodes use mutual TLS on the cluster port and HTTPS for the
     management API and the HTTP router (certificates in DIR/tls); once on, TLS stays on.
 
@@ -931,7 +940,7 @@ def _start_some(
     from aether.cli import local_cluster as lc
 
     try:
-        record, procs = lc.start_nodes(directory, ids)
+        record, procs = lc.start_nodes(directory, ids, env=_nodes_env(settings, None))
     except lc.ClusterError as e:
         fail(str(e))
     click.echo(f"Started {', '.join(ids)} from {directory}.", err=True)
@@ -966,7 +975,7 @@ def cluster_restart(
              hint=f"Its nodes: {', '.join(known)}.")
     ids = list(dict.fromkeys(node_ids))
     try:  # before stopping anything: a node started with another secret could not link
-        lc.check_nodes_secret(directory, record)
+        lc.check_node_credentials(directory, record, _nodes_env(settings, None))
     except lc.ClusterError as e:
         fail(str(e))
     for o in lc.observe(record, api_key=settings.api_key, timeout=min(settings.timeout, 2.0)):
