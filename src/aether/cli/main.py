@@ -664,14 +664,16 @@ def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
         show_default=True,
         envvar="AETHER_PORT_OFFSET",
         metavar="K",
-        help="Shift all port bases (7000, 9000, 8080) by K (env AETHER_PORT_OFFSET).",
+        help="Shift all port bases (7000, 9000, 8080) by K (env AETHER_PORT_OFFSET); a stopped cluster "
+        "recorded in DIR keeps its own unless given.",
     )(f)
     f = dir_option(f)
     f = click.option(
         "--tls",
         is_flag=True,
         help="Generate a cluster CA and node certificates in DIR/tls; the nodes use mutual TLS between "
-        "them and serve the management API and the HTTP router over HTTPS.",
+        "them and serve the management API and the HTTP router over HTTPS. A cluster created with "
+        "--tls keeps it when started again.",
     )(f)
     return click.option(
         "--nodes",
@@ -679,7 +681,8 @@ def start_options(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.IntRange(1, 99),
         default=3,
         show_default=True,
-        help="Number of nodes (odd: 2f+1 nodes tolerate f crashes).",
+        help="Number of nodes of a new cluster (odd: 2f+1 nodes tolerate f crashes); a cluster "
+        "recorded in DIR keeps its own.",
     )(f)
 
 
