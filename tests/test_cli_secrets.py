@@ -46,6 +46,14 @@ async def test_secret_commands(tmp_path: Path) -> None:
         assert set(json.loads(r.stdout)) == {"name", "created", "updated", "version"}
         r = await cli("secret", "set", "db-password", "--json", stdin=b"second")  # the same value again
         assert r.exit_code == 0 and json.loads(r.stdout)["version"] == 2  # unchanged: nothing restarts
+        # said so (it said "Changed ... (version 2)", and "Created" for a version 1 set again)
+        r = await cli("secret", "set", "db-password", stdin=b"second")
+        unchanged = "Secret 'db-password' already has this value: unchanged (version 2)."
+        assert r.output.strip() == unchanged, r.output
+        r = await cli("secret", "set", "db-password", stdin=b"third")
+        assert r.output.strip() == "Changed secret 'db-password' (version 3).", r.output
+        r = await cli("secret", "set", "api-token", stdin=b"tok-from-stdin")
+        assert "unchanged (version 1)" in r.output and "Created" not in r.output, r.output
 
         r = await cli("secret", "list")
         assert r.exit_code == 0 and "db-password" in r.output and "api-token" in r.output
@@ -66,4 +74,5 @@ async def test_secret_commands(tmp_path: Path) -> None:
         assert r.exit_code == EXIT_FAILED and "no secret 'api-token'" in r.output
         r = await cli("secret", "list")
         assert "api-token" not in r.output
-        assert not any(VALUE in out or "second" in out for out in outputs)  # never printed back
+        # never printed back
+        assert not any(VALUE in out or "second" in out or "third" in out for out in outputs)

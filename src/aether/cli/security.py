@@ -178,13 +178,22 @@ def secret_set(settings: Settings, name: str, from_file: Any, as_json: bool) -> 
     if not value:
         fail(f"the value of secret {name!r} is empty", EXIT_USAGE)
     client = make_client(settings)
+    as_json = settings.json or as_json
+    before: Any = None if as_json else call(client, lambda c: c.get_json("/api/v1/secrets"))
     doc: Any = call(client, lambda c: c.send_json("PUT", f"/api/v1/secrets/{quote(name, safe='')}",
                                                   {"value": value}))
-    if settings.json or as_json:
+    if as_json:
         echo_json(doc)
         return
-    verb = "Created" if doc.get("version") == 1 else "Changed"
-    click.echo(f"{verb} secret {doc['name']!r} (version {doc['version']}).")
+    # the answer is the same for a new value and for the value the secret already had (no new
+    # version, nothing restarts): tell them apart by the version it had before
+    previous = next((i.get("version") for i in before or [] if i.get("name") == doc["name"]), None)
+    if previous is None:
+        click.echo(f"Created secret {doc['name']!r} (version {doc['version']}).")
+    elif previous == doc["version"]:
+        click.echo(f"Secret {doc['name']!r} already has this value: unchanged (version {doc['version']}).")
+    else:
+        click.echo(f"Changed secret {doc['name']!r} (version {doc['version']}).")
 
 
 @secret.command("list")
