@@ -146,8 +146,13 @@ class NodeRoutes:
         except (NotReady, QuorumLost) as e:
             return self._unready(node_id, False, None, now, str(e) or type(e).__name__)
         if not status.quorum:
-            up = sum(1 for m in status.nodes if m.state == "up")
-            reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
+            # a learner (joining, removed, or joined and not added) has no quorum however many
+            # members it reaches: say why rather than count them ("3 of 3 members up")
+            not_member = getattr(self.node, "not_member_reason", None)
+            reason = not_member() if not_member is not None else None
+            if reason is None:
+                up = sum(1 for m in status.nodes if m.state == "up")
+                reason = f"no quorum: {up} of {len(status.nodes)} members up, a majority is needed"
             return self._unready(status.node_id, False, status.leader, now, reason)
         why = _not_serving(self.node, status) if serving else None
         if why is not None:

@@ -405,6 +405,12 @@ class Engine:
         return self._configs[0].epoch
 
     @property
+    def awaiting_snapshot(self) -> bool:
+        """A node started with a member set it was told (`--join`) that has no snapshot yet: the set
+        it holds is its guess (itself included), not the cluster's, until a member sends one."""
+        return self._needs_snapshot
+
+    @property
     def pending_config(self) -> MemberConfig | None:
         """A committed member change that has not taken effect yet."""
         return self._configs[1] if len(self._configs) > 1 else None

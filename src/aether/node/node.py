@@ -750,6 +750,21 @@ class Node:
             self._candidates.pop(m, None)
         self._follow_members()
 
+    def not_member_reason(self) -> str | None:
+        """Why this node takes part in no decision (it is joining, or not a member: removed, or
+        joined and not added yet), for the readiness probe; None for a member, and with etcd."""
+        if self.runner is None:
+            return None
+        eng = self.runner.engine
+        add = f"`aether cluster add-node {self.node_id} HOST:PORT`"
+        if eng.awaiting_snapshot:
+            return (f"{self.node_id} is joining through {self.config.join}: it takes part in no decision "
+                    f"until a member adds it ({add}) and sends it the cluster's state")
+        if not eng.is_member:
+            return (f"{self.node_id} is not a member of the cluster (members: {', '.join(eng.members)}): "
+                    f"add it with {add}, or stop it if it was removed")
+        return None
+
     def member_info(self) -> tuple[int, list[tuple[str, str]], list[tuple[str, str]] | None]:
         if self.etcd_members is not None:  # the live member keys in etcd; no epochs, nothing pending
             live = self.etcd_members.addresses
