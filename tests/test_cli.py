@@ -360,6 +360,42 @@ def test_node_toml_with_unknown_key_exits_2(tmp_path: Path, fake_runner: list[No
     assert fake_runner == []
 
 
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        # a key written above [node]: it belongs to the root table, not to [node]
+        ('management_port = 9100\n[node]\nnode_id = "node-1"\n',
+         "`management_port` outside the [node] table"),
+        # [[peers]] after [node] is a root table of its own, not the node's peers
+        ('[node]\nnode_id = "node-1"\n[[peers]]\nid = "node-1"\naddress = "127.0.0.1:7000"\n',
+         "[[peers]] outside the [node] table"),
+        ('[node]\nnode_id = "node-1"\n[tracng]\nexporter = "otlp"\n', "[tracng] outside the [node] table"),
+    ],
+)
+def test_node_toml_settings_outside_the_node_table_exit_2(
+    tmp_path: Path, fake_runner: list[NodeConfig], toml: str, needle: str
+) -> None:
+    """With a [node] table, everything else but [tracing] was ignored without a word: the node
+    started without the setting (found walking docs/operations.md)."""
+    cfg = tmp_path / "aether.toml"
+    cfg.write_text(toml)
+    r = invoke("node", "--config", str(cfg))
+    assert r.exit_code == 2, r.output
+    assert needle in r.stderr and r.stderr.startswith(f"error: {cfg}: "), r.stderr
+    assert fake_runner == []
+
+
+def test_node_toml_unknown_key_names_its_table(tmp_path: Path, fake_runner: list[NodeConfig]) -> None:
+    cfg = tmp_path / "aether.toml"
+    cfg.write_text('[node]\nport = 7000\n[tracing]\nexporter = "off"\n')
+    r = invoke("node", "--config", str(cfg))
+    assert r.exit_code == 2 and f"{cfg} [node]: " in r.stderr and "`port`" in r.stderr, r.stderr
+    cfg.write_text('[node]\nnode_id = "node-1"\n[tracing]\nsampler = 1\n')
+    r = invoke("node", "--config", str(cfg))
+    assert r.exit_code == 2 and f"{cfg} [tracing]: " in r.stderr and "`sampler`" in r.stderr, r.stderr
+    assert fake_runner == []
+
+
 def test_node_toml_syntax_error_exits_2(tmp_path: Path, fake_runner: list[NodeConfig]) -> None:
     cfg = tmp_path / "aether.toml"
     cfg.write_text("[node\nnode_id = 1\n")

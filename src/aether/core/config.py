@@ -411,11 +411,28 @@ def load_toml(path: str | Path) -> dict[str, object]:
     section = raw.get("node", raw)
     if section is raw and isinstance(tracing_table, dict):
         section = {k: v for k, v in raw.items() if k != "tracing"}
+    if "node" in raw and (stray := [k for k in raw if k not in ("node", "tracing")]):
+        # with a [node] table, a key above it or a table of its own (`[[peers]]` after `[node]` is
+        # one) was silently ignored: the node started without the setting
+        named = ", ".join(
+            f"[[{k}]]" if isinstance(raw[k], list) and raw[k] and all(isinstance(v, dict) for v in raw[k])
+            else f"[{k}]" if isinstance(raw[k], dict) else f"`{k}`"
+            for k in stray
+        )
+        raise ConfigError(
+            f"{p}: {named} outside the [node] table: a file with a [node] table takes its settings from "
+            "it (and from [tracing]); move them into [node] (a key above [node] goes below it, "
+            "[[peers]] becomes [[node.peers]])"
+        )
+    table = " [node]" if "node" in raw else ""
     try:
         parsed = msgspec.convert(section, _TomlNode)
+    except msgspec.ValidationError as e:
+        raise ConfigError(f"{p}{table}: {e}") from None
+    try:
         tracing = msgspec.convert(tracing_table, _TomlTracing) if isinstance(tracing_table, dict) else None
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(f"{p} [tracing]: {e}") from None
     out: dict[str, object] = {
         f: getattr(parsed, f) for f in parsed.__struct_fields__ if getattr(parsed, f) is not None
     }
