@@ -158,9 +158,18 @@ def test_the_image_command_line_starts_a_node(tmp_path: Path, monkeypatch: pytes
     (cmd,) = [rest for word, rest in final if word == "CMD"]
     assert yaml.safe_load(entry) == ["aether", "node"]
     args = yaml.safe_load(_relocate(cmd, tmp_path))  # JSON arrays
-    (tmp_path / "aether.toml").write_text('[node]\nnode_id = "node-1"\n')
+    # docs/operations.md mounts the node's files at /etc/aether, laid out as on a systemd host:
+    # its aether.toml (node-1's: ops/systemd/aether.toml), tls/ and the bootstrap key api-key
+    _certificates(tmp_path, ["node-1"])
+    (tmp_path / "api-key").write_text("k" * 32 + "\n")
+    (tmp_path / "aether.toml").write_text(_relocate(NODE_TOML.read_text(), tmp_path))
     config = _start(args, monkeypatch)
     assert config.host == "0.0.0.0" and config.data_dir == f"{tmp_path}/var/data"
+    # a node listening beyond loopback refuses to start without an API key (and without mutual
+    # TLS or a cluster secret): the image's command line gives it both from those files. Without
+    # --api-key-file in CMD, `docker run` as documented started a node that exited at once.
+    assert config.api_key == "k" * 32
+    assert config.tls_cert == f"{tmp_path}/tls/node-1.crt" and config.https
 
 
 # --- systemd ------------------------------------------------------------------------------------------------
