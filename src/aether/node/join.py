@@ -76,7 +76,11 @@ async def joined_config(config: NodeConfig, logger: logging.Logger) -> NodeConfi
     peers: dict[str, Address] = {}
     for node_id, text in [*info.members, *(info.pending or [])]:
         peers[node_id] = Address.parse(text)
-    if config.node_id in peers and peers[config.node_id] != own:
+    listed = peers.get(config.node_id)
+    # a node listening on every interface (`--host 0.0.0.0`, as docs/operations.md starts one) is
+    # reached at the address the member set gives it: only a different port is a mismatch
+    wildcard = config.host in ("", "0.0.0.0", "::")
+    if listed is not None and listed != own and not (wildcard and listed.port == own.port):
         logger.warning("the member set has %s at %s; this node listens on %s", config.node_id,
                        peers[config.node_id], own)
     peers.setdefault(config.node_id, own)
