@@ -305,6 +305,8 @@ def _redacted(entry: KVEntry) -> KVEntry:
 
 def _not_serving(node: Any, status: NodeStatus) -> str | None:
     """Why a node with quorum does not serve yet (or any more), None when it does."""
+    if getattr(node, "stopping", False) is True:  # its router drains, then it stops
+        return "the node is stopping"
     if hasattr(node, "http") and node.http is None:
         return "the HTTP router is not running (the node is starting or stopping)"
     if status.journal_error:

@@ -186,6 +186,9 @@ class Node:
         # `own_process`: the only node of its process, so records of no node are its own too
         self.logs = LogBuffer(self.node_id, max_records=config.log_buffer, claim_all=own_process)
         self._own_process = own_process
+        # `stop()` has begun: the router drains (up to 5 s) while the management API still answers,
+        # and `/readyz` says the node is stopping (a load balancer sends nothing new here)
+        self.stopping = False
         self.members = {p.id: p.address for p in config.peers}
         self.bus = EventBus(self.log)
         self.sm = KVStateMachine()
@@ -594,6 +597,7 @@ class Node:
             self.logs.detach()
 
     async def _stop(self) -> None:
+        self.stopping = True
         if self._publisher is not None:
             self._publisher.cancel()
             await asyncio.gather(self._publisher, return_exceptions=True)
