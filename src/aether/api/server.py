@@ -80,7 +80,7 @@ from aether.api.types import KVListing
 from aether.core.errors import ConfigError, Forbidden, RequestTimeout, Unauthorized
 from aether.core.problem import Problem, is_internal, problem_for, problem_headers
 from aether.core.status import KVEntry, NodeStatus
-from aether.core.types import is_loopback_host
+from aether.core.types import is_loopback_host, open_management_api_problem
 from aether.http.server import ServerLogger, start_site
 
 __all__ = [
@@ -311,11 +311,8 @@ class ManagementServer:
         """Bind and serve. Raises ConfigError (beyond loopback without key) or OSError (bind)."""
         if self._runner is not None:
             raise RuntimeError("management server already started")
-        if not is_loopback_host(self._host) and not self._api_key:
-            raise ConfigError(
-                f"the management API would listen on {self._host!r}, beyond loopback, without an API key: "
-                "set one (--api-key or AETHER_API_KEY) or bind it to 127.0.0.1"
-            )
+        if (problem := open_management_api_problem(self._host, self._api_key)) is not None:
+            raise ConfigError(problem)
         runner = web.AppRunner(
             self.make_app(),
             access_log=None,

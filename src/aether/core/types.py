@@ -45,6 +45,16 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def open_management_api_problem(host: str, api_key: str | None) -> str | None:
+    """Why a management API must not listen on `host` (beyond loopback without an API key), else None."""
+    if api_key or is_loopback_host(host):
+        return None
+    return (
+        f"the management API would listen on {host!r}, beyond loopback, without an API key: "
+        "set one (--api-key-file FILE, AETHER_API_KEY or --api-key) or bind it to 127.0.0.1"
+    )
+
+
 class Address(msgspec.Struct, frozen=True):
     """A host:port pair."""
 

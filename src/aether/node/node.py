@@ -30,7 +30,7 @@ from aether.core.files import prepare_private_dir
 from aether.core.logs import LogBuffer
 from aether.core.status import KVEntry, MemberStatus, NodeStatus
 from aether.core.tracing import Tracer
-from aether.core.types import Address, check_node_id
+from aether.core.types import Address, check_node_id, open_management_api_problem
 from aether.deploy import (
     ClusterDeploymentManager,
     DeploymentService,
@@ -532,6 +532,15 @@ class Node:
             current_node_id.reset(token)
 
     async def _start(self, *, management: bool) -> None:
+        # Refuse a port open beyond loopback with nothing to prove before anything starts. The
+        # transport and the management server check again when they bind, but the management API
+        # binds last: by then the node had joined the cluster, taken map partitions, started its
+        # slices and its router, and left again at once (every RestartSec under systemd).
+        problem = self.transport.listen_problem()
+        if problem is None and management and self._management_factory is not None:
+            problem = open_management_api_problem(self.config.host, self.config.api_key)
+        if problem is not None:
+            raise ConfigError(problem)
         self.started_at = time.time()
         if self.runner is not None:
             self.runner.recover()

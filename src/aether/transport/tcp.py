@@ -669,18 +669,25 @@ class Transport:
 
     # ---- public API ---------------------------------------------------------------------------
 
+    def listen_problem(self) -> str | None:
+        """Why the cluster port must not listen where it is asked to (beyond loopback with nothing
+        to prove: no cluster secret, no mutual TLS), else None. `start` raises it as a ConfigError."""
+        if not (self._creds.open and self._server_ssl is None) or is_loopback_host(self._listen.host):
+            return None
+        return (
+            f"the cluster port would listen on {self._listen.host!r}, beyond loopback, without a "
+            "cluster secret: anyone who can reach it could join as a node or write to the store. "
+            "Set one (--cluster-secret-file FILE or AETHER_CLUSTER_SECRET, the same on every node), "
+            "use mutual TLS (--tls-cert/--tls-key/--tls-ca), or bind to 127.0.0.1"
+        )
+
     async def start(self) -> None:
         """Bind the listener (``listen.port`` may be 0) and start dialing every other member."""
         if self._started:
             raise RuntimeError("Transport.start() may be called only once")
+        if (problem := self.listen_problem()) is not None:
+            raise ConfigError(problem)
         if self._creds.open and self._server_ssl is None:
-            if not is_loopback_host(self._listen.host):
-                raise ConfigError(
-                    f"the cluster port would listen on {self._listen.host!r}, beyond loopback, without a "
-                    "cluster secret: anyone who can reach it could join as a node or write to the store. "
-                    "Set one (--cluster-secret-file FILE or AETHER_CLUSTER_SECRET, the same on every node), "
-                    "use mutual TLS (--tls-cert/--tls-key/--tls-ca), or bind to 127.0.0.1"
-                )
             self._log.warning(
                 "%s no cluster secret: the cluster port is open to any local process (as a node or a "
                 "client); set --cluster-secret-file or AETHER_CLUSTER_SECRET to require one",
