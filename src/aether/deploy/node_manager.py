@@ -383,6 +383,7 @@ class NodeDeploymentManager:
     async def _write_state(self, artifact: str, m: SliceLifecycle, action: WriteState | RemoveKey) -> None:
         key = str(SliceKey(self.node_id, artifact))
         delay = 0.05
+        failures = 0
         while self._running and action.epoch == m.epoch:
             expected = self.kv.get_local(key)
             if expected is None:
@@ -393,13 +394,22 @@ class NodeDeploymentManager:
             try:
                 ok = await self.kv.compare_and_set(key, expected, new)
             except (QuorumLost, CommitTimeout) as e:
-                self.log.warning("%s: writing %s failed (%s); retrying", artifact, new and new.state, e)
+                failures += 1
+                # a warning once: a node waiting for its quorum (a cluster starting, a restart
+                # while the others are down) retries every second, a line each time per slice
+                self.log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "%s: writing %s failed (%s); retrying until it commits", artifact, new and new.state, e,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             except BadRequest as e:
                 self.log.error("%s: writing %s rejected: %s", artifact, new and new.state, e)
                 return
+            if failures:
+                state = new and new.state
+                self.log.info("%s: wrote %s after %d failed attempt(s)", artifact, state, failures)
             if not ok:
                 self.log.debug("%s: %s not written, the key changed meanwhile", artifact, new and new.state)
             return
@@ -564,12 +574,15 @@ class NodeDeploymentManager:
 
     async def _put_if_absent(self, key: str, value: EndpointValue) -> None:
         delay = 0.05
+        failures = 0
         while True:  # until written, or the step's deadline cancels it
             try:
                 await self.kv.compare_and_set(key, None, value)
                 return
             except (QuorumLost, CommitTimeout) as e:
-                self.log.warning("publishing %s again failed (%s); retrying", key, e)
+                failures += 1  # a warning once (as in _write_state)
+                self.log.log(logging.WARNING if failures == 1 else logging.DEBUG,
+                             "publishing %s again failed (%s); retrying until it commits", key, e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
