@@ -396,6 +396,23 @@ def test_node_toml_unknown_key_names_its_table(tmp_path: Path, fake_runner: list
     assert fake_runner == []
 
 
+def test_join_stands_instead_of_the_peers_of_the_file(tmp_path: Path, fake_runner: list[NodeConfig]) -> None:
+    """docs/operations.md adds a host with `--join` instead of `peers`: with the aether.toml of the
+    others (node-4's id, their `peers`), the node refused to start: 'node id 'node-4' is not among
+    the peers'. The flag now overrides the file's peers; --join with --peers is an error."""
+    cfg = tmp_path / "aether.toml"
+    peers = ", ".join(f'"{p}"' for p in PEERS.split(","))
+    cfg.write_text(f'[node]\nnode_id = "node-4"\npeers = [{peers}]\n')
+    r = invoke("node", "--config", str(cfg), "--join", "127.0.0.1:7000", "--cluster-port", "7003")
+    assert r.exit_code == 0, r.output
+    (c,) = fake_runner
+    assert c.join == "127.0.0.1:7000"
+    assert c.peers == [PeerSpec("node-4", Address("127.0.0.1", 7003))]  # until the member answers
+    r = invoke("node", "--id", "node-1", "--peers", PEERS, "--join", "127.0.0.1:7001")
+    assert r.exit_code == 2 and "--join and --peers both given" in r.stderr, r.stderr
+    assert len(fake_runner) == 1
+
+
 def test_node_toml_syntax_error_exits_2(tmp_path: Path, fake_runner: list[NodeConfig]) -> None:
     cfg = tmp_path / "aether.toml"
     cfg.write_text("[node\nnode_id = 1\n")

@@ -277,6 +277,15 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
 
     settings: dict[str, Any] = dict(load_toml(config_file)) if config_file else {}
     given = {k: v for k, v in flags.items() if v is not None}
+    if "join" in given:
+        if "peers" in given:
+            raise ConfigError(
+                "--join and --peers both given: a node that joins gets the member set from the member "
+                "it joins through; give only --join"
+            )
+        # --join stands instead of the peers an aether.toml copied from a member lists: a flag
+        # overrides the file (they made the node refuse to start: 'not among the peers')
+        settings.pop("peers", None)
     if "peers" in given:
         given["peers"] = parse_peers(given["peers"])
     settings.update(given)
