@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Coroutine
@@ -146,6 +147,28 @@ class HostedAPI(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+async def _check_can_listen(what: str, host: str, port: int) -> None:
+    """OSError naming `what` when host:port cannot be bound now (another process listens there, the
+    address is not this host's); port 0 (a free port) always can. Binds as asyncio's servers do
+    (SO_REUSEADDR, IPv6 only on IPv6 sockets) and closes at once."""
+    if port == 0:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise OSError(getattr(e, "errno", None), f"{what} cannot listen on {host}:{port}: {e}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(e.errno, f"{what} cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 class ManagementFactory(Protocol):
@@ -541,6 +564,11 @@ class Node:
             problem = open_management_api_problem(self.config.host, self.config.api_key)
         if problem is not None:
             raise ConfigError(problem)
+        # the same for a port another process holds: the router and the management API bind after
+        # the node joined (and the process then left at once, every RestartSec under systemd)
+        await _check_can_listen("HTTP router", self.config.host, self.config.http_port)
+        if management and self._management_factory is not None:
+            await _check_can_listen("management API", self.config.host, self.config.management_port)
         self.started_at = time.time()
         if self.runner is not None:
             self.runner.recover()
