@@ -112,3 +112,21 @@ def test_a_node_refuses_to_start_with_another_nodes_certificate(
     assert r.returncode == 2, r.stderr
     assert "issued to node 'node-3', but this is node 'node-2'" in r.stderr
     assert "aether cert issue node-2" in r.stderr
+
+
+def test_adding_an_unreachable_node_to_a_tls_cluster_says_it_needs_its_certificate(
+    make_tls_cluster: Callable[..., TlsCluster],
+) -> None:
+    """Walking docs/operations.md (a mutual-TLS cluster): the refusal of `aether cluster add-node`
+    for a node not started yet told the operator to start it '(same cluster secret)'."""
+    c = make_tls_cluster()
+    c.start_all()
+    c.wait_quorum(30)
+    r = aether_cli("--connect", f"127.0.0.1:{c.management_ports[0]}", "cluster", "add-node", "node-4",
+                   "127.0.0.1:1", env=c.env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (
+        f"start it with `aether node --id node-4 --join {c.address(0)}` with its certificate from the "
+        "cluster CA (`aether cert issue node-4`) first"
+    ) in r.stderr, r.stderr
+    assert "cluster secret" not in r.stderr

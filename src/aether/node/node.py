@@ -839,10 +839,16 @@ class Node:
             deadline = time.monotonic() + wait
             while node_id not in self.transport.up_peers:
                 if time.monotonic() > deadline:
+                    if self.config.tls_cert:  # mutual TLS: it proves its id with its certificate
+                        proof = f" with its certificate from the cluster CA (`aether cert issue {node_id}`)"
+                    elif self.config.cluster_secret or self.config.cluster_secret_file:
+                        proof = " with the same cluster secret"
+                    else:
+                        proof = ""
                     raise StatusError(
                         f"node {node_id} cannot be reached at {addr} from {self.node_id} within {wait:g}s; "
-                        f"start it with `aether node --id {node_id} --join {self.members[self.node_id]}` "
-                        "(same cluster secret) first", status=409)
+                        f"start it with `aether node --id {node_id} --join {self.members[self.node_id]}`"
+                        f"{proof} first", status=409)
                 await asyncio.sleep(0.05)
             # it counts only once it caught up (by snapshot): wait until it applied what we had
             target = eng.applied
