@@ -390,3 +390,16 @@ def test_bad_query_encoding_is_bad_request() -> None:
     m = m_for("/s", "/s", {"q": "query"})
     with pytest.raises(BadRequest, match="UTF-8"):
         build_payload(m, query_string="q=%FF")
+
+
+@pytest.mark.parametrize("body", [b"[0.5]", b"0.5", b'"soon"', b"null", b"true"])
+def test_non_object_body_on_a_params_route_is_bad_request_not_ignored(body: bytes) -> None:
+    # found walking the docs: POST a bare value to a params route (`charge(self, seconds: float)`);
+    # the body was ignored and the entry answered "missing required field `seconds`"
+    m = m_for("/charge", "/charge", {"seconds": "query"}, "POST")
+    with pytest.raises(BadRequest, match="JSON body must be an object with fields seconds; got "):
+        build_payload(m, content_type="application/json", body=body)
+    m = m_for("/counter/{name}", "/counter/a", {"name": "path"}, "POST")
+    with pytest.raises(BadRequest, match=r"POST /counter/\{name\} takes no body fields; got a JSON "):
+        build_payload(m, content_type="application/json", body=body)
+    assert decode(build_payload(m, content_type="application/json", body=b"{}")) == {"name": "a"}

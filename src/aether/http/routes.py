@@ -51,7 +51,9 @@ Strict input, checked before any slice is called (`BadRequest` naming the proble
   ``-2**63 .. 2**64-1`` (`aether.core.jsonbody`);
 - a query parameter that is not bound from the query (the detail lists the accepted ones);
 - a field of a JSON object body that is bound neither from the body nor from the query;
-- a non-object body where fields are expected; a body over the limit (`BodyTooLarge`, 413).
+- a body that is not a JSON object on a route with bindings (fields bound from the body, or from
+  the query with the body as fallback; a route that takes no fields names that); a body over the
+  limit (`BodyTooLarge`, 413).
 """
 
 from __future__ import annotations
@@ -414,6 +416,14 @@ def build_payload(
     body_obj: dict[str, Any] | None = parsed if isinstance(parsed, dict) else None
     if not bindings:
         return _ENC.encode(parsed) if has_body else b""
+    if has_body and body_obj is None:
+        # a body that is not an object cannot give fields, whether they are bound from the body or
+        # from the query with the body as fallback; ignoring it answered "missing required field"
+        got = type(parsed).__name__ if parsed is not None else "null"
+        if route.field_names:
+            takes = ", ".join(route.field_names)
+            raise BadRequest(f"JSON body must be an object with fields {takes}; got {got}")
+        raise BadRequest(f"{route.http_method} {route.pattern} takes no body fields; got a JSON {got}")
     if body_obj is not None:
         fields = route.field_names
         for name in body_obj:
@@ -440,12 +450,6 @@ def build_payload(
             if hv is not None:
                 args[name] = hv
         else:  # body
-            if has_body and body_obj is None:
-                raise BadRequest(
-                    f"JSON body must be an object with fields "
-                    f"{', '.join(sorted(n for n, s in bindings.items() if s == 'body'))}; "
-                    f"got {type(parsed).__name__ if parsed is not None else 'null'}"
-                )
             if body_obj is not None and name in body_obj:
                 args[name] = body_obj[name]
     return _ENC.encode(args)
