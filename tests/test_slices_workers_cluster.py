@@ -4,6 +4,7 @@ node, calls hello through the node's invoker; a `NotFound` raised in a worker an
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 GREETER = Artifact.parse("org.example:greeter:0.1.0")
 PICKY = "org.example:picky:1.0.0"
 PICKY_SRC = """
+import asyncio
 import os
 from aether.slices import Slice, route, NotFound
 
@@ -69,3 +71,64 @@ async def test_isolation_process_from_a_blueprint_serves_http_and_calls(tmp_path
     for p in (pid, picky_pid):  # the nodes stopped: so did their workers
         with pytest.raises(ProcessLookupError):
             os.kill(p, 0)
+
+
+KILLER = "org.example:killer:1.0.0"
+KILLER_SRC = """
+import asyncio
+import os
+from aether.slices import Slice, route
+
+class Killer(Slice):
+    @route("GET", "/killer/{how}")
+    async def run(self, how: str) -> int:
+        if how == "exit":
+            os._exit(9)
+        return os.getpid()
+"""
+KILLER_BLUEPRINT = f"""
+id = "killer:1"
+[slices.killer]
+artifact = "{KILLER}"
+instances = 2
+isolation = "process"
+"""
+
+
+async def test_a_call_that_kills_its_worker_is_poison_not_retried_until_its_deadline(tmp_path: Path) -> None:
+    # found walking docs/slices.md: GET /killer/exit (an idempotent entry calling os._exit) was
+    # retried on both instances until its 10 s deadline (140 attempts), killing each worker again as
+    # soon as it was restarted (6 deaths per node: 8 in a row and the node stops restarting it);
+    # the answer was a 503 "did not succeed within 10s". Two attempts cut short make it poison, as
+    # two nodes lost do (docs/invocation.md).
+    async with running_cluster(tmp_path, extra={KILLER: (KILLER_SRC, "Killer")}) as nodes:
+        n1 = nodes[0]
+        await n1.deployments.apply_blueprint(KILLER_BLUEPRINT, "killer.toml")
+        await n1.deployments.wait_converged("killer:1", timeout=60)
+        art = Artifact.parse(KILLER)
+        hosts = [n for n in nodes if n.slice_runtime.local_instances(KILLER)]
+        assert len(hosts) == 2
+        pids = {n.config.node_id: n.slice_runtime.worker_pid(art) for n in hosts}
+        async with aiohttp.ClientSession() as http:
+            base = f"http://127.0.0.1:{hosts[0].http.port}"
+            async with http.get(f"{base}/killer/exit") as r:
+                body = await r.json()
+            assert r.status == 502, body
+            assert "cut short 2 times" in body["detail"] and "not tried on another node" in body["detail"]
+            # the slice serves again once its workers are back (restarted after their first death)
+            for _ in range(200):
+                async with http.get(f"{base}/killer/ok") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+            assert r.status == 200
+        workers = [n.slice_runtime._entries[art].worker for n in hosts]
+        for _ in range(200):
+            if all(w is not None and w.restarts >= 1 and w.pid is not None for w in workers):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        # each worker died once (the two attempts), was restarted once, and was not killed again
+        assert [w.restarts for w in workers if w is not None] == [1, 1]
+        for n in hosts:
+            assert n.slice_runtime.worker_pid(art) not in (None, pids[n.config.node_id])

@@ -169,8 +169,9 @@ class InvokeOverloaded(InvokeError, Overloaded):
 
 
 class PoisonRequest(InvokeError, StatusError):
-    """Nodes went down (`Invoker.max_nodes_lost`, default 2) while running this call: it is not
-    tried on more nodes, since the call itself may be what brings them down (502)."""
+    """Nodes went down, or answered `interrupted` (the worker process running it died), while
+    running this call, `Invoker.max_nodes_lost` times (default 2): it is not tried on more nodes,
+    since the call itself may be what brings them down (502)."""
 
     status = 502
 

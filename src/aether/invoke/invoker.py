@@ -218,7 +218,8 @@ class Invoker:
     ) -> None:
         if max_nodes_lost < 1:
             raise ValueError("max_nodes_lost must be at least 1")
-        # poison-request protection: a call during which this many nodes went down is not retried
+        # poison-request protection: a call cut short this many times (its node went down, or it
+        # answered `interrupted`) is not retried
         self.max_nodes_lost = max_nodes_lost
         # deadline, per-attempt wait and backoff (the same policy the map client uses)
         self.retry = RetryPolicy(default_timeout, attempt_timeout, backoff_min, backoff_max)
@@ -358,6 +359,7 @@ class Invoker:
         tried: set[str] = set()
         round_failed = round_overloaded = 0  # attempts of this round that failed, and how many overloaded
         lost: list[str] = []  # nodes that went down while running this call
+        interrupted = 0  # of them, attempts answered `interrupted` (its node still up)
         policy = DEFAULT_POLICY  # of the instance tried last (all instances of a version share it)
         tracer = self.tracer
         call_span: Span | None = None
@@ -485,13 +487,23 @@ class Invoker:
                     round_failed += 1
                     if retry.kind == KIND_OVERLOADED:
                         round_overloaded += 1
-                    if retry.node_lost:
+                    # an attempt cut short where it ran (its node went down, or answered
+                    # `interrupted`: the worker process running it died, the node stopped it) counts
+                    # towards poison: a call that kills each worker it reaches was retried until its
+                    # deadline, killing every instance's worker again as soon as it was restarted
+                    if retry.node_lost or retry.kind == KIND_INTERRUPTED:
                         lost.append(node)
+                        interrupted += not retry.node_lost
                         if len(lost) >= self.max_nodes_lost:
+                            what = (
+                                f"it was cut short {len(lost)} times (on {', '.join(lost)}: its node "
+                                f"went down or stopped it, or the worker process running it died)"
+                                if interrupted
+                                else f"nodes {', '.join(lost)} went down while running it"
+                            )
                             raise PoisonRequest(
-                                f"{target}.{method} (request {rid}): nodes {', '.join(lost)} went down "
-                                f"while running it; not tried on another node (it may be what brings "
-                                f"them down); last error: {retry.reason}",
+                                f"{target}.{method} (request {rid}): {what}; not tried on another node "
+                                f"(it may be what brings them down); last error: {retry.reason}",
                                 target=target, method=method, kind=KIND_APP_ERROR, node=node,
                                 request_id=rid, attempts=attempts,
                             ) from None
