@@ -320,3 +320,31 @@ def test_the_slices_table_names_its_instance_column_as_ids() -> None:
     text = console.export_text()
     assert "Instance ids" in text
     assert any("node-2" in line and "1,2" in line for line in text.splitlines()), text
+
+
+def test_the_slices_table_shows_a_reason_with_brackets_as_it_is() -> None:
+    """Found walking docs/slices.md: a rejected config's reason quotes `[slices.NAME.config]`,
+    which the table printed as Rich markup: "(its  table in the blueprint)"."""
+    from rich.console import Console
+
+    from aether.cli.deploy import _slice_rows
+    from aether.cli.rollout import _table
+
+    reason = "does not fit CalcConfig (its [slices.NAME.config] table in the blueprint); [bold]x[/bold]"
+    statuses = [
+        {
+            "artifact": "org.walk:calc:0.1.0",
+            "desired": 1,
+            "active": 1,
+            "instances": [{"node": "node-1", "state": "ACTIVE", "instance_ids": [0], "reason": reason}],
+        }
+    ]
+    rollout = {
+        "artifact": "org.walk:calc", "old_version": "0.1.0", "new_version": "0.2.0", "strategy": "rolling",
+        "state": "ROLLED_BACK", "step": 0, "steps": [], "old_instances": 1, "new_instances": 0,
+        "weights": {}, "reason": reason,
+    }  # fmt: skip
+    for table in (_slice_rows(statuses), _table([rollout])):
+        console = Console(width=400, record=True, color_system=None)
+        console.print(table)
+        assert reason in console.export_text()

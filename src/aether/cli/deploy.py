@@ -28,6 +28,7 @@ from aether.cli.common import (
 
 def _slice_rows(statuses: list[dict[str, Any]]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="Slices", title_justify="left")
     for col in ("Artifact", "Desired", "Active", "Node", "State", "Instance ids", "Reason"):
@@ -44,7 +45,7 @@ def _slice_rows(statuses: list[dict[str, Any]]) -> Any:
                 inst.get("node", ""),
                 f"[{color}]{state}[/{color}]" if state else "",
                 ",".join(str(x) for x in inst.get("instance_ids", [])),
-                inst.get("reason") or "",
+                Text(inst.get("reason") or ""),  # plain text: a reason quotes `[slices.NAME.config]`
             )
     return table
 

@@ -36,6 +36,7 @@ def _weights(w: dict[str, int]) -> str:
 
 def _table(rollouts: list[dict[str, Any]]) -> Any:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="Rollouts", title_justify="left")
     columns = ("Artifact", "From", "To", "Strategy", "State", "Step", "Old/new", "Traffic", "Reason")
@@ -48,7 +49,7 @@ def _table(rollouts: list[dict[str, Any]]) -> Any:
         table.add_row(
             r["artifact"], r["old_version"], r["new_version"], r["strategy"],
             f"[{color}]{r['state']}[/{color}]", step, f"{r['old_instances']}/{r['new_instances']}",
-            _weights(r.get("weights") or {}), r.get("reason") or "",
+            _weights(r.get("weights") or {}), Text(r.get("reason") or ""),
         )  # fmt: skip
     return table
 
