@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +22,7 @@ PICKY = "org.example:picky:1.0.0"
 PICKY_SRC = """
 import asyncio
 import os
+import signal
 from aether.slices import Slice, route, NotFound
 
 class Picky(Slice):
@@ -77,6 +79,7 @@ KILLER = "org.example:killer:1.0.0"
 KILLER_SRC = """
 import asyncio
 import os
+import signal
 from aether.slices import Slice, route
 
 class Killer(Slice):
@@ -132,3 +135,64 @@ async def test_a_call_that_kills_its_worker_is_poison_not_retried_until_its_dead
         assert [w.restarts for w in workers if w is not None] == [1, 1]
         for n in hosts:
             assert n.slice_runtime.worker_pid(art) not in (None, pids[n.config.node_id])
+
+
+ONCE = "org.example:once:1.0.0"
+ONCE_SRC = """
+import asyncio, os
+from aether.slices import Slice, entry, route
+
+class Once(Slice):
+    @route("POST", "/once/charge", idempotent=False)
+    async def charge(self, seconds: float) -> int:
+        await asyncio.sleep(seconds)
+        return os.getpid()
+
+    @entry(timeout=2.0, retries=1)
+    async def quote(self) -> int:
+        return 1
+"""
+ONCE_BLUEPRINT = f"""
+id = "once:1"
+[slices.once]
+artifact = "{ONCE}"
+isolation = "process"
+"""
+
+
+async def test_a_worker_slice_publishes_its_declared_policies_and_is_not_rerun(tmp_path: Path) -> None:
+    # found walking docs/slices.md: `@route(..., idempotent=False)` on a slice with isolation =
+    # "process" was published with the default policy (the worker's description of the class had
+    # no policies), so a call whose worker was killed mid-run was run again on the restarted
+    # worker and answered 200, where the docs promise IndeterminateOutcome (502)
+    from aether.core.policy import EntryPolicy
+    from aether.kv.keys import EndpointValue
+
+    async with running_cluster(tmp_path, extra={ONCE: (ONCE_SRC, "Once")}) as nodes:
+        n1 = nodes[0]
+        await n1.deployments.apply_blueprint(ONCE_BLUEPRINT, "once.toml")
+        await n1.deployments.wait_converged("once:1", timeout=60)
+        host = next(n for n in nodes if n.slice_runtime.local_instances(ONCE))
+        art = Artifact.parse(ONCE)
+        assert host.slice_runtime.isolation(art) == "process"
+        published = {
+            key: value for key, value in host.kv.list_local(f"endpoints/{ONCE}/")
+            if isinstance(value, EndpointValue)
+        }  # fmt: skip
+        assert published[f"endpoints/{ONCE}/charge:0"].policy == EntryPolicy(idempotent=False)
+        assert published[f"endpoints/{ONCE}/quote:0"].policy == EntryPolicy(timeout=2.0, retries=1)
+        pid = host.slice_runtime.worker_pid(art)
+        assert pid is not None
+        caller = next(n for n in nodes if n is not host)
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{caller.http.port}/once/charge"
+            call = asyncio.ensure_future(http.post(url, json={"seconds": 3}))
+            for _ in range(200):  # the call runs in the worker
+                if any(ld.in_flight for ld in host.slice_runtime.instance_loads() if ld.artifact == ONCE):
+                    break
+                await asyncio.sleep(0.02)
+            os.kill(pid, signal.SIGKILL)
+            async with await call as r:
+                body = await r.json()
+        assert r.status == 502, body
+        assert "may or may not have taken effect" in body["detail"], body

@@ -204,8 +204,8 @@ async def _remote_entry(*_: Any, **__: Any) -> Any:
 
 
 def _info_of(desc: SliceDescription) -> SliceInfo:
-    """The node's `SliceInfo` of a class loaded in a worker: names, routes and docs (no types: the
-    payloads are decoded and the results encoded in the worker)."""
+    """The node's `SliceInfo` of a class loaded in a worker: names, routes, docs and the entries'
+    declared policies (no types: the payloads are decoded and the results encoded in the worker)."""
     routes = [RouteInfo(r.http_method, r.path, r.entry, tuple(r.path_params), dict(r.bindings))
               for r in desc.routes]  # fmt: skip
     entries = {
@@ -219,6 +219,7 @@ def _info_of(desc: SliceDescription) -> SliceInfo:
             tuple(r for r in routes if r.entry == e.name),
             e.doc,
             _remote_entry,
+            e.policy,
         )
         for e in desc.entries
     }

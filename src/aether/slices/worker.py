@@ -68,7 +68,7 @@ def describe(cls: type[Slice]) -> SliceDescription:
     info = describe_slice(cls)
     return SliceDescription(
         info.name,
-        [EntryDescription(e.name, e.qualname, e.kind, e.doc) for e in info.entries.values()],
+        [EntryDescription(e.name, e.qualname, e.kind, e.doc, e.policy) for e in info.entries.values()],
         [RouteDescription(r.http_method, r.path, r.entry, list(r.path_params), dict(r.bindings))
          for r in info.routes],
         info.doc,

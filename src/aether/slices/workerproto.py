@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 import msgspec
 
 from aether.core.errors import KIND_APP_ERROR, AetherError, kind_status
+from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -89,6 +90,9 @@ class EntryDescription(msgspec.Struct, frozen=True):
     qualname: str
     kind: Literal["none", "request", "params"]
     doc: str | None = None
+    # the policy declared in code (`@entry(idempotent=False, ...)`): without it the node published
+    # the defaults for a slice in a worker, and a call its worker died under was run again
+    policy: EntryPolicy = DEFAULT_POLICY
 
 
 class SliceDescription(msgspec.Struct, frozen=True):
