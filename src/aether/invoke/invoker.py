@@ -497,13 +497,14 @@ class Invoker:
                         if len(lost) >= self.max_nodes_lost:
                             what = (
                                 f"it was cut short {len(lost)} times (on {', '.join(lost)}: its node "
-                                f"went down or stopped it, or the worker process running it died)"
+                                f"went down or stopped it, or the worker process running it died); "
+                                f"not tried again (it may be what kills them)"
                                 if interrupted
-                                else f"nodes {', '.join(lost)} went down while running it"
+                                else f"nodes {', '.join(lost)} went down while running it; not tried "
+                                f"on another node (it may be what brings them down)"
                             )
                             raise PoisonRequest(
-                                f"{target}.{method} (request {rid}): {what}; not tried on another node "
-                                f"(it may be what brings them down); last error: {retry.reason}",
+                                f"{target}.{method} (request {rid}): {what}; last error: {retry.reason}",
                                 target=target, method=method, kind=KIND_APP_ERROR, node=node,
                                 request_id=rid, attempts=attempts,
                             ) from None
