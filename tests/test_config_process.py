@@ -35,6 +35,10 @@ class Vault(Slice):
     async def check(self, guess: str) -> dict:
         c = self.context.config
         return {"greeting": c.greeting, "match": c.token == guess, "node": self.context.node_id}
+
+    @entry
+    async def login(self) -> str:
+        raise ConnectionError("cannot connect to postgresql://app:" + self.context.config.token + "@db")
 """
 BLUEPRINT = """
 id = "vault"
@@ -102,6 +106,12 @@ def test_config_and_secrets_across_processes(make_local_cluster: Any, tmp_path: 
         return True if all(isinstance(d, dict) and d["match"] and d["greeting"] == "hi" for d in got) else got
 
     wait_for(lambda: all_match(SECRET), "every node answers with the secret in its config")
+    # an entry whose error holds the secret (a driver's DSN): redacted in the 502's detail (and in
+    # the node's log, checked below); it was answered and logged with the value
+    for i in range(3):
+        status, doc = c.api(i, "POST", "/api/v1/invoke/org.example:vault/login", None)
+        outputs.append(str(doc))
+        assert status == 502 and "postgresql://app:***@db" in doc["detail"], (status, doc)
 
     # a node restarted: its instance starts again with the config from its replica
     r = c.cli("cluster", "restart", "node-2", "--dir", str(c.dir), timeout=120)

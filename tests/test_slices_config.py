@@ -64,6 +64,14 @@ class Typed(Slice):
                 "instance": self.context.instance}
 
     @entry
+    async def login(self) -> str:
+        try:
+            dsn = "postgresql://app:" + self.context.config.db.password + "@db"
+            raise ConnectionError("cannot connect to " + dsn)
+        except ConnectionError as exc:
+            raise RuntimeError("login failed: " + str(exc)) from exc
+
+    @entry
     async def slow(self) -> str:
         greeting = self.context.config.greeting
         await GATE.wait()
@@ -254,3 +262,20 @@ async def test_the_reconfigure_hook_keeps_the_object(repo: Repository, tmp_path:
     seen = events("hooked_slice")
     await rt.close()
     assert seen[-1] == ("stop", 1)  # the same object all along: started once, stopped once
+
+
+async def test_secret_values_are_redacted_from_what_an_entry_raises(repo: Repository, tmp_path: Path) -> None:
+    # found walking docs/slices.md: an entry's error holding a secret (a driver's DSN) was answered
+    # to the HTTP client as the 502's detail and logged with its traceback, value included
+    import traceback
+
+    rt = runtime(repo, tmp_path, Configs(typed_config(), {"db-password": PASSWORD}))
+    await rt.load(TYPED_A)
+    await rt.activate(TYPED_A, [1])
+    with pytest.raises(RuntimeError) as e:
+        await rt.call(TYPED_A, "login", b"")
+    text = "".join(traceback.format_exception(e.value))
+    assert PASSWORD not in text, text
+    assert "login failed: cannot connect to postgresql://app:***@db" in str(e.value)
+    assert "ConnectionError: cannot connect to postgresql://app:***@db" in text  # the cause, too
+    assert dec(await rt.call(TYPED_A, "show", b""))["password"] == PASSWORD  # the slice still has it

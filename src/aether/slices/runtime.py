@@ -199,6 +199,24 @@ def is_client_error(exc: BaseException) -> bool:
     return status is not None and status <= 499
 
 
+def redact_error(exc: BaseException, secrets: tuple[str, ...]) -> None:
+    """Replace the config's secret values in the text of `exc` and of the exceptions chained to it
+    (their string `args`, and a `detail`), in place: what an entry raises reaches its HTTP client
+    (the problem's detail) and the node's log (its traceback). A driver's "cannot connect to
+    postgresql://app:PASSWORD@db" escaping an entry sent the password to the client."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if any(isinstance(a, str) and any(v and v in a for v in secrets) for a in e.args):
+            e.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in e.args)
+        detail = getattr(e, "detail", None)
+        if isinstance(detail, str) and any(v and v in detail for v in secrets):
+            with contextlib.suppress(AttributeError):
+                e.detail = redact(detail, secrets)  # type: ignore[attr-defined]
+        e = e.__cause__ or e.__context__
+
+
 async def _remote_entry(*_: Any, **__: Any) -> Any:
     raise SliceStateError("this entry runs in a worker process")
 
@@ -1108,6 +1126,8 @@ class SliceRuntime:
                 raise
             except Exception as exc:
                 client_error = is_client_error(exc)
+                if inst.secrets:
+                    redact_error(exc, inst.secrets)
                 raise
             finally:
                 t1 = perf_counter()
@@ -1193,6 +1213,8 @@ class SliceRuntime:
         except Exception as exc:
             expired = isinstance(exc, TimeoutError) and timer is not None and timer.expired()
             client_error = not expired and is_client_error(exc)
+            if inst.secrets:
+                redact_error(exc, inst.secrets)
             failure = exc
         except BaseException as exc:  # contained as on a loop of its own (SliceThread._guard)
             what = f"{method} of {e.coords}"
