@@ -27,6 +27,7 @@ from aether.core.artifact import Artifact
 from aether.core.context import current_slice, derive_idempotency_key
 from aether.core.errors import KIND_INTERRUPTED, wire_kind_of
 from aether.core.policy import EntryPolicy
+from aether.core.secrets import ResolvedConfig
 from aether.invoke import Invoker
 from aether.slices.capacity import SliceLimits
 from aether.slices.faults import SliceFault
@@ -102,6 +103,10 @@ class Callee(Slice):
         raise BadRequest("the name is missing")
 
     @entry
+    async def spill(self) -> str:
+        raise ValueError("cannot log in with " + self.context.config["token"])
+
+    @entry
     async def slow(self, seconds: float) -> str:
         await asyncio.sleep(seconds)
         return "slept"
@@ -128,6 +133,8 @@ class Callee(Slice):
     async def liar(self) -> int:
         return "not a number"  # type: ignore[return-value]
 """
+
+SECRET = "hunter2-direct-secret"
 
 LONER_SOURCE = """
 import threading
@@ -253,6 +260,7 @@ async def _started(tmp_path: Path, mode: str) -> AsyncIterator[Setup]:
         "node-1", repo, tmp_path / "data", fwd, space=ImportSpace(), recorder=recorder,
         isolation_for=lambda a: "auto" if str(a) == LONER else mode,
         limits_for=lambda a: limits.get(a, SliceLimits()), block_limit=0.2,
+        config_for=lambda a: ResolvedConfig({"token": SECRET}, (SECRET,)) if str(a) == CALLEE else {},
     )  # fmt: skip
     endpoints = Endpoints()
     fwd.invoker = Invoker("node-1", runtime, endpoints, NoPeers())
@@ -530,3 +538,15 @@ async def test_a_caller_making_direct_calls_in_a_loop_lets_the_loop_turn(either:
     assert s.local_attempts() == base + 1  # every nested call direct
     assert reports == []
     assert turns - before >= 20_000 // 32 // 2  # the calls' loop turned while they ran
+
+
+async def test_a_direct_call_redacts_the_callees_secrets_from_its_error(either: Setup) -> None:
+    """What the callee raises with a secret of its config in the text reaches the caller, and its
+    HTTP client, with the value replaced, on the direct path as through `call`."""
+    s = either
+    await _warm(s)
+    base = s.local_attempts()
+    with pytest.raises(Exception) as info:
+        await s.ask("ask", ["spill", None])
+    assert s.local_attempts() == base + 1  # the nested call was direct
+    assert SECRET not in str(info.value) and "cannot log in with ***" in str(info.value)
