@@ -387,6 +387,28 @@ async def test_a_non_idempotent_call_whose_node_goes_down_is_indeterminate_not_r
     assert a.stats.indeterminate == 1 and a.stats.retries == 0
 
 
+@pytest.mark.parametrize("key", [None, "order-7"])
+async def test_an_indeterminate_outcome_advises_a_retry_only_with_a_key_the_client_can_send(
+    key: str | None,
+) -> None:
+    """Found walking docs/slices.md: a client that sent no Idempotency-Key was told to "retry with
+    the same Idempotency-Key header", while its call's key was made up by the runtime (`~...`),
+    which no client can send: a retry is a new call."""
+    net, _ = policy_net(EntryPolicy(idempotent=False))
+    a = net.nodes["A"].invoker
+    call = asyncio.create_task(a.invoke(TARGET, "echo", b"pay", timeout=5.0, idempotency_key=key))
+    await until(lambda: bool(net.requests_to("B")) or bool(net.requests_to("C")))
+    net.kill("B" if net.requests_to("B") else "C")
+    with pytest.raises(IndeterminateOutcome) as e:
+        await call
+    detail = problem_for(e.value).detail
+    if key is None:
+        assert "this request carried no Idempotency-Key header, so a retry would be a new call" in detail
+        assert "retry with the same Idempotency-Key header" not in detail
+    else:
+        assert "retry with the same Idempotency-Key header" in detail
+
+
 async def test_the_same_call_to_an_idempotent_entry_is_retried_with_the_same_key() -> None:
     net, runs = policy_net(None)  # no policy published: the defaults (idempotent)
     a = net.nodes["A"].invoker

@@ -191,12 +191,19 @@ class IndeterminateOutcome(InvokeError, StatusError):
     status = 502
     wire_kind: ClassVar[WireKind] = KIND_INDETERMINATE
 
-    def __init__(self, message: str, **kw: Any) -> None:
+    def __init__(self, message: str, *, key_given: bool = True, **kw: Any) -> None:
+        # key_given False: the call's key was made up by the runtime (the client sent no
+        # Idempotency-Key), so no retry can bring it again: "retry with the same header" was no advice
         if _EXPLAINED not in message:  # (a nested call's message explains it already)
+            how = (
+                "retry with the same Idempotency-Key header" if key_given
+                else "this request carried no Idempotency-Key header, so a retry would be a new call "
+                "to it: send one, the same on every retry"
+            )
             message = (
                 f"{message}; the call {_EXPLAINED} and was not repeated (an entry declared not "
                 "idempotent is never run twice for one call); retrying is safe only where the entry "
-                "deduplicates by idempotency key: retry with the same Idempotency-Key header"
+                f"deduplicates by idempotency key: {how}"
             )
         super().__init__(message, **kw)
 

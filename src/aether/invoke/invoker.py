@@ -81,6 +81,7 @@ from aether.core.context import (
     child_idempotency_key,
     enter_call,
     exit_call,
+    idempotency_key_given,
     mint_idempotency_key,
 )
 from aether.core.deadlines import SWEPT_FROM, DeadlineSweep
@@ -478,7 +479,7 @@ class Invoker:
                             f"call {target}.{method} (request {rid}, idempotency key {ikey}) on {node}: "
                             f"{retry.reason}",
                             target=target, method=method, kind=KIND_INDETERMINATE, node=node,
-                            request_id=rid, attempts=attempts,
+                            request_id=rid, attempts=attempts, key_given=idempotency_key_given(ikey),
                         ) from None
                     last_kind = retry.kind
                     last_error = f"{node}: {retry.reason}"
