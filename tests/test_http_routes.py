@@ -403,3 +403,13 @@ def test_non_object_body_on_a_params_route_is_bad_request_not_ignored(body: byte
     with pytest.raises(BadRequest, match=r"POST /counter/\{name\} takes no body fields; got a JSON "):
         build_payload(m, content_type="application/json", body=body)
     assert decode(build_payload(m, content_type="application/json", body=b"{}")) == {"name": "a"}
+
+
+def test_a_float_beyond_64_bits_is_a_bad_request_naming_where() -> None:
+    # found walking docs/slices.md: {"a": 1e400} answered "Number out of range - at `$[...]`"
+    m = m_for("/orders", "/orders", {"qty": "body", "items": "body"}, "POST")
+    with pytest.raises(BadRequest, match=r"number at `\$.qty` is out of range: 1e400"):
+        build_payload(m, content_type="application/json", body=b'{"qty": 1e400}')
+    with pytest.raises(BadRequest, match=r"number at `\$.items\[1\].n` is out of range: -2e308"):
+        build_payload(m, content_type="application/json", body=b'{"items": [1.5, {"n": -2e308}]}')
+    assert decode(build_payload(m, content_type="application/json", body=b'{"qty": 1e308}')) == {"qty": 1e308}

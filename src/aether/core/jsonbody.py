@@ -1,10 +1,10 @@
 """Safe decoding of JSON request bodies from outside (the HTTP router and the management API).
 
-A body that is malformed, nested deeper than `MAX_JSON_DEPTH` levels, or holds an integer that
-MessagePack cannot carry (outside ``-2**63 .. 2**64-1``) is a `BadRequest` naming the problem and
-where it is; a body sent without a JSON content type is `UnsupportedMediaType` (415). Nothing in
-here lets a hostile body raise anything else (msgspec's own ``RecursionError`` on very deep input
-becomes the same `BadRequest`).
+A body that is malformed, nested deeper than `MAX_JSON_DEPTH` levels, holds a number too large for
+a float (``1e400``) or an integer that MessagePack cannot carry (outside ``-2**63 .. 2**64-1``) is
+a `BadRequest` naming the problem and where it is; a body sent without a JSON content type is
+`UnsupportedMediaType` (415). Nothing in here lets a hostile body raise anything else (msgspec's
+own ``RecursionError`` on very deep input becomes the same `BadRequest`).
 
 Cost: msgspec decodes; the depth check walks the decoded value only when the raw bytes hold more
 than `MAX_JSON_DEPTH` brackets, and the integer check is a MessagePack encoding of the value (in
@@ -72,6 +72,8 @@ def decode_json_body(body: bytes) -> Any:
     except RecursionError:
         raise _too_deep() from None
     except msgspec.DecodeError as e:  # includes ValidationError ("Number out of range" for 1e999)
+        if "Number out of range" in str(e):
+            _check_floats(body)  # raises, naming where (msgspec says `$[...]` inside an object)
         raise BadRequest(f"request body is not valid JSON: {e}") from None
     if len(body) > MAX_JSON_DEPTH and body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
         _check(value)  # depth first: the encoder below recurses too
@@ -81,6 +83,40 @@ def decode_json_body(body: bytes) -> Any:
         _check(value)  # raises, naming where
         raise  # unreachable unless the encoder and _check disagree: let the caller see it
     return value
+
+
+class _Huge(str):
+    """A number literal too large for a float (`_check_floats`)."""
+
+
+def _huge_float(text: str) -> Any:
+    f = float(text)
+    return _Huge(text) if f in (_INF, -_INF) else f
+
+
+_INF: Final = float("inf")
+_FLOATS = msgspec.json.Decoder(float_hook=_huge_float)
+
+
+def _check_floats(body: bytes) -> None:
+    """Raise a `BadRequest` naming where a number too large for a float is (error path only)."""
+    try:
+        value = _FLOATS.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return  # something else is wrong too: the caller reports msgspec's message
+    stack: list[tuple[Any, str]] = [(value, "$")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((item, f"{path}.{k}") for k, item in v.items())
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(v))
+        elif isinstance(v, _Huge):
+            shown = v if len(v) <= 40 else v[:37] + "..."
+            raise BadRequest(
+                f"number at `{path}` is out of range: {shown} is beyond what a 64-bit float holds "
+                "(send it as a string)"
+            )
 
 
 def _check(value: Any) -> None:
