@@ -375,6 +375,8 @@ class _Promotion:
     # union of the copies that do not count instead of starting empty. Until it knows, it keeps
     # them aside (newest record of each key): this node's own (`untrusted`: read as they are
     # deleted, `MapCore._settle`) and the owners' answers' records of partitions they do not hold.
+    # A partition that leaves the takeover before it decided puts them back as this node's copy
+    # (`MapCore._set_back`).
     untrusted: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) of own copies so kept
     spare: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
     union: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) taken from `spare`
@@ -720,6 +722,7 @@ class MapCore:
             old = self.engines.pop(name, None)
             if old is not None and old is not engine:
                 old.close()
+                self._forget_aside(name)
             self.engines[name] = engine
             self.ops[name] = {}
             self._drop_incoming(name)  # pieces of pushes into the engine it had
@@ -795,6 +798,7 @@ class MapCore:
                 self._refuse(t, KIND_UNKNOWN_MAP, why)
         for c in [c for c in self.client.values() if c.name == name]:
             self._finish(c, Fail(c.op_id, UnknownMap(why)))
+        self._forget_aside(name)
         self.specs.pop(name, None)
         self.created.pop(name, None)
         self._learned.discard(name)
@@ -869,6 +873,7 @@ class MapCore:
                 promote.add(p)
         self._step_down_all(down, advance=False)  # (every takeover moves on next)
         for prom in list(self._promotions):
+            self._set_back(prom, promote & prom.parts)
             prom.parts -= promote
             prom.syncing -= promote
             self._advance(prom)
@@ -1071,6 +1076,45 @@ class MapCore:
                     ok, current = self._get(name, p, key)
                     if ok and newer(rec, current) and self._put(name, p, key, rec):
                         prom.merged += 1
+
+    def _set_back(self, prom: _Promotion, parts: Iterable[int]) -> None:
+        """`parts` leave `prom` (a newer table, a newer primary's fence, the node dropping its
+        copies) before it took them over from the copies it set aside: this node's own copy that it
+        set aside is its copy again (not deleted, if its deletion had not come yet; else put back,
+        with the other owners' records kept with it, newest of each key), one that counts for
+        nothing, as before the takeover. The next takeover of them, here or on another node, reads
+        it again. It used to be forgotten with the takeover: the writes only it had were lost."""
+        for p in parts:
+            if p not in prom.syncing:
+                continue  # (decided: what it took is in this node's copy)
+            for name in {n for n, q in itertools.chain(prom.spare, prom.untrusted) if q == p}:
+                key = (name, p)
+                spare = prom.spare.pop(key, {})
+                prom.union.discard(key)
+                if key not in prom.untrusted:
+                    continue  # (the owners' copies are still theirs)
+                prom.untrusted.discard(key)
+                if name not in self.engines or name in self.broken:
+                    continue
+                dropping = self._dropping.get(name)
+                if dropping is not None and p in dropping:  # not deleted yet: it stays
+                    if dropping.pop(p):
+                        self._persist_held(name, p)
+                    if not dropping:
+                        del self._dropping[name]
+                for k, rec in spare.items():
+                    ok, current = self._get(name, p, k)
+                    if ok and newer(rec, current):
+                        self._put(name, p, k, rec)
+
+    def _forget_aside(self, name: str) -> None:
+        """Map `name` was removed, or its engine replaced: what takeovers set aside of it is not
+        the map's any more."""
+        for prom in self._promotions:
+            for key in [k for k in prom.spare if k[0] == name]:
+                del prom.spare[key]
+            prom.untrusted = {k for k in prom.untrusted if k[0] != name}
+            prom.union = {k for k in prom.union if k[0] != name}
 
     def _trusted(self, p: int, spec: MapSpec, name: str) -> bool:
         """Whether this node's copy of `p` counts as one of its active configuration's."""
@@ -1491,6 +1535,7 @@ class MapCore:
                 ps.rest = [p for p in ps.rest if p not in gone]
         for prom in list(self._promotions):
             if not gone.keys().isdisjoint(prom.parts):
+                self._set_back(prom, gone.keys() & prom.parts)
                 prom.parts.difference_update(gone)
                 prom.syncing.difference_update(gone)
                 if advance:
