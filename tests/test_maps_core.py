@@ -2570,3 +2570,44 @@ def test_a_copy_set_aside_by_a_takeover_that_a_newer_table_replaced_is_not_lost(
     lost = [key for n, key in enumerate(mine) if net.results[300 + n] != (b"new", True)]
     assert not lost, f"{len(lost)} of {len(mine)} keys lost their newest write"
 
+
+def test_a_retry_after_a_takeover_from_copies_that_do_not_count_is_recognised() -> None:
+    """A compare-and-set is applied and replicated, its answer to the caller's node lost; then
+    every owner's machine restarts (a power cut of their rack) before the caller retries. No owner
+    has a copy that counts: the takeover takes the union of their copies, and their operation ids
+    with it, so the retry (same id) reports what the first attempt did. The ids used to be left out
+    of the union: the retry ran again and failed (the key held the value it had itself written)."""
+    net = Net(4)
+    client = net.ids[3]
+    key = next(
+        k for k in (f"k{i}" for i in range(500)) if client not in owners_for(net.table, partition_of(k, P), 3)
+    )
+    p = partition_of(key, P)
+    owners = owners_for(net.table, p, 3)
+    net.drop = lambda src, dst, msg: isinstance(msg, MapResponse) and dst == client
+    net.submit(client, 1, OP_CAS, key, b"v", None)
+    net.pump()
+    assert 1 not in net.results
+    assert sum(1 for o in owners if net.engines[o].get(p, key) is not None) >= 2, "it was applied"
+    net.drop = lambda src, dst, msg: False
+    net.queue.clear()
+    for n, o in enumerate(owners):  # their machines restart: copies kept, counting for nothing
+        engine = net.engines[o]
+        for q in list(engine.held()):
+            engine.set_held(q, set())
+        net.cores[o] = MapCore(o, partitions=P, timings=net.t, incarnation=60 + n)
+        net.run(o, net.cores[o].define("m", net.spec, engine, net.now))
+        net.run(o, net.cores[o].set_table(net.table, net.now))
+        for other in net.ids:
+            if other != o:
+                net.run(other, net.cores[other].peer_down(o, net.now))
+    for o in owners:
+        for other in net.ids:
+            if other != o:
+                net.run(other, net.cores[other].peer_up(o, net.now))
+                net.run(o, net.cores[o].peer_up(other, net.now))
+    if net.ids[0] in owners:
+        net.run(net.ids[0], net.cores[net.ids[0]].set_leader(True, net.now))
+    net.settle(2.5)  # within the caller's timeout: it retries (same id) at the new primary
+    assert net.results[1] == (b"v", True), net.results[1]
+

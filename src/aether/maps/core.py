@@ -373,12 +373,13 @@ class _Promotion:
     # When no owner of a partition has a copy that counts (a power cut of the whole cluster, or the
     # whole cluster away past the tombstone horizon: every copy distrusted), the takeover takes the
     # union of the copies that do not count instead of starting empty. Until it knows, it keeps
-    # them aside (newest record of each key): this node's own (`untrusted`: read as they are
-    # deleted, `MapCore._settle`) and the owners' answers' records of partitions they do not hold.
-    # A partition that leaves the takeover before it decided puts them back as this node's copy
-    # (`MapCore._set_back`).
+    # them aside (newest record of each key, and their operation ids): this node's own
+    # (`untrusted`: read as they are deleted, `MapCore._settle`) and the owners' answers' records
+    # of partitions they do not hold. A partition that leaves the takeover before it decided puts
+    # them back as this node's copy (`MapCore._set_back`).
     untrusted: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) of own copies so kept
     spare: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
+    spare_ops: dict[tuple[str, int], dict[OpId, int]] = field(default_factory=dict)  # -> applied at (wall ms)
     union: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) taken from `spare`
     unioned: bool = False  # (logged once)
     # the copies this node can no longer trust are still being deleted (`MapCore._drop_later`):
@@ -928,6 +929,9 @@ class MapCore:
                 if not self._trusted(p, spec, name):
                     if p not in dropping and self._active_owner(self.node_id, name, p):
                         prom.untrusted.add((name, p))
+                        ops = self.ops.get(name, {}).get(p)
+                        if ops:
+                            prom.spare_ops[(name, p)] = dict(ops)
                     self._drop_later(name, p)
         self._promotions.append(prom)
         if self._dropping:  # (its first batch now: all of them, if they are few)
@@ -1064,32 +1068,46 @@ class MapCore:
                 if newer(rec, spare.get(key)):
                     spare[key] = rec
 
+    def _keep_ops_aside(self, prom: _Promotion, name: str, ops: OpIds) -> None:
+        """Keep `ops`, operation ids of copies that do not count, with their records
+        (`_Promotion.spare_ops`): a retry whose id is only there is recognised after a union."""
+        for p, origin, rid, at in ops:
+            if p in prom.syncing:
+                kept = prom.spare_ops.setdefault((name, p), {})
+                kept[(origin, rid)] = max(at, kept.get((origin, rid), at))
+
     def _take_spares(self, prom: _Promotion, parts: Iterable[int]) -> None:
         """`parts` are past their sync: those that no owner had a copy of that counts take the
-        union of the copies that do not (`_synced`); the others' are forgotten."""
+        union of the copies that do not (`_synced`), with their operation ids; the others' are
+        forgotten."""
         for p in parts:
             for name in self.specs:
                 spare = prom.spare.pop((name, p), None)
-                if spare is None or (name, p) not in prom.union or name in self.broken:
+                ops = prom.spare_ops.pop((name, p), None)
+                if (name, p) not in prom.union or name in self.broken:
                     continue
-                for key, rec in spare.items():
+                for key, rec in (spare or {}).items():
                     ok, current = self._get(name, p, key)
                     if ok and newer(rec, current) and self._put(name, p, key, rec):
                         prom.merged += 1
+                if ops:
+                    self._merge_ops(name, [(p, origin, rid, at) for (origin, rid), at in ops.items()])
 
     def _set_back(self, prom: _Promotion, parts: Iterable[int]) -> None:
         """`parts` leave `prom` (a newer table, a newer primary's fence, the node dropping its
         copies) before it took them over from the copies it set aside: this node's own copy that it
         set aside is its copy again (not deleted, if its deletion had not come yet; else put back,
-        with the other owners' records kept with it, newest of each key), one that counts for
-        nothing, as before the takeover. The next takeover of them, here or on another node, reads
-        it again. It used to be forgotten with the takeover: the writes only it had were lost."""
+        with the other owners' records kept with it, newest of each key, and their operation ids),
+        one that counts for nothing, as before the takeover. The next takeover of them, here or on
+        another node, reads it again. It used to be forgotten with the takeover: the writes only it
+        had were lost."""
         for p in parts:
             if p not in prom.syncing:
                 continue  # (decided: what it took is in this node's copy)
             for name in {n for n, q in itertools.chain(prom.spare, prom.untrusted) if q == p}:
                 key = (name, p)
                 spare = prom.spare.pop(key, {})
+                ops = prom.spare_ops.pop(key, {})
                 prom.union.discard(key)
                 if key not in prom.untrusted:
                     continue  # (the owners' copies are still theirs)
@@ -1106,13 +1124,16 @@ class MapCore:
                     ok, current = self._get(name, p, k)
                     if ok and newer(rec, current):
                         self._put(name, p, k, rec)
+                if ops:
+                    self._merge_ops(name, [(p, origin, rid, at) for (origin, rid), at in ops.items()])
 
     def _forget_aside(self, name: str) -> None:
         """Map `name` was removed, or its engine replaced: what takeovers set aside of it is not
         the map's any more."""
         for prom in self._promotions:
-            for key in [k for k in prom.spare if k[0] == name]:
-                del prom.spare[key]
+            for store in (prom.spare, prom.spare_ops):
+                for key in [k for k in store if k[0] == name]:
+                    del store[key]
             prom.untrusted = {k for k in prom.untrusted if k[0] != name}
             prom.union = {k for k in prom.union if k[0] != name}
 
@@ -1165,7 +1186,7 @@ class MapCore:
             if all_answered or (
                 have + len(lost) + len(left) >= need and self._now - prom.started >= self.t.force_after
             ):
-                if have == 0 and prom.spare.get((name, p)):
+                if have == 0 and (prom.spare.get((name, p)) or prom.spare_ops.get((name, p))):
                     # No copy that counts anywhere (every owner's machine restarted, or the whole
                     # cluster was away past the tombstone horizon): the copies that do not are all
                     # that is left of the partition. Starting empty lost every acknowledged write.
@@ -2732,6 +2753,9 @@ class MapCore:
                 n += len(batch)
                 if held is not None:
                     self._merge_ops(name, [op for op in batch if op[0] in held])
+                    self._keep_ops_aside(prom, name, [
+                        op for op in batch if op[0] not in held and self._active_owner(peer, name, op[0])
+                    ])
         finally:
             prom.merging -= 1
         if held is not None:
