@@ -376,11 +376,13 @@ class _Promotion:
     # them aside (newest record of each key, and their operation ids): this node's own
     # (`untrusted`: read as they are deleted, `MapCore._settle`) and the owners' answers' records
     # of partitions they do not hold. A partition that leaves the takeover before it decided puts
-    # them back as this node's copy (`MapCore._set_back`).
+    # them back as this node's copy (`MapCore._set_back`); one taken from them merges them a batch
+    # per step (`unioning`, `MapCore._merge_union`) before it is pushed.
     untrusted: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) of own copies so kept
     spare: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
     spare_ops: dict[tuple[str, int], dict[OpId, int]] = field(default_factory=dict)  # -> applied at (wall ms)
     union: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) taken from `spare`
+    unioning: set[int] = field(default_factory=set)  # partitions past their sync merging the union
     unioned: bool = False  # (logged once)
     # the copies this node can no longer trust are still being deleted (`MapCore._drop_later`):
     # it asks for no copy and moves on no partition before they are gone
@@ -1076,22 +1078,58 @@ class MapCore:
                 kept = prom.spare_ops.setdefault((name, p), {})
                 kept[(origin, rid)] = max(at, kept.get((origin, rid), at))
 
-    def _take_spares(self, prom: _Promotion, parts: Iterable[int]) -> None:
-        """`parts` are past their sync: those that no owner had a copy of that counts take the
-        union of the copies that do not (`_synced`), with their operation ids; the others' are
-        forgotten."""
-        for p in parts:
-            for name in self.specs:
-                spare = prom.spare.pop((name, p), None)
-                ops = prom.spare_ops.pop((name, p), None)
-                if (name, p) not in prom.union or name in self.broken:
+    def _merge_union(self, prom: _Promotion, parts: set[int]) -> Iterator[bool]:
+        """Merge into this node's copy the union of the copies that do not count of `parts` (past
+        their sync, no owner had a copy that counts: `_synced`), `MapTimings.batch_records`
+        records and operation ids per step, then push them. All at once, the union of a big
+        partition kept the loop for as long as its size. A partition that leaves the takeover
+        meanwhile puts what is left of it back (`_set_back`) and is merged no further; one whose
+        map fails here keeps what is left (it waits, as a sync does, to leave the table)."""
+        budget = self.t.batch_records
+        n = 0
+        merged: set[int] = set()
+        for p in sorted(parts):
+            whole = True
+            for name in list(self.specs):
+                key = (name, p)
+                if key not in prom.union:
                     continue
-                for key, rec in (spare or {}).items():
-                    ok, current = self._get(name, p, key)
-                    if ok and newer(rec, current) and self._put(name, p, key, rec):
-                        prom.merged += 1
-                if ops:
-                    self._merge_ops(name, [(p, origin, rid, at) for (origin, rid), at in ops.items()])
+                spare = prom.spare.setdefault(key, {})
+                ops = prom.spare_ops.setdefault(key, {})
+                while spare or ops:
+                    if n >= budget:
+                        yield True
+                        n = 0
+                    if p not in prom.unioning or prom.spare.get(key) is not spare:
+                        break  # (set back: `_set_back`)
+                    if name in self.broken or name not in self.engines:
+                        whole = False
+                        break
+                    if spare:
+                        k, rec = spare.popitem()
+                        n += 1
+                        ok, current = self._get(name, p, k)
+                        if ok and newer(rec, current) and self._put(name, p, k, rec):
+                            prom.merged += 1
+                        continue
+                    batch: OpIds = []
+                    while ops and len(batch) < budget - n:
+                        (origin, rid), at = ops.popitem()
+                        batch.append((p, origin, rid, at))
+                    n += len(batch)
+                    self._merge_ops(name, batch)
+                if p in prom.unioning and not spare and not ops:
+                    prom.spare.pop(key, None)
+                    prom.spare_ops.pop(key, None)
+                    prom.union.discard(key)
+                elif p in prom.unioning:
+                    whole = False
+            if whole and p in prom.unioning:
+                merged.add(p)
+        prom.unioning -= merged
+        if merged and prom in self._promotions:
+            self._start_push(prom)
+            self._advance(prom)
 
     def _set_back(self, prom: _Promotion, parts: Iterable[int]) -> None:
         """`parts` leave `prom` (a newer table, a newer primary's fence, the node dropping its
@@ -1102,8 +1140,9 @@ class MapCore:
         another node, reads it again. It used to be forgotten with the takeover: the writes only it
         had were lost."""
         for p in parts:
-            if p not in prom.syncing:
+            if p not in prom.syncing and p not in prom.unioning:
                 continue  # (decided: what it took is in this node's copy)
+            prom.unioning.discard(p)
             for name in {n for n, q in itertools.chain(prom.spare, prom.untrusted) if q == p}:
                 key = (name, p)
                 spare = prom.spare.pop(key, {})
@@ -1221,13 +1260,19 @@ class MapCore:
         complete, to go on with them (one push per owner and map, one activation)."""
         if prom.dropping:
             return  # (moved on once the copies it does not trust are deleted: `_drop_copies`)
+        union: set[int] = set()
         if prom.syncing and self.table is not None:
             synced = {p for p in prom.syncing if self._synced(prom, p)}
             gathering = bool(prom.asked or prom.merging) and self._now - prom.started < self.t.gather_for
             if synced and (synced == prom.syncing or not gathering):
                 # (from now on nothing more is merged into them: what they push is what they serve)
                 prom.syncing -= synced
-                self._take_spares(prom, synced)
+                union = {p for name, p in prom.union if p in synced}
+                for key in [k for k in itertools.chain(prom.spare, prom.spare_ops) if k[1] in synced]:
+                    if key not in prom.union:  # (a copy that counts decided: these are forgotten)
+                        prom.spare.pop(key, None)
+                        prom.spare_ops.pop(key, None)
+                prom.unioning |= union
                 if not prom.syncing:  # answers still on the way are of no use any more
                     prom.asked.clear()
                     prom.buffered.clear()
@@ -1235,7 +1280,8 @@ class MapCore:
                 self._start_push(prom)
         done = [
             p for p in prom.parts
-            if p not in prom.syncing and p not in prom.activating and self._pushed(prom, p)
+            if p not in prom.syncing and p not in prom.unioning and p not in prom.activating
+            and self._pushed(prom, p)
         ]
         if done:
             prom.activating.update(done)
@@ -1249,6 +1295,8 @@ class MapCore:
                 for name in ["", *(n for n in self.specs if n not in self.broken)]:
                     self._hold(name, p, prom.version)
             self._out.append(Activate(prom.version, sorted(done)))
+        if union:  # (last: its first batch may move this takeover on, all of it if it is small)
+            self._run_job(self._merge_union(prom, union))
         if not prom.parts:
             if prom in self._promotions:
                 self._promotions.remove(prom)
@@ -1297,7 +1345,7 @@ class MapCore:
             (ps.peer, ps.name, p) for ps in self._pushes.values() if ps.promotion is prom
             for p in itertools.chain(ps.parts, ps.rest)
         }
-        synced = sorted(prom.parts - prom.syncing)
+        synced = sorted(prom.parts - prom.syncing - prom.unioning)
         for name, replicas in self._push_targets():
             done = prom.pushed.get(name, set())
             by_peer: dict[str, list[int]] = {}
@@ -1487,6 +1535,8 @@ class MapCore:
                 if asked:
                     return f"{head}: copying from its owners, waiting for {', '.join(asked)}"
                 return f"{head}: copying from its owners, too few of which hold the active copy yet"
+            if p in prom.unioning:
+                return f"{head}: merging the copies of its owners, none of which counts"
             if p in prom.activating:
                 return f"{head}: recording the takeover in the partition table"
             missing = self._push_missing(prom, p)
