@@ -3,6 +3,7 @@ consensus store. Each test pins one rule of docs/maps.md at the level where it l
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -2525,15 +2526,13 @@ def _power_cut_of(net: Net, nodes: list[str], at: int) -> None:
     net.run(nodes[0], net.cores[nodes[0]].set_leader(True, net.now))
 
 
-def test_a_copy_set_aside_by_a_takeover_that_a_newer_table_replaced_is_not_lost() -> None:
-    """After a power cut of the whole cluster, `n1` alone kept the newest writes of its partitions
-    (the others' disks lost them in the cut). Its takeover sets its copy aside (deleted from its
-    engine, kept in memory for the union) and, before it decides, a node joins: the newer table
-    replaces the takeover. The copy set aside used to go with it: neither the takeover at the new
-    table (its own copy was already deleted) nor another primary (it asked `n1`, which had nothing)
-    found those writes, and the partitions came back with the older values."""
-    net = Net(4, joined=3, partitions=32)
-    keeper, newcomer = net.ids[0], net.ids[3]
+def _replaced_union_takeover(
+    net: Net, keeper: str, newcomer: str, before_join: Callable[[], None] = lambda: None
+) -> list[str]:
+    """After a power cut of the first three nodes, `keeper` alone kept the newest writes of its
+    partitions (the others' disks lost them in the cut); its takeovers set its copy aside (deleted
+    from its engine, kept in memory for the union) and cannot decide (its answers are delayed)
+    when `newcomer` joins: the newer table replaces them. The keys it alone has the newest of."""
     keys = [f"k{i}" for i in range(200)]
     for n, key in enumerate(keys):
         net.submit(net.ids[n % 3], n + 1, OP_PUT, key, b"old")
@@ -2543,9 +2542,9 @@ def test_a_copy_set_aside_by_a_takeover_that_a_newer_table_replaced_is_not_lost(
         (i, k): net.engines[i].get(partition_of(k, net.partitions), k) for i in net.ids[1:3] for k in mine
     }
     for n, key in enumerate(mine):
-        net.submit(net.ids[n % 3], 100 + n, OP_PUT, key, b"new")
+        net.submit(net.ids[n % 3], 1000 + n, OP_PUT, key, b"new")
     net.settle()
-    assert all(net.results[100 + n] == (None, True) for n in range(len(mine)))
+    assert all(net.results[1000 + n] == (None, True) for n in range(len(mine)))
     for (other, key), rec in before.items():  # the cut took the newest writes from the others' disks
         assert rec is not None
         net.engines[other].put(partition_of(key, net.partitions), key, rec)
@@ -2556,20 +2555,63 @@ def test_a_copy_set_aside_by_a_takeover_that_a_newer_table_replaced_is_not_lost(
     assert any(prom.spare for prom in core._promotions), "its own copy is set aside"
     assert not any(net.engines[keeper].get(partition_of(k, net.partitions), k) for k in mine), "and deleted"
     net.drop = lambda src, dst, msg: False
-    before_join = net.table
+    before_join()
     net.join(newcomer)
     net.settle(net.t.force_after + 3.0)
     assert newcomer in net.table.members
     parts = {partition_of(k, net.partitions) for k in mine}
     # (both ways: partitions it takes over again at the new table, and some another node takes)
-    assert {net.table.primary(p) for p in parts} == {keeper, newcomer}, before_join
+    assert {net.table.primary(p) for p in parts} == {keeper, newcomer}
     assert all(not c._promotions for c in net.cores.values()), "every takeover finished"
+    return mine
+
+
+def test_a_copy_set_aside_by_a_takeover_that_a_newer_table_replaced_is_not_lost() -> None:
+    """The copy `keeper`'s replaced takeovers set aside used to go with them: neither its takeover
+    at the new table (its own copy was already deleted) nor the newcomer's (it asked `keeper`,
+    which had nothing) found those writes, and the partitions came back with the older values."""
+    net = Net(4, joined=3, partitions=32)
+    mine = _replaced_union_takeover(net, net.ids[0], net.ids[3])
     for n, key in enumerate(mine):
         net.submit(net.ids[1], 300 + n, OP_GET, key)
     net.settle()
     lost = [key for n, key in enumerate(mine) if net.results[300 + n] != (b"new", True)]
     assert not lost, f"{len(lost)} of {len(mine)} keys lost their newest write"
 
+
+def test_a_copy_set_back_is_written_back_a_batch_per_step() -> None:
+    """The copies a replaced takeover set aside go back to the engine `batch_records` records per
+    step, and those the node takes over again at the new table are not written at all (the new
+    takeover takes them as they are): all of them were written in the step that got the table."""
+    net = Net(4, joined=3, partitions=32, engines={f"n{i}": _CountingPuts() for i in range(1, 5)},
+              batch_records=5)
+    keeper, newcomer = net.ids[0], net.ids[3]
+    engine = net.engines[keeper]
+    assert isinstance(engine, _CountingPuts)
+    steps: list[int] = []
+
+    def count_steps() -> None:  # (the step that gets the table, and each batch of work after it)
+        core = net.cores[keeper]
+        set_table, more = core.set_table, core.more
+
+        def counted(step: Callable[[Any, Any], list[Any]]) -> Callable[[Any, Any], list[Any]]:
+            def run(a: Any, b: Any) -> list[Any]:
+                puts = engine.puts
+                out = step(a, b)
+                steps.append(engine.puts - puts)
+                return out
+            return run
+
+        core.set_table = counted(set_table)  # type: ignore[method-assign]
+        core.more = counted(more)  # type: ignore[method-assign]
+
+    mine = _replaced_union_takeover(net, keeper, newcomer, count_steps)
+    assert sum(steps) >= len(mine), "it wrote the copies back (and merged the unions)"
+    assert max(steps) <= 5, steps
+    for n, key in enumerate(mine):
+        net.submit(net.ids[1], 300 + n, OP_GET, key)
+    net.settle()
+    assert [net.results[300 + n] for n in range(len(mine))] == [(b"new", True)] * len(mine)
 
 def test_a_retry_after_a_takeover_from_copies_that_do_not_count_is_recognised() -> None:
     """A compare-and-set is applied and replicated, its answer to the caller's node lost; then

@@ -567,6 +567,12 @@ class MapCore:
         # engine's record of that goes with the copy); the core counts them as gone already
         self._dropping: dict[str, dict[int, bool]] = {}
         self._drops_running = False  # the job deleting them (`_drop_copies`) is under way
+        # copies set back by takeovers replaced before they decided (`_set_back`), still to be
+        # written to their engines: map -> partition -> (records, operation ids). Written a batch
+        # per step (`_write_backs`), at once when anything reads or writes the partition first
+        # (`_settle`), or taken whole by this node's next takeover of it (`_start_promotion`)
+        self._back: dict[str, dict[int, tuple[dict[str, Record], dict[OpId, int]]]] = {}
+        self._backs_running = False
         self._purge_cursor = 0
         self._last_housekeeping = 0.0
         self._last_pull = 0.0
@@ -641,7 +647,7 @@ class MapCore:
 
     def _put(self, name: str, p: int, key: str, rec: Record) -> bool:
         """Store `rec`; on a storage failure mark the map broken and return False."""
-        if self._dropping:
+        if self._dropping or self._back:
             self._settle(name, p)
         try:
             self.engines[name].put(p, key, rec)
@@ -651,7 +657,7 @@ class MapCore:
             return False
 
     def _get(self, name: str, p: int, key: str) -> tuple[bool, Record | None]:
-        if self._dropping:
+        if self._dropping or self._back:
             self._settle(name, p)
         try:
             return True, self.engines[name].get(p, key)
@@ -929,11 +935,16 @@ class MapCore:
             dropping = self._dropping.get(name, {})
             for p in parts:
                 if not self._trusted(p, spec, name):
+                    back = self._take_back(name, p)  # (set back by the takeover this one replaces)
                     if p not in dropping and self._active_owner(self.node_id, name, p):
                         prom.untrusted.add((name, p))
-                        ops = self.ops.get(name, {}).get(p)
+                        records, ops = back or ({}, {})
+                        for oid, at in (self.ops.get(name, {}).get(p) or {}).items():
+                            ops[oid] = max(at, ops.get(oid, at))
+                        if records:
+                            prom.spare[(name, p)] = records
                         if ops:
-                            prom.spare_ops[(name, p)] = dict(ops)
+                            prom.spare_ops[(name, p)] = ops
                     self._drop_later(name, p)
         self._promotions.append(prom)
         if self._dropping:  # (its first batch now: all of them, if they are few)
@@ -998,6 +1009,7 @@ class MapCore:
         node drop ~340 partitions held its loop 0.03-0.1 s."""
         held = self.held.pop((name, p), None) is not None
         self.ops.get(name, {}).pop(p, None)
+        self._take_back(name, p)  # (forgotten with it)
         parts = self._dropping.setdefault(name, {})
         parts[p] = parts.get(p, False) or held
 
@@ -1027,7 +1039,11 @@ class MapCore:
 
     def _settle(self, name: str, p: int) -> int:
         """Delete from its engine the copy of `p` of map `name` that `_drop_later` left there, if
-        it did; the number of records deleted."""
+        it did, or write back the copy `_set_back` left to write (`_write_backs`); the number of
+        records deleted or written."""
+        back = self._take_back(name, p)
+        if back is not None:
+            return self._write_back(name, p, back)
         parts = self._dropping.get(name)
         if parts is None or p not in parts:
             return 0
@@ -1050,7 +1066,7 @@ class MapCore:
 
     def _settle_all(self, name: str, parts: Iterable[int]) -> None:
         """`_settle` each of `parts` (before reading or writing their copies as a whole)."""
-        if name in self._dropping:
+        if name in self._dropping or name in self._back:
             for p in parts:
                 self._settle(name, p)
 
@@ -1135,10 +1151,10 @@ class MapCore:
         """`parts` leave `prom` (a newer table, a newer primary's fence, the node dropping its
         copies) before it took them over from the copies it set aside: this node's own copy that it
         set aside is its copy again (not deleted, if its deletion had not come yet; else put back,
-        with the other owners' records kept with it, newest of each key, and their operation ids),
-        one that counts for nothing, as before the takeover. The next takeover of them, here or on
-        another node, reads it again. It used to be forgotten with the takeover: the writes only it
-        had were lost."""
+        with the other owners' records kept with it, newest of each key, and their operation ids:
+        `_back`, written a batch per step), one that counts for nothing, as before the takeover.
+        The next takeover of them, here or on another node, reads it again. It used to be
+        forgotten with the takeover: the writes only it had were lost."""
         for p in parts:
             if p not in prom.syncing and p not in prom.unioning:
                 continue  # (decided: what it took is in this node's copy)
@@ -1159,16 +1175,79 @@ class MapCore:
                         self._persist_held(name, p)
                     if not dropping:
                         del self._dropping[name]
-                for k, rec in spare.items():
-                    ok, current = self._get(name, p, k)
-                    if ok and newer(rec, current):
-                        self._put(name, p, k, rec)
-                if ops:
-                    self._merge_ops(name, [(p, origin, rid, at) for (origin, rid), at in ops.items()])
+                if spare or ops:
+                    records, ids = self._back.setdefault(name, {}).setdefault(p, ({}, {}))
+                    for k, rec in spare.items():
+                        if newer(rec, records.get(k)):
+                            records[k] = rec
+                    for oid, at in ops.items():
+                        ids[oid] = max(at, ids.get(oid, at))
+        if self._back and not self._backs_running:
+            # (from the next step on: a takeover of them that starts in this one, at a newer
+            # table, takes them as they are instead, `_start_promotion`)
+            self._backs_running = True
+            self._jobs.append(self._write_backs())
+
+    def _take_back(self, name: str, p: int) -> tuple[dict[str, Record], dict[OpId, int]] | None:
+        """What `_set_back` left to write of partition `p` of map `name` (None: nothing), no
+        longer left."""
+        parts = self._back.get(name)
+        if parts is None or p not in parts:
+            return None
+        back = parts.pop(p)
+        if not parts:
+            del self._back[name]
+        return back
+
+    def _write_back(self, name: str, p: int, back: tuple[dict[str, Record], dict[OpId, int]]) -> int:
+        """Write `back` (records, newest of each key, and operation ids) into this node's copy of
+        `p` (one that does not count); the number of records and ids written."""
+        engine = self.engines.get(name)
+        records, ids = back
+        if engine is None or name in self.broken:
+            return 0
+        try:
+            for k, rec in records.items():
+                if newer(rec, engine.get(p, k)):
+                    engine.put(p, k, rec)
+            if ids:
+                engine.add_ops([(p, origin, rid, at) for (origin, rid), at in ids.items()])
+        except Exception as e:
+            self._storage_failed(name, e)
+            return 0
+        by_p = self.ops.setdefault(name, {}).setdefault(p, {})
+        by_p.update(ids)
+        return len(records) + len(ids)
+
+    def _write_backs(self) -> Iterator[bool]:
+        """Write the copies `_set_back` left, about `batch_records` records and operation ids per
+        step: a takeover replaced with many partitions set aside, all written back at once, kept
+        the loop as long as the node's share of the map."""
+        budget = self.t.batch_records
+        n = 0
+        while self._back:
+            if n >= budget:
+                yield True
+                n = 0
+                continue  # (what is left may have changed meanwhile)
+            name, parts = next(iter(self._back.items()))
+            p, (records, ids) = next(iter(parts.items()))
+            batch: tuple[dict[str, Record], dict[OpId, int]] = ({}, {})
+            while records and n + len(batch[0]) < budget:
+                k, rec = records.popitem()
+                batch[0][k] = rec
+            while ids and n + len(batch[0]) + len(batch[1]) < budget:
+                oid, at = ids.popitem()
+                batch[1][oid] = at
+            if not records and not ids:
+                self._take_back(name, p)
+            n += max(1, self._write_back(name, p, batch))
+        self._backs_running = False
 
     def _forget_aside(self, name: str) -> None:
         """Map `name` was removed, or its engine replaced: what takeovers set aside of it is not
         the map's any more."""
+        self._back.pop(name, None)
         for prom in self._promotions:
             for store in (prom.spare, prom.spare_ops):
                 for key in [k for k in store if k[0] == name]:
@@ -1695,6 +1774,7 @@ class MapCore:
         partitions over again from the other owners."""
         self.log.warning("dropping this node's map copies (%s); they are copied back from the cluster", why)
         self._step_down_all([(p, f"{self.node_id} copies its map data again") for p in list(self.prims)])
+        self._back.clear()  # (what takeovers set aside goes too)
         # (deleted from the engines a batch per step, as a takeover's untrusted copies are: the
         # whole map at once held the loop as long as its size)
         for name, engine in self.engines.items():
