@@ -2527,12 +2527,14 @@ def _power_cut_of(net: Net, nodes: list[str], at: int) -> None:
 
 
 def _replaced_union_takeover(
-    net: Net, keeper: str, newcomer: str, before_join: Callable[[], None] = lambda: None
+    net: Net, keeper: str, newcomer: str, before_join: Callable[[], None] = lambda: None, *, lag: bool = False
 ) -> list[str]:
     """After a power cut of the first three nodes, `keeper` alone kept the newest writes of its
     partitions (the others' disks lost them in the cut); its takeovers set its copy aside (deleted
     from its engine, kept in memory for the union) and cannot decide (its answers are delayed)
-    when `newcomer` joins: the newer table replaces them. The keys it alone has the newest of."""
+    when `newcomer` joins: the newer table replaces them (`lag`: `keeper`'s store replica does not
+    follow for a while, so the newcomer's fence replaces them first). The keys it alone has the
+    newest of."""
     keys = [f"k{i}" for i in range(200)]
     for n, key in enumerate(keys):
         net.submit(net.ids[n % 3], n + 1, OP_PUT, key, b"old")
@@ -2556,7 +2558,12 @@ def _replaced_union_takeover(
     assert not any(net.engines[keeper].get(partition_of(k, net.partitions), k) for k in mine), "and deleted"
     net.drop = lambda src, dst, msg: False
     before_join()
+    if lag:
+        net.lagging.add(keeper)
     net.join(newcomer)
+    if lag:
+        net.settle(3.0)
+        net.catch_up(keeper)
     net.settle(net.t.force_after + 3.0)
     assert newcomer in net.table.members
     parts = {partition_of(k, net.partitions) for k in mine}
@@ -2566,12 +2573,13 @@ def _replaced_union_takeover(
     return mine
 
 
-def test_a_copy_set_aside_by_a_takeover_that_a_newer_table_replaced_is_not_lost() -> None:
+@pytest.mark.parametrize("lag", [False, True], ids=["table", "fence"])
+def test_a_copy_set_aside_by_a_takeover_that_a_newer_table_replaced_is_not_lost(lag: bool) -> None:
     """The copy `keeper`'s replaced takeovers set aside used to go with them: neither its takeover
     at the new table (its own copy was already deleted) nor the newcomer's (it asked `keeper`,
     which had nothing) found those writes, and the partitions came back with the older values."""
     net = Net(4, joined=3, partitions=32)
-    mine = _replaced_union_takeover(net, net.ids[0], net.ids[3])
+    mine = _replaced_union_takeover(net, net.ids[0], net.ids[3], lag=lag)
     for n, key in enumerate(mine):
         net.submit(net.ids[1], 300 + n, OP_GET, key)
     net.settle()

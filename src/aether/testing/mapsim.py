@@ -22,7 +22,9 @@ What is simulated, from one `random.Random(seed)`:
   storage that fails for a while (every write raises, as a full disk does), the leader among them;
   with the log engine also power cuts (the file falls back to what was fsynced plus a random,
   maybe torn, part of the rest, and the node restarts as on a rebooted machine: it distrusts its
-  copies until a takeover gives them again).
+  copies until a takeover gives them again); a power cut of every node at once (``blackout``,
+  their disks having every write: no owner has a copy that counts, every takeover takes the union
+  of the copies) while nodes stall and flap, so newer tables replace takeovers before they decide.
 
 - maps removed and created again under the same name and settings (``recreate``) while a node
   is stalled, its watch then seeing both or only a reset: the new map is another register per key
@@ -161,6 +163,16 @@ def _recreate(rng: random.Random) -> Profile:
                    kinds={"recreate": 1.0, "kill": 0.4, "flap": 0.4, "stall": 0.3})
 
 
+def _blackout(rng: random.Random) -> Profile:
+    """A power cut of the whole cluster (every node restarts as on a rebooted machine, its disk
+    having every write it acknowledged) and the nodes coming back one by one, again and again,
+    with stalls and flaps: every takeover goes on from the union of the copies that do not count,
+    some replaced by newer tables before they decide. (Not with kills: a node whose process stops
+    while its takeover holds its own copy aside loses it, docs/maps.md, Limits.)"""
+    return Profile(nodes=rng.choice([3, 4, 5]), persistent=True, fault_gap=(1.0, 3.0),
+                   kinds={"blackout": 1.0, "flap": 0.5, "stall": 0.7}, slow_store=0.1)
+
+
 def _log(rng: random.Random) -> Profile:
     """The log engine on each node's simulated disk: kills, power cuts, full disks (writes fail
     and, with the page cache full, partly), whole-cluster restarts; snapshots every few KiB."""
@@ -184,6 +196,7 @@ def _pieces(rng: random.Random) -> Profile:
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
     "crash": _crash, "partitions": _partitions, "disk": _disk, "disks": _disks, "mixed": _mixed,
     "startup": _startup, "restart": _restart, "log": _log, "recreate": _recreate, "pieces": _pieces,
+    "blackout": _blackout,
 }
 
 
@@ -878,6 +891,16 @@ class MapWorld:
             self.stats["faults"] += 1
             await self.fault(kind)
 
+    def _holding_aside(self, running: list[str]) -> bool:
+        """Whether a node's takeover may hold its own copy aside in memory only (deleted from its
+        engine until the takeover decides, or written back a batch per step): stopping its process
+        then loses that copy (docs/maps.md, Limits), a fault beyond what the map promises."""
+        for n in running:
+            svc = self.nodes[n].service
+            if svc is not None and (svc.core._promotions or svc.core._back):
+                return True
+        return False
+
     async def fault(self, kind: str) -> None:
         rng = self.rng
         running = [n for n in self.members if self.nodes[n].running]
@@ -910,6 +933,19 @@ class MapWorld:
                 replicas=self.profile.replicas, write_quorum=self.profile.write_quorum))
             self.log(f"define {name}")
             self.maps.append(name)
+        elif kind == "blackout" and not self._holding_aside(running):
+            for n in running:
+                self.nodes[n].kill()
+                self.nodes[n].rebooted = True  # (its disk had everything: no tail lost)
+            self.topology_changed()
+            self.log("power cut of every node")
+            await asyncio.sleep(rng.uniform(0.2, 2.0))
+            order = list(self.members)
+            rng.shuffle(order)
+            for n in order:
+                self.nodes[n].start()
+                self.topology_changed()
+                await asyncio.sleep(rng.uniform(0.0, 0.5))
         elif kind == "recreate":
             await self._recreate(rng.choice(self.maps))
         elif kind == "stall" and running:
