@@ -53,6 +53,26 @@ async def test_an_apply_refused_for_a_conflicting_map_defines_none_of_its_other_
     assert sorted(kv.data) == ["maps/defs/orders"]  # carts was not defined
 
 
+async def test_a_conflicting_map_of_a_blueprint_is_named_with_every_setting() -> None:
+    """The refusal named the blueprint's replicas, write_quorum and engine only, and the existing
+    map as a repr (`MapSpec(replicas=3, ...)`): a map that differs in `max_value_bytes` alone read
+    as asking for what exists."""
+    from aether.core.maps import MapSpec
+    from aether.deploy.errors import BlueprintError
+
+    kv = FakeKV({"maps/defs/claims": MapSpec(engine="sqlite", max_value_bytes=4096)})
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    toml = ('id = "shop"\n[maps.claims]\nengine = "sqlite"\nmax_value_bytes = 8192\n'
+            '[slices.a]\nartifact = "org.demo:a:1.0.0"\n')
+    with pytest.raises(BlueprintError) as e:
+        await svc.apply_blueprint(toml, "shop.toml")
+    assert str(e.value) == (
+        "shop.toml: [maps.claims] asks for replicas=3 write_quorum=2 engine=sqlite max_value_bytes=8192, "
+        "but map 'claims' exists with replicas=3 write_quorum=2 engine=sqlite max_value_bytes=4096; use "
+        "the existing settings or delete the map first (`aether map delete claims`)"
+    )
+
+
 async def test_a_refusal_during_a_rollback_does_not_suggest_an_abort_that_is_refused() -> None:
     """The 409 for another version during a rollout said "wait for it or abort it"; a rollback
     cannot be aborted (`abort` answers 409 "only a progressing or paused rollout can be aborted")."""

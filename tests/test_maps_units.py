@@ -1291,3 +1291,24 @@ async def test_a_sync_answer_goes_out_a_batch_per_loop_turn(tmp_path: Path) -> N
         assert records() == 2000
     finally:
         await svc.stop()
+
+
+async def test_a_definition_conflict_names_every_setting(tmp_path: Path) -> None:
+    """Two definitions that differ only in `max_value_bytes` conflict (409), and the message must
+    say so: it named replicas, write_quorum and engine only, so both sides read the same
+    (`... other settings (replicas=3 write_quorum=2 engine=sqlite); wanted replicas=3 write_quorum=2
+    engine=sqlite`)."""
+    from aether.core.maps import MapDefinitionConflict, MapSpec
+    from aether.kv.keys import MapDefKey
+    from aether.maps.service import MapService
+
+    kv = _LaggingKV()
+    svc = MapService("node-1", kv, sender=None, data_dir=tmp_path)  # type: ignore[arg-type]
+    kv.store[str(MapDefKey("claims"))] = MapSpec(engine="sqlite", max_value_bytes=4096)
+    kv.local = dict(kv.store)
+    with pytest.raises(MapDefinitionConflict) as e:
+        await svc.define("claims", MapSpec(engine="sqlite", max_value_bytes=8192))
+    assert str(e.value) == (
+        "map 'claims' already exists with other settings (replicas=3 write_quorum=2 engine=sqlite "
+        "max_value_bytes=4096); wanted replicas=3 write_quorum=2 engine=sqlite max_value_bytes=8192"
+    )

@@ -117,6 +117,14 @@ class MapSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             )
         return self
 
+    def describe(self) -> str:
+        """Every setting, as error messages name them (`replicas=3 write_quorum=2 engine=log
+        max_value_bytes=1048576`)."""
+        return (
+            f"replicas={self.replicas} write_quorum={self.write_quorum} engine={self.engine} "
+            f"max_value_bytes={self.max_value_bytes}"
+        )
+
 
 class PartitionTable(msgspec.Struct, frozen=True):
     """Partition -> owners, as stored under `maps/table` and recomputed by the leader.

@@ -599,9 +599,9 @@ class DeploymentService:
         """`BlueprintError` if map `name`, defined as `current`, has other settings than `spec`."""
         if current != spec:
             raise BlueprintError(
-                f"{bp.filename}: [maps.{name}] asks for replicas={spec.replicas} "
-                f"write_quorum={spec.write_quorum} engine={spec.engine}, but map {name!r} exists with "
-                f"{current!r}; use the existing settings or delete the map first (`aether map delete {name}`)"
+                f"{bp.filename}: [maps.{name}] asks for {spec.describe()}, but map {name!r} exists with "
+                f"{current.describe() if isinstance(current, MapSpec) else repr(current)}; use the existing "
+                f"settings or delete the map first (`aether map delete {name}`)"
             )
 
     async def delete_blueprint(self, blueprint_id: str) -> bool:

@@ -1086,7 +1086,5 @@ def _unacknowledged(action: Any, why: str) -> Any:
 
 
 def _describe(spec: object) -> str:
-    if not isinstance(spec, MapSpec):
-        return repr(spec)
-    return f"replicas={spec.replicas} write_quorum={spec.write_quorum} engine={spec.engine}"
+    return spec.describe() if isinstance(spec, MapSpec) else repr(spec)
 
