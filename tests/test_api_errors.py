@@ -79,6 +79,7 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.core.maps.MapDefinitionConflict": (409, "status:409"),
     "aether.core.maps.MapKeyError": (400, "bad_request"),
     "aether.core.maps.MapValueTooLarge": (400, "bad_request"),
+    "aether.core.maps.MapTtlError": (400, "bad_request"),
     "aether.core.maps.MapValueDecodeError": (None, "app_error"),
     "aether.core.maps.MapUnavailable": (503, "status:503"),
     "aether.core.maps.MapContention": (503, "status:503"),

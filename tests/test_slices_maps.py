@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import msgspec
@@ -15,6 +16,7 @@ from aether.core.maps import (
     MapError,
     MapKeyError,
     MapSpec,
+    MapTtlError,
     MapValueDecodeError,
     MapValueTooLarge,
     UnknownMap,
@@ -135,8 +137,26 @@ async def test_bad_input_errors_name_the_problem() -> None:
     with pytest.raises(MapValueTooLarge, match="exceeds 100 bytes"):
         await stock.put("big", Stock("x" * 200, 1))
     assert issubclass(MapValueTooLarge, BadRequest) and issubclass(MapKeyError, BadRequest)
-    with pytest.raises(MapError, match="ttl must be a positive number"):
+    # a lone surrogate (a key decoded from bytes with surrogateescape) has no UTF-8 form: it used to
+    # escape as a bare UnicodeEncodeError (HTTP 502) from deep in the map, naming no map or key
+    with pytest.raises(MapKeyError, match=r"map 'stock': the key has a lone surrogate '\\udc80' at index 1"):
+        await stock.put("a\udc80b", Stock("k", 1))
+    with pytest.raises(MapKeyError, match="lone surrogate"):
+        await stock.get("\ud800")
+    # a bad ttl is the caller's input (400), like a bad key; it was a bare MapError (HTTP 502), and
+    # one over ten years was called "not a positive number"
+    assert issubclass(MapTtlError, BadRequest)
+    too_long = r"ttl must be more than 0 and at most 3.1536e\+08 seconds \(ten years\)"
+    with pytest.raises(MapTtlError, match=too_long + ", not -1"):
         await stock.put("k", Stock("k", 1), ttl=-1)
+    with pytest.raises(MapTtlError, match=r"at most 3.1536e\+08 seconds \(ten years\), not 1e\+300"):
+        await stock.put_if_absent("k", Stock("k", 1), ttl=1e300)
+    with pytest.raises(MapTtlError, match=r"not nan"):
+        await stock.compare_and_set("k", None, Stock("k", 1), ttl=math.nan)
+    with pytest.raises(MapTtlError, match=r"ttl must be a number of seconds, not bool True"):
+        await stock.put("k", Stock("k", 1), ttl=True)
+    with pytest.raises(MapTtlError, match=r"not str '5'"):
+        await stock.put("k", Stock("k", 1), ttl="5")  # type: ignore[arg-type]
     # (max_attempts=0 raised UnboundLocalError: no round ran, and the error named the round count)
     with pytest.raises(MapError, match=r"max_attempts must be a whole number of at least 1, not 0"):
         await stock.update("k", lambda v: v, max_attempts=0)

@@ -25,6 +25,7 @@ from aether.core.errors import BadRequest, StatusError
 from aether.core.jsonbody import decode_json_body, require_json_content_type
 from aether.core.maps import (
     DEFAULT_MAX_VALUE_BYTES,
+    MAX_TTL,
     MAX_VALUE_BYTES_LIMIT,
     MapSpec,
     StorageEngine,
@@ -48,7 +49,6 @@ __all__ = [
     "MapRoutes",
 ]
 
-MAX_TTL: Final = 10 * 365 * 24 * 3600.0
 _DEFAULT_WRITE_QUORUM: Final = MapSpec().write_quorum
 
 

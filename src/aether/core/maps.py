@@ -18,11 +18,13 @@ __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_CAS_BYTES",
     "MAX_KEY_BYTES",
+    "MAX_TTL",
     "MapContention",
     "MapDefinitionConflict",
     "MapError",
     "MapKeyError",
     "MapSpec",
+    "MapTtlError",
     "MapUnavailable",
     "MapValueDecodeError",
     "MapValueTooLarge",
@@ -35,6 +37,8 @@ __all__ = [
 
 StorageEngine = Literal["memory", "log", "sqlite"]
 MAX_KEY_BYTES: Final = 1024
+MAX_TTL: Final = 10 * 365 * 24 * 3600.0
+"""The longest `ttl` a write may give, in seconds (ten years)."""
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
 MAX_VALUE_BYTES_LIMIT: Final = 8 * 1024 * 1024
 """Values travel in one transport frame (16 MiB at most)."""
@@ -62,7 +66,12 @@ class MapDefinitionConflict(MapError, StatusError):
 
 
 class MapKeyError(MapError, BadRequest):
-    """A key is empty, not a string, or longer than `MAX_KEY_BYTES` (UTF-8)."""
+    """A key is empty, not a string, not encodable as UTF-8 (a lone surrogate), or longer than
+    `MAX_KEY_BYTES` (UTF-8)."""
+
+
+class MapTtlError(MapError, BadRequest):
+    """A `ttl` that is not a number of seconds above 0 and at most `MAX_TTL` (ten years)."""
 
 
 class MapValueTooLarge(MapError, BadRequest):
@@ -174,8 +183,16 @@ def check_key(map_name: str, key: object) -> str:
         raise MapKeyError(f"map {map_name!r}: keys are strings, not {type(key).__name__}")
     if not key:
         raise MapKeyError(f"map {map_name!r}: the key is empty")
-    if len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES:
-        raise MapKeyError(
-            f"map {map_name!r}: key of {len(key.encode())} bytes is longer than {MAX_KEY_BYTES} bytes"
-        )
+    if key.isascii():
+        size = len(key)
+    else:
+        try:
+            size = len(key.encode())
+        except UnicodeEncodeError as e:  # a lone surrogate ('\udc80'): no UTF-8 form to store or send
+            raise MapKeyError(
+                f"map {map_name!r}: the key has a lone surrogate {key[e.start]!r} at index {e.start}, "
+                "which UTF-8 cannot encode (keys are stored as UTF-8)"
+            ) from None
+    if size > MAX_KEY_BYTES:
+        raise MapKeyError(f"map {map_name!r}: key of {size} bytes is longer than {MAX_KEY_BYTES} bytes")
     return key

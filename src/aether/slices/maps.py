@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 
 import msgspec
 
-from aether.core.maps import MapContention, MapError, MapValueDecodeError, check_key
+from aether.core.maps import MAX_TTL, MapContention, MapError, MapTtlError, MapValueDecodeError, check_key
 
 if TYPE_CHECKING:
     from aether.core.tracing import TraceContext
@@ -216,5 +216,11 @@ class SliceMap(Generic[V]):
 
 
 def _check_ttl(name: str, ttl: float | None) -> None:
-    if ttl is not None and not (isinstance(ttl, int | float) and 0 < ttl <= 10 * 365 * 86400):
-        raise MapError(f"map {name!r}: ttl must be a positive number of seconds, not {ttl!r}")
+    if ttl is None:
+        return
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise MapTtlError(f"map {name!r}: ttl must be a number of seconds, not {type(ttl).__name__} {ttl!r}")
+    if not 0 < ttl <= MAX_TTL:  # also false for NaN
+        raise MapTtlError(
+            f"map {name!r}: ttl must be more than 0 and at most {MAX_TTL:g} seconds (ten years), not {ttl!r}"
+        )
