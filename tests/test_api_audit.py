@@ -76,6 +76,24 @@ def test_the_window_is_bounded() -> None:
     assert log.recent(0) == []
 
 
+def test_a_log_line_is_one_line_whatever_the_request_path(caplog: pytest.LogCaptureFixture) -> None:
+    """The path and the target come from the request: a map key ending in a line break and a
+    fake record (`PUT /api/v1/maps/m/entries/x%0A... audit: key=admin ...`) wrote a second, forged
+    audit line into the node's text log. Control characters are escaped in the line; the entry
+    keeps the path as it was."""
+    caplog.set_level(logging.INFO, logger="aether.audit")
+    log = AuditLog("n")
+    forged = "/api/v1/maps/m/entries/x\n2026-12-07 22:11:59,613 INFO n aether.audit.n: audit: key=admin"
+    log.record(key=None, remote="127.0.0.1", method="PUT", path=forged, target="x\n\x00\udc80ü", status=200)
+    (line,) = [r.getMessage() for r in caplog.records if r.name.startswith("aether.audit")]
+    assert "\n" not in line and "\x00" not in line and "\udc80" not in line
+    assert line == (
+        "audit: key=- remote=127.0.0.1 PUT /api/v1/maps/m/entries/x\\n2026-12-07 22:11:59,613 INFO n "
+        "aether.audit.n: audit: key=admin target=x\\n\\x00\\udc80ü -> 200"
+    )
+    assert log.recent(1)[0].path == forged
+
+
 def test_target_of() -> None:
     assert target_of({"id": "bp:1"}, b'{"artifact": "x"}') == "bp:1"
     assert target_of({}, b'{"artifact": "g:a:1", "instances": 2}') == "g:a:1"

@@ -59,6 +59,15 @@ def target_of(match_info: dict[str, str], body: bytes | None) -> str | None:
     return None
 
 
+def _one_line(text: str) -> str:
+    """`text` with every character that is not printable (a line break, NUL, a lone surrogate)
+    written as its Python escape: the path and the target come from the request, and a key such as
+    `x%0A2026-... audit: key=admin ...` wrote a second, forged audit line into a text log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class AuditLog:
     """The newest `capacity` audit entries of one node, and a log line per entry."""
 
@@ -74,7 +83,7 @@ class AuditLog:
         self.entries.append(entry)
         self.log.info(
             "audit: key=%s remote=%s %s %s target=%s -> %d",
-            key or "-", remote or "-", method, path, target or "-", status,
+            key or "-", remote or "-", method, _one_line(path), _one_line(target or "-"), status,
         )
         return entry
 
