@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from datetime import date, datetime, time
 from typing import Annotated, Any, Final
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from aiohttp import web
@@ -27,6 +28,7 @@ from aether.core.maps import (
     DEFAULT_MAX_VALUE_BYTES,
     MAX_TTL,
     MAX_VALUE_BYTES_LIMIT,
+    MapKeyError,
     MapSpec,
     StorageEngine,
     UnknownMap,
@@ -162,6 +164,22 @@ def _ttl(text: str | None) -> float | None:
     return value
 
 
+def _entry_key(request: web.Request) -> str:
+    """The key of `/api/v1/maps/{name}/entries/{key}`: the rest of the raw path, percent-decoded
+    to bytes and read as UTF-8. aiohttp's own decoding (`match_info`) keeps an escape that does
+    not decode as UTF-8 as it is: `entries/%FF` and `entries/%25FF` were the same key, '%FF'."""
+    name = request.match_info["name"]
+    raw = request.rel_url.raw_path.split("/", 6)[6]  # '', api, v1, maps, NAME, entries, KEY...
+    data = unquote_to_bytes(raw.encode("utf-8", "surrogateescape"))  # raw bytes in the request line
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MapKeyError(
+            f"map {name!r}: the key is not UTF-8 once percent-decoded (byte {e.start} of {data!r}); "
+            "percent-encode the key's UTF-8 bytes (e.g. 'é' as %C3%A9, '%' as %25)"
+        ) from None
+
+
 def _json_problem(value: object, path: str = "$") -> str | None:
     """Where and why `value` (decoded MessagePack) has no JSON form, or None if it has one."""
     if value is None or isinstance(value, (bool, int, str, datetime, date, time)):
@@ -261,7 +279,7 @@ class MapRoutes:
 
     async def get_entry(self, request: web.Request) -> web.Response:
         query(request, ())
-        name, key = request.match_info["name"], request.match_info["key"]
+        name, key = request.match_info["name"], _entry_key(request)
         self._spec(name)
         raw: bytes | None = await self.maps.map_get(name, key)
         if raw is None:
@@ -277,7 +295,7 @@ class MapRoutes:
 
     async def put_entry(self, request: web.Request) -> web.Response:
         ttl = _ttl(query(request, ("ttl",)).get("ttl"))
-        name, key = request.match_info["name"], request.match_info["key"]
+        name, key = request.match_info["name"], _entry_key(request)
         self._spec(name)
         raw = await _read(request)
         what = f"the value for map {name!r} key {key!r}"
@@ -292,7 +310,7 @@ class MapRoutes:
 
     async def remove_entry(self, request: web.Request) -> web.Response:
         query(request, ())
-        name, key = request.match_info["name"], request.match_info["key"]
+        name, key = request.match_info["name"], _entry_key(request)
         self._spec(name)
         if not await self.maps.map_remove(name, key):
             return _problem(404, f"map {name!r} has no key {key!r}")
@@ -301,7 +319,8 @@ class MapRoutes:
 
 _TAGS = ("maps",)
 _M = f"{API_PREFIX}/maps"
-_ENTRY = f"{_M}/{{name}}/entries/{{key:.+}}"  # keys may contain '/': the rest of the path (percent-decoded)
+# keys may contain '/' (the rest of the path, percent-decoded) and a line break ('.' matches none)
+_ENTRY = f"{_M}/{{name}}/entries/{{key:[\\s\\S]+}}"
 _NAME = path_param("name", "map name: 1-63 lowercase letters, digits, '_', '.' or '-'")
 _KEY = path_param("key", "the key (percent-encoded; may contain '/'), at most 1024 bytes of UTF-8")
 _UNKNOWN = {404: "No map of that name"}
