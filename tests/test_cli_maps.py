@@ -180,3 +180,26 @@ async def test_repl_completes_map_commands_and_names(cli: Cli) -> None:
     assert [v for v, _ in found] == ["orders", "other"]
     _, found = await asyncio.to_thread(c.candidates, "map get orders ")
     assert found == []  # keys are not completed
+
+
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["map", "get", "cache", ""], "the key is empty"),  # was a 404 'no such endpoint: .../entries/'
+        (["map", "remove", "cache", ""], "the key is empty"),
+        (["map", "put", "cache", "", "1"], "the key is empty"),
+        # bytes that are not UTF-8 reach Python as surrogates: these crashed with a traceback
+        (["map", "get", "cache", "k\udcff"], "is not UTF-8 (byte b'\\xff' at character 1)"),
+        (["map", "put", "cache", "k\udcff", "1"], "is not UTF-8"),
+        (["map", "put", "cache", "k", '"\udcff"'], "is not UTF-8"),
+        (["map", "remove", "cache", "\udcff"], "is not UTF-8"),
+        (["map", "stats", "\udce9t\udce9"], "is not UTF-8 (byte b'\\xe9' at character 0)"),
+        (["map", "keys", "cache", "--prefix", "\udcff"], "is not UTF-8"),
+    ],
+)
+def test_keys_names_and_values_that_cannot_be_sent_are_usage_errors(argv: list[str], problem: str) -> None:
+    """Refused before any request (no node runs at the address): exit 2 naming the argument."""
+    env = {"AETHER_CONNECT": "127.0.0.1:9", "AETHER_API_KEY": None}
+    r = CliRunner(env=env).invoke(main, argv, catch_exceptions=False)
+    assert r.exit_code == EXIT_USAGE, r.output
+    assert problem in r.stderr, r.stderr

@@ -6,7 +6,7 @@ the command line and in the output (the node converts to and from the stored Mes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import click
@@ -104,6 +104,30 @@ def _send(client: ManagementClient, method: str, path: str, body: bytes | None =
         raise ApiError(client.target, 200, "Bad response", "the answer is not JSON") from None
 
 
+def _utf8(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An argument the node gets as UTF-8: a shell passes bytes that are not UTF-8 as surrogates
+    (`$'\\xff'`), which crashed the command with a UnicodeEncodeError traceback."""
+    if value is not None:
+        try:
+            value.encode()
+        except UnicodeEncodeError as e:
+            byte = value[e.start].encode("utf-8", "surrogateescape")
+            raise click.BadParameter(
+                f"is not UTF-8 (byte {byte!r} at character {e.start}); names, keys and values are UTF-8 text"
+            ) from None
+    return value
+
+
+def _key(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not value:
+        raise click.BadParameter("the key is empty; a map key is 1 to 1024 bytes of UTF-8")
+    return cast(str, _utf8(ctx, param, value))
+
+
+_name_arg = click.argument("map_name", metavar="NAME", callback=_utf8)
+_key_arg = click.argument("key", callback=_key)
+
+
 @click.group("map")
 def map_group() -> None:
     """Define, inspect and use distributed maps (values are JSON)."""
@@ -147,7 +171,7 @@ def map_list(settings: Settings, as_json: bool) -> None:
 
 
 @map_group.command("stats")
-@click.argument("map_name", metavar="NAME")
+@_name_arg
 @json_option
 @click.pass_obj
 def map_stats(settings: Settings, map_name: str, as_json: bool) -> None:
@@ -191,7 +215,7 @@ def map_stats(settings: Settings, map_name: str, as_json: bool) -> None:
 
 
 @map_group.command("create")
-@click.argument("map_name", metavar="NAME")
+@_name_arg
 @click.option("--replicas", type=click.IntRange(1, 9), help="Copies of every key, primary included [3].")
 @click.option(
     "--write-quorum",
@@ -234,7 +258,7 @@ def map_create(
 
 
 @map_group.command("delete")
-@click.argument("map_name", metavar="NAME")
+@_name_arg
 @json_option
 @click.pass_obj
 def map_delete(settings: Settings, map_name: str, as_json: bool) -> None:
@@ -248,8 +272,8 @@ def map_delete(settings: Settings, map_name: str, as_json: bool) -> None:
 
 
 @map_group.command("get")
-@click.argument("map_name", metavar="NAME")
-@click.argument("key")
+@_name_arg
+@_key_arg
 @json_option
 @click.pass_obj
 def map_get(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
@@ -263,9 +287,9 @@ def map_get(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
 
 
 @map_group.command("put")
-@click.argument("map_name", metavar="NAME")
-@click.argument("key")
-@click.argument("value", metavar="JSON")
+@_name_arg
+@_key_arg
+@click.argument("value", metavar="JSON", callback=_utf8)
 @click.option("--ttl", type=FiniteFloatRange(), metavar="SECONDS",
               help="Expire the entry after this many seconds.")
 @json_option
@@ -300,8 +324,8 @@ def map_put(
 
 
 @map_group.command("remove")
-@click.argument("map_name", metavar="NAME")
-@click.argument("key")
+@_name_arg
+@_key_arg
 @json_option
 @click.pass_obj
 def map_remove(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
@@ -315,8 +339,8 @@ def map_remove(settings: Settings, map_name: str, key: str, as_json: bool) -> No
 
 
 @map_group.command("keys")
-@click.argument("map_name", metavar="NAME")
-@click.option("--prefix", default="", help="Only keys starting with this.")
+@_name_arg
+@click.option("--prefix", default="", callback=_utf8, help="Only keys starting with this.")
 @json_option
 @click.pass_obj
 def map_keys(settings: Settings, map_name: str, prefix: str, as_json: bool) -> None:
