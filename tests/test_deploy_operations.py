@@ -33,8 +33,10 @@ async def test_an_apply_refused_for_a_running_rollout_defines_none_of_its_maps()
     kv = _rolling_store(rollout)
     svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
     before = dict(kv.data)
-    toml = ('id = "shop"\n[maps.orders]\nreplicas = 1\nwrite_quorum = 1\n'
-            '[slices.a]\nartifact = "org.demo:a:3.0.0"\n')
+    toml = (
+        'id = "shop"\n[maps.orders]\nreplicas = 1\nwrite_quorum = 1\n'
+        '[slices.a]\nartifact = "org.demo:a:3.0.0"\n'
+    )
     with pytest.raises(RolloutConflict, match=r"rollout of org\.demo:a from 1\.0\.0 to 2\.0\.0 is"):
         await svc.apply_blueprint(toml, "shop.toml")
     assert kv.data == before  # no map definition, no blueprint, no rollout
@@ -46,8 +48,9 @@ async def test_an_apply_refused_for_a_conflicting_map_defines_none_of_its_other_
 
     kv = FakeKV({"maps/defs/orders": MapSpec(replicas=1, write_quorum=1)})
     svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
-    toml = ('id = "shop"\n[maps.carts]\n[maps.orders]\nreplicas = 3\n'
-            '[slices.a]\nartifact = "org.demo:a:1.0.0"\n')
+    toml = (
+        'id = "shop"\n[maps.carts]\n[maps.orders]\nreplicas = 3\n[slices.a]\nartifact = "org.demo:a:1.0.0"\n'
+    )
     with pytest.raises(BlueprintError, match="map 'orders' exists with"):
         await svc.apply_blueprint(toml, "shop.toml")
     assert sorted(kv.data) == ["maps/defs/orders"]  # carts was not defined
@@ -62,8 +65,10 @@ async def test_a_conflicting_map_of_a_blueprint_is_named_with_every_setting() ->
 
     kv = FakeKV({"maps/defs/claims": MapSpec(engine="sqlite", max_value_bytes=4096)})
     svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
-    toml = ('id = "shop"\n[maps.claims]\nengine = "sqlite"\nmax_value_bytes = 8192\n'
-            '[slices.a]\nartifact = "org.demo:a:1.0.0"\n')
+    toml = (
+        'id = "shop"\n[maps.claims]\nengine = "sqlite"\nmax_value_bytes = 8192\n'
+        '[slices.a]\nartifact = "org.demo:a:1.0.0"\n'
+    )
     with pytest.raises(BlueprintError) as e:
         await svc.apply_blueprint(toml, "shop.toml")
     assert str(e.value) == (
@@ -212,13 +217,17 @@ async def test_a_rollout_keeps_the_old_versions_own_settings_and_a_rollback_rest
     from aether.deploy.config import SliceConfigs
     from aether.kv.keys import SecretValue
 
-    old_toml = ('id = "shop"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\ninstances = 2\nmax_concurrency = 4\n'
-                '[slices.a.config]\ncurrency = "EUR"\ndb = { secret = "db-v1" }\n'
-                '[slices.a.entries.charge]\ntimeout = 1.0\n')
-    new_toml = ('id = "shop"\n[slices.a]\nartifact = "org.demo:a:2.0.0"\ninstances = 2\n'
-                'max_concurrency = 16\nisolation = "process"\n'
-                '[slices.a.config]\ncurrency = "USD"\ndb = { secret = "db-v2" }\n'
-                '[slices.a.entries.refund]\ntimeout = 9.0\n')
+    old_toml = (
+        'id = "shop"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\ninstances = 2\nmax_concurrency = 4\n'
+        '[slices.a.config]\ncurrency = "EUR"\ndb = { secret = "db-v1" }\n'
+        "[slices.a.entries.charge]\ntimeout = 1.0\n"
+    )
+    new_toml = (
+        'id = "shop"\n[slices.a]\nartifact = "org.demo:a:2.0.0"\ninstances = 2\n'
+        'max_concurrency = 16\nisolation = "process"\n'
+        '[slices.a.config]\ncurrency = "USD"\ndb = { secret = "db-v2" }\n'
+        "[slices.a.entries.refund]\ntimeout = 9.0\n"
+    )
     kv = RacingKV({
         f"slices/node-1/{A1}": SliceStateValue("ACTIVE", 1.0, None, [0, 1]),
         "secrets/db-v1": SecretValue("one", 1.0, 1.0, 1),
@@ -339,3 +348,34 @@ async def test_a_repeated_update_answers_the_running_rollout_and_refuses_other_s
     assert "max_surge 2 (it runs with 1)" in str(e.value)
     assert "strategy 'rolling' (it runs with 'canary')" in str(e.value)
     assert kv.data["rollouts/org.demo:a"] == first  # the refusal changed nothing
+
+
+async def test_a_slice_with_several_undefined_maps_is_refused_naming_them_all() -> None:
+    """The refusal named the first undefined map only: a slice using three maps took three applies
+    (or deploys) to learn which were missing. One missing map keeps its message."""
+    from aether.core.maps import MapSpec
+    from aether.deploy.errors import BlueprintError
+
+    kv = FakeKV({"maps/defs/notes": MapSpec()})
+    svc = DeploymentService(
+        kv,
+        dependencies_of=no_dependencies,
+        resolve=any_artifact,  # type: ignore[arg-type]
+        maps_of=lambda a: ["claims", "notes", "sessions"],
+    )
+    toml = 'id = "shop"\n[slices.a]\nartifact = "org.demo:a:1.0.0"\n'
+    with pytest.raises(BlueprintError) as e:
+        await svc.apply_blueprint(toml, "shop.toml")
+    assert str(e.value) == (
+        "shop.toml: org.demo:a:1.0.0 uses the distributed maps 'claims', 'sessions', which are not defined; "
+        "define them first (`aether map create claims`; `aether map create sessions`), or add [maps.claims], "
+        "[maps.sessions] sections to the blueprint that deploys org.demo:a:1.0.0"
+    )
+    with pytest.raises(BlueprintError) as e:
+        await svc.apply_blueprint(toml + "[maps.sessions]\n", "shop.toml")
+    assert str(e.value) == (
+        "shop.toml: org.demo:a:1.0.0 uses the distributed map 'claims', which is not defined; define it "
+        "first with `aether map create claims`, or add a [maps.claims] section to the blueprint that "
+        "deploys org.demo:a:1.0.0"
+    )
+    assert sorted(kv.data) == ["maps/defs/notes"]  # nothing written

@@ -215,13 +215,22 @@ class DeploymentService:
                 raise
             except Exception as e:
                 raise BlueprintError(f"{bp.filename}: cannot read the maps {s.artifact} uses: {e}") from None
-            for name in used:
-                if name in defined or self.kv.get_local(MapDefKey(name)) is not None:
-                    continue
+            missing = [n for n in used if n not in defined and self.kv.get_local(MapDefKey(n)) is None]
+            if len(missing) == 1:
+                (name,) = missing
                 raise BlueprintError(
                     f"{bp.filename}: {s.artifact} uses the distributed map {name!r}, which is not "
                     f"defined; define it first with `aether map create {name}`, or add a "
                     f"[maps.{name}] section to the blueprint that deploys {s.artifact}"
+                )
+            if missing:  # all of them at once: one apply per missing map to learn the next
+                names = ", ".join(repr(n) for n in missing)
+                creates = "; ".join(f"`aether map create {n}`" for n in missing)
+                sections = ", ".join(f"[maps.{n}]" for n in missing)
+                raise BlueprintError(
+                    f"{bp.filename}: {s.artifact} uses the distributed maps {names}, which are not "
+                    f"defined; define them first ({creates}), or add {sections} sections to the "
+                    f"blueprint that deploys {s.artifact}"
                 )
 
     # --- blueprints -----------------------------------------------------------------------------
