@@ -203,3 +203,36 @@ def test_map_spec_validation() -> None:
         check_map_name("Orders!")
     with pytest.raises(msgspec.ValidationError):
         msgspec.json.decode(b'{"engine": "redis"}', type=MapSpec)
+
+
+async def test_the_example_of_docs_maps_md_runs() -> None:
+    """The first example of docs/maps.md, as a newcomer copies it: its `reserve` had no `@entry`,
+    so the class described one entry (`check`) and no caller could reach `reserve`."""
+    import re
+    from pathlib import Path
+
+    from aether.slices import Conflict, NotFound, describe_slice
+
+    doc = (Path(__file__).parents[1] / "docs" / "maps.md").read_text()
+    section = doc.split("## Using a map from a slice", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    ns: dict[str, Any] = {"__name__": "maps_md_example"}
+    exec(compile(code[1], "docs/maps.md", "exec"), ns)  # the documentation's own code
+    inventory_cls = ns["Inventory"]
+    assert sorted(describe_slice(inventory_cls).entries) == ["check", "reserve"]
+
+    maps = LocalMaps(["stock"])
+    inv = inventory_cls()
+    inv.context = SliceContext(
+        artifact=Artifact.parse("org.test:inventory:1.0.0"), node_id="node-1", instance=1,
+        logger=logging.getLogger("test"), config={}, invoker=FakeInvoker(lambda t, m, p: b""), maps=maps,
+    )  # fmt: skip
+    await inv.start()
+    with pytest.raises(NotFound, match="no product p1"):
+        await inv.check("p1")
+    await inv.stock.put("p1", ns["Stock"](3))
+    assert await inv.reserve("p1", 2) == ns["Stock"](1)
+    with pytest.raises(Conflict, match="not enough p1"):
+        await inv.reserve("p1", 2)
+    assert await inv.check("p1") == ns["Stock"](1)
