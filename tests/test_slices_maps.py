@@ -236,3 +236,21 @@ async def test_the_example_of_docs_maps_md_runs() -> None:
     with pytest.raises(Conflict, match="not enough p1"):
         await inv.reserve("p1", 2)
     assert await inv.check("p1") == ns["Stock"](1)
+
+
+async def test_compare_and_set_compares_bytes_and_update_does_not_re_encode() -> None:
+    """docs/maps.md: a value written with its fields in another order (the management API's JSON)
+    never matches the struct read back from it; `update` works on it."""
+
+    class Note(msgspec.Struct):
+        text: str
+        version: int = 0
+
+    maps = LocalMaps(["notes"])
+    notes = make_slice(maps).map("notes", Note)
+    await maps.map_put("notes", "k", msgspec.msgpack.encode({"version": 0, "text": "x"}))
+    current = await notes.get("k")
+    assert current == Note("x", 0)
+    assert await notes.compare_and_set("k", current, Note("y", 1)) is False  # the documented trap
+    assert await notes.update("k", lambda n: Note("y", n.version + 1) if n else None) == Note("y", 1)
+    assert await notes.compare_and_set("k", Note("y", 1), Note("z", 2)) is True  # written by the struct
