@@ -81,6 +81,7 @@ TABLE: dict[str, tuple[int | None, str]] = {
     "aether.core.maps.MapValueTooLarge": (400, "bad_request"),
     "aether.core.maps.MapTtlError": (400, "bad_request"),
     "aether.core.maps.MapValueDecodeError": (None, "app_error"),
+    "aether.core.maps.MapValueTypeError": (None, "app_error"),
     "aether.core.maps.MapUnavailable": (503, "status:503"),
     "aether.core.maps.MapContention": (503, "status:503"),
     "aether.core.jsonbody.UnsupportedMediaType": (415, "status:415"),

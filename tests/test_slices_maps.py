@@ -254,3 +254,33 @@ async def test_compare_and_set_compares_bytes_and_update_does_not_re_encode() ->
     assert await notes.compare_and_set("k", current, Note("y", 1)) is False  # the documented trap
     assert await notes.update("k", lambda n: Note("y", n.version + 1) if n else None) == Note("y", 1)
     assert await notes.compare_and_set("k", Note("y", 1), Note("z", 2)) is True  # written by the struct
+
+
+async def test_a_value_of_another_type_is_refused_before_it_is_written() -> None:
+    """`self.map("stock", Stock).put(k, "oops")` stored the string: every later `get` of the key,
+    on every node, failed `MapValueDecodeError` (HTTP 502) far from the write that caused it. Every
+    write (put, compare_and_set's new value, put_if_absent, update) now checks the value reads back
+    as the map's type and raises `MapValueTypeError` naming map, key and type, writing nothing."""
+    from aether.core.maps import MapValueTypeError
+
+    maps = LocalMaps(["stock"])
+    shop = make_slice(maps)
+    stock = shop.map("stock", Stock)
+    with pytest.raises(MapValueTypeError, match=r"map 'stock' key 'k': the value \(str\) is not a Stock: "
+                       r"Expected `object`, got `str`; nothing was written"):  # fmt: skip
+        await stock.put("k", "oops")  # type: ignore[arg-type]
+    missing = r"the value \(dict\) is not a Stock: Object missing required field `product`"
+    with pytest.raises(MapValueTypeError, match=missing):
+        await stock.put_if_absent("k", {"available": 3})  # type: ignore[arg-type]
+    with pytest.raises(MapValueTypeError, match=r"the value \(int\) is not a Stock"):
+        await stock.compare_and_set("k", None, 5)  # type: ignore[arg-type]
+    with pytest.raises(MapValueTypeError, match=r"the value \(int\) is not a Stock"):
+        await stock.update("k", lambda s: 5)  # type: ignore[arg-type,return-value]
+    assert await maps.map_get("stock", "k") is None  # nothing was written
+    await stock.put("k", Stock("k", 1))
+    assert await stock.get("k") == Stock("k", 1)
+    ints = shop.map("stock", int)
+    with pytest.raises(MapValueTypeError, match=r"the value \(bool\) is not a int"):
+        await ints.put("n", True)
+    await shop.map("stock").put("any", "untyped maps take anything")  # Any: no check
+    assert await shop.map("stock", str).get("any") == "untyped maps take anything"

@@ -28,6 +28,7 @@ __all__ = [
     "MapUnavailable",
     "MapValueDecodeError",
     "MapValueTooLarge",
+    "MapValueTypeError",
     "PartitionTable",
     "StorageEngine",
     "UnknownMap",
@@ -80,6 +81,11 @@ class MapValueTooLarge(MapError, BadRequest):
 
 class MapValueDecodeError(MapError):
     """A stored value does not decode as the type the caller asked for."""
+
+
+class MapValueTypeError(MapError):
+    """A value slice code writes is not of the map's type (`Slice.map(name, Type)`): refused before
+    it is stored, where every later read of the key would fail `MapValueDecodeError`."""
 
 
 class MapUnavailable(MapError, StatusError):

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, cast
 
 import msgspec
 
-from aether.core.maps import MAX_TTL, MapContention, MapError, MapTtlError, MapValueDecodeError, check_key
+from aether.core.maps import (
+    MAX_TTL,
+    MapContention,
+    MapError,
+    MapTtlError,
+    MapValueDecodeError,
+    MapValueTypeError,
+    check_key,
+)
 
 if TYPE_CHECKING:
     from aether.core.tracing import TraceContext
@@ -110,6 +118,20 @@ class SliceMap(Generic[V]):
         except (TypeError, msgspec.EncodeError) as e:
             raise MapError(f"map {self.name!r}: cannot encode a {type(value).__name__}: {e}") from None
 
+    def _encode_new(self, key: str, value: V) -> bytes:
+        """`value` encoded to be written, once it reads back as the map's type: a value of another
+        type was stored, and every read of the key then failed `MapValueDecodeError`."""
+        raw = self._encode(value)
+        if self.value_type is not Any:
+            try:
+                self._decoder.decode(raw)
+            except (msgspec.ValidationError, msgspec.DecodeError) as e:
+                raise MapValueTypeError(
+                    f"map {self.name!r} key {key!r}: the value ({type(value).__name__}) is not a "
+                    f"{_type_name(self.value_type)}: {e}; nothing was written"
+                ) from None
+        return raw
+
     def _decode(self, key: str, raw: bytes) -> V:
         try:
             return cast(V, self._decoder.decode(raw))
@@ -136,7 +158,7 @@ class SliceMap(Generic[V]):
     async def put(self, key: str, value: V, *, ttl: float | None = None) -> None:
         check_key(self.name, key)
         _check_ttl(self.name, ttl)
-        await self._backend.map_put(self.name, key, self._encode(value), ttl=ttl)
+        await self._backend.map_put(self.name, key, self._encode_new(key, value), ttl=ttl)
 
     async def remove(self, key: str) -> bool:
         """Remove `key`; True if it was present."""
@@ -149,7 +171,7 @@ class SliceMap(Generic[V]):
         check_key(self.name, key)
         _check_ttl(self.name, ttl)
         exp = None if expected is None else self._encode(expected)
-        val = None if new is None else self._encode(new)
+        val = None if new is None else self._encode_new(key, new)
         return await self._backend.map_compare_and_set(self.name, key, exp, val, ttl=ttl)
 
     async def put_if_absent(self, key: str, value: V, *, ttl: float | None = None) -> V | None:
@@ -159,7 +181,7 @@ class SliceMap(Generic[V]):
         deduplication by idempotency key (docs/maps.md, *Deduplicating retried calls*)."""
         check_key(self.name, key)
         _check_ttl(self.name, ttl)
-        val = self._encode(value)
+        val = self._encode_new(key, value)
         for _ in range(100):  # absent, taken, then gone again (removed or expired) every round: give up
             if await self._backend.map_compare_and_set(self.name, key, None, val, ttl=ttl):
                 return None
@@ -201,7 +223,7 @@ class SliceMap(Generic[V]):
             raw = await self._backend.map_get(self.name, key)
             current = None if raw is None else self._decode(key, raw)
             new = fn(current)
-            val = None if new is None else self._encode(new)
+            val = None if new is None else self._encode_new(key, new)
             if raw is None and val is None:
                 return None
             if await self._backend.map_compare_and_set(self.name, key, raw, val):
