@@ -314,6 +314,21 @@ def test_maps_sections_parse_into_specs() -> None:
     assert bp.maps == (("orders", MapSpec(3, 2, "sqlite")), ("sessions", MapSpec()))
 
 
+def test_a_maps_section_defaults_write_quorum_to_at_most_its_replicas() -> None:
+    """`[maps.single] replicas = 1` was refused ('write_quorum must be between 1 and replicas (1),
+    not 2') for a write_quorum the blueprint never gave: the default was 2, where `aether map
+    create --replicas 1` and POST /api/v1/maps default to min(2, replicas). A write_quorum that is
+    given is still checked."""
+    from aether.core.maps import MapSpec
+
+    slices = '[slices.a]\nartifact = "org.x:a:1.0.0"\n'
+    bp = parse_blueprint('id = "s:1"\n' + slices + "[maps.one]\nreplicas = 1\n[maps.two]\nreplicas = 2\n")
+    assert bp.maps == (("one", MapSpec(replicas=1, write_quorum=1)), ("two", MapSpec(replicas=2)))
+    given = r"write_quorum must be between 1 and replicas \(1\), not 2"
+    with pytest.raises(BlueprintError, match=given):
+        parse_blueprint('id = "s:1"\n' + slices + "[maps.single]\nreplicas = 1\nwrite_quorum = 2\n")
+
+
 @pytest.mark.parametrize(
     ("table", "expected"),
     [

@@ -45,7 +45,7 @@ db_password = { secret = "db-password" }  # a secret, resolved when an instance 
 
 [maps.orders]                     # optional: a distributed map the slices use; NAME is the map name
 replicas = 3                      # optional, default 3 (copies, primary included)
-write_quorum = 2                  # optional, default 2 (acknowledgements before a write returns)
+write_quorum = 2                  # optional, default min(2, replicas): acks before a write returns
 engine = "sqlite"                 # optional: "memory" (default), "log" or "sqlite" (both persistent)
 max_value_bytes = 1048576         # optional, default 1 MiB
 ```
@@ -516,6 +516,10 @@ def _parse_maps(
             missing=lambda key: f"missing key {key!r}",  # every MapSpec field has a default
             bad=bad_map,
         )  # fmt: skip
+        if "write_quorum" not in table and spec.write_quorum > spec.replicas:
+            # the default is min(2, replicas), as for `aether map create` and POST /api/v1/maps: a
+            # `replicas = 1` alone was refused for a write_quorum of 2 the blueprint never gave
+            spec = msgspec.structs.replace(spec, write_quorum=spec.replicas)
         try:
             spec.validate(name)
         except BadRequest as e:
