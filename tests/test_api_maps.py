@@ -229,6 +229,15 @@ async def test_keys_are_the_utf8_of_the_percent_decoded_path(api: Api) -> None:
     assert await api.call("GET", entry("cache", "two\nlines")) == (200, "nl")
     assert (await api.call("GET", "/maps/cache/keys"))[1]["keys"] == ["%FF", "café", "two\nlines"]
     assert (await api.call("DELETE", entry("cache", "two\nlines")))[0] == 200
+    # a prefix that is not UTF-8 is a 400 too: it was read as U+FFFD and listed nothing
+    status, doc = await api.call("GET", "/maps/cache/keys?prefix=%FF")
+    assert status == 400 and doc["detail"].startswith("query parameter 'prefix' is not UTF-8"), doc
+    status, doc = await api.call("PUT", entry("cache", "k") + "?ttl=1%FF", 1)
+    assert status == 400 and "'ttl' is not UTF-8" in doc["detail"], doc
+    status, doc = await api.call("GET", "/maps/cache/keys?prefix=%25FF")
+    assert (status, doc["keys"]) == (200, ["%FF"])
+    status, doc = await api.call("GET", "/maps/cache/keys?prefix=caf%C3%A9")
+    assert (status, doc["keys"]) == (200, ["café"])
 
 
 async def test_ttl(api: Api) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, TypeVar
+from urllib.parse import unquote_to_bytes
 
 import msgspec
 from aiohttp import web
@@ -68,10 +69,28 @@ async def resolve(value: _T | Awaitable[_T]) -> _T:
     return value
 
 
+def _check_utf8_query(raw: str) -> None:
+    """400 naming the parameter when a percent-decoded name or value is not UTF-8: aiohttp puts
+    U+FFFD in place of such bytes, and `keys?prefix=%FF` listed the keys starting with U+FFFD."""
+    if "%" not in raw and raw.isascii():
+        return
+    for part in raw.split("&"):
+        name, _, value = part.partition("=")
+        for text in (name, value):
+            try:
+                unquote_to_bytes(text.replace("+", " ").encode("utf-8", "surrogateescape")).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest(
+                    f"query parameter {name!r} is not UTF-8 once percent-decoded; percent-encode the "
+                    "UTF-8 bytes of names and values (e.g. 'é' as %C3%A9, '%' as %25)"
+                ) from None
+
+
 def query(request: web.Request, allowed: Iterable[str]) -> dict[str, str]:
     """The query parameters of `request`, each at most once and all among `allowed` (else 400)."""
     allowed = tuple(allowed)
     out: dict[str, str] = {}
+    _check_utf8_query(request.rel_url.raw_query_string)
     for name, value in request.query.items():
         if name not in allowed:
             accepts = ", ".join(allowed) if allowed else "no query parameters"
