@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import re
 from pathlib import Path
 
@@ -93,6 +94,33 @@ async def test_start_op_runs_an_operation_without_a_task_and_declines_what_needs
         assert m1.start_op("orders", "get", "k1", None, None, None, None) is None
     finally:
         m1.tracer = tracer
+
+
+async def test_a_key_with_a_lone_surrogate_is_refused_and_never_reaches_the_core(
+    cluster: MapCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen on a local cluster: a slice's put of 'a\\udc80b' passed the key check, entered the
+    map core and failed its caller with a bare UnicodeEncodeError; the operation stayed pending,
+    and every map tick of that node raised the same error on hashing its key (`map tick failed`,
+    96 tracebacks in 5 s), so no other operation of the node was retried or timed out meanwhile.
+    Every entry point refuses it now, before the core."""
+    m1, m2 = cluster.node("node-1").maps, cluster.node("node-2").maps
+    caplog.set_level(logging.ERROR, logger="aether.maps")
+    for call in (
+        lambda: m1.map_put("orders", "a\udc80b", b"v"),
+        lambda: m2.map_get("orders", "\ud800"),
+        lambda: m1.map_compare_and_set("orders", "x\udcff", None, b"v"),
+        lambda: m2.map_remove("orders", "\udc80"),
+    ):
+        with pytest.raises(MapKeyError, match="lone surrogate"):
+            await call()
+    with pytest.raises(MapKeyError, match="lone surrogate"):
+        m1.start_op("orders", "put", "a\udc80b", b"v", None, None, None)
+    assert len(m1._ops) == 0 and len(m2._ops) == 0
+    await asyncio.sleep(0.3)  # several ticks
+    assert not [r for r in caplog.records if "map tick failed" in r.getMessage()]
+    await m1.map_put("orders", "fine", b"v")
+    assert await m2.map_get("orders", "fine") == b"v"
 
 
 class _EnabledTracer:
