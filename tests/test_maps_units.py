@@ -1312,3 +1312,26 @@ async def test_a_definition_conflict_names_every_setting(tmp_path: Path) -> None
         "map 'claims' already exists with other settings (replicas=3 write_quorum=2 engine=sqlite "
         "max_value_bytes=4096); wanted replicas=3 write_quorum=2 engine=sqlite max_value_bytes=8192"
     )
+
+
+def test_keys_unavailable_names_each_primary_and_why() -> None:
+    """keys() failing after a round where reachable primaries served nothing yet said 'could not
+    reach the primaries of 1024 of 1024 partitions (node-3: node-3 went down)': only the nodes
+    with an error were named, so node-1's and node-2's share read as node-3's. Each primary of a
+    partition no answer covered is named with its count and why."""
+    from aether.core.maps import PartitionTable
+    from aether.maps.service import keys_gap
+
+    members = ["node-1", "node-2", "node-3"]
+    owners = [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 2, 1], [1, 0, 2], [2, 1, 0]]
+    table = PartitionTable(1, 6, members, owners)
+    down = {"node-3": "node-3 went down"}
+    assert keys_gap(table, 6, {0, 1, 3, 4}, down) == "node-3, 2 partition(s): node-3 went down"
+    assert keys_gap(table, 6, set(), down) == (
+        "node-1, 2 partition(s): answered without serving them (taking them over, or no quorum); "
+        "node-2, 2 partition(s): answered without serving them (taking them over, or no quorum); "
+        "node-3, 2 partition(s): node-3 went down"
+    )
+    # an error of a node whose partitions another answer covered is still said
+    assert keys_gap(table, 6, {2, 5}, {"node-3": "timeout"}).endswith("; node-3: timeout")
+    assert keys_gap(None, 6, set(), {}) == "no partition table yet"

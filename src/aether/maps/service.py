@@ -97,7 +97,7 @@ from aether.maps.storage import (
 )
 from aether.transport import EventBus, PeerDown, PeerUp
 
-__all__ = ["MapService"]
+__all__ = ["MapService", "keys_gap"]
 
 _OP_CODES = {name: code for code, name in OP_NAMES.items()}
 """`MapOpStarter` operation names (the core's `OP_NAMES`) -> the core's codes."""
@@ -962,13 +962,13 @@ class MapService:
         while True:
             keys: set[str] = set()
             covered: set[int] = set()
-            problems: list[str] = []
+            problems: dict[str, str] = {}
             try:
                 local, parts = self.core.local_keys(name, prefix, self.wall_ms())
                 keys.update(local)
                 covered.update(parts)
             except MapUnavailable as e:
-                problems.append(str(e))
+                problems[self.node_id] = str(e)
             table = self.core.table
             peers = sorted(m for m in (table.members if table else []) if m != self.node_id)
             results = await asyncio.gather(
@@ -976,21 +976,20 @@ class MapService:
             )
             for peer, r in zip(peers, results, strict=True):
                 if isinstance(r, BaseException):
-                    problems.append(f"{peer}: {r}")
+                    problems[peer] = str(r)
                     continue
                 got, served, error = r
                 if error is not None:
-                    problems.append(f"{peer}: {error}")
+                    problems[peer] = error
                 keys.update(got)
                 covered.update(served)
             missing = self.core.partitions - len(covered)
             if table is not None and missing == 0:
                 return sorted(keys)
             if self.now() >= deadline:
-                detail = "; ".join(problems) or "primaries are still taking over"
                 raise MapUnavailable(
-                    f"map {name!r}: keys() could not reach the primaries of {missing} of "
-                    f"{self.core.partitions} partitions ({detail})"
+                    f"map {name!r}: keys() could not list {missing} of {self.core.partitions} partitions; "
+                    f"by primary: {keys_gap(table, self.core.partitions, covered, problems)}"
                 )
             await asyncio.sleep(0.1)
 
@@ -1083,6 +1082,30 @@ def _unacknowledged(action: Any, why: str) -> Any:
             # primary takes it for the answer of a node of an earlier version)
             return Send(action.peer, msgspec.structs.replace(msg, ok=False, reason=why))
     return action
+
+
+def keys_gap(
+    table: PartitionTable | None, partitions: int, covered: set[int], problems: dict[str, str]
+) -> str:
+    """What a `keys()` round lacks, per primary (in `table`) of the partitions no answer covered:
+    the node's error, or that it answered without serving them. It named the nodes with an error
+    only, so a round where the reachable primaries were still taking their partitions over (or
+    this node had no quorum) read 'could not reach the primaries of 1024 of 1024 partitions
+    (node-3: node-3 went down)', node-3 being the primary of a third of them."""
+    if table is None:
+        return "no partition table yet"
+    counts: dict[str, int] = {}
+    for p in range(partitions):
+        if p not in covered:
+            node = table.primary(p)
+            counts[node] = counts.get(node, 0) + 1
+    out = [
+        f"{node}, {n} partition(s): "
+        + (problems.get(node) or "answered without serving them (taking them over, or no quorum)")
+        for node, n in sorted(counts.items())
+    ]
+    out += [f"{node}: {why}" for node, why in sorted(problems.items()) if node not in counts]
+    return "; ".join(out)
 
 
 def _describe(spec: object) -> str:
