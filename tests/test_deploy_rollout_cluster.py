@@ -142,8 +142,11 @@ async def test_pause_resume_abort_and_undo(make_cluster: Any) -> None:
 async def test_canary_error_gate_rolls_back_on_the_metrics(make_cluster: Any) -> None:
     c = await make_cluster(3)
     calls: dict[str, list[int]] = {HELLO: [0, 0], HELLO2: [0, 0]}  # coords -> [calls, failures]
+    read: list[tuple[int, int]] = []  # what the leader's passes read of 2.0.0, in order
 
     def counters(a: str) -> dict[str, tuple[int, int, int, list[int]]]:
+        if a == HELLO2:
+            read.append((calls[a][0], calls[a][1]))
         return {"node-1": (1, calls[a][0], calls[a][1], [calls[a][0], 0, 0, 0])} if a in calls else {}
 
     for m in c.members:  # what the leader's metrics say (per-node cumulative counters)
@@ -155,9 +158,17 @@ async def test_canary_error_gate_rolls_back_on_the_metrics(make_cluster: Any) ->
     await svc.update(NAME, "2.0.0", strategy="canary", steps=[10, 100], interval=60, max_error_rate=0.1,
                      min_calls=20)  # fmt: skip
     await wait_for(lambda: (r := record(c)) is not None and r.weights.get("2.0.0") == 10, what="canary step")
-    await asyncio.sleep(0.6)  # the baseline of the step is taken
+    step = record(c)
+    assert step is not None
+    # the leader's first pass of the step takes its baseline: a sleep of 0.6 s for it lost the race
+    # to a late pass (a loaded machine; a 0.7 s delay injected before the leader's rollout passes:
+    # the baseline read [10, 9] and the gate counted 11 failures, not 20)
+    await wait_for(
+        lambda: any((step.id, HELLO2, step.step_started) in m.cm._baselines for m in c.up),
+        what="the leader's baseline of the step",
+    )
     calls[HELLO2] = [10, 9]
-    await asyncio.sleep(1.2)
+    await wait_for(lambda: read.count((10, 9)) >= 2, what="two passes of the leader read 10 calls")
     r = record(c)
     assert r is not None and r.state == "progressing", "too few calls to judge"
     calls[HELLO2] = [40, 20]
