@@ -55,9 +55,11 @@ async def test_operations_from_any_node_see_the_same_data(cluster: MapCluster) -
     assert await m2.map_remove("orders", "ORD-1") is True
     assert await m3.map_remove("orders", "ORD-1") is False
     assert await m1.map_get("orders", "ORD-1") is None
-    await m1.map_put("orders", "session", b"s", ttl=0.3)
+    # a TTL of 1 s, not 0.3 s: the read before the expiry must not lose to a stall of the loop (the
+    # TTL runs from the write on the primary: 0.3 s between it and the read is one stall away)
+    await m1.map_put("orders", "session", b"s", ttl=1.0)
     assert await m2.map_get("orders", "session") == b"s"
-    await asyncio.sleep(0.4)
+    await asyncio.sleep(1.1)
     assert await m3.map_get("orders", "session") is None
     # every write is on all three replicas
     for n in ALL3:
