@@ -347,7 +347,9 @@ async def test_a_map_defined_while_a_nodes_disk_is_full_opens_there_once_there_i
 
     c = MapCluster(tmp_path, 3)
     maps_dir = tmp_path / "n3" / "maps"
-    with tiny_filesystem(maps_dir, "1m"):
+    # 24 MiB: room enough, once the filler goes, for the probe of a failed storage
+    # (MapTimings.probe_room, 16 MiB free; a 1 MiB file system never had that)
+    with tiny_filesystem(maps_dir, "24m"):
         try:
             await c.start(*ALL3)
             await c.wait_table(ALL3)
