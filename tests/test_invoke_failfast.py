@@ -73,6 +73,11 @@ def test_catalog_states() -> None:
     store.data[f"slices/node-2/{ART}"] = SliceStateValue("FAILED", 1.0, reason="start() raised")
     state, detail = cat.presence("org.example:hello", "greet")
     assert state == FAILED and "start() raised" in detail
+    # one FAILED, another being placed again: still starting, and the detail keeps the reason
+    store.data[f"slices/node-3/{ART}"] = SliceStateValue("LOAD", 1.0)
+    state, detail = cat.presence("org.example:hello", "greet")
+    assert state == STARTING and "FAILED on node-2 (start() raised)" in detail and "LOAD on node-3" in detail
+    del store.data[f"slices/node-3/{ART}"]
 
     store.data[f"slices/node-2/{ART}"] = SliceStateValue("ACTIVE", 1.0)
     store.data[f"endpoints/{ART}/greet:0"] = EndpointValue("node-2", "ACTIVE")

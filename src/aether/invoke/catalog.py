@@ -87,7 +87,12 @@ class StoreCatalog:
 
     @staticmethod
     def _starting_text(target: str, method: str, states: dict[str, tuple[str, str | None]]) -> str:
-        where = ", ".join(f"{s} on {n}" for n, (s, _) in sorted(states.items())) or "not placed yet"
+        # a FAILED one with its reason: while the leader places a failed start again, the others
+        # are back in LOAD/ACTIVATE, and the reason is the only sign of why nothing serves
+        where = ", ".join(
+            f"{s} on {n} ({r})" if s == "FAILED" and r else f"{s} on {n}"
+            for n, (s, r) in sorted(states.items())
+        ) or "not placed yet"
         return f"{target} has no ACTIVE instance serving {method!r} yet ({where}); retry shortly"
 
     def _desired(self, target: str) -> list[str]:
