@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from aether.core.artifact import Artifact, VersionPattern
@@ -373,6 +374,53 @@ async def test_failing_start_is_failed_with_reason_then_recovers(make_cluster: A
     await wait_for(healthy, timeout=15, what="recovery after backoff")
     await c.svc().wait_converged("w", timeout=5)
     check_unique_exact(c, WORLD, 2)
+
+
+async def test_route_of_a_slice_whose_start_failed_answers_503_with_the_reason(make_cluster: Any) -> None:
+    """Found walking docs/slices.md: routes were claimed only after the instances started, and
+    released when the start failed, so a user who deployed a slice whose start() raises got 404
+    "no route" on its route (and thought the route was wrong), while the invoke API said 503 and
+    why. The route is now claimed before the instances start and kept while a blueprint wants the
+    artifact: every node's router answers 503 with the reason; an unknown path stays 404."""
+    c = await make_cluster(3)
+    c.behavior.fail_activate[WORLD] = "database unreachable"
+    await c.svc().apply_blueprint(bp("w", (WORLD, 2)))
+    with pytest.raises(DeploymentFailed, match="database unreachable"):
+        await c.svc().wait_converged("w", timeout=10)
+    routers = [m.node.http for m in c.up]
+    assert all(r is not None for r in routers)
+    async with aiohttp.ClientSession() as s:
+
+        async def ask(url: str, path: str, method: str = "POST") -> tuple[int, dict[str, Any], Any]:
+            async with s.request(method, url + path) as r:
+                return r.status, await r.json(content_type=None), r.headers
+
+        seen: set[str] = set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while len(seen) < len(routers) and loop.time() < deadline:  # the leader retries meanwhile
+            for r in routers:
+                assert r is not None
+                status, doc, headers = await ask(r.url, "/world")
+                assert status == 503 and doc["status"] == 503, (r.node_id, status, doc)  # never 404
+                detail = doc["detail"]
+                if "every instance FAILED" in detail:  # the invoker's FAILED: no Retry-After
+                    assert "database unreachable" in detail, doc
+                else:  # placed again by the leader meanwhile: starting, retry in 1 s
+                    assert "has no ACTIVE instance serving 'spin'" in detail, doc
+                    assert headers.get("Retry-After") == "1", (doc, dict(headers))
+                if "database unreachable" in detail:
+                    seen.add(r.node_id)
+            await asyncio.sleep(0.05)
+        assert len(seen) == len(routers), f"only {sorted(seen)} gave the reason"
+        assert routers[0] is not None
+        status, doc, _ = await ask(routers[0].url, "/no/such/route")
+        assert status == 404 and "no route for POST /no/such/route" in doc["detail"], doc
+        # the blueprint goes: the route goes with it (404 again)
+        assert await c.svc().delete_blueprint("w")
+        await wait_for(lambda: c.up[0].node.kv.get_local("routes/POST:/world") is None, what="route removed")
+        status, doc, _ = await ask(routers[0].url, "/world")
+        assert status == 404, doc
 
 
 async def test_load_failure_and_activate_timeout_are_reported(make_cluster: Any) -> None:

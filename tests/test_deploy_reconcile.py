@@ -140,6 +140,21 @@ def test_route_sweep_only_when_no_instance_anywhere() -> None:
     assert cmds(run({}, {}, routes=route, endpoints=eps)) == {}
 
 
+def test_route_of_a_wanted_artifact_whose_start_failed_is_kept() -> None:
+    """Every instance FAILED (start() raised), nothing serves, but a blueprint still wants the
+    artifact: the sweep used to remove its routes, so a request to one answered 404 "no route"
+    instead of the invoker's 503 saying why. Kept while wanted (any version), swept once not."""
+    route = [("routes/GET:/a", RouteValue(A, "hello"))]
+    failed = {"node-1": {A: sv("FAILED", [0], "activate failed: start() raised: boom")}}
+    writes = cmds(run({A: DesiredSlice(1)}, failed, routes=route))
+    assert "routes/GET:/a" not in writes, writes
+    # another version of it wanted (a rollout to 2.0.0): the route serves it too, kept
+    assert "routes/GET:/a" not in cmds(run({"org.demo:a:2.0.0": DesiredSlice(1)}, {}, routes=route))
+    # not wanted any more (blueprint removed): swept
+    assert cmds(run({}, failed, routes=route))["routes/GET:/a"] == (None, None)
+    assert cmds(run({A: DesiredSlice(0)}, {}, routes=route)) == {"routes/GET:/a": (None, None)}
+
+
 def test_avoided_node_gets_no_new_instances_but_keeps_its_own() -> None:
     tracker = FailureTracker()
     # node-2 already runs instance 1; scaling to 5 must place the new ones on node-1 and node-3 only

@@ -12,6 +12,7 @@ import pytest
 
 from aether.http.server import HttpRouter
 from aether.invoke.errors import (
+    EndpointUnavailable,
     InvokeBadRequest,
     InvokeError,
     InvokerClosed,
@@ -289,6 +290,35 @@ async def test_unknown_route_without_quorum_is_503_not_404(env: Env) -> None:
     quorum[0] = True
     status, body, r = await env.req("GET", "/no/such/thing")
     assert_problem(status, body, r, 404, "GET /no/such/thing")
+
+
+async def test_route_of_a_slice_with_no_active_instance_is_503_with_why(env: Env) -> None:
+    """The router's side of a deployed slice that does not serve (its route is kept in the table,
+    docs/deployment.md): the invoker's fail fast decides, the router answers its 503 with the
+    detail (why) and Retry-After while an instance starts; the route's entry is what was called."""
+    starting = EndpointUnavailable(
+        "call org.example:hello.greet (request r): org.example:hello has no ACTIVE instance serving "
+        "'greet' yet (FAILED on node-2 (activate failed: start() raised: boom), LOAD on node-3)",
+        kind="no_instance",
+    )
+    starting.retry_after = 1
+    env.inv.behaviour = lambda t, m, p: starting
+    status, body, r = await env.req("GET", "/hello/ann")
+    assert_problem(status, body, r, 503, "no ACTIVE instance", "start() raised: boom")
+    assert r.headers["Retry-After"] == "1"
+    call = env.inv.calls[-1]
+    assert (call["target"], call["method"]) == ("org.example:hello", "greet")
+    failed = EndpointUnavailable(
+        "call org.example:hello.greet (request r): org.example:hello is deployed but every instance "
+        "FAILED (node-2: activate failed: start() raised: boom)",
+        kind="no_instance",
+    )
+    env.inv.behaviour = lambda t, m, p: failed
+    status, body, r = await env.req("GET", "/hello/ann")
+    assert_problem(status, body, r, 503, "every instance FAILED", "node-2: activate failed: start() raised")
+    assert "Retry-After" not in r.headers  # nothing is starting: the reasons say what to fix
+    status, body, r = await env.req("GET", "/hello")  # not a route: still 404
+    assert_problem(status, body, r, 404, "GET /hello")
 
 
 async def test_wrong_method_is_405_with_allow(env: Env) -> None:

@@ -12,11 +12,13 @@ value, which already includes every committed write this node made, so a write n
 overwrites a leader command this node has not processed):
 
 - LOAD → writes LOADING, `store.load`, writes LOADED (or FAILED + reason).
-- ACTIVATE(ids) → writes ACTIVATING, `store.activate(ids)`, claims the slice's routes with
-  CAS(absent → value) (a route held by another artifact name fails the activation: the slice
-  is deactivated, routes claimed by this attempt released, state FAILED "activate failed: route
-  GET /x is owned by org.x:y:1.0.0"; a route held by another version of the same artifact is
-  taken over), publishes one endpoint per entry and instance, writes ACTIVE.
+- ACTIVATE(ids) → writes ACTIVATING, claims the slice's routes with CAS(absent → value) (a
+  route held by another artifact name fails the activation before any instance starts: routes
+  claimed by this attempt released, state FAILED "activate failed: route GET /x is owned by
+  org.x:y:1.0.0"; a route held by another version of the same artifact is taken over),
+  `store.activate(ids)`, publishes one endpoint per entry and instance, writes ACTIVE. The routes
+  come first so that a request to one while the instances start, or after they failed to, finds
+  it: the invoker answers 503 with why (`EndpointUnavailable`), not the router 404 "no route".
 - ACTIVE(other ids) (scale) → removes the endpoints of dropped instances, `store.set_instances`
   (dropped instances drain as on DEACTIVATE), publishes the endpoints of new ones.
 - DEACTIVATE → writes DEACTIVATING, removes this node's endpoints (new calls go elsewhere), hands
@@ -25,7 +27,9 @@ overwrites a leader command this node has not processed):
   answered the retryable ``shutting_down`` and fail over), writes LOADED; if no endpoint of the
   artifact is left anywhere and no other node has it in ACTIVATE/ACTIVATING/ACTIVE, its routes go
   to another version of the same artifact that has one (the highest), else they are removed
-  (automatic route cleanup: a route lives while any version of the artifact serves).
+  unless a blueprint still wants some version of the artifact (automatic route cleanup: a route
+  lives while any version of the artifact serves or is deployed; a deployed artifact whose start
+  failed keeps its routes, which answer 503 with the reasons until it serves or is undeployed).
 - UNLOAD → writes UNLOADING, `store.unload`, removes the key.
 - A config change (a blueprint's `[slices.NAME.config]` or a secret it names; watched under
   `blueprints/` and `secrets/` when the manager has a `config_version`) → the lifecycle's
@@ -84,6 +88,7 @@ from aether.deploy.lifecycle import (
 from aether.deploy.ports import RouteInfo, SliceInfo, SliceRuntimePort
 from aether.kv.contract import ClusterStore, WatchEvent, decode_value
 from aether.kv.keys import (
+    BlueprintValue,
     EndpointKey,
     EndpointValue,
     RouteKey,
@@ -467,8 +472,10 @@ class NodeDeploymentManager:
         overrides = self.policies_for(artifact) if self.policies_for is not None else {}
         self._policies[artifact] = effective_policies(artifact, info, overrides)
         self._activated.add(artifact)
-        await self.store.activate(a, ids)
+        # the routes first: while the instances start, and if they fail to, a request to a route
+        # finds it and answers 503 with why (the invoker's fail fast), not 404 "no route"
         await self._claim_routes(a, artifact, info)
+        await self.store.activate(a, ids)
         await self._publish(artifact, info, ids)
 
     async def _scale(self, a: Artifact, artifact: str, old: list[int], new: list[int]) -> None:
@@ -530,18 +537,27 @@ class NodeDeploymentManager:
                         break
                     continue
                 if not isinstance(cur, RouteValue):
+                    await self._release(claimed)
                     raise RouteConflict(f"route {method} {r.path} holds an unreadable value")
                 if cur == value:
                     break
                 owner = _name_of(cur.artifact)
                 if cur.artifact != artifact and owner != a.name:
+                    await self._release(claimed)
                     raise RouteConflict(f"route {method} {r.path} is owned by {cur.artifact}")
                 # same artifact (entry changed) or another version of it: take the route over
                 if await self.kv.compare_and_set(key, cur, value):
                     break
             else:
+                await self._release(claimed)
                 raise RouteConflict(f"route {method} {r.path} keeps changing; giving up")
             claimed.append((key, value))
+
+    async def _release(self, claimed: list[tuple[str, RouteValue]]) -> None:
+        """Give up the routes a failed claim took (the slice cannot serve them: a conflict is not
+        a start that may succeed on the next attempt), unless another version took them meanwhile."""
+        await asyncio.gather(*(self._cas(k, v, None) for k, v in claimed))
+        claimed.clear()
 
     def _endpoint_value(self, artifact: str, entry: str, info: SliceInfo) -> EndpointValue:
         """This node's endpoint of `entry`, with the entry's effective policy (None: the defaults)."""
@@ -620,6 +636,13 @@ class NodeDeploymentManager:
         if heir is None:
             if not remove:
                 return
+            if _wanted(self.kv.list_local("blueprints/"), _name_of(artifact)):
+                # deployed but not serving (its start failed, it was quarantined, it waits for a
+                # retry): the routes stay, so a request answers 503 with why, not 404 "no route";
+                # they go with the blueprint (or the leader's sweep, reconcile step 4)
+                self.log.info("%s: last instance gone, its %d routes stay (a blueprint still wants it)",
+                              artifact, len(routes))
+                return
             self.log.info("%s: last instance gone, removing its %d routes", artifact, len(routes))
             await asyncio.gather(*(self._cas(k, v, None) for k, v in routes))
             return
@@ -663,6 +686,16 @@ class NodeDeploymentManager:
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
+
+
+def _wanted(blueprints: list[tuple[str, Any]], name: str) -> bool:
+    """Whether a blueprint wants an instance of some version of `name` (``group:artifact``)."""
+    for _, bv in blueprints:
+        if isinstance(bv, BlueprintValue) and any(
+            _name_of(s.artifact) == name and s.instances > 0 for s in bv.slices
+        ):
+            return True
+    return False
 
 
 def _name_of(coords: str) -> str:

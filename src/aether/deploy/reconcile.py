@@ -27,9 +27,10 @@ Per pass:
    report, adds the next ones. Removals are never held back. A node starts instances in steps
    of bounded size, so its event loop (heartbeats, consensus, the API) is never blocked by one
    huge step, and a later change (e.g. deleting the blueprint) is picked up between steps.
-4. Routes whose artifact has no endpoint and no key in ACTIVATE/ACTIVATING/ACTIVE anywhere
-   are removed (backstop of the nodes' own route cleanup, e.g. when the last instance was on a
-   node that died).
+4. Routes whose artifact has no endpoint and no key in ACTIVATE/ACTIVATING/ACTIVE anywhere,
+   and that no blueprint wants (any version, instances > 0), are removed (backstop of the nodes'
+   own route cleanup, e.g. when the last instance was on a node that died). A wanted artifact
+   that is not serving (its start failed) keeps its routes: the router answers 503 with why.
 """
 
 from __future__ import annotations
@@ -383,7 +384,10 @@ def plan(
 
     # 4. routes without any instance of any version of their artifact (the router calls
     #    group:artifact, so a route another version registered serves the live one as well)
+    #    and no blueprint wants: a deployed artifact that is not serving (its start failed, it
+    #    waits for a retry) keeps them, so a request answers 503 with why rather than 404
     live_names = {a.rpartition(":")[0] for a in activating | live_endpoint_artifacts}
+    live_names |= {a.rpartition(":")[0] for a, d in desired.items() if d.instances > 0}
     for key, rv in routes:
         if rv.artifact.rpartition(":")[0] not in live_names:
             out.writes.append(Write(key, rv, None, f"no instance of {rv.artifact} left"))
