@@ -1,7 +1,8 @@
 """Issue 11, items 5, 6 and 8 on a real 3-node cluster (`aether cluster start`, real processes).
 
 - fail fast: invoking an artifact that is not deployed answers 404 at once, an unknown entry 404,
-  an artifact whose only instance is still starting 503 with ``Retry-After`` at once;
+  an artifact whose only instance is still starting 503 with ``Retry-After`` at once; the route
+  of a slice whose start() raises 503 with the reason on every router (not 404 "no route");
 - strict HTTP input through a node's router: deep nesting, huge integers, unknown query
   parameters and body fields -> 400, a body without a JSON content type -> 415, an entry whose
   answer does not fit its annotation -> 500 naming the entry (and logged) -- and the node lives;
@@ -66,6 +67,19 @@ class SlowStart(Slice):
         return "pong"
 """
 
+BROKEN_START = """
+from aether.slices import Slice, route
+
+
+class BrokenStart(Slice):
+    async def start(self) -> None:
+        raise RuntimeError("database unreachable")
+
+    @route("GET", "/broken/{name}")
+    async def get(self, name: str) -> str:
+        return name
+"""
+
 
 def request(
     port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -98,6 +112,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
             extra={
                 "org.example:strict:0.1.0": (STRICT, "Strict"),
                 "org.example:slowstart:0.1.0": (SLOW_START, "SlowStart"),
+                "org.example:brokenstart:0.1.0": (BROKEN_START, "BrokenStart"),
             },
         )
         out = lc.start()
@@ -150,6 +165,38 @@ def test_fail_fast_invoke(cluster: LocalCluster) -> None:
     assert status == 200, doc
     status, _, doc, _ = request(port, "POST", "/api/v1/invoke/org.example:slowstart/ping", None)
     assert (status, doc) == (200, "pong")
+
+
+def test_route_of_a_slice_whose_start_fails_is_503_with_the_reason(cluster: LocalCluster) -> None:
+    """Found walking docs/slices.md: the route of a deployed slice whose start() raises answered 404
+    "no route" on every router (routes were published only once the slice was ACTIVE), while the
+    invoke API answered 503 with the reason. It is that 503 on the router too; an unknown path is
+    still 404."""
+    status, doc = cluster.api(
+        0, "POST", "/api/v1/deploy", {"artifact": "org.example:brokenstart:0.1.0", "instances": 1}
+    )
+    assert status == 201, doc
+    deadline = time.monotonic() + 30
+    first = {}  # node -> its first answer that is not a 404 (the route is not claimed at once)
+    reasons: set[int] = set()
+    while len(reasons) < 3 and time.monotonic() < deadline:
+        for i in range(3):
+            status, headers, doc, _ = request(cluster.http_port(i), "GET", "/broken/ann")
+            if status == 404 and i not in first:
+                continue  # the deploy has not reached the activation yet
+            first.setdefault(i, status)
+            assert status == 503 and doc["status"] == 503, (i, status, doc)  # never 404 again
+            if "every instance FAILED" not in doc["detail"]:  # placed again meanwhile: starting
+                assert "no ACTIVE instance" in doc["detail"] and headers.get("Retry-After") == "1", doc
+            if "database unreachable" in doc["detail"]:
+                reasons.add(i)
+        time.sleep(0.1)
+    assert len(first) == 3, f"routers {sorted(set(range(3)) - set(first))} answered only 404 'no route'"
+    assert reasons == {0, 1, 2}, (first, reasons)
+    status, _, doc, _ = request(cluster.http_port(0), "GET", "/broken")
+    assert status == 404 and "no route for GET /broken" in doc["detail"], doc
+    status, doc = cluster.api(0, "DELETE", "/api/v1/blueprints/direct:org.example:brokenstart")
+    assert status in (200, 204), doc
 
 
 def test_http_edge_cases(cluster: LocalCluster) -> None:
