@@ -5,6 +5,7 @@ or the `reconfigure` hook)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,8 @@ class Typed(Slice):
         EVENTS.append(("start", self.context.instance, self.context.config.greeting))
         if self.context.config.greeting == "explode":
             raise RuntimeError("cannot log in with " + self.context.config.db.password)
+        if self.context.config.greeting == "exit":
+            raise SystemExit("cannot log in with " + self.context.config.db.password)
 
     async def stop(self):
         EVENTS.append(("stop", self.context.instance, self.context.config.greeting))
@@ -98,6 +101,10 @@ class Hooked(Slice):
     @entry
     async def show(self) -> dict:
         return dict(self.context.config)
+
+    @entry
+    async def spill(self) -> str:
+        raise RuntimeError("rejected token " + self.context.config["token"])
 """
 
 TYPED_A = Artifact.parse("org.example:typed:1.0.0")
@@ -279,3 +286,35 @@ async def test_secret_values_are_redacted_from_what_an_entry_raises(repo: Reposi
     assert "login failed: cannot connect to postgresql://app:***@db" in str(e.value)
     assert "ConnectionError: cannot connect to postgresql://app:***@db" in text  # the cause, too
     assert dec(await rt.call(TYPED_A, "show", b""))["password"] == PASSWORD  # the slice still has it
+
+
+async def test_a_contained_exit_from_a_hook_is_redacted_in_the_log(
+    repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start() raising `SystemExit` with a secret in its text: contained, the start fails; the
+    reason and the node's log line about it have the value replaced (the log line had it)."""
+    rt = runtime(repo, tmp_path, Configs(typed_config("exit"), {"db-password": PASSWORD}))
+    await rt.load(TYPED_A)
+    with caplog.at_level(logging.ERROR), pytest.raises(SliceStartError) as e:
+        await rt.activate(TYPED_A, [1])
+    assert "raised SystemExit(cannot log in with ***)" in e.value.reason
+    assert "raised SystemExit(cannot log in with ***): contained" in caplog.text
+    assert PASSWORD not in caplog.text and PASSWORD not in e.value.reason
+    await rt.close()
+
+
+async def test_an_instance_reconfigured_in_place_redacts_its_new_secret_values(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """After the reconfigure hook took a rotated secret, what an entry raises with the new value is
+    redacted (the instance kept redacting the values it started with only)."""
+    configs = Configs({"token": {"secret": "api-token"}}, {"api-token": PASSWORD})
+    rt = runtime(repo, tmp_path, configs)
+    await rt.load(HOOKED_A)
+    await rt.activate(HOOKED_A, [1])
+    configs.secrets["api-token"] = "rotated-token-value"
+    assert await rt.reconfigure(HOOKED_A, 1) == "reloaded"
+    with pytest.raises(RuntimeError) as e:
+        await rt.call(HOOKED_A, "spill", b"")
+    assert str(e.value) == "rejected token ***"
+    await rt.close()

@@ -130,6 +130,10 @@ class Callee(Slice):
         raise SystemExit(3)
 
     @entry
+    async def spill_out(self) -> str:
+        raise SystemExit("cannot log in with " + self.context.config["token"])
+
+    @entry
     async def liar(self) -> int:
         return "not a number"  # type: ignore[return-value]
 """
@@ -550,3 +554,29 @@ async def test_a_direct_call_redacts_the_callees_secrets_from_its_error(either: 
         await s.ask("ask", ["spill", None])
     assert s.local_attempts() == base + 1  # the nested call was direct
     assert SECRET not in str(info.value) and "cannot log in with ***" in str(info.value)
+
+
+async def test_a_contained_exit_is_redacted_of_the_callees_secrets(
+    either: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `SystemExit` holding a secret of the callee's config, contained (`SliceCrashed`): its
+    value is replaced in the error and in the node's log line, made directly and the usual way
+    (the callee's loop: `SliceThread._guard`, `InlineLoop.run`). Both had the value."""
+    s = either
+    await _warm(s)
+    callee = Artifact.parse(CALLEE)
+    with caplog.at_level(logging.ERROR):
+        base = s.local_attempts()
+        with pytest.raises(Exception) as direct:
+            await s.ask("ask", ["spill_out", None])
+        assert s.local_attempts() == base + 1  # the nested call was direct
+        s.runtime.inject_fault(callee, SliceFault(error_rate=0.0))  # the usual way
+        with pytest.raises(Exception) as usual:
+            await s.ask("ask", ["spill_out", None])
+        s.runtime.clear_fault(callee)
+        assert s.local_attempts() == base + 3
+    for info in (direct, usual):
+        assert "raised SystemExit(cannot log in with ***)" in str(info.value), info.value
+        assert SECRET not in str(info.value)
+    assert caplog.text.count("raised SystemExit(cannot log in with ***): contained") == 2, caplog.text
+    assert SECRET not in caplog.text

@@ -42,6 +42,7 @@ import msgspec
 
 from aether.core.deadlines import DeadlineSweep
 from aether.core.errors import KIND_INTERRUPTED, WireKind
+from aether.core.secrets import redact
 from aether.core.tracing import TraceContext, current_trace
 from aether.slices.api import SliceCaller
 from aether.slices.errors import InstanceStopping, SliceError
@@ -60,6 +61,21 @@ T = TypeVar("T")
 class SliceCrashed(SliceError):
     """Slice code raised `SystemExit`, `KeyboardInterrupt` or another `BaseException`: contained, the
     call fails (the node goes on)."""
+
+
+def crashed(log: logging.Logger, what: str, exc: BaseException, secrets: tuple[str, ...]) -> SliceCrashed:
+    """Log that slice code (`what`: its entry or hook and slice) raised `exc`, a `BaseException`
+    (`SystemExit`, `KeyboardInterrupt`, ...), contained; the `SliceCrashed` its call fails with.
+    The secret values of the instance's config are redacted from both, as from what an entry
+    raises (`runtime.redact_error`): `sys.exit(f"cannot connect to {dsn}")` logged the password."""
+    text = redact(f"{type(exc).__name__}({exc})", secrets) if secrets else f"{type(exc).__name__}({exc})"
+    log.error(
+        "slice %s raised %s: contained; the call fails and the node goes on (slice code must not exit "
+        "the process)", what, text,
+    )  # fmt: skip
+    return SliceCrashed(
+        f"{what} raised {text}; slice code must not exit the process (the call failed, the node goes on)"
+    )
 
 
 class SliceStopped(SliceError):
@@ -131,16 +147,17 @@ class BlockPolicy:
 
 
 class _Call:
-    __slots__ = ("answer", "coro", "entry", "owner", "task")
+    __slots__ = ("answer", "coro", "entry", "owner", "secrets", "task")
 
     def __init__(
         self, entry: str | None, answer: asyncio.Future[Any], coro: Coroutine[Any, Any, Any],
-        owner: str | None = None,
+        owner: str | None = None, secrets: tuple[str, ...] = (),
     ) -> None:
         self.entry = entry
         self.answer = answer  # on the node's loop
         self.coro = coro
         self.owner = owner  # the coordinates of the slice whose code it runs (a shared loop runs many)
+        self.secrets = secrets  # the secret values of the instance's config (redacted by `crashed`)
         self.task: asyncio.Task[Any] | None = None  # on the slice's loop, once started
 
 
@@ -351,15 +368,17 @@ class SliceThread(_DirectStreak):
     # --- running slice code -----------------------------------------------------------------------
 
     async def run(
-        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> T:
         """Run `coro` on this thread's loop; await it on the node's loop. `entry` and `owner` (the
-        slice's coordinates) name the call when it blocks the loop."""
+        slice's coordinates) name the call when it blocks the loop; `secrets`, the secret values of
+        the instance's config, are redacted from what a contained `BaseException` logs and answers."""
         if self._closed:
             coro.close()
             raise _not_started(self.name, "the slice's loop is closed")
         answer: asyncio.Future[T] = self.main.create_future()
-        call = _Call(entry, answer, coro, owner)
+        call = _Call(entry, answer, coro, owner, secrets)
         self._inbox.append(call)
         if not self._inbox_woken:
             self._inbox_woken = True
@@ -371,11 +390,12 @@ class SliceThread(_DirectStreak):
             raise
 
     async def hook(
-        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> T:
         """`run` for a lifecycle hook (as `InlineLoop.hook`): a caller that stops waiting goes on at
         once here anyway (the hook runs on this thread's loop, where it is cancelled)."""
-        return await self.run(coro, entry=entry, owner=owner)
+        return await self.run(coro, entry=entry, owner=owner, secrets=secrets)
 
     def _cancel(self, call: _Call) -> None:
         def cancel() -> None:
@@ -487,15 +507,7 @@ class SliceThread(_DirectStreak):
         except Exception as e:
             self._answer(call, None, e)
         except BaseException as e:
-            what = self._what(call)
-            self.log.error(
-                "slice %s raised %s(%s): contained; the call fails and the node goes on "
-                "(slice code must not exit the process)", what, type(e).__name__, e,
-            )  # fmt: skip
-            self._answer(call, None, SliceCrashed(
-                f"{what} raised {type(e).__name__}({e}); slice code must not exit the process "
-                "(the call failed, the node goes on)"
-            ))  # fmt: skip
+            self._answer(call, None, crashed(self.log, self._what(call), e, call.secrets))
         else:
             self._answer(call, result, None)
         finally:
@@ -736,10 +748,11 @@ class InlineLoop:
         self._left: dict[asyncio.Task[Any], str] = {}
 
     async def run(
-        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> T:
         """Await `coro` here, on the node's loop; `SliceCrashed` for a `BaseException` other than
-        cancellation."""
+        cancellation (`secrets` redacted from it and its log line, as `SliceThread.run`)."""
         if self._closed:
             coro.close()
             raise _not_started(self.name, "the slice is stopped")
@@ -749,17 +762,11 @@ class InlineLoop:
             raise
         except BaseException as e:
             what = f"{entry} of {self.name}" if entry else self.name
-            self.log.error(
-                "slice %s raised %s(%s): contained; the call fails and the node goes on "
-                "(slice code must not exit the process)", what, type(e).__name__, e,
-            )  # fmt: skip
-            raise SliceCrashed(
-                f"{what} raised {type(e).__name__}({e}); slice code must not exit the process "
-                "(the call failed, the node goes on)"
-            ) from None
+            raise crashed(self.log, what, e, secrets) from None
 
     async def hook(
-        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None
+        self, coro: Coroutine[Any, Any, T], *, entry: str | None = None, owner: str | None = None,
+        secrets: tuple[str, ...] = (),
     ) -> T:
         """`run` for a lifecycle hook (`__init__`, `start()`, `stop()`, `health()`, `reconfigure()`),
         in a task of its own: a caller that stops waiting (its deadline passed, its step was
@@ -769,7 +776,9 @@ class InlineLoop:
         never ended. A hook still running after it was cancelled is left to itself (`close` logs
         it)."""
         name = f"{entry or 'a hook'} of {owner or self.name}"  # (named in the logs when left running)
-        task = asyncio.get_running_loop().create_task(self.run(coro, entry=entry, owner=owner), name=name)
+        task = asyncio.get_running_loop().create_task(
+            self.run(coro, entry=entry, owner=owner, secrets=secrets), name=name
+        )
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -99,10 +99,10 @@ from aether.slices.isolation import (
     InlineLoop,
     NotDirect,
     SharedInvoker,
-    SliceCrashed,
     SliceThread,
     ThreadInvoker,
     ThreadMaps,
+    crashed,
 )
 from aether.slices.libstore import Installer
 from aether.slices.loader import ImportSpace, LoadedSlice, SliceLoader
@@ -752,6 +752,7 @@ class SliceRuntime:
                         "%s: the worker of %s did not take the new config of instance %d: %s",
                         self.node_id, artifact, instance, redact(str(told.exception()), secrets),
                     )  # fmt: skip
+                old.secrets = secrets  # (its errors are redacted of the values it has now)
                 self.log.info("%s: %s instance %d reconfigured in place", self.node_id, artifact, instance)
                 return "reloaded"
             hook = getattr(old.obj, "reconfigure", None)
@@ -759,7 +760,9 @@ class SliceRuntime:
                 config, secrets = self._config(e)
                 try:
                     await asyncio.wait_for(
-                        thread.hook(hook(config), entry="reconfigure()", owner=e.coords),
+                        thread.hook(
+                            hook(config), entry="reconfigure()", owner=e.coords, secrets=secrets + old.secrets
+                        ),
                         self.reconfigure_timeout,
                     )
                 except TimeoutError:
@@ -770,6 +773,7 @@ class SliceRuntime:
                         secrets,
                     ), instance=instance) from exc
                 old.obj.context = self._context(e, instance, thread, config)
+                old.secrets = secrets
                 self.log.info("%s: %s instance %d reconfigured in place", self.node_id, artifact, instance)
                 return "reloaded"
             new = await self._start_one(e, instance)
@@ -1118,7 +1122,7 @@ class SliceRuntime:
                         inst.obj, entry, payload, request_id, idempotency_key, trace,
                         (self.node_id, e.coords, inst.id),
                     )
-                    result = await thread.run(call, entry=method, owner=e.coords)
+                    result = await thread.run(call, entry=method, owner=e.coords, secrets=inst.secrets)
                 ok = True
                 return result
             except ResponseTypeError as exc:
@@ -1217,15 +1221,7 @@ class SliceRuntime:
                 redact_error(exc, inst.secrets)
             failure = exc
         except BaseException as exc:  # contained as on a loop of its own (SliceThread._guard)
-            what = f"{method} of {e.coords}"
-            self.log.error(
-                "slice %s raised %s(%s): contained; the call fails and the node goes on (slice code "
-                "must not exit the process)", what, type(exc).__name__, exc,
-            )  # fmt: skip
-            failure = SliceCrashed(
-                f"{what} raised {type(exc).__name__}({exc}); slice code must not exit the process "
-                "(the call failed, the node goes on)"
-            )
+            failure = crashed(self.log, f"{method} of {e.coords}", exc, inst.secrets)
         finally:
             _exit_instance(names)
             exit_call(keys)
@@ -1507,7 +1503,8 @@ class SliceRuntime:
                 # kept: its state says when the hook has really ended (`check_health`), on any loop
                 inst.health_hook = coro = _health(hook)
                 result = await asyncio.wait_for(
-                    thread.hook(coro, entry="health()", owner=e.coords), self.health_timeout
+                    thread.hook(coro, entry="health()", owner=e.coords, secrets=inst.secrets),
+                    self.health_timeout,
                 )
             if result is False:
                 reason = "health() returned False"
@@ -1650,7 +1647,9 @@ class SliceRuntime:
             exc.instance = iid
             raise
         try:
-            obj = await thread.hook(_construct(e.loaded.cls), entry="__init__()", owner=e.coords)
+            obj = await thread.hook(
+                _construct(e.loaded.cls), entry="__init__()", owner=e.coords, secrets=secrets
+            )
         except Exception as exc:
             raise SliceStartError(redact(
                 f"creating {artifact} instance {iid} failed: {type(exc).__name__}: {exc}", secrets
@@ -1658,13 +1657,13 @@ class SliceRuntime:
         obj.context = self._context(e, iid, thread, config)
         where = (self.node_id, e.coords, iid)
         try:
+            start = thread.hook(
+                _in_instance(where, obj.start), entry="start()", owner=e.coords, secrets=secrets
+            )
             if self.start_timeout is not None:
-                await asyncio.wait_for(
-                    thread.hook(_in_instance(where, obj.start), entry="start()", owner=e.coords),
-                    self.start_timeout,
-                )
+                await asyncio.wait_for(start, self.start_timeout)
             else:
-                await thread.hook(_in_instance(where, obj.start), entry="start()", owner=e.coords)
+                await start
         except TimeoutError:
             raise SliceStartError(
                 f"start() of {artifact} instance {iid} did not finish within {self.start_timeout} s",
@@ -1715,7 +1714,9 @@ class SliceRuntime:
             if thread is None or inst.obj is None:
                 return
             stop = _in_instance((self.node_id, e.coords, inst.id), inst.obj.stop)
-            await asyncio.wait_for(thread.hook(stop, entry="stop()", owner=e.coords), self.stop_timeout)
+            await asyncio.wait_for(
+                thread.hook(stop, entry="stop()", owner=e.coords, secrets=inst.secrets), self.stop_timeout
+            )
         except TimeoutError:
             self.log.warning(
                 "%s: stop() of %s instance %d did not finish within %s s; abandoned, the node goes on",
