@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.timeout(60)
 VALUE = "cli-s3cret-value-42"
 
 
-async def test_secret_commands(tmp_path: Path) -> None:
+async def test_secret_commands(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with running_cluster(tmp_path) as nodes:
         port = nodes[1].management.port
         outputs: list[str] = []
@@ -44,14 +45,20 @@ async def test_secret_commands(tmp_path: Path) -> None:
         r = await cli("secret", "set", "db-password", "--json", stdin=b"second")
         assert r.exit_code == 0 and json.loads(r.stdout)["version"] == 2
         assert set(json.loads(r.stdout)) == {"name", "created", "updated", "version"}
-        r = await cli("secret", "set", "db-password", "--json", stdin=b"second")  # the same value again
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            r = await cli("secret", "set", "db-password", "--json", stdin=b"second")  # the same value again
         assert r.exit_code == 0 and json.loads(r.stdout)["version"] == 2  # unchanged: nothing restarts
+        # nor does the node log a change (it logged "secret 'db-password' changed (version 2)")
+        assert "secret 'db-password'" not in caplog.text, caplog.text
         # said so (it said "Changed ... (version 2)", and "Created" for a version 1 set again)
         r = await cli("secret", "set", "db-password", stdin=b"second")
         unchanged = "Secret 'db-password' already has this value: unchanged (version 2)."
         assert r.output.strip() == unchanged, r.output
-        r = await cli("secret", "set", "db-password", stdin=b"third")
+        with caplog.at_level(logging.INFO):
+            r = await cli("secret", "set", "db-password", stdin=b"third")
         assert r.output.strip() == "Changed secret 'db-password' (version 3).", r.output
+        assert "secret 'db-password' changed (version 3)" in caplog.text, caplog.text
         r = await cli("secret", "set", "api-token", stdin=b"tok-from-stdin")
         assert "unchanged (version 1)" in r.output and "Created" not in r.output, r.output
 

@@ -233,9 +233,12 @@ class NodeRoutes:
         assert self.secrets is not None
         name = request.match_info["name"]
         body: SetSecret = await read_body(request, SetSecret)
-        info, created = await self.secrets.set(name, body.value)
-        self.log.info("secret %r %s (version %d)", name, "created" if created else "changed", info.version)
-        return json_response(info, status=201 if created else 200)
+        info, outcome = await self.secrets.set(name, body.value)
+        if outcome == "unchanged":  # the value it had: nothing was written, nothing restarts
+            self.log.debug("secret %r set to the value it has: unchanged (version %d)", name, info.version)
+        else:
+            self.log.info("secret %r %s (version %d)", name, outcome, info.version)
+        return json_response(info, status=201 if outcome == "created" else 200)
 
     async def delete_secret(self, request: web.Request) -> web.Response:
         query(request, ())

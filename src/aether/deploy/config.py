@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -322,9 +322,11 @@ class Secrets:
                 out.append(SecretInfo(key[len("secrets/"):], v.created, v.updated, v.version))
         return sorted(out, key=lambda s: s.name)
 
-    async def set(self, name: str, value: str) -> tuple[SecretInfo, bool]:
-        """Store `value` under `name`; returns its info and whether it was created. Setting the
-        value it already has changes nothing (same version: nothing restarts)."""
+    async def set(
+        self, name: str, value: str
+    ) -> tuple[SecretInfo, Literal["created", "changed", "unchanged"]]:
+        """Store `value` under `name`; returns its info and what happened. Setting the value it
+        already has changes nothing ("unchanged": same version, nothing restarts)."""
         check_secret_name(name)
         if not value:
             raise BadRequest(f"secret {name!r}: the value is empty")
@@ -336,12 +338,14 @@ class Secrets:
             now = self._wall()
             if isinstance(current, SecretValue):
                 if current.value == value:
-                    return SecretInfo(name, current.created, current.updated, current.version), False
+                    return SecretInfo(name, current.created, current.updated, current.version), "unchanged"
                 new = SecretValue(value, current.created, now, current.version + 1)
             else:
                 current, new = None, SecretValue(value, now, now, 1)
             if await self.kv.compare_and_set(key, current, new, self.timeout):
-                return SecretInfo(name, new.created, new.updated, new.version), current is None
+                return SecretInfo(name, new.created, new.updated, new.version), (
+                    "created" if current is None else "changed"
+                )
         raise BadRequest(f"secret {name!r} keeps changing; try again")
 
     async def delete(self, name: str) -> None:
