@@ -398,3 +398,53 @@ def test_node_config_repr_hides_the_secret() -> None:
             node_id="n1", peers=[PeerSpec("n1", Address("127.0.0.1", 7000))],
             cluster_secret="x" * 20, cluster_secret_file="/f",
         ).validate()  # fmt: skip
+
+
+async def test_a_refused_aether_client_is_told_what_fits_its_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`AetherClient` refused by every node: the hint fits why. It always said "give the cluster's
+    secret", also to a client that had one while the node runs open, or had another secret."""
+    from aether.client import AetherClient
+    from aether.core.errors import Unauthorized
+    from test_transport import Req
+
+    monkeypatch.delenv("AETHER_CLUSTER_SECRET", raising=False)
+    monkeypatch.delenv("AETHER_CLUSTER_SECRET_FILE", raising=False)
+    nodes = {
+        name: Transport(
+            name, {name: Address("127.0.0.1", 0)}, listen=Address("127.0.0.1", 0), cluster_name=CLUSTER,
+            message_type=PeerMsg, on_message=lambda s, m: None, bus=EventBus(), secret=secret,
+            client_message_type=Req, on_client_message=lambda s, m: None,
+        )
+        for name, secret in (("open", None), ("secured", SECRET))
+    }
+
+    async def refusal(node: str, **creds: Any) -> str:
+        client = AetherClient([f"127.0.0.1:{nodes[node].port}"], cluster_name=CLUSTER, timeout=3.0, **creds)
+        try:
+            with pytest.raises(Unauthorized) as e:
+                await client.put("user/x", b"1")
+        finally:
+            await client.close()
+        return str(e.value)
+
+    for t in nodes.values():
+        await t.start()
+    try:
+        text = await refusal("open", secret=SECRET)
+        assert "this client has a cluster secret (secret=...) but the nodes run open" in text, text
+        assert "give the cluster's secret" not in text
+        text = await refusal("secured", secret=OTHER)
+        assert "the nodes run with a cluster secret other than this client's (secret=...)" in text, text
+        assert "give the cluster's secret" not in text
+        text = await refusal("secured", client_key=client_key_of(OTHER))
+        assert "other than this client's (client_key=...)" in text, text
+        monkeypatch.setenv("AETHER_CLUSTER_SECRET", OTHER.decode())
+        text = await refusal("secured")
+        assert "other than this client's (AETHER_CLUSTER_SECRET)" in text, text
+        monkeypatch.delenv("AETHER_CLUSTER_SECRET")
+        text = await refusal("secured")  # no secret at all: the hint it always gave
+        assert "presented no cluster secret" in text, text
+        assert "; give the cluster's secret (secret=..." in text, text
+    finally:
+        for t in nodes.values():
+            await t.stop()

@@ -37,7 +37,7 @@ from aether.kv.machine import (
 )
 from aether.kv.protocol import ClientRequest, ClientResponse, ServerMessage
 from aether.transport import ClientLink, ConnectionRejected, open_client_connection
-from aether.transport.auth import load_secret, secret_from_env
+from aether.transport.auth import SECRET_ENV, SECRET_FILE_ENV, load_secret, secret_from_env
 from aether.transport.tls import TlsFiles, dialer_context
 
 _OPEN_KEY = "user/.session"  # read (never written) to open a session
@@ -91,10 +91,13 @@ class AetherClient:
             raise ValueError("AetherClient needs at least one node address")
         if secret is not None:
             self._secret: bytes | None = load_secret(secret)
+            self._credential = "secret=..."
         elif client_key is None:
             self._secret = secret_from_env()
+            self._credential = "AETHER_CLUSTER_SECRET" if os.environ.get(SECRET_ENV) else SECRET_FILE_ENV
         else:
             self._secret = None
+            self._credential = "client_key=..."
         self._client_key = client_key
         self._ssl = None if tls is None else dialer_context(tls)
         self.addresses = [a if isinstance(a, Address) else Address.parse(a) for a in addresses]
@@ -202,10 +205,8 @@ class AetherClient:
             try:
                 link = await self._ensure_link(deadline)
             except ConnectionRejected as e:
-                raise Unauthorized(
-                    f"every node refused this client: {e}; give the cluster's secret (secret=..., or "
-                    "AETHER_CLUSTER_SECRET / AETHER_CLUSTER_SECRET_FILE), see docs/cluster-security.md"
-                ) from None
+                hint = self._refused_hint(e.cause)
+                raise Unauthorized(f"every node refused this client: {e}; {hint}") from None
             except ConnectionError as e:
                 raise QuorumLost(f"no node reachable: {e}") from None
             rid, _ = self._pending.open(None)
@@ -235,6 +236,29 @@ class AetherClient:
                 last = CommitTimeout(resp.error)
                 continue
             raise AetherError(resp.error)
+
+    def _refused_hint(self, cause: str) -> str:
+        """What to do when every node refused this client, by why (`ConnectionRejected.cause`): the
+        same "give the cluster's secret" for all was wrong for a client that has one."""
+        see = "see docs/cluster-security.md"
+        if cause == "open":
+            return (
+                f"this client has a cluster secret ({self._credential}) but the nodes run open, without "
+                "one: connect without a secret, or start the nodes with the cluster's secret "
+                f"(--cluster-secret-file); {see}"
+            )
+        if cause == "other_secret":
+            return (
+                f"the nodes run with a cluster secret other than this client's ({self._credential}): give "
+                "the client the nodes' secret (for a local cluster, AETHER_CLUSTER_SECRET_FILE="
+                f"DIR/cluster.secret); {see}"
+            )
+        if cause == "rejected" and self._secret is None and self._client_key is None:
+            return (
+                "give the cluster's secret (secret=..., or AETHER_CLUSTER_SECRET / "
+                f"AETHER_CLUSTER_SECRET_FILE), {see}"
+            )
+        return see  # the node's reason says why (another cluster's name, ...)
 
     def _switch(self) -> None:
         """Leave this node for the next one. The requests still waiting on its link are sent again
@@ -267,6 +291,7 @@ class AetherClient:
 
     async def _connect_any(self, deadline: float) -> ClientLink:
         errors = []
+        causes: set[str] = set()
         rejected = 0
         n = len(self.addresses)
         for i in range(n):
@@ -291,6 +316,7 @@ class AetherClient:
                 )
             except ConnectionRejected as e:
                 errors.append(f"{addr}: {e}")
+                causes.add(e.cause)
                 rejected += 1
                 continue
             except (ConnectionError, OSError) as e:
@@ -300,8 +326,8 @@ class AetherClient:
             self._index = idx
             self._link = link
             return link
-        if errors and rejected == len(errors):
-            raise ConnectionRejected("; ".join(errors))  # every node answered, and refused us
+        if errors and rejected == len(errors):  # every node answered, and refused us
+            raise ConnectionRejected("; ".join(errors), causes.pop() if len(causes) == 1 else "")
         raise ConnectionError("; ".join(errors) or "deadline passed")
 
     def _on_message(self, msg: Any) -> None:

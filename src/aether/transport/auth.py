@@ -221,7 +221,7 @@ class AcceptorHandshake:
 class DialerHandshake:
     """The dialing side: a nonce for the hello, then checks the challenge and answers with a proof."""
 
-    __slots__ = ("_creds", "_expect", "_id", "kind", "nonce", "proved")
+    __slots__ = ("_creds", "_expect", "_id", "failure", "kind", "nonce", "proved")
 
     def __init__(
         self, creds: Credentials, kind: Kind, own_id: str, *,
@@ -233,6 +233,9 @@ class DialerHandshake:
         self.kind = kind
         self.nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_BYTES)
         self.proved = False  # a challenge was answered: only HelloAck or Reject may follow
+        # why `answer` refused the acceptor, for a client's hint: "open" (it runs without a secret
+        # while we have one), "other_secret" (it proved another secret), "" (not refused, or else)
+        self.failure: Literal["", "open", "other_secret"] = ""
 
     def answer(self, acceptor_id: str, nonce_a: bytes, proof_a: bytes) -> bytes:
         """Check the acceptor's challenge; return our proof. Raises AuthFailed."""
@@ -243,6 +246,7 @@ class DialerHandshake:
             self.proved = True
             return b""  # open: nothing to prove, nothing to check (an acceptor with a secret refuses us)
         if not proof_a:
+            self.failure = "open"
             fix = _fix("peer")  # the open node lacks the secret, whoever dials it
             raise AuthFailed(
                 f"node {acceptor_id!r} runs without a cluster secret (open) and cannot prove it is a "
@@ -252,6 +256,7 @@ class DialerHandshake:
             key, _ACCEPTOR_LABEL, self._creds.cluster, self.kind, self._id, acceptor_id, self.nonce, nonce_a
         )
         if not hmac.compare_digest(proof_a, expected):
+            self.failure = "other_secret"
             raise AuthFailed(
                 f"node {acceptor_id!r} did not prove the cluster secret (it has a different one, or it "
                 f"is not a member of this cluster); {_fix(self.kind)}"

@@ -36,7 +36,13 @@ _CONTROL = frozenset(CONTROL_TYPES)
 
 class ConnectionRejected(ConnectionError):
     """The node answered but refused this client (wrong cluster, no or wrong credentials): retrying
-    elsewhere with the same credentials will not help."""
+    elsewhere with the same credentials will not help. `cause`, for the client's hint: "open" (this
+    client has a secret, the node runs without one), "other_secret" (the node proved another
+    secret), "rejected" (the node sent its refusal: its reason is in the message), "" (else)."""
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 class _ClientSideProtocol(LinkProtocol):
     def __init__(
@@ -94,7 +100,7 @@ class _ClientSideProtocol(LinkProtocol):
                     self.handshake.set_result(end.node_id)
             elif type(end) is Reject:
                 self._fail_handshake(ConnectionRejected(
-                    f"aether node at {self._address} rejected the connection: {end.reason}"
+                    f"aether node at {self._address} rejected the connection: {end.reason}", "rejected"
                 ))  # fmt: skip
                 self.close("rejected")
             return
@@ -110,7 +116,9 @@ class _ClientSideProtocol(LinkProtocol):
 
     def _handshake_failed(self, problem: str) -> None:
         self._fail_handshake(
-            ConnectionRejected(f"handshake with aether node at {self._address} failed: {problem}")
+            ConnectionRejected(
+                f"handshake with aether node at {self._address} failed: {problem}", self._auth.failure
+            )
         )
         self.abort("handshake failed")
 
