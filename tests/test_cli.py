@@ -494,6 +494,27 @@ def test_node_flags_override_toml(tmp_path: Path, fake_runner: list[NodeConfig])
     assert c.api_key is None
 
 
+def test_node_refuses_a_short_api_key_file(fake_runner: list[NodeConfig], tmp_path: Path) -> None:
+    """A one-character bootstrap key in the node's key file was accepted: the management API, beyond
+    loopback too, was protected by a key anyone could guess. Refused, naming the file and the fix."""
+    f = tmp_path / "api-key"
+    for weak in ("k", "0123456789abcde"):  # (15 characters: one short)
+        f.write_text(weak + "\n")
+        r = invoke("node", "--id", "node-1", "--api-key-file", str(f))
+        assert r.exit_code == 2, r.output
+        assert f"the API key file {f} holds a key of {len(weak)} characters" in r.output, r.output
+        assert "needs at least 16" in r.output
+        assert "python -c 'import secrets; print(secrets.token_urlsafe(32))' > " in r.output
+    assert fake_runner == []  # no node started
+    f.write_text("0123456789abcdef\n")
+    assert invoke("node", "--id", "node-1", "--api-key-file", str(f)).exit_code == 0
+    assert fake_runner[0].api_key == "0123456789abcdef"
+    # the client's key file is not the node's: it holds whatever key the cluster gave
+    f.write_text("k\n")
+    r = invoke("--api-key-file", str(f), "--connect", f"127.0.0.1:{dead_port()}", "status")
+    assert r.exit_code == 3 and "holds a key" not in r.output, r.output
+
+
 def test_node_exit_code_and_api_key_from_env(fake_runner: list[NodeConfig]) -> None:
     r = invoke("node", "--id", "node-1", "--cluster-name", "exit-7", env={"AETHER_API_KEY": "env-key"})
     assert r.exit_code == 7

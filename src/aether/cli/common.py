@@ -264,13 +264,20 @@ def report(e: Exception) -> NoReturn:
     raise e
 
 
+MIN_NODE_KEY_CHARS = 16  # a node's bootstrap key from a file (`aether node --api-key-file`)
+MAKE_KEY = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
 def resolve_api_key(
-    ctx: click.Context, param: str, value: str | None, key_file: str | None, *, warn: bool = True
+    ctx: click.Context, param: str, value: str | None, key_file: str | None, *, warn: bool = True,
+    min_file_chars: int = 0,
 ) -> str | None:
     """The API key from `--api-key` (or AETHER_API_KEY) or `--api-key-file`; never both.
 
     The flag form puts the key on the command line, where every local user sees it in `ps`: it
-    works, with a warning on stderr. A key file is read whole, trailing whitespace stripped.
+    works, with a warning on stderr. A key file is read whole, trailing whitespace stripped; a key
+    in it shorter than `min_file_chars` is refused (a node's bootstrap key: one a client can guess
+    is no protection).
     """
     from click.core import ParameterSource
 
@@ -287,6 +294,13 @@ def resolve_api_key(
             fail(f"cannot read the API key file {path}: {getattr(e, 'strerror', None) or e}", EXIT_USAGE)
         if not text or not text.isascii() or not text.isprintable():
             fail(f"the API key file {path} must hold one key of printable ASCII characters", EXIT_USAGE)
+        if len(text) < min_file_chars:
+            fail(
+                f"the API key file {path} holds a key of {len(text)} characters: the node's key needs at "
+                f"least {min_file_chars}, or anyone who can reach the management API could guess it. "
+                f"Make one with: {MAKE_KEY} > {path}",
+                EXIT_USAGE,
+            )
         return text
     if value and warn and ctx.get_parameter_source(param) == ParameterSource.COMMANDLINE:
         click.secho(

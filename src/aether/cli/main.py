@@ -37,6 +37,7 @@ from aether.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    MIN_NODE_KEY_CHARS,
     OUTPUT_FORMATS,
     FiniteFloatRange,
     Settings,
@@ -358,7 +359,7 @@ def build_node_config(config_file: str | None, flags: dict[str, Any]) -> NodeCon
     "node_api_key_file",
     type=click.Path(dir_okay=False),
     metavar="FILE",
-    help="Read the management API key from FILE (the bootstrap admin key).",
+    help="Read the management API key from FILE (the bootstrap admin key, at least 16 characters).",
 )
 @click.option(
     "--http-idle-timeout",
@@ -545,7 +546,9 @@ def node(
 ) -> None:
     """Run one node in the foreground until SIGINT/SIGTERM."""
     ctx = click.get_current_context()
-    node_api_key = resolve_api_key(ctx, "node_api_key", node_api_key, node_api_key_file)
+    node_api_key = resolve_api_key(
+        ctx, "node_api_key", node_api_key, node_api_key_file, min_file_chars=MIN_NODE_KEY_CHARS
+    )
     flags = {
         "node_id": node_id,
         "peers": peers,
