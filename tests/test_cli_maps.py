@@ -205,3 +205,22 @@ def test_keys_names_and_values_that_cannot_be_sent_are_usage_errors(argv: list[s
     r = CliRunner(env=env).invoke(main, argv, catch_exceptions=False)
     assert r.exit_code == EXIT_USAGE, r.output
     assert problem in r.stderr, r.stderr
+
+
+async def test_stats_lists_a_member_the_table_dropped(cli: Cli) -> None:
+    """A member down is dropped from the partition table, and `map stats` listed the table's
+    members only: the dead node just disappeared. It is listed, marked, from the member set."""
+    assert (await cli("map", "create", "users")).exit_code == 0
+    await wait_defined(cli, "users")
+    await cli.cluster.stop("node-3")
+    await cli.cluster.wait_table(["node-1", "node-2"])
+    r = await cli("map", "stats", "users")
+    assert r.exit_code == 0, r.output
+    table = rows(r.stdout)
+    assert [row[0] for row in table[1:]] == NODES, r.stdout
+    assert table[3][1:] == ["down: not in the table"] + ["-"] * 7, r.stdout
+    assert all(row[1] == "memory" for row in table[1:3])
+    assert "members: node-1, node-2" in r.stdout
+    doc = await cli.json("map", "stats", "users")
+    assert doc["cluster_members"] == NODES and doc["members"] == ["node-1", "node-2"]
+    assert sorted(n["node"] for n in doc["nodes"]) == ["node-1", "node-2"]

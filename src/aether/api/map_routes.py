@@ -97,11 +97,14 @@ class MapListing(msgspec.Struct):
 
 
 class MapDetail(MapDefinition):
-    """One map: its definition, the partition table, and each live node's stats of it."""
+    """One map: its definition, the partition table, and each live node's stats of it.
+    `cluster_members`: the cluster's member set (the table's `members` leave out a member that is
+    down or not serving maps; `aether map stats` lists those too)."""
 
     table_version: int | None
     members: list[str]
     nodes: list[MapNodeStats]
+    cluster_members: list[str] = msgspec.field(default_factory=list)
 
 
 class MapDeleted(msgspec.Struct):
@@ -257,6 +260,7 @@ class MapRoutes:
             MapDetail(
                 d.name, d.replicas, d.write_quorum, d.engine, d.max_value_bytes,
                 table_version=version, members=members, nodes=nodes,
+                cluster_members=self.maps.member_set(),
             )
         )
 

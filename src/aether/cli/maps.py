@@ -175,7 +175,8 @@ def map_list(settings: Settings, as_json: bool) -> None:
 @json_option
 @click.pass_obj
 def map_stats(settings: Settings, map_name: str, as_json: bool) -> None:
-    """Show map NAME's settings and each live node's entries, bytes, partitions and replication lag."""
+    """Show map NAME's settings and each live node's entries, bytes, partitions and replication lag
+    (a member that did not answer, or that the partition table left out, is listed as such)."""
     client = make_client(settings)
     doc: Any = _run(client, lambda c: c.get_json(_map_path(map_name)))
     if settings.json or as_json:
@@ -197,21 +198,28 @@ def map_stats(settings: Settings, map_name: str, as_json: bool) -> None:
     cols = ("Node", "Engine", "Entries", "Bytes", "Primary", "Replica", "Syncing", "Pending acks", "Lag ms")
     for col in cols:
         table.add_column(col, justify="left" if col in ("Node", "Engine") else "right")
-    for n in doc["nodes"]:
+    answered = {n["node"]: n for n in doc["nodes"]}
+    in_table = set(doc.get("members", []))
+    # every member: one that the table dropped (down, or not serving maps) used to just disappear
+    # (`cluster_members`: absent from an older node's answer)
+    for node in sorted(set(answered) | in_table | set(doc.get("cluster_members", []))):
+        n = answered.get(node)
+        if n is None:
+            state = "[yellow]no answer[/yellow]" if node in in_table else "[red]down: not in the table[/red]"
+            table.add_row(Text(node), state, *(["-"] * (len(cols) - 2)))
+            continue
         lag = n["oldest_pending_ms"]
         table.add_row(
-            Text(n["node"]), n["engine"], str(n["entries"]), str(n["bytes"]), str(n["primary_partitions"]),
+            Text(node), n["engine"], str(n["entries"]), str(n["bytes"]), str(n["primary_partitions"]),
             str(n["replica_partitions"]),
             f"[yellow]{n['syncing_partitions']}[/yellow]" if n["syncing_partitions"] else "0",
             str(n["pending_acks"]),
             f"[yellow]{lag}[/yellow]" if lag >= 1000 else str(lag),
         )
     out.print(table)
-    missing = sorted(set(doc.get("members", [])) - {n["node"] for n in doc["nodes"]})
     version = doc.get("table_version")
-    out.print(Text(f"Partition table v{version if version is not None else '-'}"))
-    if missing:
-        out.print(f"[yellow]No answer from {', '.join(missing)}[/yellow]")
+    members = ", ".join(sorted(in_table)) or "-"
+    out.print(Text(f"Partition table v{version if version is not None else '-'}, members: {members}"))
 
 
 @map_group.command("create")

@@ -781,6 +781,11 @@ class MapService:
     def live_members(self) -> list[str]:
         return self.core.live_members(self.now())
 
+    def member_set(self) -> list[str]:
+        """The cluster's member set as this node knows it (`set_members`), sorted; empty before the
+        node said. The partition table holds only the live ones: a member down is out of it."""
+        return sorted(self.core.members or ())
+
     # --- messages -------------------------------------------------------------------------------------------
 
     def dispatch(self, sender: str, msg: Any) -> None:
