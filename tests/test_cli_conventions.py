@@ -91,7 +91,7 @@ def test_every_example_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             if words[0] != "aether" or {"|", ">"} & set(words):
                 continue
             for w in words:  # the files an example names exist here
-                if w.endswith((".whl", ".toml", ".txt", ".jsonl", ".blueprint")):
+                if w.endswith((".whl", ".toml", ".txt", ".json", ".jsonl", ".blueprint")):
                     (tmp_path / w).parent.mkdir(parents=True, exist_ok=True)
                     (tmp_path / w).touch()
             _parse(words[1:])

@@ -23,11 +23,13 @@ class Cli:
     def __init__(self, cluster: MapCluster) -> None:
         self.cluster = cluster
 
-    async def __call__(self, *args: str, node: str = "node-1") -> Result:
+    async def __call__(self, *args: str, node: str = "node-1", stdin: bytes | None = None) -> Result:
         port = self.cluster.node(node).management.port
         env = {"AETHER_CONNECT": f"127.0.0.1:{port}", "AETHER_API_KEY": None, "COLUMNS": "200"}
         argv = list(args)
-        return await asyncio.to_thread(CliRunner(env=env).invoke, main, argv, catch_exceptions=False)
+        return await asyncio.to_thread(
+            CliRunner(env=env).invoke, main, argv, input=stdin, catch_exceptions=False
+        )
 
     async def json(self, *args: str, node: str = "node-1") -> Any:
         r = await self(*args, "--json", node=node)
@@ -224,3 +226,34 @@ async def test_stats_lists_a_member_the_table_dropped(cli: Cli) -> None:
     doc = await cli.json("map", "stats", "users")
     assert doc["cluster_members"] == NODES and doc["members"] == ["node-1", "node-2"]
     assert sorted(n["node"] for n in doc["nodes"]) == ["node-1", "node-2"]
+
+
+async def test_put_reads_a_large_value_from_a_file_or_stdin(cli: Cli, tmp_path: Path) -> None:
+    """A value larger than a shell argument (about 128 KiB: `aether map put m k "$(cat big.json)"`
+    fails with 'Argument list too long') could not be put with the CLI: --file PATH, `-` for stdin."""
+    assert (await cli("map", "create", "docs")).exit_code == 0
+    await wait_defined(cli, "docs")
+    big = {"text": "x" * 300_000, "n": [1, 2, 3]}
+    f = tmp_path / "big.json"
+    f.write_text(json.dumps(big) + "\n")
+    r = await cli("map", "put", "docs", "big", "--file", str(f))
+    assert r.exit_code == 0 and r.stdout.startswith("Stored docs['big'] ("), r.output
+    assert await cli.json("map", "get", "docs", "big", node="node-2") == big
+    r = await cli("map", "put", "docs", "piped", "--file", "-", "--ttl", "60", stdin=b'"from stdin"')
+    assert r.exit_code == 0 and "expires in 60 s" in r.stdout, r.output
+    assert await cli.json("map", "get", "docs", "piped") == "from stdin"
+    # bad input: a usage error naming the problem, nothing sent
+    r = await cli("map", "put", "docs", "k", "1", "--file", str(f))
+    assert r.exit_code == EXIT_USAGE and "give the value once" in r.stderr, r.output
+    r = await cli("map", "put", "docs", "k")
+    assert r.exit_code == EXIT_USAGE and "no value: give the JSON argument or --file PATH" in r.stderr
+    f.write_text("{not json")
+    r = await cli("map", "put", "docs", "k", "--file", str(f))
+    assert r.exit_code == EXIT_USAGE and f"the value in {f} is not valid JSON" in r.stderr, r.output
+    f.write_bytes(b'"caf\xe9"')
+    r = await cli("map", "put", "docs", "k", "--file", str(f))
+    assert r.exit_code == EXIT_USAGE
+    assert f"the value in {f} is not UTF-8 (byte b'\\xe9' at offset 4)" in r.stderr, r.output
+    r = await cli("map", "put", "docs", "k", "--file", str(tmp_path / "missing.json"))
+    assert r.exit_code == EXIT_USAGE and "missing.json" in r.stderr
+    assert await cli.json("map", "keys", "docs") == ["big", "piped"]

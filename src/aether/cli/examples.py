@@ -90,7 +90,10 @@ EXAMPLES: dict[str, list[str]] = {
     "map get": ["aether map get orders o-1", "aether map get stock widget -o json"],
     "map keys": ["aether map keys orders", "aether map keys orders --prefix o-1"],
     "map list": ["aether map list", "aether map list -o json"],
-    "map put": ["aether map put orders o-1 '{\"qty\": 2}'", "aether map put sessions s-9 '\"x\"' --ttl 60"],
+    "map put": [
+        "aether map put orders o-1 '{\"qty\": 2}'", "aether map put sessions s-9 '\"x\"' --ttl 60",
+        "aether map put docs d-1 --file big.json",
+    ],
     "map remove": ["aether map remove orders o-1"],
     "map stats": ["aether map stats orders", "aether map stats orders -o json"],
     "metrics": ["aether metrics", "aether metrics --watch --interval 2", "aether metrics -o json"],

@@ -297,22 +297,45 @@ def map_get(settings: Settings, map_name: str, key: str, as_json: bool) -> None:
 @map_group.command("put")
 @_name_arg
 @_key_arg
-@click.argument("value", metavar="JSON", callback=_utf8)
+@click.argument("value", metavar="[JSON]", required=False, callback=_utf8)
+@click.option(
+    "--file", "value_file", type=click.File("rb"), metavar="PATH",
+    help="Read the JSON value from PATH (`-`: stdin) instead of the JSON argument: for values larger "
+    "than a shell argument (about 128 KiB).",
+)
 @click.option("--ttl", type=FiniteFloatRange(), metavar="SECONDS",
               help="Expire the entry after this many seconds.")
 @json_option
 @click.pass_obj
 def map_put(
-    settings: Settings, map_name: str, key: str, value: str, ttl: float | None, as_json: bool
+    settings: Settings, map_name: str, key: str, value: str | None, value_file: Any, ttl: float | None,
+    as_json: bool,
 ) -> None:
-    """Store the JSON value under KEY in map NAME (a string needs JSON quotes: '"text"')."""
+    """Store the JSON value under KEY in map NAME (a string needs JSON quotes: '"text"'), given as
+    the JSON argument or read with --file PATH (`-`: stdin)."""
     import msgspec
 
+    if (value is None) == (value_file is None):
+        fail(
+            "give the value once: the JSON argument or --file PATH (`-`: stdin)"
+            if value is not None else "no value: give the JSON argument or --file PATH (`-`: stdin)",
+            EXIT_USAGE,
+        )
+    source = "the value"
+    if value_file is not None:
+        name = getattr(value_file, "name", "<stdin>")
+        source = f"the value in {'stdin' if name == '<stdin>' else name}"
+        try:
+            value = value_file.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            fail(f"{source} is not UTF-8 (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                 "map values are JSON text", EXIT_USAGE)  # fmt: skip
+    assert value is not None
     try:
         msgspec.json.decode(value)
     except msgspec.DecodeError as e:
         fail(
-            f"the value is not valid JSON: {e}",
+            f"{source} is not valid JSON: {e}",
             EXIT_USAGE,
             hint="Quote strings as JSON, e.g. aether map put NAME KEY '\"text\"'; numbers, true/false, "
             "null, [..] and {..} are JSON as they are.",
