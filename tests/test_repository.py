@@ -714,6 +714,53 @@ async def test_bad_uploads_are_refused_and_leave_nothing(cluster: Cluster, tmp_p
     assert list((cluster.nodes[0].config.data_path / "repository").iterdir()) == []  # no upload left over
 
 
+async def test_a_malformed_upload_is_named_by_its_file_name_not_the_nodes_temporary(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # found walking docs/repository.md: a truncated wheel or a non-zip answered
+    # "/DATA/repository/upload-3z89/NAME: not a wheel (...)", the node's private temporary path
+    w = _hello(tmp_path / "w")
+    data = w.read_bytes()
+    data_dir = str(cluster.nodes[0].config.data_path)
+    for body in (data[:800], b"hello\n"):
+        status, doc = await cluster.put(0, f"{P}/files/{w.name}", body)
+        assert status == 400, doc
+        assert doc["detail"].startswith(f"{w.name}: not a wheel"), doc
+        assert data_dir not in doc["detail"] and "upload-" not in doc["detail"], doc
+
+
+async def test_an_upload_without_quorum_is_a_503_saying_so_at_once(cluster: Cluster, tmp_path: Path) -> None:
+    # found walking docs/repository.md with two of three nodes killed: the upload's chunk writes
+    # retried for their budget (~28 s), the CLI gave up first ("took the request but gave no
+    # answer within 15 s"), and the 503 that came later named a map partition, not the quorum
+    w = _hello(tmp_path / "w")
+    for n in cluster.nodes[1:]:
+        await n.stop()
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 15
+    while cluster.nodes[0].has_quorum():
+        assert loop.time() < end, "node-1 still reports a quorum"
+        await asyncio.sleep(0.05)
+    # the answer comes before a byte of the body is read: the request head alone gets it
+    reader, writer = await asyncio.open_connection("127.0.0.1", cluster.nodes[0].management.port)
+    try:
+        size = w.stat().st_size
+        writer.write(f"PUT {P}/files/{w.name} HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        field = next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:"))
+        length = int(field.split(b":")[1])
+        doc = json.loads(await reader.readexactly(length))
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 503"), (head, doc)
+    assert doc["detail"].startswith("no quorum: this node cannot reach a majority"), doc
+    assert w.name in doc["detail"] and "nothing was stored" in doc["detail"], doc
+    status, doc = await cluster.upload(0, w)  # and a client sending the body whole gets the same
+    assert status == 503 and doc["detail"].startswith("no quorum"), doc
+    assert list((cluster.nodes[0].config.data_path / "repository").iterdir()) == []
+
+
 async def test_maven_paths_and_delete(cluster: Cluster, tmp_path: Path) -> None:
     w1, w2 = _hello(tmp_path / "a"), _hello(tmp_path / "b", "0.2.0")
     base = f"{P}/maven/org/example/hello"

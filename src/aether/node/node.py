@@ -298,6 +298,7 @@ class Node:
             work_dir=config.data_path / "repository", partition_table=lambda: self.maps.table,
             logger=logging.getLogger(f"aether.repository.{self.node_id}"),
             orphan_age=config.repository_orphan_age, is_leader=lambda: self.leader.is_leader,
+            has_quorum=self.has_quorum,
         )
         self.repository = ClusterRepository(config.repository, self.artifacts)
         # metrics: entry calls are recorded by the slice runtime (on the node that runs the instance);

@@ -183,6 +183,7 @@ class ArtifactService:
         orphan_age: float = core.DEFAULT_ORPHAN_AGE,
         is_leader: Callable[[], bool] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        has_quorum: Callable[[], bool] | None = None,
     ) -> None:
         self.store = store
         self.maps = maps
@@ -197,6 +198,7 @@ class ArtifactService:
         self.monotonic = monotonic
         self.orphan_age = orphan_age
         self.is_leader = is_leader
+        self.has_quorum = has_quorum
         self._orphans: core.OrphanTracker[core.Upload] = core.OrphanTracker(orphan_age)
         self._orphan_claims: core.OrphanTracker[core.ClaimRef] = core.OrphanTracker(orphan_age)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -336,6 +338,15 @@ class ArtifactService:
         `HashMismatch`, `UploadTooLarge`, `ArtifactConflict`; nothing is visible unless it succeeds."""
         core.wheel_filename(filename)
         meter = core.UploadMeter(self.max_upload, declared=declared, expected_sha256=sha256)
+        if self.has_quorum is not None and not self.has_quorum():
+            # nothing could be stored: its chunks' partitions and the manifest need a majority.
+            # Answered before a byte is read (else the chunk writes retried for their budget and
+            # the client, which gave up first, saw no answer at all)
+            raise RepositoryUnavailable(
+                f"no quorum: this node cannot reach a majority of the cluster, so {filename} cannot be "
+                "stored (nothing was stored); upload it again once the cluster has a quorum "
+                "(`aether status`)"
+            )
         try:
             make_private_dirs(self.work_dir)
             tmpdir = Path(tempfile.mkdtemp(prefix="upload-", dir=self.work_dir))
@@ -351,7 +362,13 @@ class ArtifactService:
             except OSError as e:
                 raise _no_space(e, self.work_dir, f"the upload of {filename}") from None
             digest = meter.finish()
-            info = await asyncio.to_thread(_inspect, path, self.cache.wheel_limits)
+            try:
+                info = await asyncio.to_thread(_inspect, path, self.cache.wheel_limits)
+            except InvalidWheel as e:
+                # the checks name the file they read: name it as the client did, not by the
+                # node's private temporary path (`/data/repository/upload-x1y2/NAME: ...`)
+                e.args = (str(e).replace(str(path), filename), *e.args[1:])
+                raise
             manifest = core.manifest_for(
                 info, filename, meter.size, digest, now=self.clock(), expected=expected,
                 upload=secrets.token_hex(8),
