@@ -1077,6 +1077,27 @@ def test_cli_without_a_node_or_directory_falls_back_to_the_home_directory(
     assert r.exit_code == 3 and "cannot reach" in r.output, r.output
 
 
+def test_cli_delete_refuses_an_extra_or_misplaced_version_and_deletes_nothing(tmp_path: Path) -> None:
+    """Found walking docs/cli.md: `aether artifact delete G:A:V X` deleted G:A:V and ignored X."""
+    from click.testing import CliRunner
+
+    from aether.cli.main import main
+
+    w = _hello(tmp_path / "w")
+    repo = tmp_path / "repo"
+    r = CliRunner().invoke(main, ["artifact", "deploy", "--repository", str(repo), str(w)])
+    assert r.exit_code == 0, r.output
+    for args, says in (
+        (["org.example:hello:0.1.0", "0.2.0"], "names its version already; the extra argument '0.2.0'"),
+        (["org.example:hello", "0.1.0"], "give the slice as org.example:hello:0.1.0"),
+    ):
+        r = CliRunner().invoke(main, ["artifact", "delete", *args, "--repository", str(repo)])
+        assert r.exit_code == 2 and says in r.output, (args, r.output)
+        assert list(repo.rglob("*.whl")), args  # nothing deleted
+    r = CliRunner().invoke(main, ["artifact", "delete", "org.example:hello:0.1.0", "--repository", str(repo)])
+    assert r.exit_code == 0 and not list(repo.rglob("*.whl")), r.output
+
+
 async def test_an_upload_that_stops_sending_is_a_408(cluster: Cluster, tmp_path: Path) -> None:
     from aether.api.server import ManagementServer
 

@@ -505,6 +505,13 @@ def delete(
 
     coords: Artifact | None = None
     if target.count(":") == 2:
+        if version is not None:
+            # `delete G:A:V X` once deleted G:A:V and ignored X: a typo deleted a version
+            _fail(
+                f"{target} names its version already; the extra argument {version!r} is not used",
+                EXIT_USAGE,
+                hint="Give a slice as GROUP:ARTIFACT:VERSION, a library as PROJECT VERSION.",
+            )
         try:
             coords = Artifact.parse(target)
         except BadRequest as e:
@@ -513,6 +520,11 @@ def delete(
                 EXIT_USAGE,
                 hint="Give a slice as GROUP:ARTIFACT:VERSION, a library as PROJECT VERSION.",
             )
+    elif target.count(":") == 1 and version is not None:
+        _fail(
+            f"{target} is a slice's GROUP:ARTIFACT: give the slice as {target}:{version}",
+            EXIT_USAGE,
+        )
     elif version is None:
         _fail("give the version: PROJECT VERSION, or a slice as GROUP:ARTIFACT:VERSION", EXIT_USAGE)
     client = _cluster(ctx, repository)
