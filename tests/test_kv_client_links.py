@@ -11,6 +11,7 @@ import pytest
 
 import aether.client.client as client_module
 from aether.client import AetherClient
+from aether.core.errors import BadRequest
 from aether.kv.machine import Result
 from aether.kv.protocol import ClientRequest, ClientResponse
 
@@ -98,5 +99,55 @@ async def test_losing_the_current_link_fails_over_to_the_next_node(monkeypatch: 
         assert c.failovers == 1 and c.connected_to is None
         assert await c.put("k2", b"w") == 7
         assert [link.index for link in opened] == [1, 2]
+    finally:
+        await c.close()
+
+
+class CountingLink(FakeLink):
+    """A `FakeLink` to a node that applies everything, counting what it was sent."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.sent: list[ClientRequest] = []
+
+    def send(self, msg: ClientRequest) -> bool:
+        self.sent.append(msg)
+        return super().send(msg)
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        # a lone surrogate cannot be encoded: it escaped as a bare UnicodeEncodeError
+        (lambda c: c.put("user/\udc80", b"v"), "key 'user/\\udc80' is not valid UTF-8"),
+        (lambda c: c.get("user/a\udc80"), "is not valid UTF-8"),
+        (lambda c: c.remove(5), "key must be a str, got int"),
+        # went to the node and came back as msgspec's `Expected bytes, got str - at $[0][2]`
+        (lambda c: c.put("user/s", "text"), "value for 'user/s' must be bytes, got str"),
+        (lambda c: c.put("user/s", None), "value for 'user/s' must be bytes, got NoneType"),
+        (lambda c: c.compare_and_set("user/s", "old", b"new"), "expected value for 'user/s' must be bytes"),
+    ],
+)
+async def test_a_key_or_value_the_store_cannot_take_is_a_bad_request_naming_it_and_not_sent(
+    monkeypatch: pytest.MonkeyPatch, call: Any, error: str
+) -> None:
+    """Found walking docs/consensus.md with a real cluster: `AetherClient.put("user/\\udc80", ...)`
+    raised UnicodeEncodeError from deep inside the encoder, after the lane had been opened. Now
+    every malformed key or value is a BadRequest naming it, nothing is sent, and the client goes on."""
+    opened: list[CountingLink] = []
+
+    async def fake_open(address: Any, *, on_message: Any, on_close: Any, **_: Any) -> CountingLink:
+        link = CountingLink(1, on_message, on_close, 0.0)
+        opened.append(link)
+        return link
+
+    monkeypatch.setattr(client_module, "open_client_connection", fake_open)
+    c = AetherClient(ADDRESSES, client_id="app", prefer=1, timeout=5.0)
+    try:
+        with pytest.raises(BadRequest) as ei:
+            await call(c)
+        assert error in str(ei.value)
+        assert sum(len(link.sent) for link in opened) == 0  # refused before anything was sent
+        assert await c.put("user/ok", b"v") == 7  # the client goes on
     finally:
         await c.close()

@@ -154,7 +154,7 @@ class AetherClient:
     # --- machinery ------------------------------------------------------------------------------
 
     async def _call(self, op: Op) -> Result:
-        _check_size(op)
+        _check_op(op)
         res, sends = await self._on_lane(op)
         if session_error_kind(res.error) == UNKNOWN_SESSION:
             if sends > 1:
@@ -354,9 +354,21 @@ class AetherClient:
         self._pending.fail_all(lambda: err)
 
 
-def _check_size(op: Op) -> None:
-    """Refuse, before anything is sent, a value the store would refuse (`TooLarge`, 413): the
-    command would travel to every node first, and one beyond a message between nodes not at all."""
+def _check_op(op: Op) -> None:
+    """Refuse, before anything is sent, a key or value the store would refuse or that cannot be
+    encoded: a key that is not a str or not UTF-8 (a lone surrogate such as ``"\\udc80"``, which
+    used to escape as a bare UnicodeEncodeError), a value that is not bytes, and (`TooLarge`, 413)
+    a value over the store's limit: the command would travel to every node first, and one beyond a
+    message between nodes not at all."""
+    if not isinstance(op.key, str):
+        raise BadRequest(f"key must be a str, got {type(op.key).__name__}: {op.key!r:.200}")
+    try:
+        op.key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(
+            f"key {op.key[:200]!r} is not valid UTF-8: {e.reason} at position {e.start}; "
+            "keys are UTF-8 text (not sent)"
+        ) from None
     values: list[tuple[str, bytes | None]]
     if isinstance(op, Put):
         values = [("value", op.value)]
@@ -365,7 +377,14 @@ def _check_size(op: Op) -> None:
     else:
         return
     for what, value in values:
-        if value is not None and len(value) > MAX_VALUE_BYTES:
+        if value is None and what != "value":
+            continue
+        if not isinstance(value, (bytes, bytearray)):
+            raise BadRequest(
+                f"{what} for {op.key[:200]!r} must be bytes, got {type(value).__name__} "
+                "(encode text with .encode())"
+            )
+        if len(value) > MAX_VALUE_BYTES:
             raise TooLarge(
                 f"{what} for {op.key[:200]!r} is {len(value)} bytes; the store's limit is {MAX_VALUE_BYTES} "
                 "bytes per value (not sent)"
