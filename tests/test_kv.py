@@ -54,6 +54,9 @@ def test_keys_round_trip(key: object) -> None:
     ("text", "problem"),
     [
         ("nofamily", "expected FAMILY"),
+        # was "expected FAMILY/..." although the family was there: the name after it is missing
+        ("user/", "nothing after 'user/'; expected user/NAME"),
+        ("blueprints/", "nothing after 'blueprints/'"),
         ("bogus/x", "unknown key family"),
         ("slices/node-1", "expected slices/NODE/ARTIFACT"),
         ("slices/bad node/a", "invalid node id"),
@@ -312,3 +315,7 @@ def test_secrets_are_a_key_family_external_clients_cannot_touch() -> None:
         parse_key("secrets/bad name")
     refused = client_key_refusal("secrets/db-password")
     assert refused is not None and "only user/ keys" in refused
+    # a key without a family was called one "the cluster" owns: "'' belongs to the cluster"
+    for key in ("", "greeting"):
+        refused = client_key_refusal(key)
+        assert refused is not None and "has no key family" in refused and "belongs" not in refused

@@ -59,7 +59,10 @@ def client_key_refusal(key: str) -> str | None:
     """None if an external client may use `key`, else the error to answer with."""
     if key.startswith(CLIENT_KEY_PREFIXES):
         return None
-    family = key.split("/", 1)[0] + "/" if "/" in key else repr(key)
+    if "/" not in key:
+        return (f"key {key[:200]!r} has no key family: clients on the cluster port may use only user/ "
+                "keys (user/NAME)")
+    family = key.split("/", 1)[0] + "/"
     return (
         f"key {key[:200]!r}: clients on the cluster port may use only user/ keys; {family} belongs to "
         "the cluster and is changed through the management API (aether deploy, aether blueprint, ...)"
