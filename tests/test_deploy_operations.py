@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aether.deploy.blueprint import any_artifact, no_dependencies
-from aether.deploy.errors import RolloutConflict
+from aether.deploy.errors import BlueprintError, RolloutConflict
 from aether.deploy.operations import DeploymentService
 from aether.deploy.rollout import begin
 from aether.kv.keys import BlueprintSlice, BlueprintValue, RolloutPolicy, SliceStateValue
@@ -379,3 +379,14 @@ async def test_a_slice_with_several_undefined_maps_is_refused_naming_them_all() 
         "deploys org.demo:a:1.0.0"
     )
     assert sorted(kv.data) == ["maps/defs/notes"]  # nothing written
+
+
+async def test_an_update_to_an_invalid_version_says_so_once() -> None:
+    """Found with Forge's update control (`{"version": "nope"}`): the detail read "invalid version
+    'nope': invalid version 'nope': expected MAJOR.MINOR.PATCH..."."""
+    kv = RacingKV({"blueprints/shop": BlueprintValue([BlueprintSlice(A1, 2, name="a")])})
+    svc = DeploymentService(kv, dependencies_of=no_dependencies, resolve=any_artifact)  # type: ignore[arg-type]
+    with pytest.raises(BlueprintError) as e:
+        await svc.update("org.demo:a", "nope")
+    assert str(e.value).count("invalid version") == 1, str(e.value)
+    assert "expected MAJOR.MINOR.PATCH" in str(e.value)

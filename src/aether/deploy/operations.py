@@ -467,7 +467,11 @@ class DeploymentService:
         try:
             target = Artifact.parse(f"{name}:{version}")
         except BadRequest as err:
-            raise BlueprintError(f"invalid version {version!r}: {err}") from None
+            # the parser's message already starts "invalid version '...'" when the version is at fault
+            text = str(err)
+            if not text.startswith("invalid version"):
+                text = f"invalid version {version!r}: {text}"
+            raise BlueprintError(text) from None
         entries = [
             b for b in self.list_blueprints() if any(_name(s.artifact) == name for s in b.blueprint.slices)
         ]
