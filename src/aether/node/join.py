@@ -66,10 +66,11 @@ async def joined_config(config: NodeConfig, logger: logging.Logger) -> NodeConfi
     If the member cannot be reached and the node already has local state (a restart), the node
     starts with what it has: its snapshot and journal hold the member set and addresses."""
     own = Address(config.host, config.cluster_port)
+    consensus_dir = config.data_path / "consensus"
     try:
         info = await fetch_members(config)
     except (ConnectionError, OSError, msgspec.DecodeError) as e:
-        if (config.data_path / "consensus" / "snapshot.bin").exists():
+        if (consensus_dir / "snapshot.bin").exists():
             logger.warning("cannot ask %s for the member set (%s); starting from local state", config.join, e)
             return config
         raise ConfigError(f"--join {config.join}: cannot get the member set: {e}") from None
@@ -81,6 +82,17 @@ async def joined_config(config: NodeConfig, logger: logging.Logger) -> NodeConfi
     # reached at the address the member set gives it: only a different port is a mismatch
     wildcard = config.host in ("", "0.0.0.0", "::")
     if listed is not None and listed != own and not (wildcard and listed.port == own.port):
+        # A node with no state of its own claiming a member's id at another address is not that
+        # member restarting: it is a second process with the id (a copied command line). Started,
+        # it took the member's place on every link (the member's links dropped and its leadership
+        # flapped) and would vote as that member with none of its journal: refuse it.
+        if not any((consensus_dir / name).exists() for name in ("snapshot.bin", "journal.bin")):
+            raise ConfigError(
+                f"--join {config.join}: {config.node_id} is already a member of the cluster, at {listed}, "
+                f"and this node ({own}) has no state of its own in {consensus_dir}: give it an id "
+                f"that is not a member's (members: {', '.join(i for i, _ in info.members)}), or start "
+                f"{config.node_id} at {listed} with its own data directory"
+            )
         logger.warning("the member set has %s at %s; this node listens on %s", config.node_id,
                        peers[config.node_id], own)
     peers.setdefault(config.node_id, own)
