@@ -199,6 +199,8 @@ async def test_repl_completes_map_commands_and_names(cli: Cli) -> None:
         (["map", "remove", "cache", "\udcff"], "is not UTF-8"),
         (["map", "stats", "\udce9t\udce9"], "is not UTF-8 (byte b'\\xe9' at character 0)"),
         (["map", "keys", "cache", "--prefix", "\udcff"], "is not UTF-8"),
+        # `aether kv list $'\xff'` said "cannot reach the Aether node ... (connection ...)", exit 3
+        (["kv", "list", "user/\udcff"], "is not UTF-8 (byte b'\\xff' at character 5)"),
     ],
 )
 def test_keys_names_and_values_that_cannot_be_sent_are_usage_errors(argv: list[str], problem: str) -> None:

@@ -149,3 +149,19 @@ def test_upload_streams_the_file_in_pieces_with_progress(tmp_path: Path) -> None
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_text_that_cannot_be_sent_is_a_config_error_not_an_unreachable_node(servers: Servers) -> None:
+    """`aether kv list $'\\xff'` (the shell's byte arrives as a lone surrogate) failed inside the
+    request and was reported as "cannot reach the Aether node at ... ('utf-8' codec can't encode
+    ...)", exit 3, although the node answered everything else. Now the client names the parameter
+    before sending, whichever command passed it."""
+    from aether.core.errors import ConfigError
+
+    srv = servers.start(_node())
+    client = ManagementClient(f"http://{addr(srv)}")
+    with pytest.raises(ConfigError, match=r"query parameter 'prefix' 'user/\\udcff' is not UTF-8 text"):
+        client.get_raw("/api/v1/kv", {"prefix": "user/\udcff"})
+    with pytest.raises(ConfigError, match=r"path .* is not UTF-8 text"):
+        client.get_raw("/api/v1/maps/\udcff")
+    assert client.kv("config/") == [KVEntry("config/a", {"x": 1})]  # the node was reachable all along

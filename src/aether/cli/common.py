@@ -230,6 +230,8 @@ def call(client: ManagementClient, fn: Callable[[ManagementClient], _T]) -> _T:
         return fn(client)
     except (ApiUnreachable, ApiError) as e:
         report(e)
+    except ConfigError as e:  # an argument that cannot be sent (not UTF-8)
+        fail(str(e), EXIT_USAGE)
 
 
 def report(e: Exception) -> NoReturn:

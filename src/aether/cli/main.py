@@ -199,7 +199,7 @@ def kv() -> None:
 
 
 @kv.command("list")
-@click.argument("prefix", required=False, default="")
+@click.argument("prefix", required=False, default="", callback=map_commands._utf8)
 @json_option
 @click.pass_obj
 def kv_list(settings: Settings, prefix: str, as_json: bool) -> None:

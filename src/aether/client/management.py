@@ -282,6 +282,17 @@ class _Base:
     def _url(self, path: str, params: dict[str, str] | None) -> Any:
         from yarl import URL
 
+        # Text the shell could not decode (`aether kv list $'\\xff'`: a lone surrogate) cannot be
+        # sent; it used to fail inside the request and be reported as "cannot reach the node".
+        parts = [("path", path), *((f"query parameter {k!r}", v) for k, v in (params or {}).items())]
+        for what, text in parts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ConfigError(
+                    f"{what} {text[:200]!r} is not UTF-8 text ({e.reason} at position {e.start}): "
+                    "nodes take UTF-8 only; check the argument's bytes and your locale"
+                ) from None
         host = self.address.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
@@ -353,6 +364,7 @@ class _Base:
         """Send `data` (bytes, an async generator of bytes, or None) and read the whole answer,
         all within `timeout` seconds; ApiUnreachable (and its subclasses) when there is no answer."""
         connected = _Connected()
+        url = self._url(path, params)  # ConfigError for text that cannot be sent: not unreachable
         try:
             tls = self._ssl()
             async with (
@@ -360,7 +372,7 @@ class _Base:
                 self._session(connected) as session,
                 session.request(
                     method,
-                    self._url(path, params),
+                    url,
                     data=data,
                     headers=headers,
                     ssl=tls,
@@ -373,6 +385,7 @@ class _Base:
 
     async def _events(self, path: str, read_timeout: float) -> AsyncGenerator[ServerEvent, None]:
         connected = _Connected()
+        url = self._url(path, None)
         try:
             tls = self._ssl()
             session = self._session(connected)
@@ -382,7 +395,7 @@ class _Base:
             try:
                 async with asyncio.timeout(self.timeout):
                     resp = await session.get(
-                        self._url(path, None),
+                        url,
                         headers={"Accept": "text/event-stream"},
                         ssl=tls,
                         allow_redirects=False,
