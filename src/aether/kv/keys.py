@@ -517,8 +517,6 @@ _PATH_RE = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%{}/-]*\Z")
 def parse_key(text: str) -> Key:
     """Parse a rendered key; raise BadRequest naming what is wrong."""
     family, sep, rest = text.partition("/")
-    if sep and not rest and family:
-        raise BadRequest(f"invalid key {text!r}: nothing after {family + '/'!r}; expected {family}/NAME")
     if not sep or not rest:
         raise BadRequest(f"invalid key {text!r}: expected FAMILY/..., families: blueprints, slices, "
                          "endpoints, routes, maps, auth, secrets, repository, user")

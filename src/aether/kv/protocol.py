@@ -57,6 +57,11 @@ through the management API's checked operations."""
 
 def client_key_refusal(key: str) -> str | None:
     """None if an external client may use `key`, else the error to answer with."""
+    if key in CLIENT_KEY_PREFIXES:
+        # checked here, before the command is proposed, not in `parse_key`: the replicated state
+        # machine records parse_key's text in its results, which replicas of another version
+        # must record alike
+        return f"invalid key {key!r}: nothing after {key!r}; expected {key}NAME"
     if key.startswith(CLIENT_KEY_PREFIXES):
         return None
     if "/" not in key:
