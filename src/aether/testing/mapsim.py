@@ -901,6 +901,25 @@ class MapWorld:
                 return True
         return False
 
+    async def _stop_and_start_all(
+        self, running: list[str], rng: random.Random, what: str, gap: float, *, rebooted: bool = False
+    ) -> None:
+        """Stop every running node at once (`rebooted`: as after a power cut), then start every
+        member again in a random order, up to `gap` seconds apart."""
+        for n in running:
+            self.nodes[n].kill()
+            if rebooted:
+                self.nodes[n].rebooted = True
+        self.topology_changed()
+        self.log(what)
+        await asyncio.sleep(rng.uniform(0.2, 2.0))
+        order = list(self.members)
+        rng.shuffle(order)
+        for n in order:
+            self.nodes[n].start()
+            self.topology_changed()
+            await asyncio.sleep(rng.uniform(0.0, gap))
+
     async def fault(self, kind: str) -> None:
         rng = self.rng
         running = [n for n in self.members if self.nodes[n].running]
@@ -916,17 +935,7 @@ class MapWorld:
             self.nodes[victim].start()
             self.topology_changed()
         elif kind == "restart":
-            for n in running:
-                self.nodes[n].kill()
-            self.topology_changed()
-            self.log("every node stopped")
-            await asyncio.sleep(rng.uniform(0.2, 2.0))
-            order = list(self.members)
-            rng.shuffle(order)
-            for n in order:
-                self.nodes[n].start()
-                self.topology_changed()
-                await asyncio.sleep(rng.uniform(0.0, 0.3))
+            await self._stop_and_start_all(running, rng, "every node stopped", 0.3)
             await asyncio.sleep(rng.uniform(0.0, 0.8))
             name = f"r{self.stats['faults']}"
             self.store.commit("put", str(MapDefKey(name)), MapSpec(
@@ -934,18 +943,8 @@ class MapWorld:
             self.log(f"define {name}")
             self.maps.append(name)
         elif kind == "blackout" and not self._holding_aside(running):
-            for n in running:
-                self.nodes[n].kill()
-                self.nodes[n].rebooted = True  # (its disk had everything: no tail lost)
-            self.topology_changed()
-            self.log("power cut of every node")
-            await asyncio.sleep(rng.uniform(0.2, 2.0))
-            order = list(self.members)
-            rng.shuffle(order)
-            for n in order:
-                self.nodes[n].start()
-                self.topology_changed()
-                await asyncio.sleep(rng.uniform(0.0, 0.5))
+            # (every disk had everything: no tail lost, but the copies no longer count)
+            await self._stop_and_start_all(running, rng, "power cut of every node", 0.5, rebooted=True)
         elif kind == "recreate":
             await self._recreate(rng.choice(self.maps))
         elif kind == "stall" and running:
