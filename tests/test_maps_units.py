@@ -15,8 +15,26 @@ from hypothesis import strategies as st
 from aether.core.maps import PartitionTable
 from aether.maps.messages import MAP_MESSAGE_TYPES, MapMessage, Replicate, SyncChunk
 from aether.maps.partitioning import owners_for, partition_of, plan_table, rank
-from aether.maps.records import OP_CAS, OP_GET, OP_PUT, OP_REMOVE, Record, evaluate, is_live, newer
-from aether.maps.storage import MapStorage, MemoryStorage, SqliteStorage, StorageDamaged, open_storage_engine
+from aether.maps.records import (
+    OP_CAS,
+    OP_GET,
+    OP_PUT,
+    OP_REMOVE,
+    Record,
+    RecordMeta,
+    evaluate,
+    is_live,
+    meta_live,
+    newer,
+)
+from aether.maps.storage import (
+    MapStorage,
+    MemoryStorage,
+    SqliteStorage,
+    StorageDamaged,
+    UnopenedStorage,
+    open_storage_engine,
+)
 
 
 def test_partition_of_is_stable_and_spread() -> None:
@@ -110,6 +128,9 @@ def test_record_order_and_liveness() -> None:
     assert newer(Record(None, 1, 1), None)
     assert is_live(Record(b"x", 1, 1), 10) and not is_live(Record(None, 1, 1), 10)
     assert not is_live(Record(b"x", 1, 1, 10), 10) and is_live(Record(b"x", 1, 1, 11), 10)
+    for rec in (Record(b"x", 1, 1), Record(None, 1, 1), Record(b"", 1, 1, 10), Record(b"x", 1, 1, 11)):
+        meta = RecordMeta(rec.epoch, rec.seq, rec.expires, rec.value is None)
+        assert meta_live(meta, 10) == is_live(rec, 10)
 
 
 def test_messages_fit_one_transport_union() -> None:
@@ -134,6 +155,12 @@ def test_engine_contract(kind: str, tmp_path: Path) -> None:
     assert (e.entries, e.bytes) == (2, 3)
     assert e.get(1, "a") == Record(b"1", 1, 4) and e.get(1, "zz") is None and e.get(9, "a") is None
     assert sorted(k for k, _ in e.scan(1)) == ["a", "b"]
+    # the versions without the values: an empty value is not a tombstone
+    e.put(2, "d", Record(b"", 2, 5, 99))
+    assert sorted(e.scan_meta(2)) == [("c", RecordMeta(1, 3, 0, True)), ("d", RecordMeta(2, 5, 99, False))]
+    assert sorted(e.scan_meta(1)) == [("a", RecordMeta(1, 4, 0, False)), ("b", RecordMeta(1, 2, 0, False))]
+    assert list(e.scan_meta(7)) == []
+    e.delete(2, "d")
     assert e.partitions() == {1, 2}
     e.delete(1, "b")
     assert (e.entries, e.bytes) == (1, 1)
@@ -1335,3 +1362,9 @@ def test_keys_unavailable_names_each_primary_and_why() -> None:
     # an error of a node whose partitions another answer covered is still said
     assert keys_gap(table, 6, {2, 5}, {"node-3": "timeout"}).endswith("; node-3: timeout")
     assert keys_gap(None, 6, set(), {}) == "no partition table yet"
+
+
+def test_an_unopened_storage_refuses_to_scan_versions_too() -> None:
+    e = UnopenedStorage(OSError(28, "No space left on device"))
+    with pytest.raises(OSError, match="could not be opened"):
+        e.scan_meta(0)

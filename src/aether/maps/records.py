@@ -21,8 +21,10 @@ __all__ = [
     "OP_REMOVE",
     "Outcome",
     "Record",
+    "RecordMeta",
     "evaluate",
     "is_live",
+    "meta_live",
     "newer",
 ]
 
@@ -40,8 +42,23 @@ class Record(msgspec.Struct, array_like=True, frozen=True, gc=False):
     expires: int = 0
 
 
+class RecordMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A stored record without its value (`MapStorage.scan_meta`): its version, its expiry and
+    whether it is a tombstone."""
+
+    epoch: int
+    seq: int
+    expires: int
+    tombstone: bool
+
+
 def is_live(rec: Record | None, now_ms: int) -> bool:
     return rec is not None and rec.value is not None and (rec.expires == 0 or rec.expires > now_ms)
+
+
+def meta_live(meta: RecordMeta, now_ms: int) -> bool:
+    """`is_live` of the record `meta` describes."""
+    return not meta.tombstone and (meta.expires == 0 or meta.expires > now_ms)
 
 
 def newer(a: Record, b: Record | None) -> bool:

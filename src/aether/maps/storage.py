@@ -32,7 +32,7 @@ from typing import Protocol
 import msgspec
 
 from aether.core.files import free_bytes, make_private_dirs, open_private
-from aether.maps.records import Record
+from aether.maps.records import Record, RecordMeta
 
 __all__ = [
     "MapStorage", "MemoryStorage", "SqliteStorage", "StorageDamaged", "UnopenedStorage",
@@ -112,6 +112,12 @@ class MapStorage(Protocol):
 
     def scan(self, partition: int) -> Iterator[tuple[str, Record]]: ...
 
+    def scan_meta(self, partition: int) -> Iterator[tuple[str, RecordMeta]]:
+        """`scan` without the values: what the core reads to compare keys and versions or to list
+        keys. A partition of large values cost its whole size in reads and copies to compare them
+        (SQLite: 64 values of 512 KiB, 42 ms a scan; 17 ms without them)."""
+        ...
+
     def partitions(self) -> set[int]: ...
 
     def drop(self, partition: int) -> int:
@@ -190,6 +196,9 @@ class UnopenedStorage:
         raise self._fail()
 
     def scan(self, partition: int) -> Iterator[tuple[str, Record]]:
+        raise self._fail()
+
+    def scan_meta(self, partition: int) -> Iterator[tuple[str, RecordMeta]]:
         raise self._fail()
 
     def partitions(self) -> set[int]:
@@ -300,6 +309,12 @@ class MemoryStorage:
 
     def scan(self, partition: int) -> Iterator[tuple[str, Record]]:
         return iter(list(self._parts.get(partition, {}).items()))
+
+    def scan_meta(self, partition: int) -> Iterator[tuple[str, RecordMeta]]:
+        return iter([
+            (k, RecordMeta(r.epoch, r.seq, r.expires, r.value is None))
+            for k, r in self._parts.get(partition, {}).items()
+        ])
 
     def partitions(self) -> set[int]:
         return {p for p, d in self._parts.items() if d}
@@ -518,6 +533,14 @@ class SqliteStorage:
             "SELECT k, v, epoch, seq, exp FROM records WHERE p = ?", (partition,)
         ).fetchall()
         return iter([(r[0], Record(r[1], r[2], r[3], r[4])) for r in rows])
+
+    def scan_meta(self, partition: int) -> Iterator[tuple[str, RecordMeta]]:
+        # length(v), not v IS NULL: SQLite takes a blob's length from the row's header without
+        # reading the blob (v IS NULL reads it: 21 ms instead of 17 for 64 values of 512 KiB)
+        rows = self._db.execute(
+            "SELECT k, epoch, seq, exp, length(v) FROM records WHERE p = ?", (partition,)
+        ).fetchall()
+        return iter([(r[0], RecordMeta(r[1], r[2], r[3], r[4] is None)) for r in rows])
 
     def partitions(self) -> set[int]:
         return {r[0] for r in self._db.execute(_PARTITIONS)}
