@@ -2480,20 +2480,26 @@ def test_a_partition_stepped_down_from_mid_copy_holds_up_none_of_the_other_parti
         assert net.cores[node].prims[p].ready, p
 
 
-def _power_cut(net: Net, nodes: list[str], at: int) -> None:
-    """Every one of `nodes` restarts after a power cut (`MapService._check_boot`): it keeps its
-    copies but not the configurations they held, so they count for nothing (the service clears
-    them in the engine before the core sees it)."""
+def _restart_after_power_cut(net: Net, nodes: list[str], at: int) -> None:
+    """`nodes` come back from a power cut: their engines keep the copies, not the configurations
+    they held; new cores (incarnation from `at`) define the map and get the table."""
     net.queue.clear()
     for i in nodes:
         engine = net.engines[i]
         for p in list(engine.held()):
             engine.set_held(p, set())
         engine.commit()
-        net.cores[i] = MapCore(i, partitions=P, timings=net.t, incarnation=at + net.ids.index(i))
+        net.cores[i] = MapCore(i, partitions=net.partitions, timings=net.t, incarnation=at + net.ids.index(i))
     for i in nodes:
         net.run(i, net.cores[i].define("m", net.spec, net.engines[i], net.now))
         net.run(i, net.cores[i].set_table(net.table, net.now))
+
+
+def _power_cut(net: Net, nodes: list[str], at: int) -> None:
+    """Every one of `nodes` restarts after a power cut (`MapService._check_boot`): it keeps its
+    copies but not the configurations they held, so they count for nothing (the service clears
+    them in the engine before the core sees it)."""
+    _restart_after_power_cut(net, nodes, at)
     for i in nodes:
         for j in net.ids:
             if j != i:
@@ -2578,16 +2584,7 @@ def test_a_copy_that_does_not_count_brings_no_removed_key_back_while_another_own
 
 def _power_cut_of(net: Net, nodes: list[str], at: int) -> None:
     """As `_power_cut`, but only `nodes` are up (for each other)."""
-    net.queue.clear()
-    for i in nodes:
-        engine = net.engines[i]
-        for p in list(engine.held()):
-            engine.set_held(p, set())
-        engine.commit()
-        net.cores[i] = MapCore(i, partitions=net.partitions, timings=net.t, incarnation=at + net.ids.index(i))
-    for i in nodes:
-        net.run(i, net.cores[i].define("m", net.spec, net.engines[i], net.now))
-        net.run(i, net.cores[i].set_table(net.table, net.now))
+    _restart_after_power_cut(net, nodes, at)
     for i in nodes:
         for j in nodes:
             if j != i:

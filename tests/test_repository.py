@@ -815,7 +815,8 @@ async def test_a_node_without_the_wheel_fetches_it_and_runs_it(cluster: Cluster,
         assert (repo / "_libs" / lib.name).read_bytes() == lib.read_bytes()
 
 
-async def test_a_corrupted_cache_is_fetched_again(cluster: Cluster, tmp_path: Path) -> None:
+async def _uploaded_and_listed_on_node_2(cluster: Cluster, tmp_path: Path) -> tuple[Path, Any]:
+    """The hello wheel uploaded through node-1, once node-2's repository lists its version."""
     w = _hello(tmp_path / "w")
     assert (await cluster.upload(0, w))[0] == 201
     repo = cluster.nodes[1].repository
@@ -824,6 +825,11 @@ async def test_a_corrupted_cache_is_fetched_again(cluster: Cluster, tmp_path: Pa
     while not repo.versions("org.example:hello"):
         assert loop.time() < end
         await asyncio.sleep(0.05)
+    return w, repo
+
+
+async def test_a_corrupted_cache_is_fetched_again(cluster: Cluster, tmp_path: Path) -> None:
+    w, repo = await _uploaded_and_listed_on_node_2(cluster, tmp_path)
     path = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
     assert path.read_bytes() == w.read_bytes()
     path.write_bytes(b"garbage")
@@ -839,14 +845,7 @@ async def test_a_fetch_leaves_the_temporary_of_a_fetch_running_in_another_node(
     """A fetch keeps one wheel per version directory by removing the others there: it removed as
     well the ``.tmp-*.whl`` another node sharing the directory was writing (whose rename then
     failed). Only the temporaries older than ten minutes are anyone's to remove (at a start)."""
-    w = _hello(tmp_path / "w")
-    assert (await cluster.upload(0, w))[0] == 201
-    repo = cluster.nodes[1].repository
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while not repo.versions("org.example:hello"):
-        assert loop.time() < end
-        await asyncio.sleep(0.05)
+    w, repo = await _uploaded_and_listed_on_node_2(cluster, tmp_path)
     path = await asyncio.to_thread(repo.resolve, "org.example:hello:0.1.0")
     running = path.parent / ".tmp-abc123.whl"  # another node's fetch, being written
     running.write_bytes(b"being written")
