@@ -245,3 +245,26 @@ def test_update_with_interval_inf_is_a_usage_error_not_a_rollout_with_the_defaul
     r = invoke("--connect", target, "update", "org.demo:a", "--to", "2.0.0", "--interval", "inf")
     assert r.exit_code == 2, r.output
     assert "--interval" in r.output and "'inf' is not a finite number" in r.output
+
+
+@pytest.mark.parametrize(
+    ("state", "said"),
+    [
+        ("succeeded", "org.demo:a is already at 2.0.0: its rollout from 1.0.0 succeeded."),
+        ("rolling-back", "org.demo:a: the rollout from 1.0.0 to 2.0.0 is rolling-back; follow it with "
+                         "`aether rollout status org.demo:a`."),
+    ],
+)
+def test_a_repeated_update_says_what_the_existing_rollout_is_doing(
+    monkeypatch: pytest.MonkeyPatch, state: str, said: str
+) -> None:
+    """The API answers a repeated update with the rollout that exists (200): one that succeeded
+    is "already at", one rolling back is not (it said "already at 2.0.0 ... rolling-back")."""
+    from aether.cli import rollout
+
+    answer = {"artifact": "org.demo:a", "old_version": "1.0.0", "new_version": "2.0.0",
+              "strategy": "rolling", "state": state}
+    monkeypatch.setattr(rollout, "make_client", lambda settings: object())
+    monkeypatch.setattr(rollout, "call", lambda client, fn: answer)
+    r = invoke("--connect", "127.0.0.1:1", "update", "org.demo:a", "--to", "2.0.0")
+    assert r.exit_code == 0 and r.output.strip() == said, r.output

@@ -156,9 +156,14 @@ def update(
     out: Any = call(client, lambda c: c.send_json("POST", "/api/v1/rollouts", body))
     quiet = settings.json or as_json
     if out["state"] not in ("progressing", "paused") and not quiet:
-        # a repeated update answered with the rollout that already took the artifact there
-        click.echo(f"{name} is already at {out['new_version']}: its rollout from {out['old_version']} "
-                   f"{out['state']}.")
+        # a repeated update answered with the rollout that already took the artifact there (or
+        # is rolling it back: its blueprints still ask for the version until that ends)
+        if out["state"] == "succeeded":
+            click.echo(f"{name} is already at {out['new_version']}: its rollout from "
+                       f"{out['old_version']} succeeded.")
+        else:
+            click.echo(f"{name}: the rollout from {out['old_version']} to {out['new_version']} is "
+                       f"{out['state']}; follow it with `aether rollout status {name}`.")
         return
     if wait:
         if not quiet:
