@@ -32,12 +32,13 @@ Roles per partition `p` of the current `PartitionTable` (docs/maps.md has the fu
   primary keeps one execution per id (retries join it, answered ones get the same answer), so a
   retry after a lost answer, a failover or a handover reports the first attempt's outcome.
 - **Leader** (of the consensus store): keeps the table equal to the live members (a node counts as
-  gone `down_grace` seconds after its link dropped, and a member not heard from since this node
-  started `start_grace` seconds after the start), checked on every change and every tick. A node
-  that came up and is not in the table is planned in once it reported (a *table probe*:
-  `ReadCheck.table`) that its store replica has the table the leader would replace, so that it
-  knows at once the partitions the new table gives it; after `rejoin_wait` without such a report
-  all the same, and a node of an earlier version (it cannot report) at once.
+  gone `down_grace` seconds after its link dropped, longer for one that keeps going down, and a
+  member not heard from since this node started `start_grace` seconds after the start), checked
+  on every change and every tick. A node that came up and is not in the table is planned in once
+  it reported (a *table probe*: `ReadCheck.table`) that its store replica has the table the
+  leader would replace, so that it knows at once the partitions the new table gives it; after
+  `rejoin_wait` without such a report all the same, and a node of an earlier version (it cannot
+  report) at once.
 
 A node without a consensus quorum (`set_quorum(False)`) stops serving as primary. A node whose
 storage fails (an engine raises: full disk, I/O error) stops serving that map, says why in every
@@ -196,6 +197,13 @@ class MapTimings:
     sync_timeout: float = 2.0
     """A promotion's sync request that got no chunk for this long is sent again."""
     down_grace: float = 0.5
+    """A member that went down counts as gone (the leader plans it out) this long after; one that
+    keeps going down and coming back (a lagging node: its heartbeats come late on a loaded
+    machine) twice as long for each other time it went down within `flap_window`, up to
+    `flap_grace`: every table without it and back with it moves a share of the partitions over
+    twice, adding to the load that makes it lag."""
+    flap_window: float = 60.0
+    flap_grace: float = 8.0
     start_grace: float = 2.0
     """A member (of the table or the member set) this node has not heard from since it started counts
     as live for this long after the start: nodes of a cluster started (or restarted) together come
@@ -541,6 +549,7 @@ class MapCore:
 
         self.up: set[str] = set()
         self._down_since: dict[str, float] = {}
+        self._downs: dict[str, deque[float]] = {}  # peer -> when it went down (`_grace`)
         self.excluded: set[str] = set()  # nodes whose map storage failed (left out of the table)
         self.members: set[str] | None = None  # the member set, once the node says (None: everyone up)
         self.is_leader = False
@@ -1297,13 +1306,21 @@ class MapCore:
             # (an owner left out only because its map storage failed has not left: it keeps its
             # copy and comes back with it once its disk has room, and it may hold the only copies
             # that count, when every owner's disk filled in turn: going on without it lost them)
+            # (an owner the table left out that this node saw up within `force_after`, or sees up
+            # now, has not left either: its loop lagged, its heartbeats came late and the leader
+            # planned it out, but it keeps its copy and answers once it keeps up. Going on without
+            # it lost every write only it and another such owner had acknowledged: a repository's
+            # chunks, on a machine at load 11, after 48 tables in 10 minutes.)
             left = [
                 o for o in others if o not in answered and o not in table.members and not self._storage_out(o)
+                and self._away_for(o) >= self.t.force_after
             ]
+            # Every owner it could still hear from is waited for: one of them may hold the only
+            # other copy of a write (it used to go on once the owners gone and those without a copy
+            # made up for the copies short, without an owner that had only not answered yet)
             all_answered = all(o in answered for o in others)
-            if all_answered or (
-                have + len(lost) + len(left) >= need and self._now - prom.started >= self.t.force_after
-            ):
+            waited = self._now - prom.started >= self.t.force_after
+            if all_answered or (waited and all(o in answered or o in left for o in others)):
                 if have == 0 and (prom.spare.get((name, p)) or prom.spare_ops.get((name, p))):
                     # No copy that counts anywhere (every owner's machine restarted, or the whole
                     # cluster was away past the tombstone horizon): the copies that do not are all
@@ -1329,6 +1346,14 @@ class MapCore:
                 continue
             return False
         return True
+
+    def _away_for(self, node: str) -> float:
+        """How long `node` has been out of this node's reach without a break (0 while it is up;
+        one never heard from: since this core started)."""
+        if node in self.up:
+            return 0.0
+        since = self._down_since.get(node, self._started)
+        return self._now - since if since is not None else 0.0
 
     def _advance(self, prom: _Promotion) -> None:
         """Move a promotion on, partition by partition: sync -> push -> record the activation ->
@@ -1736,6 +1761,18 @@ class MapCore:
         self._clock(now)
         self.up.discard(peer)
         self._down_since[peer] = now
+        downs = self._downs.setdefault(peer, deque())
+        while downs and now - downs[0] >= self.t.flap_window:
+            downs.popleft()
+        downs.append(now)
+        if len(downs) > 8:
+            downs.popleft()
+        if len(downs) == 3 and self.is_leader:
+            self.log.warning(
+                "%s went down %d times in %.0f s (its loop lags, or its network flaps): planned out "
+                "of the partition table only %.1f s after it goes down from now on (at most %.0f s)",
+                peer, len(downs), now - downs[0], self._grace(peer), self.t.flap_grace,
+            )
         self._forget_join(peer)
         self._up_at.pop(peer, None)
         self._table_waiters.pop(peer, None)
@@ -1822,8 +1859,14 @@ class MapCore:
         failed (`set_excluded`): it still holds its copies."""
         return node in self.excluded and (self.members is None or node in self.members)
 
+    def _grace(self, node: str) -> float:
+        """How long after going down `node` counts as gone (`MapTimings.down_grace`, longer for a
+        node that flaps)."""
+        downs = self._downs.get(node, ())
+        return min(self.t.flap_grace, self.t.down_grace * 2.0 ** max(0, len(downs) - 1))
+
     def live_members(self, now: float) -> list[str]:
-        gone = {n for n, t in self._down_since.items() if now - t >= self.t.down_grace}
+        gone = {n for n, t in self._down_since.items() if now - t >= self._grace(n)}
         live = (self.up | {self.node_id} | set(self._down_since)) - gone - self.excluded
         if self._started is not None and now - self._started < self.t.start_grace:
             # not heard from since this node started (not down either): still coming up, probably

@@ -193,10 +193,21 @@ def _pieces(rng: random.Random) -> Profile:
     )
 
 
+def _lag(rng: random.Random) -> Profile:
+    """Nodes whose loops lag (a loaded machine): each stalls for longer than heartbeats allow, so
+    the others see it go (the leader plans it out) and come back, again and again, for longer in
+    all than a takeover waits for owners that left (`force_after`), each absence shorter than
+    that, every step of its work slow (its copies answered a record or three at a time, each
+    step 0.1-0.4 s); up to a minority of the nodes at once. Nothing acknowledged may be lost: an
+    owner that only lagged has not left."""
+    return Profile(nodes=rng.choice([3, 5, 5]), persistent=rng.random() < 0.5, duration=40.0,
+                   batch_records=rng.choice([1, 3]), fault_gap=(0.5, 2.0), kinds={"lag": 1.0, "flap": 0.3})
+
+
 _PROFILES: dict[str, Callable[[random.Random], Profile]] = {
     "crash": _crash, "partitions": _partitions, "disk": _disk, "disks": _disks, "mixed": _mixed,
     "startup": _startup, "restart": _restart, "log": _log, "recreate": _recreate, "pieces": _pieces,
-    "blackout": _blackout,
+    "blackout": _blackout, "lag": _lag,
 }
 
 
@@ -272,7 +283,9 @@ class NodeKV:
         if self._scheduled or not self.world.store_reachable(self.node):
             return
         self._scheduled = True
-        self.world.loop.call_later(self.world.rng.uniform(0.001, 0.02), self._catch_up)
+        w = self.world
+        lag = w.nodes[self.node].slow * w.rng.uniform(5.0, 15.0)  # (a lagging node applies late too)
+        w.loop.call_later(w.rng.uniform(0.001, 0.02) + lag, self._catch_up)
 
     def _catch_up(self) -> None:
         self._scheduled = False
@@ -393,6 +406,7 @@ class SimNode:
         # its consensus replica (journal): what it had applied when it stopped, kept across restarts
         self.replica: tuple[int, dict[str, Any], dict[str, int]] | None = None
         self.paused_until = 0.0  # a stalled process (CPU starvation, a long pause): nothing runs
+        self.slow = 0.0  # a lagging process: each step of work (`MapService._more`) takes this long
         self.skew = world.rng.uniform(-0.5, 0.5)
 
     def open_storage(self, kind: str, directory: Path, name: str) -> FaultyEngine | LogStorage:
@@ -432,10 +446,17 @@ class SimNode:
         svc._tick = lambda: None if w.loop.time() < self.paused_until else tick()  # type: ignore[method-assign]
         more = svc._more
 
+        due = [False]
+
         def paused_more() -> None:  # a stalled node does no work either: it goes on when it resumes
             if w.loop.time() < self.paused_until:
                 svc._more_handle = w.loop.call_at(self.paused_until + 0.001, paused_more)
                 return
+            if self.slow and not due[0]:  # (a lagging one takes its time over each step)
+                due[0] = True
+                svc._more_handle = w.loop.call_later(self.slow, paused_more)
+                return
+            due[0] = False
             more()
 
         svc._more = paused_more  # type: ignore[method-assign]
@@ -951,6 +972,8 @@ class MapWorld:
             victim = rng.choice(running)
             self.nodes[victim].paused_until = self.loop.time() + rng.uniform(0.2, 2.0)
             self.log(f"stall {victim} until {self.nodes[victim].paused_until:.3f}")
+        elif kind == "lag" and running:
+            await self._lag(rng, running)
         elif kind == "isolate":
             victim = rng.choice(self.members)
             self._cut([[victim], [m for m in self.members if m != victim]], f"isolate {victim}")
@@ -1025,6 +1048,28 @@ class MapWorld:
                 self.nodes[nid].start()
                 self.log(f"add {nid}")
                 self.topology_changed()
+
+    async def _lag(self, rng: random.Random, running: list[str]) -> None:
+        """Up to a minority of the nodes lag together for 1.2-2.5 `force_after`: every step of
+        their work slow, stalled and out of the others' reach for 0.3-2 s at a time (heartbeats
+        late: the others see them go), back for 0.2-1 s in between."""
+        victims = rng.sample(running, min(len(running), rng.randint(1, (len(self.members) - 1) // 2)))
+        end = self.loop.time() + rng.uniform(1.2, 2.5) * self.timings.force_after
+        self.log(f"lag {victims} for {end - self.loop.time():.1f} s")
+        others = [m for m in self.members if m not in victims]
+        for v in victims:
+            self.nodes[v].slow = rng.uniform(0.1, 0.4)
+        while self.loop.time() < end:
+            pause = rng.uniform(0.3, 2.0)
+            for v in victims:
+                self.nodes[v].paused_until = self.loop.time() + pause
+            self._cut([[v] for v in victims] + [others], f"{victims} stalled for {pause:.2f} s")
+            await asyncio.sleep(pause)
+            self._uncut()
+            await asyncio.sleep(rng.uniform(0.2, 1.0))
+        for v in victims:
+            self.nodes[v].slow = 0.0
+        self.log(f"{victims} keep up again")
 
     def _disk_full(self, node: str, full: bool) -> None:
         for e in self.nodes[node].engines.values():
