@@ -3,6 +3,10 @@
 - A damaged ``consensus/snapshot.bin`` (cut short, as a disk or a copy can leave it) stops the
   start with one log line naming the file, exit status 1, and the files left as they were. Seen
   before: the start died with a msgspec traceback ("Input data was truncated") naming no file.
+- A byte changed inside a value of ``consensus/snapshot.bin`` stops the start the same way, naming
+  the file and that its checksum does not match. Seen before (an audit): it loaded silently and
+  the node served the changed value (the journal had checksums, the snapshot none). A snapshot of
+  the previous format, without a checksum, still loads.
 - A second `aether node` on a data directory a running node holds refuses to start (naming the
   directory and the holder's pid) and touches nothing. Seen before: it started and served on
   the same journal and snapshot as the running node, both appending to one ``journal.bin``.
@@ -21,6 +25,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from conftest import ProcessCluster, free_ports
@@ -70,6 +75,48 @@ def test_truncated_snapshot_stops_the_start_naming_the_file(
     lines = c.log_lines(0, "cannot start node node-1", f"snapshot {snap} cannot be decoded")
     assert lines, c.log_tail(0)
     assert _files(c.data_dir(0)) == before  # the failed start changed nothing
+
+
+@pytest.mark.timeout(120)
+def test_a_byte_changed_in_a_snapshot_value_stops_the_start_and_the_previous_format_loads(
+    make_process_cluster: Callable[..., ProcessCluster],
+) -> None:
+    from test_snapshot_checksum import PreviousEngineSnapshot
+
+    value = b"a value the snapshot holds"
+
+    async def put() -> None:
+        async with c.client(0) as client:
+            for k in range(5):
+                await client.put(f"user/k{k}", value + b"%d" % k)
+
+    async def read() -> list[bytes | None]:
+        async with c.client(0) as client:
+            return [await client.get(f"user/k{k}") for k in range(5)]
+
+    c = make_process_cluster(1)
+    asyncio.run(put())
+    assert c.stop(0) == 0  # a clean stop leaves a snapshot holding the writes
+    snap = c.data_dir(0) / "consensus" / "snapshot.bin"
+    data = snap.read_bytes()
+    at = data.index(value + b"3")
+    snap.write_bytes(data[:at] + b"A" + data[at + 1:])  # 'a' -> 'A': the snapshot still decodes
+    before = _files(c.data_dir(0))
+
+    c.start(0)
+    assert _wait_exit(c, 0) == 1
+    assert "Traceback" not in c.log_text(0), c.log_tail(0)
+    lines = c.log_lines(0, "cannot start node node-1", f"snapshot {snap} is damaged: its contents do not "
+                        "match their checksum")
+    assert lines, c.log_tail(0)
+    assert _files(c.data_dir(0)) == before  # the failed start changed nothing
+
+    # the undamaged snapshot, as the previous release wrote it (no checksum): it loads
+    sealed = msgspec.msgpack.decode(data, type=PreviousEngineSnapshot)
+    snap.write_bytes(msgspec.msgpack.encode(sealed))
+    c.start(0)
+    c.wait_quorum(20)
+    assert asyncio.run(read()) == [value + b"%d" % k for k in range(5)]
 
 
 @pytest.mark.timeout(90)

@@ -64,7 +64,9 @@ from aether.consensus.messages import (
     StateMsg,
     Submit,
     VoteMsg,
+    check_snapshot,
     combine,
+    seal_snapshot,
     slot_msg_key,
 )
 
@@ -442,9 +444,11 @@ class Engine:
     # --- recovery -------------------------------------------------------------------------------
 
     def recover(self, snapshot: bytes | None, records: Iterable[JournalRecord]) -> None:
-        """Restore from the local snapshot and journal (call before any other input)."""
+        """Restore from the local snapshot and journal (call before any other input).
+
+        Raises `SnapshotDamaged` if the snapshot does not match its checksum (nothing is restored)."""
         if snapshot is not None:
-            self._install_snapshot_bytes(snapshot, emit=False)
+            self._install_snapshot_bytes(snapshot, emit=False, verify=True)
             self._needs_snapshot = False
         sent: list[SentRec] = []
         for rec in records:
@@ -1366,10 +1370,13 @@ class Engine:
             self.applied, list(self.members), self.sm.snapshot(), list(self.decided_ids.items()),
             list(self._configs),
         )
-        return _snapshot_encoder.encode(snap)
+        return seal_snapshot(snap)
 
-    def _install_snapshot_bytes(self, data: bytes, *, emit: bool) -> None:
+    def _install_snapshot_bytes(self, data: bytes, *, emit: bool, verify: bool = False) -> None:
+        """Install a snapshot; with `verify` (the local file) its checksum is checked first."""
         snap = _snapshot_decoder.decode(data)
+        if verify:
+            check_snapshot(data, snap)
         self.sm.restore(snap.state)
         self.applied = snap.slot
         if snap.configs:

@@ -37,7 +37,7 @@ from aether.consensus.engine import (
     Send,
     StateMachine,
 )
-from aether.consensus.messages import JournalRecord, MemberChange, MemberResult, Submit
+from aether.consensus.messages import JournalRecord, MemberChange, MemberResult, SnapshotDamaged, Submit
 from aether.consensus.storage import DiskStore, JournalCorrupt, JournalError
 from aether.core.errors import CommitTimeout, QuorumLost, TooLarge
 from aether.core.histogram import Histogram
@@ -129,6 +129,11 @@ class ConsensusRunner:
                 ) from None
         try:
             self.engine.recover(snap, records)
+        except SnapshotDamaged as e:
+            raise JournalCorrupt(
+                f"snapshot {self.store.snapshot_path} is damaged: {e}; restore the node's data "
+                "directory from a backup or remove it so the node rejoins from its peers"
+            ) from None
         except msgspec.DecodeError as e:
             # decided batches are decoded with their record (above) and applied by the state
             # machine, which answers a malformed command rather than raising: what cannot be
