@@ -5,7 +5,9 @@ clients, pre-auth limits). Real node processes: tests/test_security_cluster_port
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
+from unittest.mock import ANY
 
 import msgspec
 import pytest
@@ -13,7 +15,9 @@ import pytest
 from aether.core.errors import ConfigError
 from aether.core.types import Address
 from aether.transport import (
+    DUPLICATE_NODE,
     ClientHello,
+    DuplicateNode,
     EventBus,
     HelloAck,
     PeerDown,
@@ -192,12 +196,113 @@ async def test_authenticated_reconnect_replaces_the_old_link(caplog: pytest.LogC
         old = set(e.a._peers["b"].inbound)
         raw = await Raw.connect(e.a.port)
         try:
-            assert await raw.handshake(PeerHello(CLUSTER, "b")) == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "b")) == HelloAck("a", ANY)
             await wait_until(lambda: all(p.closing for p in old), what="old inbound closed")
             await raw.send(frame(Note(7, "from the restarted b")))
             await wait_until(lambda: ("b", Note(7, "from the restarted b")) in e.inbox["a"], what="delivery")
         finally:
             raw.close()
+
+
+async def test_a_second_process_with_a_peers_id_is_refused_while_the_peer_answers_at_its_address(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by an audit with real processes (tests/test_duplicate_node_process.py): a second process
+    started with b's id (and the secret) at another port was taken for b restarted: it displaced
+    b's connection, b dialed again and displaced it, and so on. a's link to b's member address is
+    answered by b's process (its HelloAck's instance), so a hello from another instance claiming b
+    is refused, saying so (`DUPLICATE_NODE`); b's own instance and a hello without one (a node of
+    an earlier version) are still taken as b reconnecting."""
+    async with env(caplog) as e:
+        downs: list[PeerDown] = []
+        e.a.bus.subscribe(PeerDown, downs.append)
+        genuine = set(e.a._peers["b"].inbound)
+        assert e.a._peers["b"].link.instance == e.b.instance  # type: ignore[union-attr]
+        raw = await Raw.connect(e.a.port)
+        try:
+            hello = PeerHello(CLUSTER, "b", instance=b"another!", listen="127.0.0.1:7999")
+            reply = await raw.handshake(hello)
+            assert isinstance(reply, Reject) and reply.code == DUPLICATE_NODE, reply
+            assert reply.reason.startswith(
+                f"node b is already running in the cluster, at 127.0.0.1:{e.b.port} (node a reaches it "
+                "there); this process (listening on 127.0.0.1:7999) is a second one with its id"
+            ), reply.reason
+            await raw.wait_closed_by_node()
+        finally:
+            raw.close()
+        assert e.a._peers["b"].inbound == genuine and downs == []
+        [warning] = [r.getMessage() for r in e.warnings() if "second process" in r.getMessage()]
+        assert (f"a second process with the id of b (listening on 127.0.0.1:7999): 'b' answers at its "
+                f"member address 127.0.0.1:{e.b.port} as another process; rejected") in warning
+        await e.assert_still_working(1)
+        for same in (e.b.instance, b""):  # b itself reconnecting; a node of an earlier version
+            raw = await Raw.connect(e.a.port)
+            try:
+                assert await raw.handshake(PeerHello(CLUSTER, "b", instance=same)) == HelloAck("a", ANY)
+            finally:
+                raw.close()
+
+
+async def test_the_peer_at_its_address_wins_over_a_second_process_that_came_first() -> None:
+    """b is down; a second process with b's id dials a and is accepted (nothing answers at b's
+    address to contradict it). b starts at its address: a's link to it is answered by b, so a
+    closes the second process's connection and refuses its next hellos; the second process is told
+    why and publishes `DuplicateNode` (its node then exits 2). b restarted later is taken at once."""
+    kw: dict[str, Any] = dict(
+        listen=Address("127.0.0.1", 0), cluster_name=CLUSTER, message_type=PeerMsg, secret=SECRET
+    )
+    inbox: list[tuple[str, Any]] = []
+    a = Transport("a", {"a": Address("127.0.0.1", 0)}, on_message=lambda s, m: inbox.append((s, m)), **kw)
+    second = Transport(
+        "b", {"b": Address("127.0.0.1", 0)}, on_message=lambda s, m: None, bus=EventBus(), **kw
+    )
+    dups: list[DuplicateNode] = []
+    second.bus.subscribe(DuplicateNode, dups.append)
+    ghost = socket.socket()  # b's member address, reserved while b is down
+    ghost.bind(("127.0.0.1", 0))
+    b_addr = Address("127.0.0.1", ghost.getsockname()[1])
+    started: list[Transport] = []
+    try:
+        for t in (a, second):
+            await t.start()
+            started.append(t)
+        a.set_members({"a": Address("127.0.0.1", a.port), "b": b_addr})
+        second.set_members({"a": Address("127.0.0.1", a.port), "b": Address("127.0.0.1", second.port)})
+        await wait_until(lambda: second.up_peers == {"a"}, what="the second process linked to a")
+        assert second.send("a", Note(1, "from the second process"))
+        await wait_until(lambda: ("b", Note(1, "from the second process")) in inbox, what="delivery")
+
+        ghost.close()
+        b = Transport("b", {"b": b_addr}, on_message=lambda s, m: None, bus=EventBus(),
+                      **{**kw, "listen": b_addr})
+        b_dups: list[DuplicateNode] = []
+        b.bus.subscribe(DuplicateNode, b_dups.append)
+        await b.start()
+        started.append(b)
+        b.set_members({"a": Address("127.0.0.1", a.port), "b": b_addr})
+        await wait_until(lambda: len(dups) == 1, timeout=10, what="the second process told it is one")
+        assert dups[0].refused_by == "a"
+        assert f"node b is already running in the cluster, at {b_addr}" in dups[0].reason
+        assert a.up_peers == {"b"} and b.up_peers == {"a"} and b_dups == []
+        assert {p.claimed_instance for p in a._peers["b"].inbound} == {b.instance}
+
+        # b restarted at its address (a new process): accepted, never taken for a second one
+        await b.stop()
+        b2 = Transport("b", {"b": b_addr}, on_message=lambda s, m: None, bus=EventBus(),
+                       **{**kw, "listen": b_addr})
+        b2_dups: list[DuplicateNode] = []
+        b2.bus.subscribe(DuplicateNode, b2_dups.append)
+        await b2.start()
+        started.append(b2)
+        b2.set_members({"a": Address("127.0.0.1", a.port), "b": b_addr})
+        await wait_until(lambda: a.up_peers == {"b"} and b2.up_peers == {"a"}, what="b restarted, up")
+        assert a._peers["b"].link.instance == b2.instance  # type: ignore[union-attr]
+        await asyncio.sleep(2 * 0.6 + 0.3)  # longer than the grace before DuplicateNode
+        assert b2_dups == [] and b2.up_peers == {"a"}
+    finally:
+        for t in started:
+            await t.stop()
+        ghost.close()
 
 
 async def test_node_does_not_send_to_an_acceptor_that_cannot_prove_the_secret() -> None:
@@ -305,7 +410,7 @@ async def test_pre_auth_frames_are_limited_to_4_kib(caplog: pytest.LogCaptureFix
         # after authentication the normal limit applies (a 100 KB frame is delivered)
         raw = await Raw.connect(e.a.port)
         try:
-            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a", ANY)
             await raw.send(frame(Note(1, "y" * 100_000)))
             await wait_until(lambda: ("ghost", Note(1, "y" * 100_000)) in e.inbox["a"], what="big frame")
         finally:

@@ -16,6 +16,7 @@ import struct
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Union
+from unittest.mock import ANY
 
 import msgspec
 import pytest
@@ -325,7 +326,7 @@ async def test_bad_frame_on_peer_link_is_dropped(case: str, caplog: pytest.LogCa
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a", ANY)
             await raw.send(frame(Note(1, "before")) + ESTABLISHED_BAD_FRAMES[case] + frame(Note(2, "after")))
             await wait_until(
                 lambda: len([m for s, m in e.inbox["a"] if s == "ghost"]) == 2, what="good frames"
@@ -342,7 +343,7 @@ async def test_more_than_ten_bad_frames_close_the_link(caplog: pytest.LogCapture
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a", ANY)
             await raw.send(frame([99]) * 10)
             assert await raw.is_open()
             await raw.send(frame([99]))  # the 11th
@@ -357,7 +358,7 @@ async def test_oversized_header_on_established_link_closes_it(caplog: pytest.Log
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a")
+            assert await raw.handshake(PeerHello(CLUSTER, "ghost")) == HelloAck("a", ANY)
             await raw.send(frame(Note(5)) + struct.pack(">I", 0xFFFFFFFF))
             await raw.wait_closed_by_node()
             await expect_one_warning(e, raw, "frame header announces 4294967295 bytes")
@@ -371,7 +372,7 @@ async def test_bad_frame_on_client_session_is_dropped(caplog: pytest.LogCaptureF
     async with env(caplog) as e:
         raw = await Raw.connect(e.a.port)
         try:
-            assert await raw.handshake(ClientHello(CLUSTER, "cli")) == HelloAck("a")
+            assert await raw.handshake(ClientHello(CLUSTER, "cli")) == HelloAck("a", ANY)
             # a peer message type is not a client request: unknown tag for this session
             await raw.send(frame(Req(1)) + frame(Note(1)) + frame(Req(2)))
             await wait_until(lambda: len(e.client_msgs) == 2, what="client requests")

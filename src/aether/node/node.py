@@ -9,7 +9,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, Union
 
 import msgspec
@@ -72,7 +72,7 @@ from aether.slices.capacity import SliceLimits
 from aether.slices.isolation import BlockPolicy, BlockReport, SliceBlockedNotice
 from aether.slices.repository import Repository
 from aether.slices.runtime import SliceRuntime
-from aether.transport import ClientSession, EventBus, PeerDown, PeerUp, Transport
+from aether.transport import ClientSession, DuplicateNode, EventBus, PeerDown, PeerUp, Transport
 from aether.transport.auth import load_secret
 from aether.transport.framing import DEFAULT_MAX_FRAME
 from aether.transport.tls import https_context, tls_files
@@ -279,6 +279,12 @@ class Node:
         )
         self.bus.subscribe(PeerUp, self._on_peer_up)
         self.bus.subscribe(PeerDown, self._on_peer_down)
+        # this node's id already runs in the cluster as another process (the members say so): this
+        # process must stop; `duplicate` says why and `on_fatal` callbacks stop it (`aether node`
+        # then exits with status 2)
+        self.duplicate: str | None = None
+        self.on_fatal: list[Callable[[], None]] = []
+        self.bus.subscribe(DuplicateNode, self._on_duplicate)
 
         # slices, invocation and deployment
         self.endpoints = EndpointRegistry(self.kv, logger=logging.getLogger(f"aether.deploy.{self.node_id}"))
@@ -730,6 +736,17 @@ class Node:
             self.runner.peer_up(ev.node_id)
         self.leader.peer_up(ev.node_id)
         self.invoke_server.peer_up(ev.node_id)
+
+    def _on_duplicate(self, ev: DuplicateNode) -> None:
+        if self.duplicate is not None:
+            return
+        self.duplicate = f"{ev.reason} (said by {ev.refused_by})"
+        self.log.critical(
+            "%s is a second process with the id of a running member: %s; this process stops",
+            self.node_id, self.duplicate,
+        )
+        for callback in self.on_fatal:
+            callback()
 
     def _on_peer_down(self, ev: PeerDown) -> None:
         if self.runner is not None:

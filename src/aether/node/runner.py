@@ -203,6 +203,8 @@ async def _serve(config: NodeConfig, stop: asyncio.Event, management_api: Manage
     # the journal could not be written: the node stops (fail-stop) and the process exits non-zero
     if node.runner is not None:  # (none with the etcd store: no journal)
         node.runner.on_fatal.append(lambda exc: stop.set())
+    # the node's id already runs in the cluster as another process: this one stops, exit status 2
+    node.on_fatal.append(stop.set)
     if not await _start_unless_stopped(node, stop):
         return
     # Everything built so far (modules, the node's components) lives as long as the process:
@@ -216,6 +218,8 @@ async def _serve(config: NodeConfig, stop: asyncio.Event, management_api: Manage
         await stop.wait()
     finally:
         await node.stop()
+    if node.duplicate is not None:
+        raise DuplicateNodeId(node.duplicate)
     if node.runner is not None and node.runner.failed is not None:
         raise NodeFailed(str(node.runner.failed))
 
@@ -274,6 +278,10 @@ class NodeFailed(Exception):
     """The node stopped itself because its local state could not be written."""
 
 
+class DuplicateNodeId(Exception):
+    """The node stopped itself: its id already runs in the cluster as another process."""
+
+
 def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = None) -> int:
     """Run a node until interrupted; returns the process exit code. `management_api` builds the
     management API server (`aether.api.server.ManagementServer`; the `aether node` command passes
@@ -305,6 +313,9 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
     except NodeFailed as e:
         log.error("node %s stopped: %s", config.node_id, e)
         code = 1
+    except DuplicateNodeId as e:
+        log.error("node %s stopped: %s", config.node_id, e)
+        code = 2
     else:
         code = 0
     finally:

@@ -12,11 +12,12 @@ May import only `aether.core`. Nothing here keeps module-level mutable state, so
 
 from aether.transport.bus import EventBus
 from aether.transport.client import ClientLink, ConnectionRejected, open_client_connection
-from aether.transport.events import PeerDown, PeerUp, QuorumChanged, TransportEvent
+from aether.transport.events import DuplicateNode, PeerDown, PeerUp, QuorumChanged, TransportEvent
 from aether.transport.faults import LinkFault
 from aether.transport.framing import DEFAULT_MAX_FRAME, FrameDecoder, FrameTooLarge, encode_frame
 from aether.transport.messages import (
     CONTROL_TYPES,
+    DUPLICATE_NODE,
     FIRST_APP_TAG,
     Challenge,
     ClientHello,
@@ -33,12 +34,14 @@ from aether.transport.tcp import ClientSession, Transport
 __all__ = [
     "CONTROL_TYPES",
     "DEFAULT_MAX_FRAME",
+    "DUPLICATE_NODE",
     "FIRST_APP_TAG",
     "Challenge",
     "ClientHello",
     "ClientLink",
     "ClientSession",
     "ConnectionRejected",
+    "DuplicateNode",
     "EventBus",
     "FrameDecoder",
     "FrameTooLarge",

@@ -470,9 +470,9 @@ class LinkProtocol(asyncio.Protocol):
             )
             self.abort("write buffer overflow")
 
-    def reject(self, reason: str) -> None:
-        """Send ``Reject(reason)`` and close."""
-        self.write_now(self._codec.frame(Reject(reason)))
+    def reject(self, reason: str, code: str = "") -> None:
+        """Send ``Reject(reason, code)`` and close."""
+        self.write_now(self._codec.frame(Reject(reason, code)))
         self.close(f"rejected: {reason}")
 
     # ---- reading ----------------------------------------------------------------------------

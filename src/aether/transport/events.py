@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["PeerDown", "PeerUp", "QuorumChanged", "TransportEvent"]
+__all__ = ["DuplicateNode", "PeerDown", "PeerUp", "QuorumChanged", "TransportEvent"]
 
 
 class TransportEvent(msgspec.Struct, frozen=True):
@@ -33,3 +33,12 @@ class QuorumChanged(TransportEvent, frozen=True):
 
     has_quorum: bool
     up: frozenset[str]
+
+
+class DuplicateNode(TransportEvent, frozen=True):
+    """Members keep refusing this node's hello because its id is already running in the cluster, as
+    another process at the member's address (`messages.DUPLICATE_NODE`): this process is a second
+    one with that id and must stop. `refused_by` is the member that said so last, `reason` its words."""
+
+    refused_by: str
+    reason: str

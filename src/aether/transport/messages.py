@@ -19,6 +19,7 @@ from aether.transport.framing import MAX_PAYLOAD, encode_frame, frame_header
 
 __all__ = [
     "CONTROL_TYPES",
+    "DUPLICATE_NODE",
     "FIRST_APP_TAG",
     "Challenge",
     "ClientHello",
@@ -41,6 +42,12 @@ class PeerHello(msgspec.Struct, array_like=True, frozen=True, tag=1):
     cluster: str
     node_id: str
     nonce: bytes = b""  # the dialer's fresh nonce (see `aether.transport.auth`)
+    # The dialer's `Transport.instance` (random, new at every start) and the address its cluster
+    # port listens on: the acceptor tells the member restarted (a new instance, which the member's
+    # address then answers as) from a second process with the member's id (another instance while
+    # the member answers at its address). Empty from a node of an earlier version.
+    instance: bytes = b""
+    listen: str = ""
 
 
 class ClientHello(msgspec.Struct, array_like=True, frozen=True, tag=2):
@@ -52,9 +59,11 @@ class ClientHello(msgspec.Struct, array_like=True, frozen=True, tag=2):
 
 
 class HelloAck(msgspec.Struct, array_like=True, frozen=True, tag=3):
-    """Last frame of the handshake: the dialer's proof was accepted; names the accepting node."""
+    """Last frame of the handshake: the dialer's proof was accepted; names the accepting node and
+    its `Transport.instance` (empty from a node of an earlier version)."""
 
     node_id: str
+    instance: bytes = b""
 
 
 class Ping(msgspec.Struct, array_like=True, frozen=True, tag=4):
@@ -62,9 +71,16 @@ class Ping(msgspec.Struct, array_like=True, frozen=True, tag=4):
 
 
 class Reject(msgspec.Struct, array_like=True, frozen=True, tag=5):
-    """Reply to a refused hello (or a malformed first frame); the connection is closed after it."""
+    """Reply to a refused hello (or a malformed first frame); the connection is closed after it.
+    `code` says what the dialer should do about it, when anything (`DUPLICATE_NODE`)."""
 
     reason: str
+    code: str = ""
+
+
+DUPLICATE_NODE: Final = "duplicate_node"
+"""`Reject.code`: the dialer's node id is already running in the cluster, as another process at the
+member's address; the dialer is a second process with that id and must not run (exit status 2)."""
 
 
 class Challenge(msgspec.Struct, array_like=True, frozen=True, tag=6):

@@ -20,6 +20,15 @@ expired) is logged with its cause; the node id in the peer's certificate
 must equal the id its ``PeerHello`` claims, and the dialer checks that the acceptor's certificate
 names the node it meant to dial. The secret handshake, when a secret is set, runs on top.
 
+A second process with a member's id (it proves the secret: a copied command line with other
+ports) is told from the member restarted by the process answering at the member's address: every
+Transport draws a random ``instance`` at construction and sends it in its ``PeerHello`` and
+``HelloAck``. While our link to a peer's member address is established, a hello claiming the peer's
+id from another instance is refused with ``Reject.code`` ``DUPLICATE_NODE``, and connections from
+another instance accepted before (while nothing answered there) are closed when that link comes
+up. A Transport refused so for longer than ``2 * heartbeat_timeout``, with none of its links
+established meanwhile, publishes `DuplicateNode` (the node stops, exit status 2).
+
 Link model
 ----------
 Every node dials every other member. The connection a node dials (its *outbound link*) is the only
@@ -90,6 +99,7 @@ import contextlib
 import functools
 import logging
 import random
+import secrets
 import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -115,11 +125,12 @@ from aether.transport.auth import (
     is_loopback_host,
 )
 from aether.transport.bus import EventBus
-from aether.transport.events import PeerDown, PeerUp, QuorumChanged
+from aether.transport.events import DuplicateNode, PeerDown, PeerUp, QuorumChanged
 from aether.transport.faults import LinkFault
 from aether.transport.framing import DEFAULT_MAX_FRAME, HEADER_SIZE
 from aether.transport.messages import (
     CONTROL_TYPES,
+    DUPLICATE_NODE,
     Challenge,
     ClientHello,
     HelloAck,
@@ -234,6 +245,7 @@ class _OutboundProtocol(LinkProtocol):
         self.established_at = 0.0
         self.started_at = loop.time()
         self.cut_short = False  # given up by `Transport._cut_dial`: the peer dialed us meanwhile
+        self.instance = b""  # the acceptor's `Transport.instance`, from its HelloAck
         self._timer: asyncio.TimerHandle | None = None
         self._auth = DialerHandshake(owner._creds, "peer", owner.node_id, expect=peer.node_id)
         fault = owner._faults.get(peer.node_id)
@@ -259,7 +271,10 @@ class _OutboundProtocol(LinkProtocol):
                     f"node's certificate (issue its own with `aether cert issue {self.peer.node_id}`)"
                 )
                 return
-        self.write_now(owner._codec.frame(PeerHello(owner.cluster_name, owner.node_id, self._auth.nonce)))
+        hello = PeerHello(
+            owner.cluster_name, owner.node_id, self._auth.nonce, owner.instance, owner.listen_address
+        )
+        self.write_now(owner._codec.frame(hello))
         self._timer = self._loop.call_later(owner._handshake_timeout, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
@@ -285,6 +300,7 @@ class _OutboundProtocol(LinkProtocol):
                 if self._timer is not None:
                     self._timer.cancel()
                 self.established = True
+                self.instance = end.instance
                 self._frames.max_frame = self._owner._max_frame
                 self.established_at = self._loop.time()
                 self.heard = self.peer
@@ -297,6 +313,8 @@ class _OutboundProtocol(LinkProtocol):
                     f"{self.describe()} rejected our hello: {end.reason}",
                 )
                 self.close("rejected by the peer")
+                if end.code == DUPLICATE_NODE:
+                    self._owner._refused_as_duplicate(self.peer, end.reason)
             return
         if cls is Ping:
             return
@@ -417,6 +435,8 @@ class _InboundProtocol(LinkProtocol):
         self.auth: AcceptorHandshake | None = None  # set once a hello was answered with a Challenge
         self.client_id = ""
         self.claimed_peer: str | None = None  # the node id a peer hello claimed (once challenged)
+        self.claimed_instance = b""  # the `PeerHello.instance` and `.listen` it sent
+        self.claimed_listen = ""
         self.tls_pending = False  # the TLS handshake is running
         self.cert_id: str | None = None  # with TLS: the node id named by the verified certificate
         self._tls: _ServerTls | None = None
@@ -647,7 +667,16 @@ class Transport:
             Union[PeerHello, ClientHello]  # noqa: UP007
         )
         self._proof_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(Proof)
-        self._ack_frame = self._codec.frame(HelloAck(node_id))
+        # This process's id in hellos and acks (`PeerHello.instance`): new at every start, so a member
+        # restarted is told from a second process started with its id (`_second_process`).
+        self.instance = secrets.token_bytes(8)
+        self._ack_frame = self._codec.frame(HelloAck(node_id, self.instance))
+        # Refused as a second process with our id (`DUPLICATE_NODE`) since when, with no link of ours
+        # established since; once that lasts `_duplicate_grace` (longer than a member's view of a
+        # dead process at our address can last: its heartbeat timeout) `DuplicateNode` is published.
+        self._duplicate_since: float | None = None
+        self._duplicate_grace = 2 * heartbeat_timeout
+        self._duplicate_published = False
         self._ping_frame = self._codec.frame(Ping())
 
         self._members: dict[str, Address] = {}
@@ -750,6 +779,11 @@ class Transport:
         if self._port is None:
             raise RuntimeError("Transport not started")
         return self._port
+
+    @property
+    def listen_address(self) -> str:
+        """``host:port`` the cluster port listens on (the port once bound), as sent in hellos."""
+        return f"{self._listen.host}:{self._port if self._port is not None else self._listen.port}"
 
     @property
     def max_frame(self) -> int:
@@ -1092,7 +1126,41 @@ class Transport:
         peer.last_heard = proto.established_at
         peer.logged.clear()
         peer.proven = False
+        self._duplicate_since = None
         self._mark_up(peer)
+        # The process answering at the peer's member address is the peer: a connection from another
+        # process claiming its id (accepted while nothing answered there) is a second process.
+        for other in list(peer.inbound):
+            if self._second_process(peer, other.claimed_instance):
+                self._log_limited(
+                    f"dup|{peer.node_id}|{other.claimed_instance.hex()}",
+                    f"{other.describe()} (listening on {other.claimed_listen or 'an unknown address'}) is "
+                    f"a second process with the id of {peer.node_id}: {peer.node_id!r} answers at its "
+                    f"member address {peer.address} as another process; closing its connection",
+                )
+                other.abort(f"a second process with the id of {peer.node_id}")
+
+    def _second_process(self, peer: _Peer, instance: bytes) -> bool:
+        """True if a connection from process `instance` claiming `peer`'s id is not `peer`: our
+        established link to the peer's member address is answered by another process. Unknown
+        (an earlier version's empty instance on either side, or no such link): False."""
+        link = peer.link
+        return bool(
+            instance and link is not None and link.established and not link.closing
+            and link.instance and link.instance != instance
+        )
+
+    def _refused_as_duplicate(self, peer: _Peer, reason: str) -> None:
+        """`peer` refused our hello: our id runs in the cluster as another process. Once that has
+        lasted `_duplicate_grace` with no link of ours established meanwhile, publish
+        `DuplicateNode` (once): the node stops. (A member's stale view of an earlier process of ours
+        at our address, after a restart, ends within its heartbeat timeout.)"""
+        now = self._require_loop().time()
+        if self._duplicate_since is None:
+            self._duplicate_since = now
+        elif now - self._duplicate_since >= self._duplicate_grace and not self._duplicate_published:
+            self._duplicate_published = True
+            self.bus.publish(DuplicateNode(peer.node_id, reason))
 
     def _outbound_closed(self, proto: _OutboundProtocol) -> None:
         peer = proto.peer
@@ -1166,7 +1234,9 @@ class Transport:
 
     # ---- inbound ------------------------------------------------------------------------------
 
-    def _reject_hello(self, proto: _InboundProtocol, key: str, problem: str, reason: str) -> None:
+    def _reject_hello(
+        self, proto: _InboundProtocol, key: str, problem: str, reason: str, code: str = ""
+    ) -> None:
         now = time.monotonic()
         last = self._reject_logged.get(key)
         if last is None or now - last >= _REJECT_LOG_INTERVAL:
@@ -1176,7 +1246,7 @@ class Transport:
             proto._warn(f"{problem}; rejected")
         else:
             self._log.debug("%s %s: %s; rejected (repeat)", self._prefix, proto.describe(), problem)
-        proto.reject(reason)
+        proto.reject(reason, code)
 
     def _admit_connection(self, proto: _InboundProtocol) -> bool:
         """Count a new inbound connection; refuse (abort) it beyond the total or per-host cap."""
@@ -1254,6 +1324,7 @@ class Transport:
                 f"your TLS certificate is for {proto.cert_id!r}, not {hello.node_id!r}",
             )
             return
+        proto.claimed_instance, proto.claimed_listen = hello.instance, hello.listen
         self._challenge(proto, "peer", hello.node_id, hello.nonce)
 
     def _unknown_peer(self, proto: _InboundProtocol, node_id: str) -> bool:
@@ -1304,6 +1375,23 @@ class Transport:
         if self._unknown_peer(proto, auth.dialer_id):  # removed from membership meanwhile
             return
         peer = self._peers[auth.dialer_id]
+        if self._second_process(peer, proto.claimed_instance):
+            # It proved the secret, but the peer's member address answers our link as another
+            # process, alive: this is a second process started with the peer's id (a copied command
+            # line with other ports). Taken for the peer restarted, it displaced the peer's
+            # connection, the peer dialed again and displaced it, and so on.
+            listen = proto.claimed_listen or "an unknown address"
+            self._reject_hello(
+                proto,
+                f"dup|{peer.node_id}|{proto.claimed_instance.hex()}",
+                f"a second process with the id of {peer.node_id} (listening on {listen}): "
+                f"{peer.node_id!r} answers at its member address {peer.address} as another process",
+                f"node {peer.node_id} is already running in the cluster, at {peer.address} (node "
+                f"{self.node_id} reaches it there); this process (listening on {listen}) is a second one "
+                f"with its id: stop it, or give it an id that is not a member's",
+                DUPLICATE_NODE,
+            )
+            return
         # Authenticated: this is the peer (restarted or reconnected). It keeps one outbound link to
         # us, so older connections from it are dead. An unauthenticated hello never gets here.
         for old in list(peer.inbound):
