@@ -1034,11 +1034,12 @@ def _start_again(
 def test_a_node_back_after_the_tombstone_horizon_with_its_log_file_brings_no_removed_key_back(
     tmp_path: Path,
 ) -> None:
-    """A node down longer than the tombstone horizon keeps its ``log`` file (the service's start
-    drops only SQLite files): keys removed meanwhile, their tombstones purged everywhere else, are
-    still in it. They must not come back: the takeovers while it was away made newer active
-    configurations, so its copy counts for nothing (a primary drops it, a push from the primary
-    deletes what the replica had and the primary has not), however long it was away."""
+    """A node down longer than the tombstone horizon keeps its ``log`` file: keys removed
+    meanwhile, their tombstones purged everywhere else, are still in it. They must not come back:
+    the takeovers while it was away made newer active configurations, so its copy counts for
+    nothing, and the service's start distrusts it (`MapService._check_horizon`: it holds no
+    configuration), so no takeover merges its records where a copy that counts exists (a primary
+    drops it, a push from the primary deletes what the replica had and the primary has not)."""
     from aether.maps.logstorage import LogStorage
 
     ids = [f"n{i + 1}" for i in range(3)]
@@ -1060,6 +1061,8 @@ def test_a_node_back_after_the_tombstone_horizon_with_its_log_file_brings_no_rem
         assert not any(list(net.engines[i].scan(p)) for p in range(P)), "the tombstones are gone"
     again = LogStorage(tmp_path / f"{victim}.log", background=False)
     assert again.entries == len(keys), "the log file still holds the removed keys"
+    for q in again.held():  # (as the service's start does for a node away past the horizon)
+        again.set_held(q, set())
     _come_back(net, victim, again, 77)
     for n, key in enumerate(keys):
         net.submit(ids[n % 3], 200 + n, OP_GET, key)
@@ -2880,3 +2883,66 @@ def test_a_node_that_keeps_going_down_is_planned_out_later_each_time(
     assert f"{node} went down 3 times in" in caplog.text
     net.settle(net.t.flap_window)
     assert planned_out_after() < 1.0
+
+
+def test_writes_acknowledged_on_the_minority_side_of_a_split_come_back_after_a_forced_takeover(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Five nodes split two | three. The primary of a partition and its second owner are on the
+    minority side and acknowledge a write (`W = 2`) before they notice the cut; the majority side
+    takes the partition over without them after `force_after` (docs/maps.md, Limits: forced
+    takeovers). Once the split heals, their copies count for nothing (they hold the configuration
+    the forced takeover replaced), and the write was dropped with them: lost for good. Their
+    copies held a configuration and were not distrusted since, so the takeover that plans them
+    back in merges their newer records: the write is back (a key the new primary wrote meanwhile
+    keeps its newer value)."""
+    net = Net(5, spec=MapSpec(replicas=3, write_quorum=2))
+    leader = net.ids[0]
+    p = next(p for p in range(P) if leader not in owners_for(net.table, p, 3)[:2])
+    x, y, z = owners_for(net.table, p, 3)
+    assert net.table.primary(p) == x
+    key = _key_of(p)
+    other = next(k for k in (f"o{i}" for i in range(10_000)) if partition_of(k, P) == p)
+    net.submit(z, 1, OP_PUT, key, b"old")
+    net.submit(z, 2, OP_PUT, other, b"old")
+    net.settle()
+    assert net.results[1] == net.results[2] == (None, True)
+    minority = {x, y}
+    majority = [i for i in net.ids if i not in minority]
+    net.drop = lambda src, dst, msg: (src in minority) != (dst in minority)
+    for m in minority:
+        net.lagging.add(m)
+        for o in majority:
+            net.run(o, net.cores[o].peer_down(m, net.now))
+            net.run(m, net.cores[m].peer_down(o, net.now))
+    net.submit(x, 3, OP_PUT, key, b"new")  # before the minority notices it has no quorum
+    net.pump()
+    assert net.results[3] == (None, True)
+    for m in minority:
+        net.run(m, net.cores[m].set_quorum(False, net.now, int(net.now * 1000)))
+    net.settle(net.t.down_grace + 0.5)
+    assert sorted(net.table.members) == sorted(majority)
+    caplog.set_level("INFO", logger="aether.maps")
+    net.settle(net.t.force_after + 1.0)
+    assert "writes acknowledged only by them may be lost" in caplog.text
+    serving = net.table.primary(p)
+    net.submit(serving, 4, OP_GET, key)
+    net.submit(serving, 5, OP_PUT, other, b"newest")  # written on the majority side meanwhile
+    net.settle()
+    assert net.results[4] == (b"old", True)  # (the forced takeover's stale read: documented)
+    assert net.results[5] == (None, True)
+    net.drop = lambda src, dst, msg: False
+    for m in minority:
+        net.run(m, net.cores[m].set_quorum(True, net.now, int(net.now * 1000)))
+        for o in majority:
+            net.run(o, net.cores[o].peer_up(m, net.now))
+            net.run(m, net.cores[m].peer_up(o, net.now))
+        net.catch_up(m)
+    net.settle(3.0)
+    assert minority <= set(net.table.members)
+    for n, node in enumerate(net.ids):
+        net.submit(node, 10 + n, OP_GET, key)
+        net.submit(node, 20 + n, OP_GET, other)
+    net.settle()
+    assert [net.results[10 + n] for n in range(5)] == [(b"new", True)] * 5
+    assert [net.results[20 + n] for n in range(5)] == [(b"newest", True)] * 5

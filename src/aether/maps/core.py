@@ -390,6 +390,16 @@ class _Promotion:
     spare: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
     spare_ops: dict[tuple[str, int], dict[OpId, int]] = field(default_factory=dict)  # -> applied at (wall ms)
     union: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) taken from `spare`
+    # Copies that do not count but held a configuration (not distrusted after a power cut or an
+    # absence past the tombstone horizon: `SyncChunk.kept`), this node's own among them: an owner
+    # that a forced takeover went on without (a split, a lagging node, a lone replica down longer
+    # than `force_after`) comes back with the writes it acknowledged meanwhile. Their newer records
+    # are merged even when copies that count decide (`fresh`: taken from `late` alone, not from
+    # the distrusted copies of `spare`, which may hold keys removed since, tombstones purged).
+    late: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
+    late_ops: dict[tuple[str, int], dict[OpId, int]] = field(default_factory=dict)
+    fresh: set[tuple[str, int]] = field(default_factory=set)  # of `union`: from `late` alone
+    own_late: set[tuple[str, int]] = field(default_factory=set)  # own copies read into `late` too
     unioning: set[int] = field(default_factory=set)  # partitions past their sync merging the union
     unioned: bool = False  # (logged once)
     # the copies this node can no longer trust are still being deleted (`MapCore._drop_later`):
@@ -945,7 +955,8 @@ class MapCore:
             for p in parts:
                 if not self._trusted(p, spec, name):
                     back = self._take_back(name, p)  # (set back by the takeover this one replaces)
-                    if p not in dropping and self._active_owner(self.node_id, name, p):
+                    kept = bool(self.held.get((name, p)))  # (it held a configuration: not distrusted)
+                    if p not in dropping and (kept or self._active_owner(self.node_id, name, p)):
                         prom.untrusted.add((name, p))
                         records, ops = back or ({}, {})
                         for oid, at in (self.ops.get(name, {}).get(p) or {}).items():
@@ -954,6 +965,12 @@ class MapCore:
                             prom.spare[(name, p)] = records
                         if ops:
                             prom.spare_ops[(name, p)] = ops
+                        if kept:
+                            prom.own_late.add((name, p))
+                            if records:
+                                prom.late[(name, p)] = dict(records)
+                            if ops:
+                                prom.late_ops[(name, p)] = dict(ops)
                     self._drop_later(name, p)
         self._promotions.append(prom)
         if self._dropping:  # (its first batch now: all of them, if they are few)
@@ -1067,7 +1084,8 @@ class MapCore:
         try:
             for prom in self._promotions:
                 if (name, p) in prom.untrusted and p in prom.syncing:
-                    self._keep_aside(prom, name, [(p, key, rec) for key, rec in engine.scan(p)])
+                    items = [(p, key, rec) for key, rec in engine.scan(p)]
+                    self._keep_aside(prom, name, items, late=(name, p) in prom.own_late)
             return engine.drop(p)
         except Exception as e:
             self._storage_failed(name, e)
@@ -1086,22 +1104,34 @@ class MapCore:
             return False
         return node in (self._active_owners(table, p, spec.replicas) or ())
 
-    def _keep_aside(self, prom: _Promotion, name: str, items: Iterable[tuple[int, str, Record]]) -> None:
+    def _keep_aside(
+        self, prom: _Promotion, name: str, items: Iterable[tuple[int, str, Record]], *,
+        spare: bool = True, late: bool = False,
+    ) -> None:
         """Keep `items`, records of copies that do not count, in case no owner has one that does
-        (`_Promotion.spare`): the newest record of each key."""
+        (`spare`: `_Promotion.spare`), and (`late`: of copies that held a configuration,
+        `_Promotion.late`) to merge their newer records in any case: the newest record of each
+        key."""
         for p, key, rec in items:
             if p in prom.syncing:
-                spare = prom.spare.setdefault((name, p), {})
-                if newer(rec, spare.get(key)):
-                    spare[key] = rec
+                for keep, store in ((spare, prom.spare), (late, prom.late)):
+                    if keep:
+                        kept = store.setdefault((name, p), {})
+                        if newer(rec, kept.get(key)):
+                            kept[key] = rec
 
-    def _keep_ops_aside(self, prom: _Promotion, name: str, ops: OpIds) -> None:
+    def _keep_ops_aside(
+        self, prom: _Promotion, name: str, ops: OpIds, *, spare: bool = True, late: bool = False,
+    ) -> None:
         """Keep `ops`, operation ids of copies that do not count, with their records
-        (`_Promotion.spare_ops`): a retry whose id is only there is recognised after a union."""
+        (`_Promotion.spare_ops`, `late_ops`): a retry whose id is only there is recognised after a
+        union."""
         for p, origin, rid, at in ops:
             if p in prom.syncing:
-                kept = prom.spare_ops.setdefault((name, p), {})
-                kept[(origin, rid)] = max(at, kept.get((origin, rid), at))
+                for keep, store in ((spare, prom.spare_ops), (late, prom.late_ops)):
+                    if keep:
+                        kept = store.setdefault((name, p), {})
+                        kept[(origin, rid)] = max(at, kept.get((origin, rid), at))
 
     def _merge_union(self, prom: _Promotion, parts: set[int]) -> Iterator[bool]:
         """Merge into this node's copy the union of the copies that do not count of `parts` (past
@@ -1168,10 +1198,14 @@ class MapCore:
             if p not in prom.syncing and p not in prom.unioning:
                 continue  # (decided: what it took is in this node's copy)
             prom.unioning.discard(p)
-            for name in {n for n, q in itertools.chain(prom.spare, prom.untrusted) if q == p}:
+            for name in {n for n, q in itertools.chain(prom.spare, prom.untrusted, prom.late) if q == p}:
                 key = (name, p)
                 spare = prom.spare.pop(key, {})
                 ops = prom.spare_ops.pop(key, {})
+                prom.late.pop(key, None)
+                prom.late_ops.pop(key, None)
+                prom.fresh.discard(key)
+                prom.own_late.discard(key)
                 prom.union.discard(key)
                 if key not in prom.untrusted:
                     continue  # (the owners' copies are still theirs)
@@ -1258,11 +1292,13 @@ class MapCore:
         the map's any more."""
         self._back.pop(name, None)
         for prom in self._promotions:
-            for store in (prom.spare, prom.spare_ops):
+            for store in (prom.spare, prom.spare_ops, prom.late, prom.late_ops):
                 for key in [k for k in store if k[0] == name]:
                     del store[key]
             prom.untrusted = {k for k in prom.untrusted if k[0] != name}
             prom.union = {k for k in prom.union if k[0] != name}
+            prom.fresh = {k for k in prom.fresh if k[0] != name}
+            prom.own_late = {k for k in prom.own_late if k[0] != name}
 
     def _trusted(self, p: int, spec: MapSpec, name: str) -> bool:
         """Whether this node's copy of `p` counts as one of its active configuration's."""
@@ -1289,11 +1325,16 @@ class MapCore:
             answered = prom.answered.get(name, set())
             holders = prom.holders.get(name, {})
             prom.union.discard((name, p))
+            prom.fresh.discard((name, p))
+            late = bool(prom.late.get((name, p)) or prom.late_ops.get((name, p)))
             others = [o for o in owners if o != self.node_id]
             have = sum(1 for o in others if p in holders.get(o, ()))
             if self._trusted(p, spec, name):
                 have += 1
             if have >= need:
+                if late:  # (the newer records of copies that held a configuration: `_Promotion.late`)
+                    prom.union.add((name, p))
+                    prom.fresh.add((name, p))
                 continue
             # Owners that answered without the copy (they restarted, or lost their disk) or left the
             # table: after `force_after` it goes on without them (they may come back with it from
@@ -1321,7 +1362,7 @@ class MapCore:
             all_answered = all(o in answered for o in others)
             waited = self._now - prom.started >= self.t.force_after
             if all_answered or (waited and all(o in answered or o in left for o in others)):
-                if have == 0 and (prom.spare.get((name, p)) or prom.spare_ops.get((name, p))):
+                if have == 0 and (late or prom.spare.get((name, p)) or prom.spare_ops.get((name, p))):
                     # No copy that counts anywhere (every owner's machine restarted, or the whole
                     # cluster was away past the tombstone horizon): the copies that do not are all
                     # that is left of the partition. Starting empty lost every acknowledged write.
@@ -1336,6 +1377,9 @@ class MapCore:
                             p, name,
                         )
                     continue
+                if late:
+                    prom.union.add((name, p))
+                    prom.fresh.add((name, p))
                 if not prom.forced:
                     prom.forced = True
                     self.log.warning(
@@ -1346,6 +1390,19 @@ class MapCore:
                 continue
             return False
         return True
+
+    def _newcomers(self, p: int) -> set[str]:
+        """The owners of `p` in the table that are not owners of its active configuration (of any
+        map): nodes that come back, or join."""
+        table = self.table
+        out: set[str] = set()
+        if table is None:
+            return out
+        for spec in self.specs.values():
+            active = self._active_owners(table, p, spec.replicas)
+            if active is not None:
+                out.update(o for o in self._owners_in(table, p, spec.replicas) if o not in active)
+        return out
 
     def _away_for(self, node: str) -> float:
         """How long `node` has been out of this node's reach without a break (0 while it is up;
@@ -1368,14 +1425,37 @@ class MapCore:
         if prom.syncing and self.table is not None:
             synced = {p for p in prom.syncing if self._synced(prom, p)}
             gathering = bool(prom.asked or prom.merging) and self._now - prom.started < self.t.gather_for
+            if gathering:
+                # (a partition that an owner comes back to waits for that owner's answer too: it
+                # may bring the newer records of a copy that does not count, `_Promotion.late`, as
+                # of an owner a forced takeover went on without; taken after the sync, its copy was
+                # pushed over)
+                pending = {peer for peer, _n, _t in prom.asked.values()}
+                synced = {p for p in synced if not (joining := self._newcomers(p)) or not (
+                    prom.merging or joining & pending)}
             if synced and (synced == prom.syncing or not gathering):
                 # (from now on nothing more is merged into them: what they push is what they serve)
                 prom.syncing -= synced
                 union = {p for name, p in prom.union if p in synced}
-                for key in [k for k in itertools.chain(prom.spare, prom.spare_ops) if k[1] in synced]:
+                for key in [k for k in prom.union if k[1] in synced]:
+                    late, late_ops = prom.late.pop(key, {}), prom.late_ops.pop(key, {})
+                    if key in prom.fresh:  # (copies that count decided: of the others, the fresh ones)
+                        prom.spare[key], prom.spare_ops[key] = late, late_ops
+                        continue
+                    spare = prom.spare.setdefault(key, {})
+                    for k, rec in late.items():
+                        if newer(rec, spare.get(k)):
+                            spare[k] = rec
+                    ops = prom.spare_ops.setdefault(key, {})
+                    for oid, at in late_ops.items():
+                        ops[oid] = max(at, ops.get(oid, at))
+                stores = (prom.spare, prom.spare_ops, prom.late, prom.late_ops)
+                for key in [k for k in itertools.chain(*stores) if k[1] in synced]:
                     if key not in prom.union:  # (a copy that counts decided: these are forgotten)
                         prom.spare.pop(key, None)
                         prom.spare_ops.pop(key, None)
+                        prom.late.pop(key, None)
+                        prom.late_ops.pop(key, None)
                 prom.unioning |= union
                 if not prom.syncing:  # answers still on the way are of no use any more
                     prom.asked.clear()
@@ -2778,10 +2858,12 @@ class MapCore:
         count = min(_SYNC_CHUNK_ITEMS, budget)  # records and operation ids per chunk
         active = dict(zip(req.partitions, req.active, strict=False))
 
-        def chunk(done: bool = False, held: list[int] | None = None) -> SyncChunk:
+        def chunk(
+            done: bool = False, held: list[int] | None = None, kept: list[int] | None = None
+        ) -> SyncChunk:
             carried = {q for q, _k, _r in items} | {op[0] for op in ops}
             holds = sorted(q for q in carried if active.get(q) and self._holds(req.map, q, active[q]))
-            return SyncChunk(req.id, items, done, None, ops, held or [], holds)
+            return SyncChunk(req.id, items, done, None, ops, held or [], holds, kept)
 
         n = 0
         for p in parts:
@@ -2818,7 +2900,8 @@ class MapCore:
         else:
             ops = self._ops_of(req.map, parts)
         held = [p for p in parts if active.get(p) and self._holds(req.map, p, active[p])]
-        self._send(sender, chunk(True, held))
+        kept = [p for p in parts if p not in held and self.held.get((req.map, p))]
+        self._send(sender, chunk(True, held, kept))
 
     def _answer_pause(
         self, sender: str, req: SyncRequest, engine: MapStorage
@@ -2884,7 +2967,7 @@ class MapCore:
             del prom.asked[msg.id]
             items = prom.buffered.pop(msg.id, [])
             ops = prom.buffered_ops.pop(msg.id, [])
-            self._run_job(self._merge_answer(prom, peer, name, msg.held, items, ops))
+            self._run_job(self._merge_answer(prom, peer, name, msg.held, items, ops, msg.kept or ()))
             return
 
     def _held_by(self, prom: _Promotion, peer: str, name: str, claimed: list[int]) -> set[int] | None:
@@ -2902,7 +2985,7 @@ class MapCore:
 
     def _merge_answer(
         self, prom: _Promotion, peer: str, name: str, claimed: list[int],
-        items: list[tuple[int, str, Record]], ops: OpIds,
+        items: list[tuple[int, str, Record]], ops: OpIds, kept: Iterable[int] = (),
     ) -> Iterator[bool]:
         """Merge what `peer`'s answer for map `name` left to its end (the records of partitions its
         chunks did not say it holds, `SyncChunk.holds`) into this node's copy, then count its copy
@@ -2912,6 +2995,7 @@ class MapCore:
         partition past its sync before a batch takes nothing more from it (what it pushes is what
         it serves), and a takeover that ended takes nothing more at all."""
         prom.merging += 1
+        late = set(kept)
         try:
             budget = self.t.batch_records
             held = self._held_by(prom, peer, name, claimed)
@@ -2928,8 +3012,10 @@ class MapCore:
                     ok, current = self._get(name, p, key)
                     if ok and newer(rec, current) and self._put(name, p, key, rec):
                         prom.merged += 1
-                elif held is not None and self._active_owner(peer, name, p):
-                    self._keep_aside(prom, name, [(p, key, rec)])
+                elif held is not None:
+                    self._keep_aside(
+                        prom, name, [(p, key, rec)], spare=self._active_owner(peer, name, p), late=p in late
+                    )
             for i in range(0, len(ops), budget):
                 if n >= budget:
                     yield True
@@ -2941,9 +3027,10 @@ class MapCore:
                 n += len(batch)
                 if held is not None:
                     self._merge_ops(name, [op for op in batch if op[0] in held])
-                    self._keep_ops_aside(prom, name, [
-                        op for op in batch if op[0] not in held and self._active_owner(peer, name, op[0])
-                    ])
+                    for op in batch:
+                        if op[0] not in held:
+                            spare = self._active_owner(peer, name, op[0])
+                            self._keep_ops_aside(prom, name, [op], spare=spare, late=op[0] in late)
         finally:
             prom.merging -= 1
         if held is not None:
