@@ -65,6 +65,12 @@ class NoLocalInstance(Exception):
     wire_kind = "no_instance"
 
 
+class Interrupted(Exception):
+    """A stand-in for `WorkerLostMidCall`: the call was cut short where it ran."""
+
+    wire_kind = "interrupted"
+
+
 class UnknownEntry(Exception):
     """A stand-in for the slices package's error: classified by the kind it declares."""
 
@@ -471,6 +477,45 @@ async def test_a_call_during_which_two_nodes_went_down_is_not_tried_on_a_third()
     assert all(n in str(err.value) for n in lost) and err.value.status == 502
     third = ({"B", "C", "D"} - set(lost)).pop()
     assert [m for _, peer, m in net.sent if peer == third] == []  # never sent to a third node
+
+
+async def test_one_node_whose_heartbeat_flaps_is_not_two_nodes_lost() -> None:
+    """`max_nodes_lost` counts distinct nodes: B, the only node with an instance, was reported down
+    twice while the call ran there (a flapping heartbeat, not a call that brings nodes down). The
+    call used to be poison after that one node (PoisonRequest, 502); it is tried on B again once B
+    is back, and answers."""
+    net = make_net("A", "B", active_on=("B",), attempt_timeout=5.0)
+    net.blackhole.add("B")  # the attempts on B hang until B is reported down
+    a = net.nodes["A"]
+    call = asyncio.create_task(a.invoker.invoke(TARGET, "echo", b"x", timeout=10.0))
+    for _ in range(2):
+        await wait_for(lambda: "B" in a.invoker._calls.peers())
+        net.kill("B")
+        await wait_for(lambda: "B" not in a.invoker._calls.peers())
+        net.down.discard("B")  # B is back (its heartbeat flapped)
+    await wait_for(lambda: len(net.requests_to("B")) == 3)  # a third attempt, on B again
+    assert not call.done()
+    net.blackhole.discard("B")
+    net.nodes["B"].server.dispatch("A", net.requests_to("B")[-1])  # B answers it
+    assert served_by(await asyncio.wait_for(call, 2.0)) == "B"
+
+
+async def test_two_interrupted_attempts_on_one_node_are_poison() -> None:
+    """An attempt answered `interrupted` (the worker process running it died; the node is up) counts
+    each time, also on the same node: a restarted worker is a new process, and a call that kills each
+    worker it reaches stops after two (not retried until its deadline, killing the worker on every
+    restart until the node's restart policy gives up on the slice)."""
+    net = make_net("A", "B", active_on=("B",))
+    killed: list[str] = []
+
+    async def dies(node: str, payload: bytes) -> bytes:
+        killed.append(node)
+        raise Interrupted("the worker process running it died")
+
+    net.nodes["B"].slices.handlers["echo"] = dies
+    with pytest.raises(PoisonRequest, match="cut short 2 times") as err:
+        await net.nodes["A"].invoker.invoke(TARGET, "echo", b"x")
+    assert killed == ["B", "B"] and "B, B" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------

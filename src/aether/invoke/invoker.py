@@ -359,8 +359,14 @@ class Invoker:
         last_node: str | None = None
         tried: set[str] = set()
         round_failed = round_overloaded = 0  # attempts of this round that failed, and how many overloaded
-        lost: list[str] = []  # nodes that went down while running this call
-        interrupted = 0  # of them, attempts answered `interrupted` (its node still up)
+        # poison evidence: the distinct nodes that went down while running this call (a node
+        # counts once, however often: one node whose heartbeat flaps is not two nodes the call
+        # brought down), plus each attempt answered `interrupted` (its node stayed up, the worker
+        # process running it died or the node stopped it: a restarted worker is a new process, and
+        # a call that kills each one it reaches must stop before the worker's restart policy gives up)
+        cut: list[str] = []  # the node of each counted attempt, in order
+        down: set[str] = set()  # the nodes that went down while running it
+        interrupted = 0  # counted attempts answered `interrupted`
         policy = DEFAULT_POLICY  # of the instance tried last (all instances of a version share it)
         tracer = self.tracer
         call_span: Span | None = None
@@ -493,15 +499,19 @@ class Invoker:
                     # towards poison: a call that kills each worker it reaches was retried until its
                     # deadline, killing every instance's worker again as soon as it was restarted
                     if retry.node_lost or retry.kind == KIND_INTERRUPTED:
-                        lost.append(node)
-                        interrupted += not retry.node_lost
-                        if len(lost) >= self.max_nodes_lost:
+                        if not retry.node_lost:
+                            interrupted += 1
+                            cut.append(node)
+                        elif node not in down:
+                            down.add(node)
+                            cut.append(node)
+                        if len(cut) >= self.max_nodes_lost:
                             what = (
-                                f"it was cut short {len(lost)} times (on {', '.join(lost)}: its node "
+                                f"it was cut short {len(cut)} times (on {', '.join(cut)}: its node "
                                 f"went down or stopped it, or the worker process running it died); "
                                 f"not tried again (it may be what kills them)"
                                 if interrupted
-                                else f"nodes {', '.join(lost)} went down while running it; not tried "
+                                else f"nodes {', '.join(cut)} went down while running it; not tried "
                                 f"on another node (it may be what brings them down)"
                             )
                             raise PoisonRequest(
