@@ -214,10 +214,11 @@ def test_instance_dependent_statuses_and_kinds() -> None:
     bad = InvokeBadRequest("bad request to x.f on n (request r): $.qty must be >= 1", kind="bad_request")
     bad.detail = "$.qty must be >= 1"
     assert problem_for(bad).detail == "$.qty must be >= 1"
-    starting = EndpointUnavailable("starting", kind="no_instance")
-    starting.retry_after = 1
-    assert problem_headers(starting) == {"Retry-After": "1"}
-    assert problem_headers(EndpointUnavailable("failed")) == {}
+    # starting, or every instance FAILED (started again after a backoff): Retry-After 1 both
+    assert problem_headers(EndpointUnavailable("starting", kind="no_instance")) == {"Retry-After": "1"}
+    none = EndpointUnavailable("x")
+    none.retry_after = None
+    assert problem_headers(none) == {}
     assert problem_for(ValueError("secret")) == Problem.of(500, INTERNAL_DETAIL)
     assert wire_kind_of(ValueError("x")) == "app_error"
 

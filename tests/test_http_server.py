@@ -295,7 +295,8 @@ async def test_unknown_route_without_quorum_is_503_not_404(env: Env) -> None:
 async def test_route_of_a_slice_with_no_active_instance_is_503_with_why(env: Env) -> None:
     """The router's side of a deployed slice that does not serve (its route is kept in the table,
     docs/deployment.md): the invoker's fail fast decides, the router answers its 503 with the
-    detail (why) and Retry-After while an instance starts; the route's entry is what was called."""
+    detail (why) and Retry-After: 1 (starting, or FAILED and started again); the route's entry is
+    what was called."""
     starting = EndpointUnavailable(
         "call org.example:hello.greet (request r): org.example:hello has no ACTIVE instance serving "
         "'greet' yet (FAILED on node-2 (activate failed: start() raised: boom), LOAD on node-3)",
@@ -316,7 +317,7 @@ async def test_route_of_a_slice_with_no_active_instance_is_503_with_why(env: Env
     env.inv.behaviour = lambda t, m, p: failed
     status, body, r = await env.req("GET", "/hello/ann")
     assert_problem(status, body, r, 503, "every instance FAILED", "node-2: activate failed: start() raised")
-    assert "Retry-After" not in r.headers  # nothing is starting: the reasons say what to fix
+    assert r.headers["Retry-After"] == "1"  # the cluster starts FAILED instances again
     status, body, r = await env.req("GET", "/hello")  # not a route: still 404
     assert_problem(status, body, r, 404, "GET /hello")
 

@@ -121,7 +121,9 @@ async def test_unknown_artifact_and_entry_are_404_at_once() -> None:
     assert inv.stats.failed == 2
 
 
-async def test_starting_is_503_with_retry_after_at_once_and_failed_without() -> None:
+async def test_starting_and_every_instance_failed_are_503_with_retry_after_at_once() -> None:
+    """Every instance FAILED answered without Retry-After, as if final; the leader starts FAILED
+    instances again after a backoff (docs/deployment.md), so both states say Retry-After: 1."""
     store = Store(
         {"blueprints/b": blueprint(ART), f"slices/node-2/{ART}": SliceStateValue("ACTIVATING", 1.0)}
     )
@@ -132,7 +134,8 @@ async def test_starting_is_503_with_retry_after_at_once_and_failed_without() -> 
 
     store.data[f"slices/node-2/{ART}"] = SliceStateValue("FAILED", 1.0, reason="boom")
     err, _ = await _timed(inv, "org.example:hello", "greet")
-    assert isinstance(err, EndpointUnavailable) and err.retry_after is None and "boom" in str(err)
+    assert isinstance(err, EndpointUnavailable) and err.retry_after == 1 and "boom" in str(err)
+    assert "every instance FAILED" in str(err) and "again after a backoff" in str(err)
 
 
 async def test_active_endpoint_on_a_down_node_still_waits() -> None:

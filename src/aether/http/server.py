@@ -51,9 +51,10 @@ same mapping as the management API's invoke endpoint):
       ``Idempotency-Key`` is safe where the entry deduplicates), any other failed call
       (`InvokeError`), or the answer cannot be represented as JSON
 503   the artifact is deployed but no instance is ACTIVE anywhere (`EndpointUnavailable`, answered
-      at once, with ``Retry-After: 1`` while an instance is starting, with the nodes' reasons when
-      every instance FAILED; its routes stay in the table meanwhile, docs/deployment.md, so a
-      deployed slice whose start failed is a 503 saying why, not a 404), no ACTIVE instance could be
+      at once, with ``Retry-After: 1``: an instance is starting, or every instance FAILED, with the
+      nodes' reasons, and the cluster starts them again after a backoff; its routes stay in the
+      table meanwhile, docs/deployment.md, so a deployed slice whose start failed is a 503 saying
+      why, not a 404), no ACTIVE instance could be
       reached before the deadline (an `InvokeTimeout` of kind ``no_instance``: the last attempt found
       none, or there was none to try), or the invoker is closed; also a path that matches no route
       while this node has no quorum (starting, catching up after a join, cut off: its route table

@@ -82,7 +82,10 @@ class StoreCatalog:
         failed = {n: r for n, (s, r) in states.items() if s == "FAILED"}
         if failed and len(failed) == len(states):
             reasons = "; ".join(f"{n}: {r or 'no reason given'}" for n, r in sorted(failed.items()))
-            return FAILED, f"{target} is deployed but every instance FAILED ({reasons})"
+            return FAILED, (
+                f"{target} is deployed but every instance FAILED ({reasons}); the cluster starts "
+                "them again after a backoff"
+            )
         return STARTING, self._starting_text(target, method, states)
 
     @staticmethod

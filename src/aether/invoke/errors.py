@@ -144,14 +144,14 @@ class EndpointUnavailable(InvokeError, StatusError):
     """The target is deployed (a blueprint names it) but no instance of it is ACTIVE anywhere yet,
     or all of them FAILED; raised at once instead of waiting for the deadline (503).
 
-    `retry_after` (seconds) is set while an instance is starting (worth retrying soon), and None
-    when every instance FAILED (the message gives the reason)."""
+    `retry_after` (seconds, ``Retry-After``) is 1 in both cases: an instance is starting, or the
+    cluster starts the FAILED ones again after their backoff (the message gives the reasons)."""
 
     status = 503
-    retry_after: int | None = None
+    retry_after: int | None = 1
 
     def http_headers(self) -> dict[str, str]:
-        """``Retry-After`` while an instance is starting."""
+        """``Retry-After`` (unless `retry_after` is None)."""
         return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 

@@ -550,11 +550,13 @@ class Invoker:
             return  # an instance is ACTIVE on a node that is down: wait for it, or its replacement
         text = f"call {target}.{method} (request {rid}): {detail}"
         if state in (STARTING, FAILED):
-            err = EndpointUnavailable(
+            # Retry-After: 1 in both states: a FAILED instance is not the end either, the leader
+            # starts it again after its backoff (0.5 s doubling to 30 s, docs/deployment.md), and
+            # asking again costs a store scan here, not a slice call (a larger value would stall a
+            # client that sleeps what it is told, also when the first restart serves 0.5 s later)
+            raise EndpointUnavailable(
                 text, target=target, method=method, kind=KIND_NO_INSTANCE, request_id=rid
             )
-            err.retry_after = 1 if state == STARTING else None
-            raise err
         kind = KIND_UNKNOWN_ENTRY if state == UNKNOWN_ENTRY else None
         raise NotDeployed(text, target=target, method=method, kind=kind, request_id=rid)
 
