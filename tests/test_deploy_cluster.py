@@ -423,6 +423,78 @@ async def test_route_of_a_slice_whose_start_failed_answers_503_with_the_reason(m
         assert status == 404, doc
 
 
+async def _ask(url: str, method: str = "POST") -> tuple[int, dict[str, Any], Any]:
+    async with aiohttp.ClientSession() as s, s.request(method, url) as r:
+        return r.status, await r.json(content_type=None), r.headers
+
+
+async def test_path_of_a_slice_whose_wheel_fails_to_load_is_503_with_the_reason(make_cluster: Any) -> None:
+    """Found by an audit: routes come from the slice's class, so a wheel that fails to import never
+    declares them, and its paths answered 404 "no route" (the user looks for a mistake in the path)
+    while the blueprint wants the artifact. A path that matches no route now answers 503 with
+    Retry-After: 1 and the reasons while a deployed artifact's routes are not known (the route
+    table may lack it), on every node; 404 again once the blueprint goes."""
+    c = await make_cluster(3)
+    c.behavior.fail_load[WORLD] = "ModuleNotFoundError: No module named 'world_slice'"
+    await c.svc().apply_blueprint(bp("w", (WORLD, 2)))
+    with pytest.raises(DeploymentFailed, match="load failed"):
+        await c.svc().wait_converged("w", timeout=10)
+    routers = [m.node.http for m in c.up]
+    seen: set[str] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while len(seen) < len(routers) and loop.time() < deadline:  # the leader loads it again meanwhile
+        for r in routers:
+            assert r is not None
+            status, doc, headers = await _ask(r.url + "/world")
+            assert status == 503 and headers.get("Retry-After") == "1", (r.node_id, status, doc)  # never 404
+            assert "no route for POST /world yet" in doc["detail"] and "org.demo:world" in doc["detail"], doc
+            if "No module named 'world_slice'" in doc["detail"]:
+                seen.add(r.node_id)
+        await asyncio.sleep(0.05)
+    assert len(seen) == len(routers), f"only {sorted(seen)} gave the reason"
+    assert not c.kv("routes/")
+    # any path: the router cannot tell whether it is one of the world slice's
+    r0 = routers[0]
+    assert r0 is not None
+    status, doc, _ = await _ask(r0.url + "/no/such/route", "GET")
+    assert status == 503 and "org.demo:world" in doc["detail"], doc
+    assert await c.svc().delete_blueprint("w")
+    await wait_for(lambda: not any(k.startswith("blueprints/") for k, _ in c.kv("blueprints/")), what="gone")
+    status, doc, _ = await _ask(r0.url + "/world")
+    assert status == 404 and doc["detail"] == "no route for POST /world", doc
+
+
+async def test_path_of_a_slice_loading_or_waiting_for_a_dependency_is_503(make_cluster: Any) -> None:
+    """The window before a slice's first activation: its wheel loading, then (place-order depends on
+    inventory) waiting for the slices it depends on. Its path answered 404 "no route"; now 503 with
+    Retry-After: 1 saying it is loading, and once its routes are claimed the route answers (here
+    the invoker's 503: the fake runtime starts nothing)."""
+    c = await make_cluster(3, timeouts=LifecycleTimeouts(activate=10.0))
+    c.behavior.delays[("load", ORDER)] = 1.0
+    c.behavior.delays[("activate", INVENTORY)] = 3.0  # place-order waits for it
+    await c.svc().apply_blueprint(bp("o", (ORDER, 1), (INVENTORY, 1)))
+    r0 = c.up[0].node.http
+    assert r0 is not None
+    await wait_for(lambda: bool(c.placement(ORDER, ("LOADING",))), what="place-order loading")
+    status, doc, headers = await _ask(r0.url + "/api/orders")
+    assert status == 503 and headers.get("Retry-After") == "1", doc
+    assert "org.demo:place-order is still loading" in doc["detail"] and "LOADING on" in doc["detail"], doc
+    await wait_for(lambda: bool(c.placement(ORDER, ("LOADED",))), what="place-order loaded, waiting")
+    await asyncio.sleep(0.3)  # a few passes of the leader: it does not activate it
+    assert c.placement(ORDER, ("LOADED",)) and not c.kv("routes/")
+    status, doc, headers = await _ask(r0.url + "/api/orders")
+    assert status == 503 and headers.get("Retry-After") == "1", doc
+    assert "LOADED on" in doc["detail"], doc
+    assert "org.demo:inventory" not in doc["detail"], doc  # activating: it declares no routes
+    # the dependency serves: place-order is activated, claims its route, and the route is matched
+    await wait_for(lambda: bool(c.kv("routes/POST:/api/orders")), timeout=15, what="route claimed")
+    status, doc, _ = await _ask(r0.url + "/api/orders")
+    assert "no route for" not in doc["detail"], doc  # matched: the call's own answer
+    status, doc, _ = await _ask(r0.url + "/no/such/route", "GET")
+    assert status == 404, doc
+
+
 async def test_load_failure_and_activate_timeout_are_reported(make_cluster: Any) -> None:
     c = await make_cluster(3, timeouts=LifecycleTimeouts(activate=0.5))
     c.behavior.fail_load[HELLO] = "wheel not found"

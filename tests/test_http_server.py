@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from aether.http.server import HttpRouter
+from aether.http.unrouted import Unrouted, unrouted
 from aether.invoke.errors import (
     EndpointUnavailable,
     InvokeBadRequest,
@@ -21,7 +22,7 @@ from aether.invoke.errors import (
     SliceAppError,
     UnknownEntryError,
 )
-from aether.kv.keys import RouteValue
+from aether.kv.keys import BlueprintSlice, BlueprintValue, RouteValue, SliceStateValue
 from aether.kv.machine import WatchEvent
 
 pytestmark = pytest.mark.timeout(30)
@@ -42,7 +43,7 @@ class FakeKV:
         self.watchers.append(item)
         return lambda: self.watchers.remove(item)
 
-    def put(self, key: str, value: RouteValue) -> None:
+    def put(self, key: str, value: Any) -> None:
         self.data[key] = value
         self._emit(WatchEvent("put", key, msgspec.msgpack.encode(value), 1))
 
@@ -290,6 +291,66 @@ async def test_unknown_route_without_quorum_is_503_not_404(env: Env) -> None:
     quorum[0] = True
     status, body, r = await env.req("GET", "/no/such/thing")
     assert_problem(status, body, r, 404, "GET /no/such/thing")
+
+
+LATE = "org.example:late:1.0.0"
+
+
+def test_unrouted_lists_deployed_artifacts_whose_routes_cannot_be_known_yet() -> None:
+    """`aether.http.unrouted`: wanted by a blueprint, no route in the table, and no node got as
+    far as activating it (nor failed past loading: its routes were claimed, or it has none)."""
+    def bps(*arts: tuple[str, int]) -> list[tuple[str, Any]]:
+        return [("blueprints/b", BlueprintValue([BlueprintSlice(a, n) for a, n in arts]))]
+
+    def st(state: str, reason: str | None = None) -> SliceStateValue:
+        return SliceStateValue(state, 1.0, reason)
+
+    assert unrouted(bps((LATE, 1)), [], set()) == [Unrouted("org.example:late", ())]  # not placed
+    assert unrouted(bps((LATE, 0)), [], set()) == []  # not wanted
+    assert unrouted(bps((LATE, 1)), [], {"org.example:late"}) == []  # a route (of any version) calls it
+    loading = [(f"slices/n2/{LATE}", st("LOADING")), (f"slices/n1/{LATE}", st("LOADED"))]
+    (u,) = unrouted(bps((LATE, 1)), loading, set())
+    assert u.states == (("n1", "LOADED", None), ("n2", "LOADING", None)) and not u.failed
+    failed = [(f"slices/n1/{LATE}", st("FAILED", "load failed: ImportError: x")),
+              (f"slices/n2/{LATE}", st("FAILED", "load timed out after 60.0s"))]  # fmt: skip
+    (u,) = unrouted(bps((LATE, 1)), failed, set())
+    assert u.failed
+    for past_loading in ("ACTIVE", "ACTIVATING", "DEACTIVATING"):  # got as far as claiming routes
+        assert unrouted(bps((LATE, 1)), [*loading, (f"slices/n3/{LATE}", st(past_loading))], set()) == []
+    started = (f"slices/n3/{LATE}", st("FAILED", "activate failed: start() raised: boom"))
+    assert unrouted(bps((LATE, 1)), [*failed, started], set()) == []
+    # another version loading counts for the artifact; other artifacts' keys do not
+    other = [(f"slices/n1/{ART}", st("LOADING")), ("slices/n1/org.example:late:2.0.0", st("LOADING"))]
+    (u,) = unrouted(bps((LATE, 1)), other, set())
+    assert u.states == (("n1", "LOADING", None),)
+
+
+async def test_unknown_path_while_a_deployed_slice_has_not_declared_its_routes_is_503(env: Env) -> None:
+    """Found by an audit: a deployed slice's routes are known only from its class, so while its
+    wheel loads (or fails to import) its paths answered 404 "no route". The route table may lack
+    the path then: 503 with Retry-After: 1 naming the slice and why; known routes still served;
+    404 again as soon as the store shows its routes can be known (the cached answer follows the
+    watches of blueprints/ and slices/)."""
+    env.kv.put("blueprints/late", BlueprintValue([BlueprintSlice(LATE, 1)]))
+    env.kv.put(f"slices/node-2/{LATE}", SliceStateValue("LOADING", 1.0))
+    status, body, r = await env.req("GET", "/late/x")
+    assert_problem(status, body, r, 503, "no route for GET /late/x yet", "org.example:late is still loading",
+                   "LOADING on node-2")  # fmt: skip
+    assert r.headers["Retry-After"] == "1"
+    status, _, _ = await env.req("GET", "/ping")
+    assert status == 200  # a route it knows is served
+    failed = SliceStateValue("FAILED", 1.0, "load failed: ImportError: no late_slice")
+    env.kv.put(f"slices/node-2/{LATE}", failed)
+    status, body, r = await env.req("GET", "/late/x")
+    assert_problem(status, body, r, 503, "org.example:late failed to load", "node-2: load failed: Import")
+    assert r.headers["Retry-After"] == "1"  # the cluster loads it again after a backoff
+    env.kv.put(f"slices/node-2/{LATE}", SliceStateValue("ACTIVE", 1.0))  # active, and no route: it has none
+    status, body, r = await env.req("GET", "/late/x")
+    assert_problem(status, body, r, 404, "no route for GET /late/x")
+    env.kv.put(f"slices/node-2/{LATE}", SliceStateValue("LOADED", 1.0))
+    assert (await env.req("GET", "/late/x"))[0] == 503
+    env.kv.remove("blueprints/late")
+    assert (await env.req("GET", "/late/x"))[0] == 404
 
 
 async def test_route_of_a_slice_with_no_active_instance_is_503_with_why(env: Env) -> None:

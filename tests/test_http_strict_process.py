@@ -183,11 +183,14 @@ def test_route_of_a_slice_whose_start_fails_is_503_with_the_reason(cluster: Loca
         for i in range(3):
             status, headers, doc, _ = request(cluster.http_port(i), "GET", "/broken/ann")
             if status == 404 and i not in first:
-                continue  # the deploy has not reached the activation yet
+                continue  # this node's replica does not have the blueprint yet
             first.setdefault(i, status)
             assert status == 503 and doc["status"] == 503, (i, status, doc)  # never 404 again
-            if "every instance FAILED" not in doc["detail"]:  # placed again meanwhile: starting
-                assert "no ACTIVE instance" in doc["detail"] and headers.get("Retry-After") == "1", doc
+            assert headers.get("Retry-After") == "1", doc  # loading, starting, or FAILED: retried
+            if "no route for GET /broken/ann yet" in doc["detail"]:  # loading: routes not known yet
+                assert "org.example:brokenstart" in doc["detail"], doc
+            elif "every instance FAILED" not in doc["detail"]:  # placed again meanwhile: starting
+                assert "no ACTIVE instance" in doc["detail"], doc
             if "database unreachable" in doc["detail"]:
                 reasons.add(i)
         time.sleep(0.1)

@@ -32,7 +32,7 @@ same mapping as the management API's invoke endpoint):
       levels or an integer outside -2**63..2**64-1, an unknown query parameter or body field,
       body not an object, or the entry rejected the argument (`BadRequest` /
       `InvokeBadRequest`: the detail names the field and why)
-404   no route for the path (detail names method and path), or the route's artifact is not
+404   no route for the path (detail names method and path; but see 503), or the route's artifact is not
       deployed / its instances have no such entry (`NotDeployed`, answered at once), or the
       route names an entry the artifact does not have (`UnknownEntryError`: the detail says the
       route is misconfigured)
@@ -57,8 +57,10 @@ same mapping as the management API's invoke endpoint):
       why, not a 404), no ACTIVE instance could be
       reached before the deadline (an `InvokeTimeout` of kind ``no_instance``: the last attempt found
       none, or there was none to try), or the invoker is closed; also a path that matches no route
-      while this node has no quorum (starting, catching up after a join, cut off: its route table
-      may be incomplete; with ``Retry-After: 1``) instead of a 404
+      while the route table may be incomplete, with ``Retry-After: 1``, instead of a 404: this node
+      has no quorum (starting, catching up after a join, cut off), or a deployed slice has not
+      declared its routes yet (its wheel loading or failed to import, or it waits for its
+      dependencies: `aether.http.unrouted`, which the detail quotes)
 504   any other `InvokeTimeout` (the deadline passed while an attempt ran or peers were failing)
 500   anything unexpected (logged with traceback; the response never contains one)
 ====  ===========================================================================================
@@ -91,6 +93,7 @@ from aether.core.problem import (
 )
 from aether.core.tracing import NOOP_TRACER, Span, Tracer, current_trace, parse_traceparent
 from aether.http.routes import ROUTE_PREFIX, Match, RouteTable, build_payload
+from aether.http.unrouted import Unrouted, detail, unrouted
 from aether.http.wire import WireReply, WireRequest, WireServer
 from aether.invoke.errors import InvokerClosed, UnknownEntryError
 from aether.kv.keys import RouteValue
@@ -232,6 +235,10 @@ class HttpRouter:
         self.table = RouteTable()
         self._ids = RandomHex()  # request ids of requests without a sane X-Request-Id
         self._cancel_watch: Callable[[], None] | None = None
+        self._cancel_stale: list[Callable[[], None]] = []
+        # deployed artifacts whose routes are not known yet (`aether.http.unrouted`), computed on a
+        # path that matches no route; None: to compute (a change under routes/, blueprints/, slices/)
+        self._unrouted: list[Unrouted] | None = None
         self._server: WireServer | None = None
 
     @property
@@ -265,7 +272,22 @@ class HttpRouter:
             self.log.warning("ignoring route %s: %s", key, problem)
         self.log.debug("route table loaded: %d route(s)", len(self.table))
 
+    def _stale(self, ev: Any = None) -> None:
+        self._unrouted = None
+
+    def _pending(self) -> list[Unrouted]:
+        """Deployed artifacts whose routes the table cannot have yet (see `aether.http.unrouted`)."""
+        pending = self._unrouted
+        if pending is None:
+            pending = self._unrouted = unrouted(
+                self.kv.list_local("blueprints/"),
+                self.kv.list_local("slices/"),
+                {r.target for r in self.table.routes()},
+            )
+        return pending
+
     def _on_event(self, ev: Any) -> None:
+        self._unrouted = None
         kind = getattr(ev, "kind", None)
         if kind == "reset":
             self._reload()
@@ -296,6 +318,7 @@ class HttpRouter:
         if self._server is not None:
             return
         self._cancel_watch = self.kv.watch(ROUTE_PREFIX, self._on_event)
+        self._cancel_stale = [self.kv.watch(p, self._stale) for p in ("blueprints/", "slices/")]
         self._reload()
         # our own HTTP/1.1 protocol over httptools (aether.http.wire): the route table does the
         # routing, and aiohttp's server machinery cost several times the router's own work
@@ -313,21 +336,26 @@ class HttpRouter:
             await server.start(self.host, self._port, self.ssl_context)
         except BaseException:
             await server.stop()
-            if self._cancel_watch is not None:
-                self._cancel_watch()
-                self._cancel_watch = None
+            self._unwatch()
             raise
         self._server = server
         self.log.info("HTTP router of %s listening on %s", self.node_id, self.url)
 
     async def stop(self) -> None:
         """Stop listening and stop watching; idempotent."""
-        if self._cancel_watch is not None:
-            self._cancel_watch()
-            self._cancel_watch = None
+        self._unwatch()
         server, self._server = self._server, None
         if server is not None:
             await server.stop()
+
+    def _unwatch(self) -> None:
+        if self._cancel_watch is not None:
+            self._cancel_watch()
+            self._cancel_watch = None
+        for cancel in self._cancel_stale:
+            cancel()
+        self._cancel_stale = []
+        self._unrouted = None
 
     # --- request handling -----------------------------------------------------------------------
 
@@ -431,6 +459,9 @@ class HttpRouter:
                     rid,
                     {"Retry-After": "1"},
                 )
+            pending = self._pending()
+            if pending:  # the route table may lack this path: the routes of these are not known yet
+                return self._problem(503, detail(method, raw_path, pending), rid, {"Retry-After": "1"})
             return self._problem(404, f"no route for {method} {raw_path}", rid)
         if request.too_large is not None:  # (the body was not read; the connection closes)
             return self._problem(
