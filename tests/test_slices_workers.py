@@ -38,6 +38,7 @@ from aether.slices.testing import (
     isolated_imports,
 )
 from aether.slices.workerproto import (
+    BEGUN,
     Call,
     ErrorInfo,
     FrameDecoder,
@@ -47,6 +48,7 @@ from aether.slices.workerproto import (
     Reply,
     Restart,
     RestartPolicy,
+    begun_upto,
     encode_frame,
     error_info,
     rebuild_error,
@@ -68,6 +70,13 @@ def test_frames_split_anywhere_decode_whole() -> None:
         got = d.feed(data[:cut]) + d.feed(data[cut:])
         assert got == msgs
         assert d.buffered == 0
+
+
+def test_begun_record_is_trusted_only_when_the_worker_keeps_it() -> None:
+    assert begun_upto(BEGUN.pack(1, 7)) == 7
+    assert begun_upto(BEGUN.pack(1, 0)) == 0  # kept, nothing begun yet
+    assert begun_upto(bytes(BEGUN.size)) is None  # a worker that does not know it: nothing known
+    assert begun_upto(b"") is None
 
 
 def test_frame_bounds_both_ways() -> None:
@@ -135,6 +144,7 @@ class Versioned(Slice):
 
 USES_TINYLIB = """
 import os
+import time
 import tinylib
 from aether.slices import Slice, entry, NotFound, Conflict
 
@@ -157,6 +167,9 @@ class Uses(Slice):
         if how == "409":
             raise Conflict("taken")
         if how == "exit":
+            os._exit(7)
+        if how == "block-exit":  # holds the worker's loop (nothing more is read), then dies
+            time.sleep(1.0)
             os._exit(7)
         raise ValueError("boom")
 
@@ -393,6 +406,45 @@ async def test_killed_worker_is_restarted_and_serves_again(repo: Repository, tmp
     finally:
         await rt.close()
     await wait_for(lambda: not any(running(p) for p in pids))
+
+
+@pytest.mark.timeout(60)
+async def test_calls_a_dying_worker_never_began_did_not_run(repo: Repository, tmp_path: Path) -> None:
+    """Found by an audit: when a worker died, every call in flight failed with WorkerLostMidCall
+    (kind interrupted: "may have partly run"), also the ones still queued in the socket that the
+    worker never read. The invoker then gave an entry declared idempotent=False an
+    IndeterminateOutcome (502) for a call that certainly did not run, and counted each towards
+    poison. The worker now records the highest call it began (shared memory, before slice code can
+    run); a call beyond it fails with WorkerLost (kind no_instance: retried, it did not run)."""
+    rt, _ = make_runtime(repo, tmp_path, isolation_for=lambda a: "process")
+    try:
+        await rt.load(A)
+        await rt.activate(A, [1])
+        host = rt._entries[A].worker
+        assert host is not None
+        proc = host._proc
+        assert proc is not None and proc.begun is not None
+
+        def begun() -> int | None:
+            assert proc.begun is not None
+            return begun_upto(proc.begun[: BEGUN.size])
+
+        before = begun()
+        assert before is not None
+        dying = asyncio.create_task(rt.call(A, "fail", enc("block-exit")))
+        await wait_for(lambda: (begun() or 0) > before)  # the worker began it ...
+        await asyncio.sleep(0.2)  # ... and is stuck in time.sleep: it reads nothing more
+        queued = [asyncio.create_task(rt.call(A, "pid", enc(None))) for _ in range(5)]
+        results = await asyncio.gather(dying, *queued, return_exceptions=True)
+        assert isinstance(results[0], WorkerLostMidCall), results
+        assert wire_kind_of(results[0]) == KIND_INTERRUPTED
+        for r in results[1:]:
+            assert isinstance(r, WorkerLost) and not isinstance(r, WorkerLostMidCall), results
+            assert wire_kind_of(r) == KIND_NO_INSTANCE and "did not run" in str(r)
+        await wait_for(lambda: host.ready)  # restarted: it serves again
+        assert dec(await rt.call(A, "version", enc(None))) == "1.0"
+    finally:
+        await rt.close()
 
 
 @pytest.mark.timeout(60)

@@ -9,7 +9,10 @@ messages, answered by the node's invoker and `MapBackend`) and every log record 
 
 It exits when the node closes the socket (EOF: the node stopped or died), when the node's process
 is gone (a thread polls the parent's pid: slice code that blocks this loop cannot keep an orphan
-alive) or on `Shutdown`. Slice code runs on this process's only event loop.
+alive) or on `Shutdown`. Slice code runs on this process's only event loop. Before it begins a
+call it records the call's number in the begun record the node shares with it (`workerproto.BEGUN`,
+a file descriptor named by ``AETHER_WORKER_BEGUN_FD``), so that when it dies the node knows which
+calls in flight never ran.
 May import `aether.core`, `aether.slices.*`, msgspec.
 """
 
@@ -22,6 +25,7 @@ import contextvars
 import copy
 import importlib
 import logging
+import mmap
 import os
 import socket
 import sys
@@ -37,6 +41,8 @@ from aether.core.tracing import current_trace, parse_traceparent, trace_fields
 from aether.slices.api import Slice, SliceContext, describe_slice, invoke_entry, type_name
 from aether.slices.errors import ResponseTypeError
 from aether.slices.workerproto import (
+    BEGUN,
+    BEGUN_ENV,
     DEFAULT_MAX_FRAME,
     HEALTH_STILL_RUNNING,
     Call,
@@ -147,8 +153,10 @@ class _Protocol(asyncio.Protocol):
 
 
 class _Worker:
-    def __init__(self, max_frame: int) -> None:
+    def __init__(self, max_frame: int, begun: mmap.mmap | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        # the begun record shared with the node (workerproto.BEGUN): the highest cid decoded
+        self.begun = begun
         self.thread = threading.get_ident()
         self.max_frame = max_frame
         self.decoder = FrameDecoder(max_frame)
@@ -234,12 +242,16 @@ class _Worker:
                     else:
                         fut.set_result(m.result)
             elif isinstance(m, Call):
+                if self.begun is not None:  # before the task exists: a later cid never ran
+                    BEGUN.pack_into(self.begun, 0, 1, m.cid)
                 self._spawn(m.cid, self._run(m), m.instance)
             elif isinstance(m, Cancel):
                 task = self.tasks.get(m.cid)
                 if task is not None:
                     task.cancel()
             elif isinstance(m, Load):
+                if self.begun is not None:
+                    BEGUN.pack_into(self.begun, 0, 1, m.cid)
                 self._spawn(m.cid, self._load(m), None)
             elif isinstance(m, Shutdown):
                 self.loop.create_task(self._shutdown(m.stop_timeout))
@@ -430,9 +442,25 @@ def _watch_parent(parent: int) -> None:
             os._exit(3)
 
 
+def _begun_record() -> mmap.mmap | None:
+    """Map the begun record the node passed (`BEGUN_ENV`), if it did; start keeping it."""
+    raw = os.environ.pop(BEGUN_ENV, None)  # not for the processes slice code starts
+    if raw is None:
+        return None
+    try:
+        fd = int(raw)
+        record = mmap.mmap(fd, BEGUN.size)
+        os.close(fd)
+    except (ValueError, OSError) as exc:
+        sys.stderr.write(f"aether worker {os.getpid()}: begun record {raw!r} unusable: {exc}\n")
+        return None
+    BEGUN.pack_into(record, 0, 1, 0)
+    return record
+
+
 async def _serve(fd: int, max_frame: int, level: int) -> None:
     sock = socket.socket(fileno=fd)
-    worker = _Worker(max_frame)
+    worker = _Worker(max_frame, _begun_record())
     root = logging.getLogger()
     root.handlers[:] = [_Forward(worker)]
     root.setLevel(level)

@@ -24,6 +24,8 @@ from aether.core.errors import KIND_APP_ERROR, AetherError, kind_status
 from aether.core.policy import DEFAULT_POLICY, EntryPolicy
 
 __all__ = [
+    "BEGUN",
+    "BEGUN_ENV",
     "DEFAULT_MAX_FRAME",
     "HEALTH_STILL_RUNNING",
     "Call",
@@ -43,6 +45,7 @@ __all__ = [
     "SliceDescription",
     "Up",
     "UpReply",
+    "begun_upto",
     "encode_frame",
     "error_info",
     "rebuild_error",
@@ -59,6 +62,26 @@ HEALTH_STILL_RUNNING = (
 node's runtime for slices in-process, the worker for its own)."""
 
 _HEADER = struct.Struct(">I")
+
+BEGUN_ENV = "AETHER_WORKER_BEGUN_FD"
+"""The environment variable naming the file descriptor of a worker's *begun* record: a small file
+(memfd) that the node creates, maps and passes to the worker, and the worker maps too."""
+
+BEGUN = struct.Struct("<QQ")
+"""The begun record: (1 once the worker keeps it, the highest `cid` of a `Load` or `Call` the worker
+has decoded). The worker writes it before it creates the task that runs the message, so a message
+with a greater cid was certainly not begun: slice code never ran for it. Shared memory rather than a
+message: the record is read only when the worker died, and costs the worker a store per call, not a
+write to the socket and a wake-up of the node. A worker that does not know the record (an older
+installation) leaves it zero: then nothing is known, and every call in flight may have run."""
+
+
+def begun_upto(record: bytes) -> int | None:
+    """The highest cid the worker began, from the bytes of its begun record (None: not kept)."""
+    if len(record) < BEGUN.size:
+        return None
+    kept, cid = BEGUN.unpack_from(record)
+    return cid if kept == 1 else None
 
 
 # --- messages -----------------------------------------------------------------------------------------

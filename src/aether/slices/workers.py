@@ -8,10 +8,11 @@ answers the calls slice code makes into the node (slice-to-slice calls through t
 `SliceCaller`, map operations through its `MapBackend`) and re-emits the worker's log records on
 the node's loggers, naming the slice, the instance and the worker's pid.
 
-Supervision: a worker that exits while it should run fails the calls in flight with
+Supervision: a worker that exits while it should run fails the calls in flight it had begun with
 `WorkerLostMidCall` (503, kind interrupted: they may have partly run, so the invoker retries them on
-another instance only for idempotent entries; calls made while it is down fail with `WorkerLost`,
-kind no_instance, retried), and is started again after
+another instance only for idempotent entries); those it had not begun (the begun record it shares
+with the node, `workerproto.BEGUN`, read once it has exited) and calls made while it is down fail
+with `WorkerLost`, kind no_instance (they did not run: retried). It is started again after
 the delay `RestartPolicy` decides (exponential backoff, bounded); `on_restart` (the runtime) then
 starts its instances again. `close` asks the worker to stop the instances still started there and
 exit, then sends SIGTERM (after `EXIT_GRACE` s, plus `stop_timeout` if it still had instances to
@@ -26,10 +27,12 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import mmap
 import os
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +47,8 @@ from aether.slices.api import SliceCaller
 from aether.slices.errors import SliceError, SliceLoadError
 from aether.slices.maps import MapBackend
 from aether.slices.workerproto import (
+    BEGUN,
+    BEGUN_ENV,
     DEFAULT_MAX_FRAME,
     Call,
     Cancel,
@@ -60,6 +65,7 @@ from aether.slices.workerproto import (
     SliceDescription,
     Up,
     UpReply,
+    begun_upto,
     encode_frame,
     error_info,
     rebuild_error,
@@ -137,10 +143,32 @@ class _Proc:
     # the first frame of a loop turn is written at once, the next ones of that turn together after it
     out: list[bytes] = field(default_factory=list)
     batching: bool = False
+    # the begun record shared with the worker (workerproto.BEGUN); None: none (every call in
+    # flight when it dies may have run), or already read
+    begun: mmap.mmap | None = None
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+
+def _begun_record() -> tuple[int, mmap.mmap] | None:
+    """A zeroed file of `BEGUN.size` bytes (memfd where there is one) and this process's mapping of
+    it; None if the system refuses (the worker then runs without: nothing is known of its calls)."""
+    try:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("aether-worker-begun", os.MFD_CLOEXEC)
+        else:
+            with tempfile.TemporaryFile() as f:
+                fd = os.dup(f.fileno())
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, BEGUN.size)
+        return fd, mmap.mmap(fd, BEGUN.size)
+    except (OSError, ValueError):
+        os.close(fd)
+        return None
 
 
 class WorkerHost:
@@ -213,13 +241,18 @@ class WorkerHost:
 
     async def _spawn_and_load(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        record = _begun_record()
         try:
             cmd = [self.python, "-P", "-m", "aether.slices.worker", "--fd", str(child.fileno()),
                    "--parent", str(os.getpid()), "--max-frame", str(self.max_frame),
                    "--log-level", str(self.log.getEffectiveLevel())]  # fmt: skip
+            fds: tuple[int, ...] = (child.fileno(),)
+            env: dict[str, str] | None = None
+            if record is not None:  # an environment variable: a worker that does not know it runs
+                fds, env = (child.fileno(), record[0]), {**os.environ, BEGUN_ENV: str(record[0])}
             try:
                 process = await asyncio.create_subprocess_exec(
-                    *cmd, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                    *cmd, pass_fds=fds, env=env, stdin=asyncio.subprocess.DEVNULL,
                     start_new_session=True,  # a signal to the node's terminal group is the node's, not ours
                 )  # fmt: skip
             except OSError as exc:
@@ -228,7 +261,11 @@ class WorkerHost:
                 ) from None
         finally:
             child.close()
+            if record is not None:
+                os.close(record[0])  # the mappings stay
         proc = _Proc(process, FrameDecoder(self.max_frame), started=time.monotonic())
+        if record is not None:
+            proc.begun = record[1]
         self._proc = proc
         self.policy.started(proc.started)
         loop = asyncio.get_running_loop()
@@ -432,17 +469,37 @@ class WorkerHost:
         raise SliceError(f"unknown call {m.op!r} from a worker")
 
     def _lost(self, proc: _Proc) -> None:
-        """The socket closed: nothing in flight will be answered."""
+        """The socket closed, or the process exited: nothing in flight will be answered.
+
+        A call the worker never began (its cid is beyond the begun record: it was still in the
+        socket, or not even written) did not run: `WorkerLost` (kind no_instance, retried like a
+        call that found no worker). Any other may have partly run: `WorkerLostMidCall`. The record
+        is read once the process has exited (`_watch`), when the worker can begin nothing more;
+        a socket that closes first leaves the calls waiting until then."""
         if self._proc is proc:
             self._ready = False  # calls fail fast (retryable) until the restart is done
-        for fut in proc.pending.values():
-            if not fut.done():
+        for task in proc.ups.values():
+            task.cancel()
+        if proc.begun is not None and proc.process.returncode is None:
+            return
+        upto: int | None = None
+        if proc.begun is not None:
+            upto = begun_upto(proc.begun[: BEGUN.size])
+            proc.begun.close()
+            proc.begun = None
+        for cid, fut in proc.pending.items():
+            if fut.done():
+                continue
+            if upto is not None and cid > upto:
+                fut.set_exception(WorkerLost(
+                    f"the worker process {proc.pid} of {self.spec.artifact} on {self.node_id} exited "
+                    "before it began the call; the call did not run"
+                ))  # fmt: skip
+            else:
                 fut.set_exception(WorkerLostMidCall(
                     f"the worker process {proc.pid} of {self.spec.artifact} on {self.node_id} exited "
                     "before it answered; the call may have partly run"
                 ))  # fmt: skip
-        for task in proc.ups.values():
-            task.cancel()
 
     # --- supervision --------------------------------------------------------------------------------
 
