@@ -315,8 +315,11 @@ def test_unrouted_lists_deployed_artifacts_whose_routes_cannot_be_known_yet() ->
               (f"slices/n2/{LATE}", st("FAILED", "load timed out after 60.0s"))]  # fmt: skip
     (u,) = unrouted(bps((LATE, 1)), failed, set())
     assert u.failed
-    for past_loading in ("ACTIVE", "ACTIVATING", "DEACTIVATING"):  # got as far as claiming routes
+    for past_loading in ("ACTIVE", "DEACTIVATE", "DEACTIVATING"):  # got as far as claiming routes
         assert unrouted(bps((LATE, 1)), [*loading, (f"slices/n3/{LATE}", st(past_loading))], set()) == []
+    # ACTIVATING is written just before the node claims the routes: not yet known (else a 404 between)
+    (u,) = unrouted(bps((LATE, 1)), [(f"slices/n3/{LATE}", st("ACTIVATING"))], set())
+    assert u.states == (("n3", "ACTIVATING", None),)
     started = (f"slices/n3/{LATE}", st("FAILED", "activate failed: start() raised: boom"))
     assert unrouted(bps((LATE, 1)), [*failed, started], set()) == []
     # another version loading counts for the artifact; other artifacts' keys do not

@@ -80,6 +80,17 @@ class BrokenStart(Slice):
         return name
 """
 
+BROKEN_IMPORT = """
+import aether_no_such_module  # the wheel does not ship it: importing the slice fails
+from aether.slices import Slice, route
+
+
+class BrokenImport(Slice):
+    @route("GET", "/brokenimport/{name}")
+    async def get(self, name: str) -> str:
+        return name
+"""
+
 
 def request(
     port: int, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -113,6 +124,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
                 "org.example:strict:0.1.0": (STRICT, "Strict"),
                 "org.example:slowstart:0.1.0": (SLOW_START, "SlowStart"),
                 "org.example:brokenstart:0.1.0": (BROKEN_START, "BrokenStart"),
+                "org.example:brokenimport:0.1.0": (BROKEN_IMPORT, "BrokenImport"),
             },
         )
         out = lc.start()
@@ -200,6 +212,41 @@ def test_route_of_a_slice_whose_start_fails_is_503_with_the_reason(cluster: Loca
     assert status == 404 and "no route for GET /broken" in doc["detail"], doc
     status, doc = cluster.api(0, "DELETE", "/api/v1/blueprints/direct:org.example:brokenstart")
     assert status in (200, 204), doc
+
+
+def test_path_of_a_slice_whose_wheel_fails_to_import_is_503_with_the_reason(cluster: LocalCluster) -> None:
+    """Found by an audit: a slice's routes come from its class, so a wheel that fails to import
+    never declares them and its paths answered 404 "no route" on every router. The routers cannot
+    know its paths, so a path that matches no route answers 503 with Retry-After: 1 and the import
+    error while it is deployed; 404 again once it is not."""
+    status, doc = cluster.api(
+        0, "POST", "/api/v1/deploy", {"artifact": "org.example:brokenimport:0.1.0", "instances": 1}
+    )
+    assert status == 201, doc
+    deadline = time.monotonic() + 60
+    reasons: set[int] = set()
+    while len(reasons) < 3 and time.monotonic() < deadline:
+        for i in range(3):
+            status, headers, doc, _ = request(cluster.http_port(i), "GET", "/brokenimport/ann")
+            if status == 404:
+                continue  # this node's replica does not have the blueprint yet
+            assert status == 503 and headers.get("Retry-After") == "1", (i, status, doc)
+            assert "no route for GET /brokenimport/ann yet" in doc["detail"], doc
+            assert "org.example:brokenimport" in doc["detail"], doc
+            if "No module named 'aether_no_such_module'" in doc["detail"]:
+                assert "failed to load" in doc["detail"] or "load failed" in doc["detail"], doc
+                reasons.add(i)
+        time.sleep(0.1)
+    assert reasons == {0, 1, 2}, f"routers {sorted({0, 1, 2} - reasons)} did not give the import error"
+    status, doc = cluster.api(0, "DELETE", "/api/v1/blueprints/direct:org.example:brokenimport")
+    assert status in (200, 204), doc
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        status, _, doc, _ = request(cluster.http_port(1), "GET", "/brokenimport/ann")
+        if status == 404:
+            break
+        time.sleep(0.1)
+    assert status == 404 and doc["detail"] == "no route for GET /brokenimport/ann", doc
 
 
 def test_http_edge_cases(cluster: LocalCluster) -> None:

@@ -14,15 +14,18 @@ An artifact is listed when a blueprint wants it (some version, ``instances > 0``
 cannot be in the table yet:
 
 - no route of the table calls it (``group:artifact``: any version's routes count), and
-- no node has it ACTIVE, ACTIVATING, DEACTIVATE or DEACTIVATING (a node that activated it claimed
-  its routes first: an artifact that got that far without a route declares none), and
+- no node has it ACTIVE, DEACTIVATE or DEACTIVATING (a node that activated it claimed its routes
+  first: an artifact that got that far without a route declares none; not ACTIVATING, which the
+  node writes just before its claim: a route table that saw the one and not yet the other answered
+  a 404 in between), and
 - no node reports it FAILED past loading (a reason not starting with ``load``: its activation
   began, so its routes were claimed and are kept while the blueprint wants it, or it declares
   none, or they belong to another artifact).
 
-So listed: not placed yet, LOAD/LOADING/LOADED/ACTIVATE somewhere (loading, or waiting for its
-dependencies), or FAILED to load on every node that tried (``load failed: ...`` / ``load timed out
-...``, the reasons `SliceLifecycle` writes for its load step). The cost is a scan of ``blueprints/``
+So listed: not placed yet, LOAD/LOADING/LOADED/ACTIVATE/ACTIVATING somewhere (loading, waiting
+for its dependencies, starting a slice that turns out to declare no route), or FAILED to load on
+every node that tried (``load failed: ...`` / ``load timed out ...``, the reasons
+`SliceLifecycle` writes for its load step). The cost is a scan of ``blueprints/``
 and ``slices/`` of the local replica, which the router does only for a path that matches no route
 and caches until one of those prefixes or ``routes/`` changes.
 
@@ -42,8 +45,9 @@ __all__ = ["MAX_LISTED", "Unrouted", "detail", "unrouted"]
 MAX_LISTED = 5
 """How many artifacts a detail names (the rest are counted)."""
 
-# states in which a node has begun (or finished) activating the artifact: its routes are claimed
-_ACTIVATED = frozenset({"ACTIVE", "ACTIVATING", "DEACTIVATE", "DEACTIVATING"})
+# states in which a node has activated the artifact: its routes are claimed (ACTIVATING is written
+# before the claim, so it is not one of them)
+_ACTIVATED = frozenset({"ACTIVE", "DEACTIVATE", "DEACTIVATING"})
 # the reasons of a FAILED load step (`SliceLifecycle`: "{step} failed: ..." / "{step} timed out ...")
 _LOAD_FAILURES = ("load failed", "load timed out")
 
@@ -114,7 +118,8 @@ def detail(method: str, path: str, pending: list[Unrouted]) -> str:
             where = ", ".join(
                 f"{s} on {n} ({r})" if s == "FAILED" and r else f"{s} on {n}" for n, s, r in u.states
             )
-            parts.append(f"{u.name} is still loading or waiting for the slices it depends on ({where})")
+            parts.append(f"{u.name} is still loading, waiting for the slices it depends on, or starting "
+                         f"({where})")  # fmt: skip
         else:
             parts.append(f"{u.name} is not placed on a node yet")
     more = len(pending) - MAX_LISTED
