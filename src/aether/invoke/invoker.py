@@ -219,8 +219,8 @@ class Invoker:
     ) -> None:
         if max_nodes_lost < 1:
             raise ValueError("max_nodes_lost must be at least 1")
-        # poison-request protection: a call cut short this many times (its node went down, or it
-        # answered `interrupted`) is not retried
+        # poison-request protection: a call cut short this many times (a distinct node went down
+        # while running it, or an attempt answered `interrupted`) is not retried
         self.max_nodes_lost = max_nodes_lost
         # deadline, per-attempt wait and backoff (the same policy the map client uses)
         self.retry = RetryPolicy(default_timeout, attempt_timeout, backoff_min, backoff_max)
