@@ -673,6 +673,31 @@ async def test_a_non_idempotent_local_call_whose_worker_dies_is_not_repeated() -
     assert runs.on("A") == 1 and runs.on("C") == 0
 
 
+async def test_a_non_idempotent_local_call_its_dying_worker_never_began_is_retried() -> None:
+    """The other half: a call still queued for the worker when it died (the worker never began it,
+    docs/slices.md *Supervision*) fails with `WorkerLost`, kind no_instance: it did not run, so it
+    goes to another instance also for an entry declared idempotent=False."""
+    from aether.slices.workers import WorkerLost
+
+    net, runs = policy_net(EntryPolicy(idempotent=False), hold=())
+    net.nodes["A"].slices.active.add(ART)
+    net.registry.eps = [e for e in net.registry.eps if e.node_id == "C"]
+    net.registry.add("A", policy=EntryPolicy(idempotent=False))
+    net.registry.add("C", instance=1, policy=EntryPolicy(idempotent=False))
+
+    async def never_began(node: str, payload: bytes) -> bytes:
+        if node == "A":
+            raise WorkerLost("the worker process 4242 of org.example:art:1.0.0 on A exited before it "
+                             "began the call; the call did not run")  # fmt: skip
+        return await runs(node, payload)
+
+    for n in net.nodes.values():
+        n.slices.handlers["echo"] = never_began
+    a = net.nodes["A"].invoker
+    assert served_by(await a.invoke(TARGET, "echo", b"pay", timeout=5.0)) == "C"
+    assert runs.on("C") == 1 and a.stats.indeterminate == 0
+
+
 async def test_an_idempotent_local_call_whose_worker_dies_is_retried() -> None:
     net, runs = policy_net(None, hold=())
     net.nodes["A"].slices.active.add(ART)
