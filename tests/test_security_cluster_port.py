@@ -203,6 +203,16 @@ def test_node_beyond_loopback_refuses_to_start_without_a_secret(tmp_path: Any) -
     )  # fmt: skip
     assert r.returncode == 2, r.stderr
     assert "beyond loopback, without a cluster secret" in r.stderr, r.stderr
+    # refused before anything was written: no data directory (it used to hold a new node.lock and
+    # consensus/incarnation), and the same for the management API without a key
+    assert not (tmp_path / "data").exists(), sorted(str(p) for p in (tmp_path / "data").rglob("*"))
+    r = aether_cli(
+        "node", "--host", "0.0.0.0", "--cluster-port", str(cport), "--management-port", str(mport),
+        "--http-port", str(hport), "--data-dir", str(tmp_path / "data"),
+        env={**env, "AETHER_CLUSTER_SECRET": "s" * 32}, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "management API would listen on '0.0.0.0'" in r.stderr, r.stderr
+    assert not (tmp_path / "data").exists(), sorted(str(p) for p in (tmp_path / "data").rglob("*"))
     # a secret that is too short is refused too, naming the fix
     env["AETHER_CLUSTER_SECRET"] = "short"
     r = aether_cli("node", "--data-dir", str(tmp_path / "data"), env=env, timeout=60)

@@ -75,6 +75,7 @@ from aether.slices.runtime import SliceRuntime
 from aether.transport import ClientSession, DuplicateNode, EventBus, PeerDown, PeerUp, Transport
 from aether.transport.auth import load_secret
 from aether.transport.framing import DEFAULT_MAX_FRAME
+from aether.transport.tcp import open_cluster_port_problem
 from aether.transport.tls import https_context, tls_files
 
 _cmd_decoder = msgspec.msgpack.Decoder(Command)
@@ -147,6 +148,21 @@ class HostedAPI(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+def listen_problem(config: NodeConfig, *, management: bool) -> str | None:
+    """Why the node of `config` must not start, from its configuration alone: a cluster port
+    beyond loopback with nothing to prove (no cluster secret, no mutual TLS), or, when it runs the
+    management API (`management`), that API beyond loopback without an API key; else None.
+    `run_node` asks before it locks or writes the data directory (a refused start used to leave
+    a new ``node.lock`` and ``consensus/incarnation`` behind), `Node.start` again. ConfigError for
+    an unreadable secret or TLS file."""
+    secret = load_secret(config.cluster_secret, config.cluster_secret_file)
+    proves = secret is not None or tls_files(config) is not None
+    problem = open_cluster_port_problem(config.host, authenticated=proves)
+    if problem is None and management:
+        problem = open_management_api_problem(config.host, config.api_key)
+    return problem
 
 
 async def _check_can_listen(what: str, host: str, port: int) -> None:

@@ -23,9 +23,10 @@ from typing import Any
 
 from aether.consensus.storage import JournalCorrupt, JournalError
 from aether.core.config import PARENT_PID_ENV, NodeConfig
+from aether.core.errors import ConfigError
 from aether.core.files import make_private_dirs, open_private
 from aether.core.logs import configure_logging
-from aether.node.node import ManagementFactory, Node
+from aether.node.node import ManagementFactory, Node, listen_problem
 
 
 def _install_loop_policy() -> None:
@@ -285,7 +286,8 @@ class DuplicateNodeId(Exception):
 def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = None) -> int:
     """Run a node until interrupted; returns the process exit code. `management_api` builds the
     management API server (`aether.api.server.ManagementServer`; the `aether node` command passes
-    it); without it the node runs no management API."""
+    it); without it the node runs no management API. ConfigError, before the data directory is
+    created or locked, when the configuration opens a port beyond loopback with nothing to prove."""
     # Belt and braces: the node creates its files 0600 / directories 0700 explicitly; the umask
     # covers what else this process writes (pip installing a library, slice code).
     os.umask(0o077)
@@ -300,6 +302,10 @@ def run_node(config: NodeConfig, *, management_api: ManagementFactory | None = N
     except ValueError as e:
         log.error("cannot start node %s: %s", config.node_id, e)
         return 2
+    # refused before the data directory is created or locked: a start that cannot go on writes nothing
+    problem = listen_problem(config, management=management_api is not None)
+    if problem is not None:
+        raise ConfigError(problem)
     try:
         lock = lock_data_dir(config.data_path)
     except OSError as e:

@@ -150,6 +150,7 @@ __all__ = [
     "PRE_AUTH_MAX_FRAME",
     "ClientSession",
     "Transport",
+    "open_cluster_port_problem",
 ]
 
 PRE_AUTH_MAX_FRAME = 4096
@@ -575,6 +576,21 @@ class _InboundProtocol(LinkProtocol):
             self._owner._client_closed(self.session)
 
 
+
+def open_cluster_port_problem(host: str, *, authenticated: bool) -> str | None:
+    """Why a cluster port must not listen on `host` (beyond loopback when its peers and clients
+    prove nothing: no cluster secret, no mutual TLS, `authenticated` False), else None. The node
+    checks it from its configuration before it writes anything (`aether.node.node.listen_problem`)
+    and `Transport.start` again when it binds."""
+    if authenticated or is_loopback_host(host):
+        return None
+    return (
+        f"the cluster port would listen on {host!r}, beyond loopback, without a "
+        "cluster secret: anyone who can reach it could join as a node or write to the store. "
+        "Set one (--cluster-secret-file FILE or AETHER_CLUSTER_SECRET, the same on every node), "
+        "use mutual TLS (--tls-cert/--tls-key/--tls-ca), or bind to 127.0.0.1"
+    )
+
 class Transport:
     """TCP links between the members of one cluster, plus client sessions on the same port.
 
@@ -701,13 +717,8 @@ class Transport:
     def listen_problem(self) -> str | None:
         """Why the cluster port must not listen where it is asked to (beyond loopback with nothing
         to prove: no cluster secret, no mutual TLS), else None. `start` raises it as a ConfigError."""
-        if not (self._creds.open and self._server_ssl is None) or is_loopback_host(self._listen.host):
-            return None
-        return (
-            f"the cluster port would listen on {self._listen.host!r}, beyond loopback, without a "
-            "cluster secret: anyone who can reach it could join as a node or write to the store. "
-            "Set one (--cluster-secret-file FILE or AETHER_CLUSTER_SECRET, the same on every node), "
-            "use mutual TLS (--tls-cert/--tls-key/--tls-ca), or bind to 127.0.0.1"
+        return open_cluster_port_problem(
+            self._listen.host, authenticated=not self._creds.open or self._server_ssl is not None
         )
 
     async def start(self) -> None:
