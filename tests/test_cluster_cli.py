@@ -7,6 +7,7 @@ stops every process it started in a `finally`.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -365,3 +366,37 @@ def test_a_cluster_started_with_an_api_key_does_not_come_back_open(
     assert r.returncode == 1 and "API key" in r.stderr, r.stderr
     r = aether_cli("--api-key-file", str(key_file), "cluster", "status", "--dir", str(cluster_dir), env=env)
     assert r.returncode == 0 and "1/1 nodes up" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_first_start_that_failed_takes_other_settings_on_the_next_start(
+    cluster_dir: Path, env: dict[str, str]
+) -> None:
+    # a user's first `cluster start` fails (here: another process holds node-3's data directory,
+    # so node-3 exits at once), and they try again with another node count: it used to be refused
+    # ("was created with 3 node(s) ... it cannot start with --nodes 1") although it never ran
+    offset = free_port_offset(3)
+    base = ["cluster", "start", "--dir", str(cluster_dir), "--base-port-offset", str(offset)]
+    (cluster_dir / "node-3" / "data").mkdir(parents=True)
+    held = os.open(cluster_dir / "node-3" / "data" / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        r = aether_cli(*base, "--nodes", "3", env=env, timeout=90)
+    finally:
+        os.close(held)
+    assert r.returncode == 1 and "is in use by another process" in r.stderr, (r.stdout, r.stderr)
+    record = lc.load_record(cluster_dir)
+    assert record is not None and len(record.nodes) == 3
+    r = aether_cli(*base, "--nodes", "1", env=env, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "never reached quorum" in r.stderr and "starts anew with 1 node" in r.stderr, r.stderr
+    assert "Quorum: yes" in r.stdout and "1/1 nodes up" in r.stdout, r.stdout
+    record = lc.load_record(cluster_dir)
+    assert record is not None and [n.id for n in record.nodes] == ["node-1"] and record.established
+    # the data of the first start's nodes is gone (node-1's would record 3 members)
+    assert not (cluster_dir / "node-2").exists() and not (cluster_dir / "node-3").exists()
+    code, rows = status_rows(env, cluster_dir)
+    assert code == 0 and [row["id"] for row in rows] == ["node-1"] and rows[0]["up"], rows
+    # once it ran, the node count is the cluster's: another one is refused, saying what to do
+    assert aether_cli("cluster", "stop", "--dir", str(cluster_dir), env=env).returncode == 0
+    r = aether_cli(*base, "--nodes", "3", env=env, timeout=90)
+    assert r.returncode == 1 and "cannot start with --nodes 3" in r.stderr, r.stderr

@@ -44,6 +44,7 @@ import hashlib
 import hmac
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -172,6 +173,10 @@ class ClusterRecord(msgspec.Struct, kw_only=True):
     # likewise of the management API key (AETHER_API_KEY) they were started with, "" for none
     # (the API open to local processes): a start without the key is refused; None: not known
     api_key_id: str | None = None
+    # False from the first start of a new cluster until its nodes reached quorum: a cluster that
+    # never did is planned anew by the next start (node count, TLS, secret, key); True in an
+    # older cluster.json
+    established: bool = True
 
     def peers_arg(self) -> str:
         return ",".join(f"{n.id}={Address(self.host, n.cluster_port)}" for n in self.nodes)
@@ -233,8 +238,18 @@ def plan_start(
     - its repository and secret (`launch_nodes`).
     """
     previous = load_record(directory)
+    if previous is not None and not previous.established:
+        # its first start failed: nothing ran, so the flags plan it as a new cluster (the data
+        # its nodes wrote is replaced when the node count changes, `launch_nodes`)
+        offset = previous.port_offset if port_offset is None else port_offset
+        record = plan_cluster(directory, 3 if nodes is None else nodes, host=previous.host,
+                              port_offset=offset, tls=tls)  # fmt: skip
+        record.established = False
+        return record
     if previous is None:
-        return plan_cluster(directory, 3 if nodes is None else nodes, port_offset=port_offset or 0, tls=tls)
+        record = plan_cluster(directory, 3 if nodes is None else nodes, port_offset=port_offset or 0, tls=tls)
+        record.established = False
+        return record
     count = len(previous.nodes)
     if nodes is not None and nodes != count:
         raise ClusterError(
@@ -583,6 +598,10 @@ def launch_nodes(
         )
     check_ports(record)
     previous = load_record(d)
+    if previous is not None and not previous.established:
+        if len(previous.nodes) != len(record.nodes):
+            _remove_node_data(previous)  # it records the other member set: the nodes could not agree
+        previous = None  # a cluster that never ran: created anew (its secret file stays)
     record.repository = _cluster_repository(d, previous, os.environ if env is None else env)
     if previous is not None and record.secret_id is None:
         record.secret_id = previous.secret_id
@@ -590,6 +609,30 @@ def launch_nodes(
         record.api_key_id = previous.api_key_id
     record.started_at = time.time()
     return _spawn(d, record, record.nodes, node_argv, env, whole=True)
+
+
+def _remove_node_data(record: ClusterRecord) -> None:
+    """Remove the data directories of `record`'s nodes (``DIR/node-K/data``, and ``DIR/node-K``
+    when that leaves it empty); their logs stay."""
+    for n in record.nodes:
+        data = Path(n.data_dir)
+        try:
+            shutil.rmtree(data)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ClusterError(f"cannot remove {data}, the data of {n.id} of the first start: {e}") from e
+        with contextlib.suppress(OSError):
+            data.parent.rmdir()
+
+
+def mark_established(directory: str | Path) -> None:
+    """Record that the cluster of `directory` reached quorum (`ClusterRecord.established`): from
+    now on a start keeps its settings."""
+    record = load_record(directory)
+    if record is not None and not record.established:
+        record.established = True
+        save_record(directory, record)
 
 
 def _cluster_repository(d: Path, previous: ClusterRecord | None, env: Mapping[str, str]) -> str | None:

@@ -717,12 +717,21 @@ def _start_cluster(
 
     err = render.console(stderr=True)
     try:
+        previous = lc.load_record(directory)
         record = lc.plan_start(directory, nodes, port_offset=port_offset, tls=tls)
-        previous_tls = (lc.load_record(directory) or record).tls_ca is not None
+        previous_tls = previous is not None and previous.established and previous.tls_ca is not None
         secret_before = record.secret_id
         procs = lc.launch_nodes(directory, record, env=_nodes_env(settings, env))
     except lc.ClusterError as e:
         fail(str(e))
+    if previous is not None and not previous.established:
+        n, before = len(record.nodes), len(previous.nodes)
+        replaced = f" (the data of its {before} nodes is replaced)" if before != n else ""
+        click.echo(
+            f"The cluster of {directory} never reached quorum (its first start failed): it starts anew "
+            f"with {n} node{'s' if n != 1 else ''}{replaced}.",
+            err=True,
+        )
     logs = Path(directory) / "node-K.log"
     err.print(f"Started {len(record.nodes)} node(s) from {directory} (logs: {logs}).")
     if secret_before is not None and record.secret_id != secret_before:
@@ -737,7 +746,9 @@ def _start_cluster(
         click.echo(
             f"TLS: mutual TLS between the nodes, HTTPS on APIs and routers (CA: {record.tls_ca}).", err=True
         )
-    return record, procs, _await_quorum(settings, record, procs, directory, timeout)
+    obs = _await_quorum(settings, record, procs, directory, timeout)
+    lc.mark_established(directory)
+    return record, procs, obs
 
 
 def _nodes_env(settings: Settings, env: dict[str, str] | None) -> dict[str, str]:
@@ -960,6 +971,7 @@ def _start_some(
         fail(str(e))
     click.echo(f"Started {', '.join(ids)} from {directory}.", err=True)
     obs = _await_quorum(settings, record, procs, directory, timeout, stop_on_failure=ids)
+    lc.mark_established(directory)
     return record, procs, obs
 
 
