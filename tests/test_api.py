@@ -143,6 +143,7 @@ async def test_status_json_shape(server: ManagementServer, http: aiohttp.ClientS
         "store": "rabia",
         "store_endpoints": [],
         "store_error": None,
+        "not_member": None,  # a member (joining or removed: why it takes part in no decision)
     }
 
 

@@ -9,6 +9,7 @@ needed`. Both now say what they are and what to do.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,20 @@ def test_readyz_of_a_joining_and_of_a_removed_node_says_so(tmp_path: Path) -> No
         assert doc["reason"].startswith(f"node-4 is joining through {c.address(0)}"), doc
         assert "aether cluster add-node node-4" in doc["reason"] and "no quorum" not in doc["reason"]
         assert doc["quorum"] is False and doc["detail"] == doc["reason"]
+        # `aether status` on it says it is joining; it used to list itself as a member, up, and
+        # the members (which refuse its hello until they add it) as down
+        r = _cli(c, 3, "--json", "status")
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["not_member"] == doc["reason"], st
+        assert [(m["id"], m["state"]) for m in st["nodes"]] == [
+            ("node-1", "unknown"), ("node-2", "unknown"), ("node-3", "unknown")
+        ], st["nodes"]
+        r = _cli(c, 3, "status")
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.split())  # rich wraps the long line
+        assert "Not a member: node-4 is joining through" in text, r.stdout
+        assert "down" not in r.stdout and "node-4 │" not in r.stdout and "nodes up" not in r.stdout, r.stdout
 
         r = _cli(c, 0, "cluster", "add-node", "node-4", c.address(3))
         assert r.returncode == 0, r.stdout + r.stderr
@@ -65,6 +80,8 @@ def test_readyz_of_a_joining_and_of_a_removed_node_says_so(tmp_path: Path) -> No
             "node-3 is not a member of the cluster (members: node-1, node-2, node-4): add it with "
             "`aether cluster add-node node-3 HOST:PORT`, or stop it if it was removed"
         ), doc
+        r = _cli(c, 2, "--json", "status")
+        assert r.returncode == 0 and json.loads(r.stdout)["not_member"] == doc["reason"], r.stdout
         # the members' own probes are unchanged
         for i in (0, 1, 3):
             assert http_json(c.management_ports[i], "GET", "/readyz")[0] == 200

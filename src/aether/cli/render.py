@@ -75,10 +75,16 @@ def node_status_table(st: NodeStatus, address: str) -> Table:
 def node_status_summary(st: NodeStatus) -> str:
     up = sum(1 for m in st.nodes if m.state == "up")
     leader = st.leader or "[red]none[/red]"
-    return (
-        f"Quorum: {yes_no(st.quorum)} · Leader: {leader} · {up}/{len(st.nodes)} nodes up"
-        f" · applied slot {st.applied_slot}"
+    # a joining node does not know its members' state: no count of them
+    known = all(m.state in ("up", "down") for m in st.nodes)
+    line = (
+        f"Quorum: {yes_no(st.quorum)} · Leader: {leader}"
+        + (f" · {up}/{len(st.nodes)} nodes up" if known else "")
+        + f" · applied slot {st.applied_slot}"
     )
+    if st.not_member:
+        line = f"[yellow]Not a member[/yellow]: {escape(st.not_member)}\n{line}"
+    return line
 
 
 def _value_text(value: object) -> str:

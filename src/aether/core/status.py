@@ -10,7 +10,7 @@ class MemberStatus(msgspec.Struct, frozen=True):
 
     id: str
     address: str  # cluster address, HOST:PORT
-    state: str  # "up" | "down" (self is always "up")
+    state: str  # "up" | "down" (self is always "up"); "unknown" on a joining node (not linked yet)
     management: str | None = None  # [https://]HOST:PORT of its management API, as it published it
     http: str | None = None  # [https://]HOST:PORT of its HTTP router
 
@@ -46,6 +46,9 @@ class NodeStatus(msgspec.Struct, frozen=True):
     store: str = "rabia"
     store_endpoints: list[str] = []
     store_error: str | None = None
+    # why this node takes part in no decision, else None: joining (`--join`, not added yet: its
+    # `nodes` are then the members it was told, state "unknown", without itself) or removed
+    not_member: str | None = None
 
 
 class KVEntry(msgspec.Struct, frozen=True):

@@ -1060,12 +1060,16 @@ class Node:
         pend = eng.pending_config
         shown = set(eng.members) | set(pend.members if pend is not None else ())
         published = {k[len(NodeInfoKey.prefix):]: v for k, v in self.kv.list_local(NodeInfoKey.prefix)}
+        # joining: the set is what it was told, itself included, and the members refuse its hello
+        # until they add it: it lists them, their state unknown, and not itself (it used to list
+        # itself as a member, up, and the members as down)
+        joining = eng.awaiting_snapshot
         nodes = []
         for m, addr in sorted(self.members.items()):
-            if m in shown:
+            if m in shown and not (joining and m == self.node_id):
                 info = published.get(m)
                 info = info if isinstance(info, NodeInfoValue) else NodeInfoValue()
-                state = "up" if (m == self.node_id or m in up) else "down"
+                state = "unknown" if joining else "up" if (m == self.node_id or m in up) else "down"
                 nodes.append(MemberStatus(m, str(addr), state, info.management, info.http))
         failed = self.store.failed if self.store is not None else None
         return self._node_status(
@@ -1073,6 +1077,7 @@ class Node:
             self.transport.has_quorum(),
             self.runner.engine.applied,
             journal_error=str(failed) if failed is not None else None,
+            not_member=self.not_member_reason(),
         )
 
     def _node_status(
