@@ -151,6 +151,37 @@ def test_upload_streams_the_file_in_pieces_with_progress(tmp_path: Path) -> None
         srv.server_close()
 
 
+def test_an_upload_without_an_answer_names_the_uploads_own_timeout(tmp_path: Path) -> None:
+    """An upload waits the client's timeout plus 1 s per MiB; with no answer it said "no answer
+    within 15 s" (the client's timeout) after waiting 19 s for a 4 MiB wheel."""
+    from aether.client.management import ApiNoAnswer
+
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            release.wait(30)  # takes the body, never answers in time
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        wheel = tmp_path / "w.whl"
+        wheel.write_bytes(b"x" * (512 * 1024))
+        client = ManagementClient(f"127.0.0.1:{srv.server_address[1]}", timeout=1.0)
+        with pytest.raises(ApiNoAnswer) as caught:
+            client.upload("/api/v1/repository/files/w.whl", wheel)
+        assert caught.value.timeout == 1.5
+        assert str(caught.value).endswith("took the request but gave no answer within 1.5 s"), caught.value
+    finally:
+        release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_text_that_cannot_be_sent_is_a_config_error_not_an_unreachable_node(servers: Servers) -> None:
     """`aether kv list $'\\xff'` (the shell's byte arrives as a lone surrogate) failed inside the
     request and was reported as "cannot reach the Aether node at ... ('utf-8' codec can't encode

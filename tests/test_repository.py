@@ -662,13 +662,13 @@ async def test_two_projects_racing_for_one_slice_coordinates_on_two_nodes_one_wi
     both = asyncio.Event()
     real = ArtifactService._ensure_map
 
-    async def together(self: ArtifactService) -> None:  # both uploads passed the early check
+    async def together(self: ArtifactService, *args: Any) -> None:  # both uploads passed the early check
         arrived.append(self.log.name)
         if len(arrived) == 2:
             both.set()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(both.wait(), 10)
-        await real(self)
+        await real(self, *args)
 
     monkeypatch.setattr(ArtifactService, "_ensure_map", together)
     (s1, d1), (s2, d2) = await asyncio.gather(cluster.upload(0, a), cluster.upload(1, b))
@@ -759,6 +759,64 @@ async def test_an_upload_without_quorum_is_a_503_saying_so_at_once(cluster: Clus
     status, doc = await cluster.upload(0, w)  # and a client sending the body whole gets the same
     assert status == 503 and doc["detail"].startswith("no quorum"), doc
     assert list((cluster.nodes[0].config.data_path / "repository").iterdir()) == []
+
+
+async def test_an_upload_the_map_does_not_take_in_time_is_a_503_the_cli_tries_again(
+    cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # found by an audit, then seen with real processes (a node SIGSTOPped, heartbeat timeout 20 s):
+    # the chunk writes of an upload retried for up to 30 s while a partition was being taken over,
+    # and the CLI, which waits 15 s + 1 s per MiB, gave up first ("took the request but gave no
+    # answer"; the node stored the wheel at 21 s). Now the node answers 503 with Retry-After within
+    # its bound (`core.upload_wait`, below the CLI's wait) and the CLI sends the wheel again.
+    # Here both waits are scaled down: the node's 1 s, the CLI's 4 s (--timeout 4)
+    from click.testing import CliRunner
+
+    from aether.cli.main import main
+
+    monkeypatch.setattr(core, "UPLOAD_WAIT", 1.0, raising=False)
+    service = cluster.nodes[0].artifacts
+    real = service.maps
+    stuck: list[str] = []  # the upload ids whose chunk writes never get an answer: the first one's
+
+    class FirstUploadStuck:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        async def map_put(self, name: str, key: str, value: bytes, **kw: Any) -> None:
+            upload = key.split("/")[1]
+            if not stuck or stuck == [upload]:
+                stuck[:] = [upload]
+                await asyncio.Event().wait()  # a partition that does not answer
+            await real.map_put(name, key, value, **kw)
+
+    monkeypatch.setattr(service, "maps", FirstUploadStuck())
+    w = _hello(tmp_path / "w")
+    connect = f"127.0.0.1:{cluster.nodes[0].management.port}"
+    r = await asyncio.to_thread(
+        lambda: CliRunner().invoke(
+            main, ["--connect", connect, "--timeout", "4", "artifact", "deploy", str(w)],
+            env={"COLUMNS": "200"}, catch_exceptions=False,
+        )
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert f"did not store the chunks of {w.name} within 1 s of the upload's start" in r.stderr, r.stderr
+    assert "nothing was stored" in r.stderr and "trying again in 2 s (attempt 2 of 3)" in r.stderr, r.stderr
+    assert "Stored org.example:hello:0.1.0" in r.stdout, r.stdout
+    assert len(stuck) == 1 and [m["version"] for m in await cluster.manifests(0)] == ["0.1.0"]
+
+
+def test_the_node_answers_an_upload_before_the_cli_gives_up() -> None:
+    """The node's bound on an upload (`core.upload_wait`, from the request's start) is below the
+    CLI's wait for its answer (`ManagementClient.upload`: the client's timeout, 15 s by default,
+    plus 1 s per MiB) with room for the claim and the manifest, at every size the node takes."""
+    import inspect
+
+    from aether.client.management import DEFAULT_TIMEOUT, ManagementClient
+
+    rate = inspect.signature(ManagementClient.upload).parameters["rate"].default
+    for size in (0, 1, core.CHUNK_SIZE, 10 << 20, 64 << 20):
+        assert core.upload_wait(size) + 4 <= DEFAULT_TIMEOUT + size / rate, size
 
 
 async def test_maven_paths_and_delete(cluster: Cluster, tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from aether.slices.repository import Repository
 
 EXIT_OK = 0
@@ -181,8 +183,6 @@ def _upload_all(ctx: click.Context, client: Any, wheels: list[Path], as_json: bo
     import hashlib
     import time
 
-    from aether.cli.common import report
-
     rows = []
     for w in wheels:
         h = hashlib.sha256()
@@ -201,12 +201,7 @@ def _upload_all(ctx: click.Context, client: Any, wheels: list[Path], as_json: bo
             pct = 100 * sent // max(total, 1)
             click.echo(f"\ruploading {name}: {pct}% of {_size(total)}", nl=sent >= total, err=True)
 
-        try:
-            body = client.upload(f"/api/v1/repository/files/{w.name}", w, {"sha256": h.hexdigest()}, progress)
-        except Exception as e:
-            if shown[0]:
-                click.echo("", err=True)
-            report(e)
+        body = _upload_one(client, w, h.hexdigest(), progress, shown)
         import msgspec
 
         answer = msgspec.json.decode(body)
@@ -229,6 +224,43 @@ def _upload_all(ctx: click.Context, client: Any, wheels: list[Path], as_json: bo
             click.echo(f"{verb} {what} ({row['wheel']}, {_size(row['size'])}, sha256 {row['sha256'][:12]}…)")
     if _want_json(ctx, as_json):
         _echo_json(rows)
+
+
+UPLOAD_ATTEMPTS = 3
+
+
+def _upload_one(
+    client: Any, wheel: Path, sha256: str, progress: Callable[[int, int], None], shown: list[bool]
+) -> bytes:
+    """The node's answer to the upload of `wheel`, sent again (up to `UPLOAD_ATTEMPTS` times in
+    all) while the node answers 503 with ``Retry-After``: its map did not take the chunks within
+    the node's bound (a partition being taken over) and nothing was stored. Other failures exit
+    with the CLI's message (`report`)."""
+    import time
+
+    from aether.cli.client import ApiError
+    from aether.cli.common import report
+
+    path = f"/api/v1/repository/files/{wheel.name}"
+    attempt = 1
+    while True:
+        try:
+            return bytes(client.upload(path, wheel, {"sha256": sha256}, progress))
+        except Exception as e:
+            if shown[0]:
+                click.echo("", err=True)
+                shown[0] = False
+            if not isinstance(e, ApiError) or e.status != 503 or e.retry_after is None:
+                report(e)
+            if attempt == UPLOAD_ATTEMPTS:
+                report(e)
+            attempt += 1
+            click.echo(
+                f"{e.detail}\ntrying again in {e.retry_after:g} s (attempt {attempt} of "
+                f"{UPLOAD_ATTEMPTS})",
+                err=True,
+            )
+            time.sleep(e.retry_after)
 
 
 def _deploy_dir(ctx: click.Context, wheel: str, coords: str | None, repository: str | None) -> dict[str, Any]:

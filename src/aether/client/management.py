@@ -120,6 +120,7 @@ class ApiError(AetherError):
         *,
         problem: Problem | None = None,
         body: dict[str, Any] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{address} answered {status} {title}: {detail}")
         self.address = address
@@ -129,6 +130,19 @@ class ApiError(AetherError):
         self.problem = problem if problem is not None else Problem("about:blank", title, status, detail)
         self.kind = self.problem.type
         self.body: dict[str, Any] = body or {}
+        # the answer's Retry-After in seconds (the node says trying again soon is worth it), else None
+        self.retry_after = retry_after
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """A Retry-After header in seconds (its delay-seconds form; None for none, or an HTTP date)."""
+    if retry_after is None:
+        return None
+    try:
+        value = float(retry_after.strip())
+    except ValueError:
+        return None
+    return value if 0 <= value < 86400 else None
 
 
 class StreamLost(Exception):
@@ -142,6 +156,7 @@ class Answer:
     status: int
     reason: str
     body: bytes
+    retry_after: str | None = None  # the Retry-After header, if any
 
 
 @dataclass(frozen=True)
@@ -252,7 +267,8 @@ class _Base:
             except msgspec.DecodeError:
                 doc = None
             raise ApiError(
-                self.target, status, p.title, p.detail, problem=p, body=doc if isinstance(doc, dict) else None
+                self.target, status, p.title, p.detail, problem=p,
+                body=doc if isinstance(doc, dict) else None, retry_after=_seconds(answer.retry_after),
             )
         if status >= 300:
             raise ApiError(self.target, status, reason, "unexpected redirect")
@@ -379,9 +395,10 @@ class _Base:
                     allow_redirects=False,
                 ) as resp,
             ):
-                return Answer(resp.status, resp.reason or "", await resp.read())
+                body = await resp.read()
+                return Answer(resp.status, resp.reason or "", body, resp.headers.get("Retry-After"))
         except Exception as e:
-            raise self.unreachable(e, connected.up) from None
+            raise self.unreachable(e, connected.up, timeout) from None
 
     async def _events(self, path: str, read_timeout: float) -> AsyncGenerator[ServerEvent, None]:
         connected = _Connected()
@@ -410,20 +427,24 @@ class _Base:
                 async for event in _server_events(resp, read_timeout):
                     yield event
 
-    def unreachable(self, e: BaseException, connected: bool = False) -> ApiUnreachable:
+    def unreachable(
+        self, e: BaseException, connected: bool = False, timeout: float | None = None
+    ) -> ApiUnreachable:
         """The ApiUnreachable (ApiNoAnswer, ApiTlsError) for an exception of a request;
-        `connected`: the connection was up when it happened."""
+        `connected`: the connection was up when it happened; `timeout`: the request's own, when
+        not the client's (an upload's, a wait's: the message used to name the client's)."""
         import aiohttp
 
         addr = self.target
+        timeout = self.timeout if timeout is None else timeout
         if isinstance(e, ApiUnreachable):
             return e
         if isinstance(e, ConfigError):  # the CA file
             return ApiTlsError(addr, str(e), "Pass a PEM CA certificate with --ca FILE (or AETHER_CA).")
         if isinstance(e, TimeoutError):  # asyncio.timeout, aiohttp's connect timeout
             if connected:
-                return ApiNoAnswer(addr, self.timeout)
-            return ApiUnreachable(addr, f"no connection within {self.timeout:g} s")
+                return ApiNoAnswer(addr, timeout)
+            return ApiUnreachable(addr, f"no connection within {timeout:g} s")
         if isinstance(e, aiohttp.ClientConnectorCertificateError) and isinstance(
             e.certificate_error, ssl.SSLError
         ):
@@ -615,7 +636,7 @@ class ManagementClient(_Base):
         """PUT the bytes of `file` to `path`, streamed (`progress(sent, total)` after each piece);
         the body of a 2xx answer. The timeout grows by one second per `rate` bytes."""
         size = file.stat().st_size
-        timeout = self.timeout + size / rate
+        timeout = round(self.timeout + size / rate, 1)
         return self.check(_run(self._upload(path, file, size, params, progress, timeout)))
 
     def get_raw(self, path: str, params: dict[str, str] | None = None) -> bytes:

@@ -195,6 +195,23 @@ class OrphanTracker(Generic[K]):
         self.first_seen.clear()
 
 
+UPLOAD_WAIT: Final = 10.0
+"""Seconds an upload waits for the cluster's map (defined, its chunks' partitions serving) beyond
+`UPLOAD_BYTES_PER_SECOND`, counted from the request's start; then it answers 503 with
+``Retry-After``. The CLI waits 15 s plus one second per MiB for each answer (`aether.client.
+management.ManagementClient.upload`): the node answers first, and the CLI tries again (an upload
+used to wait up to 30 s for the map, and the CLI gave up first with no answer)."""
+UPLOAD_BYTES_PER_SECOND: Final = 1024 * 1024
+UPLOAD_RETRY_AFTER: Final = 2
+"""Seconds the 503 of an upload that ran out of `upload_wait` asks the client to wait."""
+
+
+def upload_wait(size: int) -> float:
+    """The seconds an upload of `size` bytes may take, from its request's start to its chunks
+    stored (`UPLOAD_WAIT`)."""
+    return UPLOAD_WAIT + size / UPLOAD_BYTES_PER_SECOND
+
+
 def upload_overdue(elapsed: float, orphan_age: float) -> bool:
     """Whether an upload whose chunks began to be written `elapsed` seconds ago is too late to
     write its claim or manifest: after half the orphan age the collector may have counted its

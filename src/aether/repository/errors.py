@@ -43,6 +43,15 @@ class ArtifactMissing(RepositoryError):
 
 
 class RepositoryUnavailable(RepositoryError):
-    """The wheel's bytes could not be read from the cluster (503): too few copies reachable."""
+    """The wheel's bytes could not be read from or written to the cluster (503): too few copies
+    reachable, no quorum. `retry_after` (seconds) when trying again soon is worth it (an upload
+    that waited its bound for the map: a partition being taken over); it answers ``Retry-After``."""
 
     status = 503
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def http_headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}

@@ -160,6 +160,11 @@ def place(src: Path, dest: Path, *, move: bool = False) -> Path:
     return dest
 
 
+def _loop_time_at(deadline: float) -> float:
+    """The running loop's time at `deadline` (`time.monotonic`), for `asyncio.timeout_at`."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
 class ArtifactService:
     """Uploads to, reads from and deletes in the cluster's artifact repository (one per node).
 
@@ -337,6 +342,7 @@ class ArtifactService:
         same bytes were there already). Raises BadRequest (bad name, not a wheel, mismatch),
         `HashMismatch`, `UploadTooLarge`, `ArtifactConflict`; nothing is visible unless it succeeds."""
         core.wheel_filename(filename)
+        began = time.monotonic()  # the client's timeout runs from about here (`core.upload_wait`)
         meter = core.UploadMeter(self.max_upload, declared=declared, expected_sha256=sha256)
         if self.has_quorum is not None and not self.has_quorum():
             # nothing could be stored: its chunks' partitions and the manifest need a majority.
@@ -373,7 +379,7 @@ class ArtifactService:
                 info, filename, meter.size, digest, now=self.clock(), expected=expected,
                 upload=secrets.token_hex(8),
             )
-            stands, created = await self._store(manifest, path)
+            stands, created = await self._store(manifest, path, began + core.upload_wait(meter.size))
             if not created:
                 return stands, False
             with contextlib.suppress(OSError):
@@ -389,8 +395,12 @@ class ArtifactService:
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
-    async def _store(self, manifest: ArtifactManifest, path: Path) -> tuple[ArtifactManifest, bool]:
-        """Store `manifest`'s upload; (the manifest that stands, whether it is this one, new)."""
+    async def _store(
+        self, manifest: ArtifactManifest, path: Path, deadline: float
+    ) -> tuple[ArtifactManifest, bool]:
+        """Store `manifest`'s upload; (the manifest that stands, whether it is this one, new).
+        `RepositoryUnavailable` with ``Retry-After`` when the map has not taken its chunks by
+        `deadline` (`time.monotonic`): nothing is stored."""
         key = core.key_of(manifest)
         # this node's replica: an early answer for a version it does not know yet costs nothing
         # (the compare-and-sets below decide). One it knows (the same bytes: "already there"; other
@@ -406,9 +416,20 @@ class ArtifactService:
         if core.decide(existing, manifest, others) == "same":
             assert existing is not None
             return existing, False
-        await self._ensure_map()
-        started = self.monotonic()
-        await self._put_chunks(manifest, path)
+        try:
+            await self._ensure_map(deadline)
+            started = self.monotonic()
+            await self._put_chunks(manifest, path, deadline)
+        except (MapUnavailable, TimeoutError) as e:
+            # its chunks written so far are garbage the collector removes (no manifest names them)
+            why = str(e) or "a chunk write was still waiting for an answer"
+            raise RepositoryUnavailable(
+                f"the cluster's map did not store the chunks of {manifest.filename} within "
+                f"{core.upload_wait(manifest.size):.0f} s of the upload's start ({why}); nothing was "
+                "stored. A partition may be being taken over (a node was lost): upload it again in a "
+                "few seconds",
+                retry_after=core.UPLOAD_RETRY_AFTER,
+            ) from None
         # from here on the chunks are this upload's alone: a known failure removes them
         try:
             self._in_time(manifest, started)
@@ -461,13 +482,13 @@ class ArtifactService:
                 "as garbage, so it is not stored; try again (or raise repository_orphan_age)"
             )
 
-    async def _put_chunks(self, manifest: ArtifactManifest, path: Path) -> None:
+    async def _put_chunks(self, manifest: ArtifactManifest, path: Path, deadline: float) -> None:
         sem = asyncio.Semaphore(_PARALLEL_CHUNKS)
 
         async def put(i: int, data: bytes) -> None:
             async with sem:
                 key = core.chunk_key(manifest.sha256, i, manifest.upload)
-                await self._retrying(functools.partial(self.maps.map_put, core.MAP_NAME, key, data))
+                await self._retrying(functools.partial(self.maps.map_put, core.MAP_NAME, key, data), deadline)
 
         tasks = []
         with open(path, "rb") as f:
@@ -520,14 +541,21 @@ class ArtifactService:
             "ran; try again"
         )
 
-    async def _retrying(self, op: Callable[[], Awaitable[_T]]) -> _T:
+    async def _retrying(self, op: Callable[[], Awaitable[_T]], deadline: float | None = None) -> _T:
         """`op()` again while the map answers `MapUnavailable`, for up to `map_budget` seconds (a
         map defined a moment ago, a partition being taken over; the map's own deadline is 5 s).
-        Safe: chunk writes put the same bytes under the same content-addressed key."""
-        deadline = time.monotonic() + self.map_budget
+        Safe: chunk writes put the same bytes under the same content-addressed key. With
+        `deadline` (`time.monotonic`, an upload's): until then, and an `op` still running then is
+        given up (TimeoutError): the client waits for the answer no longer."""
+        bounded = deadline is not None
+        if deadline is None:
+            deadline = time.monotonic() + self.map_budget
         pause = 0.2
         while True:
             try:
+                if bounded:
+                    async with asyncio.timeout_at(_loop_time_at(deadline)):
+                        return await op()
                 return await op()
             except MapUnavailable as e:
                 if time.monotonic() + pause >= deadline:
@@ -536,11 +564,12 @@ class ArtifactService:
                 await asyncio.sleep(pause)
                 pause = min(2.0, pause * 2)
 
-    async def _ensure_map(self) -> None:
+    async def _ensure_map(self, deadline: float | None = None) -> None:
         if self._map_ready:
             return
         if self.partition_table is not None:  # let the cluster's first takeover finish first
-            deadline = time.monotonic() + self.map_budget
+            if deadline is None:
+                deadline = time.monotonic() + self.map_budget
             while not core.maps_serving(self.partition_table()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         try:
