@@ -58,6 +58,21 @@ async def test_status_table_and_json(served: Any) -> None:
     assert json.loads(r.output)["artifacts"][0]["artifact"] == A
 
 
+async def test_status_without_autoscaled_slices_names_the_rule_table() -> None:
+    # the caption's "[slices.NAME.scaling]" was read as rich markup and dropped: "no slice has a  rule"
+    n = ControllerNode({})
+    await n.controller.start()
+    srv = ManagementServer(n, host="127.0.0.1", port=0)
+    await srv.start()
+    try:
+        r = await cli(srv, "controller", "status")
+    finally:
+        await srv.stop()
+        await n.controller.stop()
+    assert r.exit_code == 0, r.output
+    assert "no slice has a [slices.NAME.scaling] rule" in r.output, r.output
+
+
 async def test_config_show_and_set(served: Any, tmp_path: Path) -> None:
     n, srv = served
     r = await cli(srv, "controller", "config")

@@ -135,7 +135,7 @@ def render_status(doc: dict[str, Any]) -> None:
             Text(f"#{last['seq']} {last['kind']}: {last['reason']}") if last else "-",
         )  # fmt: skip
     if not doc.get("artifacts"):
-        table.caption = "no slice has a [slices.NAME.scaling] rule"
+        table.caption = Text("no slice has a [slices.NAME.scaling] rule")  # not markup
     con.print(table)
     avoided = doc.get("avoided") or []
     con.print(f"Avoided nodes (no new instances): {', '.join(avoided) if avoided else 'none'}")
