@@ -1107,6 +1107,43 @@ async def test_malformed_basic_credentials_are_a_401(tmp_path: Path) -> None:
                 await n.stop()
 
 
+async def test_a_connect_on_the_command_line_wins_over_aether_repository(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # found walking docs/cli.md on a local cluster with AETHER_REPOSITORY exported (as for
+    # `aether cluster start`): `aether --connect H:P artifact deploy W` copied W into that
+    # directory ("Deployed ... to DIR"), where the cluster never saw it, and `artifact list`
+    # listed the directory
+    from click.testing import CliRunner
+
+    from aether.cli.main import main
+
+    w = _hello(tmp_path / "w")
+    env_dir = tmp_path / "env-repository"
+    env = {"AETHER_REPOSITORY": str(env_dir), "COLUMNS": "200"}
+    connect = f"127.0.0.1:{cluster.nodes[0].management.port}"
+
+    def aether(*args: str) -> Any:
+        return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+    r = await asyncio.to_thread(aether, "--connect", connect, "artifact", "deploy", str(w))
+    assert r.exit_code == 0 and "Stored org.example:hello:0.1.0" in r.stdout, r.output
+    assert not list(env_dir.rglob("*.whl"))
+    assert [m["version"] for m in await cluster.manifests(0)] == ["0.1.0"]
+    r = await asyncio.to_thread(aether, "--connect", connect, "artifact", "list")
+    assert r.exit_code == 0 and "org.example:hello" in r.stdout, r.output
+    # without --connect the variable still names the directory, and the CLI says so
+    r = await asyncio.to_thread(aether, "artifact", "deploy", str(w))
+    assert r.exit_code == 0 and f"to {env_dir}" in r.stdout, r.output
+    note = f"note: working on the directory {env_dir} (AETHER_REPOSITORY), not on a node"
+    assert note in r.stderr, r.stderr
+    # and --repository given with the command is a directory, --connect or not
+    r = await asyncio.to_thread(
+        aether, "--connect", connect, "artifact", "list", "--repository", str(env_dir)
+    )
+    assert r.exit_code == 0 and "note:" not in r.stderr and "org.example:hello" in r.stdout, r.output
+
+
 def test_cli_without_a_node_or_directory_falls_back_to_the_home_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,9 +7,10 @@ Two modes (docs/repository.md):
   takes over a second), listings from the cluster's manifests;
 - **directory**, with `--repository DIR` before or after the subcommand (`aether artifact
   --repository DIR deploy W` == `aether artifact deploy --repository DIR W`; after wins) or env
-  `AETHER_REPOSITORY`: works on that directory directly, no node needed (preparing a machine's
-  bootstrap directory before its nodes start; `--coords` only here). With neither, and no node
-  answering at the default address, the directory `~/.aether/repository` is used, with a note.
+  `AETHER_REPOSITORY` (unless `--connect` is given on the command line; with a note): works on
+  that directory directly, no node needed (preparing a machine's bootstrap directory before its
+  nodes start; `--coords` only here). With neither, and no node answering at the default address,
+  the directory `~/.aether/repository` is used, with a note.
 Same conventions as the other commands (`aether.cli.common`): exit 0 ok, 1 the operation failed,
 2 bad usage; errors in red on stderr with a hint; `--json` (on the command or the global
 `aether --json`) for scripts.
@@ -59,12 +60,26 @@ def _cluster(ctx: click.Context, repository: str | None) -> Any:
     """The management client to use, or None for directory mode (see the module docstring)."""
     from click.core import ParameterSource
 
-    if repository or ctx.meta.get("aether.artifact.repository"):
+    if repository:
         return None
     root = ctx.find_root()
     settings = root.obj
+    group_dir = ctx.meta.get("aether.artifact.repository")
     if settings is None or not hasattr(settings, "connect"):
         return None  # the group used on its own (tests): directory mode
+    if group_dir:
+        # AETHER_REPOSITORY (a local cluster's, say) does not win over a --connect typed with the
+        # command: `aether --connect H:P artifact deploy W` copied W into that directory, where
+        # the cluster never saw it
+        from_env = ctx.meta.get("aether.artifact.repository_from_env", False)
+        if not (from_env and root.get_parameter_source("connect") == ParameterSource.COMMANDLINE):
+            if from_env:
+                click.echo(
+                    f"note: working on the directory {group_dir} (AETHER_REPOSITORY), not on a node; "
+                    "pass --connect HOST:PORT for a cluster's repository",
+                    err=True,
+                )
+            return None
     from aether.cli.common import make_client
 
     client = make_client(settings)
@@ -128,7 +143,12 @@ def artifact(ctx: click.Context, repository: str | None) -> None:
 
     Layout: {group as path}/{artifact}/{version}/{wheel}; library wheels in _libs/.
     """
+    from click.core import ParameterSource
+
     ctx.meta["aether.artifact.repository"] = repository
+    ctx.meta["aether.artifact.repository_from_env"] = (
+        ctx.get_parameter_source("repository") == ParameterSource.ENVIRONMENT
+    )
 
 
 @artifact.command("deploy")
