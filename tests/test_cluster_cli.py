@@ -114,6 +114,9 @@ def test_start_status_stop_and_start_again(cluster_dir: Path, env: dict[str, str
         code, rows = status_rows(env, cluster_dir)
         assert code == 1
         assert not any(row["up"] for row in rows)
+        r = aether_cli("cluster", "status", "--dir", str(cluster_dir), env=env)
+        assert r.returncode == 1 and "0/3 nodes up" in r.stdout, r.stdout
+        assert f"start the cluster with `aether cluster start --dir {cluster_dir}`" in r.stderr, r.stderr
 
 
 def test_status_after_kill_9_of_one_node(cluster_dir: Path, env: dict[str, str]) -> None:

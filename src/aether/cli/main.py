@@ -1070,6 +1070,17 @@ def cluster_status(settings: Settings, directory: str, as_json: bool) -> None:
     else:
         _print_cluster(obs, directory)
     if not lc.cluster_quorum(obs):
+        # what to do next, on stderr (the JSON on stdout stays a document)
+        down = [o.node.id for o in obs if not o.up]
+        start = f"`aether cluster start{_dir_arg(directory)}`"
+        if len(down) == len(obs):
+            click.echo(f"No node of {directory} answers: start the cluster with {start}.", err=True)
+        elif down:
+            click.echo(
+                f"No quorum: {', '.join(down)} down; {start} starts the missing nodes "
+                f"(their logs: {Path(directory) / 'node-K.log'}).",
+                err=True,
+            )
         raise click.exceptions.Exit(EXIT_FAILED)
 
 
