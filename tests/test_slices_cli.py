@@ -55,6 +55,22 @@ def test_deploy_list_versions(tmp_path: Path) -> None:
     assert json.loads(r.output) == ["0.1.0", "0.2.0"]
 
 
+def test_the_list_is_not_cut_when_piped(tmp_path: Path) -> None:
+    # `aether artifact list` printed through a console of its own: cut to the terminal's (or
+    # COLUMNS') width with "…" when piped, unlike every other table (docs/cli.md, *No truncation
+    # when piped*)
+    repo = str(tmp_path / "repo")
+    w = build_slice_wheel(
+        tmp_path / "a", "org.example:echo:0.1.0", SRC, "Echo", {"org.example:hello": "^0.1.0"}
+    )
+    assert run("--repository", repo, "deploy", str(w)).exit_code == 0
+    r = run("--repository", repo, "list", env={"COLUMNS": "40"})
+    assert r.exit_code == 0, r.output
+    assert "org.example:echo" in r.output and w.name in r.output, r.output
+    assert "org.example:hello ^0.1.0" in r.output, r.output
+    assert "…" not in r.output, r.output
+
+
 def test_repository_from_env_and_coords(tmp_path: Path) -> None:
     env = {"AETHER_REPOSITORY": str(tmp_path / "envrepo")}
     w = build_slice_wheel(tmp_path, "org.example:echo:0.1.0", SRC, "Echo")

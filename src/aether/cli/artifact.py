@@ -387,9 +387,10 @@ def list_artifacts(ctx: click.Context, libs: bool, repository: str | None, as_js
         click.echo(f"No artifacts in {repo.root}.")
         click.echo("Deploy one with `aether artifact deploy WHEEL`.")
         return
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
+    from aether.cli.render import console
 
     table = Table(title=f"Artifacts in {escape(str(repo.root))}", title_justify="left")
     table.add_column("Artifact")
@@ -400,7 +401,7 @@ def list_artifacts(ctx: click.Context, libs: bool, repository: str | None, as_js
         calls = ", ".join(f"{k} {v}" for k, v in r["dependencies"].items())
         wheel_cell = escape(r["wheel"]) if r["error"] is None else f"[red]{escape(r['error'])}[/red]"
         table.add_row(escape(r["name"]), escape(r["version"]), wheel_cell, escape(calls))
-    Console(highlight=False, soft_wrap=False).print(table)
+    console().print(table)  # full width when piped, no emoji codes in G:A:V
 
 
 @artifact.command("versions")
@@ -507,9 +508,10 @@ def _list_cluster(ctx: click.Context, client: Any, libs: bool, as_json: bool) ->
         )
         click.echo("Upload one with `aether artifact deploy WHEEL`.")
         return
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
+    from aether.cli.render import console
 
     title = "Library wheels" if libs else "Artifacts"
     table = Table(
@@ -535,7 +537,7 @@ def _list_cluster(ctx: click.Context, client: Any, libs: bool, as_json: bool) ->
         if not libs:
             cells.append(escape(", ".join(f"{k} {v}" for k, v in r["dependencies"].items())))
         table.add_row(*cells)
-    Console(highlight=False, soft_wrap=False).print(table)
+    console().print(table)  # full width when piped, no emoji codes in G:A:V
 
 
 @artifact.command("delete")

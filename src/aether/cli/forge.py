@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +200,10 @@ def scenario(
 
 
 def _print_reports(reports: list[Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from aether.cli.render import console
 
     table = Table(title="Forge scenarios", show_lines=False)
     for col in ("scenario", "criterion", "expected", "observed", "result"):
@@ -210,10 +211,10 @@ def _print_reports(reports: list[Any]) -> None:
     for r in reports:
         for i, c in enumerate(r.criteria):
             table.add_row(
-                r.scenario if i == 0 else "", c.name, c.expected, c.observed,
+                Text(r.scenario if i == 0 else ""), Text(c.name), Text(c.expected), Text(c.observed),
                 "[green]pass[/green]" if c.passed else "[red]FAIL[/red]",
             )
-    Console(file=sys.stdout).print(table)
+    console().print(table)  # full width when piped; criteria text as written (no markup, no emoji)
     for r in reports:
         if not r.passed and r.failures:
             click.echo(f"Failed requests during {r.scenario} (examples):")
