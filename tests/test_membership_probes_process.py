@@ -61,6 +61,11 @@ def test_readyz_of_a_joining_and_of_a_removed_node_says_so(tmp_path: Path) -> No
         assert [(m["id"], m["state"]) for m in st["nodes"]] == [
             ("node-1", "unknown"), ("node-2", "unknown"), ("node-3", "unknown")
         ], st["nodes"]
+        r = _cli(c, 3, "--json", "nodes")
+        assert r.returncode == 0, r.stderr
+        assert [(m["id"], m["state"]) for m in json.loads(r.stdout)] == [
+            ("node-1", "unknown"), ("node-2", "unknown"), ("node-3", "unknown")
+        ], r.stdout
         r = _cli(c, 3, "status")
         assert r.returncode == 0, r.stderr
         text = " ".join(r.stdout.split())  # rich wraps the long line

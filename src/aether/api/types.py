@@ -66,7 +66,7 @@ class NodeEntry(msgspec.Struct, frozen=True):
 
     id: str
     address: Annotated[str, msgspec.Meta(description="cluster HOST:PORT")]
-    state: Literal["up", "down"]
+    state: Literal["up", "down", "unknown"]  # unknown: as a joining node sees the members
     leader: bool
     management: Annotated[
         str | None, msgspec.Meta(description="its management API, [https://]HOST:PORT, as it published it")
