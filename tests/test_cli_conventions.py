@@ -237,6 +237,18 @@ def test_every_float_option_refuses_inf_and_nan() -> None:
                 opt.type.convert(text, opt, None)
 
 
+def test_no_help_describes_a_range_with_none_and_wait_timeouts_are_above_zero() -> None:
+    # `aether deploy --help` said "--wait-timeout FLOAT RANGE [default: 120.0; x<=None]", and a
+    # negative or zero --wait-timeout was taken
+    for path, cmd in commands():
+        if cmd.params and not isinstance(cmd, click.Group):
+            r = invoke(*path.split(), "--help")
+            assert "None]" not in r.output and "x<=None" not in r.output, (path, r.output)
+    for path in ("deploy a:b:1", "scale a:b 2", "blueprint apply x.toml", "update a:b --to 1"):
+        r = invoke(*path.split(), "--wait", "--wait-timeout", "0")
+        assert r.exit_code == 2 and "is not in the range x>0" in r.output, (path, r.output)
+
+
 def test_update_with_interval_inf_is_a_usage_error_not_a_rollout_with_the_default() -> None:
     """`aether update G:A --to V --interval inf` sent {"interval": null} (msgspec's JSON for inf):
     the rollout ran with the blueprint's interval, silently. Now a usage error (exit 2) before any

@@ -68,6 +68,12 @@ class FiniteFloatRange(click.FloatRange):
             self.fail(f"{value!r} is not a finite number (inf and nan are not accepted)", param, ctx)
         return super().convert(rv, param, ctx)
 
+    def _describe_range(self) -> str:
+        # without bounds click's help said "x<=None"
+        if self.min is None and self.max is None:
+            return "finite"
+        return super()._describe_range()
+
 
 def fail(message: str, code: int = EXIT_FAILED, *, hint: str | None = None) -> NoReturn:
     """Print `error: message` in red (and a hint) to stderr and exit with `code`."""

@@ -113,7 +113,7 @@ def blueprint() -> None:
 @click.option(
     "--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure or timeout)."
 )
-@click.option("--wait-timeout", type=FiniteFloatRange(), default=120.0, show_default=True,
+@click.option("--wait-timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds to wait.")
 @json_option
 @click.pass_obj
@@ -345,7 +345,7 @@ def blueprint_delete(settings: Settings, blueprint_id: str) -> None:
 @click.argument("artifact", metavar="G:A:V")
 @click.option("-n", "--instances", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE.")
-@click.option("--wait-timeout", type=FiniteFloatRange(), default=120.0, show_default=True)
+@click.option("--wait-timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True)
 @json_option
 @click.pass_obj
 def deploy(
@@ -388,7 +388,7 @@ def deploy(
 @click.option("--auto", is_flag=True,
               help="Autoscaled slices: clear the operator's bounds and pin (back to the blueprint's bounds).")
 @click.option("--wait", is_flag=True, help="Wait until every instance is ACTIVE (exit 1 on failure).")
-@click.option("--wait-timeout", type=FiniteFloatRange(), default=120.0, show_default=True,
+@click.option("--wait-timeout", type=FiniteFloatRange(min=0, min_open=True), default=120.0, show_default=True,
               help="Seconds to wait.")
 @json_option
 @click.pass_obj

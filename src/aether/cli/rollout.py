@@ -120,7 +120,7 @@ def _name(artifact: str) -> str:
 @click.option("--max-p99-ratio", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Gate: p99 of the new version / p99 of the old (canary steps).")
 @click.option("--wait", is_flag=True, help="Follow the rollout until it ends (exit 1 unless it succeeded).")
-@click.option("--wait-timeout", type=FiniteFloatRange(), default=600.0, show_default=True,
+@click.option("--wait-timeout", type=FiniteFloatRange(min=0, min_open=True), default=600.0, show_default=True,
               help="Seconds to wait.")
 @json_option
 @click.pass_obj
