@@ -1382,6 +1382,15 @@ async def test_the_chunk_map_is_defined_after_the_first_takeover(tmp_path: Path)
     owners = [[0]] * 4
     assert not core.maps_serving(PartitionTable(1, 4, ["a"], owners, [0, 1, 1, 1]))
     assert core.maps_serving(PartitionTable(2, 4, ["a"], owners, [1, 2, 1, 2]))
+    # an upload's wait is bounded (`core.upload_wait`): past it the map is still not defined
+    # during the takeover, the upload answers 503 to be tried again
+    import time
+
+    from aether.core.maps import MapUnavailable
+
+    with pytest.raises(MapUnavailable, match="first takeover"):
+        await service._ensure_map(time.monotonic() + 0.2)
+    assert defined == []
     task = asyncio.ensure_future(service._ensure_map())
     await asyncio.sleep(0.3)
     assert defined == [] and not task.done()

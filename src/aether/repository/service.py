@@ -565,13 +565,18 @@ class ArtifactService:
                 pause = min(2.0, pause * 2)
 
     async def _ensure_map(self, deadline: float | None = None) -> None:
+        """Define the chunk map once the cluster's first partition takeover is over (defining it
+        during the takeover was seen to stall it); after `map_budget` seconds it is defined
+        anyway, but by an upload's `deadline` (`time.monotonic`) MapUnavailable: the upload
+        answers 503, to be tried again."""
         if self._map_ready:
             return
         if self.partition_table is not None:  # let the cluster's first takeover finish first
-            if deadline is None:
-                deadline = time.monotonic() + self.map_budget
-            while not core.maps_serving(self.partition_table()) and time.monotonic() < deadline:
+            until = time.monotonic() + self.map_budget if deadline is None else deadline
+            while not core.maps_serving(self.partition_table()) and time.monotonic() < until:
                 await asyncio.sleep(0.05)
+            if deadline is not None and not core.maps_serving(self.partition_table()):
+                raise MapUnavailable("the cluster's first takeover of its map partitions is still running")
         try:
             await self.maps.define(core.MAP_NAME, core.map_spec(self.members))
         except MapDefinitionConflict:
