@@ -134,7 +134,7 @@ class Net:
             elif isinstance(a, Activate):
                 ok = self.table is not None and self.table.version == a.version
                 if ok:
-                    self.set_table(activate(self.table, a.partitions))
+                    self.set_table(activate(self.table, a.partitions, a.forced))
                 self.run(node, self.cores[node].activated(a.version, a.partitions, ok, self.now))
             elif isinstance(a, StorageHealth):
                 if a.reason is None:
@@ -284,11 +284,14 @@ def test_a_primary_whose_replicas_refuse_never_answers_failed_and_the_caller_get
     assert net.results[2] == (b"v", True)
 
 
-def test_a_duplicated_request_runs_once() -> None:
+@pytest.mark.parametrize("checks", [False, True])
+def test_a_duplicated_request_runs_once(checks: bool) -> None:
     """The same request delivered twice (a retry that crossed the first attempt) runs once: a
     copy arriving while the first waits joins it, and a copy arriving after it was answered gets
     the same answer. A compare-and-set cannot fail for one copy and then apply for the other
-    after the key changed."""
+    after the key changed. `checks`: the caller's node checks answers itself, so one that writes
+    nothing is answered at once, before any read check; that answer was not kept, and a late copy
+    ran again and applied the compare-and-set (map simulation, profile partitions, seed 40)."""
     net = Net()
     key = "k"
     prim = net.primary_of(key)
@@ -303,7 +306,7 @@ def test_a_duplicated_request_runs_once() -> None:
         return False
 
     net.drop = watch
-    req = MapRequest(777, OP_CAS, "m", key, b"b", None, 0)  # "set b if absent": fails while k holds a
+    req = MapRequest(777, OP_CAS, "m", key, b"b", None, 0, checks=checks)  # "b if absent": fails while k is a
 
     def deliver() -> None:
         net.run(prim, net.cores[prim].receive(client, req, net.now, int(net.now * 1000)))
@@ -2885,18 +2888,11 @@ def test_a_node_that_keeps_going_down_is_planned_out_later_each_time(
     assert planned_out_after() < 1.0
 
 
-def test_writes_acknowledged_on_the_minority_side_of_a_split_come_back_after_a_forced_takeover(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """Five nodes split two | three. The primary of a partition and its second owner are on the
-    minority side and acknowledge a write (`W = 2`) before they notice the cut; the majority side
-    takes the partition over without them after `force_after` (docs/maps.md, Limits: forced
-    takeovers). Once the split heals, their copies count for nothing (they hold the configuration
-    the forced takeover replaced), and the write was dropped with them: lost for good. Their
-    copies held a configuration and were not distrusted since, so the takeover that plans them
-    back in merges their newer records: the write is back (a key the new primary wrote meanwhile
-    keeps its newer value)."""
-    net = Net(5, spec=MapSpec(replicas=3, write_quorum=2))
+def _split_forced(net: Net, caplog: pytest.LogCaptureFixture) -> tuple[str, str, str, set[str], list[str]]:
+    """Five nodes split two | three: the primary of a partition and its second owner are on the
+    minority side and acknowledge a write of `key` (``new``) before they notice the cut; the
+    majority takes the partition over without them after `force_after` and writes `other`
+    (``newest``). Returns (partition's primary before, key, other, minority, majority)."""
     leader = net.ids[0]
     p = next(p for p in range(P) if leader not in owners_for(net.table, p, 3)[:2])
     x, y, z = owners_for(net.table, p, 3)
@@ -2931,18 +2927,119 @@ def test_writes_acknowledged_on_the_minority_side_of_a_split_come_back_after_a_f
     net.settle()
     assert net.results[4] == (b"old", True)  # (the forced takeover's stale read: documented)
     assert net.results[5] == (None, True)
-    net.drop = lambda src, dst, msg: False
+    return x, key, other, minority, majority
+
+
+def _heal(net: Net, minority: set[str], majority: list[str]) -> None:
     for m in minority:
         net.run(m, net.cores[m].set_quorum(True, net.now, int(net.now * 1000)))
         for o in majority:
             net.run(o, net.cores[o].peer_up(m, net.now))
             net.run(m, net.cores[m].peer_up(o, net.now))
         net.catch_up(m)
+
+
+def _read_everywhere(net: Net, key: str, base: int) -> list[Any]:
+    for n, node in enumerate(net.ids):
+        net.submit(node, base + n, OP_GET, key)
+    net.settle()
+    return [net.results.get(base + n) for n in range(len(net.ids))]
+
+
+def test_writes_acknowledged_on_the_minority_side_of_a_split_come_back_after_a_forced_takeover(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The primary of a partition and its second owner, on the minority side of a split,
+    acknowledge a write before they notice the cut (`_split_forced`); the majority side takes the
+    partition over without them after `force_after` (docs/maps.md, Limits: forced takeovers).
+    Once the split healed their copies counted for nothing (they hold the configuration the forced
+    takeover replaced), and the write was dropped with them: lost for good. Their copies held a
+    configuration and were not distrusted since, so the takeover that plans them back in merges
+    their newer records: the write is back (a key the majority wrote meanwhile keeps its newer
+    value)."""
+    net = Net(5, spec=MapSpec(replicas=3, write_quorum=2))
+    _x, key, other, minority, majority = _split_forced(net, caplog)
+    net.drop = lambda src, dst, msg: False
+    _heal(net, minority, majority)
     net.settle(3.0)
     assert minority <= set(net.table.members)
-    for n, node in enumerate(net.ids):
-        net.submit(node, 10 + n, OP_GET, key)
-        net.submit(node, 20 + n, OP_GET, other)
+    assert _read_everywhere(net, key, 10) == [(b"new", True)] * 5
+    assert _read_everywhere(net, other, 20) == [(b"newest", True)] * 5
+
+
+def test_a_returning_primary_stopped_during_its_takeover_keeps_its_copy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As above, but only the minority's primary comes back (the other minority node stays cut
+    off), is primary of the partition again, and stops (its process restarts) while its takeover
+    still waits for the copies that count. It deleted its own copy at the start of the takeover
+    and kept it in memory until the takeover decided: the write only it (and the node still cut
+    off) had was gone from its disk, and the takeover after the restart read the older value. A
+    copy that held a configuration now stays on disk, and the copies that count are merged into
+    it."""
+    net = Net(5, spec=MapSpec(replicas=3, write_quorum=2))
+    x, key, _other, minority, majority = _split_forced(net, caplog)
+    y = next(m for m in minority if m != x)
+    net.drop = lambda src, dst, msg: y in (src, dst) or (isinstance(msg, SyncChunk) and dst == x)
+    _heal(net, {x}, majority)
+    net.settle(1.0)
+    p = partition_of(key, P)
+    assert net.table.primary(p) == x and not net.cores[x].prims[p].ready  # its takeover waits
+    holders = [i for i in net.ids if (r := dict(net.engines[i].scan(p)).get(key)) and r.value == b"new"]
+    assert set(holders) <= {x, y}, "only x (and y, cut off) has the write"
+    net.drop = lambda src, dst, msg: y in (src, dst)
+    _start_again(net, x, net.engines[x], 91, seen_down=True)
+    net.settle(3.0)
+    assert net.cores[x].prims[p].ready
+    assert _read_everywhere(net, key, 10)[0] == (b"new", True)
+
+
+def test_a_map_whose_storage_works_again_while_another_still_fails_forgets_its_undone_turn() -> None:
+    """A full disk: the commit of the turn that applied a caller's put fails and undoes it in the
+    engine (records and operation ids alike), the caller is refused (the service's
+    `_unacknowledged`) and tries again, and the map stops serving here; another map's storage
+    still fails when this one's probe finds room again. The map served again at once from what the
+    process kept in memory: the undone put's operation id, so the caller's retry was answered as
+    done, and the key read nothing after an acknowledged put (map simulation, profile disks, seed
+    20). It now takes its held configurations and operation ids from its engine again."""
+    import errno
+
+    from aether.maps.logstorage import LogStorage
+    from aether.maps.service import _unacknowledged
+    from aether.testing.simfs import SimFileSystem
+
+    fs = SimFileSystem()
+    spec = MapSpec(replicas=1, write_quorum=1)
+    engine = LogStorage(Path("/sim/n2/m.log"), files=fs, background=False)
+    net = Net(2, engines={"n1": Full(), "n2": engine}, spec=spec, probe_after=1.0, probe_room=0)
+    primary = net.cores["n2"]
+    for node in net.ids:  # map m2's storage fails on both nodes (the table keeps n2, the last one)
+        full = Full()
+        full.full = True
+        net.run(node, net.cores[node].define("m2", spec, full, net.now, new=True))
+        j = next(k for k in (f"j{i}" for i in range(1000)) if net.primary_of(k) == node)
+        net.submit(node, 100 + len(node), OP_PUT, j, b"x", name="m2")
+        net.settle()
+        assert "m2" in net.cores[node].broken
+    key = "k1"
+    assert net.primary_of(key) == "n2"
+    fs.fail_writes = errno.ENOSPC
+    net.submit("n1", 2, OP_PUT, key, b"v")
+    src, dst, msg = net.queue.pop(0)
+    assert (src, dst, type(msg)) == ("n1", "n2", MapRequest)
+    actions = primary.receive(src, msg, net.now, int(net.now * 1000))
+    assert engine.pending
+    with pytest.raises(OSError):
+        engine.commit()  # (as the service: the turn's writes are undone, its answers unsent)
+    why = "n2: committing map writes failed"
+    actions = [_unacknowledged(a, why) for a in actions]
+    actions += primary.storage_failed("m", OSError(errno.ENOSPC, "No space left on device"), net.now)
+    net.run("n2", actions)
+    assert "m" in primary.broken and 2 not in net.results
+    fs.fail_writes = None
+    net.settle(1.5)  # m's probe finds room, m2's still fails; the caller tries again meanwhile
+    assert "m" not in primary.broken and "m2" in primary.broken
+    assert net.results[2] == (None, True)
+    net.submit("n1", 3, OP_GET, key)
     net.settle()
-    assert [net.results[10 + n] for n in range(5)] == [(b"new", True)] * 5
-    assert [net.results[20 + n] for n in range(5)] == [(b"newest", True)] * 5
+    assert net.results[3] == (b"v", True)

@@ -165,6 +165,13 @@ class PartitionTable(msgspec.Struct, frozen=True):
     configs: dict[int, list[str]] = {}
     activations: int = 0
     """How many takeovers were recorded in the table so far (each is one write of it)."""
+    forced: list[int] = []
+    """`forced[p]`: the version of the last takeover of `p` that went on without owners of the
+    configuration before it (they left `force_after` ago: a split's minority side, a node down
+    for longer; or none had a copy that counts), 0: none. Their copies, holding only
+    configurations older than it and not distrusted since, may hold writes it went on without: a
+    later takeover merges their newer records (`aether.maps.core`). Empty: none, or a table an
+    earlier version wrote. The leader carries it over to each new table."""
 
     def ranking(self, partition: int) -> list[str]:
         return [self.members[i] for i in self.owners[partition]]

@@ -157,6 +157,8 @@ class Activate(NamedTuple):
 
     version: int
     partitions: list[int]
+    forced: tuple[int, ...] = ()
+    """Of `partitions`, those taken over without owners that left (`PartitionTable.forced`)."""
 
 
 class Answered(NamedTuple):
@@ -378,6 +380,7 @@ class _Promotion:
     activating: set[int] = field(default_factory=set)  # partitions whose activation is being recorded
     pushed: dict[str, set[tuple[str, int]]] = field(default_factory=dict)  # map -> {(peer, partition)} acked
     forced: bool = False
+    forced_parts: set[int] = field(default_factory=set)  # gone on without owners (`Activate.forced`)
     # When no owner of a partition has a copy that counts (a power cut of the whole cluster, or the
     # whole cluster away past the tombstone horizon: every copy distrusted), the takeover takes the
     # union of the copies that do not count instead of starting empty. Until it knows, it keeps
@@ -390,12 +393,16 @@ class _Promotion:
     spare: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
     spare_ops: dict[tuple[str, int], dict[OpId, int]] = field(default_factory=dict)  # -> applied at (wall ms)
     union: set[tuple[str, int]] = field(default_factory=set)  # (map, partition) taken from `spare`
-    # Copies that do not count but held a configuration (not distrusted after a power cut or an
-    # absence past the tombstone horizon: `SyncChunk.kept`), this node's own among them: an owner
-    # that a forced takeover went on without (a split, a lagging node, a lone replica down longer
-    # than `force_after`) comes back with the writes it acknowledged meanwhile. Their newer records
-    # are merged even when copies that count decide (`fresh`: taken from `late` alone, not from
-    # the distrusted copies of `spare`, which may hold keys removed since, tombstones purged).
+    # Copies that do not count, of owners a forced takeover went on without (`PartitionTable.forced`:
+    # a split's minority side, a one-replica map's node down longer than `force_after`), that held
+    # only configurations older than it and were not distrusted since (a power cut, an absence
+    # past the tombstone horizon): `SyncChunk.kept`, this node's own among them. Those owners come
+    # back with the writes they acknowledged meanwhile: their newer records and operation ids are
+    # merged even when copies that count decide (`fresh`: taken from `late` alone, not from the
+    # distrusted copies of `spare`, which may hold keys removed since, tombstones purged). (Not
+    # those of any copy that does not count: a deposed primary's unacknowledged compare-and-set
+    # merged so, its operation id with it, was reported done to its retry although a newer
+    # compare-and-set, made without seeing it, had won: map simulation, profile pieces, seed 28.)
     late: dict[tuple[str, int], dict[str, Record]] = field(default_factory=dict)
     late_ops: dict[tuple[str, int], dict[OpId, int]] = field(default_factory=dict)
     fresh: set[tuple[str, int]] = field(default_factory=set)  # of `union`: from `late` alone
@@ -548,7 +555,8 @@ class MapCore:
         # read check) collects the retries of its caller, and an answered one that wrote nothing
         # answers them the same way (writes are found in `ops`).
         self._inprogress: dict[OpId, _Op] = {}
-        self._outcomes: OrderedDict[OpId, tuple[bytes | None, bool]] = OrderedDict()
+        # op id -> (value, ok, the epoch of an answer given before its read check, else 0)
+        self._outcomes: OrderedDict[OpId, tuple[bytes | None, bool, int]] = OrderedDict()
         self._pushes: dict[int, _PushState] = {}  # the id of the piece in flight -> its push
         self._incoming: dict[tuple[str, int], _Incoming] = {}  # (sender, stream) -> pieces kept so far
         self._received: OrderedDict[tuple[str, int], str] = OrderedDict()  # pushes in pieces applied -> map
@@ -649,11 +657,14 @@ class MapCore:
         """Answer every caller of `op` and remember the outcome (a late duplicate gets the same)."""
         if self._inprogress.get(op.oid) is op:
             del self._inprogress[op.oid]
-        self._outcomes[op.oid] = (value, ok)
-        while len(self._outcomes) > _MAX_OUTCOMES:
-            self._outcomes.popitem(last=False)
+        self._keep_outcome(op.oid, value, ok, 0)
         for t in (op.target, *op.extra):
             self._answer(t, value, ok)
+
+    def _keep_outcome(self, oid: OpId, value: bytes | None, ok: bool, check: int) -> None:
+        self._outcomes[oid] = (value, ok, check)
+        while len(self._outcomes) > _MAX_OUTCOMES:
+            self._outcomes.popitem(last=False)
 
     def _refuse_op(self, op: _Op, kind: str, error: str) -> None:
         if self._inprogress.get(op.oid) is op:
@@ -941,8 +952,9 @@ class MapCore:
             self.prims[p] = _Primary(epoch=version)
             self.fence[p] = max(self.fence[p], version)
         # The partition's data is what the owners of its active configuration hold. A copy this
-        # node did not hold as one of them (or held before it restarted) may contain writes that
-        # never became part of it (a deposed primary's unacknowledged ones): drop it first.
+        # node did not hold as one of them, and that was distrusted since (a power cut, an absence
+        # past the tombstone horizon: it holds no configuration), may hold keys removed since whose
+        # tombstones were purged: drop it first.
         # When no owner has a copy that counts, though, the copies that do not are all there is
         # (`_Promotion.spare`): this node's own ones are read as they are deleted, unless they were
         # being deleted already (the node forgot its data: out of date or damaged).
@@ -955,7 +967,15 @@ class MapCore:
             for p in parts:
                 if not self._trusted(p, spec, name):
                     back = self._take_back(name, p)  # (set back by the takeover this one replaces)
-                    kept = bool(self.held.get((name, p)))  # (it held a configuration: not distrusted)
+                    versions = self.held.get((name, p))  # (none: distrusted, or never held)
+                    kept = bool(versions) and self._forced_over(p, max(versions or (0,)))
+                    if kept and back is None and p not in dropping:
+                        # It stays as it is: the copies that count are merged into it and its
+                        # newer records win, as those of the others' copies that held one do
+                        # (`_Promotion.late`: an owner a forced takeover went on without). Deleted
+                        # first and kept in memory until the takeover decided, it was lost when the
+                        # process stopped meanwhile.
+                        continue
                     if p not in dropping and (kept or self._active_owner(self.node_id, name, p)):
                         prom.untrusted.add((name, p))
                         records, ops = back or ({}, {})
@@ -1315,6 +1335,7 @@ class MapCore:
         which writes may be lost)."""
         table = self.table
         assert table is not None
+        prom.forced_parts.discard(p)
         for name, spec in self.specs.items():
             if name in self.broken:
                 return False  # it cannot hold this map's copy: it waits to leave the table
@@ -1362,6 +1383,8 @@ class MapCore:
             all_answered = all(o in answered for o in others)
             waited = self._now - prom.started >= self.t.force_after
             if all_answered or (waited and all(o in answered or o in left for o in others)):
+                if left:  # (recorded in the table: their copies are merged when they come back)
+                    prom.forced_parts.add(p)
                 if have == 0 and (late or prom.spare.get((name, p)) or prom.spare_ops.get((name, p))):
                     # No copy that counts anywhere (every owner's machine restarted, or the whole
                     # cluster was away past the tombstone horizon): the copies that do not are all
@@ -1390,6 +1413,12 @@ class MapCore:
                 continue
             return False
         return True
+
+    def _forced_over(self, p: int, newest: int) -> bool:
+        """Whether a copy of `p` that held configurations up to `newest` (and was not distrusted
+        since) is one a forced takeover of `p` went on without (`PartitionTable.forced`)."""
+        table = self.table
+        return table is not None and len(table.forced) == table.partitions and newest < table.forced[p]
 
     def _newcomers(self, p: int) -> set[str]:
         """The owners of `p` in the table that are not owners of its active configuration (of any
@@ -1478,7 +1507,9 @@ class MapCore:
             for p in done:
                 for name in ["", *(n for n in self.specs if n not in self.broken)]:
                     self._hold(name, p, prom.version)
-            self._out.append(Activate(prom.version, sorted(done)))
+            self._out.append(Activate(
+                prom.version, sorted(done), tuple(sorted(p for p in done if p in prom.forced_parts))
+            ))
         if union:  # (last: its first batch may move this takeover on, all of it if it is small)
             self._run_job(self._merge_union(prom, union))
         if not prom.parts:
@@ -2269,8 +2300,11 @@ class MapCore:
             running.extra.append(op.target)
             return
         if op.oid in self._outcomes:
-            value, ok = self._outcomes[op.oid]
-            self._answer(op.target, value, ok)
+            value, ok, check = self._outcomes[op.oid]
+            if check and op.target.peer is not None:  # (given unchecked: the caller's node checks it)
+                self._send(op.target.peer, MapResponse(op.target.id, value, ok, check=check))
+            else:
+                self._answer(op.target, value, ok)
             return
         # a retry of an applied write reports the first attempt's outcome
         if op.oid in self.ops.get(op.name, {}).get(p, {}):
@@ -2406,13 +2440,18 @@ class MapCore:
     def _answer_unchecked(self, prim: _Primary, op: _Op) -> None:
         """Answer `op` (it writes nothing; its caller's node is an owner and one confirmation is
         enough) at once, with this primary's epoch: the caller's node makes the read check itself
-        (`_checked`), two messages earlier than a check round would end. Not kept as the operation's
-        outcome: if the caller's node refuses the answer, a retry runs again."""
+        (`_checked`), two messages earlier than a check round would end. Kept as the operation's
+        outcome with that epoch: a copy of the request, or a retry, gets the same answer, again to be
+        checked by the caller's node (which refuses it if a newer primary fenced it, and tries the
+        next primary). It was not kept, and ran again: a compare-and-set answered False, its request
+        delivered twice with a remove in between, wrote its value the second time (map simulation,
+        profile partitions, seed 40)."""
         out = self._evaluate_again(prim, op)
         if out is None:
             return
         if self._inprogress.get(op.oid) is op:
             del self._inprogress[op.oid]
+        self._keep_outcome(op.oid, out.value, out.ok, prim.epoch)
         assert op.target.peer is not None
         self._send(op.target.peer, MapResponse(op.target.id, out.value, out.ok, check=prim.epoch))
 
@@ -2859,7 +2898,7 @@ class MapCore:
         active = dict(zip(req.partitions, req.active, strict=False))
 
         def chunk(
-            done: bool = False, held: list[int] | None = None, kept: list[int] | None = None
+            done: bool = False, held: list[int] | None = None, kept: list[tuple[int, int]] | None = None
         ) -> SyncChunk:
             carried = {q for q, _k, _r in items} | {op[0] for op in ops}
             holds = sorted(q for q in carried if active.get(q) and self._holds(req.map, q, active[q]))
@@ -2900,7 +2939,7 @@ class MapCore:
         else:
             ops = self._ops_of(req.map, parts)
         held = [p for p in parts if active.get(p) and self._holds(req.map, p, active[p])]
-        kept = [p for p in parts if p not in held and self.held.get((req.map, p))]
+        kept = [(p, max(v)) for p in parts if p not in held and (v := self.held.get((req.map, p)))]
         self._send(sender, chunk(True, held, kept))
 
     def _answer_pause(
@@ -2967,7 +3006,8 @@ class MapCore:
             del prom.asked[msg.id]
             items = prom.buffered.pop(msg.id, [])
             ops = prom.buffered_ops.pop(msg.id, [])
-            self._run_job(self._merge_answer(prom, peer, name, msg.held, items, ops, msg.kept or ()))
+            late = {p for p, newest in msg.kept or () if self._forced_over(p, newest)}
+            self._run_job(self._merge_answer(prom, peer, name, msg.held, items, ops, late))
             return
 
     def _held_by(self, prom: _Promotion, peer: str, name: str, claimed: list[int]) -> set[int] | None:
@@ -2985,7 +3025,7 @@ class MapCore:
 
     def _merge_answer(
         self, prom: _Promotion, peer: str, name: str, claimed: list[int],
-        items: list[tuple[int, str, Record]], ops: OpIds, kept: Iterable[int] = (),
+        items: list[tuple[int, str, Record]], ops: OpIds, late_parts: Iterable[int] = (),
     ) -> Iterator[bool]:
         """Merge what `peer`'s answer for map `name` left to its end (the records of partitions its
         chunks did not say it holds, `SyncChunk.holds`) into this node's copy, then count its copy
@@ -2995,7 +3035,7 @@ class MapCore:
         partition past its sync before a batch takes nothing more from it (what it pushes is what
         it serves), and a takeover that ended takes nothing more at all."""
         prom.merging += 1
-        late = set(kept)
+        late = set(late_parts)
         try:
             budget = self.t.batch_records
             held = self._held_by(prom, peer, name, claimed)
@@ -3189,6 +3229,13 @@ class MapCore:
                     continue
             del self.broken[name]
             self.log.warning("map %r storage works again", name)
+            if self.broken and name not in self._damaged and engine is not None:
+                # Others still fail: it serves again at once, from what its engine committed. Its
+                # failed commits were undone whole, records, held configurations and operation ids
+                # alike; this process's memory of the latter two was not: a retry of a write whose
+                # commit failed was answered as done from it, and the write was lost (map
+                # simulation, profile disks, seed 20: a put acknowledged, the next read None).
+                self._reload(name, engine)
             if not self.broken:
                 if self._damaged:  # bad bytes or an I/O error: what the engines hold may be wrong
                     self._damaged.clear()
@@ -3196,6 +3243,21 @@ class MapCore:
                 else:  # a full disk only: its failed commits were undone whole
                     self._storage_healed()
                 self._out.append(StorageHealth(None))
+
+    def _reload(self, name: str, engine: MapStorage) -> None:
+        """Take map `name`'s held configurations and operation ids from its engine again (what it
+        committed), forgetting what this process kept of them beside it."""
+        try:
+            held = engine.held()
+            ops = engine.ops_index()
+        except Exception as e:
+            self._storage_failed(name, e)
+            return
+        for key in [k for k in self.held if k[0] == name]:
+            del self.held[key]
+        for q, versions in held.items():
+            self.held[(name, q)] = set(versions)
+        self.ops[name] = ops
 
     def _storage_healed(self) -> None:
         """Every map's storage works again after a full disk (`no_space`): go on from what the

@@ -149,13 +149,14 @@ class SyncChunk(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=55):
     sender held (as `held` says) when it sent the chunk: the requester merges those at once
     instead of keeping the whole answer until the last chunk says which partitions count. None:
     a node of an earlier version (the requester keeps its chunks until the last)."""
-    kept: list[int] | None = None
+    kept: list[tuple[int, int]] | None = None
     """(Last chunk) of the partitions not in `held`, those whose copy held an earlier
     configuration and was not distrusted since (after a power cut, or an absence past the
-    tombstone horizon): the requester merges their newer records even when copies that count
-    decide (an owner a forced takeover went on without comes back with what it acknowledged).
-    None: a node of an earlier version (its copies that do not count are merged only when none
-    counts, as before)."""
+    tombstone horizon), with the newest configuration it held: when that is older than the last
+    forced takeover of the partition (`PartitionTable.forced`), the requester merges their newer
+    records even when copies that count decide (an owner a forced takeover went on without comes
+    back with what it acknowledged). None: a node of an earlier version (its copies that do not
+    count are merged only when none counts, as before)."""
 
 
 class KeysRequest(msgspec.Struct, array_like=True, frozen=True, gc=False, tag=56):

@@ -54,18 +54,27 @@ def plan_table(
         active = list(previous.active)
         configs = {v: previous.configs[v] for v in set(active) if v in previous.configs}
     activations = previous.activations if previous is not None else 0
-    return PartitionTable(version, partitions, members, owners, active, configs, activations)
+    forced = list(previous.forced) if previous is not None and len(previous.forced) == partitions else []
+    return PartitionTable(version, partitions, members, owners, active, configs, activations, forced)
 
 
-def activate(table: PartitionTable, parts: Iterable[int]) -> PartitionTable:
-    """`table` with its own version recorded as the active configuration of `parts`."""
+def activate(table: PartitionTable, parts: Iterable[int], forced: Iterable[int] = ()) -> PartitionTable:
+    """`table` with its own version recorded as the active configuration of `parts`, and as the
+    last forced takeover (`PartitionTable.forced`) of those of them in `forced`."""
     active = list(table.active) if len(table.active) == table.partitions else [0] * table.partitions
     for p in parts:
         active[p] = table.version
     configs = dict(table.configs)
     configs[table.version] = list(table.members)
     configs = {v: configs[v] for v in set(active) if v in configs}
-    return msgspec.structs.replace(table, active=active, configs=configs, activations=table.activations + 1)
+    marked = list(table.forced)
+    for p in forced:
+        if len(marked) != table.partitions:
+            marked = [0] * table.partitions
+        marked[p] = table.version
+    return msgspec.structs.replace(
+        table, active=active, configs=configs, activations=table.activations + 1, forced=marked
+    )
 
 
 def active_owners(table: PartitionTable, partition: int, replicas: int) -> list[str] | None:

@@ -505,7 +505,7 @@ class MapService:
             elif isinstance(a, WriteTable):
                 self._spawn(self._write_table(a.expected, a.new))
             elif isinstance(a, Activate):
-                self._spawn(self._activate(a.version, a.partitions))
+                self._spawn(self._activate(a.version, a.partitions, a.forced))
             elif isinstance(a, StorageHealth):
                 self._want_health(a.reason)
             elif isinstance(a, Answered):  # the caller's node answered it: no response to send
@@ -523,15 +523,16 @@ class MapService:
             self.log.info("leader wrote partition table v%d for %s", new.version, ", ".join(new.members))
         self._run(self.core.table_written(ok, self.now()))
 
-    async def _activate(self, version: int, parts: list[int]) -> None:
-        """Record `version` as the active configuration of `parts`, unless the table moved on."""
+    async def _activate(self, version: int, parts: list[int], forced: tuple[int, ...] = ()) -> None:
+        """Record `version` as the active configuration of `parts` (and as the last forced takeover
+        of `forced`: `PartitionTable.forced`), unless the table moved on."""
         ok = False
         for attempt in range(20):
             current = self.kv.get_local(MapTableKey())
             if not isinstance(current, PartitionTable) or current.version != version:
                 break
             try:
-                if await self.kv.compare_and_set(MapTableKey(), current, activate(current, parts)):
+                if await self.kv.compare_and_set(MapTableKey(), current, activate(current, parts, forced)):
                     ok = True
                     break
             except Exception as e:  # no quorum or a timeout: the outcome is unknown, so ask again
