@@ -58,9 +58,16 @@ is one map write of its own per reservation; the take is shared with the batch i
   time (the nodes' clocks agreeing within seconds). A retry after such a death takes anew; the dead
   attempt's units come back once collected.
 - Once its record is written, an attempt's holds are dropped with the instance's next write of the
-  entry (no extra write). A release marks the record released (keeping the attempt it released)
-  before giving the units back where the plan took them (dropping that attempt's holds), so a
-  repeated release gives them back once.
+  entry (no extra write). A release marks the record *releasing* (keeping the attempt it releases
+  and the plan), gives the units back where the plan took them (dropping that attempt's holds) and
+  then marks it released. Each give writes a *release mark* in the entry, in the same
+  compare-and-set (`release_mark`: ``ORDER-ID!ATTEMPT`` -> the second it gave), and a give that
+  finds its mark gives nothing: a release that failed half-way (a give or the record's last write
+  not answered) is finished by repeating it, which gives each piece once. (Until 2026-12-08 the
+  record said released before the gives: a release whose give then failed left the units reserved
+  for good, and its repeat answered from the record, giving nothing.) Marks are dropped by the
+  collector once the record says released and the mark is ``hold_gc_s`` old, or after twice
+  `RESERVATION_TTL_S` whatever the record says.
 
 (Until this version, a reserve claimed the record before taking, a write more per order: on the
 benchmark's hot product 0.82x the CPU per order without it. Holds and records written by that
@@ -132,7 +139,8 @@ RECORD_SHARE = 2  # a reserve gives up unless its record is written within hold_
 MAX_SETTLED = 10_000  # holds one instance keeps to drop with its next write of a key
 SETTLE_CHECK_S = 3.0  # a `hold_stock` hold older, not settled here, is checked against its order
 SWEEPS = 4  # sweeps of the catalog's entries per hold_gc_s
-RESERVING, RESERVED, RELEASED = "reserving", "reserved", "released"
+RESERVING, RESERVED, RELEASING, RELEASED = "reserving", "reserved", "releasing", "released"
+MARK = "!"  # in a key of `StockEntry.holds`: a release mark (`release_mark`), not a hold
 STOCK_SHARDS = 16  # keys a product with at least SHARD_FROM units of initial stock is split over
 # (at least as many as inventory instances: two instances on one shard lose rounds to each other;
 # with 4, six instances placed 838 orders/s at p99 350 ms)
@@ -177,6 +185,13 @@ def hold_key(order_id: str, attempt: str) -> str:
     return f"{order_id}/{attempt}"
 
 
+def release_mark(order_id: str, attempt: str) -> str:
+    """The key of the mark a release of `order_id`'s hold by `attempt` leaves in each entry it
+    gives back to: ``ORDER-ID!ATTEMPT`` (no ``/``: `hold_time` is None, no collector judges it as
+    a hold)."""
+    return f"{order_id}{MARK}{attempt}"
+
+
 def hold_time(key: str) -> int | None:
     """When the attempt holding `key` began (epoch seconds); None for a hold of the version before
     attempts (keyed by order id alone) or a key this version did not write."""
@@ -203,7 +218,8 @@ def split(total: int, n: int) -> list[int]:
 class StockEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """What the ``stock`` map holds per product (or per shard of a product): a `StockLevel` (what
     ``GET /api/inventory/{id}`` answers, summed over the shards; without holds it encodes the same)
-    and the takes not settled yet: hold key (`hold_key`: order and attempt) -> units."""
+    and the takes not settled yet: hold key (`hold_key`: order and attempt) -> units; and the
+    release marks (`release_mark` -> the epoch second of the give)."""
 
     product_id: str
     available: int
@@ -221,7 +237,7 @@ class Reservation(msgspec.Struct, frozen=True, rename="camel", omit_defaults=Tru
     """The record of one order's reservation (``reservation:ORDER-ID`` in the ``stock`` map)."""
 
     order_id: str
-    state: str  # reserving | reserved | released
+    state: str  # reserving | reserved | releasing | released
     attempt: str = ""  # the reserve attempt that wrote it (released: the attempt it released)
     lines: list[StockLine] = []  # what was reserved
     levels: list[StockLevel] = []  # what the reserve answered
@@ -266,20 +282,24 @@ def _stopping() -> SliceHttpError:
     return SliceHttpError("the inventory instance is stopping; try again", status=503)
 
 
-TAKE, GIVE, UNDO, DROP = "take", "give", "undo", "drop"
+TAKE, GIVE, UNDO, DROP, RELEASE = "take", "give", "undo", "drop", "release"
 
 
 @dataclass
 class _Change:
     """One queued change of `quantity` units for an order: a take (reserve), a give (release), the
     undo of a take (a reservation that failed, whose caller went away, or that was collected), or
-    the drop of a hold whose stock stays taken (collected: recorded). `hold`: the hold key the take
-    writes, the undo gives back (only if held), the give and the drop remove."""
+    the drop of a hold whose stock stays taken (collected: recorded), or a release (a give that
+    leaves the release mark `mark`, stamped `at`, and gives nothing if the mark is there). `hold`:
+    the hold key the take writes, the undo gives back (only if held), the give, the release and
+    the drop remove."""
 
     kind: str
     quantity: int
     order_id: str
     hold: str
+    mark: str = ""
+    at: int = 0
     done: asyncio.Future[StockLevel | None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -325,6 +345,12 @@ def _apply(
         elif ch.kind == DROP:
             if held:
                 entry = msgspec.structs.replace(entry, holds=_without(entry.holds, ch.hold))
+        elif ch.kind == RELEASE:
+            if ch.mark not in entry.holds:  # else an earlier try of this release gave it back
+                holds = {**_without(entry.holds, ch.hold, ch.order_id), ch.mark: ch.at}
+                entry = StockEntry(
+                    product_id, entry.available + ch.quantity, max(0, entry.reserved - ch.quantity), holds
+                )
         elif ch.kind == GIVE or held:  # an undo gives back only a take that is still held
             # (a give drops the released attempt's hold, and one of the version keyed by order id)
             legacy = ch.kind == GIVE and ch.order_id in entry.holds
@@ -783,7 +809,7 @@ class InventoryService(Slice):
     async def _record(self, mine: Reservation, began: float) -> Reservation | None:
         """Write the record of the reservation `mine` (its stock taken, held by its attempt): None
         when it is written, else the reservation the order has already (reserved). A record left
-        released (or written by the version before as still reserving) is replaced. Too late
+        released or releasing (or written by the version before as still reserving) is replaced. Too late
         (`record_within_s` after `began`: a collector may soon judge the attempt dead), the takes
         are given back and it is a 503; if the write fails or does not end by then, the holds wait
         for the collector, which keeps them if the record was written after all and gives them back
@@ -804,7 +830,8 @@ class InventoryService(Slice):
                 while held is not None:
                     if held.attempt == mine.attempt:  # written by this call, its answer lost and retried
                         return None
-                    if held.state == RESERVED or (held.state != RELEASED and held.lines != mine.lines):
+                    given_back = held.state in (RELEASED, RELEASING)
+                    if held.state == RESERVED or (not given_back and held.lines != mine.lines):
                         return held
                     if await self._swap(key, held, mine):
                         return None
@@ -841,6 +868,13 @@ class InventoryService(Slice):
         oldest, unsettled = now - self.hold_gc_s, now - SETTLE_CHECK_S
         settled = self._settled.get(key, ())
         for hold, units in entry.holds.items():
+            if MARK in hold:
+                if units <= oldest and (key, hold) not in self._collecting:
+                    self._collecting.add((key, hold))
+                    task = asyncio.get_running_loop().create_task(self._unmark(key, product_id, hold, units))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                continue
             began = hold_time(hold)
             if began is None or hold in settled or (key, hold) in self._collecting:
                 continue
@@ -875,6 +909,21 @@ class InventoryService(Slice):
             self.logger.warning("collecting hold %s on %s failed (%s): tried again later", hold, key, e)
         finally:
             self._collecting.discard((key, hold))
+
+    async def _unmark(self, key: str, product_id: str, mark: str, at: int) -> None:
+        """Drop the release mark `mark` (given at `at`) from `key` once no repeat of its release
+        can need it: its record says released, or twice the records' time to live went by."""
+        order_id, _, _ = mark.partition(MARK)
+        try:
+            if self._clock() - at < 2 * RESERVATION_TTL_S:
+                record = await self.reservations.get(reservation_key(order_id))
+                if record is None or record.state != RELEASED:
+                    return  # releasing (a repeat gives only what is not marked), or expired: wait
+            await self._change(Piece(product_id, key, 0), _Change(DROP, 0, order_id, mark))
+        except Exception as e:
+            self.logger.debug("dropping release mark %s on %s failed (%s): tried again later", mark, key, e)
+        finally:
+            self._collecting.discard((key, mark))
 
     async def _judge(self, key: str, order_id: str, attempt: str, began: float) -> tuple[str, str]:
         """DROP (the stock stays taken) or UNDO (it goes back) for an old hold of `attempt` on `key`,
@@ -999,25 +1048,33 @@ class InventoryService(Slice):
     @entry(idempotent=True)
     async def release(self, req: ReleaseStock) -> list[StockLevel]:
         """Give back the stock of an order's lines (after a cancellation); repeating it for the same
-        order gives nothing more back (it answers the current levels). `req.hold`: the order's
-        (`hold_stock`), where its stock goes back to."""
+        order gives nothing more back (it answers the current levels), and repeating one that
+        failed half-way gives back what it had not. `req.hold`: the order's (`hold_stock`), where
+        its stock goes back to."""
         order_id = parse_order_id(req.order_id, "orderId")
         lines = _checked(req.lines)
         plan: list[Piece] = _checked_hold(req.hold) if req.hold is not None else []
         attempt = req.hold.attempt if req.hold is not None else ""
-        hold = hold_key(order_id, attempt) if attempt else ""
         key = reservation_key(order_id)
-        released = Reservation(order_id, RELEASED, attempt)
-        held = await self.reservations.put_if_absent(key, released, ttl=RESERVATION_TTL_S)
+        # the record says releasing (with the plan) before any give, released after the last
+        record = Reservation(order_id, RELEASING, attempt, plan=plan)
+        held = await self.reservations.put_if_absent(key, record, ttl=RESERVATION_TTL_S)
         while held is not None:
             if held.state == RELEASED:
                 self.duplicates += 1
                 return [await self._level(line.product_id) for line in lines]
-            # the record keeps the attempt it released: a collector finding its holds keeps them
-            if await self._swap(key, held, Reservation(order_id, RELEASED, held.attempt)):
-                plan, hold = held.plan, hold_key(order_id, held.attempt)
+            if held.state == RELEASING:  # an earlier try that did not finish: the marks say what it gave
+                record = held
                 break
-            held = await self.reservations.put_if_absent(key, released, ttl=RESERVATION_TTL_S)
+            # the record keeps the attempt it releases: a collector finding its holds keeps them
+            releasing = Reservation(order_id, RELEASING, held.attempt, plan=held.plan)
+            if await self._swap(key, held, releasing):
+                record = releasing
+                break
+            held = await self.reservations.put_if_absent(key, record, ttl=RESERVATION_TTL_S)
+        plan, attempt = record.plan, record.attempt
+        hold = hold_key(order_id, attempt) if attempt else ""
+        mark, at = release_mark(order_id, attempt), int(self._clock())
         # back where the plan took it from (a line the plan does not cover: to the product's key)
         pieces: list[Piece] = []
         for line in lines:
@@ -1026,7 +1083,11 @@ class InventoryService(Slice):
                 mine = [Piece(line.product_id, line.product_id, line.quantity)]
             pieces += mine
         levels = await asyncio.gather(
-            *(self._change(p, _Change(GIVE, p.quantity, order_id, hold)) for p in pieces)
+            *(self._change(p, _Change(RELEASE, p.quantity, order_id, hold, mark, at)) for p in pieces)
         )
+        try:
+            await self._swap(key, record, Reservation(order_id, RELEASED, attempt))
+        except Exception as e:  # given back all the same; a repeat finds it releasing and gives nothing
+            self.logger.debug("recording the release of order %s failed (%s)", order_id, e)
         by_product = dict(zip((p.product_id for p in pieces), levels, strict=True))
         return await self._levels(lines, [by_product.get(line.product_id) for line in lines])
