@@ -273,13 +273,19 @@ async def test_the_peer_at_its_address_wins_over_a_second_process_that_came_firs
         await wait_until(lambda: ("b", Note(1, "from the second process")) in inbox, what="delivery")
 
         ghost.close()
-        b = Transport("b", {"b": b_addr}, on_message=lambda s, m: None, bus=EventBus(),
-                      **{**kw, "listen": b_addr})
-        b_dups: list[DuplicateNode] = []
-        b.bus.subscribe(DuplicateNode, b_dups.append)
-        await b.start()
-        started.append(b)
-        b.set_members({"a": Address("127.0.0.1", a.port), "b": b_addr})
+
+        async def start_b() -> tuple[Transport, list[DuplicateNode]]:
+            """b's process at its member address, and the `DuplicateNode` events it publishes."""
+            t = Transport("b", {"b": b_addr}, on_message=lambda s, m: None, bus=EventBus(),
+                          **{**kw, "listen": b_addr})
+            told: list[DuplicateNode] = []
+            t.bus.subscribe(DuplicateNode, told.append)
+            await t.start()
+            started.append(t)
+            t.set_members({"a": Address("127.0.0.1", a.port), "b": b_addr})
+            return t, told
+
+        b, b_dups = await start_b()
         await wait_until(lambda: len(dups) == 1, timeout=10, what="the second process told it is one")
         assert dups[0].refused_by == "a"
         assert f"node b is already running in the cluster, at {b_addr}" in dups[0].reason
@@ -288,13 +294,7 @@ async def test_the_peer_at_its_address_wins_over_a_second_process_that_came_firs
 
         # b restarted at its address (a new process): accepted, never taken for a second one
         await b.stop()
-        b2 = Transport("b", {"b": b_addr}, on_message=lambda s, m: None, bus=EventBus(),
-                       **{**kw, "listen": b_addr})
-        b2_dups: list[DuplicateNode] = []
-        b2.bus.subscribe(DuplicateNode, b2_dups.append)
-        await b2.start()
-        started.append(b2)
-        b2.set_members({"a": Address("127.0.0.1", a.port), "b": b_addr})
+        b2, b2_dups = await start_b()
         await wait_until(lambda: a.up_peers == {"b"} and b2.up_peers == {"a"}, what="b restarted, up")
         assert a._peers["b"].link.instance == b2.instance  # type: ignore[union-attr]
         await asyncio.sleep(2 * 0.6 + 0.3)  # longer than the grace before DuplicateNode
