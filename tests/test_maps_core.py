@@ -2816,6 +2816,9 @@ def test_an_owner_planned_out_while_it_only_lagged_is_waited_for_not_gone_withou
     net.run(a, core.peer_down(b, net.now))
     net.settle(started + net.t.force_after + 1.0 - net.now)
     assert not core.prims[p].ready, "went on without an owner that was away for less than force_after"
+    status = core._takeover_status(p)  # (what a caller's MapUnavailable says)
+    assert f"waiting for {b} (out of reach for 5.0 s; gone without once out of reach 10 s" in status, status
+    assert f"{c} (out of reach for 12.1 s: left, its writes may be lost)" in status, status
     # b keeps up again: its copy decides
     net.drop = lambda src, dst, msg: src == c or dst == c
     net.run(a, core.peer_up(b, net.now))

@@ -1764,6 +1764,9 @@ class MapCore:
                 asked = sorted({f"{peer} ({n or 'the partition'})" for peer, n, _ in prom.asked.values()})
                 if asked:
                     return f"{head}: copying from its owners, waiting for {', '.join(asked)}"
+                missing = self._unheard_owners(prom, p)
+                if missing:
+                    return f"{head}: copying from its owners, waiting for {'; '.join(missing)}"
                 return f"{head}: copying from its owners, too few of which hold the active copy yet"
             if p in prom.unioning:
                 return f"{head}: merging the copies of its owners, none of which counts"
@@ -1772,6 +1775,33 @@ class MapCore:
             missing = self._push_missing(prom, p)
             return f"{head}: waiting for its owners to acknowledge the copy of {', '.join(missing) or '?'}"
         return f"partition {p} is not served by {self.node_id} yet"
+
+    def _unheard_owners(self, prom: _Promotion, p: int) -> list[str]:
+        """The owners of `p`'s active configuration (of any map) that have not answered the takeover
+        and are not asked now, with why (for `_takeover_status`)."""
+        table = self.table
+        if table is None:
+            return []
+        out: dict[str, str] = {}
+        for name, spec in self.specs.items():
+            answered = prom.answered.get(name, set())
+            for o in self._active_owners(table, p, spec.replicas) or ():
+                if o == self.node_id or o in answered or o in out:
+                    continue
+                if self._storage_out(o):
+                    out[o] = f"{o} (its map storage failed; it keeps its copy)"
+                elif o in self.up:
+                    out[o] = f"{o} (up; asked again)"
+                else:
+                    away = self._away_for(o)
+                    if o in table.members:
+                        why = ""
+                    elif away >= self.t.force_after:
+                        why = ": left, its writes may be lost"
+                    else:
+                        why = f"; gone without once out of reach {self.t.force_after:g} s without a break"
+                    out[o] = f"{o} (out of reach for {away:.1f} s{why})"
+        return list(out.values())
 
     def _push_missing(self, prom: _Promotion, p: int) -> list[str]:
         """The maps (`the partition` for the map "") whose push to the owners of `p` lacks
