@@ -16,6 +16,7 @@ from aether.consensus.engine import (
     Persist,
     SaveSnapshot,
     Send,
+    SnapshotRefused,
     coin,
 )
 from aether.consensus.messages import (
@@ -51,6 +52,7 @@ class Net:
         self.queue: deque[tuple[str, str, object]] = deque()
         self.completed: dict[str, list[Completed]] = {i: [] for i in self.ids}
         self.failed: dict[str, list[Failed]] = {i: [] for i in self.ids}
+        self.refused: dict[str, list[SnapshotRefused]] = {i: [] for i in self.ids}
         self.journal: dict[str, list[bytes]] = {i: [] for i in self.ids}
         self.down: set[str] = set()
         self.drop: Callable[[str, str, object], bool] | None = None  # drops the messages it is True for
@@ -74,6 +76,8 @@ class Net:
                 self.completed[nid].append(a)
             elif isinstance(a, Failed):
                 self.failed[nid].append(a)
+            elif isinstance(a, SnapshotRefused):
+                self.refused[nid].append(a)
             elif isinstance(a, Persist):
                 self.journal[nid].append(_enc.encode(a.record))
             elif isinstance(a, SaveSnapshot):
@@ -682,3 +686,128 @@ def test_a_joining_learner_gets_a_large_snapshot_in_pieces() -> None:
 def test_engine_config_refuses_batch_limits_that_do_not_fit_a_message() -> None:
     with pytest.raises(ValueError, match=r"max_message_bytes \(65536\) must hold the largest proposal"):
         EngineConfig(max_message_bytes=64 * 1024)
+
+
+def _with_joiner(net: Net, config: EngineConfig | None = None) -> Engine:
+    """Add n4, started with `--join` (a learner waiting for a snapshot), linked to every member."""
+    sm = KVStateMachine()
+    joiner = Engine("n4", net.ids, sm, config=config, learner=True)
+    net.ids.append("n4")
+    net.sms["n4"], net.engines["n4"] = sm, joiner
+    for k in ("completed", "failed", "refused", "journal"):
+        getattr(net, k)["n4"] = []
+    for p in ("n1", "n2", "n3"):
+        joiner.peer_up(p, net.now)
+        net.engines[p].peer_up("n4", net.now)
+        net.collect(p)
+    net.collect("n4")
+    return joiner
+
+
+def _damage_first_snapshot_to(
+    net: Net, target: str, damage: Callable[[bytes], bytes], then_asked: list[str] | None = None,
+    then: Callable[[], None] | None = None,
+) -> list[str]:
+    """The first reply carrying a snapshot (or a piece of one) that reaches `target` arrives with
+    `damage` applied to its bytes; returns [its sender] once that happened (and fills `then_asked`
+    with the peers `target` sent a catch-up request to in that step, and calls `then` after it)."""
+    hit: list[str] = []
+
+    def drop(src: str, dst: str, msg: object) -> bool:
+        if hit or dst != target or not isinstance(msg, CatchupReply) or not msg.snapshot:
+            return False
+        hit.append(src)
+        bad = msgspec.structs.replace(msg, snapshot=damage(msg.snapshot))
+        before = len(net.queue)
+        net.engines[dst].receive(src, bad, net.now)
+        net.collect(dst)
+        if then_asked is not None:
+            new = list(net.queue)[before:]
+            then_asked.extend(t for s, t, m in new if s == dst and isinstance(m, CatchupReq))
+        if then is not None:
+            then()
+        return True
+
+    net.drop = drop
+    return hit
+
+
+def _flip_value_byte(data: bytes) -> bytes:
+    at = data.index(b"value of k3") + 2  # inside a value: the snapshot still decodes
+    return data[:at] + bytes([data[at] ^ 0x20]) + data[at + 1:]
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda d: d[: len(d) // 2], id="cannot-be-decoded"),
+    pytest.param(_flip_value_byte, id="value-byte-changed"),
+])
+def test_a_joiner_refuses_a_damaged_snapshot_and_gets_one_from_another_peer(
+    damage: Callable[[bytes], bytes],
+) -> None:
+    """A snapshot received in catch-up is checked before anything changes: a damaged one is refused
+    (with the peer's id), the joiner keeps waiting for a snapshot and asks another peer.
+
+    Found by an audit: `_needs_snapshot` was cleared before the snapshot was decoded, so one that
+    could not be decoded raised out of `receive` and left the joiner with nothing installed, no
+    longer waiting for a snapshot (it then asked for the log from slot 1, replayed on top of the
+    member set it was only told); and one with a changed byte was installed, never checked."""
+    net = Net(3)
+    for i in range(5):
+        net.submit("n1", Put(f"user/k{i}", b"value of k%d" % i))
+        net.run()
+    joiner = _with_joiner(net)
+    asked: list[str] = []
+    right_after: list[tuple[bool, int, bytes | None, int]] = []
+
+    def look() -> None:
+        right_after.append((joiner.awaiting_snapshot, joiner.applied, net.sms["n4"].get("user/k0"),
+                            joiner.stats["snapshots_installed"]))
+
+    bad_sender = _damage_first_snapshot_to(net, "n4", damage, asked, look)
+    net.now += 0.1  # the answers come after catchup_interval: another peer may be asked at once
+    net.run()
+    assert bad_sender, "the joiner got no snapshot"
+    refused = net.refused["n4"]
+    assert [(r.sender, r.slot) for r in refused] == [(bad_sender[0], net.engines["n1"].applied)]
+    assert "snapshot" in refused[0].reason and joiner.stats["snapshots_refused"] == 1
+    # nothing installed, still waiting for a snapshot
+    assert right_after == [(True, 0, None, 0)]
+    # asked again at once, from a peer other than the one that sent the damaged snapshot
+    assert len(asked) == 1 and asked[0] != bad_sender[0]
+    for _ in range(10):
+        net.tick(0.1)
+        net.run()
+    assert not joiner.awaiting_snapshot and joiner.stats["snapshots_installed"] >= 1
+    assert joiner.applied == net.engines["n1"].applied
+    assert net.sms["n4"].snapshot() == net.sms["n1"].snapshot()
+    assert net.sms["n4"].get("user/k3") == b"value of k3"
+
+
+def test_a_lagging_member_refuses_a_damaged_snapshot_piece_and_catches_up() -> None:
+    """The same for a member behind the log's start, its snapshot coming in pieces: the assembled
+    snapshot does not match its checksum, it is refused and fetched again."""
+    cfg = EngineConfig(
+        max_message_bytes=64 * 1024, max_batch_bytes=8 * 1024, max_batch_commands=16, max_proposal_batches=4,
+        retain_slots=8, snapshot_every=10,
+    )
+    net = Net(3, cfg)
+    net.down = {"n3"}
+    _fill(net, 40, 6 * 1024)
+    net.submit("n1", Put("user/k3", b"value of k3"))
+    net.run()
+    net.down = set()
+    bad_sender = _damage_first_snapshot_to(net, "n3", _flip_value_byte_anywhere)
+    for _ in range(40):
+        net.tick(0.1)
+        net.run()
+    assert bad_sender
+    assert [r.sender for r in net.refused["n3"]] == bad_sender
+    assert "do not match their checksum" in net.refused["n3"][0].reason
+    assert net.engines["n3"].applied == net.engines["n1"].applied
+    assert net.sms["n3"].snapshot() == net.sms["n1"].snapshot()
+
+
+def _flip_value_byte_anywhere(data: bytes) -> bytes:
+    """A byte of a piece changed in its middle (inside a 6 KiB value): the piece still fits."""
+    at = len(data) // 2
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]

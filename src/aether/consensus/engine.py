@@ -61,6 +61,7 @@ from aether.consensus.messages import (
     ProposalReply,
     ProposalReq,
     SentRec,
+    SnapshotDamaged,
     StateMsg,
     Submit,
     VoteMsg,
@@ -154,11 +155,22 @@ class MembersChanged:
     addresses: dict[str, str]
 
 
+@dataclass(slots=True)
+class SnapshotRefused:
+    """A snapshot `sender` sent in catch-up (taken at `slot`) was refused, not installed: it cannot
+    be decoded or does not match its checksum (`reason` says which). The engine asks again (another
+    peer if one is up); the adapter logs it."""
+
+    sender: str
+    slot: int
+    reason: str
+
+
 class MembershipRefused(Exception):
     """A membership change this replica will not submit (the message says why)."""
 
 
-Action = Send | Persist | SaveSnapshot | Completed | Failed | Installed | MembersChanged
+Action = Send | Persist | SaveSnapshot | Completed | Failed | Installed | MembersChanged | SnapshotRefused
 
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -388,6 +400,7 @@ class Engine:
         self.stats = {
             "slots": 0, "null_slots": 0, "phases": 0, "snapshots_installed": 0, "retransmits": 0,
             "fetches": 0, "catchup_requests": 0, "slow_slots": 0, "commands": 0, "exchange_seals": 0,
+            "snapshots_refused": 0,
         }
 
     # --- inspection -----------------------------------------------------------------------------
@@ -1341,16 +1354,23 @@ class Engine:
             snapshot = self._on_snapshot_piece(sender, msg, now)
             if snapshot is None:
                 return
+        snap: EngineSnapshot | None = None
+        if snapshot is not None and msg.snapshot_slot > self.applied:
+            # checked before anything changes: a snapshot that is refused leaves this replica as it
+            # was (a joiner still waiting for one), and it asks again
+            snap = self._checked_peer_snapshot(sender, msg.snapshot_slot, snapshot, now)
+            if snap is None:
+                return
         if self._needs_snapshot:
-            if snapshot is None or msg.snapshot_slot <= 0:
+            if snap is None or msg.snapshot_slot <= 0:
                 return
             self._needs_snapshot = False
         if not self.synced and sender in self.peers:  # a majority of the members answered
             self._sync_replies.add(sender)
             if len(self._sync_replies) + 1 >= self.M:
                 self.synced = True
-        if snapshot is not None and msg.snapshot_slot > self.applied:
-            self._install_snapshot_bytes(snapshot, emit=True)
+        if snap is not None and snapshot is not None:
+            self._install_snapshot(snap, snapshot, emit=True)
             self._new_slot(now)
         advanced = False
         for e in msg.entries:
@@ -1372,11 +1392,38 @@ class Engine:
         )
         return seal_snapshot(snap)
 
+    def _checked_peer_snapshot(
+        self, sender: str, slot: int, data: bytes, now: float
+    ) -> EngineSnapshot | None:
+        """The snapshot of `slot` that `sender` sent, decoded and checked against its checksum; None
+        if it is refused (`SnapshotRefused`, then asked again: from another peer if one is up, in
+        turn, else from `sender` when the timers next ask). A snapshot of a peer of an earlier
+        version carries no checksum and is taken unchecked."""
+        try:
+            snap = _snapshot_decoder.decode(data)
+            check_snapshot(data, snap)
+            if snap.slot != slot:
+                raise SnapshotDamaged(f"it holds slot {snap.slot}, not the slot {slot} it was sent as")
+        except (msgspec.DecodeError, SnapshotDamaged) as e:
+            why = f"the snapshot cannot be decoded ({e})" if isinstance(e, msgspec.DecodeError) else (
+                f"the snapshot is damaged: {e}")
+            self.stats["snapshots_refused"] += 1
+            self.actions.append(SnapshotRefused(sender, slot, why))
+            others = sorted(p for p in self._up if p != sender)
+            turn = self.stats["snapshots_refused"]
+            self._request_catchup(others[turn % len(others)] if others else sender, now)
+            return None
+        return snap
+
     def _install_snapshot_bytes(self, data: bytes, *, emit: bool, verify: bool = False) -> None:
         """Install a snapshot; with `verify` (the local file) its checksum is checked first."""
         snap = _snapshot_decoder.decode(data)
         if verify:
             check_snapshot(data, snap)
+        self._install_snapshot(snap, data, emit=emit)
+
+    def _install_snapshot(self, snap: EngineSnapshot, data: bytes, *, emit: bool) -> None:
+        """Install `snap`, decoded (and checked) from `data`."""
         self.sm.restore(snap.state)
         self.applied = snap.slot
         if snap.configs:

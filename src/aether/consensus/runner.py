@@ -35,6 +35,7 @@ from aether.consensus.engine import (
     Persist,
     SaveSnapshot,
     Send,
+    SnapshotRefused,
     StateMachine,
 )
 from aether.consensus.messages import JournalRecord, MemberChange, MemberResult, SnapshotDamaged, Submit
@@ -327,6 +328,10 @@ class ConsensusRunner:
                         on_inst(a.slot)
                 elif isinstance(a, MembersChanged):
                     changed.append(a)  # after the step: the callbacks reconfigure the transport
+                elif isinstance(a, SnapshotRefused):
+                    self.log.warning(
+                        "refused the snapshot of slot %d that %s sent in catch-up: %s; not installed, "
+                        "asking for it again (from another peer if one is up)", a.slot, a.sender, a.reason)
             if records:
                 store.append(records)
             if batches:
