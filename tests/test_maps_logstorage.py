@@ -535,6 +535,51 @@ def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
 
+def test_cutting_off_the_end_is_logged_with_the_file_and_the_bytes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by an audit: a byte changed in the last commit's value was cut off with that commit,
+    nothing logged. It cannot be told from a torn write there (that commit was never synced), so
+    it is still cut off, but the warning names the file, where and how much."""
+    path, first, after_first = _committed_file(tmp_path)
+    whole = path.read_bytes()
+    path.write_bytes(_flip(whole, whole.index(b"second")))
+    with caplog.at_level("WARNING", logger="aether.maps.logstorage"):
+        e = LogStorage(path)
+    assert state(e) == after_first
+    e.close()
+    cut = len(whole) - first
+    assert f"map log {path}: cut off {cut} bytes at byte {first} (a commit of {cut - 16} bytes whose " \
+        "contents do not match their checksum, then 0 bytes)" in caplog.text
+
+
+def test_a_changed_byte_in_the_last_frame_of_a_snapshot_is_named_not_cut_off(tmp_path: Path) -> None:
+    """Found by an audit: right after a snapshot, a byte changed in a value of its last frame was
+    cut off on open as a torn end, its records lost, though the snapshot's frames were synced
+    before it took the log's place (a torn write cannot be there). A snapshot now ends its synced
+    part with an empty commit, so damage anywhere before it has a whole frame after it: named."""
+    path = tmp_path / "m.log"
+    e = LogStorage(path, background=False)
+    for i in range(1000):
+        e.put(i % 4, f"k{i}", Record(b"value-%05d" % i, 1, i))
+        if i % 100 == 99:
+            e.commit()
+    e.snapshot()
+    e.close()
+    data = path.read_bytes()
+    assert data.endswith(frame(b"\x90"))  # the empty commit that closes the synced part
+    at = data.index(b"value-00999")  # in the snapshot's last frame of records
+    damaged = data[:at] + b"V" + data[at + 1 :]
+    path.write_bytes(damaged)
+    with pytest.raises(StorageDamaged, match=r"damaged commit at byte \d+ \(a whole one follows") as info:
+        LogStorage(path)
+    assert info.value.path == path and path.read_bytes() == damaged  # left as found
+    path.write_bytes(data)
+    again = LogStorage(path)  # (the empty commit replays as nothing)
+    assert again.entries == 1000 and again.get(3, "k999") == Record(b"value-00999", 1, 999)
+    again.close()
+
+
 @pytest.mark.parametrize(
     "damage, match",
     [

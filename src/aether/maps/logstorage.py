@@ -19,10 +19,11 @@ like any other write).
 Opening replays the frames in order. Where a frame does not check out (cut short, zeros, garbage,
 a wrong checksum), the file is cut there if no whole frame follows: that is the end a crash or a
 power cut left (the commit's write never returned, or was never synced, so the node did not
-count on it). If a whole frame does follow (found by its mark), the file is damaged: cutting
-would lose committed data, so `StorageDamaged` is raised naming the file and the byte offset; the
-map service then sets the file aside and starts the map empty on this node (the other owners have
-the data). A payload that checks out but does not decode is damage too.
+count on it), with a warning naming the file and what was cut (a changed byte in the last commit
+looks the same as a torn write there). If a whole frame does follow (found by its mark), the file
+is damaged: cutting would lose committed data, so `StorageDamaged` is raised naming the file and
+the byte offset; the map service then sets the file aside and starts the map empty on this node
+(the other owners have the data). A payload that checks out but does not decode is damage too.
 
 Durability is the sqlite engine's: once `commit` returns the changes are in the kernel's page
 cache and survive a crash of the process (kill -9 included); a power cut may lose the last ones
@@ -37,7 +38,9 @@ of it cost the whole map's encoding under the interpreter lock; it is looked at 
 file has doubled), the commit lends the per-partition dicts to a thread (the records themselves
 are immutable; the first change to a lent dict copies it) that writes them to ``NAME.log.tmp``
 while the map goes on; the commits made meanwhile go to the log as usual and are kept; the
-thread appends those made so far and syncs the file; the first commit after the thread is done
+thread appends those made so far and an empty commit (which closes the synced part: damage in
+the snapshot's last frame then has a whole frame after it and is named, not cut off as a torn
+end; an earlier version replays it as nothing) and syncs the file; the first commit after the thread is done
 appends the few made since (not synced, as any commit), renames the file over the log and syncs
 the directory (syncing on the loop stalled it ~10 ms per snapshot). A crash leaves the old log or the new one,
 never a mix (a leftover ``.tmp`` is removed on open). A snapshot that fails (a full disk) is
@@ -77,6 +80,8 @@ COMPACT_MIN_BYTES = 16 * 1024 * 1024
 _MARK = b"AEML"  # starts every frame: after a damaged one, the next whole frame is found by it
 _HEAD = struct.Struct("<4sIII")  # mark, payload length, CRC-32 of the length bytes, CRC-32 of the payload
 _LEN = struct.Struct("<I")
+_SYNCED = b"\x90"  # the payload of the frame that ends the synced part of a snapshot: no changes
+# (msgpack's empty list: an earlier version replays it as an empty commit)
 _SNAPSHOT_CHUNK = 512  # changes per frame of a snapshot (the writer holds the interpreter lock
 # while it encodes one: 4,096 records of 500 bytes held it for 3-70 ms on a loaded 2-CPU machine)
 _log = logging.getLogger("aether.maps.logstorage")
@@ -180,6 +185,20 @@ def _frame_at(view: memoryview, pos: int, end: int) -> int | None:
     return stop
 
 
+def _describe_tail(view: memoryview, pos: int, end: int) -> str:
+    """What the bytes from `pos` to the end of the file are, for the warning that cuts them off."""
+    if not any(view[pos:end]):
+        return "zeros"
+    if end - pos >= _HEAD.size:
+        mark, length, len_crc, _ = _HEAD.unpack_from(view, pos)
+        if mark == _MARK and zlib.crc32(_LEN.pack(length)) == len_crc:
+            if pos + _HEAD.size + length > end:
+                return f"a commit of {length} bytes cut short to {end - pos - _HEAD.size}"
+            return (f"a commit of {length} bytes whose contents do not match their checksum, "
+                    f"then {end - pos - _HEAD.size - length} bytes")
+    return "not a commit's start"
+
+
 def _next_frame(data: bytes, view: memoryview, start: int) -> int | None:
     """Where the first whole frame at or after `start` begins, if any."""
     end = len(data)
@@ -259,10 +278,12 @@ class _SnapshotWriter:
                     _write_all(files, fd, data)
                     size += len(data)
                 n = len(self.tail)  # the commits made meanwhile, so far: synced with the snapshot
-                if n:
-                    data = b"".join(self.tail[:n])
-                    _write_all(files, fd, data)
-                    size += len(data)
+                # then an empty commit: everything before it is synced, so damage there (its last
+                # frame included) is followed by a whole frame and named, not cut off as the end a
+                # crash left (a write that was synced cannot have been torn)
+                data = b"".join([*self.tail[:n], frame(_SYNCED)])
+                _write_all(files, fd, data)
+                size += len(data)
                 files.fsync(fd)
                 self.written = n
             finally:
@@ -365,6 +386,11 @@ class LogStorage(MemoryStorage):
                 self._apply(change)
             pos = stop
         if pos < end:
+            _log.warning(
+                "map log %s: cut off %d bytes at byte %d (%s): the end a crash or a power cut left, "
+                "taken for a commit that never completed; the %d bytes before it are kept",
+                self.path, end - pos, pos, _describe_tail(view, pos, end), pos,
+            )
             self.files.truncate(self.path, pos)
         return pos
 
