@@ -11,13 +11,21 @@ its data directory).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import msgspec
 import pytest
 
 from aether.consensus.engine import Engine
-from aether.consensus.messages import BatchId, EngineSnapshot, MemberConfig, SnapshotDamaged
+from aether.consensus.messages import (
+    BatchId,
+    CatchupReply,
+    EngineSnapshot,
+    MemberConfig,
+    SnapshotDamaged,
+    seal_snapshot,
+)
 from aether.consensus.runner import ConsensusRunner
 from aether.consensus.storage import DiskStore, JournalCorrupt
 from aether.kv.machine import KVStateMachine, Put, encode_command
@@ -103,3 +111,33 @@ def test_the_runner_refuses_a_damaged_snapshot_file_naming_it(tmp_path: Path) ->
         runner.recover()
     assert str(ei.value).startswith(f"snapshot {path} is damaged: its contents do not match their checksum")
     assert "remove it so the node rejoins from its peers" in str(ei.value)
+
+
+def test_the_runner_logs_a_refused_catchup_snapshot_naming_the_peer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot a peer sends in catch-up is checked too (tests/test_engine.py drives the engine);
+    the runner logs the refusal with the peer's id and installs nothing."""
+    data = _snapshot()
+    slot = msgspec.msgpack.decode(data, type=EngineSnapshot).slot + 7
+    sealed = msgspec.msgpack.decode(data, type=EngineSnapshot)
+    sealed.slot = slot
+    good = seal_snapshot(sealed)
+    at = good.index(VALUE + b"1")
+    damaged = good[:at] + b"T" + good[at + 1:]
+    sm = KVStateMachine()
+    runner = ConsensusRunner("n1", ["n1", "n2", "n3"], sm, DiskStore(tmp_path / "consensus", fsync="none"),
+                             seed=b"test")
+    runner.recover()
+
+    async def receive() -> None:
+        runner.on_message("n2", CatchupReply(slot, [], slot, damaged))
+        assert runner.engine.applied == 0 and sm.get("user/k1") is None
+        runner.on_message("n3", CatchupReply(slot, [], slot, good))
+        assert runner.engine.applied == slot and sm.get("user/k1") == VALUE + b"1"
+
+    with caplog.at_level("WARNING", logger=runner.log.name):
+        asyncio.run(receive())
+    assert (f"refused the snapshot of slot {slot} that n2 sent in catch-up: the snapshot is damaged: "
+            "its contents do not match their checksum") in caplog.text
+    assert "n3 sent" not in caplog.text
