@@ -492,6 +492,13 @@ def _op_size(op: tuple[int, str, int, int]) -> int:
 # --- the core ----------------------------------------------------------------------------------------
 
 
+def _newest_held(versions: set[int] | None, active: int) -> int:
+    """The newest of the configurations a copy `versions` that could have been active (none newer
+    than the partition's `active` one: a takeover replaced before its activation left its version
+    in the copy, never to be active); 0: none."""
+    return max((v for v in versions or () if v <= active), default=0)
+
+
 class MapCore:
     def __init__(
         self,
@@ -967,8 +974,10 @@ class MapCore:
             for p in parts:
                 if not self._trusted(p, spec, name):
                     back = self._take_back(name, p)  # (set back by the takeover this one replaces)
-                    versions = self.held.get((name, p))  # (none: distrusted, or never held)
-                    kept = bool(versions) and self._forced_over(p, max(versions or (0,)))
+                    t = self.table
+                    active = t.active[p] if t is not None and len(t.active) == t.partitions else 0
+                    newest = _newest_held(self.held.get((name, p)), active)  # (0: distrusted, never held)
+                    kept = bool(newest) and self._forced_over(p, newest)
                     if kept and back is None and p not in dropping:
                         # It stays as it is: the copies that count are merged into it and its
                         # newer records win, as those of the others' copies that held one do
@@ -2969,7 +2978,10 @@ class MapCore:
         else:
             ops = self._ops_of(req.map, parts)
         held = [p for p in parts if active.get(p) and self._holds(req.map, p, active[p])]
-        kept = [(p, max(v)) for p in parts if p not in held and (v := self.held.get((req.map, p)))]
+        kept = [
+            (p, newest) for p in parts
+            if p not in held and (newest := _newest_held(self.held.get((req.map, p)), active.get(p, 0)))
+        ]
         self._send(sender, chunk(True, held, kept))
 
     def _answer_pause(
