@@ -555,9 +555,14 @@ class NodeDeploymentManager:
 
     async def _release(self, claimed: list[tuple[str, RouteValue]]) -> None:
         """Give up the routes a failed claim took (the slice cannot serve them: a conflict is not
-        a start that may succeed on the next attempt), unless another version took them meanwhile."""
-        await asyncio.gather(*(self._cas(k, v, None) for k, v in claimed))
+        a start that may succeed on the next attempt), unless another version took them meanwhile.
+        They leave `claimed` first: the watch of routes/ registers again a claimed route of an
+        activating slice that disappears, and took each of these removals for one, so the route of
+        a slice that could never serve came back (or not, by timing: the route-conflict test waited
+        0.02-8 s for it to go)."""
+        pairs = list(claimed)
         claimed.clear()
+        await asyncio.gather(*(self._cas(k, v, None) for k, v in pairs))
 
     def _endpoint_value(self, artifact: str, entry: str, info: SliceInfo) -> EndpointValue:
         """This node's endpoint of `entry`, with the entry's effective policy (None: the defaults)."""
