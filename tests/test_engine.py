@@ -664,17 +664,8 @@ def test_a_snapshot_larger_than_one_message_travels_in_pieces(lose: bool) -> Non
 def test_a_joining_learner_gets_a_large_snapshot_in_pieces() -> None:
     net = Net(3, _SMALL)
     _fill(net, 40, 6 * 1024)
-    sm = KVStateMachine()
-    joiner = Engine("n4", net.ids, sm, config=_SMALL, learner=True)
-    net.ids.append("n4")
-    net.sms["n4"], net.engines["n4"] = sm, joiner
-    for k in ("completed", "failed", "journal"):
-        getattr(net, k)["n4"] = []
-    for p in ("n1", "n2", "n3"):
-        joiner.peer_up(p, net.now)
-        net.engines[p].peer_up("n4", net.now)
-        net.collect(p)
-    net.collect("n4")
+    joiner = _with_joiner(net, _SMALL)
+    sm = net.sms["n4"]
     for _ in range(40):
         net.tick(0.1)
         net.run()
